@@ -1,0 +1,86 @@
+"""VITS inference with every knob an argument, on a ``VitsModel``'s own submodules.
+
+``VitsModel.forward`` reads the noise scales from attributes of the shared model object, so two
+requests with different options would race. This is the same computation for one utterance
+(batch of one, no padding), with ``noise_scale``, ``noise_scale_duration``, ``length_scale`` and
+``speaker_id`` passed per call. Called from a synthesis thread; it only reads the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import VitsModel
+
+
+def latent_frames(
+    model: VitsModel,
+    input_ids: torch.Tensor,
+    *,
+    noise_scale: float,
+    noise_scale_duration: float,
+    length_scale: float,
+    speaker_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text ids ``(1, T)`` -> decoder input ``(1, flow_size, frames)`` and the speaker embedding."""
+    config = model.config
+    mask = torch.ones(1, 1, input_ids.shape[1], dtype=torch.float32)
+    speaker = None
+    if config.num_speakers > 1:
+        sid = torch.tensor([speaker_id or 0], dtype=torch.long)
+        speaker = model.embed_speaker(sid).unsqueeze(-1)
+
+    encoded = model.text_encoder(input_ids=input_ids, padding_mask=mask.transpose(1, 2), return_dict=True)
+    hidden = encoded.last_hidden_state.transpose(1, 2)
+    means = encoded.prior_means.transpose(1, 2)
+    log_vars = encoded.prior_log_variances.transpose(1, 2)
+
+    predictor = model.duration_predictor
+    if config.use_stochastic_duration_prediction:
+        log_duration = _sdp_reverse(predictor, hidden, mask, speaker, noise_scale_duration, generator)
+    else:
+        log_duration = predictor(hidden, mask, speaker)
+    duration = torch.ceil(torch.exp(log_duration) * mask * length_scale)  # (1, 1, T)
+    frames = duration.flatten().long()
+    # Expanding each text position by its duration is what VITS's monotonic path matmul does.
+    means = torch.repeat_interleave(means, frames, dim=2)
+    log_vars = torch.repeat_interleave(log_vars, frames, dim=2)
+    if means.shape[2] == 0:
+        means = torch.zeros(1, means.shape[1], 1)
+        log_vars = torch.zeros_like(means)
+    noise = torch.randn(means.shape, generator=generator) if noise_scale else torch.zeros_like(means)
+    prior = means + noise * torch.exp(log_vars) * noise_scale
+    out_mask = torch.ones(1, 1, prior.shape[2])
+    latents = model.flow(prior, out_mask, speaker, reverse=True)
+    return latents, speaker
+
+
+def _sdp_reverse(
+    predictor: nn.Module,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    speaker: torch.Tensor | None,
+    noise_scale: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The stochastic duration predictor's reverse pass (transformers' code, with our RNG)."""
+    inputs = predictor.conv_pre(hidden)
+    if speaker is not None:
+        inputs = inputs + predictor.cond(speaker)
+    inputs = predictor.conv_dds(inputs, mask)
+    inputs = predictor.conv_proj(inputs) * mask
+    flows = list(reversed(predictor.flows))
+    flows = flows[:-2] + [flows[-1]]  # VITS never uses the first ConvFlow at inference
+    shape = (1, 2, inputs.shape[2])
+    latents = torch.randn(shape, generator=generator) * noise_scale if noise_scale else torch.zeros(shape)
+    for flow in flows:
+        latents = torch.flip(latents, [1])
+        latents, _ = flow(latents, mask, global_conditioning=inputs, reverse=True)
+    log_duration, _ = torch.split(latents, [1, 1], dim=1)
+    return log_duration
+
+
+def decode(model: VitsModel, latents: torch.Tensor, speaker: torch.Tensor | None) -> torch.Tensor:
+    """Decoder input ``(1, flow_size, frames)`` -> waveform ``(samples,)`` in [-1, 1]."""
+    return model.decoder(latents, speaker).reshape(-1)

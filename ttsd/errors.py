@@ -1,0 +1,66 @@
+"""Error types. Each carries a message a user can act on and the CLI exit code it maps to.
+
+The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``; a traceback is shown
+only with ``--debug``. Anything that is not a ``TtsdError`` is a bug and exits with 1.
+"""
+
+from __future__ import annotations
+
+
+class TtsdError(Exception):
+    """Base of every error ttsd reports to a user."""
+
+    exit_code = 1
+    code = "internal"
+
+
+class ConfigError(TtsdError):
+    """Bad command-line option, environment variable or unusable path."""
+
+    exit_code = 3
+    code = "config"
+
+
+class RequestError(TtsdError):
+    """Text or options that cannot be spoken (empty, too long, invalid characters, bad speed)."""
+
+    exit_code = 4
+    code = "bad_request"
+
+
+class TextTooLongError(RequestError):
+    """Text over the configured maximum length."""
+
+    code = "text_too_long"
+
+
+class ManifestError(TtsdError):
+    """A model folder's ``ttsd.json`` is missing, unreadable or incomplete."""
+
+    exit_code = 5
+    code = "bad_manifest"
+
+
+class VerifyError(TtsdError):
+    """A model folder does not match its manifest (missing, extra, changed or unsafe files)."""
+
+    exit_code = 6
+    code = "verify_failed"
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class LoadError(TtsdError):
+    """A verified model folder could not be loaded or warmed up by its engine."""
+
+    exit_code = 7
+    code = "load_failed"
+
+
+class ImportPiperError(TtsdError):
+    """A Piper voice could not be converted."""
+
+    exit_code = 8
+    code = "import_failed"
