@@ -1,0 +1,57 @@
+"""Voice engines. Only this package imports torch and transformers, and only inside engines
+that need them, so importing ``ttsd.engines`` itself is cheap.
+
+An engine is found by the ``engine`` name in a model folder's manifest: the built-in ones below,
+or any installed package that registers a class under the ``ttsd.engines`` entry point group::
+
+    [options.entry_points]
+    ttsd.engines =
+        myengine = mypackage.engine:MyEngine
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from ..errors import LoadError, ManifestError
+from ..manifest import Manifest
+from .base import Engine, SynthesisOptions
+
+ENTRY_POINT_GROUP = "ttsd.engines"
+_BUILTIN = {"vits": "ttsd.engines.vits:VitsEngine"}
+
+__all__ = ["Engine", "SynthesisOptions", "available_engines", "engine_class", "create_engine"]
+
+
+def available_engines() -> list[str]:
+    names = set(_BUILTIN)
+    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def engine_class(name: str) -> type[Engine[Any]]:
+    """The class for engine ``name``; ``ManifestError`` if no such engine is installed."""
+    target = _BUILTIN.get(name)
+    if target is None:
+        matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not matches:
+            raise ManifestError(
+                f"engine {name!r} is not installed (available: {', '.join(available_engines())})"
+            )
+        target = matches[0].value
+    module_name, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise LoadError(f"engine {name!r} ({target}) cannot be imported: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Engine)):
+        raise LoadError(f"engine {name!r} ({target}) is not a ttsd Engine")
+    return cls
+
+
+def create_engine(folder: Path, manifest: Manifest, **kwargs: Any) -> Engine[Any]:
+    """Construct (cheaply, without loading) the engine a verified folder names."""
+    return engine_class(manifest.engine)(folder, manifest, **kwargs)

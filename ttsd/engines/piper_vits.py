@@ -18,6 +18,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from transformers import AutoConfig, AutoModel, VitsConfig, VitsModel
+from transformers.utils import logging as hf_logging
+
+# ttsd draws its own progress; transformers' bars would garble the CLI's one-line output.
+hf_logging.disable_progress_bar()
 
 
 class PiperVitsConfig(VitsConfig):

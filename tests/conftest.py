@@ -1,0 +1,97 @@
+"""Shared fixtures: the real built-in voice (converted once per run) and tiny random VITS folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ttsd.manifest import pack
+
+LETTERS = list("abcdefghijklmnopqrstuvwxyz '")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ttsd cache for the whole run, so the built-in voice converts once."""
+    return tmp_path_factory.mktemp("ttsd-cache")
+
+
+@pytest.fixture(scope="session")
+def joe_folder(cache_dir: Path) -> Path:
+    """The built-in voice, converted from its PyPI package by ttsd's own code."""
+    from ttsd.voices import builtin_model
+
+    return builtin_model(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def joe_engine(joe_folder: Path):  # type: ignore[no-untyped-def]
+    from ttsd.speak import open_engine
+
+    return open_engine(joe_folder)
+
+
+@pytest.fixture
+def cli_env(cache_dir: Path, tmp_path: Path) -> dict[str, str]:
+    """Environment for a ``ttsd`` subprocess: shared cache, empty models dir, no terminal."""
+    env = dict(os.environ)
+    env.update(TTSD_CACHE=str(cache_dir), TTSD_MODELS=str(tmp_path / "models"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def tiny_vits_config(**overrides: object) -> dict[str, object]:
+    config: dict[str, object] = dict(
+        vocab_size=len(LETTERS) + 1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        window_size=2,
+        ffn_dim=16,
+        flow_size=8,
+        spectrogram_bins=9,
+        upsample_initial_channel=16,
+        upsample_rates=[4, 4],
+        upsample_kernel_sizes=[8, 8],
+        resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]],
+        prior_encoder_num_flows=1,
+        prior_encoder_num_wavenet_layers=1,
+        posterior_encoder_num_wavenet_layers=1,
+        duration_predictor_filter_channels=16,
+        depth_separable_num_layers=1,
+        duration_predictor_num_flows=2,
+        sampling_rate=16000,
+    )
+    config.update(overrides)
+    return config
+
+
+def save_tiny_vits(folder: Path, *, seed: int = 0, pack_it: bool = True,
+                   edit: Callable[[object], None] | None = None, **overrides: object) -> Path:
+    """A small random ``VitsModel`` + character ``VitsTokenizer``, as an MMS-TTS download looks."""
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = VitsModel(VitsConfig(**tiny_vits_config(**overrides)))
+    if edit is not None:
+        edit(model)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    vocab = {"<pad>": 0, **{c: i + 1 for i, c in enumerate(LETTERS)}}
+    vocab_file = folder / "vocab.json"
+    vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+    tokenizer = VitsTokenizer(str(vocab_file), add_blank=True, normalize=True, phonemize=False)
+    tokenizer.save_pretrained(str(folder))
+    if pack_it:
+        pack(folder, name="tiny", version="1", engine="vits", sample_rate=16000)
+    return folder
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    return save_tiny_vits(tmp_path / "tiny")

@@ -1,0 +1,99 @@
+"""The manifest refuses every way a model folder can differ from what it claims."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ttsd.errors import ManifestError, VerifyError
+from ttsd.manifest import MANIFEST, pack, read_manifest, verify
+
+
+def make_folder(root: Path) -> Path:
+    folder = root / "voice"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"sampling_rate": 16000}')
+    (folder / "model.safetensors").write_bytes(b"\x00" * 100)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "extra.txt").write_text("hi")
+    pack(folder, name="demo", version="1.2", engine="vits", sample_rate=16000, warmup=("Hi.",))
+    return folder
+
+
+def problems(folder: Path) -> list[str]:
+    with pytest.raises(VerifyError) as info:
+        verify(folder)
+    return info.value.problems
+
+
+def test_pack_then_verify_round_trip(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path)
+    manifest = verify(folder)
+    assert manifest.name == "demo" and manifest.version == "1.2" and manifest.warmup == ("Hi.",)
+    assert set(manifest.files) == {"config.json", "model.safetensors", "sub/extra.txt"}
+    data = json.loads((folder / MANIFEST).read_text())
+    assert data["files"]["model.safetensors"]["size"] == 100
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_changed_byte_is_caught_even_with_same_size(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 99 + b"\x01")
+    assert problems(folder) == ["changed: model.safetensors (sha256 differs from manifest)"]
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 50)
+    assert problems(folder) == ["changed: model.safetensors (size 50, manifest says 100)"]
+
+
+def test_missing_and_extra_files_are_all_named(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path)
+    (folder / "config.json").unlink()
+    (folder / "notes.txt").write_text("x")
+    assert problems(folder) == ["extra: notes.txt (not listed in ttsd.json)", "missing: config.json"]
+
+
+def test_symlink_leaving_the_folder_is_refused(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path)
+    outside = tmp_path / "secret"
+    outside.write_text('{"sampling_rate": 16000}')
+    (folder / "config.json").unlink()
+    (folder / "config.json").symlink_to(outside)
+    assert problems(folder) == ["unsafe: config.json (symlink)"]
+
+
+def test_pickle_weights_are_refused_by_verify_and_pack(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path)
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    assert "pickle weights: pytorch_model.bin (only safetensors are loaded)" in problems(folder)
+    with pytest.raises(VerifyError, match="pickle weight file"):
+        pack(folder, name="demo", version="2", engine="vits", sample_rate=16000)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "must be a JSON object"),
+        ('{"name": "x"}', "missing required field 'version'"),
+        ('{"name": "x", "version": "one", "engine": "vits", "sample_rate": 1, "files": {"a": {}}}', "invalid version"),
+        ('{"name": "../x", "version": "1", "engine": "vits", "sample_rate": 1, "files": {}}', "invalid voice name"),
+        ('{"name": "x", "version": "1", "engine": "vits", "sample_rate": 1, "files": {}}', "lists no files"),
+        ('{"name": "x", "version": "1", "engine": "vits", "sample_rate": "fast", "files": {}}', "'sample_rate' must be a int"),
+        ('{"name": "x", "version": "1", "engine": "vits", "sample_rate": 1, '
+         '"files": {"../etc/passwd": {"sha256": "' + "0" * 64 + '", "size": 1}}}', "not a plain path"),
+    ],
+)
+def test_bad_manifests_get_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / MANIFEST).write_text(text)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(tmp_path)
+
+
+def test_folder_without_manifest(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="no ttsd.json"):
+        verify(tmp_path)

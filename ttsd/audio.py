@@ -1,0 +1,76 @@
+"""Audio as plain data (float32 samples + rate) and its encodings. No torch here."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+
+# Container name -> (soundfile format, subtype). 16-bit PCM is what every player takes.
+FORMATS: dict[str, tuple[str, str]] = {
+    "wav": ("WAV", "PCM_16"),
+    "flac": ("FLAC", "PCM_16"),
+    "ogg": ("OGG", "VORBIS"),
+}
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Mono float32 samples in [-1, 1] at ``sample_rate`` Hz."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+    def to_pcm16(self) -> bytes:
+        """Little-endian signed 16-bit PCM, for raw streaming."""
+        return (np.clip(self.samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def silence(seconds: float, sample_rate: int) -> Audio:
+    return Audio(np.zeros(int(round(seconds * sample_rate)), dtype=np.float32), sample_rate)
+
+
+def concat(parts: list[Audio], pause: float = 0.0) -> Audio:
+    """Join audio chunks of one rate, with ``pause`` seconds of silence between them."""
+    if not parts:
+        raise ValueError("no audio to join")
+    rate = parts[0].sample_rate
+    gap = np.zeros(int(round(pause * rate)), dtype=np.float32)
+    pieces: list[np.ndarray] = []
+    for i, part in enumerate(parts):
+        if part.sample_rate != rate:
+            raise ValueError("cannot join audio of different sample rates")
+        if i and len(gap):
+            pieces.append(gap)
+        pieces.append(part.samples.astype(np.float32, copy=False))
+    return Audio(np.concatenate(pieces), rate)
+
+
+def format_for_path(path: str | Path, default: str = "wav") -> str:
+    """``out.flac`` -> ``flac``; ``-`` (stdout) or no extension -> ``default``."""
+    suffix = Path(str(path)).suffix.lower().lstrip(".")
+    if str(path) == "-" or not suffix:
+        return default
+    if suffix not in FORMATS:
+        raise ConfigError(f"unknown audio format '.{suffix}': use one of {', '.join('.' + f for f in FORMATS)}")
+    return suffix
+
+
+def encode(audio: Audio, fmt: str = "wav") -> bytes:
+    """Encode to a complete file in memory (wav, flac or ogg)."""
+    import soundfile
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown audio format {fmt!r}: use one of {', '.join(FORMATS)}")
+    container, subtype = FORMATS[fmt]
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.clip(audio.samples, -1.0, 1.0), audio.sample_rate, format=container, subtype=subtype)
+    return buffer.getvalue()

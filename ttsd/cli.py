@@ -1,0 +1,252 @@
+"""The ``ttsd`` command. Thin: parse, build plain config, call the module that does the work.
+
+Every ``TtsdError`` becomes one line on stderr and its own exit code (see ``ttsd.errors``);
+a traceback appears only with ``--debug``. Nothing here imports torch: engines are loaded only
+by the commands that synthesize.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import ConfigError, TtsdError
+
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class TtsdGroup(click.Group):
+    """Maps ttsd's errors to one clear line and a distinct exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TtsdError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            _console().print(f"[bold red]error:[/] {click.style(str(exc), fg=None)}", markup=True, emoji=False)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            _console().print("interrupted")
+            ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # a bug: say so in one line unless --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            _console().print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run 'ttsd --debug ...' for the traceback)",
+                markup=True, emoji=False,
+            )
+            ctx.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=TtsdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="ttsd")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """ttsd: a text-to-speech daemon for small offline boxes."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _read_text(text: str) -> str:
+    if text == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            from .errors import RequestError
+
+            raise RequestError(f"standard input is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return text
+
+
+@main.command()
+@click.argument("text")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Audio file to write (.wav, .flac or .ogg), or - for standard output (WAV).")
+@click.option("--voice", help="Voice name in the models directory (newest version).")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Use this model folder directly.")
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_MODELS",
+              help="Models directory to look up --voice in [env TTSD_MODELS].")
+@click.option("--speed", type=click.FloatRange(0.25, 4.0), default=1.0, show_default=True,
+              help="Speaking speed; 2 is twice as fast.")
+@click.option("--speaker", help="Speaker name or number, for voices with several.")
+@click.option("--noise-scale", type=click.FloatRange(0, 2), help="Voice variation (model default if unset).")
+@click.option("--noise-w", type=click.FloatRange(0, 2), help="Timing variation (model default if unset).")
+@click.option("--seed", type=int, help="Fix the random variation, for repeatable output.")
+@click.option("--max-chars", type=click.IntRange(1), default=5000, show_default=True, envvar="TTSD_MAX_CHARS",
+              help="Refuse longer text.")
+@click.option("--threads", type=click.IntRange(1), help="Torch threads (default: all cores).")
+@click.pass_context
+def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir: Path | None,
+        models_dir: Path | None, speed: float, speaker: str | None, noise_scale: float | None,
+        noise_w: float | None, seed: int | None, max_chars: int, threads: int | None) -> None:
+    """Speak TEXT (- reads standard input) into an audio file."""
+    from .audio import encode, format_for_path
+    from .config import Paths
+    from .engines import SynthesisOptions
+    from .speak import open_engine, resolve_model
+
+    fmt = format_for_path(output)
+    text = _read_text(text)
+    console = _console()
+    paths = Paths.resolve(models=models_dir)
+    with console.status("preparing the voice…") as status:
+        folder = resolve_model(paths, model_dir=model_dir, voice=voice,
+                               progress=lambda msg: status.update(f"built-in voice: {msg}…"))
+        started = time.perf_counter()
+        engine = open_engine(folder, max_chars=max_chars, threads=threads)
+        loaded = time.perf_counter()
+        status.update("speaking…")
+        options = SynthesisOptions(speed=speed, speaker=speaker, noise_scale=noise_scale,
+                                   noise_scale_duration=noise_w, seed=seed)
+        audio = engine.synthesize(text, options)
+        done = time.perf_counter()
+    data = encode(audio, fmt)
+    if output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        from .fsutil import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(Path(output), data)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    m = engine.manifest
+    console.print(
+        f"{'stdout' if output == '-' else output}: {audio.duration:.2f} s of {fmt} at {audio.sample_rate} Hz, "
+        f"voice {m.name} {m.version}, load {loaded - started:.2f} s, synthesis {done - loaded:.2f} s",
+        markup=False,
+    )
+
+
+@main.group()
+def models() -> None:
+    """Make, check and list model folders."""
+
+
+@models.command("import-piper")
+@click.argument("onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="Voice name (default: the .onnx file name).")
+@click.option("--version", "version", default="1", show_default=True, help="PEP 440 version of this folder.")
+@click.option("--license", "license_", default="", help="Licence text to record in the manifest.")
+def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, license_: str) -> None:
+    """Convert a Piper voice (VOICE.onnx + VOICE.onnx.json) into a ttsd model folder."""
+    from .voices import import_piper
+
+    console = _console()
+    with console.status("importing…") as status:
+        manifest = import_piper(onnx, out_dir, name=name, version=version, license=license_,
+                                progress=lambda msg: status.update(f"{msg}…"))
+    console.print(f"{out_dir}: voice {manifest.name} {manifest.version}, {len(manifest.files)} files", markup=False)
+
+
+@models.command("pack")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Voice name.")
+@click.option("--version", "version", required=True, help="PEP 440 version, e.g. 1 or 2.1.")
+@click.option("--engine", default="vits", show_default=True, help="Engine that loads this folder.")
+@click.option("--sample-rate", type=click.IntRange(1), help="Default: sampling_rate from config.json.")
+@click.option("--warmup", multiple=True, help="Warm-up sentence (repeatable).")
+@click.option("--description", default="")
+@click.option("--license", "license_", default="")
+def pack_cmd(folder: Path, name: str, version: str, engine: str, sample_rate: int | None,
+             warmup: tuple[str, ...], description: str, license_: str) -> None:
+    """Write the checksummed manifest (ttsd.json) for FOLDER, e.g. a downloaded MMS-TTS checkpoint."""
+    from .engines import engine_class
+    from .manifest import pack
+
+    engine_class(engine)  # refuse an engine that is not installed before hashing gigabytes
+    if sample_rate is None:
+        try:
+            sample_rate = int(json.loads((folder / "config.json").read_text(encoding="utf-8"))["sampling_rate"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{folder}: give --sample-rate (no sampling_rate in config.json)") from None
+    manifest = pack(folder, name=name, version=version, engine=engine, sample_rate=sample_rate,
+                    warmup=warmup, description=description, license=license_)
+    _console().print(f"{folder}/ttsd.json: {manifest.name} {manifest.version}, {len(manifest.files)} files", markup=False)
+
+
+@models.command("verify")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+def verify_cmd(folder: Path) -> None:
+    """Check FOLDER against its manifest; say exactly which file is missing, extra or wrong."""
+    from .engines import engine_class
+    from .errors import VerifyError
+    from .manifest import verify
+
+    try:
+        manifest = verify(folder)
+    except VerifyError as exc:
+        console = _console()
+        for problem in exc.problems[1:]:
+            console.print(f"  {problem}", markup=False)
+        raise
+    engine_class(manifest.engine)
+    _console().print(f"{folder}: ok ({manifest.name} {manifest.version}, {len(manifest.files)} files verified)", markup=False)
+
+
+@models.command("list")
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_MODELS",
+              help="Models directory [env TTSD_MODELS].")
+@click.option("--verify/--no-verify", "check", default=False, help="Also check every file's checksum.")
+def list_cmd(models_dir: Path | None, check: bool) -> None:
+    """List the model folders in the models directory."""
+    from rich.table import Table
+
+    from .catalog import scan
+    from .config import Paths
+    from .manifest import verify
+
+    paths = Paths.resolve(models=models_dir)
+    table = Table("folder", "voice", "version", "engine", "state", title=str(paths.models))
+    for cand in scan(paths.models):
+        m = cand.manifest
+        state = "unreadable: " + cand.problem if m is None else "manifest ok"
+        if m is not None and check:
+            try:
+                verify(cand.folder)
+                state = "verified"
+            except TtsdError as exc:
+                state = f"refused: {exc}"
+        table.add_row(cand.folder.name, m.name if m else "-", m.version if m else "-", m.engine if m else "-", state)
+    from rich.console import Console
+
+    Console().print(table)
+
+
+@models.command("builtin")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_CACHE",
+              help="Where converted voices are cached [env TTSD_CACHE].")
+def builtin_cmd(cache: Path | None) -> None:
+    """Print the folder of the built-in voice, converting it first if needed."""
+    from .config import Paths
+    from .voices import builtin_model
+
+    console = _console()
+    with console.status("built-in voice…") as status:
+        folder = builtin_model(Paths.resolve(cache=cache).cache, progress=lambda msg: status.update(f"{msg}…"))
+    click.echo(str(folder))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,147 @@
+"""The engine contract every voice backend follows (no torch here; engines import it themselves).
+
+Life cycle, driven by one owner (``ttsd say`` in-process, later the daemon's model manager):
+
+1. ``Engine(folder, manifest)`` is cheap: no file is read beyond what the constructor needs.
+2. ``load()`` does the expensive work (weights into memory); ``warmup()`` runs the warm-up
+   sentences and raises ``LoadError`` if the voice produces NaN, silence or absurd lengths.
+3. ``synthesize(text, options)`` / ``synthesize_stream(...)`` may be called from several threads
+   at once once loaded; they never change the engine's state.
+4. ``unload()`` drops the weights; the engine is not used afterwards.
+
+Text is checked and split into units (sentences) *before* any audio is produced, so a bad request
+fails with ``RequestError`` without wasting synthesis time.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+
+from ..audio import Audio, concat, silence
+from ..errors import LoadError, RequestError
+from ..manifest import Manifest
+from ..text import DEFAULT_MAX_CHARS, check_text
+
+Unit = TypeVar("Unit")
+
+DEFAULT_WARMUP = ("Hello.", "This sentence warms up the voice before it serves requests.")
+
+
+@dataclass(frozen=True)
+class SynthesisOptions:
+    """Per-request knobs. ``None`` means the model's own default."""
+
+    speed: float = 1.0  # 2.0 speaks twice as fast (VITS length scale / speed)
+    noise_scale: float | None = None
+    noise_scale_duration: float | None = None
+    speaker: int | str | None = None
+    sentence_pause: float = 0.2  # seconds of silence between sentences
+    normalize: bool = True  # peak-normalise each sentence, as Piper does
+    seed: int | None = None  # fixes the sampling noise, for reproducible output
+
+    def checked(self) -> SynthesisOptions:
+        if not (isinstance(self.speed, (int, float)) and 0.25 <= self.speed <= 4.0):
+            raise RequestError(f"speed must be between 0.25 and 4.0, not {self.speed!r}")
+        for name in ("noise_scale", "noise_scale_duration"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 2.0):
+                raise RequestError(f"{name} must be between 0 and 2, not {value!r}")
+        if not (isinstance(self.sentence_pause, (int, float)) and 0.0 <= self.sentence_pause <= 5.0):
+            raise RequestError(f"sentence_pause must be between 0 and 5 seconds, not {self.sentence_pause!r}")
+        return self
+
+
+class Engine(ABC, Generic[Unit]):
+    """Base class: text checks, sentence streaming and warm-up checks are shared here."""
+
+    name: ClassVar[str]
+
+    def __init__(self, folder: Path, manifest: Manifest, *, max_chars: int = DEFAULT_MAX_CHARS,
+                 threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.max_chars = max_chars
+        self.threads = threads
+        self.sample_rate = manifest.sample_rate
+
+    # -- subclass hooks -------------------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights; raise ``LoadError`` with the reason if the folder cannot serve."""
+
+    @abstractmethod
+    def unload(self) -> None:
+        """Drop the weights so their memory can be returned."""
+
+    @abstractmethod
+    def _units(self, text: str, options: SynthesisOptions) -> Sequence[Unit]:
+        """Split checked text into units (sentences) ready for the model; raise ``RequestError``."""
+
+    @abstractmethod
+    def _render(self, unit: Unit, options: SynthesisOptions) -> np.ndarray:
+        """One unit -> float32 samples."""
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the loaded voice for ``ttsd models``/``/v1/voices`` (speakers etc.)."""
+        return {}
+
+    def default_warmup(self) -> Sequence[str]:
+        return DEFAULT_WARMUP
+
+    # -- the contract ---------------------------------------------------------------------------
+    def synthesize_stream(self, text: str, options: SynthesisOptions | None = None) -> Iterator[Audio]:
+        """Yield one ``Audio`` per sentence, each but the first preceded by the sentence pause."""
+        options = (options or SynthesisOptions()).checked()
+        units = self._units(check_text(text, self.max_chars), options)
+        if not units:
+            raise RequestError("text has nothing to speak")
+        for index, unit in enumerate(units):
+            samples = self._render(unit, options)
+            if options.normalize:
+                peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
+                if peak > 1e-8:
+                    samples = samples / peak
+            samples = np.clip(samples, -1.0, 1.0).astype(np.float32)
+            if index and options.sentence_pause:
+                gap = silence(options.sentence_pause, self.sample_rate).samples
+                samples = np.concatenate([gap, samples])
+            yield Audio(samples, self.sample_rate)
+
+    def synthesize(self, text: str, options: SynthesisOptions | None = None) -> Audio:
+        """The whole text as one ``Audio``."""
+        return concat(list(self.synthesize_stream(text, options)))
+
+    def warmup(self) -> None:
+        """Speak the warm-up sentences; refuse a voice whose output is unusable."""
+        sentences = self.manifest.warmup or tuple(self.default_warmup())
+        for sentence in sentences:
+            try:
+                audio = self.synthesize(sentence, SynthesisOptions(seed=0, normalize=False))
+            except RequestError as exc:
+                raise LoadError(f"warm-up sentence {sentence!r} was refused: {exc}") from exc
+            check_output(audio, sentence)
+
+
+def check_output(audio: Audio, text: str) -> None:
+    """Raise ``LoadError`` for NaN/inf, silence, or a duration absurd for the text."""
+    samples = audio.samples
+    if not np.all(np.isfinite(samples)):
+        raise LoadError(f"voice produced NaN or infinite samples for {text!r}")
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
+    if rms < 1e-4:
+        raise LoadError(f"voice produced silence for {text!r} (rms {rms:.2e})")
+    chars = max(len(text), 1)
+    # Speech runs at roughly 10-20 characters a second; allow a wide margin both ways.
+    low, high = 0.01 * chars, max(2.0, 0.5 * chars)
+    if not (low <= audio.duration <= high) or math.isnan(audio.duration):
+        raise LoadError(
+            f"voice produced {audio.duration:.2f} s for {chars} characters ({text!r}); "
+            f"expected {low:.2f}-{high:.1f} s"
+        )

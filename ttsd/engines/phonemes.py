@@ -1,0 +1,73 @@
+"""Text -> phoneme ids exactly as Piper does it: espeak-ng phonemes (piper-tts's own bundled
+espeak-ng and phonemizer), then ``^`` BOS, ``_`` pad after every phoneme, ``$`` EOS.
+
+piper-tts (GPL-3.0) provides espeak-ng; ttsd calls it, it does not copy it. espeak-ng keeps global
+state in the C library, so every call holds one process-wide lock.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import LoadError, RequestError
+
+_ESPEAK_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class PhonemeConfig:
+    espeak_voice: str
+    phoneme_id_map: dict[str, list[int]]
+    speaker_id_map: dict[str, int]
+    num_speakers: int
+
+    @classmethod
+    def read(cls, path: Path) -> PhonemeConfig:
+        try:
+            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            return cls(
+                espeak_voice=str(data.get("espeak_voice", "en-us")),
+                phoneme_id_map={str(k): [int(i) for i in v] for k, v in data["phoneme_id_map"].items()},
+                speaker_id_map={str(k): int(v) for k, v in data.get("speaker_id_map", {}).items()},
+                num_speakers=int(data.get("num_speakers", 1)),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LoadError(f"{path}: not a valid phoneme map ({exc})") from exc
+
+
+class EspeakPhonemes:
+    """Sentences of phoneme ids for one voice. Thread-safe."""
+
+    def __init__(self, config: PhonemeConfig) -> None:
+        try:
+            from piper.phoneme_ids import phonemes_to_ids
+            from piper.phonemize_espeak import EspeakPhonemizer
+        except ImportError as exc:
+            raise LoadError("Piper voices need the 'piper-tts' package (espeak-ng phonemizer)") from exc
+        for symbol in ("^", "_", "$"):
+            if symbol not in config.phoneme_id_map:
+                raise LoadError(f"phoneme map lacks the required symbol {symbol!r}")
+        self.config = config
+        self._to_ids = phonemes_to_ids
+        with _ESPEAK_LOCK:
+            self._phonemizer = EspeakPhonemizer()
+            self._phonemizer.phonemize(config.espeak_voice, "test")  # fails early on a bad voice
+
+    def sentences(self, text: str) -> list[list[int]]:
+        """Phoneme ids per sentence; espeak-ng decides the sentence boundaries, as in Piper."""
+        with _ESPEAK_LOCK:
+            try:
+                sentences = self._phonemizer.phonemize(self.config.espeak_voice, text)
+            except Exception as exc:  # the C bridge raises plain RuntimeError
+                raise RequestError(f"espeak-ng could not phonemize the text: {exc}") from exc
+        result = []
+        for phonemes in sentences:
+            # Piper skips (with a warning) phonemes the voice has no id for; so do we.
+            known = [p for p in phonemes if p in self.config.phoneme_id_map]
+            if any(p.strip() and p not in ",.;:!?'\"-" for p in known):
+                result.append(self._to_ids(known, self.config.phoneme_id_map))
+        return result

