@@ -101,10 +101,11 @@ class VitsEngine(Engine[list[int]]):
                     f"{self.folder}: this tokenizer phonemizes with the 'phonemizer' package, "
                     "which ttsd does not bundle; use a character (MMS-style) checkpoint"
                 )
-            if len(self._tokenizer) > model.config.vocab_size:
+            largest = max(self._tokenizer.encoder.values(), default=-1)
+            if largest >= model.config.vocab_size:
                 raise LoadError(
-                    f"{self.folder}: tokenizer has {len(self._tokenizer)} symbols but the model only "
-                    f"{model.config.vocab_size}"
+                    f"{self.folder}: vocab.json uses id {largest} but the model has only "
+                    f"{model.config.vocab_size} symbols"
                 )
         else:
             raise LoadError(f"{self.folder}: neither {PHONEMES_FILE} (Piper voice) nor vocab.json (tokenizer)")
@@ -162,6 +163,8 @@ class VitsEngine(Engine[list[int]]):
             shown = ", ".join(repr(c) for c in unknown[:8])
             raise RequestError(f"the voice cannot speak these characters: {shown}")
         ids = tokenizer(sentence, return_tensors=None)["input_ids"]
+        if any(i is None or i >= self._require().config.vocab_size for i in ids):
+            raise RequestError("the voice cannot speak some characters of this text")
         pad = tokenizer.pad_token_id if tokenizer.add_blank else None
         if not has_speech(sentence) or all(i in (pad, tokenizer.unk_token_id) for i in ids):
             return []

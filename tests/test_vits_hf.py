@@ -1,0 +1,148 @@
+"""A Hugging Face VITS checkpoint (MMS-TTS style: character tokenizer) through the same engine,
+and the ways a folder can be refused at load time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import save_tiny_vits
+from ttsd.engines import SynthesisOptions, create_engine
+from ttsd.errors import LoadError, RequestError
+from ttsd.manifest import pack, verify
+from ttsd.speak import open_engine
+
+
+def test_tiny_checkpoint_speaks(tiny_folder: Path) -> None:
+    engine = open_engine(tiny_folder)
+    audio = engine.synthesize("hello world. how are you?", SynthesisOptions(seed=0, normalize=False))
+    assert audio.sample_rate == 16000
+    assert audio.samples.dtype == np.float32 and len(audio.samples) > 0
+    assert np.isfinite(audio.samples).all()
+    parts = list(engine.synthesize_stream("hello world. how are you?", SynthesisOptions(seed=0)))
+    assert len(parts) == 2
+    assert engine.info()["frontend"] == "characters"
+
+
+def test_characters_the_tokenizer_lacks_are_refused(tiny_folder: Path) -> None:
+    engine = open_engine(tiny_folder)
+    with pytest.raises(RequestError, match="cannot speak these characters: '3'"):
+        engine.synthesize("route 3 is closed")
+    with pytest.raises(RequestError, match="'ж'"):
+        engine.synthesize("hello жук")
+    # Punctuation the vocabulary lacks is dropped, as the tokenizer's normaliser does.
+    assert engine.synthesize("hello, world!").duration > 0
+
+
+def test_bad_options_are_refused(tiny_folder: Path) -> None:
+    engine = open_engine(tiny_folder)
+    with pytest.raises(RequestError, match="speed"):
+        engine.synthesize("hello", SynthesisOptions(speed=10))
+    with pytest.raises(RequestError, match="speaker 3 out of range"):
+        engine.synthesize("hello", SynthesisOptions(speaker=3))
+    with pytest.raises(RequestError, match="limit is 20"):
+        create_engine(tiny_folder, verify(tiny_folder), max_chars=20).synthesize("a" * 21)
+
+
+def test_multi_speaker_checkpoint(tmp_path: Path) -> None:
+    folder = save_tiny_vits(tmp_path / "multi", num_speakers=3, speaker_embedding_size=4)
+    engine = open_engine(folder)
+    a = engine.synthesize("hello there", SynthesisOptions(seed=0, speaker=0, normalize=False))
+    b = engine.synthesize("hello there", SynthesisOptions(seed=0, speaker=2, normalize=False))
+    assert not (a.samples.shape == b.samples.shape and np.allclose(a.samples, b.samples))
+    with pytest.raises(RequestError, match="out of range"):
+        engine.synthesize("hello", SynthesisOptions(speaker=3))
+
+
+def test_truncated_weights_are_refused(tmp_path: Path) -> None:
+    folder = save_tiny_vits(tmp_path / "t", pack_it=False)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    pack(folder, name="tiny", version="1", engine="vits", sample_rate=16000)  # checksums "fine"
+    with pytest.raises(LoadError, match="weights do not load"):
+        open_engine(folder)
+
+
+def test_config_that_does_not_match_the_weights(tmp_path: Path) -> None:
+    folder = save_tiny_vits(tmp_path / "c", pack_it=False)
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] = 32
+    (folder / "config.json").write_text(json.dumps(config))
+    pack(folder, name="tiny", version="1", engine="vits", sample_rate=16000)
+    with pytest.raises(LoadError, match="do not load|does not match"):
+        open_engine(folder)
+
+
+def test_sample_rate_disagreeing_with_manifest(tmp_path: Path) -> None:
+    folder = save_tiny_vits(tmp_path / "r", pack_it=False)
+    pack(folder, name="tiny", version="1", engine="vits", sample_rate=22050)
+    with pytest.raises(LoadError, match="16000 Hz but ttsd.json says 22050"):
+        open_engine(folder)
+
+
+def test_nan_weights_are_refused(tmp_path: Path) -> None:
+    import torch
+
+    def poison(model) -> None:  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            model.decoder.conv_pre.weight[0, 0, 0] = float("nan")
+
+    folder = save_tiny_vits(tmp_path / "n", edit=poison)
+    with pytest.raises(LoadError, match="NaN"):
+        open_engine(folder)
+
+
+def test_silent_model_fails_warmup(tmp_path: Path) -> None:
+    import torch
+
+    def mute(model) -> None:  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            model.decoder.conv_post.weight.zero_()
+
+    engine = open_engine(save_tiny_vits(tmp_path / "s", edit=mute))
+    with pytest.raises(LoadError, match="silence"):
+        engine.warmup()
+
+
+def test_unknown_engine_is_refused(tmp_path: Path) -> None:
+    from ttsd.errors import ManifestError
+
+    folder = save_tiny_vits(tmp_path / "u", pack_it=False)
+    pack(folder, name="tiny", version="1", engine="tensorrt", sample_rate=16000)
+    with pytest.raises(ManifestError, match="engine 'tensorrt' is not installed"):
+        open_engine(folder)
+
+
+def test_third_party_engine_registers_by_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package that declares a ``ttsd.engines`` entry point is found by the manifest's name."""
+    site = tmp_path / "site"
+    (site / "beep_engine-1.0.dist-info").mkdir(parents=True)
+    (site / "beep_engine-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: beep-engine\nVersion: 1.0\n")
+    (site / "beep_engine-1.0.dist-info" / "entry_points.txt").write_text("[ttsd.engines]\nbeep = beep_engine:Beep\n")
+    (site / "beep_engine.py").write_text(
+        "import numpy as np\n"
+        "from ttsd.engines.base import Engine\n"
+        "class Beep(Engine):\n"
+        "    name = 'beep'\n"
+        "    def load(self): pass\n"
+        "    def unload(self): pass\n"
+        "    def _units(self, text, options): return text.split()\n"
+        "    def _render(self, unit, options):\n"
+        "        t = np.arange(int(0.1 * self.sample_rate)) / self.sample_rate\n"
+        "        return (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    model = tmp_path / "beep-model"
+    model.mkdir()
+    (model / "tone.txt").write_text("440 Hz")
+    pack(model, name="beep", version="1", engine="beep", sample_rate=8000)
+    from ttsd.engines import available_engines
+
+    assert "beep" in available_engines()
+    engine = open_engine(model)
+    audio = engine.synthesize("one two three", SynthesisOptions(sentence_pause=0.5))
+    assert type(engine).__name__ == "Beep" and audio.sample_rate == 8000
+    assert abs(audio.duration - (3 * 0.1 + 2 * 0.5)) < 1e-6  # three units, a pause between each pair
