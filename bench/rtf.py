@@ -26,6 +26,7 @@ The cache (where the built-in voice is converted) defaults to ``$TTSD_CACHE`` or
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -94,12 +95,9 @@ def load_piper(threads: int) -> Synth:
 def child(engine: str, cache: Path, threads: int) -> dict[str, float]:
     """Body of ``--child``: import, load and speak in this fresh process; report times and peak RSS."""
     started = time.perf_counter()
-    if engine == "ttsd":
-        import ttsd.engines.vits  # noqa: F401  (torch + transformers: what loading the voice needs)
-        import ttsd.speak  # noqa: F401
-    else:
-        import onnxruntime  # noqa: F401
-        import piper  # noqa: F401
+    # ttsd.engines.vits pulls in torch + transformers: what loading the voice needs.
+    for module in ("ttsd.engines.vits", "ttsd.speak") if engine == "ttsd" else ("onnxruntime", "piper"):
+        importlib.import_module(module)
     imported = time.perf_counter()
     synth = load_ttsd(cache, threads) if engine == "ttsd" else load_piper(threads)
     loaded = time.perf_counter()
@@ -184,9 +182,10 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
     lines = [
         f"`{command}`",
         "",
-        f"{v['cpus']} CPUs, {args.threads} threads each, median of {args.runs} runs; Python {v['python']}, "
+        (f"{v['cpus']} CPUs, {args.threads} threads each, median of {args.runs} runs; Python {v['python']}, "
         f"torch {v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}, "
-        f"piper-tts {v['piper-tts']}. RTF = synthesis time / audio duration (lower is faster).",
+        f"piper-tts {v['piper-tts']}; 1-min load average {result['load_average_start'][0]:.2f} at start, "
+        f"{result['load_average_end'][0]:.2f} at end. RTF = synthesis time / audio duration (lower is faster)."),
         "",
         "| Measure | ttsd | piper | ttsd / piper |",
         "|---|---:|---:|---:|",
@@ -206,8 +205,8 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
     row("Load time (s)", memory["ttsd"]["load_s"], memory["piper"]["load_s"], "{:.2f}")
     cold = result["cold_start_s"]
     row('Cold start, CLI "Hello there." (s)', cold["ttsd"], cold["piper"], "{:.2f}")
-    lines += ["", 'Cold start: `ttsd say "Hello there." -o x.wav` vs `echo "Hello there." | python -m piper '
-              '-m en_US-joe-medium.onnx -f x.wav`, both with their default thread count, voice already converted.']
+    lines += ["", ('Cold start: `ttsd say "Hello there." -o x.wav` vs `echo "Hello there." | python -m piper '
+                   '-m en_US-joe-medium.onnx -f x.wav`, both at their default thread count, voice already converted.')]
     return "\n".join(lines)
 
 
@@ -234,7 +233,7 @@ def main() -> None:
     print(f"cache {cache}: converting the built-in voice if needed…", flush=True)
     builtin_model(cache)
     result: dict[str, Any] = {"command": command, "versions": versions(), "threads": args.threads,
-                              "runs": args.runs, "memory": {}}
+                              "runs": args.runs, "load_average_start": os.getloadavg(), "memory": {}}
     for name in ("ttsd", "piper"):
         print(f"peak RSS: {name} in a fresh process…", flush=True)
         result["memory"][name] = run_child(name, cache, args.threads)
@@ -243,6 +242,7 @@ def main() -> None:
     print(f"synthesis speed: {WARMUP_RUNS} warm-up + {args.runs} timed runs per engine and text…", flush=True)
     result["speed"] = speed(cache, args.threads, args.runs)
     result["texts"] = TEXTS
+    result["load_average_end"] = os.getloadavg()
     print()
     print(markdown(command, args, result))
     if args.json:

