@@ -39,7 +39,8 @@ def joe_engine(joe_folder: Path):  # type: ignore[no-untyped-def]
 def cli_env(cache_dir: Path, tmp_path: Path) -> dict[str, str]:
     """Environment for a ``ttsd`` subprocess: shared cache, empty models dir, no terminal."""
     env = dict(os.environ)
-    env.update(TTSD_CACHE=str(cache_dir), TTSD_MODELS=str(tmp_path / "models"), PYTHONUNBUFFERED="1")
+    env.update(TTSD_CACHE=str(cache_dir), TTSD_MODELS=str(tmp_path / "models"), PYTHONUNBUFFERED="1",
+               TTSD_SOCKET=str(tmp_path / "no-daemon.sock"), TTSD_STATE=str(tmp_path / "state"))
     return env
 
 

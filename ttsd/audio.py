@@ -15,7 +15,10 @@ FORMATS: dict[str, tuple[str, str]] = {
     "wav": ("WAV", "PCM_16"),
     "flac": ("FLAC", "PCM_16"),
     "ogg": ("OGG", "VORBIS"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
 }
+MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg",
+               "pcm": "audio/L16"}
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,19 @@ def encode(audio: Audio, fmt: str = "wav") -> bytes:
     buffer = io.BytesIO()
     soundfile.write(buffer, np.clip(audio.samples, -1.0, 1.0), audio.sample_rate, format=container, subtype=subtype)
     return buffer.getvalue()
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    """A 16-bit mono WAV header for a stream of unknown length (sizes set to the maximum).
+
+    Players and ``soundfile``/``sox`` read such a file to its end; the daemon sends it first and
+    then raw PCM as each sentence is ready.
+    """
+    import struct
+
+    unknown = 0xFFFFFFFF
+    return (
+        b"RIFF" + struct.pack("<I", unknown) + b"WAVE"
+        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + b"data" + struct.pack("<I", unknown)
+    )

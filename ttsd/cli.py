@@ -79,12 +79,12 @@ def _read_text(text: str) -> str:
 @main.command()
 @click.argument("text")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="Audio file to write (.wav, .flac or .ogg), or - for standard output (WAV).")
-@click.option("--voice", help="Voice name in the models directory (newest version).")
+              help="Audio file to write (.wav, .flac, .ogg or .mp3), or - for standard output (WAV).")
+@click.option("--voice", help="Voice name (newest version); default: the daemon's default voice.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Use this model folder directly.")
+              help="Use this model folder directly (in-process).")
 @click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_MODELS",
-              help="Models directory to look up --voice in [env TTSD_MODELS].")
+              help="Models directory to look up --voice in when running in-process [env TTSD_MODELS].")
 @click.option("--speed", type=click.FloatRange(0.25, 4.0), default=1.0, show_default=True,
               help="Speaking speed; 2 is twice as fast.")
 @click.option("--speaker", help="Speaker name or number, for voices with several.")
@@ -92,20 +92,75 @@ def _read_text(text: str) -> str:
 @click.option("--noise-w", type=click.FloatRange(0, 2), help="Timing variation (model default if unset).")
 @click.option("--seed", type=int, help="Fix the random variation, for repeatable output.")
 @click.option("--max-chars", type=click.IntRange(1), default=5000, show_default=True, envvar="TTSD_MAX_CHARS",
-              help="Refuse longer text.")
-@click.option("--threads", type=click.IntRange(1), help="Torch threads (default: all cores).")
+              help="Refuse longer text (in-process; the daemon has its own limit).")
+@click.option("--threads", type=click.IntRange(1), help="Torch threads in-process (default: all cores).")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
+              help="Daemon socket [env TTSD_SOCKET].")
+@click.option("--daemon/--no-daemon", "use_daemon", default=None,
+              help="Require the running daemon, or never use it (default: daemon if it answers).")
 @click.pass_context
 def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir: Path | None,
         models_dir: Path | None, speed: float, speaker: str | None, noise_scale: float | None,
-        noise_w: float | None, seed: int | None, max_chars: int, threads: int | None) -> None:
-    """Speak TEXT (- reads standard input) into an audio file."""
-    from .audio import encode, format_for_path
+        noise_w: float | None, seed: int | None, max_chars: int, threads: int | None,
+        socket_path: Path | None, use_daemon: bool | None) -> None:
+    """Speak TEXT (- reads standard input) into an audio file.
+
+    Uses the running daemon when its socket answers (fast: the model is already loaded), else
+    loads the voice in this process."""
+    from .audio import format_for_path
+    from .config import default_socket
+
+    fmt = format_for_path(output)
+    text = _read_text(text)
+    if model_dir is not None and use_daemon:
+        raise ConfigError("--model loads a folder in-process; it cannot be combined with --daemon")
+    if model_dir is None and use_daemon is not False:
+        from .client import Client
+
+        client = Client(socket_path or default_socket())
+        if client.available():
+            body: dict[str, Any] = {"text": text, "format": fmt, "speed": speed}
+            for key, value in (("voice", voice), ("speaker", speaker), ("noise_scale", noise_scale),
+                               ("noise_w", noise_w), ("seed", seed)):
+                if value is not None:
+                    body[key] = value
+            started = time.perf_counter()
+            headers, data = client.synthesize(body)
+            _write_output(output, data)
+            _console().print(
+                f"{'stdout' if output == '-' else output}: {float(headers.get('x-ttsd-audio-seconds', 0)):.2f} s "
+                f"of {fmt}, voice {headers.get('x-ttsd-voice')} {headers.get('x-ttsd-version')}, "
+                f"via daemon in {time.perf_counter() - started:.2f} s", markup=False)
+            return
+        if use_daemon:
+            from .errors import DaemonError
+
+            raise DaemonError(f"no daemon answers on {client.socket_path} (start one with 'ttsd serve')")
+    _say_in_process(text, output, fmt, voice, model_dir, models_dir, speed, speaker, noise_scale, noise_w,
+                    seed, max_chars, threads)
+
+
+def _write_output(output: str, data: bytes) -> None:
+    if output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    from .fsutil import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(Path(output), data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
+
+
+def _say_in_process(text: str, output: str, fmt: str, voice: str | None, model_dir: Path | None,
+                    models_dir: Path | None, speed: float, speaker: str | None, noise_scale: float | None,
+                    noise_w: float | None, seed: int | None, max_chars: int, threads: int | None) -> None:
+    from .audio import encode
     from .config import Paths
     from .engines import SynthesisOptions
     from .speak import open_engine, resolve_model
 
-    fmt = format_for_path(output)
-    text = _read_text(text)
     console = _console()
     paths = Paths.resolve(models=models_dir)
     with console.status("preparing the voice…") as status:
@@ -119,23 +174,126 @@ def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir
                                    noise_scale_duration=noise_w, seed=seed)
         audio = engine.synthesize(text, options)
         done = time.perf_counter()
-    data = encode(audio, fmt)
-    if output == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    else:
-        from .fsutil import atomic_write_bytes
-
-        try:
-            atomic_write_bytes(Path(output), data)
-        except OSError as exc:
-            raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    _write_output(output, encode(audio, fmt))
     m = engine.manifest
     console.print(
         f"{'stdout' if output == '-' else output}: {audio.duration:.2f} s of {fmt} at {audio.sample_rate} Hz, "
         f"voice {m.name} {m.version}, load {loaded - started:.2f} s, synthesis {done - loaded:.2f} s",
         markup=False,
     )
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@main.command()
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_MODELS",
+              help="Models directory [env TTSD_MODELS; default /models as root or if it exists].")
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_STATE",
+              help="State directory [env TTSD_STATE].")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_CACHE",
+              help="Cache for the converted built-in voice [env TTSD_CACHE].")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
+              help="Unix socket to serve HTTP on [env TTSD_SOCKET].")
+@click.option("--socket-group", envvar="TTSD_SOCKET_GROUP", help="Make the socket 0660 for this group.")
+@click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_SPOOL",
+              help="Spool directory for file requests (off unless given) [env TTSD_SPOOL].")
+@click.option("--listen", envvar="TTSD_LISTEN", help="Also serve HTTP on HOST:PORT (loopback unless named).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), envvar="TTSD_TOKEN_FILE",
+              help="Bearer token required on the TCP listener (mandatory off loopback).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, envvar="TTSD_WORKERS",
+              help="Synthesis worker threads.")
+@click.option("--threads", type=click.IntRange(1, 256), envvar="TTSD_THREADS",
+              help="Torch intra-op threads (default: all cores).")
+@click.option("--queue-size", type=click.IntRange(0, 10000), default=16, show_default=True,
+              envvar="TTSD_QUEUE_SIZE", help="Requests that may wait; more get 503.")
+@click.option("--max-chars", type=click.IntRange(1), default=5000, show_default=True, envvar="TTSD_MAX_CHARS",
+              help="Longest text accepted (413 above).")
+@click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds to finish in-flight requests on SIGTERM.")
+@click.option("--default-voice", envvar="TTSD_DEFAULT_VOICE", help="Voice for requests that name none.")
+@click.option("--no-seed", is_flag=True, help="Do not put the built-in voice into an empty models dir.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, envvar="TTSD_LOG_LEVEL")
+def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | None, socket_path: Path | None,
+          socket_group: str | None, spool_dir: Path | None, listen: str | None, token_file: Path | None,
+          workers: int, threads: int | None, queue_size: int, max_chars: int, grace: float,
+          default_voice: str | None, no_seed: bool, log_level: str) -> None:
+    """Run the daemon: HTTP on a Unix socket (and optionally TCP), plus an optional spool dir."""
+    from . import logs
+    from .config import ServeConfig, default_cache_dir, default_models_dir, default_socket, default_state_dir
+
+    logs.configure(log_level)
+    bind = _parse_listen(listen) if listen else None
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --token-file {token_file}: {exc.strerror or exc}") from exc
+        if len(token) < 16:
+            raise ConfigError(f"--token-file {token_file}: token must be at least 16 characters")
+    if bind is not None and not _is_loopback(bind[0]) and token is None:
+        raise ConfigError(f"--listen {bind[0]} is reachable from other machines: give --token-file too")
+    config = ServeConfig(
+        models=models_dir or default_models_dir(), state=state_dir or default_state_dir(),
+        cache=cache_dir or default_cache_dir(), socket=socket_path or default_socket(),
+        spool=spool_dir, listen=bind, token=token, socket_group=socket_group, workers=workers,
+        threads=threads, queue_size=queue_size, max_chars=max_chars, grace=grace,
+        default_voice=default_voice, seed_builtin=not no_seed,
+    )
+    from .daemon import Daemon
+
+    code = Daemon(config).run()
+    if code:
+        sys.exit(code)
+
+
+@main.command()
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
+              help="Daemon socket [env TTSD_SOCKET].")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status(socket_path: Path | None, as_json: bool) -> None:
+    """Show the running daemon: voices, versions, queue, requests, uptime."""
+    from .client import Client
+    from .config import default_socket
+    from .errors import DaemonError
+
+    client = Client(socket_path or default_socket(), timeout=10)
+    if not client.available():
+        raise DaemonError(f"no daemon answers on {client.socket_path}")
+    info = client.status()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    queue = info["queue"]
+    table = Table("voice", "active", "versions", title=(
+        f"ttsd {info['version']} pid {info['pid']}, up {info['uptime']:.0f} s, queue {queue['waiting']} waiting / "
+        f"{queue['running']} running, {info['requests']['completed']} done, {info['requests']['failed']} failed"))
+    for voice in info["voices"]:
+        versions = ", ".join(f"{v['version']} {v['state']}" + (f" ({v['reason']})" if v["reason"] else "")
+                             for v in voice["versions"])
+        table.add_row(voice["name"] + (" (default)" if voice["default"] else ""), voice["active"] or "-", versions)
+    Console().print(table)
 
 
 @main.group()

@@ -36,6 +36,46 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP))
 
 
+def default_state_dir() -> Path:
+    if env := os.environ.get("TTSD_STATE"):
+        return Path(env)
+    if _is_root():
+        return Path("/var/lib/ttsd")
+    return Path(platformdirs.user_state_dir(APP))
+
+
+def default_socket() -> Path:
+    """``/run/ttsd/ttsd.sock`` as root, else under ``$XDG_RUNTIME_DIR`` (or the user runtime dir)."""
+    if env := os.environ.get("TTSD_SOCKET"):
+        return Path(env)
+    if _is_root():
+        return Path("/run/ttsd/ttsd.sock")
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / APP / "ttsd.sock"
+    return Path(platformdirs.user_runtime_dir(APP)) / "ttsd.sock"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``ttsd serve`` needs, resolved and checked by the CLI."""
+
+    models: Path
+    state: Path
+    cache: Path
+    socket: Path
+    spool: Path | None = None
+    listen: tuple[str, int] | None = None
+    token: str | None = None
+    socket_group: str | None = None
+    workers: int = 1
+    threads: int | None = None
+    queue_size: int = 16
+    max_chars: int = 5000
+    grace: float = 30.0
+    default_voice: str | None = None
+    seed_builtin: bool = True
+
+
 @dataclass(frozen=True)
 class Paths:
     models: Path

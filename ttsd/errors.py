@@ -34,6 +34,31 @@ class TextTooLongError(RequestError):
     code = "text_too_long"
 
 
+class UnknownVoiceError(TtsdError):
+    """The request names a voice or version that is not loaded."""
+
+    exit_code = 4
+    code = "unknown_voice"
+
+
+class BusyError(TtsdError):
+    """The daemon cannot take the request now (queue full, nothing ready); retry later."""
+
+    exit_code = 10
+    code = "busy"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DaemonError(TtsdError):
+    """The daemon could not be reached, or answered with an error ``ttsd say`` cannot map."""
+
+    exit_code = 9
+    code = "daemon"
+
+
 class ManifestError(TtsdError):
     """A model folder's ``ttsd.json`` is missing, unreadable or incomplete."""
 

@@ -1,0 +1,27 @@
+"""What a front end (HTTP, spool) may ask of the daemon, as callbacks the daemon wires up.
+
+Front ends import this, not the manager: they can lease a model and submit a job, nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from .manager import Lease
+from .metrics import Metrics
+from .synth import Job, Result
+
+
+@dataclass(frozen=True)
+class Backend:
+    acquire: Callable[[str | None, str | None], Lease]
+    submit: Callable[[Job], "Future[Result]"]
+    voices: Callable[[], list[dict[str, Any]]]
+    ready: Callable[[], bool]
+    status: Callable[[], dict[str, Any]]
+    metrics: Metrics
+    max_chars: int
+    token: str | None = None  # required on TCP connections when set

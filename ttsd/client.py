@@ -1,0 +1,86 @@
+"""A small client for the daemon's HTTP API over its Unix socket (stdlib only, so ``ttsd say``
+through a running daemon starts fast: no torch, no aiohttp)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from .errors import BusyError, DaemonError, RequestError, TextTooLongError, UnknownVoiceError
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    def __init__(self, socket_path: Path, timeout: float = 300.0) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout = timeout
+
+    def available(self) -> bool:
+        """True when a daemon answers on the socket."""
+        if not self.socket_path.exists():
+            return False
+        try:
+            status, _, _ = self._request("GET", "/healthz", timeout=2.0)
+        except (OSError, http.client.HTTPException):
+            return False
+        return status == 200
+
+    def _request(self, method: str, path: str, body: Any = None, timeout: float | None = None
+                 ) -> tuple[int, dict[str, str], bytes]:
+        conn = _UnixConnection(self.socket_path, timeout or self.timeout)
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[dict[str, str], bytes]:
+        """Send a request; map an error answer to ttsd's error types."""
+        try:
+            status, headers, data = self._request(method, path, body)
+        except (OSError, http.client.HTTPException) as exc:
+            raise DaemonError(f"daemon at {self.socket_path} did not answer: {exc}") from exc
+        if status < 400:
+            return headers, data
+        try:
+            error = json.loads(data)["error"]
+            code, message = error.get("code", ""), error.get("message", "")
+        except (ValueError, KeyError, TypeError):
+            code, message = "", data.decode(errors="replace")[:200]
+        if status == 413:
+            raise TextTooLongError(message)
+        if status == 400:
+            raise RequestError(message)
+        if status == 404:
+            raise UnknownVoiceError(message)
+        if status == 503:
+            raise BusyError(f"daemon busy: {message}", int(headers.get("retry-after", "1") or 1))
+        raise DaemonError(f"daemon answered {status} {code}: {message}")
+
+    def synthesize(self, body: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+        return self.call("POST", "/v1/synthesize", body)
+
+    def status(self) -> dict[str, Any]:
+        _, data = self.call("GET", "/v1/status")
+        return json.loads(data)

@@ -1,0 +1,249 @@
+"""``ttsd serve``: wires the model manager, synthesis pool, HTTP API and spool, and runs the
+main loop.
+
+Shape taken from gunicorn's arbiter: signal handlers only record the signal; the main loop
+handles it (``SIGHUP`` rescans the models dir; ``SIGTERM``/``SIGINT`` drain and exit 0; a second
+``SIGINT`` exits at once). Only a failure at start-up ends the process with an error; a bad model
+folder later is refused and logged while the rest keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .backend import Backend
+from .catalog import scan
+from .config import ServeConfig
+from .errors import ConfigError
+from .fsutil import fsync_dir
+from .http_api import build_app
+from .manager import ModelManager, ModelVersion
+from .metrics import Metrics
+from .spool import Spool
+from .synth import SynthesisPool
+from .systemd import Notifier
+
+log = logging.getLogger("ttsd.daemon")
+
+EXIT_FORCED = 130
+
+
+def check_socket(path: Path) -> None:
+    """Refuse a socket a live daemon answers on; remove a stale one left by a crash."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; remove it or choose another --socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale socket %s (left by a daemon that did not shut down)", path)
+            path.unlink(missing_ok=True)
+            return
+        except OSError as exc:
+            raise ConfigError(f"cannot check socket {path}: {exc.strerror or exc}") from exc
+    raise ConfigError(f"another ttsd is already serving on {path}")
+
+
+def _writable_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {what} {path}: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path} is not writable by this user")
+
+
+def seed_models(models: Path, cache: Path) -> None:
+    """An empty models dir gets the built-in voice as version 1 (copied, then renamed in)."""
+    if any(c.manifest for c in scan(models)):
+        return
+    from .voices import BUILTIN_VERSION, BUILTIN_VOICE, builtin_model
+
+    source = builtin_model(cache, progress=lambda msg: log.info("built-in voice: %s", msg))
+    target = models / f"{BUILTIN_VOICE}-{BUILTIN_VERSION}"
+    if target.exists():
+        return
+    tmp = models / f".{target.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.rename(tmp, target)
+    fsync_dir(models)
+    log.info("seeded %s with the built-in voice %s", target, BUILTIN_VOICE)
+
+
+class Daemon:
+    def __init__(self, config: ServeConfig, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics.create()
+        self.started = time.time()
+        self.manager = ModelManager(
+            config.models,
+            engine_options={"max_chars": config.max_chars, "threads": config.threads},
+            default_voice=config.default_voice,
+            listener=self._on_model_event,
+        )
+        self.pool = SynthesisPool(workers=config.workers, queue_size=config.queue_size, metrics=self.metrics)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttsd-loader")
+        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._interrupts = 0
+
+    # -- wiring --------------------------------------------------------------------------------
+    def _on_model_event(self, event: str, model: ModelVersion) -> None:
+        if event in ("activated", "refused"):
+            self.metrics.model_loads.labels(model.name, "ok" if event == "activated" else "refused").inc()
+        if event == "activated":
+            self.metrics.model_swaps.labels(model.name).inc()
+
+    def status(self) -> dict[str, Any]:
+        waiting, running = self.pool.depth()
+        return {
+            "version": __version__, "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
+            "socket": str(self.config.socket), "models": str(self.config.models),
+            "spool": str(self.config.spool) if self.config.spool else None,
+            "workers": self.config.workers, "queue": {"waiting": waiting, "running": running,
+                                                      "capacity": self.config.queue_size},
+            "requests": {"completed": self.pool.completed, "failed": self.pool.failed},
+            "voices": self.manager.snapshot(),
+        }
+
+    def backend(self) -> Backend:
+        return Backend(acquire=self.manager.acquire, submit=self.pool.submit, voices=self.manager.snapshot,
+                       ready=self.manager.ready, status=self.status, metrics=self.metrics,
+                       max_chars=self.config.max_chars, token=self.config.token)
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self) -> int:
+        return asyncio.run(self._main())
+
+    def _record_signal(self, signum: int) -> None:
+        self._signals.put_nowait(signum)  # handler does nothing else; the main loop acts
+
+    async def _main(self) -> int:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        _writable_dir(cfg.models, "models dir")
+        _writable_dir(cfg.state, "state dir")
+        _writable_dir(cfg.socket.parent, "socket dir")
+        check_socket(cfg.socket)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self._record_signal, signum)
+
+        if cfg.seed_builtin:
+            await loop.run_in_executor(self._loader, seed_models, cfg.models, cfg.cache)
+        self.notifier.status("loading voices")
+        await loop.run_in_executor(self._loader, self.manager.rescan)
+        if not self.manager.ready():
+            log.error("no voice could be loaded from %s; serving /healthz and waiting (SIGHUP rescans)", cfg.models)
+
+        runner = web.AppRunner(build_app(self.backend()), handler_cancellation=True,
+                               shutdown_timeout=cfg.grace, access_log=None)
+        await runner.setup()
+        old_umask = os.umask(0o177 if cfg.socket_group is None else 0o117)
+        try:
+            await web.UnixSite(runner, str(cfg.socket)).start()
+        finally:
+            os.umask(old_umask)
+        if cfg.socket_group is not None:
+            shutil.chown(cfg.socket, group=cfg.socket_group)
+            os.chmod(cfg.socket, 0o660)
+        if cfg.listen is not None:
+            host, port = cfg.listen
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+        spool: Spool | None = None
+        spool_task: asyncio.Task[None] | None = None
+        if cfg.spool is not None:
+            spool = Spool(cfg.spool, self.backend(), concurrency=cfg.workers)
+            await loop.run_in_executor(None, spool.prepare)
+            spool.start_watching(loop)
+            spool_task = loop.create_task(spool.run())
+
+        voices = ", ".join(f"{v['name']} {v['active']}" for v in self.manager.snapshot() if v["active"])
+        where = str(cfg.socket) + (f" and {cfg.listen[0]}:{cfg.listen[1]}" if cfg.listen else "")
+        log.info("ttsd %s serving on %s (voices: %s)", __version__, where, voices or "none")
+        if self.manager.ready():
+            self.notifier.ready(f"serving {voices}")
+        watchdog = loop.create_task(self._watchdog()) if self.notifier.watchdog_seconds else None
+
+        while True:
+            signum = await self._signals.get()
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: rescanning %s", cfg.models)
+                await loop.run_in_executor(self._loader, self.manager.rescan)
+                if self.manager.ready():
+                    self.notifier.ready("serving")
+                continue
+            break
+        self._interrupts = 1 if signum == signal.SIGINT else 0
+        return await self._shutdown(runner, spool, spool_task, watchdog)
+
+    async def _watchdog(self) -> None:
+        assert self.notifier.watchdog_seconds
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(self.notifier.watchdog_seconds / 2)
+
+    async def _shutdown(self, runner: web.AppRunner, spool: Spool | None,
+                        spool_task: asyncio.Task[None] | None, watchdog: asyncio.Task[None] | None) -> int:
+        cfg = self.config
+        log.info("shutting down: finishing in-flight requests (up to %.0f s; Ctrl-C again to force)", cfg.grace)
+        self.notifier.stopping("draining")
+        if spool is not None:
+            spool.stop()
+
+        async def drain() -> None:
+            await runner.cleanup()  # stops accepting, waits for handlers up to the grace period
+            if spool is not None:
+                await asyncio.wait_for(spool.drain(), timeout=cfg.grace)
+
+        drain_task = asyncio.ensure_future(drain())
+        while not drain_task.done():
+            forced = asyncio.ensure_future(self._signals.get())
+            done, _ = await asyncio.wait({drain_task, forced}, return_when=asyncio.FIRST_COMPLETED)
+            if forced in done:
+                if forced.result() == signal.SIGINT and self._interrupts >= 1:
+                    log.warning("second interrupt: exiting now")
+                    self._unlink_socket()
+                    return EXIT_FORCED
+                self._interrupts += forced.result() == signal.SIGINT
+            else:
+                forced.cancel()
+        try:
+            drain_task.result()
+        except asyncio.TimeoutError:
+            log.warning("grace period over with spool requests still running; they resume after restart")
+        for task in (spool_task, watchdog):
+            if task is not None:
+                task.cancel()
+        self.pool.shutdown(wait=False)
+        self.manager.close()
+        self._unlink_socket()
+        log.info("stopped")
+        return 0
+
+    def _unlink_socket(self) -> None:
+        try:
+            self.config.socket.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,228 @@
+"""HTTP/1.1 API (aiohttp) served on the Unix socket and, optionally, a TCP listener.
+
+The front end knows nothing of the model manager: it gets a ``Backend`` of callbacks from the
+daemon. Handlers run on the event loop and never synthesize; they parse, take a model lease,
+hand a ``Job`` to the pool and await it. Errors are JSON ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any
+
+from aiohttp import web
+
+from .audio import MEDIA_TYPES, Audio, encode, wav_stream_header
+from .errors import (BusyError, RequestError, TextTooLongError, TtsdError, UnknownVoiceError)
+from .backend import Backend
+from .manager import Lease
+from .metrics import CONTENT_TYPE, Metrics
+from .requests import SynthRequest, parse_openai, parse_request
+from .synth import Cancelled, Job, Result
+from .text import check_text
+
+log = logging.getLogger("ttsd.http")
+
+MAX_BODY = 1 << 20  # 1 MiB of JSON is far more than any allowed text
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+def error_response(exc: BaseException) -> web.Response:
+    if isinstance(exc, TextTooLongError):
+        return _error(413, exc.code, str(exc))
+    if isinstance(exc, RequestError):
+        return _error(400, exc.code, str(exc))
+    if isinstance(exc, UnknownVoiceError):
+        return _error(404, exc.code, str(exc))
+    if isinstance(exc, BusyError):
+        return _error(503, exc.code, str(exc), {"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, TtsdError):
+        return _error(500, exc.code, str(exc))
+    log.exception("internal error", exc_info=exc)
+    return _error(500, "internal", f"internal error: {type(exc).__name__}")
+
+
+def _is_tcp(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport else None
+    return isinstance(sockname, tuple)
+
+
+def build_app(backend: Backend) -> web.Application:
+    @web.middleware
+    async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        if _is_tcp(request) and backend.token is not None:
+            supplied = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(supplied.encode(), f"Bearer {backend.token}".encode()):
+                return _error(401, "unauthorized", "missing or wrong bearer token",
+                              {"WWW-Authenticate": "Bearer"})
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, "body_too_large", f"request body over {MAX_BODY} bytes")
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return _error(exc.status, "http", exc.reason)
+            raise
+
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+    api = _Api(backend)
+    app.router.add_post("/v1/synthesize", api.synthesize)
+    app.router.add_post("/v1/audio/speech", api.openai_speech)
+    app.router.add_get("/v1/voices", api.voices)
+    app.router.add_get("/v1/status", api.status)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics)
+    return app
+
+
+class _Api:
+    def __init__(self, backend: Backend) -> None:
+        self.b = backend
+
+    async def _json(self, request: web.Request) -> Any:
+        body = await request.read()
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise RequestError(f"body is not valid JSON ({exc})") from None
+
+    async def synthesize(self, request: web.Request) -> web.StreamResponse:
+        try:
+            req = parse_request(await self._json(request))
+            if "X-Ttsd-Version" in request.headers and req.version is None:
+                req = SynthRequest(**{**req.__dict__, "version": request.headers["X-Ttsd-Version"]})
+        except TtsdError as exc:
+            self._count(None, None, "synthesize", "bad_request")
+            return error_response(exc)
+        return await self._serve(request, req, "synthesize")
+
+    async def openai_speech(self, request: web.Request) -> web.StreamResponse:
+        try:
+            known = {v["name"] for v in self.b.voices()}
+            req = parse_openai(await self._json(request), known)
+        except TtsdError as exc:
+            self._count(None, None, "openai", "bad_request")
+            return error_response(exc)
+        return await self._serve(request, req, "openai")
+
+    def _count(self, voice: str | None, version: str | None, route: str, outcome: str) -> None:
+        self.b.metrics.requests.labels(voice or "-", version or "-", route, outcome).inc()
+
+    async def _serve(self, request: web.Request, req: SynthRequest, route: str) -> web.StreamResponse:
+        started = time.monotonic()
+        try:
+            check_text(req.text, self.b.max_chars)
+            if not self.b.ready():
+                raise BusyError("no voice is ready yet", retry_after=5)
+            lease = self.b.acquire(req.voice, req.version)
+        except TtsdError as exc:
+            self._count(req.voice, req.version, route, exc.code)
+            return error_response(exc)
+        model = lease.model
+        try:
+            if req.stream:
+                response = await self._stream(request, req, lease, route)
+            else:
+                response = await self._whole(req, lease, route)
+        except asyncio.CancelledError:
+            self._count(model.name, model.version, route, "cancelled")
+            raise
+        except Cancelled:
+            self._count(model.name, model.version, route, "cancelled")
+            raise
+        except TtsdError as exc:
+            self._count(model.name, model.version, route, exc.code)
+            return error_response(exc)
+        self._count(model.name, model.version, route, "ok")
+        self.b.metrics.latency.labels(model.name, route).observe(time.monotonic() - started)
+        return response
+
+    def _headers(self, lease: Lease, fmt: str, rate: int) -> dict[str, str]:
+        content_type = MEDIA_TYPES[fmt]
+        if fmt == "pcm":
+            content_type = f"audio/L16; rate={rate}; channels=1"
+        return {"Content-Type": content_type, "X-Ttsd-Voice": lease.model.name,
+                "X-Ttsd-Version": lease.model.version, "X-Ttsd-Sample-Rate": str(rate)}
+
+    async def _whole(self, req: SynthRequest, lease: Lease, route: str) -> web.Response:
+        job = Job(text=req.text, options=req.options, lease=lease, route=route)
+        future = self.b.submit(job)
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            job.cancel.set()  # client went away: stop after the current sentence
+            raise
+        audio = result.audio
+        assert audio is not None
+        loop = asyncio.get_running_loop()
+        body = audio.to_pcm16() if req.format == "pcm" else await loop.run_in_executor(None, encode, audio, req.format)
+        headers = self._headers(lease, req.format, audio.sample_rate)
+        headers["X-Ttsd-Audio-Seconds"] = f"{result.audio_seconds:.3f}"
+        headers["X-Ttsd-Synthesis-Seconds"] = f"{result.synth_seconds:.3f}"
+        return web.Response(body=body, headers=headers)
+
+    async def _stream(self, request: web.Request, req: SynthRequest, lease: Lease, route: str
+                      ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[Audio | BaseException | None] = asyncio.Queue()
+        job = Job(text=req.text, options=req.options, lease=lease, route=route,
+                  on_chunk=lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk))
+        future = self.b.submit(job)
+
+        def finished(f: Future[Result]) -> None:
+            exc = f.exception()
+            loop.call_soon_threadsafe(chunks.put_nowait, exc)
+
+        future.add_done_callback(finished)
+        response: web.StreamResponse | None = None
+        try:
+            while True:
+                item = await chunks.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    if response is None and isinstance(item, TtsdError):
+                        raise item  # nothing sent yet: a proper error response
+                    raise item
+                if response is None:
+                    response = web.StreamResponse(headers=self._headers(lease, req.format, item.sample_rate))
+                    response.enable_chunked_encoding()
+                    await response.prepare(request)
+                    if req.format == "wav":
+                        await response.write(wav_stream_header(item.sample_rate))
+                await response.write(item.to_pcm16())
+        except (asyncio.CancelledError, ConnectionResetError):
+            job.cancel.set()
+            raise
+        assert response is not None
+        await response.write_eof()
+        return response
+
+    async def voices(self, request: web.Request) -> web.Response:
+        return web.json_response({"voices": self.b.voices()})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.b.status())
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.b.ready():
+            return web.json_response({"status": "ready"})
+        return _error(503, "not_ready", "no voice is active yet", {"Retry-After": "5"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.b.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

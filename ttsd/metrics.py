@@ -1,0 +1,45 @@
+"""Prometheus metrics, in a registry of the daemon's own (not the process-global default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    queue_depth: Gauge
+    in_flight: Gauge
+    audio_seconds: Counter
+    model_loads: Counter
+    model_swaps: Counter
+    spool: Counter
+
+    @classmethod
+    def create(cls) -> Metrics:
+        r = CollectorRegistry()
+        return cls(
+            registry=r,
+            requests=Counter("ttsd_requests", "Synthesis requests by voice, version, front end and outcome",
+                             ["voice", "version", "route", "outcome"], registry=r),
+            latency=Histogram("ttsd_request_seconds", "Time from request accepted to last audio byte",
+                              ["voice", "route"], registry=r,
+                              buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
+            queue_depth=Gauge("ttsd_queue_depth", "Requests waiting for a synthesis worker", registry=r),
+            in_flight=Gauge("ttsd_requests_in_flight", "Requests being synthesized", registry=r),
+            audio_seconds=Counter("ttsd_audio_seconds", "Seconds of audio produced", ["voice", "version"],
+                                  registry=r),
+            model_loads=Counter("ttsd_model_loads", "Model versions loaded, by outcome",
+                                ["voice", "outcome"], registry=r),
+            model_swaps=Counter("ttsd_model_swaps", "Active-version swaps", ["voice"], registry=r),
+            spool=Counter("ttsd_spool_requests", "Spool requests by outcome", ["outcome"], registry=r),
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

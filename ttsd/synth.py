@@ -1,0 +1,121 @@
+"""The synthesis pool: a bounded queue in front of a few worker threads.
+
+Front ends (HTTP, spool) call ``submit`` from the event loop; it never blocks. A full queue is a
+``BusyError`` (HTTP 503 + Retry-After), not unbounded memory. The request's model lease is taken by
+the caller before submitting and released here when the job ends, so the version a request started
+with serves it to the end. Synthesis runs only on worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .audio import Audio, concat
+from .engines import SynthesisOptions
+from .errors import BusyError
+from .manager import Lease
+from .metrics import Metrics
+
+log = logging.getLogger("ttsd.synth")
+
+ChunkSink = Callable[[Audio], None]
+
+
+class Cancelled(Exception):
+    """The client went away; the job stopped between sentences."""
+
+
+@dataclass
+class Job:
+    text: str
+    options: SynthesisOptions
+    lease: Lease
+    route: str
+    on_chunk: ChunkSink | None = None  # streaming: called on the worker thread per sentence
+    cancel: threading.Event = field(default_factory=threading.Event)
+    accepted: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Result:
+    audio: Audio | None  # None when streamed
+    audio_seconds: float
+    synth_seconds: float
+    queued_seconds: float
+
+
+class SynthesisPool:
+    def __init__(self, *, workers: int, queue_size: int, metrics: Metrics) -> None:
+        self.workers = workers
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsd-synth")
+        self._lock = threading.Lock()
+        self._pending = 0  # queued + running
+        self._running = 0
+        self.completed = 0
+        self.failed = 0
+
+    def depth(self) -> tuple[int, int]:
+        """(waiting, running)."""
+        with self._lock:
+            return self._pending - self._running, self._running
+
+    def submit(self, job: Job) -> Future[Result]:
+        """Queue ``job``; ``BusyError`` if the queue is full (the lease is released then)."""
+        with self._lock:
+            if self._pending >= self.workers + self.queue_size:
+                job.lease.release()
+                raise BusyError(f"queue full ({self.queue_size} waiting); retry shortly", retry_after=1)
+            self._pending += 1
+            self.metrics.queue_depth.set(self._pending - self._running)
+        return self._executor.submit(self._run, job)
+
+    def _run(self, job: Job) -> Result:
+        with self._lock:
+            self._running += 1
+            self.metrics.queue_depth.set(self._pending - self._running)
+            self.metrics.in_flight.set(self._running)
+        started = time.monotonic()
+        ok = False
+        try:
+            if job.cancel.is_set():
+                raise Cancelled()
+            chunks: list[Audio] = []
+            seconds = 0.0
+            for chunk in job.lease.engine.synthesize_stream(job.text, job.options):
+                if job.cancel.is_set():
+                    raise Cancelled()
+                seconds += chunk.duration
+                if job.on_chunk is not None:
+                    job.on_chunk(chunk)
+                else:
+                    chunks.append(chunk)
+            ok = True
+            model = job.lease.model
+            self.metrics.audio_seconds.labels(model.name, model.version).inc(seconds)
+            return Result(
+                audio=concat(chunks) if job.on_chunk is None else None,
+                audio_seconds=seconds,
+                synth_seconds=time.monotonic() - started,
+                queued_seconds=started - job.accepted,
+            )
+        finally:
+            job.lease.release()
+            with self._lock:
+                self._running -= 1
+                self._pending -= 1
+                if ok:
+                    self.completed += 1
+                else:
+                    self.failed += 1
+                self.metrics.queue_depth.set(self._pending - self._running)
+                self.metrics.in_flight.set(self._running)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
