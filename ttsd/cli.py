@@ -37,7 +37,9 @@ class TtsdGroup(click.Group):
         except TtsdError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            _console().print(f"[bold red]error:[/] {click.style(str(exc), fg=None)}", markup=True, emoji=False)
+            from rich.markup import escape
+
+            _console().print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, emoji=False)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             _console().print("interrupted")
@@ -47,8 +49,11 @@ class TtsdGroup(click.Group):
         except Exception as exc:  # a bug: say so in one line unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            from rich.markup import escape
+
             _console().print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run 'ttsd --debug ...' for the traceback)",
+                f"[bold red]internal error:[/] {escape(f'{type(exc).__name__}: {exc}')} "
+                "(run 'ttsd --debug ...' for the traceback)",
                 markup=True, emoji=False,
             )
             ctx.exit(EXIT_INTERNAL)

@@ -1,0 +1,103 @@
+"""Start ``ttsd serve`` in a subprocess and talk to it over its socket, as a user would."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float = 120.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    root: Path
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 120.0) -> Reply:
+        conn = UnixHTTPConnection(self.socket, timeout)
+        try:
+            payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            conn.request(method, path, body=payload, headers=headers or {})
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def post(self, path: str, body: Any, **kw: Any) -> Reply:
+        return self.request("POST", path, body, **kw)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_daemon(root: Path, cache: Path, *args: str, models: Path | None = None,
+                 wait_ready: bool = True, timeout: float = 120) -> Daemon:
+    root.mkdir(parents=True, exist_ok=True)
+    sock = root / "ttsd.sock"
+    env = dict(os.environ, TTSD_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    log = root / f"daemon-{time.monotonic_ns()}.log"
+    cmd = [sys.executable, "-m", "ttsd", "serve", "--models", str(models or root / "models"),
+           "--state", str(root / "state"), "--socket", str(sock), *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    daemon = Daemon(proc, sock, root, log, env)
+    if wait_ready:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {proc.returncode}:\n{daemon.logs()}")
+            try:
+                if daemon.request("GET", "/readyz", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"daemon not ready after {timeout} s:\n{daemon.logs()}")
+            time.sleep(0.2)
+    return daemon
+
+
+def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)

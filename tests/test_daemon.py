@@ -1,0 +1,186 @@
+"""End to end: ``ttsd serve`` in a subprocess, driven over its Unix socket the way a user would
+(curl-style HTTP, streaming, the OpenAI route, bad requests, backpressure, cancellation)."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from daemon_util import Daemon, UnixHTTPConnection, start_daemon, wait_for
+
+LONG = " ".join(f"This is sentence number {i} of a long request that keeps the worker busy." for i in range(12))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, joe_folder: Path) -> Iterator[Daemon]:
+    """One daemon for the module: built-in voice seeded into an empty models dir, 1 worker, queue of 1."""
+    d = start_daemon(tmp_path_factory.mktemp("serve"), cache_dir, "--workers", "1", "--queue-size", "1")
+    yield d
+    assert d.stop() == 0, d.logs()
+
+
+def test_empty_models_dir_is_seeded_and_served(daemon: Daemon) -> None:
+    voices = daemon.request("GET", "/v1/voices").json()["voices"]
+    assert [(v["name"], v["active"]) for v in voices] == [("en_US-joe-medium", "1")]
+    assert (daemon.root / "models" / "en_US-joe-medium-1" / "ttsd.json").is_file()
+    assert daemon.request("GET", "/healthz").status == 200
+    assert daemon.request("GET", "/readyz").status == 200
+
+
+def test_socket_is_private(daemon: Daemon) -> None:
+    mode = stat.S_IMODE(daemon.socket.stat().st_mode)
+    assert mode == 0o600, oct(mode)
+
+
+def test_synthesize_wav_and_headers(daemon: Daemon) -> None:
+    reply = daemon.post("/v1/synthesize", {"text": "Hello from the daemon.", "seed": 3})
+    assert reply.status == 200 and reply.headers["content-type"] == "audio/wav"
+    assert reply.headers["x-ttsd-voice"] == "en_US-joe-medium" and reply.headers["x-ttsd-version"] == "1"
+    samples, rate = soundfile.read(io.BytesIO(reply.body))
+    assert rate == 22050 and 0.5 < len(samples) / rate < 4
+    for fmt, kind in (("flac", "FLAC"), ("ogg", "OGG"), ("mp3", "MP3")):
+        reply = daemon.post("/v1/synthesize", {"text": "Formats.", "format": fmt})
+        assert reply.status == 200 and soundfile.info(io.BytesIO(reply.body)).format == kind
+
+
+def test_streaming_sends_the_same_audio_sentence_by_sentence(daemon: Daemon) -> None:
+    text = "The first sentence is short. The second one is a little bit longer than the first."
+    whole = daemon.post("/v1/synthesize", {"text": text, "format": "pcm", "seed": 5})
+    assert whole.status == 200 and whole.headers["x-ttsd-sample-rate"] == "22050"
+    conn = UnixHTTPConnection(daemon.socket)
+    conn.request("POST", "/v1/synthesize", body=json.dumps({"text": text, "stream": True, "seed": 5}))
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
+    body = resp.read()
+    conn.close()
+    assert body[:4] == b"RIFF" and body[36:40] == b"data"
+    streamed = np.frombuffer(body[44:], dtype="<i2")
+    assert np.array_equal(streamed, np.frombuffer(whole.body, dtype="<i2"))
+    pcm = daemon.post("/v1/synthesize", {"text": text, "stream": True, "format": "pcm", "seed": 5})
+    assert pcm.body == whole.body and pcm.headers["content-type"].startswith("audio/L16; rate=22050")
+
+
+def test_openai_route(daemon: Daemon) -> None:
+    reply = daemon.post("/v1/audio/speech", {"model": "tts-1", "input": "Compatible with OpenAI clients.",
+                                             "voice": "alloy"})
+    assert reply.status == 200 and reply.headers["content-type"] == "audio/mpeg"
+    assert soundfile.info(io.BytesIO(reply.body)).samplerate == 22050
+    reply = daemon.post("/v1/audio/speech", {"model": "tts-1", "input": "Wave please.", "voice": "en_US-joe-medium",
+                                             "response_format": "wav", "speed": 1.5})
+    assert reply.status == 200 and reply.body[:4] == b"RIFF"
+    bad = daemon.post("/v1/audio/speech", {"model": "tts-1", "input": "x", "voice": "alloy", "response_format": "aac"})
+    assert bad.status == 400 and "aac" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, "bad_request"),
+    (b'["text"]', 400, "bad_request"),
+    (b'{"text": ""}', 400, "bad_request"),
+    (b'{"text": "...!?"}', 400, "bad_request"),
+    (b'{"text": "hi", "colour": "red"}', 400, "bad_request"),
+    (b'{"text": "hi", "speed": 99}', 400, "bad_request"),
+    (b'{"text": "hi", "format": "wav", "stream": "yes"}', 400, "bad_request"),
+    (b'{"text": "hi", "format": "flac", "stream": true}', 400, "bad_request"),
+    (b'{"text": "hi", "voice": "nobody"}', 404, "unknown_voice"),
+    (b'{"text": "hi", "version": "7"}', 404, "unknown_voice"),
+    (json.dumps({"text": "a" * 5001}).encode(), 413, "text_too_long"),
+    (b'{"text": "' + b"a" * (1 << 20) + b'"}', 413, "body_too_large"),
+])
+def test_bad_requests_get_their_status_and_the_daemon_keeps_serving(daemon: Daemon, body: bytes, status: int,
+                                                                    code: str) -> None:
+    reply = daemon.request("POST", "/v1/synthesize", raw=body)
+    assert reply.status == status, reply.body
+    error = reply.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert daemon.post("/v1/synthesize", {"text": "Still here."}).status == 200
+
+
+def test_full_queue_is_503_with_retry_after(daemon: Daemon) -> None:
+    """1 worker + queue of 1: with two long requests in, a third gets 503 at once."""
+    results: list[int] = []
+
+    def long_request() -> None:
+        results.append(daemon.post("/v1/synthesize", {"text": LONG}).status)
+
+    threads = [threading.Thread(target=long_request) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    wait_for(lambda: daemon.request("GET", "/v1/status").json()["queue"]["waiting"] == 1, what="a queued request")
+    started = time.monotonic()
+    busy = daemon.post("/v1/synthesize", {"text": "One more."})
+    assert busy.status == 503 and busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "busy"
+    assert time.monotonic() - started < 1.0
+    for t in threads:
+        t.join()
+    assert results == [200, 200]
+
+
+def test_client_disconnect_cancels_the_rest(daemon: Daemon) -> None:
+    conn = UnixHTTPConnection(daemon.socket)
+    conn.request("POST", "/v1/synthesize", body=json.dumps({"text": LONG, "stream": True}))
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.read1(100)  # first audio arrived
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    started = time.monotonic()
+    wait_for(lambda: daemon.request("GET", "/v1/status").json()["queue"]["running"] == 0, timeout=10,
+             what="the cancelled job to stop")
+    # 12 sentences take several seconds; a cancelled job stops after the current one.
+    assert time.monotonic() - started < 3.0
+    metrics = daemon.request("GET", "/metrics").body.decode()
+    assert 'outcome="cancelled"' in metrics
+
+
+def test_metrics_and_status(daemon: Daemon) -> None:
+    metrics = daemon.request("GET", "/metrics")
+    assert metrics.status == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.body.decode()
+    for name in ("ttsd_requests_total", "ttsd_request_seconds_bucket", "ttsd_queue_depth",
+                 "ttsd_audio_seconds_total", "ttsd_model_loads_total", "ttsd_model_swaps_total"):
+        assert name in text, name
+    assert 'ttsd_requests_total{outcome="ok",route="synthesize",version="1",voice="en_US-joe-medium"}' in text
+    status = daemon.request("GET", "/v1/status").json()
+    assert status["voices"][0]["active"] == "1" and status["uptime"] > 0
+
+
+def test_say_uses_the_daemon_and_status_reads_it(daemon: Daemon, tmp_path: Path) -> None:
+    env = dict(daemon.env, TTSD_SOCKET=str(daemon.socket))
+    out = tmp_path / "via.wav"
+    proc = subprocess.run([sys.executable, "-m", "ttsd", "say", "Through the daemon.", "-o", str(out)],
+                          env=env, capture_output=True, timeout=60)
+    assert proc.returncode == 0 and "via daemon" in proc.stderr.decode(), proc.stderr.decode()
+    assert soundfile.info(str(out)).samplerate == 22050
+    proc = subprocess.run([sys.executable, "-m", "ttsd", "say", "", "-o", str(out)], env=env, capture_output=True)
+    assert proc.returncode == 4 and proc.stderr.decode().startswith("error: text is empty")
+    proc = subprocess.run([sys.executable, "-m", "ttsd", "status", "--json"], env=env, capture_output=True)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["voices"][0]["name"] == "en_US-joe-medium"
+
+
+def test_say_without_a_daemon(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ttsd", "say", "Hi.", "-o", str(tmp_path / "x.wav"), "--daemon"],
+                          env=cli_env, capture_output=True)
+    assert proc.returncode == 9 and "no daemon answers" in proc.stderr.decode()
+    proc = subprocess.run([sys.executable, "-m", "ttsd", "status"], env=cli_env, capture_output=True)
+    assert proc.returncode == 9
+
+
+def test_second_daemon_on_the_same_socket_is_refused(daemon: Daemon, cache_dir: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state",
+                           str(tmp_path / "s"), "--socket", str(daemon.socket), "--no-seed"],
+                          env=daemon.env, capture_output=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stderr.decode().strip().splitlines()[-1] == f"error: another ttsd is already serving on {daemon.socket}"
