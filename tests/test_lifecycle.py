@@ -1,0 +1,193 @@
+"""The daemon's life: spool requests survive kill -9, SIGTERM drains, SIGHUP rescans, TCP needs a
+token off loopback, and start-up problems are one line with exit code 3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import soundfile
+
+from daemon_util import start_daemon, wait_for
+from ttsd.manifest import pack, verify
+
+SENTENCES = [f"Spool request {i} asks for a sentence of reasonable length to speak." for i in range(6)]
+
+
+def drop(spool: Path, name: str, content: str) -> None:
+    """Publish a request the way writers should: write a dot-file, then rename it in."""
+    incoming = spool / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    tmp = incoming / f".{name}.tmp"
+    tmp.write_text(content)
+    os.replace(tmp, incoming / name)
+
+
+def out_is_complete(out: Path) -> None:
+    """Nothing half-written is visible: every audio file decodes, every metadata file parses."""
+    for path in out.iterdir():
+        assert not path.name.startswith(".") or path.name.endswith(".tmp"), path
+        if path.name.startswith("."):
+            continue
+        if path.suffix == ".json":
+            meta = json.loads(path.read_text())
+            assert (out / f"{meta['id']}.{meta['format']}").is_file()
+        else:
+            assert soundfile.info(str(path)).duration > 0.5, path
+
+
+def test_spool_serves_fails_and_ignores(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    spool = tmp_path / "spool"
+    d = start_daemon(tmp_path, cache_dir, "--spool", str(spool))
+    try:
+        drop(spool, "plain.txt", "A plain text request.")
+        drop(spool, "fancy.json", json.dumps({"text": "Flac, a little faster.", "format": "flac", "speed": 1.2}))
+        drop(spool, "empty.json", json.dumps({"text": "   "}))
+        drop(spool, "broken.json", "{not json")
+        drop(spool, "who.json", json.dumps({"text": "Hi.", "voice": "nobody"}))
+        (spool / "incoming" / ".hidden.txt").write_text("never read")
+        (spool / "incoming" / "partial.txt.tmp").write_text("still being written")
+        wait_for(lambda: len(list((spool / "done").iterdir())) == 2 and len(list((spool / "failed").glob("*.error.json"))) == 3,
+                 timeout=60, what="spool results")
+        meta = json.loads((spool / "out" / "fancy.json").read_text())
+        assert meta["voice"] == "en_US-joe-medium" and meta["format"] == "flac" and meta["duration"] > 0.5
+        assert soundfile.info(str(spool / "out" / "fancy.flac")).format == "FLAC"
+        assert soundfile.info(str(spool / "out" / "plain.wav")).samplerate == 22050
+        errors = {p.name: json.loads(p.read_text())["error"] for p in (spool / "failed").glob("*.error.json")}
+        assert errors["empty.error.json"]["message"] == "text is empty"
+        assert "not valid JSON" in errors["broken.error.json"]["message"]
+        assert errors["who.error.json"]["code"] == "unknown_voice"
+        assert sorted(p.name for p in (spool / "incoming").iterdir()) == [".hidden.txt", "partial.txt.tmp"]
+        assert not list((spool / "work").iterdir())
+        # A file written slowly, in place (not by rename), is only claimed once it stops changing.
+        slow = spool / "incoming" / "slow.txt"
+        with open(slow, "w") as handle:
+            for word in "This request was typed slowly into the spool".split():
+                handle.write(word + " ")
+                handle.flush()
+                time.sleep(0.1)
+        wait_for(lambda: (spool / "out" / "slow.json").exists(), what="slow request")
+        assert json.loads((spool / "out" / "slow.json").read_text())["duration"] > 1.5
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+def test_kill_9_mid_spool_loses_nothing(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    """1. Queue six requests. 2. SIGKILL once the first output appears. 3. No half-written file is
+    visible. 4. Restart (stale socket left behind). 5. All six are served, none failed."""
+    spool = tmp_path / "spool"
+    d = start_daemon(tmp_path, cache_dir, "--spool", str(spool))
+    for i, text in enumerate(SENTENCES):
+        drop(spool, f"r{i}.txt", text)
+    wait_for(lambda: any((spool / "out").glob("*.json")), timeout=60, what="first spool output")
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    assert d.socket.exists()  # a crash leaves the socket file behind
+    out_is_complete(spool / "out")
+    left = [p.name for d_ in ("incoming", "work") for p in (spool / d_).iterdir() if not p.name.startswith(".")]
+    assert left, "the kill should have interrupted the spool"
+    d2 = start_daemon(tmp_path, cache_dir, "--spool", str(spool))
+    try:
+        wait_for(lambda: len(list((spool / "done").iterdir())) == len(SENTENCES), timeout=90, what="all six done")
+        assert not list((spool / "failed").iterdir())
+        out_is_complete(spool / "out")
+        for i in range(len(SENTENCES)):
+            assert soundfile.info(str(spool / "out" / f"r{i}.wav")).duration > 1.5
+        assert "removing stale socket" in d2.logs()
+    finally:
+        assert d2.stop() == 0, d2.logs()
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    d = start_daemon(tmp_path, cache_dir)
+    result: dict[str, object] = {}
+
+    def long_request() -> None:
+        reply = d.post("/v1/synthesize", {"text": " ".join(SENTENCES[:4])})
+        result["status"], result["body"] = reply.status, reply.body
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    wait_for(lambda: d.request("GET", "/v1/status").json()["queue"]["running"] == 1, what="request running")
+    d.proc.send_signal(signal.SIGTERM)
+    worker.join(60)
+    assert result["status"] == 200 and soundfile.info(__import__("io").BytesIO(result["body"])).duration > 8
+    assert d.proc.wait(60) == 0
+    assert not d.socket.exists()
+    assert "stopped" in d.logs()
+
+
+def test_sighup_picks_up_a_new_version(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    d = start_daemon(tmp_path, cache_dir)
+    try:
+        v2 = tmp_path / "models" / "en_US-joe-medium-2"
+        staging = tmp_path / "models" / ".v2.partial"
+        shutil.copytree(joe_folder, staging)
+        manifest = verify(staging)
+        pack(staging, name=manifest.name, version="2", engine="vits", sample_rate=manifest.sample_rate)
+        os.rename(staging, v2)
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: d.request("GET", "/v1/voices").json()["voices"][0]["active"] == "2", timeout=60,
+                 what="version 2 active")
+        reply = d.post("/v1/synthesize", {"text": "New version."})
+        assert reply.headers["x-ttsd-version"] == "2"
+        states = {v["version"]: v["state"] for v in d.request("GET", "/v1/voices").json()["voices"][0]["versions"]}
+        assert states == {"1": "unloaded", "2": "active"}
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tcp_get(port: int, path: str, token: str | None = None) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_tcp_listener_and_token(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    port = free_port()
+    base = [sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state", str(tmp_path / "s"),
+            "--socket", str(tmp_path / "x.sock"), "--no-seed"]
+    proc = subprocess.run(base + ["--listen", f"0.0.0.0:{port}"], capture_output=True, timeout=60)
+    assert proc.returncode == 3 and "give --token-file" in proc.stderr.decode()
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-of-some-length\n")
+    d = start_daemon(tmp_path / "d", cache_dir, "--listen", f"0.0.0.0:{port}", "--token-file", str(token_file))
+    try:
+        assert tcp_get(port, "/readyz") == 401
+        assert tcp_get(port, "/readyz", "wrong-token-wrong-token") == 401
+        assert tcp_get(port, "/readyz", "s3cret-token-of-some-length") == 200
+        assert d.request("GET", "/readyz").status == 200  # the Unix socket needs no token
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--state", "/etc/hostname/state"], "cannot create state dir"),
+    (["--listen", "nonsense"], "expected HOST:PORT"),
+    (["--workers", "0"], "Invalid value for '--workers'"),
+])
+def test_start_up_problems_are_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    cmd = [sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state", str(tmp_path / "s"),
+           "--socket", str(tmp_path / "x.sock"), "--no-seed", *args]
+    proc = subprocess.run(cmd, capture_output=True, timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode in (2, 3) and fragment in err and "Traceback" not in err, err
