@@ -191,3 +191,42 @@ def test_start_up_problems_are_one_line(tmp_path: Path, args: list[str], fragmen
     proc = subprocess.run(cmd, capture_output=True, timeout=60)
     err = proc.stderr.decode()
     assert proc.returncode in (2, 3) and fragment in err and "Traceback" not in err, err
+
+
+def test_systemd_notify_and_forced_exit(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    """1. Under Type=notify the daemon sends READY=1 and STATUS. 2. WATCHDOG=1 comes while
+    WATCHDOG_USEC is set. 3. A second SIGINT during the drain exits at once with 130."""
+    notify = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(60)
+    os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"] = str(notify), "1000000"
+    try:
+        d = start_daemon(tmp_path, cache_dir)
+    finally:
+        del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+    messages: list[str] = []
+    deadline = time.monotonic() + 30
+    while not (any("READY=1" in m for m in messages) and any("WATCHDOG=1" in m for m in messages)):
+        assert time.monotonic() < deadline, messages
+        messages.append(listener.recv(4096).decode())
+    ready = next(m for m in messages if "READY=1" in m)
+    assert "STATUS=serving en_US-joe-medium 1" in ready
+    def doomed_request() -> None:
+        try:
+            d.post("/v1/synthesize", {"text": " ".join(SENTENCES * 3)})
+        except Exception:  # the forced exit drops the connection: expected
+            pass
+
+    worker = threading.Thread(target=doomed_request)
+    worker.start()
+    wait_for(lambda: d.request("GET", "/v1/status").json()["queue"]["running"] == 1, what="request running")
+    d.proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    started = time.monotonic()
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(10) == 130
+    assert time.monotonic() - started < 5
+    assert "second interrupt" in d.logs()
+    worker.join(30)
+    listener.close()
