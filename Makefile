@@ -16,9 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Until the daemon exists (issue 3), "serve" speaks a sentence with the built-in voice.
+# The daemon on the built-in voice, default paths (see the README); Ctrl-C stops it.
 serve: setup
-	$(BIN)/ttsd say "Hello from ttsd. This voice runs offline on your own machine." -o hello.wav
+	$(BIN)/ttsd serve
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,0 +1,51 @@
+"""A Python client for a running ttsd, with nothing but the standard library.
+
+    python examples/client.py "Text to speak." out.wav [--socket /run/ttsd/ttsd.sock]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import sys
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=300)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("text")
+    parser.add_argument("out")
+    parser.add_argument("--socket", default="/run/ttsd/ttsd.sock")
+    parser.add_argument("--voice")
+    args = parser.parse_args()
+    body = {"text": args.text, "stream": True}
+    if args.voice:
+        body["voice"] = args.voice
+    conn = UnixHTTPConnection(args.socket)
+    conn.request("POST", "/v1/synthesize", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        error = json.loads(response.read())["error"]
+        print(f"ttsd said {response.status}: {error['message']}", file=sys.stderr)
+        return 1
+    with open(args.out, "wb") as out:  # streamed: write each sentence as it arrives
+        while chunk := response.read1(65536):
+            out.write(chunk)
+    print(f"{args.out}: voice {response.getheader('X-Ttsd-Voice')} {response.getheader('X-Ttsd-Version')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
