@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ttsd-installed
 
-.PHONY: setup serve say test bench clean
+.PHONY: setup serve test bench clean
 
 setup: $(STAMP)
 

@@ -145,6 +145,9 @@ class _Api:
         except TtsdError as exc:
             self._count(model.name, model.version, route, exc.code)
             return error_response(exc)
+        except Exception as exc:  # a bug or a model crashing mid-request: 500, the daemon goes on
+            self._count(model.name, model.version, route, "internal")
+            return error_response(exc)
         self._count(model.name, model.version, route, "ok")
         self.b.metrics.latency.labels(model.name, route).observe(time.monotonic() - started)
         return response
@@ -193,8 +196,8 @@ class _Api:
                 if item is None:
                     break
                 if isinstance(item, BaseException):
-                    if response is None and isinstance(item, TtsdError):
-                        raise item  # nothing sent yet: a proper error response
+                    # Before the first chunk this becomes a proper error response; after it, the
+                    # connection is dropped mid-stream, which is how a client learns it failed.
                     raise item
                 if response is None:
                     response = web.StreamResponse(headers=self._headers(lease, req.format, item.sample_rate))

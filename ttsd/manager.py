@@ -203,10 +203,11 @@ class ModelManager:
             engine.load()
             model.state = State.WARMING
             engine.warmup()
-        except TtsdError as exc:
+        except Exception as exc:  # TtsdError says why; anything else is the model crashing its engine
             if engine is not None:
                 engine.unload()
-            model.state, model.reason = State.REFUSED, str(exc)
+            reason = str(exc) if isinstance(exc, TtsdError) else f"{type(exc).__name__}: {exc}"
+            model.state, model.reason = State.REFUSED, reason
             self._refused_sig[folder] = _signature(folder)
             log.warning("refused %s %s: %s", model.name, model.version, exc)
             self._listener("refused", model)

@@ -28,7 +28,7 @@ from typing import Any
 
 from .audio import encode
 from .backend import Backend
-from .errors import BusyError, TtsdError, UnknownVoiceError
+from .errors import BusyError, TtsdError
 from .fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
 from .requests import SynthRequest, parse_request
 from .synth import Job, Result
@@ -169,10 +169,7 @@ class Spool:
         except asyncio.CancelledError:
             raise  # shutting down: the request stays in work/ and is served after restart
         except (TtsdError, _Refused) as exc:
-            code = exc.code if isinstance(exc, (TtsdError, _Refused)) else "error"
-            if isinstance(exc, UnknownVoiceError):
-                code = "unknown_voice"
-            await loop.run_in_executor(None, self._fail, claimed, code, str(exc))
+            await loop.run_in_executor(None, self._fail, claimed, exc.code, str(exc))
         except Exception as exc:  # a bug; the request must still not vanish
             log.exception("spool request %s failed", claimed.name)
             await loop.run_in_executor(None, self._fail, claimed, "internal", f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,282 @@
+"""Throughput and latency of ``ttsd serve`` for short requests, and its overhead over in-process use.
+
+Measures, in one run, with the built-in voice en_US-joe-medium and a short sentence (~1.5 s of
+audio), against a daemon started in a subprocess on temp dirs (socket in a temp dir):
+
+* ``POST /v1/synthesize`` (WAV, seed 0) at client concurrency 1, 2 and 4 (threads, a new
+  connection per request), ``--requests`` requests per level after a few warm-up requests:
+  requests/s, and p50/p99 of the client-side wall time per request;
+* overhead of the daemon over in-process synthesis: ``--requests`` daemon requests (concurrency 1)
+  alternating with in-process ``engine.synthesize`` calls on the same text, seed and thread count,
+  in this process; overhead = p50(client latency) - p50(in-process time). A second view is
+  p50(client latency - X-Ttsd-Synthesis-Seconds), i.e. everything but the worker's synthesis.
+  Goal: <= 5 ms;
+* ``ttsd say "Hello there." -o x.wav`` through the running daemon (``TTSD_SOCKET`` set): median
+  wall time of 5 fresh processes after one warm-up run. Goal: <= 0.3 s;
+* the daemon is stopped with SIGTERM and must exit 0.
+
+``--matrix`` instead runs the load levels for the (workers, threads) layouts (1,2), (2,1), (2,2)
+and (1,1), one daemon each, to choose the default layout by measurement. The machine may be
+shared: the 1-minute load average is printed at start and end.
+
+Run from the repository root::
+
+    .venv/bin/python bench/serve.py [--workers 1] [--threads 2] [--requests 40] [--json out.json]
+    .venv/bin/python bench/serve.py --matrix [--requests 20]
+
+The cache (where the built-in voice is converted, ~5 s the first time) defaults to
+``$TTSD_CACHE`` or /tmp/ttsd-bench-cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+SHORT = "Turn on the kitchen lights."
+SAY_TEXT = "Hello there."
+LEVELS = (1, 2, 4)
+LAYOUTS = ((1, 2), (2, 1), (2, 2), (1, 1))
+WARMUP = 4  # requests before each level (at that level's concurrency)
+SAY_RUNS = 5
+SETTLE_S = 0.05  # pause between alternating daemon / in-process calls so idle OpenMP threads stop spinning
+
+
+class UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 120.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+def request(sock: str, method: str, path: str, body: Any = None, timeout: float = 120.0
+            ) -> tuple[int, dict[str, str], bytes]:
+    conn = UnixConnection(sock, timeout)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def synth(sock: str, text: str = SHORT) -> tuple[float, float]:
+    """One request on a fresh connection: (client wall seconds, X-Ttsd-Synthesis-Seconds)."""
+    started = time.perf_counter()
+    status, headers, data = request(sock, "POST", "/v1/synthesize", {"text": text, "format": "wav", "seed": 0})
+    elapsed = time.perf_counter() - started
+    if status != 200 or len(data) < 1000:
+        raise RuntimeError(f"synthesize answered {status}: {data[:200]!r}")
+    return elapsed, float(headers["x-ttsd-synthesis-seconds"])
+
+
+class Daemon:
+    def __init__(self, cache: Path, workers: int, threads: int) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="ttsd-bench-serve-")
+        root = Path(self.tmp.name)
+        self.socket = str(root / "run" / "ttsd.sock")
+        self.log = root / "daemon.log"
+        cmd = [sys.executable, "-m", "ttsd", "serve", "--models", str(root / "models"), "--state",
+               str(root / "state"), "--cache", str(cache), "--socket", self.socket,
+               "--workers", str(workers), "--threads", str(threads)]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if request(self.socket, "GET", "/readyz", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"daemon not ready after 180 s:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        if code != 0:
+            print(self.log.read_text(), file=sys.stderr)
+        self.tmp.cleanup()
+        return code
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered), math.ceil(q / 100 * len(ordered))) - 1)]
+
+
+def load_level(sock: str, concurrency: int, requests: int) -> dict[str, float]:
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(lambda _: synth(sock), range(WARMUP)))
+        started = time.perf_counter()
+        samples = list(pool.map(lambda _: synth(sock), range(requests)))
+        wall = time.perf_counter() - started
+    latencies = [s[0] for s in samples]
+    return {"rps": requests / wall, "p50_ms": pct(latencies, 50) * 1e3, "p99_ms": pct(latencies, 99) * 1e3,
+            "synth_p50_ms": pct([s[1] for s in samples], 50) * 1e3}
+
+
+def levels(sock: str, requests: int) -> dict[str, dict[str, float]]:
+    result = {}
+    for concurrency in LEVELS:
+        print(f"  concurrency {concurrency}: {WARMUP} warm-up + {requests} requests…", flush=True)
+        result[str(concurrency)] = load_level(sock, concurrency, requests)
+    return result
+
+
+def overhead(sock: str, cache: Path, threads: int, requests: int) -> dict[str, float]:
+    from ttsd.engines import SynthesisOptions
+    from ttsd.speak import open_engine
+    from ttsd.voices import builtin_model
+
+    engine = open_engine(builtin_model(cache), threads=threads)
+    options = SynthesisOptions(seed=0)
+    for _ in range(WARMUP):
+        engine.synthesize(SHORT, options)
+        synth(sock)
+    client: list[float] = []
+    server_side: list[float] = []
+    local: list[float] = []
+    for index in range(requests):
+        for which in ("daemon", "local") if index % 2 == 0 else ("local", "daemon"):
+            time.sleep(SETTLE_S)
+            if which == "daemon":
+                wall, synth_s = synth(sock)
+                client.append(wall)
+                server_side.append(wall - synth_s)
+            else:
+                started = time.perf_counter()
+                engine.synthesize(SHORT, options)
+                local.append(time.perf_counter() - started)
+    return {"client_p50_ms": pct(client, 50) * 1e3, "in_process_p50_ms": pct(local, 50) * 1e3,
+            "overhead_ms": (pct(client, 50) - pct(local, 50)) * 1e3,
+            "latency_minus_synth_p50_ms": pct(server_side, 50) * 1e3}
+
+
+def say_time(sock: str) -> dict[str, float]:
+    ttsd_bin = str(Path(sys.executable).with_name("ttsd"))
+    env = {**os.environ, "TTSD_SOCKET": sock}
+    times: dict[str, list[float]] = {"say": [], "python": []}
+    with tempfile.TemporaryDirectory(prefix="ttsd-bench-say-") as tmp:
+        for index in range(SAY_RUNS + 1):  # the first round only warms the page cache
+            started = time.perf_counter()
+            done = subprocess.run([ttsd_bin, "say", SAY_TEXT, "-o", f"{tmp}/x.wav"], env=env,
+                                  capture_output=True, text=True, check=True)
+            elapsed = time.perf_counter() - started
+            if "via daemon" not in done.stderr:
+                raise RuntimeError(f"ttsd say did not use the daemon: {done.stderr}")
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+            if index:
+                times["say"].append(elapsed)
+                times["python"].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    la = f"1-min load average {result['load_start']:.2f} at start, {result['load_end']:.2f} at end"
+    head = [f"`{result['command']}`", "",
+            f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}; text {SHORT!r}, WAV, seed 0, a new "
+            f"connection per request; {result['requests']} requests per level after {WARMUP} warm-up; {la}.", ""]
+    if "matrix" in result:
+        head += ["| workers | threads | c=1 req/s | c=1 p50 ms | c=1 p99 ms | c=4 req/s | c=4 p50 ms | c=4 p99 ms |",
+                 "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in result["matrix"]:
+            one, four = row["levels"]["1"], row["levels"]["4"]
+            head.append(f"| {row['workers']} | {row['threads']} | {one['rps']:.2f} | {one['p50_ms']:.0f} | "
+                        f"{one['p99_ms']:.0f} | {four['rps']:.2f} | {four['p50_ms']:.0f} | {four['p99_ms']:.0f} |")
+        return "\n".join(head)
+    head[2] = f"Daemon: {result['workers']} worker(s), {result['threads']} torch thread(s). " + head[2]
+    head += ["| Client concurrency | req/s | p50 latency (ms) | p99 latency (ms) | p50 synthesis (ms) |",
+             "|---:|---:|---:|---:|---:|"]
+    for level, row in result["levels"].items():
+        head.append(f"| {level} | {row['rps']:.2f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+                    f"{row['synth_p50_ms']:.1f} |")
+    o, s = result["overhead"], result["say"]
+    head += ["", "| Measure | value | goal |", "|---|---:|---:|",
+             f"| p50 client latency, concurrency 1, alternating (ms) | {o['client_p50_ms']:.1f} | |",
+             f"| p50 in-process `engine.synthesize`, same text/threads (ms) | {o['in_process_p50_ms']:.1f} | |",
+             f"| Overhead: difference of the two p50s (ms) | {o['overhead_ms']:.1f} | <= 5 |",
+             f"| Overhead: p50 of (latency - X-Ttsd-Synthesis-Seconds) (ms) | "
+             f"{o['latency_minus_synth_p50_ms']:.1f} | <= 5 |",
+             f'| `ttsd say "{SAY_TEXT}" -o x.wav` via daemon, median of {SAY_RUNS} (s) | {s["say"]:.3f} | <= 0.3 |',
+             f"| for scale: `python -c pass`, median of {SAY_RUNS} (s) | {s['python']:.3f} | |",
+             f"| Daemon exit code after SIGTERM | {result['exit_code']} | 0 |"]
+    return "\n".join(head)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=1, help="daemon synthesis workers (default 1)")
+    parser.add_argument("--threads", type=int, default=2, help="daemon torch threads (default 2)")
+    parser.add_argument("--requests", type=int, default=40, help="timed requests per level (default 40)")
+    parser.add_argument("--matrix", action="store_true", help="run the load levels for each worker/thread layout")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or /tmp/ttsd-bench-cache)")
+    args = parser.parse_args()
+    if min(args.workers, args.threads, args.requests) < 1:
+        parser.error("--workers, --threads and --requests must be at least 1")
+    cache: Path = args.cache or Path(os.environ.get("TTSD_CACHE") or Path(tempfile.gettempdir()) / "ttsd-bench-cache")
+    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    result: dict[str, Any] = {"command": command, "requests": args.requests, "load_start": os.getloadavg()[0]}
+    codes = []
+    if args.matrix:
+        result["matrix"] = []
+        for workers, threads in LAYOUTS:
+            print(f"daemon: {workers} worker(s), {threads} thread(s)…", flush=True)
+            daemon = Daemon(cache, workers, threads)
+            try:
+                row = {"workers": workers, "threads": threads, "levels": levels(daemon.socket, args.requests)}
+            finally:
+                codes.append(daemon.stop())
+            result["matrix"].append({**row, "exit_code": codes[-1]})
+    else:
+        result.update(workers=args.workers, threads=args.threads)
+        print(f"daemon: {args.workers} worker(s), {args.threads} thread(s)…", flush=True)
+        daemon = Daemon(cache, args.workers, args.threads)
+        try:
+            result["levels"] = levels(daemon.socket, args.requests)
+            print(f"overhead: {args.requests} daemon requests alternating with in-process calls…", flush=True)
+            result["overhead"] = overhead(daemon.socket, cache, args.threads, args.requests)
+            print(f"ttsd say: 1 warm-up + {SAY_RUNS} processes…", flush=True)
+            result["say"] = say_time(daemon.socket)
+        finally:
+            codes.append(daemon.stop())
+        result["exit_code"] = codes[-1]
+    result["load_end"] = os.getloadavg()[0]
+    print()
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.json}")
+    if any(codes):
+        sys.exit(f"daemon exited with {codes} after SIGTERM (expected 0)")
+
+
+if __name__ == "__main__":
+    main()

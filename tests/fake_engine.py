@@ -1,0 +1,59 @@
+"""A fake engine for manager tests: a tone per word, told by its folder's ``fake.json`` to fail on
+load, on warm-up, or on its Nth request. Registered under the engine name ``fake`` through a real
+``ttsd.engines`` entry point (see the ``fake_engines`` fixture)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ttsd.engines.base import Engine, SynthesisOptions
+from ttsd.errors import LoadError
+
+
+class FakeEngine(Engine[str]):
+    name = "fake"
+    live = 0  # loaded and not yet unloaded, across all instances
+    _lock = threading.Lock()
+
+    def load(self) -> None:
+        self.settings: dict[str, Any] = json.loads((self.folder / "fake.json").read_text())
+        if self.settings.get("fail_on") == "load":
+            raise LoadError("fake engine told to fail on load")
+        self.requests = 0
+        self.delay = float(self.settings.get("delay", 0.0))
+        with FakeEngine._lock:
+            FakeEngine.live += 1
+        self.loaded = True
+
+    def unload(self) -> None:
+        if getattr(self, "loaded", False):
+            self.loaded = False
+            with FakeEngine._lock:
+                FakeEngine.live -= 1
+
+    def warmup(self) -> None:
+        if self.settings.get("fail_on") == "warmup":
+            raise LoadError("fake engine told to fail on warm-up")
+        super().warmup()
+
+    def _units(self, text: str, options: SynthesisOptions) -> Sequence[str]:
+        return [text]
+
+    def _render(self, unit: str, options: SynthesisOptions) -> np.ndarray:
+        import time
+
+        with FakeEngine._lock:
+            self.requests += 1
+            n = self.requests
+        if self.settings.get("fail_on") == f"request:{n}":
+            raise RuntimeError(f"fake engine told to fail on request {n}")
+        if self.delay:
+            time.sleep(self.delay)
+        seconds = 0.06 * max(len(unit), 1)
+        t = np.arange(int(seconds * self.sample_rate)) / self.sample_rate
+        return (0.5 * np.sin(2 * np.pi * float(self.settings.get("tone", 440)) * t)).astype(np.float32)
