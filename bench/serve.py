@@ -1,31 +1,27 @@
 """Throughput and latency of ``ttsd serve`` for short requests, and its overhead over in-process use.
 
-Measures, in one run, with the built-in voice en_US-joe-medium and a short sentence (~1.5 s of
-audio), against a daemon started in a subprocess on temp dirs (socket in a temp dir):
+One run starts a daemon (built-in voice en_US-joe-medium) in a subprocess on temp dirs and measures:
 
-* ``POST /v1/synthesize`` (WAV, seed 0) at client concurrency 1, 2 and 4 (threads, a new
-  connection per request), ``--requests`` requests per level after a few warm-up requests:
-  requests/s, and p50/p99 of the client-side wall time per request;
-* overhead of the daemon over in-process synthesis: ``--requests`` daemon requests (concurrency 1)
-  alternating with in-process ``engine.synthesize`` calls on the same text, seed and thread count,
-  in this process; overhead = p50(client latency) - p50(in-process time). A second view is
-  p50(client latency - X-Ttsd-Synthesis-Seconds), i.e. everything but the worker's synthesis.
-  Goal: <= 5 ms;
-* ``ttsd say "Hello there." -o x.wav`` through the running daemon (``TTSD_SOCKET`` set): median
-  wall time of 5 fresh processes after one warm-up run. Goal: <= 0.3 s;
-* the daemon is stopped with SIGTERM and must exit 0.
+* ``POST /v1/synthesize`` of a short sentence (WAV, seed 0) at client concurrency 1, 2 and 4
+  (threads, a new connection per request), ``--requests`` per level after a few warm-up requests:
+  requests/s and p50/p99 of the client-side wall time per request;
+* overhead over in-process synthesis: ``--requests`` daemon requests (concurrency 1) alternating
+  with in-process ``engine.synthesize`` calls (same text, seed, thread count) in this process;
+  overhead = p50(client latency) - p50(in-process). Second view: p50(client latency -
+  X-Ttsd-Synthesis-Seconds), everything but the worker's synthesis. Goal: <= 5 ms;
+* ``ttsd say "Hello there." -o x.wav`` through the daemon (``TTSD_SOCKET`` set): median wall time
+  of 5 fresh processes after a warm-up one. Goal: <= 0.3 s;
+* the daemon must exit 0 on SIGTERM.
 
-``--matrix`` instead runs the load levels for the (workers, threads) layouts (1,2), (2,1), (2,2)
-and (1,1), one daemon each, to choose the default layout by measurement. The machine may be
-shared: the 1-minute load average is printed at start and end.
-
-Run from the repository root::
+``--matrix`` runs only the load levels, for the (workers, threads) layouts (1,2), (2,1), (2,2) and
+(1,1), one daemon each, to choose the default layout by measurement. The machine may be shared:
+the 1-minute load average is printed at start and end. Run from the repository root::
 
     .venv/bin/python bench/serve.py [--workers 1] [--threads 2] [--requests 40] [--json out.json]
     .venv/bin/python bench/serve.py --matrix [--requests 20]
 
-The cache (where the built-in voice is converted, ~5 s the first time) defaults to
-``$TTSD_CACHE`` or /tmp/ttsd-bench-cache.
+The cache (the converted built-in voice, ~5 s to make once) is ``$TTSD_CACHE`` or
+/tmp/ttsd-bench-cache unless ``--cache`` is given.
 """
 
 from __future__ import annotations
@@ -102,18 +98,17 @@ class Daemon:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if request(self.socket, "GET", "/readyz", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
-                raise RuntimeError(f"daemon not ready after 180 s:\n{self.log.read_text()}")
+                raise RuntimeError(f"daemon not ready ({self.proc.wait()}):\n{self.log.read_text()}")
             time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        try:
+            return request(self.socket, "GET", "/readyz", timeout=5)[0] == 200
+        except OSError:
+            return False
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -130,22 +125,20 @@ def pct(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered), math.ceil(q / 100 * len(ordered))) - 1)]
 
 
-def load_level(sock: str, concurrency: int, requests: int) -> dict[str, float]:
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        list(pool.map(lambda _: synth(sock), range(WARMUP)))
-        started = time.perf_counter()
-        samples = list(pool.map(lambda _: synth(sock), range(requests)))
-        wall = time.perf_counter() - started
-    latencies = [s[0] for s in samples]
-    return {"rps": requests / wall, "p50_ms": pct(latencies, 50) * 1e3, "p99_ms": pct(latencies, 99) * 1e3,
-            "synth_p50_ms": pct([s[1] for s in samples], 50) * 1e3}
-
-
 def levels(sock: str, requests: int) -> dict[str, dict[str, float]]:
+    """Each client concurrency level: WARMUP requests, then ``requests`` timed ones."""
     result = {}
     for concurrency in LEVELS:
         print(f"  concurrency {concurrency}: {WARMUP} warm-up + {requests} requests…", flush=True)
-        result[str(concurrency)] = load_level(sock, concurrency, requests)
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            list(pool.map(lambda _: synth(sock), range(WARMUP)))
+            started = time.perf_counter()
+            samples = list(pool.map(lambda _: synth(sock), range(requests)))
+            wall = time.perf_counter() - started
+        latencies = [s[0] for s in samples]
+        result[str(concurrency)] = {"rps": requests / wall, "p50_ms": pct(latencies, 50) * 1e3,
+                                    "p99_ms": pct(latencies, 99) * 1e3,
+                                    "synth_p50_ms": pct([s[1] for s in samples], 50) * 1e3}
     return result
 
 
@@ -160,17 +153,17 @@ def overhead(sock: str, cache: Path, threads: int, requests: int) -> dict[str, f
         engine.synthesize(SHORT, options)
         synth(sock)
     client: list[float] = []
-    server_side: list[float] = []
+    server_side: list[float] = []  # client latency - X-Ttsd-Synthesis-Seconds
     local: list[float] = []
     for index in range(requests):
-        for which in ("daemon", "local") if index % 2 == 0 else ("local", "daemon"):
+        for daemon_turn in (True, False) if index % 2 == 0 else (False, True):  # alternate who goes first
             time.sleep(SETTLE_S)
-            if which == "daemon":
+            started = time.perf_counter()
+            if daemon_turn:
                 wall, synth_s = synth(sock)
                 client.append(wall)
                 server_side.append(wall - synth_s)
             else:
-                started = time.perf_counter()
                 engine.synthesize(SHORT, options)
                 local.append(time.perf_counter() - started)
     return {"client_p50_ms": pct(client, 50) * 1e3, "in_process_p50_ms": pct(local, 50) * 1e3,
@@ -204,12 +197,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}; text {SHORT!r}, WAV, seed 0, a new "
             f"connection per request; {result['requests']} requests per level after {WARMUP} warm-up; {la}.", ""]
     if "matrix" in result:
-        head += ["| workers | threads | c=1 req/s | c=1 p50 ms | c=1 p99 ms | c=4 req/s | c=4 p50 ms | c=4 p99 ms |",
-                 "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        head += ["| workers | threads | c=1 req/s | c=1 p50 ms | c=1 p99 ms | c=4 req/s | c=4 p50 ms | c=4 p99 ms "
+                 "| exit |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in result["matrix"]:
             one, four = row["levels"]["1"], row["levels"]["4"]
             head.append(f"| {row['workers']} | {row['threads']} | {one['rps']:.2f} | {one['p50_ms']:.0f} | "
-                        f"{one['p99_ms']:.0f} | {four['rps']:.2f} | {four['p50_ms']:.0f} | {four['p99_ms']:.0f} |")
+                        f"{one['p99_ms']:.0f} | {four['rps']:.2f} | {four['p50_ms']:.0f} | {four['p99_ms']:.0f} | {row['exit_code']} |")
         return "\n".join(head)
     head[2] = f"Daemon: {result['workers']} worker(s), {result['threads']} torch thread(s). " + head[2]
     head += ["| Client concurrency | req/s | p50 latency (ms) | p99 latency (ms) | p50 synthesis (ms) |",
@@ -226,15 +219,17 @@ def markdown(result: dict[str, Any]) -> str:
              f"{o['latency_minus_synth_p50_ms']:.1f} | <= 5 |",
              f'| `ttsd say "{SAY_TEXT}" -o x.wav` via daemon, median of {SAY_RUNS} (s) | {s["say"]:.3f} | <= 0.3 |',
              f"| for scale: `python -c pass`, median of {SAY_RUNS} (s) | {s['python']:.3f} | |",
-             f"| Daemon exit code after SIGTERM | {result['exit_code']} | 0 |"]
+             f"| Daemon exit code after SIGTERM | {result['exit_code']} | 0 |", "",
+             "The first overhead compares two processes (the daemon's and the benchmark's), whose synthesis "
+             "speeds can differ by more than the overhead; the second is measured within each request."]
     return "\n".join(head)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=1, help="daemon synthesis workers (default 1)")
-    parser.add_argument("--threads", type=int, default=2, help="daemon torch threads (default 2)")
-    parser.add_argument("--requests", type=int, default=40, help="timed requests per level (default 40)")
+    for flag, default, what in (("--workers", 1, "daemon synthesis workers"), ("--threads", 2, "daemon torch "
+                                "threads"), ("--requests", 40, "timed requests per level and for the overhead")):
+        parser.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
     parser.add_argument("--matrix", action="store_true", help="run the load levels for each worker/thread layout")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or /tmp/ttsd-bench-cache)")
@@ -244,30 +239,23 @@ def main() -> None:
     cache: Path = args.cache or Path(os.environ.get("TTSD_CACHE") or Path(tempfile.gettempdir()) / "ttsd-bench-cache")
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     result: dict[str, Any] = {"command": command, "requests": args.requests, "load_start": os.getloadavg()[0]}
-    codes = []
-    if args.matrix:
-        result["matrix"] = []
-        for workers, threads in LAYOUTS:
-            print(f"daemon: {workers} worker(s), {threads} thread(s)…", flush=True)
-            daemon = Daemon(cache, workers, threads)
-            try:
-                row = {"workers": workers, "threads": threads, "levels": levels(daemon.socket, args.requests)}
-            finally:
-                codes.append(daemon.stop())
-            result["matrix"].append({**row, "exit_code": codes[-1]})
-    else:
-        result.update(workers=args.workers, threads=args.threads)
-        print(f"daemon: {args.workers} worker(s), {args.threads} thread(s)…", flush=True)
-        daemon = Daemon(cache, args.workers, args.threads)
+    runs: list[dict[str, Any]] = []
+    for workers, threads in LAYOUTS if args.matrix else ((args.workers, args.threads),):
+        print(f"daemon: {workers} worker(s), {threads} thread(s)…", flush=True)
+        daemon = Daemon(cache, workers, threads)
+        run: dict[str, Any] = {"workers": workers, "threads": threads}
+        runs.append(run)
         try:
-            result["levels"] = levels(daemon.socket, args.requests)
-            print(f"overhead: {args.requests} daemon requests alternating with in-process calls…", flush=True)
-            result["overhead"] = overhead(daemon.socket, cache, args.threads, args.requests)
-            print(f"ttsd say: 1 warm-up + {SAY_RUNS} processes…", flush=True)
-            result["say"] = say_time(daemon.socket)
+            run["levels"] = levels(daemon.socket, args.requests)
+            if not args.matrix:
+                print(f"overhead: {args.requests} daemon requests alternating with in-process calls…", flush=True)
+                run["overhead"] = overhead(daemon.socket, cache, threads, args.requests)
+                print(f"ttsd say: 1 warm-up + {SAY_RUNS} processes…", flush=True)
+                run["say"] = say_time(daemon.socket)
         finally:
-            codes.append(daemon.stop())
-        result["exit_code"] = codes[-1]
+            run["exit_code"] = daemon.stop()
+    codes = [run["exit_code"] for run in runs]
+    result.update({"matrix": runs} if args.matrix else runs[0])
     result["load_end"] = os.getloadavg()[0]
     print()
     print(markdown(result))

@@ -9,17 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
-
-# Container name -> (soundfile format, subtype). 16-bit PCM is what every player takes.
-FORMATS: dict[str, tuple[str, str]] = {
-    "wav": ("WAV", "PCM_16"),
-    "flac": ("FLAC", "PCM_16"),
-    "ogg": ("OGG", "VORBIS"),
-    "mp3": ("MP3", "MPEG_LAYER_III"),
-}
-MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg",
-               "pcm": "audio/L16"}
-
+from .formats import FORMATS
 
 @dataclass(frozen=True)
 class Audio:
@@ -55,16 +45,6 @@ def concat(parts: list[Audio], pause: float = 0.0) -> Audio:
             pieces.append(gap)
         pieces.append(part.samples.astype(np.float32, copy=False))
     return Audio(np.concatenate(pieces), rate)
-
-
-def format_for_path(path: str | Path, default: str = "wav") -> str:
-    """``out.flac`` -> ``flac``; ``-`` (stdout) or no extension -> ``default``."""
-    suffix = Path(str(path)).suffix.lower().lstrip(".")
-    if str(path) == "-" or not suffix:
-        return default
-    if suffix not in FORMATS:
-        raise ConfigError(f"unknown audio format '.{suffix}': use one of {', '.join('.' + f for f in FORMATS)}")
-    return suffix
 
 
 def encode(audio: Audio, fmt: str = "wav") -> bytes:

@@ -112,7 +112,7 @@ def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir
 
     Uses the running daemon when its socket answers (fast: the model is already loaded), else
     loads the voice in this process."""
-    from .audio import format_for_path
+    from .formats import format_for_path
     from .config import default_socket
 
     fmt = format_for_path(output)

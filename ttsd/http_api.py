@@ -18,7 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .audio import MEDIA_TYPES, Audio, encode, wav_stream_header
+from .audio import Audio, encode, wav_stream_header
+from .formats import MEDIA_TYPES
 from .errors import (BusyError, RequestError, TextTooLongError, TtsdError, UnknownVoiceError)
 from .backend import Backend
 from .manager import Lease

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .audio import FORMATS
+from .formats import FORMATS
 from .engines.base import SynthesisOptions
 from .errors import RequestError
 
