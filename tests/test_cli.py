@@ -131,7 +131,7 @@ def test_argument_errors_and_unknown_format(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["say", "hi"])
     assert result.exit_code == 2 and "Missing option '-o'" in result.output
-    result = runner.invoke(main, ["say", "hi", "-o", str(tmp_path / "x.mp3")])
-    assert result.exit_code == 3 and "unknown audio format '.mp3'" in result.output
+    result = runner.invoke(main, ["say", "hi", "-o", str(tmp_path / "x.aac")])
+    assert result.exit_code == 3 and "unknown audio format '.aac'" in result.output
     result = runner.invoke(main, ["say", "hi", "-o", "x.wav", "--speed", "9"])
     assert result.exit_code == 2
