@@ -3,11 +3,13 @@ token off loopback, and start-up problems are one line with exit code 3."""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -170,8 +172,11 @@ def test_tcp_listener_and_token(tmp_path: Path, cache_dir: Path, joe_folder: Pat
     assert proc.returncode == 3 and "give --token-file" in proc.stderr.decode()
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token-of-some-length\n")
-    d = start_daemon(tmp_path / "d", cache_dir, "--listen", f"0.0.0.0:{port}", "--token-file", str(token_file))
+    group = grp.getgrgid(os.getgid()).gr_name
+    d = start_daemon(tmp_path / "d", cache_dir, "--listen", f"0.0.0.0:{port}", "--token-file", str(token_file),
+                     "--socket-group", group)
     try:
+        assert stat.S_IMODE(d.socket.stat().st_mode) == 0o660 and d.socket.stat().st_gid == os.getgid()
         assert tcp_get(port, "/readyz") == 401
         assert tcp_get(port, "/readyz", "wrong-token-wrong-token") == 401
         assert tcp_get(port, "/readyz", "s3cret-token-of-some-length") == 200

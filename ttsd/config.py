@@ -6,6 +6,7 @@ Plain data: the CLI builds a ``Paths`` and passes it down; nothing reads the env
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,41 +19,38 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+def _pick(env: str, as_root: Path, as_user: Callable[[], Path]) -> Path:
+    """``$env`` if set, else the system path when running as root, else the per-user path."""
+    if value := os.environ.get(env):
+        return Path(value)
+    return as_root if _is_root() else as_user()
+
+
 def default_models_dir() -> Path:
     """``/models`` on a box (running as root, or when it exists), else the user's data dir."""
-    if env := os.environ.get("TTSD_MODELS"):
-        return Path(env)
-    if _is_root() or Path("/models").is_dir():
-        return Path("/models")
-    return Path(platformdirs.user_data_dir(APP)) / "models"
+    models = Path("/models")
+    return _pick("TTSD_MODELS", models,
+                 lambda: models if models.is_dir() else Path(platformdirs.user_data_dir(APP)) / "models")
 
 
 def default_cache_dir() -> Path:
     """Derived files ttsd can rebuild (the converted built-in voice)."""
-    if env := os.environ.get("TTSD_CACHE"):
-        return Path(env)
-    if _is_root():
-        return Path("/var/cache/ttsd")
-    return Path(platformdirs.user_cache_dir(APP))
+    return _pick("TTSD_CACHE", Path("/var/cache/ttsd"), lambda: Path(platformdirs.user_cache_dir(APP)))
 
 
 def default_state_dir() -> Path:
-    if env := os.environ.get("TTSD_STATE"):
-        return Path(env)
-    if _is_root():
-        return Path("/var/lib/ttsd")
-    return Path(platformdirs.user_state_dir(APP))
+    return _pick("TTSD_STATE", Path("/var/lib/ttsd"), lambda: Path(platformdirs.user_state_dir(APP)))
 
 
 def default_socket() -> Path:
     """``/run/ttsd/ttsd.sock`` as root, else under ``$XDG_RUNTIME_DIR`` (or the user runtime dir)."""
-    if env := os.environ.get("TTSD_SOCKET"):
-        return Path(env)
-    if _is_root():
-        return Path("/run/ttsd/ttsd.sock")
-    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(xdg) / APP / "ttsd.sock"
-    return Path(platformdirs.user_runtime_dir(APP)) / "ttsd.sock"
+
+    def user() -> Path:
+        if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+            return Path(xdg) / APP / "ttsd.sock"
+        return Path(platformdirs.user_runtime_dir(APP)) / "ttsd.sock"
+
+    return _pick("TTSD_SOCKET", Path("/run/ttsd/ttsd.sock"), user)
 
 
 @dataclass(frozen=True)
