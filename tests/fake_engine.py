@@ -18,6 +18,7 @@ from ttsd.errors import LoadError
 class FakeEngine(Engine[str]):
     name = "fake"
     live = 0  # loaded and not yet unloaded, across all instances
+    peak = 0
     _lock = threading.Lock()
 
     def load(self) -> None:
@@ -28,6 +29,7 @@ class FakeEngine(Engine[str]):
         self.delay = float(self.settings.get("delay", 0.0))
         with FakeEngine._lock:
             FakeEngine.live += 1
+            FakeEngine.peak = max(FakeEngine.peak, FakeEngine.live)
         self.loaded = True
 
     def unload(self) -> None:
@@ -50,7 +52,7 @@ class FakeEngine(Engine[str]):
         with FakeEngine._lock:
             self.requests += 1
             n = self.requests
-        if self.settings.get("fail_on") == f"request:{n}":
+        if self.settings.get("fail_on") == f"request:{n}" or n >= int(self.settings.get("fail_from", 1 << 30)):
             raise RuntimeError(f"fake engine told to fail on request {n}")
         if self.delay:
             time.sleep(self.delay)

@@ -143,7 +143,7 @@ def test_sighup_picks_up_a_new_version(tmp_path: Path, cache_dir: Path, joe_fold
         reply = d.post("/v1/synthesize", {"text": "New version."})
         assert reply.headers["x-ttsd-version"] == "2"
         states = {v["version"]: v["state"] for v in d.request("GET", "/v1/voices").json()["voices"][0]["versions"]}
-        assert states == {"1": "unloaded", "2": "active"}
+        assert states == {"1": "standby", "2": "active"}  # v1 kept loaded for rollback (--keep 1)
     finally:
         assert d.stop() == 0, d.logs()
 

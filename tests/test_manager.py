@@ -11,7 +11,7 @@ import pytest
 
 from fake_engine import FakeEngine
 from ttsd.errors import UnknownVoiceError
-from ttsd.manager import ModelManager, State
+from ttsd.manager import ModelManager, Policy, State
 from ttsd.manifest import pack
 
 
@@ -23,7 +23,13 @@ def fake_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ttsd-fake\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[ttsd.engines]\nfake = fake_engine:FakeEngine\n")
     monkeypatch.syspath_prepend(str(site))
-    FakeEngine.live = 0
+    FakeEngine.live = FakeEngine.peak = 0
+
+
+def make_manager(tmp_path: Path, default_voice: str | None = None, **policy: object) -> ModelManager:
+    policy.setdefault("settle", 0.0)
+    return ModelManager(tmp_path / "models", state_dir=tmp_path / "state", policy=Policy(**policy),  # type: ignore[arg-type]
+                        default_voice=default_voice)
 
 
 def fake_model(models: Path, name: str, version: str, **settings: object) -> Path:
@@ -39,8 +45,8 @@ def test_newest_good_version_of_each_voice_serves(tmp_path: Path, fake_engines: 
     fake_model(models, "a", "1")
     fake_model(models, "a", "2")
     fake_model(models, "b", "1.0")
-    manager = ModelManager(models, default_voice="b")
-    manager.rescan()
+    manager = make_manager(tmp_path, default_voice="b")
+    manager.start()
     assert {v["name"]: v["active"] for v in manager.snapshot()} == {"a": "2", "b": "1.0"}
     assert FakeEngine.live == 2  # older versions are not loaded
     with manager.acquire(None) as lease:
@@ -54,11 +60,11 @@ def test_a_lease_keeps_its_version_through_a_swap(tmp_path: Path, fake_engines: 
     old lease still runs on v1. 4. v1 is unloaded when that lease ends."""
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
-    manager = ModelManager(models)
-    manager.rescan()
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
     old = manager.acquire("voice")
     fake_model(models, "voice", "2")
-    manager.rescan()
+    manager.reconcile()
     with manager.acquire("voice") as new:
         assert new.model.version == "2"
     assert old.model.version == "1" and old.model.state is State.RETIRED
@@ -66,7 +72,7 @@ def test_a_lease_keeps_its_version_through_a_swap(tmp_path: Path, fake_engines: 
     assert FakeEngine.live == 2
     old.release()
     old.release()  # idempotent
-    assert old.model.state is State.UNLOADED and FakeEngine.live == 1
+    assert old.model.state is State.AVAILABLE and old.model.engine is None and FakeEngine.live == 1
 
 
 @pytest.mark.parametrize("settings, reason", [
@@ -78,29 +84,119 @@ def test_a_bad_new_version_is_refused_and_the_old_keeps_serving(tmp_path: Path, 
                                                                   settings: dict[str, object], reason: str) -> None:
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
-    manager = ModelManager(models)
-    manager.rescan()
+    manager = make_manager(tmp_path)
+    manager.start()
     fake_model(models, "voice", "2", **settings)
-    manager.rescan()
+    manager.reconcile()
     voice = manager.snapshot()[0]
     assert voice["active"] == "1"
     refused = [v for v in voice["versions"] if v["version"] == "2"][0]
     assert refused["state"] == "refused" and reason in refused["reason"]
     assert FakeEngine.live == 1  # the refused version's engine was unloaded
-    manager.rescan()  # unchanged folder: not retried
+    manager.reconcile()  # unchanged folder: not retried
     assert FakeEngine.live == 1
 
 
 def test_a_folder_that_fails_verification_is_refused(tmp_path: Path, fake_engines: None) -> None:
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
-    manager = ModelManager(models)
-    manager.rescan()
+    manager = make_manager(tmp_path)
+    manager.start()
     v2 = fake_model(models, "voice", "2")
     (v2 / "fake.json").write_text('{"tone": 880}')  # changed after packing
-    manager.rescan()
+    manager.reconcile()
     versions = {v["version"]: v for v in manager.snapshot()[0]["versions"]}
     assert versions["2"]["state"] == "refused" and "changed: fake.json" in versions["2"]["reason"]
     shutil.rmtree(v2)
     manager.close()
     assert FakeEngine.live == 0
+
+
+def test_rollback_is_instant_survives_restart_and_is_not_undone(tmp_path: Path, fake_engines: None) -> None:
+    """1. v1 then v2: v1 stays loaded (keep=1). 2. Roll back: v1 serves at once, no load.
+    3. A rescan does not re-promote v2. 4. After a restart v1 still serves and v2 stays rolled back.
+    5. A newer v3 is promoted normally."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    assert FakeEngine.live == 2
+    result = manager.rollback("voice")
+    assert (result["from"], result["to"]) == ("2", "1") and result["seconds"] < 0.05
+    assert manager.acquire("voice").model.version == "1"
+    manager.reconcile()
+    versions = {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}
+    assert versions == {"1": "active", "2": "rolled-back"}
+    manager.close()
+
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    versions = {v["version"]: v["state"] for v in restarted.snapshot()[0]["versions"]}
+    assert versions["1"] == "active" and versions["2"] == "rolled-back"
+    shutil.rmtree(models / "voice-1")  # rollback targets live in the store, not the models dir
+    fake_model(models, "voice", "3")
+    restarted.reconcile()
+    assert restarted.snapshot()[0]["active"] == "3"
+    assert restarted.rollback("voice")["to"] == "1"
+    history = [(h["from"], h["to"], h["why"]) for h in restarted.history()]
+    assert ("2", "1", "rollback requested") in history and ("1", "3", "new version in the models dir") in history
+    restarted.activate("voice", "2")  # explicitly asked for: allowed, and the mark is cleared
+    assert restarted.snapshot()[0]["active"] == "2"
+
+
+def test_auto_rollback_when_a_new_version_starts_failing(tmp_path: Path, fake_engines: None) -> None:
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = ModelManager(models, state_dir=tmp_path / "state", spawn=lambda fn: fn(),
+                           policy=Policy(settle=0, auto_rollback_requests=8, auto_rollback_share=0.25))
+    manager.start()
+    fake_model(models, "voice", "2", fail_from=3)  # warm-up (requests 1-2) passes, then it fails
+    manager.reconcile()
+    served = []
+    for _ in range(4):
+        lease = manager.acquire("voice")
+        served.append(lease.model.version)
+        try:
+            lease.engine.synthesize("hello")
+            lease.release(True)
+        except RuntimeError:
+            lease.release(False)
+    assert served == ["2", "2", "2", "1"]  # 3 failures > 25% of 8: back on v1 for the 4th
+    states = {v["version"]: v for v in manager.snapshot()[0]["versions"]}
+    assert states["2"]["state"] == "rolled-back" and "auto-rollback" in states["2"]["reason"]
+
+
+def test_canary_then_promotion(tmp_path: Path, fake_engines: None) -> None:
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = ModelManager(models, state_dir=tmp_path / "state", spawn=lambda fn: fn(),
+                           policy=Policy(settle=0, canary={"*": 0.5}, canary_requests=5))
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    assert manager.snapshot()[0]["canary"] == "2" and manager.snapshot()[0]["active"] == "1"
+    counts = {"1": 0, "2": 0}
+    for _ in range(400):
+        lease = manager.acquire("voice")
+        version = lease.model.version
+        counts[version] += 1
+        lease.release(True)
+        if manager.snapshot()[0]["active"] == "2":
+            break
+    assert counts["2"] == 5 and counts["1"] > 0 and version == "2"
+    assert manager.snapshot()[0]["canary"] is None
+
+
+def test_memory_policy_never_holds_two_versions(tmp_path: Path, fake_engines: None) -> None:
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "2" and FakeEngine.peak == 1
+    fake_model(models, "voice", "3", fail_on="load")
+    manager.reconcile()  # the failed upgrade brings the old version back
+    assert manager.snapshot()[0]["active"] == "2" and FakeEngine.live == 1

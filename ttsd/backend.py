@@ -5,7 +5,7 @@ Front ends import this, not the manager: they can lease a model and submit a job
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -24,4 +24,6 @@ class Backend:
     status: Callable[[], dict[str, Any]]
     metrics: Metrics
     max_chars: int
+    rollback: Callable[[str, str | None], Awaitable[dict[str, Any]]]
+    activate: Callable[[str, str], Awaitable[dict[str, Any]]]
     token: str | None = None  # required on TCP connections when set

@@ -196,6 +196,17 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _parse_canary(value: str) -> tuple[str, float]:
+    voice, _, share = value.rpartition("=")
+    try:
+        number = float(share)
+    except ValueError:
+        number = -1.0
+    if not 0.0 <= number <= 1.0:
+        raise ConfigError(f"--canary {value!r}: expected a share between 0 and 1, e.g. 0.1 or myvoice=0.2")
+    return voice or "*", number
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -234,12 +245,32 @@ def _is_loopback(host: str) -> bool:
               help="Seconds to finish in-flight requests on SIGTERM.")
 @click.option("--default-voice", envvar="TTSD_DEFAULT_VOICE", help="Voice for requests that name none.")
 @click.option("--no-seed", is_flag=True, help="Do not put the built-in voice into an empty models dir.")
+@click.option("--keep", type=click.IntRange(0, 10), default=1, show_default=True,
+              help="Previous versions kept loaded for instant rollback.")
+@click.option("--swap-policy", type=click.Choice(["availability", "memory"]), default="availability",
+              show_default=True, help="memory: unload the old version before loading the new (small boxes).")
+@click.option("--canary", "canary", multiple=True, metavar="[VOICE=]SHARE",
+              help="Send SHARE (0-1) of requests to a new version before promoting it; repeatable per voice.")
+@click.option("--canary-requests", type=click.IntRange(1), default=20, show_default=True,
+              help="Clean canary requests before full promotion.")
+@click.option("--auto-rollback-requests", type=click.IntRange(0), default=20, show_default=True,
+              help="Watch this many first requests of a new version (0 disables auto-rollback).")
+@click.option("--auto-rollback-share", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="Roll back when more than this share of them fail.")
+@click.option("--settle", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Seconds a new folder must stay unchanged before it is checked.")
+@click.option("--incomplete-timeout", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="Refuse a folder still incomplete after this many seconds unchanged.")
+@click.option("--rescan-interval", type=click.FloatRange(0.1), default=5.0, show_default=True,
+              help="Look at the models dir this often even without file events.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, envvar="TTSD_LOG_LEVEL")
 def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | None, socket_path: Path | None,
           socket_group: str | None, spool_dir: Path | None, listen: str | None, token_file: Path | None,
           workers: int, threads: int | None, queue_size: int, max_chars: int, grace: float,
-          default_voice: str | None, no_seed: bool, log_level: str) -> None:
+          default_voice: str | None, no_seed: bool, keep: int, swap_policy: str, canary: tuple[str, ...],
+          canary_requests: int, auto_rollback_requests: int, auto_rollback_share: float, settle: float,
+          incomplete_timeout: float, rescan_interval: float, log_level: str) -> None:
     """Run the daemon: HTTP on a Unix socket (and optionally TCP), plus an optional spool dir."""
     from . import logs
     from .config import ServeConfig, default_cache_dir, default_models_dir, default_socket, default_state_dir
@@ -261,7 +292,10 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
         cache=cache_dir or default_cache_dir(), socket=socket_path or default_socket(),
         spool=spool_dir, listen=bind, token=token, socket_group=socket_group, workers=workers,
         threads=threads, queue_size=queue_size, max_chars=max_chars, grace=grace,
-        default_voice=default_voice, seed_builtin=not no_seed,
+        default_voice=default_voice, seed_builtin=not no_seed, keep=keep, swap_policy=swap_policy,
+        canary=tuple(_parse_canary(c) for c in canary), canary_requests=canary_requests,
+        auto_rollback_requests=auto_rollback_requests, auto_rollback_share=auto_rollback_share,
+        settle=settle, incomplete_timeout=incomplete_timeout, rescan_interval=rescan_interval,
     )
     from .daemon import Daemon
 
@@ -299,6 +333,56 @@ def status(socket_path: Path | None, as_json: bool) -> None:
                              for v in voice["versions"])
         table.add_row(voice["name"] + (" (default)" if voice["default"] else ""), voice["active"] or "-", versions)
     Console().print(table)
+
+
+def _daemon_client(socket_path: Path | None) -> Any:
+    from .client import Client
+    from .config import default_socket
+    from .errors import DaemonError
+
+    client = Client(socket_path or default_socket(), timeout=600)
+    if not client.available():
+        raise DaemonError(f"no daemon answers on {client.socket_path} (start one with 'ttsd serve')")
+    return client
+
+
+def _only_voice(client: Any, voice: str | None) -> str:
+    if voice is not None:
+        return voice
+    voices = [v["name"] for v in client.status()["voices"] if v["active"]]
+    if len(voices) != 1:
+        raise ConfigError(f"several voices are active ({', '.join(voices)}): say which with --voice")
+    return voices[0]
+
+
+@main.command()
+@click.option("--voice", help="Voice to roll back (needed when several are active).")
+@click.option("--to", "to", help="Version to go back to (default: the previous active one).")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
+              help="Daemon socket [env TTSD_SOCKET].")
+def rollback(voice: str | None, to: str | None, socket_path: Path | None) -> None:
+    """Go back to the previous version of a voice, at once. The version rolled back from is
+    never promoted again by itself (a newer one is)."""
+    client = _daemon_client(socket_path)
+    name = _only_voice(client, voice)
+    _, data = client.call("POST", f"/v1/voices/{name}/rollback", {"to": to} if to else {})
+    result = json.loads(data)
+    _console().print(f"{result['voice']}: {result['from']} -> {result['to']} in {result['seconds']:.2f} s",
+                     markup=False)
+
+
+@main.command()
+@click.argument("voice")
+@click.argument("version")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
+              help="Daemon socket [env TTSD_SOCKET].")
+def activate(voice: str, version: str, socket_path: Path | None) -> None:
+    """Serve VERSION of VOICE (any known version, re-verified; clears a rolled-back mark)."""
+    client = _daemon_client(socket_path)
+    _, data = client.call("POST", f"/v1/voices/{voice}/activate", {"version": version})
+    result = json.loads(data)
+    _console().print(f"{result['voice']}: {result['from']} -> {result['to']} in {result['seconds']:.2f} s",
+                     markup=False)
 
 
 @main.group()
@@ -371,29 +455,50 @@ def verify_cmd(folder: Path) -> None:
 @models.command("list")
 @click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_MODELS",
               help="Models directory [env TTSD_MODELS].")
-@click.option("--verify/--no-verify", "check", default=False, help="Also check every file's checksum.")
-def list_cmd(models_dir: Path | None, check: bool) -> None:
-    """List the model folders in the models directory."""
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
+              help="Daemon socket [env TTSD_SOCKET].")
+@click.option("--verify/--no-verify", "check", default=False, help="Without a daemon: check every checksum.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_json: bool) -> None:
+    """Every version of every voice and its state (from the running daemon, else from disk)."""
+    from rich.console import Console
     from rich.table import Table
 
-    from .catalog import scan
-    from .config import Paths
-    from .manifest import verify
+    from .client import Client
+    from .config import Paths, default_socket
 
-    paths = Paths.resolve(models=models_dir)
-    table = Table("folder", "voice", "version", "engine", "state", title=str(paths.models))
-    for cand in scan(paths.models):
-        m = cand.manifest
-        state = "unreadable: " + cand.problem if m is None else "manifest ok"
-        if m is not None and check:
-            try:
-                verify(cand.folder)
-                state = "verified"
-            except TtsdError as exc:
-                state = f"refused: {exc}"
-        table.add_row(cand.folder.name, m.name if m else "-", m.version if m else "-", m.engine if m else "-", state)
-    from rich.console import Console
+    client = Client(socket_path or default_socket(), timeout=30)
+    rows: list[tuple[str, str, str, str]] = []
+    if client.available():
+        info = client.status()
+        title = f"daemon pid {info['pid']}: {info['models']}"
+        for voice in info["voices"]:
+            for v in voice["versions"]:
+                rows.append((voice["name"], v["version"], v["state"], v["reason"] or ""))
+        for folder in info["folders"]:
+            rows.append((Path(folder["folder"]).name, "-", folder["state"], folder["reason"]))
+    else:
+        from .catalog import scan
+        from .manifest import verify
 
+        paths = Paths.resolve(models=models_dir)
+        title = f"{paths.models} (no daemon running)"
+        for cand in scan(paths.models):
+            m = cand.manifest
+            state, reason = ("on disk", "") if m is not None else ("unreadable", cand.problem)
+            if m is not None and check:
+                try:
+                    verify(cand.folder)
+                    state = "verified"
+                except TtsdError as exc:
+                    state, reason = "refused", str(exc)
+            rows.append((m.name if m else cand.folder.name, m.version if m else "-", state, reason))
+    if as_json:
+        click.echo(json.dumps([dict(zip(("voice", "version", "state", "reason"), r)) for r in rows], indent=2))
+        return
+    table = Table("voice", "version", "state", "reason", title=title)
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
 
 

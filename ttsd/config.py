@@ -72,6 +72,15 @@ class ServeConfig:
     grace: float = 30.0
     default_voice: str | None = None
     seed_builtin: bool = True
+    keep: int = 1
+    swap_policy: str = "availability"
+    canary: tuple[tuple[str, float], ...] = ()  # (voice or "*", share)
+    canary_requests: int = 20
+    auto_rollback_requests: int = 20
+    auto_rollback_share: float = 0.25
+    settle: float = 1.0
+    incomplete_timeout: float = 60.0
+    rescan_interval: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from .config import ServeConfig
 from .errors import ConfigError
 from .fsutil import fsync_dir
 from .http_api import build_app
-from .manager import ModelManager, ModelVersion
+from .manager import ModelManager, ModelVersion, Policy
+from .reloader import ModelWatcher
 from .metrics import Metrics
 from .spool import Spool
 from .synth import SynthesisPool
@@ -130,20 +131,65 @@ class Daemon:
         self.started = time.time()
         self.manager = ModelManager(
             config.models,
+            state_dir=config.state,
+            policy=Policy(keep=config.keep, swap=config.swap_policy, settle=config.settle,
+                          incomplete_timeout=config.incomplete_timeout,
+                          auto_rollback_requests=config.auto_rollback_requests,
+                          auto_rollback_share=config.auto_rollback_share, canary=dict(config.canary),
+                          canary_requests=config.canary_requests),
             engine_options={"max_chars": config.max_chars, "threads": config.threads},
             default_voice=config.default_voice,
             listener=self._on_model_event,
         )
+        self._serving = False
+        self._reconcile_lock = threading.Lock()
+        self._reconcile_running = False
+        self._reconcile_again = False
         self.pool = SynthesisPool(workers=config.workers, queue_size=config.queue_size, metrics=self.metrics)
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._interrupts = 0
 
     # -- wiring --------------------------------------------------------------------------------
     def _on_model_event(self, event: str, model: ModelVersion) -> None:
-        if event in ("activated", "refused"):
-            self.metrics.model_loads.labels(model.name, "ok" if event == "activated" else "refused").inc()
+        """Every transition is counted; the manager logs it."""
+        self.metrics.transitions.labels(model.name, event).inc()
+        if event in ("loaded", "refused"):
+            self.metrics.model_loads.labels(model.name, "ok" if event == "loaded" else "refused").inc()
         if event == "activated":
             self.metrics.model_swaps.labels(model.name).inc()
+            if self._serving:  # READY=1 again is harmless; before the socket exists it would be a lie
+                self.notifier.ready(f"serving {model.name} {model.version}")
+
+    # -- reloading (any thread asks; one loader thread at a time does it) ------------------------
+    def request_reconcile(self) -> None:
+        with self._reconcile_lock:
+            if self._reconcile_running:
+                self._reconcile_again = True
+                return
+            self._reconcile_running = True
+        threading.Thread(target=self._reconcile_loop, name="ttsd-loader", daemon=True).start()
+
+    def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                self.manager.reconcile()
+            except Exception:
+                log.exception("checking the models dir failed")
+            with self._reconcile_lock:
+                if not self._reconcile_again:
+                    self._reconcile_running = False
+                    break
+                self._reconcile_again = False
+        if self.manager.needs_rescan:  # a folder is still settling or incomplete: look again soon
+            timer = threading.Timer(max(self.config.settle / 2, 0.2), self.request_reconcile)
+            timer.daemon = True
+            timer.start()
+
+    async def rollback(self, voice: str, to: str | None) -> dict[str, Any]:
+        return await in_fresh_thread(lambda: self.manager.rollback(voice, to), "ttsd-rollback")
+
+    async def activate(self, voice: str, version: str) -> dict[str, Any]:
+        return await in_fresh_thread(lambda: self.manager.activate(voice, version), "ttsd-activate")
 
     def status(self) -> dict[str, Any]:
         waiting, running = self.pool.depth()
@@ -155,12 +201,15 @@ class Daemon:
                                                       "capacity": self.config.queue_size},
             "requests": {"completed": self.pool.completed, "failed": self.pool.failed},
             "voices": self.manager.snapshot(),
+            "folders": self.manager.folders(),
+            "history": self.manager.history()[-20:],
         }
 
     def backend(self) -> Backend:
         return Backend(acquire=self.manager.acquire, submit=self.pool.submit, voices=self.manager.snapshot,
                        ready=self.manager.ready, status=self.status, metrics=self.metrics,
-                       max_chars=self.config.max_chars, token=self.config.token)
+                       max_chars=self.config.max_chars, rollback=self.rollback, activate=self.activate,
+                       token=self.config.token)
 
     # -- running -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -182,7 +231,7 @@ class Daemon:
         if cfg.seed_builtin:
             await in_fresh_thread(lambda: seed_models(cfg.models, cfg.cache), "ttsd-seed")
         self.notifier.status("loading voices")
-        await in_fresh_thread(self.manager.rescan, "ttsd-loader")
+        await in_fresh_thread(self.manager.start, "ttsd-loader")
         if not self.manager.ready():
             log.error("no voice could be loaded from %s; serving /healthz and waiting (SIGHUP rescans)", cfg.models)
 
@@ -216,19 +265,23 @@ class Daemon:
         voices = ", ".join(f"{v['name']} {v['active']}" for v in self.manager.snapshot() if v["active"])
         where = str(cfg.socket) + (f" and {cfg.listen[0]}:{cfg.listen[1]}" if cfg.listen else "")
         log.info("ttsd %s serving on %s (voices: %s)", __version__, where, voices or "none")
+        self._serving = True
         if self.manager.ready():
             self.notifier.ready(f"serving {voices}")
         watchdog = loop.create_task(self._watchdog()) if self.notifier.watchdog_seconds else None
+        watcher = ModelWatcher(cfg.models, self.request_reconcile, interval=cfg.rescan_interval)
+        watcher.start()
+        if self.manager.needs_rescan:
+            self.request_reconcile()
 
         while True:
             signum = await self._signals.get()
             if signum == signal.SIGHUP:
                 log.info("SIGHUP: rescanning %s", cfg.models)
-                await in_fresh_thread(self.manager.rescan, "ttsd-loader")
-                if self.manager.ready():
-                    self.notifier.ready("serving")
+                self.request_reconcile()
                 continue
             break
+        watcher.stop()
         self._interrupts = 1 if signum == signal.SIGINT else 0
         return await self._shutdown(runner, spool, spool_task, watchdog)
 

@@ -84,6 +84,13 @@ class LoadError(TtsdError):
     code = "load_failed"
 
 
+class SynthesisError(TtsdError):
+    """A loaded voice failed while speaking (exception, NaN or silence): HTTP 500."""
+
+    exit_code = 11
+    code = "synthesis_failed"
+
+
 class ImportPiperError(TtsdError):
     """A Piper voice could not be converted."""
 

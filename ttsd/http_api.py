@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .audio import Audio, encode, wav_stream_header
 from .formats import MEDIA_TYPES
-from .errors import (BusyError, RequestError, TextTooLongError, TtsdError, UnknownVoiceError)
+from .errors import BusyError, ConfigError, RequestError, TextTooLongError, TtsdError, UnknownVoiceError
 from .backend import Backend
 from .manager import Lease
 from .metrics import CONTENT_TYPE, Metrics
@@ -31,6 +31,7 @@ from .text import check_text
 log = logging.getLogger("ttsd.http")
 
 MAX_BODY = 1 << 20  # 1 MiB of JSON is far more than any allowed text
+CONTROL_PREFIX = "/v1/voices/"
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -46,6 +47,8 @@ def error_response(exc: BaseException) -> web.Response:
         return _error(404, exc.code, str(exc))
     if isinstance(exc, BusyError):
         return _error(503, exc.code, str(exc), {"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, ConfigError):  # a control action that cannot be done in the current state
+        return _error(409, "conflict", str(exc))
     if isinstance(exc, TtsdError):
         return _error(500, exc.code, str(exc))
     log.exception("internal error", exc_info=exc)
@@ -62,6 +65,9 @@ def build_app(backend: Backend) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
+        if _is_tcp(request) and backend.token is None and request.path.startswith(CONTROL_PREFIX) \
+                and request.method == "POST":
+            return _error(403, "forbidden", "control routes need --token-file on a TCP listener")
         if _is_tcp(request) and backend.token is not None:
             supplied = request.headers.get("Authorization", "")
             if not hmac.compare_digest(supplied.encode(), f"Bearer {backend.token}".encode()):
@@ -81,6 +87,8 @@ def build_app(backend: Backend) -> web.Application:
     app.router.add_post("/v1/synthesize", api.synthesize)
     app.router.add_post("/v1/audio/speech", api.openai_speech)
     app.router.add_get("/v1/voices", api.voices)
+    app.router.add_post("/v1/voices/{name}/rollback", api.rollback)
+    app.router.add_post("/v1/voices/{name}/activate", api.activate)
     app.router.add_get("/v1/status", api.status)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
@@ -216,6 +224,40 @@ class _Api:
 
     async def voices(self, request: web.Request) -> web.Response:
         return web.json_response({"voices": self.b.voices()})
+
+    async def _control_body(self, request: web.Request) -> dict[str, Any]:
+        body = await request.read()
+        if not body.strip():
+            return {}
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise RequestError(f"body is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise RequestError("request body must be a JSON object")
+        return data
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        try:
+            data = await self._control_body(request)
+            to = data.get("to")
+            if to is not None and not isinstance(to, (str, int)):
+                raise RequestError("field 'to' must be a version string")
+            result = await self.b.rollback(request.match_info["name"], None if to is None else str(to))
+        except TtsdError as exc:
+            return error_response(exc)
+        return web.json_response(result)
+
+    async def activate(self, request: web.Request) -> web.Response:
+        try:
+            data = await self._control_body(request)
+            version = data.get("version")
+            if not isinstance(version, (str, int)):
+                raise RequestError("field 'version' is required")
+            result = await self.b.activate(request.match_info["name"], str(version))
+        except TtsdError as exc:
+            return error_response(exc)
+        return web.json_response(result)
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.b.status())

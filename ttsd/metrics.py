@@ -20,6 +20,7 @@ class Metrics:
     model_loads: Counter
     model_swaps: Counter
     spool: Counter
+    transitions: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -39,6 +40,8 @@ class Metrics:
                                 ["voice", "outcome"], registry=r),
             model_swaps=Counter("ttsd_model_swaps", "Active-version swaps", ["voice"], registry=r),
             spool=Counter("ttsd_spool_requests", "Spool requests by outcome", ["outcome"], registry=r),
+            transitions=Counter("ttsd_model_transitions", "Model version state transitions",
+                                ["voice", "event"], registry=r),
         )
 
     def render(self) -> bytes:

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .audio import Audio, concat
 from .engines import SynthesisOptions
-from .errors import BusyError
+from .errors import BusyError, RequestError, SynthesisError, TtsdError
 from .manager import Lease
 from .metrics import Metrics
 
@@ -47,6 +49,16 @@ class Result:
     audio_seconds: float
     synth_seconds: float
     queued_seconds: float
+
+
+def check_chunk(chunk: Audio) -> None:
+    """A model that starts producing NaN or silence fails the request (and counts against the
+    version, for auto-rollback)."""
+    samples = chunk.samples
+    if not np.all(np.isfinite(samples)):
+        raise SynthesisError("the voice produced invalid audio (NaN or infinite samples)")
+    if len(samples) and float(np.max(np.abs(samples))) < 1e-4:
+        raise SynthesisError("the voice produced silence")
 
 
 class SynthesisPool:
@@ -82,7 +94,7 @@ class SynthesisPool:
             self.metrics.queue_depth.set(self._pending - self._running)
             self.metrics.in_flight.set(self._running)
         started = time.monotonic()
-        ok = False
+        ok: bool | None = False  # did the model do its job? None: the request's own fault
         try:
             if job.cancel.is_set():
                 raise Cancelled()
@@ -91,6 +103,7 @@ class SynthesisPool:
             for chunk in job.lease.engine.synthesize_stream(job.text, job.options):
                 if job.cancel.is_set():
                     raise Cancelled()
+                check_chunk(chunk)
                 seconds += chunk.duration
                 if job.on_chunk is not None:
                     job.on_chunk(chunk)
@@ -105,8 +118,16 @@ class SynthesisPool:
                 synth_seconds=time.monotonic() - started,
                 queued_seconds=started - job.accepted,
             )
+        except (RequestError, Cancelled):
+            ok = None
+            raise
+        except TtsdError:
+            raise
+        except Exception as exc:  # the engine crashed: the request fails, the daemon goes on
+            log.exception("synthesis failed on %s %s", job.lease.model.name, job.lease.model.version)
+            raise SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            job.lease.release()
+            job.lease.release(ok)
             with self._lock:
                 self._running -= 1
                 self._pending -= 1
