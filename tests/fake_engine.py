@@ -23,6 +23,9 @@ class FakeEngine(Engine[str]):
 
     def load(self) -> None:
         self.settings: dict[str, Any] = json.loads((self.folder / "fake.json").read_text())
+        import time
+
+        time.sleep(float(self.settings.get("load_delay", 0.0)))
         if self.settings.get("fail_on") == "load":
             raise LoadError("fake engine told to fail on load")
         self.requests = 0
@@ -39,6 +42,9 @@ class FakeEngine(Engine[str]):
                 FakeEngine.live -= 1
 
     def warmup(self) -> None:
+        import time
+
+        time.sleep(float(self.settings.get("warmup_delay", 0.0)))
         if self.settings.get("fail_on") == "warmup":
             raise LoadError("fake engine told to fail on warm-up")
         super().warmup()

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .errors import BusyError, DaemonError, RequestError, TextTooLongError, UnknownVoiceError
+from .errors import BusyError, ConfigError, DaemonError, RequestError, TextTooLongError, UnknownVoiceError
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -74,6 +74,8 @@ class Client:
             raise RequestError(message)
         if status == 404:
             raise UnknownVoiceError(message)
+        if status == 409:
+            raise ConfigError(message)
         if status == 503:
             raise BusyError(f"daemon busy: {message}", int(headers.get("retry-after", "1") or 1))
         raise DaemonError(f"daemon answered {status} {code}: {message}")

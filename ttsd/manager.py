@@ -312,11 +312,11 @@ class ModelManager:
         key = (manifest.name, _norm(manifest.version))
         content = content_id(manifest)
         known = self._versions.get(key)
-        if known is not None and known.content == content:
+        if known is not None and known.content == content and known.state is not State.INCOMPLETE:
             folder.state, folder.settled, folder.reason = "known", True, ""
             known.source = folder.path
             return None
-        if known is not None and known.content and known.state is not State.REFUSED:
+        if known is not None and known.content and known.content != content and known.state is not State.REFUSED:
             folder.state, folder.settled = "refused", True
             folder.reason = (f"{manifest.name} {manifest.version} is already known with different content; "
                              "give the new folder a new version")
@@ -427,12 +427,14 @@ class ModelManager:
         return True
 
     def _activate(self, model: ModelVersion, why: str, *, push_previous: bool = True,
-                  previous_state: State = State.STANDBY) -> None:
-        """The swap: one reference replaced under the lock. Then trim what stays loaded."""
+                  previous_state: State = State.STANDBY) -> float:
+        """The swap: one reference replaced under the lock. Then trim what stays loaded and persist.
+        Returns the monotonic time of the swap."""
         to_unload: list[ModelVersion] = []
         with self._lock:
             previous = self._active.get(model.name)
             self._active[model.name] = model  # new requests get the new version from here on
+            swapped = time.monotonic()
             if self._canary.get(model.name) is model:
                 del self._canary[model.name]
             model.state, model.requests, model.failures = State.ACTIVE, 0, 0
@@ -456,8 +458,9 @@ class ModelManager:
         self._save()
         log.info("%s: %s -> %s (%s)", model.name, old or "-", model.version, why)
         self._listener("activated", model)
-        for m in to_unload:
-            self._unload(m)
+        for m in to_unload:  # freeing memory is not part of the swap: do it off this path
+            self._spawn(lambda m=m: self._unload(m))
+        return swapped
 
     def _retire_now(self, model: ModelVersion, wait: float = 30.0) -> None:
         """Memory policy: take the old version out of service and unload it before loading."""
@@ -494,10 +497,10 @@ class ModelManager:
                 raise ConfigError(f"cannot roll back to {voice} {to}: {target.reason}")
             if current.version not in record.rolled_back:
                 record.rolled_back.append(current.version)
-            self._activate(target, why, push_previous=False, previous_state=State.ROLLED_BACK)
             current.reason = why
+            swapped = self._activate(target, why, push_previous=False, previous_state=State.ROLLED_BACK)
             return {"voice": voice, "from": current.version, "to": target.version,
-                    "seconds": round(time.monotonic() - started, 3)}
+                    "seconds": round(swapped - started, 3)}
 
     def activate(self, voice: str, version: str, why: str = "activate requested") -> dict[str, Any]:
         """Serve any known version (clears a rolled-back mark; re-verified from the store)."""
@@ -514,9 +517,9 @@ class ModelManager:
                 raise ConfigError(f"cannot activate {voice} {version}: {target.reason}")
             record = self.state.voice(voice)
             record.rolled_back = [v for v in record.rolled_back if _norm(v) != _norm(version)]
-            self._activate(target, why)
+            swapped = self._activate(target, why)
             return {"voice": voice, "from": current.version if current else None, "to": target.version,
-                    "seconds": round(time.monotonic() - started, 3)}
+                    "seconds": round(swapped - started, 3)}
 
     def _ensure_stored(self, target: ModelVersion) -> None:
         """A version known only from the models dir is verified and copied into the store first."""

@@ -71,6 +71,9 @@ class VitsEngine(Engine[list[int]]):
                 output_loading_info=True, dtype=torch.float32,
             )
         except Exception as exc:
+            text = str(exc).lower()
+            if "mismatch" in text or "size" in text and "shape" in text:
+                raise LoadError(f"{self.folder}: config.json does not match the weights ({_short(exc)})") from exc
             raise LoadError(f"{self.folder}: weights do not load ({_short(exc)})") from exc
         # A stock VitsModel lists training-only parts a checkpoint may omit; anything else missing
         # would silently run with random weights, so it is an error.
