@@ -4,6 +4,7 @@ takes the serving version down."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -200,3 +201,44 @@ def test_memory_policy_never_holds_two_versions(tmp_path: Path, fake_engines: No
     fake_model(models, "voice", "3", fail_on="load")
     manager.reconcile()  # the failed upgrade brings the old version back
     assert manager.snapshot()[0]["active"] == "2" and FakeEngine.live == 1
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_is_returned_over_20_swaps_of_the_real_voice(tmp_path: Path, joe_folder: Path) -> None:
+    """Twenty upgrades of en_US-joe-medium in one process: RSS levels off (each swap unloads the
+    version beyond --keep 1), and the store keeps only recent copies."""
+    models = tmp_path / "models"
+
+    def drop(version: int) -> None:
+        folder = models / f"joe-{version}"
+        folder.mkdir(parents=True)
+        for item in joe_folder.iterdir():
+            if item.name != "ttsd.json":
+                os.link(item, folder / item.name)  # same bytes, no copy: only the manifest differs
+        pack(folder, name="joe", version=str(version), engine="vits", sample_rate=22050)
+
+    drop(1)
+    manager = ModelManager(models, state_dir=tmp_path / "state", spawn=lambda fn: fn(),
+                           policy=Policy(settle=0.0, keep=1))
+    manager.start()
+    samples = []
+    for version in range(2, 22):
+        drop(version)
+        manager.reconcile()
+        with manager.acquire("joe") as lease:
+            assert lease.model.version == str(version)
+            lease.engine.synthesize("A request between swaps.")
+        samples.append(rss_mb())
+    loaded = [v["version"] for v in manager.snapshot()[0]["versions"] if v["state"] in ("active", "standby")]
+    assert loaded == ["20", "21"]
+    assert len(list((tmp_path / "state" / "store" / "joe").iterdir())) <= 4
+    growth = samples[-1] - samples[4]
+    print(f"RSS after swaps: {[round(s) for s in samples]} MB; growth over the last 15: {growth:.0f} MB")
+    assert growth < 150, samples
+    manager.close()

@@ -21,6 +21,7 @@ import gc
 import logging
 import os
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from .source import Folder, Source, looks_incomplete
 from .store import ModelStore, ServingState, content_id
 
 log = logging.getLogger("ttsd.manager")
+STORE_KEEP = 3  # rollback targets kept in the store besides the active version
 
 
 class State(str, Enum):
@@ -460,7 +462,23 @@ class ModelManager:
         self._listener("activated", model)
         for m in to_unload:  # freeing memory is not part of the swap: do it off this path
             self._spawn(lambda m=m: self._unload(m))
+        self._prune_store(model.name)
         return swapped
+
+    def _prune_store(self, name: str) -> None:
+        """Keep store copies only of what can serve soon: the active version, loaded ones, and the
+        most recent rollback targets. Others drop back to their models-dir folder, if any."""
+        voice = self.state.voice(name)
+        keep = {_norm(v) for v in voice.previous[-STORE_KEEP:]} | ({_norm(voice.active)} if voice.active else set())
+        with self._lock:
+            stale = [m for m in self._versions.values()
+                     if m.name == name and m.store is not None and m.engine is None and m.in_flight == 0
+                     and m.state not in (State.CANARY, State.LOADING, State.WARMING, State.VERIFYING)
+                     and _norm(m.version) not in keep]
+            for m in stale:
+                m.store = None
+        for m in stale:
+            shutil.rmtree(self.store.path(m.name, m.version), ignore_errors=True)
 
     def _retire_now(self, model: ModelVersion, wait: float = 30.0) -> None:
         """Memory policy: take the old version out of service and unload it before loading."""
