@@ -1,0 +1,325 @@
+"""Hot upgrades under load: latency during a swap, time to serve the new version, RSS over many swaps.
+
+One run starts ``ttsd serve`` (built-in voice en_US-joe-medium, version 1) in a subprocess on temp
+dirs and drives it with 4 client threads sending a short sentence in a loop (a new connection per
+request), recording each request's start, latency, status and ``X-Ttsd-Version``:
+
+* ``--steady`` seconds of steady load (after 1 s not counted), then version 2 is dropped in (built
+  in a dot-folder of the models dir, published with ``os.rename``): drop -> ``/v1/voices`` reports
+  it active, drop -> first response from it, and p50/p99 of the requests overlapping drop -> swap
+  (swap: the earlier of "reported active" and the first version-2 request's start) against steady.
+  Goal: p99 during / p99 steady <= 1.5. The load runs on until 5 s after the swap;
+* RSS (VmRSS, ``/proc/PID/status``) once that swap settled, then after each of ``--swaps`` more
+  (versions 3, 4, ..., each waited for until active and until the version it pushed out is
+  unloaded; load paused unless ``--load-during-swaps``); growth per swap over the last 10; the
+  private store's size (a ~61 MB copy per version, never pruned: disk, not RSS);
+* exit code 0 on SIGTERM. Every folder is older than ``--settle`` (1 s) when renamed in, so drop ->
+  active is detection + checks + store copy + load + warm-up.
+
+From the repository root (machine may be shared: the 1-min load average is printed)::
+
+    .venv/bin/python bench/hotswap.py [--workers 2] [--threads 1] [--steady 10] [--swaps 20]
+
+Cache: ``--cache``, ``$TTSD_CACHE`` or /tmp/ttsd-bench-cache. Disk: ~2.7 GB for 22 versions (models
+dir + store copies), removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SHORT = "Turn on the kitchen lights."
+CLIENTS = 4
+WARMUP_S = 1.0  # first second of load not counted as steady
+AFTER_S = 5.0  # load kept on after the first swap
+SETTLE_S = 1.1  # > the daemon's default --settle
+POLL_S = 0.05
+
+
+def request(sock: str, method: str, path: str, body: Any = None, timeout: float = 120.0
+            ) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh Unix-socket connection: (status, lower-cased headers, body)."""
+    conn = http.client.HTTPConnection("localhost", timeout=timeout)
+    try:
+        conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # preset: connect() is skipped
+        conn.sock.settimeout(timeout)
+        conn.sock.connect(sock)
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+class Daemon:
+    """``ttsd serve`` in a subprocess on temp dirs (models, state, socket, log)."""
+
+    def __init__(self, cache: Path, workers: int, threads: int) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="ttsd-bench-hotswap-")
+        root = Path(self.tmp.name)
+        self.models, self.state, self.log = root / "models", root / "state", root / "daemon.log"
+        self.socket = str(root / "run" / "ttsd.sock")
+        cmd = [sys.executable, "-m", "ttsd", "serve", "--models", str(self.models), "--state", str(self.state),
+               "--cache", str(cache), "--socket", self.socket, "--workers", str(workers), "--threads", str(threads)]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(self._ready, 180, "the daemon to be ready")
+        except BaseException:
+            self.proc.kill()
+            raise
+        self.pid = int(json.loads(request(self.socket, "GET", "/v1/status")[2])["pid"])
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+        try:
+            return request(self.socket, "GET", "/readyz", timeout=5)[0] == 200
+        except OSError:
+            return False
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM; (exit code, log); removes the temp dirs."""
+        self.proc.send_signal(signal.SIGTERM)
+        code, log = self.proc.wait(60), self.log.read_text(errors="replace")
+        self.tmp.cleanup()
+        return code, log
+
+
+def wait_for(ok: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until ``ok()``; returns that monotonic time."""
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(POLL_S)
+    return time.monotonic()
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered), math.ceil(q / 100 * len(ordered))) - 1)]
+
+
+@dataclass
+class Sample:
+    start: float  # time.monotonic()
+    latency: float
+    status: int  # 0: no HTTP answer
+    version: str | None
+
+
+class Load:
+    """CLIENTS threads, each sending SHORT in a loop unless paused."""
+
+    def __init__(self, sock: str) -> None:
+        self.sock, self.lock, self.samples, self.in_flight = sock, threading.Lock(), list[Sample](), 0
+        self.go, self.stopping = threading.Event(), threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self) -> None:
+        while not self.stopping.is_set():
+            if not self.go.wait(0.1):
+                continue
+            with self.lock:
+                self.in_flight += 1
+            started = time.monotonic()
+            try:
+                status, headers, _ = request(self.sock, "POST", "/v1/synthesize", {"text": SHORT})
+                version = headers.get("x-ttsd-version")
+            except (OSError, http.client.HTTPException):
+                status, version = 0, None
+            with self.lock:
+                self.samples.append(Sample(started, time.monotonic() - started, status, version))
+                self.in_flight -= 1
+
+    def pause(self, stop: bool = False) -> None:
+        self.go.clear()
+        wait_for(lambda: self.in_flight == 0, 300, "requests in flight")
+        if stop:
+            self.stopping.set()
+            for thread in self.threads:
+                thread.join()
+
+
+def versions(sock: str) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """The voice's active version and its versions by name, from /v1/voices."""
+    v = json.loads(request(sock, "GET", "/v1/voices", timeout=30)[2])["voices"][0]
+    return v["active"], {row["version"]: row for row in v["versions"]}
+
+
+def is_active(sock: str, version: str) -> bool:
+    active, rows = versions(sock)
+    if version in rows and rows[version]["state"] == "refused":
+        raise RuntimeError(f"version {version} refused: {rows[version]['reason']}")
+    return active == version
+
+
+def build(daemon: Daemon, builtin: Path, number: int) -> tuple[Path, Path]:
+    """Version ``number`` of the built-in voice in a dot-folder of the models dir: (staging, final path)."""
+    from ttsd.manifest import pack, verify
+
+    staging = daemon.models / f".stage-{number}"
+    shutil.copytree(builtin, staging)
+    m = verify(staging)
+    pack(staging, name=m.name, version=str(number), engine=m.engine, sample_rate=m.sample_rate)
+    return staging, daemon.models / f"{m.name}-{number}"
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def stats(samples: list[Sample]) -> dict[str, float]:
+    lat = [s.latency for s in samples if s.status == 200]
+    return {"n": len(lat), "p50": pct(lat, 50) * 1e3, "p99": pct(lat, 99) * 1e3} if lat else {"n": 0}
+
+
+def first_swap(daemon: Daemon, builtin: Path, load: Load, steady: float) -> dict[str, Any]:
+    sock, folders = daemon.socket, build(daemon, builtin, 2)  # copy + checksums before the load starts
+    began = time.monotonic()
+    load.go.set()
+    time.sleep(WARMUP_S + steady)
+    rss_v1 = rss_mb(daemon.pid)
+    dropped = time.monotonic()
+    os.rename(*folders)  # the drop
+    active = wait_for(lambda: is_active(sock, "2"), 600, "version 2")
+    time.sleep(max(0.0, active + AFTER_S - time.monotonic()))
+    with load.lock:
+        samples = list(load.samples)
+    v2 = [s for s in samples if s.version == "2"]
+    swap = min([active] + [s.start for s in v2])
+    return {"steady": stats([s for s in samples if began + WARMUP_S <= s.start < dropped]),
+            "during": stats([s for s in samples if s.start < swap and s.start + s.latency > dropped]),
+            "after": stats([s for s in samples if s.start >= swap]), "window_s": swap - dropped,
+            "to_active_s": active - dropped, "to_v2_s": min(s.start + s.latency for s in v2) - dropped,
+            "v2_load_s": versions(sock)[1]["2"]["load_seconds"], "rss_v1_mb": rss_v1,
+            "old_after_active": sum(1 for s in samples if s.start >= active and s.status == 200 and s.version != "2")}
+
+
+def many_swaps(daemon: Daemon, builtin: Path, swaps: int) -> dict[str, Any]:
+    def unloaded() -> bool:
+        return all(row["state"] != "retired" for row in versions(daemon.socket)[1].values())
+
+    wait_for(unloaded, 60, "the old version to unload")
+    rss, seconds, before = list[float](), list[float](), rss_mb(daemon.pid)
+    for number in range(3, 3 + swaps):
+        folders = build(daemon, builtin, number)
+        time.sleep(SETTLE_S)  # like version 2: older than the daemon's --settle when renamed in
+        dropped = time.monotonic()
+        os.rename(*folders)
+        seconds.append(wait_for(lambda: is_active(daemon.socket, str(number)), 600, f"version {number}") - dropped)
+        wait_for(unloaded, 60, "the old version to unload")
+        rss.append(rss_mb(daemon.pid))
+        print(f"  version {number}: active {seconds[-1]:.1f} s after the drop, RSS {rss[-1]:.0f} MB", flush=True)
+    span = min(10, swaps)
+    growth = (rss[-1] - (rss[-span - 1] if swaps > span else before)) / span if swaps else math.nan
+    return {"before": before, "rss": rss, "seconds": sorted(seconds) or [math.nan], "growth": growth,
+            "hwm": rss_mb(daemon.pid, "VmHWM"), "store_mb": sum(f.stat().st_size for f in (
+                daemon.state / "store").rglob("*") if f.is_file()) / 2**20,
+            "stored": len(list((daemon.state / "store").glob("*/*/ttsd.json")))}
+
+
+def markdown(r: dict[str, Any]) -> str:
+    f, m, n = r["first"], r["many"], r["swaps"]
+    lines = [f"`{r['command']}`", "",
+             f"{os.cpu_count()} CPUs; daemon {r['workers']} worker(s) x {r['threads']} torch thread(s), "
+             f"--keep 1 --settle 1 (defaults); {CLIENTS} client threads sending {SHORT!r} in a loop, a new "
+             f"connection each; 1-min load average {r['load_start']:.2f} at start, {r['load_end']:.2f} at end.",
+             "", "| Requests (4 clients) | count | p50 (ms) | p99 (ms) |", "|---|---:|---:|---:|"]
+    for key, label in (("steady", f"steady ({r['steady']:g} s)"), ("during", "during the swap (overlapping "
+                       f"drop -> swap, {f['window_s']:.1f} s)"), ("after", f"after the swap ({AFTER_S:g} s)")):
+        lines.append(f"| {label} | {f[key]['n']} | {f[key].get('p50', math.nan):.0f} | "
+                     f"{f[key].get('p99', math.nan):.0f} |")
+    rows = [("p99 during swap / p99 steady", f"{f['during'].get('p99', math.nan) / f['steady']['p99']:.2f}x",
+             "<= 1.5x"),
+            ("failed requests (non-200), whole run", f"{r['failed']} of {r['requests']}", "0"),
+            ("drop -> version 2 active in /v1/voices (s)", f"{f['to_active_s']:.2f}", ""),
+            ("drop -> first response from version 2 (s)", f"{f['to_v2_s']:.2f}", ""),
+            ("version 2 verify + load + warm-up under load, daemon's load_seconds (s)", f"{f['v2_load_s']}", ""),
+            ("version 1 answers to requests started after version 2 was reported active",
+             f"{f['old_after_active']}", "0"),
+            ("daemon RSS under load before the drop, version 1 only (MB)", f"{f['rss_v1_mb']:.0f}", ""),
+            ("daemon RSS after the first swap settled (MB)", f"{m['before']:.0f}", ""),
+            (f"{n} more swaps (load {r['swap_load']}): drop -> active, median / max (s)",
+             f"{m['seconds'][len(m['seconds']) // 2]:.1f} / {m['seconds'][-1]:.1f}", ""),
+            (f"{n} more swaps: wall time (s)", f"{r['swaps_s']:.0f}", ""),
+            (f"daemon RSS after the {n} more swaps (MB)", f"{(m['rss'] or [math.nan])[-1]:.0f}", ""),
+            (f"RSS growth per swap over the last {min(10, n)} swaps (MB)", f"{m['growth']:+.1f}", "~0"),
+            ("daemon peak RSS, VmHWM (MB)", f"{m['hwm']:.0f}", ""),
+            (f"private store on disk, {m['stored']} versions (MB)", f"{m['store_mb']:.0f}", ""),
+            ("daemon exit code after SIGTERM", f"{r['exit_code']}", "0")]
+    lines += ["", "| Measure | value | goal |", "|---|---:|---:|", *(f"| {a} | {b} | {c} |" for a, b, c in rows), "",
+              "RSS after each swap to versions 3.. (MB): " + ", ".join(f"{x:.0f}" for x in m["rss"])]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for flag, default, what in (("--workers", 2, "daemon synthesis workers"), ("--threads", 1, "daemon torch "
+                                "threads"), ("--swaps", 20, "swaps after the first, for RSS")):
+        parser.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
+    parser.add_argument("--steady", type=float, default=10.0, help="seconds of steady load (default 10)")
+    parser.add_argument("--load-during-swaps", action="store_true", help="keep the load on for the RSS swaps")
+    parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or /tmp/ttsd-bench-cache)")
+    args = parser.parse_args()
+    if min(args.workers, args.threads) < 1 or args.swaps < 0 or args.steady <= 0:
+        parser.error("--workers/--threads must be >= 1, --swaps >= 0, --steady > 0")
+    cache: Path = args.cache or Path(os.environ.get("TTSD_CACHE") or Path(tempfile.gettempdir()) / "ttsd-bench-cache")
+    from ttsd.voices import builtin_model
+
+    builtin = builtin_model(cache)
+    r: dict[str, Any] = {"command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+                         "workers": args.workers, "threads": args.threads, "steady": args.steady,
+                         "swaps": args.swaps, "load_start": os.getloadavg()[0],
+                         "swap_load": "running" if args.load_during_swaps else "paused"}
+    print(f"1-min load average {r['load_start']:.2f}; daemon: {args.workers} worker(s), {args.threads} thread(s)…",
+          flush=True)
+    daemon = Daemon(cache, args.workers, args.threads)
+    load = Load(daemon.socket)
+    try:
+        print(f"steady load {args.steady:g} s, then drop version 2…", flush=True)
+        r["first"] = first_swap(daemon, builtin, load, args.steady)
+        if not args.load_during_swaps:
+            load.pause()
+        print(f"{args.swaps} more swaps (load {r['swap_load']})…", flush=True)
+        started = time.monotonic()
+        r["many"] = many_swaps(daemon, builtin, args.swaps)
+        r["swaps_s"] = time.monotonic() - started
+    finally:
+        load.pause(stop=True)
+        r["exit_code"], log = daemon.stop()
+    r["requests"], r["failed"] = len(load.samples), sum(1 for s in load.samples if s.status != 200)
+    r["load_end"] = os.getloadavg()[0]
+    print("\n" + markdown(r))
+    errors = [line for line in log.splitlines() if line.startswith(("ERROR", "CRITICAL", "Traceback"))]
+    if errors:
+        print("\ndaemon log errors:\n" + "\n".join(errors[:20]))
+    if r["exit_code"]:
+        sys.exit(f"daemon exited with {r['exit_code']} after SIGTERM (expected 0)")
+
+
+if __name__ == "__main__":
+    main()
