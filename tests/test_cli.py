@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile
 from click.testing import CliRunner
-
 from conftest import save_tiny_vits
+
 from ttsd.cli import main
 
 TTSD = [sys.executable, "-m", "ttsd"]
@@ -46,7 +46,7 @@ def test_say_with_no_flags_uses_the_built_in_voice(joe_folder: Path, cli_env: di
 
 
 def test_stdin_to_stdout_and_other_formats(joe_folder: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
-    proc = run(["say", "-", "-o", "-"], cli_env, stdin="Reading from standard input.".encode())
+    proc = run(["say", "-", "-o", "-"], cli_env, stdin=b"Reading from standard input.")
     assert proc.returncode == 0, proc.stderr.decode()
     samples, rate = soundfile.read(io.BytesIO(proc.stdout))
     assert rate == 22050 and len(samples) > rate // 2

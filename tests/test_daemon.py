@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-
 from daemon_util import Daemon, UnixHTTPConnection, start_daemon, wait_for
 
 LONG = " ".join(f"This is sentence number {i} of a long request that keeps the worker busy." for i in range(12))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import soundfile
-
 from conftest import plausible, save_tiny_vits
 from daemon_util import Daemon, start_daemon, wait_for
+
 from ttsd.manifest import pack, verify
 
 TESTS = Path(__file__).parent

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import soundfile
-
 from daemon_util import start_daemon, wait_for
+
 from ttsd.manifest import pack, verify
 
 SENTENCES = [f"Spool request {i} asks for a sentence of reasonable length to speak." for i in range(6)]

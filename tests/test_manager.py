@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from fake_engine import FakeEngine
+
 from ttsd.errors import UnknownVoiceError
 from ttsd.manager import ModelManager, Policy, State
 from ttsd.manifest import pack

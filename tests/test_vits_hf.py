@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import save_tiny_vits
+
 from ttsd.engines import SynthesisOptions, create_engine
 from ttsd.errors import LoadError, RequestError
 from ttsd.manifest import pack, verify

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError
 from .formats import FORMATS
+
 
 @dataclass(frozen=True)
 class Audio:

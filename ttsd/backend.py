@@ -18,7 +18,7 @@ from .synth import Job, Result
 @dataclass(frozen=True)
 class Backend:
     acquire: Callable[[str | None, str | None], Lease]
-    submit: Callable[[Job], "Future[Result]"]
+    submit: Callable[[Job], Future[Result]]
     voices: Callable[[], list[dict[str, Any]]]
     ready: Callable[[], bool]
     status: Callable[[], dict[str, Any]]

@@ -112,8 +112,8 @@ def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir
 
     Uses the running daemon when its socket answers (fast: the model is already loaded), else
     loads the voice in this process."""
-    from .formats import format_for_path
     from .config import default_socket
+    from .formats import format_for_path
 
     fmt = format_for_path(output)
     text = _read_text(text)
@@ -430,7 +430,8 @@ def pack_cmd(folder: Path, name: str, version: str, engine: str, sample_rate: in
             raise ConfigError(f"{folder}: give --sample-rate (no sampling_rate in config.json)") from None
     manifest = pack(folder, name=name, version=version, engine=engine, sample_rate=sample_rate,
                     warmup=warmup, description=description, license=license_)
-    _console().print(f"{folder}/ttsd.json: {manifest.name} {manifest.version}, {len(manifest.files)} files", markup=False)
+    _console().print(f"{folder}/ttsd.json: {manifest.name} {manifest.version}, {len(manifest.files)} files",
+                     markup=False)
 
 
 @models.command("verify")
@@ -449,7 +450,8 @@ def verify_cmd(folder: Path) -> None:
             console.print(f"  {problem}", markup=False)
         raise
     engine_class(manifest.engine)
-    _console().print(f"{folder}: ok ({manifest.name} {manifest.version}, {len(manifest.files)} files verified)", markup=False)
+    _console().print(f"{folder}: ok ({manifest.name} {manifest.version}, {len(manifest.files)} files verified)",
+                     markup=False)
 
 
 @models.command("list")
@@ -494,7 +496,8 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
                     state, reason = "refused", str(exc)
             rows.append((m.name if m else cand.folder.name, m.version if m else "-", state, reason))
     if as_json:
-        click.echo(json.dumps([dict(zip(("voice", "version", "state", "reason"), r)) for r in rows], indent=2))
+        fields = ("voice", "version", "state", "reason")
+        click.echo(json.dumps([dict(zip(fields, r, strict=True)) for r in rows], indent=2))
         return
     table = Table("voice", "version", "state", "reason", title=title)
     for row in rows:

@@ -16,8 +16,8 @@ import shutil
 import signal
 import socket
 import stat
-import time
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,8 +32,8 @@ from .errors import ConfigError
 from .fsutil import fsync_dir
 from .http_api import build_app
 from .manager import ModelManager, ModelVersion, Policy
-from .reloader import ModelWatcher
 from .metrics import Metrics
+from .reloader import ModelWatcher
 from .spool import Spool
 from .synth import SynthesisPool
 from .systemd import Notifier

@@ -19,11 +19,11 @@ from typing import Any
 from aiohttp import web
 
 from .audio import Audio, encode, wav_stream_header
-from .formats import MEDIA_TYPES
-from .errors import BusyError, ConfigError, RequestError, TextTooLongError, TtsdError, UnknownVoiceError
 from .backend import Backend
+from .errors import BusyError, ConfigError, RequestError, TextTooLongError, TtsdError, UnknownVoiceError
+from .formats import MEDIA_TYPES
 from .manager import Lease
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE
 from .requests import SynthRequest, parse_openai, parse_request
 from .synth import Cancelled, Job, Result
 from .text import check_text

@@ -199,7 +199,7 @@ class ModelManager:
         elif model.state is State.ACTIVE and p.auto_rollback_requests and model.requests < p.auto_rollback_requests:
             model.requests += 1
             model.failures += 0 if ok else 1
-            if model.failures > p.auto_rollback_share * p.auto_rollback_requests and model.requests <= p.auto_rollback_requests:
+            if model.failures > p.auto_rollback_share * p.auto_rollback_requests:
                 model.requests = p.auto_rollback_requests  # fire once
                 why = f"auto-rollback: {model.failures} of its first {model.requests} requests failed"
                 return lambda: self._auto_rollback(model, why)
@@ -269,7 +269,7 @@ class ModelManager:
                 if model is None or model.store is None:
                     log.warning("%s %s was active but is not in the store; choosing again", name, voice.active)
                     continue
-                if self._bring_up(model, f"resumed after restart"):
+                if self._bring_up(model, "resumed after restart"):
                     self._activate(model, "restart", push_previous=False)
             self.reconcile()
 
@@ -292,7 +292,7 @@ class ModelManager:
                         continue
                     if self._promote(model, folder.path, "new version in the models dir"):
                         # Older new ones: known and stored on demand, not loaded.
-                        for _, other_folder, other in found_list:
+                        for _, _, other in found_list:
                             other_model = self._versions[(name, _norm(other.version))]
                             if other_model is not model and other_model.state is State.VERIFYING:
                                 other_model.state = State.AVAILABLE

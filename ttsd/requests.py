@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .formats import FORMATS
 from .engines.base import SynthesisOptions
 from .errors import RequestError
+from .formats import FORMATS
 
 FORMATS_ALL = (*FORMATS, "pcm")
 STREAM_FORMATS = ("wav", "pcm")

@@ -91,7 +91,7 @@ class PiperVitsModel(VitsModel):
             for i in range(len(decoder.upsampler)):
                 channels = config.upsample_initial_channel // (2 ** (i + 1))
                 for kernel_size, dilation in zip(
-                    config.resblock_kernel_sizes, config.resblock_dilation_sizes
+                    config.resblock_kernel_sizes, config.resblock_dilation_sizes, strict=True
                 ):
                     decoder.resblocks.append(
                         HifiGanResidualBlock2(

@@ -11,7 +11,6 @@ Serves two kinds of model folder:
 from __future__ import annotations
 
 import gc
-import os
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -182,7 +181,8 @@ class VitsEngine(Engine[list[int]]):
         if isinstance(speaker, str) and not speaker.isdigit():
             names = self._phonemes.config.speaker_id_map if self._phonemes else {}
             if speaker not in names:
-                raise RequestError(f"unknown speaker {speaker!r}" + (f" (known: {', '.join(sorted(names)[:10])})" if names else ""))
+                known = f" (known: {', '.join(sorted(names)[:10])})" if names else ""
+                raise RequestError(f"unknown speaker {speaker!r}{known}")
             return names[speaker]
         index = int(speaker)
         if not 0 <= index < max(count, 1):
