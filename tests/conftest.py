@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -105,6 +105,15 @@ def save_tiny_vits(folder: Path, *, seed: int = 0, pack_it: bool = True, name: s
     if pack_it:
         pack(folder, name=name, version=version, engine="vits", sample_rate=16000)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def no_stray_daemons() -> Iterator[None]:
+    """A test that fails before stopping its daemon must not leave it running."""
+    yield
+    from daemon_util import kill_leftovers
+
+    kill_leftovers()
 
 
 @pytest.fixture

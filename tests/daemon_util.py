@@ -64,11 +64,27 @@ class Daemon:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
+
+
+STARTED: list[Daemon] = []  # every daemon a test started; conftest kills leftovers after each test
+
+
+def kill_leftovers() -> None:
+    while STARTED:
+        daemon = STARTED.pop()
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
 
 
 def start_daemon(root: Path, cache: Path, *args: str, models: Path | None = None,
-                 wait_ready: bool = True, timeout: float = 120) -> Daemon:
+                 wait_ready: bool = True, timeout: float = 120, per_test: bool = True) -> Daemon:
     root.mkdir(parents=True, exist_ok=True)
     sock = root / "ttsd.sock"
     env = dict(os.environ, TTSD_CACHE=str(cache), PYTHONUNBUFFERED="1")
@@ -78,6 +94,8 @@ def start_daemon(root: Path, cache: Path, *args: str, models: Path | None = None
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     daemon = Daemon(proc, sock, root, log, env)
+    if per_test:  # a module-scoped fixture's daemon is stopped by the fixture instead
+        STARTED.append(daemon)
     if wait_ready:
         deadline = time.monotonic() + timeout
         while True:

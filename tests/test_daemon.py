@@ -25,9 +25,12 @@ LONG = " ".join(f"This is sentence number {i} of a long request that keeps the w
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, joe_folder: Path) -> Iterator[Daemon]:
     """One daemon for the module: built-in voice seeded into an empty models dir, 1 worker, queue of 1."""
-    d = start_daemon(tmp_path_factory.mktemp("serve"), cache_dir, "--workers", "1", "--queue-size", "1")
-    yield d
-    assert d.stop() == 0, d.logs()
+    d = start_daemon(tmp_path_factory.mktemp("serve"), cache_dir, "--workers", "1", "--queue-size", "1",
+                     per_test=False)
+    try:
+        yield d
+    finally:
+        assert d.stop() == 0, d.logs()
 
 
 def test_empty_models_dir_is_seeded_and_served(daemon: Daemon) -> None:
