@@ -10,9 +10,9 @@ request), recording each request's start, latency, status and ``X-Ttsd-Version``
   (swap: the earlier of "reported active" and the first version-2 request's start) against steady.
   Goal: p99 during / p99 steady <= 1.5. The load runs on until 5 s after the swap;
 * RSS (VmRSS, ``/proc/PID/status``) once that swap settled, then after each of ``--swaps`` more
-  (versions 3, 4, ..., each waited for until active and until the version it pushed out is
-  unloaded; load paused unless ``--load-during-swaps``); growth per swap over the last 10; the
-  private store's size (a ~61 MB copy per version, never pruned: disk, not RSS);
+  (versions 3, 4, ..., each waited for until active and until ``/metrics`` counts the unload of the
+  version it pushed out; load paused unless ``--load-during-swaps``); growth per swap over the last
+  10 (least-squares slope); disk used by the private store (~61 MB per stored version) and models dir;
 * exit code 0 on SIGTERM. Every folder is older than ``--settle`` (1 s) when renamed in, so drop ->
   active is detection + checks + store copy + load + warm-up.
 
@@ -35,6 +35,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,7 +100,12 @@ class Daemon:
     def stop(self) -> tuple[int, str]:
         """SIGTERM; (exit code, log); removes the temp dirs."""
         self.proc.send_signal(signal.SIGTERM)
-        code, log = self.proc.wait(60), self.log.read_text(errors="replace")
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        log = self.log.read_text(errors="replace")
         self.tmp.cleanup()
         return code, log
 
@@ -214,43 +220,51 @@ def first_swap(daemon: Daemon, builtin: Path, load: Load, steady: float) -> dict
     return {"steady": stats([s for s in samples if began + WARMUP_S <= s.start < dropped]),
             "during": stats([s for s in samples if s.start < swap and s.start + s.latency > dropped]),
             "after": stats([s for s in samples if s.start >= swap]), "window_s": swap - dropped,
-            "to_active_s": active - dropped, "to_v2_s": min(s.start + s.latency for s in v2) - dropped,
-            "v2_load_s": versions(sock)[1]["2"]["load_seconds"], "rss_v1_mb": rss_v1,
+            "to_active_s": active - dropped, "v2_load_s": versions(sock)[1]["2"]["load_seconds"],
+            "to_v2_s": min((s.start + s.latency for s in v2), default=math.nan) - dropped, "rss_v1_mb": rss_v1,
             "old_after_active": sum(1 for s in samples if s.start >= active and s.status == 200 and s.version != "2")}
 
 
-def many_swaps(daemon: Daemon, builtin: Path, swaps: int) -> dict[str, Any]:
-    def unloaded() -> bool:
-        return all(row["state"] != "retired" for row in versions(daemon.socket)[1].values())
+def unloads(sock: str) -> int:
+    """Versions unloaded so far (the event is counted after the memory is returned to the OS)."""
+    text = request(sock, "GET", "/metrics")[2].decode()
+    return int(sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("ttsd_model_transitions_total{") and 'event="unloaded"' in line))
 
-    wait_for(unloaded, 60, "the old version to unload")
+
+def many_swaps(daemon: Daemon, builtin: Path, swaps: int) -> dict[str, Any]:
     rss, seconds, before = list[float](), list[float](), rss_mb(daemon.pid)
     for number in range(3, 3 + swaps):
         folders = build(daemon, builtin, number)
         time.sleep(SETTLE_S)  # like version 2: older than the daemon's --settle when renamed in
         dropped = time.monotonic()
         os.rename(*folders)
-        seconds.append(wait_for(lambda: is_active(daemon.socket, str(number)), 600, f"version {number}") - dropped)
-        wait_for(unloaded, 60, "the old version to unload")
+        seconds.append(wait_for(lambda n=str(number): is_active(daemon.socket, n), 600, f"version {number}") - dropped)
+        wait_for(lambda n=number: unloads(daemon.socket) >= n - 2, 60, f"version {number - 2} to unload")
         rss.append(rss_mb(daemon.pid))
         print(f"  version {number}: active {seconds[-1]:.1f} s after the drop, RSS {rss[-1]:.0f} MB", flush=True)
-    span = min(10, swaps)
-    growth = (rss[-1] - (rss[-span - 1] if swaps > span else before)) / span if swaps else math.nan
+    growth = statistics.linear_regression(range(10), rss[-10:]).slope if swaps >= 10 else math.nan
+    store = daemon.state / "store"
+    # The daemon prunes old store copies after a swap: wait until no version folder is half removed.
+    wait_for(lambda: all((v / "ttsd.json").is_file() for v in store.glob("*/*")), 60, "store pruning")
     return {"before": before, "rss": rss, "seconds": sorted(seconds) or [math.nan], "growth": growth,
-            "hwm": rss_mb(daemon.pid, "VmHWM"), "store_mb": sum(f.stat().st_size for f in (
-                daemon.state / "store").rglob("*") if f.is_file()) / 2**20,
-            "stored": len(list((daemon.state / "store").glob("*/*/ttsd.json")))}
+            "hwm": rss_mb(daemon.pid, "VmHWM"), "store_mb": dir_mb(store), "models_mb": dir_mb(daemon.models),
+            "stored": len(list(store.glob("*/*")))}
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 def markdown(r: dict[str, Any]) -> str:
     f, m, n = r["first"], r["many"], r["swaps"]
     lines = [f"`{r['command']}`", "",
-             f"{os.cpu_count()} CPUs; daemon {r['workers']} worker(s) x {r['threads']} torch thread(s), "
+             (f"{os.cpu_count()} CPUs; daemon {r['workers']} worker(s) x {r['threads']} torch thread(s), "
              f"--keep 1 --settle 1 (defaults); {CLIENTS} client threads sending {SHORT!r} in a loop, a new "
-             f"connection each; 1-min load average {r['load_start']:.2f} at start, {r['load_end']:.2f} at end.",
-             "", "| Requests (4 clients) | count | p50 (ms) | p99 (ms) |", "|---|---:|---:|---:|"]
-    for key, label in (("steady", f"steady ({r['steady']:g} s)"), ("during", "during the swap (overlapping "
-                       f"drop -> swap, {f['window_s']:.1f} s)"), ("after", f"after the swap ({AFTER_S:g} s)")):
+             f"connection each; 1-min load average {r['load_start']:.2f} at start, {r['load_end']:.2f} at end."),
+             "", f"| Requests ({CLIENTS} clients) | count | p50 (ms) | p99 (ms) |", "|---|---:|---:|---:|"]
+    for key, label in (("steady", f"steady ({r['steady']:g} s)"), ("during", ("during the swap (overlapping "
+                       f"drop -> swap, {f['window_s']:.1f} s)")), ("after", f"after the swap ({AFTER_S:g} s)")):
         lines.append(f"| {label} | {f[key]['n']} | {f[key].get('p50', math.nan):.0f} | "
                      f"{f[key].get('p99', math.nan):.0f} |")
     rows = [("p99 during swap / p99 steady", f"{f['during'].get('p99', math.nan) / f['steady']['p99']:.2f}x",
@@ -262,14 +276,15 @@ def markdown(r: dict[str, Any]) -> str:
             ("version 1 answers to requests started after version 2 was reported active",
              f"{f['old_after_active']}", "0"),
             ("daemon RSS under load before the drop, version 1 only (MB)", f"{f['rss_v1_mb']:.0f}", ""),
-            ("daemon RSS after the first swap settled (MB)", f"{m['before']:.0f}", ""),
+            ("daemon RSS after the first swap settled (MB; nothing unloaded or trimmed yet)", f"{m['before']:.0f}", ""),
             (f"{n} more swaps (load {r['swap_load']}): drop -> active, median / max (s)",
              f"{m['seconds'][len(m['seconds']) // 2]:.1f} / {m['seconds'][-1]:.1f}", ""),
             (f"{n} more swaps: wall time (s)", f"{r['swaps_s']:.0f}", ""),
             (f"daemon RSS after the {n} more swaps (MB)", f"{(m['rss'] or [math.nan])[-1]:.0f}", ""),
-            (f"RSS growth per swap over the last {min(10, n)} swaps (MB)", f"{m['growth']:+.1f}", "~0"),
+            ("RSS growth per swap over the last 10 swaps, least-squares slope (MB)", f"{m['growth']:+.1f}", "~0"),
             ("daemon peak RSS, VmHWM (MB)", f"{m['hwm']:.0f}", ""),
-            (f"private store on disk, {m['stored']} versions (MB)", f"{m['store_mb']:.0f}", ""),
+            (f"disk: private store, {m['stored']} versions kept / models dir, {n + 2} versions (MB)",
+             f"{m['store_mb']:.0f} / {m['models_mb']:.0f}", ""),
             ("daemon exit code after SIGTERM", f"{r['exit_code']}", "0")]
     lines += ["", "| Measure | value | goal |", "|---|---:|---:|", *(f"| {a} | {b} | {c} |" for a, b, c in rows), "",
               "RSS after each swap to versions 3.. (MB): " + ", ".join(f"{x:.0f}" for x in m["rss"])]
@@ -278,8 +293,8 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for flag, default, what in (("--workers", 2, "daemon synthesis workers"), ("--threads", 1, "daemon torch "
-                                "threads"), ("--swaps", 20, "swaps after the first, for RSS")):
+    for flag, default, what in (("--workers", 2, "daemon synthesis workers"), ("--threads", 1, "daemon torch threads"),
+                                ("--swaps", 20, "swaps after the first, for RSS")):
         parser.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
     parser.add_argument("--steady", type=float, default=10.0, help="seconds of steady load (default 10)")
     parser.add_argument("--load-during-swaps", action="store_true", help="keep the load on for the RSS swaps")

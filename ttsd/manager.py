@@ -276,6 +276,7 @@ class ModelManager:
     def reconcile(self) -> None:
         """Check every folder that is ready, and promote the newest good new version of each voice."""
         with self._load_lock:
+            _lower_thread_priority(self.policy.loader_nice)  # hashing and copying yield to requests too
             ready, waiting = self.source.ready()
             candidates: dict[str, list[tuple[Version, Folder, Manifest]]] = {}
             for folder in ready:
