@@ -128,7 +128,7 @@ Listener = Callable[[str, ModelVersion], None]
 
 
 class ModelManager:
-    def __init__(self, models_dir: Path, *, state_dir: Path | None = None, policy: Policy | None = None,
+    def __init__(self, models_dir: Path, *, state_dir: Path, policy: Policy | None = None,
                  engine_options: dict[str, Any] | None = None, default_voice: str | None = None,
                  listener: Listener | None = None, spawn: Callable[[Callable[[], None]], None] | None = None
                  ) -> None:
@@ -138,7 +138,6 @@ class ModelManager:
         self.default_voice = default_voice
         self._listener = listener or (lambda _e, _m: None)
         self._spawn = spawn or (lambda fn: threading.Thread(target=fn, daemon=True).start())
-        state_dir = state_dir or models_dir.parent / ".ttsd-state"
         self.store = ModelStore(state_dir / "store")
         self.state = ServingState(state_dir)
         self.source = Source(models_dir, settle=self.policy.settle,

@@ -110,14 +110,17 @@ class ServingState:
         self.voices: dict[str, VoiceRecord] = {}
         self.versions: dict[str, VersionRecord] = {}  # "name/version"
         self._history: list[str] = []
+        self._written = ""  # last state.json text, so an unchanged state is not rewritten
 
     def load(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
             try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
+                text = self.path.read_text(encoding="utf-8")
+                data = json.loads(text)
                 self.voices = {k: VoiceRecord(**v) for k, v in data.get("voices", {}).items()}
                 self.versions = {k: VersionRecord(**v) for k, v in data.get("versions", {}).items()}
+                self._written = text
             except (ValueError, TypeError) as exc:
                 # Written atomically, so this is outside damage: start fresh rather than not at all.
                 log.error("%s is unreadable (%s); starting with no saved state", self.path, exc)
@@ -131,7 +134,10 @@ class ServingState:
     def save(self) -> None:
         data = {"format": 1, "voices": {k: asdict(v) for k, v in sorted(self.voices.items())},
                 "versions": {k: asdict(v) for k, v in sorted(self.versions.items())}}
-        atomic_write_text(self.path, json.dumps(data, indent=1) + "\n")
+        text = json.dumps(data, indent=1) + "\n"
+        if text != self._written:  # the models dir is rescanned every few seconds: spare the flash
+            atomic_write_text(self.path, text)
+            self._written = text
 
     def record(self, voice: str, from_version: str | None, to_version: str | None, why: str,
                **details: Any) -> None:
