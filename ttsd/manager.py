@@ -34,6 +34,7 @@ from packaging.version import InvalidVersion, Version
 
 from .engines import Engine, create_engine
 from .errors import BusyError, ConfigError, TtsdError, UnknownVoiceError
+from .gil import yielding_gil
 from .manifest import Manifest, read_manifest, verify
 from .source import Folder, Source, looks_incomplete
 from .store import ModelStore, ServingState, content_id
@@ -148,6 +149,7 @@ class ModelManager:
         self._active: dict[str, ModelVersion] = {}
         self._canary: dict[str, ModelVersion] = {}
         self._first_scan = True
+        self._in_flight = 0  # requests holding a lease on any version
         self.needs_rescan = False  # a folder is still settling: the daemon should look again soon
 
     # == requests (any thread) ================================================================
@@ -171,12 +173,18 @@ class ModelManager:
                 if canary is not None and random.random() < self._canary_share(name):
                     model = canary
             model.in_flight += 1
+            self._in_flight += 1
             return Lease(model, self._release)
+
+    def serving(self) -> bool:
+        """Whether any request is being synthesized right now (read without the lock)."""
+        return self._in_flight > 0
 
     def _release(self, model: ModelVersion, ok: bool | None) -> None:
         follow_up: Callable[[], None] | None = None
         with self._lock:
             model.in_flight -= 1
+            self._in_flight -= 1
             idle_retired = model.state in (State.RETIRED, State.ROLLED_BACK) and model.in_flight == 0
             if ok is not None:
                 follow_up = self._judge(model, ok)
@@ -402,7 +410,8 @@ class ModelManager:
         return False
 
     def _bring_up(self, model: ModelVersion, why: str) -> bool:
-        """Verify the store copy, load and warm up. Runs at low CPU priority beside live requests."""
+        """Verify the store copy, load and warm up. Runs at low CPU priority beside live requests,
+        handing the GIL to them while they are served (``ttsd.gil``)."""
         started = time.monotonic()
         _lower_thread_priority(self.policy.loader_nice)
         engine: Engine[Any] | None = None
@@ -414,9 +423,10 @@ class ModelManager:
             model.state = State.LOADING
             self._listener("loading", model)
             engine = create_engine(model.store, model.manifest, **self.engine_options)
-            engine.load()
-            model.state = State.WARMING
-            engine.warmup()
+            with yielding_gil(self.serving):
+                engine.load()
+                model.state = State.WARMING
+                engine.warmup()
         except Exception as exc:  # TtsdError says why; anything else is the engine crashing
             if engine is not None:
                 engine.unload()
