@@ -28,9 +28,10 @@ from ..manifest import Manifest
 from ..text import DEFAULT_MAX_CHARS, has_speech, split_sentences
 from . import piper_vits  # noqa: F401  (registers model_type "piper_vits" with AutoModel)
 from .base import Engine, SynthesisOptions
+from .hifigan_fast import FastHifiGan
 from .phonemes import EspeakPhonemes, PhonemeConfig
 from .piper_import import PHONEMES_FILE
-from .vits_forward import decode, latent_frames
+from .vits_forward import latent_frames
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -45,6 +46,7 @@ class VitsEngine(Engine[list[int]]):
         self.model: VitsModel | None = None
         self._phonemes: EspeakPhonemes | None = None
         self._tokenizer: VitsTokenizer | None = None
+        self._decoder: FastHifiGan | None = None
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -111,10 +113,12 @@ class VitsEngine(Engine[list[int]]):
                 )
         else:
             raise LoadError(f"{self.folder}: neither {PHONEMES_FILE} (Piper voice) nor vocab.json (tokenizer)")
+        self._decoder = FastHifiGan(model.decoder, model.config)
         self.model = model
 
     def unload(self) -> None:
         self.model = None
+        self._decoder = None
         self._phonemes = None
         self._tokenizer = None
         gc.collect()
@@ -204,7 +208,8 @@ class VitsEngine(Engine[list[int]]):
                 noise_scale=noise, noise_scale_duration=noise_w, length_scale=length_scale,
                 speaker_id=self._speaker_id(options), generator=generator,
             )
-            return decode(model, latents, speaker).numpy().astype(np.float32)
+            assert self._decoder is not None
+            return self._decoder(latents, speaker).numpy().astype(np.float32)
 
     def render_ids(self, ids: list[int], options: SynthesisOptions | None = None) -> np.ndarray:
         """Raw model output for given ids, without normalisation (for conformance tests/benches)."""

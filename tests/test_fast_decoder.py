@@ -1,0 +1,120 @@
+"""The windowed channels-last HiFi-GAN (``ttsd.engines.hifigan_fast``) against transformers' own
+decoder: same output for every length, window boundary and speaker, on a fixed set of shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_vits_config
+from transformers import VitsConfig, VitsModel
+
+from ttsd.engines import hifigan_fast
+from ttsd.engines.hifigan_fast import WIDTHS, FastHifiGan
+
+LENGTHS = (1, 7, 31, 32, 33, 200, WIDTHS[-1], WIDTHS[-1] + 1, 700, 1500)
+
+
+def tiny_model(**overrides: object) -> VitsModel:
+    torch.manual_seed(3)
+    # three kernels per stage, as real voices have, so the folded 1/n averaging is exercised
+    config = tiny_vits_config(resblock_kernel_sizes=[3, 5, 7], resblock_dilation_sizes=[[1, 3], [1, 3], [1, 2]],
+                              **overrides)
+    model = VitsModel(VitsConfig(**config)).eval()
+    with torch.no_grad():  # random biases too, so that zero padding is not accidentally harmless
+        for module in model.decoder.modules():
+            if getattr(module, "bias", None) is not None:
+                module.bias.normal_(0, 0.2)
+    return model
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["onednn-fused", "plain-conv2d"])
+def test_same_output_as_transformers_for_every_length(fused: bool) -> None:
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config, fused=fused)
+    with torch.inference_mode():
+        for frames in LENGTHS:
+            latents = torch.randn(1, model.config.flow_size, frames)
+            reference = model.decoder(latents).reshape(-1)
+            assert max_diff(fast(latents), reference) < 1e-5, frames
+
+
+def test_multi_speaker_conditioning() -> None:
+    model = tiny_model(num_speakers=3, speaker_embedding_size=4)
+    fast = FastHifiGan(model.decoder, model.config)
+    with torch.inference_mode():
+        for sid in range(3):
+            speaker = model.embed_speaker(torch.tensor([sid])).unsqueeze(-1)
+            latents = torch.randn(1, model.config.flow_size, 900)
+            assert max_diff(fast(latents, speaker), model.decoder(latents, speaker).reshape(-1)) < 1e-5
+
+
+def test_windows_only_work_because_of_the_receptive_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Control: with too small an overlap, the long-input comparison above would fail."""
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config)
+    fast.radius = 2
+    with torch.inference_mode():
+        latents = torch.randn(1, model.config.flow_size, 1500)
+        assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) > 1e-3
+
+
+def test_streamed_pieces_join_to_the_whole() -> None:
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config)
+    with torch.inference_mode():
+        latents = torch.randn(1, model.config.flow_size, 800)
+        pieces = list(fast.stream(latents, first=20))
+        assert len(pieces) >= 3 and len(pieces[0]) == 20 * fast.hop
+        assert max_diff(torch.cat(pieces), model.decoder(latents).reshape(-1)) < 1e-5
+
+
+def test_only_a_fixed_set_of_shapes_reaches_the_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config)
+    seen: set[int] = set()
+    window = fast._window
+
+    def spy(latents: torch.Tensor, valid: int, bias: torch.Tensor | None) -> torch.Tensor:
+        seen.add(latents.shape[-1])
+        return window(latents, valid, bias)
+
+    monkeypatch.setattr(fast, "_window", spy)
+    with torch.inference_mode():
+        for frames in range(1, 1300, 7):
+            out = fast(torch.randn(1, model.config.flow_size, frames))
+            assert out.shape == (frames * fast.hop,)
+        for first in (5, 40):
+            list(fast.stream(torch.randn(1, model.config.flow_size, 600), first=first))
+    assert seen <= set(WIDTHS), seen - set(WIDTHS)
+
+
+def test_falls_back_to_plain_convolutions_without_onednn_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hifigan_fast.torch.backends.mkldnn, "is_available", lambda: False)
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config)
+    assert not fast.fused
+    with torch.inference_mode():
+        latents = torch.randn(1, model.config.flow_size, 500)
+        assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) < 1e-5
+
+
+def test_the_piper_voice(joe_folder: Path) -> None:
+    from ttsd.engines.vits_forward import decode
+    from ttsd.manifest import verify
+    from ttsd.speak import open_engine
+
+    engine = open_engine(joe_folder)
+    model = engine.model
+    fast = FastHifiGan(model.decoder, model.config)
+    assert verify(joe_folder).name
+    with torch.inference_mode():
+        for frames in (90, 481):
+            latents = torch.randn(1, model.config.flow_size, frames) * 0.8
+            assert max_diff(fast(latents), decode(model, latents, None)) < 1e-4
