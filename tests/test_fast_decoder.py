@@ -118,3 +118,33 @@ def test_the_piper_voice(joe_folder: Path) -> None:
         for frames in (90, 481):
             latents = torch.randn(1, model.config.flow_size, frames) * 0.8
             assert max_diff(fast(latents), decode(model, latents, None)) < 1e-4
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.667])
+def test_padded_text_and_frames_give_the_same_latents(noise: float, joe_folder: Path) -> None:
+    """latent_frames pads to BUCKET and masks, as VITS pads a batch: same frames, same values,
+    and the same seeded noise as without padding."""
+    from ttsd.engines.vits_forward import latent_frames
+    from ttsd.speak import open_engine
+
+    engine = open_engine(joe_folder)
+    for text in ("Hi.", "Turn on the kitchen lights.", "The quick brown fox jumps over the lazy dog, twice."):
+        ids = torch.tensor([engine.phoneme_ids(text)[0]])
+        assert ids.shape[1] % 32, "pick texts whose length is not already a multiple of the bucket"
+        with torch.inference_mode():
+            plain, padded = (latent_frames(engine.model, ids, noise_scale=noise, noise_scale_duration=0.8 * bool(noise),
+                                           length_scale=1.0, generator=torch.Generator().manual_seed(5),
+                                           bucket=bucket)[0] for bucket in (1, 32))
+        assert max_diff(padded, plain) < 1e-3, text
+
+
+def test_padding_with_a_multi_speaker_hf_model() -> None:
+    from ttsd.engines.vits_forward import latent_frames
+
+    model = tiny_model(num_speakers=2, speaker_embedding_size=4)
+    ids = torch.randint(1, model.config.vocab_size, (1, 21))
+    with torch.inference_mode():
+        plain, padded = (latent_frames(model, ids, noise_scale=0.5, noise_scale_duration=0.5, length_scale=1.0,
+                                       speaker_id=1, generator=torch.Generator().manual_seed(2), bucket=bucket)[0]
+                         for bucket in (1, 32))
+    assert max_diff(padded, plain) < 1e-4

@@ -13,6 +13,13 @@ from torch import nn
 from transformers import VitsModel
 
 
+BUCKET = 32  # text and frame lengths are padded to a multiple of this (see latent_frames)
+
+
+def _padded(length: int, bucket: int) -> int:
+    return -(-length // bucket) * bucket if bucket > 1 else length
+
+
 def latent_frames(
     model: VitsModel,
     input_ids: torch.Tensor,
@@ -22,26 +29,39 @@ def latent_frames(
     length_scale: float,
     speaker_id: int | None = None,
     generator: torch.Generator | None = None,
+    bucket: int = BUCKET,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text ids ``(1, T)`` -> decoder input ``(1, flow_size, frames)`` and the speaker embedding."""
+    """Text ids ``(1, T)`` -> decoder input ``(1, flow_size, frames)`` and the speaker embedding.
+
+    The text and the frames are padded to a multiple of ``bucket`` and masked, exactly as VITS
+    pads a batch: the result is the same (noise included: it is drawn for the real length), but
+    oneDNN sees a few dozen shapes instead of one per sentence length, so its kernel cache (~1 MB
+    and tens of ms per new shape) stays bounded. ``bucket=1`` turns padding off.
+    """
     config = model.config
-    mask = torch.ones(1, 1, input_ids.shape[1], dtype=torch.float32)
+    length = input_ids.shape[1]
+    padded = _padded(length, bucket)
+    mask = torch.zeros(1, 1, padded, dtype=torch.float32)
+    mask[..., :length] = 1.0
+    if padded > length:
+        input_ids = torch.nn.functional.pad(input_ids, (0, padded - length), value=int(config.pad_token_id or 0))
     speaker = None
     if config.num_speakers > 1:
         sid = torch.tensor([speaker_id or 0], dtype=torch.long)
         speaker = model.embed_speaker(sid).unsqueeze(-1)
 
-    encoded = model.text_encoder(input_ids=input_ids, padding_mask=mask.transpose(1, 2), return_dict=True)
+    encoded = model.text_encoder(input_ids=input_ids, padding_mask=mask.transpose(1, 2),
+                                 attention_mask=mask[:, 0].long() if padded > length else None, return_dict=True)
     hidden = encoded.last_hidden_state.transpose(1, 2)
-    means = encoded.prior_means.transpose(1, 2)
-    log_vars = encoded.prior_log_variances.transpose(1, 2)
+    means = encoded.prior_means.transpose(1, 2)[..., :length]
+    log_vars = encoded.prior_log_variances.transpose(1, 2)[..., :length]
 
     predictor = model.duration_predictor
     if config.use_stochastic_duration_prediction:
-        log_duration = _sdp_reverse(predictor, hidden, mask, speaker, noise_scale_duration, generator)
+        log_duration = _sdp_reverse(predictor, hidden, mask, speaker, noise_scale_duration, generator, length)
     else:
         log_duration = predictor(hidden, mask, speaker)
-    duration = torch.ceil(torch.exp(log_duration) * mask * length_scale)  # (1, 1, T)
+    duration = torch.ceil(torch.exp(log_duration[..., :length]) * length_scale)  # (1, 1, T)
     frames = duration.flatten().long()
     # Expanding each text position by its duration is what VITS's monotonic path matmul does.
     means = torch.repeat_interleave(means, frames, dim=2)
@@ -51,9 +71,13 @@ def latent_frames(
         log_vars = torch.zeros_like(means)
     noise = torch.randn(means.shape, generator=generator) if noise_scale else torch.zeros_like(means)
     prior = means + noise * torch.exp(log_vars) * noise_scale
-    out_mask = torch.ones(1, 1, prior.shape[2])
+    count = prior.shape[2]
+    frames_padded = _padded(count, bucket)
+    out_mask = torch.zeros(1, 1, frames_padded)
+    out_mask[..., :count] = 1.0
+    prior = torch.nn.functional.pad(prior, (0, frames_padded - count))
     latents = model.flow(prior, out_mask, speaker, reverse=True)
-    return latents, speaker
+    return latents[..., :count], speaker
 
 
 def _sdp_reverse(
@@ -63,8 +87,10 @@ def _sdp_reverse(
     speaker: torch.Tensor | None,
     noise_scale: float,
     generator: torch.Generator | None,
+    length: int | None = None,
 ) -> torch.Tensor:
-    """The stochastic duration predictor's reverse pass (transformers' code, with our RNG)."""
+    """The stochastic duration predictor's reverse pass (transformers' code, with our RNG).
+    ``length``: real positions of a padded input; noise is drawn for those only."""
     inputs = predictor.conv_pre(hidden)
     if speaker is not None:
         inputs = inputs + predictor.cond(speaker)
@@ -72,8 +98,9 @@ def _sdp_reverse(
     inputs = predictor.conv_proj(inputs) * mask
     flows = list(reversed(predictor.flows))
     flows = flows[:-2] + [flows[-1]]  # VITS never uses the first ConvFlow at inference
-    shape = (1, 2, inputs.shape[2])
-    latents = torch.randn(shape, generator=generator) * noise_scale if noise_scale else torch.zeros(shape)
+    real = inputs.shape[2] if length is None else length
+    latents = torch.randn((1, 2, real), generator=generator) * noise_scale if noise_scale else torch.zeros(1, 2, real)
+    latents = torch.nn.functional.pad(latents, (0, inputs.shape[2] - real))
     for flow in flows:
         latents = torch.flip(latents, [1])
         latents, _ = flow(latents, mask, global_conditioning=inputs, reverse=True)
