@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from transformers import VitsModel
 
-
 BUCKET = 32  # text and frame lengths are padded to a multiple of this (see latent_frames)
 
 
