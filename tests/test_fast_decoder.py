@@ -148,3 +148,13 @@ def test_padding_with_a_multi_speaker_hf_model() -> None:
                                        speaker_id=1, generator=torch.Generator().manual_seed(2), bucket=bucket)[0]
                          for bucket in (1, 32))
     assert max_diff(padded, plain) < 1e-4
+
+
+def test_a_receptive_field_wider_than_the_windows_decodes_whole() -> None:
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config)
+    fast.radius = WIDTHS[-1]
+    with torch.inference_mode():
+        latents = torch.randn(1, model.config.flow_size, 900)
+        assert fast.plan(900) == [(0, 900, 0, 900)]
+        assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) < 1e-5
