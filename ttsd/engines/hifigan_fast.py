@@ -113,8 +113,7 @@ class FastHifiGan:
         self.fused = _fused_ops_work() if fused is None else fused
         self.slope = float(config.leaky_relu_slope)
         self.kernels = len(config.resblock_kernel_sizes)
-        self.rates = [int(r) for r in config.upsample_rates]
-        self.hop = math.prod(self.rates)
+        self.hop = math.prod(int(r) for r in config.upsample_rates)  # samples per latent frame
         self.pre = _Conv(decoder.conv_pre, fused=self.fused)
         self.cond = getattr(decoder, "cond", None)
         self.stages: list[tuple[_Conv, list[list[tuple[_Conv, ...]]]]] = []

@@ -34,8 +34,8 @@ def latent_frames(
 
     The text and the frames are padded to a multiple of ``bucket`` and masked, exactly as VITS
     pads a batch: the result is the same (noise included: it is drawn for the real length), but
-    oneDNN sees a few dozen shapes instead of one per sentence length, so its kernel cache (~1 MB
-    and tens of ms per new shape) stays bounded. ``bucket=1`` turns padding off.
+    oneDNN sees a few dozen shapes instead of one per sentence length, so its per-shape kernel
+    cache (memory and build time for every new shape) stays bounded. ``bucket=1`` turns padding off.
     """
     config = model.config
     length = input_ids.shape[1]
@@ -108,5 +108,6 @@ def _sdp_reverse(
 
 
 def decode(model: VitsModel, latents: torch.Tensor, speaker: torch.Tensor | None) -> torch.Tensor:
-    """Decoder input ``(1, flow_size, frames)`` -> waveform ``(samples,)`` in [-1, 1]."""
+    """Decoder input ``(1, flow_size, frames)`` -> waveform ``(samples,)`` in [-1, 1], by
+    transformers' own decoder: the reference ``hifigan_fast.FastHifiGan`` is tested against."""
     return model.decoder(latents, speaker).reshape(-1)
