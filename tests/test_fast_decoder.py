@@ -106,12 +106,14 @@ def test_falls_back_to_plain_convolutions_without_onednn_ops(monkeypatch: pytest
 
 
 def test_the_piper_voice(joe_folder: Path) -> None:
-    from ttsd.engines.vits_forward import decode
-    from ttsd.speak import open_engine
+    from transformers import AutoModel
 
-    engine = open_engine(joe_folder)
-    model = engine.model
-    fast = FastHifiGan(model.decoder, model.config)
+    from ttsd.engines import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
+    from ttsd.engines.vits_forward import decode
+    from ttsd.engines.vits_native import NativeVits
+
+    model = AutoModel.from_pretrained(str(joe_folder)).eval()
+    fast = NativeVits(joe_folder).decoder  # built from the safetensors file, not from the module
     with torch.inference_mode():
         for frames in (90, 481):
             latents = torch.randn(1, model.config.flow_size, frames) * 0.8
@@ -120,19 +122,18 @@ def test_the_piper_voice(joe_folder: Path) -> None:
 
 @pytest.mark.parametrize("noise", [0.0, 0.667])
 def test_padded_text_and_frames_give_the_same_latents(noise: float, joe_folder: Path) -> None:
-    """latent_frames pads to BUCKET and masks, as VITS pads a batch: same frames, same values,
+    """The serving path pads to BUCKET and masks, as VITS pads a batch: same frames, same values,
     and the same seeded noise as without padding."""
-    from ttsd.engines.vits_forward import latent_frames
     from ttsd.speak import open_engine
 
     engine = open_engine(joe_folder)
     for text in ("Hi.", "Turn on the kitchen lights.", "The quick brown fox jumps over the lazy dog, twice."):
-        ids = torch.tensor([engine.phoneme_ids(text)[0]])
-        assert ids.shape[1] % 32, "pick texts whose length is not already a multiple of the bucket"
+        ids = engine.phoneme_ids(text)[0]
+        assert len(ids) % 32, "pick texts whose length is not already a multiple of the bucket"
         with torch.inference_mode():
-            plain, padded = (latent_frames(engine.model, ids, noise_scale=noise, noise_scale_duration=0.8 * bool(noise),
-                                           length_scale=1.0, generator=torch.Generator().manual_seed(5),
-                                           bucket=bucket)[0] for bucket in (1, 32))
+            plain, padded = (engine.model.latent_frames(ids, noise_scale=noise, noise_scale_duration=0.8 * bool(noise),
+                                                        length_scale=1.0, generator=torch.Generator().manual_seed(5),
+                                                        bucket=bucket)[0] for bucket in (1, 32))
         assert max_diff(padded, plain) < 1e-3, text
 
 

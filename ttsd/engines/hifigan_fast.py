@@ -24,7 +24,7 @@ as it is decoded, and can start with a short first window.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -52,16 +52,18 @@ def _fused_ops_work() -> bool:
 
 
 class _Conv:
-    """One convolution's weights in channels-last 2-D form, with fused and plain entry points."""
+    """One convolution's weights in channels-last 2-D form, with fused and plain entry points.
+    ``weight`` is in torch's layout: (out, in, k), or (in, out, k) when ``transposed``."""
 
-    def __init__(self, conv: nn.Module, scale: float = 1.0, fused: bool = True) -> None:
-        weight = conv.weight.detach().float() * scale
-        self.transposed = isinstance(conv, nn.ConvTranspose1d)
-        self.weight = weight.unsqueeze(2).contiguous(memory_format=CL)
-        self.bias = None if conv.bias is None else conv.bias.detach().float().clone()
-        self.padding = [0, int(conv.padding[0])]
-        self.dilation = [1, int(conv.dilation[0])]
-        self.stride = [1, int(conv.stride[0])]
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, padding: int, dilation: int = 1,
+                 stride: int = 1, transposed: bool = False, scale: float = 1.0, fused: bool = True) -> None:
+        self.transposed = transposed
+        self.weight = (weight.detach().float() * scale).unsqueeze(2).contiguous(memory_format=CL)
+        self.bias = None if bias is None else bias.detach().float().clone()
+        self.kernel = int(weight.shape[-1])
+        self.padding = [0, int(padding)]
+        self.dilation = [1, int(dilation)]
+        self.stride = [1, int(stride)]
         self.fused = fused
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, post: str = "none",
@@ -100,6 +102,21 @@ class _Conv:
         return acc.add_(self(x))
 
 
+Take = Callable[[str, tuple[int, ...]], torch.Tensor]  # (state-dict name, expected shape) -> tensor
+
+
+def _module_source(decoder: nn.Module) -> Take:
+    """``take`` over a torch decoder module: its (weight-norm-applied) tensors by name."""
+    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        module_name, _, attr = name.rpartition(".")
+        value = getattr(decoder.get_submodule(module_name), attr)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"decoder {name} is {tuple(value.shape)}, the config says {shape}")
+        return value.detach()
+
+    return take
+
+
 def _zero_tail(x: torch.Tensor, valid: int) -> torch.Tensor:
     if valid < x.shape[-1]:
         x[..., valid:].zero_()
@@ -109,43 +126,61 @@ def _zero_tail(x: torch.Tensor, valid: int) -> torch.Tensor:
 class FastHifiGan:
     """``VitsHifiGan`` (ResBlock1 or Piper's ResBlock2) as windowed channels-last convolutions."""
 
-    def __init__(self, decoder: nn.Module, config: Any, *, fused: bool | None = None) -> None:
+    def __init__(self, decoder: nn.Module | Take, config: Any, *, fused: bool | None = None) -> None:
+        """``decoder``: transformers' ``VitsHifiGan`` (or ttsd's Piper variant), or a function
+        ``take(name, shape)`` returning its tensors by state-dict name with weight norm folded
+        (``vits_native``). The geometry (kernels, strides, dilations) comes from ``config``."""
+        take = _module_source(decoder) if isinstance(decoder, nn.Module) else decoder
         self.fused = _fused_ops_work() if fused is None else fused
         self.slope = float(config.leaky_relu_slope)
         self.kernels = len(config.resblock_kernel_sizes)
         self.hop = math.prod(int(r) for r in config.upsample_rates)  # samples per latent frame
-        self.pre = _Conv(decoder.conv_pre, fused=self.fused)
-        self.cond = getattr(decoder, "cond", None)
+        resblock2 = str(getattr(config, "resblock", "1")) == "2"
+        channels = int(config.upsample_initial_channel)
+
+        def conv(name: str, out: int, inp: int, kernel: int, dilation: int = 1, scale: float = 1.0,
+                 bias: bool = True) -> _Conv:
+            return _Conv(take(f"{name}.weight", (out, inp, kernel)), take(f"{name}.bias", (out,)) if bias else None,
+                         padding=(kernel - 1) * dilation // 2, dilation=dilation, scale=scale, fused=self.fused)
+
+        self.pre = conv("conv_pre", channels, int(config.flow_size), 7)
+        self.cond: tuple[torch.Tensor, torch.Tensor] | None = None
+        if int(config.speaker_embedding_size):
+            e = int(config.speaker_embedding_size)
+            self.cond = (take("cond.weight", (channels, e, 1))[:, :, 0], take("cond.bias", (channels,)))
         self.stages: list[tuple[_Conv, list[list[tuple[_Conv, ...]]]]] = []
-        for i, up in enumerate(decoder.upsampler):
+        kernel_sizes = [int(k) for k in config.resblock_kernel_sizes]
+        dilations = [[int(d) for d in ds] for ds in config.resblock_dilation_sizes]
+        for i, (rate, size) in enumerate(zip(config.upsample_rates, config.upsample_kernel_sizes, strict=True)):
+            rate, size, out = int(rate), int(size), channels // 2
             # stage i > 0 gets the previous stage's residual-block sum: its 1/n is folded in here
-            upsample = _Conv(up, 1.0 if i == 0 else 1.0 / self.kernels, fused=self.fused)
+            upsample = _Conv(take(f"upsampler.{i}.weight", (channels, out, size)), take(f"upsampler.{i}.bias", (out,)),
+                             padding=(size - rate) // 2, stride=rate, transposed=True,
+                             scale=1.0 if i == 0 else 1.0 / self.kernels, fused=self.fused)
+            channels = out
             blocks = []
-            for block in decoder.resblocks[i * self.kernels:(i + 1) * self.kernels]:
-                if hasattr(block, "convs1"):  # ResBlock1: dilated conv, leaky ReLU, plain conv
-                    steps = [(_Conv(a, fused=self.fused), _Conv(b, fused=self.fused))
-                             for a, b in zip(block.convs1, block.convs2, strict=True)]
-                else:  # ResBlock2: one dilated conv per step
-                    steps = [(_Conv(c, fused=self.fused),) for c in block.convs]
+            for j, (k, ds) in enumerate(zip(kernel_sizes, dilations, strict=True)):
+                name = f"resblocks.{i * self.kernels + j}"
+                if resblock2:  # one dilated conv per step
+                    steps = [(conv(f"{name}.convs.{m}", out, out, k, d),) for m, d in enumerate(ds)]
+                else:  # ResBlock1: dilated conv, leaky ReLU, plain conv
+                    steps = [(conv(f"{name}.convs1.{m}", out, out, k, d), conv(f"{name}.convs2.{m}", out, out, k))
+                             for m, d in enumerate(ds)]
                 blocks.append(steps)
             self.stages.append((upsample, blocks))
-        self.post = _Conv(decoder.conv_post, 1.0 / self.kernels, fused=self.fused)
-        self.radius = self._receptive_radius(decoder)
+        self.post = conv("conv_post", 1, channels, 7, scale=1.0 / self.kernels, bias=False)
+        self.radius = self._receptive_radius()
 
-    @staticmethod
-    def _receptive_radius(decoder: nn.Module) -> int:
+    def _receptive_radius(self) -> int:
         """Latent frames on each side that can influence one output sample (an upper bound)."""
-        def half(conv: nn.Module) -> int:
-            return (int(conv.kernel_size[0]) - 1) * int(conv.dilation[0]) // 2 + 1
+        def half(conv: _Conv) -> int:
+            return (conv.kernel - 1) * conv.dilation[1] // 2 + 1
 
-        kernels = len(decoder.resblocks) // len(decoder.upsampler)
-        radius = half(decoder.conv_post)
-        for i in reversed(range(len(decoder.upsampler))):
-            blocks = decoder.resblocks[i * kernels:(i + 1) * kernels]
-            radius += max(sum(half(c) for c in b.modules() if isinstance(c, nn.Conv1d)) for b in blocks)
-            up = decoder.upsampler[i]
-            radius = math.ceil((radius + int(up.kernel_size[0])) / int(up.stride[0]))
-        return radius + half(decoder.conv_pre)
+        radius = half(self.post)
+        for upsample, blocks in reversed(self.stages):
+            radius += max(sum(half(c) for step in steps for c in step) for steps in blocks)
+            radius = math.ceil((radius + upsample.kernel) / upsample.stride[1])
+        return radius + half(self.pre)
 
     # -- one window -------------------------------------------------------------------------------
     def _window(self, latents: torch.Tensor, valid: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -218,7 +253,8 @@ class FastHifiGan:
         """``(1, C, frames)`` latents -> waveform pieces ``(samples,)``, in order."""
         bias = None
         if speaker is not None and self.cond is not None:
-            bias = self.cond(speaker).reshape(-1)  # the speaker's constant offset, folded into the bias
+            weight, offset = self.cond  # the speaker's constant offset, folded into the bias
+            bias = weight @ speaker.reshape(-1) + offset
             if self.pre.bias is not None:
                 bias = bias + self.pre.bias
         frames = latents.shape[-1]

@@ -1,4 +1,6 @@
-"""The ``vits`` engine: transformers' ``VitsModel`` on torch, CPU.
+"""The ``vits`` engine: VITS voices on torch, CPU, computed by ``vits_native`` from the folder's
+``config.json`` + ``model.safetensors`` (transformers' ``VitsModel`` is the reference it is tested
+against; serving does not import transformers).
 
 Serves two kinds of model folder:
 
@@ -17,24 +19,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.nn.utils import parametrize
-from transformers import AutoConfig, AutoModel, VitsModel, VitsTokenizer
-from transformers.utils import logging as hf_logging
+import numpy as np
+import torch
 
 from ..errors import LoadError, RequestError
 from ..manifest import Manifest
 from ..text import DEFAULT_MAX_CHARS, has_speech, split_sentences
-from . import piper_vits  # noqa: F401  (registers model_type "piper_vits" with AutoModel)
 from .base import Engine, SynthesisOptions
-from .hifigan_fast import FastHifiGan
+from .chars import CharTokenizer
 from .phonemes import EspeakPhonemes, PhonemeConfig
 from .piper_import import PHONEMES_FILE
-from .vits_forward import latent_frames
-
-hf_logging.disable_progress_bar()
-hf_logging.set_verbosity_error()
+from .vits_native import NativeVits
 
 
 class VitsEngine(Engine[list[int]]):
@@ -43,82 +38,44 @@ class VitsEngine(Engine[list[int]]):
     def __init__(self, folder: Path, manifest: Manifest, *, max_chars: int = DEFAULT_MAX_CHARS,
                  threads: int | None = None) -> None:
         super().__init__(folder, manifest, max_chars=max_chars, threads=threads)
-        self.model: VitsModel | None = None
+        self.model: NativeVits | None = None
         self._phonemes: EspeakPhonemes | None = None
-        self._tokenizer: VitsTokenizer | None = None
-        self._decoder: FastHifiGan | None = None
+        self._tokenizer: CharTokenizer | None = None
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        folder = str(self.folder)
         if not (self.folder / "model.safetensors").is_file():
             raise LoadError(f"{self.folder}: no model.safetensors (the vits engine loads safetensors only)")
-        try:
-            config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        except Exception as exc:
-            raise LoadError(f"{self.folder}: config.json is not a VITS config ({_short(exc)})") from exc
-        if config.model_type not in ("vits", "piper_vits"):
-            raise LoadError(f"{self.folder}: config.json model_type {config.model_type!r} is not vits")
+        model = NativeVits(self.folder)  # LoadError with the reason for a bad config or bad weights
+        config = model.config
         if int(config.sampling_rate) != self.manifest.sample_rate:
             raise LoadError(
                 f"{self.folder}: config.json says {config.sampling_rate} Hz but ttsd.json says "
                 f"{self.manifest.sample_rate} Hz"
             )
-        try:
-            model, info = AutoModel.from_pretrained(
-                folder, config=config, local_files_only=True, use_safetensors=True,
-                output_loading_info=True, dtype=torch.float32,
-            )
-        except Exception as exc:
-            text = str(exc).lower()
-            if "mismatch" in text or "size" in text and "shape" in text:
-                raise LoadError(f"{self.folder}: config.json does not match the weights ({_short(exc)})") from exc
-            raise LoadError(f"{self.folder}: weights do not load ({_short(exc)})") from exc
-        # A stock VitsModel lists training-only parts a checkpoint may omit; anything else missing
-        # would silently run with random weights, so it is an error.
-        missing = [k for k in info.get("missing_keys", []) if not k.startswith("posterior_encoder.")]
-        mismatched = info.get("mismatched_keys", [])
-        if missing or mismatched:
-            example = (missing or [str(m) for m in mismatched])[0]
-            raise LoadError(
-                f"{self.folder}: config.json does not match the weights "
-                f"({len(missing)} missing, {len(mismatched)} mismatched, e.g. {example})"
-            )
-        model.eval()
-        for module in model.modules():  # fold weight norm once instead of on every forward
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        for param in model.parameters():
-            if not torch.isfinite(param).all():
-                raise LoadError(f"{self.folder}: weights contain NaN or infinite values")
         if (self.folder / PHONEMES_FILE).is_file():
             self._phonemes = EspeakPhonemes(PhonemeConfig.read(self.folder / PHONEMES_FILE))
         elif (self.folder / "vocab.json").is_file():
-            try:
-                self._tokenizer = VitsTokenizer.from_pretrained(folder, local_files_only=True)
-            except Exception as exc:
-                raise LoadError(f"{self.folder}: tokenizer does not load ({_short(exc)})") from exc
+            self._tokenizer = CharTokenizer.from_folder(self.folder)
             if self._tokenizer.phonemize:
                 raise LoadError(
                     f"{self.folder}: this tokenizer phonemizes with the 'phonemizer' package, "
                     "which ttsd does not bundle; use a character (MMS-style) checkpoint"
                 )
             largest = max(self._tokenizer.encoder.values(), default=-1)
-            if largest >= model.config.vocab_size:
+            if largest >= config.vocab_size:
                 raise LoadError(
                     f"{self.folder}: vocab.json uses id {largest} but the model has only "
-                    f"{model.config.vocab_size} symbols"
+                    f"{config.vocab_size} symbols"
                 )
         else:
             raise LoadError(f"{self.folder}: neither {PHONEMES_FILE} (Piper voice) nor vocab.json (tokenizer)")
-        self._decoder = FastHifiGan(model.decoder, model.config)
         self.model = model
 
     def unload(self) -> None:
         self.model = None
-        self._decoder = None
         self._phonemes = None
         self._tokenizer = None
         gc.collect()
@@ -136,14 +93,14 @@ class VitsEngine(Engine[list[int]]):
         if self._tokenizer is None:
             return super().default_warmup()
         # A character model in any language: build words from letters the vocabulary has.
-        letters = [t for t in self._tokenizer.get_vocab() if len(t) == 1 and t.isalpha()]
+        letters = [t for t in self._tokenizer.vocab if len(t) == 1 and t.isalpha()]
         if not letters:
             return super().default_warmup()
         words = ["".join(letters[i : i + 4]) for i in range(0, min(len(letters), 24), 4)]
         return (" ".join(words),)
 
     # -- synthesis ----------------------------------------------------------------------------
-    def _require(self) -> VitsModel:
+    def _require(self) -> NativeVits:
         if self.model is None:
             raise LoadError(f"{self.folder}: engine used before load()")
         return self.model
@@ -158,7 +115,7 @@ class VitsEngine(Engine[list[int]]):
     def _tokenize(self, sentence: str) -> list[int]:
         tokenizer = self._tokenizer
         assert tokenizer is not None
-        vocab = tokenizer.get_vocab()
+        vocab = tokenizer.vocab
         text = tokenizer.normalize_text(sentence) if tokenizer.normalize else sentence
         if tokenizer.is_uroman and re.search(r"[^\x00-\x7F]", text):
             try:
@@ -168,11 +125,11 @@ class VitsEngine(Engine[list[int]]):
         elif unknown := sorted({c for c in text if unicodedata.category(c)[0] in "LN" and c not in vocab}):
             shown = ", ".join(repr(c) for c in unknown[:8])
             raise RequestError(f"the voice cannot speak these characters: {shown}")
-        ids = tokenizer(sentence, return_tensors=None)["input_ids"]
-        if any(i is None or i >= self._require().config.vocab_size for i in ids):
+        ids = tokenizer.encode(sentence)
+        if any(i >= self._require().config.vocab_size for i in ids):
             raise RequestError("the voice cannot speak some characters of this text")
-        pad = tokenizer.pad_token_id if tokenizer.add_blank else None
-        if not has_speech(sentence) or all(i in (pad, tokenizer.unk_token_id) for i in ids):
+        blank = tokenizer.blank_id if tokenizer.add_blank else None
+        if not has_speech(sentence) or all(i in (blank, tokenizer.unk_token_id) for i in ids):
             return []
         return list(ids)
 
@@ -203,13 +160,11 @@ class VitsEngine(Engine[list[int]]):
         noise_w = config.noise_scale_duration if options.noise_scale_duration is None else options.noise_scale_duration
         length_scale = (1.0 / float(config.speaking_rate)) / options.speed
         with torch.inference_mode():
-            latents, speaker = latent_frames(
-                model, torch.tensor([unit], dtype=torch.long),
-                noise_scale=noise, noise_scale_duration=noise_w, length_scale=length_scale,
+            latents, speaker = model.latent_frames(
+                unit, noise_scale=noise, noise_scale_duration=noise_w, length_scale=length_scale,
                 speaker_id=self._speaker_id(options), generator=generator,
             )
-            assert self._decoder is not None
-            return self._decoder(latents, speaker).numpy().astype(np.float32)
+            return model.decoder(latents, speaker).numpy().astype(np.float32)
 
     def render_ids(self, ids: list[int], options: SynthesisOptions | None = None) -> np.ndarray:
         """Raw model output for given ids, without normalisation (for conformance tests/benches)."""
