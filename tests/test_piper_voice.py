@@ -97,7 +97,7 @@ def test_loads_with_plain_automodel(joe_folder: Path) -> None:
 def test_speech_is_plausible(joe_engine) -> None:  # type: ignore[no-untyped-def]
     text = "The quick brown fox jumps over the lazy dog. Then it sleeps."
     parts = list(joe_engine.synthesize_stream(text, SynthesisOptions(seed=1)))
-    assert len(parts) == 2  # one chunk per sentence, for streaming
+    assert len(parts) == 2  # one chunk per sentence unless pieces are asked for
     audio = joe_engine.synthesize(text, SynthesisOptions(seed=1))
     assert audio.sample_rate == 22050
     assert 2.5 < audio.duration < 8.0
@@ -120,3 +120,22 @@ def test_seed_makes_output_repeatable(joe_engine) -> None:  # type: ignore[no-un
 
 def test_warmup_passes_on_the_real_voice(joe_engine) -> None:  # type: ignore[no-untyped-def]
     joe_engine.warmup()
+
+
+def test_streaming_in_pieces_is_the_same_audio_scaled_by_the_warm_up_gain(joe_folder: Path) -> None:
+    from ttsd.speak import open_engine
+
+    engine = open_engine(joe_folder)
+    text = "Every morning, the old lighthouse keeper climbed the narrow stairs to check the lamp. He smiled."
+    quiet = SynthesisOptions(noise_scale=0, noise_scale_duration=0, sentence_pause=0.1)
+    # Not warmed up: no gain is known, so pieces fall back to whole, peak-normalised sentences.
+    assert len(list(engine.synthesize_stream(text, quiet, pieces=True))) == 2
+    engine.warmup()
+    assert engine.stream_gain is not None and 1.0 < engine.stream_gain < 4.0
+    pieces = list(engine.synthesize_stream(text, quiet, pieces=True))
+    assert len(pieces) >= 4 and 0.1 < pieces[0].duration < 0.25  # about 0.2 s first, then growing windows
+    raw = engine.synthesize(text, SynthesisOptions(noise_scale=0, noise_scale_duration=0, sentence_pause=0.1,
+                                                   normalize=False)).samples
+    joined = np.concatenate([p.samples for p in pieces])
+    assert joined.shape == raw.shape
+    assert np.abs(joined - np.clip(raw * engine.stream_gain, -1, 1)).max() < 1e-5

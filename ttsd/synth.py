@@ -38,7 +38,7 @@ class Job:
     options: SynthesisOptions
     lease: Lease
     route: str
-    on_chunk: ChunkSink | None = None  # streaming: called on the worker thread per sentence
+    on_chunk: ChunkSink | None = None  # streaming: called on the worker thread per piece of audio
     cancel: threading.Event = field(default_factory=threading.Event)
     accepted: float = field(default_factory=time.monotonic)
 
@@ -51,13 +51,19 @@ class Result:
     queued_seconds: float
 
 
-def check_chunk(chunk: Audio) -> None:
-    """A model that starts producing NaN or silence fails the request (and counts against the
-    version, for auto-rollback)."""
+def check_chunk(chunk: Audio) -> float:
+    """A model that starts producing NaN fails the request (and counts against the version, for
+    auto-rollback). Returns the chunk's peak, for ``check_loudness``."""
     samples = chunk.samples
     if not np.all(np.isfinite(samples)):
         raise SynthesisError("the voice produced invalid audio (NaN or infinite samples)")
-    if len(samples) and float(np.max(np.abs(samples))) < 1e-4:
+    return float(np.max(np.abs(samples))) if len(samples) else 0.0
+
+
+def check_loudness(peak: float) -> None:
+    """A request whose whole audio is silent fails the same way. Checked over the request, not per
+    chunk: a streamed piece of a sentence may legitimately be a quiet moment."""
+    if peak < 1e-4:
         raise SynthesisError("the voice produced silence")
 
 
@@ -99,16 +105,18 @@ class SynthesisPool:
             if job.cancel.is_set():
                 raise Cancelled()
             chunks: list[Audio] = []
-            seconds = 0.0
-            for chunk in job.lease.engine.synthesize_stream(job.text, job.options):
+            seconds = peak = 0.0
+            # Streamed jobs take pieces of sentences as soon as the decoder has them.
+            for chunk in job.lease.engine.synthesize_stream(job.text, job.options, pieces=job.on_chunk is not None):
                 if job.cancel.is_set():
                     raise Cancelled()
-                check_chunk(chunk)
+                peak = max(peak, check_chunk(chunk))
                 seconds += chunk.duration
                 if job.on_chunk is not None:
                     job.on_chunk(chunk)
                 else:
                     chunks.append(chunk)
+            check_loudness(peak)
             ok = True
             model = job.lease.model
             self.metrics.audio_seconds.labels(model.name, model.version).inc(seconds)

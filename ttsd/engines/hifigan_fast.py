@@ -225,10 +225,17 @@ class FastHifiGan:
         return self.post(x, None, "tanh").reshape(-1)[: valid * self.hop]
 
     # -- whole latents ----------------------------------------------------------------------------
+    @property
+    def first_piece(self) -> int | None:
+        """Frames to keep from the first window when streaming: the narrowest window that still
+        keeps at least as much as its context (18 frames, about 0.2 s, for Piper's medium voices)."""
+        return next((w - self.radius for w in WIDTHS if w - self.radius >= max(8, self.radius)), None)
+
     def plan(self, frames: int, first: int | None = None) -> list[tuple[int, int, int, int]]:
         """Windows for ``frames`` latent frames: (start, end, keep_from, keep_to) in frames, where
         [start, end) is decoded and [keep_from, keep_to) of it is kept. ``first``: frames to keep
-        from the first window (a short first window for streaming)."""
+        from the first window (streaming); the windows after it grow 4x each up to the widest, so
+        each is decoded well before the audio already sent has played."""
         widest, r = WIDTHS[-1], self.radius
         if widest <= 2 * r:  # a decoder too deep for the windows: decode it whole, at its own length
             return [(0, frames, 0, frames)]
@@ -236,13 +243,16 @@ class FastHifiGan:
         keep = 0
         while keep < frames:
             start = max(0, keep - r)  # r frames of left context (none at the very start)
-            short_first = first is not None and not windows
-            if frames - start <= widest and not short_first:
+            if first is None:
+                limit = widest
+            elif not windows:  # the first window starts at frame 0: it needs right context only
+                limit = min(widest, max(1, first) + r)
+            else:
+                limit = min(widest, (max(1, first) + 2 * r) * 4 ** len(windows))
+            if frames - start <= limit:
                 keep_to = end = frames  # the rest fits in one window
             else:
-                keep_to = min(frames, start + widest - r)  # leave r frames of right context
-                if short_first:
-                    keep_to = min(keep_to, max(1, first or 1))
+                keep_to = min(frames, start + limit - r)  # leave r frames of right context
                 end = min(frames, keep_to + r)
             windows.append((start, end, keep, keep_to))
             keep = keep_to

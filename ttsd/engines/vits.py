@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ class VitsEngine(Engine[list[int]]):
             raise RequestError(f"speaker {index} out of range: this voice has {count} speaker(s)")
         return index if count > 1 else None
 
-    def _render(self, unit: list[int], options: SynthesisOptions) -> np.ndarray:
+    def _latents(self, unit: list[int], options: SynthesisOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
         model = self._require()
         config = model.config
         generator = None
@@ -160,11 +160,28 @@ class VitsEngine(Engine[list[int]]):
         noise_w = config.noise_scale_duration if options.noise_scale_duration is None else options.noise_scale_duration
         length_scale = (1.0 / float(config.speaking_rate)) / options.speed
         with torch.inference_mode():
-            latents, speaker = model.latent_frames(
+            return model.latent_frames(
                 unit, noise_scale=noise, noise_scale_duration=noise_w, length_scale=length_scale,
                 speaker_id=self._speaker_id(options), generator=generator,
             )
-            return model.decoder(latents, speaker).numpy().astype(np.float32)
+
+    def _render(self, unit: list[int], options: SynthesisOptions) -> np.ndarray:
+        latents, speaker = self._latents(unit, options)
+        with torch.inference_mode():
+            return self._require().decoder(latents, speaker).numpy().astype(np.float32)
+
+    def _render_pieces(self, unit: list[int], options: SynthesisOptions) -> Iterator[np.ndarray]:
+        """The sentence's text side at once, then the decoder window by window: the first piece
+        (about 0.2 s of audio) is out after the text encoder, flows and one small window."""
+        latents, speaker = self._latents(unit, options)
+        decoder = self._require().decoder
+        pieces = decoder.stream(latents, speaker, first=decoder.first_piece)
+        while True:
+            with torch.inference_mode():  # entered per piece: it must not leak into the caller between pieces
+                piece = next(pieces, None)
+            if piece is None:
+                return
+            yield piece.numpy().astype(np.float32)
 
     def render_ids(self, ids: list[int], options: SynthesisOptions | None = None) -> np.ndarray:
         """Raw model output for given ids, without normalisation (for conformance tests/benches)."""

@@ -177,7 +177,7 @@ class _Weights:
                 f"{self.where}: config.json does not match the weights ({name} is "
                 f"{tuple(value.shape)}, the config says {shape})"
             )
-        value = value.float()
+        value = value.to(torch.float32, copy=True)  # never a view: it would pin the whole file mapping
         if not torch.isfinite(value).all():
             raise LoadError(f"{self.where}: weights contain NaN or infinite values ({name})")
         return value
