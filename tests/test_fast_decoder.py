@@ -65,6 +65,44 @@ def test_windows_only_work_because_of_the_receptive_field() -> None:
         assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) > 1e-3
 
 
+def test_crops_only_work_because_of_the_margins() -> None:
+    """Control: cropping each stage to less than the later layers need changes the output."""
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config)
+    assert all(m > 0 for m in fast.margins)
+    fast.margins = [0] * len(fast.margins)
+    with torch.inference_mode():
+        latents = torch.randn(1, model.config.flow_size, 1500)
+        assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) > 1e-3
+
+
+@pytest.mark.parametrize("radius", [2, 14, 40])
+def test_plans_cover_every_frame_once_within_the_widths(radius: int) -> None:
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config)
+    fast.radius = radius
+
+    def cost(widths: list[int]) -> float:  # the decoder's own measure of work: kept frames + a fifth of context
+        return sum(w - 2 * radius + 0.2 * 2 * radius for w in widths)
+
+    for frames in (*range(1, 700, 3), 1500, 5000):
+        for first in (None, 1, 20):
+            windows = fast.plan(frames, first)
+            assert windows[0][2] == 0 and windows[-1][3] == frames
+            for (start, width, keep_from, keep_to), nxt in zip(windows, [*windows[1:], None], strict=True):
+                assert width in WIDTHS and start == keep_from - radius
+                assert 0 < keep_to - keep_from <= width - 2 * radius
+                assert nxt is None or nxt[2] == keep_to
+            if first is not None:
+                assert windows[0][3] == min(frames, first)
+            else:  # no costlier than widest windows and then the narrowest width that fits the rest
+                greedy, rest = [], frames
+                while rest > 0:
+                    greedy.append(next((w for w in WIDTHS if w - 2 * radius >= rest), WIDTHS[-1]))
+                    rest -= greedy[-1] - 2 * radius
+                assert cost([w for _, w, _, _ in windows]) <= cost(greedy) + 1e-9
+
+
 def test_streamed_pieces_join_to_the_whole() -> None:
     model = tiny_model()
     fast = FastHifiGan(model.decoder, model.config)
@@ -81,9 +119,9 @@ def test_only_a_fixed_set_of_shapes_reaches_the_convolutions(monkeypatch: pytest
     seen: set[int] = set()
     window = fast._window
 
-    def spy(latents: torch.Tensor, valid: int, bias: torch.Tensor | None) -> torch.Tensor:
+    def spy(latents: torch.Tensor, *args: object) -> torch.Tensor:
         seen.add(latents.shape[-1])
-        return window(latents, valid, bias)
+        return window(latents, *args)
 
     monkeypatch.setattr(fast, "_window", spy)
     with torch.inference_mode():

@@ -10,12 +10,16 @@ The decoder's averaging of its residual blocks is folded into the next layer's w
 
 **Bounded shapes.** oneDNN compiles and caches kernels per input shape: measured, each new sentence
 length costs ~100 ms of kernel creation and ~4 MB that is never returned. So the decoder only ever
-runs on a few fixed window widths (``WIDTHS``). A latent of ``L`` frames is decoded in windows of
-at most ``WIDTHS[-1]`` frames that overlap by the decoder's receptive field (``radius`` frames on
-each side, computed from the config); each window keeps only the samples its whole receptive field
-covers. A window that runs past the end is zero-padded to the next width, and every intermediate
-tensor is zeroed past the real end, which is exactly the zero padding the reference sees there.
-The output equals ``VitsHifiGan`` up to float rounding (tested to 1e-4).
+runs on a few fixed window widths (``WIDTHS``). A latent is decoded in windows that each keep a
+stretch of frames and see the decoder's receptive field (``radius`` frames, computed from the
+config) on both sides; frames outside the sentence are zeros, and every intermediate tensor is
+zeroed outside the sentence, which is exactly the zero padding the reference sees at its ends.
+After each upsampling stage a window is cropped to its kept frames plus what the later layers
+still need (``margins``): the context is mostly used up by the first stage, which is the cheapest,
+so the overlap costs a few percent instead of ``2 * radius / width``. The crops depend only on the
+width, so the shapes stay bounded. A sentence is covered by the widest windows and then the
+cheapest mix of widths for the rest. The output equals ``VitsHifiGan`` up to float rounding
+(tested to 1e-5).
 
 Windows also give streaming below the sentence: ``stream()`` yields each window's samples as soon
 as it is decoded, and can start with a short first window.
@@ -31,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Window widths in latent frames. Each width keeps its kernels and, while it runs, a working set
-# that grows with it (~100 MB at 384 frames for a Piper medium voice); measured over 300 varied
-# requests, these five widths peak at 515 MB against 718 MB for ten up to 384, at the same speed.
-WIDTHS = (32, 64, 128, 192, 256)
+# Window widths in latent frames. Each width keeps its own kernels and, while it runs, a working
+# set that grows with it (~100 MB at 384 frames for a Piper medium voice), so there are few and
+# none wide; 48 is the first-piece window of a streamed sentence for radius-14 voices.
+WIDTHS = (32, 48, 64, 128, 192, 256)
 CL = torch.channels_last
 
 
@@ -120,9 +124,12 @@ def _module_source(decoder: nn.Module) -> Take:
     return take
 
 
-def _zero_tail(x: torch.Tensor, valid: int) -> torch.Tensor:
-    if valid < x.shape[-1]:
-        x[..., valid:].zero_()
+def _zero_outside(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Zero ``x`` along time outside ``[lo, hi)`` (in place)."""
+    if lo > 0:
+        x[..., :min(lo, x.shape[-1])].zero_()
+    if hi < x.shape[-1]:
+        x[..., max(hi, 0):].zero_()
     return x
 
 
@@ -172,34 +179,44 @@ class FastHifiGan:
                 blocks.append(steps)
             self.stages.append((upsample, blocks))
         self.post = conv("conv_post", 1, channels, 7, scale=1.0 / self.kernels, bias=False)
-        self.radius = self._receptive_radius()
+        self.radius, self.margins = self._receptive_margins()
 
-    def _receptive_radius(self) -> int:
-        """Latent frames on each side that can influence one output sample (an upper bound)."""
+    def _receptive_margins(self) -> tuple[int, list[int]]:
+        """Latent frames on each side that can influence one output sample (an upper bound), and,
+        per stage, the samples on each side of its output that the layers after it still need."""
         def half(conv: _Conv) -> int:
             return (conv.kernel - 1) * conv.dilation[1] // 2 + 1
 
         radius = half(self.post)
-        for upsample, blocks in reversed(self.stages):
+        margins = [0] * len(self.stages)
+        for i in reversed(range(len(self.stages))):
+            margins[i] = radius
+            upsample, blocks = self.stages[i]
             radius += max(sum(half(c) for step in steps for c in step) for steps in blocks)
             radius = math.ceil((radius + upsample.kernel) / upsample.stride[1])
-        return radius + half(self.pre)
+        return radius + half(self.pre), margins
 
     # -- one window -------------------------------------------------------------------------------
-    def _window(self, latents: torch.Tensor, valid: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """Decode ``(1, C, width)`` latents whose first ``valid`` frames are real -> samples."""
-        s, padded = self.slope, valid < latents.shape[-1]
+    def _window(self, latents: torch.Tensor, lo: int, hi: int, bias: torch.Tensor | None,
+                context: int) -> torch.Tensor:
+        """Decode a ``(1, C, width)`` window whose frames ``[lo, hi)`` are real (the rest stand for
+        the zeros the reference pads a sentence with) -> the samples of its kept frames, ``[context,
+        width - context)``, in full even where they are padding.
+
+        Every intermediate tensor is zeroed outside the real frames, which is exactly the reference's
+        zero padding at a sentence's ends. After each stage the window is cropped to the kept frames
+        plus what the later layers still need on each side (``margins``): most of the overlap is in
+        the first, cheapest stage. The crops depend on the width only, so the shapes stay bounded."""
+        s, width = self.slope, latents.shape[-1]
         x = latents.unsqueeze(2).contiguous(memory_format=CL)
         x = self.pre(x, bias, "leaky_relu", s)  # the first upsampler only ever sees leaky_relu(x)
-        length = valid
-        last = len(self.stages) - 1
+        scale, offset, last = 1, 0, len(self.stages) - 1  # samples per frame here; frame 0 is at -offset
         for i, (upsample, blocks) in enumerate(self.stages):
-            if padded:
-                _zero_tail(x, length)
+            _zero_outside(x, lo * scale - offset, hi * scale - offset)
             u = upsample(x)
-            length *= upsample.stride[1]
-            if padded:
-                _zero_tail(u, length)
+            scale, offset = scale * upsample.stride[1], offset * upsample.stride[1]
+            real = (lo * scale - offset, hi * scale - offset)
+            _zero_outside(u, *real)
             shared = F.leaky_relu(u, s)  # every block's first step starts from leaky_relu(u)
             acc: torch.Tensor | None = None
             for steps in blocks:
@@ -207,14 +224,10 @@ class FastHifiGan:
                 for k, step in enumerate(steps):
                     final = k == len(steps) - 1
                     if len(step) == 2:  # ResBlock1: t = conv2(leaky_relu(conv1(t)))
-                        t = step[0](t, None, "leaky_relu", s)
-                        if padded:
-                            _zero_tail(t, length)
+                        t = _zero_outside(step[0](t, None, "leaky_relu", s), *real)
                     conv = step[-1]
                     if not final:
-                        h = conv.add(t, h)
-                        if padded:
-                            _zero_tail(h, length)
+                        h = _zero_outside(conv.add(t, h), *real)
                         t = F.leaky_relu(h, s)
                     elif acc is None:
                         acc = conv.add(t, h)
@@ -223,42 +236,71 @@ class FastHifiGan:
                         conv.add_into(acc, t)
             assert acc is not None
             x = F.leaky_relu_(acc, s if i < last else 0.01)  # HiFi-GAN's last leaky ReLU uses 0.01
-        if padded:
-            _zero_tail(x, length)
-        return self.post(x, None, "tanh").reshape(-1)[: valid * self.hop]
+            if context:  # keep the kept frames and the margin the later layers need
+                crop = context * scale - offset - self.margins[i]
+                x = x[..., crop:x.shape[-1] - crop]
+                offset += crop
+        _zero_outside(x, lo * scale - offset, hi * scale - offset)
+        start = context * scale - offset
+        return self.post(x, None, "tanh").reshape(-1)[start:start + (width - 2 * context) * self.hop]
 
     # -- whole latents ----------------------------------------------------------------------------
     @property
     def first_piece(self) -> int | None:
-        """Frames to keep from the first window when streaming: the narrowest window that still
-        keeps at least as much as its context (18 frames, about 0.2 s, for Piper's medium voices)."""
-        return next((w - self.radius for w in WIDTHS if w - self.radius >= max(8, self.radius)), None)
+        """Frames to keep from the first window when streaming: what the narrowest window keeps that
+        keeps at least as much as its context (36 frames, about 0.4 s, for Piper's medium voices)."""
+        return next((w - 2 * self.radius for w in WIDTHS if w - 2 * self.radius >= max(8, self.radius)), None)
+
+    def _covers(self) -> list[list[int]]:
+        """For each frame count up to two widest windows, the cheapest widths that cover it, cheapest
+        by relative work: every stage sees a window's kept frames, only the first (a fifth of the
+        work) also sees its context. Computed once per radius."""
+        r = self.radius
+        cached = getattr(self, "_cover_table", None)
+        if cached is not None and cached[0] == r:
+            return cached[1]
+        usable = [w for w in WIDTHS if w > 2 * r]
+        best: list[tuple[float, int]] = [(0.0, 0)]
+        for n in range(1, 2 * (usable[-1] - 2 * r) + 1):
+            best.append(min((best[max(0, n - (w - 2 * r))][0] + w - 2 * r + 0.2 * 2 * r, w) for w in usable))
+        covers: list[list[int]] = [[]]
+        for n in range(1, len(best)):
+            width = best[n][1]
+            covers.append([*covers[max(0, n - (width - 2 * r))], width])
+        self._cover_table = (r, covers)
+        return covers
 
     def plan(self, frames: int, first: int | None = None) -> list[tuple[int, int, int, int]]:
-        """Windows for ``frames`` latent frames: (start, end, keep_from, keep_to) in frames, where
-        [start, end) is decoded and [keep_from, keep_to) of it is kept. ``first``: frames to keep
-        from the first window (streaming); the windows after it grow 4x each up to the widest, so
-        each is decoded well before the audio already sent has played."""
-        widest, r = WIDTHS[-1], self.radius
-        if widest <= 2 * r:  # a decoder too deep for the windows: decode it whole, at its own length
+        """Windows for ``frames`` latent frames: (start, width, keep_from, keep_to) in frames. A window
+        decodes ``[start, start + width)`` (frames outside ``[0, frames)`` are zeros) and keeps
+        ``[keep_from, keep_to)``, with ``radius`` frames of context on each side. ``first``: frames
+        to keep from the first window (streaming); the windows after it grow 4x each up to the
+        widest, so each is decoded well before the audio already sent has played. Otherwise, and
+        for the rest: widest windows, then the cheapest cover of the last stretch (``_covers``)."""
+        r = self.radius
+        usable = [w for w in WIDTHS if w > 2 * r]
+        if not usable:  # a decoder too deep for the windows: decode it whole, at its own length
             return [(0, frames, 0, frames)]
+        widest = usable[-1]
         windows: list[tuple[int, int, int, int]] = []
         keep = 0
-        while keep < frames:
-            start = max(0, keep - r)  # r frames of left context (none at the very start)
-            if first is None:
-                limit = widest
-            elif not windows:  # the first window starts at frame 0: it needs right context only
-                limit = min(widest, max(1, first) + r)
-            else:
-                limit = min(widest, (max(1, first) + 2 * r) * 4 ** len(windows))
-            if frames - start <= limit:
-                keep_to = end = frames  # the rest fits in one window
-            else:
-                keep_to = min(frames, start + limit - r)  # leave r frames of right context
-                end = min(frames, keep_to + r)
-            windows.append((start, end, keep, keep_to))
+
+        def add(width: int, kept: int) -> None:
+            nonlocal keep
+            keep_to = min(frames, keep + kept)
+            windows.append((keep - r, width, keep, keep_to))
             keep = keep_to
+
+        if first is not None:
+            target = max(1, first) + 2 * r
+            add(next((w for w in usable if w >= target), widest), max(1, first))
+            while keep < frames and (target := 4 * target) < widest:
+                width = next(w for w in usable if w >= target)
+                add(width, width - 2 * r)
+        while frames - keep > 2 * (widest - 2 * r):
+            add(widest, widest - 2 * r)
+        for width in self._covers()[frames - keep] if keep < frames else []:
+            add(width, width - 2 * r)
         return windows
 
     def stream(self, latents: torch.Tensor, speaker: torch.Tensor | None = None,
@@ -271,13 +313,14 @@ class FastHifiGan:
             if self.pre.bias is not None:
                 bias = bias + self.pre.bias
         frames = latents.shape[-1]
-        for start, end, keep_from, keep_to in self.plan(frames, first):
-            width = next((w for w in WIDTHS if w >= end - start), end - start)
-            window = latents[..., start:end]
-            if width > end - start:
-                window = F.pad(window, (0, width - (end - start)))
-            samples = self._window(window, end - start, bias)
-            yield samples[(keep_from - start) * self.hop:(keep_to - start) * self.hop]
+        for start, width, keep_from, keep_to in self.plan(frames, first):
+            context = keep_from - start
+            lo, hi = max(0, -start), min(width, frames - start)
+            window = latents[..., max(0, start):start + hi]
+            if lo or hi < width:
+                window = F.pad(window, (lo, width - hi))
+            samples = self._window(window, lo, hi, bias, context)
+            yield samples[:(keep_to - keep_from) * self.hop]
 
     def __call__(self, latents: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
         pieces = list(self.stream(latents, speaker))
