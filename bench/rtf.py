@@ -18,7 +18,10 @@ Measures, in one run, for the built-in voice en_US-joe-medium:
   and the growth of RSS over the second half of the soak (RSS after the last request minus RSS
   after request N/2, ~0 when memory is flat); the JSON also has RSS after request 100 and at the end;
 * cold start: wall time of a fresh ``ttsd say "Hello there." -o x.wav`` against
-  ``python -m piper -m MODEL -f x.wav`` (text on stdin), with the built-in voice already converted.
+  ``python -m piper -m MODEL -f x.wav`` (text on stdin), with the built-in voice already converted;
+* arithmetic: the GFLOP per second of audio the voice itself needs (counted in a fresh subprocess,
+  ``rtf.py --child flops``), turned into each engine's arithmetic rate on both texts, against this
+  machine's float32 matrix-product rate: how close each runtime is to what the cores can do.
 
 Both engines use the voice's own defaults (noise_scale 0.667, noise_w 0.8, length_scale 1), the
 same number of threads (torch threads / ONNX Runtime intra-op threads), peak normalisation, and no
@@ -183,6 +186,53 @@ def child(engine: str, cache: Path, threads: int, soak_count: int) -> dict[str, 
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **soaked}
 
 
+def model_arithmetic(cache: Path) -> dict[str, Any]:
+    """Body of ``--child flops``: GFLOP per second of audio that the voice itself needs, counted by
+    torch's ``FlopCounterMode`` on ttsd's engine set up to do the reference's work and no more:
+    whole sentences decoded at their own length (no windows), no padding, plain convolutions (the
+    counter does not see oneDNN's fused ops). Matrix products and convolutions only (the rest is
+    a few percent). Same for any runtime, since piper runs the same network."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ttsd.engines import SynthesisOptions, hifigan_fast, vits_native
+    from ttsd.speak import open_engine
+    from ttsd.voices import builtin_model
+
+    hifigan_fast.WIDTHS = (1,)  # no window fits the receptive field: decode whole
+    hifigan_fast._fused_ops_work = lambda: False
+    vits_native.BUCKET = 1
+    engine = open_engine(builtin_model(cache))
+    options = SynthesisOptions(noise_scale=NOISE_SCALE, noise_scale_duration=NOISE_W,
+                               speed=1.0 / LENGTH_SCALE, sentence_pause=0.0)
+    result: dict[str, Any] = {}
+    for label, text in TEXTS.items():
+        with FlopCounterMode(display=False) as counter:
+            duration = engine.synthesize(text, options).duration
+        result[label] = {"gflop": counter.get_total_flops() / 1e9, "audio_s": duration,
+                         "gflop_per_audio_s": counter.get_total_flops() / 1e9 / duration}
+    return result
+
+
+def matmul_rate(threads: int, runs: int = 10) -> float:
+    """GFLOP/s of a float32 1024x1024 @ 1024x1024 matrix product at ``threads`` threads (median)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * 1024**3 / statistics.median(times) / 1e9
+
+
 def run_child(engine: str, cache: Path, threads: int, soak_count: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", engine, "--cache", str(cache), "--threads", str(threads),
            "--soak", str(soak_count)]
@@ -308,6 +358,12 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
         row(f"{label.capitalize()}: audio duration (s)", t["audio_s"], p["audio_s"], "{:.2f}")
         row(f"{label.capitalize()}: synthesis time (s)", t["seconds"], p["seconds"])
         row(f"{label.capitalize()}: real-time factor", t["rtf"], p["rtf"])
+    work = result["model_gflop"]
+    for label, per_engine in result["speed"].items():
+        t, p = per_engine["ttsd"], per_engine["piper"]
+        per_audio_s = work[label]["gflop_per_audio_s"]
+        row(f"{label.capitalize()}: the voice's arithmetic per second (GFLOP/s)",
+            per_audio_s / t["rtf"], per_audio_s / p["rtf"], "{:.0f}")
     t, p = result["first_audio"]["ttsd"], result["first_audio"]["piper"]
     row("Streamed 4 sentences: time to first audio (s)", t["first_s"], p["first_s"])
     row("Streamed 4 sentences: audio in the first chunk (s)", t["first_audio_s"], p["first_audio_s"], "{:.2f}")
@@ -323,6 +379,13 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
     row("Load time (s)", memory["ttsd"]["load_s"], memory["piper"]["load_s"], "{:.2f}")
     cold = result["cold_start_s"]
     row('Cold start, CLI "Hello there." (s)', cold["ttsd"], cold["piper"], "{:.2f}")
+    rate, per_audio_s = result["matmul_gflops"], work["paragraph"]["gflop_per_audio_s"]
+    piper_share = per_audio_s / result["speed"]["paragraph"]["piper"]["rtf"] / rate
+    lines += ["", (f"Arithmetic: the voice needs {per_audio_s:.2f} GFLOP per second of audio (matrix products and "
+                   "convolutions, counted on the paragraph with torch's FlopCounterMode, without ttsd's windows or "
+                   f"padding). A float32 1024x1024 matrix product runs at {rate:.0f} GFLOP/s here on "
+                   f"{args.threads} threads: piper does the paragraph's arithmetic at {100 * piper_share:.0f}% of "
+                   f"that; 0.8x piper's time would take {100 * piper_share / 0.8:.0f}%.")]
     lines += ["", ('Cold start: `ttsd say "Hello there." -o x.wav` vs `echo "Hello there." | python -m piper '
                    '-m en_US-joe-medium.onnx -f x.wav`, both at their default thread count, voice already converted.'),
               "",
@@ -341,7 +404,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or a temp dir)")
     parser.add_argument("--cold-runs", type=int, default=3, help="cold-start runs per CLI (default 3)")
     parser.add_argument("--soak", type=int, default=1000, help="varied requests in the memory soak (default 1000)")
-    parser.add_argument("--child", choices=["ttsd", "piper"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ttsd", "piper", "flops"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runs < 1 or args.threads < 1 or args.cold_runs < 1:
         parser.error("--runs, --threads and --cold-runs must be at least 1")
@@ -349,6 +412,9 @@ def main() -> None:
         parser.error("--soak must be at least 2")
     env_cache = os.environ.get("TTSD_CACHE")
     cache: Path = args.cache or (Path(env_cache) if env_cache else Path(tempfile.gettempdir()) / "ttsd-bench-cache")
+    if args.child == "flops":
+        print(json.dumps(model_arithmetic(cache)))
+        return
     if args.child:
         print(json.dumps(child(args.child, cache, args.threads, args.soak)))
         return
@@ -371,6 +437,9 @@ def main() -> None:
     result["speed"] = speed(engines, args.runs)
     print(f"first audio: {WARMUP_RUNS} warm-up + {args.runs} timed streams of 4 sentences per engine…", flush=True)
     result["first_audio"] = first_audio(engines, args.runs)
+    print("arithmetic: the voice's GFLOP per second of audio, and this machine's matrix-product rate…", flush=True)
+    result["matmul_gflops"] = matmul_rate(args.threads)
+    result["model_gflop"] = run_child("flops", cache, args.threads, args.soak)
     result["texts"] = {**TEXTS, "streamed": FOUR}
     result["load_average_end"] = os.getloadavg()
     print()
