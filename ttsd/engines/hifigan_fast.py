@@ -237,7 +237,7 @@ class FastHifiGan:
             assert acc is not None
             x = F.leaky_relu_(acc, s if i < last else 0.01)  # HiFi-GAN's last leaky ReLU uses 0.01
             if context:  # keep the kept frames and the margin the later layers need
-                crop = context * scale - offset - self.margins[i]
+                crop = max(0, context * scale - offset - self.margins[i])
                 x = x[..., crop:x.shape[-1] - crop]
                 offset += crop
         _zero_outside(x, lo * scale - offset, hi * scale - offset)
@@ -248,7 +248,7 @@ class FastHifiGan:
     @property
     def first_piece(self) -> int | None:
         """Frames to keep from the first window when streaming: what the narrowest window keeps that
-        keeps at least as much as its context (36 frames, about 0.4 s, for Piper's medium voices)."""
+        keeps at least as much as its context (20 frames, about 0.23 s, for Piper's medium voices)."""
         return next((w - 2 * self.radius for w in WIDTHS if w - 2 * self.radius >= max(8, self.radius)), None)
 
     def _covers(self) -> list[list[int]]:
