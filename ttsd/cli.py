@@ -23,7 +23,7 @@ EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
 
 # Set once `ttsd say` has spoken in-process and written its output. Tearing down an interpreter that
-# has torch loaded takes ~0.4 s on a 2-core box (a fifth of the cold start), so run() ends such a
+# has torch loaded took ~0.5 s on a 2-core box (a fifth of the cold start), so run() ends such a
 # process with os._exit once the output is on disk and stdio is flushed.
 _fast_exit = False
 
@@ -535,8 +535,11 @@ def run() -> None:
         if not _fast_exit:
             raise
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that went away, a closed stream: nothing to keep
+                pass
         os._exit(code)
 
 
