@@ -86,7 +86,7 @@ def test_plans_cover_every_frame_once_within_the_widths(radius: int) -> None:
         return sum(w - 2 * radius + 0.2 * 2 * radius for w in widths)
 
     for frames in (*range(1, 700, 3), 1500, 5000):
-        for first in (None, 1, 20):
+        for first in (None, 1, 20, 10_000):
             windows = fast.plan(frames, first)
             assert windows[0][2] == 0 and windows[-1][3] == frames
             for (start, width, keep_from, keep_to), nxt in zip(windows, [*windows[1:], None], strict=True):
@@ -94,7 +94,7 @@ def test_plans_cover_every_frame_once_within_the_widths(radius: int) -> None:
                 assert 0 < keep_to - keep_from <= width - 2 * radius
                 assert nxt is None or nxt[2] == keep_to
             if first is not None:
-                assert windows[0][3] == min(frames, first)
+                assert windows[0][3] == min(frames, first, WIDTHS[-1] - 2 * radius)
             else:  # no costlier than widest windows and then the narrowest width that fits the rest
                 greedy, rest = [], frames
                 while rest > 0:

@@ -293,7 +293,8 @@ class FastHifiGan:
 
         if first is not None:
             target = max(1, first) + 2 * r
-            add(next((w for w in usable if w >= target), widest), max(1, first))
+            width = next((w for w in usable if w >= target), widest)
+            add(width, min(max(1, first), width - 2 * r))
             while keep < frames and (target := 4 * target) < widest:
                 width = next(w for w in usable if w >= target)
                 add(width, width - 2 * r)
