@@ -40,7 +40,7 @@ def main() -> int:
         error = json.loads(response.read())["error"]
         print(f"ttsd said {response.status}: {error['message']}", file=sys.stderr)
         return 1
-    with open(args.out, "wb") as out:  # streamed: write each sentence as it arrives
+    with open(args.out, "wb") as out:  # streamed: write each piece as it arrives
         while chunk := response.read1(65536):
             out.write(chunk)
     print(f"{args.out}: voice {response.getheader('X-Ttsd-Voice')} {response.getheader('X-Ttsd-Version')}")

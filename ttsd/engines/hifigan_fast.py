@@ -180,6 +180,7 @@ class FastHifiGan:
             self.stages.append((upsample, blocks))
         self.post = conv("conv_post", 1, channels, 7, scale=1.0 / self.kernels, bias=False)
         self.radius, self.margins = self._receptive_margins()
+        self._cover_table: tuple[int, list[list[int]]] | None = None  # (radius, covers), see _covers
 
     def _receptive_margins(self) -> tuple[int, list[int]]:
         """Latent frames on each side that can influence one output sample (an upper bound), and,
@@ -251,18 +252,21 @@ class FastHifiGan:
         keeps at least as much as its context (20 frames, about 0.23 s, for Piper's medium voices)."""
         return next((w - 2 * self.radius for w in WIDTHS if w - 2 * self.radius >= max(8, self.radius)), None)
 
+    def window_cost(self, width: int) -> float:
+        """Relative work of one window: every stage sees its kept frames, only the first stage (about
+        a fifth of the work) also sees its context."""
+        return width - 2 * self.radius + 0.2 * 2 * self.radius
+
     def _covers(self) -> list[list[int]]:
-        """For each frame count up to two widest windows, the cheapest widths that cover it, cheapest
-        by relative work: every stage sees a window's kept frames, only the first (a fifth of the
-        work) also sees its context. Computed once per radius."""
+        """For each frame count up to two widest windows, the widths that cover it at the least
+        ``window_cost``. Computed once per radius."""
         r = self.radius
-        cached = getattr(self, "_cover_table", None)
-        if cached is not None and cached[0] == r:
-            return cached[1]
+        if self._cover_table is not None and self._cover_table[0] == r:
+            return self._cover_table[1]
         usable = [w for w in WIDTHS if w > 2 * r]
         best: list[tuple[float, int]] = [(0.0, 0)]
         for n in range(1, 2 * (usable[-1] - 2 * r) + 1):
-            best.append(min((best[max(0, n - (w - 2 * r))][0] + w - 2 * r + 0.2 * 2 * r, w) for w in usable))
+            best.append(min((best[max(0, n - (w - 2 * r))][0] + self.window_cost(w), w) for w in usable))
         covers: list[list[int]] = [[]]
         for n in range(1, len(best)):
             width = best[n][1]
