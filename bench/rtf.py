@@ -25,7 +25,11 @@ Measures, in one run, for the built-in voice en_US-joe-medium:
 
 Both engines use the voice's own defaults (noise_scale 0.667, noise_w 0.8, length_scale 1), the
 same number of threads (torch threads / ONNX Runtime intra-op threads), peak normalisation, and no
-pause between sentences. The machine may be shared and noisy: only the ttsd/piper ratios of one run
+pause between sentences. Processes that run ttsd's engine set glibc's malloc up the way every
+``ttsd`` process does (``ttsd.malloc.tune``: one arena, freed memory kept for reuse); the speed and
+first-audio runs share one process, so piper runs under the same settings there (ONNX Runtime
+keeps its own memory arena either way); piper's memory child keeps glibc's defaults, as piper's
+CLI does. The machine may be shared and noisy: only the ttsd/piper ratios of one run
 mean anything, not the absolute seconds.
 
 Run from the repository root::
@@ -408,6 +412,10 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=1000, help="varied requests in the memory soak (default 1000)")
     parser.add_argument("--child", choices=["ttsd", "piper", "flops"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child != "piper":  # as the `ttsd` program does, before any thread starts
+        from ttsd.malloc import tune
+
+        tune()
     if args.runs < 1 or args.threads < 1 or args.cold_runs < 1:
         parser.error("--runs, --threads and --cold-runs must be at least 1")
     if args.soak < 2:

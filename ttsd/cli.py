@@ -529,6 +529,9 @@ def builtin_cmd(cache: Path | None) -> None:
 
 def run() -> None:
     """The ``ttsd`` program: ``main`` with click's exit handling, plus the fast exit (``_fast_exit``)."""
+    from .malloc import tune
+
+    tune()  # before any thread starts: see ttsd.malloc
     try:
         main()
     except SystemExit as exc:

@@ -31,6 +31,7 @@ from .config import ServeConfig
 from .errors import ConfigError
 from .fsutil import fsync_dir
 from .http_api import build_app
+from .malloc import describe, tune
 from .manager import ModelManager, ModelVersion, Policy
 from .metrics import Metrics
 from .reloader import ModelWatcher
@@ -125,6 +126,7 @@ def seed_models(models: Path, cache: Path) -> None:
 
 class Daemon:
     def __init__(self, config: ServeConfig, notifier: Notifier | None = None) -> None:
+        self.malloc = tune()  # `ttsd` did this already; here for a Daemon built in-process
         self.config = config
         self.notifier = notifier or Notifier()
         self.metrics = Metrics.create()
@@ -265,6 +267,7 @@ class Daemon:
         voices = ", ".join(f"{v['name']} {v['active']}" for v in self.manager.snapshot() if v["active"])
         where = str(cfg.socket) + (f" and {cfg.listen[0]}:{cfg.listen[1]}" if cfg.listen else "")
         log.info("ttsd %s serving on %s (voices: %s)", __version__, where, voices or "none")
+        log.info("malloc: %s", describe(self.malloc))
         self._serving = True
         if self.manager.ready():
             self.notifier.ready(f"serving {voices}")

@@ -1,0 +1,64 @@
+"""ttsd.malloc: a worker thread that frees and re-allocates large blocks reuses the memory instead of
+faulting it back in, which is what a synthesis does with its decoder windows; the user's glibc
+settings win. Each case runs in a fresh process, because malloc settings are per process."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning is glibc-only")
+
+# Four 8 MiB blocks alive at once, then freed, six times over, on a thread (as the daemon's workers
+# do): the page faults of each round.
+PROBE = """
+import json, resource, threading
+from ttsd.malloc import tune
+applied = tune()
+faults = []
+def work():
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        blocks = [bytearray(8 << 20) for _ in range(4)]
+        del blocks
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(json.dumps({"applied": applied, "faults": faults}))
+"""
+
+PAGES = 4 * (8 << 20) // 4096  # pages in one round's blocks
+
+
+def probe(**env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "TTSD_MALLOC")}
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    return json.loads(out)
+
+
+def test_tuned_process_reuses_freed_blocks() -> None:
+    result = probe()
+    assert result["applied"] == {"arena_max": 1, "mmap_threshold": 32 << 20, "trim_threshold": 128 << 20}
+    assert result["faults"][0] >= PAGES // 2  # the first round maps its memory...
+    assert max(result["faults"][1:]) < PAGES // 20  # ...and the later rounds reuse it
+
+
+def test_system_defaults_fault_every_round() -> None:
+    """Control: without the settings the same probe faults its blocks in again every round, so the
+    test above can fail."""
+    result = probe(TTSD_MALLOC="system")
+    assert result["applied"] == {}
+    assert min(result["faults"][1:]) > PAGES // 2
+
+
+def test_user_settings_are_left_alone() -> None:
+    result = probe(MALLOC_ARENA_MAX="4", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")
+    assert result["applied"] == {"mmap_threshold": 32 << 20}
