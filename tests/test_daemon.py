@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 import socket
 import stat
 import subprocess
@@ -39,6 +40,12 @@ def test_empty_models_dir_is_seeded_and_served(daemon: Daemon) -> None:
     assert (daemon.root / "models" / "en_US-joe-medium-1" / "ttsd.json").is_file()
     assert daemon.request("GET", "/healthz").status == 200
     assert daemon.request("GET", "/readyz").status == 200
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning is glibc-only")
+def test_daemon_runs_with_ttsd_malloc_settings(daemon: Daemon) -> None:
+    """The daemon process set glibc's malloc up before its threads started (ttsd.malloc), and says so."""
+    assert "malloc: arena_max=1 mmap_threshold=32MiB trim_threshold=128MiB" in daemon.logs(), daemon.logs()
 
 
 def test_socket_is_private(daemon: Daemon) -> None:

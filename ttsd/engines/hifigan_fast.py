@@ -4,7 +4,7 @@ transformers' ``VitsHifiGan`` runs 1-D convolutions on (batch, channels, time) t
 oneDNN is much faster on *channels-last 2-D* convolutions (measured on 2 cores: 180-200 GFLOP/s
 against 70-120 for the same 1-D convolutions), so this decoder keeps the same weights as
 (out, in, 1, k) channels-last tensors and, where torch has them, uses oneDNN's fused convolutions
-(``torch.ops.mkldnn._convolution_pointwise``: conv + leaky ReLU / tanh / residual add in one pass).
+(``torch.ops.mkldnn._convolution_pointwise``: conv + leaky ReLU / residual add in one pass).
 The decoder's averaging of its residual blocks is folded into the next layer's weights
 (``leaky_relu(x / n) == leaky_relu(x) / n``).
 
@@ -88,8 +88,6 @@ class _Conv:
         y = F.conv2d(x, self.weight, bias, padding=self.padding, dilation=self.dilation)
         if post == "leaky_relu":
             return F.leaky_relu_(y, slope)
-        if post == "tanh":
-            return y.tanh_()
         return y
 
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
