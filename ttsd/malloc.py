@@ -37,7 +37,7 @@ M_ARENA_MAX = -8
 
 MiB = 1024 * 1024
 
-# (mallopt parameter, value, environment variable, GLIBC_TUNABLES name)
+# (name, mallopt parameter, value, the environment variable and GLIBC_TUNABLES name that override it)
 SETTINGS = (
     ("arena_max", M_ARENA_MAX, 1, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"),
     ("mmap_threshold", M_MMAP_THRESHOLD, 32 * MiB, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
@@ -78,7 +78,8 @@ def tune() -> dict[str, int]:
 
 
 def describe(applied: dict[str, int]) -> str:
-    """One log line's worth: ``arena_max=1 mmap_threshold=32MiB ...`` or why nothing was set."""
+    """``tune()``'s result for a log line: ``arena_max=1 mmap_threshold=32MiB ...``, or
+    ``system defaults`` when it set nothing."""
     if not applied:
         return "system defaults"
     return " ".join(f"{name}={value // MiB}MiB" if value >= MiB else f"{name}={value}"
