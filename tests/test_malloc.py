@@ -39,14 +39,15 @@ PAGES = 4 * (8 << 20) // 4096  # pages in one round's blocks
 def probe(**env: str) -> dict:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "TTSD_MALLOC")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, check=True,
-                         capture_output=True, text=True, timeout=60).stdout
-    return json.loads(out)
+    proc = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, check=True,
+                          capture_output=True, text=True, timeout=60)
+    return {**json.loads(proc.stdout), "stderr": proc.stderr}
 
 
 def test_tuned_process_reuses_freed_blocks() -> None:
     result = probe()
     assert result["applied"] == {"arena_max": 1, "mmap_threshold": 32 << 20, "trim_threshold": 128 << 20}
+    assert result["stderr"] == ""
     assert result["faults"][0] >= PAGES // 2  # the first round maps its memory...
     assert max(result["faults"][1:]) < PAGES // 20  # ...and the later rounds reuse it
 
@@ -62,3 +63,10 @@ def test_system_defaults_fault_every_round() -> None:
 def test_user_settings_are_left_alone() -> None:
     result = probe(MALLOC_ARENA_MAX="4", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")
     assert result["applied"] == {"mmap_threshold": 32 << 20}
+
+
+def test_an_unknown_choice_is_warned_about_and_keeps_the_settings() -> None:
+    result = probe(TTSD_MALLOC="off")
+    assert result["applied"] == {"arena_max": 1, "mmap_threshold": 32 << 20, "trim_threshold": 128 << 20}
+    assert result["stderr"].strip() == ("ttsd: warning: TTSD_MALLOC='off' is neither 'system' nor 'ttsd'; "
+                                        "using ttsd's malloc settings")

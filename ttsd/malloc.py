@@ -22,13 +22,15 @@ So ``tune()``, called once at the start of every ``ttsd`` process, sets:
 A setting the user made through glibc's environment variables (``MALLOC_ARENA_MAX``,
 ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or ``glibc.malloc.*`` in
 ``GLIBC_TUNABLES``) is left alone, so an operator can still choose; ``TTSD_MALLOC=system`` skips all
-three. On a C library other than glibc this does nothing.
+three (``TTSD_MALLOC=ttsd``, the default, applies them; any other value is warned about). On a C
+library other than glibc this does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 # mallopt parameter numbers from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -65,7 +67,11 @@ def tune() -> dict[str, int]:
         return _applied
     env = os.environ
     applied: dict[str, int] = {}
-    libc = None if env.get("TTSD_MALLOC", "").strip().lower() == "system" else _glibc()
+    choice = env.get("TTSD_MALLOC", "").strip().lower()
+    if choice not in ("", "ttsd", "system"):  # runs before logging is set up: one line on stderr
+        sys.stderr.write(f"ttsd: warning: TTSD_MALLOC={choice!r} is neither 'system' nor 'ttsd'; "
+                         "using ttsd's malloc settings\n")
+    libc = None if choice == "system" else _glibc()
     if libc is not None:
         tunables = env.get("GLIBC_TUNABLES", "")
         for name, param, value, variable, tunable in SETTINGS:
