@@ -154,6 +154,31 @@ def test_full_queue_is_503_with_retry_after(daemon: Daemon) -> None:
     assert results == [200, 200]
 
 
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")
+def test_an_unpunctuated_text_costs_no_more_memory_than_a_punctuated_one(daemon: Daemon) -> None:
+    """1. Normal traffic: a 12-sentence request sets the daemon's normal peak RSS.
+    2. 4,990 characters with no sentence end (it took the daemon to 9 GB when the encoder saw it
+       as one sentence) are spoken in pieces: 200, and about 4 minutes of audio.
+    3. The peak grew by less than 150 MB: the response itself (4 minutes of float32 samples, their
+       join and the WAV encoding, ~80 MB) plus allocator slack; the unsplit sentence needed GBs."""
+    for _ in range(2):
+        assert daemon.post("/v1/synthesize", {"text": LONG}).status == 200
+    normal = _peak_rss_mb(daemon.proc.pid)
+    text = ("hello world " * 420)[:4990]
+    reply = daemon.post("/v1/synthesize", {"text": text}, timeout=300)
+    assert reply.status == 200, reply.body[:300]
+    assert float(reply.headers["x-ttsd-audio-seconds"]) > 180
+    grown = _peak_rss_mb(daemon.proc.pid) - normal
+    assert grown < 150, f"peak RSS grew {grown:.0f} MB over the normal {normal:.0f} MB"
+
+
 def test_client_disconnect_cancels_the_rest(daemon: Daemon) -> None:
     conn = UnixHTTPConnection(daemon.socket)
     conn.request("POST", "/v1/synthesize", body=json.dumps({"text": LONG, "stream": True}))

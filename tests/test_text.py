@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ttsd.errors import RequestError, TextTooLongError
-from ttsd.text import check_text, split_sentences
+from ttsd.text import check_text, split_long, split_sentences
 
 
 @pytest.mark.parametrize("text", ["", "   \n\t", "...", "?!, -- ;", "\u200b"])
@@ -30,3 +32,29 @@ def test_ordinary_text_passes_stripped() -> None:
 def test_split_sentences() -> None:
     text = 'Hi there. "Really?" she asked! Yes… fine\nNext line'
     assert split_sentences(text) == ["Hi there.", '"Really?"', "she asked!", "Yes…", "fine\nNext line"]
+
+
+@given(words=st.lists(st.text(alphabet="abc", min_size=1, max_size=30), min_size=1, max_size=80),
+       marks=st.lists(st.sampled_from(["", "", "", ","]), min_size=80, max_size=80),
+       limit=st.integers(min_value=2, max_value=60))
+def test_split_long_pieces_fit_and_rebuild_the_sentence(words: list[str], marks: list[str], limit: int) -> None:
+    sentence = " ".join(w + m for w, m in zip(words, marks, strict=False))
+    pieces = split_long(sentence, limit, space=" ")
+    assert all(0 < len(p) <= limit for p in pieces)
+    assert " ".join(pieces).replace(" ", "") == sentence.replace(" ", "")
+    if len(sentence) <= limit:
+        assert pieces == [sentence]
+    # a word is cut only when it is longer than the limit
+    if all(len(w) + 1 <= limit for w in words):
+        assert sorted(" ".join(pieces).split()) == sorted(sentence.split())
+
+
+def test_split_long_prefers_clauses_then_words_and_even_pieces() -> None:
+    sentence = "one two three, four five six seven, eight nine ten eleven twelve, thirteen"
+    assert split_long(sentence, 30, space=" ") == [
+        "one two three,", "four five six seven,", "eight nine ten eleven twelve,", "thirteen"]
+    words = ("hello world " * 30).strip()  # 359 characters, no clause marks
+    lengths = [len(p) for p in split_long(words, 100, space=" ")]
+    assert len(lengths) == 4 and max(lengths) - min(lengths) <= 12  # not 100, 100, 100, 59
+    assert split_long(list("ab cd, ef gh"), 5, space=" ") == [list("ab"), list("cd,"), list("ef gh")]
+    assert split_long("x" * 25, 10, space=" ") == ["x" * 9, "x" * 8, "x" * 8]

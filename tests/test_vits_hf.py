@@ -11,7 +11,8 @@ import pytest
 from conftest import save_tiny_vits
 
 from ttsd.engines import SynthesisOptions, create_engine
-from ttsd.errors import LoadError, RequestError
+from ttsd.engines.vits import MAX_UNIT_IDS
+from ttsd.errors import AudioTooLongError, LoadError, RequestError
 from ttsd.manifest import pack, verify
 from ttsd.speak import open_engine
 
@@ -45,6 +46,36 @@ def test_bad_options_are_refused(tiny_folder: Path) -> None:
         engine.synthesize("hello", SynthesisOptions(speaker=3))
     with pytest.raises(RequestError, match="limit is 20"):
         create_engine(tiny_folder, verify(tiny_folder), max_chars=20).synthesize("a" * 21)
+
+
+def test_an_overlong_sentence_is_spoken_in_pieces_back_to_back(tiny_folder: Path) -> None:
+    """The encoder's attention grows with the square of a unit's length, so a sentence longer than
+    MAX_UNIT_IDS is cut (between words here: no clause marks) and its pieces are spoken with no
+    sentence pause between them and one peak normalisation over the sentence."""
+    engine = create_engine(tiny_folder, verify(tiny_folder), max_chars=5000)
+    engine.load()
+    text = " ".join(["hello world"] * 120)  # 1,439 characters, ~2,900 ids as one unit
+    units = engine._units(text, SynthesisOptions())
+    assert len(units) > 1 and all(len(u.ids) <= MAX_UNIT_IDS for u in units)
+    assert [u.continues for u in units] == [False] + [True] * (len(units) - 1)
+    options = SynthesisOptions(seed=0, noise_scale=0.0, noise_scale_duration=0.0, sentence_pause=5.0)
+    chunks = list(engine.synthesize_stream(text, options))
+    assert len(chunks) == 1  # one sentence: no 5 s pauses inside it
+    pieces = [engine._render(u, options) for u in units]
+    assert len(chunks[0].samples) == sum(len(p) for p in pieces)
+    whole = np.concatenate(pieces)
+    np.testing.assert_allclose(chunks[0].samples, np.clip(whole / np.max(np.abs(whole)), -1, 1), atol=1e-6)
+
+
+def test_audio_over_the_limit_is_refused_early(tiny_folder: Path) -> None:
+    engine = create_engine(tiny_folder, verify(tiny_folder), max_audio_seconds=10)
+    engine.load()
+    with pytest.raises(AudioTooLongError, match="longer than 10 s"):  # 3 pauses of 5 s: before any audio
+        next(engine.synthesize_stream("a. b. c. d.", SynthesisOptions(sentence_pause=5)))
+    slow = SynthesisOptions(speed=0.25, sentence_pause=0)
+    with pytest.raises(AudioTooLongError):
+        engine.synthesize(" ".join(["hello world"] * 20) + ". " + " ".join(["again"] * 30), slow)
+    assert engine.synthesize("hello world", slow).duration < 10
 
 
 def test_multi_speaker_checkpoint(tmp_path: Path) -> None:

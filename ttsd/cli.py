@@ -156,10 +156,10 @@ def _write_output(output: str, data: bytes) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
-    from .fsutil import atomic_write_bytes
+    from .fsutil import SHARED, atomic_write_bytes
 
     try:
-        atomic_write_bytes(Path(output), data)
+        atomic_write_bytes(Path(output), data, SHARED)
     except OSError as exc:
         raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
 
@@ -249,6 +249,9 @@ def _is_loopback(host: str) -> bool:
               envvar="TTSD_QUEUE_SIZE", help="Requests that may wait; more get 503.")
 @click.option("--max-chars", type=click.IntRange(1), default=5000, show_default=True, envvar="TTSD_MAX_CHARS",
               help="Longest text accepted (413 above).")
+@click.option("--max-audio-seconds", type=click.FloatRange(1), envvar="TTSD_MAX_AUDIO_SECONDS",
+              help="Longest audio one request may make, pauses included (413 above) [default: 0.12 s per "
+                   "--max-chars character, 600 s for 5000: about three times what that much text takes].")
 @click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds to finish in-flight requests on SIGTERM.")
 @click.option("--default-voice", envvar="TTSD_DEFAULT_VOICE", help="Voice for requests that name none.")
@@ -275,13 +278,21 @@ def _is_loopback(host: str) -> bool:
               show_default=True, envvar="TTSD_LOG_LEVEL")
 def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | None, socket_path: Path | None,
           socket_group: str | None, spool_dir: Path | None, listen: str | None, token_file: Path | None,
-          workers: int, threads: int | None, queue_size: int, max_chars: int, grace: float,
+          workers: int, threads: int | None, queue_size: int, max_chars: int, max_audio_seconds: float | None,
+          grace: float,
           default_voice: str | None, no_seed: bool, keep: int, swap_policy: str, canary: tuple[str, ...],
           canary_requests: int, auto_rollback_requests: int, auto_rollback_share: float, settle: float,
           incomplete_timeout: float, rescan_interval: float, log_level: str) -> None:
     """Run the daemon: HTTP on a Unix socket (and optionally TCP), plus an optional spool dir."""
     from . import logs
-    from .config import ServeConfig, default_cache_dir, default_models_dir, default_socket, default_state_dir
+    from .config import (
+        AUDIO_SECONDS_PER_CHAR,
+        ServeConfig,
+        default_cache_dir,
+        default_models_dir,
+        default_socket,
+        default_state_dir,
+    )
 
     logs.configure(log_level)
     bind = _parse_listen(listen) if listen else None
@@ -300,6 +311,7 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
         cache=cache_dir or default_cache_dir(), socket=socket_path or default_socket(),
         spool=spool_dir, listen=bind, token=token, socket_group=socket_group, workers=workers,
         threads=threads, queue_size=queue_size, max_chars=max_chars, grace=grace,
+        max_audio_seconds=max_audio_seconds or round(max(60.0, AUDIO_SECONDS_PER_CHAR * max_chars)),
         default_voice=default_voice, seed_builtin=not no_seed, keep=keep, swap_policy=swap_policy,
         canary=tuple(_parse_canary(c) for c in canary), canary_requests=canary_requests,
         auto_rollback_requests=auto_rollback_requests, auto_rollback_share=auto_rollback_share,

@@ -53,6 +53,9 @@ def default_socket() -> Path:
     return _pick("TTSD_SOCKET", Path("/run/ttsd/ttsd.sock"), user)
 
 
+AUDIO_SECONDS_PER_CHAR = 0.12  # default --max-audio-seconds per --max-chars character (see the CLI)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything ``ttsd serve`` needs, resolved and checked by the CLI."""
@@ -69,6 +72,7 @@ class ServeConfig:
     threads: int | None = None
     queue_size: int = 16
     max_chars: int = 5000
+    max_audio_seconds: float = 600.0
     grace: float = 30.0
     default_voice: str | None = None
     seed_builtin: bool = True

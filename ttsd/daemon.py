@@ -139,7 +139,8 @@ class Daemon:
                           auto_rollback_requests=config.auto_rollback_requests,
                           auto_rollback_share=config.auto_rollback_share, canary=dict(config.canary),
                           canary_requests=config.canary_requests),
-            engine_options={"max_chars": config.max_chars, "threads": config.threads},
+            engine_options={"max_chars": config.max_chars, "threads": config.threads,
+                            "max_audio_seconds": config.max_audio_seconds},
             default_voice=config.default_voice,
             listener=self._on_model_event,
         )
@@ -321,7 +322,7 @@ class Daemon:
                 forced.cancel()
         try:
             drain_task.result()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("grace period over with spool requests still running; they resume after restart")
         for task in (spool_task, watchdog):
             if task is not None:

@@ -2,9 +2,20 @@
 
 The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``; a traceback is shown
 only with ``--debug``. Anything that is not a ``TtsdError`` is a bug and exits with 1.
+
+Every error also says whose fault it is (``fault``), and the daemon keeps the three apart
+everywhere (HTTP status, spool ``error.json``, metrics, auto-rollback, canary):
+
+* ``request``: the request's own (bad field, text, voice; 4xx). Never counted against a model.
+* ``model``: the model failed on a valid request (exception in the model, NaN, silence; 500).
+  Counted: enough of them roll a new version back.
+* ``system``: the box (disk full, out of memory, I/O error, queue full; 503/507). Not counted
+  against the model; retried where that makes sense (the spool puts the request back).
 """
 
 from __future__ import annotations
+
+import errno as _errno
 
 
 class TtsdError(Exception):
@@ -12,6 +23,8 @@ class TtsdError(Exception):
 
     exit_code = 1
     code = "internal"
+    status = 500  # HTTP status
+    fault = "system"  # request | model | system (see the module docstring)
 
 
 class ConfigError(TtsdError):
@@ -19,6 +32,7 @@ class ConfigError(TtsdError):
 
     exit_code = 3
     code = "config"
+    status = 409  # a control action that cannot be done in the current state
 
 
 class RequestError(TtsdError):
@@ -26,12 +40,22 @@ class RequestError(TtsdError):
 
     exit_code = 4
     code = "bad_request"
+    status = 400
+    fault = "request"
 
 
 class TextTooLongError(RequestError):
     """Text over the configured maximum length."""
 
     code = "text_too_long"
+    status = 413
+
+
+class AudioTooLongError(RequestError):
+    """The audio the text would make is over the configured maximum (``--max-audio-seconds``)."""
+
+    code = "audio_too_long"
+    status = 413
 
 
 class UnknownVoiceError(TtsdError):
@@ -39,6 +63,8 @@ class UnknownVoiceError(TtsdError):
 
     exit_code = 4
     code = "unknown_voice"
+    status = 404
+    fault = "request"
 
 
 class BusyError(TtsdError):
@@ -46,6 +72,7 @@ class BusyError(TtsdError):
 
     exit_code = 10
     code = "busy"
+    status = 503
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
@@ -85,10 +112,12 @@ class LoadError(TtsdError):
 
 
 class SynthesisError(TtsdError):
-    """A loaded voice failed while speaking (exception, NaN or silence): HTTP 500."""
+    """A loaded voice failed on a valid request (exception, NaN or silence): HTTP 500, counted
+    against the version."""
 
     exit_code = 11
     code = "synthesis_failed"
+    fault = "model"
 
 
 class ImportPiperError(TtsdError):
@@ -96,3 +125,38 @@ class ImportPiperError(TtsdError):
 
     exit_code = 8
     code = "import_failed"
+
+
+class ResourceError(TtsdError):
+    """The box ran out of something (disk space, memory) or an I/O error: not the request's fault
+    and not the model's. HTTP 507 for a full disk, else 503; retry later."""
+
+    exit_code = 12
+    code = "unavailable"
+    status = 503
+
+    def __init__(self, message: str, *, storage: bool = False, retry_after: int = 30) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        if storage:
+            self.code, self.status = "insufficient_storage", 507
+
+
+# errno values that mean "the box", not the request or the model
+_STORAGE_ERRNOS = {_errno.ENOSPC, _errno.EDQUOT}
+_SYSTEM_ERRNOS = _STORAGE_ERRNOS | {_errno.EIO, _errno.EROFS, _errno.ENOMEM, _errno.ENFILE, _errno.EMFILE}
+
+
+def is_system_oserror(exc: BaseException) -> bool:
+    """Whether ``exc`` is an ``OSError`` caused by the box (full disk, I/O error, read-only
+    filesystem, out of memory or file handles) rather than by a bad path or bad input."""
+    return isinstance(exc, OSError) and exc.errno in _SYSTEM_ERRNOS
+
+
+def resource_error(exc: BaseException, doing: str) -> ResourceError:
+    """A ``ResourceError`` saying what failed while ``doing`` what, for an OSError or MemoryError."""
+    if isinstance(exc, MemoryError):
+        return ResourceError(f"out of memory while {doing}")
+    code = getattr(exc, "errno", None)
+    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return ResourceError(f"{doing} failed: {detail}", storage=code in _STORAGE_ERRNOS)

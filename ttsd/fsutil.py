@@ -21,11 +21,31 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(handle)`` on a temp file beside ``path``, then publish it as ``path``."""
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux's /proc; else set and restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], mode: int | None = None) -> None:
+    """Call ``write(handle)`` on a temp file beside ``path``, then publish it as ``path``.
+
+    The file is private (0600, as ``mkstemp`` makes it) unless ``mode`` is given: outputs that
+    other users or groups consume (``ttsd say -o``, the spool's ``out/``) pass 0o666 and get the
+    umask applied, as a plain ``open()`` would."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -40,9 +60,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda handle: handle.write(data))
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    atomic_write(path, lambda handle: handle.write(data), mode)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+SHARED = 0o666  # mode for outputs meant for other users: the umask decides, as for open()

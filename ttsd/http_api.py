@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
 from .audio import Audio, encode, wav_stream_header
 from .backend import Backend
-from .errors import BusyError, ConfigError, RequestError, TextTooLongError, TtsdError, UnknownVoiceError
+from .errors import BusyError, RequestError, ResourceError, TtsdError
 from .formats import MEDIA_TYPES
 from .manager import Lease
 from .metrics import CONTENT_TYPE
-from .requests import SynthRequest, parse_openai, parse_request
+from .requests import SynthRequest, parse_json, parse_openai, parse_request, parse_version_header
 from .synth import Cancelled, Job, Result
 from .text import check_text
 
@@ -39,19 +39,14 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 
 def error_response(exc: BaseException) -> web.Response:
-    if isinstance(exc, TextTooLongError):
-        return _error(413, exc.code, str(exc))
-    if isinstance(exc, RequestError):
-        return _error(400, exc.code, str(exc))
-    if isinstance(exc, UnknownVoiceError):
-        return _error(404, exc.code, str(exc))
-    if isinstance(exc, BusyError):
-        return _error(503, exc.code, str(exc), {"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, ConfigError):  # a control action that cannot be done in the current state
-        return _error(409, "conflict", str(exc))
+    """The JSON error for ``exc``: its own status (4xx the request's fault, 500 the model's,
+    503/507 the box's; see ``ttsd.errors``). Anything else is a bug: 500, logged with its traceback."""
     if isinstance(exc, TtsdError):
-        return _error(500, exc.code, str(exc))
-    log.exception("internal error", exc_info=exc)
+        headers = None
+        if isinstance(exc, (BusyError, ResourceError)):
+            headers = {"Retry-After": str(exc.retry_after)}
+        return _error(exc.status, exc.code, str(exc), headers)
+    log.error("internal error", exc_info=exc)
     return _error(500, "internal", f"internal error: {type(exc).__name__}")
 
 
@@ -69,8 +64,9 @@ def build_app(backend: Backend) -> web.Application:
                 and request.method == "POST":
             return _error(403, "forbidden", "control routes need --token-file on a TCP listener")
         if _is_tcp(request) and backend.token is not None:
-            supplied = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(supplied.encode(), f"Bearer {backend.token}".encode()):
+            # aiohttp keeps undecodable header bytes as surrogates: compare the bytes as sent
+            supplied = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(supplied, f"Bearer {backend.token}".encode()):
                 return _error(401, "unauthorized", "missing or wrong bearer token",
                               {"WWW-Authenticate": "Bearer"})
         try:
@@ -81,6 +77,8 @@ def build_app(backend: Backend) -> web.Application:
             if exc.status >= 400:
                 return _error(exc.status, "http", exc.reason)
             raise
+        except Exception as exc:  # never a plain-text 500: a JSON error, logged with its traceback
+            return error_response(exc)
 
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     api = _Api(backend)
@@ -101,19 +99,15 @@ class _Api:
         self.b = backend
 
     async def _json(self, request: web.Request) -> Any:
-        body = await request.read()
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise RequestError(f"body is not valid JSON ({exc})") from None
+        return parse_json(await request.read())
 
     async def synthesize(self, request: web.Request) -> web.StreamResponse:
         try:
             req = parse_request(await self._json(request))
             if "X-Ttsd-Version" in request.headers and req.version is None:
-                req = SynthRequest(**{**req.__dict__, "version": request.headers["X-Ttsd-Version"]})
+                req = replace(req, version=parse_version_header(request.headers["X-Ttsd-Version"]))
         except TtsdError as exc:
-            self._count(None, None, "synthesize", "bad_request")
+            self._count(None, None, "synthesize", exc.code, exc.fault)
             return error_response(exc)
         return await self._serve(request, req, "synthesize")
 
@@ -122,12 +116,15 @@ class _Api:
             known = {v["name"] for v in self.b.voices()}
             req = parse_openai(await self._json(request), known)
         except TtsdError as exc:
-            self._count(None, None, "openai", "bad_request")
+            self._count(None, None, "openai", exc.code, exc.fault)
             return error_response(exc)
         return await self._serve(request, req, "openai")
 
-    def _count(self, voice: str | None, version: str | None, route: str, outcome: str) -> None:
+    def _count(self, voice: str | None, version: str | None, route: str, outcome: str,
+               fault: str | None = None) -> None:
         self.b.metrics.requests.labels(voice or "-", version or "-", route, outcome).inc()
+        if fault is not None:
+            self.b.metrics.failures.labels(voice or "-", version or "-", route, fault).inc()
 
     async def _serve(self, request: web.Request, req: SynthRequest, route: str) -> web.StreamResponse:
         started = time.monotonic()
@@ -137,7 +134,7 @@ class _Api:
                 raise BusyError("no voice is ready yet", retry_after=5)
             lease = self.b.acquire(req.voice, req.version)
         except TtsdError as exc:
-            self._count(req.voice, req.version, route, exc.code)
+            self._count(req.voice, req.version, route, exc.code, exc.fault)
             return error_response(exc)
         model = lease.model
         try:
@@ -152,10 +149,10 @@ class _Api:
             self._count(model.name, model.version, route, "cancelled")
             raise
         except TtsdError as exc:
-            self._count(model.name, model.version, route, exc.code)
+            self._count(model.name, model.version, route, exc.code, exc.fault)
             return error_response(exc)
-        except Exception as exc:  # a bug or a model crashing mid-request: 500, the daemon goes on
-            self._count(model.name, model.version, route, "internal")
+        except Exception as exc:  # a bug (the pool turns model crashes into SynthesisError): 500
+            self._count(model.name, model.version, route, "internal", "system")
             return error_response(exc)
         self._count(model.name, model.version, route, "ok")
         self.b.metrics.latency.labels(model.name, route).observe(time.monotonic() - started)
@@ -229,10 +226,7 @@ class _Api:
         body = await request.read()
         if not body.strip():
             return {}
-        try:
-            data = json.loads(body)
-        except ValueError as exc:
-            raise RequestError(f"body is not valid JSON ({exc})") from None
+        data = parse_json(body)
         if not isinstance(data, dict):
             raise RequestError("request body must be a JSON object")
         return data

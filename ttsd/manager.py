@@ -85,8 +85,10 @@ class ModelVersion:
     manifest: Manifest | None = None
     engine: Engine[Any] | None = None
     in_flight: int = 0
-    requests: int = 0  # since it became active or canary
+    requests: int = 0  # since it became active or canary (the auto-rollback and canary window)
     failures: int = 0
+    served: int = 0  # requests it served, and failed through its own fault, since it was loaded
+    model_failures: int = 0
     load_seconds: float = 0.0
 
     @property
@@ -96,7 +98,8 @@ class ModelVersion:
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "state": self.state.value, "reason": self.reason or None,
                 "in_flight": self.in_flight, "source": str(self.source) if self.source else None,
-                "content": self.content or None, "load_seconds": round(self.load_seconds, 2) or None}
+                "content": self.content or None, "load_seconds": round(self.load_seconds, 2) or None,
+                "served": self.served, "model_failures": self.model_failures}
 
 
 @dataclass
@@ -186,7 +189,9 @@ class ModelManager:
             model.in_flight -= 1
             self._in_flight -= 1
             idle_retired = model.state in (State.RETIRED, State.ROLLED_BACK) and model.in_flight == 0
-            if ok is not None:
+            if ok is not None:  # None: the request's or the box's fault, never counted against a model
+                model.served += ok
+                model.model_failures += not ok
                 follow_up = self._judge(model, ok)
         if idle_retired:
             self._unload(model)

@@ -13,6 +13,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     registry: CollectorRegistry
     requests: Counter
+    failures: Counter
     latency: Histogram
     queue_depth: Gauge
     in_flight: Gauge
@@ -29,6 +30,9 @@ class Metrics:
             registry=r,
             requests=Counter("ttsd_requests", "Synthesis requests by voice, version, front end and outcome",
                              ["voice", "version", "route", "outcome"], registry=r),
+            failures=Counter("ttsd_request_failures", "Failed requests by whose fault: request (4xx, never "
+                             "counted against a model), model (counted) or system (disk, memory; retried)",
+                             ["voice", "version", "route", "fault"], registry=r),
             latency=Histogram("ttsd_request_seconds", "Time from request accepted to last audio byte",
                               ["voice", "route"], registry=r,
                               buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),

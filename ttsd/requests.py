@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,21 @@ class SynthRequest:
     options: SynthesisOptions = SynthesisOptions()
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body or spool file as JSON; ``RequestError`` for anything that is not plain JSON
+    (bad UTF-8, NaN/Infinity, nesting deep enough to exhaust the parser)."""
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise RequestError("body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise RequestError(f"body is not valid JSON ({exc})") from None
+
+
 def _field(data: dict[str, Any], key: str, kinds: tuple[type, ...], default: Any = None) -> Any:
     value = data.get(key, default)
     if value is None:
@@ -32,6 +49,36 @@ def _field(data: dict[str, Any], key: str, kinds: tuple[type, ...], default: Any
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join("number" if k in (int, float) else k.__name__ for k in kinds)
         raise RequestError(f"field {key!r} must be a {names}")
+    return value
+
+
+def _number(data: dict[str, Any], key: str, default: float | None = None) -> float | None:
+    """A finite JSON number as a float (an integer too large for a float is refused, not a 500)."""
+    value = _field(data, key, (int, float))
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except OverflowError:
+        raise RequestError(f"field {key!r} is out of range") from None
+    if not math.isfinite(number):
+        raise RequestError(f"field {key!r} must be a finite number")
+    return number
+
+
+def _speaker(value: Any) -> int | str | None:
+    """A speaker is a name or a non-negative index; an index may come as a string of ASCII digits."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RequestError("field 'speaker' must be a name or a number")
+    if isinstance(value, str):
+        if not value or len(value) > 200:
+            raise RequestError("field 'speaker' must be a name of 1 to 200 characters or a number")
+        if value.isascii() and value.isdigit():
+            value = int(value)
+    if isinstance(value, int) and not 0 <= value < 1 << 31:
+        raise RequestError(f"speaker number {value} is out of range")
     return value
 
 
@@ -56,22 +103,32 @@ def parse_request(data: Any) -> SynthRequest:
     if stream and fmt not in STREAM_FORMATS:
         raise RequestError(f"streaming needs format wav or pcm, not {fmt}")
     version = data.get("version")
-    if version is not None and not isinstance(version, (str, int)):
+    if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
         raise RequestError("field 'version' must be a string")
-    speaker = data.get("speaker")
-    if speaker is not None and (not isinstance(speaker, (str, int)) or isinstance(speaker, bool)):
-        raise RequestError("field 'speaker' must be a name or a number")
+    version = _version(str(version)) if version is not None else None
+    voice = _field(data, "voice", (str,))
+    if voice is not None and not (0 < len(voice) <= 200 and voice.isprintable()):
+        raise RequestError("field 'voice' must be a voice name")
     options = SynthesisOptions(
-        speed=float(_field(data, "speed", (int, float), 1.0)),
-        speaker=speaker,
-        noise_scale=_field(data, "noise_scale", (int, float)),
-        noise_scale_duration=_field(data, "noise_w", (int, float)),
+        speed=_number(data, "speed", 1.0),  # type: ignore[arg-type]
+        speaker=_speaker(data.get("speaker")),
+        noise_scale=_number(data, "noise_scale"),
+        noise_scale_duration=_number(data, "noise_w"),
         seed=_field(data, "seed", (int,)),
-        sentence_pause=float(_field(data, "sentence_pause", (int, float), 0.2)),
+        sentence_pause=_number(data, "sentence_pause", 0.2),  # type: ignore[arg-type]
     ).checked()
-    return SynthRequest(text=text, voice=_field(data, "voice", (str,)),
-                        version=str(version) if version is not None else None,
-                        format=fmt, stream=stream, options=options)
+    return SynthRequest(text=text, voice=voice, version=version, format=fmt, stream=stream, options=options)
+
+
+def _version(value: str) -> str:
+    """A version as a request names it (body field or ``X-Ttsd-Version`` header)."""
+    if not value or len(value) > 64 or not value.isprintable():
+        raise RequestError("version must be a short version string such as 1 or 2.1")
+    return value
+
+
+def parse_version_header(value: str) -> str:
+    return _version(value.strip())
 
 
 def parse_openai(data: Any, known_voices: set[str]) -> SynthRequest:
@@ -95,5 +152,6 @@ def parse_openai(data: Any, known_voices: set[str]) -> SynthRequest:
     fmt = _field(data, "response_format", (str,), "mp3").lower()
     if fmt not in FORMATS_ALL:
         raise RequestError(f"response_format {fmt!r} is not supported (use {', '.join(FORMATS_ALL)})")
-    speed = float(_field(data, "speed", (int, float), 1.0))
-    return SynthRequest(text=text, voice=chosen, format=fmt, options=SynthesisOptions(speed=speed).checked())
+    speed = _number(data, "speed", 1.0)
+    return SynthRequest(text=text, voice=chosen, format=fmt,
+                        options=SynthesisOptions(speed=speed).checked())  # type: ignore[arg-type]

@@ -6,31 +6,45 @@
     SPOOL/done/                        requests that were served
     SPOOL/failed/ID.* + ID.error.json  requests that cannot be served, and why
 
+Every request ends in ``done/`` or ``failed/`` (with its reason), except while the box itself
+fails (disk full, out of memory, I/O error): then the request goes back to ``incoming/`` and the
+spool pauses, with a growing back-off, before it claims anything again. A request's own fault
+never counts against a model (see ``ttsd.errors``).
+
+Writers are not trusted: a request file is opened without following links and must be a regular
+file of at most ``MAX_REQUEST_BYTES`` (checked with ``fstat`` before reading); names are
+checked before they are used in a path or a log line; an ID already served (``out/ID.json``) or
+being served is refused rather than overwritten.
+
 Crash safety: outputs are written to hidden temp names and renamed into place, and a request leaves
 ``work/`` only after its outputs are published. After ``kill -9`` at any moment, the next start
-finds the request in ``incoming/`` or ``work/`` and serves it again; ``out/`` never shows a
-half-written file.
+finds the request in ``incoming/`` or ``work/`` and serves it again (or moves it to ``done/`` if
+its outputs were already complete); ``out/`` never shows a half-written file.
 
-Runs on the event loop; synthesis goes to the pool, file writes to an executor thread.
+Runs on the event loop; synthesis goes to the pool, file reads and writes to an executor thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
 import json
 import logging
 import os
 import re
+import stat
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .audio import encode
 from .backend import Backend
-from .errors import BusyError, TtsdError
-from .fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
-from .requests import SynthRequest, parse_request
+from .errors import BusyError, ResourceError, TtsdError, is_system_oserror, resource_error
+from .fsutil import SHARED, atomic_write_bytes, atomic_write_text, fsync_dir
+from .requests import SynthRequest, parse_json, parse_request
 from .synth import Job, Result
 from .text import check_text
 
@@ -38,8 +52,10 @@ log = logging.getLogger("ttsd.spool")
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 SUFFIXES = (".txt", ".json")
+MAX_REQUEST_BYTES = 1 << 20  # as for an HTTP body: far more than any allowed text
 SETTLE_SECONDS = 0.25  # a file must keep its size and mtime this long before it is claimed
 RESCAN_SECONDS = 2.0  # events can be lost (or never sent, on network filesystems)
+BACKOFF_FIRST, BACKOFF_MAX = 2.0, 60.0  # pause after a system failure, doubling
 
 
 class Spool:
@@ -50,22 +66,42 @@ class Spool:
         self.dirs = {name: root / name for name in ("incoming", "work", "out", "done", "failed")}
         self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, stable since)
         self._active: set[asyncio.Task[None]] = set()
+        self._serving: set[str] = set()  # IDs claimed and not yet done or failed
         self._wake = asyncio.Event()
         self._stopping = False
         self._observer: Any = None
+        self._paused_until = 0.0  # monotonic: no claims before this (after a system failure)
+        self._backoff = 0.0
 
     # -- life cycle ----------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Create the folders, remove leftover temp files, and requeue claimed requests."""
+        """Create the folders, remove leftover temp files, and requeue claimed requests (or move
+        them to ``done/`` when a crash came after their outputs were published)."""
         for path in self.dirs.values():
             path.mkdir(parents=True, exist_ok=True)
         for leftover in self.dirs["out"].glob(".*.tmp"):
             leftover.unlink(missing_ok=True)
         for claimed in sorted(self.dirs["work"].iterdir()):
-            if claimed.suffix in SUFFIXES and not claimed.name.startswith("."):
+            if claimed.name.startswith("."):
+                continue
+            if self._already_published(claimed):
+                os.replace(claimed, self.dirs["done"] / claimed.name)
+                log.info("%s was served before a restart; moved to done/", _shown(claimed.name))
+            else:
                 os.replace(claimed, self.dirs["incoming"] / claimed.name)
-                log.info("requeued %s (claimed before a restart)", claimed.name)
+                log.info("requeued %s (claimed before a restart)", _shown(claimed.name))
         fsync_dir(self.dirs["incoming"])
+        fsync_dir(self.dirs["work"])
+
+    def _already_published(self, claimed: Path) -> bool:
+        meta = self.dirs["out"] / f"{claimed.stem}.json"
+        if claimed.suffix not in SUFFIXES or not _ID.fullmatch(claimed.stem) or not meta.is_file():
+            return False
+        try:
+            served = json.loads(meta.read_text(encoding="utf-8")).get("request_sha256")
+            return served is not None and served == hashlib.sha256(_read_bounded(claimed)).hexdigest()
+        except (OSError, ValueError, AttributeError, _Refused):
+            return False
 
     def start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -90,10 +126,13 @@ class Spool:
                 self._scan()
             except OSError as exc:
                 log.error("spool scan failed: %s", exc)
-            pending_settle = bool(self._seen)
+            wait = SETTLE_SECONDS if self._seen else RESCAN_SECONDS
+            paused = self._paused_until - time.monotonic()
+            if paused > 0:
+                wait = min(wait, paused) if self._seen else paused
             try:
-                await asyncio.wait_for(self._wake.wait(), SETTLE_SECONDS if pending_settle else RESCAN_SECONDS)
-            except asyncio.TimeoutError:
+                await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
+            except TimeoutError:
                 pass
 
     def stop(self) -> None:
@@ -111,20 +150,29 @@ class Spool:
     def _scan(self) -> None:
         now = time.monotonic()
         present = set()
-        for path in sorted(self.dirs["incoming"].iterdir()):
-            if path.name.startswith(".") or path.name.endswith(".tmp") or not path.is_file():
+        with os.scandir(self.dirs["incoming"]) as entries:
+            names = sorted(e.name for e in entries)
+        for name in names:
+            if name.startswith(".") or name.endswith(".tmp"):
+                continue
+            path = self.dirs["incoming"] / name
+            try:
+                st = path.lstat()  # never follow a link a writer left here
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
                 continue
             present.add(path)
-            st = path.stat()
-            previous = self._seen.get(path)
-            if previous is None or previous[:2] != (st.st_size, st.st_mtime_ns):
-                self._seen[path] = (st.st_size, st.st_mtime_ns, now)
+            if stat.S_ISREG(st.st_mode):  # anything else is refused at once when claimed
+                previous = self._seen.get(path)
+                if previous is None or previous[:2] != (st.st_size, st.st_mtime_ns):
+                    self._seen[path] = (st.st_size, st.st_mtime_ns, now)
+                    continue
+                if now - previous[2] < SETTLE_SECONDS:
+                    continue
+            if len(self._active) >= self.concurrency or not self.backend.ready() or now < self._paused_until:
                 continue
-            if now - previous[2] < SETTLE_SECONDS:
-                continue
-            if len(self._active) >= self.concurrency or not self.backend.ready():
-                continue
-            del self._seen[path]
+            self._seen.pop(path, None)
             self._claim(path)
         for gone in set(self._seen) - present:
             del self._seen[gone]
@@ -137,18 +185,32 @@ class Spool:
             return
         task = asyncio.get_running_loop().create_task(self._serve(target))
         self._active.add(task)
-        task.add_done_callback(self._active.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._active.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # _serve handles everything; a bug
+            log.error("spool task failed", exc_info=task.exception())
 
     # -- serving -------------------------------------------------------------------------------
     async def _serve(self, claimed: Path) -> None:
         loop = asyncio.get_running_loop()
         request_id = claimed.stem
         started = time.time()
+        mine = False
         try:
             if claimed.suffix not in SUFFIXES or not _ID.fullmatch(request_id):
-                raise _Refused("bad_name", f"{claimed.name}: name must be ID.txt or ID.json with ID of "
-                               "letters, digits, '.', '_' or '-'")
-            req = await loop.run_in_executor(None, _read_request, claimed)
+                raise _Refused("bad_name", f"{_shown(claimed.name)}: name must be ID.txt or ID.json with ID of "
+                               "1 to 200 letters, digits, '.', '_' or '-' (not leading)")
+            if request_id in self._serving:
+                raise _Refused("duplicate", f"another request with ID {request_id} is being served")
+            self._serving.add(request_id)
+            mine = True
+            raw = await loop.run_in_executor(None, _read_bounded, claimed)
+            if (self.dirs["out"] / f"{request_id}.json").exists():
+                raise _Refused("duplicate", f"out/{request_id}.json already exists: a request with this ID was "
+                               "served; remove its outputs or use a new ID")
+            req = _parse(claimed, raw)
             check_text(req.text, self.backend.max_chars)
             lease = self.backend.acquire(req.voice, req.version)
             model = lease.model
@@ -160,39 +222,76 @@ class Spool:
                     "duration": round(result.audio_seconds, 3),
                     "timings": {"queued": round(result.queued_seconds, 3),
                                 "synthesis": round(result.synth_seconds, 3),
-                                "total": round(time.time() - started, 3)}}
+                                "total": round(time.time() - started, 3)},
+                    "request_sha256": hashlib.sha256(raw).hexdigest()}
             await loop.run_in_executor(None, self._publish, claimed, req, result, meta)
+            self._backoff = 0.0
             self.backend.metrics.spool.labels("ok").inc()
         except BusyError:
             # Not the request's fault: put it back for the next scan.
-            os.replace(claimed, self.dirs["incoming"] / claimed.name)
+            await loop.run_in_executor(None, self._requeue, claimed, None)
         except asyncio.CancelledError:
             raise  # shutting down: the request stays in work/ and is served after restart
+        except (ResourceError, MemoryError) as exc:
+            await loop.run_in_executor(None, self._requeue, claimed, exc)
+        except OSError as exc:
+            if is_system_oserror(exc):
+                await loop.run_in_executor(None, self._requeue, claimed, exc)
+            else:  # a request file that vanished or cannot be read: that request's problem
+                await loop.run_in_executor(None, self._fail, claimed, "bad_file",
+                                           f"{_shown(claimed.name)}: {exc.strerror or exc}")
         except (TtsdError, _Refused) as exc:
             await loop.run_in_executor(None, self._fail, claimed, exc.code, str(exc))
         except Exception as exc:  # a bug; the request must still not vanish
-            log.exception("spool request %s failed", claimed.name)
+            log.exception("spool request %s failed", _shown(claimed.name))
             await loop.run_in_executor(None, self._fail, claimed, "internal", f"{type(exc).__name__}: {exc}")
+        finally:
+            if mine:
+                self._serving.discard(request_id)
 
     def _publish(self, claimed: Path, req: SynthRequest, result: Result, meta: dict[str, Any]) -> None:
         audio = result.audio
         assert audio is not None
         data = audio.to_pcm16() if req.format == "pcm" else encode(audio, req.format)
         out = self.dirs["out"]
-        atomic_write_bytes(out / f"{claimed.stem}.{req.format}", data)
-        atomic_write_text(out / f"{claimed.stem}.json", json.dumps(meta, indent=1) + "\n")
+        atomic_write_bytes(out / f"{claimed.stem}.{req.format}", data, SHARED)
+        atomic_write_text(out / f"{claimed.stem}.json", json.dumps(meta, indent=1) + "\n", SHARED)
         os.replace(claimed, self.dirs["done"] / claimed.name)
         fsync_dir(self.dirs["work"])
         log.info("spool %s: %.2f s of audio", claimed.name, result.audio_seconds)
 
     def _fail(self, claimed: Path, code: str, message: str) -> None:
+        """Move the request to ``failed/`` beside ``ID.error.json``. Never raises: a failure to
+        write the reason for a system cause requeues the request instead."""
         failed = self.dirs["failed"]
-        atomic_write_text(failed / f"{claimed.stem}.error.json",
-                          json.dumps({"error": {"code": code, "message": message}}, indent=1) + "\n")
-        os.replace(claimed, failed / claimed.name)
-        fsync_dir(self.dirs["work"])
+        try:
+            atomic_write_text(failed / _error_name(claimed.name),
+                              json.dumps({"error": {"code": code, "message": message}}, indent=1) + "\n", SHARED)
+            os.replace(claimed, failed / claimed.name)
+            fsync_dir(self.dirs["work"])
+        except OSError as exc:
+            if is_system_oserror(exc):
+                self._requeue(claimed, exc)
+                return
+            log.error("spool %s: cannot move it to failed/ (%s); it stays in work/", _shown(claimed.name), exc)
+            return
         self.backend.metrics.spool.labels("failed").inc()
-        log.warning("spool %s failed: %s", claimed.name, message)
+        log.warning("spool %s failed: %s", _shown(claimed.name), message)
+
+    def _requeue(self, claimed: Path, cause: BaseException | None) -> None:
+        """Put a claimed request back into ``incoming/``. With a system ``cause`` (disk full, out
+        of memory, I/O error) the spool also pauses before claiming again, longer each time."""
+        try:
+            os.replace(claimed, self.dirs["incoming"] / claimed.name)
+        except OSError as exc:  # it stays in work/: requeued at the next start
+            log.error("spool %s: cannot put it back into incoming/ (%s)", _shown(claimed.name), exc)
+        if cause is None:
+            return
+        error = cause if isinstance(cause, ResourceError) else resource_error(cause, "serving a spool request")
+        self._backoff = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_FIRST)
+        self._paused_until = time.monotonic() + self._backoff
+        self.backend.metrics.spool.labels("retry").inc()
+        log.error("spool %s: %s; requeued, the spool pauses %.0f s", _shown(claimed.name), error, self._backoff)
 
 
 class _Refused(Exception):
@@ -201,19 +300,61 @@ class _Refused(Exception):
         self.code = code
 
 
-def _read_request(path: Path) -> SynthRequest:
-    raw = path.read_bytes()
+def _shown(name: str) -> str:
+    """A file name as it may appear in a log line or an error message: control characters
+    escaped, cut to a readable length."""
+    shown = name.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return shown if len(shown) <= 120 else shown[:100] + "…" + shown[-16:]
+
+
+def _error_name(name: str) -> str:
+    """``ID.error.json`` for a request file name, within the filesystem's 255 bytes even when the
+    name itself is invalid or long (then: a cleaned prefix plus a hash of the name)."""
+    stem = Path(name).stem
+    if _ID.fullmatch(stem):
+        return f"{stem}.error.json"
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:100].lstrip(".") or "request"
+    return f"{clean}-{digest}.error.json"
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The request's bytes: opened without following a link, a regular file, at most
+    ``MAX_REQUEST_BYTES`` (checked before reading)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Refused("bad_file", f"{_shown(path.name)} is a symbolic link; spool requests must be regular "
+                           "files") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused("bad_file", f"{_shown(path.name)} is not a regular file")
+        if st.st_size > MAX_REQUEST_BYTES:
+            raise _Refused("too_large", f"{_shown(path.name)} is {st.st_size} bytes; the limit is "
+                           f"{MAX_REQUEST_BYTES}")
+        chunks, left = [], MAX_REQUEST_BYTES + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:  # it grew after fstat
+            raise _Refused("too_large", f"{_shown(path.name)} is over {MAX_REQUEST_BYTES} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _parse(path: Path, raw: bytes) -> SynthRequest:
+    """A request file's bytes -> ``SynthRequest``: ``ID.txt`` is UTF-8 text, ``ID.json`` the fields
+    of ``POST /v1/synthesize`` (``stream`` is ignored: the spool writes whole files)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Refused("bad_request", f"{path.name} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise _Refused("bad_request", f"{_shown(path.name)} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     if path.suffix == ".txt":
         return SynthRequest(text=text)
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise _Refused("bad_request", f"{path.name} is not valid JSON ({exc})") from None
-    req = parse_request(data)
-    if req.stream:
-        req = SynthRequest(**{**req.__dict__, "stream": False})
-    return req
+    req = parse_request(parse_json(raw))
+    return replace(req, stream=False) if req.stream else req

@@ -19,7 +19,7 @@ import numpy as np
 
 from .audio import Audio, concat
 from .engines import SynthesisOptions
-from .errors import BusyError, RequestError, SynthesisError, TtsdError
+from .errors import BusyError, RequestError, SynthesisError, TtsdError, is_system_oserror, resource_error
 from .manager import Lease
 from .metrics import Metrics
 
@@ -85,7 +85,14 @@ class SynthesisPool:
             return self._pending - self._running, self._running
 
     def submit(self, job: Job) -> Future[Result]:
-        """Queue ``job``; ``BusyError`` if the queue is full (the lease is released then)."""
+        """Check the job's options against its voice, then queue it. ``RequestError`` for an option
+        the voice cannot take, ``BusyError`` if the queue is full; the lease is released then, and
+        neither counts against the model."""
+        try:
+            job.lease.engine.check_options(job.options)
+        except RequestError:
+            job.lease.release()
+            raise
         with self._lock:
             if self._pending >= self.workers + self.queue_size:
                 job.lease.release()
@@ -100,7 +107,9 @@ class SynthesisPool:
             self.metrics.queue_depth.set(self._pending - self._running)
             self.metrics.in_flight.set(self._running)
         started = time.monotonic()
-        ok: bool | None = False  # did the model do its job? None: the request's own fault
+        # Did the model do its job? True/False count for the version (auto-rollback, canary);
+        # None: the request's own fault or the box's, which never count against a model.
+        ok: bool | None = None
         try:
             if job.cancel.is_set():
                 raise Cancelled()
@@ -126,12 +135,22 @@ class SynthesisPool:
                 synth_seconds=time.monotonic() - started,
                 queued_seconds=started - job.accepted,
             )
-        except (RequestError, Cancelled):
-            ok = None
+        except Cancelled:
             raise
-        except TtsdError:
+        except TtsdError as exc:
+            if exc.fault == "model":
+                ok = False
             raise
-        except Exception as exc:  # the engine crashed: the request fails, the daemon goes on
+        except MemoryError as exc:
+            log.error("out of memory synthesizing on %s %s", job.lease.model.name, job.lease.model.version)
+            raise resource_error(exc, "synthesizing") from None
+        except OSError as exc:
+            if not is_system_oserror(exc):
+                ok = False
+                raise SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}") from exc
+            raise resource_error(exc, "synthesizing") from exc
+        except Exception as exc:  # the engine crashed on a valid request: the model's fault
+            ok = False
             log.exception("synthesis failed on %s %s", job.lease.model.name, job.lease.model.version)
             raise SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}") from exc
         finally:

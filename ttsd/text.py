@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Collection, Sequence
+from typing import TypeVar
 
 from .errors import RequestError, TextTooLongError
 
@@ -43,3 +45,50 @@ def split_sentences(text: str) -> list[str]:
 
 def has_speech(text: str) -> bool:
     return any(unicodedata.category(c)[0] in "LN" for c in text)
+
+
+CLAUSE_MARKS = frozenset(",;:—–")  # a clause ends after one of these (and any spaces)
+T = TypeVar("T")
+
+
+def split_long(symbols: Sequence[T], limit: int, *, space: T,
+               clause: Collection[T] = CLAUSE_MARKS) -> list[Sequence[T]]:
+    """Split one over-long sentence into pieces of at most ``limit`` symbols (characters or
+    phonemes), cutting after a clause mark where there is one, else between words, and only
+    inside a word that is longer than ``limit`` by itself.
+
+    Pieces come out about equal in length (the cut nearest to an even share is taken, never one
+    past ``limit``), so no piece is a lone word left over at the end. Spaces at the cuts are
+    dropped. A sentence of at most ``limit`` symbols comes back whole.
+    """
+    if limit < 2:
+        raise ValueError("limit must be at least 2")
+    pieces: list[Sequence[T]] = []
+    start, n = 0, len(symbols)
+    while True:
+        while start < n and symbols[start] == space:
+            start += 1
+        end = n
+        while end > start and symbols[end - 1] == space:
+            end -= 1
+        if end - start <= limit:
+            if end > start:
+                pieces.append(symbols[start:end])
+            return pieces
+        count = -(-(end - start) // limit)  # pieces still needed
+        target = start + -(-(end - start) // count)
+        lowest = start + max(1, (target - start) // 2)
+        window = range(lowest, start + limit + 1)  # a cut at i ends the piece before symbols[i]
+        clauses = [i for i in window if symbols[i] == space and symbols[i - 1] in clause]
+        words = [i for i in window if symbols[i] == space and symbols[i - 1] != space]
+        cut = _nearest(clauses, target) or _nearest(words, target) or target
+        piece = symbols[start:cut]
+        while piece and piece[-1] == space:
+            piece = piece[:-1]
+        pieces.append(piece)
+        start = cut
+
+
+def _nearest(cuts: list[int], target: int) -> int | None:
+    """The cut closest to ``target`` (the later one on a tie), if any."""
+    return min(cuts, key=lambda i: (abs(i - target), -i)) if cuts else None

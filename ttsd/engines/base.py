@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import numpy as np
 
 from ..audio import Audio, concat, silence
-from ..errors import LoadError, RequestError
+from ..errors import AudioTooLongError, LoadError, RequestError
 from ..manifest import Manifest
 from ..text import DEFAULT_MAX_CHARS, check_text
 
@@ -48,15 +48,34 @@ class SynthesisOptions:
     seed: int | None = None  # fixes the sampling noise, for reproducible output
 
     def checked(self) -> SynthesisOptions:
-        if not (isinstance(self.speed, (int, float)) and 0.25 <= self.speed <= 4.0):
+        """``self`` if every field is in range, else ``RequestError`` naming the field. Engines may
+        rely on this: a checked option never makes the model raise."""
+        if not _number_in(self.speed, 0.25, 4.0):
             raise RequestError(f"speed must be between 0.25 and 4.0, not {self.speed!r}")
         for name in ("noise_scale", "noise_scale_duration"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 2.0):
+            if value is not None and not _number_in(value, 0.0, 2.0):
                 raise RequestError(f"{name} must be between 0 and 2, not {value!r}")
-        if not (isinstance(self.sentence_pause, (int, float)) and 0.0 <= self.sentence_pause <= 5.0):
+        if not _number_in(self.sentence_pause, 0.0, 5.0):
             raise RequestError(f"sentence_pause must be between 0 and 5 seconds, not {self.sentence_pause!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                          and 0 <= self.seed < 1 << 64):
+            raise RequestError("seed must be a whole number from 0 to 2**64 - 1")
+        speaker = self.speaker
+        if speaker is not None and (isinstance(speaker, bool) or not isinstance(speaker, (int, str))
+                                    or (isinstance(speaker, int) and speaker < 0)):
+            raise RequestError(f"speaker must be a name or a number from 0, not {speaker!r}")
         return self
+
+
+def _number_in(value: object, low: float, high: float) -> bool:
+    """A real number (not a bool) within [low, high]; NaN and huge integers are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return low <= float(value) <= high
+    except OverflowError:
+        return False
 
 
 class Engine(ABC, Generic[Unit]):
@@ -65,11 +84,13 @@ class Engine(ABC, Generic[Unit]):
     name: ClassVar[str]
 
     def __init__(self, folder: Path, manifest: Manifest, *, max_chars: int = DEFAULT_MAX_CHARS,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, max_audio_seconds: float | None = None) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
         self.max_chars = max_chars
         self.threads = threads
+        # a request's audio, pauses included, may not run longer (None: no limit)
+        self.max_audio_seconds = max_audio_seconds
         self.sample_rate = manifest.sample_rate
         self.stream_gain: float | None = None  # set by warmup(): scale for audio streamed in pieces
 
@@ -84,11 +105,23 @@ class Engine(ABC, Generic[Unit]):
 
     @abstractmethod
     def _units(self, text: str, options: SynthesisOptions) -> Sequence[Unit]:
-        """Split checked text into units (sentences) ready for the model; raise ``RequestError``."""
+        """Split checked text into units (sentences, or pieces of an over-long sentence) ready for
+        the model; raise ``RequestError``."""
 
     @abstractmethod
     def _render(self, unit: Unit, options: SynthesisOptions) -> np.ndarray:
         """One unit -> float32 samples."""
+
+    def _continues(self, unit: Unit) -> bool:
+        """Whether ``unit`` is a further piece of the previous unit's sentence: no pause before
+        it, and one peak normalisation for the whole sentence. Engines that split over-long
+        sentences override this."""
+        return False
+
+    def _check_speaker(self, options: SynthesisOptions) -> None:
+        """Raise ``RequestError`` if this voice has no such speaker (engines with speakers)."""
+        if options.speaker not in (None, 0, "0"):
+            raise RequestError("this voice has one speaker")
 
     def info(self) -> dict[str, Any]:
         """Facts about the loaded voice for ``ttsd models``/``/v1/voices`` (speakers etc.)."""
@@ -103,25 +136,45 @@ class Engine(ABC, Generic[Unit]):
         yield self._render(unit, options)
 
     # -- the contract ---------------------------------------------------------------------------
+    def check_options(self, options: SynthesisOptions) -> SynthesisOptions:
+        """Every option checked against this voice (ranges, speaker), cheaply and without touching
+        the model: the daemon calls this before it queues a request, so an option the model cannot
+        take is the request's fault (``RequestError``), never the model's."""
+        options = options.checked()
+        self._check_speaker(options)
+        return options
+
     def synthesize_stream(self, text: str, options: SynthesisOptions | None = None, *,
                           pieces: bool = False) -> Iterator[Audio]:
         """Yield the audio in order: one ``Audio`` per sentence, each but the first preceded by the
         sentence pause. ``pieces=True`` yields parts of sentences as soon as the engine has them
         (lowest latency to the first audio). Peak normalisation per sentence needs the whole
         sentence, so pieces are scaled instead by the voice's gain measured at warm-up
-        (``stream_gain``); a voice that was not warmed up streams whole sentences."""
+        (``stream_gain``); a voice that was not warmed up streams whole sentences.
+
+        Audio over ``max_audio_seconds`` (pauses included) is ``AudioTooLongError``: at once when
+        the pauses alone would exceed it, else as soon as a unit takes the total over, so the
+        work wasted on a refused request is at most one unit."""
         options = (options or SynthesisOptions()).checked()
-        units = self._units(check_text(text, self.max_chars), options)
+        text = check_text(text, self.max_chars)
+        options = self.check_options(options)
+        units = self._units(text, options)
         if not units:
             raise RequestError("text has nothing to speak")
+        budget = _AudioBudget(self.max_audio_seconds, self.sample_rate)
+        starts = [i for i, unit in enumerate(units) if i == 0 or not self._continues(unit)]
+        budget.add(options.sentence_pause * (len(starts) - 1) if options.sentence_pause else 0.0)
         gain = 1.0 if not options.normalize else self.stream_gain
         by_piece = pieces and gain is not None
-        for index, unit in enumerate(units):
+        for index, start in enumerate(starts):
+            sentence = units[start:starts[index + 1] if index + 1 < len(starts) else len(units)]
             pause = index > 0 and options.sentence_pause > 0
             if by_piece:
-                parts: Iterator[np.ndarray] = (_clipped(p * gain) for p in self._render_pieces(unit, options))
+                parts: Iterator[np.ndarray] = (
+                    budget.counted(_clipped(p * gain)) for unit in sentence for p in self._render_pieces(unit, options))
             else:
-                samples = self._render(unit, options)
+                rendered = [budget.counted(self._render(unit, options)) for unit in sentence]
+                samples = rendered[0] if len(rendered) == 1 else np.concatenate(rendered)
                 parts = iter([_normalized(samples) if options.normalize else _clipped(samples)])
             for samples in parts:
                 if pause:
@@ -148,6 +201,24 @@ class Engine(ABC, Generic[Unit]):
             check_output(audio, sentence)
             peak = max(peak, float(np.max(np.abs(audio.samples))))
         self.stream_gain = 1.0 / (STREAM_HEADROOM * peak)
+
+
+class _AudioBudget:
+    """Seconds of audio a request has made so far, against the engine's limit."""
+
+    def __init__(self, limit: float | None, sample_rate: int) -> None:
+        self.limit, self.rate, self.seconds = limit, sample_rate, 0.0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        if self.limit is not None and self.seconds > self.limit:
+            raise AudioTooLongError(
+                f"the audio would be longer than {self.limit:g} s (the daemon's --max-audio-seconds); "
+                "send shorter text, a shorter sentence_pause or a higher speed")
+
+    def counted(self, samples: np.ndarray) -> np.ndarray:
+        self.add(len(samples) / self.rate)
+        return samples
 
 
 def _clipped(samples: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,10 @@ class EspeakPhonemes:
             self._phonemizer = EspeakPhonemizer()
             self._phonemizer.phonemize(config.espeak_voice, "test")  # fails early on a bad voice
 
-    def sentences(self, text: str) -> list[list[int]]:
-        """Phoneme ids per sentence; espeak-ng decides the sentence boundaries, as in Piper."""
+    def sentences(self, text: str) -> list[list[str]]:
+        """Phonemes per sentence (only those the voice has ids for); espeak-ng decides the
+        sentence boundaries, as in Piper. Clause marks (``,``, ``;``, ``:``) are followed by a
+        space, words are separated by one."""
         with _ESPEAK_LOCK:
             try:
                 sentences = self._phonemizer.phonemize(self.config.espeak_voice, text)
@@ -69,5 +72,10 @@ class EspeakPhonemes:
             # Piper skips (with a warning) phonemes the voice has no id for; so do we.
             known = [p for p in phonemes if p in self.config.phoneme_id_map]
             if any(p.strip() and p not in ",.;:!?'\"-" for p in known):
-                result.append(self._to_ids(known, self.config.phoneme_id_map))
+                result.append(known)
         return result
+
+    def ids(self, phonemes: Sequence[str]) -> list[int]:
+        """Model input for one sentence (or piece of one): ``^``, each phoneme's ids followed by
+        ``_``, then ``$``."""
+        return list(self._to_ids(list(phonemes), self.config.phoneme_id_map))

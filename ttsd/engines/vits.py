@@ -16,6 +16,7 @@ import gc
 import re
 import unicodedata
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,39 @@ import torch
 
 from ..errors import LoadError, RequestError
 from ..manifest import Manifest
-from ..text import DEFAULT_MAX_CHARS, has_speech, split_sentences
+from ..text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
 from .base import Engine, SynthesisOptions
 from .chars import CharTokenizer
 from .phonemes import EspeakPhonemes, PhonemeConfig
 from .piper_import import PHONEMES_FILE
 from .vits_native import NativeVits
 
+# The longest model input one unit may have. The text encoder's self-attention holds
+# heads x T x T scores (and relative-position skews of T x 2T), so its memory and time grow with
+# the square of a sentence's length: an unpunctuated 5,000-character text took the daemon to 9 GB.
+# Longer sentences are cut into pieces of at most this many ids (about 250 phonemes, 12 s of
+# speech) at clause marks, else between words, and the pieces are spoken back to back. Chosen by
+# measurement (bench/split.py): up to 512 ids the text side's peak memory stays within a few MB of
+# a short sentence's, and speech cut at this length is recognised as well as uncut speech.
+MAX_UNIT_IDS = 512
 
-class VitsEngine(Engine[list[int]]):
+
+@dataclass(frozen=True)
+class Unit:
+    """Model input for one sentence, or one piece of an over-long sentence (``continues``: not
+    its first piece)."""
+
+    ids: list[int]
+    continues: bool = False
+
+
+class VitsEngine(Engine[Unit]):
     name = "vits"
 
     def __init__(self, folder: Path, manifest: Manifest, *, max_chars: int = DEFAULT_MAX_CHARS,
-                 threads: int | None = None) -> None:
-        super().__init__(folder, manifest, max_chars=max_chars, threads=threads)
+                 threads: int | None = None, max_audio_seconds: float | None = None) -> None:
+        super().__init__(folder, manifest, max_chars=max_chars, threads=threads,
+                         max_audio_seconds=max_audio_seconds)
         self.model: NativeVits | None = None
         self._phonemes: EspeakPhonemes | None = None
         self._tokenizer: CharTokenizer | None = None
@@ -105,12 +125,32 @@ class VitsEngine(Engine[list[int]]):
             raise LoadError(f"{self.folder}: engine used before load()")
         return self.model
 
-    def _units(self, text: str, options: SynthesisOptions) -> Sequence[list[int]]:
+    def _units(self, text: str, options: SynthesisOptions) -> Sequence[Unit]:
         self._require()
         self._speaker_id(options)  # refuse a bad speaker before any work
+        units: list[Unit] = []
         if self._phonemes is not None:
-            return self._phonemes.sentences(text)
-        return [ids for sentence in split_sentences(text) if (ids := self._tokenize(sentence))]
+            # Piper's ids: ^ _ then each phoneme followed by _, then $ (2 per phoneme + 3)
+            limit = (MAX_UNIT_IDS - 3) // 2
+            for phonemes in self._phonemes.sentences(text):
+                pieces = split_long(phonemes, limit, space=" ")
+                units.extend(Unit(self._phonemes.ids(p), i > 0) for i, p in enumerate(pieces))
+            return units
+        assert self._tokenizer is not None
+        limit = (MAX_UNIT_IDS - 1) // 2 if self._tokenizer.add_blank else MAX_UNIT_IDS  # blanks between characters
+        for sentence in split_sentences(text):
+            first = True
+            for piece in split_long(" ".join(sentence.split()), limit, space=" "):
+                if ids := self._tokenize("".join(piece)):
+                    units.append(Unit(ids, not first))
+                    first = False
+        return units
+
+    def _continues(self, unit: Unit) -> bool:
+        return unit.continues
+
+    def _check_speaker(self, options: SynthesisOptions) -> None:
+        self._speaker_id(options)
 
     def _tokenize(self, sentence: str) -> list[int]:
         tokenizer = self._tokenizer
@@ -139,7 +179,7 @@ class VitsEngine(Engine[list[int]]):
         speaker = options.speaker
         if speaker is None:
             return 0 if count > 1 else None
-        if isinstance(speaker, str) and not speaker.isdigit():
+        if isinstance(speaker, str) and not (speaker.isascii() and speaker.isdigit()):
             names = self._phonemes.config.speaker_id_map if self._phonemes else {}
             if speaker not in names:
                 known = f" (known: {', '.join(sorted(names)[:10])})" if names else ""
@@ -150,7 +190,7 @@ class VitsEngine(Engine[list[int]]):
             raise RequestError(f"speaker {index} out of range: this voice has {count} speaker(s)")
         return index if count > 1 else None
 
-    def _latents(self, unit: list[int], options: SynthesisOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _latents(self, unit: Unit, options: SynthesisOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
         model = self._require()
         config = model.config
         generator = None
@@ -161,16 +201,16 @@ class VitsEngine(Engine[list[int]]):
         length_scale = (1.0 / float(config.speaking_rate)) / options.speed
         with torch.inference_mode():
             return model.latent_frames(
-                unit, noise_scale=noise, noise_scale_duration=noise_w, length_scale=length_scale,
+                unit.ids, noise_scale=noise, noise_scale_duration=noise_w, length_scale=length_scale,
                 speaker_id=self._speaker_id(options), generator=generator,
             )
 
-    def _render(self, unit: list[int], options: SynthesisOptions) -> np.ndarray:
+    def _render(self, unit: Unit, options: SynthesisOptions) -> np.ndarray:
         latents, speaker = self._latents(unit, options)
         with torch.inference_mode():
             return self._require().decoder(latents, speaker).numpy().astype(np.float32)
 
-    def _render_pieces(self, unit: list[int], options: SynthesisOptions) -> Iterator[np.ndarray]:
+    def _render_pieces(self, unit: Unit, options: SynthesisOptions) -> Iterator[np.ndarray]:
         """The sentence's text side at once, then the decoder window by window: the first piece
         (about 0.2 s of audio) is out after the text encoder, flows and one small window."""
         latents, speaker = self._latents(unit, options)
@@ -185,11 +225,11 @@ class VitsEngine(Engine[list[int]]):
 
     def render_ids(self, ids: list[int], options: SynthesisOptions | None = None) -> np.ndarray:
         """Raw model output for given ids, without normalisation (for conformance tests/benches)."""
-        return self._render(ids, (options or SynthesisOptions()).checked())
+        return self._render(Unit(ids), (options or SynthesisOptions()).checked())
 
     def phoneme_ids(self, text: str) -> list[list[int]]:
-        """The ids per sentence the engine would synthesize for ``text``."""
-        return list(self._units(text, SynthesisOptions()))
+        """The ids per unit (sentence, or piece of an over-long one) the engine would synthesize."""
+        return [unit.ids for unit in self._units(text, SynthesisOptions())]
 
 
 def _short(exc: BaseException) -> str:

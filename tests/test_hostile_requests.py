@@ -1,0 +1,241 @@
+"""Hostile requests, in-process: whatever a client sends (JSON of any shape, any field value,
+any header) or drops into the spool, the answer is 2xx or 4xx, never 5xx, and no request error is
+ever counted against the model (six counted failures would roll the good new version back).
+
+The daemon's real parts serve here (Daemon wiring, manager, pool, aiohttp app, spool) on a tiny
+multi-speaker VITS model, so the engine's own checks (speaker, seed) are exercised too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import plausible, save_tiny_vits
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ttsd.config import ServeConfig
+from ttsd.daemon import Daemon
+from ttsd.http_api import build_app
+from ttsd.spool import Spool
+
+FIELDS = ["text", "voice", "version", "format", "stream", "speed", "speaker", "noise_scale", "noise_w", "seed",
+          "sentence_pause"]
+OPENAI_FIELDS = ["model", "input", "voice", "response_format", "speed"]
+
+
+class Harness:
+    """A daemon's front ends in-process, on one event loop kept for the whole module."""
+
+    def __init__(self, root: Path) -> None:
+        models = root / "models"
+        for version in ("1", "2"):
+            save_tiny_vits(models / f"tiny-{version}", version=version, edit=plausible, num_speakers=3,
+                           speaker_embedding_size=4, noise_scale_duration=0.0)
+        config = ServeConfig(models=models, state=root / "state", cache=root / "cache", socket=root / "s.sock",
+                             max_chars=120, max_audio_seconds=30, seed_builtin=False, settle=0.0,
+                             auto_rollback_requests=1000, auto_rollback_share=0.005)
+        self.daemon = Daemon(config)
+        self.daemon.manager.start()
+        self.loop = asyncio.new_event_loop()
+        self.client = TestClient(TestServer(build_app(self.daemon.backend()), loop=self.loop), loop=self.loop)
+        self.loop.run_until_complete(self.client.start_server())
+        self.spool = Spool(root / "spool", self.daemon.backend(), concurrency=1)
+        self.spool.prepare()
+
+    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        async def go() -> tuple[int, Any]:
+            async with self.client.post(path, data=body, headers=headers or {}) as resp:
+                data = await resp.read()
+                kind = resp.headers.get("Content-Type", "")
+                return resp.status, json.loads(data) if kind.startswith("application/json") else data
+        return self.run(go())
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def version_2(self) -> dict[str, Any]:
+        voice = next(v for v in self.daemon.manager.snapshot() if v["name"] == "tiny")
+        assert voice["active"] == "2", "a request error was counted: the good version was rolled back"
+        return next(v for v in voice["versions"] if v["version"] == "2")
+
+    def close(self) -> None:
+        self.run(self.client.close())
+        self.daemon.pool.shutdown()
+        self.daemon.manager.close()
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    h = Harness(tmp_path_factory.mktemp("hostile"))
+    yield h
+    h.close()
+
+
+def check(status: int, body: Any) -> None:
+    assert 200 <= status < 500, (status, body)
+    if status >= 400:
+        assert set(body["error"]) == {"code", "message"}, body
+
+
+scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-(10 ** 400), max_value=10 ** 400)
+           | st.floats(allow_nan=False) | st.text(max_size=30) | st.sampled_from(["²", "1", "0", "-1", "wav", "pcm"]))
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+texts = st.text(alphabet="abcdefghij ,.!?'²\u0301\n\t", min_size=0, max_size=60) | json_values
+field_values = {name: (texts if name == "text" else json_values) for name in FIELDS}
+requests_ = st.fixed_dictionaries({}, optional=field_values) | json_values
+openai_requests = st.fixed_dictionaries({}, optional={n: texts if n == "input" else json_values
+                                                      for n in OPENAI_FIELDS})
+COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@settings(COMMON, max_examples=250)
+@given(body=requests_, version_header=st.none() | st.text(max_size=80))
+def test_any_synthesize_request_is_answered_2xx_or_4xx(harness: Harness, body: Any,
+                                                       version_header: str | None) -> None:
+    headers = {}
+    if version_header is not None and version_header.isprintable() and version_header.isascii():
+        headers["X-Ttsd-Version"] = version_header
+    check(*harness.post("/v1/synthesize", json.dumps(body).encode(), headers))
+    assert harness.version_2()["model_failures"] == 0
+
+
+@settings(COMMON, max_examples=80)
+@given(body=openai_requests)
+def test_any_openai_request_is_answered_2xx_or_4xx(harness: Harness, body: Any) -> None:
+    check(*harness.post("/v1/audio/speech", json.dumps(body).encode()))
+    assert harness.version_2()["model_failures"] == 0
+
+
+@settings(COMMON, max_examples=60)
+@given(raw=st.binary(max_size=200) | st.sampled_from([
+    b"[" * 100_000, b'{"text": "hi", "speed": NaN}', b'{"text": "hi", "speed": 1e400}', b"\xff\xfe{}",
+    b'{"text": "hi", "seed": ' + b"9" * 5000 + b"}"]))
+def test_any_bytes_as_a_body_are_a_400(harness: Harness, raw: bytes) -> None:
+    status, body = harness.post("/v1/synthesize", raw)
+    check(status, body)
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"text": "hello", "seed": 1180591620717411303424}, "bad_request"),  # outside int64: was a 500 and counted
+    ({"text": "hello", "speaker": "²"}, "bad_request"),  # "²".isdigit() but not an index: was a 500
+    ({"text": "hello", "speaker": 7}, "bad_request"),
+    ({"text": "hello", "speaker": "alice"}, "bad_request"),
+    ({"text": "hello", "speed": 10 ** 400}, "bad_request"),  # OverflowError: was a plain-text 500
+    ({"text": "hello", "sentence_pause": 10 ** 400}, "bad_request"),
+    ({"text": "hello", "seed": -1}, "bad_request"),
+    ({"text": "a. " * 40, "sentence_pause": 5}, "audio_too_long"),  # 39 pauses of 5 s > 30 s
+])
+def test_each_finding_is_the_request_s_fault(harness: Harness, body: dict[str, Any], code: str) -> None:
+    status, reply = harness.post("/v1/synthesize", json.dumps(body).encode())
+    assert (status // 100, reply["error"]["code"]) == (4, code), reply
+    assert harness.version_2()["model_failures"] == 0
+
+
+def test_valid_options_still_speak(harness: Harness) -> None:
+    status, wav = harness.post("/v1/synthesize", json.dumps(
+        {"text": "hello there", "speaker": "2", "seed": 2 ** 64 - 1, "speed": 4, "sentence_pause": 5}).encode())
+    assert status == 200 and wav[:4] == b"RIFF"
+
+
+names = st.text(min_size=1, max_size=240).map(lambda s: s.replace("/", "_").replace("\x00", "_")) \
+    | st.sampled_from(["r1.txt", "r1.json", "x.TXT", "a" * 230 + ".txt", "new\nline.txt", "-dash.json"])
+
+
+@settings(COMMON, max_examples=120)
+@given(name=names, content=st.binary(max_size=120) | json_values.map(lambda v: json.dumps(v).encode())
+       | st.fixed_dictionaries({}, optional=field_values).map(lambda v: json.dumps(v).encode()))
+def test_any_spool_file_ends_done_or_failed_with_a_request_reason(harness: Harness, name: str,
+                                                                  content: bytes) -> None:
+    spool = harness.spool
+    if name.startswith(".") or name.endswith(".tmp") or len(os.fsencode(name)) > 250:
+        return  # never claimed (writers' temp files) or not a possible file name
+    claimed = spool.dirs["work"] / name
+    claimed.write_bytes(content)
+    harness.run(spool._serve(claimed))
+    assert not claimed.exists() and not (spool.dirs["incoming"] / name).exists()
+    where = [d for d in ("done", "failed") if (spool.dirs[d] / name).exists()]
+    assert len(where) == 1
+    if where == ["done"]:
+        (spool.dirs["out"] / f"{Path(name).stem}.json").unlink()  # let the next example reuse the ID
+    else:
+        errors = [json.loads(p.read_text())["error"] for p in spool.dirs["failed"].glob("*.error.json")]
+        assert errors and all(e["code"] not in ("internal", "synthesis_failed") for e in errors), errors
+        for p in spool.dirs["failed"].iterdir():
+            p.unlink()
+    (spool.dirs["done"] / name).unlink(missing_ok=True)
+    assert harness.version_2()["model_failures"] == 0
+
+
+def scan_and_serve(harness: Harness) -> None:
+    async def go() -> None:
+        for _ in range(40):  # a regular file must keep its size for SETTLE_SECONDS before it is claimed
+            harness.spool._scan()
+            await harness.spool.drain()
+            if not any(harness.spool.dirs["incoming"].iterdir()):
+                return
+            await asyncio.sleep(0.1)
+    harness.run(go())
+
+
+def error_of(harness: Harness, name: str) -> dict[str, str]:
+    from ttsd.spool import _error_name
+
+    return json.loads((harness.spool.dirs["failed"] / _error_name(name)).read_text())["error"]
+
+
+def test_spool_never_follows_a_link_or_reads_an_oversized_or_special_file(harness: Harness, tmp_path: Path) -> None:
+    """1. A link to a secret, a FIFO and a 2 MiB file are dropped into incoming/.
+    2. Each is claimed and refused with its reason; the secret is never spoken, the FIFO never
+       blocks the spool, and the big file is refused from its size."""
+    incoming = harness.spool.dirs["incoming"]
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the token is hunter2")
+    (incoming / "link.txt").symlink_to(secret)
+    os.mkfifo(incoming / "pipe.txt")
+    (incoming / "big.txt").write_bytes(b"a" * (2 << 20))
+    scan_and_serve(harness)
+    assert "symbolic link" in error_of(harness, "link.txt")["message"]
+    assert "not a regular file" in error_of(harness, "pipe.txt")["message"]
+    assert error_of(harness, "big.txt")["code"] == "too_large"
+    assert (harness.spool.dirs["failed"] / "link.txt").is_symlink()  # the link itself moved, not its target
+    assert secret.read_text() == "the token is hunter2" and not list(harness.spool.dirs["out"].glob("link*"))
+
+
+def test_spool_refuses_a_second_request_with_a_served_id(harness: Harness) -> None:
+    """1. r7.txt is served. 2. r7.json arrives: it would overwrite out/r7.wav, so it is refused.
+    3. Names too long for an error file, or with a newline, still end in failed/ with a reason."""
+    spool = harness.spool
+    (spool.dirs["incoming"] / "r7.txt").write_text("hello there")
+    scan_and_serve(harness)
+    wav = (spool.dirs["out"] / "r7.wav").read_bytes()
+    (spool.dirs["incoming"] / "r7.json").write_text(json.dumps({"text": "a different text", "format": "wav"}))
+    long_name, newline = "n" * 240 + ".txt", "two\nlines.txt"
+    (spool.dirs["incoming"] / long_name).write_text("hello")
+    (spool.dirs["incoming"] / newline).write_text("hello")
+    scan_and_serve(harness)
+    assert error_of(harness, "r7.json")["code"] == "duplicate"
+    assert (spool.dirs["out"] / "r7.wav").read_bytes() == wav
+    assert error_of(harness, long_name)["code"] == "bad_name" and (spool.dirs["failed"] / long_name).exists()
+    assert "two\\nlines.txt" in error_of(harness, newline)["message"]
+    assert not list(spool.dirs["work"].iterdir()) and not list(spool.dirs["incoming"].iterdir())
+
+
+def test_spool_outputs_follow_the_umask(harness: Harness) -> None:
+    old = os.umask(0o027)
+    try:
+        (harness.spool.dirs["incoming"] / "shared.txt").write_text("hello")
+        scan_and_serve(harness)
+    finally:
+        os.umask(old)
+    for name in ("shared.wav", "shared.json"):
+        assert (harness.spool.dirs["out"] / name).stat().st_mode & 0o777 == 0o640, name
