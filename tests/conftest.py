@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ttsd.manager import ModelManager, Policy
 from ttsd.manifest import pack
 
 LETTERS = list("abcdefghijklmnopqrstuvwxyz '")
@@ -119,3 +120,30 @@ def no_stray_daemons() -> Iterator[None]:
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     return save_tiny_vits(tmp_path / "tiny")
+
+
+@pytest.fixture
+def fake_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    info = site / "ttsd_fake-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ttsd-fake\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[ttsd.engines]\nfake = fake_engine:FakeEngine\n")
+    monkeypatch.syspath_prepend(str(site))
+    from fake_engine import FakeEngine
+
+    FakeEngine.live = FakeEngine.peak = 0
+
+
+def make_manager(tmp_path: Path, default_voice: str | None = None, **policy: object) -> ModelManager:
+    policy.setdefault("settle", 0.0)
+    return ModelManager(tmp_path / "models", state_dir=tmp_path / "state", policy=Policy(**policy),  # type: ignore[arg-type]
+                        default_voice=default_voice)
+
+
+def fake_model(models: Path, name: str, version: str, **settings: object) -> Path:
+    folder = models / f"{name}-{version}"
+    folder.mkdir(parents=True)
+    (folder / "fake.json").write_text(json.dumps(settings))
+    pack(folder, name=name, version=version, engine="fake", sample_rate=8000)
+    return folder

@@ -33,11 +33,21 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from .engines import Engine, create_engine
-from .errors import BusyError, ConfigError, TtsdError, UnknownVoiceError
+from .errors import (
+    BusyError,
+    ConfigError,
+    ManifestError,
+    ResourceError,
+    TtsdError,
+    UnknownVoiceError,
+    VerifyError,
+    is_system_oserror,
+    resource_error,
+)
 from .gil import yielding_gil
 from .manifest import Manifest, read_manifest, verify
 from .source import Folder, Source, looks_incomplete
-from .store import ModelStore, ServingState, content_id
+from .store import ModelStore, ServingState, VersionRecord, VoiceRecord, content_id
 
 log = logging.getLogger("ttsd.manager")
 STORE_KEEP = 3  # rollback targets kept in the store besides the active version
@@ -53,7 +63,8 @@ class State(str, Enum):
     STANDBY = "standby"  # loaded, kept as a rollback target
     AVAILABLE = "available"  # verified and stored, not loaded
     RETIRED = "retired"  # replaced; unloaded when its last request ends
-    REFUSED = "refused"
+    REFUSED = "refused"  # its content cannot serve (fails verification, loading or warm-up)
+    DEFERRED = "deferred"  # could not come up for the box's reasons (disk full, damaged copy): retried
     ROLLED_BACK = "rolled-back"
 
 
@@ -90,6 +101,9 @@ class ModelVersion:
     served: int = 0  # requests it served, and failed through its own fault, since it was loaded
     model_failures: int = 0
     load_seconds: float = 0.0
+    retry_at: float = 0.0  # DEFERRED: monotonic time of the next try
+    backoff: float = 0.0
+    fresh: bool = False  # found in the store but not in the saved state: not judged yet
 
     @property
     def key(self) -> tuple[str, str]:
@@ -131,6 +145,10 @@ class Lease:
 Listener = Callable[[str, ModelVersion], None]
 
 
+class _StoreLost(TtsdError):
+    """A version's store copy is damaged and there is no intact folder to copy it from again."""
+
+
 class ModelManager:
     def __init__(self, models_dir: Path, *, state_dir: Path, policy: Policy | None = None,
                  engine_options: dict[str, Any] | None = None, default_voice: str | None = None,
@@ -152,6 +170,7 @@ class ModelManager:
         self._active: dict[str, ModelVersion] = {}
         self._canary: dict[str, ModelVersion] = {}
         self._first_scan = True
+        self._settling = False  # a folder changed less than `settle` seconds ago
         self._in_flight = 0  # requests holding a lease on any version
         self.needs_rescan = False  # a folder is still settling: the daemon should look again soon
 
@@ -261,61 +280,194 @@ class ModelManager:
 
     # == loading (loader threads) =============================================================
     def start(self) -> None:
-        """Restore the saved serving state, then look at the models dir."""
+        """Restore what is known (saved state, then the store), look at the models dir, and bring
+        every voice up: its saved active version, else the newest version that verifies. Folders
+        still settling (a voice converted or copied in just now) are waited for, briefly, so the
+        daemon does not announce "no voice" a second before one serves."""
         with self._load_lock:
             self.store.prepare()
             self.state.load()
             for key, record in self.state.versions.items():
                 name, _, version = key.partition("/")
                 state = State(record.state) if record.state in State._value2member_map_ else State.AVAILABLE
-                if state in (State.CANARY, State.ACTIVE, State.STANDBY, State.RETIRED, State.LOADING,
-                             State.WARMING, State.VERIFYING, State.INCOMPLETE):
+                if state not in (State.REFUSED, State.ROLLED_BACK):
                     state = State.AVAILABLE  # nothing is loaded yet in this process
                 model = ModelVersion(name, version, state, content=record.content, reason=record.reason,
                                      store=self.store.get(name, version))
                 self._versions[model.key] = model
-            for name, voice in sorted(self.state.voices.items()):
-                if voice.active is None:
+            for name, version, folder in self.store.scan():  # copies the saved state does not know
+                if (name, _norm(version)) in self._versions:
                     continue
-                model = self._versions.get((name, _norm(voice.active)))
-                if model is None or model.store is None:
-                    log.warning("%s %s was active but is not in the store; choosing again", name, voice.active)
+                try:
+                    manifest = read_manifest(folder)
+                    if (manifest.name, _norm(manifest.version)) != (name, _norm(version)):
+                        raise ManifestError(f"it says {manifest.name} {manifest.version}")
+                except TtsdError as exc:
+                    log.warning("store copy %s is unusable (%s); removing it", folder, exc)
+                    self.store.remove(name, version)
                     continue
-                if self._bring_up(model, "resumed after restart"):
-                    self._activate(model, "restart", push_previous=False)
+                # stored, then the process died before the state said so (e.g. kill -9 mid-load):
+                # its folder is judged like a newly dropped one
+                model = ModelVersion(name, version, State.AVAILABLE, content=content_id(manifest), store=folder,
+                                     fresh=True)
+                self._versions[model.key] = model
+                log.info("found %s %s in the store", name, version)
+        self.reconcile()
+        deadline = time.monotonic() + 3 * self.policy.settle + 1.0
+        while self._settling and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(self.policy.settle / 4, 0.02)))
             self.reconcile()
 
+    def retry_now(self) -> None:
+        """Versions waiting after a system failure are retried at the next reconcile (SIGHUP)."""
+        with self._lock:
+            for model in self._versions.values():
+                model.retry_at = 0.0
+
     def reconcile(self) -> None:
-        """Check every folder that is ready, and promote the newest good new version of each voice."""
+        """Check every folder that is ready, promote the newest good new version of each voice, and
+        bring up a voice that has no active version. No one folder or version can stop the rest:
+        a failure is logged and that folder is looked at again at the next scan."""
         with self._load_lock:
             _lower_thread_priority(self.policy.loader_nice)  # hashing and copying yield to requests too
-            ready, waiting = self.source.ready()
+            ready, self._settling = self.source.ready()
             candidates: dict[str, list[tuple[Version, Folder, Manifest]]] = {}
             for folder in ready:
-                found = self._examine(folder)
+                try:
+                    found = self._examine(folder)
+                except Exception:  # e.g. a folder deleted while it was hashed
+                    log.exception("checking %s failed; it is looked at again at the next scan", folder.path)
+                    folder.settled, folder.signature, folder.state = False, (), "new"
+                    self._undo_check(folder.path)
+                    continue
                 if found is not None:
                     candidates.setdefault(found[1].name, []).append((found[1].parsed_version, folder, found[1]))
             first, self._first_scan = self._first_scan, False
+            if first:
+                self._resume_saved()
             for name, found_list in sorted(candidates.items()):
-                for number, folder, manifest in sorted(found_list, key=lambda c: c[0], reverse=True):
-                    model = self._versions[(name, _norm(manifest.version))]
-                    active = self._active.get(name)
-                    if active is not None and number <= Version(active.version):
-                        model.state = State.AVAILABLE  # e.g. older folders found at start-up
-                        continue
-                    if self._promote(model, folder.path, "new version in the models dir"):
-                        # Older new ones: known and stored on demand, not loaded.
-                        for _, _, other in found_list:
-                            other_model = self._versions[(name, _norm(other.version))]
-                            if other_model is not model and other_model.state is State.VERIFYING:
-                                other_model.state = State.AVAILABLE
-                        break
+                self._promote_newest(name, found_list)
             if first:
                 for model in self._versions.values():
                     if model.state is State.VERIFYING:
                         model.state = State.AVAILABLE
-            self.needs_rescan = waiting or any(f.state == "incomplete" for f in self.source.folders.values())
+            self._forget_vanished()
+            for name in sorted({m.name for m in self._versions.values()}):
+                self._retry_deferred(name)
+                if name not in self._active and self._policy_allows_fallback(name):
+                    self._fall_back(name)
+            # deferred versions wait for the periodic rescan: their back-off is longer than its interval
+            self.needs_rescan = self._settling or any(f.state == "incomplete" for f in self.source.folders.values())
             self._save()
+
+    def _resume_saved(self) -> None:
+        """At start-up: every voice's saved active version comes back (re-copied from the models
+        dir if its store copy is damaged); one that cannot is logged and the voice falls back."""
+        for name, voice in sorted(self.state.voices.items()):
+            if voice.active is None or name in self._active:
+                continue
+            model = self._versions.get((name, _norm(voice.active)))
+            if model is None or model.state in (State.REFUSED, State.ROLLED_BACK):
+                log.warning("%s %s was active but is not known any more; choosing again", name, voice.active)
+                continue
+            try:
+                self._ensure_stored(model)
+            except TtsdError as exc:
+                log.warning("%s %s was active but cannot be restored (%s); choosing again", name, voice.active, exc)
+                continue
+            if self._bring_up(model, "resumed after restart"):
+                self._activate(model, "restart", push_previous=False, durable=False)
+
+    def _promote_newest(self, name: str, found: list[tuple[Version, Folder, Manifest]]) -> None:
+        for number, folder, manifest in sorted(found, key=lambda c: c[0], reverse=True):
+            model = self._versions[(name, _norm(manifest.version))]
+            active = self._active.get(name)
+            if active is not None and number <= Version(active.version):
+                model.state = State.AVAILABLE  # e.g. older folders found at start-up
+                continue
+            if self._promote(model, folder.path, "new version in the models dir"):
+                # Older new ones: known and stored on demand, not loaded.
+                for _, _, other in found:
+                    other_model = self._versions[(name, _norm(other.version))]
+                    if other_model is not model and other_model.state is State.VERIFYING:
+                        other_model.state = State.AVAILABLE
+                return
+
+    def _policy_allows_fallback(self, name: str) -> bool:
+        # the memory policy unloads the active version while its successor loads: not "no version"
+        return not any(m.name == name and m.state in (State.VERIFYING, State.LOADING, State.WARMING)
+                       for m in self._versions.values())
+
+    def _fall_back(self, name: str) -> None:
+        """A voice with no active version (its saved one is damaged or gone, or the state was
+        lost) serves the newest version that verifies and loads, from the store or the models
+        dir. Rolled-back and refused versions are not taken; ones waiting to retry are, when due."""
+        rolled_back = {_norm(v) for v in self.state.voice(name).rolled_back}
+        now = time.monotonic()
+        options = sorted((m for m in self._versions.values() if m.name == name
+                          and m.state not in (State.REFUSED, State.ROLLED_BACK, State.INCOMPLETE)
+                          and _norm(m.version) not in rolled_back and (m.store is not None or m.source is not None)
+                          and (m.state is not State.DEFERRED or m.retry_at <= now)),
+                         key=_order, reverse=True)
+        for model in options:
+            try:
+                self._ensure_stored(model)
+            except TtsdError as exc:  # its folder changed or the disk is full: try again later
+                self._defer(model, str(exc))
+                continue
+            if self._bring_up(model, "the voice had no active version"):
+                try:
+                    self._activate(model, "fallback: newest version that verifies", durable=False)
+                except ResourceError:  # not durable: cannot happen, but never leave it half-done
+                    pass
+                log.warning("%s: serving %s, the newest version that verifies", name, model.version)
+                return
+
+    def _retry_deferred(self, name: str) -> None:
+        """A new version that failed for a system reason (disk full while storing it, out of
+        memory while loading) is tried again when its back-off is over, or at once after SIGHUP
+        or when its folder changes."""
+        active = self._active.get(name)
+        now = time.monotonic()
+        due = sorted((m for m in self._versions.values() if m.name == name and m.state is State.DEFERRED
+                      and m.retry_at <= now and m.source is not None
+                      and (active is None or _order(m) > Version(active.version))), key=_order, reverse=True)
+        for model in due[:1]:
+            assert model.source is not None
+            log.info("retrying %s %s (%s)", model.name, model.version, model.reason)
+            try:
+                model.manifest = verify(model.source)
+                if content_id(model.manifest) != model.content:
+                    raise VerifyError(f"{model.source} changed since it was checked")
+            except (TtsdError, OSError) as exc:
+                if isinstance(exc, OSError) and is_system_oserror(exc):
+                    self._defer(model, str(resource_error(exc, "verifying it")))
+                else:
+                    self._refuse(model, str(exc))
+                continue
+            self._promote(model, model.source, "retried after a system failure")
+
+    def _forget_vanished(self) -> None:
+        """Versions seen only as a folder that is gone, and never stored, are forgotten; a version
+        caught mid-check by its folder's deletion goes back to what it was."""
+        present = set(self.source.folders)
+        for model in list(self._versions.values()):
+            if model.source is not None and model.source not in present:
+                self._undo_check(model.source)
+
+    def _undo_check(self, folder: Path) -> None:
+        """The check of ``folder`` did not finish: its version forgets the folder and leaves the
+        transient states (a voice must never look "being upgraded" forever)."""
+        with self._lock:
+            for key, model in list(self._versions.items()):
+                if model.source != folder:
+                    continue
+                model.source = None
+                if model.state in (State.INCOMPLETE, State.VERIFYING, State.DEFERRED):
+                    if model.store is None and model.engine is None:
+                        del self._versions[key]
+                    elif model.state is not State.DEFERRED:
+                        model.state = State.AVAILABLE
 
     def _examine(self, folder: Folder) -> tuple[Folder, Manifest] | None:
         """Classify one settled folder; returns it when it holds a new version worth loading."""
@@ -327,7 +479,8 @@ class ModelManager:
         key = (manifest.name, _norm(manifest.version))
         content = content_id(manifest)
         known = self._versions.get(key)
-        if known is not None and known.content == content and known.state is not State.INCOMPLETE:
+        if known is not None and known.content == content and not known.fresh \
+                and known.state not in (State.INCOMPLETE, State.DEFERRED):
             folder.state, folder.settled, folder.reason = "known", True, ""
             known.source = folder.path
             return None
@@ -338,7 +491,7 @@ class ModelManager:
             log.warning("refused %s: %s", folder.path, folder.reason)
             return None
         model = known or ModelVersion(manifest.name, manifest.version, State.VERIFYING, source=folder.path)
-        model.content, model.source, model.manifest = content, folder.path, manifest
+        model.content, model.source, model.manifest, model.fresh = content, folder.path, manifest, False
         self._versions[key] = model
         voice = self.state.voice(manifest.name)
         if manifest.version in voice.rolled_back:
@@ -377,12 +530,28 @@ class ModelManager:
         return None
 
     def _refuse(self, model: ModelVersion, reason: str, folder: Folder | None = None) -> None:
+        """The version's content cannot serve (it fails verification, loading or warm-up): refused
+        for good under this content, and its store copy is dropped unless it is in use."""
         model.state, model.reason = State.REFUSED, reason
         if folder is not None:
             folder.state, folder.settled, folder.reason = "refused", True, reason
         log.warning("refused %s %s: %s", model.name, model.version, reason)
+        if model.store is not None and model.engine is None and model.in_flight == 0:
+            self.store.remove(model.name, model.version)
+            model.store = None
         self.state.record(model.name, None, model.version, "refused", reason=reason)
         self._listener("refused", model)
+
+    def _defer(self, model: ModelVersion, reason: str) -> None:
+        """The version could not come up for a reason of the box's (disk full, I/O error, out of
+        memory) or its store copy was damaged with no intact folder to copy again: not the
+        version's fault, so it is retried, after a back-off that doubles up to five minutes."""
+        model.backoff = min(300.0, model.backoff * 2 if model.backoff else 10.0)
+        model.retry_at = time.monotonic() + model.backoff
+        model.state, model.reason = State.DEFERRED, f"{reason} (retried in {model.backoff:.0f} s or on SIGHUP)"
+        log.error("%s %s cannot come up now: %s", model.name, model.version, model.reason)
+        self.state.record(model.name, None, model.version, "deferred", reason=reason)
+        self._listener("deferred", model)
 
     def _promote(self, model: ModelVersion, folder: Path, why: str) -> bool:
         """Store, load and warm ``model`` beside the serving version, then swap (or start a canary)."""
@@ -393,7 +562,10 @@ class ModelManager:
             assert model.manifest is not None
             model.store = self.store.put(folder, model.manifest)
         except (TtsdError, OSError) as exc:
-            self._refuse(model, f"could not copy into the store: {exc}")
+            if is_system_oserror(exc):
+                self._defer(model, str(resource_error(exc, "copying it into the store")))
+            else:
+                self._refuse(model, f"could not copy into the store: {exc}")
             return self._restore_after_failure(previous)
         if not self._bring_up(model, why):
             return self._restore_after_failure(previous)
@@ -405,26 +577,33 @@ class ModelManager:
             log.info("%s %s is a canary for %.0f%% of requests", model.name, model.version, share * 100)
             self._listener("canary", model)
             return True
-        self._activate(model, why)
+        try:
+            self._activate(model, why)
+        except ResourceError as exc:  # the swap could not be recorded: it does not happen yet
+            self._unload(model)
+            self._defer(model, str(exc))
+            return self._restore_after_failure(previous)
+        model.backoff = 0.0
         return True
 
     def _restore_after_failure(self, previous: ModelVersion | None) -> bool:
         if previous is not None and self.policy.swap == "memory" and previous.engine is None:
             if self._bring_up(previous, "reloaded after a failed upgrade"):
-                self._activate(previous, "the upgrade failed", push_previous=False)
+                self._activate(previous, "the upgrade failed", push_previous=False, durable=False)
         return False
 
     def _bring_up(self, model: ModelVersion, why: str) -> bool:
-        """Verify the store copy, load and warm up. Runs at low CPU priority beside live requests,
-        handing the GIL to them while they are served (``ttsd.gil``)."""
+        """Verify the store copy (copying it again from the models dir if it is damaged), load and
+        warm up. Runs at low CPU priority beside live requests, handing the GIL to them while they
+        are served (``ttsd.gil``). A failure of the version's own refuses it; one of the box's
+        (or a damaged copy with nothing to copy again) defers it."""
         started = time.monotonic()
         _lower_thread_priority(self.policy.loader_nice)
         engine: Engine[Any] | None = None
         try:
-            if model.store is None:
-                raise ConfigError(f"{model.name} {model.version} is not in the store")
             model.state = State.VERIFYING
-            model.manifest = verify(model.store)
+            self._check_store(model)
+            assert model.store is not None and model.manifest is not None
             model.state = State.LOADING
             self._listener("loading", model)
             engine = create_engine(model.store, model.manifest, **self.engine_options)
@@ -435,7 +614,10 @@ class ModelManager:
         except Exception as exc:  # TtsdError says why; anything else is the engine crashing
             if engine is not None:
                 engine.unload()
-            self._refuse(model, str(exc) if isinstance(exc, TtsdError) else f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, (_StoreLost, MemoryError, ResourceError)) or is_system_oserror(exc):
+                self._defer(model, str(exc) if isinstance(exc, TtsdError) else str(resource_error(exc, "loading")))
+            else:
+                self._refuse(model, str(exc) if isinstance(exc, TtsdError) else f"{type(exc).__name__}: {exc}")
             return False
         model.engine, model.reason = engine, ""
         model.load_seconds = time.monotonic() - started
@@ -443,10 +625,67 @@ class ModelManager:
         self._listener("loaded", model)
         return True
 
+    def _check_store(self, model: ModelVersion) -> None:
+        """The store copy must verify and be the content recorded for this version. A damaged one
+        is dropped and copied again from the version's folder in the models dir when that folder
+        verifies with the same content; else ``_StoreLost``."""
+        problem = "it is not in the store"
+        if model.store is not None:
+            try:
+                manifest = verify(model.store)
+                if model.content and content_id(manifest) != model.content:
+                    raise VerifyError(f"{model.store}: holds other content than was recorded for it")
+                model.manifest, model.content = manifest, content_id(manifest)
+                return
+            except OSError as exc:
+                if is_system_oserror(exc):
+                    raise
+                problem = f"its store copy is unreadable ({exc})"
+            except TtsdError as exc:
+                problem = f"its store copy is damaged ({exc})"
+            log.warning("%s %s: %s; dropping the copy", model.name, model.version, problem)
+            self.store.remove(model.name, model.version)
+            model.store = None
+        if model.source is None:
+            raise _StoreLost(f"{problem}, and the models dir has no folder of it to copy again")
+        try:
+            manifest = verify(model.source)
+        except TtsdError as exc:
+            raise _StoreLost(f"{problem}, and its folder {model.source} does not verify ({exc})") from exc
+        if model.content and content_id(manifest) != model.content:
+            raise _StoreLost(f"{problem}, and {model.source} holds other content now")
+        model.store = self.store.put(model.source, manifest)
+        model.manifest, model.content = manifest, content_id(manifest)
+        log.warning("%s %s: copied again from %s", model.name, model.version, model.source)
+
     def _activate(self, model: ModelVersion, why: str, *, push_previous: bool = True,
-                  previous_state: State = State.STANDBY) -> float:
-        """The swap: one reference replaced under the lock. Then trim what stays loaded and persist.
-        Returns the monotonic time of the swap."""
+                  previous_state: State = State.STANDBY, record: VoiceRecord | None = None,
+                  durable: bool = True) -> float:
+        """The swap: one reference replaced under the lock, then trim what stays loaded. Returns the
+        monotonic time of the swap.
+
+        ``durable`` (operator actions, new versions): the voice's new record (``record``, or one
+        made here) is written to ``state.json`` first, and if that fails nothing changes and
+        ``ResourceError`` says why. Otherwise (resuming, automatic rollbacks and canary results,
+        which must not wait for disk space) the swap happens and the record is written when it can.
+        """
+        voice = (record or self.state.voice(model.name)).copy()
+        old = self.state.voice(model.name).active
+        previous = self._active.get(model.name)
+        if push_previous and old is not None and old != model.version and previous is not None \
+                and previous_state is State.STANDBY:
+            voice.previous = [v for v in voice.previous if v != old] + [old]
+        voice.previous = [v for v in voice.previous if v != model.version]
+        voice.active = model.version
+        if durable:
+            try:
+                self.state.commit(model.name, voice)
+            except ResourceError:
+                if model.engine is not None and model.state in (State.LOADING, State.WARMING, State.VERIFYING):
+                    model.state = State.STANDBY  # loaded and unharmed: a rollback target
+                raise
+        else:
+            self.state.voices[model.name] = voice
         to_unload: list[ModelVersion] = []
         with self._lock:
             previous = self._active.get(model.name)
@@ -464,13 +703,6 @@ class ModelManager:
             for m in self._versions.values():
                 if m.name == model.name and m.state in (State.RETIRED, State.ROLLED_BACK) and m.in_flight == 0:
                     to_unload.append(m)
-        voice = self.state.voice(model.name)
-        old = voice.active
-        if push_previous and old is not None and old != model.version and previous is not None \
-                and previous_state is State.STANDBY:
-            voice.previous = [v for v in voice.previous if v != old] + [old]
-        voice.previous = [v for v in voice.previous if v != model.version]
-        voice.active = model.version
         self.state.record(model.name, old, model.version, why, load_seconds=round(model.load_seconds, 2))
         self._save()
         log.info("%s: %s -> %s (%s)", model.name, old or "-", model.version, why)
@@ -508,12 +740,16 @@ class ModelManager:
         model.state = State.AVAILABLE
 
     # == operator actions (loader threads) ====================================================
-    def rollback(self, voice: str, to: str | None = None, why: str = "rollback requested") -> dict[str, Any]:
+    def rollback(self, voice: str, to: str | None = None, why: str = "rollback requested", *,
+                 durable: bool = True) -> dict[str, Any]:
+        """Serve the previous (or ``to``) version at once and mark the current one rolled back.
+        ``durable``: on disk before it happens (``ResourceError`` and no change when the state dir
+        is full); automatic rollbacks pass False and are written when they can."""
         with self._load_lock:
             current = self._active.get(voice)
             if current is None:
                 raise UnknownVoiceError(f"voice {voice!r} has no active version to roll back from")
-            record = self.state.voice(voice)
+            record = self.state.voice(voice).copy()
             if to is None:
                 stack = [v for v in record.previous if _norm(v) != _norm(current.version)]
                 if not stack:
@@ -530,8 +766,13 @@ class ModelManager:
                 raise ConfigError(f"cannot roll back to {voice} {to}: {target.reason}")
             if current.version not in record.rolled_back:
                 record.rolled_back.append(current.version)
-            current.reason = why
-            swapped = self._activate(target, why, push_previous=False, previous_state=State.ROLLED_BACK)
+            reason, current.reason = current.reason, why
+            try:
+                swapped = self._activate(target, why, push_previous=False, previous_state=State.ROLLED_BACK,
+                                         record=record, durable=durable)
+            except ResourceError:
+                current.reason = reason
+                raise
             return {"voice": voice, "from": current.version, "to": target.version,
                     "seconds": round(swapped - started, 3)}
 
@@ -548,14 +789,16 @@ class ModelManager:
             self._ensure_stored(target)
             if target.engine is None and not self._bring_up(target, why):
                 raise ConfigError(f"cannot activate {voice} {version}: {target.reason}")
-            record = self.state.voice(voice)
+            record = self.state.voice(voice).copy()
             record.rolled_back = [v for v in record.rolled_back if _norm(v) != _norm(version)]
-            swapped = self._activate(target, why)
+            swapped = self._activate(target, why, record=record)
             return {"voice": voice, "from": current.version if current else None, "to": target.version,
                     "seconds": round(swapped - started, 3)}
 
     def _ensure_stored(self, target: ModelVersion) -> None:
-        """A version known only from the models dir is verified and copied into the store first."""
+        """A version known only from the models dir is verified and copied into the store first
+        (a damaged store copy is dealt with by ``_bring_up``). ``ResourceError`` when the box
+        cannot take the copy now."""
         if target.engine is not None or target.store is not None:
             return
         if target.source is None:
@@ -566,13 +809,17 @@ class ModelManager:
                 raise ConfigError(f"{target.source} changed since it was checked")
             target.manifest = manifest
             target.store = self.store.put(target.source, manifest)
-        except (TtsdError, OSError) as exc:
+        except OSError as exc:
+            if is_system_oserror(exc):
+                raise resource_error(exc, f"copying {target.name} {target.version} into the store") from exc
+            raise ConfigError(f"cannot serve {target.name} {target.version}: {exc}") from exc
+        except TtsdError as exc:
             raise ConfigError(f"cannot serve {target.name} {target.version}: {exc}") from exc
 
     def _auto_rollback(self, model: ModelVersion, why: str) -> None:
         try:
             if self._active.get(model.name) is model:
-                self.rollback(model.name, why=why)
+                self.rollback(model.name, why=why, durable=False)
                 log.error("%s %s rolled back: %s", model.name, model.version, why)
         except TtsdError as exc:
             log.error("%s %s is failing (%s) but cannot roll back: %s", model.name, model.version, why, exc)
@@ -582,7 +829,7 @@ class ModelManager:
             if self._canary.get(model.name) is not model:
                 return
             if promote:
-                self._activate(model, f"canary passed {model.requests} requests")
+                self._activate(model, f"canary passed {model.requests} requests", durable=False)
                 return
             with self._lock:
                 del self._canary[model.name]
@@ -619,8 +866,8 @@ class ModelManager:
             self._unload(model)
 
     def _save(self) -> None:
-        from .store import VersionRecord
-
+        """Write every version's record (best effort: retried at the next call when the disk is
+        full; transitions that must not be lost went through ``ServingState.commit``)."""
         for model in self._versions.values():
             if model.content:
                 state = model.state if model.state not in (State.LOADING, State.WARMING, State.VERIFYING,

@@ -13,22 +13,26 @@ Plain data only: no torch here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from .errors import ManifestError, VerifyError
+from .errors import ManifestError, VerifyError, is_system_oserror
 from .fsutil import atomic_write_text
 
 MANIFEST = "ttsd.json"
 FORMAT = 1
 # Weight formats that unpickle arbitrary code when loaded; ttsd loads safetensors only.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_ENTRIES = 1000  # files and folders a model folder may hold (a VITS folder has fewer than 10)
+MAX_MANIFEST_BYTES = 1 << 20
 _CHUNK = 1 << 20
 
 
@@ -124,6 +128,8 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
     check_version(data["version"])
     if data["sample_rate"] <= 0:
         raise ManifestError(f"{source}: sample_rate must be positive")
+    if len(data["files"]) > MAX_ENTRIES:
+        raise ManifestError(f"{source}: lists more than {MAX_ENTRIES} files")
     files: dict[str, FileEntry] = {}
     for rel, entry in data["files"].items():
         _safe_relpath(rel)
@@ -140,8 +146,9 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
     if not files:
         raise ManifestError(f"{source}: lists no files")
     warmup = data.get("warmup", [])
-    if not isinstance(warmup, list) or not all(isinstance(s, str) for s in warmup):
-        raise ManifestError(f"{source}: 'warmup' must be a list of sentences")
+    if not isinstance(warmup, list) or not all(isinstance(s, str) and len(s) <= 500 for s in warmup) \
+            or len(warmup) > 20:
+        raise ManifestError(f"{source}: 'warmup' must be a list of at most 20 sentences of at most 500 characters")
     known = {"format", "name", "version", "engine", "sample_rate", "files", "warmup", "description", "license"}
     return Manifest(
         name=check_name(data["name"]),
@@ -162,37 +169,71 @@ def read_manifest(folder: Path) -> Manifest:
     if path.is_symlink():
         raise ManifestError(f"{path}: is a symlink")
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ManifestError(f"{folder}: no {MANIFEST} (not a ttsd model folder; see 'ttsd models pack')") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: not a regular file of at most {MAX_MANIFEST_BYTES} bytes")
+        text = os.read(fd, MAX_MANIFEST_BYTES + 1).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: cannot be read ({exc})") from exc
+    finally:
+        os.close(fd)
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
     return parse_manifest(data, str(path))
 
 
 def _walk(folder: Path) -> tuple[list[str], list[str]]:
-    """Relative paths of regular files under ``folder`` and of anything that is not one."""
-    files, unsafe = [], []
-    for root, dirs, names in os.walk(folder, followlinks=False):
-        base = Path(root)
-        for d in list(dirs):
-            if (base / d).is_symlink():
-                unsafe.append((base / d).relative_to(folder).as_posix() + " (symlink)")
-                dirs.remove(d)
-        for n in names:
-            p = base / n
-            rel = p.relative_to(folder).as_posix()
-            if p.is_symlink():
-                unsafe.append(f"{rel} (symlink)")
-            elif not p.is_file():
-                unsafe.append(f"{rel} (not a regular file)")
-            else:
-                files.append(rel)
+    """Relative paths of regular files under ``folder`` and of anything that is not one. Never
+    follows a link; more than ``MAX_ENTRIES`` entries is a ``VerifyError`` found without reading
+    the rest (a folder of 100,000 files costs what one of 1,000 does)."""
+    files, unsafe, seen = [], [], 0
+    stack = [folder]
+    while stack:
+        base = stack.pop()
+        with os.scandir(base) as entries:
+            for entry in entries:
+                seen += 1
+                if seen > MAX_ENTRIES:
+                    raise VerifyError(f"{folder}: more than {MAX_ENTRIES} files and folders",
+                                      [f"too many files: more than {MAX_ENTRIES}"])
+                rel = Path(entry.path).relative_to(folder).as_posix()
+                if entry.is_symlink():
+                    unsafe.append(f"{rel} (symlink)")
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    files.append(rel)
+                else:
+                    unsafe.append(f"{rel} (not a regular file)")
     return sorted(files), sorted(unsafe)
+
+
+def _hash_listed(path: Path, size: int) -> tuple[int, str]:
+    """(size, sha256) of a listed file, opened without following a link and read no further
+    than one byte past ``size``: a file swapped for a link or a device after the walk cannot make
+    the check follow it or read forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file")
+        if st.st_size != size:
+            return st.st_size, ""
+        digest, left = hashlib.sha256(), size + 1
+        while left > 0 and (chunk := os.read(fd, min(left, _CHUNK))):
+            digest.update(chunk)
+            left -= len(chunk)
+        return size + 1 - left, digest.hexdigest()
+    finally:
+        os.close(fd)
 
 
 def verify(folder: Path) -> Manifest:
@@ -207,7 +248,10 @@ def verify(folder: Path) -> Manifest:
     if folder.is_symlink():
         raise VerifyError(f"{folder}: is a symlink", [f"{folder} (symlink)"])
     manifest = read_manifest(folder)
-    present, unsafe = _walk(folder)
+    try:
+        present, unsafe = _walk(folder)
+    except FileNotFoundError:
+        raise ManifestError(f"{folder}: no {MANIFEST} (the folder went away while it was checked)") from None
     problems = [f"unsafe: {u}" for u in unsafe]
     present_set = set(present) - {MANIFEST}
     for rel in sorted(present_set | set(manifest.files)):
@@ -220,10 +264,19 @@ def verify(folder: Path) -> Manifest:
             if not any(u.startswith(rel + " ") for u in unsafe):
                 problems.append(f"missing: {rel}")
             continue
-        size = (folder / rel).stat().st_size
+        try:
+            size, digest = _hash_listed(folder / rel, entry.size)
+        except FileNotFoundError:  # deleted while we looked: a copy in progress, or going away
+            problems.append(f"missing: {rel}")
+            continue
+        except OSError as exc:
+            if is_system_oserror(exc):
+                raise  # the box's problem, not the folder's
+            problems.append(f"unreadable: {rel} ({exc.strerror or exc})")
+            continue
         if size != entry.size:
             problems.append(f"changed: {rel} (size {size}, manifest says {entry.size})")
-        elif sha256_file(folder / rel) != entry.sha256:
+        elif digest != entry.sha256:
             problems.append(f"changed: {rel} (sha256 differs from manifest)")
     if problems:
         summary = problems[0] if len(problems) == 1 else f"{problems[0]} (and {len(problems) - 1} more)"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ManifestError, TtsdError, VerifyError
+from .manifest import MAX_ENTRIES
 
 
 @dataclass
@@ -31,15 +32,25 @@ class Folder:
     version: str | None = None
 
 
-def signature(folder: Path) -> tuple[object, ...]:
-    """Cheap change detector: every entry's relative name, size and mtime."""
+def signature(folder: Path, limit: int = MAX_ENTRIES) -> tuple[object, ...]:
+    """Cheap change detector: every entry's relative name, size and mtime, in directory order.
+    At most ``limit`` + 1 entries are looked at: a folder with more is refused anyway (see
+    ``manifest.MAX_ENTRIES``), and rescanning it must stay cheap (a 100,000-file folder took
+    0.66 s of CPU per rescan when every entry was stat'ed)."""
     entries: list[object] = []
+    stack, seen = [folder], 0
     try:
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            for name in sorted(files + dirs):
-                st = os.lstat(os.path.join(root, name))
-                entries.extend((os.path.relpath(os.path.join(root, name), folder), st.st_size, st.st_mtime_ns))
+        while stack and seen <= limit:
+            base = stack.pop()
+            with os.scandir(base) as it:
+                for entry in it:
+                    seen += 1
+                    if seen > limit + 1:
+                        break
+                    st = entry.stat(follow_symlinks=False)
+                    entries.extend((os.path.relpath(entry.path, folder), st.st_size, st.st_mtime_ns))
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
     except OSError:
         return ("unreadable", time.time())
     return tuple(entries)

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import VerifyError
+from .errors import ManifestError, TtsdError, VerifyError, resource_error
 from .fsutil import atomic_write_text, fsync_dir
-from .manifest import MANIFEST, Manifest, verify
+from .manifest import MANIFEST, Manifest, check_name, check_version, verify
 
 log = logging.getLogger("ttsd.store")
 HISTORY_LIMIT = 2000
@@ -54,6 +54,31 @@ class ModelStore:
         path = self.path(name, version)
         return path if (path / MANIFEST).is_file() else None
 
+    def scan(self) -> list[tuple[str, str, Path]]:
+        """Every stored copy as (voice, version, folder): what the daemon can start from when its
+        state is lost. Only names a manifest allows; the copies are verified before they load."""
+        found = []
+        if not self.root.is_dir():
+            return found
+        for voice in sorted(self.root.iterdir()):
+            if voice.name.startswith(".") or voice.is_symlink() or not voice.is_dir():
+                continue
+            for folder in sorted(voice.iterdir()):
+                try:
+                    check_name(voice.name)
+                    check_version(folder.name)
+                except ManifestError:
+                    continue
+                if not folder.is_symlink() and (folder / MANIFEST).is_file():
+                    found.append((voice.name, folder.name, folder))
+        return found
+
+    def remove(self, name: str, version: str) -> None:
+        """Drop a stored copy (damaged, refused, or no longer a rollback target)."""
+        path = self.path(name, version)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
     def put(self, source: Path, manifest: Manifest) -> Path:
         """Copy ``source`` into the store and verify the copy; returns the stored folder."""
         target = self.path(manifest.name, manifest.version)
@@ -62,8 +87,8 @@ class ModelStore:
             try:
                 if content_id(verify(existing)) == content_id(manifest):
                     return existing
-            except VerifyError:
-                pass
+            except (TtsdError, OSError) as exc:
+                log.warning("store copy %s is damaged (%s); copying it again", existing, exc)
             shutil.rmtree(existing)  # damaged or different: replace (content checks happen before)
         tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-{manifest.version}.", suffix=".partial",
                                     dir=self.root))
@@ -92,6 +117,9 @@ class VoiceRecord:
     previous: list[str] = field(default_factory=list)  # earlier actives, most recent last
     rolled_back: list[str] = field(default_factory=list)  # never auto-promoted again
 
+    def copy(self) -> VoiceRecord:
+        return VoiceRecord(self.active, list(self.previous), list(self.rolled_back))
+
 
 @dataclass
 class VersionRecord:
@@ -101,7 +129,12 @@ class VersionRecord:
 
 
 class ServingState:
-    """``state.json`` and ``history.jsonl``. Called from the manager's loader thread only."""
+    """``state.json`` and ``history.jsonl``. Called from the manager's loader thread only.
+
+    ``state.json`` is outside input like any other file: a damaged one (wrong shape, bad names,
+    not a file at all) is moved aside as ``state.json.unreadable-TIME``, what can be read of it is
+    kept, and the manager starts from the store. ``commit`` persists a voice's new record before
+    it takes effect; ``save`` and ``record`` are retried at the next call when the disk is full."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -111,40 +144,91 @@ class ServingState:
         self.versions: dict[str, VersionRecord] = {}  # "name/version"
         self._history: list[str] = []
         self._written = ""  # last state.json text, so an unchanged state is not rewritten
+        self._history_written = True
 
     def load(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.path.is_file():
+        problems: list[str] = []
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            problems.append("not a regular file")
+        elif self.path.exists():
             try:
                 text = self.path.read_text(encoding="utf-8")
                 data = json.loads(text)
-                self.voices = {k: VoiceRecord(**v) for k, v in data.get("voices", {}).items()}
-                self.versions = {k: VersionRecord(**v) for k, v in data.get("versions", {}).items()}
-                self._written = text
-            except (ValueError, TypeError) as exc:
-                # Written atomically, so this is outside damage: start fresh rather than not at all.
-                log.error("%s is unreadable (%s); starting with no saved state", self.path, exc)
-        if self.history_path.is_file():
-            lines = self.history_path.read_text(encoding="utf-8", errors="replace").splitlines()
-            self._history = [line for line in lines if line.strip()][-HISTORY_LIMIT:]
+            except (OSError, ValueError, RecursionError) as exc:
+                problems.append(f"unreadable ({exc})")
+            else:
+                self.voices, self.versions = _parse_state(data, problems)
+                if not problems:
+                    self._written = text
+        if problems:
+            # Written atomically by us, so this is outside damage: keep it for a human, start anyway.
+            aside = self.path.with_name(f"state.json.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                os.replace(self.path, aside)
+            except OSError as exc:
+                aside = Path(f"(could not move it aside: {exc})")
+            log.error("%s: %s; kept %d voice(s) and %d version(s) of it, the rest comes from the store; "
+                      "the damaged file is at %s", self.path, "; ".join(problems[:3]), len(self.voices),
+                      len(self.versions), aside)
+        if self.history_path.is_file() and not self.history_path.is_symlink():
+            try:
+                lines = self.history_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                self._history = [line for line in lines if line.strip()][-HISTORY_LIMIT:]
+            except OSError as exc:
+                log.error("%s is unreadable (%s); starting a new audit trail", self.history_path, exc)
 
     def voice(self, name: str) -> VoiceRecord:
         return self.voices.setdefault(name, VoiceRecord())
 
-    def save(self) -> None:
-        data = {"format": 1, "voices": {k: asdict(v) for k, v in sorted(self.voices.items())},
+    def _text(self, voices: dict[str, VoiceRecord]) -> str:
+        data = {"format": 1, "voices": {k: asdict(v) for k, v in sorted(voices.items())},
                 "versions": {k: asdict(v) for k, v in sorted(self.versions.items())}}
-        text = json.dumps(data, indent=1) + "\n"
-        if text != self._written:  # the models dir is rescanned every few seconds: spare the flash
+        return json.dumps(data, indent=1) + "\n"
+
+    def commit(self, name: str, record: VoiceRecord) -> None:
+        """Persist ``record`` as voice ``name``'s, then take it: a transition that must survive a
+        restart is on disk before it happens. ``ResourceError`` (nothing changed) if it cannot be
+        written."""
+        text = self._text({**self.voices, name: record})
+        try:
             atomic_write_text(self.path, text)
-            self._written = text
+        except OSError as exc:
+            raise resource_error(exc, f"recording the change in {self.path}") from exc
+        self.voices[name] = record
+        self._written = text
+
+    def save(self) -> bool:
+        """Write the state if it changed; False (logged, retried at the next call) if it cannot be."""
+        text = self._text(self.voices)
+        if text == self._written:  # the models dir is rescanned every few seconds: spare the flash
+            return True
+        try:
+            atomic_write_text(self.path, text)
+        except OSError as exc:
+            log.error("cannot write %s (%s); the change is in effect and will be written when it can",
+                      self.path, exc.strerror or exc)
+            return False
+        self._written = text
+        return True
 
     def record(self, voice: str, from_version: str | None, to_version: str | None, why: str,
                **details: Any) -> None:
+        """Append to the audit trail (best effort: a full disk delays the write, never the change)."""
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "voice": voice, "from": from_version,
                  "to": to_version, "why": why, **details}
         self._history = [*self._history, json.dumps(entry)][-HISTORY_LIMIT:]
-        atomic_write_text(self.history_path, "\n".join(self._history) + "\n")
+        self._flush_history()
+
+    def _flush_history(self) -> None:
+        try:
+            atomic_write_text(self.history_path, "\n".join(self._history) + "\n")
+            self._history_written = True
+        except OSError as exc:
+            if self._history_written:
+                log.error("cannot write %s (%s); the audit trail is kept in memory until it can",
+                          self.history_path, exc.strerror or exc)
+            self._history_written = False
 
     def history(self) -> list[dict[str, Any]]:
         result = []
@@ -154,3 +238,46 @@ class ServingState:
             except ValueError:
                 continue
         return result
+
+
+def _parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord], dict[str, VersionRecord]]:
+    """What can be trusted of a decoded ``state.json``; each thing that cannot goes to ``problems``.
+    Names and versions become store paths, so they must be what a manifest allows."""
+    voices: dict[str, VoiceRecord] = {}
+    versions: dict[str, VersionRecord] = {}
+    if not isinstance(data, dict):
+        problems.append(f"not a JSON object but {type(data).__name__}")
+        return voices, versions
+    raw_voices, raw_versions = data.get("voices", {}), data.get("versions", {})
+    if not isinstance(raw_voices, dict) or not isinstance(raw_versions, dict):
+        problems.append("'voices' and 'versions' must be objects")
+        return voices, versions
+    for name, v in raw_voices.items():
+        try:
+            check_name(name)
+            if not isinstance(v, dict) or set(v) - {"active", "previous", "rolled_back"}:
+                raise ValueError("not a voice record")
+            active = v.get("active")
+            lists = [v.get("previous", []), v.get("rolled_back", [])]
+            if active is not None:
+                check_version(active)
+            for versions_list in lists:
+                if not isinstance(versions_list, list):
+                    raise ValueError("version lists must be lists")
+                for item in versions_list:
+                    check_version(item)
+            voices[name] = VoiceRecord(active, *lists)
+        except (ValueError, TypeError, ManifestError) as exc:
+            problems.append(f"voice {name!r}: {exc}")
+    for key, v in raw_versions.items():
+        try:
+            name, _, version = key.partition("/")
+            check_name(name)
+            check_version(version)
+            if not (isinstance(v, dict) and isinstance(v.get("content"), str) and isinstance(v.get("state"), str)
+                    and isinstance(v.get("reason", ""), str)) or set(v) - {"content", "state", "reason"}:
+                raise ValueError("not a version record")
+            versions[key] = VersionRecord(v["content"], v["state"], v.get("reason", ""))
+        except (ValueError, TypeError, ManifestError) as exc:
+            problems.append(f"version {key!r}: {exc}")
+    return voices, versions

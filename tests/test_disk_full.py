@@ -1,0 +1,188 @@
+"""A full disk, for real: the state dir, the store and the spool on a small tmpfs that is filled up.
+A full disk is the box's fault: nothing is refused for good, nothing is half-changed, nothing is
+lost, and everything goes on once space is free. CI runs as root and can mount a tmpfs; where
+mounting is not allowed these tests are skipped with the reason."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import fake_model, plausible, save_tiny_vits
+
+from ttsd.config import ServeConfig
+from ttsd.daemon import Daemon
+from ttsd.http_api import build_app
+from ttsd.manager import ModelManager, Policy
+from ttsd.spool import Spool
+
+
+class Tmpfs:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.filler = path / f".filler-{uuid.uuid4().hex}"
+
+    def fill(self) -> None:
+        """Take every free byte."""
+        with open(self.filler, "ab", buffering=0) as out:
+            for size in (64 << 10, 512, 1):
+                try:
+                    while out.write(b"\0" * size):
+                        pass
+                except OSError:
+                    pass
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Tmpfs]:
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {result.stderr.strip()}")
+    try:
+        yield Tmpfs(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def manager_on(tmp_path: Path, state: Path) -> ModelManager:
+    return ModelManager(tmp_path / "models", state_dir=state, policy=Policy(settle=0.0))
+
+
+def test_rollback_with_the_state_dir_full_is_a_507_and_changes_nothing(tmp_path: Path, tmpfs: Tmpfs,
+                                                                      fake_engines: None) -> None:
+    """1. v1 then v2 serve, the state dir on a small disk. 2. The disk fills up. 3. A rollback over
+    HTTP is a JSON 507 and nothing changed: v2 serves, state.json still says v2 (it used to be a
+    plain-text 500 with the rollback applied in memory only, undone by the next restart).
+    4. Space is freed: the rollback works and is on disk."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    config = ServeConfig(models=models, state=tmpfs.path / "state", cache=tmp_path / "cache",
+                         socket=tmp_path / "s.sock", seed_builtin=False, settle=0.0, token="t" * 20)
+    daemon = Daemon(config)
+    daemon.manager.start()
+    fake_model(models, "voice", "2")
+    daemon.manager.reconcile()
+    state_file = tmpfs.path / "state" / "state.json"
+    before = state_file.read_text()
+    loop = asyncio.new_event_loop()
+    client = TestClient(TestServer(build_app(daemon.backend()), loop=loop), loop=loop)
+    loop.run_until_complete(client.start_server())
+
+    def rollback() -> tuple[int, dict[str, object]]:
+        async def go() -> tuple[int, dict[str, object]]:
+            async with client.post("/v1/voices/voice/rollback", json={},
+                                   headers={"Authorization": "Bearer " + "t" * 20}) as resp:
+                return resp.status, await resp.json()
+        return loop.run_until_complete(go())
+
+    try:
+        tmpfs.fill()
+        status, body = rollback()
+        assert status == 507 and body["error"]["code"] == "insufficient_storage", body  # type: ignore[index]
+        assert daemon.manager.snapshot()[0]["active"] == "2" and state_file.read_text() == before
+        tmpfs.free()
+        status, body = rollback()
+        assert status == 200 and body["to"] == "1"
+        assert json.loads(state_file.read_text())["voices"]["voice"]["active"] == "1"
+    finally:
+        loop.run_until_complete(client.close())
+        loop.close()
+        daemon.manager.close()
+
+
+def test_a_store_copy_that_hits_a_full_disk_is_retried_not_refused(tmp_path: Path, tmpfs: Tmpfs,
+                                                                  fake_engines: None) -> None:
+    """1. v1 serves, the store on a small disk that then fills up. 2. v2 arrives: copying it into
+    the store fails with ENOSPC; v2 waits ('deferred'), no partial copy is left, v1 serves.
+    3. Space is freed and SIGHUP's retry runs: v2 serves (it used to stay refused for good)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = manager_on(tmp_path, tmpfs.path / "state")
+    manager.start()
+    v2 = fake_model(models, "voice", "2", padding="x" * (1 << 20))
+    tmpfs.fill()
+    manager.reconcile()
+    voice = manager.snapshot()[0]
+    assert voice["active"] == "1"
+    v2_state = next(v for v in voice["versions"] if v["version"] == "2")
+    assert v2_state["state"] == "deferred" and "No space left" in v2_state["reason"], v2_state
+    assert not list((tmpfs.path / "state" / "store").glob(".*partial"))
+    manager.reconcile()  # within the back-off: not retried, still deferred
+    assert manager.snapshot()[0]["active"] == "1"
+    tmpfs.free()
+    manager.retry_now()
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "2"
+    assert v2.is_dir()
+    manager.close()
+
+
+def test_a_full_spool_requeues_and_serves_when_space_returns(tmp_path: Path, tmpfs: Tmpfs) -> None:
+    """1. The spool's disk is full when a request's audio is written. 2. The request goes back to
+    incoming/ (not failed/, not stuck in work/) and the spool pauses. 3. Space is freed: the request
+    is served, and its outputs are complete."""
+    models = tmp_path / "models"
+    save_tiny_vits(models / "tiny-1", edit=plausible, noise_scale_duration=0.0)
+    config = ServeConfig(models=models, state=tmp_path / "state", cache=tmp_path / "cache",
+                         socket=tmp_path / "s.sock", seed_builtin=False, settle=0.0)
+    daemon = Daemon(config)
+    daemon.manager.start()
+    loop = asyncio.new_event_loop()
+    spool = Spool(tmpfs.path / "spool", daemon.backend(), concurrency=1)
+    spool.prepare()
+    request = spool.dirs["incoming"] / "r1.txt"
+    request.write_text("hello world, this request meets a full disk")
+
+    async def scan_for(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            spool._scan()
+            await spool.drain()
+            await asyncio.sleep(0.1)
+
+    try:
+        tmpfs.fill()
+        loop.run_until_complete(scan_for(1.0))
+        assert request.exists(), "requeued into incoming/"
+        assert not list(spool.dirs["failed"].iterdir()) and not list(spool.dirs["work"].iterdir())
+        assert not list(spool.dirs["out"].iterdir())
+        tmpfs.free()
+        loop.run_until_complete(scan_for(3.0))  # the first back-off is 2 s
+        meta = json.loads((spool.dirs["out"] / "r1.json").read_text())
+        assert meta["duration"] > 0 and (spool.dirs["out"] / "r1.wav").stat().st_size > 44
+        assert (spool.dirs["done"] / "r1.txt").exists()
+    finally:
+        loop.close()
+        daemon.pool.shutdown()
+        daemon.manager.close()
+
+
+def test_a_full_state_dir_never_stops_a_reconcile(tmp_path: Path, tmpfs: Tmpfs, fake_engines: None) -> None:
+    """Automatic saves and the audit trail are retried when space returns; they never raise."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = manager_on(tmp_path, tmpfs.path / "state")
+    manager.start()
+    tmpfs.fill()
+    fake_model(models, "other", "1")
+    manager.reconcile()  # a new voice: its activation cannot be recorded, so it waits
+    assert [v["name"] for v in manager.snapshot() if v["active"]] == ["voice"]
+    tmpfs.free()
+    manager.retry_now()
+    manager.reconcile()
+    assert sorted(v["name"] for v in manager.snapshot() if v["active"]) == ["other", "voice"]
+    tmpfs.free()
+    manager.close()

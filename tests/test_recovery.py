@@ -1,0 +1,223 @@
+"""A box left alone for months: damaged state and store files, folders that vanish mid-check,
+refused folders that would cost CPU forever. Whatever is damaged, the manager comes up serving a
+version that verifies, by itself (in-process, with the fake engine)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import fake_model, make_manager
+from fake_engine import FakeEngine
+
+import ttsd.manager
+from ttsd.errors import ResourceError
+from ttsd.manager import ModelManager, State
+from ttsd.manifest import MAX_ENTRIES, verify
+from ttsd.source import signature
+
+
+def served_before(tmp_path: Path) -> tuple[Path, Path]:
+    """A previous run: v1 then v2 arrived and v2 serves; both are in the store. Returns (models, state)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "2"
+    manager.close()
+    return models, tmp_path / "state"
+
+
+def active(manager: ModelManager, voice: str = "voice") -> str | None:
+    with manager.acquire(voice) as lease:
+        assert lease.engine.synthesize("still speaking").duration > 0
+        return lease.model.version
+
+
+def states(manager: ModelManager) -> dict[str, str]:
+    return {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}
+
+
+DAMAGED_STATE = {
+    "list": "[]",
+    "null": "null",
+    "voices a list": '{"voices": []}',
+    "active a number": '{"voices": {"voice": {"active": 5}}}',
+    "versions a string": '{"voices": {}, "versions": "x"}',
+    "a name that escapes": '{"voices": {"../../etc": {"active": "1"}}, "versions": {"../x/1": {"content": "a", '
+                           '"state": "active"}}}',
+    "a version that escapes": '{"voices": {"voice": {"active": "../../1"}}}',
+    "unknown keys": '{"voices": {"voice": {"active": "1", "evil": true}}}',
+    "truncated": '{"voices": {"voice": {"act',
+    "binary": "\x00\xff\xfe garbage",
+    "deep": "[" * 50_000,
+}
+
+
+@pytest.mark.parametrize("damage", [*DAMAGED_STATE, "a directory", "a symlink"])
+def test_any_damaged_state_file_still_serves_a_verified_version(tmp_path: Path, fake_engines: None,
+                                                                damage: str) -> None:
+    """1. v2 served. 2. state.json is damaged (each shape that once stopped the daemon, and more).
+    3. A restart serves v2 again, from the store: the newest version that verifies. 4. The damaged
+    file is kept aside for a human, and a good state.json is written."""
+    _, state = served_before(tmp_path)
+    path = state / "state.json"
+    path.unlink()
+    if damage == "a directory":
+        path.mkdir()
+    elif damage == "a symlink":
+        path.symlink_to("/etc/passwd")
+    else:
+        path.write_bytes(DAMAGED_STATE[damage].encode("latin-1"))
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert active(manager) == "2"
+    assert list(state.glob("state.json.unreadable-*")), "the damaged file is kept aside"
+    assert json.loads(path.read_text())["voices"]["voice"]["active"] == "2"
+    assert not (tmp_path / "etc").exists() and Path("/etc/passwd").is_file()
+
+
+@pytest.mark.parametrize("lost", ["state and store", "store", "models dir and state"])
+def test_lost_state_or_store_recovers_from_what_is_left(tmp_path: Path, fake_engines: None, lost: str) -> None:
+    models, state = served_before(tmp_path)
+    if "state" in lost:
+        (state / "state.json").unlink()
+    if "store" in lost:
+        shutil.rmtree(state / "store")
+    if "models dir" in lost:
+        shutil.rmtree(models)
+        models.mkdir()
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert active(manager) == "2"
+
+
+def flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_store_copy_is_copied_again_from_the_models_dir(tmp_path: Path, fake_engines: None,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """1. v2 served. 2. A byte of its store copy flips. 3. A restart re-copies it from the intact
+    models/voice-2 and serves v2, saying why; it used to refuse v2 and serve nothing."""
+    _, state = served_before(tmp_path)
+    flip(state / "store" / "voice" / "2" / "fake.json")
+    manager = make_manager(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ttsd.manager"):
+        manager.start()
+    assert active(manager) == "2"
+    assert "store copy is damaged" in caplog.text and "copied again" in caplog.text
+    verify(state / "store" / "voice" / "2")
+
+
+def test_a_damaged_copy_without_a_folder_falls_back_until_the_folder_returns(tmp_path: Path,
+                                                                           fake_engines: None) -> None:
+    """1. v2 served; its models-dir folder is deleted and its store copy damaged. 2. A restart
+    serves v1, the newest version that verifies; v2 waits (deferred), it is not refused. 3. The
+    folder of v2 is dropped in again: v2 serves. 4. `ttsd activate` on a damaged copy re-copies."""
+    models, state = served_before(tmp_path)
+    v2 = models / "voice-2"
+    shutil.copytree(v2, tmp_path / "saved-v2")
+    shutil.rmtree(v2)
+    flip(state / "store" / "voice" / "2" / "fake.json")
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert active(manager) == "1"
+    assert states(manager)["2"] == "deferred"
+    shutil.copytree(tmp_path / "saved-v2", v2)
+    manager.reconcile()
+    assert active(manager) == "2"
+    flip(state / "store" / "voice" / "1" / "fake.json")
+    assert manager.activate("voice", "1")["to"] == "1"  # was: 409 with the checksum error
+    assert active(manager) == "1"
+
+
+def test_a_folder_deleted_mid_check_stops_nothing(tmp_path: Path, fake_engines: None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """1. Two new voices arrive; the first folder is deleted while it is being verified. 2. The
+    same reconcile still brings up the second voice, and nothing stays in 'verifying' (a voice
+    with no active version would answer 503 'being upgraded' forever)."""
+    models = tmp_path / "models"
+    fake_model(models, "a", "1")
+    fake_model(models, "b", "1")
+    real_verify = ttsd.manager.verify
+
+    def deleting_verify(folder: Path):  # type: ignore[no-untyped-def]
+        if folder.name == "a-1":
+            shutil.rmtree(folder)
+        return real_verify(folder)
+
+    monkeypatch.setattr(ttsd.manager, "verify", deleting_verify)
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert active(manager, "b") == "1"
+    assert all(v["state"] != "verifying" for voice in manager.snapshot() for v in voice["versions"])
+    monkeypatch.setattr(ttsd.manager, "verify", lambda folder: (_ for _ in ()).throw(OSError(13, "boom")))
+    fake_model(models, "c", "1")
+    fake_model(models, "d", "1")
+    manager.reconcile()  # an unexpected error on every folder: logged, and the next scan tries again
+    monkeypatch.setattr(ttsd.manager, "verify", real_verify)
+    manager.reconcile()
+    assert active(manager, "c") == "1" and active(manager, "d") == "1"
+
+
+def test_a_huge_refused_folder_is_cheap_to_rescan(tmp_path: Path, fake_engines: None) -> None:
+    """A folder with more entries than any model has is refused, and looking at it again on every
+    rescan stops at the cap (it walked all 100,000 files of such a folder every 5 s)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    big = fake_model(models, "voice", "2")
+    for i in range(MAX_ENTRIES + 500):
+        (big / f"f{i}").touch()
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert active(manager) == "1" and states(manager)["2"] == "refused"
+    reason = next(v["reason"] for v in manager.snapshot()[0]["versions"] if v["version"] == "2")
+    assert f"more than {MAX_ENTRIES} files" in reason
+    assert len(signature(big)) == 3 * (MAX_ENTRIES + 1)  # stops looking after the cap
+
+
+def test_a_version_refused_at_load_leaves_no_store_copy(tmp_path: Path, fake_engines: None) -> None:
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "voice", "2", fail_on="warmup")
+    manager.reconcile()
+    assert states(manager)["2"] == "refused"
+    assert not (tmp_path / "state" / "store" / "voice" / "2").exists()
+    assert FakeEngine.live == 1
+
+
+def test_an_unwritable_state_changes_nothing_on_rollback(tmp_path: Path, fake_engines: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state dir cannot take the write (ENOSPC is tested on a real full tmpfs in
+    test_disk_full.py; here the rename fails with EROFS): the rollback is refused as the box's
+    fault and nothing changes, in memory or on disk."""
+    _, state = served_before(tmp_path)
+    manager = make_manager(tmp_path)
+    manager.start()
+    before = (state / "state.json").read_text()
+    real_replace = os.replace
+
+    def read_only(src: str, dst: str) -> None:
+        if str(dst).endswith("state.json"):
+            raise OSError(30, "Read-only file system")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(ResourceError):
+        manager.rollback("voice")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert active(manager) == "2" and (state / "state.json").read_text() == before
+    assert states(manager)["1"] in ("standby", "available")
+    assert manager.rollback("voice")["to"] == "1"
+    assert State(states(manager)["2"]) is State.ROLLED_BACK
