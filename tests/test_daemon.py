@@ -40,6 +40,10 @@ def test_empty_models_dir_is_seeded_and_served(daemon: Daemon) -> None:
     assert (daemon.root / "models" / "en_US-joe-medium-1" / "ttsd.json").is_file()
     assert daemon.request("GET", "/healthz").status == 200
     assert daemon.request("GET", "/readyz").status == 200
+    # the seeded voice was waited for: no failure is announced a second before it serves
+    logs = daemon.logs()
+    assert "no voice could be loaded" not in logs and "voices: none" not in logs, logs
+    assert "serving" in logs and "(voices: en_US-joe-medium 1)" in logs, logs
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning is glibc-only")

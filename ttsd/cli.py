@@ -215,6 +215,27 @@ def _parse_canary(value: str) -> tuple[str, float]:
     return voice or "*", number
 
 
+def _read_token(path: Path) -> str:
+    """The bearer token: printable ASCII, at least 16 characters. A file others can read is
+    accepted with a warning (anyone who reads it can call the control routes)."""
+    import logging
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+        token = path.read_bytes().decode("ascii").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --token-file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"--token-file {path}: the token must be printable ASCII text") from None
+    if len(token) < 16 or not token.isprintable() or " " in token:
+        raise ConfigError(f"--token-file {path}: the token must be at least 16 printable characters, no spaces")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logging.getLogger("ttsd.cli").warning("--token-file %s can be read by other users (mode %03o); "
+                                              "run: chmod 600 %s", path, stat.S_IMODE(mode), path)
+    return token
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -252,6 +273,11 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-audio-seconds", type=click.FloatRange(1), envvar="TTSD_MAX_AUDIO_SECONDS",
               help="Longest audio one request may make, pauses included (413 above) [default: 0.12 s per "
                    "--max-chars character, 600 s for 5000: about three times what that much text takes].")
+@click.option("--max-connections", type=click.IntRange(1, 100_000), default=128, show_default=True,
+              envvar="TTSD_MAX_CONNECTIONS", help="Open connections per listener; more are closed at once.")
+@click.option("--idle-timeout", type=click.FloatRange(0.1), default=15.0, show_default=True,
+              envvar="TTSD_IDLE_TIMEOUT",
+              help="Close a connection that sends no whole request this many seconds after connecting or an answer.")
 @click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds to finish in-flight requests on SIGTERM.")
 @click.option("--default-voice", envvar="TTSD_DEFAULT_VOICE", help="Voice for requests that name none.")
@@ -279,7 +305,7 @@ def _is_loopback(host: str) -> bool:
 def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | None, socket_path: Path | None,
           socket_group: str | None, spool_dir: Path | None, listen: str | None, token_file: Path | None,
           workers: int, threads: int | None, queue_size: int, max_chars: int, max_audio_seconds: float | None,
-          grace: float,
+          max_connections: int, idle_timeout: float, grace: float,
           default_voice: str | None, no_seed: bool, keep: int, swap_policy: str, canary: tuple[str, ...],
           canary_requests: int, auto_rollback_requests: int, auto_rollback_share: float, settle: float,
           incomplete_timeout: float, rescan_interval: float, log_level: str) -> None:
@@ -296,14 +322,7 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
 
     logs.configure(log_level)
     bind = _parse_listen(listen) if listen else None
-    token = None
-    if token_file is not None:
-        try:
-            token = token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --token-file {token_file}: {exc.strerror or exc}") from exc
-        if len(token) < 16:
-            raise ConfigError(f"--token-file {token_file}: token must be at least 16 characters")
+    token = _read_token(token_file) if token_file is not None else None
     if bind is not None and not _is_loopback(bind[0]) and token is None:
         raise ConfigError(f"--listen {bind[0]} is reachable from other machines: give --token-file too")
     config = ServeConfig(
@@ -312,6 +331,7 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
         spool=spool_dir, listen=bind, token=token, socket_group=socket_group, workers=workers,
         threads=threads, queue_size=queue_size, max_chars=max_chars, grace=grace,
         max_audio_seconds=max_audio_seconds or round(max(60.0, AUDIO_SECONDS_PER_CHAR * max_chars)),
+        max_connections=max_connections, idle_timeout=idle_timeout,
         default_voice=default_voice, seed_builtin=not no_seed, keep=keep, swap_policy=swap_policy,
         canary=tuple(_parse_canary(c) for c in canary), canary_requests=canary_requests,
         auto_rollback_requests=auto_rollback_requests, auto_rollback_share=auto_rollback_share,

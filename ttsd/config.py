@@ -73,6 +73,8 @@ class ServeConfig:
     queue_size: int = 16
     max_chars: int = 5000
     max_audio_seconds: float = 600.0
+    max_connections: int = 128  # per listener
+    idle_timeout: float = 15.0  # seconds to send a whole request after connecting or an answer
     grace: float = 30.0
     default_voice: str | None = None
     seed_builtin: bool = True

@@ -31,6 +31,7 @@ from .config import ServeConfig
 from .errors import ConfigError
 from .fsutil import fsync_dir
 from .http_api import build_app
+from .listeners import TCPListener, UnixListener
 from .malloc import describe, tune
 from .manager import ModelManager, ModelVersion, Policy
 from .metrics import Metrics
@@ -76,6 +77,15 @@ def _set_result(future: asyncio.Future[T], result: T) -> None:
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def _exit_now(code: int) -> None:
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    os._exit(code)
 
 
 def check_socket(path: Path) -> None:
@@ -151,6 +161,7 @@ class Daemon:
         self.pool = SynthesisPool(workers=config.workers, queue_size=config.queue_size, metrics=self.metrics)
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._interrupts = 0
+        self.force_exit: Callable[[int], None] = _exit_now  # tests driving _shutdown in-process replace it
 
     # -- wiring --------------------------------------------------------------------------------
     def _on_model_event(self, event: str, model: ModelVersion) -> None:
@@ -236,14 +247,18 @@ class Daemon:
         self.notifier.status("loading voices")
         await in_fresh_thread(self.manager.start, "ttsd-loader")
         if not self.manager.ready():
-            log.error("no voice could be loaded from %s; serving /healthz and waiting (SIGHUP rescans)", cfg.models)
+            if self.manager.needs_rescan:  # a folder is still being copied in: not a failure yet
+                log.warning("no voice is ready yet: waiting for a folder in %s to be complete", cfg.models)
+            else:
+                log.error("no voice could be loaded from %s; serving /healthz and waiting (SIGHUP rescans)",
+                          cfg.models)
 
         runner = web.AppRunner(build_app(self.backend()), handler_cancellation=True,
-                               shutdown_timeout=cfg.grace, access_log=None)
+                               shutdown_timeout=cfg.grace, access_log=None, keepalive_timeout=cfg.idle_timeout)
         await runner.setup()
         old_umask = os.umask(0o177 if cfg.socket_group is None else 0o117)
         try:
-            await web.UnixSite(runner, str(cfg.socket)).start()
+            await UnixListener(runner, str(cfg.socket), max_connections=cfg.max_connections).start()
         finally:
             os.umask(old_umask)
         if cfg.socket_group is not None:
@@ -252,7 +267,7 @@ class Daemon:
         if cfg.listen is not None:
             host, port = cfg.listen
             try:
-                await web.TCPSite(runner, host, port).start()
+                await TCPListener(runner, host, port, max_connections=cfg.max_connections).start()
             except OSError as exc:
                 await runner.cleanup()
                 raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
@@ -281,7 +296,8 @@ class Daemon:
         while True:
             signum = await self._signals.get()
             if signum == signal.SIGHUP:
-                log.info("SIGHUP: rescanning %s", cfg.models)
+                log.info("SIGHUP: rescanning %s and retrying deferred versions now", cfg.models)
+                self.manager.retry_now()
                 self.request_reconcile()
                 continue
             break
@@ -316,6 +332,9 @@ class Daemon:
                 if forced.result() == signal.SIGINT and self._interrupts >= 1:
                     log.warning("second interrupt: exiting now")
                     self._unlink_socket()
+                    # Not a return: the interpreter's exit would join the synthesis threads and
+                    # wait for the running sentence (seconds). Spool requests stay in work/.
+                    self.force_exit(EXIT_FORCED)
                     return EXIT_FORCED
                 self._interrupts += forced.result() == signal.SIGINT
             else:

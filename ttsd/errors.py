@@ -58,6 +58,13 @@ class AudioTooLongError(RequestError):
     status = 413
 
 
+class RequestTimeoutError(RequestError):
+    """The client did not send its request in time."""
+
+    code = "request_timeout"
+    status = 408
+
+
 class UnknownVoiceError(TtsdError):
     """The request names a voice or version that is not loaded."""
 

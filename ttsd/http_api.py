@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .audio import Audio, encode, wav_stream_header
 from .backend import Backend
-from .errors import BusyError, RequestError, ResourceError, TtsdError
+from .errors import BusyError, RequestError, RequestTimeoutError, ResourceError, TtsdError
 from .formats import MEDIA_TYPES
 from .manager import Lease
 from .metrics import CONTENT_TYPE
@@ -31,6 +31,8 @@ from .text import check_text
 log = logging.getLogger("ttsd.http")
 
 MAX_BODY = 1 << 20  # 1 MiB of JSON is far more than any allowed text
+BODY_SECONDS = 30.0  # a request body must arrive within this (a trickled body holds a connection)
+WRITE_SECONDS = 60.0  # a streamed piece must be taken by the client within this
 CONTROL_PREFIX = "/v1/voices/"
 
 
@@ -48,6 +50,21 @@ def error_response(exc: BaseException) -> web.Response:
         return _error(exc.status, exc.code, str(exc), headers)
     log.error("internal error", exc_info=exc)
     return _error(500, "internal", f"internal error: {type(exc).__name__}")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await asyncio.wait_for(request.read(), BODY_SECONDS)
+    except TimeoutError:
+        raise RequestTimeoutError(f"the request body did not arrive within {BODY_SECONDS:.0f} s") from None
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """A streamed piece; a client that stops reading is dropped (and its synthesis cancelled)."""
+    try:
+        await asyncio.wait_for(response.write(data), WRITE_SECONDS)
+    except TimeoutError:
+        raise ConnectionResetError(f"the client took no audio for {WRITE_SECONDS:.0f} s") from None
 
 
 def _is_tcp(request: web.BaseRequest) -> bool:
@@ -99,7 +116,7 @@ class _Api:
         self.b = backend
 
     async def _json(self, request: web.Request) -> Any:
-        return parse_json(await request.read())
+        return parse_json(await _read_body(request))
 
     async def synthesize(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -210,8 +227,8 @@ class _Api:
                     response.enable_chunked_encoding()
                     await response.prepare(request)
                     if req.format == "wav":
-                        await response.write(wav_stream_header(item.sample_rate))
-                await response.write(item.to_pcm16())
+                        await _write(response, wav_stream_header(item.sample_rate))
+                await _write(response, item.to_pcm16())
         except (asyncio.CancelledError, ConnectionResetError):
             job.cancel.set()
             raise
@@ -223,7 +240,7 @@ class _Api:
         return web.json_response({"voices": self.b.voices()})
 
     async def _control_body(self, request: web.Request) -> dict[str, Any]:
-        body = await request.read()
+        body = await _read_body(request)
         if not body.strip():
             return {}
         data = parse_json(body)

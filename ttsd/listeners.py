@@ -1,0 +1,108 @@
+"""The daemon's listening sockets (aiohttp sites), with a cap on open connections each.
+
+aiohttp closes a connection that has not sent a whole request within ``keepalive_timeout``
+seconds of connecting or of its last response (``--idle-timeout``, default ``IDLE_SECONDS``):
+that is the header timeout and the idle timeout in one. What it does not bound is how many connections may be
+open at once, so a client that opens hundreds and trickles bytes into each could hold the
+daemon's file descriptors and memory. Each listener here takes at most ``limit`` connections;
+one more is closed as soon as it is accepted (and logged, at most once a minute), so a flood on
+the TCP listener never locks local clients out of the Unix socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("ttsd.listeners")
+
+IDLE_SECONDS = 15.0  # a connection must send a whole request this soon after connecting or answering
+DEFAULT_MAX_CONNECTIONS = 128
+
+
+class _Closer(asyncio.Protocol):
+    """Takes a connection over the cap and closes it at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's request handler, counted from the moment it is made until its connection ends."""
+
+    def __init__(self, inner: Any, owner: _Capped) -> None:
+        self._inner, self._owner = inner, owner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner.live -= 1
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()  # type: ignore[no-any-return]
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class _Capped:
+    """Protocol factory: aiohttp's request handler while this listener has fewer than ``limit``
+    connections, else a ``_Closer``. Runs on the event loop only."""
+
+    def __init__(self, server: Any, limit: int, where: str) -> None:
+        self.server, self.limit, self.where = server, limit, where
+        self.live = 0  # handlers made and not yet disconnected
+        self.refused = 0
+        self._logged = 0.0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if self.live >= self.limit:
+            self.refused += 1
+            if time.monotonic() - self._logged > 60:
+                self._logged = time.monotonic()
+                log.warning("%s: %d connections open, the limit; closing new ones (%d so far)", self.where,
+                            self.limit, self.refused)
+            return _Closer()
+        self.live += 1
+        return _Counted(self.server(), self)
+
+
+class UnixListener(web.UnixSite):
+    def __init__(self, runner: web.BaseRunner, path: str, *, max_connections: int) -> None:
+        super().__init__(runner, path)
+        self.factory: _Capped | None = None
+        self._limit = max_connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        self.factory = _Capped(self._runner.server, self._limit, f"unix:{self._path}")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self.factory, self._path, backlog=self._backlog)
+
+
+class TCPListener(web.TCPSite):
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int) -> None:
+        super().__init__(runner, host, port)
+        self.factory: _Capped | None = None
+        self._limit = max_connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        self.factory = _Capped(self._runner.server, self._limit, f"{self._host}:{self._port}")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.factory, self._host, self._port, backlog=self._backlog,
+                                                reuse_address=True)
+        if self._server.sockets:
+            self._bound_port = self._server.sockets[0].getsockname()[1]
