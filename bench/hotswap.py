@@ -16,9 +16,12 @@ request), recording each request's start, latency, status and ``X-Ttsd-Version``
 * exit code 0 on SIGTERM. Every folder is older than ``--settle`` (1 s) when renamed in, so drop ->
   active is detection + checks + store copy + load + warm-up.
 
-From the repository root (machine may be shared: the 1-min load average is printed)::
+Each of ``--layouts`` (default ``1x2,2x1``: one worker on both cores, the default, and two workers
+of one thread) is measured ``--repeats`` times (default 3), alternating, a fresh daemon each; the
+RSS swaps run in the first run only. From the repository root (machine may be shared: the 1-min
+load average is printed)::
 
-    .venv/bin/python bench/hotswap.py [--workers 2] [--threads 1] [--steady 10] [--swaps 20]
+    .venv/bin/python bench/hotswap.py [--layouts 1x2,2x1] [--repeats 3] [--steady 10] [--swaps 20]
 
 Cache: ``--cache``, ``$TTSD_CACHE`` or /tmp/ttsd-bench-cache. Disk: ~2.7 GB for 22 versions (models
 dir + store copies), removed at the end.
@@ -291,49 +294,103 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    layouts = []
+    for item in text.split(","):
+        workers, _, threads = item.strip().partition("x")
+        layouts.append((int(workers), int(threads)))
+    if not layouts or min(min(pair) for pair in layouts) < 1:
+        raise ValueError(text)
+    return layouts
+
+
+def one_run(cache: Path, builtin: Path, workers: int, threads: int, steady: float, swaps: int,
+            load_during_swaps: bool) -> dict[str, Any]:
+    """A fresh daemon: the first swap under load, then ``swaps`` more for RSS."""
+    r: dict[str, Any] = {"workers": workers, "threads": threads, "steady": steady, "swaps": swaps,
+                         "load_start": os.getloadavg()[0], "swap_load": "running" if load_during_swaps else "paused"}
+    daemon = Daemon(cache, workers, threads)
+    load = Load(daemon.socket)
+    try:
+        r["first"] = first_swap(daemon, builtin, load, steady)
+        if not load_during_swaps:
+            load.pause()
+        started = time.monotonic()
+        r["many"] = many_swaps(daemon, builtin, swaps) if swaps else None
+        r["swaps_s"] = time.monotonic() - started
+    finally:
+        load.pause(stop=True)
+        r["exit_code"], r["log"] = daemon.stop()
+    r["requests"], r["failed"] = len(load.samples), sum(1 for s in load.samples if s.status != 200)
+    r["load_end"] = os.getloadavg()[0]
+    return r
+
+
+def layout_table(runs: list[dict[str, Any]], command: str) -> str:
+    lines = [f"`{command}`", "", "Each row a fresh daemon; layouts alternate. p99 of requests overlapping the swap "
+             "(drop -> version 2 serving) over p99 of the steady load before it (goal <= 1.5x).", "",
+             "| run | workers x threads | steady p50 / p99 (ms) | during swap p50 / p99 (ms) | requests in the swap "
+             "window | p99 ratio | drop -> active (s) | failed | load avg |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(runs, 1):
+        f = r["first"]
+        ratio = f["during"].get("p99", math.nan) / f["steady"]["p99"]
+        lines.append(f"| {i} | {r['workers']} x {r['threads']} | "
+                     f"{f['steady']['p50']:.0f} / {f['steady']['p99']:.0f} | "
+                     f"{f['during'].get('p50', math.nan):.0f} / {f['during'].get('p99', math.nan):.0f} | "
+                     f"{f['during']['n']} | {ratio:.2f}x | {f['to_active_s']:.1f} | {r['failed']} of "
+                     f"{r['requests']} | {r['load_start']:.1f} |")
+    lines.append("")
+    for layout in sorted({(r["workers"], r["threads"]) for r in runs}):
+        ratios = sorted(r["first"]["during"].get("p99", math.nan) / r["first"]["steady"]["p99"]
+                        for r in runs if (r["workers"], r["threads"]) == layout)
+        lines.append(f"{layout[0]} x {layout[1]}: p99 ratio median {statistics.median(ratios):.2f}x, "
+                     f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x over {len(ratios)} runs")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for flag, default, what in (("--workers", 2, "daemon synthesis workers"), ("--threads", 1, "daemon torch threads"),
-                                ("--swaps", 20, "swaps after the first, for RSS")):
-        parser.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
+    parser.add_argument("--layouts", default="1x2,2x1",
+                        help="daemon layouts as WORKERSxTHREADS, comma-separated (default 1x2,2x1: the default "
+                             "layout on 2 cores and the throughput one)")
+    parser.add_argument("--repeats", type=int, default=3, help="first-swap runs per layout, alternating (default 3)")
+    parser.add_argument("--swaps", type=int, default=20, help="swaps after the first, for RSS, in the first run "
+                        "(default 20)")
     parser.add_argument("--steady", type=float, default=10.0, help="seconds of steady load (default 10)")
     parser.add_argument("--load-during-swaps", action="store_true", help="keep the load on for the RSS swaps")
     parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or /tmp/ttsd-bench-cache)")
     args = parser.parse_args()
-    if min(args.workers, args.threads) < 1 or args.swaps < 0 or args.steady <= 0:
-        parser.error("--workers/--threads must be >= 1, --swaps >= 0, --steady > 0")
+    try:
+        layouts = parse_layouts(args.layouts)
+    except ValueError:
+        parser.error("--layouts: expected WORKERSxTHREADS[,...], e.g. 1x2,2x1")
+    if args.repeats < 1 or args.swaps < 0 or args.steady <= 0:
+        parser.error("--repeats must be >= 1, --swaps >= 0, --steady > 0")
     cache: Path = args.cache or Path(os.environ.get("TTSD_CACHE") or Path(tempfile.gettempdir()) / "ttsd-bench-cache")
     from ttsd.voices import builtin_model
 
     builtin = builtin_model(cache)
-    r: dict[str, Any] = {"command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
-                         "workers": args.workers, "threads": args.threads, "steady": args.steady,
-                         "swaps": args.swaps, "load_start": os.getloadavg()[0],
-                         "swap_load": "running" if args.load_during_swaps else "paused"}
-    print(f"1-min load average {r['load_start']:.2f}; daemon: {args.workers} worker(s), {args.threads} thread(s)…",
-          flush=True)
-    daemon = Daemon(cache, args.workers, args.threads)
-    load = Load(daemon.socket)
-    try:
-        print(f"steady load {args.steady:g} s, then drop version 2…", flush=True)
-        r["first"] = first_swap(daemon, builtin, load, args.steady)
-        if not args.load_during_swaps:
-            load.pause()
-        print(f"{args.swaps} more swaps (load {r['swap_load']})…", flush=True)
-        started = time.monotonic()
-        r["many"] = many_swaps(daemon, builtin, args.swaps)
-        r["swaps_s"] = time.monotonic() - started
-    finally:
-        load.pause(stop=True)
-        r["exit_code"], log = daemon.stop()
-    r["requests"], r["failed"] = len(load.samples), sum(1 for s in load.samples if s.status != 200)
-    r["load_end"] = os.getloadavg()[0]
-    print("\n" + markdown(r))
-    errors = [line for line in log.splitlines() if line.startswith(("ERROR", "CRITICAL", "Traceback"))]
-    if errors:
-        print("\ndaemon log errors:\n" + "\n".join(errors[:20]))
-    if r["exit_code"]:
-        sys.exit(f"daemon exited with {r['exit_code']} after SIGTERM (expected 0)")
+    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    runs: list[dict[str, Any]] = []
+    first_full: dict[str, Any] | None = None
+    for _ in range(args.repeats):
+        for workers, threads in layouts:
+            swaps = args.swaps if first_full is None else 0
+            print(f"run {len(runs) + 1}: {workers} worker(s) x {threads} thread(s), load average "
+                  f"{os.getloadavg()[0]:.2f}{f', then {swaps} more swaps' if swaps else ''}…", flush=True)
+            r = one_run(cache, builtin, workers, threads, args.steady, swaps, args.load_during_swaps)
+            r["command"] = command
+            runs.append(r)
+            if first_full is None:
+                first_full = r
+            errors = [line for line in r["log"].splitlines() if line.startswith(("ERROR", "CRITICAL", "Traceback"))]
+            if errors:
+                print("daemon log errors:\n" + "\n".join(errors[:20]))
+            if r["exit_code"]:
+                sys.exit(f"daemon exited with {r['exit_code']} after SIGTERM (expected 0)")
+    print("\n" + layout_table(runs, command))
+    if first_full is not None and first_full["many"] is not None:
+        print("\nFirst run in full:\n\n" + markdown(first_full))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from .engines import Engine, create_engine
+from .engines.threads import thread_cores
 from .errors import (
     BusyError,
     ConfigError,
@@ -81,7 +82,8 @@ class Policy:
     auto_rollback_share: float = 0.25  # roll back when more than this share of them fail
     canary: dict[str, float] = field(default_factory=dict)  # voice (or "*") -> share of requests
     canary_requests: int = 20  # clean canary requests before full promotion
-    loader_nice: int = 10  # loading and warm-up yield the CPU to live requests
+    loader_nice: int = 10  # operator-asked loads (rollback, activate) yield the CPU to live requests
+    background_idle: bool = True  # other loads and checks run in Linux's SCHED_IDLE class
 
 
 @dataclass
@@ -329,7 +331,12 @@ class ModelManager:
         bring up a voice that has no active version. No one folder or version can stop the rest:
         a failure is logged and that folder is looked at again at the next scan."""
         with self._load_lock:
-            _lower_thread_priority(self.policy.loader_nice)  # hashing and copying yield to requests too
+            # Everything a reconcile does (hashing, copying, loading, warming up) waits for idle CPU
+            # time: measured with the default layout, nice 10 still cost live requests 20-60% while
+            # a version loaded (a waking nice-10 thread preempts the workers' OpenMP threads, and
+            # their barriers wait); SCHED_IDLE never preempts them. Under full load an upgrade
+            # then takes ~3x longer (bench/hotswap.py).
+            _lower_thread_priority(self.policy.loader_nice, idle=self.policy.background_idle)
             ready, self._settling = self.source.ready()
             candidates: dict[str, list[tuple[Version, Folder, Manifest]]] = {}
             for folder in ready:
@@ -567,7 +574,7 @@ class ModelManager:
             else:
                 self._refuse(model, f"could not copy into the store: {exc}")
             return self._restore_after_failure(previous)
-        if not self._bring_up(model, why):
+        if not self._bring_up(model, why, verified=True):  # put() verified the copy it made
             return self._restore_after_failure(previous)
         share = self._canary_share(model.name)
         if share > 0 and previous is not None and self.policy.swap != "memory":
@@ -592,22 +599,25 @@ class ModelManager:
                 self._activate(previous, "the upgrade failed", push_previous=False, durable=False)
         return False
 
-    def _bring_up(self, model: ModelVersion, why: str) -> bool:
+    def _bring_up(self, model: ModelVersion, why: str, *, verified: bool = False) -> bool:
         """Verify the store copy (copying it again from the models dir if it is damaged), load and
         warm up. Runs at low CPU priority beside live requests, handing the GIL to them while they
         are served (``ttsd.gil``). A failure of the version's own refuses it; one of the box's
-        (or a damaged copy with nothing to copy again) defers it."""
+        (or a damaged copy with nothing to copy again) defers it. ``verified``: the caller has just
+        made and verified the store copy (``ModelStore.put``)."""
         started = time.monotonic()
         _lower_thread_priority(self.policy.loader_nice)
         engine: Engine[Any] | None = None
         try:
             model.state = State.VERIFYING
-            self._check_store(model)
+            if not verified:  # a copy the store verified moments ago is not hashed a third time
+                self._check_store(model)
             assert model.store is not None and model.manifest is not None
             model.state = State.LOADING
             self._listener("loading", model)
             engine = create_engine(model.store, model.manifest, **self.engine_options)
-            with yielding_gil(self.serving):
+            # beside live requests: one core for the load, and the GIL handed over (ttsd.gil)
+            with thread_cores(1 if self.serving() else None), yielding_gil(self.serving):
                 engine.load()
                 model.state = State.WARMING
                 engine.warmup()
@@ -891,12 +901,23 @@ def _order(model: ModelVersion) -> Version:
         return Version("0")
 
 
-def _lower_thread_priority(nice: int) -> None:
-    """Lower this thread's (and the OpenMP threads it starts') CPU priority on Linux."""
-    if nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+def _lower_thread_priority(nice: int, idle: bool = False) -> None:
+    """Lower this thread's (and the OpenMP threads it starts') CPU priority on Linux: ``nice``, or
+    with ``idle`` the SCHED_IDLE class (runs only on CPU time no one else wants). Loader threads
+    are fresh threads that end with their work, so this is never undone."""
+    if not hasattr(threading, "get_native_id"):
+        return
+    tid = threading.get_native_id()
+    # never the main thread: it outlives the work (an embedding program's, or a test's)
+    if idle and hasattr(os, "SCHED_IDLE") and threading.current_thread() is not threading.main_thread():
         try:
-            current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, nice))
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except OSError:
+            pass
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
         except OSError:
             pass
 
