@@ -330,7 +330,8 @@ def layout_table(runs: list[dict[str, Any]], command: str) -> str:
     lines = [f"`{command}`", "", "Each row a fresh daemon; layouts alternate. p99 of requests overlapping the swap "
              "(drop -> version 2 serving) over p99 of the steady load before it (goal <= 1.5x).", "",
              "| run | workers x threads | steady p50 / p99 (ms) | during swap p50 / p99 (ms) | requests in the swap "
-             "window | p99 ratio | drop -> active (s) | failed | load avg |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "window | p99 ratio | drop -> active (s) | failed | load avg |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(runs, 1):
         f = r["first"]
         ratio = f["during"].get("p99", math.nan) / f["steady"]["p99"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ from ttsd.cli import main
 TTSD = [sys.executable, "-m", "ttsd"]
 
 
-def run(args: list[str], env: dict[str, str], stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(TTSD + args, env=env, input=stdin, capture_output=True, timeout=300, cwd=cwd)
+def run(args: list[str], env: dict[str, str], stdin: bytes | None = None, cwd: Path | None = None
+        ) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(TTSD + args, env=env, input=stdin, capture_output=True, timeout=300, cwd=cwd,
+                          preexec_fn=lambda: os.umask(0o022))
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], code: int, *fragments: str) -> None:
@@ -43,6 +46,7 @@ def test_say_with_no_flags_uses_the_built_in_voice(joe_folder: Path, cli_env: di
     assert 1.5 < len(samples) / rate < 6.0
     assert np.abs(samples).max() > 0.5  # normalised speech, not silence
     assert "voice en_US-joe-medium 1" in proc.stderr.decode()
+    assert out.stat().st_mode & 0o777 == 0o644  # the umask (022 here) decides, not mkstemp's 0600
 
 
 def test_stdin_to_stdout_and_other_formats(joe_folder: Path, cli_env: dict[str, str], tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ def test_a_full_spool_requeues_and_serves_when_space_returns(tmp_path: Path, tmp
     async def scan_for(seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            spool._scan()
+            spool._scan(spool._list_incoming())
             await spool.drain()
             await asyncio.sleep(0.1)
 

@@ -179,7 +179,7 @@ def test_any_spool_file_ends_done_or_failed_with_a_request_reason(harness: Harne
 def scan_and_serve(harness: Harness) -> None:
     async def go() -> None:
         for _ in range(40):  # a regular file must keep its size for SETTLE_SECONDS before it is claimed
-            harness.spool._scan()
+            harness.spool._scan(harness.spool._list_incoming())
             await harness.spool.drain()
             if not any(harness.spool.dirs["incoming"].iterdir()):
                 return
@@ -194,21 +194,26 @@ def error_of(harness: Harness, name: str) -> dict[str, str]:
 
 
 def test_spool_never_follows_a_link_or_reads_an_oversized_or_special_file(harness: Harness, tmp_path: Path) -> None:
-    """1. A link to a secret, a FIFO and a 2 MiB file are dropped into incoming/.
-    2. Each is claimed and refused with its reason; the secret is never spoken, the FIFO never
-       blocks the spool, and the big file is refused from its size."""
+    """1. A symbolic and a hard link to a secret, a FIFO, a directory and a 2 MiB file are dropped
+    into incoming/. 2. Each is claimed and refused with its reason; the secret is never spoken,
+    the FIFO never blocks the spool, and the big file is refused from its size."""
     incoming = harness.spool.dirs["incoming"]
     secret = tmp_path / "secret.txt"
     secret.write_text("the token is hunter2")
     (incoming / "link.txt").symlink_to(secret)
     os.mkfifo(incoming / "pipe.txt")
     (incoming / "big.txt").write_bytes(b"a" * (2 << 20))
+    os.link(secret, incoming / "hard.txt")  # a hard link: O_NOFOLLOW does not see it
+    (incoming / "dir.txt").mkdir()
     scan_and_serve(harness)
+    assert "other hard links" in error_of(harness, "hard.txt")["message"]
+    assert "not a regular file" in error_of(harness, "dir.txt")["message"]
     assert "symbolic link" in error_of(harness, "link.txt")["message"]
     assert "not a regular file" in error_of(harness, "pipe.txt")["message"]
     assert error_of(harness, "big.txt")["code"] == "too_large"
     assert (harness.spool.dirs["failed"] / "link.txt").is_symlink()  # the link itself moved, not its target
     assert secret.read_text() == "the token is hunter2" and not list(harness.spool.dirs["out"].glob("link*"))
+    assert not list(harness.spool.dirs["out"].glob("hard*"))
 
 
 def test_spool_refuses_a_second_request_with_a_served_id(harness: Harness) -> None:
@@ -239,3 +244,35 @@ def test_spool_outputs_follow_the_umask(harness: Harness) -> None:
         os.umask(old)
     for name in ("shared.wav", "shared.json"):
         assert (harness.spool.dirs["out"] / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_a_second_request_with_an_id_in_service_waits_and_never_overwrites_it(harness: Harness) -> None:
+    """With --workers 2 a second race.txt, dropped while the first was being served, was moved
+    over it in work/: the first request file was lost and the outputs mixed. Now it waits in
+    incoming/ while the ID is in service, then meets the first one's outputs and is refused."""
+    spool = harness.spool
+    spool.concurrency = 2
+    try:
+        first, second = "hello there first", "a second and different request"
+        (spool.dirs["incoming"] / "race.txt").write_text(first)
+
+        async def go() -> None:
+            for _ in range(40):
+                spool._scan(spool._list_incoming())
+                if spool._serving:
+                    break
+                await asyncio.sleep(0.1)
+            assert "race" in spool._serving
+            (spool.dirs["incoming"] / "race.txt").write_text(second)
+            await asyncio.sleep(0.4)  # settled
+            spool._scan(spool._list_incoming())
+            assert (spool.dirs["incoming"] / "race.txt").read_text() == second  # not claimed meanwhile
+            await spool.drain()
+
+        harness.run(go())
+        scan_and_serve(harness)
+        assert (spool.dirs["done"] / "race.txt").read_text() == first
+        assert error_of(harness, "race.txt")["code"] == "duplicate"
+        assert (spool.dirs["failed"] / "race.txt").read_text() == second
+    finally:
+        spool.concurrency = 1

@@ -217,3 +217,33 @@ def test_memory_is_returned_over_20_swaps_of_the_real_voice(tmp_path: Path, joe_
     print(f"RSS after swaps: {[round(s) for s in samples]} MB; growth over the last 15: {growth:.0f} MB")
     assert growth < 150, samples
     manager.close()
+
+
+def test_a_job_cancelled_while_queued_gives_back_its_slot_and_lease(tmp_path: Path, fake_engines: None) -> None:
+    """1. One job runs, two wait (queue of 2), a fourth is turned away. 2. The two waiting jobs'
+    clients hang up: asyncio cancels the futures they awaited, so the pool never runs them.
+    3. Their queue slots and leases come back (they leaked, and a box filled up with them until
+    every concurrent request got 503), and the next job runs."""
+    from ttsd.engines import SynthesisOptions
+    from ttsd.errors import BusyError
+    from ttsd.metrics import Metrics
+    from ttsd.synth import Job, SynthesisPool
+
+    fake_model(tmp_path / "models", "voice", "1", delay=0.3)
+    manager = make_manager(tmp_path)
+    manager.start()
+    pool = SynthesisPool(workers=1, queue_size=2, metrics=Metrics.create())
+
+    def job() -> Job:
+        return Job(text="hello", options=SynthesisOptions(), lease=manager.acquire("voice"), route="test")
+
+    running = pool.submit(job())
+    queued = [pool.submit(job()) for _ in range(2)]
+    with pytest.raises(BusyError):
+        pool.submit(job())
+    assert all(future.cancel() for future in queued)
+    running.result(10)
+    assert pool.depth() == (0, 0) and pool.cancelled == 2 and pool.failed == 0
+    assert manager.snapshot()[0]["versions"][0]["in_flight"] == 0
+    assert pool.submit(job()).result(10).audio_seconds > 0
+    pool.shutdown()

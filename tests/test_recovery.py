@@ -4,6 +4,7 @@ version that verifies, by itself (in-process, with the fake engine)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -160,13 +161,44 @@ def test_a_folder_deleted_mid_check_stops_nothing(tmp_path: Path, fake_engines: 
     manager.start()
     assert active(manager, "b") == "1"
     assert all(v["state"] != "verifying" for voice in manager.snapshot() for v in voice["versions"])
-    monkeypatch.setattr(ttsd.manager, "verify", lambda folder: (_ for _ in ()).throw(OSError(13, "boom")))
+    monkeypatch.setattr(ttsd.manager, "verify", lambda folder: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
     fake_model(models, "c", "1")
     fake_model(models, "d", "1")
-    manager.reconcile()  # an unexpected error on every folder: logged, and the next scan tries again
+    manager.reconcile()  # an I/O error on every folder: logged, and the next scan tries again
     monkeypatch.setattr(ttsd.manager, "verify", real_verify)
     manager.reconcile()
     assert active(manager, "c") == "1" and active(manager, "d") == "1"
+
+
+def test_an_unforeseen_error_refuses_a_folder_until_it_changes(tmp_path: Path, fake_engines: None,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A version of 5,000 digits made packaging raise ValueError on every scan, twice a second,
+    forever; it is a bad manifest now, and anything else unforeseen refuses the folder (one
+    traceback) until the folder changes."""
+    models = tmp_path / "models"
+    fake_model(models, "a", "1")
+    huge = fake_model(models, "a", "2")
+    manifest = json.loads((huge / "ttsd.json").read_text())
+    manifest["version"] = "9" * 5000
+    (huge / "ttsd.json").write_text(json.dumps(manifest))
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert active(manager, "a") == "1"
+    assert any("invalid version" in f["reason"] for f in manager.folders())
+    real_verify = ttsd.manager.verify
+    ttsd.manager.verify = lambda folder: (_ for _ in ()).throw(ValueError("unforeseen"))  # type: ignore[assignment]
+    try:
+        fake_model(models, "b", "1")
+        with caplog.at_level(logging.ERROR, logger="ttsd.manager"):
+            for _ in range(3):
+                manager.reconcile()
+        assert caplog.text.count("Traceback") <= 1 and caplog.text.count("refused until it changes") == 1
+        assert any(f["state"] == "refused" and "ValueError" in f["reason"] for f in manager.folders())
+    finally:
+        ttsd.manager.verify = real_verify
+    (models / "b-1" / "extra-note").write_text("changed")  # the folder changes: looked at again
+    manager.reconcile()
+    assert any("extra: extra-note" in f["reason"] for f in manager.folders())
 
 
 def test_a_huge_refused_folder_is_cheap_to_rescan(tmp_path: Path, fake_engines: None) -> None:
@@ -221,3 +253,21 @@ def test_an_unwritable_state_changes_nothing_on_rollback(tmp_path: Path, fake_en
     assert states(manager)["1"] in ("standby", "available")
     assert manager.rollback("voice")["to"] == "1"
     assert State(states(manager)["2"]) is State.ROLLED_BACK
+
+
+def test_a_state_file_with_wrong_content_ids_never_costs_a_good_copy(tmp_path: Path, fake_engines: None) -> None:
+    """A well-formed state.json whose recorded content ids are wrong (damage, or one flipped hex
+    digit) made ttsd delete both good store copies and refuse both intact folders as "the same
+    version with other content": nothing served. The verified store copy is the truth."""
+    models, state = served_before(tmp_path)
+    path = state / "state.json"
+    data = json.loads(path.read_text())
+    for record, fake in zip(data["versions"].values(), ("deadbeefdeadbeef", "0000000000000000"), strict=True):
+        record["content"] = fake
+    path.write_text(json.dumps(data))
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert active(manager) == "2"
+    assert (state / "store" / "voice" / "1" / "ttsd.json").is_file()
+    assert (state / "store" / "voice" / "2" / "ttsd.json").is_file()
+    assert not manager.folders(), manager.folders()  # neither folder refused

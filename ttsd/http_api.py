@@ -94,6 +94,9 @@ def build_app(backend: Backend) -> web.Application:
             if exc.status >= 400:
                 return _error(exc.status, "http", exc.reason)
             raise
+        except ConnectionError:  # the client went away (e.g. mid-body): nothing to answer, not a bug
+            log.debug("client disconnected during %s %s", request.method, request.path)
+            raise
         except Exception as exc:  # never a plain-text 500: a JSON error, logged with its traceback
             return error_response(exc)
 
@@ -150,8 +153,8 @@ class _Api:
             if not self.b.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
             lease = self.b.acquire(req.voice, req.version)
-        except TtsdError as exc:
-            self._count(req.voice, req.version, route, exc.code, exc.fault)
+        except TtsdError as exc:  # no lease: the names came from the client, never a metric label
+            self._count(None, None, route, exc.code, exc.fault)
             return error_response(exc)
         model = lease.model
         try:

@@ -296,6 +296,7 @@ class ModelManager:
                     state = State.AVAILABLE  # nothing is loaded yet in this process
                 model = ModelVersion(name, version, state, content=record.content, reason=record.reason,
                                      store=self.store.get(name, version))
+                self._trust_store_copy(model)
                 self._versions[model.key] = model
             for name, version, folder in self.store.scan():  # copies the saved state does not know
                 if (name, _norm(version)) in self._versions:
@@ -320,6 +321,21 @@ class ModelManager:
             time.sleep(min(0.2, max(self.policy.settle / 4, 0.02)))
             self.reconcile()
 
+    def _trust_store_copy(self, model: ModelVersion) -> None:
+        """What a version *is* comes from its store copy's manifest (verified in full before it
+        loads), not from state.json's record: a damaged record must never make ttsd drop a good
+        copy, or refuse an intact folder as "the same version with other content"."""
+        if model.store is None:
+            return
+        try:
+            content = content_id(read_manifest(model.store))
+        except TtsdError:
+            return  # a damaged copy: _check_store deals with it before any load
+        if model.content and content != model.content:
+            log.warning("state.json recorded other content for %s %s than its store copy holds; trusting the "
+                        "store copy (it is verified before it loads)", model.name, model.version)
+        model.content = content
+
     def retry_now(self) -> None:
         """Versions waiting after a system failure are retried at the next reconcile (SIGHUP)."""
         with self._lock:
@@ -342,10 +358,16 @@ class ModelManager:
             for folder in ready:
                 try:
                     found = self._examine(folder)
-                except Exception:  # e.g. a folder deleted while it was hashed
-                    log.exception("checking %s failed; it is looked at again at the next scan", folder.path)
-                    folder.settled, folder.signature, folder.state = False, (), "new"
+                except Exception as exc:  # e.g. an I/O error, or a folder deleted while it was hashed
                     self._undo_check(folder.path)
+                    if is_system_oserror(exc) or isinstance(exc, (FileNotFoundError, MemoryError)):
+                        log.error("checking %s failed (%s); it is looked at again at the next scan", folder.path,
+                                  exc)
+                        folder.settled, folder.signature, folder.state = False, (), "new"
+                    else:  # a bug, or input no check foresaw: refused until the folder changes, logged once
+                        log.exception("checking %s failed; refused until it changes", folder.path)
+                        folder.state, folder.settled = "refused", True
+                        folder.reason = f"could not be checked: {type(exc).__name__}: {exc}"[:500]
                     continue
                 if found is not None:
                     candidates.setdefault(found[1].name, []).append((found[1].parsed_version, folder, found[1]))
@@ -491,7 +513,10 @@ class ModelManager:
             folder.state, folder.settled, folder.reason = "known", True, ""
             known.source = folder.path
             return None
-        if known is not None and known.content and known.content != content and known.state is not State.REFUSED:
+        # the same version with other content is refused, when ttsd holds that version (a store
+        # copy or a loaded engine); a content known only from state.json's record is not proof
+        if known is not None and known.content and known.content != content and known.state is not State.REFUSED \
+                and (known.store is not None or known.engine is not None):
             folder.state, folder.settled = "refused", True
             folder.reason = (f"{manifest.name} {manifest.version} is already known with different content; "
                              "give the new folder a new version")
@@ -644,7 +669,8 @@ class ModelManager:
             try:
                 manifest = verify(model.store)
                 if model.content and content_id(manifest) != model.content:
-                    raise VerifyError(f"{model.store}: holds other content than was recorded for it")
+                    log.warning("%s %s: its store copy verifies but holds other content than was recorded; "
+                                "serving the store copy", model.name, model.version)
                 model.manifest, model.content = manifest, content_id(manifest)
                 return
             except OSError as exc:
@@ -890,14 +916,14 @@ class ModelManager:
 def _norm(version: str) -> str:
     try:
         return str(Version(version))
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):  # ValueError: thousands of digits (an operator's typo, or worse)
         return version
 
 
 def _order(model: ModelVersion) -> Version:
     try:
         return Version(model.version)
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):
         return Version("0")
 
 

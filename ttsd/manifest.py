@@ -99,10 +99,16 @@ def check_name(name: str) -> str:
 
 
 def check_version(version: str) -> str:
+    """A PEP 440 version of at most 64 characters (it names a folder and is compared as numbers:
+    thousands of digits would make packaging's int() raise ValueError)."""
     try:
+        if not isinstance(version, str) or len(version) > 64:
+            raise InvalidVersion(version)
         Version(version)
-    except InvalidVersion as exc:
-        raise ManifestError(f"invalid version {version!r}: must be a PEP 440 version such as 1, 1.2 or 2.0.1") from exc
+    except (InvalidVersion, ValueError, TypeError) as exc:
+        shown = repr(version) if len(repr(version)) <= 80 else repr(version)[:70] + "…"
+        raise ManifestError(f"invalid version {shown}: must be a PEP 440 version such as 1, 1.2 or 2.0.1 "
+                            "(at most 64 characters)") from exc
     return version
 
 

@@ -12,9 +12,11 @@ spool pauses, with a growing back-off, before it claims anything again. A reques
 never counts against a model (see ``ttsd.errors``).
 
 Writers are not trusted: a request file is opened without following links and must be a regular
-file of at most ``MAX_REQUEST_BYTES`` (checked with ``fstat`` before reading); names are
-checked before they are used in a path or a log line; an ID already served (``out/ID.json``) or
-being served is refused rather than overwritten.
+file with no other hard link, of at most ``MAX_REQUEST_BYTES`` (checked with ``fstat`` before
+reading); names are checked before they are used in a path or a log line; an ID already served
+(``out/ID.json``) is refused rather than overwritten, and a file whose ID is being served waits.
+Claims never replace a file in ``work/``, and ``incoming/`` is listed on a thread, a batch at a
+time, so a backlog of any size cannot stall the event loop.
 
 Crash safety: outputs are written to hidden temp names and renamed into place, and a request leaves
 ``work/`` only after its outputs are published. After ``kill -9`` at any moment, the next start
@@ -56,6 +58,7 @@ MAX_REQUEST_BYTES = 1 << 20  # as for an HTTP body: far more than any allowed te
 SETTLE_SECONDS = 0.25  # a file must keep its size and mtime this long before it is claimed
 RESCAN_SECONDS = 2.0  # events can be lost (or never sent, on network filesystems)
 BACKOFF_FIRST, BACKOFF_MAX = 2.0, 60.0  # pause after a system failure, doubling
+SCAN_BATCH = 1000  # entries of incoming/ looked at per scan
 
 
 class Spool:
@@ -120,10 +123,12 @@ class Spool:
 
     async def run(self) -> None:
         """Claim and serve requests until ``stop``."""
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             self._wake.clear()
             try:
-                self._scan()
+                # listing and stat'ing happen on a thread: 50,000 waiting files took 0.3 s a scan
+                self._scan(await loop.run_in_executor(None, self._list_incoming))
             except OSError as exc:
                 log.error("spool scan failed: %s", exc)
             wait = SETTLE_SECONDS if self._seen else RESCAN_SECONDS
@@ -147,21 +152,28 @@ class Spool:
             await asyncio.gather(*self._active, return_exceptions=True)
 
     # -- claiming ------------------------------------------------------------------------------
-    def _scan(self) -> None:
+    def _list_incoming(self) -> list[tuple[str, os.stat_result]]:
+        """Up to ``SCAN_BATCH`` entries of ``incoming/`` (never following a link), oldest first.
+        Runs on an executor thread; a bigger backlog is taken a batch at a time."""
+        found = []
+        with os.scandir(self.dirs["incoming"]) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.name.endswith(".tmp"):
+                    continue
+                try:
+                    found.append((entry.name, entry.stat(follow_symlinks=False)))
+                except FileNotFoundError:
+                    continue
+                if len(found) >= SCAN_BATCH:
+                    break
+        found.sort(key=lambda item: (item[1].st_mtime_ns, item[0]))
+        return found
+
+    def _scan(self, entries: list[tuple[str, os.stat_result]]) -> None:
         now = time.monotonic()
         present = set()
-        with os.scandir(self.dirs["incoming"]) as entries:
-            names = sorted(e.name for e in entries)
-        for name in names:
-            if name.startswith(".") or name.endswith(".tmp"):
-                continue
+        for name, st in entries:
             path = self.dirs["incoming"] / name
-            try:
-                st = path.lstat()  # never follow a link a writer left here
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                continue
             present.add(path)
             if stat.S_ISREG(st.st_mode):  # anything else is refused at once when claimed
                 previous = self._seen.get(path)
@@ -170,6 +182,8 @@ class Spool:
                     continue
                 if now - previous[2] < SETTLE_SECONDS:
                     continue
+            if Path(name).stem in self._serving:
+                continue  # the same ID is being served: this one waits, then meets its outputs
             if len(self._active) >= self.concurrency or not self.backend.ready() or now < self._paused_until:
                 continue
             self._seen.pop(path, None)
@@ -178,11 +192,28 @@ class Spool:
             del self._seen[gone]
 
     def _claim(self, path: Path) -> None:
+        """Move a request into ``work/``: whoever moves it first owns it. Never over a file there
+        (a hard link fails if the name exists; where links are not possible, a checked rename)."""
         target = self.dirs["work"] / path.name
         try:
-            os.replace(path, target)  # the claim: whoever renames first owns it
+            try:
+                os.link(path, target, follow_symlinks=False)
+            except FileExistsError:
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if target.exists() or target.is_symlink():
+                    return
+                os.replace(path, target)
+            else:
+                os.unlink(path)
         except FileNotFoundError:
             return
+        except OSError as exc:
+            log.error("spool: cannot claim %s (%s)", _shown(path.name), exc)
+            return
+        self._serving.add(target.stem)  # until _serve ends: another file with this ID waits
         task = asyncio.get_running_loop().create_task(self._serve(target))
         self._active.add(task)
         task.add_done_callback(self._finished)
@@ -197,15 +228,10 @@ class Spool:
         loop = asyncio.get_running_loop()
         request_id = claimed.stem
         started = time.time()
-        mine = False
         try:
             if claimed.suffix not in SUFFIXES or not _ID.fullmatch(request_id):
                 raise _Refused("bad_name", f"{_shown(claimed.name)}: name must be ID.txt or ID.json with ID of "
                                "1 to 200 letters, digits, '.', '_' or '-' (not leading)")
-            if request_id in self._serving:
-                raise _Refused("duplicate", f"another request with ID {request_id} is being served")
-            self._serving.add(request_id)
-            mine = True
             raw = await loop.run_in_executor(None, _read_bounded, claimed)
             if (self.dirs["out"] / f"{request_id}.json").exists():
                 raise _Refused("duplicate", f"out/{request_id}.json already exists: a request with this ID was "
@@ -246,8 +272,7 @@ class Spool:
             log.exception("spool request %s failed", _shown(claimed.name))
             await loop.run_in_executor(None, self._fail, claimed, "internal", f"{type(exc).__name__}: {exc}")
         finally:
-            if mine:
-                self._serving.discard(request_id)
+            self._serving.discard(request_id)
 
     def _publish(self, claimed: Path, req: SynthRequest, result: Result, meta: dict[str, Any]) -> None:
         audio = result.audio
@@ -333,6 +358,9 @@ def _read_bounded(path: Path) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _Refused("bad_file", f"{_shown(path.name)} is not a regular file")
+        if st.st_nlink != 1:  # a hard link to a file elsewhere: whatever it is, it is not this writer's
+            raise _Refused("bad_file", f"{_shown(path.name)} has other hard links; publish requests by "
+                           "writing a new file and renaming it")
         if st.st_size > MAX_REQUEST_BYTES:
             raise _Refused("too_large", f"{_shown(path.name)} is {st.st_size} bytes; the limit is "
                            f"{MAX_REQUEST_BYTES}")

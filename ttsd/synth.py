@@ -78,6 +78,8 @@ class SynthesisPool:
         self._running = 0
         self.completed = 0
         self.failed = 0
+        self.refused = 0
+        self.cancelled = 0
 
     def depth(self) -> tuple[int, int]:
         """(waiting, running)."""
@@ -99,7 +101,20 @@ class SynthesisPool:
                 raise BusyError(f"queue full ({self.queue_size} waiting); retry shortly", retry_after=1)
             self._pending += 1
             self.metrics.queue_depth.set(self._pending - self._running)
-        return self._executor.submit(self._run, job)
+        future = self._executor.submit(self._run, job)
+        future.add_done_callback(lambda f: self._dropped(job) if f.cancelled() else None)
+        return future
+
+    def _dropped(self, job: Job) -> None:
+        """A queued job cancelled before a worker took it (its client went away; the asyncio side
+        cancels the future it awaits): ``_run`` never runs, so its slot and lease end here. Without
+        this, every client that hung up while queued took a queue slot and a lease for good."""
+        job.cancel.set()
+        job.lease.release()
+        with self._lock:
+            self._pending -= 1
+            self.cancelled += 1
+            self.metrics.queue_depth.set(self._pending - self._running)
 
     def _run(self, job: Job) -> Result:
         with self._lock:
@@ -160,8 +175,12 @@ class SynthesisPool:
                 self._pending -= 1
                 if ok:
                     self.completed += 1
+                elif ok is False:
+                    self.failed += 1  # the model's fault
+                elif job.cancel.is_set():
+                    self.cancelled += 1
                 else:
-                    self.failed += 1
+                    self.refused += 1  # the request's or the box's fault
                 self.metrics.queue_depth.set(self._pending - self._running)
                 self.metrics.in_flight.set(self._running)
 

@@ -81,7 +81,9 @@ def split_long(symbols: Sequence[T], limit: int, *, space: T,
         window = range(lowest, start + limit + 1)  # a cut at i ends the piece before symbols[i]
         clauses = [i for i in window if symbols[i] == space and symbols[i - 1] in clause]
         words = [i for i in window if symbols[i] == space and symbols[i - 1] != space]
-        cut = _nearest(clauses, target) or _nearest(words, target) or target
+        # an uneven cut beats cutting a word: look below the window before giving up
+        anywhere = [i for i in range(start + 1, lowest) if symbols[i] == space and symbols[i - 1] != space]
+        cut = _nearest(clauses, target) or _nearest(words, target) or _nearest(anywhere, target) or target
         piece = symbols[start:cut]
         while piece and piece[-1] == space:
             piece = piece[:-1]

@@ -153,8 +153,8 @@ class Engine(ABC, Generic[Unit]):
         (``stream_gain``); a voice that was not warmed up streams whole sentences.
 
         Audio over ``max_audio_seconds`` (pauses included) is ``AudioTooLongError``: at once when
-        the pauses alone would exceed it, else as soon as a unit takes the total over, so the
-        work wasted on a refused request is at most one unit."""
+        the pauses alone would exceed it, else as soon as a unit takes the total over, so a refused
+        request costs at most the limit's worth of audio plus one unit."""
         options = (options or SynthesisOptions()).checked()
         text = check_text(text, self.max_chars)
         options = self.check_options(options)
