@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,3 +277,42 @@ def test_a_second_request_with_an_id_in_service_waits_and_never_overwrites_it(ha
         assert (spool.dirs["failed"] / "race.txt").read_text() == second
     finally:
         spool.concurrency = 1
+
+
+def test_a_stream_that_fails_after_its_first_audio_is_cut_off_not_mixed(harness: Harness,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The audio limit is crossed after streaming began (status 200 already sent): the connection
+    is dropped without the final chunk, so the client knows; it is counted as the request's fault,
+    and nothing is logged as an internal error."""
+    import aiohttp
+
+    body = {"text": "hello there. " * 9, "speed": 0.25, "sentence_pause": 2.5}  # pauses alone: 20 of 30 s
+    status, reply = harness.post("/v1/synthesize", json.dumps(body).encode())
+    assert (status, reply["error"]["code"]) == (413, "audio_too_long"), "the text must cross the 30 s limit"
+
+    async def stream() -> tuple[int, bool]:
+        async with harness.client.post("/v1/synthesize", json={**body, "stream": True}) as resp:
+            try:
+                await resp.read()
+                return resp.status, False
+            except aiohttp.ClientPayloadError:
+                return resp.status, True
+
+    with caplog.at_level(logging.WARNING):
+        status, cut = harness.run(stream())
+    assert status == 200 and cut
+    assert "internal error" not in caplog.text and "after its first audio" in caplog.text
+    assert harness.version_2()["model_failures"] == 0
+
+
+def test_a_client_gone_mid_body_is_not_an_internal_error(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    host, port = harness.client.host, harness.client.port
+    with caplog.at_level(logging.DEBUG, logger="ttsd.http"):
+        with socket.create_connection((host, port), timeout=5) as conn:
+            conn.sendall(b"POST /v1/synthesize HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"text\":")
+        harness.run(asyncio.sleep(0.3))
+    assert "internal error" not in caplog.text
+    status, _ = harness.post("/v1/synthesize", json.dumps({"text": "still here"}).encode())
+    assert status == 200

@@ -52,6 +52,14 @@ def error_response(exc: BaseException) -> web.Response:
     return _error(500, "internal", f"internal error: {type(exc).__name__}")
 
 
+class _StreamBroken(Exception):
+    """A streamed synthesis failed after its response (status 200) had started."""
+
+    def __init__(self, cause: BaseException, response: web.StreamResponse) -> None:
+        super().__init__(str(cause))
+        self.cause, self.response = cause, response
+
+
 async def _read_body(request: web.Request) -> bytes:
     try:
         return await asyncio.wait_for(request.read(), BODY_SECONDS)
@@ -94,9 +102,9 @@ def build_app(backend: Backend) -> web.Application:
             if exc.status >= 400:
                 return _error(exc.status, "http", exc.reason)
             raise
-        except ConnectionError:  # the client went away (e.g. mid-body): nothing to answer, not a bug
+        except ConnectionError:  # the client went away (e.g. mid-body): not a bug, nobody to answer
             log.debug("client disconnected during %s %s", request.method, request.path)
-            raise
+            return _error(400, "disconnected", "the client went away")
         except Exception as exc:  # never a plain-text 500: a JSON error, logged with its traceback
             return error_response(exc)
 
@@ -165,9 +173,18 @@ class _Api:
         except asyncio.CancelledError:
             self._count(model.name, model.version, route, "cancelled")
             raise
-        except Cancelled:
+        except (Cancelled, ConnectionError):  # the client went away or stopped reading
             self._count(model.name, model.version, route, "cancelled")
             raise
+        except _StreamBroken as broken:  # the status went out with the first audio: drop the connection
+            cause = broken.cause
+            code, fault = (cause.code, cause.fault) if isinstance(cause, TtsdError) else ("internal", "system")
+            self._count(model.name, model.version, route, code, fault)
+            log.warning("a streamed request on %s %s failed after its first audio (%s); dropping the connection",
+                        model.name, model.version, cause)
+            if request.transport is not None:
+                request.transport.close()  # no final chunk: the client sees an incomplete response
+            return broken.response
         except TtsdError as exc:
             self._count(model.name, model.version, route, exc.code, exc.fault)
             return error_response(exc)
@@ -224,6 +241,8 @@ class _Api:
                 if isinstance(item, BaseException):
                     # Before the first chunk this becomes a proper error response; after it, the
                     # connection is dropped mid-stream, which is how a client learns it failed.
+                    if response is not None:
+                        raise _StreamBroken(item, response)
                     raise item
                 if response is None:
                     response = web.StreamResponse(headers=self._headers(lease, req.format, item.sample_rate))
