@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .audio import Audio, encode, wav_stream_header
 from .backend import Backend
-from .errors import BusyError, RequestError, RequestTimeoutError, ResourceError, TtsdError
+from .errors import BusyError, ConfigError, RequestError, RequestTimeoutError, ResourceError, TtsdError
 from .formats import MEDIA_TYPES
 from .manager import Lease
 from .metrics import CONTENT_TYPE
@@ -47,7 +47,9 @@ def error_response(exc: BaseException) -> web.Response:
         headers = None
         if isinstance(exc, (BusyError, ResourceError)):
             headers = {"Retry-After": str(exc.retry_after)}
-        return _error(exc.status, exc.code, str(exc), headers)
+        # ConfigError's 409 has always answered code "conflict" (its CLI meaning is "configuration")
+        code = "conflict" if isinstance(exc, ConfigError) else exc.code
+        return _error(exc.status, code, str(exc), headers)
     log.error("internal error", exc_info=exc)
     return _error(500, "internal", f"internal error: {type(exc).__name__}")
 

@@ -445,10 +445,7 @@ class ModelManager:
                 self._defer(model, str(exc))
                 continue
             if self._bring_up(model, "the voice had no active version"):
-                try:
-                    self._activate(model, "fallback: newest version that verifies", durable=False)
-                except ResourceError:  # not durable: cannot happen, but never leave it half-done
-                    pass
+                self._activate(model, "fallback: newest version that verifies", durable=False)
                 log.warning("%s: serving %s, the newest version that verifies", name, model.version)
                 return
 

@@ -155,9 +155,8 @@ class Engine(ABC, Generic[Unit]):
         Audio over ``max_audio_seconds`` (pauses included) is ``AudioTooLongError``: at once when
         the pauses alone would exceed it, else as soon as a unit takes the total over, so a refused
         request costs at most the limit's worth of audio plus one unit."""
-        options = (options or SynthesisOptions()).checked()
         text = check_text(text, self.max_chars)
-        options = self.check_options(options)
+        options = self.check_options(options or SynthesisOptions())
         units = self._units(text, options)
         if not units:
             raise RequestError("text has nothing to speak")
