@@ -126,7 +126,7 @@ def whisper_folder(cache: Path) -> Path:
 
 
 def ttsd_speaker(cache: Path, threads: int) -> Speaker:
-    from ttsd.engines import SynthesisOptions
+    from ttsd.options import SynthesisOptions
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 

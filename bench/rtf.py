@@ -90,7 +90,7 @@ class Voice(NamedTuple):
 
 
 def load_ttsd(cache: Path, threads: int) -> Voice:
-    from ttsd.engines import SynthesisOptions
+    from ttsd.options import SynthesisOptions
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 

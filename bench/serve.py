@@ -143,7 +143,7 @@ def levels(sock: str, requests: int) -> dict[str, dict[str, float]]:
 
 
 def overhead(sock: str, cache: Path, threads: int, requests: int) -> dict[str, float]:
-    from ttsd.engines import SynthesisOptions
+    from ttsd.options import SynthesisOptions
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 

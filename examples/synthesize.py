@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ttsd.audio import encode
 from ttsd.config import Paths
-from ttsd.engines import SynthesisOptions
+from ttsd.options import SynthesisOptions
 from ttsd.speak import open_engine
 from ttsd.voices import builtin_model
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ttsd.engines.base import Engine, SynthesisOptions
+from ttsd.engines.base import Engine
 from ttsd.errors import LoadError
+from ttsd.options import SynthesisOptions
 
 
 class FakeEngine(Engine[str]):

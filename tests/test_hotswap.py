@@ -210,7 +210,7 @@ def test_rollback_through_the_cli_survives_restart(tmp_path: Path, cache_dir: Pa
     assert seconds < 0.1  # v1 was still loaded: no load, just the swap
     assert d.post("/v1/synthesize", {"text": "back"}).headers["x-ttsd-version"] == "1"
     proc = subprocess.run([sys.executable, "-m", "ttsd", "rollback"], env=env, capture_output=True, timeout=60)
-    assert proc.returncode == 3 and "no previous version" in proc.stderr.decode()
+    assert proc.returncode == 13 and "no previous version" in proc.stderr.decode()
     assert d.stop() == 0
 
     d = start_daemon(tmp_path, cache_dir, *args)

@@ -226,7 +226,7 @@ def test_a_job_cancelled_while_queued_gives_back_its_slot_and_lease(tmp_path: Pa
     clients hang up: asyncio cancels the futures they awaited, so the pool never runs them.
     3. Their queue slots and leases come back (they leaked, and a box filled up with them until
     every concurrent request got 503), and the next job runs."""
-    from ttsd.engines import SynthesisOptions
+    from ttsd.options import SynthesisOptions
     from ttsd.errors import BusyError
     from ttsd.metrics import Metrics
     from ttsd.synth import Job, SynthesisPool

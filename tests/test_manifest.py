@@ -25,7 +25,7 @@ def make_folder(root: Path) -> Path:
 def problems(folder: Path) -> list[str]:
     with pytest.raises(VerifyError) as info:
         verify(folder)
-    return info.value.problems
+    return [str(p) for p in info.value.problems]
 
 
 def test_pack_then_verify_round_trip(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ttsd.engines import SynthesisOptions
+from ttsd.options import SynthesisOptions
 
 SENTENCES = [
     "Hello there.",

@@ -169,7 +169,7 @@ def _say_in_process(text: str, output: str, fmt: str, voice: str | None, model_d
                     noise_w: float | None, seed: int | None, max_chars: int, threads: int | None) -> None:
     from .audio import encode
     from .config import Paths
-    from .engines import SynthesisOptions
+    from .options import SynthesisOptions
     from .speak import open_engine, resolve_model
 
     console = _console()

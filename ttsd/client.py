@@ -9,16 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .errors import (
-    BusyError,
-    ConfigError,
-    DaemonError,
-    RequestError,
-    ResourceError,
-    SynthesisError,
-    TextTooLongError,
-    UnknownVoiceError,
-)
+from .errors import DaemonError, from_http
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -77,25 +68,7 @@ class Client:
             code, message = error.get("code", ""), error.get("message", "")
         except (ValueError, KeyError, TypeError):
             code, message = "", data.decode(errors="replace")[:200]
-        if status == 413 and code == "text_too_long":
-            raise TextTooLongError(message)
-        if status == 400:
-            raise RequestError(message)
-        if status == 404:
-            raise UnknownVoiceError(message)
-        if status == 409:
-            raise ConfigError(message)
-        if status in (408, 413) and code != "text_too_long":
-            raise RequestError(message)
-        if status == 503 and code == "unavailable":
-            raise ResourceError(f"daemon: {message}")
-        if status == 503:
-            raise BusyError(f"daemon busy: {message}", int(headers.get("retry-after", "1") or 1))
-        if status == 507:
-            raise ResourceError(f"daemon: {message}", storage=True)
-        if status == 500 and code == "synthesis_failed":
-            raise SynthesisError(f"daemon: {message}")
-        raise DaemonError(f"daemon answered {status} {code}: {message}")
+        raise from_http(status, code, message, int(headers.get("retry-after", "1") or 1)) from None
 
     def synthesize(self, body: dict[str, Any]) -> tuple[dict[str, str], bytes]:
         return self.call("POST", "/v1/synthesize", body)

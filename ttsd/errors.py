@@ -16,6 +16,7 @@ everywhere (HTTP status, spool ``error.json``, metrics, auto-rollback, canary):
 from __future__ import annotations
 
 import errno as _errno
+from dataclasses import dataclass
 
 
 class TtsdError(Exception):
@@ -32,7 +33,16 @@ class ConfigError(TtsdError):
 
     exit_code = 3
     code = "config"
-    status = 409  # a control action that cannot be done in the current state
+
+
+class ConflictError(TtsdError):
+    """A control action that cannot be done in the current state (nothing to roll back to, a
+    version that cannot serve): HTTP 409."""
+
+    exit_code = 13
+    code = "conflict"
+    status = 409
+    fault = "request"
 
 
 class RequestError(TtsdError):
@@ -100,15 +110,38 @@ class ManifestError(TtsdError):
     code = "bad_manifest"
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One way a model folder differs from its manifest. ``kind`` is one of ``missing``,
+    ``short`` (smaller than listed: a copy still in progress), ``changed`` (other size or
+    bytes), ``extra``, ``unsafe`` (a link or a special file), ``pickle``, ``unreadable``,
+    ``too_many``; ``str()`` is the line shown to a user."""
+
+    kind: str
+    path: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        label = {"short": "changed", "pickle": "pickle weights", "too_many": "too many files"}.get(self.kind, self.kind)
+        return f"{label}: {self.path}" + (f" ({self.detail})" if self.detail else "")
+
+
 class VerifyError(TtsdError):
     """A model folder does not match its manifest (missing, extra, changed or unsafe files)."""
 
     exit_code = 6
     code = "verify_failed"
 
-    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
         super().__init__(message)
         self.problems = problems or []
+
+    def looks_incomplete(self) -> bool:
+        """Whether a copy still in progress would explain every problem: files missing or
+        shorter than listed, or hidden temp files (rsync writes ``.name.XXXXXX`` and renames)."""
+        return bool(self.problems) and all(
+            p.kind in ("missing", "short") or (p.kind == "extra" and p.path.rsplit("/", 1)[-1].startswith("."))
+            for p in self.problems)
 
 
 class LoadError(TtsdError):
@@ -167,3 +200,32 @@ def resource_error(exc: BaseException, doing: str) -> ResourceError:
     code = getattr(exc, "errno", None)
     detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return ResourceError(f"{doing} failed: {detail}", storage=code in _STORAGE_ERRNOS)
+
+
+def _all_types() -> list[type[TtsdError]]:
+    found, stack = [], [TtsdError]
+    while stack:
+        cls = stack.pop()
+        found.append(cls)
+        stack.extend(cls.__subclasses__())
+    return found
+
+
+def from_http(status: int, code: str, message: str, retry_after: int = 1) -> TtsdError:
+    """The error a daemon's JSON error answer stands for: the type whose ``code`` it names (the
+    inverse of ``status``/``code`` above), so ``ttsd say`` and the control commands exit as if
+    the error had happened in-process. An answer no type claims is a ``DaemonError``."""
+    if status == 503 and code == "busy":
+        return BusyError(f"daemon busy: {message}", retry_after)
+    if code in ("unavailable", "insufficient_storage"):
+        return ResourceError(f"daemon: {message}", storage=status == 507, retry_after=retry_after)
+    matches = [cls for cls in _all_types() if cls.code == code and cls.status == status
+               and cls not in (TtsdError, BusyError, ResourceError)]
+    if matches:
+        cls = matches[0]
+        return cls(f"daemon: {message}" if cls.fault != "request" else message)
+    if status in (400, 408, 413):  # e.g. aiohttp's own 400 for a malformed request
+        return RequestError(message)
+    if status == 404:
+        return UnknownVoiceError(message)
+    return DaemonError(f"daemon answered {status} {code}: {message}")

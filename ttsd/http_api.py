@@ -20,11 +20,23 @@ from aiohttp import web
 
 from .audio import Audio, encode, wav_stream_header
 from .backend import Backend
-from .errors import BusyError, ConfigError, RequestError, RequestTimeoutError, ResourceError, TtsdError
+from .errors import (
+    BusyError,
+    RequestError,
+    RequestTimeoutError,
+    ResourceError,
+    TtsdError,
+)
 from .formats import MEDIA_TYPES
 from .manager import Lease
 from .metrics import CONTENT_TYPE
-from .requests import SynthRequest, parse_json, parse_openai, parse_request, parse_version_header
+from .requests import (
+    SynthRequest,
+    parse_json,
+    parse_openai,
+    parse_request,
+    parse_version_header,
+)
 from .synth import Cancelled, Job, Result
 from .text import check_text
 
@@ -47,9 +59,7 @@ def error_response(exc: BaseException) -> web.Response:
         headers = None
         if isinstance(exc, (BusyError, ResourceError)):
             headers = {"Retry-After": str(exc.retry_after)}
-        # ConfigError's 409 has always answered code "conflict" (its CLI meaning is "configuration")
-        code = "conflict" if isinstance(exc, ConfigError) else exc.code
-        return _error(exc.status, code, str(exc), headers)
+        return _error(exc.status, exc.code, str(exc), headers)
     log.error("internal error", exc_info=exc)
     return _error(500, "internal", f"internal error: {type(exc).__name__}")
 

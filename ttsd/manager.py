@@ -36,7 +36,7 @@ from .engines import Engine, create_engine
 from .engines.threads import thread_cores
 from .errors import (
     BusyError,
-    ConfigError,
+    ConflictError,
     ManifestError,
     ResourceError,
     TtsdError,
@@ -786,17 +786,17 @@ class ModelManager:
             if to is None:
                 stack = [v for v in record.previous if _norm(v) != _norm(current.version)]
                 if not stack:
-                    raise ConfigError(f"{voice} {current.version} has no previous version to roll back to")
+                    raise ConflictError(f"{voice} {current.version} has no previous version to roll back to")
                 to = stack[-1]
             target = self._versions.get((voice, _norm(to)))
             if target is None:
                 raise UnknownVoiceError(f"voice {voice} has no version {to}")
             if target is current:
-                raise ConfigError(f"{voice} {to} is already active")
+                raise ConflictError(f"{voice} {to} is already active")
             started = time.monotonic()
             self._ensure_stored(target)
             if target.engine is None and not self._bring_up(target, why):
-                raise ConfigError(f"cannot roll back to {voice} {to}: {target.reason}")
+                raise ConflictError(f"cannot roll back to {voice} {to}: {target.reason}")
             if current.version not in record.rolled_back:
                 record.rolled_back.append(current.version)
             reason, current.reason = current.reason, why
@@ -821,7 +821,7 @@ class ModelManager:
             started = time.monotonic()
             self._ensure_stored(target)
             if target.engine is None and not self._bring_up(target, why):
-                raise ConfigError(f"cannot activate {voice} {version}: {target.reason}")
+                raise ConflictError(f"cannot activate {voice} {version}: {target.reason}")
             record = self.state.voice(voice).copy()
             record.rolled_back = [v for v in record.rolled_back if _norm(v) != _norm(version)]
             swapped = self._activate(target, why, record=record)
@@ -839,15 +839,15 @@ class ModelManager:
         try:
             manifest = verify(target.source)
             if target.content and content_id(manifest) != target.content:
-                raise ConfigError(f"{target.source} changed since it was checked")
+                raise ConflictError(f"{target.source} changed since it was checked")
             target.manifest = manifest
             target.store = self.store.put(target.source, manifest)
         except OSError as exc:
             if is_system_oserror(exc):
                 raise resource_error(exc, f"copying {target.name} {target.version} into the store") from exc
-            raise ConfigError(f"cannot serve {target.name} {target.version}: {exc}") from exc
+            raise ConflictError(f"cannot serve {target.name} {target.version}: {exc}") from exc
         except TtsdError as exc:
-            raise ConfigError(f"cannot serve {target.name} {target.version}: {exc}") from exc
+            raise ConflictError(f"cannot serve {target.name} {target.version}: {exc}") from exc
 
     def _auto_rollback(self, model: ModelVersion, why: str) -> None:
         try:

@@ -18,13 +18,14 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from .errors import ManifestError, VerifyError, is_system_oserror
+from .errors import ManifestError, Problem, VerifyError, is_system_oserror
 from .fsutil import atomic_write_text
 
 MANIFEST = "ttsd.json"
@@ -196,12 +197,13 @@ def read_manifest(folder: Path) -> Manifest:
     return parse_manifest(data, str(path))
 
 
-def _walk(folder: Path) -> tuple[list[str], list[str]]:
-    """Relative paths of regular files under ``folder`` and of anything that is not one. Never
-    follows a link; more than ``MAX_ENTRIES`` entries is a ``VerifyError`` found without reading
-    the rest (a folder of 100,000 files costs what one of 1,000 does)."""
-    files, unsafe, seen = [], [], 0
-    stack = [folder]
+def _walk(folder: Path) -> tuple[list[str], list[Problem]]:
+    """Relative paths of regular files under ``folder``, and a problem for anything that is not
+    one. Never follows a link; more than ``MAX_ENTRIES`` entries is a ``VerifyError`` found
+    without reading the rest (a folder of 100,000 files costs what one of 1,000 does)."""
+    files: list[str] = []
+    unsafe: list[Problem] = []
+    stack, seen = [folder], 0
     while stack:
         base = stack.pop()
         with os.scandir(base) as entries:
@@ -209,84 +211,140 @@ def _walk(folder: Path) -> tuple[list[str], list[str]]:
                 seen += 1
                 if seen > MAX_ENTRIES:
                     raise VerifyError(f"{folder}: more than {MAX_ENTRIES} files and folders",
-                                      [f"too many files: more than {MAX_ENTRIES}"])
+                                      [Problem("too_many", f"more than {MAX_ENTRIES}")])
                 rel = Path(entry.path).relative_to(folder).as_posix()
                 if entry.is_symlink():
-                    unsafe.append(f"{rel} (symlink)")
+                    unsafe.append(Problem("unsafe", rel, "symlink"))
                 elif entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
                 elif entry.is_file(follow_symlinks=False):
                     files.append(rel)
                 else:
-                    unsafe.append(f"{rel} (not a regular file)")
-    return sorted(files), sorted(unsafe)
+                    unsafe.append(Problem("unsafe", rel, "not a regular file"))
+    return sorted(files), sorted(unsafe, key=lambda p: p.path)
 
 
-def _hash_listed(path: Path, size: int) -> tuple[int, str]:
-    """(size, sha256) of a listed file, opened without following a link and read no further
-    than one byte past ``size``: a file swapped for a link or a device after the walk cannot make
-    the check follow it or read forever."""
+def open_listed(path: Path) -> int:
+    """A listed file opened for reading without following a link (a file swapped for a link or a
+    device after the walk cannot make a check follow it); the caller closes the descriptor."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise IsADirectoryError(errno.EISDIR, "not a regular file")
-        if st.st_size != size:
-            return st.st_size, ""
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def hash_listed(path: Path, size: int, sink: Callable[[bytes], object] | None = None) -> tuple[int, str]:
+    """(size, sha256) of a listed file, read no further than one byte past ``size`` (a file that
+    grows cannot make the check read forever). ``sink`` receives every byte hashed: the store
+    writes its copy from exactly the bytes it checks."""
+    fd = open_listed(path)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            return actual, ""
         digest, left = hashlib.sha256(), size + 1
         while left > 0 and (chunk := os.read(fd, min(left, _CHUNK))):
             digest.update(chunk)
+            if sink is not None:
+                sink(chunk)
             left -= len(chunk)
         return size + 1 - left, digest.hexdigest()
     finally:
         os.close(fd)
 
 
-def verify(folder: Path) -> Manifest:
-    """Check ``folder`` against its manifest and return the manifest.
+def size_problem(rel: str, entry: FileEntry, size: int, digest: str) -> Problem | None:
+    """The problem with a listed file that read as ``size`` bytes hashing to ``digest``, if any."""
+    if size < entry.size:
+        return Problem("short", rel, f"size {size}, manifest says {entry.size}")
+    if size != entry.size:
+        return Problem("changed", rel, f"size {size}, manifest says {entry.size}")
+    if digest != entry.sha256:
+        return Problem("changed", rel, "sha256 differs from manifest")
+    return None
 
-    Raises ``ManifestError`` for a bad manifest, and ``VerifyError`` listing every problem
-    (missing, extra, changed, unsafe files) otherwise. Reads every byte: call it off the
-    request path.
-    """
+
+def _fail(folder: Path, problems: list[Problem]) -> VerifyError:
+    first = str(problems[0])
+    summary = first if len(problems) == 1 else f"{first} (and {len(problems) - 1} more)"
+    return VerifyError(f"{folder}: {summary}", problems)
+
+
+def inspect(folder: Path) -> Manifest:
+    """Everything ``verify`` checks except the bytes: the manifest, the file list (nothing
+    missing, extra or unsafe, no pickle weights) and every file's size, from ``stat`` alone.
+    Cheap enough to run at every rescan; the bytes are hashed once, when the store copies the
+    folder (``ModelStore.put``)."""
+    manifest, problems = _inspect(folder)
+    if problems:
+        raise _fail(folder, problems)
+    return manifest
+
+
+def _inspect(folder: Path) -> tuple[Manifest, list[Problem]]:
     if not folder.is_dir():
         raise ManifestError(f"{folder}: not a directory")
     if folder.is_symlink():
-        raise VerifyError(f"{folder}: is a symlink", [f"{folder} (symlink)"])
+        raise VerifyError(f"{folder}: is a symlink", [Problem("unsafe", str(folder), "symlink")])
     manifest = read_manifest(folder)
     try:
         present, unsafe = _walk(folder)
     except FileNotFoundError:
         raise ManifestError(f"{folder}: no {MANIFEST} (the folder went away while it was checked)") from None
-    problems = [f"unsafe: {u}" for u in unsafe]
+    problems = list(unsafe)
     present_set = set(present) - {MANIFEST}
     for rel in sorted(present_set | set(manifest.files)):
         if rel.lower().endswith(PICKLE_SUFFIXES):
-            problems.append(f"pickle weights: {rel} (only safetensors are loaded)")
+            problems.append(Problem("pickle", rel, "only safetensors are loaded"))
     for rel in sorted(present_set - set(manifest.files)):
-        problems.append(f"extra: {rel} (not listed in {MANIFEST})")
+        problems.append(Problem("extra", rel, f"not listed in {MANIFEST}"))
+    unsafe_paths = {p.path for p in unsafe}
     for rel, entry in sorted(manifest.files.items()):
         if rel not in present_set:
-            if not any(u.startswith(rel + " ") for u in unsafe):
-                problems.append(f"missing: {rel}")
+            if rel not in unsafe_paths:
+                problems.append(Problem("missing", rel))
             continue
         try:
-            size, digest = _hash_listed(folder / rel, entry.size)
+            size = (folder / rel).lstat().st_size
         except FileNotFoundError:  # deleted while we looked: a copy in progress, or going away
-            problems.append(f"missing: {rel}")
+            problems.append(Problem("missing", rel))
+            continue
+        if (problem := size_problem(rel, entry, size, entry.sha256)) is not None:
+            problems.append(problem)
+    return manifest, problems
+
+
+def verify(folder: Path) -> Manifest:
+    """Check ``folder`` against its manifest, every byte, and return the manifest.
+
+    Raises ``ManifestError`` for a bad manifest, and ``VerifyError`` listing every problem
+    (missing, extra, changed, unsafe files) otherwise. Reads every byte: call it off the
+    request path.
+    """
+    manifest, found = _inspect(folder)
+    problems = [p for p in found if p.kind not in ("short", "changed")]
+    skip = {p.path for p in problems}  # missing or unsafe: nothing to hash
+    for rel, entry in sorted(manifest.files.items()):
+        if rel in skip:
+            continue
+        try:
+            size, digest = hash_listed(folder / rel, entry.size)
+        except FileNotFoundError:
+            problems.append(Problem("missing", rel))
             continue
         except OSError as exc:
             if is_system_oserror(exc):
                 raise  # the box's problem, not the folder's
-            problems.append(f"unreadable: {rel} ({exc.strerror or exc})")
+            problems.append(Problem("unreadable", rel, exc.strerror or str(exc)))
             continue
-        if size != entry.size:
-            problems.append(f"changed: {rel} (size {size}, manifest says {entry.size})")
-        elif digest != entry.sha256:
-            problems.append(f"changed: {rel} (sha256 differs from manifest)")
+        if (problem := size_problem(rel, entry, size, digest)) is not None:
+            problems.append(problem)
     if problems:
-        summary = problems[0] if len(problems) == 1 else f"{problems[0]} (and {len(problems) - 1} more)"
-        raise VerifyError(f"{folder}: {summary}", problems)
+        raise _fail(folder, problems)
     return manifest
 
 
@@ -310,7 +368,7 @@ def pack(
         raise ManifestError(f"{folder}: not a directory")
     present, unsafe = _walk(folder)
     if unsafe:
-        raise VerifyError(f"{folder}: cannot pack {unsafe[0]}", [f"unsafe: {u}" for u in unsafe])
+        raise VerifyError(f"{folder}: cannot pack {unsafe[0].path} ({unsafe[0].detail})", unsafe)
     files = {}
     for rel in present:
         if rel == MANIFEST or Path(rel).name.startswith(f".{MANIFEST}"):
@@ -319,7 +377,7 @@ def pack(
             raise VerifyError(
                 f"{folder}: {rel} is a pickle weight file; convert it to safetensors first "
                 "(transformers: model.save_pretrained(dir, safe_serialization=True))",
-                [f"pickle weights: {rel}"],
+                [Problem("pickle", rel)],
             )
         files[rel] = FileEntry(sha256=sha256_file(folder / rel), size=(folder / rel).stat().st_size)
     manifest = Manifest(

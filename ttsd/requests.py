@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .engines.base import SynthesisOptions
 from .errors import RequestError
 from .formats import FORMATS
+from .options import SynthesisOptions
 
 FORMATS_ALL = (*FORMATS, "pcm")
 STREAM_FORMATS = ("wav", "pcm")
@@ -24,7 +24,7 @@ class SynthRequest:
     version: str | None = None
     format: str = "wav"
     stream: bool = False
-    options: SynthesisOptions = SynthesisOptions()
+    options: SynthesisOptions = field(default_factory=SynthesisOptions)
 
 
 def _no_constant(name: str) -> Any:

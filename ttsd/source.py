@@ -10,7 +10,6 @@ manager refuses it with the reason). Called from the manager's loader thread onl
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,26 +55,12 @@ def signature(folder: Path, limit: int = MAX_ENTRIES) -> tuple[object, ...]:
     return tuple(entries)
 
 
-_SHORT = re.compile(r"changed: .* \(size (\d+), manifest says (\d+)\)")
-
-
 def looks_incomplete(exc: TtsdError) -> bool:
     """A failure a copy still in progress would cause: no manifest yet, files missing or short,
     or hidden temp files (rsync writes ``.name.XXXXXX`` and renames)."""
     if isinstance(exc, ManifestError):
         return "no ttsd.json" in str(exc)
-    if not isinstance(exc, VerifyError) or not exc.problems:
-        return False
-    for problem in exc.problems:
-        if problem.startswith("missing: "):
-            continue
-        short = _SHORT.fullmatch(problem)
-        if short and int(short.group(1)) < int(short.group(2)):
-            continue
-        if problem.startswith("extra: ") and Path(problem[len("extra: "):].split(" ")[0]).name.startswith("."):
-            continue
-        return False
-    return True
+    return isinstance(exc, VerifyError) and exc.looks_incomplete()
 
 
 @dataclass

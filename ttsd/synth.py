@@ -18,10 +18,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .audio import Audio, concat
-from .engines import SynthesisOptions
-from .errors import BusyError, RequestError, SynthesisError, TtsdError, is_system_oserror, resource_error
+from .errors import (
+    BusyError,
+    RequestError,
+    SynthesisError,
+    TtsdError,
+    is_system_oserror,
+    resource_error,
+)
 from .manager import Lease
 from .metrics import Metrics
+from .options import SynthesisOptions
 
 log = logging.getLogger("ttsd.synth")
 

@@ -18,12 +18,13 @@ from typing import Any
 
 from ..errors import LoadError, ManifestError
 from ..manifest import Manifest
-from .base import Engine, SynthesisOptions
+from ..options import SynthesisOptions
+from .base import Engine
 
 ENTRY_POINT_GROUP = "ttsd.engines"
 _BUILTIN = {"vits": "ttsd.engines.vits:VitsEngine"}
 
-__all__ = ["Engine", "SynthesisOptions", "available_engines", "engine_class", "create_engine"]
+__all__ = ["Engine", "SynthesisOptions", "available_engines", "create_engine", "engine_class"]
 
 
 def available_engines() -> list[str]:

@@ -25,8 +25,9 @@ import torch
 
 from ..errors import LoadError, RequestError
 from ..manifest import Manifest
+from ..options import SynthesisOptions
 from ..text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
-from .base import Engine, SynthesisOptions
+from .base import Engine
 from .chars import CharTokenizer
 from .phonemes import EspeakPhonemes, PhonemeConfig
 from .piper_import import PHONEMES_FILE
