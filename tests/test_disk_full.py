@@ -19,9 +19,11 @@ from conftest import fake_model, plausible, save_tiny_vits
 
 from ttsd.config import ServeConfig
 from ttsd.daemon import Daemon
-from ttsd.http_api import build_app
-from ttsd.manager import ModelManager, Policy
-from ttsd.spool import Spool
+from ttsd.front.http_api import build_app
+from ttsd.front.spool import Spool
+from ttsd.serving.manager import ModelManager
+from ttsd.serving.source import LocalFolderSource
+from ttsd.serving.versions import Policy
 
 
 class Tmpfs:
@@ -58,7 +60,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Tmpfs]:
 
 
 def manager_on(tmp_path: Path, state: Path) -> ModelManager:
-    return ModelManager(tmp_path / "models", state_dir=state, policy=Policy(settle=0.0))
+    return ModelManager(LocalFolderSource(tmp_path / "models", settle=0.0), state_dir=state, policy=Policy(settle=0.0))
 
 
 def test_rollback_with_the_state_dir_full_is_a_507_and_changes_nothing(tmp_path: Path, tmpfs: Tmpfs,

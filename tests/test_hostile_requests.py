@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from ttsd.config import ServeConfig
 from ttsd.daemon import Daemon
-from ttsd.http_api import build_app
-from ttsd.spool import Spool
+from ttsd.front.http_api import build_app
+from ttsd.front.spool import Spool
 
 FIELDS = ["text", "voice", "version", "format", "stream", "speed", "speaker", "noise_scale", "noise_w", "seed",
           "sentence_pause"]
@@ -189,7 +189,7 @@ def scan_and_serve(harness: Harness) -> None:
 
 
 def error_of(harness: Harness, name: str) -> dict[str, str]:
-    from ttsd.spool import _error_name
+    from ttsd.front.spool import _error_name
 
     return json.loads((harness.spool.dirs["failed"] / _error_name(name)).read_text())["error"]
 

@@ -13,8 +13,10 @@ from conftest import fake_model, make_manager
 from fake_engine import FakeEngine
 
 from ttsd.errors import UnknownVoiceError
-from ttsd.manager import ModelManager, Policy, State
 from ttsd.manifest import pack
+from ttsd.serving.manager import ModelManager
+from ttsd.serving.source import LocalFolderSource
+from ttsd.serving.versions import Policy, State
 
 
 def test_newest_good_version_of_each_voice_serves(tmp_path: Path, fake_engines: None) -> None:
@@ -27,7 +29,7 @@ def test_newest_good_version_of_each_voice_serves(tmp_path: Path, fake_engines: 
     assert {v["name"]: v["active"] for v in manager.snapshot()} == {"a": "2", "b": "1.0"}
     assert FakeEngine.live == 2  # older versions are not loaded
     with manager.acquire(None) as lease:
-        assert lease.model.name == "b"  # the default voice
+        assert lease.served.name == "b"  # the default voice
     with pytest.raises(UnknownVoiceError, match="unknown voice 'c'"):
         manager.acquire("c")
 
@@ -43,13 +45,14 @@ def test_a_lease_keeps_its_version_through_a_swap(tmp_path: Path, fake_engines: 
     fake_model(models, "voice", "2")
     manager.reconcile()
     with manager.acquire("voice") as new:
-        assert new.model.version == "2"
-    assert old.model.version == "1" and old.model.state is State.RETIRED
+        assert new.served.version == "2"
+    v1 = manager.version("voice", "1")
+    assert old.served.version == "1" and v1 is not None and v1.state is State.RETIRED
     assert old.engine.synthesize("still works").duration > 0
     assert FakeEngine.live == 2
     old.release()
     old.release()  # idempotent
-    assert old.model.state is State.AVAILABLE and old.model.engine is None and FakeEngine.live == 1
+    assert v1.state is State.AVAILABLE and v1.engine is None and FakeEngine.live == 1
 
 
 @pytest.mark.parametrize("settings, reason", [
@@ -102,7 +105,7 @@ def test_rollback_is_instant_survives_restart_and_is_not_undone(tmp_path: Path, 
     assert FakeEngine.live == 2
     result = manager.rollback("voice")
     assert (result["from"], result["to"]) == ("2", "1") and result["seconds"] < 0.05
-    assert manager.acquire("voice").model.version == "1"
+    assert manager.acquire("voice").served.version == "1"
     manager.reconcile()
     versions = {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}
     assert versions == {"1": "active", "2": "rolled-back"}
@@ -126,7 +129,7 @@ def test_rollback_is_instant_survives_restart_and_is_not_undone(tmp_path: Path, 
 def test_auto_rollback_when_a_new_version_starts_failing(tmp_path: Path, fake_engines: None) -> None:
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
-    manager = ModelManager(models, state_dir=tmp_path / "state", spawn=lambda fn: fn(),
+    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state", spawn=lambda fn: fn(),
                            policy=Policy(settle=0, auto_rollback_requests=8, auto_rollback_share=0.25))
     manager.start()
     fake_model(models, "voice", "2", fail_from=3)  # warm-up (requests 1-2) passes, then it fails
@@ -134,7 +137,7 @@ def test_auto_rollback_when_a_new_version_starts_failing(tmp_path: Path, fake_en
     served = []
     for _ in range(4):
         lease = manager.acquire("voice")
-        served.append(lease.model.version)
+        served.append(lease.served.version)
         try:
             lease.engine.synthesize("hello")
             lease.release(True)
@@ -149,7 +152,7 @@ def test_canary_then_promotion(tmp_path: Path, fake_engines: None) -> None:
     random.seed(12)  # the share is drawn per request: unseeded, the first 5 all went to v2 one run in 32
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
-    manager = ModelManager(models, state_dir=tmp_path / "state", spawn=lambda fn: fn(),
+    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state", spawn=lambda fn: fn(),
                            policy=Policy(settle=0, canary={"*": 0.5}, canary_requests=5))
     manager.start()
     fake_model(models, "voice", "2")
@@ -158,7 +161,7 @@ def test_canary_then_promotion(tmp_path: Path, fake_engines: None) -> None:
     counts = {"1": 0, "2": 0}
     for _ in range(400):
         lease = manager.acquire("voice")
-        version = lease.model.version
+        version = lease.served.version
         counts[version] += 1
         lease.release(True)
         if manager.snapshot()[0]["active"] == "2":
@@ -201,7 +204,7 @@ def test_memory_is_returned_over_20_swaps_of_the_real_voice(tmp_path: Path, joe_
         pack(folder, name="joe", version=str(version), engine="vits", sample_rate=22050)
 
     drop(1)
-    manager = ModelManager(models, state_dir=tmp_path / "state", spawn=lambda fn: fn(),
+    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state", spawn=lambda fn: fn(),
                            policy=Policy(settle=0.0, keep=1))
     manager.start()
     samples = []
@@ -209,7 +212,7 @@ def test_memory_is_returned_over_20_swaps_of_the_real_voice(tmp_path: Path, joe_
         drop(version)
         manager.reconcile()
         with manager.acquire("joe") as lease:
-            assert lease.model.version == str(version)
+            assert lease.served.version == str(version)
             lease.engine.synthesize("A request between swaps.")
         samples.append(rss_mb())
     loaded = [v["version"] for v in manager.snapshot()[0]["versions"] if v["state"] in ("active", "standby")]
@@ -226,10 +229,10 @@ def test_a_job_cancelled_while_queued_gives_back_its_slot_and_lease(tmp_path: Pa
     clients hang up: asyncio cancels the futures they awaited, so the pool never runs them.
     3. Their queue slots and leases come back (they leaked, and a box filled up with them until
     every concurrent request got 503), and the next job runs."""
-    from ttsd.options import SynthesisOptions
     from ttsd.errors import BusyError
+    from ttsd.front.synth import Job, SynthesisPool
     from ttsd.metrics import Metrics
-    from ttsd.synth import Job, SynthesisPool
+    from ttsd.options import SynthesisOptions
 
     fake_model(tmp_path / "models", "voice", "1", delay=0.3)
     manager = make_manager(tmp_path)

@@ -15,11 +15,12 @@ import pytest
 from conftest import fake_model, make_manager
 from fake_engine import FakeEngine
 
-import ttsd.manager
 from ttsd.errors import ResourceError
-from ttsd.manager import ModelManager, State
+from ttsd.serving.manager import ModelManager
+from ttsd.serving.versions import State
 from ttsd.manifest import MAX_ENTRIES, verify
-from ttsd.source import signature
+from ttsd.serving.source import signature
+from ttsd.serving.store import ModelStore
 
 
 def served_before(tmp_path: Path) -> tuple[Path, Path]:
@@ -38,7 +39,7 @@ def served_before(tmp_path: Path) -> tuple[Path, Path]:
 def active(manager: ModelManager, voice: str = "voice") -> str | None:
     with manager.acquire(voice) as lease:
         assert lease.engine.synthesize("still speaking").duration > 0
-        return lease.model.version
+        return lease.served.version
 
 
 def states(manager: ModelManager) -> dict[str, str]:
@@ -149,23 +150,24 @@ def test_a_folder_deleted_mid_check_stops_nothing(tmp_path: Path, fake_engines: 
     models = tmp_path / "models"
     fake_model(models, "a", "1")
     fake_model(models, "b", "1")
-    real_verify = ttsd.manager.verify
+    real_put = ModelStore.put
 
-    def deleting_verify(folder: Path):  # type: ignore[no-untyped-def]
-        if folder.name == "a-1":
+    def deleting_put(store: ModelStore, folder: Path, manifest):  # type: ignore[no-untyped-def]
+        if folder.name == "a-1":  # deleted while it is hashed and copied in
             shutil.rmtree(folder)
-        return real_verify(folder)
+        return real_put(store, folder, manifest)
 
-    monkeypatch.setattr(ttsd.manager, "verify", deleting_verify)
+    monkeypatch.setattr(ModelStore, "put", deleting_put)
     manager = make_manager(tmp_path)
     manager.start()
     assert active(manager, "b") == "1"
     assert all(v["state"] != "verifying" for voice in manager.snapshot() for v in voice["versions"])
-    monkeypatch.setattr(ttsd.manager, "verify", lambda folder: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+    monkeypatch.setattr(ModelStore, "put", lambda *_: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
     fake_model(models, "c", "1")
     fake_model(models, "d", "1")
     manager.reconcile()  # an I/O error on every folder: logged, and the next scan tries again
-    monkeypatch.setattr(ttsd.manager, "verify", real_verify)
+    assert "c" not in {v["name"] for v in manager.snapshot() if v["active"]}
+    monkeypatch.setattr(ModelStore, "put", real_put)
     manager.reconcile()
     assert active(manager, "c") == "1" and active(manager, "d") == "1"
 
@@ -185,8 +187,8 @@ def test_an_unforeseen_error_refuses_a_folder_until_it_changes(tmp_path: Path, f
     manager.start()
     assert active(manager, "a") == "1"
     assert any("invalid version" in f["reason"] for f in manager.folders())
-    real_verify = ttsd.manager.verify
-    ttsd.manager.verify = lambda folder: (_ for _ in ()).throw(ValueError("unforeseen"))  # type: ignore[assignment]
+    real_put = ModelStore.put
+    ModelStore.put = lambda *_: (_ for _ in ()).throw(ValueError("unforeseen"))  # type: ignore[assignment,method-assign]
     try:
         fake_model(models, "b", "1")
         with caplog.at_level(logging.ERROR, logger="ttsd.manager"):
@@ -195,7 +197,7 @@ def test_an_unforeseen_error_refuses_a_folder_until_it_changes(tmp_path: Path, f
         assert caplog.text.count("Traceback") <= 1 and caplog.text.count("refused until it changes") == 1
         assert any(f["state"] == "refused" and "ValueError" in f["reason"] for f in manager.folders())
     finally:
-        ttsd.manager.verify = real_verify
+        ModelStore.put = real_put  # type: ignore[method-assign]
     (models / "b-1" / "extra-note").write_text("changed")  # the folder changes: looked at again
     manager.reconcile()
     assert any("extra: extra-note" in f["reason"] for f in manager.folders())

@@ -1,4 +1,11 @@
-"""Find model folders in a models directory by voice name (reads manifests only; no loading)."""
+"""The models dir's layout: which entries are model folders, and finding a voice among them by
+name (reads manifests only; nothing is verified or loaded here).
+
+A candidate is a top-level folder whose name does not start with ``.`` and does not end with
+``.partial``: those are someone's work in progress (``ttsd models get``, ``rsync`` and the
+built-in seed build there, then rename into place). The source, the watcher and the CLI all use
+this one rule.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,28 @@ from .errors import ConfigError, TtsdError
 from .manifest import Manifest, check_version, read_manifest
 
 
+def is_candidate_name(name: str) -> bool:
+    """Whether a top-level entry of the models dir with this name may be a model folder."""
+    return bool(name) and not name.startswith(".") and not name.endswith(".partial")
+
+
+def is_under_candidate(path: Path, models_dir: Path) -> bool:
+    """Whether ``path`` (a file event's path) lies inside a candidate folder of ``models_dir``."""
+    try:
+        top = path.relative_to(models_dir).parts[0]
+    except (ValueError, IndexError):
+        return False
+    return is_candidate_name(top)
+
+
+def candidate_folders(models_dir: Path) -> list[Path]:
+    """Candidate folders of ``models_dir``, sorted by name. A link to a folder is listed too, so
+    that the check can refuse it with a reason rather than ignore it."""
+    if not models_dir.is_dir():
+        return []
+    return sorted(path for path in models_dir.iterdir() if is_candidate_name(path.name) and path.is_dir())
+
+
 @dataclass(frozen=True)
 class Candidate:
     folder: Path
@@ -19,13 +48,9 @@ class Candidate:
 
 
 def scan(models_dir: Path) -> list[Candidate]:
-    """Every non-hidden folder under ``models_dir`` with its manifest, or why it has none."""
-    if not models_dir.is_dir():
-        return []
+    """Every candidate folder under ``models_dir`` with its manifest, or why it has none."""
     found = []
-    for folder in sorted(models_dir.iterdir()):
-        if folder.name.startswith(".") or folder.name.endswith(".partial") or not folder.is_dir():
-            continue
+    for folder in candidate_folders(models_dir):
         try:
             found.append(Candidate(folder, read_manifest(folder)))
         except TtsdError as exc:

@@ -25,20 +25,21 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from . import __version__
-from .backend import Backend
-from .catalog import scan
 from .config import ServeConfig
 from .errors import ConfigError
-from .fsutil import fsync_dir
-from .http_api import build_app
-from .listeners import TCPListener, UnixListener
+from .front.backend import Backend
+from .front.http_api import build_app
+from .front.listeners import TCPListener, UnixListener
+from .front.spool import Spool
+from .front.synth import SynthesisPool
 from .malloc import describe, tune
-from .manager import ModelManager, ModelVersion, Policy
 from .metrics import Metrics
 from .reloader import ModelWatcher
-from .spool import Spool
-from .synth import SynthesisPool
+from .serving.manager import ModelManager
+from .serving.source import LocalFolderSource
+from .serving.versions import ModelVersion, Policy
 from .systemd import Notifier
+from .voices import seed_models
 
 log = logging.getLogger("ttsd.daemon")
 
@@ -116,24 +117,6 @@ def _writable_dir(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path} is not writable by this user")
 
 
-def seed_models(models: Path, cache: Path) -> None:
-    """An empty models dir gets the built-in voice as version 1 (copied, then renamed in)."""
-    if any(c.manifest for c in scan(models)):
-        return
-    from .voices import BUILTIN_VERSION, BUILTIN_VOICE, builtin_model
-
-    source = builtin_model(cache, progress=lambda msg: log.info("built-in voice: %s", msg))
-    target = models / f"{BUILTIN_VOICE}-{BUILTIN_VERSION}"
-    if target.exists():
-        return
-    tmp = models / f".{target.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    os.rename(tmp, target)
-    fsync_dir(models)
-    log.info("seeded %s with the built-in voice %s", target, BUILTIN_VOICE)
-
-
 class Daemon:
     def __init__(self, config: ServeConfig, notifier: Notifier | None = None) -> None:
         self.malloc = tune()  # `ttsd` did this already; here for a Daemon built in-process
@@ -142,7 +125,7 @@ class Daemon:
         self.metrics = Metrics.create()
         self.started = time.time()
         self.manager = ModelManager(
-            config.models,
+            LocalFolderSource(config.models, settle=config.settle, incomplete_timeout=config.incomplete_timeout),
             state_dir=config.state,
             policy=Policy(keep=config.keep, swap=config.swap_policy, settle=config.settle,
                           incomplete_timeout=config.incomplete_timeout,
@@ -158,6 +141,9 @@ class Daemon:
         self._reconcile_lock = threading.Lock()
         self._reconcile_running = False
         self._reconcile_again = False
+        # the one clock for looking at the models dir again: file events, a folder still settling
+        # (asked for after each reconcile), the periodic tick, and SIGHUP
+        self.watcher = ModelWatcher(config.models, self.request_reconcile, interval=config.rescan_interval)
         self.pool = SynthesisPool(workers=config.workers, queue_size=config.queue_size, metrics=self.metrics)
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._interrupts = 0
@@ -194,10 +180,8 @@ class Daemon:
                     self._reconcile_running = False
                     break
                 self._reconcile_again = False
-        if self.manager.needs_rescan:  # a folder is still settling or incomplete: look again soon
-            timer = threading.Timer(max(self.config.settle / 2, 0.2), self.request_reconcile)
-            timer.daemon = True
-            timer.start()
+        if self.manager.waiting:  # a folder is still settling or incomplete: look again soon
+            self.watcher.soon(max(self.config.settle / 2, 0.2))
 
     async def rollback(self, voice: str, to: str | None) -> dict[str, Any]:
         return await in_fresh_thread(lambda: self.manager.rollback(voice, to), "ttsd-rollback")
@@ -221,8 +205,8 @@ class Daemon:
         }
 
     def backend(self) -> Backend:
-        return Backend(acquire=self.manager.acquire, submit=self.pool.submit, voices=self.manager.snapshot,
-                       ready=self.manager.ready, status=self.status, metrics=self.metrics,
+        return Backend(acquire=self.manager.map.acquire, submit=self.pool.submit, voices=self.manager.snapshot,
+                       ready=self.manager.map.ready, status=self.status, metrics=self.metrics,
                        max_chars=self.config.max_chars, rollback=self.rollback, activate=self.activate,
                        token=self.config.token)
 
@@ -248,7 +232,7 @@ class Daemon:
         self.notifier.status("loading voices")
         await in_fresh_thread(self.manager.start, "ttsd-loader")
         if not self.manager.ready():
-            if self.manager.needs_rescan:  # a folder is still being copied in: not a failure yet
+            if self.manager.waiting:  # a folder is still being copied in: not a failure yet
                 log.warning("no voice is ready yet: waiting for a folder in %s to be complete", cfg.models)
             else:
                 log.error("no voice could be loaded from %s; serving /healthz and waiting (SIGHUP rescans)",
@@ -289,20 +273,19 @@ class Daemon:
         if self.manager.ready():
             self.notifier.ready(f"serving {voices}")
         watchdog = loop.create_task(self._watchdog()) if self.notifier.watchdog_seconds else None
-        watcher = ModelWatcher(cfg.models, self.request_reconcile, interval=cfg.rescan_interval)
-        watcher.start()
-        if self.manager.needs_rescan:
-            self.request_reconcile()
+        self.watcher.start()
+        if self.manager.waiting:
+            self.watcher.soon(0.0)
 
         while True:
             signum = await self._signals.get()
             if signum == signal.SIGHUP:
                 log.info("SIGHUP: rescanning %s and retrying deferred versions now", cfg.models)
                 self.manager.retry_now()
-                self.request_reconcile()
+                self.watcher.poke()
                 continue
             break
-        watcher.stop()
+        self.watcher.stop()
         self._interrupts = 1 if signum == signal.SIGINT else 0
         return await self._shutdown(runner, spool, spool_task, watchdog)
 

@@ -54,6 +54,15 @@ class RequestError(TtsdError):
     fault = "request"
 
 
+class SpoolFileError(RequestError):
+    """A file in the spool's ``incoming/`` that cannot be a request (a bad name, a link, too
+    large, an ID already served, not UTF-8); ``code`` says which, in its ``error.json``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class TextTooLongError(RequestError):
     """Text over the configured maximum length."""
 

@@ -90,3 +90,14 @@ def describe(applied: dict[str, int]) -> str:
         return "system defaults"
     return " ".join(f"{name}={value // MiB}MiB" if value >= MiB else f"{name}={value}"
                     for name, value in applied.items())
+
+
+def trim() -> None:
+    """Give freed memory back to the OS (after a model is unloaded): glibc keeps freed heap pages
+    in the process unless asked, so without this an unloaded voice's memory still counts in RSS."""
+    import gc
+
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

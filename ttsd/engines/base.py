@@ -52,6 +52,12 @@ class Engine(ABC, Generic[Unit]):
         self.stream_gain: float | None = None  # set by warmup(): scale for audio streamed in pieces
 
     # -- subclass hooks -------------------------------------------------------------------------
+    @classmethod
+    def default_sample_rate(cls, folder: Path) -> int | None:
+        """The sample rate a model folder's own files state, for ``ttsd models pack`` when no
+        ``--sample-rate`` is given (None: this engine cannot tell)."""
+        return None
+
     @abstractmethod
     def load(self) -> None:
         """Load weights; raise ``LoadError`` with the reason if the folder cannot serve."""
@@ -102,7 +108,7 @@ class Engine(ABC, Generic[Unit]):
         return options
 
     def synthesize_stream(self, text: str, options: SynthesisOptions | None = None, *,
-                          pieces: bool = False) -> Iterator[Audio]:
+                          pieces: bool = False, checked: bool = False) -> Iterator[Audio]:
         """Yield the audio in order: one ``Audio`` per sentence, each but the first preceded by the
         sentence pause. ``pieces=True`` yields parts of sentences as soon as the engine has them
         (lowest latency to the first audio). Peak normalisation per sentence needs the whole
@@ -111,9 +117,14 @@ class Engine(ABC, Generic[Unit]):
 
         Audio over ``max_audio_seconds`` (pauses included) is ``AudioTooLongError``: at once when
         the pauses alone would exceed it, else as soon as a unit takes the total over, so a refused
-        request costs at most the limit's worth of audio plus one unit."""
-        text = check_text(text, self.max_chars)
-        options = self.check_options(options or SynthesisOptions())
+        request costs at most the limit's worth of audio plus one unit.
+
+        ``checked``: the caller has already passed ``text`` through ``check_text`` (stripped,
+        within ``max_chars``) and ``options`` through ``check_options`` for this engine."""
+        if not checked:  # the daemon checks text and options once, before it queues a request
+            text = check_text(text, self.max_chars)
+            options = self.check_options(options or SynthesisOptions())
+        options = options or SynthesisOptions()
         units = self._units(text, options)
         if not units:
             raise RequestError("text has nothing to speak")

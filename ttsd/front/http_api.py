@@ -18,18 +18,19 @@ from typing import Any
 
 from aiohttp import web
 
-from .audio import Audio, encode, wav_stream_header
-from .backend import Backend
-from .errors import (
+from ..audio import Audio, encode, wav_stream_header
+from ..errors import (
     BusyError,
     RequestError,
     RequestTimeoutError,
     ResourceError,
     TtsdError,
 )
-from .formats import MEDIA_TYPES
-from .manager import Lease
-from .metrics import CONTENT_TYPE
+from ..formats import MEDIA_TYPES
+from ..metrics import CONTENT_TYPE
+from ..serving.serving_map import Lease
+from ..text import check_text
+from .backend import Backend
 from .requests import (
     SynthRequest,
     parse_json,
@@ -38,7 +39,6 @@ from .requests import (
     parse_version_header,
 )
 from .synth import Cancelled, Job, Result
-from .text import check_text
 
 log = logging.getLogger("ttsd.http")
 
@@ -169,50 +169,50 @@ class _Api:
     async def _serve(self, request: web.Request, req: SynthRequest, route: str) -> web.StreamResponse:
         started = time.monotonic()
         try:
-            check_text(req.text, self.b.max_chars)
+            req = replace(req, text=check_text(req.text, self.b.max_chars))  # checked here, once
             if not self.b.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
             lease = self.b.acquire(req.voice, req.version)
         except TtsdError as exc:  # no lease: the names came from the client, never a metric label
             self._count(None, None, route, exc.code, exc.fault)
             return error_response(exc)
-        model = lease.model
+        served = lease.served
         try:
             if req.stream:
                 response = await self._stream(request, req, lease, route)
             else:
                 response = await self._whole(req, lease, route)
         except asyncio.CancelledError:
-            self._count(model.name, model.version, route, "cancelled")
+            self._count(served.name, served.version, route, "cancelled")
             raise
         except (Cancelled, ConnectionError):  # the client went away or stopped reading
-            self._count(model.name, model.version, route, "cancelled")
+            self._count(served.name, served.version, route, "cancelled")
             raise
         except _StreamBroken as broken:  # the status went out with the first audio: drop the connection
             cause = broken.cause
             code, fault = (cause.code, cause.fault) if isinstance(cause, TtsdError) else ("internal", "system")
-            self._count(model.name, model.version, route, code, fault)
+            self._count(served.name, served.version, route, code, fault)
             log.warning("a streamed request on %s %s failed after its first audio (%s); dropping the connection",
-                        model.name, model.version, cause)
+                        served.name, served.version, cause)
             if request.transport is not None:
                 request.transport.close()  # no final chunk: the client sees an incomplete response
             return broken.response
         except TtsdError as exc:
-            self._count(model.name, model.version, route, exc.code, exc.fault)
+            self._count(served.name, served.version, route, exc.code, exc.fault)
             return error_response(exc)
         except Exception as exc:  # a bug (the pool turns model crashes into SynthesisError): 500
-            self._count(model.name, model.version, route, "internal", "system")
+            self._count(served.name, served.version, route, "internal", "system")
             return error_response(exc)
-        self._count(model.name, model.version, route, "ok")
-        self.b.metrics.latency.labels(model.name, route).observe(time.monotonic() - started)
+        self._count(served.name, served.version, route, "ok")
+        self.b.metrics.latency.labels(served.name, route).observe(time.monotonic() - started)
         return response
 
     def _headers(self, lease: Lease, fmt: str, rate: int) -> dict[str, str]:
         content_type = MEDIA_TYPES[fmt]
         if fmt == "pcm":
             content_type = f"audio/L16; rate={rate}; channels=1"
-        return {"Content-Type": content_type, "X-Ttsd-Voice": lease.model.name,
-                "X-Ttsd-Version": lease.model.version, "X-Ttsd-Sample-Rate": str(rate)}
+        return {"Content-Type": content_type, "X-Ttsd-Voice": lease.served.name,
+                "X-Ttsd-Version": lease.served.version, "X-Ttsd-Sample-Rate": str(rate)}
 
     async def _whole(self, req: SynthRequest, lease: Lease, route: str) -> web.Response:
         job = Job(text=req.text, options=req.options, lease=lease, route=route)

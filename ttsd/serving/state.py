@@ -1,114 +1,29 @@
-"""ttsd's private model store and its persisted serving state, under the state dir.
+"""ttsd's persisted serving state, under the state dir:
 
-    STATE/store/NAME/VERSION/   verified copies of model folders; loads come only from here, so a
-                                folder cannot change between check and load, and rollback works
-                                after the folder is deleted from the models dir
     STATE/state.json            per voice: active version, previous actives (rollback stack),
                                 rolled-back versions; per version: content hash, state, reason
     STATE/history.jsonl         audit trail: time, voice, from, to, why, durations
 
-Every write is tmp + fsync + rename; a copy into the store is built in a hidden temp dir and
-renamed into place, so after ``kill -9`` the store holds only complete, verified copies.
+Every write is tmp + fsync + rename (``fsutil``), so after ``kill -9`` either file is the old one
+or the new one, never half of each.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError, TtsdError, VerifyError, resource_error
-from .fsutil import atomic_write_text, fsync_dir
-from .manifest import MANIFEST, Manifest, check_name, check_version, verify
+from ..errors import ManifestError, resource_error
+from ..fsutil import atomic_write_text
+from ..manifest import check_name, check_version
 
-log = logging.getLogger("ttsd.store")
+log = logging.getLogger("ttsd.state")
 HISTORY_LIMIT = 2000
-
-
-def content_id(manifest: Manifest) -> str:
-    """What a version *is*: the hashes of its files (two folders with equal ids hold equal bytes)."""
-    listing = json.dumps({p: (e.sha256, e.size) for p, e in sorted(manifest.files.items())}, sort_keys=True)
-    return hashlib.sha256(listing.encode()).hexdigest()[:16]
-
-
-class ModelStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def prepare(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(".*.partial"):  # a copy interrupted by a crash
-            shutil.rmtree(leftover, ignore_errors=True)
-
-    def path(self, name: str, version: str) -> Path:
-        return self.root / name / version
-
-    def get(self, name: str, version: str) -> Path | None:
-        path = self.path(name, version)
-        return path if (path / MANIFEST).is_file() else None
-
-    def scan(self) -> list[tuple[str, str, Path]]:
-        """Every stored copy as (voice, version, folder): what the daemon can start from when its
-        state is lost. Only names a manifest allows; the copies are verified before they load."""
-        found = []
-        if not self.root.is_dir():
-            return found
-        for voice in sorted(self.root.iterdir()):
-            if voice.name.startswith(".") or voice.is_symlink() or not voice.is_dir():
-                continue
-            for folder in sorted(voice.iterdir()):
-                try:
-                    check_name(voice.name)
-                    check_version(folder.name)
-                except ManifestError:
-                    continue
-                if not folder.is_symlink() and (folder / MANIFEST).is_file():
-                    found.append((voice.name, folder.name, folder))
-        return found
-
-    def remove(self, name: str, version: str) -> None:
-        """Drop a stored copy (damaged, refused, or no longer a rollback target)."""
-        path = self.path(name, version)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-
-    def put(self, source: Path, manifest: Manifest) -> Path:
-        """Copy ``source`` into the store and verify the copy; returns the stored folder."""
-        target = self.path(manifest.name, manifest.version)
-        existing = self.get(manifest.name, manifest.version)
-        if existing is not None:
-            try:
-                if content_id(verify(existing)) == content_id(manifest):
-                    return existing
-            except (TtsdError, OSError) as exc:
-                log.warning("store copy %s is damaged (%s); copying it again", existing, exc)
-            shutil.rmtree(existing)  # damaged or different: replace (content checks happen before)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-{manifest.version}.", suffix=".partial",
-                                    dir=self.root))
-        try:
-            for rel in [MANIFEST, *manifest.files]:
-                dest = tmp / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source / rel, dest, follow_symlinks=False)
-                with open(dest, "rb") as handle:
-                    os.fsync(handle.fileno())
-            copied = verify(tmp)  # the bytes we will load are the bytes we checked
-            if content_id(copied) != content_id(manifest):
-                raise VerifyError(f"{source}: changed while being copied into the store")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, target)
-            fsync_dir(target.parent)
-            return target
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 @dataclass

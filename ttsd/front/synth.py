@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .audio import Audio, concat
-from .errors import (
+from ..audio import Audio, concat
+from ..errors import (
     BusyError,
     RequestError,
     SynthesisError,
@@ -26,9 +26,9 @@ from .errors import (
     is_system_oserror,
     resource_error,
 )
-from .manager import Lease
-from .metrics import Metrics
-from .options import SynthesisOptions
+from ..metrics import Metrics
+from ..options import SynthesisOptions
+from ..serving.serving_map import Lease
 
 log = logging.getLogger("ttsd.synth")
 
@@ -98,7 +98,7 @@ class SynthesisPool:
         the voice cannot take, ``BusyError`` if the queue is full; the lease is released then, and
         neither counts against the model."""
         try:
-            job.lease.engine.check_options(job.options)
+            job.options = job.lease.engine.check_options(job.options)
         except RequestError:
             job.lease.release()
             raise
@@ -138,7 +138,9 @@ class SynthesisPool:
             chunks: list[Audio] = []
             seconds = peak = 0.0
             # Streamed jobs take pieces of sentences as soon as the decoder has them.
-            for chunk in job.lease.engine.synthesize_stream(job.text, job.options, pieces=job.on_chunk is not None):
+            # text was checked by the front end, options by submit(): not again per request
+            pieces = job.on_chunk is not None
+            for chunk in job.lease.engine.synthesize_stream(job.text, job.options, pieces=pieces, checked=True):
                 if job.cancel.is_set():
                     raise Cancelled()
                 peak = max(peak, check_chunk(chunk))
@@ -149,8 +151,8 @@ class SynthesisPool:
                     chunks.append(chunk)
             check_loudness(peak)
             ok = True
-            model = job.lease.model
-            self.metrics.audio_seconds.labels(model.name, model.version).inc(seconds)
+            served = job.lease.served
+            self.metrics.audio_seconds.labels(served.name, served.version).inc(seconds)
             return Result(
                 audio=concat(chunks) if job.on_chunk is None else None,
                 audio_seconds=seconds,
@@ -164,7 +166,7 @@ class SynthesisPool:
                 ok = False
             raise
         except MemoryError as exc:
-            log.error("out of memory synthesizing on %s %s", job.lease.model.name, job.lease.model.version)
+            log.error("out of memory synthesizing on %s %s", job.lease.served.name, job.lease.served.version)
             raise resource_error(exc, "synthesizing") from None
         except OSError as exc:
             if not is_system_oserror(exc):
@@ -173,7 +175,7 @@ class SynthesisPool:
             raise resource_error(exc, "synthesizing") from exc
         except Exception as exc:  # the engine crashed on a valid request: the model's fault
             ok = False
-            log.exception("synthesis failed on %s %s", job.lease.model.name, job.lease.model.version)
+            log.exception("synthesis failed on %s %s", job.lease.served.name, job.lease.served.version)
             raise SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}") from exc
         finally:
             job.lease.release(ok)

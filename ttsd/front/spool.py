@@ -42,13 +42,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .audio import encode
+from ..audio import encode
+from ..errors import (
+    BusyError,
+    ResourceError,
+    SpoolFileError,
+    TtsdError,
+    is_system_oserror,
+    resource_error,
+)
+from ..fsutil import SHARED, atomic_write_bytes, atomic_write_text, fsync_dir
+from ..text import check_text
+from ..watching import Observer, Settle, observe
 from .backend import Backend
-from .errors import BusyError, ResourceError, TtsdError, is_system_oserror, resource_error
-from .fsutil import SHARED, atomic_write_bytes, atomic_write_text, fsync_dir
 from .requests import SynthRequest, parse_json, parse_request
 from .synth import Job, Result
-from .text import check_text
 
 log = logging.getLogger("ttsd.spool")
 
@@ -67,12 +75,12 @@ class Spool:
         self.backend = backend
         self.concurrency = max(1, concurrency)
         self.dirs = {name: root / name for name in ("incoming", "work", "out", "done", "failed")}
-        self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, stable since)
+        self._settle: Settle[Path] = Settle(SETTLE_SECONDS)  # a file is claimed once its size and mtime hold
         self._active: set[asyncio.Task[None]] = set()
         self._serving: set[str] = set()  # IDs claimed and not yet done or failed
         self._wake = asyncio.Event()
         self._stopping = False
-        self._observer: Any = None
+        self._observer: Observer | None = None
         self._paused_until = 0.0  # monotonic: no claims before this (after a system failure)
         self._backoff = 0.0
 
@@ -103,23 +111,13 @@ class Spool:
         try:
             served = json.loads(meta.read_text(encoding="utf-8")).get("request_sha256")
             return served is not None and served == hashlib.sha256(_read_bounded(claimed)).hexdigest()
-        except (OSError, ValueError, AttributeError, _Refused):
+        except (OSError, ValueError, AttributeError, SpoolFileError):
             return False
 
     def start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
-
         wake = self._wake
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:  # watchdog's thread
-                loop.call_soon_threadsafe(wake.set)
-
-        self._observer = Observer()
-        self._observer.schedule(Handler(), str(self.dirs["incoming"]), recursive=False)
-        self._observer.daemon = True
-        self._observer.start()
+        self._observer = observe(self.dirs["incoming"], lambda _paths: loop.call_soon_threadsafe(wake.set),
+                                 recursive=False)
 
     async def run(self) -> None:
         """Claim and serve requests until ``stop``."""
@@ -131,10 +129,10 @@ class Spool:
                 self._scan(await loop.run_in_executor(None, self._list_incoming))
             except OSError as exc:
                 log.error("spool scan failed: %s", exc)
-            wait = SETTLE_SECONDS if self._seen else RESCAN_SECONDS
+            wait = SETTLE_SECONDS if self._settle.seen else RESCAN_SECONDS
             paused = self._paused_until - time.monotonic()
             if paused > 0:
-                wait = min(wait, paused) if self._seen else paused
+                wait = min(wait, paused) if self._settle.seen else paused
             try:
                 await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
             except TimeoutError:
@@ -176,20 +174,16 @@ class Spool:
             path = self.dirs["incoming"] / name
             present.add(path)
             if stat.S_ISREG(st.st_mode):  # anything else is refused at once when claimed
-                previous = self._seen.get(path)
-                if previous is None or previous[:2] != (st.st_size, st.st_mtime_ns):
-                    self._seen[path] = (st.st_size, st.st_mtime_ns, now)
-                    continue
-                if now - previous[2] < SETTLE_SECONDS:
+                _, changed = self._settle.update(path, (st.st_size, st.st_mtime_ns), now)
+                if changed or not self._settle.settled(path, now):
                     continue
             if Path(name).stem in self._serving:
                 continue  # the same ID is being served: this one waits, then meets its outputs
             if len(self._active) >= self.concurrency or not self.backend.ready() or now < self._paused_until:
                 continue
-            self._seen.pop(path, None)
+            self._settle.forget(path)
             self._claim(path)
-        for gone in set(self._seen) - present:
-            del self._seen[gone]
+        self._settle.keep_only(present)
 
     def _claim(self, path: Path) -> None:
         """Move a request into ``work/``: whoever moves it first owns it. Never over a file there
@@ -230,20 +224,20 @@ class Spool:
         started = time.time()
         try:
             if claimed.suffix not in SUFFIXES or not _ID.fullmatch(request_id):
-                raise _Refused("bad_name", f"{_shown(claimed.name)}: name must be ID.txt or ID.json with ID of "
+                raise SpoolFileError("bad_name", f"{_shown(claimed.name)}: name must be ID.txt or ID.json with ID of "
                                "1 to 200 letters, digits, '.', '_' or '-' (not leading)")
             raw = await loop.run_in_executor(None, _read_bounded, claimed)
             if (self.dirs["out"] / f"{request_id}.json").exists():
-                raise _Refused("duplicate", f"out/{request_id}.json already exists: a request with this ID was "
+                raise SpoolFileError("duplicate", f"out/{request_id}.json already exists: a request with this ID was "
                                "served; remove its outputs or use a new ID")
             req = _parse(claimed, raw)
-            check_text(req.text, self.backend.max_chars)
+            req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
             lease = self.backend.acquire(req.voice, req.version)
-            model = lease.model
+            served = lease.served
             job = Job(text=req.text, options=req.options, lease=lease, route="spool")
             future: Future[Result] = self.backend.submit(job)
             result = await asyncio.wrap_future(future)
-            meta = {"id": request_id, "voice": model.name, "version": model.version, "format": req.format,
+            meta = {"id": request_id, "voice": served.name, "version": served.version, "format": req.format,
                     "sample_rate": result.audio.sample_rate if result.audio else None,
                     "duration": round(result.audio_seconds, 3),
                     "timings": {"queued": round(result.queued_seconds, 3),
@@ -266,7 +260,7 @@ class Spool:
             else:  # a request file that vanished or cannot be read: that request's problem
                 await loop.run_in_executor(None, self._fail, claimed, "bad_file",
                                            f"{_shown(claimed.name)}: {exc.strerror or exc}")
-        except (TtsdError, _Refused) as exc:
+        except TtsdError as exc:
             await loop.run_in_executor(None, self._fail, claimed, exc.code, str(exc))
         except Exception as exc:  # a bug; the request must still not vanish
             log.exception("spool request %s failed", _shown(claimed.name))
@@ -319,12 +313,6 @@ class Spool:
         log.error("spool %s: %s; requeued, the spool pauses %.0f s", _shown(claimed.name), error, self._backoff)
 
 
-class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def _shown(name: str) -> str:
     """A file name as it may appear in a log line or an error message: control characters
     escaped, cut to a readable length."""
@@ -351,25 +339,25 @@ def _read_bounded(path: Path) -> bytes:
         fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise _Refused("bad_file", f"{_shown(path.name)} is a symbolic link; spool requests must be regular "
+            raise SpoolFileError("bad_file", f"{_shown(path.name)} is a symbolic link; spool requests must be regular "
                            "files") from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _Refused("bad_file", f"{_shown(path.name)} is not a regular file")
+            raise SpoolFileError("bad_file", f"{_shown(path.name)} is not a regular file")
         if st.st_nlink != 1:  # a hard link to a file elsewhere: whatever it is, it is not this writer's
-            raise _Refused("bad_file", f"{_shown(path.name)} has other hard links; publish requests by "
+            raise SpoolFileError("bad_file", f"{_shown(path.name)} has other hard links; publish requests by "
                            "writing a new file and renaming it")
         if st.st_size > MAX_REQUEST_BYTES:
-            raise _Refused("too_large", f"{_shown(path.name)} is {st.st_size} bytes; the limit is "
+            raise SpoolFileError("too_large", f"{_shown(path.name)} is {st.st_size} bytes; the limit is "
                            f"{MAX_REQUEST_BYTES}")
         chunks, left = [], MAX_REQUEST_BYTES + 1
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
             chunks.append(chunk)
             left -= len(chunk)
         if left <= 0:  # it grew after fstat
-            raise _Refused("too_large", f"{_shown(path.name)} is over {MAX_REQUEST_BYTES} bytes")
+            raise SpoolFileError("too_large", f"{_shown(path.name)} is over {MAX_REQUEST_BYTES} bytes")
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -381,7 +369,7 @@ def _parse(path: Path, raw: bytes) -> SynthRequest:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Refused("bad_request", f"{_shown(path.name)} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise SpoolFileError("bad_request", f"{_shown(path.name)} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     if path.suffix == ".txt":
         return SynthRequest(text=text)
     req = parse_request(parse_json(raw))

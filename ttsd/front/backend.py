@@ -10,8 +10,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from .manager import Lease
-from .metrics import Metrics
+from ..metrics import Metrics
+from ..serving.serving_map import Lease
 from .synth import Job, Result
 
 

@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RequestError
-from .formats import FORMATS
-from .options import SynthesisOptions
+from ..errors import RequestError
+from ..formats import FORMATS
+from ..options import SynthesisOptions
 
 FORMATS_ALL = (*FORMATS, "pcm")
 STREAM_FORMATS = ("wav", "pcm")

@@ -1,0 +1,99 @@
+"""The ``ttsd`` command. Thin: parse, build plain config, call the module that does the work.
+
+Every ``TtsdError`` becomes one line on stderr and its own exit code (``error.exit_code``, see
+``ttsd.errors``); a traceback appears only with ``--debug``. Nothing here imports torch: engines
+are loaded only by the commands that synthesize, and the daemon only inside ``serve``.
+
+Commands live beside this file: ``say.py``, ``serve.py``, ``control.py`` (status, rollback,
+activate) and ``models.py`` (the ``models`` group).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..errors import TtsdError
+from .common import console
+from .control import activate, rollback, status
+from .models import models
+from .say import say
+from .serve import serve
+
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+
+class TtsdGroup(click.Group):
+    """Maps ttsd's errors to one clear line and a distinct exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TtsdError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            from rich.markup import escape
+
+            console().print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, emoji=False)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console().print("interrupted")
+            ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # a bug: say so in one line unless --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            from rich.markup import escape
+
+            console().print(
+                f"[bold red]internal error:[/] {escape(f'{type(exc).__name__}: {exc}')} "
+                "(run 'ttsd --debug ...' for the traceback)",
+                markup=True, emoji=False,
+            )
+            ctx.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=TtsdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="ttsd")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """ttsd: a text-to-speech daemon for small offline boxes."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+for command in (say, serve, status, rollback, activate, models):
+    main.add_command(command)
+
+
+def run() -> None:
+    """The ``ttsd`` program: ``main`` with click's exit handling, plus a fast exit for a process
+    that spoke in-process. Tearing down an interpreter that has torch loaded took ~0.5 s on a
+    2-core box (a fifth of the cold start), so once ``say`` has written its output (it sets
+    ``fast_exit`` in the context object) the process ends with ``os._exit`` after flushing stdio."""
+    from ..malloc import tune
+
+    tune()  # before any thread starts: see ttsd.malloc
+    state: dict[str, Any] = {}
+    try:
+        main(obj=state)
+    except SystemExit as exc:
+        if not state.get("fast_exit"):
+            raise
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that went away, a closed stream: nothing to keep
+                pass
+        os._exit(code)
+
+
+__all__ = ["main", "run"]

@@ -1,0 +1,76 @@
+"""Commands that talk to the running daemon: ``status``, ``rollback``, ``activate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+from .common import SOCKET_HELP, console, daemon_client
+
+
+@click.command()
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
+              help=SOCKET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status(socket_path: Path | None, as_json: bool) -> None:
+    """Show the running daemon: voices, versions, queue, requests, uptime."""
+    info = daemon_client(socket_path, timeout=10).status()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    queue = info["queue"]
+    table = Table("voice", "active", "versions", title=(
+        f"ttsd {info['version']} pid {info['pid']}, up {info['uptime']:.0f} s, queue {queue['waiting']} waiting / "
+        f"{queue['running']} running, {info['requests']['completed']} done, {info['requests']['failed']} failed"))
+    for voice in info["voices"]:
+        versions = ", ".join(f"{v['version']} {v['state']}" + (f" ({v['reason']})" if v["reason"] else "")
+                             for v in voice["versions"])
+        table.add_row(voice["name"] + (" (default)" if voice["default"] else ""), voice["active"] or "-", versions)
+    Console().print(table)
+
+
+def _only_voice(client: Any, voice: str | None) -> str:
+    if voice is not None:
+        return voice
+    voices = [v["name"] for v in client.status()["voices"] if v["active"]]
+    if len(voices) != 1:
+        raise ConfigError(f"several voices are active ({', '.join(voices)}): say which with --voice")
+    return voices[0]
+
+
+@click.command()
+@click.option("--voice", help="Voice to roll back (needed when several are active).")
+@click.option("--to", "to", help="Version to go back to (default: the previous active one).")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
+              help=SOCKET_HELP)
+def rollback(voice: str | None, to: str | None, socket_path: Path | None) -> None:
+    """Go back to the previous version of a voice, at once. The version rolled back from is
+    never promoted again by itself (a newer one is)."""
+    client = daemon_client(socket_path)
+    name = _only_voice(client, voice)
+    _, data = client.call("POST", f"/v1/voices/{name}/rollback", {"to": to} if to else {})
+    result = json.loads(data)
+    console().print(f"{result['voice']}: {result['from']} -> {result['to']} in {result['seconds']:.2f} s",
+                     markup=False)
+
+
+@click.command()
+@click.argument("voice")
+@click.argument("version")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
+              help=SOCKET_HELP)
+def activate(voice: str, version: str, socket_path: Path | None) -> None:
+    """Serve VERSION of VOICE (any known version, re-verified; clears a rolled-back mark)."""
+    client = daemon_client(socket_path)
+    _, data = client.call("POST", f"/v1/voices/{voice}/activate", {"version": version})
+    result = json.loads(data)
+    console().print(f"{result['voice']}: {result['from']} -> {result['to']} in {result['seconds']:.2f} s",
+                     markup=False)
+

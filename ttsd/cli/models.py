@@ -1,0 +1,145 @@
+"""``ttsd models``: make, check and list model folders (no daemon needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError, TtsdError
+from .common import SOCKET_HELP, console
+
+
+@click.group()
+def models() -> None:
+    """Make, check and list model folders."""
+
+
+@models.command("import-piper")
+@click.argument("onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="Voice name (default: the .onnx file name).")
+@click.option("--version", "version", default="1", show_default=True, help="PEP 440 version of this folder.")
+@click.option("--license", "license_", default="", help="Licence text to record in the manifest.")
+def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, license_: str) -> None:
+    """Convert a Piper voice (VOICE.onnx + VOICE.onnx.json) into a ttsd model folder."""
+    from ..voices import import_piper
+
+    out = console()
+    with out.status("importing…") as status:
+        manifest = import_piper(onnx, out_dir, name=name, version=version, license=license_,
+                                progress=lambda msg: status.update(f"{msg}…"))
+    out.print(f"{out_dir}: voice {manifest.name} {manifest.version}, {len(manifest.files)} files", markup=False)
+
+
+@models.command("pack")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Voice name.")
+@click.option("--version", "version", required=True, help="PEP 440 version, e.g. 1 or 2.1.")
+@click.option("--engine", default="vits", show_default=True, help="Engine that loads this folder.")
+@click.option("--sample-rate", type=click.IntRange(1), help="Default: sampling_rate from config.json.")
+@click.option("--warmup", multiple=True, help="Warm-up sentence (repeatable).")
+@click.option("--description", default="")
+@click.option("--license", "license_", default="")
+def pack_cmd(folder: Path, name: str, version: str, engine: str, sample_rate: int | None,
+             warmup: tuple[str, ...], description: str, license_: str) -> None:
+    """Write the checksummed manifest (ttsd.json) for FOLDER, e.g. a downloaded MMS-TTS checkpoint."""
+    from ..engines import engine_class
+    from ..manifest import pack
+
+    cls = engine_class(engine)  # refuse an engine that is not installed before hashing gigabytes
+    if sample_rate is None:
+        sample_rate = cls.default_sample_rate(folder)  # e.g. config.json's sampling_rate, for vits
+        if sample_rate is None:
+            raise ConfigError(f"{folder}: give --sample-rate (the {engine} engine finds none in the folder)")
+    manifest = pack(folder, name=name, version=version, engine=engine, sample_rate=sample_rate,
+                    warmup=warmup, description=description, license=license_)
+    console().print(f"{folder}/ttsd.json: {manifest.name} {manifest.version}, {len(manifest.files)} files",
+                     markup=False)
+
+
+@models.command("verify")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+def verify_cmd(folder: Path) -> None:
+    """Check FOLDER against its manifest; say exactly which file is missing, extra or wrong."""
+    from ..engines import engine_class
+    from ..errors import VerifyError
+    from ..manifest import verify
+
+    try:
+        manifest = verify(folder)
+    except VerifyError as exc:
+        out = console()
+        for problem in exc.problems[1:]:
+            out.print(f"  {problem}", markup=False)
+        raise
+    engine_class(manifest.engine)
+    console().print(f"{folder}: ok ({manifest.name} {manifest.version}, {len(manifest.files)} files verified)",
+                     markup=False)
+
+
+@models.command("list")
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_MODELS",
+              help="Models directory [env TTSD_MODELS].")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
+              help=SOCKET_HELP)
+@click.option("--verify/--no-verify", "check", default=False, help="Without a daemon: check every checksum.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_json: bool) -> None:
+    """Every version of every voice and its state (from the running daemon, else from disk)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..client import Client
+    from ..config import Paths, default_socket
+
+    client = Client(socket_path or default_socket(), timeout=30)
+    rows: list[tuple[str, str, str, str]] = []
+    if client.available():
+        info = client.status()
+        title = f"daemon pid {info['pid']}: {info['models']}"
+        for voice in info["voices"]:
+            for v in voice["versions"]:
+                rows.append((voice["name"], v["version"], v["state"], v["reason"] or ""))
+        for folder in info["folders"]:
+            rows.append((Path(folder["folder"]).name, "-", folder["state"], folder["reason"]))
+    else:
+        from ..catalog import scan
+        from ..manifest import verify
+
+        paths = Paths.resolve(models=models_dir)
+        title = f"{paths.models} (no daemon running)"
+        for cand in scan(paths.models):
+            m = cand.manifest
+            state, reason = ("on disk", "") if m is not None else ("unreadable", cand.problem)
+            if m is not None and check:
+                try:
+                    verify(cand.folder)
+                    state = "verified"
+                except TtsdError as exc:
+                    state, reason = "refused", str(exc)
+            rows.append((m.name if m else cand.folder.name, m.version if m else "-", state, reason))
+    if as_json:
+        fields = ("voice", "version", "state", "reason")
+        click.echo(json.dumps([dict(zip(fields, r, strict=True)) for r in rows], indent=2))
+        return
+    table = Table("voice", "version", "state", "reason", title=title)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+@models.command("builtin")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_CACHE",
+              help="Where converted voices are cached [env TTSD_CACHE].")
+def builtin_cmd(cache: Path | None) -> None:
+    """Print the folder of the built-in voice, converting it first if needed."""
+    from ..config import Paths
+    from ..voices import builtin_model
+
+    out = console()
+    with out.status("built-in voice…") as status:
+        folder = builtin_model(Paths.resolve(cache=cache).cache, progress=lambda msg: status.update(f"{msg}…"))
+    click.echo(str(folder))
+

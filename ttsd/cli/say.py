@@ -1,0 +1,132 @@
+"""``ttsd say``: speak text into a file, through the running daemon when one answers (the model is
+already loaded), else in this process."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigError, DaemonError, RequestError
+from ..options import SynthesisOptions
+from .common import SOCKET_HELP, console, daemon_client, write_output
+
+
+@dataclass(frozen=True)
+class Speech:
+    """What to say and where to put it, whichever way it is spoken."""
+
+    text: str
+    output: str  # a path, or - for stdout
+    fmt: str
+    voice: str | None
+    options: SynthesisOptions
+
+    def body(self) -> dict[str, Any]:
+        """The request body for the daemon's ``POST /v1/synthesize``."""
+        names = {"noise_scale_duration": "noise_w"}
+        body: dict[str, Any] = {"text": self.text, "format": self.fmt, "voice": self.voice}
+        for key, value in asdict(self.options).items():
+            if key not in ("sentence_pause", "normalize"):
+                body[names.get(key, key)] = value
+        return {k: v for k, v in body.items() if v is not None}
+
+    @property
+    def shown(self) -> str:
+        return "stdout" if self.output == "-" else self.output
+
+
+def _read_text(text: str) -> str:
+    if text == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"standard input is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return text
+
+
+@click.command()
+@click.argument("text")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Audio file to write (.wav, .flac, .ogg or .mp3), or - for standard output (WAV).")
+@click.option("--voice", help="Voice name (newest version); default: the daemon's default voice.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Use this model folder directly (in-process).")
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_MODELS",
+              help="Models directory to look up --voice in when running in-process [env TTSD_MODELS].")
+@click.option("--speed", type=click.FloatRange(0.25, 4.0), default=1.0, show_default=True,
+              help="Speaking speed; 2 is twice as fast.")
+@click.option("--speaker", help="Speaker name or number, for voices with several.")
+@click.option("--noise-scale", type=click.FloatRange(0, 2), help="Voice variation (model default if unset).")
+@click.option("--noise-w", type=click.FloatRange(0, 2), help="Timing variation (model default if unset).")
+@click.option("--seed", type=int, help="Fix the random variation, for repeatable output.")
+@click.option("--max-chars", type=click.IntRange(1), default=5000, show_default=True, envvar="TTSD_MAX_CHARS",
+              help="Refuse longer text (in-process; the daemon has its own limit).")
+@click.option("--threads", type=click.IntRange(1), help="Torch threads in-process (default: all cores).")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET", help=SOCKET_HELP)
+@click.option("--daemon/--no-daemon", "use_daemon", default=None,
+              help="Require the running daemon, or never use it (default: daemon if it answers).")
+@click.pass_context
+def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir: Path | None,
+        models_dir: Path | None, speed: float, speaker: str | None, noise_scale: float | None,
+        noise_w: float | None, seed: int | None, max_chars: int, threads: int | None,
+        socket_path: Path | None, use_daemon: bool | None) -> None:
+    """Speak TEXT (- reads standard input) into an audio file.
+
+    Uses the running daemon when its socket answers (fast: the model is already loaded), else
+    loads the voice in this process."""
+    from ..formats import format_for_path
+
+    fmt = format_for_path(output)  # an unknown suffix is refused before stdin is read
+    options = SynthesisOptions(speed=speed, speaker=speaker, noise_scale=noise_scale,
+                               noise_scale_duration=noise_w, seed=seed)
+    speech = Speech(_read_text(text), output, fmt, voice, options)
+    if model_dir is not None and use_daemon:
+        raise ConfigError("--model loads a folder in-process; it cannot be combined with --daemon")
+    if model_dir is None and use_daemon is not False:
+        client = daemon_client(socket_path, timeout=300, required=False)
+        if client.available():
+            _via_daemon(client, speech)
+            return
+        if use_daemon:
+            raise DaemonError(f"no daemon answers on {client.socket_path} (start one with 'ttsd serve')")
+    _in_process(speech, model_dir=model_dir, models_dir=models_dir, max_chars=max_chars, threads=threads)
+    ctx.obj["fast_exit"] = True  # the output is on disk: see ttsd.cli.run
+
+
+def _via_daemon(client: Any, speech: Speech) -> None:
+    started = time.perf_counter()
+    headers, data = client.synthesize(speech.body())
+    write_output(speech.output, data)
+    console().print(
+        f"{speech.shown}: {float(headers.get('x-ttsd-audio-seconds', 0)):.2f} s of {speech.fmt}, voice "
+        f"{headers.get('x-ttsd-voice')} {headers.get('x-ttsd-version')}, via daemon in "
+        f"{time.perf_counter() - started:.2f} s", markup=False)
+
+
+def _in_process(speech: Speech, *, model_dir: Path | None, models_dir: Path | None, max_chars: int,
+                threads: int | None) -> None:
+    from ..audio import encode
+    from ..config import Paths
+    from ..speak import open_engine, resolve_model
+
+    out = console()
+    with out.status("preparing the voice…") as status:
+        folder = resolve_model(Paths.resolve(models=models_dir), model_dir=model_dir, voice=speech.voice,
+                               progress=lambda msg: status.update(f"built-in voice: {msg}…"))
+        started = time.perf_counter()
+        engine = open_engine(folder, max_chars=max_chars, threads=threads)
+        loaded = time.perf_counter()
+        status.update("speaking…")
+        audio = engine.synthesize(speech.text, speech.options)
+        done = time.perf_counter()
+    write_output(speech.output, encode(audio, speech.fmt))
+    m = engine.manifest
+    out.print(
+        f"{speech.shown}: {audio.duration:.2f} s of {speech.fmt} at {audio.sample_rate} Hz, voice {m.name} "
+        f"{m.version}, load {loaded - started:.2f} s, synthesis {done - loaded:.2f} s", markup=False)

@@ -1,0 +1,208 @@
+"""What serves right now, and the one place requests take a version: the front ends' only view of
+serving.
+
+The manager puts a version in the map once it is loaded and warm (``add``), makes it a voice's
+active version by replacing one reference (``activate``: TF Serving's fast-read pointer swap; the
+old version is never changed under a request), or a canary for a share of requests. A request
+``acquire``s a ``Lease``: the frozen facts of the version that serves it (``Served``: name,
+version, sample rate) and its engine, held until ``release``, so a swap never changes the model
+under a running request. The map knows nothing of states, stores or folders: it calls back
+``on_release`` (the manager judges the outcome and unloads what is idle) and ``upgrading`` (voices
+being loaded, for a 503 rather than a 404).
+
+Threads: ``acquire``/``release`` run on any thread (event loop, synthesis workers); the manager's
+calls run on loader threads. Everything takes ``_lock`` briefly; callbacks run outside it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engines import Engine
+from ..errors import BusyError, UnknownVoiceError
+from .versions import norm
+
+Key = tuple[str, str]  # (voice, normalised version)
+
+
+@dataclass(frozen=True)
+class Served:
+    """The version serving a request, as a front end may know it."""
+
+    name: str
+    version: str
+    sample_rate: int
+
+
+@dataclass
+class Lease:
+    """A request's hold on one loaded version. ``release(ok)`` exactly once: ``ok`` is whether the
+    model did its job (None: the request failed for its own reasons or the box's, e.g. bad text)."""
+
+    served: Served
+    engine: Engine[Any]
+    _release: Callable[[Key, bool | None], None] = field(repr=False)
+    _key: Key = field(repr=False)
+    _released: bool = field(default=False, repr=False)
+
+    def release(self, ok: bool | None = None) -> None:
+        if not self._released:
+            self._released = True
+            self._release(self._key, ok)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
+@dataclass
+class _Entry:
+    served: Served
+    engine: Engine[Any]
+    in_flight: int = 0
+
+
+class ServingMap:
+    def __init__(self, *, on_release: Callable[[Key, bool | None], None] = lambda _k, _ok: None,
+                 upgrading: Callable[[], set[str]] = set, canary_share: Callable[[str], float] = lambda _n: 0.0,
+                 default_voice: str | None = None) -> None:
+        self._on_release = on_release
+        self._upgrading = upgrading
+        self._canary_share = canary_share
+        self.default_voice = default_voice
+        self._lock = threading.Lock()
+        self._loaded: dict[Key, _Entry] = {}  # every loaded version a request may name
+        self._active: dict[str, Key] = {}
+        self._canary: dict[str, Key] = {}
+        self._in_flight = 0
+
+    # -- requests (any thread) -------------------------------------------------------------------
+    def acquire(self, voice: str | None = None, version: str | None = None) -> Lease:
+        """A lease on ``voice``'s active version (or its canary, for the canary's share of
+        requests), or on ``version`` of it when named. ``BusyError`` while nothing serves yet or
+        the voice is being upgraded; ``UnknownVoiceError`` for a voice or version not loaded."""
+        with self._lock:
+            name = voice or self._default_name()
+            if name is None:
+                raise BusyError("no voice is ready yet", retry_after=5)
+            if version is not None:
+                key = (name, norm(version))
+                if key not in self._loaded:
+                    raise UnknownVoiceError(f"voice {name} has no loaded version {version}")
+            else:
+                active = self._active.get(name)
+                if active is None:
+                    if name in self._upgrading():
+                        raise BusyError(f"voice {name} is being upgraded", retry_after=2)
+                    known = ", ".join(sorted(self._active)) or "none"
+                    raise UnknownVoiceError(f"unknown voice {name!r} (voices: {known})")
+                key = active
+                canary = self._canary.get(name)
+                if canary is not None and random.random() < self._canary_share(name):
+                    key = canary
+            entry = self._loaded[key]
+            entry.in_flight += 1
+            self._in_flight += 1
+            return Lease(entry.served, entry.engine, self._release, key)
+
+    def _release(self, key: Key, ok: bool | None) -> None:
+        with self._lock:
+            entry = self._loaded.get(key)
+            if entry is not None:
+                entry.in_flight -= 1
+            self._in_flight -= 1
+        self._on_release(key, ok)
+
+    def _default_name(self) -> str | None:
+        if self.default_voice and self.default_voice in self._active:
+            return self.default_voice
+        return min(self._active) if self._active else None
+
+    # -- what serves (any thread) ------------------------------------------------------------------
+    def ready(self) -> bool:
+        return bool(self._active)
+
+    def serving(self) -> bool:
+        """Whether any request is being served right now (read without the lock)."""
+        return self._in_flight > 0
+
+    def in_flight(self, key: Key) -> int:
+        with self._lock:
+            entry = self._loaded.get(key)
+            return entry.in_flight if entry else 0
+
+    def active(self, name: str) -> Key | None:
+        return self._active.get(name)
+
+    def canary(self, name: str) -> Key | None:
+        return self._canary.get(name)
+
+    def default_name(self) -> str | None:
+        with self._lock:
+            return self._default_name()
+
+    # -- the manager's side (loader threads) -------------------------------------------------------
+    def add(self, key: Key, served: Served, engine: Engine[Any]) -> None:
+        """``key`` is loaded and warm: requests may name it from now on."""
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = _Entry(served, engine)
+
+    def activate(self, key: Key) -> Key | None:
+        """The swap: ``key`` serves its voice's new requests from now on (and stops being its
+        canary). Returns the version it replaced."""
+        with self._lock:
+            assert key in self._loaded, key
+            name = key[0]
+            previous = self._active.get(name)
+            self._active[name] = key
+            if self._canary.get(name) == key:
+                del self._canary[name]
+            return previous
+
+    def set_canary(self, key: Key) -> None:
+        with self._lock:
+            assert key in self._loaded, key
+            self._canary[key[0]] = key
+
+    def end_canary(self, name: str) -> None:
+        with self._lock:
+            self._canary.pop(name, None)
+
+    def deactivate(self, name: str) -> Key | None:
+        """Take ``name``'s active version out of service (the memory policy, before its successor
+        loads). Requests for the voice get "being upgraded" until one is activated."""
+        with self._lock:
+            return self._active.pop(name, None)
+
+    def remove(self, key: Key, *, force: bool = False) -> bool:
+        """Take ``key`` out of the map so it can be unloaded. False while a request still holds
+        it (then its last ``release`` calls back, and the manager tries again); ``force``
+        (shutdown) takes it out anyway. True when it is not in the map (any more)."""
+        with self._lock:
+            entry = self._loaded.get(key)
+            if entry is None:
+                return True
+            if entry.in_flight and not force:
+                return False
+            if self._active.get(key[0]) == key:
+                del self._active[key[0]]
+            if self._canary.get(key[0]) == key:
+                del self._canary[key[0]]
+            del self._loaded[key]
+            return True
+
+    def clear(self) -> list[Engine[Any]]:
+        """Everything out (shutdown): the engines to unload."""
+        with self._lock:
+            engines = [e.engine for e in self._loaded.values()]
+            self._loaded.clear()
+            self._active.clear()
+            self._canary.clear()
+            return engines

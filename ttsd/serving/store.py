@@ -1,0 +1,174 @@
+"""ttsd's private model store, under the state dir:
+
+    STATE/store/NAME/VERSION/   copies of model folders, made from the very bytes that were hashed
+                                against the manifest; loads come only from here
+
+A folder is hashed once on its way in: ``put`` reads each listed file once, hashing it and writing
+the same bytes into a hidden temp dir, then compares every hash with the manifest and renames the
+copy into place. So what is checked is what is loaded: nothing another process does to the models
+dir afterwards (rewrite a file, swap it for a link) reaches the copy, which lives in a directory
+only ttsd's user can write. A copy found in the store later (after a restart, for a rollback) is
+verified again before it loads (``manifest.verify``). After ``kill -9`` the store holds only
+complete copies: a copy in progress is a hidden ``.*.partial`` dir, removed at the next start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import ManifestError, Problem, TtsdError, VerifyError, is_system_oserror
+from ..fsutil import fsync_dir
+from ..manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Manifest,
+    check_name,
+    check_version,
+    hash_listed,
+    open_listed,
+    parse_manifest,
+    size_problem,
+    verify,
+)
+
+log = logging.getLogger("ttsd.store")
+
+
+def content_id(manifest: Manifest) -> str:
+    """What a version *is*: the hashes of its files (two folders with equal ids hold equal bytes)."""
+    listing = json.dumps({p: (e.sha256, e.size) for p, e in sorted(manifest.files.items())}, sort_keys=True)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mode = stat.S_IMODE(self.root.stat().st_mode)
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):  # copies others could change are not what was checked
+            os.chmod(self.root, mode & ~(stat.S_IWGRP | stat.S_IWOTH))
+        for leftover in self.root.glob(".*.partial"):  # a copy interrupted by a crash
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def path(self, name: str, version: str) -> Path:
+        return self.root / name / version
+
+    def get(self, name: str, version: str) -> Path | None:
+        path = self.path(name, version)
+        return path if (path / MANIFEST).is_file() else None
+
+    def scan(self) -> list[tuple[str, str, Path]]:
+        """Every stored copy as (voice, version, folder): what the daemon can start from when its
+        state is lost. Only names a manifest allows; the copies are verified before they load."""
+        found: list[tuple[str, str, Path]] = []
+        if not self.root.is_dir():
+            return found
+        for voice in sorted(self.root.iterdir()):
+            if voice.name.startswith(".") or voice.is_symlink() or not voice.is_dir():
+                continue
+            for folder in sorted(voice.iterdir()):
+                try:
+                    check_name(voice.name)
+                    check_version(folder.name)
+                except ManifestError:
+                    continue
+                if not folder.is_symlink() and (folder / MANIFEST).is_file():
+                    found.append((voice.name, folder.name, folder))
+        return found
+
+    def remove(self, name: str, version: str) -> None:
+        """Drop a stored copy (damaged, refused, or no longer a rollback target)."""
+        path = self.path(name, version)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def put(self, source: Path, manifest: Manifest) -> Path:
+        """Copy ``source`` (which claims to be ``manifest``) into the store, hashing every byte on
+        the way; returns the stored folder. ``VerifyError`` (nothing stored) when a file is
+        missing, short or other than the manifest says. A copy of the same content already in
+        the store is kept if it still verifies."""
+        target = self.path(manifest.name, manifest.version)
+        existing = self.get(manifest.name, manifest.version)
+        if existing is not None:
+            try:
+                if content_id(verify(existing)) == content_id(manifest):
+                    return existing
+            except (TtsdError, OSError) as exc:
+                if is_system_oserror(exc):
+                    raise
+                log.warning("store copy %s is damaged (%s); copying it again", existing, exc)
+            shutil.rmtree(existing)  # damaged or different: replace (content checks happen before)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-{manifest.version}.", suffix=".partial",
+                                    dir=self.root))
+        try:
+            _copy_manifest(source, tmp, manifest)
+            problems = []
+            for rel, entry in sorted(manifest.files.items()):
+                if (problem := _copy_hashed(source, tmp, rel, entry)) is not None:
+                    problems.append(problem)
+            if problems:
+                first = str(problems[0])
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise VerifyError(f"{source}: {first}{more}", problems)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, target)
+            fsync_dir(target.parent)
+            return target
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _copy_manifest(source: Path, tmp: Path, manifest: Manifest) -> None:
+    """The source's ``ttsd.json`` bytes into the copy, if they still say ``manifest``."""
+    fd = open_listed(source / MANIFEST)
+    try:
+        raw = os.read(fd, MAX_MANIFEST_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        copied = parse_manifest(json.loads(raw), str(source / MANIFEST))
+    except (ValueError, RecursionError) as exc:
+        raise VerifyError(f"{source}: {MANIFEST} changed while being copied into the store",
+                          [Problem("changed", MANIFEST, str(exc))]) from exc
+    if content_id(copied) != content_id(manifest) or copied.name != manifest.name \
+            or copied.version != manifest.version:
+        raise VerifyError(f"{source}: changed while being copied into the store",
+                          [Problem("changed", MANIFEST, "other than when it was read")])
+    _write_synced(tmp / MANIFEST, lambda out: out.write(raw))
+
+
+def _copy_hashed(source: Path, tmp: Path, rel: str, entry: FileEntry) -> Problem | None:
+    """One listed file, hashed as it is copied; its problem, if any."""
+    dest = tmp / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    result: list[tuple[int, str]] = []
+    try:
+        _write_synced(dest, lambda out: result.append(hash_listed(source / rel, entry.size, out.write)))
+    except FileNotFoundError:
+        return Problem("missing", rel)
+    except OSError as exc:
+        if is_system_oserror(exc):
+            raise
+        return Problem("unreadable", rel, exc.strerror or str(exc))
+    size, digest = result[0]
+    return size_problem(rel, entry, size, digest)
+
+
+def _write_synced(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    with open(path, "xb") as out:
+        write(out)
+        out.flush()
+        os.fsync(out.fileno())

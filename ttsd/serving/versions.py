@@ -1,0 +1,126 @@
+"""Versions as the manager sees them: their states, their records, the policy, and version order.
+
+Every version of every voice has one explicit ``State`` (TF Serving's ``kNew → kLoading → kReady
+→ kQuiescing → kDisabled``, or ``kError``, in ttsd's words below). Plain data: the manager changes
+these records under its lock; nothing here loads or serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+from ..engines import Engine
+from ..manifest import Manifest
+
+
+class State(str, Enum):
+    INCOMPLETE = "incomplete"
+    VERIFYING = "verifying"
+    LOADING = "loading"
+    WARMING = "warming"
+    CANARY = "canary"  # loaded, serving a share of requests before promotion
+    ACTIVE = "active"
+    STANDBY = "standby"  # loaded, kept as a rollback target
+    AVAILABLE = "available"  # known (stored, or a folder in the models dir), not loaded
+    RETIRED = "retired"  # replaced; unloaded when its last request ends
+    REFUSED = "refused"  # its content cannot serve (fails verification, loading or warm-up)
+    DEFERRED = "deferred"  # could not come up for the box's reasons (disk full, damaged copy): retried
+    ROLLED_BACK = "rolled-back"
+
+
+LOADED = (State.CANARY, State.ACTIVE, State.STANDBY, State.RETIRED, State.ROLLED_BACK)
+COMING_UP = (State.VERIFYING, State.LOADING, State.WARMING)
+
+
+@dataclass(frozen=True)
+class Policy:
+    keep: int = 1  # previous versions kept loaded for instant rollback
+    swap: str = "availability"  # or "memory": unload the old version before loading the new one
+    settle: float = 1.0
+    incomplete_timeout: float = 60.0
+    auto_rollback_requests: int = 20  # watch this many first requests of a new version (0 = off)
+    auto_rollback_share: float = 0.25  # roll back when more than this share of them fail
+    canary: dict[str, float] = field(default_factory=dict)  # voice (or "*") -> share of requests
+    canary_requests: int = 20  # clean canary requests before full promotion
+    loader_nice: int = 10  # operator-asked loads (rollback, activate) yield the CPU to live requests
+    background_idle: bool = True  # other loads and checks run in Linux's SCHED_IDLE class
+
+    def canary_share(self, name: str) -> float:
+        return self.canary.get(name, self.canary.get("*", 0.0))
+
+
+@dataclass
+class ModelVersion:
+    """The manager's record of one version (mutable; changed under the manager's lock)."""
+
+    name: str
+    version: str
+    state: State
+    content: str = ""
+    reason: str = ""
+    source: Path | None = None  # its folder in the models dir, while there is one
+    store: Path | None = None  # its store copy
+    manifest: Manifest | None = None
+    engine: Engine[Any] | None = None
+    requests: int = 0  # since it became active or canary (the auto-rollback and canary window)
+    failures: int = 0
+    served: int = 0  # requests it served, and failed through its own fault, since it was loaded
+    model_failures: int = 0
+    load_seconds: float = 0.0
+    retry_at: float = 0.0  # DEFERRED: monotonic time of the next try
+    backoff: float = 0.0
+    fresh: bool = False  # found in the store but not in the saved state: not judged yet
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, norm(self.version))
+
+    def describe(self, in_flight: int) -> dict[str, Any]:
+        return {"version": self.version, "state": self.state.value, "reason": self.reason or None,
+                "in_flight": in_flight, "source": str(self.source) if self.source else None,
+                "content": self.content or None, "load_seconds": round(self.load_seconds, 2) or None,
+                "served": self.served, "model_failures": self.model_failures}
+
+
+def judge(model: ModelVersion, ok: bool, policy: Policy) -> str | None:
+    """Count one request's outcome against a new version (under the manager's lock). Returns
+    what to do about it: ``"promote"`` or ``"end-canary"`` for a canary, ``"rollback"`` for a
+    new active version failing too often, else None."""
+    if model.state is State.CANARY:
+        model.requests += 1
+        if not ok:
+            model.failures += 1
+            return "end-canary"
+        return "promote" if model.requests == policy.canary_requests else None
+    if model.state is State.ACTIVE and policy.auto_rollback_requests and model.requests < policy.auto_rollback_requests:
+        model.requests += 1
+        model.failures += 0 if ok else 1
+        if model.failures > policy.auto_rollback_share * policy.auto_rollback_requests:
+            model.requests = policy.auto_rollback_requests  # fire once
+            return "rollback"
+    return None
+
+
+def norm(version: str) -> str:
+    """A version's canonical spelling (``1.0`` and ``1`` are the same version)."""
+    try:
+        return str(Version(version))
+    except (InvalidVersion, ValueError):  # ValueError: thousands of digits (an operator's typo, or worse)
+        return version
+
+
+def order(model: ModelVersion) -> Version:
+    """Sort key: newest last."""
+    try:
+        return Version(model.version)
+    except (InvalidVersion, ValueError):
+        return Version("0")
+
+
+Listener = Callable[[str, ModelVersion], None]
