@@ -26,7 +26,7 @@ built-in voice en_US-joe-medium:
 
 2. Intelligibility at the joins: 8 long English sentences (300-700 characters; some with commas,
    some with no punctuation at all) are spoken whole (no limit) and cut at each of ``--limits``
-   (``ttsd.engines.vits.MAX_UNIT_IDS`` patched in this process), each with seeds 0..``--seeds``-1
+   (``ttsd.engines.vits.engine.MAX_UNIT_IDS`` patched in this process), each with seeds 0..``--seeds``-1
    (``SynthesisOptions(seed=k)``), and transcribed by bench/intelligibility.py's judge: Whisper-base
    (faster-whisper, int8 on the CPU, beam search of 5, temperature 0) after band-limited resampling to
    16 kHz, with the same normalisation (lower case, punctuation removed, numbers as words).
@@ -218,7 +218,8 @@ def memory_part(lengths: list[int], repeats: int, cache: Path, threads: int) -> 
 def wer_part(limits: list[int], seeds: int, cache: Path, threads: int, show: bool) -> list[str]:
     from faster_whisper import WhisperModel
 
-    from ttsd.engines import SynthesisOptions, vits
+    from ttsd.engines import SynthesisOptions
+    from ttsd.engines.vits import engine as vits
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 

@@ -1,4 +1,4 @@
-"""The windowed channels-last HiFi-GAN (``ttsd.engines.hifigan_fast``) against transformers' own
+"""The windowed channels-last HiFi-GAN (``ttsd.engines.vits.decoder``) against transformers' own
 decoder: same output for every length, window boundary and speaker, on a fixed set of shapes."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_vits_config
 from transformers import VitsConfig, VitsModel
 
-from ttsd.engines import hifigan_fast
-from ttsd.engines.hifigan_fast import WIDTHS, FastHifiGan
+from ttsd.engines.vits import decoder
+from ttsd.engines.vits.decoder import WIDTHS, FastHifiGan
 
 LENGTHS = (1, 7, 31, 32, 33, 200, WIDTHS[-1], WIDTHS[-1] + 1, 700, 1500)
 
@@ -134,7 +134,7 @@ def test_only_a_fixed_set_of_shapes_reaches_the_convolutions(monkeypatch: pytest
 
 
 def test_falls_back_to_plain_convolutions_without_onednn_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hifigan_fast.torch.backends.mkldnn, "is_available", lambda: False)
+    monkeypatch.setattr(decoder.torch.backends.mkldnn, "is_available", lambda: False)
     model = tiny_model()
     fast = FastHifiGan(model.decoder, model.config)
     assert not fast.fused
@@ -147,8 +147,8 @@ def test_the_piper_voice(joe_folder: Path) -> None:
     from transformers import AutoModel
 
     from ttsd.engines import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
+    from ttsd.engines.vits.model import NativeVits
     from ttsd.engines.vits_forward import decode
-    from ttsd.engines.vits_native import NativeVits
 
     model = AutoModel.from_pretrained(str(joe_folder)).eval()
     fast = NativeVits(joe_folder).decoder  # built from the safetensors file, not from the module

@@ -1,4 +1,4 @@
-"""``ttsd.engines.vits_native`` (what serves) against transformers' ``VitsModel`` (the reference):
+"""``ttsd.engines.vits.model`` (what serves) against transformers' ``VitsModel`` (the reference):
 same latents, same waveform, same length, for Hugging Face checkpoints of several shapes, every way
 a checkpoint stores weight norm, and the Piper voice; bad weights are refused with the reason."""
 
@@ -38,7 +38,7 @@ def reference(folder: Path):  # type: ignore[no-untyped-def]
 
 @functools.cache
 def loaded(folder: Path):  # type: ignore[no-untyped-def]
-    from ttsd.engines.vits_native import NativeVits
+    from ttsd.engines.vits.model import NativeVits
 
     return reference(folder), NativeVits(folder)
 
@@ -78,7 +78,7 @@ def test_same_output_as_transformers(variant: str, noise: float, tmp_path: Path)
 def test_every_way_a_checkpoint_stores_weight_norm(style: str, tmp_path: Path) -> None:
     """This transformers saves ``parametrizations.weight.original0/1``; hub MMS checkpoints have
     ``weight_g``/``weight_v``; converted Piper voices plain folded weights. All load the same."""
-    from ttsd.engines.vits_native import NativeVits
+    from ttsd.engines.vits.model import NativeVits
 
     folder = save_tiny_vits(tmp_path / "tiny", pack_it=False)
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -129,7 +129,7 @@ def _edit(folder: Path, change) -> None:  # type: ignore[no-untyped-def]
     ("truncated", "weights do not load"),
 ])
 def test_bad_weights_are_refused_with_the_reason(case: str, reason: str, tmp_path: Path) -> None:
-    from ttsd.engines.vits_native import NativeVits
+    from ttsd.engines.vits.model import NativeVits
 
     folder = save_tiny_vits(tmp_path / case, pack_it=False, num_speakers=2, speaker_embedding_size=4)
     if case == "missing":

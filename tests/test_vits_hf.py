@@ -11,7 +11,7 @@ import pytest
 from conftest import save_tiny_vits
 
 from ttsd.engines import SynthesisOptions, create_engine
-from ttsd.engines.vits import MAX_UNIT_IDS
+from ttsd.engines.vits.engine import MAX_UNIT_IDS
 from ttsd.errors import AudioTooLongError, LoadError, RequestError
 from ttsd.manifest import pack, verify
 from ttsd.speak import open_engine

@@ -22,7 +22,7 @@ from ..options import SynthesisOptions
 from .base import Engine
 
 ENTRY_POINT_GROUP = "ttsd.engines"
-_BUILTIN = {"vits": "ttsd.engines.vits:VitsEngine"}
+_BUILTIN = {"vits": "ttsd.engines.vits.engine:VitsEngine"}
 
 __all__ = ["Engine", "SynthesisOptions", "available_engines", "create_engine", "engine_class"]
 

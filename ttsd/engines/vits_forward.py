@@ -109,5 +109,5 @@ def _sdp_reverse(
 
 def decode(model: VitsModel, latents: torch.Tensor, speaker: torch.Tensor | None) -> torch.Tensor:
     """Decoder input ``(1, flow_size, frames)`` -> waveform ``(samples,)`` in [-1, 1], by
-    transformers' own decoder: the reference ``hifigan_fast.FastHifiGan`` is tested against."""
+    transformers' own decoder: the reference ``ttsd.engines.vits.decoder.FastHifiGan`` is tested against."""
     return model.decoder(latents, speaker).reshape(-1)

@@ -1,4 +1,4 @@
-"""The ``vits`` engine: VITS voices on torch, CPU, computed by ``vits_native`` from the folder's
+"""The ``vits`` engine: VITS voices on torch, CPU, computed by ``model.NativeVits`` from the folder's
 ``config.json`` + ``model.safetensors`` (transformers' ``VitsModel`` is the reference it is tested
 against; serving does not import transformers).
 
@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import LoadError, RequestError
-from ..manifest import Manifest
-from ..options import SynthesisOptions
-from ..text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
-from .base import Engine
+from ...errors import LoadError, RequestError
+from ...manifest import Manifest
+from ...options import SynthesisOptions
+from ...text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
+from ..base import Engine
+from ..piper_import import PHONEMES_FILE
 from .chars import CharTokenizer
+from .model import NativeVits
 from .phonemes import EspeakPhonemes, PhonemeConfig
-from .piper_import import PHONEMES_FILE
-from .vits_native import NativeVits
 
 # The longest model input one unit may have. The text encoder's self-attention holds
 # heads x T x T scores (and relative-position skews of T x 2T), so its memory and time grow with

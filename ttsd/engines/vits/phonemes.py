@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoadError, RequestError
+from ...errors import LoadError, RequestError
 
 _ESPEAK_LOCK = threading.Lock()
 

@@ -10,7 +10,7 @@ module computes the same thing from the same files:
 * the stochastic duration predictor's reverse pass (rational-quadratic spline flows) or the
   deterministic one;
 * the prior flow's reverse pass (WaveNet coupling layers);
-* HiFi-GAN through ``hifigan_fast.FastHifiGan``.
+* HiFi-GAN through ``decoder.FastHifiGan``.
 
 Everything but the decoder runs *time-major* (``(time, channels)`` matrices): every convolution is
 one GEMM over an im2col view (``as_strided``, no copy beyond the GEMM's input), which measured
@@ -36,8 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import LoadError
-from .hifigan_fast import FastHifiGan
+from ...errors import LoadError
+from .decoder import FastHifiGan
 
 BUCKET = 32  # text and frame lengths are padded to a multiple of this (bounded shapes for oneDNN)
 _ACTIVATIONS = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
