@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImportPiperError
-
-PHONEMES_FILE = "phonemes.json"
+from .vits.phonemes import PHONEMES_FILE
 
 
 @dataclass(frozen=True)

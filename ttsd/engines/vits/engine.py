@@ -28,10 +28,9 @@ from ...manifest import Manifest
 from ...options import SynthesisOptions
 from ...text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
 from ..base import Engine
-from ..piper_import import PHONEMES_FILE
 from .chars import CharTokenizer
 from .model import NativeVits
-from .phonemes import EspeakPhonemes, PhonemeConfig
+from .phonemes import PHONEMES_FILE, EspeakPhonemes, PhonemeConfig
 
 # The longest model input one unit may have. The text encoder's self-attention holds
 # heads x T x T scores (and relative-position skews of T x 2T), so its memory and time grow with
