@@ -146,7 +146,7 @@ def test_falls_back_to_plain_convolutions_without_onednn_ops(monkeypatch: pytest
 def test_the_piper_voice(joe_folder: Path) -> None:
     from transformers import AutoModel
 
-    from ttsd.engines import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
+    from ttsd.convert import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
     from ttsd.engines.vits.model import NativeVits
     from ttsd.engines.vits_forward import decode
 

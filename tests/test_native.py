@@ -31,7 +31,7 @@ VARIANTS = {
 def reference(folder: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoModel
 
-    from ttsd.engines import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
+    from ttsd.convert import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
 
     return AutoModel.from_pretrained(str(folder)).eval()
 

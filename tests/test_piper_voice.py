@@ -86,8 +86,8 @@ def test_loads_with_plain_automodel(joe_folder: Path) -> None:
     """Anyone with transformers (and ttsd's registration) loads the folder with from_pretrained."""
     from transformers import AutoModel
 
-    import ttsd.engines.piper_vits  # noqa: F401
-    from ttsd.engines.piper_vits import HifiGanResidualBlock2
+    import ttsd.convert.piper_vits  # noqa: F401
+    from ttsd.convert.piper_vits import HifiGanResidualBlock2
 
     model = AutoModel.from_pretrained(str(joe_folder))
     assert type(model).__name__ == "PiperVitsModel"
