@@ -144,11 +144,11 @@ def test_falls_back_to_plain_convolutions_without_onednn_ops(monkeypatch: pytest
 
 
 def test_the_piper_voice(joe_folder: Path) -> None:
+    from reference.vits_forward import decode
     from transformers import AutoModel
 
     from ttsd.convert import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
     from ttsd.engines.vits.model import NativeVits
-    from ttsd.engines.vits_forward import decode
 
     model = AutoModel.from_pretrained(str(joe_folder)).eval()
     fast = NativeVits(joe_folder).decoder  # built from the safetensors file, not from the module
@@ -176,7 +176,7 @@ def test_padded_text_and_frames_give_the_same_latents(noise: float, joe_folder: 
 
 
 def test_padding_with_a_multi_speaker_hf_model() -> None:
-    from ttsd.engines.vits_forward import latent_frames
+    from reference.vits_forward import latent_frames
 
     model = tiny_model(num_speakers=2, speaker_embedding_size=4)
     ids = torch.randint(1, model.config.vocab_size, (1, 21))

@@ -46,7 +46,7 @@ def loaded(folder: Path):  # type: ignore[no-untyped-def]
 def both(folder: Path, ids: list[int], *, noise: float = 0.0, speaker: int | None = None
          ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(latents, waveform) from the reference and from the native path, same seed."""
-    from ttsd.engines.vits_forward import decode, latent_frames
+    from reference.vits_forward import decode, latent_frames
 
     model, native = loaded(folder)
     knobs = dict(noise_scale=noise, noise_scale_duration=noise, length_scale=1.0, speaker_id=speaker)

@@ -14,9 +14,9 @@ module computes the same thing from the same files:
 
 Everything but the decoder runs *time-major* (``(time, channels)`` matrices): every convolution is
 one GEMM over an im2col view (``as_strided``, no copy beyond the GEMM's input), which measured
-faster on 2 cores than torch's 1-D convolutions at these sizes. Padding and masking follow
-``vits_forward.latent_frames``: text and frames are padded to multiples of ``BUCKET`` and masked
-exactly as VITS masks a batch, so the output is the same for every length.
+faster on 2 cores than torch's 1-D convolutions at these sizes. Padding and masking follow the
+tests' reference (``tests/reference/vits_forward.py``): text and frames are padded to multiples of
+``BUCKET`` and masked exactly as VITS masks a batch, so the output is the same for every length.
 
 Weight norm is folded at load time from any of the three ways checkpoints store it (plain
 ``weight``, ``weight_g``/``weight_v``, or ``parametrizations.weight.original0/1``). Every tensor is
@@ -534,7 +534,7 @@ class NativeVits:
                       speaker_id: int | None = None, generator: torch.Generator | None = None,
                       bucket: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text ids -> decoder input ``(1, flow_size, frames)`` and the speaker embedding ``(1, E, 1)``.
-        Noise is drawn in the same order and shapes as ``vits_forward.latent_frames``."""
+        Noise is drawn in the same order and shapes as the tests' reference ``latent_frames``."""
         c = self.config
         bucket = BUCKET if bucket is None else bucket
         length = len(ids)
