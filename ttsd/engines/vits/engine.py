@@ -233,8 +233,3 @@ class VitsEngine(Engine[Unit]):
         """The ids per unit (sentence, or piece of an over-long one) the engine would synthesize."""
         return [unit.ids for unit in self._units(text, SynthesisOptions())]
 
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
-
