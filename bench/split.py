@@ -62,6 +62,10 @@ from typing import Any
 
 from intelligibility import normalize, resample, whisper_folder, word_errors
 
+# The repository root, for tests/vits_helpers.py (model ids per unit, raw model output), imported
+# as tests.vits_helpers where needed: only after malloc is tuned and torch is imported.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
 SENTENCES = [
     # commas
     "When the storm finally passed over the harbor, the fishermen walked down to the docks to inspect their "
@@ -133,6 +137,7 @@ def child(length: int, cold: bool, cache: Path, threads: int) -> dict[str, Any]:
     tune()
     import torch
 
+    from tests.vits_helpers import render_ids
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 
@@ -159,13 +164,13 @@ def child(length: int, cold: bool, cache: Path, threads: int) -> dict[str, Any]:
         return {"ids": len(ids), "cold_mb": (memory_kb()["VmHWM"] - before) / MB}
 
     for _ in range(2):
-        engine.render_ids(short_ids)
+        render_ids(engine, short_ids)
     baseline = memory_kb()["VmHWM"]  # the process's peak after a short sentence, text side and decoder
     reset_peak()  # VmHWM := VmRSS, which is at most the baseline
     text_side(ids)
     text_growth = max(0, memory_kb()["VmHWM"] - baseline)
     best = min(text_side(ids) for _ in range(TIMED_RUNS))
-    samples = engine.render_ids(ids)
+    samples = render_ids(engine, ids)
     whole_growth = max(0, memory_kb()["VmHWM"] - baseline)
     return {"ids": len(ids), "baseline_mb": baseline / MB, "text_growth_mb": text_growth / MB,
             "whole_growth_mb": whole_growth / MB, "text_s": best, "audio_s": len(samples) / engine.sample_rate}
@@ -218,6 +223,7 @@ def memory_part(lengths: list[int], repeats: int, cache: Path, threads: int) -> 
 def wer_part(limits: list[int], seeds: int, cache: Path, threads: int, show: bool) -> list[str]:
     from faster_whisper import WhisperModel
 
+    from tests.vits_helpers import phoneme_ids
     from ttsd.engines import SynthesisOptions
     from ttsd.engines.vits import engine as vits
     from ttsd.speak import open_engine
@@ -236,7 +242,7 @@ def wer_part(limits: list[int], seeds: int, cache: Path, threads: int, show: boo
             reference = normalize(sentence)
             for condition in conditions:
                 vits.MAX_UNIT_IDS = 10**9 if condition is None else condition
-                units = engine.phoneme_ids(sentence)
+                units = phoneme_ids(engine, sentence)
                 pieces[condition][index] = len(units)
                 if condition is None:
                     whole_ids[index] = sum(len(u) for u in units)

@@ -225,11 +225,3 @@ class VitsEngine(Engine[Unit]):
                 return
             yield piece.numpy().astype(np.float32)
 
-    def render_ids(self, ids: list[int], options: SynthesisOptions | None = None) -> np.ndarray:
-        """Raw model output for given ids, without normalisation (for conformance tests/benches)."""
-        return self._render(Unit(ids), (options or SynthesisOptions()).checked())
-
-    def phoneme_ids(self, text: str) -> list[list[int]]:
-        """The ids per unit (sentence, or piece of an over-long one) the engine would synthesize."""
-        return [unit.ids for unit in self._units(text, SynthesisOptions())]
-
