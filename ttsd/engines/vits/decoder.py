@@ -1,4 +1,5 @@
-"""A faster HiFi-GAN decoder for ``VitsModel``: same weights, same output, bounded shapes.
+"""A faster HiFi-GAN decoder for VITS voices: transformers' ``VitsHifiGan`` with the same weights,
+the same output and bounded shapes.
 
 transformers' ``VitsHifiGan`` runs 1-D convolutions on (batch, channels, time) tensors. On CPU,
 oneDNN is much faster on *channels-last 2-D* convolutions (measured on 2 cores: 180-200 GFLOP/s
