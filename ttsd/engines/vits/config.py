@@ -1,7 +1,7 @@
-"""``config.json`` -> ``VitsConfig``: the hyper-parameters VITS inference needs, read with
-transformers' defaults for the fields a checkpoint leaves out, and checked for the combinations
-the native model cannot run (a bad value or combination is refused with the reason), so that a
-folder's config is judged before any weight is read.
+"""``config.json`` -> ``VitsConfig``: the hyper-parameters VITS inference needs, with transformers'
+defaults for the fields a checkpoint leaves out (``save_pretrained`` writes only the values that
+differ from them), checked for values and combinations the native model cannot run, which are
+refused (``LoadError``) with the reason.
 """
 
 from __future__ import annotations
