@@ -177,8 +177,8 @@ def soak(engine: str, speak: Synth, count: int) -> dict[str, Any]:
 def child(engine: str, cache: Path, threads: int, soak_count: int) -> dict[str, Any]:
     """Body of ``--child``: import, load, speak and soak in this fresh process; report times and memory."""
     started = time.perf_counter()
-    # ttsd.engines.vits pulls in torch (and no transformers): what loading the voice needs.
-    for module in ("ttsd.engines.vits", "ttsd.speak") if engine == "ttsd" else ("onnxruntime", "piper"):
+    # ttsd.engines.vits.engine pulls in torch (and no transformers): what loading the voice needs.
+    for module in ("ttsd.engines.vits.engine", "ttsd.speak") if engine == "ttsd" else ("onnxruntime", "piper"):
         importlib.import_module(module)
     imported = time.perf_counter()
     voice = load_ttsd(cache, threads) if engine == "ttsd" else load_piper(threads)
@@ -199,13 +199,14 @@ def model_arithmetic(cache: Path) -> dict[str, Any]:
     a few percent). Same for any runtime, since piper runs the same network."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ttsd.engines import SynthesisOptions, hifigan_fast, vits_native
+    from ttsd.engines import SynthesisOptions
+    from ttsd.engines.vits import decoder, model
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 
-    hifigan_fast.WIDTHS = (1,)  # no window fits the receptive field: decode whole
-    hifigan_fast._fused_ops_work = lambda: False
-    vits_native.BUCKET = 1
+    decoder.WIDTHS = (1,)  # no window fits the receptive field: decode whole
+    decoder._fused_ops_work = lambda: False
+    model.BUCKET = 1
     engine = open_engine(builtin_model(cache))
     options = SynthesisOptions(noise_scale=NOISE_SCALE, noise_scale_duration=NOISE_W,
                                speed=1.0 / LENGTH_SCALE, sentence_pause=0.0)

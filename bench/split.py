@@ -26,7 +26,7 @@ built-in voice en_US-joe-medium:
 
 2. Intelligibility at the joins: 8 long English sentences (300-700 characters; some with commas,
    some with no punctuation at all) are spoken whole (no limit) and cut at each of ``--limits``
-   (``ttsd.engines.vits.MAX_UNIT_IDS`` patched in this process), each with seeds 0..``--seeds``-1
+   (``ttsd.engines.vits.engine.MAX_UNIT_IDS`` patched in this process), each with seeds 0..``--seeds``-1
    (``SynthesisOptions(seed=k)``), and transcribed by bench/intelligibility.py's judge: Whisper-base
    (faster-whisper, int8 on the CPU, beam search of 5, temperature 0) after band-limited resampling to
    16 kHz, with the same normalisation (lower case, punctuation removed, numbers as words).
@@ -61,6 +61,10 @@ from pathlib import Path
 from typing import Any
 
 from intelligibility import normalize, resample, whisper_folder, word_errors
+
+# The repository root, for tests/vits_helpers.py (model ids per unit, raw model output), imported
+# as tests.vits_helpers where needed: only after malloc is tuned and torch is imported.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 SENTENCES = [
     # commas
@@ -133,6 +137,7 @@ def child(length: int, cold: bool, cache: Path, threads: int) -> dict[str, Any]:
     tune()
     import torch
 
+    from tests.vits_helpers import render_ids
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 
@@ -159,13 +164,13 @@ def child(length: int, cold: bool, cache: Path, threads: int) -> dict[str, Any]:
         return {"ids": len(ids), "cold_mb": (memory_kb()["VmHWM"] - before) / MB}
 
     for _ in range(2):
-        engine.render_ids(short_ids)
+        render_ids(engine, short_ids)
     baseline = memory_kb()["VmHWM"]  # the process's peak after a short sentence, text side and decoder
     reset_peak()  # VmHWM := VmRSS, which is at most the baseline
     text_side(ids)
     text_growth = max(0, memory_kb()["VmHWM"] - baseline)
     best = min(text_side(ids) for _ in range(TIMED_RUNS))
-    samples = engine.render_ids(ids)
+    samples = render_ids(engine, ids)
     whole_growth = max(0, memory_kb()["VmHWM"] - baseline)
     return {"ids": len(ids), "baseline_mb": baseline / MB, "text_growth_mb": text_growth / MB,
             "whole_growth_mb": whole_growth / MB, "text_s": best, "audio_s": len(samples) / engine.sample_rate}
@@ -218,7 +223,9 @@ def memory_part(lengths: list[int], repeats: int, cache: Path, threads: int) -> 
 def wer_part(limits: list[int], seeds: int, cache: Path, threads: int, show: bool) -> list[str]:
     from faster_whisper import WhisperModel
 
-    from ttsd.engines import SynthesisOptions, vits
+    from tests.vits_helpers import phoneme_ids
+    from ttsd.engines import SynthesisOptions
+    from ttsd.engines.vits import engine as vits
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 
@@ -235,7 +242,7 @@ def wer_part(limits: list[int], seeds: int, cache: Path, threads: int, show: boo
             reference = normalize(sentence)
             for condition in conditions:
                 vits.MAX_UNIT_IDS = 10**9 if condition is None else condition
-                units = engine.phoneme_ids(sentence)
+                units = phoneme_ids(engine, sentence)
                 pieces[condition][index] = len(units)
                 if condition is None:
                     whole_ids[index] = sum(len(u) for u in units)

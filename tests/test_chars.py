@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import LETTERS
 
-from ttsd.engines.chars import CharTokenizer
+from ttsd.engines.vits.chars import CharTokenizer
 from ttsd.errors import LoadError, RequestError
 
 MMS = {"<pad>": 0, **{c: i + 1 for i, c in enumerate(LETTERS)}}

@@ -1,4 +1,4 @@
-"""The windowed channels-last HiFi-GAN (``ttsd.engines.hifigan_fast``) against transformers' own
+"""The windowed channels-last HiFi-GAN (``ttsd.engines.vits.decoder``) against transformers' own
 decoder: same output for every length, window boundary and speaker, on a fixed set of shapes."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import tiny_vits_config
 from transformers import VitsConfig, VitsModel
+from vits_helpers import phoneme_ids
 
-from ttsd.engines import hifigan_fast
-from ttsd.engines.hifigan_fast import WIDTHS, FastHifiGan
+from ttsd.engines.vits import decoder
+from ttsd.engines.vits.decoder import WIDTHS, FastHifiGan
 
 LENGTHS = (1, 7, 31, 32, 33, 200, WIDTHS[-1], WIDTHS[-1] + 1, 700, 1500)
 
@@ -134,7 +135,7 @@ def test_only_a_fixed_set_of_shapes_reaches_the_convolutions(monkeypatch: pytest
 
 
 def test_falls_back_to_plain_convolutions_without_onednn_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hifigan_fast.torch.backends.mkldnn, "is_available", lambda: False)
+    monkeypatch.setattr(decoder.torch.backends.mkldnn, "is_available", lambda: False)
     model = tiny_model()
     fast = FastHifiGan(model.decoder, model.config)
     assert not fast.fused
@@ -144,11 +145,11 @@ def test_falls_back_to_plain_convolutions_without_onednn_ops(monkeypatch: pytest
 
 
 def test_the_piper_voice(joe_folder: Path) -> None:
+    from reference.vits_forward import decode
     from transformers import AutoModel
 
-    from ttsd.engines import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
-    from ttsd.engines.vits_forward import decode
-    from ttsd.engines.vits_native import NativeVits
+    from ttsd.convert import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
+    from ttsd.engines.vits.model import NativeVits
 
     model = AutoModel.from_pretrained(str(joe_folder)).eval()
     fast = NativeVits(joe_folder).decoder  # built from the safetensors file, not from the module
@@ -166,7 +167,7 @@ def test_padded_text_and_frames_give_the_same_latents(noise: float, joe_folder: 
 
     engine = open_engine(joe_folder)
     for text in ("Hi.", "Turn on the kitchen lights.", "The quick brown fox jumps over the lazy dog, twice."):
-        ids = engine.phoneme_ids(text)[0]
+        ids = phoneme_ids(engine, text)[0]
         assert len(ids) % 32, "pick texts whose length is not already a multiple of the bucket"
         with torch.inference_mode():
             plain, padded = (engine.model.latent_frames(ids, noise_scale=noise, noise_scale_duration=0.8 * bool(noise),
@@ -176,7 +177,7 @@ def test_padded_text_and_frames_give_the_same_latents(noise: float, joe_folder: 
 
 
 def test_padding_with_a_multi_speaker_hf_model() -> None:
-    from ttsd.engines.vits_forward import latent_frames
+    from reference.vits_forward import latent_frames
 
     model = tiny_model(num_speakers=2, speaker_embedding_size=4)
     ids = torch.randint(1, model.config.vocab_size, (1, 21))

@@ -1,4 +1,4 @@
-"""``ttsd.engines.vits_native`` (what serves) against transformers' ``VitsModel`` (the reference):
+"""``ttsd.engines.vits.model`` (what serves) against transformers' ``VitsModel`` (the reference):
 same latents, same waveform, same length, for Hugging Face checkpoints of several shapes, every way
 a checkpoint stores weight norm, and the Piper voice; bad weights are refused with the reason."""
 
@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import save_tiny_vits
 from safetensors.torch import load_file, save_file
+from vits_helpers import phoneme_ids
 
 from ttsd.errors import LoadError
 
@@ -31,14 +32,14 @@ VARIANTS = {
 def reference(folder: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoModel
 
-    from ttsd.engines import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
+    from ttsd.convert import piper_vits  # noqa: F401  (registers the Piper variant with AutoModel)
 
     return AutoModel.from_pretrained(str(folder)).eval()
 
 
 @functools.cache
 def loaded(folder: Path):  # type: ignore[no-untyped-def]
-    from ttsd.engines.vits_native import NativeVits
+    from ttsd.engines.vits.model import NativeVits
 
     return reference(folder), NativeVits(folder)
 
@@ -46,7 +47,7 @@ def loaded(folder: Path):  # type: ignore[no-untyped-def]
 def both(folder: Path, ids: list[int], *, noise: float = 0.0, speaker: int | None = None
          ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(latents, waveform) from the reference and from the native path, same seed."""
-    from ttsd.engines.vits_forward import decode, latent_frames
+    from reference.vits_forward import decode, latent_frames
 
     model, native = loaded(folder)
     knobs = dict(noise_scale=noise, noise_scale_duration=noise, length_scale=1.0, speaker_id=speaker)
@@ -78,7 +79,7 @@ def test_same_output_as_transformers(variant: str, noise: float, tmp_path: Path)
 def test_every_way_a_checkpoint_stores_weight_norm(style: str, tmp_path: Path) -> None:
     """This transformers saves ``parametrizations.weight.original0/1``; hub MMS checkpoints have
     ``weight_g``/``weight_v``; converted Piper voices plain folded weights. All load the same."""
-    from ttsd.engines.vits_native import NativeVits
+    from ttsd.engines.vits.model import NativeVits
 
     folder = save_tiny_vits(tmp_path / "tiny", pack_it=False)
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -107,7 +108,7 @@ def test_the_piper_voice(joe_engine) -> None:  # type: ignore[no-untyped-def]
     """The built-in voice, noise off: within 1e-3 and the same length (the issue's conformance rule)."""
     for text in ("Hi.", "Turn on the kitchen lights, please.",
                  "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest."):
-        ids = joe_engine.phoneme_ids(text)[0]
+        ids = phoneme_ids(joe_engine, text)[0]
         (ref, ref_wave), (ours, wave) = both(joe_engine.folder, ids)
         assert_close(ours, ref, 1e-3)
         assert_close(wave, ref_wave, 1e-3)
@@ -129,7 +130,7 @@ def _edit(folder: Path, change) -> None:  # type: ignore[no-untyped-def]
     ("truncated", "weights do not load"),
 ])
 def test_bad_weights_are_refused_with_the_reason(case: str, reason: str, tmp_path: Path) -> None:
-    from ttsd.engines.vits_native import NativeVits
+    from ttsd.engines.vits.model import NativeVits
 
     folder = save_tiny_vits(tmp_path / case, pack_it=False, num_speakers=2, speaker_embedding_size=4)
     if case == "missing":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vits_helpers import phoneme_ids, render_ids
 
 from ttsd.options import SynthesisOptions
 
@@ -52,15 +53,15 @@ def onnx_audio(voice, ids: list[int]) -> np.ndarray:  # type: ignore[no-untyped-
 def test_phoneme_ids_are_piper_s(joe_engine, piper_voice) -> None:  # type: ignore[no-untyped-def]
     for text in SENTENCES:
         expected = [piper_voice.phonemes_to_ids(p) for p in piper_voice.phonemize(text) if p]
-        assert joe_engine.phoneme_ids(text) == expected, text
+        assert phoneme_ids(joe_engine, text) == expected, text
 
 
 def test_waveform_matches_onnx_runtime(joe_engine, piper_voice) -> None:  # type: ignore[no-untyped-def]
     checked = 0
     worst = 0.0
     for text in SENTENCES:
-        for ids in joe_engine.phoneme_ids(text):
-            ours = joe_engine.render_ids(ids, NOISE_OFF)
+        for ids in phoneme_ids(joe_engine, text):
+            ours = render_ids(joe_engine, ids, NOISE_OFF)
             ref = onnx_audio(piper_voice, ids)
             assert ours.shape == ref.shape, (text, ours.shape, ref.shape)
             diff = float(np.max(np.abs(ours - ref)))
@@ -86,8 +87,8 @@ def test_loads_with_plain_automodel(joe_folder: Path) -> None:
     """Anyone with transformers (and ttsd's registration) loads the folder with from_pretrained."""
     from transformers import AutoModel
 
-    import ttsd.engines.piper_vits  # noqa: F401
-    from ttsd.engines.piper_vits import HifiGanResidualBlock2
+    import ttsd.convert.piper_vits  # noqa: F401
+    from ttsd.convert.piper_vits import HifiGanResidualBlock2
 
     model = AutoModel.from_pretrained(str(joe_folder))
     assert type(model).__name__ == "PiperVitsModel"

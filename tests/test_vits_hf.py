@@ -11,7 +11,7 @@ import pytest
 from conftest import save_tiny_vits
 
 from ttsd.engines import SynthesisOptions, create_engine
-from ttsd.engines.vits import MAX_UNIT_IDS
+from ttsd.engines.vits.engine import MAX_UNIT_IDS
 from ttsd.errors import AudioTooLongError, LoadError, RequestError
 from ttsd.manifest import pack, verify
 from ttsd.speak import open_engine
@@ -177,3 +177,17 @@ def test_third_party_engine_registers_by_entry_point(tmp_path: Path, monkeypatch
     audio = engine.synthesize("one two three", SynthesisOptions(sentence_pause=0.5))
     assert type(engine).__name__ == "Beep" and audio.sample_rate == 8000
     assert abs(audio.duration - (3 * 0.1 + 2 * 0.5)) < 1e-6  # three units, a pause between each pair
+
+
+def test_default_sample_rate_is_config_json_s(tmp_path: Path) -> None:
+    """What ``ttsd models pack`` falls back on without ``--sample-rate``: None when there is nothing to read."""
+    from ttsd.engines import engine_class
+
+    vits = engine_class("vits")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "vits", "sampling_rate": 22050}))
+    assert vits.default_sample_rate(tmp_path) == 22050
+    for text in (json.dumps({"model_type": "vits"}), "{not json", "[22050]", json.dumps({"sampling_rate": None})):
+        config.write_text(text)
+        assert vits.default_sample_rate(tmp_path) is None, text
+    assert vits.default_sample_rate(tmp_path / "nowhere") is None

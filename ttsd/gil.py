@@ -1,9 +1,13 @@
 """Keep a background thread's Python work from stalling live requests (the GIL "convoy").
 
-Building a model (``from_pretrained``: hundreds of module constructors, weight-norm set-up, key
-matching) is ~0.3 s of pure Python. While one thread runs Python, a synthesis worker that comes
-back from each short torch op must wait for the GIL, up to ``sys.getswitchinterval()`` (5 ms) per
-op, and a short sentence is ~1,000 ops: measured, requests overlapping a load ran up to 2x slower.
+The model loader runs Python between torch ops: it builds the voice (for the ``vits`` engine,
+``NativeVits`` takes each of a few hundred tensors by name, checks and lays it out: about 4,000
+function calls and 0.2 s for the built-in voice) and then warms it up by synthesizing sentences,
+the same Python glue around short torch ops as a request. While one thread runs Python, a
+synthesis worker that comes back from each short torch op must wait for the GIL, up to
+``sys.getswitchinterval()`` (5 ms) per op, and a short sentence is ~1,000 ops. Measured when voices
+were still built with transformers' ``from_pretrained`` (~0.3 s of pure Python: module
+constructors, weight-norm set-up, key matching), requests overlapping a load ran up to 2x slower.
 Lowering the loader's ``nice`` does not help (it holds the GIL while descheduled), and neither
 does a shorter switch interval (every op still waits behind the loader).
 

@@ -1,5 +1,6 @@
-"""Voice engines. Only this package imports torch and transformers, and only inside engines
-that need them, so importing ``ttsd.engines`` itself is cheap.
+"""Voice engines. torch is imported only inside the engines that need it (``ttsd.engines.vits``),
+never here, so importing ``ttsd.engines`` itself is cheap; serving never imports transformers
+(only the converter, ``ttsd.convert``, and the tests do).
 
 An engine is found by the ``engine`` name in a model folder's manifest: the built-in ones below,
 or any installed package that registers a class under the ``ttsd.engines`` entry point group::
@@ -22,7 +23,7 @@ from ..options import SynthesisOptions
 from .base import Engine
 
 ENTRY_POINT_GROUP = "ttsd.engines"
-_BUILTIN = {"vits": "ttsd.engines.vits:VitsEngine"}
+_BUILTIN = {"vits": "ttsd.engines.vits.engine:VitsEngine"}
 
 __all__ = ["Engine", "SynthesisOptions", "available_engines", "create_engine", "engine_class"]
 

@@ -87,7 +87,7 @@ class Engine(ABC, Generic[Unit]):
             raise RequestError("this voice has one speaker")
 
     def info(self) -> dict[str, Any]:
-        """Facts about the loaded voice for ``ttsd models``/``/v1/voices`` (speakers etc.)."""
+        """Facts about the loaded voice (speakers etc.), for tests and tools: serving does not call it."""
         return {}
 
     def default_warmup(self) -> Sequence[str]:

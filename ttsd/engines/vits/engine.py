@@ -1,4 +1,4 @@
-"""The ``vits`` engine: VITS voices on torch, CPU, computed by ``vits_native`` from the folder's
+"""The ``vits`` engine: VITS voices on torch, CPU, computed by ``model.NativeVits`` from the folder's
 ``config.json`` + ``model.safetensors`` (transformers' ``VitsModel`` is the reference it is tested
 against; serving does not import transformers).
 
@@ -13,6 +13,7 @@ Serves two kinds of model folder:
 from __future__ import annotations
 
 import gc
+import json
 import re
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -23,15 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import LoadError, RequestError
-from ..manifest import Manifest
-from ..options import SynthesisOptions
-from ..text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
-from .base import Engine
+from ...errors import LoadError, RequestError
+from ...manifest import Manifest
+from ...options import SynthesisOptions
+from ...text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
+from ..base import Engine
 from .chars import CharTokenizer
-from .phonemes import EspeakPhonemes, PhonemeConfig
-from .piper_import import PHONEMES_FILE
-from .vits_native import NativeVits
+from .model import NativeVits
+from .phonemes import PHONEMES_FILE, EspeakPhonemes, PhonemeConfig
 
 # The longest model input one unit may have. The text encoder's self-attention holds
 # heads x T x T scores (and relative-position skews of T x 2T), so its memory and time grow with
@@ -66,6 +66,15 @@ class VitsEngine(Engine[Unit]):
         self._tokenizer: CharTokenizer | None = None
 
     # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def default_sample_rate(cls, folder: Path) -> int | None:
+        """``sampling_rate`` from ``folder``'s ``config.json``, for ``ttsd models pack`` when no rate
+        is given; None if the file or the field is missing or unreadable. Cheap: reads no weights."""
+        try:
+            return int(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["sampling_rate"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def load(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -225,17 +234,4 @@ class VitsEngine(Engine[Unit]):
             if piece is None:
                 return
             yield piece.numpy().astype(np.float32)
-
-    def render_ids(self, ids: list[int], options: SynthesisOptions | None = None) -> np.ndarray:
-        """Raw model output for given ids, without normalisation (for conformance tests/benches)."""
-        return self._render(Unit(ids), (options or SynthesisOptions()).checked())
-
-    def phoneme_ids(self, text: str) -> list[list[int]]:
-        """The ids per unit (sentence, or piece of an over-long one) the engine would synthesize."""
-        return [unit.ids for unit in self._units(text, SynthesisOptions())]
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
 

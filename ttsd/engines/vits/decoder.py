@@ -1,4 +1,5 @@
-"""A faster HiFi-GAN decoder for ``VitsModel``: same weights, same output, bounded shapes.
+"""A faster HiFi-GAN decoder for VITS voices: transformers' ``VitsHifiGan`` with the same weights,
+the same output and bounded shapes.
 
 transformers' ``VitsHifiGan`` runs 1-D convolutions on (batch, channels, time) tensors. On CPU,
 oneDNN is much faster on *channels-last 2-D* convolutions (measured on 2 cores: 180-200 GFLOP/s
@@ -137,7 +138,7 @@ class FastHifiGan:
     def __init__(self, decoder: nn.Module | Take, config: Any, *, fused: bool | None = None) -> None:
         """``decoder``: transformers' ``VitsHifiGan`` (or ttsd's Piper variant), or a function
         ``take(name, shape)`` returning its tensors by state-dict name with weight norm folded
-        (``vits_native``). The geometry (kernels, strides, dilations) comes from ``config``."""
+        (``model.NativeVits``). The geometry (kernels, strides, dilations) comes from ``config``."""
         take = _module_source(decoder) if isinstance(decoder, nn.Module) else decoder
         self.fused = _fused_ops_work() if fused is None else fused
         self.slope = float(config.leaky_relu_slope)

@@ -1,9 +1,11 @@
-"""VITS inference with every knob an argument, on a ``VitsModel``'s own submodules.
+"""The tests' reference VITS inference: transformers' ``VitsModel`` run through its own submodules,
+with every knob an argument.
 
-``VitsModel.forward`` reads the noise scales from attributes of the shared model object, so two
-requests with different options would race. This is the same computation for one utterance
-(batch of one, no padding), with ``noise_scale``, ``noise_scale_duration``, ``length_scale`` and
-``speaker_id`` passed per call. Called from a synthesis thread; it only reads the model.
+Serving computes VITS itself (``ttsd.engines.vits``, no transformers); the conformance tests
+(``tests/test_native.py``, ``tests/test_fast_decoder.py``) compare it with this. ``VitsModel.forward``
+reads the noise scales from attributes of the model object; this is the same computation for one
+utterance (batch of one), with ``noise_scale``, ``noise_scale_duration``, ``length_scale``,
+``speaker_id`` and the noise generator passed per call. It only reads the model.
 """
 
 from __future__ import annotations
@@ -109,5 +111,5 @@ def _sdp_reverse(
 
 def decode(model: VitsModel, latents: torch.Tensor, speaker: torch.Tensor | None) -> torch.Tensor:
     """Decoder input ``(1, flow_size, frames)`` -> waveform ``(samples,)`` in [-1, 1], by
-    transformers' own decoder: the reference ``hifigan_fast.FastHifiGan`` is tested against."""
+    transformers' own decoder: the reference ``ttsd.engines.vits.decoder.FastHifiGan`` is tested against."""
     return model.decoder(latents, speaker).reshape(-1)

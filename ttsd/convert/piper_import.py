@@ -13,7 +13,8 @@ The architecture (layer counts, kernel sizes, dilations, upsample rates, ResBloc
 the initializers' shapes and the Conv/ConvTranspose nodes' attributes, so any Piper VITS voice
 (x_low, low, medium, high; one or many speakers) converts, not only the built-in one.
 
-Only ``ttsd.engines`` imports torch; this module is part of it. ``onnx`` is needed only here.
+Importing this module is cheap: torch and transformers (``piper_vits``) are imported when
+``convert_piper`` runs, and ``onnx``, which nothing else needs, when the graph is read.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ..engines.vits.phonemes import PHONEMES_FILE
 from ..errors import ImportPiperError
-
-PHONEMES_FILE = "phonemes.json"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Text -> phoneme ids exactly as Piper does it: espeak-ng phonemes (piper-tts's own bundled
-espeak-ng and phonemizer), then ``^`` BOS, ``_`` pad after every phoneme, ``$`` EOS.
+espeak-ng and phonemizer), then ``^`` BOS, ``_`` pad after every phoneme, ``$`` EOS. The voice's
+phoneme-id map is ``PHONEMES_FILE`` in its model folder, read by ``PhonemeConfig``.
 
 piper-tts (GPL-3.0) provides espeak-ng; ttsd calls it, it does not copy it. espeak-ng keeps global
 state in the C library, so every call holds one process-wide lock.
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoadError, RequestError
+from ...errors import LoadError, RequestError
 
 _ESPEAK_LOCK = threading.Lock()
+# A Piper voice's phoneme map in its model folder: written by the converter, read by the engine.
+PHONEMES_FILE = "phonemes.json"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Reference implementations the tests compare ttsd against (they import transformers)."""

@@ -1,0 +1,122 @@
+"""VITS inference in plain torch, straight from ``config.json`` + ``model.safetensors``:
+``NativeVits`` loads a voice folder, turns text ids into the decoder's input (``latent_frames``)
+and holds the decoder that turns those into a waveform.
+
+transformers' ``VitsModel`` is the reference (the conformance tests compare against it), but
+serving through it costs: importing transformers adds about a third to the process's memory and
+two seconds to every cold start, its modules hold the weights a second time next to the fast
+decoder's copies, and its 1-D convolutions are not the fastest way to run VITS on a CPU. This
+package computes the same thing from the same files: ``config`` reads the hyper-parameters,
+``weights`` takes the tensors (weight norm folded, shapes checked), ``text_side`` holds the text
+encoder, duration predictors and prior flow, ``decoder`` is HiFi-GAN (``FastHifiGan``); this module
+puts them together, refuses tensors the config does not use, and runs them. Padding and masking
+follow the tests' reference (``tests/reference/vits_forward.py``): text and frames are padded to
+multiples of ``BUCKET`` and masked exactly as VITS masks a batch, so the output is the same for
+every length.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import LoadError
+from .config import VitsConfig
+from .decoder import FastHifiGan
+from .text_side import _Coupling, _Duration, _EncoderLayer, _StochasticDuration
+from .weights import _Weights
+
+BUCKET = 32  # text and frame lengths are padded to a multiple of this (bounded shapes for oneDNN)
+
+
+def _padded(length: int, bucket: int) -> int:
+    return -(-length // bucket) * bucket if bucket > 1 else length
+
+
+class NativeVits:
+    """A VITS voice loaded from a folder, inference only. Read-only after construction, so any
+    number of synthesis threads may share it."""
+
+    def __init__(self, folder: Path) -> None:
+        folder = Path(folder)
+        self.config = c = VitsConfig.read(folder / "config.json")
+        where = str(folder / "model.safetensors")
+        try:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(folder / "model.safetensors"))
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: refuse with the reason
+            raise LoadError(f"{where}: weights do not load ({str(exc).splitlines()[0][:200]})") from exc
+        w = _Weights(tensors, where)
+        h = c.hidden_size
+        self.embed = w.take("text_encoder.embed_tokens.weight", (c.vocab_size, h))
+        self.layers = [_EncoderLayer(w, f"text_encoder.encoder.layers.{i}", c) for i in range(c.num_hidden_layers)]
+        project = w.take("text_encoder.project.weight", (2 * c.flow_size, h, 1))[:, :, 0]
+        self.project = (project.t().contiguous(), w.take("text_encoder.project.bias", (2 * c.flow_size,)))
+        self.speakers = w.take("embed_speaker.weight", (c.num_speakers, c.speaker_embedding_size)) \
+            if c.num_speakers > 1 else None
+        self.duration = (_StochasticDuration if c.use_stochastic_duration_prediction else _Duration)(
+            w, "duration_predictor", c)
+        self.flows = [_Coupling(w, f"flow.flows.{i}", c) for i in range(c.prior_encoder_num_flows)][::-1]
+        self.decoder = FastHifiGan(lambda name, shape: w.take(f"decoder.{name}", shape), c)
+        leftover = [n for n in w.tensors if not n.startswith("posterior_encoder.")]
+        if leftover:
+            raise LoadError(f"{where}: config.json does not match the weights (unused tensor {sorted(leftover)[0]})")
+
+    def latent_frames(self, ids: list[int], *, noise_scale: float, noise_scale_duration: float, length_scale: float,
+                      speaker_id: int | None = None, generator: torch.Generator | None = None,
+                      bucket: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text ids -> decoder input ``(1, flow_size, frames)`` and the speaker embedding ``(1, E, 1)``.
+        Noise is drawn in the same order and shapes as the tests' reference ``latent_frames``."""
+        c = self.config
+        bucket = BUCKET if bucket is None else bucket
+        length = len(ids)
+        padded = _padded(length, bucket)
+        mask = torch.zeros(padded, 1)
+        mask[:length] = 1.0
+        index = torch.tensor(ids + [int(c.pad_token_id or 0)] * (padded - length), dtype=torch.long)
+        speaker = None
+        if self.speakers is not None:
+            speaker = self.speakers[speaker_id or 0][None]  # (1, E)
+
+        x = F.embedding(index, self.embed) * math.sqrt(c.hidden_size) * mask
+        key_bias = None
+        if padded > length:
+            key_bias = torch.zeros(padded)
+            key_bias[length:] = torch.finfo(torch.float32).min
+        for layer in self.layers:
+            x = layer(x, mask, key_bias)
+        hidden = x * mask
+        stats = torch.addmm(self.project[1], hidden, self.project[0]) * mask
+        means, log_vars = stats[:length, :c.flow_size], stats[:length, c.flow_size:]
+
+        if c.use_stochastic_duration_prediction:
+            noise = (torch.randn((1, 2, length), generator=generator) * noise_scale_duration if noise_scale_duration
+                     else torch.zeros(1, 2, length))
+            noise = F.pad(noise[0].t(), (0, 0, 0, padded - length))
+        else:
+            noise = torch.zeros(padded, 2)
+        log_duration = self.duration(hidden, mask, speaker, noise)
+        frames = torch.ceil(torch.exp(log_duration[:length, 0]) * length_scale).long()
+        means = torch.repeat_interleave(means, frames, dim=0)
+        log_vars = torch.repeat_interleave(log_vars, frames, dim=0)
+        if means.shape[0] == 0:
+            means = torch.zeros(1, c.flow_size)
+            log_vars = torch.zeros_like(means)
+        count = means.shape[0]
+        if noise_scale:
+            noise = torch.randn((1, c.flow_size, count), generator=generator)[0].t()
+            prior = means + noise * torch.exp(log_vars) * noise_scale
+        else:
+            prior = means
+        frames_padded = _padded(count, bucket)
+        out_mask = torch.zeros(frames_padded, 1)
+        out_mask[:count] = 1.0
+        x = F.pad(prior, (0, 0, 0, frames_padded - count))
+        for coupling in self.flows:
+            x = coupling.reverse(torch.flip(x, [1]), out_mask, speaker)
+        latents = x[:count].t()[None]  # (1, flow_size, frames), a time-major view: channels-last for the decoder
+        return latents, None if speaker is None else speaker[..., None]

@@ -1,0 +1,293 @@
+"""The text side of VITS, inference only: the text encoder layer (relative-position self-attention,
+convolutional feed-forward), the stochastic duration predictor's reverse pass (rational-quadratic
+spline flows) or the deterministic predictor, and the prior flow's reverse pass (WaveNet coupling
+layers), each built from a checkpoint's weights. They all run *time-major* (``(time, channels)``
+matrices): a convolution is one GEMM over an im2col view (``as_strided``, no copy beyond the
+GEMM's input; a depthwise one, shifted sums), which measured faster on 2 cores than torch's 1-D
+convolutions at these sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import _ACTIVATIONS, VitsConfig
+from .weights import _TimeConv, _Weights
+
+
+def _layer_norm(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor], eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), params[0], params[1], eps)
+
+
+class _EncoderLayer:
+    def __init__(self, w: _Weights, prefix: str, c: VitsConfig) -> None:
+        h, self.heads = c.hidden_size, c.num_attention_heads
+        self.head_dim = h // self.heads
+        a = f"{prefix}.attention"
+        q, k, v, self.out = (w.linear(f"{a}.{n}_proj", h, h, c.use_bias) for n in ("q", "k", "v", "out"))
+        # one (h, 3h) product for queries, keys and values, with the 1/sqrt(head_dim) of the
+        # scores folded into the query weights
+        scale = self.head_dim ** -0.5
+        self.qkv = (torch.cat([q[0] * scale, k[0], v[0]], dim=1).contiguous(),
+                    None if q[1] is None or k[1] is None or v[1] is None else torch.cat([q[1] * scale, k[1], v[1]]))
+        self.window = c.window_size or 0
+        if self.window:
+            shape = (1, 2 * self.window + 1, self.head_dim)
+            self.rel_k = w.take(f"{a}.emb_rel_k", shape)[0]
+            self.rel_v = w.take(f"{a}.emb_rel_v", shape)[0]
+        self.norm1 = (w.take(f"{prefix}.layer_norm.weight", (h,)), w.take(f"{prefix}.layer_norm.bias", (h,)))
+        self.norm2 = (w.take(f"{prefix}.final_layer_norm.weight", (h,)),
+                      w.take(f"{prefix}.final_layer_norm.bias", (h,)))
+        k = c.ffn_kernel_size
+        ff = f"{prefix}.feed_forward"
+        # transformers pads the feed-forward convolutions (k-1)//2 left and k//2 right
+        self.ff1 = _TimeConv(w.take(f"{ff}.conv_1.weight", (c.ffn_dim, h, k)),
+                             w.take(f"{ff}.conv_1.bias", (c.ffn_dim,)), 1, (k - 1) // 2, k // 2)
+        self.ff2 = _TimeConv(w.take(f"{ff}.conv_2.weight", (h, c.ffn_dim, k)),
+                             w.take(f"{ff}.conv_2.bias", (h,)), 1, (k - 1) // 2, k // 2)
+        self.act = _ACTIVATIONS[c.hidden_act]
+        self.eps = c.layer_norm_eps
+
+    def _relative(self, table: torch.Tensor, length: int) -> torch.Tensor:
+        """Relative embeddings for offsets -(length-1)..(length-1): ``(2*length-1, head_dim)``,
+        zero beyond the window."""
+        extra = max(length - (self.window + 1), 0)
+        if extra:
+            table = F.pad(table, (0, 0, extra, extra))
+        start = max(self.window + 1 - length, 0)
+        return table[start:start + 2 * length - 1]
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+        t, nh, hd = x.shape[0], self.heads, self.head_dim
+        qkv = torch.addmm(self.qkv[1], x, self.qkv[0]) if self.qkv[1] is not None else x @ self.qkv[0]
+        q, k, v = (part.view(t, nh, hd).transpose(0, 1) for part in qkv.split(nh * hd, dim=1))  # (heads, T, hd)
+        scores = q @ k.transpose(1, 2)  # (heads, T, T)
+        if self.window:
+            # logits against each relative offset, then skewed into absolute (query, key) positions
+            rel = q @ self._relative(self.rel_k, t).t()  # (heads, T, 2T-1)
+            rel = F.pad(rel, (0, 1)).reshape(nh, 2 * t * t)
+            rel = F.pad(rel, (0, t - 1)).reshape(nh, t + 1, 2 * t - 1)
+            scores += rel[:, :t, t - 1:]
+        if key_bias is not None:
+            scores += key_bias
+        probs = torch.softmax(scores, dim=-1)
+        out = probs @ v  # (heads, T, hd)
+        if self.window:
+            # the same skew backwards: attention per relative offset, times the value embeddings
+            skew = F.pad(probs, (0, t - 1)).reshape(nh, t * (2 * t - 1))
+            skew = F.pad(skew, (t, 0)).reshape(nh, t, 2 * t)[:, :, 1:]
+            out += skew @ self._relative(self.rel_v, t)
+        out = out.transpose(0, 1).reshape(t, nh * hd)
+        out = torch.addmm(self.out[1], out, self.out[0]) if self.out[1] is not None else out @ self.out[0]
+        x = _layer_norm(x + out, self.norm1, self.eps)
+        h = self.ff2(self.act(self.ff1(x * mask)) * mask) * mask
+        return _layer_norm(x + h, self.norm2, self.eps)
+
+
+class _DepthSeparable:
+    """VITS's dilated depth-separable conv stack (duration predictor), time-major."""
+
+    def __init__(self, w: _Weights, prefix: str, c: VitsConfig) -> None:
+        h, k = c.hidden_size, c.duration_predictor_kernel_size
+        self.layers = []
+        for i in range(c.depth_separable_num_layers):
+            dilation = k ** i
+            depthwise = w.take(f"{prefix}.convs_dilated.{i}.weight", (h, 1, k))[:, 0].t().contiguous()  # (k, C)
+            self.layers.append((
+                depthwise, w.take(f"{prefix}.convs_dilated.{i}.bias", (h,)), dilation,
+                w.pointwise(f"{prefix}.convs_pointwise.{i}", h, h),
+                (w.take(f"{prefix}.norms_1.{i}.weight", (h,)), w.take(f"{prefix}.norms_1.{i}.bias", (h,))),
+                (w.take(f"{prefix}.norms_2.{i}.weight", (h,)), w.take(f"{prefix}.norms_2.{i}.bias", (h,))),
+            ))
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            x = x + condition
+        t = x.shape[0]
+        for depthwise, bias, dilation, pointwise, norm1, norm2 in self.layers:
+            k = depthwise.shape[0]
+            pad = (k - 1) * dilation // 2
+            xp = F.pad(x * mask, (0, 0, pad, pad))
+            h = bias + sum(xp[j * dilation:j * dilation + t] * depthwise[j] for j in range(k))
+            h = F.gelu(F.layer_norm(h, (h.shape[1],), *norm1))  # nn.LayerNorm's default eps
+            h = torch.addmm(pointwise[1], h, pointwise[0])
+            x = x + F.gelu(F.layer_norm(h, (h.shape[1],), *norm2))
+        return x * mask
+
+
+def _spline_inverse(x: torch.Tensor, widths: torch.Tensor, heights: torch.Tensor, derivatives: torch.Tensor,
+                    tail: float, min_width: float = 1e-3, min_height: float = 1e-3,
+                    min_derivative: float = 1e-3) -> torch.Tensor:
+    """Inverse of the monotonic rational-quadratic spline on [-tail, tail], identity outside
+    (Durkan et al., Neural Spline Flows). ``x`` (...), bin parameters (..., bins) / (..., bins-1)."""
+    bins = widths.shape[-1]
+    edge = math.log(math.exp(1 - min_derivative) - 1)  # softplus^-1(1 - min_derivative): slope 1 at the tails
+    derivatives = F.pad(derivatives, (1, 1), value=edge)
+    derivatives = min_derivative + F.softplus(derivatives)
+
+    def knots(raw: torch.Tensor, minimum: float) -> torch.Tensor:
+        sizes = minimum + (1 - minimum * bins) * torch.softmax(raw, dim=-1)
+        cum = F.pad(torch.cumsum(sizes, dim=-1), (1, 0))
+        cum = 2 * tail * cum - tail
+        cum[..., 0], cum[..., -1] = -tail, tail
+        return cum
+
+    cumw, cumh = knots(widths, min_width), knots(heights, min_height)
+    w, h = cumw[..., 1:] - cumw[..., :-1], cumh[..., 1:] - cumh[..., :-1]
+    locations = cumh.clone()
+    locations[..., -1] += 1e-6
+    index = (torch.sum(x[..., None] >= locations, dim=-1) - 1).clamp_(0, bins - 1)[..., None]
+
+    def at(values: torch.Tensor) -> torch.Tensor:
+        return values.gather(-1, index)[..., 0]
+
+    x0, bw, y0, bh = at(cumw), at(w), at(cumh), at(h)
+    delta = at(h / w)
+    d0, d1 = at(derivatives[..., :-1]), at(derivatives[..., 1:])
+    slope_sum = d0 + d1 - 2 * delta
+    dy = (x - y0) * slope_sum
+    a = bh * (delta - d0) + dy
+    b = bh * d0 - dy
+    c = -delta * (x - y0)
+    root = (2 * c) / (-b - torch.sqrt(b * b - 4 * a * c))
+    inside = (x >= -tail) & (x <= tail)
+    return torch.where(inside, root * bw + x0, x)
+
+
+class _ConvFlow:
+    def __init__(self, w: _Weights, prefix: str, c: VitsConfig) -> None:
+        h, self.bins = c.hidden_size, c.duration_predictor_flow_bins
+        self.pre = w.pointwise(f"{prefix}.conv_pre", h, 1)
+        self.dds = _DepthSeparable(w, f"{prefix}.conv_dds", c)
+        proj = w.take(f"{prefix}.conv_proj.weight", (3 * self.bins - 1, h, 1))[:, :, 0]
+        self.proj = (proj.t().contiguous(), w.take(f"{prefix}.conv_proj.bias", (3 * self.bins - 1,)))
+        self.scale = math.sqrt(h)
+        self.tail = c.duration_predictor_tail_bound
+
+    def reverse(self, x: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        first, second = x[:, :1], x[:, 1:]
+        h = torch.addmm(self.pre[1], first, self.pre[0])
+        h = self.dds(h, mask, condition)
+        p = torch.addmm(self.proj[1], h, self.proj[0]) * mask  # (T, 3*bins-1)
+        b = self.bins
+        second = _spline_inverse(second[:, 0], p[:, :b] / self.scale, p[:, b:2 * b] / self.scale, p[:, 2 * b:],
+                                 self.tail)
+        return torch.cat([first, second[:, None]], dim=1) * mask
+
+
+class _StochasticDuration:
+    def __init__(self, w: _Weights, prefix: str, c: VitsConfig) -> None:
+        h = c.hidden_size
+        self.pre = w.pointwise(f"{prefix}.conv_pre", h, h)
+        self.proj = w.pointwise(f"{prefix}.conv_proj", h, h)
+        self.dds = _DepthSeparable(w, f"{prefix}.conv_dds", c)
+        self.cond = w.pointwise(f"{prefix}.cond", h, c.speaker_embedding_size) if c.speaker_embedding_size else None
+        self.affine = (w.take(f"{prefix}.flows.0.translate", (2, 1))[:, 0],
+                       w.take(f"{prefix}.flows.0.log_scale", (2, 1))[:, 0])
+        # reversed, and without the first conv flow, which VITS never uses at inference
+        count = c.duration_predictor_num_flows
+        self.flows = [_ConvFlow(w, f"{prefix}.flows.{i}", c) for i in range(count, 1, -1)]
+        for name in [n for n in w.tensors if n.startswith(f"{prefix}.flows.1.") or n.startswith(f"{prefix}.post_")]:
+            del w.tensors[name]  # the unused flow and the training-only posterior flows
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None, noise: torch.Tensor
+                 ) -> torch.Tensor:
+        x = torch.addmm(self.pre[1], hidden, self.pre[0])
+        if speaker is not None and self.cond is not None:
+            x = x + torch.addmm(self.cond[1], speaker, self.cond[0])
+        x = self.dds(x, mask)
+        condition = torch.addmm(self.proj[1], x, self.proj[0]) * mask
+        latents = noise
+        for flow in self.flows:
+            latents = flow.reverse(torch.flip(latents, [1]), mask, condition)
+        latents = torch.flip(latents, [1])
+        translate, log_scale = self.affine
+        latents = (latents - translate) * torch.exp(-log_scale) * mask
+        return latents[:, :1]  # log durations (T, 1)
+
+
+class _Duration:
+    """The deterministic duration predictor."""
+
+    def __init__(self, w: _Weights, prefix: str, c: VitsConfig) -> None:
+        h, f, k = c.hidden_size, c.duration_predictor_filter_channels, c.duration_predictor_kernel_size
+        self.conv1 = w.conv(f"{prefix}.conv_1", f, h, k, padding=k // 2)
+        self.conv2 = w.conv(f"{prefix}.conv_2", f, f, k, padding=k // 2)
+        self.norm1 = (w.take(f"{prefix}.norm_1.weight", (f,)), w.take(f"{prefix}.norm_1.bias", (f,)))
+        self.norm2 = (w.take(f"{prefix}.norm_2.weight", (f,)), w.take(f"{prefix}.norm_2.bias", (f,)))
+        proj = w.take(f"{prefix}.proj.weight", (1, f, 1))[:, :, 0]
+        self.proj = (proj.t().contiguous(), w.take(f"{prefix}.proj.bias", (1,)))
+        self.cond = w.pointwise(f"{prefix}.cond", h, c.speaker_embedding_size) if c.speaker_embedding_size else None
+        self.eps = c.layer_norm_eps
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None, noise: torch.Tensor
+                 ) -> torch.Tensor:
+        x = hidden
+        if speaker is not None and self.cond is not None:
+            x = x + torch.addmm(self.cond[1], speaker, self.cond[0])
+        x = _layer_norm(torch.relu(self.conv1(x * mask)), self.norm1, self.eps)
+        x = _layer_norm(torch.relu(self.conv2(x * mask)), self.norm2, self.eps)
+        return torch.addmm(self.proj[1], x * mask, self.proj[0]) * mask
+
+
+class _Coupling:
+    """One residual coupling layer of the prior flow (mean only), reverse direction."""
+
+    def __init__(self, w: _Weights, prefix: str, c: VitsConfig) -> None:
+        h, half = c.hidden_size, c.flow_size // 2
+        self.hidden, self.half = h, half
+        pre = w.take(f"{prefix}.conv_pre.weight", (h, half, 1))[:, :, 0]
+        self.pre = (pre.t().contiguous(), w.take(f"{prefix}.conv_pre.bias", (h,)))
+        post = w.take(f"{prefix}.conv_post.weight", (half, h, 1))[:, :, 0]
+        self.post = (post.t().contiguous(), w.take(f"{prefix}.conv_post.bias", (half,)))
+        n, k = c.prior_encoder_num_wavenet_layers, c.wavenet_kernel_size
+        wn = f"{prefix}.wavenet"
+        # WaveNet's gate tanh(x) * sigmoid(y) runs as (sigmoid(2x) - 0.5) * sigmoid(y), half of it:
+        # one sigmoid over both halves instead of torch's tanh, which is ~5x slower than its sigmoid
+        # on CPU (0.4 vs 0.05 ms per layer of a sentence). The 2 is folded into the rows that make x
+        # (in-layer and speaker condition), the 1/2 into the residual/skip weights.
+        self.layers = []
+        for i in range(n):
+            out = 2 * h if i < n - 1 else h
+            res = w.take(f"{wn}.res_skip_layers.{i}.weight", (out, h, 1))[:, :, 0]
+            conv = w.conv(f"{wn}.in_layers.{i}", 2 * h, h, k, dilation=c.wavenet_dilation_rate ** i)
+            assert conv.bias is not None
+            conv.weight[:, :h] *= 2
+            conv.bias[:h] *= 2
+            self.layers.append((conv, (res.t() * 2).contiguous(), w.take(f"{wn}.res_skip_layers.{i}.bias", (out,))))
+        self.cond = None
+        if c.speaker_embedding_size:
+            cond = w.take(f"{wn}.cond_layer.weight", (2 * h * n, c.speaker_embedding_size, 1))[:, :, 0]
+            cond_bias = w.take(f"{wn}.cond_layer.bias", (2 * h * n,))
+            gate = (torch.arange(2 * h * n) % (2 * h)) < h  # the rows that make each layer's x
+            cond[gate] *= 2
+            cond_bias[gate] *= 2
+            self.cond = (cond.t().contiguous(), cond_bias)
+
+    def reverse(self, x: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None) -> torch.Tensor:
+        first, second = x[:, :self.half], x[:, self.half:]
+        h = torch.addmm(self.pre[1], first, self.pre[0]) * mask
+        hid = self.hidden
+        conditions = None
+        if speaker is not None and self.cond is not None:
+            conditions = torch.addmm(self.cond[1], speaker, self.cond[0])  # (1, 2*hidden*layers)
+        out: torch.Tensor | None = None
+        last = len(self.layers) - 1
+        for i, (conv, res_weight, res_bias) in enumerate(self.layers):
+            a = conv(h)
+            if conditions is not None:
+                a += conditions[:, 2 * hid * i:2 * hid * (i + 1)]
+            gates = torch.sigmoid(a)
+            acts = (gates[:, :hid] - 0.5).mul_(gates[:, hid:])  # tanh(x) * sigmoid(y) / 2, see __init__
+            r = torch.addmm(res_bias, acts, res_weight)
+            if i < last:
+                h = (h + r[:, :hid]) * mask
+                out = r[:, hid:] if out is None else out + r[:, hid:]
+            else:
+                out = r if out is None else out + r
+        assert out is not None
+        mean = torch.addmm(self.post[1], out * mask, self.post[0]) * mask
+        return torch.cat([first, (second - mean) * mask], dim=1)

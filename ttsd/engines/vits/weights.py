@@ -1,0 +1,89 @@
+"""A checkpoint's tensors as the operands inference multiplies by: each taken by name and checked
+for presence, shape and finiteness against what the config implies (so a config that does not
+match its weights is refused with the first offending name), with weight norm folded from any of
+the three ways checkpoints store it (plain ``weight``, ``weight_g``/``weight_v``, or
+``parametrizations.weight.original0/1``), and with convolutions laid out for time-major inference
+(``_TimeConv``: one GEMM over an im2col view).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import LoadError
+
+
+class _Weights:
+    """A checkpoint's tensors, taken by name with their expected shape."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        self.tensors = tensors
+        self.where = where
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = self.tensors
+        if name in t:
+            value = t.pop(name)
+        elif name.endswith(".weight") and (stem := name[: -len(".weight")]) and (
+            f"{stem}.weight_v" in t or f"{stem}.parametrizations.weight.original1" in t
+        ):
+            g = t.pop(f"{stem}.weight_g", None)
+            v = t.pop(f"{stem}.weight_v", None)
+            if v is None:
+                g = t.pop(f"{stem}.parametrizations.weight.original0", None)
+                v = t.pop(f"{stem}.parametrizations.weight.original1")
+            if g is None:
+                raise LoadError(f"{self.where}: {stem} has a weight-norm direction but no magnitude")
+            v = v.float()
+            norm = v.reshape(v.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (v.dim() - 1)))
+            value = g.float().reshape(norm.shape) * v / norm
+        else:
+            raise LoadError(f"{self.where}: config.json does not match the weights (missing {name})")
+        if tuple(value.shape) != shape:
+            raise LoadError(
+                f"{self.where}: config.json does not match the weights ({name} is "
+                f"{tuple(value.shape)}, the config says {shape})"
+            )
+        value = value.to(torch.float32, copy=True)  # never a view: it would pin the whole file mapping
+        if not torch.isfinite(value).all():
+            raise LoadError(f"{self.where}: weights contain NaN or infinite values ({name})")
+        return value
+
+    def linear(self, prefix: str, out: int, inp: int, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A ``Linear`` as a (in, out) matrix for ``x @ w`` and its bias."""
+        weight = self.take(f"{prefix}.weight", (out, inp)).t().contiguous()
+        return weight, self.take(f"{prefix}.bias", (out,)) if bias else None
+
+    def pointwise(self, prefix: str, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A kernel-1 ``Conv1d`` as a (in, out) matrix for ``x @ w`` and its bias."""
+        weight = self.take(f"{prefix}.weight", (out, inp, 1))[:, :, 0].t().contiguous()
+        return weight, self.take(f"{prefix}.bias", (out,))
+
+    def conv(self, prefix: str, out: int, inp: int, kernel: int, dilation: int = 1, padding: int | None = None,
+             bias: bool = True) -> _TimeConv:
+        weight = self.take(f"{prefix}.weight", (out, inp, kernel))
+        return _TimeConv(weight, self.take(f"{prefix}.bias", (out,)) if bias else None, dilation,
+                         (kernel - 1) * dilation // 2 if padding is None else padding)
+
+
+class _TimeConv:
+    """A 1-D convolution on time-major ``(T, C_in)`` input as one GEMM: ``(T, k*C_in) @ (k*C_in, C_out)``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, padding: int,
+                 right: int | None = None) -> None:
+        out, inp, kernel = weight.shape
+        self.kernel, self.inp, self.dilation = kernel, inp, dilation
+        self.left, self.right = padding, padding if right is None else right
+        self.weight = weight.permute(2, 1, 0).reshape(kernel * inp, out).contiguous()
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel > 1 or self.left or self.right:
+            x = F.pad(x, (0, 0, self.left, self.right))
+            length = x.shape[0] - (self.kernel - 1) * self.dilation
+            x = x.as_strided((length, self.kernel, self.inp), (self.inp, self.dilation * self.inp, 1))
+            x = x.reshape(length, self.kernel * self.inp)
+        if self.bias is None:
+            return x @ self.weight
+        return torch.addmm(self.bias, x, self.weight)
