@@ -134,7 +134,7 @@ def fake_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(site))
     from fake_engine import FakeEngine
 
-    FakeEngine.live = FakeEngine.peak = 0
+    FakeEngine.live = FakeEngine.peak = FakeEngine.loads = 0
 
 
 def make_manager(tmp_path: Path, default_voice: str | None = None, **policy: object) -> ModelManager:

@@ -20,9 +20,12 @@ class FakeEngine(Engine[str]):
     name = "fake"
     live = 0  # loaded and not yet unloaded, across all instances
     peak = 0
+    loads = 0  # load() calls, failed ones included
     _lock = threading.Lock()
 
     def load(self) -> None:
+        with FakeEngine._lock:
+            FakeEngine.loads += 1
         self.settings: dict[str, Any] = json.loads((self.folder / "fake.json").read_text())
         import time
 
