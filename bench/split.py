@@ -224,7 +224,7 @@ def wer_part(limits: list[int], seeds: int, cache: Path, threads: int, show: boo
     from faster_whisper import WhisperModel
 
     from tests.vits_helpers import phoneme_ids
-    from ttsd.engines import SynthesisOptions
+    from ttsd.options import SynthesisOptions
     from ttsd.engines.vits import engine as vits
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model

@@ -18,10 +18,10 @@ from typing import Any
 
 from ..engines import Engine, create_engine
 from ..engines.threads import thread_cores
-from ..errors import TtsdError, is_system_oserror
+from ..errors import TtsdError, VerifyError, is_system_oserror
 from ..gil import yielding_gil
 from ..malloc import trim
-from ..manifest import Manifest, verify
+from ..manifest import Manifest, read_manifest, verify
 from .store import ModelStore, content_id
 from .versions import ModelVersion
 
@@ -111,9 +111,6 @@ def check_store_copy(store: ModelStore, model: ModelVersion) -> None:
 
 
 def _same_content(model: ModelVersion, folder: Path) -> Manifest:
-    from ..errors import VerifyError
-    from ..manifest import read_manifest
-
     manifest = read_manifest(folder)
     if model.content and content_id(manifest) != model.content:
         raise VerifyError(f"{folder} holds other content now")
