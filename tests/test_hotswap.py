@@ -194,8 +194,11 @@ def test_bad_folders_are_refused_while_the_active_version_serves(tmp_path: Path,
 
 
 def test_rollback_through_the_cli_survives_restart(tmp_path: Path, cache_dir: Path) -> None:
-    """1. tiny 1 serves; 2 is dropped and promoted. 2. `ttsd rollback`: 1 serves at once.
-    3. Restart: 1 still serves, 2 stays rolled back. 4. A newer 3 is promoted normally."""
+    """1. tiny 1 serves; 2 is dropped and promoted. 2. `ttsd rollback`: 1 serves at once, and
+    nothing is loaded for it (1 stayed loaded as the standby; counted in /metrics, not timed).
+    3. Restart: 1 still serves and 2 stays rolled back, through rescans that each take up v2's
+    folder again (moved to a new name: by the 0.2 s rescan tick or inotify, then after SIGHUP).
+    4. A newer 3 is promoted normally, and the history never shows 2 coming back."""
     models = tmp_path / "models"
     save_tiny_vits(models / "tiny-1", version="1", edit=plausible, noise_scale_duration=0.0)
     args = ("--no-seed", "--settle", "0.2")
@@ -204,26 +207,53 @@ def test_rollback_through_the_cli_survives_restart(tmp_path: Path, cache_dir: Pa
     save_tiny_vits(tmp_path / "stage2", version="2", seed=2, edit=plausible, noise_scale_duration=0.0)
     os.rename(tmp_path / "stage2", models / "tiny-2")
     wait_for(lambda: voices(d)["tiny"]["active"] == "2", timeout=60, what="v2 active")
+
+    def loads() -> float:  # versions of tiny this daemon started loading
+        return d.metric("ttsd_model_transitions_total", voice="tiny", event="loading")
+
+    assert loads() == 2  # 1, then 2
     proc = subprocess.run([sys.executable, "-m", "ttsd", "rollback"], env=env, capture_output=True, timeout=60)
     assert proc.returncode == 0 and "tiny: 2 -> 1" in proc.stderr.decode(), proc.stderr.decode()
-    seconds = float(proc.stderr.decode().split(" in ")[1].split(" s")[0])
-    assert seconds < 0.1  # v1 was still loaded: no load, just the swap
+    assert loads() == 2, "the rollback loaded a version: 1 should have stayed loaded as the standby"
+    assert d.logs().count("tiny 1 loaded and warmed") == 1, d.logs()
     assert d.post("/v1/synthesize", {"text": "back"}).headers["x-ttsd-version"] == "1"
     proc = subprocess.run([sys.executable, "-m", "ttsd", "rollback"], env=env, capture_output=True, timeout=60)
     assert proc.returncode == 13 and "no previous version" in proc.stderr.decode()
     assert d.stop() == 0
 
-    d = start_daemon(tmp_path, cache_dir, *args)
+    d = start_daemon(tmp_path, cache_dir, *args, "--rescan-interval", "0.2")
     try:
         states = version_states(d, "tiny")
         assert states["1"]["state"] == "active" and states["2"]["state"] == "rolled-back"
-        time.sleep(1.0)  # a rescan or two: v2 must not come back by itself
-        assert voices(d)["tiny"]["active"] == "1"
+        assert states["2"]["source"] == str(models / "tiny-2")
+        assert loads() == 1  # only 1
+        history = d.request("GET", "/v1/status").json()["history"]
+
+        def v2_found_in(folder: Path) -> bool:
+            return version_states(d, "tiny")["2"]["source"] == str(folder)
+
+        # v2's folder moves: a rescan must take it up as a folder it has not seen, judge it again,
+        # and say so in v2's "source". Rescans run one at a time, so the second move is taken up
+        # only after the rescan that took up the first has finished (promotions included).
+        os.rename(models / "tiny-2", models / "tiny-2-moved")
+        wait_for(lambda: v2_found_in(models / "tiny-2-moved"), timeout=60, what="a rescan to find v2 moved")
+        mark = d.log_mark()
+        os.rename(models / "tiny-2-moved", models / "tiny-2-again")
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for_log("SIGHUP: rescanning", since=mark)
+        wait_for(lambda: v2_found_in(models / "tiny-2-again"), timeout=60, what="a rescan to find v2 moved again")
+        states = version_states(d, "tiny")
+        assert voices(d)["tiny"]["active"] == "1" and states["2"]["state"] == "rolled-back", states
+        assert loads() == 1, "v2 started loading again by itself"
+        assert d.request("GET", "/v1/status").json()["history"] == history
+        assert d.post("/v1/synthesize", {"text": "still one"}).headers["x-ttsd-version"] == "1"
         save_tiny_vits(tmp_path / "stage3", version="3", seed=3, edit=plausible, noise_scale_duration=0.0)
         os.rename(tmp_path / "stage3", models / "tiny-3")
         wait_for(lambda: voices(d)["tiny"]["active"] == "3", timeout=60, what="v3 active")
         history = [(h["from"], h["to"]) for h in d.request("GET", "/v1/status").json()["history"]]
-        assert ("2", "1") in history and ("1", "3") in history
+        rollback = history.index(("2", "1"))
+        assert not [h for h in history[rollback:] if h[1] == "2"], history
+        assert history[-1] == ("1", "3"), history
         history_file = [json.loads(line) for line in (tmp_path / "state" / "history.jsonl").read_text().splitlines()]
         assert history_file[-1]["to"] == "3" and "load_seconds" in history_file[-1]
     finally:
