@@ -266,7 +266,9 @@ def fake_site(tmp_path: Path) -> str:
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ttsd-fake\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[ttsd.engines]\nfake = fake_engine:FakeEngine\n")
-    return os.pathsep.join([str(site), str(TESTS)])
+    # keep what the run was given (e.g. the checkout under test) instead of relying on the cwd
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([str(site), str(TESTS), *inherited])
 
 
 def fake_model(folder: Path, version: str, blob_mb: int = 0, **settings: object) -> Path:
