@@ -82,7 +82,7 @@ def test_slow_copy_under_load_switches_versions_with_zero_failures(tmp_path: Pat
     for t in clients:
         t.start()
     try:
-        time.sleep(2)
+        wait_for(lambda: len(results) >= 4, timeout=120, what="v1 serving the clients")
         slow_copy(staging, tmp_path / "models" / "en_US-joe-medium-2")
         wait_for(lambda: voices(d)["en_US-joe-medium"]["active"] == "2", timeout=240, interval=0.5,
                  what="v2 active")
