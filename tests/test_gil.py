@@ -10,7 +10,6 @@ import time
 
 from ttsd.gil import PAUSE_S, RUN_S, yielding_gil
 
-
 _progress = [0]  # calls of _step so far: the loader's progress, bumped by the loader, read by the worker
 
 
