@@ -58,8 +58,31 @@ class Daemon:
     def post(self, path: str, body: Any, **kw: Any) -> Reply:
         return self.request("POST", path, body, **kw)
 
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")
+    def logs(self, since: int = 0) -> str:
+        """The daemon's log, from byte ``since`` (a ``log_mark``) on."""
+        with open(self.log, "rb") as handle:
+            handle.seek(since)
+            return handle.read().decode(errors="replace")
+
+    def log_mark(self) -> int:
+        """Where the log ends now: what a later ``wait_for_log(..., since=mark)`` looks after."""
+        return self.log.stat().st_size
+
+    def wait_for_log(self, text: str, since: int = 0, timeout: float = 60) -> None:
+        """Wait until ``text`` is in the log after ``since``: evidence that the daemon got that far."""
+        wait_for(lambda: text in self.logs(since), timeout=timeout, what=f"{text!r} in the daemon log")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of ``/metrics`` (e.g. ``ttsd_model_transitions_total``, voice=..., event=...),
+        0.0 when that series does not exist (yet): a counter, not a stopwatch."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.request("GET", "/metrics").body.decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:

@@ -138,11 +138,13 @@ def test_bad_requests_get_their_status_and_the_daemon_keeps_serving(daemon: Daem
 
 
 def test_full_queue_is_503_with_retry_after(daemon: Daemon) -> None:
-    """1 worker + queue of 1: with two long requests in, a third gets 503 at once."""
-    results: list[int] = []
+    """1 worker + queue of 1: with two long requests in, a third gets 503 at once: while both
+    are still in (it waited for no slot), and in less than a tenth of one's synthesis time."""
+    results: list[tuple[int, float]] = []
 
     def long_request() -> None:
-        results.append(daemon.post("/v1/synthesize", {"text": LONG}).status)
+        reply = daemon.post("/v1/synthesize", {"text": LONG})
+        results.append((reply.status, float(reply.headers.get("x-ttsd-synthesis-seconds", "nan"))))
 
     threads = [threading.Thread(target=long_request) for _ in range(2)]
     for t in threads:
@@ -151,11 +153,14 @@ def test_full_queue_is_503_with_retry_after(daemon: Daemon) -> None:
     wait_for(lambda: daemon.request("GET", "/v1/status").json()["queue"]["waiting"] == 1, what="a queued request")
     started = time.monotonic()
     busy = daemon.post("/v1/synthesize", {"text": "One more."})
+    busy_seconds = time.monotonic() - started
     assert busy.status == 503 and busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "busy"
-    assert time.monotonic() - started < 1.0
+    assert results == [], "a long request ended before the 503 came: it waited for a slot"
     for t in threads:
         t.join()
-    assert results == [200, 200]
+    assert [status for status, _ in results] == [200, 200]
+    synthesis = min(seconds for _, seconds in results)
+    assert busy_seconds < synthesis / 10, (busy_seconds, synthesis)
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -184,6 +189,13 @@ def test_an_unpunctuated_text_costs_no_more_memory_than_a_punctuated_one(daemon:
 
 
 def test_client_disconnect_cancels_the_rest(daemon: Daemon) -> None:
+    """A streamed request whose client goes away after the first audio stops after the current
+    sentence: in well under half the time the whole request takes (measured here first, on the
+    same daemon, so a slower box moves both)."""
+    whole = daemon.post("/v1/synthesize", {"text": LONG})
+    assert whole.status == 200
+    synthesis = float(whole.headers["x-ttsd-synthesis-seconds"])
+    cancelled = daemon.metric("ttsd_requests_total", route="synthesize", outcome="cancelled")
     conn = UnixHTTPConnection(daemon.socket)
     conn.request("POST", "/v1/synthesize", body=json.dumps({"text": LONG, "stream": True}))
     resp = conn.getresponse()
@@ -192,12 +204,13 @@ def test_client_disconnect_cancels_the_rest(daemon: Daemon) -> None:
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     started = time.monotonic()
-    wait_for(lambda: daemon.request("GET", "/v1/status").json()["queue"]["running"] == 0, timeout=10,
+    wait_for(lambda: daemon.request("GET", "/v1/status").json()["queue"]["running"] == 0, timeout=120,
              what="the cancelled job to stop")
-    # 12 sentences take several seconds; a cancelled job stops after the current one.
-    assert time.monotonic() - started < 3.0
-    metrics = daemon.request("GET", "/metrics").body.decode()
-    assert 'outcome="cancelled"' in metrics
+    stopped = time.monotonic() - started
+    # 12 sentences; a cancelled job stops after the current one.
+    assert stopped < synthesis / 2, (stopped, synthesis)
+    wait_for(lambda: daemon.metric("ttsd_requests_total", route="synthesize", outcome="cancelled") == cancelled + 1,
+             timeout=30, what="the request counted as cancelled")
 
 
 def test_metrics_and_status(daemon: Daemon) -> None:
