@@ -276,7 +276,7 @@ def test_a_full_queue_is_503_with_retry_after_at_once(api: FrontEnds, voices: Fa
         held = [asyncio.ensure_future(api.fetch("POST", "/v1/synthesize", {"text": f"Request {i}."}))
                 for i in range(2)]
         await until(lambda: voices.pool.depth() == (1, 1), "one running and one waiting")
-        busy = await api.fetch("POST", "/v1/synthesize", {"text": "One more."})
+        busy = await asyncio.wait_for(api.fetch("POST", "/v1/synthesize", {"text": "One more."}), 5)  # not queued
         status = await api.fetch("GET", "/v1/status")
         joe.valve.open()
         return list(await asyncio.gather(*held)), busy, status
