@@ -12,10 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from click.testing import CliRunner
 from conftest import save_tiny_vits
-
-from ttsd.cli import main
 
 TTSD = [sys.executable, "-m", "ttsd"]
 
@@ -129,13 +126,3 @@ def test_import_piper_command(joe_folder: Path, cli_env: dict[str, str], tmp_pat
 def test_debug_shows_the_traceback(cli_env: dict[str, str], tmp_path: Path) -> None:
     proc = run(["--debug", "models", "verify", str(tmp_path)], cli_env)
     assert proc.returncode != 0 and "Traceback" in proc.stderr.decode()
-
-
-def test_argument_errors_and_unknown_format(tmp_path: Path) -> None:
-    runner = CliRunner()
-    result = runner.invoke(main, ["say", "hi"])
-    assert result.exit_code == 2 and "Missing option '-o'" in result.output
-    result = runner.invoke(main, ["say", "hi", "-o", str(tmp_path / "x.aac")])
-    assert result.exit_code == 3 and "unknown audio format '.aac'" in result.output
-    result = runner.invoke(main, ["say", "hi", "-o", "x.wav", "--speed", "9"])
-    assert result.exit_code == 2

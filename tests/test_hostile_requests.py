@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from conftest import plausible, save_tiny_vits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from inproc import FrontEnds
 
 from ttsd.config import ServeConfig
 from ttsd.daemon import Daemon
-from ttsd.front.http_api import build_app
-from ttsd.front.spool import Spool
 
 FIELDS = ["text", "voice", "version", "format", "stream", "speed", "speaker", "noise_scale", "noise_w", "seed",
           "sentence_pause"]
@@ -33,7 +31,7 @@ OPENAI_FIELDS = ["model", "input", "voice", "response_format", "speed"]
 
 
 class Harness:
-    """A daemon's front ends in-process, on one event loop kept for the whole module."""
+    """A daemon's front ends in-process (``inproc.FrontEnds``), on one event loop kept for the whole module."""
 
     def __init__(self, root: Path) -> None:
         models = root / "models"
@@ -45,22 +43,16 @@ class Harness:
                              auto_rollback_requests=1000, auto_rollback_share=0.005)
         self.daemon = Daemon(config)
         self.daemon.manager.start()
-        self.loop = asyncio.new_event_loop()
-        self.client = TestClient(TestServer(build_app(self.daemon.backend()), loop=self.loop), loop=self.loop)
-        self.loop.run_until_complete(self.client.start_server())
-        self.spool = Spool(root / "spool", self.daemon.backend(), concurrency=1)
-        self.spool.prepare()
+        self.front = FrontEnds(self.daemon.backend(), root)
+        self.spool = self.front.spool
 
     def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        async def go() -> tuple[int, Any]:
-            async with self.client.post(path, data=body, headers=headers or {}) as resp:
-                data = await resp.read()
-                kind = resp.headers.get("Content-Type", "")
-                return resp.status, json.loads(data) if kind.startswith("application/json") else data
-        return self.run(go())
+        reply = self.front.post(path, raw=body, headers=headers, tcp=True)
+        kind = reply.headers.get("Content-Type", "")
+        return reply.status, reply.json() if kind.startswith("application/json") else reply.body
 
     def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
+        return self.front.run(coro)
 
     def version_2(self) -> dict[str, Any]:
         voice = next(v for v in self.daemon.manager.snapshot() if v["name"] == "tiny")
@@ -68,10 +60,9 @@ class Harness:
         return next(v for v in voice["versions"] if v["version"] == "2")
 
     def close(self) -> None:
-        self.run(self.client.close())
+        self.front.close()
         self.daemon.pool.shutdown()
         self.daemon.manager.close()
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +282,7 @@ def test_a_stream_that_fails_after_its_first_audio_is_cut_off_not_mixed(harness:
     assert (status, reply["error"]["code"]) == (413, "audio_too_long"), "the text must cross the 30 s limit"
 
     async def stream() -> tuple[int, bool]:
-        async with harness.client.post("/v1/synthesize", json={**body, "stream": True}) as resp:
+        async with harness.front.tcp.post("/v1/synthesize", json={**body, "stream": True}) as resp:
             try:
                 await resp.read()
                 return resp.status, False
@@ -308,7 +299,7 @@ def test_a_stream_that_fails_after_its_first_audio_is_cut_off_not_mixed(harness:
 def test_a_client_gone_mid_body_is_not_an_internal_error(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
     import socket
 
-    host, port = harness.client.host, harness.client.port
+    host, port = harness.front.host, harness.front.port
     with caplog.at_level(logging.DEBUG, logger="ttsd.http"):
         with socket.create_connection((host, port), timeout=5) as conn:
             conn.sendall(b"POST /v1/synthesize HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"text\":")

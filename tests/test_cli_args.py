@@ -1,0 +1,146 @@
+"""``ttsd``'s argument errors and exit codes, in-process with click's ``CliRunner``: one line on
+stderr, no traceback, the documented code. Nothing here may start a daemon or speak: the
+``tripwires`` fixture makes both fail loudly (what a real process shows is in ``test_cli.py``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+import ttsd.daemon
+import ttsd.speak
+from ttsd.cli import main
+
+
+@pytest.fixture(autouse=True)
+def tripwires(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Record (and refuse) any attempt to build a daemon or open a voice."""
+    tripped: list[str] = []
+
+    def trip(what: str) -> Any:
+        def refuse(*_a: Any, **_k: Any) -> None:
+            tripped.append(what)
+            raise AssertionError(f"an argument error test reached {what}")
+        return refuse
+
+    monkeypatch.setattr(ttsd.daemon.Daemon, "__init__", trip("Daemon()"))
+    monkeypatch.setattr(ttsd.speak, "open_engine", trip("open_engine()"))
+    monkeypatch.setattr(ttsd.speak, "resolve_model", trip("resolve_model()"))
+    yield tripped
+    assert tripped == []
+
+
+@pytest.fixture(autouse=True)
+def keep_logging() -> Iterator[None]:
+    """``serve`` configures logging (root handlers, levels) before it checks its flags; put the
+    test process's logging back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    noisy = {name: logging.getLogger(name).level for name in ("aiohttp.access", "watchdog", "transformers")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in noisy.items():
+        logging.getLogger(name).setLevel(lvl)
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line_error(result: Result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and isinstance(result.exception, (SystemExit, type(None)))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def serve_args(tmp_path: Path) -> list[str]:
+    """``serve`` with every path inside the test's folder."""
+    return ["serve", "--models", str(tmp_path / "models"), "--state", str(tmp_path / "state"),
+            "--cache", str(tmp_path / "cache"), "--socket", str(tmp_path / "ttsd.sock")]
+
+
+# -- click's own errors: exit 2 ------------------------------------------------------------------------
+@pytest.mark.parametrize("args, fragment", [
+    (["--bogus"], "--bogus"),
+    (["nonsense"], "No such command 'nonsense'"),
+    (["say", "hi"], "Missing option '-o'"),
+    (["say", "hi", "-o", "x.wav", "--bogus"], "--bogus"),
+    (["say", "hi", "-o", "x.wav", "--speed", "9"], "'--speed'"),
+    (["serve", "--workers", "0"], "'--workers'"),
+    (["serve", "--swap-policy", "fast"], "'--swap-policy'"),
+    (["rollback", "--bogus"], "--bogus"),
+    (["activate", "joe"], "Missing argument 'VERSION'"),
+    (["models", "pack", "folder"], "Missing option '--name'"),
+])
+def test_usage_errors_exit_2_with_clicks_message(args: list[str], fragment: str) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert "Error: " in result.stderr and fragment in result.stderr and "Traceback" not in result.output
+
+
+# -- ttsd's own checks: one line and the error's exit code ----------------------------------------------
+@pytest.mark.parametrize("flags, fragment", [
+    (["--listen", "nonsense"], "--listen 'nonsense': expected HOST:PORT"),
+    (["--listen", "127.0.0.1:99999"], "--listen '127.0.0.1:99999': expected HOST:PORT"),
+    (["--listen", "0.0.0.0:8080"], "--listen 0.0.0.0 is reachable from other machines: give --token-file too"),
+    (["--listen", "[::]:8080"], "--listen :: is reachable from other machines"),
+    (["--canary", "2"], "--canary '2': expected a share between 0 and 1"),
+    (["--canary", "joe=half"], "--canary 'joe=half'"),
+    (["--token-file", "/nonexistent/token"], "cannot read --token-file /nonexistent/token"),
+])
+def test_bad_serve_flags_are_one_line_and_exit_3(serve_args: list[str], flags: list[str], fragment: str,
+                                                tmp_path: Path) -> None:
+    result = invoke(*serve_args, *flags)
+    one_line_error(result, 3, fragment)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "state").exists()  # refused before any work
+
+
+def test_say_refuses_an_unknown_suffix_and_model_with_daemon(tmp_path: Path) -> None:
+    result = invoke("say", "hi", "-o", str(tmp_path / "x.aac"))
+    one_line_error(result, 3, "unknown audio format '.aac': use one of .wav, .flac, .ogg, .mp3")
+    result = invoke("say", "hi", "-o", str(tmp_path / "x.wav"), "--model", str(tmp_path), "--daemon")
+    one_line_error(result, 3, "--model loads a folder in-process; it cannot be combined with --daemon")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["rollback"], ["rollback", "--voice", "joe"],
+                                  ["activate", "joe", "2"], ["say", "hi", "-o", "x.wav", "--daemon"]])
+def test_commands_that_need_the_daemon_exit_9_without_one(tmp_path: Path, args: list[str]) -> None:
+    sock = tmp_path / "nobody-here.sock"
+    result = invoke(*args, "--socket", str(sock))
+    one_line_error(result, 9, f"no daemon answers on {sock}")
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name, command in sorted(group.commands.items()):
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+
+
+ALL_COMMANDS = [(), *_commands(main)]
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS, ids=lambda c: " ".join(c) or "ttsd")
+def test_every_command_has_help(command: tuple[str, ...]) -> None:
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Usage: main {' '.join(command)}".rstrip() + " ")
+    assert "-h, --help" in result.output
+
+
+def test_the_help_test_sees_every_command() -> None:
+    assert {" ".join(c) for c in ALL_COMMANDS if c} >= {
+        "say", "serve", "status", "rollback", "activate", "models", "models pack", "models verify", "models list",
+        "models import-piper", "models builtin"}
