@@ -178,8 +178,6 @@ def test_a_version_is_pinned_by_header_or_body(api: FrontEnds, voices: FakeVoice
     assert (reply.status, reply.error["code"]) == (400, "bad_request")
 
 
-@pytest.mark.xfail(strict=True, reason="ttsd.serving.versions.norm keeps trailing zeros: norm('1.0') is '1.0', "
-                                       "not '1', though its docstring says they are the same version")
 def test_version_1_0_names_version_1(api: FrontEnds) -> None:
     reply = api.post("/v1/synthesize", {"text": "Hi.", "version": "1.0"})
     assert (reply.status, reply.headers.get("X-Ttsd-Version")) == (200, "1")

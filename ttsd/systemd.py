@@ -24,6 +24,9 @@ class Notifier:
             return
         address = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # never block the event loop: a manager that does not read its socket loses a message
+            # (libsystemd's sd_notify sends with MSG_DONTWAIT too)
+            sock.setblocking(False)
             try:
                 sock.connect(address)
                 sock.sendall("\n".join(fields).encode())

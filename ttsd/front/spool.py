@@ -365,7 +365,8 @@ def _read_bounded(path: Path) -> bytes:
 
 def _parse(path: Path, raw: bytes) -> SynthRequest:
     """A request file's bytes -> ``SynthRequest``: ``ID.txt`` is UTF-8 text, ``ID.json`` the fields
-    of ``POST /v1/synthesize`` (``stream`` is ignored: the spool writes whole files)."""
+    of ``POST /v1/synthesize``, checked as that route checks them (so ``stream`` needs wav or pcm);
+    a valid ``stream`` is then ignored: the spool writes whole files."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

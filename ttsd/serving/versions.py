@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from packaging.utils import canonicalize_version
 from packaging.version import InvalidVersion, Version
 
 from ..engines import Engine
@@ -108,9 +109,10 @@ def judge(model: ModelVersion, ok: bool, policy: Policy) -> str | None:
 
 
 def norm(version: str) -> str:
-    """A version's canonical spelling (``1.0`` and ``1`` are the same version)."""
+    """A version's canonical spelling, as PEP 440 compares versions: ``1.0`` and ``1`` are the same
+    version (a request for version "1.0" gets the loaded "1")."""
     try:
-        return str(Version(version))
+        return canonicalize_version(Version(version))
     except (InvalidVersion, ValueError):  # ValueError: thousands of digits (an operator's typo, or worse)
         return version
 
