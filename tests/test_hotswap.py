@@ -20,7 +20,7 @@ from conftest import plausible, save_tiny_vits
 from daemon_util import Daemon, start_daemon, wait_for
 
 from ttsd.manifest import pack, verify
-from ttsd.store import content_id
+from ttsd.serving.store import content_id
 
 TESTS = Path(__file__).parent
 
