@@ -257,3 +257,79 @@ def test_a_job_cancelled_while_queued_gives_back_its_slot_and_lease(tmp_path: Pa
     assert manager.snapshot()[0]["versions"][0]["in_flight"] == 0
     assert pool.submit(job()).result(10).audio_seconds > 0
     pool.shutdown()
+
+
+def test_memory_policy_never_takes_a_voice_down_for_a_folder_that_does_not_match(tmp_path: Path,
+                                                                                fake_engines: None) -> None:
+    """With --swap-policy memory the serving version is unloaded before its successor loads; the
+    successor's bytes are checked while it is copied into the store, which must come first: a
+    folder with one changed byte is refused without v1 ever leaving service."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    events: list[tuple[str, str]] = []
+    manager = make_manager(tmp_path, swap="memory")
+    manager._listener = lambda event, model: events.append((event, model.version))
+    manager.start()
+    loads = FakeEngine.loads
+    v2 = fake_model(models, "voice", "2")
+    (v2 / "fake.json").write_text('{"tone": 881}')  # same size, other bytes than the manifest says
+    manager.reconcile()
+    assert ("unloaded", "1") not in events and FakeEngine.loads == loads, events
+    assert manager.snapshot()[0]["active"] == "1" and ("refused", "2") in events
+    manager.close()
+
+
+def test_a_superseded_canary_is_unloaded(tmp_path: Path, fake_engines: None) -> None:
+    """v2 is a canary when v3 arrives: v3 becomes the canary and v2 is unloaded (it stayed a
+    loaded 'canary' that no request could reach, for good)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state", spawn=lambda fn: fn(),
+                           policy=Policy(settle=0, canary={"*": 0.5}))
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    states = {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}
+    assert states == {"1": "active", "2": "available", "3": "canary"} and FakeEngine.live == 2, states
+    manager.close()
+
+
+def test_an_unload_asked_for_before_a_reactivation_does_not_unload_what_serves(tmp_path: Path,
+                                                                               fake_engines: None) -> None:
+    """1. v2 replaces v1 (keep=0): v1's unload is queued. 2. Before it runs, v1 is activated again.
+    3. The queued unload must not take the now-active v1 away (requests got 404 until a fallback)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    queued: list[object] = []
+    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state",
+                           spawn=queued.append, policy=Policy(settle=0, keep=0))
+    manager.start()
+    with manager.acquire("voice"):  # v1 is busy: its unload waits for this lease
+        fake_model(models, "voice", "2")
+        manager.reconcile()
+    manager.activate("voice", "1")
+    for work in queued:
+        work()  # type: ignore[operator]
+    with manager.acquire("voice") as lease:
+        assert lease.served.version == "1" and lease.engine.synthesize("still here").duration > 0
+    manager.close()
+
+
+def test_a_lease_counts_against_its_own_entry_when_a_version_comes_back() -> None:
+    """A lease taken before a forced removal (shutdown, the memory policy's wait running out) ends
+    after the same version was added again: the new entry's count must not go below zero, or it
+    could never be unloaded."""
+    from ttsd.serving.serving_map import Served, ServingMap
+
+    served = Served("voice", "1", 8000)
+    engine = object()
+    serving = ServingMap()
+    serving.add(("voice", "1"), served, engine)  # type: ignore[arg-type]
+    serving.activate(("voice", "1"))
+    lease = serving.acquire("voice")
+    assert serving.remove(("voice", "1"), force=True)
+    serving.add(("voice", "1"), served, engine)  # type: ignore[arg-type]
+    lease.release()
+    assert serving.in_flight(("voice", "1")) == 0 and serving.remove(("voice", "1"))

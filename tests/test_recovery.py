@@ -15,12 +15,12 @@ import pytest
 from conftest import fake_model, make_manager
 from fake_engine import FakeEngine
 
-from ttsd.errors import ResourceError
-from ttsd.serving.manager import ModelManager
-from ttsd.serving.versions import State
+from ttsd.errors import ResourceError, TtsdError
 from ttsd.manifest import MAX_ENTRIES, verify
+from ttsd.serving.manager import ModelManager
 from ttsd.serving.source import signature
 from ttsd.serving.store import ModelStore
+from ttsd.serving.versions import State
 
 
 def served_before(tmp_path: Path) -> tuple[Path, Path]:
@@ -165,9 +165,13 @@ def test_a_folder_deleted_mid_check_stops_nothing(tmp_path: Path, fake_engines: 
     monkeypatch.setattr(ModelStore, "put", lambda *_: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
     fake_model(models, "c", "1")
     fake_model(models, "d", "1")
-    manager.reconcile()  # an I/O error on every folder: logged, and the next scan tries again
-    assert "c" not in {v["name"] for v in manager.snapshot() if v["active"]}
+    manager.reconcile()  # an I/O error on every folder: the box's fault, retried after a back-off
+    states = {v["name"]: v["versions"][0]["state"] for v in manager.snapshot() if v["name"] in "cd"}
+    assert states == {"c": "deferred", "d": "deferred"}, states
     monkeypatch.setattr(ModelStore, "put", real_put)
+    manager.reconcile()  # the back-off (10 s) is not over: not tried yet
+    assert "c" not in {v["name"] for v in manager.snapshot() if v["active"]}
+    manager.retry_now()  # what SIGHUP does
     manager.reconcile()
     assert active(manager, "c") == "1" and active(manager, "d") == "1"
 
@@ -273,3 +277,67 @@ def test_a_state_file_with_wrong_content_ids_never_costs_a_good_copy(tmp_path: P
     assert (state / "store" / "voice" / "1" / "ttsd.json").is_file()
     assert (state / "store" / "voice" / "2" / "ttsd.json").is_file()
     assert not manager.folders(), manager.folders()  # neither folder refused
+
+
+def test_an_unforeseen_error_judging_a_folder_refuses_the_folder_not_its_version(
+        tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error no check foresaw while the source looks at a folder refuses that folder until it
+    changes; the version it names is not refused for good (it was, and stayed so after restarts)."""
+    import ttsd.serving.source as source_module
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    v2 = fake_model(models, "voice", "2")
+    real = source_module.inspect_folder
+    monkeypatch.setattr(source_module, "inspect_folder", lambda folder: (_ for _ in ()).throw(RuntimeError("odd")))
+    manager.reconcile()
+    assert "2" not in states(manager)
+    assert [f["reason"] for f in manager.folders()] == ["could not be checked: RuntimeError: odd"]
+    monkeypatch.setattr(source_module, "inspect_folder", real)
+    os.utime(v2 / "fake.json", ns=(1, 1))  # the folder changes
+    manager.reconcile()
+    assert active(manager) == "2" and not manager.folders()
+
+
+def test_an_error_taking_one_folder_stops_neither_the_others_nor_its_voice(tmp_path: Path,
+                                                                            fake_engines: None) -> None:
+    """An unforeseen error while the manager takes one folder's verdict (here: a listener that
+    raises) leaves no voice 'being upgraded' forever, and the other folders of the scan go on."""
+    models = tmp_path / "models"
+    fake_model(models, "a", "1")
+    fake_model(models, "b", "1")
+    manager = make_manager(tmp_path)
+    raised: list[str] = []
+
+    def listener(event: str, model) -> None:  # type: ignore[no-untyped-def]
+        if event == "verifying" and model.name == "a" and not raised:
+            raised.append(model.name)
+            raise RuntimeError("a listener that fails once")
+
+    manager._listener = listener
+    manager.start()
+    assert raised == ["a"] and active(manager, "b") == "1"
+    assert all(v["state"] != "verifying" for voice in manager.snapshot() for v in voice["versions"])
+    assert any("RuntimeError" in f["reason"] for f in manager.folders())
+
+
+def test_a_folder_replaced_by_a_link_is_not_copied_through_it(tmp_path: Path, fake_engines: None) -> None:
+    """v1's folder in the models dir becomes a link to a copy elsewhere; activating v1 (known, not
+    stored) must refuse to copy through the link."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    shutil.rmtree(tmp_path / "state" / "store" / "voice" / "1", ignore_errors=True)
+    manager.version("voice", "1").store = None  # type: ignore[union-attr]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(models / "voice-1"), str(elsewhere))
+    (models / "voice-1").symlink_to(elsewhere)
+    with pytest.raises(TtsdError) as caught:
+        manager.activate("voice", "1")
+    assert "symlink" in str(caught.value)
+    assert active(manager) == "2"

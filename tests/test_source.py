@@ -70,16 +70,16 @@ def verdicts(found: list[Candidate]) -> list[tuple[str, Verdict]]:
 def test_a_new_folder_is_judged_once_it_settled_and_then_once_per_change(models: Path,
                                                                         source: LocalFolderSource) -> None:
     folder = model(models)
-    assert source.scan(now=100.0) == [] and source.settling() and source.waiting()
-    assert source.scan(now=100.0 + SETTLE * 0.99) == [] and source.settling()
+    assert source.scan(now=100.0) == [] and source.waiting()
+    assert source.scan(now=100.0 + SETTLE * 0.99) == [] and source.waiting()
     found = source.scan(now=100.0 + SETTLE)
     assert verdicts(found) == [("voice-1", Verdict.READY)]
     assert found[0].manifest is not None and (found[0].manifest.name, found[0].manifest.version) == ("voice", "1")
-    assert not source.settling() and not source.waiting()
+    assert not source.waiting()
     assert source.scan(now=500.0) == []  # handed over once: not again while it stays the same
     assert source.folders() == [] and source.present() == {folder}
     changed(folder)
-    assert source.scan(now=600.0) == [] and source.settling()  # a change settles again first
+    assert source.scan(now=600.0) == [] and source.waiting()  # a change settles again first
     assert verdicts(source.scan(now=600.0 + SETTLE)) == [("voice-1", Verdict.READY)]
 
 
@@ -108,7 +108,7 @@ def test_again_hands_a_folder_over_once_more(models: Path, source: LocalFolderSo
     assert source.scan(now=50.0) == []
     source.again(folder)
     assert source.waiting()
-    assert source.scan(now=60.0) == [] and source.settling()  # seen afresh: settles again (age 0)
+    assert source.scan(now=60.0) == [] and source.waiting()  # seen afresh: settles again (age 0)
     assert verdicts(source.scan(now=60.0 + SETTLE)) == [("voice-1", Verdict.READY)]
     assert source.scan(now=70.0) == []
 
@@ -140,7 +140,7 @@ def test_an_incomplete_folder_is_rejudged_on_change_and_refused_once_unchanged_t
     source.scan(now=0.0)
     found = source.scan(now=SETTLE)
     assert verdicts(found) == [("voice-1", Verdict.INCOMPLETE)] and "missing: model.safetensors" in found[0].reason
-    assert found[0].manifest is not None and source.waiting() and not source.settling()
+    assert found[0].manifest is not None and source.waiting()
     assert source.scan(now=5.0) == [] and source.waiting()
 
     (folder / "model.safetensors").write_bytes(FILES["model.safetensors"][:100])
@@ -264,6 +264,11 @@ def test_put_copies_only_the_listed_files(models: Path, store: ModelStore) -> No
     folder = model(models)
     manifest = read_manifest(folder)
     (folder / "unlisted.txt").write_text("not part of the model")
+    with pytest.raises(VerifyError) as caught:  # the folder must be what its manifest lists, first
+        store.put(folder, manifest)
+    assert [(p.kind, p.path) for p in caught.value.problems] == [("extra", "unlisted.txt")]
+    assert leftovers(store) == []
+    (folder / "unlisted.txt").unlink()
     stored = store.put(folder, manifest)
     assert stored == store.path("voice", "1") == store.get("voice", "1")
     assert sorted(p.name for p in stored.iterdir()) == ["config.json", "model.safetensors", "ttsd.json"]

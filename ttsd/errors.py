@@ -221,20 +221,23 @@ def _all_types() -> list[type[TtsdError]]:
 
 
 def from_http(status: int, code: str, message: str, retry_after: int = 1) -> TtsdError:
-    """The error a daemon's JSON error answer stands for: the type whose ``code`` it names (the
-    inverse of ``status``/``code`` above), so ``ttsd say`` and the control commands exit as if
-    the error had happened in-process. An answer no type claims is a ``DaemonError``."""
-    if status == 503 and code == "busy":
+    """The error a daemon's JSON error answer stands for, so ``ttsd say`` and the control commands
+    exit as if the error had happened in-process: the type whose ``status`` and ``code`` the
+    answer carries (the inverse of the attributes above), for the answers the daemon gives on
+    purpose (4xx, the model's 500, 503, 507). Any other answer is a ``DaemonError``."""
+    if status == 503:
+        if code == "unavailable":
+            return ResourceError(f"daemon: {message}", retry_after=retry_after)
         return BusyError(f"daemon busy: {message}", retry_after)
-    if code in ("unavailable", "insufficient_storage"):
-        return ResourceError(f"daemon: {message}", storage=status == 507, retry_after=retry_after)
+    if status == 507:
+        return ResourceError(f"daemon: {message}", storage=True, retry_after=retry_after)
     matches = [cls for cls in _all_types() if cls.code == code and cls.status == status
-               and cls not in (TtsdError, BusyError, ResourceError)]
+               and (status < 500 or cls.fault == "model") and cls not in (TtsdError, BusyError, ResourceError)]
     if matches:
         cls = matches[0]
-        return cls(f"daemon: {message}" if cls.fault != "request" else message)
-    if status in (400, 408, 413):  # e.g. aiohttp's own 400 for a malformed request
-        return RequestError(message)
-    if status == 404:
-        return UnknownVoiceError(message)
+        return cls(f"daemon: {message}" if cls.fault == "model" else message)
+    fallback = {400: RequestError, 408: RequestError, 413: RequestError, 404: UnknownVoiceError,
+                409: ConflictError}.get(status)  # e.g. aiohttp's own 400 for a malformed request
+    if fallback is not None:
+        return fallback(message)
     return DaemonError(f"daemon answered {status} {code}: {message}")

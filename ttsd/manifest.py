@@ -224,10 +224,10 @@ def _walk(folder: Path) -> tuple[list[str], list[Problem]]:
     return sorted(files), sorted(unsafe, key=lambda p: p.path)
 
 
-def open_listed(path: Path) -> int:
-    """A listed file opened for reading without following a link (a file swapped for a link or a
-    device after the walk cannot make a check follow it); the caller closes the descriptor."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+_READ = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _regular(fd: int) -> int:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise IsADirectoryError(errno.EISDIR, "not a regular file")
@@ -237,22 +237,50 @@ def open_listed(path: Path) -> int:
     return fd
 
 
-def hash_listed(path: Path, size: int, sink: Callable[[bytes], object] | None = None) -> tuple[int, str]:
-    """(size, sha256) of a listed file, read no further than one byte past ``size`` (a file that
-    grows cannot make the check read forever). ``sink`` receives every byte hashed: the store
+def open_listed(path: Path) -> int:
+    """A listed file opened for reading without following a link (a file swapped for a link or a
+    device after the walk cannot make a check follow it); the caller closes the descriptor."""
+    return _regular(os.open(path, _READ | os.O_NONBLOCK))
+
+
+def open_beneath(root: int, rel: str) -> int:
+    """``rel`` (a manifest path: no ``..``, not absolute) opened beneath the directory ``root``
+    without following a link at any step, so nothing outside the folder can be read through a
+    folder or file swapped for a link; ``ELOOP`` if one is met. The caller closes it."""
+    parts = rel.split("/")
+    opened: list[int] = []
+    fd = root
+    try:
+        for part in parts[:-1]:
+            fd = os.open(part, _READ | os.O_DIRECTORY, dir_fd=fd)
+            opened.append(fd)
+        return _regular(os.open(parts[-1], _READ | os.O_NONBLOCK, dir_fd=fd))
+    finally:
+        for directory in opened:
+            os.close(directory)
+
+
+def hash_fd(fd: int, size: int, sink: Callable[[bytes], object] | None = None) -> tuple[int, str]:
+    """(size, sha256) of an open listed file, read no further than one byte past ``size`` (a file
+    that grows cannot make the check read forever). ``sink`` receives every byte hashed: the store
     writes its copy from exactly the bytes it checks."""
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        return actual, ""
+    digest, left = hashlib.sha256(), size + 1
+    while left > 0 and (chunk := os.read(fd, min(left, _CHUNK))):
+        digest.update(chunk)
+        if sink is not None:
+            sink(chunk)
+        left -= len(chunk)
+    return size + 1 - left, digest.hexdigest()
+
+
+def hash_listed(path: Path, size: int) -> tuple[int, str]:
+    """``hash_fd`` of the listed file at ``path`` (opened with ``open_listed``)."""
     fd = open_listed(path)
     try:
-        actual = os.fstat(fd).st_size
-        if actual != size:
-            return actual, ""
-        digest, left = hashlib.sha256(), size + 1
-        while left > 0 and (chunk := os.read(fd, min(left, _CHUNK))):
-            digest.update(chunk)
-            if sink is not None:
-                sink(chunk)
-            left -= len(chunk)
-        return size + 1 - left, digest.hexdigest()
+        return hash_fd(fd, size)
     finally:
         os.close(fd)
 
@@ -268,7 +296,8 @@ def size_problem(rel: str, entry: FileEntry, size: int, digest: str) -> Problem 
     return None
 
 
-def _fail(folder: Path, problems: list[Problem]) -> VerifyError:
+def problems_error(folder: Path, problems: list[Problem]) -> VerifyError:
+    """One ``VerifyError`` for ``problems``: the first in the message, all in ``problems``."""
     first = str(problems[0])
     summary = first if len(problems) == 1 else f"{first} (and {len(problems) - 1} more)"
     return VerifyError(f"{folder}: {summary}", problems)
@@ -279,13 +308,15 @@ def inspect(folder: Path) -> Manifest:
     missing, extra or unsafe, no pickle weights) and every file's size, from ``stat`` alone.
     Cheap enough to run at every rescan; the bytes are hashed once, when the store copies the
     folder (``ModelStore.put``)."""
-    manifest, problems = _inspect(folder)
+    manifest, problems = inspect_folder(folder)
     if problems:
-        raise _fail(folder, problems)
+        raise problems_error(folder, problems)
     return manifest
 
 
-def _inspect(folder: Path) -> tuple[Manifest, list[Problem]]:
+def inspect_folder(folder: Path) -> tuple[Manifest, list[Problem]]:
+    """``inspect``'s findings without raising for them: the manifest (``ManifestError`` if it
+    cannot be read) and every problem found from ``stat`` alone."""
     if not folder.is_dir():
         raise ManifestError(f"{folder}: not a directory")
     if folder.is_symlink():
@@ -325,7 +356,7 @@ def verify(folder: Path) -> Manifest:
     (missing, extra, changed, unsafe files) otherwise. Reads every byte: call it off the
     request path.
     """
-    manifest, found = _inspect(folder)
+    manifest, found = inspect_folder(folder)
     problems = [p for p in found if p.kind not in ("short", "changed")]
     skip = {p.path for p in problems}  # missing or unsafe: nothing to hash
     for rel, entry in sorted(manifest.files.items()):
@@ -344,7 +375,7 @@ def verify(folder: Path) -> Manifest:
         if (problem := size_problem(rel, entry, size, digest)) is not None:
             problems.append(problem)
     if problems:
-        raise _fail(folder, problems)
+        raise problems_error(folder, problems)
     return manifest
 
 

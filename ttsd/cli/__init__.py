@@ -18,11 +18,8 @@ import click
 
 from .. import __version__
 from ..errors import TtsdError
+from . import control, models, say, serve
 from .common import console
-from .control import activate, rollback, status
-from .models import models
-from .say import say
-from .serve import serve
 
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
@@ -69,7 +66,9 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for command in (say, serve, status, rollback, activate, models):
+# the modules keep their names in this package (``ttsd.cli.say`` is the module, its command is
+# ``ttsd.cli.say.say``), so patching or reading a module's helpers reaches the module
+for command in (say.say, serve.serve, control.status, control.rollback, control.activate, models.models):
     main.add_command(command)
 
 

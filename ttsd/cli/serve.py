@@ -125,6 +125,7 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
           canary_requests: int, auto_rollback_requests: int, auto_rollback_share: float, settle: float,
           incomplete_timeout: float, rescan_interval: float, log_level: str) -> None:
     """Run the daemon: HTTP on a Unix socket (and optionally TCP), plus an optional spool dir."""
+    from .. import logs
     from ..config import (
         AUDIO_SECONDS_PER_CHAR,
         ServeConfig,
@@ -133,7 +134,6 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
         default_socket,
         default_state_dir,
     )
-    from .. import logs
 
     logs.configure(log_level)
     bind = _parse_listen(listen) if listen else None

@@ -15,6 +15,7 @@ fails with ``RequestError`` without wasting synthesis time.
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -55,8 +56,12 @@ class Engine(ABC, Generic[Unit]):
     @classmethod
     def default_sample_rate(cls, folder: Path) -> int | None:
         """The sample rate a model folder's own files state, for ``ttsd models pack`` when no
-        ``--sample-rate`` is given (None: this engine cannot tell)."""
-        return None
+        ``--sample-rate`` is given: by default ``sampling_rate`` in a Hugging Face style
+        ``config.json``; None when there is none. Engines with another layout override it."""
+        try:
+            return int(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["sampling_rate"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @abstractmethod
     def load(self) -> None:

@@ -168,6 +168,8 @@ class OperatorActions:
     def _unload(self: ModelManager, model: ModelVersion, *, force: bool = False) -> None:
         """Unload ``model`` unless a request still holds it (its last release calls back here)."""
         with self._lock:
+            if not force and model.state in (State.ACTIVE, State.CANARY):
+                return  # serving again: re-activated after this unload was asked for
             if not self.map.remove(model.key, force=force):
                 return
             engine, model.engine = model.engine, None
@@ -199,10 +201,18 @@ class OperatorActions:
             log.error("%s %s is failing (%s) but cannot roll back: %s", model.name, model.version, why, exc)
 
     def _start_canary(self: ModelManager, model: ModelVersion) -> None:
+        """``model`` takes the canary share of its voice's requests; a canary it supersedes (a
+        newer version arrived before the old canary ended) is retired and unloaded."""
         self.map.add(model.key, self._served(model), model.engine)  # type: ignore[arg-type]
         with self._lock:
+            superseded = self._versions.get(self.map.canary(model.name) or ("", ""))
             model.state, model.requests, model.failures = State.CANARY, 0, 0
             self.map.set_canary(model.key)
+            if superseded is not None and superseded is not model:
+                superseded.state = State.RETIRED
+        if superseded is not None and superseded is not model:
+            log.info("%s %s: canary superseded by %s", model.name, superseded.version, model.version)
+            self._spawn(lambda: self._unload(superseded))
         log.info("%s %s is a canary for %.0f%% of requests", model.name, model.version,
                  self.policy.canary_share(model.name) * 100)
         self._listener("canary", model)

@@ -72,8 +72,9 @@ def load_engine(folder: Path, manifest: Manifest, options: dict[str, Any], *, se
 
 
 def unload_engine(engine: Engine[Any]) -> None:
+    """Drop the engine's weights and hand the freed memory back to the OS. The engine's tensors
+    are freed by ``unload()`` itself; leases that outlive it hold only the emptied object."""
     engine.unload()
-    del engine
     trim()
 
 

@@ -19,6 +19,7 @@ work, such as an auto-rollback, on a new thread.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -177,7 +178,12 @@ class ModelManager(StartUp, OperatorActions):
             lower_thread_priority(self.policy.loader_nice, idle=self.policy.background_idle)
             ready: dict[str, list[Found]] = {}
             for candidate in self.source.scan():
-                if (manifest := self._take(candidate)) is not None:
+                try:
+                    manifest = self._take(candidate)
+                except Exception as exc:  # no one folder may stop the rest
+                    self._unforeseen(candidate.path, exc)
+                    continue
+                if manifest is not None:
                     ready.setdefault(manifest.name, []).append((manifest.parsed_version, candidate.path, manifest))
             first, self._first_scan = self._first_scan, False
             if first:
@@ -354,37 +360,14 @@ class ModelManager(StartUp, OperatorActions):
 
     def _promote(self, model: ModelVersion, folder: Path, why: str) -> bool:
         """Copy ``model`` into the store (hashing it: the one time its bytes are read from the
-        models dir), load and warm it beside the serving version, then swap (or start a canary)."""
+        models dir), load and warm it beside the serving version, then swap (or start a canary).
+        The memory policy unloads the serving version only once the copy is made and checked, so
+        a folder that does not match its manifest never takes the voice down."""
+        if not self._store_new(model, folder):
+            return False
         previous = self._active(model.name)
         if self.policy.swap == "memory" and previous is not None:
             self._retire_now(previous)
-        try:
-            assert model.manifest is not None
-            model.store = self.store.put(folder, model.manifest)
-        except VerifyError as exc:
-            if exc.looks_incomplete():  # changed since the source judged it: let the source look again
-                model.state, model.reason = State.INCOMPLETE, str(exc)
-                self._folders[folder] = ("incomplete", str(exc))
-                self.source.again(folder)
-            else:
-                self._refuse(model, str(exc), folder)
-            return self._restore_after_failure(previous)
-        except (TtsdError, OSError, MemoryError) as exc:
-            if isinstance(exc, OSError) and not is_system_oserror(exc) or isinstance(exc, TtsdError):
-                self._refuse(model, f"could not copy into the store: {exc}", folder)
-            elif resource_error(exc, "").status == 507:  # the store's disk is full: wait a while
-                self._defer(model, str(resource_error(exc, "copying it into the store")))
-            else:  # an I/O error reading it, say: look at the folder again at the next scan
-                log.error("copying %s into the store failed (%s); it is looked at again at the next scan",
-                          folder, exc)
-                self.source.again(folder)
-                self._undo_check(folder)
-            return self._restore_after_failure(previous)
-        except Exception as exc:  # a bug, or input no check foresaw: refused until the folder changes, logged once
-            log.exception("checking %s failed; refused until it changes", folder)
-            self._folders[folder] = ("refused", f"could not be checked: {type(exc).__name__}: {exc}"[:500])
-            self._undo_check(folder)
-            return self._restore_after_failure(previous)
         if not self._bring_up(model, why, verified=True):  # put() hashed the copy it made
             return self._restore_after_failure(previous)
         if self.policy.canary_share(model.name) > 0 and previous is not None and self.policy.swap != "memory":
@@ -398,6 +381,40 @@ class ModelManager(StartUp, OperatorActions):
             return self._restore_after_failure(previous)
         model.backoff = 0.0
         return True
+
+    def _store_new(self, model: ModelVersion, folder: Path) -> bool:
+        """``store.put`` for a new version, each failure sorted by whose fault it is: the folder's
+        (refused), a copy still in progress (incomplete: the source looks again), the box's
+        (deferred, with a back-off), the folder vanishing (forgotten), or unforeseen (refused
+        until the folder changes, logged once)."""
+        try:
+            assert model.manifest is not None
+            model.store = self.store.put(folder, model.manifest)
+            return True
+        except Exception as exc:  # sorted below; MemoryError is an Exception too
+            if not os.path.lexists(folder):  # it went away while it was copied: forgotten
+                self.source.again(folder)
+                self._undo_check(folder)
+            elif isinstance(exc, VerifyError) and exc.looks_incomplete():  # changed since it was judged
+                model.state, model.reason = State.INCOMPLETE, str(exc)
+                self._folders[folder] = ("incomplete", str(exc))
+                self.source.again(folder)
+            elif isinstance(exc, MemoryError) or is_system_oserror(exc):  # the box's: wait, then retry
+                self._defer(model, str(resource_error(exc, "copying it into the store")))
+            elif isinstance(exc, VerifyError):
+                self._refuse(model, str(exc), folder)
+            elif isinstance(exc, (TtsdError, OSError)):
+                self._refuse(model, f"could not copy into the store: {exc}", folder)
+            else:  # a bug, or input no check foresaw
+                self._unforeseen(folder, exc)
+            return False
+
+    def _unforeseen(self, folder: Path, exc: BaseException) -> None:
+        """An error no check foresaw while looking at ``folder``: its version goes back to what it
+        was, and the folder is refused until it changes (one traceback, not one per rescan)."""
+        log.error("checking %s failed; refused until it changes", folder, exc_info=exc)
+        self._undo_check(folder)
+        self._folders[folder] = ("refused", f"could not be checked: {type(exc).__name__}: {exc}"[:500])
 
     def _save(self) -> None:
         """Write every version's record (best effort: retried at the next call when the disk is

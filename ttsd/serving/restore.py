@@ -29,7 +29,7 @@ class StartUp:
     def start(self: ModelManager) -> None:
         """Restore what is known (saved state, then the store), look at the models dir, and bring
         every voice up: its saved active version, else the newest version that verifies. Folders
-        still settling (a voice converted or copied in just now) are waited for, briefly, so the
+        still settling or incomplete (a voice converted or copied in just now) are waited for, briefly, so the
         daemon does not announce "no voice" a second before one serves."""
         with self._load_lock:
             self.store.prepare()
@@ -62,7 +62,7 @@ class StartUp:
                 log.info("found %s %s in the store", name, version)
         self.reconcile()
         deadline = time.monotonic() + 3 * self.policy.settle + 1.0
-        while self.source.settling() and time.monotonic() < deadline:
+        while self.source.waiting() and time.monotonic() < deadline:
             time.sleep(min(0.2, max(self.policy.settle / 4, 0.02)))
             self.reconcile()
 

@@ -39,33 +39,37 @@ class Served:
 
 
 @dataclass
+class _Entry:
+    """One loaded version in the map; a lease counts against this very object (not its key, which
+    may be in the map again, as a new entry, by the time the lease ends)."""
+
+    key: Key
+    served: Served
+    engine: Engine[Any]
+    in_flight: int = 0
+
+
+@dataclass
 class Lease:
     """A request's hold on one loaded version. ``release(ok)`` exactly once: ``ok`` is whether the
     model did its job (None: the request failed for its own reasons or the box's, e.g. bad text)."""
 
     served: Served
     engine: Engine[Any]
-    _release: Callable[[Key, bool | None], None] = field(repr=False)
-    _key: Key = field(repr=False)
+    _release: Callable[[_Entry, bool | None], None] = field(repr=False)
+    _entry: _Entry = field(repr=False)
     _released: bool = field(default=False, repr=False)
 
     def release(self, ok: bool | None = None) -> None:
         if not self._released:
             self._released = True
-            self._release(self._key, ok)
+            self._release(self._entry, ok)
 
     def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.release()
-
-
-@dataclass
-class _Entry:
-    served: Served
-    engine: Engine[Any]
-    in_flight: int = 0
 
 
 class ServingMap:
@@ -109,15 +113,13 @@ class ServingMap:
             entry = self._loaded[key]
             entry.in_flight += 1
             self._in_flight += 1
-            return Lease(entry.served, entry.engine, self._release, key)
+            return Lease(entry.served, entry.engine, self._release, entry)
 
-    def _release(self, key: Key, ok: bool | None) -> None:
+    def _release(self, entry: _Entry, ok: bool | None) -> None:
         with self._lock:
-            entry = self._loaded.get(key)
-            if entry is not None:
-                entry.in_flight -= 1
+            entry.in_flight -= 1
             self._in_flight -= 1
-        self._on_release(key, ok)
+        self._on_release(entry.key, ok)
 
     def _default_name(self) -> str | None:
         if self.default_voice and self.default_voice in self._active:
@@ -152,7 +154,7 @@ class ServingMap:
         """``key`` is loaded and warm: requests may name it from now on."""
         with self._lock:
             if key not in self._loaded:
-                self._loaded[key] = _Entry(served, engine)
+                self._loaded[key] = _Entry(key, served, engine)
 
     def activate(self, key: Key) -> Key | None:
         """The swap: ``key`` serves its voice's new requests from now on (and stops being its

@@ -29,7 +29,13 @@ from typing import Protocol
 
 from ..catalog import candidate_folders
 from ..errors import ManifestError, TtsdError, VerifyError, is_system_oserror
-from ..manifest import MAX_ENTRIES, Manifest, inspect, read_manifest
+from ..manifest import (
+    MAX_ENTRIES,
+    Manifest,
+    inspect_folder,
+    problems_error,
+    read_manifest,
+)
 from ..watching import Settle
 
 log = logging.getLogger("ttsd.source")
@@ -66,9 +72,6 @@ class Source(Protocol):
 
     def waiting(self) -> bool:
         """Whether a folder is settling or incomplete (scan again soon, not at the next tick)."""
-
-    def settling(self) -> bool:
-        """Whether a folder is still changing (a copy in progress that is not judged yet)."""
 
     def again(self, path: Path) -> None:
         """The manager could not act on ``path`` for the box's reasons (an I/O error, a full
@@ -115,12 +118,12 @@ class LocalFolderSource:
         self.incomplete_timeout = incomplete_timeout
         self._settle: Settle[Path] = Settle(settle)
         self._verdicts: dict[Path, Candidate] = {}
-        self._waiting = self._settling = False
+        self._waiting = False
 
     def scan(self, now: float | None = None) -> list[Candidate]:
         now = time.monotonic() if now is None else now
         found: list[Candidate] = []
-        waiting = settling = False
+        waiting = False
         present = candidate_folders(self.models_dir)
         for path in present:
             sig = signature(path)
@@ -129,7 +132,7 @@ class LocalFolderSource:
             if changed:
                 self._verdicts.pop(path, None)
             if not self._settle.settled(path, now):
-                waiting = settling = True
+                waiting = True
                 continue
             held = self._verdicts.get(path)
             timed_out = now - seen.observed_at >= self.incomplete_timeout
@@ -148,7 +151,7 @@ class LocalFolderSource:
         self._settle.keep_only(present)
         for gone in set(self._verdicts) - set(present):
             del self._verdicts[gone]
-        self._waiting, self._settling = waiting, settling
+        self._waiting = waiting
         return found
 
     def _judge(self, path: Path, timed_out: bool) -> Candidate | None:
@@ -156,9 +159,12 @@ class LocalFolderSource:
         reasons (it is looked at again at the next scan)."""
         manifest: Manifest | None = None
         try:
-            manifest = read_manifest(path)
-            inspect(path)
+            manifest, problems = inspect_folder(path)
+            if problems:
+                raise problems_error(path, problems)
         except TtsdError as exc:
+            if manifest is None and not isinstance(exc, ManifestError):
+                manifest = _manifest_or_none(path)  # e.g. too many files: still say which version it is
             if looks_incomplete(exc) and not timed_out:
                 return Candidate(path, Verdict.INCOMPLETE, manifest, str(exc))
             reason = str(exc)
@@ -171,10 +177,10 @@ class LocalFolderSource:
                 log.error("checking %s failed (%s); it is looked at again at the next scan", path, exc)
                 self.again(path)
                 return None
-            # a bug, or input no check foresaw: refused until the folder changes, logged once
+            # a bug, or input no check foresaw: the folder (not the version it may name) is refused
+            # until it changes, logged once
             log.exception("checking %s failed; refused until it changes", path)
-            return Candidate(path, Verdict.REFUSED, manifest,
-                             f"could not be checked: {type(exc).__name__}: {exc}"[:500])
+            return Candidate(path, Verdict.REFUSED, None, f"could not be checked: {type(exc).__name__}: {exc}"[:500])
         return Candidate(path, Verdict.READY, manifest)
 
     def folders(self) -> list[Candidate]:
@@ -186,13 +192,18 @@ class LocalFolderSource:
     def waiting(self) -> bool:
         return self._waiting
 
-    def settling(self) -> bool:
-        return self._settling
 
     def again(self, path: Path) -> None:
         self._settle.forget(path)
         self._verdicts.pop(path, None)
         self._waiting = True
+
+
+def _manifest_or_none(path: Path) -> Manifest | None:
+    try:
+        return read_manifest(path)
+    except TtsdError:
+        return None
 
 
 def _newest_mtime(sig: tuple[object, ...]) -> float:

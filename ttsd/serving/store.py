@@ -14,6 +14,7 @@ complete copies: a copy in progress is a hidden ``.*.partial`` dir, removed at t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -34,9 +35,11 @@ from ..manifest import (
     Manifest,
     check_name,
     check_version,
-    hash_listed,
-    open_listed,
+    hash_fd,
+    inspect,
+    open_beneath,
     parse_manifest,
+    problems_error,
     size_problem,
     verify,
 )
@@ -58,7 +61,10 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         mode = stat.S_IMODE(self.root.stat().st_mode)
         if mode & (stat.S_IWGRP | stat.S_IWOTH):  # copies others could change are not what was checked
-            os.chmod(self.root, mode & ~(stat.S_IWGRP | stat.S_IWOTH))
+            try:
+                os.chmod(self.root, mode & ~(stat.S_IWGRP | stat.S_IWOTH))
+            except OSError as exc:
+                log.warning("%s can be written by other users and cannot be made private (%s)", self.root, exc)
         for leftover in self.root.glob(".*.partial"):  # a copy interrupted by a crash
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -110,19 +116,26 @@ class ModelStore:
                     raise
                 log.warning("store copy %s is damaged (%s); copying it again", existing, exc)
             shutil.rmtree(existing)  # damaged or different: replace (content checks happen before)
+        inspect(source)  # no link, nothing missing, extra or short, before a byte is read (stat only)
         tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-{manifest.version}.", suffix=".partial",
                                     dir=self.root))
         try:
-            _copy_manifest(source, tmp, manifest)
-            problems = []
-            for rel, entry in sorted(manifest.files.items()):
-                if (problem := _copy_hashed(source, tmp, rel, entry)) is not None:
-                    problems.append(problem)
+            # every file is opened beneath this descriptor without following links: a folder or
+            # file swapped for a link after the check above cannot make the copy read elsewhere
+            root = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            try:
+                _copy_manifest(root, source, tmp, manifest)
+                problems = [p for rel, entry in sorted(manifest.files.items())
+                            if (p := _copy_hashed(root, tmp, rel, entry)) is not None]
+            finally:
+                os.close(root)
             if problems:
-                first = str(problems[0])
-                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                raise VerifyError(f"{source}: {first}{more}", problems)
+                raise problems_error(source, problems)
             target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_dir() and not target.is_symlink():  # a leftover without a manifest (get() saw none)
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                target.unlink()
             os.rename(tmp, target)
             fsync_dir(target.parent)
             return target
@@ -131,38 +144,41 @@ class ModelStore:
             raise
 
 
-def _copy_manifest(source: Path, tmp: Path, manifest: Manifest) -> None:
-    """The source's ``ttsd.json`` bytes into the copy, if they still say ``manifest``."""
-    fd = open_listed(source / MANIFEST)
+def _copy_manifest(root: int, source: Path, tmp: Path, manifest: Manifest) -> None:
+    """The source's ``ttsd.json`` bytes into the copy, if they still say exactly ``manifest``."""
+    fd = open_beneath(root, MANIFEST)
     try:
         raw = os.read(fd, MAX_MANIFEST_BYTES + 1)
     finally:
         os.close(fd)
     try:
         copied = parse_manifest(json.loads(raw), str(source / MANIFEST))
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError, ManifestError) as exc:
         raise VerifyError(f"{source}: {MANIFEST} changed while being copied into the store",
-                          [Problem("changed", MANIFEST, str(exc))]) from exc
-    if content_id(copied) != content_id(manifest) or copied.name != manifest.name \
-            or copied.version != manifest.version:
+                          [Problem("changed", MANIFEST, str(exc)[:200])]) from exc
+    if copied.to_json() != manifest.to_json():
         raise VerifyError(f"{source}: changed while being copied into the store",
                           [Problem("changed", MANIFEST, "other than when it was read")])
     _write_synced(tmp / MANIFEST, lambda out: out.write(raw))
 
 
-def _copy_hashed(source: Path, tmp: Path, rel: str, entry: FileEntry) -> Problem | None:
+def _copy_hashed(root: int, tmp: Path, rel: str, entry: FileEntry) -> Problem | None:
     """One listed file, hashed as it is copied; its problem, if any."""
     dest = tmp / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     result: list[tuple[int, str]] = []
     try:
-        _write_synced(dest, lambda out: result.append(hash_listed(source / rel, entry.size, out.write)))
+        fd = open_beneath(root, rel)
     except FileNotFoundError:
         return Problem("missing", rel)
     except OSError as exc:
         if is_system_oserror(exc):
             raise
-        return Problem("unreadable", rel, exc.strerror or str(exc))
+        return Problem("unsafe" if exc.errno == errno.ELOOP else "unreadable", rel, exc.strerror or str(exc))
+    try:
+        _write_synced(dest, lambda out: result.append(hash_fd(fd, entry.size, out.write)))
+    finally:
+        os.close(fd)
     size, digest = result[0]
     return size_problem(rel, entry, size, digest)
 

@@ -29,7 +29,8 @@ class ModelWatcher:
         self.debounce = debounce
         self.interval = interval
         self._cond = threading.Condition()
-        self._due: float | None = None  # an earlier look than the next tick, if one is asked for
+        self._event_due: float | None = None  # events, debounced: each pushes this back
+        self._soon_due: float | None = None  # asked for by the daemon: never pushed back by events
         self._stopped = False
         self._observer: Observer | None = None
         self._thread = threading.Thread(target=self._run, name="ttsd-rescan", daemon=True)
@@ -45,15 +46,15 @@ class ModelWatcher:
     def poke(self, delay: float = 0.0) -> None:
         """Look in ``delay`` seconds; a later poke before then pushes the look back (debounce)."""
         with self._cond:
-            self._due = time.monotonic() + delay
+            self._event_due = time.monotonic() + delay
             self._cond.notify()
 
     def soon(self, delay: float) -> None:
-        """Look within ``delay`` seconds, unless a look is already due sooner."""
+        """Look within ``delay`` seconds, whatever events come meanwhile."""
         with self._cond:
             due = time.monotonic() + delay
-            if self._due is None or due < self._due:
-                self._due = due
+            if self._soon_due is None or due < self._soon_due:
+                self._soon_due = due
                 self._cond.notify()
 
     def _run(self) -> None:
@@ -62,13 +63,13 @@ class ModelWatcher:
             with self._cond:
                 while not self._stopped:
                     now = time.monotonic()
-                    wake = min(tick, self._due) if self._due is not None else tick
+                    wake = min(d for d in (tick, self._event_due, self._soon_due) if d is not None)
                     if now >= wake:
                         break
                     self._cond.wait(wake - now)
                 if self._stopped:
                     return
-                self._due = None
+                self._event_due = self._soon_due = None  # this look covers them all
             tick = time.monotonic() + self.interval
             try:
                 self.on_change()

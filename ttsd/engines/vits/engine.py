@@ -13,7 +13,6 @@ Serves two kinds of model folder:
 from __future__ import annotations
 
 import gc
-import json
 import re
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -66,15 +65,6 @@ class VitsEngine(Engine[Unit]):
         self._tokenizer: CharTokenizer | None = None
 
     # -- loading ------------------------------------------------------------------------------
-    @classmethod
-    def default_sample_rate(cls, folder: Path) -> int | None:
-        """``sampling_rate`` from ``folder``'s ``config.json``, for ``ttsd models pack`` when no rate
-        is given; None if the file or the field is missing or unreadable. Cheap: reads no weights."""
-        try:
-            return int(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["sampling_rate"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
     def load(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)

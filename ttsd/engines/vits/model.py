@@ -48,7 +48,7 @@ class NativeVits:
             from safetensors.torch import load_file
 
             tensors = load_file(str(folder / "model.safetensors"))
-        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: refuse with the reason
+        except Exception as exc:
             raise LoadError(f"{where}: weights do not load ({str(exc).splitlines()[0][:200]})") from exc
         w = _Weights(tensors, where)
         h = c.hidden_size
