@@ -53,6 +53,18 @@ def default_socket() -> Path:
     return _pick("TTSD_SOCKET", Path("/run/ttsd/ttsd.sock"), user)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``localhost`` or a loopback address)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 AUDIO_SECONDS_PER_CHAR = 0.12  # default --max-audio-seconds per --max-chars character (see the CLI)
 
 
@@ -87,6 +99,7 @@ class ServeConfig:
     settle: float = 1.0
     incomplete_timeout: float = 60.0
     rescan_interval: float = 5.0
+    wyoming: str | None = None  # tcp://HOST:PORT or unix://PATH
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,14 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from . import __version__
-from .config import ServeConfig
+from .config import ServeConfig, is_loopback
 from .errors import ConfigError
 from .front.backend import Backend
 from .front.http_api import build_app
 from .front.listeners import TCPListener, UnixListener
 from .front.spool import Spool
 from .front.synth import SynthesisPool
+from .front.wyoming import WyomingServer
 from .malloc import describe, tune
 from .metrics import Metrics
 from .reloader import ModelWatcher
@@ -257,6 +258,7 @@ class Daemon:
                 await runner.cleanup()
                 raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
+        wyoming = await self._start_wyoming() if cfg.wyoming else None
         spool: Spool | None = None
         spool_task: asyncio.Task[None] | None = None
         if cfg.spool is not None:
@@ -266,7 +268,8 @@ class Daemon:
             spool_task = loop.create_task(spool.run())
 
         voices = ", ".join(f"{v['name']} {v['active']}" for v in self.manager.snapshot() if v["active"])
-        where = str(cfg.socket) + (f" and {cfg.listen[0]}:{cfg.listen[1]}" if cfg.listen else "")
+        where = str(cfg.socket) + (f" and {cfg.listen[0]}:{cfg.listen[1]}" if cfg.listen else "") + \
+            (f", Wyoming on {cfg.wyoming}" if cfg.wyoming else "")
         log.info("ttsd %s serving on %s (voices: %s)", __version__, where, voices or "none")
         log.info("malloc: %s", describe(self.malloc))
         self._serving = True
@@ -286,8 +289,38 @@ class Daemon:
                 continue
             break
         self.watcher.stop()
+        if wyoming is not None:
+            await wyoming.stop()  # closes its connections: their synthesis is cancelled
+            if cfg.wyoming and cfg.wyoming.startswith("unix://"):
+                Path(cfg.wyoming[len("unix://"):]).unlink(missing_ok=True)
         self._interrupts = 1 if signum == signal.SIGINT else 0
         return await self._shutdown(runner, spool, spool_task, watchdog)
+
+    async def _start_wyoming(self) -> WyomingServer:
+        from urllib.parse import urlparse
+
+        cfg = self.config
+        assert cfg.wyoming is not None
+        uri = urlparse(cfg.wyoming)
+        if uri.scheme == "tcp" and not is_loopback(uri.hostname or ""):
+            log.warning("Wyoming on %s is reachable from other machines and has no authentication; anyone who "
+                        "reaches it can make this box speak (bind to 127.0.0.1 unless the network is trusted)",
+                        cfg.wyoming)
+        if uri.scheme == "unix":
+            path = Path(uri.path)
+            if path.resolve() == cfg.socket.resolve():
+                raise ConfigError(f"--wyoming {cfg.wyoming}: that is the HTTP socket; choose another path")
+            if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigError(f"{path} exists and is not a socket; remove it or choose another --wyoming path")
+        server = WyomingServer(cfg.wyoming, self.backend())
+        old_umask = os.umask(0o177 if cfg.socket_group is None else 0o117)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot serve Wyoming on {cfg.wyoming}: {exc.strerror or exc}") from exc
+        finally:
+            os.umask(old_umask)
+        return server
 
     async def _watchdog(self) -> None:
         assert self.notifier.watchdog_seconds

@@ -51,15 +51,20 @@ def _read_token(path: Path) -> str:
     return token
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
+def _parse_wyoming(value: str) -> str:
+    """``tcp://HOST:PORT`` or ``unix://PATH``, checked before anything starts."""
+    from urllib.parse import urlparse
 
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        uri = urlparse(value)
+        port = uri.port
     except ValueError:
-        return False
+        uri, port = None, None
+    if uri is not None and uri.scheme == "tcp" and uri.hostname and port:
+        return value
+    if uri is not None and uri.scheme == "unix" and uri.path:
+        return value
+    raise ConfigError(f"--wyoming {value!r}: expected tcp://HOST:PORT or unix://PATH, e.g. tcp://127.0.0.1:10200")
 
 
 @click.command()
@@ -75,6 +80,9 @@ def _is_loopback(host: str) -> bool:
 @click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_SPOOL",
               help="Spool directory for file requests (off unless given) [env TTSD_SPOOL].")
 @click.option("--listen", envvar="TTSD_LISTEN", help="Also serve HTTP on HOST:PORT (loopback unless named).")
+@click.option("--wyoming", "wyoming_uri", envvar="TTSD_WYOMING", metavar="URI",
+              help="Also serve the Wyoming protocol (Home Assistant) on tcp://HOST:PORT or unix://PATH. "
+                   "Wyoming has no authentication: other hosts than loopback are allowed, with a warning.")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), envvar="TTSD_TOKEN_FILE",
               help="Bearer token required on the TCP listener (mandatory off loopback).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, envvar="TTSD_WORKERS",
@@ -118,7 +126,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, envvar="TTSD_LOG_LEVEL")
 def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | None, socket_path: Path | None,
-          socket_group: str | None, spool_dir: Path | None, listen: str | None, token_file: Path | None,
+          socket_group: str | None, spool_dir: Path | None, listen: str | None, wyoming_uri: str | None,
+          token_file: Path | None,
           workers: int, threads: int | None, queue_size: int, max_chars: int, max_audio_seconds: float | None,
           max_connections: int, idle_timeout: float, grace: float,
           default_voice: str | None, no_seed: bool, keep: int, swap_policy: str, canary: tuple[str, ...],
@@ -133,12 +142,13 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
         default_models_dir,
         default_socket,
         default_state_dir,
+        is_loopback,
     )
 
     logs.configure(log_level)
     bind = _parse_listen(listen) if listen else None
     token = _read_token(token_file) if token_file is not None else None
-    if bind is not None and not _is_loopback(bind[0]) and token is None:
+    if bind is not None and not is_loopback(bind[0]) and token is None:
         raise ConfigError(f"--listen {bind[0]} is reachable from other machines: give --token-file too")
     config = ServeConfig(
         models=models_dir or default_models_dir(), state=state_dir or default_state_dir(),
@@ -151,6 +161,7 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
         canary=tuple(_parse_canary(c) for c in canary), canary_requests=canary_requests,
         auto_rollback_requests=auto_rollback_requests, auto_rollback_share=auto_rollback_share,
         settle=settle, incomplete_timeout=incomplete_timeout, rescan_interval=rescan_interval,
+        wyoming=_parse_wyoming(wyoming_uri) if wyoming_uri else None,
     )
     from ..daemon import Daemon
 

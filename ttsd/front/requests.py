@@ -66,7 +66,7 @@ def _number(data: dict[str, Any], key: str, default: float | None = None) -> flo
     return number
 
 
-def _speaker(value: Any) -> int | str | None:
+def parse_speaker(value: Any) -> int | str | None:
     """A speaker is a name or a non-negative index; an index may come as a string of ASCII digits."""
     if value is None:
         return None
@@ -111,7 +111,7 @@ def parse_request(data: Any) -> SynthRequest:
         raise RequestError("field 'voice' must be a voice name")
     options = SynthesisOptions(
         speed=_number(data, "speed", 1.0),  # type: ignore[arg-type]
-        speaker=_speaker(data.get("speaker")),
+        speaker=parse_speaker(data.get("speaker")),
         noise_scale=_number(data, "noise_scale"),
         noise_scale_duration=_number(data, "noise_w"),
         seed=_field(data, "seed", (int,)),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -141,6 +142,7 @@ class ModelManager(StartUp, OperatorActions):
                     "active": active.version if active else None,
                     "canary": canary.version if canary else None,
                     "sample_rate": active.manifest.sample_rate if active and active.manifest else None,
+                    **_voice_facts(active),
                     "versions": [m.describe(self.map.in_flight(m.key)) for m in versions],
                 })
             return voices
@@ -425,6 +427,33 @@ class ModelManager(StartUp, OperatorActions):
                 self.state.versions[f"{model.name}/{model.version}"] = VersionRecord(
                     content=model.content, state=state.value, reason=model.reason)
         self.state.save()
+
+
+_PIPER_LANGUAGE = re.compile(r"^([a-z]{2,3}_[A-Z]{2})-")
+
+
+def _voice_facts(active: ModelVersion | None) -> dict[str, Any]:
+    """What a client choosing a voice wants to know of its active version: languages (the
+    manifest's ``languages``, else a Piper-style name such as ``en_US-joe-medium``), speakers (the
+    engine's), description and licence (the manifest's)."""
+    manifest = active.manifest if active else None
+    languages: list[str] = []
+    if manifest is not None:
+        given = manifest.extra.get("languages", manifest.extra.get("language"))
+        if isinstance(given, str):
+            languages = [given]
+        elif isinstance(given, list):
+            languages = [str(g) for g in given if isinstance(g, str)][:20]
+        elif match := _PIPER_LANGUAGE.match(manifest.name):
+            languages = [match.group(1)]
+    speakers: list[str] = []
+    if active is not None and active.engine is not None:
+        try:
+            speakers = sorted(str(s) for s in active.engine.info().get("speakers", {}))[:1000]
+        except Exception:  # noqa: BLE001 - facts for a listing: never let them fail it
+            speakers = []
+    return {"languages": languages, "speakers": speakers,
+            "description": manifest.description if manifest else "", "license": manifest.license if manifest else ""}
 
 
 __all__ = ["LOADED", "Lease", "ModelManager", "ModelVersion", "Policy", "State"]
