@@ -4,6 +4,7 @@ built-in voice, driven by the ``wyoming`` package's own client, as Home Assistan
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,3 +162,119 @@ def test_a_client_that_goes_away_frees_the_worker(daemon: Daemon) -> None:
              timeout=30, what="the request counted as cancelled")
     reply = daemon.post("/v1/synthesize", {"text": "Next."})
     assert reply.status == 200
+
+
+def test_several_clients_at_once_each_get_their_whole_answer(daemon: Daemon) -> None:
+    texts = ["One client speaks.", "A second client speaks now.", "And a third one, a little longer than that."]
+
+    async def one(text: str) -> int:
+        async with AsyncUnixClient(socket_of(daemon)) as client:
+            await client.write_event(Synthesize(text=text).event())
+            _, pcm = await audio_of(client)
+            return len(pcm)
+
+    async def go() -> list[int]:
+        return list(await asyncio.gather(*(one(t) for t in texts)))
+
+    sizes = asyncio.run(go())
+    assert all(size > 22050 for size in sizes) and sizes[2] > sizes[0], sizes
+
+
+def test_an_oversized_event_ends_the_connection_before_it_is_read(daemon: Daemon) -> None:
+    """An event that declares 100 MB of data is refused before any of it is read: the connection
+    ends, and the daemon keeps serving."""
+    async def go() -> Event | None:
+        reader, writer = await asyncio.open_unix_connection(socket_of(daemon))
+        writer.write(b'{"type": "synthesize", "version": "1.7.0", "data_length": 100000000}\n' + b"{" * 1000)
+        await writer.drain()
+        line = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return None if not line else Event(type="unexpected")
+
+    assert asyncio.run(go()) is None
+    assert daemon.post("/v1/synthesize", {"text": "Still here."}).status == 200
+
+
+def drop_version(models: Path, joe_folder: Path, version: str) -> None:
+    """The built-in voice again under a new version (hard links: the same bytes, a new manifest)."""
+    from ttsd.manifest import pack
+
+    staging = models.parent / f"stage-{version}"
+    staging.mkdir()
+    for item in joe_folder.iterdir():
+        if item.name != "ttsd.json":
+            os.link(item, staging / item.name)
+    pack(staging, name=VOICE, version=version, engine="vits", sample_rate=22050)
+    os.rename(staging, models / f"{VOICE}-{version}")
+
+
+def test_a_swap_during_a_text_stream_neither_cuts_nor_mixes_its_audio(tmp_path: Path, cache_dir: Path,
+                                                                     joe_folder: Path) -> None:
+    """1. A text stream starts on version 1 (sentence 1 spoken). 2. Version 2 is dropped in and
+    becomes active. 3. The stream's second sentence is still spoken by version 1, and the answer
+    ends normally. 4. describe shows version 2; after a rollback, version 1 again."""
+    models = tmp_path / "models"
+    models.mkdir()
+    drop_version(models, joe_folder, "1")
+    socket_path = tmp_path / "wyoming.sock"
+    d = start_daemon(tmp_path, cache_dir, "--no-seed", "--settle", "0.2", "--wyoming", f"unix://{socket_path}")
+
+    def spoken_by(version: str) -> float:
+        return d.metric("ttsd_requests_total", voice=VOICE, version=version, route="wyoming", outcome="ok")
+
+    async def describe() -> str | None:
+        async with AsyncUnixClient(str(socket_path)) as client:
+            await client.write_event(Describe().event())
+            return Info.from_event(await read(client)).tts[0].voices[0].version
+
+    async def stream() -> list[str]:
+        async with AsyncUnixClient(str(socket_path)) as client:
+            await client.write_event(SynthesizeStart().event())
+            await client.write_event(SynthesizeChunk(text="The first sentence is spoken by version one. ").event())
+            kinds = [(await read(client)).type]  # audio-start: sentence 1 is under way
+            drop_version(models, joe_folder, "2")
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: wait_for(lambda: d.request("GET", "/v1/voices").json()["voices"][0]["active"] == "2",
+                                       timeout=120, what="version 2 active"))
+            await client.write_event(SynthesizeChunk(text="And so is the second one.").event())
+            await client.write_event(SynthesizeStop().event())
+            while kinds[-1] != "synthesize-stopped":
+                kinds.append((await read(client)).type)
+            return kinds
+
+    try:
+        kinds = asyncio.run(stream())
+        assert kinds[0] == "audio-start" and kinds[-2:] == ["audio-stop", "synthesize-stopped"], kinds
+        assert "error" not in kinds
+        assert spoken_by("1") == 2 and spoken_by("2") == 0
+        assert asyncio.run(describe()) == "2"
+        assert d.post("/v1/voices/" + VOICE + "/rollback", {}).status == 200
+        assert asyncio.run(describe()) == "1"
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+def test_sigterm_lets_a_wyoming_answer_finish(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    """SIGTERM while a Wyoming answer is being spoken: it is spoken to the end (within the grace
+    period), then the daemon exits 0 and removes its Wyoming socket."""
+    import signal
+
+    socket_path = tmp_path / "wyoming.sock"
+    d = start_daemon(tmp_path, cache_dir, "--wyoming", f"unix://{socket_path}")
+    text = "A goodbye that is spoken to its very end. " * 3
+
+    async def go() -> int:
+        async with AsyncUnixClient(str(socket_path)) as client:
+            await client.write_event(Synthesize(text=text).event())
+            first = await read(client)
+            assert AudioStart.is_type(first.type)
+            d.proc.send_signal(signal.SIGTERM)
+            pcm = 0
+            while not AudioStop.is_type((event := await read(client)).type):
+                pcm += len(AudioChunk.from_event(event).audio)
+            return pcm
+
+    pcm = asyncio.run(go())
+    assert pcm / 2 / 22050 > 4.0  # three sentences, all of them
+    assert d.proc.wait(60) == 0, d.logs()
+    assert not socket_path.exists()

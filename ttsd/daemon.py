@@ -289,12 +289,8 @@ class Daemon:
                 continue
             break
         self.watcher.stop()
-        if wyoming is not None:
-            await wyoming.stop()  # closes its connections: their synthesis is cancelled
-            if cfg.wyoming and cfg.wyoming.startswith("unix://"):
-                Path(cfg.wyoming[len("unix://"):]).unlink(missing_ok=True)
         self._interrupts = 1 if signum == signal.SIGINT else 0
-        return await self._shutdown(runner, spool, spool_task, watchdog)
+        return await self._shutdown(runner, spool, spool_task, watchdog, wyoming)
 
     async def _start_wyoming(self) -> WyomingServer:
         from urllib.parse import urlparse
@@ -312,7 +308,7 @@ class Daemon:
                 raise ConfigError(f"--wyoming {cfg.wyoming}: that is the HTTP socket; choose another path")
             if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
                 raise ConfigError(f"{path} exists and is not a socket; remove it or choose another --wyoming path")
-        server = WyomingServer(cfg.wyoming, self.backend())
+        server = WyomingServer(cfg.wyoming, self.backend(), max_connections=cfg.max_connections)
         old_umask = os.umask(0o177 if cfg.socket_group is None else 0o117)
         try:
             await server.start()
@@ -329,7 +325,8 @@ class Daemon:
             await asyncio.sleep(self.notifier.watchdog_seconds / 2)
 
     async def _shutdown(self, runner: web.AppRunner, spool: Spool | None,
-                        spool_task: asyncio.Task[None] | None, watchdog: asyncio.Task[None] | None) -> int:
+                        spool_task: asyncio.Task[None] | None, watchdog: asyncio.Task[None] | None,
+                        wyoming: WyomingServer | None = None) -> int:
         cfg = self.config
         log.info("shutting down: finishing in-flight requests (up to %.0f s; Ctrl-C again to force)", cfg.grace)
         self.notifier.stopping("draining")
@@ -337,7 +334,8 @@ class Daemon:
             spool.stop()
 
         async def drain() -> None:
-            await runner.cleanup()  # stops accepting, waits for handlers up to the grace period
+            # both stop accepting, then wait for their requests up to the grace period
+            await asyncio.gather(runner.cleanup(), wyoming.drain(cfg.grace) if wyoming else asyncio.sleep(0))
             if spool is not None:
                 await asyncio.wait_for(spool.drain(), timeout=cfg.grace)
 

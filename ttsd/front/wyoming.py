@@ -27,11 +27,13 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
-from wyoming.event import Event
+from wyoming.event import Event, async_read_event
 from wyoming.info import (
     Attribution,
     Describe,
@@ -40,7 +42,7 @@ from wyoming.info import (
     TtsVoice,
     TtsVoiceSpeaker,
 )
-from wyoming.server import AsyncEventHandler, AsyncServer
+from wyoming.server import AsyncEventHandler
 from wyoming.tts import (
     Synthesize,
     SynthesizeChunk,
@@ -62,23 +64,67 @@ from .synth import Job, Result
 log = logging.getLogger("ttsd.wyoming")
 
 ROUTE = "wyoming"
+MAX_EVENT_BYTES = 1 << 20  # one event's header line, data or payload (a request's text is far less)
+IDLE_SECONDS = 60.0  # between a client's events (an LLM streaming text may pause a while)
 MAX_STREAM_CHARS_FACTOR = 4  # a text stream may send this many times --max-chars in all
 ATTRIBUTION = Attribution(name="ttsd", url="https://github.com/")
 
 
 class WyomingServer:
-    """The Wyoming listener on ``uri`` (``tcp://HOST:PORT`` or ``unix://PATH``)."""
+    """The Wyoming listener on ``uri`` (``tcp://HOST:PORT`` or ``unix://PATH``): asyncio's server,
+    the ``wyoming`` package's handler and framing, and the bounds every listener of ttsd has: at
+    most ``max_connections`` open connections, ``idle_timeout`` seconds between a client's events,
+    events of at most ``MAX_EVENT_BYTES``, and a drain on shutdown (requests being spoken finish
+    within the grace period; idle connections close at once)."""
 
-    def __init__(self, uri: str, backend: Backend) -> None:
+    def __init__(self, uri: str, backend: Backend, *, max_connections: int = 128,
+                 idle_timeout: float = IDLE_SECONDS) -> None:
         self.uri = uri
         self.backend = backend
-        self._server = AsyncServer.from_uri(uri)
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.closing = False
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: dict[asyncio.Task[None], _Handler] = {}
 
     async def start(self) -> None:
-        await self._server.start(lambda reader, writer: _Handler(reader, writer, self.backend))
+        uri = urlparse(self.uri)
+        if uri.scheme == "unix":
+            Path(uri.path).unlink(missing_ok=True)  # a stale socket (the daemon checked it is one)
+            self._server = await asyncio.start_unix_server(self._accept, uri.path, limit=MAX_EVENT_BYTES)
+        else:
+            self._server = await asyncio.start_server(self._accept, uri.hostname, uri.port, limit=MAX_EVENT_BYTES)
 
-    async def stop(self) -> None:
-        await self._server.stop()
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.closing or len(self._handlers) >= self.max_connections:
+            writer.close()
+            return
+        handler = _Handler(reader, writer, self.backend, self)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers[task] = handler
+        try:
+            await handler.run()
+        finally:
+            self._handlers.pop(task, None)
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting; close idle connections now; let requests being spoken finish for up to
+        ``grace`` seconds, then cut the rest (their synthesis is cancelled)."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for handler in list(self._handlers.values()):
+            if not handler.busy:
+                await handler.stop()
+        tasks = list(self._handlers)
+        if tasks:
+            _, running = await asyncio.wait(tasks, timeout=grace)
+            for task in running:
+                task.cancel()
+        uri = urlparse(self.uri)
+        if uri.scheme == "unix":
+            Path(uri.path).unlink(missing_ok=True)
 
 
 def info(backend: Backend) -> Info:
@@ -112,10 +158,47 @@ class _Stream:
 class _Handler(AsyncEventHandler):
     """One client connection; events are handled one at a time, in order."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: Backend) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: Backend,
+                 server: WyomingServer) -> None:
         super().__init__(reader, writer)
         self.backend = backend
+        self.server = server
+        self.busy = False
         self._stream: _Stream | None = None
+        self._job: Job | None = None  # the request being spoken, cancelled if the connection ends
+        # The wyoming reader reads whatever length an event declares; a declared length over the
+        # bound is refused before a byte of it is read (its ValueError ends the connection).
+        readexactly = reader.readexactly
+
+        async def bounded(n: int) -> bytes:
+            if n > MAX_EVENT_BYTES:
+                raise ValueError(f"a Wyoming event of {n} bytes is over {MAX_EVENT_BYTES}")
+            return await readexactly(n)
+
+        reader.readexactly = bounded  # type: ignore[method-assign]
+
+    async def run(self) -> None:
+        """Events until the client goes, falls silent for ``idle_timeout``, or the server drains."""
+        try:
+            while not self.server.closing:
+                try:
+                    event = await asyncio.wait_for(async_read_event(self.reader), self.server.idle_timeout)
+                except TimeoutError:
+                    break
+                if event is None:
+                    break
+                self.busy = True
+                try:
+                    if not await self.handle_event(event):
+                        break
+                finally:
+                    self.busy = False
+        except ConnectionError:
+            pass
+        finally:
+            if self._job is not None:
+                self._job.cancel.set()
+            self.writer.close()
 
     async def handle_event(self, event: Event) -> bool:
         try:
@@ -194,6 +277,7 @@ class _Handler(AsyncEventHandler):
                   on_chunk=lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk))
         try:
             future: Future[Result] = self.backend.submit(job)
+            self._job = job
         except TtsdError as exc:
             self._count(served.name, served.version, exc.code, exc.fault)
             raise
@@ -215,6 +299,8 @@ class _Handler(AsyncEventHandler):
         except TtsdError as exc:
             self._count(served.name, served.version, exc.code, exc.fault)
             raise
+        finally:
+            self._job = None
         self._count(served.name, served.version, "ok")
         self.backend.metrics.latency.labels(served.name, ROUTE).observe(time.monotonic() - started)
         return served.version
