@@ -96,6 +96,12 @@ def test_usage_errors_exit_2_with_clicks_message(args: list[str], fragment: str)
     (["--listen", "0.0.0.0:8080"], "--listen 0.0.0.0 is reachable from other machines: give --token-file too"),
     (["--listen", "[::]:8080"], "--listen :: is reachable from other machines"),
     (["--canary", "2"], "--canary '2': expected a share between 0 and 1"),
+    (["--wyoming", "10200"], "--wyoming '10200': expected tcp://HOST:PORT or unix://PATH"),
+    (["--wyoming", "tcp://localhost"], "expected tcp://HOST:PORT"),
+    (["--wyoming", "tcp://localhost:99999"], "expected tcp://HOST:PORT"),
+    (["--wyoming-zeroconf", "box"], "--wyoming-zeroconf announces a TCP service"),
+    (["--wyoming", "unix:///tmp/w.sock", "--wyoming-zeroconf"], "--wyoming-zeroconf announces a TCP service"),
+    (["--wyoming", "tcp://127.0.0.1:10200", "--wyoming-zeroconf", "a.b"], "--wyoming-zeroconf 'a.b'"),
     (["--canary", "joe=half"], "--canary 'joe=half'"),
     (["--token-file", "/nonexistent/token"], "cannot read --token-file /nonexistent/token"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -278,3 +279,26 @@ def test_sigterm_lets_a_wyoming_answer_finish(tmp_path: Path, cache_dir: Path, j
     assert pcm / 2 / 22050 > 4.0  # three sentences, all of them
     assert d.proc.wait(60) == 0, d.logs()
     assert not socket_path.exists()
+
+
+def test_tcp_with_an_mdns_announcement(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    """--wyoming tcp://127.0.0.1:PORT --wyoming-zeroconf NAME: the daemon serves Wyoming on TCP and
+    announces it over mDNS, or says why it cannot (a box without multicast), and never fails for it."""
+    from wyoming.client import AsyncTcpClient
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    d = start_daemon(tmp_path, cache_dir, "--wyoming", f"tcp://127.0.0.1:{port}", "--wyoming-zeroconf", "test-box")
+
+    async def go() -> Info:
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Describe().event())
+            return Info.from_event(await read(client))
+
+    try:
+        assert asyncio.run(go()).tts[0].voices[0].name == VOICE
+        wait_for(lambda: "announced Wyoming as test-box" in d.logs() or "cannot announce Wyoming over mDNS" in d.logs(),
+                 timeout=30, what="the mDNS announcement, or why there is none")
+    finally:
+        assert d.stop() == 0, d.logs()

@@ -100,6 +100,7 @@ class ServeConfig:
     incomplete_timeout: float = 60.0
     rescan_interval: float = 5.0
     wyoming: str | None = None  # tcp://HOST:PORT or unix://PATH
+    wyoming_zeroconf: str | None = None  # announce the Wyoming TCP service over mDNS under this name
 
 
 @dataclass(frozen=True)

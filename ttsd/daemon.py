@@ -32,7 +32,7 @@ from .front.http_api import build_app
 from .front.listeners import TCPListener, UnixListener
 from .front.spool import Spool
 from .front.synth import SynthesisPool
-from .front.wyoming import WyomingServer
+from .front.wyoming import Advertisement, WyomingServer
 from .malloc import describe, tune
 from .metrics import Metrics
 from .reloader import ModelWatcher
@@ -309,6 +309,8 @@ class Daemon:
             if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
                 raise ConfigError(f"{path} exists and is not a socket; remove it or choose another --wyoming path")
         server = WyomingServer(cfg.wyoming, self.backend(), max_connections=cfg.max_connections)
+        if cfg.wyoming_zeroconf and uri.hostname and uri.port:
+            server.advertisement = Advertisement(cfg.wyoming_zeroconf, uri.hostname, uri.port)
         old_umask = os.umask(0o177 if cfg.socket_group is None else 0o117)
         try:
             await server.start()

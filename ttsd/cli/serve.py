@@ -51,6 +51,16 @@ def _read_token(path: Path) -> str:
     return token
 
 
+def _zeroconf_name(name: str | None, uri: str | None) -> str | None:
+    if name is None:
+        return None
+    if not uri or not uri.startswith("tcp://"):
+        raise ConfigError("--wyoming-zeroconf announces a TCP service: give --wyoming tcp://HOST:PORT too")
+    if not (0 < len(name) <= 63 and all(c.isalnum() or c in "-_ " for c in name)):
+        raise ConfigError(f"--wyoming-zeroconf {name!r}: a name of 1 to 63 letters, digits, '-', '_' or spaces")
+    return name
+
+
 def _parse_wyoming(value: str) -> str:
     """``tcp://HOST:PORT`` or ``unix://PATH``, checked before anything starts."""
     from urllib.parse import urlparse
@@ -83,6 +93,9 @@ def _parse_wyoming(value: str) -> str:
 @click.option("--wyoming", "wyoming_uri", envvar="TTSD_WYOMING", metavar="URI",
               help="Also serve the Wyoming protocol (Home Assistant) on tcp://HOST:PORT or unix://PATH. "
                    "Wyoming has no authentication: other hosts than loopback are allowed, with a warning.")
+@click.option("--wyoming-zeroconf", "wyoming_zeroconf", is_flag=False, flag_value="ttsd", default=None,
+              metavar="[NAME]", help="Announce the Wyoming TCP service over mDNS for Home Assistant's discovery "
+                                     "(name default 'ttsd'; needs the zeroconf extra).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), envvar="TTSD_TOKEN_FILE",
               help="Bearer token required on the TCP listener (mandatory off loopback).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, envvar="TTSD_WORKERS",
@@ -127,7 +140,7 @@ def _parse_wyoming(value: str) -> str:
               show_default=True, envvar="TTSD_LOG_LEVEL")
 def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | None, socket_path: Path | None,
           socket_group: str | None, spool_dir: Path | None, listen: str | None, wyoming_uri: str | None,
-          token_file: Path | None,
+          wyoming_zeroconf: str | None, token_file: Path | None,
           workers: int, threads: int | None, queue_size: int, max_chars: int, max_audio_seconds: float | None,
           max_connections: int, idle_timeout: float, grace: float,
           default_voice: str | None, no_seed: bool, keep: int, swap_policy: str, canary: tuple[str, ...],
@@ -162,6 +175,7 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
         auto_rollback_requests=auto_rollback_requests, auto_rollback_share=auto_rollback_share,
         settle=settle, incomplete_timeout=incomplete_timeout, rescan_interval=rescan_interval,
         wyoming=_parse_wyoming(wyoming_uri) if wyoming_uri else None,
+        wyoming_zeroconf=_zeroconf_name(wyoming_zeroconf, wyoming_uri),
     )
     from ..daemon import Daemon
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from wyoming.tts import (
 
 from .. import __version__
 from ..audio import Audio
-from ..errors import BusyError, RequestError, TtsdError
+from ..errors import BusyError, ConfigError, RequestError, TtsdError
 from ..options import SynthesisOptions
 from ..text import check_text, split_sentences
 from .backend import Backend
@@ -84,6 +85,7 @@ class WyomingServer:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.closing = False
+        self.advertisement: Advertisement | None = None  # mDNS, when asked for (TCP only)
         self._server: asyncio.AbstractServer | None = None
         self._handlers: dict[asyncio.Task[None], _Handler] = {}
 
@@ -94,6 +96,8 @@ class WyomingServer:
             self._server = await asyncio.start_unix_server(self._accept, uri.path, limit=MAX_EVENT_BYTES)
         else:
             self._server = await asyncio.start_server(self._accept, uri.hostname, uri.port, limit=MAX_EVENT_BYTES)
+        if self.advertisement is not None:
+            await self.advertisement.start()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.closing or len(self._handlers) >= self.max_connections:
@@ -112,6 +116,8 @@ class WyomingServer:
         """Stop accepting; close idle connections now; let requests being spoken finish for up to
         ``grace`` seconds, then cut the rest (their synthesis is cancelled)."""
         self.closing = True
+        if self.advertisement is not None:
+            await self.advertisement.stop()
         if self._server is not None:
             self._server.close()
         for handler in list(self._handlers.values()):
@@ -317,3 +323,47 @@ def _ends_sentence(text: str) -> bool:
     stripped = text.rstrip()
     return len(stripped) < len(text) and stripped[-1:] in ".!?…。！？"
 
+
+
+class Advertisement:
+    """The Wyoming service announced over mDNS (``_wyoming._tcp.local.``), as wyoming-piper does,
+    so Home Assistant discovers the box by itself. Needs the ``zeroconf`` package (the
+    ``ttsd[zeroconf]`` extra); a box where multicast does not work gets a warning, not a failure."""
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        self.name, self.host, self.port = name, host, port
+        self._zeroconf: Any = None
+        self._info: Any = None
+
+    async def start(self) -> None:
+        try:
+            from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+        except ImportError:
+            raise ConfigError("--wyoming-zeroconf needs the zeroconf package: pip install 'ttsd[zeroconf]'") from None
+        address = self.host if self.host not in ("0.0.0.0", "") else _outgoing_address()
+        try:
+            self._info = AsyncServiceInfo("_wyoming._tcp.local.", f"{self.name}._wyoming._tcp.local.",
+                                          addresses=[socket.inet_aton(address)], port=self.port)
+            self._zeroconf = AsyncZeroconf()
+            await self._zeroconf.async_register_service(self._info)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot announce Wyoming over mDNS (%s); add the integration by host and port", exc)
+            await self.stop()
+            return
+        log.info("announced Wyoming as %s on %s:%d over mDNS", self.name, address, self.port)
+
+    async def stop(self) -> None:
+        if self._zeroconf is not None:
+            zeroconf, self._zeroconf = self._zeroconf, None
+            try:
+                if self._info is not None:
+                    await zeroconf.async_unregister_service(self._info)
+            finally:
+                await zeroconf.async_close()
+
+
+def _outgoing_address() -> str:
+    """The address this box would use towards the mDNS group (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("224.0.0.251", 5353))
+        return str(probe.getsockname()[0])
