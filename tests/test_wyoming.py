@@ -302,3 +302,29 @@ def test_tcp_with_an_mdns_announcement(tmp_path: Path, cache_dir: Path, joe_fold
                  timeout=30, what="the mDNS announcement, or why there is none")
     finally:
         assert d.stop() == 0, d.logs()
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"type": "synthesize", "data_length": 5}\n[1,2]',  # data that is not an object
+    b'{"data": {"text": "no type"}}\n',
+    b'[1, 2, 3]\n',
+    b'{"type": "synthesize", "data": ["not", "an", "object"]}\n',
+    b'{"type": "synthesize", "data": {"text": "hi", "voice": "not an object"}}\n',
+    b'{"type": "synthesize-chunk", "data": {"text": 5}}\n',
+    b'\xff\xfe not json at all\n',
+])
+def test_malformed_events_end_or_answer_quietly_and_the_daemon_serves_on(daemon: Daemon, raw: bytes) -> None:
+    async def go() -> bytes:
+        reader, writer = await asyncio.open_unix_connection(socket_of(daemon))
+        writer.write(raw)
+        await writer.drain()
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return answer
+
+    answer = asyncio.run(go())
+    # closed, an error event, or (a voice field the protocol library reads as "no voice") audio
+    assert answer == b"" or answer.startswith((b'{"type": "error"', b'{"type": "audio-start"')), answer[:200]
+    assert "Traceback" not in daemon.logs()
+    assert daemon.post("/v1/synthesize", {"text": "Still here."}).status == 200

@@ -191,6 +191,9 @@ class _Handler(AsyncEventHandler):
                     event = await asyncio.wait_for(async_read_event(self.reader), self.server.idle_timeout)
                 except TimeoutError:
                     break
+                except (AttributeError, KeyError, TypeError) as exc:  # framing the reader does not catch
+                    log.debug("closing a Wyoming connection that sent a malformed event: %r", exc)
+                    break
                 if event is None:
                     break
                 self.busy = True
@@ -225,7 +228,7 @@ class _Handler(AsyncEventHandler):
         except TtsdError as exc:
             self._stream = None
             await self.write_event(Error(text=str(exc), code=exc.code).event())
-        except (KeyError, TypeError, ValueError) as exc:  # a malformed event
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a malformed event
             self._stream = None
             await self.write_event(Error(text=f"bad {event.type} event: {exc}", code="bad_request").event())
         return True
