@@ -328,3 +328,21 @@ def test_malformed_events_end_or_answer_quietly_and_the_daemon_serves_on(daemon:
     assert answer == b"" or answer.startswith((b'{"type": "error"', b'{"type": "audio-start"')), answer[:200]
     assert "Traceback" not in daemon.logs()
     assert daemon.post("/v1/synthesize", {"text": "Still here."}).status == 200
+
+
+def test_a_text_stream_that_never_ends_a_sentence_is_refused_at_the_limit(daemon: Daemon) -> None:
+    """Text streamed without a sentence end is refused once it is longer than any sentence may
+    be (--max-chars), not buffered further; the connection stays usable."""
+    async def go() -> tuple[Error, int]:
+        async with AsyncUnixClient(socket_of(daemon)) as client:
+            await client.write_event(SynthesizeStart().event())
+            for _ in range(60):
+                await client.write_event(SynthesizeChunk(text="word " * 20).event())
+            error = await read(client)
+            assert Error.is_type(error.type), error
+            await client.write_event(Synthesize(text="Still here.").event())
+            _, pcm = await audio_of(client)
+            return Error.from_event(error), len(pcm)
+
+    error, size = asyncio.run(go())
+    assert error.code == "text_too_long" and size > 22050

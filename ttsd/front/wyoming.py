@@ -55,7 +55,7 @@ from wyoming.tts import (
 
 from .. import __version__
 from ..audio import Audio
-from ..errors import BusyError, ConfigError, RequestError, TtsdError
+from ..errors import BusyError, ConfigError, RequestError, TextTooLongError, TtsdError
 from ..options import SynthesisOptions
 from ..text import check_text, split_sentences
 from .backend import Backend
@@ -241,6 +241,8 @@ class _Handler(AsyncEventHandler):
             raise RequestError(f"the text stream is over {MAX_STREAM_CHARS_FACTOR * self.backend.max_chars} "
                                "characters")
         stream.pending += text
+        if len(stream.pending) > self.backend.max_chars:  # no sentence can be that long: say so now
+            raise TextTooLongError(f"a sentence of the text stream is over {self.backend.max_chars} characters")
         sentences = split_sentences(stream.pending)
         if len(sentences) < 2 and not _ends_sentence(stream.pending):
             return  # the sentence being sent is not complete yet
