@@ -140,7 +140,7 @@ def fake_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def make_manager(tmp_path: Path, default_voice: str | None = None, **policy: object) -> ModelManager:
     policy.setdefault("settle", 0.0)
     source = LocalFolderSource(tmp_path / "models", settle=float(policy["settle"]),  # type: ignore[arg-type]
-                               incomplete_timeout=float(policy.get("incomplete_timeout", 60.0)))  # type: ignore[arg-type]
+                               incomplete_timeout=float(policy.pop("incomplete_timeout", 60.0)))  # type: ignore[arg-type]
     return ModelManager(source, state_dir=tmp_path / "state", policy=Policy(**policy),  # type: ignore[arg-type]
                         default_voice=default_voice)
 

@@ -129,7 +129,6 @@ class Daemon:
             LocalFolderSource(config.models, settle=config.settle, incomplete_timeout=config.incomplete_timeout),
             state_dir=config.state,
             policy=Policy(keep=config.keep, swap=config.swap_policy, settle=config.settle,
-                          incomplete_timeout=config.incomplete_timeout,
                           auto_rollback_requests=config.auto_rollback_requests,
                           auto_rollback_share=config.auto_rollback_share, canary=dict(config.canary),
                           canary_requests=config.canary_requests),

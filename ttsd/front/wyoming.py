@@ -68,7 +68,7 @@ ROUTE = "wyoming"
 MAX_EVENT_BYTES = 1 << 20  # one event's header line, data or payload (a request's text is far less)
 IDLE_SECONDS = 60.0  # between a client's events (an LLM streaming text may pause a while)
 MAX_STREAM_CHARS_FACTOR = 4  # a text stream may send this many times --max-chars in all
-ATTRIBUTION = Attribution(name="ttsd", url="https://github.com/")
+ATTRIBUTION = Attribution(name="ttsd", url="")
 
 
 class WyomingServer:

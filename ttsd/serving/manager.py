@@ -48,7 +48,6 @@ from .state import ServingState, VersionRecord
 from .store import ModelStore, content_id
 from .versions import (
     COMING_UP,
-    LOADED,
     Listener,
     ModelVersion,
     Policy,
@@ -456,4 +455,4 @@ def _voice_facts(active: ModelVersion | None) -> dict[str, Any]:
             "description": manifest.description if manifest else "", "license": manifest.license if manifest else ""}
 
 
-__all__ = ["LOADED", "Lease", "ModelManager", "ModelVersion", "Policy", "State"]
+__all__ = ["ModelManager"]

@@ -201,7 +201,7 @@ class ServingMap:
             return True
 
     def clear(self) -> list[Engine[Any]]:
-        """Everything out (shutdown): the engines to unload."""
+        """Everything out (shutdown): the engines, for the owner to unload."""
         with self._lock:
             engines = [e.engine for e in self._loaded.values()]
             self._loaded.clear()

@@ -35,7 +35,6 @@ class State(str, Enum):
     ROLLED_BACK = "rolled-back"
 
 
-LOADED = (State.CANARY, State.ACTIVE, State.STANDBY, State.RETIRED, State.ROLLED_BACK)
 COMING_UP = (State.VERIFYING, State.LOADING, State.WARMING)
 
 
@@ -43,8 +42,7 @@ COMING_UP = (State.VERIFYING, State.LOADING, State.WARMING)
 class Policy:
     keep: int = 1  # previous versions kept loaded for instant rollback
     swap: str = "availability"  # or "memory": unload the old version before loading the new one
-    settle: float = 1.0
-    incomplete_timeout: float = 60.0
+    settle: float = 1.0  # start-up waits up to ~3x this for folders still being copied in
     auto_rollback_requests: int = 20  # watch this many first requests of a new version (0 = off)
     auto_rollback_share: float = 0.25  # roll back when more than this share of them fail
     canary: dict[str, float] = field(default_factory=dict)  # voice (or "*") -> share of requests
