@@ -11,7 +11,10 @@ package's client:
   text (``synthesize-start``, the text in word chunks, ``synthesize-stop``, as Home Assistant sends
   an LLM's answer): time to the first audio chunk and to the end of the answer, medians;
 * three clients at once, each sending the four-sentence text: p95 of the time to the end;
-* peak RSS (VmHWM) of each server process at the end.
+* peak RSS (VmHWM) of each server process at the end, and the part of it above that server's
+  import floor: the RSS of a fresh process that only imports what the server imports (ttsd: torch
+  and its own modules; wyoming-piper: ONNX Runtime and piper), measured in the same run. The floor
+  is what the runtime costs before a voice is loaded; the rest is what each does with it.
 
 Ratios are ttsd / wyoming-piper in this run. Goals: first audio <= 0.5x (single client, both
 modes), total <= 1.0x (one client), p95 total <= 0.8x (three clients), peak RSS <= 1.0x. Run from
@@ -174,8 +177,25 @@ async def run(rounds: int) -> dict[str, Any]:
         for server in servers.values():
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    floor = {name: import_floor_mb(statement) for name, statement in FLOOR_IMPORTS.items()}
     return {"rounds": rounds, "single": single, "concurrent": concurrent, "peak_rss_mb": rss,
-            "load": os.getloadavg()[0]}
+            "import_floor_mb": floor, "load": os.getloadavg()[0]}
+
+
+# What each server imports before it loads a voice; a fresh process importing only this is the floor.
+FLOOR_IMPORTS = {
+    "ttsd": "import ttsd.cli.serve, ttsd.daemon, ttsd.engines.vits.engine",
+    "wyoming-piper": "import wyoming_piper.__main__, piper",
+}
+
+
+def import_floor_mb(statement: str) -> float:
+    """Peak RSS of a fresh interpreter that runs ``statement`` and exits (median of three)."""
+    probe = (f"{statement}\n"
+             "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')))")
+    runs = [int(subprocess.run([sys.executable, "-W", "ignore", "-c", probe], check=True, capture_output=True,
+                               text=True).stdout.split()[-1]) / 1024 for _ in range(3)]
+    return statistics.median(runs)
 
 
 def p95(values: list[float]) -> float:
@@ -197,6 +217,12 @@ def table(result: dict[str, Any]) -> str:
     rss = result["peak_rss_mb"]
     lines.append(f"| peak RSS (MB) | {rss['ttsd']:.0f} | {rss['wyoming-piper']:.0f} | | "
                  f"{rss['ttsd'] / rss['wyoming-piper']:.2f}x |")
+    floor = result["import_floor_mb"]
+    lines.append(f"| RSS of importing the runtime alone (MB) | {floor['ttsd']:.0f} | {floor['wyoming-piper']:.0f} "
+                 f"| | {floor['ttsd'] / floor['wyoming-piper']:.2f}x |")
+    above = {name: rss[name] - floor[name] for name in rss}
+    lines.append(f"| peak RSS above that floor (MB) | {above['ttsd']:.0f} | {above['wyoming-piper']:.0f} | | "
+                 f"{above['ttsd'] / above['wyoming-piper']:.2f}x |")
     return "\n".join(lines)
 
 
