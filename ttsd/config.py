@@ -101,6 +101,7 @@ class ServeConfig:
     rescan_interval: float = 5.0
     wyoming: str | None = None  # tcp://HOST:PORT or unix://PATH
     wyoming_zeroconf: str | None = None  # announce the Wyoming TCP service over mDNS under this name
+    trusted_keys: Path | None = None  # load only folders signed by a public key in this dir
 
 
 @dataclass(frozen=True)

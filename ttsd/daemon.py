@@ -39,6 +39,7 @@ from .reloader import ModelWatcher
 from .serving.manager import ModelManager
 from .serving.source import LocalFolderSource
 from .serving.versions import ModelVersion, Policy
+from .signing import TrustedKeys
 from .systemd import Notifier
 from .voices import seed_models
 
@@ -125,6 +126,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.metrics = Metrics.create()
         self.started = time.time()
+        # keys are read before anything starts: a bad trusted-keys dir is a start-up error
+        self.trust = TrustedKeys.load(config.trusted_keys) if config.trusted_keys is not None else None
         self.manager = ModelManager(
             LocalFolderSource(config.models, settle=config.settle, incomplete_timeout=config.incomplete_timeout),
             state_dir=config.state,
@@ -136,6 +139,7 @@ class Daemon:
                             "max_audio_seconds": config.max_audio_seconds},
             default_voice=config.default_voice,
             listener=self._on_model_event,
+            trust=self.trust,
         )
         self._serving = False
         self._reconcile_lock = threading.Lock()
@@ -155,6 +159,8 @@ class Daemon:
         self.metrics.transitions.labels(model.name, event).inc()
         if event in ("loaded", "refused"):
             self.metrics.model_loads.labels(model.name, "ok" if event == "loaded" else "refused").inc()
+        if event == "signature_refused":
+            self.metrics.signature_failures.labels(model.name, model.signature_failure or "invalid").inc()
         if event == "activated":
             self.metrics.model_swaps.labels(model.name).inc()
             if self._serving:  # READY=1 again is harmless; before the socket exists it would be a lie
@@ -271,6 +277,9 @@ class Daemon:
             (f", Wyoming on {cfg.wyoming}" if cfg.wyoming else "")
         log.info("ttsd %s serving on %s (voices: %s)", __version__, where, voices or "none")
         log.info("malloc: %s", describe(self.malloc))
+        if self.trust is not None:
+            log.info("loading only model folders signed by: %s",
+                     ", ".join(f"{k['key']} ({k['hint']})" for k in self.trust.describe()))
         self._serving = True
         if self.manager.ready():
             self.notifier.ready(f"serving {voices}")

@@ -153,6 +153,18 @@ class VerifyError(TtsdError):
             for p in self.problems)
 
 
+class SignatureError(TtsdError):
+    """A model folder's signature is missing, not from a trusted key, or does not cover exactly the
+    folder's files (``ttsd.signing``). ``kind`` says which, for the metric and the audit trail."""
+
+    exit_code = 16
+    code = "signature_failed"
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"signature: {message}")
+        self.kind = kind
+
+
 class LoadError(TtsdError):
     """A verified model folder could not be loaded or warmed up by its engine."""
 

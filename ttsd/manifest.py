@@ -8,7 +8,9 @@ A model folder is ``ttsd.json`` plus the files it lists, each with its sha256 an
 
 ``verify`` refuses a folder that does not match exactly: a listed file missing or changed, an
 unlisted file, a symlink, a pickle weight file (safetensors only), or a path escaping the folder.
-Plain data only: no torch here.
+The one file a folder may hold beyond its list is a signature, ``model.sig`` (an OpenSSF
+model-signing bundle over every other file, ``ttsd.json`` included; checked by ``ttsd.signing``
+when the daemon has trusted keys). Plain data only: no torch here.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ FORMAT = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_ENTRIES = 1000  # files and folders a model folder may hold (a VITS folder has fewer than 10)
 MAX_MANIFEST_BYTES = 1 << 20
+SIGNATURE = "model.sig"  # model_signing's default name; it cannot be listed, since it signs the list
+MAX_SIGNATURE_BYTES = 1 << 20  # a key-signed bundle is ~2 KB, a Sigstore one with a certificate ~10 KB
 _CHUNK = 1 << 20
 
 
@@ -142,6 +146,9 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
         _safe_relpath(rel)
         if rel == MANIFEST:
             raise ManifestError(f"{source}: the manifest cannot list itself")
+        if rel == SIGNATURE:
+            raise ManifestError(f"{source}: {SIGNATURE} is the folder's signature and cannot be listed "
+                                "(a signature covers the list)")
         if (
             not isinstance(entry, dict)
             or not isinstance(entry.get("sha256"), str)
@@ -314,6 +321,13 @@ def inspect(folder: Path) -> Manifest:
     return manifest
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def inspect_folder(folder: Path) -> tuple[Manifest, list[Problem]]:
     """``inspect``'s findings without raising for them: the manifest (``ManifestError`` if it
     cannot be read) and every problem found from ``stat`` alone."""
@@ -327,7 +341,9 @@ def inspect_folder(folder: Path) -> tuple[Manifest, list[Problem]]:
     except FileNotFoundError:
         raise ManifestError(f"{folder}: no {MANIFEST} (the folder went away while it was checked)") from None
     problems = list(unsafe)
-    present_set = set(present) - {MANIFEST}
+    present_set = set(present) - {MANIFEST, SIGNATURE}
+    if SIGNATURE in present and (size := _size(folder / SIGNATURE)) > MAX_SIGNATURE_BYTES:
+        problems.append(Problem("unsafe", SIGNATURE, f"{size} bytes: larger than any signature"))
     for rel in sorted(present_set | set(manifest.files)):
         if rel.lower().endswith(PICKLE_SUFFIXES):
             problems.append(Problem("pickle", rel, "only safetensors are loaded"))
@@ -402,7 +418,7 @@ def pack(
         raise VerifyError(f"{folder}: cannot pack {unsafe[0].path} ({unsafe[0].detail})", unsafe)
     files = {}
     for rel in present:
-        if rel == MANIFEST or Path(rel).name.startswith(f".{MANIFEST}"):
+        if rel in (MANIFEST, SIGNATURE) or Path(rel).name.startswith(f".{MANIFEST}"):
             continue
         if rel.lower().endswith(PICKLE_SUFFIXES):
             raise VerifyError(

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -20,6 +26,7 @@ class Metrics:
     audio_seconds: Counter
     model_loads: Counter
     model_swaps: Counter
+    signature_failures: Counter
     spool: Counter
     transitions: Counter
 
@@ -42,6 +49,9 @@ class Metrics:
                                   registry=r),
             model_loads=Counter("ttsd_model_loads", "Model versions loaded, by outcome",
                                 ["voice", "outcome"], registry=r),
+            signature_failures=Counter("ttsd_signature_failures", "Model versions refused for their signature "
+                                       "(--trusted-keys), by reason: unsigned, unknown_key, invalid, mismatch, "
+                                       "unsupported", ["voice", "reason"], registry=r),
             model_swaps=Counter("ttsd_model_swaps", "Active-version swaps", ["voice"], registry=r),
             spool=Counter("ttsd_spool_requests", "Spool requests by outcome", ["outcome"], registry=r),
             transitions=Counter("ttsd_model_transitions", "Model version state transitions",

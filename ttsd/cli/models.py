@@ -42,8 +42,10 @@ def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, 
 @click.option("--warmup", multiple=True, help="Warm-up sentence (repeatable).")
 @click.option("--description", default="")
 @click.option("--license", "license_", default="")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also sign the folder with this private key (see 'ttsd models sign').")
 def pack_cmd(folder: Path, name: str, version: str, engine: str, sample_rate: int | None,
-             warmup: tuple[str, ...], description: str, license_: str) -> None:
+             warmup: tuple[str, ...], description: str, license_: str, sign_key: Path | None) -> None:
     """Write the checksummed manifest (ttsd.json) for FOLDER, e.g. a downloaded MMS-TTS checkpoint."""
     from ..engines import engine_class
     from ..manifest import pack
@@ -57,15 +59,47 @@ def pack_cmd(folder: Path, name: str, version: str, engine: str, sample_rate: in
                     warmup=warmup, description=description, license=license_)
     console().print(f"{folder}/ttsd.json: {manifest.name} {manifest.version}, {len(manifest.files)} files",
                      markup=False)
+    if sign_key is not None:
+        _sign(folder, sign_key)
+    elif (folder / "model.sig").exists():
+        console().print(f"note: {folder}/model.sig was made before this manifest; sign the folder again "
+                        "('ttsd models sign')", markup=False)
+
+
+def _sign(folder: Path, key: Path) -> None:
+    import os
+
+    from ..manifest import verify
+    from ..signing import sign
+
+    verify(folder)  # sign only what matches its manifest
+    signer = sign(folder, key, os.environ.get("TTSD_SIGN_KEY_PASSWORD") or None)
+    console().print(f"{folder}/model.sig: signed (key {signer.hint[:12]})", markup=False)
+
+
+@models.command("sign")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--key", "key", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Elliptic-curve private key in PEM (openssl ecparam -name prime256v1 -genkey -noout). "
+                   "A password-protected key reads its password from TTSD_SIGN_KEY_PASSWORD.")
+def sign_cmd(folder: Path, key: Path) -> None:
+    """Sign FOLDER (after checking it against its manifest): writes FOLDER/model.sig in the OpenSSF
+    model-signing format, which 'model_signing verify key' and 'ttsd serve --trusted-keys' accept."""
+    _sign(folder, key)
 
 
 @models.command("verify")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-def verify_cmd(folder: Path) -> None:
-    """Check FOLDER against its manifest; say exactly which file is missing, extra or wrong."""
+@click.option("--trusted-keys", "trusted_keys", type=click.Path(file_okay=False, path_type=Path),
+              envvar="TTSD_TRUSTED_KEYS", help="Also require a signature by one of these public keys "
+                                               "[env TTSD_TRUSTED_KEYS].")
+def verify_cmd(folder: Path, trusted_keys: Path | None) -> None:
+    """Check FOLDER against its manifest; say exactly which file is missing, extra or wrong; and
+    who signed it."""
     from ..engines import engine_class
     from ..errors import VerifyError
     from ..manifest import verify
+    from ..signing import TrustedKeys, describe
 
     try:
         manifest = verify(folder)
@@ -75,8 +109,13 @@ def verify_cmd(folder: Path) -> None:
             out.print(f"  {problem}", markup=False)
         raise
     engine_class(manifest.engine)
-    console().print(f"{folder}: ok ({manifest.name} {manifest.version}, {len(manifest.files)} files verified)",
-                     markup=False)
+    if trusted_keys is not None:
+        signed = f"signed by {TrustedKeys.load(trusted_keys).check(folder, manifest)}"
+    else:
+        claimed = describe(folder)
+        signed = "unsigned" if claimed is None else f"signature not checked: {claimed}; give --trusted-keys"
+    console().print(f"{folder}: ok ({manifest.name} {manifest.version}, {len(manifest.files)} files verified, "
+                    f"{signed})", markup=False)
 
 
 @models.command("list")
@@ -95,18 +134,19 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
     from ..config import Paths, default_socket
 
     client = Client(socket_path or default_socket(), timeout=30)
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, str]] = []
     if client.available():
         info = client.status()
         title = f"daemon pid {info['pid']}: {info['models']}"
         for voice in info["voices"]:
             for v in voice["versions"]:
-                rows.append((voice["name"], v["version"], v["state"], v["reason"] or ""))
+                rows.append((voice["name"], v["version"], v["state"], v.get("signer") or "", v["reason"] or ""))
         for folder in info["folders"]:
-            rows.append((Path(folder["folder"]).name, "-", folder["state"], folder["reason"]))
+            rows.append((Path(folder["folder"]).name, "-", folder["state"], "", folder["reason"]))
     else:
         from ..catalog import scan
         from ..manifest import verify
+        from ..signing import describe
 
         paths = Paths.resolve(models=models_dir)
         title = f"{paths.models} (no daemon running)"
@@ -119,12 +159,14 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
                     state = "verified"
                 except TtsdError as exc:
                     state, reason = "refused", str(exc)
-            rows.append((m.name if m else cand.folder.name, m.version if m else "-", state, reason))
+            claimed = describe(cand.folder)
+            rows.append((m.name if m else cand.folder.name, m.version if m else "-", state,
+                         "" if claimed is None else str(claimed), reason))
     if as_json:
-        fields = ("voice", "version", "state", "reason")
+        fields = ("voice", "version", "state", "signer", "reason")
         click.echo(json.dumps([dict(zip(fields, r, strict=True)) for r in rows], indent=2))
         return
-    table = Table("voice", "version", "state", "reason", title=title)
+    table = Table("voice", "version", "state", "signer", "reason", title=title)
     for row in rows:
         table.add_row(*row)
     Console().print(table)

@@ -96,6 +96,10 @@ def _parse_wyoming(value: str) -> str:
 @click.option("--wyoming-zeroconf", "wyoming_zeroconf", is_flag=False, flag_value="ttsd", default=None,
               metavar="[NAME]", help="Announce the Wyoming TCP service over mDNS for Home Assistant's discovery "
                                      "(name default 'ttsd'; needs the zeroconf extra).")
+@click.option("--trusted-keys", "trusted_keys", type=click.Path(file_okay=False, path_type=Path),
+              envvar="TTSD_TRUSTED_KEYS",
+              help="Load only model folders signed (model.sig) by one of the public keys (*.pem) in this dir "
+                   "[env TTSD_TRUSTED_KEYS; needs the signing extra].")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), envvar="TTSD_TOKEN_FILE",
               help="Bearer token required on the TCP listener (mandatory off loopback).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, envvar="TTSD_WORKERS",
@@ -140,7 +144,7 @@ def _parse_wyoming(value: str) -> str:
               show_default=True, envvar="TTSD_LOG_LEVEL")
 def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | None, socket_path: Path | None,
           socket_group: str | None, spool_dir: Path | None, listen: str | None, wyoming_uri: str | None,
-          wyoming_zeroconf: str | None, token_file: Path | None,
+          wyoming_zeroconf: str | None, trusted_keys: Path | None, token_file: Path | None,
           workers: int, threads: int | None, queue_size: int, max_chars: int, max_audio_seconds: float | None,
           max_connections: int, idle_timeout: float, grace: float,
           default_voice: str | None, no_seed: bool, keep: int, swap_policy: str, canary: tuple[str, ...],
@@ -175,7 +179,7 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
         auto_rollback_requests=auto_rollback_requests, auto_rollback_share=auto_rollback_share,
         settle=settle, incomplete_timeout=incomplete_timeout, rescan_interval=rescan_interval,
         wyoming=_parse_wyoming(wyoming_uri) if wyoming_uri else None,
-        wyoming_zeroconf=_zeroconf_name(wyoming_zeroconf, wyoming_uri),
+        wyoming_zeroconf=_zeroconf_name(wyoming_zeroconf, wyoming_uri), trusted_keys=trusted_keys,
     )
     from ..daemon import Daemon
 

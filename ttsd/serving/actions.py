@@ -25,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 from ..errors import (
     ConflictError,
     ResourceError,
+    SignatureError,
     TtsdError,
     UnknownVoiceError,
     is_system_oserror,
     resource_error,
 )
 from ..manifest import read_manifest
+from ..signing import describe as describe_signature
+from ..signing import signature_digest
 from .loader import (
     StoreLost,
     check_store_copy,
@@ -129,6 +132,27 @@ class OperatorActions:
             raise ConflictError(f"cannot serve {target.name} {target.version}: {exc}") from exc
 
     # == bringing up and taking down ============================================================
+    def _check_signature(self: ModelManager, model: ModelVersion) -> None:
+        """With trusted keys, the store copy (just verified against its manifest) must be signed by
+        one of them, over exactly its files; ``SignatureError`` says why not. The models-dir
+        folder's current signature is taken first: one added after the copy was made counts."""
+        assert model.store is not None and model.manifest is not None
+        if self.trust is None:  # shown as unverified, as what it claims
+            claimed = describe_signature(model.store)
+            model.signer = str(claimed) if claimed is not None else ""
+            return
+        if model.source is not None:
+            self.store.sync_signature(model.source, model.store)
+        try:
+            model.signer = str(self.trust.check(model.store, model.manifest))
+        except SignatureError as exc:
+            model.refused_signature = signature_digest(model.source) if model.source is not None else ""
+            model.signature_failure = exc.kind
+            self._listener("signature_refused", model)
+            raise
+        model.refused_signature, model.signature_failure = None, ""
+        log.info("%s %s: signed by %s", model.name, model.version, model.signer)
+
     def _bring_up(self: ModelManager, model: ModelVersion, why: str, *, verified: bool = False) -> bool:
         """Verify the store copy (copying it again from the models dir if it is damaged), load and
         warm up, at low CPU priority beside live requests. A failure of the version's own refuses
@@ -141,6 +165,7 @@ class OperatorActions:
             if not verified:
                 check_store_copy(self.store, model)
             assert model.store is not None and model.manifest is not None
+            self._check_signature(model)
             model.state = State.LOADING
             self._listener("loading", model)
             engine = load_engine(model.store, model.manifest, self.engine_options, serving=self.map.serving,

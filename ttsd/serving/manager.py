@@ -37,6 +37,7 @@ from ..errors import (
     resource_error,
 )
 from ..manifest import Manifest, read_manifest
+from ..signing import TrustedKeys, signature_digest
 from .actions import OperatorActions
 from .loader import (
     lower_thread_priority,
@@ -65,9 +66,10 @@ Found = tuple[Version, Path, Manifest]
 class ModelManager(StartUp, OperatorActions):
     def __init__(self, source: Source, *, state_dir: Path, policy: Policy | None = None,
                  engine_options: dict[str, Any] | None = None, default_voice: str | None = None,
-                 listener: Listener | None = None, spawn: Callable[[Callable[[], None]], None] | None = None
-                 ) -> None:
+                 listener: Listener | None = None, spawn: Callable[[Callable[[], None]], None] | None = None,
+                 trust: TrustedKeys | None = None) -> None:
         self.source = source
+        self.trust = trust  # when set, only folders signed by one of these keys load
         self.policy = policy or Policy()
         self.engine_options = engine_options or {}
         self._listener = listener or (lambda _e, _m: None)
@@ -213,7 +215,7 @@ class ModelManager(StartUp, OperatorActions):
         key, content = (manifest.name, norm(manifest.version)), content_id(manifest)
         known = self._versions.get(key)
         if known is not None and known.content == content and not known.fresh \
-                and known.state not in (State.INCOMPLETE, State.DEFERRED):
+                and known.state not in (State.INCOMPLETE, State.DEFERRED) and not self._signed_again(known, path):
             self._folders[path] = ("known", "")
             known.source = path
             return None
@@ -249,6 +251,13 @@ class ModelManager(StartUp, OperatorActions):
         self._folders[path] = ("known", "")
         self._listener("verifying", model)
         return manifest
+
+    @staticmethod
+    def _signed_again(known: ModelVersion, path: Path) -> bool:
+        """A version refused for its signature whose folder now holds another ``model.sig``: the
+        operator signed it (again), so it is judged again."""
+        return (known.state is State.REFUSED and known.refused_signature is not None
+                and signature_digest(path) != known.refused_signature)
 
     def _promote_newest(self, name: str, found: list[Found]) -> None:
         for number, path, manifest in sorted(found, key=lambda c: c[0], reverse=True):

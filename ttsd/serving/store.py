@@ -26,11 +26,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import ManifestError, Problem, TtsdError, VerifyError, is_system_oserror
-from ..fsutil import fsync_dir
+from ..errors import (
+    ManifestError,
+    Problem,
+    SignatureError,
+    TtsdError,
+    VerifyError,
+    is_system_oserror,
+)
+from ..fsutil import atomic_write_bytes, fsync_dir
 from ..manifest import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
+    SIGNATURE,
     FileEntry,
     Manifest,
     check_name,
@@ -43,6 +51,7 @@ from ..manifest import (
     size_problem,
     verify,
 )
+from ..signing import read_signature
 
 log = logging.getLogger("ttsd.store")
 
@@ -131,6 +140,7 @@ class ModelStore:
                 os.close(root)
             if problems:
                 raise problems_error(source, problems)
+            self._copy_signature(source, tmp)
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.is_dir() and not target.is_symlink():  # a leftover without a manifest (get() saw none)
                 shutil.rmtree(target)
@@ -142,6 +152,31 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+    def sync_signature(self, source: Path, stored: Path) -> None:
+        """The models-dir folder's ``model.sig`` into its store copy when they differ: a folder
+        signed (or signed again) after it was copied in is checked with its new signature. A
+        folder without one leaves the copy's alone: a signature only ever verifies the content it
+        names, so keeping it is safe. Called before a signature check (loader thread)."""
+        self._copy_signature(source, stored)
+
+    @staticmethod
+    def _copy_signature(source: Path, dest: Path) -> None:
+        try:
+            data = read_signature(source)
+        except SignatureError as exc:
+            log.warning("%s: %s", source, exc)
+            return
+        if data is None:
+            return
+        target = dest / SIGNATURE
+        try:
+            if target.read_bytes() == data:
+                return
+        except FileNotFoundError:
+            pass
+        atomic_write_bytes(target, data)
 
 
 def _copy_manifest(root: int, source: Path, tmp: Path, manifest: Manifest) -> None:

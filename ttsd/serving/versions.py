@@ -75,6 +75,11 @@ class ModelVersion:
     retry_at: float = 0.0  # DEFERRED: monotonic time of the next try
     backoff: float = 0.0
     fresh: bool = False  # found in the store but not in the saved state: not judged yet
+    signer: str = ""  # who signed it, once verified against a trusted key (``ttsd.signing``)
+    # refused for its signature: the digest of the folder's model.sig then ("" for none), so a
+    # folder signed again is judged again; None when not refused for its signature
+    refused_signature: str | None = None
+    signature_failure: str = ""  # its kind (SignatureError.kind), for the metric
 
     @property
     def key(self) -> tuple[str, str]:
@@ -84,7 +89,7 @@ class ModelVersion:
         return {"version": self.version, "state": self.state.value, "reason": self.reason or None,
                 "in_flight": in_flight, "source": str(self.source) if self.source else None,
                 "content": self.content or None, "load_seconds": round(self.load_seconds, 2) or None,
-                "served": self.served, "model_failures": self.model_failures}
+                "served": self.served, "model_failures": self.model_failures, "signer": self.signer or None}
 
 
 def judge(model: ModelVersion, ok: bool, policy: Policy) -> str | None:

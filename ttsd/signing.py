@@ -1,0 +1,274 @@
+"""Signed model folders: who made a folder, not just that it is complete.
+
+A signature is ``model.sig`` inside the folder, in the OpenSSF model-signing format (PyPI
+``model-signing``): a Sigstore bundle whose DSSE envelope signs an in-toto statement listing every
+file of the folder with its sha256. ttsd reads and writes it with that library (the optional
+``signing`` extra), never by hand, so ``model_signing sign key`` / ``verify key`` and ttsd agree:
+
+* ``sign`` signs a folder with an elliptic-curve private key, as ``model_signing sign key`` does
+  (the signature file itself left out of what is signed);
+* ``TrustedKeys.check`` verifies a folder's signature against the operator's public keys and then
+  asks more of it than the library does: the signed file list must be *exactly* the folder's
+  (``ttsd.json`` and every file it lists; a signer's ignore list cannot leave one out), each with
+  the sha256 the store has just verified the bytes against. So a verified folder is, byte for byte,
+  what the key's holder signed.
+
+Who calls what: the manager checks a store copy (private, hashed on the way in) right before it
+loads it, from its loader thread; the CLI checks folders for ``ttsd models verify``. Failures are
+``SignatureError`` with a ``kind`` (``unsigned``, ``unknown_key``, ``invalid``, ``mismatch``,
+``unsupported``), a fault of the folder: it is refused and the active version keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, SignatureError
+from .manifest import MANIFEST, MAX_SIGNATURE_BYTES, SIGNATURE, Manifest, open_beneath
+
+MAX_KEYS = 100  # public keys in a trusted-keys dir
+MAX_KEY_BYTES = 64 * 1024
+HINT_CHARS = 12  # of the key hint shown to people: sha256 of the public key's PEM, as model-signing records it
+
+_MISSING = ("ttsd's signature support needs the model-signing library: pip install 'ttsd[signing]' "
+            "(or pip install model-signing)")
+
+
+def _library() -> Any:
+    """The model-signing modules ttsd uses; ``ConfigError`` with the fix when it is not installed."""
+    try:
+        from model_signing import hashing, signing
+        from model_signing._signing import sign_ec_key, sign_sigstore_pb
+    except ImportError as exc:
+        raise ConfigError(_MISSING) from exc
+    return hashing, signing, sign_ec_key, sign_sigstore_pb
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Who signed a folder: the trusted key's file name (without ``.pem``; empty when the key is
+    not one ttsd trusts) and the key hint from the signature."""
+
+    key: str
+    hint: str
+
+    def __str__(self) -> str:
+        short = self.hint[:HINT_CHARS] or "no hint"
+        return f"{self.key} ({short})" if self.key else f"unverified, key {short}"
+
+
+def key_hint(pem: bytes) -> str:
+    """model-signing's key hint: the sha256 of the public key's PEM (SubjectPublicKeyInfo)."""
+    from cryptography.hazmat.primitives import serialization
+
+    public = serialization.load_pem_public_key(pem)
+    raw = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def read_signature(folder: Path) -> bytes | None:
+    """The folder's ``model.sig`` bytes (opened without following a link, bounded), or None."""
+    try:
+        root = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    try:
+        fd = open_beneath(root, SIGNATURE)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SignatureError("unsupported", f"{SIGNATURE} cannot be read ({exc.strerror or exc})") from exc
+    finally:
+        os.close(root)
+    try:
+        data = os.read(fd, MAX_SIGNATURE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SIGNATURE_BYTES:
+        raise SignatureError("unsupported", f"{SIGNATURE} is larger than any signature")
+    return data
+
+
+def signature_digest(folder: Path) -> str:
+    """sha256 of the folder's ``model.sig`` ("" when it has none or it cannot be read): tells the
+    manager that a folder refused for its signature has a new one."""
+    try:
+        data = read_signature(folder)
+    except (SignatureError, OSError):
+        return ""
+    return hashlib.sha256(data).hexdigest() if data is not None else ""
+
+
+def claimed_hint(data: bytes) -> str:
+    """The key hint a signature names (not verified): what ``ttsd models list`` shows for a signed
+    folder when no keys are trusted. "" when the bundle has none or is not one."""
+    try:
+        hint = json.loads(data)["verificationMaterial"]["publicKey"]["hint"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return ""
+    return hint.lower() if isinstance(hint, str) and len(hint) == 64 and _is_hex(hint) else ""
+
+
+def describe(folder: Path) -> Signer | None:
+    """What a folder's signature claims, unverified: None when it has no ``model.sig``."""
+    try:
+        data = read_signature(folder)
+    except (SignatureError, OSError):
+        return Signer("", "")
+    return None if data is None else Signer("", claimed_hint(data))
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+class TrustedKeys:
+    """The public keys a daemon trusts (``--trusted-keys DIR``: PEM files, one key each), by hint."""
+
+    def __init__(self, keys: dict[str, tuple[str, Any]], where: Path) -> None:
+        self.keys = keys  # hint -> (name, model-signing verifier)
+        self.where = where
+
+    @classmethod
+    def load(cls, directory: Path) -> TrustedKeys:
+        """Every ``*.pem`` public key in ``directory``; ``ConfigError`` naming the first file that
+        is not one, or when there is none (a daemon that trusts no key could load nothing)."""
+        _, _, sign_ec_key, _ = _library()
+        if not directory.is_dir():
+            raise ConfigError(f"--trusted-keys {directory}: not a directory")
+        keys: dict[str, tuple[str, Any]] = {}
+        files = sorted(p for p in directory.iterdir() if p.suffix == ".pem" and not p.name.startswith("."))
+        if len(files) > MAX_KEYS:
+            raise ConfigError(f"--trusted-keys {directory}: more than {MAX_KEYS} keys")
+        for path in files:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise ConfigError(f"--trusted-keys: {path} is not a regular file")
+                    pem = os.read(fd, MAX_KEY_BYTES + 1)
+                finally:
+                    os.close(fd)
+                if len(pem) > MAX_KEY_BYTES:
+                    raise ConfigError(f"--trusted-keys: {path} is too large for a public key")
+                hint = key_hint(pem)
+                verifier = sign_ec_key.Verifier(path)
+            except ConfigError:
+                raise
+            except (OSError, ValueError, TypeError) as exc:
+                raise ConfigError(f"--trusted-keys: {path} is not a supported public key "
+                                  f"(PEM, elliptic curve P-256/384/521): {exc}") from exc
+            keys[hint] = (path.stem, verifier)
+        if not keys:
+            raise ConfigError(f"--trusted-keys {directory}: no public keys (*.pem) in it")
+        return cls(keys, directory)
+
+    def check(self, folder: Path, manifest: Manifest) -> Signer:
+        """Verify ``folder``'s signature against the trusted keys and that it covers exactly the
+        folder's files with the digests in ``manifest`` (which the caller has verified the bytes
+        against). Returns the signer; ``SignatureError`` saying why not."""
+        _, _, _, sign_sigstore_pb = _library()
+        data = read_signature(folder)
+        if data is None:
+            raise SignatureError("unsigned", f"not signed (no {SIGNATURE}), and this daemon only loads "
+                                             f"folders signed by a key in {self.where}")
+        hint = claimed_hint(data)
+        if hint and hint not in self.keys:
+            raise SignatureError("unknown_key", f"signed by a key that is not trusted (key {hint[:HINT_CHARS]}; "
+                                                f"trusted: {', '.join(n for n, _ in self.keys.values())})")
+        try:
+            bundle = sign_sigstore_pb.Signature.read(folder / SIGNATURE)
+        except Exception as exc:
+            raise SignatureError("invalid", f"{SIGNATURE} is not a model-signing bundle "
+                                            f"({_first_line(exc)})") from exc
+        candidates = [self.keys[hint]] if hint else list(self.keys.values())
+        for name, verifier in candidates:
+            try:
+                signed = verifier.verify(bundle)
+            except Exception:  # noqa: BLE001, S112 - InvalidSignature, ValueError, malformed envelopes
+                continue
+            _check_coverage(folder, manifest, signed)
+            return Signer(name, hint or _hint_of(name, self.keys))
+        raise SignatureError("invalid", "the signature does not verify against "
+                                        + (f"the trusted key {candidates[0][0]}" if hint else "any trusted key"))
+
+    def describe(self) -> list[dict[str, str]]:
+        return [{"key": name, "hint": hint[:HINT_CHARS]} for hint, (name, _) in sorted(self.keys.items())]
+
+
+def _hint_of(name: str, keys: dict[str, tuple[str, Any]]) -> str:
+    return next((hint for hint, (n, _) in keys.items() if n == name), "")
+
+
+def _check_coverage(folder: Path, manifest: Manifest, signed: Any) -> None:
+    """The signed statement lists exactly the folder's files, with the digests it has now."""
+    method = signed.serialization_type.get("method")
+    if method != "files":
+        raise SignatureError("unsupported", f"signed with {method!r} hashing; ttsd checks per-file "
+                                            "signatures (model_signing's default)")
+    digests: dict[str, str] = {}
+    for descriptor in signed.resource_descriptors():
+        if descriptor.digest.algorithm != "sha256":
+            raise SignatureError("unsupported", f"signed with {descriptor.digest.algorithm} digests; "
+                                                "ttsd checks sha256 (model_signing's default)")
+        digests[str(descriptor.identifier)] = descriptor.digest.digest_hex.lower()
+    expected = {rel: entry.sha256 for rel, entry in manifest.files.items()}
+    expected[MANIFEST] = _sha256_beneath(folder, MANIFEST)
+    for rel in sorted(set(expected) - set(digests)):
+        raise SignatureError("mismatch", f"{rel} is not covered by the signature")
+    for rel in sorted(set(digests) - set(expected)):
+        raise SignatureError("mismatch", f"{rel} was signed but is not in the folder")
+    for rel in sorted(expected):
+        if digests[rel] != expected[rel]:
+            raise SignatureError("mismatch", f"{rel} differs from what was signed")
+
+
+def _sha256_beneath(folder: Path, rel: str) -> str:
+    root = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = open_beneath(root, rel)
+    finally:
+        os.close(root)
+    try:
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+def sign(folder: Path, private_key: Path, password: str | None = None) -> Signer:
+    """Sign ``folder`` (which the caller has verified against its manifest) with an elliptic-curve
+    private key, writing ``folder/model.sig`` as ``model_signing sign key`` would: every file but
+    the signature itself, sha256 per file. The signature is written beside the folder first and
+    renamed in, so the folder never holds half a signature."""
+    hashing, signing, _, _ = _library()
+    try:
+        config = signing.Config().use_elliptic_key_signer(private_key=private_key, password=password)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{private_key}: not a usable private key (PEM, elliptic curve "
+                          f"P-256/384/521; a password-protected key needs TTSD_SIGN_KEY_PASSWORD): "
+                          f"{_first_line(exc)}") from exc
+    config.set_hashing_config(hashing.Config().set_ignored_paths(paths=[SIGNATURE]))
+    tmp = folder.parent / f".{folder.name}.{SIGNATURE}.{os.getpid()}.tmp"
+    try:
+        config.sign(folder, tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+            data = written.read(MAX_SIGNATURE_BYTES + 1)
+        os.replace(tmp, folder / SIGNATURE)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return Signer("", claimed_hint(data))
