@@ -277,7 +277,7 @@ def test_a_daemon_with_trusted_keys_serves_a_folder_signed_by_the_tool_and_refus
 
 def test_the_cli_signs_verifies_and_lists_signers(tmp_path: Path, keys: dict[str, Path],
                                                  cli_env: dict[str, str]) -> None:
-    """``ttsd models sign``, ``verify --trusted-keys`` (one line and exit 16 when it fails) and
+    """``ttsd models sign``, ``verify --trusted-keys`` (one line and exit 18 when it fails) and
     ``list`` with the signer column, without a daemon."""
     from test_cli import assert_one_line_error, run
 
@@ -295,7 +295,7 @@ def test_the_cli_signs_verifies_and_lists_signers(tmp_path: Path, keys: dict[str
 
     run(["models", "sign", str(folder), "--key", str(keys["stranger"])], cli_env)
     assert_one_line_error(run(["models", "verify", str(folder), "--trusted-keys", str(keys["trusted"])], cli_env),
-                          16, "signature: signed by a key that is not trusted")
+                          18, "signature: signed by a key that is not trusted")
     assert_one_line_error(run(["models", "sign", str(folder), "--key", str(tmp_path / "nokey.pem")], cli_env),
                           3, "not a usable private key")
     _file_added(folder)  # not in the manifest: the folder is refused before any signing

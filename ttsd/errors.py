@@ -157,7 +157,7 @@ class SignatureError(TtsdError):
     """A model folder's signature is missing, not from a trusted key, or does not cover exactly the
     folder's files (``ttsd.signing``). ``kind`` says which, for the metric and the audit trail."""
 
-    exit_code = 16
+    exit_code = 18
     code = "signature_failed"
 
     def __init__(self, kind: str, message: str) -> None:
