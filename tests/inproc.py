@@ -192,15 +192,16 @@ VoiceSpec = dict[str, dict[str, dict[str, Any]]]  # voice -> version -> fake.jso
 
 class FakeVoices:
     """A ``Backend`` over ``SentenceFake`` voices (see the module docstring). Each voice's highest
-    version is active unless ``activate`` is False (then nothing serves: not ready)."""
+    version is active unless ``activate`` is False (then nothing serves: not ready). A canary
+    (``map.set_canary``) takes ``canary_share`` of the requests."""
 
     def __init__(self, root: Path, voices: VoiceSpec, *, default_voice: str | None = None, activate: bool = True,
                  workers: int = 1, queue_size: int = 1, max_chars: int = 5000, max_audio_seconds: float = 30.0,
-                 token: str | None = None) -> None:
+                 token: str | None = None, canary_share: float = 0.0) -> None:
         self.metrics = Metrics.create()
         self.released: list[tuple[Key, bool | None]] = []
         self.map = ServingMap(on_release=lambda key, ok: self.released.append((key, ok)),
-                              default_voice=default_voice)
+                              canary_share=lambda _name: canary_share, default_voice=default_voice)
         self.engines: dict[Key, SentenceFake] = {}
         for name, versions in voices.items():
             for version, settings in versions.items():

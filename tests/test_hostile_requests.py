@@ -26,8 +26,8 @@ from ttsd.config import ServeConfig
 from ttsd.daemon import Daemon
 
 FIELDS = ["text", "voice", "version", "format", "stream", "speed", "speaker", "noise_scale", "noise_w", "seed",
-          "sentence_pause"]
-OPENAI_FIELDS = ["model", "input", "voice", "response_format", "speed"]
+          "sentence_pause", "user"]
+OPENAI_FIELDS = ["model", "input", "voice", "response_format", "speed", "user"]
 
 
 class Harness:
@@ -91,12 +91,13 @@ COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.function_sco
 
 
 @settings(COMMON, max_examples=250)
-@given(body=requests_, version_header=st.none() | st.text(max_size=80))
-def test_any_synthesize_request_is_answered_2xx_or_4xx(harness: Harness, body: Any,
-                                                       version_header: str | None) -> None:
+@given(body=requests_, version_header=st.none() | st.text(max_size=80), user_header=st.none() | st.text(max_size=300))
+def test_any_synthesize_request_is_answered_2xx_or_4xx(harness: Harness, body: Any, version_header: str | None,
+                                                       user_header: str | None) -> None:
     headers = {}
-    if version_header is not None and version_header.isprintable() and version_header.isascii():
-        headers["X-Ttsd-Version"] = version_header
+    for name, value in (("X-Ttsd-Version", version_header), ("X-Ttsd-User", user_header)):
+        if value is not None and value.isprintable() and value.isascii():
+            headers[name] = value
     check(*harness.post("/v1/synthesize", json.dumps(body).encode(), headers))
     assert harness.version_2()["model_failures"] == 0
 

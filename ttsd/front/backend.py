@@ -8,16 +8,24 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..metrics import Metrics
 from ..serving.serving_map import Lease
 from .synth import Job, Result
 
 
+class Acquire(Protocol):
+    """``ServingMap.acquire``: a lease on a voice's version (pinned, else active or canary; a
+    ``user`` key keeps one user on one version during a canary)."""
+
+    def __call__(self, voice: str | None = None, version: str | None = None, *,
+                 user: str | None = None) -> Lease: ...
+
+
 @dataclass(frozen=True)
 class Backend:
-    acquire: Callable[[str | None, str | None], Lease]
+    acquire: Acquire
     submit: Callable[[Job], Future[Result]]
     voices: Callable[[], list[dict[str, Any]]]
     ready: Callable[[], bool]

@@ -32,11 +32,13 @@ from ..serving.serving_map import Lease
 from ..text import check_text
 from .backend import Backend
 from .requests import (
+    USER_HEADER,
     SynthRequest,
     parse_json,
     parse_openai,
     parse_request,
     parse_version_header,
+    with_user_header,
 )
 from .synth import Cancelled, Job, Result
 
@@ -146,6 +148,7 @@ class _Api:
             req = parse_request(await self._json(request))
             if "X-Ttsd-Version" in request.headers and req.version is None:
                 req = replace(req, version=parse_version_header(request.headers["X-Ttsd-Version"]))
+            req = with_user_header(req, request.headers.getall(USER_HEADER, []))
         except TtsdError as exc:
             self._count(None, None, "synthesize", exc.code, exc.fault)
             return error_response(exc)
@@ -155,6 +158,7 @@ class _Api:
         try:
             known = {v["name"] for v in self.b.voices()}
             req = parse_openai(await self._json(request), known)
+            req = with_user_header(req, request.headers.getall(USER_HEADER, []))
         except TtsdError as exc:
             self._count(None, None, "openai", exc.code, exc.fault)
             return error_response(exc)
@@ -172,7 +176,7 @@ class _Api:
             req = replace(req, text=check_text(req.text, self.b.max_chars))  # checked here, once
             if not self.b.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
-            lease = self.b.acquire(req.voice, req.version)
+            lease = self.b.acquire(req.voice, req.version, user=req.user)
         except TtsdError as exc:  # no lease: the names came from the client, never a metric label
             self._count(None, None, route, exc.code, exc.fault)
             return error_response(exc)

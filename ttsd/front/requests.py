@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import RequestError
@@ -25,6 +25,7 @@ class SynthRequest:
     format: str = "wav"
     stream: bool = False
     options: SynthesisOptions = field(default_factory=SynthesisOptions)
+    user: str | None = None  # the gray-release key: picks the version during a canary
 
 
 def _no_constant(name: str) -> Any:
@@ -82,8 +83,36 @@ def parse_speaker(value: Any) -> int | str | None:
     return value
 
 
+MAX_USER = 256
+USER_HEADER = "X-Ttsd-User"
+
+
+def parse_user(value: Any, where: str = "field 'user'") -> str | None:
+    """A user key (the ``"user"`` field or the ``X-Ttsd-User`` header): 1 to 256 printable
+    characters, kept as sent (it is hashed, never shown in a metric). None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_USER or not value.isprintable():
+        raise RequestError(f"{where} must be a user key of 1 to {MAX_USER} printable characters")
+    return value
+
+
+def with_user_header(req: SynthRequest, values: list[str]) -> SynthRequest:
+    """``req`` with the user key of its ``X-Ttsd-User`` header(s). A header that disagrees with the
+    body's ``"user"`` is refused rather than one silently winning: the two usually come from
+    different hands (a gateway and the client), and hearing the wrong version is hard to notice."""
+    if not values:
+        return req
+    if len(set(values)) > 1:
+        raise RequestError(f"header {USER_HEADER} is given more than once with different values")
+    user = parse_user(values[0], f"header {USER_HEADER}")
+    if req.user is not None and req.user != user:
+        raise RequestError(f"field 'user' and header {USER_HEADER} name different users; send one, or the same in both")
+    return replace(req, user=user)
+
+
 _NATIVE = {"text", "voice", "version", "format", "stream", "speed", "speaker", "noise_scale", "noise_w",
-           "seed", "sentence_pause"}
+           "seed", "sentence_pause", "user"}
 
 
 def parse_request(data: Any) -> SynthRequest:
@@ -117,7 +146,8 @@ def parse_request(data: Any) -> SynthRequest:
         seed=_field(data, "seed", (int,)),
         sentence_pause=_number(data, "sentence_pause", 0.2),  # type: ignore[arg-type]
     ).checked()
-    return SynthRequest(text=text, voice=voice, version=version, format=fmt, stream=stream, options=options)
+    return SynthRequest(text=text, voice=voice, version=version, format=fmt, stream=stream, options=options,
+                        user=parse_user(data.get("user")))
 
 
 def _version(value: str) -> str:
@@ -133,8 +163,9 @@ def parse_version_header(value: str) -> str:
 
 def parse_openai(data: Any, known_voices: set[str]) -> SynthRequest:
     """``POST /v1/audio/speech`` (OpenAI's TTS API): ``model``, ``input``, ``voice``,
-    ``response_format``, ``speed``. ``voice`` (or ``model``) selects a ttsd voice when it names one;
-    OpenAI's own voice names mean the default voice."""
+    ``response_format``, ``speed``, and ``user`` (OpenAI's end-user ID, which its clients may send
+    though the speech API does not define it: here the gray-release key). ``voice`` (or ``model``)
+    selects a ttsd voice when it names one; OpenAI's own voice names mean the default voice."""
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object")
     if "input" not in data:
@@ -153,5 +184,5 @@ def parse_openai(data: Any, known_voices: set[str]) -> SynthRequest:
     if fmt not in FORMATS_ALL:
         raise RequestError(f"response_format {fmt!r} is not supported (use {', '.join(FORMATS_ALL)})")
     speed = _number(data, "speed", 1.0)
-    return SynthRequest(text=text, voice=chosen, format=fmt,
+    return SynthRequest(text=text, voice=chosen, format=fmt, user=parse_user(data.get("user")),
                         options=SynthesisOptions(speed=speed).checked())  # type: ignore[arg-type]

@@ -85,9 +85,9 @@ class ModelManager(StartUp, OperatorActions):
         self._first_scan = True
 
     # == requests (any thread) ==================================================================
-    def acquire(self, voice: str | None = None, version: str | None = None) -> Lease:
+    def acquire(self, voice: str | None = None, version: str | None = None, *, user: str | None = None) -> Lease:
         """A lease from the serving map (front ends get ``map.acquire`` itself)."""
-        return self.map.acquire(voice, version)
+        return self.map.acquire(voice, version, user=user)
 
     def _released(self, key: tuple[str, str], ok: bool | None) -> None:
         """The map's callback when a request ends: judge a new version by it, and unload a

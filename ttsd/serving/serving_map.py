@@ -3,7 +3,8 @@ serving.
 
 The manager puts a version in the map once it is loaded and warm (``add``), makes it a voice's
 active version by replacing one reference (``activate``: TF Serving's fast-read pointer swap; the
-old version is never changed under a request), or a canary for a share of requests. A request
+old version is never changed under a request), or a canary for a share of requests: of users, when
+a request carries a user key (``user_point``), else of requests, drawn at random. A request
 ``acquire``s a ``Lease``: the frozen facts of the version that serves it (``Served``: name,
 version, sample rate) and its engine, held until ``release``, so a swap never changes the model
 under a running request. The map knows nothing of states, stores or folders: it calls back
@@ -16,6 +17,8 @@ calls run on loader threads. Everything takes ``_lock`` briefly; callbacks run o
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
 import threading
 from collections.abc import Callable
@@ -26,7 +29,20 @@ from ..engines import Engine
 from ..errors import BusyError, UnknownVoiceError
 from .versions import norm
 
+log = logging.getLogger("ttsd.serving")
+
 Key = tuple[str, str]  # (voice, normalised version)
+
+
+def user_point(canary: Key, user: str) -> float:
+    """Where ``user`` stands for ``canary`` (voice, version): a point in [0, 1), the same for every
+    request of that user, on any box and after restarts (sha256, not Python's salted ``hash``). The
+    user is on the canary when the point is below the share, so a larger share keeps everyone who
+    was on it. The canary is part of the hash: each new canary picks its own users, so the same
+    ones are not always the first to hear a new version."""
+    text = "\0".join((canary[0], canary[1], user))
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 @dataclass(frozen=True)
@@ -87,10 +103,12 @@ class ServingMap:
         self._in_flight = 0
 
     # -- requests (any thread) -------------------------------------------------------------------
-    def acquire(self, voice: str | None = None, version: str | None = None) -> Lease:
-        """A lease on ``voice``'s active version (or its canary, for the canary's share of
-        requests), or on ``version`` of it when named. ``BusyError`` while nothing serves yet or
-        the voice is being upgraded; ``UnknownVoiceError`` for a voice or version not loaded."""
+    def acquire(self, voice: str | None = None, version: str | None = None, *, user: str | None = None) -> Lease:
+        """A lease on ``voice``'s active version (or its canary, for the canary's share of users
+        when ``user`` is given, else of requests), or on ``version`` of it when named (a pinned
+        version wins over the canary). ``BusyError`` while nothing serves yet or the voice is being
+        upgraded; ``UnknownVoiceError`` for a voice or version not loaded."""
+        decided: tuple[str, float] | None = None  # logged outside the lock
         with self._lock:
             name = voice or self._default_name()
             if name is None:
@@ -108,12 +126,20 @@ class ServingMap:
                     raise UnknownVoiceError(f"unknown voice {name!r} (voices: {known})")
                 key = active
                 canary = self._canary.get(name)
-                if canary is not None and random.random() < self._canary_share(name):
-                    key = canary
+                if canary is not None:
+                    share = self._canary_share(name)
+                    point = random.random() if user is None else user_point(canary, user)
+                    if point < share:
+                        key = canary
+                    if user is not None:
+                        decided = (key[1], share)
             entry = self._loaded[key]
             entry.in_flight += 1
             self._in_flight += 1
-            return Lease(entry.served, entry.engine, self._release, entry)
+            lease = Lease(entry.served, entry.engine, self._release, entry)
+        if decided is not None:  # a user key is personal data: never a metric label, debug logs only
+            log.debug("user %r: %s %s (canary share %.0f%%)", user, name, decided[0], decided[1] * 100)
+        return lease
 
     def _release(self, entry: _Entry, ok: bool | None) -> None:
         with self._lock:
