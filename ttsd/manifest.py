@@ -35,6 +35,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_ENTRIES = 1000  # files and folders a model folder may hold (a VITS folder has fewer than 10)
 MAX_MANIFEST_BYTES = 1 << 20
 _CHUNK = 1 << 20
+_KNOWN = frozenset({"format", "name", "version", "engine", "sample_rate", "files", "warmup", "description",
+                    "license"})
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,6 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
     if not isinstance(warmup, list) or not all(isinstance(s, str) and len(s) <= 500 for s in warmup) \
             or len(warmup) > 20:
         raise ManifestError(f"{source}: 'warmup' must be a list of at most 20 sentences of at most 500 characters")
-    known = {"format", "name", "version", "engine", "sample_rate", "files", "warmup", "description", "license"}
     return Manifest(
         name=check_name(data["name"]),
         version=check_version(data["version"]),
@@ -166,7 +167,7 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
         warmup=tuple(warmup),
         description=str(data.get("description", "")),
         license=str(data.get("license", "")),
-        extra={k: v for k, v in data.items() if k not in known},
+        extra={k: v for k, v in data.items() if k not in _KNOWN},
     )
 
 
@@ -389,17 +390,22 @@ def pack(
     warmup: tuple[str, ...] = (),
     description: str = "",
     license: str = "",
+    extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write ``folder/ttsd.json`` listing every file in ``folder`` with its sha256.
 
-    Refuses folders with symlinks or pickle weights rather than writing a manifest that
-    ``verify`` would reject. The manifest is written tmp + fsync + rename.
+    ``extra`` adds fields of the maker's own (``ttsd models get`` records where a voice came
+    from); a reader keeps them in ``Manifest.extra``. Refuses folders with symlinks or pickle
+    weights rather than writing a manifest that ``verify`` would reject. The manifest is written
+    tmp + fsync + rename.
     """
     if not folder.is_dir():
         raise ManifestError(f"{folder}: not a directory")
     present, unsafe = _walk(folder)
     if unsafe:
         raise VerifyError(f"{folder}: cannot pack {unsafe[0].path} ({unsafe[0].detail})", unsafe)
+    if extra and _KNOWN & set(extra):
+        raise ManifestError(f"{folder}: extra manifest fields cannot replace {sorted(_KNOWN & set(extra))}")
     files = {}
     for rel in present:
         if rel == MANIFEST or Path(rel).name.startswith(f".{MANIFEST}"):
@@ -420,6 +426,7 @@ def pack(
         warmup=tuple(warmup),
         description=description,
         license=license,
+        extra=dict(extra or {}),
     )
     parse_manifest(manifest.to_json())  # same rules as reading it back
     atomic_write_text(folder / MANIFEST, json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n")
