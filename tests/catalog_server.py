@@ -47,7 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *_: Any) -> None:  # quiet
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         path = unquote(urlsplit(self.path).path)
         rng = self.headers.get("Range")
         self.mirror.requests.append((path.removeprefix(f"/{PREFIX}"), rng))
