@@ -86,12 +86,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body[start:])
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that hung up on a file it refused: expected here, not worth a traceback
+
+
 @contextmanager
 def serve() -> Iterator[Mirror]:
     mirror = Mirror()
     handler = type("Handler", (_Handler,), {"mirror": mirror})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), handler)
     mirror.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -397,3 +397,31 @@ def test_the_licence_line_of_a_model_card(card: str, licence: str) -> None:
     from ttsd.fetch.get import card_license
 
     assert card_license(card) == licence
+
+
+def test_a_catalog_dripping_in_is_given_up(tmp_path: Path) -> None:
+    """A mirror that answers, then sends a byte now and then (each read within the timeout)
+    cannot hold a fetch longer than 4 timeouts."""
+    import threading
+    import time
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def drip() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n")
+                for _ in range(40):
+                    time.sleep(0.1)
+                    try:
+                        conn.sendall(b" ")
+                    except OSError:
+                        return
+
+        threading.Thread(target=drip, daemon=True).start()
+        start = time.monotonic()
+        with pytest.raises(NetworkError, match="still not read"):
+            dl.fetch_small(dl.Mirror(f"http://127.0.0.1:{server.getsockname()[1]}/", timeout=0.3), "voices.json", 1000)
+        assert time.monotonic() - start < 2.5

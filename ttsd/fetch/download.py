@@ -41,6 +41,7 @@ from .index import CatalogFile, check_remote_path
 
 DEFAULT_MIRROR = "https://huggingface.co/rhasspy/piper-voices/resolve/main/"
 _CHUNK = 1 << 16
+SMALL_DEADLINE = 4  # a small document must arrive within this many read timeouts
 _HEADERS = {"User-Agent": f"ttsd/{__version__}", "Accept-Encoding": "identity"}
 
 Progress = Callable[[int], None]  # bytes of the file on disk so far
@@ -124,19 +125,29 @@ def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTP
 
 
 def fetch_small(mirror: Mirror, rel: str, limit: int) -> bytes:
-    """The body of ``rel`` on the mirror, refused (``CatalogError``) past ``limit`` bytes."""
+    """The body of ``rel`` on the mirror, refused (``CatalogError``) past ``limit`` bytes, and
+    given up (``NetworkError``) past ``SMALL_DEADLINE`` timeouts in all: a mirror sending a byte
+    now and then cannot hold a ``search`` forever."""
     url = mirror.url(rel)
+    deadline = time.monotonic() + SMALL_DEADLINE * mirror.timeout
     with _open(mirror, url, {}) as response:
         length = response.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise CatalogError(f"{url}: {int(length)} bytes, more than the {limit} allowed; refused")
-        try:
-            body = response.read(limit + 1)
-        except (http.client.HTTPException, OSError) as exc:
-            raise NetworkError(f"{url}: the connection broke off ({_why(exc)}); try again") from None
+        body = bytearray()
+        while len(body) <= limit:
+            if time.monotonic() > deadline:
+                raise NetworkError(f"{url}: still not read after {SMALL_DEADLINE * mirror.timeout:.0f} s; try again")
+            try:
+                chunk = response.read1(min(_CHUNK, limit + 1 - len(body)))
+            except (http.client.HTTPException, OSError) as exc:
+                raise NetworkError(f"{url}: the connection broke off ({_why(exc)}); try again") from None
+            if not chunk:
+                break
+            body += chunk
     if len(body) > limit:
         raise CatalogError(f"{url}: more than the {limit} bytes allowed; refused")
-    return body
+    return bytes(body)
 
 
 def md5_file(path: Path) -> str:

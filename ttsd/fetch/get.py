@@ -105,6 +105,8 @@ def get_voice(request: GetRequest, reporter: Reporter) -> GetResult:
 
 
 def _get(request: GetRequest, reporter: Reporter) -> GetResult:
+    if request.version is not None:
+        check_version(request.version)  # before anything is fetched
     reporter.step(f"reading the catalog at {request.mirror.base}")
     voice = load_catalog(request.mirror).find(request.voice)
     key = voice.key
