@@ -188,6 +188,39 @@ class ImportPiperError(TtsdError):
     code = "import_failed"
 
 
+class NetworkError(TtsdError):
+    """The voice catalog or its mirror cannot be reached (refused, no route, name lookup, timeout,
+    a connection cut more often than retried, a 5xx answer). Nothing is blamed on the voice; what
+    was downloaded is kept, so the same command resumes."""
+
+    exit_code = 14
+    code = "network"
+
+
+class CatalogError(TtsdError):
+    """The voice catalog answered, but not with something usable: a voice it does not list, a
+    malformed or oversized ``voices.json``, an entry whose file path escapes the mirror, a file the
+    mirror does not have (HTTP 404)."""
+
+    exit_code = 15
+    code = "catalog"
+
+
+class ChecksumError(TtsdError):
+    """A downloaded file is not the one the catalog describes (other size or md5). The bytes are
+    thrown away, so the next try starts over."""
+
+    exit_code = 16
+    code = "checksum"
+
+
+class VoiceExistsError(TtsdError):
+    """``ttsd models get`` of a voice the models dir already holds, without ``--upgrade``."""
+
+    exit_code = 17
+    code = "voice_exists"
+
+
 class ResourceError(TtsdError):
     """The box ran out of something (disk space, memory) or an I/O error: not the request's fault
     and not the model's. HTTP 507 for a full disk, else 503; retry later."""

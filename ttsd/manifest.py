@@ -39,6 +39,8 @@ MAX_MANIFEST_BYTES = 1 << 20
 SIGNATURE = "model.sig"  # model_signing's default name; it cannot be listed, since it signs the list
 MAX_SIGNATURE_BYTES = 1 << 20  # a key-signed bundle is ~2 KB, a Sigstore one with a certificate ~10 KB
 _CHUNK = 1 << 20
+_KNOWN = frozenset({"format", "name", "version", "engine", "sample_rate", "files", "warmup", "description",
+                    "license"})
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,6 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
     if not isinstance(warmup, list) or not all(isinstance(s, str) and len(s) <= 500 for s in warmup) \
             or len(warmup) > 20:
         raise ManifestError(f"{source}: 'warmup' must be a list of at most 20 sentences of at most 500 characters")
-    known = {"format", "name", "version", "engine", "sample_rate", "files", "warmup", "description", "license"}
     return Manifest(
         name=check_name(data["name"]),
         version=check_version(data["version"]),
@@ -173,7 +174,7 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
         warmup=tuple(warmup),
         description=str(data.get("description", "")),
         license=str(data.get("license", "")),
-        extra={k: v for k, v in data.items() if k not in known},
+        extra={k: v for k, v in data.items() if k not in _KNOWN},
     )
 
 
@@ -405,17 +406,22 @@ def pack(
     warmup: tuple[str, ...] = (),
     description: str = "",
     license: str = "",
+    extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write ``folder/ttsd.json`` listing every file in ``folder`` with its sha256.
 
-    Refuses folders with symlinks or pickle weights rather than writing a manifest that
-    ``verify`` would reject. The manifest is written tmp + fsync + rename.
+    ``extra`` adds fields of the maker's own (``ttsd models get`` records where a voice came
+    from); a reader keeps them in ``Manifest.extra``. Refuses folders with symlinks or pickle
+    weights rather than writing a manifest that ``verify`` would reject. The manifest is written
+    tmp + fsync + rename.
     """
     if not folder.is_dir():
         raise ManifestError(f"{folder}: not a directory")
     present, unsafe = _walk(folder)
     if unsafe:
         raise VerifyError(f"{folder}: cannot pack {unsafe[0].path} ({unsafe[0].detail})", unsafe)
+    if extra and _KNOWN & set(extra):
+        raise ManifestError(f"{folder}: extra manifest fields cannot replace {sorted(_KNOWN & set(extra))}")
     files = {}
     for rel in present:
         if rel in (MANIFEST, SIGNATURE) or Path(rel).name.startswith(f".{MANIFEST}"):
@@ -436,6 +442,7 @@ def pack(
         warmup=tuple(warmup),
         description=description,
         license=license,
+        extra=dict(extra or {}),
     )
     parse_manifest(manifest.to_json())  # same rules as reading it back
     atomic_write_text(folder / MANIFEST, json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n")

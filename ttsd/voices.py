@@ -11,13 +11,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from .catalog import scan
 from .errors import ConfigError, TtsdError
-from .fsutil import fsync_dir
+from .fsutil import current_umask, fsync_dir
 from .manifest import Manifest, check_name, check_version, pack, verify
 
 log = logging.getLogger("ttsd.voices")
@@ -42,8 +43,16 @@ def import_piper(
     version: str = "1",
     license: str = "",
     progress: Progress = _noop,
+    attach: Mapping[str, Path] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Convert a Piper voice into a verified ttsd model folder at ``out_dir`` (must not exist)."""
+    """Convert a Piper voice into a verified ttsd model folder at ``out_dir`` (must not exist).
+
+    ``attach`` copies more files into the folder under the given names (``ttsd models get`` keeps
+    the voice's MODEL_CARD beside the weights); ``extra`` adds manifest fields (see ``pack``). The
+    folder is built in a hidden sibling and renamed into place, files and folder fsynced first, so
+    a models dir never shows it half-made; its modes follow the umask like any copied folder, so a
+    daemon running as another user can read what root published."""
     onnx_path = Path(onnx_path)
     out_dir = Path(out_dir)
     name = check_name(name or onnx_path.name.removesuffix(".onnx"))
@@ -57,6 +66,8 @@ def import_piper(
 
         progress(f"converting {onnx_path.name}")
         voice = convert_piper(onnx_path, tmp)
+        for rel, source in (attach or {}).items():
+            shutil.copyfile(source, tmp / check_name(rel))
         progress("writing checksums")
         manifest = pack(
             tmp,
@@ -66,11 +77,16 @@ def import_piper(
             sample_rate=int(voice["audio"]["sample_rate"]),
             description=f"Piper voice {onnx_path.name} converted by ttsd",
             license=license,
+            extra=extra,
         )
         verify(tmp)
+        umask = current_umask()
         for path in tmp.iterdir():  # contents durable before the folder becomes visible
             with open(path, "rb") as handle:
+                os.fchmod(handle.fileno(), 0o666 & ~umask)
                 os.fsync(handle.fileno())
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
+        fsync_dir(tmp)
         if out_dir.is_dir():
             out_dir.rmdir()  # empty, checked above
         os.rename(tmp, out_dir)

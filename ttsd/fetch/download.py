@@ -1,0 +1,270 @@
+"""HTTP(S) from the voice mirror: a bounded fetch of a small document, and a resumable download
+checked against the catalog's size and md5.
+
+urllib does the HTTP (framing, chunked bodies, TLS and its certificate check, proxies from the
+environment); what is ttsd's own is the policy around it:
+
+* every request has a timeout for the connect and for each read (``Mirror.timeout``);
+* a redirect may only go to http(s), and never from https down to http;
+* nothing is read past its bound: a document past its limit, a file past its catalog size is cut
+  off and refused, and a ``Content-Length`` over the bound is refused before a byte is read;
+* a download goes into ``.NAME.MD5.part`` in a private folder (never the models dir), and goes
+  on from there with ``Range: bytes=N-`` after a cut connection, within one run (up to
+  ``Mirror.attempts`` connections) and across runs; its md5 is checked once it is whole, and only
+  then is it renamed to NAME.
+
+Errors: ``NetworkError`` when the mirror cannot be reached or keeps cutting off (the partial file
+is kept), ``CatalogError`` when it answers but not with the file (404, a bad redirect),
+``ChecksumError`` when the bytes are not what the catalog says (the partial file is deleted).
+Called from the CLI's thread only; blocks on the network for at most ``timeout`` per read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import stat
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from .. import __version__
+from ..errors import CatalogError, ChecksumError, ConfigError, NetworkError
+from .index import CatalogFile, check_remote_path
+
+DEFAULT_MIRROR = "https://huggingface.co/rhasspy/piper-voices/resolve/main/"
+_CHUNK = 1 << 16
+SMALL_DEADLINE = 4  # a small document must arrive within this many read timeouts
+_HEADERS = {"User-Agent": f"ttsd/{__version__}", "Accept-Encoding": "identity"}
+
+Progress = Callable[[int], None]  # bytes of the file on disk so far
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """Where the catalog and the voices' files are: ``base`` + a catalog path is a file's URL."""
+
+    base: str
+    timeout: float = 30.0  # seconds, for the connect and for each read
+    attempts: int = 5  # connections per file in one run, each going on where the last stopped
+    backoff: float = 0.5  # seconds before the second connection; grows linearly
+
+    @classmethod
+    def parse(cls, url: str | None, timeout: float = 30.0) -> Mirror:
+        """The mirror at ``url`` (default: the public Piper voices), checked: http(s), a host,
+        no credentials, query or fragment (``ConfigError`` otherwise)."""
+        url = url or DEFAULT_MIRROR
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+            _ = parts.port  # raises ValueError for a port that is not a number
+        except ValueError as exc:
+            raise ConfigError(f"mirror {url!r}: {exc}") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise ConfigError(f"mirror {url!r}: must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ConfigError(f"mirror {url!r}: must not carry credentials, a query or a fragment")
+        return cls(url if url.endswith("/") else f"{url}/", timeout)
+
+    def url(self, rel: str) -> str:
+        """The URL of catalog path ``rel`` (checked again here: nothing leaves the mirror)."""
+        return self.base + quote(check_remote_path(rel), safe="/")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base).netloc
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, but only to http(s) and never from https down to http."""
+
+    max_redirections = 5
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        old, new = urlsplit(req.full_url).scheme, urlsplit(newurl).scheme
+        if new not in ("http", "https") or (old == "https" and new != "https"):
+            raise CatalogError(f"{req.full_url}: redirected to a {new or 'relative'}: URL, refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _RangeRefused(Exception):
+    """HTTP 416: the partial file is not a prefix the mirror can continue."""
+
+
+def _why(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", exc)
+    return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+
+
+def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+    """The response to GET ``url``, or the error that says whose problem it is."""
+    opener = urllib.request.build_opener(_Redirects)
+    request = urllib.request.Request(url, headers={**_HEADERS, **headers})
+    try:
+        return opener.open(request, timeout=mirror.timeout)  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 416:
+            raise _RangeRefused() from None
+        if exc.code in (404, 410):
+            raise CatalogError(f"{url}: not on the mirror (HTTP {exc.code})") from None
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise NetworkError(f"{mirror.host} answered HTTP {exc.code} for {url}; try again later") from None
+        raise CatalogError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        raise NetworkError(f"cannot reach {mirror.host}: {_why(exc)} (no network? another mirror can be "
+                           "given with --mirror or TTSD_MIRROR)") from None
+
+
+def fetch_small(mirror: Mirror, rel: str, limit: int) -> bytes:
+    """The body of ``rel`` on the mirror, refused (``CatalogError``) past ``limit`` bytes, and
+    given up (``NetworkError``) past ``SMALL_DEADLINE`` timeouts in all: a mirror sending a byte
+    now and then cannot hold a ``search`` forever."""
+    url = mirror.url(rel)
+    deadline = time.monotonic() + SMALL_DEADLINE * mirror.timeout
+    with _open(mirror, url, {}) as response:
+        length = response.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise CatalogError(f"{url}: {int(length)} bytes, more than the {limit} allowed; refused")
+        body = bytearray()
+        while len(body) <= limit:
+            if time.monotonic() > deadline:
+                raise NetworkError(f"{url}: still not read after {SMALL_DEADLINE * mirror.timeout:.0f} s; try again")
+            try:
+                chunk = response.read1(min(_CHUNK, limit + 1 - len(body)))
+            except (http.client.HTTPException, OSError) as exc:
+                raise NetworkError(f"{url}: the connection broke off ({_why(exc)}); try again") from None
+            if not chunk:
+                break
+            body += chunk
+    if len(body) > limit:
+        raise CatalogError(f"{url}: more than the {limit} bytes allowed; refused")
+    return bytes(body)
+
+
+def md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def partial_path(dest: Path, file: CatalogFile) -> Path:
+    """Where the download of ``file`` to ``dest`` collects: named for its md5, so a catalog that
+    changed the file meanwhile never continues the old bytes."""
+    return dest.with_name(f".{dest.name}.{file.md5}.part")
+
+
+def present_bytes(dest: Path, file: CatalogFile) -> int:
+    """Bytes of ``file`` already on disk for ``dest`` (whole, or partial)."""
+    if dest.is_file() and dest.stat().st_size == file.size:
+        return file.size
+    part = partial_path(dest, file)
+    return min(part.stat().st_size, file.size) if part.is_file() else 0
+
+
+def download(mirror: Mirror, file: CatalogFile, dest: Path, progress: Progress = lambda _: None) -> None:
+    """Make ``dest`` the catalog's ``file``: a complete copy already there is checked and kept,
+    else the download starts or goes on from the partial file beside it."""
+    if dest.is_file():
+        if dest.stat().st_size == file.size and md5_file(dest) == file.md5:
+            progress(file.size)
+            return
+        dest.unlink()
+    part = partial_path(dest, file)
+    stale = re.compile(rf"\.{re.escape(dest.name)}\.[0-9a-f]{{32}}\.part")
+    for other in dest.parent.iterdir():  # another md5's bytes: that file changed in the catalog
+        if other != part and stale.fullmatch(other.name):
+            other.unlink()
+    url = mirror.url(file.path)
+    for attempt in range(1, mirror.attempts + 1):
+        done = part.stat().st_size if part.exists() else 0
+        if done > file.size:
+            part.unlink()
+            done = 0
+        if done < file.size:
+            try:
+                done = _fetch_into(mirror, url, file, part, done, progress)
+            except _RangeRefused:
+                part.unlink(missing_ok=True)
+                continue
+            if done < file.size:
+                if attempt == mirror.attempts:
+                    raise NetworkError(
+                        f"{url}: the connection broke off {attempt} times ({done} of {file.size} bytes kept); "
+                        "run the same command again to go on from there")
+                time.sleep(mirror.backoff * attempt)
+                continue
+        actual = md5_file(part)
+        if actual != file.md5:
+            part.unlink()
+            raise ChecksumError(f"{url}: md5 {actual} differs from the catalog's {file.md5}; the download was "
+                                "thrown away")
+        os.replace(part, dest)
+        return
+    raise NetworkError(f"{url}: the mirror refused to continue the download {mirror.attempts} times")
+
+
+def _content_range(value: str | None) -> tuple[int, int | None]:
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", value or "")
+    if match is None:
+        raise CatalogError(f"partial answer with a malformed Content-Range {value!r}")
+    return int(match.group(1)), None if match.group(2) == "*" else int(match.group(2))
+
+
+def _mismatch(url: str, part: Path, size: int, expected: int) -> ChecksumError:
+    part.unlink(missing_ok=True)
+    if size > expected:
+        return ChecksumError(f"{url}: larger than the catalog's {expected} bytes (cut off at {size}); refused")
+    return ChecksumError(f"{url}: {size} bytes, the catalog says {expected}; refused")
+
+
+def _fetch_into(mirror: Mirror, url: str, file: CatalogFile, part: Path, done: int, progress: Progress) -> int:
+    """One connection: append what the mirror sends after byte ``done`` to ``part``; returns the
+    bytes on disk afterwards (fewer than ``file.size`` when the connection broke off)."""
+    with _open(mirror, url, {"Range": f"bytes={done}-"} if done else {}) as response:
+        if response.status == 206:
+            start, total = _content_range(response.headers.get("Content-Range"))
+            if start != done:
+                raise CatalogError(f"{url}: asked for bytes from {done}, the mirror sent from {start}")
+            if total is not None and total != file.size:
+                raise _mismatch(url, part, total, file.size)
+        elif response.status == 200:
+            done = 0  # the mirror ignored the range: start over
+        else:
+            raise CatalogError(f"{url}: unexpected HTTP {response.status}")
+        length = response.headers.get("Content-Length")
+        sent = int(length) if length is not None and length.isdigit() else None
+        if sent is not None and (done + sent > file.size or (response.status == 200 and sent < file.size)):
+            raise _mismatch(url, part, done + sent, file.size)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(part, flags | (os.O_APPEND if done else os.O_TRUNC), 0o600)
+        with os.fdopen(fd, "wb") as out:
+            if not stat.S_ISREG(os.fstat(out.fileno()).st_mode):
+                raise ConfigError(f"{part}: not a regular file")
+            progress(done)
+            while True:
+                try:  # at most one byte past the catalog's size: enough to know it is too large
+                    chunk = response.read(min(_CHUNK, file.size - done + 1))
+                except (http.client.HTTPException, OSError):
+                    break  # cut off or timed out: the caller connects again and goes on
+                if not chunk:
+                    break
+                if done + len(chunk) > file.size:
+                    out.close()
+                    raise _mismatch(url, part, done + len(chunk), file.size)
+                out.write(chunk)
+                done += len(chunk)
+                progress(done)
+            out.flush()
+            os.fsync(out.fileno())
+    return done

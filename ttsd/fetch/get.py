@@ -1,0 +1,213 @@
+"""``ttsd models get``: one catalog voice from the mirror to a model folder in the models dir.
+
+1. Read the catalog and find the voice (``index``).
+2. Decide the version: a voice already in the models dir gets the next one only with
+   ``upgrade`` (``VoiceExistsError`` otherwise), and not at all when its newest version was made
+   from the very files the catalog lists now.
+3. Under a per-voice lock, download the ``.onnx``, the ``.onnx.json`` and the ``MODEL_CARD`` into
+   the private download folder (``downloads/KEY/``; resumable, checked: ``download``).
+4. Convert with ``import_piper``, which builds the folder in a dot-folder inside the models dir,
+   fsyncs it and renames it into place: a running daemon sees nothing until the rename, then a
+   whole folder, like any folder dropped in. The manifest records the licence line of the
+   MODEL_CARD and where the voice came from (``source``), and the MODEL_CARD goes with it.
+
+Nothing is left half-written in the models dir: the dot-folder is removed on any failure, Ctrl-C
+included; one left by a killed process is removed by the next ``get`` of that voice. The download
+folder keeps partial files for the next run, and is removed once the voice is published.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from packaging.version import Version
+
+from ..catalog import scan
+from ..errors import (
+    ConfigError,
+    ConflictError,
+    ImportPiperError,
+    ResourceError,
+    VoiceExistsError,
+    is_system_oserror,
+    resource_error,
+)
+from ..manifest import Manifest, check_version
+from .download import Mirror, download, fetch_small, present_bytes
+from .index import CATALOG_FILE, MAX_CATALOG_BYTES, Catalog, CatalogVoice, parse_catalog
+
+SOURCE_FIELD = "source"  # the manifest field naming the catalog entry a folder was made from
+_LICENSE = re.compile(r"^[ \t]*[*-]?[ \t]*licen[cs]e[ \t]*:[ \t]*(\S.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+_MARGIN = 16 << 20  # free space kept beyond what the files need
+
+
+class Reporter(Protocol):
+    """What ``get_voice`` tells as it goes (the CLI draws it with rich)."""
+
+    def step(self, message: str) -> None:
+        """A stage begins (reading the catalog, converting, …)."""
+
+    def transfer(self, name: str, total: int) -> AbstractContextManager[Callable[[int], None]]:
+        """A download of ``total`` bytes; the callback gets the bytes on disk so far."""
+
+
+@dataclass(frozen=True)
+class GetRequest:
+    """Everything ``get_voice`` needs, resolved by the CLI."""
+
+    voice: str  # catalog key or alias
+    models: Path
+    downloads: Path  # private: partial files live here, never in the models dir
+    mirror: Mirror
+    version: str | None = None  # default: 1, or the next major version with ``upgrade``
+    upgrade: bool = False
+
+
+@dataclass(frozen=True)
+class GetResult:
+    voice: CatalogVoice
+    folder: Path
+    manifest: Manifest
+    fetched: bool  # False: the newest version in the models dir is already this catalog entry
+
+
+def load_catalog(mirror: Mirror) -> Catalog:
+    """The mirror's ``voices.json``, bounded and checked."""
+    return parse_catalog(fetch_small(mirror, CATALOG_FILE, MAX_CATALOG_BYTES), mirror.url(CATALOG_FILE))
+
+
+def card_license(text: str) -> str:
+    """The ``License:`` line of a Piper MODEL_CARD (``* License: CC BY 4.0``), or ``""``."""
+    match = _LICENSE.search(text)
+    if match is None:
+        return ""
+    return "".join(c for c in match.group(1) if c.isprintable())[:200]
+
+
+def get_voice(request: GetRequest, reporter: Reporter) -> GetResult:
+    """Download, check, convert and publish ``request.voice``; see the module docstring."""
+    try:
+        return _get(request, reporter)
+    except OSError as exc:
+        if is_system_oserror(exc):
+            raise resource_error(exc, f"getting {request.voice}") from exc
+        where = exc.filename or request.models
+        raise ConfigError(f"{where}: {exc.strerror or exc}") from exc
+
+
+def _get(request: GetRequest, reporter: Reporter) -> GetResult:
+    if request.version is not None:
+        check_version(request.version)  # before anything is fetched
+    reporter.step(f"reading the catalog at {request.mirror.base}")
+    voice = load_catalog(request.mirror).find(request.voice)
+    key = voice.key
+    present = sorted((c for c in scan(request.models) if c.manifest and c.manifest.name == key),
+                     key=lambda c: c.manifest.parsed_version)  # type: ignore[union-attr]
+    newest = present[-1] if present else None
+    if newest is not None and newest.manifest is not None:
+        have = newest.manifest
+        if not request.upgrade:
+            raise VoiceExistsError(
+                f"{key} is already in {request.models} as version {have.version} ({newest.folder.name}); "
+                f"'ttsd models get {key} --upgrade' adds the next version")
+        if request.version is None and have.extra.get(SOURCE_FIELD) == _source(voice):
+            return GetResult(voice, newest.folder, have, fetched=False)
+    version = _version(request, newest.manifest if newest else None)
+    folder = request.models / f"{key}-{version}"
+    if os.path.lexists(folder):
+        raise ConfigError(f"{folder} already exists (a folder of another voice?); choose another --version")
+
+    request.models.mkdir(parents=True, exist_ok=True)
+    request.downloads.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with _locked(request.downloads / f"{key}.lock", key):
+        _remove_stale_builds(request.models, key)
+        work = request.downloads / key
+        work.mkdir(exist_ok=True, mode=0o700)
+        local = {voice.onnx: work / f"{key}.onnx", voice.config: work / f"{key}.onnx.json"}
+        if voice.model_card is not None:
+            local[voice.model_card] = work / "MODEL_CARD"
+        _check_space(request, voice, local)
+        for file, dest in local.items():
+            with reporter.transfer(file.name, file.size) as update:
+                download(request.mirror, file, dest, update)
+        if voice.model_card is not None:
+            card = (work / "MODEL_CARD").read_text(encoding="utf-8", errors="replace")
+            license_ = card_license(card) or "unknown (the MODEL_CARD names none)"
+        else:
+            license_ = "unknown (the catalog lists no MODEL_CARD)"
+        from ..voices import import_piper  # the conversion imports torch: only here
+
+        try:
+            manifest = import_piper(
+                local[voice.onnx], folder, name=key, version=version, license=license_, progress=reporter.step,
+                attach={"MODEL_CARD": local[voice.model_card]} if voice.model_card else None,
+                extra={SOURCE_FIELD: _source(voice)},
+            )
+        except ImportPiperError:
+            shutil.rmtree(work, ignore_errors=True)  # the same files would fail the same way
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+    return GetResult(voice, folder, manifest, fetched=True)
+
+
+def _source(voice: CatalogVoice) -> dict[str, object]:
+    return {"catalog": "piper", "key": voice.key, "files": voice.fingerprint()}
+
+
+def _version(request: GetRequest, have: Manifest | None) -> str:
+    if request.version is None:
+        return "1" if have is None else str(have.parsed_version.release[0] + 1)
+    version = check_version(request.version)
+    if have is not None and Version(version) <= have.parsed_version:
+        raise ConfigError(f"--version {version} is not newer than version {have.version} of {have.name} "
+                          f"in {request.models}")
+    return version
+
+
+@contextmanager
+def _locked(path: Path, key: str) -> Iterator[None]:
+    """One ``get`` of a voice at a time: two would share the partial files and the version."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConflictError(f"another 'ttsd models get {key}' is running (it holds {path})") from None
+            raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_builds(models: Path, key: str) -> None:
+    """Dot-folders ``import_piper`` left for this voice when its process was killed (under the
+    lock, no other ``get`` of the voice is building one). The daemon ignores them; this frees
+    the space."""
+    stale = re.compile(rf"\.{re.escape(key)}-[^/]+\.[A-Za-z0-9_]{{8}}\.partial")
+    for entry in models.iterdir():
+        if stale.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _check_space(request: GetRequest, voice: CatalogVoice, local: dict) -> None:  # type: ignore[type-arg]
+    """Refuse before downloading what there is no room for: the files still to fetch, and a
+    model folder about the size of the .onnx."""
+    to_fetch = sum(file.size - present_bytes(dest, file) for file, dest in local.items())
+    needs = {request.downloads: to_fetch, request.models: voice.onnx.size}
+    if os.stat(request.downloads).st_dev == os.stat(request.models).st_dev:
+        needs = {request.models: to_fetch + voice.onnx.size}
+    for where, need in needs.items():
+        free = shutil.disk_usage(where).free
+        if free < need + _MARGIN:
+            raise ResourceError(f"{where}: {free >> 20} MiB free, getting {voice.key} needs {(need >> 20) + 16} MiB",
+                                storage=True)
