@@ -344,7 +344,7 @@ def test_get_an_entry_whose_path_escapes_the_mirror(mirror: Mirror, tmp_path: Pa
     files.update({"../secret.onnx": info, "../secret.onnx.json": config})
     mirror.publish(voices)
     one_line_error(get(mirror.url, tmp_path, KEY), 15, "'../secret.onnx' escapes the mirror")
-    assert [path for path, _ in mirror.requests] == ["voices.json"]
+    assert [path for path, _ in mirror.requests] == ["ttsd-index.json", "voices.json"]  # no fleet index here
     nothing_in_models(tmp_path)
 
 
@@ -352,7 +352,7 @@ def test_get_a_voice_already_there_needs_upgrade(mirror: Mirror, tmp_path: Path)
     catalog(mirror)
     fake_model(tmp_path / "models", KEY, "1")
     one_line_error(get(mirror.url, tmp_path, KEY), 17, "already in", "version 1", "--upgrade")
-    assert [path for path, _ in mirror.requests] == ["voices.json"]
+    assert [path for path, _ in mirror.requests] == ["ttsd-index.json", "voices.json"]  # no fleet index here
     one_line_error(get(mirror.url, tmp_path, KEY, "--upgrade", "--version", "1"), 3, "not newer than version 1")
 
 
@@ -365,7 +365,7 @@ def test_get_with_too_little_disk_space(mirror: Mirror, tmp_path: Path, monkeypa
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 30, 1 << 30, 1 << 20))
     one_line_error(get(mirror.url, tmp_path, KEY), 12, "1 MiB free")
-    assert [path for path, _ in mirror.requests] == ["voices.json"]
+    assert [path for path, _ in mirror.requests] == ["ttsd-index.json", "voices.json"]  # no fleet index here
 
 
 def test_get_without_network_is_one_line_and_its_own_exit_code(tmp_path: Path) -> None:

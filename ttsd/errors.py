@@ -206,6 +206,10 @@ class CatalogError(TtsdError):
     code = "catalog"
 
 
+class NotOnMirror(CatalogError):
+    """The mirror has no such file (HTTP 404 or 410)."""
+
+
 class ChecksumError(TtsdError):
     """A downloaded file is not the one the catalog describes (other size or md5). The bytes are
     thrown away, so the next try starts over."""

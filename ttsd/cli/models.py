@@ -259,6 +259,27 @@ class _RichReporter:
             yield lambda done: bar.update(task, completed=done)
 
 
+@models.command("publish")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("mirror_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--trusted-keys", "trusted_keys", type=click.Path(file_okay=False, path_type=Path),
+              envvar="TTSD_TRUSTED_KEYS", help="Refuse to publish a folder not signed by one of these keys.")
+def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None) -> None:
+    """Put a model folder on a fleet mirror (MIRROR_DIR, served by any HTTP server) as its voice's
+    newest version, for boxes to take with 'ttsd models get VOICE --mirror URL'."""
+    from ..fetch.prebuilt import publish
+
+    trust = None
+    if trusted_keys is not None:
+        from ..signing import TrustedKeys
+
+        trust = TrustedKeys.load(trusted_keys)
+    mirror_dir.mkdir(parents=True, exist_ok=True)
+    entry = publish(folder, mirror_dir, trust)
+    console().print(f"{mirror_dir}/{entry.path}: {entry.name} {entry.version}"
+                    + (", signed" if entry.signature else ", unsigned"), markup=False)
+
+
 @models.command("get")
 @click.argument("voice")
 @click.option("--version", "version", help="PEP 440 version of the new folder [default: 1, or with --upgrade "
@@ -271,8 +292,11 @@ class _RichReporter:
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_CACHE",
               help="Partial downloads wait in CACHE/downloads [env TTSD_CACHE].")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
+@click.option("--trusted-keys", "trusted_keys", type=click.Path(file_okay=False, path_type=Path),
+              envvar="TTSD_TRUSTED_KEYS", help="A ready folder from a fleet mirror must be signed by one of these "
+                                               "public keys before it is published [env TTSD_TRUSTED_KEYS].")
 def get_cmd(voice: str, version: str | None, upgrade: bool, mirror: str | None, models_dir: Path | None,
-            cache: Path | None, timeout: float) -> None:
+            cache: Path | None, timeout: float, trusted_keys: Path | None) -> None:
     """Download a voice of the Piper catalog, check it, convert it and publish it in the models dir.
 
     An interrupted download goes on where it stopped when the command is run again. A running
@@ -282,8 +306,13 @@ def get_cmd(voice: str, version: str | None, upgrade: bool, mirror: str | None, 
     from ..fetch.get import GetRequest, get_voice
 
     paths = Paths.resolve(models=models_dir, cache=cache)
+    trust = None
+    if trusted_keys is not None:
+        from ..signing import TrustedKeys
+
+        trust = TrustedKeys.load(trusted_keys)
     request = GetRequest(voice=voice, models=paths.models, downloads=paths.cache / "downloads",
-                         mirror=Mirror.parse(mirror, timeout), version=version, upgrade=upgrade)
+                         mirror=Mirror.parse(mirror, timeout), version=version, upgrade=upgrade, trust=trust)
     result = get_voice(request, _RichReporter())
     m = result.manifest
     if not result.fetched:

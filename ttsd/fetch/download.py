@@ -1,5 +1,5 @@
 """HTTP(S) from the voice mirror: a bounded fetch of a small document, and a resumable download
-checked against the catalog's size and md5.
+checked against the catalog's size and digest (Piper's md5, or the sha256 of a ttsd manifest).
 
 urllib does the HTTP (framing, chunked bodies, TLS and its certificate check, proxies from the
 environment); what is ttsd's own is the policy around it:
@@ -10,7 +10,7 @@ environment); what is ttsd's own is the policy around it:
   off and refused, and a ``Content-Length`` over the bound is refused before a byte is read;
 * a download goes into ``.NAME.MD5.part`` in a private folder (never the models dir), and goes
   on from there with ``Range: bytes=N-`` after a cut connection, within one run (up to
-  ``Mirror.attempts`` connections) and across runs; its md5 is checked once it is whole, and only
+  ``Mirror.attempts`` connections) and across runs; its digest is checked once it is whole, and only
   then is it renamed to NAME.
 
 Errors: ``NetworkError`` when the mirror cannot be reached or keeps cutting off (the partial file
@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from .. import __version__
-from ..errors import CatalogError, ChecksumError, ConfigError, NetworkError
+from ..errors import CatalogError, ChecksumError, ConfigError, NetworkError, NotOnMirror
 from .index import CatalogFile, check_remote_path
 
 DEFAULT_MIRROR = "https://huggingface.co/rhasspy/piper-voices/resolve/main/"
@@ -115,7 +115,7 @@ def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTP
         if exc.code == 416:
             raise _RangeRefused() from None
         if exc.code in (404, 410):
-            raise CatalogError(f"{url}: not on the mirror (HTTP {exc.code})") from None
+            raise NotOnMirror(f"{url}: not on the mirror (HTTP {exc.code})") from None
         if exc.code >= 500 or exc.code in (408, 429):
             raise NetworkError(f"{mirror.host} answered HTTP {exc.code} for {url}; try again later") from None
         raise CatalogError(f"{url}: HTTP {exc.code} {exc.reason}") from None
@@ -150,18 +150,25 @@ def fetch_small(mirror: Mirror, rel: str, limit: int) -> bytes:
     return bytes(body)
 
 
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+def _matches(path: Path, file: CatalogFile) -> tuple[bool, str]:
+    """Whether ``path`` has ``file``'s digest, and the digest it has."""
+    algorithm, expected = file.digest
+    actual = file_digest(path, algorithm)
+    return actual == expected, actual
+
+
 def partial_path(dest: Path, file: CatalogFile) -> Path:
-    """Where the download of ``file`` to ``dest`` collects: named for its md5, so a catalog that
-    changed the file meanwhile never continues the old bytes."""
-    return dest.with_name(f".{dest.name}.{file.md5}.part")
+    """Where the download of ``file`` to ``dest`` collects: named for its digest, so a catalog
+    that changed the file meanwhile never continues the old bytes."""
+    return dest.with_name(f".{dest.name}.{file.digest[1]}.part")
 
 
 def present_bytes(dest: Path, file: CatalogFile) -> int:
@@ -176,13 +183,13 @@ def download(mirror: Mirror, file: CatalogFile, dest: Path, progress: Progress =
     """Make ``dest`` the catalog's ``file``: a complete copy already there is checked and kept,
     else the download starts or goes on from the partial file beside it."""
     if dest.is_file():
-        if dest.stat().st_size == file.size and md5_file(dest) == file.md5:
+        if dest.stat().st_size == file.size and _matches(dest, file)[0]:
             progress(file.size)
             return
         dest.unlink()
     part = partial_path(dest, file)
-    stale = re.compile(rf"\.{re.escape(dest.name)}\.[0-9a-f]{{32}}\.part")
-    for other in dest.parent.iterdir():  # another md5's bytes: that file changed in the catalog
+    stale = re.compile(rf"\.{re.escape(dest.name)}\.([0-9a-f]{{32}}|[0-9a-f]{{64}})\.part")
+    for other in dest.parent.iterdir():  # another digest's bytes: that file changed in the catalog
         if other != part and stale.fullmatch(other.name):
             other.unlink()
     url = mirror.url(file.path)
@@ -204,11 +211,12 @@ def download(mirror: Mirror, file: CatalogFile, dest: Path, progress: Progress =
                         "run the same command again to go on from there")
                 time.sleep(mirror.backoff * attempt)
                 continue
-        actual = md5_file(part)
-        if actual != file.md5:
+        ok, actual = _matches(part, file)
+        if not ok:
             part.unlink()
-            raise ChecksumError(f"{url}: md5 {actual} differs from the catalog's {file.md5}; the download was "
-                                "thrown away")
+            algorithm, expected = file.digest
+            raise ChecksumError(f"{url}: {algorithm} {actual} differs from the catalog's {expected}; the download "
+                                "was thrown away")
         os.replace(part, dest)
         return
     raise NetworkError(f"{url}: the mirror refused to continue the download {mirror.attempts} times")

@@ -1,5 +1,7 @@
 """``ttsd models get``: one catalog voice from the mirror to a model folder in the models dir.
 
+0. A fleet mirror's ``ttsd-index.json`` naming the voice wins: its ready (and usually signed)
+   folder is fetched as it is (``prebuilt``), checked, and published the same way.
 1. Read the catalog and find the voice (``index``).
 2. Decide the version: a voice already in the models dir gets the next one only with
    ``upgrade`` (``VoiceExistsError`` otherwise), and not at all when its newest version was made
@@ -27,15 +29,16 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from packaging.version import Version
 
-from ..catalog import scan
+from ..catalog import Candidate, scan
 from ..errors import (
     ConfigError,
     ConflictError,
     ImportPiperError,
+    NotOnMirror,
     ResourceError,
     VoiceExistsError,
     is_system_oserror,
@@ -44,6 +47,10 @@ from ..errors import (
 from ..manifest import Manifest, check_version
 from .download import Mirror, download, fetch_small, present_bytes
 from .index import CATALOG_FILE, MAX_CATALOG_BYTES, Catalog, CatalogVoice, parse_catalog
+from .prebuilt import get_prebuilt, load_index
+
+if TYPE_CHECKING:
+    from ..signing import TrustedKeys
 
 SOURCE_FIELD = "source"  # the manifest field naming the catalog entry a folder was made from
 _LICENSE = re.compile(r"^[ \t]*[*-]?[ \t]*licen[cs]e[ \t]*:[ \t]*(\S.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
@@ -70,11 +77,12 @@ class GetRequest:
     mirror: Mirror
     version: str | None = None  # default: 1, or the next major version with ``upgrade``
     upgrade: bool = False
+    trust: TrustedKeys | None = None  # a folder from a fleet mirror must be signed by one of these
 
 
 @dataclass(frozen=True)
 class GetResult:
-    voice: CatalogVoice
+    voice: CatalogVoice | None  # None: a ready folder from a fleet mirror (``prebuilt``)
     folder: Path
     manifest: Manifest
     fetched: bool  # False: the newest version in the models dir is already this catalog entry
@@ -104,15 +112,47 @@ def get_voice(request: GetRequest, reporter: Reporter) -> GetResult:
         raise ConfigError(f"{where}: {exc.strerror or exc}") from exc
 
 
+def _newest(models: Path, name: str) -> Candidate | None:
+    present = sorted((c for c in scan(models) if c.manifest and c.manifest.name == name),
+                     key=lambda c: c.manifest.parsed_version)  # type: ignore[union-attr]
+    return present[-1] if present else None
+
+
+def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | None:
+    """The voice as a ready folder from a fleet mirror's ``ttsd-index.json``, or None when the
+    mirror has no index or the index does not name it (then the Piper catalog is asked)."""
+    try:
+        index = load_index(request.mirror)
+    except NotOnMirror:
+        return None
+    entry = index.get(request.voice)
+    if entry is None:
+        return None
+    if request.version is not None:
+        raise ConfigError(f"{request.voice} comes ready-made from {request.mirror.base} as version "
+                          f"{entry.version}; --version cannot change it")
+    newest = _newest(request.models, entry.name)
+    request.models.mkdir(parents=True, exist_ok=True)
+    request.downloads.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with _locked(request.downloads / f"{entry.name}.lock", entry.name):
+        _remove_stale_builds(request.models, entry.name)
+        folder, manifest, fetched = get_prebuilt(
+            entry, models=request.models, downloads=request.downloads, mirror=request.mirror,
+            upgrade=request.upgrade, have=newest.manifest if newest else None, trust=request.trust,
+            reporter=reporter)
+    return GetResult(None, folder, manifest, fetched)
+
+
 def _get(request: GetRequest, reporter: Reporter) -> GetResult:
     if request.version is not None:
         check_version(request.version)  # before anything is fetched
     reporter.step(f"reading the catalog at {request.mirror.base}")
+    ready = _from_fleet_mirror(request, reporter)
+    if ready is not None:
+        return ready
     voice = load_catalog(request.mirror).find(request.voice)
     key = voice.key
-    present = sorted((c for c in scan(request.models) if c.manifest and c.manifest.name == key),
-                     key=lambda c: c.manifest.parsed_version)  # type: ignore[union-attr]
-    newest = present[-1] if present else None
+    newest = _newest(request.models, key)
     if newest is not None and newest.manifest is not None:
         have = newest.manifest
         if not request.upgrade:

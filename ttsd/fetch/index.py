@@ -66,15 +66,22 @@ def check_remote_path(rel: object) -> str:
 
 @dataclass(frozen=True)
 class CatalogFile:
-    """One file of a voice: its path under the mirror, and what the catalog says it is."""
+    """One file of a voice: its path under the mirror, and what the catalog says it is (Piper's
+    catalog gives an md5; a ttsd manifest on a fleet mirror gives a sha256, which wins)."""
 
     path: str
     size: int
-    md5: str
+    md5: str = ""
+    sha256: str = ""
 
     @property
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def digest(self) -> tuple[str, str]:
+        """(algorithm, hex digest) the download is checked against."""
+        return ("sha256", self.sha256) if self.sha256 else ("md5", self.md5)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,17 @@
+#!/bin/sh
+# Build machine: make, sign and publish one version of a voice for the fleet.
+#   ./publish.sh en_US-lessac-medium.onnx en_US-lessac-medium 3
+# Needs: ttsd with the signing extra, the fleet's private key, and rclone configured for the
+# mirror's bucket (or any other way to copy $MIRROR_DIR to the web server).
+set -eu
+onnx=$1 name=$2 version=$3
+key=${FLEET_KEY:-/secure/fleet.key}
+mirror_dir=${MIRROR_DIR:-/srv/ttsd-mirror}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+ttsd models import-piper "$onnx" "$work/$name-$version" --name "$name" --version "$version"
+ttsd models sign "$work/$name-$version" --key "$key"
+ttsd models verify "$work/$name-$version" --trusted-keys "${TRUSTED_KEYS:-/etc/ttsd/trusted}"
+ttsd models publish "$work/$name-$version" "$mirror_dir"
+rclone sync "$mirror_dir" "${RCLONE_REMOTE:-mirror:ttsd-voices}"   # or: rsync -a "$mirror_dir"/ web:/var/www/voices/

@@ -1,0 +1,203 @@
+"""A fleet's own mirror of ready, signed model folders: ``ttsd models publish`` on the build
+machine, ``ttsd models get --mirror`` on every box, and a box's daemon with trusted keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from catalog_server import Mirror, serve
+from conftest import plausible, save_tiny_vits
+from daemon_util import start_daemon, wait_for
+from test_catalog import get, invoke, nothing_in_models, one_line_error
+from test_signing import folder_of_two, make_key
+
+from ttsd.errors import CatalogError
+from ttsd.fetch.prebuilt import INDEX_FILE, parse_index
+from ttsd.manifest import SIGNATURE, pack, verify
+from ttsd.signing import sign
+
+pytest.importorskip("model_signing", reason="the signing extra (model-signing) is not installed")
+
+
+@pytest.fixture
+def mirror() -> Iterator[Mirror]:
+    with serve() as m:
+        yield m
+
+
+def serve_dir(mirror: Mirror, root: Path) -> None:
+    """What a web server over ``root`` would serve (the test server holds files in memory)."""
+    mirror.files.clear()
+    for path in root.rglob("*"):
+        if path.is_file():
+            mirror.files[path.relative_to(root).as_posix()] = path.read_bytes()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> dict[str, Path]:
+    key, pub = make_key(tmp_path / "secret", "fleet")
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "fleet.pem").write_bytes(pub.read_bytes())
+    return {"key": key, "trusted": trusted, "published": tmp_path / "published"}
+
+
+def publish(folder: Path, where: Path) -> None:
+    result = invoke("models", "publish", str(folder), str(where))
+    assert result.exit_code == 0, result.output
+
+
+def test_a_box_gets_the_signed_folder_as_it_was_published(tmp_path: Path, mirror: Mirror,
+                                                          fleet: dict[str, Path]) -> None:
+    """1. Publish a signed v1; a box gets it byte for byte, signature included (checked against
+    the trusted keys before it lands). 2. ``--upgrade`` with nothing newer changes nothing.
+    3. A v2 the mirror serves with other bytes than its index pins is refused, nothing lands."""
+    v1 = folder_of_two(tmp_path / "build" / "voice-1")
+    sign(v1, fleet["key"])
+    publish(v1, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    box = tmp_path / "box"
+    result = get(mirror.url, box, "voice", "--trusted-keys", str(fleet["trusted"]))
+    assert result.exit_code == 0, result.output
+    landed = box / "models" / "voice-1"
+    assert verify(landed).version == "1"
+    assert sorted(p.name for p in landed.iterdir()) == sorted(p.name for p in v1.iterdir())
+    assert (landed / SIGNATURE).read_bytes() == (v1 / SIGNATURE).read_bytes()
+
+    result = get(mirror.url, box, "voice", "--upgrade")
+    assert result.exit_code == 0 and "up to date" in result.stderr, result.output
+    one_line_error(get(mirror.url, box, "voice"), 17, "--upgrade")
+
+    v2 = folder_of_two(tmp_path / "build" / "voice-2", version="2")
+    sign(v2, fleet["key"])
+    publish(v2, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    mirror.files["ttsd/voice/2/sub/b.dat"] = b"x" * len(mirror.files["ttsd/voice/2/sub/b.dat"])
+    one_line_error(get(mirror.url, box, "voice", "--upgrade"), 16, "sha256")
+    assert sorted(p.name for p in (box / "models").iterdir()) == ["voice-1"]
+
+
+def test_with_trusted_keys_get_refuses_what_a_daemon_would(tmp_path: Path, mirror: Mirror,
+                                                           fleet: dict[str, Path]) -> None:
+    """An unsigned folder, or one changed after signing whose manifest and index were rewritten to
+    match (so every checksum passes), never lands in the models dir of a box that trusts keys."""
+    unsigned = folder_of_two(tmp_path / "build" / "voice-1")
+    publish(unsigned, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    one_line_error(get(mirror.url, tmp_path / "a", "voice", "--trusted-keys", str(fleet["trusted"])), 18,
+                   "not signed")
+    nothing_in_models(tmp_path / "a")
+
+    tampered = folder_of_two(tmp_path / "build" / "voice-2", version="2")
+    sign(tampered, fleet["key"])
+    (tampered / "a.json").write_text('{"tone": 880}')
+    pack(tampered, name="voice", version="2", engine="vits", sample_rate=8000)
+    publish(tampered, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    one_line_error(get(mirror.url, tmp_path / "b", "voice", "--trusted-keys", str(fleet["trusted"])), 18,
+                   "a.json differs from what was signed")
+    nothing_in_models(tmp_path / "b")
+    result = invoke("models", "publish", str(tampered), str(tmp_path / "other"), "--trusted-keys",
+                    str(fleet["trusted"]))
+    assert result.exit_code == 18 and not (tmp_path / "other" / INDEX_FILE).exists(), result.output
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda e: e.update(path="../../etc"), "escapes the mirror"),
+    (lambda e: e.update(version="not a version"), "invalid version"),
+    (lambda e: e["manifest"].update(sha256="ab" * 16), "64 lower-case hex"),
+    (lambda e: e["manifest"].update(size=10 << 30), "'size' must be"),
+])
+def test_a_hostile_fleet_index_is_refused(tmp_path: Path, fleet: dict[str, Path], spoil, message: str) -> None:  # type: ignore[no-untyped-def]
+    folder = folder_of_two(tmp_path / "build" / "voice-1")
+    publish(folder, fleet["published"])
+    index = json.loads((fleet["published"] / INDEX_FILE).read_text())
+    spoil(index["voices"]["voice"])
+    with pytest.raises(CatalogError, match=message):
+        parse_index(json.dumps(index).encode(), INDEX_FILE)
+
+
+def test_publishing_the_same_version_with_other_content_is_refused(tmp_path: Path, fleet: dict[str, Path]) -> None:
+    folder = folder_of_two(tmp_path / "build" / "voice-1")
+    publish(folder, fleet["published"])
+    publish(folder, fleet["published"])  # the same again: fine
+    (folder / "a.json").write_text('{"tone": 220}')
+    pack(folder, name="voice", version="1", engine="vits", sample_rate=8000)
+    result = invoke("models", "publish", str(folder), str(fleet["published"]))
+    assert result.exit_code == 3 and "already published with other content" in result.stderr, result.output
+
+
+def test_two_boxes_upgrade_from_one_mirror_and_both_refuse_a_tampered_folder(
+        tmp_path: Path, mirror: Mirror, fleet: dict[str, Path], cache_dir: Path) -> None:
+    """Two daemons with their own dirs and the fleet's trusted key. 1. Each box gets v1 from the
+    mirror and serves it. 2. A signed v2 is published; each box's ``get --upgrade`` (as its timer
+    would run it) brings it, and both serve v2. 3. The mirror is tampered with: v3 was changed
+    after signing and its manifest and index rewritten to match. The boxes' ``get`` (without
+    trusted keys here, so the folder does land) lets it in, and both daemons refuse it for its
+    signature and keep serving v2."""
+    build = tmp_path / "build"
+
+    def release(version: str, seed: int) -> Path:
+        folder = save_tiny_vits(build / f"tiny-{version}", version=version, seed=seed, edit=plausible,
+                                noise_scale_duration=0.0, pack_it=False)
+        pack(folder, name="tiny", version=version, engine="vits", sample_rate=16000)
+        sign(folder, fleet["key"])
+        return folder
+
+    publish(release("1", 0), fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    boxes = [tmp_path / "box-a", tmp_path / "box-b"]
+    daemons = []
+
+    def box_get(box: Path) -> None:
+        proc = subprocess.run([sys.executable, "-m", "ttsd", "models", "get", "tiny", "--upgrade", "--mirror",
+                               mirror.url, "--models", str(box / "models"), "--cache", str(box / "cache")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+
+    def serving(daemon, version: str) -> bool:  # type: ignore[no-untyped-def]
+        return daemon.request("GET", "/v1/status").json()["voices"][0]["active"] == version
+
+    try:
+        for box in boxes:
+            box_get(box)
+            daemons.append(start_daemon(box, cache_dir, "--trusted-keys", str(fleet["trusted"]), "--no-seed",
+                                        "--settle", "0.2", "--rescan-interval", "0.5", models=box / "models"))
+        assert all(serving(d, "1") for d in daemons)
+
+        publish(release("2", 1), fleet["published"])
+        serve_dir(mirror, fleet["published"])
+        for box, daemon in zip(boxes, daemons, strict=True):
+            box_get(box)
+            wait_for(lambda d=daemon: serving(d, "2"), timeout=60, what="v2 serving")
+
+        v3 = release("3", 2)
+        weights = v3 / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(data)
+        pack(v3, name="tiny", version="3", engine="vits", sample_rate=16000)  # checksums match again
+        publish(v3, fleet["published"])
+        serve_dir(mirror, fleet["published"])
+        for box, daemon in zip(boxes, daemons, strict=True):
+            box_get(box)
+
+            def refused(d=daemon) -> bool:  # type: ignore[no-untyped-def]
+                versions = d.request("GET", "/v1/status").json()["voices"][0]["versions"]
+                return any(v["version"] == "3" and v["state"] == "refused" for v in versions)
+
+            wait_for(refused, timeout=60, what="v3 refused")
+            status = daemon.request("GET", "/v1/status").json()["voices"][0]
+            v3_state = next(v for v in status["versions"] if v["version"] == "3")
+            assert "model.safetensors differs from what was signed" in v3_state["reason"]
+            assert status["active"] == "2"
+            reply = daemon.post("/v1/synthesize", {"text": "Still two.", "voice": "tiny"})
+            assert reply.status == 200 and reply.headers["x-ttsd-version"] == "2"
+    finally:
+        for daemon in daemons:
+            daemon.stop()
