@@ -1,7 +1,7 @@
-"""Security probe of signed model folders and the fleet mirror (branch ``probe``).
-
-Tests marked ``xfail(strict=True)`` prove a real hole: they state what the guarantee promises and
-fail today. The others document attacks that held."""
+"""Signed model folders and the fleet mirror, attacked: each test is an attack a security probe
+tried. Five found holes that are now closed (get --trusted-keys falling back to an unsigned
+conversion, a junk model.sig beside a good folder, negative manifest sizes, model.sig read twice,
+RSA/Ed25519 keys crashing the key loader); the rest held from the start."""
 
 from __future__ import annotations
 
@@ -19,7 +19,14 @@ from conftest import fake_model
 from test_catalog import get, nothing_in_models
 from test_signing import folder_of_two, make_key, trusting_manager
 
-from ttsd.errors import CatalogError, ConfigError, ManifestError, ResourceError, SignatureError, VerifyError
+from ttsd.errors import (
+    CatalogError,
+    ConfigError,
+    ManifestError,
+    ResourceError,
+    SignatureError,
+    VerifyError,
+)
 from ttsd.fetch.download import Mirror as DlMirror
 from ttsd.fetch.prebuilt import INDEX_FILE, get_prebuilt, parse_index
 from ttsd.manifest import MANIFEST, SIGNATURE, inspect, pack, parse_manifest, verify
@@ -61,8 +68,6 @@ def sha(data: bytes) -> str:
 
 # == holes ======================================================================================
 
-@pytest.mark.xfail(strict=True, reason="HOLE: 'models get --trusted-keys' falls back to the Piper catalog "
-                   "when the fleet index is missing / does not name the voice, and lands an unsigned folder")
 def test_get_with_trusted_keys_never_lands_an_unsigned_piper_conversion(
         tmp_path: Path, mirror: Mirror, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """A mirror (hostile, or just one whose ttsd-index.json was deleted / is 404 on a MITM'd http
@@ -86,8 +91,6 @@ def test_get_with_trusted_keys_never_lands_an_unsigned_piper_conversion(
     nothing_in_models(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: manifest 'size' may be negative; a hostile fleet manifest "
-                   "defeats get_prebuilt's free-space check (sum of sizes) and fills the disk")
 def test_a_negative_size_cannot_defeat_the_free_space_check(
         tmp_path: Path, mirror: Mirror, monkeypatch: pytest.MonkeyPatch) -> None:
     big = os.urandom(8 << 20)
@@ -99,7 +102,7 @@ def test_a_negative_size_cannot_defeat_the_free_space_check(
     mirror.files[INDEX_FILE] = json.dumps({"format": 1, "voices": {"voice": {
         "version": "1", "path": "ttsd/voice/1", "manifest": {"size": len(manifest), "sha256": sha(manifest)}}}}
     ).encode()
-    import ttsd.fetch.prebuilt as prebuilt
+    from ttsd.fetch import prebuilt
 
     class Usage:
         free = 20 << 20  # 2 * 8 MiB + 16 MiB would be needed for big.safetensors alone
@@ -114,8 +117,6 @@ def test_a_negative_size_cannot_defeat_the_free_space_check(
             assert mirror.fetched("ttsd/voice/1/big.safetensors") == [], "8 MiB fetched past the space check"
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (availability): sync_signature overwrites the store copy's valid "
-                   "model.sig with whatever the models dir holds; the good signature is lost for good")
 def test_a_junk_signature_in_the_models_dir_cannot_brick_a_validly_signed_store_copy(
         tmp_path: Path, keys: dict[str, Path], fake_engines: None) -> None:
     """v1, signed by the fleet, serves from its store copy. Someone who can write /models puts junk
@@ -148,13 +149,11 @@ def test_a_junk_signature_in_the_models_dir_cannot_brick_a_validly_signed_store_
         again.close()
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (low): TrustedKeys.check reads model.sig twice: bounded and "
-                   "O_NOFOLLOW for the hint, then Signature.read(path) follows links and reads unbounded")
 def test_check_parses_the_bytes_it_bounded_not_the_path_again(
         tmp_path: Path, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Simulates the race (a swap between the two reads) with a hook on claimed_hint: model.sig
     becomes a symlink to a 50 MB file outside the folder. ttsd must not read it."""
-    import ttsd.signing as signing
+    from ttsd import signing
 
     folder = folder_of_two(tmp_path / "v1")
     sign(folder, keys["fleet"])
@@ -282,17 +281,22 @@ def test_index_naming_another_voice_than_its_manifest_is_refused(tmp_path: Path,
     nothing_in_models(tmp_path / "box")
 
 
-def test_trusted_keys_dir_with_a_symlinked_key_is_refused(tmp_path: Path, keys: dict[str, Path]) -> None:
+def test_trusted_keys_may_be_links_to_files_but_nothing_else(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """The keys dir is the operator's config, and a mounted secret (Kubernetes) is links: a link
+    to a key file loads; a link to a directory or a device is refused."""
     linked = tmp_path / "linked"
     linked.mkdir()
     (linked / "fleet.pem").symlink_to(keys["trusted"] / "fleet.pem")
-    with pytest.raises(ConfigError):
+    assert [k["key"] for k in TrustedKeys.load(linked).describe()] == ["fleet"]
+    (linked / "dir.pem").symlink_to(tmp_path)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        TrustedKeys.load(linked)
+    (linked / "dir.pem").unlink()
+    (linked / "zero.pem").symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match="not a regular file"):
         TrustedKeys.load(linked)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "HOLE (low): an RSA or Ed25519 .pem in --trusted-keys raises AttributeError from model_signing's "
-    "_check_supported_ec_key (key.curve), not caught by TrustedKeys.load: a crash, not ConfigError"))
 @pytest.mark.parametrize("kind", ["rsa", "ed25519"])
 def test_trusted_keys_dir_with_a_non_ec_key_is_a_config_error(tmp_path: Path, kind: str) -> None:
     from cryptography.hazmat.primitives import serialization

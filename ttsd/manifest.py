@@ -156,8 +156,10 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
             or not isinstance(entry.get("sha256"), str)
             or len(entry["sha256"]) != 64
             or not isinstance(entry.get("size"), int)
+            or isinstance(entry["size"], bool)
+            or entry["size"] < 0
         ):
-            raise ManifestError(f"{source}: entry for {rel!r} needs a 64-hex 'sha256' and an integer 'size'")
+            raise ManifestError(f"{source}: entry for {rel!r} needs a 64-hex 'sha256' and a 'size' of 0 or more")
         files[rel] = FileEntry(sha256=entry["sha256"].lower(), size=entry["size"])
     if not files:
         raise ManifestError(f"{source}: lists no files")

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,8 @@ class TrustedKeys:
         if len(files) > MAX_KEYS:
             raise ConfigError(f"--trusted-keys {directory}: more than {MAX_KEYS} keys")
         for path in files:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            try:  # links are followed here: the dir is the operator's (a mounted secret is links)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         raise ConfigError(f"--trusted-keys: {path} is not a regular file")
@@ -158,10 +159,10 @@ class TrustedKeys:
                 if len(pem) > MAX_KEY_BYTES:
                     raise ConfigError(f"--trusted-keys: {path} is too large for a public key")
                 hint = key_hint(pem)
-                verifier = sign_ec_key.Verifier(path)
+                verifier = _verifier(sign_ec_key, pem)
             except ConfigError:
                 raise
-            except (OSError, ValueError, TypeError) as exc:
+            except Exception as exc:
                 raise ConfigError(f"--trusted-keys: {path} is not a supported public key "
                                   f"(PEM, elliptic curve P-256/384/521): {exc}") from exc
             keys[hint] = (path.stem, verifier)
@@ -183,7 +184,7 @@ class TrustedKeys:
             raise SignatureError("unknown_key", f"signed by a key that is not trusted (key {hint[:HINT_CHARS]}; "
                                                 f"trusted: {', '.join(n for n, _ in self.keys.values())})")
         try:
-            bundle = sign_sigstore_pb.Signature.read(folder / SIGNATURE)
+            bundle = _bundle(sign_sigstore_pb, data)
         except Exception as exc:
             raise SignatureError("invalid", f"{SIGNATURE} is not a model-signing bundle "
                                             f"({_first_line(exc)})") from exc
@@ -200,6 +201,23 @@ class TrustedKeys:
 
     def describe(self) -> list[dict[str, str]]:
         return [{"key": name, "hint": hint[:HINT_CHARS]} for hint, (name, _) in sorted(self.keys.items())]
+
+
+def _verifier(sign_ec_key: Any, pem: bytes) -> Any:
+    """The library's verifier for the key bytes already read (it reads a path)."""
+    with tempfile.TemporaryDirectory(prefix="ttsd-key-") as private:
+        copy = Path(private) / "key.pem"
+        copy.write_bytes(pem)
+        return sign_ec_key.Verifier(copy)
+
+
+def _bundle(sign_sigstore_pb: Any, data: bytes) -> Any:
+    """The library's bundle from the bytes already read and bounded (the library reads a path: it
+    gets a private copy, so a file swapped in the folder after the read is never parsed)."""
+    with tempfile.TemporaryDirectory(prefix="ttsd-sig-") as private:
+        copy = Path(private) / SIGNATURE
+        copy.write_bytes(data)
+        return sign_sigstore_pb.Signature.read(copy)
 
 
 def _hint_of(name: str, keys: dict[str, tuple[str, Any]]) -> str:

@@ -40,6 +40,7 @@ from ..errors import (
     ImportPiperError,
     NotOnMirror,
     ResourceError,
+    SignatureError,
     VoiceExistsError,
     is_system_oserror,
     resource_error,
@@ -150,6 +151,11 @@ def _get(request: GetRequest, reporter: Reporter) -> GetResult:
     ready = _from_fleet_mirror(request, reporter)
     if ready is not None:
         return ready
+    if request.trust is not None:  # a voice converted here is signed by nobody: the daemon would refuse it
+        raise SignatureError("unsigned", f"{request.mirror.base} has no signed folder of {request.voice} "
+                                         "(no ttsd-index.json naming it), and a Piper voice converted here is "
+                                         "signed by nobody; publish it signed (ttsd models publish) or drop "
+                                         "--trusted-keys")
     voice = load_catalog(request.mirror).find(request.voice)
     key = voice.key
     newest = _newest(request.models, key)

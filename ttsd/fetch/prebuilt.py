@@ -41,7 +41,7 @@ from ..errors import (
     ResourceError,
     VoiceExistsError,
 )
-from ..fsutil import atomic_write_text, fsync_dir
+from ..fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
 from ..manifest import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -238,7 +238,8 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None) -> Prebuilt:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     if signed and _sha256(target / SIGNATURE) != _sha256(folder / SIGNATURE):
-        shutil.copyfile(folder / SIGNATURE, target / SIGNATURE)  # signed again: same content, new signature
+        # signed again (same content, new signature): renamed in, so a box never reads half of it
+        atomic_write_bytes(target / SIGNATURE, (folder / SIGNATURE).read_bytes(), mode=0o644)
     entry = {"version": manifest.version, "path": rel,
              "manifest": {"size": (target / MANIFEST).stat().st_size, "sha256": _sha256(target / MANIFEST)}}
     if (target / SIGNATURE).is_file():

@@ -135,21 +135,30 @@ class OperatorActions:
     def _check_signature(self: ModelManager, model: ModelVersion) -> None:
         """With trusted keys, the store copy (just verified against its manifest) must be signed by
         one of them, over exactly its files; ``SignatureError`` says why not. The models-dir
-        folder's current signature is taken first: one added after the copy was made counts."""
+        folder's signature is tried when the copy's fails: one added after the copy was made counts,
+        a junk one beside a good copy does not."""
         assert model.store is not None and model.manifest is not None
         if self.trust is None:  # shown as unverified, as what it claims
             claimed = describe_signature(model.store)
             model.signer = str(claimed) if claimed is not None else ""
             return
-        if model.source is not None:
-            self.store.sync_signature(model.source, model.store)
+        trust, store, manifest = self.trust, model.store, model.manifest
         try:
-            model.signer = str(self.trust.check(model.store, model.manifest))
+            try:
+                signer = trust.check(store, manifest)
+            except SignatureError:
+                # the folder in the models dir may hold a newer signature (signed again, a key rotated)
+                offered = self.store.offer_signature(model.source, store, lambda: trust.check(store, manifest)) \
+                    if model.source is not None else None
+                if offered is None:
+                    raise
+                signer = offered
         except SignatureError as exc:
             model.refused_signature = signature_digest(model.source) if model.source is not None else ""
             model.signature_failure = exc.kind
             self._listener("signature_refused", model)
             raise
+        model.signer = str(signer)
         model.refused_signature, model.signature_failure = None, ""
         log.info("%s %s: signed by %s", model.name, model.version, model.signer)
 

@@ -24,7 +24,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from ..errors import (
     ManifestError,
@@ -54,6 +54,7 @@ from ..manifest import (
 from ..signing import read_signature
 
 log = logging.getLogger("ttsd.store")
+T = TypeVar("T")
 
 
 def content_id(manifest: Manifest) -> str:
@@ -154,12 +155,33 @@ class ModelStore:
             raise
 
 
-    def sync_signature(self, source: Path, stored: Path) -> None:
-        """The models-dir folder's ``model.sig`` into its store copy when they differ: a folder
-        signed (or signed again) after it was copied in is checked with its new signature. A
-        folder without one leaves the copy's alone: a signature only ever verifies the content it
-        names, so keeping it is safe. Called before a signature check (loader thread)."""
-        self._copy_signature(source, stored)
+    def offer_signature(self, source: Path, stored: Path, accept: Callable[[], T]) -> T | None:
+        """Try the models-dir folder's ``model.sig`` in its store copy, when it differs from the
+        copy's: a folder signed (again) after it was copied in. It stays when ``accept()`` (the
+        signature check, which raises when it fails) passes; otherwise the copy's own signature is
+        put back, so a junk file dropped beside a good folder cannot take its version down. None
+        when the folder has no other signature to try. Loader thread."""
+        try:
+            data = read_signature(source)
+        except SignatureError as exc:
+            log.warning("%s: %s", source, exc)
+            return None
+        target = stored / SIGNATURE
+        try:
+            own: bytes | None = target.read_bytes()
+        except FileNotFoundError:
+            own = None
+        if data is None or data == own:
+            return None
+        atomic_write_bytes(target, data)
+        try:
+            return accept()
+        except BaseException:
+            if own is None:
+                target.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(target, own)
+            raise
 
     @staticmethod
     def _copy_signature(source: Path, dest: Path) -> None:
