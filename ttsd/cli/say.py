@@ -53,7 +53,7 @@ def _read_text(text: str) -> str:
 @click.command()
 @click.argument("text")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="Audio file to write (.wav, .flac, .ogg or .mp3), or - for standard output (WAV).")
+              help="Audio file to write (.wav, .flac, .ogg, .mp3, .opus or .aac), or - for standard output (WAV).")
 @click.option("--voice", help="Voice name (newest version); default: the daemon's default voice.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Use this model folder directly (in-process).")
