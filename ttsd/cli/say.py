@@ -113,10 +113,12 @@ def _in_process(speech: Speech, *, model_dir: Path | None, models_dir: Path | No
                 threads: int | None) -> None:
     from ..audio import encode
     from ..config import Paths
+    from ..encoding import check_available
     from ..speak import open_engine, resolve_model
     from ..text import check_text
 
     check_text(speech.text, max_chars)  # text that cannot be spoken is refused before a voice loads
+    check_available(speech.fmt)  # so is a format this box has no encoder for (aac without PyAV)
     out = console()
     with out.status("preparing the voice…") as status:
         folder = resolve_model(Paths.resolve(models=models_dir), model_dir=model_dir, voice=speech.voice,
