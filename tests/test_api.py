@@ -206,7 +206,7 @@ def test_openai_route_formats_speed_and_errors(api: FrontEnds, voices: FakeVoice
     metrics = api.get("/metrics").body.decode()
     assert 'ttsd_requests_total{outcome="ok",route="openai",version="2",voice="joe"} 1.0' in metrics
     for body, fragment in [
-        ({"model": "tts-1", "input": "x", "voice": "alloy", "response_format": "aac"}, "aac"),
+        ({"model": "tts-1", "input": "x", "voice": "alloy", "response_format": "m4a"}, "m4a"),
         ({"model": "tts-1", "input": "x", "voice": "nobody"}, "unknown voice 'nobody'"),
         ({"model": "tts-1", "voice": "alloy"}, "'input' is required"),
         ({"model": "tts-1", "input": "x", "speed": 9}, "speed"),

@@ -113,8 +113,8 @@ def test_bad_serve_flags_are_one_line_and_exit_3(serve_args: list[str], flags: l
 
 
 def test_say_refuses_an_unknown_suffix_and_model_with_daemon(tmp_path: Path) -> None:
-    result = invoke("say", "hi", "-o", str(tmp_path / "x.aac"))
-    one_line_error(result, 3, "unknown audio format '.aac': use one of .wav, .flac, .ogg, .mp3")
+    result = invoke("say", "hi", "-o", str(tmp_path / "x.m4a"))
+    one_line_error(result, 3, "unknown audio format '.m4a': use one of .wav, .flac, .ogg, .mp3, .opus, .aac")
     result = invoke("say", "hi", "-o", str(tmp_path / "x.wav"), "--model", str(tmp_path), "--daemon")
     one_line_error(result, 3, "--model loads a folder in-process; it cannot be combined with --daemon")
     assert list(tmp_path.iterdir()) == []  # nothing written

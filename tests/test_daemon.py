@@ -110,6 +110,31 @@ def test_streaming_sends_the_same_speech_in_pieces(daemon: Daemon) -> None:
     assert 0.2 < np.abs(streamed).max() / 32767 <= 1.0
 
 
+def decoded_seconds(data: bytes) -> float:
+    """How long an Ogg Opus or ADTS AAC reply plays, decoded by FFmpeg (PyAV)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        return sum(frame.samples for frame in container.decode(stream)) / stream.rate
+
+
+def test_opus_and_aac_of_the_real_voice(daemon: Daemon) -> None:
+    """The 22050 Hz voice as Opus (resampled to 24 kHz) and AAC: 1. whole from the OpenAI route,
+    as long as the audio the daemon says it made; 2. streamed from /v1/synthesize with a seed, as
+    long as the whole PCM of that seed (the stream is one continuous file, not pieces)."""
+    text = "The first sentence is short. The second one is a little bit longer than the first."
+    whole = daemon.post("/v1/synthesize", {"text": text, "format": "pcm", "seed": 5})
+    made = len(whole.body) / 2 / 22050
+    for fmt in ("opus", "aac"):
+        reply = daemon.post("/v1/audio/speech", {"model": "tts-1", "input": text, "response_format": fmt})
+        assert reply.status == 200 and reply.headers["content-type"] == f"audio/{fmt}", reply.body[:300]
+        assert decoded_seconds(reply.body) == pytest.approx(float(reply.headers["x-ttsd-audio-seconds"]), abs=0.15)
+        streamed = daemon.post("/v1/synthesize", {"text": text, "format": fmt, "stream": True, "seed": 5})
+        assert streamed.status == 200 and streamed.headers["transfer-encoding"] == "chunked"
+        assert decoded_seconds(streamed.body) == pytest.approx(made, abs=0.15)
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):

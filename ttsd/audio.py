@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .encoding import encode_whole
 from .errors import ConfigError
-from .formats import FORMATS
+from .formats import ENCODED_FORMATS, FILE_FORMATS, FORMATS
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,13 @@ def concat(parts: list[Audio], pause: float = 0.0) -> Audio:
 
 
 def encode(audio: Audio, fmt: str = "wav") -> bytes:
-    """Encode to a complete file in memory (wav, flac or ogg)."""
+    """Encode to a complete file in memory (wav, flac, ogg, mp3, opus or aac)."""
     import soundfile
 
+    if fmt in ENCODED_FORMATS:
+        return encode_whole(audio.samples, audio.sample_rate, fmt)
     if fmt not in FORMATS:
-        raise ConfigError(f"unknown audio format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown audio format {fmt!r}: use one of {', '.join(FILE_FORMATS)}")
     container, subtype = FORMATS[fmt]
     buffer = io.BytesIO()
     soundfile.write(buffer, np.clip(audio.samples, -1.0, 1.0), audio.sample_rate, format=container, subtype=subtype)

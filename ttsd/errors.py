@@ -105,6 +105,20 @@ class BusyError(TtsdError):
         self.retry_after = retry_after
 
 
+class FormatUnavailableError(TtsdError):
+    """An audio format whose encoder library is not installed on this box (e.g. aac without PyAV).
+    Not the request's fault (the format is valid) nor the model's: the box's, and a lasting one,
+    so 501 rather than a 503 that invites retries."""
+
+    exit_code = 3
+    code = "format_unavailable"
+    status = 501
+
+    def __init__(self, fmt: str, needs: str) -> None:
+        super().__init__(f"format {fmt} is not available on this box: it needs {needs}")
+        self.format = fmt
+
+
 class DaemonError(TtsdError):
     """The daemon could not be reached, or answered with an error ``ttsd say`` cannot map."""
 

@@ -14,8 +14,12 @@ FORMATS: dict[str, tuple[str, str]] = {
     "ogg": ("OGG", "VORBIS"),
     "mp3": ("MP3", "MPEG_LAYER_III"),
 }
+# Written by ``ttsd.encoding`` instead (resampled Ogg Opus; ADTS AAC through PyAV).
+ENCODED_FORMATS = ("opus", "aac")
+FILE_FORMATS = (*FORMATS, *ENCODED_FORMATS)
+# opus and aac: the types OpenAI's speech API sends for them.
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg",
-               "pcm": "audio/L16"}
+               "opus": "audio/opus", "aac": "audio/aac", "pcm": "audio/L16"}
 
 
 def format_for_path(path: str | Path, default: str = "wav") -> str:
@@ -23,6 +27,6 @@ def format_for_path(path: str | Path, default: str = "wav") -> str:
     suffix = Path(str(path)).suffix.lower().lstrip(".")
     if str(path) == "-" or not suffix:
         return default
-    if suffix not in FORMATS:
-        raise ConfigError(f"unknown audio format '.{suffix}': use one of {', '.join('.' + f for f in FORMATS)}")
+    if suffix not in FILE_FORMATS:
+        raise ConfigError(f"unknown audio format '.{suffix}': use one of {', '.join('.' + f for f in FILE_FORMATS)}")
     return suffix

@@ -53,7 +53,7 @@ def _read_text(text: str) -> str:
 @click.command()
 @click.argument("text")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="Audio file to write (.wav, .flac, .ogg or .mp3), or - for standard output (WAV).")
+              help="Audio file to write (.wav, .flac, .ogg, .mp3, .opus or .aac), or - for standard output (WAV).")
 @click.option("--voice", help="Voice name (newest version); default: the daemon's default voice.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Use this model folder directly (in-process).")
@@ -113,10 +113,12 @@ def _in_process(speech: Speech, *, model_dir: Path | None, models_dir: Path | No
                 threads: int | None) -> None:
     from ..audio import encode
     from ..config import Paths
+    from ..encoding import check_available
     from ..speak import open_engine, resolve_model
     from ..text import check_text
 
     check_text(speech.text, max_chars)  # text that cannot be spoken is refused before a voice loads
+    check_available(speech.fmt)  # so is a format this box has no encoder for (aac without PyAV)
     out = console()
     with out.status("preparing the voice…") as status:
         folder = resolve_model(Paths.resolve(models=models_dir), model_dir=model_dir, voice=speech.voice,

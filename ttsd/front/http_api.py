@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from ..audio import Audio, encode, wav_stream_header
+from ..encoding import Encoder, check_available, open_encoder
 from ..errors import (
     BusyError,
     RequestError,
@@ -82,11 +83,24 @@ async def _read_body(request: web.Request) -> bytes:
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> None:
-    """A streamed piece; a client that stops reading is dropped (and its synthesis cancelled)."""
+    """A streamed piece; a client that stops reading is dropped (and its synthesis cancelled).
+    Nothing is sent for no bytes (an encoder may hold a chunk until it fills a frame or page)."""
+    if not data:
+        return
     try:
         await asyncio.wait_for(response.write(data), WRITE_SECONDS)
     except TimeoutError:
         raise ConnectionResetError(f"the client took no audio for {WRITE_SECONDS:.0f} s") from None
+
+
+async def _encoded(loop: asyncio.AbstractEventLoop, response: web.StreamResponse,
+                   call: Callable[..., bytes], *args: Any) -> bytes:
+    """A streamed piece from an encoder, run on the loop's executor. Its failure comes after the
+    status went out, so it breaks the stream like a voice's failure would."""
+    try:
+        return await loop.run_in_executor(None, call, *args)
+    except Exception as exc:
+        raise _StreamBroken(exc, response) from exc
 
 
 def _is_tcp(request: web.BaseRequest) -> bool:
@@ -174,6 +188,7 @@ class _Api:
         started = time.monotonic()
         try:
             req = replace(req, text=check_text(req.text, self.b.max_chars))  # checked here, once
+            check_available(req.format)  # an encoder this box lacks: refused before any synthesis
             if not self.b.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
             lease = self.b.acquire(req.voice, req.version, user=req.user)
@@ -249,6 +264,7 @@ class _Api:
 
         future.add_done_callback(finished)
         response: web.StreamResponse | None = None
+        encoder: Encoder | None = None  # opus, aac: one continuous stream over every chunk
         try:
             while True:
                 item = await chunks.get()
@@ -261,13 +277,20 @@ class _Api:
                         raise _StreamBroken(item, response)
                     raise item
                 if response is None:
+                    if req.format not in ("wav", "pcm"):
+                        encoder = await loop.run_in_executor(None, open_encoder, req.format, item.sample_rate)
                     response = web.StreamResponse(headers=self._headers(lease, req.format, item.sample_rate))
                     response.enable_chunked_encoding()
                     await response.prepare(request)
                     if req.format == "wav":
                         await _write(response, wav_stream_header(item.sample_rate))
-                await _write(response, item.to_pcm16())
-        except (asyncio.CancelledError, ConnectionResetError):
+                if encoder is None:
+                    await _write(response, item.to_pcm16())
+                else:  # encoding is CPU work: off the loop, like a whole file's
+                    await _write(response, await _encoded(loop, response, encoder.write, item.samples))
+            if encoder is not None and response is not None:
+                await _write(response, await _encoded(loop, response, encoder.close))
+        except BaseException:  # the client went away, or the stream cannot go on: stop the voice too
             job.cancel.set()
             raise
         assert response is not None

@@ -8,11 +8,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import RequestError
-from ..formats import FORMATS
+from ..formats import FILE_FORMATS
 from ..options import SynthesisOptions
 
-FORMATS_ALL = (*FORMATS, "pcm")
-STREAM_FORMATS = ("wav", "pcm")
+FORMATS_ALL = (*FILE_FORMATS, "pcm")
+# Formats that can go out as the voice makes them: raw PCM, WAV with a header for a stream of
+# unknown length, and the two whose encoders emit self-contained pages/frames (Ogg Opus, ADTS AAC).
+# mp3/ogg/flac through libsndfile are written whole (FLAC rewrites its header at the end).
+STREAM_FORMATS = ("wav", "pcm", "opus", "aac")
 # The voices OpenAI's API defines: clients always send one; they mean "the default voice" here.
 OPENAI_VOICES = {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse"}
 
@@ -130,7 +133,7 @@ def parse_request(data: Any) -> SynthRequest:
         raise RequestError(f"format {fmt!r} is not supported (use {', '.join(FORMATS_ALL)})")
     stream = _field(data, "stream", (bool,), False)
     if stream and fmt not in STREAM_FORMATS:
-        raise RequestError(f"streaming needs format wav or pcm, not {fmt}")
+        raise RequestError(f"streaming needs format {', '.join(STREAM_FORMATS)}, not {fmt}")
     version = data.get("version")
     if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
         raise RequestError("field 'version' must be a string")

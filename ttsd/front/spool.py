@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..audio import encode
+from ..encoding import check_available
 from ..errors import (
     BusyError,
     ResourceError,
@@ -231,6 +232,7 @@ class Spool:
                 raise SpoolFileError("duplicate", f"out/{request_id}.json already exists: a request with this ID was "
                                "served; remove its outputs or use a new ID")
             req = _parse(claimed, raw)
+            check_available(req.format)  # before synthesis: audio that cannot be written is wasted
             req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
             lease = self.backend.acquire(req.voice, req.version, user=req.user)
             served = lease.served
