@@ -13,7 +13,9 @@ import os
 import re
 import shutil
 import socket
+import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -244,3 +246,47 @@ def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
     finally:
         browser.quit()
         assert d.stop() == 0, d.logs()
+
+
+HOSTILE = '<img src=x onerror="window.pwned=1">'
+
+
+def test_hostile_status_is_shown_as_text_on_a_phone(tmp_path: Path) -> None:
+    """Reasons, folder names and audit entries come from model folders and are hostile: on a
+    phone-sized headless chromium, 1. they appear as text and run nothing; 2. the page is no
+    wider than the screen (wide tables scroll inside their box)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    voices = FakeVoices(tmp_path, VOICES)
+
+    def status() -> dict[str, Any]:
+        version = {"version": "3", "state": "refused", "reason": HOSTILE, "served": 0, "model_failures": 0}
+        return {**voices.status(), "uptime": 3725.0, "folders": [{"folder": f"/models/{HOSTILE}",
+                                                                  "state": "refused", "reason": HOSTILE}],
+                "voices": [{"name": "joe", "active": "2", "default": True, "versions": [version]}],
+                "history": [{"time": "2026-01-01T00:00:00", "voice": "joe", "from": "2", "to": "3",
+                             "why": HOSTILE, HOSTILE: HOSTILE}]}
+
+    front = FrontEnds(replace(voices.backend, status=status), tmp_path)
+    server = threading.Thread(target=front.loop.run_forever, daemon=True)
+    server.start()
+    try:
+        browser.set_window_size(390, 844)
+        browser.get(f"http://127.0.0.1:{front.port}/")
+        WebDriverWait(browser, 30).until(lambda b: "refused" in b.find_element(By.ID, "voices").text)
+        for where in ("voices", "folders", "history"):
+            assert HOSTILE in browser.find_element(By.ID, where).text, where
+        assert browser.find_elements(By.CSS_SELECTOR, "main img") == []
+        assert browser.execute_script("return window.pwned") is None
+        assert "1h 2m" in browser.find_element(By.ID, "summary").text
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        if os.environ.get("TTSD_PHONE_SCREENSHOT"):
+            browser.save_screenshot(os.environ["TTSD_PHONE_SCREENSHOT"])
+    finally:
+        browser.quit()
+        front.loop.call_soon_threadsafe(front.loop.stop)
+        server.join(10)
+        front.close()
+        voices.close()

@@ -155,7 +155,8 @@
 
   function render(s) {
     control = !!s.control;
-    $("summary").textContent = `${s.version ?? ""} · pid ${s.pid ?? "?"} · up ${duration(s.uptime ?? 0)}`;
+    $("summary").textContent = [s.version, s.pid && `pid ${s.pid}`, `up ${duration(s.uptime ?? 0)}`]
+      .filter(Boolean).join(" · ");
     const voices = s.voices || [];
     $("voices").replaceChildren(...(voices.length ? voices.map(renderVoice)
                                                     : [el("p", { class: "muted" }, "no voices yet")]));
