@@ -126,7 +126,7 @@ def test_control_routes_refuse_other_web_pages(tmp_path: Path) -> None:
         assert voices.rollbacks == []
         page_like = {"Origin": "http://localhost:8080", "Host": "localhost:8080", "Sec-Fetch-Site": "same-origin"}
         assert front.post(path, {}, headers={**page_like, **json_type}).status == 200
-        assert front.post(path, {}, headers={"Host": "[::1]:8080", "Origin": "http://[::1]:8080", **json_type}).status == 200
+        assert front.post(path, {}, headers={"Host": "[::1]:8080", "Origin": "https://[::1]:8080", **json_type}).status == 200
         assert front.post(path).status == 200  # curl -X POST: no body, no type
         assert front.post(path, {}, headers=json_type).status == 200  # ttsd rollback
         assert front.get("/v1/status", headers={"Host": "127.0.0.1:8080", "Sec-Fetch-Site": "none"}).status == 200

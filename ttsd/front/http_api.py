@@ -132,7 +132,8 @@ def browser_refusal(request: web.BaseRequest, *, control: bool, unguarded: bool)
     if not control:
         return None
     origin = headers.get("Origin")
-    if origin is not None and origin != f"{request.scheme}://{request.host}":
+    # host and port only: behind a TLS proxy the page is https:// while this side sees http
+    if origin is not None and origin.partition("://")[2] != request.host:
         return _error(403, "cross_origin", "control routes take no requests from other web pages")
     if headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         return _error(403, "cross_origin", "control routes take no requests from other web pages")
