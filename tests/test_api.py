@@ -318,7 +318,7 @@ def test_metrics_status_and_voices(api: FrontEnds, voices: FakeVoices) -> None:
     assert 'ttsd_requests_total{outcome="bad_request",route="synthesize",version="-",voice="-"} 1.0' in text
     assert 'ttsd_request_seconds_count{route="synthesize",voice="joe"} 1.0' in text
     assert "ttsd_audio_seconds_total{" in text and 'version="2",voice="joe"}' in text
-    assert api.get("/v1/status").json() == voices.status()
+    assert api.get("/v1/status").json() == {**voices.status(), "control": True}  # the socket takes control
     assert api.get("/v1/voices").json() == {"voices": [{"name": "ann", "active": "1"}, {"name": "joe", "active": "2"}]}
 
 
