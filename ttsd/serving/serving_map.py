@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engines import Engine
-from ..errors import BusyError, UnknownVoiceError
+from ..errors import BusyError, ColdVoiceError, UnknownVoiceError
 from .versions import norm
 
 Key = tuple[str, str]  # (voice, normalised version)
@@ -98,6 +98,8 @@ class ServingMap:
             if version is not None:
                 key = (name, norm(version))
                 if key not in self._loaded:
+                    if self._active.get(name) == key:
+                        raise ColdVoiceError(name)
                     raise UnknownVoiceError(f"voice {name} has no loaded version {version}")
             else:
                 active = self._active.get(name)
@@ -110,7 +112,9 @@ class ServingMap:
                 canary = self._canary.get(name)
                 if canary is not None and random.random() < self._canary_share(name):
                     key = canary
-            entry = self._loaded[key]
+            entry = self._loaded.get(key)
+            if entry is None:  # its active version is parked (the memory budget's): load it first
+                raise ColdVoiceError(name)
             entry.in_flight += 1
             self._in_flight += 1
             return Lease(entry.served, entry.engine, self._release, entry)
@@ -199,6 +203,22 @@ class ServingMap:
                 del self._canary[key[0]]
             del self._loaded[key]
             return True
+
+    def park(self, key: Key) -> bool:
+        """``key`` stays (or becomes) its voice's active version, but not loaded: its entry leaves
+        the map and requests for the voice get ``ColdVoiceError`` until ``add`` puts it back (the
+        memory budget's unload, and a voice restored without loading). False, and nothing
+        changes, while a request holds it."""
+        with self._lock:
+            entry = self._loaded.get(key)
+            if entry is not None and entry.in_flight:
+                return False
+            self._loaded.pop(key, None)
+            self._active[key[0]] = key
+            return True
+
+    def loaded(self, key: Key) -> bool:
+        return key in self._loaded
 
     def clear(self) -> list[Engine[Any]]:
         """Everything out (shutdown): the engines, for the owner to unload."""
