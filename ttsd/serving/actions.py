@@ -5,7 +5,8 @@ and taking versions down.
   a failure refuses the version (its own fault) or defers it (the box's);
 * the swap (``_activate``): one reference replaced in the ``ServingMap``, then what stays loaded
   is trimmed (``keep``) and the store pruned;
-* taking down (``_unload``): out of the map once no request holds it, then unloaded;
+* taking down (``_unload``): out of the map once no request holds it, then unloaded (within a
+  memory budget, ``demand.py`` unloads idle voices too);
 * operator actions (``rollback``, ``activate``), from ``ttsd rollback``/``activate`` or the
   control routes, on a fresh loader thread;
 * automatic ones: an auto-rollback when a new version fails too many of its first requests, and
@@ -30,6 +31,7 @@ from ..errors import (
     is_system_oserror,
     resource_error,
 )
+from ..malloc import resident_bytes
 from ..manifest import read_manifest
 from .loader import (
     StoreLost,
@@ -136,6 +138,7 @@ class OperatorActions:
         ``verified``: the caller has just made the store copy from hashed bytes (``put``)."""
         started = time.monotonic()
         lower_thread_priority(self.policy.loader_nice)
+        self._make_room(model)  # within a memory budget: idle voices are unloaded first
         try:
             model.state = State.VERIFYING
             if not verified:
@@ -143,8 +146,10 @@ class OperatorActions:
             assert model.store is not None and model.manifest is not None
             model.state = State.LOADING
             self._listener("loading", model)
+            before = resident_bytes()
             engine = load_engine(model.store, model.manifest, self.engine_options, serving=self.map.serving,
                                  warming=lambda: setattr(model, "state", State.WARMING))
+            model.rss = max(0, resident_bytes() - before)  # what it costs, for the budget's next choices
         except Exception as exc:  # TtsdError says why; anything else is the engine crashing
             if isinstance(exc, (StoreLost, MemoryError, ResourceError)) or is_system_oserror(exc):
                 self._defer(model, str(exc) if isinstance(exc, TtsdError) else str(resource_error(exc, "loading")))
@@ -275,7 +280,9 @@ class OperatorActions:
             model.state, model.requests, model.failures = State.ACTIVE, 0, 0
             previous = self._versions.get(replaced) if replaced else None
             if previous is not None and previous is not model:
-                previous.state = previous_state
+                # a parked version (the memory budget's) is a rollback target that must load first
+                previous.state = State.AVAILABLE if previous.engine is None and previous_state is State.STANDBY \
+                    else previous_state
             standby = sorted((m for m in self._versions.values()
                               if m.name == model.name and m.state is State.STANDBY), key=order, reverse=True)
             for extra in standby[self.policy.keep:]:
@@ -288,6 +295,7 @@ class OperatorActions:
         self._listener("activated", model)
         for m in to_unload:  # freeing memory is not part of the swap: do it off this path
             self._spawn(lambda m=m: self._unload(m))
+        self._fit_budget()  # the replaced version, now a rollback target, is the first to go
         self._prune_store(model.name)
         return swapped
 
