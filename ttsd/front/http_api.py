@@ -172,7 +172,7 @@ class _Api:
             req = replace(req, text=check_text(req.text, self.b.max_chars))  # checked here, once
             if not self.b.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
-            lease = self.b.acquire(req.voice, req.version)
+            lease = await self.b.lease(req.voice, req.version)
         except TtsdError as exc:  # no lease: the names came from the client, never a metric label
             self._count(None, None, route, exc.code, exc.fault)
             return error_response(exc)

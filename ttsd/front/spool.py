@@ -232,7 +232,7 @@ class Spool:
                                "served; remove its outputs or use a new ID")
             req = _parse(claimed, raw)
             req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
-            lease = self.backend.acquire(req.voice, req.version)
+            lease = await self.backend.lease(req.voice, req.version)
             served = lease.served
             job = Job(text=req.text, options=req.options, lease=lease, route="spool")
             future: Future[Result] = self.backend.submit(job)
