@@ -101,6 +101,10 @@ class ServeConfig:
     rescan_interval: float = 5.0
     wyoming: str | None = None  # tcp://HOST:PORT or unix://PATH
     wyoming_zeroconf: str | None = None  # announce the Wyoming TCP service over mDNS under this name
+    max_loaded: int | None = None  # loaded versions at most (None: no limit)
+    memory_budget: int | None = None  # bytes of the process's RSS (None: no limit)
+    preload: tuple[str, ...] = ()  # voices kept loaded within a budget (empty: the default voice)
+    load_wait: float = 30.0  # seconds a request waits for its voice to load
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -22,10 +29,13 @@ class Metrics:
     model_swaps: Counter
     spool: Counter
     transitions: Counter
+    voice_loads: Counter
+    voice_evictions: Counter
 
     @classmethod
     def create(cls) -> Metrics:
         r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes: what --memory-budget is measured against
         return cls(
             registry=r,
             requests=Counter("ttsd_requests", "Synthesis requests by voice, version, front end and outcome",
@@ -46,6 +56,10 @@ class Metrics:
             spool=Counter("ttsd_spool_requests", "Spool requests by outcome", ["outcome"], registry=r),
             transitions=Counter("ttsd_model_transitions", "Model version state transitions",
                                 ["voice", "event"], registry=r),
+            voice_loads=Counter("ttsd_voice_loads", "Voices loaded because a request needed them while they were "
+                                "unloaded (memory budget misses)", ["voice"], registry=r),
+            voice_evictions=Counter("ttsd_voice_evictions", "Idle versions unloaded to stay within the memory "
+                                    "budget", ["voice"], registry=r),
         )
 
     def render(self) -> bytes:
