@@ -6,7 +6,9 @@ active version by replacing one reference (``activate``: TF Serving's fast-read 
 old version is never changed under a request), or a canary for a share of requests. A request
 ``acquire``s a ``Lease``: the frozen facts of the version that serves it (``Served``: name,
 version, sample rate) and its engine, held until ``release``, so a swap never changes the model
-under a running request. The map knows nothing of states, stores or folders: it calls back
+under a running request. Within a memory budget a voice's active version may be *parked*
+(``park``): still active, not loaded, so ``acquire`` raises ``ColdVoiceError`` and the front end
+waits for its load. The map knows nothing of states, stores or folders: it calls back
 ``on_release`` (the manager judges the outcome and unloads what is idle) and ``upgrading`` (voices
 being loaded, for a 503 rather than a 404).
 
