@@ -23,6 +23,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..engines import engine_class
 from ..errors import (
     ConflictError,
     ResourceError,
@@ -131,13 +132,17 @@ class OperatorActions:
             raise ConflictError(f"cannot serve {target.name} {target.version}: {exc}") from exc
 
     # == bringing up and taking down ============================================================
-    def _bring_up(self: ModelManager, model: ModelVersion, why: str, *, verified: bool = False) -> bool:
+    def _bring_up(self: ModelManager, model: ModelVersion, why: str, *, verified: bool = False,
+                  urgent: bool = False) -> bool:
         """Verify the store copy (copying it again from the models dir if it is damaged), load and
         warm up, at low CPU priority beside live requests. A failure of the version's own refuses
         it; one of the box's (or a damaged copy with nothing to copy again) defers it.
-        ``verified``: the caller has just made the store copy from hashed bytes (``put``)."""
+        ``verified``: the caller has just made the store copy from hashed bytes (``put``).
+        ``urgent``: a request waits for this load, so it keeps its thread's CPU priority (still on
+        one core and yielding the GIL while others are served)."""
         started = time.monotonic()
-        lower_thread_priority(self.policy.loader_nice)
+        if not urgent:
+            lower_thread_priority(self.policy.loader_nice)
         self._make_room(model)  # within a memory budget: idle voices are unloaded first
         try:
             model.state = State.VERIFYING
@@ -146,6 +151,7 @@ class OperatorActions:
             assert model.store is not None and model.manifest is not None
             model.state = State.LOADING
             self._listener("loading", model)
+            engine_class(model.manifest.engine)  # imported first: torch's own start-up is no voice's cost
             before = resident_bytes()
             engine = load_engine(model.store, model.manifest, self.engine_options, serving=self.map.serving,
                                  warming=lambda: setattr(model, "state", State.WARMING))

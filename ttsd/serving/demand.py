@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BusyError, LoadError, ResourceError, TtsdError, UnknownVoiceError
 from ..malloc import resident_bytes
 from . import residency
-from .loader import lower_thread_priority, unload_engine
+from .loader import unload_engine
 from .versions import COMING_UP, ModelVersion, State
 
 if TYPE_CHECKING:
@@ -109,7 +109,6 @@ class OnDemand:
             future.set_exception(error)
 
     def _load_for_requests(self: ModelManager, name: str) -> None:
-        lower_thread_priority(self.policy.loader_nice)  # a request waits, but others are being served
         deadline = time.monotonic() + ROOM_WAIT_SHARE * self.budget.wait
         while True:
             with self._load_lock:
@@ -136,7 +135,9 @@ class OnDemand:
             self._ensure_stored(model)
         except TtsdError as exc:
             raise ResourceError(f"voice {name} cannot be loaded now: {exc}", retry_after=10) from exc
-        if self._bring_up(model, "a request needs it"):
+        # a request waits: the load keeps normal CPU priority (a nice-10 load behind busy workers
+        # makes that request, too, wait for the CPU time nobody else wants)
+        if self._bring_up(model, "a request needs it", urgent=True):
             with self._lock:
                 model.state = State.ACTIVE
                 self.map.add(model.key, self._served(model), model.engine)  # type: ignore[arg-type]
