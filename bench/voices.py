@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -143,15 +144,17 @@ class Daemon:
         line = next(x for x in Path(f"/proc/{self.pid}/status").read_text().splitlines() if x.startswith(field + ":"))
         return int(line.split()[1]) / 1024
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM; (exit code, log); removes the temp dirs."""
         self.proc.send_signal(signal.SIGTERM)
         try:
             code = self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
+        log = self.log.read_text(errors="replace")
         self.tmp.cleanup()
-        return code
+        return code, log
 
 
 @dataclass
@@ -160,6 +163,7 @@ class Sample:
     hit: bool
     latency: float
     status: int  # 0: no HTTP answer
+    error: str = ""  # the error code of a failed request
 
 
 def drive(daemon: Daemon, requests: int, zipf: float, seed: int) -> list[Sample]:
@@ -178,12 +182,15 @@ def drive(daemon: Daemon, requests: int, zipf: float, seed: int) -> list[Sample]
             voice = rng.choices(daemon.names, weights)[0]
             hit = daemon.voices()[voice]["residency"] == "loaded"
             started = time.monotonic()
+            error = ""
             try:
-                status = request(daemon.socket, "POST", "/v1/synthesize", {"text": SHORT, "voice": voice})[0]
-            except (OSError, http.client.HTTPException):
-                status = 0
+                status, _, body = request(daemon.socket, "POST", "/v1/synthesize", {"text": SHORT, "voice": voice})
+                if status != 200:
+                    error = json.loads(body)["error"]["code"]
+            except (OSError, http.client.HTTPException, ValueError, KeyError):
+                status, error = 0, "no answer"
             with lock:
-                samples.append(Sample(voice, hit, time.monotonic() - started, status))
+                samples.append(Sample(voice, hit, time.monotonic() - started, status, error))
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
     for thread in threads:
@@ -213,7 +220,8 @@ def main() -> None:
         loads, evictions = daemon.metric("ttsd_voice_loads_total"), daemon.metric("ttsd_voice_evictions_total")
         peak_mb, end_mb = daemon.rss_mb("VmHWM"), daemon.rss_mb()
     finally:
-        code = daemon.stop()
+        code, log = daemon.stop()
+    load_seconds = [float(x) for x in re.findall(r"loaded and warmed in ([0-9.]+) s \(a request needs it\)", log)]
     hits = [s.latency for s in samples if s.hit and s.status == 200]
     misses = [s.latency for s in samples if not s.hit and s.status == 200]
     result = {
@@ -225,6 +233,9 @@ def main() -> None:
         if status["memory"]["budget_bytes"] else None, "loaded_at_end": status["memory"]["loaded_versions"],
         "start_seconds": round(daemon.start_seconds, 1), "per_voice": {n: sum(s.voice == n for s in samples)
                                                                        for n in daemon.names},
+        "errors": {f"{s.status} {s.error}": sum(1 for t in samples if (t.status, t.error) == (s.status, s.error))
+                   for s in samples if s.status != 200},
+        "load_p50": pct(load_seconds, 50), "load_p90": pct(load_seconds, 90),
         "exit_code": code, "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
     if args.json:
@@ -240,6 +251,8 @@ def main() -> None:
     print(f"| {result['requests']} | {result['failed']} | {result['hit_rate']:.0%} | {result['hit_p50']:.2f} s | "
           f"{result['hit_p99']:.2f} s | {result['miss_p50']:.2f} s | {result['miss_p99']:.2f} s | "
           f"{result['loads']:.0f} | {result['evictions']:.0f} | {result['peak_rss_mb']} MB | {budget_text} |")
+    print(f"failed: {result['errors'] or 'none'}; a load for a request took {result['load_p50']:.2f} s "
+          f"(p50), {result['load_p90']:.2f} s (p90)")
     print(f"requests per voice: {result['per_voice']}; RSS after start-up {result['start_rss_mb']} MB, at the end "
           f"{result['end_rss_mb']} MB with {result['loaded_at_end']} versions loaded; daemon exit code {code}")
 
