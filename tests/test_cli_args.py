@@ -104,6 +104,7 @@ def test_usage_errors_exit_2_with_clicks_message(args: list[str], fragment: str)
     (["--wyoming", "tcp://127.0.0.1:10200", "--wyoming-zeroconf", "a.b"], "--wyoming-zeroconf 'a.b'"),
     (["--canary", "joe=half"], "--canary 'joe=half'"),
     (["--token-file", "/nonexistent/token"], "cannot read --token-file /nonexistent/token"),
+    (["--memory-budget", "lots"], "--memory-budget 'lots': expected a size such as 1.5G"),
 ])
 def test_bad_serve_flags_are_one_line_and_exit_3(serve_args: list[str], flags: list[str], fragment: str,
                                                 tmp_path: Path) -> None:

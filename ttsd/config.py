@@ -102,6 +102,10 @@ class ServeConfig:
     wyoming: str | None = None  # tcp://HOST:PORT or unix://PATH
     wyoming_zeroconf: str | None = None  # announce the Wyoming TCP service over mDNS under this name
     trusted_keys: Path | None = None  # load only folders signed by a public key in this dir
+    max_loaded: int | None = None  # loaded versions at most (None: no limit)
+    memory_budget: int | None = None  # bytes of the process's RSS (None: no limit)
+    preload: tuple[str, ...] = ()  # voices kept loaded within a budget (empty: the default voice)
+    load_wait: float = 30.0  # seconds a request waits for its voice to load
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ from .front.listeners import TCPListener, UnixListener
 from .front.spool import Spool
 from .front.synth import SynthesisPool
 from .front.wyoming import Advertisement, WyomingServer
-from .malloc import describe, tune
+from .malloc import describe, resident_bytes, tune
 from .metrics import Metrics
 from .reloader import ModelWatcher
 from .serving.manager import ModelManager
+from .serving.residency import Budget
 from .serving.source import LocalFolderSource
 from .serving.versions import ModelVersion, Policy
 from .signing import TrustedKeys
@@ -140,6 +141,8 @@ class Daemon:
             default_voice=config.default_voice,
             listener=self._on_model_event,
             trust=self.trust,
+            budget=Budget(max_loaded=config.max_loaded, memory=config.memory_budget, preload=config.preload,
+                          wait=config.load_wait),
         )
         self._serving = False
         self._reconcile_lock = threading.Lock()
@@ -161,6 +164,10 @@ class Daemon:
             self.metrics.model_loads.labels(model.name, "ok" if event == "loaded" else "refused").inc()
         if event == "signature_refused":
             self.metrics.signature_failures.labels(model.name, model.signature_failure or "invalid").inc()
+        if event == "loaded-for-request":
+            self.metrics.voice_loads.labels(model.name).inc()
+        elif event == "evicted":
+            self.metrics.voice_evictions.labels(model.name).inc()
         if event == "activated":
             self.metrics.model_swaps.labels(model.name).inc()
             if self._serving:  # READY=1 again is harmless; before the socket exists it would be a lie
@@ -206,6 +213,7 @@ class Daemon:
             "requests": {"completed": self.pool.completed, "failed": self.pool.failed,
                          "refused": self.pool.refused, "cancelled": self.pool.cancelled},
             "voices": self.manager.snapshot(),
+            "memory": self.manager.memory(),
             "folders": self.manager.folders(),
             "history": self.manager.history()[-20:],
         }
@@ -214,7 +222,7 @@ class Daemon:
         return Backend(acquire=self.manager.map.acquire, submit=self.pool.submit, voices=self.manager.snapshot,
                        ready=self.manager.map.ready, status=self.status, metrics=self.metrics,
                        max_chars=self.config.max_chars, rollback=self.rollback, activate=self.activate,
-                       token=self.config.token)
+                       token=self.config.token, wanting=self.manager.wanting, load_wait=self.config.load_wait)
 
     # -- running -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -237,6 +245,9 @@ class Daemon:
             await in_fresh_thread(lambda: seed_models(cfg.models, cfg.cache), "ttsd-seed")
         self.notifier.status("loading voices")
         await in_fresh_thread(self.manager.start, "ttsd-loader")
+        if cfg.memory_budget is not None and resident_bytes() > cfg.memory_budget:
+            log.warning("--memory-budget %.0f MB is less than the %.0f MB this process uses with its preloaded "
+                        "voices: other voices will not load", cfg.memory_budget / 2**20, resident_bytes() / 2**20)
         if not self.manager.ready():
             if self.manager.waiting:  # a folder is still being copied in: not a failure yet
                 log.warning("no voice is ready yet: waiting for a folder in %s to be complete", cfg.models)

@@ -119,6 +119,15 @@ class FormatUnavailableError(TtsdError):
         self.format = fmt
 
 
+class ColdVoiceError(BusyError):
+    """The voice serves, but the memory budget has unloaded its active version: a front end waits
+    for its load (``Backend.lease``); one that cannot wait answers 503 with Retry-After."""
+
+    def __init__(self, voice: str) -> None:
+        super().__init__(f"voice {voice} is not loaded", retry_after=2)
+        self.voice = voice
+
+
 class DaemonError(TtsdError):
     """The daemon could not be reached, or answered with an error ``ttsd say`` cannot map."""
 
@@ -180,10 +189,12 @@ class SignatureError(TtsdError):
 
 
 class LoadError(TtsdError):
-    """A verified model folder could not be loaded or warmed up by its engine."""
+    """A verified model folder could not be loaded or warmed up by its engine: the model's fault
+    (a request that waited for that load gets HTTP 500)."""
 
     exit_code = 7
     code = "load_failed"
+    fault = "model"
 
 
 class SynthesisError(TtsdError):

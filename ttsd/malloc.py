@@ -24,6 +24,8 @@ A setting the user made through glibc's environment variables (``MALLOC_ARENA_MA
 ``GLIBC_TUNABLES``) is left alone, so an operator can still choose; ``TTSD_MALLOC=system`` skips all
 three (``TTSD_MALLOC=ttsd``, the default, applies them; any other value is warned about). On a C
 library other than glibc this does nothing.
+
+``resident_bytes()`` is the process's RSS, what ``--memory-budget`` is measured against.
 """
 
 from __future__ import annotations
@@ -101,3 +103,14 @@ def trim() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def resident_bytes() -> int:
+    """The process's resident set size now, from ``/proc/self/statm`` (one read, no dependency);
+    0 where there is no such file. The memory budget is measured with this, before and after
+    each load."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -9,6 +9,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -29,10 +30,13 @@ class Metrics:
     signature_failures: Counter
     spool: Counter
     transitions: Counter
+    voice_loads: Counter
+    voice_evictions: Counter
 
     @classmethod
     def create(cls) -> Metrics:
         r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes: what --memory-budget is measured against
         return cls(
             registry=r,
             requests=Counter("ttsd_requests", "Synthesis requests by voice, version, front end and outcome",
@@ -56,6 +60,10 @@ class Metrics:
             spool=Counter("ttsd_spool_requests", "Spool requests by outcome", ["outcome"], registry=r),
             transitions=Counter("ttsd_model_transitions", "Model version state transitions",
                                 ["voice", "event"], registry=r),
+            voice_loads=Counter("ttsd_voice_loads", "Voices loaded because a request needed them while they were "
+                                "unloaded (memory budget misses)", ["voice"], registry=r),
+            voice_evictions=Counter("ttsd_voice_evictions", "Idle versions unloaded to stay within the memory "
+                                    "budget", ["voice"], registry=r),
         )
 
     def render(self) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from .common import SOCKET_HELP, console, daemon_client
               help=SOCKET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status(socket_path: Path | None, as_json: bool) -> None:
-    """Show the running daemon: voices, versions, queue, requests, uptime."""
+    """Show the running daemon: voices (loaded, unloaded or loading within a memory budget, and
+    when last used), versions, queue, requests, memory, uptime."""
     info = daemon_client(socket_path, timeout=10).status()
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -26,14 +28,39 @@ def status(socket_path: Path | None, as_json: bool) -> None:
     from rich.table import Table
 
     queue = info["queue"]
-    table = Table("voice", "active", "versions", title=(
+    table = Table("voice", "active", "memory", "last used", "versions", title=(
         f"ttsd {info['version']} pid {info['pid']}, up {info['uptime']:.0f} s, queue {queue['waiting']} waiting / "
-        f"{queue['running']} running, {info['requests']['completed']} done, {info['requests']['failed']} failed"))
+        f"{queue['running']} running, {info['requests']['completed']} done, {info['requests']['failed']} failed"),
+        caption=_memory_line(info.get("memory")))
+    now = time.time()
     for voice in info["voices"]:
         versions = ", ".join(f"{v['version']} {v['state']}" + (f" ({v['reason']})" if v["reason"] else "")
                              for v in voice["versions"])
-        table.add_row(voice["name"] + (" (default)" if voice["default"] else ""), voice["active"] or "-", versions)
+        used = voice.get("last_used")
+        table.add_row(voice["name"] + (" (default)" if voice["default"] else ""), voice["active"] or "-",
+                      voice.get("residency") or "-", _ago(now - used) if used else "never", versions)
     Console().print(table)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _memory_line(memory: dict[str, Any] | None) -> str | None:
+    """``RSS 812 MB of 1536 MB, 3 of 3 versions loaded`` (the budget's parts that are set)."""
+    if not memory:
+        return None
+    rss, budget, most = memory.get("rss_bytes") or 0, memory.get("budget_bytes"), memory.get("max_loaded")
+    parts = [f"RSS {rss / 2**20:.0f} MB" + (f" of {budget / 2**20:.0f} MB" if budget else ""),
+             f"{memory.get('loaded_versions', 0)}" + (f" of {most}" if most else "") + " versions loaded"]
+    if memory.get("preload"):
+        parts.append("preloaded: " + ", ".join(memory["preload"]))
+    return ", ".join(parts)
 
 
 def _only_voice(client: Any, voice: str | None) -> str:

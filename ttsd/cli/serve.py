@@ -30,6 +30,17 @@ def _parse_canary(value: str) -> tuple[str, float]:
     return voice or "*", number
 
 
+def _parse_budget(value: str | None) -> int | None:
+    if value is None:
+        return None
+    from ..serving.residency import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ConfigError(f"--memory-budget {value!r}: expected a size such as 1.5G or 800M") from None
+
+
 def _read_token(path: Path) -> str:
     """The bearer token: printable ASCII, at least 16 characters. A file others can read is
     accepted with a warning (anyone who reads it can call the control routes)."""
@@ -134,6 +145,15 @@ def _parse_wyoming(value: str) -> str:
               help="Watch this many first requests of a new version (0 disables auto-rollback).")
 @click.option("--auto-rollback-share", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="Roll back when more than this share of them fail.")
+@click.option("--max-loaded", type=click.IntRange(1), envvar="TTSD_MAX_LOADED", metavar="N",
+              help="Keep at most N versions loaded (rollback targets and canaries count): voices load on first "
+                   "use and the least recently used idle one is unloaded [default: no limit].")
+@click.option("--memory-budget", envvar="TTSD_MEMORY_BUDGET", metavar="SIZE",
+              help="Keep the process's measured RSS within SIZE (e.g. 1.5G, 800M) the same way [default: no limit].")
+@click.option("--preload", multiple=True, envvar="TTSD_PRELOAD", metavar="VOICE",
+              help="With a budget: keep VOICE loaded at all times; repeatable [default: the default voice].")
+@click.option("--load-wait", type=click.FloatRange(0.1), default=30.0, show_default=True, envvar="TTSD_LOAD_WAIT",
+              help="With a budget: seconds a request waits for its voice to load before 503.")
 @click.option("--settle", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Seconds a new folder must stay unchanged before it is checked.")
 @click.option("--incomplete-timeout", type=click.FloatRange(0), default=60.0, show_default=True,
@@ -149,7 +169,8 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
           max_connections: int, idle_timeout: float, grace: float,
           default_voice: str | None, no_seed: bool, keep: int, swap_policy: str, canary: tuple[str, ...],
           canary_requests: int, auto_rollback_requests: int, auto_rollback_share: float, settle: float,
-          incomplete_timeout: float, rescan_interval: float, log_level: str) -> None:
+          incomplete_timeout: float, rescan_interval: float, max_loaded: int | None, memory_budget: str | None,
+          preload: tuple[str, ...], load_wait: float, log_level: str) -> None:
     """Run the daemon: HTTP on a Unix socket (and optionally TCP), plus an optional spool dir."""
     from .. import logs
     from ..config import (
@@ -180,6 +201,8 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
         settle=settle, incomplete_timeout=incomplete_timeout, rescan_interval=rescan_interval,
         wyoming=_parse_wyoming(wyoming_uri) if wyoming_uri else None,
         wyoming_zeroconf=_zeroconf_name(wyoming_zeroconf, wyoming_uri), trusted_keys=trusted_keys,
+        max_loaded=max_loaded, memory_budget=_parse_budget(memory_budget), preload=tuple(preload),
+        load_wait=load_wait,
     )
     from ..daemon import Daemon
 

@@ -243,7 +243,7 @@ class _Api:
             check_available(req.format)  # an encoder this box lacks: refused before any synthesis
             if not self.b.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
-            lease = self.b.acquire(req.voice, req.version, user=req.user)
+            lease = await self.b.lease(req.voice, req.version, user=req.user)
         except TtsdError as exc:  # no lease: the names came from the client, never a metric label
             self._count(None, None, route, exc.code, exc.fault)
             return error_response(exc)

@@ -234,7 +234,7 @@ class Spool:
             req = _parse(claimed, raw)
             check_available(req.format)  # before synthesis: audio that cannot be written is wasted
             req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
-            lease = self.backend.acquire(req.voice, req.version, user=req.user)
+            lease = await self.backend.lease(req.voice, req.version, user=req.user)
             served = lease.served
             job = Job(text=req.text, options=req.options, lease=lease, route="spool")
             future: Future[Result] = self.backend.submit(job)

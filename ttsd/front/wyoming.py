@@ -277,7 +277,7 @@ class _Handler(AsyncEventHandler):
             options = SynthesisOptions(speaker=parse_speaker(voice.speaker if voice is not None else None))
             if not self.backend.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
-            lease = self.backend.acquire(name, version)
+            lease = await self.backend.lease(name, version)
         except TtsdError as exc:
             self._count(None, None, exc.code, exc.fault)
             raise

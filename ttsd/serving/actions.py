@@ -5,7 +5,8 @@ and taking versions down.
   a failure refuses the version (its own fault) or defers it (the box's);
 * the swap (``_activate``): one reference replaced in the ``ServingMap``, then what stays loaded
   is trimmed (``keep``) and the store pruned;
-* taking down (``_unload``): out of the map once no request holds it, then unloaded;
+* taking down (``_unload``): out of the map once no request holds it, then unloaded (within a
+  memory budget, ``demand.py`` unloads idle voices too);
 * operator actions (``rollback``, ``activate``), from ``ttsd rollback``/``activate`` or the
   control routes, on a fresh loader thread;
 * automatic ones: an auto-rollback when a new version fails too many of its first requests, and
@@ -22,6 +23,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..engines import engine_class
 from ..errors import (
     ConflictError,
     ResourceError,
@@ -31,6 +33,7 @@ from ..errors import (
     is_system_oserror,
     resource_error,
 )
+from ..malloc import resident_bytes
 from ..manifest import read_manifest
 from ..signing import describe as describe_signature
 from ..signing import signature_digest
@@ -162,13 +165,18 @@ class OperatorActions:
         model.refused_signature, model.signature_failure = None, ""
         log.info("%s %s: signed by %s", model.name, model.version, model.signer)
 
-    def _bring_up(self: ModelManager, model: ModelVersion, why: str, *, verified: bool = False) -> bool:
+    def _bring_up(self: ModelManager, model: ModelVersion, why: str, *, verified: bool = False,
+                  urgent: bool = False) -> bool:
         """Verify the store copy (copying it again from the models dir if it is damaged), load and
         warm up, at low CPU priority beside live requests. A failure of the version's own refuses
         it; one of the box's (or a damaged copy with nothing to copy again) defers it.
-        ``verified``: the caller has just made the store copy from hashed bytes (``put``)."""
+        ``verified``: the caller has just made the store copy from hashed bytes (``put``).
+        ``urgent``: a request waits for this load, so it keeps its thread's CPU priority (still on
+        one core and yielding the GIL while others are served)."""
         started = time.monotonic()
-        lower_thread_priority(self.policy.loader_nice)
+        if not urgent:
+            lower_thread_priority(self.policy.loader_nice)
+        self._make_room(model)  # within a memory budget: idle voices are unloaded first
         try:
             model.state = State.VERIFYING
             if not verified:
@@ -177,8 +185,11 @@ class OperatorActions:
             self._check_signature(model)
             model.state = State.LOADING
             self._listener("loading", model)
+            engine_class(model.manifest.engine)  # imported first: torch's own start-up is no voice's cost
+            before = resident_bytes()
             engine = load_engine(model.store, model.manifest, self.engine_options, serving=self.map.serving,
                                  warming=lambda: setattr(model, "state", State.WARMING))
+            model.rss = max(0, resident_bytes() - before)  # what it costs, for the budget's next choices
         except Exception as exc:  # TtsdError says why; anything else is the engine crashing
             if isinstance(exc, (StoreLost, MemoryError, ResourceError)) or is_system_oserror(exc):
                 self._defer(model, str(exc) if isinstance(exc, TtsdError) else str(resource_error(exc, "loading")))
@@ -309,7 +320,9 @@ class OperatorActions:
             model.state, model.requests, model.failures = State.ACTIVE, 0, 0
             previous = self._versions.get(replaced) if replaced else None
             if previous is not None and previous is not model:
-                previous.state = previous_state
+                # a parked version (the memory budget's) is a rollback target that must load first
+                previous.state = State.AVAILABLE if previous.engine is None and previous_state is State.STANDBY \
+                    else previous_state
             standby = sorted((m for m in self._versions.values()
                               if m.name == model.name and m.state is State.STANDBY), key=order, reverse=True)
             for extra in standby[self.policy.keep:]:
@@ -322,6 +335,7 @@ class OperatorActions:
         self._listener("activated", model)
         for m in to_unload:  # freeing memory is not part of the swap: do it off this path
             self._spawn(lambda m=m: self._unload(m))
+        self._fit_budget()  # the replaced version, now a rollback target, is the first to go
         self._prune_store(model.name)
         return swapped
 

@@ -8,7 +8,9 @@ one reference in the ``ServingMap``. Replaced versions stay loaded as rollback t
 and the rest are unloaded when their last request ends. Every version has an explicit ``State``
 (``versions.py``); what serves survives restarts (``state.py``, read back by ``restore.py``).
 Bringing a version up, the swap, operator actions (rollback, activate), the automatic ones
-(auto-rollback, canary results) and unloading are in ``actions.py``; this module decides.
+(auto-rollback, canary results) and unloading are in ``actions.py``; voices loaded on first use
+and unloaded within a memory budget in ``demand.py`` (its policy: ``residency.py``); this module
+decides.
 
 Threads: ``start``/``reconcile`` and the actions run on a loader thread and serialise on
 ``_load_lock``; ``snapshot``/``folders`` and the map's release callback run on any thread and
@@ -39,9 +41,11 @@ from ..errors import (
 from ..manifest import Manifest, read_manifest
 from ..signing import TrustedKeys, signature_digest
 from .actions import OperatorActions
+from .demand import OnDemand
 from .loader import (
     lower_thread_priority,
 )
+from .residency import Budget
 from .restore import StartUp
 from .serving_map import Lease, ServingMap
 from .source import Candidate, Source, Verdict
@@ -63,11 +67,11 @@ log = logging.getLogger("ttsd.manager")
 Found = tuple[Version, Path, Manifest]
 
 
-class ModelManager(StartUp, OperatorActions):
+class ModelManager(StartUp, OperatorActions, OnDemand):
     def __init__(self, source: Source, *, state_dir: Path, policy: Policy | None = None,
                  engine_options: dict[str, Any] | None = None, default_voice: str | None = None,
                  listener: Listener | None = None, spawn: Callable[[Callable[[], None]], None] | None = None,
-                 trust: TrustedKeys | None = None) -> None:
+                 trust: TrustedKeys | None = None, budget: Budget | None = None) -> None:
         self.source = source
         self.trust = trust  # when set, only folders signed by one of these keys load
         self.policy = policy or Policy()
@@ -83,6 +87,7 @@ class ModelManager(StartUp, OperatorActions):
         self._versions: dict[tuple[str, str], ModelVersion] = {}
         self._folders: dict[Path, tuple[str, str]] = {}  # the manager's view of each folder: state, reason
         self._first_scan = True
+        self._init_demand(budget)
 
     # == requests (any thread) ==================================================================
     def acquire(self, voice: str | None = None, version: str | None = None, *, user: str | None = None) -> Lease:
@@ -94,6 +99,7 @@ class ModelManager(StartUp, OperatorActions):
         replaced version once its last request is done."""
         action = None
         with self._lock:
+            self._used(key[0])
             model = self._versions.get(key)
             if model is None:
                 return
@@ -102,6 +108,7 @@ class ModelManager(StartUp, OperatorActions):
                 model.model_failures += not ok
                 action = judge(model, ok, self.policy)
             idle = model.state in (State.RETIRED, State.ROLLED_BACK)
+        self._room_changed()  # a load waiting for an idle voice to unload may go on
         if idle:
             self._unload(model)
         if action == "rollback":
@@ -143,7 +150,7 @@ class ModelManager(StartUp, OperatorActions):
                     "active": active.version if active else None,
                     "canary": canary.version if canary else None,
                     "sample_rate": active.manifest.sample_rate if active and active.manifest else None,
-                    **_voice_facts(active),
+                    **_voice_facts(active), **self._residency(name, active),
                     "versions": [m.describe(self.map.in_flight(m.key)) for m in versions],
                 })
             return voices
@@ -274,10 +281,11 @@ class ModelManager(StartUp, OperatorActions):
                         other_model.state = State.AVAILABLE
                 return
 
-    def _fall_back(self, name: str) -> None:
+    def _fall_back(self, name: str, for_request: bool = False) -> None:
         """A voice with no active version (its saved one is damaged or gone, or the state was
         lost) serves the newest version that verifies and loads, from the store or the models
-        dir. Rolled-back and refused versions are not taken; ones waiting to retry are, when due."""
+        dir. Rolled-back and refused versions are not taken; ones waiting to retry are, when due.
+        Within a memory budget it stays loaded only if a request waits for it or it is preloaded."""
         rolled_back = {norm(v) for v in self.state.voice(name).rolled_back}
         now = time.monotonic()
         options = sorted((m for m in self._versions.values() if m.name == name
@@ -294,6 +302,7 @@ class ModelManager(StartUp, OperatorActions):
             if self._bring_up(model, "the voice had no active version"):
                 self._activate(model, "fallback: newest version that verifies", durable=False)
                 log.warning("%s: serving %s, the newest version that verifies", name, model.version)
+                self._park_if_cold(model, was_loaded=for_request)
                 return
 
     def _retry_deferred(self, name: str) -> None:
@@ -376,6 +385,7 @@ class ModelManager(StartUp, OperatorActions):
         if not self._store_new(model, folder):
             return False
         previous = self._active(model.name)
+        was_loaded = previous is not None and previous.engine is not None
         if self.policy.swap == "memory" and previous is not None:
             self._retire_now(previous)
         if not self._bring_up(model, why, verified=True):  # put() hashed the copy it made
@@ -390,6 +400,7 @@ class ModelManager(StartUp, OperatorActions):
             self._defer(model, str(exc))
             return self._restore_after_failure(previous)
         model.backoff = 0.0
+        self._park_if_cold(model, was_loaded)
         return True
 
     def _store_new(self, model: ModelVersion, folder: Path) -> bool:

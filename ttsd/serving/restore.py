@@ -5,6 +5,7 @@ versions refused or rolled back) is read first, defensively (see ``state.py``); 
 scanned for copies the state does not know (a ``kill -9`` between storing a copy and saving the
 state); then each voice's saved active version comes back, re-verified from its store copy. A voice
 whose saved version cannot come back falls back to the newest version that verifies (``manager``).
+Within a memory budget, voices that are not preloaded come back parked: loaded on first use.
 ``StartUp`` is the ``ModelManager``'s half that does this; it runs once, on a loader thread.
 """
 
@@ -85,7 +86,9 @@ class StartUp:
 
     def _resume_saved(self: ModelManager) -> None:
         """At start-up: every voice's saved active version comes back (re-copied from the models
-        dir if its store copy is damaged); one that cannot is logged and the voice falls back."""
+        dir if its store copy is damaged); one that cannot is logged and the voice falls back.
+        Within a memory budget only preloaded voices load now; the others come back parked."""
+        pinned = self._pinned([name for name, voice in self.state.voices.items() if voice.active])
         for name, voice in sorted(self.state.voices.items()):
             if voice.active is None or self._active(name) is not None:
                 continue
@@ -97,6 +100,9 @@ class StartUp:
                 self._ensure_stored(model)
             except TtsdError as exc:
                 log.warning("%s %s was active but cannot be restored (%s); choosing again", name, voice.active, exc)
+                continue
+            if self.budget.limited and name not in pinned:
+                self._activate_cold(model)
                 continue
             if self._bring_up(model, "resumed after restart"):
                 self._activate(model, "restart", push_previous=False, durable=False)

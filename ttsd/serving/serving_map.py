@@ -7,7 +7,9 @@ old version is never changed under a request), or a canary for a share of reques
 a request carries a user key (``user_point``), else of requests, drawn at random. A request
 ``acquire``s a ``Lease``: the frozen facts of the version that serves it (``Served``: name,
 version, sample rate) and its engine, held until ``release``, so a swap never changes the model
-under a running request. The map knows nothing of states, stores or folders: it calls back
+under a running request. Within a memory budget a voice's active version may be *parked*
+(``park``): still active, not loaded, so ``acquire`` raises ``ColdVoiceError`` and the front end
+waits for its load. The map knows nothing of states, stores or folders: it calls back
 ``on_release`` (the manager judges the outcome and unloads what is idle) and ``upgrading`` (voices
 being loaded, for a 503 rather than a 404).
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engines import Engine
-from ..errors import BusyError, UnknownVoiceError
+from ..errors import BusyError, ColdVoiceError, UnknownVoiceError
 from .versions import norm
 
 log = logging.getLogger("ttsd.serving")
@@ -116,6 +118,8 @@ class ServingMap:
             if version is not None:
                 key = (name, norm(version))
                 if key not in self._loaded:
+                    if self._active.get(name) == key:
+                        raise ColdVoiceError(name)
                     raise UnknownVoiceError(f"voice {name} has no loaded version {version}")
             else:
                 active = self._active.get(name)
@@ -133,7 +137,9 @@ class ServingMap:
                         key = canary
                     if user is not None:
                         decided = (key[1], share)
-            entry = self._loaded[key]
+            entry = self._loaded.get(key)
+            if entry is None:  # its active version is parked (the memory budget's): load it first
+                raise ColdVoiceError(name)
             entry.in_flight += 1
             self._in_flight += 1
             lease = Lease(entry.served, entry.engine, self._release, entry)
@@ -225,6 +231,22 @@ class ServingMap:
                 del self._canary[key[0]]
             del self._loaded[key]
             return True
+
+    def park(self, key: Key) -> bool:
+        """``key`` stays (or becomes) its voice's active version, but not loaded: its entry leaves
+        the map and requests for the voice get ``ColdVoiceError`` until ``add`` puts it back (the
+        memory budget's unload, and a voice restored without loading). False, and nothing
+        changes, while a request holds it."""
+        with self._lock:
+            entry = self._loaded.get(key)
+            if entry is not None and entry.in_flight:
+                return False
+            self._loaded.pop(key, None)
+            self._active[key[0]] = key
+            return True
+
+    def loaded(self, key: Key) -> bool:
+        return key in self._loaded
 
     def clear(self) -> list[Engine[Any]]:
         """Everything out (shutdown): the engines, for the owner to unload."""

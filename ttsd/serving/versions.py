@@ -72,6 +72,7 @@ class ModelVersion:
     served: int = 0  # requests it served, and failed through its own fault, since it was loaded
     model_failures: int = 0
     load_seconds: float = 0.0
+    rss: int = 0  # RSS bytes its last load added (measured around the load; 0: never loaded here)
     retry_at: float = 0.0  # DEFERRED: monotonic time of the next try
     backoff: float = 0.0
     fresh: bool = False  # found in the store but not in the saved state: not judged yet
@@ -89,6 +90,7 @@ class ModelVersion:
         return {"version": self.version, "state": self.state.value, "reason": self.reason or None,
                 "in_flight": in_flight, "source": str(self.source) if self.source else None,
                 "content": self.content or None, "load_seconds": round(self.load_seconds, 2) or None,
+                "rss_bytes": self.rss or None,
                 "served": self.served, "model_failures": self.model_failures, "signer": self.signer or None}
 
 
