@@ -62,7 +62,9 @@ def import_piper(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        from .convert.piper_import import convert_piper  # imports torch: only on this path
+        from .convert.piper_import import (
+            convert_piper,  # imports torch: only on this path
+        )
 
         progress(f"converting {onnx_path.name}")
         voice = convert_piper(onnx_path, tmp)
