@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import plausible, save_tiny_vits
-from daemon_util import start_daemon
+from daemon_util import start_daemon, wait_for
 
 promql_parser = pytest.importorskip("promql_parser", reason="the test extra's promql-parser")
 
@@ -180,11 +180,12 @@ def test_every_metric_the_dashboard_names_is_exported_by_a_live_daemon(tmp_path:
                                                                      dashboard: dict[str, Any]) -> None:
     """1. A daemon serves a tiny voice. 2. It answers a request and refuses one for an unknown
     voice, so the labelled series exist. 3. Every selector in the dashboard names a metric in its
-    /metrics, with the labels it matches on."""
+    /metrics, with the labels it matches on. 4. A version 2 dropped in becomes a canary: the
+    canary-share gauge says so."""
     models = tmp_path / "models"
     save_tiny_vits(models / "tiny-1", edit=plausible, noise_scale_duration=0.0)
     daemon = start_daemon(tmp_path, cache_dir, "--workers", "1", "--threads", "1", "--no-seed",
-                          models=models)
+                          "--canary", "0.25", "--settle", "0.2", models=models)
     assert daemon.post("/v1/synthesize", {"text": "hello there"}).status == 200
     assert daemon.post("/v1/synthesize", {"text": "hello", "voice": "nobody"}).status == 404
     names = exported(daemon.request("GET", "/metrics").body.decode())
@@ -198,4 +199,8 @@ def test_every_metric_the_dashboard_names_is_exported_by_a_live_daemon(tmp_path:
     assert names["ttsd_synthesis_seconds_total"] >= {"voice", "version"}
     assert daemon.metric("ttsd_synthesis_seconds_total", voice="tiny", version="1") > 0
     assert daemon.metric("ttsd_canary_share", voice="tiny") == 0.0 and "ttsd_canary_share" in names
+    staged = save_tiny_vits(tmp_path / "staging" / "tiny-2", version="2", seed=1, edit=plausible,
+                            noise_scale_duration=0.0)
+    staged.rename(models / "tiny-2")  # published whole
+    wait_for(lambda: daemon.metric("ttsd_canary_share", voice="tiny") == 0.25, what="v2 a canary for 25 %")
     assert daemon.stop() == 0, daemon.logs()
