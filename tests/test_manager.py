@@ -175,6 +175,33 @@ def test_canary_then_promotion(tmp_path: Path, fake_engines: None) -> None:
     assert manager.snapshot()[0]["canary"] is None
 
 
+def test_every_rollback_is_a_rolled_back_event(tmp_path: Path, fake_engines: None) -> None:
+    """What ttsd_model_transitions_total{event="rolled_back"} (the dashboard's rollbacks) counts:
+    1. an operator's rollback of v2 names v2; 2. a canary v3 that fails its first request names v3."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    events: list[tuple[str, str]] = []
+    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state", spawn=lambda fn: fn(),
+                           policy=Policy(settle=0, canary={"*": 1.0}, canary_requests=5),
+                           listener=lambda event, model: events.append((event, model.version)))
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    manager.activate("voice", "2")  # past its canary
+    manager.rollback("voice")
+    assert [e for e in events if e[0] == "rolled_back"] == [("rolled_back", "2")]
+    fake_model(models, "voice", "3", fail_from=3)  # warm-up (requests 1-2) passes, then it fails
+    manager.reconcile()
+    assert manager.snapshot()[0]["canary"] == "3"
+    lease = manager.acquire("voice")
+    with pytest.raises(RuntimeError):
+        lease.engine.synthesize("hello")
+    lease.release(False)
+    assert manager.snapshot()[0]["canary"] is None
+    assert [e for e in events if e[0] == "rolled_back"] == [("rolled_back", "2"), ("rolled_back", "3")]
+    manager.close()
+
+
 def test_memory_policy_never_holds_two_versions(tmp_path: Path, fake_engines: None) -> None:
     models = tmp_path / "models"
     fake_model(models, "voice", "1")

@@ -158,8 +158,12 @@ class Daemon:
 
     # -- wiring --------------------------------------------------------------------------------
     def _on_model_event(self, event: str, model: ModelVersion) -> None:
-        """Every transition is counted; the manager logs it."""
+        """Every transition is counted; the manager logs it. Called on the manager's threads."""
         self.metrics.transitions.labels(model.name, event).inc()
+        # any event may start or end a canary (canary, activated on promotion, rolled_back): ask
+        # the map rather than follow the events, so the gauge cannot drift from what serves
+        canary = self.manager.map.canary(model.name) is not None
+        self.metrics.canary_share.labels(model.name).set(self.manager.policy.canary_share(model.name) if canary else 0)
         if event in ("loaded", "refused"):
             self.metrics.model_loads.labels(model.name, "ok" if event == "loaded" else "refused").inc()
         if event == "signature_refused":

@@ -25,6 +25,7 @@ class Metrics:
     queue_depth: Gauge
     in_flight: Gauge
     audio_seconds: Counter
+    synthesis_seconds: Counter
     model_loads: Counter
     model_swaps: Counter
     signature_failures: Counter
@@ -32,6 +33,7 @@ class Metrics:
     transitions: Counter
     voice_loads: Counter
     voice_evictions: Counter
+    canary_share: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -51,6 +53,10 @@ class Metrics:
             in_flight=Gauge("ttsd_requests_in_flight", "Requests being synthesized", registry=r),
             audio_seconds=Counter("ttsd_audio_seconds", "Seconds of audio produced", ["voice", "version"],
                                   registry=r),
+            # over audio_seconds, per version, this is the real-time factor (the Grafana dashboard's)
+            synthesis_seconds=Counter("ttsd_synthesis_seconds", "Seconds spent synthesizing (from a worker taking "
+                                      "the request to its last audio, queueing not included)",
+                                      ["voice", "version"], registry=r),
             model_loads=Counter("ttsd_model_loads", "Model versions loaded, by outcome",
                                 ["voice", "outcome"], registry=r),
             signature_failures=Counter("ttsd_signature_failures", "Model versions refused for their signature "
@@ -58,12 +64,15 @@ class Metrics:
                                        "unsupported", ["voice", "reason"], registry=r),
             model_swaps=Counter("ttsd_model_swaps", "Active-version swaps", ["voice"], registry=r),
             spool=Counter("ttsd_spool_requests", "Spool requests by outcome", ["outcome"], registry=r),
-            transitions=Counter("ttsd_model_transitions", "Model version state transitions",
+            transitions=Counter("ttsd_model_transitions", "Model version state transitions (a rollback, by "
+                                "the operator, automatic or a failed canary, is event=\"rolled_back\")",
                                 ["voice", "event"], registry=r),
             voice_loads=Counter("ttsd_voice_loads", "Voices loaded because a request needed them while they were "
                                 "unloaded (memory budget misses)", ["voice"], registry=r),
             voice_evictions=Counter("ttsd_voice_evictions", "Idle versions unloaded to stay within the memory "
                                     "budget", ["voice"], registry=r),
+            canary_share=Gauge("ttsd_canary_share", "Share of a voice's requests its canary version is given "
+                               "(0 when it has none)", ["voice"], registry=r),
         )
 
     def render(self) -> bytes:

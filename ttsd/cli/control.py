@@ -13,33 +13,83 @@ from ..errors import ConfigError
 from .common import SOCKET_HELP, console, daemon_client
 
 
+def status_view(info: dict[str, Any], caption: str | None = None) -> Any:
+    """``info`` (the daemon's ``/v1/status``) as a rich table: what ``ttsd status`` prints and
+    ``--watch`` redraws. Every value from the daemon is shown as text, never as rich markup."""
+    from rich.table import Table
+    from rich.text import Text
+
+    queue = info["queue"]
+    table = Table("voice", "active", "memory", "last used", "versions",
+                  caption=" · ".join(c for c in (_memory_line(info.get("memory")), caption) if c) or None, title=Text(
+        f"ttsd {info['version']} pid {info['pid']}, up {info['uptime']:.0f} s, queue {queue['waiting']} waiting / "
+        f"{queue['running']} running, {info['requests']['completed']} done, {info['requests']['failed']} failed"))
+    now = time.time()
+    for voice in info["voices"]:
+        versions = ", ".join(f"{v['version']} {v['state']}" + (f" ({v['reason']})" if v["reason"] else "")
+                             + (f" [{v['in_flight']} in flight]" if v.get("in_flight") else "")
+                             for v in voice["versions"])
+        used = voice.get("last_used")
+        table.add_row(Text(voice["name"] + (" (default)" if voice["default"] else "")), Text(voice["active"] or "-"),
+                      Text(voice.get("residency") or "-"), Text(_ago(now - used) if used else "never"),
+                      Text(versions))
+    return table
+
+
+def watch(client: Any, interval: float) -> None:
+    """Redraw the status every ``interval`` seconds until Ctrl-C (which returns normally). On a
+    terminal one table is redrawn in place (rich ``Live``); into a pipe or a file each frame is
+    printed after the last, so the output is a log. A daemon that stops answering raises
+    ``DaemonError``, after the last frame it gave."""
+    from rich.console import Console
+    from rich.live import Live
+
+    out = Console(highlight=False)
+
+    def frame() -> Any:
+        info = client.status()
+        return status_view(info, caption=f"{time.strftime('%H:%M:%S')}, every {interval:g} s, Ctrl-C to stop")
+
+    try:
+        if out.is_terminal:
+            with Live(frame(), console=out, auto_refresh=False) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(frame(), refresh=True)
+        else:
+            while True:
+                out.print(frame())
+                out.print()
+                out.file.flush()
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
 @click.command()
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
               help=SOCKET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-def status(socket_path: Path | None, as_json: bool) -> None:
+@click.option("--watch", "-w", "watching", is_flag=True,
+              help="Keep showing the status, redrawn every --interval, until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between redraws with --watch.")
+def status(socket_path: Path | None, as_json: bool, watching: bool, interval: float) -> None:
     """Show the running daemon: voices (loaded, unloaded or loading within a memory budget, and
     when last used), versions, queue, requests, memory, uptime."""
-    info = daemon_client(socket_path, timeout=10).status()
+    if as_json and watching:
+        raise click.UsageError("--json and --watch do not go together")
+    client = daemon_client(socket_path, timeout=10)
+    if watching:
+        watch(client, interval)
+        return
+    info = client.status()
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    queue = info["queue"]
-    table = Table("voice", "active", "memory", "last used", "versions", title=(
-        f"ttsd {info['version']} pid {info['pid']}, up {info['uptime']:.0f} s, queue {queue['waiting']} waiting / "
-        f"{queue['running']} running, {info['requests']['completed']} done, {info['requests']['failed']} failed"),
-        caption=_memory_line(info.get("memory")))
-    now = time.time()
-    for voice in info["voices"]:
-        versions = ", ".join(f"{v['version']} {v['state']}" + (f" ({v['reason']})" if v["reason"] else "")
-                             for v in voice["versions"])
-        used = voice.get("last_used")
-        table.add_row(voice["name"] + (" (default)" if voice["default"] else ""), voice["active"] or "-",
-                      voice.get("residency") or "-", _ago(now - used) if used else "never", versions)
-    Console().print(table)
+    Console().print(status_view(info))
 
 
 def _ago(seconds: float) -> str:

@@ -152,11 +152,13 @@ class SynthesisPool:
             check_loudness(peak)
             ok = True
             served = job.lease.served
+            synth_seconds = time.monotonic() - started
             self.metrics.audio_seconds.labels(served.name, served.version).inc(seconds)
+            self.metrics.synthesis_seconds.labels(served.name, served.version).inc(synth_seconds)
             return Result(
                 audio=concat(chunks) if job.on_chunk is None else None,
                 audio_seconds=seconds,
-                synth_seconds=time.monotonic() - started,
+                synth_seconds=synth_seconds,
                 queued_seconds=started - job.accepted,
             )
         except Cancelled:

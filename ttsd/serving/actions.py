@@ -91,6 +91,7 @@ class OperatorActions:
             except ResourceError:
                 current.reason = reason
                 raise
+            self._listener("rolled_back", current)
             return {"voice": voice, "from": current.version, "to": target.version,
                     "seconds": round(swapped - started, 3)}
 
@@ -279,6 +280,7 @@ class OperatorActions:
                               reason=model.reason)
             self._save()
             log.error("%s %s canary ended: %s", model.name, model.version, model.reason)
+            self._listener("rolled_back", model)
             self._unload(model)  # now, or when its last request ends
 
     # == the swap ===============================================================================
