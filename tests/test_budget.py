@@ -126,7 +126,9 @@ def test_a_voice_with_a_request_in_flight_is_never_unloaded(tmp_path: Path, fake
     get room: 503 with Retry-After after the bounded wait, and b was not unloaded. 3. The same
     request again, with b's request ending while it waits: it gets room and c serves."""
     fakes(tmp_path, "a", "b", "c")
-    rig = Rig(tmp_path, max_loaded=2, load_wait=1.0)
+    # the wait must outlast the release at 0.3 s plus the loader's look for room (every 0.5 s) and a
+    # load, on a busy CI box too
+    rig = Rig(tmp_path, max_loaded=2, load_wait=2.5)
     rigs.append(rig)
     assert rig.say("b").status == 200
     held = rig.manager.map.acquire("b")
