@@ -86,7 +86,7 @@ def test_get_then_upgrade(mirror: tuple[Mirror, dict[str, Any]], tmp_path: Path,
     before = len(m.requests)
     result = get(m, tmp_path, "--upgrade")
     assert result.exit_code == 0 and "is up to date with the catalog" in result.stderr, result.output
-    assert [path for path, _ in m.requests[before:]] == ["voices.json"]
+    assert [path for path, _ in m.requests[before:]] == ["ttsd-index.json", "voices.json"]  # no fleet index here
 
     config = json.loads(joe_files.config)
     config["inference"]["noise_scale"] = 0.5
@@ -127,10 +127,10 @@ def test_ctrl_c_during_the_conversion_leaves_nothing_in_the_models_dir(
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    # 130, as the CLI exits after Ctrl-C; or death by SIGINT (a shell shows 130 for both) when
-    # the signal lands inside code a C extension runs through PyRun_String while torch imports:
-    # CPython then marks the interrupt "unhandled" although ttsd handled it, and re-kills itself
-    assert proc.returncode in (130, -signal.SIGINT), err.decode()
+    # 130, as the CLI exits after Ctrl-C. Raised where it landed, the interrupt could land in a
+    # Python callback of C++ code (onnx, torch) and abort the process (SIGABRT, no clean-up, 2 runs
+    # in 8): the conversion now holds it until its next step
+    assert proc.returncode == 130, err.decode()
     assert err.decode().rstrip().endswith("interrupted"), err.decode()
     assert list(models.iterdir()) == []
     assert (tmp_path / "cache" / "downloads" / KEY / f"{KEY}.onnx").is_file()

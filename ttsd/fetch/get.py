@@ -25,6 +25,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -193,16 +194,41 @@ def _get(request: GetRequest, reporter: Reporter) -> GetResult:
         from ..voices import import_piper  # the conversion imports torch: only here
 
         try:
-            manifest = import_piper(
-                local[voice.onnx], folder, name=key, version=version, license=license_, progress=reporter.step,
-                attach={"MODEL_CARD": local[voice.model_card]} if voice.model_card else None,
-                extra={SOURCE_FIELD: _source(voice)},
-            )
+            with _ctrl_c_between_steps() as interrupted:
+                def step(message: str) -> None:
+                    if interrupted:
+                        raise KeyboardInterrupt
+                    reporter.step(message)
+
+                manifest = import_piper(
+                    local[voice.onnx], folder, name=key, version=version, license=license_, progress=step,
+                    attach={"MODEL_CARD": local[voice.model_card]} if voice.model_card else None,
+                    extra={SOURCE_FIELD: _source(voice)},
+                )
         except ImportPiperError:
             shutil.rmtree(work, ignore_errors=True)  # the same files would fail the same way
             raise
         shutil.rmtree(work, ignore_errors=True)
     return GetResult(voice, folder, manifest, fetched=True)
+
+
+@contextmanager
+def _ctrl_c_between_steps() -> Iterator[list[int]]:
+    """Ctrl-C during the conversion is held until its next step. Raised where it lands, it can land
+    inside a Python callback of C++ code (onnx, torch), which cannot unwind through C++ and
+    aborts the process: no clean-up, a core dump. Held, it ends the conversion at the next step
+    (a second or two), and the dot-folder is removed as for any failure. Main thread only; where
+    handlers cannot be set, Ctrl-C behaves as usual."""
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    except ValueError:  # not the main thread
+        yield caught
+        return
+    try:
+        yield caught  # a conversion that finished despite a late Ctrl-C has published whole: kept
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _source(voice: CatalogVoice) -> dict[str, object]:
