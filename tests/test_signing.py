@@ -191,7 +191,8 @@ def test_with_trusted_keys_only_signed_versions_load_and_the_active_keeps_servin
     """1. A signed v1 serves, its signer shown. 2. An unsigned v2 is refused (never loaded) and v1
     serves on. 3. v2 signed by a stranger: refused again, as an unknown key. 4. v2 signed by the
     fleet key in place: judged again, and it serves. 5. After a restart with the key gone from the
-    trusted dir, nothing signed by it loads."""
+    trusted dir, nothing signed by it loads. 6. With the key back, a restart serves v2 again: a
+    refusal for the signature is not kept across restarts, since the keys may change with them."""
     models = tmp_path / "models"
     sign(fake_model(models, "voice", "1"), keys["fleet"])
     manager = trusting_manager(tmp_path, keys["trusted"])
@@ -229,6 +230,12 @@ def test_with_trusted_keys_only_signed_versions_load_and_the_active_keeps_servin
     assert restarted.snapshot()[0]["active"] is None
     assert all(v["state"] == "refused" for v in restarted.snapshot()[0]["versions"])
     restarted.close()
+
+    shutil.copy(keys["fleet_pub"], keys["trusted"] / "fleet.pem")  # trusted again: the refusals were
+    again = trusting_manager(tmp_path, keys["trusted"])            # the keys', not the folders'
+    again.start()
+    assert again.snapshot()[0]["active"] == "2"
+    again.close()
 
 
 def test_a_daemon_with_trusted_keys_serves_a_folder_signed_by_the_tool_and_refuses_others(

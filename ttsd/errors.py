@@ -182,9 +182,10 @@ class SignatureError(TtsdError):
 
     exit_code = 18
     code = "signature_failed"
+    PREFIX = "signature: "  # every message starts so: a saved refusal says it was the signature's
 
     def __init__(self, kind: str, message: str) -> None:
-        super().__init__(f"signature: {message}")
+        super().__init__(f"{self.PREFIX}{message}")
         self.kind = kind
 
 

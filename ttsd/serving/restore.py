@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import ManifestError, TtsdError
+from ..errors import ManifestError, SignatureError, TtsdError
 from ..manifest import read_manifest
 from .store import content_id
 from .versions import ModelVersion, State, norm
@@ -38,8 +38,11 @@ class StartUp:
             for key, record in self.state.versions.items():
                 name, _, version = key.partition("/")
                 state = State(record.state) if record.state in State._value2member_map_ else State.AVAILABLE
-                if state not in (State.REFUSED, State.ROLLED_BACK):
-                    state = State.AVAILABLE  # nothing is loaded yet in this process
+                if state not in (State.REFUSED, State.ROLLED_BACK) or (
+                        state is State.REFUSED and record.reason.startswith(SignatureError.PREFIX)):
+                    # nothing is loaded yet in this process; and a refusal for the signature is
+                    # judged again, since the trusted keys may have changed with the restart
+                    state = State.AVAILABLE
                 model = ModelVersion(name, version, state, content=record.content, reason=record.reason,
                                      store=self.store.get(name, version))
                 self._trust_store_copy(model)
