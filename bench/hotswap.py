@@ -21,7 +21,12 @@ of one thread) is measured ``--repeats`` times (default 3), alternating, a fresh
 RSS swaps run in the first run only. From the repository root (machine may be shared: the 1-min
 load average is printed)::
 
-    .venv/bin/python bench/hotswap.py [--layouts 1x2,2x1] [--repeats 3] [--steady 10] [--swaps 20]
+    .venv/bin/python bench/hotswap.py [--layouts 1x2,2x1] [--repeats 3] [--steady 10] [--swaps 20] [--plot [PNG]]
+
+``--plot`` draws the first run's requests (latency against start time, by the version that answered)
+with the drop, the states /v1/voices showed for version 2 (verifying, loading, warming: the first poll,
+every 50 ms, that saw each), reported active and the first version-2 answer marked (matplotlib, in the
+``bench`` extra; default path docs/bench-hotswap.png).
 
 Cache: ``--cache``, ``$TTSD_CACHE`` or /tmp/ttsd-bench-cache. Disk: ~2.7 GB for 22 versions (models
 dir + store copies), removed at the end.
@@ -178,8 +183,11 @@ def versions(sock: str) -> tuple[str | None, dict[str, dict[str, Any]]]:
     return v["active"], {row["version"]: row for row in v["versions"]}
 
 
-def is_active(sock: str, version: str) -> bool:
+def is_active(sock: str, version: str, seen: dict[str, float] | None = None) -> bool:
+    """Whether ``version`` is the active one; ``seen`` gets the first time each of its states was polled."""
     active, rows = versions(sock)
+    if seen is not None and version in rows:
+        seen.setdefault(rows[version]["state"], time.monotonic())
     if version in rows and rows[version]["state"] == "refused":
         raise RuntimeError(f"version {version} refused: {rows[version]['reason']}")
     return active == version
@@ -214,17 +222,22 @@ def first_swap(daemon: Daemon, builtin: Path, load: Load, steady: float) -> dict
     rss_v1 = rss_mb(daemon.pid)
     dropped = time.monotonic()
     os.rename(*folders)  # the drop
-    active = wait_for(lambda: is_active(sock, "2"), 600, "version 2")
+    seen: dict[str, float] = {}  # version 2's states as the polls saw them: for the picture only
+    active = wait_for(lambda: is_active(sock, "2", seen), 600, "version 2")
     time.sleep(max(0.0, active + AFTER_S - time.monotonic()))
+    ended = time.monotonic()
     with load.lock:
         samples = list(load.samples)
     v2 = [s for s in samples if s.version == "2"]
     swap = min([active] + [s.start for s in v2])
+    first_v2 = min((s.start + s.latency for s in v2), default=math.nan)
+    marks = {"began": began, "dropped": dropped, "active": active, "first_v2": first_v2, "end": ended,
+             **{state: at for state, at in seen.items() if state in ("verifying", "loading", "warming")}}
     return {"steady": stats([s for s in samples if began + WARMUP_S <= s.start < dropped]),
             "during": stats([s for s in samples if s.start < swap and s.start + s.latency > dropped]),
             "after": stats([s for s in samples if s.start >= swap]), "window_s": swap - dropped,
             "to_active_s": active - dropped, "v2_load_s": versions(sock)[1]["2"]["load_seconds"],
-            "to_v2_s": min((s.start + s.latency for s in v2), default=math.nan) - dropped, "rss_v1_mb": rss_v1,
+            "to_v2_s": first_v2 - dropped, "rss_v1_mb": rss_v1, "marks": marks,
             "old_after_active": sum(1 for s in samples if s.start >= active and s.status == 200 and s.version != "2")}
 
 
@@ -322,6 +335,7 @@ def one_run(cache: Path, builtin: Path, workers: int, threads: int, steady: floa
         load.pause(stop=True)
         r["exit_code"], r["log"] = daemon.stop()
     r["requests"], r["failed"] = len(load.samples), sum(1 for s in load.samples if s.status != 200)
+    r["samples"] = [(s.start, s.latency, s.status, s.version) for s in load.samples]
     r["load_end"] = os.getloadavg()[0]
     return r
 
@@ -360,7 +374,14 @@ def main() -> None:
     parser.add_argument("--steady", type=float, default=10.0, help="seconds of steady load (default 10)")
     parser.add_argument("--load-during-swaps", action="store_true", help="keep the load on for the RSS swaps")
     parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or /tmp/ttsd-bench-cache)")
+    parser.add_argument("--plot", type=Path, nargs="?", const=Path("docs/bench-hotswap.png"), metavar="PNG",
+                        help="draw the first run's latency over time to this PNG (default docs/bench-hotswap.png; "
+                             "needs matplotlib)")
     args = parser.parse_args()
+    if args.plot:
+        import plot
+
+        plot.require()  # before measuring, not after
     try:
         layouts = parse_layouts(args.layouts)
     except ValueError:
@@ -392,6 +413,16 @@ def main() -> None:
     print("\n" + layout_table(runs, command))
     if first_full is not None and first_full["many"] is not None:
         print("\nFirst run in full:\n\n" + markdown(first_full))
+    if args.plot and first_full is not None:
+        import plot
+
+        f = first_full["first"]
+        ratio = f["during"].get("p99", math.nan) / f["steady"]["p99"]
+        plot.hotswap(args.plot, first_full["samples"], f["marks"],
+                     f"hot swap under {CLIENTS} clients, {first_full['workers']} worker(s) x "
+                     f"{first_full['threads']} thread(s): p99 during / steady {ratio:.2f}x, "
+                     f"drop -> active {f['to_active_s']:.1f} s")
+        print(f"\nwrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Measures, in one run, for the built-in voice en_US-joe-medium:
   drawn with a fixed seed from the words of the two texts, the same texts for both engines - reading
   VmRSS after every request. The table shows peak RSS (ru_maxrss: the whole child, soak included)
   and the growth of RSS over the second half of the soak (RSS after the last request minus RSS
-  after request N/2, ~0 when memory is flat); the JSON also has RSS after request 100 and at the end;
+  after request N/2, ~0 when memory is flat); the JSON also has RSS after request 100, at the end
+  and after every request (``rss_mb``);
 * cold start: wall time of a fresh ``ttsd say "Hello there." -o x.wav`` against
   ``python -m piper -m MODEL -f x.wav`` (text on stdin), with the built-in voice already converted;
 * arithmetic: the GFLOP per second of audio the voice itself needs (counted in a fresh subprocess,
@@ -35,6 +36,10 @@ mean anything, not the absolute seconds.
 Run from the repository root::
 
     .venv/bin/python bench/rtf.py [--runs 5] [--threads 2] [--soak 1000] [--json results.json] [--cache DIR]
+        [--plot [PNG]]
+
+``--plot`` draws ttsd against piper: synthesis time per text, streamed first audio and total, and
+RSS after every soak request (matplotlib, in the ``bench`` extra; default path docs/bench-rtf.png).
 
 The cache (where the built-in voice is converted) defaults to ``$TTSD_CACHE`` or a temp folder.
 """
@@ -171,7 +176,7 @@ def soak(engine: str, speak: Synth, count: int) -> dict[str, Any]:
     middle = rss[count // 2 - 1]
     return {"soak_requests": count, "soak_s": time.perf_counter() - started,
             "rss_after_100_mb": rss[99] if count >= 100 else None, "rss_middle_mb": middle,
-            "rss_end_mb": rss[-1], "rss_growth_second_half_mb": rss[-1] - middle}
+            "rss_end_mb": rss[-1], "rss_growth_second_half_mb": rss[-1] - middle, "rss_mb": rss}
 
 
 def child(engine: str, cache: Path, threads: int, soak_count: int) -> dict[str, Any]:
@@ -411,12 +416,18 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or a temp dir)")
     parser.add_argument("--cold-runs", type=int, default=3, help="cold-start runs per CLI (default 3)")
     parser.add_argument("--soak", type=int, default=1000, help="varied requests in the memory soak (default 1000)")
+    parser.add_argument("--plot", type=Path, nargs="?", const=Path("docs/bench-rtf.png"), metavar="PNG",
+                        help="draw ttsd against piper to this PNG (default docs/bench-rtf.png; needs matplotlib)")
     parser.add_argument("--child", choices=["ttsd", "piper", "flops"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child != "piper":  # as the `ttsd` program does, before any thread starts
         from ttsd.malloc import tune
 
         tune()
+    if args.plot and not args.child:
+        import plot
+
+        plot.require()  # before measuring, not after; after tune(): numpy starts threads
     if args.runs < 1 or args.threads < 1 or args.cold_runs < 1:
         parser.error("--runs, --threads and --cold-runs must be at least 1")
     if args.soak < 2:
@@ -458,6 +469,12 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {args.json}")
+    if args.plot:
+        import plot
+
+        plot.rtf(args.plot, result, f"ttsd vs piper-tts, en_US-joe-medium, {args.threads} threads each, "
+                                    f"median of {args.runs} runs, {os.cpu_count()} CPUs")
+        print(f"\nwrote {args.plot}")
 
 
 if __name__ == "__main__":
