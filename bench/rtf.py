@@ -204,8 +204,8 @@ def model_arithmetic(cache: Path) -> dict[str, Any]:
     a few percent). Same for any runtime, since piper runs the same network."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ttsd.options import SynthesisOptions
     from ttsd.engines.vits import decoder, model
+    from ttsd.options import SynthesisOptions
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 
