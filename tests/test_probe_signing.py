@@ -17,7 +17,8 @@ import pytest
 from catalog_server import Mirror, VoiceFiles, add_voice, serve
 from conftest import fake_model
 from test_catalog import get, nothing_in_models
-from test_signing import folder_of_two, make_key, trusting_manager
+from test_fleet import serve_dir
+from test_signing import check, folder_of_two, make_key, trusting_manager
 
 from ttsd.errors import (
     CatalogError,
@@ -49,17 +50,6 @@ def keys(tmp_path: Path) -> dict[str, Path]:
     trusted.mkdir()
     shutil.copy(fleet_pub, trusted / "fleet.pem")
     return {"fleet": fleet, "stranger": stranger, "stranger_pub": stranger_pub, "trusted": trusted}
-
-
-def check(folder: Path, trusted: Path) -> str:
-    return str(TrustedKeys.load(trusted).check(folder, verify(folder)))
-
-
-def serve_dir(mirror: Mirror, root: Path) -> None:
-    mirror.files.clear()
-    for path in root.rglob("*"):
-        if path.is_file():
-            mirror.files[path.relative_to(root).as_posix()] = path.read_bytes()
 
 
 def sha(data: bytes) -> str:

@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, SignatureError
-from .manifest import MANIFEST, MAX_SIGNATURE_BYTES, SIGNATURE, Manifest, open_beneath
+from .manifest import (
+    MANIFEST,
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE,
+    Manifest,
+    hash_fd,
+    open_beneath,
+)
 
 MAX_KEYS = 100  # public keys in a trusted-keys dir
 MAX_KEY_BYTES = 64 * 1024
@@ -238,13 +245,14 @@ def _check_coverage(folder: Path, manifest: Manifest, signed: Any) -> None:
         digests[str(descriptor.identifier)] = descriptor.digest.digest_hex.lower()
     expected = {rel: entry.sha256 for rel, entry in manifest.files.items()}
     expected[MANIFEST] = _sha256_beneath(folder, MANIFEST)
-    for rel in sorted(set(expected) - set(digests)):
-        raise SignatureError("mismatch", f"{rel} is not covered by the signature")
-    for rel in sorted(set(digests) - set(expected)):
-        raise SignatureError("mismatch", f"{rel} was signed but is not in the folder")
-    for rel in sorted(expected):
-        if digests[rel] != expected[rel]:
-            raise SignatureError("mismatch", f"{rel} differs from what was signed")
+    unsigned, absent = sorted(set(expected) - set(digests)), sorted(set(digests) - set(expected))
+    changed = [rel for rel in sorted(expected) if rel in digests and digests[rel] != expected[rel]]
+    if unsigned:
+        raise SignatureError("mismatch", f"{unsigned[0]} is not covered by the signature")
+    if absent:
+        raise SignatureError("mismatch", f"{absent[0]} was signed but is not in the folder")
+    if changed:
+        raise SignatureError("mismatch", f"{changed[0]} differs from what was signed")
 
 
 def _sha256_beneath(folder: Path, rel: str) -> str:
@@ -254,10 +262,7 @@ def _sha256_beneath(folder: Path, rel: str) -> str:
     finally:
         os.close(root)
     try:
-        digest = hashlib.sha256()
-        while chunk := os.read(fd, 1 << 20):
-            digest.update(chunk)
-        return digest.hexdigest()
+        return hash_fd(fd, os.fstat(fd).st_size)[1]
     finally:
         os.close(fd)
 

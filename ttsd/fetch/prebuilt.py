@@ -23,7 +23,6 @@ each by rename, so a box never reads an index naming a folder that is not all th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -41,7 +40,7 @@ from ..errors import (
     ResourceError,
     VoiceExistsError,
 )
-from ..fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
+from ..fsutil import atomic_write_bytes, atomic_write_text, current_umask, fsync_dir
 from ..manifest import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -51,6 +50,7 @@ from ..manifest import (
     check_name,
     check_version,
     parse_manifest,
+    sha256_file,
     verify,
 )
 from .download import Mirror, download, fetch_small
@@ -116,14 +116,6 @@ def load_index(mirror: Mirror) -> dict[str, Prebuilt]:
     return parse_index(fetch_small(mirror, INDEX_FILE, MAX_INDEX_BYTES), mirror.url(INDEX_FILE))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # -- the box's side ---------------------------------------------------------------------------------
 def get_prebuilt(entry: Prebuilt, *, models: Path, downloads: Path, mirror: Mirror, upgrade: bool,
                  have: Manifest | None, trust: Any = None, reporter: Any = None) -> tuple[Path, Manifest, bool]:
@@ -183,7 +175,7 @@ def get_prebuilt(entry: Prebuilt, *, models: Path, downloads: Path, mirror: Mirr
             shutil.copyfile(work / rel, tmp / rel)
             with open(tmp / rel, "rb") as done:
                 os.fsync(done.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         step("verifying")
         verify(tmp)  # every byte, as the daemon will
         if trust is not None:
@@ -196,12 +188,6 @@ def get_prebuilt(entry: Prebuilt, *, models: Path, downloads: Path, mirror: Mirr
         raise
     shutil.rmtree(work, ignore_errors=True)
     return folder, manifest, True
-
-
-def _umask() -> int:
-    from ..fsutil import current_umask
-
-    return current_umask()
 
 
 # -- the build machine's side -------------------------------------------------------------------------
@@ -222,7 +208,7 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None) -> Prebuilt:
         parse_index(raw, str(index_path))  # a broken index is not extended
         index = json.loads(raw)
     if target.exists():
-        if _sha256(target / MANIFEST) != _sha256(folder / MANIFEST):
+        if sha256_file(target / MANIFEST) != sha256_file(folder / MANIFEST):
             raise ConfigError(f"{target}: {manifest.name} {manifest.version} is already published with other "
                               "content; give the folder a new version")
     else:
@@ -237,13 +223,13 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None) -> Prebuilt:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    if signed and _sha256(target / SIGNATURE) != _sha256(folder / SIGNATURE):
+    if signed and sha256_file(target / SIGNATURE) != sha256_file(folder / SIGNATURE):
         # signed again (same content, new signature): renamed in, so a box never reads half of it
         atomic_write_bytes(target / SIGNATURE, (folder / SIGNATURE).read_bytes(), mode=0o644)
     entry = {"version": manifest.version, "path": rel,
-             "manifest": {"size": (target / MANIFEST).stat().st_size, "sha256": _sha256(target / MANIFEST)}}
+             "manifest": {"size": (target / MANIFEST).stat().st_size, "sha256": sha256_file(target / MANIFEST)}}
     if (target / SIGNATURE).is_file():
-        entry["signature"] = {"size": (target / SIGNATURE).stat().st_size, "sha256": _sha256(target / SIGNATURE)}
+        entry["signature"] = {"size": (target / SIGNATURE).stat().st_size, "sha256": sha256_file(target / SIGNATURE)}
     current = index["voices"].get(manifest.name)
     if current is None or Version(current["version"]) <= manifest.parsed_version:
         index["voices"][manifest.name] = entry
