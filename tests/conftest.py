@@ -35,7 +35,7 @@ def joe_folder(cache_dir: Path) -> Path:
 def joe_engine(joe_folder: Path):  # type: ignore[no-untyped-def]
     from ttsd.speak import open_engine
 
-    return open_engine(joe_folder)
+    return open_engine(joe_folder, precision="fp32")  # the exact path; bf16: tests/test_precision.py
 
 
 @pytest.fixture

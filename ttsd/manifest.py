@@ -40,7 +40,8 @@ SIGNATURE = "model.sig"  # model_signing's default name; it cannot be listed, si
 MAX_SIGNATURE_BYTES = 1 << 20  # a key-signed bundle is ~2 KB, a Sigstore one with a certificate ~10 KB
 _CHUNK = 1 << 20
 _KNOWN = frozenset({"format", "name", "version", "engine", "sample_rate", "files", "warmup", "description",
-                    "license"})
+                    "license", "precision"})
+PRECISIONS = ("auto", "fp32", "bf16")  # see ttsd.engines.precision
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Manifest:
     warmup: tuple[str, ...] = ()
     description: str = ""
     license: str = ""
+    precision: str = "auto"  # the voice's default number format (ttsd.engines.precision)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -84,6 +86,8 @@ class Manifest:
             data["description"] = self.description
         if self.license:
             data["license"] = self.license
+        if self.precision != "auto":
+            data["precision"] = self.precision
         data.update(self.extra)
         return data
 
@@ -167,6 +171,9 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
     if not isinstance(warmup, list) or not all(isinstance(s, str) and len(s) <= 500 for s in warmup) \
             or len(warmup) > 20:
         raise ManifestError(f"{source}: 'warmup' must be a list of at most 20 sentences of at most 500 characters")
+    precision = data.get("precision", "auto")
+    if precision not in PRECISIONS:
+        raise ManifestError(f"{source}: 'precision' must be one of {', '.join(PRECISIONS)}")
     return Manifest(
         name=check_name(data["name"]),
         version=check_version(data["version"]),
@@ -176,6 +183,7 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
         warmup=tuple(warmup),
         description=str(data.get("description", "")),
         license=str(data.get("license", "")),
+        precision=precision,
         extra={k: v for k, v in data.items() if k not in _KNOWN},
     )
 
@@ -408,6 +416,7 @@ def pack(
     warmup: tuple[str, ...] = (),
     description: str = "",
     license: str = "",
+    precision: str = "auto",
     extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write ``folder/ttsd.json`` listing every file in ``folder`` with its sha256.
@@ -444,6 +453,7 @@ def pack(
         warmup=tuple(warmup),
         description=description,
         license=license,
+        precision=precision,
         extra=dict(extra or {}),
     )
     parse_manifest(manifest.to_json())  # same rules as reading it back

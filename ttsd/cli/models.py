@@ -45,10 +45,14 @@ def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, 
 @click.option("--warmup", multiple=True, help="Warm-up sentence (repeatable).")
 @click.option("--description", default="")
 @click.option("--license", "license_", default="")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="The voice's number format: auto (bf16 where the CPU has native bf16) or fp32 (this voice "
+                   "must stay fp32); the daemon's --precision overrides it.")
 @click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
               help="Also sign the folder with this private key (see 'ttsd models sign').")
 def pack_cmd(folder: Path, name: str, version: str, engine: str, sample_rate: int | None,
-             warmup: tuple[str, ...], description: str, license_: str, sign_key: Path | None) -> None:
+             warmup: tuple[str, ...], description: str, license_: str, precision: str,
+             sign_key: Path | None) -> None:
     """Write the checksummed manifest (ttsd.json) for FOLDER, e.g. a downloaded MMS-TTS checkpoint."""
     from ..engines import engine_class
     from ..manifest import pack
@@ -59,7 +63,7 @@ def pack_cmd(folder: Path, name: str, version: str, engine: str, sample_rate: in
         if sample_rate is None:
             raise ConfigError(f"{folder}: give --sample-rate (the {engine} engine finds none in the folder)")
     manifest = pack(folder, name=name, version=version, engine=engine, sample_rate=sample_rate,
-                    warmup=warmup, description=description, license=license_)
+                    warmup=warmup, description=description, license=license_, precision=precision)
     console().print(f"{folder}/ttsd.json: {manifest.name} {manifest.version}, {len(manifest.files)} files",
                      markup=False)
     if sign_key is not None:

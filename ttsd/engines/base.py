@@ -42,11 +42,14 @@ class Engine(ABC, Generic[Unit]):
     name: ClassVar[str]
 
     def __init__(self, folder: Path, manifest: Manifest, *, max_chars: int = DEFAULT_MAX_CHARS,
-                 threads: int | None = None, max_audio_seconds: float | None = None) -> None:
+                 threads: int | None = None, max_audio_seconds: float | None = None,
+                 precision: str | None = None) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
         self.max_chars = max_chars
         self.threads = threads
+        # the operator's number format (None: auto, the voice's own); engines without a choice ignore it
+        self.precision = precision
         # a request's audio, pauses included, may not run longer (None: no limit)
         self.max_audio_seconds = max_audio_seconds
         self.sample_rate = manifest.sample_rate

@@ -43,14 +43,14 @@ WIDTHS = (32, 48, 64, 128, 192, 256)
 CL = torch.channels_last
 
 
-def _fused_ops_work() -> bool:
-    """Whether torch has oneDNN's fused convolution ops and they run here."""
+def _fused_ops_work(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether torch has oneDNN's fused convolution ops and they run here in ``dtype``."""
     ops = getattr(torch.ops, "mkldnn", None)
     if ops is None or not torch.backends.mkldnn.is_available():
         return False
     try:
-        x = torch.ones(1, 2, 1, 4).contiguous(memory_format=CL)
-        w = torch.ones(2, 2, 1, 3).contiguous(memory_format=CL)
+        x = torch.ones(1, 2, 1, 4, dtype=dtype).contiguous(memory_format=CL)
+        w = torch.ones(2, 2, 1, 3, dtype=dtype).contiguous(memory_format=CL)
         y = ops._convolution_pointwise(x, w, None, [0, 1], [1, 1], [1, 1], 1, "leaky_relu", [0.1], "")
         ops._convolution_pointwise_.binary(y, x, w, None, [0, 1], [1, 1], [1, 1], 1, "add", None, None, [], None)
         t = ops._convolution_transpose_pointwise(x, w, None, [0, 0], [0, 0], [1, 1], [1, 1], 1, "none", [], "")
@@ -61,13 +61,15 @@ def _fused_ops_work() -> bool:
 
 class _Conv:
     """One convolution's weights in channels-last 2-D form, with fused and plain entry points.
-    ``weight`` is in torch's layout: (out, in, k), or (in, out, k) when ``transposed``."""
+    ``weight`` is in torch's layout: (out, in, k), or (in, out, k) when ``transposed``. Weights and
+    bias are kept in ``dtype``, the dtype of the activations they are applied to."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, padding: int, dilation: int = 1,
-                 stride: int = 1, transposed: bool = False, scale: float = 1.0, fused: bool = True) -> None:
+                 stride: int = 1, transposed: bool = False, scale: float = 1.0, fused: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.transposed = transposed
-        self.weight = (weight.detach().float() * scale).unsqueeze(2).contiguous(memory_format=CL)
-        self.bias = None if bias is None else bias.detach().float().clone()
+        self.weight = (weight.detach().float() * scale).to(dtype).unsqueeze(2).contiguous(memory_format=CL)
+        self.bias = None if bias is None else bias.detach().to(dtype, copy=True)
         self.kernel = int(weight.shape[-1])
         self.padding = [0, int(padding)]
         self.dilation = [1, int(dilation)]
@@ -135,12 +137,16 @@ def _zero_outside(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 class FastHifiGan:
     """``VitsHifiGan`` (ResBlock1 or Piper's ResBlock2) as windowed channels-last convolutions."""
 
-    def __init__(self, decoder: nn.Module | Take, config: Any, *, fused: bool | None = None) -> None:
+    def __init__(self, decoder: nn.Module | Take, config: Any, *, fused: bool | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         """``decoder``: transformers' ``VitsHifiGan`` (or ttsd's Piper variant), or a function
         ``take(name, shape)`` returning its tensors by state-dict name with weight norm folded
-        (``model.NativeVits``). The geometry (kernels, strides, dilations) comes from ``config``."""
+        (``model.NativeVits``). The geometry (kernels, strides, dilations) comes from ``config``.
+        ``dtype``: what the convolutions run in (``torch.bfloat16`` on CPUs with bf16 dot products);
+        the input and the last layer (``_last``) stay float32 either way."""
         take = _module_source(decoder) if isinstance(decoder, nn.Module) else decoder
-        self.fused = _fused_ops_work() if fused is None else fused
+        self.dtype = dtype
+        self.fused = _fused_ops_work(dtype) if fused is None else fused
         self.slope = float(config.leaky_relu_slope)
         self.kernels = len(config.resblock_kernel_sizes)
         self.hop = math.prod(int(r) for r in config.upsample_rates)  # samples per latent frame
@@ -148,9 +154,10 @@ class FastHifiGan:
         channels = int(config.upsample_initial_channel)
 
         def conv(name: str, out: int, inp: int, kernel: int, dilation: int = 1, scale: float = 1.0,
-                 bias: bool = True) -> _Conv:
+                 bias: bool = True, dtype: torch.dtype = dtype) -> _Conv:
             return _Conv(take(f"{name}.weight", (out, inp, kernel)), take(f"{name}.bias", (out,)) if bias else None,
-                         padding=(kernel - 1) * dilation // 2, dilation=dilation, scale=scale, fused=self.fused)
+                         padding=(kernel - 1) * dilation // 2, dilation=dilation, scale=scale, fused=self.fused,
+                         dtype=dtype)
 
         self.pre = conv("conv_pre", channels, int(config.flow_size), 7)
         self.cond: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -165,7 +172,7 @@ class FastHifiGan:
             # stage i > 0 gets the previous stage's residual-block sum: its 1/n is folded in here
             upsample = _Conv(take(f"upsampler.{i}.weight", (channels, out, size)), take(f"upsampler.{i}.bias", (out,)),
                              padding=(size - rate) // 2, stride=rate, transposed=True,
-                             scale=1.0 if i == 0 else 1.0 / self.kernels, fused=self.fused)
+                             scale=1.0 if i == 0 else 1.0 / self.kernels, fused=self.fused, dtype=dtype)
             channels = out
             blocks = []
             for j, (k, ds) in enumerate(zip(kernel_sizes, dilations, strict=True)):
@@ -177,7 +184,9 @@ class FastHifiGan:
                              for m, d in enumerate(ds)]
                 blocks.append(steps)
             self.stages.append((upsample, blocks))
-        self.post = conv("conv_post", 1, channels, 7, scale=1.0 / self.kernels, bias=False)
+        # the last layer stays float32 in any dtype: its 7 x C products sum to a sample far smaller
+        # than its terms, and bf16 weights there leave a hiss at -40 dBFS (tests/test_precision.py)
+        self.post = conv("conv_post", 1, channels, 7, scale=1.0 / self.kernels, bias=False, dtype=torch.float32)
         self.post_taps = self.post.weight[0, :, 0, :].t().contiguous()  # (kernel, channels), see _last
         self.radius, self.margins = self._receptive_margins()
         self._cover_table: tuple[int, list[list[int]]] | None = None  # (radius, covers), see _covers
@@ -209,7 +218,7 @@ class FastHifiGan:
         plus what the later layers still need on each side (``margins``): most of the overlap is in
         the first, cheapest stage. The crops depend on the width only, so the shapes stay bounded."""
         s, width = self.slope, latents.shape[-1]
-        x = latents.unsqueeze(2).contiguous(memory_format=CL)
+        x = latents.to(self.dtype).unsqueeze(2).contiguous(memory_format=CL)
         x = self.pre(x, bias, "leaky_relu", s)  # the first upsampler only ever sees leaky_relu(x)
         scale, offset, last = 1, 0, len(self.stages) - 1  # samples per frame here; frame 0 is at -offset
         for i, (upsample, blocks) in enumerate(self.stages):
@@ -253,7 +262,7 @@ class FastHifiGan:
         half = (k - 1) // 2
         rows = x.permute(0, 2, 3, 1).reshape(x.shape[-1], x.shape[1])  # (L, C): channels-last's memory
         lo, hi = start - half, start + count + half
-        taps = self.post_taps @ rows[max(lo, 0):min(hi, rows.shape[0])].t()  # (k, rows)
+        taps = self.post_taps @ rows[max(lo, 0):min(hi, rows.shape[0])].float().t()  # (k, rows), float32
         if lo < 0 or hi > rows.shape[0]:  # the reference's zero padding at the ends
             taps = F.pad(taps, (max(-lo, 0), max(hi - rows.shape[0], 0)))
         out = taps[0, 0:count].clone()
@@ -333,6 +342,7 @@ class FastHifiGan:
             bias = weight @ speaker.reshape(-1) + offset
             if self.pre.bias is not None:
                 bias = bias + self.pre.bias
+            bias = bias.to(self.dtype)
         frames = latents.shape[-1]
         for start, width, keep_from, keep_to in self.plan(frames, first):
             context = keep_from - start

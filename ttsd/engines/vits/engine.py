@@ -13,6 +13,7 @@ Serves two kinds of model folder:
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ from ...errors import LoadError, RequestError
 from ...manifest import Manifest
 from ...options import SynthesisOptions
 from ...text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
+from .. import precision
 from ..base import Engine
 from .chars import CharTokenizer
 from .model import NativeVits
@@ -42,6 +44,7 @@ from .phonemes import PHONEMES_FILE, EspeakPhonemes, PhonemeConfig
 # errors on 8 long sentences cut at 512 (3.9 % WER) than spoken whole (6.1 %; 384 and 768: 4.3 %
 # and 4.8 %).
 MAX_UNIT_IDS = 512
+log = logging.getLogger("ttsd.engines")
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,11 @@ class VitsEngine(Engine[Unit]):
     name = "vits"
 
     def __init__(self, folder: Path, manifest: Manifest, *, max_chars: int = DEFAULT_MAX_CHARS,
-                 threads: int | None = None, max_audio_seconds: float | None = None) -> None:
+                 threads: int | None = None, max_audio_seconds: float | None = None,
+                 precision: str | None = None) -> None:
         super().__init__(folder, manifest, max_chars=max_chars, threads=threads,
-                         max_audio_seconds=max_audio_seconds)
+                         max_audio_seconds=max_audio_seconds, precision=precision)
+        self.dtype = torch.float32  # what load() chose: see ttsd.engines.precision
         self.model: NativeVits | None = None
         self._phonemes: EspeakPhonemes | None = None
         self._tokenizer: CharTokenizer | None = None
@@ -70,7 +75,12 @@ class VitsEngine(Engine[Unit]):
             torch.set_num_threads(self.threads)
         if not (self.folder / "model.safetensors").is_file():
             raise LoadError(f"{self.folder}: no model.safetensors (the vits engine loads safetensors only)")
-        model = NativeVits(self.folder)  # LoadError with the reason for a bad config or bad weights
+        chosen, why = precision.resolve(self.precision, self.manifest.precision, precision.native_bf16())
+        (log.warning if "emulated" in why else log.info)(
+            "%s %s computes in %s (%s)", self.manifest.name, self.manifest.version, chosen, why)
+        self.dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
+        # LoadError with the reason for a bad config or bad weights
+        model = NativeVits(self.folder, dtype=self.dtype)
         config = model.config
         if int(config.sampling_rate) != self.manifest.sample_rate:
             raise LoadError(
@@ -109,6 +119,7 @@ class VitsEngine(Engine[Unit]):
             "num_speakers": int(model.config.num_speakers),
             "speakers": speakers,
             "frontend": "espeak-ng phonemes" if self._phonemes else "characters",
+            "precision": "bf16" if self.dtype == torch.bfloat16 else "fp32",
         }
 
     def default_warmup(self) -> Sequence[str]:

@@ -40,8 +40,12 @@ class NativeVits:
     """A VITS voice loaded from a folder, inference only. Read-only after construction, so any
     number of synthesis threads may share it."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+        """``dtype``: what the prior flow's WaveNets and the decoder compute in (``torch.bfloat16``
+        where the CPU has bf16 dot products); the text encoder and the durations stay float32, so
+        a sentence has the same length in either."""
         folder = Path(folder)
+        self.dtype = dtype
         self.config = c = VitsConfig.read(folder / "config.json")
         where = str(folder / "model.safetensors")
         try:
@@ -60,8 +64,8 @@ class NativeVits:
             if c.num_speakers > 1 else None
         self.duration = (_StochasticDuration if c.use_stochastic_duration_prediction else _Duration)(
             w, "duration_predictor", c)
-        self.flows = [_Coupling(w, f"flow.flows.{i}", c) for i in range(c.prior_encoder_num_flows)][::-1]
-        self.decoder = FastHifiGan(lambda name, shape: w.take(f"decoder.{name}", shape), c)
+        self.flows = [_Coupling(w, f"flow.flows.{i}", c, dtype) for i in range(c.prior_encoder_num_flows)][::-1]
+        self.decoder = FastHifiGan(lambda name, shape: w.take(f"decoder.{name}", shape), c, dtype=dtype)
         leftover = [n for n in w.tensors if not n.startswith("posterior_encoder.")]
         if leftover:
             raise LoadError(f"{where}: config.json does not match the weights (unused tensor {sorted(leftover)[0]})")

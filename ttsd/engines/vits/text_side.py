@@ -234,11 +234,12 @@ class _Duration:
 
 
 class _Coupling:
-    """One residual coupling layer of the prior flow (mean only), reverse direction."""
+    """One residual coupling layer of the prior flow (mean only), reverse direction. ``dtype``: what
+    its WaveNet (the mean it subtracts) runs in; the flow's own values stay float32."""
 
-    def __init__(self, w: _Weights, prefix: str, c: VitsConfig) -> None:
+    def __init__(self, w: _Weights, prefix: str, c: VitsConfig, dtype: torch.dtype = torch.float32) -> None:
         h, half = c.hidden_size, c.flow_size // 2
-        self.hidden, self.half = h, half
+        self.hidden, self.half, self.dtype = h, half, dtype
         pre = w.take(f"{prefix}.conv_pre.weight", (h, half, 1))[:, :, 0]
         self.pre = (pre.t().contiguous(), w.take(f"{prefix}.conv_pre.bias", (h,)))
         post = w.take(f"{prefix}.conv_post.weight", (half, h, 1))[:, :, 0]
@@ -266,14 +267,21 @@ class _Coupling:
             cond[gate] *= 2
             cond_bias[gate] *= 2
             self.cond = (cond.t().contiguous(), cond_bias)
+        if dtype != torch.float32:
+            self.pre = (self.pre[0].to(dtype), self.pre[1].to(dtype))
+            self.post = (self.post[0].to(dtype), self.post[1].to(dtype))
+            for conv, _, _ in self.layers:
+                conv.to(dtype)
+            self.layers = [(conv, res.to(dtype), bias.to(dtype)) for conv, res, bias in self.layers]
 
     def reverse(self, x: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None) -> torch.Tensor:
         first, second = x[:, :self.half], x[:, self.half:]
-        h = torch.addmm(self.pre[1], first, self.pre[0]) * mask
+        out_mask, mask = mask, mask.to(self.dtype)
+        h = torch.addmm(self.pre[1], first.to(self.dtype), self.pre[0]) * mask
         hid = self.hidden
         conditions = None
         if speaker is not None and self.cond is not None:
-            conditions = torch.addmm(self.cond[1], speaker, self.cond[0])  # (1, 2*hidden*layers)
+            conditions = torch.addmm(self.cond[1], speaker, self.cond[0]).to(self.dtype)  # (1, 2*hidden*layers)
         out: torch.Tensor | None = None
         last = len(self.layers) - 1
         for i, (conv, res_weight, res_bias) in enumerate(self.layers):
@@ -289,5 +297,5 @@ class _Coupling:
             else:
                 out = r if out is None else out + r
         assert out is not None
-        mean = torch.addmm(self.post[1], out * mask, self.post[0]) * mask
-        return torch.cat([first, (second - mean) * mask], dim=1)
+        mean = torch.addmm(self.post[1], out * mask, self.post[0]).float()
+        return torch.cat([first, (second - mean) * out_mask], dim=1)

@@ -78,6 +78,11 @@ class _TimeConv:
         self.weight = weight.permute(2, 1, 0).reshape(kernel * inp, out).contiguous()
         self.bias = bias
 
+    def to(self, dtype: torch.dtype) -> None:
+        """Keep the weights in ``dtype`` (the input must then be ``dtype`` too)."""
+        self.weight = self.weight.to(dtype)
+        self.bias = None if self.bias is None else self.bias.to(dtype)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel > 1 or self.left or self.right:
             x = F.pad(x, (0, 0, self.left, self.right))
