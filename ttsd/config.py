@@ -82,6 +82,7 @@ class ServeConfig:
     socket_group: str | None = None
     workers: int = 1
     threads: int | None = None
+    precision: str = "auto"  # auto | fp32 | bf16: see ttsd.engines.precision
     queue_size: int = 16
     max_chars: int = 5000
     max_audio_seconds: float = 600.0

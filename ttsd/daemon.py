@@ -137,7 +137,7 @@ class Daemon:
                           auto_rollback_share=config.auto_rollback_share, canary=dict(config.canary),
                           canary_requests=config.canary_requests),
             engine_options={"max_chars": config.max_chars, "threads": config.threads,
-                            "max_audio_seconds": config.max_audio_seconds},
+                            "max_audio_seconds": config.max_audio_seconds, "precision": config.precision},
             default_voice=config.default_voice,
             listener=self._on_model_event,
             trust=self.trust,

@@ -13,7 +13,14 @@ import click
 
 from ..errors import ConfigError, DaemonError, RequestError
 from ..options import SynthesisOptions
-from .common import SOCKET_HELP, console, daemon_client, write_output
+from .common import (
+    PRECISION_CHOICES,
+    PRECISION_HELP,
+    SOCKET_HELP,
+    console,
+    daemon_client,
+    write_output,
+)
 
 
 @dataclass(frozen=True)
@@ -68,13 +75,15 @@ def _read_text(text: str) -> str:
 @click.option("--max-chars", type=click.IntRange(1), default=5000, show_default=True, envvar="TTSD_MAX_CHARS",
               help="Refuse longer text (in-process; the daemon has its own limit).")
 @click.option("--threads", type=click.IntRange(1), help="Torch threads in-process (default: all cores).")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
+              envvar="TTSD_PRECISION", help=f"In-process: {PRECISION_HELP} The daemon uses its own.")
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET", help=SOCKET_HELP)
 @click.option("--daemon/--no-daemon", "use_daemon", default=None,
               help="Require the running daemon, or never use it (default: daemon if it answers).")
 @click.pass_context
 def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir: Path | None,
         models_dir: Path | None, speed: float, speaker: str | None, noise_scale: float | None,
-        noise_w: float | None, seed: int | None, max_chars: int, threads: int | None,
+        noise_w: float | None, seed: int | None, max_chars: int, threads: int | None, precision: str,
         socket_path: Path | None, use_daemon: bool | None) -> None:
     """Speak TEXT (- reads standard input) into an audio file.
 
@@ -95,7 +104,8 @@ def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir
             return
         if use_daemon:
             raise DaemonError(f"no daemon answers on {client.socket_path} (start one with 'ttsd serve')")
-    _in_process(speech, model_dir=model_dir, models_dir=models_dir, max_chars=max_chars, threads=threads)
+    _in_process(speech, model_dir=model_dir, models_dir=models_dir, max_chars=max_chars, threads=threads,
+                precision=precision)
     ctx.obj["fast_exit"] = True  # the output is on disk: see ttsd.cli.run
 
 
@@ -110,7 +120,7 @@ def _via_daemon(client: Any, speech: Speech) -> None:
 
 
 def _in_process(speech: Speech, *, model_dir: Path | None, models_dir: Path | None, max_chars: int,
-                threads: int | None) -> None:
+                threads: int | None, precision: str) -> None:
     from ..audio import encode
     from ..config import Paths
     from ..encoding import check_available
@@ -124,13 +134,14 @@ def _in_process(speech: Speech, *, model_dir: Path | None, models_dir: Path | No
         folder = resolve_model(Paths.resolve(models=models_dir), model_dir=model_dir, voice=speech.voice,
                                progress=lambda msg: status.update(f"built-in voice: {msg}…"))
         started = time.perf_counter()
-        engine = open_engine(folder, max_chars=max_chars, threads=threads)
+        engine = open_engine(folder, max_chars=max_chars, threads=threads, precision=precision)
         loaded = time.perf_counter()
         status.update("speaking…")
         audio = engine.synthesize(speech.text, speech.options)
         done = time.perf_counter()
     write_output(speech.output, encode(audio, speech.fmt))
     m = engine.manifest
+    computes = f" in {engine.info()['precision']}" if "precision" in engine.info() else ""
     out.print(
         f"{speech.shown}: {audio.duration:.2f} s of {speech.fmt} at {audio.sample_rate} Hz, voice {m.name} "
-        f"{m.version}, load {loaded - started:.2f} s, synthesis {done - loaded:.2f} s", markup=False)
+        f"{m.version}{computes}, load {loaded - started:.2f} s, synthesis {done - loaded:.2f} s", markup=False)

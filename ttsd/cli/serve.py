@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
+from .common import PRECISION_CHOICES, PRECISION_HELP
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -117,6 +118,8 @@ def _parse_wyoming(value: str) -> str:
               help="Synthesis worker threads.")
 @click.option("--threads", type=click.IntRange(1, 256), envvar="TTSD_THREADS",
               help="Torch intra-op threads (default: all cores).")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
+              envvar="TTSD_PRECISION", help=PRECISION_HELP)
 @click.option("--queue-size", type=click.IntRange(0, 10000), default=16, show_default=True,
               envvar="TTSD_QUEUE_SIZE", help="Requests that may wait; more get 503.")
 @click.option("--max-chars", type=click.IntRange(1), default=5000, show_default=True, envvar="TTSD_MAX_CHARS",
@@ -165,7 +168,7 @@ def _parse_wyoming(value: str) -> str:
 def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | None, socket_path: Path | None,
           socket_group: str | None, spool_dir: Path | None, listen: str | None, wyoming_uri: str | None,
           wyoming_zeroconf: str | None, trusted_keys: Path | None, token_file: Path | None,
-          workers: int, threads: int | None, queue_size: int, max_chars: int, max_audio_seconds: float | None,
+          workers: int, threads: int | None, precision: str, queue_size: int, max_chars: int, max_audio_seconds: float | None,
           max_connections: int, idle_timeout: float, grace: float,
           default_voice: str | None, no_seed: bool, keep: int, swap_policy: str, canary: tuple[str, ...],
           canary_requests: int, auto_rollback_requests: int, auto_rollback_share: float, settle: float,
@@ -192,7 +195,7 @@ def serve(models_dir: Path | None, state_dir: Path | None, cache_dir: Path | Non
         models=models_dir or default_models_dir(), state=state_dir or default_state_dir(),
         cache=cache_dir or default_cache_dir(), socket=socket_path or default_socket(),
         spool=spool_dir, listen=bind, token=token, socket_group=socket_group, workers=workers,
-        threads=threads, queue_size=queue_size, max_chars=max_chars, grace=grace,
+        threads=threads, precision=precision, queue_size=queue_size, max_chars=max_chars, grace=grace,
         max_audio_seconds=max_audio_seconds or round(max(60.0, AUDIO_SECONDS_PER_CHAR * max_chars)),
         max_connections=max_connections, idle_timeout=idle_timeout,
         default_voice=default_voice, seed_builtin=not no_seed, keep=keep, swap_policy=swap_policy,

@@ -466,12 +466,15 @@ def _voice_facts(active: ModelVersion | None) -> dict[str, Any]:
         elif match := _PIPER_LANGUAGE.match(manifest.name):
             languages = [match.group(1)]
     speakers: list[str] = []
+    precision = None  # the number format the loaded engine computes in (fp32 / bf16), if it says
     if active is not None and active.engine is not None:
         try:
-            speakers = sorted(str(s) for s in active.engine.info().get("speakers", {}))[:1000]
+            info = active.engine.info()
+            speakers = sorted(str(s) for s in info.get("speakers", {}))[:1000]
+            precision = info.get("precision")
         except Exception:  # noqa: BLE001 - facts for a listing: never let them fail it
             speakers = []
-    return {"languages": languages, "speakers": speakers,
+    return {"languages": languages, "speakers": speakers, "precision": precision,
             "description": manifest.description if manifest else "", "license": manifest.license if manifest else ""}
 
 
