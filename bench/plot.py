@@ -16,7 +16,8 @@ from typing import Any
 
 WIDTH_IN, DPI = 8.0, 100  # 800 px wide: readable in the README without scaling
 INSTALL = "--plot needs matplotlib: pip install -e '.[bench]' (or pip install matplotlib)"
-TTSD_COLOUR, PIPER_COLOUR = "tab:blue", "tab:orange"
+TTSD_COLOUR, TTSD_BF16_COLOUR, PIPER_COLOUR = "tab:blue", "tab:green", "tab:orange"
+RTF_ENGINES = {"ttsd": TTSD_COLOUR, "ttsd-bf16": TTSD_BF16_COLOUR, "piper": PIPER_COLOUR}  # in drawing order
 
 
 def require() -> None:
@@ -88,25 +89,30 @@ def hotswap(path: Path, samples: list[tuple[float, float, int, str | None]], mar
 
 
 def rtf(path: Path, result: dict[str, Any], title: str) -> None:
-    """Three panels: synthesis time per text, streamed first audio / total, RSS over the soak; ttsd vs piper.
+    """Three panels: synthesis time per text, streamed first audio / total, RSS over the soak; every engine
+    in ``result`` (ttsd fp32, ttsd bf16 when measured, piper), each in its own colour.
 
-    ``result`` is ``bench/rtf.py``'s result dict; the soak panel needs each memory child's ``rss_mb``.
+    ``result`` is ``bench/rtf.py``'s result dict (older ones, without ``ttsd-bf16``, too); the soak panel
+    needs each memory child's ``rss_mb``.
     """
     plt = pyplot()
-    engines = ("ttsd", "piper")
-    colours = {"ttsd": TTSD_COLOUR, "piper": PIPER_COLOUR}
-    fig, (speed, first, memory) = plt.subplots(1, 3, figsize=(WIDTH_IN, 3.6),
+    engines = [engine for engine in RTF_ENGINES if engine in result["speed"]["sentence"]]
+    both = "ttsd-bf16" in engines and "ttsd" in engines
+    labels = {"ttsd": "ttsd fp32" if both else "ttsd", "ttsd-bf16": "ttsd bf16", "piper": "piper"}
+    fig, (speed, first, memory) = plt.subplots(1, 3, figsize=(WIDTH_IN, 3.6 if len(engines) < 3 else 4.0),
                                                 gridspec_kw={"width_ratios": [1, 1, 1.6]})
-    bar = 0.38
+    bar = 0.8 / len(engines)  # the group's bars side by side, 0.2 of a slot between groups
 
     def bars(ax: Any, groups: list[str], values: dict[str, list[float]], unit: str) -> None:
         for i, engine in enumerate(engines):
-            xs = [g + (i - 0.5) * bar for g in range(len(groups))]
-            drawn = ax.bar(xs, values[engine], bar, color=colours[engine], label=engine)
-            ax.bar_label(drawn, fmt="%.2f", fontsize=7)
+            xs = [g + (i - (len(engines) - 1) / 2) * bar for g in range(len(groups))]
+            drawn = ax.bar(xs, values[engine], bar, color=RTF_ENGINES[engine], label=labels[engine])
+            # upright numbers fit over 2 bars per group; over 3 they would run into each other
+            ax.bar_label(drawn, fmt="%.2f", fontsize=7 if len(engines) < 3 else 6.5,
+                         rotation=0 if len(engines) < 3 else 90, padding=0 if len(engines) < 3 else 2)
         ax.set_xticks(range(len(groups)), groups, fontsize=8)
         ax.set_ylabel(unit, fontsize=8)
-        ax.margins(y=0.15)
+        ax.margins(y=0.15 if len(engines) < 3 else 0.3)
 
     texts = list(result["speed"])
     bars(speed, texts, {e: [result["speed"][t][e]["seconds"] for t in texts] for e in engines}, "seconds")
@@ -114,19 +120,20 @@ def rtf(path: Path, result: dict[str, Any], title: str) -> None:
     bars(first, ["first audio", "all 4"],
          {e: [result["first_audio"][e]["first_s"], result["first_audio"][e]["total_s"]] for e in engines}, "seconds")
     first.set_title("streamed 4 sentences", fontsize=9)
-    speed.legend(fontsize=8)
     for engine in engines:
-        rss = result["memory"][engine].get("rss_mb") or []
-        memory.plot(range(1, len(rss) + 1), rss, color=colours[engine], linewidth=1.2, label=engine)
+        rss = result["memory"].get(engine, {}).get("rss_mb") or []
+        memory.plot(range(1, len(rss) + 1), rss, color=RTF_ENGINES[engine], linewidth=1.2, label=labels[engine])
     memory.set_title(f"RSS over the soak ({result['soak']} varied requests)", fontsize=9)
     memory.set_xlabel("request", fontsize=8)
     memory.set_ylabel("MB", fontsize=8)
     memory.set_ylim(bottom=0)
-    memory.legend(fontsize=8)
     memory.grid(alpha=0.3)
     for ax in (speed, first, memory):
         ax.tick_params(labelsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    # one legend for the three panels, under them: inside a bar panel it would cover the bars
+    handles, names = speed.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(engines), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     save(fig, path)
     plt.close(fig)

@@ -1,30 +1,41 @@
-"""Speed and memory of ttsd's engine against piper-tts (ONNX Runtime) on the same voice.
+"""Speed and memory of ttsd's engine, in fp32 and bf16, against piper-tts (ONNX Runtime) on the same voice.
+
+ttsd's vits engine computes in fp32 or bf16 (``open_engine(..., precision=...)``, see
+``ttsd.engines.precision``). ``--precision`` picks which of the two this run measures, a comma
+list (``fp32``, ``bf16`` or ``fp32,bf16``); by default both where the CPU does bf16 natively
+(``native_bf16()``: AVX512-BF16, AMX-BF16, ARM BF16), fp32 alone elsewhere (emulated bf16 is
+slower than fp32; ask for it explicitly to see by how much). Each precision is an engine of its
+own in every measure below: ``ttsd`` is fp32 (the name older results use), ``ttsd-bf16`` is bf16.
 
 Measures, in one run, for the built-in voice en_US-joe-medium:
 
 * synthesis time of a single sentence (~6 s of audio) and of a 5-sentence paragraph: each engine
-  is warmed up (2 runs), then the median of ``--runs`` runs is taken, ttsd and piper runs
-  alternating so that both share the machine's noise. Real-time factor = synthesis time / audio
+  is warmed up (2 runs), then the median of ``--runs`` runs is taken, the engines' runs
+  alternating so that all share the machine's noise (each round rotates who goes first and, with
+  3 engines, every other set of rounds runs in reverse order, so that each engine goes first, last
+  and right after each other one equally often). Real-time factor = synthesis time / audio
   duration (lower is faster);
 * time to first audio of a streamed 4-sentence paragraph (the paragraph's first four sentences):
   time from the call to the first chunk the engine yields - whatever its size: ttsd's
   ``engine.synthesize_stream``, piper's ``voice.synthesize``, which yields one chunk per sentence -
   and to the last chunk; warm-up and alternation as above, medians of ``--runs`` runs;
 * memory, import time and load time, each engine in its own fresh subprocess
-  (``rtf.py --child ttsd|piper``) that imports, loads and speaks both texts 3 times, then soaks:
+  (``rtf.py --child ttsd|ttsd-bf16|piper``) that imports, loads and speaks both texts 3 times, then soaks:
   speaks ``--soak`` requests (default 1000) of varied length - 1 to ~60 words (1 to 3 sentences),
-  drawn with a fixed seed from the words of the two texts, the same texts for both engines - reading
+  drawn with a fixed seed from the words of the two texts, the same texts for every engine - reading
   VmRSS after every request. The table shows peak RSS (ru_maxrss: the whole child, soak included)
   and the growth of RSS over the second half of the soak (RSS after the last request minus RSS
   after request N/2, ~0 when memory is flat); the JSON also has RSS after request 100, at the end
   and after every request (``rss_mb``);
 * cold start: wall time of a fresh ``ttsd say "Hello there." -o x.wav`` against
   ``python -m piper -m MODEL -f x.wav`` (text on stdin), with the built-in voice already converted;
+  ``ttsd say`` has no precision option, so it computes in the voice's default (``auto``: bf16
+  where the CPU has native bf16): the table shows it in that precision's column;
 * arithmetic: the GFLOP per second of audio the voice itself needs (counted in a fresh subprocess,
   ``rtf.py --child flops``), turned into each engine's arithmetic rate on both texts, against this
   machine's float32 matrix-product rate: how close each runtime is to what the cores can do.
 
-Both engines use the voice's own defaults (noise_scale 0.667, noise_w 0.8, length_scale 1), the
+All engines use the voice's own defaults (noise_scale 0.667, noise_w 0.8, length_scale 1), the
 same number of threads (torch threads / ONNX Runtime intra-op threads), peak normalisation, and no
 pause between sentences. Processes that run ttsd's engine set glibc's malloc up the way every
 ``ttsd`` process does (``ttsd.malloc.tune``: one arena, freed memory kept for reuse); the speed and
@@ -35,11 +46,15 @@ mean anything, not the absolute seconds.
 
 Run from the repository root::
 
-    .venv/bin/python bench/rtf.py [--runs 5] [--threads 2] [--soak 1000] [--json results.json] [--cache DIR]
-        [--plot [PNG]]
+    .venv/bin/python bench/rtf.py [--runs 5] [--threads 2] [--soak 1000] [--precision fp32,bf16]
+        [--json results.json] [--cache DIR] [--plot [PNG]]
 
-``--plot`` draws ttsd against piper: synthesis time per text, streamed first audio and total, and
-RSS after every soak request (matplotlib, in the ``bench`` extra; default path docs/bench-rtf.png).
+The table has a column per engine and the ratio of each ttsd precision to piper; the JSON has the
+same measures keyed by engine (``ttsd``, ``ttsd-bf16``, ``piper``), the precisions measured
+(``precisions``) and the CPU's native bf16 feature (``native_bf16``, null when none).
+
+``--plot`` draws every engine measured: synthesis time per text, streamed first audio and total,
+and RSS after every soak request (matplotlib, in the ``bench`` extra; default path docs/bench-rtf.png).
 
 The cache (where the built-in voice is converted) defaults to ``$TTSD_CACHE`` or a temp folder.
 """
@@ -81,6 +96,7 @@ SOAK_MAX_WORDS, SOAK_SENTENCE_WORDS = 60, 20  # soak texts: 1..60 words, a sente
 NOISE_SCALE, NOISE_W, LENGTH_SCALE = 0.667, 0.8, 1.0  # the voice's defaults, set explicitly for both
 WARMUP_RUNS = 2
 SETTLE_S = 0.2  # pause between runs so one runtime's spinning worker threads go idle before the other's
+TTSD_ENGINES = {"fp32": "ttsd", "bf16": "ttsd-bf16"}  # precision -> engine name; "ttsd" as in older results
 
 Synth = Callable[[str], float]  # speaks text, returns the audio duration in seconds
 Stream = Callable[[str], Iterator[float]]  # streams text, yields each chunk's audio duration in seconds
@@ -94,12 +110,12 @@ class Voice(NamedTuple):
     stream: Stream
 
 
-def load_ttsd(cache: Path, threads: int) -> Voice:
+def load_ttsd(cache: Path, threads: int, precision: str) -> Voice:
     from ttsd.options import SynthesisOptions
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 
-    engine = open_engine(builtin_model(cache), threads=threads)
+    engine = open_engine(builtin_model(cache), threads=threads, precision=precision)
     engine.warmup()  # as the daemon does: sets the gain that streaming below the sentence uses
     options = SynthesisOptions(noise_scale=NOISE_SCALE, noise_scale_duration=NOISE_W,
                                speed=1.0 / LENGTH_SCALE, sentence_pause=0.0)
@@ -183,10 +199,11 @@ def child(engine: str, cache: Path, threads: int, soak_count: int) -> dict[str, 
     """Body of ``--child``: import, load, speak and soak in this fresh process; report times and memory."""
     started = time.perf_counter()
     # ttsd.engines.vits.engine pulls in torch (and no transformers): what loading the voice needs.
-    for module in ("ttsd.engines.vits.engine", "ttsd.speak") if engine == "ttsd" else ("onnxruntime", "piper"):
+    precision = next((p for p, name in TTSD_ENGINES.items() if name == engine), None)
+    for module in ("ttsd.engines.vits.engine", "ttsd.speak") if precision else ("onnxruntime", "piper"):
         importlib.import_module(module)
     imported = time.perf_counter()
-    voice = load_ttsd(cache, threads) if engine == "ttsd" else load_piper(threads)
+    voice = load_ttsd(cache, threads, precision) if precision else load_piper(threads)
     loaded = time.perf_counter()
     for _ in range(3):
         for text in TEXTS.values():
@@ -210,9 +227,9 @@ def model_arithmetic(cache: Path) -> dict[str, Any]:
     from ttsd.voices import builtin_model
 
     decoder.WIDTHS = (1,)  # no window fits the receptive field: decode whole
-    decoder._fused_ops_work = lambda: False
+    decoder._fused_ops_work = lambda dtype=None: False  # any precision: plain convolutions
     model.BUCKET = 1
-    engine = open_engine(builtin_model(cache))
+    engine = open_engine(builtin_model(cache), precision="fp32")  # the network's work, in any precision
     options = SynthesisOptions(noise_scale=NOISE_SCALE, noise_scale_duration=NOISE_W,
                                speed=1.0 / LENGTH_SCALE, sentence_pause=0.0)
     result: dict[str, Any] = {}
@@ -300,11 +317,25 @@ def timed_stream(stream: Stream, text: str) -> StreamRun:
     return StreamRun(first, time.perf_counter() - started, first_audio, first_audio + rest)
 
 
-def alternating(names: list[str], runs: int, measure: Callable[[str], T]) -> dict[str, list[T]]:
-    """``runs`` measurements per engine name, alternating who goes first."""
-    samples: dict[str, list[T]] = {name: [] for name in names}
+def orders(names: list[str], runs: int) -> list[list[str]]:
+    """The order of ``names`` in each of ``runs`` rounds: each rotation of ``names`` in turn, so every engine
+    goes first, second, ... equally often; with 3 or more, every other set of rotations is of ``names``
+    reversed, so that each engine also follows each other one equally often (over 6 rounds for 3 engines:
+    abc bca cab cba bac acb). With 2 engines: ab ba ab ba, as before."""
+    count = len(names)
+    rounds = []
     for index in range(runs):
-        for name in names if index % 2 == 0 else list(reversed(names)):
+        base = names[::-1] if count > 2 and (index // count) % 2 else names
+        shift = index % count
+        rounds.append(base[shift:] + base[:shift])
+    return rounds
+
+
+def alternating(names: list[str], runs: int, measure: Callable[[str], T]) -> dict[str, list[T]]:
+    """``runs`` measurements per engine name, the order of the engines changing every round (``orders``)."""
+    samples: dict[str, list[T]] = {name: [] for name in names}
+    for order in orders(names, runs):
+        for name in order:
             samples[name].append(measure(name))
     return samples
 
@@ -346,51 +377,70 @@ def versions() -> dict[str, str]:
     return found
 
 
+def ttsd_engines(result: dict[str, Any]) -> dict[str, str]:
+    """Precision -> engine name of the ttsd engines in ``result``, fp32 first (older results: fp32 alone)."""
+    measured = result.get("precisions", ["fp32"])
+    return {precision: name for precision, name in TTSD_ENGINES.items() if precision in measured}
+
+
 def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> str:
     v = result["versions"]
+    ours = ttsd_engines(result)
+    columns = [*ours.values(), "piper"]
+    bf16 = result.get("native_bf16") or "no native bf16"
     lines = [
         f"`{command}`",
         "",
-        (f"{v['cpus']} CPUs, {args.threads} threads each, median of {args.runs} runs; Python {v['python']}, "
-        f"torch {v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}, "
-        f"piper-tts {v['piper-tts']}; 1-min load average {result['load_average_start'][0]:.2f} at start, "
-        f"{result['load_average_end'][0]:.2f} at end. RTF = synthesis time / audio duration (lower is faster)."),
+        (f"{v['cpus']} CPUs ({bf16}), {args.threads} threads each, median of {args.runs} runs; "
+         f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
+         f"onnxruntime {v['onnxruntime']}, piper-tts {v['piper-tts']}; 1-min load average "
+         f"{result['load_average_start'][0]:.2f} at start, {result['load_average_end'][0]:.2f} at end. "
+         "RTF = synthesis time / audio duration (lower is faster)."),
         "",
-        "| Measure | ttsd | piper | ttsd / piper |",
-        "|---|---:|---:|---:|",
+        "| Measure | " + " | ".join(f"ttsd {p}" for p in ours) + " | piper | "
+        + " | ".join(f"{p} / piper" for p in ours) + " |",
+        "|---|" + "---:|" * (len(columns) + len(ours)),
     ]
 
-    def row(label: str, ttsd: float, piper: float, fmt: str = "{:.3f}", floor: float = 1e-9) -> None:
-        """A measure per engine and their ratio; "-" when piper's value is at most ``floor`` or ttsd's < 0."""
-        ratio = f"{ttsd / piper:.2f}x" if piper > floor and ttsd >= 0 else "-"
-        lines.append(f"| {label} | {fmt.format(ttsd)} | {fmt.format(piper)} | {ratio} |")
+    def row(label: str, values: dict[str, float], fmt: str = "{:.3f}", floor: float = 1e-9) -> None:
+        """A measure per engine ("-" where missing) and each ttsd engine's ratio to piper; "-" for a ratio
+        when piper's value is at most ``floor`` or ttsd's < 0."""
+        piper = values.get("piper", math.nan)
+        cells = [fmt.format(values[name]) if name in values else "-" for name in columns]
+        for name in ours.values():
+            ours_value = values.get(name, math.nan)
+            cells.append(f"{ours_value / piper:.2f}x" if piper > floor and ours_value >= 0 else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def each(per_engine: dict[str, dict[str, float]], field: str) -> dict[str, float]:
+        return {name: per_engine[name][field] for name in columns}
 
     for label, per_engine in result["speed"].items():
-        t, p = per_engine["ttsd"], per_engine["piper"]
-        row(f"{label.capitalize()}: audio duration (s)", t["audio_s"], p["audio_s"], "{:.2f}")
-        row(f"{label.capitalize()}: synthesis time (s)", t["seconds"], p["seconds"])
-        row(f"{label.capitalize()}: real-time factor", t["rtf"], p["rtf"])
+        row(f"{label.capitalize()}: audio duration (s)", each(per_engine, "audio_s"), "{:.2f}")
+        row(f"{label.capitalize()}: synthesis time (s)", each(per_engine, "seconds"))
+        row(f"{label.capitalize()}: real-time factor", each(per_engine, "rtf"))
     work = result["model_gflop"]
     for label, per_engine in result["speed"].items():
-        t, p = per_engine["ttsd"], per_engine["piper"]
         per_audio_s = work[label]["gflop_per_audio_s"]
         row(f"{label.capitalize()}: the voice's arithmetic per second (GFLOP/s)",
-            per_audio_s / t["rtf"], per_audio_s / p["rtf"], "{:.0f}")
-    t, p = result["first_audio"]["ttsd"], result["first_audio"]["piper"]
-    row("Streamed 4 sentences: time to first audio (s)", t["first_s"], p["first_s"])
-    row("Streamed 4 sentences: audio in the first chunk (s)", t["first_audio_s"], p["first_audio_s"], "{:.2f}")
-    row("Streamed 4 sentences: total time (s)", t["total_s"], p["total_s"])
+            {name: per_audio_s / per_engine[name]["rtf"] for name in columns}, "{:.0f}")
+    streamed = result["first_audio"]
+    row("Streamed 4 sentences: time to first audio (s)", each(streamed, "first_s"))
+    row("Streamed 4 sentences: audio in the first chunk (s)", each(streamed, "first_audio_s"), "{:.2f}")
+    row("Streamed 4 sentences: total time (s)", each(streamed, "total_s"))
     memory = result["memory"]
-    t, p = memory["ttsd"], memory["piper"]
-    count = t["soak_requests"]
-    row(f"Peak RSS over {count} varied requests (MB)", t["peak_rss_mb"], p["peak_rss_mb"], "{:.0f}")
+    count = memory["piper"]["soak_requests"]
+    row(f"Peak RSS over {count} varied requests (MB)", each(memory, "peak_rss_mb"), "{:.0f}")
     # RSS moves by ~1 MB with the allocator alone: no ratio of growths below that.
-    row(f"RSS growth over the last {count - count // 2} requests (MB)", t["rss_growth_second_half_mb"],
-        p["rss_growth_second_half_mb"], "{:.1f}", floor=1.0)
-    row("Import time (s)", memory["ttsd"]["import_s"], memory["piper"]["import_s"], "{:.2f}")
-    row("Load time (s)", memory["ttsd"]["load_s"], memory["piper"]["load_s"], "{:.2f}")
-    cold = result["cold_start_s"]
-    row('Cold start, CLI "Hello there." (s)', cold["ttsd"], cold["piper"], "{:.2f}")
+    row(f"RSS growth over the last {count - count // 2} requests (MB)", each(memory, "rss_growth_second_half_mb"),
+        "{:.1f}", floor=1.0)
+    row("Import time (s)", each(memory, "import_s"), "{:.2f}")
+    row("Load time (s)", each(memory, "load_s"), "{:.2f}")
+    cold, cold_precision = result["cold_start_s"], result.get("cold_start_precision", "fp32")
+    # `ttsd say` computes in the voice's default precision: its column, or the first ttsd column if not measured
+    cold_engine = ours.get(cold_precision) or next(iter(ours.values()))
+    row(f'Cold start, CLI "Hello there." (s; `ttsd say` in {cold_precision})',
+        {cold_engine: cold["ttsd"], "piper": cold["piper"]}, "{:.2f}")
     rate, per_audio_s = result["matmul_gflops"], work["paragraph"]["gflop_per_audio_s"]
     piper_share = per_audio_s / result["speed"]["paragraph"]["piper"]["rtf"] / rate
     lines += ["", (f"Arithmetic: the voice needs {per_audio_s:.2f} GFLOP per second of audio (matrix products and "
@@ -399,13 +449,40 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
                    f"{args.threads} threads: piper does the paragraph's arithmetic at {100 * piper_share:.0f}% of "
                    f"that; 0.8x piper's time would take {100 * piper_share / 0.8:.0f}%.")]
     lines += ["", ('Cold start: `ttsd say "Hello there." -o x.wav` vs `echo "Hello there." | python -m piper '
-                   '-m en_US-joe-medium.onnx -f x.wav`, both at their default thread count, voice already converted.'),
+                   '-m en_US-joe-medium.onnx -f x.wav`, both at their default thread count, voice already converted; '
+                   f"`ttsd say` has no precision option and computes in the voice's default, {cold_precision} "
+                   "on this CPU."),
               "",
               ("Streamed: the paragraph's first 4 sentences, time from the call to the first chunk yielded "
                "(piper yields one per sentence). Memory: each engine in a fresh process that speaks both texts "
-               f"3 times, then {count} texts of 1-60 words (same texts for both); growth = RSS after the last "
-               f"request - RSS after request {count // 2}.")]
+               f"3 times, then {count} texts of 1-60 words (same texts for every engine); growth = RSS after the "
+               f"last request - RSS after request {count // 2}.")]
     return "\n".join(lines)
+
+
+def precision_list(value: str) -> list[str]:
+    """``--precision``: a comma list of fp32 / bf16, each once, in ``TTSD_ENGINES`` order."""
+    chosen = {item.strip() for item in value.split(",") if item.strip()}
+    unknown = chosen - set(TTSD_ENGINES)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"a comma list of {', '.join(TTSD_ENGINES)} (got {value!r})")
+    return [precision for precision in TTSD_ENGINES if precision in chosen]
+
+
+def default_precisions() -> list[str]:
+    """fp32 and bf16 where the CPU does bf16 natively, fp32 alone elsewhere."""
+    from ttsd.engines.precision import native_bf16
+
+    return ["fp32", "bf16"] if native_bf16() is not None else ["fp32"]
+
+
+def cli_precision(cache: Path) -> str:
+    """The precision a plain ``ttsd say`` computes the built-in voice in (no --precision: the voice's default)."""
+    from ttsd.engines import precision
+    from ttsd.manifest import read_manifest
+    from ttsd.voices import builtin_model
+
+    return precision.resolve(None, read_manifest(builtin_model(cache)).precision, precision.native_bf16())[0]
 
 
 def main() -> None:
@@ -416,9 +493,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or a temp dir)")
     parser.add_argument("--cold-runs", type=int, default=3, help="cold-start runs per CLI (default 3)")
     parser.add_argument("--soak", type=int, default=1000, help="varied requests in the memory soak (default 1000)")
+    parser.add_argument("--precision", type=precision_list, metavar="LIST",
+                        help="ttsd precisions to measure, a comma list of fp32, bf16 (default fp32,bf16 where the "
+                             "CPU has native bf16, else fp32); each is an engine of its own: ttsd, ttsd-bf16")
     parser.add_argument("--plot", type=Path, nargs="?", const=Path("docs/bench-rtf.png"), metavar="PNG",
-                        help="draw ttsd against piper to this PNG (default docs/bench-rtf.png; needs matplotlib)")
-    parser.add_argument("--child", choices=["ttsd", "piper", "flops"], help=argparse.SUPPRESS)
+                        help="draw every engine measured to this PNG (default docs/bench-rtf.png; needs matplotlib)")
+    parser.add_argument("--child", choices=[*TTSD_ENGINES.values(), "piper", "flops"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child != "piper":  # as the `ttsd` program does, before any thread starts
         from ttsd.malloc import tune
@@ -442,20 +522,25 @@ def main() -> None:
         return
 
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    from ttsd.engines.precision import native_bf16
     from ttsd.voices import builtin_model
 
+    precisions: list[str] = args.precision or default_precisions()
+    ours = {precision: TTSD_ENGINES[precision] for precision in precisions}
     print(f"cache {cache}: converting the built-in voice if needed…", flush=True)
     builtin_model(cache)
     result: dict[str, Any] = {"command": command, "versions": versions(), "threads": args.threads,
-                              "runs": args.runs, "soak": args.soak, "load_average_start": os.getloadavg(),
-                              "memory": {}}
-    for name in ("ttsd", "piper"):
+                              "runs": args.runs, "soak": args.soak, "precisions": precisions,
+                              "native_bf16": native_bf16(), "load_average_start": os.getloadavg(), "memory": {}}
+    for name in (*ours.values(), "piper"):
         print(f"memory: {name} in a fresh process, {args.soak} soak requests…", flush=True)
         result["memory"][name] = run_child(name, cache, args.threads, args.soak)
     print("cold start: CLI processes…", flush=True)
     result["cold_start_s"] = cold_start(cache, args.cold_runs)
+    result["cold_start_precision"] = cli_precision(cache)
     print(f"synthesis speed: {WARMUP_RUNS} warm-up + {args.runs} timed runs per engine and text…", flush=True)
-    engines = {"ttsd": load_ttsd(cache, args.threads), "piper": load_piper(args.threads)}
+    engines = {name: load_ttsd(cache, args.threads, precision) for precision, name in ours.items()}
+    engines["piper"] = load_piper(args.threads)
     result["speed"] = speed(engines, args.runs)
     print(f"first audio: {WARMUP_RUNS} warm-up + {args.runs} timed streams of 4 sentences per engine…", flush=True)
     result["first_audio"] = first_audio(engines, args.runs)
@@ -472,8 +557,8 @@ def main() -> None:
     if args.plot:
         import plot
 
-        plot.rtf(args.plot, result, f"ttsd vs piper-tts, en_US-joe-medium, {args.threads} threads each, "
-                                    f"median of {args.runs} runs, {os.cpu_count()} CPUs")
+        plot.rtf(args.plot, result, f"ttsd ({', '.join(precisions)}) vs piper-tts, en_US-joe-medium, "
+                                    f"{args.threads} threads each, median of {args.runs} runs, {os.cpu_count()} CPUs")
         print(f"\nwrote {args.plot}")
 
 
