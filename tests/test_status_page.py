@@ -27,6 +27,8 @@ from inproc import FakeVoices, FrontEnds
 
 VOICES = {"joe": {"1": {"tone": 330}, "2": {"tone": 440}}}
 TOKEN = "a-token-of-twenty-chars"
+# Three sentences: the voice streams each as it is made, so the page hears the first long before the end.
+SPOKEN = "Hello from the status page. This is the second sentence. And here is a third one, a little longer."
 
 
 @pytest.fixture
@@ -171,7 +173,8 @@ def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
     """A real daemon on 127.0.0.1 with --token-file, and the page in headless chromium:
     1. without the token the page shows nothing of the daemon and no control buttons;
     2. with it, the voice and its version are listed and the buttons appear;
-    3. Speak plays audio (the <audio> element gets data);
+    3. Speak streams: the page schedules Web Audio as the PCM arrives, the first piece before
+       the answer has ended, and then holds the whole as a WAV (the <audio> element plays it);
     4. v2 dropped into the models dir shows up, active, without the page reloading;
     5. Roll back from the page serves v1 again, and the audit trail shows it;
     6. with a wrong token, Activate v2 is refused (the error is shown) and v1 still serves."""
@@ -212,11 +215,23 @@ def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
         browser.execute_script("window.notReloaded = true")
         # 3.
         browser.find_element(By.ID, "text").clear()
-        browser.find_element(By.ID, "text").send_keys("Hello from the status page.")
+        browser.find_element(By.ID, "text").send_keys(SPOKEN)
         browser.find_element(By.ID, "speak").click()
+        wait.until(lambda b: b.find_element(By.ID, "speak-info").get_attribute("data-state") is not None)
+        spoke = browser.execute_script("return Object.assign({}, document.getElementById('speak-info').dataset)")
+        assert spoke["state"] == "done", text("#speak-info")
+        assert "tiny 1:" in text("#speak-info") and "first audio after" in text("#speak-info")
+        heard = int(spoke["bytes"]) / 2 / int(spoke["rate"])
+        assert heard > 1.0 and float(spoke["scheduled"]) == pytest.approx(heard, abs=1e-3)  # all of it, on Web Audio
+        # streamed: the first piece was on its way to the speakers before the answer ended, and it
+        # was a piece of the first sentence, not the whole answer in one read
+        assert int(spoke["chunks"]) >= 3 and float(spoke["firstAudio"]) < float(spoke["total"]), spoke
+        assert int(spoke["firstBytes"]) < int(spoke["bytes"]) / 3, spoke
         wait.until(lambda b: b.execute_script("const a = document.getElementById('audio');"
-                                              "return a.readyState >= 2 && a.duration > 0"))
-        assert "tiny 1:" in text("#speak-info")
+                                              "return a.readyState >= 1 && a.duration > 0"))
+        saved = browser.execute_script("return document.getElementById('audio').duration")
+        assert saved == pytest.approx(heard, abs=0.01)  # the WAV holds what was streamed
+        assert browser.find_element(By.ID, "speak-save").is_displayed()
         # 4.
         save_tiny_vits(tmp_path / "stage2", version="2", seed=2, edit=plausible, noise_scale_duration=0.0)
         os.rename(tmp_path / "stage2", models / "tiny-2")
@@ -284,6 +299,46 @@ def test_hostile_status_is_shown_as_text_on_a_phone(tmp_path: Path) -> None:
         assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
         if os.environ.get("TTSD_PHONE_SCREENSHOT"):
             browser.save_screenshot(os.environ["TTSD_PHONE_SCREENSHOT"])
+    finally:
+        browser.quit()
+        front.loop.call_soon_threadsafe(front.loop.stop)
+        server.join(10)
+        front.close()
+        voices.close()
+
+
+def test_speak_without_web_audio_plays_the_wav(tmp_path: Path) -> None:
+    """A browser that refuses Web Audio (here: no AudioContext at all) still speaks: 1. the PCM
+    is read to its end and nothing is scheduled; 2. the whole of it becomes the WAV that the
+    <audio> element plays, and the save link offers it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": "delete window.AudioContext; delete window.webkitAudioContext;"})
+    voices = FakeVoices(tmp_path, VOICES)
+    front = FrontEnds(voices.backend, tmp_path)
+    server = threading.Thread(target=front.loop.run_forever, daemon=True)
+    server.start()
+    try:
+        browser.get(f"http://127.0.0.1:{front.port}/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: b.find_element(By.ID, "voice").get_attribute("value") == "joe")
+        assert browser.execute_script("return window.AudioContext") is None
+        browser.find_element(By.ID, "speak").click()
+        wait.until(lambda b: b.find_element(By.ID, "speak-info").get_attribute("data-state") is not None)
+        spoke = browser.execute_script("return Object.assign({}, document.getElementById('speak-info').dataset)")
+        # 1.
+        assert spoke["state"] == "done" and "scheduled" not in spoke and "firstAudio" not in spoke, spoke
+        # 2.
+        heard = int(spoke["bytes"]) / 2 / int(spoke["rate"])
+        wait.until(lambda b: b.execute_script("const a = document.getElementById('audio');"
+                                              "return a.readyState >= 1 && a.duration > 0"))
+        assert browser.execute_script("return document.getElementById('audio').duration") == pytest.approx(heard, abs=0.01)
+        wait.until(lambda b: b.execute_script("const a = document.getElementById('audio');"
+                                              "return !a.paused || a.ended"))
+        assert browser.find_element(By.ID, "speak-save").get_attribute("href").startswith("blob:")
     finally:
         browser.quit()
         front.loop.call_soon_threadsafe(front.loop.stop)

@@ -1,4 +1,4 @@
-"""Encoders that take audio a chunk at a time: Ogg Opus (libsndfile) and ADTS AAC (PyAV).
+"""Encoders that take audio a chunk at a time: Ogg Opus (libsndfile), ADTS AAC and MP3 (PyAV).
 
 One encoder makes one continuous stream: ``write`` takes the next float32 samples and returns the
 bytes that are ready, ``close`` returns the rest. A whole file is one ``write`` and the ``close``;
@@ -10,7 +10,20 @@ front end's streamed replies, always off the event loop (a worker thread of the 
 An encoder is used by one caller at a time; each call is CPU work proportional to its chunk.
 
 Opus takes only 8, 12, 16, 24 or 48 kHz: other rates are resampled (soxr) to the next one up, so
-22050 Hz becomes 24000 Hz. AAC takes the voices' rates as they are.
+22050 Hz becomes 24000 Hz. AAC and MP3 take the voices' rates as they are.
+
+MP3 is encoded here only for streamed replies: a whole mp3 file is libsndfile's (``ttsd.audio``),
+which needs no PyAV, but libsndfile seeks back on close to finish its header, so it cannot stream.
+FFmpeg's mp3 muxer, told that its output cannot seek, writes plain MP3 frames as they are made
+and no Xing/LAME header (which needs the frame count): decoders then do not trim LAME's delay
+(1105 samples) nor its last frame's padding, so a streamed mp3 plays up to ~0.1 s longer than the
+whole file (near-silence at its start and end).
+
+FLAC is not streamed, though FFmpeg could make the stream: its header (STREAMINFO) must then say
+"total samples unknown" (0), and libsndfile 1.2.2 reads such a file as 2**63-1 frames, so
+``soundfile.read`` fails ("array is too big"; libsndfile issue #1038) and reading it in blocks
+fails at its end ("Internal psf_fseek() failed"). FFmpeg and libFLAC read it, but a FLAC that
+soundfile users cannot read is no answer. libsndfile's own FLAC writer seeks back on close too.
 """
 
 from __future__ import annotations
@@ -28,9 +41,15 @@ OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 SFC_SET_OGG_PAGE_LATENCY_MS = 0x1302  # sndfile.h
 OPUS_PAGE_MS = 100.0  # a page per ~0.1 s: about a streamed first piece, at ~30 bytes of page header each
 AAC_BITRATE = 64_000  # plenty for mono speech, and fixed rather than left to FFmpeg defaults
+MP3_BITRATE = 64_000  # constant bitrate, as for AAC (LAME takes it at every rate a voice has)
 
+_PYAV = ("av", "PyAV (pip install 'ttsd[aac]')")
 # format -> (module it needs, what to install), for check_available and the encoders' errors
-_NEEDS = {"aac": ("av", "PyAV (pip install 'ttsd[aac]')"), "opus": ("soxr", "soxr (pip install soxr)")}
+_NEEDS = {"aac": _PYAV, "opus": ("soxr", "soxr (pip install soxr)")}
+# ... and what only a streamed reply needs (a whole mp3 is libsndfile's)
+_STREAM_NEEDS = {"mp3": ("av", "PyAV (pip install 'ttsd[aac]') to stream it; unstreamed mp3 needs nothing more")}
+# the formats a chunk encoder here makes: whole files (opus, aac) and streamed replies (all three)
+CHUNK_FORMATS = ("opus", "aac", "mp3")
 
 
 class Encoder(Protocol):
@@ -80,6 +99,15 @@ class _Sink(io.RawIOBase):
     def take(self) -> bytes:
         data, self._buf = bytes(self._buf), bytearray()
         return data
+
+
+class _Pipe(_Sink):
+    """A ``_Sink`` that says it cannot seek. FFmpeg asks (PyAV passes ``seekable()`` on) and then
+    leaves out what it would go back for (the mp3 muxer's Xing header), where libsndfile needs a
+    seekable file even to start writing."""
+
+    def seekable(self) -> bool:
+        return False
 
 
 def opus_rate(sample_rate: int) -> int:
@@ -138,22 +166,29 @@ class OpusEncoder:
         return self._sink.take()
 
 
-class AacEncoder:
-    """AAC in an ADTS stream (``.aac``, what OpenAI's API sends) through PyAV (FFmpeg's own AAC
-    encoder). ADTS frames stand alone, and the muxer is told to flush after each packet, so a
-    chunk's frames go out at once rather than when FFmpeg's 32 KiB output buffer fills."""
+class _PyAvEncoder:
+    """One audio stream muxed by FFmpeg through PyAV into a sink that cannot seek. The muxer is
+    told to flush after each packet, so a chunk's frames go out at once rather than when FFmpeg's
+    32 KiB output buffer fills. Subclasses name the muxer, the codec and their options."""
 
-    def __init__(self, sample_rate: int) -> None:
+    def __init__(self, sample_rate: int, fmt: str, *, muxer: str, codec: str, bit_rate: int,
+                 options: dict[str, str] | None = None) -> None:
         try:
             import av
         except ImportError:
-            raise FormatUnavailableError("aac", _NEEDS["aac"][1]) from None
+            raise FormatUnavailableError(fmt, _PYAV[1]) from None
         self.sample_rate = sample_rate
         self._av = av
-        self._sink = _Sink()
-        self._container = av.open(self._sink, mode="w", format="adts", options={"flush_packets": "1"})
-        self._stream = self._container.add_stream("aac", rate=sample_rate, layout="mono")
-        self._stream.bit_rate = AAC_BITRATE
+        self._sink = _Pipe()
+        self._container = av.open(self._sink, mode="w", format=muxer,
+                                  options={"flush_packets": "1", **(options or {})})
+        try:
+            self._stream = self._container.add_stream(codec, rate=sample_rate, layout="mono")
+        except (ValueError, av.FFmpegError) as exc:  # a PyAV built without this encoder
+            self._container.close()
+            raise FormatUnavailableError(fmt, f"a PyAV whose FFmpeg has the {codec} encoder ({exc})") from None
+        self._stream.format = "fltp"  # what the samples come as: no conversion inside FFmpeg
+        self._stream.bit_rate = bit_rate
         self._pts = 0
         self._closed = False
 
@@ -180,13 +215,32 @@ class AacEncoder:
         return self._sink.take()
 
 
+class AacEncoder(_PyAvEncoder):
+    """AAC in an ADTS stream (``.aac``, what OpenAI's API sends) through FFmpeg's own AAC encoder.
+    ADTS frames stand alone."""
+
+    def __init__(self, sample_rate: int) -> None:
+        super().__init__(sample_rate, "aac", muxer="adts", codec="aac", bit_rate=AAC_BITRATE)
+
+
+class Mp3Encoder(_PyAvEncoder):
+    """MP3 frames through LAME (FFmpeg's libmp3lame), for streamed replies: no ID3 tag, no
+    Xing/LAME header (see the module docstring), just frames, each going out as it is made."""
+
+    def __init__(self, sample_rate: int) -> None:
+        super().__init__(sample_rate, "mp3", muxer="mp3", codec="libmp3lame", bit_rate=MP3_BITRATE,
+                         options={"id3v2_version": "0"})
+
+
 def open_encoder(fmt: str, sample_rate: int) -> Encoder:
-    """A new encoder for ``fmt`` (one of ``formats.ENCODED_FORMATS``) at the voice's ``sample_rate``.
+    """A new encoder for ``fmt`` (one of ``CHUNK_FORMATS``) at the voice's ``sample_rate``.
     ``FormatUnavailableError`` if the library it needs is not installed."""
     if fmt == "opus":
         return OpusEncoder(sample_rate)
     if fmt == "aac":
         return AacEncoder(sample_rate)
+    if fmt == "mp3":
+        return Mp3Encoder(sample_rate)
     raise ValueError(f"no chunk encoder for {fmt!r}")
 
 
@@ -195,12 +249,15 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None  # looks, does not import (PyAV takes ~0.2 s)
 
 
-def check_available(fmt: str) -> None:
+def check_available(fmt: str, *, stream: bool = False) -> None:
     """Raise ``FormatUnavailableError`` now, before any synthesis, if ``fmt`` cannot be encoded
-    on this box (a request should not make audio that cannot be sent). Cheap enough for the
-    event loop: the answer is looked up once per process."""
-    if fmt in _NEEDS and not _installed(_NEEDS[fmt][0]):
-        raise FormatUnavailableError(fmt, _NEEDS[fmt][1])
+    on this box (a request should not make audio that cannot be sent), whole or, with ``stream``,
+    as a streamed reply. Cheap enough for the event loop: the answer is looked up once per
+    process, and PyAV is looked for, not imported (a PyAV without LAME is found out later, when
+    the first chunk's encoder is opened)."""
+    for needs in (_NEEDS, _STREAM_NEEDS if stream else {}):
+        if fmt in needs and not _installed(needs[fmt][0]):
+            raise FormatUnavailableError(fmt, needs[fmt][1])
 
 
 def encode_whole(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:

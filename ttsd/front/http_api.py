@@ -240,7 +240,8 @@ class _Api:
         started = time.monotonic()
         try:
             req = replace(req, text=check_text(req.text, self.b.max_chars))  # checked here, once
-            check_available(req.format)  # an encoder this box lacks: refused before any synthesis
+            # an encoder this box lacks (aac, or streamed mp3, without PyAV): refused before any synthesis
+            check_available(req.format, stream=req.stream)
             if not self.b.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
             lease = await self.b.lease(req.voice, req.version, user=req.user)
@@ -316,7 +317,7 @@ class _Api:
 
         future.add_done_callback(finished)
         response: web.StreamResponse | None = None
-        encoder: Encoder | None = None  # opus, aac: one continuous stream over every chunk
+        encoder: Encoder | None = None  # opus, aac, mp3: one continuous stream over every chunk
         try:
             while True:
                 item = await chunks.get()

@@ -13,8 +13,9 @@ from importlib import resources
 
 from aiohttp import web
 
-# Everything the page may load comes from the daemon itself; audio plays from a blob: URL made
-# from the synthesize answer; no framing (a rollback button must not be clickjacked) and no forms
+# Everything the page may load comes from the daemon itself; Speak plays the streamed PCM through
+# Web Audio (which no directive governs: the samples never leave the script) and then holds it as
+# a WAV in a blob: URL, for the <audio> element and the save link; no framing (a rollback button must not be clickjacked) and no forms
 # that navigate anywhere.
 CSP = ("default-src 'self'; media-src 'self' blob:; img-src 'self' data:; object-src 'none'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

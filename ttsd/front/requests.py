@@ -13,9 +13,11 @@ from ..options import SynthesisOptions
 
 FORMATS_ALL = (*FILE_FORMATS, "pcm")
 # Formats that can go out as the voice makes them: raw PCM, WAV with a header for a stream of
-# unknown length, and the two whose encoders emit self-contained pages/frames (Ogg Opus, ADTS AAC).
-# mp3/ogg/flac through libsndfile are written whole (FLAC rewrites its header at the end).
-STREAM_FORMATS = ("wav", "pcm", "opus", "aac")
+# unknown length, and the three whose encoders emit self-contained pages/frames (Ogg Opus, ADTS
+# AAC, MP3 frames through PyAV: see ttsd.encoding). ogg (Vorbis) and flac are only written whole,
+# by libsndfile (whose FLAC writer seeks back on close to finish its header); why flac is not
+# streamed through FFmpeg instead is in ttsd.encoding's docstring.
+STREAM_FORMATS = ("wav", "pcm", "opus", "aac", "mp3")
 # The voices OpenAI's API defines: clients always send one; they mean "the default voice" here.
 OPENAI_VOICES = {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse"}
 

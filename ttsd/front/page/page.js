@@ -208,34 +208,133 @@
     if (generation === pollGeneration && !document.hidden) timer = setTimeout(poll, POLL_MS);
   }
 
-  // Whole WAV, not streamed: an <audio> element cannot play a WAV that is still arriving through
-  // fetch() (Media Source Extensions take no WAV or PCM), and the token has to go in a header,
-  // so the element cannot fetch the API itself. The page's texts are short; the first audio of a
-  // long text is what streaming clients (ttsd say, the API) are for.
+  // Speak streams: raw 16-bit PCM ("format": "pcm", "stream": true, the rate in X-Ttsd-Sample-Rate)
+  // read from the body as it arrives and played with Web Audio, each piece scheduled right after
+  // the one before on one AudioContext. An <audio> element cannot do this (it cannot play a WAV
+  // still arriving through fetch(), and Media Source Extensions take no WAV or PCM), and it could
+  // not send the token, which goes in a header. Raw PCM needs no codec and no CSP change: the
+  // samples never leave this script. At the end the same bytes become a WAV in the <audio>
+  // element and a download link, which is also how the page plays where Web Audio is refused.
+  const LEAD_S = 0.1;  // the first piece starts this far ahead, so the next has time to arrive
+  let audioContext;  // undefined: not tried yet; null: this browser refused Web Audio
+  let playing = [];  // the sources of the last Speak, stopped by the next one
+
+  function webAudio() {
+    if (audioContext === undefined) {
+      try {
+        audioContext = new (window.AudioContext || window.webkitAudioContext)();
+      } catch (_) {
+        audioContext = null;
+      }
+    }
+    // made or resumed in the click's handler: autoplay rules let a user gesture start audio
+    if (audioContext && audioContext.state === "suspended") audioContext.resume().catch(() => {});
+    return audioContext;
+  }
+
+  // Little-endian 16-bit samples -> Float32 in [-1, 1).
+  function floats(bytes) {
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const out = new Float32Array(bytes.byteLength >> 1);
+    for (let i = 0; i < out.length; i++) out[i] = view.getInt16(2 * i, true) / 32768;
+    return out;
+  }
+
+  // A 16-bit mono WAV of the received PCM, for the <audio> element and the download link.
+  function wav(pieces, rate) {
+    const size = pieces.reduce((n, p) => n + p.byteLength, 0);
+    const head = new DataView(new ArrayBuffer(44));
+    const text = (at, s) => { for (let i = 0; i < s.length; i++) head.setUint8(at + i, s.charCodeAt(i)); };
+    text(0, "RIFF"); head.setUint32(4, 36 + size, true); text(8, "WAVE");
+    text(12, "fmt "); head.setUint32(16, 16, true); head.setUint16(20, 1, true); head.setUint16(22, 1, true);
+    head.setUint32(24, rate, true); head.setUint32(28, rate * 2, true); head.setUint16(32, 2, true);
+    head.setUint16(34, 16, true); text(36, "data"); head.setUint32(40, size, true);
+    return new Blob([head, ...pieces], { type: "audio/wav" });
+  }
+
   async function speak(event) {
     event.preventDefault();
-    const button = $("speak"), info = $("speak-info");
+    const button = $("speak"), info = $("speak-info"), save = $("speak-save"), audio = $("audio");
     button.disabled = true;
     info.textContent = "synthesizing…";
+    for (const key of Object.keys(info.dataset)) delete info.dataset[key];
+    save.hidden = true;
+    audio.pause();
+    for (const source of playing) source.stop();
+    playing = [];
+    const ctx = webAudio();
     const started = performance.now();
+    const since = () => (performance.now() - started) / 1000;
+    const pieces = [];  // whole samples as they came, for the WAV at the end
+    let rate = 0, carry = null, next = 0, scheduled = 0, chunks = 0, firstAudio = null, who = "";
+    const shown = (what) => {
+      info.textContent = `${who}: ${what}` + (firstAudio === null ? "" : `, first audio after ${firstAudio.toFixed(2)} s`);
+    };
     try {
-      const resp = await call("POST", "v1/synthesize",
-                              { text: $("text").value, voice: $("voice").value || undefined, format: "wav" });
+      const resp = await call("POST", "v1/synthesize", { text: $("text").value, voice: $("voice").value || undefined,
+                                                        format: "pcm", stream: true });
       if (!resp.ok) {
         info.textContent = `refused: ${await problem(resp)}`;
+        info.dataset.state = "refused";
         return;
       }
-      const blob = await resp.blob();
+      rate = parseInt(resp.headers.get("X-Ttsd-Sample-Rate"), 10);
+      who = `${resp.headers.get("X-Ttsd-Voice")} ${resp.headers.get("X-Ttsd-Version")}`;
+      if (!(rate > 0)) throw new Error("the answer has no X-Ttsd-Sample-Rate");
+      const reader = resp.body.getReader();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        let bytes = value;
+        if (carry !== null) {  // the odd byte of the last piece begins this one's first sample
+          bytes = new Uint8Array(value.byteLength + 1);
+          bytes[0] = carry;
+          bytes.set(value, 1);
+          carry = null;
+        }
+        if (bytes.byteLength % 2) {
+          carry = bytes[bytes.byteLength - 1];
+          bytes = bytes.subarray(0, bytes.byteLength - 1);
+        }
+        if (!bytes.byteLength) continue;
+        pieces.push(bytes);
+        chunks += 1;
+        if (ctx) {
+          const samples = floats(bytes);
+          const buffer = ctx.createBuffer(1, samples.length, rate);  // played at the context's rate
+          buffer.copyToChannel(samples, 0);
+          const source = ctx.createBufferSource();
+          source.buffer = buffer;
+          source.connect(ctx.destination);
+          const at = Math.max(next, ctx.currentTime + (firstAudio === null ? LEAD_S : 0.02));
+          source.start(at);
+          playing.push(source);
+          next = at + buffer.duration;
+          scheduled += samples.length / rate;
+          if (firstAudio === null) {
+            firstAudio = since();
+            info.dataset.firstAudio = firstAudio.toFixed(3);
+            info.dataset.firstBytes = String(bytes.byteLength);  // what had arrived when it was scheduled
+          }
+          info.dataset.scheduled = scheduled.toFixed(3);
+        }
+        shown("streaming…");
+      }
+      const total = since(), bytes = pieces.reduce((n, p) => n + p.byteLength, 0);
+      Object.assign(info.dataset, { total: total.toFixed(3), chunks: String(chunks), bytes: String(bytes),
+                                   rate: String(rate) });
       if (audioUrl) URL.revokeObjectURL(audioUrl);
-      audioUrl = URL.createObjectURL(blob);
-      const audio = $("audio");
-      audio.src = audioUrl;
-      const secs = ((performance.now() - started) / 1000).toFixed(2);
-      info.textContent = `${resp.headers.get("X-Ttsd-Voice")} ${resp.headers.get("X-Ttsd-Version")}: ` +
-        `${resp.headers.get("X-Ttsd-Audio-Seconds")} s of audio in ${secs} s`;
-      audio.play().catch(() => { /* autoplay refused: the controls are there */ });
+      audioUrl = URL.createObjectURL(wav(pieces, rate));
+      audio.src = save.href = audioUrl;
+      save.hidden = false;
+      shown(`${(bytes / 2 / rate).toFixed(2)} s of audio in ${total.toFixed(2)} s` +
+            (ctx ? "" : " (no Web Audio in this browser: played once complete)"));
+      // Web Audio refused or held suspended: the <audio> element plays it (or its controls will)
+      if (!ctx || ctx.state !== "running") audio.play().catch(() => { /* autoplay refused */ });
+      info.dataset.state = "done";
     } catch (err) {
-      info.textContent = `failed: ${err}`;
+      info.textContent = `failed: ${err.message || err}` + (pieces.length ? " (the audio was cut off)" : "");
+      info.dataset.state = "failed";
     } finally {
       button.disabled = false;
     }
