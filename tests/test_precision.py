@@ -143,3 +143,23 @@ def test_say_takes_precision(joe_folder: Path, cli_env: dict[str, str], tmp_path
     bad = subprocess.run([sys.executable, "-m", "ttsd", "say", "Hi.", "-o", str(out), "--precision", "fp16"],
                          env=cli_env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "fp16" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_daemon_passes_precision_on_and_lists_it(tmp_path: Path, joe_folder: Path) -> None:
+    """``serve --precision`` reaches the engines through the manager, and each voice's listing says
+    what its active version computes in."""
+    import shutil
+
+    from ttsd.serving.manager import ModelManager
+    from ttsd.serving.source import LocalFolderSource
+    from ttsd.serving.versions import Policy
+
+    shutil.copytree(joe_folder, tmp_path / "models" / "joe")
+    manager = ModelManager(LocalFolderSource(tmp_path / "models", settle=0.0), state_dir=tmp_path / "state",
+                           policy=Policy(settle=0.0), engine_options={"precision": "fp32"})
+    manager.start()
+    try:
+        (voice,) = manager.snapshot()
+        assert voice["precision"] == "fp32"
+    finally:
+        manager.close()
