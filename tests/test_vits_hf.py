@@ -148,7 +148,8 @@ def test_unknown_engine_is_refused(tmp_path: Path) -> None:
 
 
 def test_third_party_engine_registers_by_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A package that declares a ``ttsd.engines`` entry point is found by the manifest's name."""
+    """A package that declares a ``ttsd.engines`` entry point is found by the manifest's name, and
+    one written before an engine option existed still loads."""
     site = tmp_path / "site"
     (site / "beep_engine-1.0.dist-info").mkdir(parents=True)
     (site / "beep_engine-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: beep-engine\nVersion: 1.0\n")
@@ -158,6 +159,9 @@ def test_third_party_engine_registers_by_entry_point(tmp_path: Path, monkeypatch
         "from ttsd.engines.base import Engine\n"
         "class Beep(Engine):\n"
         "    name = 'beep'\n"
+        "    def __init__(self, folder, manifest, *, max_chars=5000, threads=None, max_audio_seconds=None):\n"
+        "        super().__init__(folder, manifest, max_chars=max_chars, threads=threads,\n"
+        "                         max_audio_seconds=max_audio_seconds)\n"
         "    def load(self): pass\n"
         "    def unload(self): pass\n"
         "    def _units(self, text, options): return text.split()\n"
@@ -173,7 +177,8 @@ def test_third_party_engine_registers_by_entry_point(tmp_path: Path, monkeypatch
     from ttsd.engines import available_engines
 
     assert "beep" in available_engines()
-    engine = open_engine(model)
+    # written before engines took a precision: the daemon's precision is not passed to it
+    engine = open_engine(model, precision="bf16", threads=1)
     audio = engine.synthesize("one two three", SynthesisOptions(sentence_pause=0.5))
     assert type(engine).__name__ == "Beep" and audio.sample_rate == 8000
     assert abs(audio.duration - (3 * 0.1 + 2 * 0.5)) < 1e-6  # three units, a pause between each pair

@@ -13,6 +13,7 @@ or any installed package that registers a class under the ``ttsd.engines`` entry
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .base import Engine
 
 ENTRY_POINT_GROUP = "ttsd.engines"
 _BUILTIN = {"vits": "ttsd.engines.vits.engine:VitsEngine"}
+_LATER_OPTIONS = ("precision",)  # engine options an older engine package may not take
 
 __all__ = ["Engine", "SynthesisOptions", "available_engines", "create_engine", "engine_class"]
 
@@ -55,5 +57,11 @@ def engine_class(name: str) -> type[Engine[Any]]:
 
 
 def create_engine(folder: Path, manifest: Manifest, **kwargs: Any) -> Engine[Any]:
-    """Construct (cheaply, without loading) the engine a verified folder names."""
-    return engine_class(manifest.engine)(folder, manifest, **kwargs)
+    """Construct (cheaply, without loading) the engine a verified folder names. Options added to
+    the engine interface later than an engine package was written (``precision``) are left out
+    for an engine whose constructor does not take them."""
+    cls = engine_class(manifest.engine)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params or k not in _LATER_OPTIONS}
+    return cls(folder, manifest, **kwargs)

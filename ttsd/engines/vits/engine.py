@@ -75,8 +75,9 @@ class VitsEngine(Engine[Unit]):
             torch.set_num_threads(self.threads)
         if not (self.folder / "model.safetensors").is_file():
             raise LoadError(f"{self.folder}: no model.safetensors (the vits engine loads safetensors only)")
-        chosen, why = precision.resolve(self.precision, self.manifest.precision, precision.native_bf16())
-        (log.warning if "emulated" in why else log.info)(
+        feature = precision.native_bf16()
+        chosen, why = precision.resolve(self.precision, self.manifest.precision, feature)
+        (log.warning if chosen == "bf16" and feature is None else log.info)(
             "%s %s computes in %s (%s)", self.manifest.name, self.manifest.version, chosen, why)
         self.dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
         # LoadError with the reason for a bad config or bad weights
