@@ -245,7 +245,10 @@ class FastHifiGan:
                         acc.add_(h)
                         conv.add_into(acc, t)
             assert acc is not None
-            x = F.leaky_relu_(acc, s if i < last else 0.01)  # HiFi-GAN's last leaky ReLU uses 0.01
+            if i == last:  # HiFi-GAN's last leaky ReLU uses 0.01; the last layer (_last) is float32
+                x = F.leaky_relu_(acc.float(), 0.01)
+            else:
+                x = F.leaky_relu_(acc, s)
             if context:  # keep the kept frames and the margin the later layers need
                 crop = max(0, context * scale - offset - self.margins[i])
                 x = x[..., crop:x.shape[-1] - crop]
@@ -262,7 +265,7 @@ class FastHifiGan:
         half = (k - 1) // 2
         rows = x.permute(0, 2, 3, 1).reshape(x.shape[-1], x.shape[1])  # (L, C): channels-last's memory
         lo, hi = start - half, start + count + half
-        taps = self.post_taps @ rows[max(lo, 0):min(hi, rows.shape[0])].float().t()  # (k, rows), float32
+        taps = self.post_taps @ rows[max(lo, 0):min(hi, rows.shape[0])].t()  # (k, rows)
         if lo < 0 or hi > rows.shape[0]:  # the reference's zero padding at the ends
             taps = F.pad(taps, (max(-lo, 0), max(hi - rows.shape[0], 0)))
         out = taps[0, 0:count].clone()

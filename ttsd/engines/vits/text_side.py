@@ -66,19 +66,20 @@ class _EncoderLayer:
         q, k, v = (part.view(t, nh, hd).transpose(0, 1) for part in qkv.split(nh * hd, dim=1))  # (heads, T, hd)
         scores = q @ k.transpose(1, 2)  # (heads, T, T)
         if self.window:
-            # logits against each relative offset, then skewed into absolute (query, key) positions
+            # logits against each relative offset, then read at absolute (query, key) positions:
+            # key j of query i is offset j - i, column j - i + T - 1 of row i, which a strided view
+            # of the (heads, T, 2T-1) logits reaches without a copy
             rel = q @ self._relative(self.rel_k, t).t()  # (heads, T, 2T-1)
-            rel = F.pad(rel, (0, 1)).reshape(nh, 2 * t * t)
-            rel = F.pad(rel, (0, t - 1)).reshape(nh, t + 1, 2 * t - 1)
-            scores += rel[:, :t, t - 1:]
+            scores += rel.as_strided((nh, t, t), (t * (2 * t - 1), 2 * t - 2, 1), rel.storage_offset() + t - 1)
         if key_bias is not None:
             scores += key_bias
         probs = torch.softmax(scores, dim=-1)
         out = probs @ v  # (heads, T, hd)
         if self.window:
-            # the same skew backwards: attention per relative offset, times the value embeddings
-            skew = F.pad(probs, (0, t - 1)).reshape(nh, t * (2 * t - 1))
-            skew = F.pad(skew, (t, 0)).reshape(nh, t, 2 * t)[:, :, 1:]
+            # the same view backwards: attention per relative offset (zero where no key is at that
+            # offset), times the value embeddings
+            skew = probs.new_zeros(nh, t, 2 * t - 1)
+            skew.as_strided((nh, t, t), (t * (2 * t - 1), 2 * t - 2, 1), t - 1).copy_(probs)
             out += skew @ self._relative(self.rel_v, t)
         out = out.transpose(0, 1).reshape(t, nh * hd)
         out = torch.addmm(self.out[1], out, self.out[0]) if self.out[1] is not None else out @ self.out[0]

