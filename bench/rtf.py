@@ -220,11 +220,12 @@ def model_arithmetic(cache: Path) -> dict[str, Any]:
     a few percent). Same for any runtime, since piper runs the same network."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ttsd.engines.vits import decoder, model
+    from ttsd.engines.vits import decoder, model, weights
     from ttsd.options import SynthesisOptions
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 
+    weights._TimeConv.shifted = False  # one addmm per convolution: the counter does not see addmm_
     decoder.WIDTHS = (1,)  # no window fits the receptive field: decode whole
     decoder._fused_ops_work = lambda dtype=None: False  # any precision: plain convolutions
     model.BUCKET = 1

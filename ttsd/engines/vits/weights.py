@@ -68,7 +68,10 @@ class _Weights:
 
 
 class _TimeConv:
-    """A 1-D convolution on time-major ``(T, C_in)`` input as one GEMM: ``(T, k*C_in) @ (k*C_in, C_out)``."""
+    """A 1-D convolution on time-major ``(T, C_in)`` input as one GEMM: ``(T, k*C_in) @ (k*C_in, C_out)``,
+    or in float32 as a GEMM per tap (``_shifted``)."""
+
+    shifted = True  # False: always the one GEMM (bench/rtf.py counts FLOPs so: its counter skips addmm_)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, padding: int,
                  right: int | None = None) -> None:
@@ -84,7 +87,7 @@ class _TimeConv:
         self.bias = None if self.bias is None else self.bias.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel > 1 and x.dtype == torch.float32:
+        if self.kernel > 1 and x.dtype == torch.float32 and self.shifted:
             return self._shifted(x)
         if self.kernel > 1 or self.left or self.right:
             x = F.pad(x, (0, 0, self.left, self.right))
