@@ -2,9 +2,9 @@
 convolutional feed-forward), the stochastic duration predictor's reverse pass (rational-quadratic
 spline flows) or the deterministic predictor, and the prior flow's reverse pass (WaveNet coupling
 layers), each built from a checkpoint's weights. They all run *time-major* (``(time, channels)``
-matrices): a convolution is one GEMM over an im2col view (``as_strided``, no copy beyond the
-GEMM's input; a depthwise one, shifted sums), which measured faster on 2 cores than torch's 1-D
-convolutions at these sizes.
+matrices): a convolution is, in float32, one GEMM per tap over shifted rows added in place, and in
+bf16 one GEMM over an im2col view (``weights._TimeConv``; a depthwise one, shifted sums), which
+measured faster on 2 cores than torch's 1-D convolutions at these sizes.
 """
 
 from __future__ import annotations
