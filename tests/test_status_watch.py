@@ -31,9 +31,14 @@ def daemon(tmp_path: Path, cache_dir: Path) -> Iterator[Daemon]:
 
 
 def watcher(daemon: Daemon, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+    """``ttsd status --watch`` with Ctrl-C's default action, as on a terminal: a test run started in
+    the background (``cmd &``) ignores SIGINT, every child inherits that, and Python then leaves
+    it ignored, so the Ctrl-C tests would wait for nothing."""
     env = dict(daemon.env, TTSD_SOCKET=str(daemon.socket), COLUMNS="160")
     return subprocess.Popen([sys.executable, "-m", "ttsd", "status", "--watch", "--interval", "0.2", *args],
-                            env=env, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+                            env=env, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            **kw)  # type: ignore[call-overload]
 
 
 def read_until(fd: int, done: object, timeout: float = 30) -> str:
