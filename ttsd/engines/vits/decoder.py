@@ -185,7 +185,8 @@ class FastHifiGan:
                 blocks.append(steps)
             self.stages.append((upsample, blocks))
         # the last layer stays float32 in any dtype: its 7 x C products sum to a sample far smaller
-        # than its terms, and bf16 weights there leave a hiss at -40 dBFS (tests/test_precision.py)
+        # than its terms, and computed in bf16 (torch's bf16 product, or its taps rounded to bf16)
+        # it left a hiss at -40 dBFS (tests/test_precision.py's gate catches that)
         self.post = conv("conv_post", 1, channels, 7, scale=1.0 / self.kernels, bias=False, dtype=torch.float32)
         self.post_taps = self.post.weight[0, :, 0, :].t().contiguous()  # (kernel, channels), see _last
         self.radius, self.margins = self._receptive_margins()
