@@ -42,7 +42,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,28 +53,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import request
+
 SHORT = "Turn on the kitchen lights."
 CLIENTS = 4
 WARMUP_S = 1.0  # first second of load not counted as steady
 AFTER_S = 5.0  # load kept on after the first swap
 SETTLE_S = 1.1  # > the daemon's default --settle
 POLL_S = 0.05
-
-
-def request(sock: str, method: str, path: str, body: Any = None, timeout: float = 120.0
-            ) -> tuple[int, dict[str, str], bytes]:
-    """One request on a fresh Unix-socket connection: (status, lower-cased headers, body)."""
-    conn = http.client.HTTPConnection("localhost", timeout=timeout)
-    try:
-        conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # preset: connect() is skipped
-        conn.sock.settimeout(timeout)
-        conn.sock.connect(sock)
-        payload = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 class Daemon:

@@ -1,4 +1,5 @@
-"""The yardstick for engine speed: the same 2048x2048 product on this CPU's kernels, in one run.
+"""The yardstick for engine speed: the same 2048x2048 product on this CPU's kernels, then the
+voice's own shapes (text side and decoder), in one run.
 
 Which kernel is fastest depends on the CPU: on AMD EPYC, MKL's fp32 GEMM was measured at half of
 oneDNN's and ONNX Runtime's rate; on an Intel Xeon with AMX (amx_bf16) MKL runs at full rate and bf16
@@ -47,3 +48,24 @@ s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProv
 an, bn = a.numpy(), b.numpy()
 print("ORT fp32 MatMul (MLAS)", round(fl/best(lambda: s.run(None, {"A": an, "B": bn}))), "GF/s")
 print("numpy", np.__version__, "matmul", round(fl/best(lambda: an@bn)), "GF/s")
+
+# The voice's own shapes (en_US-joe-medium, ~190 tokens, ~380 frames, decoder windows of 256
+# frames): the text side's matrix products on MKL and on oneDNN, and the decoder's channels-last
+# convolutions in fp32 and bf16 (oneDNN, fused leaky ReLU), best of 30.
+for m_, k_, n_, what in ((192, 576, 768, "encoder ff1"), (192, 2304, 192, "encoder ff2"),
+                         (384, 960, 384, "flow in-layer")):
+    x, w, bias = torch.randn(m_, k_), torch.randn(k_, n_), torch.randn(n_)
+    wt, f = w.t().contiguous(), 2 * m_ * k_ * n_ / 1e9
+    mkl = f / best(lambda: torch.addmm(bias, x, w), 30)
+    dnn = f / best(lambda: torch.ops.mkldnn._linear_pointwise(x, wt, bias, "none", [], ""), 30)
+    print(f"{what} {m_}x{k_}x{n_}: MKL addmm {mkl:.0f}, oneDNN linear {dnn:.0f} GF/s")
+for c, length, k, d in ((128, 2048, 7, 3), (64, 16384, 7, 3), (32, 65536, 3, 1), (32, 65536, 7, 3)):
+    rates = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, c, 1, length).to(dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, c, 1, k).to(dtype).contiguous(memory_format=torch.channels_last)
+        bias = torch.randn(c).to(dtype)
+        conv = lambda: torch.ops.mkldnn._convolution_pointwise(  # noqa: E731
+            x, w, bias, [0, (k - 1) * d // 2], [1, 1], [1, d], 1, "leaky_relu", [0.1], "")
+        rates.append(2 * c * c * k * length / 1e9 / best(conv, 30))
+    print(f"decoder conv {c} ch, k={k} d={d}, {length} samples: fp32 {rates[0]:.0f}, bf16 {rates[1]:.0f} GF/s")

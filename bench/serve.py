@@ -27,13 +27,11 @@ The cache (the converted built-in voice, ~5 s to make once) is ``$TTSD_CACHE`` o
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import math
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from common import request
+
 SHORT = "Turn on the kitchen lights."
 SAY_TEXT = "Hello there."
 LEVELS = (1, 2, 4)
@@ -50,30 +50,6 @@ LAYOUTS = ((1, 2), (2, 1), (2, 2), (1, 1))
 WARMUP = 4  # requests before each level (at that level's concurrency)
 SAY_RUNS = 5
 SETTLE_S = 0.05  # pause between alternating daemon / in-process calls so idle OpenMP threads stop spinning
-
-
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 120.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.socket_path)
-        self.sock = sock
-
-
-def request(sock: str, method: str, path: str, body: Any = None, timeout: float = 120.0
-            ) -> tuple[int, dict[str, str], bytes]:
-    conn = UnixConnection(sock, timeout)
-    try:
-        payload = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def synth(sock: str, text: str = SHORT) -> tuple[float, float]:

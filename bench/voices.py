@@ -33,7 +33,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,26 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import request
+
 SHORT = "Turn on the kitchen lights."
 VOICES = 8
 CLIENTS = 4
 POLL_S = 0.1
-
-
-def request(sock: str, method: str, path: str, body: Any = None, timeout: float = 120.0
-            ) -> tuple[int, dict[str, str], bytes]:
-    """One request on a fresh Unix-socket connection: (status, lower-cased headers, body)."""
-    conn = http.client.HTTPConnection("localhost", timeout=timeout)
-    try:
-        conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # preset: connect() is skipped
-        conn.sock.settimeout(timeout)
-        conn.sock.connect(sock)
-        payload = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def wait_for(ok: Callable[[], bool], timeout: float, what: str) -> None:

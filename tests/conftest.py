@@ -39,6 +39,16 @@ def joe_engine(joe_folder: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
+def api(voices, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The HTTP front ends, in-process, over the module's own ``voices`` fixture (``inproc.FakeVoices``)."""
+    from inproc import FrontEnds
+
+    front = FrontEnds(voices.backend, tmp_path)
+    yield front
+    front.close()
+
+
+@pytest.fixture
 def cli_env(cache_dir: Path, tmp_path: Path) -> dict[str, str]:
     """Environment for a ``ttsd`` subprocess: shared cache, empty models dir, no terminal."""
     env = dict(os.environ)

@@ -38,13 +38,6 @@ def voices(tmp_path: Path) -> Iterator[FakeVoices]:
     v.close()
 
 
-@pytest.fixture
-def api(voices: FakeVoices, tmp_path: Path) -> Iterator[FrontEnds]:
-    front = FrontEnds(voices.backend, tmp_path)
-    yield front
-    front.close()
-
-
 def pcm(reply: Reply) -> np.ndarray:
     """A WAV reply's samples as 16-bit integers."""
     samples, _ = soundfile.read(io.BytesIO(reply.body), dtype="int16")

@@ -44,13 +44,6 @@ def voices(tmp_path: Path) -> Iterator[FakeVoices]:
     v.close()
 
 
-@pytest.fixture
-def api(voices: FakeVoices, tmp_path: Path) -> Iterator[FrontEnds]:
-    front = FrontEnds(voices.backend, tmp_path)
-    yield front
-    front.close()
-
-
 def seconds(data: bytes, fmt: str, rate: int) -> float:
     """How long ``data`` plays, decoded the way a client would: soundfile where libsndfile reads
     the format, PyAV for AAC (and raw PCM by its size)."""

@@ -102,13 +102,6 @@ def voices(tmp_path: Path) -> Iterator[FakeVoices]:
     v.close()
 
 
-@pytest.fixture
-def api(voices: FakeVoices, tmp_path: Path) -> Iterator[FrontEnds]:
-    front = FrontEnds(voices.backend, tmp_path)
-    yield front
-    front.close()
-
-
 # 12 users of whom 4 are on the canary: enough to tell a user key from a coin (2^-24 by chance)
 SOME = [u for u in USERS if on_canary(u)][:4] + [u for u in USERS if not on_canary(u)][:8]
 

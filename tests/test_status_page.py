@@ -15,6 +15,7 @@ import shutil
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -266,6 +267,20 @@ def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
 HOSTILE = '<img src=x onerror="window.pwned=1">'
 
 
+@contextmanager
+def _served(backend: Any, tmp_path: Path) -> Iterator[FrontEnds]:
+    """The front ends on a loop thread of their own, as the daemon runs them, for a browser to load."""
+    front = FrontEnds(backend, tmp_path)
+    server = threading.Thread(target=front.loop.run_forever, daemon=True)
+    server.start()
+    try:
+        yield front
+    finally:
+        front.loop.call_soon_threadsafe(front.loop.stop)
+        server.join(10)
+        front.close()
+
+
 def test_hostile_status_is_shown_as_text_on_a_phone(tmp_path: Path) -> None:
     """Reasons, folder names and audit entries come from model folders and are hostile: on a
     phone-sized headless chromium, 1. they appear as text and run nothing; 2. the page is no
@@ -284,26 +299,21 @@ def test_hostile_status_is_shown_as_text_on_a_phone(tmp_path: Path) -> None:
                 "history": [{"time": "2026-01-01T00:00:00", "voice": "joe", "from": "2", "to": "3",
                              "why": HOSTILE, HOSTILE: HOSTILE}]}
 
-    front = FrontEnds(replace(voices.backend, status=status), tmp_path)
-    server = threading.Thread(target=front.loop.run_forever, daemon=True)
-    server.start()
     try:
-        browser.set_window_size(390, 844)
-        browser.get(f"http://127.0.0.1:{front.port}/")
-        WebDriverWait(browser, 30).until(lambda b: "refused" in b.find_element(By.ID, "voices").text)
-        for where in ("voices", "folders", "history"):
-            assert HOSTILE in browser.find_element(By.ID, where).text, where
-        assert browser.find_elements(By.CSS_SELECTOR, "main img") == []
-        assert browser.execute_script("return window.pwned") is None
-        assert "1h 2m" in browser.find_element(By.ID, "summary").text
-        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
-        if os.environ.get("TTSD_PHONE_SCREENSHOT"):
-            browser.save_screenshot(os.environ["TTSD_PHONE_SCREENSHOT"])
+        with _served(replace(voices.backend, status=status), tmp_path) as front:
+            browser.set_window_size(390, 844)
+            browser.get(f"http://127.0.0.1:{front.port}/")
+            WebDriverWait(browser, 30).until(lambda b: "refused" in b.find_element(By.ID, "voices").text)
+            for where in ("voices", "folders", "history"):
+                assert HOSTILE in browser.find_element(By.ID, where).text, where
+            assert browser.find_elements(By.CSS_SELECTOR, "main img") == []
+            assert browser.execute_script("return window.pwned") is None
+            assert "1h 2m" in browser.find_element(By.ID, "summary").text
+            assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+            if os.environ.get("TTSD_PHONE_SCREENSHOT"):
+                browser.save_screenshot(os.environ["TTSD_PHONE_SCREENSHOT"])
     finally:
         browser.quit()
-        front.loop.call_soon_threadsafe(front.loop.stop)
-        server.join(10)
-        front.close()
         voices.close()
 
 
@@ -318,30 +328,25 @@ def test_speak_without_web_audio_plays_the_wav(tmp_path: Path) -> None:
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": "delete window.AudioContext; delete window.webkitAudioContext;"})
     voices = FakeVoices(tmp_path, VOICES)
-    front = FrontEnds(voices.backend, tmp_path)
-    server = threading.Thread(target=front.loop.run_forever, daemon=True)
-    server.start()
     try:
-        browser.get(f"http://127.0.0.1:{front.port}/")
-        wait = WebDriverWait(browser, 30)
-        wait.until(lambda b: b.find_element(By.ID, "voice").get_attribute("value") == "joe")
-        assert browser.execute_script("return window.AudioContext") is None
-        browser.find_element(By.ID, "speak").click()
-        wait.until(lambda b: b.find_element(By.ID, "speak-info").get_attribute("data-state") is not None)
-        spoke = browser.execute_script("return Object.assign({}, document.getElementById('speak-info').dataset)")
-        # 1.
-        assert spoke["state"] == "done" and "scheduled" not in spoke and "firstAudio" not in spoke, spoke
-        # 2.
-        heard = int(spoke["bytes"]) / 2 / int(spoke["rate"])
-        wait.until(lambda b: b.execute_script("const a = document.getElementById('audio');"
-                                              "return a.readyState >= 1 && a.duration > 0"))
-        assert browser.execute_script("return document.getElementById('audio').duration") == pytest.approx(heard, abs=0.01)
-        wait.until(lambda b: b.execute_script("const a = document.getElementById('audio');"
-                                              "return !a.paused || a.ended"))
-        assert browser.find_element(By.ID, "speak-save").get_attribute("href").startswith("blob:")
+        with _served(voices.backend, tmp_path) as front:
+            browser.get(f"http://127.0.0.1:{front.port}/")
+            wait = WebDriverWait(browser, 30)
+            wait.until(lambda b: b.find_element(By.ID, "voice").get_attribute("value") == "joe")
+            assert browser.execute_script("return window.AudioContext") is None
+            browser.find_element(By.ID, "speak").click()
+            wait.until(lambda b: b.find_element(By.ID, "speak-info").get_attribute("data-state") is not None)
+            spoke = browser.execute_script("return Object.assign({}, document.getElementById('speak-info').dataset)")
+            # 1.
+            assert spoke["state"] == "done" and "scheduled" not in spoke and "firstAudio" not in spoke, spoke
+            # 2.
+            heard = int(spoke["bytes"]) / 2 / int(spoke["rate"])
+            wait.until(lambda b: b.execute_script("const a = document.getElementById('audio');"
+                                                  "return a.readyState >= 1 && a.duration > 0"))
+            assert browser.execute_script("return document.getElementById('audio').duration") == pytest.approx(heard, abs=0.01)
+            wait.until(lambda b: b.execute_script("const a = document.getElementById('audio');"
+                                                  "return !a.paused || a.ended"))
+            assert browser.find_element(By.ID, "speak-save").get_attribute("href").startswith("blob:")
     finally:
         browser.quit()
-        front.loop.call_soon_threadsafe(front.loop.stop)
-        server.join(10)
-        front.close()
         voices.close()

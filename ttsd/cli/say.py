@@ -141,7 +141,8 @@ def _in_process(speech: Speech, *, model_dir: Path | None, models_dir: Path | No
         done = time.perf_counter()
     write_output(speech.output, encode(audio, speech.fmt))
     m = engine.manifest
-    computes = f" in {engine.info()['precision']}" if "precision" in engine.info() else ""
+    computed_in = engine.info().get("precision")
+    computes = f" in {computed_in}" if computed_in else ""
     out.print(
         f"{speech.shown}: {audio.duration:.2f} s of {speech.fmt} at {audio.sample_rate} Hz, voice {m.name} "
         f"{m.version}{computes}, load {loaded - started:.2f} s, synthesis {done - loaded:.2f} s", markup=False)
