@@ -2,40 +2,48 @@
 
 torch runs its CPU kernels (oneDNN convolutions, MKL matrix products, ATen's parallel loops) on
 OpenMP, whose thread count is a per-thread setting: ``omp_set_num_threads`` on one thread leaves
-every other thread's team as it was. ``torch.set_num_threads`` would not do: it also sets MKL's
-process-wide count and clears oneDNN's kernel cache, under the synthesis workers' feet.
+every other thread's team as it was; MKL (float32 matrix products on x86) has a per-thread count
+of its own. ``torch.set_num_threads`` sets both for the calling thread, but it also clears oneDNN's
+kernel cache, under the synthesis workers' feet.
 
 The model loader uses this to warm a new version up on one core while requests are being served
 on the others: on 2 cores, a warm-up team of 2 threads beside the worker's team of 2 left the
 worker's parallel regions waiting at their barriers for descheduled threads (p99 during a swap up
-to 2.2x the steady p99 with the default layout).
+to 2.2x the steady p99 with the default layout). The VITS engine's lanes (``vits.lanes``) hold
+each of their threads to one core, so two of them share two cores without oversubscribing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("ttsd.engines")
 _runtime: ctypes.CDLL | None | bool = False  # False: not looked up yet; None: none found
+_mkl: Callable[[int], int] | None | bool = False  # MKL's per-thread count setter, looked up the same way
+
+
+def _loaded(prefixes: tuple[str, ...]) -> list[str]:
+    """Paths of the shared libraries this process has mapped whose file names start with ``prefixes``."""
+    import torch  # noqa: F401 - the libraries are loaded with torch
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    return sorted({line.split()[-1] for line in maps.splitlines()
+                   if line.split()[-1:] and Path(line.split()[-1]).name.startswith(prefixes)})
 
 
 def _openmp() -> ctypes.CDLL | None:
     """The OpenMP runtime torch loaded (libgomp for the PyPI CPU wheels, libiomp5 for some builds)."""
     global _runtime
     if _runtime is False:
-        import torch  # noqa: F401 - the runtime is loaded with torch
-
         _runtime = None
-        try:
-            maps = Path("/proc/self/maps").read_text()
-        except OSError:
-            maps = ""
-        for path in sorted({line.split()[-1] for line in maps.splitlines() if line.split()[-1:]
-                            and Path(line.split()[-1]).name.startswith(("libgomp", "libiomp5"))}):
+        for path in _loaded(("libgomp", "libiomp5")):
             try:
                 lib = ctypes.CDLL(path)
                 lib.omp_get_max_threads.restype = ctypes.c_int
@@ -47,17 +55,58 @@ def _openmp() -> ctypes.CDLL | None:
     return _runtime if isinstance(_runtime, ctypes.CDLL) else None
 
 
+def _mkl_local() -> Callable[[int], int] | None:
+    """MKL's ``MKL_Set_Num_Threads_Local`` (the C entry point; the lower-case symbol is Fortran's and
+    takes a pointer), where torch links MKL (x86 wheels, statically into libtorch_cpu); None elsewhere.
+    A thread whose count was never set uses MKL's process-wide one (all cores), so float32 matrix
+    products on a thread held to one core by OpenMP alone would still start a team of that size."""
+    global _mkl
+    if _mkl is False:
+        _mkl = None
+        for path in _loaded(("libtorch_cpu", "libmkl_rt", "libmkl_core")):
+            try:
+                setter = ctypes.CDLL(path).MKL_Set_Num_Threads_Local
+            except (OSError, AttributeError):
+                continue
+            setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+            _mkl = setter
+            break
+    return _mkl if callable(_mkl) else None
+
+
+def cores_here() -> int:
+    """How many OpenMP threads torch work on the calling thread may use now (1 where unknown)."""
+    lib = _openmp()
+    return max(1, lib.omp_get_max_threads()) if lib is not None else 1
+
+
+def one_core() -> None:
+    """Hold torch work on the calling thread to one core for the rest of the thread's life: OpenMP
+    (oneDNN, ATen) and MKL alike. The initializer of ``vits.lanes``' threads; other threads are not
+    touched."""
+    lib, mkl = _openmp(), _mkl_local()
+    if lib is not None:
+        lib.omp_set_num_threads(1)
+    if mkl is not None:
+        mkl(1)
+
+
 @contextmanager
 def thread_cores(count: int | None) -> Iterator[None]:
-    """Within the block, torch work on the calling thread uses at most ``count`` OpenMP threads
-    (``None``: leave it as it is). A no-op where the runtime cannot be found."""
+    """Within the block, torch work on the calling thread uses at most ``count`` threads, OpenMP's
+    and MKL's (``None``: leave it as it is). A no-op where the runtime cannot be found."""
     lib = _openmp() if count else None
     if lib is None:
         yield
         return
     previous = lib.omp_get_max_threads()
-    lib.omp_set_num_threads(max(1, min(count or previous, previous)))
+    wanted = max(1, min(count or previous, previous))
+    lib.omp_set_num_threads(wanted)
+    mkl = _mkl_local()
+    mkl_previous = mkl(wanted) if mkl is not None else 0  # 0: the thread had no count of its own
     try:
         yield
     finally:
         lib.omp_set_num_threads(previous)
+        if mkl is not None:
+            mkl(mkl_previous)
