@@ -51,36 +51,32 @@ class _EncoderLayer:
         self.act = _ACTIVATIONS[c.hidden_act]
         self.eps = c.layer_norm_eps
 
-    def _relative(self, table: torch.Tensor, length: int) -> torch.Tensor:
-        """Relative embeddings for offsets -(length-1)..(length-1): ``(2*length-1, head_dim)``,
-        zero beyond the window."""
-        extra = max(length - (self.window + 1), 0)
-        if extra:
-            table = F.pad(table, (0, 0, extra, extra))
-        start = max(self.window + 1 - length, 0)
-        return table[start:start + 2 * length - 1]
+    def _band(self, padded: torch.Tensor) -> torch.Tensor:
+        """The ``(heads, T, 2w+1)`` band of ``(heads, T, T+2w)`` scores or probabilities padded by the
+        window ``w`` on both sides: ``[h, i, d]`` is key ``i + d - w`` of query ``i``, the relative
+        offset ``d - w`` (zero padding where no key is at that offset). A strided view, no copy."""
+        heads, t, width = padded.shape
+        return padded.as_strided((heads, t, 2 * self.window + 1), (t * width, width + 1, 1), padded.storage_offset())
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
         t, nh, hd = x.shape[0], self.heads, self.head_dim
         qkv = torch.addmm(self.qkv[1], x, self.qkv[0]) if self.qkv[1] is not None else x @ self.qkv[0]
         q, k, v = (part.view(t, nh, hd).transpose(0, 1) for part in qkv.split(nh * hd, dim=1))  # (heads, T, hd)
         scores = q @ k.transpose(1, 2)  # (heads, T, T)
-        if self.window:
-            # logits against each relative offset, then read at absolute (query, key) positions:
-            # key j of query i is offset j - i, column j - i + T - 1 of row i, which a strided view
-            # of the (heads, T, 2T-1) logits reaches without a copy
-            rel = q @ self._relative(self.rel_k, t).t()  # (heads, T, 2T-1)
-            scores += rel.as_strided((nh, t, t), (t * (2 * t - 1), 2 * t - 2, 1), rel.storage_offset() + t - 1)
+        w = self.window
+        if w:
+            # relative positions reach w keys either side: their logits (heads, T, 2w+1) go onto the
+            # band of the scores, padded so that the band is one strided view (transformers skews
+            # (heads, T, 2T-1) logits against an embedding table padded with zeros to 2T-1 offsets)
+            padded = F.pad(scores, (w, w))
+            self._band(padded).add_(q @ self.rel_k.t())
+            scores = padded[..., w:w + t]
         if key_bias is not None:
             scores += key_bias
         probs = torch.softmax(scores, dim=-1)
         out = probs @ v  # (heads, T, hd)
-        if self.window:
-            # the same view backwards: attention per relative offset (zero where no key is at that
-            # offset), times the value embeddings
-            skew = probs.new_zeros(nh, t, 2 * t - 1)
-            skew.as_strided((nh, t, t), (t * (2 * t - 1), 2 * t - 2, 1), t - 1).copy_(probs)
-            out += skew @ self._relative(self.rel_v, t)
+        if w:  # the attention on each relative offset, times its value embedding
+            out += self._band(F.pad(probs, (w, w))) @ self.rel_v
         out = out.transpose(0, 1).reshape(t, nh * hd)
         out = torch.addmm(self.out[1], out, self.out[0]) if self.out[1] is not None else out @ self.out[0]
         x = _layer_norm(x + out, self.norm1, self.eps)
