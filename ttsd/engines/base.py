@@ -83,13 +83,6 @@ class Engine(ABC, Generic[Unit]):
     def _render(self, unit: Unit, options: SynthesisOptions) -> np.ndarray:
         """One unit -> float32 samples."""
 
-    def _render_units(self, units: Sequence[Unit], options: SynthesisOptions) -> Iterator[np.ndarray]:
-        """Each unit's samples, in order, for a request spoken whole (not in pieces). The default
-        renders one unit after the other; an engine may work ahead (``vits.lanes``), and must stop
-        its work when the iterator is closed early."""
-        for unit in units:
-            yield self._render(unit, options)
-
     def _continues(self, unit: Unit) -> bool:
         """Whether ``unit`` is a further piece of the previous unit's sentence: no pause before
         it, and one peak normalisation for the whole sentence. Engines that split over-long
@@ -132,8 +125,7 @@ class Engine(ABC, Generic[Unit]):
 
         Audio over ``max_audio_seconds`` (pauses included) is ``AudioTooLongError``: at once when
         the pauses alone would exceed it, else as soon as a unit takes the total over, so a refused
-        request costs at most the limit's worth of audio plus one unit (and what the engine had
-        started ahead: with the VITS engine's lanes, the next unit's text side).
+        request costs at most the limit's worth of audio plus one unit.
 
         ``checked``: the caller has already passed ``text`` through ``check_text`` (stripped,
         within ``max_chars``) and ``options`` through ``check_options`` for this engine."""
@@ -149,26 +141,21 @@ class Engine(ABC, Generic[Unit]):
         budget.add(options.sentence_pause * (len(starts) - 1) if options.sentence_pause else 0.0)
         gain = 1.0 if not options.normalize else self.stream_gain
         by_piece = pieces and gain is not None
-        whole = None if by_piece else self._render_units(units, options)
-        try:
-            for index, start in enumerate(starts):
-                sentence = units[start:starts[index + 1] if index + 1 < len(starts) else len(units)]
-                pause = index > 0 and options.sentence_pause > 0
-                if whole is None:
-                    parts: Iterator[np.ndarray] = (budget.counted(_clipped(p * gain))
-                                                   for unit in sentence for p in self._render_pieces(unit, options))
-                else:
-                    rendered = [budget.counted(next(whole)) for _ in sentence]
-                    samples = rendered[0] if len(rendered) == 1 else np.concatenate(rendered)
-                    parts = iter([_normalized(samples) if options.normalize else _clipped(samples)])
-                for samples in parts:
-                    if pause:
-                        gap = silence(options.sentence_pause, self.sample_rate).samples
-                        samples, pause = np.concatenate([gap, samples]), False
-                    yield Audio(samples, self.sample_rate)
-        finally:  # stops work the engine started ahead (too long, an error, a stream closed early)
-            if whole is not None:
-                whole.close()
+        for index, start in enumerate(starts):
+            sentence = units[start:starts[index + 1] if index + 1 < len(starts) else len(units)]
+            pause = index > 0 and options.sentence_pause > 0
+            if by_piece:
+                parts: Iterator[np.ndarray] = (
+                    budget.counted(_clipped(p * gain)) for unit in sentence for p in self._render_pieces(unit, options))
+            else:
+                rendered = [budget.counted(self._render(unit, options)) for unit in sentence]
+                samples = rendered[0] if len(rendered) == 1 else np.concatenate(rendered)
+                parts = iter([_normalized(samples) if options.normalize else _clipped(samples)])
+            for samples in parts:
+                if pause:
+                    gap = silence(options.sentence_pause, self.sample_rate).samples
+                    samples, pause = np.concatenate([gap, samples]), False
+                yield Audio(samples, self.sample_rate)
 
     def synthesize(self, text: str, options: SynthesisOptions | None = None) -> Audio:
         """The whole text as one ``Audio``."""

@@ -9,8 +9,7 @@ kernel cache, under the synthesis workers' feet.
 The model loader uses this to warm a new version up on one core while requests are being served
 on the others: on 2 cores, a warm-up team of 2 threads beside the worker's team of 2 left the
 worker's parallel regions waiting at their barriers for descheduled threads (p99 during a swap up
-to 2.2x the steady p99 with the default layout). The VITS engine's lanes (``vits.lanes``) hold
-each of their threads to one core, so two of them share two cores without oversubscribing.
+to 2.2x the steady p99 with the default layout).
 """
 
 from __future__ import annotations
@@ -58,8 +57,8 @@ def _openmp() -> ctypes.CDLL | None:
 def _mkl_local() -> Callable[[int], int] | None:
     """MKL's ``MKL_Set_Num_Threads_Local`` (the C entry point; the lower-case symbol is Fortran's and
     takes a pointer), where torch links MKL (x86 wheels, statically into libtorch_cpu); None elsewhere.
-    A thread whose count was never set uses MKL's process-wide one (all cores), so float32 matrix
-    products on a thread held to one core by OpenMP alone would still start a team of that size."""
+    A thread with no count of its own follows its OpenMP count; one that has one (``torch.set_num_threads``
+    sets it on the calling thread) keeps it, so its float32 products would ignore ``thread_cores``."""
     global _mkl
     if _mkl is False:
         _mkl = None
@@ -72,23 +71,6 @@ def _mkl_local() -> Callable[[int], int] | None:
             _mkl = setter
             break
     return _mkl if callable(_mkl) else None
-
-
-def cores_here() -> int:
-    """How many OpenMP threads torch work on the calling thread may use now (1 where unknown)."""
-    lib = _openmp()
-    return max(1, lib.omp_get_max_threads()) if lib is not None else 1
-
-
-def one_core() -> None:
-    """Hold torch work on the calling thread to one core for the rest of the thread's life: OpenMP
-    (oneDNN, ATen) and MKL alike. The initializer of ``vits.lanes``' threads; other threads are not
-    touched."""
-    lib, mkl = _openmp(), _mkl_local()
-    if lib is not None:
-        lib.omp_set_num_threads(1)
-    if mkl is not None:
-        mkl(1)
 
 
 @contextmanager

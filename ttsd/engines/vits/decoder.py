@@ -337,35 +337,25 @@ class FastHifiGan:
             add(width, width - 2 * r)
         return windows
 
-    def speaker_bias(self, speaker: torch.Tensor | None) -> torch.Tensor | None:
-        """The first layer's bias for ``speaker`` (its constant offset folded in), or None for the
-        layer's own: what ``window`` takes as ``bias``."""
-        if speaker is None or self.cond is None:
-            return None
-        weight, offset = self.cond
-        bias = weight @ speaker.reshape(-1) + offset
-        if self.pre.bias is not None:
-            bias = bias + self.pre.bias
-        return bias.to(self.dtype)
-
-    def window(self, latents: torch.Tensor, bias: torch.Tensor | None,
-               planned: tuple[int, int, int, int]) -> torch.Tensor:
-        """The samples of one window of ``plan(frames)`` for the ``(1, C, frames)`` latents. Windows
-        are independent of each other: any thread may decode any of them (``vits.lanes``)."""
-        start, width, keep_from, keep_to = planned
-        frames = latents.shape[-1]
-        lo, hi = max(0, -start), min(width, frames - start)
-        window = latents[..., max(0, start):start + hi]
-        if lo or hi < width:
-            window = F.pad(window, (lo, width - hi))
-        return self._window(window, lo, hi, bias, keep_from - start)[:(keep_to - keep_from) * self.hop]
-
     def stream(self, latents: torch.Tensor, speaker: torch.Tensor | None = None,
                first: int | None = None) -> Iterator[torch.Tensor]:
         """``(1, C, frames)`` latents -> waveform pieces ``(samples,)``, in order."""
-        bias = self.speaker_bias(speaker)
-        for planned in self.plan(latents.shape[-1], first):
-            yield self.window(latents, bias, planned)
+        bias = None
+        if speaker is not None and self.cond is not None:
+            weight, offset = self.cond  # the speaker's constant offset, folded into the bias
+            bias = weight @ speaker.reshape(-1) + offset
+            if self.pre.bias is not None:
+                bias = bias + self.pre.bias
+            bias = bias.to(self.dtype)
+        frames = latents.shape[-1]
+        for start, width, keep_from, keep_to in self.plan(frames, first):
+            context = keep_from - start
+            lo, hi = max(0, -start), min(width, frames - start)
+            window = latents[..., max(0, start):start + hi]
+            if lo or hi < width:
+                window = F.pad(window, (lo, width - hi))
+            samples = self._window(window, lo, hi, bias, context)
+            yield samples[:(keep_to - keep_from) * self.hop]
 
     def __call__(self, latents: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
         pieces = list(self.stream(latents, speaker))

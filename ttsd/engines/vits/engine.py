@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import logging
 import re
-import threading
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,9 +30,7 @@ from ...options import SynthesisOptions
 from ...text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
 from .. import precision
 from ..base import Engine
-from ..threads import cores_here
 from .chars import CharTokenizer
-from .lanes import Lanes, pipelined
 from .model import NativeVits
 from .phonemes import PHONEMES_FILE, EspeakPhonemes, PhonemeConfig
 
@@ -71,8 +68,6 @@ class VitsEngine(Engine[Unit]):
         self.model: NativeVits | None = None
         self._phonemes: EspeakPhonemes | None = None
         self._tokenizer: CharTokenizer | None = None
-        self._lanes: Lanes | None = None  # started by the first request that can use them
-        self._lanes_lock = threading.Lock()
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -113,10 +108,6 @@ class VitsEngine(Engine[Unit]):
         self.model = model
 
     def unload(self) -> None:
-        with self._lanes_lock:
-            lanes, self._lanes = self._lanes, None
-        if lanes is not None:
-            lanes.close()
         self.model = None
         self._phonemes = None
         self._tokenizer = None
@@ -232,31 +223,6 @@ class VitsEngine(Engine[Unit]):
         latents, speaker = self._latents(unit, options)
         with torch.inference_mode():
             return self._require().decoder(latents, speaker).numpy().astype(np.float32)
-
-    def _render_units(self, units: Sequence[Unit], options: SynthesisOptions) -> Iterator[np.ndarray]:
-        """Several units on lanes (``vits.lanes``: one core each, the next unit's text side beside
-        this one's decoder windows), as many as the calling thread may use cores (``--threads`` at
-        most); one unit, or a caller held to one core (a warm-up beside serving), sequentially."""
-        cores = min(cores_here(), self.threads or cores_here())
-        lanes = self._lanes_for(cores) if len(units) > 1 and cores > 1 else None
-        if lanes is None:
-            yield from super()._render_units(units, options)
-            return
-        pieces = pipelined(lanes, units, lambda unit: self._latents(unit, options), self._require().decoder)
-        try:
-            for piece in pieces:
-                yield piece.numpy().astype(np.float32)
-        finally:
-            pieces.close()
-
-    def _lanes_for(self, cores: int) -> Lanes | None:
-        """The engine's lanes, started at ``cores`` on first use; None if they have more lanes than
-        ``cores``."""
-        with self._lanes_lock:
-            if self._lanes is None and self.model is not None:
-                self._lanes = Lanes(cores)
-            lanes = self._lanes
-        return lanes if lanes is not None and lanes.count <= cores else None
 
     def _render_pieces(self, unit: Unit, options: SynthesisOptions) -> Iterator[np.ndarray]:
         """The sentence's text side at once, then the decoder window by window: the first piece
