@@ -50,6 +50,14 @@ def test_resolve(requested: str | None, voice: str, feature: str | None, chosen:
     assert got == chosen and why in reason
 
 
+def test_the_cli_offers_the_manifest_precisions() -> None:
+    """The CLI keeps its own copy (importing ttsd.manifest would slow every ``ttsd`` command)."""
+    from ttsd.cli.common import PRECISION_CHOICES
+    from ttsd.manifest import PRECISIONS
+
+    assert PRECISION_CHOICES == PRECISIONS
+
+
 def test_the_manifest_carries_the_voice_precision(tmp_path: Path) -> None:
     (tmp_path / "weights.bin.txt").write_text("w")
     pack(tmp_path, name="v", version="1", engine="vits", sample_rate=16000, precision="fp32")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError, TtsdError
-from .common import SOCKET_HELP, console
+from .common import PRECISION_CHOICES, SOCKET_HELP, console
 
 
 @click.group()
@@ -45,7 +45,7 @@ def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, 
 @click.option("--warmup", multiple=True, help="Warm-up sentence (repeatable).")
 @click.option("--description", default="")
 @click.option("--license", "license_", default="")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
               help="The voice's number format: auto (bf16 where the CPU has native bf16) or fp32 (this voice "
                    "must stay fp32); the daemon's --precision overrides it.")
 @click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
