@@ -194,7 +194,10 @@ def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
     wait = WebDriverWait(browser, 60, poll_frequency=0.1)
 
     def text(css: str) -> str:
-        return "\n".join(e.text for e in browser.find_elements(By.CSS_SELECTOR, css))
+        # read in one script: the page re-renders its lists every poll, and an element found by
+        # one WebDriver call may be gone by the next (StaleElementReferenceException)
+        return str(browser.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText).join('\\n')", css))
 
     def shown_active() -> str:
         return text('[data-voice="tiny"] .active-version')
