@@ -279,7 +279,7 @@ def test_a_memory_budget_unloads_by_measured_rss(tmp_path: Path, fake_engines: N
     """The RSS is what the budget is measured against, before and after each load: with a fake
     RSS where each loaded voice adds 100 MB to a 500 MB process and a budget of 750 MB, two voices
     fit and the third unloads the least recently used."""
-    import ttsd.serving.actions
+    import ttsd.serving.bringup
     import ttsd.serving.demand
 
     fakes(tmp_path, "a", "b", "c")
@@ -287,7 +287,7 @@ def test_a_memory_budget_unloads_by_measured_rss(tmp_path: Path, fake_engines: N
     def rss() -> int:
         return (500 + 100 * FakeEngine.live) << 20
 
-    monkeypatch.setattr(ttsd.serving.actions, "resident_bytes", rss)
+    monkeypatch.setattr(ttsd.serving.bringup, "resident_bytes", rss)
     monkeypatch.setattr(ttsd.serving.demand, "resident_bytes", rss)
     rig = Rig(tmp_path, memory_budget=750 << 20)
     rigs.append(rig)

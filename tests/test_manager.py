@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import fake_model, make_manager
+from daemon_util import wait_for
 from fake_engine import FakeEngine
 
 from ttsd.errors import UnknownVoiceError
@@ -36,7 +37,7 @@ def test_newest_good_version_of_each_voice_serves(tmp_path: Path, fake_engines: 
 
 def test_a_lease_keeps_its_version_through_a_swap(tmp_path: Path, fake_engines: None) -> None:
     """1. A request leases v1. 2. v2 arrives and is swapped in. 3. New requests get v2 while the
-    old lease still runs on v1. 4. v1 is unloaded when that lease ends."""
+    old lease still runs on v1. 4. v1 is unloaded when that lease ends, off the releasing thread."""
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
     manager = make_manager(tmp_path, keep=0)
@@ -52,7 +53,8 @@ def test_a_lease_keeps_its_version_through_a_swap(tmp_path: Path, fake_engines: 
     assert FakeEngine.live == 2
     old.release()
     old.release()  # idempotent
-    assert v1.state is State.AVAILABLE and v1.engine is None and FakeEngine.live == 1
+    wait_for(lambda: v1.engine is None, timeout=10, what="v1 unloaded")
+    assert v1.state is State.AVAILABLE and FakeEngine.live == 1
 
 
 @pytest.mark.parametrize("settings, reason", [

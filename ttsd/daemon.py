@@ -14,8 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +27,7 @@ from .config import ServeConfig, is_loopback
 from .errors import ConfigError
 from .front.backend import Backend
 from .front.http_api import build_app
-from .front.listeners import TCPListener, UnixListener
+from .front.listeners import TCPListener, UnixListener, check_socket
 from .front.spool import Spool
 from .front.synth import SynthesisPool
 from .front.wyoming import Advertisement, WyomingServer
@@ -39,6 +37,7 @@ from .reloader import ModelWatcher
 from .serving.manager import ModelManager
 from .serving.residency import Budget
 from .serving.source import LocalFolderSource
+from .serving.state import StateDirLock
 from .serving.versions import ModelVersion, Policy
 from .signing import TrustedKeys
 from .systemd import Notifier
@@ -92,25 +91,6 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def check_socket(path: Path) -> None:
-    """Refuse a socket a live daemon answers on; remove a stale one left by a crash."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise ConfigError(f"{path} exists and is not a socket; remove it or choose another --socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale socket %s (left by a daemon that did not shut down)", path)
-            path.unlink(missing_ok=True)
-            return
-        except OSError as exc:
-            raise ConfigError(f"cannot check socket {path}: {exc.strerror or exc}") from exc
-    raise ConfigError(f"another ttsd is already serving on {path}")
-
-
 def _writable_dir(path: Path, what: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -143,7 +123,9 @@ class Daemon:
             trust=self.trust,
             budget=Budget(max_loaded=config.max_loaded, memory=config.memory_budget, preload=config.preload,
                           wait=config.load_wait),
+            wake=lambda: self.watcher.soon(max(config.settle / 2, 0.2)),
         )
+        self.state_lock = StateDirLock(config.state)
         self._serving = False
         self._reconcile_lock = threading.Lock()
         self._reconcile_running = False
@@ -187,9 +169,11 @@ class Daemon:
         threading.Thread(target=self._reconcile_loop, name="ttsd-loader", daemon=True).start()
 
     def _reconcile_loop(self) -> None:
+        # the jobs a reconcile starts run on their own threads: the next rescan does not wait for
+        # them, so a newer folder supersedes an upgrade still loading
         while True:
             try:
-                self.manager.reconcile()
+                self.manager.reconcile(wait=False)
             except Exception:
                 log.exception("checking the models dir failed")
             with self._reconcile_lock:
@@ -240,6 +224,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         _writable_dir(cfg.models, "models dir")
         _writable_dir(cfg.state, "state dir")
+        self.state_lock.acquire()  # before anything is loaded or written: one daemon per state dir
         _writable_dir(cfg.socket.parent, "socket dir")
         check_socket(cfg.socket)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -249,9 +234,7 @@ class Daemon:
             await in_fresh_thread(lambda: seed_models(cfg.models, cfg.cache), "ttsd-seed")
         self.notifier.status("loading voices")
         await in_fresh_thread(self.manager.start, "ttsd-loader")
-        if cfg.memory_budget is not None and resident_bytes() > cfg.memory_budget:
-            log.warning("--memory-budget %.0f MB is less than the %.0f MB this process uses with its preloaded "
-                        "voices: other voices will not load", cfg.memory_budget / 2**20, resident_bytes() / 2**20)
+        self._check_budget()
         if not self.manager.ready():
             if self.manager.waiting:  # a folder is still being copied in: not a failure yet
                 log.warning("no voice is ready yet: waiting for a folder in %s to be complete", cfg.models)
@@ -315,6 +298,18 @@ class Daemon:
         self._interrupts = 1 if signum == signal.SIGINT else 0
         return await self._shutdown(runner, spool, spool_task, watchdog, wyoming)
 
+    def _check_budget(self) -> None:
+        """A memory budget below what the daemon already uses with its preloaded voices could never
+        load another voice: every request for one would be refused. A start-up error, not a
+        daemon that answers "retry" forever."""
+        budget, rss = self.config.memory_budget, resident_bytes()
+        if budget is not None and rss > budget:
+            self.manager.close()
+            pinned = ", ".join(sorted(self.manager.demand.pinned())) or "none"
+            raise ConfigError(f"--memory-budget {budget / 2**20:.0f} MB is less than the {rss / 2**20:.0f} MB this "
+                              f"process uses with its preloaded voices ({pinned}): no other voice could load; "
+                              "give a larger budget or none")
+
     async def _start_wyoming(self) -> WyomingServer:
         from urllib.parse import urlparse
 
@@ -329,8 +324,6 @@ class Daemon:
             path = Path(uri.path)
             if path.resolve() == cfg.socket.resolve():
                 raise ConfigError(f"--wyoming {cfg.wyoming}: that is the HTTP socket; choose another path")
-            if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
-                raise ConfigError(f"{path} exists and is not a socket; remove it or choose another --wyoming path")
         server = WyomingServer(cfg.wyoming, self.backend(), max_connections=cfg.max_connections)
         if cfg.wyoming_zeroconf and uri.hostname and uri.port:
             server.advertisement = Advertisement(cfg.wyoming_zeroconf, uri.hostname, uri.port)

@@ -35,6 +35,14 @@ class ConfigError(TtsdError):
     code = "config"
 
 
+class StateLockedError(ConfigError):
+    """Another ``ttsd serve`` holds the state dir: two daemons would both write ``state.json``,
+    the audit trail and the store."""
+
+    exit_code = 19
+    code = "state_locked"
+
+
 class ConflictError(TtsdError):
     """A control action that cannot be done in the current state (nothing to roll back to, a
     version that cannot serve): HTTP 409."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from packaging.utils import canonicalize_version
 from packaging.version import InvalidVersion, Version
 
 from .errors import ManifestError, Problem, VerifyError, is_system_oserror
@@ -121,6 +122,15 @@ def check_version(version: str) -> str:
         raise ManifestError(f"invalid version {shown}: must be a PEP 440 version such as 1, 1.2 or 2.0.1 "
                             "(at most 64 characters)") from exc
     return version
+
+
+def norm(version: str) -> str:
+    """A version's canonical spelling, as PEP 440 compares versions: ``1.0`` and ``1`` are the same
+    version (a request for version "1.0" gets the loaded "1", and both name one store folder)."""
+    try:
+        return canonicalize_version(Version(version))
+    except (InvalidVersion, ValueError, TypeError):  # ValueError: thousands of digits (a typo, or worse)
+        return version
 
 
 def _safe_relpath(rel: str) -> str:

@@ -13,15 +13,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import stat
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from ..errors import ConfigError
 
 log = logging.getLogger("ttsd.listeners")
 
 IDLE_SECONDS = 15.0  # a connection must send a whole request this soon after connecting or answering
 DEFAULT_MAX_CONNECTIONS = 128
+
+
+def check_socket(path: Path, flag: str = "--socket") -> None:
+    """Refuse a socket a live daemon answers on; remove a stale one left by a crash (``flag``: the
+    option that named it, for the message)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; remove it or choose another {flag}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale socket %s (left by a daemon that did not shut down)", path)
+            path.unlink(missing_ok=True)
+            return
+        except OSError as exc:
+            raise ConfigError(f"cannot check socket {path}: {exc.strerror or exc}") from exc
+    raise ConfigError(f"another ttsd is already serving on {path}")
 
 
 class _Closer(asyncio.Protocol):

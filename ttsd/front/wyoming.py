@@ -59,6 +59,7 @@ from ..errors import BusyError, ConfigError, RequestError, TextTooLongError, Tts
 from ..options import SynthesisOptions
 from ..text import check_text, split_sentences
 from .backend import Backend
+from .listeners import check_socket
 from .requests import parse_speaker
 from .synth import Job, Result
 
@@ -92,7 +93,7 @@ class WyomingServer:
     async def start(self) -> None:
         uri = urlparse(self.uri)
         if uri.scheme == "unix":
-            Path(uri.path).unlink(missing_ok=True)  # a stale socket (the daemon checked it is one)
+            check_socket(Path(uri.path), "--wyoming")  # a live daemon's socket is never taken over
             self._server = await asyncio.start_unix_server(self._accept, uri.path, limit=MAX_EVENT_BYTES)
         else:
             self._server = await asyncio.start_server(self._accept, uri.hostname, uri.port, limit=MAX_EVENT_BYTES)

@@ -1,125 +1,138 @@
-"""The model manager: decides which version of each voice serves, and brings versions up and down.
+"""The model manager: decides which version of each voice serves, from parts it holds.
 
-Shape from TF Serving's AspiredVersionsManager. The *source* (``source.py``) hands over folders
-with a verdict; the manager decides what each is (a new version, one it knows, one it refuses),
-copies a new version into the private store while hashing it (``store.py``), has the *loader*
-(``loader.py``) load and warm it beside the serving version, then makes it active by replacing
-one reference in the ``ServingMap``. Replaced versions stay loaded as rollback targets (``keep``)
-and the rest are unloaded when their last request ends. Every version has an explicit ``State``
-(``versions.py``); what serves survives restarts (``state.py``, read back by ``restore.py``).
-Bringing a version up, the swap, operator actions (rollback, activate), the automatic ones
-(auto-rollback, canary results) and unloading are in ``actions.py``; voices loaded on first use
-and unloaded within a memory budget in ``demand.py`` (its policy: ``residency.py``); this module
-decides.
+Shape from TF Serving's core, where a manager *holds* its parts rather than inheriting them:
 
-Threads: ``start``/``reconcile`` and the actions run on a loader thread and serialise on
-``_load_lock``; ``snapshot``/``folders`` and the map's release callback run on any thread and
-take ``_lock`` only briefly (lock order: ``_lock``, then the map's). ``spawn`` runs follow-up
-work, such as an auto-rollback, on a new thread.
+* ``source`` (``source.py``) says which folders exist, with a verdict on each;
+* ``table`` (``table.py``) holds every version's record, the only place records change;
+* ``intake`` (``intake.py``) says what each folder is: a new version, a known one, a refused one;
+* ``jobs`` (``jobs.py``) run the slow work, one job per voice at a time, paced (``pacing.py``) and
+  called off when superseded; ``promoter`` (``promote.py``) is what they do: upgrades, fall-backs,
+  retries, resumes, through ``bringup`` (``bringup.py``: copy, verify, check, load, warm);
+* ``lifecycle`` (``lifecycle.py``) commits: the swap, canaries, verdicts, unloads;
+* ``demand`` (``demand.py``) keeps voices within a memory budget (its policy: ``residency.py``);
+* ``control`` (``actions.py``) is the operator's rollback and activate;
+* the pure rules are in ``policy.py``; what serves is the ``ServingMap`` (``serving_map.py``).
+
+This module wires them, runs a reconcile (scan, take, start jobs) and answers what serves.
+
+Threads: ``reconcile`` runs on the daemon's rescan thread (its scan serialized on ``_scan_lock``;
+the jobs it starts run on their own threads); ``start`` on a start-up thread; ``rollback`` and
+``activate`` on the caller's thread, returning at once for a loaded target; ``snapshot``,
+``folders``, ``history`` and the map's release callback on any thread, event loop included, taking
+only short locks.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from packaging.version import Version
-
-from ..errors import (
-    ResourceError,
-    TtsdError,
-    VerifyError,
-    is_system_oserror,
-    resource_error,
-)
-from ..manifest import Manifest, read_manifest
-from ..signing import TrustedKeys, signature_digest
-from .actions import OperatorActions
+from ..errors import TtsdError
+from ..signing import TrustedKeys
+from . import listing
+from .actions import Control
+from .bringup import BringUp
 from .demand import OnDemand
-from .loader import (
-    lower_thread_priority,
-)
+from .intake import Intake
+from .jobs import Jobs
+from .lifecycle import Lifecycle
+from .pacing import Superseded, Ticket
+from .policy import Outcome, judge, retry_due
+from .promote import Promoter
 from .residency import Budget
-from .restore import StartUp
+from .restore import restore
 from .serving_map import Lease, ServingMap
-from .source import Candidate, Source, Verdict
-from .state import ServingState, VersionRecord
-from .store import ModelStore, content_id
-from .versions import (
-    COMING_UP,
-    Listener,
-    ModelVersion,
-    Policy,
-    State,
-    judge,
-    norm,
-    order,
-)
+from .source import Source
+from .state import ServingState
+from .store import ModelStore
+from .table import VersionTable
+from .versions import COMING_UP, Key, Listener, ModelVersion, Policy, State
 
 log = logging.getLogger("ttsd.manager")
 
-Found = tuple[Version, Path, Manifest]
+
+def _thread(fn: Callable[[], None]) -> None:
+    threading.Thread(target=fn, daemon=True).start()
 
 
-class ModelManager(StartUp, OperatorActions, OnDemand):
+class ModelManager:
     def __init__(self, source: Source, *, state_dir: Path, policy: Policy | None = None,
                  engine_options: dict[str, Any] | None = None, default_voice: str | None = None,
                  listener: Listener | None = None, spawn: Callable[[Callable[[], None]], None] | None = None,
-                 trust: TrustedKeys | None = None, budget: Budget | None = None) -> None:
+                 trust: TrustedKeys | None = None, budget: Budget | None = None,
+                 wake: Callable[[], None] | None = None) -> None:
+        """``trust``: only folders signed by a key in its dir load (the dir is read again at each
+        load); ``spawn`` runs follow-up work (unloads, automatic rollbacks, canary results) off the
+        caller's thread; ``wake`` asks for a rescan soon (a job found a folder still changing)."""
         self.source = source
-        self.trust = trust  # when set, only folders signed by one of these keys load
         self.policy = policy or Policy()
-        self.engine_options = engine_options or {}
         self._listener = listener or (lambda _e, _m: None)
-        self._spawn = spawn or (lambda fn: threading.Thread(target=fn, daemon=True).start())
+        self._spawn = spawn or _thread
+        self._wake = wake or (lambda: None)
+        events: Listener = lambda event, model: self._listener(event, model)  # noqa: E731 - late-bound for tests
         self.store = ModelStore(state_dir / "store")
         self.state = ServingState(state_dir)
-        self.map = ServingMap(on_release=self._released, upgrading=self._upgrading,
+        self.table = VersionTable()
+        self.map = ServingMap(on_release=self._released, upgrading=self.table.coming_up,
                               canary_share=self.policy.canary_share, default_voice=default_voice)
-        self._lock = threading.Lock()
-        self._load_lock = threading.RLock()
-        self._versions: dict[tuple[str, str], ModelVersion] = {}
-        self._folders: dict[Path, tuple[str, str]] = {}  # the manager's view of each folder: state, reason
+        self.jobs = Jobs(serving=self.map.serving)
+        self.budget = budget or Budget()
+        self.lifecycle = Lifecycle(self.table, self.map, self.state, self.store, self.policy, events, self._spawn,
+                                   fit_budget=self._fit_budget_later)
+        self.bringup = BringUp(self.table, self.store, self.lifecycle, serving=self.map.serving,
+                               engine_options=engine_options or {}, listener=events,
+                               trusted_keys=trust.where if trust is not None else None,
+                               make_room=lambda model: self.demand.make_room(model))
+        self.demand = OnDemand(self.table, self.lifecycle, self.jobs, self.budget,
+                               bring_up=lambda model, why: self.bringup.bring_up(model, why),
+                               ensure_stored=self.bringup.ensure_stored,
+                               fall_back=lambda name: self.promoter.fall_back(name, for_request=True),
+                               listener=events)
+        self.promoter = Promoter(self.table, self.lifecycle, self.bringup, self.demand, self.state, self.policy,
+                                 again=self._again)
+        self.intake = Intake(self.table, self.lifecycle, self.state, events)
+        self.control = Control(self.table, self.lifecycle, self.bringup, self.jobs, self.state, events)
+        self._scan_lock = threading.Lock()
         self._first_scan = True
-        self._init_demand(budget)
 
     # == requests (any thread) ==================================================================
     def acquire(self, voice: str | None = None, version: str | None = None, *, user: str | None = None) -> Lease:
         """A lease from the serving map (front ends get ``map.acquire`` itself)."""
         return self.map.acquire(voice, version, user=user)
 
-    def _released(self, key: tuple[str, str], ok: bool | None) -> None:
-        """The map's callback when a request ends: judge a new version by it, and unload a
-        replaced version once its last request is done."""
-        action = None
-        with self._lock:
-            self._used(key[0])
-            model = self._versions.get(key)
+    def wanting(self, name: str) -> AbstractContextManager[Future[None]]:
+        return self.demand.wanting(name)
+
+    def _released(self, key: Key, ok: bool | None) -> None:
+        """The map's callback when a request ends (on the request's thread: a worker, or the event
+        loop for a request cancelled while queued): judge a new version by it, and unload a
+        replaced version once its last request is done. Nothing slow runs here."""
+        self.demand.used(key[0])
+        outcome = Outcome.NONE
+        with self.table.locked():
+            model = self.table.by_key(key)
             if model is None:
                 return
             if ok is not None:  # None: the request's or the box's fault, never counted against a model
                 model.served += ok
                 model.model_failures += not ok
-                action = judge(model, ok, self.policy)
+                outcome, model.requests, model.failures = judge(model.state, model.requests, model.failures, ok,
+                                                                self.policy)
             idle = model.state in (State.RETIRED, State.ROLLED_BACK)
-        self._room_changed()  # a load waiting for an idle voice to unload may go on
+        self.demand.room_changed()  # a load waiting for an idle voice to unload may go on
         if idle:
-            self._unload(model)
-        if action == "rollback":
+            self.lifecycle.unload_later(model)
+        if outcome is Outcome.ROLLBACK:
             why = f"auto-rollback: {model.failures} of its first {model.requests} requests failed"
-            self._spawn(lambda: self._auto_rollback(model, why))
-        elif action is not None:
-            self._spawn(lambda: self._end_canary(model, promote=action == "promote"))
-
-    def _upgrading(self) -> set[str]:
-        # called under the map's lock: reads without ours (a racy read only changes 503 vs 404)
-        return {m.name for m in list(self._versions.values()) if m.state in COMING_UP}
+            self._spawn(lambda: self.control.auto_rollback(model, why))
+        elif outcome is not Outcome.NONE:
+            self._spawn(lambda: self.lifecycle.end_canary(model, promote=outcome is Outcome.PROMOTE))
 
     # == what serves (any thread) ===============================================================
     def ready(self) -> bool:
@@ -135,347 +148,150 @@ class ModelManager(StartUp, OperatorActions, OnDemand):
 
     def version(self, name: str, version: str) -> ModelVersion | None:
         """The record of one version (for tests and tools)."""
-        return self._versions.get((name, norm(version)))
+        return self.table.get(name, version)
 
     def snapshot(self) -> list[dict[str, Any]]:
-        with self._lock:
-            names = sorted({m.name for m in self._versions.values()})
-            default = self.map.default_name()
-            voices = []
-            for name in names:
-                active, canary = self._active(name), self._versions.get(self.map.canary(name) or ("", ""))
-                versions = sorted((m for m in self._versions.values() if m.name == name), key=order)
-                voices.append({
-                    "name": name, "default": name == default,
-                    "active": active.version if active else None,
-                    "canary": canary.version if canary else None,
-                    "sample_rate": active.manifest.sample_rate if active and active.manifest else None,
-                    **_voice_facts(active), **self._residency(name, active),
-                    "versions": [m.describe(self.map.in_flight(m.key)) for m in versions],
-                })
-            return voices
+        return listing.voices(self.table, self.map, self.demand.residency)
 
     def folders(self) -> list[dict[str, Any]]:
         """Folders in the models dir that are not (yet) a version: incomplete or refused."""
         present = self.source.present()
         return [{"folder": str(path), "state": state, "reason": reason}
-                for path, (state, reason) in sorted(self._folders.items())
+                for path, (state, reason) in sorted(self.table.folders().items())
                 if path in present and state in ("incomplete", "refused")]
 
-    def history(self) -> list[dict[str, Any]]:
-        return self.state.history()
+    def history(self, count: int = 20) -> list[dict[str, Any]]:
+        return self.state.history(count)
 
-    def _active(self, name: str) -> ModelVersion | None:
-        key = self.map.active(name)
-        return self._versions.get(key) if key else None
+    def memory(self) -> dict[str, Any]:
+        return self.demand.memory()
 
-    # == deciding (loader threads) =============================================================
+    # == operator actions (the caller's thread) =================================================
+    def rollback(self, voice: str, to: str | None = None, why: str = "rollback requested", *,
+                 durable: bool = True) -> dict[str, Any]:
+        return self.control.rollback(voice, to, why, durable=durable)
+
+    def activate(self, voice: str, version: str, why: str = "activate requested") -> dict[str, Any]:
+        return self.control.activate(voice, version, why)
+
+    # == deciding ===============================================================================
+    def start(self) -> None:
+        """Restore what is known (saved state, then the store), look at the models dir, and bring
+        every voice up: its saved active version (and canary), else the newest version that
+        verifies. Returns when that is done. Folders still settling or incomplete (a voice
+        converted or copied in just now) are waited for, briefly, so the daemon does not announce
+        "no voice" a second before one serves."""
+        for model in restore(self.state, self.store):
+            self.table.add(model)
+        self.reconcile()
+        deadline = time.monotonic() + 3 * self.policy.settle + 1.0
+        while self.source.waiting() and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(self.policy.settle / 4, 0.02)))
+            self.reconcile()
+
     def retry_now(self) -> None:
         """Versions waiting after a system failure are retried at the next reconcile (SIGHUP)."""
-        with self._lock:
-            for model in self._versions.values():
+        with self.table.locked():
+            for model in self.table.all():
                 model.retry_at = 0.0
 
-    def reconcile(self) -> None:
-        """Take the source's new verdicts, promote the newest good new version of each voice, and
-        bring up a voice that has no active version. No one folder or version can stop the rest."""
-        with self._load_lock:
-            # Everything a reconcile does (hashing, copying, loading, warming up) waits for idle CPU
-            # time: measured with the default layout, nice 10 still cost live requests 20-60% while
-            # a version loaded (a waking nice-10 thread preempts the workers' OpenMP threads, and
-            # their barriers wait); SCHED_IDLE never preempts them. Under full load an upgrade
-            # then takes ~3x longer (bench/hotswap.py).
-            lower_thread_priority(self.policy.loader_nice, idle=self.policy.background_idle)
-            ready: dict[str, list[Found]] = {}
+    def reconcile(self, *, wait: bool = True) -> None:
+        """Take the source's new verdicts and start the jobs they call for: the newest good new
+        version of each voice (calling off an older upgrade still in progress), a retry of a
+        deferred one, a fall-back for a voice with nothing serving. ``wait``: return when those
+        jobs are done (start-up, tests); the daemon's rescans do not wait, so a newer folder can
+        supersede an upgrade in progress. No one folder or version can stop the rest."""
+        started: list[Future[None]] = []
+        with self._scan_lock:
+            ready: dict[str, list[tuple[ModelVersion, Path]]] = {}
             for candidate in self.source.scan():
                 try:
-                    manifest = self._take(candidate)
+                    model = self.intake.take(candidate, first_scan=self._first_scan)
                 except Exception as exc:  # no one folder may stop the rest
-                    self._unforeseen(candidate.path, exc)
+                    self.lifecycle.unforeseen(candidate.path, exc)
                     continue
-                if manifest is not None:
-                    ready.setdefault(manifest.name, []).append((manifest.parsed_version, candidate.path, manifest))
+                if model is not None:
+                    ready.setdefault(model.name, []).append((model, candidate.path))
             first, self._first_scan = self._first_scan, False
             if first:
-                self._resume_saved()
+                started += self._resume_saved()
             for name, found in sorted(ready.items()):
-                self._promote_newest(name, found)
-            if first:
-                for model in self._versions.values():
-                    if model.state is State.VERIFYING:
-                        model.state = State.AVAILABLE
+                started.append(self._job(name, f"upgrade of {name}", lambda t, n=name, f=found:
+                                         self.promoter.upgrade(n, f, t), supersede=True))
             self._forget_vanished()
-            for name in sorted({m.name for m in self._versions.values()}):
-                self._retry_deferred(name)
-                if self._active(name) is None and not any(
-                        m.name == name and m.state in COMING_UP for m in self._versions.values()):
-                    self._fall_back(name)  # (the memory policy's reload is not "no version")
-            self._save()
+            now = time.monotonic()
+            for name in self.table.names():
+                if self.jobs.busy(name):
+                    continue
+                active = self.lifecycle.active(name)
+                due = retry_due(self.table.of(name), active, now)
+                if due is not None:
+                    started.append(self._job(name, f"retry of {name} {due.version}",
+                                             lambda t, m=due: self.promoter.retry(m, t)))
+                elif self.map.active(name) is None and not any(m.state in COMING_UP for m in self.table.of(name)):
+                    # (a voice parked by the memory budget is active: it loads on its next request)
+                    started.append(self._job(name, f"fall-back of {name}", lambda _t, n=name:
+                                             self.promoter.fall_back(n)))
+            self.lifecycle.save()
+        if wait:
+            for future in started:
+                future.exception()  # each job logs its own failures
 
-    def _take(self, candidate: Candidate) -> Manifest | None:
-        """What a folder the source handed over is to the manager; its manifest when it holds a
-        new version to copy in and load."""
-        path, manifest = candidate.path, candidate.manifest
-        if manifest is None:  # no readable manifest: the source's verdict is all there is
-            self._folders[path] = (candidate.verdict.value, candidate.reason)
-            return None
-        key, content = (manifest.name, norm(manifest.version)), content_id(manifest)
-        known = self._versions.get(key)
-        if known is not None and known.content == content and not known.fresh \
-                and known.state not in (State.INCOMPLETE, State.DEFERRED) and not self._signed_again(known, path):
-            self._folders[path] = ("known", "")
-            known.source = path
-            return None
-        # the same version with other content is refused, when ttsd holds that version (a store
-        # copy or a loaded engine); a content known only from state.json's record is not proof
-        if known is not None and known.content and known.content != content and known.state is not State.REFUSED \
-                and (known.store is not None or known.engine is not None):
-            reason = (f"{manifest.name} {manifest.version} is already known with different content; "
-                      "give the new folder a new version")
-            self._folders[path] = ("refused", reason)
-            log.warning("refused %s: %s", path, reason)
-            return None
-        model = known or ModelVersion(manifest.name, manifest.version, State.VERIFYING, source=path)
-        model.content, model.source, model.manifest, model.fresh = content, path, manifest, False
-        self._versions[key] = model
-        if manifest.version in self.state.voice(manifest.name).rolled_back:
-            model.state, model.reason = State.ROLLED_BACK, "rolled back earlier; 'ttsd activate' serves it"
-            self._folders[path] = ("known", "")
-            return None
-        active = self._active(manifest.name)
-        if active is not None and manifest.parsed_version <= Version(active.version) and not self._first_scan:
-            self._refuse(model, f"version {manifest.version} is not newer than the active {active.version} "
-                                "('ttsd activate' serves it anyway)", path)
-            return None
-        if candidate.verdict is Verdict.INCOMPLETE:
-            model.state, model.reason = State.INCOMPLETE, candidate.reason
-            self._folders[path] = ("incomplete", candidate.reason)
-            return None
-        if candidate.verdict is Verdict.REFUSED:
-            self._refuse(model, candidate.reason, path)
-            return None
-        model.state = State.VERIFYING
-        self._folders[path] = ("known", "")
-        self._listener("verifying", model)
-        return manifest
-
-    @staticmethod
-    def _signed_again(known: ModelVersion, path: Path) -> bool:
-        """A version refused for its signature whose folder now holds another ``model.sig``: the
-        operator signed it (again), so it is judged again."""
-        return (known.state is State.REFUSED and known.refused_signature is not None
-                and signature_digest(path) != known.refused_signature)
-
-    def _promote_newest(self, name: str, found: list[Found]) -> None:
-        for number, path, manifest in sorted(found, key=lambda c: c[0], reverse=True):
-            model = self._versions[(name, norm(manifest.version))]
-            active = self._active(name)
-            if active is not None and number <= Version(active.version):
-                model.state = State.AVAILABLE  # e.g. older folders found at start-up
+    def _resume_saved(self) -> list[Future[None]]:
+        """At start-up: a job per voice whose saved active version (and canary) comes back."""
+        saved = self.state.voices()
+        pinned = self.demand.pinned([name for name, voice in saved.items() if voice.active])
+        jobs = []
+        for name, voice in sorted(saved.items()):
+            if voice.active is None:
                 continue
-            if self._promote(model, path, "new version in the models dir"):
-                # Older new ones: known, copied in when they are needed, not loaded.
-                for _, _, other in found:
-                    other_model = self._versions[(name, norm(other.version))]
-                    if other_model is not model and other_model.state is State.VERIFYING:
-                        other_model.state = State.AVAILABLE
-                return
+            model = self.table.get(name, voice.active)
+            canary = self.table.get(name, voice.canary) if voice.canary else None
+            if canary is not None and (canary.state in (State.REFUSED, State.ROLLED_BACK) or canary is model):
+                canary = None
+            jobs.append(self._job(name, f"resume of {name}", lambda _t, n=name, m=model, c=canary:
+                                  self.promoter.resume(n, m, c, pinned)))
+        return jobs
 
-    def _fall_back(self, name: str, for_request: bool = False) -> None:
-        """A voice with no active version (its saved one is damaged or gone, or the state was
-        lost) serves the newest version that verifies and loads, from the store or the models
-        dir. Rolled-back and refused versions are not taken; ones waiting to retry are, when due.
-        Within a memory budget it stays loaded only if a request waits for it or it is preloaded."""
-        rolled_back = {norm(v) for v in self.state.voice(name).rolled_back}
-        now = time.monotonic()
-        options = sorted((m for m in self._versions.values() if m.name == name
-                          and m.state not in (State.REFUSED, State.ROLLED_BACK, State.INCOMPLETE)
-                          and norm(m.version) not in rolled_back and (m.store is not None or m.source is not None)
-                          and (m.state is not State.DEFERRED or m.retry_at <= now)),
-                         key=order, reverse=True)
-        for model in options:
-            try:
-                self._ensure_stored(model)
-            except TtsdError as exc:  # its folder changed or the disk is full: try again later
-                self._defer(model, str(exc))
-                continue
-            if self._bring_up(model, "the voice had no active version"):
-                self._activate(model, "fallback: newest version that verifies", durable=False)
-                log.warning("%s: serving %s, the newest version that verifies", name, model.version)
-                self._park_if_cold(model, was_loaded=for_request)
-                return
+    def _job(self, name: str, what: str, work: Callable[[Ticket], None], *, supersede: bool = False) -> Future[None]:
+        """Start a job for voice ``name``: urgent when the voice has nothing serving."""
+        future = self.jobs.start(name, what, work, urgent=self.map.active(name) is None, supersede=supersede)
+        future.add_done_callback(lambda done: self._job_done(what, done))
+        return future
 
-    def _retry_deferred(self, name: str) -> None:
-        """A new version that failed for a system reason (disk full while storing it, out of
-        memory while loading) is tried again when its back-off is over, or at once after SIGHUP
-        or when its folder changes."""
-        active = self._active(name)
-        now = time.monotonic()
-        due = sorted((m for m in self._versions.values() if m.name == name and m.state is State.DEFERRED
-                      and m.retry_at <= now and m.source is not None
-                      and (active is None or order(m) > Version(active.version))), key=order, reverse=True)
-        for model in due[:1]:
-            assert model.source is not None
-            log.info("retrying %s %s (%s)", model.name, model.version, model.reason)
-            try:
-                model.manifest = read_manifest(model.source)
-                if content_id(model.manifest) != model.content:
-                    raise VerifyError(f"{model.source} changed since it was checked")
-            except (TtsdError, OSError) as exc:
-                if isinstance(exc, OSError) and is_system_oserror(exc):
-                    self._defer(model, str(resource_error(exc, "reading it")))
-                else:
-                    self._refuse(model, str(exc))
-                continue
-            self._promote(model, model.source, "retried after a system failure")
+    def _job_done(self, what: str, done: Future[None]) -> None:
+        error = done.exception()
+        if isinstance(error, Superseded):
+            log.info("%s called off: %s", what, error)
+        elif isinstance(error, TtsdError):
+            log.error("%s failed: %s", what, error)
+        elif error is not None:
+            log.error("%s failed", what, exc_info=error)
+        if self.source.waiting():  # a folder it met is still being copied in: look again soon
+            self._wake()
+
+    def _again(self, folder: Path) -> None:
+        """A job could not act on ``folder`` (it changed, or vanished): the source looks again."""
+        with self._scan_lock:
+            self.source.again(folder)
 
     def _forget_vanished(self) -> None:
         """Versions seen only as a folder that is gone, and never stored, are forgotten; a version
-        caught mid-check by its folder's deletion goes back to what it was."""
+        caught mid-check by its folder's deletion goes back to what it was. A voice with a job in
+        progress is left to it (a copy made before the folder went still serves)."""
         present = self.source.present()
-        for path in set(self._folders) - present:
-            del self._folders[path]
-        for model in list(self._versions.values()):
-            if model.source is not None and model.source not in present:
-                self._undo_check(model.source)
+        self.table.keep_folders(present)
+        for model in self.table.all():
+            if model.source is not None and model.source not in present and not self.jobs.busy(model.name):
+                self.lifecycle.forget_folder(model.source)
 
-    def _undo_check(self, folder: Path) -> None:
-        """The check of ``folder`` did not finish: its version forgets the folder and leaves the
-        transient states (a voice must never look "being upgraded" forever)."""
-        with self._lock:
-            for key, model in list(self._versions.items()):
-                if model.source != folder:
-                    continue
-                model.source = None
-                if model.state in (State.INCOMPLETE, State.VERIFYING, State.DEFERRED):
-                    if model.store is None and model.engine is None:
-                        del self._versions[key]
-                    elif model.state is not State.DEFERRED:
-                        model.state = State.AVAILABLE
+    def _fit_budget_later(self) -> None:
+        if self.budget.limited:
+            self._spawn(self.demand.fit_budget)
 
-    def _refuse(self, model: ModelVersion, reason: str, folder: Path | None = None) -> None:
-        """The version's content cannot serve (it fails verification, loading or warm-up): refused
-        for good under this content, and its store copy is dropped unless it is in use."""
-        model.state, model.reason = State.REFUSED, reason
-        if folder is not None:
-            self._folders[folder] = ("refused", reason)
-        log.warning("refused %s %s: %s", model.name, model.version, reason)
-        if model.store is not None and model.engine is None and not self.map.in_flight(model.key):
-            self.store.remove(model.name, model.version)
-            model.store = None
-        self.state.record(model.name, None, model.version, "refused", reason=reason)
-        self._listener("refused", model)
-
-    def _defer(self, model: ModelVersion, reason: str) -> None:
-        """The version could not come up for a reason of the box's (disk full, I/O error, out of
-        memory) or its store copy was damaged with no intact folder to copy again: not the
-        version's fault, so it is retried, after a back-off that doubles up to five minutes."""
-        model.backoff = min(300.0, model.backoff * 2 if model.backoff else 10.0)
-        model.retry_at = time.monotonic() + model.backoff
-        model.state, model.reason = State.DEFERRED, f"{reason} (retried in {model.backoff:.0f} s or on SIGHUP)"
-        log.error("%s %s cannot come up now: %s", model.name, model.version, model.reason)
-        self.state.record(model.name, None, model.version, "deferred", reason=reason)
-        self._listener("deferred", model)
-
-    def _promote(self, model: ModelVersion, folder: Path, why: str) -> bool:
-        """Copy ``model`` into the store (hashing it: the one time its bytes are read from the
-        models dir), load and warm it beside the serving version, then swap (or start a canary).
-        The memory policy unloads the serving version only once the copy is made and checked, so
-        a folder that does not match its manifest never takes the voice down."""
-        if not self._store_new(model, folder):
-            return False
-        previous = self._active(model.name)
-        was_loaded = previous is not None and previous.engine is not None
-        if self.policy.swap == "memory" and previous is not None:
-            self._retire_now(previous)
-        if not self._bring_up(model, why, verified=True):  # put() hashed the copy it made
-            return self._restore_after_failure(previous)
-        if self.policy.canary_share(model.name) > 0 and previous is not None and self.policy.swap != "memory":
-            self._start_canary(model)
-            return True
-        try:
-            self._activate(model, why)
-        except ResourceError as exc:  # the swap could not be recorded: it does not happen yet
-            self._unload(model)
-            self._defer(model, str(exc))
-            return self._restore_after_failure(previous)
-        model.backoff = 0.0
-        self._park_if_cold(model, was_loaded)
-        return True
-
-    def _store_new(self, model: ModelVersion, folder: Path) -> bool:
-        """``store.put`` for a new version, each failure sorted by whose fault it is: the folder's
-        (refused), a copy still in progress (incomplete: the source looks again), the box's
-        (deferred, with a back-off), the folder vanishing (forgotten), or unforeseen (refused
-        until the folder changes, logged once)."""
-        try:
-            assert model.manifest is not None
-            model.store = self.store.put(folder, model.manifest)
-            return True
-        except Exception as exc:  # sorted below; MemoryError is an Exception too
-            if not os.path.lexists(folder):  # it went away while it was copied: forgotten
-                self.source.again(folder)
-                self._undo_check(folder)
-            elif isinstance(exc, VerifyError) and exc.looks_incomplete():  # changed since it was judged
-                model.state, model.reason = State.INCOMPLETE, str(exc)
-                self._folders[folder] = ("incomplete", str(exc))
-                self.source.again(folder)
-            elif isinstance(exc, MemoryError) or is_system_oserror(exc):  # the box's: wait, then retry
-                self._defer(model, str(resource_error(exc, "copying it into the store")))
-            elif isinstance(exc, VerifyError):
-                self._refuse(model, str(exc), folder)
-            elif isinstance(exc, (TtsdError, OSError)):
-                self._refuse(model, f"could not copy into the store: {exc}", folder)
-            else:  # a bug, or input no check foresaw
-                self._unforeseen(folder, exc)
-            return False
-
-    def _unforeseen(self, folder: Path, exc: BaseException) -> None:
-        """An error no check foresaw while looking at ``folder``: its version goes back to what it
-        was, and the folder is refused until it changes (one traceback, not one per rescan)."""
-        log.error("checking %s failed; refused until it changes", folder, exc_info=exc)
-        self._undo_check(folder)
-        self._folders[folder] = ("refused", f"could not be checked: {type(exc).__name__}: {exc}"[:500])
-
-    def _save(self) -> None:
-        """Write every version's record (best effort: retried at the next call when the disk is
-        full; transitions that must not be lost went through ``ServingState.commit``)."""
-        for model in self._versions.values():
-            if model.content:
-                state = model.state if model.state not in (*COMING_UP, State.INCOMPLETE) else State.AVAILABLE
-                self.state.versions[f"{model.name}/{model.version}"] = VersionRecord(
-                    content=model.content, state=state.value, reason=model.reason)
-        self.state.save()
-
-
-_PIPER_LANGUAGE = re.compile(r"^([a-z]{2,3}_[A-Z]{2})-")
-
-
-def _voice_facts(active: ModelVersion | None) -> dict[str, Any]:
-    """What a client choosing a voice wants to know of its active version: languages (the
-    manifest's ``languages``, else a Piper-style name such as ``en_US-joe-medium``), speakers (the
-    engine's), description and licence (the manifest's)."""
-    manifest = active.manifest if active else None
-    languages: list[str] = []
-    if manifest is not None:
-        given = manifest.extra.get("languages", manifest.extra.get("language"))
-        if isinstance(given, str):
-            languages = [given]
-        elif isinstance(given, list):
-            languages = [str(g) for g in given if isinstance(g, str)][:20]
-        elif match := _PIPER_LANGUAGE.match(manifest.name):
-            languages = [match.group(1)]
-    speakers: list[str] = []
-    precision = None  # the number format the loaded engine computes in (fp32 / bf16), if it says
-    if active is not None and active.engine is not None:
-        try:
-            info = active.engine.info()
-            speakers = sorted(str(s) for s in info.get("speakers", {}))[:1000]
-            precision = info.get("precision")
-        except Exception:  # noqa: BLE001 - facts for a listing: never let them fail it
-            speakers = []
-    return {"languages": languages, "speakers": speakers, "precision": precision,
-            "description": manifest.description if manifest else "", "license": manifest.license if manifest else ""}
-
-
-__all__ = ["ModelManager"]
+    def close(self) -> None:
+        """Unload everything (shutdown). Jobs still running are called off first."""
+        for name in self.table.names():
+            self.jobs.cancel(name, "shutting down")
+        self.jobs.wait(timeout=10.0)
+        self.lifecycle.close()

@@ -3,10 +3,11 @@
 Pure policy, no torch and no threads: the manager (``demand.py``) describes what is loaded, how
 busy and how recently used, and what each version cost when it loaded (measured RSS, not guessed
 from file sizes); ``plan`` answers which versions to unload, in order, and whether the budget is
-then met. The seed's LRU cache, with two rules of ttsd's own:
+then met. A least-recently-used cache, with two rules of its own:
 
 * a version that is busy is never chosen: a request holds it or waits for it, it is a canary, or it
-  is the active version of a preloaded voice (or of the voice being loaded);
+  is the active version of the voice being loaded; nor is the active version of a preloaded
+  (pinned) voice;
 * rollback targets (loaded versions that are not their voice's active one) go first, least
   recently used first; then the active versions of idle voices, least recently used first.
 
@@ -43,9 +44,10 @@ class Resident:
 
     key: Key
     active: bool  # its voice's active version (else a rollback target)
-    busy: bool  # never unloaded now (see the module docstring)
+    busy: bool  # not unloaded now: requests hold or want it (see the module docstring)
     last_used: float  # monotonic time its voice last served a request (0: never)
     cost: int  # RSS bytes its load added (an estimate when it was never measured)
+    pinned: bool = False  # never unloaded: the active version of a preloaded voice
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def plan(loaded: Sequence[Resident], budget: Budget, *, rss: int, adding: int = 
     ``unload`` then lists all of them (a caller that must not go over unloads nothing)."""
     count, memory = len(loaded) + adding, rss + adding_bytes
     unload: list[Key] = []
-    for resident in sorted((r for r in loaded if not r.busy), key=lambda r: (r.active, r.last_used)):
+    for resident in sorted((r for r in loaded if not (r.busy or r.pinned)), key=lambda r: (r.active, r.last_used)):
         if budget.fits(count, memory):
             break
         unload.append(resident.key)

@@ -1,42 +1,49 @@
 """ttsd's persisted serving state, under the state dir:
 
     STATE/state.json            per voice: active version, previous actives (rollback stack),
-                                rolled-back versions; per version: content hash, state, reason
-    STATE/history.jsonl         audit trail: time, voice, from, to, why, durations
+                                rolled-back versions, the canary in progress; per version: content
+                                hash, state, reason
+    STATE/history.jsonl         audit trail: time, voice, from, to, why, durations (``history.py``)
+    STATE/lock                  held (``flock``) by the one daemon using this state dir; its PID
 
-Every write is tmp + fsync + rename (``fsutil``), so after ``kill -9`` either file is the old one
+``state.json`` is written tmp + fsync + rename (``fsutil``), so after ``kill -9`` it is the old one
 or the new one, never half of each.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ManifestError, resource_error
+from ..errors import ConfigError, ManifestError, StateLockedError, resource_error
 from ..fsutil import atomic_write_text
 from ..manifest import check_name, check_version
+from .history import AuditTrail
 
 log = logging.getLogger("ttsd.state")
-HISTORY_LIMIT = 2000
 
 
-@dataclass
+@dataclass(frozen=True)
 class VoiceRecord:
     active: str | None = None
-    previous: list[str] = field(default_factory=list)  # earlier actives, most recent last
-    rolled_back: list[str] = field(default_factory=list)  # never auto-promoted again
+    previous: tuple[str, ...] = ()  # earlier actives, most recent last
+    rolled_back: tuple[str, ...] = ()  # never auto-promoted again
+    canary: str | None = None  # a canary in progress: resumed, with its users, after a restart
 
-    def copy(self) -> VoiceRecord:
-        return VoiceRecord(self.active, list(self.previous), list(self.rolled_back))
+    def but(self, **changes: Any) -> VoiceRecord:
+        """A copy with ``changes`` (lists become tuples: a record is never changed in place)."""
+        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
 
-@dataclass
+@dataclass(frozen=True)
 class VersionRecord:
     content: str
     state: str
@@ -44,7 +51,8 @@ class VersionRecord:
 
 
 class ServingState:
-    """``state.json`` and ``history.jsonl``. Called from the manager's loader thread only.
+    """``state.json`` and the audit trail. Thread-safe: every method takes ``_lock`` briefly, and
+    records are frozen, so a caller's copy never changes under it.
 
     ``state.json`` is outside input like any other file: a damaged one (wrong shape, bad names,
     not a file at all) is moved aside as ``state.json.unreadable-TIME``, what can be read of it is
@@ -54,105 +62,150 @@ class ServingState:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.path = root / "state.json"
-        self.history_path = root / "history.jsonl"
-        self.voices: dict[str, VoiceRecord] = {}
-        self.versions: dict[str, VersionRecord] = {}  # "name/version"
-        self._history: list[str] = []
+        self.trail = AuditTrail(root / "history.jsonl")
+        self._lock = threading.RLock()
+        self._voices: dict[str, VoiceRecord] = {}
+        self._versions: dict[str, VersionRecord] = {}  # "name/version"
         self._written = ""  # last state.json text, so an unchanged state is not rewritten
-        self._history_written = True
 
     def load(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         problems: list[str] = []
-        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
-            problems.append("not a regular file")
-        elif self.path.exists():
-            try:
-                text = self.path.read_text(encoding="utf-8")
-                data = json.loads(text)
-            except (OSError, ValueError, RecursionError) as exc:
-                problems.append(f"unreadable ({exc})")
-            else:
-                self.voices, self.versions = _parse_state(data, problems)
-                if not problems:
-                    self._written = text
-        if problems:
-            # Written atomically by us, so this is outside damage: keep it for a human, start anyway.
-            aside = self.path.with_name(f"state.json.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
-            try:
-                os.replace(self.path, aside)
-            except OSError as exc:
-                aside = Path(f"(could not move it aside: {exc})")
-            log.error("%s: %s; kept %d voice(s) and %d version(s) of it, the rest comes from the store; "
-                      "the damaged file is at %s", self.path, "; ".join(problems[:3]), len(self.voices),
-                      len(self.versions), aside)
-        if self.history_path.is_file() and not self.history_path.is_symlink():
-            try:
-                lines = self.history_path.read_text(encoding="utf-8", errors="replace").splitlines()
-                self._history = [line for line in lines if line.strip()][-HISTORY_LIMIT:]
-            except OSError as exc:
-                log.error("%s is unreadable (%s); starting a new audit trail", self.history_path, exc)
+        with self._lock:
+            if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+                problems.append("not a regular file")
+            elif self.path.exists():
+                try:
+                    text = self.path.read_text(encoding="utf-8")
+                    data = json.loads(text)
+                except (OSError, ValueError, RecursionError) as exc:
+                    problems.append(f"unreadable ({exc})")
+                else:
+                    self._voices, self._versions = _parse_state(data, problems)
+                    if not problems:
+                        self._written = text
+            if problems:
+                # Written atomically by us, so this is outside damage: keep it for a human, start anyway.
+                aside = self.path.with_name(f"state.json.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+                try:
+                    os.replace(self.path, aside)
+                except OSError as exc:
+                    aside = Path(f"(could not move it aside: {exc})")
+                log.error("%s: %s; kept %d voice(s) and %d version(s) of it, the rest comes from the store; "
+                          "the damaged file is at %s", self.path, "; ".join(problems[:3]), len(self._voices),
+                          len(self._versions), aside)
+        self.trail.load()
 
+    # -- reading -------------------------------------------------------------------------------
     def voice(self, name: str) -> VoiceRecord:
-        return self.voices.setdefault(name, VoiceRecord())
+        with self._lock:
+            return self._voices.get(name, VoiceRecord())
 
-    def _text(self, voices: dict[str, VoiceRecord]) -> str:
-        data = {"format": 1, "voices": {k: asdict(v) for k, v in sorted(voices.items())},
-                "versions": {k: asdict(v) for k, v in sorted(self.versions.items())}}
-        return json.dumps(data, indent=1) + "\n"
+    def voices(self) -> dict[str, VoiceRecord]:
+        with self._lock:
+            return dict(self._voices)
 
+    def versions(self) -> dict[str, VersionRecord]:
+        with self._lock:
+            return dict(self._versions)
+
+    # -- changing ------------------------------------------------------------------------------
     def commit(self, name: str, record: VoiceRecord) -> None:
         """Persist ``record`` as voice ``name``'s, then take it: a transition that must survive a
         restart is on disk before it happens. ``ResourceError`` (nothing changed) if it cannot be
         written."""
-        text = self._text({**self.voices, name: record})
-        try:
-            atomic_write_text(self.path, text)
-        except OSError as exc:
-            raise resource_error(exc, f"recording the change in {self.path}") from exc
-        self.voices[name] = record
-        self._written = text
+        with self._lock:
+            text = self._text({**self._voices, name: record}, self._versions)
+            try:
+                atomic_write_text(self.path, text)
+            except OSError as exc:
+                raise resource_error(exc, f"recording the change in {self.path}") from exc
+            self._voices[name] = record
+            self._written = text
+
+    def put(self, name: str, record: VoiceRecord) -> None:
+        """Take ``record`` now; it is written at the next ``save`` (changes that must not wait for
+        disk space: automatic rollbacks, canary results, resuming)."""
+        with self._lock:
+            self._voices[name] = record
+
+    def set_versions(self, records: dict[str, VersionRecord]) -> None:
+        """Every version's record, as the manager knows them now (written at the next ``save``)."""
+        with self._lock:
+            self._versions.update(records)
 
     def save(self) -> bool:
         """Write the state if it changed; False (logged, retried at the next call) if it cannot be."""
-        text = self._text(self.voices)
-        if text == self._written:  # the models dir is rescanned every few seconds: spare the flash
+        with self._lock:
+            text = self._text(self._voices, self._versions)
+            if text == self._written:  # the models dir is rescanned every few seconds: spare the flash
+                return True
+            try:
+                atomic_write_text(self.path, text)
+            except OSError as exc:
+                log.error("cannot write %s (%s); the change is in effect and will be written when it can",
+                          self.path, exc.strerror or exc)
+                return False
+            self._written = text
             return True
-        try:
-            atomic_write_text(self.path, text)
-        except OSError as exc:
-            log.error("cannot write %s (%s); the change is in effect and will be written when it can",
-                      self.path, exc.strerror or exc)
-            return False
-        self._written = text
-        return True
 
     def record(self, voice: str, from_version: str | None, to_version: str | None, why: str,
                **details: Any) -> None:
         """Append to the audit trail (best effort: a full disk delays the write, never the change)."""
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "voice": voice, "from": from_version,
-                 "to": to_version, "why": why, **details}
-        self._history = [*self._history, json.dumps(entry)][-HISTORY_LIMIT:]
-        self._flush_history()
+        self.trail.record({"voice": voice, "from": from_version, "to": to_version, "why": why, **details})
 
-    def _flush_history(self) -> None:
+    def history(self, count: int = 20) -> list[dict[str, Any]]:
+        """The newest ``count`` audit entries, oldest first (from memory: never reads the disk)."""
+        return self.trail.recent(count)
+
+    @staticmethod
+    def _text(voices: dict[str, VoiceRecord], versions: dict[str, VersionRecord]) -> str:
+        data = {"format": 1, "voices": {k: _voice_json(v) for k, v in sorted(voices.items())},
+                "versions": {k: asdict(v) for k, v in sorted(versions.items())}}
+        return json.dumps(data, indent=1) + "\n"
+
+
+class StateDirLock:
+    """One daemon per state dir: an exclusive ``flock`` on ``STATE/lock``, held for the process's
+    life (the kernel lets go of it when the process ends, ``kill -9`` included, so there is never
+    a stale lock to clean up). The file holds the holder's PID, for the message a second daemon
+    prints."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """``StateLockedError`` naming the holder when another process holds the lock."""
         try:
-            atomic_write_text(self.history_path, "\n".join(self._history) + "\n")
-            self._history_written = True
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
         except OSError as exc:
-            if self._history_written:
-                log.error("cannot write %s (%s); the audit trail is kept in memory until it can",
-                          self.history_path, exc.strerror or exc)
-            self._history_written = False
+            raise ConfigError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise ConfigError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
+            raise StateLockedError(f"another ttsd{f' (pid {holder})' if holder.isdigit() else ''} is using "
+                                   f"the state dir {self.path.parent}; stop it or give this one its own --state")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
 
-    def history(self) -> list[dict[str, Any]]:
-        result = []
-        for line in self._history:
-            try:
-                result.append(json.loads(line))
-            except ValueError:
-                continue
-        return result
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _voice_json(record: VoiceRecord) -> dict[str, Any]:
+    data: dict[str, Any] = {"active": record.active, "previous": list(record.previous),
+                            "rolled_back": list(record.rolled_back)}
+    if record.canary is not None:  # only when there is one: a state.json an older ttsd can still read
+        data["canary"] = record.canary
+    return data
 
 
 def _parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord], dict[str, VersionRecord]]:
@@ -170,18 +223,19 @@ def _parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord]
     for name, v in raw_voices.items():
         try:
             check_name(name)
-            if not isinstance(v, dict) or set(v) - {"active", "previous", "rolled_back"}:
+            if not isinstance(v, dict) or set(v) - {"active", "previous", "rolled_back", "canary"}:
                 raise ValueError("not a voice record")
-            active = v.get("active")
+            active, canary = v.get("active"), v.get("canary")
             lists = [v.get("previous", []), v.get("rolled_back", [])]
-            if active is not None:
-                check_version(active)
+            for one in (active, canary):
+                if one is not None:
+                    check_version(one)
             for versions_list in lists:
                 if not isinstance(versions_list, list):
                     raise ValueError("version lists must be lists")
                 for item in versions_list:
                     check_version(item)
-            voices[name] = VoiceRecord(active, *lists)
+            voices[name] = VoiceRecord(active, tuple(lists[0]), tuple(lists[1]), canary)
         except (ValueError, TypeError, ManifestError) as exc:
             problems.append(f"voice {name!r}: {exc}")
     for key, v in raw_versions.items():

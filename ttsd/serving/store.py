@@ -1,7 +1,9 @@
 """ttsd's private model store, under the state dir:
 
     STATE/store/NAME/VERSION/   copies of model folders, made from the very bytes that were hashed
-                                against the manifest; loads come only from here
+                                against the manifest; loads come only from here. VERSION is the
+                                version's canonical spelling (``1.0`` and ``1`` are one version,
+                                so one folder: ``manifest.norm``)
 
 A folder is hashed once on its way in: ``put`` reads each listed file once, hashing it and writing
 the same bytes into a hidden temp dir, then compares every hash with the manifest and renames the
@@ -45,6 +47,7 @@ from ..manifest import (
     check_version,
     hash_fd,
     inspect,
+    norm,
     open_beneath,
     parse_manifest,
     problems_error,
@@ -77,9 +80,27 @@ class ModelStore:
                 log.warning("%s can be written by other users and cannot be made private (%s)", self.root, exc)
         for leftover in self.root.glob(".*.partial"):  # a copy interrupted by a crash
             shutil.rmtree(leftover, ignore_errors=True)
+        self._rename_to_canonical()
+
+    def _rename_to_canonical(self) -> None:
+        """Copies stored under another spelling of their version (a store written before versions
+        were folded: ``1.0`` beside ``1``) move to the canonical name; a second copy of one version
+        is removed."""
+        for voice in sorted(self.root.iterdir()):
+            if voice.name.startswith(".") or voice.is_symlink() or not voice.is_dir():
+                continue
+            for folder in sorted(voice.iterdir()):
+                canonical = voice / norm(folder.name)
+                if canonical == folder or folder.is_symlink() or not folder.is_dir():
+                    continue
+                if os.path.lexists(canonical):
+                    log.warning("%s is a second copy of %s; removing it", folder, canonical)
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    os.rename(folder, canonical)
 
     def path(self, name: str, version: str) -> Path:
-        return self.root / name / version
+        return self.root / name / norm(version)
 
     def get(self, name: str, version: str) -> Path | None:
         path = self.path(name, version)

@@ -1,8 +1,8 @@
 """Versions as the manager sees them: their states, their records, the policy, and version order.
 
 Every version of every voice has one explicit ``State`` (TF Serving's ``kNew → kLoading → kReady
-→ kQuiescing → kDisabled``, or ``kError``, in ttsd's words below). Plain data: the manager changes
-these records under its lock; nothing here loads or serves.
+→ kQuiescing → kDisabled``, or ``kError``, in ttsd's words below). Plain data: records change only
+under the version table's lock (``table.py``); nothing here loads or serves.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from packaging.utils import canonicalize_version
 from packaging.version import InvalidVersion, Version
 
 from ..engines import Engine
-from ..manifest import Manifest
+from ..manifest import Manifest, norm
+
+Key = tuple[str, str]  # (voice, normalised version)
 
 
 class State(str, Enum):
@@ -47,8 +48,6 @@ class Policy:
     auto_rollback_share: float = 0.25  # roll back when more than this share of them fail
     canary: dict[str, float] = field(default_factory=dict)  # voice (or "*") -> share of requests
     canary_requests: int = 20  # clean canary requests before full promotion
-    loader_nice: int = 10  # operator-asked loads (rollback, activate) yield the CPU to live requests
-    background_idle: bool = True  # other loads and checks run in Linux's SCHED_IDLE class
 
     def canary_share(self, name: str) -> float:
         return self.canary.get(name, self.canary.get("*", 0.0))
@@ -56,7 +55,7 @@ class Policy:
 
 @dataclass
 class ModelVersion:
-    """The manager's record of one version (mutable; changed under the manager's lock)."""
+    """The manager's record of one version (mutable; changed only under the table's lock)."""
 
     name: str
     version: str
@@ -83,7 +82,7 @@ class ModelVersion:
     signature_failure: str = ""  # its kind (SignatureError.kind), for the metric
 
     @property
-    def key(self) -> tuple[str, str]:
+    def key(self) -> Key:
         return (self.name, norm(self.version))
 
     def describe(self, in_flight: int) -> dict[str, Any]:
@@ -94,40 +93,19 @@ class ModelVersion:
                 "served": self.served, "model_failures": self.model_failures, "signer": self.signer or None}
 
 
-def judge(model: ModelVersion, ok: bool, policy: Policy) -> str | None:
-    """Count one request's outcome against a new version (under the manager's lock). Returns
-    what to do about it: ``"promote"`` or ``"end-canary"`` for a canary, ``"rollback"`` for a
-    new active version failing too often, else None."""
-    if model.state is State.CANARY:
-        model.requests += 1
-        if not ok:
-            model.failures += 1
-            return "end-canary"
-        return "promote" if model.requests == policy.canary_requests else None
-    if model.state is State.ACTIVE and policy.auto_rollback_requests and model.requests < policy.auto_rollback_requests:
-        model.requests += 1
-        model.failures += 0 if ok else 1
-        if model.failures > policy.auto_rollback_share * policy.auto_rollback_requests:
-            model.requests = policy.auto_rollback_requests  # fire once
-            return "rollback"
-    return None
-
-
-def norm(version: str) -> str:
-    """A version's canonical spelling, as PEP 440 compares versions: ``1.0`` and ``1`` are the same
-    version (a request for version "1.0" gets the loaded "1")."""
-    try:
-        return canonicalize_version(Version(version))
-    except (InvalidVersion, ValueError):  # ValueError: thousands of digits (an operator's typo, or worse)
-        return version
-
-
 def order(model: ModelVersion) -> Version:
     """Sort key: newest last."""
+    return parsed(model.version)
+
+
+def parsed(version: str) -> Version:
+    """``version`` as PEP 440 orders it (an unparsable one sorts first)."""
     try:
-        return Version(model.version)
+        return Version(version)
     except (InvalidVersion, ValueError):
         return Version("0")
 
 
 Listener = Callable[[str, ModelVersion], None]
+
+__all__ = ["COMING_UP", "Key", "Listener", "ModelVersion", "Policy", "State", "norm", "order", "parsed"]

@@ -1,0 +1,170 @@
+"""``ttsd.serving.pacing``: background work yields the GIL and the cores to live requests while
+they are served, runs at full speed when none is, and stops at its next call once called off."""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import sys
+import threading
+import time
+
+import pytest
+
+from ttsd.serving import pacing
+from ttsd.serving.pacing import RUN_S, Superseded, Ticket, paced
+
+_progress = [0]  # calls of _step so far: the job's progress, bumped by the job, read by the worker
+
+
+def _python_work() -> int:
+    return sum(_step(i) for i in range(200))
+
+
+def _step(i: int) -> int:
+    _progress[0] += 1
+    return i * i
+
+
+def _worker_waits(paces: bool, busy: bool = True, seconds: float = 0.15) -> tuple[list[float], int]:
+    """Per-op GIL wait of a worker (sleep 0.2 ms without the GIL, then measure how long until its
+    next bytecode runs) while a job thread runs Python, and the job's work done. Only ops during
+    which the job made progress count: on a busy box the OS may not run the job at all for a
+    while, and an op with no job to wait for tells nothing about the GIL."""
+    stop = threading.Event()
+    done = [0]
+
+    def job() -> None:
+        if paces:
+            with paced(Ticket("test"), lambda: busy):
+                while not stop.is_set():
+                    _python_work()
+                    done[0] += 1
+        else:
+            while not stop.is_set():
+                _python_work()
+                done[0] += 1
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    waits = []
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            progress = _progress[0]
+            before = time.perf_counter()
+            time.sleep(0.0002)  # the GIL is free here, as during a torch op
+            wait = time.perf_counter() - before - 0.0002
+            if _progress[0] != progress:  # the job ran meanwhile: it had the GIL to give back
+                waits.append(wait)
+    finally:
+        stop.set()
+        thread.join()
+    return waits, done[0]
+
+
+def test_workers_get_the_gil_back_quickly_while_a_job_is_paced() -> None:
+    """Without pacing, a worker op that finds the job running waits for a forced switch, a whole
+    switch interval (5 ms); paced, at most the rest of the job's slice (RUN_S, 1 ms). Both are
+    measured in alternating rounds, so load from elsewhere hits both alike; the paced median must be
+    under half the plain one. Removing the pacing makes the two equal."""
+    assert sys.getswitchinterval() >= 0.004 and RUN_S < sys.getswitchinterval() / 2
+    plain: list[float] = []
+    paced_waits: list[float] = []
+    job_work = 0
+    deadline = time.monotonic() + 30
+    while min(len(plain), len(paced_waits)) < 100:
+        assert time.monotonic() < deadline, f"the job hardly ran: {len(plain)} and {len(paced_waits)} ops"
+        plain += _worker_waits(paces=False)[0]
+        waits, work = _worker_waits(paces=True)
+        paced_waits += waits
+        job_work += work
+    assert statistics.median(paced_waits) < statistics.median(plain) / 2, (statistics.median(paced_waits),
+                                                                           statistics.median(plain))
+    assert job_work > 0  # the job still makes progress
+
+
+def _cpu_share(busy: bool, seconds: float = 0.3) -> float:
+    """The CPU a paced job doing C-level work (sha256 of 256 KiB per call, GIL released) gets:
+    its thread's CPU time over the wall time it ran."""
+    share = [0.0]
+
+    def job() -> None:
+        data = b"x" * (256 << 10)
+        with paced(Ticket("test"), lambda: busy):
+            start, cpu = time.monotonic(), time.thread_time()
+            while time.monotonic() - start < seconds:
+                hashlib.sha256(data).digest()
+            share[0] = (time.thread_time() - cpu) / (time.monotonic() - start)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+    return share[0]
+
+
+def test_c_level_work_is_paced_too_and_runs_free_when_nothing_is_served() -> None:
+    """Pacing is kept at C calls as well as Python ones (a torch op, a chunk hashed): while requests
+    are served the job's CPU share is about RUN / (RUN + PAUSE), a fifth; with none it runs at full
+    speed. Alternating rounds; the idle share must be over twice the busy one (measured ~0.2 and
+    ~1.0)."""
+    busy = [_cpu_share(True) for _ in range(3)]
+    idle = [_cpu_share(False) for _ in range(3)]
+    assert statistics.median(busy) < 0.45, busy
+    assert statistics.median(idle) > 2 * statistics.median(busy), (idle, busy)
+
+
+def test_urgent_work_is_paced_lightly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ticket made urgent (a request now waits for it) switches to the light pace at once."""
+    background = statistics.median(_cpu_share(True) for _ in range(3))
+    monkeypatch.setattr(pacing, "RUN_S", pacing.URGENT_RUN_S)  # what ticket.urgent selects
+    monkeypatch.setattr(pacing, "PAUSE_S", pacing.URGENT_PAUSE_S)
+    urgent = statistics.median(_cpu_share(True) for _ in range(3))
+    assert urgent > 2 * background, (urgent, background)
+
+
+def test_a_cancelled_job_stops_at_its_next_call() -> None:
+    """1. A job hashes in a loop. 2. Another thread cancels its ticket. 3. The job ends with
+    ``Superseded`` carrying the reason, within milliseconds, whether or not requests are served."""
+    for busy in (False, True):
+        ticket = Ticket("test")
+        outcome: list[object] = []
+
+        def job() -> None:
+            try:
+                with paced(ticket, lambda: busy):
+                    while True:
+                        hashlib.sha256(b"y" * 4096).digest()
+            except Superseded as exc:
+                outcome.append((str(exc), time.monotonic()))
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        time.sleep(0.05)
+        cancelled = time.monotonic()
+        ticket.cancel("a newer version")
+        thread.join(5)
+        assert not thread.is_alive()
+        why, stopped = outcome[0]  # type: ignore[misc]
+        assert why == "a newer version" and stopped - cancelled < 0.5
+        assert sys.getprofile() is None
+
+
+def test_leaves_an_existing_profiler_alone() -> None:
+    """A profiler or debugger that owns the hook keeps it; the job is then not paced."""
+    result = {}
+
+    def profiler(frame, event, arg):  # noqa: ANN001, ANN202
+        return None
+
+    def run() -> None:
+        sys.setprofile(profiler)
+        with paced(Ticket("test"), lambda: True):
+            result["inside"] = sys.getprofile()
+        result["after"] = sys.getprofile()
+        sys.setprofile(None)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert result["inside"] is profiler and result["after"] is profiler

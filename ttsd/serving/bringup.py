@@ -1,0 +1,177 @@
+"""Bringing one version up: the slow work, run by a job outside every lock but the table's brief ones.
+
+* ``store_new``: a new version's folder copied into the private store while it is hashed (the one
+  time its bytes are read from the models dir), each failure sorted by whose fault it is;
+* ``ensure_stored``: a known version that is only a folder is copied in the same way;
+* ``bring_up``: the store copy verified (copied again if damaged), its signature checked against
+  the trusted keys as they are *now* (the key dir is read at each load: a key removed stops
+  loading at once), then the engine loaded and warmed up.
+
+A failure of the version's own refuses it; one of the box's (disk full, out of memory, a damaged
+copy with nothing to copy again, an unreadable key dir) defers it. ``Superseded`` (the job was
+called off) passes through untouched: the job cleans up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..engines import engine_class
+from ..errors import (
+    ConfigError,
+    ConflictError,
+    ResourceError,
+    SignatureError,
+    TtsdError,
+    UnknownVoiceError,
+    VerifyError,
+    is_system_oserror,
+    resource_error,
+)
+from ..malloc import resident_bytes
+from ..manifest import read_manifest
+from ..signing import TrustedKeys, signature_digest
+from ..signing import describe as describe_signature
+from .lifecycle import Lifecycle
+from .loader import StoreLost, check_store_copy, load_engine
+from .store import ModelStore, content_id
+from .table import VersionTable
+from .versions import Listener, ModelVersion, State
+
+log = logging.getLogger("ttsd.manager")
+
+
+class BringUp:
+    def __init__(self, table: VersionTable, store: ModelStore, lifecycle: Lifecycle, *,
+                 serving: Callable[[], bool], engine_options: dict[str, Any], listener: Listener,
+                 trusted_keys: Path | None, make_room: Callable[[ModelVersion], object]) -> None:
+        self.table, self.store, self.lifecycle = table, store, lifecycle
+        self._serving, self._options, self._listener = serving, engine_options, listener
+        self.trusted_keys = trusted_keys  # when set, only folders signed by a key in it load
+        self._make_room = make_room
+
+    # == into the store =========================================================================
+    def store_new(self, model: ModelVersion, folder: Path, again: Callable[[Path], None]) -> bool:
+        """Copy a new version's folder into the store, hashing it. False when it cannot be: the
+        folder's fault (refused), a copy still in progress (incomplete: ``again`` asks the source
+        to look again), the box's (deferred), the folder vanishing (forgotten), or unforeseen
+        (refused until the folder changes, logged once)."""
+        try:
+            assert model.manifest is not None
+            copy = self.store.put(folder, model.manifest)
+        except Exception as exc:  # sorted below; MemoryError is an Exception too
+            if not os.path.lexists(folder):  # it went away while it was copied: forgotten
+                again(folder)
+                self.lifecycle.forget_folder(folder)
+            elif isinstance(exc, VerifyError) and exc.looks_incomplete():  # changed since it was judged
+                with self.table.locked():
+                    model.state, model.reason = State.INCOMPLETE, str(exc)
+                    self.table.see_folder(folder, "incomplete", str(exc))
+                again(folder)
+            elif isinstance(exc, MemoryError) or is_system_oserror(exc):  # the box's: wait, then retry
+                self.lifecycle.defer(model, str(resource_error(exc, "copying it into the store")))
+            elif isinstance(exc, VerifyError):
+                self.lifecycle.refuse(model, str(exc), folder)
+            elif isinstance(exc, (TtsdError, OSError)):
+                self.lifecycle.refuse(model, f"could not copy into the store: {exc}", folder)
+            else:  # a bug, or input no check foresaw
+                self.lifecycle.unforeseen(folder, exc)
+            return False
+        self.table.set(model, store=copy)
+        return True
+
+    def ensure_stored(self, target: ModelVersion) -> None:
+        """A version known only from the models dir is copied into the store first, hashed on the
+        way (a damaged store copy is dealt with by ``bring_up``). ``ResourceError`` when the box
+        cannot take the copy now, ``ConflictError`` when the folder cannot serve."""
+        if target.engine is not None or target.store is not None:
+            return
+        if target.source is None:
+            raise UnknownVoiceError(f"{target.name} {target.version} is neither in the store nor on disk")
+        try:
+            manifest = read_manifest(target.source)
+            if target.content and content_id(manifest) != target.content:
+                raise ConflictError(f"{target.source} changed since it was checked")
+            copy = self.store.put(target.source, manifest)
+        except OSError as exc:
+            if is_system_oserror(exc):
+                raise resource_error(exc, f"copying {target.name} {target.version} into the store") from exc
+            raise ConflictError(f"cannot serve {target.name} {target.version}: {exc}") from exc
+        except TtsdError as exc:
+            raise ConflictError(f"cannot serve {target.name} {target.version}: {exc}") from exc
+        self.table.set(target, store=copy, manifest=manifest)
+
+    # == loading ================================================================================
+    def bring_up(self, model: ModelVersion, why: str, *, verified: bool = False) -> bool:
+        """Verify the store copy (copying it again from the models dir if it is damaged), check its
+        signature, load and warm up. False when it cannot serve (refused or deferred, with the
+        reason). ``verified``: the caller has just made the store copy from hashed bytes."""
+        started = time.monotonic()
+        self._make_room(model)  # within a memory budget: idle voices are unloaded first
+        try:
+            self.table.set(model, state=State.VERIFYING)
+            if not verified:
+                try:
+                    copy, manifest = check_store_copy(self.store, model)
+                finally:  # a damaged copy was dropped: the record says so whatever happens next
+                    self.table.set(model, store=self.store.get(model.name, model.version))
+                self.table.set(model, store=copy, manifest=manifest, content=content_id(manifest))
+            self._check_signature(model)
+            assert model.store is not None and model.manifest is not None
+            self.table.set(model, state=State.LOADING)
+            self._listener("loading", model)
+            engine_class(model.manifest.engine)  # imported first: torch's own start-up is no voice's cost
+            before = resident_bytes()
+            engine = load_engine(model.store, model.manifest, self._options, serving=self._serving,
+                                 warming=lambda: self.table.set(model, state=State.WARMING))
+            rss = max(0, resident_bytes() - before)  # what it costs, for the budget's next choices
+        except Exception as exc:  # TtsdError says why; anything else is the engine crashing
+            if isinstance(exc, (StoreLost, MemoryError, ResourceError)) or is_system_oserror(exc):
+                self.lifecycle.defer(model, str(exc) if isinstance(exc, TtsdError)
+                                     else str(resource_error(exc, "loading")))
+            else:
+                self.lifecycle.refuse(model, str(exc) if isinstance(exc, TtsdError)
+                                      else f"{type(exc).__name__}: {exc}")
+            return False
+        self.table.set(model, engine=engine, reason="", rss=rss, load_seconds=time.monotonic() - started)
+        log.info("%s %s loaded and warmed in %.2f s (%s)", model.name, model.version, model.load_seconds, why)
+        self._listener("loaded", model)
+        return True
+
+    def _check_signature(self, model: ModelVersion) -> None:
+        """With trusted keys, the store copy (just verified against its manifest) must be signed by
+        one of them, over exactly its files; ``SignatureError`` says why not. The models-dir
+        folder's signature is tried when the copy's fails: one added after the copy was made
+        counts, a junk one beside a good copy does not. The key dir is read now, not at start-up."""
+        assert model.store is not None and model.manifest is not None
+        if self.trusted_keys is None:  # shown as unverified, as what it claims
+            claimed = describe_signature(model.store)
+            self.table.set(model, signer=str(claimed) if claimed is not None else "")
+            return
+        try:
+            trust = TrustedKeys.load(self.trusted_keys)
+        except ConfigError as exc:  # the box's (an operator's dir), never the version's fault
+            raise ResourceError(f"the trusted keys cannot be read now: {exc}", retry_after=10) from exc
+        store, manifest = model.store, model.manifest
+        try:
+            try:
+                signer = trust.check(store, manifest)
+            except SignatureError:
+                # the folder in the models dir may hold a newer signature (signed again, a key rotated)
+                offered = self.store.offer_signature(model.source, store, lambda: trust.check(store, manifest)) \
+                    if model.source is not None else None
+                if offered is None:
+                    raise
+                signer = offered
+        except SignatureError as exc:
+            self.table.set(model, signature_failure=exc.kind,
+                           refused_signature=signature_digest(model.source) if model.source is not None else "")
+            self._listener("signature_refused", model)
+            raise
+        self.table.set(model, signer=str(signer), refused_signature=None, signature_failure="")
+        log.info("%s %s: signed by %s", model.name, model.version, model.signer)

@@ -1,0 +1,83 @@
+"""What a folder the source handed over is to the manager: a new version to bring up, one it knows
+already, or one it refuses. Quick decisions only (the manifest was read by the source); the bytes
+are hashed later, by the job that copies the version into the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..signing import signature_digest
+from .lifecycle import Lifecycle
+from .source import Candidate, Verdict
+from .state import ServingState
+from .store import content_id
+from .table import VersionTable
+from .versions import Listener, ModelVersion, State, norm, parsed
+
+log = logging.getLogger("ttsd.manager")
+
+
+class Intake:
+    def __init__(self, table: VersionTable, lifecycle: Lifecycle, state: ServingState, listener: Listener) -> None:
+        self.table, self.lifecycle, self.state, self._listener = table, lifecycle, state, listener
+
+    def take(self, candidate: Candidate, *, first_scan: bool) -> ModelVersion | None:
+        """The record of a new version to copy in and bring up (in state ``verifying``), or None
+        when the folder holds nothing to bring up now. ``first_scan``: at start-up, versions older
+        than the saved active one are known, not refused."""
+        path, manifest = candidate.path, candidate.manifest
+        if manifest is None:  # no readable manifest: the source's verdict is all there is
+            self.table.see_folder(path, candidate.verdict.value, candidate.reason)
+            return None
+        content = content_id(manifest)
+        with self.table.locked():
+            known = self.table.get(manifest.name, manifest.version)
+            if known is not None and known.content == content and not known.fresh \
+                    and known.state not in (State.INCOMPLETE, State.DEFERRED) and not _signed_again(known, path):
+                self.table.see_folder(path, "known")
+                known.source = path
+                return None
+            # the same version with other content is refused, when ttsd holds that version (a store
+            # copy or a loaded engine); a content known only from state.json's record is not proof
+            if known is not None and known.content and known.content != content and known.state is not State.REFUSED \
+                    and (known.store is not None or known.engine is not None):
+                reason = (f"{manifest.name} {manifest.version} is already known with different content; "
+                          "give the new folder a new version")
+                self.table.see_folder(path, "refused", reason)
+                log.warning("refused %s: %s", path, reason)
+                return None
+            model = known or self.table.add(ModelVersion(manifest.name, manifest.version, State.VERIFYING, source=path))
+            model.content, model.source, model.manifest, model.fresh = content, path, manifest, False
+            if norm(manifest.version) in {norm(v) for v in self.state.voice(manifest.name).rolled_back}:
+                model.state, model.reason = State.ROLLED_BACK, "rolled back earlier; 'ttsd activate' serves it"
+                self.table.see_folder(path, "known")
+                return None
+            active = self.lifecycle.active(manifest.name)
+            if active is not None and manifest.parsed_version <= parsed(active.version) and not first_scan:
+                stale = (f"version {manifest.version} is not newer than the active {active.version} "
+                         "('ttsd activate' serves it anyway)")
+            elif candidate.verdict is Verdict.INCOMPLETE:
+                model.state, model.reason = State.INCOMPLETE, candidate.reason
+                self.table.see_folder(path, "incomplete", candidate.reason)
+                return None
+            elif candidate.verdict is Verdict.REFUSED:
+                stale = candidate.reason
+            else:
+                model.state = State.VERIFYING
+                self.table.see_folder(path, "known")
+                stale = ""
+        if stale:
+            self.lifecycle.refuse(model, stale, path)
+            return None
+        self._listener("verifying", model)
+        return model
+
+
+def _signed_again(known: ModelVersion, path: Path) -> bool:
+    """A version refused for its signature whose folder now holds another ``model.sig``: the
+    operator signed it (again), so it is judged again."""
+    return (known.state is State.REFUSED and known.refused_signature is not None
+            and signature_digest(path) != known.refused_signature)
+

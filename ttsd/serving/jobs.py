@@ -1,0 +1,128 @@
+"""Slow work on voices (copying in, verifying, loading, warming up), one job per voice at a time.
+
+Each job runs on a fresh thread that ends with it: torch keeps an OpenMP thread team per thread
+that ran it, and a long-lived loader thread would keep its team spinning beside the synthesis
+workers' (measured 20-35 ms slower per short request on 2 cores). The thread is paced
+(``pacing.py``): background jobs yield to ttsd's live requests, urgent ones only hand the GIL over.
+
+The rules:
+
+* at most one job per voice runs; a new one waits for the one before it to end;
+* a new job that *supersedes* (a newer version, a rollback, an activate) cancels a background job
+  of its voice first, so it does not wait behind it: the old job stops at its next call and
+  commits nothing;
+* background jobs run one at a time across voices (a 2-core box loads one thing at a time);
+  urgent jobs (nothing serving, a request or an operator waiting) one at a time among themselves,
+  beside a background job, never behind it.
+
+Nothing here knows what a job does; the manager hands ``start`` a function of the job's ``Ticket``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+from .pacing import Superseded, Ticket, paced
+
+log = logging.getLogger("ttsd.manager")
+T = TypeVar("T")
+
+
+class Jobs:
+    def __init__(self, serving: Callable[[], bool]) -> None:
+        self._serving = serving
+        self._lock = threading.Lock()
+        self._current: dict[str, Ticket] = {}  # voice -> its newest job (running or waiting its turn)
+        self._background = threading.Lock()
+        self._urgent = threading.Lock()
+        self._all: set[Ticket] = set()  # unfinished jobs, for ``wait``
+
+    def start(self, voice: str, what: str, work: Callable[[Ticket], T], *, urgent: bool,
+              supersede: bool = False) -> Future[T]:
+        """Run ``work(ticket)`` as voice ``voice``'s next job (see the module docstring). The future
+        holds its result, or ``Superseded`` when it was called off."""
+        future: Future[T] = Future()
+        ticket = Ticket(what, urgent=urgent)
+        with self._lock:
+            before = self._current.get(voice)
+            if before is not None and supersede and not before.urgent:
+                before.cancel(what)
+            self._current[voice] = ticket
+            self._all.add(ticket)
+
+        def run() -> None:
+            try:
+                if before is not None:
+                    before.done.wait()
+                lane = self._enter(ticket)
+                try:
+                    ticket.check()
+                    with paced(ticket, self._serving):
+                        result = work(ticket)
+                finally:
+                    lane.release()
+            except BaseException as exc:  # handed to whoever waits; Superseded included
+                if not isinstance(exc, (Superseded, Exception)):
+                    log.error("%s stopped: %s", what, type(exc).__name__)
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            finally:
+                ticket.done.set()
+                with self._lock:
+                    if self._current.get(voice) is ticket:
+                        del self._current[voice]
+                    self._all.discard(ticket)
+
+        future.set_running_or_notify_cancel()
+        threading.Thread(target=run, name=f"ttsd-job-{voice}"[:15], daemon=True).start()
+        return future
+
+    def _enter(self, ticket: Ticket) -> threading.Lock:
+        """Take the ticket's lane; one made urgent while it waits for the background lane moves
+        to the urgent one."""
+        while True:
+            lane = self._urgent if ticket.urgent else self._background
+            if lane.acquire(timeout=0.05):
+                if lane is (self._urgent if ticket.urgent else self._background):
+                    return lane
+                lane.release()
+            ticket.check()
+
+    def busy(self, voice: str) -> bool:
+        """Whether a job for ``voice`` is running or waiting its turn."""
+        with self._lock:
+            return voice in self._current
+
+    def cancel(self, voice: str, why: str) -> Ticket | None:
+        """Call off ``voice``'s background job, if any (urgent ones finish): it commits nothing."""
+        with self._lock:
+            ticket = self._current.get(voice)
+        if ticket is not None and not ticket.urgent:
+            ticket.cancel(why)
+            return ticket
+        return None
+
+    def hurry(self, voice: str) -> None:
+        """Make ``voice``'s job urgent: a request now waits for it."""
+        with self._lock:
+            ticket = self._current.get(voice)
+        if ticket is not None:
+            ticket.urgent = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no job is left (start-up, tests); False on time-out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = next(iter(self._all), None)
+            if pending is None:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or not pending.done.wait(left):
+                return False

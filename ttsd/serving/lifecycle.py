@@ -1,0 +1,310 @@
+"""The transitions that change what serves: the swap, canaries, verdicts, and taking versions down.
+
+Each is short and serialized on ``commit`` (a voice's record written to ``state.json`` and one
+reference replaced in the ``ServingMap``); none hashes, copies or loads. Slow work happens before,
+in a job (``jobs.py``), which calls a transition here to commit its result, passing its
+``Ticket``: a job called off meanwhile (a rollback, a newer version) commits nothing.
+
+* ``activate``: the swap. One reference replaced in the map, then what stays loaded is trimmed
+  (``keep``), the replaced version becomes a rollback target, and the store is pruned;
+* ``start_canary`` / ``end_canary``: a new version on a share of requests, then promoted or
+  rolled back; the canary is part of the voice's saved record, so a restart resumes it;
+* ``refuse`` (the version's fault) and ``defer`` (the box's: retried after a back-off);
+* ``unload``: out of the map once no request holds it, then the engine is freed; never on the
+  thread of the request whose release asked for it (``unload_later``).
+
+Threads: any. Lock order: ``commit``, then the table's, then the map's.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import ResourceError
+from .loader import unload_engine
+from .pacing import Ticket
+from .policy import backoff, beyond_keep
+from .serving_map import Served, ServingMap
+from .state import ServingState, VersionRecord, VoiceRecord
+from .store import ModelStore
+from .table import VersionTable
+from .versions import COMING_UP, Listener, ModelVersion, Policy, State, norm
+
+log = logging.getLogger("ttsd.manager")
+STORE_KEEP = 3  # rollback targets kept in the store besides the active version
+
+
+class Lifecycle:
+    def __init__(self, table: VersionTable, serving: ServingMap, state: ServingState, store: ModelStore,
+                 policy: Policy, listener: Listener, spawn: Callable[[Callable[[], None]], None],
+                 fit_budget: Callable[[], None]) -> None:
+        self.table, self.map, self.state, self.store, self.policy = table, serving, state, store, policy
+        self._listener, self._spawn, self._fit_budget = listener, spawn, fit_budget
+        self.commit = threading.RLock()
+
+    def active(self, name: str) -> ModelVersion | None:
+        return self.table.by_key(self.map.active(name))
+
+    def canary(self, name: str) -> ModelVersion | None:
+        return self.table.by_key(self.map.canary(name))
+
+    @staticmethod
+    def served(model: ModelVersion) -> Served:
+        assert model.engine is not None
+        return Served(model.name, model.version, model.engine.sample_rate)
+
+    # == the swap ===============================================================================
+    def activate(self, model: ModelVersion, why: str, *, ticket: Ticket | None = None, push_previous: bool = True,
+                 previous_state: State = State.STANDBY, record: VoiceRecord | None = None,
+                 durable: bool = True) -> float:
+        """Make ``model`` (loaded) its voice's active version; the monotonic time of the swap.
+
+        ``durable`` (operator actions, new versions): the voice's new record (``record``, or one
+        made here) is written to ``state.json`` first, and if that fails nothing changes and
+        ``ResourceError`` says why. Otherwise (resuming, automatic rollbacks and canary results,
+        which must not wait for disk space) the swap happens and the record is written when it can.
+        ``Superseded`` when ``ticket`` was called off."""
+        with self.commit:
+            if ticket is not None:
+                ticket.check()
+            assert model.engine is not None
+            saved = self.state.voice(model.name)
+            voice = record or saved
+            previous = self.active(model.name)
+            stack = list(voice.previous)
+            if push_previous and saved.active is not None and norm(saved.active) != norm(model.version) \
+                    and previous is not None and previous_state is State.STANDBY:
+                stack = [v for v in stack if v != saved.active] + [saved.active]
+            voice = voice.but(active=model.version, previous=[v for v in stack if norm(v) != norm(model.version)],
+                              canary=None if voice.canary and norm(voice.canary) == norm(model.version)
+                              else voice.canary)
+            if durable:
+                try:
+                    self.state.commit(model.name, voice)
+                except ResourceError:
+                    if model.state in COMING_UP:  # loaded and unharmed: a rollback target
+                        self.table.set(model, state=State.STANDBY)
+                        self.map.add(model.key, self.served(model), model.engine)
+                    raise
+            else:
+                self.state.put(model.name, voice)
+            self.map.add(model.key, self.served(model), model.engine)
+            with self.table.locked():
+                replaced = self.map.activate(model.key)  # new requests get the new version from here on
+                swapped = time.monotonic()
+                model.state, model.requests, model.failures = State.ACTIVE, 0, 0
+                before = self.table.by_key(replaced)
+                if before is not None and before is not model:
+                    # a parked version (the memory budget's) is a rollback target that must load first
+                    before.state = State.AVAILABLE if before.engine is None and previous_state is State.STANDBY \
+                        else previous_state
+                standby = [m for m in self.table.of(model.name) if m.state is State.STANDBY]
+                for extra in beyond_keep(standby, self.policy.keep):
+                    extra.state = State.RETIRED
+                to_unload = [m for m in self.table.of(model.name) if m.engine is not None
+                             and m.state in (State.RETIRED, State.ROLLED_BACK)]
+        self.state.record(model.name, saved.active, model.version, why, load_seconds=round(model.load_seconds, 2))
+        self.save()
+        log.info("%s: %s -> %s (%s)", model.name, saved.active or "-", model.version, why)
+        self._listener("activated", model)
+        for m in to_unload:  # freeing memory is not part of the swap: off this path
+            self.unload_later(m)
+        self._fit_budget()  # the replaced version, now a rollback target, is the first to go
+        self.prune_store(model.name)
+        return swapped
+
+    # == canaries ===============================================================================
+    def start_canary(self, model: ModelVersion, ticket: Ticket | None = None) -> None:
+        """``model`` takes the canary share of its voice's requests; a canary it supersedes (a
+        newer version arrived before the old canary ended) is retired and unloaded."""
+        with self.commit:
+            if ticket is not None:
+                ticket.check()
+            assert model.engine is not None
+            self.map.add(model.key, self.served(model), model.engine)
+            self.state.put(model.name, self.state.voice(model.name).but(canary=model.version))
+            with self.table.locked():
+                superseded = self.canary(model.name)
+                model.state, model.requests, model.failures = State.CANARY, 0, 0
+                self.map.set_canary(model.key)
+                if superseded is not None and superseded is not model:
+                    superseded.state = State.RETIRED
+        self.save()
+        if superseded is not None and superseded is not model:
+            log.info("%s %s: canary superseded by %s", model.name, superseded.version, model.version)
+            self.unload_later(superseded)
+        log.info("%s %s is a canary for %.0f%% of requests", model.name, model.version,
+                 self.policy.canary_share(model.name) * 100)
+        self._listener("canary", model)
+
+    def end_canary(self, model: ModelVersion, promote: bool) -> None:
+        """Promote a canary that passed its requests, or roll back one that failed one."""
+        with self.commit:
+            if self.map.canary(model.name) != model.key:
+                return
+            if promote:
+                self.activate(model, f"canary passed {model.requests} requests", durable=False)
+                return
+            with self.table.locked():
+                self.map.end_canary(model.name)
+                model.state = State.ROLLED_BACK
+                model.reason = f"failed {model.failures} of {model.requests} canary requests"
+            saved = self.state.voice(model.name)
+            self.state.put(model.name, saved.but(rolled_back=(*saved.rolled_back, model.version), canary=None))
+        active = self.active(model.name)
+        self.state.record(model.name, model.version, active.version if active else None, "canary failed",
+                          reason=model.reason)
+        self.save()
+        log.error("%s %s canary ended: %s", model.name, model.version, model.reason)
+        self._listener("rolled_back", model)
+        self.unload(model)  # now, or when its last request ends
+
+    def unpark(self, model: ModelVersion) -> bool:
+        """A parked active version (the memory budget's) was loaded for requests: it serves again.
+        False, and what was loaded goes, when the voice moved on meanwhile (a rollback, an
+        upgrade)."""
+        with self.commit:
+            if self.map.active(model.name) == model.key and model.engine is not None:
+                with self.table.locked():
+                    model.state = State.ACTIVE
+                    self.map.add(model.key, self.served(model), model.engine)
+                return True
+        self.discard(model, "loaded for requests, but its voice serves another version now")
+        self.table.set(model, state=State.AVAILABLE)
+        return False
+
+    # == verdicts ===============================================================================
+    def refuse(self, model: ModelVersion, reason: str, folder: Path | None = None) -> None:
+        """The version's content cannot serve (it fails verification, loading or warm-up): refused
+        for good under this content, and its store copy is dropped unless it is in use."""
+        with self.table.locked():
+            model.state, model.reason = State.REFUSED, reason
+            if folder is not None:
+                self.table.see_folder(folder, "refused", reason)
+            drop = model.store is not None and model.engine is None and not self.map.in_flight(model.key)
+            if drop:
+                model.store = None
+        log.warning("refused %s %s: %s", model.name, model.version, reason)
+        if drop:
+            self.store.remove(model.name, model.version)
+        self.state.record(model.name, None, model.version, "refused", reason=reason)
+        self._listener("refused", model)
+
+    def defer(self, model: ModelVersion, reason: str) -> None:
+        """The version could not come up for a reason of the box's (disk full, I/O error, out of
+        memory) or its store copy was damaged with no intact folder to copy again: not the
+        version's fault, so it is retried after a back-off."""
+        with self.table.locked():
+            model.backoff = backoff(model.backoff)
+            model.retry_at = time.monotonic() + model.backoff
+            model.state, model.reason = State.DEFERRED, f"{reason} (retried in {model.backoff:.0f} s or on SIGHUP)"
+        log.error("%s %s cannot come up now: %s", model.name, model.version, model.reason)
+        self.state.record(model.name, None, model.version, "deferred", reason=reason)
+        self._listener("deferred", model)
+
+    def forget_folder(self, folder: Path) -> None:
+        """The check of ``folder`` did not finish (it vanished, or no check foresaw an error): its
+        version forgets the folder and leaves the transient states (a voice must never look "being
+        upgraded" forever)."""
+        with self.table.locked():
+            for model in self.table.all():
+                if model.source != folder:
+                    continue
+                model.source = None
+                if model.state in (State.INCOMPLETE, State.VERIFYING, State.DEFERRED):
+                    if model.store is None and model.engine is None:
+                        self.table.drop(model)
+                    elif model.state is not State.DEFERRED:
+                        model.state = State.AVAILABLE
+
+    def unforeseen(self, folder: Path, exc: BaseException) -> None:
+        """An error no check foresaw while looking at ``folder``: its version goes back to what it
+        was, and the folder is refused until it changes (one traceback, not one per rescan)."""
+        log.error("checking %s failed; refused until it changes", folder, exc_info=exc)
+        self.forget_folder(folder)
+        self.table.see_folder(folder, "refused", f"could not be checked: {type(exc).__name__}: {exc}"[:500])
+
+    # == taking down ============================================================================
+    def discard(self, model: ModelVersion, why: str) -> None:
+        """A job that brought ``model`` up was called off before it committed: what it loaded goes,
+        and the version is available again (``why`` says why it is not serving)."""
+        with self.table.locked():
+            engine = model.engine if not self.map.loaded(model.key) else None
+            if engine is not None:
+                model.engine = None
+            if model.state in COMING_UP:
+                model.state, model.reason = State.AVAILABLE, why
+        if engine is not None:
+            unload_engine(engine)
+        log.info("%s %s: %s", model.name, model.version, why)
+
+    def retire_now(self, model: ModelVersion, wait: float = 30.0) -> None:
+        """Memory policy: take the old version out of service and unload it before loading."""
+        with self.table.locked():
+            if self.map.active(model.name) == model.key:
+                self.map.deactivate(model.name)
+            model.state = State.RETIRED
+        deadline = time.monotonic() + wait
+        while self.map.in_flight(model.key) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.unload(model, force=True)
+        self.table.set(model, state=State.AVAILABLE)
+
+    def unload_later(self, model: ModelVersion) -> None:
+        """``unload`` on a thread of its own: freeing an engine (collecting it, trimming malloc)
+        takes tens of ms and must never hold up a request's answer or the event loop."""
+        self._spawn(lambda: self.unload(model))
+
+    def unload(self, model: ModelVersion, *, force: bool = False) -> None:
+        """Unload ``model`` unless a request still holds it (its last release calls back)."""
+        with self.table.locked():
+            if not force and model.state in (State.ACTIVE, State.CANARY):
+                return  # serving again: re-activated after this unload was asked for
+            if not self.map.remove(model.key, force=force):
+                return
+            engine, model.engine = model.engine, None
+            if model.state is State.RETIRED:
+                model.state = State.AVAILABLE
+        if engine is not None:
+            unload_engine(engine)
+            log.info("%s %s unloaded", model.name, model.version)
+            self._listener("unloaded", model)
+
+    def close(self) -> None:
+        for model in [m for m in self.table.all() if m.engine is not None]:
+            self.unload(model, force=True)
+        self.map.clear()
+
+    # == persistence ============================================================================
+    def save(self) -> None:
+        """Write every version's record (best effort: retried at the next call when the disk is
+        full; transitions that must not be lost went through ``ServingState.commit``). A version
+        still coming up keeps the record it had (a new one gets none yet): after a crash mid-load
+        it is judged again, never taken for one that was judged."""
+        records = {}
+        with self.table.locked():
+            for model in self.table.all():
+                if model.content and model.state not in (*COMING_UP, State.INCOMPLETE):
+                    records[f"{model.name}/{model.version}"] = VersionRecord(model.content, model.state.value,
+                                                                              model.reason)
+        self.state.set_versions(records)
+        self.state.save()
+
+    def prune_store(self, name: str) -> None:
+        """Keep store copies only of what can serve soon: the active version, loaded ones, the
+        canary, and the most recent rollback targets. Others drop back to their models-dir folder."""
+        voice = self.state.voice(name)
+        keep = {norm(v) for v in voice.previous[-STORE_KEEP:]} | {norm(v) for v in (voice.active, voice.canary) if v}
+        with self.table.locked():
+            stale = [m for m in self.table.of(name)
+                     if m.store is not None and m.engine is None and not self.map.in_flight(m.key)
+                     and m.state not in (State.CANARY, *COMING_UP) and norm(m.version) not in keep]
+            for m in stale:
+                m.store = None
+        for m in stale:
+            shutil.rmtree(self.store.path(m.name, m.version), ignore_errors=True)

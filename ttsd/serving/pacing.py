@@ -1,0 +1,102 @@
+"""How background work shares a busy box: it paces itself against ttsd's own requests, and it can
+be called off.
+
+The problem has two sides. ttsd's own live requests must not slow down while a new version is
+hashed, copied, loaded and warmed up (on 2 cores a load competes with the synthesis workers' torch
+threads, whose parallel regions then wait at their barriers). And the work must not starve beside
+*other* programs: an edge box runs object detection, a recorder, backups.
+
+Lowering the loader's scheduling priority serves the first side only. ``SCHED_IDLE`` (weight 3
+against nice 0's 1024) gives it a fraction of a percent of a core beside two busy programs: a
+start-up that takes 1.6 s took over 11 minutes. Worse, a thread starved by the kernel while it
+holds Python's GIL stalls every other thread of the process, the event loop included (a priority
+inversion the kernel cannot see). Nice levels have the same shape, less sharply.
+
+So loaders run at the process's own priority, and pace themselves instead:
+
+* while any request is being served (``serving()``), a background job works at most ``run`` out of
+  every ``run + pause`` seconds and sleeps the rest, with the GIL released; the live requests get
+  the cores, and the job still progresses at a fixed share however busy ttsd is;
+* when no request is in flight it runs at full speed, and competes with other programs as an equal;
+* urgent work (a voice with nothing serving, a request or an operator waiting) uses a light pace
+  that only hands the GIL over regularly.
+
+The pace is kept by a profile hook (``sys.setprofile``) on the job's own thread, called at every
+Python and C function call (every torch op, every chunk hashed): about every 5 ms at worst
+(measured: the longest single call of a load of the built-in voice, ``get_tensors``, 5.5 ms), and
+at no measurable cost (10,000 calls per load). The same hook calls the job off: when its
+``Ticket`` is cancelled (a rollback, an activate, a newer version), the next call raises
+``Superseded``, a ``BaseException`` so that no engine's ``except Exception`` swallows it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+# Background work while requests run: 1 ms of work, then 4 ms of sleep (a fifth of one core).
+RUN_S = 0.001
+PAUSE_S = 0.004
+# Urgent work while requests run: hand the GIL over every 4 ms, for 1 ms.
+URGENT_RUN_S = 0.004
+URGENT_PAUSE_S = 0.001
+
+
+class Superseded(BaseException):  # noqa: N818 - a signal, like asyncio.CancelledError
+    """The job was called off (``Ticket.cancel``); ``str()`` says by what."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One job's handle: whether it is wanted, and how urgent it is. Any thread may cancel it or
+    make it urgent; the job's own thread reads both at every call (plain attributes: no lock)."""
+
+    what: str  # "upgrade of voice to 3", for logs
+    urgent: bool = False
+    cancelled: str | None = None  # why, once called off
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self, why: str) -> None:
+        if self.cancelled is None:
+            self.cancelled = why
+
+    def check(self) -> None:
+        """``Superseded`` if the job was called off: the last check before a commit."""
+        if self.cancelled is not None:
+            raise Superseded(self.cancelled)
+
+
+@contextmanager
+def paced(ticket: Ticket, serving: Callable[[], bool]) -> Iterator[None]:
+    """Run the block on this thread at the pace above, and stop it with ``Superseded`` once
+    ``ticket`` is cancelled. A profiler or debugger that owns the hook is left alone (then the
+    block is neither paced nor cancellable mid-way; the job still checks its ticket before it
+    commits)."""
+    if sys.getprofile() is not None:
+        yield
+        return
+    clock, sleep = time.perf_counter, time.sleep
+    started = clock()
+
+    def hook(_frame: FrameType, _event: str, _arg: Any) -> None:
+        nonlocal started
+        if ticket.cancelled is not None:
+            raise Superseded(ticket.cancelled)
+        now = clock()
+        run, pause = (URGENT_RUN_S, URGENT_PAUSE_S) if ticket.urgent else (RUN_S, PAUSE_S)
+        if now - started > run:
+            if serving():
+                sleep(pause)  # releases the GIL and the core
+            started = clock()
+
+    sys.setprofile(hook)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)

@@ -1,0 +1,177 @@
+"""What the manager's jobs do to make a version serve: an upgrade, a fall-back, a retry, a resume.
+
+Each function here is the body of one job (``jobs.py``): it runs on the job's thread with the
+job's ``Ticket``, does the slow work through ``BringUp`` and commits through ``Lifecycle``, which
+commits nothing for a job called off meanwhile. The decisions themselves (which version, in what
+order) come from ``policy.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import ResourceError, TtsdError, VerifyError, is_system_oserror, resource_error
+from ..manifest import read_manifest
+from .bringup import BringUp
+from .demand import OnDemand
+from .lifecycle import Lifecycle
+from .pacing import Superseded, Ticket
+from .policy import fallback_order, newer
+from .state import ServingState
+from .store import content_id
+from .table import VersionTable
+from .versions import ModelVersion, Policy, State, order
+
+log = logging.getLogger("ttsd.manager")
+
+
+class Promoter:
+    def __init__(self, table: VersionTable, lifecycle: Lifecycle, bringup: BringUp, demand: OnDemand,
+                 state: ServingState, policy: Policy, again: Callable[[Path], None]) -> None:
+        self.table, self.lifecycle, self.bringup, self.demand = table, lifecycle, bringup, demand
+        self.state, self.policy, self._again = state, policy, again
+
+    # == a new version in the models dir ========================================================
+    def upgrade(self, name: str, found: list[tuple[ModelVersion, Path]], ticket: Ticket) -> None:
+        """Bring up the newest of the new versions ``found`` that is newer than the active one and
+        comes up; the others stay available (copied in and hashed only when they are needed)."""
+        folders = {id(model): folder for model, folder in found}
+        try:
+            for model in newer([m for m, _ in found], self.lifecycle.active(name)):
+                active = self.lifecycle.active(name)  # a job before this one may have changed it
+                if active is not None and order(model) <= order(active):
+                    continue
+                if self.promote(model, folders[id(model)], "new version in the models dir", ticket):
+                    return
+        finally:
+            for model, _ in found:  # e.g. older folders found at start-up: known, not loaded
+                if model.state is State.VERIFYING:
+                    self.table.set(model, state=State.AVAILABLE)
+
+    def promote(self, model: ModelVersion, folder: Path, why: str, ticket: Ticket) -> bool:
+        """Copy ``model`` into the store (hashing it: the one time its bytes are read from the
+        models dir), load and warm it beside the serving version, then swap (or start a canary).
+        The memory policy unloads the serving version only once the copy is made and checked, so
+        a folder that does not match its manifest never takes the voice down."""
+        if not self.bringup.store_new(model, folder, self._again):
+            return False
+        ticket.check()
+        previous = self.lifecycle.active(model.name)
+        was_loaded = previous is not None and previous.engine is not None
+        retired = None
+        if self.policy.swap == "memory" and previous is not None:
+            ticket.urgent = True  # the voice serves nothing until this is done: no rollback calls it off
+            self.lifecycle.retire_now(previous)
+            retired = previous
+        try:
+            if not self.bringup.bring_up(model, why, verified=True):  # put() hashed the copy it made
+                return self._restore(retired)
+            if self.policy.canary_share(model.name) > 0 and previous is not None and retired is None:
+                self.lifecycle.start_canary(model, ticket)
+                return True
+            try:
+                self.lifecycle.activate(model, why, ticket=ticket)
+            except ResourceError as exc:  # the swap could not be recorded: it does not happen yet
+                self.lifecycle.unload(model)
+                self.lifecycle.defer(model, str(exc))
+                return self._restore(retired)
+        except Superseded as exc:
+            self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
+            self._restore(retired)
+            raise
+        self.table.set(model, backoff=0.0)
+        self.demand.park_if_cold(model, was_loaded)
+        return True
+
+    def _restore(self, retired: ModelVersion | None) -> bool:
+        """After a failed upgrade under the memory policy: the version it unloaded serves again."""
+        if retired is not None and retired.engine is None \
+                and self.bringup.bring_up(retired, "reloaded after a failed upgrade"):
+            self.lifecycle.activate(retired, "the upgrade failed", push_previous=False, durable=False)
+        return False
+
+    # == a voice with nothing serving ===========================================================
+    def fall_back(self, name: str, for_request: bool = False) -> None:
+        """A voice with no active version (its saved one is damaged or gone, or the state was
+        lost) serves the newest version that verifies and loads, from the store or the models
+        dir. Rolled-back and refused versions are not taken; ones waiting to retry are, when due.
+        Within a memory budget it stays loaded only if a request waits for it or it is preloaded."""
+        options = fallback_order(self.table.of(name), self.state.voice(name).rolled_back, time.monotonic())
+        for model in options:
+            try:
+                self.bringup.ensure_stored(model)
+            except TtsdError as exc:  # its folder changed or the disk is full: try again later
+                self.lifecycle.defer(model, str(exc))
+                continue
+            if self.bringup.bring_up(model, "the voice had no active version"):
+                self.lifecycle.activate(model, "fallback: newest version that verifies", durable=False)
+                log.warning("%s: serving %s, the newest version that verifies", name, model.version)
+                self.demand.park_if_cold(model, was_loaded=for_request)
+                return
+
+    # == a version that failed for the box's reasons ============================================
+    def retry(self, model: ModelVersion, ticket: Ticket) -> None:
+        """A new version that failed for a system reason (disk full while storing it, out of
+        memory while loading) is tried again when its back-off is over, or at once after SIGHUP
+        or when its folder changes."""
+        source = model.source
+        if source is None:
+            return
+        log.info("retrying %s %s (%s)", model.name, model.version, model.reason)
+        try:
+            manifest = read_manifest(source)
+            if content_id(manifest) != model.content:
+                raise VerifyError(f"{source} changed since it was checked")
+        except (TtsdError, OSError) as exc:
+            if isinstance(exc, OSError) and is_system_oserror(exc):
+                self.lifecycle.defer(model, str(resource_error(exc, "reading it")))
+            else:
+                self.lifecycle.refuse(model, str(exc))
+            return
+        self.table.set(model, manifest=manifest)
+        self.promote(model, source, "retried after a system failure", ticket)
+
+    # == start-up ===============================================================================
+    def resume(self, name: str, model: ModelVersion | None, canary: ModelVersion | None, pinned: set[str]) -> None:
+        """At start-up: the voice's saved active version comes back (re-copied from the models dir
+        if its store copy is damaged), and its canary with it; one that cannot come back is logged
+        and the voice falls back. Within a memory budget only preloaded voices load now; the others
+        come back parked."""
+        saved = self.state.voice(name).active
+        if model is None or model.state in (State.REFUSED, State.ROLLED_BACK):
+            log.warning("%s %s was active but is not known any more; choosing again", name, saved)
+            return self.fall_back(name)
+        try:
+            self.bringup.ensure_stored(model)
+        except TtsdError as exc:
+            log.warning("%s %s was active but cannot be restored (%s); choosing again", name, saved, exc)
+            return self.fall_back(name)
+        if self.demand.budget.limited and name not in pinned:
+            self.demand.activate_cold(model)
+        elif self.bringup.bring_up(model, "resumed after restart"):
+            self.lifecycle.activate(model, "restart", push_previous=False, durable=False)
+        else:
+            return self.fall_back(name)
+        if canary is not None:
+            self._resume_canary(canary)
+
+    def _resume_canary(self, canary: ModelVersion) -> None:
+        """The canary in progress when the daemon stopped takes its share again, so each user
+        hears the same version as before the restart (the share decides who: ``user_point``).
+        With no canary share now, the version is promoted, as a new version would be."""
+        name = canary.name
+        try:
+            self.bringup.ensure_stored(canary)
+        except TtsdError as exc:
+            log.warning("%s %s was a canary but cannot be restored (%s)", name, canary.version, exc)
+            return
+        if not self.bringup.bring_up(canary, "canary resumed after restart"):
+            self.state.put(name, self.state.voice(name).but(canary=None))
+            return
+        if self.policy.canary_share(name) > 0:
+            self.lifecycle.start_canary(canary)
+        else:
+            self.lifecycle.activate(canary, "canary resumed with no canary share: promoted", durable=False)
