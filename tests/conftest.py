@@ -145,6 +145,7 @@ def fake_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fake_engine import FakeEngine
 
     FakeEngine.live = FakeEngine.peak = FakeEngine.loads = 0
+    FakeEngine.unloaded_on = []
 
 
 def make_manager(tmp_path: Path, default_voice: str | None = None, **policy: object) -> ModelManager:

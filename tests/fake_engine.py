@@ -1,6 +1,8 @@
 """A fake engine for manager tests: a tone per word, told by its folder's ``fake.json`` to fail on
-load, on warm-up, or on its Nth request. Registered under the engine name ``fake`` through a real
-``ttsd.engines`` entry point (see the ``fake_engines`` fixture)."""
+load, on warm-up, or on its Nth request, to sleep or compute (``load_spin``: seconds of CPU in
+Python calls, where a job is paced and called off) while loading, or to take its time unloading.
+Registered under the engine name ``fake`` through a real ``ttsd.engines`` entry point (see the
+``fake_engines`` fixture)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class FakeEngine(Engine[str]):
     live = 0  # loaded and not yet unloaded, across all instances
     peak = 0
     loads = 0  # load() calls, failed ones included
+    unloaded_on: list[str] = []  # the thread each unload ran on (names)
     _lock = threading.Lock()
 
     def load(self) -> None:
@@ -30,6 +33,9 @@ class FakeEngine(Engine[str]):
         import time
 
         time.sleep(float(self.settings.get("load_delay", 0.0)))
+        spin_until = time.thread_time() + float(self.settings.get("load_spin", 0.0))
+        while time.thread_time() < spin_until:
+            sum(range(200))
         if self.settings.get("fail_on") == "load":
             raise LoadError("fake engine told to fail on load")
         self.requests = 0
@@ -41,6 +47,10 @@ class FakeEngine(Engine[str]):
 
     def unload(self) -> None:
         if getattr(self, "loaded", False):
+            import time
+
+            time.sleep(float(self.settings.get("unload_delay", 0.0)))
+            FakeEngine.unloaded_on.append(threading.current_thread().name)
             self.loaded = False
             with FakeEngine._lock:
                 FakeEngine.live -= 1

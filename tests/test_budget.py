@@ -334,3 +334,19 @@ def test_serve_flags_and_environment_make_the_budget(tmp_path: Path, monkeypatch
     budget, default = seen
     assert (budget.max_loaded, budget.memory_budget, budget.preload, budget.load_wait) == (3, 3 << 29, ("x", "y"), 5.0)
     assert (default.max_loaded, default.memory_budget, default.preload) == (None, None, ())
+
+
+def test_a_voice_that_cannot_fit_beside_the_preloaded_ones_is_told_so_at_once(tmp_path: Path, fake_engines: None,
+                                                                              rigs: list[Rig]) -> None:
+    """--max-loaded 1 with voice a preloaded: voice b can never load, and nothing is busy. Its
+    request gets 503 "unavailable" at once saying why, not "every loaded voice is busy, retry
+    shortly" after waiting out --load-wait."""
+    fakes(tmp_path, "a", "b")
+    rigs.append(rig := Rig(tmp_path, max_loaded=1, preload=("a",), load_wait=6.0))
+    started = time.monotonic()
+    reply = rig.say("b")
+    body = reply.json()
+    assert reply.status == 503 and body["error"]["code"] == "unavailable", body
+    assert "does not fit in the memory budget beside the preloaded voices (a" in body["error"]["message"]
+    assert time.monotonic() - started < 3.0
+    assert rig.say("a").status == 200

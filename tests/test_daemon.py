@@ -216,3 +216,29 @@ def test_second_daemon_on_the_same_socket_is_refused(daemon: Daemon, cache_dir: 
                           env=daemon.env, capture_output=True, timeout=60)
     assert proc.returncode == 3
     assert proc.stderr.decode().strip().splitlines()[-1] == f"error: another ttsd is already serving on {daemon.socket}"
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    """A second daemon given the running one's --state (on a socket of its own) would be a second
+    writer of state.json, the audit trail and the store: it exits 19 with one line, before it
+    seeds or loads anything, and the first daemon's state dir is as it was."""
+    state = daemon.root / "state"
+    before = sorted(p.name for p in state.iterdir())
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state",
+                             str(state), "--socket", str(tmp_path / "other.sock")],
+                            env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the second daemon ran beside the first") from None
+    assert proc.returncode == 19, err.decode()
+    lines = err.decode().strip().splitlines()
+    assert lines[-1].startswith("error: another ttsd (pid ") and str(state) in lines[-1], lines
+    assert f"pid {daemon.proc.pid})" in lines[-1]
+    assert not (tmp_path / "m").exists() and not (tmp_path / "other.sock").exists()  # nothing seeded or bound
+    assert sorted(p.name for p in state.iterdir()) == before
+    assert time.monotonic() - started < 30
+    assert daemon.request("GET", "/readyz").status == 200

@@ -189,6 +189,8 @@ def test_tcp_listener_and_token(tmp_path: Path, cache_dir: Path, joe_folder: Pat
     (["--state", "/etc/hostname/state"], "cannot create state dir"),
     (["--listen", "nonsense"], "expected HOST:PORT"),
     (["--workers", "0"], "Invalid value for '--workers'"),
+    # below the daemon's own memory: no voice could ever load (it would answer "retry" forever)
+    (["--memory-budget", "1M"], "--memory-budget 1 MB is less than the"),
 ])
 def test_start_up_problems_are_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
     cmd = [sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state", str(tmp_path / "s"),

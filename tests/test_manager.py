@@ -177,6 +177,46 @@ def test_canary_then_promotion(tmp_path: Path, fake_engines: None) -> None:
     assert manager.snapshot()[0]["canary"] is None
 
 
+def test_a_canary_survives_a_restart_with_its_users(tmp_path: Path, fake_engines: None) -> None:
+    """Gray release promises one user one version across restarts. 1. v2 is a canary for half
+    the users. 2. The daemon stops and starts again with the same policy: the canary is resumed,
+    and each of 40 users hears the version they heard before. 3. Restarted with no canary share
+    any more, the canary is promoted, as a new version would be."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    policy = {"canary": {"*": 0.5}, "canary_requests": 1000}
+    manager = make_manager(tmp_path, **policy)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    users = [f"user-{i}" for i in range(40)]
+
+    def heard(m: ModelManager) -> dict[str, str]:
+        result = {}
+        for user in users:
+            with m.acquire("voice", user=user) as lease:
+                result[user] = lease.served.version
+        return result
+
+    before = heard(manager)
+    assert set(before.values()) == {"1", "2"}
+    manager.close()
+
+    restarted = make_manager(tmp_path, **policy)
+    restarted.start()
+    voice = restarted.snapshot()[0]
+    assert (voice["active"], voice["canary"]) == ("1", "2")
+    assert heard(restarted) == before
+    restarted.close()
+
+    promoted = make_manager(tmp_path)
+    promoted.start()
+    voice = promoted.snapshot()[0]
+    assert (voice["active"], voice["canary"]) == ("2", None)
+    assert set(heard(promoted).values()) == {"2"}
+    promoted.close()
+
+
 def test_every_rollback_is_a_rolled_back_event(tmp_path: Path, fake_engines: None) -> None:
     """What ttsd_model_transitions_total{event="rolled_back"} (the dashboard's rollbacks) counts:
     1. an operator's rollback of v2 names v2; 2. a canary v3 that fails its first request names v3."""

@@ -14,7 +14,7 @@ from conftest import fake_model, plausible, save_tiny_vits
 from daemon_util import start_daemon, wait_for
 from fake_engine import FakeEngine
 
-from ttsd.errors import ConfigError, ManifestError, SignatureError, VerifyError
+from ttsd.errors import ConfigError, ConflictError, ManifestError, SignatureError, VerifyError
 from ttsd.manifest import SIGNATURE, inspect, pack, parse_manifest, verify
 from ttsd.serving.manager import ModelManager
 from ttsd.serving.source import LocalFolderSource
@@ -308,3 +308,34 @@ def test_the_cli_signs_verifies_and_lists_signers(tmp_path: Path, keys: dict[str
     _file_added(folder)  # not in the manifest: the folder is refused before any signing
     assert_one_line_error(run(["models", "sign", str(folder), "--key", str(keys["fleet"])], cli_env),
                           6, "extra: sub/extra.txt")
+
+
+def test_a_key_removed_from_the_trusted_dir_stops_loading_at_once(tmp_path: Path, keys: dict[str, Path],
+                                                                   fake_engines: None) -> None:
+    """The docs say a key change counts "at the next load": the dir is read at each load, not once.
+    1. v1 and v2 signed by the fleet key; v2 serves (keep 0: v1 is not loaded). 2. The fleet key
+    is replaced in the trusted dir, the daemon not restarted. 3. v3, signed by the old fleet key,
+    is refused at its load. 4. Activating v1 means a load: refused as untrusted, nothing changes."""
+    models = tmp_path / "models"
+    sign(fake_model(models, "voice", "1"), keys["fleet"])
+    manager = ModelManager(LocalFolderSource(models, settle=0.0), state_dir=tmp_path / "state",
+                           policy=Policy(settle=0.0, keep=0), trust=TrustedKeys.load(keys["trusted"]),
+                           spawn=lambda fn: fn())
+    manager.start()
+    sign(fake_model(models, "voice", "2"), keys["fleet"])
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "2"
+
+    _, other_pub = make_key(tmp_path / "secret", "other")
+    shutil.copy(other_pub, keys["trusted"] / "fleet.pem")
+    sign(fake_model(models, "voice", "3"), keys["fleet"])
+    manager.reconcile()
+    versions = {v["version"]: v for v in manager.snapshot()[0]["versions"]}
+    assert manager.snapshot()[0]["active"] == "2"
+    assert versions["3"]["state"] == "refused" and "not trusted" in versions["3"]["reason"]
+    assert versions["1"]["state"] == "available"  # keep=0: not loaded
+    loads = FakeEngine.loads
+    with pytest.raises(ConflictError, match="not trusted"):
+        manager.activate("voice", "1")
+    assert manager.snapshot()[0]["active"] == "2" and FakeEngine.loads == loads
+    manager.close()

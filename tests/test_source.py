@@ -302,3 +302,23 @@ def test_put_of_a_short_file_looks_incomplete(models: Path, store: ModelStore) -
     assert [(p.kind, p.path) for p in caught.value.problems] == [("short", "model.safetensors")]
     assert caught.value.looks_incomplete() and looks_incomplete(caught.value)
     assert store.get("voice", "1") is None and leftovers(store) == []
+
+
+def test_one_version_is_one_store_folder_whatever_its_spelling(models: Path, store: ModelStore) -> None:
+    """``1.0`` and ``1`` are one version (PEP 440): stored under one folder, found and removed by
+    either spelling, so pruning a version never misses a copy made under its other spelling. A
+    store written with the spelling as given is folded at start-up: the copy moves to the
+    canonical name, and a second copy of the same version is removed."""
+    folder = model(models, version="1.0")
+    stored = store.put(folder, read_manifest(folder))
+    assert stored == store.get("voice", "1") == store.get("voice", "1.0") == store.root / "voice" / "1"
+    store.remove("voice", "1")
+    assert store.get("voice", "1.0") is None and list((store.root / "voice").iterdir()) == []
+
+    for spelling in ("2.0", "2.0.0"):  # as an older ttsd left them
+        old = store.root / "voice" / spelling
+        shutil.copytree(folder, old)
+    shutil.copytree(folder, store.root / "voice" / "3.0")
+    store.prepare()
+    assert sorted(p.name for p in (store.root / "voice").iterdir()) == ["2", "3"]
+    assert [(v, p.name) for _, v, p in store.scan()] == [("2", "2"), ("3", "3")]

@@ -346,3 +346,26 @@ def test_a_text_stream_that_never_ends_a_sentence_is_refused_at_the_limit(daemon
 
     error, size = asyncio.run(go())
     assert error.code == "text_too_long" and size > 22050
+
+
+def test_a_second_daemon_never_takes_a_live_wyoming_socket(daemon: Daemon, tmp_path: Path) -> None:
+    """A second daemon (its own HTTP socket and state dir) given the running one's Wyoming socket
+    exits 3 saying another ttsd serves there; it does not unlink the socket from under the first,
+    whose Wyoming clients keep connecting."""
+    import subprocess
+    import sys
+
+    wyoming = socket_of(daemon)
+    proc = subprocess.Popen([sys.executable, "-m", "ttsd", "serve", "--no-seed", "--models", str(tmp_path / "m"),
+                             "--state", str(tmp_path / "s"), "--socket", str(tmp_path / "h.sock"),
+                             "--wyoming", f"unix://{wyoming}"], env=daemon.env, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the second daemon took the Wyoming socket over") from None
+    assert proc.returncode == 3
+    assert err.decode().strip().splitlines()[-1] == f"error: another ttsd is already serving on {wyoming}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.connect(str(wyoming))  # still the first daemon's

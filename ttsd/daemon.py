@@ -222,9 +222,9 @@ class Daemon:
     async def _main(self) -> int:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        _writable_dir(cfg.models, "models dir")
         _writable_dir(cfg.state, "state dir")
-        self.state_lock.acquire()  # before anything is loaded or written: one daemon per state dir
+        self.state_lock.acquire()  # before anything is made, loaded or written: one daemon per state dir
+        _writable_dir(cfg.models, "models dir")
         _writable_dir(cfg.socket.parent, "socket dir")
         check_socket(cfg.socket)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
