@@ -6,7 +6,7 @@ oneDNN's and ONNX Runtime's rate; on an Intel Xeon with AMX (amx_bf16) MKL runs 
 runs about 6x fp32. Print the CPU's flags that matter and GFLOP/s per kernel (2 threads, best of 10)
 before deciding where an engine's arithmetic should run::
 
-    .venv/bin/python bench/kernels.py
+    .venv/bin/python bench/kernel_rates.py
 """
 
 import re
