@@ -23,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger("ttsd.engines")
 _runtime: ctypes.CDLL | None | bool = False  # False: not looked up yet; None: none found
 _mkl: Callable[[int], int] | None | bool = False  # MKL's per-thread count setter, looked up the same way
+_process_threads: int | None = None  # the count process_threads last gave torch
 
 
 def _loaded(prefixes: tuple[str, ...]) -> list[str]:
@@ -81,6 +82,12 @@ def thread_cores(count: int | None) -> Iterator[None]:
     if lib is None:
         yield
         return
+    import torch
+
+    # torch gives a thread its process-wide count at its first op (ATen's lazy_init_num_threads),
+    # overriding a count set before it: on a thread that had not run torch yet (every job thread),
+    # the block's first op would restore 2 threads. Asking for the count runs that init now.
+    torch.get_num_threads()
     previous = lib.omp_get_max_threads()
     wanted = max(1, min(count or previous, previous))
     lib.omp_set_num_threads(wanted)
@@ -92,3 +99,19 @@ def thread_cores(count: int | None) -> Iterator[None]:
         lib.omp_set_num_threads(previous)
         if mkl is not None:
             mkl(mkl_previous)
+
+
+def process_threads(count: int | None) -> None:
+    """torch's thread count for threads that have not run torch yet (the synthesis workers take
+    it at their first op): ``--threads``. Given to torch once per value: ``torch.set_num_threads``
+    also sets the *calling* thread's count and clears oneDNN's kernel cache, so calling it at every
+    load undid ``thread_cores(1)`` for a load beside live requests (its warm-up then ran on two
+    threads beside the workers' two: requests 2.3x slower during an upgrade, measured) and threw
+    the workers' kernels away."""
+    global _process_threads
+    if count is None or count == _process_threads:
+        return
+    import torch
+
+    torch.set_num_threads(count)
+    _process_threads = count

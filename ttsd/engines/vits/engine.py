@@ -30,6 +30,7 @@ from ...options import SynthesisOptions
 from ...text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
 from .. import precision
 from ..base import Engine
+from ..threads import process_threads
 from .chars import CharTokenizer
 from .model import NativeVits
 from .phonemes import PHONEMES_FILE, EspeakPhonemes, PhonemeConfig
@@ -71,8 +72,7 @@ class VitsEngine(Engine[Unit]):
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        process_threads(self.threads)
         if not (self.folder / "model.safetensors").is_file():
             raise LoadError(f"{self.folder}: no model.safetensors (the vits engine loads safetensors only)")
         feature = precision.native_bf16()
