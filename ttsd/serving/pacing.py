@@ -14,10 +14,16 @@ inversion the kernel cannot see). Nice levels have the same shape, less sharply.
 
 So loaders run at the process's own priority, and pace themselves instead:
 
-* while any request is being served (``serving()``), a background job works at most ``run`` out of
-  every ``run + pause`` seconds and sleeps the rest, with the GIL released; the live requests get
-  the cores, and the job still progresses at a fixed share however busy ttsd is;
-* when no request is in flight it runs at full speed, and competes with other programs as an equal;
+* while any request is being served (``serving()``), a background job works at most ``RUN_S`` out
+  of every ``RUN_S + PAUSE_S`` seconds (1 ms of 20) and sleeps the rest, with the GIL released;
+  the live requests keep the cores, and the job still progresses at a fixed share however busy
+  ttsd is. The share was chosen by ``bench/hotswap.py`` with four clients keeping the daemon
+  saturated (Intel Xeon with AMX, 2 cores): a fifth of a core made requests overlapping the
+  upgrade 1.4-3x slower at p99, most in the default layout (one worker of two threads, whose
+  parallel regions wait at their barriers for a preempted thread); a twentieth, 1.0-1.4x,
+  with drop -> active about 10 s instead of 4;
+* when no request is in flight it runs at full speed, and competes with other programs as an
+  equal;
 * urgent work (a voice with nothing serving, a request or an operator waiting) uses a light pace
   that only hands the GIL over regularly.
 
@@ -40,9 +46,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-# Background work while requests run: 1 ms of work, then 4 ms of sleep (a fifth of one core).
+# Background work while requests run: 1 ms of work, then 19 ms of sleep (a twentieth of a core).
 RUN_S = 0.001
-PAUSE_S = 0.004
+PAUSE_S = 0.019
 # Urgent work while requests run: hand the GIL over every 4 ms, for 1 ms.
 URGENT_RUN_S = 0.004
 URGENT_PAUSE_S = 0.001
