@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ttsd.manifest import pack
+
 
 class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float = 120.0) -> None:
@@ -142,3 +144,29 @@ def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.1, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+TESTS = Path(__file__).parent
+
+
+def fake_site(tmp_path: Path) -> str:
+    """A PYTHONPATH under which a daemon subprocess finds the fake engine (``fake_engine.py``)."""
+    site = tmp_path / "site"
+    info = site / "ttsd_fake-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ttsd-fake\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[ttsd.engines]\nfake = fake_engine:FakeEngine\n")
+    # keep what the run was given (e.g. the checkout under test) instead of relying on the cwd
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([str(site), str(TESTS), *inherited])
+
+
+def fake_daemon_model(folder: Path, version: str, blob_mb: int = 0, **settings: object) -> Path:
+    """Version ``version`` of voice ``fake`` in ``folder``, told ``settings`` (see ``fake_engine``)."""
+    folder.mkdir(parents=True)
+    (folder / "fake.json").write_text(json.dumps(settings))
+    if blob_mb:  # something big enough that checking and storing it takes a moment
+        with open(folder / "weights.bin.safetensors", "wb") as handle:
+            handle.write(os.urandom(1 << 20) * blob_mb)
+    pack(folder, name="fake", version=version, engine="fake", sample_rate=8000)
+    return folder

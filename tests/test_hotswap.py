@@ -17,12 +17,10 @@ from pathlib import Path
 import pytest
 import soundfile
 from conftest import plausible, save_tiny_vits
-from daemon_util import Daemon, start_daemon, wait_for
+from daemon_util import Daemon, fake_daemon_model, fake_site, start_daemon, wait_for
 
 from ttsd.manifest import pack, verify
 from ttsd.serving.store import content_id
-
-TESTS = Path(__file__).parent
 
 
 def voices(d: Daemon) -> dict[str, dict[str, object]]:
@@ -265,35 +263,14 @@ def test_rollback_through_the_cli_survives_restart(tmp_path: Path, cache_dir: Pa
     assert history[-1] == ("1", "3") and "load_seconds" in history_file[-1], history_file
 
 
-def fake_site(tmp_path: Path) -> str:
-    site = tmp_path / "site"
-    info = site / "ttsd_fake-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ttsd-fake\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[ttsd.engines]\nfake = fake_engine:FakeEngine\n")
-    # keep what the run was given (e.g. the checkout under test) instead of relying on the cwd
-    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return os.pathsep.join([str(site), str(TESTS), *inherited])
-
-
-def fake_model(folder: Path, version: str, blob_mb: int = 0, **settings: object) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "fake.json").write_text(json.dumps(settings))
-    if blob_mb:  # something big enough that checking and storing it takes a moment
-        with open(folder / "weights.bin.safetensors", "wb") as handle:
-            handle.write(os.urandom(1 << 20) * blob_mb)
-    pack(folder, name="fake", version=version, engine="fake", sample_rate=8000)
-    return folder
-
-
 def test_auto_rollback_on_a_version_that_starts_failing(tmp_path: Path, cache_dir: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
     models = tmp_path / "models"
-    fake_model(models / "fake-1", "1")
+    fake_daemon_model(models / "fake-1", "1")
     d = start_daemon(tmp_path, cache_dir, "--no-seed", "--settle", "0.2", "--auto-rollback-requests", "8")
     try:
-        fake_model(tmp_path / "stage", "2", fail_from=3)  # passes warm-up, then every request fails
+        fake_daemon_model(tmp_path / "stage", "2", fail_from=3)  # passes warm-up, then every request fails
         os.rename(tmp_path / "stage", models / "fake-2")
         wait_for(lambda: voices(d)["fake"]["active"] == "2", timeout=60, what="v2 active")
         statuses = [d.post("/v1/synthesize", {"text": "hello"}).status for _ in range(3)]
@@ -325,9 +302,9 @@ def test_kill_9_mid_load_restarts_on_a_verified_version(tmp_path: Path, cache_di
     monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
     models, state = tmp_path / "models", tmp_path / "state"
     store = state / "store"
-    fake_model(models / "fake-1", "1")
+    fake_daemon_model(models / "fake-1", "1")
     d = start_daemon(tmp_path, cache_dir, "--no-seed", "--settle", "0.2")
-    fake_model(tmp_path / "stage", "2", **settings)
+    fake_daemon_model(tmp_path / "stage", "2", **settings)
     os.rename(tmp_path / "stage", models / "fake-2")
     if step == "storing":  # still "verifying" to the API: the copy is verified before it is renamed in
         wait_for(lambda: list(store.glob(".fake-2.*.partial")) or (store / "fake" / "2").exists(), timeout=60,

@@ -53,8 +53,8 @@ def test_a_lease_keeps_its_version_through_a_swap(tmp_path: Path, fake_engines: 
     assert FakeEngine.live == 2
     old.release()
     old.release()  # idempotent
-    wait_for(lambda: v1.engine is None, timeout=10, what="v1 unloaded")
-    assert v1.state is State.AVAILABLE and FakeEngine.live == 1
+    wait_for(lambda: FakeEngine.live == 1, timeout=10, what="v1 unloaded")
+    assert v1.state is State.AVAILABLE and v1.engine is None
 
 
 @pytest.mark.parametrize("settings, reason", [

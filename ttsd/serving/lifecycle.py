@@ -115,7 +115,7 @@ class Lifecycle:
         for m in to_unload:  # freeing memory is not part of the swap: off this path
             self.unload_later(m)
         self._fit_budget()  # the replaced version, now a rollback target, is the first to go
-        self.prune_store(model.name)
+        self._spawn(lambda: self.prune_store(model.name))  # removing a copy takes tens of ms: off the swap's path
         return swapped
 
     # == canaries ===============================================================================
