@@ -48,10 +48,10 @@ log = logging.getLogger("ttsd.manager")
 
 class BringUp:
     def __init__(self, table: VersionTable, store: ModelStore, lifecycle: Lifecycle, *,
-                 serving: Callable[[], bool], engine_options: dict[str, Any], listener: Listener,
+                 engine_options: dict[str, Any], listener: Listener,
                  trusted_keys: Path | None, make_room: Callable[[ModelVersion], object]) -> None:
         self.table, self.store, self.lifecycle = table, store, lifecycle
-        self._serving, self._options, self._listener = serving, engine_options, listener
+        self._options, self._listener = engine_options, listener
         self.trusted_keys = trusted_keys  # when set, only folders signed by a key in it load
         self._make_room = make_room
 
@@ -127,7 +127,7 @@ class BringUp:
             self._listener("loading", model)
             engine_class(model.manifest.engine)  # imported first: torch's own start-up is no voice's cost
             before = resident_bytes()
-            engine = load_engine(model.store, model.manifest, self._options, serving=self._serving,
+            engine = load_engine(model.store, model.manifest, self._options,
                                  warming=lambda: self.table.set(model, state=State.WARMING))
             rss = max(0, resident_bytes() - before)  # what it costs, for the budget's next choices
         except Exception as exc:  # TtsdError says why; anything else is the engine crashing

@@ -85,7 +85,7 @@ class ModelManager:
         self.budget = budget or Budget()
         self.lifecycle = Lifecycle(self.table, self.map, self.state, self.store, self.policy, events, self._spawn,
                                    fit_budget=self._fit_budget_later)
-        self.bringup = BringUp(self.table, self.store, self.lifecycle, serving=self.map.serving,
+        self.bringup = BringUp(self.table, self.store, self.lifecycle,
                                engine_options=engine_options or {}, listener=events,
                                trusted_keys=trust.where if trust is not None else None,
                                make_room=lambda model: self.demand.make_room(model))
