@@ -70,14 +70,23 @@ class AuditTrail:
                 if entry := _parse(line):
                     self._recent.append(entry)
 
-    def record(self, entry: dict[str, Any]) -> None:
-        """Append ``entry`` (best effort: a full disk delays the write, never the change it records)."""
+    def record(self, entry: dict[str, Any], *, write: bool = True) -> None:
+        """Append ``entry`` (best effort: a full disk delays the write, never the change it records).
+        ``write=False``: shown at once, written at the next ``flush`` (a swap's caller does not wait
+        for the disk)."""
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}
         line = json.dumps(entry)
         with self._lock:
             self._recent.append(json.loads(line))
             self._pending.append(line)
-            self._flush()
+            if write:
+                self._flush()
+
+    def flush(self) -> None:
+        """Write what ``record(..., write=False)`` left pending."""
+        with self._lock:
+            if self._pending:
+                self._flush()
 
     def recent(self, count: int = SHOWN) -> list[dict[str, Any]]:
         """The newest ``count`` entries, oldest first."""

@@ -295,3 +295,5 @@ class ModelManager:
             self.jobs.cancel(name, "shutting down")
         self.jobs.wait(timeout=10.0)
         self.lifecycle.close()
+        self.state.trail.flush()  # what the last swaps left to write
+        self.lifecycle.save()

@@ -149,10 +149,12 @@ class ServingState:
             self._written = text
             return True
 
-    def record(self, voice: str, from_version: str | None, to_version: str | None, why: str,
-               **details: Any) -> None:
-        """Append to the audit trail (best effort: a full disk delays the write, never the change)."""
-        self.trail.record({"voice": voice, "from": from_version, "to": to_version, "why": why, **details})
+    def record(self, voice: str, from_version: str | None, to_version: str | None, why: str, *,
+               write: bool = True, **details: Any) -> None:
+        """Append to the audit trail (best effort: a full disk delays the write, never the change).
+        ``write=False``: written at the next ``AuditTrail.flush``."""
+        self.trail.record({"voice": voice, "from": from_version, "to": to_version, "why": why, **details},
+                          write=write)
 
     def history(self, count: int = 20) -> list[dict[str, Any]]:
         """The newest ``count`` audit entries, oldest first (from memory: never reads the disk)."""
