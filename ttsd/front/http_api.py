@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +32,7 @@ from ..metrics import CONTENT_TYPE
 from ..serving.serving_map import Lease
 from ..text import check_text
 from .backend import Backend
+from .guard import browser_refusal, is_tcp
 from .page import add_routes, is_public
 from .requests import (
     USER_HEADER,
@@ -51,10 +51,6 @@ MAX_BODY = 1 << 20  # 1 MiB of JSON is far more than any allowed text
 BODY_SECONDS = 30.0  # a request body must arrive within this (a trickled body holds a connection)
 WRITE_SECONDS = 60.0  # a streamed piece must be taken by the client within this
 CONTROL_PREFIX = "/v1/voices/"
-# The body types another web page can send here without asking first (the Fetch standard's
-# CORS-safelisted Content-Type values: what a <form> or a no-cors fetch() may use). Any other
-# type makes the browser ask with a preflight OPTIONS, which ttsd never grants.
-FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -109,62 +105,15 @@ async def _encoded(loop: asyncio.AbstractEventLoop, response: web.StreamResponse
         raise _StreamBroken(exc, response) from exc
 
 
-def _is_tcp(request: web.BaseRequest) -> bool:
-    transport = request.transport
-    sockname = transport.get_extra_info("sockname") if transport else None
-    return isinstance(sockname, tuple)
-
-
-def _loopback_host(request: web.BaseRequest) -> bool:
-    """The Host header names this machine without DNS: ``localhost`` or an IP literal. A page
-    served from a DNS name that an attacker rebinds to 127.0.0.1 sends its own name instead."""
-    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def browser_refusal(request: web.BaseRequest, *, control: bool, unguarded: bool) -> web.Response | None:
-    """Why a request from a web browser must not be served, or None.
-
-    Browsers add ``Origin`` and ``Sec-Fetch-Site`` to what they send; curl and ttsd's own clients
-    do not, and are unaffected. Cross-site request forgery: any web page can make a browser POST a
-    form or a no-cors ``fetch`` to ``http://localhost:8080`` (a Unix socket behind socat or an SSH
-    tunnel, where control needs no token). So a control route refuses a request from another origin,
-    and the body types a form can send (``FORM_TYPES``, e.g. curl's default for ``-d``). DNS
-    rebinding: where no token guards the listener (``unguarded``), a browser request must name the
-    host as ``localhost`` or an IP address, not a DNS name that resolves here."""
-    headers = request.headers
-    browser = "Origin" in headers or "Sec-Fetch-Site" in headers
-    if browser and unguarded and not _loopback_host(request):
-        return _error(403, "forbidden_host", "from a browser, open this listener as localhost or by IP address")
-    if not control:
-        return None
-    origin = headers.get("Origin")
-    # host and port only: behind a TLS proxy the page is https:// while this side sees http
-    if origin is not None and origin.partition("://")[2] != request.host:
-        return _error(403, "cross_origin", "control routes take no requests from other web pages")
-    if headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        return _error(403, "cross_origin", "control routes take no requests from other web pages")
-    if "Content-Type" in headers and request.content_type in FORM_TYPES:
-        return _error(415, "unsupported_media_type", "control routes take Content-Type: application/json")
-    return None
-
-
 def build_app(backend: Backend) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
-        tcp = _is_tcp(request)
+        tcp = is_tcp(request)
         control = request.path.startswith(CONTROL_PREFIX) and request.method == "POST"
         refusal = browser_refusal(request, control=control, unguarded=not tcp or backend.token is None)
         if refusal is not None:
-            return refusal
+            return _error(*refusal)
         if tcp and backend.token is None and control:
             return _error(403, "forbidden", "control routes need --token-file on a TCP listener")
         if tcp and backend.token is not None and not is_public(request.method, request.path):
@@ -388,7 +337,7 @@ class _Api:
         # "control": whether this listener takes rollback/activate from this client, so the status
         # page shows those buttons only where they work. Reaching here over TCP with a token set
         # means the token was right; over TCP without one, control routes are refused (403).
-        control = not _is_tcp(request) or self.b.token is not None
+        control = not is_tcp(request) or self.b.token is not None
         return web.json_response({**self.b.status(), "control": control})
 
     async def healthz(self, request: web.Request) -> web.Response:

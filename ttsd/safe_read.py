@@ -1,0 +1,114 @@
+"""Reading a model folder's files without being led astray: never through a link, never past a
+file's listed size, never more than ``MAX_ENTRIES`` entries. What ``manifest`` checks folders
+with, and what the store and the signature check read listed files through. Plain I/O only.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import Problem, VerifyError
+
+MAX_ENTRIES = 1000  # files and folders a model folder may hold (a VITS folder has fewer than 10)
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def walk(folder: Path) -> tuple[list[str], list[Problem]]:
+    """Relative paths of regular files under ``folder``, and a problem for anything that is not
+    one. Never follows a link; more than ``MAX_ENTRIES`` entries is a ``VerifyError`` found
+    without reading the rest (a folder of 100,000 files costs what one of 1,000 does)."""
+    files: list[str] = []
+    unsafe: list[Problem] = []
+    stack, seen = [folder], 0
+    while stack:
+        base = stack.pop()
+        with os.scandir(base) as entries:
+            for entry in entries:
+                seen += 1
+                if seen > MAX_ENTRIES:
+                    raise VerifyError(f"{folder}: more than {MAX_ENTRIES} files and folders",
+                                      [Problem("too_many", f"more than {MAX_ENTRIES}")])
+                rel = Path(entry.path).relative_to(folder).as_posix()
+                if entry.is_symlink():
+                    unsafe.append(Problem("unsafe", rel, "symlink"))
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    files.append(rel)
+                else:
+                    unsafe.append(Problem("unsafe", rel, "not a regular file"))
+    return sorted(files), sorted(unsafe, key=lambda p: p.path)
+
+
+_READ = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _regular(fd: int) -> int:
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_listed(path: Path) -> int:
+    """A listed file opened for reading without following a link (a file swapped for a link or a
+    device after the walk cannot make a check follow it); the caller closes the descriptor."""
+    return _regular(os.open(path, _READ | os.O_NONBLOCK))
+
+
+def open_beneath(root: int, rel: str) -> int:
+    """``rel`` (a manifest path: no ``..``, not absolute) opened beneath the directory ``root``
+    without following a link at any step, so nothing outside the folder can be read through a
+    folder or file swapped for a link; ``ELOOP`` if one is met. The caller closes it."""
+    parts = rel.split("/")
+    opened: list[int] = []
+    fd = root
+    try:
+        for part in parts[:-1]:
+            fd = os.open(part, _READ | os.O_DIRECTORY, dir_fd=fd)
+            opened.append(fd)
+        return _regular(os.open(parts[-1], _READ | os.O_NONBLOCK, dir_fd=fd))
+    finally:
+        for directory in opened:
+            os.close(directory)
+
+
+def hash_fd(fd: int, size: int, sink: Callable[[bytes], object] | None = None) -> tuple[int, str]:
+    """(size, sha256) of an open listed file, read no further than one byte past ``size`` (a file
+    that grows cannot make the check read forever). ``sink`` receives every byte hashed: the store
+    writes its copy from exactly the bytes it checks."""
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        return actual, ""
+    digest, left = hashlib.sha256(), size + 1
+    while left > 0 and (chunk := os.read(fd, min(left, _CHUNK))):
+        digest.update(chunk)
+        if sink is not None:
+            sink(chunk)
+        left -= len(chunk)
+    return size + 1 - left, digest.hexdigest()
+
+
+def hash_listed(path: Path, size: int) -> tuple[int, str]:
+    """``hash_fd`` of the listed file at ``path`` (opened with ``open_listed``)."""
+    fd = open_listed(path)
+    try:
+        return hash_fd(fd, size)
+    finally:
+        os.close(fd)
