@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import common
 from common import request
 
 SHORT = "Turn on the kitchen lights."
@@ -55,12 +56,7 @@ SETTLE_S = 1.1  # folders are older than the daemon's --settle (1 s) when rename
 
 
 def wait_for(ok: Callable[[], bool], timeout: float, what: str) -> float:
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
-        time.sleep(POLL_S)
-    return time.monotonic()
+    return common.wait_for(ok, timeout, what, POLL_S)
 
 
 class Hogs:

@@ -1,11 +1,14 @@
-"""What the daemon benches (``hotswap.py``, ``serve.py``, ``voices.py``) share: one HTTP request to
-a daemon's Unix socket on a fresh connection, as a client that connects per request does."""
+"""What the daemon benches (``busy.py``, ``hotswap.py``, ``serve.py``, ``voices.py``) share: one HTTP
+request to a daemon's Unix socket on a fresh connection, as a client that connects per request does,
+and polling until something holds."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -23,3 +26,14 @@ def request(sock: str, method: str, path: str, body: Any = None, timeout: float 
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
+
+
+def wait_for(ok: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> float:
+    """Poll ``ok()`` every ``poll`` seconds until it holds; that monotonic time. ``RuntimeError``
+    naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(poll)
+    return time.monotonic()

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import common
 from common import request
 
 SHORT = "Turn on the kitchen lights."
@@ -104,13 +105,7 @@ class Daemon:
 
 
 def wait_for(ok: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until ``ok()``; returns that monotonic time."""
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
-        time.sleep(POLL_S)
-    return time.monotonic()
+    return common.wait_for(ok, timeout, what, POLL_S)
 
 
 def pct(values: list[float], q: float) -> float:

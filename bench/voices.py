@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import common
 from common import request
 
 SHORT = "Turn on the kitchen lights."
@@ -51,12 +52,8 @@ CLIENTS = 4
 POLL_S = 0.1
 
 
-def wait_for(ok: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
-        time.sleep(POLL_S)
+def wait_for(ok: Callable[[], bool], timeout: float, what: str) -> float:
+    return common.wait_for(ok, timeout, what, POLL_S)
 
 
 def pct(values: list[float], q: float) -> float:
