@@ -156,9 +156,13 @@ def make_manager(tmp_path: Path, default_voice: str | None = None, **policy: obj
                         default_voice=default_voice)
 
 
-def fake_model(models: Path, name: str, version: str, **settings: object) -> Path:
+def fake_model(models: Path, name: str, version: str, blob_mb: int = 0, **settings: object) -> Path:
+    """Version ``version`` of voice ``name`` for the fake engine, told ``settings``; ``blob_mb``
+    adds a file that large, so that copying it in and hashing it takes a moment."""
     folder = models / f"{name}-{version}"
     folder.mkdir(parents=True)
     (folder / "fake.json").write_text(json.dumps(settings))
+    if blob_mb:
+        (folder / "blob.safetensors").write_bytes(os.urandom(1 << 20) * blob_mb)
     pack(folder, name=name, version=version, engine="fake", sample_rate=8000)
     return folder

@@ -6,12 +6,14 @@ computes, in Python calls, for that many CPU seconds)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import fake_model, make_manager
 from daemon_util import wait_for
 from fake_engine import FakeEngine
@@ -58,6 +60,8 @@ def test_a_rollback_during_an_upgrade_answers_at_once_and_calls_the_upgrade_off(
     wait_for(lambda: FakeEngine.live == 1, timeout=10, what="v2 unloaded")
     manager.reconcile()
     assert manager.snapshot()[0]["active"] == "1" and states(manager)["3"] == "available"
+    rollback = [h for h in manager.history() if h["why"] == "rollback requested"]
+    assert rollback and "load_seconds" not in rollback[-1]  # a swap: nothing was loaded for it
     manager.close()
 
 
@@ -164,3 +168,59 @@ def test_an_unload_never_holds_up_the_request_that_asked_for_it(tmp_path: Path, 
     wait_for(lambda: FakeEngine.unloaded_on, timeout=10, what="v1 unloaded")
     assert FakeEngine.unloaded_on == [n for n in FakeEngine.unloaded_on if n != threading.current_thread().name]
     manager.close()
+
+
+def test_an_upgrade_called_off_while_it_is_copied_in_says_so(tmp_path: Path, fake_engines: None,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """While a request is in flight the copy into the store is paced, so it takes a while. 1. v3
+    (200 MB) is being copied in when a rollback comes: it is called off, available, with the
+    reason, and no partial copy is left. 2. v4's folder is deleted while it is copied in: logged,
+    and the version is forgotten."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    lease = manager.acquire("voice")  # a request in flight: background work is paced
+    try:
+        fake_model(models, "voice", "3", blob_mb=200)
+        upgrade = in_background(manager.reconcile)
+        wait_for(lambda: states(manager).get("3") == "verifying", timeout=30, interval=0.01, what="v3 copied in")
+        time.sleep(0.2)
+        manager.rollback("voice")
+        upgrade.join(30)
+        v3 = manager.version("voice", "3")
+        assert v3 is not None and v3.state.value == "available" and "called off" in v3.reason
+        assert not list((tmp_path / "state" / "store").glob(".*.partial"))
+
+        folder = fake_model(models, "voice", "4", blob_mb=200)
+        upgrade = in_background(manager.reconcile)
+        wait_for(lambda: states(manager).get("4") == "verifying", timeout=30, interval=0.01, what="v4 copied in")
+        time.sleep(0.2)
+        shutil.rmtree(folder)
+        upgrade.join(30)
+    finally:
+        lease.release()
+    assert "4" not in states(manager) and "went away while it was copied into the store" in caplog.text
+    manager.close()
+
+
+def test_a_version_neither_stored_nor_in_the_models_dir_is_forgotten(tmp_path: Path, fake_engines: None) -> None:
+    """The store keeps the active version and the three most recent rollback targets. 1. Versions
+    1 to 6 arrive in turn, each folder deleted once it serves. 2. Versions 1 and 2 are no longer
+    kept: with no folder either, they can never serve again, and are gone from the listing and
+    from state.json, not shown as available (a rollback to one would fail)."""
+    models = tmp_path / "models"
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    for version in range(1, 7):
+        folder = fake_model(models, "voice", str(version))
+        manager.reconcile()
+        assert manager.snapshot()[0]["active"] == str(version)
+        shutil.rmtree(folder)
+    manager.reconcile()  # the rescan that sees the last folder gone
+    wait_for(lambda: set(states(manager)) == {"3", "4", "5", "6"}, timeout=10, what="1 and 2 forgotten")
+    manager.close()
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert sorted(saved["versions"]) == ["voice/3", "voice/4", "voice/5", "voice/6"]

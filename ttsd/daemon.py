@@ -224,6 +224,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         _writable_dir(cfg.state, "state dir")
         self.state_lock.acquire()  # before anything is made, loaded or written: one daemon per state dir
+        self._check_budget(loaded=False)
         _writable_dir(cfg.models, "models dir")
         _writable_dir(cfg.socket.parent, "socket dir")
         check_socket(cfg.socket)
@@ -298,17 +299,19 @@ class Daemon:
         self._interrupts = 1 if signum == signal.SIGINT else 0
         return await self._shutdown(runner, spool, spool_task, watchdog, wyoming)
 
-    def _check_budget(self) -> None:
-        """A memory budget below what the daemon already uses with its preloaded voices could never
-        load another voice: every request for one would be refused. A start-up error, not a
-        daemon that answers "retry" forever."""
+    def _check_budget(self, loaded: bool = True) -> None:
+        """A memory budget below what the daemon already uses could never load another voice:
+        every request for one would be refused. A start-up error, not a daemon that answers
+        "retry" forever. Checked before anything loads (the process alone), and again once the
+        preloaded voices are up (``loaded``)."""
         budget, rss = self.config.memory_budget, resident_bytes()
-        if budget is not None and rss > budget:
-            self.manager.close()
-            pinned = ", ".join(sorted(self.manager.demand.pinned())) or "none"
-            raise ConfigError(f"--memory-budget {budget / 2**20:.0f} MB is less than the {rss / 2**20:.0f} MB this "
-                              f"process uses with its preloaded voices ({pinned}): no other voice could load; "
-                              "give a larger budget or none")
+        if budget is None or rss <= budget:
+            return
+        uses = "with its preloaded voices ({})".format(", ".join(sorted(self.manager.demand.pinned())) or "none") \
+            if loaded else "before loading any voice"
+        self.manager.close()
+        raise ConfigError(f"--memory-budget {budget / 2**20:.0f} MB is less than the {rss / 2**20:.0f} MB this "
+                          f"process uses {uses}: no other voice could load; give a larger budget or none")
 
     async def _start_wyoming(self) -> WyomingServer:
         from urllib.parse import urlparse

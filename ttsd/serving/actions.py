@@ -45,11 +45,11 @@ class Control:
                 return self._roll(current, target, why, durable, started)
 
         def load_then_roll(_ticket: object) -> dict[str, Any]:
-            self._bring_up(target, why, f"cannot roll back to {voice} {target.version}")
+            loaded = self._bring_up(target, why, f"cannot roll back to {voice} {target.version}")
             try:
                 with self.lifecycle.commit:
                     now_current, _ = self._rollback_pair(voice, target.version)
-                    return self._roll(now_current, target, why, durable, started)
+                    return self._roll(now_current, target, why, durable, started, loaded)
             except BaseException:
                 self.lifecycle.discard(target, "loaded for a rollback that did not happen")
                 raise
@@ -74,7 +74,7 @@ class Control:
         return current, target
 
     def _roll(self, current: ModelVersion, target: ModelVersion, why: str, durable: bool,
-              started: float) -> dict[str, Any]:
+              started: float, loaded: bool = False) -> dict[str, Any]:
         """The rollback's swap (under ``commit``): ``current`` is marked rolled back."""
         record = self.state.voice(current.name)
         if current.version not in record.rolled_back:
@@ -83,7 +83,8 @@ class Control:
         self.table.set(current, reason=why)
         try:
             swapped = self.lifecycle.activate(target, why, push_previous=False, previous_state=State.ROLLED_BACK,
-                                              record=record, durable=durable)
+                                              record=record, durable=durable,
+                                              load_seconds=target.load_seconds if loaded else None)
         except ResourceError:
             self.table.set(current, reason=reason)
             raise
@@ -107,10 +108,10 @@ class Control:
                 return self._switch(target, current, why, started)
 
         def load_then_switch(_ticket: object) -> dict[str, Any]:
-            self._bring_up(target, why, f"cannot activate {voice} {version}")
+            loaded = self._bring_up(target, why, f"cannot activate {voice} {version}")
             try:
                 with self.lifecycle.commit:
-                    return self._switch(target, self.lifecycle.active(voice), why, started)
+                    return self._switch(target, self.lifecycle.active(voice), why, started, loaded)
             except BaseException:
                 self.lifecycle.discard(target, "loaded for an activate that did not happen")
                 raise
@@ -118,10 +119,12 @@ class Control:
         return self.jobs.start(voice, f"activate of {voice} {version}", load_then_switch, urgent=True,
                                supersede=True).result()
 
-    def _switch(self, target: ModelVersion, current: ModelVersion | None, why: str, started: float) -> dict[str, Any]:
+    def _switch(self, target: ModelVersion, current: ModelVersion | None, why: str, started: float,
+                loaded: bool = False) -> dict[str, Any]:
         record = self.state.voice(target.name)
         record = record.but(rolled_back=[v for v in record.rolled_back if norm(v) != norm(target.version)])
-        swapped = self.lifecycle.activate(target, why, record=record)
+        swapped = self.lifecycle.activate(target, why, record=record,
+                                          load_seconds=target.load_seconds if loaded else None)
         return {"voice": target.name, "from": current.version if current else None, "to": target.version,
                 "seconds": round(swapped - started, 3)}
 
@@ -139,11 +142,12 @@ class Control:
     def _loaded(self, model: ModelVersion) -> bool:
         return model.engine is not None and self.lifecycle.map.loaded(model.key)
 
-    def _bring_up(self, target: ModelVersion, why: str, cannot: str) -> None:
-        """Load ``target`` for an action (in the action's urgent job); ``ConflictError`` saying why
-        it cannot serve."""
+    def _bring_up(self, target: ModelVersion, why: str, cannot: str) -> bool:
+        """Load ``target`` for an action (in the action's urgent job): whether it was loaded now;
+        ``ConflictError`` saying why it cannot serve."""
         if target.engine is not None:
-            return
+            return False
         self.bringup.ensure_stored(target)
         if not self.bringup.bring_up(target, why):
             raise ConflictError(f"{cannot}: {target.reason}")
+        return True

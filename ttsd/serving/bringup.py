@@ -66,6 +66,8 @@ class BringUp:
             copy = self.store.put(folder, model.manifest)
         except Exception as exc:  # sorted below; MemoryError is an Exception too
             if not os.path.lexists(folder):  # it went away while it was copied: forgotten
+                log.warning("%s went away while it was copied into the store; it is looked at again if it "
+                            "comes back", folder)
                 again(folder)
                 self.lifecycle.forget_folder(folder)
             elif isinstance(exc, VerifyError) and exc.looks_incomplete():  # changed since it was judged

@@ -213,8 +213,9 @@ class OnDemand:
             plan = residency.plan(residents, self.budget, rss=resident_bytes(), adding=1, adding_bytes=guess)
             if (strict and not plan.fits) or not plan.unload:
                 if not plan.fits and not strict:
-                    log.warning("loading %s %s goes over the memory budget: everything else loaded is busy",
-                                model.name, model.version)
+                    log.warning("loading %s %s goes over the memory budget: %s", model.name, model.version,
+                                "nothing else loaded may be unloaded now" if residents else
+                                f"the process uses {resident_bytes() / 2**20:.0f} MB before it")
                 return plan.fits
             self._evict(self.table.by_key(plan.unload[0]))
         return False

@@ -61,14 +61,15 @@ class Lifecycle:
     # == the swap ===============================================================================
     def activate(self, model: ModelVersion, why: str, *, ticket: Ticket | None = None, push_previous: bool = True,
                  previous_state: State = State.STANDBY, record: VoiceRecord | None = None,
-                 durable: bool = True) -> float:
+                 durable: bool = True, load_seconds: float | None = None) -> float:
         """Make ``model`` (loaded) its voice's active version; the monotonic time of the swap.
 
         ``durable`` (operator actions, new versions): the voice's new record (``record``, or one
         made here) is written to ``state.json`` first, and if that fails nothing changes and
         ``ResourceError`` says why. Otherwise (resuming, automatic rollbacks and canary results,
         which must not wait for disk space) the swap happens and the record is written when it can.
-        ``Superseded`` when ``ticket`` was called off."""
+        ``Superseded`` when ``ticket`` was called off. ``load_seconds``: what bringing it up for this
+        swap took, for the audit trail (None: nothing was loaded for it)."""
         with self.commit:
             if ticket is not None:
                 ticket.check()
@@ -108,8 +109,8 @@ class Lifecycle:
                     extra.state = State.RETIRED
                 to_unload = [m for m in self.table.of(model.name) if m.engine is not None
                              and m.state in (State.RETIRED, State.ROLLED_BACK)]
-        self.state.record(model.name, saved.active, model.version, why, load_seconds=round(model.load_seconds, 2),
-                          write=False)
+        details = {"load_seconds": round(load_seconds, 2)} if load_seconds is not None else {}
+        self.state.record(model.name, saved.active, model.version, why, write=False, **details)
         log.info("%s: %s -> %s (%s)", model.name, saved.active or "-", model.version, why)
         self._listener("activated", model)
         for m in to_unload:  # freeing memory is not part of the swap: off this path
@@ -221,15 +222,16 @@ class Lifecycle:
         version forgets the folder and leaves the transient states (a voice must never look "being
         upgraded" forever)."""
         with self.table.locked():
+            gone = []
             for model in self.table.all():
                 if model.source != folder:
                     continue
                 model.source = None
-                if model.state in (State.INCOMPLETE, State.VERIFYING, State.DEFERRED):
-                    if model.store is None and model.engine is None:
-                        self.table.drop(model)
-                    elif model.state is not State.DEFERRED:
-                        model.state = State.AVAILABLE
+                if _nowhere(model):
+                    gone.append(model)
+                elif model.state in (State.INCOMPLETE, State.VERIFYING):
+                    model.state = State.AVAILABLE
+            self._forget(gone)
 
     def unforeseen(self, folder: Path, exc: BaseException) -> None:
         """An error no check foresaw while looking at ``folder``: its version goes back to what it
@@ -306,7 +308,8 @@ class Lifecycle:
 
     def prune_store(self, name: str) -> None:
         """Keep store copies only of what can serve soon: the active version, loaded ones, the
-        canary, and the most recent rollback targets. Others drop back to their models-dir folder."""
+        canary, and the most recent rollback targets. Others drop back to their models-dir folder;
+        one whose folder is gone can never serve again, and is forgotten."""
         voice = self.state.voice(name)
         keep = {norm(v) for v in voice.previous[-STORE_KEEP:]} | {norm(v) for v in (voice.active, voice.canary) if v}
         with self.table.locked():
@@ -315,5 +318,22 @@ class Lifecycle:
                      and m.state not in (State.CANARY, *COMING_UP) and norm(m.version) not in keep]
             for m in stale:
                 m.store = None
+            self._forget([m for m in stale if _nowhere(m)])
         for m in stale:
             shutil.rmtree(self.store.path(m.name, m.version), ignore_errors=True)
+
+    def _forget(self, models: list[ModelVersion]) -> None:
+        """Versions that can never serve again (no store copy, no folder, not loaded) leave the
+        table and ``state.json`` (under the table's lock). Refusals and rollbacks stay on record."""
+        for m in models:
+            self.table.drop(m)
+            if m.content:
+                log.info("%s %s forgotten: it is neither in the store nor in the models dir", m.name, m.version)
+        self.state.forget_versions(f"{m.name}/{m.version}" for m in models)
+
+
+def _nowhere(model: ModelVersion) -> bool:
+    """Neither stored, nor a folder, nor loaded, and nothing to remember it by: it can never serve
+    again."""
+    return (model.store is None and model.source is None and model.engine is None
+            and model.state in (State.AVAILABLE, State.INCOMPLETE, State.VERIFYING, State.DEFERRED))

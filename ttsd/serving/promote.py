@@ -56,9 +56,13 @@ class Promoter:
         models dir), load and warm it beside the serving version, then swap (or start a canary).
         The memory policy unloads the serving version only once the copy is made and checked, so
         a folder that does not match its manifest never takes the voice down."""
-        if not self.bringup.store_new(model, folder, self._again):
-            return False
-        ticket.check()
+        try:
+            if not self.bringup.store_new(model, folder, self._again):
+                return False
+            ticket.check()
+        except Superseded as exc:  # called off while it was copied in and hashed
+            self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
+            raise
         previous = self.lifecycle.active(model.name)
         was_loaded = previous is not None and previous.engine is not None
         retired = None
@@ -73,7 +77,7 @@ class Promoter:
                 self.lifecycle.start_canary(model, ticket)
                 return True
             try:
-                self.lifecycle.activate(model, why, ticket=ticket)
+                self.lifecycle.activate(model, why, ticket=ticket, load_seconds=model.load_seconds)
             except ResourceError as exc:  # the swap could not be recorded: it does not happen yet
                 self.lifecycle.unload(model)
                 self.lifecycle.defer(model, str(exc))
@@ -90,7 +94,8 @@ class Promoter:
         """After a failed upgrade under the memory policy: the version it unloaded serves again."""
         if retired is not None and retired.engine is None \
                 and self.bringup.bring_up(retired, "reloaded after a failed upgrade"):
-            self.lifecycle.activate(retired, "the upgrade failed", push_previous=False, durable=False)
+            self.lifecycle.activate(retired, "the upgrade failed", push_previous=False, durable=False,
+                                    load_seconds=retired.load_seconds)
         return False
 
     # == a voice with nothing serving ===========================================================
@@ -107,7 +112,8 @@ class Promoter:
                 self.lifecycle.defer(model, str(exc))
                 continue
             if self.bringup.bring_up(model, "the voice had no active version"):
-                self.lifecycle.activate(model, "fallback: newest version that verifies", durable=False)
+                self.lifecycle.activate(model, "fallback: newest version that verifies", durable=False,
+                                        load_seconds=model.load_seconds)
                 log.warning("%s: serving %s, the newest version that verifies", name, model.version)
                 self.demand.park_if_cold(model, was_loaded=for_request)
                 return
@@ -152,7 +158,8 @@ class Promoter:
         if self.demand.budget.limited and name not in pinned:
             self.demand.activate_cold(model)
         elif self.bringup.bring_up(model, "resumed after restart"):
-            self.lifecycle.activate(model, "restart", push_previous=False, durable=False)
+            self.lifecycle.activate(model, "restart", push_previous=False, durable=False,
+                                    load_seconds=model.load_seconds)
         else:
             return self.fall_back(name)
         if canary is not None:
@@ -174,4 +181,5 @@ class Promoter:
         if self.policy.canary_share(name) > 0:
             self.lifecycle.start_canary(canary)
         else:
-            self.lifecycle.activate(canary, "canary resumed with no canary share: promoted", durable=False)
+            self.lifecycle.activate(canary, "canary resumed with no canary share: promoted", durable=False,
+                                    load_seconds=canary.load_seconds)

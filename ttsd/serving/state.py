@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,12 @@ class ServingState:
         """Every version's record, as the manager knows them now (written at the next ``save``)."""
         with self._lock:
             self._versions.update(records)
+
+    def forget_versions(self, keys: Iterable[str]) -> None:
+        """Versions ("name/version") that can never serve again leave the record (at the next save)."""
+        with self._lock:
+            for key in keys:
+                self._versions.pop(key, None)
 
     def save(self) -> bool:
         """Write the state if it changed; False (logged, retried at the next call) if it cannot be."""
