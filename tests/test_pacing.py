@@ -84,13 +84,13 @@ def test_workers_get_the_gil_back_quickly_while_a_job_is_paced() -> None:
     assert job_work > 0  # the job still makes progress
 
 
-def _cpu_share(busy: bool, seconds: float = 0.3) -> float:
-    """The CPU a paced job doing C-level work (sha256 of 256 KiB per call, GIL released) gets:
-    its thread's CPU time over the wall time it ran."""
+def _cpu_share(busy: bool, seconds: float = 0.3, chunk: int = 256 << 10) -> float:
+    """The CPU a paced job doing C-level work (sha256 of ``chunk`` bytes per call, GIL released)
+    gets: its thread's CPU time over the wall time it ran."""
     share = [0.0]
 
     def job() -> None:
-        data = b"x" * (256 << 10)
+        data = b"x" * chunk
         with paced(Ticket("test"), lambda: busy):
             start, cpu = time.monotonic(), time.thread_time()
             while time.monotonic() - start < seconds:
@@ -112,6 +112,14 @@ def test_c_level_work_is_paced_too_and_runs_free_when_nothing_is_served() -> Non
     idle = [_cpu_share(False) for _ in range(3)]
     assert statistics.median(busy) < 0.2, busy
     assert statistics.median(idle) > 2 * statistics.median(busy), (idle, busy)
+
+
+def test_a_long_call_is_followed_by_a_longer_pause() -> None:
+    """One call of several ms (a long torch op; here sha256 of 16 MiB, ~8 ms) runs past the
+    slice: the pause after it grows with it, so the share stays about RUN : PAUSE (a fixed pause
+    gave such a job 43 %)."""
+    shares = [_cpu_share(True, seconds=1.0, chunk=16 << 20) for _ in range(3)]
+    assert statistics.median(shares) < 0.12, shares
 
 
 def test_urgent_work_is_paced_lightly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,8 @@ inversion the kernel cannot see). Nice levels have the same shape, less sharply.
 So loaders run at the process's own priority, and pace themselves instead:
 
 * while any request is being served (``serving()``), a background job works at most ``RUN_S`` out
-  of every ``RUN_S + PAUSE_S`` seconds (1 ms of 20) and sleeps the rest, with the GIL released;
+  of every ``RUN_S + PAUSE_S`` seconds (1 ms of 20) and sleeps the rest, with the GIL released (a
+  call that ran longer than ``RUN_S``, one long torch op, is followed by a pause as much longer);
   the live requests keep the cores, and the job still progresses at a fixed share however busy
   ttsd is. The share was chosen by ``bench/hotswap.py`` with four clients keeping the daemon
   saturated (Intel Xeon with AMX, 2 cores): a fifth of a core made requests overlapping the
@@ -52,6 +53,7 @@ PAUSE_S = 0.019
 # Urgent work while requests run: hand the GIL over every 4 ms, for 1 ms.
 URGENT_RUN_S = 0.004
 URGENT_PAUSE_S = 0.001
+MAX_PAUSE_S = 0.25  # however long the last call ran: a job still looks at its ticket this often
 
 
 class Superseded(BaseException):  # noqa: N818 - a signal, like asyncio.CancelledError
@@ -94,11 +96,13 @@ def paced(ticket: Ticket, serving: Callable[[], bool]) -> Iterator[None]:
         nonlocal started
         if ticket.cancelled is not None:
             raise Superseded(ticket.cancelled)
-        now = clock()
+        ran = clock() - started
         run, pause = (URGENT_RUN_S, URGENT_PAUSE_S) if ticket.urgent else (RUN_S, PAUSE_S)
-        if now - started > run:
+        if ran > run:
             if serving():
-                sleep(pause)  # releases the GIL and the core
+                # in proportion to what ran: one torch op may take several ms, and a fixed pause
+                # after it would give the job a larger share than RUN : PAUSE
+                sleep(min(ran * pause / run, MAX_PAUSE_S))  # releases the GIL and the core
             started = clock()
 
     sys.setprofile(hook)
