@@ -85,8 +85,41 @@ def test_cancel_calls_off_background_jobs_only() -> None:
     background = jobs.start("a", "upgrade of a", _busy_until(threading.Event(), log, "a"), urgent=False)
     urgent = jobs.start("b", "load of b", _busy_until(stop, log, "b"), urgent=True)
     time.sleep(0.1)
-    assert jobs.cancel("a", "rollback of a") is not None and jobs.cancel("b", "rollback of b") is None
+    assert len(jobs.cancel("a", "rollback of a")) == 1 and jobs.cancel("b", "rollback of b") == []
     with pytest.raises(Superseded, match="rollback of a"):
         background.result(5)
     stop.set()
     assert urgent.result(5) == "b"
+
+
+def test_supersede_and_hurry_reach_the_running_job_behind_a_queued_one() -> None:
+    """1. Voice a's job A runs; job B waits behind it. 2. A superseding job C calls off both A and
+    B (not only the newest), so it does not wait for A to finish. 3. With A' running and B'
+    queued, ``hurry`` makes A' urgent too: the request waits for the job that actually runs."""
+    jobs, log = Jobs(serving=lambda: False), []
+    first = jobs.start("a", "A", _busy_until(threading.Event(), log, "A"), urgent=False)
+    queued = jobs.start("a", "B", lambda _t: "B", urgent=False)
+    time.sleep(0.1)
+    third = jobs.start("a", "C", lambda _t: "C", urgent=False, supersede=True)
+    assert third.result(5) == "C"
+    for future in (first, queued):
+        with pytest.raises(Superseded, match="C"):
+            future.result(0)
+
+    stop = threading.Event()
+    tickets: list[Ticket] = []
+
+    def running(ticket: Ticket) -> str:
+        tickets.append(ticket)
+        stop.wait(5)
+        return "A'"
+
+    first = jobs.start("a", "A'", running, urgent=False)
+    jobs.start("a", "B'", lambda _t: "B'", urgent=False)
+    wait_until = time.monotonic() + 5
+    while not tickets and time.monotonic() < wait_until:
+        time.sleep(0.01)
+    jobs.hurry("a")
+    assert tickets and tickets[0].urgent
+    stop.set()
+    assert first.result(5) == "A'" and jobs.wait(5)

@@ -47,11 +47,13 @@ class Jobs:
         """Run ``work(ticket)`` as voice ``voice``'s next job (see the module docstring). The future
         holds its result, or ``Superseded`` when it was called off."""
         future: Future[T] = Future()
-        ticket = Ticket(what, urgent=urgent)
+        ticket = Ticket(what, voice=voice, urgent=urgent)
         with self._lock:
             before = self._current.get(voice)
-            if before is not None and supersede and not before.urgent:
-                before.cancel(what)
+            if supersede:  # every background job of the voice, the running one and any waiting
+                for other in self._of(voice):
+                    if not other.urgent:
+                        other.cancel(what)
             self._current[voice] = ticket
             self._all.add(ticket)
 
@@ -99,21 +101,23 @@ class Jobs:
         with self._lock:
             return voice in self._current
 
-    def cancel(self, voice: str, why: str) -> Ticket | None:
-        """Call off ``voice``'s background job, if any (urgent ones finish): it commits nothing."""
+    def cancel(self, voice: str, why: str) -> list[Ticket]:
+        """Call off ``voice``'s background jobs (urgent ones finish): they commit nothing."""
         with self._lock:
-            ticket = self._current.get(voice)
-        if ticket is not None and not ticket.urgent:
+            called_off = [t for t in self._of(voice) if not t.urgent]
+        for ticket in called_off:
             ticket.cancel(why)
-            return ticket
-        return None
+        return called_off
 
     def hurry(self, voice: str) -> None:
-        """Make ``voice``'s job urgent: a request now waits for it."""
+        """Make ``voice``'s jobs urgent: a request now waits for them."""
         with self._lock:
-            ticket = self._current.get(voice)
-        if ticket is not None:
-            ticket.urgent = True
+            for ticket in self._of(voice):
+                ticket.urgent = True
+
+    def _of(self, voice: str) -> list[Ticket]:
+        """``voice``'s unfinished jobs (under ``_lock``)."""
+        return [t for t in self._all if t.voice == voice]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until no job is left (start-up, tests); False on time-out."""

@@ -66,6 +66,7 @@ class Ticket:
     make it urgent; the job's own thread reads both at every call (plain attributes: no lock)."""
 
     what: str  # "upgrade of voice to 3", for logs
+    voice: str = ""
     urgent: bool = False
     cancelled: str | None = None  # why, once called off
     done: threading.Event = field(default_factory=threading.Event)
