@@ -176,3 +176,34 @@ def test_leaves_an_existing_profiler_alone() -> None:
     thread.start()
     thread.join()
     assert result["inside"] is profiler and result["after"] is profiler
+
+
+def test_inside_a_guard_a_job_is_neither_paused_nor_called_off() -> None:
+    """The manager's locks are Guards: a job holding one must not sleep there (the event loop's
+    readers of that lock would wait) nor stop half-way through a transition. 1. A job called off
+    while it holds a Guard runs the guarded section to its end, unpaced though requests are
+    served. 2. It stops at its first call after."""
+    from ttsd.serving.pacing import Guard
+
+    ticket, guard = Ticket("test"), Guard()
+    result: dict[str, object] = {}
+
+    def job() -> None:
+        try:
+            with paced(ticket, lambda: True):
+                with guard:
+                    ticket.cancel("a newer version")
+                    started = time.perf_counter()
+                    for _ in range(20_000):
+                        _step(1)  # Python calls: each would pause or stop outside the guard
+                    result["inside"] = time.perf_counter() - started
+                _step(2)
+                result["after"] = "ran on"
+        except Superseded as exc:
+            result["stopped"] = str(exc)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(10)
+    assert result.get("stopped") == "a newer version" and "after" not in result
+    assert float(result["inside"]) < 0.5  # paced, 20,000 calls would sleep for seconds  # type: ignore[arg-type]

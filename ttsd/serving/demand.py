@@ -40,6 +40,7 @@ from . import residency
 from .jobs import Jobs
 from .lifecycle import Lifecycle
 from .loader import unload_engine
+from .pacing import Guard
 from .table import VersionTable
 from .versions import COMING_UP, Listener, ModelVersion, State
 
@@ -55,7 +56,7 @@ class OnDemand:
         self.map = lifecycle.map
         self._bring_up, self._ensure_stored, self._fall_back = bring_up, ensure_stored, fall_back
         self._listener = listener
-        self._lock = threading.Lock()
+        self._lock = Guard()
         self._waiters: Counter[str] = Counter()  # requests waiting for each voice's load
         self._wanted: dict[str, Future[None]] = {}  # the one load in progress per cold voice
         self._last_used: dict[str, tuple[float, float]] = {}  # voice -> (monotonic, wall clock)

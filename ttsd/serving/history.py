@@ -18,12 +18,12 @@ import collections
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ..fsutil import atomic_write_text
+from .pacing import Guard
 
 log = logging.getLogger("ttsd.state")
 
@@ -37,7 +37,7 @@ MAX_LINE = 16 * 1024  # a longer line (not one ttsd wrote) is skipped
 class AuditTrail:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = Guard()
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=SHOWN)
         self._pending: list[str] = []  # lines not written yet (the disk was full)
         self._size = 0

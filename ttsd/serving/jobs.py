@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from .pacing import Superseded, Ticket, paced
+from .pacing import Guard, Superseded, Ticket, paced
 
 log = logging.getLogger("ttsd.manager")
 T = TypeVar("T")
@@ -36,7 +36,7 @@ T = TypeVar("T")
 class Jobs:
     def __init__(self, serving: Callable[[], bool]) -> None:
         self._serving = serving
-        self._lock = threading.Lock()
+        self._lock = Guard()
         self._current: dict[str, Ticket] = {}  # voice -> its newest job (running or waiting its turn)
         self._background = threading.Lock()
         self._urgent = threading.Lock()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import ResourceError
 from .loader import unload_engine
-from .pacing import Ticket
+from .pacing import Guard, Ticket
 from .policy import backoff, beyond_keep
 from .serving_map import Served, ServingMap
 from .state import ServingState, VersionRecord, VoiceRecord
@@ -45,7 +45,7 @@ class Lifecycle:
                  fit_budget: Callable[[], None]) -> None:
         self.table, self.map, self.state, self.store, self.policy = table, serving, state, store, policy
         self._listener, self._spawn, self._fit_budget = listener, spawn, fit_budget
-        self.commit = threading.RLock()
+        self.commit = Guard(threading.RLock())
 
     def active(self, name: str) -> ModelVersion | None:
         return self.table.by_key(self.map.active(name))

@@ -34,6 +34,10 @@ Python and C function call (every torch op, every chunk hashed): about every 5 m
 at no measurable cost (10,000 calls per load). The same hook calls the job off: when its
 ``Ticket`` is cancelled (a rollback, an activate, a newer version), the next call raises
 ``Superseded``, a ``BaseException`` so that no engine's ``except Exception`` swallows it.
+
+Neither happens while the job holds one of the manager's locks (``Guard``): a pause there would
+hold up the event loop's readers of the same lock, and an exception there would leave a
+transition half made (a swap recorded but not done). The hook acts at the job's next call after.
 """
 
 from __future__ import annotations
@@ -54,6 +58,26 @@ PAUSE_S = 0.019
 URGENT_RUN_S = 0.004
 URGENT_PAUSE_S = 0.001
 MAX_PAUSE_S = 0.25  # however long the last call ran: a job still looks at its ticket this often
+
+
+_held = threading.local()  # how many Guards this thread holds
+
+
+class Guard:
+    """A lock (``threading.Lock`` or ``RLock``) inside which a paced job is neither paused nor
+    called off: the manager's locks are all Guards. Used as a context manager only."""
+
+    def __init__(self, lock: threading.Lock | threading.RLock | None = None) -> None:
+        self._lock = lock if lock is not None else threading.Lock()
+
+    def __enter__(self) -> Guard:
+        self._lock.acquire()
+        _held.depth = getattr(_held, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        _held.depth -= 1
+        self._lock.release()
 
 
 class Superseded(BaseException):  # noqa: N818 - a signal, like asyncio.CancelledError
@@ -95,6 +119,8 @@ def paced(ticket: Ticket, serving: Callable[[], bool]) -> Iterator[None]:
 
     def hook(_frame: FrameType, _event: str, _arg: Any) -> None:
         nonlocal started
+        if getattr(_held, "depth", 0):
+            return  # inside one of the manager's locks: see the module docstring
         if ticket.cancelled is not None:
             raise Superseded(ticket.cancelled)
         ran = clock() - started

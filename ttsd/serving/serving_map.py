@@ -22,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engines import Engine
 from ..errors import BusyError, ColdVoiceError, UnknownVoiceError
+from .pacing import Guard
 from .versions import norm
 
 log = logging.getLogger("ttsd.serving")
@@ -98,7 +98,7 @@ class ServingMap:
         self._upgrading = upgrading
         self._canary_share = canary_share
         self.default_voice = default_voice
-        self._lock = threading.Lock()
+        self._lock = Guard()
         self._loaded: dict[Key, _Entry] = {}  # every loaded version a request may name
         self._active: dict[str, Key] = {}
         self._canary: dict[str, Key] = {}

@@ -28,6 +28,7 @@ from ..errors import ConfigError, ManifestError, StateLockedError, resource_erro
 from ..fsutil import atomic_write_text
 from ..manifest import check_name, check_version
 from .history import AuditTrail
+from .pacing import Guard
 
 log = logging.getLogger("ttsd.state")
 
@@ -64,7 +65,7 @@ class ServingState:
         self.root = root
         self.path = root / "state.json"
         self.trail = AuditTrail(root / "history.jsonl")
-        self._lock = threading.RLock()
+        self._lock = Guard(threading.RLock())
         self._voices: dict[str, VoiceRecord] = {}
         self._versions: dict[str, VersionRecord] = {}  # "name/version"
         self._written = ""  # last state.json text, so an unchanged state is not rewritten

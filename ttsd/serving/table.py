@@ -17,12 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .pacing import Guard
 from .versions import COMING_UP, Key, ModelVersion, norm
 
 
 class VersionTable:
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self._lock = Guard(threading.RLock())
         self._versions: dict[Key, ModelVersion] = {}
         self._folders: dict[Path, tuple[str, str]] = {}  # folder -> (state, reason) as the manager sees it
 
