@@ -156,6 +156,18 @@ def make_manager(tmp_path: Path, default_voice: str | None = None, **policy: obj
                         default_voice=default_voice)
 
 
+def v2_over_v1(tmp_path: Path, **policy: object) -> tuple[Path, ModelManager]:
+    """A started manager whose voice "voice" came as v1 and was upgraded to v2: v2 serves, v1 is
+    its rollback target (loaded unless ``keep=0``). Returns (the models dir, the manager)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, **policy)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    return models, manager
+
+
 def fake_model(models: Path, name: str, version: str, blob_mb: int = 0, **settings: object) -> Path:
     """Version ``version`` of voice ``name`` for the fake engine, told ``settings``; ``blob_mb``
     adds a file that large, so that copying it in and hashing it takes a moment."""

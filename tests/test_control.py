@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fake_model, make_manager
+from conftest import fake_model, make_manager, v2_over_v1
 from daemon_util import wait_for
 from fake_engine import FakeEngine
 
@@ -37,12 +37,7 @@ def test_a_rollback_during_an_upgrade_answers_at_once_and_calls_the_upgrade_off(
     computes for a long time. 3. While it loads, a rollback answers in well under a second:
     v1 serves, v2 is rolled back. 4. v3's upgrade is called off: it never serves, it is available
     with the reason, and nothing of it stays loaded. 5. A rescan does not promote it again."""
-    models = tmp_path / "models"
-    fake_model(models, "voice", "1")
-    manager = make_manager(tmp_path)
-    manager.start()
-    fake_model(models, "voice", "2")
-    manager.reconcile()
+    models, manager = v2_over_v1(tmp_path)
     fake_model(models, "voice", "3", load_spin=60)
     upgrade = in_background(manager.reconcile)
     wait_for(lambda: states(manager).get("3") == "loading", timeout=30, interval=0.01, what="v3 loading")
@@ -70,12 +65,7 @@ def test_a_rollback_to_an_unloaded_version_does_not_wait_for_the_upgrade(tmp_pat
     """keep=0: the rollback target must load. 1. v2 serves, v1 is not loaded. 2. v3's long load
     runs. 3. The rollback loads v1 as an urgent job beside it, calls v3 off, and answers within
     2 s."""
-    models = tmp_path / "models"
-    fake_model(models, "voice", "1")
-    manager = make_manager(tmp_path, keep=0)
-    manager.start()
-    fake_model(models, "voice", "2")
-    manager.reconcile()
+    models, manager = v2_over_v1(tmp_path, keep=0)
     assert states(manager)["1"] == "available"
     fake_model(models, "voice", "3", load_spin=60)
     upgrade = in_background(manager.reconcile)
@@ -176,12 +166,7 @@ def test_an_upgrade_called_off_while_it_is_copied_in_says_so(tmp_path: Path, fak
     (200 MB) is being copied in when a rollback comes: it is called off, available, with the
     reason, and no partial copy is left. 2. v4's folder is deleted while it is copied in: logged,
     and the version is forgotten."""
-    models = tmp_path / "models"
-    fake_model(models, "voice", "1")
-    manager = make_manager(tmp_path)
-    manager.start()
-    fake_model(models, "voice", "2")
-    manager.reconcile()
+    models, manager = v2_over_v1(tmp_path)
     lease = manager.acquire("voice")  # a request in flight: background work is paced
     try:
         fake_model(models, "voice", "3", blob_mb=200)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import fake_model, make_manager
+from conftest import fake_model, make_manager, v2_over_v1
 from daemon_util import wait_for
 from fake_engine import FakeEngine
 
@@ -101,12 +101,7 @@ def test_rollback_is_instant_survives_restart_and_is_not_undone(tmp_path: Path, 
     """1. v1 then v2: v1 stays loaded (keep=1). 2. Roll back: v1 serves at once, no load.
     3. A rescan does not re-promote v2. 4. After a restart v1 still serves and v2 stays rolled back.
     5. A newer v3 is promoted normally."""
-    models = tmp_path / "models"
-    fake_model(models, "voice", "1")
-    manager = make_manager(tmp_path)
-    manager.start()
-    fake_model(models, "voice", "2")
-    manager.reconcile()
+    models, manager = v2_over_v1(tmp_path)
     assert FakeEngine.live == 2
     loads = FakeEngine.loads
     result = manager.rollback("voice")

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import fake_model, make_manager
+from conftest import fake_model, make_manager, v2_over_v1
 from fake_engine import FakeEngine
 
 from ttsd.errors import ResourceError, TtsdError
@@ -25,12 +25,7 @@ from ttsd.serving.versions import State
 
 def served_before(tmp_path: Path) -> tuple[Path, Path]:
     """A previous run: v1 then v2 arrived and v2 serves; both are in the store. Returns (models, state)."""
-    models = tmp_path / "models"
-    fake_model(models, "voice", "1")
-    manager = make_manager(tmp_path)
-    manager.start()
-    fake_model(models, "voice", "2")
-    manager.reconcile()
+    models, manager = v2_over_v1(tmp_path)
     assert manager.snapshot()[0]["active"] == "2"
     manager.close()
     return models, tmp_path / "state"
@@ -326,12 +321,7 @@ def test_an_error_taking_one_folder_stops_neither_the_others_nor_its_voice(tmp_p
 def test_a_folder_replaced_by_a_link_is_not_copied_through_it(tmp_path: Path, fake_engines: None) -> None:
     """v1's folder in the models dir becomes a link to a copy elsewhere; activating v1 (known, not
     stored) must refuse to copy through the link."""
-    models = tmp_path / "models"
-    fake_model(models, "voice", "1")
-    manager = make_manager(tmp_path, keep=0)
-    manager.start()
-    fake_model(models, "voice", "2")
-    manager.reconcile()
+    models, manager = v2_over_v1(tmp_path, keep=0)
     shutil.rmtree(tmp_path / "state" / "store" / "voice" / "1", ignore_errors=True)
     manager.version("voice", "1").store = None  # type: ignore[union-attr]
     elsewhere = tmp_path / "elsewhere"
