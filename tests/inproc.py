@@ -40,7 +40,7 @@ from ttsd.front.synth import Job, Result, SynthesisPool
 from ttsd.manifest import pack
 from ttsd.metrics import Metrics
 from ttsd.options import SynthesisOptions
-from ttsd.serving.serving_map import Key, Served, ServingMap
+from ttsd.serving.serving_map import Key, ServingMap, VoiceVersion
 from ttsd.serving.versions import norm
 from ttsd.text import split_sentences
 
@@ -216,7 +216,7 @@ class FakeVoices:
                 engine.rendered, engine.requests = 0, 0
                 engine.asked.clear()
                 key = (name, norm(version))
-                self.map.add(key, Served(name, version, manifest.sample_rate), engine)
+                self.map.add(key, VoiceVersion(name, version, manifest.sample_rate), engine)
                 self.engines[key] = engine
             if activate:
                 self.map.activate(max(((name, v) for v in versions), key=lambda k: Version(k[1])))

@@ -46,7 +46,7 @@ def test_a_rollback_during_an_upgrade_answers_at_once_and_calls_the_upgrade_off(
     took = time.monotonic() - started
     assert (result["from"], result["to"]) == ("2", "1") and took < 0.5, (result, took)
     with manager.acquire("voice") as lease:
-        assert lease.served.version == "1"
+        assert lease.voice.version == "1"
     upgrade.join(10)
     assert not upgrade.is_alive()
     assert states(manager) == {"1": "active", "2": "rolled-back", "3": "available"}

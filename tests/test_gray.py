@@ -16,7 +16,7 @@ from inproc import FakeVoices, FrontEnds
 from test_spool import Clock, settle_and_serve
 
 from ttsd.front import spool as spool_module
-from ttsd.serving.serving_map import Served, ServingMap, user_point
+from ttsd.serving.serving_map import ServingMap, VoiceVersion, user_point
 
 USERS = [f"user-{i}" for i in range(200)]
 CANARY = ("joe", "2")  # the fake backend below: joe 1 active, joe 2 a 30% canary
@@ -45,7 +45,7 @@ def test_each_user_keeps_one_version_and_30_percent_of_users_are_on_the_canary(
     for _ in range(5):
         for user in USERS:
             with manager.acquire("voice", user=user) as lease:
-                heard[user].add(lease.served.version)
+                heard[user].add(lease.voice.version)
     assert all(len(versions) == 1 for versions in heard.values()), heard
     on_canary = [user for user, versions in heard.items() if versions == {"2"}]
     assert 0.2 <= len(on_canary) / len(USERS) <= 0.4, len(on_canary)
@@ -54,11 +54,11 @@ def test_each_user_keeps_one_version_and_30_percent_of_users_are_on_the_canary(
     anonymous = set()
     for _ in range(60):
         with manager.acquire("voice") as lease:
-            anonymous.add(lease.served.version)
+            anonymous.add(lease.voice.version)
     assert anonymous == {"1", "2"}
 
     with manager.acquire("voice", "1", user=on_canary[0]) as lease:
-        assert lease.served.version == "1"
+        assert lease.voice.version == "1"
     assert manager.snapshot()[0]["canary"] == "2"  # still a canary: the counts above all went on it
 
 
@@ -69,7 +69,7 @@ def test_a_larger_share_keeps_its_users_and_a_new_canary_picks_its_own() -> None
     share = {"value": 0.1}
     served_map = ServingMap(canary_share=lambda _name: share["value"])
     for version in ("1", "2", "3"):
-        served_map.add(("voice", version), Served("voice", version, 16000), cast(Any, None))
+        served_map.add(("voice", version), VoiceVersion("voice", version, 16000), cast(Any, None))
     served_map.activate(("voice", "1"))
     served_map.set_canary(("voice", "2"))
 
@@ -77,7 +77,7 @@ def test_a_larger_share_keeps_its_users_and_a_new_canary_picks_its_own() -> None
         users = set()
         for user in USERS:
             with served_map.acquire("voice", user=user) as lease:
-                if lease.served.version != "1":
+                if lease.voice.version != "1":
                     users.add(user)
         return users
 

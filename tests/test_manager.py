@@ -30,7 +30,7 @@ def test_newest_good_version_of_each_voice_serves(tmp_path: Path, fake_engines: 
     assert {v["name"]: v["active"] for v in manager.snapshot()} == {"a": "2", "b": "1.0"}
     assert FakeEngine.live == 2  # older versions are not loaded
     with manager.acquire(None) as lease:
-        assert lease.served.name == "b"  # the default voice
+        assert lease.voice.name == "b"  # the default voice
     with pytest.raises(UnknownVoiceError, match="unknown voice 'c'"):
         manager.acquire("c")
 
@@ -46,9 +46,9 @@ def test_a_lease_keeps_its_version_through_a_swap(tmp_path: Path, fake_engines: 
     fake_model(models, "voice", "2")
     manager.reconcile()
     with manager.acquire("voice") as new:
-        assert new.served.version == "2"
+        assert new.voice.version == "2"
     v1 = manager.version("voice", "1")
-    assert old.served.version == "1" and v1 is not None and v1.state is State.RETIRED
+    assert old.voice.version == "1" and v1 is not None and v1.state is State.RETIRED
     assert old.engine.synthesize("still works").duration > 0
     assert FakeEngine.live == 2
     old.release()
@@ -107,7 +107,7 @@ def test_rollback_is_instant_survives_restart_and_is_not_undone(tmp_path: Path, 
     result = manager.rollback("voice")
     assert (result["from"], result["to"]) == ("2", "1")
     assert FakeEngine.loads == loads  # instant: v1 was still loaded, nothing was loaded for the swap
-    assert manager.acquire("voice").served.version == "1"
+    assert manager.acquire("voice").voice.version == "1"
     manager.reconcile()
     versions = {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}
     assert versions == {"1": "active", "2": "rolled-back"}
@@ -139,7 +139,7 @@ def test_auto_rollback_when_a_new_version_starts_failing(tmp_path: Path, fake_en
     served = []
     for _ in range(4):
         lease = manager.acquire("voice")
-        served.append(lease.served.version)
+        served.append(lease.voice.version)
         try:
             lease.engine.synthesize("hello")
             lease.release(True)
@@ -163,7 +163,7 @@ def test_canary_then_promotion(tmp_path: Path, fake_engines: None) -> None:
     counts = {"1": 0, "2": 0}
     for _ in range(400):
         lease = manager.acquire("voice")
-        version = lease.served.version
+        version = lease.voice.version
         counts[version] += 1
         lease.release(True)
         if manager.snapshot()[0]["active"] == "2":
@@ -190,7 +190,7 @@ def test_a_canary_survives_a_restart_with_its_users(tmp_path: Path, fake_engines
         result = {}
         for user in users:
             with m.acquire("voice", user=user) as lease:
-                result[user] = lease.served.version
+                result[user] = lease.voice.version
         return result
 
     before = heard(manager)
@@ -281,7 +281,7 @@ def test_memory_is_returned_over_20_swaps_of_the_real_voice(tmp_path: Path, joe_
         drop(version)
         manager.reconcile()
         with manager.acquire("joe") as lease:
-            assert lease.served.version == str(version)
+            assert lease.voice.version == str(version)
             lease.engine.synthesize("A request between swaps.")
         samples.append(rss_mb())
     loaded = [v["version"] for v in manager.snapshot()[0]["versions"] if v["state"] in ("active", "standby")]
@@ -377,7 +377,7 @@ def test_an_unload_asked_for_before_a_reactivation_does_not_unload_what_serves(t
     for work in queued:
         work()  # type: ignore[operator]
     with manager.acquire("voice") as lease:
-        assert lease.served.version == "1" and lease.engine.synthesize("still here").duration > 0
+        assert lease.voice.version == "1" and lease.engine.synthesize("still here").duration > 0
     manager.close()
 
 
@@ -385,9 +385,9 @@ def test_a_lease_counts_against_its_own_entry_when_a_version_comes_back() -> Non
     """A lease taken before a forced removal (shutdown, the memory policy's wait running out) ends
     after the same version was added again: the new entry's count must not go below zero, or it
     could never be unloaded."""
-    from ttsd.serving.serving_map import Served, ServingMap
+    from ttsd.serving.serving_map import ServingMap, VoiceVersion
 
-    served = Served("voice", "1", 8000)
+    served = VoiceVersion("voice", "1", 8000)
     engine = object()
     serving = ServingMap()
     serving.add(("voice", "1"), served, engine)  # type: ignore[arg-type]

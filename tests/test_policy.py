@@ -10,7 +10,7 @@ from ttsd.serving.versions import ModelVersion, Policy, State
 
 
 def v(version: str, state: State = State.AVAILABLE, *, stored: bool = True, retry_at: float = 0.0) -> ModelVersion:
-    return ModelVersion("voice", version, state, store=Path("/store") if stored else None, retry_at=retry_at)
+    return ModelVersion("voice", version, state, store_copy=Path("/store") if stored else None, retry_at=retry_at)
 
 
 def test_a_canary_is_promoted_after_its_requests_and_ended_by_one_failure() -> None:
@@ -47,7 +47,7 @@ def test_newer_versions_newest_first() -> None:
 def test_fall_back_takes_what_can_serve_newest_first_and_deferred_ones_only_when_due() -> None:
     versions = [v("1"), v("2", State.REFUSED), v("3", State.ROLLED_BACK), v("4"), v("5", stored=False),
                 v("6", State.DEFERRED, retry_at=100.0), v("7", State.INCOMPLETE), v("8")]
-    versions[4].source = None
+    versions[4].folder = None
     now = 50.0
     assert [m.version for m in fallback_order(versions, rolled_back=["8.0"], now=now)] == ["4", "1"]
     assert [m.version for m in fallback_order(versions, rolled_back=[], now=150.0)] == ["8", "6", "4", "1"]
@@ -56,7 +56,7 @@ def test_fall_back_takes_what_can_serve_newest_first_and_deferred_ones_only_when
 def test_a_deferred_version_is_retried_when_due_and_newer_than_the_active_one() -> None:
     deferred = [v("2", State.DEFERRED, retry_at=10.0), v("3", State.DEFERRED, retry_at=20.0)]
     for m in deferred:
-        m.source = Path(f"/models/voice-{m.version}")
+        m.folder = Path(f"/models/voice-{m.version}")
     assert retry_due(deferred, v("1", State.ACTIVE), now=5.0) is None
     assert retry_due(deferred, v("1", State.ACTIVE), now=15.0).version == "2"  # type: ignore[union-attr]
     assert retry_due(deferred, v("1", State.ACTIVE), now=25.0).version == "3"  # type: ignore[union-attr]

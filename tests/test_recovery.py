@@ -34,7 +34,7 @@ def served_before(tmp_path: Path) -> tuple[Path, Path]:
 def active(manager: ModelManager, voice: str = "voice") -> str | None:
     with manager.acquire(voice) as lease:
         assert lease.engine.synthesize("still speaking").duration > 0
-        return lease.served.version
+        return lease.voice.version
 
 
 def states(manager: ModelManager) -> dict[str, str]:
@@ -323,7 +323,7 @@ def test_a_folder_replaced_by_a_link_is_not_copied_through_it(tmp_path: Path, fa
     stored) must refuse to copy through the link."""
     models, manager = v2_over_v1(tmp_path, keep=0)
     shutil.rmtree(tmp_path / "state" / "store" / "voice" / "1", ignore_errors=True)
-    manager.version("voice", "1").store = None  # type: ignore[union-attr]
+    manager.version("voice", "1").store_copy = None  # type: ignore[union-attr]
     elsewhere = tmp_path / "elsewhere"
     shutil.move(str(models / "voice-1"), str(elsewhere))
     (models / "voice-1").symlink_to(elsewhere)

@@ -220,7 +220,7 @@ def test_with_trusted_keys_only_signed_versions_load_and_the_active_keeps_servin
     manager.reconcile()
     assert manager.snapshot()[0]["active"] == "2"
     with manager.acquire("voice") as lease:
-        assert lease.served.version == "2"
+        assert lease.voice.version == "2"
     manager.close()
 
     _, other_pub = make_key(tmp_path / "secret", "other")

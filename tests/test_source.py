@@ -1,4 +1,4 @@
-"""The model source (``LocalFolderSource``), the settle rule (``ttsd.watching.Settle``) and the
+"""The model source (``LocalFolderSource``), the settle rule (``ttsd.disk_changes.Settle``) and the
 store's copy (``ModelStore.put``), directly: ``scan`` is driven with explicit monotonic times and
 file mtimes are set by hand, so nothing here sleeps.
 
@@ -19,7 +19,7 @@ from ttsd.errors import VerifyError
 from ttsd.manifest import pack, read_manifest
 from ttsd.serving.source import Candidate, LocalFolderSource, Verdict, looks_incomplete
 from ttsd.serving.store import ModelStore
-from ttsd.watching import Settle
+from ttsd.disk_changes import Settle
 
 SETTLE, TIMEOUT = 1.0, 10.0
 FILES = {"model.safetensors": b"w" * 4096, "config.json": b'{"sampling_rate": 16000}'}

@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from ttsd.serving.watcher import ModelWatcher
+from ttsd.reloader import ModelWatcher
 
 
 def test_a_look_asked_for_soon_is_not_pushed_back_by_events(tmp_path: Path) -> None:

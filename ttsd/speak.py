@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .catalog import find_voice
+from .models_dir import find_voice
 from .config import Paths
 from .engines import Engine, create_engine
 from .errors import ConfigError

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .catalog import scan
+from .models_dir import scan
 from .errors import ConfigError, TtsdError
 from .fsutil import current_umask, fsync_dir
 from .manifest import Manifest, check_name, check_version, pack, verify

@@ -151,7 +151,7 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         for folder in info["folders"]:
             rows.append((Path(folder["folder"]).name, "-", folder["state"], "", folder["reason"]))
     else:
-        from ..catalog import scan
+        from ..models_dir import scan
         from ..manifest import verify
         from ..signing import describe
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from packaging.version import Version
 
-from ..catalog import Candidate, scan
+from ..models_dir import Candidate, scan
 from ..errors import (
     ConfigError,
     ConflictError,

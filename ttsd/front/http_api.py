@@ -34,7 +34,7 @@ from ..text import check_text
 from .backend import Backend
 from .guard import browser_refusal, is_tcp
 from .page import add_routes, is_public
-from .requests import (
+from .speech_request import (
     USER_HEADER,
     SynthRequest,
     parse_json,
@@ -153,7 +153,7 @@ def build_app(backend: Backend) -> web.Application:
 
 class _Api:
     def __init__(self, backend: Backend) -> None:
-        self.b = backend
+        self.backend = backend
 
     async def _json(self, request: web.Request) -> Any:
         return parse_json(await _read_body(request))
@@ -171,7 +171,7 @@ class _Api:
 
     async def openai_speech(self, request: web.Request) -> web.StreamResponse:
         try:
-            known = {v["name"] for v in self.b.voices()}
+            known = {v["name"] for v in self.backend.voices()}
             req = parse_openai(await self._json(request), known)
             req = with_user_header(req, request.headers.getall(USER_HEADER, []))
         except TtsdError as exc:
@@ -181,23 +181,23 @@ class _Api:
 
     def _count(self, voice: str | None, version: str | None, route: str, outcome: str,
                fault: str | None = None) -> None:
-        self.b.metrics.requests.labels(voice or "-", version or "-", route, outcome).inc()
+        self.backend.metrics.requests.labels(voice or "-", version or "-", route, outcome).inc()
         if fault is not None:
-            self.b.metrics.failures.labels(voice or "-", version or "-", route, fault).inc()
+            self.backend.metrics.failures.labels(voice or "-", version or "-", route, fault).inc()
 
     async def _serve(self, request: web.Request, req: SynthRequest, route: str) -> web.StreamResponse:
         started = time.monotonic()
         try:
-            req = replace(req, text=check_text(req.text, self.b.max_chars))  # checked here, once
+            req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
             # an encoder this box lacks (aac, or streamed mp3, without PyAV): refused before any synthesis
             check_available(req.format, stream=req.stream)
-            if not self.b.ready():
+            if not self.backend.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
-            lease = await self.b.lease(req.voice, req.version, user=req.user)
+            lease = await self.backend.lease(req.voice, req.version, user=req.user)
         except TtsdError as exc:  # no lease: the names came from the client, never a metric label
             self._count(None, None, route, exc.code, exc.fault)
             return error_response(exc)
-        served = lease.served
+        served = lease.voice
         try:
             if req.stream:
                 response = await self._stream(request, req, lease, route)
@@ -225,19 +225,19 @@ class _Api:
             self._count(served.name, served.version, route, "internal", "system")
             return error_response(exc)
         self._count(served.name, served.version, route, "ok")
-        self.b.metrics.latency.labels(served.name, route).observe(time.monotonic() - started)
+        self.backend.metrics.latency.labels(served.name, route).observe(time.monotonic() - started)
         return response
 
     def _headers(self, lease: Lease, fmt: str, rate: int) -> dict[str, str]:
         content_type = MEDIA_TYPES[fmt]
         if fmt == "pcm":
             content_type = f"audio/L16; rate={rate}; channels=1"
-        return {"Content-Type": content_type, "X-Ttsd-Voice": lease.served.name,
-                "X-Ttsd-Version": lease.served.version, "X-Ttsd-Sample-Rate": str(rate)}
+        return {"Content-Type": content_type, "X-Ttsd-Voice": lease.voice.name,
+                "X-Ttsd-Version": lease.voice.version, "X-Ttsd-Sample-Rate": str(rate)}
 
     async def _whole(self, req: SynthRequest, lease: Lease, route: str) -> web.Response:
         job = Job(text=req.text, options=req.options, lease=lease, route=route)
-        future = self.b.submit(job)
+        future = self.backend.submit(job)
         try:
             result = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -258,7 +258,7 @@ class _Api:
         chunks: asyncio.Queue[Audio | BaseException | None] = asyncio.Queue()
         job = Job(text=req.text, options=req.options, lease=lease, route=route,
                   on_chunk=lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk))
-        future = self.b.submit(job)
+        future = self.backend.submit(job)
 
         def finished(f: Future[Result]) -> None:
             exc = f.exception()
@@ -300,7 +300,7 @@ class _Api:
         return response
 
     async def voices(self, request: web.Request) -> web.Response:
-        return web.json_response({"voices": self.b.voices()})
+        return web.json_response({"voices": self.backend.voices()})
 
     async def _control_body(self, request: web.Request) -> dict[str, Any]:
         body = await _read_body(request)
@@ -317,7 +317,7 @@ class _Api:
             to = data.get("to")
             if to is not None and not isinstance(to, (str, int)):
                 raise RequestError("field 'to' must be a version string")
-            result = await self.b.rollback(request.match_info["name"], None if to is None else str(to))
+            result = await self.backend.rollback(request.match_info["name"], None if to is None else str(to))
         except TtsdError as exc:
             return error_response(exc)
         return web.json_response(result)
@@ -328,7 +328,7 @@ class _Api:
             version = data.get("version")
             if not isinstance(version, (str, int)):
                 raise RequestError("field 'version' is required")
-            result = await self.b.activate(request.match_info["name"], str(version))
+            result = await self.backend.activate(request.match_info["name"], str(version))
         except TtsdError as exc:
             return error_response(exc)
         return web.json_response(result)
@@ -337,16 +337,16 @@ class _Api:
         # "control": whether this listener takes rollback/activate from this client, so the status
         # page shows those buttons only where they work. Reaching here over TCP with a token set
         # means the token was right; over TCP without one, control routes are refused (403).
-        control = not is_tcp(request) or self.b.token is not None
-        return web.json_response({**self.b.status(), "control": control})
+        control = not is_tcp(request) or self.backend.token is not None
+        return web.json_response({**self.backend.status(), "control": control})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if self.b.ready():
+        if self.backend.ready():
             return web.json_response({"status": "ready"})
         return _error(503, "not_ready", "no voice is active yet", {"Retry-After": "5"})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.b.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=self.backend.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

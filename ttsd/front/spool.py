@@ -54,9 +54,9 @@ from ..errors import (
 )
 from ..fsutil import SHARED, atomic_write_bytes, atomic_write_text, fsync_dir
 from ..text import check_text
-from ..watching import Observer, Settle, observe
+from ..disk_changes import Observer, Settle, observe
 from .backend import Backend
-from .requests import SynthRequest, parse_json, parse_request
+from .speech_request import SynthRequest, parse_json, parse_request
 from .synth import Job, Result
 
 log = logging.getLogger("ttsd.spool")
@@ -235,7 +235,7 @@ class Spool:
             check_available(req.format)  # before synthesis: audio that cannot be written is wasted
             req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
             lease = await self.backend.lease(req.voice, req.version, user=req.user)
-            served = lease.served
+            served = lease.voice
             job = Job(text=req.text, options=req.options, lease=lease, route="spool")
             future: Future[Result] = self.backend.submit(job)
             result = await asyncio.wrap_future(future)

@@ -151,7 +151,7 @@ class SynthesisPool:
                     chunks.append(chunk)
             check_loudness(peak)
             ok = True
-            served = job.lease.served
+            served = job.lease.voice
             synth_seconds = time.monotonic() - started
             self.metrics.audio_seconds.labels(served.name, served.version).inc(seconds)
             self.metrics.synthesis_seconds.labels(served.name, served.version).inc(synth_seconds)
@@ -168,7 +168,7 @@ class SynthesisPool:
                 ok = False
             raise
         except MemoryError as exc:
-            log.error("out of memory synthesizing on %s %s", job.lease.served.name, job.lease.served.version)
+            log.error("out of memory synthesizing on %s %s", job.lease.voice.name, job.lease.voice.version)
             raise resource_error(exc, "synthesizing") from None
         except OSError as exc:
             if not is_system_oserror(exc):
@@ -177,7 +177,7 @@ class SynthesisPool:
             raise resource_error(exc, "synthesizing") from exc
         except Exception as exc:  # the engine crashed on a valid request: the model's fault
             ok = False
-            log.exception("synthesis failed on %s %s", job.lease.served.name, job.lease.served.version)
+            log.exception("synthesis failed on %s %s", job.lease.voice.name, job.lease.voice.version)
             raise SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}") from exc
         finally:
             job.lease.release(ok)

@@ -60,7 +60,7 @@ from ..options import SynthesisOptions
 from ..text import check_text, split_sentences
 from .backend import Backend
 from .listeners import check_socket
-from .requests import parse_speaker
+from .speech_request import parse_speaker
 from .synth import Job, Result
 
 log = logging.getLogger("ttsd.wyoming")
@@ -282,7 +282,7 @@ class _Handler(AsyncEventHandler):
         except TtsdError as exc:
             self._count(None, None, exc.code, exc.fault)
             raise
-        served = lease.served
+        served = lease.voice
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Audio | BaseException | None] = asyncio.Queue()
         job = Job(text=text, options=options, lease=lease, route=ROUTE,

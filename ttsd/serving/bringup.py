@@ -84,29 +84,29 @@ class BringUp:
             else:  # a bug, or input no check foresaw
                 self.lifecycle.unforeseen(folder, exc)
             return False
-        self.table.set(model, store=copy)
+        self.table.set(model, store_copy=copy)
         return True
 
     def ensure_stored(self, target: ModelVersion) -> None:
         """A version known only from the models dir is copied into the store first, hashed on the
         way (a damaged store copy is dealt with by ``bring_up``). ``ResourceError`` when the box
         cannot take the copy now, ``ConflictError`` when the folder cannot serve."""
-        if target.engine is not None or target.store is not None:
+        if target.engine is not None or target.store_copy is not None:
             return
-        if target.source is None:
+        if target.folder is None:
             raise UnknownVoiceError(f"{target.name} {target.version} is neither in the store nor on disk")
         try:
-            manifest = read_manifest(target.source)
+            manifest = read_manifest(target.folder)
             if target.content and content_id(manifest) != target.content:
-                raise ConflictError(f"{target.source} changed since it was checked")
-            copy = self.store.put(target.source, manifest)
+                raise ConflictError(f"{target.folder} changed since it was checked")
+            copy = self.store.put(target.folder, manifest)
         except OSError as exc:
             if is_system_oserror(exc):
                 raise resource_error(exc, f"copying {target.name} {target.version} into the store") from exc
             raise ConflictError(f"cannot serve {target.name} {target.version}: {exc}") from exc
         except TtsdError as exc:
             raise ConflictError(f"cannot serve {target.name} {target.version}: {exc}") from exc
-        self.table.set(target, store=copy, manifest=manifest)
+        self.table.set(target, store_copy=copy, manifest=manifest)
 
     # == loading ================================================================================
     def bring_up(self, model: ModelVersion, why: str, *, verified: bool = False) -> bool:
@@ -121,15 +121,15 @@ class BringUp:
                 try:
                     copy, manifest = check_store_copy(self.store, model)
                 finally:  # a damaged copy was dropped: the record says so whatever happens next
-                    self.table.set(model, store=self.store.get(model.name, model.version))
-                self.table.set(model, store=copy, manifest=manifest, content=content_id(manifest))
+                    self.table.set(model, store_copy=self.store.get(model.name, model.version))
+                self.table.set(model, store_copy=copy, manifest=manifest, content=content_id(manifest))
             self._check_signature(model)
-            assert model.store is not None and model.manifest is not None
+            assert model.store_copy is not None and model.manifest is not None
             self.table.set(model, state=State.LOADING)
             self._listener("loading", model)
             engine_class(model.manifest.engine)  # imported first: torch's own start-up is no voice's cost
             before = resident_bytes()
-            engine = load_engine(model.store, model.manifest, self._options,
+            engine = load_engine(model.store_copy, model.manifest, self._options,
                                  warming=lambda: self.table.set(model, state=State.WARMING))
             rss = max(0, resident_bytes() - before)  # what it costs, for the budget's next choices
         except Exception as exc:  # TtsdError says why; anything else is the engine crashing
@@ -150,29 +150,29 @@ class BringUp:
         one of them, over exactly its files; ``SignatureError`` says why not. The models-dir
         folder's signature is tried when the copy's fails: one added after the copy was made
         counts, a junk one beside a good copy does not. The key dir is read now, not at start-up."""
-        assert model.store is not None and model.manifest is not None
+        assert model.store_copy is not None and model.manifest is not None
         if self.trusted_keys is None:  # shown as unverified, as what it claims
-            claimed = describe_signature(model.store)
+            claimed = describe_signature(model.store_copy)
             self.table.set(model, signer=str(claimed) if claimed is not None else "")
             return
         try:
             trust = TrustedKeys.load(self.trusted_keys)
         except ConfigError as exc:  # the box's (an operator's dir), never the version's fault
             raise ResourceError(f"the trusted keys cannot be read now: {exc}", retry_after=10) from exc
-        store, manifest = model.store, model.manifest
+        store, manifest = model.store_copy, model.manifest
         try:
             try:
                 signer = trust.check(store, manifest)
             except SignatureError:
                 # the folder in the models dir may hold a newer signature (signed again, a key rotated)
-                offered = self.store.offer_signature(model.source, store, lambda: trust.check(store, manifest)) \
-                    if model.source is not None else None
+                offered = self.store.offer_signature(model.folder, store, lambda: trust.check(store, manifest)) \
+                    if model.folder is not None else None
                 if offered is None:
                     raise
                 signer = offered
         except SignatureError as exc:
             self.table.set(model, signature_failure=exc.kind,
-                           refused_signature=signature_digest(model.source) if model.source is not None else "")
+                           refused_signature=signature_digest(model.folder) if model.folder is not None else "")
             self._listener("signature_refused", model)
             raise
         self.table.set(model, signer=str(signer), refused_signature=None, signature_failure="")

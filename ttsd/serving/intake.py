@@ -37,19 +37,19 @@ class Intake:
             if known is not None and known.content == content and not known.fresh \
                     and known.state not in (State.INCOMPLETE, State.DEFERRED) and not _signed_again(known, path):
                 self.table.see_folder(path, "known")
-                known.source = path
+                known.folder = path
                 return None
             # the same version with other content is refused, when ttsd holds that version (a store
             # copy or a loaded engine); a content known only from state.json's record is not proof
             if known is not None and known.content and known.content != content and known.state is not State.REFUSED \
-                    and (known.store is not None or known.engine is not None):
+                    and (known.store_copy is not None or known.engine is not None):
                 reason = (f"{manifest.name} {manifest.version} is already known with different content; "
                           "give the new folder a new version")
                 self.table.see_folder(path, "refused", reason)
                 log.warning("refused %s: %s", path, reason)
                 return None
-            model = known or self.table.add(ModelVersion(manifest.name, manifest.version, State.VERIFYING, source=path))
-            model.content, model.source, model.manifest, model.fresh = content, path, manifest, False
+            model = known or self.table.add(ModelVersion(manifest.name, manifest.version, State.VERIFYING, folder=path))
+            model.content, model.folder, model.manifest, model.fresh = content, path, manifest, False
             if norm(manifest.version) in {norm(v) for v in self.state.voice(manifest.name).rolled_back}:
                 model.state, model.reason = State.ROLLED_BACK, "rolled back earlier; 'ttsd activate' serves it"
                 self.table.see_folder(path, "known")

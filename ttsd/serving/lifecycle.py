@@ -29,7 +29,7 @@ from ..errors import ResourceError
 from .loader import unload_engine
 from .pacing import Guard, Ticket
 from .policy import backoff, beyond_keep
-from .serving_map import Served, ServingMap
+from .serving_map import ServingMap, VoiceVersion
 from .state import ServingState, VersionRecord, VoiceRecord
 from .store import ModelStore
 from .table import VersionTable
@@ -54,9 +54,9 @@ class Lifecycle:
         return self.table.by_key(self.map.canary(name))
 
     @staticmethod
-    def served(model: ModelVersion) -> Served:
+    def voice_version(model: ModelVersion) -> VoiceVersion:
         assert model.engine is not None
-        return Served(model.name, model.version, model.engine.sample_rate)
+        return VoiceVersion(model.name, model.version, model.engine.sample_rate)
 
     # == the swap ===============================================================================
     def activate(self, model: ModelVersion, why: str, *, ticket: Ticket | None = None, push_previous: bool = True,
@@ -90,11 +90,11 @@ class Lifecycle:
                 except ResourceError:
                     if model.state in COMING_UP:  # loaded and unharmed: a rollback target
                         self.table.set(model, state=State.STANDBY)
-                        self.map.add(model.key, self.served(model), model.engine)
+                        self.map.add(model.key, self.voice_version(model), model.engine)
                     raise
             else:
                 self.state.put(model.name, voice)
-            self.map.add(model.key, self.served(model), model.engine)
+            self.map.add(model.key, self.voice_version(model), model.engine)
             with self.table.locked():
                 replaced = self.map.activate(model.key)  # new requests get the new version from here on
                 swapped = time.monotonic()
@@ -136,7 +136,7 @@ class Lifecycle:
             if ticket is not None:
                 ticket.check()
             assert model.engine is not None
-            self.map.add(model.key, self.served(model), model.engine)
+            self.map.add(model.key, self.voice_version(model), model.engine)
             self.state.put(model.name, self.state.voice(model.name).but(canary=model.version))
             with self.table.locked():
                 superseded = self.canary(model.name)
@@ -182,7 +182,7 @@ class Lifecycle:
             if self.map.active(model.name) == model.key and model.engine is not None:
                 with self.table.locked():
                     model.state = State.ACTIVE
-                    self.map.add(model.key, self.served(model), model.engine)
+                    self.map.add(model.key, self.voice_version(model), model.engine)
                 return True
         self.discard(model, "loaded for requests, but its voice serves another version now")
         self.table.set(model, state=State.AVAILABLE)
@@ -196,9 +196,9 @@ class Lifecycle:
             model.state, model.reason = State.REFUSED, reason
             if folder is not None:
                 self.table.see_folder(folder, "refused", reason)
-            drop = model.store is not None and model.engine is None and not self.map.in_flight(model.key)
+            drop = model.store_copy is not None and model.engine is None and not self.map.in_flight(model.key)
             if drop:
-                model.store = None
+                model.store_copy = None
         log.warning("refused %s %s: %s", model.name, model.version, reason)
         if drop:
             self.store.remove(model.name, model.version)
@@ -224,9 +224,9 @@ class Lifecycle:
         with self.table.locked():
             gone = []
             for model in self.table.all():
-                if model.source != folder:
+                if model.folder != folder:
                     continue
-                model.source = None
+                model.folder = None
                 if _nowhere(model):
                     gone.append(model)
                 elif model.state in (State.INCOMPLETE, State.VERIFYING):
@@ -314,10 +314,10 @@ class Lifecycle:
         keep = {norm(v) for v in voice.previous[-STORE_KEEP:]} | {norm(v) for v in (voice.active, voice.canary) if v}
         with self.table.locked():
             stale = [m for m in self.table.of(name)
-                     if m.store is not None and m.engine is None and not self.map.in_flight(m.key)
+                     if m.store_copy is not None and m.engine is None and not self.map.in_flight(m.key)
                      and m.state not in (State.CANARY, *COMING_UP) and norm(m.version) not in keep]
             for m in stale:
-                m.store = None
+                m.store_copy = None
             self._forget([m for m in stale if _nowhere(m)])
         for m in stale:
             shutil.rmtree(self.store.path(m.name, m.version), ignore_errors=True)
@@ -335,5 +335,5 @@ class Lifecycle:
 def _nowhere(model: ModelVersion) -> bool:
     """Neither stored, nor a folder, nor loaded, and nothing to remember it by: it can never serve
     again."""
-    return (model.store is None and model.source is None and model.engine is None
+    return (model.store_copy is None and model.folder is None and model.engine is None
             and model.state in (State.AVAILABLE, State.INCOMPLETE, State.VERIFYING, State.DEFERRED))

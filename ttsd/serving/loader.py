@@ -65,13 +65,13 @@ def check_store_copy(store: ModelStore, model: ModelVersion) -> tuple[Path, Mani
     in the models dir when that folder holds the same content; else ``StoreLost``. Reads the
     record; the caller records the result."""
     problem = "it is not in the store"
-    if model.store is not None:
+    if model.store_copy is not None:
         try:
-            manifest = verify(model.store)
+            manifest = verify(model.store_copy)
             if model.content and content_id(manifest) != model.content:
                 log.warning("%s %s: its store copy verifies but holds other content than was recorded; "
                             "serving the store copy", model.name, model.version)
-            return model.store, manifest
+            return model.store_copy, manifest
         except OSError as exc:
             if is_system_oserror(exc):
                 raise
@@ -80,14 +80,14 @@ def check_store_copy(store: ModelStore, model: ModelVersion) -> tuple[Path, Mani
             problem = f"its store copy is damaged ({exc})"
         log.warning("%s %s: %s; dropping the copy", model.name, model.version, problem)
         store.remove(model.name, model.version)
-    if model.source is None:
+    if model.folder is None:
         raise StoreLost(f"{problem}, and the models dir has no folder of it to copy again")
     try:
-        manifest = _same_content(model, model.source)
-        copy = store.put(model.source, manifest)  # hashed as it is copied
+        manifest = _same_content(model, model.folder)
+        copy = store.put(model.folder, manifest)  # hashed as it is copied
     except TtsdError as exc:
-        raise StoreLost(f"{problem}, and its folder {model.source} does not verify ({exc})") from exc
-    log.warning("%s %s: copied again from %s", model.name, model.version, model.source)
+        raise StoreLost(f"{problem}, and its folder {model.folder} does not verify ({exc})") from exc
+    log.warning("%s %s: copied again from %s", model.name, model.version, model.folder)
     return copy, manifest
 
 

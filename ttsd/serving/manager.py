@@ -120,7 +120,7 @@ class ModelManager:
             if model is None:
                 return
             if ok is not None:  # None: the request's or the box's fault, never counted against a model
-                model.served += ok
+                model.served_since_load += ok
                 model.model_failures += not ok
                 outcome, model.requests, model.failures = judge(model.state, model.requests, model.failures, ok,
                                                                 self.policy)
@@ -282,8 +282,8 @@ class ModelManager:
         present = self.source.present()
         self.table.keep_folders(present)
         for model in self.table.all():
-            if model.source is not None and model.source not in present and not self.jobs.busy(model.name):
-                self.lifecycle.forget_folder(model.source)
+            if model.folder is not None and model.folder not in present and not self.jobs.busy(model.name):
+                self.lifecycle.forget_folder(model.folder)
 
     def _fit_budget_later(self) -> None:
         if self.budget.limited:

@@ -123,7 +123,7 @@ class Promoter:
         """A new version that failed for a system reason (disk full while storing it, out of
         memory while loading) is tried again when its back-off is over, or at once after SIGHUP
         or when its folder changes."""
-        source = model.source
+        source = model.folder
         if source is None:
             return
         log.info("retrying %s %s (%s)", model.name, model.version, model.reason)

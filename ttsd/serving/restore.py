@@ -36,7 +36,7 @@ def restore(state: ServingState, store: ModelStore) -> list[ModelVersion]:
             # again, since the trusted keys may have changed with the restart
             saved = State.AVAILABLE
         model = ModelVersion(name, version, saved, content=record.content, reason=record.reason,
-                             store=store.get(name, version))
+                             store_copy=store.get(name, version))
         _trust_store_copy(model)
         found.setdefault(model.key, model)
     for name, version, folder in store.scan():  # copies the saved state does not know
@@ -52,7 +52,7 @@ def restore(state: ServingState, store: ModelStore) -> list[ModelVersion]:
             continue
         # stored, then the process died before the state said so (e.g. kill -9 mid-load): its
         # folder is judged like a newly dropped one
-        model = ModelVersion(name, manifest.version, State.AVAILABLE, content=content_id(manifest), store=folder,
+        model = ModelVersion(name, manifest.version, State.AVAILABLE, content=content_id(manifest), store_copy=folder,
                              fresh=True)
         found[model.key] = model
         log.info("found %s %s in the store", name, manifest.version)
@@ -63,10 +63,10 @@ def _trust_store_copy(model: ModelVersion) -> None:
     """What a version *is* comes from its store copy's manifest (verified in full before it
     loads), not from state.json's record: a damaged record must never make ttsd drop a good copy,
     or refuse an intact folder as "the same version with other content"."""
-    if model.store is None:
+    if model.store_copy is None:
         return
     try:
-        content = content_id(read_manifest(model.store))
+        content = content_id(read_manifest(model.store_copy))
     except TtsdError:
         return  # a damaged copy: check_store_copy deals with it before any load
     if model.content and content != model.content:

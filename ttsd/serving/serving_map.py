@@ -5,7 +5,7 @@ The manager puts a version in the map once it is loaded and warm (``add``), make
 active version by replacing one reference (``activate``: TF Serving's fast-read pointer swap; the
 old version is never changed under a request), or a canary for a share of requests: of users, when
 a request carries a user key (``user_point``), else of requests, drawn at random. A request
-``acquire``s a ``Lease``: the frozen facts of the version that serves it (``Served``: name,
+``acquire``s a ``Lease``: the frozen facts of the version that serves it (``VoiceVersion``: name,
 version, sample rate) and its engine, held until ``release``, so a swap never changes the model
 under a running request. Within a memory budget a voice's active version may be *parked*
 (``park``): still active, not loaded, so ``acquire`` raises ``ColdVoiceError`` and the front end
@@ -48,7 +48,7 @@ def user_point(canary: Key, user: str) -> float:
 
 
 @dataclass(frozen=True)
-class Served:
+class VoiceVersion:
     """The version serving a request, as a front end may know it."""
 
     name: str
@@ -62,7 +62,7 @@ class _Entry:
     may be in the map again, as a new entry, by the time the lease ends)."""
 
     key: Key
-    served: Served
+    voice: VoiceVersion
     engine: Engine[Any]
     in_flight: int = 0
 
@@ -72,7 +72,7 @@ class Lease:
     """A request's hold on one loaded version. ``release(ok)`` exactly once: ``ok`` is whether the
     model did its job (None: the request failed for its own reasons or the box's, e.g. bad text)."""
 
-    served: Served
+    voice: VoiceVersion
     engine: Engine[Any]
     _release: Callable[[_Entry, bool | None], None] = field(repr=False)
     _entry: _Entry = field(repr=False)
@@ -142,7 +142,7 @@ class ServingMap:
                 raise ColdVoiceError(name)
             entry.in_flight += 1
             self._in_flight += 1
-            lease = Lease(entry.served, entry.engine, self._release, entry)
+            lease = Lease(entry.voice, entry.engine, self._release, entry)
         if decided is not None:  # a user key is personal data: never a metric label, debug logs only
             log.debug("user %r: %s %s (canary share %.0f%%)", user, name, decided[0], decided[1] * 100)
         return lease
@@ -182,11 +182,11 @@ class ServingMap:
             return self._default_name()
 
     # -- the manager's side (loader threads) -------------------------------------------------------
-    def add(self, key: Key, served: Served, engine: Engine[Any]) -> None:
+    def add(self, key: Key, voice: VoiceVersion, engine: Engine[Any]) -> None:
         """``key`` is loaded and warm: requests may name it from now on."""
         with self._lock:
             if key not in self._loaded:
-                self._loaded[key] = _Entry(key, served, engine)
+                self._loaded[key] = _Entry(key, voice, engine)
 
     def activate(self, key: Key) -> Key | None:
         """The swap: ``key`` serves its voice's new requests from now on (and stops being its

@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-from ..catalog import candidate_folders
+from ..models_dir import candidate_folders
 from ..errors import ManifestError, TtsdError, VerifyError, is_system_oserror
 from ..manifest import (
     MAX_ENTRIES,
@@ -36,7 +36,7 @@ from ..manifest import (
     problems_error,
     read_manifest,
 )
-from ..watching import Settle
+from ..disk_changes import Settle
 
 log = logging.getLogger("ttsd.source")
 

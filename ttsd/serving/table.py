@@ -11,6 +11,7 @@ lock, so that one reads without ours (a copy CPython makes without giving up the
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +58,9 @@ class VersionTable:
 
     def set(self, model: ModelVersion, **fields: Any) -> None:
         """Change fields of one record (the usual way to change one)."""
+        unknown = set(fields) - {f.name for f in dataclasses.fields(model)}
+        if unknown:  # setattr would add them silently
+            raise AttributeError(f"ModelVersion has no field {', '.join(sorted(unknown))}")
         with self._lock:
             for name, value in fields.items():
                 setattr(model, name, value)

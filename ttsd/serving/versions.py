@@ -62,13 +62,13 @@ class ModelVersion:
     state: State
     content: str = ""
     reason: str = ""
-    source: Path | None = None  # its folder in the models dir, while there is one
-    store: Path | None = None  # its store copy
+    folder: Path | None = None  # its folder in the models dir, while there is one
+    store_copy: Path | None = None  # its copy in the store (``ModelStore``)
     manifest: Manifest | None = None
     engine: Engine[Any] | None = None
     requests: int = 0  # since it became active or canary (the auto-rollback and canary window)
     failures: int = 0
-    served: int = 0  # requests it served, and failed through its own fault, since it was loaded
+    served_since_load: int = 0  # requests it served, and failed through its own fault, since it was loaded
     model_failures: int = 0
     load_seconds: float = 0.0
     rss: int = 0  # RSS bytes its last load added (measured around the load; 0: never loaded here)
@@ -87,10 +87,10 @@ class ModelVersion:
 
     def describe(self, in_flight: int) -> dict[str, Any]:
         return {"version": self.version, "state": self.state.value, "reason": self.reason or None,
-                "in_flight": in_flight, "source": str(self.source) if self.source else None,
+                "in_flight": in_flight, "source": str(self.folder) if self.folder else None,
                 "content": self.content or None, "load_seconds": round(self.load_seconds, 2) or None,
                 "rss_bytes": self.rss or None,
-                "served": self.served, "model_failures": self.model_failures, "signer": self.signer or None}
+                "served": self.served_since_load, "model_failures": self.model_failures, "signer": self.signer or None}
 
 
 def order(model: ModelVersion) -> Version:
