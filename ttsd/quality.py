@@ -7,7 +7,7 @@ taken, and a DCT of that gives the mel cepstrum. The distortion between two alig
 ``10 / ln 10 * sqrt(2 * sum_d (c_d - c'_d)^2)`` over coefficients 1..24 (c0, the loudness, left
 out), averaged over frames. Identical audio gives 0; two renders of a VITS voice that differ only in
 the prior flow's noise seed are a few dB apart, which is the yardstick the bf16 gate compares with
-(``tests/test_precision.py``, ``bench/quality.py``). numpy only.
+(``tests/test_precision.py``, ``bench/intelligibility.py``). numpy only.
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ class Engine(ABC, Generic[Unit]):
             raise RequestError("this voice has one speaker")
 
     def info(self) -> dict[str, Any]:
-        """Facts about the loaded voice (speakers etc.), for tests and tools: serving does not call it."""
+        """Facts about the loaded voice (speakers, the precision it computes in), shown in
+        ``/v1/voices`` and by ``ttsd say``."""
         return {}
 
     def default_warmup(self) -> Sequence[str]:

@@ -367,7 +367,7 @@ def _read_bounded(path: Path) -> bytes:
 
 def _parse(path: Path, raw: bytes) -> SynthRequest:
     """A request file's bytes -> ``SynthRequest``: ``ID.txt`` is UTF-8 text, ``ID.json`` the fields
-    of ``POST /v1/synthesize``, checked as that route checks them (so ``stream`` needs wav or pcm);
+    of ``POST /v1/synthesize``, checked as that route checks them (so ``stream`` needs a format that streams);
     a valid ``stream`` is then ignored: the spool writes whole files."""
     try:
         text = raw.decode("utf-8")

@@ -14,7 +14,7 @@ source hands the manager ``Candidate``s, each with a verdict:
 ``LocalFolderSource`` watches a models dir. A folder is looked at once its contents (names, sizes,
 mtimes) have not changed for ``settle`` seconds, so a file-by-file copy is never judged half-way,
 and each verdict is handed over once per change. A second kind of source (a registry, a mirror) is
-one more class with the same three methods. Called from the manager's loader thread only.
+one more class with the same five methods (``Source``). Called from the manager's loader thread only.
 """
 
 from __future__ import annotations
