@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ttsd-installed
 
-.PHONY: setup browser serve test bench clean
+.PHONY: setup browser serve test test-fast lint bench clean
 
 setup: $(STAMP) browser
 
@@ -34,8 +34,19 @@ $(STAMP): setup.cfg pyproject.toml
 serve: setup
 	$(BIN)/ttsd serve
 
-test: setup
+# Everything CI runs: the linters, then every test (about 7 minutes on 2 cores).
+test: setup lint
 	$(BIN)/python -m pytest
+
+# The unit and in-process tests only (under a minute): no daemon processes, no real voice.
+test-fast: setup lint
+	$(BIN)/python -m pytest -m "not slow and not daemon"
+
+# ruff (lint and format) and mypy on ttsd/, as configured in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check ttsd
+	$(BIN)/ruff format --check ttsd
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

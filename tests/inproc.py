@@ -73,7 +73,7 @@ class FrontEnds:
         self.run(UnixListener(self.runner, str(self.socket), max_connections=64).start())
         tcp = TCPListener(self.runner, "127.0.0.1", 0, max_connections=64)
         self.run(tcp.start())
-        self.host, self.port = "127.0.0.1", tcp._bound_port
+        self.host, self.port = "127.0.0.1", tcp.port
         self.unix, self.tcp = self.run(self._sessions())
         self.spool = Spool(root / "spool", backend, concurrency=spool_concurrency)
         self.spool.prepare()

@@ -29,7 +29,7 @@ class Audio:
 
 
 def silence(seconds: float, sample_rate: int) -> Audio:
-    return Audio(np.zeros(int(round(seconds * sample_rate)), dtype=np.float32), sample_rate)
+    return Audio(np.zeros(round(seconds * sample_rate), dtype=np.float32), sample_rate)
 
 
 def concat(parts: list[Audio], pause: float = 0.0) -> Audio:
@@ -37,7 +37,7 @@ def concat(parts: list[Audio], pause: float = 0.0) -> Audio:
     if not parts:
         raise ValueError("no audio to join")
     rate = parts[0].sample_rate
-    gap = np.zeros(int(round(pause * rate)), dtype=np.float32)
+    gap = np.zeros(round(pause * rate), dtype=np.float32)
     pieces: list[np.ndarray] = []
     for i, part in enumerate(parts):
         if part.sample_rate != rate:
@@ -72,7 +72,11 @@ def wav_stream_header(sample_rate: int) -> bytes:
 
     unknown = 0xFFFFFFFF
     return (
-        b"RIFF" + struct.pack("<I", unknown) + b"WAVE"
-        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
-        + b"data" + struct.pack("<I", unknown)
+        b"RIFF"
+        + struct.pack("<I", unknown)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", unknown)
     )

@@ -43,8 +43,9 @@ class Client:
             return False
         return status == 200
 
-    def _request(self, method: str, path: str, body: Any = None, timeout: float | None = None
-                 ) -> tuple[int, dict[str, str], bytes]:
+    def _request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         conn = _UnixConnection(self.socket_path, timeout or self.timeout)
         try:
             payload = json.dumps(body).encode() if body is not None else None

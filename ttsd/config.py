@@ -29,8 +29,9 @@ def _pick(env: str, as_root: Path, as_user: Callable[[], Path]) -> Path:
 def default_models_dir() -> Path:
     """``/models`` on a box (running as root, or when it exists), else the user's data dir."""
     models = Path("/models")
-    return _pick("TTSD_MODELS", models,
-                 lambda: models if models.is_dir() else Path(platformdirs.user_data_dir(APP)) / "models")
+    return _pick(
+        "TTSD_MODELS", models, lambda: models if models.is_dir() else Path(platformdirs.user_data_dir(APP)) / "models"
+    )
 
 
 def default_cache_dir() -> Path:
@@ -116,5 +117,6 @@ class Paths:
 
     @classmethod
     def resolve(cls, models: Path | None = None, cache: Path | None = None) -> Paths:
-        return cls(models=Path(models) if models else default_models_dir(),
-                   cache=Path(cache) if cache else default_cache_dir())
+        return cls(
+            models=Path(models) if models else default_models_dir(), cache=Path(cache) if cache else default_cache_dir()
+        )

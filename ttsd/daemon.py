@@ -10,6 +10,7 @@ folder later is refused and logged while the rest keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -84,10 +85,8 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
 
 def _exit_now(code: int) -> None:
     for handler in logging.getLogger().handlers:
-        try:
+        with contextlib.suppress(Exception):
             handler.flush()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
     os._exit(code)
 
 
@@ -112,17 +111,27 @@ class Daemon:
         self.manager = ModelManager(
             LocalFolderSource(config.models, settle=config.settle, incomplete_timeout=config.incomplete_timeout),
             state_dir=config.state,
-            policy=Policy(keep=config.keep, swap=config.swap_policy, settle=config.settle,
-                          auto_rollback_requests=config.auto_rollback_requests,
-                          auto_rollback_share=config.auto_rollback_share, canary=dict(config.canary),
-                          canary_requests=config.canary_requests),
-            engine_options={"max_chars": config.max_chars, "threads": config.threads,
-                            "max_audio_seconds": config.max_audio_seconds, "precision": config.precision},
+            policy=Policy(
+                keep=config.keep,
+                swap=config.swap_policy,
+                settle=config.settle,
+                auto_rollback_requests=config.auto_rollback_requests,
+                auto_rollback_share=config.auto_rollback_share,
+                canary=dict(config.canary),
+                canary_requests=config.canary_requests,
+            ),
+            engine_options={
+                "max_chars": config.max_chars,
+                "threads": config.threads,
+                "max_audio_seconds": config.max_audio_seconds,
+                "precision": config.precision,
+            },
             default_voice=config.default_voice,
             listener=self._on_model_event,
             trust=self.trust,
-            budget=Budget(max_loaded=config.max_loaded, memory=config.memory_budget, preload=config.preload,
-                          wait=config.load_wait),
+            budget=Budget(
+                max_loaded=config.max_loaded, memory=config.memory_budget, preload=config.preload, wait=config.load_wait
+            ),
             wake=lambda: self.watcher.soon(max(config.settle / 2, 0.2)),
         )
         self.state_lock = StateDirLock(config.state)
@@ -193,13 +202,20 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         waiting, running = self.pool.depth()
         return {
-            "version": __version__, "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
-            "socket": str(self.config.socket), "models": str(self.config.models),
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1),
+            "socket": str(self.config.socket),
+            "models": str(self.config.models),
             "spool": str(self.config.spool) if self.config.spool else None,
-            "workers": self.config.workers, "queue": {"waiting": waiting, "running": running,
-                                                      "capacity": self.config.queue_size},
-            "requests": {"completed": self.pool.completed, "failed": self.pool.failed,
-                         "refused": self.pool.refused, "cancelled": self.pool.cancelled},
+            "workers": self.config.workers,
+            "queue": {"waiting": waiting, "running": running, "capacity": self.config.queue_size},
+            "requests": {
+                "completed": self.pool.completed,
+                "failed": self.pool.failed,
+                "refused": self.pool.refused,
+                "cancelled": self.pool.cancelled,
+            },
             "voices": self.manager.snapshot(),
             "memory": self.manager.memory(),
             "folders": self.manager.folders(),
@@ -207,10 +223,20 @@ class Daemon:
         }
 
     def backend(self) -> Backend:
-        return Backend(acquire=self.manager.map.acquire, submit=self.pool.submit, voices=self.manager.snapshot,
-                       ready=self.manager.map.ready, status=self.status, metrics=self.metrics,
-                       max_chars=self.config.max_chars, rollback=self.rollback, activate=self.activate,
-                       token=self.config.token, wanting=self.manager.wanting, load_wait=self.config.load_wait)
+        return Backend(
+            acquire=self.manager.map.acquire,
+            submit=self.pool.submit,
+            voices=self.manager.snapshot,
+            ready=self.manager.map.ready,
+            status=self.status,
+            metrics=self.metrics,
+            max_chars=self.config.max_chars,
+            rollback=self.rollback,
+            activate=self.activate,
+            token=self.config.token,
+            wanting=self.manager.wanting,
+            load_wait=self.config.load_wait,
+        )
 
     # -- running -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -228,8 +254,8 @@ class Daemon:
         _writable_dir(cfg.models, "models dir")
         _writable_dir(cfg.socket.parent, "socket dir")
         check_socket(cfg.socket)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(signum, self._record_signal, signum)
+        for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(handled, self._record_signal, handled)
 
         if cfg.seed_builtin:
             await in_fresh_thread(lambda: seed_models(cfg.models, cfg.cache), "ttsd-seed")
@@ -240,11 +266,15 @@ class Daemon:
             if self.manager.waiting:  # a folder is still being copied in: not a failure yet
                 log.warning("no voice is ready yet: waiting for a folder in %s to be complete", cfg.models)
             else:
-                log.error("no voice could be loaded from %s; serving /healthz and waiting (SIGHUP rescans)",
-                          cfg.models)
+                log.error("no voice could be loaded from %s; serving /healthz and waiting (SIGHUP rescans)", cfg.models)
 
-        runner = web.AppRunner(build_app(self.backend()), handler_cancellation=True,
-                               shutdown_timeout=cfg.grace, access_log=None, keepalive_timeout=cfg.idle_timeout)
+        runner = web.AppRunner(
+            build_app(self.backend()),
+            handler_cancellation=True,
+            shutdown_timeout=cfg.grace,
+            access_log=None,
+            keepalive_timeout=cfg.idle_timeout,
+        )
         await runner.setup()
         old_umask = os.umask(0o177 if cfg.socket_group is None else 0o117)
         try:
@@ -272,13 +302,18 @@ class Daemon:
             spool_task = loop.create_task(spool.run())
 
         voices = ", ".join(f"{v['name']} {v['active']}" for v in self.manager.snapshot() if v["active"])
-        where = str(cfg.socket) + (f" and {cfg.listen[0]}:{cfg.listen[1]}" if cfg.listen else "") + \
-            (f", Wyoming on {cfg.wyoming}" if cfg.wyoming else "")
+        where = (
+            str(cfg.socket)
+            + (f" and {cfg.listen[0]}:{cfg.listen[1]}" if cfg.listen else "")
+            + (f", Wyoming on {cfg.wyoming}" if cfg.wyoming else "")
+        )
         log.info("ttsd %s serving on %s (voices: %s)", __version__, where, voices or "none")
         log.info("malloc: %s", describe(self.malloc))
         if self.trust is not None:
-            log.info("loading only model folders signed by: %s",
-                     ", ".join(f"{k['key']} ({k['hint']})" for k in self.trust.describe()))
+            log.info(
+                "loading only model folders signed by: %s",
+                ", ".join(f"{k['key']} ({k['hint']})" for k in self.trust.describe()),
+            )
         self._serving = True
         if self.manager.ready():
             self.notifier.ready(f"serving {voices}")
@@ -307,11 +342,16 @@ class Daemon:
         budget, rss = self.config.memory_budget, resident_bytes()
         if budget is None or rss <= budget:
             return
-        uses = "with its preloaded voices ({})".format(", ".join(sorted(self.manager.demand.pinned())) or "none") \
-            if loaded else "before loading any voice"
+        uses = (
+            "with its preloaded voices ({})".format(", ".join(sorted(self.manager.demand.pinned())) or "none")
+            if loaded
+            else "before loading any voice"
+        )
         self.manager.close()
-        raise ConfigError(f"--memory-budget {budget / 2**20:.0f} MB is less than the {rss / 2**20:.0f} MB this "
-                          f"process uses {uses}: no other voice could load; give a larger budget or none")
+        raise ConfigError(
+            f"--memory-budget {budget / 2**20:.0f} MB is less than the {rss / 2**20:.0f} MB this "
+            f"process uses {uses}: no other voice could load; give a larger budget or none"
+        )
 
     async def _start_wyoming(self) -> WyomingServer:
         from urllib.parse import urlparse
@@ -320,9 +360,11 @@ class Daemon:
         assert cfg.wyoming is not None
         uri = urlparse(cfg.wyoming)
         if uri.scheme == "tcp" and not is_loopback(uri.hostname or ""):
-            log.warning("Wyoming on %s is reachable from other machines and has no authentication; anyone who "
-                        "reaches it can make this box speak (bind to 127.0.0.1 unless the network is trusted)",
-                        cfg.wyoming)
+            log.warning(
+                "Wyoming on %s is reachable from other machines and has no authentication; anyone who "
+                "reaches it can make this box speak (bind to 127.0.0.1 unless the network is trusted)",
+                cfg.wyoming,
+            )
         if uri.scheme == "unix":
             path = Path(uri.path)
             if path.resolve() == cfg.socket.resolve():
@@ -345,9 +387,14 @@ class Daemon:
             self.notifier.watchdog()
             await asyncio.sleep(self.notifier.watchdog_seconds / 2)
 
-    async def _shutdown(self, runner: web.AppRunner, spool: Spool | None,
-                        spool_task: asyncio.Task[None] | None, watchdog: asyncio.Task[None] | None,
-                        wyoming: WyomingServer | None = None) -> int:
+    async def _shutdown(
+        self,
+        runner: web.AppRunner,
+        spool: Spool | None,
+        spool_task: asyncio.Task[None] | None,
+        watchdog: asyncio.Task[None] | None,
+        wyoming: WyomingServer | None = None,
+    ) -> int:
         cfg = self.config
         log.info("shutting down: finishing in-flight requests (up to %.0f s; Ctrl-C again to force)", cfg.grace)
         self.notifier.stopping("draining")
@@ -389,7 +436,5 @@ class Daemon:
         return 0
 
     def _unlink_socket(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.config.socket.unlink()
-        except FileNotFoundError:
-            pass

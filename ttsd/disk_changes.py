@@ -29,7 +29,7 @@ class Observer:
         self._observer.stop()
 
 
-def observe(path: Path, callback: Callable[[list[str]], None], *, recursive: bool) -> Observer:
+def observe(path: Path, callback: Callable[[list[str]], object], *, recursive: bool) -> Observer:
     """Watch ``path`` and call ``callback(paths)`` (an event's source and, for a move, its
     destination) on the observer's thread for every event. watchdog is imported here only."""
     from watchdog.events import FileSystemEvent, FileSystemEventHandler

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -171,8 +171,16 @@ class _PyAvEncoder:
     told to flush after each packet, so a chunk's frames go out at once rather than when FFmpeg's
     32 KiB output buffer fills. Subclasses name the muxer, the codec and their options."""
 
-    def __init__(self, sample_rate: int, fmt: str, *, muxer: str, codec: str, bit_rate: int,
-                 options: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        sample_rate: int,
+        fmt: str,
+        *,
+        muxer: str,
+        codec: str,
+        bit_rate: int,
+        options: dict[str, str] | None = None,
+    ) -> None:
         try:
             import av
         except ImportError:
@@ -180,10 +188,10 @@ class _PyAvEncoder:
         self.sample_rate = sample_rate
         self._av = av
         self._sink = _Pipe()
-        self._container = av.open(self._sink, mode="w", format=muxer,
-                                  options={"flush_packets": "1", **(options or {})})
+        self._container = av.open(self._sink, mode="w", format=muxer, options={"flush_packets": "1", **(options or {})})
         try:
-            self._stream = self._container.add_stream(codec, rate=sample_rate, layout="mono")
+            # an audio codec gives an audio stream (the annotation covers video and subtitles too)
+            self._stream: Any = cast(Any, self._container.add_stream(codec, rate=sample_rate, layout="mono"))
         except (ValueError, av.FFmpegError) as exc:  # a PyAV built without this encoder
             self._container.close()
             raise FormatUnavailableError(fmt, f"a PyAV whose FFmpeg has the {codec} encoder ({exc})") from None
@@ -228,8 +236,9 @@ class Mp3Encoder(_PyAvEncoder):
     Xing/LAME header (see the module docstring), just frames, each going out as it is made."""
 
     def __init__(self, sample_rate: int) -> None:
-        super().__init__(sample_rate, "mp3", muxer="mp3", codec="libmp3lame", bit_rate=MP3_BITRATE,
-                         options={"id3v2_version": "0"})
+        super().__init__(
+            sample_rate, "mp3", muxer="mp3", codec="libmp3lame", bit_rate=MP3_BITRATE, options={"id3v2_version": "0"}
+        )
 
 
 def open_encoder(fmt: str, sample_rate: int) -> Encoder:

@@ -181,7 +181,8 @@ class VerifyError(TtsdError):
         shorter than listed, or hidden temp files (rsync writes ``.name.XXXXXX`` and renames)."""
         return bool(self.problems) and all(
             p.kind in ("missing", "short") or (p.kind == "extra" and p.path.rsplit("/", 1)[-1].startswith("."))
-            for p in self.problems)
+            for p in self.problems
+        )
 
 
 class SignatureError(TtsdError):
@@ -314,13 +315,24 @@ def from_http(status: int, code: str, message: str, retry_after: int = 1) -> Tts
         return BusyError(f"daemon busy: {message}", retry_after)
     if status == 507:
         return ResourceError(f"daemon: {message}", storage=True, retry_after=retry_after)
-    matches = [cls for cls in _all_types() if cls.code == code and cls.status == status
-               and (status < 500 or cls.fault == "model") and cls not in (TtsdError, BusyError, ResourceError)]
+    matches = [
+        cls
+        for cls in _all_types()
+        if cls.code == code
+        and cls.status == status
+        and (status < 500 or cls.fault == "model")
+        and cls not in (TtsdError, BusyError, ResourceError)
+    ]
     if matches:
         cls = matches[0]
         return cls(f"daemon: {message}" if cls.fault == "model" else message)
-    fallback = {400: RequestError, 408: RequestError, 413: RequestError, 404: UnknownVoiceError,
-                409: ConflictError}.get(status)  # e.g. aiohttp's own 400 for a malformed request
+    fallback = {
+        400: RequestError,
+        408: RequestError,
+        413: RequestError,
+        404: UnknownVoiceError,
+        409: ConflictError,
+    }.get(status)  # e.g. aiohttp's own 400 for a malformed request
     if fallback is not None:
         return fallback(message)
     return DaemonError(f"daemon answered {status} {code}: {message}")

@@ -18,8 +18,15 @@ FORMATS: dict[str, tuple[str, str]] = {
 ENCODED_FORMATS = ("opus", "aac")
 FILE_FORMATS = (*FORMATS, *ENCODED_FORMATS)
 # opus and aac: the types OpenAI's speech API sends for them.
-MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg",
-               "opus": "audio/opus", "aac": "audio/aac", "pcm": "audio/L16"}
+MEDIA_TYPES = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "ogg": "audio/ogg",
+    "mp3": "audio/mpeg",
+    "opus": "audio/opus",
+    "aac": "audio/aac",
+    "pcm": "audio/L16",
+}
 
 
 def format_for_path(path: str | Path, default: str = "wav") -> str:

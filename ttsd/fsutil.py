@@ -6,6 +6,7 @@ never a half-written one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -52,16 +53,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], mode: int | None
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    atomic_write(path, lambda handle: handle.write(data), mode)
+    def write(handle: BinaryIO) -> None:
+        handle.write(data)
+
+    atomic_write(path, write, mode)
 
 
 def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:

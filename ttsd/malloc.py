@@ -71,8 +71,9 @@ def tune() -> dict[str, int]:
     applied: dict[str, int] = {}
     choice = env.get("TTSD_MALLOC", "").strip().lower()
     if choice not in ("", "ttsd", "system"):  # runs before logging is set up: one line on stderr
-        sys.stderr.write(f"ttsd: warning: TTSD_MALLOC={choice!r} is neither 'system' nor 'ttsd'; "
-                         "using ttsd's malloc settings\n")
+        sys.stderr.write(
+            f"ttsd: warning: TTSD_MALLOC={choice!r} is neither 'system' nor 'ttsd'; using ttsd's malloc settings\n"
+        )
     libc = None if choice == "system" else _glibc()
     if libc is not None:
         tunables = env.get("GLIBC_TUNABLES", "")
@@ -90,8 +91,9 @@ def describe(applied: dict[str, int]) -> str:
     ``system defaults`` when it set nothing."""
     if not applied:
         return "system defaults"
-    return " ".join(f"{name}={value // MiB}MiB" if value >= MiB else f"{name}={value}"
-                    for name, value in applied.items())
+    return " ".join(
+        f"{name}={value // MiB}MiB" if value >= MiB else f"{name}={value}" for name, value in applied.items()
+    )
 
 
 def trim() -> None:

@@ -39,8 +39,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_MANIFEST_BYTES = 1 << 20
 SIGNATURE = "model.sig"  # model_signing's default name; it cannot be listed, since it signs the list
 MAX_SIGNATURE_BYTES = 1 << 20  # a key-signed bundle is ~2 KB, a Sigstore one with a certificate ~10 KB
-_KNOWN = frozenset({"format", "name", "version", "engine", "sample_rate", "files", "warmup", "description",
-                    "license", "precision"})
+_KNOWN = frozenset(
+    {"format", "name", "version", "engine", "sample_rate", "files", "warmup", "description", "license", "precision"}
+)
 PRECISIONS = ("auto", "fp32", "bf16")  # see ttsd.engines.precision
 
 
@@ -76,9 +77,7 @@ class Manifest:
             "version": self.version,
             "engine": self.engine,
             "sample_rate": self.sample_rate,
-            "files": {
-                path: {"sha256": e.sha256, "size": e.size} for path, e in sorted(self.files.items())
-            },
+            "files": {path: {"sha256": e.sha256, "size": e.size} for path, e in sorted(self.files.items())},
         }
         if self.warmup:
             data["warmup"] = list(self.warmup)
@@ -95,9 +94,7 @@ class Manifest:
 def check_name(name: str) -> str:
     """A voice name is used in paths and URLs: letters, digits, ``-``, ``_`` and ``.`` only."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise ManifestError(
-            f"invalid voice name {name!r}: use letters, digits, '-', '_' and '.' (not leading)"
-        )
+        raise ManifestError(f"invalid voice name {name!r}: use letters, digits, '-', '_' and '.' (not leading)")
     return name
 
 
@@ -110,8 +107,9 @@ def check_version(version: str) -> str:
         Version(version)
     except (InvalidVersion, ValueError, TypeError) as exc:
         shown = repr(version) if len(repr(version)) <= 80 else repr(version)[:70] + "…"
-        raise ManifestError(f"invalid version {shown}: must be a PEP 440 version such as 1, 1.2 or 2.0.1 "
-                            "(at most 64 characters)") from exc
+        raise ManifestError(
+            f"invalid version {shown}: must be a PEP 440 version such as 1, 1.2 or 2.0.1 (at most 64 characters)"
+        ) from exc
     return version
 
 
@@ -154,8 +152,9 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
         if rel == MANIFEST:
             raise ManifestError(f"{source}: the manifest cannot list itself")
         if rel == SIGNATURE:
-            raise ManifestError(f"{source}: {SIGNATURE} is the folder's signature and cannot be listed "
-                                "(a signature covers the list)")
+            raise ManifestError(
+                f"{source}: {SIGNATURE} is the folder's signature and cannot be listed (a signature covers the list)"
+            )
         if (
             not isinstance(entry, dict)
             or not isinstance(entry.get("sha256"), str)
@@ -169,8 +168,11 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
     if not files:
         raise ManifestError(f"{source}: lists no files")
     warmup = data.get("warmup", [])
-    if not isinstance(warmup, list) or not all(isinstance(s, str) and len(s) <= 500 for s in warmup) \
-            or len(warmup) > 20:
+    if (
+        not isinstance(warmup, list)
+        or not all(isinstance(s, str) and len(s) <= 500 for s in warmup)
+        or len(warmup) > 20
+    ):
         raise ManifestError(f"{source}: 'warmup' must be a list of at most 20 sentences of at most 500 characters")
     precision = data.get("precision", "auto")
     if precision not in PRECISIONS:

@@ -70,4 +70,4 @@ def find_voice(models_dir: Path, name: str, version: str | None = None) -> Path:
         hint = f" (voices there: {', '.join(known)})" if known else ""
         what = f"{name} version {version}" if version else name
         raise ConfigError(f"no voice {what} in {models_dir}{hint}")
-    return max(matches, key=lambda c: c.manifest.parsed_version).folder  # type: ignore[union-attr]
+    return max((c.manifest.parsed_version, c.folder) for c in matches if c.manifest)[1]

@@ -30,12 +30,16 @@ class SynthesisOptions:
                 raise RequestError(f"{name} must be between 0 and 2, not {value!r}")
         if not _number_in(self.sentence_pause, 0.0, 5.0):
             raise RequestError(f"sentence_pause must be between 0 and 5 seconds, not {self.sentence_pause!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                          and 0 <= self.seed < 1 << 64):
+        if self.seed is not None and not (
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 1 << 64
+        ):
             raise RequestError("seed must be a whole number from 0 to 2**64 - 1")
         speaker = self.speaker
-        if speaker is not None and (isinstance(speaker, bool) or not isinstance(speaker, (int, str))
-                                    or (isinstance(speaker, int) and speaker < 0)):
+        if speaker is not None and (
+            isinstance(speaker, bool)
+            or not isinstance(speaker, (int, str))
+            or (isinstance(speaker, int) and speaker < 0)
+        ):
             raise RequestError(f"speaker must be a name or a number from 0, not {speaker!r}")
         return self
 

@@ -84,6 +84,9 @@ def precision_gate(reference: Any, candidate: Any, text: str, seeds: tuple[int, 
     first, second = (render(reference, seed) for seed in seeds)
     other = render(candidate, seeds[0])
     rate = int(reference.sample_rate)
-    return {"samples": len(first), "candidate_samples": len(other),
-            "distance": mel_cepstral_distortion(other, first, rate) if len(other) == len(first) else math.inf,
-            "seed_spread": mel_cepstral_distortion(second, first, rate)}
+    return {
+        "samples": len(first),
+        "candidate_samples": len(other),
+        "distance": mel_cepstral_distortion(other, first, rate) if len(other) == len(first) else math.inf,
+        "seed_spread": mel_cepstral_distortion(second, first, rate),
+    }

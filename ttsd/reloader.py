@@ -15,15 +15,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .models_dir import is_under_candidate
 from .disk_changes import Observer, observe
+from .models_dir import is_under_candidate
 
 log = logging.getLogger("ttsd.reloader")
 
 
 class ModelWatcher:
-    def __init__(self, models_dir: Path, on_change: Callable[[], None], *, debounce: float = 0.5,
-                 interval: float = 5.0) -> None:
+    def __init__(
+        self, models_dir: Path, on_change: Callable[[], None], *, debounce: float = 0.5, interval: float = 5.0
+    ) -> None:
         self.models_dir = models_dir
         self.on_change = on_change
         self.debounce = debounce

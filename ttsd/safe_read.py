@@ -39,8 +39,10 @@ def walk(folder: Path) -> tuple[list[str], list[Problem]]:
             for entry in entries:
                 seen += 1
                 if seen > MAX_ENTRIES:
-                    raise VerifyError(f"{folder}: more than {MAX_ENTRIES} files and folders",
-                                      [Problem("too_many", f"more than {MAX_ENTRIES}")])
+                    raise VerifyError(
+                        f"{folder}: more than {MAX_ENTRIES} files and folders",
+                        [Problem("too_many", f"more than {MAX_ENTRIES}")],
+                    )
                 rel = Path(entry.path).relative_to(folder).as_posix()
                 if entry.is_symlink():
                     unsafe.append(Problem("unsafe", rel, "symlink"))

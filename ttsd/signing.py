@@ -44,8 +44,10 @@ MAX_KEYS = 100  # public keys in a trusted-keys dir
 MAX_KEY_BYTES = 64 * 1024
 HINT_CHARS = 12  # of the key hint shown to people: sha256 of the public key's PEM, as model-signing records it
 
-_MISSING = ("ttsd's signature support needs the model-signing library: pip install 'ttsd[signing]' "
-            "(or pip install model-signing)")
+_MISSING = (
+    "ttsd's signature support needs the model-signing library: pip install 'ttsd[signing]' "
+    "(or pip install model-signing)"
+)
 
 
 def _library() -> Any:
@@ -170,8 +172,9 @@ class TrustedKeys:
             except ConfigError:
                 raise
             except Exception as exc:
-                raise ConfigError(f"--trusted-keys: {path} is not a supported public key "
-                                  f"(PEM, elliptic curve P-256/384/521): {exc}") from exc
+                raise ConfigError(
+                    f"--trusted-keys: {path} is not a supported public key (PEM, elliptic curve P-256/384/521): {exc}"
+                ) from exc
             keys[hint] = (path.stem, verifier)
         if not keys:
             raise ConfigError(f"--trusted-keys {directory}: no public keys (*.pem) in it")
@@ -184,27 +187,34 @@ class TrustedKeys:
         _, _, _, sign_sigstore_pb = _library()
         data = read_signature(folder)
         if data is None:
-            raise SignatureError("unsigned", f"not signed (no {SIGNATURE}), and this daemon only loads "
-                                             f"folders signed by a key in {self.where}")
+            raise SignatureError(
+                "unsigned",
+                f"not signed (no {SIGNATURE}), and this daemon only loads folders signed by a key in {self.where}",
+            )
         hint = claimed_hint(data)
         if hint and hint not in self.keys:
-            raise SignatureError("unknown_key", f"signed by a key that is not trusted (key {hint[:HINT_CHARS]}; "
-                                                f"trusted: {', '.join(n for n, _ in self.keys.values())})")
+            raise SignatureError(
+                "unknown_key",
+                f"signed by a key that is not trusted (key {hint[:HINT_CHARS]}; "
+                f"trusted: {', '.join(n for n, _ in self.keys.values())})",
+            )
         try:
             bundle = _bundle(sign_sigstore_pb, data)
         except Exception as exc:
-            raise SignatureError("invalid", f"{SIGNATURE} is not a model-signing bundle "
-                                            f"({_first_line(exc)})") from exc
+            raise SignatureError("invalid", f"{SIGNATURE} is not a model-signing bundle ({_first_line(exc)})") from exc
         candidates = [self.keys[hint]] if hint else list(self.keys.values())
         for name, verifier in candidates:
             try:
                 signed = verifier.verify(bundle)
-            except Exception:  # noqa: BLE001, S112 - InvalidSignature, ValueError, malformed envelopes
+            except Exception:  # InvalidSignature, ValueError, malformed envelopes
                 continue
             _check_coverage(folder, manifest, signed)
             return Signer(name, hint or _hint_of(name, self.keys))
-        raise SignatureError("invalid", "the signature does not verify against "
-                                        + (f"the trusted key {candidates[0][0]}" if hint else "any trusted key"))
+        raise SignatureError(
+            "invalid",
+            "the signature does not verify against "
+            + (f"the trusted key {candidates[0][0]}" if hint else "any trusted key"),
+        )
 
     def describe(self) -> list[dict[str, str]]:
         return [{"key": name, "hint": hint[:HINT_CHARS]} for hint, (name, _) in sorted(self.keys.items())]
@@ -235,13 +245,16 @@ def _check_coverage(folder: Path, manifest: Manifest, signed: Any) -> None:
     """The signed statement lists exactly the folder's files, with the digests it has now."""
     method = signed.serialization_type.get("method")
     if method != "files":
-        raise SignatureError("unsupported", f"signed with {method!r} hashing; ttsd checks per-file "
-                                            "signatures (model_signing's default)")
+        raise SignatureError(
+            "unsupported", f"signed with {method!r} hashing; ttsd checks per-file signatures (model_signing's default)"
+        )
     digests: dict[str, str] = {}
     for descriptor in signed.resource_descriptors():
         if descriptor.digest.algorithm != "sha256":
-            raise SignatureError("unsupported", f"signed with {descriptor.digest.algorithm} digests; "
-                                                "ttsd checks sha256 (model_signing's default)")
+            raise SignatureError(
+                "unsupported",
+                f"signed with {descriptor.digest.algorithm} digests; ttsd checks sha256 (model_signing's default)",
+            )
         digests[str(descriptor.identifier)] = descriptor.digest.digest_hex.lower()
     expected = {rel: entry.sha256 for rel, entry in manifest.files.items()}
     expected[MANIFEST] = _sha256_beneath(folder, MANIFEST)
@@ -280,9 +293,11 @@ def sign(folder: Path, private_key: Path, password: str | None = None) -> Signer
     try:
         config = signing.Config().use_elliptic_key_signer(private_key=private_key, password=password)
     except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{private_key}: not a usable private key (PEM, elliptic curve "
-                          f"P-256/384/521; a password-protected key needs TTSD_SIGN_KEY_PASSWORD): "
-                          f"{_first_line(exc)}") from exc
+        raise ConfigError(
+            f"{private_key}: not a usable private key (PEM, elliptic curve "
+            f"P-256/384/521; a password-protected key needs TTSD_SIGN_KEY_PASSWORD): "
+            f"{_first_line(exc)}"
+        ) from exc
     config.set_hashing_config(hashing.Config().set_ignored_paths(paths=[SIGNATURE]))
     tmp = folder.parent / f".{folder.name}.{SIGNATURE}.{os.getpid()}.tmp"
     try:

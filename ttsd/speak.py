@@ -5,16 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .models_dir import find_voice
 from .config import Paths
 from .engines import Engine, create_engine
 from .errors import ConfigError
 from .manifest import verify
+from .models_dir import find_voice
 from .voices import Progress, builtin_model
 
 
-def resolve_model(paths: Paths, *, model_dir: Path | None = None, voice: str | None = None,
-                  progress: Progress | None = None) -> Path:
+def resolve_model(
+    paths: Paths, *, model_dir: Path | None = None, voice: str | None = None, progress: Progress | None = None
+) -> Path:
     """``--model`` if given, else ``--voice`` from the models dir, else the built-in voice."""
     if model_dir is not None:
         return model_dir

@@ -51,8 +51,13 @@ CLAUSE_MARKS = frozenset(",;:—–")  # a clause ends after one of these (and a
 T = TypeVar("T")
 
 
-def split_long(symbols: Sequence[T], limit: int, *, space: T,
-               clause: Collection[T] = CLAUSE_MARKS) -> list[Sequence[T]]:
+def split_long(
+    symbols: Sequence[T],
+    limit: int,
+    *,
+    space: T,
+    clause: Collection[T] = CLAUSE_MARKS,  # type: ignore[assignment]
+) -> list[Sequence[T]]:
     """Split one over-long sentence into pieces of at most ``limit`` symbols (characters or
     phonemes), cutting after a clause mark where there is one, else between words, and only
     inside a word that is longer than ``limit`` by itself.

@@ -16,10 +16,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .models_dir import scan
 from .errors import ConfigError, TtsdError
 from .fsutil import current_umask, fsync_dir
 from .manifest import Manifest, check_name, check_version, pack, verify
+from .models_dir import scan
 
 log = logging.getLogger("ttsd.voices")
 
@@ -133,8 +133,12 @@ def builtin_model(cache_dir: Path, progress: Progress = _noop) -> Path:
     onnx_path = builtin_voice_files()
     try:
         import_piper(
-            onnx_path, folder, name=BUILTIN_VOICE, version=BUILTIN_VERSION,
-            license=BUILTIN_LICENSE, progress=progress,
+            onnx_path,
+            folder,
+            name=BUILTIN_VOICE,
+            version=BUILTIN_VERSION,
+            license=BUILTIN_LICENSE,
+            progress=progress,
         )
     except (OSError, ConfigError) as exc:
         if folder.is_dir() and any(folder.iterdir()):  # another process won the race: use theirs

@@ -10,6 +10,7 @@ activate) and ``models.py`` (the ``models`` group).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any
@@ -51,7 +52,8 @@ class TtsdGroup(click.Group):
             console().print(
                 f"[bold red]internal error:[/] {escape(f'{type(exc).__name__}: {exc}')} "
                 "(run 'ttsd --debug ...' for the traceback)",
-                markup=True, emoji=False,
+                markup=True,
+                emoji=False,
             )
             ctx.exit(EXIT_INTERNAL)
 
@@ -88,10 +90,8 @@ def run() -> None:
             raise
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):  # a reader that went away, a closed stream
                 stream.flush()
-            except (OSError, ValueError):  # a reader that went away, a closed stream: nothing to keep
-                pass
         os._exit(code)
 
 

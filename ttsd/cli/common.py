@@ -42,6 +42,8 @@ def write_output(output: str, data: bytes) -> None:
 
 SOCKET_HELP = "Daemon socket [env TTSD_SOCKET]."
 PRECISION_CHOICES = ("auto", "fp32", "bf16")  # ttsd.manifest.PRECISIONS, without importing it here
-PRECISION_HELP = ("Number format voices compute in: auto (each voice's ttsd.json, which defaults to bf16 where the "
-                  "CPU does bf16 natively, AVX512-BF16/AMX/ARM BF16, else fp32), fp32 (exact), or bf16 (faster; "
-                  "emulated and slow on CPUs without it) [env TTSD_PRECISION].")
+PRECISION_HELP = (
+    "Number format voices compute in: auto (each voice's ttsd.json, which defaults to bf16 where the "
+    "CPU does bf16 natively, AVX512-BF16/AMX/ARM BF16, else fp32), fp32 (exact), or bf16 (faster; "
+    "emulated and slow on CPUs without it) [env TTSD_PRECISION]."
+)

@@ -20,19 +20,34 @@ def status_view(info: dict[str, Any], caption: str | None = None) -> Any:
     from rich.text import Text
 
     queue = info["queue"]
-    table = Table("voice", "active", "memory", "last used", "versions",
-                  caption=" · ".join(c for c in (_memory_line(info.get("memory")), caption) if c) or None, title=Text(
-        f"ttsd {info['version']} pid {info['pid']}, up {info['uptime']:.0f} s, queue {queue['waiting']} waiting / "
-        f"{queue['running']} running, {info['requests']['completed']} done, {info['requests']['failed']} failed"))
+    table = Table(
+        "voice",
+        "active",
+        "memory",
+        "last used",
+        "versions",
+        caption=" · ".join(c for c in (_memory_line(info.get("memory")), caption) if c) or None,
+        title=Text(
+            f"ttsd {info['version']} pid {info['pid']}, up {info['uptime']:.0f} s, queue {queue['waiting']} waiting / "
+            f"{queue['running']} running, {info['requests']['completed']} done, {info['requests']['failed']} failed"
+        ),
+    )
     now = time.time()
     for voice in info["voices"]:
-        versions = ", ".join(f"{v['version']} {v['state']}" + (f" ({v['reason']})" if v["reason"] else "")
-                             + (f" [{v['in_flight']} in flight]" if v.get("in_flight") else "")
-                             for v in voice["versions"])
+        versions = ", ".join(
+            f"{v['version']} {v['state']}"
+            + (f" ({v['reason']})" if v["reason"] else "")
+            + (f" [{v['in_flight']} in flight]" if v.get("in_flight") else "")
+            for v in voice["versions"]
+        )
         used = voice.get("last_used")
-        table.add_row(Text(voice["name"] + (" (default)" if voice["default"] else "")), Text(voice["active"] or "-"),
-                      Text(voice.get("residency") or "-"), Text(_ago(now - used) if used else "never"),
-                      Text(versions))
+        table.add_row(
+            Text(voice["name"] + (" (default)" if voice["default"] else "")),
+            Text(voice["active"] or "-"),
+            Text(voice.get("residency") or "-"),
+            Text(_ago(now - used) if used else "never"),
+            Text(versions),
+        )
     return table
 
 
@@ -67,13 +82,18 @@ def watch(client: Any, interval: float) -> None:
 
 
 @click.command()
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
-              help=SOCKET_HELP)
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET", help=SOCKET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-@click.option("--watch", "-w", "watching", is_flag=True,
-              help="Keep showing the status, redrawn every --interval, until Ctrl-C.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
-              help="Seconds between redraws with --watch.")
+@click.option(
+    "--watch", "-w", "watching", is_flag=True, help="Keep showing the status, redrawn every --interval, until Ctrl-C."
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between redraws with --watch.",
+)
 def status(socket_path: Path | None, as_json: bool, watching: bool, interval: float) -> None:
     """Show the running daemon: voices (loaded, unloaded or loading within a memory budget, and
     when last used), versions, queue, requests, memory, uptime."""
@@ -106,8 +126,10 @@ def _memory_line(memory: dict[str, Any] | None) -> str | None:
     if not memory:
         return None
     rss, budget, most = memory.get("rss_bytes") or 0, memory.get("budget_bytes"), memory.get("max_loaded")
-    parts = [f"RSS {rss / 2**20:.0f} MB" + (f" of {budget / 2**20:.0f} MB" if budget else ""),
-             f"{memory.get('loaded_versions', 0)}" + (f" of {most}" if most else "") + " versions loaded"]
+    parts = [
+        f"RSS {rss / 2**20:.0f} MB" + (f" of {budget / 2**20:.0f} MB" if budget else ""),
+        f"{memory.get('loaded_versions', 0)}" + (f" of {most}" if most else "") + " versions loaded",
+    ]
     if memory.get("preload"):
         parts.append("preloaded: " + ", ".join(memory["preload"]))
     return ", ".join(parts)
@@ -125,8 +147,7 @@ def _only_voice(client: Any, voice: str | None) -> str:
 @click.command()
 @click.option("--voice", help="Voice to roll back (needed when several are active).")
 @click.option("--to", "to", help="Version to go back to (default: the previous active one).")
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
-              help=SOCKET_HELP)
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET", help=SOCKET_HELP)
 def rollback(voice: str | None, to: str | None, socket_path: Path | None) -> None:
     """Go back to the previous version of a voice, at once. The version rolled back from is
     never promoted again by itself (a newer one is)."""
@@ -134,20 +155,16 @@ def rollback(voice: str | None, to: str | None, socket_path: Path | None) -> Non
     name = _only_voice(client, voice)
     _, data = client.call("POST", f"/v1/voices/{name}/rollback", {"to": to} if to else {})
     result = json.loads(data)
-    console().print(f"{result['voice']}: {result['from']} -> {result['to']} in {result['seconds']:.2f} s",
-                     markup=False)
+    console().print(f"{result['voice']}: {result['from']} -> {result['to']} in {result['seconds']:.2f} s", markup=False)
 
 
 @click.command()
 @click.argument("voice")
 @click.argument("version")
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
-              help=SOCKET_HELP)
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET", help=SOCKET_HELP)
 def activate(voice: str, version: str, socket_path: Path | None) -> None:
     """Serve VERSION of VOICE (any known version, re-verified; clears a rolled-back mark)."""
     client = daemon_client(socket_path)
     _, data = client.call("POST", f"/v1/voices/{voice}/activate", {"version": version})
     result = json.loads(data)
-    console().print(f"{result['voice']}: {result['from']} -> {result['to']} in {result['seconds']:.2f} s",
-                     markup=False)
-
+    console().print(f"{result['voice']}: {result['from']} -> {result['to']} in {result['seconds']:.2f} s", markup=False)

@@ -31,8 +31,9 @@ def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, 
 
     out = console()
     with out.status("importing…") as status:
-        manifest = import_piper(onnx, out_dir, name=name, version=version, license=license_,
-                                progress=lambda msg: status.update(f"{msg}…"))
+        manifest = import_piper(
+            onnx, out_dir, name=name, version=version, license=license_, progress=lambda msg: status.update(f"{msg}…")
+        )
     out.print(f"{out_dir}: voice {manifest.name} {manifest.version}, {len(manifest.files)} files", markup=False)
 
 
@@ -45,14 +46,31 @@ def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, 
 @click.option("--warmup", multiple=True, help="Warm-up sentence (repeatable).")
 @click.option("--description", default="")
 @click.option("--license", "license_", default="")
-@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
-              help="The voice's number format: auto (bf16 where the CPU has native bf16) or fp32 (this voice "
-                   "must stay fp32); the daemon's --precision overrides it.")
-@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also sign the folder with this private key (see 'ttsd models sign').")
-def pack_cmd(folder: Path, name: str, version: str, engine: str, sample_rate: int | None,
-             warmup: tuple[str, ...], description: str, license_: str, precision: str,
-             sign_key: Path | None) -> None:
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISION_CHOICES),
+    default="auto",
+    show_default=True,
+    help="The voice's number format: auto (bf16 where the CPU has native bf16) or fp32 (this voice "
+    "must stay fp32); the daemon's --precision overrides it.",
+)
+@click.option(
+    "--sign-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also sign the folder with this private key (see 'ttsd models sign').",
+)
+def pack_cmd(
+    folder: Path,
+    name: str,
+    version: str,
+    engine: str,
+    sample_rate: int | None,
+    warmup: tuple[str, ...],
+    description: str,
+    license_: str,
+    precision: str,
+    sign_key: Path | None,
+) -> None:
     """Write the checksummed manifest (ttsd.json) for FOLDER, e.g. a downloaded MMS-TTS checkpoint."""
     from ..engines import engine_class
     from ..manifest import pack
@@ -62,15 +80,27 @@ def pack_cmd(folder: Path, name: str, version: str, engine: str, sample_rate: in
         sample_rate = cls.default_sample_rate(folder)  # e.g. config.json's sampling_rate, for vits
         if sample_rate is None:
             raise ConfigError(f"{folder}: give --sample-rate (the {engine} engine finds none in the folder)")
-    manifest = pack(folder, name=name, version=version, engine=engine, sample_rate=sample_rate,
-                    warmup=warmup, description=description, license=license_, precision=precision)
-    console().print(f"{folder}/ttsd.json: {manifest.name} {manifest.version}, {len(manifest.files)} files",
-                     markup=False)
+    manifest = pack(
+        folder,
+        name=name,
+        version=version,
+        engine=engine,
+        sample_rate=sample_rate,
+        warmup=warmup,
+        description=description,
+        license=license_,
+        precision=precision,
+    )
+    console().print(
+        f"{folder}/ttsd.json: {manifest.name} {manifest.version}, {len(manifest.files)} files", markup=False
+    )
     if sign_key is not None:
         _sign(folder, sign_key)
     elif (folder / "model.sig").exists():
-        console().print(f"note: {folder}/model.sig was made before this manifest; sign the folder again "
-                        "('ttsd models sign')", markup=False)
+        console().print(
+            f"note: {folder}/model.sig was made before this manifest; sign the folder again ('ttsd models sign')",
+            markup=False,
+        )
 
 
 def _sign(folder: Path, key: Path) -> None:
@@ -86,9 +116,14 @@ def _sign(folder: Path, key: Path) -> None:
 
 @models.command("sign")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--key", "key", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Elliptic-curve private key in PEM (openssl ecparam -name prime256v1 -genkey -noout). "
-                   "A password-protected key reads its password from TTSD_SIGN_KEY_PASSWORD.")
+@click.option(
+    "--key",
+    "key",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Elliptic-curve private key in PEM (openssl ecparam -name prime256v1 -genkey -noout). "
+    "A password-protected key reads its password from TTSD_SIGN_KEY_PASSWORD.",
+)
 def sign_cmd(folder: Path, key: Path) -> None:
     """Sign FOLDER (after checking it against its manifest): writes FOLDER/model.sig in the OpenSSF
     model-signing format, which 'model_signing verify key' and 'ttsd serve --trusted-keys' accept."""
@@ -97,9 +132,13 @@ def sign_cmd(folder: Path, key: Path) -> None:
 
 @models.command("verify")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--trusted-keys", "trusted_keys", type=click.Path(file_okay=False, path_type=Path),
-              envvar="TTSD_TRUSTED_KEYS", help="Also require a signature by one of these public keys "
-                                               "[env TTSD_TRUSTED_KEYS].")
+@click.option(
+    "--trusted-keys",
+    "trusted_keys",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_TRUSTED_KEYS",
+    help="Also require a signature by one of these public keys [env TTSD_TRUSTED_KEYS].",
+)
 def verify_cmd(folder: Path, trusted_keys: Path | None) -> None:
     """Check FOLDER against its manifest; say exactly which file is missing, extra or wrong; and
     who signed it."""
@@ -121,15 +160,21 @@ def verify_cmd(folder: Path, trusted_keys: Path | None) -> None:
     else:
         claimed = describe(folder)
         signed = "unsigned" if claimed is None else f"signature not checked: {claimed}; give --trusted-keys"
-    console().print(f"{folder}: ok ({manifest.name} {manifest.version}, {len(manifest.files)} files verified, "
-                    f"{signed})", markup=False)
+    console().print(
+        f"{folder}: ok ({manifest.name} {manifest.version}, {len(manifest.files)} files verified, {signed})",
+        markup=False,
+    )
 
 
 @models.command("list")
-@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_MODELS",
-              help="Models directory [env TTSD_MODELS].")
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET",
-              help=SOCKET_HELP)
+@click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_MODELS",
+    help="Models directory [env TTSD_MODELS].",
+)
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET", help=SOCKET_HELP)
 @click.option("--verify/--no-verify", "check", default=False, help="Without a daemon: check every checksum.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_json: bool) -> None:
@@ -151,8 +196,8 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         for folder in info["folders"]:
             rows.append((Path(folder["folder"]).name, "-", folder["state"], "", folder["reason"]))
     else:
-        from ..models_dir import scan
         from ..manifest import verify
+        from ..models_dir import scan
         from ..signing import describe
 
         paths = Paths.resolve(models=models_dir)
@@ -167,8 +212,15 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
                 except TtsdError as exc:
                     state, reason = "refused", str(exc)
             claimed = describe(cand.folder)
-            rows.append((m.name if m else cand.folder.name, m.version if m else "-", state,
-                         "" if claimed is None else str(claimed), reason))
+            rows.append(
+                (
+                    m.name if m else cand.folder.name,
+                    m.version if m else "-",
+                    state,
+                    "" if claimed is None else str(claimed),
+                    reason,
+                )
+            )
     if as_json:
         fields = ("voice", "version", "state", "signer", "reason")
         click.echo(json.dumps([dict(zip(fields, r, strict=True)) for r in rows], indent=2))
@@ -180,8 +232,12 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
 
 
 @models.command("builtin")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_CACHE",
-              help="Where converted voices are cached [env TTSD_CACHE].")
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_CACHE",
+    help="Where converted voices are cached [env TTSD_CACHE].",
+)
 def builtin_cmd(cache: Path | None) -> None:
     """Print the folder of the built-in voice, converting it first if needed."""
     from ..config import Paths
@@ -193,9 +249,10 @@ def builtin_cmd(cache: Path | None) -> None:
     click.echo(str(folder))
 
 
-
-MIRROR_HELP = ("HTTP(S) server with the layout of the Piper voices repository [env TTSD_MIRROR; default: "
-               "Hugging Face rhasspy/piper-voices].")
+MIRROR_HELP = (
+    "HTTP(S) server with the layout of the Piper voices repository [env TTSD_MIRROR; default: "
+    "Hugging Face rhasspy/piper-voices]."
+)
 TIMEOUT_HELP = "Seconds to wait for the mirror to connect, and for each read."
 
 
@@ -205,8 +262,7 @@ TIMEOUT_HELP = "Seconds to wait for the mirror to connect, and for each read."
 @click.option("--json", "as_json", is_flag=True, help="Print the matching catalog entries as JSON.")
 @click.option("--mirror", envvar="TTSD_MIRROR", help=MIRROR_HELP)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
-def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirror: str | None,
-               timeout: float) -> None:
+def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirror: str | None, timeout: float) -> None:
     """Voices of the Piper catalog whose key, language or quality hold every word of TEXT."""
     from rich.console import Console
     from rich.table import Table
@@ -225,12 +281,23 @@ def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirro
     if as_json:
         click.echo(json.dumps([voice.to_json() for voice in found], indent=2, ensure_ascii=False))
         return
-    table = Table("voice", "language", "quality", "speakers", "size",
-                  title=f"{len(found)} of {len(catalog.voices)} voices at {source.base}")
+    table = Table(
+        "voice",
+        "language",
+        "quality",
+        "speakers",
+        "size",
+        title=f"{len(found)} of {len(catalog.voices)} voices at {source.base}",
+    )
     for voice in found:
         lang = voice.language
-        table.add_row(voice.key, f"{lang.code} ({lang.name_english}, {lang.country_english})", voice.quality,
-                      str(voice.num_speakers), f"{voice.size / 1e6:.1f} MB")
+        table.add_row(
+            voice.key,
+            f"{lang.code} ({lang.name_english}, {lang.country_english})",
+            voice.quality,
+            str(voice.num_speakers),
+            f"{voice.size / 1e6:.1f} MB",
+        )
     Console().print(table)
     if not found:
         out.print("no voice matches; 'ttsd models search' with no words lists them all", markup=False)
@@ -256,8 +323,13 @@ class _RichReporter:
             TransferSpeedColumn,
         )
 
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, console=self.out) as bar:
             task = bar.add_task(name, total=total)
             yield lambda done: bar.update(task, completed=done)
@@ -266,8 +338,13 @@ class _RichReporter:
 @models.command("publish")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("mirror_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--trusted-keys", "trusted_keys", type=click.Path(file_okay=False, path_type=Path),
-              envvar="TTSD_TRUSTED_KEYS", help="Refuse to publish a folder not signed by one of these keys.")
+@click.option(
+    "--trusted-keys",
+    "trusted_keys",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_TRUSTED_KEYS",
+    help="Refuse to publish a folder not signed by one of these keys.",
+)
 def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None) -> None:
     """Put a model folder on a fleet mirror (MIRROR_DIR, served by any HTTP server) as its voice's
     newest version, for boxes to take with 'ttsd models get VOICE --mirror URL'."""
@@ -280,27 +357,58 @@ def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None) -> No
         trust = TrustedKeys.load(trusted_keys)
     mirror_dir.mkdir(parents=True, exist_ok=True)
     entry = publish(folder, mirror_dir, trust)
-    console().print(f"{mirror_dir}/{entry.path}: {entry.name} {entry.version}"
-                    + (", signed" if entry.signature else ", unsigned"), markup=False)
+    console().print(
+        f"{mirror_dir}/{entry.path}: {entry.name} {entry.version}" + (", signed" if entry.signature else ", unsigned"),
+        markup=False,
+    )
 
 
 @models.command("get")
 @click.argument("voice")
-@click.option("--version", "version", help="PEP 440 version of the new folder [default: 1, or with --upgrade "
-              "the next major version].")
-@click.option("--upgrade", is_flag=True, help="Add a new version of a voice that is already in the models dir "
-              "(nothing is done if its newest version came from the same catalog files).")
+@click.option(
+    "--version",
+    "version",
+    help="PEP 440 version of the new folder [default: 1, or with --upgrade the next major version].",
+)
+@click.option(
+    "--upgrade",
+    is_flag=True,
+    help="Add a new version of a voice that is already in the models dir "
+    "(nothing is done if its newest version came from the same catalog files).",
+)
 @click.option("--mirror", envvar="TTSD_MIRROR", help=MIRROR_HELP)
-@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_MODELS",
-              help="Models directory [env TTSD_MODELS].")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_CACHE",
-              help="Partial downloads wait in CACHE/downloads [env TTSD_CACHE].")
+@click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_MODELS",
+    help="Models directory [env TTSD_MODELS].",
+)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_CACHE",
+    help="Partial downloads wait in CACHE/downloads [env TTSD_CACHE].",
+)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
-@click.option("--trusted-keys", "trusted_keys", type=click.Path(file_okay=False, path_type=Path),
-              envvar="TTSD_TRUSTED_KEYS", help="A ready folder from a fleet mirror must be signed by one of these "
-                                               "public keys before it is published [env TTSD_TRUSTED_KEYS].")
-def get_cmd(voice: str, version: str | None, upgrade: bool, mirror: str | None, models_dir: Path | None,
-            cache: Path | None, timeout: float, trusted_keys: Path | None) -> None:
+@click.option(
+    "--trusted-keys",
+    "trusted_keys",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_TRUSTED_KEYS",
+    help="A ready folder from a fleet mirror must be signed by one of these "
+    "public keys before it is published [env TTSD_TRUSTED_KEYS].",
+)
+def get_cmd(
+    voice: str,
+    version: str | None,
+    upgrade: bool,
+    mirror: str | None,
+    models_dir: Path | None,
+    cache: Path | None,
+    timeout: float,
+    trusted_keys: Path | None,
+) -> None:
     """Download a voice of the Piper catalog, check it, convert it and publish it in the models dir.
 
     An interrupted download goes on where it stopped when the command is run again. A running
@@ -315,8 +423,15 @@ def get_cmd(voice: str, version: str | None, upgrade: bool, mirror: str | None, 
         from ..signing import TrustedKeys
 
         trust = TrustedKeys.load(trusted_keys)
-    request = GetRequest(voice=voice, models=paths.models, downloads=paths.cache / "downloads",
-                         mirror=Mirror.parse(mirror, timeout), version=version, upgrade=upgrade, trust=trust)
+    request = GetRequest(
+        voice=voice,
+        models=paths.models,
+        downloads=paths.cache / "downloads",
+        mirror=Mirror.parse(mirror, timeout),
+        version=version,
+        upgrade=upgrade,
+        trust=trust,
+    )
     result = get_voice(request, _RichReporter())
     m = result.manifest
     if not result.fetched:

@@ -59,32 +59,82 @@ def _read_text(text: str) -> str:
 
 @click.command()
 @click.argument("text")
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="Audio file to write (.wav, .flac, .ogg, .mp3, .opus or .aac), or - for standard output (WAV).")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Audio file to write (.wav, .flac, .ogg, .mp3, .opus or .aac), or - for standard output (WAV).",
+)
 @click.option("--voice", help="Voice name (newest version); default: the daemon's default voice.")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Use this model folder directly (in-process).")
-@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTSD_MODELS",
-              help="Models directory to look up --voice in when running in-process [env TTSD_MODELS].")
-@click.option("--speed", type=click.FloatRange(0.25, 4.0), default=1.0, show_default=True,
-              help="Speaking speed; 2 is twice as fast.")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Use this model folder directly (in-process).",
+)
+@click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_MODELS",
+    help="Models directory to look up --voice in when running in-process [env TTSD_MODELS].",
+)
+@click.option(
+    "--speed",
+    type=click.FloatRange(0.25, 4.0),
+    default=1.0,
+    show_default=True,
+    help="Speaking speed; 2 is twice as fast.",
+)
 @click.option("--speaker", help="Speaker name or number, for voices with several.")
 @click.option("--noise-scale", type=click.FloatRange(0, 2), help="Voice variation (model default if unset).")
 @click.option("--noise-w", type=click.FloatRange(0, 2), help="Timing variation (model default if unset).")
 @click.option("--seed", type=int, help="Fix the random variation, for repeatable output.")
-@click.option("--max-chars", type=click.IntRange(1), default=5000, show_default=True, envvar="TTSD_MAX_CHARS",
-              help="Refuse longer text (in-process; the daemon has its own limit).")
+@click.option(
+    "--max-chars",
+    type=click.IntRange(1),
+    default=5000,
+    show_default=True,
+    envvar="TTSD_MAX_CHARS",
+    help="Refuse longer text (in-process; the daemon has its own limit).",
+)
 @click.option("--threads", type=click.IntRange(1), help="Torch threads in-process (default: all cores).")
-@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
-              envvar="TTSD_PRECISION", help=f"In-process: {PRECISION_HELP} The daemon uses its own.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISION_CHOICES),
+    default="auto",
+    show_default=True,
+    envvar="TTSD_PRECISION",
+    help=f"In-process: {PRECISION_HELP} The daemon uses its own.",
+)
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET", help=SOCKET_HELP)
-@click.option("--daemon/--no-daemon", "use_daemon", default=None,
-              help="Require the running daemon, or never use it (default: daemon if it answers).")
+@click.option(
+    "--daemon/--no-daemon",
+    "use_daemon",
+    default=None,
+    help="Require the running daemon, or never use it (default: daemon if it answers).",
+)
 @click.pass_context
-def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir: Path | None,
-        models_dir: Path | None, speed: float, speaker: str | None, noise_scale: float | None,
-        noise_w: float | None, seed: int | None, max_chars: int, threads: int | None, precision: str,
-        socket_path: Path | None, use_daemon: bool | None) -> None:
+def say(
+    ctx: click.Context,
+    text: str,
+    output: str,
+    voice: str | None,
+    model_dir: Path | None,
+    models_dir: Path | None,
+    speed: float,
+    speaker: str | None,
+    noise_scale: float | None,
+    noise_w: float | None,
+    seed: int | None,
+    max_chars: int,
+    threads: int | None,
+    precision: str,
+    socket_path: Path | None,
+    use_daemon: bool | None,
+) -> None:
     """Speak TEXT (- reads standard input) into an audio file.
 
     Uses the running daemon when its socket answers (fast: the model is already loaded), else
@@ -92,8 +142,9 @@ def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir
     from ..formats import format_for_path
 
     fmt = format_for_path(output)  # an unknown suffix is refused before stdin is read
-    options = SynthesisOptions(speed=speed, speaker=speaker, noise_scale=noise_scale,
-                               noise_scale_duration=noise_w, seed=seed)
+    options = SynthesisOptions(
+        speed=speed, speaker=speaker, noise_scale=noise_scale, noise_scale_duration=noise_w, seed=seed
+    )
     speech = Speech(_read_text(text), output, fmt, voice, options)
     if model_dir is not None and use_daemon:
         raise ConfigError("--model loads a folder in-process; it cannot be combined with --daemon")
@@ -104,8 +155,9 @@ def say(ctx: click.Context, text: str, output: str, voice: str | None, model_dir
             return
         if use_daemon:
             raise DaemonError(f"no daemon answers on {client.socket_path} (start one with 'ttsd serve')")
-    _in_process(speech, model_dir=model_dir, models_dir=models_dir, max_chars=max_chars, threads=threads,
-                precision=precision)
+    _in_process(
+        speech, model_dir=model_dir, models_dir=models_dir, max_chars=max_chars, threads=threads, precision=precision
+    )
     ctx.obj["fast_exit"] = True  # the output is on disk: see ttsd.cli.run
 
 
@@ -116,11 +168,20 @@ def _via_daemon(client: Any, speech: Speech) -> None:
     console().print(
         f"{speech.shown}: {float(headers.get('x-ttsd-audio-seconds', 0)):.2f} s of {speech.fmt}, voice "
         f"{headers.get('x-ttsd-voice')} {headers.get('x-ttsd-version')}, via daemon in "
-        f"{time.perf_counter() - started:.2f} s", markup=False)
+        f"{time.perf_counter() - started:.2f} s",
+        markup=False,
+    )
 
 
-def _in_process(speech: Speech, *, model_dir: Path | None, models_dir: Path | None, max_chars: int,
-                threads: int | None, precision: str) -> None:
+def _in_process(
+    speech: Speech,
+    *,
+    model_dir: Path | None,
+    models_dir: Path | None,
+    max_chars: int,
+    threads: int | None,
+    precision: str,
+) -> None:
     from ..audio import encode
     from ..config import Paths
     from ..encoding import check_available
@@ -131,8 +192,12 @@ def _in_process(speech: Speech, *, model_dir: Path | None, models_dir: Path | No
     check_available(speech.fmt)  # so is a format this box has no encoder for (aac without PyAV)
     out = console()
     with out.status("preparing the voice…") as status:
-        folder = resolve_model(Paths.resolve(models=models_dir), model_dir=model_dir, voice=speech.voice,
-                               progress=lambda msg: status.update(f"built-in voice: {msg}…"))
+        folder = resolve_model(
+            Paths.resolve(models=models_dir),
+            model_dir=model_dir,
+            voice=speech.voice,
+            progress=lambda msg: status.update(f"built-in voice: {msg}…"),
+        )
         started = time.perf_counter()
         engine = open_engine(folder, max_chars=max_chars, threads=threads, precision=precision)
         loaded = time.perf_counter()
@@ -145,4 +210,6 @@ def _in_process(speech: Speech, *, model_dir: Path | None, models_dir: Path | No
     computes = f" in {computed_in}" if computed_in else ""
     out.print(
         f"{speech.shown}: {audio.duration:.2f} s of {speech.fmt} at {audio.sample_rate} Hz, voice {m.name} "
-        f"{m.version}{computes}, load {loaded - started:.2f} s, synthesis {done - loaded:.2f} s", markup=False)
+        f"{m.version}{computes}, load {loaded - started:.2f} s, synthesis {done - loaded:.2f} s",
+        markup=False,
+    )

@@ -63,9 +63,7 @@ def _read_graph(onnx_path: Path) -> _Graph:
     for node in graph.node:
         path = _scope_to_path(node.name)
         if node.op_type in ("Conv", "ConvTranspose") and path:
-            conv_attrs[path] = {
-                a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
-            }
+            conv_attrs[path] = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         for index, name in enumerate(node.input):
             if name not in inits:
                 continue
@@ -105,11 +103,9 @@ def _build_config(graph: _Graph, voice: dict[str, Any]) -> dict[str, Any]:
     for k in range(n_kernels // n_ups):
         n_convs = _count(t, rf"dec\.resblocks\.{k}\.{conv_list}\.(\d+)\.weight")
         kernel_sizes.append(int(t[f"dec.resblocks.{k}.{conv_list}.0.weight"].shape[-1]))
-        dilations.append(
-            [int(attrs[f"dec.resblocks.{k}.{conv_list}.{j}"]["dilations"][0]) for j in range(n_convs)]
-        )
+        dilations.append([int(attrs[f"dec.resblocks.{k}.{conv_list}.{j}"]["dilations"][0]) for j in range(n_convs)])
     ups = [attrs[f"dec.ups.{i}"] for i in range(n_ups)]
-    proj = t["dp.flows.7.proj.weight"] if "dp.flows.7.proj.weight" in t else None
+    proj = t.get("dp.flows.7.proj.weight", None)
     conv_flows = _count(t, r"dp\.flows\.(\d+)\.pre\.weight")
     inference = voice.get("inference", {})
     num_speakers = int(voice.get("num_speakers", 1))
@@ -157,21 +153,38 @@ def _build_config(graph: _Graph, voice: dict[str, Any]) -> dict[str, Any]:
 
 # (VITS name pattern, transformers name template, tensor transform)
 _Rule = tuple[str, str, Callable[[np.ndarray], np.ndarray]]
-_same: Callable[[np.ndarray], np.ndarray] = lambda a: a  # noqa: E731
-_squeeze: Callable[[np.ndarray], np.ndarray] = lambda a: a[..., 0] if a.ndim == 3 else a  # noqa: E731
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _squeeze(a: np.ndarray) -> np.ndarray:
+    return a[..., 0] if a.ndim == 3 else a
+
+
 _RULES: list[_Rule] = [
     (r"enc_p\.emb\.weight", "text_encoder.embed_tokens.weight", _same),
-    (r"enc_p\.encoder\.attn_layers\.(\d+)\.conv_([qkv])\.(weight|bias)",
-     "text_encoder.encoder.layers.{0}.attention.{1}_proj.{2}", _squeeze),
-    (r"enc_p\.encoder\.attn_layers\.(\d+)\.conv_o\.(weight|bias)",
-     "text_encoder.encoder.layers.{0}.attention.out_proj.{1}", _squeeze),
+    (
+        r"enc_p\.encoder\.attn_layers\.(\d+)\.conv_([qkv])\.(weight|bias)",
+        "text_encoder.encoder.layers.{0}.attention.{1}_proj.{2}",
+        _squeeze,
+    ),
+    (
+        r"enc_p\.encoder\.attn_layers\.(\d+)\.conv_o\.(weight|bias)",
+        "text_encoder.encoder.layers.{0}.attention.out_proj.{1}",
+        _squeeze,
+    ),
     (r"enc_p\.encoder\.attn_layers\.(\d+)\.(emb_rel_[kv])", "text_encoder.encoder.layers.{0}.attention.{1}", _same),
     (r"enc_p\.encoder\.norm_layers_1\.(\d+)\.gamma", "text_encoder.encoder.layers.{0}.layer_norm.weight", _same),
     (r"enc_p\.encoder\.norm_layers_1\.(\d+)\.beta", "text_encoder.encoder.layers.{0}.layer_norm.bias", _same),
     (r"enc_p\.encoder\.norm_layers_2\.(\d+)\.gamma", "text_encoder.encoder.layers.{0}.final_layer_norm.weight", _same),
     (r"enc_p\.encoder\.norm_layers_2\.(\d+)\.beta", "text_encoder.encoder.layers.{0}.final_layer_norm.bias", _same),
-    (r"enc_p\.encoder\.ffn_layers\.(\d+)\.(conv_[12])\.(weight|bias)",
-     "text_encoder.encoder.layers.{0}.feed_forward.{1}.{2}", _same),
+    (
+        r"enc_p\.encoder\.ffn_layers\.(\d+)\.(conv_[12])\.(weight|bias)",
+        "text_encoder.encoder.layers.{0}.feed_forward.{1}.{2}",
+        _same,
+    ),
     (r"enc_p\.proj\.(weight|bias)", "text_encoder.project.{0}", _same),
     (r"emb_g\.weight", "embed_speaker.weight", _same),
     (r"dp\.pre\.(weight|bias)", "duration_predictor.conv_pre.{0}", _same),
@@ -236,9 +249,7 @@ def convert_piper(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
         raise ImportPiperError(f"{json_path}: not valid JSON ({exc})") from exc
     phoneme_type = voice.get("phoneme_type", "espeak")
     if phoneme_type != "espeak":
-        raise ImportPiperError(
-            f"{json_path}: phoneme_type {phoneme_type!r} is not supported (only espeak voices)"
-        )
+        raise ImportPiperError(f"{json_path}: phoneme_type {phoneme_type!r} is not supported (only espeak voices)")
     graph = _read_graph(onnx_path)
     try:
         config = PiperVitsConfig(**_build_config(graph, voice))
@@ -256,9 +267,7 @@ def convert_piper(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
         value = torch.from_numpy(np.ascontiguousarray(transform(array)).astype(np.float32))
         if hf_name not in expected or tuple(expected[hf_name].shape) != tuple(value.shape):
             want = tuple(expected[hf_name].shape) if hf_name in expected else "nothing"
-            raise ImportPiperError(
-                f"{onnx_path}: {vits_name} {tuple(value.shape)} does not fit {hf_name} ({want})"
-            )
+            raise ImportPiperError(f"{onnx_path}: {vits_name} {tuple(value.shape)} does not fit {hf_name} ({want})")
         state[hf_name] = value
     # The first ConvFlow of the stochastic duration predictor is dropped at inference (VITS's
     # "useless vflow"), so Piper never exported it: store zeros, not random numbers.

@@ -14,6 +14,8 @@ module is imported, so a converted folder loads with ``AutoModel.from_pretrained
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -29,7 +31,7 @@ class PiperVitsConfig(VitsConfig):
 
     model_type = "piper_vits"
 
-    def __init__(self, resblock: str = "1", **kwargs: object) -> None:
+    def __init__(self, resblock: str = "1", **kwargs: Any) -> None:
         if str(resblock) not in ("1", "2"):
             raise ValueError(f"resblock must be '1' or '2', not {resblock!r}")
         self.resblock = str(resblock)
@@ -94,9 +96,7 @@ class PiperVitsModel(VitsModel):
                     config.resblock_kernel_sizes, config.resblock_dilation_sizes, strict=True
                 ):
                     decoder.resblocks.append(
-                        HifiGanResidualBlock2(
-                            channels, kernel_size, tuple(dilation), config.leaky_relu_slope
-                        )
+                        HifiGanResidualBlock2(channels, kernel_size, tuple(dilation), config.leaky_relu_slope)
                     )
 
 

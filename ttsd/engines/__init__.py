@@ -42,9 +42,7 @@ def engine_class(name: str) -> type[Engine[Any]]:
     if target is None:
         matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
         if not matches:
-            raise ManifestError(
-                f"engine {name!r} is not installed (available: {', '.join(available_engines())})"
-            )
+            raise ManifestError(f"engine {name!r} is not installed (available: {', '.join(available_engines())})")
         target = matches[0].value
     module_name, _, attr = target.partition(":")
     try:

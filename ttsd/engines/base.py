@@ -41,9 +41,16 @@ class Engine(ABC, Generic[Unit]):
 
     name: ClassVar[str]
 
-    def __init__(self, folder: Path, manifest: Manifest, *, max_chars: int = DEFAULT_MAX_CHARS,
-                 threads: int | None = None, max_audio_seconds: float | None = None,
-                 precision: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        *,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        threads: int | None = None,
+        max_audio_seconds: float | None = None,
+        precision: str | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
         self.max_chars = max_chars
@@ -116,8 +123,9 @@ class Engine(ABC, Generic[Unit]):
         self._check_speaker(options)
         return options
 
-    def synthesize_stream(self, text: str, options: SynthesisOptions | None = None, *,
-                          pieces: bool = False, checked: bool = False) -> Iterator[Audio]:
+    def synthesize_stream(
+        self, text: str, options: SynthesisOptions | None = None, *, pieces: bool = False, checked: bool = False
+    ) -> Iterator[Audio]:
         """Yield the audio in order: one ``Audio`` per sentence, each but the first preceded by the
         sentence pause. ``pieces=True`` yields parts of sentences as soon as the engine has them
         (lowest latency to the first audio). Peak normalisation per sentence needs the whole
@@ -143,11 +151,12 @@ class Engine(ABC, Generic[Unit]):
         gain = 1.0 if not options.normalize else self.stream_gain
         by_piece = pieces and gain is not None
         for index, start in enumerate(starts):
-            sentence = units[start:starts[index + 1] if index + 1 < len(starts) else len(units)]
+            sentence = units[start : starts[index + 1] if index + 1 < len(starts) else len(units)]
             pause = index > 0 and options.sentence_pause > 0
             if by_piece:
                 parts: Iterator[np.ndarray] = (
-                    budget.counted(_clipped(p * gain)) for unit in sentence for p in self._render_pieces(unit, options))
+                    budget.counted(_clipped(p * gain)) for unit in sentence for p in self._render_pieces(unit, options)
+                )
             else:
                 rendered = [budget.counted(self._render(unit, options)) for unit in sentence]
                 samples = rendered[0] if len(rendered) == 1 else np.concatenate(rendered)
@@ -190,7 +199,8 @@ class _AudioBudget:
         if self.limit is not None and self.seconds > self.limit:
             raise AudioTooLongError(
                 f"the audio would be longer than {self.limit:g} s (the daemon's --max-audio-seconds); "
-                "send shorter text, a shorter sentence_pause or a higher speed")
+                "send shorter text, a shorter sentence_pause or a higher speed"
+            )
 
     def counted(self, samples: np.ndarray) -> np.ndarray:
         self.add(len(samples) / self.rate)
@@ -220,6 +230,5 @@ def check_output(audio: Audio, text: str) -> None:
     low, high = 0.01 * chars, max(2.0, 0.5 * chars)
     if not (low <= audio.duration <= high) or math.isnan(audio.duration):
         raise LoadError(
-            f"voice produced {audio.duration:.2f} s for {chars} characters ({text!r}); "
-            f"expected {low:.2f}-{high:.1f} s"
+            f"voice produced {audio.duration:.2f} s for {chars} characters ({text!r}); expected {low:.2f}-{high:.1f} s"
         )

@@ -17,6 +17,7 @@ where it has it) when an engine loads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import lru_cache
 from pathlib import Path
@@ -63,14 +64,14 @@ def native_bf16() -> str | None:
         flags = set()
     import torch
 
-    try:  # torch's own cpuinfo (x86), where /proc/cpuinfo is missing or hides flags
+    # torch's own cpuinfo (x86), where /proc/cpuinfo is missing or hides flags; a private API,
+    # absent in some builds
+    with contextlib.suppress(Exception):
         flags.update(k for k, v in torch._C._cpu._get_cpu_capability().items() if v is True)
-    except Exception:  # noqa: BLE001 - a private API: absent in some builds
-        pass
     try:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return None
-    except Exception:  # noqa: BLE001 - no oneDNN bf16 in this build
+    except Exception:  # no oneDNN bf16 in this build
         return None
     return native_bf16_feature(flags)
 

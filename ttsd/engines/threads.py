@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("ttsd.engines")
-_runtime: ctypes.CDLL | None | bool = False  # False: not looked up yet; None: none found
-_mkl: Callable[[int], int] | None | bool = False  # MKL's per-thread count setter, looked up the same way
+_runtime: ctypes.CDLL | bool | None = False  # False: not looked up yet; None: none found
+_mkl: Callable[[int], int] | bool | None = False  # MKL's per-thread count setter, looked up the same way
 _process_threads: int | None = None  # the count process_threads last gave torch
 
 
@@ -34,8 +34,13 @@ def _loaded(prefixes: tuple[str, ...]) -> list[str]:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return []
-    return sorted({line.split()[-1] for line in maps.splitlines()
-                   if line.split()[-1:] and Path(line.split()[-1]).name.startswith(prefixes)})
+    return sorted(
+        {
+            line.split()[-1]
+            for line in maps.splitlines()
+            if line.split()[-1:] and Path(line.split()[-1]).name.startswith(prefixes)
+        }
+    )
 
 
 def _openmp() -> ctypes.CDLL | None:

@@ -87,8 +87,9 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
 
     max_redirections = 5
 
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> urllib.request.Request | None:
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
         old, new = urlsplit(req.full_url).scheme, urlsplit(newurl).scheme
         if new not in ("http", "https") or (old == "https" and new != "https"):
             raise CatalogError(f"{req.full_url}: redirected to a {new or 'relative'}: URL, refused")
@@ -109,7 +110,7 @@ def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTP
     opener = urllib.request.build_opener(_Redirects)
     request = urllib.request.Request(url, headers={**_HEADERS, **headers})
     try:
-        return opener.open(request, timeout=mirror.timeout)  # type: ignore[no-any-return]
+        return opener.open(request, timeout=mirror.timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416:
@@ -120,8 +121,10 @@ def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTP
             raise NetworkError(f"{mirror.host} answered HTTP {exc.code} for {url}; try again later") from None
         raise CatalogError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        raise NetworkError(f"cannot reach {mirror.host}: {_why(exc)} (no network? another mirror can be "
-                           "given with --mirror or TTSD_MIRROR)") from None
+        raise NetworkError(
+            f"cannot reach {mirror.host}: {_why(exc)} (no network? another mirror can be "
+            "given with --mirror or TTSD_MIRROR)"
+        ) from None
 
 
 def fetch_small(mirror: Mirror, rel: str, limit: int) -> bytes:
@@ -208,15 +211,17 @@ def download(mirror: Mirror, file: CatalogFile, dest: Path, progress: Progress =
                 if attempt == mirror.attempts:
                     raise NetworkError(
                         f"{url}: the connection broke off {attempt} times ({done} of {file.size} bytes kept); "
-                        "run the same command again to go on from there")
+                        "run the same command again to go on from there"
+                    )
                 time.sleep(mirror.backoff * attempt)
                 continue
         ok, actual = _matches(part, file)
         if not ok:
             part.unlink()
             algorithm, expected = file.digest
-            raise ChecksumError(f"{url}: {algorithm} {actual} differs from the catalog's {expected}; the download "
-                                "was thrown away")
+            raise ChecksumError(
+                f"{url}: {algorithm} {actual} differs from the catalog's {expected}; the download was thrown away"
+            )
         os.replace(part, dest)
         return
     raise NetworkError(f"{url}: the mirror refused to continue the download {mirror.attempts} times")

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from packaging.version import Version
 
-from ..models_dir import Candidate, scan
 from ..errors import (
     ConfigError,
     ConflictError,
@@ -47,8 +46,9 @@ from ..errors import (
     resource_error,
 )
 from ..manifest import Manifest, check_version
+from ..models_dir import Candidate, scan
 from .download import Mirror, download, fetch_small, present_bytes
-from .index import CATALOG_FILE, MAX_CATALOG_BYTES, Catalog, CatalogVoice, parse_catalog
+from .index import CATALOG_FILE, MAX_CATALOG_BYTES, Catalog, CatalogFile, CatalogVoice, parse_catalog
 from .prebuilt import get_prebuilt, load_index
 
 if TYPE_CHECKING:
@@ -115,9 +115,11 @@ def get_voice(request: GetRequest, reporter: Reporter) -> GetResult:
 
 
 def _newest(models: Path, name: str) -> Candidate | None:
-    present = sorted((c for c in scan(models) if c.manifest and c.manifest.name == name),
-                     key=lambda c: c.manifest.parsed_version)  # type: ignore[union-attr]
-    return present[-1] if present else None
+    present = sorted(
+        ((c.manifest.parsed_version, c) for c in scan(models) if c.manifest and c.manifest.name == name),
+        key=lambda pair: pair[0],
+    )
+    return present[-1][1] if present else None
 
 
 def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | None:
@@ -131,17 +133,25 @@ def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | N
     if entry is None:
         return None
     if request.version is not None:
-        raise ConfigError(f"{request.voice} comes ready-made from {request.mirror.base} as version "
-                          f"{entry.version}; --version cannot change it")
+        raise ConfigError(
+            f"{request.voice} comes ready-made from {request.mirror.base} as version "
+            f"{entry.version}; --version cannot change it"
+        )
     newest = _newest(request.models, entry.name)
     request.models.mkdir(parents=True, exist_ok=True)
     request.downloads.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _locked(request.downloads / f"{entry.name}.lock", entry.name):
         _remove_stale_builds(request.models, entry.name)
         folder, manifest, fetched = get_prebuilt(
-            entry, models=request.models, downloads=request.downloads, mirror=request.mirror,
-            upgrade=request.upgrade, have=newest.manifest if newest else None, trust=request.trust,
-            reporter=reporter)
+            entry,
+            models=request.models,
+            downloads=request.downloads,
+            mirror=request.mirror,
+            upgrade=request.upgrade,
+            have=newest.manifest if newest else None,
+            trust=request.trust,
+            reporter=reporter,
+        )
     return GetResult(None, folder, manifest, fetched)
 
 
@@ -153,10 +163,13 @@ def _get(request: GetRequest, reporter: Reporter) -> GetResult:
     if ready is not None:
         return ready
     if request.trust is not None:  # a voice converted here is signed by nobody: the daemon would refuse it
-        raise SignatureError("unsigned", f"{request.mirror.base} has no signed folder of {request.voice} "
-                                         "(no ttsd-index.json naming it), and a Piper voice converted here is "
-                                         "signed by nobody; publish it signed (ttsd models publish) or drop "
-                                         "--trusted-keys")
+        raise SignatureError(
+            "unsigned",
+            f"{request.mirror.base} has no signed folder of {request.voice} "
+            "(no ttsd-index.json naming it), and a Piper voice converted here is "
+            "signed by nobody; publish it signed (ttsd models publish) or drop "
+            "--trusted-keys",
+        )
     voice = load_catalog(request.mirror).find(request.voice)
     key = voice.key
     newest = _newest(request.models, key)
@@ -165,7 +178,8 @@ def _get(request: GetRequest, reporter: Reporter) -> GetResult:
         if not request.upgrade:
             raise VoiceExistsError(
                 f"{key} is already in {request.models} as version {have.version} ({newest.folder.name}); "
-                f"'ttsd models get {key} --upgrade' adds the next version")
+                f"'ttsd models get {key} --upgrade' adds the next version"
+            )
         if request.version is None and have.extra.get(SOURCE_FIELD) == _source(voice):
             return GetResult(voice, newest.folder, have, fetched=False)
     version = _version(request, newest.manifest if newest else None)
@@ -195,13 +209,19 @@ def _get(request: GetRequest, reporter: Reporter) -> GetResult:
 
         try:
             with _ctrl_c_between_steps() as interrupted:
+
                 def step(message: str) -> None:
                     if interrupted:
                         raise KeyboardInterrupt
                     reporter.step(message)
 
                 manifest = import_piper(
-                    local[voice.onnx], folder, name=key, version=version, license=license_, progress=step,
+                    local[voice.onnx],
+                    folder,
+                    name=key,
+                    version=version,
+                    license=license_,
+                    progress=step,
                     attach={"MODEL_CARD": local[voice.model_card]} if voice.model_card else None,
                     extra={SOURCE_FIELD: _source(voice)},
                 )
@@ -240,8 +260,9 @@ def _version(request: GetRequest, have: Manifest | None) -> str:
         return "1" if have is None else str(have.parsed_version.release[0] + 1)
     version = check_version(request.version)
     if have is not None and Version(version) <= have.parsed_version:
-        raise ConfigError(f"--version {version} is not newer than version {have.version} of {have.name} "
-                          f"in {request.models}")
+        raise ConfigError(
+            f"--version {version} is not newer than version {have.version} of {have.name} in {request.models}"
+        )
     return version
 
 
@@ -271,7 +292,7 @@ def _remove_stale_builds(models: Path, key: str) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _check_space(request: GetRequest, voice: CatalogVoice, local: dict) -> None:  # type: ignore[type-arg]
+def _check_space(request: GetRequest, voice: CatalogVoice, local: dict[CatalogFile, Path]) -> None:
     """Refuse before downloading what there is no room for: the files still to fetch, and a
     model folder about the size of the .onnx."""
     to_fetch = sum(file.size - present_bytes(dest, file) for file, dest in local.items())
@@ -281,5 +302,6 @@ def _check_space(request: GetRequest, voice: CatalogVoice, local: dict) -> None:
     for where, need in needs.items():
         free = shutil.disk_usage(where).free
         if free < need + _MARGIN:
-            raise ResourceError(f"{where}: {free >> 20} MiB free, getting {voice.key} needs {(need >> 20) + 16} MiB",
-                                storage=True)
+            raise ResourceError(
+                f"{where}: {free >> 20} MiB free, getting {voice.key} needs {(need >> 20) + 16} MiB", storage=True
+            )

@@ -127,17 +127,35 @@ class CatalogVoice:
             if wanted not in (self.language.code.lower(), self.language.family.lower()):
                 return False
         lang = self.language
-        haystack = " ".join((self.key, self.name, lang.code, lang.name_native, lang.name_english,
-                             lang.country_english, self.quality, *self.aliases)).lower()
+        haystack = " ".join(
+            (
+                self.key,
+                self.name,
+                lang.code,
+                lang.name_native,
+                lang.name_english,
+                lang.country_english,
+                self.quality,
+                *self.aliases,
+            )
+        ).lower()
         return all(word.lower() in haystack for word in words)
 
     def to_json(self) -> dict[str, Any]:
         lang = self.language
         return {
-            "key": self.key, "name": self.name, "quality": self.quality, "num_speakers": self.num_speakers,
-            "language": {"code": lang.code, "family": lang.family, "region": lang.region,
-                         "name_native": lang.name_native, "name_english": lang.name_english,
-                         "country_english": lang.country_english},
+            "key": self.key,
+            "name": self.name,
+            "quality": self.quality,
+            "num_speakers": self.num_speakers,
+            "language": {
+                "code": lang.code,
+                "family": lang.family,
+                "region": lang.region,
+                "name_native": lang.name_native,
+                "name_english": lang.name_english,
+                "country_english": lang.country_english,
+            },
             "size_bytes": self.size,
             "files": {f.path: {"size_bytes": f.size, "md5_digest": f.md5} for f in self.files},
             "aliases": list(self.aliases),
@@ -208,10 +226,14 @@ def parse_voice(key: str, entry: object) -> CatalogVoice:
     lang = entry.get("language")
     if not isinstance(lang, dict):
         raise CatalogError("'language' must be an object")
-    language = Language(code=_text(lang, "code", "language", _CODE), family=_text(lang, "family", "language"),
-                        region=_text(lang, "region", "language"), name_native=_text(lang, "name_native", "language"),
-                        name_english=_text(lang, "name_english", "language"),
-                        country_english=_text(lang, "country_english", "language"))
+    language = Language(
+        code=_text(lang, "code", "language", _CODE),
+        family=_text(lang, "family", "language"),
+        region=_text(lang, "region", "language"),
+        name_native=_text(lang, "name_native", "language"),
+        name_english=_text(lang, "name_english", "language"),
+        country_english=_text(lang, "country_english", "language"),
+    )
     num_speakers = _int(entry.get("num_speakers", 1), 1, MAX_SPEAKERS, "'num_speakers'")
     speakers = entry.get("speaker_id_map", {})
     if not isinstance(speakers, dict) or len(speakers) > MAX_SPEAKERS:

@@ -106,8 +106,12 @@ def parse_index(raw: bytes, source: str) -> dict[str, Prebuilt]:
         path = check_remote_path(entry.get("path"))
         signature = entry.get("signature")
         voices[name] = Prebuilt(
-            name, version, path, _pinned(entry.get("manifest"), f"{path}/{MANIFEST}", MAX_MANIFEST_BYTES, where),
-            None if signature is None else _pinned(signature, f"{path}/{SIGNATURE}", MAX_SIGNATURE_BYTES, where))
+            name,
+            version,
+            path,
+            _pinned(entry.get("manifest"), f"{path}/{MANIFEST}", MAX_MANIFEST_BYTES, where),
+            None if signature is None else _pinned(signature, f"{path}/{SIGNATURE}", MAX_SIGNATURE_BYTES, where),
+        )
     return voices
 
 
@@ -117,15 +121,26 @@ def load_index(mirror: Mirror) -> dict[str, Prebuilt]:
 
 
 # -- the box's side ---------------------------------------------------------------------------------
-def get_prebuilt(entry: Prebuilt, *, models: Path, downloads: Path, mirror: Mirror, upgrade: bool,
-                 have: Manifest | None, trust: Any = None, reporter: Any = None) -> tuple[Path, Manifest, bool]:
+def get_prebuilt(
+    entry: Prebuilt,
+    *,
+    models: Path,
+    downloads: Path,
+    mirror: Mirror,
+    upgrade: bool,
+    have: Manifest | None,
+    trust: Any = None,
+    reporter: Any = None,
+) -> tuple[Path, Manifest, bool]:
     """Fetch ``entry`` into the models dir as ``NAME-VERSION``. Returns (folder, manifest, fetched):
     fetched is False when the models dir already has this version or a newer one (``upgrade``).
     ``trust``: ``TrustedKeys`` the folder must be signed by before it is published."""
     if have is not None:
         if not upgrade:
-            raise VoiceExistsError(f"{entry.name} is already in {models} as version {have.version}; "
-                                   f"'ttsd models get {entry.name} --upgrade' takes the mirror's newest")
+            raise VoiceExistsError(
+                f"{entry.name} is already in {models} as version {have.version}; "
+                f"'ttsd models get {entry.name} --upgrade' takes the mirror's newest"
+            )
         if Version(entry.version) <= have.parsed_version:
             return models / f"{entry.name}-{have.version}", have, False
     folder = models / f"{entry.name}-{entry.version}"
@@ -154,14 +169,18 @@ def get_prebuilt(entry: Prebuilt, *, models: Path, downloads: Path, mirror: Mirr
     except ManifestError as exc:
         raise CatalogError(str(exc)) from None
     if (manifest.name, manifest.version) != (entry.name, entry.version):
-        raise CatalogError(f"{mirror.url(entry.manifest.path)} is {manifest.name} {manifest.version}, the index "
-                           f"says {entry.name} {entry.version}")
+        raise CatalogError(
+            f"{mirror.url(entry.manifest.path)} is {manifest.name} {manifest.version}, the index "
+            f"says {entry.name} {entry.version}"
+        )
     need = sum(e.size for e in manifest.files.values())
     models.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(models).free
     if free < 2 * need + (16 << 20):  # the downloads and the folder
-        raise ResourceError(f"{models}: {free >> 20} MiB free, {entry.name} {entry.version} needs "
-                            f"{(2 * need >> 20) + 16} MiB", storage=True)
+        raise ResourceError(
+            f"{models}: {free >> 20} MiB free, {entry.name} {entry.version} needs {(2 * need >> 20) + 16} MiB",
+            storage=True,
+        )
     for rel, item in sorted(manifest.files.items()):
         if item.size > MAX_FILE_BYTES:
             raise CatalogError(f"{entry.name} {entry.version}: {rel} is larger than {MAX_FILE_BYTES} bytes")
@@ -209,8 +228,10 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None) -> Prebuilt:
         index = json.loads(raw)
     if target.exists():
         if sha256_file(target / MANIFEST) != sha256_file(folder / MANIFEST):
-            raise ConfigError(f"{target}: {manifest.name} {manifest.version} is already published with other "
-                              "content; give the folder a new version")
+            raise ConfigError(
+                f"{target}: {manifest.name} {manifest.version} is already published with other "
+                "content; give the folder a new version"
+            )
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.version}.", suffix=".partial", dir=target.parent))
@@ -226,8 +247,11 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None) -> Prebuilt:
     if signed and sha256_file(target / SIGNATURE) != sha256_file(folder / SIGNATURE):
         # signed again (same content, new signature): renamed in, so a box never reads half of it
         atomic_write_bytes(target / SIGNATURE, (folder / SIGNATURE).read_bytes(), mode=0o644)
-    entry = {"version": manifest.version, "path": rel,
-             "manifest": {"size": (target / MANIFEST).stat().st_size, "sha256": sha256_file(target / MANIFEST)}}
+    entry = {
+        "version": manifest.version,
+        "path": rel,
+        "manifest": {"size": (target / MANIFEST).stat().st_size, "sha256": sha256_file(target / MANIFEST)},
+    }
     if (target / SIGNATURE).is_file():
         entry["signature"] = {"size": (target / SIGNATURE).stat().st_size, "sha256": sha256_file(target / SIGNATURE)}
     current = index["voices"].get(manifest.name)

@@ -22,8 +22,7 @@ class Acquire(Protocol):
     """``ServingMap.acquire``: a lease on a voice's version (pinned, else active or canary; a
     ``user`` key keeps one user on one version during a canary)."""
 
-    def __call__(self, voice: str | None = None, version: str | None = None, *,
-                 user: str | None = None) -> Lease: ...
+    def __call__(self, voice: str | None = None, version: str | None = None, *, user: str | None = None) -> Lease: ...
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,7 @@ class Backend:
                     try:
                         await asyncio.wait_for(asyncio.shield(waited), remaining)
                     except TimeoutError:
-                        raise BusyError(f"voice {cold.voice} is still loading; retry shortly",
-                                        retry_after=2) from None
+                        raise BusyError(f"voice {cold.voice} is still loading; retry shortly", retry_after=2) from None
                     try:
                         return self.acquire(voice, version, user=user)  # while held: it cannot be unloaded first
                     except ColdVoiceError:

@@ -95,8 +95,9 @@ async def _write(response: web.StreamResponse, data: bytes) -> None:
         raise ConnectionResetError(f"the client took no audio for {WRITE_SECONDS:.0f} s") from None
 
 
-async def _encoded(loop: asyncio.AbstractEventLoop, response: web.StreamResponse,
-                   call: Callable[..., bytes], *args: Any) -> bytes:
+async def _encoded(
+    loop: asyncio.AbstractEventLoop, response: web.StreamResponse, call: Callable[..., bytes], *args: Any
+) -> bytes:
     """A streamed piece from an encoder, run on the loop's executor. Its failure comes after the
     status went out, so it breaks the stream like a voice's failure would."""
     try:
@@ -107,8 +108,9 @@ async def _encoded(loop: asyncio.AbstractEventLoop, response: web.StreamResponse
 
 def build_app(backend: Backend) -> web.Application:
     @web.middleware
-    async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                    ) -> web.StreamResponse:
+    async def guard(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         tcp = is_tcp(request)
         control = request.path.startswith(CONTROL_PREFIX) and request.method == "POST"
         refusal = browser_refusal(request, control=control, unguarded=not tcp or backend.token is None)
@@ -120,8 +122,7 @@ def build_app(backend: Backend) -> web.Application:
             # aiohttp keeps undecodable header bytes as surrogates: compare the bytes as sent
             supplied = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(supplied, f"Bearer {backend.token}".encode()):
-                return _error(401, "unauthorized", "missing or wrong bearer token",
-                              {"WWW-Authenticate": "Bearer"})
+                return _error(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
@@ -179,8 +180,9 @@ class _Api:
             return error_response(exc)
         return await self._serve(request, req, "openai")
 
-    def _count(self, voice: str | None, version: str | None, route: str, outcome: str,
-               fault: str | None = None) -> None:
+    def _count(
+        self, voice: str | None, version: str | None, route: str, outcome: str, fault: str | None = None
+    ) -> None:
         self.backend.metrics.requests.labels(voice or "-", version or "-", route, outcome).inc()
         if fault is not None:
             self.backend.metrics.failures.labels(voice or "-", version or "-", route, fault).inc()
@@ -213,8 +215,12 @@ class _Api:
             cause = broken.cause
             code, fault = (cause.code, cause.fault) if isinstance(cause, TtsdError) else ("internal", "system")
             self._count(served.name, served.version, route, code, fault)
-            log.warning("a streamed request on %s %s failed after its first audio (%s); dropping the connection",
-                        served.name, served.version, cause)
+            log.warning(
+                "a streamed request on %s %s failed after its first audio (%s); dropping the connection",
+                served.name,
+                served.version,
+                cause,
+            )
             if request.transport is not None:
                 request.transport.close()  # no final chunk: the client sees an incomplete response
             return broken.response
@@ -232,8 +238,12 @@ class _Api:
         content_type = MEDIA_TYPES[fmt]
         if fmt == "pcm":
             content_type = f"audio/L16; rate={rate}; channels=1"
-        return {"Content-Type": content_type, "X-Ttsd-Voice": lease.voice.name,
-                "X-Ttsd-Version": lease.voice.version, "X-Ttsd-Sample-Rate": str(rate)}
+        return {
+            "Content-Type": content_type,
+            "X-Ttsd-Voice": lease.voice.name,
+            "X-Ttsd-Version": lease.voice.version,
+            "X-Ttsd-Sample-Rate": str(rate),
+        }
 
     async def _whole(self, req: SynthRequest, lease: Lease, route: str) -> web.Response:
         job = Job(text=req.text, options=req.options, lease=lease, route=route)
@@ -252,12 +262,16 @@ class _Api:
         headers["X-Ttsd-Synthesis-Seconds"] = f"{result.synth_seconds:.3f}"
         return web.Response(body=body, headers=headers)
 
-    async def _stream(self, request: web.Request, req: SynthRequest, lease: Lease, route: str
-                      ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, req: SynthRequest, lease: Lease, route: str) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Audio | BaseException | None] = asyncio.Queue()
-        job = Job(text=req.text, options=req.options, lease=lease, route=route,
-                  on_chunk=lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk))
+        job = Job(
+            text=req.text,
+            options=req.options,
+            lease=lease,
+            route=route,
+            on_chunk=lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk),
+        )
         future = self.backend.submit(job)
 
         def finished(f: Future[Result]) -> None:

@@ -24,6 +24,7 @@ from aiohttp import web
 from ..errors import ConfigError
 
 log = logging.getLogger("ttsd.listeners")
+BACKLOG = 128  # aiohttp's default: connections the kernel queues before accept
 
 IDLE_SECONDS = 15.0  # a connection must send a whole request this soon after connecting or answering
 DEFAULT_MAX_CONNECTIONS = 128
@@ -73,7 +74,7 @@ class _Counted(asyncio.Protocol):
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()  # type: ignore[no-any-return]
+        return self._inner.eof_received()
 
     def pause_writing(self) -> None:
         self._inner.pause_writing()
@@ -97,37 +98,63 @@ class _Capped:
             self.refused += 1
             if time.monotonic() - self._logged > 60:
                 self._logged = time.monotonic()
-                log.warning("%s: %d connections open, the limit; closing new ones (%d so far)", self.where,
-                            self.limit, self.refused)
+                log.warning(
+                    "%s: %d connections open, the limit; closing new ones (%d so far)",
+                    self.where,
+                    self.limit,
+                    self.refused,
+                )
             return _Closer()
         self.live += 1
         return _Counted(self.server(), self)
 
 
-class UnixListener(web.UnixSite):
+class _Listener(web.BaseSite):
+    """An aiohttp site whose connections go through ``_Capped``. aiohttp's sites take no protocol
+    factory, so this one makes its own asyncio server from the runner's (public) ``server``. The
+    one private part of aiohttp it relies on: ``BaseSite.stop()`` (called by ``runner.cleanup()``)
+    closes ``self._server``; tests/test_listeners.py fails if that changes, and setup.cfg bounds
+    aiohttp to the versions tested."""
+
+    def __init__(self, runner: web.BaseRunner, where: str, *, max_connections: int) -> None:
+        super().__init__(runner)
+        self.factory: _Capped | None = None
+        self._where, self._limit = where, max_connections
+        self._app_runner = runner  # our own reference: BaseSite keeps it private
+
+    @property
+    def name(self) -> str:
+        return self._where
+
+    async def start(self) -> None:
+        await super().start()  # registers the site with its runner, which stops it on cleanup
+        server = self._app_runner.server
+        assert server is not None, "runner.setup() first"
+        self.factory = _Capped(server, self._limit, self._where)
+        self._server = await self._listen(self.factory)
+
+    async def _listen(self, factory: _Capped) -> asyncio.AbstractServer:
+        raise NotImplementedError
+
+
+class UnixListener(_Listener):
     def __init__(self, runner: web.BaseRunner, path: str, *, max_connections: int) -> None:
-        super().__init__(runner, path)
-        self.factory: _Capped | None = None
-        self._limit = max_connections
+        super().__init__(runner, f"unix:{path}", max_connections=max_connections)
+        self.path = path
 
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        self.factory = _Capped(self._runner.server, self._limit, f"unix:{self._path}")
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(self.factory, self._path, backlog=self._backlog)
+    async def _listen(self, factory: _Capped) -> asyncio.AbstractServer:
+        return await asyncio.get_running_loop().create_unix_server(factory, self.path, backlog=BACKLOG)
 
 
-class TCPListener(web.TCPSite):
+class TCPListener(_Listener):
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int) -> None:
-        super().__init__(runner, host, port)
-        self.factory: _Capped | None = None
-        self._limit = max_connections
+        super().__init__(runner, f"{host}:{port}", max_connections=max_connections)
+        self.host, self.port = host, port
 
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        self.factory = _Capped(self._runner.server, self._limit, f"{self._host}:{self._port}")
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self.factory, self._host, self._port, backlog=self._backlog,
-                                                reuse_address=True)
-        if self._server.sockets:
-            self._bound_port = self._server.sockets[0].getsockname()[1]
+    async def _listen(self, factory: _Capped) -> asyncio.AbstractServer:
+        server = await asyncio.get_running_loop().create_server(
+            factory, self.host, self.port, backlog=BACKLOG, reuse_address=True
+        )
+        if server.sockets:  # port 0: the one the kernel chose
+            self.port = server.sockets[0].getsockname()[1]
+        return server

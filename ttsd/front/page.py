@@ -15,12 +15,19 @@ from aiohttp import web
 
 # Everything the page may load comes from the daemon itself; Speak plays the streamed PCM through
 # Web Audio (which no directive governs: the samples never leave the script) and then holds it as
-# a WAV in a blob: URL, for the <audio> element and the save link; no framing (a rollback button must not be clickjacked) and no forms
-# that navigate anywhere.
-CSP = ("default-src 'self'; media-src 'self' blob:; img-src 'self' data:; object-src 'none'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-                    "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}
+# a WAV in a blob: URL, for the <audio> element and the save link; no framing (a rollback button
+# must not be clickjacked) and no forms that navigate anywhere.
+CSP = (
+    "default-src 'self'; media-src 'self' blob:; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache",
+}
 FILES = {"index.html": "text/html", "page.css": "text/css", "page.js": "text/javascript"}
 
 
@@ -40,8 +47,7 @@ def add_routes(app: web.Application) -> None:
     files = _load()
 
     def answer(name: str) -> web.Response:
-        return web.Response(body=files[name], content_type=FILES[name], charset="utf-8",
-                            headers=SECURITY_HEADERS)
+        return web.Response(body=files[name], content_type=FILES[name], charset="utf-8", headers=SECURITY_HEADERS)
 
     async def index(request: web.Request) -> web.Response:
         return answer("index.html")

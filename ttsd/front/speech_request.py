@@ -58,6 +58,11 @@ def _field(data: dict[str, Any], key: str, kinds: tuple[type, ...], default: Any
     return value
 
 
+def _number_or(data: dict[str, Any], key: str, default: float) -> float:
+    value = _number(data, key)
+    return default if value is None else value
+
+
 def _number(data: dict[str, Any], key: str, default: float | None = None) -> float | None:
     """A finite JSON number as a float (an integer too large for a float is refused, not a 500)."""
     value = _field(data, key, (int, float))
@@ -116,8 +121,20 @@ def with_user_header(req: SynthRequest, values: list[str]) -> SynthRequest:
     return replace(req, user=user)
 
 
-_NATIVE = {"text", "voice", "version", "format", "stream", "speed", "speaker", "noise_scale", "noise_w",
-           "seed", "sentence_pause", "user"}
+_NATIVE = {
+    "text",
+    "voice",
+    "version",
+    "format",
+    "stream",
+    "speed",
+    "speaker",
+    "noise_scale",
+    "noise_w",
+    "seed",
+    "sentence_pause",
+    "user",
+}
 
 
 def parse_request(data: Any) -> SynthRequest:
@@ -144,15 +161,22 @@ def parse_request(data: Any) -> SynthRequest:
     if voice is not None and not (0 < len(voice) <= 200 and voice.isprintable()):
         raise RequestError("field 'voice' must be a voice name")
     options = SynthesisOptions(
-        speed=_number(data, "speed", 1.0),  # type: ignore[arg-type]
+        speed=_number_or(data, "speed", 1.0),
         speaker=parse_speaker(data.get("speaker")),
         noise_scale=_number(data, "noise_scale"),
         noise_scale_duration=_number(data, "noise_w"),
         seed=_field(data, "seed", (int,)),
-        sentence_pause=_number(data, "sentence_pause", 0.2),  # type: ignore[arg-type]
+        sentence_pause=_number_or(data, "sentence_pause", 0.2),
     ).checked()
-    return SynthRequest(text=text, voice=voice, version=version, format=fmt, stream=stream, options=options,
-                        user=parse_user(data.get("user")))
+    return SynthRequest(
+        text=text,
+        voice=voice,
+        version=version,
+        format=fmt,
+        stream=stream,
+        options=options,
+        user=parse_user(data.get("user")),
+    )
 
 
 def _version(value: str) -> str:
@@ -188,6 +212,11 @@ def parse_openai(data: Any, known_voices: set[str]) -> SynthRequest:
     fmt = _field(data, "response_format", (str,), "mp3").lower()
     if fmt not in FORMATS_ALL:
         raise RequestError(f"response_format {fmt!r} is not supported (use {', '.join(FORMATS_ALL)})")
-    speed = _number(data, "speed", 1.0)
-    return SynthRequest(text=text, voice=chosen, format=fmt, user=parse_user(data.get("user")),
-                        options=SynthesisOptions(speed=speed).checked())  # type: ignore[arg-type]
+    speed = _number_or(data, "speed", 1.0)
+    return SynthRequest(
+        text=text,
+        voice=chosen,
+        format=fmt,
+        user=parse_user(data.get("user")),
+        options=SynthesisOptions(speed=speed).checked(),
+    )

@@ -29,6 +29,7 @@ Runs on the event loop; synthesis goes to the pool, file reads and writes to an 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..audio import encode
+from ..disk_changes import Observer, Settle, observe
 from ..encoding import check_available
 from ..errors import (
     BusyError,
@@ -54,7 +56,6 @@ from ..errors import (
 )
 from ..fsutil import SHARED, atomic_write_bytes, atomic_write_text, fsync_dir
 from ..text import check_text
-from ..disk_changes import Observer, Settle, observe
 from .backend import Backend
 from .speech_request import SynthRequest, parse_json, parse_request
 from .synth import Job, Result
@@ -117,8 +118,9 @@ class Spool:
 
     def start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
         wake = self._wake
-        self._observer = observe(self.dirs["incoming"], lambda _paths: loop.call_soon_threadsafe(wake.set),
-                                 recursive=False)
+        self._observer = observe(
+            self.dirs["incoming"], lambda _paths: loop.call_soon_threadsafe(wake.set), recursive=False
+        )
 
     async def run(self) -> None:
         """Claim and serve requests until ``stop``."""
@@ -134,10 +136,8 @@ class Spool:
             paused = self._paused_until - time.monotonic()
             if paused > 0:
                 wait = min(wait, paused) if self._settle.seen else paused
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
-            except TimeoutError:
-                pass
 
     def stop(self) -> None:
         """Stop claiming new requests (running ones finish; unfinished ones stay in work/)."""
@@ -225,12 +225,18 @@ class Spool:
         started = time.time()
         try:
             if claimed.suffix not in SUFFIXES or not _ID.fullmatch(request_id):
-                raise SpoolFileError("bad_name", f"{_shown(claimed.name)}: name must be ID.txt or ID.json with ID of "
-                               "1 to 200 letters, digits, '.', '_' or '-' (not leading)")
+                raise SpoolFileError(
+                    "bad_name",
+                    f"{_shown(claimed.name)}: name must be ID.txt or ID.json with ID of "
+                    "1 to 200 letters, digits, '.', '_' or '-' (not leading)",
+                )
             raw = await loop.run_in_executor(None, _read_bounded, claimed)
             if (self.dirs["out"] / f"{request_id}.json").exists():
-                raise SpoolFileError("duplicate", f"out/{request_id}.json already exists: a request with this ID was "
-                               "served; remove its outputs or use a new ID")
+                raise SpoolFileError(
+                    "duplicate",
+                    f"out/{request_id}.json already exists: a request with this ID was "
+                    "served; remove its outputs or use a new ID",
+                )
             req = _parse(claimed, raw)
             check_available(req.format)  # before synthesis: audio that cannot be written is wasted
             req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
@@ -239,13 +245,20 @@ class Spool:
             job = Job(text=req.text, options=req.options, lease=lease, route="spool")
             future: Future[Result] = self.backend.submit(job)
             result = await asyncio.wrap_future(future)
-            meta = {"id": request_id, "voice": served.name, "version": served.version, "format": req.format,
-                    "sample_rate": result.audio.sample_rate if result.audio else None,
-                    "duration": round(result.audio_seconds, 3),
-                    "timings": {"queued": round(result.queued_seconds, 3),
-                                "synthesis": round(result.synth_seconds, 3),
-                                "total": round(time.time() - started, 3)},
-                    "request_sha256": hashlib.sha256(raw).hexdigest()}
+            meta = {
+                "id": request_id,
+                "voice": served.name,
+                "version": served.version,
+                "format": req.format,
+                "sample_rate": result.audio.sample_rate if result.audio else None,
+                "duration": round(result.audio_seconds, 3),
+                "timings": {
+                    "queued": round(result.queued_seconds, 3),
+                    "synthesis": round(result.synth_seconds, 3),
+                    "total": round(time.time() - started, 3),
+                },
+                "request_sha256": hashlib.sha256(raw).hexdigest(),
+            }
             await loop.run_in_executor(None, self._publish, claimed, req, result, meta)
             self._backoff = 0.0
             self.backend.metrics.spool.labels("ok").inc()
@@ -260,8 +273,9 @@ class Spool:
             if is_system_oserror(exc):
                 await loop.run_in_executor(None, self._requeue, claimed, exc)
             else:  # a request file that vanished or cannot be read: that request's problem
-                await loop.run_in_executor(None, self._fail, claimed, "bad_file",
-                                           f"{_shown(claimed.name)}: {exc.strerror or exc}")
+                await loop.run_in_executor(
+                    None, self._fail, claimed, "bad_file", f"{_shown(claimed.name)}: {exc.strerror or exc}"
+                )
         except TtsdError as exc:
             await loop.run_in_executor(None, self._fail, claimed, exc.code, str(exc))
         except Exception as exc:  # a bug; the request must still not vanish
@@ -286,8 +300,11 @@ class Spool:
         write the reason for a system cause requeues the request instead."""
         failed = self.dirs["failed"]
         try:
-            atomic_write_text(failed / _error_name(claimed.name),
-                              json.dumps({"error": {"code": code, "message": message}}, indent=1) + "\n", SHARED)
+            atomic_write_text(
+                failed / _error_name(claimed.name),
+                json.dumps({"error": {"code": code, "message": message}}, indent=1) + "\n",
+                SHARED,
+            )
             os.replace(claimed, failed / claimed.name)
             fsync_dir(self.dirs["work"])
         except OSError as exc:
@@ -341,19 +358,23 @@ def _read_bounded(path: Path) -> bytes:
         fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise SpoolFileError("bad_file", f"{_shown(path.name)} is a symbolic link; spool requests must be regular "
-                           "files") from None
+            raise SpoolFileError(
+                "bad_file", f"{_shown(path.name)} is a symbolic link; spool requests must be regular files"
+            ) from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise SpoolFileError("bad_file", f"{_shown(path.name)} is not a regular file")
         if st.st_nlink != 1:  # a hard link to a file elsewhere: whatever it is, it is not this writer's
-            raise SpoolFileError("bad_file", f"{_shown(path.name)} has other hard links; publish requests by "
-                           "writing a new file and renaming it")
+            raise SpoolFileError(
+                "bad_file",
+                f"{_shown(path.name)} has other hard links; publish requests by writing a new file and renaming it",
+            )
         if st.st_size > MAX_REQUEST_BYTES:
-            raise SpoolFileError("too_large", f"{_shown(path.name)} is {st.st_size} bytes; the limit is "
-                           f"{MAX_REQUEST_BYTES}")
+            raise SpoolFileError(
+                "too_large", f"{_shown(path.name)} is {st.st_size} bytes; the limit is {MAX_REQUEST_BYTES}"
+            )
         chunks, left = [], MAX_REQUEST_BYTES + 1
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
             chunks.append(chunk)
@@ -372,7 +393,9 @@ def _parse(path: Path, raw: bytes) -> SynthRequest:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpoolFileError("bad_request", f"{_shown(path.name)} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise SpoolFileError(
+            "bad_request", f"{_shown(path.name)} is not UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
     if path.suffix == ".txt":
         return SynthRequest(text=text)
     req = parse_request(parse_json(raw))

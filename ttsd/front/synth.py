@@ -32,7 +32,7 @@ from ..serving.serving_map import Lease
 
 log = logging.getLogger("ttsd.synth")
 
-ChunkSink = Callable[[Audio], None]
+ChunkSink = Callable[[Audio], object]  # what it returns is ignored
 
 
 class Cancelled(Exception):

@@ -79,8 +79,9 @@ class WyomingServer:
     events of at most ``MAX_EVENT_BYTES``, and a drain on shutdown (requests being spoken finish
     within the grace period; idle connections close at once)."""
 
-    def __init__(self, uri: str, backend: Backend, *, max_connections: int = 128,
-                 idle_timeout: float = IDLE_SECONDS) -> None:
+    def __init__(
+        self, uri: str, backend: Backend, *, max_connections: int = 128, idle_timeout: float = IDLE_SECONDS
+    ) -> None:
         self.uri = uri
         self.backend = backend
         self.max_connections = max_connections
@@ -141,13 +142,26 @@ def info(backend: Backend) -> Info:
         if not voice.get("active"):
             continue
         description = voice.get("description") or f"ttsd voice {voice['name']}"
-        voices.append(TtsVoice(
-            name=voice["name"], description=f"{description} (version {voice['active']})",
-            attribution=Attribution(name=voice.get("license") or "see the voice's model card", url=""),
-            installed=True, version=str(voice["active"]), languages=list(voice.get("languages") or []),
-            speakers=[TtsVoiceSpeaker(name=s) for s in voice.get("speakers") or []] or None))
-    program = TtsProgram(name="ttsd", description="ttsd text-to-speech daemon", attribution=ATTRIBUTION,
-                         installed=True, version=__version__, voices=voices, supports_synthesize_streaming=True)
+        voices.append(
+            TtsVoice(
+                name=voice["name"],
+                description=f"{description} (version {voice['active']})",
+                attribution=Attribution(name=voice.get("license") or "see the voice's model card", url=""),
+                installed=True,
+                version=str(voice["active"]),
+                languages=list(voice.get("languages") or []),
+                speakers=[TtsVoiceSpeaker(name=s) for s in voice.get("speakers") or []] or None,
+            )
+        )
+    program = TtsProgram(
+        name="ttsd",
+        description="ttsd text-to-speech daemon",
+        attribution=ATTRIBUTION,
+        installed=True,
+        version=__version__,
+        voices=voices,
+        supports_synthesize_streaming=True,
+    )
     return Info(tts=[program])
 
 
@@ -165,8 +179,9 @@ class _Stream:
 class _Handler(AsyncEventHandler):
     """One client connection; events are handled one at a time, in order."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: Backend,
-                 server: WyomingServer) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: Backend, server: WyomingServer
+    ) -> None:
         super().__init__(reader, writer)
         self.backend = backend
         self.server = server
@@ -239,8 +254,7 @@ class _Handler(AsyncEventHandler):
             raise RequestError("synthesize-chunk text must be a string")
         stream.received += len(text)
         if stream.received > MAX_STREAM_CHARS_FACTOR * self.backend.max_chars:
-            raise RequestError(f"the text stream is over {MAX_STREAM_CHARS_FACTOR * self.backend.max_chars} "
-                               "characters")
+            raise RequestError(f"the text stream is over {MAX_STREAM_CHARS_FACTOR * self.backend.max_chars} characters")
         stream.pending += text
         if len(stream.pending) > self.backend.max_chars:  # no sentence can be that long: say so now
             raise TextTooLongError(f"a sentence of the text stream is over {self.backend.max_chars} characters")
@@ -264,12 +278,14 @@ class _Handler(AsyncEventHandler):
             check_text(sentence, self.backend.max_chars)
         except RequestError:
             return  # e.g. "..." alone: nothing to speak in this piece, the stream goes on
-        version = await self._speak(sentence, stream.voice, start=not stream.started, stop=False,
-                                    version=stream.version)
+        version = await self._speak(
+            sentence, stream.voice, start=not stream.started, stop=False, version=stream.version
+        )
         stream.started, stream.version = True, version
 
-    async def _speak(self, text: str, voice: SynthesizeVoice | None, *, start: bool, stop: bool,
-                     version: str | None = None) -> str:
+    async def _speak(
+        self, text: str, voice: SynthesizeVoice | None, *, start: bool, stop: bool, version: str | None = None
+    ) -> str:
         """Synthesize ``text`` and send its audio as it is made; returns the version that spoke."""
         started = time.monotonic()
         name = voice.name if voice is not None else None
@@ -285,8 +301,13 @@ class _Handler(AsyncEventHandler):
         served = lease.voice
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Audio | BaseException | None] = asyncio.Queue()
-        job = Job(text=text, options=options, lease=lease, route=ROUTE,
-                  on_chunk=lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk))
+        job = Job(
+            text=text,
+            options=options,
+            lease=lease,
+            route=ROUTE,
+            on_chunk=lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk),
+        )
         try:
             future: Future[Result] = self.backend.submit(job)
             self._job = job
@@ -300,8 +321,9 @@ class _Handler(AsyncEventHandler):
             while (item := await chunks.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                await self.write_event(AudioChunk(rate=item.sample_rate, width=2, channels=1,
-                                                  audio=item.to_pcm16()).event())
+                await self.write_event(
+                    AudioChunk(rate=item.sample_rate, width=2, channels=1, audio=item.to_pcm16()).event()
+                )
             if stop:
                 await self.write_event(AudioStop().event())
         except (asyncio.CancelledError, ConnectionError):
@@ -330,7 +352,6 @@ def _ends_sentence(text: str) -> bool:
     return len(stripped) < len(text) and stripped[-1:] in ".!?…。！？"
 
 
-
 class Advertisement:
     """The Wyoming service announced over mDNS (``_wyoming._tcp.local.``), as wyoming-piper does,
     so Home Assistant discovers the box by itself. Needs the ``zeroconf`` package (the
@@ -348,8 +369,12 @@ class Advertisement:
             raise ConfigError("--wyoming-zeroconf needs the zeroconf package: pip install 'ttsd[zeroconf]'") from None
         address = self.host if self.host not in ("0.0.0.0", "") else _outgoing_address()
         try:
-            self._info = AsyncServiceInfo("_wyoming._tcp.local.", f"{self.name}._wyoming._tcp.local.",
-                                          addresses=[socket.inet_aton(address)], port=self.port)
+            self._info = AsyncServiceInfo(
+                "_wyoming._tcp.local.",
+                f"{self.name}._wyoming._tcp.local.",
+                addresses=[socket.inet_aton(address)],
+                port=self.port,
+            )
             self._zeroconf = AsyncZeroconf()
             await self._zeroconf.async_register_service(self._info)
         except (OSError, ValueError) as exc:

@@ -26,14 +26,22 @@ log = logging.getLogger("ttsd.manager")
 
 
 class Control:
-    def __init__(self, table: VersionTable, lifecycle: Lifecycle, bringup: BringUp, jobs: Jobs,
-                 state: ServingState, listener: Listener) -> None:
+    def __init__(
+        self,
+        table: VersionTable,
+        lifecycle: Lifecycle,
+        bringup: BringUp,
+        jobs: Jobs,
+        state: ServingState,
+        listener: Listener,
+    ) -> None:
         self.table, self.lifecycle, self.bringup, self.jobs = table, lifecycle, bringup, jobs
         self.state, self._listener = state, listener
 
     # == rollback ===============================================================================
-    def rollback(self, voice: str, to: str | None = None, why: str = "rollback requested", *,
-                 durable: bool = True) -> dict[str, Any]:
+    def rollback(
+        self, voice: str, to: str | None = None, why: str = "rollback requested", *, durable: bool = True
+    ) -> dict[str, Any]:
         """Serve the previous (or ``to``) version at once and mark the current one rolled back.
         ``durable``: on disk before it happens (``ResourceError`` and no change when the state dir
         is full); automatic rollbacks pass False and are written when they can."""
@@ -54,8 +62,9 @@ class Control:
                 self.lifecycle.discard(target, "loaded for a rollback that did not happen")
                 raise
 
-        return self.jobs.start(voice, f"rollback of {voice} to {target.version}", load_then_roll, urgent=True,
-                               supersede=True).result()
+        return self.jobs.start(
+            voice, f"rollback of {voice} to {target.version}", load_then_roll, urgent=True, supersede=True
+        ).result()
 
     def _rollback_pair(self, voice: str, to: str | None) -> tuple[ModelVersion, ModelVersion]:
         current = self.lifecycle.active(voice)
@@ -73,24 +82,35 @@ class Control:
             raise ConflictError(f"{voice} {to} is already active")
         return current, target
 
-    def _roll(self, current: ModelVersion, target: ModelVersion, why: str, durable: bool,
-              started: float, loaded: bool = False) -> dict[str, Any]:
+    def _roll(
+        self, current: ModelVersion, target: ModelVersion, why: str, durable: bool, started: float, loaded: bool = False
+    ) -> dict[str, Any]:
         """The rollback's swap (under ``commit``): ``current`` is marked rolled back."""
         record = self.state.voice(current.name)
         if current.version not in record.rolled_back:
             record = record.but(rolled_back=(*record.rolled_back, current.version))
         reason = current.reason
-        self.table.set(current, reason=why)
+        self.table.change(current, reason=why)
         try:
-            swapped = self.lifecycle.activate(target, why, push_previous=False, previous_state=State.ROLLED_BACK,
-                                              record=record, durable=durable,
-                                              load_seconds=target.load_seconds if loaded else None)
+            swapped = self.lifecycle.activate(
+                target,
+                why,
+                push_previous=False,
+                previous_state=State.ROLLED_BACK,
+                record=record,
+                durable=durable,
+                load_seconds=target.load_seconds if loaded else None,
+            )
         except ResourceError:
-            self.table.set(current, reason=reason)
+            self.table.change(current, reason=reason)
             raise
         self._listener("rolled_back", current)
-        return {"voice": current.name, "from": current.version, "to": target.version,
-                "seconds": round(swapped - started, 3)}
+        return {
+            "voice": current.name,
+            "from": current.version,
+            "to": target.version,
+            "seconds": round(swapped - started, 3),
+        }
 
     # == activate ===============================================================================
     def activate(self, voice: str, version: str, why: str = "activate requested") -> dict[str, Any]:
@@ -116,17 +136,24 @@ class Control:
                 self.lifecycle.discard(target, "loaded for an activate that did not happen")
                 raise
 
-        return self.jobs.start(voice, f"activate of {voice} {version}", load_then_switch, urgent=True,
-                               supersede=True).result()
+        return self.jobs.start(
+            voice, f"activate of {voice} {version}", load_then_switch, urgent=True, supersede=True
+        ).result()
 
-    def _switch(self, target: ModelVersion, current: ModelVersion | None, why: str, started: float,
-                loaded: bool = False) -> dict[str, Any]:
+    def _switch(
+        self, target: ModelVersion, current: ModelVersion | None, why: str, started: float, loaded: bool = False
+    ) -> dict[str, Any]:
         record = self.state.voice(target.name)
         record = record.but(rolled_back=[v for v in record.rolled_back if norm(v) != norm(target.version)])
-        swapped = self.lifecycle.activate(target, why, record=record,
-                                          load_seconds=target.load_seconds if loaded else None)
-        return {"voice": target.name, "from": current.version if current else None, "to": target.version,
-                "seconds": round(swapped - started, 3)}
+        swapped = self.lifecycle.activate(
+            target, why, record=record, load_seconds=target.load_seconds if loaded else None
+        )
+        return {
+            "voice": target.name,
+            "from": current.version if current else None,
+            "to": target.version,
+            "seconds": round(swapped - started, 3),
+        }
 
     # == automatic ==============================================================================
     def auto_rollback(self, model: ModelVersion, why: str) -> None:

@@ -47,9 +47,17 @@ log = logging.getLogger("ttsd.manager")
 
 
 class BringUp:
-    def __init__(self, table: VersionTable, store: ModelStore, lifecycle: Lifecycle, *,
-                 engine_options: dict[str, Any], listener: Listener,
-                 trusted_keys: Path | None, make_room: Callable[[ModelVersion], object]) -> None:
+    def __init__(
+        self,
+        table: VersionTable,
+        store: ModelStore,
+        lifecycle: Lifecycle,
+        *,
+        engine_options: dict[str, Any],
+        listener: Listener,
+        trusted_keys: Path | None,
+        make_room: Callable[[ModelVersion], object],
+    ) -> None:
         self.table, self.store, self.lifecycle = table, store, lifecycle
         self._options, self._listener = engine_options, listener
         self.trusted_keys = trusted_keys  # when set, only folders signed by a key in it load
@@ -66,8 +74,9 @@ class BringUp:
             copy = self.store.put(folder, model.manifest)
         except Exception as exc:  # sorted below; MemoryError is an Exception too
             if not os.path.lexists(folder):  # it went away while it was copied: forgotten
-                log.warning("%s went away while it was copied into the store; it is looked at again if it "
-                            "comes back", folder)
+                log.warning(
+                    "%s went away while it was copied into the store; it is looked at again if it comes back", folder
+                )
                 again(folder)
                 self.lifecycle.forget_folder(folder)
             elif isinstance(exc, VerifyError) and exc.looks_incomplete():  # changed since it was judged
@@ -84,7 +93,7 @@ class BringUp:
             else:  # a bug, or input no check foresaw
                 self.lifecycle.unforeseen(folder, exc)
             return False
-        self.table.set(model, store_copy=copy)
+        self.table.change(model, store_copy=copy)
         return True
 
     def ensure_stored(self, target: ModelVersion) -> None:
@@ -106,7 +115,7 @@ class BringUp:
             raise ConflictError(f"cannot serve {target.name} {target.version}: {exc}") from exc
         except TtsdError as exc:
             raise ConflictError(f"cannot serve {target.name} {target.version}: {exc}") from exc
-        self.table.set(target, store_copy=copy, manifest=manifest)
+        self.table.change(target, store_copy=copy, manifest=manifest)
 
     # == loading ================================================================================
     def bring_up(self, model: ModelVersion, why: str, *, verified: bool = False) -> bool:
@@ -116,31 +125,35 @@ class BringUp:
         started = time.monotonic()
         self._make_room(model)  # within a memory budget: idle voices are unloaded first
         try:
-            self.table.set(model, state=State.VERIFYING)
+            self.table.change(model, state=State.VERIFYING)
             if not verified:
                 try:
                     copy, manifest = check_store_copy(self.store, model)
                 finally:  # a damaged copy was dropped: the record says so whatever happens next
-                    self.table.set(model, store_copy=self.store.get(model.name, model.version))
-                self.table.set(model, store_copy=copy, manifest=manifest, content=content_id(manifest))
+                    self.table.change(model, store_copy=self.store.get(model.name, model.version))
+                self.table.change(model, store_copy=copy, manifest=manifest, content=content_id(manifest))
             self._check_signature(model)
             assert model.store_copy is not None and model.manifest is not None
-            self.table.set(model, state=State.LOADING)
+            self.table.change(model, state=State.LOADING)
             self._listener("loading", model)
             engine_class(model.manifest.engine)  # imported first: torch's own start-up is no voice's cost
             before = resident_bytes()
-            engine = load_engine(model.store_copy, model.manifest, self._options,
-                                 warming=lambda: self.table.set(model, state=State.WARMING))
+            engine = load_engine(
+                model.store_copy,
+                model.manifest,
+                self._options,
+                warming=lambda: self.table.change(model, state=State.WARMING),
+            )
             rss = max(0, resident_bytes() - before)  # what it costs, for the budget's next choices
         except Exception as exc:  # TtsdError says why; anything else is the engine crashing
             if isinstance(exc, (StoreLost, MemoryError, ResourceError)) or is_system_oserror(exc):
-                self.lifecycle.defer(model, str(exc) if isinstance(exc, TtsdError)
-                                     else str(resource_error(exc, "loading")))
+                self.lifecycle.defer(
+                    model, str(exc) if isinstance(exc, TtsdError) else str(resource_error(exc, "loading"))
+                )
             else:
-                self.lifecycle.refuse(model, str(exc) if isinstance(exc, TtsdError)
-                                      else f"{type(exc).__name__}: {exc}")
+                self.lifecycle.refuse(model, str(exc) if isinstance(exc, TtsdError) else f"{type(exc).__name__}: {exc}")
             return False
-        self.table.set(model, engine=engine, reason="", rss=rss, load_seconds=time.monotonic() - started)
+        self.table.change(model, engine=engine, reason="", rss=rss, load_seconds=time.monotonic() - started)
         log.info("%s %s loaded and warmed in %.2f s (%s)", model.name, model.version, model.load_seconds, why)
         self._listener("loaded", model)
         return True
@@ -153,7 +166,7 @@ class BringUp:
         assert model.store_copy is not None and model.manifest is not None
         if self.trusted_keys is None:  # shown as unverified, as what it claims
             claimed = describe_signature(model.store_copy)
-            self.table.set(model, signer=str(claimed) if claimed is not None else "")
+            self.table.change(model, signer=str(claimed) if claimed is not None else "")
             return
         try:
             trust = TrustedKeys.load(self.trusted_keys)
@@ -165,15 +178,21 @@ class BringUp:
                 signer = trust.check(store, manifest)
             except SignatureError:
                 # the folder in the models dir may hold a newer signature (signed again, a key rotated)
-                offered = self.store.offer_signature(model.folder, store, lambda: trust.check(store, manifest)) \
-                    if model.folder is not None else None
+                offered = (
+                    self.store.offer_signature(model.folder, store, lambda: trust.check(store, manifest))
+                    if model.folder is not None
+                    else None
+                )
                 if offered is None:
                     raise
                 signer = offered
         except SignatureError as exc:
-            self.table.set(model, signature_failure=exc.kind,
-                           refused_signature=signature_digest(model.folder) if model.folder is not None else "")
+            self.table.change(
+                model,
+                signature_failure=exc.kind,
+                refused_signature=signature_digest(model.folder) if model.folder is not None else "",
+            )
             self._listener("signature_refused", model)
             raise
-        self.table.set(model, signer=str(signer), refused_signature=None, signature_failure="")
+        self.table.change(model, signer=str(signer), refused_signature=None, signature_failure="")
         log.info("%s %s: signed by %s", model.name, model.version, model.signer)

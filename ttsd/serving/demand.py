@@ -49,9 +49,18 @@ ROOM_WAIT_SHARE = 0.75  # a load gives up waiting for room before its requests s
 
 
 class OnDemand:
-    def __init__(self, table: VersionTable, lifecycle: Lifecycle, jobs: Jobs, budget: residency.Budget, *,
-                 bring_up: Callable[[ModelVersion, str], bool], ensure_stored: Callable[[ModelVersion], None],
-                 fall_back: Callable[[str], None], listener: Listener) -> None:
+    def __init__(
+        self,
+        table: VersionTable,
+        lifecycle: Lifecycle,
+        jobs: Jobs,
+        budget: residency.Budget,
+        *,
+        bring_up: Callable[[ModelVersion, str], bool],
+        ensure_stored: Callable[[ModelVersion], None],
+        fall_back: Callable[[str], None],
+        listener: Listener,
+    ) -> None:
         self.table, self.lifecycle, self.jobs, self.budget = table, lifecycle, jobs, budget
         self.map = lifecycle.map
         self._bring_up, self._ensure_stored, self._fall_back = bring_up, ensure_stored, fall_back
@@ -107,8 +116,9 @@ class OnDemand:
     # == loading for requests (an urgent job) ===================================================
     def _start_load(self, name: str, future: Future[None]) -> None:
         self.jobs.hurry(name)  # a job already running for this voice (an upgrade) is what the requests wait for
-        job = self.jobs.start(name, f"load of {name} for a request", lambda _t: self._load_for_requests(name),
-                              urgent=True)
+        job = self.jobs.start(
+            name, f"load of {name} for a request", lambda _t: self._load_for_requests(name), urgent=True
+        )
 
         def finished(done: Future[None]) -> None:
             with self._lock:
@@ -140,11 +150,16 @@ class OnDemand:
                 raise ResourceError(
                     f"voice {name} does not fit in the memory budget beside the preloaded voices "
                     f"({', '.join(sorted(self.pinned())) or 'none'}; this process uses "
-                    f"{resident_bytes() / 2**20:.0f} MB): raise --memory-budget or --max-loaded", retry_after=60)
+                    f"{resident_bytes() / 2**20:.0f} MB): raise --memory-budget or --max-loaded",
+                    retry_after=60,
+                )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BusyError(f"voice {name} cannot be loaded now: every loaded voice is busy and the memory "
-                                "budget holds no more; retry shortly", retry_after=2)
+                raise BusyError(
+                    f"voice {name} cannot be loaded now: every loaded voice is busy and the memory "
+                    "budget holds no more; retry shortly",
+                    retry_after=2,
+                )
             with self._room:
                 self._room.wait(min(remaining, 0.5))
 
@@ -190,14 +205,28 @@ class OnDemand:
         residents = []
         with self._lock:
             for m in versions:
-                if m.engine is None or m.state not in (State.ACTIVE, State.STANDBY, State.CANARY) \
-                        or not self.map.loaded(m.key):
+                if (
+                    m.engine is None
+                    or m.state not in (State.ACTIVE, State.STANDBY, State.CANARY)
+                    or not self.map.loaded(m.key)
+                ):
                     continue
                 active = m.state is State.ACTIVE
-                busy = (self.map.in_flight(m.key) > 0 or m.state is State.CANARY
-                        or (active and (m.name == loading or self._waiters[m.name] > 0)))
-                residents.append(residency.Resident(m.key, active, busy, self._last_used.get(m.name, (0.0, 0.0))[0],
-                                                    m.rss or guess, pinned=active and m.name in pinned))
+                busy = (
+                    self.map.in_flight(m.key) > 0
+                    or m.state is State.CANARY
+                    or (active and (m.name == loading or self._waiters[m.name] > 0))
+                )
+                residents.append(
+                    residency.Resident(
+                        m.key,
+                        active,
+                        busy,
+                        self._last_used.get(m.name, (0.0, 0.0))[0],
+                        m.rss or guess,
+                        pinned=active and m.name in pinned,
+                    )
+                )
         return residents
 
     def make_room(self, model: ModelVersion, *, strict: bool = False) -> bool:
@@ -214,9 +243,14 @@ class OnDemand:
             plan = residency.plan(residents, self.budget, rss=resident_bytes(), adding=1, adding_bytes=guess)
             if (strict and not plan.fits) or not plan.unload:
                 if not plan.fits and not strict:
-                    log.warning("loading %s %s goes over the memory budget: %s", model.name, model.version,
-                                "nothing else loaded may be unloaded now" if residents else
-                                f"the process uses {resident_bytes() / 2**20:.0f} MB before it")
+                    log.warning(
+                        "loading %s %s goes over the memory budget: %s",
+                        model.name,
+                        model.version,
+                        "nothing else loaded may be unloaded now"
+                        if residents
+                        else f"the process uses {resident_bytes() / 2**20:.0f} MB before it",
+                    )
                 return plan.fits
             self._evict(self.table.by_key(plan.unload[0]))
         return False
@@ -252,9 +286,15 @@ class OnDemand:
                 return False
             engine, model.engine = model.engine, None
         unload_engine(engine)
-        log.info("%s %s unloaded (%s; it had cost %.0f MB)", model.name, model.version,
-                 "least recently used, to stay within the memory budget" if event == "evicted"
-                 else "verified and warmed; its voice is not in use", model.rss / 2**20)
+        log.info(
+            "%s %s unloaded (%s; it had cost %.0f MB)",
+            model.name,
+            model.version,
+            "least recently used, to stay within the memory budget"
+            if event == "evicted"
+            else "verified and warmed; its voice is not in use",
+            model.rss / 2**20,
+        )
         self._listener(event, model)
         return True
 
@@ -262,8 +302,7 @@ class OnDemand:
         """After a new version of a voice that was not loaded became active (a hot upgrade of a
         cold voice, a new voice): it was verified and warmed, so a bad folder is refused at drop
         time; now it is unloaded again unless its voice is preloaded."""
-        if self.budget.limited and not was_loaded and model.state is State.ACTIVE \
-                and model.name not in self.pinned():
+        if self.budget.limited and not was_loaded and model.state is State.ACTIVE and model.name not in self.pinned():
             self._evict(model, event="parked")
 
     def activate_cold(self, model: ModelVersion) -> None:
@@ -291,6 +330,10 @@ class OnDemand:
     def memory(self) -> dict[str, Any]:
         """The budget and what is loaded against it, for ``/v1/status``."""
         loaded = sum(1 for m in self.table.all() if m.engine is not None)
-        return {"max_loaded": self.budget.max_loaded, "budget_bytes": self.budget.memory,
-                "preload": sorted(self.pinned()) if self.budget.limited else None,
-                "loaded_versions": loaded, "rss_bytes": resident_bytes()}
+        return {
+            "max_loaded": self.budget.max_loaded,
+            "budget_bytes": self.budget.memory,
+            "preload": sorted(self.pinned()) if self.budget.limited else None,
+            "loaded_versions": loaded,
+            "rss_bytes": resident_bytes(),
+        }

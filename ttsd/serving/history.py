@@ -98,8 +98,9 @@ class AuditTrail:
         """Write the pending lines (under ``_lock``)."""
         data = ("\n".join(self._pending) + "\n").encode()
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                         | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = os.open(
+                self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600
+            )
             try:
                 self._size = os.fstat(fd).st_size
                 if self._size and not _ends_with_newline(fd, self._size):
@@ -111,8 +112,11 @@ class AuditTrail:
                 os.close(fd)
         except OSError as exc:
             if len(self._pending) == 1:  # logged once per outage
-                log.error("cannot write %s (%s); the audit trail is kept in memory until it can",
-                          self.path, exc.strerror or exc)
+                log.error(
+                    "cannot write %s (%s); the audit trail is kept in memory until it can",
+                    self.path,
+                    exc.strerror or exc,
+                )
             del self._pending[:-KEEP_LINES]
             return
         self._pending.clear()

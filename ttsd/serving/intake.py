@@ -34,17 +34,29 @@ class Intake:
         content = content_id(manifest)
         with self.table.locked():
             known = self.table.get(manifest.name, manifest.version)
-            if known is not None and known.content == content and not known.fresh \
-                    and known.state not in (State.INCOMPLETE, State.DEFERRED) and not _signed_again(known, path):
+            if (
+                known is not None
+                and known.content == content
+                and not known.fresh
+                and known.state not in (State.INCOMPLETE, State.DEFERRED)
+                and not _signed_again(known, path)
+            ):
                 self.table.see_folder(path, "known")
                 known.folder = path
                 return None
             # the same version with other content is refused, when ttsd holds that version (a store
             # copy or a loaded engine); a content known only from state.json's record is not proof
-            if known is not None and known.content and known.content != content and known.state is not State.REFUSED \
-                    and (known.store_copy is not None or known.engine is not None):
-                reason = (f"{manifest.name} {manifest.version} is already known with different content; "
-                          "give the new folder a new version")
+            if (
+                known is not None
+                and known.content
+                and known.content != content
+                and known.state is not State.REFUSED
+                and (known.store_copy is not None or known.engine is not None)
+            ):
+                reason = (
+                    f"{manifest.name} {manifest.version} is already known with different content; "
+                    "give the new folder a new version"
+                )
                 self.table.see_folder(path, "refused", reason)
                 log.warning("refused %s: %s", path, reason)
                 return None
@@ -56,8 +68,10 @@ class Intake:
                 return None
             active = self.lifecycle.active(manifest.name)
             if active is not None and manifest.parsed_version <= parsed(active.version) and not first_scan:
-                stale = (f"version {manifest.version} is not newer than the active {active.version} "
-                         "('ttsd activate' serves it anyway)")
+                stale = (
+                    f"version {manifest.version} is not newer than the active {active.version} "
+                    "('ttsd activate' serves it anyway)"
+                )
             elif candidate.verdict is Verdict.INCOMPLETE:
                 model.state, model.reason = State.INCOMPLETE, candidate.reason
                 self.table.see_folder(path, "incomplete", candidate.reason)
@@ -78,6 +92,8 @@ class Intake:
 def _signed_again(known: ModelVersion, path: Path) -> bool:
     """A version refused for its signature whose folder now holds another ``model.sig``: the
     operator signed it (again), so it is judged again."""
-    return (known.state is State.REFUSED and known.refused_signature is not None
-            and signature_digest(path) != known.refused_signature)
-
+    return (
+        known.state is State.REFUSED
+        and known.refused_signature is not None
+        and signature_digest(path) != known.refused_signature
+    )

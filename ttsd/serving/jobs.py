@@ -42,8 +42,9 @@ class Jobs:
         self._urgent = threading.Lock()
         self._all: set[Ticket] = set()  # unfinished jobs, for ``wait``
 
-    def start(self, voice: str, what: str, work: Callable[[Ticket], T], *, urgent: bool,
-              supersede: bool = False) -> Future[T]:
+    def start(
+        self, voice: str, what: str, work: Callable[[Ticket], T], *, urgent: bool, supersede: bool = False
+    ) -> Future[T]:
         """Run ``work(ticket)`` as voice ``voice``'s next job (see the module docstring). The future
         holds its result, or ``Superseded`` when it was called off."""
         future: Future[T] = Future()

@@ -40,9 +40,17 @@ STORE_KEEP = 3  # rollback targets kept in the store besides the active version
 
 
 class Lifecycle:
-    def __init__(self, table: VersionTable, serving: ServingMap, state: ServingState, store: ModelStore,
-                 policy: Policy, listener: Listener, spawn: Callable[[Callable[[], None]], None],
-                 fit_budget: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        table: VersionTable,
+        serving: ServingMap,
+        state: ServingState,
+        store: ModelStore,
+        policy: Policy,
+        listener: Listener,
+        spawn: Callable[[Callable[[], None]], None],
+        fit_budget: Callable[[], None],
+    ) -> None:
         self.table, self.map, self.state, self.store, self.policy = table, serving, state, store, policy
         self._listener, self._spawn, self._fit_budget = listener, spawn, fit_budget
         self.commit = Guard(threading.RLock())
@@ -59,9 +67,18 @@ class Lifecycle:
         return VoiceVersion(model.name, model.version, model.engine.sample_rate)
 
     # == the swap ===============================================================================
-    def activate(self, model: ModelVersion, why: str, *, ticket: Ticket | None = None, push_previous: bool = True,
-                 previous_state: State = State.STANDBY, record: VoiceRecord | None = None,
-                 durable: bool = True, load_seconds: float | None = None) -> float:
+    def activate(
+        self,
+        model: ModelVersion,
+        why: str,
+        *,
+        ticket: Ticket | None = None,
+        push_previous: bool = True,
+        previous_state: State = State.STANDBY,
+        record: VoiceRecord | None = None,
+        durable: bool = True,
+        load_seconds: float | None = None,
+    ) -> float:
         """Make ``model`` (loaded) its voice's active version; the monotonic time of the swap.
 
         ``durable`` (operator actions, new versions): the voice's new record (``record``, or one
@@ -78,18 +95,25 @@ class Lifecycle:
             voice = record or saved
             previous = self.active(model.name)
             stack = list(voice.previous)
-            if push_previous and saved.active is not None and norm(saved.active) != norm(model.version) \
-                    and previous is not None and previous_state is State.STANDBY:
+            if (
+                push_previous
+                and saved.active is not None
+                and norm(saved.active) != norm(model.version)
+                and previous is not None
+                and previous_state is State.STANDBY
+            ):
                 stack = [v for v in stack if v != saved.active] + [saved.active]
-            voice = voice.but(active=model.version, previous=[v for v in stack if norm(v) != norm(model.version)],
-                              canary=None if voice.canary and norm(voice.canary) == norm(model.version)
-                              else voice.canary)
+            voice = voice.but(
+                active=model.version,
+                previous=[v for v in stack if norm(v) != norm(model.version)],
+                canary=None if voice.canary and norm(voice.canary) == norm(model.version) else voice.canary,
+            )
             if durable:
                 try:
                     self.state.commit(model.name, voice)
                 except ResourceError:
                     if model.state in COMING_UP:  # loaded and unharmed: a rollback target
-                        self.table.set(model, state=State.STANDBY)
+                        self.table.change(model, state=State.STANDBY)
                         self.map.add(model.key, self.voice_version(model), model.engine)
                     raise
             else:
@@ -102,13 +126,17 @@ class Lifecycle:
                 before = self.table.by_key(replaced)
                 if before is not None and before is not model:
                     # a parked version (the memory budget's) is a rollback target that must load first
-                    before.state = State.AVAILABLE if before.engine is None and previous_state is State.STANDBY \
-                        else previous_state
+                    before.state = (
+                        State.AVAILABLE if before.engine is None and previous_state is State.STANDBY else previous_state
+                    )
                 standby = [m for m in self.table.of(model.name) if m.state is State.STANDBY]
                 for extra in beyond_keep(standby, self.policy.keep):
                     extra.state = State.RETIRED
-                to_unload = [m for m in self.table.of(model.name) if m.engine is not None
-                             and m.state in (State.RETIRED, State.ROLLED_BACK)]
+                to_unload = [
+                    m
+                    for m in self.table.of(model.name)
+                    if m.engine is not None and m.state in (State.RETIRED, State.ROLLED_BACK)
+                ]
         details = {"load_seconds": round(load_seconds, 2)} if load_seconds is not None else {}
         self.state.record(model.name, saved.active, model.version, why, write=False, **details)
         log.info("%s: %s -> %s (%s)", model.name, saved.active or "-", model.version, why)
@@ -148,8 +176,12 @@ class Lifecycle:
         if superseded is not None and superseded is not model:
             log.info("%s %s: canary superseded by %s", model.name, superseded.version, model.version)
             self.unload_later(superseded)
-        log.info("%s %s is a canary for %.0f%% of requests", model.name, model.version,
-                 self.policy.canary_share(model.name) * 100)
+        log.info(
+            "%s %s is a canary for %.0f%% of requests",
+            model.name,
+            model.version,
+            self.policy.canary_share(model.name) * 100,
+        )
         self._listener("canary", model)
 
     def end_canary(self, model: ModelVersion, promote: bool) -> None:
@@ -167,8 +199,9 @@ class Lifecycle:
             saved = self.state.voice(model.name)
             self.state.put(model.name, saved.but(rolled_back=(*saved.rolled_back, model.version), canary=None))
         active = self.active(model.name)
-        self.state.record(model.name, model.version, active.version if active else None, "canary failed",
-                          reason=model.reason)
+        self.state.record(
+            model.name, model.version, active.version if active else None, "canary failed", reason=model.reason
+        )
         self.save()
         log.error("%s %s canary ended: %s", model.name, model.version, model.reason)
         self._listener("rolled_back", model)
@@ -185,7 +218,7 @@ class Lifecycle:
                     self.map.add(model.key, self.voice_version(model), model.engine)
                 return True
         self.discard(model, "loaded for requests, but its voice serves another version now")
-        self.table.set(model, state=State.AVAILABLE)
+        self.table.change(model, state=State.AVAILABLE)
         return False
 
     # == verdicts ===============================================================================
@@ -264,7 +297,7 @@ class Lifecycle:
         while self.map.in_flight(model.key) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.unload(model, force=True)
-        self.table.set(model, state=State.AVAILABLE)
+        self.table.change(model, state=State.AVAILABLE)
 
     def unload_later(self, model: ModelVersion) -> None:
         """``unload`` on a thread of its own: freeing an engine (collecting it, trimming malloc)
@@ -301,8 +334,9 @@ class Lifecycle:
         with self.table.locked():
             for model in self.table.all():
                 if model.content and model.state not in (*COMING_UP, State.INCOMPLETE):
-                    records[f"{model.name}/{model.version}"] = VersionRecord(model.content, model.state.value,
-                                                                              model.reason)
+                    records[f"{model.name}/{model.version}"] = VersionRecord(
+                        model.content, model.state.value, model.reason
+                    )
         self.state.set_versions(records)
         self.state.save()
 
@@ -313,9 +347,15 @@ class Lifecycle:
         voice = self.state.voice(name)
         keep = {norm(v) for v in voice.previous[-STORE_KEEP:]} | {norm(v) for v in (voice.active, voice.canary) if v}
         with self.table.locked():
-            stale = [m for m in self.table.of(name)
-                     if m.store_copy is not None and m.engine is None and not self.map.in_flight(m.key)
-                     and m.state not in (State.CANARY, *COMING_UP) and norm(m.version) not in keep]
+            stale = [
+                m
+                for m in self.table.of(name)
+                if m.store_copy is not None
+                and m.engine is None
+                and not self.map.in_flight(m.key)
+                and m.state not in (State.CANARY, *COMING_UP)
+                and norm(m.version) not in keep
+            ]
             for m in stale:
                 m.store_copy = None
             self._forget([m for m in stale if _nowhere(m)])
@@ -335,5 +375,9 @@ class Lifecycle:
 def _nowhere(model: ModelVersion) -> bool:
     """Neither stored, nor a folder, nor loaded, and nothing to remember it by: it can never serve
     again."""
-    return (model.store_copy is None and model.folder is None and model.engine is None
-            and model.state in (State.AVAILABLE, State.INCOMPLETE, State.VERIFYING, State.DEFERRED))
+    return (
+        model.store_copy is None
+        and model.folder is None
+        and model.engine is None
+        and model.state in (State.AVAILABLE, State.INCOMPLETE, State.VERIFYING, State.DEFERRED)
+    )

@@ -15,22 +15,27 @@ from .versions import ModelVersion, order
 _PIPER_LANGUAGE = re.compile(r"^([a-z]{2,3}_[A-Z]{2})-")
 
 
-def voices(table: VersionTable, serving: ServingMap,
-           residency: Callable[[str, ModelVersion | None], dict[str, Any]]) -> list[dict[str, Any]]:
+def voices(
+    table: VersionTable, serving: ServingMap, residency: Callable[[str, ModelVersion | None], dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Every voice with its active version, canary, facts and versions."""
     with table.locked():
         default = serving.default_name()
         listed = []
         for name in table.names():
             active, canary = table.by_key(serving.active(name)), table.by_key(serving.canary(name))
-            listed.append({
-                "name": name, "default": name == default,
-                "active": active.version if active else None,
-                "canary": canary.version if canary else None,
-                "sample_rate": active.manifest.sample_rate if active and active.manifest else None,
-                **_voice_facts(active), **residency(name, active),
-                "versions": [m.describe(serving.in_flight(m.key)) for m in sorted(table.of(name), key=order)],
-            })
+            listed.append(
+                {
+                    "name": name,
+                    "default": name == default,
+                    "active": active.version if active else None,
+                    "canary": canary.version if canary else None,
+                    "sample_rate": active.manifest.sample_rate if active and active.manifest else None,
+                    **_voice_facts(active),
+                    **residency(name, active),
+                    "versions": [m.describe(serving.in_flight(m.key)) for m in sorted(table.of(name), key=order)],
+                }
+            )
         return listed
 
 
@@ -55,7 +60,12 @@ def _voice_facts(active: ModelVersion | None) -> dict[str, Any]:
             info = active.engine.info()
             speakers = sorted(str(s) for s in info.get("speakers", {}))[:1000]
             precision = info.get("precision")
-        except Exception:  # noqa: BLE001 - facts for a listing: never let them fail it
+        except Exception:  # facts for a listing: never let them fail it
             speakers = []
-    return {"languages": languages, "speakers": speakers, "precision": precision,
-            "description": manifest.description if manifest else "", "license": manifest.license if manifest else ""}
+    return {
+        "languages": languages,
+        "speakers": speakers,
+        "precision": precision,
+        "description": manifest.description if manifest else "",
+        "license": manifest.license if manifest else "",
+    }

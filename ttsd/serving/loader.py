@@ -28,8 +28,9 @@ class StoreLost(TtsdError):
     """A version's store copy is damaged and there is no intact folder to copy it from again."""
 
 
-def load_engine(folder: Path, manifest: Manifest, options: dict[str, Any], *,
-                warming: Callable[[], None]) -> Engine[Any]:
+def load_engine(
+    folder: Path, manifest: Manifest, options: dict[str, Any], *, warming: Callable[[], None]
+) -> Engine[Any]:
     """Construct, load and warm up the engine of a verified store copy, on one OpenMP thread.
     ``warming`` is called between load and warm-up. On any failure (``Superseded`` included) the
     half-built engine is unloaded and the exception propagates.
@@ -69,8 +70,11 @@ def check_store_copy(store: ModelStore, model: ModelVersion) -> tuple[Path, Mani
         try:
             manifest = verify(model.store_copy)
             if model.content and content_id(manifest) != model.content:
-                log.warning("%s %s: its store copy verifies but holds other content than was recorded; "
-                            "serving the store copy", model.name, model.version)
+                log.warning(
+                    "%s %s: its store copy verifies but holds other content than was recorded; serving the store copy",
+                    model.name,
+                    model.version,
+                )
             return model.store_copy, manifest
         except OSError as exc:
             if is_system_oserror(exc):

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +63,20 @@ def _thread(fn: Callable[[], None]) -> None:
 
 
 class ModelManager:
-    def __init__(self, source: Source, *, state_dir: Path, policy: Policy | None = None,
-                 engine_options: dict[str, Any] | None = None, default_voice: str | None = None,
-                 listener: Listener | None = None, spawn: Callable[[Callable[[], None]], None] | None = None,
-                 trust: TrustedKeys | None = None, budget: Budget | None = None,
-                 wake: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        state_dir: Path,
+        policy: Policy | None = None,
+        engine_options: dict[str, Any] | None = None,
+        default_voice: str | None = None,
+        listener: Listener | None = None,
+        spawn: Callable[[Callable[[], None]], None] | None = None,
+        trust: TrustedKeys | None = None,
+        budget: Budget | None = None,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
         """``trust``: only folders signed by a key in its dir load (the dir is read again at each
         load); ``spawn`` runs follow-up work (unloads, automatic rollbacks, canary results) off the
         caller's thread; ``wake`` asks for a rescan soon (a job found a folder still changing)."""
@@ -75,27 +85,53 @@ class ModelManager:
         self._listener = listener or (lambda _e, _m: None)
         self._spawn = spawn or _thread
         self._wake = wake or (lambda: None)
-        events: Listener = lambda event, model: self._listener(event, model)  # noqa: E731 - late-bound for tests
+
+        def events(event: str, model: ModelVersion) -> None:  # late-bound: tests replace _listener
+            self._listener(event, model)
+
         self.store = ModelStore(state_dir / "store")
         self.state = ServingState(state_dir)
         self.table = VersionTable()
-        self.map = ServingMap(on_release=self._released, upgrading=self.table.coming_up,
-                              canary_share=self.policy.canary_share, default_voice=default_voice)
+        self.map = ServingMap(
+            on_release=self._released,
+            upgrading=self.table.coming_up,
+            canary_share=self.policy.canary_share,
+            default_voice=default_voice,
+        )
         self.jobs = Jobs(serving=self.map.serving)
         self.budget = budget or Budget()
-        self.lifecycle = Lifecycle(self.table, self.map, self.state, self.store, self.policy, events, self._spawn,
-                                   fit_budget=self._fit_budget_later)
-        self.bringup = BringUp(self.table, self.store, self.lifecycle,
-                               engine_options=engine_options or {}, listener=events,
-                               trusted_keys=trust.where if trust is not None else None,
-                               make_room=lambda model: self.demand.make_room(model))
-        self.demand = OnDemand(self.table, self.lifecycle, self.jobs, self.budget,
-                               bring_up=lambda model, why: self.bringup.bring_up(model, why),
-                               ensure_stored=self.bringup.ensure_stored,
-                               fall_back=lambda name: self.promoter.fall_back(name, for_request=True),
-                               listener=events)
-        self.promoter = Promoter(self.table, self.lifecycle, self.bringup, self.demand, self.state, self.policy,
-                                 again=self._again)
+        self.lifecycle = Lifecycle(
+            self.table,
+            self.map,
+            self.state,
+            self.store,
+            self.policy,
+            events,
+            self._spawn,
+            fit_budget=self._fit_budget_later,
+        )
+        self.bringup = BringUp(
+            self.table,
+            self.store,
+            self.lifecycle,
+            engine_options=engine_options or {},
+            listener=events,
+            trusted_keys=trust.where if trust is not None else None,
+            make_room=lambda model: self.demand.make_room(model),
+        )
+        self.demand = OnDemand(
+            self.table,
+            self.lifecycle,
+            self.jobs,
+            self.budget,
+            bring_up=lambda model, why: self.bringup.bring_up(model, why),
+            ensure_stored=self.bringup.ensure_stored,
+            fall_back=lambda name: self.promoter.fall_back(name, for_request=True),
+            listener=events,
+        )
+        self.promoter = Promoter(
+            self.table, self.lifecycle, self.bringup, self.demand, self.state, self.policy, again=self._again
+        )
         self.intake = Intake(self.table, self.lifecycle, self.state, events)
         self.control = Control(self.table, self.lifecycle, self.bringup, self.jobs, self.state, events)
         self._scan_lock = threading.Lock()
@@ -122,8 +158,9 @@ class ModelManager:
             if ok is not None:  # None: the request's or the box's fault, never counted against a model
                 model.served_since_load += ok
                 model.model_failures += not ok
-                outcome, model.requests, model.failures = judge(model.state, model.requests, model.failures, ok,
-                                                                self.policy)
+                outcome, model.requests, model.failures = judge(
+                    model.state, model.requests, model.failures, ok, self.policy
+                )
             idle = model.state in (State.RETIRED, State.ROLLED_BACK)
         self.demand.room_changed()  # a load waiting for an idle voice to unload may go on
         if idle:
@@ -156,9 +193,11 @@ class ModelManager:
     def folders(self) -> list[dict[str, Any]]:
         """Folders in the models dir that are not (yet) a version: incomplete or refused."""
         present = self.source.present()
-        return [{"folder": str(path), "state": state, "reason": reason}
-                for path, (state, reason) in sorted(self.table.folders().items())
-                if path in present and state in ("incomplete", "refused")]
+        return [
+            {"folder": str(path), "state": state, "reason": reason}
+            for path, (state, reason) in sorted(self.table.folders().items())
+            if path in present and state in ("incomplete", "refused")
+        ]
 
     def history(self, count: int = 20) -> list[dict[str, Any]]:
         return self.state.history(count)
@@ -167,8 +206,9 @@ class ModelManager:
         return self.demand.memory()
 
     # == operator actions (the caller's thread) =================================================
-    def rollback(self, voice: str, to: str | None = None, why: str = "rollback requested", *,
-                 durable: bool = True) -> dict[str, Any]:
+    def rollback(
+        self, voice: str, to: str | None = None, why: str = "rollback requested", *, durable: bool = True
+    ) -> dict[str, Any]:
         return self.control.rollback(voice, to, why, durable=durable)
 
     def activate(self, voice: str, version: str, why: str = "activate requested") -> dict[str, Any]:
@@ -216,8 +256,14 @@ class ModelManager:
             if first:
                 started += self._resume_saved()
             for name, found in sorted(ready.items()):
-                started.append(self._job(name, f"upgrade of {name}", lambda t, n=name, f=found:
-                                         self.promoter.upgrade(n, f, t), supersede=True))
+                started.append(
+                    self._job(
+                        name,
+                        f"upgrade of {name}",
+                        partial(self.promoter.upgrade, name, found),
+                        supersede=True,
+                    )
+                )
             self._forget_vanished()
             now = time.monotonic()
             for name in self.table.names():
@@ -226,12 +272,10 @@ class ModelManager:
                 active = self.lifecycle.active(name)
                 due = retry_due(self.table.of(name), active, now)
                 if due is not None:
-                    started.append(self._job(name, f"retry of {name} {due.version}",
-                                             lambda t, m=due: self.promoter.retry(m, t)))
+                    started.append(self._job(name, f"retry of {name} {due.version}", partial(self.promoter.retry, due)))
                 elif self.map.active(name) is None and not any(m.state in COMING_UP for m in self.table.of(name)):
                     # (a voice parked by the memory budget is active: it loads on its next request)
-                    started.append(self._job(name, f"fall-back of {name}", lambda _t, n=name:
-                                             self.promoter.fall_back(n)))
+                    started.append(self._job(name, f"fall-back of {name}", partial(self._fall_back, name)))
             self.lifecycle.save()
         if wait:
             for future in started:
@@ -249,9 +293,23 @@ class ModelManager:
             canary = self.table.get(name, voice.canary) if voice.canary else None
             if canary is not None and (canary.state in (State.REFUSED, State.ROLLED_BACK) or canary is model):
                 canary = None
-            jobs.append(self._job(name, f"resume of {name}", lambda _t, n=name, m=model, c=canary:
-                                  self.promoter.resume(n, m, c, pinned)))
+            jobs.append(
+                self._job(
+                    name,
+                    f"resume of {name}",
+                    partial(self._resume, name, model, canary, pinned),
+                )
+            )
         return jobs
+
+    # a job's work is called with its ticket; these two have no use for it
+    def _fall_back(self, name: str, _ticket: Ticket) -> None:
+        self.promoter.fall_back(name)
+
+    def _resume(
+        self, name: str, model: ModelVersion | None, canary: ModelVersion | None, pinned: set[str], _ticket: Ticket
+    ) -> None:
+        self.promoter.resume(name, model, canary, pinned)
 
     def _job(self, name: str, what: str, work: Callable[[Ticket], None], *, supersede: bool = False) -> Future[None]:
         """Start a job for voice ``name``: urgent when the voice has nothing serving."""

@@ -80,7 +80,7 @@ class Guard:
         self._lock.release()
 
 
-class Superseded(BaseException):  # noqa: N818 - a signal, like asyncio.CancelledError
+class Superseded(BaseException):  # a signal, like asyncio.CancelledError
     """The job was called off (``Ticket.cancel``); ``str()`` says by what."""
 
 

@@ -52,18 +52,31 @@ def fallback_order(versions: Iterable[ModelVersion], rolled_back: Iterable[str],
     """What a voice with no active version may serve, newest first: versions that are stored or
     have a folder, never refused, rolled back or incomplete, and deferred ones only when due."""
     marked = {norm(v) for v in rolled_back}
-    return sorted((m for m in versions
-                   if m.state not in (State.REFUSED, State.ROLLED_BACK, State.INCOMPLETE)
-                   and norm(m.version) not in marked and (m.store_copy is not None or m.folder is not None)
-                   and (m.state is not State.DEFERRED or m.retry_at <= now)),
-                  key=order, reverse=True)
+    return sorted(
+        (
+            m
+            for m in versions
+            if m.state not in (State.REFUSED, State.ROLLED_BACK, State.INCOMPLETE)
+            and norm(m.version) not in marked
+            and (m.store_copy is not None or m.folder is not None)
+            and (m.state is not State.DEFERRED or m.retry_at <= now)
+        ),
+        key=order,
+        reverse=True,
+    )
 
 
 def retry_due(versions: Iterable[ModelVersion], active: ModelVersion | None, now: float) -> ModelVersion | None:
     """The newest deferred version whose back-off is over, if it is newer than the active one."""
     floor = parsed(active.version) if active is not None else Version("0")
-    due = [m for m in versions if m.state is State.DEFERRED and m.retry_at <= now and m.folder is not None
-           and (active is None or order(m) > floor)]
+    due = [
+        m
+        for m in versions
+        if m.state is State.DEFERRED
+        and m.retry_at <= now
+        and m.folder is not None
+        and (active is None or order(m) > floor)
+    ]
     return max(due, key=order) if due else None
 
 

@@ -29,8 +29,16 @@ log = logging.getLogger("ttsd.manager")
 
 
 class Promoter:
-    def __init__(self, table: VersionTable, lifecycle: Lifecycle, bringup: BringUp, demand: OnDemand,
-                 state: ServingState, policy: Policy, again: Callable[[Path], None]) -> None:
+    def __init__(
+        self,
+        table: VersionTable,
+        lifecycle: Lifecycle,
+        bringup: BringUp,
+        demand: OnDemand,
+        state: ServingState,
+        policy: Policy,
+        again: Callable[[Path], None],
+    ) -> None:
         self.table, self.lifecycle, self.bringup, self.demand = table, lifecycle, bringup, demand
         self.state, self.policy, self._again = state, policy, again
 
@@ -49,7 +57,7 @@ class Promoter:
         finally:
             for model, _ in found:  # e.g. older folders found at start-up: known, not loaded
                 if model.state is State.VERIFYING:
-                    self.table.set(model, state=State.AVAILABLE)
+                    self.table.change(model, state=State.AVAILABLE)
 
     def promote(self, model: ModelVersion, folder: Path, why: str, ticket: Ticket) -> bool:
         """Copy ``model`` into the store (hashing it: the one time its bytes are read from the
@@ -86,16 +94,20 @@ class Promoter:
             self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
             self._restore(retired)
             raise
-        self.table.set(model, backoff=0.0)
+        self.table.change(model, backoff=0.0)
         self.demand.park_if_cold(model, was_loaded)
         return True
 
     def _restore(self, retired: ModelVersion | None) -> bool:
         """After a failed upgrade under the memory policy: the version it unloaded serves again."""
-        if retired is not None and retired.engine is None \
-                and self.bringup.bring_up(retired, "reloaded after a failed upgrade"):
-            self.lifecycle.activate(retired, "the upgrade failed", push_previous=False, durable=False,
-                                    load_seconds=retired.load_seconds)
+        if (
+            retired is not None
+            and retired.engine is None
+            and self.bringup.bring_up(retired, "reloaded after a failed upgrade")
+        ):
+            self.lifecycle.activate(
+                retired, "the upgrade failed", push_previous=False, durable=False, load_seconds=retired.load_seconds
+            )
         return False
 
     # == a voice with nothing serving ===========================================================
@@ -112,8 +124,9 @@ class Promoter:
                 self.lifecycle.defer(model, str(exc))
                 continue
             if self.bringup.bring_up(model, "the voice had no active version"):
-                self.lifecycle.activate(model, "fallback: newest version that verifies", durable=False,
-                                        load_seconds=model.load_seconds)
+                self.lifecycle.activate(
+                    model, "fallback: newest version that verifies", durable=False, load_seconds=model.load_seconds
+                )
                 log.warning("%s: serving %s, the newest version that verifies", name, model.version)
                 self.demand.park_if_cold(model, was_loaded=for_request)
                 return
@@ -137,7 +150,7 @@ class Promoter:
             else:
                 self.lifecycle.refuse(model, str(exc))
             return
-        self.table.set(model, manifest=manifest)
+        self.table.change(model, manifest=manifest)
         self.promote(model, source, "retried after a system failure", ticket)
 
     # == start-up ===============================================================================
@@ -158,8 +171,9 @@ class Promoter:
         if self.demand.budget.limited and name not in pinned:
             self.demand.activate_cold(model)
         elif self.bringup.bring_up(model, "resumed after restart"):
-            self.lifecycle.activate(model, "restart", push_previous=False, durable=False,
-                                    load_seconds=model.load_seconds)
+            self.lifecycle.activate(
+                model, "restart", push_previous=False, durable=False, load_seconds=model.load_seconds
+            )
         else:
             return self.fall_back(name)
         if canary is not None:
@@ -181,5 +195,6 @@ class Promoter:
         if self.policy.canary_share(name) > 0:
             self.lifecycle.start_canary(canary)
         else:
-            self.lifecycle.activate(canary, "canary resumed with no canary share: promoted", durable=False,
-                                    load_seconds=canary.load_seconds)
+            self.lifecycle.activate(
+                canary, "canary resumed with no canary share: promoted", durable=False, load_seconds=canary.load_seconds
+            )

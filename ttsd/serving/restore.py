@@ -31,12 +31,14 @@ def restore(state: ServingState, store: ModelStore) -> list[ModelVersion]:
         name, _, version = key.partition("/")
         saved = State(record.state) if record.state in State._value2member_map_ else State.AVAILABLE
         if saved not in (State.REFUSED, State.ROLLED_BACK) or (
-                saved is State.REFUSED and record.reason.startswith(SignatureError.PREFIX)):
+            saved is State.REFUSED and record.reason.startswith(SignatureError.PREFIX)
+        ):
             # nothing is loaded yet in this process; and a refusal for the signature is judged
             # again, since the trusted keys may have changed with the restart
             saved = State.AVAILABLE
-        model = ModelVersion(name, version, saved, content=record.content, reason=record.reason,
-                             store_copy=store.get(name, version))
+        model = ModelVersion(
+            name, version, saved, content=record.content, reason=record.reason, store_copy=store.get(name, version)
+        )
         _trust_store_copy(model)
         found.setdefault(model.key, model)
     for name, version, folder in store.scan():  # copies the saved state does not know
@@ -52,8 +54,9 @@ def restore(state: ServingState, store: ModelStore) -> list[ModelVersion]:
             continue
         # stored, then the process died before the state said so (e.g. kill -9 mid-load): its
         # folder is judged like a newly dropped one
-        model = ModelVersion(name, manifest.version, State.AVAILABLE, content=content_id(manifest), store_copy=folder,
-                             fresh=True)
+        model = ModelVersion(
+            name, manifest.version, State.AVAILABLE, content=content_id(manifest), store_copy=folder, fresh=True
+        )
         found[model.key] = model
         log.info("found %s %s in the store", name, manifest.version)
     return list(found.values())
@@ -70,6 +73,10 @@ def _trust_store_copy(model: ModelVersion) -> None:
     except TtsdError:
         return  # a damaged copy: check_store_copy deals with it before any load
     if model.content and content != model.content:
-        log.warning("state.json recorded other content for %s %s than its store copy holds; trusting the "
-                    "store copy (it is verified before it loads)", model.name, model.version)
+        log.warning(
+            "state.json recorded other content for %s %s than its store copy holds; trusting the "
+            "store copy (it is verified before it loads)",
+            model.name,
+            model.version,
+        )
     model.content = content

@@ -91,9 +91,14 @@ class Lease:
 
 
 class ServingMap:
-    def __init__(self, *, on_release: Callable[[Key, bool | None], None] = lambda _k, _ok: None,
-                 upgrading: Callable[[], set[str]] = set, canary_share: Callable[[str], float] = lambda _n: 0.0,
-                 default_voice: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        on_release: Callable[[Key, bool | None], None] = lambda _k, _ok: None,
+        upgrading: Callable[[], set[str]] = set,
+        canary_share: Callable[[str], float] = lambda _n: 0.0,
+        default_voice: str | None = None,
+    ) -> None:
         self._on_release = on_release
         self._upgrading = upgrading
         self._canary_share = canary_share

@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-from ..models_dir import candidate_folders
+from ..disk_changes import Settle
 from ..errors import ManifestError, TtsdError, VerifyError, is_system_oserror
 from ..manifest import (
     MAX_ENTRIES,
@@ -36,7 +36,7 @@ from ..manifest import (
     problems_error,
     read_manifest,
 )
-from ..disk_changes import Settle
+from ..models_dir import candidate_folders
 
 log = logging.getLogger("ttsd.source")
 
@@ -191,7 +191,6 @@ class LocalFolderSource:
 
     def waiting(self) -> bool:
         return self._waiting
-
 
     def again(self, path: Path) -> None:
         self._settle.forget(path)

@@ -42,7 +42,8 @@ class VoiceRecord:
 
     def but(self, **changes: Any) -> VoiceRecord:
         """A copy with ``changes`` (lists become tuples: a record is never changed in place)."""
-        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+        return replace(self, **fields)
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,15 @@ class ServingState:
                     os.replace(self.path, aside)
                 except OSError as exc:
                     aside = Path(f"(could not move it aside: {exc})")
-                log.error("%s: %s; kept %d voice(s) and %d version(s) of it, the rest comes from the store; "
-                          "the damaged file is at %s", self.path, "; ".join(problems[:3]), len(self._voices),
-                          len(self._versions), aside)
+                log.error(
+                    "%s: %s; kept %d voice(s) and %d version(s) of it, the rest comes from the store; "
+                    "the damaged file is at %s",
+                    self.path,
+                    "; ".join(problems[:3]),
+                    len(self._voices),
+                    len(self._versions),
+                    aside,
+                )
         self.trail.load()
 
     # -- reading -------------------------------------------------------------------------------
@@ -151,18 +158,28 @@ class ServingState:
             try:
                 atomic_write_text(self.path, text)
             except OSError as exc:
-                log.error("cannot write %s (%s); the change is in effect and will be written when it can",
-                          self.path, exc.strerror or exc)
+                log.error(
+                    "cannot write %s (%s); the change is in effect and will be written when it can",
+                    self.path,
+                    exc.strerror or exc,
+                )
                 return False
             self._written = text
             return True
 
-    def record(self, voice: str, from_version: str | None, to_version: str | None, why: str, *,
-               write: bool = True, **details: Any) -> None:
+    def record(
+        self,
+        voice: str,
+        from_version: str | None,
+        to_version: str | None,
+        why: str,
+        *,
+        write: bool = True,
+        **details: Any,
+    ) -> None:
         """Append to the audit trail (best effort: a full disk delays the write, never the change).
         ``write=False``: written at the next ``AuditTrail.flush``."""
-        self.trail.record({"voice": voice, "from": from_version, "to": to_version, "why": why, **details},
-                          write=write)
+        self.trail.record({"voice": voice, "from": from_version, "to": to_version, "why": why, **details}, write=write)
 
     def history(self, count: int = 20) -> list[dict[str, Any]]:
         """The newest ``count`` audit entries, oldest first (from memory: never reads the disk)."""
@@ -170,8 +187,11 @@ class ServingState:
 
     @staticmethod
     def _text(voices: dict[str, VoiceRecord], versions: dict[str, VersionRecord]) -> str:
-        data = {"format": 1, "voices": {k: _voice_json(v) for k, v in sorted(voices.items())},
-                "versions": {k: asdict(v) for k, v in sorted(versions.items())}}
+        data = {
+            "format": 1,
+            "voices": {k: _voice_json(v) for k, v in sorted(voices.items())},
+            "versions": {k: asdict(v) for k, v in sorted(versions.items())},
+        }
         return json.dumps(data, indent=1) + "\n"
 
 
@@ -198,8 +218,10 @@ class StateDirLock:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise ConfigError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
-            raise StateLockedError(f"another ttsd{f' (pid {holder})' if holder.isdigit() else ''} is using "
-                                   f"the state dir {self.path.parent}; stop it or give this one its own --state")
+            raise StateLockedError(
+                f"another ttsd{f' (pid {holder})' if holder.isdigit() else ''} is using "
+                f"the state dir {self.path.parent}; stop it or give this one its own --state"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -211,8 +233,11 @@ class StateDirLock:
 
 
 def _voice_json(record: VoiceRecord) -> dict[str, Any]:
-    data: dict[str, Any] = {"active": record.active, "previous": list(record.previous),
-                            "rolled_back": list(record.rolled_back)}
+    data: dict[str, Any] = {
+        "active": record.active,
+        "previous": list(record.previous),
+        "rolled_back": list(record.rolled_back),
+    }
     if record.canary is not None:  # only when there is one: a state.json an older ttsd can still read
         data["canary"] = record.canary
     return data
@@ -253,8 +278,12 @@ def _parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord]
             name, _, version = key.partition("/")
             check_name(name)
             check_version(version)
-            if not (isinstance(v, dict) and isinstance(v.get("content"), str) and isinstance(v.get("state"), str)
-                    and isinstance(v.get("reason", ""), str)) or set(v) - {"content", "state", "reason"}:
+            if not (
+                isinstance(v, dict)
+                and isinstance(v.get("content"), str)
+                and isinstance(v.get("state"), str)
+                and isinstance(v.get("reason", ""), str)
+            ) or set(v) - {"content", "state", "reason"}:
                 raise ValueError("not a version record")
             versions[key] = VersionRecord(v["content"], v["state"], v.get("reason", ""))
         except (ValueError, TypeError, ManifestError) as exc:

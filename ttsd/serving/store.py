@@ -148,16 +148,18 @@ class ModelStore:
                 log.warning("store copy %s is damaged (%s); copying it again", existing, exc)
             shutil.rmtree(existing)  # damaged or different: replace (content checks happen before)
         inspect(source)  # no link, nothing missing, extra or short, before a byte is read (stat only)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-{manifest.version}.", suffix=".partial",
-                                    dir=self.root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-{manifest.version}.", suffix=".partial", dir=self.root))
         try:
             # every file is opened beneath this descriptor without following links: a folder or
             # file swapped for a link after the check above cannot make the copy read elsewhere
             root = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
             try:
                 _copy_manifest(root, source, tmp, manifest)
-                problems = [p for rel, entry in sorted(manifest.files.items())
-                            if (p := _copy_hashed(root, tmp, rel, entry)) is not None]
+                problems = [
+                    p
+                    for rel, entry in sorted(manifest.files.items())
+                    if (p := _copy_hashed(root, tmp, rel, entry)) is not None
+                ]
             finally:
                 os.close(root)
             if problems:
@@ -174,7 +176,6 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-
 
     def offer_signature(self, source: Path, stored: Path, accept: Callable[[], T]) -> T | None:
         """Try the models-dir folder's ``model.sig`` in its store copy, when it differs from the
@@ -232,11 +233,15 @@ def _copy_manifest(root: int, source: Path, tmp: Path, manifest: Manifest) -> No
     try:
         copied = parse_manifest(json.loads(raw), str(source / MANIFEST))
     except (ValueError, RecursionError, ManifestError) as exc:
-        raise VerifyError(f"{source}: {MANIFEST} changed while being copied into the store",
-                          [Problem("changed", MANIFEST, str(exc)[:200])]) from exc
+        raise VerifyError(
+            f"{source}: {MANIFEST} changed while being copied into the store",
+            [Problem("changed", MANIFEST, str(exc)[:200])],
+        ) from exc
     if copied.to_json() != manifest.to_json():
-        raise VerifyError(f"{source}: changed while being copied into the store",
-                          [Problem("changed", MANIFEST, "other than when it was read")])
+        raise VerifyError(
+            f"{source}: changed while being copied into the store",
+            [Problem("changed", MANIFEST, "other than when it was read")],
+        )
     _write_synced(tmp / MANIFEST, lambda out: out.write(raw))
 
 

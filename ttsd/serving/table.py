@@ -56,7 +56,7 @@ class VersionTable:
             if self._versions.get(model.key) is model:
                 del self._versions[model.key]
 
-    def set(self, model: ModelVersion, **fields: Any) -> None:
+    def change(self, model: ModelVersion, **fields: Any) -> None:
         """Change fields of one record (the usual way to change one)."""
         unknown = set(fields) - {f.name for f in dataclasses.fields(model)}
         if unknown:  # setattr would add them silently

@@ -86,11 +86,19 @@ class ModelVersion:
         return (self.name, norm(self.version))
 
     def describe(self, in_flight: int) -> dict[str, Any]:
-        return {"version": self.version, "state": self.state.value, "reason": self.reason or None,
-                "in_flight": in_flight, "source": str(self.folder) if self.folder else None,
-                "content": self.content or None, "load_seconds": round(self.load_seconds, 2) or None,
-                "rss_bytes": self.rss or None,
-                "served": self.served_since_load, "model_failures": self.model_failures, "signer": self.signer or None}
+        return {
+            "version": self.version,
+            "state": self.state.value,
+            "reason": self.reason or None,
+            "in_flight": in_flight,
+            "source": str(self.folder) if self.folder else None,
+            "content": self.content or None,
+            "load_seconds": round(self.load_seconds, 2) or None,
+            "rss_bytes": self.rss or None,
+            "served": self.served_since_load,
+            "model_failures": self.model_failures,
+            "signer": self.signer or None,
+        }
 
 
 def order(model: ModelVersion) -> Version:

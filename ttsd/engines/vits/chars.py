@@ -55,11 +55,21 @@ class AddedToken:
 class CharTokenizer:
     """``VitsTokenizer`` for character checkpoints: the same attributes the engine uses, the same ids."""
 
-    def __init__(self, encoder: dict[str, int], *, added: dict[int, AddedToken] | None = None,
-                 special_tokens: Iterable[str] = ("<unk>", "<pad>"), pad_token: str | None = "<pad>",
-                 unk_token: str | None = "<unk>", language: str | None = None, add_blank: bool = True,
-                 normalize: bool = True, phonemize: bool = True, is_uroman: bool = False,
-                 split_special_tokens: bool = False) -> None:
+    def __init__(
+        self,
+        encoder: dict[str, int],
+        *,
+        added: dict[int, AddedToken] | None = None,
+        special_tokens: Iterable[str] = ("<unk>", "<pad>"),
+        pad_token: str | None = "<pad>",
+        unk_token: str | None = "<unk>",
+        language: str | None = None,
+        add_blank: bool = True,
+        normalize: bool = True,
+        phonemize: bool = True,
+        is_uroman: bool = False,
+        split_special_tokens: bool = False,
+    ) -> None:
         self.encoder = dict(encoder)
         self.language = language
         self.add_blank = add_blank
@@ -148,8 +158,11 @@ class CharTokenizer:
         named.update((key, token(key)) for key in NAMED_SPECIAL_TOKENS if key not in named)
         # Other "*_token" entries and "extra_special_tokens" are special tokens too, after the named ones.
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
-        model_specific = [key for key, value in config.items() if key.endswith("_token")
-                          and key not in named and (isinstance(value, str) or _is_token_dict(value))]
+        model_specific = [
+            key
+            for key, value in config.items()
+            if key.endswith("_token") and key not in named and (isinstance(value, str) or _is_token_dict(value))
+        ]
         if isinstance(extra, dict):
             model_specific += [key for key in extra if key not in model_specific]
             config = {**config, **extra}
@@ -162,10 +175,16 @@ class CharTokenizer:
             raise LoadError(f"{config_path}: special tokens must be strings")
 
         return cls(
-            {str(t): int(i) for t, i in vocab.items()}, added=added,
-            special_tokens=[t for t in specials if t is not None], pad_token=pad_token, unk_token=unk_token,
-            language=language, add_blank=flag("add_blank", True), normalize=flag("normalize", True),
-            phonemize=flag("phonemize", True), is_uroman=flag("is_uroman", False),
+            {str(t): int(i) for t, i in vocab.items()},
+            added=added,
+            special_tokens=[t for t in specials if t is not None],
+            pad_token=pad_token,
+            unk_token=unk_token,
+            language=language,
+            add_blank=flag("add_blank", True),
+            normalize=flag("normalize", True),
+            phonemize=flag("phonemize", True),
+            is_uroman=flag("is_uroman", False),
             split_special_tokens=flag("split_special_tokens", False),
         )
 
@@ -329,8 +348,12 @@ def _added_tokens_decoder(path: Path, data: object) -> dict[int, AddedToken]:
     if not isinstance(data, dict):
         raise LoadError(f"{path}: 'added_tokens_decoder' must be a JSON object")
     for key, value in data.items():
-        if (not isinstance(key, str) or not key.lstrip("-").isdigit() or not isinstance(value, dict)
-                or not isinstance(value.get("content"), str)):
+        if (
+            not isinstance(key, str)
+            or not key.lstrip("-").isdigit()
+            or not isinstance(value, dict)
+            or not isinstance(value.get("content"), str)
+        ):
             raise LoadError(f"{path}: 'added_tokens_decoder' entry {key!r} is not an id with a token")
         flags = {k: value.get(k, False) for k in ("lstrip", "rstrip", "single_word")}
         if not all(isinstance(v, bool) for v in flags.values()):

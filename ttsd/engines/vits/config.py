@@ -82,7 +82,7 @@ class VitsConfig:
         values: dict[str, Any] = {}
         try:
             for f in fields(cls):
-                if f.name not in data or data[f.name] is None and f.name not in ("window_size", "pad_token_id"):
+                if f.name not in data or (data[f.name] is None and f.name not in ("window_size", "pad_token_id")):
                     continue
                 default, value = getattr(cls, f.name), data[f.name]
                 if f.name == "resblock_dilation_sizes":

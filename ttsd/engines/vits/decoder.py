@@ -55,7 +55,7 @@ def _fused_ops_work(dtype: torch.dtype = torch.float32) -> bool:
         ops._convolution_pointwise_.binary(y, x, w, None, [0, 1], [1, 1], [1, 1], 1, "add", None, None, [], None)
         t = ops._convolution_transpose_pointwise(x, w, None, [0, 0], [0, 0], [1, 1], [1, 1], 1, "none", [], "")
         return bool(torch.isfinite(y).all()) and t.shape[-1] == 6
-    except Exception:  # noqa: BLE001 - any failure means: use the plain path
+    except Exception:  # any failure means: use the plain path
         return False
 
 
@@ -64,9 +64,19 @@ class _Conv:
     ``weight`` is in torch's layout: (out, in, k), or (in, out, k) when ``transposed``. Weights and
     bias are kept in ``dtype``, the dtype of the activations they are applied to."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, padding: int, dilation: int = 1,
-                 stride: int = 1, transposed: bool = False, scale: float = 1.0, fused: bool = True,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        padding: int,
+        dilation: int = 1,
+        stride: int = 1,
+        transposed: bool = False,
+        scale: float = 1.0,
+        fused: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.transposed = transposed
         self.weight = (weight.detach().float() * scale).to(dtype).unsqueeze(2).contiguous(memory_format=CL)
         self.bias = None if bias is None else bias.detach().to(dtype, copy=True)
@@ -76,18 +86,21 @@ class _Conv:
         self.stride = [1, int(stride)]
         self.fused = fused
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, post: str = "none",
-                 slope: float = 0.0) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, post: str = "none", slope: float = 0.0
+    ) -> torch.Tensor:
         bias = self.bias if bias is None else bias
         if self.transposed:
             if self.fused:
                 return torch.ops.mkldnn._convolution_transpose_pointwise(
-                    x, self.weight, bias, self.padding, [0, 0], self.stride, self.dilation, 1, "none", [], "")
+                    x, self.weight, bias, self.padding, [0, 0], self.stride, self.dilation, 1, "none", [], ""
+                )
             return F.conv_transpose2d(x, self.weight, bias, stride=self.stride, padding=self.padding)
         if self.fused:
             scalars = [slope] if post == "leaky_relu" else []
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, bias, self.padding, self.stride, self.dilation, 1, post, scalars, "")
+                x, self.weight, bias, self.padding, self.stride, self.dilation, 1, post, scalars, ""
+            )
         y = F.conv2d(x, self.weight, bias, padding=self.padding, dilation=self.dilation)
         if post == "leaky_relu":
             return F.leaky_relu_(y, slope)
@@ -97,16 +110,28 @@ class _Conv:
         """``conv(x) + other`` as a new tensor."""
         if self.fused:
             return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, other, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "add",
-                None, None, [], None)
+                x,
+                other,
+                self.weight,
+                self.bias,
+                self.padding,
+                self.stride,
+                self.dilation,
+                1,
+                "add",
+                None,
+                None,
+                [],
+                None,
+            )
         return self(x).add_(other)
 
     def add_into(self, acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``acc += conv(x)`` in place."""
         if self.fused:
             return torch.ops.mkldnn._convolution_pointwise_.binary(
-                acc, x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "add",
-                None, None, [], None)
+                acc, x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "add", None, None, [], None
+            )
         return acc.add_(self(x))
 
 
@@ -115,6 +140,7 @@ Take = Callable[[str, tuple[int, ...]], torch.Tensor]  # (state-dict name, expec
 
 def _module_source(decoder: nn.Module) -> Take:
     """``take`` over a torch decoder module: its (weight-norm-applied) tensors by name."""
+
     def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         module_name, _, attr = name.rpartition(".")
         value = getattr(decoder.get_submodule(module_name), attr)
@@ -128,17 +154,18 @@ def _module_source(decoder: nn.Module) -> Take:
 def _zero_outside(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Zero ``x`` along time outside ``[lo, hi)`` (in place)."""
     if lo > 0:
-        x[..., :min(lo, x.shape[-1])].zero_()
+        x[..., : min(lo, x.shape[-1])].zero_()
     if hi < x.shape[-1]:
-        x[..., max(hi, 0):].zero_()
+        x[..., max(hi, 0) :].zero_()
     return x
 
 
 class FastHifiGan:
     """``VitsHifiGan`` (ResBlock1 or Piper's ResBlock2) as windowed channels-last convolutions."""
 
-    def __init__(self, decoder: nn.Module | Take, config: Any, *, fused: bool | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, decoder: nn.Module | Take, config: Any, *, fused: bool | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
         """``decoder``: transformers' ``VitsHifiGan`` (or ttsd's Piper variant), or a function
         ``take(name, shape)`` returning its tensors by state-dict name with weight norm folded
         (``model.NativeVits``). The geometry (kernels, strides, dilations) comes from ``config``.
@@ -153,11 +180,25 @@ class FastHifiGan:
         resblock2 = str(getattr(config, "resblock", "1")) == "2"
         channels = int(config.upsample_initial_channel)
 
-        def conv(name: str, out: int, inp: int, kernel: int, dilation: int = 1, scale: float = 1.0,
-                 bias: bool = True, dtype: torch.dtype = dtype) -> _Conv:
-            return _Conv(take(f"{name}.weight", (out, inp, kernel)), take(f"{name}.bias", (out,)) if bias else None,
-                         padding=(kernel - 1) * dilation // 2, dilation=dilation, scale=scale, fused=self.fused,
-                         dtype=dtype)
+        def conv(
+            name: str,
+            out: int,
+            inp: int,
+            kernel: int,
+            dilation: int = 1,
+            scale: float = 1.0,
+            bias: bool = True,
+            dtype: torch.dtype = dtype,
+        ) -> _Conv:
+            return _Conv(
+                take(f"{name}.weight", (out, inp, kernel)),
+                take(f"{name}.bias", (out,)) if bias else None,
+                padding=(kernel - 1) * dilation // 2,
+                dilation=dilation,
+                scale=scale,
+                fused=self.fused,
+                dtype=dtype,
+            )
 
         self.pre = conv("conv_pre", channels, int(config.flow_size), 7)
         self.cond: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -170,18 +211,28 @@ class FastHifiGan:
         for i, (rate, size) in enumerate(zip(config.upsample_rates, config.upsample_kernel_sizes, strict=True)):
             rate, size, out = int(rate), int(size), channels // 2
             # stage i > 0 gets the previous stage's residual-block sum: its 1/n is folded in here
-            upsample = _Conv(take(f"upsampler.{i}.weight", (channels, out, size)), take(f"upsampler.{i}.bias", (out,)),
-                             padding=(size - rate) // 2, stride=rate, transposed=True,
-                             scale=1.0 if i == 0 else 1.0 / self.kernels, fused=self.fused, dtype=dtype)
+            upsample = _Conv(
+                take(f"upsampler.{i}.weight", (channels, out, size)),
+                take(f"upsampler.{i}.bias", (out,)),
+                padding=(size - rate) // 2,
+                stride=rate,
+                transposed=True,
+                scale=1.0 if i == 0 else 1.0 / self.kernels,
+                fused=self.fused,
+                dtype=dtype,
+            )
             channels = out
-            blocks = []
+            blocks: list[list[tuple[_Conv, ...]]] = []
             for j, (k, ds) in enumerate(zip(kernel_sizes, dilations, strict=True)):
                 name = f"resblocks.{i * self.kernels + j}"
+                steps: list[tuple[_Conv, ...]]
                 if resblock2:  # one dilated conv per step
                     steps = [(conv(f"{name}.convs.{m}", out, out, k, d),) for m, d in enumerate(ds)]
                 else:  # ResBlock1: dilated conv, leaky ReLU, plain conv
-                    steps = [(conv(f"{name}.convs1.{m}", out, out, k, d), conv(f"{name}.convs2.{m}", out, out, k))
-                             for m, d in enumerate(ds)]
+                    steps = [
+                        (conv(f"{name}.convs1.{m}", out, out, k, d), conv(f"{name}.convs2.{m}", out, out, k))
+                        for m, d in enumerate(ds)
+                    ]
                 blocks.append(steps)
             self.stages.append((upsample, blocks))
         # the last layer stays float32 in any dtype: its 7 x C products sum to a sample far smaller
@@ -195,6 +246,7 @@ class FastHifiGan:
     def _receptive_margins(self) -> tuple[int, list[int]]:
         """Latent frames on each side that can influence one output sample (an upper bound), and,
         per stage, the samples on each side of its output that the layers after it still need."""
+
         def half(conv: _Conv) -> int:
             return (conv.kernel - 1) * conv.dilation[1] // 2 + 1
 
@@ -208,8 +260,7 @@ class FastHifiGan:
         return radius + half(self.pre), margins
 
     # -- one window -------------------------------------------------------------------------------
-    def _window(self, latents: torch.Tensor, lo: int, hi: int, bias: torch.Tensor | None,
-                context: int) -> torch.Tensor:
+    def _window(self, latents: torch.Tensor, lo: int, hi: int, bias: torch.Tensor | None, context: int) -> torch.Tensor:
         """Decode a ``(1, C, width)`` window whose frames ``[lo, hi)`` are real (the rest stand for
         the zeros the reference pads a sentence with) -> the samples of its kept frames, ``[context,
         width - context)``, in full even where they are padding.
@@ -246,13 +297,11 @@ class FastHifiGan:
                         acc.add_(h)
                         conv.add_into(acc, t)
             assert acc is not None
-            if i == last:  # HiFi-GAN's last leaky ReLU uses 0.01; the last layer (_last) is float32
-                x = F.leaky_relu_(acc.float(), 0.01)
-            else:
-                x = F.leaky_relu_(acc, s)
+            # HiFi-GAN's last leaky ReLU uses 0.01; the last layer (_last) is float32
+            x = F.leaky_relu_(acc.float(), 0.01) if i == last else F.leaky_relu_(acc, s)
             if context:  # keep the kept frames and the margin the later layers need
                 crop = max(0, context * scale - offset - self.margins[i])
-                x = x[..., crop:x.shape[-1] - crop]
+                x = x[..., crop : x.shape[-1] - crop]
                 offset += crop
         _zero_outside(x, lo * scale - offset, hi * scale - offset)
         return self._last(x, context * scale - offset, (width - 2 * context) * self.hop)
@@ -266,12 +315,12 @@ class FastHifiGan:
         half = (k - 1) // 2
         rows = x.permute(0, 2, 3, 1).reshape(x.shape[-1], x.shape[1])  # (L, C): channels-last's memory
         lo, hi = start - half, start + count + half
-        taps = self.post_taps @ rows[max(lo, 0):min(hi, rows.shape[0])].t()  # (k, rows)
+        taps = self.post_taps @ rows[max(lo, 0) : min(hi, rows.shape[0])].t()  # (k, rows)
         if lo < 0 or hi > rows.shape[0]:  # the reference's zero padding at the ends
             taps = F.pad(taps, (max(-lo, 0), max(hi - rows.shape[0], 0)))
         out = taps[0, 0:count].clone()
         for j in range(1, k):
-            out += taps[j, j:j + count]
+            out += taps[j, j : j + count]
         return out.tanh_()
 
     # -- whole latents ----------------------------------------------------------------------------
@@ -337,8 +386,9 @@ class FastHifiGan:
             add(width, width - 2 * r)
         return windows
 
-    def stream(self, latents: torch.Tensor, speaker: torch.Tensor | None = None,
-               first: int | None = None) -> Iterator[torch.Tensor]:
+    def stream(
+        self, latents: torch.Tensor, speaker: torch.Tensor | None = None, first: int | None = None
+    ) -> Iterator[torch.Tensor]:
         """``(1, C, frames)`` latents -> waveform pieces ``(samples,)``, in order."""
         bias = None
         if speaker is not None and self.cond is not None:
@@ -351,11 +401,11 @@ class FastHifiGan:
         for start, width, keep_from, keep_to in self.plan(frames, first):
             context = keep_from - start
             lo, hi = max(0, -start), min(width, frames - start)
-            window = latents[..., max(0, start):start + hi]
+            window = latents[..., max(0, start) : start + hi]
             if lo or hi < width:
                 window = F.pad(window, (lo, width - hi))
             samples = self._window(window, lo, hi, bias, context)
-            yield samples[:(keep_to - keep_from) * self.hop]
+            yield samples[: (keep_to - keep_from) * self.hop]
 
     def __call__(self, latents: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
         pieces = list(self.stream(latents, speaker))

@@ -60,11 +60,24 @@ class Unit:
 class VitsEngine(Engine[Unit]):
     name = "vits"
 
-    def __init__(self, folder: Path, manifest: Manifest, *, max_chars: int = DEFAULT_MAX_CHARS,
-                 threads: int | None = None, max_audio_seconds: float | None = None,
-                 precision: str | None = None) -> None:
-        super().__init__(folder, manifest, max_chars=max_chars, threads=threads,
-                         max_audio_seconds=max_audio_seconds, precision=precision)
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        *,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        threads: int | None = None,
+        max_audio_seconds: float | None = None,
+        precision: str | None = None,
+    ) -> None:
+        super().__init__(
+            folder,
+            manifest,
+            max_chars=max_chars,
+            threads=threads,
+            max_audio_seconds=max_audio_seconds,
+            precision=precision,
+        )
         self.dtype = torch.float32  # what load() chose: see ttsd.engines.precision
         self.model: NativeVits | None = None
         self._phonemes: EspeakPhonemes | None = None
@@ -78,7 +91,8 @@ class VitsEngine(Engine[Unit]):
         feature = precision.native_bf16()
         chosen, why = precision.resolve(self.precision, self.manifest.precision, feature)
         (log.warning if chosen == "bf16" and feature is None else log.info)(
-            "%s %s computes in %s (%s)", self.manifest.name, self.manifest.version, chosen, why)
+            "%s %s computes in %s (%s)", self.manifest.name, self.manifest.version, chosen, why
+        )
         self.dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
         # LoadError with the reason for a bad config or bad weights
         model = NativeVits(self.folder, dtype=self.dtype)
@@ -100,8 +114,7 @@ class VitsEngine(Engine[Unit]):
             largest = max(self._tokenizer.encoder.values(), default=-1)
             if largest >= config.vocab_size:
                 raise LoadError(
-                    f"{self.folder}: vocab.json uses id {largest} but the model has only "
-                    f"{config.vocab_size} symbols"
+                    f"{self.folder}: vocab.json uses id {largest} but the model has only {config.vocab_size} symbols"
                 )
         else:
             raise LoadError(f"{self.folder}: neither {PHONEMES_FILE} (Piper voice) nor vocab.json (tokenizer)")
@@ -215,8 +228,12 @@ class VitsEngine(Engine[Unit]):
         length_scale = (1.0 / float(config.speaking_rate)) / options.speed
         with torch.inference_mode():
             return model.latent_frames(
-                unit.ids, noise_scale=noise, noise_scale_duration=noise_w, length_scale=length_scale,
-                speaker_id=self._speaker_id(options), generator=generator,
+                unit.ids,
+                noise_scale=noise,
+                noise_scale_duration=noise_w,
+                length_scale=length_scale,
+                speaker_id=self._speaker_id(options),
+                generator=generator,
             )
 
     def _render(self, unit: Unit, options: SynthesisOptions) -> np.ndarray:
@@ -236,4 +253,3 @@ class VitsEngine(Engine[Unit]):
             if piece is None:
                 return
             yield piece.numpy().astype(np.float32)
-

@@ -60,19 +60,29 @@ class NativeVits:
         self.layers = [_EncoderLayer(w, f"text_encoder.encoder.layers.{i}", c) for i in range(c.num_hidden_layers)]
         project = w.take("text_encoder.project.weight", (2 * c.flow_size, h, 1))[:, :, 0]
         self.project = (project.t().contiguous(), w.take("text_encoder.project.bias", (2 * c.flow_size,)))
-        self.speakers = w.take("embed_speaker.weight", (c.num_speakers, c.speaker_embedding_size)) \
-            if c.num_speakers > 1 else None
+        self.speakers = (
+            w.take("embed_speaker.weight", (c.num_speakers, c.speaker_embedding_size)) if c.num_speakers > 1 else None
+        )
         self.duration = (_StochasticDuration if c.use_stochastic_duration_prediction else _Duration)(
-            w, "duration_predictor", c)
+            w, "duration_predictor", c
+        )
         self.flows = [_Coupling(w, f"flow.flows.{i}", c, dtype) for i in range(c.prior_encoder_num_flows)][::-1]
         self.decoder = FastHifiGan(lambda name, shape: w.take(f"decoder.{name}", shape), c, dtype=dtype)
         leftover = [n for n in w.tensors if not n.startswith("posterior_encoder.")]
         if leftover:
             raise LoadError(f"{where}: config.json does not match the weights (unused tensor {sorted(leftover)[0]})")
 
-    def latent_frames(self, ids: list[int], *, noise_scale: float, noise_scale_duration: float, length_scale: float,
-                      speaker_id: int | None = None, generator: torch.Generator | None = None,
-                      bucket: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def latent_frames(
+        self,
+        ids: list[int],
+        *,
+        noise_scale: float,
+        noise_scale_duration: float,
+        length_scale: float,
+        speaker_id: int | None = None,
+        generator: torch.Generator | None = None,
+        bucket: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text ids -> decoder input ``(1, flow_size, frames)`` and the speaker embedding ``(1, E, 1)``.
         Noise is drawn in the same order and shapes as the tests' reference ``latent_frames``."""
         c = self.config
@@ -95,11 +105,14 @@ class NativeVits:
             x = layer(x, mask, key_bias)
         hidden = x * mask
         stats = torch.addmm(self.project[1], hidden, self.project[0]) * mask
-        means, log_vars = stats[:length, :c.flow_size], stats[:length, c.flow_size:]
+        means, log_vars = stats[:length, : c.flow_size], stats[:length, c.flow_size :]
 
         if c.use_stochastic_duration_prediction:
-            noise = (torch.randn((1, 2, length), generator=generator) * noise_scale_duration if noise_scale_duration
-                     else torch.zeros(1, 2, length))
+            noise = (
+                torch.randn((1, 2, length), generator=generator) * noise_scale_duration
+                if noise_scale_duration
+                else torch.zeros(1, 2, length)
+            )
             noise = F.pad(noise[0].t(), (0, 0, 0, padded - length))
         else:
             noise = torch.zeros(padded, 2)

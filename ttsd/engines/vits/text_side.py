@@ -30,24 +30,38 @@ class _EncoderLayer:
         q, k, v, self.out = (w.linear(f"{a}.{n}_proj", h, h, c.use_bias) for n in ("q", "k", "v", "out"))
         # one (h, 3h) product for queries, keys and values, with the 1/sqrt(head_dim) of the
         # scores folded into the query weights
-        scale = self.head_dim ** -0.5
-        self.qkv = (torch.cat([q[0] * scale, k[0], v[0]], dim=1).contiguous(),
-                    None if q[1] is None or k[1] is None or v[1] is None else torch.cat([q[1] * scale, k[1], v[1]]))
+        scale = self.head_dim**-0.5
+        self.qkv = (
+            torch.cat([q[0] * scale, k[0], v[0]], dim=1).contiguous(),
+            None if q[1] is None or k[1] is None or v[1] is None else torch.cat([q[1] * scale, k[1], v[1]]),
+        )
         self.window = c.window_size or 0
         if self.window:
             shape = (1, 2 * self.window + 1, self.head_dim)
             self.rel_k = w.take(f"{a}.emb_rel_k", shape)[0]
             self.rel_v = w.take(f"{a}.emb_rel_v", shape)[0]
         self.norm1 = (w.take(f"{prefix}.layer_norm.weight", (h,)), w.take(f"{prefix}.layer_norm.bias", (h,)))
-        self.norm2 = (w.take(f"{prefix}.final_layer_norm.weight", (h,)),
-                      w.take(f"{prefix}.final_layer_norm.bias", (h,)))
-        k = c.ffn_kernel_size
+        self.norm2 = (
+            w.take(f"{prefix}.final_layer_norm.weight", (h,)),
+            w.take(f"{prefix}.final_layer_norm.bias", (h,)),
+        )
+        kernel = c.ffn_kernel_size
         ff = f"{prefix}.feed_forward"
         # transformers pads the feed-forward convolutions (k-1)//2 left and k//2 right
-        self.ff1 = _TimeConv(w.take(f"{ff}.conv_1.weight", (c.ffn_dim, h, k)),
-                             w.take(f"{ff}.conv_1.bias", (c.ffn_dim,)), 1, (k - 1) // 2, k // 2)
-        self.ff2 = _TimeConv(w.take(f"{ff}.conv_2.weight", (h, c.ffn_dim, k)),
-                             w.take(f"{ff}.conv_2.bias", (h,)), 1, (k - 1) // 2, k // 2)
+        self.ff1 = _TimeConv(
+            w.take(f"{ff}.conv_1.weight", (c.ffn_dim, h, kernel)),
+            w.take(f"{ff}.conv_1.bias", (c.ffn_dim,)),
+            1,
+            (kernel - 1) // 2,
+            kernel // 2,
+        )
+        self.ff2 = _TimeConv(
+            w.take(f"{ff}.conv_2.weight", (h, c.ffn_dim, kernel)),
+            w.take(f"{ff}.conv_2.bias", (h,)),
+            1,
+            (kernel - 1) // 2,
+            kernel // 2,
+        )
         self.act = _ACTIVATIONS[c.hidden_act]
         self.eps = c.layer_norm_eps
 
@@ -70,7 +84,7 @@ class _EncoderLayer:
             # (heads, T, 2T-1) logits against an embedding table padded with zeros to 2T-1 offsets)
             padded = F.pad(scores, (w, w))
             self._band(padded).add_(q @ self.rel_k.t())
-            scores = padded[..., w:w + t]
+            scores = padded[..., w : w + t]
         if key_bias is not None:
             scores += key_bias
         probs = torch.softmax(scores, dim=-1)
@@ -91,14 +105,18 @@ class _DepthSeparable:
         h, k = c.hidden_size, c.duration_predictor_kernel_size
         self.layers = []
         for i in range(c.depth_separable_num_layers):
-            dilation = k ** i
+            dilation = k**i
             depthwise = w.take(f"{prefix}.convs_dilated.{i}.weight", (h, 1, k))[:, 0].t().contiguous()  # (k, C)
-            self.layers.append((
-                depthwise, w.take(f"{prefix}.convs_dilated.{i}.bias", (h,)), dilation,
-                w.pointwise(f"{prefix}.convs_pointwise.{i}", h, h),
-                (w.take(f"{prefix}.norms_1.{i}.weight", (h,)), w.take(f"{prefix}.norms_1.{i}.bias", (h,))),
-                (w.take(f"{prefix}.norms_2.{i}.weight", (h,)), w.take(f"{prefix}.norms_2.{i}.bias", (h,))),
-            ))
+            self.layers.append(
+                (
+                    depthwise,
+                    w.take(f"{prefix}.convs_dilated.{i}.bias", (h,)),
+                    dilation,
+                    w.pointwise(f"{prefix}.convs_pointwise.{i}", h, h),
+                    (w.take(f"{prefix}.norms_1.{i}.weight", (h,)), w.take(f"{prefix}.norms_1.{i}.bias", (h,))),
+                    (w.take(f"{prefix}.norms_2.{i}.weight", (h,)), w.take(f"{prefix}.norms_2.{i}.bias", (h,))),
+                )
+            )
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         if condition is not None:
@@ -108,16 +126,23 @@ class _DepthSeparable:
             k = depthwise.shape[0]
             pad = (k - 1) * dilation // 2
             xp = F.pad(x * mask, (0, 0, pad, pad))
-            h = bias + sum(xp[j * dilation:j * dilation + t] * depthwise[j] for j in range(k))
+            h = bias + sum(xp[j * dilation : j * dilation + t] * depthwise[j] for j in range(k))
             h = F.gelu(F.layer_norm(h, (h.shape[1],), *norm1))  # nn.LayerNorm's default eps
             h = torch.addmm(pointwise[1], h, pointwise[0])
             x = x + F.gelu(F.layer_norm(h, (h.shape[1],), *norm2))
         return x * mask
 
 
-def _spline_inverse(x: torch.Tensor, widths: torch.Tensor, heights: torch.Tensor, derivatives: torch.Tensor,
-                    tail: float, min_width: float = 1e-3, min_height: float = 1e-3,
-                    min_derivative: float = 1e-3) -> torch.Tensor:
+def _spline_inverse(
+    x: torch.Tensor,
+    widths: torch.Tensor,
+    heights: torch.Tensor,
+    derivatives: torch.Tensor,
+    tail: float,
+    min_width: float = 1e-3,
+    min_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> torch.Tensor:
     """Inverse of the monotonic rational-quadratic spline on [-tail, tail], identity outside
     (Durkan et al., Neural Spline Flows). ``x`` (...), bin parameters (..., bins) / (..., bins-1)."""
     bins = widths.shape[-1]
@@ -170,8 +195,9 @@ class _ConvFlow:
         h = self.dds(h, mask, condition)
         p = torch.addmm(self.proj[1], h, self.proj[0]) * mask  # (T, 3*bins-1)
         b = self.bins
-        second = _spline_inverse(second[:, 0], p[:, :b] / self.scale, p[:, b:2 * b] / self.scale, p[:, 2 * b:],
-                                 self.tail)
+        second = _spline_inverse(
+            second[:, 0], p[:, :b] / self.scale, p[:, b : 2 * b] / self.scale, p[:, 2 * b :], self.tail
+        )
         return torch.cat([first, second[:, None]], dim=1) * mask
 
 
@@ -182,16 +208,19 @@ class _StochasticDuration:
         self.proj = w.pointwise(f"{prefix}.conv_proj", h, h)
         self.dds = _DepthSeparable(w, f"{prefix}.conv_dds", c)
         self.cond = w.pointwise(f"{prefix}.cond", h, c.speaker_embedding_size) if c.speaker_embedding_size else None
-        self.affine = (w.take(f"{prefix}.flows.0.translate", (2, 1))[:, 0],
-                       w.take(f"{prefix}.flows.0.log_scale", (2, 1))[:, 0])
+        self.affine = (
+            w.take(f"{prefix}.flows.0.translate", (2, 1))[:, 0],
+            w.take(f"{prefix}.flows.0.log_scale", (2, 1))[:, 0],
+        )
         # reversed, and without the first conv flow, which VITS never uses at inference
         count = c.duration_predictor_num_flows
         self.flows = [_ConvFlow(w, f"{prefix}.flows.{i}", c) for i in range(count, 1, -1)]
-        for name in [n for n in w.tensors if n.startswith(f"{prefix}.flows.1.") or n.startswith(f"{prefix}.post_")]:
+        for name in [n for n in w.tensors if n.startswith((f"{prefix}.flows.1.", f"{prefix}.post_"))]:
             del w.tensors[name]  # the unused flow and the training-only posterior flows
 
-    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None, noise: torch.Tensor
-                 ) -> torch.Tensor:
+    def __call__(
+        self, hidden: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None, noise: torch.Tensor
+    ) -> torch.Tensor:
         x = torch.addmm(self.pre[1], hidden, self.pre[0])
         if speaker is not None and self.cond is not None:
             x = x + torch.addmm(self.cond[1], speaker, self.cond[0])
@@ -220,8 +249,9 @@ class _Duration:
         self.cond = w.pointwise(f"{prefix}.cond", h, c.speaker_embedding_size) if c.speaker_embedding_size else None
         self.eps = c.layer_norm_eps
 
-    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None, noise: torch.Tensor
-                 ) -> torch.Tensor:
+    def __call__(
+        self, hidden: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None, noise: torch.Tensor
+    ) -> torch.Tensor:
         x = hidden
         if speaker is not None and self.cond is not None:
             x = x + torch.addmm(self.cond[1], speaker, self.cond[0])
@@ -251,7 +281,7 @@ class _Coupling:
         for i in range(n):
             out = 2 * h if i < n - 1 else h
             res = w.take(f"{wn}.res_skip_layers.{i}.weight", (out, h, 1))[:, :, 0]
-            conv = w.conv(f"{wn}.in_layers.{i}", 2 * h, h, k, dilation=c.wavenet_dilation_rate ** i)
+            conv = w.conv(f"{wn}.in_layers.{i}", 2 * h, h, k, dilation=c.wavenet_dilation_rate**i)
             assert conv.bias is not None
             conv.weight[:, :h] *= 2
             conv.bias[:h] *= 2
@@ -272,7 +302,7 @@ class _Coupling:
             self.layers = [(conv, res.to(dtype), bias.to(dtype)) for conv, res, bias in self.layers]
 
     def reverse(self, x: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None) -> torch.Tensor:
-        first, second = x[:, :self.half], x[:, self.half:]
+        first, second = x[:, : self.half], x[:, self.half :]
         out_mask, mask = mask, mask.to(self.dtype)
         h = torch.addmm(self.pre[1], first.to(self.dtype), self.pre[0]) * mask
         hid = self.hidden
@@ -284,7 +314,7 @@ class _Coupling:
         for i, (conv, res_weight, res_bias) in enumerate(self.layers):
             a = conv(h)
             if conditions is not None:
-                a += conditions[:, 2 * hid * i:2 * hid * (i + 1)]
+                a += conditions[:, 2 * hid * i : 2 * hid * (i + 1)]
             gates = torch.sigmoid(a)
             acts = (gates[:, :hid] - 0.5).mul_(gates[:, hid:])  # tanh(x) * sigmoid(y) / 2, see __init__
             r = torch.addmm(res_bias, acts, res_weight)

@@ -25,8 +25,10 @@ class _Weights:
         t = self.tensors
         if name in t:
             value = t.pop(name)
-        elif name.endswith(".weight") and (stem := name[: -len(".weight")]) and (
-            f"{stem}.weight_v" in t or f"{stem}.parametrizations.weight.original1" in t
+        elif (
+            name.endswith(".weight")
+            and (stem := name[: -len(".weight")])
+            and (f"{stem}.weight_v" in t or f"{stem}.parametrizations.weight.original1" in t)
         ):
             g = t.pop(f"{stem}.weight_g", None)
             v = t.pop(f"{stem}.weight_v", None)
@@ -60,11 +62,23 @@ class _Weights:
         weight = self.take(f"{prefix}.weight", (out, inp, 1))[:, :, 0].t().contiguous()
         return weight, self.take(f"{prefix}.bias", (out,))
 
-    def conv(self, prefix: str, out: int, inp: int, kernel: int, dilation: int = 1, padding: int | None = None,
-             bias: bool = True) -> _TimeConv:
+    def conv(
+        self,
+        prefix: str,
+        out: int,
+        inp: int,
+        kernel: int,
+        dilation: int = 1,
+        padding: int | None = None,
+        bias: bool = True,
+    ) -> _TimeConv:
         weight = self.take(f"{prefix}.weight", (out, inp, kernel))
-        return _TimeConv(weight, self.take(f"{prefix}.bias", (out,)) if bias else None, dilation,
-                         (kernel - 1) * dilation // 2 if padding is None else padding)
+        return _TimeConv(
+            weight,
+            self.take(f"{prefix}.bias", (out,)) if bias else None,
+            dilation,
+            (kernel - 1) * dilation // 2 if padding is None else padding,
+        )
 
 
 class _TimeConv:
@@ -73,8 +87,9 @@ class _TimeConv:
 
     shifted = True  # False: always the one GEMM (bench/rtf.py counts FLOPs so: its counter skips addmm_)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, padding: int,
-                 right: int | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, padding: int, right: int | None = None
+    ) -> None:
         out, inp, kernel = weight.shape
         self.kernel, self.inp, self.dilation = kernel, inp, dilation
         self.left, self.right = padding, padding if right is None else right
@@ -117,10 +132,10 @@ class _TimeConv:
             out = torch.zeros(length, taps.shape[2]) if self.bias is None else self.bias.expand(length, -1).clone()
         else:
             j, _, _, shift = full
-            part = x[shift:shift + length]
+            part = x[shift : shift + length]
             out = part @ taps[j] if self.bias is None else torch.addmm(self.bias, part, taps[j])
         for span in spans:
             if span is not full:
                 j, first, end, shift = span
-                out[first:end].addmm_(x[first + shift:end + shift], taps[j])
+                out[first:end].addmm_(x[first + shift : end + shift], taps[j])
         return out

@@ -1,0 +1,78 @@
+"""The daemon's own aiohttp sites (``ttsd.front.listeners``): a connection cap on the Unix socket
+and on TCP, and a clean stop through ``runner.cleanup()``. The stop is the one place they rely on
+aiohttp's internals (``BaseSite.stop`` closes ``_server``), so a new aiohttp that changes it fails
+here, not on a box that can no longer shut down."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from ttsd.front.listeners import TCPListener, UnixListener
+
+
+async def _ping(_request: web.Request) -> web.Response:
+    return web.Response(text="pong")
+
+
+async def _runner() -> web.AppRunner:
+    app = web.Application()
+    app.router.add_get("/ping", _ping)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    return runner
+
+
+async def _ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    return await asyncio.wait_for(reader.readuntil(b"pong"), 5)
+
+
+async def _closed_at_once(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), 2) == b""
+    except ConnectionError:
+        return True
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_a_listener_caps_connections_and_stops_with_its_runner(kind: str, tmp_path: Path) -> None:
+    """1. One connection (the cap) is served. 2. A second one is closed at once. 3. Once the first
+    ends, a new one is served. 4. After ``runner.cleanup()`` nothing accepts connections."""
+
+    async def scenario() -> None:
+        runner = await _runner()
+        listener: UnixListener | TCPListener
+        if kind == "unix":
+            path = str(tmp_path / "t.sock")
+            listener = UnixListener(runner, path, max_connections=1)
+
+            async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                return await asyncio.open_unix_connection(path)
+        else:
+            listener = TCPListener(runner, "127.0.0.1", 0, max_connections=1)
+
+            async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                return await asyncio.open_connection("127.0.0.1", listener.port)  # type: ignore[union-attr]
+
+        await listener.start()
+        assert kind == "unix" or listener.port != 0  # type: ignore[union-attr]
+        first = await connect()
+        assert (await _ask(*first)).endswith(b"pong")
+        second = await connect()
+        assert await _closed_at_once(second[0]), "a connection over the cap is closed"
+        first[1].close()
+        await first[1].wait_closed()
+        await asyncio.sleep(0.05)  # the server sees the close
+        third = await connect()
+        assert (await _ask(*third)).endswith(b"pong")
+        third[1].close()
+        await runner.cleanup()
+        with pytest.raises(OSError):  # refused (or, for a Unix socket, the file is gone)
+            await connect()
+
+    asyncio.run(scenario())
