@@ -227,7 +227,7 @@ def model_arithmetic(cache: Path) -> dict[str, Any]:
 
     weights._TimeConv.shifted = False  # one addmm per convolution: the counter does not see addmm_
     decoder.WIDTHS = (1,)  # no window fits the receptive field: decode whole
-    decoder._fused_ops_work = lambda dtype=None: False  # any precision: plain convolutions
+    decoder.fused_ops_work = lambda dtype=None: False  # any precision: plain convolutions
     model.BUCKET = 1
     engine = open_engine(builtin_model(cache), precision="fp32")  # the network's work, in any precision
     options = SynthesisOptions(noise_scale=NOISE_SCALE, noise_scale_duration=NOISE_W,

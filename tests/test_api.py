@@ -191,23 +191,26 @@ def test_openai_route_maps_voices(api: FrontEnds, body: dict[str, Any], voice: s
     assert soundfile.info(io.BytesIO(reply.body)).samplerate == int(reply.headers["X-Ttsd-Sample-Rate"])
 
 
-def test_openai_route_formats_speed_and_errors(api: FrontEnds, voices: FakeVoices) -> None:
+def test_openai_route_formats_and_speed(api: FrontEnds, voices: FakeVoices) -> None:
     reply = api.post("/v1/audio/speech", {"model": "tts-1", "input": "Wave please.", "voice": "joe",
                                           "response_format": "wav", "speed": 1.5})
     assert reply.status == 200 and reply.body[:4] == b"RIFF"
     assert voices.engine("joe", "2").asked[-1].speed == 1.5
     metrics = api.get("/metrics").body.decode()
     assert 'ttsd_requests_total{outcome="ok",route="openai",version="2",voice="joe"} 1.0' in metrics
-    for body, fragment in [
-        ({"model": "tts-1", "input": "x", "voice": "alloy", "response_format": "m4a"}, "m4a"),
-        ({"model": "tts-1", "input": "x", "voice": "nobody"}, "unknown voice 'nobody'"),
-        ({"model": "tts-1", "voice": "alloy"}, "'input' is required"),
-        ({"model": "tts-1", "input": "x", "speed": 9}, "speed"),
-        (["input"], "JSON object"),
-    ]:
-        reply = api.post("/v1/audio/speech", body)
-        assert (reply.status, reply.error["code"]) == (400, "bad_request"), body
-        assert fragment in reply.error["message"], reply.error
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"model": "tts-1", "input": "x", "voice": "alloy", "response_format": "m4a"}, "m4a"),
+    ({"model": "tts-1", "input": "x", "voice": "nobody"}, "unknown voice 'nobody'"),
+    ({"model": "tts-1", "voice": "alloy"}, "'input' is required"),
+    ({"model": "tts-1", "input": "x", "speed": 9}, "speed"),
+    (["input"], "JSON object"),
+])
+def test_openai_route_refuses_bad_requests(api: FrontEnds, body: Any, fragment: str) -> None:
+    reply = api.post("/v1/audio/speech", body)
+    assert (reply.status, reply.error["code"]) == (400, "bad_request"), body
+    assert fragment in reply.error["message"], reply.error
 
 
 # -- bad requests --------------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ from conftest import plausible, save_tiny_vits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from inproc import FrontEnds
+from test_spool import Clock, clock  # noqa: F401 - clock is a fixture
 
 from ttsd.config import ServeConfig
 from ttsd.daemon import Daemon
+from ttsd.front.spool import SETTLE_SECONDS
 
 FIELDS = ["text", "voice", "version", "format", "stream", "speed", "speaker", "noise_scale", "noise_w", "seed",
           "sentence_pause", "user"]
@@ -169,19 +171,26 @@ def test_any_spool_file_ends_done_or_failed_with_a_request_reason(harness: Harne
     assert harness.version_2()["model_failures"] == 0
 
 
-def scan_and_serve(harness: Harness) -> None:
+def scan_and_serve(harness: Harness, clock: Clock | None = None) -> None:
+    """Scan and serve until incoming/ is empty. A regular file must keep its size for
+    SETTLE_SECONDS before it is claimed: with ``clock`` (the spool's, see test_spool.py) the test
+    moves time on, otherwise it waits."""
+
     async def go() -> None:
-        for _ in range(40):  # a regular file must keep its size for SETTLE_SECONDS before it is claimed
+        for _ in range(40):
             harness.spool._scan(harness.spool._list_incoming())
             await harness.spool.drain()
             if not any(harness.spool.dirs["incoming"].iterdir()):
                 return
-            await asyncio.sleep(0.1)
+            if clock is not None:
+                clock.now += SETTLE_SECONDS
+            else:
+                await asyncio.sleep(0.1)
     harness.run(go())
 
 
 def error_of(harness: Harness, name: str) -> dict[str, str]:
-    from ttsd.front.spool import _error_name
+    from ttsd.front.spool_files import error_name as _error_name
 
     return json.loads((harness.spool.dirs["failed"] / _error_name(name)).read_text())["error"]
 
@@ -239,7 +248,7 @@ def test_spool_outputs_follow_the_umask(harness: Harness) -> None:
         assert (harness.spool.dirs["out"] / name).stat().st_mode & 0o777 == 0o640, name
 
 
-def test_a_second_request_with_an_id_in_service_waits_and_never_overwrites_it(harness: Harness) -> None:
+def test_a_second_request_with_an_id_in_service_waits_and_never_overwrites_it(harness: Harness, clock: Clock) -> None:
     """With --workers 2 a second race.txt, dropped while the first was being served, was moved
     over it in work/: the first request file was lost and the outputs mixed. Now it waits in
     incoming/ while the ID is in service, then meets the first one's outputs and is refused."""
@@ -250,20 +259,19 @@ def test_a_second_request_with_an_id_in_service_waits_and_never_overwrites_it(ha
         (spool.dirs["incoming"] / "race.txt").write_text(first)
 
         async def go() -> None:
-            for _ in range(40):
-                spool._scan(spool._list_incoming())
-                if spool._serving:
-                    break
-                await asyncio.sleep(0.1)
+            spool._scan(spool._list_incoming())  # seen
+            clock.now += SETTLE_SECONDS
+            spool._scan(spool._list_incoming())  # settled: claimed, and served until the next await
             assert "race" in spool._serving
             (spool.dirs["incoming"] / "race.txt").write_text(second)
-            await asyncio.sleep(0.4)  # settled
             spool._scan(spool._list_incoming())
+            clock.now += SETTLE_SECONDS
+            spool._scan(spool._list_incoming())  # settled too, but its ID is in service
             assert (spool.dirs["incoming"] / "race.txt").read_text() == second  # not claimed meanwhile
             await spool.drain()
 
         harness.run(go())
-        scan_and_serve(harness)
+        scan_and_serve(harness, clock)
         assert (spool.dirs["done"] / "race.txt").read_text() == first
         assert error_of(harness, "race.txt")["code"] == "duplicate"
         assert (spool.dirs["failed"] / "race.txt").read_text() == second

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,8 +121,7 @@ def test_ctrl_c_during_the_conversion_leaves_nothing_in_the_models_dir(
     try:
         wait_for(lambda: models.is_dir() and any(p.name.endswith(".partial") for p in models.iterdir()),
                  timeout=120, interval=0.02, what="the dot-folder")
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # the conversion has begun: from here on, nothing may stay
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

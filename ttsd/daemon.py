@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -24,14 +23,15 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from . import __version__
-from .config import ServeConfig, is_loopback
+from .config import ServeConfig
 from .errors import ConfigError
+from .fresh_thread import in_fresh_thread
 from .front.backend import Backend
-from .front.http_api import build_app
-from .front.listeners import TCPListener, UnixListener, check_socket
+from .front.endpoints import open_http, open_wyoming
+from .front.listeners import check_socket
 from .front.spool import Spool
 from .front.synth import SynthesisPool
-from .front.wyoming import Advertisement, WyomingServer
+from .front.wyoming import WyomingServer
 from .malloc import describe, resident_bytes, tune
 from .metrics import Metrics
 from .reloader import ModelWatcher
@@ -48,39 +48,6 @@ log = logging.getLogger("ttsd.daemon")
 
 EXIT_FORCED = 130
 T = TypeVar("T")
-
-
-async def in_fresh_thread(fn: Callable[[], T], name: str) -> T:
-    """Run ``fn`` on a new thread that exits afterwards.
-
-    Loading runs torch on the calling thread, and torch's OpenMP runtime keeps a thread team per
-    thread that ran it. A long-lived loader thread would keep its team alive beside the synthesis
-    workers' teams: more spinning OpenMP threads than cores, and measured synthesis 20-35 ms slower
-    per short request on 2 cores. A thread that exits frees its team.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def target() -> None:
-        try:
-            result = fn()
-        except BaseException as exc:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(_set_exception, future, exc)
-        else:
-            loop.call_soon_threadsafe(_set_result, future, result)
-
-    threading.Thread(target=target, name=name, daemon=True).start()
-    return await future
-
-
-def _set_result(future: asyncio.Future[T], result: T) -> None:
-    if not future.done():
-        future.set_result(result)
-
-
-def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
 
 
 def _exit_now(code: int) -> None:
@@ -268,31 +235,8 @@ class Daemon:
             else:
                 log.error("no voice could be loaded from %s; serving /healthz and waiting (SIGHUP rescans)", cfg.models)
 
-        runner = web.AppRunner(
-            build_app(self.backend()),
-            handler_cancellation=True,
-            shutdown_timeout=cfg.grace,
-            access_log=None,
-            keepalive_timeout=cfg.idle_timeout,
-        )
-        await runner.setup()
-        old_umask = os.umask(0o177 if cfg.socket_group is None else 0o117)
-        try:
-            await UnixListener(runner, str(cfg.socket), max_connections=cfg.max_connections).start()
-        finally:
-            os.umask(old_umask)
-        if cfg.socket_group is not None:
-            shutil.chown(cfg.socket, group=cfg.socket_group)
-            os.chmod(cfg.socket, 0o660)
-        if cfg.listen is not None:
-            host, port = cfg.listen
-            try:
-                await TCPListener(runner, host, port, max_connections=cfg.max_connections).start()
-            except OSError as exc:
-                await runner.cleanup()
-                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-
-        wyoming = await self._start_wyoming() if cfg.wyoming else None
+        runner = await open_http(cfg, self.backend())
+        wyoming = await open_wyoming(cfg, self.backend()) if cfg.wyoming else None
         spool: Spool | None = None
         spool_task: asyncio.Task[None] | None = None
         if cfg.spool is not None:
@@ -352,34 +296,6 @@ class Daemon:
             f"--memory-budget {budget / 2**20:.0f} MB is less than the {rss / 2**20:.0f} MB this "
             f"process uses {uses}: no other voice could load; give a larger budget or none"
         )
-
-    async def _start_wyoming(self) -> WyomingServer:
-        from urllib.parse import urlparse
-
-        cfg = self.config
-        assert cfg.wyoming is not None
-        uri = urlparse(cfg.wyoming)
-        if uri.scheme == "tcp" and not is_loopback(uri.hostname or ""):
-            log.warning(
-                "Wyoming on %s is reachable from other machines and has no authentication; anyone who "
-                "reaches it can make this box speak (bind to 127.0.0.1 unless the network is trusted)",
-                cfg.wyoming,
-            )
-        if uri.scheme == "unix":
-            path = Path(uri.path)
-            if path.resolve() == cfg.socket.resolve():
-                raise ConfigError(f"--wyoming {cfg.wyoming}: that is the HTTP socket; choose another path")
-        server = WyomingServer(cfg.wyoming, self.backend(), max_connections=cfg.max_connections)
-        if cfg.wyoming_zeroconf and uri.hostname and uri.port:
-            server.advertisement = Advertisement(cfg.wyoming_zeroconf, uri.hostname, uri.port)
-        old_umask = os.umask(0o177 if cfg.socket_group is None else 0o117)
-        try:
-            await server.start()
-        except OSError as exc:
-            raise ConfigError(f"cannot serve Wyoming on {cfg.wyoming}: {exc.strerror or exc}") from exc
-        finally:
-            os.umask(old_umask)
-        return server
 
     async def _watchdog(self) -> None:
         assert self.notifier.watchdog_seconds

@@ -23,13 +23,21 @@ log = logging.getLogger("ttsd.reloader")
 
 class ModelWatcher:
     def __init__(
-        self, models_dir: Path, on_change: Callable[[], None], *, debounce: float = 0.5, interval: float = 5.0
+        self,
+        models_dir: Path,
+        on_change: Callable[[], None],
+        *,
+        debounce: float = 0.5,
+        interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.models_dir = models_dir
         self.on_change = on_change
         self.debounce = debounce
         self.interval = interval
+        self._clock = clock
         self._cond = threading.Condition()
+        self._tick = clock() + interval  # the periodic look
         self._event_due: float | None = None  # events, debounced: each pushes this back
         self._soon_due: float | None = None  # asked for by the daemon: never pushed back by events
         self._stopped = False
@@ -42,36 +50,45 @@ class ModelWatcher:
                 self.poke(self.debounce)
 
         self._observer = observe(self.models_dir, changed, recursive=True)
+        with self._cond:
+            self._tick = self._clock() + self.interval
         self._thread.start()
 
     def poke(self, delay: float = 0.0) -> None:
         """Look in ``delay`` seconds; a later poke before then pushes the look back (debounce)."""
         with self._cond:
-            self._event_due = time.monotonic() + delay
+            self._event_due = self._clock() + delay
             self._cond.notify()
 
     def soon(self, delay: float) -> None:
         """Look within ``delay`` seconds, whatever events come meanwhile."""
         with self._cond:
-            due = time.monotonic() + delay
+            due = self._clock() + delay
             if self._soon_due is None or due < self._soon_due:
                 self._soon_due = due
                 self._cond.notify()
 
+    def due(self, now: float) -> bool:
+        """Whether a look is due at ``now``; if so it is taken: one look covers every reason
+        (events, ``soon``, the tick), and the next tick is ``interval`` from now. The thread asks
+        this each time it wakes; tests ask it with a clock of their own."""
+        with self._cond:
+            if now < self._wake():
+                return False
+            self._event_due = self._soon_due = None
+            self._tick = now + self.interval
+            return True
+
+    def _wake(self) -> float:
+        return min(d for d in (self._tick, self._event_due, self._soon_due) if d is not None)
+
     def _run(self) -> None:
-        tick = time.monotonic() + self.interval
         while True:
             with self._cond:
-                while not self._stopped:
-                    now = time.monotonic()
-                    wake = min(d for d in (tick, self._event_due, self._soon_due) if d is not None)
-                    if now >= wake:
-                        break
-                    self._cond.wait(wake - now)
+                while not self._stopped and not self.due(self._clock()):
+                    self._cond.wait(max(0.0, self._wake() - self._clock()))
                 if self._stopped:
                     return
-                self._event_due = self._soon_due = None  # this look covers them all
-            tick = time.monotonic() + self.interval
             try:
                 self.on_change()
             except Exception:  # the callback only starts work; never let the timer die

@@ -19,7 +19,7 @@ import click
 
 from .. import __version__
 from ..errors import TtsdError
-from . import control, models, say, serve
+from . import control, fetching, models, say, serve
 from .common import console
 
 EXIT_INTERNAL = 1
@@ -70,6 +70,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 # the modules keep their names in this package (``ttsd.cli.say`` is the module, its command is
 # ``ttsd.cli.say.say``), so patching or reading a module's helpers reaches the module
+assert fetching  # imported for its commands, which join models.models
 for command in (say.say, serve.serve, control.status, control.rollback, control.activate, models.models):
     main.add_command(command)
 

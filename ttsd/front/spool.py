@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import stat
 import time
 from concurrent.futures import Future
@@ -57,14 +56,13 @@ from ..errors import (
 from ..fsutil import SHARED, atomic_write_bytes, atomic_write_text, fsync_dir
 from ..text import check_text
 from .backend import Backend
-from .speech_request import SynthRequest, parse_json, parse_request
+from .speech_request import SynthRequest
+from .spool_files import ID, error_name, parse_file, read_bounded, shown
 from .synth import Job, Result
 
 log = logging.getLogger("ttsd.spool")
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 SUFFIXES = (".txt", ".json")
-MAX_REQUEST_BYTES = 1 << 20  # as for an HTTP body: far more than any allowed text
 SETTLE_SECONDS = 0.25  # a file must keep its size and mtime this long before it is claimed
 RESCAN_SECONDS = 2.0  # events can be lost (or never sent, on network filesystems)
 BACKOFF_FIRST, BACKOFF_MAX = 2.0, 60.0  # pause after a system failure, doubling
@@ -99,20 +97,20 @@ class Spool:
                 continue
             if self._already_published(claimed):
                 os.replace(claimed, self.dirs["done"] / claimed.name)
-                log.info("%s was served before a restart; moved to done/", _shown(claimed.name))
+                log.info("%s was served before a restart; moved to done/", shown(claimed.name))
             else:
                 os.replace(claimed, self.dirs["incoming"] / claimed.name)
-                log.info("requeued %s (claimed before a restart)", _shown(claimed.name))
+                log.info("requeued %s (claimed before a restart)", shown(claimed.name))
         fsync_dir(self.dirs["incoming"])
         fsync_dir(self.dirs["work"])
 
     def _already_published(self, claimed: Path) -> bool:
         meta = self.dirs["out"] / f"{claimed.stem}.json"
-        if claimed.suffix not in SUFFIXES or not _ID.fullmatch(claimed.stem) or not meta.is_file():
+        if claimed.suffix not in SUFFIXES or not ID.fullmatch(claimed.stem) or not meta.is_file():
             return False
         try:
             served = json.loads(meta.read_text(encoding="utf-8")).get("request_sha256")
-            return served is not None and served == hashlib.sha256(_read_bounded(claimed)).hexdigest()
+            return served is not None and served == hashlib.sha256(read_bounded(claimed)).hexdigest()
         except (OSError, ValueError, AttributeError, SpoolFileError):
             return False
 
@@ -206,7 +204,7 @@ class Spool:
         except FileNotFoundError:
             return
         except OSError as exc:
-            log.error("spool: cannot claim %s (%s)", _shown(path.name), exc)
+            log.error("spool: cannot claim %s (%s)", shown(path.name), exc)
             return
         self._serving.add(target.stem)  # until _serve ends: another file with this ID waits
         task = asyncio.get_running_loop().create_task(self._serve(target))
@@ -224,20 +222,20 @@ class Spool:
         request_id = claimed.stem
         started = time.time()
         try:
-            if claimed.suffix not in SUFFIXES or not _ID.fullmatch(request_id):
+            if claimed.suffix not in SUFFIXES or not ID.fullmatch(request_id):
                 raise SpoolFileError(
                     "bad_name",
-                    f"{_shown(claimed.name)}: name must be ID.txt or ID.json with ID of "
+                    f"{shown(claimed.name)}: name must be ID.txt or ID.json with ID of "
                     "1 to 200 letters, digits, '.', '_' or '-' (not leading)",
                 )
-            raw = await loop.run_in_executor(None, _read_bounded, claimed)
+            raw = await loop.run_in_executor(None, read_bounded, claimed)
             if (self.dirs["out"] / f"{request_id}.json").exists():
                 raise SpoolFileError(
                     "duplicate",
                     f"out/{request_id}.json already exists: a request with this ID was "
                     "served; remove its outputs or use a new ID",
                 )
-            req = _parse(claimed, raw)
+            req = parse_file(claimed, raw)
             check_available(req.format)  # before synthesis: audio that cannot be written is wasted
             req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
             lease = await self.backend.lease(req.voice, req.version, user=req.user)
@@ -274,12 +272,12 @@ class Spool:
                 await loop.run_in_executor(None, self._requeue, claimed, exc)
             else:  # a request file that vanished or cannot be read: that request's problem
                 await loop.run_in_executor(
-                    None, self._fail, claimed, "bad_file", f"{_shown(claimed.name)}: {exc.strerror or exc}"
+                    None, self._fail, claimed, "bad_file", f"{shown(claimed.name)}: {exc.strerror or exc}"
                 )
         except TtsdError as exc:
             await loop.run_in_executor(None, self._fail, claimed, exc.code, str(exc))
         except Exception as exc:  # a bug; the request must still not vanish
-            log.exception("spool request %s failed", _shown(claimed.name))
+            log.exception("spool request %s failed", shown(claimed.name))
             await loop.run_in_executor(None, self._fail, claimed, "internal", f"{type(exc).__name__}: {exc}")
         finally:
             self._serving.discard(request_id)
@@ -301,7 +299,7 @@ class Spool:
         failed = self.dirs["failed"]
         try:
             atomic_write_text(
-                failed / _error_name(claimed.name),
+                failed / error_name(claimed.name),
                 json.dumps({"error": {"code": code, "message": message}}, indent=1) + "\n",
                 SHARED,
             )
@@ -311,10 +309,10 @@ class Spool:
             if is_system_oserror(exc):
                 self._requeue(claimed, exc)
                 return
-            log.error("spool %s: cannot move it to failed/ (%s); it stays in work/", _shown(claimed.name), exc)
+            log.error("spool %s: cannot move it to failed/ (%s); it stays in work/", shown(claimed.name), exc)
             return
         self.backend.metrics.spool.labels("failed").inc()
-        log.warning("spool %s failed: %s", _shown(claimed.name), message)
+        log.warning("spool %s failed: %s", shown(claimed.name), message)
 
     def _requeue(self, claimed: Path, cause: BaseException | None) -> None:
         """Put a claimed request back into ``incoming/``. With a system ``cause`` (disk full, out
@@ -322,81 +320,11 @@ class Spool:
         try:
             os.replace(claimed, self.dirs["incoming"] / claimed.name)
         except OSError as exc:  # it stays in work/: requeued at the next start
-            log.error("spool %s: cannot put it back into incoming/ (%s)", _shown(claimed.name), exc)
+            log.error("spool %s: cannot put it back into incoming/ (%s)", shown(claimed.name), exc)
         if cause is None:
             return
         error = cause if isinstance(cause, ResourceError) else resource_error(cause, "serving a spool request")
         self._backoff = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_FIRST)
         self._paused_until = time.monotonic() + self._backoff
         self.backend.metrics.spool.labels("retry").inc()
-        log.error("spool %s: %s; requeued, the spool pauses %.0f s", _shown(claimed.name), error, self._backoff)
-
-
-def _shown(name: str) -> str:
-    """A file name as it may appear in a log line or an error message: control characters
-    escaped, cut to a readable length."""
-    shown = name.encode("unicode_escape", "backslashreplace").decode("ascii")
-    return shown if len(shown) <= 120 else shown[:100] + "…" + shown[-16:]
-
-
-def _error_name(name: str) -> str:
-    """``ID.error.json`` for a request file name, within the filesystem's 255 bytes even when the
-    name itself is invalid or long (then: a cleaned prefix plus a hash of the name)."""
-    stem = Path(name).stem
-    if _ID.fullmatch(stem):
-        return f"{stem}.error.json"
-    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
-    clean = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:100].lstrip(".") or "request"
-    return f"{clean}-{digest}.error.json"
-
-
-def _read_bounded(path: Path) -> bytes:
-    """The request's bytes: opened without following a link, a regular file, at most
-    ``MAX_REQUEST_BYTES`` (checked before reading)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SpoolFileError(
-                "bad_file", f"{_shown(path.name)} is a symbolic link; spool requests must be regular files"
-            ) from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SpoolFileError("bad_file", f"{_shown(path.name)} is not a regular file")
-        if st.st_nlink != 1:  # a hard link to a file elsewhere: whatever it is, it is not this writer's
-            raise SpoolFileError(
-                "bad_file",
-                f"{_shown(path.name)} has other hard links; publish requests by writing a new file and renaming it",
-            )
-        if st.st_size > MAX_REQUEST_BYTES:
-            raise SpoolFileError(
-                "too_large", f"{_shown(path.name)} is {st.st_size} bytes; the limit is {MAX_REQUEST_BYTES}"
-            )
-        chunks, left = [], MAX_REQUEST_BYTES + 1
-        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
-            chunks.append(chunk)
-            left -= len(chunk)
-        if left <= 0:  # it grew after fstat
-            raise SpoolFileError("too_large", f"{_shown(path.name)} is over {MAX_REQUEST_BYTES} bytes")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _parse(path: Path, raw: bytes) -> SynthRequest:
-    """A request file's bytes -> ``SynthRequest``: ``ID.txt`` is UTF-8 text, ``ID.json`` the fields
-    of ``POST /v1/synthesize``, checked as that route checks them (so ``stream`` needs a format that streams);
-    a valid ``stream`` is then ignored: the spool writes whole files."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SpoolFileError(
-            "bad_request", f"{_shown(path.name)} is not UTF-8 ({exc.reason} at byte {exc.start})"
-        ) from None
-    if path.suffix == ".txt":
-        return SynthRequest(text=text)
-    req = parse_request(parse_json(raw))
-    return replace(req, stream=False) if req.stream else req
+        log.error("spool %s: %s; requeued, the spool pauses %.0f s", shown(claimed.name), error, self._backoff)

@@ -36,103 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import CL, Conv, fused_ops_work
+
 # Window widths in latent frames. Each width keeps its own kernels and, while it runs, a working
 # set that grows with it (~100 MB at 384 frames for a Piper medium voice), so there are few and
 # none wide; 48 is the first-piece window of a streamed sentence for radius-14 voices.
 WIDTHS = (32, 48, 64, 128, 192, 256)
-CL = torch.channels_last
-
-
-def _fused_ops_work(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether torch has oneDNN's fused convolution ops and they run here in ``dtype``."""
-    ops = getattr(torch.ops, "mkldnn", None)
-    if ops is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        x = torch.ones(1, 2, 1, 4, dtype=dtype).contiguous(memory_format=CL)
-        w = torch.ones(2, 2, 1, 3, dtype=dtype).contiguous(memory_format=CL)
-        y = ops._convolution_pointwise(x, w, None, [0, 1], [1, 1], [1, 1], 1, "leaky_relu", [0.1], "")
-        ops._convolution_pointwise_.binary(y, x, w, None, [0, 1], [1, 1], [1, 1], 1, "add", None, None, [], None)
-        t = ops._convolution_transpose_pointwise(x, w, None, [0, 0], [0, 0], [1, 1], [1, 1], 1, "none", [], "")
-        return bool(torch.isfinite(y).all()) and t.shape[-1] == 6
-    except Exception:  # any failure means: use the plain path
-        return False
-
-
-class _Conv:
-    """One convolution's weights in channels-last 2-D form, with fused and plain entry points.
-    ``weight`` is in torch's layout: (out, in, k), or (in, out, k) when ``transposed``. Weights and
-    bias are kept in ``dtype``, the dtype of the activations they are applied to."""
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        *,
-        padding: int,
-        dilation: int = 1,
-        stride: int = 1,
-        transposed: bool = False,
-        scale: float = 1.0,
-        fused: bool = True,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self.transposed = transposed
-        self.weight = (weight.detach().float() * scale).to(dtype).unsqueeze(2).contiguous(memory_format=CL)
-        self.bias = None if bias is None else bias.detach().to(dtype, copy=True)
-        self.kernel = int(weight.shape[-1])
-        self.padding = [0, int(padding)]
-        self.dilation = [1, int(dilation)]
-        self.stride = [1, int(stride)]
-        self.fused = fused
-
-    def __call__(
-        self, x: torch.Tensor, bias: torch.Tensor | None = None, post: str = "none", slope: float = 0.0
-    ) -> torch.Tensor:
-        bias = self.bias if bias is None else bias
-        if self.transposed:
-            if self.fused:
-                return torch.ops.mkldnn._convolution_transpose_pointwise(
-                    x, self.weight, bias, self.padding, [0, 0], self.stride, self.dilation, 1, "none", [], ""
-                )
-            return F.conv_transpose2d(x, self.weight, bias, stride=self.stride, padding=self.padding)
-        if self.fused:
-            scalars = [slope] if post == "leaky_relu" else []
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, bias, self.padding, self.stride, self.dilation, 1, post, scalars, ""
-            )
-        y = F.conv2d(x, self.weight, bias, padding=self.padding, dilation=self.dilation)
-        if post == "leaky_relu":
-            return F.leaky_relu_(y, slope)
-        return y
-
-    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """``conv(x) + other`` as a new tensor."""
-        if self.fused:
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                x,
-                other,
-                self.weight,
-                self.bias,
-                self.padding,
-                self.stride,
-                self.dilation,
-                1,
-                "add",
-                None,
-                None,
-                [],
-                None,
-            )
-        return self(x).add_(other)
-
-    def add_into(self, acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``acc += conv(x)`` in place."""
-        if self.fused:
-            return torch.ops.mkldnn._convolution_pointwise_.binary(
-                acc, x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "add", None, None, [], None
-            )
-        return acc.add_(self(x))
 
 
 Take = Callable[[str, tuple[int, ...]], torch.Tensor]  # (state-dict name, expected shape) -> tensor
@@ -173,7 +82,7 @@ class FastHifiGan:
         the input and the last layer (``_last``) stay float32 either way."""
         take = _module_source(decoder) if isinstance(decoder, nn.Module) else decoder
         self.dtype = dtype
-        self.fused = _fused_ops_work(dtype) if fused is None else fused
+        self.fused = fused_ops_work(dtype) if fused is None else fused
         self.slope = float(config.leaky_relu_slope)
         self.kernels = len(config.resblock_kernel_sizes)
         self.hop = math.prod(int(r) for r in config.upsample_rates)  # samples per latent frame
@@ -189,8 +98,8 @@ class FastHifiGan:
             scale: float = 1.0,
             bias: bool = True,
             dtype: torch.dtype = dtype,
-        ) -> _Conv:
-            return _Conv(
+        ) -> Conv:
+            return Conv(
                 take(f"{name}.weight", (out, inp, kernel)),
                 take(f"{name}.bias", (out,)) if bias else None,
                 padding=(kernel - 1) * dilation // 2,
@@ -205,13 +114,13 @@ class FastHifiGan:
         if int(config.speaker_embedding_size):
             e = int(config.speaker_embedding_size)
             self.cond = (take("cond.weight", (channels, e, 1))[:, :, 0], take("cond.bias", (channels,)))
-        self.stages: list[tuple[_Conv, list[list[tuple[_Conv, ...]]]]] = []
+        self.stages: list[tuple[Conv, list[list[tuple[Conv, ...]]]]] = []
         kernel_sizes = [int(k) for k in config.resblock_kernel_sizes]
         dilations = [[int(d) for d in ds] for ds in config.resblock_dilation_sizes]
         for i, (rate, size) in enumerate(zip(config.upsample_rates, config.upsample_kernel_sizes, strict=True)):
             rate, size, out = int(rate), int(size), channels // 2
             # stage i > 0 gets the previous stage's residual-block sum: its 1/n is folded in here
-            upsample = _Conv(
+            upsample = Conv(
                 take(f"upsampler.{i}.weight", (channels, out, size)),
                 take(f"upsampler.{i}.bias", (out,)),
                 padding=(size - rate) // 2,
@@ -222,10 +131,10 @@ class FastHifiGan:
                 dtype=dtype,
             )
             channels = out
-            blocks: list[list[tuple[_Conv, ...]]] = []
+            blocks: list[list[tuple[Conv, ...]]] = []
             for j, (k, ds) in enumerate(zip(kernel_sizes, dilations, strict=True)):
                 name = f"resblocks.{i * self.kernels + j}"
-                steps: list[tuple[_Conv, ...]]
+                steps: list[tuple[Conv, ...]]
                 if resblock2:  # one dilated conv per step
                     steps = [(conv(f"{name}.convs.{m}", out, out, k, d),) for m, d in enumerate(ds)]
                 else:  # ResBlock1: dilated conv, leaky ReLU, plain conv
@@ -247,7 +156,7 @@ class FastHifiGan:
         """Latent frames on each side that can influence one output sample (an upper bound), and,
         per stage, the samples on each side of its output that the layers after it still need."""
 
-        def half(conv: _Conv) -> int:
+        def half(conv: Conv) -> int:
             return (conv.kernel - 1) * conv.dilation[1] // 2 + 1
 
         radius = half(self.post)

@@ -1,0 +1,205 @@
+"""``ttsd models search / get / publish``: voices from the Piper catalog or a fleet mirror, and
+publishing signed folders to a mirror. The commands join the ``models`` group of
+``ttsd.cli.models``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from .common import console
+from .models import models
+
+MIRROR_HELP = (
+    "HTTP(S) server with the layout of the Piper voices repository [env TTSD_MIRROR; default: "
+    "Hugging Face rhasspy/piper-voices]."
+)
+TIMEOUT_HELP = "Seconds to wait for the mirror to connect, and for each read."
+
+
+@models.command("search")
+@click.argument("text", nargs=-1)
+@click.option("--language", "-l", help="Language code (en_US, en-us) or family (en).")
+@click.option("--json", "as_json", is_flag=True, help="Print the matching catalog entries as JSON.")
+@click.option("--mirror", envvar="TTSD_MIRROR", help=MIRROR_HELP)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
+def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirror: str | None, timeout: float) -> None:
+    """Voices of the Piper catalog whose key, language or quality hold every word of TEXT."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..fetch.download import Mirror
+    from ..fetch.get import load_catalog
+
+    source = Mirror.parse(mirror, timeout)
+    out = console()
+    with out.status(f"reading the catalog at {source.base}…"):
+        catalog = load_catalog(source)
+    found = catalog.search(" ".join(text), language)
+    if catalog.invalid:
+        key, why = next(iter(catalog.invalid.items()))
+        out.print(f"warning: {len(catalog.invalid)} catalog entries refused, e.g. {key}: {why}", markup=False)
+    if as_json:
+        click.echo(json.dumps([voice.to_json() for voice in found], indent=2, ensure_ascii=False))
+        return
+    table = Table(
+        "voice",
+        "language",
+        "quality",
+        "speakers",
+        "size",
+        title=f"{len(found)} of {len(catalog.voices)} voices at {source.base}",
+    )
+    for voice in found:
+        lang = voice.language
+        table.add_row(
+            voice.key,
+            f"{lang.code} ({lang.name_english}, {lang.country_english})",
+            voice.quality,
+            str(voice.num_speakers),
+            f"{voice.size / 1e6:.1f} MB",
+        )
+    Console().print(table)
+    if not found:
+        out.print("no voice matches; 'ttsd models search' with no words lists them all", markup=False)
+
+
+class _RichReporter:
+    """``get``'s stages as lines and each download as a progress bar, on stderr."""
+
+    def __init__(self) -> None:
+        self.out = console()
+
+    def step(self, message: str) -> None:
+        self.out.print(f"{message}…", markup=False)
+
+    @contextmanager
+    def transfer(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self.out) as bar:
+            task = bar.add_task(name, total=total)
+            yield lambda done: bar.update(task, completed=done)
+
+
+@models.command("publish")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("mirror_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--trusted-keys",
+    "trusted_keys",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_TRUSTED_KEYS",
+    help="Refuse to publish a folder not signed by one of these keys.",
+)
+def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None) -> None:
+    """Put a model folder on a fleet mirror (MIRROR_DIR, served by any HTTP server) as its voice's
+    newest version, for boxes to take with 'ttsd models get VOICE --mirror URL'."""
+    from ..fetch.prebuilt import publish
+
+    trust = None
+    if trusted_keys is not None:
+        from ..signing import TrustedKeys
+
+        trust = TrustedKeys.load(trusted_keys)
+    mirror_dir.mkdir(parents=True, exist_ok=True)
+    entry = publish(folder, mirror_dir, trust)
+    console().print(
+        f"{mirror_dir}/{entry.path}: {entry.name} {entry.version}" + (", signed" if entry.signature else ", unsigned"),
+        markup=False,
+    )
+
+
+@models.command("get")
+@click.argument("voice")
+@click.option(
+    "--version",
+    "version",
+    help="PEP 440 version of the new folder [default: 1, or with --upgrade the next major version].",
+)
+@click.option(
+    "--upgrade",
+    is_flag=True,
+    help="Add a new version of a voice that is already in the models dir "
+    "(nothing is done if its newest version came from the same catalog files).",
+)
+@click.option("--mirror", envvar="TTSD_MIRROR", help=MIRROR_HELP)
+@click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_MODELS",
+    help="Models directory [env TTSD_MODELS].",
+)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_CACHE",
+    help="Partial downloads wait in CACHE/downloads [env TTSD_CACHE].",
+)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
+@click.option(
+    "--trusted-keys",
+    "trusted_keys",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_TRUSTED_KEYS",
+    help="A ready folder from a fleet mirror must be signed by one of these "
+    "public keys before it is published [env TTSD_TRUSTED_KEYS].",
+)
+def get_cmd(
+    voice: str,
+    version: str | None,
+    upgrade: bool,
+    mirror: str | None,
+    models_dir: Path | None,
+    cache: Path | None,
+    timeout: float,
+    trusted_keys: Path | None,
+) -> None:
+    """Download a voice of the Piper catalog, check it, convert it and publish it in the models dir.
+
+    An interrupted download goes on where it stopped when the command is run again. A running
+    daemon picks the new folder up like any folder dropped into the models dir."""
+    from ..config import Paths
+    from ..fetch.download import Mirror
+    from ..fetch.get import GetRequest, get_voice
+
+    paths = Paths.resolve(models=models_dir, cache=cache)
+    trust = None
+    if trusted_keys is not None:
+        from ..signing import TrustedKeys
+
+        trust = TrustedKeys.load(trusted_keys)
+    request = GetRequest(
+        voice=voice,
+        models=paths.models,
+        downloads=paths.cache / "downloads",
+        mirror=Mirror.parse(mirror, timeout),
+        version=version,
+        upgrade=upgrade,
+        trust=trust,
+    )
+    result = get_voice(request, _RichReporter())
+    m = result.manifest
+    if not result.fetched:
+        console().print(f"{result.folder}: {m.name} {m.version} is up to date with the catalog", markup=False)
+        return
+    console().print(f"{result.folder}: voice {m.name} {m.version}, licence: {m.license}", markup=False)

@@ -1,0 +1,102 @@
+"""One decoder convolution as the fast HiFi-GAN runs it (``decoder.py``): a 1-D convolution kept
+as a channels-last (out, in, 1, k) 2-D weight, with oneDNN's fused convolution + leaky ReLU /
+residual add where torch has them (``fused_ops_work``), the plain ops otherwise."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CL = torch.channels_last
+
+
+def fused_ops_work(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether torch has oneDNN's fused convolution ops and they run here in ``dtype``."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    if ops is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x = torch.ones(1, 2, 1, 4, dtype=dtype).contiguous(memory_format=CL)
+        w = torch.ones(2, 2, 1, 3, dtype=dtype).contiguous(memory_format=CL)
+        y = ops._convolution_pointwise(x, w, None, [0, 1], [1, 1], [1, 1], 1, "leaky_relu", [0.1], "")
+        ops._convolution_pointwise_.binary(y, x, w, None, [0, 1], [1, 1], [1, 1], 1, "add", None, None, [], None)
+        t = ops._convolution_transpose_pointwise(x, w, None, [0, 0], [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+        return bool(torch.isfinite(y).all()) and t.shape[-1] == 6
+    except Exception:  # any failure means: use the plain path
+        return False
+
+
+class Conv:
+    """One convolution's weights in channels-last 2-D form, with fused and plain entry points.
+    ``weight`` is in torch's layout: (out, in, k), or (in, out, k) when ``transposed``. Weights and
+    bias are kept in ``dtype``, the dtype of the activations they are applied to."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        padding: int,
+        dilation: int = 1,
+        stride: int = 1,
+        transposed: bool = False,
+        scale: float = 1.0,
+        fused: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.transposed = transposed
+        self.weight = (weight.detach().float() * scale).to(dtype).unsqueeze(2).contiguous(memory_format=CL)
+        self.bias = None if bias is None else bias.detach().to(dtype, copy=True)
+        self.kernel = int(weight.shape[-1])
+        self.padding = [0, int(padding)]
+        self.dilation = [1, int(dilation)]
+        self.stride = [1, int(stride)]
+        self.fused = fused
+
+    def __call__(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, post: str = "none", slope: float = 0.0
+    ) -> torch.Tensor:
+        bias = self.bias if bias is None else bias
+        if self.transposed:
+            if self.fused:
+                return torch.ops.mkldnn._convolution_transpose_pointwise(
+                    x, self.weight, bias, self.padding, [0, 0], self.stride, self.dilation, 1, "none", [], ""
+                )
+            return F.conv_transpose2d(x, self.weight, bias, stride=self.stride, padding=self.padding)
+        if self.fused:
+            scalars = [slope] if post == "leaky_relu" else []
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, bias, self.padding, self.stride, self.dilation, 1, post, scalars, ""
+            )
+        y = F.conv2d(x, self.weight, bias, padding=self.padding, dilation=self.dilation)
+        if post == "leaky_relu":
+            return F.leaky_relu_(y, slope)
+        return y
+
+    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``conv(x) + other`` as a new tensor."""
+        if self.fused:
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x,
+                other,
+                self.weight,
+                self.bias,
+                self.padding,
+                self.stride,
+                self.dilation,
+                1,
+                "add",
+                None,
+                None,
+                [],
+                None,
+            )
+        return self(x).add_(other)
+
+    def add_into(self, acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``acc += conv(x)`` in place."""
+        if self.fused:
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                acc, x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "add", None, None, [], None
+            )
+        return acc.add_(self(x))
