@@ -73,6 +73,7 @@ def fakes(root: Path, *names: str, **settings: Any) -> None:
         fake_model(root / "models", name, "1", **settings.get(name, {}))
 
 
+@pytest.mark.slow
 def test_three_tiny_voices_in_two_slots_the_least_recently_used_idle_one_goes(tmp_path: Path,
                                                                               rigs: list[Rig]) -> None:
     """1. Three tiny VITS voices, --max-loaded 2: at start-up each is verified and warmed, and only
@@ -107,6 +108,7 @@ def test_three_tiny_voices_in_two_slots_the_least_recently_used_idle_one_goes(tm
     assert rig.metric("process_resident_memory_bytes") > 0
 
 
+@pytest.mark.slow
 def test_lru_order_over_four_voices(tmp_path: Path, fake_engines: None, rigs: list[Rig]) -> None:
     """1. Four voices, three slots, a preloaded (the default). 2. b then c load; b is used again.
     3. d's load unloads c (least recently used), not b."""
@@ -120,6 +122,7 @@ def test_lru_order_over_four_voices(tmp_path: Path, fake_engines: None, rigs: li
     assert FakeEngine.live == 3
 
 
+@pytest.mark.slow
 def test_a_voice_with_a_request_in_flight_is_never_unloaded(tmp_path: Path, fake_engines: None,
                                                             rigs: list[Rig]) -> None:
     """1. --max-loaded 2: a (preloaded) and b loaded, a request holds b. 2. A request for c cannot
@@ -146,6 +149,7 @@ def test_a_voice_with_a_request_in_flight_is_never_unloaded(tmp_path: Path, fake
     assert rig.residency() == {"a": "loaded", "b": "unloaded", "c": "loaded"}
 
 
+@pytest.mark.slow
 def test_concurrent_requests_for_a_cold_voice_share_one_load(tmp_path: Path, fake_engines: None,
                                                              rigs: list[Rig]) -> None:
     """1. b loads slowly (0.5 s) and is cold. 2. Six requests for it at once: all 200. 3. b was
@@ -170,6 +174,7 @@ def test_concurrent_requests_for_a_cold_voice_share_one_load(tmp_path: Path, fak
     assert rig.metric("ttsd_voice_loads_total", voice="b") == 1
 
 
+@pytest.mark.slow
 def test_hot_upgrade_of_a_cold_voice_is_verified_warmed_then_unloaded(tmp_path: Path, fake_engines: None,
                                                                       rigs: list[Rig]) -> None:
     """1. b is cold. 2. b 2 is dropped in: it is loaded and warmed (a bad folder would be refused
@@ -197,6 +202,7 @@ def test_hot_upgrade_of_a_cold_voice_is_verified_warmed_then_unloaded(tmp_path: 
     assert reply.status == 200 and reply.headers["X-Ttsd-Version"] == "2"
 
 
+@pytest.mark.slow
 def test_rollback_targets_count_and_go_first(tmp_path: Path, fake_engines: None, rigs: list[Rig]) -> None:
     """1. --max-loaded 3, --keep 1: a 1 and b 1 loaded. 2. a 2 arrives: a 1 stays as a rollback
     target (3 loaded). 3. c's first request unloads a 1, the rollback target, though b was used
@@ -218,6 +224,7 @@ def test_rollback_targets_count_and_go_first(tmp_path: Path, fake_engines: None,
     assert FakeEngine.live <= 3
 
 
+@pytest.mark.slow
 def test_preload_keeps_a_voice_resident(tmp_path: Path, fake_engines: None, rigs: list[Rig]) -> None:
     """1. --max-loaded 2 --preload b: b is loaded from the start, a (the default voice) is not
     pinned. 2. a and c take turns in the other slot; b is never unloaded."""
@@ -232,6 +239,7 @@ def test_preload_keeps_a_voice_resident(tmp_path: Path, fake_engines: None, rigs
     assert rig.metric("ttsd_voice_evictions_total", voice="a") == 2
 
 
+@pytest.mark.slow
 def test_a_cold_voice_that_fails_to_load_is_the_models_fault(tmp_path: Path, fake_engines: None,
                                                              rigs: list[Rig], monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
@@ -255,6 +263,7 @@ def test_a_cold_voice_that_fails_to_load_is_the_models_fault(tmp_path: Path, fak
     assert rig.say("a").status == 200
 
 
+@pytest.mark.slow
 def test_a_restart_brings_cold_voices_back_unloaded(tmp_path: Path, fake_engines: None, rigs: list[Rig]) -> None:
     """1. b serves within a budget, then the daemon stops. 2. After a restart only the default
     voice is loaded; b is active but unloaded, and its first request loads it. 3. Without a budget
@@ -274,6 +283,7 @@ def test_a_restart_brings_cold_voices_back_unloaded(tmp_path: Path, fake_engines
     assert rig.residency() == {"a": "loaded", "b": "loaded"}
 
 
+@pytest.mark.slow
 def test_a_memory_budget_unloads_by_measured_rss(tmp_path: Path, fake_engines: None, rigs: list[Rig],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The RSS is what the budget is measured against, before and after each load: with a fake
@@ -336,6 +346,7 @@ def test_serve_flags_and_environment_make_the_budget(tmp_path: Path, monkeypatch
     assert (default.max_loaded, default.memory_budget, default.preload) == (None, None, ())
 
 
+@pytest.mark.slow
 def test_a_voice_that_cannot_fit_beside_the_preloaded_ones_is_told_so_at_once(tmp_path: Path, fake_engines: None,
                                                                               rigs: list[Rig]) -> None:
     """--max-loaded 1 with voice a preloaded: voice b can never load, and nothing is busy. Its

@@ -57,6 +57,7 @@ def onnx_path(voices: dict[str, Any], key: str = KEY) -> str:
 
 # -- the catalog, checked ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_an_entry_in_the_real_layout_is_read() -> None:
     with serve() as m:
         voices = catalog(m)
@@ -102,6 +103,7 @@ def test_keys_that_cannot_name_a_folder_are_refused(key: object) -> None:
         check_voice_key(key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spoil, fragment", [
     (lambda e: e.update(key="other"), "differs"),
     (lambda e: e["files"].clear(), "'files'"),
@@ -155,6 +157,7 @@ def the_file(mirror: Mirror, voices: dict[str, Any]) -> CatalogFile:
     return CatalogFile(path, info["size_bytes"], info["md5_digest"])
 
 
+@pytest.mark.slow
 def test_a_cut_connection_goes_on_where_it_stopped(mirror: Mirror, tmp_path: Path) -> None:
     """1. The mirror cuts the first two connections after 100,000 bytes each. 2. One download call
     connects three times, asking for bytes=100000- and bytes=200000-. 3. The file is whole, and no
@@ -169,6 +172,7 @@ def test_a_cut_connection_goes_on_where_it_stopped(mirror: Mirror, tmp_path: Pat
     assert [p.name for p in tmp_path.iterdir()] == ["v.onnx"]
 
 
+@pytest.mark.slow
 def test_a_download_cut_too_often_is_kept_for_the_next_run(mirror: Mirror, tmp_path: Path) -> None:
     """1. Every connection is cut after 50,000 bytes; after 2 connections the call gives up with a
     NetworkError that says how much is kept. 2. The next call goes on from byte 100,000."""
@@ -182,6 +186,7 @@ def test_a_download_cut_too_often_is_kept_for_the_next_run(mirror: Mirror, tmp_p
     assert (tmp_path / "v.onnx").read_bytes() == SMALL.onnx
 
 
+@pytest.mark.slow
 def test_partial_bytes_of_an_older_catalog_are_not_continued(mirror: Mirror, tmp_path: Path) -> None:
     file = the_file(mirror, catalog(mirror))
     (tmp_path / f".v.onnx.{'0' * 32}.part").write_bytes(b"old" * 1000)
@@ -190,6 +195,7 @@ def test_partial_bytes_of_an_older_catalog_are_not_continued(mirror: Mirror, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["v.onnx"]
 
 
+@pytest.mark.slow
 def test_wrong_md5_is_refused_and_thrown_away(mirror: Mirror, tmp_path: Path) -> None:
     file = the_file(mirror, catalog(mirror))
     mirror.files[file.path] = bytes(len(SMALL.onnx))  # same size, other bytes
@@ -198,6 +204,7 @@ def test_wrong_md5_is_refused_and_thrown_away(mirror: Mirror, tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("announced", [True, False])
 def test_a_file_larger_than_the_catalog_says_is_cut_off(mirror: Mirror, tmp_path: Path, announced: bool) -> None:
     """Announced (Content-Length): refused before a byte is read. Not announced: read up to one
@@ -213,6 +220,7 @@ def test_a_file_larger_than_the_catalog_says_is_cut_off(mirror: Mirror, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_file_smaller_than_the_catalog_says_is_refused(mirror: Mirror, tmp_path: Path) -> None:
     file = the_file(mirror, catalog(mirror))
     mirror.files[file.path] = SMALL.onnx[:1000]
@@ -220,6 +228,7 @@ def test_a_file_smaller_than_the_catalog_says_is_refused(mirror: Mirror, tmp_pat
         dl.download(fast(mirror), file, tmp_path / "v.onnx")
 
 
+@pytest.mark.slow
 def test_http_errors_say_whose_they_are(mirror: Mirror, tmp_path: Path) -> None:
     file = the_file(mirror, catalog(mirror))
     del mirror.files[file.path]
@@ -230,6 +239,7 @@ def test_http_errors_say_whose_they_are(mirror: Mirror, tmp_path: Path) -> None:
         dl.download(fast(mirror), file, tmp_path / "v.onnx")
 
 
+@pytest.mark.slow
 def test_an_unreachable_or_silent_mirror_is_a_network_error(tmp_path: Path) -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
@@ -244,6 +254,7 @@ def test_an_unreachable_or_silent_mirror_is_a_network_error(tmp_path: Path) -> N
             dl.fetch_small(mirror, "voices.json", 100)
 
 
+@pytest.mark.slow
 def test_a_catalog_past_its_bound_is_refused(mirror: Mirror) -> None:
     mirror.files["voices.json"] = b" " * 2000
     with pytest.raises(CatalogError, match="2000 bytes, more than the 1000 allowed"):
@@ -269,6 +280,7 @@ def one_line_error(result: Result, code: int, *fragments: str) -> None:
         assert fragment in errors[0], errors[0]
 
 
+@pytest.mark.slow
 def test_search_lists_filters_and_prints_json(mirror: Mirror) -> None:
     catalog(mirror)
     result = invoke("models", "search", "--mirror", mirror.url)
@@ -285,6 +297,7 @@ def test_search_lists_filters_and_prints_json(mirror: Mirror) -> None:
     assert "no voice matches" in invoke("models", "search", "klingon", "--mirror", mirror.url).stderr
 
 
+@pytest.mark.slow
 def test_search_reads_TTSD_MIRROR_and_names_refused_entries(mirror: Mirror) -> None:
     voices = catalog(mirror)
     voices["evil"] = dict(voices[KEY], key="evil", files={"../../x.onnx": {"size_bytes": 1, "md5_digest": "0" * 32}})
@@ -304,6 +317,7 @@ def nothing_in_models(tmp_path: Path) -> None:
     assert not models.exists() or sorted(p.name for p in models.iterdir()) == [], list(models.iterdir())
 
 
+@pytest.mark.slow
 def test_get_a_voice_not_in_the_catalog(mirror: Mirror, tmp_path: Path) -> None:
     catalog(mirror)
     one_line_error(get(mirror.url, tmp_path, "en_US-tset-medium"), 15, "no voice en_US-tset-medium",
@@ -311,6 +325,7 @@ def test_get_a_voice_not_in_the_catalog(mirror: Mirror, tmp_path: Path) -> None:
     nothing_in_models(tmp_path)
 
 
+@pytest.mark.slow
 def test_get_with_a_wrong_md5(mirror: Mirror, tmp_path: Path) -> None:
     voices = catalog(mirror)
     mirror.files[onnx_path(voices)] = bytes(len(SMALL.onnx))
@@ -319,6 +334,7 @@ def test_get_with_a_wrong_md5(mirror: Mirror, tmp_path: Path) -> None:
     assert not list((tmp_path / "cache" / "downloads" / KEY).glob("*.onnx*"))  # thrown away, not kept
 
 
+@pytest.mark.slow
 def test_get_with_a_wrong_size(mirror: Mirror, tmp_path: Path) -> None:
     voices = catalog(mirror)
     voices[KEY]["files"][onnx_path(voices)]["size_bytes"] -= 1
@@ -327,6 +343,7 @@ def test_get_with_a_wrong_size(mirror: Mirror, tmp_path: Path) -> None:
     nothing_in_models(tmp_path)
 
 
+@pytest.mark.slow
 def test_get_a_file_the_mirror_does_not_have(mirror: Mirror, tmp_path: Path) -> None:
     voices = catalog(mirror)
     del mirror.files[onnx_path(voices) + ".json"]
@@ -334,6 +351,7 @@ def test_get_a_file_the_mirror_does_not_have(mirror: Mirror, tmp_path: Path) -> 
     nothing_in_models(tmp_path)
 
 
+@pytest.mark.slow
 def test_get_an_entry_whose_path_escapes_the_mirror(mirror: Mirror, tmp_path: Path) -> None:
     """1. The catalog points the voice's .onnx at ``../secret.onnx``, above the mirror.
     2. ``get`` refuses the entry with the reason, and never asks for that path."""
@@ -348,6 +366,7 @@ def test_get_an_entry_whose_path_escapes_the_mirror(mirror: Mirror, tmp_path: Pa
     nothing_in_models(tmp_path)
 
 
+@pytest.mark.slow
 def test_get_a_voice_already_there_needs_upgrade(mirror: Mirror, tmp_path: Path) -> None:
     catalog(mirror)
     fake_model(tmp_path / "models", KEY, "1")
@@ -356,6 +375,7 @@ def test_get_a_voice_already_there_needs_upgrade(mirror: Mirror, tmp_path: Path)
     one_line_error(get(mirror.url, tmp_path, KEY, "--upgrade", "--version", "1"), 3, "not newer than version 1")
 
 
+@pytest.mark.slow
 def test_get_with_too_little_disk_space(mirror: Mirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The space check, before any download (a real full disk: ``test_models_get.py``)."""
     import shutil
@@ -399,6 +419,7 @@ def test_the_licence_line_of_a_model_card(card: str, licence: str) -> None:
     assert card_license(card) == licence
 
 
+@pytest.mark.slow
 def test_a_catalog_dripping_in_is_given_up(tmp_path: Path) -> None:
     """A mirror that answers, then sends a byte now and then (each read within the timeout)
     cannot hold a fetch longer than 4 timeouts."""

@@ -107,6 +107,7 @@ CASES: dict[str, tuple[Callable[[], dict[str, int]], dict[str, Any]]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_ids_as_transformers(tmp_path: Path, case: str) -> None:
     make_vocab, options = CASES[case]

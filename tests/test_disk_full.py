@@ -63,6 +63,7 @@ def manager_on(tmp_path: Path, state: Path) -> ModelManager:
     return ModelManager(LocalFolderSource(tmp_path / "models", settle=0.0), state_dir=state, policy=Policy(settle=0.0))
 
 
+@pytest.mark.daemon
 def test_rollback_with_the_state_dir_full_is_a_507_and_changes_nothing(tmp_path: Path, tmpfs: Tmpfs,
                                                                       fake_engines: None) -> None:
     """1. v1 then v2 serve, the state dir on a small disk. 2. The disk fills up. 3. A rollback over
@@ -105,6 +106,7 @@ def test_rollback_with_the_state_dir_full_is_a_507_and_changes_nothing(tmp_path:
         daemon.manager.close()
 
 
+@pytest.mark.daemon
 def test_a_store_copy_that_hits_a_full_disk_is_retried_not_refused(tmp_path: Path, tmpfs: Tmpfs,
                                                                   fake_engines: None) -> None:
     """1. v1 serves, the store on a small disk that then fills up. 2. v2 arrives: copying it into
@@ -132,6 +134,7 @@ def test_a_store_copy_that_hits_a_full_disk_is_retried_not_refused(tmp_path: Pat
     manager.close()
 
 
+@pytest.mark.daemon
 def test_a_full_spool_requeues_and_serves_when_space_returns(tmp_path: Path, tmpfs: Tmpfs) -> None:
     """1. The spool's disk is full when a request's audio is written. 2. The request goes back to
     incoming/ (not failed/, not stuck in work/) and the spool pauses. 3. Space is freed: the request
@@ -172,6 +175,7 @@ def test_a_full_spool_requeues_and_serves_when_space_returns(tmp_path: Path, tmp
         daemon.manager.close()
 
 
+@pytest.mark.daemon
 def test_a_full_state_dir_never_stops_a_reconcile(tmp_path: Path, tmpfs: Tmpfs, fake_engines: None) -> None:
     """Automatic saves and the audit trail are retried when space returns; they never raise."""
     models = tmp_path / "models"

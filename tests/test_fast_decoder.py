@@ -35,6 +35,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [True, False], ids=["onednn-fused", "plain-conv2d"])
 def test_same_output_as_transformers_for_every_length(fused: bool) -> None:
     model = tiny_model()
@@ -114,6 +115,7 @@ def test_streamed_pieces_join_to_the_whole() -> None:
         assert max_diff(torch.cat(pieces), model.decoder(latents).reshape(-1)) < 1e-5
 
 
+@pytest.mark.slow
 def test_only_a_fixed_set_of_shapes_reaches_the_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model()
     fast = FastHifiGan(model.decoder, model.config)
@@ -144,6 +146,7 @@ def test_falls_back_to_plain_convolutions_without_onednn_ops(monkeypatch: pytest
         assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) < 1e-5
 
 
+@pytest.mark.slow
 def test_the_piper_voice(joe_folder: Path) -> None:
     from reference.vits_forward import decode
     from transformers import AutoModel
@@ -159,6 +162,7 @@ def test_the_piper_voice(joe_folder: Path) -> None:
             assert max_diff(fast(latents), decode(model, latents, None)) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("noise", [0.0, 0.667])
 def test_padded_text_and_frames_give_the_same_latents(noise: float, joe_folder: Path) -> None:
     """The serving path pads to BUCKET and masks, as VITS pads a batch: same frames, same values,

@@ -72,6 +72,7 @@ def openai_client(api: FrontEnds) -> OpenAI:
 
 
 # -- the official client on the OpenAI route ----------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", OPENAI_FORMATS)
 @pytest.mark.parametrize("voice", ["joe", "ann"])
 def test_the_openai_client_gets_every_format_whole_and_streamed(api: FrontEnds, voices: FakeVoices, fmt: str,

@@ -92,6 +92,7 @@ openai_requests = st.fixed_dictionaries({}, optional={n: texts if n == "input" e
 COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
+@pytest.mark.slow
 @settings(COMMON, max_examples=250)
 @given(body=requests_, version_header=st.none() | st.text(max_size=80), user_header=st.none() | st.text(max_size=300))
 def test_any_synthesize_request_is_answered_2xx_or_4xx(harness: Harness, body: Any, version_header: str | None,
@@ -146,6 +147,7 @@ names = st.text(min_size=1, max_size=240).map(lambda s: s.replace("/", "_").repl
     | st.sampled_from(["r1.txt", "r1.json", "x.TXT", "a" * 230 + ".txt", "new\nline.txt", "-dash.json"])
 
 
+@pytest.mark.slow
 @settings(COMMON, max_examples=120)
 @given(name=names, content=st.binary(max_size=120) | json_values.map(lambda v: json.dumps(v).encode())
        | st.fixed_dictionaries({}, optional=field_values).map(lambda v: json.dumps(v).encode()))
@@ -195,6 +197,7 @@ def error_of(harness: Harness, name: str) -> dict[str, str]:
     return json.loads((harness.spool.dirs["failed"] / _error_name(name)).read_text())["error"]
 
 
+@pytest.mark.slow
 def test_spool_never_follows_a_link_or_reads_an_oversized_or_special_file(harness: Harness, tmp_path: Path) -> None:
     """1. A symbolic and a hard link to a secret, a FIFO, a directory and a 2 MiB file are dropped
     into incoming/. 2. Each is claimed and refused with its reason; the secret is never spoken,
@@ -218,6 +221,7 @@ def test_spool_never_follows_a_link_or_reads_an_oversized_or_special_file(harnes
     assert not list(harness.spool.dirs["out"].glob("hard*"))
 
 
+@pytest.mark.slow
 def test_spool_refuses_a_second_request_with_a_served_id(harness: Harness) -> None:
     """1. r7.txt is served. 2. r7.json arrives: it would overwrite out/r7.wav, so it is refused.
     3. Names too long for an error file, or with a newline, still end in failed/ with a reason."""
@@ -248,6 +252,7 @@ def test_spool_outputs_follow_the_umask(harness: Harness) -> None:
         assert (harness.spool.dirs["out"] / name).stat().st_mode & 0o777 == 0o640, name
 
 
+@pytest.mark.slow
 def test_a_second_request_with_an_id_in_service_waits_and_never_overwrites_it(harness: Harness, clock: Clock) -> None:
     """With --workers 2 a second race.txt, dropped while the first was being served, was moved
     over it in work/: the first request file was lost and the outputs mixed. Now it waits in
@@ -305,6 +310,7 @@ def test_a_stream_that_fails_after_its_first_audio_is_cut_off_not_mixed(harness:
     assert harness.version_2()["model_failures"] == 0
 
 
+@pytest.mark.slow
 def test_a_client_gone_mid_body_is_not_an_internal_error(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
     import socket
 

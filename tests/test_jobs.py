@@ -48,6 +48,7 @@ def test_a_superseding_job_calls_off_a_background_job_of_its_voice() -> None:
         first.result(0)
 
 
+@pytest.mark.slow
 def test_urgent_jobs_are_not_called_off_and_do_not_wait_behind_another_voices_background_job() -> None:
     """1. Voice a's background job holds the background lane. 2. Voice b's urgent job runs at once
     beside it. 3. An urgent job of a is not called off by a superseding one; that one waits."""

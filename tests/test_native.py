@@ -65,6 +65,7 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> None:
     assert float((a - b).abs().max()) < tolerance * max(1.0, float(b.abs().max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("noise", [0.0, 0.667], ids=["noise-off", "seeded-noise"])
 def test_same_output_as_transformers(variant: str, noise: float, tmp_path: Path) -> None:
@@ -77,6 +78,7 @@ def test_same_output_as_transformers(variant: str, noise: float, tmp_path: Path)
         assert_close(wave, ref_wave, 1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", ["weight_g/weight_v", "plain weight"])
 def test_every_way_a_checkpoint_stores_weight_norm(style: str, tmp_path: Path) -> None:
     """This transformers saves ``parametrizations.weight.original0/1``; hub MMS checkpoints have
@@ -106,6 +108,7 @@ def test_every_way_a_checkpoint_stores_weight_norm(style: str, tmp_path: Path) -
     assert_close(after, before, 1e-5)
 
 
+@pytest.mark.slow
 def test_the_piper_voice(joe_engine) -> None:  # type: ignore[no-untyped-def]
     """The built-in voice, noise off: within 1e-3 and the same length (the issue's conformance rule)."""
     for text in ("Hi.", "Turn on the kitchen lights, please.",
@@ -122,6 +125,7 @@ def _edit(folder: Path, change) -> None:  # type: ignore[no-untyped-def]
     save_file(tensors, str(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, reason", [
     ("missing", "missing text_encoder.project.bias"),
     ("extra", "unused tensor decoder.extra.weight"),
@@ -154,6 +158,7 @@ def test_bad_weights_are_refused_with_the_reason(case: str, reason: str, tmp_pat
         NativeVits(folder)
 
 
+@pytest.mark.daemon
 def test_serving_does_not_import_transformers(tmp_path: Path) -> None:
     """The point of the native path: a voice loads and speaks without transformers in the process."""
     folder = save_tiny_vits(tmp_path / "tiny")

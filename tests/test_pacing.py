@@ -63,6 +63,7 @@ def _worker_waits(paces: bool, busy: bool = True, seconds: float = 0.15) -> tupl
     return waits, done[0]
 
 
+@pytest.mark.slow
 def test_workers_get_the_gil_back_quickly_while_a_job_is_paced() -> None:
     """Without pacing, a worker op that finds the job running waits for a forced switch, a whole
     switch interval (5 ms); paced, at most the rest of the job's slice (RUN_S, 1 ms). Both are
@@ -103,6 +104,7 @@ def _cpu_share(busy: bool, seconds: float = 0.3, chunk: int = 256 << 10) -> floa
     return share[0]
 
 
+@pytest.mark.slow
 def test_c_level_work_is_paced_too_and_runs_free_when_nothing_is_served() -> None:
     """Pacing is kept at C calls as well as Python ones (a torch op, a chunk hashed): while requests
     are served the job's CPU share is about RUN / (RUN + PAUSE), a twentieth; with none it runs at
@@ -114,6 +116,7 @@ def test_c_level_work_is_paced_too_and_runs_free_when_nothing_is_served() -> Non
     assert statistics.median(idle) > 2 * statistics.median(busy), (idle, busy)
 
 
+@pytest.mark.slow
 def test_a_long_call_is_followed_by_a_longer_pause() -> None:
     """One call of several ms (a long torch op; here sha256 of 16 MiB, ~8 ms) runs past the
     slice: the pause after it grows with it, so the share stays about RUN : PAUSE (a fixed pause
@@ -122,6 +125,7 @@ def test_a_long_call_is_followed_by_a_longer_pause() -> None:
     assert statistics.median(shares) < 0.12, shares
 
 
+@pytest.mark.slow
 def test_urgent_work_is_paced_lightly(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ticket made urgent (a request now waits for it) switches to the light pace at once."""
     background = statistics.median(_cpu_share(True) for _ in range(3))

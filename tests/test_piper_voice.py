@@ -56,6 +56,7 @@ def test_phoneme_ids_are_piper_s(joe_engine, piper_voice) -> None:  # type: igno
         assert phoneme_ids(joe_engine, text) == expected, text
 
 
+@pytest.mark.slow
 def test_waveform_matches_onnx_runtime(joe_engine, piper_voice) -> None:  # type: ignore[no-untyped-def]
     checked = 0
     worst = 0.0
@@ -95,6 +96,7 @@ def test_loads_with_plain_automodel(joe_folder: Path) -> None:
     assert isinstance(model.decoder.resblocks[0], HifiGanResidualBlock2)
 
 
+@pytest.mark.slow
 def test_speech_is_plausible(joe_engine) -> None:  # type: ignore[no-untyped-def]
     text = "The quick brown fox jumps over the lazy dog. Then it sleeps."
     parts = list(joe_engine.synthesize_stream(text, SynthesisOptions(seed=1)))
@@ -111,6 +113,7 @@ def test_speech_is_plausible(joe_engine) -> None:  # type: ignore[no-untyped-def
     assert 1.5 < slow.duration / audio.duration < 2.3  # sentence pause does not scale
 
 
+@pytest.mark.slow
 def test_seed_makes_output_repeatable(joe_engine) -> None:  # type: ignore[no-untyped-def]
     a = joe_engine.synthesize("Repeat after me.", SynthesisOptions(seed=7)).samples
     b = joe_engine.synthesize("Repeat after me.", SynthesisOptions(seed=7)).samples
@@ -119,10 +122,12 @@ def test_seed_makes_output_repeatable(joe_engine) -> None:  # type: ignore[no-un
     assert not (a.shape == c.shape and np.array_equal(a, c))
 
 
+@pytest.mark.slow
 def test_warmup_passes_on_the_real_voice(joe_engine) -> None:  # type: ignore[no-untyped-def]
     joe_engine.warmup()
 
 
+@pytest.mark.slow
 def test_streaming_in_pieces_is_the_same_audio_scaled_by_the_warm_up_gain(joe_folder: Path) -> None:
     from ttsd.speak import open_engine
 

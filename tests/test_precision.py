@@ -101,6 +101,7 @@ def joe_bf16(joe_folder: Path):  # type: ignore[no-untyped-def]
     return open_engine(joe_folder, precision="bf16")
 
 
+@pytest.mark.slow
 @needs_bf16
 @pytest.mark.parametrize("text", GATE_TEXTS)
 def test_bf16_passes_the_quality_gate_on_the_real_voice(joe_engine, joe_bf16, text: str) -> None:  # type: ignore[no-untyped-def]
@@ -113,6 +114,7 @@ def test_bf16_passes_the_quality_gate_on_the_real_voice(joe_engine, joe_bf16, te
     assert gate["distance"] < 0.5 * gate["seed_spread"], gate
 
 
+@pytest.mark.slow
 @needs_bf16
 def test_bf16_has_the_same_length_with_timing_noise_and_streams_the_same_samples(joe_engine, joe_bf16) -> None:  # type: ignore[no-untyped-def]
     """The durations stay fp32, so seeded timing noise gives the same length in both; streaming
@@ -141,6 +143,7 @@ def test_auto_picks_bf16_here_and_says_so(joe_folder: Path, caplog: pytest.LogCa
     assert any("computes in bf16 (the CPU has" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.daemon
 def test_say_takes_precision(joe_folder: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "x.wav"
     run = subprocess.run([sys.executable, "-m", "ttsd", "say", "Hello there.", "-o", str(out), "--no-daemon",
@@ -153,6 +156,7 @@ def test_say_takes_precision(joe_folder: Path, cli_env: dict[str, str], tmp_path
     assert bad.returncode != 0 and "fp16" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_the_daemon_passes_precision_on_and_lists_it(tmp_path: Path, joe_folder: Path) -> None:
     """``serve --precision`` reaches the engines through the manager, and each voice's listing says
     what its active version computes in."""

@@ -58,6 +58,7 @@ def sha(data: bytes) -> str:
 
 # == holes ======================================================================================
 
+@pytest.mark.slow
 def test_get_with_trusted_keys_never_lands_an_unsigned_piper_conversion(
         tmp_path: Path, mirror: Mirror, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """A mirror (hostile, or just one whose ttsd-index.json was deleted / is 404 on a MITM'd http
@@ -81,6 +82,7 @@ def test_get_with_trusted_keys_never_lands_an_unsigned_piper_conversion(
     nothing_in_models(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_negative_size_cannot_defeat_the_free_space_check(
         tmp_path: Path, mirror: Mirror, monkeypatch: pytest.MonkeyPatch) -> None:
     big = os.urandom(8 << 20)
@@ -107,6 +109,7 @@ def test_a_negative_size_cannot_defeat_the_free_space_check(
             assert mirror.fetched("ttsd/voice/1/big.safetensors") == [], "8 MiB fetched past the space check"
 
 
+@pytest.mark.slow
 def test_a_junk_signature_in_the_models_dir_cannot_brick_a_validly_signed_store_copy(
         tmp_path: Path, keys: dict[str, Path], fake_engines: None) -> None:
     """v1, signed by the fleet, serves from its store copy. Someone who can write /models puts junk
@@ -255,6 +258,7 @@ def test_index_paths_that_escape_are_refused(path: str) -> None:
         parse_index(raw.encode(), INDEX_FILE)
 
 
+@pytest.mark.slow
 def test_index_naming_another_voice_than_its_manifest_is_refused(tmp_path: Path, mirror: Mirror,
                                                                  keys: dict[str, Path]) -> None:
     folder = folder_of_two(tmp_path / "build" / "voice-1")

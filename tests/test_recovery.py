@@ -57,6 +57,7 @@ DAMAGED_STATE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [*DAMAGED_STATE, "a directory", "a symlink"])
 def test_any_damaged_state_file_still_serves_a_verified_version(tmp_path: Path, fake_engines: None,
                                                                 damage: str) -> None:
@@ -80,6 +81,7 @@ def test_any_damaged_state_file_still_serves_a_verified_version(tmp_path: Path, 
     assert not (tmp_path / "etc").exists() and Path("/etc/passwd").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lost", ["state and store", "store", "models dir and state"])
 def test_lost_state_or_store_recovers_from_what_is_left(tmp_path: Path, fake_engines: None, lost: str) -> None:
     models, state = served_before(tmp_path)
@@ -101,6 +103,7 @@ def flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_damaged_store_copy_is_copied_again_from_the_models_dir(tmp_path: Path, fake_engines: None,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """1. v2 served. 2. A byte of its store copy flips. 3. A restart re-copies it from the intact
@@ -115,6 +118,7 @@ def test_a_damaged_store_copy_is_copied_again_from_the_models_dir(tmp_path: Path
     verify(state / "store" / "voice" / "2")
 
 
+@pytest.mark.slow
 def test_a_damaged_copy_without_a_folder_falls_back_until_the_folder_returns(tmp_path: Path,
                                                                            fake_engines: None) -> None:
     """1. v2 served; its models-dir folder is deleted and its store copy damaged. 2. A restart
@@ -230,6 +234,7 @@ def test_a_version_refused_at_load_leaves_no_store_copy(tmp_path: Path, fake_eng
     assert FakeEngine.live == 1
 
 
+@pytest.mark.slow
 def test_an_unwritable_state_changes_nothing_on_rollback(tmp_path: Path, fake_engines: None,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The state dir cannot take the write (ENOSPC is tested on a real full tmpfs in
@@ -256,6 +261,7 @@ def test_an_unwritable_state_changes_nothing_on_rollback(tmp_path: Path, fake_en
     assert State(states(manager)["2"]) is State.ROLLED_BACK
 
 
+@pytest.mark.slow
 def test_a_state_file_with_wrong_content_ids_never_costs_a_good_copy(tmp_path: Path, fake_engines: None) -> None:
     """A well-formed state.json whose recorded content ids are wrong (damage, or one flipped hex
     digit) made ttsd delete both good store copies and refuse both intact folders as "the same

@@ -67,6 +67,7 @@ def test_an_overlong_sentence_is_spoken_in_pieces_back_to_back(tiny_folder: Path
     np.testing.assert_allclose(chunks[0].samples, np.clip(whole / np.max(np.abs(whole)), -1, 1), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_audio_over_the_limit_is_refused_early(tiny_folder: Path) -> None:
     engine = create_engine(tiny_folder, verify(tiny_folder), max_audio_seconds=10)
     engine.load()
@@ -126,6 +127,7 @@ def test_nan_weights_are_refused(tmp_path: Path) -> None:
         open_engine(folder)
 
 
+@pytest.mark.slow
 def test_silent_model_fails_warmup(tmp_path: Path) -> None:
     import torch
 
