@@ -97,6 +97,7 @@ def steps(root: Path, cache: Path, busy: bool) -> dict[str, Any]:
     return r
 
 
+@pytest.mark.daemon
 def test_start_up_upgrade_and_rollback_beside_cpu_bound_programs(tmp_path: Path, cache_dir: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))

@@ -31,6 +31,7 @@ def in_background(fn) -> threading.Thread:  # type: ignore[no-untyped-def]
     return thread
 
 
+@pytest.mark.slow
 def test_a_rollback_during_an_upgrade_answers_at_once_and_calls_the_upgrade_off(tmp_path: Path,
                                                                                  fake_engines: None) -> None:
     """1. v1 then v2: v2 serves, v1 is a loaded rollback target. 2. v3 arrives, and its load
@@ -60,6 +61,7 @@ def test_a_rollback_during_an_upgrade_answers_at_once_and_calls_the_upgrade_off(
     manager.close()
 
 
+@pytest.mark.slow
 def test_a_rollback_to_an_unloaded_version_does_not_wait_for_the_upgrade(tmp_path: Path,
                                                                           fake_engines: None) -> None:
     """keep=0: the rollback target must load. 1. v2 serves, v1 is not loaded. 2. v3's long load
@@ -78,6 +80,7 @@ def test_a_rollback_to_an_unloaded_version_does_not_wait_for_the_upgrade(tmp_pat
     manager.close()
 
 
+@pytest.mark.slow
 def test_a_newer_folder_supersedes_an_upgrade_in_progress(tmp_path: Path, fake_engines: None) -> None:
     """1. v1 serves. 2. v2 arrives; its load computes for a long time. 3. v3 arrives: the rescan
     calls v2's upgrade off and v3 serves within seconds, not after v2's load. 4. v2 is available,
@@ -100,6 +103,7 @@ def test_a_newer_folder_supersedes_an_upgrade_in_progress(tmp_path: Path, fake_e
     manager.close()
 
 
+@pytest.mark.slow
 def test_listings_stay_whole_while_folders_come_and_go(tmp_path: Path, fake_engines: None) -> None:
     """What /v1/voices, /v1/status and Wyoming's describe read (``snapshot``, ``memory``) is read
     on the event loop while rescans add and forget versions on other threads. Hammered with a tiny
@@ -141,6 +145,7 @@ def test_listings_stay_whole_while_folders_come_and_go(tmp_path: Path, fake_engi
     assert not errors, errors[0]
 
 
+@pytest.mark.slow
 def test_an_unload_never_holds_up_the_request_that_asked_for_it(tmp_path: Path, fake_engines: None) -> None:
     """1. A request leases v1. 2. v2 is swapped in (keep 0: v1 is retired). 3. The request ends:
     its release returns at once although unloading v1 takes a second, and v1 is unloaded on
@@ -160,6 +165,7 @@ def test_an_unload_never_holds_up_the_request_that_asked_for_it(tmp_path: Path, 
     manager.close()
 
 
+@pytest.mark.slow
 def test_an_upgrade_called_off_while_it_is_copied_in_says_so(tmp_path: Path, fake_engines: None,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     """While a request is in flight the copy into the store is paced, so it takes a while. 1. v3
@@ -191,6 +197,7 @@ def test_an_upgrade_called_off_while_it_is_copied_in_says_so(tmp_path: Path, fak
     manager.close()
 
 
+@pytest.mark.slow
 def test_a_version_neither_stored_nor_in_the_models_dir_is_forgotten(tmp_path: Path, fake_engines: None) -> None:
     """The store keeps the active version and the three most recent rollback targets. 1. Versions
     1 to 6 arrive in turn, each folder deleted once it serves. 2. Versions 1 and 2 are no longer

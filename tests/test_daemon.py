@@ -39,6 +39,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, joe_folder
         assert d.stop() == 0, d.logs()
 
 
+@pytest.mark.daemon
 def test_empty_models_dir_is_seeded_and_served(daemon: Daemon) -> None:
     voices = daemon.request("GET", "/v1/voices").json()["voices"]
     assert [(v["name"], v["active"]) for v in voices] == [("en_US-joe-medium", "1")]
@@ -66,6 +67,7 @@ def test_socket_is_private(daemon: Daemon) -> None:
     assert mode == 0o600, oct(mode)
 
 
+@pytest.mark.daemon
 def test_synthesize_wav_and_headers(daemon: Daemon) -> None:
     reply = daemon.post("/v1/synthesize", {"text": "Hello from the daemon.", "seed": 3})
     assert reply.status == 200 and reply.headers["content-type"] == "audio/wav"
@@ -86,6 +88,7 @@ def longest_silence(samples: np.ndarray) -> int:
     return int(starts[longest] + ends[longest]) // 2
 
 
+@pytest.mark.daemon
 def test_streaming_sends_the_same_speech_in_pieces(daemon: Daemon) -> None:
     """A stream goes out piece by piece below the sentence (the first piece after one small decoder
     window), scaled by the voice's warm-up gain instead of per-sentence peaks: the same speech,
@@ -119,6 +122,7 @@ def decoded_seconds(data: bytes) -> float:
         return sum(frame.samples for frame in container.decode(stream)) / stream.rate
 
 
+@pytest.mark.daemon
 def test_opus_and_aac_of_the_real_voice(daemon: Daemon) -> None:
     """The 22050 Hz voice as Opus (resampled to 24 kHz) and AAC: 1. whole from the OpenAI route,
     as long as the audio the daemon says it made; 2. streamed from /v1/synthesize with a seed, as
@@ -142,6 +146,7 @@ def _peak_rss_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.daemon
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")
 def test_an_unpunctuated_text_costs_no_more_memory_than_a_punctuated_one(daemon: Daemon) -> None:
     """1. Normal traffic: a 12-sentence request sets the daemon's normal peak RSS.
@@ -160,6 +165,7 @@ def test_an_unpunctuated_text_costs_no_more_memory_than_a_punctuated_one(daemon:
     assert grown < 150, f"peak RSS grew {grown:.0f} MB over the normal {normal:.0f} MB"
 
 
+@pytest.mark.daemon
 def test_client_disconnect_cancels_the_rest(daemon: Daemon) -> None:
     """A streamed request whose client goes away after the first audio stops after the current
     sentence, through the daemon's own runner and listener (handler cancellation; test_api.py shows
@@ -210,6 +216,7 @@ def test_say_without_a_daemon(tmp_path: Path, cli_env: dict[str, str]) -> None:
     assert proc.returncode == 9
 
 
+@pytest.mark.daemon
 def test_second_daemon_on_the_same_socket_is_refused(daemon: Daemon, cache_dir: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state",
                            str(tmp_path / "s"), "--socket", str(daemon.socket), "--no-seed"],
@@ -218,6 +225,7 @@ def test_second_daemon_on_the_same_socket_is_refused(daemon: Daemon, cache_dir: 
     assert proc.stderr.decode().strip().splitlines()[-1] == f"error: another ttsd is already serving on {daemon.socket}"
 
 
+@pytest.mark.daemon
 def test_second_daemon_on_the_same_state_dir_is_refused(daemon: Daemon, tmp_path: Path) -> None:
     """A second daemon given the running one's --state (on a socket of its own) would be a second
     writer of state.json, the audit trail and the store: it exits 19 with one line, before it

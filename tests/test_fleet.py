@@ -52,6 +52,7 @@ def publish(folder: Path, where: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_a_box_gets_the_signed_folder_as_it_was_published(tmp_path: Path, mirror: Mirror,
                                                           fleet: dict[str, Path]) -> None:
     """1. Publish a signed v1; a box gets it byte for byte, signature included (checked against
@@ -82,6 +83,7 @@ def test_a_box_gets_the_signed_folder_as_it_was_published(tmp_path: Path, mirror
     assert sorted(p.name for p in (box / "models").iterdir()) == ["voice-1"]
 
 
+@pytest.mark.slow
 def test_with_trusted_keys_get_refuses_what_a_daemon_would(tmp_path: Path, mirror: Mirror,
                                                            fleet: dict[str, Path]) -> None:
     """An unsigned folder, or one changed after signing whose manifest and index were rewritten to
@@ -132,6 +134,7 @@ def test_publishing_the_same_version_with_other_content_is_refused(tmp_path: Pat
     assert result.exit_code == 3 and "already published with other content" in result.stderr, result.output
 
 
+@pytest.mark.daemon
 def test_two_boxes_upgrade_from_one_mirror_and_both_refuse_a_tampered_folder(
         tmp_path: Path, mirror: Mirror, fleet: dict[str, Path], cache_dir: Path) -> None:
     """Two daemons with their own dirs and the fleet's trusted key. 1. Each box gets v1 from the

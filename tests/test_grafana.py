@@ -176,6 +176,7 @@ def test_the_check_reports_what_a_daemon_does_not_export() -> None:
     assert variable_query("label_values(instance)") is None
 
 
+@pytest.mark.daemon
 def test_every_metric_the_dashboard_names_is_exported_by_a_live_daemon(tmp_path: Path, cache_dir: Path,
                                                                      dashboard: dict[str, Any]) -> None:
     """1. A daemon serves a tiny voice. 2. It answers a request and refuses one for an unknown

@@ -51,6 +51,7 @@ def slow_copy(src: Path, dst: Path, chunk: int = 4 << 20, pause: float = 0.1) ->
                 time.sleep(pause)
 
 
+@pytest.mark.daemon
 def test_slow_copy_under_load_switches_versions_with_zero_failures(tmp_path: Path, cache_dir: Path,
                                                                     joe_folder: Path) -> None:
     """1. v1 serves four clients in a loop. 2. v2 is copied in file by file, manifest first.
@@ -113,6 +114,7 @@ def bad(models: Path, staging: Path, base: Path, version: str, change: str) -> P
     return folder
 
 
+@pytest.mark.daemon
 def test_bad_folders_are_refused_while_the_active_version_serves(tmp_path: Path, cache_dir: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
@@ -196,6 +198,7 @@ def test_bad_folders_are_refused_while_the_active_version_serves(tmp_path: Path,
         assert d.stop() == 0, d.logs()
 
 
+@pytest.mark.daemon
 def test_rollback_through_the_cli_survives_restart(tmp_path: Path, cache_dir: Path) -> None:
     """1. tiny 1 serves; 2 is dropped and promoted. 2. `ttsd rollback`: 1 serves at once, and
     nothing is loaded for it (1 stayed loaded as the standby; counted in /metrics, not timed).
@@ -263,6 +266,7 @@ def test_rollback_through_the_cli_survives_restart(tmp_path: Path, cache_dir: Pa
     assert history[-1] == ("1", "3") and "load_seconds" in history_file[-1], history_file
 
 
+@pytest.mark.daemon
 def test_auto_rollback_on_a_version_that_starts_failing(tmp_path: Path, cache_dir: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
@@ -288,6 +292,7 @@ def read_history(state: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("step, settings", [("verifying", {"blob_mb": 400}), ("storing", {"blob_mb": 400}),
                                             ("loading", {"load_delay": 5}), ("warming", {"warmup_delay": 5})])
 def test_kill_9_mid_load_restarts_on_a_verified_version(tmp_path: Path, cache_dir: Path, step: str,

@@ -47,6 +47,7 @@ def out_is_complete(out: Path) -> None:
             assert soundfile.info(str(path)).duration > 0.5, path
 
 
+@pytest.mark.daemon
 def test_spool_serves_fails_and_ignores(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     spool = tmp_path / "spool"
     d = start_daemon(tmp_path, cache_dir, "--spool", str(spool))
@@ -83,6 +84,7 @@ def test_spool_serves_fails_and_ignores(tmp_path: Path, cache_dir: Path, joe_fol
         assert d.stop() == 0, d.logs()
 
 
+@pytest.mark.daemon
 def test_kill_9_mid_spool_loses_nothing(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     """1. Queue six requests. 2. SIGKILL once the first output appears. 3. No half-written file is
     visible. 4. Restart (stale socket left behind). 5. All six are served, none failed."""
@@ -109,6 +111,7 @@ def test_kill_9_mid_spool_loses_nothing(tmp_path: Path, cache_dir: Path, joe_fol
         assert d2.stop() == 0, d2.logs()
 
 
+@pytest.mark.daemon
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     d = start_daemon(tmp_path, cache_dir)
     result: dict[str, object] = {}
@@ -128,6 +131,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path: Path, cache_
     assert "stopped" in d.logs()
 
 
+@pytest.mark.daemon
 def test_sighup_picks_up_a_new_version(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     d = start_daemon(tmp_path, cache_dir)
     try:
@@ -164,6 +168,7 @@ def tcp_get(port: int, path: str, token: str | None = None) -> int:
     return status
 
 
+@pytest.mark.daemon
 def test_tcp_listener_and_token(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     port = free_port()
     base = [sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state", str(tmp_path / "s"),
@@ -185,6 +190,7 @@ def test_tcp_listener_and_token(tmp_path: Path, cache_dir: Path, joe_folder: Pat
         assert d.stop() == 0, d.logs()
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("args, fragment", [
     (["--state", "/etc/hostname/state"], "cannot create state dir"),
     (["--listen", "nonsense"], "expected HOST:PORT"),
@@ -200,6 +206,7 @@ def test_start_up_problems_are_one_line(tmp_path: Path, args: list[str], fragmen
     assert proc.returncode in (2, 3) and fragment in err and "Traceback" not in err, err
 
 
+@pytest.mark.daemon
 def test_systemd_notify_and_forced_exit(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     """1. Under Type=notify the daemon sends READY=1 and STATUS. 2. WATCHDOG=1 comes while
     WATCHDOG_USEC is set. 3. A second SIGINT during the drain exits at once with 130."""
@@ -280,6 +287,7 @@ def _closed_by_peer(conn: socket.socket, within: float) -> bool:
         return True
 
 
+@pytest.mark.daemon
 def test_slow_and_surplus_connections_are_closed(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     """1. Six connections trickle a request's headers, a byte now and then: the daemon holds at most
     --max-connections (6), so a seventh is closed at once. 2. Within --idle-timeout (1 s) of
@@ -300,6 +308,7 @@ def test_slow_and_surplus_connections_are_closed(tmp_path: Path, cache_dir: Path
         assert d.stop() == 0, d.logs()
 
 
+@pytest.mark.daemon
 def test_token_file_problems(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     """A non-UTF-8 token file is a configuration error (exit 3, one line); a token file others can
     read is accepted with a warning; undecodable bytes in Authorization are a 401, not a 500."""

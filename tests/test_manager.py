@@ -35,6 +35,7 @@ def test_newest_good_version_of_each_voice_serves(tmp_path: Path, fake_engines: 
         manager.acquire("c")
 
 
+@pytest.mark.slow
 def test_a_lease_keeps_its_version_through_a_swap(tmp_path: Path, fake_engines: None) -> None:
     """1. A request leases v1. 2. v2 arrives and is swapped in. 3. New requests get v2 while the
     old lease still runs on v1. 4. v1 is unloaded when that lease ends, off the releasing thread."""
@@ -97,6 +98,7 @@ def test_a_folder_that_fails_verification_is_refused(tmp_path: Path, fake_engine
     assert FakeEngine.live == 0
 
 
+@pytest.mark.slow
 def test_rollback_is_instant_survives_restart_and_is_not_undone(tmp_path: Path, fake_engines: None) -> None:
     """1. v1 then v2: v1 stays loaded (keep=1). 2. Roll back: v1 serves at once, no load.
     3. A rescan does not re-promote v2. 4. After a restart v1 still serves and v2 stays rolled back.
@@ -172,6 +174,7 @@ def test_canary_then_promotion(tmp_path: Path, fake_engines: None) -> None:
     assert manager.snapshot()[0]["canary"] is None
 
 
+@pytest.mark.slow
 def test_a_canary_survives_a_restart_with_its_users(tmp_path: Path, fake_engines: None) -> None:
     """Gray release promises one user one version across restarts. 1. v2 is a canary for half
     the users. 2. The daemon stops and starts again with the same policy: the canary is resumed,
@@ -212,6 +215,7 @@ def test_a_canary_survives_a_restart_with_its_users(tmp_path: Path, fake_engines
     promoted.close()
 
 
+@pytest.mark.slow
 def test_every_rollback_is_a_rolled_back_event(tmp_path: Path, fake_engines: None) -> None:
     """What ttsd_model_transitions_total{event="rolled_back"} (the dashboard's rollbacks) counts:
     1. an operator's rollback of v2 names v2; 2. a canary v3 that fails its first request names v3."""
@@ -239,6 +243,7 @@ def test_every_rollback_is_a_rolled_back_event(tmp_path: Path, fake_engines: Non
     manager.close()
 
 
+@pytest.mark.slow
 def test_memory_policy_never_holds_two_versions(tmp_path: Path, fake_engines: None) -> None:
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
@@ -259,6 +264,7 @@ def rss_mb() -> float:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_memory_is_returned_over_20_swaps_of_the_real_voice(tmp_path: Path, joe_folder: Path) -> None:
     """Twenty upgrades of en_US-joe-medium in one process: RSS levels off (each swap unloads the
     version beyond --keep 1), and the store keeps only recent copies."""
@@ -293,6 +299,7 @@ def test_memory_is_returned_over_20_swaps_of_the_real_voice(tmp_path: Path, joe_
     manager.close()
 
 
+@pytest.mark.slow
 def test_a_job_cancelled_while_queued_gives_back_its_slot_and_lease(tmp_path: Path, fake_engines: None) -> None:
     """1. One job runs, two wait (queue of 2), a fourth is turned away. 2. The two waiting jobs'
     clients hang up: asyncio cancels the futures they awaited, so the pool never runs them.
@@ -343,6 +350,7 @@ def test_memory_policy_never_takes_a_voice_down_for_a_folder_that_does_not_match
     manager.close()
 
 
+@pytest.mark.slow
 def test_a_superseded_canary_is_unloaded(tmp_path: Path, fake_engines: None) -> None:
     """v2 is a canary when v3 arrives: v3 becomes the canary and v2 is unloaded (it stayed a
     loaded 'canary' that no request could reach, for good)."""
@@ -360,6 +368,7 @@ def test_a_superseded_canary_is_unloaded(tmp_path: Path, fake_engines: None) -> 
     manager.close()
 
 
+@pytest.mark.slow
 def test_an_unload_asked_for_before_a_reactivation_does_not_unload_what_serves(tmp_path: Path,
                                                                                fake_engines: None) -> None:
     """1. v2 replaces v1 (keep=0): v1's unload is queued. 2. Before it runs, v1 is activated again.

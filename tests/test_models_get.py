@@ -51,6 +51,7 @@ def onnx_path(voices: dict[str, Any]) -> str:
     return next(p for p in voices[KEY]["files"] if p.endswith(".onnx"))
 
 
+@pytest.mark.slow
 def test_get_then_upgrade(mirror: tuple[Mirror, dict[str, Any]], tmp_path: Path, joe_folder: Path,
                           joe_files: VoiceFiles) -> None:
     """1. A dot-folder a killed ``get`` left behind is in the models dir.
@@ -110,6 +111,7 @@ def run_get(env: dict[str, str]) -> subprocess.Popen[bytes]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.daemon
 def test_ctrl_c_during_the_conversion_leaves_nothing_in_the_models_dir(
         mirror: tuple[Mirror, dict[str, Any]], tmp_path: Path) -> None:
     """1. ``get`` downloads and starts converting in its dot-folder. 2. Ctrl-C. 3. Exit 130, no
@@ -134,6 +136,7 @@ def test_ctrl_c_during_the_conversion_leaves_nothing_in_the_models_dir(
     assert (tmp_path / "cache" / "downloads" / KEY / f"{KEY}.onnx").is_file()
 
 
+@pytest.mark.daemon
 def test_a_running_daemon_serves_the_voice_get_published(
         mirror: tuple[Mirror, dict[str, Any]], tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     """1. A daemon serves the built-in voice.

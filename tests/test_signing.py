@@ -64,6 +64,7 @@ def check(folder: Path, trusted: Path) -> str:
     return str(TrustedKeys.load(trusted).check(folder, verify(folder)))
 
 
+@pytest.mark.daemon
 @pytest.mark.skipif(MODEL_SIGNING is None, reason="the model_signing command is not installed")
 def test_ttsd_and_the_model_signing_tool_accept_each_others_signatures(tmp_path: Path,
                                                                        keys: dict[str, Path]) -> None:
@@ -186,6 +187,7 @@ def trusting_manager(tmp_path: Path, trusted: Path) -> ModelManager:
                         trust=TrustedKeys.load(trusted))
 
 
+@pytest.mark.slow
 def test_with_trusted_keys_only_signed_versions_load_and_the_active_keeps_serving(
         tmp_path: Path, keys: dict[str, Path], fake_engines: None) -> None:
     """1. A signed v1 serves, its signer shown. 2. An unsigned v2 is refused (never loaded) and v1
@@ -238,6 +240,7 @@ def test_with_trusted_keys_only_signed_versions_load_and_the_active_keeps_servin
     again.close()
 
 
+@pytest.mark.daemon
 def test_a_daemon_with_trusted_keys_serves_a_folder_signed_by_the_tool_and_refuses_others(
         tmp_path: Path, keys: dict[str, Path], cache_dir: Path) -> None:
     """The real daemon: a tiny VITS voice signed by ``model_signing sign key`` serves; a v2 of it
@@ -282,6 +285,7 @@ def test_a_daemon_with_trusted_keys_serves_a_folder_signed_by_the_tool_and_refus
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_the_cli_signs_verifies_and_lists_signers(tmp_path: Path, keys: dict[str, Path],
                                                  cli_env: dict[str, str]) -> None:
     """``ttsd models sign``, ``verify --trusted-keys`` (one line and exit 18 when it fails) and
@@ -310,6 +314,7 @@ def test_the_cli_signs_verifies_and_lists_signers(tmp_path: Path, keys: dict[str
                           6, "extra: sub/extra.txt")
 
 
+@pytest.mark.slow
 def test_a_key_removed_from_the_trusted_dir_stops_loading_at_once(tmp_path: Path, keys: dict[str, Path],
                                                                    fake_engines: None) -> None:
     """The docs say a key change counts "at the next load": the dir is read at each load, not once.

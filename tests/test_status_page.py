@@ -170,6 +170,7 @@ def active(d: Daemon, voice: str) -> str:
     return str({v["name"]: v for v in d.request("GET", "/v1/voices").json()["voices"]}[voice]["active"])
 
 
+@pytest.mark.daemon
 def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
     """A real daemon on 127.0.0.1 with --token-file, and the page in headless chromium:
     1. without the token the page shows nothing of the daemon and no control buttons;
@@ -284,6 +285,7 @@ def _served(backend: Any, tmp_path: Path) -> Iterator[FrontEnds]:
         front.close()
 
 
+@pytest.mark.slow
 def test_hostile_status_is_shown_as_text_on_a_phone(tmp_path: Path) -> None:
     """Reasons, folder names and audit entries come from model folders and are hostile: on a
     phone-sized headless chromium, 1. they appear as text and run nothing; 2. the page is no
@@ -320,6 +322,7 @@ def test_hostile_status_is_shown_as_text_on_a_phone(tmp_path: Path) -> None:
         voices.close()
 
 
+@pytest.mark.slow
 def test_speak_without_web_audio_plays_the_wav(tmp_path: Path) -> None:
     """A browser that refuses Web Audio (here: no AudioContext at all) still speaks: 1. the PCM
     is read to its end and nothing is scheduled; 2. the whole of it becomes the WAV that the

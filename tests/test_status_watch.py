@@ -57,6 +57,7 @@ def read_until(fd: int, done: object, timeout: float = 30) -> str:
     return text.decode(errors="replace")
 
 
+@pytest.mark.daemon
 def test_the_view_of_a_real_status(daemon: Daemon) -> None:
     """The table drawn from a live daemon's /v1/status: voice, versions with states, queue, uptime."""
     from rich.console import Console
@@ -71,6 +72,7 @@ def test_the_view_of_a_real_status(daemon: Daemon) -> None:
     assert "queue 0 waiting / 0 running, 1 done, 0 failed" in text and ", up " in text and "every 1 s" in text
 
 
+@pytest.mark.daemon
 def test_watch_into_a_pipe_prints_frames_until_ctrl_c(daemon: Daemon) -> None:
     """1. Watch into a pipe: a frame every 0.2 s, one after the other. 2. A request shows up in a
     later frame. 3. Ctrl-C ends it with 0 and no traceback."""
@@ -86,6 +88,7 @@ def test_watch_into_a_pipe_prints_frames_until_ctrl_c(daemon: Daemon) -> None:
     assert proc.stderr is not None and "Traceback" not in proc.stderr.read().decode()
 
 
+@pytest.mark.daemon
 def test_watch_on_a_terminal_redraws_in_place_until_ctrl_c(daemon: Daemon) -> None:
     """On a terminal (a pty) rich's Live view redraws the table in place: cursor moves, not a log."""
     main, sub = pty.openpty()
@@ -102,6 +105,7 @@ def test_watch_on_a_terminal_redraws_in_place_until_ctrl_c(daemon: Daemon) -> No
         os.close(main)
 
 
+@pytest.mark.daemon
 def test_watch_ends_with_one_line_when_the_daemon_goes_away(daemon: Daemon, tmp_path: Path,
                                                            cli_env: dict[str, str]) -> None:
     """1. Watching, the daemon stops: exit 9 and one line saying so. 2. With no daemon at all it

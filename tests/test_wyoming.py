@@ -64,6 +64,7 @@ async def audio_of(client: AsyncUnixClient) -> tuple[AudioStart, bytes]:
         pcm += chunk.audio
 
 
+@pytest.mark.daemon
 def test_describe_lists_the_voice_with_its_active_version(daemon: Daemon) -> None:
     async def go() -> Info:
         async with AsyncUnixClient(socket_of(daemon)) as client:
@@ -78,6 +79,7 @@ def test_describe_lists_the_voice_with_its_active_version(daemon: Daemon) -> Non
     assert "(version 1)" in (voice.description or "") and voice.version == "1"
 
 
+@pytest.mark.daemon
 def test_synthesize_sends_16_bit_mono_audio_between_start_and_stop(daemon: Daemon) -> None:
     async def go() -> tuple[AudioStart, bytes]:
         async with AsyncUnixClient(socket_of(daemon)) as client:
@@ -91,6 +93,7 @@ def test_synthesize_sends_16_bit_mono_audio_between_start_and_stop(daemon: Daemo
     assert daemon.metric("ttsd_requests_total", route="wyoming", outcome="ok") >= 1
 
 
+@pytest.mark.daemon
 def test_streamed_text_is_spoken_sentence_by_sentence_as_it_arrives(daemon: Daemon) -> None:
     """1. The text of sentence 1 arrives in small pieces. 2. Its audio starts before any text of
     sentence 2 is sent. 3. Sentence 2, then stop: the rest of the audio, one audio-stop, then
@@ -121,6 +124,7 @@ def test_streamed_text_is_spoken_sentence_by_sentence_as_it_arrives(daemon: Daem
     assert 2.0 < len(pcm) / 2 / 22050 < 8.0  # both sentences, spoken once
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("request_event, code", [
     (Synthesize(text="Hello.", voice=SynthesizeVoice(name="nobody")).event(), "unknown_voice"),
     (Synthesize(text="?!...").event(), "bad_request"),
@@ -143,6 +147,7 @@ def test_a_bad_request_is_an_error_event_and_the_connection_stays_usable(daemon:
     assert len(pcm) > 22050  # the next request on the same connection is served
 
 
+@pytest.mark.daemon
 def test_a_client_that_goes_away_frees_the_worker(daemon: Daemon) -> None:
     """A long request whose client disconnects after its first audio stops after the current
     piece: the worker is free long before the text could have been spoken, and it is counted."""
@@ -209,6 +214,7 @@ def drop_version(models: Path, joe_folder: Path, version: str) -> None:
     os.rename(staging, models / f"{VOICE}-{version}")
 
 
+@pytest.mark.daemon
 def test_a_swap_during_a_text_stream_neither_cuts_nor_mixes_its_audio(tmp_path: Path, cache_dir: Path,
                                                                      joe_folder: Path) -> None:
     """1. A text stream starts on version 1 (sentence 1 spoken). 2. Version 2 is dropped in and
@@ -255,6 +261,7 @@ def test_a_swap_during_a_text_stream_neither_cuts_nor_mixes_its_audio(tmp_path: 
         assert d.stop() == 0, d.logs()
 
 
+@pytest.mark.daemon
 def test_sigterm_lets_a_wyoming_answer_finish(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     """SIGTERM while a Wyoming answer is being spoken: it is spoken to the end (within the grace
     period), then the daemon exits 0 and removes its Wyoming socket."""
@@ -281,6 +288,7 @@ def test_sigterm_lets_a_wyoming_answer_finish(tmp_path: Path, cache_dir: Path, j
     assert not socket_path.exists()
 
 
+@pytest.mark.daemon
 def test_tcp_with_an_mdns_announcement(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     """--wyoming tcp://127.0.0.1:PORT --wyoming-zeroconf NAME: the daemon serves Wyoming on TCP and
     announces it over mDNS, or says why it cannot (a box without multicast), and never fails for it."""
@@ -304,6 +312,7 @@ def test_tcp_with_an_mdns_announcement(tmp_path: Path, cache_dir: Path, joe_fold
         assert d.stop() == 0, d.logs()
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("raw", [
     b'{"type": "synthesize", "data_length": 5}\n[1,2]',  # data that is not an object
     b'{"data": {"text": "no type"}}\n',
@@ -348,6 +357,7 @@ def test_a_text_stream_that_never_ends_a_sentence_is_refused_at_the_limit(daemon
     assert error.code == "text_too_long" and size > 22050
 
 
+@pytest.mark.daemon
 def test_a_second_daemon_never_takes_a_live_wyoming_socket(daemon: Daemon, tmp_path: Path) -> None:
     """A second daemon (its own HTTP socket and state dir) given the running one's Wyoming socket
     exits 3 saying another ttsd serves there; it does not unlink the socket from under the first,
