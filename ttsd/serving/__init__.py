@@ -1,7 +1,7 @@
 """Which version of each voice serves.
 
-Looking at the disk: ``source`` (which model folders exist, with a verdict) and ``watcher`` (when
-to look again). What is known: ``table`` (every version's record, the one place records change),
+Looking at the disk: ``source`` (which model folders exist, with a verdict); when to look again is
+``ttsd.reloader``'s. What is known: ``table`` (every version's record, the one place records change),
 ``versions`` (states and records), ``state`` and ``history`` (saved across restarts), ``store``
 (the private copies loads come from). Deciding: ``policy`` (pure rules), ``intake`` (what a folder
 is), ``manager`` (wires the parts and runs a reconcile). Doing: ``jobs`` (slow work, one job per
