@@ -82,8 +82,13 @@ def check(status: int, body: Any) -> None:
 
 scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-(10 ** 400), max_value=10 ** 400)
            | st.floats(allow_nan=False) | st.text(max_size=30) | st.sampled_from(["²", "1", "0", "-1", "wav", "pcm"]))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
+json_values = st.recursive(scalars, _containers, max_leaves=12)
 texts = st.text(alphabet="abcdefghij ,.!?'²\u0301\n\t", min_size=0, max_size=60) | json_values
 field_values = {name: (texts if name == "text" else json_values) for name in FIELDS}
 requests_ = st.fixed_dictionaries({}, optional=field_values) | json_values
