@@ -34,29 +34,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import common
-from common import request
+from common import cache_dir, command_line, finish
+
+from ttsd.testing import Daemon, request, wait_for
 
 SHORT = "Turn on the kitchen lights."
 POLL_S = 0.02
 SETTLE_S = 1.1  # folders are older than the daemon's --settle (1 s) when renamed in
-
-
-def wait_for(ok: Callable[[], bool], timeout: float, what: str) -> float:
-    return common.wait_for(ok, timeout, what, POLL_S)
 
 
 class Hogs:
@@ -129,7 +121,7 @@ def rollback_during_upgrade(sock: str, voice: str, models: Path, staged: tuple[P
     """Drop ``version``; once it is being checked or loaded, roll back (to ``to``): the latency."""
     os.rename(*staged)
     wait_for(lambda: active(sock)[1].get(str(version)) in ("verifying", "loading", "warming"), 120,
-             f"version {version} coming up")
+             f"version {version} coming up", POLL_S)
     started = time.monotonic()
     status, _, body = request(sock, "POST", f"/v1/voices/{voice}/rollback", {"to": to} if to else {}, timeout=120)
     took = time.monotonic() - started
@@ -139,8 +131,8 @@ def rollback_during_upgrade(sock: str, voice: str, models: Path, staged: tuple[P
 
 
 def one_run(cache: Path, builtin: Path, busy: bool) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="ttsd-bench-busy-"))
-    models, sock = tmp / "models", str(tmp / "ttsd.sock")
+    daemon = Daemon(cache=cache, args=["--no-seed"], prefix="ttsd-bench-busy-")
+    models, sock = daemon.models, str(daemon.socket)
     models.mkdir()
     shutil.copytree(builtin, models / "voice-1")
     staged = {v: stage(models, builtin, v) for v in (2, 3, 4)}  # copies + checksums before any timing
@@ -148,27 +140,15 @@ def one_run(cache: Path, builtin: Path, busy: bool) -> dict[str, Any]:
     hogs = Hogs(os.cpu_count() or 2) if busy else None
     r: dict[str, Any] = {"busy": busy, "load_start": os.getloadavg()[0]}
     watch = None
-    log = tmp / "daemon.log"
-    began = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ttsd", "serve", "--no-seed", "--models", str(models),
-                                 "--state", str(tmp / "state"), "--cache", str(cache), "--socket", sock],
-                                stdout=out, stderr=subprocess.STDOUT)
     try:
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                return request(sock, "GET", "/readyz", timeout=30)[0] == 200
-            except OSError:
-                return False
-
-        r["ready_s"] = wait_for(ready, 900, "ready") - began
+        # a busy box answers slowly: a probe may take 30 s without the daemon being "not ready"
+        r["ready_s"] = daemon.start(timeout=900, interval=POLL_S, probe_timeout=30).ready_seconds
         watch = Watch(sock)
         voice = json.loads(request(sock, "GET", "/v1/voices")[2])["voices"][0]["name"]
         dropped = time.monotonic()
         os.rename(*staged[2])
-        r["to_active_s"] = wait_for(lambda: active(sock)[0] == "2", 900, "version 2 active") - dropped
+        wait_for(lambda: active(sock)[0] == "2", 900, "version 2 active", POLL_S)
+        r["to_active_s"] = time.monotonic() - dropped
         r["rollback_loaded_s"] = rollback_during_upgrade(sock, voice, models, staged[3], 3, None)
         r["rollback_unloaded_s"] = rollback_during_upgrade(sock, voice, models, staged[4], 4, "2")
         r["final"] = active(sock)
@@ -178,14 +158,7 @@ def one_run(cache: Path, builtin: Path, busy: bool) -> dict[str, Any]:
             watch.stop()
         if hogs is not None:
             hogs.stop()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            r["exit_code"] = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            r["exit_code"] = proc.wait()
-        r["log"] = log.read_text(errors="replace")
-        shutil.rmtree(tmp, ignore_errors=True)
+        r["exit_code"], r["log"] = finish(daemon)
     assert watch is not None
     r["healthz_worst_s"] = max(watch.health)
     r["requests"], r["failed"] = len(watch.statuses), sum(1 for s in watch.statuses if s != 200)
@@ -238,11 +211,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be >= 1")
-    cache: Path = args.cache or Path(os.environ.get("TTSD_CACHE") or Path(tempfile.gettempdir()) / "ttsd-bench-cache")
+    cache = cache_dir(args.cache)
     from ttsd.voices import builtin_model
 
     builtin = builtin_model(cache)
-    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    command = command_line()
     runs = []
     for i in range(args.runs):
         for busy in (False, True):

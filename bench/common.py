@@ -1,39 +1,33 @@
-"""What the daemon benches (``busy.py``, ``hotswap.py``, ``serve.py``, ``voices.py``) share: one HTTP
-request to a daemon's Unix socket on a fresh connection, as a client that connects per request does,
-and polling until something holds."""
+"""What the daemon benches (``busy.py``, ``hotswap.py``, ``serve.py``, ``soak.py``, ``voices.py``) share
+beyond the daemon harness itself (``ttsd.testing``: ``Daemon``, ``request``, ``wait_for``, ``pct``,
+``rss_mb``): where the voice cache is, the command line to print, and how a bench ends a daemon."""
 
 from __future__ import annotations
 
-import http.client
-import json
-import socket
-import time
-from collections.abc import Callable
-from typing import Any
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from ttsd.testing import Daemon
 
 
-def request(sock: str, method: str, path: str, body: Any = None, timeout: float = 120.0
-            ) -> tuple[int, dict[str, str], bytes]:
-    """One request on a fresh Unix-socket connection: (status, lower-cased headers, body)."""
-    conn = http.client.HTTPConnection("localhost", timeout=timeout)
+def cache_dir(given: Path | None = None) -> Path:
+    """``--cache`` if given, else ``$TTSD_CACHE``, else /tmp/ttsd-bench-cache: the built-in voice is
+    converted there once (~5 s) and reused by every bench run."""
+    return given or Path(os.environ.get("TTSD_CACHE") or Path(tempfile.gettempdir()) / "ttsd-bench-cache")
+
+
+def command_line() -> str:
+    """This run's command, as the results print it: a table says how it was made."""
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def finish(daemon: Daemon, grace: float = 60.0) -> tuple[int, str]:
+    """SIGTERM, a daemon still up after ``grace`` s killed (its code then says so): (exit code, log).
+    Removes the daemon's temp dirs: a bench's measures are taken, and its voices take GBs of disk."""
     try:
-        conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # preset: connect() is skipped
-        conn.sock.settimeout(timeout)
-        conn.sock.connect(sock)
-        payload = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        return daemon.stop(grace=grace, raise_on_timeout=False), daemon.logs()
     finally:
-        conn.close()
-
-
-def wait_for(ok: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> float:
-    """Poll ``ok()`` every ``poll`` seconds until it holds; that monotonic time. ``RuntimeError``
-    naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
-        time.sleep(poll)
-    return time.monotonic()
+        daemon.cleanup()

@@ -39,22 +39,18 @@ import http.client
 import json
 import math
 import os
-import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common
-from common import request
+from common import cache_dir, command_line, finish
+
+from ttsd.testing import Daemon, pct, request, rss_mb, wait_for
 
 SHORT = "Turn on the kitchen lights."
 CLIENTS = 4
@@ -62,56 +58,6 @@ WARMUP_S = 1.0  # first second of load not counted as steady
 AFTER_S = 5.0  # load kept on after the first swap
 SETTLE_S = 1.1  # > the daemon's default --settle
 POLL_S = 0.05
-
-
-class Daemon:
-    """``ttsd serve`` in a subprocess on temp dirs (models, state, socket, log)."""
-
-    def __init__(self, cache: Path, workers: int, threads: int) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="ttsd-bench-hotswap-")
-        root = Path(self.tmp.name)
-        self.models, self.state, self.log = root / "models", root / "state", root / "daemon.log"
-        self.socket = str(root / "run" / "ttsd.sock")
-        cmd = [sys.executable, "-m", "ttsd", "serve", "--models", str(self.models), "--state", str(self.state),
-               "--cache", str(cache), "--socket", self.socket, "--workers", str(workers), "--threads", str(threads)]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_for(self._ready, 180, "the daemon to be ready")
-        except BaseException:
-            self.proc.kill()
-            raise
-        self.pid = int(json.loads(request(self.socket, "GET", "/v1/status")[2])["pid"])
-
-    def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
-        try:
-            return request(self.socket, "GET", "/readyz", timeout=5)[0] == 200
-        except OSError:
-            return False
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM; (exit code, log); removes the temp dirs."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        log = self.log.read_text(errors="replace")
-        self.tmp.cleanup()
-        return code, log
-
-
-def wait_for(ok: Callable[[], bool], timeout: float, what: str) -> float:
-    return common.wait_for(ok, timeout, what, POLL_S)
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered), math.ceil(q / 100 * len(ordered))) - 1)]
 
 
 @dataclass
@@ -150,7 +96,7 @@ class Load:
 
     def pause(self, stop: bool = False) -> None:
         self.go.clear()
-        wait_for(lambda: self.in_flight == 0, 300, "requests in flight")
+        wait_for(lambda: self.in_flight == 0, 300, "requests in flight", POLL_S)
         if stop:
             self.stopping.set()
             for thread in self.threads:
@@ -184,18 +130,13 @@ def build(daemon: Daemon, builtin: Path, number: int) -> tuple[Path, Path]:
     return staging, daemon.models / f"{m.name}-{number}"
 
 
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
 def stats(samples: list[Sample]) -> dict[str, float]:
     lat = [s.latency for s in samples if s.status == 200]
     return {"n": len(lat), "p50": pct(lat, 50) * 1e3, "p99": pct(lat, 99) * 1e3} if lat else {"n": 0}
 
 
 def first_swap(daemon: Daemon, builtin: Path, load: Load, steady: float) -> dict[str, Any]:
-    sock, folders = daemon.socket, build(daemon, builtin, 2)  # copy + checksums before the load starts
+    sock, folders = str(daemon.socket), build(daemon, builtin, 2)  # copy + checksums before the load starts
     began = time.monotonic()
     load.go.set()
     time.sleep(WARMUP_S + steady)
@@ -203,7 +144,8 @@ def first_swap(daemon: Daemon, builtin: Path, load: Load, steady: float) -> dict
     dropped = time.monotonic()
     os.rename(*folders)  # the drop
     seen: dict[str, float] = {}  # version 2's states as the polls saw them: for the picture only
-    active = wait_for(lambda: is_active(sock, "2", seen), 600, "version 2")
+    wait_for(lambda: is_active(sock, "2", seen), 600, "version 2", POLL_S)
+    active = time.monotonic()
     time.sleep(max(0.0, active + AFTER_S - time.monotonic()))
     ended = time.monotonic()
     with load.lock:
@@ -221,28 +163,28 @@ def first_swap(daemon: Daemon, builtin: Path, load: Load, steady: float) -> dict
             "old_after_active": sum(1 for s in samples if s.start >= active and s.status == 200 and s.version != "2")}
 
 
-def unloads(sock: str) -> int:
+def unloads(daemon: Daemon) -> int:
     """Versions unloaded so far (the event is counted after the memory is returned to the OS)."""
-    text = request(sock, "GET", "/metrics")[2].decode()
-    return int(sum(float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith("ttsd_model_transitions_total{") and 'event="unloaded"' in line))
+    return int(daemon.metric("ttsd_model_transitions_total", event="unloaded"))
 
 
 def many_swaps(daemon: Daemon, builtin: Path, swaps: int) -> dict[str, Any]:
+    sock = str(daemon.socket)
     rss, seconds, before = list[float](), list[float](), rss_mb(daemon.pid)
     for number in range(3, 3 + swaps):
         folders = build(daemon, builtin, number)
         time.sleep(SETTLE_S)  # like version 2: older than the daemon's --settle when renamed in
         dropped = time.monotonic()
         os.rename(*folders)
-        seconds.append(wait_for(lambda n=str(number): is_active(daemon.socket, n), 600, f"version {number}") - dropped)
-        wait_for(lambda n=number: unloads(daemon.socket) >= n - 2, 60, f"version {number - 2} to unload")
+        wait_for(lambda n=str(number): is_active(sock, n), 600, f"version {number}", POLL_S)
+        seconds.append(time.monotonic() - dropped)
+        wait_for(lambda n=number: unloads(daemon) >= n - 2, 60, f"version {number - 2} to unload", POLL_S)
         rss.append(rss_mb(daemon.pid))
         print(f"  version {number}: active {seconds[-1]:.1f} s after the drop, RSS {rss[-1]:.0f} MB", flush=True)
     growth = statistics.linear_regression(range(10), rss[-10:]).slope if swaps >= 10 else math.nan
     store = daemon.state / "store"
     # The daemon prunes old store copies after a swap: wait until no version folder is half removed.
-    wait_for(lambda: all((v / "ttsd.json").is_file() for v in store.glob("*/*")), 60, "store pruning")
+    wait_for(lambda: all((v / "ttsd.json").is_file() for v in store.glob("*/*")), 60, "store pruning", POLL_S)
     return {"before": before, "rss": rss, "seconds": sorted(seconds) or [math.nan], "growth": growth,
             "hwm": rss_mb(daemon.pid, "VmHWM"), "store_mb": dir_mb(store), "models_mb": dir_mb(daemon.models),
             "stored": len(list(store.glob("*/*")))}
@@ -302,8 +244,9 @@ def one_run(cache: Path, builtin: Path, workers: int, threads: int, steady: floa
     """A fresh daemon: the first swap under load, then ``swaps`` more for RSS."""
     r: dict[str, Any] = {"workers": workers, "threads": threads, "steady": steady, "swaps": swaps,
                          "load_start": os.getloadavg()[0], "swap_load": "running" if load_during_swaps else "paused"}
-    daemon = Daemon(cache, workers, threads)
-    load = Load(daemon.socket)
+    daemon = Daemon(cache=cache, workers=workers, threads=threads, prefix="ttsd-bench-hotswap-")
+    daemon.start(timeout=180, interval=POLL_S)
+    load = Load(str(daemon.socket))
     try:
         r["first"] = first_swap(daemon, builtin, load, steady)
         if not load_during_swaps:
@@ -313,7 +256,7 @@ def one_run(cache: Path, builtin: Path, workers: int, threads: int, steady: floa
         r["swaps_s"] = time.monotonic() - started
     finally:
         load.pause(stop=True)
-        r["exit_code"], r["log"] = daemon.stop()
+        r["exit_code"], r["log"] = finish(daemon)
     r["requests"], r["failed"] = len(load.samples), sum(1 for s in load.samples if s.status != 200)
     r["samples"] = [(s.start, s.latency, s.status, s.version) for s in load.samples]
     r["load_end"] = os.getloadavg()[0]
@@ -368,11 +311,11 @@ def main() -> None:
         parser.error("--layouts: expected WORKERSxTHREADS[,...], e.g. 1x2,2x1")
     if args.repeats < 1 or args.swaps < 0 or args.steady <= 0:
         parser.error("--repeats must be >= 1, --swaps >= 0, --steady > 0")
-    cache: Path = args.cache or Path(os.environ.get("TTSD_CACHE") or Path(tempfile.gettempdir()) / "ttsd-bench-cache")
+    cache = cache_dir(args.cache)
     from ttsd.voices import builtin_model
 
     builtin = builtin_model(cache)
-    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    command = command_line()
     runs: list[dict[str, Any]] = []
     first_full: dict[str, Any] | None = None
     for _ in range(args.repeats):

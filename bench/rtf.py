@@ -169,23 +169,16 @@ def soak_texts(count: int) -> list[str]:
     return texts
 
 
-def rss_mb() -> float:
-    """This process's resident set size now (VmRSS), in MB."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def soak(engine: str, speak: Synth, count: int) -> dict[str, Any]:
     """Speak ``count`` varied texts, reading RSS after each; RSS after request 100, at the end, growth."""
+    from ttsd.testing import rss_mb  # here, not at the top: the memory children time their own imports
+
     rss: list[float] = []
     every = max(count // 4, 1)
     started = time.perf_counter()
     for index, text in enumerate(soak_texts(count), 1):
         speak(text)
-        rss.append(rss_mb())
+        rss.append(rss_mb(os.getpid()))
         if index % every == 0:
             print(f"{engine} soak: {index}/{count} requests, RSS {rss[-1]:.0f} MB", file=sys.stderr, flush=True)
     middle = rss[count // 2 - 1]

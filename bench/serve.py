@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +38,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import request
+from common import cache_dir, command_line, finish
+
+from ttsd.testing import Daemon, pct, request
 
 SHORT = "Turn on the kitchen lights."
 SAY_TEXT = "Hello there."
@@ -60,45 +59,6 @@ def synth(sock: str, text: str = SHORT) -> tuple[float, float]:
     if status != 200 or len(data) < 1000:
         raise RuntimeError(f"synthesize answered {status}: {data[:200]!r}")
     return elapsed, float(headers["x-ttsd-synthesis-seconds"])
-
-
-class Daemon:
-    def __init__(self, cache: Path, workers: int, threads: int) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="ttsd-bench-serve-")
-        root = Path(self.tmp.name)
-        self.socket = str(root / "run" / "ttsd.sock")
-        self.log = root / "daemon.log"
-        cmd = [sys.executable, "-m", "ttsd", "serve", "--models", str(root / "models"), "--state",
-               str(root / "state"), "--cache", str(cache), "--socket", self.socket,
-               "--workers", str(workers), "--threads", str(threads)]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while not self._ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"daemon not ready ({self.proc.wait()}):\n{self.log.read_text()}")
-            time.sleep(0.1)
-
-    def _ready(self) -> bool:
-        try:
-            return request(self.socket, "GET", "/readyz", timeout=5)[0] == 200
-        except OSError:
-            return False
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(60)
-        if code != 0:
-            print(self.log.read_text(), file=sys.stderr)
-        self.tmp.cleanup()
-        return code
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered), math.ceil(q / 100 * len(ordered))) - 1)]
 
 
 def levels(sock: str, requests: int) -> dict[str, dict[str, float]]:
@@ -212,24 +172,28 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.workers, args.threads, args.requests) < 1:
         parser.error("--workers, --threads and --requests must be at least 1")
-    cache: Path = args.cache or Path(os.environ.get("TTSD_CACHE") or Path(tempfile.gettempdir()) / "ttsd-bench-cache")
-    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    cache = cache_dir(args.cache)
+    command = command_line()
     result: dict[str, Any] = {"command": command, "requests": args.requests, "load_start": os.getloadavg()[0]}
     runs: list[dict[str, Any]] = []
     for workers, threads in LAYOUTS if args.matrix else ((args.workers, args.threads),):
         print(f"daemon: {workers} worker(s), {threads} thread(s)…", flush=True)
-        daemon = Daemon(cache, workers, threads)
+        daemon = Daemon(cache=cache, workers=workers, threads=threads, prefix="ttsd-bench-serve-")
+        daemon.start(timeout=180, interval=0.1)
+        sock = str(daemon.socket)
         run: dict[str, Any] = {"workers": workers, "threads": threads}
         runs.append(run)
         try:
-            run["levels"] = levels(daemon.socket, args.requests)
+            run["levels"] = levels(sock, args.requests)
             if not args.matrix:
                 print(f"overhead: {args.requests} daemon requests alternating with in-process calls…", flush=True)
-                run["overhead"] = overhead(daemon.socket, cache, threads, args.requests)
+                run["overhead"] = overhead(sock, cache, threads, args.requests)
                 print(f"ttsd say: 1 warm-up + {SAY_RUNS} processes…", flush=True)
-                run["say"] = say_time(daemon.socket)
+                run["say"] = say_time(sock)
         finally:
-            run["exit_code"] = daemon.stop()
+            run["exit_code"], log = finish(daemon)
+            if run["exit_code"] != 0:
+                print(log, file=sys.stderr)
     codes = [run["exit_code"] for run in runs]
     result.update({"matrix": runs} if args.matrix else runs[0])
     result["load_end"] = os.getloadavg()[0]

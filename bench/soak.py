@@ -34,11 +34,7 @@ import http.client
 import json
 import os
 import random
-import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +42,10 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from common import cache_dir, command_line
+
+from ttsd.testing import Daemon, request
 
 GOOD = [
     "Turn on the kitchen lights.",
@@ -56,6 +56,7 @@ GOOD = [
 ]
 FORMATS = ["wav", "flac", "ogg", "mp3", "pcm"]
 MAX_CHARS = 5000
+JSON = {"Content-Type": "application/json"}  # sent with every body, the malformed ones too
 
 
 def bad_requests() -> list[tuple[bytes, set[int]]]:
@@ -80,72 +81,32 @@ def bad_requests() -> list[tuple[bytes, set[int]]]:
     ]
 
 
-def request(sock: str, body: bytes, timeout: float = 600.0, method: str = "POST",
-            path: str = "/v1/synthesize") -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("localhost", timeout=timeout)
-    try:
-        conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.sock.settimeout(timeout)
-        conn.sock.connect(sock)
-        conn.request(method, path, body=body if method == "POST" else None,
-                     headers={"Content-Type": "application/json"} if method == "POST" else {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+class Box:
+    """The soaked daemon (``ttsd.testing.Daemon``), started again on the same dirs after each kill."""
 
-
-class Daemon:
     def __init__(self, root: Path, cache: Path) -> None:
-        self.root, self.cache = root, cache
-        self.models, self.state, self.spool = root / "models", root / "state", root / "spool"
-        self.socket = str(root / "ttsd.sock")
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.spool = root / "spool"
+        self.daemon = Daemon(root, ["--spool", str(self.spool), "--max-chars", str(MAX_CHARS)], cache=cache)
+        self.models, self.state, self.socket = self.daemon.models, self.daemon.state, str(self.daemon.socket)
         self.down = threading.Event()  # set while killed / restarting: failures then are not "lost"
-        self.peaks: list[float] = []
-        self.incarnation = 0
+        self.peaks: list[float] = []  # each incarnation's VmHWM
 
     def start(self) -> None:
-        self.incarnation += 1
-        cmd = [sys.executable, "-m", "ttsd", "serve", "--models", str(self.models), "--state", str(self.state),
-               "--cache", str(self.cache), "--socket", self.socket, "--spool", str(self.spool),
-               "--max-chars", str(MAX_CHARS)]
-        log = open(self.root / f"daemon-{self.incarnation}.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}")
-            try:
-                if request(self.socket, b"", 5, "GET", "/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("daemon not ready after 300 s")
-            time.sleep(0.2)
+        self.daemon.start(timeout=300)
         self.down.clear()
 
     def rss(self, field: str = "VmRSS") -> float:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return self.daemon.rss_mb(field)
 
     def kill(self) -> None:
-        assert self.proc is not None
         self.down.set()
         self.peaks.append(self.rss("VmHWM"))
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
+        self.daemon.kill()
 
     def stop(self) -> int:
-        assert self.proc is not None
         self.down.set()
         self.peaks.append(self.rss("VmHWM"))
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(120)
+        return self.daemon.stop(grace=120)
 
 
 class Tally:
@@ -161,7 +122,7 @@ class Tally:
                 self.unexpected.append(note)
 
 
-def good_client(d: Daemon, stop: threading.Event, tally: Tally, seed: int) -> None:
+def good_client(d: Box, stop: threading.Event, tally: Tally, seed: int) -> None:
     rng = random.Random(seed)
     while not stop.is_set():
         text = rng.choice(GOOD) if rng.random() < 0.7 else " ".join(rng.sample(GOOD, 3))
@@ -173,7 +134,7 @@ def good_client(d: Daemon, stop: threading.Event, tally: Tally, seed: int) -> No
         send(d, json.dumps(body).encode(), {200}, tally, "good")
 
 
-def bad_client(d: Daemon, stop: threading.Event, tally: Tally, seed: int) -> None:
+def bad_client(d: Box, stop: threading.Event, tally: Tally, seed: int) -> None:
     rng, cases = random.Random(seed), bad_requests()
     while not stop.is_set():
         body, ok = rng.choice(cases)
@@ -181,10 +142,10 @@ def bad_client(d: Daemon, stop: threading.Event, tally: Tally, seed: int) -> Non
         time.sleep(rng.uniform(0.1, 1.0))
 
 
-def send(d: Daemon, body: bytes, ok: set[int], tally: Tally, kind: str) -> None:
+def send(d: Box, body: bytes, ok: set[int], tally: Tally, kind: str) -> None:
     was_down = d.down.is_set()
     try:
-        status, _, data = request(d.socket, body)
+        status, _, data = request(d.socket, "POST", "/v1/synthesize", raw=body, headers=JSON, timeout=600)
     except (OSError, http.client.HTTPException) as exc:
         if was_down or d.down.is_set():
             tally.add(f"{kind}: cut by a kill or restart")
@@ -201,7 +162,7 @@ def send(d: Daemon, body: bytes, ok: set[int], tally: Tally, kind: str) -> None:
         tally.add(f"{kind}: empty audio", f"{kind}: 200 with {len(data)} bytes")
 
 
-def spool_writer(d: Daemon, stop: threading.Event, ids: list[str]) -> None:
+def spool_writer(d: Box, stop: threading.Event, ids: list[str]) -> None:
     rng, n = random.Random(7), 0
     incoming = d.spool / "incoming"
     while not stop.is_set():
@@ -221,7 +182,7 @@ def spool_writer(d: Daemon, stop: threading.Event, ids: list[str]) -> None:
         stop.wait(2.0)
 
 
-def drop_version(d: Daemon, builtin: Path, number: int) -> None:
+def drop_version(d: Box, builtin: Path, number: int) -> None:
     from ttsd.manifest import pack, verify
 
     staging = d.models / f".stage-{number}"
@@ -236,14 +197,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--cache", type=Path)
     args = parser.parse_args()
-    cache: Path = args.cache or Path(os.environ.get("TTSD_CACHE") or Path(tempfile.gettempdir()) / "ttsd-bench-cache")
+    cache = cache_dir(args.cache)
     from ttsd.voices import builtin_model
 
     builtin = builtin_model(cache)
-    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    command = command_line()
     load_start = os.getloadavg()[0]
     tmp = tempfile.TemporaryDirectory(prefix="ttsd-soak-")
-    d = Daemon(Path(tmp.name), cache)
+    d = Box(Path(tmp.name), cache)
     d.start()
     stop, tally, ids = threading.Event(), Tally(), list[str]()
     threads = [threading.Thread(target=good_client, args=(d, stop, tally, i), daemon=True) for i in range(4)]
@@ -267,7 +228,7 @@ def main() -> None:
             next_drop += 120
         if now >= next_rollback:
             try:
-                status = request(d.socket, b"{}", 120, "POST", "/v1/voices/en_US-joe-medium/rollback")[0]
+                status = request(d.socket, "POST", "/v1/voices/en_US-joe-medium/rollback", {}, timeout=120)[0]
                 events[f"rollbacks over HTTP ({status})"] += 1
             except OSError:
                 events["rollbacks over HTTP (daemon down)"] += 1
@@ -295,7 +256,7 @@ def main() -> None:
     left = unfinished()
     history = [json.loads(line) for line in (d.state / "history.jsonl").read_text().splitlines() if line.strip()]
     auto = [h for h in history if str(h.get("why", "")).startswith("auto-rollback") or h.get("why") == "canary failed"]
-    status_json = json.loads(request(d.socket, b"", 30, "GET", "/v1/status")[2])
+    status_json = request(d.socket, "GET", "/v1/status", timeout=30).json()
     code = d.stop()
     c = tally.counts
     lost = c["good: lost"] + c["bad: lost"]

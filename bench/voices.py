@@ -27,41 +27,24 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import math
 import os
 import random
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common
-from common import request
+from common import cache_dir, finish
+
+from ttsd.testing import Daemon, pct, wait_for
 
 SHORT = "Turn on the kitchen lights."
 VOICES = 8
 CLIENTS = 4
 POLL_S = 0.1
-
-
-def wait_for(ok: Callable[[], bool], timeout: float, what: str) -> float:
-    return common.wait_for(ok, timeout, what, POLL_S)
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered), math.ceil(q / 100 * len(ordered))) - 1)]
 
 
 def make_voices(models: Path, builtin: Path) -> list[str]:
@@ -80,63 +63,26 @@ def make_voices(models: Path, builtin: Path) -> list[str]:
     return names
 
 
-class Daemon:
-    def __init__(self, cache: Path, budget: list[str]) -> None:
-        from ttsd.voices import builtin_model
+def start(cache: Path, budget: list[str]) -> tuple[Daemon, list[str], float]:
+    """The daemon on ``VOICES`` voices, once every one is verified and warmed (then parked):
+    (daemon, voice names, seconds from its start)."""
+    from ttsd.voices import builtin_model
 
-        self.tmp = tempfile.TemporaryDirectory(prefix="ttsd-bench-voices-")
-        root = Path(self.tmp.name)
-        self.models, self.log = root / "models", root / "daemon.log"
-        self.models.mkdir()
-        self.names = make_voices(self.models, builtin_model(cache))
-        self.socket = str(root / "run" / "ttsd.sock")
-        cmd = [sys.executable, "-m", "ttsd", "serve", "--models", str(self.models), "--state", str(root / "state"),
-               "--cache", str(cache), "--socket", self.socket, "--no-seed", "--default-voice", "voice0",
-               "--queue-size", "32", *budget]
-        self.started = time.monotonic()
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_for(self._ready, 600, "the daemon to be ready")
-            # every voice is verified and warmed once at start-up (then parked): wait for all of them
-            wait_for(lambda: len([v for v in self.voices().values() if v["active"]]) == VOICES, 600, "8 voices")
-        except BaseException:
-            self.proc.kill()
-            raise
-        self.start_seconds = time.monotonic() - self.started
-        self.pid = self.proc.pid
+    daemon = Daemon(cache=cache, args=["--no-seed", "--default-voice", "voice0", "--queue-size", "32", *budget],
+                    prefix="ttsd-bench-voices-")
+    try:
+        daemon.models.mkdir()
+        names = make_voices(daemon.models, builtin_model(cache))
+        daemon.start(timeout=600, interval=POLL_S)
+        wait_for(lambda: len([v for v in voices(daemon).values() if v["active"]]) == VOICES, 600, "8 voices", POLL_S)
+    except BaseException:
+        daemon.cleanup()
+        raise
+    return daemon, names, time.monotonic() - daemon.started
 
-    def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
-        try:
-            return request(self.socket, "GET", "/readyz", timeout=5)[0] == 200
-        except OSError:
-            return False
 
-    def voices(self) -> dict[str, dict[str, Any]]:
-        return {v["name"]: v for v in json.loads(request(self.socket, "GET", "/v1/voices", timeout=30)[2])["voices"]}
-
-    def metric(self, name: str) -> float:
-        text = request(self.socket, "GET", "/metrics")[2].decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith((name + "{", name + " ")))
-
-    def rss_mb(self, field: str = "VmRSS") -> float:
-        line = next(x for x in Path(f"/proc/{self.pid}/status").read_text().splitlines() if x.startswith(field + ":"))
-        return int(line.split()[1]) / 1024
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM; (exit code, log); removes the temp dirs."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        log = self.log.read_text(errors="replace")
-        self.tmp.cleanup()
-        return code, log
+def voices(daemon: Daemon) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in daemon.get("/v1/voices", timeout=30).json()["voices"]}
 
 
 @dataclass
@@ -148,7 +94,7 @@ class Sample:
     error: str = ""  # the error code of a failed request
 
 
-def drive(daemon: Daemon, requests: int, zipf: float, seed: int) -> list[Sample]:
+def drive(daemon: Daemon, names: list[str], requests: int, zipf: float, seed: int) -> list[Sample]:
     weights = [1 / (k + 1) ** zipf for k in range(VOICES)]
     samples: list[Sample] = []
     lock = threading.Lock()
@@ -161,12 +107,12 @@ def drive(daemon: Daemon, requests: int, zipf: float, seed: int) -> list[Sample]
                 if left[0] <= 0:
                     return
                 left[0] -= 1
-            voice = rng.choices(daemon.names, weights)[0]
-            hit = daemon.voices()[voice]["residency"] == "loaded"
+            voice = rng.choices(names, weights)[0]
+            hit = voices(daemon)[voice]["residency"] == "loaded"
             started = time.monotonic()
             error = ""
             try:
-                status, _, body = request(daemon.socket, "POST", "/v1/synthesize", {"text": SHORT, "voice": voice})
+                status, _, body = daemon.post("/v1/synthesize", {"text": SHORT, "voice": voice})
                 if status != 200:
                     error = json.loads(body)["error"]["code"]
             except (OSError, http.client.HTTPException, ValueError, KeyError):
@@ -188,21 +134,21 @@ def main() -> None:
     parser.add_argument("--memory-budget", help="use --memory-budget SIZE instead of --max-loaded 3")
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TTSD_CACHE", "/tmp/ttsd-bench-cache")))
+    parser.add_argument("--cache", type=Path, default=cache_dir())
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     budget = ["--memory-budget", args.memory_budget] if args.memory_budget else ["--max-loaded", "3"]
-    daemon = Daemon(args.cache, budget)
+    daemon, names, start_seconds = start(args.cache, budget)
     try:
         settled_mb = daemon.rss_mb()
         started = time.monotonic()
-        samples = drive(daemon, args.requests, args.zipf, args.seed)
+        samples = drive(daemon, names, args.requests, args.zipf, args.seed)
         wall = time.monotonic() - started
-        status = json.loads(request(daemon.socket, "GET", "/v1/status")[2])
+        status = daemon.get("/v1/status").json()
         loads, evictions = daemon.metric("ttsd_voice_loads_total"), daemon.metric("ttsd_voice_evictions_total")
         peak_mb, end_mb = daemon.rss_mb("VmHWM"), daemon.rss_mb()
     finally:
-        code, log = daemon.stop()
+        code, log = finish(daemon)
     load_seconds = [float(x) for x in re.findall(r"loaded and warmed in ([0-9.]+) s \(a request needs it\)", log)]
     hits = [s.latency for s in samples if s.hit and s.status == 200]
     misses = [s.latency for s in samples if not s.hit and s.status == 200]
@@ -213,8 +159,8 @@ def main() -> None:
         "loads": loads, "evictions": evictions, "peak_rss_mb": round(peak_mb), "end_rss_mb": round(end_mb),
         "start_rss_mb": round(settled_mb), "budget_mb": round(status["memory"]["budget_bytes"] / 2**20)
         if status["memory"]["budget_bytes"] else None, "loaded_at_end": status["memory"]["loaded_versions"],
-        "start_seconds": round(daemon.start_seconds, 1), "per_voice": {n: sum(s.voice == n for s in samples)
-                                                                       for n in daemon.names},
+        "start_seconds": round(start_seconds, 1), "per_voice": {n: sum(s.voice == n for s in samples)
+                                                                for n in names},
         "errors": {f"{s.status} {s.error}": sum(1 for t in samples if (t.status, t.error) == (s.status, s.error))
                    for s in samples if s.status != 200},
         "load_p50": pct(load_seconds, 50), "load_p90": pct(load_seconds, 90),

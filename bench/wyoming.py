@@ -55,6 +55,8 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
+from ttsd.testing import pct, rss_mb  # noqa: E402
+
 VOICE = "en_US-joe-medium"
 ONE = "Turn on the kitchen lights, please."
 SETTLE_S = 0.3  # idle between requests: both runtimes' threads spin a while after work (ORT, OpenMP)
@@ -91,10 +93,7 @@ class Server:
             await asyncio.sleep(0.5)
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return rss_mb(self.proc.pid, "VmHWM")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -198,11 +197,6 @@ def import_floor_mb(statement: str) -> float:
     return statistics.median(runs)
 
 
-def p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-
-
 def table(result: dict[str, Any]) -> str:
     ttsd, piper = result["single"]["ttsd"], result["single"]["wyoming-piper"]
     lines = ["| case | ttsd first audio / total (s) | wyoming-piper first audio / total (s) | first audio | total |",
@@ -212,7 +206,7 @@ def table(result: dict[str, Any]) -> str:
         p_first, p_total = (statistics.median(v) for v in zip(*piper[case], strict=True))
         lines.append(f"| {case} | {t_first:.3f} / {t_total:.3f} | {p_first:.3f} / {p_total:.3f} | "
                      f"{t_first / p_first:.2f}x | {t_total / p_total:.2f}x |")
-    t95, p95_ = p95(result["concurrent"]["ttsd"]), p95(result["concurrent"]["wyoming-piper"])
+    t95, p95_ = pct(result["concurrent"]["ttsd"], 95), pct(result["concurrent"]["wyoming-piper"], 95)
     lines.append(f"| 3 clients at once, 4 sentences, p95 total (s) | {t95:.3f} | {p95_:.3f} | | {t95 / p95_:.2f}x |")
     rss = result["peak_rss_mb"]
     lines.append(f"| peak RSS (MB) | {rss['ttsd']:.0f} | {rss['wyoming-piper']:.0f} | | "

@@ -139,13 +139,6 @@ def test_opus_and_aac_of_the_real_voice(daemon: Daemon) -> None:
         assert decoded_seconds(streamed.body) == pytest.approx(made, abs=0.15)
 
 
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
 @pytest.mark.daemon
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")
 def test_an_unpunctuated_text_costs_no_more_memory_than_a_punctuated_one(daemon: Daemon) -> None:
@@ -156,12 +149,12 @@ def test_an_unpunctuated_text_costs_no_more_memory_than_a_punctuated_one(daemon:
        join and the WAV encoding, ~80 MB) plus allocator slack; the unsplit sentence needed GBs."""
     for _ in range(2):
         assert daemon.post("/v1/synthesize", {"text": LONG}).status == 200
-    normal = _peak_rss_mb(daemon.proc.pid)
+    normal = daemon.rss_mb("VmHWM")
     text = ("hello world " * 420)[:4990]
     reply = daemon.post("/v1/synthesize", {"text": text}, timeout=300)
     assert reply.status == 200, reply.body[:300]
     assert float(reply.headers["x-ttsd-audio-seconds"]) > 180
-    grown = _peak_rss_mb(daemon.proc.pid) - normal
+    grown = daemon.rss_mb("VmHWM") - normal
     assert grown < 150, f"peak RSS grew {grown:.0f} MB over the normal {normal:.0f} MB"
 
 

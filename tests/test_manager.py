@@ -18,6 +18,7 @@ from ttsd.manifest import pack
 from ttsd.serving.manager import ModelManager
 from ttsd.serving.source import LocalFolderSource
 from ttsd.serving.versions import Policy, State
+from ttsd.testing import rss_mb
 
 
 def test_newest_good_version_of_each_voice_serves(tmp_path: Path, fake_engines: None) -> None:
@@ -257,13 +258,6 @@ def test_memory_policy_never_holds_two_versions(tmp_path: Path, fake_engines: No
     assert manager.snapshot()[0]["active"] == "2" and FakeEngine.live == 1
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.slow
 def test_memory_is_returned_over_20_swaps_of_the_real_voice(tmp_path: Path, joe_folder: Path) -> None:
     """Twenty upgrades of en_US-joe-medium in one process: RSS levels off (each swap unloads the
@@ -289,7 +283,7 @@ def test_memory_is_returned_over_20_swaps_of_the_real_voice(tmp_path: Path, joe_
         with manager.acquire("joe") as lease:
             assert lease.voice.version == str(version)
             lease.engine.synthesize("A request between swaps.")
-        samples.append(rss_mb())
+        samples.append(rss_mb(os.getpid()))
     loaded = [v["version"] for v in manager.snapshot()[0]["versions"] if v["state"] in ("active", "standby")]
     assert loaded == ["20", "21"]
     assert len(list((tmp_path / "state" / "store" / "joe").iterdir())) <= 4

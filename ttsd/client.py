@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -12,16 +13,18 @@ from typing import Any
 from .errors import DaemonError, from_http
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix socket (the daemon's default listener)."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float = 120.0) -> None:
         super().__init__("localhost", timeout=timeout)
-        self._path = str(path)
+        self.socket_path = os.fspath(path)
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(self._path)
+            sock.connect(self.socket_path)
         except OSError:
             sock.close()
             raise
@@ -46,7 +49,7 @@ class Client:
     def _request(
         self, method: str, path: str, body: Any = None, timeout: float | None = None
     ) -> tuple[int, dict[str, str], bytes]:
-        conn = _UnixConnection(self.socket_path, timeout or self.timeout)
+        conn = UnixHTTPConnection(self.socket_path, timeout or self.timeout)
         try:
             payload = json.dumps(body).encode() if body is not None else None
             headers = {"Content-Type": "application/json"} if payload is not None else {}
