@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import click
 
 from ..errors import ConfigError, DaemonError
 
@@ -47,3 +50,18 @@ PRECISION_HELP = (
     "CPU does bf16 natively, AVX512-BF16/AMX/ARM BF16, else fp32), fp32 (exact), or bf16 (faster; "
     "emulated and slow on CPUs without it) [env TTSD_PRECISION]."
 )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def trusted_keys_option(help: str) -> Callable[[F], F]:
+    """``--trusted-keys DIR`` [env TTSD_TRUSTED_KEYS]: a dir of public keys (*.pem); ``help`` says
+    what the command does with them."""
+    return click.option(
+        "--trusted-keys",
+        "trusted_keys",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="TTSD_TRUSTED_KEYS",
+        help=help,
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .common import console
+from .common import console, trusted_keys_option
 from .models import models
 
 MIRROR_HELP = (
@@ -103,13 +103,7 @@ class _RichReporter:
 @models.command("publish")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("mirror_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--trusted-keys",
-    "trusted_keys",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="TTSD_TRUSTED_KEYS",
-    help="Refuse to publish a folder not signed by one of these keys.",
-)
+@trusted_keys_option("Refuse to publish a folder not signed by one of these keys.")
 def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None) -> None:
     """Put a model folder on a fleet mirror (MIRROR_DIR, served by any HTTP server) as its voice's
     newest version, for boxes to take with 'ttsd models get VOICE --mirror URL'."""
@@ -156,13 +150,9 @@ def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None) -> No
     help="Partial downloads wait in CACHE/downloads [env TTSD_CACHE].",
 )
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
-@click.option(
-    "--trusted-keys",
-    "trusted_keys",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="TTSD_TRUSTED_KEYS",
-    help="A ready folder from a fleet mirror must be signed by one of these "
-    "public keys before it is published [env TTSD_TRUSTED_KEYS].",
+@trusted_keys_option(
+    "A ready folder from a fleet mirror must be signed by one of these "
+    "public keys before it is published [env TTSD_TRUSTED_KEYS]."
 )
 def get_cmd(
     voice: str,

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError, TtsdError
-from .common import PRECISION_CHOICES, SOCKET_HELP, console
+from .common import PRECISION_CHOICES, SOCKET_HELP, console, trusted_keys_option
 
 
 @click.group()
@@ -130,13 +130,7 @@ def sign_cmd(folder: Path, key: Path) -> None:
 
 @models.command("verify")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--trusted-keys",
-    "trusted_keys",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="TTSD_TRUSTED_KEYS",
-    help="Also require a signature by one of these public keys [env TTSD_TRUSTED_KEYS].",
-)
+@trusted_keys_option("Also require a signature by one of these public keys [env TTSD_TRUSTED_KEYS].")
 def verify_cmd(folder: Path, trusted_keys: Path | None) -> None:
     """Check FOLDER against its manifest; say exactly which file is missing, extra or wrong; and
     who signed it."""

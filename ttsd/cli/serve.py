@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
-from .common import PRECISION_CHOICES, PRECISION_HELP
+from .common import PRECISION_CHOICES, PRECISION_HELP, trusted_keys_option
 from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming, read_token, zeroconf_name
 
 
@@ -69,13 +69,9 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     help="Announce the Wyoming TCP service over mDNS for Home Assistant's discovery "
     "(name default 'ttsd'; needs the zeroconf extra).",
 )
-@click.option(
-    "--trusted-keys",
-    "trusted_keys",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="TTSD_TRUSTED_KEYS",
-    help="Load only model folders signed (model.sig) by one of the public keys (*.pem) in this dir "
-    "[env TTSD_TRUSTED_KEYS; needs the signing extra].",
+@trusted_keys_option(
+    "Load only model folders signed (model.sig) by one of the public keys (*.pem) in this dir "
+    "[env TTSD_TRUSTED_KEYS; needs the signing extra]."
 )
 @click.option(
     "--token-file",
