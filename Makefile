@@ -34,9 +34,12 @@ $(STAMP): setup.cfg pyproject.toml
 serve: setup
 	$(BIN)/ttsd serve
 
-# Everything CI runs: the linters, then every test (about 7 minutes on 2 cores).
+# Everything CI runs: the linters, then every test, a worker per core (pytest-xdist), each test
+# file on one worker (its tests share module-scoped daemons). `make test PARALLEL=` runs them in
+# one process.
+PARALLEL ?= -n auto --maxprocesses 4 --dist loadfile
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PARALLEL)
 
 # The unit and in-process tests only (under a minute): no daemon processes, no real voice.
 test-fast: setup lint

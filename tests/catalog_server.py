@@ -99,7 +99,8 @@ def serve() -> Iterator[Mirror]:
     handler = type("Handler", (_Handler,), {"mirror": mirror})
     server = _Server(("127.0.0.1", 0), handler)
     mirror.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # a short poll: shutdown() waits for the loop's next look at its flag (0.5 s by default, per test)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         yield mirror

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from ttsd.manifest import pack
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs a worker per core: each worker's torch (and every daemon and CLI it starts,
+    # through the environment) gets one thread, or OpenMP's threads fight over the cores and the
+    # suite runs slower than on one worker. Set before torch is imported; tests of thread counts
+    # set theirs (tests/test_threads.py).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from ttsd.manifest import pack  # noqa: E402
 from ttsd.serving.manager import ModelManager
 from ttsd.serving.source import LocalFolderSource
 from ttsd.serving.versions import Policy
@@ -19,8 +26,22 @@ LETTERS = list("abcdefghijklmnopqrstuvwxyz '")
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One ttsd cache for the whole run, so the built-in voice converts once."""
-    return tmp_path_factory.mktemp("ttsd-cache")
+    """One ttsd cache for the whole run (for each worker under pytest-xdist: ``models get``'s
+    partial downloads live there too), holding the built-in voice, converted once per run."""
+    cache = tmp_path_factory.mktemp("ttsd-cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the first worker converts it, the others copy
+        import shutil
+
+        from filelock import FileLock
+
+        from ttsd.voices import builtin_model
+
+        shared = tmp_path_factory.getbasetemp().parent / "ttsd-builtin"
+        shared.mkdir(exist_ok=True)
+        with FileLock(str(shared / ".lock")):
+            built = builtin_model(shared)
+        shutil.copytree(built, cache / built.relative_to(shared))
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,16 @@ import torch
 from ttsd.engines import threads
 
 
+@pytest.fixture(autouse=True)
+def two_threads() -> object:
+    """These tests are about a thread's count against the process's: give the process two (a
+    test worker runs with one, see conftest) for their length, as a daemon on two cores has."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
 def test_thread_cores_holds_openmp_on_this_thread_only() -> None:
     if threads._openmp() is None:
         pytest.skip("no OpenMP runtime found")
