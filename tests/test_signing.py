@@ -344,3 +344,29 @@ def test_a_key_removed_from_the_trusted_dir_stops_loading_at_once(tmp_path: Path
         manager.activate("voice", "1")
     assert manager.snapshot()[0]["active"] == "2" and FakeEngine.loads == loads
     manager.close()
+
+
+def test_publish_refuses_a_folder_its_signature_no_longer_covers(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """``ttsd.json`` edited after signing (the checksums still pass): publish says so with exit 18
+    and leaves the mirror as it was, since every box would refuse the folder; signed again, it is
+    published. No key is needed for this check: it is the file list, not the signature's maker."""
+    from click.testing import CliRunner
+
+    from ttsd.cli import main
+
+    folder = folder_of_two(tmp_path / "v1")
+    sign(folder, keys["fleet"])
+    manifest = json.loads((folder / "ttsd.json").read_text())
+    manifest["license"] = "edited after signing"
+    (folder / "ttsd.json").write_text(json.dumps(manifest))
+    verify(folder)  # the folder itself is whole: only its signature is stale
+    mirror = tmp_path / "mirror"
+    runner = CliRunner()
+    refused = runner.invoke(main, ["models", "publish", str(folder), str(mirror)])
+    assert refused.exit_code == 18, refused.output
+    assert "ttsd.json differs from what was signed" in refused.output
+    assert not (mirror / "ttsd-index.json").exists() and not (mirror / "ttsd").exists()
+
+    sign(folder, keys["fleet"])
+    published = runner.invoke(main, ["models", "publish", str(folder), str(mirror)])
+    assert published.exit_code == 0 and "voice 1, signed" in published.output, published.output

@@ -21,6 +21,7 @@ loads it, from its loader thread; the CLI checks folders for ``ttsd models verif
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -44,19 +45,19 @@ MAX_KEYS = 100  # public keys in a trusted-keys dir
 MAX_KEY_BYTES = 64 * 1024
 HINT_CHARS = 12  # of the key hint shown to people: sha256 of the public key's PEM, as model-signing records it
 
-_MISSING = (
-    "ttsd's signature support needs the model-signing library: pip install 'ttsd[signing]' "
-    "(or pip install model-signing)"
-)
+_MISSING = "ttsd's signature support needs the model-signing library and pyOpenSSL: pip install 'ttsd[signing]'"
 
 
 def _library() -> Any:
-    """The model-signing modules ttsd uses; ``ConfigError`` with the fix when it is not installed."""
+    """The model-signing modules ttsd uses; ``ConfigError`` with the fix when they cannot be
+    imported. The import error itself is part of the message: model-signing imports pyOpenSSL (and
+    more) when it is imported, so an installed library can still fail to import, and "not
+    installed" alone would send the operator looking in the wrong place."""
     try:
         from model_signing import hashing, signing
         from model_signing._signing import sign_ec_key, sign_sigstore_pb
     except ImportError as exc:
-        raise ConfigError(_MISSING) from exc
+        raise ConfigError(f"{_MISSING} ({_first_line(exc)})") from exc
     return hashing, signing, sign_ec_key, sign_sigstore_pb
 
 
@@ -235,6 +236,27 @@ def _bundle(sign_sigstore_pb: Any, data: bytes) -> Any:
         copy = Path(private) / SIGNATURE
         copy.write_bytes(data)
         return sign_sigstore_pb.Signature.read(copy)
+
+
+def check_coverage(folder: Path, manifest: Manifest) -> Signer | None:
+    """What ``publish`` can check with no key at hand: that the folder's signature, if it has one,
+    still lists exactly the folder's files as they are now (a ``ttsd.json`` edited after signing
+    is caught here, not on every box that fetches it). The signature itself is not verified: that
+    takes a trusted key (``TrustedKeys.check``). None when the folder is unsigned."""
+    data = read_signature(folder)
+    if data is None:
+        return None
+    _library()  # the payload's reading is the library's
+    from model_signing._signing.signing import dsse_payload_to_manifest
+
+    try:
+        envelope = json.loads(data)["dsseEnvelope"]
+        statement = json.loads(base64.b64decode(envelope["payload"], validate=True))
+        signed = dsse_payload_to_manifest(statement)
+    except Exception as exc:  # malformed JSON, base64 or statement: the library raises what it likes
+        raise SignatureError("invalid", f"{SIGNATURE} is not a model-signing bundle ({_first_line(exc)})") from exc
+    _check_coverage(folder, manifest, signed)
+    return Signer("", claimed_hint(data))
 
 
 def _hint_of(name: str, keys: dict[str, tuple[str, Any]]) -> str:

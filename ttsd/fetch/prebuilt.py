@@ -217,6 +217,10 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None) -> Prebuilt:
     manifest = verify(folder)
     if trust is not None:
         trust.check(folder, manifest)
+    else:  # boxes would refuse a signature that no longer covers the folder: refuse it here first
+        from ..signing import check_coverage
+
+        check_coverage(folder, manifest)
     signed = (folder / SIGNATURE).is_file()
     rel = f"ttsd/{manifest.name}/{manifest.version}"
     target = mirror_dir / rel
