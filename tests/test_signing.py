@@ -370,3 +370,16 @@ def test_publish_refuses_a_folder_its_signature_no_longer_covers(tmp_path: Path,
     sign(folder, keys["fleet"])
     published = runner.invoke(main, ["models", "publish", str(folder), str(mirror)])
     assert published.exit_code == 0 and "voice 1, signed" in published.output, published.output
+
+
+def test_a_signing_library_that_cannot_be_imported_is_named_with_its_error(
+        tmp_path: Path, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """model-signing imports pyOpenSSL when it is imported: installed without it, the library
+    fails to import, and the message must carry that error, not only "install model-signing"."""
+    monkeypatch.setitem(sys.modules, "OpenSSL", None)  # as on a box where pyOpenSSL is missing
+    for name in [m for m in sys.modules if m.startswith("model_signing")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ConfigError) as info:
+        TrustedKeys.load(keys["trusted"])
+    assert "pip install 'ttsd[signing]'" in str(info.value)
+    assert "(import of OpenSSL halted" in str(info.value), info.value  # the error itself, not just advice
