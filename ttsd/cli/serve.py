@@ -165,7 +165,9 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     "canary",
     multiple=True,
     metavar="[VOICE=]SHARE",
-    help="Send SHARE (0-1) of requests to a new version before promoting it; repeatable per voice.",
+    envvar="TTSD_CANARY",
+    help="Send SHARE (0-1) of requests to a new version before promoting it; repeatable per voice "
+    "[env TTSD_CANARY: space-separated].",
 )
 @click.option(
     "--canary-requests",
