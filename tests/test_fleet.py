@@ -52,6 +52,21 @@ def publish(folder: Path, where: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
+def tamper_on_mirror(where: Path, name: str, version: str, edit, **pack_args: object) -> None:  # type: ignore[no-untyped-def]
+    """What someone with write access to the mirror (not the key) does to a published folder:
+    change it, then rewrite its manifest and the index to match, so every checksum passes and
+    only the signature can tell. (``publish`` itself refuses such a folder.)"""
+    import hashlib
+
+    folder = where / "ttsd" / name / version
+    edit(folder)
+    pack(folder, name=name, version=version, **pack_args)  # type: ignore[arg-type]
+    index = json.loads((where / INDEX_FILE).read_text())
+    manifest = (folder / "ttsd.json").read_bytes()
+    index["voices"][name]["manifest"].update(sha256=hashlib.sha256(manifest).hexdigest(), size=len(manifest))
+    (where / INDEX_FILE).write_text(json.dumps(index))
+
+
 @pytest.mark.slow
 def test_a_box_gets_the_signed_folder_as_it_was_published(tmp_path: Path, mirror: Mirror,
                                                           fleet: dict[str, Path]) -> None:
@@ -97,16 +112,18 @@ def test_with_trusted_keys_get_refuses_what_a_daemon_would(tmp_path: Path, mirro
 
     tampered = folder_of_two(tmp_path / "build" / "voice-2", version="2")
     sign(tampered, fleet["key"])
-    (tampered / "a.json").write_text('{"tone": 880}')
-    pack(tampered, name="voice", version="2", engine="vits", sample_rate=8000)
     publish(tampered, fleet["published"])
+    tamper_on_mirror(fleet["published"], "voice", "2", lambda f: (f / "a.json").write_text('{"tone": 880}'),
+                     engine="vits", sample_rate=8000)
     serve_dir(mirror, fleet["published"])
     one_line_error(get(mirror.url, tmp_path / "b", "voice", "--trusted-keys", str(fleet["trusted"])), 18,
                    "a.json differs from what was signed")
     nothing_in_models(tmp_path / "b")
-    result = invoke("models", "publish", str(tampered), str(tmp_path / "other"), "--trusted-keys",
-                    str(fleet["trusted"]))
-    assert result.exit_code == 18 and not (tmp_path / "other" / INDEX_FILE).exists(), result.output
+    (tampered / "a.json").write_text('{"tone": 880}')  # the same change made before publishing
+    pack(tampered, name="voice", version="2", engine="vits", sample_rate=8000)
+    for keys in ([], ["--trusted-keys", str(fleet["trusted"])]):  # caught with or without the keys
+        result = invoke("models", "publish", str(tampered), str(tmp_path / "other"), *keys)
+        assert result.exit_code == 18 and not (tmp_path / "other" / INDEX_FILE).exists(), result.output
 
 
 @pytest.mark.parametrize("spoil, message", [
@@ -179,13 +196,15 @@ def test_two_boxes_upgrade_from_one_mirror_and_both_refuse_a_tampered_folder(
             box_get(box)
             wait_for(lambda d=daemon: serving(d, "2"), timeout=60, what="v2 serving")
 
-        v3 = release("3", 2)
-        weights = v3 / "model.safetensors"
-        data = bytearray(weights.read_bytes())
-        data[-1] ^= 1
-        weights.write_bytes(data)
-        pack(v3, name="tiny", version="3", engine="vits", sample_rate=16000)  # checksums match again
-        publish(v3, fleet["published"])
+        publish(release("3", 2), fleet["published"])
+
+        def flip_a_bit(folder: Path) -> None:
+            weights = folder / "model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 1
+            weights.write_bytes(data)
+
+        tamper_on_mirror(fleet["published"], "tiny", "3", flip_a_bit, engine="vits", sample_rate=16000)
         serve_dir(mirror, fleet["published"])
         for box, daemon in zip(boxes, daemons, strict=True):
             box_get(box)
