@@ -4,22 +4,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ttsd-installed
 
-.PHONY: setup browser serve test test-fast lint bench clean
+.PHONY: setup tools serve test test-fast lint bench clean
 
-setup: $(STAMP) browser
+setup: $(STAMP) tools
 
-# The status page's browser test (tests/test_status_page.py) drives Debian's chromium through
-# chromedriver. Installed when missing and running as root with apt-get (CI); never fails the
-# build: without a browser that test skips and says why.
-browser:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing chromium and chromium-driver for the status page's browser test"; \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    { apt-get install -y -qq chromium chromium-driver || \
-	      { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }; } >/dev/null 2>&1 || \
-	      echo "could not install chromium: the browser test will skip"; \
-	  fi; \
+# Debian tools some tests drive: chromium + chromedriver (the status page's browser test,
+# tests/test_status_page.py) and rclone (the fleet recipe, examples/fleet/publish.sh, in
+# tests/test_recipes.py). Installed when missing and running as root with apt-get (CI); never
+# fails the build: without them those tests skip and say why.
+TOOLS := chromium chromium-driver rclone
+tools:
+	@missing=""; for t in chromium chromedriver rclone; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing$$missing for the tests that drive them"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get install -y -qq $(TOOLS) || \
+	    { apt-get update -qq && apt-get install -y -qq $(TOOLS); }; } >/dev/null 2>&1 || \
+	    echo "could not install$$missing: the tests that need them will skip"; \
 	fi
 
 # torch first, pinned to the CPU build: letting pip pick torch for transformers pulls a multi-GB CUDA build.

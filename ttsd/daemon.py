@@ -34,6 +34,7 @@ from .front.synth import SynthesisPool
 from .front.wyoming import WyomingServer
 from .malloc import describe, resident_bytes, tune
 from .metrics import Metrics
+from .models_dir import scan
 from .reloader import ModelWatcher
 from .serving.manager import ModelManager
 from .serving.residency import Budget
@@ -224,7 +225,16 @@ class Daemon:
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(handled, self._record_signal, handled)
 
-        if cfg.seed_builtin:
+        if cfg.seed_builtin and self.trust is not None and not any(c.manifest for c in scan(cfg.models)):
+            # the built-in voice is converted on this box and signed by nobody: seeded, it would be
+            # refused, and sit in the models dir as a version 1 that blocks nothing but confuses all
+            log.warning(
+                "not seeding the built-in voice into %s: it is unsigned, and with --trusted-keys only signed "
+                "folders load; get a signed voice: ttsd models get VOICE --mirror URL --trusted-keys %s",
+                cfg.models,
+                cfg.trusted_keys,
+            )
+        elif cfg.seed_builtin:
             await in_fresh_thread(lambda: seed_models(cfg.models, cfg.cache), "ttsd-seed")
         self.notifier.status("loading voices")
         await in_fresh_thread(self.manager.start, "ttsd-loader")

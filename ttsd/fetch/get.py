@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -41,10 +42,12 @@ from ..errors import (
     NotOnMirror,
     ResourceError,
     SignatureError,
+    TtsdError,
     VoiceExistsError,
     is_system_oserror,
     resource_error,
 )
+from ..fsutil import fsync_dir
 from ..manifest import Manifest, check_version
 from ..models_dir import Candidate, scan
 from .download import Mirror, download, fetch_small, present_bytes
@@ -114,12 +117,51 @@ def get_voice(request: GetRequest, reporter: Reporter) -> GetResult:
         raise ConfigError(f"{where}: {exc.strerror or exc}") from exc
 
 
-def _newest(models: Path, name: str) -> Candidate | None:
+@dataclass(frozen=True)
+class _Local:
+    """The voice's folders in the models dir: the newest that would serve, and those that would not
+    (with why), which ``get`` treats as absent."""
+
+    newest: Candidate | None
+    refused: dict[Path, str]
+
+
+def _local(models: Path, name: str, trust: TrustedKeys | None, reporter: Reporter) -> _Local:
+    """Judge the voice's folders as the daemon would before loading one (every byte against the
+    manifest; with ``trust``, the signature), newest first, down to the first that passes. A
+    folder that fails (an unsigned built-in voice seeded before a box trusted keys, a damaged
+    copy) would never serve: counting it as present left a box voiceless while ``get`` said
+    "already there" or "up to date"."""
+    from ..manifest import verify
+
     present = sorted(
         ((c.manifest.parsed_version, c) for c in scan(models) if c.manifest and c.manifest.name == name),
         key=lambda pair: pair[0],
+        reverse=True,
     )
-    return present[-1][1] if present else None
+    refused: dict[Path, str] = {}
+    for _, candidate in present:
+        try:
+            manifest = verify(candidate.folder)
+            if trust is not None:
+                trust.check(candidate.folder, manifest)
+        except TtsdError as exc:
+            refused[candidate.folder] = str(exc)
+            reporter.step(f"{candidate.folder.name} would not serve, so it does not count ({exc})")
+            continue
+        return _Local(candidate, refused)
+    return _Local(None, refused)
+
+
+def _make_room(folder: Path, local: _Local, reporter: Reporter) -> None:
+    """``folder`` (where the new version goes) holds a version of this voice that would not serve:
+    move it aside, out of the daemon's sight (a dot-name), rather than fail or delete it."""
+    if folder not in local.refused:
+        return
+    aside = folder.with_name(f".{folder.name}.refused-{int(time.time())}")
+    os.rename(folder, aside)
+    fsync_dir(folder.parent)
+    reporter.step(f"moved {folder.name}, which would not serve, aside to {aside.name} (remove it when done)")
 
 
 def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | None:
@@ -137,11 +179,14 @@ def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | N
             f"{request.voice} comes ready-made from {request.mirror.base} as version "
             f"{entry.version}; --version cannot change it"
         )
-    newest = _newest(request.models, entry.name)
+    local = _local(request.models, entry.name, request.trust, reporter)
+    newest = local.newest
     request.models.mkdir(parents=True, exist_ok=True)
     request.downloads.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _locked(request.downloads / f"{entry.name}.lock", entry.name):
         _remove_stale_builds(request.models, entry.name)
+        if newest is None or Version(entry.version) > newest.manifest.parsed_version:  # type: ignore[union-attr]
+            _make_room(request.models / f"{entry.name}-{entry.version}", local, reporter)
         folder, manifest, fetched = get_prebuilt(
             entry,
             models=request.models,
@@ -172,7 +217,8 @@ def _get(request: GetRequest, reporter: Reporter) -> GetResult:
         )
     voice = load_catalog(request.mirror).find(request.voice)
     key = voice.key
-    newest = _newest(request.models, key)
+    mine = _local(request.models, key, None, reporter)
+    newest = mine.newest
     if newest is not None and newest.manifest is not None:
         have = newest.manifest
         if not request.upgrade:
@@ -184,6 +230,7 @@ def _get(request: GetRequest, reporter: Reporter) -> GetResult:
             return GetResult(voice, newest.folder, have, fetched=False)
     version = _version(request, newest.manifest if newest else None)
     folder = request.models / f"{key}-{version}"
+    _make_room(folder, mine, reporter)
     if os.path.lexists(folder):
         raise ConfigError(f"{folder} already exists (a folder of another voice?); choose another --version")
 

@@ -1,0 +1,187 @@
+"""Recipes run the way a user runs them, end to end: the fleet of examples/fleet/ from an empty box
+(the build machine's ``publish.sh`` as written, a static HTTP server as the mirror, the box's
+daemon started first and ``ttsd models get`` as ``ttsd-get@.service`` runs it).
+
+Unit and drop-in combinations: tests/test_example_units.py. The README's quick start:
+tests/test_quickstart.py."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from daemon_util import Daemon, start_daemon, wait_for
+from test_example_units import merged
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+VOICE = "en_US-joe-medium"
+TTSD = str(Path(sys.executable).parent / "ttsd")
+
+pytest.importorskip("model_signing", reason="the signing extra (model-signing) is not installed")
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (the stdlib's name)
+        pass
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A static web server (Python's own, as a mirror on a LAN might be) over a fresh dir."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}/voices/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def openssl_keys(where: Path) -> tuple[Path, Path]:
+    """The fleet's key pair, made by the two openssl commands of examples/fleet/README.md."""
+    where.mkdir(parents=True)
+    key, pem = where / "fleet.key", where / "fleet.pem"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)], check=True)
+    subprocess.run(["openssl", "ec", "-in", str(key), "-pubout", "-out", str(pem)], check=True, capture_output=True)
+    return key, pem
+
+
+def box_get(models: Path, cache: Path, mirror: str, trusted: Path) -> subprocess.CompletedProcess[str]:
+    """``ttsd models get`` exactly as examples/fleet/ttsd-get@.service runs it, with the unit's
+    environment and this box's paths in place of /models and /var/cache/ttsd."""
+    unit = merged(EXAMPLES / "fleet" / "ttsd-get@.service")
+    command = [w.replace("%i", VOICE) for w in unit.command()]
+    command[0] = TTSD
+    command = [str(models) if w == "/models" else str(cache) if w == "/var/cache/ttsd" else w for w in command]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSD_")}
+    env.update(unit.environment(), TTSD_MIRROR=mirror, TTSD_TRUSTED_KEYS=str(trusted))
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def publish_sh(onnx: Path, version: str, key: Path, trusted: Path, work: Path, remote: Path) -> None:
+    """examples/fleet/publish.sh as written; rclone syncs to a local dir (the web server's)."""
+    env = dict(os.environ, FLEET_KEY=str(key), MIRROR_DIR=str(work / "mirror"), TRUSTED_KEYS=str(trusted),
+               RCLONE_REMOTE=str(remote), PATH=f"{Path(TTSD).parent}{os.pathsep}{os.environ['PATH']}",
+               RCLONE_CONFIG=str(work / "rclone.conf"))
+    done = subprocess.run(["sh", str(EXAMPLES / "fleet" / "publish.sh"), str(onnx), VOICE, version], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def active(daemon: Daemon) -> tuple[str | None, str]:
+    """The voice's active version and who signed it, from the daemon's status."""
+    for voice in daemon.request("GET", "/v1/status").json()["voices"]:
+        if voice["name"] == VOICE:
+            version = voice.get("active")
+            signer = next((v.get("signer") or "" for v in voice["versions"] if v["version"] == version), "")
+            return version, signer
+    return None, ""
+
+
+@pytest.mark.daemon
+@pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (make setup installs it as root)")
+def test_the_fleet_from_an_empty_box(tmp_path: Path, web: tuple[Path, str], cache_dir: Path) -> None:
+    """1. Build machine: openssl keys, then publish.sh (import-piper, sign, verify, publish, rclone
+    sync). 2. A new box: its daemon starts first, with the trusted key and an empty models dir:
+    it does not seed the unsigned built-in voice, and says why. 3. The box's timer runs get: exit
+    0, the signed voice lands and serves, signed by the fleet's key. 4. An older box whose models
+    dir holds the unsigned built-in voice as version 1 (seeded before it trusted keys): get does
+    not call that "already there", moves it aside and lands the signed version 1, which serves.
+    5. Version 2 is published, then tampered with on the mirror (a byte of the weights changed,
+    the manifest and index rewritten to match): get exits 18, nothing lands, v1 keeps serving."""
+    from ttsd.voices import builtin_voice_files
+
+    root, mirror = web
+    key, pem = openssl_keys(tmp_path / "secure")
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    shutil.copy(pem, trusted / "fleet.pem")
+    onnx = builtin_voice_files()
+    publish_sh(onnx, "1", key, trusted, tmp_path / "build", root / "voices")
+    assert json.loads((root / "voices" / "ttsd-index.json").read_text())["voices"][VOICE]["version"] == "1"
+
+    new_box, old_box = tmp_path / "new-box", tmp_path / "old-box"
+    (old_box / "models").mkdir(parents=True)
+    from ttsd.voices import builtin_model
+
+    shutil.copytree(builtin_model(cache_dir), old_box / "models" / f"{VOICE}-1")  # what the seed used to put there
+    boxes = {}
+    for box in (new_box, old_box):
+        boxes[box] = start_daemon(box, cache_dir, "--trusted-keys", str(trusted), "--settle", "0.2",
+                                  "--rescan-interval", "0.5", models=box / "models", wait_ready=False)
+    for box, daemon in boxes.items():
+        wait_for(lambda d=daemon: _answers(d), timeout=120, what="the daemon up")
+        assert daemon.get("/readyz").status == 503  # nothing it may serve yet
+    assert "not seeding the built-in voice" in boxes[new_box].logs()
+    assert not any((new_box / "models").iterdir())
+    wait_for(lambda: "not signed" in boxes[old_box].logs(), timeout=60, what="the unsigned v1 refused")
+
+    for box, daemon in boxes.items():
+        got = box_get(box / "models", box / "cache", mirror, trusted)
+        assert got.returncode == 0, got.stdout + got.stderr
+        wait_for(lambda d=daemon: active(d)[0] == "1", timeout=120, what=f"{box.name} serving the signed v1")
+        assert active(daemon)[1].startswith("fleet"), active(daemon)
+        assert daemon.get("/readyz").status == 200
+        said = daemon.post("/v1/synthesize", {"text": "The fleet's voice.", "voice": VOICE})
+        assert said.status == 200 and len(said.body) > 10_000
+    old_output = got.stdout + got.stderr
+    assert "would not serve" in old_output and "moved" in old_output, old_output
+    assert [p.name for p in (old_box / "models").iterdir() if p.name.startswith(f".{VOICE}-1.refused")]
+
+    publish_sh(onnx, "2", key, trusted, tmp_path / "build", root / "voices")
+    _tamper(root / "voices", "2")
+    daemon = boxes[new_box]
+    got = box_get(new_box / "models", new_box / "cache", mirror, trusted)
+    assert got.returncode == 18 and "signature" in got.stderr, got.stdout + got.stderr
+    assert sorted(p.name for p in (new_box / "models").iterdir() if not p.name.startswith(".")) == [f"{VOICE}-1"]
+    assert active(daemon)[0] == "1"
+    for d in boxes.values():
+        assert d.stop() == 0
+
+
+def _answers(daemon: Daemon) -> bool:
+    try:
+        return daemon.get("/healthz").status == 200
+    except OSError:  # not listening yet
+        return False
+
+
+def _tamper(mirror: Path, version: str) -> None:
+    """A byte of the published weights changed, the manifest and the index rewritten to match."""
+    from ttsd.manifest import pack, read_manifest
+
+    folder = mirror / "ttsd" / VOICE / version
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(data)
+    manifest = read_manifest(folder)
+    pack(folder, name=VOICE, version=version, engine=manifest.engine, sample_rate=manifest.sample_rate)
+    index = json.loads((mirror / "ttsd-index.json").read_text())
+    raw = (folder / "ttsd.json").read_bytes()
+    index["voices"][VOICE]["manifest"].update(sha256=hashlib.sha256(raw).hexdigest(), size=len(raw))
+    (mirror / "ttsd-index.json").write_text(json.dumps(index))
+
+
+def test_the_recipe_commands_are_those_of_the_examples() -> None:
+    """The test above runs the examples' own commands: publish.sh's lines and the get unit's
+    ExecStart are read from the files, so a change to them is a change to what is tested."""
+    script = (EXAMPLES / "fleet" / "publish.sh").read_text()
+    commands = [shlex.split(line)[:3] for line in script.splitlines() if line.startswith("ttsd ")]
+    assert commands == [["ttsd", "models", "import-piper"], ["ttsd", "models", "sign"],
+                        ["ttsd", "models", "verify"], ["ttsd", "models", "publish"]]
+    assert merged(EXAMPLES / "fleet" / "ttsd-get@.service").command()[1:4] == ["models", "get", "%i"]
