@@ -32,7 +32,7 @@ pytest.importorskip("model_signing", reason="the signing extra (model-signing) i
 
 
 class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (the stdlib's name)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -123,7 +123,7 @@ def test_the_fleet_from_an_empty_box(tmp_path: Path, web: tuple[Path, str], cach
     for box in (new_box, old_box):
         boxes[box] = start_daemon(box, cache_dir, "--trusted-keys", str(trusted), "--settle", "0.2",
                                   "--rescan-interval", "0.5", models=box / "models", wait_ready=False)
-    for box, daemon in boxes.items():
+    for daemon in boxes.values():
         wait_for(lambda d=daemon: _answers(d), timeout=120, what="the daemon up")
         assert daemon.get("/readyz").status == 503  # nothing it may serve yet
     assert "not seeding the built-in voice" in boxes[new_box].logs()
