@@ -151,3 +151,27 @@ def test_the_help_test_sees_every_command() -> None:
     assert {" ".join(c) for c in ALL_COMMANDS if c} >= {
         "say", "serve", "status", "rollback", "activate", "models", "models pack", "models verify", "models list",
         "models import-piper", "models builtin"}
+
+
+def test_pack_needs_a_name_only_for_a_folder_without_a_manifest(tmp_path: Path) -> None:
+    """``pack COPY --version 2`` keeps the copy's name, licence and settings; a folder with no
+    ``ttsd.json`` (or an unreadable one) needs ``--name``: one line, exit 3."""
+    folder = tmp_path / "voice"
+    folder.mkdir()
+    (folder / "weights.safetensors").write_bytes(b"\0" * 64)
+    runner = CliRunner()
+    first = runner.invoke(main, ["models", "pack", str(folder), "--version", "1", "--sample-rate", "8000"])
+    assert first.exit_code == 3 and "has no ttsd.json: give --name" in first.output, first.output
+    made = runner.invoke(main, ["models", "pack", str(folder), "--name", "v", "--version", "1", "--sample-rate",
+                                "8000", "--license", "CC0", "--warmup", "Hello.", "--precision", "fp32"])
+    assert made.exit_code == 0, made.output
+    again = runner.invoke(main, ["models", "pack", str(folder), "--version", "2", "--description", "second"])
+    assert again.exit_code == 0, again.output
+    import json
+
+    manifest = json.loads((folder / "ttsd.json").read_text())
+    assert (manifest["name"], manifest["version"], manifest["sample_rate"], manifest["license"]) == ("v", "2", 8000, "CC0")
+    assert manifest["warmup"] == ["Hello."] and manifest["precision"] == "fp32" and manifest["description"] == "second"
+    (folder / "ttsd.json").write_text("{broken")
+    broken = runner.invoke(main, ["models", "pack", str(folder), "--version", "3"])
+    assert broken.exit_code == 3 and "give --name" in broken.output, broken.output

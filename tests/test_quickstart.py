@@ -14,15 +14,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from daemon_util import kill_leftovers, wait_for
-
-from ttsd.manifest import pack
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Quick start: an edge box"
@@ -52,8 +49,8 @@ def _versions(env: dict[str, str], cwd: Path) -> dict[str, str]:
 @pytest.mark.daemon
 def test_the_edge_box_quick_start_runs_as_written(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     blocks = _blocks()
-    assert len(blocks) == 4, blocks  # serve/say/status, curl, upgrade/rollback, make a folder
-    start, speak, upgrade, _downloads = blocks
+    assert len(blocks) == 5, blocks  # serve/say/status, curl, a new version, upgrade/rollback, make a folder
+    start, speak, new_version, upgrade, _downloads = blocks
     models, socket = tmp_path / "models", tmp_path / "run" / "ttsd.sock"
     env = dict(os.environ, TTSD_MODELS=str(models), TTSD_STATE=str(tmp_path / "state"), TTSD_CACHE=str(cache_dir),
                TTSD_SOCKET=str(socket), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -78,13 +75,14 @@ def test_the_edge_box_quick_start_runs_as_written(tmp_path: Path, cache_dir: Pat
         assert (work / "hello.wav").read_bytes()[:4] == b"RIFF"
         assert (work / "streamed.wav").read_bytes()[:4] == b"RIFF"
 
-        # the folder the README drops in: the seeded version 1, as version 2
-        seeded = next(p for p in models.iterdir() if p.name.endswith("-1"))
-        name = seeded.name[: -len("-1")]
-        folder = work / f"{name}-2"
-        shutil.copytree(seeded, folder)
-        (folder / "ttsd.json").unlink()
-        pack(folder, name=name, version="2", engine="vits", sample_rate=22050)
+        # the folder the README drops in: made from the seeded version 1 as the README says
+        for line in new_version:
+            _sh(line.replace("/models/", f"{models}/"), env, work)
+        made = json.loads((work / "en_US-joe-medium-2" / "ttsd.json").read_text())
+        seeded = json.loads((models / "en_US-joe-medium-1" / "ttsd.json").read_text())
+        assert made["version"] == "2" and made["files"] == seeded["files"]
+        assert {k: v for k, v in made.items() if k not in ("version", "files")} == \
+            {k: v for k, v in seeded.items() if k not in ("version", "files")}  # name, licence, settings kept
         drop, listing, rollback, activate = upgrade
         _sh(drop.replace("/models/", f"{models}/"), env, work)
         _sh(listing.split("#")[0], env, work)

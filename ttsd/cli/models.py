@@ -37,20 +37,18 @@ def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, 
 
 @models.command("pack")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--name", required=True, help="Voice name.")
+@click.option("--name", help="Voice name [default: the name in FOLDER's ttsd.json].")
 @click.option("--version", "version", required=True, help="PEP 440 version, e.g. 1 or 2.1.")
-@click.option("--engine", default="vits", show_default=True, help="Engine that loads this folder.")
-@click.option("--sample-rate", type=click.IntRange(1), help="Default: sampling_rate from config.json.")
-@click.option("--warmup", multiple=True, help="Warm-up sentence (repeatable).")
-@click.option("--description", default="")
-@click.option("--license", "license_", default="")
+@click.option("--engine", help="Engine that loads this folder [default: ttsd.json's, else vits].")
+@click.option("--sample-rate", type=click.IntRange(1), help="Default: ttsd.json's, else config.json's sampling_rate.")
+@click.option("--warmup", multiple=True, help="Warm-up sentence (repeatable) [default: ttsd.json's].")
+@click.option("--description", help="[default: ttsd.json's]")
+@click.option("--license", "license_", help="[default: ttsd.json's]")
 @click.option(
     "--precision",
     type=click.Choice(PRECISION_CHOICES),
-    default="auto",
-    show_default=True,
     help="The voice's number format: auto (bf16 where the CPU has native bf16) or fp32 (this voice "
-    "must stay fp32); the daemon's --precision overrides it.",
+    "must stay fp32); the daemon's --precision overrides it [default: ttsd.json's, else auto].",
 )
 @click.option(
     "--sign-key",
@@ -59,35 +57,48 @@ def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, 
 )
 def pack_cmd(
     folder: Path,
-    name: str,
+    name: str | None,
     version: str,
-    engine: str,
+    engine: str | None,
     sample_rate: int | None,
     warmup: tuple[str, ...],
-    description: str,
-    license_: str,
-    precision: str,
+    description: str | None,
+    license_: str | None,
+    precision: str | None,
     sign_key: Path | None,
 ) -> None:
-    """Write the checksummed manifest (ttsd.json) for FOLDER, e.g. a downloaded MMS-TTS checkpoint."""
-    from ..engines import engine_class
-    from ..manifest import pack
+    """Write the checksummed manifest (ttsd.json) for FOLDER, e.g. a downloaded MMS-TTS checkpoint.
 
+    A FOLDER that has a ttsd.json already (a copy of a voice's folder, to become its next
+    version) keeps what that one says unless told otherwise: 'ttsd models pack COPY --version 2'."""
+    from ..engines import engine_class
+    from ..manifest import Manifest, pack, read_manifest
+
+    old: Manifest | None = None
+    if (folder / "ttsd.json").is_file():
+        try:
+            old = read_manifest(folder)
+        except TtsdError as exc:
+            if name is None:
+                raise ConfigError(f"{folder}/ttsd.json cannot be read ({exc}); give --name to write a new one") from exc
+    if name is None and old is None:
+        raise ConfigError(f"{folder} has no ttsd.json: give --name")
+    engine = engine or (old.engine if old else "vits")
     cls = engine_class(engine)  # refuse an engine that is not installed before hashing gigabytes
     if sample_rate is None:
-        sample_rate = cls.default_sample_rate(folder)  # e.g. config.json's sampling_rate, for vits
-        if sample_rate is None:
+        sample_rate = old.sample_rate if old and old.engine == engine else cls.default_sample_rate(folder)
+        if sample_rate is None:  # e.g. config.json's sampling_rate, for vits
             raise ConfigError(f"{folder}: give --sample-rate (the {engine} engine finds none in the folder)")
     manifest = pack(
         folder,
-        name=name,
+        name=name or old.name,  # type: ignore[union-attr]  # one of them is set (checked above)
         version=version,
         engine=engine,
         sample_rate=sample_rate,
-        warmup=warmup,
-        description=description,
-        license=license_,
-        precision=precision,
+        warmup=warmup or (old.warmup if old else ()),
+        description=description if description is not None else (old.description if old else ""),
+        license=license_ if license_ is not None else (old.license if old else ""),
+        precision=precision or (old.precision if old else "auto"),
     )
     console().print(
         f"{folder}/ttsd.json: {manifest.name} {manifest.version}, {len(manifest.files)} files", markup=False
