@@ -81,7 +81,7 @@ def serve_args(tmp_path: Path) -> list[str]:
     (["serve", "--swap-policy", "fast"], "'--swap-policy'"),
     (["rollback", "--bogus"], "--bogus"),
     (["activate", "joe"], "Missing argument 'VERSION'"),
-    (["models", "pack", "folder"], "Missing option '--name'"),
+    (["models", "pack", "folder"], "Missing option '--version'"),
 ])
 def test_usage_errors_exit_2_with_clicks_message(args: list[str], fragment: str) -> None:
     result = invoke(*args)
