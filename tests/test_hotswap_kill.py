@@ -1,0 +1,87 @@
+"""kill -9 in the middle of a hot upgrade (while the new version is checked, copied into the
+store, loaded or warmed up), then a restart: nothing half-made serves, nothing is blamed on the
+version. (On its own file so that a parallel run spreads the hot-upgrade tests over two workers.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from daemon_util import fake_daemon_model, fake_site, start_daemon, wait_for
+from test_hotswap import version_states, voices
+
+from ttsd.manifest import verify
+from ttsd.serving.store import content_id
+
+
+def read_history(state: Path) -> list[dict[str, object]]:
+    path = state / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.daemon
+@pytest.mark.parametrize("step, settings", [("verifying", {"blob_mb": 400}), ("storing", {"blob_mb": 400}),
+                                            ("loading", {"load_delay": 2}), ("warming", {"warmup_delay": 2})])
+def test_kill_9_mid_load_restarts_on_a_verified_version(tmp_path: Path, cache_dir: Path, step: str,
+                                                        settings: dict[str, object],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 while v2 is checked in the models dir, copied into the store (a .partial copy on
+    disk), loaded or warmed up. After a restart: every version that serves has a store copy that
+    verifies and holds exactly its folder's files, and is the content the daemon reports; no
+    .partial copy is left; v2 is judged again and becomes active, never refused or deferred (the
+    crash was not its fault); state.json and the history agree with that. Which version answers
+    first after the restart is not asserted: only that whichever does was verified."""
+    monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
+    models, state = tmp_path / "models", tmp_path / "state"
+    store = state / "store"
+    fake_daemon_model(models / "fake-1", "1")
+    d = start_daemon(tmp_path, cache_dir, "--no-seed", "--settle", "0.2")
+    fake_daemon_model(tmp_path / "stage", "2", **settings)
+    os.rename(tmp_path / "stage", models / "fake-2")
+    if step == "storing":  # still "verifying" to the API: the copy is verified before it is renamed in
+        wait_for(lambda: list(store.glob(".fake-2.*.partial")) or (store / "fake" / "2").exists(), timeout=60,
+                 interval=0.02, what="v2 being stored")
+    else:
+        wait_for(lambda: version_states(d, "fake").get("2", {}).get("state") == step, timeout=30, interval=0.02,
+                 what=step)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    before = read_history(state)
+    assert [h["to"] for h in before] == ["1"], f"v2 got past {step} before the kill: {before}"
+    copies = [copy for copy in store.glob("*/*") if not copy.parent.name.startswith(".")]
+    for copy in copies:  # what the store holds under a real name is complete and verified
+        verify(copy)
+    if step == "storing":
+        assert list(store.glob(".*.partial")), "the kill did not interrupt the copy into the store"
+
+    d = start_daemon(tmp_path, cache_dir, "--no-seed", "--settle", "0.2")
+    try:
+        first = d.post("/v1/synthesize", {"text": "hello"})
+        assert first.status == 200
+        served = {first.headers["x-ttsd-version"]}
+        wait_for(lambda: voices(d)["fake"]["active"] == "2", timeout=60, what="v2 active after restart")
+        again = d.post("/v1/synthesize", {"text": "hello"})
+        assert again.status == 200 and again.headers["x-ttsd-version"] == "2"
+        served.add("2")
+        reported = {v: s["content"] for v, s in version_states(d, "fake").items()}
+        for version in sorted(served):
+            stored = verify(store / "fake" / version)  # raises VerifyError on an incomplete or changed copy
+            assert stored.files == verify(models / f"fake-{version}").files, version
+            assert content_id(stored) == reported[version], (version, reported)
+        assert not list(store.glob(".*.partial")), "an interrupted copy was left in the store"
+    finally:
+        assert d.stop() == 0, d.logs()
+    after = read_history(state)
+    assert after[:len(before)] == before
+    new = after[len(before):]
+    assert not [h for h in new if h["why"] in ("refused", "deferred")], new
+    assert [h["to"] for h in after].count("2") == 1 and new[-1]["to"] == "2", after
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["voices"]["fake"]["active"] == "2" and "1" in saved["voices"]["fake"]["previous"], saved
+    assert saved["voices"]["fake"]["rolled_back"] == [], saved
+    assert saved["versions"]["fake/2"]["state"] == "active", saved
+    for version in ("1", "2"):
+        assert saved["versions"][f"fake/{version}"]["content"] == content_id(verify(store / "fake" / version))
