@@ -138,7 +138,7 @@ def test_the_daemon_each_unit_starts_can_do_what_it_is_configured_to(drop_ins: t
     needed = {"AF_UNIX"}  # the socket
     for uri in filter(None, [params.get("wyoming_uri")]):
         needed |= {"AF_INET", "AF_INET6"} if str(uri).startswith("tcp://") else {"AF_UNIX"}
-    if params.get("listen"):
+    if params.get("listen") or params.get("metrics_listen"):
         needed |= {"AF_INET", "AF_INET6"}
     if params.get("wyoming_zeroconf"):
         needed |= {"AF_NETLINK"}

@@ -4,6 +4,7 @@ token off loopback, and start-up problems are one line with exit code 3."""
 from __future__ import annotations
 
 import grp
+import http.client
 import json
 import os
 import shutil
@@ -178,16 +179,46 @@ def test_tcp_listener_and_token(tmp_path: Path, cache_dir: Path, joe_folder: Pat
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token-of-some-length\n")
     group = grp.getgrgid(os.getgid()).gr_name
+    metrics_port = free_port()
     d = start_daemon(tmp_path / "d", cache_dir, "--listen", f"0.0.0.0:{port}", "--token-file", str(token_file),
-                     "--socket-group", group)
+                     "--socket-group", group, "--metrics-listen", str(metrics_port))
     try:
         assert stat.S_IMODE(d.socket.stat().st_mode) == 0o660 and d.socket.stat().st_gid == os.getgid()
-        assert tcp_get(port, "/readyz") == 401
-        assert tcp_get(port, "/readyz", "wrong-token-wrong-token") == 401
-        assert tcp_get(port, "/readyz", "s3cret-token-of-some-length") == 200
-        assert d.request("GET", "/readyz").status == 200  # the Unix socket needs no token
+        # the probes say only "up" / "ready": open, for probes that send no token
+        assert tcp_get(port, "/healthz") == 200 and tcp_get(port, "/readyz") == 200
+        for path in ("/metrics", "/v1/status", "/v1/voices"):
+            assert tcp_get(port, path) == 401, path
+            assert tcp_get(port, path, "wrong-token-wrong-token") == 401, path
+            assert tcp_get(port, path, "s3cret-token-of-some-length") == 200, path
+        assert d.request("GET", "/v1/status").status == 200  # the Unix socket needs no token
+        # --metrics-listen PORT: /metrics alone, on loopback, without the token
+        assert tcp_get(metrics_port, "/metrics") == 200
+        assert tcp_get(metrics_port, "/v1/status") == 404 and tcp_get(metrics_port, "/healthz") == 404
+        scraped = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        scraped.request("GET", "/metrics")
+        assert b"ttsd_requests_total" in scraped.getresponse().read()
+        scraped.close()
     finally:
         assert d.stop() == 0, d.logs()
+
+
+@pytest.mark.daemon
+@pytest.mark.parametrize("flag", ["--listen", "--metrics-listen", "--wyoming"])
+def test_a_port_in_use_is_reported_before_the_voices_load(tmp_path: Path, cache_dir: Path, flag: str) -> None:
+    """One line and exit 3 within seconds, with the built-in voice (which would take a while to
+    seed and load) never touched: the models dir stays empty."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        value = f"tcp://127.0.0.1:{port}" if flag == "--wyoming" else f"127.0.0.1:{port}"
+        proc = subprocess.run([sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state",
+                               str(tmp_path / "s"), "--socket", str(tmp_path / "x.sock"), "--cache", str(cache_dir),
+                               flag, value], capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 3 and lines[-1].startswith("error: ") and flag in lines[-1], proc.stderr
+    assert "in use" in lines[-1] and "Traceback" not in proc.stderr, proc.stderr
+    assert not any((tmp_path / "m").iterdir()), "the voice was seeded before the bind was checked"
 
 
 @pytest.mark.daemon
@@ -327,7 +358,7 @@ def test_token_file_problems(tmp_path: Path, cache_dir: Path, joe_folder: Path) 
     try:
         assert "can be read by other users" in d.logs()
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            conn.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+            conn.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
                          b"Connection: close\r\n\r\n")
             reply = conn.recv(4096)
         assert reply.startswith(b"HTTP/1.1 401"), reply[:100]

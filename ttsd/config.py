@@ -79,6 +79,7 @@ class ServeConfig:
     socket: Path
     spool: Path | None = None
     listen: tuple[str, int] | None = None
+    metrics_listen: tuple[str, int] | None = None  # /metrics alone, no token (Prometheus)
     token: str | None = None
     socket_group: str | None = None
     workers: int = 1

@@ -27,7 +27,7 @@ from .config import ServeConfig
 from .errors import ConfigError
 from .fresh_thread import in_fresh_thread
 from .front.backend import Backend
-from .front.endpoints import open_http, open_wyoming
+from .front.endpoints import check_ports, open_http, open_metrics, open_wyoming
 from .front.listeners import check_socket
 from .front.spool import Spool
 from .front.synth import SynthesisPool
@@ -222,6 +222,7 @@ class Daemon:
         _writable_dir(cfg.models, "models dir")
         _writable_dir(cfg.socket.parent, "socket dir")
         check_socket(cfg.socket)
+        check_ports(cfg)  # before the voices load: a port in use is reported in a second, not a minute
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(handled, self._record_signal, handled)
 
@@ -247,6 +248,7 @@ class Daemon:
 
         runner = await open_http(cfg, self.backend())
         wyoming = await open_wyoming(cfg, self.backend()) if cfg.wyoming else None
+        metrics = await open_metrics(cfg, self.backend()) if cfg.metrics_listen else None
         spool: Spool | None = None
         spool_task: asyncio.Task[None] | None = None
         if cfg.spool is not None:
@@ -260,6 +262,7 @@ class Daemon:
             str(cfg.socket)
             + (f" and {cfg.listen[0]}:{cfg.listen[1]}" if cfg.listen else "")
             + (f", Wyoming on {cfg.wyoming}" if cfg.wyoming else "")
+            + (f", metrics on {cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}" if cfg.metrics_listen else "")
         )
         log.info("ttsd %s serving on %s (voices: %s)", __version__, where, voices or "none")
         log.info("malloc: %s", describe(self.malloc))
@@ -286,7 +289,7 @@ class Daemon:
             break
         self.watcher.stop()
         self._interrupts = 1 if signum == signal.SIGINT else 0
-        return await self._shutdown(runner, spool, spool_task, watchdog, wyoming)
+        return await self._shutdown(runner, spool, spool_task, watchdog, wyoming, metrics)
 
     def _check_budget(self, loaded: bool = True) -> None:
         """A memory budget below what the daemon already uses could never load another voice:
@@ -320,16 +323,24 @@ class Daemon:
         spool_task: asyncio.Task[None] | None,
         watchdog: asyncio.Task[None] | None,
         wyoming: WyomingServer | None = None,
+        metrics: web.AppRunner | None = None,
     ) -> int:
         cfg = self.config
-        log.info("shutting down: finishing in-flight requests (up to %.0f s; Ctrl-C again to force)", cfg.grace)
+        if self._interrupts:  # Ctrl-C at a terminal: a second one forces the exit
+            log.info("shutting down: finishing in-flight requests (up to %.0f s; Ctrl-C again to force)", cfg.grace)
+        else:  # SIGTERM (systemd, docker stop): no one to press anything
+            log.info("SIGTERM: finishing in-flight requests (up to %.0f s), then exiting", cfg.grace)
         self.notifier.stopping("draining")
         if spool is not None:
             spool.stop()
 
         async def drain() -> None:
             # both stop accepting, then wait for their requests up to the grace period
-            await asyncio.gather(runner.cleanup(), wyoming.drain(cfg.grace) if wyoming else asyncio.sleep(0))
+            await asyncio.gather(
+                runner.cleanup(),
+                wyoming.drain(cfg.grace) if wyoming else asyncio.sleep(0),
+                metrics.cleanup() if metrics else asyncio.sleep(0),
+            )
             if spool is not None:
                 await asyncio.wait_for(spool.drain(), timeout=cfg.grace)
 

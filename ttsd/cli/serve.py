@@ -52,6 +52,12 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
 )
 @click.option("--listen", envvar="TTSD_LISTEN", help="Also serve HTTP on HOST:PORT (loopback unless named).")
 @click.option(
+    "--metrics-listen",
+    envvar="TTSD_METRICS_LISTEN",
+    help="Also serve /metrics alone, without the token, on HOST:PORT (loopback unless named): for a "
+    "Prometheus that cannot send the bearer token.",
+)
+@click.option(
     "--wyoming",
     "wyoming_uri",
     envvar="TTSD_WYOMING",
@@ -255,6 +261,7 @@ def serve(
     socket_group: str | None,
     spool_dir: Path | None,
     listen: str | None,
+    metrics_listen: str | None,
     wyoming_uri: str | None,
     wyoming_zeroconf: str | None,
     trusted_keys: Path | None,
@@ -309,6 +316,7 @@ def serve(
         socket=socket_path or default_socket(),
         spool=spool_dir,
         listen=bind,
+        metrics_listen=parse_listen(metrics_listen, "--metrics-listen") if metrics_listen else None,
         token=token,
         socket_group=socket_group,
         workers=workers,

@@ -9,11 +9,11 @@ from pathlib import Path
 from ..errors import ConfigError
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, flag: str = "--listen") -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--listen {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+        raise ConfigError(f"{flag} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
     return host, int(port)
 
 

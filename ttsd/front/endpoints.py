@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from ..config import ServeConfig, is_loopback
 from ..errors import ConfigError
+from ..metrics import CONTENT_TYPE
 from .backend import Backend
 from .http_api import build_app
 from .listeners import TCPListener, UnixListener
@@ -49,6 +51,60 @@ async def open_http(cfg: ServeConfig, backend: Backend) -> web.AppRunner:
             await runner.cleanup()
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return runner
+
+
+async def open_metrics(cfg: ServeConfig, backend: Backend) -> web.AppRunner:
+    """``GET /metrics`` alone on ``cfg.metrics_listen``, with no token: for a Prometheus that
+    cannot send one, on a port a firewall can keep to the monitoring network. The same
+    connection cap and idle timeout as the API's listeners, so a scraper cannot pile up
+    connections either."""
+    assert cfg.metrics_listen is not None
+    app = web.Application()
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=backend.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=cfg.idle_timeout, shutdown_timeout=1.0)
+    await runner.setup()
+    host, port = cfg.metrics_listen
+    try:
+        await TCPListener(runner, host, port, max_connections=cfg.max_connections).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+    if not is_loopback(host):
+        log.info("metrics on %s:%d without a token: keep that port to the monitoring network", host, port)
+    return runner
+
+
+def check_ports(cfg: ServeConfig) -> None:
+    """Each TCP address the daemon will listen on can be bound now: a port in use is a start-up
+    error before the voices load (a minute on a small box), not after. Bound and released at
+    once, as the listener will bind it (SO_REUSEADDR); another program may still take it in
+    between, which the listener then reports."""
+    wanted = [("--listen", cfg.listen), ("--metrics-listen", cfg.metrics_listen)]
+    if cfg.wyoming:
+        uri = urlparse(cfg.wyoming)
+        if uri.scheme == "tcp" and uri.hostname and uri.port:
+            wanted.append(("--wyoming", (uri.hostname, uri.port)))
+    for flag, address in wanted:
+        if address is None:
+            continue
+        host, port = address
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            raise ConfigError(f"{flag} {host}:{port}: {exc.strerror or exc}") from exc
+        for family, kind, proto, _, sockaddr in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind(sockaddr)
+                except OSError as exc:
+                    raise ConfigError(f"{flag}: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 async def open_wyoming(cfg: ServeConfig, backend: Backend) -> WyomingServer:

@@ -1,6 +1,6 @@
 """Who may ask what of the HTTP API from a web browser: cross-site request forgery and DNS
-rebinding refused before a route runs. Plain checks on a request's headers; ``http_api`` renders
-the refusal."""
+rebinding refused before a route runs, and what a token-guarded TCP listener serves without the
+token. Plain checks on a request's headers; ``http_api`` renders the refusal."""
 
 from __future__ import annotations
 
@@ -61,3 +61,13 @@ def browser_refusal(request: web.BaseRequest, *, control: bool, unguarded: bool)
     if "Content-Type" in headers and request.content_type in FORM_TYPES:
         return 415, "unsupported_media_type", "control routes take Content-Type: application/json"
     return None
+
+
+PROBES = ("/healthz", "/readyz")  # "up" and "ready or not": what container and load-balancer probes ask
+
+
+def is_public(method: str, path: str) -> bool:
+    """True for what a TCP listener with a token serves without it: the page's own files, which
+    carry no data (``ttsd.front.page``), and the health probes, which say only "ok" or
+    "not ready" (probes from Kubernetes, Docker or a load balancer send no bearer token)."""
+    return method in ("GET", "HEAD") and (path == "/" or path.startswith("/static/") or path in PROBES)

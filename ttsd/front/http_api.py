@@ -32,8 +32,8 @@ from ..metrics import CONTENT_TYPE
 from ..serving.serving_map import Lease
 from ..text import check_text
 from .backend import Backend
-from .guard import browser_refusal, is_tcp
-from .page import add_routes, is_public
+from .guard import browser_refusal, is_public, is_tcp
+from .page import add_routes
 from .speech_request import (
     USER_HEADER,
     SynthRequest,

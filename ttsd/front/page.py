@@ -2,8 +2,8 @@
 package (``ttsd/front/page/``) and served as they are: no build step, nothing from the network.
 
 The page holds no data and no secret: it polls ``/v1/status`` and calls the API with the bearer
-token the operator types into it. So ``/`` and ``/static/...`` are the only routes a TCP listener
-with ``--token-file`` serves without the token (``PUBLIC``). Files are served from a fixed list read
+token the operator types into it. So a TCP listener with ``--token-file`` serves ``/`` and
+``/static/...`` without the token (``ttsd.front.guard.is_public``). Files are served from a fixed list read
 once at start-up, so no request path ever reaches the file system (``/static/../x`` is a 404).
 """
 
@@ -29,11 +29,6 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-cache",
 }
 FILES = {"index.html": "text/html", "page.css": "text/css", "page.js": "text/javascript"}
-
-
-def is_public(method: str, path: str) -> bool:
-    """True for the page's own files, which carry no data (see the module docstring)."""
-    return method in ("GET", "HEAD") and (path == "/" or path.startswith("/static/"))
 
 
 def _load() -> dict[str, bytes]:
