@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from conftest import save_tiny_vits
+from conftest import plausible, save_tiny_vits
+from daemon_util import start_daemon
 
 TTSD = [sys.executable, "-m", "ttsd"]
 
@@ -102,13 +103,29 @@ def test_pack_then_say_with_a_hf_checkpoint(cli_env: dict[str, str], tmp_path: P
 
 
 @pytest.mark.daemon
-def test_voice_lookup_in_models_dir(cli_env: dict[str, str], tmp_path: Path) -> None:
+def test_voice_lookup_in_models_dir(cli_env: dict[str, str], tmp_path: Path, cache_dir: Path) -> None:
+    """An unknown voice or version gets the exit code docs/cli.md's table gives it, in-process and
+    through a daemon alike, with a message about the voice (not about the text)."""
+    from test_docs import exit_code_table
+
+    code = next(c for c, meaning in exit_code_table().items() if "unknown voice" in meaning)
     models = Path(cli_env["TTSD_MODELS"])
-    save_tiny_vits(models / "tiny-1")
+    save_tiny_vits(models / "tiny-1", edit=plausible, noise_scale_duration=0.0)
     proc = run(["say", "hello", "--voice", "tiny", "-o", str(tmp_path / "v.wav")], cli_env)
     assert proc.returncode == 0, proc.stderr.decode()
     proc = run(["say", "hello", "--voice", "nobody", "-o", str(tmp_path / "v.wav")], cli_env)
-    assert_one_line_error(proc, 3, "no voice nobody", "voices there: tiny")
+    assert_one_line_error(proc, code, "no voice nobody", "voices there: tiny")
+
+    daemon = start_daemon(tmp_path / "box", cache_dir, "--no-seed", models=models)
+    env = dict(cli_env, TTSD_SOCKET=str(daemon.socket))
+    try:
+        proc = run(["say", "hello", "--voice", "nobody", "-o", str(tmp_path / "v.wav")], env)
+        assert_one_line_error(proc, code, "unknown voice 'nobody'")
+        proc = run(["activate", "tiny", "7"], env)
+        assert_one_line_error(proc, code, "no known version 7")
+        assert "text" not in proc.stderr.decode()
+    finally:
+        daemon.stop()
 
 
 @pytest.mark.daemon

@@ -84,9 +84,12 @@ def serve_args(tmp_path: Path) -> list[str]:
     (["models", "pack", "folder"], "Missing option '--version'"),
 ])
 def test_usage_errors_exit_2_with_clicks_message(args: list[str], fragment: str) -> None:
+    """ttsd's own one line (not click's usage block), with click's words and where to look."""
     result = invoke(*args)
     assert result.exit_code == 2, result.output
-    assert "Error: " in result.stderr and fragment in result.stderr and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert "--help')" in lines[0] and "Traceback" not in result.output
 
 
 # -- ttsd's own checks: one line and the error's exit code ----------------------------------------------

@@ -350,3 +350,31 @@ def test_curl_routes_are_matched_with_their_method() -> None:
     assert route_problem("GET", "/v1/voices/joe/rollback") is not None
     assert route_problem("GET", "/v1/speak") is not None
     assert curl_request(["curl", "http://localhost/v1/synthesize", "-d", "{}"]) == ("POST", "/v1/synthesize")
+
+
+def exit_code_table() -> dict[int, str]:
+    """docs/cli.md's table of exit codes: code -> "meaning | example"."""
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    section = text.split("## Errors and exit codes", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| (.*) \|$", section, re.M)
+    return {int(code): rest for code, rest in rows}
+
+
+def test_the_exit_code_table_is_the_codes_ttsd_exits_with() -> None:
+    """Every exit code an error type carries, and the CLI's own (0, 1, 2, 130), is in the table
+    once, and the table names no other: one table for every path (tests/test_cli.py checks an
+    unknown voice in-process and through a daemon against it)."""
+    import ttsd.errors as errors
+    from ttsd.cli import EXIT_INTERNAL, EXIT_INTERRUPTED
+
+    def subclasses(cls: type) -> Iterator[type]:
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    used = {cls.exit_code for cls in subclasses(errors.TtsdError)} | {0, EXIT_INTERNAL, 2, EXIT_INTERRUPTED}
+    table = exit_code_table()
+    assert set(table) == used, (sorted(set(table) - used), sorted(used - set(table)))
+    assert "unknown voice" in table[errors.UnknownVoiceError.exit_code]
+    assert "unknown voice" not in table[errors.ConfigError.exit_code]
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from .errors import ConfigError, TtsdError
+from .errors import TtsdError, UnknownVoiceError
 from .manifest import Manifest, check_version, read_manifest
 
 
@@ -69,5 +69,5 @@ def find_voice(models_dir: Path, name: str, version: str | None = None) -> Path:
         known = sorted({c.manifest.name for c in candidates if c.manifest})
         hint = f" (voices there: {', '.join(known)})" if known else ""
         what = f"{name} version {version}" if version else name
-        raise ConfigError(f"no voice {what} in {models_dir}{hint}")
+        raise UnknownVoiceError(f"no voice {what} in {models_dir}{hint}")
     return max((c.manifest.parsed_version, c.folder) for c in matches if c.manifest)[1]

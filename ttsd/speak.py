@@ -7,7 +7,7 @@ from typing import Any
 
 from .config import Paths
 from .engines import Engine, create_engine
-from .errors import ConfigError
+from .errors import UnknownVoiceError
 from .manifest import verify
 from .models_dir import find_voice
 from .voices import Progress, builtin_model
@@ -24,7 +24,7 @@ def resolve_model(
 
         try:
             return find_voice(paths.models, voice)
-        except ConfigError:
+        except UnknownVoiceError:
             if voice != BUILTIN_VOICE:
                 raise
     return builtin_model(paths.cache, progress or (lambda _msg: None))

@@ -26,8 +26,29 @@ EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
 
 
+def _usage_line(exc: click.UsageError, where: str) -> None:
+    """A usage error as ttsd's one line, with click's words and where to look (not click's usage
+    block: every other error is one line, and scripts read the first line of stderr)."""
+    from rich.markup import escape
+
+    console().print(
+        f"[bold red]error:[/] {escape(exc.format_message())} (see '{escape(where)} --help')", markup=True, emoji=False
+    )
+
+
 class TtsdGroup(click.Group):
     """Maps ttsd's errors to one clear line and a distinct exit code."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:  # ttsd's own options (``ttsd --bogus``), before any command
+            if parent is not None or "--debug" in args:
+                raise
+            _usage_line(exc, info_name or "ttsd")
+            raise click.exceptions.Exit(exc.exit_code) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -42,6 +63,11 @@ class TtsdGroup(click.Group):
         except KeyboardInterrupt:
             console().print("interrupted")
             ctx.exit(EXIT_INTERRUPTED)
+        except click.UsageError as exc:  # a command's arguments: ttsd's one line, not click's usage block
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            _usage_line(exc, exc.ctx.command_path if exc.ctx is not None else ctx.command_path)
+            ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:  # a bug: say so in one line unless --debug
