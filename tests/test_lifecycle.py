@@ -7,6 +7,7 @@ import grp
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -181,7 +182,7 @@ def test_tcp_listener_and_token(tmp_path: Path, cache_dir: Path, joe_folder: Pat
     group = grp.getgrgid(os.getgid()).gr_name
     metrics_port = free_port()
     d = start_daemon(tmp_path / "d", cache_dir, "--listen", f"0.0.0.0:{port}", "--token-file", str(token_file),
-                     "--socket-group", group, "--metrics-listen", str(metrics_port))
+                     "--socket-group", group, "--metrics-listen", str(metrics_port), "--access-log")
     try:
         assert stat.S_IMODE(d.socket.stat().st_mode) == 0o660 and d.socket.stat().st_gid == os.getgid()
         # the probes say only "up" / "ready": open, for probes that send no token
@@ -198,6 +199,11 @@ def test_tcp_listener_and_token(tmp_path: Path, cache_dir: Path, joe_folder: Pat
         scraped.request("GET", "/metrics")
         assert b"ttsd_requests_total" in scraped.getresponse().read()
         scraped.close()
+        # a log file gets times; --access-log a line per request, without the token
+        d.wait_for_log('"GET /v1/voices HTTP/1.1" 200')
+        text = d.logs()
+        assert re.search(r'^\S+T\S+ INFO ttsd\.access: 127\.0\.0\.1 "GET /healthz HTTP/1\.1" 200 ', text, re.M), text
+        assert "s3cret" not in text
     finally:
         assert d.stop() == 0, d.logs()
 

@@ -253,6 +253,12 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     show_default=True,
     envvar="TTSD_LOG_LEVEL",
 )
+@click.option(
+    "--access-log",
+    is_flag=True,
+    envvar="TTSD_ACCESS_LOG",
+    help="Log each HTTP request (peer, request line, status, bytes, seconds) as ttsd.access.",
+)
 def serve(
     models_dir: Path | None,
     state_dir: Path | None,
@@ -291,6 +297,7 @@ def serve(
     preload: tuple[str, ...],
     load_wait: float,
     log_level: str,
+    access_log: bool,
 ) -> None:
     """Run the daemon: HTTP on a Unix socket (and optionally TCP), plus an optional spool dir."""
     from .. import logs
@@ -304,7 +311,7 @@ def serve(
         is_loopback,
     )
 
-    logs.configure(log_level)
+    logs.configure(log_level, access_log=access_log)
     bind = parse_listen(listen) if listen else None
     token = read_token(token_file) if token_file is not None else None
     if bind is not None and not is_loopback(bind[0]) and token is None:

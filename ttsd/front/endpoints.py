@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..config import ServeConfig, is_loopback
 from ..errors import ConfigError
+from ..logs import ACCESS, ACCESS_FORMAT
 from ..metrics import CONTENT_TYPE
 from .backend import Backend
 from .http_api import build_app
@@ -31,7 +32,8 @@ async def open_http(cfg: ServeConfig, backend: Backend) -> web.AppRunner:
         build_app(backend),
         handler_cancellation=True,
         shutdown_timeout=cfg.grace,
-        access_log=None,
+        access_log=logging.getLogger(ACCESS),  # silent unless --access-log (ttsd.logs)
+        access_log_format=ACCESS_FORMAT,
         keepalive_timeout=cfg.idle_timeout,
     )
     await runner.setup()
