@@ -307,12 +307,15 @@ def test_metrics_status_and_voices(api: FrontEnds, voices: FakeVoices) -> None:
     metrics = api.get("/metrics")
     assert metrics.status == 200 and metrics.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     text = metrics.body.decode()
-    for name in ("ttsd_requests_total", "ttsd_request_seconds_bucket", "ttsd_queue_depth",
-                 "ttsd_audio_seconds_total", "ttsd_request_failures_total", "ttsd_requests_in_flight"):
+    for name in ("ttsd_requests_total", "ttsd_request_duration_seconds_bucket", "ttsd_queue_depth",
+                 "ttsd_audio_seconds_total", "ttsd_request_failures_total", "ttsd_requests_in_flight",
+                 "ttsd_time_to_first_audio_seconds_bucket", "ttsd_build_info"):
         assert f"\n{name}" in text, name
     assert 'ttsd_requests_total{outcome="ok",route="synthesize",version="2",voice="joe"} 1.0' in text
     assert 'ttsd_requests_total{outcome="bad_request",route="synthesize",version="-",voice="-"} 1.0' in text
-    assert 'ttsd_request_seconds_count{route="synthesize",voice="joe"} 1.0' in text
+    assert 'ttsd_request_duration_seconds_count{route="synthesize",version="2",voice="joe"} 1.0' in text
+    assert 'ttsd_request_seconds_count{route="synthesize",voice="joe"} 1.0' in text  # the old name, this release
+    assert "_created" not in text  # prometheus_client's *_created series are off
     assert "ttsd_audio_seconds_total{" in text and 'version="2",voice="joe"}' in text
     assert api.get("/v1/status").json() == {**voices.status(), "control": True}  # the socket takes control
     assert api.get("/v1/voices").json() == {"voices": [{"name": "ann", "active": "1"}, {"name": "joe", "active": "2"}]}

@@ -102,6 +102,7 @@ class Daemon:
             ),
             wake=lambda: self.watcher.soon(max(config.settle / 2, 0.2)),
         )
+        self.metrics.watch_voices(self.manager.snapshot)
         self.state_lock = StateDirLock(config.state)
         self._serving = False
         self._reconcile_lock = threading.Lock()

@@ -1,8 +1,18 @@
-"""Prometheus metrics, in a registry of the daemon's own (not the process-global default)."""
+"""Prometheus metrics, in a registry of the daemon's own (not the process-global default).
+
+Renamed: ``ttsd_request_seconds`` is ``ttsd_request_duration_seconds`` (Prometheus names a
+duration by its unit, and it gained a ``version`` label: canary against stable). The old name is
+still exported in this release, marked deprecated in its HELP, and goes in the next; a recording
+rule or a dashboard query on it should move to the new name now.
+"""
 
 from __future__ import annotations
 
+import platform
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -10,8 +20,21 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+# A ``*_created`` series beside every counter and histogram doubles what each box sends and no
+# dashboard reads it (Prometheus finds resets by itself). Process-wide in prometheus_client: ttsd
+# owns its process.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+FIRST_AUDIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -22,6 +45,8 @@ class Metrics:
     requests: Counter
     failures: Counter
     latency: Histogram
+    latency_deprecated: Histogram
+    first_audio: Histogram
     queue_depth: Gauge
     in_flight: Gauge
     audio_seconds: Counter
@@ -39,6 +64,7 @@ class Metrics:
     def create(cls) -> Metrics:
         r = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes: what --memory-budget is measured against
+        _build_info(r)
         return cls(
             registry=r,
             requests=Counter(
@@ -55,11 +81,26 @@ class Metrics:
                 registry=r,
             ),
             latency=Histogram(
-                "ttsd_request_seconds",
+                "ttsd_request_duration_seconds",
                 "Time from request accepted to last audio byte",
+                ["voice", "version", "route"],
+                registry=r,
+                buckets=LATENCY_BUCKETS,
+            ),
+            latency_deprecated=Histogram(
+                "ttsd_request_seconds",
+                "DEPRECATED, removed in the next release: ttsd_request_duration_seconds",
                 ["voice", "route"],
                 registry=r,
-                buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                buckets=LATENCY_BUCKETS,
+            ),
+            first_audio=Histogram(
+                "ttsd_time_to_first_audio_seconds",
+                "Time from request accepted to its first audio (the first piece a streamed request "
+                "sends; what a listener waits before hearing anything)",
+                ["voice", "version"],
+                registry=r,
+                buckets=FIRST_AUDIO_BUCKETS,
             ),
             queue_depth=Gauge("ttsd_queue_depth", "Requests waiting for a synthesis worker", registry=r),
             in_flight=Gauge("ttsd_requests_in_flight", "Requests being synthesized", registry=r),
@@ -109,5 +150,61 @@ class Metrics:
             ),
         )
 
+    def observe_request(self, voice: str, version: str, route: str, seconds: float) -> None:
+        """A request's whole time, under its new name and (this release) its old one."""
+        self.latency.labels(voice, version, route).observe(seconds)
+        self.latency_deprecated.labels(voice, route).observe(seconds)
+
+    def watch_voices(self, snapshot: Callable[[], list[dict[str, Any]]]) -> None:
+        """Export, at each scrape, what ``snapshot`` (the manager's voice listing) says now."""
+        self.registry.register(_VoicesCollector(snapshot))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _build_info(registry: CollectorRegistry) -> None:
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = ""
+    info = Gauge(
+        "ttsd_build_info",
+        "Always 1: this daemon's ttsd, Python and torch versions, and CPU architecture",
+        ["version", "python", "torch", "machine"],
+        registry=registry,
+    )
+    info.labels(__version__, platform.python_version(), torch, platform.machine()).set(1)
+
+
+class _VoicesCollector(Collector):
+    """Which version of each voice this box serves, and what its loaded versions cost, read from
+    the manager at scrape time (a gauge set on each change could miss one, or keep a version
+    that is gone)."""
+
+    def __init__(self, snapshot: Callable[[], list[dict[str, Any]]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        serving = GaugeMetricFamily(
+            "ttsd_voice_version_info",
+            "Always 1: the version of a voice that serves, by role (active, or canary during one)",
+            labels=["voice", "version", "role"],
+        )
+        memory = GaugeMetricFamily(
+            "ttsd_voice_memory_bytes",
+            "Resident memory a loaded version added when it loaded (measured around its load)",
+            labels=["voice", "version"],
+        )
+        for voice in self._snapshot():
+            for role in ("active", "canary"):
+                if voice.get(role):
+                    serving.add_metric([voice["name"], voice[role], role], 1)
+            for version in voice.get("versions", []):
+                if version.get("rss_bytes") and version.get("state") in ("active", "canary", "standby"):
+                    memory.add_metric([voice["name"], version["version"]], version["rss_bytes"])
+        yield serving
+        yield memory
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only; nothing to check at registration

@@ -231,7 +231,7 @@ class _Api:
             self._count(served.name, served.version, route, "internal", "system")
             return error_response(exc)
         self._count(served.name, served.version, route, "ok")
-        self.backend.metrics.latency.labels(served.name, route).observe(time.monotonic() - started)
+        self.backend.metrics.observe_request(served.name, served.version, route, time.monotonic() - started)
         return response
 
     def _headers(self, lease: Lease, fmt: str, rate: int) -> dict[str, str]:

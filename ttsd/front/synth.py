@@ -140,9 +140,14 @@ class SynthesisPool:
             # Streamed jobs take pieces of sentences as soon as the decoder has them.
             # text was checked by the front end, options by submit(): not again per request
             pieces = job.on_chunk is not None
+            first = True
             for chunk in job.lease.engine.synthesize_stream(job.text, job.options, pieces=pieces, checked=True):
                 if job.cancel.is_set():
                     raise Cancelled()
+                if first:
+                    first = False
+                    voice = job.lease.voice
+                    self.metrics.first_audio.labels(voice.name, voice.version).observe(time.monotonic() - job.accepted)
                 peak = max(peak, check_chunk(chunk))
                 seconds += chunk.duration
                 if job.on_chunk is not None:

@@ -336,7 +336,7 @@ class _Handler(AsyncEventHandler):
         finally:
             self._job = None
         self._count(served.name, served.version, "ok")
-        self.backend.metrics.latency.labels(served.name, ROUTE).observe(time.monotonic() - started)
+        self.backend.metrics.observe_request(served.name, served.version, ROUTE, time.monotonic() - started)
         return served.version
 
     def _count(self, voice: str | None, version: str | None, outcome: str, fault: str | None = None) -> None:
