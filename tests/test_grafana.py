@@ -25,6 +25,8 @@ promql_parser = pytest.importorskip("promql_parser", reason="the test extra's pr
 DASHBOARD = Path(__file__).resolve().parent.parent / "examples" / "grafana" / "ttsd.json"
 # labels Prometheus adds to every series it scrapes: selectors may match on them
 TARGET_LABELS = {"instance", "job"}
+# series Prometheus itself records per target, with those labels only: "is the box answering"
+PROMETHEUS_SERIES = {"up": TARGET_LABELS, "scrape_duration_seconds": TARGET_LABELS}
 TEMPLATE_VARIABLES = {"datasource", "instance", "voice"}
 
 
@@ -53,8 +55,11 @@ def variable_query(query: str | dict[str, Any]) -> str | None:
 
 
 def expressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    """(where, PromQL) for every panel target and every query variable."""
+    """(where, PromQL) for every panel target, query variable and annotation."""
     found = []
+    for annotation in dashboard.get("annotations", {}).get("list", []):
+        if annotation.get("expr"):
+            found.append((f"annotation {annotation['name']}", annotation["expr"]))
     for panel in panels(dashboard.get("panels", [])):
         for target in panel.get("targets", []):
             if target.get("expr"):
@@ -105,6 +110,10 @@ def problems(exprs: list[tuple[str, str]], names: dict[str, set[str] | None]) ->
     found = []
     for where, expr in exprs:
         for metric, labels in selectors(expr):
+            if metric in PROMETHEUS_SERIES:
+                if missing := labels - PROMETHEUS_SERIES[metric]:
+                    found.append(f"{where}: {metric} has no label {', '.join(sorted(missing))}")
+                continue
             if metric not in names:
                 found.append(f"{where}: {metric} is not exported")
             elif (seen := names[metric]) is not None and (missing := labels - seen - TARGET_LABELS):
@@ -145,8 +154,13 @@ def test_the_dashboard_is_a_grafana_dashboard(dashboard: dict[str, Any]) -> None
             assert selectors(target["expr"]), panel["title"]
     titles = " ".join(p["title"].lower() for p in shown)
     for subject in ("requests", "failures", "latency", "real-time factor", "queue", "swaps", "rollbacks",
-                    "refusals", "canary"):
+                    "refusals", "canary", "up / down", "memory per box", "memory per voice", "active version",
+                    "by version", "first audio", "restarts"):
         assert subject in titles, subject
+    marks = {a["name"]: a for a in dashboard["annotations"]["list"] if a.get("expr")}
+    assert set(marks) == {"Swaps", "Rollbacks"}
+    for mark in marks.values():
+        assert mark["datasource"] == {"type": "prometheus", "uid": "${datasource}"} and mark["enable"]
 
 
 def test_the_check_reports_what_a_daemon_does_not_export() -> None:
@@ -157,7 +171,7 @@ def test_the_check_reports_what_a_daemon_does_not_export() -> None:
 
     metrics = Metrics.create()
     metrics.requests.labels("v", "1", "synthesize", "ok").inc()
-    metrics.latency.labels("v", "synthesize").observe(0.2)
+    metrics.observe_request("v", "1", "synthesize", 0.2)
     names = exported(metrics.render().decode())
     wrong = [
         ("made up", 'rate(ttsd_made_up_total{voice=~"$voice"}[$__rate_interval])'),
@@ -165,6 +179,7 @@ def test_the_check_reports_what_a_daemon_does_not_export() -> None:
         ("no _total", "rate(ttsd_requests[5m])"),
         ("no such label", 'sum(ttsd_queue_depth{voice=~"$voice"})'),
         ("by __name__", '{__name__="ttsd_made_up"}'),
+        ("up has no voice", 'up{voice="x"}'),
     ]
     assert [p.split(":")[0] for p in problems(wrong, names)] == [w for w, _ in wrong]
     right = [("right", ('histogram_quantile(0.99, sum by (voice, le) (rate(ttsd_request_seconds_bucket'
@@ -201,8 +216,13 @@ def test_every_metric_the_dashboard_names_is_exported_by_a_live_daemon(tmp_path:
     assert names["ttsd_synthesis_seconds_total"] >= {"voice", "version"}
     assert daemon.metric("ttsd_synthesis_seconds_total", voice="tiny", version="1") > 0
     assert daemon.metric("ttsd_canary_share", voice="tiny") == 0.0 and "ttsd_canary_share" in names
+    assert daemon.metric("ttsd_voice_version_info", voice="tiny", version="1", role="active") == 1
+    assert daemon.metric("ttsd_voice_memory_bytes", voice="tiny", version="1") > 0
+    assert daemon.metric("ttsd_time_to_first_audio_seconds_count", voice="tiny", version="1") == 1
+    assert daemon.metric("ttsd_request_duration_seconds_count", voice="tiny", version="1", route="synthesize") == 1
     staged = save_tiny_vits(tmp_path / "staging" / "tiny-2", version="2", seed=1, edit=plausible,
                             noise_scale_duration=0.0)
     staged.rename(models / "tiny-2")  # published whole
     wait_for(lambda: daemon.metric("ttsd_canary_share", voice="tiny") == 0.25, what="v2 a canary for 25 %")
+    assert daemon.metric("ttsd_voice_version_info", voice="tiny", version="2", role="canary") == 1
     assert daemon.stop() == 0, daemon.logs()
