@@ -178,3 +178,25 @@ def test_pack_needs_a_name_only_for_a_folder_without_a_manifest(tmp_path: Path) 
     (folder / "ttsd.json").write_text("{broken")
     broken = runner.invoke(main, ["models", "pack", str(folder), "--version", "3"])
     assert broken.exit_code == 3 and "give --name" in broken.output, broken.output
+
+
+def test_serve_help_shows_where_things_go_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--help names the defaults a user would get for the state, socket and cache (resolved for
+    whoever runs it), HOST:PORT for the listeners, and what --log-level does."""
+    import importlib
+
+    import ttsd.cli.serve as serve_module
+
+    monkeypatch.setenv("TTSD_STATE", "/srv/state-here")
+    monkeypatch.setenv("TTSD_SOCKET", "/srv/run/here.sock")
+    monkeypatch.setenv("TTSD_CACHE", "/srv/cache-here")
+    fresh = importlib.reload(serve_module)  # the help text is resolved when the module loads
+    try:
+        text = " ".join(CliRunner().invoke(fresh.serve, ["--help"]).output.split())
+    finally:
+        monkeypatch.undo()
+        importlib.reload(serve_module)
+    for shown in ("default here: /srv/state-here", "default here: /srv/run/here.sock",
+                  "default here: /srv/cache-here", "--listen HOST:PORT", "--metrics-listen HOST:PORT",
+                  "Least severe records logged"):
+        assert shown in text, shown

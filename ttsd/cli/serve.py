@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..config import default_cache_dir, default_models_dir, default_socket, default_state_dir
 from ..errors import ConfigError
 from .common import PRECISION_CHOICES, PRECISION_HELP, trusted_keys_option
 from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming, read_token, zeroconf_name
@@ -19,28 +20,28 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     "models_dir",
     type=click.Path(file_okay=False, path_type=Path),
     envvar="TTSD_MODELS",
-    help="Models directory [env TTSD_MODELS; default /models as root or if it exists].",
+    help=f"Models directory [env TTSD_MODELS; default here: {default_models_dir()}; /models as root].",
 )
 @click.option(
     "--state",
     "state_dir",
     type=click.Path(file_okay=False, path_type=Path),
     envvar="TTSD_STATE",
-    help="State directory [env TTSD_STATE].",
+    help=f"State directory [env TTSD_STATE; default here: {default_state_dir()}].",
 )
 @click.option(
     "--cache",
     "cache_dir",
     type=click.Path(file_okay=False, path_type=Path),
     envvar="TTSD_CACHE",
-    help="Cache for the converted built-in voice [env TTSD_CACHE].",
+    help=f"Cache for the converted built-in voice [env TTSD_CACHE; default here: {default_cache_dir()}].",
 )
 @click.option(
     "--socket",
     "socket_path",
     type=click.Path(path_type=Path),
     envvar="TTSD_SOCKET",
-    help="Unix socket to serve HTTP on [env TTSD_SOCKET].",
+    help=f"Unix socket to serve HTTP on [env TTSD_SOCKET; default here: {default_socket()}].",
 )
 @click.option("--socket-group", envvar="TTSD_SOCKET_GROUP", help="Make the socket 0660 for this group.")
 @click.option(
@@ -50,10 +51,16 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     envvar="TTSD_SPOOL",
     help="Spool directory for file requests (off unless given) [env TTSD_SPOOL].",
 )
-@click.option("--listen", envvar="TTSD_LISTEN", help="Also serve HTTP on HOST:PORT (loopback unless named).")
+@click.option(
+    "--listen",
+    envvar="TTSD_LISTEN",
+    metavar="HOST:PORT",
+    help="Also serve HTTP on TCP (loopback unless a host is named; off it, --token-file is required).",
+)
 @click.option(
     "--metrics-listen",
     envvar="TTSD_METRICS_LISTEN",
+    metavar="HOST:PORT",
     help="Also serve /metrics alone, without the token, on HOST:PORT (loopback unless named): for a "
     "Prometheus that cannot send the bearer token.",
 )
@@ -252,6 +259,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     default="info",
     show_default=True,
     envvar="TTSD_LOG_LEVEL",
+    help="Least severe records logged (debug adds which version each user key got in a canary).",
 )
 @click.option(
     "--access-log",
