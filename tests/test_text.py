@@ -34,6 +34,18 @@ def test_split_sentences() -> None:
     assert split_sentences(text) == ["Hi there.", '"Really?"', "she asked!", "Yes…", "fine\nNext line"]
 
 
+def test_chinese_and_japanese_split_at_full_width_marks_without_spaces() -> None:
+    """Chinese and Japanese put no space after 。！？: each sentence still ends there (closing
+    brackets kept with it), so the first audio does not wait for the whole paragraph."""
+    chinese = "今天天气很好。我们去公园散步吧！你觉得怎么样？好的。"
+    assert split_sentences(chinese) == ["今天天气很好。", "我们去公园散步吧！", "你觉得怎么样？", "好的。"]
+    japanese = "こんにちは。元気ですか？「はい、元気です。」"
+    assert split_sentences(japanese) == ["こんにちは。", "元気ですか？", "「はい、元気です。」"]
+    mixed = "Version 2.5 is out. 新版本已经发布。Try it!"
+    assert split_sentences(mixed) == ["Version 2.5 is out.", "新版本已经发布。", "Try it!"]
+
+
+
 @given(words=st.lists(st.text(alphabet="abc", min_size=1, max_size=30), min_size=1, max_size=80),
        marks=st.lists(st.sampled_from(["", "", "", ","]), min_size=80, max_size=80),
        limit=st.integers(min_value=2, max_value=60))

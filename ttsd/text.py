@@ -12,7 +12,9 @@ from .errors import RequestError, TextTooLongError
 DEFAULT_MAX_CHARS = 5000
 _ALLOWED_CONTROL = {"\n", "\r", "\t"}
 # A sentence ends at . ! ? … (and their CJK forms) followed by whitespace or the end.
-_SENTENCE_END = re.compile(r"[.!?…。！？]+[\"')\]»”’]*\s+")
+# A sentence ends at . ! ? … followed by whitespace (after any closing quotes or brackets), or at
+# the full-width 。！？ of Chinese and Japanese, which are written without a space after them.
+_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]»”’]*\s+|[。！？]+[\"')\]»”’」』）】〕》〉]*\s*")
 
 
 def check_text(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> str:
@@ -34,7 +36,7 @@ def check_text(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> str:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Split at sentence-final punctuation followed by whitespace; keep non-empty parts."""
+    """Split at sentence-final punctuation (``_SENTENCE_END``); keep non-empty parts."""
     parts, start = [], 0
     for match in _SENTENCE_END.finditer(text):
         parts.append(text[start : match.end()].strip())
