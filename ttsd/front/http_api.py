@@ -119,9 +119,11 @@ def build_app(backend: Backend) -> web.Application:
         if tcp and backend.token is None and control:
             return _error(403, "forbidden", "control routes need --token-file on a TCP listener")
         if tcp and backend.token is not None and not is_public(request.method, request.path):
-            # aiohttp keeps undecodable header bytes as surrogates: compare the bytes as sent
-            supplied = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(supplied, f"Bearer {backend.token}".encode()):
+            # aiohttp keeps undecodable header bytes as surrogates: compare the bytes as sent. The
+            # scheme's case does not matter (RFC 7235: "bearer" is "Bearer"); the token's does
+            scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
+            given = supplied.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given, backend.token.encode()):
                 return _error(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
