@@ -90,6 +90,7 @@ class ServeConfig:
     max_audio_seconds: float = 600.0
     max_connections: int = 128  # per listener
     idle_timeout: float = 15.0  # seconds to send a whole request after connecting or an answer
+    write_timeout: float = 60.0  # seconds a client may leave its answer unread (HTTP and Wyoming)
     grace: float = 30.0
     default_voice: str | None = None
     seed_builtin: bool = True

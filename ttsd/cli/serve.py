@@ -151,6 +151,15 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     help="Close a connection that sends no whole request this many seconds after connecting or an answer.",
 )
 @click.option(
+    "--write-timeout",
+    type=click.FloatRange(0.1),
+    default=60.0,
+    show_default=True,
+    envvar="TTSD_WRITE_TIMEOUT",
+    help="Close a connection whose client leaves its answer unread this many seconds (its slot and "
+    "buffered audio freed, its synthesis stopped).",
+)
+@click.option(
     "--grace",
     type=click.FloatRange(0),
     default=30.0,
@@ -288,6 +297,7 @@ def serve(
     max_audio_seconds: float | None,
     max_connections: int,
     idle_timeout: float,
+    write_timeout: float,
     grace: float,
     default_voice: str | None,
     no_seed: bool,
@@ -343,6 +353,7 @@ def serve(
         max_audio_seconds=max_audio_seconds or round(max(60.0, AUDIO_SECONDS_PER_CHAR * max_chars)),
         max_connections=max_connections,
         idle_timeout=idle_timeout,
+        write_timeout=write_timeout,
         default_voice=default_voice,
         seed_builtin=not no_seed,
         keep=keep,

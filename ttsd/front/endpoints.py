@@ -39,7 +39,9 @@ async def open_http(cfg: ServeConfig, backend: Backend) -> web.AppRunner:
     await runner.setup()
     old_umask = os.umask(0o177 if cfg.socket_group is None else 0o117)
     try:
-        await UnixListener(runner, str(cfg.socket), max_connections=cfg.max_connections).start()
+        await UnixListener(
+            runner, str(cfg.socket), max_connections=cfg.max_connections, write_timeout=cfg.write_timeout
+        ).start()
     finally:
         os.umask(old_umask)
     if cfg.socket_group is not None:
@@ -48,7 +50,9 @@ async def open_http(cfg: ServeConfig, backend: Backend) -> web.AppRunner:
     if cfg.listen is not None:
         host, port = cfg.listen
         try:
-            await TCPListener(runner, host, port, max_connections=cfg.max_connections).start()
+            await TCPListener(
+                runner, host, port, max_connections=cfg.max_connections, write_timeout=cfg.write_timeout
+            ).start()
         except OSError as exc:
             await runner.cleanup()
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
@@ -71,7 +75,9 @@ async def open_metrics(cfg: ServeConfig, backend: Backend) -> web.AppRunner:
     await runner.setup()
     host, port = cfg.metrics_listen
     try:
-        await TCPListener(runner, host, port, max_connections=cfg.max_connections).start()
+        await TCPListener(
+            runner, host, port, max_connections=cfg.max_connections, write_timeout=cfg.write_timeout
+        ).start()
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc

@@ -7,6 +7,13 @@ open at once, so a client that opens hundreds and trickles bytes into each could
 daemon's file descriptors and memory. Each listener here takes at most ``limit`` connections;
 one more is closed as soon as it is accepted (and logged, at most once a minute), so a flood on
 the TCP listener never locks local clients out of the Unix socket.
+
+Nor does aiohttp bound how long a client may leave an answer unread. A connection whose client
+stops reading fills its buffers, and then its writes wait: a whole WAV sits in memory and holds
+the slot for as long as the client stays connected. So once a connection's writing is paused (its
+buffer over the high-water mark), the client has ``write_timeout`` seconds to take some of it;
+else the connection is aborted, its buffered answer dropped, its slot freed, and the request's
+handler cancelled with it (the synthesis of a streamed answer stops).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ log = logging.getLogger("ttsd.listeners")
 BACKLOG = 128  # aiohttp's default: connections the kernel queues before accept
 
 IDLE_SECONDS = 15.0  # a connection must send a whole request this soon after connecting or answering
+WRITE_SECONDS = 60.0  # a client must take some of its answer this soon after its buffers filled up
 DEFAULT_MAX_CONNECTIONS = 128
 
 
@@ -58,17 +66,33 @@ class _Closer(asyncio.Protocol):
 
 
 class _Counted(asyncio.Protocol):
-    """aiohttp's request handler, counted from the moment it is made until its connection ends."""
+    """aiohttp's request handler, counted from the moment it is made until its connection ends,
+    and cut off when its client leaves its answer unread (see the module docstring)."""
 
     def __init__(self, inner: Any, owner: _Capped) -> None:
         self._inner, self._owner = inner, owner
+        self._transport: asyncio.BaseTransport | None = None
+        self._stalled: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner.live -= 1
+        if self._stalled is not None:
+            self._stalled.cancel()
         self._inner.connection_lost(exc)
+
+    def _cut_off(self) -> None:
+        self._owner.cut_off += 1
+        log.info(
+            "%s: a client left its answer unread for %.0f s; connection closed",
+            self._owner.where,
+            self._owner.write_timeout,
+        )
+        if isinstance(self._transport, asyncio.WriteTransport):
+            self._transport.abort()  # drops the unsent answer; connection_lost follows
 
     def data_received(self, data: bytes) -> None:
         self._inner.data_received(data)
@@ -77,9 +101,14 @@ class _Counted(asyncio.Protocol):
         return self._inner.eof_received()
 
     def pause_writing(self) -> None:
+        if self._stalled is None:
+            self._stalled = asyncio.get_running_loop().call_later(self._owner.write_timeout, self._cut_off)
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
         self._inner.resume_writing()
 
 
@@ -87,10 +116,11 @@ class _Capped:
     """Protocol factory: aiohttp's request handler while this listener has fewer than ``limit``
     connections, else a ``_Closer``. Runs on the event loop only."""
 
-    def __init__(self, server: Any, limit: int, where: str) -> None:
-        self.server, self.limit, self.where = server, limit, where
+    def __init__(self, server: Any, limit: int, where: str, write_timeout: float = WRITE_SECONDS) -> None:
+        self.server, self.limit, self.where, self.write_timeout = server, limit, where, write_timeout
         self.live = 0  # handlers made and not yet disconnected
         self.refused = 0
+        self.cut_off = 0  # connections aborted for leaving their answer unread
         self._logged = 0.0
 
     def __call__(self) -> asyncio.BaseProtocol:
@@ -116,10 +146,12 @@ class _Listener(web.BaseSite):
     closes ``self._server``; tests/test_listeners.py fails if that changes, and setup.cfg bounds
     aiohttp to the versions tested."""
 
-    def __init__(self, runner: web.BaseRunner, where: str, *, max_connections: int) -> None:
+    def __init__(
+        self, runner: web.BaseRunner, where: str, *, max_connections: int, write_timeout: float = WRITE_SECONDS
+    ) -> None:
         super().__init__(runner)
         self.factory: _Capped | None = None
-        self._where, self._limit = where, max_connections
+        self._where, self._limit, self._write_timeout = where, max_connections, write_timeout
         self._app_runner = runner  # our own reference: BaseSite keeps it private
 
     @property
@@ -130,7 +162,7 @@ class _Listener(web.BaseSite):
         await super().start()  # registers the site with its runner, which stops it on cleanup
         server = self._app_runner.server
         assert server is not None, "runner.setup() first"
-        self.factory = _Capped(server, self._limit, self._where)
+        self.factory = _Capped(server, self._limit, self._where, self._write_timeout)
         self._server = await self._listen(self.factory)
 
     async def _listen(self, factory: _Capped) -> asyncio.AbstractServer:
@@ -138,8 +170,10 @@ class _Listener(web.BaseSite):
 
 
 class UnixListener(_Listener):
-    def __init__(self, runner: web.BaseRunner, path: str, *, max_connections: int) -> None:
-        super().__init__(runner, f"unix:{path}", max_connections=max_connections)
+    def __init__(
+        self, runner: web.BaseRunner, path: str, *, max_connections: int, write_timeout: float = WRITE_SECONDS
+    ) -> None:
+        super().__init__(runner, f"unix:{path}", max_connections=max_connections, write_timeout=write_timeout)
         self.path = path
 
     async def _listen(self, factory: _Capped) -> asyncio.AbstractServer:
@@ -147,8 +181,16 @@ class UnixListener(_Listener):
 
 
 class TCPListener(_Listener):
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int) -> None:
-        super().__init__(runner, f"{host}:{port}", max_connections=max_connections)
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        write_timeout: float = WRITE_SECONDS,
+    ) -> None:
+        super().__init__(runner, f"{host}:{port}", max_connections=max_connections, write_timeout=write_timeout)
         self.host, self.port = host, port
 
     async def _listen(self, factory: _Capped) -> asyncio.AbstractServer:
