@@ -79,7 +79,6 @@ def test_rollback_with_the_state_dir_full_is_a_507_and_changes_nothing(tmp_path:
     fake_model(models, "voice", "2")
     daemon.manager.reconcile()
     state_file = tmpfs.path / "state" / "state.json"
-    before = state_file.read_text()
     loop = asyncio.new_event_loop()
     client = TestClient(TestServer(build_app(daemon.backend()), loop=loop), loop=loop)
     loop.run_until_complete(client.start_server())
@@ -93,6 +92,9 @@ def test_rollback_with_the_state_dir_full_is_a_507_and_changes_nothing(tmp_path:
 
     try:
         tmpfs.fill()
+        # read once the disk is full: until then the swap's own follow-up (v1 to standby) may still
+        # be writing state.json, which made a read taken before the fill flaky on a busy box
+        before = state_file.read_text()
         status, body = rollback()
         assert status == 507 and body["error"]["code"] == "insufficient_storage", body  # type: ignore[index]
         assert daemon.manager.snapshot()[0]["active"] == "2" and state_file.read_text() == before
