@@ -169,13 +169,13 @@ def test_an_unload_never_holds_up_the_request_that_asked_for_it(tmp_path: Path, 
 def test_an_upgrade_called_off_while_it_is_copied_in_says_so(tmp_path: Path, fake_engines: None,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     """While a request is in flight the copy into the store is paced, so it takes a while. 1. v3
-    (200 MB) is being copied in when a rollback comes: it is called off, available, with the
+    (80 MB) is being copied in when a rollback comes: it is called off, available, with the
     reason, and no partial copy is left. 2. v4's folder is deleted while it is copied in: logged,
     and the version is forgotten."""
     models, manager = v2_over_v1(tmp_path)
     lease = manager.acquire("voice")  # a request in flight: background work is paced
     try:
-        fake_model(models, "voice", "3", blob_mb=200)
+        fake_model(models, "voice", "3", blob_mb=80)
         upgrade = in_background(manager.reconcile)
         wait_for(lambda: states(manager).get("3") == "verifying", timeout=30, interval=0.01, what="v3 copied in")
         time.sleep(0.2)
@@ -185,7 +185,7 @@ def test_an_upgrade_called_off_while_it_is_copied_in_says_so(tmp_path: Path, fak
         assert v3 is not None and v3.state.value == "available" and "called off" in v3.reason
         assert not list((tmp_path / "state" / "store").glob(".*.partial"))
 
-        folder = fake_model(models, "voice", "4", blob_mb=200)
+        folder = fake_model(models, "voice", "4", blob_mb=80)
         upgrade = in_background(manager.reconcile)
         wait_for(lambda: states(manager).get("4") == "verifying", timeout=30, interval=0.01, what="v4 copied in")
         time.sleep(0.2)
