@@ -97,3 +97,20 @@ def test_bad_manifests_get_a_clear_error(tmp_path: Path, text: str, message: str
 def test_folder_without_manifest(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="no ttsd.json"):
         verify(tmp_path)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_the_manifest_follows_the_umask_like_the_folder_s_other_files(tmp_path: Path, umask: int, mode: int) -> None:
+    """pack wrote ttsd.json 0600 whatever the umask, while the data files were 0644: a daemon
+    running as its own user (the shipped unit) could not read a folder an admin packed as root."""
+    import os
+
+    folder = tmp_path / "voice"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    old = os.umask(umask)
+    try:
+        pack(folder, name="v", version="1", engine="vits", sample_rate=8000)
+    finally:
+        os.umask(old)
+    assert (folder / "ttsd.json").stat().st_mode & 0o777 == mode

@@ -26,7 +26,7 @@ from packaging.utils import canonicalize_version
 from packaging.version import InvalidVersion, Version
 
 from .errors import ManifestError, Problem, VerifyError, is_system_oserror
-from .fsutil import atomic_write_text
+from .fsutil import SHARED, atomic_write_text
 from .safe_read import MAX_ENTRIES, hash_fd, hash_listed, open_beneath, open_listed, sha256_file, walk
 
 # what the store, the signature check and the CLI read from here
@@ -372,5 +372,8 @@ def pack(
         extra=dict(extra or {}),
     )
     parse_manifest(manifest.to_json())  # same rules as reading it back
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n")
+    # readable as the folder's other files are (the umask decides): a daemon running as its own
+    # user must read a folder an admin packed as root
+    text = json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n"
+    atomic_write_text(folder / MANIFEST, text, mode=SHARED)
     return manifest
