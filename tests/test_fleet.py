@@ -223,3 +223,20 @@ def test_two_boxes_upgrade_from_one_mirror_and_both_refuse_a_tampered_folder(
     finally:
         for daemon in daemons:
             daemon.stop()
+
+
+def test_a_folder_with_an_empty_file_is_fetched_whole(tmp_path: Path, mirror: Mirror, fleet: dict[str, Path]) -> None:
+    """A zero-byte file (an empty vocabulary, a placeholder) is fetched like any other: the
+    download made no partial file for it, and get failed with exit 3 on a missing .part."""
+    folder = tmp_path / "build" / "voice-1"
+    folder.mkdir(parents=True)
+    (folder / "a.json").write_text('{"tone": 440}')
+    (folder / "empty.txt").write_bytes(b"")
+    pack(folder, name="voice", version="1", engine="vits", sample_rate=8000)
+    sign(folder, fleet["key"])
+    publish(folder, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    result = get(mirror.url, tmp_path / "box", "voice", "--trusted-keys", str(fleet["trusted"]))
+    assert result.exit_code == 0, result.output
+    landed = tmp_path / "box" / "models" / "voice-1"
+    assert (landed / "empty.txt").read_bytes() == b"" and verify(landed).version == "1"

@@ -196,6 +196,10 @@ def download(mirror: Mirror, file: CatalogFile, dest: Path, progress: Progress =
         if other != part and stale.fullmatch(other.name):
             other.unlink()
     url = mirror.url(file.path)
+    if file.size == 0:  # nothing to fetch: an empty file, which must still have the listed digest
+        os.close(
+            os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+        )
     for attempt in range(1, mirror.attempts + 1):
         done = part.stat().st_size if part.exists() else 0
         if done > file.size:
