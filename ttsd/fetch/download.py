@@ -5,7 +5,10 @@ urllib does the HTTP (framing, chunked bodies, TLS and its certificate check, pr
 environment); what is ttsd's own is the policy around it:
 
 * every request has a timeout for the connect and for each read (``Mirror.timeout``);
-* a redirect may only go to http(s), and never from https down to http;
+* a redirect may only go to http(s), never from https down to http, and never into this box's
+  or its network's own addresses (loopback, link-local, private, unique-local, multicast,
+  reserved) unless the mirror itself is there: a catalog on the internet must not make the box
+  send requests to its LAN's services (``redirect_allowed``);
 * nothing is read past its bound: a document past its limit, a file past its catalog size is cut
   off and refused, and a ``Content-Length`` over the bound is refused before a byte is read;
 * a download goes into ``.NAME.MD5.part`` in a private folder (never the models dir), and goes
@@ -23,8 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import ipaddress
 import os
 import re
+import socket
 import stat
 import time
 import urllib.error
@@ -82,10 +87,42 @@ class Mirror:
         return urlsplit(self.base).netloc
 
 
+def is_internal(address: str) -> bool:
+    """Whether an IP address is this box's or its network's own rather than the internet's."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone index is no part of the address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def addresses(host: str) -> list[str]:
+    """Every address ``host`` resolves to (an IP literal: itself); [] when it does not resolve."""
+    try:
+        return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
+    except (OSError, UnicodeError):
+        return []
+
+
+def redirect_allowed(target: list[str], mirror: list[str]) -> bool:
+    """A redirect to a host with addresses ``target`` from a mirror with ``mirror``: refused when
+    any target address is internal (``is_internal``) and no mirror address is. Cross-host
+    redirects stay (Hugging Face sends downloads to its CDN); a mirror on the LAN may send the box
+    elsewhere on the LAN. The host is resolved here and again by urllib when it connects: a DNS
+    server that answers differently the second time (DNS rebinding) is not stopped by this check."""
+    if not target:
+        return True  # it does not resolve: urllib's connect fails on its own
+    return not any(is_internal(a) for a in target) or any(is_internal(a) for a in mirror)
+
+
 class _Redirects(urllib.request.HTTPRedirectHandler):
-    """urllib's redirects, but only to http(s) and never from https down to http."""
+    """urllib's redirects, but only to http(s), never from https down to http, and never into
+    internal addresses from a mirror that is not itself internal (``redirect_allowed``)."""
 
     max_redirections = 5
+
+    def __init__(self, mirror_addresses: list[str]) -> None:
+        super().__init__()
+        self.mirror_addresses = mirror_addresses
 
     def redirect_request(
         self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
@@ -93,6 +130,12 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         old, new = urlsplit(req.full_url).scheme, urlsplit(newurl).scheme
         if new not in ("http", "https") or (old == "https" and new != "https"):
             raise CatalogError(f"{req.full_url}: redirected to a {new or 'relative'}: URL, refused")
+        host = urlsplit(newurl).hostname or ""
+        if not redirect_allowed(addresses(host), self.mirror_addresses):
+            raise CatalogError(
+                f"{req.full_url}: redirected to {host}, an address of this box's own network, from a mirror "
+                "that is not on it; refused"
+            )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -107,7 +150,7 @@ def _why(exc: BaseException) -> str:
 
 def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
     """The response to GET ``url``, or the error that says whose problem it is."""
-    opener = urllib.request.build_opener(_Redirects)
+    opener = urllib.request.build_opener(_Redirects(addresses(urlsplit(url).hostname or "")))
     request = urllib.request.Request(url, headers={**_HEADERS, **headers})
     try:
         return opener.open(request, timeout=mirror.timeout)
