@@ -27,9 +27,10 @@ import re
 import shutil
 import signal
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -201,6 +202,7 @@ def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | N
 
 
 def _get(request: GetRequest, reporter: Reporter) -> GetResult:
+    request = replace(request, voice=unicodedata.normalize("NFC", request.voice))  # as catalog keys are
     if request.version is not None:
         check_version(request.version)  # before anything is fetched
     reporter.step(f"reading the catalog at {request.mirror.base}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,19 +41,37 @@ MAX_PATH_CHARS = 300
 MAX_TEXT_CHARS = 100  # language names, quality, voice name
 MODEL_CARD = "MODEL_CARD"
 
-_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+MAX_KEY_CHARS = 100
 _SEGMENT = re.compile(r"[\w.-]+")  # \w: Unicode letters and digits, and _
 _MD5 = re.compile(r"[0-9a-f]{32}")
 _CODE = re.compile(r"[A-Za-z0-9_-]{1,20}")
 
 
 def check_voice_key(key: object) -> str:
-    """A catalog key names a folder in the models dir and a manifest: ASCII letters, digits,
-    ``_``, ``.`` and ``-``, not leading, at most 100 characters."""
-    if not isinstance(key, str) or not _KEY.fullmatch(key) or key.endswith(".partial"):
-        shown = repr(key)[:60]
-        raise CatalogError(f"invalid voice key {shown}: use ASCII letters, digits, '_', '.' and '-'")
-    return key
+    """A catalog key, in NFC (``pt_PT-tugão-medium`` whichever way its ``ã`` was encoded), which
+    names a folder in the models dir and a manifest: letters (any script), digits, combining marks,
+    ``_``, ``.`` and ``-``, starting with a letter or digit, at most 100 characters. So no path
+    separator, no control or format character (bidi overrides, U+200E and the like, zero-width
+    joiners), no space. The key as given is shown escaped (``ascii``), never as text that could
+    reorder or hide what a terminal shows."""
+    if isinstance(key, str):
+        key = unicodedata.normalize("NFC", key)
+        if (
+            0 < len(key) <= MAX_KEY_CHARS
+            and unicodedata.category(key[0])[0] in "LN"
+            and all(unicodedata.category(c)[0] in "LNM" or c in "_.-" for c in key)
+            and not key.endswith(".partial")
+        ):
+            return key
+    raise CatalogError(
+        f"invalid voice key {ascii(key)[:80]}: use letters, digits, '_', '.' and '-' (at most {MAX_KEY_CHARS})"
+    )
+
+
+def display_text(value: str) -> str:
+    """Text from a catalog as it may be shown: NFC, with control and format characters (bidi
+    marks and overrides, zero-width characters) taken out, so it reads as the words it holds."""
+    return "".join(c for c in unicodedata.normalize("NFC", value) if unicodedata.category(c) not in ("Cc", "Cf"))
 
 
 def check_remote_path(rel: object) -> str:
@@ -172,6 +191,7 @@ class Catalog:
 
     def find(self, name: str) -> CatalogVoice:
         """The voice with key (or alias) ``name``; ``CatalogError`` saying why not otherwise."""
+        name = unicodedata.normalize("NFC", name)
         if name in self.voices:
             return self.voices[name]
         for voice in self.voices.values():
@@ -191,7 +211,11 @@ class Catalog:
 
 
 def _text(entry: dict[str, Any], field: str, where: str, pattern: re.Pattern[str] | None = None) -> str:
+    """A display field: at most ``MAX_TEXT_CHARS``, shown as its words (``display_text``): Piper's
+    ``he_IL-saspeech-medium`` has a U+200E in its ``name_native``, which made the entry refused."""
     value = entry.get(field, "")
+    if isinstance(value, str) and len(value) <= MAX_TEXT_CHARS:
+        value = display_text(value)
     if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS or not value.isprintable():
         raise CatalogError(f"{where}: '{field}' must be printable text of at most {MAX_TEXT_CHARS} characters")
     if pattern is not None and not pattern.fullmatch(value):
@@ -218,10 +242,11 @@ def _file(rel: object, info: object, limit: int) -> CatalogFile:
 
 def parse_voice(key: str, entry: object) -> CatalogVoice:
     """One catalog entry, checked field by field (``CatalogError`` with the first problem)."""
-    check_voice_key(key)
+    key = check_voice_key(key)
     if not isinstance(entry, dict):
         raise CatalogError("must be an object")
-    if entry.get("key") != key:
+    listed = entry.get("key")
+    if not isinstance(listed, str) or unicodedata.normalize("NFC", listed) != key:
         raise CatalogError(f"its 'key' {repr(entry.get('key'))[:60]} differs from the name it is listed under")
     lang = entry.get("language")
     if not isinstance(lang, dict):
@@ -281,7 +306,8 @@ def parse_catalog(raw: bytes, source: str) -> Catalog:
     invalid: dict[str, str] = {}
     for key, entry in data.items():
         try:
-            voices[key] = parse_voice(key, entry)
+            voice = parse_voice(key, entry)
+            voices[voice.key] = voice
         except CatalogError as exc:
-            invalid[key[:100]] = str(exc)
+            invalid[unicodedata.normalize("NFC", key)[:MAX_KEY_CHARS]] = str(exc)
     return Catalog(voices, invalid, source)
