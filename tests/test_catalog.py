@@ -97,7 +97,7 @@ def test_plain_paths_pass() -> None:
     assert check_remote_path("ca/ca_ES/upc_ona/x_low/ca_ES-upc_ona-x_low.onnx.json")
 
 
-@pytest.mark.parametrize("key", ["../x", ".hidden", "a/b", "x.partial", "é-voice", "a" * 101, "", 7, None])
+@pytest.mark.parametrize("key", ["../x", ".hidden", "a/b", "x.partial", "-voice", "a" * 101, "", 7, None])
 def test_keys_that_cannot_name_a_folder_are_refused(key: object) -> None:
     with pytest.raises(CatalogError):
         check_voice_key(key)
