@@ -240,3 +240,30 @@ def test_a_folder_with_an_empty_file_is_fetched_whole(tmp_path: Path, mirror: Mi
     assert result.exit_code == 0, result.output
     landed = tmp_path / "box" / "models" / "voice-1"
     assert (landed / "empty.txt").read_bytes() == b"" and verify(landed).version == "1"
+
+
+def test_search_lists_a_fleet_mirrors_voices(tmp_path: Path, mirror: Mirror, fleet: dict[str, Path]) -> None:
+    """A mirror made by publish holds ttsd-index.json, not voices.json: search lists its voices
+    (name, version, signed), filters them by words, and a mirror with neither file is one line and
+    exit 15."""
+    signed = folder_of_two(tmp_path / "build" / "voice-2", version="2")
+    sign(signed, fleet["key"])
+    publish(signed, fleet["published"])
+    other = tmp_path / "build" / "en_US-other-1"
+    other.mkdir(parents=True)
+    (other / "a.json").write_text("{}")
+    pack(other, name="en_US-other", version="1", engine="vits", sample_rate=8000)
+    publish(other, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    listed = invoke("models", "search", "--mirror", mirror.url, "--json")
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.stdout) == [
+        {"name": "en_US-other", "version": "1", "path": "ttsd/en_US-other/1", "signed": False},
+        {"name": "voice", "version": "2", "path": "ttsd/voice/2", "signed": True},
+    ]
+    table = invoke("models", "search", "other", "--mirror", mirror.url)
+    assert table.exit_code == 0 and "1 of 2 voices on the fleet mirror" in table.stdout, table.output
+    assert json.loads(invoke("models", "search", "-l", "en-US", "--mirror", mirror.url, "--json").stdout)[0]["name"] \
+        == "en_US-other"
+    mirror.files.clear()
+    one_line_error(invoke("models", "search", "--mirror", mirror.url), 15, "neither ttsd-index.json")

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -28,21 +29,39 @@ TIMEOUT_HELP = "Seconds to wait for the mirror to connect, and for each read."
 @click.option("--mirror", envvar="TTSD_MIRROR", help=MIRROR_HELP)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
 def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirror: str | None, timeout: float) -> None:
-    """Voices of the Piper catalog whose key, language or quality hold every word of TEXT."""
+    """Voices of the mirror whose key, language or quality hold every word of TEXT: a fleet
+    mirror's ready folders (its ttsd-index.json), else the Piper catalog (voices.json)."""
     from rich.console import Console
     from rich.table import Table
 
+    from ..errors import CatalogError, NotOnMirror
     from ..fetch.download import Mirror
     from ..fetch.get import load_catalog
+    from ..fetch.prebuilt import INDEX_FILE, load_index
 
     source = Mirror.parse(mirror, timeout)
     out = console()
     with out.status(f"reading the catalog at {source.base}…"):
-        catalog = load_catalog(source)
+        try:
+            index = load_index(source)
+        except NotOnMirror:
+            index = None
+        if index is None:
+            try:
+                catalog = load_catalog(source)
+            except NotOnMirror:
+                raise CatalogError(
+                    f"{source.base} has neither {INDEX_FILE} (a fleet mirror made by 'ttsd models publish') "
+                    "nor voices.json (a Piper catalog)"
+                ) from None
+    if index is not None:
+        _list_fleet(index, text, language, as_json, source.base)
+        return
     found = catalog.search(" ".join(text), language)
     if catalog.invalid:
         key, why = next(iter(catalog.invalid.items()))
-        out.print(f"warning: {len(catalog.invalid)} catalog entries refused, e.g. {key}: {why}", markup=False)
+        # the key as the mirror wrote it may hold terminal escapes or bidi characters: escaped
+        out.print(f"warning: {len(catalog.invalid)} catalog entries refused, e.g. {key!a}: {why}", markup=False)
     if as_json:
         click.echo(json.dumps([voice.to_json() for voice in found], indent=2, ensure_ascii=False))
         return
@@ -66,6 +85,33 @@ def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirro
     Console().print(table)
     if not found:
         out.print("no voice matches; 'ttsd models search' with no words lists them all", markup=False)
+
+
+def _list_fleet(index: dict[str, Any], text: tuple[str, ...], language: str | None, as_json: bool, base: str) -> None:
+    """A fleet mirror's voices: name, the version it offers, and whether that folder is signed
+    (who signed it is checked by 'get --trusted-keys', not claimed here)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    words = [w.lower() for w in text]
+    family = (language or "").replace("-", "_").lower()
+    found = [
+        entry
+        for name, entry in sorted(index.items())
+        if all(w in name.lower() for w in words) and (not family or name.lower().startswith(family))
+    ]
+    if as_json:
+        rows = [
+            {"name": e.name, "version": e.version, "path": e.path, "signed": e.signature is not None} for e in found
+        ]
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    table = Table("voice", "version", "signed", title=f"{len(found)} of {len(index)} voices on the fleet mirror {base}")
+    for entry in found:
+        table.add_row(entry.name, entry.version, "yes" if entry.signature is not None else "no")
+    Console().print(table)
+    if not found:
+        console().print("no voice matches; 'ttsd models search' with no words lists them all", markup=False)
 
 
 class _RichReporter:
