@@ -20,7 +20,7 @@ Ratios are ttsd / wyoming-piper in this run. Goals: first audio <= 0.5x (single 
 modes), total <= 1.0x (one client), p95 total <= 0.8x (three clients), peak RSS <= 1.0x. Run from
 the repository root, alone on the machine (``pip install -e '.[bench]'`` brings wyoming-piper)::
 
-    .venv/bin/python bench/wyoming.py [--rounds 8] [--json out.json]
+    .venv/bin/python bench/wyoming_vs_piper.py [--rounds 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,10 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# This file's own name would shadow the wyoming package: drop bench/ from the import path first.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from wyoming.audio import AudioChunk, AudioStop  # noqa: E402
+from wyoming.audio import AudioChunk, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.info import Describe
 from wyoming.tts import (
@@ -55,7 +52,7 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from ttsd.testing import pct, rss_mb  # noqa: E402
+from ttsd.testing import pct, rss_mb
 
 VOICE = "en_US-joe-medium"
 ONE = "Turn on the kitchen lights, please."
