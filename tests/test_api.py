@@ -202,7 +202,6 @@ def test_openai_route_formats_and_speed(api: FrontEnds, voices: FakeVoices) -> N
 
 @pytest.mark.parametrize("body, fragment", [
     ({"model": "tts-1", "input": "x", "voice": "alloy", "response_format": "m4a"}, "m4a"),
-    ({"model": "tts-1", "input": "x", "voice": "nobody"}, "unknown voice 'nobody'"),
     ({"model": "tts-1", "voice": "alloy"}, "'input' is required"),
     ({"model": "tts-1", "input": "x", "speed": 9}, "speed"),
     (["input"], "JSON object"),
@@ -211,6 +210,19 @@ def test_openai_route_refuses_bad_requests(api: FrontEnds, body: Any, fragment: 
     reply = api.post("/v1/audio/speech", body)
     assert (reply.status, reply.error["code"]) == (400, "bad_request"), body
     assert fragment in reply.error["message"], reply.error
+
+
+def test_openai_route_answers_an_unknown_voice_as_ttsd_s_own_route_does(api: FrontEnds) -> None:
+    """404 unknown_voice on both routes (it was a 400 bad_request here), and a type error names
+    each kind once ("a number", not "a number or number")."""
+    for route, body in (("/v1/audio/speech", {"model": "tts-1", "input": "x", "voice": "nobody"}),
+                        ("/v1/synthesize", {"text": "x", "voice": "nobody"})):
+        reply = api.post(route, body)
+        assert (reply.status, reply.error["code"]) == (404, "unknown_voice"), (route, reply.error)
+        assert "nobody" in reply.error["message"]
+    reply = api.post("/v1/audio/speech", {"model": "tts-1", "input": "x", "speed": "fast"})
+    assert reply.status == 400 and "must be a number" in reply.error["message"]
+    assert "number or number" not in reply.error["message"]
 
 
 # -- bad requests --------------------------------------------------------------------------------------

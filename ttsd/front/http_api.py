@@ -174,8 +174,10 @@ class _Api:
 
     async def openai_speech(self, request: web.Request) -> web.StreamResponse:
         try:
-            known = {v["name"] for v in self.backend.voices()}
-            req = parse_openai(await self._json(request), known)
+            listed = self.backend.voices()
+            known = {v["name"] for v in listed}
+            serving = {v["name"] for v in listed if v.get("active")}  # what an error may offer
+            req = parse_openai(await self._json(request), known, serving)
             req = with_user_header(req, request.headers.getall(USER_HEADER, []))
         except TtsdError as exc:
             self._count(None, None, "openai", exc.code, exc.fault)

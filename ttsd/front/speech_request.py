@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import RequestError
+from ..errors import RequestError, UnknownVoiceError
 from ..formats import FILE_FORMATS
 from ..options import SynthesisOptions
 
@@ -53,7 +54,7 @@ def _field(data: dict[str, Any], key: str, kinds: tuple[type, ...], default: Any
     if value is None:
         return default
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = " or ".join("number" if k in (int, float) else k.__name__ for k in kinds)
+        names = " or ".join(dict.fromkeys("number" if k in (int, float) else k.__name__ for k in kinds))
         raise RequestError(f"field {key!r} must be a {names}")
     return value
 
@@ -93,17 +94,22 @@ def parse_speaker(value: Any) -> int | str | None:
     return value
 
 
-MAX_USER = 256
+MAX_USER = 256  # kept as sent up to this; longer ones are hashed
+MAX_BODY_USER = 4096  # past this a "user" is no id but a payload
 USER_HEADER = "X-Ttsd-User"
 
 
 def parse_user(value: Any, where: str = "field 'user'") -> str | None:
-    """A user key (the ``"user"`` field or the ``X-Ttsd-User`` header): 1 to 256 printable
-    characters, kept as sent (it is hashed, never shown in a metric). None when absent."""
+    """A user key (the ``"user"`` field or the ``X-Ttsd-User`` header): printable characters, kept
+    as sent up to 256 (it is hashed for gray release, never shown in a metric); a longer one (OpenAI
+    clients may send long end-user ids) stands as its sha256, so the same id is still the same user.
+    None when absent."""
     if value is None:
         return None
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_USER or not value.isprintable():
-        raise RequestError(f"{where} must be a user key of 1 to {MAX_USER} printable characters")
+    if not isinstance(value, str) or not value or not value.isprintable() or len(value) > MAX_BODY_USER:
+        raise RequestError(f"{where} must be a user key of 1 to {MAX_BODY_USER} printable characters")
+    if len(value) > MAX_USER:
+        return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
     return value
 
 
@@ -190,11 +196,13 @@ def parse_version_header(value: str) -> str:
     return _version(value.strip())
 
 
-def parse_openai(data: Any, known_voices: set[str]) -> SynthRequest:
+def parse_openai(data: Any, known_voices: set[str], serving: set[str] | None = None) -> SynthRequest:
     """``POST /v1/audio/speech`` (OpenAI's TTS API): ``model``, ``input``, ``voice``,
     ``response_format``, ``speed``, and ``user`` (OpenAI's end-user ID, which its clients may send
     though the speech API does not define it: here the gray-release key). ``voice`` (or ``model``)
-    selects a ttsd voice when it names one; OpenAI's own voice names mean the default voice."""
+    selects a ttsd voice when it names one; OpenAI's own voice names mean the default voice. Any
+    other voice is a 404 ``unknown_voice``, as on ttsd's own route, listing the voices that serve
+    (``serving``; default: all known)."""
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object")
     if "input" not in data:
@@ -208,7 +216,8 @@ def parse_openai(data: Any, known_voices: set[str]) -> SynthRequest:
             chosen = candidate
             break
     if chosen is None and voice and voice.lower() not in OPENAI_VOICES:
-        raise RequestError(f"unknown voice {voice!r} (voices: {', '.join(sorted(known_voices)) or 'none'})")
+        listed = sorted(known_voices if serving is None else serving)
+        raise UnknownVoiceError(f"unknown voice {voice!r} (voices: {', '.join(listed) or 'none'})")
     fmt = _field(data, "response_format", (str,), "mp3").lower()
     if fmt not in FORMATS_ALL:
         raise RequestError(f"response_format {fmt!r} is not supported (use {', '.join(FORMATS_ALL)})")
