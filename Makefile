@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ttsd-installed
 
-.PHONY: setup tools serve test test-fast lint bench clean
+.PHONY: setup tools serve test test-fast lint bench bench-smoke clean
 
 setup: $(STAMP) tools
 
@@ -55,6 +55,24 @@ lint: setup
 bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/rtf.py
+
+# Every bench script once, in its quickest real mode (a few minutes in all, mostly rtf.py's anchor
+# runs): after changing bench/ or what it drives. Not in `make test`, which imports every script
+# the way it runs and measures with kernel_rates.py (tests/test_bench_scripts.py).
+bench-smoke: setup
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/kernel_rates.py
+	$(BIN)/python bench/fusion.py --runs 1 --threads 1
+	$(BIN)/python bench/steps.py --rounds 1 --runs 1 --threads 1
+	$(BIN)/python bench/rtf.py --runs 1 --cold-runs 1 --soak 5 --threads 1 --precision fp32
+	$(BIN)/python bench/serve.py --requests 3 --threads 1
+	$(BIN)/python bench/voices.py --requests 10
+	$(BIN)/python bench/busy.py --runs 1
+	$(BIN)/python bench/hotswap.py --layouts 1x2 --repeats 1 --swaps 1 --steady 3
+	$(BIN)/python bench/soak.py --minutes 0.3
+	$(BIN)/python bench/intelligibility.py --repeats 1 --threads 1 --precision fp32
+	$(BIN)/python bench/split.py --lengths 128 --repeats 1 --limits 256 --seeds 1 --threads 1
+	$(BIN)/python bench/wyoming_vs_piper.py --rounds 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -205,7 +205,7 @@ def markdown(r: dict[str, Any]) -> str:
                        f"drop -> swap, {f['window_s']:.1f} s)")), ("after", f"after the swap ({AFTER_S:g} s)")):
         lines.append(f"| {label} | {f[key]['n']} | {f[key].get('p50', math.nan):.0f} | "
                      f"{f[key].get('p99', math.nan):.0f} |")
-    rows = [("p99 during swap / p99 steady", f"{f['during'].get('p99', math.nan) / f['steady']['p99']:.2f}x",
+    rows = [("p99 during swap / p99 steady", f"{f['during'].get('p99', math.nan) / f['steady'].get('p99', math.nan):.2f}x",
              "<= 1.5x"),
             ("failed requests (non-200), whole run", f"{r['failed']} of {r['requests']}", "0"),
             ("drop -> version 2 active in /v1/voices (s)", f"{f['to_active_s']:.2f}", ""),
@@ -271,15 +271,15 @@ def layout_table(runs: list[dict[str, Any]], command: str) -> str:
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(runs, 1):
         f = r["first"]
-        ratio = f["during"].get("p99", math.nan) / f["steady"]["p99"]
+        ratio = f["during"].get("p99", math.nan) / f["steady"].get("p99", math.nan)
         lines.append(f"| {i} | {r['workers']} x {r['threads']} | "
-                     f"{f['steady']['p50']:.0f} / {f['steady']['p99']:.0f} | "
+                     f"{f['steady'].get('p50', math.nan):.0f} / {f['steady'].get('p99', math.nan):.0f} | "
                      f"{f['during'].get('p50', math.nan):.0f} / {f['during'].get('p99', math.nan):.0f} | "
                      f"{f['during']['n']} | {ratio:.2f}x | {f['to_active_s']:.1f} | {r['failed']} of "
                      f"{r['requests']} | {r['load_start']:.1f} |")
     lines.append("")
     for layout in sorted({(r["workers"], r["threads"]) for r in runs}):
-        ratios = sorted(r["first"]["during"].get("p99", math.nan) / r["first"]["steady"]["p99"]
+        ratios = sorted(r["first"]["during"].get("p99", math.nan) / r["first"]["steady"].get("p99", math.nan)
                         for r in runs if (r["workers"], r["threads"]) == layout)
         lines.append(f"{layout[0]} x {layout[1]}: p99 ratio median {statistics.median(ratios):.2f}x, "
                      f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x over {len(ratios)} runs")
@@ -340,7 +340,7 @@ def main() -> None:
         import plot
 
         f = first_full["first"]
-        ratio = f["during"].get("p99", math.nan) / f["steady"]["p99"]
+        ratio = f["during"].get("p99", math.nan) / f["steady"].get("p99", math.nan)
         plot.hotswap(args.plot, first_full["samples"], f["marks"],
                      f"hot swap under {CLIENTS} clients, {first_full['workers']} worker(s) x "
                      f"{first_full['threads']} thread(s): p99 during / steady {ratio:.2f}x, "

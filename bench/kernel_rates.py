@@ -16,56 +16,62 @@ from pathlib import Path
 import numpy as np
 import torch
 
-flags = set(re.findall(r"\S+", next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                       if line.startswith("flags")), "")))
-model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-              if line.startswith("model name")), "?")
-print(model, "|", " ".join(sorted(f for f in flags if f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))))
-torch.set_num_threads(2)
-def best(fn, n=10):
-    fn(); b=1e9
-    for _ in range(n):
-        t=time.perf_counter(); fn(); b=min(b, time.perf_counter()-t)
-    return b
-N=2048; fl=2*N**3/1e9
-a=torch.randn(N,N); b=torch.randn(N,N)
-print("torch fp32 mm (MKL)", round(fl/best(lambda: a@b)), "GF/s")
-ab=a.bfloat16(); bb=b.bfloat16()
-print("torch bf16 mm (oneDNN)", round(fl/best(lambda: ab@bb)), "GF/s")
-x4=a[None,:,None,:].contiguous(memory_format=torch.channels_last)  # (1,2048,1,2048)
-w4=b[:,:,None,None].contiguous(memory_format=torch.channels_last)
-print("torch fp32 1x1 conv CL (oneDNN)", round(fl/best(lambda: torch.ops.mkldnn._convolution_pointwise(x4, w4, None, [0,0],[1,1],[1,1],1,"none",[],""))), "GF/s")
-print("torch fp32 linear_pointwise", round(fl/best(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))), "GF/s")
-import onnxruntime as ort
-from onnx import TensorProto, helper
 
-g = helper.make_graph([helper.make_node("MatMul", ["A","B"], ["C"])], "g",
-    [helper.make_tensor_value_info("A", TensorProto.FLOAT, [N,N]), helper.make_tensor_value_info("B", TensorProto.FLOAT, [N,N])],
-    [helper.make_tensor_value_info("C", TensorProto.FLOAT, [N,N])])
-m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]); m.ir_version = 8
-so = ort.SessionOptions(); so.intra_op_num_threads = 2
-s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-an, bn = a.numpy(), b.numpy()
-print("ORT fp32 MatMul (MLAS)", round(fl/best(lambda: s.run(None, {"A": an, "B": bn}))), "GF/s")
-print("numpy", np.__version__, "matmul", round(fl/best(lambda: an@bn)), "GF/s")
+def main() -> None:
+    flags = set(re.findall(r"\S+", next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                                           if line.startswith("flags")), "")))
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "?")
+    print(model, "|", " ".join(sorted(f for f in flags if f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))))
+    torch.set_num_threads(2)
+    def best(fn, n=10):
+        fn(); b=1e9
+        for _ in range(n):
+            t=time.perf_counter(); fn(); b=min(b, time.perf_counter()-t)
+        return b
+    N=2048; fl=2*N**3/1e9
+    a=torch.randn(N,N); b=torch.randn(N,N)
+    print("torch fp32 mm (MKL)", round(fl/best(lambda: a@b)), "GF/s")
+    ab=a.bfloat16(); bb=b.bfloat16()
+    print("torch bf16 mm (oneDNN)", round(fl/best(lambda: ab@bb)), "GF/s")
+    x4=a[None,:,None,:].contiguous(memory_format=torch.channels_last)  # (1,2048,1,2048)
+    w4=b[:,:,None,None].contiguous(memory_format=torch.channels_last)
+    print("torch fp32 1x1 conv CL (oneDNN)", round(fl/best(lambda: torch.ops.mkldnn._convolution_pointwise(x4, w4, None, [0,0],[1,1],[1,1],1,"none",[],""))), "GF/s")
+    print("torch fp32 linear_pointwise", round(fl/best(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))), "GF/s")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
 
-# The voice's own shapes (en_US-joe-medium, ~190 tokens, ~380 frames, decoder windows of 256
-# frames): the text side's matrix products on MKL and on oneDNN, and the decoder's channels-last
-# convolutions in fp32 and bf16 (oneDNN, fused leaky ReLU), best of 30.
-for m_, k_, n_, what in ((192, 576, 768, "encoder ff1"), (192, 2304, 192, "encoder ff2"),
-                         (384, 960, 384, "flow in-layer")):
-    x, w, bias = torch.randn(m_, k_), torch.randn(k_, n_), torch.randn(n_)
-    wt, f = w.t().contiguous(), 2 * m_ * k_ * n_ / 1e9
-    mkl = f / best(lambda: torch.addmm(bias, x, w), 30)
-    dnn = f / best(lambda: torch.ops.mkldnn._linear_pointwise(x, wt, bias, "none", [], ""), 30)
-    print(f"{what} {m_}x{k_}x{n_}: MKL addmm {mkl:.0f}, oneDNN linear {dnn:.0f} GF/s")
-for c, length, k, d in ((128, 2048, 7, 3), (64, 16384, 7, 3), (32, 65536, 3, 1), (32, 65536, 7, 3)):
-    rates = []
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(1, c, 1, length).to(dtype).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(c, c, 1, k).to(dtype).contiguous(memory_format=torch.channels_last)
-        bias = torch.randn(c).to(dtype)
-        conv = lambda: torch.ops.mkldnn._convolution_pointwise(  # noqa: E731
-            x, w, bias, [0, (k - 1) * d // 2], [1, 1], [1, d], 1, "leaky_relu", [0.1], "")
-        rates.append(2 * c * c * k * length / 1e9 / best(conv, 30))
-    print(f"decoder conv {c} ch, k={k} d={d}, {length} samples: fp32 {rates[0]:.0f}, bf16 {rates[1]:.0f} GF/s")
+    g = helper.make_graph([helper.make_node("MatMul", ["A","B"], ["C"])], "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [N,N]), helper.make_tensor_value_info("B", TensorProto.FLOAT, [N,N])],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [N,N])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]); m.ir_version = 8
+    so = ort.SessionOptions(); so.intra_op_num_threads = 2
+    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    an, bn = a.numpy(), b.numpy()
+    print("ORT fp32 MatMul (MLAS)", round(fl/best(lambda: s.run(None, {"A": an, "B": bn}))), "GF/s")
+    print("numpy", np.__version__, "matmul", round(fl/best(lambda: an@bn)), "GF/s")
+
+    # The voice's own shapes (en_US-joe-medium, ~190 tokens, ~380 frames, decoder windows of 256
+    # frames): the text side's matrix products on MKL and on oneDNN, and the decoder's channels-last
+    # convolutions in fp32 and bf16 (oneDNN, fused leaky ReLU), best of 30.
+    for m_, k_, n_, what in ((192, 576, 768, "encoder ff1"), (192, 2304, 192, "encoder ff2"),
+                             (384, 960, 384, "flow in-layer")):
+        x, w, bias = torch.randn(m_, k_), torch.randn(k_, n_), torch.randn(n_)
+        wt, f = w.t().contiguous(), 2 * m_ * k_ * n_ / 1e9
+        mkl = f / best(lambda: torch.addmm(bias, x, w), 30)
+        dnn = f / best(lambda: torch.ops.mkldnn._linear_pointwise(x, wt, bias, "none", [], ""), 30)
+        print(f"{what} {m_}x{k_}x{n_}: MKL addmm {mkl:.0f}, oneDNN linear {dnn:.0f} GF/s")
+    for c, length, k, d in ((128, 2048, 7, 3), (64, 16384, 7, 3), (32, 65536, 3, 1), (32, 65536, 7, 3)):
+        rates = []
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(1, c, 1, length).to(dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(c, c, 1, k).to(dtype).contiguous(memory_format=torch.channels_last)
+            bias = torch.randn(c).to(dtype)
+            conv = lambda: torch.ops.mkldnn._convolution_pointwise(  # noqa: E731
+                x, w, bias, [0, (k - 1) * d // 2], [1, 1], [1, d], 1, "leaky_relu", [0.1], "")
+            rates.append(2 * c * c * k * length / 1e9 / best(conv, 30))
+        print(f"decoder conv {c} ch, k={k} d={d}, {length} samples: fp32 {rates[0]:.0f}, bf16 {rates[1]:.0f} GF/s")
+
+
+if __name__ == "__main__":
+    main()

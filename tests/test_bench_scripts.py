@@ -1,0 +1,71 @@
+"""The scripts in bench/ as a user runs them: ``python bench/X.py`` puts bench/ first on
+``sys.path``, so a script named like a package (bench/kernels.py once hid the ``kernels``
+package transformers imports, bench/wyoming.py the ``wyoming`` package) breaks another import.
+Every script is imported that way here, and the quick ones make one real, short measurement.
+
+Not run here (their quickest real run takes 20 s or more each, which the suite cannot afford;
+``make bench-smoke`` runs them all once, each in its quickest mode): fusion, steps, rtf, busy,
+hotswap, soak, serve, voices; and intelligibility, split and wyoming_vs_piper need the bench
+extra's Whisper and wyoming-piper."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py"))
+
+
+def test_no_script_shares_a_name_with_a_module() -> None:
+    """Neither a standard library module nor an installed package: with bench/ first on the
+    path, the script would be imported in its place."""
+    saved = list(sys.path)
+    try:
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (BENCH, ROOT)]
+        clashes = [name for name in SCRIPTS
+                   if name in sys.stdlib_module_names or importlib.util.find_spec(name) is not None]
+    finally:
+        sys.path[:] = saved
+    assert clashes == []
+
+
+@pytest.mark.slow
+def test_every_script_imports_as_it_runs(tmp_path: Path) -> None:
+    """Each module imported with bench/ first on the path, as ``python bench/X.py`` would have it
+    (its main() not run); a script whose optional runtime is missing may say so, nothing else."""
+    code = (
+        "import importlib, json, sys\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
+        "failed = {}\n"
+        f"for name in {SCRIPTS!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ModuleNotFoundError as exc:\n"
+        "        failed[name] = 'missing ' + str(exc.name)\n"
+        "    except BaseException as exc:\n"
+        "        failed[name] = type(exc).__name__ + ': ' + str(exc)\n"
+        "print(json.dumps(failed))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    failed = json.loads(done.stdout.strip().splitlines()[-1])
+    optional = {"faster_whisper", "wyoming_piper", "wyoming", "matplotlib", "piper", "onnxruntime"}
+    assert {name: why for name, why in failed.items() if why.removeprefix("missing ") not in optional} == {}
+
+
+@pytest.mark.slow
+def test_kernel_rates_measures_on_this_box(tmp_path: Path) -> None:
+    """bench/kernel_rates.py's one mode, for real: a rate for each product class it names."""
+    done = subprocess.run([sys.executable, str(BENCH / "kernel_rates.py")], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rates = [line for line in done.stdout.splitlines() if "GF/s" in line]
+    assert len(rates) >= 4 and all(any(ch.isdigit() for ch in line) for line in rates), done.stdout
