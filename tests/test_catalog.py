@@ -304,7 +304,7 @@ def test_search_reads_TTSD_MIRROR_and_names_refused_entries(mirror: Mirror) -> N
     mirror.publish(voices)
     result = CliRunner().invoke(main, ["models", "search"], env={"TTSD_MIRROR": mirror.url})
     assert result.exit_code == 0 and "3 of 3 voices" in result.stdout
-    assert "warning: 1 catalog entries refused, e.g. evil" in result.stderr
+    assert "warning: 1 catalog entries refused, e.g. 'evil': file path" in result.stderr
 
 
 def get(mirror_url: str, tmp_path: Path, *args: str) -> Result:
