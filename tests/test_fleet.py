@@ -4,6 +4,7 @@ machine, ``ttsd models get --mirror`` on every box, and a box's daemon with trus
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -267,3 +268,22 @@ def test_search_lists_a_fleet_mirrors_voices(tmp_path: Path, mirror: Mirror, fle
         == "en_US-other"
     mirror.files.clear()
     one_line_error(invoke("models", "search", "--mirror", mirror.url), 15, "neither ttsd-index.json")
+
+
+def test_a_copy_in_progress_is_never_moved_aside(tmp_path: Path, mirror: Mirror, fleet: dict[str, Path]) -> None:
+    """A folder of the voice that would not serve is moved aside to make room (an unsigned seed),
+    but not one that looks like a copy still in progress (files missing or short): someone is
+    writing it. get says the place is taken, and the folder is left as it was."""
+    v1 = folder_of_two(tmp_path / "build" / "voice-1")
+    sign(v1, fleet["key"])
+    publish(v1, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    box = tmp_path / "box"
+    copying = box / "models" / "voice-1"
+    copying.parent.mkdir(parents=True)
+    shutil.copytree(v1, copying)
+    (copying / "sub" / "b.dat").unlink()  # not there yet
+    result = get(mirror.url, box, "voice", "--trusted-keys", str(fleet["trusted"]))
+    assert result.exit_code == 3 and "already exists" in result.stderr, result.output
+    assert sorted(p.name for p in (box / "models").iterdir()) == ["voice-1"]
+    assert not (copying / "sub" / "b.dat").exists()

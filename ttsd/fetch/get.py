@@ -44,6 +44,7 @@ from ..errors import (
     ResourceError,
     SignatureError,
     TtsdError,
+    VerifyError,
     VoiceExistsError,
     is_system_oserror,
     resource_error,
@@ -147,6 +148,9 @@ def _local(models: Path, name: str, trust: TrustedKeys | None, reporter: Reporte
             if trust is not None:
                 trust.check(candidate.folder, manifest)
         except TtsdError as exc:
+            if isinstance(exc, VerifyError) and exc.looks_incomplete():  # a copy in progress: not ours
+                reporter.step(f"{candidate.folder.name} looks like a copy in progress, so it does not count")
+                continue
             refused[candidate.folder] = str(exc)
             reporter.step(f"{candidate.folder.name} would not serve, so it does not count ({exc})")
             continue
@@ -156,7 +160,9 @@ def _local(models: Path, name: str, trust: TrustedKeys | None, reporter: Reporte
 
 def _make_room(folder: Path, local: _Local, reporter: Reporter) -> None:
     """``folder`` (where the new version goes) holds a version of this voice that would not serve:
-    move it aside, out of the daemon's sight (a dot-name), rather than fail or delete it."""
+    move it aside, out of the daemon's sight (a dot-name), rather than fail or delete it. A folder
+    that looks like a copy still in progress is left alone (``_local`` does not count it refused):
+    then the new version's place is taken, and get says so."""
     if folder not in local.refused:
         return
     aside = folder.with_name(f".{folder.name}.refused-{int(time.time())}")
