@@ -1,6 +1,6 @@
 """A voice mirror for tests: ``http.server`` in a thread on 127.0.0.1, serving files from memory
 under a prefix, with ``Range: bytes=N-``, and told to misbehave: cut a connection after N bytes,
-answer a path with a status. It records every request (path and Range header)."""
+answer a path with a status, redirect it. It records every request (path and Range header)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class Mirror:
     cuts: dict[str, list[int]] = field(default_factory=dict)  # path -> bytes sent before each cut, in turn
     statuses: dict[str, int] = field(default_factory=dict)  # path -> status to answer instead
     no_length: set[str] = field(default_factory=set)  # paths sent without Content-Length, until close
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> URL of a 302 answer
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range)
     port: int = 0
 
@@ -55,6 +56,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         rel = path.removeprefix(f"/{PREFIX}")
+        if rel in self.mirror.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.mirror.redirects[rel])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if rel in self.mirror.statuses:
             self.send_error(self.mirror.statuses[rel])
             return

@@ -6,9 +6,12 @@ environment); what is ttsd's own is the policy around it:
 
 * every request has a timeout for the connect and for each read (``Mirror.timeout``);
 * a redirect may only go to http(s), never from https down to http, and never into this box's
-  or its network's own addresses (loopback, link-local, private, unique-local, multicast,
-  reserved) unless the mirror itself is there: a catalog on the internet must not make the box
-  send requests to its LAN's services (``redirect_allowed``);
+  or its network's own addresses (loopback, link-local, private, unique-local, shared, unspecified,
+  multicast, reserved) unless the mirror itself is there: a catalog on the internet must not make
+  the box send requests to its LAN's services (``redirect_allowed``). The check is made on the
+  redirect's host name, and again on the very addresses a connection to a host other than the
+  mirror's is made to (``_Guard``), so a name that resolves elsewhere the second time (DNS
+  rebinding) gains nothing;
 * nothing is read past its bound: a document past its limit, a file past its catalog size is cut
   off and refused, and a ``Content-Length`` over the bound is refused before a byte is read;
 * a download goes into ``.NAME.MD5.part`` in a private folder (never the models dir), and goes
@@ -24,6 +27,7 @@ Called from the CLI's thread only; blocks on the network for at most ``timeout``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import ipaddress
@@ -87,12 +91,40 @@ class Mirror:
         return urlsplit(self.base).netloc
 
 
+# networks that embed an IPv4 address in their last 32 bits (NAT64's well-known prefix, SIIT's
+# translated addresses): such an address reaches the IPv4 one, and is judged as that one is
+_EMBEDDING = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "::ffff:0:0:0/96"))
+# not for the internet, though the ipaddress module of some Pythons calls them global
+_ALSO_INTERNAL = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "64:ff9b:1::/48", "fec0::/10"))
+
+
+def _internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return (
+        not ip.is_global
+        or ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or any(ip in net for net in _ALSO_INTERNAL)
+    )
+
+
 def is_internal(address: str) -> bool:
-    """Whether an IP address is this box's or its network's own rather than the internet's."""
+    """Whether an IP address is this box's or its network's own rather than the internet's:
+    loopback, private (RFC 1918, unique-local fc00::/7), shared (100.64/10), link-local (a cloud's
+    metadata service), site-local, unspecified, multicast, reserved, documentation; an IPv6
+    address that carries an IPv4 one (mapped, 6to4, NAT64, SIIT) is judged by that one too."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone index is no part of the address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not ip.is_global or ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return _internal(ip.ipv4_mapped)
+        if any(ip in net for net in _EMBEDDING):  # a DNS64 network's name for an IPv4 address
+            return _internal(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip.sixtofour is not None and _internal(ip.sixtofour):
+            return True
+    return _internal(ip)
 
 
 def addresses(host: str) -> list[str]:
@@ -103,26 +135,105 @@ def addresses(host: str) -> list[str]:
         return []
 
 
+def mirror_addresses(host: str) -> list[str]:
+    """The configured mirror's own addresses, which decide where its redirects may go.
+
+    The one test seam of this module: tests/test_redirects.py replaces it to have a mirror on
+    127.0.0.1 judged as one on the internet would be (a test has no internet). Nothing else does."""
+    return addresses(host)
+
+
 def redirect_allowed(target: list[str], mirror: list[str]) -> bool:
     """A redirect to a host with addresses ``target`` from a mirror with ``mirror``: refused when
-    any target address is internal (``is_internal``) and no mirror address is. Cross-host
-    redirects stay (Hugging Face sends downloads to its CDN); a mirror on the LAN may send the box
-    elsewhere on the LAN. The host is resolved here and again by urllib when it connects: a DNS
-    server that answers differently the second time (DNS rebinding) is not stopped by this check."""
+    any target address is internal (``is_internal``) and no mirror address is. So a mirror whose
+    host has an internal address (127.0.0.1, a LAN server) may send the box anywhere, and one with
+    only internet addresses only to the internet. Cross-host redirects stay (Hugging Face sends
+    downloads to its CDN)."""
     if not target:
-        return True  # it does not resolve: urllib's connect fails on its own
+        return True  # it does not resolve: the connect fails on its own
     return not any(is_internal(a) for a in target) or any(is_internal(a) for a in mirror)
+
+
+def _origin(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+
+
+class _Guard:
+    """Where one mirror's requests may go. The mirror itself (its host and port, as configured)
+    anywhere its name resolves: the admin chose it. Any other host, which only a redirect brings,
+    when ``redirect_allowed``: checked by name when the redirect comes (``_Redirects``), and again
+    when the connection is made, on the addresses it is made to (``connect``): the name is resolved
+    once there, every address checked, and the socket connected to those very addresses, so a DNS
+    server that answers differently the second time (rebinding) gains nothing. Through a proxy
+    (``https_proxy``, ``http_proxy``) the proxy resolves the name and connects: only the check by
+    name applies there."""
+
+    def __init__(self, mirror: Mirror) -> None:
+        self.origin = _origin(mirror.base)
+        self.addresses = mirror_addresses(self.origin[0])
+
+    def refusal(self, url: str, host: str, found: list[str]) -> str | None:
+        """Why a request for ``url`` may not go to ``found`` (the addresses of its ``host``), or None."""
+        if _origin(url) == self.origin or redirect_allowed(found, self.addresses):
+            return None
+        inside = ", ".join(a for a in found if is_internal(a))
+        return (
+            f"{url}: a redirect to {host} ({inside}), an address of this box's own network, from a mirror "
+            "that is not on it; refused"
+        )
+
+    def connection(self, http_class: Any, request: urllib.request.Request) -> Any:
+        """``http_class``, or a maker of its connections that go through ``connect``."""
+        proxied = request.has_proxy() or getattr(request, "_tunnel_host", None)
+        if proxied or _origin(request.full_url) == self.origin:
+            return http_class
+        url = request.full_url
+
+        def make(host: str, **kwargs: Any) -> Any:
+            connection = http_class(host, **kwargs)
+            # http.client's own hook for opening the socket (socket.create_connection's signature)
+            connection._create_connection = functools.partial(self.connect, url)
+            return connection
+
+        return make
+
+    def connect(
+        self, url: str, address: tuple[str, int], timeout: Any = None, source_address: Any = None, *_: Any
+    ) -> socket.socket:
+        host, port = address[0], address[1]
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except UnicodeError as exc:
+            raise OSError(f"{host}: {exc}") from None
+        why = self.refusal(url, host, sorted({str(info[4][0]) for info in infos}))
+        if why is not None:
+            raise CatalogError(why)
+        error: OSError | None = None
+        for family, kind, proto, _name, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                if isinstance(timeout, (int, float)):
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error or OSError(f"{host}: no address")
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
     """urllib's redirects, but only to http(s), never from https down to http, and never into
-    internal addresses from a mirror that is not itself internal (``redirect_allowed``)."""
+    internal addresses from a mirror that is not itself internal (``_Guard``)."""
 
     max_redirections = 5
 
-    def __init__(self, mirror_addresses: list[str]) -> None:
+    def __init__(self, guard: _Guard) -> None:
         super().__init__()
-        self.mirror_addresses = mirror_addresses
+        self.guard = guard
 
     def redirect_request(
         self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
@@ -131,12 +242,29 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         if new not in ("http", "https") or (old == "https" and new != "https"):
             raise CatalogError(f"{req.full_url}: redirected to a {new or 'relative'}: URL, refused")
         host = urlsplit(newurl).hostname or ""
-        if not redirect_allowed(addresses(host), self.mirror_addresses):
-            raise CatalogError(
-                f"{req.full_url}: redirected to {host}, an address of this box's own network, from a mirror "
-                "that is not on it; refused"
-            )
+        why = self.guard.refusal(newurl, host, addresses(host))
+        if why is not None:
+            raise CatalogError(why)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _GuardedConnections(urllib.request.AbstractHTTPHandler):
+    """An http(s) handler whose connections to hosts other than the mirror go through ``_Guard``."""
+
+    def __init__(self, guard: _Guard, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+
+    def do_open(self, http_class: Any, req: urllib.request.Request, **http_conn_args: Any) -> Any:
+        return super().do_open(self.guard.connection(http_class, req), req, **http_conn_args)
+
+
+class _HTTP(_GuardedConnections, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPS(_GuardedConnections, urllib.request.HTTPSHandler):
+    pass
 
 
 class _RangeRefused(Exception):
@@ -150,7 +278,8 @@ def _why(exc: BaseException) -> str:
 
 def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
     """The response to GET ``url``, or the error that says whose problem it is."""
-    opener = urllib.request.build_opener(_Redirects(addresses(urlsplit(url).hostname or "")))
+    guard = _Guard(mirror)
+    opener = urllib.request.build_opener(_Redirects(guard), _HTTP(guard), _HTTPS(guard))
     request = urllib.request.Request(url, headers={**_HEADERS, **headers})
     try:
         return opener.open(request, timeout=mirror.timeout)
