@@ -204,6 +204,16 @@ def test_wrong_md5_is_refused_and_thrown_away(mirror: Mirror, tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_empty_file_is_made_on_the_spot_and_checked(mirror: Mirror, tmp_path: Path) -> None:
+    """A zero-byte file (a fleet folder may list one) needs no request, but must still have the
+    listed digest: download() made no partial file for it, and get exited 3 on a missing .part."""
+    dl.download(fast(mirror), CatalogFile("en/empty.txt", 0, md5(b"")), tmp_path / "empty.txt")
+    assert (tmp_path / "empty.txt").read_bytes() == b"" and mirror.requests == []
+    with pytest.raises(ChecksumError, match="md5 d41d8cd98f00b204e9800998ecf8427e differs"):
+        dl.download(fast(mirror), CatalogFile("en/other.txt", 0, md5(b"x")), tmp_path / "other.txt")
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"] and mirror.requests == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("announced", [True, False])
 def test_a_file_larger_than_the_catalog_says_is_cut_off(mirror: Mirror, tmp_path: Path, announced: bool) -> None:

@@ -4,6 +4,7 @@ machine, ``ttsd models get --mirror`` on every box, and a box's daemon with trus
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -237,10 +238,18 @@ def test_a_folder_with_an_empty_file_is_fetched_whole(tmp_path: Path, mirror: Mi
     sign(folder, fleet["key"])
     publish(folder, fleet["published"])
     serve_dir(mirror, fleet["published"])
-    result = get(mirror.url, tmp_path / "box", "voice", "--trusted-keys", str(fleet["trusted"]))
+    old_umask = os.umask(0o027)
+    try:
+        result = get(mirror.url, tmp_path / "box", "voice", "--trusted-keys", str(fleet["trusted"]))
+    finally:
+        os.umask(old_umask)
     assert result.exit_code == 0, result.output
     landed = tmp_path / "box" / "models" / "voice-1"
     assert (landed / "empty.txt").read_bytes() == b"" and verify(landed).version == "1"
+    # readable by the daemon's group as any copied folder: the umask decides, not the private downloads
+    assert {p.name: p.stat().st_mode & 0o777 for p in landed.iterdir()} == {
+        name: 0o640 for name in ("a.json", "empty.txt", "ttsd.json", SIGNATURE)}
+    assert landed.stat().st_mode & 0o777 == 0o750
 
 
 def test_search_lists_a_fleet_mirrors_voices(tmp_path: Path, mirror: Mirror, fleet: dict[str, Path]) -> None:
