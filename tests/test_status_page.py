@@ -173,13 +173,16 @@ def active(d: Daemon, voice: str) -> str:
 @pytest.mark.daemon
 def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
     """A real daemon on 127.0.0.1 with --token-file, and the page in headless chromium:
-    1. without the token the page shows nothing of the daemon and no control buttons;
-    2. with it, the voice and its version are listed and the buttons appear;
+    1. without the token the page shows only the public health (up, ready), control locked, and
+       no control buttons;
+    2. with it, the voice and its version are listed; no Roll back while there is nothing to go
+       back to;
     3. Speak streams: the page schedules Web Audio as the PCM arrives, the first piece before
        the answer has ended, and then holds the whole as a WAV (the <audio> element plays it);
     4. v2 dropped into the models dir shows up, active, without the page reloading;
-    5. Roll back from the page serves v1 again, and the audit trail shows it;
-    6. with a wrong token, Activate v2 is refused (the error is shown) and v1 still serves."""
+    5. Roll back from the page asks first, then serves v1 again, and the audit trail shows it;
+    6. with the token forgotten and a wrong one given, the page is locked again, says so, and
+       offers no control; v1 still serves."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -206,8 +209,8 @@ def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
     try:
         browser.get(f"http://127.0.0.1:{port}/")
         # 1.
-        wait.until(lambda b: b.find_element(By.ID, "auth").is_displayed())
-        assert "token needed" in text("#live")
+        wait.until(lambda b: b.find_element(By.ID, "auth").is_displayed() and text("#ready").startswith("ready"))
+        assert "locked" in text("#live") and "up" in text("#health") and "locked" in text("#lock")
         assert browser.find_elements(By.CSS_SELECTOR, "[data-voice]") == []
         assert browser.find_elements(By.CSS_SELECTOR, "#voices button") == []
         assert TOKEN not in browser.page_source
@@ -216,7 +219,7 @@ def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
         browser.find_element(By.ID, "token-use").click()
         wait.until(lambda b: shown_active() == "1")
         assert text("#voice option") == "tiny"
-        assert "Roll back" in text('[data-voice="tiny"] button')
+        assert "Roll back" not in text('[data-voice="tiny"] button')  # nothing to go back to
         browser.execute_script("window.notReloaded = true")
         # 3.
         browser.find_element(By.ID, "text").clear()
@@ -243,11 +246,15 @@ def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
         wait.until(lambda b: shown_active() == "2")
         assert browser.execute_script("return window.notReloaded") is True
         # 5.
+        wait.until(lambda b: "Roll back" in text('[data-voice="tiny"] .voice-head button'))
         browser.find_element(By.CSS_SELECTOR, '[data-voice="tiny"] .voice-head button').click()
+        wait.until(lambda b: b.find_element(By.ID, "confirm").is_displayed())
+        assert "serves version 2 now" in text("#confirm") and text("#confirm-yes") == "Roll back to 1"
+        browser.find_element(By.ID, "confirm-yes").click()
         wait.until(lambda b: shown_active() == "1")
         assert active(d, "tiny") == "1"
-        assert "rollback of tiny: tiny 2 → 1" in text("#message")
-        wait.until(lambda b: "rollback" in text("#history tbody tr:first-child"))
+        assert "rollback of tiny: tiny now serves 1 (was 2)" in text("#message")
+        wait.until(lambda b: "rolled back from 2 to 1" in text("#history tbody tr:first-child"))
         if os.environ.get("TTSD_SCREENSHOT"):  # the README's picture: the whole page, 800 px wide
             height = browser.execute_script("return document.documentElement.scrollHeight")
             browser.set_window_size(800, height + 120)
@@ -259,10 +266,9 @@ def test_the_page_in_chromium(tmp_path: Path, cache_dir: Path) -> None:
         browser.find_element(By.ID, "token").send_keys("a-wrong-token-of-twenty")
         browser.find_element(By.ID, "token-use").click()
         wait.until(lambda b: "the token was refused" in text("#message"))
-        browser.find_element(By.CSS_SELECTOR, '[data-voice="tiny"] tr[data-version="2"] button').click()
-        wait.until(lambda b: "activation of tiny 2 refused: 401 unauthorized" in text("#message"))
+        assert "locked" in text("#live") and not browser.find_element(By.ID, "voices").is_displayed()
+        assert browser.find_elements(By.CSS_SELECTOR, "[data-voice]") == []  # forgotten, not just hidden
         assert active(d, "tiny") == "1"
-        assert shown_active() == "1"
     finally:
         browser.quit()
         assert d.stop() == 0, d.logs()
@@ -353,6 +359,211 @@ def test_speak_without_web_audio_plays_the_wav(tmp_path: Path) -> None:
             wait.until(lambda b: b.execute_script("const a = document.getElementById('audio');"
                                                   "return !a.paused || a.ended"))
             assert browser.find_element(By.ID, "speak-save").get_attribute("href").startswith("blob:")
+    finally:
+        browser.quit()
+        voices.close()
+
+
+# -- before the token, rollback, a phone: the page against status the test writes ----------------
+
+SIGNER = "release-2026 (0123456789ab)"
+
+
+def _control_status(voices: FakeVoices) -> Any:
+    """Status with a rollback target for joe (1, standby) and none for ann (2 refused, newer),
+    signers, and audit entries as the daemon writes them."""
+    def status() -> dict[str, Any]:
+        def version(v: str, state: str, signer: str | None = SIGNER, reason: str | None = None) -> dict[str, Any]:
+            return {"version": v, "state": state, "signer": signer, "reason": reason, "served": 3,
+                    "model_failures": 0, "in_flight": 0, "load_seconds": 1.18}
+        return {**voices.status(), "uptime": 60.0, "voices": [
+            {"name": "joe", "active": "2", "default": True,
+             "versions": [version("1", "standby"), version("2", "active")]},
+            {"name": "ann", "active": "1", "default": False,
+             "versions": [version("1", "active", None), version("2", "refused", None, "its signature is not trusted")]},
+        ], "history": [
+            {"time": "2026-05-01T10:00:00+0200", "voice": "joe", "from": "1", "to": "2",
+             "why": "new version in the models dir", "load_seconds": 1.18},
+            {"time": "2026-05-01T10:05:00+0200", "voice": "joe", "from": "2", "to": "2", "why": "restart",
+             "load_seconds": 0.43},
+            {"time": "2026-05-01T10:06:00+0200", "voice": "ann", "from": None, "to": "2", "why": "refused",
+             "reason": "its signature is not trusted"},
+            {"time": "2026-05-01T10:07:00+0200", "voice": "joe", "from": "2", "to": "1", "why": "rollback requested"},
+        ]}
+    return status
+
+
+def _text(browser: Any, css: str) -> str:
+    """innerText of everything ``css`` matches, read in one script (the page re-renders every poll)."""
+    return str(browser.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText).join('\\n')", css))
+
+
+def _give_token(browser: Any, wait: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    wait.until(lambda b: b.find_element(By.ID, "auth").is_displayed())
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "token-use").click()
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, '[data-voice="joe"] tr[data-version="1"] button'))
+
+
+@pytest.mark.slow
+def test_before_the_token_the_page_shows_public_health(tmp_path: Path) -> None:
+    """On a TCP listener with a token, before it is given: 1. the page shows what the listener
+    tells anyone (up, ready or not, from /healthz and /readyz), control locked, and the prompt;
+    2. no card of the status shows, empty or not; nothing is red; 3. readiness follows the daemon;
+    4. with the token the status replaces it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    voices = FakeVoices(tmp_path, VOICES, token=TOKEN, activate=False)
+    try:
+        with _served(voices.backend, tmp_path) as front:
+            browser.get(f"http://127.0.0.1:{front.port}/")
+            wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+            # 1.
+            wait.until(lambda b: b.find_element(By.ID, "ready").get_attribute("data-status") == "503")
+            assert _text(browser, "#health") == "up"
+            assert _text(browser, "#ready") == "not ready no voice is active yet"
+            assert "locked" in _text(browser, "#lock") and "need the token" in _text(browser, "#lock")
+            assert browser.find_element(By.ID, "prompt").text == "Enter the token to see voices and control them."
+            assert _text(browser, "#summary") == "daemon up · not ready"
+            # 2.
+            shown = browser.execute_script(
+                "return Array.from(document.querySelectorAll('main section'),"
+                "                  s => s.checkVisibility() ? s.id || 'x' : '').filter(Boolean)")
+            assert shown == ["auth"]
+            assert browser.find_elements(By.CSS_SELECTOR, "[data-voice]") == []
+            assert not browser.find_element(By.ID, "message").is_displayed()
+            assert "stale" not in str(browser.find_element(By.ID, "live").get_attribute("class"))
+            assert "locked" in _text(browser, "#live")
+            colours = browser.execute_script(
+                "const probe = document.body.appendChild(document.createElement('i'));"
+                "probe.style.color = 'var(--bad)';"
+                "const bad = getComputedStyle(probe).color; probe.remove();"
+                "return [bad, getComputedStyle(document.getElementById('live'), '::before').color,"
+                "        ...Array.from(document.querySelectorAll('#auth *'), e => getComputedStyle(e).color)]")
+            assert colours[0] not in colours[1:], colours
+            # 3.
+            voices.map.activate(("joe", "2"))
+            wait.until(lambda b: b.find_element(By.ID, "ready").get_attribute("data-status") == "200")
+            assert _text(browser, "#ready") == "ready a voice is active"
+            assert _text(browser, "#summary") == "daemon up · ready"
+            # 4.
+            browser.find_element(By.ID, "token").send_keys(TOKEN)
+            browser.find_element(By.ID, "token-use").click()
+            wait.until(lambda b: _text(b, '[data-voice="joe"] .active-version') == "2")
+            assert not browser.find_element(By.ID, "auth").is_displayed()
+            assert "rollback and activate allowed here" in _text(browser, "#box")
+            assert TOKEN not in browser.page_source
+    finally:
+        browser.quit()
+        voices.close()
+
+
+@pytest.mark.slow
+def test_rollback_asks_first_and_the_status_reads_plainly(tmp_path: Path) -> None:
+    """1. Roll back shows only where there is a version to go back to; 2. it asks first, naming
+    the voice, the version serving and the one it goes back to, and does nothing when the answer
+    is Cancel or Esc; 3. yes rolls back to exactly the version named; 4. each version shows its
+    signer; 5. transitions read as words, not fields; 6. a refused action says why."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from ttsd.errors import ConflictError
+
+    browser = _browser()
+    voices = FakeVoices(tmp_path, VOICES, token=TOKEN)
+    try:
+        with _served(replace(voices.backend, status=_control_status(voices)), tmp_path) as front:
+            browser.get(f"http://127.0.0.1:{front.port}/")
+            wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+            _give_token(browser, wait)
+            dialog = browser.find_element(By.ID, "confirm")
+            # 1.
+            assert _text(browser, '[data-voice="joe"] .voice-head button') == "Roll back"
+            assert _text(browser, '[data-voice="ann"] .voice-head button') == ""
+            # 2.
+            for answer in ("cancel", "escape"):
+                browser.find_element(By.CSS_SELECTOR, '[data-voice="joe"] .voice-head button').click()
+                wait.until(lambda b: dialog.is_displayed())
+                assert _text(browser, "#confirm-title") == "Roll back joe?"
+                asked = _text(browser, "#confirm-text")
+                assert "joe serves version 2 now. Rolling back serves version 1 instead" in asked, asked
+                assert _text(browser, "#confirm-yes") == "Roll back to 1"
+                if answer == "cancel":
+                    browser.find_element(By.ID, "confirm-no").click()
+                else:
+                    browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+                wait.until(lambda b: not dialog.is_displayed())
+            browser.execute_script("return new Promise(done => setTimeout(done, 300))")
+            assert voices.rollbacks == [] and not browser.find_element(By.ID, "message").is_displayed()
+            # 3.
+            browser.find_element(By.CSS_SELECTOR, '[data-voice="joe"] .voice-head button').click()
+            wait.until(lambda b: dialog.is_displayed())
+            browser.find_element(By.ID, "confirm-yes").click()
+            wait.until(lambda b: "rollback of joe" in _text(b, "#message"))
+            assert _text(browser, "#message") == "rollback of joe: joe now serves 1 (was 2)"
+            assert voices.rollbacks == [("joe", "1")]
+            # 4.
+            assert _text(browser, '[data-voice="joe"] tr[data-version="1"] .signer') == SIGNER
+            assert _text(browser, '[data-voice="ann"] tr[data-version="1"] .signer') == "–"
+            # 5.
+            rows = _text(browser, "#history tbody tr").splitlines()
+            history = _text(browser, "#history")
+            assert "rolled back from 2 to 1" in rows[0] and "by an operator" in rows[0], rows
+            assert "2 refused" in history and "its signature is not trusted" in history
+            assert "restarted on 2" in history and "loaded in 0.43 s" not in history and "loaded in 0.4 s" in history
+            assert "switched from 1 to 2" in history and "loaded in 1.2 s" in history
+            assert "2026-05-01 10:07:00" in history
+            for raw in ("load_seconds", "→", "=", "T10:", "rollback requested"):
+                assert raw not in history, raw
+            # 6.
+            voices.control_error = ConflictError("joe 1 cannot serve: its copy is damaged")
+            browser.find_element(By.CSS_SELECTOR, '[data-voice="joe"] tr[data-version="1"] button').click()
+            wait.until(lambda b: "refused" in _text(b, "#message"))
+            assert _text(browser, "#message") == ("activation of joe 1 refused: "
+                                                  "409 conflict: joe 1 cannot serve: its copy is damaged")
+    finally:
+        browser.quit()
+        voices.close()
+
+
+@pytest.mark.slow
+def test_activate_is_within_reach_on_a_phone(tmp_path: Path) -> None:
+    """At 390x844 the version tables stack: 1. every Activate and Roll back button lies inside
+    the screen's width, and the page does not scroll sideways; 2. Activate works from there."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    voices = FakeVoices(tmp_path, VOICES, token=TOKEN)
+    try:
+        with _served(replace(voices.backend, status=_control_status(voices)), tmp_path) as front:
+            browser.set_window_size(390, 844)
+            browser.get(f"http://127.0.0.1:{front.port}/")
+            wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+            _give_token(browser, wait)
+            # 1.
+            seen = browser.execute_script(
+                "return {width: window.innerWidth, scrollWidth: document.documentElement.scrollWidth,"
+                "        scrollX: window.scrollX,"
+                "        buttons: Array.from(document.querySelectorAll('#voices button'), b => {"
+                "          const r = b.getBoundingClientRect();"
+                "          return {text: b.innerText, left: r.left, right: r.right, width: r.width}; })}")
+            assert seen["width"] <= 390 and seen["scrollWidth"] <= seen["width"] and seen["scrollX"] == 0, seen
+            assert sorted(b["text"] for b in seen["buttons"]) == ["Activate", "Roll back"], seen
+            for button in seen["buttons"]:
+                assert button["width"] > 0 and button["left"] >= 0 and button["right"] <= seen["width"], seen
+            # 2.
+            browser.find_element(By.CSS_SELECTOR, '[data-voice="joe"] tr[data-version="1"] button').click()
+            wait.until(lambda b: voices.activations == [("joe", "1")])
+            assert browser.execute_script("return window.scrollX") == 0
+            if os.environ.get("TTSD_PHONE_SCREENSHOT"):
+                browser.save_screenshot(os.environ["TTSD_PHONE_SCREENSHOT"])
     finally:
         browser.quit()
         voices.close()

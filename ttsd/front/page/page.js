@@ -2,7 +2,9 @@
 // DOM nodes and textContent only: voice names, versions, reasons and folder names come from
 // model folders, which are hostile input, so none of it ever reaches innerHTML.
 // The bearer token (TCP listeners with --token-file) is typed in by the operator, kept in this
-// tab's sessionStorage and sent in a header; the page itself never contains it.
+// tab's sessionStorage and sent in a header; the page itself never contains it. Until it is
+// given (v1/status answers 401) the page shows what the listener tells anyone: healthz and
+// readyz, and the control as locked.
 "use strict";
 (() => {
   const POLL_MS = 2000;
@@ -15,7 +17,6 @@
   let token = sessionStorage.getItem(TOKEN_KEY) || "";
   let timer = null;
   let control = false;
-  let lastGood = null;
   let audioUrl = null;
   let pollGeneration = 0;  // a poll started by a button supersedes the one in flight
 
@@ -76,6 +77,59 @@
     return el("span", { class: cls }, state);
   }
 
+  function seconds(s) {
+    const n = Number(s);
+    if (!Number.isFinite(n)) return String(s);
+    return `${n >= 10 ? Math.round(n) : n >= 0.1 ? n.toFixed(1) : n.toFixed(2)} s`;
+  }
+
+  // Versions compared as their numbers read (1.10 after 1.9); the daemon orders them by PEP 440,
+  // which agrees for the plain versions model folders carry.
+  function compareVersions(a, b) {
+    const pa = String(a).split(/[^0-9A-Za-z]+/), pb = String(b).split(/[^0-9A-Za-z]+/);
+    for (let i = 0; i < Math.max(pa.length, pb.length); i++) {
+      const x = pa[i], y = pb[i];
+      if (x === undefined) return -1;
+      if (y === undefined) return 1;
+      if (/^\d+$/.test(x) && /^\d+$/.test(y)) {
+        if (Number(x) !== Number(y)) return Number(x) < Number(y) ? -1 : 1;
+      } else if (x !== y) {
+        return x < y ? -1 : 1;
+      }
+    }
+    return 0;
+  }
+
+  // The version a rollback would serve, or null when there is none. The daemon's own answer
+  // ("rollback_to", when the status carries it) wins. Else: a version kept loaded for rollback
+  // (standby), or failing that the newest older version still known (available, retired),
+  // which is what the daemon's stack of previous versions holds after upgrades.
+  function rollbackTarget(v) {
+    if (Object.prototype.hasOwnProperty.call(v, "rollback_to")) return v.rollback_to ?? null;
+    if (!v.active) return null;
+    const others = (v.versions || []).filter((x) => x.version !== v.active);
+    const older = (x) => compareVersions(x.version, v.active) < 0;
+    const newest = (list) => list.slice().sort((a, b) => compareVersions(b.version, a.version))[0];
+    const standby = others.filter((x) => x.state === "standby");
+    if (standby.length) return (newest(standby.filter(older)) || newest(standby)).version;
+    const kept = newest(others.filter((x) => (x.state === "available" || x.state === "retired") && older(x)));
+    return kept ? kept.version : null;
+  }
+
+  // An in-page question (a <dialog>, so tests can answer it): true for yes; Esc or Cancel is no.
+  function ask(title, text, yes) {
+    const dialog = $("confirm");
+    $("confirm-title").textContent = title;
+    $("confirm-text").textContent = text;
+    $("confirm-yes").textContent = yes;
+    dialog.returnValue = "";
+    return new Promise((resolve) => {
+      dialog.addEventListener("close", () => resolve(dialog.returnValue === "yes"), { once: true });
+      dialog.showModal();
+      $("confirm-no").focus();
+    });
+  }
+
   function controlButton(label, title, action, danger) {
     const b = el("button", { type: "button", title, class: danger ? "danger" : "" }, label);
     b.addEventListener("click", async () => {
@@ -97,7 +151,7 @@
         return;
       }
       const r = await resp.json();
-      say(`${what}: ${r.voice} ${r.from ?? "–"} → ${r.to ?? "–"}`, true);
+      say(`${what}: ${r.voice} now serves ${r.to ?? "nothing"}` + (r.from ? ` (was ${r.from})` : ""), true);
     } catch (err) {
       say(`${what} failed: ${err}`);
     }
@@ -112,25 +166,40 @@
       v.default ? el("span", { class: "badge" }, "default") : null,
       el("span", {}, "active ", el("b", { class: "active-version" }, v.active ?? "none")),
       v.canary ? el("span", {}, "canary ", el("b", {}, v.canary)) : null);
-    if (control && v.active) {
-      head.append(controlButton("Roll back", `roll ${v.name} back to its previous version`,
-        () => controlCall(voicePath(v.name, "rollback"), {}, `rollback of ${v.name}`), true));
+    const target = rollbackTarget(v);
+    if (control && v.active && target !== null) {
+      const active = v.active;
+      head.append(controlButton("Roll back", `roll ${v.name} back from ${active} to ${target}`, async () => {
+        const yes = await ask(`Roll back ${v.name}?`,
+          `${v.name} serves version ${active} now. Rolling back serves version ${target} instead, ` +
+          `and marks ${active} rolled back: it does not serve again unless someone activates it.`,
+          `Roll back to ${target}`);
+        // "to": the version named above, whatever changed while the question was open
+        if (yes) await controlCall(voicePath(v.name, "rollback"), { to: target }, `rollback of ${v.name}`);
+      }, true));
     }
     const rows = (v.versions || []).map((ver) => {
-      const actions = el("td", {});
+      const actions = el("td", { class: "actions" });
       if (control && ACTIVATABLE.has(ver.state)) {
         actions.append(controlButton("Activate", `serve ${v.name} ${ver.version}`,
           () => controlCall(voicePath(v.name, "activate"), { version: ver.version },
                             `activation of ${v.name} ${ver.version}`)));
       }
+      // data-label: what a cell is called when the table stacks on a narrow screen
       return el("tr", { "data-version": ver.version },
-        el("td", {}, ver.version), el("td", {}, badge(ver.state)),
-        el("td", { class: "num" }, ver.served ?? 0), el("td", { class: "num" }, ver.model_failures ?? 0),
-        el("td", { class: "num wide" }, ver.in_flight ?? 0),
+        el("td", { class: "version" }, ver.version), el("td", {}, badge(ver.state)),
+        // "name (hint)" when verified against a trusted key, "unverified, key …" without trusted keys
+        el("td", ver.signer ? { class: "signer", "data-label": "signed by" }
+                            : { class: "signer muted", "data-label": "signed by", title: "no signature seen (unsigned, or not checked yet)" },
+           ver.signer ?? "–"),
+        el("td", { class: "num", "data-label": "served" }, ver.served ?? 0),
+        el("td", { class: "num", "data-label": "failed" }, ver.model_failures ?? 0),
+        el("td", { class: "num wide", "data-label": "in flight" }, ver.in_flight ?? 0),
         el("td", { class: "reason" }, ver.reason ?? ""), actions);
     });
-    const table = el("table", {},
+    const table = el("table", { class: "stack versions" },
       el("thead", {}, el("tr", {}, el("th", {}, "version"), el("th", {}, "state"),
+        el("th", { title: "the key that signed it: a trusted key's name, or unverified where the daemon has no trusted keys" }, "signed by"),
         el("th", { title: "requests served" }, "served"), el("th", { title: "failures counted against the model" }, "failed"),
         el("th", { class: "wide" }, "in flight"), el("th", {}, "reason"), el("th", {}, ""))),
       el("tbody", {}, ...rows));
@@ -147,10 +216,81 @@
     if (chosen !== undefined && names.includes(chosen)) select.value = chosen;
   }
 
-  function details(entry) {
-    return Object.entries(entry)
-      .filter(([k]) => !["time", "voice", "from", "to", "why"].includes(k))
-      .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" ");
+  // An audit entry ({time, voice, from, to, why, ...details}) in words: "restarted on 2",
+  // "rolled back from 2 to 1", "loaded in 1.2 s".
+  const SAID_BY_WHAT = new Set(["restart", "refused", "deferred", "canary failed"]);
+  const WHY = { "rollback requested": "by an operator", "activate requested": "by an operator" };
+
+  function happened(h) {
+    const from = h.from ?? null, to = h.to ?? null, why = String(h.why ?? "");
+    if (why === "refused") return `${to} refused`;
+    if (why === "deferred") return `${to} put off (tried again later)`;
+    if (why === "canary failed") return `canary ${from} failed` + (to !== null ? `, ${to} serves` : "");
+    if (from === null) return to === null ? "nothing serves" : `started serving ${to}`;
+    if (to === null) return `stopped serving ${from}`;
+    if (String(from) === String(to)) return why === "restart" ? `restarted on ${to}` : `serving ${to} again`;
+    if (why.includes("rollback")) return `rolled back from ${from} to ${to}`;
+    return `switched from ${from} to ${to}`;
+  }
+
+  function because(h) {
+    const why = String(h.why ?? "");
+    const parts = SAID_BY_WHAT.has(why) || !why ? [] : [WHY[why] ?? why];
+    for (const [k, v] of Object.entries(h)) {
+      if (["time", "voice", "from", "to", "why"].includes(k) || v === null || v === undefined) continue;
+      if (k === "load_seconds") parts.push(`loaded in ${seconds(v)}`);
+      else if (k === "reason") parts.push(String(v));
+      else if (k.endsWith("_seconds")) parts.push(`${k.slice(0, -8).replace(/_/g, " ")}: ${seconds(v)}`);
+      else parts.push(`${k.replace(/_/g, " ")}: ${typeof v === "object" ? JSON.stringify(v) : v}`);
+    }
+    return parts.join(" · ");
+  }
+
+  // "2026-01-01T10:00:00+0100" -> "2026-01-01 10:00:00" (the whole stamp in the tooltip)
+  const when = (time) => String(time ?? "").replace("T", " ").replace(/(Z|[+-]\d\d:?\d\d)$/, "");
+
+  // Which view shows: "data" (the status), "locked" (before the token: public health only), or
+  // neither while loading. Never empty cards: the sections that need the status hide without it.
+  function view(which) {
+    $("auth").hidden = which !== "locked";
+    for (const section of document.querySelectorAll("section.data")) section.hidden = which !== "data";
+    if (which !== "data") {  // what was shown with a token goes with it
+      $("folders-section").hidden = true;
+      for (const id of ["voices", "box", "folders", "voice"]) $(id).replaceChildren();
+      $("history").tBodies[0].replaceChildren();
+    }
+    document.body.dataset.view = which;
+  }
+
+  async function probe(path) {
+    try {
+      const resp = await fetch(path, { cache: "no-store" });  // public: no token sent
+      return { status: resp.status, problem: resp.ok ? "" : await problem(resp) };
+    } catch (err) {
+      return { status: 0, problem: String(err.message || err) };
+    }
+  }
+
+  // Before the token: /healthz and /readyz, which a guarded listener answers to anyone. Whether
+  // the daemon could be reached at all.
+  async function renderLocked() {
+    const [health, ready] = await Promise.all([probe("healthz"), probe("readyz")]);
+    const said = (ok, words) => [el("span", { class: ok ? "badge s-up" : "badge" }, words[0]),
+                                 words[1] ? ` ${words[1]}` : ""];
+    const up = health.status === 200 ? ["up", ""]
+      : health.status === 0 ? ["unreachable", health.problem]
+      : health.status === 401 ? ["unknown", "this listener tells its health to token holders only"]
+      : ["unknown", health.problem];
+    const serving = ready.status === 200 ? ["ready", "a voice is active"]
+      : ready.status === 503 ? ["not ready", "no voice is active yet"]
+      : ready.status === 401 ? ["unknown", "this listener tells its readiness to token holders only"]
+      : ["unknown", ready.problem];
+    $("health").replaceChildren(...said(health.status === 200, up));
+    $("ready").replaceChildren(...said(ready.status === 200, serving));
+    $("health").dataset.status = String(health.status);
+    $("ready").dataset.status = String(ready.status);
+    $("summary").textContent = health.status === 200 ? `daemon up · ${serving[0]}` : `daemon ${up[0]}`;
+    return health.status !== 0;
   }
 
   function render(s) {
@@ -168,14 +308,15 @@
       ["workers", s.workers ?? "?"], ["models dir", s.models ?? ""],
       ["control", control ? "rollback and activate allowed here" : "read-only listener (no --token-file)"]];
     $("box").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+    view("data");
     const folders = s.folders || [];
     $("folders-section").hidden = folders.length === 0;
     $("folders").replaceChildren(...folders.map((f) =>
       el("li", {}, badge(f.state), " ", el("code", {}, f.folder), f.reason ? ` — ${f.reason}` : "")));
     const history = (s.history || []).slice().reverse();
     $("history").tBodies[0].replaceChildren(...history.map((h) => el("tr", {},
-      el("td", {}, h.time ?? ""), el("td", {}, h.voice ?? ""), el("td", {}, h.from ?? "–"),
-      el("td", {}, h.to ?? "–"), el("td", {}, h.why ?? ""), el("td", { class: "reason" }, details(h)))));
+      el("td", { class: "time", title: h.time ?? "" }, when(h.time)), el("td", { class: "who" }, h.voice ?? ""),
+      el("td", { class: "what" }, happened(h)), el("td", { class: "reason" }, because(h)))));
   }
 
   async function poll() {
@@ -185,20 +326,28 @@
     const live = $("live");
     try {
       const resp = await call("GET", "v1/status");
+      // after each wait: a newer poll (a token just typed, an action's) owns the page
+      const superseded = () => generation !== pollGeneration;
       if (resp.status === 401) {
-        $("auth").hidden = false;
-        live.className = "live stale";
-        live.textContent = lastGood ? ` token needed (data from ${lastGood.toLocaleTimeString()})` : " token needed";
-        if (token) say(`the token was refused: ${await problem(resp)}`);
+        // not an error: this listener shows its status to token holders only
+        const refused = token ? `the token was refused: ${await problem(resp)}` : "";
+        if (superseded()) return;
+        view("locked");
+        $("token-drop").hidden = true;
+        const reachable = await renderLocked();
+        if (superseded()) return;
+        live.className = reachable ? "live locked" : "live stale";
+        live.textContent = reachable ? " locked" : " daemon unreachable";
+        if (refused) say(refused);
       } else if (!resp.ok) {
         live.className = "live stale";
         live.textContent = ` ${await problem(resp)}`;
       } else {
-        render(await resp.json());
-        lastGood = new Date();
+        const status = await resp.json();
+        if (superseded()) return;
+        render(status);
         live.className = "live";
         live.textContent = "";
-        $("auth").hidden = true;
         $("token-drop").hidden = !token;
       }
     } catch (err) {
@@ -363,6 +512,8 @@
     $("token-form").addEventListener("submit", useToken);
     $("token-forget").addEventListener("click", forgetToken);
     $("token-drop").addEventListener("click", forgetToken);
+    $("confirm-yes").addEventListener("click", () => $("confirm").close("yes"));
+    $("confirm-no").addEventListener("click", () => $("confirm").close("no"));
     document.addEventListener("visibilitychange", () => {
       if (document.hidden) {
         clearTimeout(timer);
