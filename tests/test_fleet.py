@@ -296,3 +296,37 @@ def test_a_copy_in_progress_is_never_moved_aside(tmp_path: Path, mirror: Mirror,
     assert result.exit_code == 3 and "already exists" in result.stderr, result.output
     assert sorted(p.name for p in (box / "models").iterdir()) == ["voice-1"]
     assert not (copying / "sub" / "b.dat").exists()
+
+
+def test_search_of_a_fleet_mirror_filters_by_language_and_takes_non_ascii_names(tmp_path: Path,
+                                                                                 mirror: Mirror,
+                                                                                 fleet: dict[str, Path]) -> None:
+    """Names beyond ASCII are listed as they are; --language matches a Piper-style name's code or
+    family (not any name that starts with the letters); the table shows who is signed; a broken
+    index is one line and exit 15, not a fall back to voices.json."""
+    for name in ("pt_PT-tugão-medium", "pt_BR-faber-medium", "enigma"):
+        folder = tmp_path / "build" / f"{name}-1"
+        folder.mkdir(parents=True)
+        (folder / "a.json").write_text("{}")
+        pack(folder, name=name, version="1", engine="vits", sample_rate=8000)
+        if name == "pt_PT-tugão-medium":
+            sign(folder, fleet["key"])
+        publish(folder, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+
+    def names(*args: str) -> list[str]:
+        result = invoke("models", "search", *args, "--mirror", mirror.url, "--json")
+        assert result.exit_code == 0, result.output
+        return [row["name"] for row in json.loads(result.stdout)]
+
+    assert names() == ["enigma", "pt_BR-faber-medium", "pt_PT-tugão-medium"]
+    assert names("-l", "pt") == ["pt_BR-faber-medium", "pt_PT-tugão-medium"]
+    assert names("-l", "pt-pt") == names("tugão") == ["pt_PT-tugão-medium"]
+    assert names("-l", "en") == []  # "enigma" is no English voice
+    table = invoke("models", "search", "-l", "pt_PT", "--mirror", mirror.url)
+    assert table.exit_code == 0 and "1 of 3 voices on the fleet mirror" in table.stdout, table.output
+    row = next(line for line in table.stdout.splitlines() if "tugão" in line)
+    assert "yes" in row
+    mirror.files[INDEX_FILE] = b'{"format": 1, "voices": {"a/b": {}}}'
+    mirror.files["voices.json"] = b"{}"
+    one_line_error(invoke("models", "search", "--mirror", mirror.url), 15, INDEX_FILE)

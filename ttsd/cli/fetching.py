@@ -33,6 +33,7 @@ def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirro
     mirror's ready folders (its ttsd-index.json), else the Piper catalog (voices.json)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from ..errors import CatalogError, NotOnMirror
     from ..fetch.download import Mirror
@@ -65,20 +66,22 @@ def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirro
     if as_json:
         click.echo(json.dumps([voice.to_json() for voice in found], indent=2, ensure_ascii=False))
         return
+    # cells are the catalog's text (rid of control and bidi characters when parsed), never markup:
+    # a name such as '[/x]' would otherwise be read as a rich tag, or fail to parse as one
     table = Table(
         "voice",
         "language",
         "quality",
         "speakers",
         "size",
-        title=f"{len(found)} of {len(catalog.voices)} voices at {source.base}",
+        title=Text(f"{len(found)} of {len(catalog.voices)} voices at {source.base}"),
     )
     for voice in found:
         lang = voice.language
         table.add_row(
-            voice.key,
-            f"{lang.code} ({lang.name_english}, {lang.country_english})",
-            voice.quality,
+            Text(voice.key),
+            Text(f"{lang.code} ({lang.name_english}, {lang.country_english})"),
+            Text(voice.quality),
             str(voice.num_speakers),
             f"{voice.size / 1e6:.1f} MB",
         )
@@ -88,17 +91,23 @@ def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirro
 
 
 def _list_fleet(index: dict[str, Any], text: tuple[str, ...], language: str | None, as_json: bool, base: str) -> None:
-    """A fleet mirror's voices: name, the version it offers, and whether that folder is signed
-    (who signed it is checked by 'get --trusted-keys', not claimed here)."""
+    """A fleet mirror's voices: name, the version it offers, and whether that folder is signed (the
+    index records a signature, not its signer: who signed it is checked by 'get --trusted-keys').
+    Words match the name; a language (``en_US``, ``en-us``, ``en``) matches a Piper-style name's
+    code (``en_US-joe-medium``) or its family."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     words = [w.lower() for w in text]
-    family = (language or "").replace("-", "_").lower()
+    wanted = (language or "").replace("-", "_").lower()
+
+    def in_language(name: str) -> bool:
+        code = name.split("-", 1)[0].lower()
+        return not wanted or wanted in (code, code.split("_", 1)[0])
+
     found = [
-        entry
-        for name, entry in sorted(index.items())
-        if all(w in name.lower() for w in words) and (not family or name.lower().startswith(family))
+        entry for name, entry in sorted(index.items()) if all(w in name.lower() for w in words) and in_language(name)
     ]
     if as_json:
         rows = [
@@ -106,9 +115,10 @@ def _list_fleet(index: dict[str, Any], text: tuple[str, ...], language: str | No
         ]
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
-    table = Table("voice", "version", "signed", title=f"{len(found)} of {len(index)} voices on the fleet mirror {base}")
+    title = Text(f"{len(found)} of {len(index)} voices on the fleet mirror {base}")
+    table = Table("voice", "version", "signed", title=title)
     for entry in found:
-        table.add_row(entry.name, entry.version, "yes" if entry.signature is not None else "no")
+        table.add_row(Text(entry.name), Text(entry.version), "yes" if entry.signature is not None else "no")
     Console().print(table)
     if not found:
         console().print("no voice matches; 'ttsd models search' with no words lists them all", markup=False)

@@ -1,11 +1,12 @@
 """The Piper voice catalog: ``voices.json`` parsed, every field checked, and searched.
 
 The catalog is remote data, so nothing in it is used before it is checked: a voice key becomes a
-folder name (ASCII letters, digits, ``_ . -``), a file path becomes a URL under the mirror (plain
-segments only: no ``..``, no absolute path, no scheme, no ``%``, ``?``, ``#`` or ``\\``), sizes
-are bounded per kind of file and md5 digests are 32 hex digits. An entry that fails is left out
-of the catalog with its reason (``Catalog.invalid``), so one bad entry does not hide the others and
-``get`` of that voice says what is wrong with it.
+folder name (NFC; letters of any script, digits, ``_ . -``; never a separator, control or bidi
+character), a file path becomes a URL under the mirror (plain segments only: no ``..``, no
+absolute path, no scheme, no ``%``, ``?``, ``#`` or ``\\``), display fields lose what could fool
+a terminal (``display_text``), sizes are bounded per kind of file and md5 digests are 32 hex
+digits. An entry that fails is left out of the catalog with its reason (``Catalog.invalid``), so
+one bad entry does not hide the others and ``get`` of that voice says what is wrong with it.
 
 The layout (Hugging Face ``rhasspy/piper-voices``), one entry per voice::
 
@@ -42,36 +43,92 @@ MAX_TEXT_CHARS = 100  # language names, quality, voice name
 MODEL_CARD = "MODEL_CARD"
 
 MAX_KEY_CHARS = 100
+# a key names folders and files with more around it (``KEY-VERSION``, ``.KEY.onnx.json.<sha256>.part``,
+# ``.KEY-VERSION.xxxxxxxx.partial``): at most 150 bytes of UTF-8 keeps each within a 255-byte file name
+MAX_KEY_BYTES = 150
 _SEGMENT = re.compile(r"[\w.-]+")  # \w: Unicode letters and digits, and _
 _MD5 = re.compile(r"[0-9a-f]{32}")
 _CODE = re.compile(r"[A-Za-z0-9_-]{1,20}")
+# letters that show as nothing (Hangul fillers): two keys differing by one would look the same
+_INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")
+# format characters kept in display text: they join letters (Persian, Indic scripts), move nothing
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _key_char(c: str) -> bool:
+    """Whether ``c`` may be in a voice key: a letter or digit of any script (as ``manifest.check_name``
+    takes a voice name: ``str.isalnum``, so no combining mark NFC leaves on its own), ``_ . -``."""
+    return c in "_.-" or (unicodedata.category(c)[0] in "LN" and c.isalnum() and c not in _INVISIBLE_LETTERS)
+
+
+def shown_key(key: object) -> str:
+    """A key as it may be put in a message: as it is when it is a valid key, else escaped
+    (``ascii``: terminal escapes, bidi overrides and line breaks show as ``\\x1b``, ``\\u202e``, …)."""
+    if isinstance(key, str):
+        try:
+            return check_voice_key(key)
+        except CatalogError:
+            pass
+    return _escaped(key)
+
+
+def _escaped(value: object) -> str:
+    shown = ascii(value)
+    return shown if len(shown) <= 80 else shown[:70] + "..."
 
 
 def check_voice_key(key: object) -> str:
     """A catalog key, in NFC (``pt_PT-tugão-medium`` whichever way its ``ã`` was encoded), which
-    names a folder in the models dir and a manifest: letters (any script), digits, combining marks,
-    ``_``, ``.`` and ``-``, starting with a letter or digit, at most 100 characters. So no path
-    separator, no control or format character (bidi overrides, U+200E and the like, zero-width
-    joiners), no space. The key as given is shown escaped (``ascii``), never as text that could
-    reorder or hide what a terminal shows."""
-    if isinstance(key, str):
-        key = unicodedata.normalize("NFC", key)
-        if (
-            0 < len(key) <= MAX_KEY_CHARS
-            and unicodedata.category(key[0])[0] in "LN"
-            and all(unicodedata.category(c)[0] in "LNM" or c in "_.-" for c in key)
-            and not key.endswith(".partial")
-        ):
-            return key
-    raise CatalogError(
-        f"invalid voice key {ascii(key)[:80]}: use letters, digits, '_', '.' and '-' (at most {MAX_KEY_CHARS})"
-    )
+    names a folder in the models dir and a manifest: letters (any script) and digits, ``_``, ``.``
+    and ``-``, starting with a letter or digit, at most 100 characters and 150 bytes of UTF-8. So no
+    path separator, no ``.``/``..``, no control or format character (bidi overrides and isolates,
+    U+200E/U+200F, zero-width joiners), no space, no combining mark left uncomposed, no invisible
+    letter. ``CatalogError`` names the key as given, escaped (``ascii``), and the first character
+    refused, never as text that could reorder or hide what a terminal shows."""
+    if not isinstance(key, str):
+        raise CatalogError(f"invalid voice key {_escaped(key)}: not a string")
+    given, key = key, unicodedata.normalize("NFC", key)
+    why = ""
+    if not key:
+        why = "empty"
+    elif len(key) > MAX_KEY_CHARS or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        why = f"longer than {MAX_KEY_CHARS} characters or {MAX_KEY_BYTES} bytes of UTF-8"
+    elif bad := next((c for c in key if not _key_char(c)), ""):
+        why = f"{_char_name(bad)} is not allowed"
+    elif unicodedata.category(key[0])[0] not in "LN":
+        why = "it must start with a letter or digit"
+    elif key.endswith(".partial"):
+        why = "'.partial' names a folder still being written"
+    if why:
+        raise CatalogError(f"invalid voice key {_escaped(given)}: {why} (a key is letters, digits, '_', '.' and '-')")
+    return key
+
+
+def _char_name(c: str) -> str:
+    """``U+202E (RIGHT-TO-LEFT OVERRIDE)``: a character named, never shown."""
+    category = unicodedata.category(c)
+    kind = {"Cc": "a control character", "Cs": "a lone surrogate", "Cn": "unassigned"}.get(category, category)
+    return f"U+{ord(c):04X} ({unicodedata.name(c, kind)})"
 
 
 def display_text(value: str) -> str:
-    """Text from a catalog as it may be shown: NFC, with control and format characters (bidi
-    marks and overrides, zero-width characters) taken out, so it reads as the words it holds."""
-    return "".join(c for c in unicodedata.normalize("NFC", value) if unicodedata.category(c) not in ("Cc", "Cf"))
+    """Text from a catalog as it may be shown: NFC, with control and format characters (bidi marks,
+    embeddings, overrides and isolates, terminal escapes, line breaks) taken out, so it reads as
+    the words it holds and cannot move or recolour what a terminal shows; zero-width (non-)joiners
+    stay, as they spell words. Other spaces become a space; what cannot be printed (unassigned,
+    private use, a lone surrogate) is shown escaped (``\\ue000``)."""
+    out = []
+    for c in unicodedata.normalize("NFC", value):
+        category = unicodedata.category(c)
+        if c in _JOINERS or c.isprintable():
+            out.append(c)
+        elif category in ("Cc", "Cf"):
+            continue
+        elif category[0] == "Z":
+            out.append(" ")
+        else:
+            out.append(ascii(c)[1:-1])
+    return "".join(out)
 
 
 def check_remote_path(rel: object) -> str:
@@ -198,10 +255,10 @@ class Catalog:
             if name in voice.aliases:
                 return voice
         if name in self.invalid:
-            raise CatalogError(f"{self.source}: the entry for {name} is refused: {self.invalid[name]}")
+            raise CatalogError(f"{self.source}: the entry for {shown_key(name)} is refused: {self.invalid[name]}")
         close = difflib.get_close_matches(name, list(self.voices), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else " ('ttsd models search' lists them)"
-        raise CatalogError(f"{self.source}: no voice {name}{hint}")
+        raise CatalogError(f"{self.source}: no voice {shown_key(name)}{hint}")
 
     def search(self, text: str = "", language: str | None = None) -> list[CatalogVoice]:
         """Voices whose key, name, language or quality hold every word of ``text``, in key order;
@@ -211,13 +268,13 @@ class Catalog:
 
 
 def _text(entry: dict[str, Any], field: str, where: str, pattern: re.Pattern[str] | None = None) -> str:
-    """A display field: at most ``MAX_TEXT_CHARS``, shown as its words (``display_text``): Piper's
-    ``he_IL-saspeech-medium`` has a U+200E in its ``name_native``, which made the entry refused."""
+    """A display field: a string of at most ``MAX_TEXT_CHARS``, kept as ``display_text`` makes it.
+    What a terminal could be fooled by is taken out, not refused: Piper's ``he_IL-saspeech-medium``
+    has a U+200E in its ``name_native``, which once made the whole entry refused."""
     value = entry.get(field, "")
-    if isinstance(value, str) and len(value) <= MAX_TEXT_CHARS:
-        value = display_text(value)
-    if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS or not value.isprintable():
-        raise CatalogError(f"{where}: '{field}' must be printable text of at most {MAX_TEXT_CHARS} characters")
+    if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS:
+        raise CatalogError(f"{where}: '{field}' must be text of at most {MAX_TEXT_CHARS} characters")
+    value = display_text(value)
     if pattern is not None and not pattern.fullmatch(value):
         raise CatalogError(f"{where}: '{field}' {value!r} is not a language code")
     return value
