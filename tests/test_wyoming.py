@@ -76,7 +76,11 @@ def test_describe_lists_the_voice_with_its_active_version(daemon: Daemon) -> Non
     assert program.supports_synthesize_streaming
     (voice,) = program.voices
     assert voice.name == VOICE and voice.languages == ["en_US"] and voice.installed
-    assert "(version 1)" in (voice.description or "") and voice.version == "1"
+    # Home Assistant shows the description as the voice's name: short, as wyoming-piper's; the
+    # version has a field of its own; the attribution is the voice's licence, not a placeholder
+    assert voice.description == "joe (medium)" and voice.version == "1"
+    assert voice.attribution.name.startswith("CC0 dataset (NabuCasa voice-datasets)")
+    assert program.name == "ttsd" and program.attribution.name == "ttsd"
 
 
 @pytest.mark.daemon
@@ -133,11 +137,14 @@ def test_streamed_text_is_spoken_sentence_by_sentence_as_it_arrives(daemon: Daem
 ])
 def test_a_bad_request_is_an_error_event_and_the_connection_stays_usable(daemon: Daemon, request_event: Event,
                                                                          code: str) -> None:
+    """The error, then the audio-stop a client reading up to it waits for (Home Assistant does);
+    the next request on the connection is served."""
     async def go() -> tuple[Error, bytes]:
         async with AsyncUnixClient(socket_of(daemon)) as client:
             await client.write_event(request_event)
             error = await read(client)
             assert Error.is_type(error.type), error
+            assert AudioStop.is_type((await read(client)).type)
             await client.write_event(Synthesize(text="Still here.").event())
             _, pcm = await audio_of(client)
             return Error.from_event(error), pcm
@@ -341,14 +348,18 @@ def test_malformed_events_end_or_answer_quietly_and_the_daemon_serves_on(daemon:
 
 def test_a_text_stream_that_never_ends_a_sentence_is_refused_at_the_limit(daemon: Daemon) -> None:
     """Text streamed without a sentence end is refused once it is longer than any sentence may
-    be (--max-chars), not buffered further; the connection stays usable."""
+    be (--max-chars), not buffered further: one error; the rest of the stream is ignored, its
+    stop answered with synthesize-stopped; the connection stays usable."""
     async def go() -> tuple[Error, int]:
         async with AsyncUnixClient(socket_of(daemon)) as client:
             await client.write_event(SynthesizeStart().event())
             for _ in range(60):
                 await client.write_event(SynthesizeChunk(text="word " * 20).event())
+            await client.write_event(Synthesize(text="word " * 1200).event())  # the whole text, as clients send
+            await client.write_event(SynthesizeStop().event())
             error = await read(client)
             assert Error.is_type(error.type), error
+            assert SynthesizeStopped.is_type((await read(client)).type)
             await client.write_event(Synthesize(text="Still here.").event())
             _, pcm = await audio_of(client)
             return Error.from_event(error), len(pcm)

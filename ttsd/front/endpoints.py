@@ -129,7 +129,7 @@ async def open_wyoming(cfg: ServeConfig, backend: Backend) -> WyomingServer:
         path = Path(uri.path)
         if path.resolve() == cfg.socket.resolve():
             raise ConfigError(f"--wyoming {cfg.wyoming}: that is the HTTP socket; choose another path")
-    server = WyomingServer(cfg.wyoming, backend, max_connections=cfg.max_connections)
+    server = WyomingServer(cfg.wyoming, backend, max_connections=cfg.max_connections, write_timeout=cfg.write_timeout)
     if cfg.wyoming_zeroconf and uri.hostname and uri.port:
         server.advertisement = Advertisement(cfg.wyoming_zeroconf, uri.hostname, uri.port)
     old_umask = os.umask(0o177 if cfg.socket_group is None else 0o117)

@@ -1,48 +1,43 @@
 """The Wyoming front end: Home Assistant's voice pipeline (and other voice stacks) speak to ttsd
-over the Wyoming protocol, with the ``wyoming`` package's server and event classes.
+over the Wyoming protocol, with the ``wyoming`` package's event classes.
 
-* ``describe`` → ``info``: every voice that serves, with its active version in the description,
-  languages, speakers and licence; built from the backend at each request, so a swap or rollback
-  shows at once.
+* ``describe`` → ``info``: every voice that serves, as ``wyoming_voices`` describes it, read
+  afresh at each request, so a swap or rollback shows at once.
 * ``synthesize`` → ``audio-start``, ``audio-chunk``s of 16-bit mono PCM as the engine makes them
-  (below the sentence, as the HTTP stream does), ``audio-stop``.
+  (below the sentence, as the HTTP stream does), ``audio-stop``. A voice is chosen by name, or by
+  language alone (a voice of that language, never another's).
 * streaming text: ``synthesize-start``, ``synthesize-chunk``s, ``synthesize-stop``. Each sentence
   is spoken as soon as it is complete in the text received so far; one ``audio-start`` before the
   first and one ``audio-stop`` after the last, then ``synthesize-stopped``. A ``synthesize``
   during a stream (clients send the whole text too, for servers without streaming) is ignored.
-  Every sentence of a stream is spoken by the version that spoke the first, so a swap never
-  mixes two versions in one answer.
-* a request's error (unknown voice, bad text) is an ``error`` event and the connection stays open.
+  Every sentence of a stream is spoken by the version that spoke the first.
+* every answer ends as the client expects, errors included: a failed ``synthesize`` is an
+  ``error`` event, then ``audio-stop``; a failed text stream is an ``error`` (then ``audio-stop``
+  if its audio had started), the rest of it is ignored, and its ``synthesize-stop`` is answered
+  with ``synthesize-stopped``, as is a ``synthesize-stop`` with no stream. A ``synthesize-start``
+  in the middle of a stream ends that stream first, as its ``synthesize-stop`` would.
 
 Requests go through the same queue, workers, leases, canary and metrics (``route="wyoming"``) as
-HTTP. A client that goes away cancels its synthesis after the current piece. Wyoming has no
-authentication: bind TCP to loopback unless the network is trusted (the daemon warns otherwise).
-Runs on the event loop; synthesis is the pool's.
+HTTP. Wyoming has no authentication (the daemon warns of a non-loopback bind), so no client may hold
+the daemon hostage: ``max_connections``, ``idle_timeout`` between events, and the bounds of
+``wyoming_io`` (event size, malformed events, audio held for a client that does not read);
+``write_timeout`` seconds for a client to take each event, else its connection is cut off, its
+synthesis cancelled and its slot freed. Runs on the event loop; synthesis is the pool's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
-from wyoming.event import Event, async_read_event
-from wyoming.info import (
-    Attribution,
-    Describe,
-    Info,
-    TtsProgram,
-    TtsVoice,
-    TtsVoiceSpeaker,
-)
+from wyoming.event import Event, async_write_event
+from wyoming.info import Describe
 from wyoming.server import AsyncEventHandler
 from wyoming.tts import (
     Synthesize,
@@ -53,43 +48,62 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from .. import __version__
-from ..audio import Audio
-from ..errors import BusyError, ConfigError, RequestError, TextTooLongError, TtsdError
+from ..errors import BusyError, RequestError, TextTooLongError, TtsdError
 from ..options import SynthesisOptions
 from ..text import check_text, split_sentences
 from .backend import Backend
-from .listeners import check_socket
+from .listeners import WRITE_SECONDS, check_socket
 from .speech_request import parse_speaker
-from .synth import Job, Result
+from .synth import Cancelled, Job
+from .wyoming_io import MAX_BUFFERED_BYTES, MAX_EVENT_BYTES, AudioHandoff, BadFrame, Throttle, read_event
+from .wyoming_mdns import Advertisement
+from .wyoming_voices import choose_voice, info
+
+__all__ = ["MAX_BUFFERED_BYTES", "MAX_EVENT_BYTES", "Advertisement", "WyomingServer", "info"]
 
 log = logging.getLogger("ttsd.wyoming")
 
 ROUTE = "wyoming"
-MAX_EVENT_BYTES = 1 << 20  # one event's header line, data or payload (a request's text is far less)
 IDLE_SECONDS = 60.0  # between a client's events (an LLM streaming text may pause a while)
 MAX_STREAM_CHARS_FACTOR = 4  # a text stream may send this many times --max-chars in all
-ATTRIBUTION = Attribution(name="ttsd", url="")
+# what a request may get wrong: an error event, not the end of the connection
+_FAILURES = (TtsdError, AttributeError, KeyError, TypeError, ValueError)
 
 
 class WyomingServer:
-    """The Wyoming listener on ``uri`` (``tcp://HOST:PORT`` or ``unix://PATH``): asyncio's server,
-    the ``wyoming`` package's handler and framing, and the bounds every listener of ttsd has: at
-    most ``max_connections`` open connections, ``idle_timeout`` seconds between a client's events,
-    events of at most ``MAX_EVENT_BYTES``, and a drain on shutdown (requests being spoken finish
-    within the grace period; idle connections close at once)."""
+    """The Wyoming listener on ``uri`` (``tcp://HOST:PORT`` or ``unix://PATH``) with the bounds in
+    the module docstring, and a drain on shutdown (requests being spoken finish within the grace
+    period; idle connections close at once)."""
 
     def __init__(
-        self, uri: str, backend: Backend, *, max_connections: int = 128, idle_timeout: float = IDLE_SECONDS
+        self,
+        uri: str,
+        backend: Backend,
+        *,
+        max_connections: int = 128,
+        idle_timeout: float = IDLE_SECONDS,
+        write_timeout: float = WRITE_SECONDS,
     ) -> None:
         self.uri = uri
         self.backend = backend
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.write_timeout = write_timeout
         self.closing = False
         self.advertisement: Advertisement | None = None  # mDNS, when asked for (TCP only)
+        self.refused = 0  # connections over max_connections
+        self.cut_off = 0  # connections whose client left its answer unread for write_timeout
+        self.malformed = 0  # connections closed for a malformed event
         self._server: asyncio.AbstractServer | None = None
         self._handlers: dict[asyncio.Task[None], _Handler] = {}
+        self._log_refused = Throttle(log, burst=1)
+        self._log_cut_off = Throttle(log)
+        self._log_malformed = Throttle(log)
+        self._log_bug = Throttle(log)
+
+    @property
+    def connections(self) -> int:  # open now, each in a slot of max_connections
+        return len(self._handlers)
 
     async def start(self) -> None:
         uri = urlparse(self.uri)
@@ -103,7 +117,12 @@ class WyomingServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.closing or len(self._handlers) >= self.max_connections:
-            writer.close()
+            if not self.closing:
+                self.refused += 1
+                self._log_refused(
+                    logging.WARNING, "Wyoming: %d connections open, the limit; closing new ones", self.max_connections
+                )
+            writer.transport.abort()
             return
         handler = _Handler(reader, writer, self.backend, self)
         task = asyncio.current_task()
@@ -111,8 +130,20 @@ class WyomingServer:
         self._handlers[task] = handler
         try:
             await handler.run()
+        except Exception:  # a bug: logged (a few times, not once per connection for ever), never raised to asyncio
+            self._log_bug(logging.ERROR, "Wyoming: a connection failed", exc_info=True)
         finally:
             self._handlers.pop(task, None)
+
+    def malformed_event(self, reason: BadFrame) -> None:
+        self.malformed += 1
+        self._log_malformed(logging.WARNING, "Wyoming: closed a connection that sent %s", reason)
+
+    def unread(self) -> None:
+        self.cut_off += 1
+        self._log_cut_off(
+            logging.INFO, "Wyoming: a client left its answer unread for %g s; connection closed", self.write_timeout
+        )
 
     async def drain(self, grace: float) -> None:
         """Stop accepting; close idle connections now; let requests being spoken finish for up to
@@ -135,36 +166,6 @@ class WyomingServer:
             Path(uri.path).unlink(missing_ok=True)
 
 
-def info(backend: Backend) -> Info:
-    """What ``describe`` answers: one TTS program with every voice that has an active version."""
-    voices = []
-    for voice in backend.voices():
-        if not voice.get("active"):
-            continue
-        description = voice.get("description") or f"ttsd voice {voice['name']}"
-        voices.append(
-            TtsVoice(
-                name=voice["name"],
-                description=f"{description} (version {voice['active']})",
-                attribution=Attribution(name=voice.get("license") or "see the voice's model card", url=""),
-                installed=True,
-                version=str(voice["active"]),
-                languages=list(voice.get("languages") or []),
-                speakers=[TtsVoiceSpeaker(name=s) for s in voice.get("speakers") or []] or None,
-            )
-        )
-    program = TtsProgram(
-        name="ttsd",
-        description="ttsd text-to-speech daemon",
-        attribution=ATTRIBUTION,
-        installed=True,
-        version=__version__,
-        voices=voices,
-        supports_synthesize_streaming=True,
-    )
-    return Info(tts=[program])
-
-
 @dataclass
 class _Stream:
     """A text stream in progress: its voice, the text not yet spoken, what was sent so far."""
@@ -172,8 +173,9 @@ class _Stream:
     voice: SynthesizeVoice | None
     pending: str = ""
     received: int = 0
-    version: str | None = None  # pinned by the first sentence spoken
+    pinned: tuple[str, str] | None = None  # (voice, version) of the first sentence, for the rest
     started: bool = False  # audio-start sent
+    failed: bool = False  # an error sent: the rest is ignored up to synthesize-stop
 
 
 class _Handler(AsyncEventHandler):
@@ -187,69 +189,114 @@ class _Handler(AsyncEventHandler):
         self.server = server
         self.busy = False
         self._stream: _Stream | None = None
-        self._job: Job | None = None  # the request being spoken, cancelled if the connection ends
-        # The wyoming reader reads whatever length an event declares; a declared length over the
-        # bound is refused before a byte of it is read (its ValueError ends the connection).
-        readexactly = reader.readexactly
-
-        async def bounded(n: int) -> bytes:
-            if n > MAX_EVENT_BYTES:
-                raise ValueError(f"a Wyoming event of {n} bytes is over {MAX_EVENT_BYTES}")
-            return await readexactly(n)
-
-        reader.readexactly = bounded  # type: ignore[method-assign]
+        self._handoff: AudioHandoff | None = None  # the request being spoken, stopped if the connection ends
 
     async def run(self) -> None:
-        """Events until the client goes, falls silent for ``idle_timeout``, or the server drains."""
+        """Events until the client goes, falls silent for ``idle_timeout``, sends a malformed
+        event, leaves its answer unread for ``write_timeout``, or the server drains."""
         try:
             while not self.server.closing:
                 try:
-                    event = await asyncio.wait_for(async_read_event(self.reader), self.server.idle_timeout)
-                except TimeoutError:
+                    event = await asyncio.wait_for(read_event(self.reader), self.server.idle_timeout)
+                except asyncio.TimeoutError:
                     break
-                except (AttributeError, KeyError, TypeError) as exc:  # framing the reader does not catch
-                    log.debug("closing a Wyoming connection that sent a malformed event: %r", exc)
+                except BadFrame as exc:
+                    self.server.malformed_event(exc)
                     break
                 if event is None:
                     break
                 self.busy = True
                 try:
-                    if not await self.handle_event(event):
-                        break
+                    await self.handle_event(event)
                 finally:
                     self.busy = False
-        except ConnectionError:
+        except (ConnectionError, Cancelled):
             pass
         finally:
-            if self._job is not None:
-                self._job.cancel.set()
-            self.writer.close()
+            if self._handoff is not None:
+                self._handoff.stop()
+            transport = self.writer.transport
+            if transport.get_write_buffer_size():
+                transport.abort()  # an answer left unread is dropped, not kept until the client reads it
+            else:
+                self.writer.close()
+
+    async def write_event(self, event: Event) -> None:
+        """Each event must be taken within ``write_timeout`` once the buffers are full; else the
+        connection is aborted (its unsent audio dropped) and ``ConnectionResetError`` ends it."""
+        try:
+            await asyncio.wait_for(async_write_event(event, self.writer), self.server.write_timeout)
+        except asyncio.TimeoutError:
+            self.server.unread()
+            self.writer.transport.abort()
+            raise ConnectionResetError(f"the client took nothing for {self.server.write_timeout:g} s") from None
 
     async def handle_event(self, event: Event) -> bool:
-        try:
-            if Describe.is_type(event.type):
-                await self.write_event(info(self.backend).event())
-            elif SynthesizeStart.is_type(event.type):
-                self._stream = _Stream(SynthesizeStart.from_event(event).voice)
-            elif SynthesizeChunk.is_type(event.type) and self._stream is not None:
-                await self._chunk(self._stream, SynthesizeChunk.from_event(event).text)
-            elif SynthesizeStop.is_type(event.type) and self._stream is not None:
-                stream, self._stream = self._stream, None
-                await self._finish(stream)
-            elif Synthesize.is_type(event.type) and self._stream is None:
-                request = Synthesize.from_event(event)
-                await self._speak(request.text, request.voice, start=True, stop=True)
-        except (ConnectionError, asyncio.CancelledError):
-            raise
-        except TtsdError as exc:
-            self._stream = None
-            await self.write_event(Error(text=str(exc), code=exc.code).event())
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a malformed event
-            self._stream = None
-            await self.write_event(Error(text=f"bad {event.type} event: {exc}", code="bad_request").event())
+        if Describe.is_type(event.type):
+            await self.write_event(info(self.backend).event())
+        elif SynthesizeStart.is_type(event.type):
+            await self._start(event)
+        elif SynthesizeChunk.is_type(event.type):
+            await self._chunk(event)
+        elif SynthesizeStop.is_type(event.type):
+            await self._stop()
+        elif Synthesize.is_type(event.type) and self._stream is None:
+            await self._synthesize(event)
         return True
 
-    async def _chunk(self, stream: _Stream, text: Any) -> None:
+    async def _synthesize(self, event: Event) -> None:
+        """A whole text: audio-start, audio-chunks, audio-stop; or an error, then audio-stop (with
+        or without audio-start before it), so a client that reads up to audio-stop gets there."""
+        try:
+            request = Synthesize.from_event(event)
+            await self._speak(request.text, request.voice, None)
+        except _FAILURES as exc:
+            await self.write_event(_error(exc, event.type))
+            await self.write_event(AudioStop().event())
+
+    async def _start(self, event: Event) -> None:
+        if self._stream is not None:  # a new stream before the last one's stop: that one ends first
+            await self._stop()
+        self._stream = _Stream(None)
+        try:
+            self._stream.voice = SynthesizeStart.from_event(event).voice
+        except _FAILURES as exc:
+            await self._fail(self._stream, _error(exc, event.type))
+
+    async def _chunk(self, event: Event) -> None:
+        stream = self._stream
+        if stream is None or stream.failed:
+            return  # no stream to add to (its synthesize-stop gets an error), or one that failed
+        try:
+            await self._add_text(stream, SynthesizeChunk.from_event(event).text)
+        except _FAILURES as exc:
+            await self._fail(stream, _error(exc, event.type))
+
+    async def _stop(self) -> None:
+        """The end of a text stream: its last text spoken, audio-stop, synthesize-stopped. Sent for
+        a stream that failed, and for none at all (after an error), so the client stops waiting."""
+        stream, self._stream = self._stream, None
+        if stream is None:
+            await self.write_event(Error(text="synthesize-stop without synthesize-start", code="bad_request").event())
+        elif not stream.failed:
+            try:
+                if stream.pending.strip():
+                    await self._say_in_stream(stream, stream.pending)
+            except _FAILURES as exc:
+                await self._fail(stream, _error(exc, "synthesize-stop"))
+            if stream.started and not stream.failed:
+                await self.write_event(AudioStop().event())
+        await self.write_event(SynthesizeStopped().event())
+
+    async def _fail(self, stream: _Stream, error: Event) -> None:
+        """A text stream fails: the error, and audio-stop if its audio had started. The rest of
+        the stream is ignored; its synthesize-stop is answered with synthesize-stopped."""
+        stream.failed, stream.pending = True, ""
+        await self.write_event(error)
+        if stream.started:
+            await self.write_event(AudioStop().event())
+
+    async def _add_text(self, stream: _Stream, text: object) -> None:
         if not isinstance(text, str):
             raise RequestError("synthesize-chunk text must be a string")
         stream.received += len(text)
@@ -266,78 +313,72 @@ class _Handler(AsyncEventHandler):
         for sentence in complete:
             await self._say_in_stream(stream, sentence)
 
-    async def _finish(self, stream: _Stream) -> None:
-        if stream.pending.strip():
-            await self._say_in_stream(stream, stream.pending)
-        if stream.started:
-            await self.write_event(AudioStop().event())
-        await self.write_event(SynthesizeStopped().event())
-
     async def _say_in_stream(self, stream: _Stream, sentence: str) -> None:
         try:
             check_text(sentence, self.backend.max_chars)
         except RequestError:
             return  # e.g. "..." alone: nothing to speak in this piece, the stream goes on
-        version = await self._speak(
-            sentence, stream.voice, start=not stream.started, stop=False, version=stream.version
-        )
-        stream.started, stream.version = True, version
+        await self._speak(sentence, stream.voice, stream)
 
-    async def _speak(
-        self, text: str, voice: SynthesizeVoice | None, *, start: bool, stop: bool, version: str | None = None
-    ) -> str:
-        """Synthesize ``text`` and send its audio as it is made; returns the version that spoke."""
+    def _voice_name(self, voice: SynthesizeVoice | None) -> str | None:
+        """The voice asked for: by name; by language alone (``choose_voice``); else the default."""
+        if voice is None or voice.name is not None:
+            return voice.name if voice is not None else None
+        if voice.language is not None:
+            return choose_voice(self.backend.voices(), voice.language)
+        return None
+
+    async def _speak(self, text: str, voice: SynthesizeVoice | None, stream: _Stream | None) -> None:
+        """Synthesize ``text`` and send its audio as it is made: a whole answer (audio-start to
+        audio-stop) without ``stream``, else a sentence of that stream (audio-start before its
+        first, spoken by the first one's voice and version)."""
         started = time.monotonic()
-        name = voice.name if voice is not None else None
         try:
             text = check_text(text, self.backend.max_chars)
             options = SynthesisOptions(speaker=parse_speaker(voice.speaker if voice is not None else None))
             if not self.backend.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
+            name, version = stream.pinned if stream and stream.pinned else (self._voice_name(voice), None)
             lease = await self.backend.lease(name, version)
         except TtsdError as exc:
             self._count(None, None, exc.code, exc.fault)
             raise
         served = lease.voice
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[Audio | BaseException | None] = asyncio.Queue()
-        job = Job(
-            text=text,
-            options=options,
-            lease=lease,
-            route=ROUTE,
-            on_chunk=lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk),
-        )
+        if stream is not None:
+            stream.pinned = (served.name, served.version)
+        job = Job(text=text, options=options, lease=lease, route=ROUTE)
+        handoff = AudioHandoff(asyncio.get_running_loop(), job.cancel)
+        job.on_chunk = handoff.put  # the worker waits while the client is MAX_BUFFERED_BYTES behind
         try:
-            future: Future[Result] = self.backend.submit(job)
-            self._job = job
+            future = self.backend.submit(job)
         except TtsdError as exc:
             self._count(served.name, served.version, exc.code, exc.fault)
             raise
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(chunks.put_nowait, f.exception()))
+        future.add_done_callback(lambda f: handoff.end(Cancelled() if f.cancelled() else f.exception()))
+        self._handoff = handoff
         try:
-            if start:
+            if stream is None or not stream.started:
                 await self.write_event(AudioStart(rate=served.sample_rate, width=2, channels=1).event())
-            while (item := await chunks.get()) is not None:
+                if stream is not None:
+                    stream.started = True
+            while (item := await handoff.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                await self.write_event(
-                    AudioChunk(rate=item.sample_rate, width=2, channels=1, audio=item.to_pcm16()).event()
-                )
-            if stop:
+                rate, pcm = item
+                await self.write_event(AudioChunk(rate=rate, width=2, channels=1, audio=pcm).event())
+            if stream is None:
                 await self.write_event(AudioStop().event())
-        except (asyncio.CancelledError, ConnectionError):
-            job.cancel.set()  # the client went away: stop after the current piece
-            self._count(served.name, served.version, "cancelled")
-            raise
-        except TtsdError as exc:
+        except TtsdError as exc:  # the job's own failure: it has ended
             self._count(served.name, served.version, exc.code, exc.fault)
             raise
+        except BaseException:  # the client went away or stopped reading, or the server is closing
+            handoff.stop()  # the job stops after the current piece (at once if it waits for room)
+            self._count(served.name, served.version, "cancelled")
+            raise
         finally:
-            self._job = None
+            self._handoff = None
         self._count(served.name, served.version, "ok")
         self.backend.metrics.observe_request(served.name, served.version, ROUTE, time.monotonic() - started)
-        return served.version
 
     def _count(self, voice: str | None, version: str | None, outcome: str, fault: str | None = None) -> None:
         metrics = self.backend.metrics
@@ -346,55 +387,14 @@ class _Handler(AsyncEventHandler):
             metrics.failures.labels(voice or "-", version or "-", ROUTE, fault).inc()
 
 
+def _error(exc: BaseException, kind: str) -> Event:
+    """The ``error`` event for a request's failure (``bad_request``: a malformed event)."""
+    if isinstance(exc, TtsdError):
+        return Error(text=str(exc), code=exc.code).event()
+    return Error(text=f"bad {kind} event: {exc}", code="bad_request").event()
+
+
 def _ends_sentence(text: str) -> bool:
     """Whether ``text`` ends a sentence already (a stop and a space, so "3." in "3.5" waits)."""
     stripped = text.rstrip()
     return len(stripped) < len(text) and stripped[-1:] in ".!?…。！？"
-
-
-class Advertisement:
-    """The Wyoming service announced over mDNS (``_wyoming._tcp.local.``), as wyoming-piper does,
-    so Home Assistant discovers the box by itself. Needs the ``zeroconf`` package (the
-    ``ttsd[zeroconf]`` extra); a box where multicast does not work gets a warning, not a failure."""
-
-    def __init__(self, name: str, host: str, port: int) -> None:
-        self.name, self.host, self.port = name, host, port
-        self._zeroconf: Any = None
-        self._info: Any = None
-
-    async def start(self) -> None:
-        try:
-            from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
-        except ImportError:
-            raise ConfigError("--wyoming-zeroconf needs the zeroconf package: pip install 'ttsd[zeroconf]'") from None
-        address = self.host if self.host not in ("0.0.0.0", "") else _outgoing_address()
-        try:
-            self._info = AsyncServiceInfo(
-                "_wyoming._tcp.local.",
-                f"{self.name}._wyoming._tcp.local.",
-                addresses=[socket.inet_aton(address)],
-                port=self.port,
-            )
-            self._zeroconf = AsyncZeroconf()
-            await self._zeroconf.async_register_service(self._info)
-        except (OSError, ValueError) as exc:
-            log.warning("cannot announce Wyoming over mDNS (%s); add the integration by host and port", exc)
-            await self.stop()
-            return
-        log.info("announced Wyoming as %s on %s:%d over mDNS", self.name, address, self.port)
-
-    async def stop(self) -> None:
-        if self._zeroconf is not None:
-            zeroconf, self._zeroconf = self._zeroconf, None
-            try:
-                if self._info is not None:
-                    await zeroconf.async_unregister_service(self._info)
-            finally:
-                await zeroconf.async_close()
-
-
-def _outgoing_address() -> str:
-    """The address this box would use towards the mDNS group (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("224.0.0.251", 5353))
-        return str(probe.getsockname()[0])

@@ -1,0 +1,165 @@
+"""The Wyoming connection's bytes: events read with every bound checked, and the audio handed from
+a synthesis worker to the connection with at most ``MAX_BUFFERED_BYTES`` held for it.
+
+Wyoming has no authentication and is often open to the LAN, so nothing a client sends or fails to
+read may cost the daemon more than a bounded amount:
+
+* ``read_event`` reads the protocol's framing (a JSON header line, then ``data_length`` bytes of
+  JSON data and ``payload_length`` bytes of payload) itself, so that every malformed event is one
+  ``BadFrame`` with a short reason (never a traceback): a header line, data or payload over
+  ``MAX_EVENT_BYTES``, a length that is not a whole number, JSON that is not an object or nests
+  without end, a missing type.
+* ``AudioHandoff`` is the back-pressure: the worker waits while the audio not yet written to the
+  client is over the bound, so a client that stops reading holds at most that much audio, not the
+  rest of its answer. The connection's write deadline then ends the wait (the job is cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from wyoming.event import Event
+
+from ..audio import Audio
+from .synth import Cancelled
+
+MAX_EVENT_BYTES = 1 << 20  # one event's header line, data or payload (a request's text is far less)
+MAX_BUFFERED_BYTES = 1 << 20  # PCM a connection holds unsent: ~24 s of 22.05 kHz audio
+
+
+class BadFrame(Exception):
+    """A client sent something that is not a Wyoming event; the connection is closed."""
+
+
+async def read_event(reader: asyncio.StreamReader) -> Event | None:
+    """The next event, or None when the client has closed its side between events (or in the
+    middle of one: it is gone either way). ``BadFrame`` for anything malformed."""
+    try:
+        line = await reader.readline()
+    except ValueError:  # no newline within the reader's limit (MAX_EVENT_BYTES)
+        raise BadFrame(f"an event header over {MAX_EVENT_BYTES} bytes") from None
+    if not line.endswith(b"\n"):
+        return None  # closed, possibly mid-line
+    header = _object(line, "an event header")
+    kind = header.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise BadFrame("an event without a type")
+    data = header.get("data") or {}
+    if not isinstance(data, dict):
+        raise BadFrame(f"a {_shown(kind)} event whose data is not an object")
+    try:
+        length = _length(header, "data_length")
+        if length:
+            data.update(_object(await reader.readexactly(length), "event data"))
+        length = _length(header, "payload_length")
+        payload = await reader.readexactly(length) if length else None
+    except asyncio.IncompleteReadError:
+        return None
+    return Event(type=kind, data=data, payload=payload)
+
+
+def _object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[…" deeper than the parser goes
+        raise BadFrame(f"{what} that is not JSON") from None
+    if not isinstance(value, dict):
+        raise BadFrame(f"{what} that is not a JSON object")
+    return value
+
+
+def _length(header: dict[str, Any], field: str) -> int:
+    value = header.get(field)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EVENT_BYTES:
+        raise BadFrame(f"{field} must be a whole number of bytes up to {MAX_EVENT_BYTES}")
+    return value
+
+
+def _shown(text: str) -> str:
+    return text[:40] if text.isprintable() else repr(text[:40])
+
+
+class AudioHandoff:
+    """One job's audio, from its worker thread to the connection's coroutine, as 16-bit PCM.
+    ``put`` (the job's ``on_chunk``) waits while more than ``limit`` bytes are held and the
+    connection has not taken them; ``stop`` (the connection ends) ends that wait and the job."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, cancel: threading.Event, limit: int = MAX_BUFFERED_BYTES
+    ) -> None:
+        self._loop, self._cancel, self._limit = loop, cancel, limit
+        self._queue: asyncio.Queue[tuple[int, bytes] | BaseException | None] = asyncio.Queue()
+        self._held = 0  # bytes put and not yet taken
+        self._room = threading.Condition()
+
+    def put(self, chunk: Audio) -> None:
+        """Worker thread: hand over one piece of audio, after waiting for room if need be. A
+        stopped connection makes this raise ``Cancelled``: the job ends at once."""
+        pcm = chunk.to_pcm16()  # here, on the worker: half the bytes of the float samples
+        with self._room:
+            while self._held and self._held + len(pcm) > self._limit and not self._cancel.is_set():
+                self._room.wait(1.0)
+            if self._cancel.is_set():
+                raise Cancelled()
+            self._held += len(pcm)
+        if not self._hand((chunk.sample_rate, pcm)):
+            raise Cancelled()
+
+    def end(self, error: BaseException | None) -> None:
+        """Any thread: the job is over (``error``: how it failed)."""
+        self._hand(error)
+
+    def _hand(self, item: tuple[int, bytes] | BaseException | None) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the daemon is exiting, nobody is listening
+            return False
+        return True
+
+    async def get(self) -> tuple[int, bytes] | BaseException | None:
+        """The next piece (rate, PCM), the job's error, or None at its end."""
+        item = await self._queue.get()
+        if isinstance(item, tuple):
+            with self._room:
+                self._held -= len(item[1])
+                self._room.notify_all()
+        return item
+
+    def stop(self) -> None:
+        """The connection will take no more: the job stops (a waiting worker at once)."""
+        with self._room:
+            self._cancel.set()
+            self._room.notify_all()
+
+
+class Throttle:
+    """Log lines about misbehaving clients, which need no authentication to make: the first
+    ``burst`` at their level, then at most one a minute (saying how many were left out), the rest
+    at debug. A flood of bad connections is a few lines, not a full disk."""
+
+    def __init__(self, log: logging.Logger, burst: int = 5, every: float = 60.0) -> None:
+        self.log, self.burst, self.every = log, burst, every
+        self.count = 0
+        self._quiet = 0  # left out since the last line
+        self._last = -float("inf")
+
+    def __call__(self, level: int, message: str, *args: object, exc_info: bool = False) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= self.burst or now - self._last >= self.every:
+            self._last = now
+            if self._quiet:
+                message += " (and %d more like it since, logged at debug)"
+                args = (*args, self._quiet)
+            self._quiet = 0
+            self.log.log(level, message, *args, exc_info=exc_info)
+        else:
+            self._quiet += 1
+            self.log.debug(message, *args, exc_info=exc_info)
