@@ -2,13 +2,24 @@
 
 The front end knows nothing of the model manager: it gets a ``Backend`` of callbacks from the
 daemon. Handlers run on the event loop and never synthesize; they parse, take a model lease,
-hand a ``Job`` to the pool and await it. Errors are JSON ``{"error": {"code", "message"}}``.
+hand a ``Job`` to the pool and await it. Errors are JSON ``{"error": {"code", "message"}}``; on
+the OpenAI route in OpenAI's shape, which adds ``type`` and ``param``.
+
+A streamed reply goes out chunked as the voice makes its audio: its status and headers wait for
+the first piece, so every failure before it is a proper JSON error. A failure after it cannot be
+one (the 200 went out, and error JSON must never land in the middle of audio): the connection is
+closed without the chunked body's final chunk, which clients report as an incomplete body. On
+the OpenAI route with ``stream_format: "sse"`` the audio goes out as OpenAI's server-sent events
+(``speech.audio.delta``, then ``speech.audio.done``), ended the same way on a failure, so a
+stream without its ``speech.audio.done`` failed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +33,7 @@ from ..audio import Audio, encode, wav_stream_header
 from ..encoding import Encoder, check_available, open_encoder
 from ..errors import (
     BusyError,
+    FormatUnavailableError,
     RequestError,
     RequestTimeoutError,
     ResourceError,
@@ -35,6 +47,7 @@ from .backend import Backend
 from .guard import browser_refusal, is_public, is_tcp
 from .page import add_routes
 from .speech_request import (
+    STREAM_FORMATS,
     USER_HEADER,
     SynthRequest,
     parse_json,
@@ -51,22 +64,73 @@ MAX_BODY = 1 << 20  # 1 MiB of JSON is far more than any allowed text
 BODY_SECONDS = 30.0  # a request body must arrive within this (a trickled body holds a connection)
 WRITE_SECONDS = 60.0  # a streamed piece must be taken by the client within this
 CONTROL_PREFIX = "/v1/voices/"
+OPENAI_PATH = "/v1/audio/speech"
+SSE_TYPE = "text/event-stream"
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    openai: bool = False,
+    param: str | None = None,
+) -> web.Response:
+    """A JSON error. ``openai``: in OpenAI's shape, ``{"error": {"message", "type", "param",
+    "code"}}`` (ttsd's two fields and two more), so OpenAI's clients read all they expect."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if openai:
+        error = {
+            "message": message,
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "param": param,
+            "code": code,
+        }
+    return web.json_response({"error": error}, status=status, headers=headers)
 
 
-def error_response(exc: BaseException) -> web.Response:
+def error_response(exc: BaseException, *, openai: bool = False) -> web.Response:
     """The JSON error for ``exc``: its own status (4xx the request's fault, 500 the model's,
-    503/507 the box's; see ``ttsd.errors``). Anything else is a bug: 500, logged with its traceback."""
+    503/507 the box's; see ``ttsd.errors``). Anything else is a bug: 500, logged with its traceback.
+    ``openai``: in OpenAI's shape (``param`` names the field at fault where the error knows it)."""
     if isinstance(exc, TtsdError):
         headers = None
         if isinstance(exc, (BusyError, ResourceError)):
             headers = {"Retry-After": str(exc.retry_after)}
-        return _error(exc.status, exc.code, str(exc), headers)
+        return _error(exc.status, exc.code, str(exc), headers, openai=openai, param=getattr(exc, "param", None))
     log.error("internal error", exc_info=exc)
-    return _error(500, "internal", f"internal error: {type(exc).__name__}")
+    return _error(500, "internal", f"internal error: {type(exc).__name__}", openai=openai)
+
+
+def can_stream(fmt: str) -> bool:
+    """Whether a reply in ``fmt`` can stream on this box: wav, pcm and opus always; aac and mp3
+    with PyAV (without it a whole mp3 is still made, by libsndfile)."""
+    if fmt not in STREAM_FORMATS:
+        return False
+    try:
+        check_available(fmt, stream=True)
+    except FormatUnavailableError:
+        return False
+    return True
+
+
+def sse_event(event: dict[str, Any]) -> bytes:
+    """One server-sent event: a ``data:`` line of compact JSON (its ``type`` names it, as in
+    OpenAI's streams), then the blank line that ends it."""
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_delta(audio: bytes) -> bytes:
+    return sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")})
+
+
+def sse_done(characters: int) -> bytes:
+    """OpenAI's last event, with its ``usage``. ttsd's voices have no tokens: ``input_tokens`` is
+    the input's characters (as ``--max-chars`` counts them, after stripping), ``output_tokens`` 0
+    (nothing is generated token by token), ``total_tokens`` their sum."""
+    usage = {"input_tokens": characters, "output_tokens": 0, "total_tokens": characters}
+    return sse_event({"type": "speech.audio.done", "usage": usage})
 
 
 class _StreamBroken(Exception):
@@ -113,9 +177,10 @@ def build_app(backend: Backend) -> web.Application:
     ) -> web.StreamResponse:
         tcp = is_tcp(request)
         control = request.path.startswith(CONTROL_PREFIX) and request.method == "POST"
+        openai = request.path == OPENAI_PATH  # its errors in OpenAI's shape
         refusal = browser_refusal(request, control=control, unguarded=not tcp or backend.token is None)
         if refusal is not None:
-            return _error(*refusal)
+            return _error(*refusal, openai=openai)
         if tcp and backend.token is None and control:
             return _error(403, "forbidden", "control routes need --token-file on a TCP listener")
         if tcp and backend.token is not None and not is_public(request.method, request.path):
@@ -124,25 +189,31 @@ def build_app(backend: Backend) -> web.Application:
             scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
             given = supplied.strip().encode("utf-8", "surrogateescape")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given, backend.token.encode()):
-                return _error(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+                return _error(
+                    401,
+                    "unauthorized",
+                    "missing or wrong bearer token",
+                    {"WWW-Authenticate": "Bearer"},
+                    openai=openai,
+                )
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, "body_too_large", f"request body over {MAX_BODY} bytes")
+            return _error(413, "body_too_large", f"request body over {MAX_BODY} bytes", openai=openai)
         except web.HTTPException as exc:
             if exc.status >= 400:
-                return _error(exc.status, "http", exc.reason)
+                return _error(exc.status, "http", exc.reason, openai=openai)
             raise
         except ConnectionError:  # the client went away (e.g. mid-body): not a bug, nobody to answer
             log.debug("client disconnected during %s %s", request.method, request.path)
-            return _error(400, "disconnected", "the client went away")
+            return _error(400, "disconnected", "the client went away", openai=openai)
         except Exception as exc:  # never a plain-text 500: a JSON error, logged with its traceback
-            return error_response(exc)
+            return error_response(exc, openai=openai)
 
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     api = _Api(backend)
     app.router.add_post("/v1/synthesize", api.synthesize)
-    app.router.add_post("/v1/audio/speech", api.openai_speech)
+    app.router.add_post("/v1/audio/speech", api.openai_speech)  # OPENAI_PATH (tests/test_docs.py reads it here)
     app.router.add_get("/v1/voices", api.voices)
     app.router.add_post("/v1/voices/{name}/rollback", api.rollback)
     app.router.add_post("/v1/voices/{name}/activate", api.activate)
@@ -181,7 +252,11 @@ class _Api:
             req = with_user_header(req, request.headers.getall(USER_HEADER, []))
         except TtsdError as exc:
             self._count(None, None, "openai", exc.code, exc.fault)
-            return error_response(exc)
+            return error_response(exc, openai=True)
+        if req.stream and not can_stream(req.format):
+            # streamed wherever the format can be: flac and ogg, and mp3 without PyAV, go whole
+            # (with "sse", as one speech.audio.delta event); aac without PyAV is refused in _serve
+            req = replace(req, stream=False)
         return await self._serve(request, req, "openai")
 
     def _count(
@@ -193,6 +268,7 @@ class _Api:
 
     async def _serve(self, request: web.Request, req: SynthRequest, route: str) -> web.StreamResponse:
         started = time.monotonic()
+        openai = route == "openai"
         try:
             req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
             # an encoder this box lacks (aac, or streamed mp3, without PyAV): refused before any synthesis
@@ -202,7 +278,7 @@ class _Api:
             lease = await self.backend.lease(req.voice, req.version, user=req.user)
         except TtsdError as exc:  # no lease: the names came from the client, never a metric label
             self._count(None, None, route, exc.code, exc.fault)
-            return error_response(exc)
+            return error_response(exc, openai=openai)
         served = lease.voice
         try:
             if req.stream:
@@ -230,24 +306,27 @@ class _Api:
             return broken.response
         except TtsdError as exc:
             self._count(served.name, served.version, route, exc.code, exc.fault)
-            return error_response(exc)
+            return error_response(exc, openai=openai)
         except Exception as exc:  # a bug (the pool turns model crashes into SynthesisError): 500
             self._count(served.name, served.version, route, "internal", "system")
-            return error_response(exc)
+            return error_response(exc, openai=openai)
         self._count(served.name, served.version, route, "ok")
         self.backend.metrics.observe_request(served.name, served.version, route, time.monotonic() - started)
         return response
 
-    def _headers(self, lease: Lease, fmt: str, rate: int) -> dict[str, str]:
-        content_type = MEDIA_TYPES[fmt]
-        if fmt == "pcm":
+    def _headers(self, lease: Lease, req: SynthRequest, rate: int) -> dict[str, str]:
+        content_type = MEDIA_TYPES[req.format]
+        if req.format == "pcm":
             content_type = f"audio/L16; rate={rate}; channels=1"
-        return {
+        headers = {
             "Content-Type": content_type,
             "X-Ttsd-Voice": lease.voice.name,
             "X-Ttsd-Version": lease.voice.version,
             "X-Ttsd-Sample-Rate": str(rate),
         }
+        if req.sse:  # the events' type; what their audio is, the client asked for
+            headers.update({"Content-Type": SSE_TYPE, "Cache-Control": "no-cache"})
+        return headers
 
     async def _whole(self, req: SynthRequest, lease: Lease, route: str) -> web.Response:
         job = Job(text=req.text, options=req.options, lease=lease, route=route)
@@ -261,9 +340,11 @@ class _Api:
         assert audio is not None
         loop = asyncio.get_running_loop()
         body = audio.to_pcm16() if req.format == "pcm" else await loop.run_in_executor(None, encode, audio, req.format)
-        headers = self._headers(lease, req.format, audio.sample_rate)
+        headers = self._headers(lease, req, audio.sample_rate)
         headers["X-Ttsd-Audio-Seconds"] = f"{result.audio_seconds:.3f}"
         headers["X-Ttsd-Synthesis-Seconds"] = f"{result.synth_seconds:.3f}"
+        if req.sse:  # a format that cannot stream: the whole file as one event
+            body = sse_delta(body) + sse_done(len(req.text))
         return web.Response(body=body, headers=headers)
 
     async def _stream(self, request: web.Request, req: SynthRequest, lease: Lease, route: str) -> web.StreamResponse:
@@ -285,6 +366,12 @@ class _Api:
         future.add_done_callback(finished)
         response: web.StreamResponse | None = None
         encoder: Encoder | None = None  # opus, aac, mp3: one continuous stream over every chunk
+
+        async def send(data: bytes) -> None:  # one piece of audio, as it is or as an SSE event
+            assert response is not None
+            if data:
+                await _write(response, sse_delta(data) if req.sse else data)
+
         try:
             while True:
                 item = await chunks.get()
@@ -299,17 +386,19 @@ class _Api:
                 if response is None:
                     if req.format not in ("wav", "pcm"):
                         encoder = await loop.run_in_executor(None, open_encoder, req.format, item.sample_rate)
-                    response = web.StreamResponse(headers=self._headers(lease, req.format, item.sample_rate))
+                    response = web.StreamResponse(headers=self._headers(lease, req, item.sample_rate))
                     response.enable_chunked_encoding()
                     await response.prepare(request)
                     if req.format == "wav":
-                        await _write(response, wav_stream_header(item.sample_rate))
+                        await send(wav_stream_header(item.sample_rate))
                 if encoder is None:
-                    await _write(response, item.to_pcm16())
+                    await send(item.to_pcm16())
                 else:  # encoding is CPU work: off the loop, like a whole file's
-                    await _write(response, await _encoded(loop, response, encoder.write, item.samples))
+                    await send(await _encoded(loop, response, encoder.write, item.samples))
             if encoder is not None and response is not None:
-                await _write(response, await _encoded(loop, response, encoder.close))
+                await send(await _encoded(loop, response, encoder.close))
+            if req.sse and response is not None:
+                await _write(response, sse_done(len(req.text)))
         except BaseException:  # the client went away, or the stream cannot go on: stop the voice too
             job.cancel.set()
             raise

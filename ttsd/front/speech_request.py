@@ -19,6 +19,9 @@ FORMATS_ALL = (*FILE_FORMATS, "pcm")
 # by libsndfile (whose FLAC writer seeks back on close to finish its header); why flac is not
 # streamed through FFmpeg instead is in ttsd.encoding's docstring.
 STREAM_FORMATS = ("wav", "pcm", "opus", "aac", "mp3")
+# OpenAI's stream_format: "audio" (the default) sends the audio itself, "sse" server-sent events
+# carrying it in base64 (see ``ttsd.front.http_api``).
+OPENAI_STREAM_FORMATS = ("audio", "sse")
 # The voices OpenAI's API defines: clients always send one; they mean "the default voice" here.
 OPENAI_VOICES = {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse"}
 
@@ -32,6 +35,15 @@ class SynthRequest:
     stream: bool = False
     options: SynthesisOptions = field(default_factory=SynthesisOptions)
     user: str | None = None  # the gray-release key: picks the version during a canary
+    sse: bool = False  # OpenAI's stream_format "sse": the audio as speech.audio.delta events
+
+
+class FieldError(RequestError):
+    """A ``RequestError`` about one field of the body, named in OpenAI's error ``param``."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def _no_constant(name: str) -> Any:
@@ -198,15 +210,21 @@ def parse_version_header(value: str) -> str:
 
 def parse_openai(data: Any, known_voices: set[str], serving: set[str] | None = None) -> SynthRequest:
     """``POST /v1/audio/speech`` (OpenAI's TTS API): ``model``, ``input``, ``voice``,
-    ``response_format``, ``speed``, and ``user`` (OpenAI's end-user ID, which its clients may send
-    though the speech API does not define it: here the gray-release key). ``voice`` (or ``model``)
-    selects a ttsd voice when it names one; OpenAI's own voice names mean the default voice. Any
-    other voice is a 404 ``unknown_voice``, as on ttsd's own route, listing the voices that serve
-    (``serving``; default: all known)."""
+    ``response_format``, ``speed``, ``stream_format``, ``stream`` and ``user`` (OpenAI's end-user
+    ID, which its clients may send though the speech API does not define it: here the gray-release
+    key). ``voice`` (or ``model``) selects a ttsd voice when it names one; OpenAI's own voice names
+    mean the default voice. Any other voice is a 404 ``unknown_voice``, as on ttsd's own route,
+    listing the voices that serve (``serving``; default: all known).
+
+    ``stream`` (as Kokoro-FastAPI takes it; OpenAI's API has no such field) is true unless sent as
+    false: the reply then streams wherever its format can (the front end decides, since that
+    depends on what is installed); false asks for the whole file. ``stream_format`` ``"sse"``
+    always streams, so it cannot be combined with ``"stream": false``. Other fields OpenAI
+    clients send (``instructions``) are ignored."""
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object")
     if "input" not in data:
-        raise RequestError("field 'input' is required")
+        raise FieldError("field 'input' is required", "input")
     text = _field(data, "input", (str,))
     voice = _field(data, "voice", (str,))
     model = _field(data, "model", (str,))
@@ -220,12 +238,24 @@ def parse_openai(data: Any, known_voices: set[str], serving: set[str] | None = N
         raise UnknownVoiceError(f"unknown voice {voice!r} (voices: {', '.join(listed) or 'none'})")
     fmt = _field(data, "response_format", (str,), "mp3").lower()
     if fmt not in FORMATS_ALL:
-        raise RequestError(f"response_format {fmt!r} is not supported (use {', '.join(FORMATS_ALL)})")
+        raise FieldError(f"response_format {fmt!r} is not supported (use {', '.join(FORMATS_ALL)})", "response_format")
+    stream_format = _field(data, "stream_format", (str,), "audio")
+    if stream_format not in OPENAI_STREAM_FORMATS:
+        raise FieldError(
+            f"stream_format {stream_format!r} is not supported (use {' or '.join(OPENAI_STREAM_FORMATS)})",
+            "stream_format",
+        )
+    stream = _field(data, "stream", (bool,), True)
+    sse = stream_format == "sse"
+    if sse and not stream:
+        raise FieldError("stream_format 'sse' always streams: leave out 'stream': false, or ask for 'audio'", "stream")
     speed = _number_or(data, "speed", 1.0)
     return SynthRequest(
         text=text,
         voice=chosen,
         format=fmt,
+        stream=stream,
+        sse=sse,
         user=parse_user(data.get("user")),
         options=SynthesisOptions(speed=speed).checked(),
     )
