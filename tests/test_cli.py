@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,16 @@ def test_voice_lookup_in_models_dir(cli_env: dict[str, str], tmp_path: Path, cac
         proc = run(["activate", "tiny", "7"], env)
         assert_one_line_error(proc, code, "no known version 7")
         assert "text" not in proc.stderr.decode()
+        # a name in another script goes into the control route's path quoted (it crashed unquoted)
+        save_tiny_vits(models / "tüny-1", name="tüny", edit=plausible, noise_scale_duration=0.0)
+        deadline = time.monotonic() + 60
+        while not any(v["name"] == "tüny" and v["active"] for v in daemon.get("/v1/status").json()["voices"]):
+            assert time.monotonic() < deadline, daemon.logs()[-3000:]
+            time.sleep(0.1)
+        proc = run(["activate", "tüny", "1"], env)
+        assert proc.returncode == 0 and "tüny: 1 -> 1" in proc.stderr.decode(), proc.stderr.decode()
+        proc = run(["rollback", "--voice", "tüny"], env)
+        assert_one_line_error(proc, 13, "tüny")
     finally:
         daemon.stop()
 

@@ -9,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .errors import DaemonError, from_http
 
@@ -73,6 +74,12 @@ class Client:
         except (ValueError, KeyError, TypeError):
             code, message = "", data.decode(errors="replace")[:200]
         raise from_http(status, code, message, int(headers.get("retry-after", "1") or 1)) from None
+
+    def control(self, voice: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/voices/VOICE/ACTION`` (rollback, activate): the voice's name is quoted into
+        the path, so a name in any script (``tugão``) is sent as the daemon reads it."""
+        _, data = self.call("POST", f"/v1/voices/{quote(voice, safe='')}/{action}", body)
+        return json.loads(data)
 
     def synthesize(self, body: dict[str, Any]) -> tuple[dict[str, str], bytes]:
         return self.call("POST", "/v1/synthesize", body)

@@ -153,8 +153,7 @@ def rollback(voice: str | None, to: str | None, socket_path: Path | None) -> Non
     never promoted again by itself (a newer one is)."""
     client = daemon_client(socket_path)
     name = _only_voice(client, voice)
-    _, data = client.call("POST", f"/v1/voices/{name}/rollback", {"to": to} if to else {})
-    result = json.loads(data)
+    result = client.control(name, "rollback", {"to": to} if to else {})
     console().print(f"{result['voice']}: {result['from']} -> {result['to']} in {result['seconds']:.2f} s", markup=False)
 
 
@@ -165,6 +164,5 @@ def rollback(voice: str | None, to: str | None, socket_path: Path | None) -> Non
 def activate(voice: str, version: str, socket_path: Path | None) -> None:
     """Serve VERSION of VOICE (any known version, re-verified; clears a rolled-back mark)."""
     client = daemon_client(socket_path)
-    _, data = client.call("POST", f"/v1/voices/{voice}/activate", {"version": version})
-    result = json.loads(data)
+    result = client.control(voice, "activate", {"version": version})
     console().print(f"{result['voice']}: {result['from']} -> {result['to']} in {result['seconds']:.2f} s", markup=False)
