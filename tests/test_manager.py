@@ -13,7 +13,7 @@ from conftest import fake_model, make_manager, v2_over_v1
 from daemon_util import wait_for
 from fake_engine import FakeEngine
 
-from ttsd.errors import UnknownVoiceError
+from ttsd.errors import ConflictError, UnknownVoiceError
 from ttsd.manifest import pack
 from ttsd.serving.manager import ModelManager
 from ttsd.serving.source import LocalFolderSource
@@ -107,8 +107,12 @@ def test_rollback_is_instant_survives_restart_and_is_not_undone(tmp_path: Path, 
     models, manager = v2_over_v1(tmp_path)
     assert FakeEngine.live == 2
     loads = FakeEngine.loads
+    assert manager.snapshot()[0]["rollback_to"] == "1"  # what the status page offers to go back to
     result = manager.rollback("voice")
     assert (result["from"], result["to"]) == ("2", "1")
+    assert manager.snapshot()[0]["rollback_to"] is None  # and rollback refuses: nothing to go back to
+    with pytest.raises(ConflictError):
+        manager.rollback("voice")
     assert FakeEngine.loads == loads  # instant: v1 was still loaded, nothing was loaded for the swap
     assert manager.acquire("voice").voice.version == "1"
     manager.reconcile()
@@ -124,6 +128,7 @@ def test_rollback_is_instant_survives_restart_and_is_not_undone(tmp_path: Path, 
     fake_model(models, "voice", "3")
     restarted.reconcile()
     assert restarted.snapshot()[0]["active"] == "3"
+    assert restarted.snapshot()[0]["rollback_to"] == "1"
     assert restarted.rollback("voice")["to"] == "1"
     history = [(h["from"], h["to"], h["why"]) for h in restarted.history()]
     assert ("2", "1", "rollback requested") in history and ("1", "3", "new version in the models dir") in history

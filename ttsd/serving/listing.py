@@ -5,9 +5,10 @@ go (the event loop calls this; nothing here blocks on slow work)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..manifest import norm
 from .serving_map import ServingMap
 from .table import VersionTable
 from .versions import ModelVersion, order
@@ -16,9 +17,15 @@ _PIPER_LANGUAGE = re.compile(r"^([a-z]{2,3}_[A-Z]{2})-")
 
 
 def voices(
-    table: VersionTable, serving: ServingMap, residency: Callable[[str, ModelVersion | None], dict[str, Any]]
+    table: VersionTable,
+    serving: ServingMap,
+    residency: Callable[[str, ModelVersion | None], dict[str, Any]],
+    previous: Mapping[str, Sequence[str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every voice with its active version, canary, facts and versions."""
+    """Every voice with its active version, canary, facts and versions. ``previous``: each
+    voice's stack of earlier active versions (the serving state's), from which ``rollback_to``
+    names the version a plain ``ttsd rollback`` goes back to (None: it has none to go to)."""
+    previous = previous or {}
     with table.locked():
         default = serving.default_name()
         listed = []
@@ -30,6 +37,7 @@ def voices(
                     "default": name == default,
                     "active": active.version if active else None,
                     "canary": canary.version if canary else None,
+                    "rollback_to": _rollback_to(table, name, active, previous.get(name, ())),
                     "sample_rate": active.manifest.sample_rate if active and active.manifest else None,
                     **_voice_facts(active),
                     **residency(name, active),
@@ -37,6 +45,18 @@ def voices(
                 }
             )
         return listed
+
+
+def _rollback_to(table: VersionTable, name: str, active: ModelVersion | None, stack: Sequence[str]) -> str | None:
+    """The newest entry of ``stack`` that is not the active version and is still known: where
+    ``ttsd rollback`` without ``--to`` goes (``actions.Control._rollback_pair``'s choice)."""
+    if active is None:
+        return None
+    for version in reversed(stack):
+        if norm(version) != norm(active.version):
+            target = table.get(name, version)
+            return target.version if target is not None and target is not active else None
+    return None
 
 
 def _voice_facts(active: ModelVersion | None) -> dict[str, Any]:

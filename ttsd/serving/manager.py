@@ -188,7 +188,8 @@ class ModelManager:
         return self.table.get(name, version)
 
     def snapshot(self) -> list[dict[str, Any]]:
-        return listing.voices(self.table, self.map, self.demand.residency)
+        previous = {name: record.previous for name, record in self.state.voices().items()}
+        return listing.voices(self.table, self.map, self.demand.residency, previous)
 
     def folders(self) -> list[dict[str, Any]]:
         """Folders in the models dir that are not (yet) a version: incomplete or refused."""
