@@ -378,3 +378,12 @@ def test_the_exit_code_table_is_the_codes_ttsd_exits_with() -> None:
     assert "unknown voice" in table[errors.UnknownVoiceError.exit_code]
     assert "unknown voice" not in table[errors.ConfigError.exit_code]
 
+
+
+def test_architecture_names_every_module() -> None:
+    """docs/architecture.md's layout names each module of the package (a new module, or one split in
+    two, shows up there too)."""
+    layout = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = [rel(p) for p in sorted((ROOT / "ttsd").rglob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py") and p.name not in layout]
+    assert missing == []
