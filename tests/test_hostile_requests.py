@@ -337,3 +337,46 @@ def test_a_client_gone_mid_body_is_not_an_internal_error(harness: Harness, caplo
     assert "internal error" not in caplog.text
     status, _ = harness.post("/v1/synthesize", json.dumps({"text": "still here"}).encode())
     assert status == 200
+
+
+MALFORMED = [
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n", "Content-Length"),
+    (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", "8190 bytes"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX: " + b"b" * 20000 + b"\r\n\r\n", "8190 bytes"),
+    (b"GET / HTTP/9.1\r\nHost: localhost\r\n\r\n", "Invalid HTTP version"),
+    (b"POST /v1/synthesize HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+]
+
+
+@pytest.mark.parametrize("tcp", [True, False], ids=["tcp", "unix"])
+def test_a_request_aiohttp_cannot_parse_gets_a_json_400_and_one_short_log_line(
+        harness: Harness, caplog: pytest.LogCaptureFixture, tcp: bool) -> None:
+    """Framing no HTTP parser takes is answered as every other error (JSON, the same status),
+    without the framework's traceback; twenty times over are a few warning lines, the rest at
+    debug: a client that needs no token cannot flood the log."""
+
+    async def send(raw: bytes) -> bytes:
+        if tcp:
+            reader, writer = await asyncio.open_connection(harness.front.host, harness.front.port)
+        else:
+            reader, writer = await asyncio.open_unix_connection(str(harness.front.socket))
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # the connection is closed after it
+        writer.close()
+        return answer
+
+    with caplog.at_level(logging.DEBUG):
+        for raw, said in MALFORMED:
+            head, _, body = harness.run(send(raw)).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 400 ") and b"application/json" in head, head
+            error = json.loads(body)["error"]
+            assert error["code"] == "bad_http" and said in error["message"] and len(error["message"]) < 260, error
+        for _ in range(20):
+            harness.run(send(MALFORMED[0][0]))
+    records = [r for r in caplog.records if "malformed HTTP request" in r.getMessage()]
+    assert len(records) == 25 and all("\n" not in r.getMessage() and not r.exc_info for r in records)
+    assert sum(r.levelno == logging.WARNING for r in records) <= 6  # once a minute after the first five
+    assert not [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.WARNING]
+    status, _ = harness.post("/v1/synthesize", json.dumps({"text": "still here"}).encode())
+    assert status == 200

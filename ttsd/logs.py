@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from datetime import datetime
 from typing import IO
 
@@ -74,3 +75,29 @@ def configure(level: str = "info", access_log: bool = False, stream: IO[str] | N
     for noisy in ("aiohttp.access", "watchdog", "transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     logging.getLogger(ACCESS).setLevel(logging.INFO if access_log else logging.CRITICAL + 1)
+
+
+class Throttle:
+    """Log lines about misbehaving clients, which need no authentication to make: the first
+    ``burst`` at their level, then at most one a minute (saying how many were left out), the rest
+    at debug. A flood of bad connections is a few lines, not a full disk."""
+
+    def __init__(self, log: logging.Logger, burst: int = 5, every: float = 60.0) -> None:
+        self.log, self.burst, self.every = log, burst, every
+        self.count = 0
+        self._quiet = 0  # left out since the last line
+        self._last = -float("inf")
+
+    def __call__(self, level: int, message: str, *args: object, exc_info: bool = False) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= self.burst or now - self._last >= self.every:
+            self._last = now
+            if self._quiet:
+                message += " (and %d more like it since, logged at debug)"
+                args = (*args, self._quiet)
+            self._quiet = 0
+            self.log.log(level, message, *args, exc_info=exc_info)
+        else:
+            self._quiet += 1
+            self.log.debug(message, *args, exc_info=exc_info)

@@ -14,6 +14,12 @@ the slot for as long as the client stays connected. So once a connection's writi
 buffer over the high-water mark), the client has ``write_timeout`` seconds to take some of it;
 else the connection is aborted, its buffered answer dropped, its slot freed, and the request's
 handler cancelled with it (the synthesis of a streamed answer stops).
+
+A request aiohttp cannot parse (a bad request line, a header too long, a bad chunk size) never
+reaches the app's handlers: aiohttp answers it itself, in plain text, and logs its traceback at
+error level. Anyone who can connect can make that happen, so each listener's handlers answer it
+as every other error, ttsd's JSON ``{"error": {"code": "bad_http", "message"}}`` with the same
+status, and log one warning line for it (at most a few a minute; the rest at debug).
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from ..errors import ConfigError
+from ..logs import Throttle
 
 log = logging.getLogger("ttsd.listeners")
 BACKLOG = 128  # aiohttp's default: connections the kernel queues before accept
@@ -36,6 +44,30 @@ BACKLOG = 128  # aiohttp's default: connections the kernel queues before accept
 IDLE_SECONDS = 15.0  # a connection must send a whole request this soon after connecting or answering
 WRITE_SECONDS = 60.0  # a client must take some of its answer this soon after its buffers filled up
 DEFAULT_MAX_CONNECTIONS = 128
+_log_malformed = Throttle(log)
+
+
+class _JsonErrors(RequestHandler):
+    """aiohttp's request handler, answering a request it could not parse in ttsd's JSON error
+    shape with one throttled log line (aiohttp's own answer is plain text after a traceback).
+    Only ``handle_error`` differs; it adds no state, so a handler the runner's server made becomes
+    one by taking this class (``_Capped``)."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:  # a bug, or an answer under way: aiohttp's way
+            return super().handle_error(request, status, exc, message)
+        said = (message or (str(exc) if exc is not None else "") or "bad request").splitlines()
+        first = " ".join(w for w in (line.strip() for line in said) if w.strip("^"))[:200] or "bad request"
+        _log_malformed(logging.WARNING, "malformed HTTP request from %s: %s", request.remote or "the socket", first)
+        response = web.json_response(
+            {"error": {"code": "bad_http", "message": f"malformed HTTP request: {first}"}}, status=status
+        )
+        response.force_close()
+        return response
 
 
 def check_socket(path: Path, flag: str = "--socket") -> None:
@@ -136,7 +168,10 @@ class _Capped:
                 )
             return _Closer()
         self.live += 1
-        return _Counted(self.server(), self)
+        handler = self.server()
+        if type(handler) is RequestHandler:  # aiohttp's own: its parse errors answered as JSON
+            handler.__class__ = _JsonErrors
+        return _Counted(handler, self)
 
 
 class _Listener(web.BaseSite):

@@ -49,13 +49,14 @@ from wyoming.tts import (
 )
 
 from ..errors import BusyError, RequestError, TextTooLongError, TtsdError
+from ..logs import Throttle
 from ..options import SynthesisOptions
 from ..text import check_text, split_sentences
 from .backend import Backend
 from .listeners import WRITE_SECONDS, check_socket
 from .speech_request import parse_speaker
 from .synth import Cancelled, Job
-from .wyoming_io import MAX_BUFFERED_BYTES, MAX_EVENT_BYTES, AudioHandoff, BadFrame, Throttle, read_event
+from .wyoming_io import MAX_BUFFERED_BYTES, MAX_EVENT_BYTES, AudioHandoff, BadFrame, read_event
 from .wyoming_mdns import Advertisement
 from .wyoming_voices import choose_voice, info
 
