@@ -1,14 +1,20 @@
 """The yardstick for engine speed: the same 2048x2048 product on this CPU's kernels, then the
-voice's own shapes (text side and decoder), in one run.
+voice's own shapes (text side and decoder), then the kernel path ttsd's engine chooses on this box
+for each class of product of a real voice, with every candidate's rate, in one run.
 
 Which kernel is fastest depends on the CPU: on AMD EPYC, MKL's fp32 GEMM was measured at half of
 oneDNN's and ONNX Runtime's rate; on an Intel Xeon with AMX (amx_bf16) MKL runs at full rate and bf16
 runs about 6x fp32. Print the CPU's flags that matter and GFLOP/s per kernel (2 threads, best of 10)
 before deciding where an engine's arithmetic should run::
 
-    .venv/bin/python bench/kernel_rates.py
+    .venv/bin/python bench/kernel_rates.py [--voice FOLDER]
+
+``--voice``: a converted voice folder (default: the built-in voice from the cache, converted first
+if needed). Its choice is measured as the engine measures it at load (``ttsd.engines.vits.kernels``),
+on 1 thread (the daemon's loader) and on 2, in fp32 and, where the CPU has it, bf16.
 """
 
+import argparse
 import re
 import time
 from pathlib import Path
@@ -17,7 +23,30 @@ import numpy as np
 import torch
 
 
+def engine_choice(folder: Path) -> None:
+    """What ttsd's engine would choose here for ``folder``'s products, and every candidate's rate."""
+    from ttsd.engines.precision import native_bf16
+    from ttsd.engines.vits import kernels
+    from ttsd.engines.vits.model import NativeVits
+
+    dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for dtype in dtypes:
+            model = NativeVits(folder, dtype=dtype)
+            for kind, (items, class_dtype) in kernels.classes(model).items():
+                choice = kernels.measure(items, class_dtype, kernels.ROWS[kind])
+                rates = ", ".join(f"{p} {r:.0f}" for p, r in choice.rates.items())
+                refused = "".join(f"; {p} refused: {why}" for p, why in choice.refused.items())
+                print(f"engine choice, {threads} thread(s), {'bf16' if dtype == torch.bfloat16 else 'fp32'} voice, "
+                      f"{kind} ({str(class_dtype).removeprefix('torch.')}): {choice.path} "
+                      f"({rates} GF/s{refused})")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--voice", type=Path, help="a converted voice folder (default: the built-in voice)")
+    args = parser.parse_args()
     flags = set(re.findall(r"\S+", next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                                            if line.startswith("flags")), "")))
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -71,6 +100,12 @@ def main() -> None:
                 x, w, bias, [0, (k - 1) * d // 2], [1, 1], [1, d], 1, "leaky_relu", [0.1], "")
             rates.append(2 * c * c * k * length / 1e9 / best(conv, 30))
         print(f"decoder conv {c} ch, k={k} d={d}, {length} samples: fp32 {rates[0]:.0f}, bf16 {rates[1]:.0f} GF/s")
+    if args.voice is None:
+        from ttsd.config import default_cache_dir
+        from ttsd.voices import builtin_model
+
+        args.voice = builtin_model(default_cache_dir())
+    engine_choice(args.voice)
 
 
 if __name__ == "__main__":

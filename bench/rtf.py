@@ -107,6 +107,7 @@ class Voice(NamedTuple):
 
     speak: Synth
     stream: Stream
+    kernels: dict[str, Any] = {}  # ttsd: the kernel path per class of product its engine chose on this box
 
 
 def load_ttsd(cache: Path, threads: int, precision: str) -> Voice:
@@ -121,7 +122,8 @@ def load_ttsd(cache: Path, threads: int, precision: str) -> Voice:
     # pieces=True is what the daemon asks for on a streamed request (`"stream": true`)
     return Voice(speak=lambda text: engine.synthesize(text, options).duration,
                  stream=lambda text: (chunk.duration for chunk in
-                                      engine.synthesize_stream(text, options, pieces=True)))
+                                      engine.synthesize_stream(text, options, pieces=True)),
+                 kernels=engine.info().get("kernels", {}))
 
 
 def load_piper(threads: int) -> Voice:
@@ -219,6 +221,7 @@ def model_arithmetic(cache: Path) -> dict[str, Any]:
     from ttsd.voices import builtin_model
 
     weights._TimeConv.shifted = False  # one addmm per convolution: the counter does not see addmm_
+    os.environ["TTSD_KERNELS"] = "mkl"  # torch.addmm, which the counter sees (oneDNN's linear it does not)
     decoder.WIDTHS = (1,)  # no window fits the receptive field: decode whole
     decoder.fused_ops_work = lambda dtype=None: False  # any precision: plain convolutions
     model.BUCKET = 1
@@ -378,6 +381,19 @@ def ttsd_engines(result: dict[str, Any]) -> dict[str, str]:
     return {precision: name for precision, name in TTSD_ENGINES.items() if precision in measured}
 
 
+def kernel_lines(result: dict[str, Any]) -> list[str]:
+    """The kernel path ttsd's engine chose for each class of product on this box (ttsd.engines.vits.kernels),
+    with every candidate's rate: the figures above hold for that choice."""
+    lines = []
+    for name, chosen in result.get("kernels", {}).items():
+        parts = []
+        for kind, c in chosen.items():
+            rates = ", ".join(f"{p} {r:.0f}" for p, r in c.get("rates", {}).items())
+            parts.append(f"{kind} on {c['path']} ({rates} GFLOP/s, {c['source']})")
+        lines.append(f"Kernels, {name}: " + "; ".join(parts) + ".")
+    return [*lines, ""] if lines else []
+
+
 def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> str:
     v = result["versions"]
     ours = ttsd_engines(result)
@@ -392,6 +408,7 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
          f"{result['load_average_start'][0]:.2f} at start, {result['load_average_end'][0]:.2f} at end. "
          "RTF = synthesis time / audio duration (lower is faster)."),
         "",
+        *kernel_lines(result),
         "| Measure | " + " | ".join(f"ttsd {p}" for p in ours) + " | piper | "
         + " | ".join(f"{p} / piper" for p in ours) + " |",
         "|---|" + "---:|" * (len(columns) + len(ours)),
@@ -520,6 +537,7 @@ def main() -> None:
     result["cold_start_s"] = cold_start(cache, args.cold_runs, ours)
     print(f"synthesis speed: {WARMUP_RUNS} warm-up + {args.runs} timed runs per engine and text…", flush=True)
     engines = {name: load_ttsd(cache, args.threads, precision) for precision, name in ours.items()}
+    result["kernels"] = {name: engines[name].kernels for name in ours.values()}
     engines["piper"] = load_piper(args.threads)
     result["speed"] = speed(engines, args.runs)
     print(f"first audio: {WARMUP_RUNS} warm-up + {args.runs} timed streams of 4 sentences per engine…", flush=True)

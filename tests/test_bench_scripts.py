@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,10 +63,15 @@ def test_every_script_imports_as_it_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_kernel_rates_measures_on_this_box(tmp_path: Path) -> None:
-    """bench/kernel_rates.py's one mode, for real: a rate for each product class it names."""
-    done = subprocess.run([sys.executable, str(BENCH / "kernel_rates.py")], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, check=False)
+def test_kernel_rates_measures_on_this_box(tmp_path: Path, joe_folder: Path) -> None:
+    """bench/kernel_rates.py's one mode, for real: a rate for each product class it names, and the
+    engine's choice for the built-in voice's text side and flow, on 1 and 2 threads, with the rate
+    of every candidate path."""
+    done = subprocess.run([sys.executable, str(BENCH / "kernel_rates.py"), "--voice", str(joe_folder)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     rates = [line for line in done.stdout.splitlines() if "GF/s" in line]
     assert len(rates) >= 4 and all(any(ch.isdigit() for ch in line) for line in rates), done.stdout
+    choices = [line for line in done.stdout.splitlines() if line.startswith("engine choice")]
+    assert len(choices) >= 4 and all(re.search(r"\bmkl \d+", c) and re.search(r"\bonednn \d+", c) for c in choices)
+    assert {c.split(": ")[1].split()[0] for c in choices} <= {"mkl", "onednn"}

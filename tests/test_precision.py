@@ -173,5 +173,8 @@ def test_the_daemon_passes_precision_on_and_lists_it(tmp_path: Path, joe_folder:
     try:
         (voice,) = manager.snapshot()
         assert voice["precision"] == "fp32"
+        # and the kernel path each class of product runs on, as measured on this box (or cached)
+        assert set(voice["kernels"]) == {"text", "flow"}
+        assert all(k["path"] in ("mkl", "onednn") and k["path"] in k["rates"] for k in voice["kernels"].values())
     finally:
         manager.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import platformdirs
 
 APP = "ttsd"
+KERNEL_CACHE = "kernels.json"  # in the cache dir: the kernel paths measured on this box (engines/vits/kernels.py)
 
 
 def _is_root() -> bool:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from . import __version__
-from .config import ServeConfig
+from .config import KERNEL_CACHE, ServeConfig
 from .errors import ConfigError
 from .fresh_thread import in_fresh_thread
 from .front.backend import Backend
@@ -93,6 +93,7 @@ class Daemon:
                 "threads": config.threads,
                 "max_audio_seconds": config.max_audio_seconds,
                 "precision": config.precision,
+                "kernel_cache": config.cache / KERNEL_CACHE,
             },
             default_voice=config.default_voice,
             listener=self._on_model_event,

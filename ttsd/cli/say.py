@@ -183,7 +183,7 @@ def _in_process(
     precision: str,
 ) -> None:
     from ..audio import encode
-    from ..config import Paths
+    from ..config import KERNEL_CACHE, Paths
     from ..encoding import check_available
     from ..speak import open_engine, resolve_model
     from ..text import check_text
@@ -192,14 +192,17 @@ def _in_process(
     check_available(speech.fmt)  # so is a format this box has no encoder for (aac without PyAV)
     out = console()
     with out.status("preparing the voice…") as status:
+        paths = Paths.resolve(models=models_dir)
         folder = resolve_model(
-            Paths.resolve(models=models_dir),
+            paths,
             model_dir=model_dir,
             voice=speech.voice,
             progress=lambda msg: status.update(f"built-in voice: {msg}…"),
         )
         started = time.perf_counter()
-        engine = open_engine(folder, max_chars=max_chars, threads=threads, precision=precision)
+        engine = open_engine(
+            folder, max_chars=max_chars, threads=threads, precision=precision, kernel_cache=paths.cache / KERNEL_CACHE
+        )
         loaded = time.perf_counter()
         status.update("speaking…")
         audio = engine.synthesize(speech.text, speech.options)

@@ -25,7 +25,7 @@ from .base import Engine
 
 ENTRY_POINT_GROUP = "ttsd.engines"
 _BUILTIN = {"vits": "ttsd.engines.vits.engine:VitsEngine"}
-_LATER_OPTIONS = ("precision",)  # engine options an older engine package may not take
+_LATER_OPTIONS = ("precision", "kernel_cache")  # engine options an older engine package may not take
 
 __all__ = ["Engine", "SynthesisOptions", "available_engines", "create_engine", "engine_class"]
 
@@ -56,7 +56,7 @@ def engine_class(name: str) -> type[Engine[Any]]:
 
 def create_engine(folder: Path, manifest: Manifest, **kwargs: Any) -> Engine[Any]:
     """Construct (cheaply, without loading) the engine a verified folder names. Options added to
-    the engine interface later than an engine package was written (``precision``) are left out
+    the engine interface later than an engine package was written (``precision``, ``kernel_cache``) are left out
     for an engine whose constructor does not take them."""
     cls = engine_class(manifest.engine)
     params = inspect.signature(cls.__init__).parameters

@@ -75,17 +75,21 @@ def _voice_facts(active: ModelVersion | None) -> dict[str, Any]:
             languages = [match.group(1)]
     speakers: list[str] = []
     precision = None  # the number format the loaded engine computes in (fp32 / bf16), if it says
+    kernels: dict[str, Any] = {}  # the kernel path per class of product it chose on this box, if it says
     if active is not None and active.engine is not None:
         try:
             info = active.engine.info()
             speakers = sorted(str(s) for s in info.get("speakers", {}))[:1000]
             precision = info.get("precision")
+            chosen = info.get("kernels")
+            kernels = chosen if isinstance(chosen, dict) else {}
         except Exception:  # facts for a listing: never let them fail it
             speakers = []
     return {
         "languages": languages,
         "speakers": speakers,
         "precision": precision,
+        "kernels": kernels,
         "description": manifest.description if manifest else "",
         "license": manifest.license if manifest else "",
     }

@@ -31,6 +31,7 @@ from ...text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
 from .. import precision
 from ..base import Engine
 from ..threads import process_threads
+from . import kernels
 from .chars import CharTokenizer
 from .model import NativeVits
 from .phonemes import PHONEMES_FILE, EspeakPhonemes, PhonemeConfig
@@ -69,7 +70,10 @@ class VitsEngine(Engine[Unit]):
         threads: int | None = None,
         max_audio_seconds: float | None = None,
         precision: str | None = None,
+        kernel_cache: Path | None = None,
     ) -> None:
+        """``kernel_cache``: the file where the kernel paths measured on this box are kept
+        (``ttsd.engines.vits.kernels``); None measures at every load."""
         super().__init__(
             folder,
             manifest,
@@ -79,6 +83,8 @@ class VitsEngine(Engine[Unit]):
             precision=precision,
         )
         self.dtype = torch.float32  # what load() chose: see ttsd.engines.precision
+        self.kernel_cache = kernel_cache
+        self.kernels: dict[str, kernels.Choice] = {}  # what load() chose: see ttsd.engines.vits.kernels
         self.model: NativeVits | None = None
         self._phonemes: EspeakPhonemes | None = None
         self._tokenizer: CharTokenizer | None = None
@@ -96,6 +102,7 @@ class VitsEngine(Engine[Unit]):
         self.dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
         # LoadError with the reason for a bad config or bad weights
         model = NativeVits(self.folder, dtype=self.dtype)
+        self.kernels = kernels.choose(model, self.kernel_cache, f"{self.manifest.name} {self.manifest.version}")
         config = model.config
         if int(config.sampling_rate) != self.manifest.sample_rate:
             raise LoadError(
@@ -134,6 +141,7 @@ class VitsEngine(Engine[Unit]):
             "speakers": speakers,
             "frontend": "espeak-ng phonemes" if self._phonemes else "characters",
             "precision": "bf16" if self.dtype == torch.bfloat16 else "fp32",
+            "kernels": {kind: choice.to_json() for kind, choice in self.kernels.items()},
         }
 
     def default_warmup(self) -> Sequence[str]:

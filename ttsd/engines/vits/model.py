@@ -27,7 +27,7 @@ from ...errors import LoadError
 from .config import VitsConfig
 from .decoder import FastHifiGan
 from .text_side import _Coupling, _Duration, _EncoderLayer, _StochasticDuration
-from .weights import _Weights
+from .weights import Dense, _Weights
 
 BUCKET = 32  # text and frame lengths are padded to a multiple of this (bounded shapes for oneDNN)
 
@@ -59,7 +59,7 @@ class NativeVits:
         self.embed = w.take("text_encoder.embed_tokens.weight", (c.vocab_size, h))
         self.layers = [_EncoderLayer(w, f"text_encoder.encoder.layers.{i}", c) for i in range(c.num_hidden_layers)]
         project = w.take("text_encoder.project.weight", (2 * c.flow_size, h, 1))[:, :, 0]
-        self.project = (project.t().contiguous(), w.take("text_encoder.project.bias", (2 * c.flow_size,)))
+        self.project = Dense(project.t(), w.take("text_encoder.project.bias", (2 * c.flow_size,)))
         self.speakers = (
             w.take("embed_speaker.weight", (c.num_speakers, c.speaker_embedding_size)) if c.num_speakers > 1 else None
         )
@@ -104,7 +104,7 @@ class NativeVits:
         for layer in self.layers:
             x = layer(x, mask, key_bias)
         hidden = x * mask
-        stats = torch.addmm(self.project[1], hidden, self.project[0]) * mask
+        stats = self.project(hidden) * mask
         means, log_vars = stats[:length, : c.flow_size], stats[:length, c.flow_size :]
 
         if c.use_stochastic_duration_prediction:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import _ACTIVATIONS, VitsConfig
-from .weights import _TimeConv, _Weights
+from .weights import Dense, _TimeConv, _Weights
 
 
 def _layer_norm(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor], eps: float) -> torch.Tensor:
@@ -31,9 +31,9 @@ class _EncoderLayer:
         # one (h, 3h) product for queries, keys and values, with the 1/sqrt(head_dim) of the
         # scores folded into the query weights
         scale = self.head_dim**-0.5
-        self.qkv = (
-            torch.cat([q[0] * scale, k[0], v[0]], dim=1).contiguous(),
-            None if q[1] is None or k[1] is None or v[1] is None else torch.cat([q[1] * scale, k[1], v[1]]),
+        self.qkv = Dense(
+            torch.cat([q.matrix() * scale, k.matrix(), v.matrix()], dim=1),
+            None if q.bias is None or k.bias is None or v.bias is None else torch.cat([q.bias * scale, k.bias, v.bias]),
         )
         self.window = c.window_size or 0
         if self.window:
@@ -74,7 +74,7 @@ class _EncoderLayer:
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
         t, nh, hd = x.shape[0], self.heads, self.head_dim
-        qkv = torch.addmm(self.qkv[1], x, self.qkv[0]) if self.qkv[1] is not None else x @ self.qkv[0]
+        qkv = self.qkv(x)
         q, k, v = (part.view(t, nh, hd).transpose(0, 1) for part in qkv.split(nh * hd, dim=1))  # (heads, T, hd)
         scores = q @ k.transpose(1, 2)  # (heads, T, T)
         w = self.window
@@ -92,7 +92,7 @@ class _EncoderLayer:
         if w:  # the attention on each relative offset, times its value embedding
             out += self._band(F.pad(probs, (w, w))) @ self.rel_v
         out = out.transpose(0, 1).reshape(t, nh * hd)
-        out = torch.addmm(self.out[1], out, self.out[0]) if self.out[1] is not None else out @ self.out[0]
+        out = self.out(out)
         x = _layer_norm(x + out, self.norm1, self.eps)
         h = self.ff2(self.act(self.ff1(x * mask)) * mask) * mask
         return _layer_norm(x + h, self.norm2, self.eps)
@@ -128,7 +128,7 @@ class _DepthSeparable:
             xp = F.pad(x * mask, (0, 0, pad, pad))
             h = bias + sum(xp[j * dilation : j * dilation + t] * depthwise[j] for j in range(k))
             h = F.gelu(F.layer_norm(h, (h.shape[1],), *norm1))  # nn.LayerNorm's default eps
-            h = torch.addmm(pointwise[1], h, pointwise[0])
+            h = pointwise(h)
             x = x + F.gelu(F.layer_norm(h, (h.shape[1],), *norm2))
         return x * mask
 
@@ -185,15 +185,15 @@ class _ConvFlow:
         self.pre = w.pointwise(f"{prefix}.conv_pre", h, 1)
         self.dds = _DepthSeparable(w, f"{prefix}.conv_dds", c)
         proj = w.take(f"{prefix}.conv_proj.weight", (3 * self.bins - 1, h, 1))[:, :, 0]
-        self.proj = (proj.t().contiguous(), w.take(f"{prefix}.conv_proj.bias", (3 * self.bins - 1,)))
+        self.proj = Dense(proj.t(), w.take(f"{prefix}.conv_proj.bias", (3 * self.bins - 1,)))
         self.scale = math.sqrt(h)
         self.tail = c.duration_predictor_tail_bound
 
     def reverse(self, x: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         first, second = x[:, :1], x[:, 1:]
-        h = torch.addmm(self.pre[1], first, self.pre[0])
+        h = self.pre(first)
         h = self.dds(h, mask, condition)
-        p = torch.addmm(self.proj[1], h, self.proj[0]) * mask  # (T, 3*bins-1)
+        p = self.proj(h) * mask  # (T, 3*bins-1)
         b = self.bins
         second = _spline_inverse(
             second[:, 0], p[:, :b] / self.scale, p[:, b : 2 * b] / self.scale, p[:, 2 * b :], self.tail
@@ -221,11 +221,11 @@ class _StochasticDuration:
     def __call__(
         self, hidden: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None, noise: torch.Tensor
     ) -> torch.Tensor:
-        x = torch.addmm(self.pre[1], hidden, self.pre[0])
+        x = self.pre(hidden)
         if speaker is not None and self.cond is not None:
-            x = x + torch.addmm(self.cond[1], speaker, self.cond[0])
+            x = x + self.cond(speaker)
         x = self.dds(x, mask)
-        condition = torch.addmm(self.proj[1], x, self.proj[0]) * mask
+        condition = self.proj(x) * mask
         latents = noise
         for flow in self.flows:
             latents = flow.reverse(torch.flip(latents, [1]), mask, condition)
@@ -245,7 +245,7 @@ class _Duration:
         self.norm1 = (w.take(f"{prefix}.norm_1.weight", (f,)), w.take(f"{prefix}.norm_1.bias", (f,)))
         self.norm2 = (w.take(f"{prefix}.norm_2.weight", (f,)), w.take(f"{prefix}.norm_2.bias", (f,)))
         proj = w.take(f"{prefix}.proj.weight", (1, f, 1))[:, :, 0]
-        self.proj = (proj.t().contiguous(), w.take(f"{prefix}.proj.bias", (1,)))
+        self.proj = Dense(proj.t(), w.take(f"{prefix}.proj.bias", (1,)))
         self.cond = w.pointwise(f"{prefix}.cond", h, c.speaker_embedding_size) if c.speaker_embedding_size else None
         self.eps = c.layer_norm_eps
 
@@ -254,10 +254,10 @@ class _Duration:
     ) -> torch.Tensor:
         x = hidden
         if speaker is not None and self.cond is not None:
-            x = x + torch.addmm(self.cond[1], speaker, self.cond[0])
+            x = x + self.cond(speaker)
         x = _layer_norm(torch.relu(self.conv1(x * mask)), self.norm1, self.eps)
         x = _layer_norm(torch.relu(self.conv2(x * mask)), self.norm2, self.eps)
-        return torch.addmm(self.proj[1], x * mask, self.proj[0]) * mask
+        return self.proj(x * mask) * mask
 
 
 class _Coupling:
@@ -268,9 +268,9 @@ class _Coupling:
         h, half = c.hidden_size, c.flow_size // 2
         self.hidden, self.half, self.dtype = h, half, dtype
         pre = w.take(f"{prefix}.conv_pre.weight", (h, half, 1))[:, :, 0]
-        self.pre = (pre.t().contiguous(), w.take(f"{prefix}.conv_pre.bias", (h,)))
+        self.pre = Dense(pre.t(), w.take(f"{prefix}.conv_pre.bias", (h,)))
         post = w.take(f"{prefix}.conv_post.weight", (half, h, 1))[:, :, 0]
-        self.post = (post.t().contiguous(), w.take(f"{prefix}.conv_post.bias", (half,)))
+        self.post = Dense(post.t(), w.take(f"{prefix}.conv_post.bias", (half,)))
         n, k = c.prior_encoder_num_wavenet_layers, c.wavenet_kernel_size
         wn = f"{prefix}.wavenet"
         # WaveNet's gate tanh(x) * sigmoid(y) runs as (sigmoid(2x) - 0.5) * sigmoid(y), half of it:
@@ -285,7 +285,7 @@ class _Coupling:
             assert conv.bias is not None
             conv.weight[:, :h] *= 2
             conv.bias[:h] *= 2
-            self.layers.append((conv, (res.t() * 2).contiguous(), w.take(f"{wn}.res_skip_layers.{i}.bias", (out,))))
+            self.layers.append((conv, Dense(res.t() * 2, w.take(f"{wn}.res_skip_layers.{i}.bias", (out,)))))
         self.cond = None
         if c.speaker_embedding_size:
             cond = w.take(f"{wn}.cond_layer.weight", (2 * h * n, c.speaker_embedding_size, 1))[:, :, 0]
@@ -293,36 +293,33 @@ class _Coupling:
             gate = (torch.arange(2 * h * n) % (2 * h)) < h  # the rows that make each layer's x
             cond[gate] *= 2
             cond_bias[gate] *= 2
-            self.cond = (cond.t().contiguous(), cond_bias)
+            self.cond = Dense(cond.t(), cond_bias)
         if dtype != torch.float32:
-            self.pre = (self.pre[0].to(dtype), self.pre[1].to(dtype))
-            self.post = (self.post[0].to(dtype), self.post[1].to(dtype))
-            for conv, _, _ in self.layers:
-                conv.to(dtype)
-            self.layers = [(conv, res.to(dtype), bias.to(dtype)) for conv, res, bias in self.layers]
+            for product in (self.pre, self.post, *(p for layer in self.layers for p in layer)):
+                product.to(dtype)
 
     def reverse(self, x: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor | None) -> torch.Tensor:
         first, second = x[:, : self.half], x[:, self.half :]
         out_mask, mask = mask, mask.to(self.dtype)
-        h = torch.addmm(self.pre[1], first.to(self.dtype), self.pre[0]) * mask
+        h = self.pre(first.to(self.dtype)) * mask
         hid = self.hidden
         conditions = None
         if speaker is not None and self.cond is not None:
-            conditions = torch.addmm(self.cond[1], speaker, self.cond[0]).to(self.dtype)  # (1, 2*hidden*layers)
+            conditions = self.cond(speaker).to(self.dtype)  # (1, 2*hidden*layers)
         out: torch.Tensor | None = None
         last = len(self.layers) - 1
-        for i, (conv, res_weight, res_bias) in enumerate(self.layers):
+        for i, (conv, res) in enumerate(self.layers):
             a = conv(h)
             if conditions is not None:
                 a += conditions[:, 2 * hid * i : 2 * hid * (i + 1)]
             gates = torch.sigmoid(a)
             acts = (gates[:, :hid] - 0.5).mul_(gates[:, hid:])  # tanh(x) * sigmoid(y) / 2, see __init__
-            r = torch.addmm(res_bias, acts, res_weight)
+            r = res(acts)
             if i < last:
                 h = (h + r[:, :hid]) * mask
                 out = r[:, hid:] if out is None else out + r[:, hid:]
             else:
                 out = r if out is None else out + r
         assert out is not None
-        mean = torch.addmm(self.post[1], out * mask, self.post[0]).float()
+        mean = self.post(out * mask).float()
         return torch.cat([first, (second - mean) * out_mask], dim=1)

@@ -2,8 +2,10 @@
 for presence, shape and finiteness against what the config implies (so a config that does not
 match its weights is refused with the first offending name), with weight norm folded from any of
 the three ways checkpoints store it (plain ``weight``, ``weight_g``/``weight_v``, or
-``parametrizations.weight.original0/1``), and with convolutions laid out for time-major inference
-(``_TimeConv``: a GEMM per tap over shifted rows, or one GEMM over an im2col view).
+``parametrizations.weight.original0/1``), and with the products laid out for time-major inference:
+``Dense`` (``x @ W + b``) and ``_TimeConv`` (a convolution as a GEMM per tap over shifted rows, or
+one GEMM over an im2col view). Both run on the kernel path ``ttsd.engines.vits.kernels`` chose for
+this CPU (``use``): MKL's GEMM through ``torch.addmm``, or oneDNN's linear.
 """
 
 from __future__ import annotations
@@ -52,15 +54,14 @@ class _Weights:
             raise LoadError(f"{self.where}: weights contain NaN or infinite values ({name})")
         return value
 
-    def linear(self, prefix: str, out: int, inp: int, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A ``Linear`` as a (in, out) matrix for ``x @ w`` and its bias."""
-        weight = self.take(f"{prefix}.weight", (out, inp)).t().contiguous()
-        return weight, self.take(f"{prefix}.bias", (out,)) if bias else None
+    def linear(self, prefix: str, out: int, inp: int, bias: bool = True) -> Dense:
+        """A ``Linear``."""
+        weight = self.take(f"{prefix}.weight", (out, inp)).t()
+        return Dense(weight, self.take(f"{prefix}.bias", (out,)) if bias else None)
 
-    def pointwise(self, prefix: str, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A kernel-1 ``Conv1d`` as a (in, out) matrix for ``x @ w`` and its bias."""
-        weight = self.take(f"{prefix}.weight", (out, inp, 1))[:, :, 0].t().contiguous()
-        return weight, self.take(f"{prefix}.bias", (out,))
+    def pointwise(self, prefix: str, out: int, inp: int) -> Dense:
+        """A kernel-1 ``Conv1d``."""
+        return Dense(self.take(f"{prefix}.weight", (out, inp, 1))[:, :, 0].t(), self.take(f"{prefix}.bias", (out,)))
 
     def conv(
         self,
@@ -81,9 +82,54 @@ class _Weights:
         )
 
 
+PATHS = ("mkl", "onednn")  # how a product runs: see ttsd.engines.vits.kernels
+
+
+def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class Dense:
+    """``x @ W + b`` on time-major ``x`` (T, in): a ``Linear``, or a kernel-1 ``Conv1d``. ``weight``
+    is given as the (in, out) matrix; it is kept in the layout its path reads: (in, out) for MKL's
+    ``addmm``, (out, in) for oneDNN's linear. One layout at a time, so a path costs no memory."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight = weight.contiguous()
+        self.bias = bias
+        self.path = "mkl"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(in, out)."""
+        a, b = self.weight.shape
+        return (b, a) if self.path == "onednn" else (a, b)
+
+    def matrix(self) -> torch.Tensor:
+        """The (in, out) matrix (a view)."""
+        return self.weight.t() if self.path == "onednn" else self.weight
+
+    def use(self, path: str) -> None:
+        if path not in PATHS:
+            raise ValueError(f"unknown kernel path {path!r}")
+        if path != self.path:
+            matrix = self.matrix()
+            self.weight = (matrix.t() if path == "onednn" else matrix).contiguous()
+            self.path = path
+
+    def to(self, dtype: torch.dtype) -> None:
+        self.weight = self.weight.to(dtype)
+        self.bias = None if self.bias is None else self.bias.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "onednn":
+            return _linear_onednn(x, self.weight, self.bias)
+        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+
+
 class _TimeConv:
-    """A 1-D convolution on time-major ``(T, C_in)`` input as one GEMM: ``(T, k*C_in) @ (k*C_in, C_out)``,
-    or in float32 as a GEMM per tap (``_shifted``)."""
+    """A 1-D convolution on time-major ``(T, C_in)`` input as one GEMM, ``(T, k*C_in) @ (k*C_in,
+    C_out)`` (``dense``), or, in float32 on the MKL path, as a GEMM per tap (``_shifted``)."""
 
     shifted = True  # False: always the one GEMM (bench/rtf.py counts FLOPs so: its counter skips addmm_)
 
@@ -93,25 +139,37 @@ class _TimeConv:
         out, inp, kernel = weight.shape
         self.kernel, self.inp, self.dilation = kernel, inp, dilation
         self.left, self.right = padding, padding if right is None else right
-        self.weight = weight.permute(2, 1, 0).reshape(kernel * inp, out).contiguous()
-        self.bias = bias
+        self.dense = Dense(weight.permute(2, 1, 0).reshape(kernel * inp, out), bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (k*C_in, C_out) matrix (a view; rows ``j*C_in..`` are tap ``j``)."""
+        return self.dense.matrix()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.dense.bias
+
+    @property
+    def path(self) -> str:
+        return self.dense.path
+
+    def use(self, path: str) -> None:
+        self.dense.use(path)
 
     def to(self, dtype: torch.dtype) -> None:
         """Keep the weights in ``dtype`` (the input must then be ``dtype`` too)."""
-        self.weight = self.weight.to(dtype)
-        self.bias = None if self.bias is None else self.bias.to(dtype)
+        self.dense.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel > 1 and x.dtype == torch.float32 and self.shifted:
+        if self.kernel > 1 and x.dtype == torch.float32 and self.shifted and self.dense.path == "mkl":
             return self._shifted(x)
         if self.kernel > 1 or self.left or self.right:
             x = F.pad(x, (0, 0, self.left, self.right))
             length = x.shape[0] - (self.kernel - 1) * self.dilation
             x = x.as_strided((length, self.kernel, self.inp), (self.inp, self.dilation * self.inp, 1))
             x = x.reshape(length, self.kernel * self.inp)
-        if self.bias is None:
-            return x @ self.weight
-        return torch.addmm(self.bias, x, self.weight)
+        return self.dense(x)
 
     def _shifted(self, x: torch.Tensor) -> torch.Tensor:
         """The same convolution as one product per tap, each over the rows of ``x`` it reaches,

@@ -1,0 +1,205 @@
+"""Kernel paths chosen per box (``ttsd.engines.vits.kernels``): each path forced in turn speaks the
+same (fp32 to 1e-4, bf16 by the quality gate), a path that is not exact or fails is never chosen,
+the fastest wins only by a margin, and the cached choice holds for one CPU and torch only (a
+corrupt cache file is ignored and rewritten)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import plausible, save_tiny_vits
+
+from ttsd.engines.vits import kernels, weights
+from ttsd.engines.vits.model import NativeVits
+from ttsd.errors import LoadError
+from ttsd.options import SynthesisOptions
+from ttsd.quality import precision_gate
+from ttsd.speak import open_engine
+
+QUIET = SynthesisOptions(noise_scale=0, noise_scale_duration=0, sentence_pause=0.0, normalize=False)
+TEXT = "The quick brown fox jumps over the lazy dog. Then it rests."
+needs_bf16 = pytest.mark.skipif(__import__("ttsd.engines.precision", fromlist=["x"]).native_bf16() is None,
+                                reason="this CPU has no native bf16")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_vits(tmp_path_factory.mktemp("k") / "tiny-1", edit=plausible, num_speakers=2,
+                          speaker_embedding_size=4, noise_scale_duration=0.0)
+
+
+def engine(folder: Path, monkeypatch: pytest.MonkeyPatch, path: str | None, **kw: Any) -> Any:
+    if path is None:
+        monkeypatch.delenv(kernels.ENV, raising=False)
+    else:
+        monkeypatch.setenv(kernels.ENV, path)
+    return open_engine(folder, **kw)
+
+
+# -- every path speaks the same -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_each_path_forced_gives_the_same_audio_in_fp32(joe_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-in voice on each path, both classes forced: the same samples to 1e-4."""
+    renders = {}
+    for path in weights.PATHS:
+        e = engine(joe_folder, monkeypatch, path, precision="fp32")
+        assert {k: c["path"] for k, c in e.info()["kernels"].items()} == {"text": path, "flow": path}
+        assert {c["source"] for c in e.info()["kernels"].values()} == {"forced"}
+        renders[path] = e.synthesize(TEXT, QUIET).samples
+    a, b = renders["mkl"], renders["onednn"]
+    assert len(a) == len(b) and float(np.abs(a - b).max()) < 1e-4
+
+
+@pytest.mark.slow
+@needs_bf16
+def test_each_path_forced_passes_the_bf16_gate(joe_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 on each path against the other: same length, spectrally closer than another noise seed."""
+    mkl = engine(joe_folder, monkeypatch, "mkl", precision="bf16")
+    onednn = engine(joe_folder, monkeypatch, "onednn", precision="bf16")
+    assert onednn.info()["kernels"]["flow"]["path"] == "onednn" and onednn.info()["precision"] == "bf16"
+    gate = precision_gate(mkl, onednn, TEXT)
+    assert gate["candidate_samples"] == gate["samples"]
+    assert gate["distance"] < 0.5 * gate["seed_spread"], gate
+
+
+def test_a_mixed_choice_and_a_bad_value(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    e = engine(tiny, monkeypatch, "text=onednn,flow=mkl")
+    assert {k: c["path"] for k, c in e.info()["kernels"].items()} == {"text": "onednn", "flow": "mkl"}
+    for bad, said in (("fast", "unknown path 'fast'"), ("decoder=mkl", "unknown class 'decoder'")):
+        monkeypatch.setenv(kernels.ENV, bad)
+        with pytest.raises(LoadError, match=said):
+            open_engine(tiny)
+
+
+# -- the choice ---------------------------------------------------------------------------------------------
+def products_of(folder: Path) -> list[Any]:
+    items, dtype = kernels.classes(NativeVits(folder))["text"]
+    assert dtype == torch.float32 and items
+    return items
+
+
+def test_a_path_that_is_not_exact_or_fails_is_never_chosen(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN made 100x faster but off by 1e-3 of the scale: refused, MKL kept; one that raises is
+    refused with its error."""
+    items = products_of(tiny)
+    real = weights._linear_onednn
+    monkeypatch.setattr(weights, "_linear_onednn", lambda x, w, b: real(x, w, b) * (1 + 1e-3))
+    monkeypatch.setattr(kernels, "_best", lambda call, repeats: 0.001 if _on(items, "onednn") else 0.1)
+    choice = kernels.measure(items, torch.float32, 64)
+    assert choice.path == "mkl" and "off by" in choice.refused["onednn"] and set(choice.rates) == {"mkl"}
+    assert {p.path for p in items} == {"mkl"}
+
+    def broken(*args: Any) -> torch.Tensor:
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(weights, "_linear_onednn", broken)
+    choice = kernels.measure(items, torch.float32, 64)
+    assert choice.path == "mkl" and "no oneDNN here" in choice.refused["onednn"]
+
+
+def _on(items: list[Any], path: str) -> bool:
+    return items[0].path == path
+
+
+@pytest.mark.parametrize("onednn_seconds, chosen", [(0.05, "onednn"), (0.097, "mkl"), (0.2, "mkl")])
+def test_the_fastest_wins_by_a_margin(tiny: Path, monkeypatch: pytest.MonkeyPatch, onednn_seconds: float,
+                                      chosen: str) -> None:
+    """Twice as fast: chosen, and every product moves to it. 3 % faster: within the noise of a
+    shared box (MARGIN), MKL stays. Slower: MKL."""
+    items = products_of(tiny)
+    monkeypatch.setattr(kernels, "_best", lambda call, repeats: onednn_seconds if _on(items, "onednn") else 0.1)
+    choice = kernels.measure(items, torch.float32, 64)
+    assert choice.path == chosen and set(choice.rates) == {"mkl", "onednn"}
+    assert choice.rates["onednn"] / choice.rates["mkl"] == pytest.approx(0.1 / onednn_seconds, rel=0.01)
+    assert {p.path for p in items} == {chosen}
+    assert f"{'text'} on {chosen}" in choice.describe("text")
+
+
+def test_every_product_keeps_one_layout_and_the_same_result(tiny: Path) -> None:
+    """Moving a product between paths keeps its (in, out) matrix and what it computes."""
+    for p in products_of(tiny):
+        width = p.inp if isinstance(p, weights._TimeConv) else p.shape[0]
+        x = torch.randn(50, width)
+        before, matrix = p(x), p.weight.clone() if isinstance(p, weights._TimeConv) else p.matrix().clone()
+        p.use("onednn")
+        assert torch.allclose(p(x), before, atol=1e-4, rtol=1e-4)
+        p.use("mkl")
+        now = p.weight if isinstance(p, weights._TimeConv) else p.matrix()
+        assert torch.equal(now, matrix) and now.is_contiguous()
+
+
+# -- the cache ----------------------------------------------------------------------------------------------
+def measured(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "measured in" in r.getMessage()]
+
+
+def test_the_choice_is_cached_per_cpu_and_torch(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """1. The first load measures and caches. 2. The next one reads the cache (no measuring).
+    3. Another CPU model, or 4. another torch version, measures again. 5. Each is kept beside the
+    others."""
+    cache = tmp_path / "cache" / "kernels.json"
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger="ttsd.engines"):
+        first = open_engine(tiny, kernel_cache=cache)
+        assert len(measured(caplog)) == 2 and cache.is_file()
+        assert {c["source"] for c in first.info()["kernels"].values()} == {"measured"}
+        caplog.clear()
+        again = open_engine(tiny, kernel_cache=cache)
+        assert measured(caplog) == [] and {c["source"] for c in again.info()["kernels"].values()} == {"cached"}
+        assert {k: c["path"] for k, c in again.info()["kernels"].items()} == {
+            k: c["path"] for k, c in first.info()["kernels"].items()}
+        real = kernels.box()
+        for changed in ({**real, "cpu": "Another CPU"}, {**real, "torch": "9.9.9"}):
+            monkeypatch.setattr(kernels, "box", lambda changed=changed: changed)
+            caplog.clear()
+            open_engine(tiny, kernel_cache=cache)
+            assert len(measured(caplog)) == 2, changed
+    entries = json.loads(cache.read_text())["entries"]
+    assert len(entries) == 6 and {e["cpu"] for e in entries.values()} == {real["cpu"], "Another CPU"}
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b'{"format": 1, "entries": []}',
+                                     b'{"format": 2, "entries": {}}', b"[]"])
+def test_a_corrupt_cache_is_ignored_and_rewritten(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  content: bytes) -> None:
+    cache = tmp_path / "kernels.json"
+    cache.write_bytes(content)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    e = open_engine(tiny, kernel_cache=cache)
+    assert {c["source"] for c in e.info()["kernels"].values()} == {"measured"}
+    assert json.loads(cache.read_text())["format"] == 1
+
+
+def test_hostile_cache_entries_are_not_trusted(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry naming a path that does not exist, or with rates that are not numbers, is
+    measured again; a cache that is a link is not read."""
+    cache = tmp_path / "kernels.json"
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    open_engine(tiny, kernel_cache=cache)
+    data = json.loads(cache.read_text())
+    for entry, bad in zip(data["entries"].values(), ({"path": "../../etc"}, {"rates": {"mkl": "fast"}}), strict=True):
+        entry.update(bad)
+    cache.write_text(json.dumps(data))
+    e = open_engine(tiny, kernel_cache=cache)
+    assert {c["source"] for c in e.info()["kernels"].values()} == {"measured"}
+    target = tmp_path / "elsewhere.json"
+    cache.rename(target)
+    cache.symlink_to(target)
+    e = open_engine(tiny, kernel_cache=cache)
+    assert {c["source"] for c in e.info()["kernels"].values()} == {"measured"}
+
+
+def test_a_cache_that_cannot_be_written_only_costs_a_measurement(tiny: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    e = open_engine(tiny, kernel_cache=blocked / "kernels.json")  # its dir is a file
+    assert set(e.info()["kernels"]) == {"text", "flow"}
