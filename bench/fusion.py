@@ -3,7 +3,7 @@ ttsd runs them (eager torch; the decoder with oneDNN's fused convolution ops), a
 torch's own compiler (``torch.compile``, inductor, with freezing: it fuses every chain of
 elementwise ops into generated C++ loops), on the built-in voice in fp32.
 
-* decoder: one window of the widest width (256 frames), as ttsd runs it (oneDNN's convolutions with
+* decoder: one window of the widest width (``decoder.WIDTHS[-1]``, 128 frames), as ttsd runs it (oneDNN's convolutions with
   leaky ReLU / residual add fused in), as plain ``conv2d`` with every leaky ReLU and add a pass of
   its own, and that plain form compiled;
 * text encoder: its 6 layers on 256 ids (the paragraph's sentences pad to 224-256), eager and compiled;
@@ -51,6 +51,7 @@ def main() -> None:
     import torch
     import torch._inductor.config as inductor
 
+    from ttsd.engines.vits.decoder import WIDTHS
     from ttsd.malloc import tune
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
@@ -61,7 +62,7 @@ def main() -> None:
     engine = open_engine(builtin_model(cache), threads=args.threads, precision="fp32")
     model = engine.model
     decoder = model.decoder
-    width, radius = 256, decoder.radius
+    width, radius = WIDTHS[-1], decoder.radius
 
     plain = copy.copy(decoder)  # the same weights, every convolution a plain conv2d, every op a pass
 
@@ -106,7 +107,7 @@ def main() -> None:
     frame_mask = torch.zeros(512, 1)
     frame_mask[:500] = 1
     parts: dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.nn.Module | None]] = {
-        "decoder window (256 frames)": (Window(decoder), (latents,), Window(plain)),
+        f"decoder window ({WIDTHS[-1]} frames)": (Window(decoder), (latents,), Window(plain)),
         "text encoder (256 ids)": (Encoder(), (x, mask, key_bias), None),
         "prior flow (512 frames)": (Flow(), (frames, frame_mask), None),
     }
