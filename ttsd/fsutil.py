@@ -36,12 +36,18 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None], mode: int | None = None) -> None:
+def atomic_write(
+    path: Path, write: Callable[[BinaryIO], None], mode: int | None = None, *, exclusive: bool = False
+) -> None:
     """Call ``write(handle)`` on a temp file beside ``path``, then publish it as ``path``.
 
     The file is private (0600, as ``mkstemp`` makes it) unless ``mode`` is given: outputs that
     other users or groups consume (``ttsd say -o``, the spool's ``out/``) pass 0o666 and get the
-    umask applied, as a plain ``open()`` would."""
+    umask applied, as a plain ``open()`` would.
+
+    ``exclusive`` publishes only where nothing is at ``path`` yet (a hard link, which unlike a
+    rename never replaces; ``FileExistsError`` otherwise): of two processes creating the same
+    file at once, the first wins whole and the second can read what it wrote."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -51,7 +57,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], mode: int | None
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -59,15 +69,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], mode: int | None
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, *, exclusive: bool = False) -> None:
     def write(handle: BinaryIO) -> None:
         handle.write(data)
 
-    atomic_write(path, write, mode)
+    atomic_write(path, write, mode, exclusive=exclusive)
 
 
-def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), mode)
+def atomic_write_text(path: Path, text: str, mode: int | None = None, *, exclusive: bool = False) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode, exclusive=exclusive)
 
 
 SHARED = 0o666  # mode for outputs meant for other users: the umask decides, as for open()
