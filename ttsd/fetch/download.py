@@ -19,6 +19,11 @@ environment); what is ttsd's own is the policy around it:
   ``Mirror.attempts`` connections) and across runs; its digest is checked once it is whole, and only
   then is it renamed to NAME.
 
+A small document may be asked for conditionally (``fetch_small_conditional``): with the
+``ETag`` and ``Last-Modified`` the server gave last time (``Validators``, each only a plain printable
+value of sane length), so an unchanged one costs a 304 and no body. A 304 answers only a request
+that asked for it; to any other it is the mirror's error.
+
 Errors: ``NetworkError`` when the mirror cannot be reached or keeps cutting off (the partial file
 is kept), ``CatalogError`` when it answers but not with the file (404, a bad redirect),
 ``ChecksumError`` when the bytes are not what the catalog says (the partial file is deleted).
@@ -271,6 +276,13 @@ class _RangeRefused(Exception):
     """HTTP 416: the partial file is not a prefix the mirror can continue."""
 
 
+class _NotModified(Exception):
+    """HTTP 304 to a conditional request: the document is the one the validators name."""
+
+
+_CONDITIONAL = ("If-None-Match", "If-Modified-Since")
+
+
 def _why(exc: BaseException) -> str:
     reason = getattr(exc, "reason", exc)
     return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
@@ -287,6 +299,10 @@ def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTP
         exc.close()
         if exc.code == 416:
             raise _RangeRefused() from None
+        if exc.code == 304:  # urllib's redirect handler leaves 304 alone: it arrives here
+            if any(name in headers for name in _CONDITIONAL):
+                raise _NotModified() from None
+            raise CatalogError(f"{url}: HTTP 304 Not Modified to a request that was not conditional; refused") from None
         if exc.code in (404, 410):
             raise NotOnMirror(f"{url}: not on the mirror (HTTP {exc.code})") from None
         if exc.code >= 500 or exc.code in (408, 429):
@@ -299,16 +315,52 @@ def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTP
         ) from None
 
 
-def fetch_small(mirror: Mirror, rel: str, limit: int) -> bytes:
-    """The body of ``rel`` on the mirror, refused (``CatalogError``) past ``limit`` bytes, and
-    given up (``NetworkError``) past ``SMALL_DEADLINE`` timeouts in all: a mirror sending a byte
-    now and then cannot hold a ``search`` forever."""
-    url = mirror.url(rel)
+# a validator is sent back as a header: one line of printable ASCII, and short
+_VALIDATOR = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?")
+
+
+def _validator(value: object) -> str | None:
+    return value if isinstance(value, str) and _VALIDATOR.fullmatch(value) else None
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What identifies the version of a document the server sent: its ``ETag`` and its
+    ``Last-Modified``, each None when absent or not a plain printable value of at most 256
+    characters (never sent back then)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @classmethod
+    def of(cls, etag: object, last_modified: object) -> Validators:
+        """The validators among ``etag`` and ``last_modified`` (header values, or a cache's)."""
+        return cls(_validator(etag), _validator(last_modified))
+
+    def __bool__(self) -> bool:
+        return self.etag is not None or self.last_modified is not None
+
+    def headers(self) -> dict[str, str]:
+        """The request headers that ask for the document only if it changed since."""
+        headers = {}
+        if self.etag is not None:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified is not None:  # what plain static servers (Python's among them) compare
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+
+def _fetch_small(mirror: Mirror, url: str, limit: int, headers: dict[str, str]) -> tuple[bytes, Validators]:
+    """The body of ``url`` (see ``fetch_small``) and its validators (none unless a 200 gave them);
+    ``_NotModified`` for a 304 to conditional ``headers``."""
     deadline = time.monotonic() + SMALL_DEADLINE * mirror.timeout
-    with _open(mirror, url, {}) as response:
+    with _open(mirror, url, headers) as response:
         length = response.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise CatalogError(f"{url}: {int(length)} bytes, more than the {limit} allowed; refused")
+        validators = Validators()
+        if response.status == 200:
+            validators = Validators.of(response.headers.get("ETag"), response.headers.get("Last-Modified"))
         body = bytearray()
         while len(body) <= limit:
             if time.monotonic() > deadline:
@@ -322,7 +374,25 @@ def fetch_small(mirror: Mirror, rel: str, limit: int) -> bytes:
             body += chunk
     if len(body) > limit:
         raise CatalogError(f"{url}: more than the {limit} bytes allowed; refused")
-    return bytes(body)
+    return bytes(body), validators
+
+
+def fetch_small(mirror: Mirror, rel: str, limit: int) -> bytes:
+    """The body of ``rel`` on the mirror, refused (``CatalogError``) past ``limit`` bytes, and
+    given up (``NetworkError``) past ``SMALL_DEADLINE`` timeouts in all: a mirror sending a byte
+    now and then cannot hold a ``search`` forever."""
+    return _fetch_small(mirror, mirror.url(rel), limit, {})[0]
+
+
+def fetch_small_conditional(mirror: Mirror, rel: str, limit: int, known: Validators) -> tuple[bytes | None, Validators]:
+    """``fetch_small`` asked only if ``rel`` changed since the version ``known`` names: (None,
+    ``known``) when the mirror answers 304 Not Modified, else the body and the validators it came
+    with. With no ``known`` validators the request is a plain one, and a 304 to it a
+    ``CatalogError``. Same bounds, deadline, redirect policy and errors as ``fetch_small``."""
+    try:
+        return _fetch_small(mirror, mirror.url(rel), limit, known.headers())
+    except _NotModified:
+        return None, known
 
 
 def file_digest(path: Path, algorithm: str = "md5") -> str:
