@@ -1,6 +1,6 @@
 """A box's identity in a fleet (``ttsd.fetch.box``): what a staged rollout picks boxes by. Given,
 derived from the machine id (never the raw id), or made once and kept; the kept file is hostile
-input."""
+input. ``ttsd serve --box-id`` and the ``ttsd_box_info`` metric."""
 
 from __future__ import annotations
 
@@ -11,12 +11,19 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+import ttsd.daemon
+from ttsd.cli import main
+from ttsd.config import ServeConfig
 from ttsd.errors import ConfigError
 from ttsd.fetch.box import APP_ID, KEEP_FILE, box_id, check_box_id
+from ttsd.metrics import Metrics
 
 MACHINE = "4f1c2a9be07d4c3e9a51d6b8c2e0f7a3"
 OTHER = "0123456789abcdef0123456789abcdef"
@@ -207,3 +214,71 @@ def test_two_processes_making_the_first_id_at_once_agree(tmp_path: Path, keep: P
     for thread in threads:
         thread.join()
     assert len(set(results)) == 1 and (keep / KEEP_FILE).read_text() == results[0] + "\n"
+
+
+# -- the daemon: flag and metric ----------------------------------------------------------------------
+def test_the_metric_carries_the_box_id() -> None:
+    metrics = Metrics.create()
+    assert 'ttsd_box_info{' not in metrics.render().decode()  # nothing until the daemon knows it
+    metrics.identify("rack4-box12")
+    metrics.identify("rack4-box12")
+    text = metrics.render().decode()
+    assert text.count('ttsd_box_info{box="rack4-box12"} 1.0') == 1
+    assert "# TYPE ttsd_box_info gauge" in text
+    assert "ttsd_build_info{" in text  # beside it, unchanged
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ServeConfig]]:
+    """``serve`` runs up to the daemon; the daemon only records its config."""
+    configs: list[ServeConfig] = []
+
+    class Recorder:
+        def __init__(self, config: ServeConfig, *_a: Any, **_k: Any) -> None:
+            configs.append(config)
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(ttsd.daemon, "Daemon", Recorder)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield configs
+    root.handlers[:] = handlers  # serve configures logging
+    root.setLevel(level)
+
+
+def serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    paths = ["--models", str(tmp_path / "models"), "--state", str(tmp_path / "state"),
+             "--cache", str(tmp_path / "cache"), "--socket", str(tmp_path / "ttsd.sock")]
+    return CliRunner().invoke(main, ["serve", *paths, *args], env=env or {})
+
+
+def test_serve_takes_the_box_id_from_the_flag_or_the_environment(tmp_path: Path,
+                                                                 captured: list[ServeConfig]) -> None:
+    assert serve(tmp_path, "--box-id", "box-7").exit_code == 0
+    assert serve(tmp_path, env={"TTSD_BOX_ID": "box-8"}).exit_code == 0
+    assert serve(tmp_path, "--box-id", "box-9", env={"TTSD_BOX_ID": "box-8"}).exit_code == 0
+    assert serve(tmp_path).exit_code == 0
+    assert [c.box_id for c in captured] == ["box-7", "box-8", "box-9", None]
+
+
+@pytest.mark.parametrize("args, env, shown", [
+    (["--box-id", "box 7"], {}, "--box-id 'box 7'"),
+    ([], {"TTSD_BOX_ID": "x" * 65}, "--box-id 'xxx"),
+])
+def test_serve_refuses_a_bad_box_id_in_one_line_before_any_work(tmp_path: Path, captured: list[ServeConfig],
+                                                                args: list[str], env: dict[str, str],
+                                                                shown: str) -> None:
+    result = serve(tmp_path, *args, env=env)
+    assert result.exit_code == 3, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and shown in lines[0], result.stderr
+    assert "a box id is 1 to 64 letters" in lines[0] and "Traceback" not in result.output
+    assert captured == [] and not (tmp_path / "state").exists()
+
+
+def test_serve_help_shows_the_box_id_option() -> None:
+    text = " ".join(CliRunner().invoke(main, ["serve", "--help"]).output.split())
+    assert "--box-id ID" in text and "TTSD_BOX_ID" in text and "ttsd_box_info" in text
+    assert "/etc/machine-id, which is never shown" in text

@@ -111,6 +111,7 @@ class ServeConfig:
     memory_budget: int | None = None  # bytes of the process's RSS (None: no limit)
     preload: tuple[str, ...] = ()  # voices kept loaded within a budget (empty: the default voice)
     load_wait: float = 30.0  # seconds a request waits for its voice to load
+    box_id: str | None = None  # --box-id, checked; None: derived or kept at start (ttsd.fetch.box)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from aiohttp import web
 from . import __version__
 from .config import KERNEL_CACHE, ServeConfig
 from .errors import ConfigError
+from .fetch.box import box_id
 from .fresh_thread import in_fresh_thread
 from .front.backend import Backend
 from .front.endpoints import check_ports, open_http, open_metrics, open_wyoming
@@ -220,6 +221,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         _writable_dir(cfg.state, "state dir")
         self.state_lock.acquire()  # before anything is made, loaded or written: one daemon per state dir
+        box = box_id(cfg.box_id, keep_in=cfg.state)  # kept there when not given nor derived from the machine id
+        self.metrics.identify(box)
+        log.info("box id %s (what a fleet mirror's staged rollout picks boxes by)", box)
         self._check_budget(loaded=False)
         _writable_dir(cfg.models, "models dir")
         _writable_dir(cfg.socket.parent, "socket dir")

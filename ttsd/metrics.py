@@ -59,6 +59,7 @@ class Metrics:
     voice_loads: Counter
     voice_evictions: Counter
     canary_share: Gauge
+    box_info: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -148,7 +149,20 @@ class Metrics:
                 ["voice"],
                 registry=r,
             ),
+            box_info=Gauge(
+                "ttsd_box_info",
+                "Always 1: this box's id in the fleet (--box-id, else derived from the machine id, "
+                "which is never exported), the key a staged rollout picks boxes by",
+                ["box"],
+                registry=r,
+            ),
         )
+
+    def identify(self, box: str) -> None:
+        """Export ``box`` as this daemon's id (``ttsd_box_info``); the daemon calls it once at
+        start, when the id is resolved (``ttsd.fetch.box``). Until then the metric has no sample."""
+        self.box_info.clear()
+        self.box_info.labels(box).set(1)
 
     def observe_request(self, voice: str, version: str, route: str, seconds: float) -> None:
         """A request's whole time, under its new name and (this release) its old one."""

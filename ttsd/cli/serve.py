@@ -82,6 +82,14 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     help="Announce the Wyoming TCP service over mDNS for Home Assistant's discovery "
     "(name default 'ttsd'; needs the zeroconf extra).",
 )
+@click.option(
+    "--box-id",
+    envvar="TTSD_BOX_ID",
+    metavar="ID",
+    help="This box's id in a fleet (1-64 letters, digits, '-', '_', '.'), exported as ttsd_box_info "
+    "[env TTSD_BOX_ID; default: derived from /etc/machine-id, which is never shown, else a random id "
+    "kept in the state dir].",
+)
 @trusted_keys_option(
     "Load only model folders signed (model.sig) by one of the public keys (*.pem) in this dir "
     "[env TTSD_TRUSTED_KEYS; needs the signing extra]."
@@ -287,6 +295,7 @@ def serve(
     metrics_listen: str | None,
     wyoming_uri: str | None,
     wyoming_zeroconf: str | None,
+    box_id: str | None,
     trusted_keys: Path | None,
     token_file: Path | None,
     workers: int,
@@ -328,6 +337,7 @@ def serve(
         default_state_dir,
         is_loopback,
     )
+    from ..fetch.box import check_box_id
 
     logs.configure(log_level, access_log=access_log)
     bind = parse_listen(listen) if listen else None
@@ -372,6 +382,7 @@ def serve(
         memory_budget=parse_budget(memory_budget),
         preload=tuple(preload),
         load_wait=load_wait,
+        box_id=check_box_id(box_id) if box_id is not None else None,
     )
     from ..daemon import Daemon
 
