@@ -258,7 +258,7 @@ class FakeVoices:
         if self.map.active(name) is None:
             raise UnknownVoiceError(f"unknown voice {name!r}")
 
-    async def _rollback(self, name: str, to: str | None) -> dict[str, Any]:
+    async def _rollback(self, name: str, to: str | None, reason: str | None = None) -> dict[str, Any]:
         self.rollbacks.append((name, to))
         self._check(name)
         return {"voice": name, "from": "2", "to": to or "1", "seconds": 0.01}

@@ -177,6 +177,7 @@ def test_the_fleet_timer_service_can_get_into_the_daemons_models_dir(monkeypatch
     assert params["upgrade"] and params["voice"] == "en_US-joe-medium"
     assert params["models_dir"] == daemon["models_dir"] and params["cache"] == daemon["cache_dir"]
     assert params["trusted_keys"] == daemon["trusted_keys"]
+    assert params["socket_path"] == daemon["socket_path"]  # told to roll back a withdrawn version
     for name in ("models_dir", "cache"):
         assert within(PurePosixPath(str(params[name])), getter.writable()), name
 

@@ -65,7 +65,10 @@ def tamper_on_mirror(where: Path, name: str, version: str, edit, **pack_args: ob
     pack(folder, name=name, version=version, **pack_args)  # type: ignore[arg-type]
     index = json.loads((where / INDEX_FILE).read_text())
     manifest = (folder / "ttsd.json").read_bytes()
-    index["voices"][name]["manifest"].update(sha256=hashlib.sha256(manifest).hexdigest(), size=len(manifest))
+    pinned = {"sha256": hashlib.sha256(manifest).hexdigest(), "size": len(manifest)}
+    index["voices"][name]["versions"][version]["manifest"].update(pinned)
+    if index["voices"][name].get("version") == version:  # what older ttsd releases read
+        index["voices"][name]["manifest"].update(pinned)
     (where / INDEX_FILE).write_text(json.dumps(index))
 
 
@@ -129,10 +132,18 @@ def test_with_trusted_keys_get_refuses_what_a_daemon_would(tmp_path: Path, mirro
 
 
 @pytest.mark.parametrize("spoil, message", [
-    (lambda e: e.update(path="../../etc"), "escapes the mirror"),
-    (lambda e: e.update(version="not a version"), "invalid version"),
-    (lambda e: e["manifest"].update(sha256="ab" * 16), "64 lower-case hex"),
-    (lambda e: e["manifest"].update(size=10 << 30), "'size' must be"),
+    (lambda e: e["versions"]["1"].update(path="../../etc"), "escapes the mirror"),
+    (lambda e: e["versions"].update({"not a version": e["versions"]["1"]}), "invalid version"),
+    (lambda e: e["versions"]["1"]["manifest"].update(sha256="ab" * 16), "64 lower-case hex"),
+    (lambda e: e["versions"]["1"]["manifest"].update(size=10 << 30), "'size' must be"),
+    (lambda e: e["versions"]["1"].update(share=1.5), "outside 0 to 1"),
+    (lambda e: e["versions"]["1"].update(share=-0.1), "outside 0 to 1"),
+    (lambda e: e["versions"]["1"].update(share=float("nan")), "a number from 0 to 1"),
+    (lambda e: e["versions"]["1"].update(share="half"), "a number from 0 to 1"),
+    (lambda e: e["versions"]["1"].update(share=True), "a number from 0 to 1"),
+    (lambda e: e["versions"].update({"1.0": {"withdrawn": True}}), "listed twice"),
+    (lambda e: e["versions"].update({"2": {"withdrawn": 7}}), "true or a short reason"),
+    (lambda e: e.update(versions=[e["versions"]["1"]]), "'versions' must be an object"),
 ])
 def test_a_hostile_fleet_index_is_refused(tmp_path: Path, fleet: dict[str, Path], spoil, message: str) -> None:  # type: ignore[no-untyped-def]
     folder = folder_of_two(tmp_path / "build" / "voice-1")
@@ -268,11 +279,22 @@ def test_search_lists_a_fleet_mirrors_voices(tmp_path: Path, mirror: Mirror, fle
     listed = invoke("models", "search", "--mirror", mirror.url, "--json")
     assert listed.exit_code == 0, listed.output
     assert json.loads(listed.stdout) == [
-        {"name": "en_US-other", "version": "1", "path": "ttsd/en_US-other/1", "signed": False},
-        {"name": "voice", "version": "2", "path": "ttsd/voice/2", "signed": True},
+        {"name": "en_US-other", "version": "1", "path": "ttsd/en_US-other/1", "share": 1.0, "withdrawn": None,
+         "signed": False},
+        {"name": "voice", "version": "2", "path": "ttsd/voice/2", "share": 1.0, "withdrawn": None, "signed": True},
     ]
     table = invoke("models", "search", "other", "--mirror", mirror.url)
     assert table.exit_code == 0 and "1 of 2 voices on the fleet mirror" in table.stdout, table.output
+    # a version's share of boxes and a withdrawal show, a row per version
+    v3 = folder_of_two(tmp_path / "build" / "voice-3", version="3")
+    assert invoke("models", "publish", str(v3), str(fleet["published"]), "--rollout", "0.05").exit_code == 0
+    assert invoke("models", "withdraw", str(fleet["published"]), "voice", "2", "--reason", "clipped").exit_code == 0
+    serve_dir(mirror, fleet["published"])
+    rows = json.loads(invoke("models", "search", "voice", "--mirror", mirror.url, "--json").stdout)
+    assert [(r["version"], r["share"], r["withdrawn"]) for r in rows if r["name"] == "voice"] == [
+        ("3", 0.05, None), ("2", 0.0, "clipped")]
+    table = invoke("models", "search", "voice", "--mirror", mirror.url)
+    assert "5%" in table.stdout and "withdrawn: clipped" in table.stdout, table.output
     assert json.loads(invoke("models", "search", "-l", "en-US", "--mirror", mirror.url, "--json").stdout)[0]["name"] \
         == "en_US-other"
     mirror.files.clear()

@@ -100,7 +100,8 @@ def test_a_negative_size_cannot_defeat_the_free_space_check(
         free = 20 << 20  # 2 * 8 MiB + 16 MiB would be needed for big.safetensors alone
 
     monkeypatch.setattr(prebuilt.shutil, "disk_usage", lambda _p: Usage())
-    entry = parse_index(mirror.files[INDEX_FILE], INDEX_FILE)["voice"]
+    entry = parse_index(mirror.files[INDEX_FILE], INDEX_FILE)["voice"].newest()
+    assert entry is not None
     with pytest.raises((ResourceError, CatalogError, ManifestError)):
         try:
             get_prebuilt(entry, models=tmp_path / "models", downloads=tmp_path / "dl",

@@ -164,8 +164,9 @@ class Daemon:
         if self.manager.waiting:  # a folder is still settling or incomplete: look again soon
             self.watcher.soon(max(self.config.settle / 2, 0.2))
 
-    async def rollback(self, voice: str, to: str | None) -> dict[str, Any]:
-        return await in_fresh_thread(lambda: self.manager.rollback(voice, to), "ttsd-rollback")
+    async def rollback(self, voice: str, to: str | None, reason: str | None = None) -> dict[str, Any]:
+        why = reason or "rollback requested"  # the audit trail's words (a fleet mirror's withdrawal says so)
+        return await in_fresh_thread(lambda: self.manager.rollback(voice, to, why), "ttsd-rollback")
 
     async def activate(self, voice: str, version: str) -> dict[str, Any]:
         return await in_fresh_thread(lambda: self.manager.activate(voice, version), "ttsd-activate")

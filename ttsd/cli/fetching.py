@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .common import console, trusted_keys_option
+from .common import console, daemon_client, trusted_keys_option
 from .models import models
 
 MIRROR_HELP = (
@@ -91,10 +91,12 @@ def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirro
 
 
 def _list_fleet(index: dict[str, Any], text: tuple[str, ...], language: str | None, as_json: bool, base: str) -> None:
-    """A fleet mirror's voices: name, the version it offers, and whether that folder is signed (the
-    index records a signature, not its signer: who signed it is checked by 'get --trusted-keys').
-    Words match the name; a language (``en_US``, ``en-us``, ``en``) matches a Piper-style name's
-    code (``en_US-joe-medium``) or its family."""
+    """A fleet mirror's voices, a row per published version: its share of boxes, whether it is
+    withdrawn (and why), and whether its folder is signed (the index records a signature, not its
+    signer: who signed it is checked by 'get --trusted-keys'). Words match the name; a language
+    (``en_US``, ``en-us``, ``en``) matches a Piper-style name's code (``en_US-joe-medium``) or its
+    family."""
+    from packaging.version import Version
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -107,18 +109,34 @@ def _list_fleet(index: dict[str, Any], text: tuple[str, ...], language: str | No
         return not wanted or wanted in (code, code.split("_", 1)[0])
 
     found = [
-        entry for name, entry in sorted(index.items()) if all(w in name.lower() for w in words) and in_language(name)
+        voice for name, voice in sorted(index.items()) if all(w in name.lower() for w in words) and in_language(name)
     ]
-    if as_json:
-        rows = [
-            {"name": e.name, "version": e.version, "path": e.path, "signed": e.signature is not None} for e in found
+    rows = []
+    for voice in found:
+        listed = [
+            {
+                "name": voice.name,
+                "version": p.version,
+                "path": p.path,
+                "share": p.share,
+                "withdrawn": None,
+                "signed": p.signature is not None,
+            }
+            for p in voice.versions
+        ] + [
+            {"name": voice.name, "version": v, "path": None, "share": 0.0, "withdrawn": why, "signed": None}
+            for v, why in voice.withdrawn.items()
         ]
+        rows += sorted(listed, key=lambda r: Version(r["version"]), reverse=True)
+    if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     title = Text(f"{len(found)} of {len(index)} voices on the fleet mirror {base}")
-    table = Table("voice", "version", "signed", title=title)
-    for entry in found:
-        table.add_row(Text(entry.name), Text(entry.version), "yes" if entry.signature is not None else "no")
+    table = Table("voice", "version", "boxes", "signed", title=title)
+    for row in rows:
+        boxes = f"withdrawn: {row['withdrawn']}" if row["withdrawn"] else f"{row['share']:.0%}"
+        signed = "" if row["signed"] is None else ("yes" if row["signed"] else "no")
+        table.add_row(Text(row["name"]), Text(row["version"]), Text(boxes), signed)
     Console().print(table)
     if not found:
         console().print("no voice matches; 'ttsd models search' with no words lists them all", markup=False)
@@ -156,11 +174,22 @@ class _RichReporter:
             yield lambda done: bar.update(task, completed=done)
 
 
+SHARE = click.FloatRange(0.0, 1.0)
+
+
 @models.command("publish")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("mirror_dir", type=click.Path(file_okay=False, path_type=Path))
 @trusted_keys_option("Refuse to publish a folder not signed by one of these keys.")
-def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None) -> None:
+@click.option(
+    "--rollout",
+    "share",
+    type=SHARE,
+    metavar="SHARE",
+    help="Share of boxes (0 to 1) that take this version [default: 1 for a new version; "
+    "a version published before keeps its share].",
+)
+def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None, share: float | None) -> None:
     """Put a model folder on a fleet mirror (MIRROR_DIR, served by any HTTP server) as its voice's
     newest version, for boxes to take with 'ttsd models get VOICE --mirror URL'."""
     from ..fetch.prebuilt import publish
@@ -171,9 +200,49 @@ def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None) -> No
 
         trust = TrustedKeys.load(trusted_keys)
     mirror_dir.mkdir(parents=True, exist_ok=True)
-    entry = publish(folder, mirror_dir, trust)
+    entry = publish(folder, mirror_dir, trust, share)
     console().print(
-        f"{mirror_dir}/{entry.path}: {entry.name} {entry.version}" + (", signed" if entry.signature else ", unsigned"),
+        f"{mirror_dir}/{entry.path}: {entry.name} {entry.version}"
+        + (", signed" if entry.signature else ", unsigned")
+        + f", to {entry.share:.0%} of boxes",
+        markup=False,
+    )
+
+
+@models.command("rollout")
+@click.argument("mirror_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("voice")
+@click.argument("version")
+@click.argument("share", type=SHARE)
+def rollout_cmd(mirror_dir: Path, voice: str, version: str, share: float) -> None:
+    """Give a published VERSION of VOICE to SHARE (0 to 1) of the boxes: widen it (a box that had
+    it keeps it), hold it, or narrow it (boxes that have it keep it; to take it back, withdraw)."""
+    from ..fetch.prebuilt import rollout
+
+    entry = rollout(mirror_dir, voice, version, share)
+    console().print(f"{entry.name} {entry.version}: to {entry.share:.0%} of boxes", markup=False)
+
+
+@models.command("withdraw")
+@click.argument("mirror_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("voice")
+@click.argument("version")
+@click.option("--reason", help="Why, for the boxes' logs and audit trail [default: withdrawn by the fleet mirror].")
+def withdraw_cmd(mirror_dir: Path, voice: str, version: str, reason: str | None) -> None:
+    """Withdraw a published VERSION of VOICE: no box takes it, and each box that has it goes back to
+    the newest version it may have at its next 'ttsd models get --upgrade' (its files stay on the
+    mirror)."""
+    from ..fetch.prebuilt import withdraw
+
+    fleet = withdraw(mirror_dir, voice, version, reason or "withdrawn by the fleet mirror")
+    newest = fleet.newest()
+    console().print(
+        f"{voice} {version} withdrawn; "
+        + (
+            f"boxes go back to the newest version they may have (newest: {newest.version})"
+            if newest
+            else "no other version is published: boxes that have it keep serving it until one is"
+        ),
         markup=False,
     )
 
@@ -210,6 +279,19 @@ def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None) -> No
     "A ready folder from a fleet mirror must be signed by one of these "
     "public keys before it is published [env TTSD_TRUSTED_KEYS]."
 )
+@click.option(
+    "--box-id",
+    envvar="TTSD_BOX_ID",
+    help="This box's id, which a fleet mirror's staged rollout picks boxes by [env TTSD_BOX_ID; "
+    "default: derived from /etc/machine-id, hashed, else a random id kept in the cache dir].",
+)
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path),
+    envvar="TTSD_SOCKET",
+    help="The daemon's socket, told to roll back a version the fleet mirror withdrew [env TTSD_SOCKET].",
+)
 def get_cmd(
     voice: str,
     version: str | None,
@@ -219,6 +301,8 @@ def get_cmd(
     cache: Path | None,
     timeout: float,
     trusted_keys: Path | None,
+    box_id: str | None,
+    socket_path: Path | None,
 ) -> None:
     """Download a voice of the Piper catalog, check it, convert it and publish it in the models dir.
 
@@ -234,6 +318,9 @@ def get_cmd(
         from ..signing import TrustedKeys
 
         trust = TrustedKeys.load(trusted_keys)
+    from ..fetch.box import box_id as resolve_box_id
+
+    client = daemon_client(socket_path, timeout=300, required=False)
     request = GetRequest(
         voice=voice,
         models=paths.models,
@@ -242,8 +329,12 @@ def get_cmd(
         version=version,
         upgrade=upgrade,
         trust=trust,
+        box=resolve_box_id(box_id, keep_in=paths.cache),
+        daemon=client if client.available() else None,
     )
     result = get_voice(request, _RichReporter())
+    for note in result.notes:
+        console().print(note, markup=False)
     m = result.manifest
     if not result.fetched:
         console().print(f"{result.folder}: {m.name} {m.version} is up to date with the catalog", markup=False)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from packaging.version import Version
 
@@ -85,6 +85,8 @@ class GetRequest:
     version: str | None = None  # default: 1, or the next major version with ``upgrade``
     upgrade: bool = False
     trust: TrustedKeys | None = None  # a folder from a fleet mirror must be signed by one of these
+    box: str = ""  # this box's id: a fleet mirror's staged versions go to a share of boxes (ttsd.shares)
+    daemon: Any = None  # a client of the daemon's socket, if one answers: told of withdrawn versions
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class GetResult:
     folder: Path
     manifest: Manifest
     fetched: bool  # False: the newest version in the models dir is already this catalog entry
+    notes: tuple[str, ...] = ()  # what else was done or decided (a withdrawal, a share not reached)
 
 
 def load_catalog(mirror: Mirror) -> Catalog:
@@ -128,16 +131,22 @@ class _Local:
     refused: dict[Path, str]
 
 
-def _local(models: Path, name: str, trust: TrustedKeys | None, reporter: Reporter) -> _Local:
+def _local(
+    models: Path, name: str, trust: TrustedKeys | None, reporter: Reporter, skip: Callable[[str], bool] | None = None
+) -> _Local:
     """Judge the voice's folders as the daemon would before loading one (every byte against the
     manifest; with ``trust``, the signature), newest first, down to the first that passes. A
     folder that fails (an unsigned built-in voice seeded before a box trusted keys, a damaged
     copy) would never serve: counting it as present left a box voiceless while ``get`` said
-    "already there" or "up to date"."""
+    "already there" or "up to date". Versions ``skip`` names (withdrawn ones) do not count."""
     from ..manifest import verify
 
     present = sorted(
-        ((c.manifest.parsed_version, c) for c in scan(models) if c.manifest and c.manifest.name == name),
+        (
+            (c.manifest.parsed_version, c)
+            for c in scan(models)
+            if c.manifest and c.manifest.name == name and not (skip and skip(c.manifest.version))
+        ),
         key=lambda pair: pair[0],
         reverse=True,
     )
@@ -173,38 +182,63 @@ def _make_room(folder: Path, local: _Local, reporter: Reporter) -> None:
 
 def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | None:
     """The voice as a ready folder from a fleet mirror's ``ttsd-index.json``, or None when the
-    mirror has no index or the index does not name it (then the Piper catalog is asked)."""
+    mirror has no index or the index does not name it (then the Piper catalog is asked). The box
+    takes the newest version whose share includes it (``FleetVoice.target``), keeps a newer one it
+    already has unless it is withdrawn, and takes withdrawn versions off (``withdraw.apply``)."""
     try:
-        index = load_index(request.mirror)
+        index = load_index(request.mirror, cache=request.downloads)
     except NotOnMirror:
         return None
-    entry = index.get(request.voice)
-    if entry is None:
+    fleet = index.get(request.voice)
+    if fleet is None:
         return None
     if request.version is not None:
+        newest = fleet.newest()
         raise ConfigError(
-            f"{request.voice} comes ready-made from {request.mirror.base} as version "
-            f"{entry.version}; --version cannot change it"
+            f"{request.voice} comes ready-made from {request.mirror.base}"
+            + (f" (newest: version {newest.version})" if newest else "")
+            + "; --version cannot change it"
         )
-    local = _local(request.models, entry.name, request.trust, reporter)
-    newest = local.newest
+    local = _local(request.models, fleet.name, request.trust, reporter, skip=fleet.is_withdrawn)
+    have = local.newest.manifest if local.newest is not None else None
+    target = fleet.target(request.box)
+    notes: list[str] = []
+    newest = fleet.newest()
+    if newest is not None and newest is not target:
+        held = f"version {newest.version} goes to {newest.share:.0%} of boxes, not this one ({request.box})"
+        notes.append(held + (f"; {target.version} is the newest it may take" if target else ""))
     request.models.mkdir(parents=True, exist_ok=True)
     request.downloads.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with _locked(request.downloads / f"{entry.name}.lock", entry.name):
-        _remove_stale_builds(request.models, entry.name)
-        if newest is None or Version(entry.version) > newest.manifest.parsed_version:  # type: ignore[union-attr]
-            _make_room(request.models / f"{entry.name}-{entry.version}", local, reporter)
-        folder, manifest, fetched = get_prebuilt(
-            entry,
-            models=request.models,
-            downloads=request.downloads,
-            mirror=request.mirror,
-            upgrade=request.upgrade,
-            have=newest.manifest if newest else None,
-            trust=request.trust,
-            reporter=reporter,
+    with _locked(request.downloads / f"{fleet.name}.lock", fleet.name):
+        _remove_stale_builds(request.models, fleet.name)
+        folder, manifest, fetched = (local.newest.folder if local.newest else None), have, False
+        if target is not None and (have is None or Version(target.version) > have.parsed_version):
+            _make_room(request.models / f"{fleet.name}-{target.version}", local, reporter)
+            folder, manifest, fetched = get_prebuilt(
+                target,
+                models=request.models,
+                downloads=request.downloads,
+                mirror=request.mirror,
+                upgrade=request.upgrade,
+                have=have,
+                trust=request.trust,
+                reporter=reporter,
+            )
+        elif have is not None and not request.upgrade and not fleet.withdrawn:
+            raise VoiceExistsError(
+                f"{fleet.name} is already in {request.models} as version {have.version}; "
+                f"'ttsd models get {fleet.name} --upgrade' takes the mirror's newest"
+            )
+        if fleet.withdrawn:
+            from .withdraw import apply
+
+            notes += apply(fleet, request.models, manifest.version if manifest else None, request.daemon, reporter.step)
+    if folder is None or manifest is None:
+        raise NotOnMirror(
+            f"no version of {fleet.name} on {request.mirror.base} is for this box ({request.box}): "
+            + ("; ".join(notes) or "every version is withdrawn")
         )
-    return GetResult(None, folder, manifest, fetched)
+    return GetResult(None, folder, manifest, fetched, tuple(notes))
 
 
 def _get(request: GetRequest, reporter: Reporter) -> GetResult:

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,81 +43,31 @@ from ..errors import (
 from ..fsutil import atomic_write_bytes, atomic_write_text, current_umask, fsync_dir
 from ..manifest import (
     MANIFEST,
-    MAX_MANIFEST_BYTES,
-    MAX_SIGNATURE_BYTES,
     SIGNATURE,
     Manifest,
-    check_name,
-    check_version,
+    norm,
     parse_manifest,
     sha256_file,
     verify,
 )
 from .download import Mirror, download, fetch_small
-from .index import CatalogFile, check_remote_path
+from .fleet_index import INDEX_FILE, FleetVoice, Prebuilt, check_share, index_json, parse_index
+from .index import CatalogFile
+from .small_cache import fetch_small_cached
 
-INDEX_FILE = "ttsd-index.json"
 MAX_INDEX_BYTES = 4 << 20
 MAX_FILE_BYTES = 4 << 30  # any one file of a folder
-FORMAT = 1
-_HEX64 = frozenset("0123456789abcdef")
 
 
-@dataclass(frozen=True)
-class Prebuilt:
-    """One voice's newest folder on the mirror."""
-
-    name: str
-    version: str
-    path: str  # the folder, under the mirror
-    manifest: CatalogFile
-    signature: CatalogFile | None
-
-
-def _pinned(entry: object, rel: str, limit: int, where: str) -> CatalogFile:
-    if not isinstance(entry, dict):
-        raise CatalogError(f"{where}: must be an object with 'size' and 'sha256'")
-    size, digest = entry.get("size"), entry.get("sha256")
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= limit:
-        raise CatalogError(f"{where}: 'size' must be a whole number from 1 to {limit}")
-    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX64:
-        raise CatalogError(f"{where}: 'sha256' must be 64 lower-case hex digits")
-    return CatalogFile(check_remote_path(rel), size, sha256=digest)
-
-
-def parse_index(raw: bytes, source: str) -> dict[str, Prebuilt]:
-    """The mirror's ``ttsd-index.json``, every field checked (``CatalogError`` for the first bad one)."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise CatalogError(f"{source}: not valid JSON ({str(exc)[:100]})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("voices"), dict):
-        raise CatalogError(f"{source}: not a ttsd index (format {FORMAT} with a 'voices' object)")
-    voices: dict[str, Prebuilt] = {}
-    for name, entry in data["voices"].items():
-        where = f"{source}: voice {str(name)[:60]!r}"
-        try:
-            check_name(name)
-            if not isinstance(entry, dict) or not isinstance(entry.get("version"), str):
-                raise CatalogError(f"{where}: needs a 'version' string")
-            version = check_version(entry["version"])
-        except ManifestError as exc:
-            raise CatalogError(f"{where}: {exc}") from None
-        path = check_remote_path(entry.get("path"))
-        signature = entry.get("signature")
-        voices[name] = Prebuilt(
-            name,
-            version,
-            path,
-            _pinned(entry.get("manifest"), f"{path}/{MANIFEST}", MAX_MANIFEST_BYTES, where),
-            None if signature is None else _pinned(signature, f"{path}/{SIGNATURE}", MAX_SIGNATURE_BYTES, where),
-        )
-    return voices
-
-
-def load_index(mirror: Mirror) -> dict[str, Prebuilt]:
-    """The mirror's index; ``NotOnMirror`` when it has none (a plain Piper mirror)."""
-    return parse_index(fetch_small(mirror, INDEX_FILE, MAX_INDEX_BYTES), mirror.url(INDEX_FILE))
+def load_index(mirror: Mirror, cache: Path | None = None) -> dict[str, FleetVoice]:
+    """The mirror's index; ``NotOnMirror`` when it has none (a plain Piper mirror). With ``cache``
+    (the box's private downloads dir), asked for only if changed since the last time (an unchanged
+    mirror answers 304, and nothing is written)."""
+    if cache is None:
+        raw = fetch_small(mirror, INDEX_FILE, MAX_INDEX_BYTES)
+    else:
+        raw, _changed = fetch_small_cached(mirror, INDEX_FILE, MAX_INDEX_BYTES, cache)
+    return parse_index(raw, mirror.url(INDEX_FILE))
 
 
 # -- the box's side ---------------------------------------------------------------------------------
@@ -210,10 +160,23 @@ def get_prebuilt(
 
 
 # -- the build machine's side -------------------------------------------------------------------------
-def publish(folder: Path, mirror_dir: Path, trust: Any = None) -> Prebuilt:
-    """Copy ``folder`` (verified, and signed by ``trust`` when given) to ``mirror_dir`` and name it
-    in the index as its voice's newest version. The same version published again with the same
-    content is a no-op; with other content it is refused (boxes may have it already)."""
+def _read_index(mirror_dir: Path) -> dict[str, FleetVoice]:
+    index_path = mirror_dir / INDEX_FILE
+    if not index_path.is_file():
+        return {}
+    return parse_index(index_path.read_bytes(), str(index_path))  # a broken index is not extended
+
+
+def _write_index(mirror_dir: Path, voices: dict[str, FleetVoice]) -> None:
+    """The index rewritten by rename: a box reads the old one or the new one, never half."""
+    atomic_write_text(mirror_dir / INDEX_FILE, index_json(voices), mode=0o644)
+
+
+def publish(folder: Path, mirror_dir: Path, trust: Any = None, share: float | None = None) -> Prebuilt:
+    """Copy ``folder`` (verified, and signed by ``trust`` when given) to ``mirror_dir`` and list it
+    in the index, to ``share`` of the boxes (a new version: 1 unless given; one published before
+    keeps its share unless given). The same version published again with the same content only
+    changes its share; with other content, or once withdrawn, it is refused (boxes may have it)."""
     manifest = verify(folder)
     if trust is not None:
         trust.check(folder, manifest)
@@ -221,15 +184,18 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None) -> Prebuilt:
         from ..signing import check_coverage
 
         check_coverage(folder, manifest)
+    if share is not None:
+        share = check_share(share, "--rollout")
     signed = (folder / SIGNATURE).is_file()
     rel = f"ttsd/{manifest.name}/{manifest.version}"
     target = mirror_dir / rel
-    index_path = mirror_dir / INDEX_FILE
-    index: dict[str, Any] = {"format": FORMAT, "voices": {}}
-    if index_path.is_file():
-        raw = index_path.read_bytes()
-        parse_index(raw, str(index_path))  # a broken index is not extended
-        index = json.loads(raw)
+    voices = _read_index(mirror_dir)
+    voice = voices.get(manifest.name, FleetVoice(manifest.name, ()))
+    if voice.is_withdrawn(manifest.version):
+        raise ConfigError(
+            f"{manifest.name} {manifest.version} was withdrawn from {mirror_dir} (boxes rolled it back); "
+            "give the folder a new version"
+        )
     if target.exists():
         if sha256_file(target / MANIFEST) != sha256_file(folder / MANIFEST):
             raise ConfigError(
@@ -251,15 +217,65 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None) -> Prebuilt:
     if signed and sha256_file(target / SIGNATURE) != sha256_file(folder / SIGNATURE):
         # signed again (same content, new signature): renamed in, so a box never reads half of it
         atomic_write_bytes(target / SIGNATURE, (folder / SIGNATURE).read_bytes(), mode=0o644)
-    entry = {
-        "version": manifest.version,
-        "path": rel,
-        "manifest": {"size": (target / MANIFEST).stat().st_size, "sha256": sha256_file(target / MANIFEST)},
-    }
+    before = next((p for p in voice.versions if norm(p.version) == norm(manifest.version)), None)
+    signature = None
     if (target / SIGNATURE).is_file():
-        entry["signature"] = {"size": (target / SIGNATURE).stat().st_size, "sha256": sha256_file(target / SIGNATURE)}
-    current = index["voices"].get(manifest.name)
-    if current is None or Version(current["version"]) <= manifest.parsed_version:
-        index["voices"][manifest.name] = entry
-        atomic_write_text(index_path, json.dumps(index, indent=1, sort_keys=True) + "\n", mode=0o644)
-    return parse_index(index_path.read_bytes(), str(index_path))[manifest.name]
+        signature = CatalogFile(
+            f"{rel}/{SIGNATURE}", (target / SIGNATURE).stat().st_size, sha256=sha256_file(target / SIGNATURE)
+        )
+    entry = Prebuilt(
+        manifest.name,
+        manifest.version,
+        rel,
+        CatalogFile(f"{rel}/{MANIFEST}", (target / MANIFEST).stat().st_size, sha256=sha256_file(target / MANIFEST)),
+        signature,
+        share if share is not None else (before.share if before is not None else 1.0),
+    )
+    others = tuple(p for p in voice.versions if p is not before)
+    voices[manifest.name] = replace(voice, versions=_newest_first((*others, entry)))
+    _write_index(mirror_dir, voices)
+    return entry
+
+
+def _newest_first(versions: tuple[Prebuilt, ...]) -> tuple[Prebuilt, ...]:
+    return tuple(sorted(versions, key=lambda p: Version(p.version), reverse=True))
+
+
+def _published(mirror_dir: Path, name: str, version: str) -> tuple[dict[str, FleetVoice], FleetVoice, Prebuilt]:
+    if not (mirror_dir / INDEX_FILE).is_file():
+        raise ConfigError(f"{mirror_dir} has no {INDEX_FILE}: publish a folder there first (ttsd models publish)")
+    voices = _read_index(mirror_dir)
+    voice = voices.get(name)
+    if voice is None:
+        raise ConfigError(f"{mirror_dir / INDEX_FILE} has no voice {name!r}")
+    if voice.is_withdrawn(version):
+        raise ConfigError(f"{name} {version} is withdrawn from {mirror_dir}; publish a new version instead")
+    entry = next((p for p in voice.versions if norm(p.version) == norm(version)), None)
+    if entry is None:
+        listed = ", ".join(p.version for p in voice.versions) or "none"
+        raise ConfigError(f"{mirror_dir / INDEX_FILE} has no version {version} of {name} (published: {listed})")
+    return voices, voice, entry
+
+
+def rollout(mirror_dir: Path, name: str, version: str, share: float) -> Prebuilt:
+    """Give a published version ``share`` of the boxes (widen, hold or narrow its rollout)."""
+    share = check_share(share, "share")
+    voices, voice, entry = _published(mirror_dir, name, version)
+    changed = replace(entry, share=share)
+    voices[name] = replace(voice, versions=tuple(changed if p is entry else p for p in voice.versions))
+    _write_index(mirror_dir, voices)
+    return changed
+
+
+def withdraw(mirror_dir: Path, name: str, version: str, why: str = "withdrawn by the fleet mirror") -> FleetVoice:
+    """Mark a published version withdrawn: no box takes it, and a box that has it goes back to the
+    newest version it may have (``ttsd models get --upgrade``). Its files stay on the mirror."""
+    voices, voice, entry = _published(mirror_dir, name, version)
+    reason = "".join(c if c.isprintable() else " " for c in why).strip()[:200] or "withdrawn by the fleet mirror"
+    voices[name] = replace(
+        voice,
+        versions=tuple(p for p in voice.versions if p is not entry),
+        withdrawn={**voice.withdrawn, norm(entry.version): reason},
+    )
+    _write_index(mirror_dir, voices)
+    return voices[name]

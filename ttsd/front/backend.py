@@ -34,7 +34,7 @@ class Backend:
     status: Callable[[], dict[str, Any]]
     metrics: Metrics
     max_chars: int
-    rollback: Callable[[str, str | None], Awaitable[dict[str, Any]]]
+    rollback: Callable[[str, str | None, str | None], Awaitable[dict[str, Any]]]  # voice, to, reason
     activate: Callable[[str, str], Awaitable[dict[str, Any]]]
     token: str | None = None  # required on TCP connections when set
     # the load of a voice the memory budget unloaded: started or joined, the voice kept while held

@@ -424,7 +424,12 @@ class _Api:
             to = data.get("to")
             if to is not None and not isinstance(to, (str, int)):
                 raise RequestError("field 'to' must be a version string")
-            result = await self.backend.rollback(request.match_info["name"], None if to is None else str(to))
+            reason = data.get("reason")  # what the audit trail says (e.g. "withdrawn by the fleet mirror")
+            if reason is not None and (
+                not isinstance(reason, str) or not 0 < len(reason) <= 200 or not reason.isprintable()
+            ):
+                raise RequestError("field 'reason' must be 1 to 200 printable characters")
+            result = await self.backend.rollback(request.match_info["name"], None if to is None else str(to), reason)
         except TtsdError as exc:
             return error_response(exc)
         return web.json_response(result)

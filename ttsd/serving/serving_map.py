@@ -19,7 +19,6 @@ calls run on loader threads. Everything takes ``_lock`` briefly; callbacks run o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import Any
 
 from ..engines import Engine
 from ..errors import BusyError, ColdVoiceError, UnknownVoiceError
+from ..shares import point
 from .pacing import Guard
 from .versions import norm
 
@@ -38,13 +38,10 @@ Key = tuple[str, str]  # (voice, normalised version)
 
 def user_point(canary: Key, user: str) -> float:
     """Where ``user`` stands for ``canary`` (voice, version): a point in [0, 1), the same for every
-    request of that user, on any box and after restarts (sha256, not Python's salted ``hash``). The
-    user is on the canary when the point is below the share, so a larger share keeps everyone who
-    was on it. The canary is part of the hash: each new canary picks its own users, so the same
-    ones are not always the first to hear a new version."""
-    text = "\0".join((canary[0], canary[1], user))
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    request of that user, on any box and after restarts. The user is on the canary when the point
+    is below the share, so a larger share keeps everyone who was on it; each new canary picks its
+    own users (``ttsd.shares``, the rule a fleet's staged rollout uses for boxes too)."""
+    return point(canary[0], canary[1], user)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,257 @@
+"""Staged rollout across a fleet (issue 30): the mirror's index gives each version a share of boxes,
+``get --upgrade`` follows it by the rule gray release uses (``ttsd.shares``), a withdrawn version
+leaves every box that has it, and an unchanged mirror costs one request answered 304."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from catalog_server import Mirror, serve
+from conftest import plausible, save_tiny_vits
+from daemon_util import start_daemon, wait_for
+from test_catalog import invoke, one_line_error
+from test_signing import folder_of_two
+
+from ttsd.fetch.fleet_index import INDEX_FILE
+from ttsd.manifest import pack, read_manifest
+from ttsd.shares import within
+
+BOXES = [f"box-{i:02d}" for i in range(10)]
+
+
+@pytest.fixture
+def mirror() -> Iterator[Mirror]:
+    with serve() as m:
+        yield m
+
+
+def serve_dir(mirror: Mirror, root: Path) -> None:
+    mirror.files.clear()
+    for path in root.rglob("*"):
+        if path.is_file():
+            mirror.files[path.relative_to(root).as_posix()] = path.read_bytes()
+
+
+def publish(folder: Path, where: Path, *args: str) -> None:
+    result = invoke("models", "publish", str(folder), str(where), *args)
+    assert result.exit_code == 0, result.output
+
+
+def get(mirror: Mirror, box: Path, box_id: str, *args: str) -> Any:
+    return invoke("models", "get", "voice", "--upgrade", *args, "--mirror", mirror.url, "--models",
+                  str(box / "models"), "--cache", str(box / "cache"), "--box-id", box_id, "--timeout", "10",
+                  "--socket", str(box / "no-daemon.sock"))
+
+
+def versions_on(box: Path) -> list[str]:
+    models = box / "models"
+    return sorted(read_manifest(p).version for p in models.iterdir() if not p.name.startswith("."))
+
+
+# -- shares ---------------------------------------------------------------------------------------------
+def test_ten_boxes_follow_the_share_and_widening_keeps_every_box_that_had_it(tmp_path: Path, mirror: Mirror) -> None:
+    """v1 to every box; v2 at 0.3: exactly the boxes the rule picks take it, the same on a rerun;
+    at 0.6 every earlier box still has it and more take it; at 1.0 all do."""
+    published = tmp_path / "published"
+    publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
+    publish(folder_of_two(tmp_path / "build" / "voice-2", version="2"), published, "--rollout", "0.3")
+    serve_dir(mirror, published)
+    picked: dict[float, set[str]] = {}
+    for share in (0.3, 0.3, 0.6, 1.0):
+        if share != 0.3:
+            assert invoke("models", "rollout", str(published), "voice", "2", str(share)).exit_code == 0
+            serve_dir(mirror, published)
+        took = set()
+        for box_id in BOXES:
+            result = get(mirror, tmp_path / box_id, box_id)
+            assert result.exit_code == 0, result.output
+            if "2" in versions_on(tmp_path / box_id):
+                took.add(box_id)
+            else:
+                assert versions_on(tmp_path / box_id) == ["1"] and "goes to" in result.output, result.output
+        assert took == {b for b in BOXES if within(share, "voice", "2", b)}, share
+        if share in picked:
+            assert took == picked[share]  # a rerun picks the same boxes
+        picked[share] = took
+    assert 0 < len(picked[0.3]) < len(picked[0.6]) < 10 and picked[0.3] <= picked[0.6]
+    assert picked[1.0] == set(BOXES)
+
+
+def test_a_box_outside_every_share_gets_the_newest_version_that_includes_it(tmp_path: Path, mirror: Mirror) -> None:
+    """A new box, v1 at 1.0 and v2 at 0.0 (held): it gets v1 and exits 0 saying v2 is not for it."""
+    published = tmp_path / "published"
+    publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
+    publish(folder_of_two(tmp_path / "build" / "voice-2", version="2"), published, "--rollout", "0")
+    serve_dir(mirror, published)
+    result = get(mirror, tmp_path / "box", "box-00")
+    assert result.exit_code == 0 and versions_on(tmp_path / "box") == ["1"], result.output
+    assert "version 2 goes to 0% of boxes, not this one (box-00)" in result.output
+
+
+def test_rollout_and_withdraw_refuse_what_is_not_published(tmp_path: Path) -> None:
+    published = tmp_path / "published"
+    one_line_error(invoke("models", "rollout", str(published), "voice", "1", "0.5"), 3, "has no ttsd-index.json")
+    publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
+    one_line_error(invoke("models", "rollout", str(published), "voice", "7", "0.5"), 3, "no version 7 of voice")
+    one_line_error(invoke("models", "withdraw", str(published), "nobody", "1"), 3, "no voice 'nobody'")
+    assert invoke("models", "rollout", str(published), "voice", "1", "1.5").exit_code == 2  # click: out of range
+    assert invoke("models", "withdraw", str(published), "voice", "1").exit_code == 0
+    one_line_error(invoke("models", "rollout", str(published), "voice", "1", "0.5"), 3, "withdrawn")
+    # a withdrawn version is never published again: boxes rolled it back
+    one_line_error(invoke("models", "publish", str(tmp_path / "build" / "voice-1"), str(published)), 3, "withdrawn")
+
+
+def test_the_index_keeps_a_version_for_older_releases(tmp_path: Path) -> None:
+    """Beside "versions", the one version older ttsd releases read: the newest out to every box."""
+    published = tmp_path / "published"
+    publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
+    publish(folder_of_two(tmp_path / "build" / "voice-2", version="2"), published, "--rollout", "0.05")
+    entry = json.loads((published / INDEX_FILE).read_text())["voices"]["voice"]
+    assert entry["version"] == "1" and entry["path"] == "ttsd/voice/1" and "share" not in entry
+    assert entry["versions"]["2"]["share"] == 0.05 and "share" not in entry["versions"]["1"]
+    assert invoke("models", "rollout", str(published), "voice", "2", "1").exit_code == 0
+    assert json.loads((published / INDEX_FILE).read_text())["voices"]["voice"]["version"] == "2"
+
+
+# -- withdrawals ------------------------------------------------------------------------------------------
+def test_a_withdrawn_version_leaves_a_box_without_a_daemon(tmp_path: Path, mirror: Mirror) -> None:
+    """A box with v1 and v2; v2 withdrawn: get removes its folder, keeps v1, exits 0. A withdrawal
+    of a version the box never had changes nothing."""
+    published = tmp_path / "published"
+    publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
+    publish(folder_of_two(tmp_path / "build" / "voice-2", version="2"), published)
+    serve_dir(mirror, published)
+    box = tmp_path / "box"
+    assert get(mirror, box, "box-00").exit_code == 0 and versions_on(box) == ["2"]  # the newest for it
+    publish(folder_of_two(tmp_path / "build" / "voice-3", version="3"), published, "--rollout", "0")
+    assert invoke("models", "withdraw", str(published), "voice", "3").exit_code == 0  # never on this box
+    serve_dir(mirror, published)
+    result = get(mirror, box, "box-00")
+    assert result.exit_code == 0 and versions_on(box) == ["2"], result.output
+    # withdraw v2, the only version the box has: it goes back to v1, fetched for it
+    assert invoke("models", "withdraw", str(published), "voice", "2", "--reason", "clipped").exit_code == 0
+    serve_dir(mirror, published)
+    result = get(mirror, box, "box-00")
+    assert result.exit_code == 0 and versions_on(box) == ["1"], result.output
+    assert "removed voice-2" in result.output
+    assert not [p for p in (box / "models").iterdir() if p.name.startswith(".")]  # nothing left aside
+
+
+def test_the_only_version_a_box_has_is_kept_when_withdrawn(tmp_path: Path, mirror: Mirror) -> None:
+    """Withdrawn with nothing to go back to: the box keeps it and says why (exit 13), every run."""
+    published = tmp_path / "published"
+    publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
+    serve_dir(mirror, published)
+    box = tmp_path / "box"
+    assert get(mirror, box, "box-00").exit_code == 0
+    assert invoke("models", "withdraw", str(published), "voice", "1").exit_code == 0
+    serve_dir(mirror, published)
+    for _ in range(2):
+        one_line_error(get(mirror, box, "box-00"), 13, "withdrawn by the fleet mirror", "no other version", "keeps it")
+        assert versions_on(box) == ["1"]
+
+
+@pytest.mark.daemon
+def test_a_daemon_serving_a_withdrawn_version_rolls_back_for_good(tmp_path: Path, mirror: Mirror,
+                                                                 cache_dir: Path) -> None:
+    """A box's daemon serves v2 (v1 beside it). v2 is withdrawn. One get --upgrade, as the timer runs
+    it with the daemon's socket: the daemon serves v1, v2 is rolled back with the mirror's reason in
+    its history, v2's folder has left the models dir; after a restart v1 still serves and v2 stays
+    rolled back."""
+    published = tmp_path / "published"
+    build = tmp_path / "build"
+    for version in ("1", "2"):
+        folder = save_tiny_vits(build / f"voice-{version}", version=version, seed=int(version), edit=plausible,
+                                noise_scale_duration=0.0, pack_it=False)
+        pack(folder, name="voice", version=version, engine="vits", sample_rate=16000)
+        publish(folder, published)
+    serve_dir(mirror, published)
+    box = tmp_path / "box"
+    models = box / "models"
+    models.mkdir(parents=True)
+    for version in ("1", "2"):  # the box got v1, then v2 (as its timer would have)
+        os.rename(build / f"voice-{version}", models / f"voice-{version}")
+    daemon = start_daemon(box, cache_dir, "--no-seed", "--settle", "0.2", "--rescan-interval", "0.5", models=models)
+
+    def voice() -> dict[str, Any]:
+        return next(v for v in daemon.request("GET", "/v1/status").json()["voices"] if v["name"] == "voice")
+
+    def state(version: str) -> str:
+        return next(v["state"] for v in voice()["versions"] if v["version"] == version)
+
+    try:
+        wait_for(lambda: voice()["active"] == "2", timeout=60, what="v2 serving")
+        assert invoke("models", "withdraw", str(published), "voice", "2", "--reason", "clipped").exit_code == 0
+        serve_dir(mirror, published)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ttsd", "models", "get", "voice", "--upgrade", "--mirror", mirror.url,
+             "--models", str(models), "--cache", str(box / "cache"), "--box-id", "box-00",
+             "--socket", str(daemon.socket)],
+            capture_output=True, text=True, timeout=120, env=daemon.env)
+        assert proc.returncode == 0, proc.stderr
+        assert "voice: 2 -> 1 (withdrawn by the fleet mirror)" in proc.stdout + proc.stderr
+        assert voice()["active"] == "1" and state("2") == "rolled-back"
+        assert not (models / "voice-2").exists()
+        history = daemon.request("GET", "/v1/status").json()["history"]
+        assert any(h["from"] == "2" and h["to"] == "1" and "withdrawn by the fleet mirror" in h["why"] for h in history)
+        daemon.stop()
+        daemon.start()
+        wait_for(lambda: voice()["active"] == "1", timeout=60, what="v1 serving after the restart")
+        assert state("2") == "rolled-back"
+    finally:
+        daemon.stop()
+
+
+# -- cheap polling ------------------------------------------------------------------------------------------
+class _Logged(SimpleHTTPRequestHandler):
+    log: list[tuple[str, int]] = []
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        self.log.append((self.path, int(code) if str(code).isdigit() else 0))
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def files_and_times(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")}
+
+
+def test_an_unchanged_mirror_costs_one_request_answered_304_and_no_writes(tmp_path: Path) -> None:
+    """A plain static server (Python's http.server: Last-Modified only). The first get fetches; the
+    next ones ask for the index only, get 304, and leave every file and folder of the box as it
+    was (names, sizes, mtimes)."""
+    published = tmp_path / "published"
+    publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
+    handler = type("Handler", (_Logged,), {"log": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **kw: handler(*a, directory=str(published), **kw))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    box = tmp_path / "box"
+
+    def poll() -> Any:
+        return invoke("models", "get", "voice", "--upgrade", "--mirror", url, "--models", str(box / "models"),
+                      "--cache", str(box / "cache"), "--box-id", "box-00", "--socket", str(tmp_path / "none.sock"))
+
+    try:
+        assert poll().exit_code == 0 and versions_on(box) == ["1"]
+        before = files_and_times(box)
+        handler.log.clear()
+        for _ in range(3):
+            result = poll()
+            assert result.exit_code == 0, result.output
+        assert handler.log == [(f"/{INDEX_FILE}", 304)] * 3
+        assert files_and_times(box) == before
+    finally:
+        server.shutdown()
+        server.server_close()
