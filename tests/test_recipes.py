@@ -184,7 +184,10 @@ def _tamper(mirror: Path, version: str) -> None:
     pack(folder, name=VOICE, version=version, engine=manifest.engine, sample_rate=manifest.sample_rate)
     index = json.loads((mirror / "ttsd-index.json").read_text())
     raw = (folder / "ttsd.json").read_bytes()
-    index["voices"][VOICE]["manifest"].update(sha256=hashlib.sha256(raw).hexdigest(), size=len(raw))
+    pinned = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+    index["voices"][VOICE]["versions"][version]["manifest"].update(pinned)  # what boxes follow
+    if index["voices"][VOICE].get("version") == version:  # what older ttsd releases read
+        index["voices"][VOICE]["manifest"].update(pinned)
     (mirror / "ttsd-index.json").write_text(json.dumps(index))
 
 
