@@ -11,8 +11,8 @@ package computes the same thing from the same files: ``config`` reads the hyper-
 encoder, duration predictors and prior flow, ``decoder`` is HiFi-GAN (``FastHifiGan``); this module
 puts them together, refuses tensors the config does not use, and runs them. Padding and masking
 follow the tests' reference (``tests/reference/vits_forward.py``): text and frames are padded to
-multiples of ``BUCKET`` and masked exactly as VITS masks a batch, so the output is the same for
-every length.
+multiples of ``BUCKET`` and ``FRAME_BUCKET`` and masked exactly as VITS masks a batch, so the
+output is the same for every length.
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ from .decoder import FastHifiGan
 from .text_side import _Coupling, _Duration, _EncoderLayer, _StochasticDuration
 from .weights import Dense, _Weights
 
-BUCKET = 32  # text and frame lengths are padded to a multiple of this (bounded shapes for oneDNN)
+BUCKET = 32  # text lengths are padded to a multiple of this (bounded shapes for oneDNN)
+# Frame counts are padded to a multiple of this. The flow runs on frames, and in bf16 its products
+# are oneDNN matmuls, which compile and keep kernels for each shape they meet: frames padded to 32
+# left about 30 shapes over 100 varied requests, 83 MB more peak RSS than padded to 128, with no
+# measurable speed difference (a soak of 100 texts of 1-60 words, bf16, Intel Xeon with AMX).
+FRAME_BUCKET = 128
 
 
 def _padded(length: int, bucket: int) -> int:
@@ -86,6 +91,7 @@ class NativeVits:
         """Text ids -> decoder input ``(1, flow_size, frames)`` and the speaker embedding ``(1, E, 1)``.
         Noise is drawn in the same order and shapes as the tests' reference ``latent_frames``."""
         c = self.config
+        frame_bucket = FRAME_BUCKET if bucket is None else bucket  # ``bucket``: both, as given (tests)
         bucket = BUCKET if bucket is None else bucket
         length = len(ids)
         padded = _padded(length, bucket)
@@ -129,7 +135,7 @@ class NativeVits:
             prior = means + noise * torch.exp(log_vars) * noise_scale
         else:
             prior = means
-        frames_padded = _padded(count, bucket)
+        frames_padded = _padded(count, frame_bucket)
         out_mask = torch.zeros(frames_padded, 1)
         out_mask[:count] = 1.0
         x = F.pad(prior, (0, 0, 0, frames_padded - count))
