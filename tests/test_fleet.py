@@ -133,7 +133,8 @@ def test_with_trusted_keys_get_refuses_what_a_daemon_would(tmp_path: Path, mirro
 
 @pytest.mark.parametrize("spoil, message", [
     (lambda e: e["versions"]["1"].update(path="../../etc"), "escapes the mirror"),
-    (lambda e: e["versions"].update({"not a version": e["versions"]["1"]}), "invalid version"),
+    (lambda e: e["versions"].update({"not-a-version": e["versions"]["1"]}), "invalid version"),
+    (lambda e: e["versions"].update({"2\n": e["versions"]["1"]}), "no spaces or line breaks"),
     (lambda e: e["versions"]["1"]["manifest"].update(sha256="ab" * 16), "64 lower-case hex"),
     (lambda e: e["versions"]["1"]["manifest"].update(size=10 << 30), "'size' must be"),
     (lambda e: e["versions"]["1"].update(share=1.5), "outside 0 to 1"),

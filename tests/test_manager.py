@@ -407,3 +407,55 @@ def test_a_lease_counts_against_its_own_entry_when_a_version_comes_back() -> Non
     serving.add(("voice", "1"), served, engine)  # type: ignore[arg-type]
     lease.release()
     assert serving.in_flight(("voice", "1")) == 0 and serving.remove(("voice", "1"))
+
+
+def test_a_withdrawn_version_never_serves_again_whatever_it_was_doing(tmp_path: Path, fake_engines: None) -> None:
+    """A fleet mirror's withdrawal (``withdraw``): 1. a canary is ended and its requests go back to
+    the active version; 2. a standby (the previous version, a rollback target) leaves the rollback
+    targets, so a rollback skips it; 3. the active one is rolled back to the version given; 4. a
+    version not yet seen is marked, so its folder, when it lands, is never promoted; 5. all of it
+    holds after a restart, and doing it again changes nothing."""
+    random.seed(3)
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state", spawn=lambda fn: fn(),
+                           policy=Policy(settle=0, canary={"*": 0.5}, canary_requests=1000))
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    assert manager.snapshot()[0]["canary"] == "2"
+    manager.withdraw("voice", "2", "withdrawn by the fleet mirror: clipped")  # 1.
+    voice = manager.snapshot()[0]
+    assert voice["canary"] is None and voice["active"] == "1"
+    assert all(manager.acquire("voice").voice.version == "1" for _ in range(50))
+    assert {v["version"]: v["state"] for v in voice["versions"]}["2"] == "rolled-back"
+    assert manager.history()[-1]["why"] == "withdrawn by the fleet mirror: clipped"
+
+    fake_model(models, "voice", "3")
+    manager.reconcile()  # a canary again
+    manager.activate("voice", "3")  # 1 is now the previous version, on standby
+    manager.withdraw("voice", "1", "withdrawn by the fleet mirror")  # 2.
+    assert manager.snapshot()[0]["rollback_to"] is None
+    with pytest.raises(ConflictError):
+        manager.rollback("voice")  # nothing left to go back to: 1 is withdrawn, 2 too
+
+    fake_model(models, "voice", "4")
+    manager.reconcile()
+    manager.activate("voice", "4")
+    result = manager.withdraw("voice", "4", "withdrawn by the fleet mirror", to="3")  # 3.
+    assert result["active"] == "3" and manager.snapshot()[0]["active"] == "3"
+
+    manager.withdraw("voice", "9", "withdrawn by the fleet mirror")  # 4.
+    fake_model(models, "voice", "9")
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "3"
+    manager.withdraw("voice", "9", "withdrawn by the fleet mirror")  # again: nothing changes
+    manager.close()
+
+    restarted = make_manager(tmp_path, canary={"*": 0.5})
+    restarted.start()  # 5.
+    voice = restarted.snapshot()[0]
+    assert voice["active"] == "3" and voice["canary"] is None
+    assert {v["version"]: v["state"] for v in voice["versions"] if v["version"] != "3"} == {
+        "1": "rolled-back", "2": "rolled-back", "4": "rolled-back", "9": "rolled-back"}
+    restarted.close()

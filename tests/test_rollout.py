@@ -198,11 +198,12 @@ def test_a_daemon_serving_a_withdrawn_version_rolls_back_for_good(tmp_path: Path
              "--socket", str(daemon.socket)],
             capture_output=True, text=True, timeout=120, env=daemon.env)
         assert proc.returncode == 0, proc.stderr
-        assert "voice: 2 -> 1 (withdrawn by the fleet mirror)" in proc.stdout + proc.stderr
+        assert "voice: 2 withdrawn on the daemon (serving 1)" in proc.stdout + proc.stderr
         assert voice()["active"] == "1" and state("2") == "rolled-back"
         assert not (models / "voice-2").exists()
         history = daemon.request("GET", "/v1/status").json()["history"]
-        assert any(h["from"] == "2" and h["to"] == "1" and "withdrawn by the fleet mirror" in h["why"] for h in history)
+        assert any(h["from"] == "2" and h["to"] == "1" and h["why"] == "withdrawn by the fleet mirror: clipped"
+                   for h in history)
         daemon.stop()
         daemon.start()
         wait_for(lambda: voice()["active"] == "1", timeout=60, what="v1 serving after the restart")
@@ -232,6 +233,10 @@ def test_an_unchanged_mirror_costs_one_request_answered_304_and_no_writes(tmp_pa
     was (names, sizes, mtimes)."""
     published = tmp_path / "published"
     publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
+    # published a while ago: a Last-Modified in the very second of the answer cannot tell two
+    # versions apart, so it is never kept (the next test)
+    old = os.stat(published / INDEX_FILE).st_mtime - 60
+    os.utime(published / INDEX_FILE, (old, old))
     handler = type("Handler", (_Logged,), {"log": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **kw: handler(*a, directory=str(published), **kw))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -252,6 +257,35 @@ def test_an_unchanged_mirror_costs_one_request_answered_304_and_no_writes(tmp_pa
             assert result.exit_code == 0, result.output
         assert handler.log == [(f"/{INDEX_FILE}", 304)] * 3
         assert files_and_times(box) == before
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_index_changed_twice_in_one_second_is_not_missed(tmp_path: Path) -> None:
+    """A rollout, a poll and a withdrawal in the same second (a script): the index's date is the
+    same both times, so a kept Last-Modified would answer every later poll 304 and the box would
+    never see the withdrawal. Such a date is not kept: the poll after the change sees it."""
+    published = tmp_path / "published"
+    publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
+    publish(folder_of_two(tmp_path / "build" / "voice-2", version="2"), published)
+    handler = type("Handler", (_Logged,), {"log": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **kw: handler(*a, directory=str(published), **kw))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    box = tmp_path / "box"
+
+    def poll() -> Any:
+        return invoke("models", "get", "voice", "--upgrade", "--mirror", url, "--models", str(box / "models"),
+                      "--cache", str(box / "cache"), "--box-id", "box-00", "--socket", str(tmp_path / "none.sock"))
+
+    try:
+        stamp = os.stat(published / INDEX_FILE).st_mtime
+        assert poll().exit_code == 0 and versions_on(box) == ["2"]
+        assert invoke("models", "withdraw", str(published), "voice", "2").exit_code == 0
+        os.utime(published / INDEX_FILE, (stamp, stamp))  # the same second, as a quick script gives
+        result = poll()
+        assert result.exit_code == 0 and versions_on(box) == ["1"], result.output
     finally:
         server.shutdown()
         server.server_close()

@@ -168,6 +168,9 @@ class Daemon:
         why = reason or "rollback requested"  # the audit trail's words (a fleet mirror's withdrawal says so)
         return await in_fresh_thread(lambda: self.manager.rollback(voice, to, why), "ttsd-rollback")
 
+    async def withdraw(self, voice: str, version: str, to: str | None, reason: str) -> dict[str, Any]:
+        return await in_fresh_thread(lambda: self.manager.withdraw(voice, version, reason, to), "ttsd-withdraw")
+
     async def activate(self, voice: str, version: str) -> dict[str, Any]:
         return await in_fresh_thread(lambda: self.manager.activate(voice, version), "ttsd-activate")
 
@@ -208,6 +211,7 @@ class Daemon:
             token=self.config.token,
             wanting=self.manager.wanting,
             load_wait=self.config.load_wait,
+            withdraw=self.withdraw,
         )
 
     # -- running -------------------------------------------------------------------------------

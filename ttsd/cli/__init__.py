@@ -26,6 +26,12 @@ EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
 
 
+def one_line(text: str) -> str:
+    """An error as one line: line breaks, control and format characters (from a daemon's or a
+    mirror's answer, or a file name) become spaces, so no message spans lines or moves the cursor."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
 def _usage_line(exc: click.UsageError, where: str) -> None:
     """A usage error as ttsd's one line, with click's words and where to look (not click's usage
     block: every other error is one line, and scripts read the first line of stderr)."""
@@ -58,7 +64,7 @@ class TtsdGroup(click.Group):
                 raise
             from rich.markup import escape
 
-            console().print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, emoji=False)
+            console().print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", markup=True, emoji=False)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             console().print("interrupted")
@@ -76,7 +82,7 @@ class TtsdGroup(click.Group):
             from rich.markup import escape
 
             console().print(
-                f"[bold red]internal error:[/] {escape(f'{type(exc).__name__}: {exc}')} "
+                f"[bold red]internal error:[/] {escape(one_line(f'{type(exc).__name__}: {exc}'))} "
                 "(run 'ttsd --debug ...' for the traceback)",
                 markup=True,
                 emoji=False,

@@ -234,7 +234,7 @@ def withdraw_cmd(mirror_dir: Path, voice: str, version: str, reason: str | None)
     mirror)."""
     from ..fetch.prebuilt import withdraw
 
-    fleet = withdraw(mirror_dir, voice, version, reason or "withdrawn by the fleet mirror")
+    fleet = withdraw(mirror_dir, voice, version, reason or "withdrawn")
     newest = fleet.newest()
     console().print(
         f"{voice} {version} withdrawn; "
@@ -336,6 +336,9 @@ def get_cmd(
     for note in result.notes:
         console().print(note, markup=False)
     m = result.manifest
+    if m is None:  # a staged version this box is outside of, and nothing older for it: where it should be
+        console().print(f"{voice}: no version on the mirror is for this box yet", markup=False)
+        return
     if not result.fetched:
         console().print(f"{result.folder}: {m.name} {m.version} is up to date with the catalog", markup=False)
         return

@@ -350,6 +350,20 @@ class Validators:
         return headers
 
 
+def _strong_date(modified: str | None, date: str | None) -> bool:
+    """Whether ``Last-Modified`` can tell versions apart (RFC 9110 8.8.2.2): it is at least a
+    second older than the answer's ``Date``. A file written twice within one second has one date,
+    so a document changed again in the second it was fetched would be answered 304 for ever."""
+    from email.utils import parsedate_to_datetime
+
+    if modified is None or date is None:
+        return False
+    try:
+        return (parsedate_to_datetime(date) - parsedate_to_datetime(modified)).total_seconds() >= 1
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+
+
 def _fetch_small(mirror: Mirror, url: str, limit: int, headers: dict[str, str]) -> tuple[bytes, Validators]:
     """The body of ``url`` (see ``fetch_small``) and its validators (none unless a 200 gave them);
     ``_NotModified`` for a 304 to conditional ``headers``."""
@@ -360,7 +374,10 @@ def _fetch_small(mirror: Mirror, url: str, limit: int, headers: dict[str, str]) 
             raise CatalogError(f"{url}: {int(length)} bytes, more than the {limit} allowed; refused")
         validators = Validators()
         if response.status == 200:
-            validators = Validators.of(response.headers.get("ETag"), response.headers.get("Last-Modified"))
+            modified = response.headers.get("Last-Modified")
+            if not _strong_date(modified, response.headers.get("Date")):
+                modified = None  # a second later the file may change again under the same date
+            validators = Validators.of(response.headers.get("ETag"), modified)
         body = bytearray()
         while len(body) <= limit:
             if time.monotonic() > deadline:

@@ -102,8 +102,8 @@ def _reason(value: object, where: str) -> str:
         return "withdrawn"
     if not isinstance(value, str) or not value.strip():
         raise CatalogError(f"{where}: 'withdrawn' must be true or a short reason")
-    text = "".join(c if c.isprintable() else " " for c in value).strip()
-    return text[:MAX_REASON]
+    text = " ".join("".join(c if c.isprintable() else " " for c in value).split())[:MAX_REASON]
+    return text or "withdrawn"  # nothing printable left: still withdrawn, and written back as such
 
 
 def _version_entry(name: str, version: str, entry: object, where: str) -> Prebuilt:
@@ -142,6 +142,8 @@ def _voice(name: object, entry: object, source: str) -> FleetVoice:
     for version, item in listed.items():
         at = f"{where} version {str(version)[:70]!r}"
         try:
+            if not isinstance(version, str) or any(c.isspace() for c in version):
+                raise ManifestError("a version has no spaces or line breaks")
             check_version(version)
         except ManifestError as exc:
             raise CatalogError(f"{at}: {exc}") from None
@@ -162,7 +164,12 @@ def parse_index(raw: bytes, source: str) -> dict[str, FleetVoice]:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise CatalogError(f"{source}: not valid JSON ({str(exc)[:100]})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("voices"), dict):
+    if (
+        not isinstance(data, dict)
+        or type(data.get("format")) is not int
+        or data["format"] != FORMAT
+        or not isinstance(data.get("voices"), dict)
+    ):
         raise CatalogError(f"{source}: not a ttsd index (format {FORMAT} with a 'voices' object)")
     return {name: _voice(name, entry, source) for name, entry in data["voices"].items()}
 

@@ -92,8 +92,8 @@ class GetRequest:
 @dataclass(frozen=True)
 class GetResult:
     voice: CatalogVoice | None  # None: a ready folder from a fleet mirror (``prebuilt``)
-    folder: Path
-    manifest: Manifest
+    folder: Path | None  # None: no version of a fleet mirror is for this box yet (see ``notes``)
+    manifest: Manifest | None
     fetched: bool  # False: the newest version in the models dir is already this catalog entry
     notes: tuple[str, ...] = ()  # what else was done or decided (a withdrawal, a share not reached)
 
@@ -233,12 +233,9 @@ def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | N
             from .withdraw import apply
 
             notes += apply(fleet, request.models, manifest.version if manifest else None, request.daemon, reporter.step)
-    if folder is None or manifest is None:
-        raise NotOnMirror(
-            f"no version of {fleet.name} on {request.mirror.base} is for this box ({request.box}): "
-            + ("; ".join(notes) or "every version is withdrawn")
-        )
-    return GetResult(None, folder, manifest, fetched, tuple(notes))
+    if (folder is None or manifest is None) and not fleet.versions:
+        raise NotOnMirror(f"every version of {fleet.name} on {request.mirror.base} is withdrawn")
+    return GetResult(None, folder, manifest, fetched, tuple(notes))  # no folder: not for this box yet
 
 
 def _get(request: GetRequest, reporter: Reporter) -> GetResult:

@@ -23,10 +23,13 @@ each by rename, so a box never reads an index naming a folder that is not all th
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -167,6 +170,26 @@ def _read_index(mirror_dir: Path) -> dict[str, FleetVoice]:
     return parse_index(index_path.read_bytes(), str(index_path))  # a broken index is not extended
 
 
+@contextmanager
+def _index_lock(mirror_dir: Path) -> Iterator[None]:
+    """One change of the index at a time on the build machine: publish copies a whole folder
+    between reading the index and writing it, and a rollout or withdrawal meanwhile was lost."""
+    mirror_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(mirror_dir / ".ttsd-index.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _share(value: float) -> float:
+    try:
+        return check_share(value, "share")
+    except CatalogError as exc:  # the operator's input, not the mirror's
+        raise ConfigError(str(exc)) from None
+
+
 def _write_index(mirror_dir: Path, voices: dict[str, FleetVoice]) -> None:
     """The index rewritten by rename: a box reads the old one or the new one, never half."""
     atomic_write_text(mirror_dir / INDEX_FILE, index_json(voices), mode=0o644)
@@ -185,7 +208,12 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None, share: float | No
 
         check_coverage(folder, manifest)
     if share is not None:
-        share = check_share(share, "--rollout")
+        share = _share(share)
+    with _index_lock(mirror_dir):
+        return _publish(folder, mirror_dir, manifest, share)
+
+
+def _publish(folder: Path, mirror_dir: Path, manifest: Manifest, share: float | None) -> Prebuilt:
     signed = (folder / SIGNATURE).is_file()
     rel = f"ttsd/{manifest.name}/{manifest.version}"
     target = mirror_dir / rel
@@ -194,6 +222,12 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None, share: float | No
     if voice.is_withdrawn(manifest.version):
         raise ConfigError(
             f"{manifest.name} {manifest.version} was withdrawn from {mirror_dir} (boxes rolled it back); "
+            "give the folder a new version"
+        )
+    before = next((p for p in voice.versions if norm(p.version) == norm(manifest.version)), None)
+    if before is not None and before.manifest.sha256 != sha256_file(folder / MANIFEST):
+        raise ConfigError(
+            f"{manifest.name} {before.version} is already published with other content (as {before.path}); "
             "give the folder a new version"
         )
     if target.exists():
@@ -217,7 +251,6 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None, share: float | No
     if signed and sha256_file(target / SIGNATURE) != sha256_file(folder / SIGNATURE):
         # signed again (same content, new signature): renamed in, so a box never reads half of it
         atomic_write_bytes(target / SIGNATURE, (folder / SIGNATURE).read_bytes(), mode=0o644)
-    before = next((p for p in voice.versions if norm(p.version) == norm(manifest.version)), None)
     signature = None
     if (target / SIGNATURE).is_file():
         signature = CatalogFile(
@@ -259,23 +292,29 @@ def _published(mirror_dir: Path, name: str, version: str) -> tuple[dict[str, Fle
 
 def rollout(mirror_dir: Path, name: str, version: str, share: float) -> Prebuilt:
     """Give a published version ``share`` of the boxes (widen, hold or narrow its rollout)."""
-    share = check_share(share, "share")
-    voices, voice, entry = _published(mirror_dir, name, version)
-    changed = replace(entry, share=share)
-    voices[name] = replace(voice, versions=tuple(changed if p is entry else p for p in voice.versions))
-    _write_index(mirror_dir, voices)
+    share = _share(share)
+    with _index_lock(mirror_dir):
+        voices, voice, entry = _published(mirror_dir, name, version)
+        changed = replace(entry, share=share)
+        voices[name] = replace(voice, versions=tuple(changed if p is entry else p for p in voice.versions))
+        _write_index(mirror_dir, voices)
     return changed
 
 
-def withdraw(mirror_dir: Path, name: str, version: str, why: str = "withdrawn by the fleet mirror") -> FleetVoice:
+def withdraw(mirror_dir: Path, name: str, version: str, why: str = "withdrawn") -> FleetVoice:
     """Mark a published version withdrawn: no box takes it, and a box that has it goes back to the
     newest version it may have (``ttsd models get --upgrade``). Its files stay on the mirror."""
-    voices, voice, entry = _published(mirror_dir, name, version)
-    reason = "".join(c if c.isprintable() else " " for c in why).strip()[:200] or "withdrawn by the fleet mirror"
-    voices[name] = replace(
-        voice,
-        versions=tuple(p for p in voice.versions if p is not entry),
-        withdrawn={**voice.withdrawn, norm(entry.version): reason},
-    )
-    _write_index(mirror_dir, voices)
+    reason = " ".join("".join(c if c.isprintable() else " " for c in why).split())[:200] or "withdrawn"
+    with _index_lock(mirror_dir):
+        voices = _read_index(mirror_dir) if (mirror_dir / INDEX_FILE).is_file() else {}
+        voice = voices.get(name)
+        if voice is not None and voice.is_withdrawn(version):
+            return voice  # again: nothing changes
+        voices, voice, entry = _published(mirror_dir, name, version)
+        voices[name] = replace(
+            voice,
+            versions=tuple(p for p in voice.versions if p is not entry),
+            withdrawn={**voice.withdrawn, norm(entry.version): reason},
+        )
+        _write_index(mirror_dir, voices)
     return voices[name]

@@ -40,6 +40,8 @@ class Backend:
     # the load of a voice the memory budget unloaded: started or joined, the voice kept while held
     wanting: Callable[[str], AbstractContextManager[Future[None]]] | None = None
     load_wait: float = 30.0  # seconds a request waits for that load
+    # a version a fleet mirror withdrew: voice, version, to (if it is active), reason
+    withdraw: Callable[[str, str, str | None, str], Awaitable[dict[str, Any]]] | None = None
 
     async def lease(self, voice: str | None, version: str | None, *, user: str | None = None) -> Lease:
         """``acquire`` on the event loop, waiting when the voice must be loaded first (one shared

@@ -33,6 +33,7 @@ from ..audio import Audio, encode, wav_stream_header
 from ..encoding import Encoder, check_available, open_encoder
 from ..errors import (
     BusyError,
+    ConflictError,
     FormatUnavailableError,
     RequestError,
     RequestTimeoutError,
@@ -217,6 +218,7 @@ def build_app(backend: Backend) -> web.Application:
     app.router.add_get("/v1/voices", api.voices)
     app.router.add_post("/v1/voices/{name}/rollback", api.rollback)
     app.router.add_post("/v1/voices/{name}/activate", api.activate)
+    app.router.add_post("/v1/voices/{name}/withdraw", api.withdraw)
     app.router.add_get("/v1/status", api.status)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
@@ -430,6 +432,26 @@ class _Api:
             ):
                 raise RequestError("field 'reason' must be 1 to 200 printable characters")
             result = await self.backend.rollback(request.match_info["name"], None if to is None else str(to), reason)
+        except TtsdError as exc:
+            return error_response(exc)
+        return web.json_response(result)
+
+    async def withdraw(self, request: web.Request) -> web.Response:
+        """A version a fleet mirror withdrew (``ttsd models get`` sends it): never served again by
+        itself, whatever it is doing now; rolled back to ``to`` when it is the active one."""
+        try:
+            data = await self._control_body(request)
+            version, to = data.get("version"), data.get("to")
+            if not isinstance(version, str) or not version:
+                raise RequestError("field 'version' is required")
+            if to is not None and not isinstance(to, str):
+                raise RequestError("field 'to' must be a version string")
+            reason = data.get("reason", "withdrawn")
+            if not isinstance(reason, str) or not 0 < len(reason) <= 300 or not reason.isprintable():
+                raise RequestError("field 'reason' must be 1 to 300 printable characters")
+            if self.backend.withdraw is None:
+                raise ConflictError("this daemon does not take withdrawals")
+            result = await self.backend.withdraw(request.match_info["name"], version, to, reason)
         except TtsdError as exc:
             return error_response(exc)
         return web.json_response(result)

@@ -155,6 +155,45 @@ class Control:
             "seconds": round(swapped - started, 3),
         }
 
+    # == withdraw ==============================================================================
+    def withdraw(self, voice: str, version: str, why: str, to: str | None = None) -> dict[str, Any]:
+        """``version`` may never serve again by itself, whatever it is doing now (a fleet mirror
+        withdrew it). Active: rolled back (to ``to``, or the previous version). A canary: ended,
+        rolled back. Loading for an upgrade: called off. Standby, available, or not yet seen here:
+        marked rolled back and dropped from the rollback targets, so no rollback, fallback or
+        rescan brings it back; only ``ttsd activate`` serves it again. Durable before it returns.
+        Doing it again changes nothing."""
+        key = norm(version)
+        with self.lifecycle.commit:
+            active, canary = self.lifecycle.active(voice), self.lifecycle.canary(voice)
+            if active is not None and norm(active.version) == key:
+                done = None
+            else:
+                ended = canary is not None and norm(canary.version) == key
+                if canary is not None and ended:
+                    self.lifecycle.end_canary(canary, promote=False, why=why)
+                self.jobs.cancel(voice, f"{voice} {version} withdrawn")
+                record = self.state.voice(voice)
+                record = record.but(
+                    rolled_back=(*record.rolled_back, version)
+                    if key not in {norm(v) for v in record.rolled_back}
+                    else record.rolled_back,
+                    previous=[v for v in record.previous if norm(v) != key],
+                )
+                self.state.put(voice, record)
+                model = self.table.get(voice, version)
+                if model is not None:
+                    self.table.change(model, state=State.ROLLED_BACK, reason=why)
+                    self.lifecycle.unload(model)
+                self.lifecycle.save()
+                if not ended:
+                    self.state.record(voice, version, None, why)
+                done = {"voice": voice, "withdrawn": version, "active": active.version if active else None}
+        if done is not None:
+            return done
+        result = self.rollback(voice, to, why)
+        return {"voice": voice, "withdrawn": version, "active": result["to"], "from": result["from"]}
+
     # == automatic ==============================================================================
     def auto_rollback(self, model: ModelVersion, why: str) -> None:
         """A new active version failed too many of its first requests: back to the one before."""

@@ -184,8 +184,9 @@ class Lifecycle:
         )
         self._listener("canary", model)
 
-    def end_canary(self, model: ModelVersion, promote: bool) -> None:
-        """Promote a canary that passed its requests, or roll back one that failed one."""
+    def end_canary(self, model: ModelVersion, promote: bool, why: str | None = None) -> None:
+        """Promote a canary that passed its requests, or roll back one that failed one (or was
+        withdrawn: ``why``)."""
         with self.commit:
             if self.map.canary(model.name) != model.key:
                 return
@@ -195,12 +196,16 @@ class Lifecycle:
             with self.table.locked():
                 self.map.end_canary(model.name)
                 model.state = State.ROLLED_BACK
-                model.reason = f"failed {model.failures} of {model.requests} canary requests"
+                model.reason = why or f"failed {model.failures} of {model.requests} canary requests"
             saved = self.state.voice(model.name)
             self.state.put(model.name, saved.but(rolled_back=(*saved.rolled_back, model.version), canary=None))
         active = self.active(model.name)
         self.state.record(
-            model.name, model.version, active.version if active else None, "canary failed", reason=model.reason
+            model.name,
+            model.version,
+            active.version if active else None,
+            "canary failed" if why is None else why,
+            reason=model.reason,
         )
         self.save()
         log.error("%s %s canary ended: %s", model.name, model.version, model.reason)

@@ -215,6 +215,9 @@ class ModelManager:
     def activate(self, voice: str, version: str, why: str = "activate requested") -> dict[str, Any]:
         return self.control.activate(voice, version, why)
 
+    def withdraw(self, voice: str, version: str, why: str, to: str | None = None) -> dict[str, Any]:
+        return self.control.withdraw(voice, version, why, to)
+
     # == deciding ===============================================================================
     def start(self) -> None:
         """Restore what is known (saved state, then the store), look at the models dir, and bring
