@@ -156,3 +156,11 @@ def add_voice(mirror: Mirror, voices: dict[str, Any], key: str, files: VoiceFile
     }
     voices[key] = entry
     return entry
+
+
+def serve_dir(mirror: Mirror, root: Path) -> None:
+    """What a web server over ``root`` would serve (the test server holds files in memory)."""
+    mirror.files.clear()
+    for path in root.rglob("*"):
+        if path.is_file():
+            mirror.files[path.relative_to(root).as_posix()] = path.read_bytes()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from catalog_server import Mirror, serve
+from catalog_server import Mirror, serve, serve_dir
 from conftest import plausible, save_tiny_vits
 from daemon_util import start_daemon, wait_for
 from test_catalog import get, invoke, nothing_in_models, one_line_error
@@ -30,14 +30,6 @@ pytest.importorskip("model_signing", reason="the signing extra (model-signing) i
 def mirror() -> Iterator[Mirror]:
     with serve() as m:
         yield m
-
-
-def serve_dir(mirror: Mirror, root: Path) -> None:
-    """What a web server over ``root`` would serve (the test server holds files in memory)."""
-    mirror.files.clear()
-    for path in root.rglob("*"):
-        if path.is_file():
-            mirror.files[path.relative_to(root).as_posix()] = path.read_bytes()
 
 
 @pytest.fixture

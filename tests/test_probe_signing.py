@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from catalog_server import Mirror, VoiceFiles, add_voice, serve
+from catalog_server import Mirror, VoiceFiles, add_voice, serve, serve_dir
 from conftest import fake_model
 from test_catalog import get, nothing_in_models
-from test_fleet import serve_dir
 from test_signing import check, folder_of_two, make_key, trusting_manager
 
 from ttsd.errors import (

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from catalog_server import Mirror, serve
+from catalog_server import Mirror, serve, serve_dir
 from conftest import plausible, save_tiny_vits
 from daemon_util import start_daemon, wait_for
 from test_catalog import invoke, one_line_error
@@ -32,13 +33,6 @@ BOXES = [f"box-{i:02d}" for i in range(10)]
 def mirror() -> Iterator[Mirror]:
     with serve() as m:
         yield m
-
-
-def serve_dir(mirror: Mirror, root: Path) -> None:
-    mirror.files.clear()
-    for path in root.rglob("*"):
-        if path.is_file():
-            mirror.files[path.relative_to(root).as_posix()] = path.read_bytes()
 
 
 def publish(folder: Path, where: Path, *args: str) -> None:
@@ -223,6 +217,26 @@ class _Logged(SimpleHTTPRequestHandler):
         pass
 
 
+@contextmanager
+def static_server(root: Path) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """Python's http.server over ``root`` (Last-Modified only, as plain static servers answer):
+    its URL and its log of (path, status)."""
+    handler = type("Handler", (_Logged,), {"log": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **kw: handler(*a, directory=str(root), **kw))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", handler.log
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def poll(url: str, box: Path) -> Any:
+    """The box's timer run."""
+    return invoke("models", "get", "voice", "--upgrade", "--mirror", url, "--models", str(box / "models"),
+                  "--cache", str(box / "cache"), "--box-id", "box-00", "--socket", str(box / "none.sock"))
+
+
 def files_and_times(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")}
 
@@ -237,29 +251,16 @@ def test_an_unchanged_mirror_costs_one_request_answered_304_and_no_writes(tmp_pa
     # versions apart, so it is never kept (the next test)
     old = os.stat(published / INDEX_FILE).st_mtime - 60
     os.utime(published / INDEX_FILE, (old, old))
-    handler = type("Handler", (_Logged,), {"log": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **kw: handler(*a, directory=str(published), **kw))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
     box = tmp_path / "box"
-
-    def poll() -> Any:
-        return invoke("models", "get", "voice", "--upgrade", "--mirror", url, "--models", str(box / "models"),
-                      "--cache", str(box / "cache"), "--box-id", "box-00", "--socket", str(tmp_path / "none.sock"))
-
-    try:
-        assert poll().exit_code == 0 and versions_on(box) == ["1"]
+    with static_server(published) as (url, log):
+        assert poll(url, box).exit_code == 0 and versions_on(box) == ["1"]
         before = files_and_times(box)
-        handler.log.clear()
+        log.clear()
         for _ in range(3):
-            result = poll()
+            result = poll(url, box)
             assert result.exit_code == 0, result.output
-        assert handler.log == [(f"/{INDEX_FILE}", 304)] * 3
+        assert log == [(f"/{INDEX_FILE}", 304)] * 3
         assert files_and_times(box) == before
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_an_index_changed_twice_in_one_second_is_not_missed(tmp_path: Path) -> None:
@@ -269,23 +270,11 @@ def test_an_index_changed_twice_in_one_second_is_not_missed(tmp_path: Path) -> N
     published = tmp_path / "published"
     publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
     publish(folder_of_two(tmp_path / "build" / "voice-2", version="2"), published)
-    handler = type("Handler", (_Logged,), {"log": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **kw: handler(*a, directory=str(published), **kw))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
     box = tmp_path / "box"
-
-    def poll() -> Any:
-        return invoke("models", "get", "voice", "--upgrade", "--mirror", url, "--models", str(box / "models"),
-                      "--cache", str(box / "cache"), "--box-id", "box-00", "--socket", str(tmp_path / "none.sock"))
-
-    try:
+    with static_server(published) as (url, _):
         stamp = os.stat(published / INDEX_FILE).st_mtime
-        assert poll().exit_code == 0 and versions_on(box) == ["2"]
+        assert poll(url, box).exit_code == 0 and versions_on(box) == ["2"]
         assert invoke("models", "withdraw", str(published), "voice", "2").exit_code == 0
         os.utime(published / INDEX_FILE, (stamp, stamp))  # the same second, as a quick script gives
-        result = poll()
+        result = poll(url, box)
         assert result.exit_code == 0 and versions_on(box) == ["1"], result.output
-    finally:
-        server.shutdown()
-        server.server_close()
