@@ -150,7 +150,7 @@ def test_the_fleet_from_an_empty_box(tmp_path: Path, web: tuple[Path, str], cach
     env = dict(os.environ, PATH=f"{Path(TTSD).parent}{os.pathsep}{os.environ['PATH']}",
                RCLONE_CONFIG=str(tmp_path / "build" / "rclone.conf"))
     for line in (f"ttsd models pack {v2} --version 2", f"ttsd models sign {v2} --key {key}",
-                 f"ttsd models publish {v2} {tmp_path / 'build' / 'mirror'}",
+                 f"ttsd models publish {v2} {tmp_path / 'build' / 'mirror'} --sign-key {key}",
                  f"rclone sync {tmp_path / 'build' / 'mirror'} {root / 'voices'}"):
         done = subprocess.run(shlex.split(line), env=env, capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, line + "\n" + done.stdout + done.stderr

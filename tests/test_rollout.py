@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -272,9 +273,75 @@ def test_an_index_changed_twice_in_one_second_is_not_missed(tmp_path: Path) -> N
     publish(folder_of_two(tmp_path / "build" / "voice-2", version="2"), published)
     box = tmp_path / "box"
     with static_server(published) as (url, _):
-        stamp = os.stat(published / INDEX_FILE).st_mtime
+        # the answer's Last-Modified not a second before its Date, as a write in the second of the
+        # answer gives (a date in the future makes it so however slow this box is)
+        stamp = int(time.time()) + 30
+        os.utime(published / INDEX_FILE, (stamp, stamp))
         assert poll(url, box).exit_code == 0 and versions_on(box) == ["2"]
         assert invoke("models", "withdraw", str(published), "voice", "2").exit_code == 0
         os.utime(published / INDEX_FILE, (stamp, stamp))  # the same second, as a quick script gives
         result = poll(url, box)
         assert result.exit_code == 0 and versions_on(box) == ["1"], result.output
+
+
+# -- a signed index -----------------------------------------------------------------------------------------
+def test_with_trusted_keys_shares_and_withdrawals_count_only_from_a_signed_index(tmp_path: Path,
+                                                                                  mirror: Mirror) -> None:
+    """A mirror's writer without the fleet key cannot send boxes back: 1. an unsigned index that
+    withdraws the box's version is refused (18) and nothing changes; 2. the fleet signs its
+    withdrawal (--sign-key) and the box follows it; 3. the signed index edited afterwards (a share,
+    the signature kept), 4. signed by another key, 5. its signature stripped: each refused, nothing
+    changes; 6. a signed index is never rewritten unsigned."""
+    pytest.importorskip("model_signing", reason="the signing extra (model-signing) is not installed")
+    from test_signing import make_key
+
+    from ttsd.signing import sign
+
+    key, pub = make_key(tmp_path / "secret", "fleet")
+    other, _ = make_key(tmp_path / "secret", "other")
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "fleet.pem").write_bytes(pub.read_bytes())
+    published = tmp_path / "published"
+    for version in ("1", "2"):
+        folder = folder_of_two(tmp_path / "build" / f"voice-{version}", version=version)
+        sign(folder, key)
+        publish(folder, published)
+    serve_dir(mirror, published)
+    box = tmp_path / "box"
+    trust = ("--trusted-keys", str(trusted))
+    assert get(mirror, box, "box-00", *trust).exit_code == 0 and versions_on(box) == ["2"]
+
+    unsigned = json.loads((published / INDEX_FILE).read_text())
+    assert invoke("models", "withdraw", str(published), "voice", "2").exit_code == 0  # 1. no key
+    serve_dir(mirror, published)
+    one_line_error(get(mirror, box, "box-00", *trust), 18, "not signed", "nothing changed")
+    assert versions_on(box) == ["2"]
+
+    (published / INDEX_FILE).write_text(json.dumps(unsigned))  # 2. the fleet withdraws, signed
+    result = invoke("models", "withdraw", str(published), "voice", "2", "--sign-key", str(key))
+    assert result.exit_code == 0, result.output
+    signed = json.loads((published / INDEX_FILE).read_text())
+    assert set(signed["signature"]) == {"key", "value"}
+    serve_dir(mirror, published)
+    result = get(mirror, box, "box-00", *trust)
+    assert result.exit_code == 0 and versions_on(box) == ["1"], result.output
+
+    def served(index: dict[str, Any]) -> Any:
+        (published / INDEX_FILE).write_text(json.dumps(index))
+        serve_dir(mirror, published)
+        return get(mirror, box, "box-00", *trust)
+
+    edited = json.loads(json.dumps(signed))  # 3.
+    edited["voices"]["voice"]["versions"]["1"]["share"] = 0.0
+    one_line_error(served(edited), 18, "does not match its content")
+    (published / INDEX_FILE).write_text(json.dumps(unsigned))  # 4.
+    assert invoke("models", "withdraw", str(published), "voice", "2", "--sign-key", str(other)).exit_code == 0
+    one_line_error(served(json.loads((published / INDEX_FILE).read_text())), 18, "a key this box does not trust")
+    stripped = {k: v for k, v in signed.items() if k != "signature"}  # 5.
+    one_line_error(served(stripped), 18, "not signed")
+    assert versions_on(box) == ["1"]
+
+    (published / INDEX_FILE).write_text(json.dumps(signed))  # 6.
+    one_line_error(invoke("models", "rollout", str(published), "voice", "1", "0.5"), 3, "is signed: give --sign-key")
+    assert json.loads((published / INDEX_FILE).read_text()) == signed

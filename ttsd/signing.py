@@ -142,9 +142,14 @@ def _is_hex(text: str) -> bool:
 class TrustedKeys:
     """The public keys a daemon trusts (``--trusted-keys DIR``: PEM files, one key each), by hint."""
 
-    def __init__(self, keys: dict[str, tuple[str, Any]], where: Path) -> None:
+    def __init__(self, keys: dict[str, tuple[str, Any]], where: Path, pems: dict[str, bytes] | None = None) -> None:
         self.keys = keys  # hint -> (name, model-signing verifier)
         self.where = where
+        self._pems = pems or {}  # hint -> the public key's PEM (a fleet index's signature: fetch.index_signature)
+
+    def public_keys(self) -> dict[str, tuple[str, bytes]]:
+        """hint -> (name, PEM) of every trusted key."""
+        return {hint: (self.keys[hint][0], pem) for hint, pem in self._pems.items() if hint in self.keys}
 
     @classmethod
     def load(cls, directory: Path) -> TrustedKeys:
@@ -154,6 +159,7 @@ class TrustedKeys:
         if not directory.is_dir():
             raise ConfigError(f"--trusted-keys {directory}: not a directory")
         keys: dict[str, tuple[str, Any]] = {}
+        pems: dict[str, bytes] = {}
         files = sorted(p for p in directory.iterdir() if p.suffix == ".pem" and not p.name.startswith("."))
         if len(files) > MAX_KEYS:
             raise ConfigError(f"--trusted-keys {directory}: more than {MAX_KEYS} keys")
@@ -177,9 +183,10 @@ class TrustedKeys:
                     f"--trusted-keys: {path} is not a supported public key (PEM, elliptic curve P-256/384/521): {exc}"
                 ) from exc
             keys[hint] = (path.stem, verifier)
+            pems[hint] = pem
         if not keys:
             raise ConfigError(f"--trusted-keys {directory}: no public keys (*.pem) in it")
-        return cls(keys, directory)
+        return cls(keys, directory, pems)
 
     def check(self, folder: Path, manifest: Manifest) -> Signer:
         """Verify ``folder``'s signature against the trusted keys and that it covers exactly the

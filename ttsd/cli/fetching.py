@@ -175,6 +175,13 @@ class _RichReporter:
 
 
 SHARE = click.FloatRange(0.0, 1.0)
+sign_index_option = click.option(
+    "--sign-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TTSD_SIGN_KEY",
+    help="The fleet's private key (PEM) to sign the index with: boxes with --trusted-keys take shares "
+    "and withdrawals only from a signed index [env TTSD_SIGN_KEY; a password from TTSD_SIGN_KEY_PASSWORD].",
+)
 
 
 @models.command("publish")
@@ -189,7 +196,10 @@ SHARE = click.FloatRange(0.0, 1.0)
     help="Share of boxes (0 to 1) that take this version [default: 1 for a new version; "
     "a version published before keeps its share].",
 )
-def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None, share: float | None) -> None:
+@sign_index_option
+def publish_cmd(
+    folder: Path, mirror_dir: Path, trusted_keys: Path | None, share: float | None, sign_key: Path | None
+) -> None:
     """Put a model folder on a fleet mirror (MIRROR_DIR, served by any HTTP server) as its voice's
     newest version, for boxes to take with 'ttsd models get VOICE --mirror URL'."""
     from ..fetch.prebuilt import publish
@@ -200,7 +210,7 @@ def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None, share
 
         trust = TrustedKeys.load(trusted_keys)
     mirror_dir.mkdir(parents=True, exist_ok=True)
-    entry = publish(folder, mirror_dir, trust, share)
+    entry = publish(folder, mirror_dir, trust, share, sign_key)
     console().print(
         f"{mirror_dir}/{entry.path}: {entry.name} {entry.version}"
         + (", signed" if entry.signature else ", unsigned")
@@ -214,12 +224,13 @@ def publish_cmd(folder: Path, mirror_dir: Path, trusted_keys: Path | None, share
 @click.argument("voice")
 @click.argument("version")
 @click.argument("share", type=SHARE)
-def rollout_cmd(mirror_dir: Path, voice: str, version: str, share: float) -> None:
+@sign_index_option
+def rollout_cmd(mirror_dir: Path, voice: str, version: str, share: float, sign_key: Path | None) -> None:
     """Give a published VERSION of VOICE to SHARE (0 to 1) of the boxes: widen it (a box that had
     it keeps it), hold it, or narrow it (boxes that have it keep it; to take it back, withdraw)."""
     from ..fetch.prebuilt import rollout
 
-    entry = rollout(mirror_dir, voice, version, share)
+    entry = rollout(mirror_dir, voice, version, share, sign_key)
     console().print(f"{entry.name} {entry.version}: to {entry.share:.0%} of boxes", markup=False)
 
 
@@ -228,13 +239,14 @@ def rollout_cmd(mirror_dir: Path, voice: str, version: str, share: float) -> Non
 @click.argument("voice")
 @click.argument("version")
 @click.option("--reason", help="Why, for the boxes' logs and audit trail [default: withdrawn by the fleet mirror].")
-def withdraw_cmd(mirror_dir: Path, voice: str, version: str, reason: str | None) -> None:
+@sign_index_option
+def withdraw_cmd(mirror_dir: Path, voice: str, version: str, reason: str | None, sign_key: Path | None) -> None:
     """Withdraw a published VERSION of VOICE: no box takes it, and each box that has it goes back to
     the newest version it may have at its next 'ttsd models get --upgrade' (its files stay on the
     mirror)."""
     from ..fetch.prebuilt import withdraw
 
-    fleet = withdraw(mirror_dir, voice, version, reason or "withdrawn")
+    fleet = withdraw(mirror_dir, voice, version, reason or "withdrawn", sign_key)
     newest = fleet.newest()
     console().print(
         f"{voice} {version} withdrawn; "

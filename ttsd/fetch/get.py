@@ -186,7 +186,7 @@ def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | N
     takes the newest version whose share includes it (``FleetVoice.target``), keeps a newer one it
     already has unless it is withdrawn, and takes withdrawn versions off (``withdraw.apply``)."""
     try:
-        index = load_index(request.mirror, cache=request.downloads)
+        index = load_index(request.mirror, cache=request.downloads, trust=request.trust)
     except NotOnMirror:
         return None
     fleet = index.get(request.voice)

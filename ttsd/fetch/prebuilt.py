@@ -56,21 +56,26 @@ from ..manifest import (
 from .download import Mirror, download, fetch_small
 from .fleet_index import INDEX_FILE, FleetVoice, Prebuilt, check_share, index_json, parse_index
 from .index import CatalogFile
+from .index_signature import check_index, is_signed, sign_index
 from .small_cache import fetch_small_cached
 
 MAX_INDEX_BYTES = 4 << 20
 MAX_FILE_BYTES = 4 << 30  # any one file of a folder
 
 
-def load_index(mirror: Mirror, cache: Path | None = None) -> dict[str, FleetVoice]:
+def load_index(mirror: Mirror, cache: Path | None = None, trust: Any = None) -> dict[str, FleetVoice]:
     """The mirror's index; ``NotOnMirror`` when it has none (a plain Piper mirror). With ``cache``
     (the box's private downloads dir), asked for only if changed since the last time (an unchanged
-    mirror answers 304, and nothing is written)."""
+    mirror answers 304, and nothing is written). With ``trust``, shares and withdrawals count only
+    from an index signed by a trusted key (``index_signature``)."""
     if cache is None:
         raw = fetch_small(mirror, INDEX_FILE, MAX_INDEX_BYTES)
     else:
         raw, _changed = fetch_small_cached(mirror, INDEX_FILE, MAX_INDEX_BYTES, cache)
-    return parse_index(raw, mirror.url(INDEX_FILE))
+    voices = parse_index(raw, mirror.url(INDEX_FILE))
+    if trust is not None:
+        check_index(raw, voices, trust, mirror.url(INDEX_FILE))
+    return voices
 
 
 # -- the box's side ---------------------------------------------------------------------------------
@@ -190,12 +195,23 @@ def _share(value: float) -> float:
         raise ConfigError(str(exc)) from None
 
 
-def _write_index(mirror_dir: Path, voices: dict[str, FleetVoice]) -> None:
-    """The index rewritten by rename: a box reads the old one or the new one, never half."""
-    atomic_write_text(mirror_dir / INDEX_FILE, index_json(voices), mode=0o644)
+def _write_index(mirror_dir: Path, voices: dict[str, FleetVoice], sign_key: Path | None) -> None:
+    """The index rewritten by rename: a box reads the old one or the new one, never half. Signed
+    with ``sign_key``; an index that was signed is never rewritten unsigned (boxes with trusted
+    keys would refuse its shares and withdrawals)."""
+    path = mirror_dir / INDEX_FILE
+    if sign_key is None:
+        if path.is_file() and is_signed(json.loads(path.read_bytes())):
+            raise ConfigError(f"{path} is signed: give --sign-key (the fleet key) to change it")
+        atomic_write_text(path, index_json(voices), mode=0o644)
+        return
+    signed = sign_index(json.loads(index_json(voices)), sign_key)
+    atomic_write_text(path, json.dumps(signed, indent=1) + "\n", mode=0o644)
 
 
-def publish(folder: Path, mirror_dir: Path, trust: Any = None, share: float | None = None) -> Prebuilt:
+def publish(
+    folder: Path, mirror_dir: Path, trust: Any = None, share: float | None = None, sign_key: Path | None = None
+) -> Prebuilt:
     """Copy ``folder`` (verified, and signed by ``trust`` when given) to ``mirror_dir`` and list it
     in the index, to ``share`` of the boxes (a new version: 1 unless given; one published before
     keeps its share unless given). The same version published again with the same content only
@@ -210,10 +226,12 @@ def publish(folder: Path, mirror_dir: Path, trust: Any = None, share: float | No
     if share is not None:
         share = _share(share)
     with _index_lock(mirror_dir):
-        return _publish(folder, mirror_dir, manifest, share)
+        return _publish(folder, mirror_dir, manifest, share, sign_key)
 
 
-def _publish(folder: Path, mirror_dir: Path, manifest: Manifest, share: float | None) -> Prebuilt:
+def _publish(
+    folder: Path, mirror_dir: Path, manifest: Manifest, share: float | None, sign_key: Path | None
+) -> Prebuilt:
     signed = (folder / SIGNATURE).is_file()
     rel = f"ttsd/{manifest.name}/{manifest.version}"
     target = mirror_dir / rel
@@ -266,7 +284,7 @@ def _publish(folder: Path, mirror_dir: Path, manifest: Manifest, share: float | 
     )
     others = tuple(p for p in voice.versions if p is not before)
     voices[manifest.name] = replace(voice, versions=_newest_first((*others, entry)))
-    _write_index(mirror_dir, voices)
+    _write_index(mirror_dir, voices, sign_key)
     return entry
 
 
@@ -290,18 +308,20 @@ def _published(mirror_dir: Path, name: str, version: str) -> tuple[dict[str, Fle
     return voices, voice, entry
 
 
-def rollout(mirror_dir: Path, name: str, version: str, share: float) -> Prebuilt:
+def rollout(mirror_dir: Path, name: str, version: str, share: float, sign_key: Path | None = None) -> Prebuilt:
     """Give a published version ``share`` of the boxes (widen, hold or narrow its rollout)."""
     share = _share(share)
     with _index_lock(mirror_dir):
         voices, voice, entry = _published(mirror_dir, name, version)
         changed = replace(entry, share=share)
         voices[name] = replace(voice, versions=tuple(changed if p is entry else p for p in voice.versions))
-        _write_index(mirror_dir, voices)
+        _write_index(mirror_dir, voices, sign_key)
     return changed
 
 
-def withdraw(mirror_dir: Path, name: str, version: str, why: str = "withdrawn") -> FleetVoice:
+def withdraw(
+    mirror_dir: Path, name: str, version: str, why: str = "withdrawn", sign_key: Path | None = None
+) -> FleetVoice:
     """Mark a published version withdrawn: no box takes it, and a box that has it goes back to the
     newest version it may have (``ttsd models get --upgrade``). Its files stay on the mirror."""
     reason = " ".join("".join(c if c.isprintable() else " " for c in why).split())[:200] or "withdrawn"
@@ -316,5 +336,5 @@ def withdraw(mirror_dir: Path, name: str, version: str, why: str = "withdrawn") 
             versions=tuple(p for p in voice.versions if p is not entry),
             withdrawn={**voice.withdrawn, norm(entry.version): reason},
         )
-        _write_index(mirror_dir, voices)
+        _write_index(mirror_dir, voices, sign_key)
     return voices[name]
