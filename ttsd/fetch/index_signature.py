@@ -42,8 +42,11 @@ def payload(data: dict[str, Any]) -> bytes:
 
 def sign_index(data: dict[str, Any], private_key: Path) -> dict[str, Any]:
     """``data`` with its signature by ``private_key`` (PEM; a password from TTSD_SIGN_KEY_PASSWORD)."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    try:
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+    except ImportError as exc:  # the signing extra brings it
+        raise ConfigError(f"signing the index needs the signing extra (pip install 'ttsd[signing]'): {exc}") from exc
 
     from ..signing import key_hint
 
