@@ -196,6 +196,7 @@ def test_a_daemon_serving_a_withdrawn_version_rolls_back_for_good(tmp_path: Path
         assert "voice: 2 withdrawn on the daemon (serving 1)" in proc.stdout + proc.stderr
         assert voice()["active"] == "1" and state("2") == "rolled-back"
         assert not (models / "voice-2").exists()
+        assert daemon.metric("ttsd_model_transitions_total", voice="voice", event="withdrawn") == 1
         history = daemon.request("GET", "/v1/status").json()["history"]
         assert any(h["from"] == "2" and h["to"] == "1" and h["why"] == "withdrawn by the fleet mirror: clipped"
                    for h in history)

@@ -188,10 +188,16 @@ class Control:
                 self.lifecycle.save()
                 if not ended:
                     self.state.record(voice, version, None, why)
+                    if model is not None:
+                        self._listener("rolled_back", model)
+                if model is not None:
+                    self._listener("withdrawn", model)  # ttsd_model_transitions_total{event="withdrawn"}
                 done = {"voice": voice, "withdrawn": version, "active": active.version if active else None}
         if done is not None:
             return done
+        assert active is not None  # done is None only when the withdrawn version is the active one
         result = self.rollback(voice, to, why)
+        self._listener("withdrawn", active)  # ttsd_model_transitions_total{event="withdrawn"}
         return {"voice": voice, "withdrawn": version, "active": result["to"], "from": result["from"]}
 
     # == automatic ==============================================================================
