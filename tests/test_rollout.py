@@ -92,6 +92,18 @@ def test_a_box_outside_every_share_gets_the_newest_version_that_includes_it(tmp_
     assert "version 2 goes to 0% of boxes, not this one (box-00)" in result.output
 
 
+def test_a_new_box_outside_the_only_versions_share_waits_and_exits_0(tmp_path: Path, mirror: Mirror) -> None:
+    """Only a staged version, not for this box: nothing lands, exit 0, and it says so (the timer's
+    unit stays green on the 95 % of boxes a 5 % rollout leaves out)."""
+    published = tmp_path / "published"
+    publish(folder_of_two(tmp_path / "build" / "voice-2", version="2"), published, "--rollout", "0")
+    serve_dir(mirror, published)
+    result = get(mirror, tmp_path / "box", "box-00")
+    assert result.exit_code == 0, result.output
+    assert "no version on the mirror is for this box yet" in result.output
+    assert not (tmp_path / "box" / "models").exists() or versions_on(tmp_path / "box") == []
+
+
 def test_rollout_and_withdraw_refuse_what_is_not_published(tmp_path: Path) -> None:
     published = tmp_path / "published"
     one_line_error(invoke("models", "rollout", str(published), "voice", "1", "0.5"), 3, "has no ttsd-index.json")
