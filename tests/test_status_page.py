@@ -388,6 +388,8 @@ def _control_status(voices: FakeVoices) -> Any:
              "load_seconds": 0.43},
             {"time": "2026-05-01T10:06:00+0200", "voice": "ann", "from": None, "to": "2", "why": "refused",
              "reason": "its signature is not trusted"},
+            {"time": "2026-05-01T10:06:30+0200", "voice": "joe", "from": "3", "to": None,
+             "why": "withdrawn by the fleet mirror: clipped"},
             {"time": "2026-05-01T10:07:00+0200", "voice": "joe", "from": "2", "to": "1", "why": "rollback requested"},
         ]}
     return status
@@ -516,6 +518,8 @@ def test_rollback_asks_first_and_the_status_reads_plainly(tmp_path: Path) -> Non
             history = _text(browser, "#history")
             assert "rolled back from 2 to 1" in rows[0] and "by an operator" in rows[0], rows
             assert "2 refused" in history and "its signature is not trusted" in history
+            assert "3 withdrawn" in history and "withdrawn by the fleet mirror: clipped" in history
+            assert "stopped serving 3" not in history
             assert "restarted on 2" in history and "loaded in 0.43 s" not in history and "loaded in 0.4 s" in history
             assert "switched from 1 to 2" in history and "loaded in 1.2 s" in history
             assert "2026-05-01 10:07:00" in history

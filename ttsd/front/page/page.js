@@ -226,6 +226,7 @@
     if (why === "refused") return `${to} refused`;
     if (why === "deferred") return `${to} put off (tried again later)`;
     if (why === "canary failed") return `canary ${from} failed` + (to !== null ? `, ${to} serves` : "");
+    if (why.startsWith("withdrawn")) return to === null ? `${from} withdrawn` : `${from} withdrawn, ${to} serves`;
     if (from === null) return to === null ? "nothing serves" : `started serving ${to}`;
     if (to === null) return `stopped serving ${from}`;
     if (String(from) === String(to)) return why === "restart" ? `restarted on ${to}` : `serving ${to} again`;
