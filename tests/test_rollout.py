@@ -79,6 +79,14 @@ def test_ten_boxes_follow_the_share_and_widening_keeps_every_box_that_had_it(tmp
         picked[share] = took
     assert 0 < len(picked[0.3]) < len(picked[0.6]) < 10 and picked[0.3] <= picked[0.6]
     assert picked[1.0] == set(BOXES)
+    # narrowed back to 0.1: every box keeps v2 (withdraw takes a version back, narrowing does not),
+    # and none is told v2 is not for it
+    assert invoke("models", "rollout", str(published), "voice", "2", "0.1").exit_code == 0
+    serve_dir(mirror, published)
+    for box_id in BOXES:
+        result = get(mirror, tmp_path / box_id, box_id)
+        assert result.exit_code == 0 and "2" in versions_on(tmp_path / box_id), result.output
+        assert "goes to" not in result.output, result.output
 
 
 def test_a_box_outside_every_share_gets_the_newest_version_that_includes_it(tmp_path: Path, mirror: Mirror) -> None:

@@ -204,7 +204,8 @@ def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | N
     target = fleet.target(request.box)
     notes: list[str] = []
     newest = fleet.newest()
-    if newest is not None and newest is not target:
+    if newest is not None and newest is not target and (have is None or Version(newest.version) > have.parsed_version):
+        # a narrowed share leaves the version on boxes that have it: only those without it hear this
         held = f"version {newest.version} goes to {newest.share:.0%} of boxes, not this one ({request.box})"
         notes.append(held + (f"; {target.version} is the newest it may take" if target else ""))
     request.models.mkdir(parents=True, exist_ok=True)
