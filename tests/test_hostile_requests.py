@@ -380,3 +380,20 @@ def test_a_request_aiohttp_cannot_parse_gets_a_json_400_and_one_short_log_line(
     assert not [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.WARNING]
     status, _ = harness.post("/v1/synthesize", json.dumps({"text": "still here"}).encode())
     assert status == 200
+
+
+@pytest.mark.parametrize("voice, body, status", [
+    ("tiny", {"version": "x" * 100}, 400),  # kept in the state: a real version only
+    ("tiny", {"version": ["2"]}, 400),
+    ("tiny", {"version": "9", "reason": "line\nbreak"}, 400),
+    ("tiny", {"version": "9", "reason": "r" * 301}, 400),
+    ("nobody", {"version": "1"}, 404),  # nothing is recorded for a voice the daemon never had
+])
+def test_a_bad_withdrawal_is_refused_and_nothing_is_recorded(harness: Harness, voice: str, body: dict[str, Any],
+                                                             status: int) -> None:
+    reply = harness.front.post(f"/v1/voices/{voice}/withdraw", raw=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+    assert reply.status == status, reply.body[:300]
+    record = harness.daemon.manager.state.voice(voice)
+    assert record.rolled_back == () and "nobody" not in harness.daemon.manager.state.voices()
+    assert harness.version_2()["state"] == "active"

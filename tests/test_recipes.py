@@ -199,3 +199,40 @@ def test_the_recipe_commands_are_those_of_the_examples() -> None:
     assert commands == [["ttsd", "models", "import-piper"], ["ttsd", "models", "sign"],
                         ["ttsd", "models", "verify"], ["ttsd", "models", "publish"]]
     assert merged(EXAMPLES / "fleet" / "ttsd-get@.service").command()[1:4] == ["models", "get", "%i"]
+
+
+@pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (make setup installs it as root)")
+def test_the_staged_rollout_block_of_the_fleet_docs(tmp_path: Path) -> None:
+    """docs/signing-and-fleets.md's staged rollout, its sh block run line by line as written: the
+    build machine's paths become this test's (/srv/mirror, remote:voices a local dir, the key
+    made here), the folder ./joe-3 is made first. The index then holds version 3 withdrawn with the
+    reason given, signed by the fleet key; the copy synced after publish gives it to 5 %."""
+    from test_docs import split
+    from test_signing import folder_of_two, make_key
+
+    from ttsd.manifest import pack
+
+    pytest.importorskip("model_signing", reason="the signing extra (model-signing) is not installed")
+    text = (EXAMPLES.parent / "docs" / "signing-and-fleets.md").read_text(encoding="utf-8")
+    section = text.split("### Staged rollout", 1)[1]
+    block = next(b for b in split(section)[0] if b.lang == "sh")
+    key, _ = make_key(tmp_path, "fleet")
+    folder = folder_of_two(tmp_path / "joe-3", version="3")
+    pack(folder, name="joe", version="3", engine="vits", sample_rate=8000)
+    mirror, remote = tmp_path / "srv-mirror", tmp_path / "remote-voices"
+    lines = [line.split("  #", 1)[0].strip() for line in block.text.splitlines() if line.strip()]
+    assert [line.split()[:3] for line in lines if line.startswith("ttsd")] == [
+        ["ttsd", "models", "publish"], ["ttsd", "models", "rollout"], ["ttsd", "models", "rollout"],
+        ["ttsd", "models", "withdraw"]]
+    script = "\n".join(["set -e", *lines]).replace("/srv/mirror", str(mirror)).replace("remote:voices", str(remote))
+    env = dict(os.environ, PATH=f"{Path(TTSD).parent}{os.pathsep}{os.environ['PATH']}",
+               RCLONE_CONFIG=str(tmp_path / "rclone.conf"))
+    env.pop("TTSD_SIGN_KEY", None)
+    done = subprocess.run(["sh", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    index = json.loads((mirror / "ttsd-index.json").read_text())
+    assert index["voices"]["joe"]["versions"]["3"] == {"withdrawn": "clipped consonants"}
+    assert set(index["signature"]) == {"key", "value"} and key.name == "fleet.key"
+    synced = json.loads((remote / "ttsd-index.json").read_text())  # the block syncs once, after publish
+    assert synced["voices"]["joe"]["versions"]["3"]["share"] == 0.05 and "signature" in synced

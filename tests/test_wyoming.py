@@ -43,6 +43,18 @@ def socket_of(daemon: Daemon) -> str:
     return str(daemon.root / "wyoming.sock")
 
 
+async def send_raw(path: str, raw: bytes) -> bytes:
+    """``raw`` on a fresh connection to the socket at ``path``, then end of input: everything the
+    daemon answers before it closes."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(raw)
+    await writer.drain()
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    return answer
+
+
 async def read(client: AsyncUnixClient, timeout: float = 120) -> Event:
     event = await asyncio.wait_for(client.read_event(), timeout)
     assert event is not None, "the server closed the connection"
@@ -330,16 +342,7 @@ def test_tcp_with_an_mdns_announcement(tmp_path: Path, cache_dir: Path, joe_fold
     b'\xff\xfe not json at all\n',
 ])
 def test_malformed_events_end_or_answer_quietly_and_the_daemon_serves_on(daemon: Daemon, raw: bytes) -> None:
-    async def go() -> bytes:
-        reader, writer = await asyncio.open_unix_connection(socket_of(daemon))
-        writer.write(raw)
-        await writer.drain()
-        writer.write_eof()
-        answer = await asyncio.wait_for(reader.read(), 30)
-        writer.close()
-        return answer
-
-    answer = asyncio.run(go())
+    answer = asyncio.run(send_raw(socket_of(daemon), raw))
     # closed, an error event, or (a voice field the protocol library reads as "no voice") audio
     assert answer == b"" or answer.startswith((b'{"type": "error"', b'{"type": "audio-start"')), answer[:200]
     assert "Traceback" not in daemon.logs()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from daemon_util import Daemon, start_daemon, wait_for
+from test_wyoming import send_raw
 from wyoming.client import AsyncUnixClient
 from wyoming.error import Error
 from wyoming.event import Event
@@ -162,19 +163,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, joe_folder
 def test_malformed_framing_is_one_warning_line_per_connection_and_a_flood_a_few(daemon: Daemon) -> None:
     """A header nested 200,000 deep and a fractional data_length (then the client goes) each close
     their connection with one warning line, no traceback; fifty more are a line or two."""
-    async def send(raw: bytes) -> bytes:
-        reader, writer = await asyncio.open_unix_connection(str(daemon.root / "wyoming.sock"))
-        writer.write(raw)
-        await writer.drain()
-        writer.write_eof()
-        answer = await asyncio.wait_for(reader.read(), 30)
-        writer.close()
-        return answer
-
     deep, fractional = b"[" * 200000 + b"\n", b'{"type": "synthesize", "data_length": 1.5}\n{'
     for raw, reason in ((deep, "an event header that is not JSON"), (fractional, "data_length must be a whole")):
         mark = daemon.log_mark()
-        assert asyncio.run(send(raw)) == b""
+        assert asyncio.run(send_raw(str(daemon.root / "wyoming.sock"), raw)) == b""
         daemon.wait_for_log("Wyoming: closed a connection that sent", since=mark, timeout=10)
         time.sleep(0.2)
         lines = daemon.logs(since=mark).strip().splitlines()
@@ -182,7 +174,7 @@ def test_malformed_framing_is_one_warning_line_per_connection_and_a_flood_a_few(
     mark = daemon.log_mark()
     for _ in range(25):
         for raw in (deep, fractional):
-            assert asyncio.run(send(raw)) == b""
+            assert asyncio.run(send_raw(str(daemon.root / "wyoming.sock"), raw)) == b""
     time.sleep(0.5)
     flood = daemon.logs(since=mark)
     assert len(flood.strip().splitlines()) <= 4 and "Traceback" not in daemon.logs(), flood

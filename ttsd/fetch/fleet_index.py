@@ -34,7 +34,7 @@ from packaging.version import Version
 from ..errors import CatalogError, ManifestError
 from ..manifest import MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, SIGNATURE, check_name, check_version, norm
 from ..shares import within
-from .index import CatalogFile, check_remote_path
+from .index import CatalogFile, check_remote_path, display_text
 
 INDEX_FILE = "ttsd-index.json"
 FORMAT = 1
@@ -96,14 +96,19 @@ def check_share(value: object, where: str) -> float:
     return float(value)
 
 
+def clean_reason(text: str) -> str:
+    """A withdrawal's reason as boxes show it: ``display_text`` on one line, at most ``MAX_REASON``
+    characters; "withdrawn" when nothing printable is left (still withdrawn, and written back so)."""
+    return " ".join(display_text(text).split())[:MAX_REASON] or "withdrawn"
+
+
 def _reason(value: object, where: str) -> str:
-    """A withdrawal's reason as the index gives it (``true`` or a short text), shown as plain text."""
+    """A withdrawal's reason as the index gives it (``true`` or a short text)."""
     if value is True:
         return "withdrawn"
     if not isinstance(value, str) or not value.strip():
         raise CatalogError(f"{where}: 'withdrawn' must be true or a short reason")
-    text = " ".join("".join(c if c.isprintable() else " " for c in value).split())[:MAX_REASON]
-    return text or "withdrawn"  # nothing printable left: still withdrawn, and written back as such
+    return clean_reason(value)
 
 
 def _version_entry(name: str, version: str, entry: object, where: str) -> Prebuilt:

@@ -54,7 +54,7 @@ from ..manifest import (
     verify,
 )
 from .download import Mirror, download, fetch_small
-from .fleet_index import INDEX_FILE, FleetVoice, Prebuilt, check_share, index_json, parse_index
+from .fleet_index import INDEX_FILE, FleetVoice, Prebuilt, check_share, clean_reason, index_json, parse_index
 from .index import CatalogFile
 from .index_signature import check_index, is_signed, sign_index
 from .small_cache import fetch_small_cached
@@ -242,14 +242,15 @@ def _publish(
             f"{manifest.name} {manifest.version} was withdrawn from {mirror_dir} (boxes rolled it back); "
             "give the folder a new version"
         )
+    digest = sha256_file(folder / MANIFEST)
     before = next((p for p in voice.versions if norm(p.version) == norm(manifest.version)), None)
-    if before is not None and before.manifest.sha256 != sha256_file(folder / MANIFEST):
+    if before is not None and before.manifest.sha256 != digest:
         raise ConfigError(
             f"{manifest.name} {before.version} is already published with other content (as {before.path}); "
             "give the folder a new version"
         )
     if target.exists():
-        if sha256_file(target / MANIFEST) != sha256_file(folder / MANIFEST):
+        if sha256_file(target / MANIFEST) != digest:
             raise ConfigError(
                 f"{target}: {manifest.name} {manifest.version} is already published with other "
                 "content; give the folder a new version"
@@ -278,7 +279,7 @@ def _publish(
         manifest.name,
         manifest.version,
         rel,
-        CatalogFile(f"{rel}/{MANIFEST}", (target / MANIFEST).stat().st_size, sha256=sha256_file(target / MANIFEST)),
+        CatalogFile(f"{rel}/{MANIFEST}", (target / MANIFEST).stat().st_size, sha256=digest),  # the same bytes
         signature,
         share if share is not None else (before.share if before is not None else 1.0),
     )
@@ -292,10 +293,10 @@ def _newest_first(versions: tuple[Prebuilt, ...]) -> tuple[Prebuilt, ...]:
     return tuple(sorted(versions, key=lambda p: Version(p.version), reverse=True))
 
 
-def _published(mirror_dir: Path, name: str, version: str) -> tuple[dict[str, FleetVoice], FleetVoice, Prebuilt]:
+def _published(voices: dict[str, FleetVoice], mirror_dir: Path, name: str, version: str) -> tuple[FleetVoice, Prebuilt]:
+    """The published ``version`` of ``name`` in the index read (``ConfigError`` saying what is not there)."""
     if not (mirror_dir / INDEX_FILE).is_file():
         raise ConfigError(f"{mirror_dir} has no {INDEX_FILE}: publish a folder there first (ttsd models publish)")
-    voices = _read_index(mirror_dir)
     voice = voices.get(name)
     if voice is None:
         raise ConfigError(f"{mirror_dir / INDEX_FILE} has no voice {name!r}")
@@ -305,14 +306,15 @@ def _published(mirror_dir: Path, name: str, version: str) -> tuple[dict[str, Fle
     if entry is None:
         listed = ", ".join(p.version for p in voice.versions) or "none"
         raise ConfigError(f"{mirror_dir / INDEX_FILE} has no version {version} of {name} (published: {listed})")
-    return voices, voice, entry
+    return voice, entry
 
 
 def rollout(mirror_dir: Path, name: str, version: str, share: float, sign_key: Path | None = None) -> Prebuilt:
     """Give a published version ``share`` of the boxes (widen, hold or narrow its rollout)."""
     share = _share(share)
     with _index_lock(mirror_dir):
-        voices, voice, entry = _published(mirror_dir, name, version)
+        voices = _read_index(mirror_dir)
+        voice, entry = _published(voices, mirror_dir, name, version)
         changed = replace(entry, share=share)
         voices[name] = replace(voice, versions=tuple(changed if p is entry else p for p in voice.versions))
         _write_index(mirror_dir, voices, sign_key)
@@ -324,13 +326,13 @@ def withdraw(
 ) -> FleetVoice:
     """Mark a published version withdrawn: no box takes it, and a box that has it goes back to the
     newest version it may have (``ttsd models get --upgrade``). Its files stay on the mirror."""
-    reason = " ".join("".join(c if c.isprintable() else " " for c in why).split())[:200] or "withdrawn"
+    reason = clean_reason(why)
     with _index_lock(mirror_dir):
-        voices = _read_index(mirror_dir) if (mirror_dir / INDEX_FILE).is_file() else {}
+        voices = _read_index(mirror_dir)
         voice = voices.get(name)
         if voice is not None and voice.is_withdrawn(version):
             return voice  # again: nothing changes
-        voices, voice, entry = _published(mirror_dir, name, version)
+        voice, entry = _published(voices, mirror_dir, name, version)
         voices[name] = replace(
             voice,
             versions=tuple(p for p in voice.versions if p is not entry),

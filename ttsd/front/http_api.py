@@ -35,12 +35,14 @@ from ..errors import (
     BusyError,
     ConflictError,
     FormatUnavailableError,
+    ManifestError,
     RequestError,
     RequestTimeoutError,
     ResourceError,
     TtsdError,
 )
 from ..formats import MEDIA_TYPES
+from ..manifest import check_version
 from ..metrics import CONTENT_TYPE
 from ..serving.serving_map import Lease
 from ..text import check_text
@@ -102,6 +104,15 @@ def error_response(exc: BaseException, *, openai: bool = False) -> web.Response:
         return _error(exc.status, exc.code, str(exc), headers, openai=openai, param=getattr(exc, "param", None))
     log.error("internal error", exc_info=exc)
     return _error(500, "internal", f"internal error: {type(exc).__name__}", openai=openai)
+
+
+def _reason(data: dict[str, Any]) -> str | None:
+    """A control route's optional ``reason`` (what the audit trail records): 1 to 300 printable
+    characters."""
+    reason = data.get("reason")
+    if reason is not None and (not isinstance(reason, str) or not 0 < len(reason) <= 300 or not reason.isprintable()):
+        raise RequestError("field 'reason' must be 1 to 300 printable characters")
+    return reason
 
 
 def can_stream(fmt: str) -> bool:
@@ -426,11 +437,7 @@ class _Api:
             to = data.get("to")
             if to is not None and not isinstance(to, (str, int)):
                 raise RequestError("field 'to' must be a version string")
-            reason = data.get("reason")  # what the audit trail says (e.g. "withdrawn by the fleet mirror")
-            if reason is not None and (
-                not isinstance(reason, str) or not 0 < len(reason) <= 200 or not reason.isprintable()
-            ):
-                raise RequestError("field 'reason' must be 1 to 200 printable characters")
+            reason = _reason(data)  # what the audit trail says instead of "rollback requested"
             result = await self.backend.rollback(request.match_info["name"], None if to is None else str(to), reason)
         except TtsdError as exc:
             return error_response(exc)
@@ -442,13 +449,15 @@ class _Api:
         try:
             data = await self._control_body(request)
             version, to = data.get("version"), data.get("to")
-            if not isinstance(version, str) or not version:
+            if not isinstance(version, str):
                 raise RequestError("field 'version' is required")
+            try:
+                check_version(version)  # it is kept in the state as a version never to serve again
+            except ManifestError as exc:
+                raise RequestError(f"field 'version': {exc}") from None
             if to is not None and not isinstance(to, str):
                 raise RequestError("field 'to' must be a version string")
-            reason = data.get("reason", "withdrawn")
-            if not isinstance(reason, str) or not 0 < len(reason) <= 300 or not reason.isprintable():
-                raise RequestError("field 'reason' must be 1 to 300 printable characters")
+            reason = _reason(data) or "withdrawn"
             if self.backend.withdraw is None:
                 raise ConflictError("this daemon does not take withdrawals")
             result = await self.backend.withdraw(request.match_info["name"], version, to, reason)

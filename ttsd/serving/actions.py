@@ -163,6 +163,8 @@ class Control:
         marked rolled back and dropped from the rollback targets, so no rollback, fallback or
         rescan brings it back; only ``ttsd activate`` serves it again. Durable before it returns.
         Doing it again changes nothing."""
+        if voice not in self.table.names():  # nothing is recorded for a voice this daemon has never had
+            raise UnknownVoiceError(f"unknown voice {voice!r}")
         key = norm(version)
         with self.lifecycle.commit:
             active, canary = self.lifecycle.active(voice), self.lifecycle.canary(voice)
