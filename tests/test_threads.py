@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,3 +79,111 @@ def test_thread_cores_holds_on_a_thread_that_has_not_run_torch_yet() -> None:
     thread.start()
     thread.join()
     assert seen == {"count": 1, "started": 0}
+
+
+# -- the cores a warm-up runs on (ttsd.serving.loader) ----------------------------------------------
+
+
+def test_cpu_ticks_sums_the_cpus_this_process_may_use(tmp_path: Path) -> None:
+    """Only the CPUs in the process's affinity count; the all-CPU line, other counters and malformed
+    lines are skipped."""
+    mine = sorted(os.sched_getaffinity(0))
+    other = max(mine) + 1
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  999 0 999 999 0 0 0 0 0 0\n"
+        + "".join(f"cpu{n} 10 0 5 80 5 0 0 0 0 0\n" for n in mine)
+        + f"cpu{other} 1000 0 0 0 0 0 0 0 0 0\n"
+        "cpuX 1 2 3 4 5\ncpu7x 1 2 3 4 5\nintr 12 3 4\nctxt 55\n"
+    )
+    assert threads.cpu_ticks(stat) == (85 * len(mine), 100 * len(mine), len(mine))
+    stat.write_text("intr 1 2 3\n")
+    assert threads.cpu_ticks(stat) is None
+    assert threads.cpu_ticks(tmp_path / "missing") is None
+
+
+def test_free_cores_is_the_idle_share_times_the_cpus() -> None:
+    readings = iter([(100, 200, 2), (130, 260, 2)])  # 30 of 60 ticks idle on 2 CPUs: one core free
+    assert threads.FreeCores(lambda: next(readings)).measure(least=0) == pytest.approx(1.0)
+    readings = iter([(100, 200, 2), (101, 260, 2)])
+    assert threads.FreeCores(lambda: next(readings)).measure(least=0) == pytest.approx(2 / 60)
+    assert threads.FreeCores(lambda: None).measure(least=0) is None
+    readings = iter([(100, 200, 2), (130, 260, 3)])  # a CPU came or went: no answer
+    assert threads.FreeCores(lambda: next(readings)).measure(least=0) is None
+
+
+def test_free_cores_of_this_box_are_between_none_and_all() -> None:
+    free = threads.FreeCores().measure(least=0.05)
+    if free is None:
+        pytest.skip("no /proc/stat here")
+    assert 0 <= free <= len(os.sched_getaffinity(0))
+
+
+def test_the_warm_up_uses_the_workers_threads_only_when_nothing_stands_in_its_way() -> None:
+    """oneDNN keeps a kernel per thread count: a warm-up on one thread warms nothing the workers'
+    two use (and both sets stay in memory). So the workers' count (None: leave it), unless
+    requests are being served, the job is a background upgrade, or the cores are busy or unknown."""
+    from ttsd.serving.loader import warm_cores
+    from ttsd.serving.pacing import Ticket, paced
+
+    assert warm_cores(1.0, serving=False)[0] is None
+    assert warm_cores(0.6, serving=False)[0] is None
+    assert warm_cores(1.0, serving=True) == (1, "requests are being served")
+    assert warm_cores(0.2, serving=False) == (1, "the cores are busy (0.2 of 2 idle)")
+    assert warm_cores(None, serving=False) == (1, "the cores' use cannot be read")
+    with paced(Ticket("upgrade", urgent=False), lambda: False):
+        assert warm_cores(1.0, serving=False) == (1, "an upgrade in the background")
+    with paced(Ticket("first load", urgent=True), lambda: False):
+        assert warm_cores(1.0, serving=False)[0] is None
+    torch.set_num_threads(1)
+    assert warm_cores(0.0, serving=False) == (None, "one thread serves")
+
+
+class _Recording:
+    """An engine that notes the thread count its load and warm-up ran on."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def load(self) -> None:
+        self.seen["load"] = torch.get_num_threads()
+
+    def warmup(self) -> None:
+        self.seen["warmup"] = torch.get_num_threads()
+
+    def unload(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("serving", "free", "warm"), [(False, 1.0, 2), (True, 1.0, 1), (False, 0.1, 1)])
+def test_load_engine_loads_on_one_thread_and_warms_on_what_was_decided(
+    monkeypatch: pytest.MonkeyPatch, serving: bool, free: float, warm: int
+) -> None:
+    if threads._openmp() is None or torch.get_num_threads() < 2:
+        pytest.skip("needs an OpenMP runtime and 2 cores")
+    from ttsd.serving import loader
+
+    engine = _Recording()
+    monkeypatch.setattr(loader, "create_engine", lambda *_a, **_k: engine)
+
+    class Free:
+        def measure(self) -> float:
+            return free
+
+    monkeypatch.setattr(loader, "FreeCores", Free)
+    calls: list[object] = []
+    manifest = SimpleNamespace(name="voice", version="1")
+
+    def job() -> None:  # on a fresh thread, as jobs run
+        try:
+            loader.load_engine(
+                Path("unused"), manifest, {}, warming=lambda: calls.append("warming"), serving=lambda: serving  # type: ignore[arg-type]
+            )
+        except Exception as exc:  # noqa: BLE001 - shown by the assert below
+            calls.append(exc)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+    assert calls == ["warming"]
+    assert engine.seen == {"load": 1, "warmup": warm}

@@ -10,12 +10,17 @@ The model loader uses this to warm a new version up on one core while requests a
 on the others: on 2 cores, a warm-up team of 2 threads beside the worker's team of 2 left the
 worker's parallel regions waiting at their barriers for descheduled threads (p99 during a swap up
 to 2.2x the steady p99 with the default layout).
+
+``FreeCores`` says how many of the process's cores sat idle over a stretch of time (``/proc/stat``):
+the loader warms a voice up on the workers' thread count only when the cores for it are free.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,3 +125,47 @@ def process_threads(count: int | None) -> None:
 
     torch.set_num_threads(count)
     _process_threads = count
+
+
+Ticks = tuple[int, int, int]  # (idle ticks, all ticks, CPUs counted)
+
+
+def cpu_ticks(stat: Path = Path("/proc/stat")) -> Ticks | None:
+    """Clock ticks since boot summed over the CPUs this process may run on: (idle and iowait, all,
+    how many CPUs). None where ``stat`` cannot be read or names none of them."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        lines = stat.read_text().splitlines()
+    except (OSError, AttributeError):  # no /proc, or no sched_getaffinity (not Linux)
+        return None
+    idle = total = cpus = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or not name[3:].isdigit() or int(name[3:]) not in allowed:
+            continue
+        try:
+            values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        except ValueError:
+            continue
+        if len(values) >= 5:
+            idle, total, cpus = idle + values[3] + values[4], total + sum(values), cpus + 1
+    return (idle, total, cpus) if cpus and total else None
+
+
+class FreeCores:
+    """How many of the process's cores sat idle, on average, between construction and ``measure``."""
+
+    def __init__(self, read: Callable[[], Ticks | None] = cpu_ticks) -> None:
+        self._read = read
+        self._start = read()
+        self._started = time.monotonic()
+
+    def measure(self, least: float = 0.1) -> float | None:
+        """Idle cores since construction (0 to the CPU count); None where the counts cannot be read.
+        Waits out ``least`` seconds first: the counts tick every 10 ms."""
+        time.sleep(max(0.0, self._started + least - time.monotonic()))
+        end = self._read()
+        if self._start is None or end is None or end[2] != self._start[2]:
+            return None
+        idle, total = end[0] - self._start[0], end[1] - self._start[1]
+        return end[2] * idle / total if total > 0 else None

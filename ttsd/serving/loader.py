@@ -2,8 +2,9 @@
 
 TF Serving's *Loader*: constructing an engine is cheap, ``load`` + ``warmup`` do the expensive
 work, ``unload`` frees it; only the manager calls these, from a job's thread (``jobs.py``, which
-also paces the work beside live requests: ``pacing.py``). This module adds one OpenMP thread for
-the load, and memory given back to the OS after an unload (``ttsd.malloc.trim``).
+also paces the work beside live requests: ``pacing.py``). This module adds the thread counts the
+load and the warm-up run on (``warm_cores``), and memory given back to the OS after an unload
+(``ttsd.malloc.trim``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..engines import Engine, create_engine
-from ..engines.threads import thread_cores
+from ..engines.threads import FreeCores, thread_cores
 from ..errors import TtsdError, VerifyError, is_system_oserror
 from ..malloc import trim
 from ..manifest import Manifest, read_manifest, verify
+from .pacing import running_ticket
 from .store import ModelStore, content_id
 from .versions import ModelVersion
 
@@ -29,28 +31,73 @@ class StoreLost(TtsdError):
 
 
 def load_engine(
-    folder: Path, manifest: Manifest, options: dict[str, Any], *, warming: Callable[[], None]
+    folder: Path,
+    manifest: Manifest,
+    options: dict[str, Any],
+    *,
+    warming: Callable[[], None],
+    serving: Callable[[], bool],
 ) -> Engine[Any]:
-    """Construct, load and warm up the engine of a verified store copy, on one OpenMP thread.
-    ``warming`` is called between load and warm-up. On any failure (``Superseded`` included) the
-    half-built engine is unloaded and the exception propagates.
+    """Construct, load and warm up the engine of a verified store copy. ``warming`` is called
+    between load and warm-up; ``serving`` says whether requests are being served right now. On any
+    failure (``Superseded`` included) the half-built engine is unloaded and the exception
+    propagates.
 
-    One thread, always: beside the workers, a team of two left their parallel regions waiting at
-    barriers for descheduled threads (p99 during a swap up to 2.2x steady on 2 cores); beside other
-    busy programs, a team of two spins while its partner is preempted. Measured on the built-in
-    voice (Intel Xeon with AMX, 2 cores), the first load and warm-up of a process: 1.24 s on two
-    threads and 0.53 s on one on a quiet box, 6.6 s and 0.81 s beside two CPU-bound programs; later
-    loads 0.17 and 0.22 s."""
+    The load runs on one OpenMP thread, always: beside the workers, a team of two left their
+    parallel regions waiting at barriers for descheduled threads (p99 during a swap up to 2.2x
+    steady on 2 cores); beside other busy programs, a team of two spins while its partner is
+    preempted. The warm-up runs on the workers' thread count when it can (``warm_cores``): oneDNN
+    builds and keeps its kernels per thread count, so a warm-up on one thread warmed nothing the
+    workers use."""
     engine = create_engine(folder, manifest, **options)
     try:
+        free = FreeCores()
         with thread_cores(1):
             engine.load()
-            warming()
+        warming()
+        cores, why = warm_cores(free.measure(), serving())
+        log.debug("%s %s warms up on %s (%s)", manifest.name, manifest.version, cores or "every thread", why)
+        with thread_cores(cores):
             engine.warmup()
     except BaseException:
         engine.unload()
         raise
     return engine
+
+
+def warm_cores(free: float | None, serving: bool) -> tuple[int | None, str]:
+    """The thread count a warm-up runs on (None: the workers', the process's count), and why.
+
+    oneDNN compiles a kernel for each shape *and thread count* it runs and keeps them: the workers'
+    requests (two threads on 2 cores) cannot use what a one-thread warm-up built. Warming on one
+    thread left the first request to build them (measured on the built-in voice, Intel Xeon with
+    AMX, 2 cores: first request 0.18-0.23 s against 0.05 s, and peak RSS 30-35 MB higher: both sets
+    kept). So it warms on the workers' count, unless
+
+    * requests are being served: a second team of two beside the workers' makes their parallel
+      regions wait for each other (requests 2x slower);
+    * the job is background work (an upgrade), whose pacing stretches the warm-up over seconds if
+      requests start meanwhile, and whose voice's kernels the serving version already built;
+    * the cores are not free: other programs were using them during the load (``free``, idle cores
+      measured over it, is below half of the extra threads) or that cannot be read. Beside two
+      CPU-bound programs the two-thread warm-up took 2-6 s against 0.7 s on one thread (and the first
+      request 0.1 s against 2-4 s): a voice comes up promptly on a busy box and the first request
+      pays."""
+    import torch  # imported by the engine already; not by whoever imports this module
+
+    ticket = running_ticket()
+    if serving:
+        return 1, "requests are being served"
+    if ticket is not None and not ticket.urgent:
+        return 1, "an upgrade in the background"
+    wanted = torch.get_num_threads()
+    if wanted <= 1:
+        return None, "one thread serves"
+    if free is None:
+        return 1, "the cores' use cannot be read"
+    if free < 0.5 * (wanted - 1):
+        return 1, f"the cores are busy ({free:.1f} of {wanted} idle)"
+    return None, f"the cores are free ({free:.1f} of {wanted} idle)"
 
 
 def unload_engine(engine: Engine[Any]) -> None:
