@@ -200,3 +200,66 @@ def test_a_receptive_field_wider_than_the_windows_decodes_whole() -> None:
         latents = torch.randn(1, model.config.flow_size, 900)
         assert fast.plan(900) == [(0, 900, 0, 900)]
         assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) < 1e-5
+
+
+def test_the_flow_on_a_prefix_gives_its_first_frames_exactly(tmp_path: Path) -> None:
+    """Streaming's first window runs the flow on the frames it reads plus ``flow_radius``: those
+    frames must be the whole sentence's, and the radius must be the flow's real reach (dilated
+    WaveNet layers, several couplings): a shorter prefix gets the frames near its end wrong."""
+    from conftest import save_tiny_vits
+
+    from ttsd.engines.vits.model import NativeVits
+
+    folder = save_tiny_vits(tmp_path / "v", prior_encoder_num_flows=3, prior_encoder_num_wavenet_layers=3,
+                            wavenet_dilation_rate=2, wavenet_kernel_size=3)
+    model = NativeVits(folder)
+    assert model.flow_radius == 3 * (1 + 2 + 4)
+    torch.manual_seed(1)
+    prior = torch.randn(500, model.config.flow_size)
+    with torch.inference_mode():
+        whole = model.flow(prior, None)[0]
+        for cut in (60, 130, 300):
+            part = model.flow(prior[:cut], None)[0]
+            exact = cut - model.flow_radius
+            assert max_diff(part[..., :exact], whole[..., :exact]) < 1e-5, cut
+            assert max_diff(part[..., exact - 1 : cut], whole[..., exact - 1 : cut]) > 1e-4, cut
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_requests_first_sentence_streams_the_same_audio_from_the_early_flow(joe_folder: Path, precision: str) -> None:
+    """The first sentence's first window is decoded from a flow run on its first frames only (the
+    first audio comes sooner): the audio is the same as from the whole sentence's flow."""
+    import numpy as np
+
+    from ttsd.engines import precision as precisions
+    from ttsd.options import SynthesisOptions
+    from ttsd.speak import open_engine
+
+    if precision == "bf16" and precisions.native_bf16() is None:
+        pytest.skip("bf16 needs a CPU with native bf16")
+    engine = open_engine(joe_folder, precision=precision)
+    options = SynthesisOptions(seed=4)
+    unit = engine._units("The quick brown fox jumps over the lazy dog, and then it runs far away into the forest.",
+                         options)[0]
+    calls: list[int] = []
+    flow = engine.model.flow
+
+    def counting(prior: torch.Tensor, *args: object, **kwargs: object) -> object:
+        calls.append(prior.shape[0])
+        return flow(prior, *args, **kwargs)
+
+    engine.model.flow = counting
+    early = list(engine._render_pieces(unit, options, first=True))
+    frames = calls[-1]
+    assert len(calls) == 2 and calls[0] < frames, calls  # the early flow ran, on fewer frames
+    calls.clear()
+    late = list(engine._render_pieces(unit, options))
+    assert calls == [frames]
+    assert [len(p) for p in early] == [len(p) for p in late]
+    assert float(np.abs(np.concatenate(early) - np.concatenate(late)).max()) < 1e-5
+    engine.warmup()  # a gain for pieces
+    calls.clear()
+    text = "The quick brown fox jumps over the lazy dog, and then it runs far away. " * 3
+    list(engine.synthesize_stream(text, options, pieces=True))
+    assert len(calls) == 3 + 1 and calls[0] < calls[1]  # only the request's first sentence flows early

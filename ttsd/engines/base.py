@@ -109,9 +109,10 @@ class Engine(ABC, Generic[Unit]):
     def default_warmup(self) -> Sequence[str]:
         return DEFAULT_WARMUP
 
-    def _render_pieces(self, unit: Unit, options: SynthesisOptions) -> Iterator[np.ndarray]:
+    def _render_pieces(self, unit: Unit, options: SynthesisOptions, *, first: bool = False) -> Iterator[np.ndarray]:
         """One unit -> float32 samples in pieces, each as soon as it is ready (streaming below the
-        sentence). The default yields the whole unit; engines that can do better override it."""
+        sentence). ``first``: the request's first unit, whose first piece is its first audio. The
+        default yields the whole unit; engines that can do better override it."""
         yield self._render(unit, options)
 
     # -- the contract ---------------------------------------------------------------------------
@@ -155,7 +156,9 @@ class Engine(ABC, Generic[Unit]):
             pause = index > 0 and options.sentence_pause > 0
             if by_piece:
                 parts: Iterator[np.ndarray] = (
-                    budget.counted(_clipped(p * gain)) for unit in sentence for p in self._render_pieces(unit, options)
+                    budget.counted(_clipped(p * gain))
+                    for unit in sentence
+                    for p in self._render_pieces(unit, options, first=unit is units[0])
                 )
             else:
                 rendered = [budget.counted(self._render(unit, options)) for unit in sentence]

@@ -299,26 +299,37 @@ class FastHifiGan:
             add(width, width - 2 * r)
         return windows
 
+    def speaker_bias(self, speaker: torch.Tensor | None) -> torch.Tensor | None:
+        """The first layer's bias with the speaker's constant offset folded in (None: its own)."""
+        if speaker is None or self.cond is None:
+            return None
+        weight, offset = self.cond
+        bias = weight @ speaker.reshape(-1) + offset
+        if self.pre.bias is not None:
+            bias = bias + self.pre.bias
+        return bias.to(self.dtype)
+
+    def decode(
+        self, latents: torch.Tensor, frames: int, window: tuple[int, int, int, int], bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One window of ``plan(frames, ...)`` -> its kept samples. ``latents`` ``(1, C, n)`` must
+        hold the sentence's frames up to where the window reads (``start + width``, or ``frames``);
+        it may stop there."""
+        start, width, keep_from, keep_to = window
+        lo, hi = max(0, -start), min(width, frames - start)
+        piece = latents[..., max(0, start) : start + hi]
+        if lo or hi < width:
+            piece = F.pad(piece, (lo, width - hi))
+        samples = self._window(piece, lo, hi, bias, keep_from - start)
+        return samples[: (keep_to - keep_from) * self.hop]
+
     def stream(
         self, latents: torch.Tensor, speaker: torch.Tensor | None = None, first: int | None = None
     ) -> Iterator[torch.Tensor]:
         """``(1, C, frames)`` latents -> waveform pieces ``(samples,)``, in order."""
-        bias = None
-        if speaker is not None and self.cond is not None:
-            weight, offset = self.cond  # the speaker's constant offset, folded into the bias
-            bias = weight @ speaker.reshape(-1) + offset
-            if self.pre.bias is not None:
-                bias = bias + self.pre.bias
-            bias = bias.to(self.dtype)
-        frames = latents.shape[-1]
-        for start, width, keep_from, keep_to in self.plan(frames, first):
-            context = keep_from - start
-            lo, hi = max(0, -start), min(width, frames - start)
-            window = latents[..., max(0, start) : start + hi]
-            if lo or hi < width:
-                window = F.pad(window, (lo, width - hi))
-            samples = self._window(window, lo, hi, bias, context)
-            yield samples[: (keep_to - keep_from) * self.hop]
+        bias, frames = self.speaker_bias(speaker), latents.shape[-1]
+        for window in self.plan(frames, first):
+            yield self.decode(latents, frames, window, bias)
 
     def __call__(self, latents: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
         pieces = list(self.stream(latents, speaker))

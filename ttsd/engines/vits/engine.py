@@ -33,7 +33,7 @@ from ..base import Engine
 from ..threads import process_threads
 from . import kernels
 from .chars import CharTokenizer
-from .model import NativeVits
+from .model import FRAME_BUCKET, NativeVits, _padded
 from .phonemes import PHONEMES_FILE, EspeakPhonemes, PhonemeConfig
 
 # The longest model input one unit may have. The text encoder's self-attention holds
@@ -225,7 +225,8 @@ class VitsEngine(Engine[Unit]):
             raise RequestError(f"speaker {index} out of range: this voice has {count} speaker(s)")
         return index if count > 1 else None
 
-    def _latents(self, unit: Unit, options: SynthesisOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _prior(self, unit: Unit, options: SynthesisOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The flow's input for ``unit`` and the speaker embedding (``NativeVits.prior``)."""
         model = self._require()
         config = model.config
         generator = None
@@ -235,7 +236,7 @@ class VitsEngine(Engine[Unit]):
         noise_w = config.noise_scale_duration if options.noise_scale_duration is None else options.noise_scale_duration
         length_scale = (1.0 / float(config.speaking_rate)) / options.speed
         with torch.inference_mode():
-            return model.latent_frames(
+            return model.prior(
                 unit.ids,
                 noise_scale=noise,
                 noise_scale_duration=noise_w,
@@ -244,20 +245,44 @@ class VitsEngine(Engine[Unit]):
                 generator=generator,
             )
 
+    def _latents(self, unit: Unit, options: SynthesisOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prior, speaker = self._prior(unit, options)
+        with torch.inference_mode():
+            return self._require().flow(prior, speaker)
+
     def _render(self, unit: Unit, options: SynthesisOptions) -> np.ndarray:
         latents, speaker = self._latents(unit, options)
         with torch.inference_mode():
             return self._require().decoder(latents, speaker).numpy().astype(np.float32)
 
-    def _render_pieces(self, unit: Unit, options: SynthesisOptions) -> Iterator[np.ndarray]:
-        """The sentence's text side at once, then the decoder window by window: the first piece
-        (about 0.2 s of audio) is out after the text encoder, flows and one small window."""
-        latents, speaker = self._latents(unit, options)
-        decoder = self._require().decoder
-        pieces = decoder.stream(latents, speaker, first=decoder.first_piece)
-        while True:
+    def _render_pieces(self, unit: Unit, options: SynthesisOptions, *, first: bool = False) -> Iterator[np.ndarray]:
+        """The decoder window by window: the first piece (about 0.2 s of audio) is out after the
+        text encoder, the durations, the flow and one small window.
+
+        ``first`` (a request's first sentence, whose first piece is the request's first audio):
+        the flow runs first on only the frames the first window reads plus its reach
+        (``flow_radius``), which gives exactly those frames, and then on the whole sentence for the
+        other windows. The first audio then waits for a third of a sentence's flow (on the built-in
+        voice, 128 frames of about 384), for a little more work in all."""
+        model = self._require()
+        decoder = model.decoder
+        prior, speaker = self._prior(unit, options)
+        frames = prior.shape[0]
+        plan = decoder.plan(frames, first=decoder.first_piece)
+        head = None
+        if first and len(plan) > 1:
+            reads = plan[0][0] + plan[0][1]  # the first window reads the frames below this
+            enough = reads + model.flow_radius
+            if _padded(enough, FRAME_BUCKET) < _padded(frames, FRAME_BUCKET):  # else the whole costs the same
+                with torch.inference_mode():
+                    head = model.flow(prior[:enough], speaker)
+        whole = None
+        for index, window in enumerate(plan):
             with torch.inference_mode():  # entered per piece: it must not leak into the caller between pieces
-                piece = next(pieces, None)
-            if piece is None:
-                return
+                if index > 0 or head is None:
+                    whole = whole or model.flow(prior, speaker)
+                    latents, column = whole
+                else:
+                    latents, column = head
+                piece = decoder.decode(latents, frames, window, decoder.speaker_bias(column))
             yield piece.numpy().astype(np.float32)

@@ -77,6 +77,19 @@ class NativeVits:
         if leftover:
             raise LoadError(f"{where}: config.json does not match the weights (unused tensor {sorted(leftover)[0]})")
 
+    @property
+    def flow_radius(self) -> int:
+        """Frames on each side of a frame that the prior flow's output there depends on: each
+        coupling's WaveNet reaches ``(k - 1) * d // 2`` frames per layer, and the couplings chain.
+        The flow run on the first ``n`` frames alone gives the whole sentence's latents for the
+        first ``n - flow_radius`` of them (what streaming's first window needs: ``engine.py``)."""
+        c = self.config
+        reach = sum(
+            (c.wavenet_kernel_size - 1) * c.wavenet_dilation_rate**i // 2
+            for i in range(c.prior_encoder_num_wavenet_layers)
+        )
+        return reach * len(self.flows)
+
     def latent_frames(
         self,
         ids: list[int],
@@ -90,8 +103,31 @@ class NativeVits:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text ids -> decoder input ``(1, flow_size, frames)`` and the speaker embedding ``(1, E, 1)``.
         Noise is drawn in the same order and shapes as the tests' reference ``latent_frames``."""
+        prior, speaker = self.prior(
+            ids,
+            noise_scale=noise_scale,
+            noise_scale_duration=noise_scale_duration,
+            length_scale=length_scale,
+            speaker_id=speaker_id,
+            generator=generator,
+            bucket=bucket,
+        )
+        return self.flow(prior, speaker, bucket=bucket)
+
+    def prior(
+        self,
+        ids: list[int],
+        *,
+        noise_scale: float,
+        noise_scale_duration: float,
+        length_scale: float,
+        speaker_id: int | None = None,
+        generator: torch.Generator | None = None,
+        bucket: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text ids -> the flow's input, time-major ``(frames, flow_size)`` (text encoder, durations,
+        the prior's noise), and the speaker embedding ``(1, E)``. ``bucket``: the text padding."""
         c = self.config
-        frame_bucket = FRAME_BUCKET if bucket is None else bucket  # ``bucket``: both, as given (tests)
         bucket = BUCKET if bucket is None else bucket
         length = len(ids)
         padded = _padded(length, bucket)
@@ -129,13 +165,19 @@ class NativeVits:
         if means.shape[0] == 0:
             means = torch.zeros(1, c.flow_size)
             log_vars = torch.zeros_like(means)
-        count = means.shape[0]
         if noise_scale:
-            noise = torch.randn((1, c.flow_size, count), generator=generator)[0].t()
-            prior = means + noise * torch.exp(log_vars) * noise_scale
-        else:
-            prior = means
-        frames_padded = _padded(count, frame_bucket)
+            noise = torch.randn((1, c.flow_size, means.shape[0]), generator=generator)[0].t()
+            return means + noise * torch.exp(log_vars) * noise_scale, speaker
+        return means, speaker
+
+    def flow(
+        self, prior: torch.Tensor, speaker: torch.Tensor | None, *, bucket: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prior flow, reversed: ``prior(...)``'s ``(frames, flow_size)`` -> the decoder's input
+        ``(1, flow_size, frames)`` and the speaker embedding ``(1, E, 1)``. Frames are padded to a
+        multiple of ``bucket`` (``FRAME_BUCKET``) and masked."""
+        count = prior.shape[0]
+        frames_padded = _padded(count, FRAME_BUCKET if bucket is None else bucket)
         out_mask = torch.zeros(frames_padded, 1)
         out_mask[:count] = 1.0
         x = F.pad(prior, (0, 0, 0, frames_padded - count))
