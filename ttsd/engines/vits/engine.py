@@ -256,19 +256,20 @@ class VitsEngine(Engine[Unit]):
             return self._require().decoder(latents, speaker).numpy().astype(np.float32)
 
     def _render_pieces(self, unit: Unit, options: SynthesisOptions, *, first: bool = False) -> Iterator[np.ndarray]:
-        """The decoder window by window: the first piece (about 0.2 s of audio) is out after the
-        text encoder, the durations, the flow and one small window.
+        """The decoder window by window, each piece out as soon as it is decoded.
 
-        ``first`` (a request's first sentence, whose first piece is the request's first audio):
-        the flow runs first on only the frames the first window reads plus its reach
-        (``flow_radius``), which gives exactly those frames, and then on the whole sentence for the
-        other windows. The first audio then waits for a third of a sentence's flow (on the built-in
-        voice, 128 frames of about 384), for a little more work in all."""
+        ``first``: the request's first sentence, whose first piece is the request's first audio.
+        Its first window is a small one (about 0.2 s of audio, ``first_piece``), and the flow runs
+        first on only the frames that window reads plus the flow's reach (``flow_radius``), which
+        gives exactly those frames, then on the whole sentence for the other windows: the first
+        audio waits for a third of a sentence's flow (on the built-in voice, 128 frames of about
+        384), for a little more work in all. Later sentences are decoded in the cheapest windows:
+        the audio before them is still playing."""
         model = self._require()
         decoder = model.decoder
         prior, speaker = self._prior(unit, options)
         frames = prior.shape[0]
-        plan = decoder.plan(frames, first=decoder.first_piece)
+        plan = decoder.plan(frames, first=decoder.first_piece if first else None)
         head = None
         if first and len(plan) > 1:
             reads = plan[0][0] + plan[0][1]  # the first window reads the frames below this
