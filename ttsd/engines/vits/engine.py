@@ -274,7 +274,9 @@ class VitsEngine(Engine[Unit]):
         if first and len(plan) > 1:
             reads = plan[0][0] + plan[0][1]  # the first window reads the frames below this
             enough = reads + model.flow_radius
-            if _padded(enough, FRAME_BUCKET) < _padded(frames, FRAME_BUCKET):  # else the whole costs the same
+            # worth it from three frame buckets up: on a shorter sentence the whole flow is a few ms
+            # and the early one would add half of it to the answer's total for less than that
+            if 3 * _padded(enough, FRAME_BUCKET) <= _padded(frames, FRAME_BUCKET):
                 with torch.inference_mode():
                     head = model.flow(prior[:enough], speaker)
         whole = None
