@@ -224,7 +224,7 @@ def model_arithmetic(cache: Path) -> dict[str, Any]:
     os.environ["TTSD_KERNELS"] = "mkl"  # torch.addmm, which the counter sees (oneDNN's linear it does not)
     decoder.WIDTHS = (1,)  # no window fits the receptive field: decode whole
     decoder.fused_ops_work = lambda dtype=None: False  # any precision: plain convolutions
-    model.BUCKET = model.FRAME_BUCKET = 1
+    model.BUCKET = model.FRAME_BUCKET = model.GEMM_FRAME_BUCKET = 1
     engine = open_engine(builtin_model(cache), precision="fp32")  # the network's work, in any precision
     options = SynthesisOptions(noise_scale=NOISE_SCALE, noise_scale_duration=NOISE_W,
                                speed=1.0 / LENGTH_SCALE, sentence_pause=0.0)

@@ -20,7 +20,7 @@ Ratios are ttsd / wyoming-piper in this run. Goals: first audio <= 0.5x (single 
 modes), total <= 1.0x (one client), p95 total <= 0.8x (three clients), peak RSS <= 1.0x. Run from
 the repository root, alone on the machine (``pip install -e '.[bench]'`` brings wyoming-piper)::
 
-    .venv/bin/python bench/wyoming_vs_piper.py [--rounds 8] [--json out.json]
+    .venv/bin/python bench/wyoming_vs_piper.py [--rounds 8] [--precision auto|fp32|bf16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ async def speak(port: int, text: str, streaming: bool) -> tuple[float, float]:
                 return first, time.perf_counter() - started
 
 
-async def run(rounds: int) -> dict[str, Any]:
+async def run(rounds: int, precision: str = "auto") -> dict[str, Any]:
     from ttsd.voices import builtin_model, builtin_voice_files
 
     tmp = Path(tempfile.mkdtemp(prefix="ttsd-bench-wyoming."))
@@ -142,7 +142,8 @@ async def run(rounds: int) -> dict[str, Any]:
     servers = {
         "ttsd": Server("ttsd", [sys.executable, "-m", "ttsd", "serve", "--models", str(tmp / "models"),
                                 "--state", str(tmp / "state"), "--socket", str(tmp / "ttsd.sock"),
-                                "--wyoming", f"tcp://127.0.0.1:{ttsd_port}"], ttsd_port, tmp / "ttsd.log", env),
+                                "--wyoming", f"tcp://127.0.0.1:{ttsd_port}", "--precision", precision],
+                        ttsd_port, tmp / "ttsd.log", env),
         "wyoming-piper": Server("wyoming-piper", [sys.executable, "-m", "wyoming_piper", "--voice", VOICE,
                                                   "--uri", f"tcp://127.0.0.1:{piper_port}", "--data-dir", str(data),
                                                   "--local-files-only"], piper_port, tmp / "piper.log"),
@@ -221,12 +222,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8, help="alternating rounds per case (default 8)")
     parser.add_argument("--json", type=Path, help="write the raw timings here")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="ttsd serve --precision (default auto: bf16 where the CPU has it)")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
-    result = asyncio.run(run(args.rounds))
+    result = asyncio.run(run(args.rounds, args.precision))
     print(table(result))
-    print(f"\n{args.rounds} rounds, requests alternating between the servers; load average at end: "
-          f"{result['load']:.2f}")
+    print(f"\n{args.rounds} rounds, requests alternating between the servers, ttsd --precision {args.precision}; "
+          f"load average at end: {result['load']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

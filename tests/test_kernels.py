@@ -77,6 +77,24 @@ def test_a_mixed_choice_and_a_bad_value(tiny: Path, monkeypatch: pytest.MonkeyPa
             open_engine(tiny)
 
 
+def test_frames_are_padded_finely_only_where_the_flow_compiles_nothing_per_shape(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 on MKL's GEMM compiles nothing per shape: frames padded to 32 (a short sentence's flow
+    skips padding); on oneDNN, which keeps a kernel per shape, and in bf16 (oneDNN either way) to 128."""
+    from ttsd.engines.vits import model
+
+    assert engine(tiny, monkeypatch, "mkl", precision="fp32").model.frame_bucket == model.GEMM_FRAME_BUCKET == 32
+    assert engine(tiny, monkeypatch, "text=mkl,flow=onednn", precision="fp32").model.frame_bucket == 128
+    assert NativeVits(tiny, dtype=torch.bfloat16).frame_bucket == model.FRAME_BUCKET == 128
+    e = engine(tiny, monkeypatch, "mkl", precision="fp32")
+    ids = [3, 5, 7, 2, 9] * 9
+    knobs = dict(noise_scale=0.0, noise_scale_duration=0.0, length_scale=1.0)
+    with torch.inference_mode():
+        fine, coarse, none = (e.model.latent_frames(ids, bucket=b, **knobs)[0] for b in (None, 128, 1))
+    assert fine.shape == coarse.shape == none.shape and float((fine - none).abs().max()) < 1e-5
+
+
 # -- the choice ---------------------------------------------------------------------------------------------
 def products_of(folder: Path) -> list[Any]:
     items, dtype = kernels.classes(NativeVits(folder))["text"]

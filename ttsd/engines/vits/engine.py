@@ -33,7 +33,7 @@ from ..base import Engine
 from ..threads import process_threads
 from . import kernels
 from .chars import CharTokenizer
-from .model import FRAME_BUCKET, NativeVits, _padded
+from .model import NativeVits, _padded
 from .phonemes import PHONEMES_FILE, EspeakPhonemes, PhonemeConfig
 
 # The longest model input one unit may have. The text encoder's self-attention holds
@@ -276,7 +276,7 @@ class VitsEngine(Engine[Unit]):
             enough = reads + model.flow_radius
             # worth it from three frame buckets up: on a shorter sentence the whole flow is a few ms
             # and the early one would add half of it to the answer's total for less than that
-            if 3 * _padded(enough, FRAME_BUCKET) <= _padded(frames, FRAME_BUCKET):
+            if 3 * _padded(enough, model.frame_bucket) <= _padded(frames, model.frame_bucket):
                 with torch.inference_mode():
                     head = model.flow(prior[:enough], speaker)
         whole = None
