@@ -43,8 +43,11 @@ from .conv import CL, Conv, fused_ops_work
 # streamed sentence for radius-14 voices. Up to 128: windows of 192 and 256 frames raised the
 # built-in voice's peak RSS by 62 MB in bf16 and 90 MB in fp32 (a 12-sentence paragraph, Intel
 # Xeon with AMX, 2 threads) and were not measurably faster (0-4 %, within that box's noise):
-# the crops after the first stage already keep the overlap's cost small.
-WIDTHS = (32, 48, 64, 96, 128)
+# the crops after the first stage already keep the overlap's cost small. No 96: its kernels cost
+# 10 MB per thread count in bf16 (32: 1 MB, and it keeps too little to be used), and without it
+# 100 varied requests peaked 14-17 MB lower in bf16 and 2-17 MB lower in fp32, taking the same
+# time in fp32 and 2-3 % more in bf16 (3 alternated runs each, same box).
+WIDTHS = (48, 64, 128)
 
 
 Take = Callable[[str, tuple[int, ...]], torch.Tensor]  # (state-dict name, expected shape) -> tensor
