@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -187,3 +188,16 @@ def test_load_engine_loads_on_one_thread_and_warms_on_what_was_decided(
     thread.join()
     assert calls == ["warming"]
     assert engine.seen == {"load": 1, "warmup": warm}
+
+
+def test_waiting_for_the_counts_can_be_called_off() -> None:
+    """The wait for ``/proc/stat``'s counts is in short sleeps, so a paced job that is called off
+    (a rollback during an upgrade) stops within one of them, not after the whole wait."""
+    from ttsd.serving.pacing import Superseded, Ticket, paced
+
+    ticket, free = Ticket("upgrade"), threads.FreeCores(lambda: (0, 1, 1))
+    threading.Timer(0.05, lambda: ticket.cancel("a rollback")).start()
+    started = time.monotonic()
+    with pytest.raises(Superseded), paced(ticket, lambda: False):
+        free.measure(least=5.0)
+    assert time.monotonic() - started < 1.0

@@ -162,8 +162,10 @@ class FreeCores:
 
     def measure(self, least: float = 0.1) -> float | None:
         """Idle cores since construction (0 to the CPU count); None where the counts cannot be read.
-        Waits out ``least`` seconds first: the counts tick every 10 ms."""
-        time.sleep(max(0.0, self._started + least - time.monotonic()))
+        Waits out ``least`` seconds first (the counts tick every 10 ms), in 10 ms sleeps: a paced
+        job is called off between them (``ttsd.serving.pacing``), so a rollback does not wait."""
+        while (left := self._started + least - time.monotonic()) > 0:
+            time.sleep(min(left, 0.01))
         end = self._read()
         if self._start is None or end is None or end[2] != self._start[2]:
             return None
