@@ -262,9 +262,10 @@ class VitsEngine(Engine[Unit]):
         Its first window is a small one (about 0.2 s of audio, ``first_piece``), and the flow runs
         first on only the frames that window reads plus the flow's reach (``flow_radius``), which
         gives exactly those frames, then on the whole sentence for the other windows: the first
-        audio waits for a third of a sentence's flow (on the built-in voice, 128 frames of about
-        384), for a little more work in all. Later sentences are decoded in the cheapest windows:
-        the audio before them is still playing."""
+        audio waits for a third or less of a sentence's flow (on the built-in voice in bf16, 128
+        frames of about 384), for a little more work in all. Later sentences are decoded in the
+        cheapest windows: the audio before them is still playing. (Over Wyoming each sentence of a
+        text stream is a request of its own, so each gets the early first piece.)"""
         model = self._require()
         decoder = model.decoder
         prior, speaker = self._prior(unit, options)
