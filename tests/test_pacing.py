@@ -212,13 +212,3 @@ def test_inside_a_guard_a_job_is_neither_paused_nor_called_off() -> None:
     assert result.get("stopped") == "a newer version" and "after" not in result
     assert float(result["inside"]) < 0.5  # paced, 20,000 calls would sleep for seconds  # type: ignore[arg-type]
 
-
-def test_running_ticket_is_the_job_of_this_thread_only() -> None:
-    """What the loader asks to tell a background upgrade from urgent work (``warm_cores``)."""
-    ticket, seen = Ticket("upgrade"), {}
-    with paced(ticket, lambda: False):
-        seen["inside"] = pacing.running_ticket()
-        other = threading.Thread(target=lambda: seen.setdefault("other", pacing.running_ticket()))
-        other.start()
-        other.join()
-    assert (seen["inside"], seen["other"], pacing.running_ticket()) == (ticket, None, None)

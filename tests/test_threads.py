@@ -86,30 +86,31 @@ def test_thread_cores_holds_on_a_thread_that_has_not_run_torch_yet() -> None:
 
 
 def test_cpu_ticks_sums_the_cpus_this_process_may_use(tmp_path: Path) -> None:
-    """Only the CPUs in the process's affinity count; the all-CPU line, other counters and malformed
-    lines are skipped."""
+    """Only the CPUs in the process's affinity count; the all-CPU line, other counters and lines it
+    does not understand (an empty one too) are skipped."""
     mine = sorted(os.sched_getaffinity(0))
     other = max(mine) + 1
     stat = tmp_path / "stat"
     stat.write_text(
-        "cpu  999 0 999 999 0 0 0 0 0 0\n"
+        "cpu  999 0 999 999 0 0 0 0 0 0\n\n"
         + "".join(f"cpu{n} 10 0 5 80 5 0 0 0 0 0\n" for n in mine)
         + f"cpu{other} 1000 0 0 0 0 0 0 0 0 0\n"
-        "cpuX 1 2 3 4 5\ncpu7x 1 2 3 4 5\nintr 12 3 4\nctxt 55\n"
+        "cpuX 1 2 3 4 5\ncpu7x 1 2 3 4 5\ncpu0\n \nintr 12 3 4\nctxt 55\n"
     )
-    assert threads.cpu_ticks(stat) == (85 * len(mine), 100 * len(mine), len(mine))
+    assert threads.cpu_ticks(stat) == (85 * len(mine), 100 * len(mine), tuple(mine))
     stat.write_text("intr 1 2 3\n")
     assert threads.cpu_ticks(stat) is None
     assert threads.cpu_ticks(tmp_path / "missing") is None
 
 
 def test_free_cores_is_the_idle_share_times_the_cpus() -> None:
-    readings = iter([(100, 200, 2), (130, 260, 2)])  # 30 of 60 ticks idle on 2 CPUs: one core free
+    two = (0, 1)
+    readings = iter([(100, 200, two), (130, 260, two)])  # 30 of 60 ticks idle on 2 CPUs: one core free
     assert threads.FreeCores(lambda: next(readings)).measure(least=0) == pytest.approx(1.0)
-    readings = iter([(100, 200, 2), (101, 260, 2)])
+    readings = iter([(100, 200, two), (101, 260, two)])
     assert threads.FreeCores(lambda: next(readings)).measure(least=0) == pytest.approx(2 / 60)
     assert threads.FreeCores(lambda: None).measure(least=0) is None
-    readings = iter([(100, 200, 2), (130, 260, 3)])  # a CPU came or went: no answer
+    readings = iter([(100, 200, two), (130, 260, (0, 2))])  # another CPU than before: no answer
     assert threads.FreeCores(lambda: next(readings)).measure(least=0) is None
 
 
@@ -120,24 +121,30 @@ def test_free_cores_of_this_box_are_between_none_and_all() -> None:
     assert 0 <= free <= len(os.sched_getaffinity(0))
 
 
-def test_the_warm_up_uses_the_workers_threads_only_when_nothing_stands_in_its_way() -> None:
+def test_the_warm_up_uses_the_workers_threads_only_when_nothing_stands_in_its_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """oneDNN keeps a kernel per thread count: a warm-up on one thread warms nothing the workers'
-    two use (and both sets stay in memory). So the workers' count (None: leave it), unless
-    requests are being served, the job is a background upgrade, or the cores are busy or unknown."""
+    two use (and both sets stay in memory). So the workers' count, unless requests may be served
+    meanwhile (a voice is active), or the cores are busy or their use unknown. The cores are only
+    measured when it matters (the measurement waits)."""
     from ttsd.serving.loader import warm_cores
-    from ttsd.serving.pacing import Ticket, paced
 
-    assert warm_cores(1.0, serving=False)[0] is None
-    assert warm_cores(0.6, serving=False)[0] is None
-    assert warm_cores(1.0, serving=True) == (1, "requests are being served")
-    assert warm_cores(0.2, serving=False) == (1, "the cores are busy (0.2 of 2 idle)")
-    assert warm_cores(None, serving=False) == (1, "the cores' use cannot be read")
-    with paced(Ticket("upgrade", urgent=False), lambda: False):
-        assert warm_cores(1.0, serving=False) == (1, "an upgrade in the background")
-    with paced(Ticket("first load", urgent=True), lambda: False):
-        assert warm_cores(1.0, serving=False)[0] is None
-    torch.set_num_threads(1)
-    assert warm_cores(0.0, serving=False) == (None, "one thread serves")
+    monkeypatch.setattr(threads, "_process_threads", 2)
+    asked: list[bool] = []
+
+    def free(value: float | None):  # noqa: ANN202
+        return lambda: asked.append(True) or value
+
+    assert warm_cores(free(1.0), live=False) == (2, "the cores are free (1.0 of 2 idle)")
+    assert warm_cores(free(0.6), live=False)[0] == 2
+    assert warm_cores(free(0.2), live=False) == (1, "the cores are busy (0.2 of 2 idle)")
+    assert warm_cores(free(None), live=False) == (1, "the cores' use cannot be read")
+    asked.clear()
+    assert warm_cores(free(1.0), live=True) == (1, "requests may be served meanwhile")
+    monkeypatch.setattr(threads, "_process_threads", 1)
+    assert warm_cores(free(1.0), live=False) == (1, "one thread serves")
+    assert asked == []  # neither needed the measurement
 
 
 class _Recording:
@@ -156,12 +163,8 @@ class _Recording:
         pass
 
 
-@pytest.mark.parametrize(("serving", "free", "warm"), [(False, 1.0, 2), (True, 1.0, 1), (False, 0.1, 1)])
-def test_load_engine_loads_on_one_thread_and_warms_on_what_was_decided(
-    monkeypatch: pytest.MonkeyPatch, serving: bool, free: float, warm: int
-) -> None:
-    if threads._openmp() is None or torch.get_num_threads() < 2:
-        pytest.skip("needs an OpenMP runtime and 2 cores")
+def _load_on_a_fresh_thread(monkeypatch: pytest.MonkeyPatch, options: dict[str, object], live: bool,
+                            free: float) -> dict[str, int]:
     from ttsd.serving import loader
 
     engine = _Recording()
@@ -177,9 +180,8 @@ def test_load_engine_loads_on_one_thread_and_warms_on_what_was_decided(
 
     def job() -> None:  # on a fresh thread, as jobs run
         try:
-            loader.load_engine(
-                Path("unused"), manifest, {}, warming=lambda: calls.append("warming"), serving=lambda: serving  # type: ignore[arg-type]
-            )
+            loader.load_engine(Path("unused"), manifest, options,  # type: ignore[arg-type]
+                               warming=lambda: calls.append("warming"), live=lambda: live)
         except Exception as exc:  # noqa: BLE001 - shown by the assert below
             calls.append(exc)
 
@@ -187,7 +189,29 @@ def test_load_engine_loads_on_one_thread_and_warms_on_what_was_decided(
     thread.start()
     thread.join()
     assert calls == ["warming"]
-    assert engine.seen == {"load": 1, "warmup": warm}
+    return engine.seen
+
+
+@pytest.mark.parametrize(("live", "free", "warm"), [(False, 1.0, 2), (True, 1.0, 1), (False, 0.1, 1)])
+def test_load_engine_loads_on_one_thread_and_warms_on_what_was_decided(
+    monkeypatch: pytest.MonkeyPatch, live: bool, free: float, warm: int
+) -> None:
+    if threads._openmp() is None:
+        pytest.skip("needs an OpenMP runtime")
+    torch.set_num_threads(2)  # the workers' count here (the fixture puts back the test worker's)
+    monkeypatch.setattr(threads, "_process_threads", 2)
+    assert _load_on_a_fresh_thread(monkeypatch, {}, live, free) == {"load": 1, "warmup": warm}
+
+
+def test_the_first_load_warms_on_the_threads_option_not_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's first load is where ``--threads`` first reaches torch. It used to do so inside the
+    load's one-thread block, which then put back the default on the job thread: the warm-up ran on
+    the default count, not the workers' (``--threads 1`` on 2 cores warmed on 2)."""
+    if threads._openmp() is None:
+        pytest.skip("needs an OpenMP runtime")
+    torch.set_num_threads(2)  # torch's default here, as on a 2-core box
+    monkeypatch.setattr(threads, "_process_threads", None)  # no load yet in this process
+    assert _load_on_a_fresh_thread(monkeypatch, {"threads": 1}, False, 1.0) == {"load": 1, "warmup": 1}
 
 
 def test_waiting_for_the_counts_can_be_called_off() -> None:
@@ -195,7 +219,7 @@ def test_waiting_for_the_counts_can_be_called_off() -> None:
     (a rollback during an upgrade) stops within one of them, not after the whole wait."""
     from ttsd.serving.pacing import Superseded, Ticket, paced
 
-    ticket, free = Ticket("upgrade"), threads.FreeCores(lambda: (0, 1, 1))
+    ticket, free = Ticket("upgrade"), threads.FreeCores(lambda: (0, 1, (0,)))
     threading.Timer(0.05, lambda: ticket.cancel("a rollback")).start()
     started = time.monotonic()
     with pytest.raises(Superseded), paced(ticket, lambda: False):

@@ -109,11 +109,16 @@ class Engine(ABC, Generic[Unit]):
     def default_warmup(self) -> Sequence[str]:
         return DEFAULT_WARMUP
 
-    def _render_pieces(self, unit: Unit, options: SynthesisOptions, *, first: bool = False) -> Iterator[np.ndarray]:
+    def _render_pieces(self, unit: Unit, options: SynthesisOptions) -> Iterator[np.ndarray]:
         """One unit -> float32 samples in pieces, each as soon as it is ready (streaming below the
-        sentence). ``first``: the request's first unit, whose first piece is its first audio. The
-        default yields the whole unit; engines that can do better override it."""
+        sentence). The default yields the whole unit; engines that can do better override it."""
         yield self._render(unit, options)
+
+    def _render_first_pieces(self, unit: Unit, options: SynthesisOptions) -> Iterator[np.ndarray]:
+        """``_render_pieces`` for a request's first unit, whose first piece is the request's first
+        audio: an engine may get that piece out sooner at some cost to the whole (the default
+        renders it as any other)."""
+        return self._render_pieces(unit, options)
 
     # -- the contract ---------------------------------------------------------------------------
     def check_options(self, options: SynthesisOptions) -> SynthesisOptions:
@@ -158,7 +163,7 @@ class Engine(ABC, Generic[Unit]):
                 parts: Iterator[np.ndarray] = (
                     budget.counted(_clipped(p * gain))
                     for unit in sentence
-                    for p in self._render_pieces(unit, options, first=unit is units[0])
+                    for p in (self._render_first_pieces if unit is units[0] else self._render_pieces)(unit, options)
                 )
             else:
                 rendered = [budget.counted(self._render(unit, options)) for unit in sentence]

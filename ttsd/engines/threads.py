@@ -127,29 +127,32 @@ def process_threads(count: int | None) -> None:
     _process_threads = count
 
 
-Ticks = tuple[int, int, int]  # (idle ticks, all ticks, CPUs counted)
+Ticks = tuple[int, int, tuple[int, ...]]  # (idle ticks, all ticks, the CPUs counted)
 
 
 def cpu_ticks(stat: Path = Path("/proc/stat")) -> Ticks | None:
     """Clock ticks since boot summed over the CPUs this process may run on: (idle and iowait, all,
-    how many CPUs). None where ``stat`` cannot be read or names none of them."""
+    which CPUs). None where ``stat`` cannot be read or names none of them; lines it does not
+    understand are skipped. In a container the counts are the host's: a CPU quota is not seen."""
     try:
         allowed = os.sched_getaffinity(0)
         lines = stat.read_text().splitlines()
     except (OSError, AttributeError):  # no /proc, or no sched_getaffinity (not Linux)
         return None
-    idle = total = cpus = 0
+    idle = total = 0
+    cpus: list[int] = []
     for line in lines:
-        name, *fields = line.split()
+        name, _, rest = line.partition(" ")
         if not name.startswith("cpu") or not name[3:].isdigit() or int(name[3:]) not in allowed:
             continue
         try:
-            values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+            values = [int(v) for v in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
         except ValueError:
             continue
         if len(values) >= 5:
-            idle, total, cpus = idle + values[3] + values[4], total + sum(values), cpus + 1
-    return (idle, total, cpus) if cpus and total else None
+            idle, total = idle + values[3] + values[4], total + sum(values)
+            cpus.append(int(name[3:]))
+    return (idle, total, tuple(cpus)) if cpus and total else None
 
 
 class FreeCores:
@@ -161,13 +164,25 @@ class FreeCores:
         self._started = time.monotonic()
 
     def measure(self, least: float = 0.1) -> float | None:
-        """Idle cores since construction (0 to the CPU count); None where the counts cannot be read.
-        Waits out ``least`` seconds first (the counts tick every 10 ms), in 10 ms sleeps: a paced
-        job is called off between them (``ttsd.serving.pacing``), so a rollback does not wait."""
+        """Idle cores since construction (0 to the CPU count); None where the counts cannot be read
+        or the CPUs changed. Waits out ``least`` seconds first (the counts tick every 10 ms), in
+        10 ms sleeps: a paced job is called off between them (``ttsd.serving.pacing``), so a
+        rollback does not wait."""
         while (left := self._started + least - time.monotonic()) > 0:
             time.sleep(min(left, 0.01))
         end = self._read()
         if self._start is None or end is None or end[2] != self._start[2]:
             return None
         idle, total = end[0] - self._start[0], end[1] - self._start[1]
-        return end[2] * idle / total if total > 0 else None
+        return len(end[2]) * idle / total if total > 0 else None
+
+
+def process_count() -> int:
+    """The thread count the synthesis workers run with: what ``process_threads`` last gave torch,
+    else torch's own default (a job thread's count may differ: ``thread_cores`` puts back the one it
+    found, from before the first load set ``--threads``)."""
+    if _process_threads is not None:
+        return _process_threads
+    import torch
+
+    return int(torch.get_num_threads())

@@ -57,13 +57,13 @@ class BringUp:
         listener: Listener,
         trusted_keys: Path | None,
         make_room: Callable[[ModelVersion], object],
-        serving: Callable[[], bool],
+        live: Callable[[], bool],
     ) -> None:
         self.table, self.store, self.lifecycle = table, store, lifecycle
         self._options, self._listener = engine_options, listener
         self.trusted_keys = trusted_keys  # when set, only folders signed by a key in it load
         self._make_room = make_room
-        self._serving = serving  # whether requests are being served right now
+        self._live = live  # whether requests may be served now (a voice is active, or one is served)
 
     # == into the store =========================================================================
     def store_new(self, model: ModelVersion, folder: Path, again: Callable[[Path], None]) -> bool:
@@ -145,7 +145,7 @@ class BringUp:
                 model.manifest,
                 self._options,
                 warming=lambda: self.table.change(model, state=State.WARMING),
-                serving=self._serving,
+                live=self._live,
             )
             rss = max(0, resident_bytes() - before)  # what it costs, for the budget's next choices
         except Exception as exc:  # TtsdError says why; anything else is the engine crashing

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..engines import Engine, create_engine
-from ..engines.threads import FreeCores, thread_cores
+from ..engines.threads import FreeCores, process_count, process_threads, thread_cores
 from ..errors import TtsdError, VerifyError, is_system_oserror
 from ..malloc import trim
 from ..manifest import Manifest, read_manifest, verify
-from .pacing import running_ticket
 from .store import ModelStore, content_id
 from .versions import ModelVersion
 
@@ -36,12 +35,12 @@ def load_engine(
     options: dict[str, Any],
     *,
     warming: Callable[[], None],
-    serving: Callable[[], bool],
+    live: Callable[[], bool],
 ) -> Engine[Any]:
     """Construct, load and warm up the engine of a verified store copy. ``warming`` is called
-    between load and warm-up; ``serving`` says whether requests are being served right now. On any
-    failure (``Superseded`` included) the half-built engine is unloaded and the exception
-    propagates.
+    between load and warm-up; ``live`` says whether requests may be served now (a voice is active,
+    or one is being served). On any failure (``Superseded`` included) the half-built engine is
+    unloaded and the exception propagates.
 
     The load runs on one OpenMP thread, always: beside the workers, a team of two left their
     parallel regions waiting at barriers for descheduled threads (p99 during a swap up to 2.2x
@@ -51,12 +50,13 @@ def load_engine(
     workers use."""
     engine = create_engine(folder, manifest, **options)
     try:
+        process_threads(options.get("threads"))  # the workers' count, on this thread too, before any load
         free = FreeCores()
         with thread_cores(1):
             engine.load()
         warming()
-        cores, why = warm_cores(free.measure(), serving())
-        log.debug("%s %s warms up on %s (%s)", manifest.name, manifest.version, cores or "every thread", why)
+        cores, why = warm_cores(free.measure, live())
+        log.debug("%s %s warms up on %s thread(s) (%s)", manifest.name, manifest.version, cores, why)
         with thread_cores(cores):
             engine.warmup()
     except BaseException:
@@ -65,8 +65,9 @@ def load_engine(
     return engine
 
 
-def warm_cores(free: float | None, serving: bool) -> tuple[int | None, str]:
-    """The thread count a warm-up runs on (None: the workers', the process's count), and why.
+def warm_cores(free: Callable[[], float | None], live: bool) -> tuple[int, str]:
+    """The thread count a warm-up runs on, and why. ``free``: idle cores over the load (measured
+    only when it matters); ``live``: requests may be served now.
 
     oneDNN compiles a kernel for each shape *and thread count* it runs and keeps them: the workers'
     requests (two threads on 2 cores) cannot use what a one-thread warm-up built. Warming on one
@@ -74,30 +75,25 @@ def warm_cores(free: float | None, serving: bool) -> tuple[int | None, str]:
     AMX, 2 cores: first request 0.18-0.23 s against 0.05 s, and peak RSS 30-35 MB higher: both sets
     kept). So it warms on the workers' count, unless
 
-    * requests are being served: a second team of two beside the workers' makes their parallel
-      regions wait for each other (requests 2x slower);
-    * the job is background work (an upgrade), whose pacing stretches the warm-up over seconds if
-      requests start meanwhile, and whose voice's kernels the serving version already built;
-    * the cores are not free: other programs were using them during the load (``free``, idle cores
-      measured over it, is below half of the extra threads) or that cannot be read. Beside two
-      CPU-bound programs the two-thread warm-up took 2-6 s against 0.7 s on one thread (and the first
-      request 0.1 s against 2-4 s): a voice comes up promptly on a busy box and the first request
-      pays."""
-    import torch  # imported by the engine already; not by whoever imports this module
-
-    ticket = running_ticket()
-    if serving:
-        return 1, "requests are being served"
-    if ticket is not None and not ticket.urgent:
-        return 1, "an upgrade in the background"
-    wanted = torch.get_num_threads()
+    * a voice is active or a request in flight: a request may start during the warm-up, and a
+      second team of two beside the workers' makes their parallel regions wait for each other
+      (requests 2x slower). An upgrade is such a case; the serving version has built the kernels
+      of its shapes already;
+    * the cores are not free: other programs were using them during the load (idle cores below
+      half of the extra threads) or that cannot be read. Beside two CPU-bound programs a
+      two-thread warm-up took 2-6 s against 0.7 s on one thread (and the first request 0.1 s
+      against 2-4 s): a voice comes up promptly on a busy box and the first request pays."""
+    wanted = process_count()
     if wanted <= 1:
-        return None, "one thread serves"
-    if free is None:
+        return 1, "one thread serves"
+    if live:
+        return 1, "requests may be served meanwhile"
+    idle = free()
+    if idle is None:
         return 1, "the cores' use cannot be read"
-    if free < 0.5 * (wanted - 1):
-        return 1, f"the cores are busy ({free:.1f} of {wanted} idle)"
-    return None, f"the cores are free ({free:.1f} of {wanted} idle)"
+    if idle < 0.5 * (wanted - 1):
+        return 1, f"the cores are busy ({idle:.1f} of {wanted} idle)"
+    return wanted, f"the cores are free ({idle:.1f} of {wanted} idle)"
 
 
 def unload_engine(engine: Engine[Any]) -> None:

@@ -118,7 +118,7 @@ class ModelManager:
             listener=events,
             trusted_keys=trust.where if trust is not None else None,
             make_room=lambda model: self.demand.make_room(model),
-            serving=self.map.serving,
+            live=lambda: self.map.ready() or self.map.serving(),
         )
         self.demand = OnDemand(
             self.table,

@@ -61,7 +61,6 @@ MAX_PAUSE_S = 0.25  # however long the last call ran: a job still looks at its t
 
 
 _held = threading.local()  # how many Guards this thread holds
-_running = threading.local()  # the Ticket of the paced block this thread is in
 
 
 class Guard:
@@ -113,11 +112,7 @@ def paced(ticket: Ticket, serving: Callable[[], bool]) -> Iterator[None]:
     block is neither paced nor cancellable mid-way; the job still checks its ticket before it
     commits)."""
     if sys.getprofile() is not None:
-        _running.ticket = ticket
-        try:
-            yield
-        finally:
-            _running.ticket = None
+        yield
         return
     clock, sleep = time.perf_counter, time.sleep
     started = clock()
@@ -138,14 +133,7 @@ def paced(ticket: Ticket, serving: Callable[[], bool]) -> Iterator[None]:
             started = clock()
 
     sys.setprofile(hook)
-    _running.ticket = ticket
     try:
         yield
     finally:
-        _running.ticket = None
         sys.setprofile(None)
-
-
-def running_ticket() -> Ticket | None:
-    """The ticket of the job this thread is running (in ``paced``), None outside one."""
-    return getattr(_running, "ticket", None)

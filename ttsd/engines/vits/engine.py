@@ -255,13 +255,20 @@ class VitsEngine(Engine[Unit]):
         with torch.inference_mode():
             return self._require().decoder(latents, speaker).numpy().astype(np.float32)
 
-    def _render_pieces(self, unit: Unit, options: SynthesisOptions, *, first: bool = False) -> Iterator[np.ndarray]:
+    def _render_pieces(self, unit: Unit, options: SynthesisOptions) -> Iterator[np.ndarray]:
+        return self._pieces(unit, options, first=False)
+
+    def _render_first_pieces(self, unit: Unit, options: SynthesisOptions) -> Iterator[np.ndarray]:
+        return self._pieces(unit, options, first=True)
+
+    def _pieces(self, unit: Unit, options: SynthesisOptions, *, first: bool) -> Iterator[np.ndarray]:
         """The decoder window by window, each piece out as soon as it is decoded.
 
         ``first``: the request's first sentence, whose first piece is the request's first audio.
         Its first window is a small one (about 0.2 s of audio, ``first_piece``), and the flow runs
         first on only the frames that window reads plus the flow's reach (``flow_radius``), which
-        gives exactly those frames, then on the whole sentence for the other windows: the first
+        gives those frames (exactly in fp32; in bf16 a product's rounding may differ by a step
+        with its row count), then on the whole sentence for the other windows: the first
         audio waits for a third or less of a sentence's flow (on the built-in voice in bf16, 128
         frames of about 384), for a little more work in all. Later sentences are decoded in the
         cheapest windows: the audio before them is still playing. (Over Wyoming each sentence of a
