@@ -286,14 +286,17 @@ class VitsEngine(Engine[Unit]):
             # and the early one would add half of it to the answer's total for less than that
             if 3 * _padded(enough, model.frame_bucket) <= _padded(frames, model.frame_bucket):
                 with torch.inference_mode():
-                    head = model.flow(prior[:enough], speaker)
+                    latents, column = model.flow(prior[:enough], speaker)
+                    head = (latents, decoder.speaker_bias(column))
         whole = None
         for index, window in enumerate(plan):
             with torch.inference_mode():  # entered per piece: it must not leak into the caller between pieces
                 if index > 0 or head is None:
-                    whole = whole or model.flow(prior, speaker)
-                    latents, column = whole
+                    if whole is None:
+                        latents, column = model.flow(prior, speaker)
+                        whole = (latents, decoder.speaker_bias(column))
+                    latents, bias = whole
                 else:
-                    latents, column = head
-                piece = decoder.decode(latents, frames, window, decoder.speaker_bias(column))
+                    latents, bias = head
+                piece = decoder.decode(latents, frames, window, bias)
             yield piece.numpy().astype(np.float32)

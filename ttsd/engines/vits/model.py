@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,27 +106,12 @@ class NativeVits:
         return reach * len(self.flows)
 
     def latent_frames(
-        self,
-        ids: list[int],
-        *,
-        noise_scale: float,
-        noise_scale_duration: float,
-        length_scale: float,
-        speaker_id: int | None = None,
-        generator: torch.Generator | None = None,
-        bucket: int | None = None,
+        self, ids: list[int], *, bucket: int | None = None, **knobs: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text ids -> decoder input ``(1, flow_size, frames)`` and the speaker embedding ``(1, E, 1)``.
-        Noise is drawn in the same order and shapes as the tests' reference ``latent_frames``."""
-        prior, speaker = self.prior(
-            ids,
-            noise_scale=noise_scale,
-            noise_scale_duration=noise_scale_duration,
-            length_scale=length_scale,
-            speaker_id=speaker_id,
-            generator=generator,
-            bucket=bucket,
-        )
+        """Text ids -> decoder input ``(1, flow_size, frames)`` and the speaker embedding ``(1, E, 1)``:
+        ``flow(prior(...))``, ``knobs`` as ``prior`` takes them. Noise is drawn in the same order and
+        shapes as the tests' reference ``latent_frames``."""
+        prior, speaker = self.prior(ids, bucket=bucket, **knobs)
         return self.flow(prior, speaker, bucket=bucket)
 
     def prior(
