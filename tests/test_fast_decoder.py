@@ -78,11 +78,28 @@ def test_crops_only_work_because_of_the_margins() -> None:
         assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) > 1e-3
 
 
+# measured window times (ms) of two kinds: a fixed part per window that dominates (as measured in
+# bf16 on 2 cores: 48, 64, 128 frames took 2.9, 3.8, 6.6 ms), and a middle width cheapest per frame
+FIXED_HEAVY = {48: 2.9, 64: 3.8, 128: 6.6}
+MIDDLE_CHEAPEST = {48: 6.0, 64: 8.0, 128: 40.0}
+
+
+def cheapest_cover(fast: FastHifiGan, frames: int) -> float:
+    """The least total ``window_cost`` of any windows that keep ``frames`` frames (exhaustive)."""
+    kept = {w: w - 2 * fast.radius for w in WIDTHS if w > 2 * fast.radius}
+    best = [0.0] + [float("inf")] * frames
+    for n in range(1, frames + 1):
+        best[n] = min(best[max(0, n - k)] + fast.window_cost(w) for w, k in kept.items())
+    return best[frames]
+
+
 @pytest.mark.parametrize("radius", [2, 14, 40])
-def test_plans_cover_every_frame_once_within_the_widths(radius: int) -> None:
+@pytest.mark.parametrize("measured", [None, FIXED_HEAVY, MIDDLE_CHEAPEST], ids=["work-model", "fixed-heavy", "middle"])
+def test_plans_cover_every_frame_once_within_the_widths(radius: int, measured: dict[int, float] | None) -> None:
     model = tiny_model()
     fast = FastHifiGan(model.decoder, model.config)
     fast.radius = radius
+    fast.window_seconds = dict(measured or {})
 
     def cost(widths: list[int]) -> float:
         return sum(fast.window_cost(w) for w in widths)
@@ -103,6 +120,37 @@ def test_plans_cover_every_frame_once_within_the_widths(radius: int) -> None:
                     greedy.append(next((w for w in WIDTHS if w - 2 * radius >= rest), WIDTHS[-1]))
                     rest -= greedy[-1] - 2 * radius
                 assert cost([w for _, w, _, _ in windows]) <= cost(greedy) + 1e-9
+                if frames <= 700:  # and within a window's cost of the cheapest cover there is
+                    cheapest = cheapest_cover(fast, frames)
+                    assert cost([w for _, w, _, _ in windows]) <= cheapest + max(map(fast.window_cost, WIDTHS)) + 1e-9
+
+
+def test_the_plans_follow_the_measured_window_times() -> None:
+    """measure_windows times each usable width; plans then use those times: where a window's fixed
+    part dominates they use fewer windows, and the audio is the reference's whatever the plan."""
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config)
+    usable = [w for w in WIDTHS if w > 2 * fast.radius]
+    seconds = fast.measure_windows(repeats=1)
+    assert sorted(seconds) == usable and all(t > 0 for t in seconds.values())
+    assert fast.window_seconds == seconds and fast.window_cost(usable[0]) == seconds[usable[0]]
+
+    def counts() -> list[int]:
+        return [len(fast.plan(n)) for n in range(1, 600)]
+
+    fast.window_seconds = {}
+    by_work = counts()
+    fast.window_seconds = dict(FIXED_HEAVY)
+    by_time = counts()
+    assert all(t <= w for t, w in zip(by_time, by_work, strict=True)) and sum(by_time) < sum(by_work)
+    fast.window_seconds = dict(MIDDLE_CHEAPEST)  # long stretches in the middle width
+    assert {w for _, w, _, _ in fast.plan(1000)[:-4]} == {64}
+    with torch.inference_mode():
+        for measured in (FIXED_HEAVY, MIDDLE_CHEAPEST):
+            fast.window_seconds = dict(measured)
+            for frames in (33, 150, 176, 700):
+                latents = torch.randn(1, model.config.flow_size, frames)
+                assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) < 1e-5, (measured, frames)
 
 
 def test_streamed_pieces_join_to_the_whole() -> None:

@@ -16,6 +16,7 @@ import torch
 from conftest import plausible, save_tiny_vits
 
 from ttsd.engines.vits import kernels, weights
+from ttsd.engines.vits.decoder import WIDTHS
 from ttsd.engines.vits.model import NativeVits
 from ttsd.errors import LoadError
 from ttsd.options import SynthesisOptions
@@ -221,3 +222,20 @@ def test_a_cache_that_cannot_be_written_only_costs_a_measurement(tiny: Path, tmp
     monkeypatch.delenv(kernels.ENV, raising=False)
     e = open_engine(tiny, kernel_cache=blocked / "kernels.json")  # its dir is a file
     assert set(e.info()["kernels"]) == {"text", "flow"}
+
+
+def test_the_warm_up_times_the_decoder_windows(tiny: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The engine's warm-up times each decoder window width on this box; plans use those times, the
+    log and info() say them. Without a warm-up (one in-process request) the work model plans."""
+    e = engine(tiny, monkeypatch, None)
+    decoder = e.model.decoder
+    usable = [w for w in WIDTHS if w > 2 * decoder.radius]
+    assert decoder.window_seconds == {} and e.info()["windows"] == {}
+    with caplog.at_level(logging.INFO, logger="ttsd.engines"):
+        e.warmup()
+    windows = e.info()["windows"]
+    assert sorted(int(w) for w in windows) == usable and all(ms > 0 for ms in windows.values())
+    assert decoder.window_cost(usable[-1]) == decoder.window_seconds[usable[-1]]
+    said = [r.getMessage() for r in caplog.records if "decoder windows" in r.getMessage()]
+    assert len(said) == 1 and f"{usable[-1]} frames" in said[0] and "thread(s)" in said[0], said

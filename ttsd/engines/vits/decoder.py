@@ -18,9 +18,10 @@ zeroed outside the sentence, which is exactly the zero padding the reference see
 After each upsampling stage a window is cropped to its kept frames plus what the later layers
 still need (``margins``): the context is mostly used up by the first stage, which is the cheapest,
 so the overlap costs a few percent instead of ``2 * radius / width``. The crops depend only on the
-width, so the shapes stay bounded. A sentence is covered by the widest windows and then the
-cheapest mix of widths for the rest. The output equals ``VitsHifiGan`` up to float rounding
-(tested to 1e-5).
+width, so the shapes stay bounded. A sentence is covered by the windows that cost least per
+kept frame and then the cheapest mix of widths for the rest, costed by each width's time measured
+on the box (``measure_windows``, at the engine's warm-up; a work model before that). The output
+equals ``VitsHifiGan`` up to float rounding (tested to 1e-5) whatever the plan.
 
 Windows also give streaming below the sentence: ``stream()`` yields each window's samples as soon
 as it is decoded, and can start with a short first window.
@@ -29,6 +30,7 @@ as it is decoded, and can start with a short first window.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -156,7 +158,8 @@ class FastHifiGan:
         self.post = conv("conv_post", 1, channels, 7, scale=1.0 / self.kernels, bias=False, dtype=torch.float32)
         self.post_taps = self.post.weight[0, :, 0, :].t().contiguous()  # (kernel, channels), see _last
         self.radius, self.margins = self._receptive_margins()
-        self._cover_table: tuple[int, list[list[int]]] | None = None  # (radius, covers), see _covers
+        self.window_seconds: dict[int, float] = {}  # width -> measured time of one window, see measure_windows
+        self._cover_table: tuple[Any, list[list[int]]] | None = None  # (what it was made for, covers), see _covers
 
     def _receptive_margins(self) -> tuple[int, list[int]]:
         """Latent frames on each side that can influence one output sample (an upper bound), and,
@@ -247,15 +250,50 @@ class FastHifiGan:
         return next((w - 2 * self.radius for w in WIDTHS if w - 2 * self.radius >= max(8, self.radius)), None)
 
     def window_cost(self, width: int) -> float:
-        """Relative work of one window: every stage sees its kept frames, only the first stage (about
-        a fifth of the work) also sees its context."""
+        """The cost of one window: its measured time where ``measure_windows`` ran, else its relative
+        work (every stage sees its kept frames, only the first stage, about a fifth of the work,
+        also sees its context)."""
+        if width in self.window_seconds:
+            return self.window_seconds[width]
         return width - 2 * self.radius + 0.2 * 2 * self.radius
+
+    def measure_windows(self, repeats: int = 2) -> dict[int, float]:
+        """Time one window of each usable width on this box, on the calling thread's core count,
+        and plan with those times from now on; returns them (seconds).
+
+        The work model above leaves out what a window costs whatever its width: a few dozen kernel
+        launches and thread barriers, and small convolutions that run far below the CPU's rate.
+        Measured on 2 cores, that fixed part was a tenth of a 128-frame window's time in fp32 and
+        a quarter in bf16, so the model's plan for 176 frames (48 + 128 + 48 + 64 frames: four
+        windows) took longer than two 128-frame windows, and four short sentences' decoder 5 % (fp32)
+        to 16 % (bf16) longer than the plan from measured times. How large that part is depends on
+        the CPU and the thread count, so it is measured. Each width runs once untimed (its kernels
+        may not be built yet), then ``repeats`` times, the widths interleaved; the best time counts.
+        Call it on a loaded decoder, before it serves (the result replaces the plans' costs)."""
+        r = self.radius
+        widths = [w for w in WIDTHS if w > 2 * r]
+        generator = torch.Generator().manual_seed(0)
+        channels = self.pre.weight.shape[1]
+        best: dict[int, float] = {}
+        with torch.inference_mode():
+            inputs = {w: torch.randn(1, channels, w, generator=generator) for w in widths}
+            for round_ in range(repeats + 1):
+                for w in widths:
+                    started = time.perf_counter()
+                    self.decode(inputs[w], w, (0, w, r, w - r), None)
+                    elapsed = time.perf_counter() - started
+                    if round_:
+                        best[w] = min(best.get(w, elapsed), elapsed)
+        if all(math.isfinite(t) and t > 0 for t in best.values()):
+            self.window_seconds = best
+        return dict(best)
 
     def _covers(self) -> list[list[int]]:
         """For each frame count up to two widest windows, the widths that cover it at the least
-        ``window_cost``. Computed once per radius."""
+        ``window_cost``. Computed once per radius and set of measured times."""
         r = self.radius
-        if self._cover_table is not None and self._cover_table[0] == r:
+        key = (r, tuple(sorted(self.window_seconds.items())))
+        if self._cover_table is not None and self._cover_table[0] == key:
             return self._cover_table[1]
         usable = [w for w in WIDTHS if w > 2 * r]
         best: list[tuple[float, int]] = [(0.0, 0)]
@@ -265,7 +303,7 @@ class FastHifiGan:
         for n in range(1, len(best)):
             width = best[n][1]
             covers.append([*covers[max(0, n - (width - 2 * r))], width])
-        self._cover_table = (r, covers)
+        self._cover_table = (key, covers)
         return covers
 
     def plan(self, frames: int, first: int | None = None) -> list[tuple[int, int, int, int]]:
@@ -274,7 +312,8 @@ class FastHifiGan:
         ``[keep_from, keep_to)``, with ``radius`` frames of context on each side. ``first``: frames
         to keep from the first window (streaming); the windows after it grow 4x each up to the
         widest, so each is decoded well before the audio already sent has played. Otherwise, and
-        for the rest: widest windows, then the cheapest cover of the last stretch (``_covers``)."""
+        for the rest: windows of the width that costs least per kept frame (the widest, unless
+        measured otherwise), then the cheapest cover of the last stretch (``_covers``)."""
         r = self.radius
         usable = [w for w in WIDTHS if w > 2 * r]
         if not usable:  # a decoder too deep for the windows: decode it whole, at its own length
@@ -296,8 +335,9 @@ class FastHifiGan:
             while keep < frames and (target := 4 * target) < widest:
                 width = next(w for w in usable if w >= target)
                 add(width, width - 2 * r)
+        bulk = min(usable, key=lambda w: (self.window_cost(w) / (w - 2 * r), -w))  # least cost per kept frame
         while frames - keep > 2 * (widest - 2 * r):
-            add(widest, widest - 2 * r)
+            add(bulk, bulk - 2 * r)
         for width in self._covers()[frames - keep] if keep < frames else []:
             add(width, width - 2 * r)
         return windows

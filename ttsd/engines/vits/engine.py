@@ -142,7 +142,23 @@ class VitsEngine(Engine[Unit]):
             "frontend": "espeak-ng phonemes" if self._phonemes else "characters",
             "precision": "bf16" if self.dtype == torch.bfloat16 else "fp32",
             "kernels": {kind: choice.to_json() for kind, choice in self.kernels.items()},
+            # milliseconds per decoder window, by width in frames, as measured at warm-up (the plans' costs)
+            "windows": {str(w): round(t * 1000, 2) for w, t in model.decoder.window_seconds.items()},
         }
+
+    def warmup(self) -> None:
+        """The warm-up sentences (``Engine.warmup``), then each decoder window width timed on this
+        box (``FastHifiGan.measure_windows``): the decoder plans its windows by those times."""
+        super().warmup()
+        decoder = self._require().decoder
+        seconds = decoder.measure_windows()
+        log.info(
+            "%s %s: decoder windows %s ms (measured on %d thread(s))",
+            self.manifest.name,
+            self.manifest.version,
+            ", ".join(f"{w} frames {t * 1000:.1f}" for w, t in seconds.items()),
+            torch.get_num_threads(),
+        )
 
     def default_warmup(self) -> Sequence[str]:
         if self._tokenizer is None:
