@@ -126,7 +126,9 @@ class _DepthSeparable:
             k = depthwise.shape[0]
             pad = (k - 1) * dilation // 2
             xp = F.pad(x * mask, (0, 0, pad, pad))
-            h = bias + sum(xp[j * dilation : j * dilation + t] * depthwise[j] for j in range(k))
+            h = torch.addcmul(bias, xp[:t], depthwise[0])  # the taps' products summed in place
+            for j in range(1, k):
+                h.addcmul_(xp[j * dilation : j * dilation + t], depthwise[j])
             h = F.gelu(F.layer_norm(h, (h.shape[1],), *norm1))  # nn.LayerNorm's default eps
             h = pointwise(h)
             x = x + F.gelu(F.layer_norm(h, (h.shape[1],), *norm2))
@@ -144,39 +146,39 @@ def _spline_inverse(
     min_derivative: float = 1e-3,
 ) -> torch.Tensor:
     """Inverse of the monotonic rational-quadratic spline on [-tail, tail], identity outside
-    (Durkan et al., Neural Spline Flows). ``x`` (...), bin parameters (..., bins) / (..., bins-1)."""
+    (Durkan et al., Neural Spline Flows). ``x`` (...), bin parameters (..., bins) / (..., bins-1).
+
+    Written for few operations: on a sentence's few hundred values each costs its dispatch rather
+    than its arithmetic, and the duration predictor runs this three times per sentence."""
     bins = widths.shape[-1]
     edge = math.log(math.exp(1 - min_derivative) - 1)  # softplus^-1(1 - min_derivative): slope 1 at the tails
-    derivatives = F.pad(derivatives, (1, 1), value=edge)
-    derivatives = min_derivative + F.softplus(derivatives)
+    derivatives = F.softplus(F.pad(derivatives, (1, 1), value=edge)).add_(min_derivative)
 
     def knots(raw: torch.Tensor, minimum: float) -> torch.Tensor:
-        sizes = minimum + (1 - minimum * bins) * torch.softmax(raw, dim=-1)
-        cum = F.pad(torch.cumsum(sizes, dim=-1), (1, 0))
-        cum = 2 * tail * cum - tail
-        cum[..., 0], cum[..., -1] = -tail, tail
+        # 2 * tail * cumsum(minimum + (1 - minimum * bins) * softmax) - tail, from -tail to tail
+        sizes = torch.softmax(raw, dim=-1).mul_(2 * tail * (1 - minimum * bins)).add_(2 * tail * minimum)
+        cum = F.pad(torch.cumsum(sizes, dim=-1), (1, 0)).sub_(tail)
+        cum[..., -1] = tail
         return cum
 
     cumw, cumh = knots(widths, min_width), knots(heights, min_height)
     w, h = cumw[..., 1:] - cumw[..., :-1], cumh[..., 1:] - cumh[..., :-1]
-    locations = cumh.clone()
-    locations[..., -1] += 1e-6
-    index = (torch.sum(x[..., None] >= locations, dim=-1) - 1).clamp_(0, bins - 1)[..., None]
-
-    def at(values: torch.Tensor) -> torch.Tensor:
-        return values.gather(-1, index)[..., 0]
-
-    x0, bw, y0, bh = at(cumw), at(w), at(cumh), at(h)
-    delta = at(h / w)
-    d0, d1 = at(derivatives[..., :-1]), at(derivatives[..., 1:])
-    slope_sum = d0 + d1 - 2 * delta
-    dy = (x - y0) * slope_sum
-    a = bh * (delta - d0) + dy
-    b = bh * d0 - dy
-    c = -delta * (x - y0)
-    root = (2 * c) / (-b - torch.sqrt(b * b - 4 * a * c))
-    inside = (x >= -tail) & (x <= tail)
-    return torch.where(inside, root * bw + x0, x)
+    # the bin each x falls in on the heights' side (clamped: x at or past the last knot is in the
+    # last bin, or outside, where the identity applies)
+    index = (torch.searchsorted(cumh, x[..., None].contiguous(), right=True) - 1).clamp_(0, bins - 1)
+    # the seven per-bin values at that bin, in one gather
+    table = torch.stack([cumw[..., :-1], w, cumh[..., :-1], h, h / w, derivatives[..., :-1], derivatives[..., 1:]], -2)
+    at = table.gather(-1, index[..., None, :].expand(*table.shape[:-1], 1))[..., 0]
+    x0, bw, y0, bh, delta, d0, d1 = at.unbind(-1)
+    shifted = x - y0
+    dy = torch.add(d0, d1).sub_(delta, alpha=2).mul_(shifted)  # (d0 + d1 - 2 delta)(x - y0)
+    a = torch.sub(delta, d0).mul_(bh).add_(dy)
+    b = torch.mul(bh, d0).sub_(dy)
+    c = torch.mul(delta, shifted).neg_()
+    # the root (-b - sqrt(b^2 - 4ac)) / 2a written as 2c / (-b - sqrt(b^2 - 4ac)), stable near a = 0
+    denominator = torch.mul(a, c).mul_(-4).addcmul_(b, b).sqrt_().add_(b).neg_()
+    root = c.mul_(2).div_(denominator)
+    return torch.where(x.abs() <= tail, root.mul_(bw).add_(x0), x)
 
 
 class _ConvFlow:
@@ -184,9 +186,12 @@ class _ConvFlow:
         h, self.bins = c.hidden_size, c.duration_predictor_flow_bins
         self.pre = w.pointwise(f"{prefix}.conv_pre", h, 1)
         self.dds = _DepthSeparable(w, f"{prefix}.conv_dds", c)
-        proj = w.take(f"{prefix}.conv_proj.weight", (3 * self.bins - 1, h, 1))[:, :, 0]
-        self.proj = Dense(proj.t(), w.take(f"{prefix}.conv_proj.bias", (3 * self.bins - 1,)))
-        self.scale = math.sqrt(h)
+        proj = w.take(f"{prefix}.conv_proj.weight", (3 * self.bins - 1, h, 1))[:, :, 0].clone()
+        proj_bias = w.take(f"{prefix}.conv_proj.bias", (3 * self.bins - 1,)).clone()
+        # VITS divides the bins' widths and heights by sqrt(hidden) before the spline: folded in here
+        proj[: 2 * self.bins] /= math.sqrt(h)
+        proj_bias[: 2 * self.bins] /= math.sqrt(h)
+        self.proj = Dense(proj.t(), proj_bias)
         self.tail = c.duration_predictor_tail_bound
 
     def reverse(self, x: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
@@ -195,9 +200,7 @@ class _ConvFlow:
         h = self.dds(h, mask, condition)
         p = self.proj(h) * mask  # (T, 3*bins-1)
         b = self.bins
-        second = _spline_inverse(
-            second[:, 0], p[:, :b] / self.scale, p[:, b : 2 * b] / self.scale, p[:, 2 * b :], self.tail
-        )
+        second = _spline_inverse(second[:, 0], p[:, :b], p[:, b : 2 * b], p[:, 2 * b :], self.tail)
         return torch.cat([first, second[:, None]], dim=1) * mask
 
 
