@@ -67,9 +67,7 @@ def main() -> None:
     plain = copy.copy(decoder)  # the same weights, every convolution a plain conv2d, every op a pass
 
     def unfused(conv: Any) -> Any:
-        conv = copy.copy(conv)
-        conv.fused = False
-        return conv
+        return conv.unfused()
 
     plain.pre = unfused(decoder.pre)
     plain.stages = [(unfused(up), [[tuple(unfused(c) for c in step) for step in steps] for steps in blocks])

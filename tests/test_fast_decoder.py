@@ -319,3 +319,54 @@ def test_a_requests_first_sentence_streams_the_same_audio_from_the_early_flow(jo
     text = "The quick brown fox jumps over the lazy dog, and then it runs far away. " * 3
     list(engine.synthesize_stream(text, options, pieces=True))
     assert len(calls) == 3 + 1 and calls[0] < calls[1]  # only the request's first sentence flows early
+
+
+def test_packed_weights_give_the_same_numbers() -> None:
+    """Every convolution the windows run keeps its weight in oneDNN's layout (fused path): the same
+    output to the bit, for lengths other than the one it was packed for, transposed ones too; the
+    plain weight comes back from it exactly."""
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config)
+    plain = FastHifiGan(model.decoder, model.config)
+    convs = list(fast._convolutions())
+    if not fast.fused:
+        pytest.skip("torch has no fused oneDNN convolution ops here")
+    assert fast.packed == len(convs) and all(conv.packed for conv, _ in convs)
+    for (conv, _), (other, _) in zip(convs, plain._convolutions(), strict=True):
+        unpacked = conv.unfused()
+        assert not unpacked.packed and not unpacked.fused and unpacked.weight.layout == torch.strided
+        assert torch.equal(unpacked.weight, other.unfused().weight)
+        other.weight, other.packed = unpacked.weight, False  # `plain` runs the fused ops on plain weights
+    with torch.inference_mode():
+        for frames in (7, 150, 333):
+            latents = torch.randn(1, model.config.flow_size, frames)
+            assert torch.equal(fast(latents), plain(latents)), frames
+            assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) < 1e-5
+
+
+@pytest.mark.parametrize("fault", ["raises", "differs"])
+def test_a_weight_that_does_not_pack_stays_plain(monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """A reorder that fails, or whose weight gives other numbers on the probe, leaves the plain weight."""
+    mkldnn = torch.ops.mkldnn
+    reorder = mkldnn._reorder_convolution_weight
+
+    def broken(weight: torch.Tensor, *args: object) -> torch.Tensor:
+        if fault == "raises":
+            raise RuntimeError("no such primitive")
+        return reorder(weight * 1.01, *args)
+
+    class Ops:  # torch.ops.mkldnn with one op replaced
+        def __getattr__(self, name: str) -> object:
+            return broken if name == "_reorder_convolution_weight" else getattr(mkldnn, name)
+
+    monkeypatch.setattr(decoder.torch.ops, "mkldnn", Ops())
+    model = tiny_model()
+    fast = FastHifiGan(model.decoder, model.config)
+    if not fast.fused:
+        pytest.skip("torch has no fused oneDNN convolution ops here")
+    convs = [conv for conv, _ in fast._convolutions()]
+    assert [c.packed for c in convs] == [c.transposed for c in convs]  # only the transposed ones packed
+    assert all(c.weight.layout == torch.strided for c in convs if not c.transposed)
+    with torch.inference_mode():
+        latents = torch.randn(1, model.config.flow_size, 150)
+        assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) < 1e-5

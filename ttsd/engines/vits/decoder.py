@@ -158,8 +158,19 @@ class FastHifiGan:
         self.post = conv("conv_post", 1, channels, 7, scale=1.0 / self.kernels, bias=False, dtype=torch.float32)
         self.post_taps = self.post.weight[0, :, 0, :].t().contiguous()  # (kernel, channels), see _last
         self.radius, self.margins = self._receptive_margins()
+        # every convolution the windows run, weights in oneDNN's layout (the last layer is _last's)
+        self.packed = sum(conv.pack(WIDTHS[-1] * scale) for conv, scale in self._convolutions())  # how many
         self.window_seconds: dict[int, float] = {}  # width -> measured time of one window, see measure_windows
         self._cover_table: tuple[Any, list[list[int]]] | None = None  # (what it was made for, covers), see _covers
+
+    def _convolutions(self) -> Iterator[tuple[Conv, int]]:
+        """Each convolution the windows run, with the samples per latent frame of its input."""
+        yield self.pre, 1
+        scale = 1
+        for upsample, blocks in self.stages:
+            yield upsample, scale
+            scale *= upsample.stride[1]
+            yield from ((conv, scale) for steps in blocks for step in steps for conv in step)
 
     def _receptive_margins(self) -> tuple[int, list[int]]:
         """Latent frames on each side that can influence one output sample (an upper bound), and,
@@ -273,7 +284,7 @@ class FastHifiGan:
         r = self.radius
         widths = [w for w in WIDTHS if w > 2 * r]
         generator = torch.Generator().manual_seed(0)
-        channels = self.pre.weight.shape[1]
+        channels = self.pre.in_channels
         best: dict[int, float] = {}
         with torch.inference_mode():
             inputs = {w: torch.randn(1, channels, w, generator=generator) for w in widths}
