@@ -239,3 +239,41 @@ def test_the_warm_up_times_the_decoder_windows(tiny: Path, monkeypatch: pytest.M
     assert decoder.window_cost(usable[-1]) == decoder.window_seconds[usable[-1]]
     said = [r.getMessage() for r in caplog.records if "decoder windows" in r.getMessage()]
     assert len(said) == 1 and f"{usable[-1]} frames" in said[0] and "thread(s)" in said[0], said
+
+
+def test_the_choice_is_made_for_the_workers_thread_count(tiny: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The loader measures on one thread, the workers synthesize on two: which path is faster can
+    differ. 1. A load on one thread with nothing cached measures there. 2. Its warm-up, on the
+    workers' two threads, measures again on two. 3. A later load on one thread takes that choice
+    from the cache, and its warm-up measures nothing."""
+    from ttsd.engines import threads
+
+    if threads._openmp() is None:
+        pytest.skip("needs an OpenMP runtime")
+    cache = tmp_path / "kernels.json"
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_process_threads", 2)
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level(logging.INFO, logger="ttsd.engines"):
+            with threads.thread_cores(1):
+                first = open_engine(tiny, kernel_cache=cache)
+            assert {(c["source"], c["threads"]) for c in first.info()["kernels"].values()} == {("measured", 1)}
+            caplog.clear()
+            first.warmup()
+            assert len(measured(caplog)) == 2
+            assert {(c["source"], c["threads"]) for c in first.info()["kernels"].values()} == {("measured", 2)}
+            caplog.clear()
+            with threads.thread_cores(1):
+                again = open_engine(tiny, kernel_cache=cache)
+            again.warmup()
+            assert measured(caplog) == []
+            assert {(c["source"], c["threads"]) for c in again.info()["kernels"].values()} == {("cached", 2)}
+            assert {k: c["path"] for k, c in again.info()["kernels"].items()} == {
+                k: c["path"] for k, c in first.info()["kernels"].items()}
+    finally:
+        torch.set_num_threads(before)
+    assert {e["threads"] for e in json.loads(cache.read_text())["entries"].values()} == {1, 2}

@@ -30,7 +30,7 @@ from ...options import SynthesisOptions
 from ...text import DEFAULT_MAX_CHARS, has_speech, split_long, split_sentences
 from .. import precision
 from ..base import Engine
-from ..threads import process_threads
+from ..threads import process_count, process_threads
 from . import kernels
 from .chars import CharTokenizer
 from .model import NativeVits, _padded
@@ -102,7 +102,7 @@ class VitsEngine(Engine[Unit]):
         self.dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
         # LoadError with the reason for a bad config or bad weights
         model = NativeVits(self.folder, dtype=self.dtype)
-        self.kernels = kernels.choose(model, self.kernel_cache, f"{self.manifest.name} {self.manifest.version}")
+        self.kernels = kernels.choose(model, self.kernel_cache, self._label(), serving=process_count())
         config = model.config
         if int(config.sampling_rate) != self.manifest.sample_rate:
             raise LoadError(
@@ -146,18 +146,25 @@ class VitsEngine(Engine[Unit]):
             "windows": {str(w): round(t * 1000, 2) for w, t in model.decoder.window_seconds.items()},
         }
 
+    def _label(self) -> str:
+        return f"{self.manifest.name} {self.manifest.version}"
+
     def warmup(self) -> None:
-        """The warm-up sentences (``Engine.warmup``), then each decoder window width timed on this
-        box (``FastHifiGan.measure_windows``): the decoder plans its windows by those times."""
+        """The kernel paths chosen again when the warm-up runs on the workers' thread count and the
+        load found no choice for it (``kernels.choose``: cached, else measured now), the warm-up
+        sentences (``Engine.warmup``), then each decoder window width timed on this box
+        (``FastHifiGan.measure_windows``): the decoder plans its windows by those times."""
+        model = self._require()
+        here = torch.get_num_threads()
+        if here == process_count() and any(c.source != "forced" and c.threads != here for c in self.kernels.values()):
+            self.kernels = kernels.choose(model, self.kernel_cache, self._label(), serving=here)
         super().warmup()
-        decoder = self._require().decoder
-        seconds = decoder.measure_windows()
+        seconds = model.decoder.measure_windows()
         log.info(
-            "%s %s: decoder windows %s ms (measured on %d thread(s))",
-            self.manifest.name,
-            self.manifest.version,
+            "%s: decoder windows %s ms (measured on %d thread(s))",
+            self._label(),
             ", ".join(f"{w} frames {t * 1000:.1f}" for w, t in seconds.items()),
-            torch.get_num_threads(),
+            here,
         )
 
     def default_warmup(self) -> Sequence[str]:

@@ -68,10 +68,17 @@ class Choice:
     rates: dict[str, float] = field(default_factory=dict)  # GFLOP/s per path that passed
     refused: dict[str, str] = field(default_factory=dict)  # path -> why it may not be used
     seconds: float = 0.0  # what measuring took
+    threads: int = 0  # the thread count the rates were measured on (0: not measured, forced)
 
     def to_json(self) -> dict[str, Any]:
         rates = {p: float(f"{r:.4g}") for p, r in self.rates.items()}
-        return {"path": self.path, "source": self.source, "rates": rates, "refused": self.refused}
+        return {
+            "path": self.path,
+            "source": self.source,
+            "rates": rates,
+            "refused": self.refused,
+            "threads": self.threads,
+        }
 
     def describe(self, kind: str) -> str:
         """``text on onednn (470 vs mkl 220 GFLOP/s, measured in 0.08 s)``."""
@@ -200,7 +207,7 @@ def measure(items: list[Product], dtype: torch.dtype, rows: int, paths: tuple[st
     chosen = "mkl" if "mkl" in rates and rates["mkl"] * (1 + MARGIN) >= rates[fastest] else fastest
     for p in items:
         p.use(chosen)
-    return Choice(chosen, "measured", rates, refused, time.perf_counter() - started)
+    return Choice(chosen, "measured", rates, refused, time.perf_counter() - started, torch.get_num_threads())
 
 
 # -- choosing, with the cache -------------------------------------------------------------------------
@@ -261,7 +268,7 @@ def _read(cache: Path) -> dict[str, Any]:
         return {}
 
 
-def _cached(entry: Any) -> Choice | None:
+def _cached(entry: Any, threads: int) -> Choice | None:
     if not isinstance(entry, dict) or entry.get("path") not in PATHS:
         return None
     rates = entry.get("rates")
@@ -272,7 +279,8 @@ def _cached(entry: Any) -> Choice | None:
         clean = {str(p): float(r) for p, r in rates.items() if p in PATHS}
     except (TypeError, ValueError):
         return None
-    return Choice(entry["path"], "cached", clean, {str(p): str(w)[:200] for p, w in refused.items() if p in PATHS})
+    refused_ = {str(p): str(w)[:200] for p, w in refused.items() if p in PATHS}
+    return Choice(entry["path"], "cached", clean, refused_, threads=threads)
 
 
 def _write(cache: Path, entries: dict[str, Any]) -> None:
@@ -295,12 +303,21 @@ def _write(cache: Path, entries: dict[str, Any]) -> None:
         log.info("kernel choice not cached (%s): %s", cache, exc)
 
 
-def choose(model: Any, cache: Path | None = None, name: str = "voice") -> dict[str, Choice]:
+def choose(model: Any, cache: Path | None = None, name: str = "voice", serving: int | None = None) -> dict[str, Choice]:
     """Put each class of ``model``'s products on its path: forced by ``TTSD_KERNELS``, else the
-    cached choice for this box, else measured (and cached). Logs each choice."""
+    cached choice for this box measured on ``serving`` threads (the count the workers synthesize
+    on; default: this thread's), else the one cached for this thread's count, else measured here
+    (and cached for this thread's count). Logs each choice.
+
+    Which path is faster can change with the thread count (on 2 cores of an Intel Xeon with AMX,
+    the bf16 flow ran 6-10 % faster on oneDNN with two threads, while one thread measured MKL
+    ahead), so a choice is kept per count and the workers' count is looked for first: the loader
+    measures on one thread, and the engine measures again on the workers' count at its warm-up
+    when that runs on it (``VitsEngine.warmup``)."""
     force = forced()
     found = classes(model)
     where = box()
+    wanted = {**where, "threads": serving} if serving else where
     entries = _read(cache) if cache is not None and not force else {}
     changed = False
     chosen: dict[str, Choice] = {}
@@ -313,7 +330,9 @@ def choose(model: Any, cache: Path | None = None, name: str = "voice") -> dict[s
             choice.source = "forced"
         else:
             key = _key(where, kind, items, dtype)
-            cached = _cached(entries.get(key))
+            cached = _cached(entries.get(_key(wanted, kind, items, dtype)), wanted["threads"])
+            if cached is None and wanted is not where:
+                cached = _cached(entries.get(key), where["threads"])
             if cached is not None:
                 for p in items:
                     p.use(cached.path)
