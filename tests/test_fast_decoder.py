@@ -344,16 +344,12 @@ def test_packed_weights_give_the_same_numbers() -> None:
             assert max_diff(fast(latents), model.decoder(latents).reshape(-1)) < 1e-5
 
 
-@pytest.mark.parametrize("fault", ["raises", "differs"])
-def test_a_weight_that_does_not_pack_stays_plain(monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
-    """A reorder that fails, or whose weight gives other numbers on the probe, leaves the plain weight."""
+def test_a_weight_that_does_not_pack_stays_plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reorder that fails (an op this torch lacks or refuses) leaves the plain weight."""
     mkldnn = torch.ops.mkldnn
-    reorder = mkldnn._reorder_convolution_weight
 
     def broken(weight: torch.Tensor, *args: object) -> torch.Tensor:
-        if fault == "raises":
-            raise RuntimeError("no such primitive")
-        return reorder(weight * 1.01, *args)
+        raise RuntimeError("no such primitive")
 
     class Ops:  # torch.ops.mkldnn with one op replaced
         def __getattr__(self, name: str) -> object:
