@@ -1,0 +1,139 @@
+"""The decoder's two knobs that do not change its output, each against what it replaced, on the
+built-in voice, in one process:
+
+* **packed weights**: each convolution's weight kept in oneDNN's own layout (``Conv.pack``) against
+  the same decoder with plain channels-last weights, which the fused ops reorder at every call;
+* **measured plans**: windows planned by each width's time measured at the warm-up
+  (``FastHifiGan.measure_windows``) against the work model that planned them before.
+
+Both are timed on the same sentences' frame counts (the Wyoming bench's four short sentences as
+this voice speaks them, a 150-frame one-sentence reply, the rtf bench's four long sentences) and on
+one window of each width, the variants alternated call by call (the box is shared: a slow moment
+hits both), medians of ``--runs``. The outputs are checked equal: packed to the bit, plans to 1e-5.
+One process per precision (``--precision fp32,bf16``, bf16 where the CPU has it natively)::
+
+    .venv/bin/python bench/decoder_plans.py [--runs 15] [--threads 2] [--precision fp32,bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# frame counts of real sentences of the built-in voice (noise at the voice's defaults)
+SENTENCES = {
+    "4 short sentences (Wyoming bench)": [206, 178, 194, 176],
+    "1 short sentence": [150],
+    "4 long sentences (rtf bench)": [363, 308, 376, 376],
+}
+
+
+def alternated(variants: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
+    """Median seconds per variant, the variants called in turn ``runs`` times after one untimed round."""
+    for call in variants.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(runs):
+        for name, call in variants.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list[str]:
+    import torch
+    from common import cache_dir
+
+    from ttsd.malloc import tune
+    from ttsd.speak import open_engine
+    from ttsd.voices import builtin_model
+
+    tune()
+    engine = open_engine(builtin_model(cache_dir(cache)), threads=threads, precision=precision)
+    engine.warmup()  # measures the windows, as the daemon's warm-up does
+    decoder = engine.model.decoder
+    measured = dict(decoder.window_seconds)
+
+    def variant(plan: dict[int, float]) -> Any:
+        """The same decoder (its weights shared) planning by ``plan`` ({}: the work model)."""
+        other = copy.copy(decoder)
+        other.window_seconds, other._cover_table = plan, None
+        return other
+
+    model, plain = variant({}), variant({})
+
+    def unpacked(conv: Any) -> Any:
+        plain_conv = conv.unfused()
+        plain_conv.fused = conv.fused  # the fused ops still, on the plain weight
+        return plain_conv
+
+    plain.pre = unpacked(decoder.pre)
+    plain.stages = [(unpacked(up), [[tuple(unpacked(c) for c in step) for step in steps] for steps in blocks])
+                    for up, blocks in decoder.stages]
+    generator = torch.Generator().manual_seed(0)
+    lines = [f"### {precision} ({engine.info()['precision']}), {threads} threads; "
+             f"windows measured at warm-up: " + ", ".join(f"{w} frames {t * 1e3:.2f} ms" for w, t in measured.items()),
+             "", "| what | new | before | new / before |", "|---|---:|---:|---:|"]
+
+    def row(label: str, new: float, old: float) -> None:
+        lines.append(f"| {label} | {new * 1e3:.1f} ms | {old * 1e3:.1f} ms | {new / old:.2f}x |")
+
+    with torch.inference_mode():
+        for width in sorted(measured):
+            x = torch.randn(1, 192, width, generator=generator)
+            window = (0, width, decoder.radius, width - decoder.radius)
+            assert torch.equal(decoder.decode(x, width, window, None), plain.decode(x, width, window, None))
+            t = alternated({"packed": lambda x=x, w=width, at=window: decoder.decode(x, w, at, None),
+                            "plain": lambda x=x, w=width, at=window: plain.decode(x, w, at, None)}, runs)
+            row(f"packed weights: one {width}-frame window", t["packed"], t["plain"])
+        for label, frames in SENTENCES.items():
+            latents = [torch.randn(1, 192, n, generator=generator) for n in frames]
+
+            def by(which: Any, latents: list[Any] = latents) -> Callable[[], Any]:
+                return lambda: [which(x) for x in latents]
+
+            new, old = by(decoder)(), by(model)()
+            assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(new, old, strict=True))
+            t = alternated({"measured": by(decoder), "model": by(model), "plain": by(plain)}, runs)
+            row(f"measured plans: {label}, frames {frames}", t["measured"], t["model"])
+            row(f"both: {label}", t["measured"], t["plain"])
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default=None, help="fp32,bf16 (default: bf16 too where the CPU has it)")
+    parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or a temp dir)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: this precision only
+    args = parser.parse_args()
+    if args.one:
+        print("\n".join(measure(args.one, args.runs, args.threads, args.cache)), flush=True)
+        return
+    from common import command_line
+
+    from ttsd.engines.precision import native_bf16
+
+    precisions = args.precision.split(",") if args.precision else ["fp32", *(["bf16"] if native_bf16() else [])]
+    print(f"`{command_line()}`\n")
+    for precision in precisions:
+        cmd = [sys.executable, __file__, "--one", precision, "--runs", str(args.runs), "--threads", str(args.threads)]
+        if args.cache:
+            cmd += ["--cache", str(args.cache)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode:
+            sys.exit(f"{precision}: {done.stderr[-2000:]}")
+        print(done.stdout)
+
+
+if __name__ == "__main__":
+    main()
