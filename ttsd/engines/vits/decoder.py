@@ -274,13 +274,13 @@ class FastHifiGan:
 
         The work model above leaves out what a window costs whatever its width: a few dozen kernel
         launches and thread barriers, and small convolutions that run far below the CPU's rate.
-        Measured on 2 cores, that fixed part was a tenth of a 128-frame window's time in fp32 and
-        a quarter in bf16, so the model's plan for 176 frames (48 + 128 + 48 + 64 frames: four
-        windows) took longer than two 128-frame windows, and four short sentences' decoder 5 % (fp32)
-        to 16 % (bf16) longer than the plan from measured times. How large that part is depends on
-        the CPU and the thread count, so it is measured. Each width runs once untimed (its kernels
-        may not be built yet), then ``repeats`` times, the widths interleaved; the best time counts.
-        Call it on a loaded decoder, before it serves (the result replaces the plans' costs)."""
+        That fixed part is largest where the convolutions are fastest (bf16), and there the model's
+        plan for 176 frames (48 + 128 + 48 + 64 frames: four windows) took longer than two
+        128-frame windows; ``bench/decoder_plans.py`` compares the plans. How large that part is
+        depends on the CPU, the precision and the thread count, so it is measured. Each width runs
+        once untimed (its kernels may not be built yet), then ``repeats`` times, the widths
+        interleaved; the best time counts. About 0.1 s on 2 cores. Call it on a loaded decoder,
+        before it serves (the result replaces the plans' costs)."""
         r = self.radius
         widths = [w for w in WIDTHS if w > 2 * r]
         generator = torch.Generator().manual_seed(0)

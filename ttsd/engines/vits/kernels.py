@@ -18,11 +18,12 @@ over MKL. No fixed choice is right on both, so each voice's products are timed o
 * the fastest wins; ``mkl`` is kept unless another path is at least ``MARGIN`` faster, so a noisy
   box does not flip the choice from one start to the next.
 
-The measurement runs on the thread that loads the voice, with that thread's core count (the
-daemon's loader uses one core, beside the workers), and takes well under a second. Its result is
-cached in ``kernels.json`` in the cache dir, keyed by CPU model and flags, torch version, thread
-count, dtype and the class's shapes, so a new CPU or a new torch measures again; a corrupt or
-foreign cache file is ignored and rewritten. ``TTSD_KERNELS`` forces paths (``onednn``, or per
+The measurement runs on the calling thread, with its core count, and takes well under a second.
+Its result is cached in ``kernels.json`` in the cache dir, keyed by CPU model and flags, torch
+version, thread count, dtype and the class's shapes, so a new CPU or a new torch measures again; a
+corrupt or foreign cache file is ignored and rewritten. The daemon's loader runs on one core,
+beside the workers, so a load looks for the choice made on the workers' count first, and the
+engine's warm-up, when it runs on that count, makes it (``choose``). ``TTSD_KERNELS`` forces paths (``onednn``, or per
 class ``text=onednn,flow=mkl``), still checked for exactness.
 """
 
@@ -68,7 +69,7 @@ class Choice:
     rates: dict[str, float] = field(default_factory=dict)  # GFLOP/s per path that passed
     refused: dict[str, str] = field(default_factory=dict)  # path -> why it may not be used
     seconds: float = 0.0  # what measuring took
-    threads: int = 0  # the thread count the rates were measured on (0: not measured, forced)
+    threads: int = 0  # the thread count the rates are for (0: unknown)
 
     def to_json(self) -> dict[str, Any]:
         rates = {p: float(f"{r:.4g}") for p, r in self.rates.items()}
