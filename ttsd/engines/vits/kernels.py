@@ -310,11 +310,11 @@ def choose(model: Any, cache: Path | None = None, name: str = "voice", serving: 
     on; default: this thread's), else the one cached for this thread's count, else measured here
     (and cached for this thread's count). Logs each choice.
 
-    Which path is faster can change with the thread count (on 2 cores of an Intel Xeon with AMX,
-    the bf16 flow ran 6-10 % faster on oneDNN with two threads, while one thread measured MKL
-    ahead), so a choice is kept per count and the workers' count is looked for first: the loader
-    measures on one thread, and the engine measures again on the workers' count at its warm-up
-    when that runs on it (``VitsEngine.warmup``)."""
+    The rates that matter are those at the count that serves: a library's parallel efficiency on
+    a few hundred rows differs from one to another, so one core's ranking need not be two cores'.
+    So a choice is kept per count and the workers' count is looked for first: the loader measures
+    on one thread, and the engine measures again on the workers' count at its warm-up when that
+    runs on it (``VitsEngine.warmup``)."""
     force = forced()
     found = classes(model)
     where = box()
