@@ -277,3 +277,61 @@ def test_the_choice_is_made_for_the_workers_thread_count(tiny: Path, tmp_path: P
     finally:
         torch.set_num_threads(before)
     assert {e["threads"] for e in json.loads(cache.read_text())["entries"].values()} == {1, 2}
+
+
+def test_window_times_are_cached_for_the_workers_count(tiny: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """1. A warm-up on the workers' count measures the windows and caches the times. 2. The next
+    warm-up there reads them (no timing) and still decodes each width once. 3. A warm-up on
+    another count (beside live requests) uses the cached times too, and without them keeps the
+    work model rather than timing on a count that does not serve. 4. An entry that is not sane
+    is measured again."""
+    from ttsd.engines import threads
+    from ttsd.engines.vits.decoder import FastHifiGan
+
+    cache = tmp_path / "kernels.json"
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(threads, "_process_threads", torch.get_num_threads())
+    calls: list[int] = []
+    measure = FastHifiGan.measure_windows
+
+    def counted(self: FastHifiGan, repeats: int = 2) -> dict[int, float]:
+        calls.append(repeats)
+        return measure(self, repeats)
+
+    monkeypatch.setattr(FastHifiGan, "measure_windows", counted)
+    first = open_engine(tiny, kernel_cache=cache)
+    first.warmup()
+    assert calls == [2] and first.info()["windows"]
+    times = dict(first.model.decoder.window_seconds)
+    calls.clear()
+    again = open_engine(tiny, kernel_cache=cache)
+    again.warmup()
+    assert calls == [0] and again.model.decoder.window_seconds == times  # warmed, not timed
+
+    calls.clear()
+    monkeypatch.setattr(threads, "_process_threads", torch.get_num_threads() + 1)  # warm-up not on the workers' count
+    with caplog.at_level(logging.INFO, logger="ttsd.engines"):
+        other = open_engine(tiny, kernel_cache=cache)
+        other.warmup()
+    assert calls == [] and other.model.decoder.window_seconds == {}
+    assert any("planned by their work" in r.getMessage() for r in caplog.records)
+    real = kernels.box()
+    monkeypatch.setattr(kernels, "box", lambda: {**real, "threads": real["threads"] + 1})
+    kernels.keep_window_times(other.model.decoder, cache, times)  # as if measured on the workers' count
+    monkeypatch.setattr(kernels, "box", lambda: real)
+    other = open_engine(tiny, kernel_cache=cache)
+    other.warmup()
+    assert calls == [] and other.model.decoder.window_seconds == times
+
+    monkeypatch.setattr(threads, "_process_threads", torch.get_num_threads())
+    data = json.loads(cache.read_text())
+    entry = next(e for e in data["entries"].values() if e["kind"] == "windows" and e["threads"] == real["threads"])
+    for bad in ({"48": -1.0}, {str(w): "fast" for w in times}, {**{str(w): t for w, t in times.items()}, "999": 0.1}):
+        entry["seconds"] = bad
+        cache.write_text(json.dumps(data))
+        calls.clear()
+        e = open_engine(tiny, kernel_cache=cache)
+        e.warmup()
+        assert calls == [2], bad

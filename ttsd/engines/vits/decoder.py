@@ -268,6 +268,14 @@ class FastHifiGan:
             return self.window_seconds[width]
         return width - 2 * self.radius + 0.2 * 2 * self.radius
 
+    def usable_widths(self) -> list[int]:
+        """The widths a window may have: wider than the context on both sides."""
+        return [w for w in WIDTHS if w > 2 * self.radius]
+
+    def warm_windows(self) -> None:
+        """Decode one window of each usable width (oneDNN builds its kernels for each at the first)."""
+        self.measure_windows(repeats=0)
+
     def measure_windows(self, repeats: int = 2) -> dict[int, float]:
         """Time one window of each usable width on this box, on the calling thread's core count,
         and plan with those times from now on; returns them (seconds).
@@ -282,7 +290,7 @@ class FastHifiGan:
         interleaved; the best time counts. About 0.1 s on 2 cores. Call it on a loaded decoder,
         before it serves (the result replaces the plans' costs)."""
         r = self.radius
-        widths = [w for w in WIDTHS if w > 2 * r]
+        widths = self.usable_widths()
         generator = torch.Generator().manual_seed(0)
         channels = self.pre.in_channels
         best: dict[int, float] = {}
@@ -295,7 +303,7 @@ class FastHifiGan:
                     elapsed = time.perf_counter() - started
                     if round_:
                         best[w] = min(best.get(w, elapsed), elapsed)
-        if all(math.isfinite(t) and t > 0 for t in best.values()):
+        if best and all(math.isfinite(t) and t > 0 for t in best.values()):
             self.window_seconds = best
         return dict(best)
 

@@ -150,21 +150,39 @@ class VitsEngine(Engine[Unit]):
         return f"{self.manifest.name} {self.manifest.version}"
 
     def warmup(self) -> None:
-        """The kernel paths chosen again when the warm-up runs on the workers' thread count and the
-        load found no choice for it (``kernels.choose``: cached, else measured now), the warm-up
-        sentences (``Engine.warmup``), then each decoder window width timed on this box
-        (``FastHifiGan.measure_windows``): the decoder plans its windows by those times."""
+        """The warm-up sentences (``Engine.warmup``), with two choices made for the thread count the
+        workers synthesize on (``process_count``) where the warm-up runs on it (a quiet start; the
+        loader's warm-up drops to one thread beside live requests or busy cores):
+
+        * the kernel paths, when the load found no choice for that count (``kernels.choose``:
+          cached, else measured now);
+        * the decoder's window times, which its plans are costed by (``measure_windows``): cached
+          for this box and count, else measured now (about 0.1 s) and cached. A warm-up on another
+          count takes them from the cache if they are there, else the decoder keeps its work model:
+          times taken on one core beside live requests would not be the workers'."""
         model = self._require()
-        here = torch.get_num_threads()
-        if here == process_count() and any(c.source != "forced" and c.threads != here for c in self.kernels.values()):
+        here, serving = torch.get_num_threads(), process_count()
+        if here == serving and any(c.source != "forced" and c.threads != here for c in self.kernels.values()):
             self.kernels = kernels.choose(model, self.kernel_cache, self._label(), serving=here)
         super().warmup()
-        seconds = model.decoder.measure_windows()
+        decoder = model.decoder
+        cached = kernels.cached_window_times(decoder, self.kernel_cache, serving)
+        if cached is not None:
+            decoder.window_seconds = cached
+            if here == serving:
+                decoder.warm_windows()  # every width's kernels built before the first request
+            how = f"cached for {serving} thread(s)"
+        elif here == serving:
+            kernels.keep_window_times(decoder, self.kernel_cache, decoder.measure_windows())
+            how = f"measured on {here} thread(s)"
+        else:
+            log.info("%s: decoder windows planned by their work (no times for %d thread(s))", self._label(), serving)
+            return
         log.info(
-            "%s: decoder windows %s ms (measured on %d thread(s))",
+            "%s: decoder windows %s ms (%s)",
             self._label(),
-            ", ".join(f"{w} frames {t * 1000:.1f}" for w, t in seconds.items()),
-            here,
+            ", ".join(f"{w} frames {t * 1000:.1f}" for w, t in decoder.window_seconds.items()),
+            how,
         )
 
     def default_warmup(self) -> Sequence[str]:

@@ -353,3 +353,56 @@ def choose(model: Any, cache: Path | None = None, name: str = "voice", serving: 
     if changed and cache is not None:
         _write(cache, entries)
     return chosen
+
+
+# -- the decoder's window times ------------------------------------------------------------------------------
+def _windows_key(where: dict[str, Any], decoder: Any) -> str:
+    geometry = [
+        (conv.in_channels, conv.kernel, conv.dilation[1], conv.stride[1], conv.transposed)
+        for conv, _ in decoder._convolutions()
+    ]
+    data = {
+        **where,
+        "kind": "windows",
+        "dtype": str(decoder.dtype),
+        "radius": decoder.radius,
+        "widths": decoder.usable_widths(),
+        "geometry": geometry,
+        "fused": decoder.fused,
+        "packed": decoder.packed,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def cached_window_times(decoder: Any, cache: Path | None, threads: int) -> dict[int, float] | None:
+    """The decoder's window times kept for this box, this decoder and ``threads`` threads, if any
+    (and sane: every usable width, each a positive number of seconds under one)."""
+    if cache is None:
+        return None
+    entry = _read(cache).get(_windows_key({**box(), "threads": threads}, decoder))
+    seconds = entry.get("seconds") if isinstance(entry, dict) else None
+    if not isinstance(seconds, dict):
+        return None
+    try:
+        times = {int(w): float(t) for w, t in seconds.items()}
+    except (TypeError, ValueError):
+        return None
+    if sorted(times) != decoder.usable_widths() or not all(0 < t < 1 for t in times.values()):
+        return None
+    return times
+
+
+def keep_window_times(decoder: Any, cache: Path | None, seconds: dict[int, float]) -> None:
+    """Cache the window times just measured, for this box, this decoder and this thread's count."""
+    if cache is None or not seconds:
+        return
+    where = box()
+    entries = _read(cache)
+    entries[_windows_key(where, decoder)] = {
+        **where,
+        "kind": "windows",
+        "dtype": str(decoder.dtype),
+        "seconds": {str(w): t for w, t in seconds.items()},
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write(cache, entries)
