@@ -376,7 +376,7 @@ def _windows_key(where: dict[str, Any], decoder: Any) -> str:
 
 def cached_window_times(decoder: Any, cache: Path | None, threads: int) -> dict[int, float] | None:
     """The decoder's window times kept for this box, this decoder and ``threads`` threads, if any
-    (and sane: every usable width, each a positive number of seconds under one)."""
+    (and sane: every usable width, each a positive number of seconds under a minute)."""
     if cache is None:
         return None
     entry = _read(cache).get(_windows_key({**box(), "threads": threads}, decoder))
@@ -387,7 +387,7 @@ def cached_window_times(decoder: Any, cache: Path | None, threads: int) -> dict[
         times = {int(w): float(t) for w, t in seconds.items()}
     except (TypeError, ValueError):
         return None
-    if sorted(times) != decoder.usable_widths() or not all(0 < t < 1 for t in times.values()):
+    if sorted(times) != decoder.usable_widths() or not all(0 < t < 60 for t in times.values()):
         return None
     return times
 
