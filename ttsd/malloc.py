@@ -98,10 +98,13 @@ def describe(applied: dict[str, int]) -> str:
 
 def trim() -> None:
     """Give freed memory back to the OS (after a model is unloaded): glibc keeps freed heap pages
-    in the process unless asked, so without this an unloaded voice's memory still counts in RSS."""
+    in the process unless asked, so without this an unloaded voice's memory still counts in RSS.
+    Young reference cycles (a failed load's traceback and the frames it holds) are collected
+    first; a full collection is not (about 50 ms with torch loaded, holding Python's lock: the
+    event loop stood still that long at every unload), and an engine's tensors need none."""
     import gc
 
-    gc.collect()
+    gc.collect(1)
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
