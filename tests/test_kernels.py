@@ -335,3 +335,17 @@ def test_window_times_are_cached_for_the_workers_count(tiny: Path, tmp_path: Pat
         e = open_engine(tiny, kernel_cache=cache)
         e.warmup()
         assert calls == [2], bad
+
+
+def test_a_decoder_too_deep_for_the_windows_times_nothing(tiny: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """A receptive field wider than every window: the decoder decodes sentences whole, so the
+    warm-up has no window to time, caches nothing, and the voice still speaks."""
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    cache = tmp_path / "kernels.json"
+    e = open_engine(tiny, kernel_cache=cache)
+    e.model.decoder.radius = max(WIDTHS)  # as deep as the widest window
+    e.warmup()
+    assert e.info()["windows"] == {} and e.model.decoder.usable_widths() == []
+    assert not any(entry["kind"] == "windows" for entry in json.loads(cache.read_text())["entries"].values())
+    assert e.synthesize("Hello there.", QUIET).duration > 0

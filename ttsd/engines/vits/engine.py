@@ -169,6 +169,8 @@ class VitsEngine(Engine[Unit]):
             self.kernels = kernels.choose(model, self.kernel_cache, self._label(), serving=here)
         super().warmup()
         decoder = model.decoder
+        if not decoder.usable_widths():  # a decoder too deep for the windows decodes whole: no plans
+            return
         cached = kernels.cached_window_times(decoder, self.kernel_cache, serving)
         if cached is not None:
             decoder.window_seconds = cached
