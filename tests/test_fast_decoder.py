@@ -328,11 +328,11 @@ def test_packed_weights_give_the_same_numbers() -> None:
     model = tiny_model()
     fast = FastHifiGan(model.decoder, model.config)
     plain = FastHifiGan(model.decoder, model.config)
-    convs = list(fast._convolutions())
+    convs = list(fast.convolutions())
     if not fast.fused:
         pytest.skip("torch has no fused oneDNN convolution ops here")
-    assert fast.packed == len(convs) and all(conv.packed for conv, _ in convs)
-    for (conv, _), (other, _) in zip(convs, plain._convolutions(), strict=True):
+    assert fast.packed_convolutions == len(convs) and all(conv.packed for conv, _ in convs)
+    for (conv, _), (other, _) in zip(convs, plain.convolutions(), strict=True):
         unpacked = conv.unfused()
         assert not unpacked.packed and not unpacked.fused and unpacked.weight.layout == torch.strided
         assert torch.equal(unpacked.weight, other.unfused().weight)
@@ -360,7 +360,7 @@ def test_a_weight_that_does_not_pack_stays_plain(monkeypatch: pytest.MonkeyPatch
     fast = FastHifiGan(model.decoder, model.config)
     if not fast.fused:
         pytest.skip("torch has no fused oneDNN convolution ops here")
-    convs = [conv for conv, _ in fast._convolutions()]
+    convs = [conv for conv, _ in fast.convolutions()]
     assert [c.packed for c in convs] == [c.transposed for c in convs]  # only the transposed ones packed
     assert all(c.weight.layout == torch.strided for c in convs if not c.transposed)
     with torch.inference_mode():

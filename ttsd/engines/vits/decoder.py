@@ -159,11 +159,11 @@ class FastHifiGan:
         self.post_taps = self.post.weight[0, :, 0, :].t().contiguous()  # (kernel, channels), see _last
         self.radius, self.margins = self._receptive_margins()
         # every convolution the windows run, weights in oneDNN's layout (the last layer is _last's)
-        self.packed = sum(conv.pack(WIDTHS[-1] * scale) for conv, scale in self._convolutions())  # how many
+        self.packed_convolutions = sum(conv.pack(WIDTHS[-1] * scale) for conv, scale in self.convolutions())
         self.window_seconds: dict[int, float] = {}  # width -> measured time of one window, see measure_windows
         self._cover_table: tuple[Any, list[list[int]]] | None = None  # (what it was made for, covers), see _covers
 
-    def _convolutions(self) -> Iterator[tuple[Conv, int]]:
+    def convolutions(self) -> Iterator[tuple[Conv, int]]:
         """Each convolution the windows run, with the samples per latent frame of its input."""
         yield self.pre, 1
         scale = 1

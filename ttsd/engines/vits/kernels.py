@@ -29,6 +29,7 @@ class ``text=onednn,flow=mkl``), still checked for exactness.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -233,8 +234,10 @@ def forced(value: str | None = None) -> dict[str, str]:
     return paths
 
 
-def box() -> dict[str, Any]:
-    """What a measurement holds for: the CPU, torch, and the calling thread's core count."""
+@functools.cache
+def _cpu() -> tuple[str, tuple[str, ...]]:
+    """The CPU's model name and the flags that matter here, read once per process (a load looks
+    them up for its kernel choice and for its window times)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -242,12 +245,13 @@ def box() -> dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
     flags = precision.cpu_flags(cpuinfo)
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_fp16")
-    return {
-        "cpu": model,
-        "flags": sorted(f for f in flags if f in wanted),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
+    return model, tuple(sorted(f for f in flags if f in wanted))
+
+
+def box() -> dict[str, Any]:
+    """What a measurement holds for: the CPU, torch, and the calling thread's core count."""
+    model, flags = _cpu()
+    return {"cpu": model, "flags": list(flags), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def _key(where: dict[str, Any], kind: str, items: list[Product], dtype: torch.dtype) -> str:
@@ -359,7 +363,7 @@ def choose(model: Any, cache: Path | None = None, name: str = "voice", serving: 
 def _windows_key(where: dict[str, Any], decoder: Any) -> str:
     geometry = [
         (conv.in_channels, conv.kernel, conv.dilation[1], conv.stride[1], conv.transposed)
-        for conv, _ in decoder._convolutions()
+        for conv, _ in decoder.convolutions()
     ]
     data = {
         **where,
@@ -369,7 +373,7 @@ def _windows_key(where: dict[str, Any], decoder: Any) -> str:
         "widths": decoder.usable_widths(),
         "geometry": geometry,
         "fused": decoder.fused,
-        "packed": decoder.packed,
+        "packed": decoder.packed_convolutions,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
