@@ -81,11 +81,12 @@ def test_a_mixed_choice_and_a_bad_value(tiny: Path, monkeypatch: pytest.MonkeyPa
 def test_frames_are_padded_finely_only_where_the_flow_compiles_nothing_per_shape(
     tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """fp32 on MKL's GEMM compiles nothing per shape: frames padded to 32 (a short sentence's flow
-    skips padding); on oneDNN, which keeps a kernel per shape, and in bf16 (oneDNN either way) to 128."""
+    """fp32 on MKL's GEMM compiles nothing per shape: frames are not padded (a short sentence's flow
+    runs on its own frames); on oneDNN, which keeps a kernel per shape, and in bf16 (oneDNN either
+    way) they are padded to 128, and the padding does not change the latents."""
     from ttsd.engines.vits import model
 
-    assert engine(tiny, monkeypatch, "mkl", precision="fp32").model.frame_bucket == model.GEMM_FRAME_BUCKET == 32
+    assert engine(tiny, monkeypatch, "mkl", precision="fp32").model.frame_bucket == model.GEMM_FRAME_BUCKET == 1
     assert engine(tiny, monkeypatch, "text=mkl,flow=onednn", precision="fp32").model.frame_bucket == 128
     assert NativeVits(tiny, dtype=torch.bfloat16).frame_bucket == model.FRAME_BUCKET == 128
     e = engine(tiny, monkeypatch, "mkl", precision="fp32")

@@ -328,8 +328,9 @@ class VitsEngine(Engine[Unit]):
         if first and len(plan) > 1:
             reads = plan[0][0] + plan[0][1]  # the first window reads the frames below this
             enough = reads + model.flow_radius
-            # worth it from three frame buckets up: on a shorter sentence the whole flow is a few ms
-            # and the early one would add half of it to the answer's total for less than that
+            # worth it where the early flow's (padded) frames fit three times in the sentence's: on a
+            # shorter sentence the whole flow is a few ms and the early one would add half of it to
+            # the answer's total for less than that
             if 3 * _padded(enough, model.frame_bucket) <= _padded(frames, model.frame_bucket):
                 with torch.inference_mode():
                     latents, column = model.flow(prior[:enough], speaker)

@@ -36,11 +36,14 @@ BUCKET = 32  # text lengths are padded to a multiple of this (bounded shapes for
 # left about 30 shapes over 100 varied requests, 83 MB more peak RSS than padded to 128, with no
 # measurable speed difference (a soak of 100 texts of 1-60 words, bf16, Intel Xeon with AMX).
 FRAME_BUCKET = 128
-# ... unless the flow's products are MKL's float32 GEMM, which compiles nothing per shape: then a
-# multiple of this, so that a short sentence's flow does not run on up to 127 padded frames (a
-# 2-second reply, 156 frames: 9.3 instead of 13.4 ms, Intel Xeon with AMX, 2 threads; no change in
-# peak RSS over 100 varied requests)
-GEMM_FRAME_BUCKET = 32
+# ... unless the flow's products are MKL's float32 GEMM, which compiles nothing per shape: then
+# frames are not padded at all. Padding to 32 had cost a short sentence's flow up to 31 frames, and
+# kept a paragraph's first sentence from its early flow (engine.py: the early flow pays where three
+# of its buckets fit in the sentence): the four-sentence Wyoming text's first audio took 35.6 ms
+# padded to 32 and 27.7 unpadded, its total the same (in-process, fp32, Intel Xeon with AMX, 2
+# threads, alternated in fresh processes). Padding to 128 before that: a 2-second reply's flow took
+# 13.4 ms, 9.3 at 32; peak RSS over 100 varied requests did not change at either step.
+GEMM_FRAME_BUCKET = 1
 
 
 def _padded(length: int, bucket: int) -> int:
