@@ -203,3 +203,66 @@ def test_the_spline_inverse_is_transformers_own() -> None:
     outside = x.abs() > tail
     assert bool(outside.any()) and torch.equal(ours[outside], x[outside])
     assert float((ours[~outside] - x[~outside]).abs().max()) > 0.1  # control: inside, it transforms
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sentences_encoded_together_are_each_encoded_as_alone(variant: str, tmp_path: Path) -> None:
+    """A request's later sentences are text-encoded together (``engine.py``): each one's encoding,
+    and the prior made from it, is the one it has alone, whatever the lengths (one of a single id,
+    and the longest, which sets everyone's rows, a multiple of the padding: it would end in no
+    masked row of its own). A sentence that
+    attended to its neighbours, or whose feed-forward convolutions read their rows, would not be."""
+    from ttsd.engines.vits.model import NativeVits
+
+    native = NativeVits(save_tiny_vits(tmp_path / variant, pack_it=False, seed=4, **VARIANTS[variant]))
+    generator = torch.Generator().manual_seed(3)
+    batch = [torch.randint(1, 20, (n,), generator=generator).tolist() for n in (32, 1, 33, 96, 64, 5)]
+    knobs = dict(noise_scale=0.667, noise_scale_duration=0.8, length_scale=1.0,
+                 speaker_id=2 if "speaker" in variant else None)
+    with torch.inference_mode():
+        together = native.encode(batch)
+        assert len(together) == len(batch)
+        for ids, encoded in zip(batch, together, strict=True):
+            alone = native.encode([ids])[0]
+            assert_close(encoded.hidden, alone.hidden, 1e-6)
+            assert_close(encoded.stats, alone.stats, 1e-6)
+            assert torch.equal(encoded.mask, alone.mask)
+            mine = native.prior(ids, generator=torch.Generator().manual_seed(5), encoded=encoded, **knobs)[0]
+            assert_close(mine, native.prior(ids, generator=torch.Generator().manual_seed(5), **knobs)[0], 1e-5)
+
+
+def test_a_request_encodes_its_first_sentence_alone_and_the_rest_together(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first sentence's encoding waits for no other (first audio); the later ones are encoded
+    in groups that fit ``ENCODE_ROWS``, each once, in order; and the request sounds as each sentence
+    does alone."""
+    import numpy as np
+    from conftest import plausible
+
+    from ttsd.engines.vits import engine as vits_engine
+    from ttsd.engines.vits.model import NativeVits
+    from ttsd.options import SynthesisOptions
+    from ttsd.speak import open_engine
+
+    e = open_engine(save_tiny_vits(tmp_path / "tiny-1", edit=plausible, noise_scale_duration=0.0))
+    groups: list[list[int]] = []
+    encode = NativeVits.encode
+
+    def recorded(self: NativeVits, batch: list[list[int]], **kw: object) -> object:
+        groups.append([len(ids) for ids in batch])
+        return encode(self, batch, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NativeVits, "encode", recorded)
+    sentences = ["Hello there.", "How are you today?", "Fine, thanks.", "A " + "long " * 40 + "one.", "Bye."]
+    quiet = SynthesisOptions(noise_scale=0.0, noise_scale_duration=0.0, normalize=False, sentence_pause=0.0)
+    units = e._units(" ".join(sentences), quiet)
+    n = [len(u.ids) for u in units]
+    rows, limit = e.model.encode_rows, vits_engine.ENCODE_ROWS
+    # the premises: the second and third fit together, not with the long fourth; the fourth and fifth do not fit
+    assert len(units) == 5 and 2 * rows(n[1:3]) <= limit < 3 * rows(n[1:4]) and 2 * rows(n[3:5]) > limit
+    together = np.concatenate([e._render(u, quiet) for u in units])
+    assert groups == [n[0:1], n[1:3], n[3:4], n[4:5]]
+    groups.clear()
+    alone = np.concatenate([e._render(vits_engine.Unit(u.ids), quiet) for u in units])
+    assert groups == [[k] for k in n]
+    assert together.shape == alone.shape and float(np.abs(together - alone).max()) < 1e-5

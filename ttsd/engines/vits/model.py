@@ -18,6 +18,8 @@ output is the same for every length.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,17 @@ GEMM_FRAME_BUCKET = 1
 
 def _padded(length: int, bucket: int) -> int:
     return -(-length // bucket) * bucket if bucket > 1 else length
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One sentence's text encoding (``NativeVits.encode``): its padded rows of the encoder's
+    output and their mask, ``(padded, hidden)`` and ``(padded, 1)``, and the prior's statistics
+    (means, then log-variances) for its real rows, ``(length, 2 * flow_size)``."""
+
+    hidden: torch.Tensor
+    stats: torch.Tensor
+    mask: torch.Tensor
 
 
 class NativeVits:
@@ -117,6 +130,45 @@ class NativeVits:
         prior, speaker = self.prior(ids, bucket=bucket, **knobs)
         return self.flow(prior, speaker, bucket=bucket)
 
+    def encode_rows(self, lengths: Sequence[int], *, bucket: int | None = None) -> int:
+        """The rows ``encode`` gives each of sentences this long when it encodes them together."""
+        reach = max((layer.reach for layer in self.layers), default=0) if len(lengths) > 1 else 0
+        return _padded(max(lengths) + reach, BUCKET if bucket is None else bucket)
+
+    def encode(self, batch: Sequence[list[int]], *, bucket: int | None = None) -> list[Encoded]:
+        """The text encoder over one or more sentences' ids at once, each sentence's result as
+        ``prior`` takes it. A sentence is padded to a multiple of ``bucket`` (``BUCKET``) and its
+        result is that of the sentence encoded alone: several sentences are stacked in rows of
+        the longest's padded length plus the feed-forward convolutions' reach, so that each ends in
+        masked rows, and each attends only to itself. Encoding a request's later sentences together
+        runs the layers' few hundred small operations once for all of them (``engine.py``)."""
+        c = self.config
+        bucket = BUCKET if bucket is None else bucket
+        lengths = [len(ids) for ids in batch]
+        rows = self.encode_rows(lengths, bucket=bucket)
+        mask = torch.zeros(len(batch), rows, 1)
+        for i, length in enumerate(lengths):
+            mask[i, :length] = 1.0
+        pad = int(c.pad_token_id or 0)
+        index = torch.tensor([ids + [pad] * (rows - len(ids)) for ids in batch], dtype=torch.long).reshape(-1)
+        mask = mask.reshape(-1, 1)
+        x = F.embedding(index, self.embed) * math.sqrt(c.hidden_size) * mask
+        key_bias = None
+        if len(batch) > 1:
+            key_bias = (1.0 - mask.reshape(len(batch), 1, rows)) * torch.finfo(torch.float32).min
+        elif rows > lengths[0]:
+            key_bias = torch.zeros(rows)
+            key_bias[lengths[0] :] = torch.finfo(torch.float32).min
+        for layer in self.layers:
+            x = layer(x, mask, key_bias, len(batch))
+        hidden = x * mask
+        stats = self.project(hidden) * mask
+        out = []
+        for i, length in enumerate(lengths):
+            own = slice(i * rows, i * rows + _padded(length, bucket))  # the rows it has alone
+            out.append(Encoded(hidden[own], stats[own.start : own.start + length], mask[own]))
+        return out
+
     def prior(
         self,
         ids: list[int],
@@ -127,30 +179,18 @@ class NativeVits:
         speaker_id: int | None = None,
         generator: torch.Generator | None = None,
         bucket: int | None = None,
+        encoded: Encoded | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text ids -> the flow's input, time-major ``(frames, flow_size)`` (text encoder, durations,
-        the prior's noise), and the speaker embedding ``(1, E)``. ``bucket``: the text padding."""
+        the prior's noise), and the speaker embedding ``(1, E)``. ``bucket``: the text padding.
+        ``encoded``: the ids' ``encode`` result, where it was made with other sentences'."""
         c = self.config
-        bucket = BUCKET if bucket is None else bucket
-        length = len(ids)
-        padded = _padded(length, bucket)
-        mask = torch.zeros(padded, 1)
-        mask[:length] = 1.0
-        index = torch.tensor(ids + [int(c.pad_token_id or 0)] * (padded - length), dtype=torch.long)
+        enc = self.encode([ids], bucket=bucket)[0] if encoded is None else encoded
+        length, padded, hidden, mask = len(ids), enc.hidden.shape[0], enc.hidden, enc.mask
+        means, log_vars = enc.stats[:, : c.flow_size], enc.stats[:, c.flow_size :]
         speaker = None
         if self.speakers is not None:
             speaker = self.speakers[speaker_id or 0][None]  # (1, E)
-
-        x = F.embedding(index, self.embed) * math.sqrt(c.hidden_size) * mask
-        key_bias = None
-        if padded > length:
-            key_bias = torch.zeros(padded)
-            key_bias[length:] = torch.finfo(torch.float32).min
-        for layer in self.layers:
-            x = layer(x, mask, key_bias)
-        hidden = x * mask
-        stats = self.project(hidden) * mask
-        means, log_vars = stats[:length, : c.flow_size], stats[:length, c.flow_size :]
 
         if c.use_stochastic_duration_prediction:
             noise = (

@@ -72,11 +72,20 @@ class _EncoderLayer:
         heads, t, width = padded.shape
         return padded.as_strided((heads, t, 2 * self.window + 1), (t * width, width + 1, 1), padded.storage_offset())
 
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
-        t, nh, hd = x.shape[0], self.heads, self.head_dim
+    def __call__(
+        self, x: torch.Tensor, mask: torch.Tensor, key_bias: torch.Tensor | None, batch: int = 1
+    ) -> torch.Tensor:
+        """``batch`` sentences of ``T`` rows each, stacked: ``x`` ``(batch * T, C)``, ``mask``
+        ``(batch * T, 1)``, ``key_bias`` ``(T,)`` for one sentence or ``(batch, 1, T)`` (None: no
+        padding). Each sentence attends only to itself; the feed-forward convolutions reach into
+        the neighbouring sentence's rows, so each must end in at least ``reach`` masked rows."""
+        t, nh, hd = x.shape[0] // batch, self.heads, self.head_dim
         qkv = self.qkv(x)
-        q, k, v = (part.view(t, nh, hd).transpose(0, 1) for part in qkv.split(nh * hd, dim=1))  # (heads, T, hd)
-        scores = q @ k.transpose(1, 2)  # (heads, T, T)
+        # (batch * heads, T, hd); one sentence's is a view, no copy
+        q, k, v = (
+            part.view(batch, t, nh, hd).transpose(1, 2).reshape(batch * nh, t, hd) for part in qkv.split(nh * hd, dim=1)
+        )
+        scores = q @ k.transpose(1, 2)  # (batch * heads, T, T)
         w = self.window
         if w:
             # relative positions reach w keys either side: their logits (heads, T, 2w+1) go onto the
@@ -86,16 +95,24 @@ class _EncoderLayer:
             self._band(padded).add_(q @ self.rel_k.t())
             scores = padded[..., w : w + t]
         if key_bias is not None:
-            scores += key_bias
+            if key_bias.dim() == 1:
+                scores += key_bias
+            else:  # each sentence's own padding
+                scores.unflatten(0, (batch, nh)).add_(key_bias[:, None])
         probs = torch.softmax(scores, dim=-1)
-        out = probs @ v  # (heads, T, hd)
+        out = probs @ v  # (batch * heads, T, hd)
         if w:  # the attention on each relative offset, times its value embedding
             out += self._band(F.pad(probs, (w, w))) @ self.rel_v
-        out = out.transpose(0, 1).reshape(t, nh * hd)
+        out = out.view(batch, nh, t, hd).transpose(1, 2).reshape(batch * t, nh * hd)
         out = self.out(out)
         x = _layer_norm(x + out, self.norm1, self.eps)
         h = self.ff2(self.act(self.ff1(x * mask)) * mask) * mask
         return _layer_norm(x + h, self.norm2, self.eps)
+
+    @property
+    def reach(self) -> int:
+        """Rows on either side a feed-forward convolution reads."""
+        return max(self.ff1.left, self.ff1.right, self.ff2.left, self.ff2.right)
 
 
 class _DepthSeparable:
