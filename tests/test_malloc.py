@@ -115,3 +115,31 @@ def test_an_unload_gives_the_memory_back_without_a_full_collection(joe_folder) -
     assert result["loaded"] - result["after"] > 50 << 20, result  # the weights went back
     assert result["after"] - result["after_full"] < 4 << 20, result
     assert 2 not in result["generations"], result
+
+
+FREEZE = """
+import gc, json
+import torch  # noqa: F401
+import ttsd.daemon  # noqa: F401  (what the daemon imports)
+from ttsd.malloc import freeze_heap
+before = len(gc.get_objects())
+frozen = freeze_heap()
+left = len(gc.get_objects())
+class Node:
+    pass
+a, b = Node(), Node()
+a.other, b.other = b, a
+del a, b  # a reference cycle made after the freeze
+print(json.dumps({"before": before, "frozen": frozen, "left": left, "collected": gc.collect()}))
+"""
+
+
+def test_the_heap_made_at_start_up_is_left_out_of_later_collections() -> None:
+    """What the daemon calls once its voices are up: every object made so far is frozen (a full
+    collection no longer walks torch's hundreds of thousands), and garbage made afterwards is still
+    collected. In a fresh process: freezing the test runner's own heap would outlive the test."""
+    done = subprocess.run([sys.executable, "-c", FREEZE], capture_output=True, text=True, timeout=120, check=True)
+    out = json.loads(done.stdout)
+    assert out["before"] > 20_000 and out["frozen"] >= out["before"] - 1000, out
+    assert out["left"] < 200, out
+    assert out["collected"] >= 2, out  # the cycle's two objects (and their __dict__s)

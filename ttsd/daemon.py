@@ -33,7 +33,7 @@ from .front.listeners import check_socket
 from .front.spool import Spool
 from .front.synth import SynthesisPool
 from .front.wyoming import WyomingServer
-from .malloc import describe, resident_bytes, tune
+from .malloc import describe, freeze_heap, resident_bytes, tune
 from .metrics import Metrics
 from .models_dir import scan
 from .reloader import ModelWatcher
@@ -282,6 +282,7 @@ class Daemon:
                 "loading only model folders signed by: %s",
                 ", ".join(f"{k['key']} ({k['hint']})" for k in self.trust.describe()),
             )
+        log.info("gc: %d objects made at start-up left out of later collections", freeze_heap())
         self._serving = True
         if self.manager.ready():
             self.notifier.ready(f"serving {voices}")
