@@ -273,6 +273,13 @@ def test_the_flow_on_a_prefix_gives_its_first_frames_exactly(tmp_path: Path) -> 
             # the reach is tight: the first frame past it already feels the cut (faintly, through
             # three couplings)
             assert max_diff(part[..., exact : exact + 1], whole[..., exact : exact + 1]) > 0, cut
+            # as a head (what streaming runs), each coupling drops what it got wrong at the end,
+            # coarsely padded too: the same first frames and no others
+            for bucket in (None, 128):
+                head = model.flow(prior[:cut], None, head=True, bucket=bucket)[0]
+                assert head.shape[-1] == exact and max_diff(head, whole[..., :exact]) < 1e-5, (cut, bucket)
+        with pytest.raises(ValueError, match="within the flow's reach"):
+            model.flow(prior[: model.flow_radius], None, head=True)
 
 
 @pytest.mark.slow

@@ -372,7 +372,7 @@ class VitsEngine(Engine[Unit]):
             # the answer's total for less than that
             if 3 * _padded(enough, model.frame_bucket) <= _padded(frames, model.frame_bucket):
                 with torch.inference_mode():
-                    latents, column = model.flow(prior[:enough], speaker)
+                    latents, column = model.flow(prior[:enough], speaker, head=True)
                     head = (latents, decoder.speaker_bias(column))
         whole = None
         for index, window in enumerate(plan):

@@ -214,17 +214,29 @@ class NativeVits:
         return means, speaker
 
     def flow(
-        self, prior: torch.Tensor, speaker: torch.Tensor | None, *, bucket: int | None = None
+        self, prior: torch.Tensor, speaker: torch.Tensor | None, *, bucket: int | None = None, head: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prior flow, reversed: ``prior(...)``'s ``(frames, flow_size)`` -> the decoder's input
         ``(1, flow_size, frames)`` and the speaker embedding ``(1, E, 1)``. Frames are padded to a
-        multiple of ``bucket`` (``frame_bucket``) and masked."""
+        multiple of ``bucket`` (``frame_bucket``) and masked.
+
+        ``head``: ``prior`` is only the first frames of a longer sentence (streaming's early flow,
+        ``engine.py``). Each coupling's output is then right only up to its WaveNet's reach from
+        the end, so the next coupling runs on that much less, and the latents returned are the
+        first ``frames - flow_radius``, the same as the whole sentence's there."""
         count = prior.shape[0]
-        frames_padded = _padded(count, self.frame_bucket if bucket is None else bucket)
-        out_mask = torch.zeros(frames_padded, 1)
-        out_mask[:count] = 1.0
-        x = F.pad(prior, (0, 0, 0, frames_padded - count))
-        for coupling in self.flows:
-            x = coupling.reverse(torch.flip(x, [1]), out_mask, speaker)
+        bucket = self.frame_bucket if bucket is None else bucket
+        step = self.flow_radius // len(self.flows) if head and self.flows else 0
+        if count <= step * len(self.flows):
+            raise ValueError(f"a head of {count} frames is within the flow's reach of its end")
+        x = prior
+        for i, coupling in enumerate(self.flows):
+            if i == 0 or step:  # padded and masked at the start, and again after each coupling of a head
+                rows = _padded(count, bucket)
+                mask = torch.zeros(rows, 1)
+                mask[:count] = 1.0
+                x = F.pad(x[:count], (0, 0, 0, rows - count))
+            x = coupling.reverse(torch.flip(x, [1]), mask, speaker)
+            count -= step
         latents = x[:count].t()[None]  # (1, flow_size, frames), a time-major view: channels-last for the decoder
         return latents, None if speaker is None else speaker[..., None]
