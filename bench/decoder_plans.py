@@ -6,7 +6,12 @@ built-in voice, in one process:
 * **measured plans**: windows planned by each width's time measured at the warm-up
   (``FastHifiGan.measure_windows``) against the work model that planned them before.
 
-Both are timed on the same sentences' frame counts (the Wyoming bench's four short sentences as
+And what the windows themselves cost: the same sentences each decoded whole, in one window at its
+own length, the ceiling the windows give up for bounded shapes. oneDNN builds and keeps kernels for
+every length it meets, so the script also prints what the first whole decode of each new length
+took and kept (the reason the decoder runs on a few fixed widths: ``decoder.py``).
+
+All are timed on the same sentences' frame counts (the Wyoming bench's four short sentences as
 this voice speaks them, a 150-frame one-sentence reply, the rtf bench's four long sentences) and on
 one window of each width, the variants alternated call by call (the box is shared: a slow moment
 hits both), medians of ``--runs``. The outputs are checked equal: packed to the bit, plans to 1e-5.
@@ -52,7 +57,7 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
     import torch
     from common import cache_dir
 
-    from ttsd.malloc import tune
+    from ttsd.malloc import resident_bytes, trim, tune
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
 
@@ -83,6 +88,8 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
              f"windows measured at warm-up: " + ", ".join(f"{w} frames {t * 1e3:.2f} ms" for w, t in measured.items()),
              "", "| what | new | before | new / before |", "|---|---:|---:|---:|"]
 
+    notes: list[str] = []
+
     def row(label: str, new: float, old: float) -> None:
         lines.append(f"| {label} | {new * 1e3:.1f} ms | {old * 1e3:.1f} ms | {new / old:.2f}x |")
 
@@ -100,12 +107,25 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
             def by(which: Any, latents: list[Any] = latents) -> Callable[[], Any]:
                 return lambda: [which(x) for x in latents]
 
+            def whole(latents: list[Any] = latents, frames: list[int] = frames) -> list[Any]:
+                return [decoder.decode(x, n, (0, n, 0, n), None) for x, n in zip(latents, frames, strict=True)]
+
+            trim()
+            before, started = resident_bytes(), time.perf_counter()
+            at_length = whole()  # builds oneDNN's kernels for each new length
+            first_call = time.perf_counter() - started
+            trim()
+            kept = resident_bytes() - before
             new, old = by(decoder)(), by(model)()
             assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(new, old, strict=True))
-            t = alternated({"measured": by(decoder), "model": by(model), "plain": by(plain)}, runs)
+            assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(new, at_length, strict=True))
+            t = alternated({"measured": by(decoder), "model": by(model), "plain": by(plain), "whole": whole}, runs)
             row(f"measured plans: {label}, frames {frames}", t["measured"], t["model"])
             row(f"both: {label}", t["measured"], t["plain"])
-    return lines
+            row(f"windows against each sentence whole: {label}", t["measured"], t["whole"])
+            notes.append(f"* {label}: decoding them whole the first time took {first_call * 1e3:.0f} ms "
+                         f"(later {t['whole'] * 1e3:.0f} ms) and kept {kept / 2**20:.1f} MB")
+    return [*lines, "", "New lengths, decoded whole (the cost of unbounded shapes):", "", *notes]
 
 
 def main() -> None:
