@@ -99,8 +99,8 @@ def main() -> None:
     x = torch.randn(padded, 192, generator=generator)
     mask = torch.zeros(padded, 1)
     mask[:ids] = 1
-    key_bias = torch.zeros(padded)
-    key_bias[ids:] = torch.finfo(torch.float32).min
+    key_bias = torch.zeros(1, 1, padded)  # (sentences, 1, keys), as NativeVits.encode makes it
+    key_bias[..., ids:] = torch.finfo(torch.float32).min
     frames = torch.randn(512, 192, generator=generator)
     frame_mask = torch.zeros(512, 1)
     frame_mask[:500] = 1

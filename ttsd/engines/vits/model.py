@@ -153,12 +153,9 @@ class NativeVits:
         index = torch.tensor([ids + [pad] * (rows - len(ids)) for ids in batch], dtype=torch.long).reshape(-1)
         mask = mask.reshape(-1, 1)
         x = F.embedding(index, self.embed) * math.sqrt(c.hidden_size) * mask
-        key_bias = None
-        if len(batch) > 1:
+        key_bias = None  # each sentence's keys past its end, out of its attention
+        if min(lengths) < rows:
             key_bias = (1.0 - mask.reshape(len(batch), 1, rows)) * torch.finfo(torch.float32).min
-        elif rows > lengths[0]:
-            key_bias = torch.zeros(rows)
-            key_bias[lengths[0] :] = torch.finfo(torch.float32).min
         for layer in self.layers:
             x = layer(x, mask, key_bias, len(batch))
         hidden = x * mask

@@ -76,7 +76,7 @@ class _EncoderLayer:
         self, x: torch.Tensor, mask: torch.Tensor, key_bias: torch.Tensor | None, batch: int = 1
     ) -> torch.Tensor:
         """``batch`` sentences of ``T`` rows each, stacked: ``x`` ``(batch * T, C)``, ``mask``
-        ``(batch * T, 1)``, ``key_bias`` ``(T,)`` for one sentence or ``(batch, 1, T)`` (None: no
+        ``(batch * T, 1)``, ``key_bias`` ``(batch, 1, T)``, each sentence's own (None: no
         padding). Each sentence attends only to itself; the feed-forward convolutions reach into
         the neighbouring sentence's rows, so each must end in at least ``reach`` masked rows."""
         t, nh, hd = x.shape[0] // batch, self.heads, self.head_dim
@@ -95,10 +95,7 @@ class _EncoderLayer:
             self._band(padded).add_(q @ self.rel_k.t())
             scores = padded[..., w : w + t]
         if key_bias is not None:
-            if key_bias.dim() == 1:
-                scores += key_bias
-            else:  # each sentence's own padding
-                scores.unflatten(0, (batch, nh)).add_(key_bias[:, None])
+            scores.unflatten(0, (batch, nh)).add_(key_bias[:, None])
         probs = torch.softmax(scores, dim=-1)
         out = probs @ v  # (batch * heads, T, hd)
         if w:  # the attention on each relative offset, times its value embedding
