@@ -8,6 +8,8 @@ that ttsd phonemizes exactly as Piper does (same ids per sentence).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +147,24 @@ def test_streaming_in_pieces_is_the_same_audio_scaled_by_the_warm_up_gain(joe_fo
     joined = np.concatenate([p.samples for p in pieces])
     assert joined.shape == raw.shape
     assert np.abs(joined - np.clip(raw * engine.stream_gain, -1, 1)).max() < 1e-5
+
+
+def test_phonemizer_loads_without_piper_s_onnx_runtime(joe_folder: Path) -> None:
+    """ttsd takes only piper's phonemizer: loading it must not import onnxruntime (piper's
+    ``__init__`` would, about 30 MB resident), and piper stays whole for whoever imports it later."""
+    script = f"""
+import sys
+from pathlib import Path
+from ttsd.engines.vits.phonemes import PHONEMES_FILE, EspeakPhonemes, PhonemeConfig
+phonemes = EspeakPhonemes(PhonemeConfig.read(Path({str(joe_folder)!r}) / PHONEMES_FILE))
+assert phonemes.sentences("Hello there. How are you?"), "no phonemes"
+assert "onnxruntime" not in sys.modules, "the phonemizer imported onnxruntime"
+import piper
+assert piper.phonemize_espeak.EspeakPhonemizer and "onnxruntime" not in sys.modules
+from piper import PiperVoice, SynthesisConfig
+assert "onnxruntime" in sys.modules and PiperVoice.__module__ == "piper.voice"
+assert sys.modules["piper"].__all__ and piper.voice.PiperVoice is PiperVoice
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

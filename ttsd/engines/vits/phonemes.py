@@ -8,8 +8,11 @@ state in the C library, so every call holds one process-wide lock.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import threading
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +46,45 @@ class PhonemeConfig:
             raise LoadError(f"{path}: not a valid phoneme map ({exc})") from exc
 
 
+class _DeferredPackage(types.ModuleType):
+    """A package whose ``__init__`` runs only when a name it defines is first asked for; its
+    submodules import as usual before that."""
+
+    def __getattr__(self, name: str) -> Any:
+        spec = self.__spec__
+        if name.startswith("__") or spec is None or spec.loader is None:
+            raise AttributeError(name)
+        if importlib.util.find_spec(f"{self.__name__}.{name}") is not None:  # a submodule: just it
+            return importlib.import_module(f"{self.__name__}.{name}")
+        self.__class__ = types.ModuleType  # once: from here on a plain module
+        spec.loader.exec_module(self)
+        return getattr(self, name)
+
+
+def _defer_piper_init() -> None:
+    """Let ``piper.phonemize_espeak`` and ``piper.phoneme_ids`` import without ``piper/__init__.py``,
+    which imports Piper's own ONNX inference (``piper.voice``, onnxruntime): about 30 MB resident in
+    a process that has torch, which ttsd never uses. ``piper`` becomes a ``_DeferredPackage``: the
+    first name taken from it (``from piper import PiperVoice``) runs the real ``__init__`` then.
+    Nothing to do where piper is already imported, or not installed (the caller's import fails)."""
+    if "piper" in sys.modules:
+        return
+    spec = importlib.util.find_spec("piper")
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return
+    package = _DeferredPackage("piper")
+    package.__spec__, package.__loader__ = spec, spec.loader
+    package.__file__, package.__package__ = spec.origin, "piper"
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("piper", package)
+
+
 class EspeakPhonemes:
     """Sentences of phoneme ids for one voice. Thread-safe."""
 
     def __init__(self, config: PhonemeConfig) -> None:
         try:
+            _defer_piper_init()
             from piper.phoneme_ids import phonemes_to_ids
             from piper.phonemize_espeak import EspeakPhonemizer
         except ImportError as exc:
