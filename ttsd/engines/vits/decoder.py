@@ -209,23 +209,44 @@ class FastHifiGan:
             scale, offset = scale * upsample.stride[1], offset * upsample.stride[1]
             real = (lo * scale - offset, hi * scale - offset)
             _zero_outside(u, *real)
-            shared = F.leaky_relu(u, s)  # every block's first step starts from leaky_relu(u)
-            acc: torch.Tensor | None = None
-            for steps in blocks:
-                h, t = u, shared
+            shared: torch.Tensor | None = F.leaky_relu(u, s)  # every block's first step starts from it
+            acc: torch.Tensor | None = None  # the sum of the blocks' outputs
+            for b, steps in enumerate(blocks):
+                last_block = b == len(blocks) - 1
+                # h: the block's running value, u at first (u is written in place only in the last
+                # block: no later block reads it); t: leaky_relu(h), the next convolution's input
+                h: torch.Tensor | None = u
+                t: torch.Tensor | None = shared
                 for k, step in enumerate(steps):
                     final = k == len(steps) - 1
+                    if final and acc is not None:  # the block's output goes into acc: h first
+                        assert h is not None
+                        acc.add_(h)
+                        if t is None:  # h is the block's own: leaky_relu in place
+                            t = F.leaky_relu_(h, s)
+                        h = None
+                    elif t is None:
+                        assert h is not None
+                        t = F.leaky_relu(h, s)
                     if len(step) == 2:  # ResBlock1: t = conv2(leaky_relu(conv1(t)))
                         t = _zero_outside(step[0](t, None, "leaky_relu", s), *real)
+                    if last_block:
+                        shared = None
                     conv = step[-1]
-                    if not final:
-                        h = _zero_outside(conv.add(t, h), *real)
-                        t = F.leaky_relu(h, s)
-                    elif acc is None:
-                        acc = conv.add(t, h)
-                    else:
-                        acc.add_(h)
+                    if h is None:
+                        assert acc is not None
                         conv.add_into(acc, t)
+                    elif h is u and not last_block:
+                        h = conv.add(t, h)
+                    else:
+                        conv.add_into(h, t)
+                    t = None
+                    if not final:
+                        assert h is not None
+                        _zero_outside(h, *real)
+                    elif h is not None:
+                        acc = h
+            del u, shared  # free before the next stage allocates its own
             assert acc is not None
             # HiFi-GAN's last leaky ReLU uses 0.01; the last layer (_last) is float32
             x = F.leaky_relu_(acc.float(), 0.01) if i == last else F.leaky_relu_(acc, s)

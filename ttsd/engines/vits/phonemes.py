@@ -56,7 +56,7 @@ class _DeferredPackage(types.ModuleType):
             raise AttributeError(name)
         if importlib.util.find_spec(f"{self.__name__}.{name}") is not None:  # a submodule: just it
             return importlib.import_module(f"{self.__name__}.{name}")
-        self.__class__ = types.ModuleType  # once: from here on a plain module
+        self.__class__ = types.ModuleType  # type: ignore[assignment]  # once: a plain module from here on
         spec.loader.exec_module(self)
         return getattr(self, name)
 
