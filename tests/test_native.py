@@ -134,6 +134,7 @@ def _edit(folder: Path, change) -> None:  # type: ignore[no-untyped-def]
     ("config", "hidden_size is not divisible by num_attention_heads"),
     ("type", "model_type 'bert' is not vits"),
     ("truncated", "weights do not load"),
+    ("int", "text_encoder.project.bias is I64, not a float type"),
 ])
 def test_bad_weights_are_refused_with_the_reason(case: str, reason: str, tmp_path: Path) -> None:
     from ttsd.engines.vits.model import NativeVits
@@ -147,6 +148,8 @@ def test_bad_weights_are_refused_with_the_reason(case: str, reason: str, tmp_pat
         _edit(folder, lambda t: t.update({"flow.flows.0.conv_pre.weight": torch.zeros(16, 4, 2)}))
     elif case == "nan":
         _edit(folder, lambda t: t["embed_speaker.weight"].fill_(float("nan")))
+    elif case == "int":
+        _edit(folder, lambda t: t.update({"text_encoder.project.bias": t["text_encoder.project.bias"].long()}))
     elif case in ("config", "type"):
         config = json.loads((folder / "config.json").read_text())
         config.update({"num_attention_heads": 5} if case == "config" else {"model_type": "bert"})
@@ -156,6 +159,44 @@ def test_bad_weights_are_refused_with_the_reason(case: str, reason: str, tmp_pat
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(LoadError, match=re.escape(reason)):
         NativeVits(folder)
+
+
+def test_weights_are_read_into_memory_of_their_own_not_mapped(tmp_path: Path) -> None:
+    """A voice's tensors are read one by one as they are taken, never left mapped from the file
+    (a mapped file's pages stay resident until the whole mapping goes: all of it, on top of the
+    converted weights, while a voice loads), and have the file's values and dtypes."""
+    from safetensors.torch import load
+
+    from ttsd.engines.vits.weights import FileTensors
+
+    folder = save_tiny_vits(tmp_path / "tiny", pack_it=False)
+    path = folder / "model.safetensors"
+    expected = load(path.read_bytes())  # from bytes: this one does not map the file either
+    expected["decoder.conv_pre.bias"] = expected["decoder.conv_pre.bias"].bfloat16()
+    save_file(expected, str(path))
+    tensors = FileTensors(path)
+    assert set(tensors) == set(expected) and "decoder.conv_pre.bias" in tensors
+    taken = {name: tensors.pop(name) for name in sorted(expected)}
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    assert list(tensors) == [] and tensors.pop("decoder.conv_pre.bias", None) is None
+    for name, value in expected.items():
+        assert taken[name].dtype == value.dtype and torch.equal(taken[name], value), name
+
+
+def test_weights_that_change_or_hide_a_huge_header_are_refused(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from ttsd.engines.vits import weights
+
+    folder = save_tiny_vits(tmp_path / "tiny", pack_it=False)
+    path = folder / "model.safetensors"
+    tensors = weights.FileTensors(path)
+    last = max(tensors, key=lambda name: tensors._entries[name]["data_offsets"][1])
+    path.write_bytes(path.read_bytes()[:-8])  # cut after safetensors checked the file
+    with pytest.raises(LoadError, match=re.escape(f"{last} ends early")):
+        tensors.pop(last)
+    monkeypatch.setattr(weights, "MAX_HEADER", 64)
+    with pytest.raises(LoadError, match=r"weights do not load \(a \d+-byte header \(ttsd reads up to 64\)"):
+        weights.FileTensors(save_tiny_vits(tmp_path / "other", pack_it=False) / "model.safetensors")
 
 
 @pytest.mark.daemon

@@ -30,7 +30,7 @@ from ...errors import LoadError
 from .config import VitsConfig
 from .decoder import FastHifiGan
 from .text_side import _Coupling, _Duration, _EncoderLayer, _StochasticDuration
-from .weights import Dense, _Weights
+from .weights import Dense, FileTensors, _Weights
 
 BUCKET = 32  # text lengths are padded to a multiple of this (bounded shapes for oneDNN)
 # Frame counts are padded to a multiple of this. The flow runs on frames, and in bf16 its products
@@ -75,13 +75,7 @@ class NativeVits:
         self.dtype = dtype
         self.config = c = VitsConfig.read(folder / "config.json")
         where = str(folder / "model.safetensors")
-        try:
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(folder / "model.safetensors"))
-        except Exception as exc:
-            raise LoadError(f"{where}: weights do not load ({str(exc).splitlines()[0][:200]})") from exc
-        w = _Weights(tensors, where)
+        w = _Weights(FileTensors(folder / "model.safetensors"), where)
         h = c.hidden_size
         self.embed = w.take("text_encoder.embed_tokens.weight", (c.vocab_size, h))
         self.layers = [_EncoderLayer(w, f"text_encoder.encoder.layers.{i}", c) for i in range(c.num_hidden_layers)]

@@ -10,16 +10,85 @@ this CPU (``use``): MKL's GEMM through ``torch.addmm``, or oneDNN's linear.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from ...errors import LoadError
 
+# safetensors' names for the dtypes a voice's weights come in
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MAX_HEADER = 16 << 20  # bytes of a safetensors file's JSON header (a VITS voice's: about 40 KB)
+
+
+class FileTensors:
+    """A ``.safetensors`` file's tensors by name, each read from the file into memory of its own
+    when it is taken (``pop``), as ``_Weights`` takes them one by one, and never mapped.
+
+    safetensors' own loader maps the file, and a mapped file's pages count in the process's
+    resident memory from their first touch until the whole mapping goes: while a voice loaded, all
+    of its file (60 MB for the built-in voice) sat on top of the weights already converted
+    (measured: a load beside a serving voice, as an upgrade does, peaked 128 MB above the serving
+    process for 60 MB kept). Read this way, the load peaks at what it keeps plus a tensor or two.
+    Tensors never taken (a checkpoint's posterior encoder, which inference does not use) are never
+    read. safetensors still checks the file first (header, offsets, sizes, dtypes); a tensor is
+    then read with plain reads, and a file that changed since is refused."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as checked:  # reads and checks the header only
+                names = set(checked.keys())
+            with open(self.path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                if size > MAX_HEADER:
+                    raise ValueError(f"a {size}-byte header (ttsd reads up to {MAX_HEADER})")
+                header: dict[str, Any] = json.loads(handle.read(size))
+        except Exception as exc:
+            raise LoadError(f"{self.path}: weights do not load ({str(exc).splitlines()[0][:200]})") from exc
+        self._start = 8 + size
+        self._entries = {name: header[name] for name in names}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def __delitem__(self, name: str) -> None:
+        """Forget ``name`` unread (weights inference does not use)."""
+        del self._entries[name]
+
+    def pop(self, name: str, *default: Any) -> Any:
+        """The tensor ``name``, read now, and forgotten here (``dict.pop``'s contract)."""
+        if name not in self._entries:
+            if default:
+                return default[0]
+            raise KeyError(name)
+        entry = self._entries.pop(name)
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise LoadError(f"{self.path}: {name} is {entry.get('dtype')}, not a float type ttsd reads")
+        begin, end = (int(i) for i in entry["data_offsets"])
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as handle:
+            handle.seek(self._start + begin)
+            got = handle.readinto(raw.numpy().data)
+        if got != end - begin:
+            raise LoadError(f"{self.path}: {name} ends early (the file changed while it loaded?)")
+        return raw.view(dtype).reshape([int(n) for n in entry["shape"]])
+
 
 class _Weights:
     """A checkpoint's tensors, taken by name with their expected shape."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor] | FileTensors, where: str) -> None:
         self.tensors = tensors
         self.where = where
 
@@ -49,7 +118,7 @@ class _Weights:
                 f"{self.where}: config.json does not match the weights ({name} is "
                 f"{tuple(value.shape)}, the config says {shape})"
             )
-        value = value.to(torch.float32, copy=True)  # never a view: it would pin the whole file mapping
+        value = value.to(torch.float32, copy=True)  # never a view of the caller's tensors
         if not torch.isfinite(value).all():
             raise LoadError(f"{self.where}: weights contain NaN or infinite values ({name})")
         return value
