@@ -161,6 +161,13 @@ assert phonemes.sentences("Hello there. How are you?"), "no phonemes"
 assert "onnxruntime" not in sys.modules, "the phonemizer imported onnxruntime"
 import piper
 assert piper.phonemize_espeak.EspeakPhonemizer and "onnxruntime" not in sys.modules
+sys.modules["onnxruntime"] = None  # piper's __init__ fails as it would without onnxruntime...
+try:
+    from piper import PiperVoice
+    raise SystemExit("piper's __init__ did not run")
+except ImportError:
+    pass
+del sys.modules["onnxruntime"]  # ...and runs again, as a failed import would, at the next name
 from piper import PiperVoice, SynthesisConfig
 assert "onnxruntime" in sys.modules and PiperVoice.__module__ == "piper.voice"
 assert sys.modules["piper"].__all__ and piper.voice.PiperVoice is PiperVoice

@@ -52,12 +52,16 @@ class _DeferredPackage(types.ModuleType):
 
     def __getattr__(self, name: str) -> Any:
         spec = self.__spec__
-        if name.startswith("__") or spec is None or spec.loader is None:
+        if name.startswith("__") or not name.isidentifier() or spec is None or spec.loader is None:
             raise AttributeError(name)
         if importlib.util.find_spec(f"{self.__name__}.{name}") is not None:  # a submodule: just it
             return importlib.import_module(f"{self.__name__}.{name}")
         self.__class__ = types.ModuleType  # type: ignore[assignment]  # once: a plain module from here on
-        spec.loader.exec_module(self)
+        try:
+            spec.loader.exec_module(self)
+        except BaseException:
+            self.__class__ = _DeferredPackage  # the next name asked for tries again, as an import would
+            raise
         return getattr(self, name)
 
 
