@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -174,26 +175,33 @@ def test_weights_are_read_into_memory_of_their_own_not_mapped(tmp_path: Path) ->
     expected = load(path.read_bytes())  # from bytes: this one does not map the file either
     expected["decoder.conv_pre.bias"] = expected["decoder.conv_pre.bias"].bfloat16()
     save_file(expected, str(path))
-    tensors = FileTensors(path)
-    assert set(tensors) == set(expected) and "decoder.conv_pre.bias" in tensors
-    taken = {name: tensors.pop(name) for name in sorted(expected)}
-    assert str(path) not in Path("/proc/self/maps").read_text()
-    assert list(tensors) == [] and tensors.pop("decoder.conv_pre.bias", None) is None
+    other = tmp_path / "other.safetensors"
+    save_file({name: value + 1 for name, value in expected.items()}, str(other))
+    with FileTensors(path) as tensors:
+        assert set(tensors) == set(expected) and "decoder.conv_pre.bias" in tensors
+        os.replace(other, path)  # a new file where the old one was: the one opened is still the one read
+        taken = {name: tensors.pop(name) for name in sorted(expected)}
+        assert str(path) not in Path("/proc/self/maps").read_text()
+        assert list(tensors) == [] and tensors.pop("decoder.conv_pre.bias", None) is None
     for name, value in expected.items():
         assert taken[name].dtype == value.dtype and torch.equal(taken[name], value), name
 
 
-def test_weights_that_change_or_hide_a_huge_header_are_refused(tmp_path: Path,
+def test_weights_that_are_cut_linked_or_hide_a_huge_header_are_refused(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from ttsd.engines.vits import weights
 
     folder = save_tiny_vits(tmp_path / "tiny", pack_it=False)
     path = folder / "model.safetensors"
-    tensors = weights.FileTensors(path)
-    last = max(tensors, key=lambda name: tensors._entries[name]["data_offsets"][1])
-    path.write_bytes(path.read_bytes()[:-8])  # cut after safetensors checked the file
-    with pytest.raises(LoadError, match=re.escape(f"{last} ends early")):
-        tensors.pop(last)
+    with weights.FileTensors(path) as tensors:
+        last = max(tensors, key=lambda name: tensors._entries[name]["data_offsets"][1])
+        path.write_bytes(path.read_bytes()[:-8])  # cut after safetensors checked the file
+        with pytest.raises(LoadError, match=re.escape(f"{last} ends early")):
+            tensors.pop(last)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    with pytest.raises(LoadError, match="weights do not load \\(a symbolic link\\)"):
+        weights.FileTensors(link)
     monkeypatch.setattr(weights, "MAX_HEADER", 64)
     with pytest.raises(LoadError, match=r"weights do not load \(a \d+-byte header \(ttsd reads up to 64\)"):
         weights.FileTensors(save_tiny_vits(tmp_path / "other", pack_it=False) / "model.safetensors")

@@ -75,23 +75,24 @@ class NativeVits:
         self.dtype = dtype
         self.config = c = VitsConfig.read(folder / "config.json")
         where = str(folder / "model.safetensors")
-        w = _Weights(FileTensors(folder / "model.safetensors"), where)
-        h = c.hidden_size
-        self.embed = w.take("text_encoder.embed_tokens.weight", (c.vocab_size, h))
-        self.layers = [_EncoderLayer(w, f"text_encoder.encoder.layers.{i}", c) for i in range(c.num_hidden_layers)]
-        project = w.take("text_encoder.project.weight", (2 * c.flow_size, h, 1))[:, :, 0]
-        self.project = Dense(project.t(), w.take("text_encoder.project.bias", (2 * c.flow_size,)))
-        self.speakers = (
-            w.take("embed_speaker.weight", (c.num_speakers, c.speaker_embedding_size)) if c.num_speakers > 1 else None
-        )
-        self.duration = (_StochasticDuration if c.use_stochastic_duration_prediction else _Duration)(
-            w, "duration_predictor", c
-        )
-        self.flows = [_Coupling(w, f"flow.flows.{i}", c, dtype) for i in range(c.prior_encoder_num_flows)][::-1]
-        self.decoder = FastHifiGan(lambda name, shape: w.take(f"decoder.{name}", shape), c, dtype=dtype)
-        leftover = [n for n in w.tensors if not n.startswith("posterior_encoder.")]
-        if leftover:
-            raise LoadError(f"{where}: config.json does not match the weights (unused tensor {sorted(leftover)[0]})")
+        with FileTensors(folder / "model.safetensors") as tensors:
+            w = _Weights(tensors, where)
+            h = c.hidden_size
+            self.embed = w.take("text_encoder.embed_tokens.weight", (c.vocab_size, h))
+            self.layers = [_EncoderLayer(w, f"text_encoder.encoder.layers.{i}", c) for i in range(c.num_hidden_layers)]
+            project = w.take("text_encoder.project.weight", (2 * c.flow_size, h, 1))[:, :, 0]
+            self.project = Dense(project.t(), w.take("text_encoder.project.bias", (2 * c.flow_size,)))
+            speakers = (c.num_speakers, c.speaker_embedding_size)
+            self.speakers = w.take("embed_speaker.weight", speakers) if c.num_speakers > 1 else None
+            self.duration = (_StochasticDuration if c.use_stochastic_duration_prediction else _Duration)(
+                w, "duration_predictor", c
+            )
+            self.flows = [_Coupling(w, f"flow.flows.{i}", c, dtype) for i in range(c.prior_encoder_num_flows)][::-1]
+            self.decoder = FastHifiGan(lambda name, shape: w.take(f"decoder.{name}", shape), c, dtype=dtype)
+            leftover = [n for n in w.tensors if not n.startswith("posterior_encoder.")]
+            if leftover:
+                unused = sorted(leftover)[0]
+                raise LoadError(f"{where}: config.json does not match the weights (unused tensor {unused})")
 
     @property
     def frame_bucket(self) -> int:

@@ -10,7 +10,9 @@ this CPU (``use``): MKL's GEMM through ``torch.addmm``, or oneDNN's linear.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,33 +29,54 @@ MAX_HEADER = 16 << 20  # bytes of a safetensors file's JSON header (a VITS voice
 
 class FileTensors:
     """A ``.safetensors`` file's tensors by name, each read from the file into memory of its own
-    when it is taken (``pop``), as ``_Weights`` takes them one by one, and never mapped.
+    when it is taken (``pop``), as ``_Weights`` takes them one by one, and never mapped. A context
+    manager: the file stays open, once, until it closes.
 
     safetensors' own loader maps the file, and a mapped file's pages count in the process's
     resident memory from their first touch until the whole mapping goes: while a voice loaded, all
-    of its file (60 MB for the built-in voice) sat on top of the weights already converted
-    (measured: a load beside a serving voice, as an upgrade does, peaked 128 MB above the serving
-    process for 60 MB kept). Read this way, the load peaks at what it keeps plus a tensor or two.
-    Tensors never taken (a checkpoint's posterior encoder, which inference does not use) are never
-    read. safetensors still checks the file first (header, offsets, sizes, dtypes); a tensor is
-    then read with plain reads, and a file that changed since is refused."""
+    of its file (60 MB for the built-in voice) sat on top of the weights already converted (a load
+    beside a serving voice, as an upgrade does, peaked at 2.2-2.3x the 60 MB it kept,
+    ``bench/memory_parts.py``). Read this way, the load peaks at what it keeps plus a tensor or
+    two. Tensors never taken (a checkpoint's posterior encoder, which inference does not use) are
+    never read.
+
+    The file is opened once, never through a link, and everything is read through that one open
+    file: safetensors checks its header first (offsets, sizes, dtypes; through ``/proc/self/fd``,
+    so the file checked is the file read), then each tensor is read with ``pread``; a file cut
+    short since is refused."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._fd = -1
         try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             from safetensors import safe_open
 
-            with safe_open(str(self.path), framework="pt") as checked:  # reads and checks the header only
-                names = set(checked.keys())
-            with open(self.path, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                if size > MAX_HEADER:
-                    raise ValueError(f"a {size}-byte header (ttsd reads up to {MAX_HEADER})")
-                header: dict[str, Any] = json.loads(handle.read(size))
+            by_fd = Path(f"/proc/self/fd/{self._fd}")
+            with safe_open(str(by_fd if by_fd.exists() else self.path), framework="pt") as checked:
+                names = set(checked.keys())  # safe_open reads and checks the header only
+            size = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+            if size > MAX_HEADER:
+                raise ValueError(f"a {size}-byte header (ttsd reads up to {MAX_HEADER})")
+            header: dict[str, Any] = json.loads(os.pread(self._fd, size, 8))
         except Exception as exc:
+            self.close()
+            if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+                raise LoadError(f"{self.path}: weights do not load (a symbolic link)") from exc
             raise LoadError(f"{self.path}: weights do not load ({str(exc).splitlines()[0][:200]})") from exc
         self._start = 8 + size
         self._entries = {name: header[name] for name in names}
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> FileTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -71,17 +94,20 @@ class FileTensors:
             if default:
                 return default[0]
             raise KeyError(name)
+        if self._fd < 0:
+            raise ValueError(f"{self.path}: read after close")
         entry = self._entries.pop(name)
         dtype = _DTYPES.get(entry.get("dtype"))
         if dtype is None:
             raise LoadError(f"{self.path}: {name} is {entry.get('dtype')}, not a float type ttsd reads")
         begin, end = (int(i) for i in entry["data_offsets"])
         raw = torch.empty(end - begin, dtype=torch.uint8)
-        with open(self.path, "rb") as handle:
-            handle.seek(self._start + begin)
-            got = handle.readinto(raw.numpy().data)
-        if got != end - begin:
-            raise LoadError(f"{self.path}: {name} ends early (the file changed while it loaded?)")
+        view, got = raw.numpy().data, 0
+        while got < len(view):
+            count = os.preadv(self._fd, [view[got:]], self._start + begin + got)
+            if count <= 0:
+                raise LoadError(f"{self.path}: {name} ends early (the file changed while it loaded?)")
+            got += count
         return raw.view(dtype).reshape([int(n) for n in entry["shape"]])
 
 
