@@ -168,6 +168,18 @@ try:
 except ImportError:
     pass
 del sys.modules["onnxruntime"]  # ...and runs again, as a failed import would, at the next name
+import threading
+start, found = threading.Barrier(4), []
+def take():
+    start.wait()
+    found.append(getattr(piper, "PiperVoice"))
+threads = [threading.Thread(target=take) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert len(found) == 4 and len(set(found)) == 1, found  # the others waited for the one that ran it
+namespace = dict()
+exec("from piper import *", namespace)
+assert set(("PiperVoice", "SynthesisConfig", "PiperConfig")) <= set(namespace)
 from piper import PiperVoice, SynthesisConfig
 assert "onnxruntime" in sys.modules and PiperVoice.__module__ == "piper.voice"
 assert sys.modules["piper"].__all__ and piper.voice.PiperVoice is PiperVoice

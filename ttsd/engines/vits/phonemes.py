@@ -46,22 +46,33 @@ class PhonemeConfig:
             raise LoadError(f"{path}: not a valid phoneme map ({exc})") from exc
 
 
+_INIT_LOCK = threading.RLock()
+_RUNNING: set[int] = set()  # ids of the _DeferredPackages whose __init__ is running
+
+
 class _DeferredPackage(types.ModuleType):
-    """A package whose ``__init__`` runs only when a name it defines is first asked for; its
-    submodules import as usual before that."""
+    """A package whose ``__init__`` runs only when a name it defines is first asked for (``__all__``
+    too, so ``from piper import *`` is whole); its submodules import as usual before that. As with
+    an import, other threads wait while the ``__init__`` runs, one that fails runs again at the
+    next name, and inside the ``__init__`` a name it has not defined yet is missing."""
 
     def __getattr__(self, name: str) -> Any:
         spec = self.__spec__
-        if name.startswith("__") or not name.isidentifier() or spec is None or spec.loader is None:
+        if not name.isidentifier() or spec is None or spec.loader is None:
             raise AttributeError(name)
-        if importlib.util.find_spec(f"{self.__name__}.{name}") is not None:  # a submodule: just it
-            return importlib.import_module(f"{self.__name__}.{name}")
-        self.__class__ = types.ModuleType  # type: ignore[assignment]  # once: a plain module from here on
-        try:
-            spec.loader.exec_module(self)
-        except BaseException:
-            self.__class__ = _DeferredPackage  # the next name asked for tries again, as an import would
-            raise
+        if not name.startswith("__") and importlib.util.find_spec(f"{self.__name__}.{name}") is not None:
+            return importlib.import_module(f"{self.__name__}.{name}")  # a submodule: just it
+        with _INIT_LOCK:
+            if name in self.__dict__:  # defined while this thread waited
+                return self.__dict__[name]
+            if type(self) is not _DeferredPackage or id(self) in _RUNNING:
+                raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+            _RUNNING.add(id(self))
+            try:
+                spec.loader.exec_module(self)
+            finally:
+                _RUNNING.discard(id(self))
+            self.__class__ = types.ModuleType  # type: ignore[assignment]  # a plain module from here on
         return getattr(self, name)
 
 
@@ -79,6 +90,7 @@ def _defer_piper_init() -> None:
     package = _DeferredPackage("piper")
     package.__spec__, package.__loader__ = spec, spec.loader
     package.__file__, package.__package__ = spec.origin, "piper"
+    package.__dict__["__cached__"] = spec.cached
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules.setdefault("piper", package)
 
