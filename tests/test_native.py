@@ -194,7 +194,7 @@ def test_weights_that_are_cut_linked_or_hide_a_huge_header_are_refused(tmp_path:
     folder = save_tiny_vits(tmp_path / "tiny", pack_it=False)
     path = folder / "model.safetensors"
     with weights.FileTensors(path) as tensors:
-        last = max(tensors, key=lambda name: tensors._entries[name]["data_offsets"][1])
+        last = max(tensors, key=lambda name: tensors._entries[name].end)
         path.write_bytes(path.read_bytes()[:-8])  # cut after safetensors checked the file
         with pytest.raises(LoadError, match=re.escape(f"{last} ends early")):
             tensors.pop(last)
@@ -203,7 +203,7 @@ def test_weights_that_are_cut_linked_or_hide_a_huge_header_are_refused(tmp_path:
     with pytest.raises(LoadError, match="weights do not load \\(a symbolic link\\)"):
         weights.FileTensors(link)
     monkeypatch.setattr(weights, "MAX_HEADER", 64)
-    with pytest.raises(LoadError, match=r"weights do not load \(a \d+-byte header \(ttsd reads up to 64\)"):
+    with pytest.raises(LoadError, match=r"weights do not load \(a \d+-byte header \(ttsd reads up to 64, within the file\)"):
         weights.FileTensors(save_tiny_vits(tmp_path / "other", pack_it=False) / "model.safetensors")
 
 
@@ -315,3 +315,67 @@ def test_a_request_encodes_its_first_sentence_alone_and_the_rest_together(tmp_pa
     alone = np.concatenate([e._render(vits_engine.Unit(u.ids), quiet) for u in units])
     assert groups == [[k] for k in n]
     assert together.shape == alone.shape and float(np.abs(together - alone).max()) < 1e-5
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes = b"", size: int | None = None) -> Path:  # type: ignore[type-arg]
+    """A safetensors file written by hand (to say what safetensors' own writer would not)."""
+    encoded = json.dumps(header).encode()
+    with open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little") + encoded + data)
+        if size is not None:
+            handle.truncate(8 + len(encoded) + size)  # sparse: no disk used
+    return path
+
+
+def test_weights_are_checked_before_they_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor's shape is checked against the config before any of it is read or allocated; an
+    entry that no longer fits its shape or the file (rewritten after safetensors checked it) is
+    refused; a FIFO in the file's place neither blocks nor loads."""
+    import safetensors
+
+    from ttsd.engines.vits import weights
+
+    big = _raw_safetensors(tmp_path / "big.safetensors",
+                           {"x.bias": {"dtype": "F32", "shape": [1 << 28], "data_offsets": [0, 1 << 30]}},
+                           size=1 << 30)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith("VmRSS:")))
+    with weights.FileTensors(big) as tensors, pytest.raises(LoadError, match=re.escape("x.bias is (268435456,)")):
+        weights._Weights(tensors, "big").take("x.bias", (16,))
+    peak = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmHWM:")))
+    assert peak - before < 256 << 10, "the 1 GiB tensor was read before its shape was checked"
+
+    norm = {"x.weight_v": torch.ones(4, 3, 5), "x.weight_g": torch.ones(3, 1, 1)}
+    save_file(norm, str(tmp_path / "norm.safetensors"))
+    with weights.FileTensors(tmp_path / "norm.safetensors") as tensors, \
+            pytest.raises(LoadError, match=re.escape("x.weight_g is (3, 1, 1), the config says 4 values")):
+        weights._Weights(tensors, "norm").take("x.weight", (4, 3, 5))
+
+    class Unchecked:  # safetensors' check passed on a file rewritten before ttsd read its header again
+        def __init__(self, path: str, framework: str) -> None:
+            self.names = json.loads(Path(path).read_bytes()[8:].split(b"\0")[0].strip() or b"{}").keys()
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def keys(self):  # type: ignore[no-untyped-def]
+            return self.names
+
+    monkeypatch.setattr(safetensors, "safe_open", Unchecked)
+    for entry, reason in (({"dtype": "F32", "shape": [0, 1 << 63], "data_offsets": [0, 0]}, "no usable shape"),
+                          ({"dtype": "F32", "shape": [4], "data_offsets": [0, 1 << 40]}, "do not fit"),
+                          ({"dtype": "F32", "shape": [4], "data_offsets": [8, 0]}, "do not fit"),
+                          ({"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}, "do not fit"),
+                          ([1, 2], "no header entry")):
+        path = _raw_safetensors(tmp_path / "rewritten.safetensors", {"x.bias": entry}, bytes(16))
+        with pytest.raises(LoadError, match=reason):
+            weights.FileTensors(path)
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(LoadError, match="not a regular file"):
+        weights.FileTensors(fifo)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,16 @@ from ...errors import LoadError
 # safetensors' names for the dtypes a voice's weights come in
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MAX_HEADER = 16 << 20  # bytes of a safetensors file's JSON header (a VITS voice's: about 40 KB)
+
+
+class _Entry(NamedTuple):
+    """Where one tensor is in a safetensors file, checked against the file (``FileTensors``)."""
+
+    dtype: torch.dtype | None  # None: a dtype ttsd does not read (refused if taken)
+    dtype_name: str
+    shape: tuple[int, ...]
+    begin: int  # bytes from the start of the data
+    end: int
 
 
 class FileTensors:
@@ -40,32 +52,58 @@ class FileTensors:
     two. Tensors never taken (a checkpoint's posterior encoder, which inference does not use) are
     never read.
 
-    The file is opened once, never through a link, and everything is read through that one open
-    file: safetensors checks its header first (offsets, sizes, dtypes; through ``/proc/self/fd``,
-    so the file checked is the file read), then each tensor is read with ``pread``; a file cut
-    short since is refused."""
+    A voice's folder is outside input. The file is opened once, never through a link and only if it
+    is a regular file, and everything is read through that one open file. safetensors checks it
+    first (through ``/proc/self/fd``: the file checked is the file read); the header is then read
+    once more and every entry ttsd reads is checked again here (a known dtype, sizes that match the
+    shape, inside the file), since the file could have been rewritten in between. ``shape`` tells
+    a tensor's shape before it is read, so that a caller refuses a wrong one without allocating it;
+    a file cut short since is refused when it is read."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put in the file's place must not block the open
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            info = os.fstat(self._fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("not a regular file")
             from safetensors import safe_open
 
             by_fd = Path(f"/proc/self/fd/{self._fd}")
             with safe_open(str(by_fd if by_fd.exists() else self.path), framework="pt") as checked:
                 names = set(checked.keys())  # safe_open reads and checks the header only
             size = int.from_bytes(os.pread(self._fd, 8, 0), "little")
-            if size > MAX_HEADER:
-                raise ValueError(f"a {size}-byte header (ttsd reads up to {MAX_HEADER})")
-            header: dict[str, Any] = json.loads(os.pread(self._fd, size, 8))
+            if size > MAX_HEADER or 8 + size > info.st_size:
+                raise ValueError(f"a {size}-byte header (ttsd reads up to {MAX_HEADER}, within the file)")
+            header = json.loads(os.pread(self._fd, size, 8))
+            self._start = 8 + size
+            self._entries = {name: self._entry(header, name, info.st_size - self._start) for name in names}
         except Exception as exc:
             self.close()
             if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
                 raise LoadError(f"{self.path}: weights do not load (a symbolic link)") from exc
             raise LoadError(f"{self.path}: weights do not load ({str(exc).splitlines()[0][:200]})") from exc
-        self._start = 8 + size
-        self._entries = {name: header[name] for name in names}
+
+    @staticmethod
+    def _entry(header: Any, name: str, data: int) -> _Entry:
+        """``name``'s header entry, checked: a dtype, a shape of small non-negative ints, and
+        offsets inside the file's ``data`` bytes that hold exactly that many elements."""
+        entry = header.get(name) if isinstance(header, dict) else None
+        if not isinstance(entry, dict):
+            raise ValueError(f"no header entry for {name}")
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(n) is int and 0 <= n < 1 << 31 for n in shape):
+            raise ValueError(f"{name} has no usable shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
+            raise ValueError(f"{name} has no usable offsets")
+        begin, end = offsets
+        dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        count = math.prod(shape)
+        if not 0 <= begin <= end <= data or (dtype is not None and end - begin != count * dtype.itemsize):
+            raise ValueError(f"{name}'s offsets do not fit its shape or the file")
+        return _Entry(dtype, str(dtype_name), tuple(shape), begin, end)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -88,6 +126,10 @@ class FileTensors:
         """Forget ``name`` unread (weights inference does not use)."""
         del self._entries[name]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """``name``'s shape, from the header (nothing read)."""
+        return self._entries[name].shape
+
     def pop(self, name: str, *default: Any) -> Any:
         """The tensor ``name``, read now, and forgotten here (``dict.pop``'s contract)."""
         if name not in self._entries:
@@ -97,18 +139,16 @@ class FileTensors:
         if self._fd < 0:
             raise ValueError(f"{self.path}: read after close")
         entry = self._entries.pop(name)
-        dtype = _DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise LoadError(f"{self.path}: {name} is {entry.get('dtype')}, not a float type ttsd reads")
-        begin, end = (int(i) for i in entry["data_offsets"])
-        raw = torch.empty(end - begin, dtype=torch.uint8)
+        if entry.dtype is None:
+            raise LoadError(f"{self.path}: {name} is {entry.dtype_name}, not a float type ttsd reads")
+        raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
         view, got = raw.numpy().data, 0
         while got < len(view):
-            count = os.preadv(self._fd, [view[got:]], self._start + begin + got)
+            count = os.preadv(self._fd, [view[got:]], self._start + entry.begin + got)
             if count <= 0:
                 raise LoadError(f"{self.path}: {name} ends early (the file changed while it loaded?)")
             got += count
-        return raw.view(dtype).reshape([int(n) for n in entry["shape"]])
+        return raw.view(entry.dtype).reshape(entry.shape)
 
 
 class _Weights:
@@ -118,32 +158,48 @@ class _Weights:
         self.tensors = tensors
         self.where = where
 
+    def _shape(self, name: str) -> tuple[int, ...]:
+        """``name``'s shape, without reading it from a file."""
+        t = self.tensors
+        return t.shape(name) if isinstance(t, FileTensors) else tuple(t[name].shape)
+
+    def _mismatch(self, name: str, found: tuple[int, ...], shape: tuple[int, ...]) -> LoadError:
+        return LoadError(
+            f"{self.where}: config.json does not match the weights ({name} is {found}, the config says {shape})"
+        )
+
     def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = self.tensors
         if name in t:
+            if self._shape(name) != shape:  # refused before it is read
+                raise self._mismatch(name, self._shape(name), shape)
             value = t.pop(name)
         elif (
             name.endswith(".weight")
             and (stem := name[: -len(".weight")])
             and (f"{stem}.weight_v" in t or f"{stem}.parametrizations.weight.original1" in t)
         ):
-            g = t.pop(f"{stem}.weight_g", None)
-            v = t.pop(f"{stem}.weight_v", None)
-            if v is None:
-                g = t.pop(f"{stem}.parametrizations.weight.original0", None)
-                v = t.pop(f"{stem}.parametrizations.weight.original1")
-            if g is None:
+            v_name, g_name = f"{stem}.weight_v", f"{stem}.weight_g"
+            if v_name not in t:
+                form = f"{stem}.parametrizations.weight.original"
+                v_name, g_name = f"{form}1", f"{form}0"
+            if g_name not in t:
                 raise LoadError(f"{self.where}: {stem} has a weight-norm direction but no magnitude")
+            if self._shape(v_name) != shape:
+                raise self._mismatch(v_name, self._shape(v_name), shape)
+            if not shape or math.prod(self._shape(g_name)) != shape[0]:  # a magnitude per output channel
+                raise LoadError(
+                    f"{self.where}: config.json does not match the weights ({g_name} is "
+                    f"{self._shape(g_name)}, the config says {shape[0] if shape else 0} values)"
+                )
+            g, v = t.pop(g_name), t.pop(v_name)
             v = v.float()
             norm = v.reshape(v.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (v.dim() - 1)))
             value = g.float().reshape(norm.shape) * v / norm
         else:
             raise LoadError(f"{self.where}: config.json does not match the weights (missing {name})")
         if tuple(value.shape) != shape:
-            raise LoadError(
-                f"{self.where}: config.json does not match the weights ({name} is "
-                f"{tuple(value.shape)}, the config says {shape})"
-            )
+            raise self._mismatch(name, tuple(value.shape), shape)
         value = value.to(torch.float32, copy=True)  # never a view of the caller's tensors
         if not torch.isfinite(value).all():
             raise LoadError(f"{self.where}: weights contain NaN or infinite values ({name})")
