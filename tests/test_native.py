@@ -368,6 +368,7 @@ def test_weights_are_checked_before_they_are_read(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(safetensors, "safe_open", Unchecked)
     for entry, reason in (({"dtype": "F32", "shape": [0, 1 << 63], "data_offsets": [0, 0]}, "no usable shape"),
+                          ({"dtype": "F32", "shape": [1] * 100, "data_offsets": [0, 4]}, "no usable shape"),
                           ({"dtype": "F32", "shape": [4], "data_offsets": [0, 1 << 40]}, "do not fit"),
                           ({"dtype": "F32", "shape": [4], "data_offsets": [8, 0]}, "do not fit"),
                           ({"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}, "do not fit"),

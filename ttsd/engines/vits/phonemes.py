@@ -78,10 +78,11 @@ class _DeferredPackage(types.ModuleType):
 
 def _defer_piper_init() -> None:
     """Let ``piper.phonemize_espeak`` and ``piper.phoneme_ids`` import without ``piper/__init__.py``,
-    which imports Piper's own ONNX inference (``piper.voice``, onnxruntime): about 30 MB resident in
-    a process that has torch, which ttsd never uses. ``piper`` becomes a ``_DeferredPackage``: the
-    first name taken from it (``from piper import PiperVoice``) runs the real ``__init__`` then.
-    Nothing to do where piper is already imported, or not installed (the caller's import fails)."""
+    which imports Piper's own ONNX inference (``piper.voice``, onnxruntime): 29 MB resident in a
+    process that has torch (``bench/memory_parts.py``), which ttsd never uses. ``piper`` becomes a
+    ``_DeferredPackage``: the first name taken from it (``from piper import PiperVoice``) runs the
+    real ``__init__`` then. Nothing to do where piper is already imported, or not installed (the
+    caller's import fails)."""
     if "piper" in sys.modules:
         return
     spec = importlib.util.find_spec("piper")

@@ -26,7 +26,8 @@ from ...errors import LoadError
 
 # safetensors' names for the dtypes a voice's weights come in
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-MAX_HEADER = 16 << 20  # bytes of a safetensors file's JSON header (a VITS voice's: about 40 KB)
+MAX_HEADER = 4 << 20  # bytes of a safetensors file's JSON header (a VITS voice's: about 40 KB)
+MAX_DIMS = 8  # a VITS weight has up to 3
 
 
 class _Entry(NamedTuple):
@@ -94,7 +95,11 @@ class FileTensors:
         if not isinstance(entry, dict):
             raise ValueError(f"no header entry for {name}")
         dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(shape, list) or not all(type(n) is int and 0 <= n < 1 << 31 for n in shape):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(type(n) is int and 0 <= n < 1 << 31 for n in shape)
+        ):
             raise ValueError(f"{name} has no usable shape")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
             raise ValueError(f"{name} has no usable offsets")
