@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,24 +31,18 @@ FOUR = ("The kitchen lights are now off. The front door is locked. Tomorrow will
         "twenty-two degrees. Your next meeting starts at ten.")
 
 
-def status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def rise(call: Callable[[], Any]) -> tuple[float, float, Any]:
     """(how far the resident high-water mark rose over the resident size before ``call``, and that
     size, in MB; what ``call`` returned)."""
     from ttsd.malloc import trim
+    from ttsd.testing.probes import rss_mb
 
     gc.collect()
     trim()
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
-    before = status_mb("VmRSS")
+    before = rss_mb(os.getpid())
     result = call()
-    return status_mb("VmHWM") - before, before, result
+    return rss_mb(os.getpid(), "VmHWM") - before, before, result
 
 
 def measure(precision: str, threads: int, cache: Path | None) -> list[str]:
@@ -56,6 +51,7 @@ def measure(precision: str, threads: int, cache: Path | None) -> list[str]:
 
     from ttsd.malloc import trim, tune
     from ttsd.speak import open_engine
+    from ttsd.testing.probes import rss_mb
     from ttsd.voices import builtin_model
 
     tune()
@@ -86,7 +82,7 @@ def measure(precision: str, threads: int, cache: Path | None) -> list[str]:
     peak, before, second = rise(lambda: open_engine(folder, **options))
     gc.collect()
     trim()
-    kept = status_mb("VmRSS") - before
+    kept = rss_mb(os.getpid()) - before
     del second
     lines.append(f"| a load beside the serving voice | {peak:.0f} MB | {peak / kept:.2f}x the {kept:.0f} MB it keeps |")
 
@@ -110,8 +106,11 @@ def main() -> None:
     if args.one:
         print("\n".join(measure(args.one, args.threads, args.cache)), flush=True)
         return
+    from common import command_line
+
     from ttsd.engines.precision import native_bf16
 
+    print(f"`{command_line()}`\n")
     precisions = args.precision.split(",") if args.precision else ["fp32", *(["bf16"] if native_bf16() else [])]
     for precision in precisions:  # each in a fresh process: nothing of one precision in the other's figures
         command = [sys.executable, __file__, "--one", precision, "--threads", str(args.threads)]
