@@ -44,7 +44,7 @@ from typing import Any
 
 from common import cache_dir, command_line, finish
 
-from ttsd.testing import Daemon, request, wait_for
+from ttsd.testing import Daemon, cpu_name, request, wait_for
 
 SHORT = "Turn on the kitchen lights."
 POLL_S = 0.02
@@ -166,7 +166,7 @@ def one_run(cache: Path, builtin: Path, busy: bool) -> dict[str, Any]:
 
 
 def table(runs: list[dict[str, Any]], command: str, cpu: str) -> str:
-    lines = [f"`{command}`", "", f"{cpu}, {os.cpu_count()} CPUs. Busy: one `sh -c 'while :; do :; done'` per core "
+    lines = [f"`{command}`", "", f"{cpu}. Busy: one `sh -c 'while :; do :; done'` per core "
              "at nice 0 for the whole run. Each row a fresh daemon; quiet and busy alternate.", "",
              "| run | box | ready (s) | drop -> active (s) | rollback, target loaded (s) | rollback, target not "
              "loaded (s) | /healthz worst (s) | failed requests | load avg |",
@@ -194,16 +194,6 @@ def table(runs: list[dict[str, Any]], command: str, cpu: str) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="quiet/busy pairs, alternating (default 3)")
@@ -229,7 +219,7 @@ def main() -> None:
             print(f"  ready {r['ready_s']:.2f} s, drop -> active {r['to_active_s']:.2f} s, rollbacks "
                   f"{r['rollback_loaded_s']:.3f} / {r['rollback_unloaded_s']:.2f} s, /healthz worst "
                   f"{r['healthz_worst_s']:.3f} s, failed {r['failed']} of {r['requests']}", flush=True)
-    print("\n" + table(runs, command, cpu_model()))
+    print("\n" + table(runs, command, cpu_name()))
 
 
 if __name__ == "__main__":

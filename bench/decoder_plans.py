@@ -142,9 +142,10 @@ def main() -> None:
     from common import command_line
 
     from ttsd.engines.precision import native_bf16
+    from ttsd.testing import cpu_name
 
     precisions = args.precision.split(",") if args.precision else ["fp32", *(["bf16"] if native_bf16() else [])]
-    print(f"`{command_line()}`\n")
+    print(f"`{command_line()}`\n\n{cpu_name()}, {args.threads} thread(s)\n")
     for precision in precisions:
         cmd = [sys.executable, __file__, "--one", precision, "--runs", str(args.runs), "--threads", str(args.threads)]
         if args.cache:

@@ -54,6 +54,7 @@ def main() -> None:
     from ttsd.engines.vits.decoder import WIDTHS
     from ttsd.malloc import tune
     from ttsd.speak import open_engine
+    from ttsd.testing import cpu_name
     from ttsd.voices import builtin_model
 
     tune()
@@ -127,7 +128,7 @@ def main() -> None:
                 fused, difference = None, float("nan")
             rows.append((name, ours, split, fused, difference))
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
-    print(f"`{command}`\n\n{os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}; "
+    print(f"`{command}`\n\n{cpu_name()}, {args.threads} threads, torch {torch.__version__}; "
           f"best / median of {args.runs} runs, ms\n")
     print("| part | ttsd (eager) | plain ops, unfused | inductor | inductor / ttsd (median) | max abs diff |")
     print("|---|---:|---:|---:|---:|---:|")

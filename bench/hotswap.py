@@ -50,7 +50,7 @@ from typing import Any
 
 from common import cache_dir, command_line, finish
 
-from ttsd.testing import Daemon, pct, request, rss_mb, wait_for
+from ttsd.testing import Daemon, cpu_name, pct, request, rss_mb, wait_for
 
 SHORT = "Turn on the kitchen lights."
 CLIENTS = 4
@@ -197,7 +197,7 @@ def dir_mb(path: Path) -> float:
 def markdown(r: dict[str, Any]) -> str:
     f, m, n = r["first"], r["many"], r["swaps"]
     lines = [f"`{r['command']}`", "",
-             (f"{os.cpu_count()} CPUs; daemon {r['workers']} worker(s) x {r['threads']} torch thread(s), "
+             (f"{cpu_name()}; daemon {r['workers']} worker(s) x {r['threads']} torch thread(s), "
              f"--keep 1 --settle 1 (defaults); {CLIENTS} client threads sending {SHORT!r} in a loop, a new "
              f"connection each; 1-min load average {r['load_start']:.2f} at start, {r['load_end']:.2f} at end."),
              "", f"| Requests ({CLIENTS} clients) | count | p50 (ms) | p99 (ms) |", "|---|---:|---:|---:|"]

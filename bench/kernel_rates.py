@@ -15,7 +15,6 @@ on 1 thread (the daemon's loader) and on 2, in fp32 and, where the CPU has it, b
 """
 
 import argparse
-import re
 import time
 from pathlib import Path
 
@@ -47,11 +46,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--voice", type=Path, help="a converted voice folder (default: the built-in voice)")
     args = parser.parse_args()
-    flags = set(re.findall(r"\S+", next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                           if line.startswith("flags")), "")))
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
-    print(model, "|", " ".join(sorted(f for f in flags if f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))))
+    from ttsd.testing import cpu_name
+
+    print(cpu_name())
     torch.set_num_threads(2)
     def best(fn, n=10):
         fn(); b=1e9

@@ -109,8 +109,9 @@ def main() -> None:
     from common import command_line
 
     from ttsd.engines.precision import native_bf16
+    from ttsd.testing import cpu_name
 
-    print(f"`{command_line()}`\n")
+    print(f"`{command_line()}`\n\n{cpu_name()}, {args.threads} thread(s)\n")
     precisions = args.precision.split(",") if args.precision else ["fp32", *(["bf16"] if native_bf16() else [])]
     for precision in precisions:  # each in a fresh process: nothing of one precision in the other's figures
         command = [sys.executable, __file__, "--one", precision, "--threads", str(args.threads)]

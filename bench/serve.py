@@ -40,7 +40,7 @@ from typing import Any
 
 from common import cache_dir, command_line, finish
 
-from ttsd.testing import Daemon, pct, request
+from ttsd.testing import Daemon, cpu_name, pct, request
 
 SHORT = "Turn on the kitchen lights."
 SAY_TEXT = "Hello there."
@@ -130,7 +130,7 @@ def say_time(sock: str) -> dict[str, float]:
 def markdown(result: dict[str, Any]) -> str:
     la = f"1-min load average {result['load_start']:.2f} at start, {result['load_end']:.2f} at end"
     head = [f"`{result['command']}`", "",
-            f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}; text {SHORT!r}, WAV, seed 0, a new "
+            f"{cpu_name()}, Python {sys.version.split()[0]}; text {SHORT!r}, WAV, seed 0, a new "
             f"connection per request; {result['requests']} requests per level after {WARMUP} warm-up; {la}.", ""]
     if "matrix" in result:
         head += ["| workers | threads | c=1 req/s | c=1 p50 ms | c=1 p99 ms | c=4 req/s | c=4 p50 ms | c=4 p99 ms "

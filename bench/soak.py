@@ -45,7 +45,7 @@ from typing import Any
 
 from common import cache_dir, command_line
 
-from ttsd.testing import Daemon, request
+from ttsd.testing import Daemon, cpu_name, request
 
 GOOD = [
     "Turn on the kitchen lights.",
@@ -277,7 +277,7 @@ def main() -> None:
         ("peak RSS of each daemon incarnation (MB)", ", ".join(f"{p:.0f}" for p in d.peaks), ""),
         ("exit code after SIGTERM", f"{code}", "0"),
     ]
-    print(f"\n`{command}`\n\n{os.cpu_count()} CPUs, {args.minutes:g} minutes, 1-min load average {load_start:.2f} at "
+    print(f"\n`{command}`\n\n{cpu_name()}, {args.minutes:g} minutes, 1-min load average {load_start:.2f} at "
           f"start, {os.getloadavg()[0]:.2f} at end; active at the end: "
           f"{[(v['name'], v['active']) for v in status_json['voices']]}\n")
     print("| measure | value | goal |\n|---|---:|---:|")

@@ -320,6 +320,7 @@ def main() -> None:
     tune()  # as the `ttsd` program does, before any thread starts
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     started, load_start = time.perf_counter(), os.getloadavg()
+    from ttsd.testing import cpu_name
     from ttsd.voices import builtin_model
 
     print(f"cache {cache}: converting the built-in voice if needed…", flush=True)
@@ -332,7 +333,7 @@ def main() -> None:
         print("part 2: long sentences whole and in pieces, judged by Whisper-base…", flush=True)
         parts.append(wer_part(args.limits, args.seeds, cache, args.threads, args.show))
     load_end = os.getloadavg()
-    print(f"\n`{command}`\n\n{os.cpu_count()} CPUs, {args.threads} threads; 1-min load average {load_start[0]:.2f} "
+    print(f"\n`{command}`\n\n{cpu_name()}, {args.threads} threads; 1-min load average {load_start[0]:.2f} "
           f"at start, {load_end[0]:.2f} at end; {time.perf_counter() - started:.0f} s in all.")
     for lines in parts:
         print()

@@ -93,6 +93,7 @@ def main() -> None:
         print(json.dumps(child(args.child, cache, args.threads, args.runs)))
         return
     from ttsd.engines.precision import native_bf16
+    from ttsd.testing import cpu_name
 
     feature = native_bf16()
     if feature is None:
@@ -111,7 +112,7 @@ def main() -> None:
     median = {name: {k: statistics.median(r[k] for r in rs) for k in ("text_s", "decoder_s")}
               for name, rs in results.items()}
     base = median["fp32"]["text_s"] + median["fp32"]["decoder_s"]
-    print(f"`{command}`\n\n{os.cpu_count()} CPUs ({feature}), {args.threads} threads, the paragraph of "
+    print(f"`{command}`\n\n{cpu_name()}, {args.threads} threads, the paragraph of "
           f"bench/rtf.py; median over {args.rounds} fresh processes of each one's median of {args.runs} runs\n")
     print("| variant | text side (s) | decoder (s) | total (s) | total / fp32 |")
     print("|---|---:|---:|---:|---:|")

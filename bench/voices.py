@@ -39,7 +39,7 @@ from typing import Any
 
 from common import cache_dir, finish
 
-from ttsd.testing import Daemon, pct, wait_for
+from ttsd.testing import Daemon, cpu_name, pct, wait_for
 
 SHORT = "Turn on the kitchen lights."
 VOICES = 8
@@ -164,14 +164,14 @@ def main() -> None:
         "errors": {f"{s.status} {s.error}": sum(1 for t in samples if (t.status, t.error) == (s.status, s.error))
                    for s in samples if s.status != 200},
         "load_p50": pct(load_seconds, 50), "load_p90": pct(load_seconds, 90),
-        "exit_code": code, "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
+        "exit_code": code, "load_average": os.getloadavg()[0], "cpus": os.cpu_count(), "cpu": cpu_name(),
     }
     if args.json:
         print(json.dumps(result, indent=1))
         return
     print(f"8 copies of en_US-joe-medium, {result['budget']}, 4 clients, Zipf s={args.zipf}, "
           f"{result['requests']} requests in {result['wall_seconds']} s (start-up {result['start_seconds']} s); "
-          f"{result['cpus']} CPUs, load average {result['load_average']:.2f}")
+          f"{result['cpu']}, load average {result['load_average']:.2f}")
     print("| requests | failed | hit rate | hit p50 | hit p99 | miss p50 | miss p99 | loads | evictions | "
           "peak RSS | budget |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

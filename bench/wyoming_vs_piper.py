@@ -53,7 +53,7 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from ttsd.testing import pct, rss_mb
+from ttsd.testing import cpu_name, pct, rss_mb
 
 VOICE = "en_US-joe-medium"
 ONE = "Turn on the kitchen lights, please."
@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="ttsd serve --precision (default auto: bf16 where the CPU has it)")
     args = parser.parse_args()
-    print(f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{cpu_name()}; load average at start: {os.getloadavg()[0]:.2f}", flush=True)
     result = asyncio.run(run(args.rounds, args.precision))
     print(table(result))
     print(f"\n{args.rounds} rounds, requests alternating between the servers, ttsd --precision {args.precision}; "

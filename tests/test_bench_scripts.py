@@ -75,3 +75,24 @@ def test_kernel_rates_measures_on_this_box(tmp_path: Path, joe_folder: Path) -> 
     choices = [line for line in done.stdout.splitlines() if line.startswith("engine choice")]
     assert len(choices) >= 4 and all(re.search(r"\bmkl \d+", c) and re.search(r"\bonednn \d+", c) for c in choices)
     assert {c.split(": ")[1].split()[0] for c in choices} <= {"mkl", "onednn"}
+
+
+def test_cpu_name_tells_two_boxes_of_one_model_name_apart() -> None:
+    """The benches' results name their CPU with ``cpu_name``: two Xeons that a VM shows by the same
+    generic model name are told apart by their model number, and the features that decide the
+    kernels are named; an ARM box's missing fields are left out, not invented."""
+    from ttsd.testing import cpu_name
+
+    def xeon(model: int, flags: str) -> str:
+        core = (f"processor\t: {{n}}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: {model}\n"
+                f"model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu {flags}\n\n")
+        return core.format(n=0) + core.format(n=1)
+
+    fast = cpu_name(xeon(207, "avx2 avx512f avx512_bf16 amx_bf16 amx_tile"))
+    slow = cpu_name(xeon(167, "avx2 avx512f"))
+    assert fast.startswith("Intel(R) Xeon(R) Processor, family 6 model 207 (AVX-512, AVX512-BF16, AMX-BF16), ")
+    assert slow.startswith("Intel(R) Xeon(R) Processor, family 6 model 167 (AVX-512), ")
+    assert fast.endswith(" CPUs") or fast.endswith(" CPU")
+    arm = cpu_name("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\nCPU part\t: 0xd0c\n")
+    assert arm.startswith("unknown CPU, ") and "family" not in arm and "(" not in arm
+    assert re.fullmatch(r".+, \d+ CPUs?", cpu_name())  # this box, read from /proc/cpuinfo

@@ -4,7 +4,7 @@
 
 from ..client import UnixHTTPConnection
 from .daemon import Daemon, HarnessError
-from .probes import Reply, WaitTimeout, pct, request, rss_mb, wait_for
+from .probes import Reply, WaitTimeout, cpu_name, pct, request, rss_mb, wait_for
 
 __all__ = [
     "Daemon",
@@ -12,6 +12,7 @@ __all__ = [
     "Reply",
     "UnixHTTPConnection",
     "WaitTimeout",
+    "cpu_name",
     "pct",
     "request",
     "rss_mb",

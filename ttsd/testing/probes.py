@@ -1,7 +1,7 @@
 """What tests and benches measure a daemon with: polling until something holds (``wait_for``),
-percentiles (``pct``), a process's memory from ``/proc`` (``rss_mb``), and one HTTP request on a
-fresh Unix-socket connection (``request``), as a client that connects per request does. Standard
-library only."""
+percentiles (``pct``), a process's memory from ``/proc`` (``rss_mb``), the CPU a figure came from
+(``cpu_name``), and one HTTP request on a fresh Unix-socket connection (``request``), as a client
+that connects per request does. Standard library only."""
 
 from __future__ import annotations
 
@@ -64,6 +64,54 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     raise LookupError(f"no {field} in /proc/{pid}/status (has the process exited?)")
+
+
+# the features that decide which kernels run, as a result names them (flag -> name)
+_FEATURES = {"avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU a bench's figures came from, as its results print it, e.g. ``Intel(R) Xeon(R)
+    Processor, family 6 model 207 (AVX-512, AVX512-BF16, AMX-BF16), 2 CPUs``.
+
+    The model name alone does not tell boxes apart: a VM often shows a generic one (two Xeons of
+    different speed both read ``Intel(R) Xeon(R) Processor``), so the family and model numbers come
+    with it (``lscpu``'s "CPU family" and "Model"), and the features that decide which kernels run.
+    The count is the CPUs this process may run on. ``cpuinfo``: ``/proc/cpuinfo``'s text (read when
+    None); fields it lacks (ARM has no model name) are left out, never guessed.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as source:
+                cpuinfo = source.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip().lower()
+        if not sep:
+            continue
+        if key in ("flags", "features"):
+            flags.update(value.split())
+        else:
+            fields.setdefault(key, value.strip())
+    name = fields.get("model name") or fields.get("cpu model") or "unknown CPU"
+    numbers = [
+        f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model")) if key in fields
+    ]
+    features = [label for flag, label in _FEATURES.items() if flag in flags]
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 0
+    return (
+        name
+        + (f", {' '.join(numbers)}" if numbers else "")
+        + (f" ({', '.join(features)})" if features else "")
+        + f", {count} CPU{'s' if count != 1 else ''}"
+    )
 
 
 class Reply(NamedTuple):
