@@ -323,9 +323,18 @@ def test_a_requests_first_sentence_streams_the_same_audio_from_the_early_flow(jo
     assert float(np.abs(np.concatenate(early) - np.concatenate(late)).max()) < tolerance
     engine.warmup()  # a gain for pieces
     calls.clear()
+    stacks: list[int] = []
+    flow_many = engine.model.flow_many
+
+    def stacked(priors: list[torch.Tensor], *args: object, **kwargs: object) -> object:
+        stacks.append(len(priors))
+        return flow_many(priors, *args, **kwargs)
+
+    engine.model.flow_many = stacked
     text = "The quick brown fox jumps over the lazy dog, and then it runs far away. " * 3
     list(engine.synthesize_stream(text, options, pieces=True))
-    assert len(calls) == 3 + 1 and calls[0] < calls[1]  # only the request's first sentence flows early
+    assert len(calls) == 2 and calls[0] < calls[1]  # only the request's first sentence flows early
+    assert stacks == [2]  # the later two: together (engine.py's _Flows)
 
 
 def test_packed_weights_give_the_same_numbers() -> None:

@@ -317,6 +317,88 @@ def test_a_request_encodes_its_first_sentence_alone_and_the_rest_together(tmp_pa
     assert together.shape == alone.shape and float(np.abs(together - alone).max()) < 1e-5
 
 
+@pytest.mark.parametrize("variant", ["default", "multi-speaker", "wide-window-2layers"])
+@pytest.mark.parametrize("bucket", [1, 128], ids=["unpadded", "padded-128"])
+def test_sentences_flowed_together_are_each_flowed_as_alone(variant: str, bucket: int, tmp_path: Path) -> None:
+    """A request's later sentences run the prior flow stacked (``flow_many``): each one's latents are
+    the ones ``flow`` gives it alone, whatever the lengths (a single frame; one that fills its rows
+    but for the gap; dilated WaveNets, whose reach is widest; a speaker's condition). A sentence
+    whose WaveNet read its neighbour's rows would not be (one that ends on a multiple of the padding
+    has no masked row of its own)."""
+    from ttsd.engines.vits.model import NativeVits
+
+    native = NativeVits(save_tiny_vits(tmp_path / variant, pack_it=False, seed=6, **VARIANTS[variant]))
+    gap = native.flow_gap
+    assert gap == (5 - 1) * (2 ** 2 if "dilation" in str(VARIANTS[variant]) else 1) // 2  # the widest layer's reach
+    generator = torch.Generator().manual_seed(2)
+    counts = [37, 1, 128 - gap, 256, 129, 3 * gap, 64]
+    priors = [torch.randn(n, native.config.flow_size, generator=generator) for n in counts]
+    speaker = torch.randn(1, 4, generator=generator) if "speaker" in variant else None
+    with torch.inference_mode():
+        together = native.flow_many(priors, speaker, bucket=bucket)
+        assert len(together) == len(priors)
+        for prior, (latents, column) in zip(priors, together, strict=True):
+            alone, alone_column = native.flow(prior, speaker, bucket=bucket)
+            assert_close(latents, alone, 1e-6)
+            assert latents.stride() == alone.stride()  # time-major, as the decoder reads it
+            assert (column is None) == (alone_column is None)
+            if column is not None:
+                assert torch.equal(column, alone_column)
+    rows = sum(native.stack_rows(n, bucket=bucket) for n in counts)
+    assert rows % bucket == 0 and rows >= sum(counts) + gap * len(counts)
+
+
+def test_a_request_runs_its_later_flows_together_within_flow_rows(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first sentence's flow waits for no other (first audio); the later ones run in groups
+    that fit ``FLOW_ROWS``, each once, in order, whole or streamed by pieces; a unit whose noise
+    was drawn for a group it did not fit keeps that noise; and the request sounds, to the bit
+    in fp32, as each sentence does alone."""
+    import numpy as np
+    from conftest import plausible
+
+    from ttsd.engines.vits import engine as vits_engine
+    from ttsd.engines.vits.model import NativeVits
+    from ttsd.options import SynthesisOptions
+    from ttsd.speak import open_engine
+
+    e = open_engine(save_tiny_vits(tmp_path / "tiny-1", edit=plausible))
+    e.warmup()  # sets the gain that streaming by pieces uses
+    flows: list[list[int]] = []
+    priors: list[int] = []
+    flow_many, prior = NativeVits.flow_many, vits_engine.VitsEngine._prior
+
+    def recorded(self: NativeVits, batch: list[torch.Tensor], *a: object, **kw: object) -> object:
+        flows.append([p.shape[0] for p in batch])
+        return flow_many(self, batch, *a, **kw)  # type: ignore[arg-type]
+
+    def counted(self: vits_engine.VitsEngine, unit: vits_engine.Unit, options: SynthesisOptions) -> object:
+        priors.append(unit.index)
+        return prior(self, unit, options)
+
+    monkeypatch.setattr(NativeVits, "flow_many", recorded)
+    monkeypatch.setattr(vits_engine.VitsEngine, "_prior", counted)
+    sentences = ["Hello there.", "How are you today?", "Fine, thanks.", "A " + "long " * 12 + "one.", "Bye now.",
+                 "See you."]
+    seeded = SynthesisOptions(seed=11, normalize=False, sentence_pause=0.0)
+    units = e._units(" ".join(sentences), seeded)
+    frames = [e._latents(vits_engine.Unit(u.ids), seeded)[0].shape[-1] for u in units]
+    need = [e.model.stack_rows(n) for n in frames]
+    # room for the second and third together, not with the long fourth, nor the fifth with the fourth
+    limit = need[1] + need[2]
+    assert need[1] + need[2] + need[3] > limit and need[3] + need[4] > limit and need[4] + need[5] <= limit
+    monkeypatch.setattr(vits_engine, "FLOW_ROWS", limit)
+    alone = [e._render(vits_engine.Unit(u.ids), seeded) for u in units]
+    for by_pieces in (False, True):
+        flows.clear()
+        priors.clear()
+        got = np.concatenate([a.samples for a in e.synthesize_stream(" ".join(sentences), seeded, pieces=by_pieces)])
+        assert flows == [frames[1:3], frames[3:4], frames[4:6]]
+        assert sorted(priors) == list(range(len(units)))  # each unit's noise drawn once
+        assert got.shape == np.concatenate(alone).shape
+        assert float(np.abs(got - np.concatenate(alone)).max()) < 1e-6
+
+
 def _raw_safetensors(path: Path, header: dict, data: bytes = b"", size: int | None = None) -> Path:  # type: ignore[type-arg]
     """A safetensors file written by hand (to say what safetensors' own writer would not)."""
     encoded = json.dumps(header).encode()

@@ -116,6 +116,24 @@ class NativeVits:
         )
         return reach * len(self.flows)
 
+    @property
+    def flow_gap(self) -> int:
+        """Masked rows that must follow a sentence in a stack of several (``flow_many``): the widest
+        WaveNet layer's reach on each side. Masked rows are zero at every layer's input, so that
+        many of them stand for the zero padding the sentence has alone."""
+        c = self.config
+        return max(
+            (
+                (c.wavenet_kernel_size - 1) * c.wavenet_dilation_rate**i // 2
+                for i in range(c.prior_encoder_num_wavenet_layers)
+            ),
+            default=0,
+        )
+
+    def stack_rows(self, frames: int, *, bucket: int | None = None) -> int:
+        """The rows a sentence of ``frames`` frames takes in ``flow_many``'s stack."""
+        return _padded(frames + self.flow_gap, self.frame_bucket if bucket is None else bucket)
+
     def latent_frames(
         self, ids: list[int], *, bucket: int | None = None, **knobs: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -232,3 +250,32 @@ class NativeVits:
             count -= step
         latents = x[:count].t()[None]  # (1, flow_size, frames), a time-major view: channels-last for the decoder
         return latents, None if speaker is None else speaker[..., None]
+
+    def flow_many(
+        self, priors: Sequence[torch.Tensor], speaker: torch.Tensor | None, *, bucket: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``flow`` for several sentences of one request at once, each sentence's result that of
+        ``flow`` on it alone: they are stacked, each in ``stack_rows`` rows (its frames, then at
+        least ``flow_gap`` masked rows, padded to a multiple of ``bucket``), so that no WaveNet
+        layer reaches from one into the next. One pass of the couplings over all of them runs
+        each product once on more rows, where the libraries run faster per row (bf16 on oneDNN,
+        Intel Xeon with AMX: a 960-to-384 product ran 1.9 us per row at 384 rows and 0.9 at 1,024
+        or more), and pays the couplings' few hundred small operations once. The latents returned
+        are views into one tensor."""
+        bucket = self.frame_bucket if bucket is None else bucket
+        counts = [p.shape[0] for p in priors]
+        rows = [self.stack_rows(n, bucket=bucket) for n in counts]
+        mask = torch.zeros(sum(rows), 1)
+        start = 0
+        for n, r in zip(counts, rows, strict=True):
+            mask[start : start + n] = 1.0
+            start += r
+        x = torch.cat([F.pad(p, (0, 0, 0, r - p.shape[0])) for p, r in zip(priors, rows, strict=True)])
+        for coupling in self.flows:
+            x = coupling.reverse(torch.flip(x, [1]), mask, speaker)
+        column = None if speaker is None else speaker[..., None]
+        out, start = [], 0
+        for n, r in zip(counts, rows, strict=True):
+            out.append((x[start : start + n].t()[None], column))
+            start += r
+        return out
