@@ -64,6 +64,7 @@ bench-smoke: setup
 	$(BIN)/python bench/kernel_rates.py
 	$(BIN)/python bench/fusion.py --runs 1 --threads 1
 	$(BIN)/python bench/decoder_plans.py --runs 1 --threads 1
+	$(BIN)/python bench/flows.py --runs 1 --threads 1
 	$(BIN)/python bench/memory_parts.py --threads 1 --precision fp32
 	$(BIN)/python bench/steps.py --rounds 1 --runs 1 --threads 1
 	$(BIN)/python bench/rtf.py --runs 1 --cold-runs 1 --soak 5 --threads 1 --precision fp32

@@ -1,11 +1,15 @@
-"""What the daemon benches (``busy.py``, ``hotswap.py``, ``serve.py``, ``soak.py``, ``voices.py``) share
-beyond the daemon harness itself (``ttsd.testing``: ``Daemon``, ``request``, ``wait_for``, ``pct``,
-``rss_mb``): where the voice cache is, the command line to print, and how a bench ends a daemon."""
+"""What the benches share beyond the daemon harness itself (``ttsd.testing``: ``Daemon``, ``request``,
+``wait_for``, ``pct``, ``rss_mb``, ``cpu_name``): where the voice cache is, the command line to
+print, how a bench ends a daemon (``busy.py``, ``hotswap.py``, ``serve.py``, ``soak.py``,
+``voices.py``), and how one measures each precision in a fresh process of its own
+(``decoder_plans.py``, ``flows.py``, ``memory_parts.py``)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,3 +35,25 @@ def finish(daemon: Daemon, grace: float = 60.0) -> tuple[int, str]:
         return daemon.stop(grace=grace, raise_on_timeout=False), daemon.logs()
     finally:
         daemon.cleanup()
+
+
+def each_precision(script: str, args: argparse.Namespace, *, forward: tuple[str, ...] = ("threads",)) -> None:
+    """Run ``script`` once per precision in ``args.precision`` (a comma list; default fp32, and bf16
+    where the CPU does it natively), each in a fresh process (``--one PRECISION`` plus the options
+    named in ``forward`` and ``--cache``), so that nothing one precision built or kept is in the
+    other's figures; print the command line, the CPU and each child's output in turn."""
+    from ttsd.engines.precision import native_bf16
+    from ttsd.testing import cpu_name
+
+    print(f"`{command_line()}`\n\n{cpu_name()}, {args.threads} thread(s)\n", flush=True)
+    precisions = args.precision.split(",") if args.precision else ["fp32", *(["bf16"] if native_bf16() else [])]
+    for precision in precisions:
+        command = [sys.executable, script, "--one", precision]
+        for name in forward:
+            command += [f"--{name}", str(getattr(args, name))]
+        if args.cache:
+            command += ["--cache", str(args.cache)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode:
+            sys.exit(f"{precision}: {done.stderr[-2000:]}")
+        print(done.stdout, flush=True)

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -139,22 +137,9 @@ def main() -> None:
     if args.one:
         print("\n".join(measure(args.one, args.runs, args.threads, args.cache)), flush=True)
         return
-    from common import command_line
+    from common import each_precision
 
-    from ttsd.engines.precision import native_bf16
-    from ttsd.testing import cpu_name
-
-    precisions = args.precision.split(",") if args.precision else ["fp32", *(["bf16"] if native_bf16() else [])]
-    print(f"`{command_line()}`\n\n{cpu_name()}, {args.threads} thread(s)\n")
-    for precision in precisions:
-        cmd = [sys.executable, __file__, "--one", precision, "--runs", str(args.runs), "--threads", str(args.threads)]
-        if args.cache:
-            cmd += ["--cache", str(args.cache)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode:
-            sys.exit(f"{precision}: {done.stderr[-2000:]}")
-        print(done.stdout)
-
+    each_precision(__file__, args, forward=("runs", "threads"))
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -106,20 +105,9 @@ def main() -> None:
     if args.one:
         print("\n".join(measure(args.one, args.threads, args.cache)), flush=True)
         return
-    from common import command_line
+    from common import each_precision
 
-    from ttsd.engines.precision import native_bf16
-    from ttsd.testing import cpu_name
-
-    print(f"`{command_line()}`\n\n{cpu_name()}, {args.threads} thread(s)\n")
-    precisions = args.precision.split(",") if args.precision else ["fp32", *(["bf16"] if native_bf16() else [])]
-    for precision in precisions:  # each in a fresh process: nothing of one precision in the other's figures
-        command = [sys.executable, __file__, "--one", precision, "--threads", str(args.threads)]
-        if args.cache:
-            command += ["--cache", str(args.cache)]
-        subprocess.run(command, check=True)
-        print()
-
+    each_precision(__file__, args)
 
 if __name__ == "__main__":
     main()

@@ -404,7 +404,7 @@ def markdown(command: str, args: argparse.Namespace, result: dict[str, Any]) -> 
     lines = [
         f"`{command}`",
         "",
-        (f"{v.get('cpu') or v['cpus'] + ' CPUs'} ({bf16}), {args.threads} threads each, median of {args.runs} runs; "
+        (f"{v.get('cpu') or v['cpus'] + ' CPUs (' + bf16 + ')'}, {args.threads} threads each, median of {args.runs} runs; "
          f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
          f"onnxruntime {v['onnxruntime']}, piper-tts {v['piper-tts']}; 1-min load average "
          f"{result['load_average_start'][0]:.2f} at start, {result['load_average_end'][0]:.2f} at end. "
