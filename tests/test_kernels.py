@@ -123,6 +123,38 @@ def test_a_path_that_is_not_exact_or_fails_is_never_chosen(tiny: Path, monkeypat
     assert choice.path == "mkl" and "no oneDNN here" in choice.refused["onednn"]
 
 
+def test_a_path_that_pads_is_timed_on_its_padded_rows_and_credited_only_the_real_ones(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow pads frames to 128 on oneDNN, not in fp32 on MKL: each path runs the rows it would
+    run in a request, and a rate counts a sentence's own rows, so a path as fast per row that pads
+    320 rows to 384 loses by its padding (it had won or lost by noise when both ran 384)."""
+    from ttsd.engines.vits.model import FRAME_BUCKET, frame_bucket_for
+
+    items, dtype = kernels.classes(NativeVits(tiny))["flow"]
+    assert dtype == torch.float32 and items
+    seen: list[int] = []
+    for kind in (kernels.Dense, kernels._TimeConv):  # the rows each product is called on
+        def counting(self: Any, x: torch.Tensor, real: Any = kind.__call__) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return real(self, x)
+
+        monkeypatch.setattr(kind, "__call__", counting)
+
+    def per_row(call: Any, repeats: int) -> float:  # a time in proportion to the rows the products ran
+        seen.clear()
+        call()
+        return 1e-6 * max(seen)
+
+    monkeypatch.setattr(kernels, "_best", per_row)
+    rows = kernels.ROWS["flow"]
+    assert rows % FRAME_BUCKET and frame_bucket_for(torch.float32, "mkl") == 1  # the premise: only oneDNN pads it
+    choice = kernels.measure(items, dtype, rows, kernels.PATHS, kernels._padding("flow", dtype))
+    assert choice.path == "mkl"
+    padded = -(-rows // FRAME_BUCKET) * FRAME_BUCKET
+    assert choice.rates["onednn"] / choice.rates["mkl"] == pytest.approx(rows / padded, rel=1e-6)
+
+
 def _on(items: list[Any], path: str) -> bool:
     return items[0].path == path
 

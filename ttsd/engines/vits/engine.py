@@ -78,10 +78,10 @@ class _Encodings:
 
 # A request's units after its first run the prior flow together, as many as fit in this many rows
 # (``NativeVits.stack_rows`` each: about four sentences of Piper's medium voices). One pass over
-# several runs each product on more rows, where the libraries are faster per row: the flow of the
-# four later sentences of bench/rtf.py's paragraph took 28 ms together against 55 one by one in
-# bf16, 108 against 116 in fp32 (in-process, Intel Xeon with AMX, 2 threads, alternated medians).
-# It bounds what a request cancelled or refused for its length computed ahead of its audio.
+# several pays the couplings' small operations once: bench/flows.py measured the four later
+# sentences of bench/rtf.py's paragraph at 0.77x their time one by one in bf16 and 0.93x in fp32,
+# the Wyoming bench's three at 0.68x and 0.88x (Intel Xeon with AMX, 2 threads). It also bounds
+# what a request that is cancelled or refused for its length computes ahead of its audio.
 FLOW_ROWS = 1536
 
 

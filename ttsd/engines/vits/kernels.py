@@ -12,7 +12,10 @@ over MKL. No fixed choice is right on both, so each voice's products are timed o
   product per tap) and ``onednn`` (``torch.ops.mkldnn._linear_pointwise`` on weights kept in its
   layout; a convolution as one product over an im2col view);
 * each path runs one product of each distinct shape the class has (``ROWS`` rows: a sentence's
-  tokens, its frames), best of ``REPEATS``, weighted by how many of that shape the voice runs;
+  tokens, its frames), best of ``REPEATS``, weighted by how many of that shape the voice runs, on
+  the rows that path runs for them: frames are padded to a multiple of 128 for the flow except in
+  float32 on MKL (``model.frame_bucket_for``), and a rate counts a sentence's own rows only, so a
+  path that pads wins only by what is left after its padding;
 * a path must be exact: float32 within ``1e-4`` of the result's scale against float64; bf16 no
   worse than twice the ``mkl`` path's own error. A path that fails or raises is never chosen;
 * the fastest wins; ``mkl`` is kept unless another path is at least ``MARGIN`` faster, so a noisy
@@ -36,7 +39,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,11 @@ log = logging.getLogger("ttsd.engines")
 
 ENV = "TTSD_KERNELS"
 CLASSES = ("text", "flow")
-ROWS = {"text": 192, "flow": 384}  # a sentence of ~90 characters: its tokens (with blanks), its frames
+# a sentence of ~80 characters: its tokens (with blanks), its frames (about 3.7 s of audio). Not a
+# multiple of the flow's padding: a path that pads frames pays for it here as it does in a request
+# (bench/flows.py: fp32 on oneDNN, its frames padded, ran the flow 1.2-1.4x as long as on MKL
+# where its products alone measured no slower, Intel Xeon with AMX, 2 threads).
+ROWS = {"text": 192, "flow": 320}
 REPEATS = 5
 MARGIN = 0.05
 FP32_TOLERANCE = 1e-4
@@ -167,29 +174,39 @@ def _best(call: Any, repeats: int) -> float:
     return best
 
 
-def measure(items: list[Product], dtype: torch.dtype, rows: int, paths: tuple[str, ...] = PATHS) -> Choice:
+def measure(
+    items: list[Product],
+    dtype: torch.dtype,
+    rows: int,
+    paths: tuple[str, ...] = PATHS,
+    padded: Callable[[str], int] | None = None,
+) -> Choice:
     """Time ``paths`` on one product of each distinct shape in ``items`` and choose (see the module
-    docstring). The products are left on the path chosen (all of ``items``)."""
+    docstring). ``padded(path)``: the rows ``path`` runs for ``rows`` real ones (default: as
+    many); rates count the real ones. The products are left on the path chosen (all of ``items``)."""
     started = time.perf_counter()
     groups: dict[tuple[Any, ...], list[Product]] = {}
     for p in items:
         groups.setdefault(_shape_key(p), []).append(p)
+    runs = {path: max(rows, padded(path)) if padded else rows for path in paths}
     generator = torch.Generator().manual_seed(0)
-    cases = [(group[0], len(group), _inputs(group[0], rows, dtype, generator)) for group in groups.values()]
-    references = [_reference(p, x) for p, _, x in cases]
+    longest = max(runs.values(), default=rows)
+    cases = [(group[0], len(group), _inputs(group[0], longest, dtype, generator)) for group in groups.values()]
+    references = {n: [_reference(p, x[:n]) for p, _, x in cases] for n in set(runs.values())}
     work = sum(count * _flops(p, rows) for p, count, _ in cases)
     errors: dict[str, float] = {}
     times: dict[str, float] = {}
     refused: dict[str, str] = {}
     with torch.inference_mode():
         for path in paths:
+            n = runs[path]
             try:
                 worst = 0.0
-                for (p, _, x), ref in zip(cases, references, strict=True):
+                for (p, _, x), ref in zip(cases, references[n], strict=True):
                     p.use(path)
-                    worst = max(worst, _error(p(x), ref))
+                    worst = max(worst, _error(p(x[:n]), ref))
                 errors[path] = worst
-                times[path] = sum(count * _best(lambda p=p, x=x: p(x), REPEATS) for p, count, x in cases)
+                times[path] = sum(count * _best(lambda p=p, x=x[:n]: p(x), REPEATS) for p, count, x in cases)
             except Exception as exc:  # a kernel this torch or CPU lacks: not a candidate
                 refused[path] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     for path, worst in errors.items():
@@ -213,6 +230,16 @@ def measure(items: list[Product], dtype: torch.dtype, rows: int, paths: tuple[st
 
 
 # -- choosing, with the cache -------------------------------------------------------------------------
+def _padding(kind: str, dtype: torch.dtype) -> Callable[[str], int] | None:
+    """The rows each path runs for ``ROWS[kind]`` real ones: the flow pads frames (``frame_bucket_for``);
+    the text side pads tokens the same on every path."""
+    if kind != "flow":
+        return None
+    from .model import _padded, frame_bucket_for
+
+    return lambda path: _padded(ROWS[kind], frame_bucket_for(dtype, path))
+
+
 def forced(value: str | None = None) -> dict[str, str]:
     """``TTSD_KERNELS`` read: ``onednn`` (every class) or ``text=onednn,flow=mkl``. A bad value is a
     ``LoadError`` naming it."""
@@ -256,7 +283,9 @@ def box() -> dict[str, Any]:
 
 def _key(where: dict[str, Any], kind: str, items: list[Product], dtype: torch.dtype) -> str:
     shapes = sorted({repr(_shape_key(p)) for p in items})
-    data = {**where, "kind": kind, "dtype": str(dtype), "rows": ROWS[kind], "shapes": shapes, "paths": PATHS}
+    padded = _padding(kind, dtype)
+    runs = {path: padded(path) for path in PATHS} if padded else ROWS[kind]  # a new padding rule measures again
+    data = {**where, "kind": kind, "dtype": str(dtype), "rows": runs, "shapes": shapes, "paths": PATHS}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -326,12 +355,13 @@ def choose(model: Any, cache: Path | None = None, name: str = "voice", serving: 
     entries = _read(cache) if cache is not None and not force else {}
     changed = False
     chosen: dict[str, Choice] = {}
+    pads = {kind: _padding(kind, found[kind][1]) for kind in CLASSES}
     for kind in CLASSES:
         items, dtype = found[kind]
         if not items:
             continue
         if kind in force:
-            choice = measure(items, dtype, ROWS[kind], paths=(force[kind],))  # still checked for exactness
+            choice = measure(items, dtype, ROWS[kind], (force[kind],), pads[kind])  # still checked for exactness
             choice.source = "forced"
         else:
             key = _key(where, kind, items, dtype)
@@ -343,7 +373,7 @@ def choose(model: Any, cache: Path | None = None, name: str = "voice", serving: 
                     p.use(cached.path)
                 choice = cached
             else:
-                choice = measure(items, dtype, ROWS[kind])
+                choice = measure(items, dtype, ROWS[kind], PATHS, pads[kind])
                 entries[key] = {
                     **where,
                     **choice.to_json(),

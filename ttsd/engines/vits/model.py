@@ -48,6 +48,12 @@ FRAME_BUCKET = 128
 GEMM_FRAME_BUCKET = 1
 
 
+def frame_bucket_for(dtype: torch.dtype, path: str) -> int:
+    """What the flow pads a sentence's frames to a multiple of, for its products' ``dtype`` and
+    kernel path: ``GEMM_FRAME_BUCKET`` for float32 on MKL, else ``FRAME_BUCKET``."""
+    return GEMM_FRAME_BUCKET if dtype == torch.float32 and path == "mkl" else FRAME_BUCKET
+
+
 def _padded(length: int, bucket: int) -> int:
     return -(-length // bucket) * bucket if bucket > 1 else length
 
@@ -99,9 +105,7 @@ class NativeVits:
         """What ``flow`` pads frames to a multiple of: ``GEMM_FRAME_BUCKET`` where the flow runs in
         float32 on MKL's GEMM (the kernel path ``kernels.choose`` set), else ``FRAME_BUCKET``."""
         first = self.flows[0].layers[0][0] if self.flows and self.flows[0].layers else None
-        if self.dtype == torch.float32 and (first is None or first.path == "mkl"):
-            return GEMM_FRAME_BUCKET
-        return FRAME_BUCKET
+        return frame_bucket_for(self.dtype, "mkl" if first is None else first.path)
 
     @property
     def flow_radius(self) -> int:
@@ -257,10 +261,11 @@ class NativeVits:
         """``flow`` for several sentences of one request at once, each sentence's result that of
         ``flow`` on it alone: they are stacked, each in ``stack_rows`` rows (its frames, then at
         least ``flow_gap`` masked rows, padded to a multiple of ``bucket``), so that no WaveNet
-        layer reaches from one into the next. One pass of the couplings over all of them runs
-        each product once on more rows, where the libraries run faster per row (bf16 on oneDNN,
-        Intel Xeon with AMX: a 960-to-384 product ran 1.9 us per row at 384 rows and 0.9 at 1,024
-        or more), and pays the couplings' few hundred small operations once. The latents returned
+        layer reaches from one into the next. A flow's time is not all in its products: each
+        call also runs the couplings' few hundred small operations (gates, masks, slices) and
+        their launches whatever the rows, and one pass over several sentences pays those once
+        (``bench/flows.py``: the later sentences of a paragraph took 0.77x the time one by one in
+        bf16 and 0.93x in fp32, Intel Xeon with AMX, 2 threads). The latents returned
         are views into one tensor."""
         bucket = self.frame_bucket if bucket is None else bucket
         counts = [p.shape[0] for p in priors]
