@@ -325,7 +325,7 @@ def test_sentences_flowed_together_are_each_flowed_as_alone(variant: str, bucket
     but for the gap; dilated WaveNets, whose reach is widest; a speaker's condition). A sentence
     whose WaveNet read its neighbour's rows would not be (one that ends on a multiple of the padding
     has no masked row of its own)."""
-    from ttsd.engines.vits.model import NativeVits
+    from ttsd.engines.vits.model import STACK_BUCKET, NativeVits
 
     native = NativeVits(save_tiny_vits(tmp_path / variant, pack_it=False, seed=6, **VARIANTS[variant]))
     gap = native.flow_gap
@@ -334,8 +334,15 @@ def test_sentences_flowed_together_are_each_flowed_as_alone(variant: str, bucket
     counts = [37, 1, 128 - gap, 256, 129, 3 * gap, 64]
     priors = [torch.randn(n, native.config.flow_size, generator=generator) for n in counts]
     speaker = torch.randn(1, 4, generator=generator) if "speaker" in variant else None
+    passes: list[int] = []
+    for coupling in native.flows:  # the rows each coupling's pass runs on
+        reverse = coupling.reverse
+        coupling.reverse = lambda x, *a, reverse=reverse: passes.append(x.shape[0]) or reverse(x, *a)
     with torch.inference_mode():
         together = native.flow_many(priors, speaker, bucket=bucket)
+        stack = passes[0]
+        assert passes == [stack] * len(native.flows)
+        assert stack % (STACK_BUCKET if bucket > 1 else 1) == 0  # few distinct row counts where oneDNN runs them
         assert len(together) == len(priors)
         for prior, (latents, column) in zip(priors, together, strict=True):
             alone, alone_column = native.flow(prior, speaker, bucket=bucket)
@@ -346,6 +353,7 @@ def test_sentences_flowed_together_are_each_flowed_as_alone(variant: str, bucket
                 assert torch.equal(column, alone_column)
     rows = sum(native.stack_rows(n, bucket=bucket) for n in counts)
     assert rows % bucket == 0 and rows >= sum(counts) + gap * len(counts)
+    assert stack == (rows if bucket == 1 else -(-rows // STACK_BUCKET) * STACK_BUCKET)
 
 
 def test_a_request_runs_its_later_flows_together_within_flow_rows(tmp_path: Path,

@@ -82,7 +82,7 @@ class _Encodings:
 # sentences of bench/rtf.py's paragraph at 0.77x their time one by one in bf16 and 0.93x in fp32,
 # the Wyoming bench's three at 0.68x and 0.88x (Intel Xeon with AMX, 2 threads). It also bounds
 # what a request that is cancelled or refused for its length computes ahead of its audio.
-FLOW_ROWS = 1536
+FLOW_ROWS = 1536  # a multiple of model.STACK_BUCKET: a stack padded to it stays within this
 
 
 class _Flows:

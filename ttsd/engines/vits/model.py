@@ -46,6 +46,12 @@ FRAME_BUCKET = 128
 # threads, alternated in fresh processes). Padding to 128 before that: a 2-second reply's flow took
 # 13.4 ms, 9.3 at 32; peak RSS over 100 varied requests did not change at either step.
 GEMM_FRAME_BUCKET = 1
+# Several sentences' frames stacked for one pass of the flow (``flow_many``) are padded, in all, to a
+# multiple of this where frames are padded at all (oneDNN, which keeps kernels per row count):
+# stacks padded only to 128 met up to twelve new row counts, and a 100-request soak of 1-3
+# sentences peaked 14-20 MB higher in bf16 than one sentence at a time; padded to 512, 5-9 MB
+# (rtf.py's memory child, Intel Xeon with AMX, 2 threads).
+STACK_BUCKET = 512
 
 
 def frame_bucket_for(dtype: torch.dtype, path: str) -> int:
@@ -260,8 +266,9 @@ class NativeVits:
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """``flow`` for several sentences of one request at once, each sentence's result that of
         ``flow`` on it alone: they are stacked, each in ``stack_rows`` rows (its frames, then at
-        least ``flow_gap`` masked rows, padded to a multiple of ``bucket``), so that no WaveNet
-        layer reaches from one into the next. A flow's time is not all in its products: each
+        least ``flow_gap`` masked rows, padded to a multiple of ``bucket``; where ``bucket`` pads
+        at all, the whole stack to a multiple of ``STACK_BUCKET``), so that no WaveNet layer
+        reaches from one into the next. A flow's time is not all in its products: each
         call also runs the couplings' few hundred small operations (gates, masks, slices) and
         their launches whatever the rows, and one pass over several sentences pays those once
         (``bench/flows.py``: the later sentences of a paragraph took 0.77x the time one by one in
@@ -270,6 +277,8 @@ class NativeVits:
         bucket = self.frame_bucket if bucket is None else bucket
         counts = [p.shape[0] for p in priors]
         rows = [self.stack_rows(n, bucket=bucket) for n in counts]
+        if bucket > 1 and len(rows) > 1:  # few distinct row counts for oneDNN: the last one takes the rest
+            rows[-1] += _padded(sum(rows), STACK_BUCKET) - sum(rows)
         mask = torch.zeros(sum(rows), 1)
         start = 0
         for n, r in zip(counts, rows, strict=True):
