@@ -79,9 +79,10 @@ class _Encodings:
 # A request's units after its first run the prior flow together, as many as fit in this many rows
 # (``NativeVits.stack_rows`` each: about four sentences of Piper's medium voices). One pass over
 # several pays the couplings' small operations once: bench/flows.py measured the four later
-# sentences of bench/rtf.py's paragraph at 0.77x their time one by one in bf16 and 0.93x in fp32,
-# the Wyoming bench's three at 0.68x and 0.88x (Intel Xeon with AMX, 2 threads). It also bounds
-# what a request that is cancelled or refused for its length computes ahead of its audio.
+# sentences of bench/rtf.py's paragraph at 0.53-0.77x their time one by one in bf16 and 0.89-0.93x
+# in fp32, the Wyoming bench's three at 0.68-0.93x and 0.83-0.88x (two runs, Intel Xeon with AMX,
+# 2 threads). It also bounds what a request cancelled or refused for its length computes ahead of
+# its audio.
 FLOW_ROWS = 1536  # a multiple of model.STACK_BUCKET: a stack padded to it stays within this
 
 

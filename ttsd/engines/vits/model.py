@@ -271,8 +271,8 @@ class NativeVits:
         reaches from one into the next. A flow's time is not all in its products: each
         call also runs the couplings' few hundred small operations (gates, masks, slices) and
         their launches whatever the rows, and one pass over several sentences pays those once
-        (``bench/flows.py``: the later sentences of a paragraph took 0.77x the time one by one in
-        bf16 and 0.93x in fp32, Intel Xeon with AMX, 2 threads). The latents returned
+        (``bench/flows.py``: the later sentences of a paragraph took 0.53-0.77x the time one by
+        one in bf16 and 0.89-0.93x in fp32, Intel Xeon with AMX, 2 threads). The latents returned
         are views into one tensor."""
         bucket = self.frame_bucket if bucket is None else bucket
         counts = [p.shape[0] for p in priors]
