@@ -407,6 +407,47 @@ def test_a_request_runs_its_later_flows_together_within_flow_rows(tmp_path: Path
         assert float(np.abs(got - np.concatenate(alone)).max()) < 1e-6
 
 
+def test_a_request_leaves_no_reference_cycle(tmp_path: Path) -> None:
+    """A request's state (its units' encodings, the later units' latents made ahead) is freed by
+    reference counting when the request ends, whole or cut off after its first piece: the daemon
+    relies on no cycles (``VitsEngine.unload``, ``ttsd.malloc``), and a cycle kept the latents until
+    Python's cycle collector ran."""
+    import gc
+    import weakref
+
+    from conftest import plausible
+
+    from ttsd.engines.vits import engine as vits_engine
+    from ttsd.options import SynthesisOptions
+    from ttsd.speak import open_engine
+
+    e = open_engine(save_tiny_vits(tmp_path / "tiny-1", edit=plausible))
+    e.warmup()
+    text = "Hello there. How are you today? Fine, thanks. Bye now."
+    options = SynthesisOptions(seed=1)
+    states: list[weakref.ref[object]] = []
+    units = vits_engine.VitsEngine._units
+
+    def watched(self: vits_engine.VitsEngine, *args: object) -> object:
+        made = units(self, *args)  # type: ignore[arg-type]
+        states.extend([weakref.ref(made[0].flows), weakref.ref(made[0].encodings)])
+        return made
+
+    gc.collect()
+    gc.disable()
+    try:
+        vits_engine.VitsEngine._units = watched  # type: ignore[method-assign]
+        e.synthesize(text, options)
+        stream = e.synthesize_stream(text, options, pieces=True)
+        next(stream)
+        stream.close()
+        del stream
+        assert len(states) == 4 and all(state() is None for state in states)
+    finally:
+        vits_engine.VitsEngine._units = units  # type: ignore[method-assign]
+        gc.enable()
+
+
 def _raw_safetensors(path: Path, header: dict, data: bytes = b"", size: int | None = None) -> Path:  # type: ignore[type-arg]
     """A safetensors file written by hand (to say what safetensors' own writer would not)."""
     encoded = json.dumps(header).encode()

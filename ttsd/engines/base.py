@@ -140,7 +140,8 @@ class Engine(ABC, Generic[Unit]):
 
         Audio over ``max_audio_seconds`` (pauses included) is ``AudioTooLongError``: at once when
         the pauses alone would exceed it, else as soon as a unit takes the total over, so a refused
-        request costs at most the limit's worth of audio plus one unit.
+        request costs at most the limit's worth of audio plus one unit (and, in the vits engine,
+        the flow of the units after it that run theirs with it: ``FLOW_ROWS``).
 
         ``checked``: the caller has already passed ``text`` through ``check_text`` (stripped,
         within ``max_chars``) and ``options`` through ``check_options`` for this engine."""

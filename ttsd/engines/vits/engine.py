@@ -93,8 +93,10 @@ class _Flows:
     comes from its own generator (``VitsEngine._prior``), so drawing a later unit's early changes
     nothing. Each result is handed out once."""
 
-    def __init__(self) -> None:
-        self.units: list[Unit] = []
+    def __init__(self, ids: list[list[int]], encodings: _Encodings) -> None:
+        # the units' ids and encodings, not the units: a unit holds this, and a cycle would keep a
+        # request's tensors until Python's cycle collector ran (unload and malloc rely on none)
+        self.ids, self.encodings = ids, encodings
         self.priors: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # made, not yet flowed
         self.ready: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -107,9 +109,11 @@ class _Flows:
             priors: list[torch.Tensor] = []
             speaker: torch.Tensor | None = None
             rows = 0
-            for j in range(index, len(self.units)):
+            for j in range(index, len(self.ids)):
                 made = self.priors.pop(j, None)
-                prior, speaker = made if made is not None else engine._prior(self.units[j], options)
+                if made is None:
+                    made = engine._prior(Unit(self.ids[j], encodings=self.encodings, index=j), options)
+                prior, speaker = made
                 need = model.stack_rows(prior.shape[0])
                 if group and rows + need > FLOW_ROWS:
                     self.priors[j] = (prior, speaker)  # its noise is drawn: kept for its own group
@@ -308,9 +312,10 @@ class VitsEngine(Engine[Unit]):
     @staticmethod
     def _shared(units: list[Unit]) -> list[Unit]:
         """The units, each knowing the request's ``_Encodings`` and ``_Flows`` and its place in them."""
-        encodings, flows = _Encodings([unit.ids for unit in units]), _Flows()
-        flows.units = [replace(unit, encodings=encodings, index=i, flows=flows) for i, unit in enumerate(units)]
-        return flows.units
+        ids = [unit.ids for unit in units]
+        encodings = _Encodings(ids)
+        flows = _Flows(ids, encodings)
+        return [replace(unit, encodings=encodings, index=i, flows=flows) for i, unit in enumerate(units)]
 
     def _continues(self, unit: Unit) -> bool:
         return unit.continues
