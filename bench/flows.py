@@ -69,7 +69,7 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
                     times[name].append(time.perf_counter() - started)
             t, a = statistics.median(times["together"]), statistics.median(times["alone"])
             frames = [p.shape[0] for p in priors_]
-            rows = sum(model.stack_rows(n) for n in frames)
+            rows = sum(model.stack_layout(frames))
             lines.append(f"| {label} | {', '.join(map(str, frames))} | {rows} | {t * 1e3:.1f} ms | {a * 1e3:.1f} ms "
                          f"| {t / a:.2f}x | {worst:.1e} |")
         conv = model.flows[0].layers[0][0]  # the first coupling's first WaveNet in-layer, as the engine runs it

@@ -353,6 +353,7 @@ def test_sentences_flowed_together_are_each_flowed_as_alone(variant: str, bucket
                 assert torch.equal(column, alone_column)
     rows = sum(native.stack_rows(n, bucket=bucket) for n in counts)
     assert rows % bucket == 0 and rows >= sum(counts) + gap * len(counts)
+    assert stack == sum(native.stack_layout(counts, bucket=bucket))
     assert stack == (rows if bucket == 1 else -(-rows // STACK_BUCKET) * STACK_BUCKET)
 
 

@@ -261,6 +261,16 @@ class NativeVits:
         latents = x[:count].t()[None]  # (1, flow_size, frames), a time-major view: channels-last for the decoder
         return latents, None if speaker is None else speaker[..., None]
 
+    def stack_layout(self, frames: Sequence[int], *, bucket: int | None = None) -> list[int]:
+        """The rows each of several sentences takes in ``flow_many``'s stack: ``stack_rows`` each,
+        and, where frames are padded at all, the last one's extended to bring the whole to a
+        multiple of ``STACK_BUCKET`` (few distinct row counts for oneDNN)."""
+        bucket = self.frame_bucket if bucket is None else bucket
+        rows = [self.stack_rows(n, bucket=bucket) for n in frames]
+        if bucket > 1 and len(rows) > 1:
+            rows[-1] += _padded(sum(rows), STACK_BUCKET) - sum(rows)
+        return rows
+
     def flow_many(
         self, priors: Sequence[torch.Tensor], speaker: torch.Tensor | None, *, bucket: int | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -274,11 +284,8 @@ class NativeVits:
         (``bench/flows.py``: the later sentences of a paragraph took 0.53-0.77x the time one by
         one in bf16 and 0.89-0.93x in fp32, Intel Xeon with AMX, 2 threads). The latents returned
         are views into one tensor."""
-        bucket = self.frame_bucket if bucket is None else bucket
         counts = [p.shape[0] for p in priors]
-        rows = [self.stack_rows(n, bucket=bucket) for n in counts]
-        if bucket > 1 and len(rows) > 1:  # few distinct row counts for oneDNN: the last one takes the rest
-            rows[-1] += _padded(sum(rows), STACK_BUCKET) - sum(rows)
+        rows = self.stack_layout(counts, bucket=bucket)
         mask = torch.zeros(sum(rows), 1)
         start = 0
         for n, r in zip(counts, rows, strict=True):
