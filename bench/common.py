@@ -2,7 +2,7 @@
 ``wait_for``, ``pct``, ``rss_mb``, ``cpu_name``): where the voice cache is, the command line to
 print, how a bench ends a daemon (``busy.py``, ``hotswap.py``, ``serve.py``, ``soak.py``,
 ``voices.py``), and how one measures each precision in a fresh process of its own
-(``decoder_plans.py``, ``flows.py``, ``memory_parts.py``)."""
+(``precision_main``: ``decoder_plans.py``, ``flows.py``, ``memory_parts.py``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ttsd.testing import Daemon
@@ -37,11 +38,25 @@ def finish(daemon: Daemon, grace: float = 60.0) -> tuple[int, str]:
         daemon.cleanup()
 
 
-def each_precision(script: str, args: argparse.Namespace, *, forward: tuple[str, ...] = ("threads",)) -> None:
-    """Run ``script`` once per precision in ``args.precision`` (a comma list; default fp32, and bf16
-    where the CPU does it natively), each in a fresh process (``--one PRECISION`` plus the options
-    named in ``forward`` and ``--cache``), so that nothing one precision built or kept is in the
-    other's figures; print the command line, the CPU and each child's output in turn."""
+def precision_main(script: str, doc: str | None, measure: Callable[..., list[str]], runs: int | None = None) -> None:
+    """The ``main`` of a bench that measures each precision in a fresh process of its own, so that
+    nothing one precision built or kept is in the other's figures. Options: ``--threads``,
+    ``--precision`` (a comma list; default fp32, and bf16 where the CPU does it natively),
+    ``--cache``, and ``--runs`` when ``runs`` is its default. The parent prints the command line and
+    the CPU, then runs ``script --one PRECISION`` for each and prints its output; a child prints
+    ``measure(precision, [runs,] threads, cache)``, one line per item."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    if runs is not None:
+        parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default=None, help="fp32,bf16 (default: bf16 too where the CPU has it)")
+    parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or a temp dir)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: this precision only
+    args = parser.parse_args()
+    forward = ("runs", "threads") if runs is not None else ("threads",)
+    if args.one:
+        print("\n".join(measure(args.one, *(getattr(args, name) for name in forward), args.cache)), flush=True)
+        return
     from ttsd.engines.precision import native_bf16
     from ttsd.testing import cpu_name
 

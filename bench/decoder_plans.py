@@ -22,7 +22,6 @@ One process per precision (``--precision fp32,bf16``, bf16 where the CPU has it 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -127,19 +126,10 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", default=None, help="fp32,bf16 (default: bf16 too where the CPU has it)")
-    parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or a temp dir)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: this precision only
-    args = parser.parse_args()
-    if args.one:
-        print("\n".join(measure(args.one, args.runs, args.threads, args.cache)), flush=True)
-        return
-    from common import each_precision
+    from common import precision_main
 
-    each_precision(__file__, args, forward=("runs", "threads"))
+    precision_main(__file__, __doc__, measure, runs=15)
+
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,6 @@ Linux only. Run it on two commits to compare them (a worktree per commit)::
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -94,20 +93,12 @@ def measure(precision: str, threads: int, cache: Path | None) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", default=None, help="fp32,bf16 (default: bf16 too where the CPU has it)")
-    parser.add_argument("--cache", type=Path, help="ttsd cache dir (default $TTSD_CACHE or a temp dir)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: this precision only
-    args = parser.parse_args()
     if not Path("/proc/self/clear_refs").exists():
         sys.exit("memory_parts.py needs Linux's /proc/self/clear_refs")
-    if args.one:
-        print("\n".join(measure(args.one, args.threads, args.cache)), flush=True)
-        return
-    from common import each_precision
+    from common import precision_main
 
-    each_precision(__file__, args)
+    precision_main(__file__, __doc__, measure)
+
 
 if __name__ == "__main__":
     main()

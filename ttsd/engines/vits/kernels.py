@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from ...errors import LoadError
 from .. import precision
+from .model import _padded, frame_bucket_for
 from .weights import PATHS, Dense, _TimeConv
 
 log = logging.getLogger("ttsd.engines")
@@ -235,8 +236,6 @@ def _padding(kind: str, dtype: torch.dtype) -> Callable[[str], int] | None:
     the text side pads tokens the same on every path."""
     if kind != "flow":
         return None
-    from .model import _padded, frame_bucket_for
-
     return lambda path: _padded(ROWS[kind], frame_bucket_for(dtype, path))
 
 
