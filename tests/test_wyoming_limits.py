@@ -27,6 +27,7 @@ from wyoming.event import Event
 from wyoming.info import Describe
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
 
+MEMORY = ("RssAnon", "RssFile", "VmRSS")
 TEXT = ("The kitchen lights are on and the front door is locked for the night. " * 80)[:4990]
 
 
@@ -113,8 +114,8 @@ def test_clients_that_never_read_hold_a_bounded_amount_of_audio(tmp_path: Path, 
                                                                  joe_folder: Path) -> None:
     """Four clients ask for 4,990 characters (minutes of audio) and never read, for as long as the
     four answers take to make. The synthesis waits for the first (the worker held back, the rest
-    queued) instead of buffering all of them: the daemon grows by a few MB at most, not by four
-    answers' audio (~10 MB each as PCM; +95 MB before there was a bound)."""
+    queued) instead of buffering all of them: the daemon grows by a few MB at most, not by the
+    answers' audio (~10 MB each as PCM)."""
     port = free_port()
     d = start_daemon(tmp_path, cache_dir, "--wyoming", f"tcp://127.0.0.1:{port}", "--write-timeout", "300")
 
@@ -132,15 +133,18 @@ def test_clients_that_never_read_hold_a_bounded_amount_of_audio(tmp_path: Path, 
 
     seconds, size = asyncio.run(whole())  # a reading client: the answer's size and time, memory warmed
     assert size > 100 * 22050 * 2  # minutes of audio
-    before = d.rss_mb()
+    before = {field: d.rss_mb(field) for field in MEMORY}
     hostages = [never_reading(port) for _ in range(4)]
     try:
         time.sleep(min(60.0, max(5.0, 4 * seconds)) + 2)
         assert running(d) == (1, 3)  # the first one's synthesis waits for its client; the rest queue
-        grown = d.rss_mb() - before
-        # at most 1 MiB of audio held for the one being spoken (unbounded: +5 to +15 MB here after
-        # the warm-up, as the kernel's socket buffers and the allocator's slack took the rest)
-        assert grown < 5.0, f"{grown:.1f} MB for four clients that never read"
+        grown = {field: round(d.rss_mb(field) - before[field], 2) for field in MEMORY}
+        # At most 1 MiB of audio held for the one being spoken, and the latents of the sentences
+        # whose flow ran ahead. This test alone grew 0.1-1.7 MB (beside two CPU-bound programs too)
+        # and once 5.1 MB in a full parallel run; with the bound lifted (MAX_BUFFERED_BYTES 1 GiB)
+        # 19-24 MB, all of it anonymous memory, and the syntheses ended instead of waiting
+        # (Intel Xeon with AMX, 2 cores). The split says what grew when this fails.
+        assert grown["VmRSS"] < 10.0, f"{grown} (MB) for four clients that never read"
     finally:
         for hostage in hostages:
             hostage.close()
