@@ -3,11 +3,13 @@ they are served, runs at full speed when none is, and stops at its next call onc
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -212,3 +214,88 @@ def test_inside_a_guard_a_job_is_neither_paused_nor_called_off() -> None:
     assert result.get("stopped") == "a newer version" and "after" not in result
     assert float(result["inside"]) < 0.5  # paced, 20,000 calls would sleep for seconds  # type: ignore[arg-type]
 
+
+
+def _called_off_job(ticket: Ticket, body: Callable[[], None]) -> dict[str, object]:
+    """Run ``body`` as a paced job on a thread of its own, then a loop of Python calls for at most
+    2 s: what became of it ("stopped": the reason it was called off, or "ran on")."""
+    result: dict[str, object] = {}
+
+    def job() -> None:
+        try:
+            with paced(ticket, lambda: False):
+                body()
+                spin = time.monotonic() + 2
+                while time.monotonic() < spin:
+                    _step(1)
+                result["ran on"] = True
+        except Superseded as exc:
+            result["stopped"] = str(exc)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()
+    return result
+
+
+def test_a_job_called_off_while_the_cycle_collector_runs_finalizers_on_its_thread_stops_after_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's cycle collector runs whatever finalizers are due on the thread that set it off, a
+    job's too, and drops an exception one raises along with the hook that raised it: a rollback
+    landing then left the job running, neither paced nor called off (a flaky manager test's upgrade
+    thread outlived its 10 s join). 1. A job's collection runs the finalizers of 50 objects; the
+    first calls the job off. 2. Every finalizer runs to its end. 3. The job stops at its next call
+    after the collection. 4. Nothing was reported as unraisable."""
+    ticket = Ticket("test")
+    finished: list[int] = []
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    class Cyclic:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            ticket.cancel("a rollback")  # as if another thread's rollback landed now
+            finished.append(_step(1))
+
+    def collect() -> None:
+        gc.disable()
+        try:
+            for _ in range(50):
+                Cyclic()
+            gc.collect()
+        finally:
+            gc.enable()
+
+    result = _called_off_job(ticket, collect)
+    assert result == {"stopped": "a rollback"} and len(finished) == 50 and unraisable == []
+
+
+def test_a_job_called_off_inside_a_finalizer_it_set_off_is_still_called_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finalizer the job sets off itself (an object's last reference dropped) runs inside the
+    job's own calls: the hook's ``Superseded`` cuts it short and Python drops it, and the hook
+    with it. 1. The job drops an object whose finalizer calls it off. 2. The job still stops at its
+    next call. 3. The dropped exception is not reported; another unraisable one still is."""
+    ticket = Ticket("test")
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda args: unraisable.append(args.exc_type))
+
+    class Finalized:
+        def __del__(self) -> None:
+            ticket.cancel("a rollback")
+            _step(1)
+
+    def drop() -> None:
+        held = Finalized()
+        del held
+
+    assert _called_off_job(ticket, drop) == {"stopped": "a rollback"} and unraisable == []
+
+    class Broken:
+        def __del__(self) -> None:
+            raise ValueError("not ours")
+
+    Broken()
+    assert unraisable == [ValueError]

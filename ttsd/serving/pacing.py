@@ -38,10 +38,19 @@ at no measurable cost (10,000 calls per load). The same hook calls the job off: 
 Neither happens while the job holds one of the manager's locks (``Guard``): a pause there would
 hold up the event loop's readers of the same lock, and an exception there would leave a
 transition half made (a swap recorded but not done). The hook acts at the job's next call after.
+
+Nor while Python's cycle collector runs on the job's thread (``gc.callbacks``): it runs other
+objects' finalizers there, whatever thread made them. Python drops an exception a finalizer or a
+weakref callback raises (it reports it as "unraisable"), and it drops a profile hook that raised
+with it: a job called off inside one ran on to its end, neither called off nor paced. A finalizer
+the job itself sets off (an object's last reference dropped) can still be cut short; then the
+``sys.unraisablehook`` that pacing chains in puts the hook back, and the job is called off at its
+next call.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
@@ -60,7 +69,41 @@ URGENT_PAUSE_S = 0.001
 MAX_PAUSE_S = 0.25  # however long the last call ran: a job still looks at its ticket this often
 
 
-_held = threading.local()  # how many Guards this thread holds
+# per thread: how many Guards it holds (depth), whether the cycle collector runs on it
+# (collecting), its job's hook (hook)
+_held = threading.local()
+
+
+def _collecting(phase: str, _info: dict[str, int]) -> None:
+    _held.collecting = phase == "start"
+
+
+gc.callbacks.append(_collecting)
+
+
+class _Rearm:
+    """A ``sys.unraisablehook`` that puts a job's hook back after Python dropped the ``Superseded``
+    it raised in a finalizer (and the hook with it); anything else goes to the hook it wraps."""
+
+    def __init__(self, wrapped: Callable[[Any], object]) -> None:
+        self.wrapped = wrapped
+
+    def __call__(self, unraisable: Any) -> None:
+        hook = getattr(_held, "hook", None)
+        if hook is not None and unraisable.exc_type is not None and issubclass(unraisable.exc_type, Superseded):
+            sys.setprofile(hook)  # the job is called off at its next call, outside the finalizer
+            return
+        self.wrapped(unraisable)
+
+
+# the hook's own helpers, which Python calls on the job's thread: the hook never acts inside them
+_QUIET = (_collecting.__code__, _Rearm.__call__.__code__)
+
+
+def _chain_rearm() -> None:
+    """Put ``_Rearm`` on top of ``sys.unraisablehook`` (again, if a test runner swapped it)."""
+    if not isinstance(sys.unraisablehook, _Rearm):
+        sys.unraisablehook = _Rearm(sys.unraisablehook)
 
 
 class Guard:
@@ -119,8 +162,8 @@ def paced(ticket: Ticket, serving: Callable[[], bool]) -> Iterator[None]:
 
     def hook(_frame: FrameType, _event: str, _arg: Any) -> None:
         nonlocal started
-        if getattr(_held, "depth", 0):
-            return  # inside one of the manager's locks: see the module docstring
+        if getattr(_held, "depth", 0) or getattr(_held, "collecting", False) or _frame.f_code in _QUIET:
+            return  # inside one of the manager's locks, or the cycle collector: see the module docstring
         if ticket.cancelled is not None:
             raise Superseded(ticket.cancelled)
         ran = clock() - started
@@ -132,8 +175,11 @@ def paced(ticket: Ticket, serving: Callable[[], bool]) -> Iterator[None]:
                 sleep(min(ran * pause / run, MAX_PAUSE_S))  # releases the GIL and the core
             started = clock()
 
+    _chain_rearm()
+    _held.hook = hook
     sys.setprofile(hook)
     try:
         yield
     finally:
         sys.setprofile(None)
+        _held.hook = None
