@@ -97,7 +97,7 @@ class _Rearm:
 
 
 # the hook's own helpers, which Python calls on the job's thread: the hook never acts inside them
-_QUIET = (_collecting.__code__, _Rearm.__call__.__code__)
+_QUIET = frozenset({id(_collecting.__code__), id(_Rearm.__call__.__code__)})
 
 
 def _chain_rearm() -> None:
@@ -162,7 +162,7 @@ def paced(ticket: Ticket, serving: Callable[[], bool]) -> Iterator[None]:
 
     def hook(_frame: FrameType, _event: str, _arg: Any) -> None:
         nonlocal started
-        if getattr(_held, "depth", 0) or getattr(_held, "collecting", False) or _frame.f_code in _QUIET:
+        if getattr(_held, "depth", 0) or getattr(_held, "collecting", False) or id(_frame.f_code) in _QUIET:
             return  # inside one of the manager's locks, or the cycle collector: see the module docstring
         if ticket.cancelled is not None:
             raise Superseded(ticket.cancelled)
