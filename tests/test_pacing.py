@@ -4,12 +4,19 @@ they are served, runs at full speed when none is, and stops at its next call onc
 from __future__ import annotations
 
 import gc
+import gzip
 import hashlib
+import io
+import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
+import traceback
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -273,29 +280,136 @@ def test_a_job_called_off_while_the_cycle_collector_runs_finalizers_on_its_threa
     assert result == {"stopped": "a rollback"} and len(finished) == 50 and unraisable == []
 
 
-def test_a_job_called_off_inside_a_finalizer_it_set_off_is_still_called_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_finalizers_a_called_off_job_sets_off_run_to_their_end_and_the_job_stops_after() -> None:
     """A finalizer the job sets off itself (an object's last reference dropped) runs inside the
-    job's own calls: the hook's ``Superseded`` cuts it short and Python drops it, and the hook
-    with it. 1. The job drops an object whose finalizer calls it off. 2. The job still stops at its
-    next call. 3. The dropped exception is not reported; another unraisable one still is."""
+    job's own calls. 1. A called-off job drops five temporary dirs (``weakref.finalize``) and five
+    objects with a ``__del__``. 2. Every one runs to its end: the dirs are gone (cut short at the
+    first one, the hook cut the rest short too, and four dirs stayed on disk). 3. The job stops at
+    its next call."""
+    ticket = Ticket("test")
+    dirs: list[str] = []
+    deleted: list[int] = []
+
+    class Finalized:
+        def __del__(self) -> None:
+            _step(1)
+            deleted.append(1)
+
+    def drop() -> None:
+        held = [tempfile.TemporaryDirectory() for _ in range(5)]
+        dirs.extend(d.name for d in held)
+        objects = [Finalized() for _ in range(5)]
+        ticket.cancelled = "a rollback"  # as Ticket.cancel does from another thread: no call here
+        del held, objects
+
+    assert _called_off_job(ticket, drop) == {"stopped": "a rollback"}
+    assert [d for d in dirs if os.path.exists(d)] == [] and len(deleted) == 5
+
+
+def test_a_superseded_python_drops_in_a_weakref_callback_puts_the_hook_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weakref callback is a finalizer the hook cannot tell from the job's own calls: its
+    ``Superseded`` is dropped as unraisable, and the hook with it. 1. The job drops an object whose
+    weakref callback calls it off. 2. The job still stops at its next call. 3. The dropped
+    exception is not reported; another unraisable one still is, and the hook it goes to runs whole
+    even when the job is called off meanwhile (it is neither paced nor cut short)."""
     ticket = Ticket("test")
     unraisable: list[object] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda args: unraisable.append(args.exc_type))
 
-    class Finalized:
-        def __del__(self) -> None:
-            ticket.cancel("a rollback")
-            _step(1)
+    class Referent:
+        pass
+
+    def callback(_ref: object) -> None:
+        ticket.cancel("a rollback")
+        _step(1)
 
     def drop() -> None:
-        held = Finalized()
+        held = Referent()
+        ref = weakref.ref(held, callback)
         del held
+        assert ref() is None
 
     assert _called_off_job(ticket, drop) == {"stopped": "a rollback"} and unraisable == []
+
+    reported: list[str] = []
+
+    def report(args: Any) -> None:  # a logger's hook: Python calls all the way
+        ticket2.cancel("a rollback")
+        reported.append("".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
 
     class Broken:
         def __del__(self) -> None:
             raise ValueError("not ours")
 
-    Broken()
-    assert unraisable == [ValueError]
+    def broken() -> None:
+        Broken()
+
+    ticket2 = Ticket("test")
+    monkeypatch.setattr(sys, "unraisablehook", report)
+    assert _called_off_job(ticket2, broken) == {"stopped": "a rollback"}
+    assert len(reported) == 1 and "ValueError: not ours" in reported[0]
+
+
+def test_a_job_called_off_as_it_takes_or_lets_go_of_a_guard_leaves_the_lock_free() -> None:
+    """1. A job waits for a Guard's lock that a rollback holds; the rollback calls it off and lets
+    go. 2. A job called off inside a Guard leaves it. Either way the job stops and the lock is
+    free after it (the hook acted between the lock and the depth, and the manager's lock stayed
+    with a dead thread: every later rollback waited for ever)."""
+    from ttsd.serving.pacing import Guard
+
+    lock = threading.Lock()
+    guard, ticket = Guard(lock), Ticket("test")
+
+    def take() -> None:
+        with guard:
+            pass
+
+    lock.acquire()
+    rollback = threading.Timer(0.1, lambda: (ticket.cancel("a rollback"), lock.release()))
+    rollback.start()
+    assert _called_off_job(ticket, take) == {"stopped": "a rollback"} and not lock.locked()
+    rollback.join()
+
+    ticket = Ticket("test")
+
+    def inside() -> None:
+        with guard:
+            ticket.cancel("a rollback")
+
+    assert _called_off_job(ticket, inside) == {"stopped": "a rollback"} and not lock.locked()
+
+
+def test_a_job_called_off_after_its_last_call_cleans_up_on_its_own_thread() -> None:
+    """The block's last call done, the ticket is cancelled, and the block ends: the job is not
+    stopped (it did its work), and its thread is left with no hook and no job (the exit ran
+    there, not later on whichever thread dropped the exception)."""
+    ticket = Ticket("test")
+    seen: dict[str, object] = {}
+
+    def job() -> None:
+        with paced(ticket, lambda: False):
+            ticket.cancelled = "a rollback"  # no call after this one
+        seen["profile"], seen["hook"], seen["ticket"] = sys.getprofile(), pacing._held.hook, pacing._held.ticket
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(10)
+    assert seen == {"profile": None, "hook": None, "ticket": None}
+
+
+def test_checkpoint_calls_off_a_job_whose_hook_python_dropped_without_a_word() -> None:
+    """An ``io`` object's ``close`` at its last reference: Python drops what it raises without
+    reporting it, and the hook with it. 1. A called-off job drops an unclosed gzip file. 2. Its
+    next checkpoint stops it. 3. Outside a job a checkpoint does nothing."""
+    ticket = Ticket("test")
+    dropped: list[object] = []
+
+    def drop() -> None:
+        held = gzip.GzipFile(fileobj=io.BytesIO(gzip.compress(b"x" * 100)))
+        ticket.cancelled = "a rollback"  # as Ticket.cancel does from another thread: no call here
+        del held
+        dropped.append(sys.getprofile())  # reached only without the hook: it would raise at this call
+        pacing.checkpoint()
+
+    assert _called_off_job(ticket, drop) == {"stopped": "a rollback"} and dropped == [None]
+    pacing.checkpoint()

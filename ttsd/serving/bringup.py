@@ -39,6 +39,7 @@ from ..signing import TrustedKeys, signature_digest
 from ..signing import describe as describe_signature
 from .lifecycle import Lifecycle
 from .loader import StoreLost, check_store_copy, load_engine
+from .pacing import checkpoint
 from .store import ModelStore, content_id
 from .table import VersionTable
 from .versions import Listener, ModelVersion, State
@@ -136,6 +137,7 @@ class BringUp:
                 self.table.change(model, store_copy=copy, manifest=manifest, content=content_id(manifest))
             self._check_signature(model)
             assert model.store_copy is not None and model.manifest is not None
+            checkpoint()  # a job called off while it verified goes no further (see pacing)
             self.table.change(model, state=State.LOADING)
             self._listener("loading", model)
             engine_class(model.manifest.engine)  # imported first: torch's own start-up is no voice's cost

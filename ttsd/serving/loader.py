@@ -19,6 +19,7 @@ from ..engines.threads import FreeCores, process_count, process_threads, thread_
 from ..errors import TtsdError, VerifyError, is_system_oserror
 from ..malloc import trim
 from ..manifest import Manifest, read_manifest, verify
+from .pacing import checkpoint
 from .store import ModelStore, content_id
 from .versions import ModelVersion
 
@@ -54,6 +55,7 @@ def load_engine(
         free = FreeCores()
         with thread_cores(1):
             engine.load()
+        checkpoint()  # a job called off during the load goes no further, however the load ended
         warming()
         cores, why = warm_cores(free.measure, live())
         log.debug("%s %s warms up on %s thread(s) (%s)", manifest.name, manifest.version, cores, why)

@@ -39,13 +39,16 @@ Neither happens while the job holds one of the manager's locks (``Guard``): a pa
 hold up the event loop's readers of the same lock, and an exception there would leave a
 transition half made (a swap recorded but not done). The hook acts at the job's next call after.
 
-Nor while Python's cycle collector runs on the job's thread (``gc.callbacks``): it runs other
-objects' finalizers there, whatever thread made them. Python drops an exception a finalizer or a
-weakref callback raises (it reports it as "unraisable"), and it drops a profile hook that raised
-with it: a job called off inside one ran on to its end, neither called off nor paced. A finalizer
-the job itself sets off (an object's last reference dropped) can still be cut short; then the
-``sys.unraisablehook`` that pacing chains in puts the hook back, and the job is called off at its
-next call.
+Nor while Python runs a finalizer on the job's thread. Python drops an exception a finalizer
+(``__del__``, a ``weakref.finalize``, a weakref callback) raises, reporting it as "unraisable", and
+drops with it the profile hook that raised: a job called off there ran on to its end, neither
+called off nor paced, and the finalizer's own clean-up was cut short. The cycle collector runs other
+objects' finalizers on whatever thread sets it off, so the hook neither pauses nor raises while a
+collection runs on its thread (``gc.callbacks``), and does not raise inside a ``__del__`` or a
+``weakref.finalize``: the job stops at its own next call. Where one
+still drops the hook's ``Superseded`` (another weakref callback), the ``sys.unraisablehook`` that
+pacing chains in puts the hook back; where Python drops it without a word (an ``io`` object's
+``close`` at its last reference), ``checkpoint()``, between a job's phases, still calls it off.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ import gc
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -69,9 +72,16 @@ URGENT_PAUSE_S = 0.001
 MAX_PAUSE_S = 0.25  # however long the last call ran: a job still looks at its ticket this often
 
 
-# per thread: how many Guards it holds (depth), whether the cycle collector runs on it
-# (collecting), its job's hook (hook)
-_held = threading.local()
+class _Held(threading.local):
+    """Per thread, what the hook reads at every call (class defaults: no lookup fails)."""
+
+    depth = 0  # Guards held
+    collecting = False  # the cycle collector runs
+    ticket: Ticket | None = None  # the job's, while it runs paced
+    hook: Callable[[FrameType, str, Any], None] | None = None  # the job's hook, while it runs
+
+
+_held = _Held()
 
 
 def _collecting(phase: str, _info: dict[str, int]) -> None:
@@ -80,24 +90,38 @@ def _collecting(phase: str, _info: dict[str, int]) -> None:
 
 gc.callbacks.append(_collecting)
 
+_FINALIZE = weakref.finalize.__call__.__code__
+
+
+def _in_finalizer(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside a ``__del__`` or a ``weakref.finalize`` (looked at only once a
+    job is called off)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or code is _FINALIZE:
+            return True
+        frame = frame.f_back
+    return False
+
 
 class _Rearm:
     """A ``sys.unraisablehook`` that puts a job's hook back after Python dropped the ``Superseded``
-    it raised in a finalizer (and the hook with it); anything else goes to the hook it wraps."""
+    it raised in a finalizer (and the hook with it); anything else goes to the hook it wraps, with
+    the job's hook quiet meanwhile."""
 
     def __init__(self, wrapped: Callable[[Any], object]) -> None:
         self.wrapped = wrapped
 
     def __call__(self, unraisable: Any) -> None:
-        hook = getattr(_held, "hook", None)
+        hook = _held.hook
         if hook is not None and unraisable.exc_type is not None and issubclass(unraisable.exc_type, Superseded):
             sys.setprofile(hook)  # the job is called off at its next call, outside the finalizer
             return
-        self.wrapped(unraisable)
-
-
-# the hook's own helpers, which Python calls on the job's thread: the hook never acts inside them
-_QUIET = frozenset({id(_collecting.__code__), id(_Rearm.__call__.__code__)})
+        _held.depth += 1  # the wrapped hook (a test runner's, a logger's) is neither paced nor cut short
+        try:
+            self.wrapped(unraisable)
+        finally:
+            _held.depth -= 1
 
 
 def _chain_rearm() -> None:
@@ -108,19 +132,25 @@ def _chain_rearm() -> None:
 
 class Guard:
     """A lock (``threading.Lock`` or ``RLock``) inside which a paced job is neither paused nor
-    called off: the manager's locks are all Guards. Used as a context manager only."""
+    called off: the manager's locks are all Guards. Used as a context manager only. The depth is
+    raised before the lock is taken and lowered after it is let go, so the hook cannot act between
+    the two (a job called off there kept the lock for good)."""
 
     def __init__(self, lock: threading.Lock | threading.RLock | None = None) -> None:
         self._lock = lock if lock is not None else threading.Lock()
 
     def __enter__(self) -> Guard:
-        self._lock.acquire()
-        _held.depth = getattr(_held, "depth", 0) + 1
+        _held.depth += 1
+        try:
+            self._lock.acquire()
+        except BaseException:
+            _held.depth -= 1
+            raise
         return self
 
     def __exit__(self, *_: object) -> None:
-        _held.depth -= 1
         self._lock.release()
+        _held.depth -= 1
 
 
 class Superseded(BaseException):  # a signal, like asyncio.CancelledError
@@ -148,38 +178,62 @@ class Ticket:
             raise Superseded(self.cancelled)
 
 
-@contextmanager
-def paced(ticket: Ticket, serving: Callable[[], bool]) -> Iterator[None]:
+def checkpoint() -> None:
+    """Between a job's phases: ``Superseded`` if the job running on this thread was called off
+    (where Python dropped the hook's own without a word, see the module docstring)."""
+    ticket = _held.ticket
+    if ticket is not None:
+        ticket.check()
+
+
+class paced:  # lower case: used as ``with paced(ticket, serving):``, as it was a function
     """Run the block on this thread at the pace above, and stop it with ``Superseded`` once
     ``ticket`` is cancelled. A profiler or debugger that owns the hook is left alone (then the
     block is neither paced nor cancellable mid-way; the job still checks its ticket before it
-    commits)."""
-    if sys.getprofile() is not None:
-        yield
-        return
-    clock, sleep = time.perf_counter, time.sleep
-    started = clock()
+    commits). A class rather than a generator: its exit runs on the job's thread, the hook quiet
+    in it, however the block ends."""
 
-    def hook(_frame: FrameType, _event: str, _arg: Any) -> None:
-        nonlocal started
-        if getattr(_held, "depth", 0) or getattr(_held, "collecting", False) or id(_frame.f_code) in _QUIET:
-            return  # inside one of the manager's locks, or the cycle collector: see the module docstring
-        if ticket.cancelled is not None:
-            raise Superseded(ticket.cancelled)
-        ran = clock() - started
-        run, pause = (URGENT_RUN_S, URGENT_PAUSE_S) if ticket.urgent else (RUN_S, PAUSE_S)
-        if ran > run:
-            if serving():
-                # in proportion to what ran: one torch op may take several ms, and a fixed pause
-                # after it would give the job a larger share than RUN : PAUSE
-                sleep(min(ran * pause / run, MAX_PAUSE_S))  # releases the GIL and the core
-            started = clock()
+    def __init__(self, ticket: Ticket, serving: Callable[[], bool]) -> None:
+        self.ticket, self.serving = ticket, serving
+        self.installed = False
 
-    _chain_rearm()
-    _held.hook = hook
-    sys.setprofile(hook)
-    try:
-        yield
-    finally:
-        sys.setprofile(None)
-        _held.hook = None
+    def __enter__(self) -> None:
+        if sys.getprofile() is not None:
+            return
+        ticket, serving = self.ticket, self.serving
+        clock, sleep = time.perf_counter, time.sleep
+        started = clock()
+
+        def hook(frame: FrameType, _event: str, _arg: Any) -> None:
+            nonlocal started
+            if _held.depth or _held.collecting or id(frame.f_code) in _QUIET:
+                return  # inside one of the manager's locks, a collection, or pacing's own code
+            if ticket.cancelled is not None:
+                if _in_finalizer(frame):
+                    return  # at the job's own next call: see the module docstring
+                raise Superseded(ticket.cancelled)
+            ran = clock() - started
+            run, pause = (URGENT_RUN_S, URGENT_PAUSE_S) if ticket.urgent else (RUN_S, PAUSE_S)
+            if ran > run:
+                if serving():
+                    # in proportion to what ran: one torch op may take several ms, and a fixed pause
+                    # after it would give the job a larger share than RUN : PAUSE
+                    sleep(min(ran * pause / run, MAX_PAUSE_S))  # releases the GIL and the core
+                started = clock()
+
+        _chain_rearm()
+        _held.ticket, _held.hook = ticket, hook
+        self.installed = True
+        sys.setprofile(hook)
+
+    def __exit__(self, *_: object) -> None:
+        if self.installed:
+            sys.setprofile(None)
+            _held.ticket = _held.hook = None
+
+
+# pacing's own code, which Python runs on the job's thread: the hook never acts inside it
+_QUIET = frozenset(
+    id(code)
+    for code in (_collecting.__code__, _Rearm.__call__.__code__, paced.__enter__.__code__, paced.__exit__.__code__)
+)
