@@ -7,7 +7,9 @@ import gc
 import gzip
 import hashlib
 import io
+import logging
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -413,3 +415,84 @@ def test_checkpoint_calls_off_a_job_whose_hook_python_dropped_without_a_word() -
 
     assert _called_off_job(ticket, drop) == {"stopped": "a rollback"} and dropped == [None]
     pacing.checkpoint()
+
+
+def test_a_called_off_job_stops_only_where_nothing_it_began_is_left_open() -> None:
+    """The hook stops a called-off job just before a call in the job's own code, never at a call
+    that ends something begun nor inside the standard library. 1. Called off inside a plain
+    ``with lock:`` block, the job stops after the lock's exit (stopped at it, the lock stayed
+    taken). 2. Called off while logging, between the handler taking its lock and letting go (a
+    cancel from another thread lands at any call): the handler's lock is free after the job, and
+    logging goes on (left taken, every thread that logged after would wait for ever). 3. Called
+    off in a function that returns a lock it took: not stopped at the return, so the caller's
+    ``try``/``finally`` lets it go. 4. Called off inside ``Queue.put``: the put wakes its reader
+    before the job stops (stopped inside the standard library, the reader slept to its time-out)."""
+    lock, ticket = threading.Lock(), Ticket("test")
+
+    def locked() -> None:
+        with lock:
+            ticket.cancelled = "a rollback"  # as Ticket.cancel does from another thread: no call here
+
+    assert _called_off_job(ticket, locked) == {"stopped": "a rollback"} and not lock.locked()
+
+    class Landing(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            ticket.cancelled = "a rollback"  # lands inside the handler's lock
+
+    handler = Landing()
+    logger = logging.getLogger("ttsd.test.pacing")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        ticket = Ticket("test")
+        assert _called_off_job(ticket, lambda: logger.warning("loading")) == {"stopped": "a rollback"}
+        assert handler.lock is not None and handler.lock.acquire(timeout=1)
+        handler.lock.release()
+    finally:
+        logger.removeHandler(handler)
+
+    ticket = Ticket("test")
+
+    def take() -> None:  # returns a lock taken: stopped at its return, the caller could not let go
+        lock.acquire()
+        ticket.cancelled = "a rollback"
+
+    def take_then_let_go() -> None:
+        take()
+        try:
+            _step(1)
+        finally:
+            lock.release()
+
+    assert _called_off_job(ticket, take_then_let_go) == {"stopped": "a rollback"} and not lock.locked()
+
+    class Landing2(queue.Queue):  # type: ignore[type-arg]
+        def _put(self, item: object) -> None:
+            super()._put(item)
+            ticket.cancelled = "a rollback"  # lands inside Queue.put, before it wakes the reader
+
+    ticket, handoff = Ticket("test"), Landing2()
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(handoff.get(timeout=5)))
+    reader.start()
+    time.sleep(0.05)  # the reader waits in get()
+    assert _called_off_job(ticket, lambda: handoff.put("work")) == {"stopped": "a rollback"}
+    started = time.monotonic()
+    reader.join(5)
+    assert got == ["work"] and time.monotonic() - started < 1  # woken, not left to its time-out
+
+
+def test_an_urgent_job_is_never_called_off_and_one_called_off_first_cannot_become_urgent() -> None:
+    """A job that must finish (it unloaded the serving version under the memory policy) makes its
+    ticket urgent; a rollback that chose the ticket a moment before must not land after. 1. A
+    cancel after ``make_urgent`` is refused. 2. ``make_urgent`` after a cancel says so, and the
+    ticket stays called off."""
+    urgent = Ticket("test")
+    assert urgent.make_urgent()
+    urgent.cancel("a rollback")
+    assert urgent.cancelled is None
+    urgent.check()
+
+    called_off = Ticket("test")
+    called_off.cancel("a rollback")
+    assert not called_off.make_urgent() and not called_off.urgent and called_off.cancelled == "a rollback"

@@ -114,7 +114,7 @@ class Jobs:
         """Make ``voice``'s jobs urgent: a request now waits for them."""
         with self._lock:
             for ticket in self._of(voice):
-                ticket.urgent = True
+                ticket.make_urgent()  # one already called off stays so
 
     def _of(self, voice: str) -> list[Ticket]:
         """``voice``'s unfinished jobs (under ``_lock``)."""

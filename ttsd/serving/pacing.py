@@ -32,8 +32,14 @@ The pace is kept by a profile hook (``sys.setprofile``) on the job's own thread,
 Python and C function call (every torch op, every chunk hashed): about every 5 ms at worst
 (measured: the longest single call of a load of the built-in voice, ``get_tensors``, 5.5 ms), and
 at no measurable cost (10,000 calls per load). The same hook calls the job off: when its
-``Ticket`` is cancelled (a rollback, an activate, a newer version), the next call raises
-``Superseded``, a ``BaseException`` so that no engine's ``except Exception`` swallows it.
+``Ticket`` is cancelled (a rollback, an activate, a newer version), ``Superseded`` is raised just
+before the job's next call in its own code (an engine, ttsd, a library it loads with), a
+``BaseException`` so that no engine's ``except Exception`` swallows it. Not at a call that ends
+something begun (``release``, ``close``, ``__exit__``), not at a call's return (a lock it took or a
+file it opened would be lost), and not inside the standard library, whose logging keeps a lock per
+handler: a job stopped between taking one and letting go left it taken, and every thread that
+logged after waited for ever (``_safe_point``). An urgent job is never called off
+(``Ticket.make_urgent``).
 
 Neither happens while the job holds one of the manager's locks (``Guard``): a pause there would
 hold up the event loop's readers of the same lock, and an exception there would leave a
@@ -55,6 +61,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import sysconfig
 import threading
 import time
 import weakref
@@ -102,6 +109,38 @@ def _in_finalizer(frame: FrameType | None) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+# where the standard library's own code lives (its site-packages, if under it, excepted)
+_STDLIB = sysconfig.get_paths()["stdlib"]
+_PACKAGES = tuple({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+# calls that end something begun (a lock held, a file open, a ``with`` block): never stopped before
+_ENDINGS = frozenset({"release", "close", "__exit__", "__aexit__"})
+
+
+def _stdlib(frame: FrameType | None) -> bool:
+    if frame is None:
+        return True  # called from C with no Python caller: not the job's own code
+    name = frame.f_code.co_filename
+    return name.startswith("<frozen") or (name.startswith(_STDLIB) and not name.startswith(_PACKAGES))
+
+
+def _safe_point(frame: FrameType, event: str, arg: Any) -> bool:
+    """Whether a called-off job may stop here (looked at only once it is called off): just before
+    a call, in code of the job's own (an engine, ttsd, a library it loads with), that does not end
+    something begun, outside any finalizer. Not at a call's return (what it made, a lock taken or a
+    file opened, would be lost), nor inside the standard library (its logging keeps a lock per
+    handler: a job stopped between taking it and letting go left it taken, and every thread that
+    logged after waited for ever)."""
+    if event == "call":  # the callee has not begun: judged by its caller
+        if frame.f_code.co_name in _ENDINGS or _stdlib(frame.f_back):
+            return False
+    elif event == "c_call":
+        if getattr(arg, "__name__", "") in _ENDINGS or _stdlib(frame):
+            return False
+    else:
+        return False
+    return not _in_finalizer(frame)
 
 
 class _Rearm:
@@ -164,13 +203,25 @@ class Ticket:
 
     what: str  # "upgrade of voice to 3", for logs
     voice: str = ""
-    urgent: bool = False
+    urgent: bool = False  # set through make_urgent(): an urgent job is never called off
     cancelled: str | None = None  # why, once called off
     done: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def cancel(self, why: str) -> None:
-        if self.cancelled is None:
-            self.cancelled = why
+        """Call the job off, unless it is urgent (a voice waits for it, or it unloaded the serving
+        version and must bring one back)."""
+        with self._lock:
+            if self.cancelled is None and not self.urgent:
+                self.cancelled = why
+
+    def make_urgent(self) -> bool:
+        """Urgent from now on, so never called off; False if it was called off first (one lock
+        for both, so a cancel chosen before cannot land after)."""
+        with self._lock:
+            if self.cancelled is None:
+                self.urgent = True
+            return self.cancelled is None
 
     def check(self) -> None:
         """``Superseded`` if the job was called off: the last check before a commit."""
@@ -204,14 +255,14 @@ class paced:  # lower case: used as ``with paced(ticket, serving):``, as it was 
         clock, sleep = time.perf_counter, time.sleep
         started = clock()
 
-        def hook(frame: FrameType, _event: str, _arg: Any) -> None:
+        def hook(frame: FrameType, event: str, arg: Any) -> None:
             nonlocal started
             if _held.depth or _held.collecting or id(frame.f_code) in _QUIET:
                 return  # inside one of the manager's locks, a collection, or pacing's own code
             if ticket.cancelled is not None:
-                if _in_finalizer(frame):
-                    return  # at the job's own next call: see the module docstring
-                raise Superseded(ticket.cancelled)
+                if _safe_point(frame, event, arg):
+                    raise Superseded(ticket.cancelled)
+                return  # at the job's next safe point: see the module docstring
             ran = clock() - started
             run, pause = (URGENT_RUN_S, URGENT_PAUSE_S) if ticket.urgent else (RUN_S, PAUSE_S)
             if ran > run:

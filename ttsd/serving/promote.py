@@ -75,7 +75,10 @@ class Promoter:
         was_loaded = previous is not None and previous.engine is not None
         retired = None
         if self.policy.swap == "memory" and previous is not None:
-            ticket.urgent = True  # the voice serves nothing until this is done: no rollback calls it off
+            # the voice serves nothing until this is done: no rollback calls it off from here on
+            if not ticket.make_urgent():  # one did first: nothing is unloaded yet
+                self.lifecycle.discard(model, f"not serving: its upgrade was called off ({ticket.cancelled})")
+                raise Superseded(str(ticket.cancelled))
             self.lifecycle.retire_now(previous)
             retired = previous
         try:
