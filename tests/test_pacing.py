@@ -18,6 +18,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -496,3 +497,60 @@ def test_an_urgent_job_is_never_called_off_and_one_called_off_first_cannot_becom
     called_off = Ticket("test")
     called_off.cancel("a rollback")
     assert not called_off.make_urgent() and not called_off.urgent and called_off.cancelled == "a rollback"
+
+
+def test_a_library_installed_beside_the_standard_library_is_still_the_jobs_own_code() -> None:
+    """The standard library is told by module name, not path: a system Python keeps its packages
+    (torch, an engine) under the standard library's folder, and a job running there could not be
+    called off mid-way. 1. An engine's code, compiled as if installed there, loops. 2. Called off,
+    it stops at once."""
+    import sysconfig
+
+    where = f"{sysconfig.get_paths()['stdlib']}/site-packages/someengine/model.py"
+    scope: dict[str, Any] = {"__name__": "someengine.model", "_step": _step}
+    code = "def spin():\n    end = time.monotonic() + 3\n    while time.monotonic() < end:\n        _step(1)\n"
+    scope["time"] = time
+    exec(compile(code, where, "exec"), scope)  # noqa: S102
+    ticket = Ticket("test")
+    threading.Timer(0.05, ticket.cancel, ("a rollback",)).start()
+    started = time.monotonic()
+    assert _called_off_job(ticket, scope["spin"]) == {"stopped": "a rollback"}
+    assert time.monotonic() - started < 1
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("opener", ["open_beneath", "weights"])
+def test_a_load_called_off_just_after_it_opened_a_file_leaves_nothing_open(
+        opener: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call-off that lands while a file is being opened stops the job at its next call: the
+    descriptor is closed, not leaked for the daemon's life (opened, then handed to a check whose
+    call was the stop; or opened in the weights' reader, whose clean-up caught ``Exception``
+    only)."""
+    from ttsd import safe_read
+    from ttsd.engines.vits.weights import FileTensors
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "file").write_bytes(b"x" * 16)
+    ticket, real_open = Ticket("test"), os.open
+
+    def landing_open(*args: Any, **kwargs: Any) -> int:
+        fd = real_open(*args, **kwargs)
+        if str(args[0]).endswith("file"):
+            ticket.cancelled = "a rollback"  # lands as the file's open returns
+        return fd
+
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        before = _open_fds()
+        monkeypatch.setattr(os, "open", landing_open)
+        if opener == "open_beneath":
+            result = _called_off_job(ticket, lambda: safe_read.open_beneath(root, "sub/file"))
+        else:
+            result = _called_off_job(ticket, lambda: FileTensors(tmp_path / "sub" / "file"))
+        monkeypatch.undo()
+        assert result == {"stopped": "a rollback"} and _open_fds() == before
+    finally:
+        os.close(root)

@@ -58,7 +58,11 @@ def walk(folder: Path) -> tuple[list[str], list[Problem]]:
 _READ = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-def _regular(fd: int) -> int:
+def _open_regular(name: str | Path, dir_fd: int | None = None) -> int:
+    """``name`` opened for reading without following a link or blocking, refused unless a regular
+    file; closed on any failure after the open (a load called off included: nothing runs between
+    the open and the ``try`` that could stop it there)."""
+    fd = os.open(name, _READ | os.O_NONBLOCK, dir_fd=dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise IsADirectoryError(errno.EISDIR, "not a regular file")
@@ -71,7 +75,7 @@ def _regular(fd: int) -> int:
 def open_listed(path: Path) -> int:
     """A listed file opened for reading without following a link (a file swapped for a link or a
     device after the walk cannot make a check follow it); the caller closes the descriptor."""
-    return _regular(os.open(path, _READ | os.O_NONBLOCK))
+    return _open_regular(path)
 
 
 def open_beneath(root: int, rel: str) -> int:
@@ -79,16 +83,16 @@ def open_beneath(root: int, rel: str) -> int:
     without following a link at any step, so nothing outside the folder can be read through a
     folder or file swapped for a link; ``ELOOP`` if one is met. The caller closes it."""
     parts = rel.split("/")
-    opened: list[int] = []
+    opened = [-1] * (len(parts) - 1)  # stored without a call, so that each is closed below
     fd = root
     try:
-        for part in parts[:-1]:
-            fd = os.open(part, _READ | os.O_DIRECTORY, dir_fd=fd)
-            opened.append(fd)
-        return _regular(os.open(parts[-1], _READ | os.O_NONBLOCK, dir_fd=fd))
+        for index, part in enumerate(parts[:-1]):
+            opened[index] = fd = os.open(part, _READ | os.O_DIRECTORY, dir_fd=fd)
+        return _open_regular(parts[-1], dir_fd=fd)
     finally:
         for directory in opened:
-            os.close(directory)
+            if directory >= 0:
+                os.close(directory)
 
 
 def hash_fd(fd: int, size: int, sink: Callable[[bytes], object] | None = None) -> tuple[int, str]:

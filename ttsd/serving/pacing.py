@@ -34,8 +34,8 @@ Python and C function call (every torch op, every chunk hashed): about every 5 m
 at no measurable cost (10,000 calls per load). The same hook calls the job off: when its
 ``Ticket`` is cancelled (a rollback, an activate, a newer version), ``Superseded`` is raised just
 before the job's next call in its own code (an engine, ttsd, a library it loads with), a
-``BaseException`` so that no engine's ``except Exception`` swallows it. Not at a call that ends
-something begun (``release``, ``close``, ``__exit__``), not at a call's return (a lock it took or a
+``BaseException`` so that no engine's ``except Exception`` swallows it. Not at a call that begins
+or ends something (``__enter__``, ``__exit__``, ``release``, ``close``), not at a call's return (a lock it took or a
 file it opened would be lost), and not inside the standard library, whose logging keeps a lock per
 handler: a job stopped between taking one and letting go left it taken, and every thread that
 logged after waited for ever (``_safe_point``). An urgent job is never called off
@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import gc
 import sys
-import sysconfig
 import threading
 import time
 import weakref
@@ -111,32 +110,34 @@ def _in_finalizer(frame: FrameType | None) -> bool:
     return False
 
 
-# where the standard library's own code lives (its site-packages, if under it, excepted)
-_STDLIB = sysconfig.get_paths()["stdlib"]
-_PACKAGES = tuple({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-# calls that end something begun (a lock held, a file open, a ``with`` block): never stopped before
-_ENDINGS = frozenset({"release", "close", "__exit__", "__aexit__"})
+# calls that begin or end something (a ``with`` block, a lock held, a file open): never stopped
+# before, so that nothing is left half begun or unended
+_BRACKETS = frozenset({"release", "close", "__enter__", "__exit__", "__aenter__", "__aexit__"})
 
 
 def _stdlib(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs the standard library's code, told by its module's name (a path would
+    count packages installed beside it, as a system Python's are)."""
     if frame is None:
         return True  # called from C with no Python caller: not the job's own code
-    name = frame.f_code.co_filename
-    return name.startswith("<frozen") or (name.startswith(_STDLIB) and not name.startswith(_PACKAGES))
+    if frame.f_code.co_filename.startswith("<frozen"):
+        return True
+    module = frame.f_globals.get("__name__")
+    return isinstance(module, str) and module.partition(".")[0] in sys.stdlib_module_names
 
 
 def _safe_point(frame: FrameType, event: str, arg: Any) -> bool:
     """Whether a called-off job may stop here (looked at only once it is called off): just before
-    a call, in code of the job's own (an engine, ttsd, a library it loads with), that does not end
-    something begun, outside any finalizer. Not at a call's return (what it made, a lock taken or a
+    a call, in code of the job's own (an engine, ttsd, a library it loads with), that does not
+    begin or end something, outside any finalizer. Not at a call's return (what it made, a lock taken or a
     file opened, would be lost), nor inside the standard library (its logging keeps a lock per
     handler: a job stopped between taking it and letting go left it taken, and every thread that
     logged after waited for ever)."""
     if event == "call":  # the callee has not begun: judged by its caller
-        if frame.f_code.co_name in _ENDINGS or _stdlib(frame.f_back):
+        if frame.f_code.co_name in _BRACKETS or _stdlib(frame.f_back):
             return False
     elif event == "c_call":
-        if getattr(arg, "__name__", "") in _ENDINGS or _stdlib(frame):
+        if getattr(arg, "__name__", "") in _BRACKETS or _stdlib(frame):
             return False
     else:
         return False
@@ -259,10 +260,8 @@ class paced:  # lower case: used as ``with paced(ticket, serving):``, as it was 
             nonlocal started
             if _held.depth or _held.collecting or id(frame.f_code) in _QUIET:
                 return  # inside one of the manager's locks, a collection, or pacing's own code
-            if ticket.cancelled is not None:
-                if _safe_point(frame, event, arg):
-                    raise Superseded(ticket.cancelled)
-                return  # at the job's next safe point: see the module docstring
+            if ticket.cancelled is not None and _safe_point(frame, event, arg):
+                raise Superseded(ticket.cancelled)  # else at its next safe point, paced until then
             ran = clock() - started
             run, pause = (URGENT_RUN_S, URGENT_PAUSE_S) if ticket.urgent else (RUN_S, PAUSE_S)
             if ran > run:

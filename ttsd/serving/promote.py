@@ -71,14 +71,18 @@ class Promoter:
         except Superseded as exc:  # called off while it was copied in and hashed
             self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
             raise
-        previous = self.lifecycle.active(model.name)
-        was_loaded = previous is not None and previous.engine is not None
+        try:
+            previous = self.lifecycle.active(model.name)
+            was_loaded = previous is not None and previous.engine is not None
+            # under the memory policy the voice serves nothing until this is done: no rollback
+            # calls it off from here on (one that did first: nothing is unloaded yet)
+            if self.policy.swap == "memory" and previous is not None and not ticket.make_urgent():
+                raise Superseded(str(ticket.cancelled))
+        except Superseded as exc:
+            self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
+            raise
         retired = None
         if self.policy.swap == "memory" and previous is not None:
-            # the voice serves nothing until this is done: no rollback calls it off from here on
-            if not ticket.make_urgent():  # one did first: nothing is unloaded yet
-                self.lifecycle.discard(model, f"not serving: its upgrade was called off ({ticket.cancelled})")
-                raise Superseded(str(ticket.cancelled))
             self.lifecycle.retire_now(previous)
             retired = previous
         try:

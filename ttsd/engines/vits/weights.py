@@ -86,6 +86,9 @@ class FileTensors:
             if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
                 raise LoadError(f"{self.path}: weights do not load (a symbolic link)") from exc
             raise LoadError(f"{self.path}: weights do not load ({str(exc).splitlines()[0][:200]})") from exc
+        except BaseException:  # a load called off (pacing's Superseded): the file is not left open
+            self.close()
+            raise
 
     @staticmethod
     def _entry(header: Any, name: str, data: int) -> _Entry:
