@@ -129,10 +129,10 @@ def _stdlib(frame: FrameType | None) -> bool:
 def _safe_point(frame: FrameType, event: str, arg: Any) -> bool:
     """Whether a called-off job may stop here (looked at only once it is called off): just before
     a call, in code of the job's own (an engine, ttsd, a library it loads with), that does not
-    begin or end something, outside any finalizer. Not at a call's return (what it made, a lock taken or a
-    file opened, would be lost), nor inside the standard library (its logging keeps a lock per
-    handler: a job stopped between taking it and letting go left it taken, and every thread that
-    logged after waited for ever)."""
+    begin or end something, outside any finalizer. Not at a call's return (what it made, a lock
+    taken or a file opened, would be lost), nor inside the standard library (its logging keeps a
+    lock per handler: a job stopped between taking it and letting go left it taken, and every
+    thread that logged after waited for ever)."""
     if event == "call":  # the callee has not begun: judged by its caller
         if frame.f_code.co_name in _BRACKETS or _stdlib(frame.f_back):
             return False
