@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_util import Daemon, start_daemon
+from daemon_util import Daemon, start_daemon, wait_for
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncUnixClient
 from wyoming.error import Error
@@ -112,6 +112,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, joe_folder
     d = start_daemon(root, cache_dir, "--no-seed", "--default-voice", "en_US-joe-medium",
                      "--wyoming", f"unix://{root / 'wyoming.sock'}", per_test=False)
     try:
+        # the daemon serves once its default voice does; the other loads after it (its absence
+        # from describe failed these tests one run in three)
+        wait_for(lambda: {v["name"] for v in d.request("GET", "/v1/voices").json()["voices"] if v["active"]}
+                 == {"en_US-joe-medium", "kitchen"}, timeout=120, what="both voices serving")
         yield d
     finally:
         assert d.stop() == 0, d.logs()
