@@ -459,3 +459,31 @@ def test_a_withdrawn_version_never_serves_again_whatever_it_was_doing(tmp_path: 
     assert {v["version"]: v["state"] for v in voice["versions"] if v["version"] != "3"} == {
         "1": "rolled-back", "2": "rolled-back", "4": "rolled-back", "9": "rolled-back"}
     restarted.close()
+
+
+@pytest.mark.parametrize("state", ["loading", "warming"])
+def test_a_version_withdrawn_while_its_memory_policy_upgrade_loads_never_serves(tmp_path: Path, fake_engines: None,
+                                                                                 state: str) -> None:
+    """--swap-policy memory: v2's upgrade has unloaded v1, so no rollback calls it off (it must bring
+    a version back). A fleet mirror withdraws v2 while it loads or warms up: v2 must not become active
+    when it comes up (it did: the withdrawal only called off jobs that were not urgent). v1 serves
+    again, v2 stays rolled back, and one engine is loaded."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    slow = {"load_delay": 1.0} if state == "loading" else {"warmup_delay": 1.0}
+    fake_model(models, "voice", "2", **slow)
+    manager.reconcile(wait=False)
+    states = lambda: {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}  # noqa: E731
+    wait_for(lambda: states().get("2") == state, 10, f"v2 {state}", interval=0.01)
+    assert manager.snapshot()[0]["active"] is None  # v1 is unloaded: the job is urgent now
+    manager.withdraw("voice", "2", "withdrawn by the fleet mirror: clipped")
+    assert manager.jobs.wait(20)
+    voice = manager.snapshot()[0]
+    assert voice["active"] == "1" and states()["2"] == "rolled-back", voice
+    assert "withdrawn" in {v["version"]: v for v in voice["versions"]}["2"]["reason"]
+    assert manager.history()[-1]["why"] == "the upgrade was called off"
+    assert all(manager.acquire("voice").voice.version == "1" for _ in range(5))
+    assert FakeEngine.live == 1
+    manager.close()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import ResourceError
 from .loader import unload_engine
-from .pacing import Guard, Ticket
+from .pacing import Guard, Superseded, Ticket
 from .policy import backoff, beyond_keep
 from .serving_map import ServingMap, VoiceVersion
 from .state import ServingState, VersionRecord, VoiceRecord
@@ -88,8 +88,7 @@ class Lifecycle:
         ``Superseded`` when ``ticket`` was called off. ``load_seconds``: what bringing it up for this
         swap took, for the audit trail (None: nothing was loaded for it)."""
         with self.commit:
-            if ticket is not None:
-                ticket.check()
+            self._still_wanted(model, ticket)
             assert model.engine is not None
             saved = self.state.voice(model.name)
             voice = record or saved
@@ -151,6 +150,20 @@ class Lifecycle:
         self._spawn(lambda: self._settle(model.name))
         return swapped
 
+    def _still_wanted(self, model: ModelVersion, ticket: Ticket | None) -> None:
+        """Under ``commit``, before a job's commit: ``Superseded`` if the job was called off, or if
+        its version was rolled back or withdrawn meanwhile. An urgent job (a request waits for it,
+        or the memory policy unloaded the serving version for it) is never called off, so a
+        withdrawal that landed while it loaded is only seen here; the version is then marked rolled
+        back again, as the withdrawal left it (loading had moved it on). Without a ticket (an
+        operator's activate, resuming) nothing is checked: ``ttsd activate`` clears the mark."""
+        if ticket is None:
+            return
+        ticket.check()
+        if norm(model.version) in {norm(v) for v in self.state.voice(model.name).rolled_back}:
+            self.table.change(model, state=State.ROLLED_BACK, reason="rolled back or withdrawn while it loaded")
+            raise Superseded(f"{model.name} {model.version} was rolled back or withdrawn while it loaded")
+
     def _settle(self, name: str) -> None:
         self.state.trail.flush()
         self.save()
@@ -161,8 +174,7 @@ class Lifecycle:
         """``model`` takes the canary share of its voice's requests; a canary it supersedes (a
         newer version arrived before the old canary ended) is retired and unloaded."""
         with self.commit:
-            if ticket is not None:
-                ticket.check()
+            self._still_wanted(model, ticket)
             assert model.engine is not None
             self.map.add(model.key, self.voice_version(model), model.engine)
             self.state.put(model.name, self.state.voice(model.name).but(canary=model.version))

@@ -99,22 +99,17 @@ class Promoter:
                 return self._restore(retired)
         except Superseded as exc:
             self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
-            self._restore(retired)
+            self._restore(retired, "the upgrade was called off")
             raise
         self.table.change(model, backoff=0.0)
         self.demand.park_if_cold(model, was_loaded)
         return True
 
-    def _restore(self, retired: ModelVersion | None) -> bool:
-        """After a failed upgrade under the memory policy: the version it unloaded serves again."""
-        if (
-            retired is not None
-            and retired.engine is None
-            and self.bringup.bring_up(retired, "reloaded after a failed upgrade")
-        ):
-            self.lifecycle.activate(
-                retired, "the upgrade failed", push_previous=False, durable=False, load_seconds=retired.load_seconds
-            )
+    def _restore(self, retired: ModelVersion | None, why: str = "the upgrade failed") -> bool:
+        """After a failed upgrade under the memory policy (or one withdrawn while it loaded, the
+        one way an urgent upgrade is called off): the version it unloaded serves again."""
+        if retired is not None and retired.engine is None and self.bringup.bring_up(retired, f"reloaded: {why}"):
+            self.lifecycle.activate(retired, why, push_previous=False, durable=False, load_seconds=retired.load_seconds)
         return False
 
     # == a voice with nothing serving ===========================================================
