@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -487,3 +488,45 @@ def test_a_version_withdrawn_while_its_memory_policy_upgrade_loads_never_serves(
     assert all(manager.acquire("voice").voice.version == "1" for _ in range(5))
     assert FakeEngine.live == 1
     manager.close()
+
+
+def test_a_version_withdrawn_while_a_restart_brings_it_back_never_serves(tmp_path: Path, fake_engines: None) -> None:
+    """A restart resumes v2, the saved active version, which takes a second to load; a fleet mirror
+    withdraws it meanwhile (the daemon answers while its voices load). The resume has no job to
+    call off: v2 must not become active once loaded. The voice falls back to v1."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "voice", "2", load_delay=1.0)
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "2"
+    manager.close()
+    restarted = make_manager(tmp_path)
+    starting = threading.Thread(target=restarted.start)
+    starting.start()
+    states = lambda: {v["version"]: v["state"] for v in restarted.snapshot()[0]["versions"]}  # noqa: E731
+    wait_for(lambda: restarted.snapshot() and states().get("2") == "loading", 10, "v2 loading", interval=0.01)
+    restarted.withdraw("voice", "2", "withdrawn by the fleet mirror: clipped")
+    starting.join(20)
+    assert restarted.jobs.wait(20)
+    voice = restarted.snapshot()[0]
+    assert voice["active"] == "1" and states()["2"] == "rolled-back", voice
+    assert all(restarted.acquire("voice").voice.version == "1" for _ in range(5))
+    restarted.close()
+
+
+def test_a_rollback_to_a_version_rolled_back_before_survives_a_restart(tmp_path: Path, fake_engines: None) -> None:
+    """v2 is rolled back to v1, then the operator rolls back to v2 (``--to 2``). v2 serves, v1 is
+    marked, and v2 is not marked any more (as ``activate`` clears it): it stayed marked, so a restart
+    found its saved active version rolled back, and with v1 marked too the voice served nothing."""
+    models, manager = v2_over_v1(tmp_path)
+    manager.rollback("voice")
+    manager.rollback("voice", to="2")
+    assert manager.snapshot()[0]["active"] == "2"
+    manager.close()
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    voice = restarted.snapshot()[0]
+    assert voice["active"] == "2" and {v["version"]: v["state"] for v in voice["versions"]}["1"] == "rolled-back"
+    restarted.close()

@@ -85,10 +85,12 @@ class Control:
     def _roll(
         self, current: ModelVersion, target: ModelVersion, why: str, durable: bool, started: float, loaded: bool = False
     ) -> dict[str, Any]:
-        """The rollback's swap (under ``commit``): ``current`` is marked rolled back."""
+        """The rollback's swap (under ``commit``): ``current`` is marked rolled back; ``target``, if
+        it was (``--to`` a version rolled back before, the operator's choice as ``activate`` is), is
+        not any more: marked and active, a restart would not resume it."""
         record = self.state.voice(current.name)
-        if current.version not in record.rolled_back:
-            record = record.but(rolled_back=(*record.rolled_back, current.version))
+        marked = [v for v in record.rolled_back if norm(v) != norm(target.version)]
+        record = record.but(rolled_back=marked if current.version in marked else (*marked, current.version))
         reason = current.reason
         self.table.change(current, reason=why)
         try:

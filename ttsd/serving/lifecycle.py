@@ -78,6 +78,7 @@ class Lifecycle:
         record: VoiceRecord | None = None,
         durable: bool = True,
         load_seconds: float | None = None,
+        unmarked: bool = False,
     ) -> float:
         """Make ``model`` (loaded) its voice's active version; the monotonic time of the swap.
 
@@ -86,9 +87,10 @@ class Lifecycle:
         ``ResourceError`` says why. Otherwise (resuming, automatic rollbacks and canary results,
         which must not wait for disk space) the swap happens and the record is written when it can.
         ``Superseded`` when ``ticket`` was called off. ``load_seconds``: what bringing it up for this
-        swap took, for the audit trail (None: nothing was loaded for it)."""
+        swap took, for the audit trail (None: nothing was loaded for it). ``unmarked`` (a version chosen
+        before it loaded, as a job's is): ``Superseded`` if it was rolled back or withdrawn meanwhile."""
         with self.commit:
-            self._still_wanted(model, ticket)
+            self._still_wanted(model, ticket, unmarked)
             assert model.engine is not None
             saved = self.state.voice(model.name)
             voice = record or saved
@@ -150,16 +152,18 @@ class Lifecycle:
         self._spawn(lambda: self._settle(model.name))
         return swapped
 
-    def _still_wanted(self, model: ModelVersion, ticket: Ticket | None) -> None:
+    def _still_wanted(self, model: ModelVersion, ticket: Ticket | None, unmarked: bool) -> None:
         """Under ``commit``, before a job's commit: ``Superseded`` if the job was called off, or if
-        its version was rolled back or withdrawn meanwhile. An urgent job (a request waits for it,
-        or the memory policy unloaded the serving version for it) is never called off, so a
-        withdrawal that landed while it loaded is only seen here; the version is then marked rolled
-        back again, as the withdrawal left it (loading had moved it on). Without a ticket (an
-        operator's activate, resuming) nothing is checked: ``ttsd activate`` clears the mark."""
-        if ticket is None:
+        its version was rolled back or withdrawn meanwhile (with a ticket, or ``unmarked``). An
+        urgent job (a request waits for it, or the memory policy unloaded the serving version for
+        it) is never called off, and a fall-back or a restart's resume has no ticket, so a
+        withdrawal that landed while they loaded is only seen here; the version is then marked
+        rolled back again, as the withdrawal left it (loading had moved it on). An operator's
+        ``ttsd activate`` and ``rollback --to`` are not checked: they may serve a marked version."""
+        if ticket is None and not unmarked:
             return
-        ticket.check()
+        if ticket is not None:
+            ticket.check()
         if norm(model.version) in {norm(v) for v in self.state.voice(model.name).rolled_back}:
             self.table.change(model, state=State.ROLLED_BACK, reason="rolled back or withdrawn while it loaded")
             raise Superseded(f"{model.name} {model.version} was rolled back or withdrawn while it loaded")
@@ -170,11 +174,11 @@ class Lifecycle:
         self.prune_store(name)
 
     # == canaries ===============================================================================
-    def start_canary(self, model: ModelVersion, ticket: Ticket | None = None) -> None:
+    def start_canary(self, model: ModelVersion, ticket: Ticket | None = None, *, unmarked: bool = False) -> None:
         """``model`` takes the canary share of its voice's requests; a canary it supersedes (a
         newer version arrived before the old canary ended) is retired and unloaded."""
         with self.commit:
-            self._still_wanted(model, ticket)
+            self._still_wanted(model, ticket, unmarked)
             assert model.engine is not None
             self.map.add(model.key, self.voice_version(model), model.engine)
             self.state.put(model.name, self.state.voice(model.name).but(canary=model.version))

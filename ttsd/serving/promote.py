@@ -108,9 +108,26 @@ class Promoter:
     def _restore(self, retired: ModelVersion | None, why: str = "the upgrade failed") -> bool:
         """After a failed upgrade under the memory policy (or one withdrawn while it loaded, the
         one way an urgent upgrade is called off): the version it unloaded serves again."""
-        if retired is not None and retired.engine is None and self.bringup.bring_up(retired, f"reloaded: {why}"):
-            self.lifecycle.activate(retired, why, push_previous=False, durable=False, load_seconds=retired.load_seconds)
+        if (
+            retired is not None
+            and retired.engine is None
+            and self.bringup.bring_up(retired, f"reloaded: {why}")
+            and not self._serve(retired, why, push_previous=False)
+        ):
+            self.fall_back(retired.name)  # it was withdrawn meanwhile too
         return False
+
+    def _serve(self, model: ModelVersion, why: str, *, push_previous: bool = True) -> bool:
+        """Make ``model``, chosen before it loaded and loaded now, active; False (and what was
+        loaded goes) when a rollback or a fleet withdrawal marked it meanwhile."""
+        try:
+            self.lifecycle.activate(
+                model, why, push_previous=push_previous, durable=False, load_seconds=model.load_seconds, unmarked=True
+            )
+        except Superseded as exc:
+            self.lifecycle.discard(model, f"not serving: {exc}")
+            return False
+        return True
 
     # == a voice with nothing serving ===========================================================
     def fall_back(self, name: str, for_request: bool = False) -> None:
@@ -125,10 +142,9 @@ class Promoter:
             except TtsdError as exc:  # its folder changed or the disk is full: try again later
                 self.lifecycle.defer(model, str(exc))
                 continue
-            if self.bringup.bring_up(model, "the voice had no active version"):
-                self.lifecycle.activate(
-                    model, "fallback: newest version that verifies", durable=False, load_seconds=model.load_seconds
-                )
+            if self.bringup.bring_up(model, "the voice had no active version") and self._serve(
+                model, "fallback: newest version that verifies"
+            ):
                 log.warning("%s: serving %s, the newest version that verifies", name, model.version)
                 self.demand.park_if_cold(model, was_loaded=for_request)
                 return
@@ -172,11 +188,9 @@ class Promoter:
             return self.fall_back(name)
         if self.demand.budget.limited and name not in pinned:
             self.demand.activate_cold(model)
-        elif self.bringup.bring_up(model, "resumed after restart"):
-            self.lifecycle.activate(
-                model, "restart", push_previous=False, durable=False, load_seconds=model.load_seconds
-            )
-        else:
+        elif not (
+            self.bringup.bring_up(model, "resumed after restart") and self._serve(model, "restart", push_previous=False)
+        ):
             return self.fall_back(name)
         if canary is not None:
             self._resume_canary(canary)
@@ -195,8 +209,10 @@ class Promoter:
             self.state.put(name, self.state.voice(name).but(canary=None))
             return
         if self.policy.canary_share(name) > 0:
-            self.lifecycle.start_canary(canary)
+            try:
+                self.lifecycle.start_canary(canary, unmarked=True)
+            except Superseded as exc:  # withdrawn while it loaded
+                self.lifecycle.discard(canary, f"not serving: {exc}")
+                self.state.put(name, self.state.voice(name).but(canary=None))
         else:
-            self.lifecycle.activate(
-                canary, "canary resumed with no canary share: promoted", durable=False, load_seconds=canary.load_seconds
-            )
+            self._serve(canary, "canary resumed with no canary share: promoted")
