@@ -530,3 +530,26 @@ def test_a_rollback_to_a_version_rolled_back_before_survives_a_restart(tmp_path:
     voice = restarted.snapshot()[0]
     assert voice["active"] == "2" and {v["version"]: v["state"] for v in voice["versions"]}["1"] == "rolled-back"
     restarted.close()
+
+
+def test_a_memory_policy_upgrade_keeps_the_replaced_version_as_its_rollback_target(tmp_path: Path,
+                                                                                     fake_engines: None) -> None:
+    """--swap-policy memory unloads v1 before v2 loads, so when v2 swaps in nothing is active. v1 is
+    still the version replaced: it must be v2's rollback target (it was not, so 'ttsd rollback' said
+    "no previous version" and a failing v2 could not roll back by itself). 1. The auto-rollback
+    brings v1 back (loaded again). 2. After another upgrade, an operator's rollback does too."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory", auto_rollback_requests=4)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    assert manager.snapshot()[0]["rollback_to"] == "1"
+    for _ in range(4):  # 1.
+        manager.acquire("voice").release(ok=False)
+    wait_for(lambda: manager.snapshot()[0]["active"] == "1", 10, "the auto-rollback to 1")
+    fake_model(models, "voice", "3")  # 2.
+    manager.reconcile()
+    assert manager.rollback("voice")["to"] == "1" and manager.snapshot()[0]["active"] == "1"
+    assert FakeEngine.live == 1
+    manager.close()

@@ -79,6 +79,7 @@ class Lifecycle:
         durable: bool = True,
         load_seconds: float | None = None,
         unmarked: bool = False,
+        retired: bool = False,
     ) -> float:
         """Make ``model`` (loaded) its voice's active version; the monotonic time of the swap.
 
@@ -88,7 +89,10 @@ class Lifecycle:
         which must not wait for disk space) the swap happens and the record is written when it can.
         ``Superseded`` when ``ticket`` was called off. ``load_seconds``: what bringing it up for this
         swap took, for the audit trail (None: nothing was loaded for it). ``unmarked`` (a version chosen
-        before it loaded, as a job's is): ``Superseded`` if it was rolled back or withdrawn meanwhile."""
+        before it loaded, as a job's is): ``Superseded`` if it was rolled back or withdrawn meanwhile.
+        ``retired``: the memory policy took the voice's active version out of service for this swap
+        (``retire_now``), so nothing is active now, yet that version is the one replaced: it becomes
+        the rollback target as a replaced version does."""
         with self.commit:
             self._still_wanted(model, ticket, unmarked)
             assert model.engine is not None
@@ -100,7 +104,7 @@ class Lifecycle:
                 push_previous
                 and saved.active is not None
                 and norm(saved.active) != norm(model.version)
-                and previous is not None
+                and (previous is not None or retired)
                 and previous_state is State.STANDBY
             ):
                 stack = [v for v in stack if v != saved.active] + [saved.active]

@@ -92,7 +92,9 @@ class Promoter:
                 self.lifecycle.start_canary(model, ticket)
                 return True
             try:
-                self.lifecycle.activate(model, why, ticket=ticket, load_seconds=model.load_seconds)
+                self.lifecycle.activate(
+                    model, why, ticket=ticket, load_seconds=model.load_seconds, retired=retired is not None
+                )
             except ResourceError as exc:  # the swap could not be recorded: it does not happen yet
                 self.lifecycle.unload(model)
                 self.lifecycle.defer(model, str(exc))
