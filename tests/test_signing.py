@@ -383,3 +383,28 @@ def test_a_signing_library_that_cannot_be_imported_is_named_with_its_error(
         TrustedKeys.load(keys["trusted"])
     assert "pip install 'ttsd[signing]'" in str(info.value)
     assert "(import of OpenSSL halted" in str(info.value), info.value  # the error itself, not just advice
+
+
+@pytest.mark.parametrize("signer", [None, "stranger"])
+def test_under_the_memory_policy_an_unsigned_folder_never_unloads_the_serving_version(
+        tmp_path: Path, keys: dict[str, Path], fake_engines: None, signer: str | None) -> None:
+    """--swap-policy memory with --trusted-keys: the new version's signature is checked before the
+    serving version is unloaded. It was checked after, at load, so an unsigned (or stranger-signed)
+    folder unloaded v1, was refused, and v1 loaded again: requests got 503 meanwhile, and 404 for
+    a moment after the refusal."""
+    models = tmp_path / "models"
+    sign(fake_model(models, "voice", "1"), keys["fleet"])
+    manager = ModelManager(LocalFolderSource(models, settle=0.0), state_dir=tmp_path / "state",
+                           policy=Policy(settle=0.0, swap="memory"), trust=TrustedKeys.load(keys["trusted"]))
+    manager.start()
+    loads = FakeEngine.loads
+    bad = fake_model(models, "voice", "2")
+    if signer is not None:
+        sign(bad, keys[signer])
+    manager.reconcile()
+    voice = manager.snapshot()[0]
+    states = {v["version"]: v["state"] for v in voice["versions"]}
+    assert voice["active"] == "1" and states["2"] == "refused" and FakeEngine.loads == loads, states
+    with manager.acquire("voice") as lease:
+        assert lease.voice.version == "1"
+    manager.close()

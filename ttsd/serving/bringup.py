@@ -121,10 +121,11 @@ class BringUp:
         self.table.change(target, store_copy=copy, manifest=manifest)
 
     # == loading ================================================================================
-    def bring_up(self, model: ModelVersion, why: str, *, verified: bool = False) -> bool:
+    def bring_up(self, model: ModelVersion, why: str, *, verified: bool = False, signed: bool = False) -> bool:
         """Verify the store copy (copying it again from the models dir if it is damaged), check its
         signature, load and warm up. False when it cannot serve (refused or deferred, with the
-        reason). ``verified``: the caller has just made the store copy from hashed bytes."""
+        reason). ``verified``: the caller has just made the store copy from hashed bytes;
+        ``signed``: and checked its signature (``check_signed``)."""
         started = time.monotonic()
         self._make_room(model)  # within a memory budget: idle voices are unloaded first
         try:
@@ -135,7 +136,8 @@ class BringUp:
                 finally:  # a damaged copy was dropped: the record says so whatever happens next
                     self.table.change(model, store_copy=self.store.get(model.name, model.version))
                 self.table.change(model, store_copy=copy, manifest=manifest, content=content_id(manifest))
-            self._check_signature(model)
+            if not (verified and signed):
+                self._check_signature(model)
             assert model.store_copy is not None and model.manifest is not None
             checkpoint()  # a job called off while it verified goes no further (see pacing)
             self.table.change(model, state=State.LOADING)
@@ -161,6 +163,21 @@ class BringUp:
         self.table.change(model, engine=engine, reason="", rss=rss, load_seconds=time.monotonic() - started)
         log.info("%s %s loaded and warmed in %.2f s (%s)", model.name, model.version, model.load_seconds, why)
         self._listener("loaded", model)
+        return True
+
+    def check_signed(self, model: ModelVersion) -> bool:
+        """The signature check of ``bring_up`` on its own, for a store copy just made: False (the
+        version refused, or deferred when the keys cannot be read) when it fails. The memory policy
+        runs it before it unloads the serving version, so an unsigned folder never takes a voice
+        down."""
+        try:
+            self._check_signature(model)
+        except ResourceError as exc:
+            self.lifecycle.defer(model, str(exc))
+            return False
+        except TtsdError as exc:
+            self.lifecycle.refuse(model, str(exc))
+            return False
         return True
 
     def _check_signature(self, model: ModelVersion) -> None:

@@ -71,6 +71,9 @@ class Promoter:
         except Superseded as exc:  # called off while it was copied in and hashed
             self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
             raise
+        retiring = self.policy.swap == "memory" and self.lifecycle.active(model.name) is not None
+        if retiring and not self.bringup.check_signed(model):  # before the serving version goes
+            return False
         try:
             previous = self.lifecycle.active(model.name)
             was_loaded = previous is not None and previous.engine is not None
@@ -86,7 +89,8 @@ class Promoter:
             self.lifecycle.retire_now(previous)
             retired = previous
         try:
-            if not self.bringup.bring_up(model, why, verified=True):  # put() hashed the copy it made
+            # put() hashed the copy it made; the memory policy checked its signature before retiring
+            if not self.bringup.bring_up(model, why, verified=True, signed=retiring and retired is not None):
                 return self._restore(retired)
             if self.policy.canary_share(model.name) > 0 and previous is not None and retired is None:
                 self.lifecycle.start_canary(model, ticket)
