@@ -194,3 +194,34 @@ def test_a_full_state_dir_never_stops_a_reconcile(tmp_path: Path, tmpfs: Tmpfs, 
     assert sorted(v["name"] for v in manager.snapshot() if v["active"]) == ["other", "voice"]
     tmpfs.free()
     manager.close()
+
+
+def test_a_withdrawal_the_full_state_dir_cannot_record_changes_nothing(tmp_path: Path, tmpfs: Tmpfs,
+                                                                        fake_engines: None) -> None:
+    """1. v2 serves, v1 is its rollback target, the state dir on a small disk that fills up. 2. The
+    fleet mirror withdraws v1: ResourceError (the HTTP route's 507), and nothing changed, so the
+    fleet client keeps the folder and tries again (it was reported done with the mark in memory
+    only: after a restart v1 was the rollback target again). 3. Space is freed: the withdrawal
+    works, and holds across a restart."""
+    from ttsd.errors import ResourceError
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    state = tmpfs.path / "state"
+    manager = manager_on(tmp_path, state)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    tmpfs.fill()
+    before = (state / "state.json").read_text()  # read once full: the swap's follow-up may write until then
+    with pytest.raises(ResourceError):
+        manager.withdraw("voice", "1", "withdrawn by the fleet mirror: clipped")
+    assert (state / "state.json").read_text() == before and manager.snapshot()[0]["rollback_to"] == "1"
+    tmpfs.free()
+    manager.withdraw("voice", "1", "withdrawn by the fleet mirror: clipped")
+    manager.close()
+    restarted = manager_on(tmp_path, state)
+    restarted.start()
+    voice = restarted.snapshot()[0]
+    assert voice["active"] == "2" and voice["rollback_to"] is None
+    restarted.close()

@@ -174,17 +174,20 @@ class Control:
                 done = None
             else:
                 ended = canary is not None and norm(canary.version) == key
-                if canary is not None and ended:
-                    self.lifecycle.end_canary(canary, promote=False, why=why)
-                self.jobs.cancel(voice, f"{voice} {version} withdrawn")
                 record = self.state.voice(voice)
                 record = record.but(
                     rolled_back=(*record.rolled_back, version)
                     if key not in {norm(v) for v in record.rolled_back}
                     else record.rolled_back,
                     previous=[v for v in record.previous if norm(v) != key],
+                    canary=None if ended else record.canary,
                 )
-                self.state.put(voice, record)
+                # on disk before anything changes: ResourceError (507) and no change when the
+                # state dir is full, so the fleet client does not take the folder away unrecorded
+                self.state.commit(voice, record)
+                if canary is not None and ended:
+                    self.lifecycle.end_canary(canary, promote=False, why=why)
+                self.jobs.cancel(voice, f"{voice} {version} withdrawn")
                 model = self.table.get(voice, version)
                 if model is not None:
                     self.table.change(model, state=State.ROLLED_BACK, reason=why)

@@ -106,6 +106,7 @@ class Lifecycle:
                 and norm(saved.active) != norm(model.version)
                 and (previous is not None or retired)
                 and previous_state is State.STANDBY
+                and norm(saved.active) not in {norm(v) for v in voice.rolled_back}  # withdrawn meanwhile
             ):
                 stack = [v for v in stack if v != saved.active] + [saved.active]
             voice = voice.but(
@@ -218,7 +219,9 @@ class Lifecycle:
                 model.state = State.ROLLED_BACK
                 model.reason = why or f"failed {model.failures} of {model.requests} canary requests"
             saved = self.state.voice(model.name)
-            self.state.put(model.name, saved.but(rolled_back=(*saved.rolled_back, model.version), canary=None))
+            marked = {norm(v) for v in saved.rolled_back}
+            rolled_back = saved.rolled_back if norm(model.version) in marked else (*saved.rolled_back, model.version)
+            self.state.put(model.name, saved.but(rolled_back=rolled_back, canary=None))
         active = self.active(model.name)
         self.state.record(
             model.name,
