@@ -553,3 +553,52 @@ def test_a_memory_policy_upgrade_keeps_the_replaced_version_as_its_rollback_targ
     assert manager.rollback("voice")["to"] == "1" and manager.snapshot()[0]["active"] == "1"
     assert FakeEngine.live == 1
     manager.close()
+
+
+def test_withdrawing_an_old_version_does_not_call_off_an_upgrade_to_another(tmp_path: Path, fake_engines: None) -> None:
+    """v2 serves, v1 is its standby, v3's upgrade is loading. The fleet mirror withdraws v1: only
+    jobs bringing v1 up are called off. It called off every job of the voice, so v3 was left
+    "available" and, being known, never promoted by a rescan or a restart; and as the status showed
+    a withdrawn version "available", the fleet client withdrew it again at every run."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    fake_model(models, "voice", "3", load_delay=1.0)
+    manager.reconcile(wait=False)
+    states = lambda: {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}  # noqa: E731
+    wait_for(lambda: states().get("3") == "loading", 10, "v3 loading", interval=0.01)
+    manager.withdraw("voice", "1", "withdrawn by the fleet mirror: clipped")
+    assert manager.jobs.wait(20)
+    assert manager.snapshot()[0]["active"] == "3" and states()["1"] == "rolled-back", states()
+    manager.close()
+
+
+def test_a_version_withdrawn_while_the_memory_policy_retires_it_stays_rolled_back(tmp_path: Path,
+                                                                                  fake_engines: None) -> None:
+    """--swap-policy memory: v2's upgrade takes v1 out of service and waits for v1's request in
+    flight to end. The fleet mirror withdraws v1 meanwhile. v1 must show rolled back, in the status
+    and in state.json (the retirement's end made it "available", covering the mark, and the fleet
+    client then withdrew it again at every run), and must not be v2's rollback target."""
+    import json
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    lease = manager.acquire("voice")  # a request on v1, in flight
+    fake_model(models, "voice", "2")
+    manager.reconcile(wait=False)
+    wait_for(lambda: manager.snapshot()[0]["active"] is None, 10, "v1 out of service", interval=0.01)
+    manager.withdraw("voice", "1", "withdrawn by the fleet mirror: clipped")
+    lease.release()
+    assert manager.jobs.wait(20)
+    voice = manager.snapshot()[0]
+    states = {v["version"]: v["state"] for v in voice["versions"]}
+    assert voice["active"] == "2" and states["1"] == "rolled-back" and voice["rollback_to"] is None, voice
+    manager.lifecycle.save()
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert saved["versions"]["voice/1"]["state"] == "rolled-back", saved["versions"]
+    manager.close()

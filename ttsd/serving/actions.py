@@ -187,7 +187,9 @@ class Control:
                 self.state.commit(voice, record)
                 if canary is not None and ended:
                     self.lifecycle.end_canary(canary, promote=False, why=why)
-                self.jobs.cancel(voice, f"{voice} {version} withdrawn")
+                # only the jobs bringing it up: an upgrade to another version goes on (its commit
+                # refuses a version marked meanwhile, so one that learns its target later is safe)
+                self.jobs.cancel(voice, f"{voice} {version} withdrawn", version=key)
                 model = self.table.get(voice, version)
                 if model is not None:
                     self.table.change(model, state=State.ROLLED_BACK, reason=why)

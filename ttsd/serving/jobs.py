@@ -102,10 +102,11 @@ class Jobs:
         with self._lock:
             return voice in self._current
 
-    def cancel(self, voice: str, why: str) -> list[Ticket]:
-        """Call off ``voice``'s background jobs (urgent ones finish): they commit nothing."""
+    def cancel(self, voice: str, why: str, version: str | None = None) -> list[Ticket]:
+        """Call off ``voice``'s background jobs (urgent ones finish): they commit nothing. With
+        ``version`` (normalised), only those bringing that version up."""
         with self._lock:
-            called_off = [t for t in self._of(voice) if not t.urgent]
+            called_off = [t for t in self._of(voice) if not t.urgent and (version is None or t.target == version)]
         for ticket in called_off:
             ticket.cancel(why)
         return called_off

@@ -169,9 +169,21 @@ class Lifecycle:
             return
         if ticket is not None:
             ticket.check()
-        if norm(model.version) in {norm(v) for v in self.state.voice(model.name).rolled_back}:
+        if self.marked(model):
             self.table.change(model, state=State.ROLLED_BACK, reason="rolled back or withdrawn while it loaded")
             raise Superseded(f"{model.name} {model.version} was rolled back or withdrawn while it loaded")
+
+    def marked(self, model: ModelVersion) -> bool:
+        """Whether ``model``'s version is marked rolled back (a rollback or a fleet withdrawal) in
+        its voice's record, whatever its state says now."""
+        return norm(model.version) in {norm(v) for v in self.state.voice(model.name).rolled_back}
+
+    def resting(self, model: ModelVersion) -> State:
+        """The state of a version that stops coming up or serving: rolled back if it is marked (a
+        withdrawal that landed while a job loaded it, whose state changes had covered the mark:
+        the status said "available", and the fleet client withdrew it again at every run), else
+        available."""
+        return State.ROLLED_BACK if self.marked(model) else State.AVAILABLE
 
     def _settle(self, name: str) -> None:
         self.state.trail.flush()
@@ -246,7 +258,7 @@ class Lifecycle:
                     self.map.add(model.key, self.voice_version(model), model.engine)
                 return True
         self.discard(model, "loaded for requests, but its voice serves another version now")
-        self.table.change(model, state=State.AVAILABLE)
+        self.table.change(model, state=self.resting(model))
         return False
 
     # == verdicts ===============================================================================
@@ -310,7 +322,7 @@ class Lifecycle:
             if engine is not None:
                 model.engine = None
             if model.state in COMING_UP:
-                model.state, model.reason = State.AVAILABLE, why
+                model.state, model.reason = self.resting(model), why
         if engine is not None:
             unload_engine(engine)
         log.info("%s %s: %s", model.name, model.version, why)
@@ -325,7 +337,7 @@ class Lifecycle:
         while self.map.in_flight(model.key) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.unload(model, force=True)
-        self.table.change(model, state=State.AVAILABLE)
+        self.table.change(model, state=self.resting(model))
 
     def unload_later(self, model: ModelVersion) -> None:
         """``unload`` on a thread of its own: freeing an engine (collecting it, trimming malloc)
@@ -341,7 +353,7 @@ class Lifecycle:
                 return
             engine, model.engine = model.engine, None
             if model.state is State.RETIRED:
-                model.state = State.AVAILABLE
+                model.state = self.resting(model)
         if engine is not None:
             unload_engine(engine)
             log.info("%s %s unloaded", model.name, model.version)

@@ -206,6 +206,7 @@ class Ticket:
     voice: str = ""
     urgent: bool = False  # set through make_urgent(): an urgent job is never called off
     cancelled: str | None = None  # why, once called off
+    target: str | None = None  # the version the job is bringing up, once it knows (normalised)
     done: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

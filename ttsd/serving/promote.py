@@ -23,7 +23,7 @@ from .policy import fallback_order, newer
 from .state import ServingState
 from .store import content_id
 from .table import VersionTable
-from .versions import ModelVersion, Policy, State, order
+from .versions import ModelVersion, Policy, State, norm, order
 
 log = logging.getLogger("ttsd.manager")
 
@@ -64,6 +64,7 @@ class Promoter:
         models dir), load and warm it beside the serving version, then swap (or start a canary).
         The memory policy unloads the serving version only once the copy is made and checked, so
         a folder that does not match its manifest never takes the voice down."""
+        ticket.target = norm(model.version)  # a withdrawal of this version calls the job off
         try:
             if not self.bringup.store_new(model, folder, self._again):
                 return False
