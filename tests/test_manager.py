@@ -602,3 +602,39 @@ def test_a_version_withdrawn_while_the_memory_policy_retires_it_stays_rolled_bac
     saved = json.loads((tmp_path / "state" / "state.json").read_text())
     assert saved["versions"]["voice/1"]["state"] == "rolled-back", saved["versions"]
     manager.close()
+
+
+@pytest.mark.parametrize("how", ["auto", "operator"])
+def test_a_rollback_target_withdrawn_while_it_loads_is_skipped(tmp_path: Path, fake_engines: None, how: str) -> None:
+    """keep=0: v3 serves, v1 and v2 are its unloaded rollback targets. A rollback (the automatic one
+    after v3 fails, or the operator's) loads v2, and the fleet mirror withdraws v2 meanwhile: v2
+    must not swap in (it did, and the rollback even cleared its mark, so it survived restarts);
+    the rollback goes on to v1."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, keep=0, auto_rollback_requests=1)
+    manager.start()
+    fake_model(models, "voice", "2", load_delay=1.0)
+    manager.reconcile()
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    states = lambda: {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}  # noqa: E731
+    assert manager.snapshot()[0]["active"] == "3"
+    answers: list[object] = []
+    if how == "auto":
+        manager.acquire("voice").release(ok=False)
+    else:
+        threading.Thread(target=lambda: answers.append(manager.rollback("voice")), daemon=True).start()
+    wait_for(lambda: states()["2"] == "loading", 10, "v2 loading", interval=0.01)
+    manager.withdraw("voice", "2", "withdrawn by the fleet mirror: clipped")
+    wait_for(lambda: manager.snapshot()[0]["active"] == "1", 20, "the rollback to 1")
+    assert manager.jobs.wait(20)
+    assert states() == {"1": "active", "2": "rolled-back", "3": "rolled-back"}, states()
+    if how == "operator":
+        wait_for(lambda: answers, 10, "the rollback's answer")
+        assert answers[0]["to"] == "1"  # type: ignore[index]
+    manager.close()
+    restarted = make_manager(tmp_path, keep=0)
+    restarted.start()
+    assert restarted.snapshot()[0]["active"] == "1"
+    restarted.close()

@@ -20,7 +20,7 @@ from .jobs import Jobs
 from .lifecycle import Lifecycle
 from .state import ServingState
 from .table import VersionTable
-from .versions import Listener, ModelVersion, State, norm
+from .versions import COMING_UP, Listener, ModelVersion, State, norm
 
 log = logging.getLogger("ttsd.manager")
 
@@ -50,21 +50,27 @@ class Control:
             current, target = self._rollback_pair(voice, to)
             if self._loaded(target):
                 self.jobs.cancel(voice, f"rollback of {voice} to {target.version}")
-                return self._roll(current, target, why, durable, started)
+                return self._roll(current, target, why, durable, started, named=to is not None)
 
         def load_then_roll(_ticket: object) -> dict[str, Any]:
             loaded = self._bring_up(target, why, f"cannot roll back to {voice} {target.version}")
             try:
                 with self.lifecycle.commit:
+                    if to is None and self.lifecycle.marked(target):  # withdrawn while it loaded
+                        raise _TargetWithdrawn(f"{voice} {target.version} was withdrawn while it loaded")
                     now_current, _ = self._rollback_pair(voice, target.version)
-                    return self._roll(now_current, target, why, durable, started, loaded)
+                    return self._roll(now_current, target, why, durable, started, loaded, named=to is not None)
             except BaseException:
                 self.lifecycle.discard(target, "loaded for a rollback that did not happen")
                 raise
 
-        return self.jobs.start(
-            voice, f"rollback of {voice} to {target.version}", load_then_roll, urgent=True, supersede=True
-        ).result()
+        try:
+            return self.jobs.start(
+                voice, f"rollback of {voice} to {target.version}", load_then_roll, urgent=True, supersede=True
+            ).result()
+        except _TargetWithdrawn as exc:  # the withdrawal took it off the stack: the next one
+            log.warning("%s; rolling back to the next version", exc)
+            return self.rollback(voice, None, why, durable=durable)
 
     def _rollback_pair(self, voice: str, to: str | None) -> tuple[ModelVersion, ModelVersion]:
         current = self.lifecycle.active(voice)
@@ -83,13 +89,21 @@ class Control:
         return current, target
 
     def _roll(
-        self, current: ModelVersion, target: ModelVersion, why: str, durable: bool, started: float, loaded: bool = False
+        self,
+        current: ModelVersion,
+        target: ModelVersion,
+        why: str,
+        durable: bool,
+        started: float,
+        loaded: bool = False,
+        *,
+        named: bool = False,
     ) -> dict[str, Any]:
         """The rollback's swap (under ``commit``): ``current`` is marked rolled back; ``target``, if
-        it was (``--to`` a version rolled back before, the operator's choice as ``activate`` is), is
-        not any more: marked and active, a restart would not resume it."""
+        it was and ``named`` (``--to`` a version rolled back before, the operator's choice as
+        ``activate`` is), is not any more: marked and active, a restart would not resume it."""
         record = self.state.voice(current.name)
-        marked = [v for v in record.rolled_back if norm(v) != norm(target.version)]
+        marked = [v for v in record.rolled_back if not named or norm(v) != norm(target.version)]
         record = record.but(rolled_back=marked if current.version in marked else (*marked, current.version))
         reason = current.reason
         self.table.change(current, reason=why)
@@ -192,7 +206,10 @@ class Control:
                 self.jobs.cancel(voice, f"{voice} {version} withdrawn", version=key)
                 model = self.table.get(voice, version)
                 if model is not None:
-                    self.table.change(model, state=State.ROLLED_BACK, reason=why)
+                    # one a job is bringing up keeps its state (the store keeps its copy till the job
+                    # ends, which leaves it rolled back: ``Lifecycle.resting``); the reason says why
+                    coming_up = model.state in COMING_UP
+                    self.table.change(model, state=model.state if coming_up else State.ROLLED_BACK, reason=why)
                     self.lifecycle.unload(model)
                 self.lifecycle.save()
                 if not ended:
@@ -232,3 +249,7 @@ class Control:
         if not self.bringup.bring_up(target, why):
             raise ConflictError(f"{cannot}: {target.reason}")
         return True
+
+
+class _TargetWithdrawn(ConflictError):
+    """A rollback's target (the previous version, loading) was withdrawn before the swap."""

@@ -57,7 +57,7 @@ class Promoter:
         finally:
             for model, _ in found:  # e.g. older folders found at start-up: known, not loaded
                 if model.state is State.VERIFYING:
-                    self.table.change(model, state=State.AVAILABLE)
+                    self.table.change(model, state=self.lifecycle.resting(model))
 
     def promote(self, model: ModelVersion, folder: Path, why: str, ticket: Ticket) -> bool:
         """Copy ``model`` into the store (hashing it: the one time its bytes are read from the
