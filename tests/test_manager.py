@@ -638,3 +638,35 @@ def test_a_rollback_target_withdrawn_while_it_loads_is_skipped(tmp_path: Path, f
     restarted.start()
     assert restarted.snapshot()[0]["active"] == "1"
     restarted.close()
+
+
+@pytest.mark.parametrize("budget", [False, True])
+def test_a_saved_active_version_that_is_marked_is_not_resumed(tmp_path: Path, fake_engines: None,
+                                                             budget: bool) -> None:
+    """state.json says v1 is active and also that v1 is rolled back, its version record "available":
+    what a crash leaves when the fleet mirror withdrew v1 while the memory policy's upgrade had it
+    out of service. At restart v1 must not serve (within a memory budget it came back parked, and
+    the first request loaded and served it): the voice falls back to v2, the newest not marked."""
+    import json
+
+    from ttsd.serving.residency import Budget
+
+    models, manager = v2_over_v1(tmp_path)  # v1 is v2's standby: its store copy stays
+    manager.close()
+    fake_model(models, "a", "1")  # the budget's preloaded default voice: "voice" comes back parked
+    path = tmp_path / "state" / "state.json"
+    saved = json.loads(path.read_text())
+    saved["voices"]["voice"].update(active="1", previous=[], rolled_back=["1"])
+    saved["versions"]["voice/1"]["state"] = "available"  # as the retirement's end wrote it
+    path.write_text(json.dumps(saved))
+    shutil.rmtree(models / "voice-1")  # in the store only: the intake does not see its folder again
+    restarted = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state",
+                             policy=Policy(settle=0.0), default_voice="a",
+                             budget=Budget(max_loaded=4, preload=("a",)) if budget else None)
+    restarted.start()
+    if budget:
+        with restarted.wanting("voice") as ready:
+            ready.result(20)
+    with restarted.acquire("voice") as lease:
+        assert lease.voice.version == "2"
+    restarted.close()

@@ -185,7 +185,7 @@ class Promoter:
         and the voice falls back. Within a memory budget only preloaded voices load now; the others
         come back parked."""
         saved = self.state.voice(name).active
-        if model is None or model.state in (State.REFUSED, State.ROLLED_BACK):
+        if model is None or model.state in (State.REFUSED, State.ROLLED_BACK) or self.lifecycle.marked(model):
             log.warning("%s %s was active but is not known any more; choosing again", name, saved)
             return self.fall_back(name)
         try:
