@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -670,3 +671,92 @@ def test_a_saved_active_version_that_is_marked_is_not_resumed(tmp_path: Path, fa
     with restarted.acquire("voice") as lease:
         assert lease.voice.version == "2"
     restarted.close()
+
+
+def test_a_parked_version_that_fails_to_load_after_a_rollback_takes_nothing_down(tmp_path: Path,
+                                                                                  fake_engines: None,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A memory budget: v2 serves but is parked, v1 is its loaded standby. A request loads v2; the
+    operator rolls back to v1 meanwhile (a swap, at once); then v2's load fails. The voice keeps v1:
+    the failed load took out whatever was active (v1), and the fall-back loaded v1 a second time, an
+    engine nothing ever freed. The request is served by v1."""
+    from ttsd.errors import LoadError
+    from ttsd.serving.residency import Budget
+
+    models = tmp_path / "models"
+    fake_model(models, "a", "1")
+    fake_model(models, "voice", "1")
+    manager = ModelManager(LocalFolderSource(models, settle=0.0), state_dir=tmp_path / "state",
+                           policy=Policy(settle=0.0), budget=Budget(max_loaded=4, preload=("a",)), default_voice="a")
+    manager.start()
+    with manager.wanting("voice") as ready:
+        ready.result(20)
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    v1, v2 = manager.version("voice", "1"), manager.version("voice", "2")
+    assert manager.demand._evict(v2)  # the budget parks v2
+    real_load = FakeEngine.load
+
+    def load(self: FakeEngine) -> None:
+        real_load(self)
+        if self.folder.name == "2":
+            time.sleep(1.0)
+            raise LoadError("fake: v2 failed to load again")
+
+    monkeypatch.setattr(FakeEngine, "load", load)
+    answers: list[object] = []
+
+    def request() -> None:
+        with manager.wanting("voice") as ready:
+            answers.append(ready.result(20))
+
+    waiting = threading.Thread(target=request, daemon=True)
+    waiting.start()
+    states = lambda: {v["version"]: v["state"] for v in manager.snapshot()[1]["versions"]}  # noqa: E731
+    wait_for(lambda: states()["2"] == "loading", 10, "v2 loading for the request", interval=0.01)
+    manager.rollback("voice")
+    gaps = 0
+    while waiting.is_alive():
+        gaps += manager.map.active("voice") is None
+        time.sleep(0.005)
+    assert manager.jobs.wait(20) and answers == [None]
+    assert gaps == 0 and manager.map.active("voice") == v1.key
+    with manager.acquire("voice") as lease:
+        assert lease.voice.version == "1" and lease.engine is v1.engine
+    manager.close()
+    assert FakeEngine.live == 0
+
+
+def test_a_memory_policy_upgrade_whose_old_version_fails_to_reload_falls_back_at_once(
+        tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--swap-policy memory: v0 serves, v1 is its loaded standby. v2 fails to load, and v0, unloaded
+    for it, fails to load again: the voice falls back to v1 at once, without loading it a second time
+    (it was left with nothing active until the next rescan, whose fall-back then loaded v1 again, an
+    engine nothing freed)."""
+    from ttsd.errors import LoadError
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "0")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    fake_model(models, "voice", "1")
+    manager.reconcile()
+    manager.activate("voice", "0")
+    states = lambda: {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}  # noqa: E731
+    assert states() == {"0": "active", "1": "standby"} and FakeEngine.live == 2
+    real_load = FakeEngine.load
+
+    def load(self: FakeEngine) -> None:
+        real_load(self)
+        if self.folder.name == "0":
+            raise LoadError("fake: v0 failed to reload")
+
+    monkeypatch.setattr(FakeEngine, "load", load)
+    fake_model(models, "voice", "2", fail_on="load")
+    manager.reconcile()
+    v1 = manager.version("voice", "1")
+    assert manager.snapshot()[0]["active"] == "1" and FakeEngine.live == 1, states()
+    with manager.acquire("voice") as lease:
+        assert lease.engine is v1.engine
+    manager.close()
+    assert FakeEngine.live == 0

@@ -142,8 +142,9 @@ class OnDemand:
             if self.map.loaded(model.key):  # loaded meanwhile (an upgrade, a rollback)
                 return
             if self.make_room(model, strict=True):
-                self._bring_back(model)
-                return
+                if self._bring_back(model):
+                    return
+                continue  # the voice moved on while it loaded (a rollback, an upgrade): look again
             with self.table.locked():
                 residents = self._residents(loading=name)
             if not any(r.busy for r in residents):  # only pinned voices are loaded: waiting cannot help
@@ -163,29 +164,36 @@ class OnDemand:
             with self._room:
                 self._room.wait(min(remaining, 0.5))
 
-    def _bring_back(self, model: ModelVersion) -> None:
+    def _bring_back(self, model: ModelVersion) -> bool:
         """Load a parked active version. If it is refused, the voice falls back to the newest
-        version that loads; if none does, the requests hear why."""
+        version that loads; if none does, the requests hear why. False when the voice made another
+        version active meanwhile (an operator's rollback, an upgrade): what was loaded goes."""
         name = model.name
         try:
             self._ensure_stored(model)
         except TtsdError as exc:
             raise ResourceError(f"voice {name} cannot be loaded now: {exc}", retry_after=10) from exc
         if self._bring_up(model, "a request needs it"):
-            if self.lifecycle.unpark(model):
-                self.used(name)
-                self._listener("loaded-for-request", model)
-                self.fit_budget()  # the measured cost may be more than was expected
-            return
+            if not self.lifecycle.unpark(model):
+                return False
+            self.used(name)
+            self._listener("loaded-for-request", model)
+            self.fit_budget()  # the measured cost may be more than was expected
+            return True
+        if self.lifecycle.active(name) is not model:  # moved on: its failure takes nothing down
+            return False
         if model.state is not State.REFUSED:  # the box's reason (out of memory, a damaged copy): retried
             raise ResourceError(f"voice {name} cannot be loaded now: {model.reason}", retry_after=10)
         reason = model.reason
-        with self.table.locked():
+        with self.lifecycle.commit, self.table.locked():
+            if self.map.active(name) != model.key:  # a rollback swapped in just now
+                return False
             self.map.deactivate(name)
         self._fall_back(name)
         fallback = self.lifecycle.active(name)
         if fallback is None or not self.map.loaded(fallback.key):
             raise LoadError(f"voice {name} {model.version} failed to load: {reason}")
+        return True
 
     # == the budget (job threads) ===============================================================
     def pinned(self, names: list[str] | None = None) -> set[str]:

@@ -130,7 +130,10 @@ class Lifecycle:
                 swapped = time.monotonic()
                 model.state, model.requests, model.failures = State.ACTIVE, 0, 0
                 before = self.table.by_key(replaced)
-                if before is not None and before is not model:
+                # a parked version a request is loading keeps its state until that load ends (which
+                # then leaves it as it should be, ``unpark``); marked rolled back now, the store
+                # would prune its copy mid-load
+                if before is not None and before is not model and before.state not in COMING_UP:
                     # a parked version (the memory budget's) is a rollback target that must load first
                     before.state = (
                         State.AVAILABLE if before.engine is None and previous_state is State.STANDBY else previous_state

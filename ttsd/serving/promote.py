@@ -118,10 +118,11 @@ class Promoter:
         if (
             retired is not None
             and retired.engine is None
-            and self.bringup.bring_up(retired, f"reloaded: {why}")
-            and not self._serve(retired, why, push_previous=False)
+            and not (
+                self.bringup.bring_up(retired, f"reloaded: {why}") and self._serve(retired, why, push_previous=False)
+            )
         ):
-            self.fall_back(retired.name)  # it was withdrawn meanwhile too
+            self.fall_back(retired.name)  # it failed to load again, or was withdrawn meanwhile
         return False
 
     def _serve(self, model: ModelVersion, why: str, *, push_previous: bool = True) -> bool:
@@ -149,7 +150,8 @@ class Promoter:
             except TtsdError as exc:  # its folder changed or the disk is full: try again later
                 self.lifecycle.defer(model, str(exc))
                 continue
-            if self.bringup.bring_up(model, "the voice had no active version") and self._serve(
+            loaded = model.engine is not None and self.lifecycle.map.loaded(model.key)  # a standby: no second load
+            if (loaded or self.bringup.bring_up(model, "the voice had no active version")) and self._serve(
                 model, "fallback: newest version that verifies"
             ):
                 log.warning("%s: serving %s, the newest version that verifies", name, model.version)
