@@ -760,3 +760,43 @@ def test_a_memory_policy_upgrade_whose_old_version_fails_to_reload_falls_back_at
         assert lease.engine is v1.engine
     manager.close()
     assert FakeEngine.live == 0
+
+
+def test_a_rollback_calls_off_an_upgrade_a_waiting_request_hurried(tmp_path: Path, fake_engines: None) -> None:
+    """A memory budget: v1 serves but is parked, v0 is its loaded standby, v2's upgrade is loading.
+    A request for the voice waits (it hurries the upgrade). The operator rolls back to v0 (a swap,
+    at once): the upgrade is called off as any other, so v2 does not swap in over the rollback (a
+    hurried job was never called off, and the rollback that had answered was undone)."""
+    from ttsd.serving.residency import Budget
+
+    models = tmp_path / "models"
+    fake_model(models, "a", "1")
+    fake_model(models, "voice", "0")
+    manager = ModelManager(LocalFolderSource(models, settle=0.0), state_dir=tmp_path / "state",
+                           policy=Policy(settle=0.0), budget=Budget(max_loaded=4, preload=("a",)), default_voice="a")
+    manager.start()
+    with manager.wanting("voice") as ready:
+        ready.result(20)
+    fake_model(models, "voice", "1")
+    manager.reconcile()
+    assert manager.demand._evict(manager.version("voice", "1"))  # the budget parks v1
+    fake_model(models, "voice", "2", load_delay=1.5)
+    manager.reconcile(wait=False)
+    states = lambda: {v["version"]: v["state"] for v in manager.snapshot()[1]["versions"]}  # noqa: E731
+    wait_for(lambda: states().get("2") == "loading", 10, "v2 loading", interval=0.01)
+    served: list[object] = []
+
+    def request() -> None:
+        with manager.wanting("voice") as ready:
+            served.append(ready.result(20))
+
+    waiting = threading.Thread(target=request, daemon=True)
+    waiting.start()
+    wait_for(lambda: manager.demand.waiting_for("voice") == 1, 10, "a waiting request", interval=0.01)
+    assert manager.rollback("voice")["to"] == "0"
+    waiting.join(20)
+    assert manager.jobs.wait(20) and served == [None]
+    assert manager.snapshot()[1]["active"] == "0", states()
+    with manager.acquire("voice") as lease:
+        assert lease.voice.version == "0"
+    manager.close()

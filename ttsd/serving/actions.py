@@ -59,7 +59,12 @@ class Control:
                     if to is None and self.lifecycle.marked(target):  # withdrawn while it loaded
                         raise _TargetWithdrawn(f"{voice} {target.version} was withdrawn while it loaded")
                     now_current, _ = self._rollback_pair(voice, target.version)
-                    return self._roll(now_current, target, why, durable, started, loaded, named=to is not None)
+                    if now_current is not current:  # e.g. an urgent upgrade finished first: mark nothing
+                        raise ConflictError(
+                            f"{voice} changed to {now_current.version} while {target.version} loaded for the "
+                            f"rollback from {current.version}; roll back again if it is still wanted"
+                        )
+                    return self._roll(current, target, why, durable, started, loaded, named=to is not None)
             except BaseException:
                 self.lifecycle.discard(target, "loaded for a rollback that did not happen")
                 raise

@@ -90,9 +90,9 @@ class Jobs:
         """Take the ticket's lane; one made urgent while it waits for the background lane moves
         to the urgent one."""
         while True:
-            lane = self._urgent if ticket.urgent else self._background
+            lane = self._urgent if ticket.urgent or ticket.hurried else self._background
             if lane.acquire(timeout=0.05):
-                if lane is (self._urgent if ticket.urgent else self._background):
+                if lane is (self._urgent if ticket.urgent or ticket.hurried else self._background):
                     return lane
                 lane.release()
             ticket.check()
@@ -112,10 +112,12 @@ class Jobs:
         return called_off
 
     def hurry(self, voice: str) -> None:
-        """Make ``voice``'s jobs urgent: a request now waits for them."""
+        """Hurry ``voice``'s jobs: a request now waits for them, so they take the urgent lane and
+        pace. An operator's rollback or activate still calls them off (an upgrade a request had
+        hurried was never called off, and swapped in over the rollback that had just answered)."""
         with self._lock:
             for ticket in self._of(voice):
-                ticket.make_urgent()  # one already called off stays so
+                ticket.hurried = True
 
     def _of(self, voice: str) -> list[Ticket]:
         """``voice``'s unfinished jobs (under ``_lock``)."""

@@ -205,6 +205,7 @@ class Ticket:
     what: str  # "upgrade of voice to 3", for logs
     voice: str = ""
     urgent: bool = False  # set through make_urgent(): an urgent job is never called off
+    hurried: bool = False  # a request waits for it: the urgent lane and pace, yet still called off by a rollback
     cancelled: str | None = None  # why, once called off
     target: str | None = None  # the version the job is bringing up, once it knows (normalised)
     done: threading.Event = field(default_factory=threading.Event)
@@ -264,7 +265,7 @@ class paced:  # lower case: used as ``with paced(ticket, serving):``, as it was 
             if ticket.cancelled is not None and _safe_point(frame, event, arg):
                 raise Superseded(ticket.cancelled)  # else at its next safe point, paced until then
             ran = clock() - started
-            run, pause = (URGENT_RUN_S, URGENT_PAUSE_S) if ticket.urgent else (RUN_S, PAUSE_S)
+            run, pause = (URGENT_RUN_S, URGENT_PAUSE_S) if ticket.urgent or ticket.hurried else (RUN_S, PAUSE_S)
             if ran > run:
                 if serving():
                     # in proportion to what ran: one torch op may take several ms, and a fixed pause
