@@ -800,3 +800,26 @@ def test_a_rollback_calls_off_an_upgrade_a_waiting_request_hurried(tmp_path: Pat
     with manager.acquire("voice") as lease:
         assert lease.voice.version == "0"
     manager.close()
+
+
+@pytest.mark.slow
+def test_a_rollback_does_not_wait_behind_another_voices_urgent_load(tmp_path: Path, fake_engines: None) -> None:
+    """keep=0: voice b's rollback must load b/1. Voice c is new and its first load (urgent: nothing
+    of it serves) takes 4 s. The rollback has the operator's lane and does not wait for it (it
+    shared the one urgent lane and took 4.1 s)."""
+    models = tmp_path / "models"
+    fake_model(models, "b", "1")
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    fake_model(models, "b", "2")
+    manager.reconcile()
+    fake_model(models, "c", "1", load_delay=4.0)
+    manager.reconcile(wait=False)
+    wait_for(lambda: any(v["name"] == "c" and v["versions"][0]["state"] == "loading" for v in manager.snapshot()),
+             10, "c loading", interval=0.01)
+    started = time.monotonic()
+    assert manager.rollback("b")["to"] == "1"
+    took = time.monotonic() - started
+    assert took < 2.0, f"the rollback took {took:.2f} s"
+    assert manager.jobs.wait(20)
+    manager.close()

@@ -71,7 +71,12 @@ class Control:
 
         try:
             return self.jobs.start(
-                voice, f"rollback of {voice} to {target.version}", load_then_roll, urgent=True, supersede=True
+                voice,
+                f"rollback of {voice} to {target.version}",
+                load_then_roll,
+                urgent=True,
+                supersede=True,
+                operator=True,
             ).result()
         except _TargetWithdrawn as exc:  # the withdrawal took it off the stack: the next one
             log.warning("%s; rolling back to the next version", exc)
@@ -158,7 +163,7 @@ class Control:
                 raise
 
         return self.jobs.start(
-            voice, f"activate of {voice} {version}", load_then_switch, urgent=True, supersede=True
+            voice, f"activate of {voice} {version}", load_then_switch, urgent=True, supersede=True, operator=True
         ).result()
 
     def _switch(

@@ -12,8 +12,10 @@ The rules:
   of its voice first, so it does not wait behind it: the old job stops at its next call and
   commits nothing;
 * background jobs run one at a time across voices (a 2-core box loads one thing at a time);
-  urgent jobs (nothing serving, a request or an operator waiting) one at a time among themselves,
-  beside a background job, never behind it.
+  urgent jobs (nothing serving, a request waiting) one at a time among themselves, beside a
+  background job, never behind it; an operator's rollback or activate has a lane of its own, so it
+  never waits behind another voice's urgent load either (a new voice's first load, a request's
+  load of a parked voice: seconds).
 
 Nothing here knows what a job does; the manager hands ``start`` a function of the job's ``Ticket``.
 """
@@ -40,15 +42,24 @@ class Jobs:
         self._current: dict[str, Ticket] = {}  # voice -> its newest job (running or waiting its turn)
         self._background = threading.Lock()
         self._urgent = threading.Lock()
+        self._operator = threading.Lock()
         self._all: set[Ticket] = set()  # unfinished jobs, for ``wait``
 
     def start(
-        self, voice: str, what: str, work: Callable[[Ticket], T], *, urgent: bool, supersede: bool = False
+        self,
+        voice: str,
+        what: str,
+        work: Callable[[Ticket], T],
+        *,
+        urgent: bool,
+        supersede: bool = False,
+        operator: bool = False,
     ) -> Future[T]:
         """Run ``work(ticket)`` as voice ``voice``'s next job (see the module docstring). The future
-        holds its result, or ``Superseded`` when it was called off."""
+        holds its result, or ``Superseded`` when it was called off. ``operator`` (urgent too): an
+        operator's action, on the operator's lane."""
         future: Future[T] = Future()
-        ticket = Ticket(what, voice=voice, urgent=urgent)
+        ticket = Ticket(what, voice=voice, urgent=urgent or operator)
         with self._lock:
             before = self._current.get(voice)
             if supersede:  # every background job of the voice, the running one and any waiting
@@ -62,7 +73,9 @@ class Jobs:
             try:
                 if before is not None:
                     before.done.wait()
-                lane = self._enter(ticket)
+                lane = self._operator if operator else self._enter(ticket)
+                if operator:
+                    lane.acquire()
                 try:
                     ticket.check()
                     with paced(ticket, self._serving):
