@@ -823,3 +823,31 @@ def test_a_rollback_does_not_wait_behind_another_voices_urgent_load(tmp_path: Pa
     assert took < 2.0, f"the rollback took {took:.2f} s"
     assert manager.jobs.wait(20)
     manager.close()
+
+
+def test_an_automatic_rollback_that_lost_the_race_changes_nothing(tmp_path: Path, fake_engines: None,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """v3 fails its first requests and the automatic rollback judges it; before it takes the lock, a
+    withdrawal (or the operator) rolls v3 back to v2. The automatic rollback must then do nothing:
+    it rolled back again from v2, marking the good version rolled back."""
+    models, manager = v2_over_v1(tmp_path)
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    v3 = manager.version("voice", "3")
+    real_active = manager.lifecycle.active
+    raced: list[bool] = []
+
+    def active(name: str) -> object:
+        seen = real_active(name)
+        if not raced:  # the automatic rollback's check: then the other rollback lands
+            raced.append(True)
+            manager.rollback("voice")
+        return seen
+
+    monkeypatch.setattr(manager.lifecycle, "active", active)
+    manager.control.auto_rollback(v3, "auto-rollback: 3 of its first 3 requests failed")
+    monkeypatch.undo()
+    voice = manager.snapshot()[0]
+    states = {v["version"]: v["state"] for v in voice["versions"]}
+    assert voice["active"] == "2" and states["2"] == "active" and states["3"] == "rolled-back", states
+    manager.close()

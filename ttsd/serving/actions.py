@@ -40,14 +40,24 @@ class Control:
 
     # == rollback ===============================================================================
     def rollback(
-        self, voice: str, to: str | None = None, why: str = "rollback requested", *, durable: bool = True
+        self,
+        voice: str,
+        to: str | None = None,
+        why: str = "rollback requested",
+        *,
+        durable: bool = True,
+        only_from: ModelVersion | None = None,
     ) -> dict[str, Any]:
         """Serve the previous (or ``to``) version at once and mark the current one rolled back.
         ``durable``: on disk before it happens (``ResourceError`` and no change when the state dir
-        is full); automatic rollbacks pass False and are written when they can."""
+        is full); automatic rollbacks pass False and are written when they can. ``only_from``: only
+        if that version is the current one (``ConflictError`` otherwise): the automatic rollback
+        judged that one, and another rollback may have landed since."""
         started = time.monotonic()
         with self.lifecycle.commit:
             current, target = self._rollback_pair(voice, to)
+            if only_from is not None and current is not only_from:
+                raise ConflictError(f"{voice} {only_from.version} is not active any more")
             if self._loaded(target):
                 self.jobs.cancel(voice, f"rollback of {voice} to {target.version}")
                 return self._roll(current, target, why, durable, started, named=to is not None)
@@ -80,7 +90,7 @@ class Control:
             ).result()
         except _TargetWithdrawn as exc:  # the withdrawal took it off the stack: the next one
             log.warning("%s; rolling back to the next version", exc)
-            return self.rollback(voice, None, why, durable=durable)
+            return self.rollback(voice, None, why, durable=durable, only_from=current)
 
     def _rollback_pair(self, voice: str, to: str | None) -> tuple[ModelVersion, ModelVersion]:
         current = self.lifecycle.active(voice)
@@ -240,11 +250,12 @@ class Control:
     def auto_rollback(self, model: ModelVersion, why: str) -> None:
         """A new active version failed too many of its first requests: back to the one before."""
         try:
-            if self.lifecycle.active(model.name) is model:
-                self.rollback(model.name, why=why, durable=False)
+            if self.lifecycle.active(model.name) is model:  # checked again under the lock: only_from
+                self.rollback(model.name, why=why, durable=False, only_from=model)
                 log.error("%s %s rolled back: %s", model.name, model.version, why)
         except TtsdError as exc:
-            log.error("%s %s is failing (%s) but cannot roll back: %s", model.name, model.version, why, exc)
+            if self.lifecycle.active(model.name) is model:  # else another rollback got there first
+                log.error("%s %s is failing (%s) but cannot roll back: %s", model.name, model.version, why, exc)
 
     # == helpers ================================================================================
     def _loaded(self, model: ModelVersion) -> bool:
