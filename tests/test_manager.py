@@ -552,7 +552,7 @@ def test_a_memory_policy_upgrade_keeps_the_replaced_version_as_its_rollback_targ
     fake_model(models, "voice", "3")  # 2.
     manager.reconcile()
     assert manager.rollback("voice")["to"] == "1" and manager.snapshot()[0]["active"] == "1"
-    assert FakeEngine.live == 1
+    wait_for(lambda: FakeEngine.live == 1, 10, "v3 unloaded")  # off the swap's path, on a thread of its own
     manager.close()
 
 

@@ -61,13 +61,18 @@ class Control:
             if self._loaded(target):
                 self.jobs.cancel(voice, f"rollback of {voice} to {target.version}")
                 return self._roll(current, target, why, durable, started, named=to is not None)
+            was_marked = self.lifecycle.marked(target)
 
         def load_then_roll(_ticket: object) -> dict[str, Any]:
             loaded = self._bring_up(target, why, f"cannot roll back to {voice} {target.version}")
             try:
                 with self.lifecycle.commit:
-                    if to is None and self.lifecycle.marked(target):  # withdrawn while it loaded
+                    if self.lifecycle.marked(target) and not was_marked:  # withdrawn while it loaded
+                        if to is not None:  # the operator named it before the withdrawal: say so
+                            raise ConflictError(f"{voice} {to} was withdrawn while it loaded for the rollback")
                         raise _TargetWithdrawn(f"{voice} {target.version} was withdrawn while it loaded")
+                    if target.engine is None:  # taken down meanwhile (a withdrawal, the budget)
+                        raise ConflictError(f"{voice} {target.version} was unloaded before the rollback; try again")
                     now_current, _ = self._rollback_pair(voice, target.version)
                     if now_current is not current:  # e.g. an urgent upgrade finished first: mark nothing
                         raise ConflictError(
@@ -162,11 +167,16 @@ class Control:
             if self._loaded(target):
                 self.jobs.cancel(voice, f"activate of {voice} {version}")
                 return self._switch(target, current, why, started)
+            was_marked = self.lifecycle.marked(target)
 
         def load_then_switch(_ticket: object) -> dict[str, Any]:
             loaded = self._bring_up(target, why, f"cannot activate {voice} {version}")
             try:
                 with self.lifecycle.commit:
+                    if self.lifecycle.marked(target) and not was_marked:  # the operator did not choose that
+                        raise ConflictError(f"{voice} {version} was withdrawn while it loaded for the activate")
+                    if target.engine is None:  # taken down meanwhile (a withdrawal, the budget)
+                        raise ConflictError(f"{voice} {version} was unloaded before the activate; try again")
                     return self._switch(target, self.lifecycle.active(voice), why, started, loaded)
             except BaseException:
                 self.lifecycle.discard(target, "loaded for an activate that did not happen")
@@ -226,11 +236,13 @@ class Control:
                 self.jobs.cancel(voice, f"{voice} {version} withdrawn", version=key)
                 model = self.table.get(voice, version)
                 if model is not None:
-                    # one a job is bringing up keeps its state (the store keeps its copy till the job
-                    # ends, which leaves it rolled back: ``Lifecycle.resting``); the reason says why
-                    coming_up = model.state in COMING_UP
+                    # one a job is bringing up keeps its state and its engine (the store keeps its
+                    # copy, and the job's end frees what it loaded and leaves it rolled back:
+                    # ``Lifecycle.resting``); the reason says why
+                    coming_up = model.state in COMING_UP and self.jobs.busy(voice)
                     self.table.change(model, state=model.state if coming_up else State.ROLLED_BACK, reason=why)
-                    self.lifecycle.unload(model)
+                    if not coming_up:
+                        self.lifecycle.unload(model)
                 self.lifecycle.save()
                 if not ended:
                     self.state.record(voice, version, None, why)

@@ -280,11 +280,16 @@ class OnDemand:
         it, unloaded), a rollback target becomes available. False if it is busy now."""
         if model is None:
             return True
-        with self.table.locked():
+        # under ``commit`` too: a swap in progress (a rollback to this standby, between writing
+        # state.json and serving it) must not find its engine gone
+        with self.lifecycle.commit, self.table.locked():
             if model.engine is None:
                 return True
             if model.state is State.ACTIVE:
-                if self.waiting_for(model.name) or not self.map.park(model.key):
+                # chosen as a standby, it may have been swapped in since (a rollback): a pinned
+                # voice's active version is never parked
+                pinned = event == "evicted" and model.name in self.pinned()
+                if pinned or self.waiting_for(model.name) or not self.map.park(model.key):
                     return False
             elif model.state is State.STANDBY:
                 if not self.map.remove(model.key):

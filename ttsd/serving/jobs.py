@@ -15,7 +15,8 @@ The rules:
   urgent jobs (nothing serving, a request waiting) one at a time among themselves, beside a
   background job, never behind it; an operator's rollback or activate has a lane of its own, so it
   never waits behind another voice's urgent load either (a new voice's first load, a request's
-  load of a parked voice: seconds).
+  load of a parked voice: seconds); within a memory budget it takes the urgent lane, since each
+  load makes room only for itself.
 
 Nothing here knows what a job does; the manager hands ``start`` a function of the job's ``Ticket``.
 """
@@ -36,8 +37,8 @@ T = TypeVar("T")
 
 
 class Jobs:
-    def __init__(self, serving: Callable[[], bool]) -> None:
-        self._serving = serving
+    def __init__(self, serving: Callable[[], bool], *, operator_lane: bool = True) -> None:
+        self._serving, self._operator_lane = serving, operator_lane
         self._lock = Guard()
         self._current: dict[str, Ticket] = {}  # voice -> its newest job (running or waiting its turn)
         self._background = threading.Lock()
@@ -54,12 +55,15 @@ class Jobs:
         urgent: bool,
         supersede: bool = False,
         operator: bool = False,
+        on_skip: Callable[[], None] | None = None,
     ) -> Future[T]:
         """Run ``work(ticket)`` as voice ``voice``'s next job (see the module docstring). The future
         holds its result, or ``Superseded`` when it was called off. ``operator`` (urgent too): an
-        operator's action, on the operator's lane."""
+        operator's action, on the operator's lane. ``on_skip``: called on the job's thread when it
+        is called off before its work began (the work's own clean-up never ran)."""
         future: Future[T] = Future()
         ticket = Ticket(what, voice=voice, urgent=urgent or operator)
+        operator = operator and self._operator_lane  # else on the urgent lane
         with self._lock:
             before = self._current.get(voice)
             if supersede:  # every background job of the voice, the running one and any waiting
@@ -73,11 +77,21 @@ class Jobs:
             try:
                 if before is not None:
                     before.done.wait()
-                lane = self._operator if operator else self._enter(ticket)
+                try:
+                    lane = self._operator if operator else self._enter(ticket)  # _enter checks the ticket
+                except Superseded:
+                    if on_skip is not None:
+                        on_skip()
+                    raise
                 if operator:
                     lane.acquire()
                 try:
-                    ticket.check()
+                    try:
+                        ticket.check()
+                    except Superseded:
+                        if on_skip is not None:
+                            on_skip()
+                        raise
                     with paced(ticket, self._serving):
                         result = work(ticket)
                 finally:

@@ -54,6 +54,7 @@ class Lifecycle:
         self.table, self.map, self.state, self.store, self.policy = table, serving, state, store, policy
         self._listener, self._spawn, self._fit_budget = listener, spawn, fit_budget
         self.commit = Guard(threading.RLock())
+        self.closed = False  # set by close(): a job that loaded something after that commits nothing
 
     def active(self, name: str) -> ModelVersion | None:
         return self.table.by_key(self.map.active(name))
@@ -94,7 +95,11 @@ class Lifecycle:
         (``retire_now``), so nothing is active now, yet that version is the one replaced: it becomes
         the rollback target as a replaced version does."""
         with self.commit:
+            if self.closed:  # a job that outlived the shutdown's wait: what it loaded goes
+                raise Superseded("ttsd is shutting down")
             self._still_wanted(model, ticket, unmarked)
+            if retired and self.map.active(model.name) is not None:  # an operator's action served one since
+                raise Superseded(f"{model.name} serves another version now")
             assert model.engine is not None
             saved = self.state.voice(model.name)
             voice = record or saved
@@ -198,6 +203,8 @@ class Lifecycle:
         """``model`` takes the canary share of its voice's requests; a canary it supersedes (a
         newer version arrived before the old canary ended) is retired and unloaded."""
         with self.commit:
+            if self.closed:
+                raise Superseded("ttsd is shutting down")
             self._still_wanted(model, ticket, unmarked)
             assert model.engine is not None
             self.map.add(model.key, self.voice_version(model), model.engine)
@@ -363,6 +370,8 @@ class Lifecycle:
             self._listener("unloaded", model)
 
     def close(self) -> None:
+        with self.commit:
+            self.closed = True
         for model in [m for m in self.table.all() if m.engine is not None]:
             self.unload(model, force=True)
         self.map.clear()

@@ -98,8 +98,10 @@ class ModelManager:
             canary_share=self.policy.canary_share,
             default_voice=default_voice,
         )
-        self.jobs = Jobs(serving=self.map.serving)
         self.budget = budget or Budget()
+        # within a memory budget an operator's load waits its turn among the urgent ones: each
+        # load makes room for itself only, so three at once could overshoot the budget
+        self.jobs = Jobs(serving=self.map.serving, operator_lane=not self.budget.limited)
         self.lifecycle = Lifecycle(
             self.table,
             self.map,
@@ -267,6 +269,8 @@ class ModelManager:
                         f"upgrade of {name}",
                         partial(self.promoter.upgrade, name, found),
                         supersede=True,
+                        # called off before it ran: its versions leave "verifying" (they stayed so)
+                        on_skip=partial(self.promoter.settle, found),
                     )
                 )
             self._forget_vanished()
@@ -316,9 +320,19 @@ class ModelManager:
     ) -> None:
         self.promoter.resume(name, model, canary, pinned)
 
-    def _job(self, name: str, what: str, work: Callable[[Ticket], None], *, supersede: bool = False) -> Future[None]:
+    def _job(
+        self,
+        name: str,
+        what: str,
+        work: Callable[[Ticket], None],
+        *,
+        supersede: bool = False,
+        on_skip: Callable[[], None] | None = None,
+    ) -> Future[None]:
         """Start a job for voice ``name``: urgent when the voice has nothing serving."""
-        future = self.jobs.start(name, what, work, urgent=self.map.active(name) is None, supersede=supersede)
+        future = self.jobs.start(
+            name, what, work, urgent=self.map.active(name) is None, supersede=supersede, on_skip=on_skip
+        )
         future.add_done_callback(lambda done: self._job_done(what, done))
         return future
 

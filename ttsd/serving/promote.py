@@ -50,14 +50,20 @@ class Promoter:
         try:
             for model in newer([m for m, _ in found], self.lifecycle.active(name)):
                 active = self.lifecycle.active(name)  # a job before this one may have changed it
-                if active is not None and order(model) <= order(active):
-                    continue
+                if (active is not None and order(model) <= order(active)) or self.lifecycle.marked(model):
+                    continue  # older than what serves now, or withdrawn while this job waited
                 if self.promote(model, folders[id(model)], "new version in the models dir", ticket):
                     return
         finally:
-            for model, _ in found:  # e.g. older folders found at start-up: known, not loaded
-                if model.state is State.VERIFYING:
-                    self.table.change(model, state=self.lifecycle.resting(model))
+            self.settle(found)
+
+    def settle(self, found: list[tuple[ModelVersion, Path]]) -> None:
+        """The versions an upgrade was given that are still "verifying" (older folders found at
+        start-up, or all of them when the upgrade was called off before it ran) are available
+        again, or rolled back if marked meanwhile."""
+        for model, _ in found:
+            if model.state is State.VERIFYING:
+                self.table.change(model, state=self.lifecycle.resting(model))
 
     def promote(self, model: ModelVersion, folder: Path, why: str, ticket: Ticket) -> bool:
         """Copy ``model`` into the store (hashing it: the one time its bytes are read from the
@@ -66,6 +72,8 @@ class Promoter:
         a folder that does not match its manifest never takes the voice down."""
         ticket.target = norm(model.version)  # a withdrawal of this version calls the job off
         try:
+            if self.lifecycle.marked(model):  # withdrawn before the job knew its target
+                raise Superseded(f"{model.name} {model.version} was withdrawn")
             if not self.bringup.store_new(model, folder, self._again):
                 return False
             ticket.check()
@@ -76,12 +84,15 @@ class Promoter:
         if retiring and not self.bringup.check_signed(model):  # before the serving version goes
             return False
         try:
-            previous = self.lifecycle.active(model.name)
-            was_loaded = previous is not None and previous.engine is not None
-            # under the memory policy the voice serves nothing until this is done: no rollback
-            # calls it off from here on (one that did first: nothing is unloaded yet)
-            if self.policy.swap == "memory" and previous is not None and not ticket.make_urgent():
-                raise Superseded(str(ticket.cancelled))
+            with self.lifecycle.commit:  # a withdrawal marks under it: seen here, or by the swap's check
+                if self.lifecycle.marked(model):
+                    raise Superseded(f"{model.name} {model.version} was withdrawn")
+                previous = self.lifecycle.active(model.name)
+                was_loaded = previous is not None and previous.engine is not None
+                # under the memory policy the voice serves nothing until this is done: no rollback
+                # calls it off from here on (one that did first: nothing is unloaded yet)
+                if self.policy.swap == "memory" and previous is not None and not ticket.make_urgent():
+                    raise Superseded(str(ticket.cancelled))
         except Superseded as exc:
             self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
             raise
@@ -118,6 +129,7 @@ class Promoter:
         if (
             retired is not None
             and retired.engine is None
+            and self.lifecycle.active(retired.name) is None  # else an operator's action serves one
             and not (
                 self.bringup.bring_up(retired, f"reloaded: {why}") and self._serve(retired, why, push_previous=False)
             )
@@ -145,6 +157,8 @@ class Promoter:
         Within a memory budget it stays loaded only if a request waits for it or it is preloaded."""
         options = fallback_order(self.table.of(name), self.state.voice(name).rolled_back, time.monotonic())
         for model in options:
+            if self.lifecycle.closed:  # shutting down: nothing more is loaded
+                return
             try:
                 self.bringup.ensure_stored(model)
             except TtsdError as exc:  # its folder changed or the disk is full: try again later

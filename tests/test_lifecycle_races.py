@@ -1,0 +1,358 @@
+"""Races in the model manager's version lifecycle, found by probing it with the fake engine: each
+test widens one window (a slow load, a slow write) and checks a promise of docs/upgrading.md or
+docs/signing-and-fleets.md across it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from conftest import fake_model, make_manager
+from daemon_util import wait_for
+from fake_engine import FakeEngine
+
+from ttsd.serving.manager import ModelManager
+from ttsd.serving.residency import Budget
+from ttsd.serving.source import LocalFolderSource
+from ttsd.serving.versions import Policy
+
+
+def states(manager: ModelManager, voice: str = "voice") -> dict[str, str]:
+    return {v["version"]: v["state"] for v in next(x for x in manager.snapshot() if x["name"] == voice)["versions"]}
+
+
+def in_background(fn):  # type: ignore[no-untyped-def]
+    """Run ``fn`` on a thread; (the thread, a list that gets its result or exception)."""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_an_upgrade_called_off_before_it_ran_leaves_no_version_verifying(tmp_path: Path, fake_engines: None) -> None:
+    """Voice's upgrade to v2 waits for the background lane (another voice loads). v3 arrives and calls
+    it off before it ran: v2 must not stay "verifying" for good (the upgrade's own clean-up never
+    ran; a version coming up also keeps the voice from falling back)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    fake_model(models, "other", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "other", "2", load_delay=3)  # holds the background lane
+    fake_model(models, "voice", "2")
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager, "other").get("2") == "loading", timeout=10, interval=0.01, what="other 2")
+    print("voice while its job waits for the lane:", states(manager))
+    fake_model(models, "voice", "3")
+    manager.reconcile(wait=False)  # supersedes voice's upgrade to 2 before it ran
+    assert manager.jobs.wait(30)
+    manager.reconcile()
+    time.sleep(0.5)
+    manager.reconcile()
+    print("after the jobs and two rescans:", states(manager))
+    assert states(manager)["2"] != "verifying", states(manager)
+    manager.close()
+
+
+def test_a_rollback_that_calls_off_a_waiting_upgrade_leaves_no_version_verifying(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """As above, called off by an operator's rollback: v3 must not stay "verifying"."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    fake_model(models, "other", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()  # v2 active, v1 loaded standby
+    fake_model(models, "other", "2", load_delay=3)
+    fake_model(models, "voice", "3")
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager, "other").get("2") == "loading", timeout=10, interval=0.01, what="other 2")
+    print("rollback:", manager.rollback("voice"))
+    assert manager.jobs.wait(30)
+    manager.reconcile()
+    print("after:", states(manager))
+    assert states(manager)["3"] != "verifying", states(manager)
+    manager.close()
+
+
+def test_a_version_whose_upgrade_was_called_off_shows_rolled_back_once_withdrawn(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """v2's upgrade was called off before it ran; the fleet mirror then withdraws v2: it shows
+    rolled back (a withdrawal keeps the state only of a version a job is bringing up)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    fake_model(models, "other", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "other", "2", load_delay=3)
+    fake_model(models, "voice", "2")
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager, "other").get("2") == "loading", timeout=10, interval=0.01, what="other 2")
+    fake_model(models, "voice", "3")
+    manager.reconcile(wait=False)
+    assert manager.jobs.wait(30)
+    print("before:", states(manager))
+    print("withdraw:", manager.withdraw("voice", "2", "fleet: bad build"))
+    assert manager.jobs.wait(30)
+    manager.reconcile()
+    print("after withdraw + rescan:", states(manager), "marked:", manager.state.voice("voice").rolled_back)
+    assert states(manager)["2"] == "rolled-back", states(manager)
+    manager.close()
+
+
+def test_a_withdrawal_before_the_upgrade_knows_its_version_stops_it_before_it_unloads(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """--swap-policy memory: v2's upgrade waits for the background lane and does not know its version
+    yet when the fleet mirror withdraws v2. It must not unload v1 and load v2 (it did, and the voice
+    served nothing for about 1.2 s until v1 loaded again)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    fake_model(models, "other", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    fake_model(models, "other", "2", load_delay=3)
+    fake_model(models, "voice", "2", load_delay=1)
+    events: list[tuple[float, str, str, str]] = []
+    gaps: list[float] = []
+    manager._listener = lambda e, m: events.append((time.monotonic(), e, m.name, m.version))
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager, "other").get("2") == "loading", timeout=10, interval=0.01, what="other 2")
+    print("withdraw:", manager.withdraw("voice", "2", "bad build"), states(manager))
+    t0 = time.monotonic()
+    stop = time.monotonic() + 30
+    while manager.jobs.busy("voice") or manager.jobs.busy("other"):
+        if manager.map.active("voice") is None:
+            gaps.append(time.monotonic())
+        time.sleep(0.01)
+        assert time.monotonic() < stop
+    after = [(e, n, v) for t, e, n, v in events if t >= t0 and n == "voice"]
+    print("voice events after the withdrawal:", after)
+    print("voice had nothing active for about %.2f s" % (0.01 * len(gaps)))
+    print("states:", states(manager), "loads:", FakeEngine.loads)
+    assert ("loading", "voice", "2") not in after and not gaps
+    manager.close()
+
+
+def test_a_withdrawal_during_an_activate_of_that_version_is_not_undone(tmp_path: Path, fake_engines: None) -> None:
+    """keep=0: the operator activates v1, which must load; the fleet mirror withdraws v1 meanwhile.
+    The activate must fail rather than clear the withdrawal's mark (v1 served across restarts)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1", load_delay=1.5)
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    assert states(manager) == {"1": "available", "2": "active"}, states(manager)
+    t, out = in_background(lambda: manager.activate("voice", "1"))
+    wait_for(lambda: states(manager).get("1") == "loading", timeout=10, interval=0.01, what="v1 loading")
+    print("withdraw:", manager.withdraw("voice", "1", "fleet: bad build"))
+    t.join(10)
+    print("activate:", out, "states:", states(manager))
+    print("state.json voice record:", manager.state.voice("voice"))
+    manager.close()
+    again = make_manager(tmp_path, keep=0)
+    again.start()
+    print("after restart:", states(again), again.snapshot()[0]["active"])
+    assert again.snapshot()[0]["active"] != "1"
+    again.close()
+
+
+def test_a_withdrawal_between_a_rollbacks_load_and_its_swap_is_a_clear_error(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """The operator's `rollback --to 1` has loaded v1 and not swapped yet; the fleet mirror withdraws
+    v1. The rollback answers with a clear error, not an AssertionError (500): the withdrawal freed
+    the engine the job had just loaded."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    gate = threading.Event()
+
+    def listener(event: str, model) -> None:  # type: ignore[no-untyped-def]
+        if event == "loaded" and model.version == "1":
+            gate.set()
+            time.sleep(1.0)  # widen: loaded, not yet committed
+
+    manager._listener = listener
+    t, out = in_background(lambda: manager.rollback("voice", to="1"))
+    assert gate.wait(10)
+    print("withdraw:", manager.withdraw("voice", "1", "fleet: bad build"))
+    t.join(10)
+    print("rollback --to 1:", repr(out[0]), "states:", states(manager), "live:", FakeEngine.live)
+    assert not isinstance(out[0], AssertionError)
+    manager.close()
+
+
+def test_an_operators_load_waits_its_turn_within_a_memory_budget(tmp_path: Path, fake_engines: None) -> None:
+    """max_loaded=2: a background upgrade, a request's load of a parked voice and an operator's
+    activate load at once. Each load makes room only for itself, so the operator's lane is not
+    used within a budget: at most one engine over the budget (4 live engines were seen)."""
+    models = tmp_path / "models"
+    slow = dict(load_delay=0.5, warmup_delay=1.5)
+    fake_model(models, "a", "1")
+    fake_model(models, "b", "1", **slow)
+    fake_model(models, "c", "1", **slow)
+    fake_model(models, "c", "2")
+    fake_model(models, "d", "1")
+    source = LocalFolderSource(models, settle=0.0, incomplete_timeout=60.0)
+    manager = ModelManager(
+        source, state_dir=tmp_path / "state", policy=Policy(settle=0.0), default_voice="a", budget=Budget(max_loaded=2)
+    )
+    manager.start()
+    assert manager.jobs.wait(30)
+    time.sleep(0.5)
+    print(
+        "after start: live",
+        FakeEngine.live,
+        {n: manager.demand.residency(n, manager.lifecycle.active(n))["residency"] for n in "abcd"},
+    )
+    FakeEngine.peak = FakeEngine.live
+    fake_model(models, "d", "2", **slow)
+    manager.reconcile(wait=False)  # background lane: d's upgrade
+    wait_for(lambda: states(manager, "d").get("2") in ("loading", "warming"), timeout=10, interval=0.01, what="d2")
+    with manager.wanting("b") as future:  # urgent lane: a request's load of parked b
+        t, out = in_background(lambda: manager.activate("c", "1"))  # operator lane
+        future.result(30)
+    t.join(30)
+    assert manager.jobs.wait(30)
+    print("activate:", out, "peak live engines:", FakeEngine.peak, "max_loaded: 2")
+    assert FakeEngine.peak <= 3
+    manager.close()
+
+
+def test_a_rollback_whose_targets_are_withdrawn_one_after_another_ends(tmp_path: Path, fake_engines: None) -> None:
+    """A rollback goes on to the next version when its target is withdrawn while it loads: it ends,
+    and what it leaves holds across a restart."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    fake_model(models, "voice", "2", load_delay=1.5)
+    manager.reconcile()
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    print("start:", states(manager), manager.state.voice("voice"))
+    t, out = in_background(lambda: manager.rollback("voice"))
+    wait_for(lambda: states(manager).get("2") == "loading", timeout=10, interval=0.01, what="v2 loading")
+    print("withdraw:", manager.withdraw("voice", "2", "fleet: bad build"))
+    t.join(20)
+    assert manager.jobs.wait(30)
+    time.sleep(0.3)
+    print("rollback:", out, "states:", states(manager), "live:", FakeEngine.live, manager.state.voice("voice"))
+    assert out and isinstance(out[0], dict) and out[0]["to"] == "1"
+    assert states(manager) == {"1": "active", "2": "rolled-back", "3": "rolled-back"} and FakeEngine.live == 1
+    manager.close()
+    again = make_manager(tmp_path, keep=0)
+    again.start()
+    print("after restart:", states(again), again.state.voice("voice"))
+    again.close()
+
+
+def test_a_memory_policy_upgrade_does_not_swap_in_over_an_operators_activate(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """--swap-policy memory: v3's upgrade has unloaded v1 (so no action calls it off); the operator
+    activates the loaded v2 meanwhile, which answers at once. v3 must not swap in over it."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    manager.activate("voice", "1")  # v1 active, v2 a loaded standby
+    print("before:", states(manager))
+    fake_model(models, "voice", "3", load_delay=2)
+    t, _ = in_background(manager.reconcile)
+    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    print("activate 2 during the memory upgrade:", manager.activate("voice", "2"), states(manager))
+    t.join(20)
+    print("after the upgrade:", states(manager), manager.state.voice("voice"))
+    assert manager.snapshot()[0]["active"] == "2"
+    manager.close()
+
+
+def test_the_budget_does_not_unload_a_rollbacks_target_during_its_swap(tmp_path: Path, fake_engines: None) -> None:
+    """A memory budget: the rollback to b's loaded standby writes state.json (slow on an SD card),
+    and a request for parked c makes room meanwhile, choosing b 1, the idle standby. b 1 must
+    not be unloaded under the swap (an AssertionError, state.json saying 1 while 2 served), nor
+    parked once active (b is preloaded)."""
+    models = tmp_path / "models"
+    fake_model(models, "a", "1")
+    fake_model(models, "b", "1")
+    fake_model(models, "c", "1")
+    source = LocalFolderSource(models, settle=0.0, incomplete_timeout=60.0)
+    manager = ModelManager(
+        source,
+        state_dir=tmp_path / "state",
+        policy=Policy(settle=0.0),
+        default_voice="a",
+        budget=Budget(max_loaded=3, preload=("a", "b")),
+    )
+    manager.start()
+    fake_model(models, "b", "2")
+    manager.reconcile()
+    assert manager.jobs.wait(10)
+    time.sleep(0.3)
+    print("before:", states(manager, "b"), "c:", manager.demand.residency("c", manager.lifecycle.active("c")))
+    commit = manager.state.commit
+
+    def slow_commit(name, record):  # type: ignore[no-untyped-def]
+        commit(name, record)
+        time.sleep(0.5)  # a slow fsync
+
+    manager.state.commit = slow_commit  # type: ignore[method-assign]
+    t, out = in_background(lambda: manager.rollback("b"))
+    time.sleep(0.1)
+    with manager.wanting("c") as f:  # a request for parked c: make_room evicts the idle rollback target b 1
+        f.result(10)
+    t.join(10)
+    print("rollback:", repr(out[0]))
+    print("in memory: active", manager.lifecycle.active("b").version, states(manager, "b"))  # type: ignore[union-attr]
+    print("state.json:", manager.state.voice("b"))
+    with manager.acquire("b") as lease:
+        print("a request for b is served by", lease.voice.version)
+    manager.close()
+    again = ModelManager(
+        LocalFolderSource(models, settle=0.0, incomplete_timeout=60.0),
+        state_dir=tmp_path / "state",
+        policy=Policy(settle=0.0),
+        default_voice="a",
+        budget=Budget(max_loaded=3, preload=("a", "b")),
+    )
+    again.start()
+    print("after restart:", states(again, "b"))
+    again.close()
+    assert not isinstance(out[0], BaseException)
+
+
+def test_a_job_that_outlives_the_shutdown_commits_nothing(tmp_path: Path, fake_engines: None) -> None:
+    """keep=0: an operator's activate loads v1 when the manager shuts down (``close`` waits 10 s for
+    jobs; a slow load outlives that). The job must not swap v1 into the emptied map: its engine
+    stayed loaded, referenced by nothing."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1", load_delay=1.0)
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    t, out = in_background(lambda: manager.activate("voice", "1"))
+    wait_for(lambda: states(manager).get("1") == "loading", timeout=10, interval=0.01, what="v1 loading")
+    manager.lifecycle.close()  # what ModelManager.close does once its wait for jobs has run out
+    t.join(20)
+    assert manager.jobs.wait(20) and out and isinstance(out[0], BaseException), out
+    assert manager.map.active("voice") is None and FakeEngine.live == 0
