@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import fake_model, make_manager
+from conftest import fake_model, make_manager, v2_over_v1
 from daemon_util import wait_for
 from fake_engine import FakeEngine
 
@@ -356,3 +356,22 @@ def test_a_job_that_outlives_the_shutdown_commits_nothing(tmp_path: Path, fake_e
     t.join(20)
     assert manager.jobs.wait(20) and out and isinstance(out[0], BaseException), out
     assert manager.map.active("voice") is None and FakeEngine.live == 0
+
+
+def test_a_pruned_store_copy_leaves_the_store_at_once(tmp_path: Path, fake_engines: None) -> None:
+    """Pruning a store copy moves it out of the store under the table's lock and deletes it after:
+    a job copying the same version in again meanwhile writes a fresh directory, never one being
+    deleted (its files vanished mid-load and the version was refused for it). A crash between the
+    two leaves a ``.partial`` dir, which the next start removes."""
+    from ttsd.serving.store import ModelStore
+
+    models, manager = v2_over_v1(tmp_path, keep=0)
+    store = ModelStore(tmp_path / "state" / "store")
+    copy = store.path("voice", "1")
+    assert copy.is_dir()
+    aside = store.set_aside("voice", "1")
+    assert aside is not None and aside.is_dir() and not copy.exists() and aside.name.endswith(".partial")
+    assert store.set_aside("voice", "1") is None  # nothing left there
+    manager.close()
+    store.prepare()  # the next start
+    assert not aside.exists()

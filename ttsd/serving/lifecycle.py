@@ -411,8 +411,12 @@ class Lifecycle:
             for m in stale:
                 m.store_copy = None
             self._forget([m for m in stale if _nowhere(m)])
-        for m in stale:
-            shutil.rmtree(self.store.path(m.name, m.version), ignore_errors=True)
+            # moved out under the lock, deleted after it: a job copying the same version in again
+            # meanwhile never sees its files vanish (it was refused for a missing file)
+            aside = [self.store.set_aside(m.name, m.version) for m in stale]
+        for path in aside:
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _forget(self, models: list[ModelVersion]) -> None:
         """Versions that can never serve again (no store copy, no folder, not loaded) leave the

@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -124,6 +125,21 @@ class ModelStore:
                 if not folder.is_symlink() and (folder / MANIFEST).is_file():
                     found.append((voice.name, folder.name, folder))
         return found
+
+    def set_aside(self, name: str, version: str) -> Path | None:
+        """Take a stored copy out of the store at once (one rename, under the caller's lock), to be
+        deleted later with ``shutil.rmtree``: a copy of the same version made meanwhile goes to the
+        canonical path, never into a directory being deleted. A crash leaves a ``.partial`` dir that
+        the next start removes. None if there is no such copy or it cannot be moved."""
+        path = self.path(name, version)
+        if not path.is_dir() or path.is_symlink():
+            return None
+        aside = self.root / f".{name}-{version}.{uuid.uuid4().hex}.removed.partial"
+        try:
+            os.rename(path, aside)
+        except OSError:
+            return None
+        return aside
 
     def remove(self, name: str, version: str) -> None:
         """Drop a stored copy (damaged, refused, or no longer a rollback target)."""
