@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import fake_model, make_manager, v2_over_v1
 from daemon_util import wait_for
 from fake_engine import FakeEngine
@@ -375,3 +376,74 @@ def test_a_pruned_store_copy_leaves_the_store_at_once(tmp_path: Path, fake_engin
     manager.close()
     store.prepare()  # the next start
     assert not aside.exists()
+
+
+@pytest.mark.parametrize("swap", ["parallel", "memory"])
+def test_withdrawing_the_newest_of_two_new_versions_still_brings_up_the_other(
+    tmp_path: Path, fake_engines: None, swap: str
+) -> None:
+    """v2 and v3 arrive in one scan: one upgrade, v3 first. The fleet mirror withdraws v3 while it
+    loads. v2, newer than v1 and good, must still be brought up (the whole job was called off and
+    v2, left "available" and known, was never promoted, across restarts too; a v3 that failed to
+    load fell through to v2)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap=swap)
+    manager.start()
+    fake_model(models, "voice", "2")
+    fake_model(models, "voice", "3", load_delay=1.0)
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    manager.withdraw("voice", "3", "withdrawn by the fleet mirror: clipped")
+    wait_for(lambda: manager.snapshot()[0]["active"] == "2", timeout=20, what="v2 active")
+    assert manager.jobs.wait(20)
+    assert states(manager) == {
+        "1": "standby" if swap == "parallel" else "available",
+        "2": "active",
+        "3": "rolled-back",
+    }, states(manager)
+    manager.close()
+
+
+def test_a_rollback_while_the_memory_policy_upgrade_serves_nothing_is_a_conflict(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """--swap-policy memory: v2's upgrade has v1 out of service. A rollback then is a 409 that says
+    why ("being upgraded"), not a 404 "no active version"."""
+    from ttsd.errors import ConflictError
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    fake_model(models, "voice", "2", load_delay=1.0)
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("2") == "loading", timeout=10, interval=0.01, what="v2 loading")
+    with pytest.raises(ConflictError, match="being upgraded"):
+        manager.rollback("voice")
+    assert manager.jobs.wait(20)
+    assert manager.rollback("voice")["to"] == "1"
+    manager.close()
+
+
+def test_a_withdrawal_of_the_active_version_that_loses_the_race_to_an_upgrade(
+    tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fleet mirror withdraws active v2; before its rollback takes the lock, v3's upgrade swaps
+    in (v2 is now v3's rollback target). The rollback must not go from v3 back to v2, serving the
+    withdrawn version and marking the good one: v3 serves, v2 is marked and no rollback target."""
+    models, manager = v2_over_v1(tmp_path)
+    fake_model(models, "voice", "3")
+    real = manager.control.rollback
+
+    def late(*args, **kwargs):  # type: ignore[no-untyped-def]
+        manager.reconcile()  # v3's upgrade lands first
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(manager.control, "rollback", late)
+    manager.withdraw("voice", "2", "withdrawn by the fleet mirror: clipped")
+    monkeypatch.undo()
+    voice = manager.snapshot()[0]
+    assert voice["active"] == "3" and states(manager)["2"] == "rolled-back", states(manager)
+    assert voice["rollback_to"] != "2"
+    manager.close()

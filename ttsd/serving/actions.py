@@ -100,6 +100,11 @@ class Control:
     def _rollback_pair(self, voice: str, to: str | None) -> tuple[ModelVersion, ModelVersion]:
         current = self.lifecycle.active(voice)
         if current is None:
+            if self.state.voice(voice).active is not None and self.jobs.busy(voice):
+                # the memory policy's upgrade has the serving version out of service
+                raise ConflictError(
+                    f"{voice} is being upgraded and serves nothing now; roll back once the upgrade ends"
+                )
             raise UnknownVoiceError(f"voice {voice!r} has no active version to roll back from")
         if to is None:
             stack = [v for v in self.state.voice(voice).previous if norm(v) != norm(current.version)]
@@ -254,7 +259,12 @@ class Control:
         if done is not None:
             return done
         assert active is not None  # done is None only when the withdrawn version is the active one
-        result = self.rollback(voice, to, why)
+        try:
+            result = self.rollback(voice, to, why, only_from=active)
+        except ConflictError:
+            if self.lifecycle.active(voice) is active:
+                raise
+            return self.withdraw(voice, version, why, to)  # another swap came first: mark it where it is now
         self._listener("withdrawn", active)  # ttsd_model_transitions_total{event="withdrawn"}
         return {"voice": voice, "withdrawn": version, "active": result["to"], "from": result["from"]}
 

@@ -100,7 +100,8 @@ class Lifecycle:
             self._still_wanted(model, ticket, unmarked)
             if retired and self.map.active(model.name) is not None:  # an operator's action served one since
                 raise Superseded(f"{model.name} serves another version now")
-            assert model.engine is not None
+            if model.engine is None:  # unloaded before it could serve (the budget, a withdrawal): not served
+                raise Superseded(f"{model.name} {model.version} was unloaded before it could serve")
             saved = self.state.voice(model.name)
             voice = record or saved
             previous = self.active(model.name)
@@ -206,7 +207,8 @@ class Lifecycle:
             if self.closed:
                 raise Superseded("ttsd is shutting down")
             self._still_wanted(model, ticket, unmarked)
-            assert model.engine is not None
+            if model.engine is None:  # unloaded before it could serve (the budget, a withdrawal): not served
+                raise Superseded(f"{model.name} {model.version} was unloaded before it could serve")
             self.map.add(model.key, self.voice_version(model), model.engine)
             self.state.put(model.name, self.state.voice(model.name).but(canary=model.version))
             with self.table.locked():

@@ -133,7 +133,14 @@ class ModelManager:
             listener=events,
         )
         self.promoter = Promoter(
-            self.table, self.lifecycle, self.bringup, self.demand, self.state, self.policy, again=self._again
+            self.table,
+            self.lifecycle,
+            self.bringup,
+            self.demand,
+            self.state,
+            self.policy,
+            again=self._again,
+            requeue=self._upgrade,
         )
         self.intake = Intake(self.table, self.lifecycle, self.state, events)
         self.control = Control(self.table, self.lifecycle, self.bringup, self.jobs, self.state, events)
@@ -263,16 +270,7 @@ class ModelManager:
             if first:
                 started += self._resume_saved()
             for name, found in sorted(ready.items()):
-                started.append(
-                    self._job(
-                        name,
-                        f"upgrade of {name}",
-                        partial(self.promoter.upgrade, name, found),
-                        supersede=True,
-                        # called off before it ran: its versions leave "verifying" (they stayed so)
-                        on_skip=partial(self.promoter.settle, found),
-                    )
-                )
+                started.append(self._upgrade(name, found, supersede=True))
             self._forget_vanished()
             now = time.monotonic()
             for name in self.table.names():
@@ -335,6 +333,17 @@ class ModelManager:
         )
         future.add_done_callback(lambda done: self._job_done(what, done))
         return future
+
+    def _upgrade(self, name: str, found: list[tuple[ModelVersion, Path]], *, supersede: bool = False) -> Future[None]:
+        """A job bringing up the newest of ``found`` that comes up (``Promoter.upgrade``)."""
+        return self._job(
+            name,
+            f"upgrade of {name}",
+            partial(self.promoter.upgrade, name, found),
+            supersede=supersede,
+            # called off before it ran: its versions leave "verifying" (they stayed so)
+            on_skip=partial(self.promoter.settle, found),
+        )
 
     def _job_done(self, what: str, done: Future[None]) -> None:
         error = done.exception()

@@ -38,9 +38,10 @@ class Promoter:
         state: ServingState,
         policy: Policy,
         again: Callable[[Path], None],
+        requeue: Callable[[str, list[tuple[ModelVersion, Path]]], object] = lambda _name, _found: None,
     ) -> None:
         self.table, self.lifecycle, self.bringup, self.demand = table, lifecycle, bringup, demand
-        self.state, self.policy, self._again = state, policy, again
+        self.state, self.policy, self._again, self._requeue = state, policy, again, requeue
 
     # == a new version in the models dir ========================================================
     def upgrade(self, name: str, found: list[tuple[ModelVersion, Path]], ticket: Ticket) -> None:
@@ -52,8 +53,15 @@ class Promoter:
                 active = self.lifecycle.active(name)  # a job before this one may have changed it
                 if (active is not None and order(model) <= order(active)) or self.lifecycle.marked(model):
                     continue  # older than what serves now, or withdrawn while this job waited
-                if self.promote(model, folders[id(model)], "new version in the models dir", ticket):
-                    return
+                try:
+                    if self.promote(model, folders[id(model)], "new version in the models dir", ticket):
+                        return
+                except Superseded:
+                    if self.lifecycle.marked(model):  # withdrawn: the job is called off, not the others
+                        rest = [(m, f) for m, f in found if m is not model and not self.lifecycle.marked(m)]
+                        if rest:
+                            self._requeue(name, rest)  # a job of their own, after this one
+                    raise
         finally:
             self.settle(found)
 
@@ -77,32 +85,32 @@ class Promoter:
             if not self.bringup.store_new(model, folder, self._again):
                 return False
             ticket.check()
-        except Superseded as exc:  # called off while it was copied in and hashed
-            self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
-            raise
-        retiring = self.policy.swap == "memory" and self.lifecycle.active(model.name) is not None
-        if retiring and not self.bringup.check_signed(model):  # before the serving version goes
-            return False
-        try:
+            # the memory policy checks the signature before the serving version goes
+            retiring = self.policy.swap == "memory" and self.lifecycle.active(model.name) is not None
+            if retiring and not self.bringup.check_signed(model):
+                return False
             with self.lifecycle.commit:  # a withdrawal marks under it: seen here, or by the swap's check
                 if self.lifecycle.marked(model):
                     raise Superseded(f"{model.name} {model.version} was withdrawn")
                 previous = self.lifecycle.active(model.name)
                 was_loaded = previous is not None and previous.engine is not None
+                # retired only when its signature was checked first (a version an operator made
+                # active just now loads beside it, this once)
+                retire = retiring and previous is not None
                 # under the memory policy the voice serves nothing until this is done: no rollback
                 # calls it off from here on (one that did first: nothing is unloaded yet)
-                if self.policy.swap == "memory" and previous is not None and not ticket.make_urgent():
+                if retire and not ticket.make_urgent():
                     raise Superseded(str(ticket.cancelled))
-        except Superseded as exc:
+        except Superseded as exc:  # called off while it was copied in, hashed or checked
             self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
             raise
         retired = None
-        if self.policy.swap == "memory" and previous is not None:
+        if retire and previous is not None:
             self.lifecycle.retire_now(previous)
             retired = previous
         try:
             # put() hashed the copy it made; the memory policy checked its signature before retiring
-            if not self.bringup.bring_up(model, why, verified=True, signed=retiring and retired is not None):
+            if not self.bringup.bring_up(model, why, verified=True, signed=retired is not None):
                 return self._restore(retired)
             if self.policy.canary_share(model.name) > 0 and previous is not None and retired is None:
                 self.lifecycle.start_canary(model, ticket)
