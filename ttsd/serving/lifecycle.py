@@ -95,8 +95,6 @@ class Lifecycle:
         (``retire_now``), so nothing is active now, yet that version is the one replaced: it becomes
         the rollback target as a replaced version does."""
         with self.commit:
-            if self.closed:  # a job that outlived the shutdown's wait: what it loaded goes
-                raise Superseded("ttsd is shutting down")
             self._still_wanted(model, ticket, unmarked)
             if retired and self.map.active(model.name) is not None:  # an operator's action served one since
                 raise Superseded(f"{model.name} serves another version now")
@@ -173,7 +171,10 @@ class Lifecycle:
         it) is never called off, and a fall-back or a restart's resume has no ticket, so a
         withdrawal that landed while they loaded is only seen here; the version is then marked
         rolled back again, as the withdrawal left it (loading had moved it on). An operator's
-        ``ttsd activate`` and ``rollback --to`` are not checked: they may serve a marked version."""
+        ``ttsd activate`` and ``rollback --to`` are not checked: they may serve a marked version.
+        After ``close`` nothing commits."""
+        if self.closed:  # a job that outlived the shutdown's wait: what it loaded goes
+            raise Superseded("ttsd is shutting down")
         if ticket is None and not unmarked:
             return
         if ticket is not None:
@@ -204,8 +205,6 @@ class Lifecycle:
         """``model`` takes the canary share of its voice's requests; a canary it supersedes (a
         newer version arrived before the old canary ended) is retired and unloaded."""
         with self.commit:
-            if self.closed:
-                raise Superseded("ttsd is shutting down")
             self._still_wanted(model, ticket, unmarked)
             if model.engine is None:  # unloaded before it could serve (the budget, a withdrawal): not served
                 raise Superseded(f"{model.name} {model.version} was unloaded before it could serve")
