@@ -225,3 +225,217 @@ def test_waiting_for_the_counts_can_be_called_off() -> None:
     with pytest.raises(Superseded), paced(ticket, lambda: False):
         free.measure(least=5.0)
     assert time.monotonic() - started < 1.0
+
+
+# -- a request's thread count on a busy box (ttsd.front.synth) ---------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _busy_reader(box: list[tuple[int, int]], clock: _Clock, cpus: tuple[int, ...] = (0, 1)) -> threads.BusyElsewhere:
+    """A ``BusyElsewhere`` over counts a test steps by hand: ``box`` holds (ticks other programs ran,
+    ticks this process ran) per tick of the clock, one entry each 0.05 s, 10 ticks a CPU each."""
+    state = {"idle": 0, "all": 0, "own": 0}
+
+    def step() -> None:
+        others, own = box.pop(0) if box else (0, 0)
+        total = 10 * len(cpus)
+        state["all"] += total
+        state["idle"] += total - others - own
+        state["own"] += own
+
+    def read() -> threads.Ticks:
+        step()
+        return (state["idle"], state["all"], cpus)
+
+    return threads.BusyElsewhere(read, lambda: state["own"], clock)
+
+
+def test_busy_elsewhere_counts_other_programs_not_this_one() -> None:
+    """Busy ticks on the CPUs less this process's own, over the last quarter of a second: one core
+    kept busy by another program reads 1.0; this process busy on both reads 0; none until two
+    readings; counts read at most every 0.05 s."""
+    clock = _Clock()
+    box = [(10, 0)] * 8 + [(0, 20)] * 8  # 0.4 s: another program on one core; then 0.4 s: only this one
+    busy = _busy_reader(box, clock)
+    assert busy.cores() is None  # one reading
+    seen = []
+    for _ in range(16):
+        clock.now += 0.05
+        seen.append(busy.cores())
+    assert seen[6] == pytest.approx((1.0, 2))
+    assert seen[-1] == pytest.approx((0.0, 2))
+    left = len(box)
+    clock.now += 0.01
+    busy.cores()
+    assert len(box) == left  # too soon: not read again
+
+
+def test_busy_elsewhere_starts_again_when_the_cpus_change_and_gives_none_where_unreadable() -> None:
+    clock = _Clock()
+    cpus = [(0, 1)]
+    ticks = iter(range(0, 10_000, 20))
+
+    def read() -> threads.Ticks:
+        n = next(ticks)
+        return (0, n, cpus[0])  # every tick busy, none of it this process's: all CPUs busy elsewhere
+
+    busy = threads.BusyElsewhere(read, lambda: 0, clock)
+    busy.cores()
+    clock.now += 0.3
+    assert busy.cores() == pytest.approx((2.0, 2))
+    cpus[0] = (0, 1, 2, 3)  # the process was moved: the old readings say nothing of the new CPUs
+    clock.now += 0.3
+    assert busy.cores() == pytest.approx((2.0, 2))  # the last answer, until a new pair of readings
+    clock.now += 0.3
+    assert busy.cores() == pytest.approx((4.0, 4))
+    assert threads.BusyElsewhere(lambda: None, lambda: 0, clock).cores() is None
+    assert threads.BusyElsewhere(lambda: (0, 1, (0,)), lambda: None, clock).cores() is None
+
+
+def test_own_ticks_read_this_process_and_survive_a_name_with_spaces(tmp_path: Path) -> None:
+    assert (threads.own_ticks() or 0) > 0  # this test's own process has run
+    stat = tmp_path / "stat"
+    stat.write_text("42 (ttsd serve) x) R 1 2 3 4 5 6 7 8 9 10 111 222 13 14\n")
+    assert threads.own_ticks(stat) == 333
+    stat.write_text("42 (short\n")
+    assert threads.own_ticks(stat) is None
+
+
+@pytest.mark.parametrize(
+    ("wanted", "busy", "count"),
+    [
+        (2, None, 2),  # unknown: as configured
+        (2, (0.0, 2), 2),
+        (2, (0.4, 2), 2),  # a quarter-to-half busy core: two threads still win
+        (2, (0.6, 2), 1),
+        (2, (1.0, 2), 1),
+        (2, (2.0, 2), 1),  # never none
+        (4, (1.0, 4), 3),
+        (4, (0.3, 4), 4),
+        (1, (2.0, 2), 1),
+        (2, (0.0, 8), 2),  # never more than configured
+    ],
+)
+def test_threads_for_load(wanted: int, busy: tuple[float, int] | None, count: int) -> None:
+    assert threads.threads_for_load(wanted, busy) == count
+
+
+class _Said:
+    """A ``BusyElsewhere`` that says what the test tells it."""
+
+    def __init__(self, *answers: tuple[float, int] | None) -> None:
+        self.answers = list(answers)
+
+    def cores(self) -> tuple[float, int] | None:
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+def test_load_threads_follows_the_box_step_by_step_and_puts_the_counts_back() -> None:
+    """Each step runs on the count the box allows when it starts; OpenMP's and MKL's counts of the
+    thread are what they were once the block ends, even when it ends by an exception."""
+    lib = threads._openmp()
+    if lib is None:
+        pytest.skip("needs an OpenMP runtime")
+    torch.set_num_threads(2)  # also gives this thread an MKL count of its own
+    mkl = threads._mkl_local()
+    mkl_before = mkl(0) if mkl else None
+    if mkl is not None and mkl_before is not None:
+        mkl(mkl_before)
+
+    def steps():  # type: ignore[no-untyped-def]
+        for _ in range(4):
+            yield (torch.get_num_threads(), mkl_count())
+
+    def mkl_count() -> int | None:
+        if mkl is None:
+            return None
+        now = mkl(0)
+        mkl(now)
+        return now
+
+    said = _Said((0.0, 2), (1.0, 2), (1.0, 2), (0.1, 2))
+    with threads.load_threads(steps(), said) as stream:  # type: ignore[arg-type]
+        seen = list(stream)
+    one = 1 if mkl else None
+    assert seen == [(2, mkl_before), (1, one), (1, one), (2, 2 if mkl else None)]
+    assert stream.counts == [2, 1, 1, 2]
+    assert (torch.get_num_threads(), mkl_count()) == (2, mkl_before)
+    with pytest.raises(ZeroDivisionError), threads.load_threads(iter([1, 2]), _Said((1.0, 2))) as stream:  # type: ignore[arg-type]
+        for _ in stream:
+            assert torch.get_num_threads() == 1
+            raise ZeroDivisionError
+    assert (torch.get_num_threads(), mkl_count()) == (2, mkl_before)
+
+
+def test_load_threads_logs_a_change_once_not_per_request(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    if threads._openmp() is None:
+        pytest.skip("needs an OpenMP runtime")
+    torch.set_num_threads(2)
+    monkeypatch.setattr(threads, "_noted", [float("-inf"), None])
+    caplog.set_level("DEBUG", logger="ttsd.engines")
+
+    def request(*answers: tuple[float, int]) -> None:
+        with threads.load_threads(iter(range(len(answers))), _Said(*answers)) as stream:  # type: ignore[arg-type]
+            list(stream)
+
+    request((0.0, 2))
+    request((1.0, 2), (1.0, 2))
+    request((1.0, 2))
+    request((1.0, 2), (0.0, 2))
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [
+        ("INFO", "synthesizing on 1 of 2 threads: other programs keep the cores busy"),
+        ("DEBUG", "synthesizing on all 2 threads again: the cores are free"),  # within a minute
+    ]
+
+
+def test_a_request_runs_on_fewer_threads_while_other_programs_keep_the_cores_busy() -> None:
+    """The synthesis pool runs each request through ``load_threads``: beside a program that keeps a
+    core busy, a request on a 2-thread worker runs on one (a team of two waits at every barrier for
+    the thread the scheduler took away); on a quiet box, on two."""
+    if threads._openmp() is None:
+        pytest.skip("needs an OpenMP runtime")
+    import numpy as np
+
+    from ttsd.audio import Audio
+    from ttsd.front.synth import Job, SynthesisPool
+    from ttsd.metrics import Metrics
+    from ttsd.options import SynthesisOptions
+
+    class Engine:
+        def __init__(self) -> None:
+            self.counts: list[int] = []
+
+        def check_options(self, options: SynthesisOptions) -> SynthesisOptions:
+            return options
+
+        def synthesize_stream(self, text: str, options: SynthesisOptions, **_: object):  # type: ignore[no-untyped-def]
+            for _ in range(3):
+                self.counts.append(torch.get_num_threads())
+                yield Audio(np.full(160, 0.5, dtype=np.float32), 16000)
+
+    class Lease:
+        def __init__(self) -> None:
+            self.engine, self.voice = Engine(), SimpleNamespace(name="voice", version="1")
+
+        def release(self, ok: bool | None = None) -> None:
+            pass
+
+    torch.set_num_threads(2)  # the workers' count (the pool's thread takes it at its first op)
+    counts = {}
+    for case, busy in (("busy", (1.0, 2)), ("quiet", (0.0, 2))):
+        pool = SynthesisPool(workers=1, queue_size=1, metrics=Metrics.create(), busy=_Said(busy))  # type: ignore[arg-type]
+        lease = Lease()
+        job = Job(text="hello", options=SynthesisOptions(), lease=lease, route="test")  # type: ignore[arg-type]
+        assert pool.submit(job).result(10).audio_seconds == pytest.approx(0.03)
+        pool.shutdown()
+        counts[case] = lease.engine.counts
+    assert counts == {"busy": [1, 1, 1], "quiet": [2, 2, 2]}

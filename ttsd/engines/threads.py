@@ -13,6 +13,10 @@ to 2.2x the steady p99 with the default layout).
 
 ``FreeCores`` says how many of the process's cores sat idle over a stretch of time (``/proc/stat``):
 the loader warms a voice up on the workers' thread count only when the cores for it are free.
+
+``BusyElsewhere`` says how many of them other programs kept busy lately, and ``load_threads``
+runs a request on fewer threads while they do: a team of two on 2 cores beside one CPU-bound
+program waits at every parallel region's barrier for the thread the scheduler took off its core.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Generic, TypeVar
 
 log = logging.getLogger("ttsd.engines")
 _runtime: ctypes.CDLL | bool | None = False  # False: not looked up yet; None: none found
@@ -186,3 +193,159 @@ def process_count() -> int:
     import torch
 
     return int(torch.get_num_threads())
+
+
+def own_ticks(stat: Path = Path("/proc/self/stat")) -> int | None:
+    """Clock ticks this process has run, user and system, all its threads (``proc(5)``'s utime and
+    stime); None where it cannot be read."""
+    try:
+        fields = stat.read_text().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        return int(fields[11]) + int(fields[12])  # fields 14 and 15, counted from the pid
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class BusyElsewhere:
+    """How many of the process's CPUs other programs kept busy lately: ``/proc/stat``'s busy ticks
+    on the CPUs it may run on, less its own (``/proc/self/stat``), over the last quarter of a second
+    or more. Read at most every ``every`` seconds, when asked (no thread of its own): after an idle
+    stretch the first answer covers that stretch. In a container the counts are the host's."""
+
+    def __init__(
+        self,
+        read: Callable[[], Ticks | None] = cpu_ticks,
+        own: Callable[[], int | None] = own_ticks,
+        clock: Callable[[], float] = time.monotonic,
+        every: float = 0.05,
+        span: float = 0.25,
+    ) -> None:
+        self._read, self._own, self._clock, self._every, self._span = read, own, clock, every, span
+        self._readings: deque[tuple[float, Ticks, int]] = deque(maxlen=int(span / every) + 4)
+        self._lock = threading.Lock()
+        self._last: tuple[float, int] | None = None  # (cores busy elsewhere, CPUs counted)
+
+    def cores(self) -> tuple[float, int] | None:
+        """(cores other programs kept busy, CPUs counted); None until two readings are far enough
+        apart, or where the counts cannot be read."""
+        now = self._clock()
+        with self._lock:
+            if not self._readings or now - self._readings[-1][0] >= self._every:
+                ticks, own = self._read(), self._own()
+                if ticks is None or own is None:
+                    return None
+                if self._readings and self._readings[-1][1][2] != ticks[2]:
+                    self._readings.clear()  # the CPUs it may use changed: start again
+                self._readings.append((now, ticks, own))
+                newest = self._readings[-1]
+                reference = next(
+                    (r for r in reversed(self._readings) if newest[0] - r[0] >= self._span), self._readings[0]
+                )
+                if reference is not newest:
+                    (idle0, all0, cpus), own0 = reference[1], reference[2]
+                    idle1, all1, _ = newest[1]
+                    elapsed = all1 - all0
+                    if elapsed > 0:
+                        busy = elapsed - (idle1 - idle0)
+                        others = max(0, busy - (newest[2] - own0))
+                        self._last = (len(cpus) * others / elapsed, len(cpus))
+            return self._last
+
+
+def threads_for_load(wanted: int, busy: tuple[float, int] | None) -> int:
+    """The thread count a request runs on: the cores other programs leave free, rounded to the
+    nearest, between 1 and ``wanted`` (the workers' count); ``wanted`` where that is not known.
+    On 2 cores a team of two was 1.2x faster than one thread beside a program busy a quarter of the
+    time, as fast at half and three quarters, and 1.4-2.2x slower beside one busy all the time
+    (docs/engine.md, Threads): the team drops to one thread once others keep more than half a
+    core busy."""
+    if wanted <= 1 or busy is None:
+        return wanted
+    others, cpus = busy
+    return max(1, min(wanted, int(cpus - others + 0.5)))
+
+
+BUSY = BusyElsewhere()  # one per process: every worker reads the same counts
+ANNOUNCE_EVERY = 60.0  # seconds between info lines about the thread count; debug in between
+_noted: list[float | int | None] = [float("-inf"), None]  # [when an info line was last written, the count it said]
+
+
+def _note(count: int, wanted: int) -> None:
+    """Log when requests start running on another thread count than the last one did: at info at
+    most once a minute (a load that comes and goes changes it often), at debug in between."""
+    if count == _noted[1] or (_noted[1] is None and count == wanted):
+        return
+    _noted[1] = count
+    now = time.monotonic()
+    level = logging.INFO if now - float(_noted[0] or 0.0) >= ANNOUNCE_EVERY else logging.DEBUG
+    if level == logging.INFO:
+        _noted[0] = now
+    if count < wanted:
+        log.log(level, "synthesizing on %d of %d threads: other programs keep the cores busy", count, wanted)
+    else:
+        log.log(level, "synthesizing on all %d threads again: the cores are free", wanted)
+
+
+T = TypeVar("T")
+
+
+class load_threads(Generic[T]):  # lower case: used as ``with load_threads(stream) as steps:``
+    """Iterate ``steps`` (a synthesis stream) on the calling thread, each step on the thread count
+    the box allows now (``threads_for_load``): the count is looked at before each step, so a long
+    request follows the box. Beside one CPU-bound program on 2 cores, a team of two made a
+    paragraph 1.4-2.2x slower than one thread, with a tail of seconds: each of the decoder's
+    parallel regions waits at its barrier for the thread the scheduler took off its core, and the
+    waiting thread spins meanwhile (with ``OMP_WAIT_POLICY=passive`` the team of two was as fast
+    as one thread there, but 1.3x slower on a quiet box). On a quiet box the team of two is
+    1.5-1.8x faster than one. The thread's own counts (OpenMP's and MKL's) are put back when the
+    block ends, on the thread that set them (a context manager, not a generator's ``finally``,
+    which runs where the generator is collected). A no-op where the OpenMP runtime cannot be
+    found."""
+
+    def __init__(self, steps: Iterator[T], busy: BusyElsewhere = BUSY) -> None:
+        self._steps, self._busy = steps, busy
+        self._lib: ctypes.CDLL | None = None
+        self._wanted = self._current = 0
+        self._mkl_previous: int | None = None
+        self.counts: list[int] = []  # the count of each step, for logs and tests
+
+    def __enter__(self) -> load_threads[T]:
+        self._lib = _openmp()
+        if self._lib is not None:
+            import torch
+
+            torch.get_num_threads()  # the thread's count from torch's lazy init, before reading it
+            self._wanted = self._current = self._lib.omp_get_max_threads()
+        return self
+
+    def __iter__(self) -> load_threads[T]:
+        return self
+
+    def __next__(self) -> T:
+        lib = self._lib
+        counted = False
+        if lib is not None and self._wanted > 1:
+            counted = True
+            count = threads_for_load(self._wanted, self._busy.cores())
+            if count != self._current:
+                lib.omp_set_num_threads(count)
+                mkl = _mkl_local()
+                if mkl is not None:
+                    previous = mkl(count)
+                    if self._mkl_previous is None:
+                        self._mkl_previous = previous
+                self._current = count
+            _note(count, self._wanted)
+            self.counts.append(count)
+        try:
+            return next(self._steps)
+        except StopIteration:
+            if counted:
+                self.counts.pop()  # no step ran on it
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lib is not None and self._current != self._wanted:
+            self._lib.omp_set_num_threads(self._wanted)
+        mkl = _mkl_local() if self._mkl_previous is not None else None
+        if mkl is not None and self._mkl_previous is not None:
+            mkl(self._mkl_previous)  # the MKL count it found, 0 for none of its own (it follows OpenMP)

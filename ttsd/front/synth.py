@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..audio import Audio, concat
+from ..engines.threads import BUSY, BusyElsewhere, load_threads
 from ..errors import (
     BusyError,
     RequestError,
@@ -75,8 +76,9 @@ def check_loudness(peak: float) -> None:
 
 
 class SynthesisPool:
-    def __init__(self, *, workers: int, queue_size: int, metrics: Metrics) -> None:
+    def __init__(self, *, workers: int, queue_size: int, metrics: Metrics, busy: BusyElsewhere = BUSY) -> None:
         self.workers = workers
+        self._busy = busy  # how busy other programs keep the cores: a request runs on fewer threads then
         self.queue_size = queue_size
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsd-synth")
@@ -87,6 +89,7 @@ class SynthesisPool:
         self.failed = 0
         self.refused = 0
         self.cancelled = 0
+        busy.cores()  # a first reading: the first request sees how busy the box was since
 
     def depth(self) -> tuple[int, int]:
         """(waiting, running)."""
@@ -141,19 +144,24 @@ class SynthesisPool:
             # text was checked by the front end, options by submit(): not again per request
             pieces = job.on_chunk is not None
             first = True
-            for chunk in job.lease.engine.synthesize_stream(job.text, job.options, pieces=pieces, checked=True):
-                if job.cancel.is_set():
-                    raise Cancelled()
-                if first:
-                    first = False
-                    voice = job.lease.voice
-                    self.metrics.first_audio.labels(voice.name, voice.version).observe(time.monotonic() - job.accepted)
-                peak = max(peak, check_chunk(chunk))
-                seconds += chunk.duration
-                if job.on_chunk is not None:
-                    job.on_chunk(chunk)
-                else:
-                    chunks.append(chunk)
+            # each piece on the threads the box allows now: fewer while other programs keep the CPUs busy
+            stream = job.lease.engine.synthesize_stream(job.text, job.options, pieces=pieces, checked=True)
+            with load_threads(stream, self._busy) as steps:
+                for chunk in steps:
+                    if job.cancel.is_set():
+                        raise Cancelled()
+                    if first:
+                        first = False
+                        voice = job.lease.voice
+                        self.metrics.first_audio.labels(voice.name, voice.version).observe(
+                            time.monotonic() - job.accepted
+                        )
+                    peak = max(peak, check_chunk(chunk))
+                    seconds += chunk.duration
+                    if job.on_chunk is not None:
+                        job.on_chunk(chunk)
+                    else:
+                        chunks.append(chunk)
             check_loudness(peak)
             ok = True
             served = job.lease.voice
