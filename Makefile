@@ -71,6 +71,7 @@ bench-smoke: setup
 	$(BIN)/python bench/serve.py --requests 3 --threads 1
 	$(BIN)/python bench/voices.py --requests 10
 	$(BIN)/python bench/busy.py --runs 1
+	$(BIN)/python bench/busy_threads.py --rounds 1 --requests 2
 	$(BIN)/python bench/hotswap.py --layouts 1x2 --repeats 1 --swaps 1 --steady 3
 	$(BIN)/python bench/soak.py --minutes 0.3
 	$(BIN)/python bench/intelligibility.py --repeats 1 --threads 1 --precision fp32

@@ -1,7 +1,8 @@
 """What the benches share beyond the daemon harness itself (``ttsd.testing``: ``Daemon``, ``request``,
 ``wait_for``, ``pct``, ``rss_mb``, ``cpu_name``): where the voice cache is, the command line to
 print, how a bench ends a daemon (``busy.py``, ``hotswap.py``, ``serve.py``, ``soak.py``,
-``voices.py``), and how one measures each precision in a fresh process of its own
+``voices.py``), the programs a bench runs beside ttsd and the four-sentence answer it speaks
+(``BESIDE``, ``FOUR``), and how one measures each precision in a fresh process of its own
 (``precision_main``: ``decoder_plans.py``, ``flows.py``, ``memory_parts.py``)."""
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ttsd.testing import Daemon
+
+# Other programs a bench runs beside ttsd (wyoming_vs_piper.py --beside, busy_threads.py): one
+# CPU-bound loop; a torch program on two OpenMP threads, as another model on the box would be.
+BESIDE = {
+    "cpu": ["sh", "-c", "while :; do :; done"],
+    "openmp": [sys.executable, "-c",
+               "import torch\ntorch.set_num_threads(2)\nx, w = torch.randn(1, 256, 2000), torch.randn(256, 256, 7)\n"
+               "a = torch.randn(512, 512)\nwith torch.inference_mode():\n    while True:\n"
+               "        for _ in range(5):\n            torch.nn.functional.conv1d(x, w, padding=3)\n"
+               "        a = torch.tanh(a @ a * 0.01)\n"],
+}
+# A four-sentence answer, as a voice assistant speaks one (wyoming_vs_piper.py, busy_threads.py).
+FOUR = ("The weather today is sunny with a light breeze. The high will be twenty three degrees. "
+        "Rain is expected tomorrow afternoon. Remember to take an umbrella when you leave.")
 
 
 def cache_dir(given: Path | None = None) -> Path:

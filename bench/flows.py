@@ -24,9 +24,8 @@ from pathlib import Path
 
 def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list[str]:
     import torch
-    from common import cache_dir
+    from common import FOUR, cache_dir
     from rtf import PARAGRAPH
-    from wyoming_vs_piper import FOUR
 
     from ttsd.malloc import tune
     from ttsd.options import SynthesisOptions

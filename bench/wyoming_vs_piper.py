@@ -17,11 +17,19 @@ package's client:
   is what the runtime costs before a voice is loaded; the rest is what each does with it, and how
   much of that each had reached when it became ready, before any request.
 
+``--beside`` runs the timed rounds beside another program, started after the warm-up answers and
+stopped at the end, as on a box that does other work: ``cpu``, one CPU-bound shell loop (``sh -c
+'while :; do :; done'``); ``openmp``, a torch program on two OpenMP threads doing convolutions and
+matrix products without a pause, as another model (a camera's detector, say) would. The table then
+adds the slowest tenth (p90) of each case's times: on a busy box the tail is what a listener
+notices.
+
 Ratios are ttsd / wyoming-piper in this run. Goals: first audio <= 0.5x (single client, both
 modes), total <= 1.0x (one client), p95 total <= 0.8x (three clients), peak RSS <= 1.0x. Run from
 the repository root, alone on the machine (``pip install -e '.[bench]'`` brings wyoming-piper)::
 
-    .venv/bin/python bench/wyoming_vs_piper.py [--rounds 8] [--precision auto|fp32|bf16] [--json out.json]
+    .venv/bin/python bench/wyoming_vs_piper.py [--rounds 8] [--precision auto|fp32|bf16] [--beside cpu|openmp]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,13 +61,13 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
+from common import BESIDE, FOUR
+
 from ttsd.testing import cpu_name, pct, rss_mb
 
 VOICE = "en_US-joe-medium"
 ONE = "Turn on the kitchen lights, please."
 SETTLE_S = 0.3  # idle between requests: both runtimes' threads spin a while after work (ORT, OpenMP)
-FOUR = ("The weather today is sunny with a light breeze. The high will be twenty three degrees. "
-        "Rain is expected tomorrow afternoon. Remember to take an umbrella when you leave.")
 
 
 def free_port() -> int:
@@ -127,7 +135,7 @@ async def speak(port: int, text: str, streaming: bool) -> tuple[float, float]:
                 return first, time.perf_counter() - started
 
 
-async def run(rounds: int, precision: str = "auto") -> dict[str, Any]:
+async def run(rounds: int, precision: str = "auto", beside: str | None = None) -> dict[str, Any]:
     from ttsd.voices import builtin_model, builtin_voice_files
 
     tmp = Path(tempfile.mkdtemp(prefix="ttsd-bench-wyoming."))
@@ -149,12 +157,16 @@ async def run(rounds: int, precision: str = "auto") -> dict[str, Any]:
                                                   "--uri", f"tcp://127.0.0.1:{piper_port}", "--data-dir", str(data),
                                                   "--local-files-only"], piper_port, tmp / "piper.log"),
     }
+    other: subprocess.Popen[bytes] | None = None
     try:
         for server in servers.values():
             await server.ready()
         at_ready = {name: server.peak_rss_mb() for name, server in servers.items()}  # what start-up reached
         for server in servers.values():  # a warm-up answer each, off the clock
             await speak(server.port, FOUR, streaming=False)
+        if beside is not None:
+            other = subprocess.Popen(BESIDE[beside])
+            await asyncio.sleep(3.0)  # at full speed before the first timed request
         single: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in servers}
         for index in range(rounds):
             order = list(servers) if index % 2 == 0 else list(servers)[::-1]
@@ -173,11 +185,15 @@ async def run(rounds: int, precision: str = "auto") -> dict[str, Any]:
                 concurrent[name].extend(total for _, total in results)
         rss = {name: server.peak_rss_mb() for name, server in servers.items()}
     finally:
+        if other is not None:
+            other.kill()
+            other.wait()
         for server in servers.values():
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     floor = {name: import_floor_mb(statement) for name, statement in FLOOR_IMPORTS.items()}
-    return {"rounds": rounds, "single": single, "concurrent": concurrent, "peak_rss_mb": rss, "ready_rss_mb": at_ready,
+    return {"rounds": rounds, "beside": beside, "single": single, "concurrent": concurrent, "peak_rss_mb": rss,
+            "ready_rss_mb": at_ready,
             "import_floor_mb": floor, "load": os.getloadavg()[0]}
 
 
@@ -199,15 +215,23 @@ def import_floor_mb(statement: str) -> float:
 
 def table(result: dict[str, Any]) -> str:
     ttsd, piper = result["single"]["ttsd"], result["single"]["wyoming-piper"]
-    lines = ["| case | ttsd first audio / total (s) | wyoming-piper first audio / total (s) | first audio | total |",
-             "|---|---:|---:|---:|---:|"]
+    tails = result.get("beside") is not None  # p90s too: on a busy box the tail is what is heard
+    lines = ["| case | ttsd first audio / total (s) | wyoming-piper first audio / total (s) | first audio | total |"
+             + (" first audio p90 | total p90 |" if tails else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|---:|" if tails else "")]
     for case in ttsd:
         t_first, t_total = (statistics.median(v) for v in zip(*ttsd[case], strict=True))
         p_first, p_total = (statistics.median(v) for v in zip(*piper[case], strict=True))
-        lines.append(f"| {case} | {t_first:.3f} / {t_total:.3f} | {p_first:.3f} / {p_total:.3f} | "
-                     f"{t_first / p_first:.2f}x | {t_total / p_total:.2f}x |")
+        line = (f"| {case} | {t_first:.3f} / {t_total:.3f} | {p_first:.3f} / {p_total:.3f} | "
+                f"{t_first / p_first:.2f}x | {t_total / p_total:.2f}x |")
+        if tails:
+            (t_first90, t_total90), (p_first90, p_total90) = (
+                (pct(v, 90) for v in zip(*times[case], strict=True)) for times in (ttsd, piper))
+            line += f" {t_first90 / p_first90:.2f}x | {t_total90 / p_total90:.2f}x |"
+        lines.append(line)
     t95, p95_ = pct(result["concurrent"]["ttsd"], 95), pct(result["concurrent"]["wyoming-piper"], 95)
-    lines.append(f"| 3 clients at once, 4 sentences, p95 total (s) | {t95:.3f} | {p95_:.3f} | | {t95 / p95_:.2f}x |")
+    lines.append(f"| 3 clients at once, 4 sentences, p95 total (s) | {t95:.3f} | {p95_:.3f} | | {t95 / p95_:.2f}x |"
+                 + (" | |" if tails else ""))
     rss = result["peak_rss_mb"]
     lines.append(f"| peak RSS (MB) | {rss['ttsd']:.0f} | {rss['wyoming-piper']:.0f} | | "
                  f"{rss['ttsd'] / rss['wyoming-piper']:.2f}x |")
@@ -230,11 +254,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the raw timings here")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="ttsd serve --precision (default auto: bf16 where the CPU has it)")
+    parser.add_argument("--beside", choices=sorted(BESIDE),
+                        help="time the rounds beside another program: one CPU-bound loop, or a 2-thread torch program")
     args = parser.parse_args()
     print(f"{cpu_name()}; load average at start: {os.getloadavg()[0]:.2f}", flush=True)
-    result = asyncio.run(run(args.rounds, args.precision))
+    result = asyncio.run(run(args.rounds, args.precision, args.beside))
     print(table(result))
-    print(f"\n{args.rounds} rounds, requests alternating between the servers, ttsd --precision {args.precision}; "
+    print(f"\n{args.rounds} rounds, requests alternating between the servers, ttsd --precision {args.precision}"
+          f"{f', beside {args.beside!r} (--beside)' if args.beside else ''}; "
           f"load average at end: {result['load']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

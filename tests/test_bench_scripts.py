@@ -5,7 +5,7 @@ Every script is imported that way here, and the quick ones make one real, short 
 
 Not run here (their quickest real run takes 20 s or more each, which the suite cannot afford;
 ``make bench-smoke`` runs them all once, each in its quickest mode): fusion, decoder_plans, flows, memory_parts, steps,
-rtf, busy, hotswap, soak, serve, voices; and intelligibility, split and wyoming_vs_piper need the bench
+rtf, busy, busy_threads, hotswap, soak, serve, voices; and intelligibility, split and wyoming_vs_piper need the bench
 extra's Whisper and wyoming-piper."""
 
 from __future__ import annotations

@@ -439,3 +439,26 @@ def test_a_request_runs_on_fewer_threads_while_other_programs_keep_the_cores_bus
         pool.shutdown()
         counts[case] = lease.engine.counts
     assert counts == {"busy": [1, 1, 1], "quiet": [2, 2, 2]}
+
+
+def test_say_in_process_runs_on_fewer_threads_while_other_programs_keep_the_cores_busy(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ttsd say`` with no daemon speaks through ``load_threads`` too: a busy box gets the speech
+    on one thread of ``--threads 2``, and the audio is written."""
+    if threads._openmp() is None:
+        pytest.skip("needs an OpenMP runtime")
+    from ttsd.cli.say import Speech, _in_process
+    from ttsd.options import SynthesisOptions
+
+    for name, value in (("TTSD_CACHE", "cache"), ("TTSD_MODELS", "models"), ("TTSD_STATE", "state")):
+        monkeypatch.setenv(name, str(tmp_path / value))
+    monkeypatch.setattr(threads, "_process_threads", threads._process_threads)  # --threads 2 below sets it
+    monkeypatch.setattr(threads.BUSY, "cores", lambda: (1.0, 2))
+    counts: list[tuple[int, int]] = []
+    monkeypatch.setattr(threads, "_note", lambda count, wanted: counts.append((count, wanted)))
+    out = tmp_path / "out.wav"
+    speech = Speech("Hello there. And again.", str(out), "wav", None, SynthesisOptions(seed=1))
+    _in_process(speech, model_dir=tiny_folder, models_dir=None, max_chars=1000, threads=2, precision="fp32")
+    assert counts and set(counts) == {(1, 2)}
+    assert out.stat().st_size > 44

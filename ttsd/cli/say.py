@@ -182,9 +182,10 @@ def _in_process(
     threads: int | None,
     precision: str,
 ) -> None:
-    from ..audio import encode
+    from ..audio import concat, encode
     from ..config import KERNEL_CACHE, Paths
     from ..encoding import check_available
+    from ..engines.threads import BUSY, load_threads
     from ..speak import open_engine, resolve_model
     from ..text import check_text
 
@@ -200,12 +201,15 @@ def _in_process(
             progress=lambda msg: status.update(f"built-in voice: {msg}…"),
         )
         started = time.perf_counter()
+        BUSY.cores()  # a first reading: the speech sees how busy the box was during the load
         engine = open_engine(
             folder, max_chars=max_chars, threads=threads, precision=precision, kernel_cache=paths.cache / KERNEL_CACHE
         )
         loaded = time.perf_counter()
         status.update("speaking…")
-        audio = engine.synthesize(speech.text, speech.options)
+        # as the daemon's requests: each piece on the cores other programs leave free
+        with load_threads(engine.synthesize_stream(speech.text, speech.options)) as steps:
+            audio = concat(list(steps))
         done = time.perf_counter()
     write_output(speech.output, encode(audio, speech.fmt))
     m = engine.manifest
