@@ -462,3 +462,24 @@ def test_say_in_process_runs_on_fewer_threads_while_other_programs_keep_the_core
     _in_process(speech, model_dir=tiny_folder, models_dir=None, max_chars=1000, threads=2, precision="fp32")
     assert counts and set(counts) == {(1, 2)}
     assert out.stat().st_size > 44
+
+
+def test_a_piece_on_one_thread_is_the_audio_two_threads_make(tiny_folder: Path) -> None:
+    """``load_threads`` may run any piece of a request on one thread: fp32 audio must not depend on
+    it beyond the engine's fp32 tolerance (1e-4), so a busy box changes the speed, not the sound."""
+    if threads._openmp() is None:
+        pytest.skip("needs an OpenMP runtime")
+    import numpy as np
+
+    from ttsd.audio import concat
+    from ttsd.options import SynthesisOptions
+    from ttsd.speak import open_engine
+
+    torch.set_num_threads(2)
+    engine = open_engine(tiny_folder, precision="fp32")
+    text, options = "Hello there. A second sentence, a little longer than the first.", SynthesisOptions(seed=4)
+    two = concat(list(engine.synthesize_stream(text, options, pieces=True))).samples
+    with threads.load_threads(engine.synthesize_stream(text, options, pieces=True), _Said((2.0, 2))) as steps:
+        one = concat(list(steps)).samples
+    assert steps.counts and set(steps.counts) == {1}
+    assert one.shape == two.shape and np.allclose(one, two, atol=1e-4)
