@@ -379,7 +379,7 @@ def test_load_threads_logs_a_change_once_not_per_request(monkeypatch: pytest.Mon
     if threads._openmp() is None:
         pytest.skip("needs an OpenMP runtime")
     torch.set_num_threads(2)
-    monkeypatch.setattr(threads, "_noted", [float("-inf"), None])
+    monkeypatch.setattr(threads, "_noted", [float("-inf"), None, False])
     caplog.set_level("DEBUG", logger="ttsd.engines")
 
     def request(*answers: tuple[float, int]) -> None:
@@ -390,11 +390,12 @@ def test_load_threads_logs_a_change_once_not_per_request(monkeypatch: pytest.Mon
     request((1.0, 2), (1.0, 2))
     request((1.0, 2))
     request((1.0, 2), (0.0, 2))
+    request((1.0, 2), (0.0, 2))  # a load that comes and goes, within the minute
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
-    assert said == [
-        ("INFO", "synthesizing on 1 of 2 threads: other programs keep the cores busy"),
-        ("DEBUG", "synthesizing on all 2 threads again: the cores are free"),  # within a minute
-    ]
+    busy, free = ("synthesizing on 1 of 2 threads: other programs keep the cores busy",
+                  "synthesizing on all 2 threads again: the cores are free")
+    # the way back is at info after a drop said at info: the last info line is never left saying fewer
+    assert said == [("INFO", busy), ("INFO", free), ("DEBUG", busy), ("DEBUG", free)]
 
 
 def test_a_request_runs_on_fewer_threads_while_other_programs_keep_the_cores_busy() -> None:
@@ -483,3 +484,26 @@ def test_a_piece_on_one_thread_is_the_audio_two_threads_make(tiny_folder: Path) 
         one = concat(list(steps)).samples
     assert steps.counts and set(steps.counts) == {1}
     assert one.shape == two.shape and np.allclose(one, two, atol=1e-4)
+
+
+def test_load_threads_closes_the_stream_on_its_thread_when_a_request_stops_early() -> None:
+    """A request stopped mid-stream (cancelled, a client gone, an error) closes its stream when the
+    block ends, as a plain ``for`` did: an exception's traceback keeps the caller's frame, and a
+    suspended stream holds the model's tensors (an unloaded version's memory would wait for it)."""
+    closed: list[str] = []
+
+    def stream():  # type: ignore[no-untyped-def]
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.append(threading.current_thread().name)
+
+    caught, held = None, stream()  # held: a caller's own reference does not keep it open
+    try:
+        with threads.load_threads(held, _Said((0.0, 2))) as steps:  # type: ignore[arg-type]
+            for _ in steps:
+                raise KeyError("stop")
+    except KeyError as exc:
+        caught = exc  # kept, as the executor's Future keeps a failed job's exception
+    assert caught is not None and closed == [threading.current_thread().name]

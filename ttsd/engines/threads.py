@@ -209,7 +209,9 @@ class BusyElsewhere:
     """How many of the process's CPUs other programs kept busy lately: ``/proc/stat``'s busy ticks
     on the CPUs it may run on, less its own (``/proc/self/stat``), over the last quarter of a second
     or more. Read at most every ``every`` seconds, when asked (no thread of its own): after an idle
-    stretch the first answer covers that stretch. In a container the counts are the host's."""
+    stretch the answers of the first quarter second cover that whole stretch, so a program that
+    started just before a request is seen a quarter second into it. In a container the counts are
+    the host's."""
 
     def __init__(
         self,
@@ -254,10 +256,10 @@ class BusyElsewhere:
 def threads_for_load(wanted: int, busy: tuple[float, int] | None) -> int:
     """The thread count a request runs on: the cores other programs leave free, rounded to the
     nearest, between 1 and ``wanted`` (the workers' count); ``wanted`` where that is not known.
-    On 2 cores a team of two was 1.2x faster than one thread beside a program busy a quarter of the
-    time, as fast at half and three quarters, and 1.4-2.2x slower beside one busy all the time
-    (docs/engine.md, Threads): the team drops to one thread once others keep more than half a
-    core busy."""
+    On 2 cores one thread took 1.17x the time of two beside a program busy a quarter of the time,
+    0.74x beside one busy three quarters of it, 0.51-0.81x beside one busy all the time
+    (bench/busy_threads.py; docs/benchmarks.md, "Requests beside another program"): the team
+    drops to one thread once others keep more than half a core busy."""
     if wanted <= 1 or busy is None:
         return wanted
     others, cpus = busy
@@ -265,24 +267,37 @@ def threads_for_load(wanted: int, busy: tuple[float, int] | None) -> int:
 
 
 BUSY = BusyElsewhere()  # one per process: every worker reads the same counts
-ANNOUNCE_EVERY = 60.0  # seconds between info lines about the thread count; debug in between
-_noted: list[float | int | None] = [float("-inf"), None]  # [when an info line was last written, the count it said]
+ANNOUNCE_EVERY = 60.0  # seconds between info lines about a drop in the thread count; debug in between
+# [when an info line about a drop was last written, the count requests last ran on, whether the last
+# info line said fewer threads]
+_noted: list[float | int | bool | None] = [float("-inf"), None, False]
 
 
 def _note(count: int, wanted: int) -> None:
-    """Log when requests start running on another thread count than the last one did: at info at
-    most once a minute (a load that comes and goes changes it often), at debug in between."""
+    """Log when requests start running on another thread count than the last one did. A drop is
+    said at info at most once a minute (a load that comes and goes changes it often), at debug in
+    between; the way back at info when the last info line said fewer, so that it is not left
+    saying so, else at debug."""
     if count == _noted[1] or (_noted[1] is None and count == wanted):
         return
     _noted[1] = count
     now = time.monotonic()
-    level = logging.INFO if now - float(_noted[0] or 0.0) >= ANNOUNCE_EVERY else logging.DEBUG
-    if level == logging.INFO:
-        _noted[0] = now
     if count < wanted:
-        log.log(level, "synthesizing on %d of %d threads: other programs keep the cores busy", count, wanted)
+        info = now - float(_noted[0] or 0.0) >= ANNOUNCE_EVERY
+        if info:
+            _noted[0], _noted[2] = now, True
+        log.log(
+            logging.INFO if info else logging.DEBUG,
+            "synthesizing on %d of %d threads: other programs keep the cores busy",
+            count,
+            wanted,
+        )
     else:
-        log.log(level, "synthesizing on all %d threads again: the cores are free", wanted)
+        info = bool(_noted[2])
+        _noted[2] = False
+        log.log(
+            logging.INFO if info else logging.DEBUG, "synthesizing on all %d threads again: the cores are free", wanted
+        )
 
 
 T = TypeVar("T")
@@ -344,6 +359,12 @@ class load_threads(Generic[T]):  # lower case: used as ``with load_threads(strea
             raise
 
     def __exit__(self, *exc: object) -> None:
+        # the stream closed here, on this thread, as a plain ``for`` over it would have left it: an
+        # exception's traceback keeps this frame, and a suspended stream holds the model's tensors
+        close = getattr(self._steps, "close", None)
+        self._steps = iter(())
+        if close is not None:
+            close()
         if self._lib is not None and self._current != self._wanted:
             self._lib.omp_set_num_threads(self._wanted)
         mkl = _mkl_local() if self._mkl_previous is not None else None

@@ -147,6 +147,7 @@ class SynthesisPool:
             # each piece on the threads the box allows now: fewer while other programs keep the CPUs busy
             stream = job.lease.engine.synthesize_stream(job.text, job.options, pieces=pieces, checked=True)
             with load_threads(stream, self._busy) as steps:
+                del stream  # load_threads closes it at the end, on this thread; no other reference
                 for chunk in steps:
                     if job.cancel.is_set():
                         raise Cancelled()
