@@ -77,6 +77,7 @@ bench-smoke: setup
 	$(BIN)/python bench/intelligibility.py --repeats 1 --threads 1 --precision fp32
 	$(BIN)/python bench/split.py --lengths 128 --repeats 1 --limits 256 --seeds 1 --threads 1
 	$(BIN)/python bench/wyoming_vs_piper.py --rounds 1
+	$(BIN)/python bench/wyoming_vs_piper.py --rounds 1 --beside cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import cache_dir, command_line, finish
+from common import BESIDE, cache_dir, command_line, finish
 
 from ttsd.testing import Daemon, cpu_name, request, wait_for
 
@@ -55,8 +55,7 @@ class Hogs:
     """One CPU-bound program per core at nice 0, until ``stop``."""
 
     def __init__(self, count: int) -> None:
-        self.procs = [subprocess.Popen(["sh", "-c", "while :; do :; done"])
-                      for _ in range(count)]
+        self.procs = [subprocess.Popen(BESIDE["cpu"]) for _ in range(count)]
 
     def stop(self) -> None:
         for proc in self.procs:

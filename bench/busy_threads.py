@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from common import BESIDE, FOUR, cache_dir, command_line
@@ -71,7 +72,7 @@ def child(way: str, requests: int, precision: str, cache: Path) -> dict[str, flo
         started = time.perf_counter()
         first = None
         stream = engine.synthesize_stream(FOUR, options, pieces=True)
-        with load_threads(stream) if way == "load_threads" else _plain(stream) as steps:
+        with load_threads(stream) if way == "load_threads" else nullcontext(stream) as steps:
             for _piece in steps:
                 if first is None:
                     first = time.perf_counter() - started
@@ -81,17 +82,6 @@ def child(way: str, requests: int, precision: str, cache: Path) -> dict[str, flo
         pieces, fewer = pieces + len(counts), fewer + sum(1 for c in counts if c < 2)
     return {"total": statistics.median(totals), "first": statistics.median(firsts),
             "fewer": fewer / pieces if pieces else 0.0, "peak_mb": rss_mb(os.getpid(), "VmHWM")}
-
-
-class _plain:
-    def __init__(self, steps: object) -> None:
-        self.steps = steps
-
-    def __enter__(self) -> object:
-        return self.steps
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 def run_child(way: str, args: argparse.Namespace) -> dict[str, float]:

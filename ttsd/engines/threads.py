@@ -306,15 +306,14 @@ T = TypeVar("T")
 class load_threads(Generic[T]):  # lower case: used as ``with load_threads(stream) as steps:``
     """Iterate ``steps`` (a synthesis stream) on the calling thread, each step on the thread count
     the box allows now (``threads_for_load``): the count is looked at before each step, so a long
-    request follows the box. Beside one CPU-bound program on 2 cores, a team of two made a
-    paragraph 1.4-2.2x slower than one thread, with a tail of seconds: each of the decoder's
-    parallel regions waits at its barrier for the thread the scheduler took off its core, and the
-    waiting thread spins meanwhile (with ``OMP_WAIT_POLICY=passive`` the team of two was as fast
-    as one thread there, but 1.3x slower on a quiet box). On a quiet box the team of two is
-    1.5-1.8x faster than one. The thread's own counts (OpenMP's and MKL's) are put back when the
-    block ends, on the thread that set them (a context manager, not a generator's ``finally``,
-    which runs where the generator is collected). A no-op where the OpenMP runtime cannot be
-    found."""
+    request follows the box. Beside a program busy all the time on 2 cores, a team of two took
+    1.2-2x the time of one thread: each of the decoder's parallel regions waits at its barrier for
+    the thread the scheduler took off its core, and the waiting thread spins meanwhile (with
+    ``OMP_WAIT_POLICY=passive`` it sleeps instead: as good beside the program, but 1.25x slower
+    on a quiet box). On a quiet box one thread took 1.7x the time of two (bench/busy_threads.py).
+    The thread's own counts (OpenMP's and MKL's) are put back when the block ends, on the thread
+    that set them (a context manager, not a generator's ``finally``, which runs where the
+    generator is collected). A no-op where the OpenMP runtime cannot be found."""
 
     def __init__(self, steps: Iterator[T], busy: BusyElsewhere = BUSY) -> None:
         self._steps, self._busy = steps, busy

@@ -145,9 +145,9 @@ class SynthesisPool:
             pieces = job.on_chunk is not None
             first = True
             # each piece on the threads the box allows now: fewer while other programs keep the CPUs busy
+            # (load_threads closes the stream when the block ends, on this thread, however it ends)
             stream = job.lease.engine.synthesize_stream(job.text, job.options, pieces=pieces, checked=True)
             with load_threads(stream, self._busy) as steps:
-                del stream  # load_threads closes it at the end, on this thread; no other reference
                 for chunk in steps:
                     if job.cancel.is_set():
                         raise Cancelled()
