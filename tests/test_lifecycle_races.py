@@ -447,3 +447,37 @@ def test_a_withdrawal_of_the_active_version_that_loses_the_race_to_an_upgrade(
     assert voice["active"] == "3" and states(manager)["2"] == "rolled-back", states(manager)
     assert voice["rollback_to"] != "2"
     manager.close()
+
+
+@pytest.mark.parametrize("swap", ["parallel", "memory"])
+def test_a_store_prune_while_a_job_copies_its_version_in_leaves_that_copy(
+    tmp_path: Path, fake_engines: None, swap: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A version an upgrade takes up again (handed on when a newer one was withdrawn, or retried)
+    was "available" when its job began. The swap that put v1 back prunes the store on a thread of
+    its own; landing just after v2 was copied in, it took v2's fresh copy as stale, and v2 was
+    refused for it ("AssertionError", seen once in CI). A job's version is "verifying" from the
+    start, so the prune leaves it: here the prune runs right after each copy is recorded. (A copy
+    lost all the same is made again by the load, never a refusal.)"""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap=swap)
+    manager.start()
+    real_store_new = manager.bringup.store_new
+
+    def store_new_then_prune(model, folder, again):  # type: ignore[no-untyped-def]
+        stored = real_store_new(model, folder, again)
+        manager.lifecycle.prune_store(model.name)  # the swap's settle, at the worst moment
+        return stored
+
+    monkeypatch.setattr(manager.bringup, "store_new", store_new_then_prune)
+    fake_model(models, "voice", "2")
+    fake_model(models, "voice", "3", load_delay=1.0)
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    manager.withdraw("voice", "3", "withdrawn by the fleet mirror: clipped")
+    wait_for(lambda: manager.snapshot()[0]["active"] == "2", timeout=20, what="v2 active")
+    assert manager.jobs.wait(20)
+    assert states(manager)["2"] == "active", states(manager)
+    assert "copied again" not in caplog.text  # kept, not lost and made again by the load
+    manager.close()

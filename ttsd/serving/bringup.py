@@ -130,7 +130,7 @@ class BringUp:
         self._make_room(model)  # within a memory budget: idle voices are unloaded first
         try:
             self.table.change(model, state=State.VERIFYING)
-            if not verified:
+            if not verified or model.store_copy is None:  # (a copy gone since: found and copied again)
                 try:
                     copy, manifest = check_store_copy(self.store, model)
                 finally:  # a damaged copy was dropped: the record says so whatever happens next

@@ -82,6 +82,10 @@ class Promoter:
         try:
             if self.lifecycle.marked(model):  # withdrawn before the job knew its target
                 raise Superseded(f"{model.name} {model.version} was withdrawn")
+            # coming up from here on: the store's prune (a swap's settle, on a thread of its own)
+            # leaves its copy alone. A version handed on by a withdrawn upgrade, or retried, was
+            # "available", and its fresh copy was pruned as stale between copying and loading
+            self.table.change(model, state=State.VERIFYING)
             if not self.bringup.store_new(model, folder, self._again):
                 return False
             ticket.check()
