@@ -10,6 +10,9 @@ round, each synthesize the four-sentence text of ``bench/wyoming_vs_piper.py`` i
 * **2 threads**: the engine on ``--threads 2``, as the daemon's default worker on 2 cores (the
   anchor: every ratio is against it, in the same condition);
 * **1 thread**: the engine on ``--threads 1``;
+* **1 of 2**: the engine set up on 2 threads (its kernel paths and decoder window times measured
+  on two), each request on one (``thread_cores(1)``): what ``load_threads`` does on a busy box,
+  without the readings, so its gap to **1 thread** is the set-up's;
 * **passive**: 2 threads with ``OMP_WAIT_POLICY=passive`` (OpenMP's waiting threads sleep instead of
   spinning);
 * **load_threads**: 2 threads, each piece on the count ``load_threads`` chooses, as the daemon's
@@ -19,7 +22,7 @@ Each process prints the median time to the end and to the first piece, and its p
 The table gives the medians over the rounds as ratios to **2 threads**. Run from the repository
 root, alone on the machine::
 
-    .venv/bin/python bench/busy_threads.py [--rounds 2] [--requests 10] [--precision fp32]
+    .venv/bin/python bench/busy_threads.py [--rounds 2] [--requests 10] [--precision fp32] [--beside cpu ...]
 """
 
 from __future__ import annotations
@@ -40,15 +43,15 @@ from ttsd.testing import cpu_name, rss_mb
 
 DUTY = ("import time, sys\nduty = float(sys.argv[1])\nwhile True:\n    end = time.perf_counter() + 0.1 * duty\n"
         "    while time.perf_counter() < end:\n        pass\n    time.sleep(0.1 * (1 - duty))\n")
-PROGRAMS = {
-    "nothing": None,
-    "busy 1/4 of the time": [sys.executable, "-c", DUTY, "0.25"],
-    "busy 1/2 of the time": [sys.executable, "-c", DUTY, "0.5"],
-    "busy 3/4 of the time": [sys.executable, "-c", DUTY, "0.75"],
-    "a CPU-bound loop": BESIDE["cpu"],
-    "a 2-thread OpenMP program": BESIDE["openmp"],
+PROGRAMS = {  # --beside's name: (the table's name, the program)
+    "nothing": ("nothing", None),
+    "quarter": ("busy 1/4 of the time", [sys.executable, "-c", DUTY, "0.25"]),
+    "half": ("busy 1/2 of the time", [sys.executable, "-c", DUTY, "0.5"]),
+    "three-quarters": ("busy 3/4 of the time", [sys.executable, "-c", DUTY, "0.75"]),
+    "cpu": ("a CPU-bound loop", BESIDE["cpu"]),
+    "openmp": ("a 2-thread OpenMP program", BESIDE["openmp"]),
 }
-WAYS = ("2 threads", "1 thread", "passive", "load_threads")
+WAYS = ("2 threads", "1 thread", "1 of 2", "passive", "load_threads")
 
 
 def child(way: str, requests: int, precision: str, cache: Path) -> dict[str, float]:
@@ -56,7 +59,7 @@ def child(way: str, requests: int, precision: str, cache: Path) -> dict[str, flo
     from ttsd.malloc import tune
 
     tune()
-    from ttsd.engines.threads import BUSY, load_threads
+    from ttsd.engines.threads import BUSY, load_threads, thread_cores
     from ttsd.options import SynthesisOptions
     from ttsd.speak import open_engine
     from ttsd.voices import builtin_model
@@ -72,7 +75,10 @@ def child(way: str, requests: int, precision: str, cache: Path) -> dict[str, flo
         started = time.perf_counter()
         first = None
         stream = engine.synthesize_stream(FOUR, options, pieces=True)
-        with load_threads(stream) if way == "load_threads" else nullcontext(stream) as steps:
+        with (
+            load_threads(stream) if way == "load_threads" else nullcontext(stream) as steps,
+            thread_cores(1) if way == "1 of 2" else nullcontext(),
+        ):
             for _piece in steps:
                 if first is None:
                     first = time.perf_counter() - started
@@ -98,6 +104,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--beside", action="append", choices=PROGRAMS, help="only these programs (default: all)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.cache = cache_dir(args.cache)
@@ -111,7 +118,8 @@ def main() -> None:
     print("| beside | " + " | ".join(f"{w}: total / first piece" for w in WAYS[1:])
           + " | 2 threads (s) | load_threads: pieces on fewer threads | peak RSS, load_threads / 2 threads (MB) |")
     print("|---|" + "---:|" * (len(WAYS) + 2))
-    for name, program in PROGRAMS.items():
+    for key in args.beside or PROGRAMS:
+        name, program = PROGRAMS[key]
         results: dict[str, list[dict[str, float]]] = {way: [] for way in WAYS}
         for index in range(args.rounds):
             other = subprocess.Popen(program) if program else None

@@ -309,8 +309,8 @@ class load_threads(Generic[T]):  # lower case: used as ``with load_threads(strea
     request follows the box. Beside a program busy all the time on 2 cores, a team of two took
     1.2-2x the time of one thread: each of the decoder's parallel regions waits at its barrier for
     the thread the scheduler took off its core, and the waiting thread spins meanwhile (with
-    ``OMP_WAIT_POLICY=passive`` it sleeps instead: as good beside the program, but 1.25x slower
-    on a quiet box). On a quiet box one thread took 1.7x the time of two (bench/busy_threads.py).
+    ``OMP_WAIT_POLICY=passive`` it sleeps instead: as good beside the program, but 1.01-1.25x
+    slower on a quiet box). On a quiet box one thread took 1.6-1.8x the time of two (bench/busy_threads.py).
     The thread's own counts (OpenMP's and MKL's) are put back when the block ends, on the thread
     that set them (a context manager, not a generator's ``finally``, which runs where the
     generator is collected). A no-op where the OpenMP runtime cannot be found."""
