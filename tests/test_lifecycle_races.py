@@ -405,24 +405,50 @@ def test_withdrawing_the_newest_of_two_new_versions_still_brings_up_the_other(
     manager.close()
 
 
-def test_a_rollback_while_the_memory_policy_upgrade_serves_nothing_is_a_conflict(
+def test_a_rollback_while_the_memory_policy_upgrade_serves_nothing_ends_that_upgrade(
     tmp_path: Path, fake_engines: None
 ) -> None:
-    """--swap-policy memory: v2's upgrade has v1 out of service. A rollback then is a 409 that says
-    why ("being upgraded"), not a 404 "no active version"."""
-    from ttsd.errors import ConflictError
-
+    """--swap-policy memory: v3's upgrade has v1 out of service (v2 came in the same scan). A
+    rollback then is not a 409 to retry later: v3 is marked rolled back, its swap does not
+    happen, v1 loads again, and the answer says so once v1 serves. v2, handed to the same
+    upgrade, is not taken up instead (as a withdrawal would have it): the operator wanted back."""
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
     manager = make_manager(tmp_path, swap="memory")
     manager.start()
-    fake_model(models, "voice", "2", load_delay=1.0)
+    fake_model(models, "voice", "2")
+    fake_model(models, "voice", "3", load_delay=1.0)
     manager.reconcile(wait=False)
-    wait_for(lambda: states(manager).get("2") == "loading", timeout=10, interval=0.01, what="v2 loading")
-    with pytest.raises(ConflictError, match="being upgraded"):
-        manager.rollback("voice")
+    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    assert manager.snapshot()[0]["active"] is None  # v1 is unloaded: the memory policy
+    result = manager.rollback("voice")
+    assert (result["from"], result["to"]) == ("3", "1"), result
+    assert manager.snapshot()[0]["active"] == "1"
     assert manager.jobs.wait(20)
-    assert manager.rollback("voice")["to"] == "1"
+    manager.reconcile()
+    assert manager.jobs.wait(20)
+    assert states(manager) == {"1": "active", "2": "available", "3": "rolled-back"}, states(manager)
+    assert "3" in manager.state.voice("voice").rolled_back
+    manager.close()
+
+
+def test_a_rollback_to_another_version_while_the_memory_policy_upgrade_serves_nothing_is_a_conflict(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """--swap-policy memory: v3's upgrade has v2 out of service. ``rollback --to 1`` names neither
+    the version coming up nor the one it replaces: a 409 that says why ("being upgraded"), not a
+    404 "no active version"; once the upgrade is done it works."""
+    from ttsd.errors import ConflictError
+
+    models, manager = v2_over_v1(tmp_path, swap="memory")
+    fake_model(models, "voice", "3", load_delay=1.0)
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    with pytest.raises(ConflictError, match="being upgraded"):
+        manager.rollback("voice", to="1")
+    assert manager.jobs.wait(20)
+    assert manager.snapshot()[0]["active"] == "3"
+    assert manager.rollback("voice", to="1")["to"] == "1"
     manager.close()
 
 

@@ -54,6 +54,8 @@ class Control:
         if that version is the current one (``ConflictError`` otherwise): the automatic rollback
         judged that one, and another rollback may have landed since."""
         started = time.monotonic()
+        if only_from is None and (called_off := self._call_off_upgrade(voice, to, why, durable, started)) is not None:
+            return called_off
         with self.lifecycle.commit:
             current, target = self._rollback_pair(voice, to)
             if only_from is not None and current is not only_from:
@@ -96,6 +98,60 @@ class Control:
         except _TargetWithdrawn as exc:  # the withdrawal took it off the stack: the next one
             log.warning("%s; rolling back to the next version", exc)
             return self.rollback(voice, None, why, durable=durable, only_from=current)
+
+    def _call_off_upgrade(
+        self, voice: str, to: str | None, why: str, durable: bool, started: float
+    ) -> dict[str, Any] | None:
+        """A rollback while ``--swap-policy memory``'s upgrade has the serving version unloaded
+        (the voice serves nothing until it is done, so the upgrade is not called off as others
+        are): the version it brings up is marked rolled back now, as a withdrawal marks it, so its
+        swap does not happen and the version that served before is loaded again. Waits for that
+        and answers as a rollback from the new version to it. None when there is no such upgrade
+        (or ``to`` names another version): the rollback goes on as usual."""
+        saved = self.state.voice(voice).active
+        if (
+            saved is None
+            or self.lifecycle.active(voice) is not None
+            or (to is not None and norm(to) != norm(saved))
+            or (ticket := self.jobs.retiring(voice)) is None
+        ):
+            return None
+        with self.lifecycle.commit:  # the upgrade's swap checks the mark under it
+            coming = next((m for m in self.table.of(voice) if norm(m.version) == ticket.target), None)
+            if coming is None or self.lifecycle.active(voice) is not None or ticket.done.is_set():
+                return None  # it swapped or ended meanwhile: a rollback from what serves now
+            record = self.state.voice(voice)
+            record = record.but(
+                rolled_back=(*record.rolled_back, coming.version)
+                if ticket.target not in {norm(v) for v in record.rolled_back}
+                else record.rolled_back,
+                previous=[v for v in record.previous if norm(v) != ticket.target],
+            )
+            if durable:  # on disk first: ResourceError (507) and no change when the state dir is full
+                self.state.commit(voice, record)
+            else:
+                self.state.put(voice, record)
+            ticket.rolled_back = True
+            self.table.change(coming, reason=why)  # its job leaves it rolled back (Lifecycle.resting)
+        log.warning(
+            "%s: rollback from %s while it loads: its upgrade ends and %s loads again", voice, coming.version, saved
+        )
+        ticket.done.wait()
+        self.state.record(voice, coming.version, None, why)
+        self._listener("rolled_back", coming)
+        now = self.lifecycle.active(voice)
+        if now is None:
+            before = self.table.get(voice, saved)
+            raise ConflictError(
+                f"{voice}: the upgrade to {coming.version} was called off, but {saved} did not come back"
+                + (f": {before.reason}" if before is not None and before.reason else "")
+            )
+        return {
+            "voice": voice,
+            "from": coming.version,
+            "to": now.version,
+            "seconds": round(time.monotonic() - started, 3),
+        }
 
     def _rollback_pair(self, voice: str, to: str | None) -> tuple[ModelVersion, ModelVersion]:
         current = self.lifecycle.active(voice)

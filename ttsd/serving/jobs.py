@@ -146,6 +146,14 @@ class Jobs:
             for ticket in self._of(voice):
                 ticket.hurried = True
 
+    def retiring(self, voice: str) -> Ticket | None:
+        """The job of ``voice`` that unloaded its serving version to bring up ``target`` (the
+        memory policy's upgrade, urgent from then on), if one is running."""
+        with self._lock:
+            return next(
+                (t for t in self._of(voice) if t.urgent and t.target is not None and not t.done.is_set()), None
+            )
+
     def _of(self, voice: str) -> list[Ticket]:
         """``voice``'s unfinished jobs (under ``_lock``)."""
         return [t for t in self._all if t.voice == voice]

@@ -208,6 +208,9 @@ class Ticket:
     hurried: bool = False  # a request waits for it: the urgent lane and pace, yet still called off by a rollback
     cancelled: str | None = None  # why, once called off
     target: str | None = None  # the version the job is bringing up, once it knows (normalised)
+    # an operator rolled back from the version it brings up (the memory policy's upgrade, which
+    # is not called off): it ends there, and the other versions it was given are not taken up
+    rolled_back: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -50,6 +50,8 @@ class Promoter:
         folders = {id(model): folder for model, folder in found}
         try:
             for model in newer([m for m, _ in found], self.lifecycle.active(name)):
+                if ticket.rolled_back:  # an operator rolled back from the one it tried: no other
+                    return
                 active = self.lifecycle.active(name)  # a job before this one may have changed it
                 if (active is not None and order(model) <= order(active)) or self.lifecycle.marked(model):
                     continue  # older than what serves now, or withdrawn while this job waited
@@ -57,7 +59,9 @@ class Promoter:
                     if self.promote(model, folders[id(model)], "new version in the models dir", ticket):
                         return
                 except Superseded:
-                    if self.lifecycle.marked(model):  # withdrawn: the job is called off, not the others
+                    # withdrawn: the job is called off, not the others (an operator's rollback
+                    # from it ends the upgrade: the voice goes back to what served before)
+                    if self.lifecycle.marked(model) and not ticket.rolled_back:
                         rest = [(m, f) for m, f in found if m is not model and not self.lifecycle.marked(m)]
                         if rest:
                             self._requeue(name, rest)  # a job of their own, after this one
