@@ -507,3 +507,69 @@ def test_a_store_prune_while_a_job_copies_its_version_in_leaves_that_copy(
     assert states(manager)["2"] == "active", states(manager)
     assert "copied again" not in caplog.text  # kept, not lost and made again by the load
     manager.close()
+
+
+@pytest.mark.parametrize("action", ["activate", "rollback --to"])
+def test_a_swap_back_to_a_version_whose_last_request_is_ending_keeps_its_engine(
+    tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch, action: str
+) -> None:
+    """v2 serves a request; a rollback puts v1 back and v2 stays loaded until that request ends.
+    The operator swaps back to v2 (loaded: no load). The request ends while the swap writes
+    state.json: its unload took v2's engine between the swap's "is it loaded" and serving it, so
+    the swap failed with state.json saying v2 while v1 went on serving (after ``rollback --to``,
+    a restart then served nothing). The unload waits for the swap, and then leaves v2 alone."""
+    models, manager = v2_over_v1(tmp_path)
+    lease = manager.acquire("voice")
+    assert lease.voice.version == "2"
+    manager.rollback("voice")
+    v2 = manager.version("voice", "2")
+    assert v2 is not None and v2.engine is not None
+    real_commit = manager.state.commit
+
+    def commit_while_the_last_request_ends(name, record):  # type: ignore[no-untyped-def]
+        lease.release()  # -> unload_later(v2), on a thread of its own
+        time.sleep(0.3)  # ample for that unload, were it not held off
+        return real_commit(name, record)
+
+    monkeypatch.setattr(manager.state, "commit", commit_while_the_last_request_ends)
+    result = manager.activate("voice", "2") if action == "activate" else manager.rollback("voice", "2")
+    monkeypatch.setattr(manager.state, "commit", real_commit)  # (undo() would take the fake engine too)
+    assert result["to"] == "2"
+    time.sleep(0.3)  # the unload, once let through
+    assert manager.map.active("voice") == v2.key and v2.engine is not None
+    assert manager.state.voice("voice").active == "2"
+    with manager.acquire("voice") as lease2:
+        assert lease2.voice.version == "2"
+    manager.close()
+    again = make_manager(tmp_path)
+    again.start()
+    assert again.snapshot()[0]["active"] == "2"
+    again.close()
+
+
+def test_a_store_prune_while_an_activate_makes_room_leaves_the_target(
+    tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v1 was withdrawn (off the rollback stack; its store copy stays until the next prune) and its
+    models-dir folder removed. ``ttsd activate voice 1`` loads it from the store copy. A swap's
+    prune landing while the load made room took that copy (v1 was not yet "verifying"), and the
+    activate failed with nothing left to copy again. v1 is "verifying" before room is made."""
+    import shutil
+
+    models, manager = v2_over_v1(tmp_path)
+    time.sleep(0.5)  # v2's swap's own settle (its prune) is done
+    manager.withdraw("voice", "1", "withdrawn by the fleet mirror")
+    shutil.rmtree(models / "voice-1")
+    manager.reconcile()
+    v1 = manager.version("voice", "1")
+    assert v1 is not None and v1.store_copy is not None and v1.folder is None
+    real_make_room = manager.demand.make_room
+
+    def prune_then_make_room(model, **kw):  # type: ignore[no-untyped-def]
+        manager.lifecycle.prune_store(model.name)  # a swap's settle, at the worst moment
+        return real_make_room(model, **kw)
+
+    monkeypatch.setattr(manager.demand, "make_room", prune_then_make_room)
+    assert manager.activate("voice", "1")["to"] == "1"
+    assert manager.snapshot()[0]["active"] == "1"
+    manager.close()

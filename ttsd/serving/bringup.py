@@ -127,9 +127,11 @@ class BringUp:
         reason). ``verified``: the caller has just made the store copy from hashed bytes;
         ``signed``: and checked its signature (``check_signed``)."""
         started = time.monotonic()
+        # coming up before anything else: making room takes a while, and a swap's store prune
+        # meanwhile took the copy of a version that was not (an activate of a withdrawn version)
+        self.table.change(model, state=State.VERIFYING)
         self._make_room(model)  # within a memory budget: idle voices are unloaded first
         try:
-            self.table.change(model, state=State.VERIFYING)
             if not verified or model.store_copy is None:  # (a copy gone since: found and copied again)
                 try:
                     copy, manifest = check_store_copy(self.store, model)

@@ -150,9 +150,7 @@ class Jobs:
         """The job of ``voice`` that unloaded its serving version to bring up ``target`` (the
         memory policy's upgrade, urgent from then on), if one is running."""
         with self._lock:
-            return next(
-                (t for t in self._of(voice) if t.urgent and t.target is not None and not t.done.is_set()), None
-            )
+            return next((t for t in self._of(voice) if t.urgent and t.target is not None and not t.done.is_set()), None)
 
     def _of(self, voice: str) -> list[Ticket]:
         """``voice``'s unfinished jobs (under ``_lock``)."""

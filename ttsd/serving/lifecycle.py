@@ -281,11 +281,15 @@ class Lifecycle:
             if folder is not None:
                 self.table.see_folder(folder, "refused", reason)
             drop = model.store_copy is not None and model.engine is None and not self.map.in_flight(model.key)
+            aside = None
             if drop:
                 model.store_copy = None
+                # moved out under the lock, deleted after it, as the prune does: a copy of the same
+                # version made meanwhile is never the one being deleted
+                aside = self.store.set_aside(model.name, model.version)
         log.warning("refused %s %s: %s", model.name, model.version, reason)
-        if drop:
-            self.store.remove(model.name, model.version)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         self.state.record(model.name, None, model.version, "refused", reason=reason)
         self._listener("refused", model)
 
@@ -356,8 +360,12 @@ class Lifecycle:
         self._spawn(lambda: self.unload(model))
 
     def unload(self, model: ModelVersion, *, force: bool = False) -> None:
-        """Unload ``model`` unless a request still holds it (its last release calls back)."""
-        with self.table.locked():
+        """Unload ``model`` unless a request still holds it (its last release calls back). Under
+        ``commit``, as the budget's eviction is: an operator's swap back to a version whose last
+        request is just ending (a rollback ``--to`` it, an activate) checks that it is loaded and
+        serves it under that lock, and found its engine gone between the two (state.json said it
+        served while the old version went on serving)."""
+        with self.commit, self.table.locked():
             if not force and model.state in (State.ACTIVE, State.CANARY):
                 return  # serving again: re-activated after this unload was asked for
             if not self.map.remove(model.key, force=force):
