@@ -573,3 +573,37 @@ def test_a_store_prune_while_an_activate_makes_room_leaves_the_target(
     assert manager.activate("voice", "1")["to"] == "1"
     assert manager.snapshot()[0]["active"] == "1"
     manager.close()
+
+
+def test_an_activate_while_the_memory_policy_upgrade_serves_nothing_keeps_the_retired_version(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """--swap-policy memory: v2 serves, v1 is a loaded standby. v3's upgrade takes v2 out of
+    service and loads; the operator's ``activate voice 1`` (loaded: no load) serves v1 meanwhile.
+    v2, the version that served until then, is v1's rollback target: it was left off the stack
+    (only the upgrade's own swap counted it as replaced), and with its folder gone the prune
+    dropped its store copy and forgot it."""
+    import shutil
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    manager.rollback("voice")  # v1 serves (loaded for it), v2 rolled back
+    manager.activate("voice", "2")  # v2 serves again (loaded), v1 stays loaded: a standby
+    shutil.rmtree(models / "voice-2")  # only the store holds v2 now
+    manager.reconcile()
+    fake_model(models, "voice", "3", load_delay=1.5)
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    assert manager.activate("voice", "1")["to"] == "1"
+    assert manager.jobs.wait(20)
+    time.sleep(0.5)  # the swap's settle (its prune), on a thread of its own
+    assert manager.snapshot()[0]["active"] == "1"
+    assert manager.state.voice("voice").previous[-1] == "2"
+    v2 = manager.version("voice", "2")
+    assert v2 is not None and v2.store_copy is not None and v2.store_copy.is_dir()
+    assert manager.rollback("voice")["to"] == "2"
+    manager.close()

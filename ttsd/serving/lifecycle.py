@@ -55,6 +55,9 @@ class Lifecycle:
         self._listener, self._spawn, self._fit_budget = listener, spawn, fit_budget
         self.commit = Guard(threading.RLock())
         self.closed = False  # set by close(): a job that loaded something after that commits nothing
+        # voice -> the version the memory policy's upgrade took out of service (retire_now), until
+        # the voice's next swap: the one replaced, whichever version that swap serves
+        self._retired: dict[str, str] = {}
 
     def active(self, name: str) -> ModelVersion | None:
         return self.table.by_key(self.map.active(name))
@@ -104,6 +107,12 @@ class Lifecycle:
             voice = record or saved
             previous = self.active(model.name)
             stack = list(voice.previous)
+            # an operator's swap while the memory policy's upgrade has the serving version out of
+            # service replaces that version too (it was dropped from the stack, and its store copy
+            # pruned, when only the upgrade's own swap counted it)
+            retired = retired or (
+                saved.active is not None and norm(self._retired.get(model.name, "")) == norm(saved.active)
+            )
             if (
                 push_previous
                 and saved.active is not None
@@ -129,6 +138,7 @@ class Lifecycle:
             else:
                 self.state.put(model.name, voice)
             self.map.add(model.key, self.voice_version(model), model.engine)
+            self._retired.pop(model.name, None)
             with self.table.locked():
                 replaced = self.map.activate(model.key)  # new requests get the new version from here on
                 swapped = time.monotonic()
@@ -348,6 +358,7 @@ class Lifecycle:
             if self.map.active(model.name) == model.key:
                 self.map.deactivate(model.name)
             model.state = State.RETIRED
+            self._retired[model.name] = model.version
         deadline = time.monotonic() + wait
         while self.map.in_flight(model.key) and time.monotonic() < deadline:
             time.sleep(0.05)
