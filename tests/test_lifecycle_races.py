@@ -607,3 +607,26 @@ def test_an_activate_while_the_memory_policy_upgrade_serves_nothing_keeps_the_re
     assert v2 is not None and v2.store_copy is not None and v2.store_copy.is_dir()
     assert manager.rollback("voice")["to"] == "2"
     manager.close()
+
+
+def test_an_upgrade_handed_on_after_a_withdrawal_leaves_the_versions_already_refused(
+    tmp_path: Path, fake_engines: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """v2, v3 and v4 arrive in one scan: v4 fails to load (refused), v3 loads and is withdrawn
+    meanwhile. The versions handed on to a job of their own are the ones not tried: v2 comes up,
+    and v4 is not copied, hashed and loaded again to be refused a second time."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "voice", "2")
+    fake_model(models, "voice", "3", load_delay=1.0)
+    fake_model(models, "voice", "4", fail_on="load")
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    manager.withdraw("voice", "3", "withdrawn by the fleet mirror: clipped")
+    wait_for(lambda: manager.snapshot()[0]["active"] == "2", timeout=20, what="v2 active")
+    assert manager.jobs.wait(20)
+    assert states(manager)["4"] == "refused", states(manager)
+    assert caplog.text.count("refused voice 4") == 1, caplog.text
+    manager.close()

@@ -62,7 +62,13 @@ class Promoter:
                     # withdrawn: the job is called off, not the others (an operator's rollback
                     # from it ends the upgrade: the voice goes back to what served before)
                     if self.lifecycle.marked(model) and not ticket.rolled_back:
-                        rest = [(m, f) for m, f in found if m is not model and not self.lifecycle.marked(m)]
+                        rest = [
+                            (m, f)
+                            for m, f in found
+                            if m is not model
+                            and not self.lifecycle.marked(m)
+                            and m.state not in (State.REFUSED, State.DEFERRED)  # tried: judged, or waiting
+                        ]
                         if rest:
                             self._requeue(name, rest)  # a job of their own, after this one
                     raise
