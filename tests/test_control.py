@@ -216,3 +216,26 @@ def test_a_version_neither_stored_nor_in_the_models_dir_is_forgotten(tmp_path: P
     manager.close()
     saved = json.loads((tmp_path / "state" / "state.json").read_text())
     assert sorted(saved["versions"]) == ["voice/3", "voice/4", "voice/5", "voice/6"]
+
+
+def test_rollback_without_voice_takes_the_one_voice_even_while_it_serves_nothing() -> None:
+    """``ttsd rollback`` with no ``--voice``: the one active voice; with none active (an upgrade
+    under --swap-policy memory has it out of service for the moment), the one voice the daemon
+    has; several, or none at all, is a usage error that says what to do."""
+    from ttsd.cli.control import _only_voice
+    from ttsd.errors import ConfigError
+
+    class Daemon:
+        def __init__(self, voices: list[dict[str, object]]) -> None:
+            self.voices = voices
+
+        def status(self) -> dict[str, object]:
+            return {"voices": self.voices}
+
+    assert _only_voice(Daemon([{"name": "a", "active": "1"}, {"name": "b", "active": None}]), None) == "a"
+    assert _only_voice(Daemon([{"name": "a", "active": None}]), None) == "a"
+    assert _only_voice(Daemon([]), "x") == "x"
+    with pytest.raises(ConfigError, match="several voices"):
+        _only_voice(Daemon([{"name": "a", "active": "1"}, {"name": "b", "active": "2"}]), None)
+    with pytest.raises(ConfigError, match="no voice"):
+        _only_voice(Daemon([]), None)

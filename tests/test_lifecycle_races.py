@@ -630,3 +630,95 @@ def test_an_upgrade_handed_on_after_a_withdrawal_leaves_the_versions_already_ref
     assert states(manager)["4"] == "refused", states(manager)
     assert caplog.text.count("refused voice 4") == 1, caplog.text
     manager.close()
+
+
+def test_a_rollback_of_a_voice_serving_nothing_for_another_reason_leaves_its_upgrade(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """Default swap policy. v1 was active but cannot come back after a restart (its store copy
+    damaged, its folder gone): nothing serves, and v2's upgrade is the voice's way back. A rollback
+    meanwhile is a 409 that changes nothing (it is not the memory policy's upgrade, which took a
+    serving version out: marking v2 rolled back would leave the voice serving nothing)."""
+    import os
+    import shutil
+
+    from ttsd.errors import ConflictError
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    copy = manager.version("voice", "1").store_copy
+    manager.close()
+    shutil.rmtree(models / "voice-1")
+    os.chmod(copy, 0o755)
+    os.chmod(copy / "fake.json", 0o644)
+    (copy / "fake.json").write_text('{"damaged": true}')
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert manager.snapshot()[0]["active"] is None and manager.state.voice("voice").active == "1"
+    fake_model(models, "voice", "2", load_delay=1.0)
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("2") == "loading", timeout=10, interval=0.01, what="v2 loading")
+    with pytest.raises(ConflictError, match="being upgraded"):
+        manager.rollback("voice")
+    assert manager.jobs.wait(20)
+    assert manager.snapshot()[0]["active"] == "2"
+    assert "2" not in manager.state.voice("voice").rolled_back
+    manager.close()
+
+
+def test_two_rollbacks_while_the_memory_policy_upgrade_serves_nothing_record_it_once(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """Two operators roll back while v2's upgrade has v1 out of service: both get the same answer
+    (from 2 to 1); the history and the transitions metric say it once, with where it went."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    fake_model(models, "voice", "2", load_delay=1.0)
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("2") == "loading", timeout=10, interval=0.01, what="v2 loading")
+    answers = [in_background(lambda: manager.rollback("voice")) for _ in range(2)]
+    for thread, _ in answers:
+        thread.join(20)
+    assert [(out[0]["from"], out[0]["to"]) for _, out in answers] == [("2", "1"), ("2", "1")], answers
+    assert manager.jobs.wait(20)
+    trail = [(h["from"], h["to"], h["why"]) for h in manager.history()]
+    assert trail.count(("2", "1", "rollback requested")) == 1, trail
+    manager.close()
+
+
+def test_a_rollback_after_the_memory_policy_upgrade_failed_leaves_the_refusal(
+    tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--swap-policy memory: v2 fails to load (refused) and the upgrade loads v1 again (slowly
+    here). A rollback then has no upgrade left to end: a 409 ("being upgraded") that keeps v2's
+    refusal and its reason, and marks nothing (a fixed v2 dropped in again is judged again)."""
+    from ttsd.errors import ConflictError
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    real_load = FakeEngine.load
+
+    def slow_v1(self):  # type: ignore[no-untyped-def]
+        if self.folder.name == "1":
+            time.sleep(1.5)
+        return real_load(self)
+
+    monkeypatch.setattr(FakeEngine, "load", slow_v1)
+    fake_model(models, "voice", "2", fail_on="load")
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("2") == "refused", timeout=10, interval=0.01, what="v2 refused")
+    assert manager.snapshot()[0]["active"] is None
+    with pytest.raises(ConflictError, match="being upgraded"):
+        manager.rollback("voice")
+    assert manager.jobs.wait(20)
+    v2 = manager.version("voice", "2")
+    assert v2 is not None and "fail on load" in v2.reason, v2.reason
+    assert "2" not in manager.state.voice("voice").rolled_back
+    assert manager.snapshot()[0]["active"] == "1"
+    manager.close()

@@ -138,7 +138,11 @@ def _memory_line(memory: dict[str, Any] | None) -> str | None:
 def _only_voice(client: Any, voice: str | None) -> str:
     if voice is not None:
         return voice
-    voices = [v["name"] for v in client.status()["voices"] if v["active"]]
+    known = client.status()["voices"]
+    # none active: a voice whose upgrade under --swap-policy memory has it serving nothing for now
+    voices = [v["name"] for v in known if v["active"]] or [v["name"] for v in known]
+    if not voices:
+        raise ConfigError("the daemon has no voice yet: say which with --voice")
     if len(voices) != 1:
         raise ConfigError(f"several voices are active ({', '.join(voices)}): say which with --voice")
     return voices[0]

@@ -113,13 +113,22 @@ class Control:
             saved is None
             or self.lifecycle.active(voice) is not None
             or (to is not None and norm(to) != norm(saved))
+            # only the upgrade that took the saved version out of service: one for a voice that
+            # serves nothing for another reason (its version did not come back) is its way back
+            or norm(self.lifecycle.retired(voice) or "") != norm(saved)
             or (ticket := self.jobs.retiring(voice)) is None
         ):
             return None
         with self.lifecycle.commit:  # the upgrade's swap checks the mark under it
             coming = next((m for m in self.table.of(voice) if norm(m.version) == ticket.target), None)
-            if coming is None or self.lifecycle.active(voice) is not None or ticket.done.is_set():
+            if (
+                coming is None
+                or coming.state not in COMING_UP  # it failed: the old version is on its way back
+                or self.lifecycle.active(voice) is not None
+                or ticket.done.is_set()
+            ):
                 return None  # it swapped or ended meanwhile: a rollback from what serves now
+            first = not ticket.rolled_back  # (a second rollback meanwhile waits for the same end)
             record = self.state.voice(voice)
             record = record.but(
                 rolled_back=(*record.rolled_back, coming.version)
@@ -137,9 +146,10 @@ class Control:
             "%s: rollback from %s while it loads: its upgrade ends and %s loads again", voice, coming.version, saved
         )
         ticket.done.wait()
-        self.state.record(voice, coming.version, None, why)
-        self._listener("rolled_back", coming)
         now = self.lifecycle.active(voice)
+        if first:
+            self.state.record(voice, coming.version, now.version if now is not None else None, why)
+            self._listener("rolled_back", coming)
         if now is None:
             before = self.table.get(voice, saved)
             raise ConflictError(

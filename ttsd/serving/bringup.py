@@ -129,8 +129,13 @@ class BringUp:
         started = time.monotonic()
         # coming up before anything else: making room takes a while, and a swap's store prune
         # meanwhile took the copy of a version that was not (an activate of a withdrawn version)
+        was = model.state
         self.table.change(model, state=State.VERIFYING)
-        self._make_room(model)  # within a memory budget: idle voices are unloaded first
+        try:
+            self._make_room(model)  # within a memory budget: idle voices are unloaded first
+        except BaseException:
+            self.table.change(model, state=was)
+            raise
         try:
             if not verified or model.store_copy is None:  # (a copy gone since: found and copied again)
                 try:

@@ -59,6 +59,11 @@ class Lifecycle:
         # the voice's next swap: the one replaced, whichever version that swap serves
         self._retired: dict[str, str] = {}
 
+    def retired(self, name: str) -> str | None:
+        """The version the memory policy's upgrade took out of service (``retire_now``) for
+        ``name``, until the voice's next swap."""
+        return self._retired.get(name)
+
     def active(self, name: str) -> ModelVersion | None:
         return self.table.by_key(self.map.active(name))
 
@@ -110,8 +115,11 @@ class Lifecycle:
             # an operator's swap while the memory policy's upgrade has the serving version out of
             # service replaces that version too (it was dropped from the stack, and its store copy
             # pruned, when only the upgrade's own swap counted it)
+            out = self.table.get(model.name, saved.active) if saved.active is not None else None
             retired = retired or (
-                saved.active is not None and norm(self._retired.get(model.name, "")) == norm(saved.active)
+                out is not None
+                and norm(self._retired.get(model.name, "")) == norm(out.version)
+                and out.state is not State.REFUSED  # (it failed to load again: no rollback target)
             )
             if (
                 push_previous
