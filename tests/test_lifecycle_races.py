@@ -23,6 +23,14 @@ def states(manager: ModelManager, voice: str = "voice") -> dict[str, str]:
     return {v["version"]: v["state"] for v in next(x for x in manager.snapshot() if x["name"] == voice)["versions"]}
 
 
+def v2_and_a_slow_v3(manager: ModelManager, models: Path) -> None:
+    """v2 and v3 arrive in one scan: one upgrade, v3 (the newest) first. Returns while v3 loads."""
+    fake_model(models, "voice", "2")
+    fake_model(models, "voice", "3", load_delay=1.0)
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+
+
 def in_background(fn):  # type: ignore[no-untyped-def]
     """Run ``fn`` on a thread; (the thread, a list that gets its result or exception)."""
     out: list[object] = []
@@ -390,10 +398,7 @@ def test_withdrawing_the_newest_of_two_new_versions_still_brings_up_the_other(
     fake_model(models, "voice", "1")
     manager = make_manager(tmp_path, swap=swap)
     manager.start()
-    fake_model(models, "voice", "2")
-    fake_model(models, "voice", "3", load_delay=1.0)
-    manager.reconcile(wait=False)
-    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    v2_and_a_slow_v3(manager, models)
     manager.withdraw("voice", "3", "withdrawn by the fleet mirror: clipped")
     wait_for(lambda: manager.snapshot()[0]["active"] == "2", timeout=20, what="v2 active")
     assert manager.jobs.wait(20)
@@ -416,10 +421,7 @@ def test_a_rollback_while_the_memory_policy_upgrade_serves_nothing_ends_that_upg
     fake_model(models, "voice", "1")
     manager = make_manager(tmp_path, swap="memory")
     manager.start()
-    fake_model(models, "voice", "2")
-    fake_model(models, "voice", "3", load_delay=1.0)
-    manager.reconcile(wait=False)
-    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    v2_and_a_slow_v3(manager, models)
     assert manager.snapshot()[0]["active"] is None  # v1 is unloaded: the memory policy
     result = manager.rollback("voice")
     assert (result["from"], result["to"]) == ("3", "1"), result
@@ -497,10 +499,7 @@ def test_a_store_prune_while_a_job_copies_its_version_in_leaves_that_copy(
         return stored
 
     monkeypatch.setattr(manager.bringup, "store_new", store_new_then_prune)
-    fake_model(models, "voice", "2")
-    fake_model(models, "voice", "3", load_delay=1.0)
-    manager.reconcile(wait=False)
-    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    v2_and_a_slow_v3(manager, models)
     manager.withdraw("voice", "3", "withdrawn by the fleet mirror: clipped")
     wait_for(lambda: manager.snapshot()[0]["active"] == "2", timeout=20, what="v2 active")
     assert manager.jobs.wait(20)
@@ -518,7 +517,7 @@ def test_a_swap_back_to_a_version_whose_last_request_is_ending_keeps_its_engine(
     state.json: its unload took v2's engine between the swap's "is it loaded" and serving it, so
     the swap failed with state.json saying v2 while v1 went on serving (after ``rollback --to``,
     a restart then served nothing). The unload waits for the swap, and then leaves v2 alone."""
-    models, manager = v2_over_v1(tmp_path)
+    _models, manager = v2_over_v1(tmp_path)
     lease = manager.acquire("voice")
     assert lease.voice.version == "2"
     manager.rollback("voice")
@@ -585,12 +584,7 @@ def test_an_activate_while_the_memory_policy_upgrade_serves_nothing_keeps_the_re
     dropped its store copy and forgot it."""
     import shutil
 
-    models = tmp_path / "models"
-    fake_model(models, "voice", "1")
-    manager = make_manager(tmp_path, swap="memory")
-    manager.start()
-    fake_model(models, "voice", "2")
-    manager.reconcile()
+    models, manager = v2_over_v1(tmp_path, swap="memory")
     manager.rollback("voice")  # v1 serves (loaded for it), v2 rolled back
     manager.activate("voice", "2")  # v2 serves again (loaded), v1 stays loaded: a standby
     shutil.rmtree(models / "voice-2")  # only the store holds v2 now
@@ -619,11 +613,8 @@ def test_an_upgrade_handed_on_after_a_withdrawal_leaves_the_versions_already_ref
     fake_model(models, "voice", "1")
     manager = make_manager(tmp_path)
     manager.start()
-    fake_model(models, "voice", "2")
-    fake_model(models, "voice", "3", load_delay=1.0)
-    fake_model(models, "voice", "4", fail_on="load")
-    manager.reconcile(wait=False)
-    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    fake_model(models, "voice", "4", fail_on="load")  # in the same scan
+    v2_and_a_slow_v3(manager, models)
     manager.withdraw("voice", "3", "withdrawn by the fleet mirror: clipped")
     wait_for(lambda: manager.snapshot()[0]["active"] == "2", timeout=20, what="v2 active")
     assert manager.jobs.wait(20)

@@ -129,13 +129,7 @@ class Control:
             ):
                 return None  # it swapped or ended meanwhile: a rollback from what serves now
             first = not ticket.rolled_back  # (a second rollback meanwhile waits for the same end)
-            record = self.state.voice(voice)
-            record = record.but(
-                rolled_back=(*record.rolled_back, coming.version)
-                if ticket.target not in {norm(v) for v in record.rolled_back}
-                else record.rolled_back,
-                previous=[v for v in record.previous if norm(v) != ticket.target],
-            )
+            record = self.state.voice(voice).withdrawn(coming.version)
             if durable:  # on disk first: ResourceError (507) and no change when the state dir is full
                 self.state.commit(voice, record)
             else:
@@ -289,14 +283,8 @@ class Control:
                 done = None
             else:
                 ended = canary is not None and norm(canary.version) == key
-                record = self.state.voice(voice)
-                record = record.but(
-                    rolled_back=(*record.rolled_back, version)
-                    if key not in {norm(v) for v in record.rolled_back}
-                    else record.rolled_back,
-                    previous=[v for v in record.previous if norm(v) != key],
-                    canary=None if ended else record.canary,
-                )
+                record = self.state.voice(voice).withdrawn(version)
+                record = record.but(canary=None if ended else record.canary)
                 # on disk before anything changes: ResourceError (507) and no change when the
                 # state dir is full, so the fleet client does not take the folder away unrecorded
                 self.state.commit(voice, record)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import ConfigError, ManifestError, StateLockedError, resource_error
 from ..fsutil import atomic_write_text
-from ..manifest import check_name, check_version
+from ..manifest import check_name, check_version, norm
 from .history import AuditTrail
 from .pacing import Guard
 
@@ -44,6 +44,16 @@ class VoiceRecord:
         """A copy with ``changes`` (lists become tuples: a record is never changed in place)."""
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
         return replace(self, **fields)
+
+    def withdrawn(self, version: str) -> VoiceRecord:
+        """A copy with ``version`` marked rolled back (once) and off the rollback targets: it
+        serves again only through an operator's ``activate`` or ``rollback --to``."""
+        key = norm(version)
+        marked = key in {norm(v) for v in self.rolled_back}
+        return self.but(
+            rolled_back=self.rolled_back if marked else (*self.rolled_back, version),
+            previous=[v for v in self.previous if norm(v) != key],
+        )
 
 
 @dataclass(frozen=True)
