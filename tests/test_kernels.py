@@ -217,6 +217,29 @@ def test_the_choice_is_cached_per_cpu_and_torch(tiny: Path, tmp_path: Path, monk
     assert len(entries) == 6 and {e["cpu"] for e in entries.values()} == {real["cpu"], "Another CPU"}
 
 
+def test_a_variable_that_caps_the_instruction_set_measures_again(tiny: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A choice made with MKL capped at AVX2 (as an operator may set it) is not the answer without
+    the cap, and the other way round; an empty value is no setting."""
+    cache = tmp_path / "kernels.json"
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    for name in kernels.DISPATCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level(logging.INFO, logger="ttsd.engines"):
+        open_engine(tiny, kernel_cache=cache)
+        assert len(measured(caplog)) == 2
+        for value, measures in (("AVX2", 2), ("", 0), ("AVX2", 0), ("AVX512", 2)):
+            monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", value)
+            caplog.clear()
+            open_engine(tiny, kernel_cache=cache)
+            assert len(measured(caplog)) == measures, value
+    entries = json.loads(cache.read_text())["entries"]
+    assert sorted(str(e.get("dispatch")) for e in entries.values()) == [
+        "None", "None", "{'MKL_ENABLE_INSTRUCTIONS': 'AVX2'}", "{'MKL_ENABLE_INSTRUCTIONS': 'AVX2'}",
+        "{'MKL_ENABLE_INSTRUCTIONS': 'AVX512'}", "{'MKL_ENABLE_INSTRUCTIONS': 'AVX512'}"]
+
+
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b'{"format": 1, "entries": []}',
                                      b'{"format": 2, "entries": {}}', b"[]"])
 def test_a_corrupt_cache_is_ignored_and_rewritten(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -21,13 +21,14 @@ over MKL. No fixed choice is right on both, so each voice's products are timed o
 * the fastest wins; ``mkl`` is kept unless another path is at least ``MARGIN`` faster, so a noisy
   box does not flip the choice from one start to the next.
 
-The measurement runs on the calling thread, with its core count, and takes well under a second.
-Its result is cached in ``kernels.json`` in the cache dir, keyed by CPU model and flags, torch
-version, thread count, dtype and the class's shapes, so a new CPU or a new torch measures again; a
-corrupt or foreign cache file is ignored and rewritten. The daemon's loader runs on one core,
-beside the workers, so a load looks for the choice made on the workers' count first, and the
-engine's warm-up, when it runs on that count, makes it (``choose``). ``TTSD_KERNELS`` forces paths (``onednn``, or per
-class ``text=onednn,flow=mkl``), still checked for exactness.
+The measurement runs on the calling thread, with its core count, and takes well under a second. Its
+result is cached in ``kernels.json`` in the cache dir, keyed by CPU model and flags, torch version,
+thread count, dtype and the class's shapes, so a new CPU or a new torch measures again; a corrupt or
+foreign cache file is ignored and rewritten. A variable that caps the libraries' instruction set
+(``DISPATCH_ENV``, e.g. ``MKL_ENABLE_INSTRUCTIONS``) is part of the key too. The daemon's loader
+runs on one core, beside the workers, so a load looks for the choice made on the workers' count
+first, and the engine's warm-up, when it runs on that count, makes it (``choose``). ``TTSD_KERNELS``
+forces paths (``onednn``, or per class ``text=onednn,flow=mkl``), still checked for exactness.
 """
 
 from __future__ import annotations
@@ -274,10 +275,27 @@ def _cpu() -> tuple[str, tuple[str, ...]]:
     return model, tuple(sorted(f for f in flags if f in wanted))
 
 
+# variables that change which code MKL or oneDNN runs (an operator capping the instruction set, or
+# asking MKL for reproducible results): a measurement made under one setting is not the answer under
+# another (MKL capped at AVX2 ran the text side at half its rate on an Intel Xeon, bench/kernel_rates.py)
+DISPATCH_ENV = (
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_CBWR",
+    "MKL_DEBUG_CPU_TYPE",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ONEDNN_CPU_ISA_HINTS",
+    "DNNL_CPU_ISA_HINTS",
+)
+
+
 def box() -> dict[str, Any]:
-    """What a measurement holds for: the CPU, torch, and the calling thread's core count."""
+    """What a measurement holds for: the CPU, torch, the calling thread's core count and any
+    ``DISPATCH_ENV`` setting."""
     model, flags = _cpu()
-    return {"cpu": model, "flags": list(flags), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    where = {"cpu": model, "flags": list(flags), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    dispatch = {name: os.environ[name] for name in DISPATCH_ENV if os.environ.get(name)}
+    return {**where, "dispatch": dispatch} if dispatch else where
 
 
 def _key(where: dict[str, Any], kind: str, items: list[Product], dtype: torch.dtype) -> str:
