@@ -46,9 +46,11 @@ test: setup lint
 test-fast: setup lint
 	$(BIN)/python -m pytest -m "not slow and not daemon"
 
-# ruff (lint and format) and mypy on ttsd/, as configured in pyproject.toml.
+# ruff (lint and format) and mypy on ttsd/, as configured in pyproject.toml; pyflakes' checks
+# (undefined and unused names) on the tests, benchmarks and examples too.
 lint: setup
 	$(BIN)/ruff check ttsd
+	$(BIN)/ruff check --select F,RUF059 --config 'include=["tests/**/*.py","bench/**/*.py","examples/**/*.py"]' tests bench examples
 	$(BIN)/ruff format --check ttsd
 	$(BIN)/mypy
 

@@ -188,7 +188,7 @@ def test_any_spool_file_ends_done_or_failed_with_a_request_reason(harness: Harne
     assert harness.version_2()["model_failures"] == 0
 
 
-def scan_and_serve(harness: Harness, clock: Clock | None = None) -> None:
+def scan_and_serve(harness: Harness, clock: Clock | None = None) -> None:  # noqa: F811 - the fixture's name
     """Scan and serve until incoming/ is empty. A regular file must keep its size for
     SETTLE_SECONDS before it is claimed: with ``clock`` (the spool's, see test_spool.py) the test
     moves time on, otherwise it waits."""
@@ -268,7 +268,7 @@ def test_spool_outputs_follow_the_umask(harness: Harness) -> None:
 
 
 @pytest.mark.slow
-def test_a_second_request_with_an_id_in_service_waits_and_never_overwrites_it(harness: Harness, clock: Clock) -> None:
+def test_a_second_request_with_an_id_in_service_waits_and_never_overwrites_it(harness: Harness, clock: Clock) -> None:  # noqa: F811
     """With --workers 2 a second race.txt, dropped while the first was being served, was moved
     over it in work/: the first request file was lost and the outputs mixed. Now it waits in
     incoming/ while the ID is in service, then meets the first one's outputs and is refused."""

@@ -374,7 +374,7 @@ def test_a_pruned_store_copy_leaves_the_store_at_once(tmp_path: Path, fake_engin
     two leaves a ``.partial`` dir, which the next start removes."""
     from ttsd.serving.store import ModelStore
 
-    models, manager = v2_over_v1(tmp_path, keep=0)
+    _models, manager = v2_over_v1(tmp_path, keep=0)
     store = ModelStore(tmp_path / "state" / "store")
     copy = store.path("voice", "1")
     assert copy.is_dir()

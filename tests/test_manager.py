@@ -521,7 +521,7 @@ def test_a_rollback_to_a_version_rolled_back_before_survives_a_restart(tmp_path:
     """v2 is rolled back to v1, then the operator rolls back to v2 (``--to 2``). v2 serves, v1 is
     marked, and v2 is not marked any more (as ``activate`` clears it): it stayed marked, so a restart
     found its saved active version rolled back, and with v1 marked too the voice served nothing."""
-    models, manager = v2_over_v1(tmp_path)
+    _models, manager = v2_over_v1(tmp_path)
     manager.rollback("voice")
     manager.rollback("voice", to="2")
     assert manager.snapshot()[0]["active"] == "2"

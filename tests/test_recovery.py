@@ -266,7 +266,7 @@ def test_a_state_file_with_wrong_content_ids_never_costs_a_good_copy(tmp_path: P
     """A well-formed state.json whose recorded content ids are wrong (damage, or one flipped hex
     digit) made ttsd delete both good store copies and refuse both intact folders as "the same
     version with other content": nothing served. The verified store copy is the truth."""
-    models, state = served_before(tmp_path)
+    _models, state = served_before(tmp_path)
     path = state / "state.json"
     data = json.loads(path.read_text())
     for record, fake in zip(data["versions"].values(), ("deadbeefdeadbeef", "0000000000000000"), strict=True):
