@@ -16,7 +16,7 @@ from fake_engine import FakeEngine
 from ttsd.serving.manager import ModelManager
 from ttsd.serving.residency import Budget
 from ttsd.serving.source import LocalFolderSource
-from ttsd.serving.versions import Policy
+from ttsd.serving.versions import Policy, State
 
 
 def states(manager: ModelManager, voice: str = "voice") -> dict[str, str]:
@@ -712,4 +712,36 @@ def test_a_rollback_after_the_memory_policy_upgrade_failed_leaves_the_refusal(
     assert v2 is not None and "fail on load" in v2.reason, v2.reason
     assert "2" not in manager.state.voice("voice").rolled_back
     assert manager.snapshot()[0]["active"] == "1"
+    manager.close()
+
+
+def test_a_fall_back_whose_standby_is_unloaded_before_it_serves_loads_it_again(
+    tmp_path: Path, fake_engines: None
+) -> None:
+    """v2 served and is refused now (it did not come back), so the voice falls back to v1, its
+    loaded standby. Another voice's load makes room in the memory budget between the fall-back's
+    "is it loaded" and its swap, taking v1's engine: v1 is still the newest that verifies, so it
+    loads again and serves (the fall-back went on to older versions, and with none the voice
+    served nothing until the next rescan)."""
+    _models, manager = v2_over_v1(tmp_path)
+    v1, v2 = manager.table.get("voice", "1"), manager.table.get("voice", "2")
+    assert v1 is not None and v2 is not None and v1.engine is not None
+    manager.lifecycle.retire_now(v2)
+    manager.table.change(v2, state=State.REFUSED, reason="did not come back")
+    serve = manager.promoter._serve
+    evicted: list[str] = []
+
+    def evicted_first(model, why, **kw):  # type: ignore[no-untyped-def]
+        if not evicted:  # the budget's eviction lands just before the swap
+            evicted.append(model.version)
+            manager.lifecycle.unload(model)
+        return serve(model, why, **kw)
+
+    manager.promoter._serve = evicted_first  # type: ignore[method-assign]
+    manager.promoter.fall_back("voice")
+    assert evicted == ["1"]
+    active = manager.lifecycle.active("voice")
+    assert active is not None and active.version == "1", states(manager)
+    with manager.acquire("voice") as lease:
+        assert lease.voice.version == "1"
     manager.close()

@@ -187,9 +187,16 @@ class Promoter:
                 self.lifecycle.defer(model, str(exc))
                 continue
             loaded = model.engine is not None and self.lifecycle.map.loaded(model.key)  # a standby: no second load
-            if (loaded or self.bringup.bring_up(model, "the voice had no active version")) and self._serve(
+            served = (loaded or self.bringup.bring_up(model, "the voice had no active version")) and self._serve(
                 model, "fallback: newest version that verifies"
-            ):
+            )
+            if not served and loaded and model.engine is None and not self.lifecycle.marked(model):
+                # the standby was unloaded before it could serve (another voice's load made room in
+                # the memory budget): it is still the newest that verifies, so it loads again
+                served = self.bringup.bring_up(model, "the voice had no active version") and self._serve(
+                    model, "fallback: newest version that verifies"
+                )
+            if served:
                 log.warning("%s: serving %s, the newest version that verifies", name, model.version)
                 self.demand.park_if_cold(model, was_loaded=for_request)
                 return
