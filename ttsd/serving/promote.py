@@ -190,7 +190,12 @@ class Promoter:
             served = (loaded or self.bringup.bring_up(model, "the voice had no active version")) and self._serve(
                 model, "fallback: newest version that verifies"
             )
-            if not served and loaded and model.engine is None and not self.lifecycle.marked(model):
+            if (
+                not served
+                and loaded
+                and model.engine is None
+                and not (self.lifecycle.closed or self.lifecycle.marked(model))
+            ):
                 # the standby was unloaded before it could serve (another voice's load made room in
                 # the memory budget): it is still the newest that verifies, so it loads again
                 served = self.bringup.bring_up(model, "the voice had no active version") and self._serve(
