@@ -16,7 +16,7 @@ from fake_engine import FakeEngine
 from ttsd.serving.manager import ModelManager
 from ttsd.serving.residency import Budget
 from ttsd.serving.source import LocalFolderSource
-from ttsd.serving.versions import Policy, State
+from ttsd.serving.versions import ModelVersion, Policy, State
 
 
 def states(manager: ModelManager, voice: str = "voice") -> dict[str, str]:
@@ -715,33 +715,78 @@ def test_a_rollback_after_the_memory_policy_upgrade_failed_leaves_the_refusal(
     manager.close()
 
 
-def test_a_fall_back_whose_standby_is_unloaded_before_it_serves_loads_it_again(
-    tmp_path: Path, fake_engines: None
-) -> None:
-    """v2 served and is refused now (it did not come back), so the voice falls back to v1, its
-    loaded standby. Another voice's load makes room in the memory budget between the fall-back's
-    "is it loaded" and its swap, taking v1's engine: v1 is still the newest that verifies, so it
-    loads again and serves (the fall-back went on to older versions, and with none the voice
-    served nothing until the next rescan)."""
+def voice_serving_nothing(tmp_path: Path) -> tuple[ModelManager, ModelVersion, ModelVersion]:
+    """v1 loaded as v2's rollback target, and v2 out of service: the voice serves nothing and
+    falls back. Returns (the manager, v1, v2)."""
     _models, manager = v2_over_v1(tmp_path)
     v1, v2 = manager.table.get("voice", "1"), manager.table.get("voice", "2")
     assert v1 is not None and v2 is not None and v1.engine is not None
     manager.lifecycle.retire_now(v2)
+    assert manager.lifecycle.active("voice") is None
+    return manager, v1, v2
+
+
+@pytest.mark.parametrize("then", ["serves", "shutting down", "withdrawn"])
+def test_a_fall_back_whose_standby_is_unloaded_before_it_serves_loads_it_again(
+    tmp_path: Path, fake_engines: None, then: str
+) -> None:
+    """v2 did not come back (refused), so the voice falls back to v1, its loaded standby. Another
+    voice's load makes room in the memory budget between the fall-back's "is it loaded" and its
+    swap, taking v1's engine: v1 is still the newest that verifies, so it loads again and serves
+    (the fall-back went on to older versions, and with none the voice served nothing until the
+    next rescan). Not when ttsd is shutting down (close unloads every engine), nor when v1 was
+    withdrawn meanwhile."""
+    manager, v1, v2 = voice_serving_nothing(tmp_path)
     manager.table.change(v2, state=State.REFUSED, reason="did not come back")
-    serve = manager.promoter._serve
-    evicted: list[str] = []
+    serve, bring_up = manager.promoter._serve, manager.promoter.bringup.bring_up
+    loads: list[str] = []
 
     def evicted_first(model, why, **kw):  # type: ignore[no-untyped-def]
-        if not evicted:  # the budget's eviction lands just before the swap
-            evicted.append(model.version)
-            manager.lifecycle.unload(model)
+        if not loads:  # the budget's eviction (demand._evict) lands just before the swap
+            loads.append("evicted")
+            assert manager.demand._evict(model) and model.engine is None
+            if then == "shutting down":
+                manager.lifecycle.close()
+            elif then == "withdrawn":
+                manager.state.put("voice", manager.state.voice("voice").withdrawn("1"))
         return serve(model, why, **kw)
 
+    def counted(model, why):  # type: ignore[no-untyped-def]
+        loads.append(f"load {model.version}")
+        return bring_up(model, why)
+
     manager.promoter._serve = evicted_first  # type: ignore[method-assign]
+    manager.promoter.bringup.bring_up = counted  # type: ignore[method-assign]
     manager.promoter.fall_back("voice")
-    assert evicted == ["1"]
     active = manager.lifecycle.active("voice")
-    assert active is not None and active.version == "1", states(manager)
-    with manager.acquire("voice") as lease:
-        assert lease.voice.version == "1"
+    if then == "serves":
+        assert loads == ["evicted", "load 1"]
+        assert active is not None and active.version == "1", states(manager)
+        with manager.acquire("voice") as lease:
+            assert lease.voice.version == "1"
+    else:
+        assert loads == ["evicted"] and active is None, (loads, states(manager))
+    manager.close()
+
+
+def test_a_fall_back_does_not_swap_in_over_an_operators_activate(tmp_path: Path, fake_engines: None) -> None:
+    """The voice serves nothing and falls back to v2, which must load. Meanwhile the operator
+    activates v1, a loaded standby, which swaps at once beside the fall-back's job. When v2 is
+    loaded the fall-back stops: it swapped v2 in over the operator's choice (and not durably,
+    so state.json said 1 while 2 served)."""
+    manager, _v1, _v2 = voice_serving_nothing(tmp_path)
+    bring_up = manager.promoter.bringup.bring_up
+    answers: list[object] = []
+
+    def operator_meanwhile(model, why):  # type: ignore[no-untyped-def]
+        if not answers:
+            answers.append(manager.activate("voice", "1"))
+        return bring_up(model, why)
+
+    manager.promoter.bringup.bring_up = operator_meanwhile  # type: ignore[method-assign]
+    manager.promoter.fall_back("voice")
+    active = manager.lifecycle.active("voice")
+    assert active is not None and active.version == "1", (answers, states(manager))
+    assert manager.state.voice("voice").active == "1"
+    assert states(manager)["2"] != "active" and manager.table.get("voice", "2").engine is None  # type: ignore[union-attr]
     manager.close()

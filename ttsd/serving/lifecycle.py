@@ -89,6 +89,7 @@ class Lifecycle:
         load_seconds: float | None = None,
         unmarked: bool = False,
         retired: bool = False,
+        vacant: bool = False,
     ) -> float:
         """Make ``model`` (loaded) its voice's active version; the monotonic time of the swap.
 
@@ -101,10 +102,13 @@ class Lifecycle:
         before it loaded, as a job's is): ``Superseded`` if it was rolled back or withdrawn meanwhile.
         ``retired``: the memory policy took the voice's active version out of service for this swap
         (``retire_now``), so nothing is active now, yet that version is the one replaced: it becomes
-        the rollback target as a replaced version does."""
+        the rollback target as a replaced version does. ``vacant`` (a fall-back, a restart's resume,
+        the memory policy's restore: chosen for a voice that served nothing): ``Superseded`` if it
+        serves a version now (an operator's activate of a loaded version swaps at once, beside
+        the job)."""
         with self.commit:
             self._still_wanted(model, ticket, unmarked)
-            if retired and self.map.active(model.name) is not None:  # an operator's action served one since
+            if (retired or vacant) and self.map.active(model.name) is not None:  # an operator's action served one since
                 raise Superseded(f"{model.name} serves another version now")
             if model.engine is None:  # unloaded before it could serve (the budget, a withdrawal): not served
                 raise Superseded(f"{model.name} {model.version} was unloaded before it could serve")

@@ -159,12 +159,19 @@ class Promoter:
             self.fall_back(retired.name)  # it failed to load again, or was withdrawn meanwhile
         return False
 
-    def _serve(self, model: ModelVersion, why: str, *, push_previous: bool = True) -> bool:
+    def _serve(self, model: ModelVersion, why: str, *, push_previous: bool = True, vacant: bool = True) -> bool:
         """Make ``model``, chosen before it loaded and loaded now, active; False (and what was
-        loaded goes) when a rollback or a fleet withdrawal marked it meanwhile."""
+        loaded goes) when a rollback or a fleet withdrawal marked it meanwhile, or (``vacant``:
+        it was chosen for a voice serving nothing) an operator's action served a version since."""
         try:
             self.lifecycle.activate(
-                model, why, push_previous=push_previous, durable=False, load_seconds=model.load_seconds, unmarked=True
+                model,
+                why,
+                push_previous=push_previous,
+                durable=False,
+                load_seconds=model.load_seconds,
+                unmarked=True,
+                vacant=vacant,
             )
         except Superseded as exc:
             self.lifecycle.discard(model, f"not serving: {exc}")
@@ -181,26 +188,24 @@ class Promoter:
         for model in options:
             if self.lifecycle.closed:  # shutting down: nothing more is loaded
                 return
+            if self.lifecycle.active(name) is not None:  # an operator's action served one meanwhile
+                return
             try:
                 self.bringup.ensure_stored(model)
             except TtsdError as exc:  # its folder changed or the disk is full: try again later
                 self.lifecycle.defer(model, str(exc))
                 continue
-            loaded = model.engine is not None and self.lifecycle.map.loaded(model.key)  # a standby: no second load
-            served = (loaded or self.bringup.bring_up(model, "the voice had no active version")) and self._serve(
-                model, "fallback: newest version that verifies"
-            )
-            if (
-                not served
-                and loaded
-                and model.engine is None
-                and not (self.lifecycle.closed or self.lifecycle.marked(model))
-            ):
-                # the standby was unloaded before it could serve (another voice's load made room in
-                # the memory budget): it is still the newest that verifies, so it loads again
-                served = self.bringup.bring_up(model, "the voice had no active version") and self._serve(
+            for _ in range(2):
+                loaded = model.engine is not None and self.lifecycle.map.loaded(model.key)  # a standby: no 2nd load
+                served = (loaded or self.bringup.bring_up(model, "the voice had no active version")) and self._serve(
                     model, "fallback: newest version that verifies"
                 )
+                if served or not loaded or model.engine is not None:
+                    break
+                if self.lifecycle.closed or self.lifecycle.marked(model) or self.lifecycle.active(name) is not None:
+                    break
+                # the standby was unloaded before it could serve (another voice's load made room in
+                # the memory budget): it is still the newest that verifies, so it loads after all
             if served:
                 log.warning("%s: serving %s, the newest version that verifies", name, model.version)
                 self.demand.park_if_cold(model, was_loaded=for_request)
@@ -272,4 +277,4 @@ class Promoter:
                 self.lifecycle.discard(canary, f"not serving: {exc}")
                 self.state.put(name, self.state.voice(name).but(canary=None))
         else:
-            self._serve(canary, "canary resumed with no canary share: promoted")
+            self._serve(canary, "canary resumed with no canary share: promoted", vacant=False)
