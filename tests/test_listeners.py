@@ -6,11 +6,16 @@ here, not on a box that can no longer shut down."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import socket
+import types
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from ttsd.errors import ConfigError
 from ttsd.front.listeners import TCPListener, UnixListener
 
 
@@ -76,3 +81,31 @@ def test_a_listener_caps_connections_and_stops_with_its_runner(kind: str, tmp_pa
             await connect()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("refused, fails", [((), False), ((socket.AF_INET6,), False),
+                                            ((socket.AF_INET, socket.AF_INET6), True)])
+def test_the_port_check_skips_a_family_the_box_does_not_allow(monkeypatch: pytest.MonkeyPatch, refused: tuple[int, ...],
+                                                               fails: bool) -> None:
+    """``localhost`` on a box with IPv6 off, or under a unit whose RestrictAddressFamilies leaves a
+    family out: the listener skips the family it cannot open, so the start-up check does too (it
+    raised "internal error", exit 1). With no family left, one clear line that says where to look."""
+    from ttsd.front import endpoints
+
+    real = socket.socket
+
+    def made(family: int = socket.AF_INET, *args: object) -> socket.socket:
+        if family in refused:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return real(family, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(endpoints, "socket", types.SimpleNamespace(**{**vars(socket), "socket": made}))
+    with real() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    cfg = types.SimpleNamespace(listen=None, metrics_listen=("localhost", port), wyoming=None)
+    if fails:
+        with pytest.raises(ConfigError, match="--metrics-listen: cannot listen on localhost.*RestrictAddressFamilies"):
+            endpoints.check_ports(cfg)  # type: ignore[arg-type]
+    else:
+        endpoints.check_ports(cfg)  # type: ignore[arg-type]

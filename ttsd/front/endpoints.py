@@ -104,8 +104,16 @@ def check_ports(cfg: ServeConfig) -> None:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as exc:
             raise ConfigError(f"{flag} {host}:{port}: {exc.strerror or exc}") from exc
+        opened = 0
+        refused: OSError | None = None
         for family, kind, proto, _, sockaddr in infos:
-            with socket.socket(family, kind, proto) as probe:
+            try:
+                probe = socket.socket(family, kind, proto)
+            except OSError as exc:  # a family the box or the unit does not allow (IPv6 off, the
+                refused = exc  # unit's RestrictAddressFamilies): skipped, as the listener skips it
+                continue
+            opened += 1
+            with probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -113,6 +121,11 @@ def check_ports(cfg: ServeConfig) -> None:
                     probe.bind(sockaddr)
                 except OSError as exc:
                     raise ConfigError(f"{flag}: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        if not opened and refused is not None:
+            raise ConfigError(
+                f"{flag}: cannot listen on {host}:{port}: {refused.strerror or refused}"
+                " (under systemd: does the unit's RestrictAddressFamilies allow AF_INET and AF_INET6?)"
+            )
 
 
 async def open_wyoming(cfg: ServeConfig, backend: Backend) -> WyomingServer:
