@@ -275,9 +275,10 @@ def _cpu() -> tuple[str, tuple[str, ...]]:
     return model, tuple(sorted(f for f in flags if f in wanted))
 
 
-# variables that change which code MKL or oneDNN runs (an operator capping the instruction set, or
-# asking MKL for reproducible results): a measurement made under one setting is not the answer under
-# another (MKL capped at AVX2 ran the text side at half its rate on an Intel Xeon, bench/kernel_rates.py)
+# variables that change which code MKL or oneDNN runs (an operator capping the instruction set,
+# asking MKL for reproducible results or oneDNN for lower-precision fp32 arithmetic): a measurement
+# made under one setting is not the answer under another (MKL capped at AVX2 ran the text side at
+# half its rate on an Intel Xeon, bench/kernel_rates.py)
 DISPATCH_ENV = (
     "MKL_ENABLE_INSTRUCTIONS",
     "MKL_CBWR",
@@ -286,6 +287,8 @@ DISPATCH_ENV = (
     "DNNL_MAX_CPU_ISA",
     "ONEDNN_CPU_ISA_HINTS",
     "DNNL_CPU_ISA_HINTS",
+    "ONEDNN_DEFAULT_FPMATH_MODE",  # fp32 products in bf16 or tf32: another rate, and another error
+    "DNNL_DEFAULT_FPMATH_MODE",
 )
 
 
