@@ -140,7 +140,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     type=click.FloatRange(1),
     envvar="TTSD_MAX_AUDIO_SECONDS",
     help="Longest audio one request may make, pauses included (413 above) [default: 0.12 s per "
-    "--max-chars character, 600 s for 5000: about three times what that much text takes].",
+    "--max-chars character, at least 60 s; 600 s for 5000: about three times what that much text takes].",
 )
 @click.option(
     "--max-connections",
