@@ -70,6 +70,7 @@ bench-smoke: setup
 	$(BIN)/python bench/memory_parts.py --threads 1 --precision fp32
 	$(BIN)/python bench/steps.py --rounds 1 --runs 1 --threads 1
 	$(BIN)/python bench/rtf.py --runs 1 --cold-runs 1 --soak 5 --threads 1 --precision fp32
+	$(BIN)/python bench/slow_mkl.py --rounds 1 --runs 1
 	$(BIN)/python bench/serve.py --requests 3 --threads 1
 	$(BIN)/python bench/voices.py --requests 10
 	$(BIN)/python bench/busy.py --runs 1

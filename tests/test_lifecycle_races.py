@@ -736,7 +736,7 @@ def test_a_fall_back_whose_standby_is_unloaded_before_it_serves_loads_it_again(
     (the fall-back went on to older versions, and with none the voice served nothing until the
     next rescan). Not when ttsd is shutting down (close unloads every engine), nor when v1 was
     withdrawn meanwhile."""
-    manager, v1, v2 = voice_serving_nothing(tmp_path)
+    manager, _v1, v2 = voice_serving_nothing(tmp_path)
     manager.table.change(v2, state=State.REFUSED, reason="did not come back")
     serve, bring_up = manager.promoter._serve, manager.promoter.bringup.bring_up
     loads: list[str] = []
