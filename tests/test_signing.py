@@ -4,6 +4,7 @@ and with trusted keys only folders signed by one of them, over exactly their fil
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -408,3 +409,46 @@ def test_under_the_memory_policy_an_unsigned_folder_never_unloads_the_serving_ve
     with manager.acquire("voice") as lease:
         assert lease.voice.version == "1"
     manager.close()
+
+
+def test_a_password_protected_key_signs_and_a_bad_key_changes_nothing(tmp_path: Path, keys: dict[str, Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """1. A key encrypted with a password signs with TTSD_SIGN_KEY_PASSWORD (it never did: the
+    password reached the key reader as text). Without the password, or with a wrong one, exit 3.
+    2. ``models pack --sign-key`` with a key that cannot sign is refused before ttsd.json is
+    rewritten (it was rewritten, then the old signature no longer matched it). 3. A FIFO given as
+    the key is refused at once, not waited on."""
+    from click.testing import CliRunner
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ttsd.cli import main
+
+    locked = tmp_path / "secret" / "locked.key"
+    key = serialization.load_pem_private_key(keys["fleet"].read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    locked.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"s3cret pass")))
+    folder = folder_of_two(tmp_path / "v1")
+    runner = CliRunner()
+    for password in (None, "wrong"):
+        if password is None:
+            monkeypatch.delenv("TTSD_SIGN_KEY_PASSWORD", raising=False)
+        else:
+            monkeypatch.setenv("TTSD_SIGN_KEY_PASSWORD", password)
+        refused = runner.invoke(main, ["models", "sign", str(folder), "--key", str(locked)])
+        assert refused.exit_code == 3 and "not a usable private key" in refused.output, refused.output
+        assert not (folder / "model.sig").exists()
+    monkeypatch.setenv("TTSD_SIGN_KEY_PASSWORD", "s3cret pass")
+    signed = runner.invoke(main, ["models", "sign", str(folder), "--key", str(locked)])
+    assert signed.exit_code == 0, signed.output
+    assert check(folder, keys["trusted"]).startswith("fleet (")
+
+    before = (folder / "ttsd.json").read_bytes()
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    for bad in (tmp_path / "missing.key", fifo, keys["fleet_pub"]):
+        refused = runner.invoke(main, ["models", "pack", str(folder), "--version", "2", "--sign-key", str(bad)])
+        assert refused.exit_code == 3 and "not a usable private key" in refused.output, (bad, refused.output)
+        assert (folder / "ttsd.json").read_bytes() == before, bad
+    assert check(folder, keys["trusted"]).startswith("fleet (")

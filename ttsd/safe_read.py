@@ -118,3 +118,22 @@ def hash_listed(path: Path, size: int) -> tuple[int, str]:
         return hash_fd(fd, size)
     finally:
         os.close(fd)
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """A small file the operator named (a token, a private key), whole: through a link (they
+    named it), but only a regular file of at most ``limit`` bytes. A FIFO or a device is refused
+    at once (waiting on a FIFO hung the command, reading ``/dev/zero`` ran out of memory).
+    ``OSError`` with a readable ``strerror`` otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = b""
+        while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return data

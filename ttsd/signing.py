@@ -40,6 +40,7 @@ from .manifest import (
     hash_fd,
     open_beneath,
 )
+from .safe_read import read_small
 
 MAX_KEYS = 100  # public keys in a trusted-keys dir
 MAX_KEY_BYTES = 64 * 1024
@@ -313,20 +314,31 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
+def signer_config(private_key: Path, password: str | None = None) -> Any:
+    """model_signing's signing config for ``private_key``, or a ``ConfigError`` saying why the key
+    cannot sign (unreadable, not a regular file, not an EC key, a wrong or missing password):
+    called before anything is written, so a bad key changes nothing."""
+    _, signing, _, _ = _library()
+    try:
+        read_small(private_key, MAX_KEY_BYTES)  # a FIFO or a device is refused here, not waited on
+        return signing.Config().use_elliptic_key_signer(
+            private_key=private_key, password=password.encode() if password else None
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        raise ConfigError(
+            f"{private_key}: not a usable private key (PEM, elliptic curve "
+            f"P-256/384/521; a password-protected key needs TTSD_SIGN_KEY_PASSWORD): {detail}"
+        ) from exc
+
+
 def sign(folder: Path, private_key: Path, password: str | None = None) -> Signer:
     """Sign ``folder`` (which the caller has verified against its manifest) with an elliptic-curve
     private key, writing ``folder/model.sig`` as ``model_signing sign key`` would: every file but
     the signature itself, sha256 per file. The signature is written beside the folder first and
     renamed in, so the folder never holds half a signature."""
-    hashing, signing, _, _ = _library()
-    try:
-        config = signing.Config().use_elliptic_key_signer(private_key=private_key, password=password)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"{private_key}: not a usable private key (PEM, elliptic curve "
-            f"P-256/384/521; a password-protected key needs TTSD_SIGN_KEY_PASSWORD): "
-            f"{_first_line(exc)}"
-        ) from exc
+    hashing, _, _, _ = _library()
+    config = signer_config(private_key, password)
     config.set_hashing_config(hashing.Config().set_ignored_paths(paths=[SIGNATURE]))
     tmp = folder.parent / f".{folder.name}.{SIGNATURE}.{os.getpid()}.tmp"
     try:

@@ -89,6 +89,12 @@ def pack_cmd(
         sample_rate = old.sample_rate if old and old.engine == engine else cls.default_sample_rate(folder)
         if sample_rate is None:  # e.g. config.json's sampling_rate, for vits
             raise ConfigError(f"{folder}: give --sample-rate (the {engine} engine finds none in the folder)")
+    if sign_key is not None:  # a key that cannot sign is refused before ttsd.json is rewritten
+        import os
+
+        from ..signing import signer_config
+
+        signer_config(sign_key, os.environ.get("TTSD_SIGN_KEY_PASSWORD") or None)
     manifest = pack(
         folder,
         name=name or old.name,  # type: ignore[union-attr]  # one of them is set (checked above)

@@ -45,9 +45,11 @@ def read_token(path: Path) -> str:
     import logging
     import stat
 
+    from ..safe_read import read_small
+
     try:
         mode = path.stat().st_mode
-        token = path.read_bytes().decode("ascii").strip()
+        token = read_small(path, 4096).decode("ascii").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read --token-file {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError:

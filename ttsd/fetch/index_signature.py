@@ -48,12 +48,13 @@ def sign_index(data: dict[str, Any], private_key: Path) -> dict[str, Any]:
     except ImportError as exc:  # the signing extra brings it
         raise ConfigError(f"signing the index needs the signing extra (pip install 'ttsd[signing]'): {exc}") from exc
 
-    from ..signing import key_hint
+    from ..safe_read import read_small
+    from ..signing import MAX_KEY_BYTES, key_hint
 
     password = os.environ.get("TTSD_SIGN_KEY_PASSWORD")
     try:
         key = serialization.load_pem_private_key(
-            private_key.read_bytes(), password=password.encode() if password else None
+            read_small(private_key, MAX_KEY_BYTES), password=password.encode() if password else None
         )
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"{private_key}: not a usable private key: {str(exc).splitlines()[0][:150]}") from exc
