@@ -161,3 +161,57 @@ def test_import_piper_command(joe_folder: Path, cli_env: dict[str, str], tmp_pat
 def test_debug_shows_the_traceback(cli_env: dict[str, str], tmp_path: Path) -> None:
     proc = run(["--debug", "models", "verify", str(tmp_path)], cli_env)
     assert proc.returncode != 0 and "Traceback" in proc.stderr.decode()
+
+
+# -- where the audio goes: -o ------------------------------------------------------------------------
+def test_an_output_that_is_a_fifo_a_device_or_a_link_is_written_through_not_replaced(tmp_path: Path) -> None:
+    """``-o`` names a FIFO a player reads, a device (``/dev/null`` as root), or a link to a file:
+    the audio goes into what is there, as a shell's ``>`` would. Each was replaced by a new
+    regular file (as root, ``-o /dev/null`` would have replaced the device)."""
+    import stat
+    import threading
+
+    from ttsd.cli.common import write_output
+    from ttsd.errors import ConfigError
+
+    data = os.urandom(200_000)  # more than a pipe holds
+    fifo = tmp_path / "player.fifo"
+    os.mkfifo(fifo)
+    heard: list[bytes] = []
+    reader = threading.Thread(target=lambda: heard.append(fifo.read_bytes()))
+    reader.start()
+    write_output(str(fifo), data)
+    reader.join(10)
+    assert heard == [data] and stat.S_ISFIFO(fifo.lstat().st_mode)
+
+    (tmp_path / "real.wav").write_bytes(b"old")
+    (tmp_path / "link.wav").symlink_to("real.wav")
+    write_output(str(tmp_path / "link.wav"), data)
+    assert (tmp_path / "link.wav").is_symlink() and (tmp_path / "real.wav").read_bytes() == data
+
+    with pytest.raises(ConfigError, match="is a directory"):
+        write_output(str(tmp_path), data)
+    if os.geteuid() == 0:  # a device of our own: never the real /dev/null
+        null = tmp_path / "null"
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        write_output(str(null), data)
+        assert stat.S_ISCHR(null.lstat().st_mode)
+
+
+def test_stdout_that_goes_away_or_is_closed_is_an_error_not_a_success(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ttsd say ... -o - | head -c1``: the reader leaves after a byte, and the audio cannot all
+    be written: exit 12, never the success line (it said "6.11 s of wav" after 64 KiB of 271).
+    A closed stdout (``>&-``) is one line, exit 3 (it was an internal error)."""
+    from ttsd.cli.common import write_output
+    from ttsd.errors import ConfigError, ResourceError
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w", closefd=True) as gone:
+        monkeypatch.setattr(sys, "stdout", gone)
+        with pytest.raises(ResourceError, match="writing stdout failed: its reader went away") as raised:
+            write_output("-", b"RIFF" * 50_000)
+    assert raised.value.exit_code == 12
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(ConfigError, match="stdout: it is closed"):
+        write_output("-", b"RIFF")

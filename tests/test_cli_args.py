@@ -82,6 +82,14 @@ def serve_args(tmp_path: Path) -> list[str]:
     (["rollback", "--bogus"], "--bogus"),
     (["activate", "joe"], "Missing argument 'VERSION'"),
     (["models", "pack", "folder"], "Missing option '--version'"),
+    # NaN and infinity passed click's ranges, then failed inside the command (exit 1) or were taken
+    (["say", "hi", "-o", "x.wav", "--speed", "nan"], "'nan' is not a finite number"),
+    (["say", "hi", "-o", "x.wav", "--noise-scale", "nan"], "'--noise-scale'"),
+    (["status", "--watch", "--interval", "inf"], "'inf' is not a finite number"),
+    (["models", "search", "--timeout", "nan"], "'--timeout'"),
+    (["serve", "--grace", "nan"], "'--grace'"),
+    (["serve", "--max-audio-seconds", "inf"], "'--max-audio-seconds'"),
+    (["models", "rollout", "mirror", "joe", "2", "nan"], "'nan' is not a finite number"),
 ])
 def test_usage_errors_exit_2_with_clicks_message(args: list[str], fragment: str) -> None:
     """ttsd's own one line (not click's usage block), with click's words and where to look."""
@@ -107,6 +115,7 @@ def test_usage_errors_exit_2_with_clicks_message(args: list[str], fragment: str)
     (["--wyoming", "tcp://127.0.0.1:10200", "--wyoming-zeroconf", "a.b"], "--wyoming-zeroconf 'a.b'"),
     (["--canary", "joe=half"], "--canary 'joe=half'"),
     (["--token-file", "/nonexistent/token"], "cannot read --token-file /nonexistent/token"),
+    (["--token-file", "/dev/zero"], "cannot read --token-file /dev/zero: not a regular file"),  # was MemoryError
     (["--memory-budget", "lots"], "--memory-budget 'lots': expected a size such as 1.5G"),
 ])
 def test_bad_serve_flags_are_one_line_and_exit_3(serve_args: list[str], flags: list[str], fragment: str,
@@ -200,3 +209,30 @@ def test_serve_help_shows_where_things_go_by_default(monkeypatch: pytest.MonkeyP
                   "default here: /srv/cache-here", "--listen HOST:PORT", "--metrics-listen HOST:PORT",
                   "Least severe records logged"):
         assert shown in text, shown
+
+
+def test_a_token_file_or_text_on_stdin_is_read_within_bounds(serve_args: list[str], tmp_path: Path) -> None:
+    """A FIFO as --token-file is refused at once (the command waited for a writer forever); text on
+    stdin past what one request may carry is refused after that much is read (``yes | ttsd say -``
+    read until memory ran out)."""
+    import io
+    import os
+
+    fifo = tmp_path / "token.fifo"
+    os.mkfifo(fifo)
+    one_line_error(invoke(*serve_args, "--token-file", str(fifo)), 3, "not a regular file")
+
+    class Endless(io.RawIOBase):
+        read_so_far = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> int:
+            buffer[:] = b"y" * len(buffer)
+            Endless.read_so_far += len(buffer)
+            return len(buffer)
+
+    result = CliRunner().invoke(main, ["say", "-", "-o", str(tmp_path / "x.wav")], input=io.BufferedReader(Endless()))
+    one_line_error(result, 4, "standard input is over 1048576 bytes")
+    assert Endless.read_so_far < 4 << 20

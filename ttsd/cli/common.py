@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,17 +33,69 @@ def daemon_client(socket_path: Path | None, timeout: float = 600, *, required: b
 
 
 def write_output(output: str, data: bytes) -> None:
-    """``data`` to ``output`` (published whole, by rename), or to stdout for ``-``."""
-    if output == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    from ..fsutil import SHARED, atomic_write_bytes
+    """``data`` to ``output``: a new or regular file is published whole, by rename (through a link
+    the user named, to the file it names); a device or a FIFO that is already there (``/dev/null``,
+    a pipe a player reads) is written into, as a shell's ``>`` would, never replaced by a file;
+    ``-`` is stdout. Every byte is written or the command fails: a reader that went away (``|
+    head``) is an error, never a success line. A full disk or an I/O error is a ``ResourceError``
+    (exit 12), any other failure a ``ConfigError``."""
+    from ..errors import ResourceError, is_system_oserror, resource_error
 
     try:
-        atomic_write_bytes(Path(output), data, SHARED)
+        if output == "-":
+            if sys.stdout is None:
+                raise ConfigError("cannot write to stdout: it is closed")
+            sys.stdout.flush()
+            try:
+                fd = sys.stdout.fileno()
+            except (OSError, ValueError):  # a stdout with no descriptor (captured, as in a test)
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+                return
+            _write_all(fd, data)
+            return
+        path = Path(output)
+        try:
+            found = path.stat()  # follows a link the user named
+        except FileNotFoundError:
+            found = None
+        if found is not None and stat.S_ISDIR(found.st_mode):
+            raise ConfigError(f"cannot write {output}: it is a directory")
+        if found is not None and not stat.S_ISREG(found.st_mode):
+            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            return
+        from ..fsutil import SHARED, atomic_write_bytes
+
+        atomic_write_bytes(Path(os.path.realpath(path)) if path.is_symlink() else path, data, SHARED)
+    except BrokenPipeError as exc:  # an I/O error (exit 12), as a cut-off disk write would be
+        where = "stdout" if output == "-" else output
+        raise ResourceError(f"writing {where} failed: its reader went away") from exc
     except OSError as exc:
+        if is_system_oserror(exc):
+            raise resource_error(exc, f"writing {output}") from exc
         raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class FiniteRange(click.FloatRange):
+    """click's ``FloatRange`` without NaN and infinity, which pass its range checks (every
+    comparison with NaN is false; no upper bound lets infinity through) and then failed deep in
+    a command as an internal error, or were accepted (``--grace nan``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 SOCKET_HELP = "Daemon socket [env TTSD_SOCKET]."

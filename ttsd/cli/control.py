@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
-from .common import SOCKET_HELP, console, daemon_client
+from .common import SOCKET_HELP, FiniteRange, console, daemon_client
 
 
 def status_view(info: dict[str, Any], caption: str | None = None) -> Any:
@@ -89,7 +89,7 @@ def watch(client: Any, interval: float) -> None:
 )
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.1),
+    type=FiniteRange(min=0.1),
     default=1.0,
     show_default=True,
     help="Seconds between redraws with --watch.",

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .common import console, daemon_client, trusted_keys_option
+from .common import FiniteRange, console, daemon_client, trusted_keys_option
 from .models import models
 
 MIRROR_HELP = (
@@ -27,7 +27,7 @@ TIMEOUT_HELP = "Seconds to wait for the mirror to connect, and for each read."
 @click.option("--language", "-l", help="Language code (en_US, en-us) or family (en).")
 @click.option("--json", "as_json", is_flag=True, help="Print the matching catalog entries as JSON.")
 @click.option("--mirror", envvar="TTSD_MIRROR", help=MIRROR_HELP)
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
+@click.option("--timeout", type=FiniteRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
 def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirror: str | None, timeout: float) -> None:
     """Voices of the mirror whose key, language or quality hold every word of TEXT: a fleet
     mirror's ready folders (its ttsd-index.json), else the Piper catalog (voices.json)."""
@@ -174,7 +174,7 @@ class _RichReporter:
             yield lambda done: bar.update(task, completed=done)
 
 
-SHARE = click.FloatRange(0.0, 1.0)
+SHARE = FiniteRange(0.0, 1.0)
 sign_index_option = click.option(
     "--sign-key",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -286,7 +286,7 @@ def withdraw_cmd(mirror_dir: Path, voice: str, version: str, reason: str | None,
     envvar="TTSD_CACHE",
     help="Partial downloads wait in CACHE/downloads [env TTSD_CACHE].",
 )
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
+@click.option("--timeout", type=FiniteRange(min=0.1), default=30.0, show_default=True, help=TIMEOUT_HELP)
 @trusted_keys_option(
     "A ready folder from a fleet mirror must be signed by one of these "
     "public keys before it is published [env TTSD_TRUSTED_KEYS]."

@@ -17,6 +17,7 @@ from .common import (
     PRECISION_CHOICES,
     PRECISION_HELP,
     SOCKET_HELP,
+    FiniteRange,
     console,
     daemon_client,
     write_output,
@@ -47,9 +48,14 @@ class Speech:
         return "stdout" if self.output == "-" else self.output
 
 
+MAX_STDIN = 1 << 20  # bytes of text read from stdin: the daemon's whole request body may be no more
+
+
 def _read_text(text: str) -> str:
     if text == "-":
-        data = sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(MAX_STDIN + 1)  # never all of an endless stream (`yes |`)
+        if len(data) > MAX_STDIN:
+            raise RequestError(f"standard input is over {MAX_STDIN} bytes: more text than one request may carry")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -83,14 +89,14 @@ def _read_text(text: str) -> str:
 )
 @click.option(
     "--speed",
-    type=click.FloatRange(0.25, 4.0),
+    type=FiniteRange(0.25, 4.0),
     default=1.0,
     show_default=True,
     help="Speaking speed; 2 is twice as fast.",
 )
 @click.option("--speaker", help="Speaker name or number, for voices with several.")
-@click.option("--noise-scale", type=click.FloatRange(0, 2), help="Voice variation (model default if unset).")
-@click.option("--noise-w", type=click.FloatRange(0, 2), help="Timing variation (model default if unset).")
+@click.option("--noise-scale", type=FiniteRange(0, 2), help="Voice variation (model default if unset).")
+@click.option("--noise-w", type=FiniteRange(0, 2), help="Timing variation (model default if unset).")
 @click.option("--seed", type=int, help="Fix the random variation, for repeatable output.")
 @click.option(
     "--max-chars",

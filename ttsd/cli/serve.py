@@ -10,7 +10,7 @@ import click
 
 from ..config import default_cache_dir, default_models_dir, default_socket, default_state_dir
 from ..errors import ConfigError
-from .common import PRECISION_CHOICES, PRECISION_HELP, trusted_keys_option
+from .common import PRECISION_CHOICES, PRECISION_HELP, FiniteRange, trusted_keys_option
 from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming, read_token, zeroconf_name
 
 
@@ -137,7 +137,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
 )
 @click.option(
     "--max-audio-seconds",
-    type=click.FloatRange(1),
+    type=FiniteRange(1),
     envvar="TTSD_MAX_AUDIO_SECONDS",
     help="Longest audio one request may make, pauses included (413 above) [default: 0.12 s per "
     "--max-chars character, at least 60 s; 600 s for 5000: about three times what that much text takes].",
@@ -152,7 +152,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
 )
 @click.option(
     "--idle-timeout",
-    type=click.FloatRange(0.1),
+    type=FiniteRange(0.1),
     default=15.0,
     show_default=True,
     envvar="TTSD_IDLE_TIMEOUT",
@@ -160,7 +160,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
 )
 @click.option(
     "--write-timeout",
-    type=click.FloatRange(0.1),
+    type=FiniteRange(0.1),
     default=60.0,
     show_default=True,
     envvar="TTSD_WRITE_TIMEOUT",
@@ -169,7 +169,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
 )
 @click.option(
     "--grace",
-    type=click.FloatRange(0),
+    type=FiniteRange(0),
     default=30.0,
     show_default=True,
     help="Seconds to finish in-flight requests on SIGTERM.",
@@ -215,7 +215,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
 )
 @click.option(
     "--auto-rollback-share",
-    type=click.FloatRange(0, 1),
+    type=FiniteRange(0, 1),
     default=0.25,
     show_default=True,
     help="Roll back when more than this share of them fail.",
@@ -243,7 +243,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
 )
 @click.option(
     "--load-wait",
-    type=click.FloatRange(0.1),
+    type=FiniteRange(0.1),
     default=30.0,
     show_default=True,
     envvar="TTSD_LOAD_WAIT",
@@ -251,21 +251,21 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
 )
 @click.option(
     "--settle",
-    type=click.FloatRange(0),
+    type=FiniteRange(0),
     default=1.0,
     show_default=True,
     help="Seconds a new folder must stay unchanged before it is checked.",
 )
 @click.option(
     "--incomplete-timeout",
-    type=click.FloatRange(0),
+    type=FiniteRange(0),
     default=60.0,
     show_default=True,
     help="Refuse a folder still incomplete after this many seconds unchanged.",
 )
 @click.option(
     "--rescan-interval",
-    type=click.FloatRange(0.1),
+    type=FiniteRange(0.1),
     default=5.0,
     show_default=True,
     help="Look at the models dir this often even without file events.",
