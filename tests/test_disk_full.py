@@ -225,3 +225,16 @@ def test_a_withdrawal_the_full_state_dir_cannot_record_changes_nothing(tmp_path:
     voice = restarted.snapshot()[0]
     assert voice["active"] == "2" and voice["rollback_to"] is None
     restarted.close()
+
+
+def test_say_output_on_a_full_disk_is_exit_12_and_leaves_nothing(tmpfs: Tmpfs) -> None:
+    """``ttsd say -o`` on a full disk: exit 12 ("the box ran out of something", docs/cli.md), not
+    3 as for a bad path, and no temporary file left behind."""
+    from ttsd.cli.common import write_output
+    from ttsd.errors import ResourceError
+
+    tmpfs.fill()
+    with pytest.raises(ResourceError, match="No space left") as raised:
+        write_output(str(tmpfs.path / "x.wav"), b"RIFF" * 100_000)
+    assert raised.value.exit_code == 12
+    assert sorted(p.name for p in tmpfs.path.iterdir()) == [tmpfs.filler.name]
