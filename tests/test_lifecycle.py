@@ -228,6 +228,25 @@ def test_a_port_in_use_is_reported_before_the_voices_load(tmp_path: Path, cache_
 
 
 @pytest.mark.daemon
+@pytest.mark.parametrize("where", ["proc", "too long", "wyoming in proc"])
+def test_a_socket_that_cannot_be_made_is_reported_before_the_voices_load(tmp_path: Path, cache_dir: Path,
+                                                                         where: str) -> None:
+    """A --socket (or unix:// --wyoming) in a dir where no socket can be made, or a path longer
+    than a socket's: one line and exit 3 before the built-in voice is seeded (it was an internal
+    error, exit 1, once the voices had loaded)."""
+    sock = {"proc": "/proc/ttsd.sock", "too long": str(tmp_path / ("s" * 120) / "x.sock")}.get(
+        where, str(tmp_path / "x.sock"))
+    extra = ["--wyoming", "unix:///proc/ttsd-wyoming.sock"] if where == "wyoming in proc" else []
+    proc = subprocess.run([sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state",
+                           str(tmp_path / "s"), "--socket", sock, "--cache", str(cache_dir), *extra],
+                          capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 3 and lines[-1].startswith("error: "), proc.stderr
+    assert ("at most 107 bytes" if where == "too long" else "cannot make a socket") in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr and not any((tmp_path / "m").iterdir())
+
+
+@pytest.mark.daemon
 @pytest.mark.parametrize("args, fragment", [
     (["--state", "/etc/hostname/state"], "cannot create state dir"),
     (["--listen", "nonsense"], "expected HOST:PORT"),

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 from aiohttp import web
 
@@ -29,7 +30,7 @@ from .fetch.box import box_id
 from .fresh_thread import in_fresh_thread
 from .front.backend import Backend
 from .front.endpoints import check_ports, open_http, open_metrics, open_wyoming
-from .front.listeners import check_socket
+from .front.listeners import check_socket, probe_socket
 from .front.spool import Spool
 from .front.synth import SynthesisPool
 from .front.wyoming import WyomingServer
@@ -233,6 +234,11 @@ class Daemon:
         _writable_dir(cfg.models, "models dir")
         _writable_dir(cfg.socket.parent, "socket dir")
         check_socket(cfg.socket)
+        probe_socket(cfg.socket)
+        if cfg.wyoming and cfg.wyoming.startswith("unix://"):
+            wyoming_socket = Path(urlparse(cfg.wyoming).path)
+            check_socket(wyoming_socket, "--wyoming")
+            probe_socket(wyoming_socket, "--wyoming")
         check_ports(cfg)  # before the voices load: a port in use is reported in a second, not a minute
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(handled, self._record_signal, handled)

@@ -25,7 +25,9 @@ status, and log one warning line for it (at most a few a minute; the rest at deb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import socket
 import stat
 import time
@@ -88,6 +90,27 @@ def check_socket(path: Path, flag: str = "--socket") -> None:
         except OSError as exc:
             raise ConfigError(f"cannot check socket {path}: {exc.strerror or exc}") from exc
     raise ConfigError(f"another ttsd is already serving on {path}")
+
+
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its terminating NUL)
+
+
+def probe_socket(path: Path, flag: str = "--socket") -> None:
+    """A socket can be made at ``path`` (nothing is there: ``check_socket`` first): bound and
+    removed at once, at start-up, so a path too long or a dir where no socket can be made (``/proc``,
+    a read-only mount) is one line before the voices load, not an internal error after."""
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX:
+        raise ConfigError(f"{flag} {path}: a socket's path may be at most {UNIX_PATH_MAX} bytes, this one is {size}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(os.fsencode(path))
+        except OSError as exc:
+            raise ConfigError(f"{flag}: cannot make a socket at {path}: {exc.strerror or exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()
 
 
 class _Closer(asyncio.Protocol):
