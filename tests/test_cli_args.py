@@ -236,3 +236,47 @@ def test_a_token_file_or_text_on_stdin_is_read_within_bounds(serve_args: list[st
     result = CliRunner().invoke(main, ["say", "-", "-o", str(tmp_path / "x.wav")], input=io.BufferedReader(Endless()))
     one_line_error(result, 4, "standard input is over 1048576 bytes")
     assert Endless.read_so_far < 4 << 20
+
+
+@pytest.mark.parametrize("answer", [b"<html>not ttsd</html>", b'{"unexpected": true}'])
+def test_a_foreign_answer_on_the_socket_is_one_line_and_writes_nothing(tmp_path: Path, answer: bytes) -> None:
+    """Another program (or a ttsd of another version) answers on the socket: 200 to everything, its
+    own body. ``status``, ``rollback`` and ``say`` say so (exit 9) instead of an internal error, and
+    ``say`` writes no file (it wrote the page as audio, then failed on the missing length)."""
+    import http.server
+    import socketserver
+    import threading
+
+    class Foreign(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json" if answer.startswith(b"{") else "text/html")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+        def get_request(self):  # type: ignore[no-untyped-def]
+            request, _ = super().get_request()
+            return request, ("local", 0)  # BaseHTTPRequestHandler wants a (host, port)
+
+    sock = tmp_path / "foreign.sock"
+    with Server(str(sock), Foreign) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            one_line_error(invoke("status", "--socket", str(sock)), 9, "is not ttsd's")
+            one_line_error(invoke("status", "--json", "--socket", str(sock)), 9, "is not ttsd's")
+            one_line_error(invoke("rollback", "--voice", "joe", "--socket", str(sock)), 9, "is not ttsd's")
+            out = tmp_path / "x.wav"
+            one_line_error(invoke("say", "hi", "-o", str(out), "--daemon", "--socket", str(sock)), 9, "is not ttsd's")
+            assert not out.exists() and list(tmp_path.iterdir()) == [sock]
+        finally:
+            server.shutdown()

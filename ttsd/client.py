@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -79,11 +80,36 @@ class Client:
         """``POST /v1/voices/VOICE/ACTION`` (rollback, activate): the voice's name is quoted into
         the path, so a name in any script (``tugão``) is sent as the daemon reads it."""
         _, data = self.call("POST", f"/v1/voices/{quote(voice, safe='')}/{action}", body)
-        return json.loads(data)
+        return self._answer(data, "voice", "from", "to", "seconds")
 
     def synthesize(self, body: dict[str, Any]) -> tuple[dict[str, str], bytes]:
-        return self.call("POST", "/v1/synthesize", body)
+        """``POST /v1/synthesize``: (headers, audio). Checked before the caller writes anything:
+        audio, with the length the daemon says it has."""
+        headers, data = self.call("POST", "/v1/synthesize", body)
+        try:
+            seconds = float(headers.get("x-ttsd-audio-seconds", "nan"))
+        except ValueError:
+            seconds = math.nan
+        if not headers.get("content-type", "").startswith("audio/") or not math.isfinite(seconds):
+            raise self._foreign()
+        return headers, data
 
     def status(self) -> dict[str, Any]:
         _, data = self.call("GET", "/v1/status")
-        return json.loads(data)
+        return self._answer(data, "version", "pid", "uptime", "queue", "requests", "voices")
+
+    def _answer(self, data: bytes, *keys: str) -> dict[str, Any]:
+        """A JSON object with ``keys``: anything else is not the answer of a ttsd of this version."""
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict) or any(key not in answer for key in keys):
+            raise self._foreign()
+        return answer
+
+    def _foreign(self) -> DaemonError:
+        return DaemonError(
+            f"the answer on {self.socket_path} is not ttsd's (another program on that socket, or a ttsd of "
+            "another version?)"
+        )
