@@ -238,3 +238,32 @@ def test_say_output_on_a_full_disk_is_exit_12_and_leaves_nothing(tmpfs: Tmpfs) -
         write_output(str(tmpfs.path / "x.wav"), b"RIFF" * 100_000)
     assert raised.value.exit_code == 12
     assert sorted(p.name for p in tmpfs.path.iterdir()) == [tmpfs.filler.name]
+
+
+@pytest.mark.slow
+def test_cli_commands_that_write_a_full_disk_or_a_path_they_cannot_use_say_so_in_one_line(
+    tmp_path: Path, tmpfs: Tmpfs
+) -> None:
+    """``models publish`` to a full disk and ``models builtin`` converting into a full cache: exit
+    12, one line (an OSError, and safetensors' own error for the weights, were internal errors,
+    exit 1). ``models publish`` into /proc: exit 3, one line. Nothing half-written is left."""
+    from click.testing import CliRunner
+
+    from ttsd.cli import main
+
+    folder = fake_model(tmp_path / "models", "voice", "1", blob_mb=2)
+    tmpfs.fill()
+    runner = CliRunner()
+    for args, code in ((["models", "publish", str(folder), str(tmpfs.path / "mirror")], 12),
+                       (["models", "publish", str(folder), "/proc/ttsd-mirror"], 3),
+                       # 8 MB free: room for config.json, not for the weights (safetensors' own error)
+                       (["models", "builtin", "--cache", str(tmpfs.path / "cache")], 12)):
+        if args[1] == "builtin":
+            tmpfs.free()
+        result = runner.invoke(main, args)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == code and len(lines) == 1 and lines[0].startswith("error: "), (args, result.output)
+        assert "internal error" not in result.output
+    assert "No space left on device" in result.output, result.output
+    left = [p for p in tmpfs.path.rglob("*") if p.is_file()]
+    assert [p.name for p in left if p.stat().st_size] == [], left  # (the mirror's empty lock file stays)

@@ -76,6 +76,17 @@ class TtsdGroup(click.Group):
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except OSError as exc:  # the box's, not a bug: a full disk (12), or a path that cannot be used (3)
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            from rich.markup import escape
+
+            from ..errors import ConfigError, ResourceError, is_system_oserror
+
+            said = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            error: TtsdError = ResourceError(said) if is_system_oserror(exc) else ConfigError(said)
+            console().print(f"[bold red]error:[/] {escape(one_line(str(error)))}", markup=True, emoji=False)
+            ctx.exit(error.exit_code)
         except Exception as exc:  # a bug: say so in one line unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise

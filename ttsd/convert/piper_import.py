@@ -19,7 +19,9 @@ Importing this module is cheap: torch and transformers (``piper_vits``) are impo
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -278,7 +280,14 @@ def convert_piper(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
     if missing:
         raise ImportPiperError(f"{onnx_path}: the voice lacks {len(missing)} parameters, e.g. {missing[0]}")
     model.load_state_dict(state, strict=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    try:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+    except Exception as exc:  # safetensors' writer reports a full disk as its own error, not an OSError
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        code = re.search(r"(?:os error|code:) (\d+)", str(exc))  # "No space left on device (os error 28)"
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(out_dir / "model.safetensors")) from exc
 
     phonemes = {
         "phoneme_type": phoneme_type,
