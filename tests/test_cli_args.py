@@ -280,3 +280,13 @@ def test_a_foreign_answer_on_the_socket_is_one_line_and_writes_nothing(tmp_path:
             assert not out.exists() and list(tmp_path.iterdir()) == [sock]
         finally:
             server.shutdown()
+
+
+@pytest.mark.parametrize("output, fragment", [
+    ("", "-o needs a file name"),
+    ("/nonexistent/dir/x.wav", "no directory /nonexistent/dir"),
+    ("/proc/ttsd-x.wav", "cannot write /proc/ttsd-x.wav"),
+])
+def test_say_refuses_an_output_it_cannot_write_before_it_speaks(output: str, fragment: str) -> None:
+    """Before any voice loads (the tripwires): a typo in -o cost a whole synthesis, then exit 3."""
+    one_line_error(invoke("say", "hi", "-o", output, "--no-daemon"), 3, fragment)

@@ -3,7 +3,9 @@ already loaded), else in this process."""
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +48,31 @@ class Speech:
     @property
     def shown(self) -> str:
         return "stdout" if self.output == "-" else self.output
+
+
+def _check_output(output: str) -> None:
+    """``-o`` names a file in a dir that exists and this user may write to (or an existing file
+    they may write, a FIFO, a device): checked before the voice loads and speaks, so a typo costs
+    nothing. ``write_output`` still reports what only writing shows (a full disk)."""
+    if output == "-":
+        return
+    if not output:
+        raise ConfigError("-o needs a file name (or - for standard output)")
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"cannot write {output}: permission denied")
+        return
+    parent = path.parent
+    if path.is_dir():
+        raise ConfigError(f"cannot write {output}: it is a directory")
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {output}: no directory {parent}")
+    try:  # a file made there and gone at once (root passes every permission check, yet not in /proc)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write {output}: {exc.strerror or exc} in {parent}") from exc
 
 
 MAX_STDIN = 1 << 20  # bytes of text read from stdin: the daemon's whole request body may be no more
@@ -148,6 +175,7 @@ def say(
     from ..formats import format_for_path
 
     fmt = format_for_path(output)  # an unknown suffix is refused before stdin is read
+    _check_output(output)  # and a place no file can be written, before any synthesis
     options = SynthesisOptions(
         speed=speed, speaker=speaker, noise_scale=noise_scale, noise_scale_duration=noise_w, seed=seed
     )
