@@ -290,3 +290,26 @@ def test_a_foreign_answer_on_the_socket_is_one_line_and_writes_nothing(tmp_path:
 def test_say_refuses_an_output_it_cannot_write_before_it_speaks(output: str, fragment: str) -> None:
     """Before any voice loads (the tripwires): a typo in -o cost a whole synthesis, then exit 3."""
     one_line_error(invoke("say", "hi", "-o", output, "--no-daemon"), 3, fragment)
+
+
+def test_models_list_without_a_daemon_names_a_missing_dir_and_fails_verification(tmp_path: Path) -> None:
+    """``models list --models DIR`` with no such dir printed an empty table and exit 0; with
+    ``--verify`` a folder that does not match its manifest is listed with its reason and the command
+    exits 6, so ``ttsd models list --verify && ...`` stops."""
+    import json
+
+    from conftest import fake_model
+
+    none = ["--socket", str(tmp_path / "none.sock")]
+    one_line_error(invoke("models", "list", "--models", str(tmp_path / "nowhere"), *none), 3, "no models dir")
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    fake_model(models, "voice", "2")
+    good = invoke("models", "list", "--models", str(models), "--verify", "--json", *none)
+    assert good.exit_code == 0 and {r["state"] for r in json.loads(good.stdout)} == {"verified"}, good.output
+    (models / "voice-2" / "fake.json").write_text('{"changed": true}')
+    bad = invoke("models", "list", "--models", str(models), "--verify", "--json", *none)
+    assert bad.exit_code == 6, bad.output
+    assert sorted(r["state"] for r in json.loads(bad.stdout)) == ["refused", "verified"]
+    assert "1 of 2 folders do not match their manifests" in bad.stderr
+    assert invoke("models", "list", "--models", str(models), *none).exit_code == 0  # no --verify: listed only

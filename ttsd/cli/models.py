@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError, TtsdError
+from ..errors import ConfigError, TtsdError, VerifyError
 from .common import PRECISION_CHOICES, SOCKET_HELP, console, trusted_keys_option
 
 
@@ -196,6 +196,7 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
 
     client = Client(socket_path or default_socket(), timeout=30)
     rows: list[tuple[str, str, str, str, str]] = []
+    checked = False  # --verify is done here only without a daemon (the daemon verified what it lists)
     if client.available():
         info = client.status()
         title = f"daemon pid {info['pid']}: {info['models']}"
@@ -210,11 +211,14 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         from ..signing import describe
 
         paths = Paths.resolve(models=models_dir)
+        if not paths.models.is_dir():
+            raise ConfigError(f"no models dir {paths.models} (give --models, or TTSD_MODELS)")
         title = f"{paths.models} (no daemon running)"
         for cand in scan(paths.models):
             m = cand.manifest
             state, reason = ("on disk", "") if m is not None else ("unreadable", cand.problem)
             if m is not None and check:
+                checked = True
                 try:
                     verify(cand.folder)
                     state = "verified"
@@ -233,11 +237,14 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
     if as_json:
         fields = ("voice", "version", "state", "signer", "reason")
         click.echo(json.dumps([dict(zip(fields, r, strict=True)) for r in rows], indent=2))
-        return
-    table = Table("voice", "version", "state", "signer", "reason", title=title)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    else:
+        table = Table("voice", "version", "state", "signer", "reason", title=title)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    refused = sum(row[2] == "refused" for row in rows) if checked else 0
+    if refused:  # `ttsd models list --verify && ...` stops here
+        raise VerifyError(f"{refused} of {len(rows)} folders do not match their manifests (the reasons are listed)")
 
 
 @models.command("builtin")
