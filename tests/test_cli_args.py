@@ -81,7 +81,8 @@ def serve_args(tmp_path: Path) -> list[str]:
     (["serve", "--swap-policy", "fast"], "'--swap-policy'"),
     (["rollback", "--bogus"], "--bogus"),
     (["activate", "joe"], "Missing argument 'VERSION'"),
-    (["models", "pack", "folder"], "Missing option '--version'"),
+    (["models", "pack", "."], "Missing option '--version'"),
+    (["models", "pack", "/nonexistent/folder", "--version", "1"], "does not exist"),  # not "give --name"
     # NaN and infinity passed click's ranges, then failed inside the command (exit 1) or were taken
     (["say", "hi", "-o", "x.wav", "--speed", "nan"], "'nan' is not a finite number"),
     (["say", "hi", "-o", "x.wav", "--noise-scale", "nan"], "'--noise-scale'"),
@@ -313,3 +314,9 @@ def test_models_list_without_a_daemon_names_a_missing_dir_and_fails_verification
     assert sorted(r["state"] for r in json.loads(bad.stdout)) == ["refused", "verified"]
     assert "1 of 2 folders do not match their manifests" in bad.stderr
     assert invoke("models", "list", "--models", str(models), *none).exit_code == 0  # no --verify: listed only
+
+
+def test_a_mirror_url_with_a_newline_is_refused_as_such() -> None:
+    """urlsplit drops tabs and newlines, so ``--mirror $'http://a\\nb'`` went to host "ab" (exit 14,
+    "cannot reach"): it is a bad URL, exit 3."""
+    one_line_error(invoke("models", "search", "--mirror", "http://a\nb/"), 3, "no spaces or control characters")

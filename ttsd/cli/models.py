@@ -36,7 +36,7 @@ def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, 
 
 
 @models.command("pack")
-@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--name", help="Voice name [default: the name in FOLDER's ttsd.json].")
 @click.option("--version", "version", required=True, help="PEP 440 version, e.g. 1 or 2.1.")
 @click.option("--engine", help="Engine that loads this folder [default: ttsd.json's, else vits].")

@@ -242,7 +242,7 @@ def convert_piper(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
 
     json_path = Path(f"{onnx_path}.json")
     if not onnx_path.is_file():
-        raise ImportPiperError(f"{onnx_path}: no such file")
+        raise ImportPiperError(f"{onnx_path}: {'not a regular file' if onnx_path.exists() else 'no such file'}")
     if not json_path.is_file():
         raise ImportPiperError(f"{json_path}: missing (a Piper voice is VOICE.onnx plus VOICE.onnx.json)")
     try:

@@ -75,6 +75,8 @@ class Mirror:
         """The mirror at ``url`` (default: the public Piper voices), checked: http(s), a host,
         no credentials, query or fragment (``ConfigError`` otherwise)."""
         url = url or DEFAULT_MIRROR
+        if not url.isprintable() or any(c.isspace() for c in url):  # urlsplit drops tabs and newlines
+            raise ConfigError(f"mirror {url!r}: a URL has no spaces or control characters")
         try:
             parts = urlsplit(url)
             host = parts.hostname
