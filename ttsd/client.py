@@ -33,6 +33,9 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+SWAP_KEYS = ("voice", "from", "to", "seconds")  # a rollback's or an activate's answer
+
+
 class Client:
     def __init__(self, socket_path: Path, timeout: float = 300.0) -> None:
         self.socket_path = Path(socket_path)
@@ -80,7 +83,7 @@ class Client:
         """``POST /v1/voices/VOICE/ACTION`` (rollback, activate): the voice's name is quoted into
         the path, so a name in any script (``tugão``) is sent as the daemon reads it."""
         _, data = self.call("POST", f"/v1/voices/{quote(voice, safe='')}/{action}", body)
-        return self._answer(data, "voice", "from", "to", "seconds")
+        return self._answer(data, *(("voice", "withdrawn", "active") if action == "withdraw" else SWAP_KEYS))
 
     def synthesize(self, body: dict[str, Any]) -> tuple[dict[str, str], bytes]:
         """``POST /v1/synthesize``: (headers, audio). Checked before the caller writes anything:
@@ -96,7 +99,7 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         _, data = self.call("GET", "/v1/status")
-        return self._answer(data, "version", "pid", "uptime", "queue", "requests", "voices")
+        return self._answer(data, "version", "pid", "uptime", "queue", "requests", "voices", "models", "folders")
 
     def _answer(self, data: bytes, *keys: str) -> dict[str, Any]:
         """A JSON object with ``keys``: anything else is not the answer of a ttsd of this version."""
