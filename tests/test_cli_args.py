@@ -5,6 +5,7 @@ stderr, no traceback, the documented code. Nothing here may start a daemon or sp
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,7 @@ def serve_args(tmp_path: Path) -> list[str]:
     (["serve", "--swap-policy", "fast"], "'--swap-policy'"),
     (["rollback", "--bogus"], "--bogus"),
     (["activate", "joe"], "Missing argument 'VERSION'"),
-    (["models", "pack", "."], "Missing option '--version'"),
-    (["models", "pack", "/nonexistent/folder", "--version", "1"], "does not exist"),  # not "give --name"
+    (["models", "pack", "folder"], "Missing option '--version'"),
     # NaN and infinity passed click's ranges, then failed inside the command (exit 1) or were taken
     (["say", "hi", "-o", "x.wav", "--speed", "nan"], "'nan' is not a finite number"),
     (["say", "hi", "-o", "x.wav", "--noise-scale", "nan"], "'--noise-scale'"),
@@ -116,7 +116,7 @@ def test_usage_errors_exit_2_with_clicks_message(args: list[str], fragment: str)
     (["--wyoming", "tcp://127.0.0.1:10200", "--wyoming-zeroconf", "a.b"], "--wyoming-zeroconf 'a.b'"),
     (["--canary", "joe=half"], "--canary 'joe=half'"),
     (["--token-file", "/nonexistent/token"], "cannot read --token-file /nonexistent/token"),
-    (["--token-file", "/dev/zero"], "cannot read --token-file /dev/zero: not a regular file"),  # was MemoryError
+    (["--token-file", "/dev/zero"], "--token-file /dev/zero: not a regular file or a pipe"),  # was MemoryError
     (["--memory-budget", "lots"], "--memory-budget 'lots': expected a size such as 1.5G"),
 ])
 def test_bad_serve_flags_are_one_line_and_exit_3(serve_args: list[str], flags: list[str], fragment: str,
@@ -213,15 +213,29 @@ def test_serve_help_shows_where_things_go_by_default(monkeypatch: pytest.MonkeyP
 
 
 def test_a_token_file_or_text_on_stdin_is_read_within_bounds(serve_args: list[str], tmp_path: Path) -> None:
-    """A FIFO as --token-file is refused at once (the command waited for a writer forever); text on
-    stdin past what one request may carry is refused after that much is read (``yes | ttsd say -``
-    read until memory ran out)."""
+    """A FIFO as --token-file with no writer is an error at once (the command waited forever); one
+    with a writer (``--token-file <(pass show ttsd)``) gives its token. Text on stdin past what one
+    request may carry is refused after that much is read (``yes | ttsd say -`` read until memory
+    ran out)."""
     import io
     import os
+    import threading
+
+    from ttsd.cli.serve_args import read_token
 
     fifo = tmp_path / "token.fifo"
     os.mkfifo(fifo)
-    one_line_error(invoke(*serve_args, "--token-file", str(fifo)), 3, "not a regular file")
+    one_line_error(invoke(*serve_args, "--token-file", str(fifo)), 3, "the token must be at least 16")
+
+    def writer() -> None:
+        with open(fifo, "w") as out:
+            out.write("a-token-of-24-characters\n")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(0.1)  # the writer is waiting in open() for a reader
+    assert read_token(fifo) == "a-token-of-24-characters"
+    thread.join(5)
 
     class Endless(io.RawIOBase):
         read_so_far = 0
@@ -283,14 +297,14 @@ def test_a_foreign_answer_on_the_socket_is_one_line_and_writes_nothing(tmp_path:
             server.shutdown()
 
 
-@pytest.mark.parametrize("output, fragment", [
-    ("", "-o needs a file name"),
-    ("/nonexistent/dir/x.wav", "no directory /nonexistent/dir"),
-    ("/proc/ttsd-x.wav", "cannot write /proc/ttsd-x.wav"),
+@pytest.mark.parametrize("output, code, fragment", [
+    ("", 2, "'-o': needs a file name"),
+    ("/nonexistent/dir/x.wav", 3, "no directory /nonexistent/dir"),
+    ("/proc/ttsd-x.wav", 3, "cannot write /proc/ttsd-x.wav"),
 ])
-def test_say_refuses_an_output_it_cannot_write_before_it_speaks(output: str, fragment: str) -> None:
+def test_say_refuses_an_output_it_cannot_write_before_it_speaks(output: str, code: int, fragment: str) -> None:
     """Before any voice loads (the tripwires): a typo in -o cost a whole synthesis, then exit 3."""
-    one_line_error(invoke("say", "hi", "-o", output, "--no-daemon"), 3, fragment)
+    one_line_error(invoke("say", "hi", "-o", output, "--no-daemon"), code, fragment)
 
 
 def test_models_list_without_a_daemon_names_a_missing_dir_and_fails_verification(tmp_path: Path) -> None:
@@ -320,3 +334,55 @@ def test_a_mirror_url_with_a_newline_is_refused_as_such() -> None:
     """urlsplit drops tabs and newlines, so ``--mirror $'http://a\\nb'`` went to host "ab" (exit 14,
     "cannot reach"): it is a bad URL, exit 3."""
     one_line_error(invoke("models", "search", "--mirror", "http://a\nb/"), 3, "no spaces or control characters")
+
+
+def test_pack_of_a_folder_that_does_not_exist_says_so() -> None:
+    """Not "has no ttsd.json: give --name" (and not click's own check: the docs' recipes are parsed
+    without their folders, tests/test_docs.py)."""
+    one_line_error(invoke("models", "pack", "/nonexistent/folder", "--version", "1"), 3, "no such directory")
+
+
+@pytest.mark.parametrize("raised, code, said", [
+    (PermissionError(13, "Permission denied", "/srv/x", None, "/srv/y"), 3, "error: Permission denied: /srv/x -> /srv/y"),
+    (OSError(28, "No space left on device", "/srv/x"), 12, "error: No space left on device: /srv/x"),
+    (BrokenPipeError(32, "Broken pipe"), 12, "error: writing stdout failed: its reader went away"),
+    (TimeoutError(), 1, "internal error: TimeoutError"),  # no errno: not the system's, a bug
+])
+def test_an_os_error_no_command_handled_is_one_line_with_the_systems_code(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: OSError, code: int, said: str) -> None:
+    import ttsd.models_dir
+
+    def fail(*_a: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(ttsd.models_dir, "scan", fail)
+    (tmp_path / "models").mkdir()
+    result = invoke("models", "list", "--models", str(tmp_path / "models"), "--socket", str(tmp_path / "none.sock"))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == code and len(lines) == 1 and lines[0].startswith(said), result.output
+
+
+def test_o_names_an_open_descriptor_and_a_link_into_a_missing_dir(tmp_path: Path) -> None:
+    """``-o /dev/fd/N`` (``/dev/stdout`` as a shell opened it, ``>> log``) is written into at its
+    place: what was there stays, and what is written after follows (resolving the link replaced the
+    file). A link into a dir that does not exist is refused before any synthesis."""
+    import os
+
+    from ttsd.cli.common import write_output
+    from ttsd.cli.say import _check_output
+    from ttsd.errors import ConfigError
+
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"before\n")
+    with open(log, "ab") as appended:
+        _check_output(f"/dev/fd/{appended.fileno()}")
+        write_output(f"/dev/fd/{appended.fileno()}", b"AUDIO")
+        appended.write(b"\nafter\n")
+    assert log.read_bytes() == b"before\nAUDIO\nafter\n"
+    (tmp_path / "dangling.wav").symlink_to(tmp_path / "nodir" / "x.wav")
+    with pytest.raises(ConfigError, match="no directory"):
+        _check_output(str(tmp_path / "dangling.wav"))
+    readonly = tmp_path / "ro.wav"
+    readonly.write_bytes(b"old")
+    os.chmod(readonly, 0o444)
+    _check_output(str(readonly))  # replaced by rename, as the write does: the dir is what must be writable

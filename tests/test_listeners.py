@@ -109,3 +109,20 @@ def test_the_port_check_skips_a_family_the_box_does_not_allow(monkeypatch: pytes
             endpoints.check_ports(cfg)  # type: ignore[arg-type]
     else:
         endpoints.check_ports(cfg)  # type: ignore[arg-type]
+
+
+def test_the_socket_probe_leaves_a_socket_it_did_not_make(tmp_path: Path) -> None:
+    """A second daemon (another state dir) binds the same --socket between the stale check and
+    the probe: the probe's bind fails, and the other daemon's socket stays (it was unlinked)."""
+    from ttsd.front.listeners import probe_socket
+
+    path = tmp_path / "ttsd.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        with pytest.raises(ConfigError, match="cannot make a socket"):
+            probe_socket(path)
+        assert path.is_socket()
+    free = tmp_path / "free.sock"
+    probe_socket(free)
+    assert not free.exists()

@@ -452,3 +452,25 @@ def test_a_password_protected_key_signs_and_a_bad_key_changes_nothing(tmp_path: 
         assert refused.exit_code == 3 and "not a usable private key" in refused.output, (bad, refused.output)
         assert (folder / "ttsd.json").read_bytes() == before, bad
     assert check(folder, keys["trusted"]).startswith("fleet (")
+
+
+def test_a_key_through_a_pipe_signs(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """``--key <(gpg -d fleet.key.gpg)``: the key comes through a pipe, read once (model_signing
+    is handed it from memory, not the path, which it would read again and find empty)."""
+    import threading
+
+    from click.testing import CliRunner
+
+    from ttsd.cli import main
+
+    folder = folder_of_two(tmp_path / "v1")
+    read_end, write_end = os.pipe()
+    feeder = threading.Thread(target=lambda: (os.write(write_end, keys["fleet"].read_bytes()), os.close(write_end)))
+    feeder.start()
+    try:
+        signed = CliRunner().invoke(main, ["models", "sign", str(folder), "--key", f"/dev/fd/{read_end}"])
+    finally:
+        feeder.join(5)
+        os.close(read_end)
+    assert signed.exit_code == 0, signed.output
+    assert check(folder, keys["trusted"]).startswith("fleet (")

@@ -235,7 +235,7 @@ class Daemon:
         _writable_dir(cfg.socket.parent, "socket dir")
         check_socket(cfg.socket)
         probe_socket(cfg.socket)
-        if cfg.wyoming and cfg.wyoming.startswith("unix://"):
+        if cfg.wyoming and urlparse(cfg.wyoming).scheme == "unix":
             wyoming_socket = Path(urlparse(cfg.wyoming).path)
             check_socket(wyoming_socket, "--wyoming")
             probe_socket(wyoming_socket, "--wyoming")

@@ -8,7 +8,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import select
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,17 +122,29 @@ def hash_listed(path: Path, size: int) -> tuple[int, str]:
         os.close(fd)
 
 
-def read_small(path: Path, limit: int) -> bytes:
+def read_small(path: Path, limit: int, wait: float = 30.0) -> bytes:
     """A small file the operator named (a token, a private key), whole: through a link (they
-    named it), but only a regular file of at most ``limit`` bytes. A FIFO or a device is refused
-    at once (waiting on a FIFO hung the command, reading ``/dev/zero`` ran out of memory).
+    named it), a regular file or a pipe (``--key <(gpg -d key.pem.gpg)``), at most ``limit`` bytes.
+    A FIFO with no writer reads as empty; a pipe that sends nothing for ``wait`` seconds and a
+    device are refused (waiting on a FIFO hung the command; reading ``/dev/zero`` ran out of memory).
     ``OSError`` with a readable ``strerror`` otherwise."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise OSError(errno.EINVAL, "not a regular file or a pipe")
         data = b""
-        while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
+        deadline = time.monotonic() + wait
+        while len(data) <= limit:
+            try:
+                chunk = os.read(fd, limit + 1 - len(data))  # b"": the end, or a FIFO with no writer
+            except BlockingIOError:  # a pipe whose writer has not written yet
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    raise OSError(errno.ETIMEDOUT, f"nothing to read for {wait:.0f} s") from None
+                continue
+            if not chunk:
+                break
             data += chunk
     finally:
         os.close(fd)

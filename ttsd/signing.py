@@ -320,10 +320,17 @@ def signer_config(private_key: Path, password: str | None = None) -> Any:
     called before anything is written, so a bad key changes nothing."""
     _, signing, _, _ = _library()
     try:
-        read_small(private_key, MAX_KEY_BYTES)  # a FIFO or a device is refused here, not waited on
-        return signing.Config().use_elliptic_key_signer(
-            private_key=private_key, password=password.encode() if password else None
-        )
+        pem = read_small(private_key, MAX_KEY_BYTES)  # a file or a pipe (<(gpg -d ...)), never a device
+        # model_signing reads a path: the key it reads is the one read here, from memory (a pipe
+        # cannot be read twice, and a decrypted key should not touch the disk)
+        held = os.memfd_create("ttsd-signing-key", os.MFD_CLOEXEC)
+        try:
+            os.write(held, pem)
+            return signing.Config().use_elliptic_key_signer(
+                private_key=Path(f"/proc/self/fd/{held}"), password=password.encode() if password else None
+            )
+        finally:
+            os.close(held)
     except (OSError, ValueError, TypeError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
         raise ConfigError(

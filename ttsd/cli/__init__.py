@@ -11,6 +11,7 @@ activate) and ``models.py`` (the ``models`` group).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from typing import Any
@@ -76,29 +77,35 @@ class TtsdGroup(click.Group):
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except OSError as exc:  # the box's, not a bug: a full disk (12), or a path that cannot be used (3)
+        except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             from rich.markup import escape
 
-            from ..errors import ConfigError, ResourceError, is_system_oserror
-
-            said = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-            error: TtsdError = ResourceError(said) if is_system_oserror(exc) else ConfigError(said)
-            console().print(f"[bold red]error:[/] {escape(one_line(str(error)))}", markup=True, emoji=False)
-            ctx.exit(error.exit_code)
-        except Exception as exc:  # a bug: say so in one line unless --debug
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            from rich.markup import escape
-
-            console().print(
+            if isinstance(exc, OSError) and exc.errno is not None:  # the system's: a full disk, a bad path
+                error = _system_error(exc)
+                console().print(f"[bold red]error:[/] {escape(one_line(str(error)))}", markup=True, emoji=False)
+                ctx.exit(error.exit_code)
+            console().print(  # a bug: say so in one line unless --debug
                 f"[bold red]internal error:[/] {escape(one_line(f'{type(exc).__name__}: {exc}'))} "
                 "(run 'ttsd --debug ...' for the traceback)",
                 markup=True,
                 emoji=False,
             )
             ctx.exit(EXIT_INTERNAL)
+
+
+def _system_error(exc: OSError) -> TtsdError:
+    """An ``OSError`` no command handled, as one line: the box ran out of something (a full disk,
+    an I/O error) is exit 12, a path that cannot be used (permission, missing, /proc) exit 3, a
+    reader that left (``ttsd ... | head``) exit 12 as for ``-o -``."""
+    from ..errors import ConfigError, ResourceError, is_system_oserror
+
+    if exc.errno == errno.EPIPE:
+        return ResourceError("writing stdout failed: its reader went away")
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    said = (exc.strerror or type(exc).__name__) + (f": {paths}" if paths else "")
+    return ResourceError(said) if is_system_oserror(exc) else ConfigError(said)
 
 
 @click.group(cls=TtsdGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable
@@ -32,15 +33,28 @@ def daemon_client(socket_path: Path | None, timeout: float = 600, *, required: b
     return client
 
 
+_FD_PATH = re.compile(r"/(?:dev/fd|proc/self/fd)/(\d+)")
+_STD_PATHS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def named_descriptor(output: str) -> int | None:
+    """The descriptor ``-o /dev/stdout`` (``/dev/fd/N``, ``/proc/self/fd/N``) names: written
+    into as it is open, as a shell's ``>`` to it would (resolving the link and replacing the file
+    it names lost what was there, and what was written to the descriptor after)."""
+    found = _FD_PATH.fullmatch(output)
+    return int(found.group(1)) if found else _STD_PATHS.get(output)
+
+
 def write_output(output: str, data: bytes) -> None:
     """``data`` to ``output``: a new or regular file is published whole, by rename (through a link
-    the user named, to the file it names); a device or a FIFO that is already there (``/dev/null``,
-    a pipe a player reads) is written into, as a shell's ``>`` would, never replaced by a file;
-    ``-`` is stdout. Every byte is written or the command fails: a reader that went away (``|
-    head``) is an error, never a success line. A full disk or an I/O error is a ``ResourceError``
-    (exit 12), any other failure a ``ConfigError``."""
+    the user named, to the file it names); a FIFO or a character device already there
+    (``/dev/null``, a pipe a player reads) and an open descriptor (``/dev/stdout``) are written
+    into, never replaced by a file; ``-`` is stdout. Every byte is written or the command fails: a
+    reader that went away (``| head``) is an error, never a success line. A full disk or an I/O
+    error is a ``ResourceError`` (exit 12), any other failure a ``ConfigError``."""
     from ..errors import ResourceError, is_system_oserror, resource_error
 
+    where = "stdout" if output == "-" else output
     try:
         if output == "-":
             if sys.stdout is None:
@@ -54,6 +68,9 @@ def write_output(output: str, data: bytes) -> None:
                 return
             _write_all(fd, data)
             return
+        if (named := named_descriptor(output)) is not None:
+            _write_all(named, data)
+            return
         path = Path(output)
         try:
             found = path.stat()  # follows a link the user named
@@ -61,23 +78,25 @@ def write_output(output: str, data: bytes) -> None:
             found = None
         if found is not None and stat.S_ISDIR(found.st_mode):
             raise ConfigError(f"cannot write {output}: it is a directory")
+        if found is not None and stat.S_ISBLK(found.st_mode):
+            raise ConfigError(f"cannot write {output}: it is a block device (a disk), not a file")
         if found is not None and not stat.S_ISREG(found.st_mode):
-            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)  # a FIFO waits for its reader
             try:
-                _write_all(fd, data)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # (a file put there since: published whole below)
+                    _write_all(fd, data)
+                    return
             finally:
                 os.close(fd)
-            return
         from ..fsutil import SHARED, atomic_write_bytes
 
         atomic_write_bytes(Path(os.path.realpath(path)) if path.is_symlink() else path, data, SHARED)
     except BrokenPipeError as exc:  # an I/O error (exit 12), as a cut-off disk write would be
-        where = "stdout" if output == "-" else output
         raise ResourceError(f"writing {where} failed: its reader went away") from exc
     except OSError as exc:
         if is_system_oserror(exc):
-            raise resource_error(exc, f"writing {output}") from exc
-        raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
+            raise resource_error(exc, f"writing {where}") from exc
+        raise ConfigError(f"cannot write {where}: {exc.strerror or exc}") from exc
 
 
 def _write_all(fd: int, data: bytes) -> None:

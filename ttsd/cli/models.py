@@ -36,7 +36,7 @@ def import_piper_cmd(onnx: Path, out_dir: Path, name: str | None, version: str, 
 
 
 @models.command("pack")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", help="Voice name [default: the name in FOLDER's ttsd.json].")
 @click.option("--version", "version", required=True, help="PEP 440 version, e.g. 1 or 2.1.")
 @click.option("--engine", help="Engine that loads this folder [default: ttsd.json's, else vits].")
@@ -74,6 +74,8 @@ def pack_cmd(
     from ..engines import engine_class
     from ..manifest import Manifest, pack, read_manifest
 
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such directory")
     old: Manifest | None = None
     if (folder / "ttsd.json").is_file():
         try:
@@ -217,8 +219,8 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         for cand in scan(paths.models):
             m = cand.manifest
             state, reason = ("on disk", "") if m is not None else ("unreadable", cand.problem)
+            checked = checked or check
             if m is not None and check:
-                checked = True
                 try:
                     verify(cand.folder)
                     state = "verified"
@@ -242,7 +244,7 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         for row in rows:
             table.add_row(*row)
         Console().print(table)
-    refused = sum(row[2] == "refused" for row in rows) if checked else 0
+    refused = sum(row[2] in ("refused", "unreadable") for row in rows) if checked else 0
     if refused:  # `ttsd models list --verify && ...` stops here
         raise VerifyError(f"{refused} of {len(rows)} folders do not match their manifests (the reasons are listed)")
 

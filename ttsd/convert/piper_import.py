@@ -19,7 +19,6 @@ Importing this module is cheap: torch and transformers (``piper_vits``) are impo
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -286,7 +285,9 @@ def convert_piper(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
         if type(exc).__name__ != "SafetensorError":
             raise
         code = re.search(r"(?:os error|code:) (\d+)", str(exc))  # "No space left on device (os error 28)"
-        number = int(code.group(1)) if code else errno.EIO
+        if code is None:  # not the disk's: a bug, shown as one
+            raise
+        number = int(code.group(1))
         raise OSError(number, os.strerror(number), str(out_dir / "model.safetensors")) from exc
 
     phonemes = {

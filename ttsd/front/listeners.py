@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from ..errors import ConfigError
+from ..errors import ConfigError, is_system_oserror, resource_error
 from ..logs import Throttle
 
 log = logging.getLogger("ttsd.listeners")
@@ -105,12 +105,12 @@ def probe_socket(path: Path, flag: str = "--socket") -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.bind(os.fsencode(path))
-        except OSError as exc:
+        except OSError as exc:  # nothing was made: whatever is there now (another daemon's) stays
+            if is_system_oserror(exc):
+                raise resource_error(exc, f"making the socket {path} ({flag})") from exc
             raise ConfigError(f"{flag}: cannot make a socket at {path}: {exc.strerror or exc}") from exc
-        finally:
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(path.lstat().st_mode):
-                    path.unlink()
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 class _Closer(asyncio.Protocol):
