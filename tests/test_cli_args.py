@@ -379,6 +379,8 @@ def test_o_names_an_open_descriptor_and_a_link_into_a_missing_dir(tmp_path: Path
         write_output(f"/dev/fd/{appended.fileno()}", b"AUDIO")
         appended.write(b"\nafter\n")
     assert log.read_bytes() == b"before\nAUDIO\nafter\n"
+    with pytest.raises(ConfigError, match="Bad file descriptor"):
+        _check_output("/dev/fd/987")
     (tmp_path / "dangling.wav").symlink_to(tmp_path / "nodir" / "x.wav")
     with pytest.raises(ConfigError, match="no directory"):
         _check_output(str(tmp_path / "dangling.wav"))

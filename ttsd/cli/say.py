@@ -65,7 +65,11 @@ def _check_output(output: str) -> None:
         return
     if not output:
         raise click.BadParameter("needs a file name (or - for standard output)", param_hint="'-o'")
-    if named_descriptor(output) is not None:
+    if (named := named_descriptor(output)) is not None:
+        try:
+            os.fstat(named)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
         return
     path = Path(output)
     try:
