@@ -369,22 +369,22 @@ def test_o_names_an_open_descriptor_and_a_link_into_a_missing_dir(tmp_path: Path
     import os
 
     from ttsd.cli.common import write_output
-    from ttsd.cli.say import _check_output
+    from ttsd.cli.common import check_output
     from ttsd.errors import ConfigError
 
     log = tmp_path / "log.txt"
     log.write_bytes(b"before\n")
     with open(log, "ab") as appended:
-        _check_output(f"/dev/fd/{appended.fileno()}")
+        check_output(f"/dev/fd/{appended.fileno()}")
         write_output(f"/dev/fd/{appended.fileno()}", b"AUDIO")
         appended.write(b"\nafter\n")
     assert log.read_bytes() == b"before\nAUDIO\nafter\n"
     with pytest.raises(ConfigError, match="Bad file descriptor"):
-        _check_output("/dev/fd/987")
+        check_output("/dev/fd/987")
     (tmp_path / "dangling.wav").symlink_to(tmp_path / "nodir" / "x.wav")
     with pytest.raises(ConfigError, match="no directory"):
-        _check_output(str(tmp_path / "dangling.wav"))
+        check_output(str(tmp_path / "dangling.wav"))
     readonly = tmp_path / "ro.wav"
     readonly.write_bytes(b"old")
     os.chmod(readonly, 0o444)
-    _check_output(str(readonly))  # replaced by rename, as the write does: the dir is what must be writable
+    check_output(str(readonly))  # replaced by rename, as the write does: the dir is what must be writable

@@ -233,12 +233,12 @@ class Daemon:
         self._check_budget(loaded=False)
         _writable_dir(cfg.models, "models dir")
         _writable_dir(cfg.socket.parent, "socket dir")
-        check_socket(cfg.socket)
-        probe_socket(cfg.socket)
-        if cfg.wyoming and urlparse(cfg.wyoming).scheme == "unix":
-            wyoming_socket = Path(urlparse(cfg.wyoming).path)
-            check_socket(wyoming_socket, "--wyoming")
-            probe_socket(wyoming_socket, "--wyoming")
+        sockets = [(cfg.socket, "--socket")]
+        if cfg.wyoming and (wyoming_uri := urlparse(cfg.wyoming)).scheme == "unix":
+            sockets.append((Path(wyoming_uri.path), "--wyoming"))
+        for path, flag in sockets:
+            check_socket(path, flag)  # a live daemon's: refused; a stale one: removed
+            probe_socket(path, flag)  # one can be made there
         check_ports(cfg)  # before the voices load: a port in use is reported in a second, not a minute
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(handled, self._record_signal, handled)

@@ -7,13 +7,14 @@ import os
 import re
 import stat
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from ..errors import ConfigError, DaemonError
+from ..errors import ConfigError, DaemonError, TtsdError
 
 
 def console() -> Any:
@@ -45,18 +46,62 @@ def named_descriptor(output: str) -> int | None:
     return int(found.group(1)) if found else _STD_PATHS.get(output)
 
 
-def write_output(output: str, data: bytes) -> None:
-    """``data`` to ``output``: a new or regular file is published whole, by rename (through a link
-    the user named, to the file it names); a FIFO or a character device already there
-    (``/dev/null``, a pipe a player reads) and an open descriptor (``/dev/stdout``) are written
-    into, never replaced by a file; ``-`` is stdout. Every byte is written or the command fails: a
-    reader that went away (``| head``) is an error, never a success line. A full disk or an I/O
-    error is a ``ResourceError`` (exit 12), any other failure a ``ConfigError``."""
-    from ..errors import ResourceError, is_system_oserror, resource_error
-
-    where = "stdout" if output == "-" else output
+def output_target(output: str) -> tuple[str, Any]:
+    """Where ``-o output`` goes: ``("stdout", None)`` for ``-``; ``("fd", N)`` for an open
+    descriptor; ``("into", path)`` for a FIFO or a character device already there (``/dev/null``,
+    a pipe a player reads), written into as a shell's ``>`` would, never replaced by a file;
+    ``("file", path)`` for the regular file published whole by rename (through a link the user
+    named, the file it names). ``ConfigError`` for a directory or a block device; ``OSError`` when
+    the path cannot be looked at."""
+    if output == "-":
+        return "stdout", None
+    if (named := named_descriptor(output)) is not None:
+        return "fd", named
+    path = Path(output)
     try:
-        if output == "-":
+        found: os.stat_result | None = path.stat()  # follows a link the user named
+    except FileNotFoundError:  # new, or a link to a file not made yet
+        found = None
+    if found is not None and stat.S_ISDIR(found.st_mode):
+        raise ConfigError(f"cannot write {output}: it is a directory")
+    if found is not None and stat.S_ISBLK(found.st_mode):
+        raise ConfigError(f"cannot write {output}: it is a block device (a disk), not a file")
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        return "into", path
+    return "file", Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def check_output(output: str) -> None:
+    """``-o`` can be written, checked before the voice loads and speaks, so a typo costs nothing:
+    stdout is open, a descriptor is open, a FIFO or a device is writable, and a file can be made
+    (and is gone at once) in the dir the file will be published in. ``write_output`` still reports
+    what only writing shows."""
+    if not output:
+        raise click.BadParameter("needs a file name (or - for standard output)", param_hint="'-o'")
+    try:
+        kind, target = output_target(output)
+        if kind == "stdout" and sys.stdout is None:
+            raise ConfigError("cannot write to stdout: it is closed")
+        if kind == "fd":
+            os.fstat(target)
+        if kind == "into" and not os.access(target, os.W_OK):
+            raise ConfigError(f"cannot write {output}: permission denied")
+        if kind == "file":
+            if not target.parent.is_dir():
+                raise ConfigError(f"cannot write {output}: no directory {target.parent}")
+            with tempfile.TemporaryFile(dir=target.parent):  # root passes every permission check,
+                pass  # yet makes nothing in /proc
+    except OSError as exc:
+        raise _cannot_write(output, exc) from exc
+
+
+def write_output(output: str, data: bytes) -> None:
+    """``data`` to ``output`` (``output_target`` says how). Every byte is written or the command
+    fails: a reader that went away (``| head``) is an error, never a success line. A full disk or
+    an I/O error is a ``ResourceError`` (exit 12), any other failure a ``ConfigError``."""
+    try:
+        kind, target = output_target(output)
+        if kind == "stdout":
             if sys.stdout is None:
                 raise ConfigError("cannot write to stdout: it is closed")
             sys.stdout.flush()
@@ -68,20 +113,11 @@ def write_output(output: str, data: bytes) -> None:
                 return
             _write_all(fd, data)
             return
-        if (named := named_descriptor(output)) is not None:
-            _write_all(named, data)
+        if kind == "fd":
+            _write_all(target, data)
             return
-        path = Path(output)
-        try:
-            found = path.stat()  # follows a link the user named
-        except FileNotFoundError:
-            found = None
-        if found is not None and stat.S_ISDIR(found.st_mode):
-            raise ConfigError(f"cannot write {output}: it is a directory")
-        if found is not None and stat.S_ISBLK(found.st_mode):
-            raise ConfigError(f"cannot write {output}: it is a block device (a disk), not a file")
-        if found is not None and not stat.S_ISREG(found.st_mode):
-            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)  # a FIFO waits for its reader
+        if kind == "into":
+            fd = os.open(target, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)  # a FIFO waits for its reader
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):  # (a file put there since: published whole below)
                     _write_all(fd, data)
@@ -90,13 +126,20 @@ def write_output(output: str, data: bytes) -> None:
                 os.close(fd)
         from ..fsutil import SHARED, atomic_write_bytes
 
-        atomic_write_bytes(Path(os.path.realpath(path)) if path.is_symlink() else path, data, SHARED)
-    except BrokenPipeError as exc:  # an I/O error (exit 12), as a cut-off disk write would be
-        raise ResourceError(f"writing {where} failed: its reader went away") from exc
+        atomic_write_bytes(target, data, SHARED)
     except OSError as exc:
-        if is_system_oserror(exc):
-            raise resource_error(exc, f"writing {where}") from exc
-        raise ConfigError(f"cannot write {where}: {exc.strerror or exc}") from exc
+        raise _cannot_write(output, exc) from exc
+
+
+def _cannot_write(output: str, exc: OSError) -> TtsdError:
+    from ..errors import ResourceError, is_system_oserror, resource_error
+
+    where = "stdout" if output == "-" else output
+    if isinstance(exc, BrokenPipeError):  # an I/O error (exit 12), as a cut-off disk write would be
+        return ResourceError(f"writing {where} failed: its reader went away")
+    if is_system_oserror(exc):  # a full disk: exit 12
+        return resource_error(exc, f"writing {where}")
+    return ConfigError(f"cannot write {where}: {exc.strerror or exc}")
 
 
 def _write_all(fd: int, data: bytes) -> None:

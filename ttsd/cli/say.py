@@ -3,10 +3,7 @@ already loaded), else in this process."""
 
 from __future__ import annotations
 
-import os
-import stat
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,9 +18,9 @@ from .common import (
     PRECISION_HELP,
     SOCKET_HELP,
     FiniteRange,
+    check_output,
     console,
     daemon_client,
-    named_descriptor,
     write_output,
 )
 
@@ -50,50 +47,6 @@ class Speech:
     @property
     def shown(self) -> str:
         return "stdout" if self.output == "-" else self.output
-
-
-def _check_output(output: str) -> None:
-    """``-o`` can be written, checked before the voice loads and speaks, so a typo costs nothing:
-    a file is made (and gone at once) in the dir the file will be published in, the one a link
-    points into; a FIFO or a device must be writable; stdout must be open. ``write_output`` still
-    reports what only writing shows."""
-    from ..errors import is_system_oserror, resource_error
-
-    if output == "-":
-        if sys.stdout is None:
-            raise ConfigError("cannot write to stdout: it is closed")
-        return
-    if not output:
-        raise click.BadParameter("needs a file name (or - for standard output)", param_hint="'-o'")
-    if (named := named_descriptor(output)) is not None:
-        try:
-            os.fstat(named)
-        except OSError as exc:
-            raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
-        return
-    path = Path(output)
-    try:
-        found: os.stat_result | None = path.stat()
-    except FileNotFoundError:  # new, or a link to a file not made yet
-        found = None
-    except OSError as exc:
-        raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
-    if found is not None and stat.S_ISDIR(found.st_mode):
-        raise ConfigError(f"cannot write {output}: it is a directory")
-    if found is not None and not stat.S_ISREG(found.st_mode):  # written into: a FIFO, a device
-        if not os.access(path, os.W_OK):
-            raise ConfigError(f"cannot write {output}: permission denied")
-        return
-    parent = Path(os.path.realpath(path)).parent
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write {output}: no directory {parent}")
-    try:  # root passes every permission check, yet makes nothing in /proc
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        if is_system_oserror(exc):  # a full disk: exit 12, as the write itself would say
-            raise resource_error(exc, f"writing {output}") from exc
-        raise ConfigError(f"cannot write {output}: {parent}: {exc.strerror or exc}") from exc
 
 
 MAX_STDIN = 1 << 20  # bytes of text read from stdin: the daemon's whole request body may be no more
@@ -196,7 +149,7 @@ def say(
     from ..formats import format_for_path
 
     fmt = format_for_path(output)  # an unknown suffix is refused before stdin is read
-    _check_output(output)  # and a place no file can be written, before any synthesis
+    check_output(output)  # and a place no file can be written, before any synthesis
     options = SynthesisOptions(
         speed=speed, speaker=speaker, noise_scale=noise_scale, noise_scale_duration=noise_w, seed=seed
     )
