@@ -464,13 +464,17 @@ def test_a_key_through_a_pipe_signs(tmp_path: Path, keys: dict[str, Path]) -> No
     from ttsd.cli import main
 
     folder = folder_of_two(tmp_path / "v1")
-    read_end, write_end = os.pipe()
-    feeder = threading.Thread(target=lambda: (os.write(write_end, keys["fleet"].read_bytes()), os.close(write_end)))
-    feeder.start()
-    try:
-        signed = CliRunner().invoke(main, ["models", "sign", str(folder), "--key", f"/dev/fd/{read_end}"])
-    finally:
-        feeder.join(5)
-        os.close(read_end)
-    assert signed.exit_code == 0, signed.output
-    assert check(folder, keys["trusted"]).startswith("fleet (")
+    for command in (["models", "sign", str(folder), "--key"],
+                    # pack checks the key before it writes ttsd.json, then signs with what it read
+                    ["models", "pack", str(folder), "--version", "2", "--sign-key"]):
+        read_end, write_end = os.pipe()
+        feeder = threading.Thread(target=lambda w=write_end: (os.write(w, keys["fleet"].read_bytes()), os.close(w)))
+        feeder.start()
+        try:
+            signed = CliRunner().invoke(main, [*command, f"/dev/fd/{read_end}"])
+        finally:
+            feeder.join(5)
+            os.close(read_end)
+        assert signed.exit_code == 0, (command, signed.output)
+        assert check(folder, keys["trusted"]).startswith("fleet (")
+    assert json.loads((folder / "ttsd.json").read_text())["version"] == "2"

@@ -339,13 +339,14 @@ def signer_config(private_key: Path, password: str | None = None) -> Any:
         ) from exc
 
 
-def sign(folder: Path, private_key: Path, password: str | None = None) -> Signer:
+def sign(folder: Path, private_key: Path, password: str | None = None, *, config: Any = None) -> Signer:
     """Sign ``folder`` (which the caller has verified against its manifest) with an elliptic-curve
     private key, writing ``folder/model.sig`` as ``model_signing sign key`` would: every file but
     the signature itself, sha256 per file. The signature is written beside the folder first and
-    renamed in, so the folder never holds half a signature."""
+    renamed in, so the folder never holds half a signature. ``config``: ``signer_config``'s, made
+    before (the key read once: a key through a pipe cannot be read again)."""
     hashing, _, _, _ = _library()
-    config = signer_config(private_key, password)
+    config = config or signer_config(private_key, password)
     config.set_hashing_config(hashing.Config().set_ignored_paths(paths=[SIGNATURE]))
     tmp = folder.parent / f".{folder.name}.{SIGNATURE}.{os.getpid()}.tmp"
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -91,12 +92,8 @@ def pack_cmd(
         sample_rate = old.sample_rate if old and old.engine == engine else cls.default_sample_rate(folder)
         if sample_rate is None:  # e.g. config.json's sampling_rate, for vits
             raise ConfigError(f"{folder}: give --sample-rate (the {engine} engine finds none in the folder)")
-    if sign_key is not None:  # a key that cannot sign is refused before ttsd.json is rewritten
-        import os
-
-        from ..signing import signer_config
-
-        signer_config(sign_key, os.environ.get("TTSD_SIGN_KEY_PASSWORD") or None)
+    # a key that cannot sign is refused before ttsd.json is rewritten (and read once: it may be a pipe)
+    signer = _signer(sign_key) if sign_key is not None else None
     manifest = pack(
         folder,
         name=name or old.name,  # type: ignore[union-attr]  # one of them is set (checked above)
@@ -112,7 +109,7 @@ def pack_cmd(
         f"{folder}/ttsd.json: {manifest.name} {manifest.version}, {len(manifest.files)} files", markup=False
     )
     if sign_key is not None:
-        _sign(folder, sign_key)
+        _sign(folder, sign_key, signer)
     elif (folder / "model.sig").exists():
         console().print(
             f"note: {folder}/model.sig was made before this manifest; sign the folder again ('ttsd models sign')",
@@ -120,14 +117,21 @@ def pack_cmd(
         )
 
 
-def _sign(folder: Path, key: Path) -> None:
+def _signer(key: Path) -> Any:
+    """The signing config for ``key`` (its password from TTSD_SIGN_KEY_PASSWORD), or ``ConfigError``."""
     import os
 
+    from ..signing import signer_config
+
+    return signer_config(key, os.environ.get("TTSD_SIGN_KEY_PASSWORD") or None)
+
+
+def _sign(folder: Path, key: Path, config: Any = None) -> None:
     from ..manifest import verify
     from ..signing import sign
 
     verify(folder)  # sign only what matches its manifest
-    signer = sign(folder, key, os.environ.get("TTSD_SIGN_KEY_PASSWORD") or None)
+    signer = sign(folder, key, config=config or _signer(key))
     console().print(f"{folder}/model.sig: signed (key {signer.hint[:12]})", markup=False)
 
 
@@ -216,10 +220,10 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         if not paths.models.is_dir():
             raise ConfigError(f"no models dir {paths.models} (give --models, or TTSD_MODELS)")
         title = f"{paths.models} (no daemon running)"
+        checked = check
         for cand in scan(paths.models):
             m = cand.manifest
             state, reason = ("on disk", "") if m is not None else ("unreadable", cand.problem)
-            checked = checked or check
             if m is not None and check:
                 try:
                     verify(cand.folder)
