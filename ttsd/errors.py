@@ -295,6 +295,16 @@ def resource_error(exc: BaseException, doing: str) -> ResourceError:
     return ResourceError(f"{doing} failed: {detail}", storage=code in _STORAGE_ERRNOS)
 
 
+def os_error(exc: OSError, doing: str, cannot: str) -> TtsdError:
+    """An ``OSError`` as the error a user acts on: the box's (full disk, I/O error: see
+    ``is_system_oserror``) is a ``ResourceError`` saying what failed while ``doing`` what (exit
+    12, HTTP 503/507); any other (permission, missing dir, ``/proc``) a ``ConfigError`` that says
+    what ttsd ``cannot`` do and why (exit 3)."""
+    if is_system_oserror(exc):
+        return resource_error(exc, doing)
+    return ConfigError(f"{cannot}: {exc.strerror or exc}")
+
+
 def _all_types() -> list[type[TtsdError]]:
     found, stack = [], [TtsdError]
     while stack:

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, TtsdError, is_system_oserror, resource_error
+from .errors import ConfigError, TtsdError, os_error
 from .fsutil import current_umask, fsync_dir
 from .manifest import Manifest, check_name, check_version, pack, verify
 from .models_dir import scan
@@ -144,10 +144,9 @@ def builtin_model(cache_dir: Path, progress: Progress = _noop) -> Path:
         if folder.is_dir() and any(folder.iterdir()):  # another process won the race: use theirs
             verify(folder)
             return folder
-        if isinstance(exc, OSError) and is_system_oserror(exc):  # a full disk: exit 12, retried later
-            raise resource_error(exc, f"writing the built-in voice to {folder}") from exc
-        if isinstance(exc, OSError):
-            raise ConfigError(f"cannot write the built-in voice to {folder}: {exc.strerror or exc}") from exc
+        if isinstance(exc, OSError):  # a full disk: exit 12, retried later; a bad path: exit 3
+            doing = f"writing the built-in voice to {folder}"
+            raise os_error(exc, doing, f"cannot write the built-in voice to {folder}") from exc
         raise
     return folder
 

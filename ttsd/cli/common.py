@@ -132,14 +132,12 @@ def write_output(output: str, data: bytes) -> None:
 
 
 def _cannot_write(output: str, exc: OSError) -> TtsdError:
-    from ..errors import ResourceError, is_system_oserror, resource_error
+    from ..errors import ResourceError, os_error
 
     where = "stdout" if output == "-" else output
     if isinstance(exc, BrokenPipeError):  # an I/O error (exit 12), as a cut-off disk write would be
         return ResourceError(f"writing {where} failed: its reader went away")
-    if is_system_oserror(exc):  # a full disk: exit 12
-        return resource_error(exc, f"writing {where}")
-    return ConfigError(f"cannot write {where}: {exc.strerror or exc}")
+    return os_error(exc, f"writing {where}", f"cannot write {where}")
 
 
 def _write_all(fd: int, data: bytes) -> None:

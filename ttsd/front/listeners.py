@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from ..errors import ConfigError, is_system_oserror, resource_error
+from ..errors import ConfigError, os_error
 from ..logs import Throttle
 
 log = logging.getLogger("ttsd.listeners")
@@ -106,9 +106,8 @@ def probe_socket(path: Path, flag: str = "--socket") -> None:
         try:
             probe.bind(os.fsencode(path))
         except OSError as exc:  # nothing was made: whatever is there now (another daemon's) stays
-            if is_system_oserror(exc):
-                raise resource_error(exc, f"making the socket {path} ({flag})") from exc
-            raise ConfigError(f"{flag}: cannot make a socket at {path}: {exc.strerror or exc}") from exc
+            cannot = f"{flag}: cannot make a socket at {path}"
+            raise os_error(exc, f"making the socket {path} ({flag})", cannot) from exc
         with contextlib.suppress(OSError):
             path.unlink()
 
