@@ -164,6 +164,19 @@ def test_debug_shows_the_traceback(cli_env: dict[str, str], tmp_path: Path) -> N
 
 
 # -- where the audio goes: -o ------------------------------------------------------------------------
+def test_the_success_line_names_an_output_with_a_line_break_on_one_line() -> None:
+    """A file name may hold a line break or a terminal escape: the success line shows it escaped
+    (it spanned two lines, and an escape would have reached the terminal)."""
+    from ttsd.cli.say import Speech
+    from ttsd.options import SynthesisOptions
+
+    def shown(output: str) -> str:
+        return Speech("hi", output, "wav", None, SynthesisOptions()).shown
+
+    assert shown("out\nput\x1b[2J.wav") == "out\\nput\\x1b[2J.wav"
+    assert shown("-") == "stdout" and shown("fox ü.wav") == "fox ü.wav"
+
+
 def test_an_output_that_is_a_fifo_a_device_or_a_link_is_written_through_not_replaced(tmp_path: Path) -> None:
     """``-o`` names a FIFO a player reads, a device (``/dev/null`` as root), or a link to a file:
     the audio goes into what is there, as a shell's ``>`` would. Each was replaced by a new

@@ -46,7 +46,11 @@ class Speech:
 
     @property
     def shown(self) -> str:
-        return "stdout" if self.output == "-" else self.output
+        """The output as the success line names it: a character that cannot be printed (a line
+        break in a file's name) escaped, so the line stays one line and names the file."""
+        if self.output == "-":
+            return "stdout"
+        return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in self.output)
 
 
 MAX_STDIN = 1 << 20  # bytes of text read from stdin: the daemon's whole request body may be no more
