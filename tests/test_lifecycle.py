@@ -179,12 +179,17 @@ def test_tcp_listener_and_token(tmp_path: Path, cache_dir: Path, joe_folder: Pat
     assert proc.returncode == 3 and "give --token-file" in proc.stderr.decode()
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token-of-some-length\n")
-    group = grp.getgrgid(os.getgid()).gr_name
+    # as root, a group that is not the daemon's own: the sockets must be given to it
+    others = [g for g in grp.getgrall() if g.gr_gid != os.getgid()] if os.geteuid() == 0 else []
+    gid = others[0].gr_gid if others else os.getgid()
     metrics_port = free_port()
+    wyoming = tmp_path / "w.sock"
     d = start_daemon(tmp_path / "d", cache_dir, "--listen", f"0.0.0.0:{port}", "--token-file", str(token_file),
-                     "--socket-group", group, "--metrics-listen", str(metrics_port), "--access-log")
+                     "--socket-group", grp.getgrgid(gid).gr_name, "--metrics-listen", str(metrics_port),
+                     "--access-log", "--wyoming", f"unix://{wyoming}")
     try:
-        assert stat.S_IMODE(d.socket.stat().st_mode) == 0o660 and d.socket.stat().st_gid == os.getgid()
+        for sock in (d.socket, wyoming):  # the Wyoming socket too (it kept the daemon's group)
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o660 and sock.stat().st_gid == gid, sock
         # the probes say only "up" / "ready": open, for probes that send no token
         assert tcp_get(port, "/healthz") == 200 and tcp_get(port, "/readyz") == 200
         for path in ("/metrics", "/v1/status", "/v1/voices"):
@@ -253,6 +258,8 @@ def test_a_socket_that_cannot_be_made_is_reported_before_the_voices_load(tmp_pat
     (["--workers", "0"], "Invalid value for '--workers'"),
     # below the daemon's own memory: no voice could ever load (it would answer "retry" forever)
     (["--memory-budget", "1M"], "--memory-budget 1 MB is less than the"),
+    # the example unit's group before 'useradd ttsd': an internal error once the voices had loaded
+    (["--socket-group", "no-such-group-ttsd"], "--socket-group no-such-group-ttsd: no such group"),
 ])
 def test_start_up_problems_are_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
     cmd = [sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state", str(tmp_path / "s"),

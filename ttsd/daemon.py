@@ -30,7 +30,7 @@ from .fetch.box import box_id
 from .fresh_thread import in_fresh_thread
 from .front.backend import Backend
 from .front.endpoints import check_ports, open_http, open_metrics, open_wyoming
-from .front.listeners import check_socket, probe_socket
+from .front.listeners import check_socket, probe_socket, socket_gid
 from .front.spool import Spool
 from .front.synth import SynthesisPool
 from .front.wyoming import WyomingServer
@@ -239,6 +239,8 @@ class Daemon:
         for path, flag in sockets:
             check_socket(path, flag)  # a live daemon's: refused; a stale one: removed
             probe_socket(path, flag)  # one can be made there
+        if cfg.socket_group is not None:
+            socket_gid(cfg.socket_group)  # it exists, and ttsd may give the sockets to it
         check_ports(cfg)  # before the voices load: a port in use is reported in a second, not a minute
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(handled, self._record_signal, handled)

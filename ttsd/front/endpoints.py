@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,7 +18,7 @@ from ..logs import ACCESS, ACCESS_FORMAT
 from ..metrics import CONTENT_TYPE
 from .backend import Backend
 from .http_api import build_app
-from .listeners import TCPListener, UnixListener
+from .listeners import TCPListener, UnixListener, share_socket, socket_gid
 from .wyoming import Advertisement, WyomingServer
 
 log = logging.getLogger("ttsd.daemon")
@@ -44,9 +43,7 @@ async def open_http(cfg: ServeConfig, backend: Backend) -> web.AppRunner:
         ).start()
     finally:
         os.umask(old_umask)
-    if cfg.socket_group is not None:
-        shutil.chown(cfg.socket, group=cfg.socket_group)
-        os.chmod(cfg.socket, 0o660)
+    share_socket(cfg.socket, _gid(cfg))
     if cfg.listen is not None:
         host, port = cfg.listen
         try:
@@ -152,4 +149,10 @@ async def open_wyoming(cfg: ServeConfig, backend: Backend) -> WyomingServer:
         raise ConfigError(f"cannot serve Wyoming on {cfg.wyoming}: {exc.strerror or exc}") from exc
     finally:
         os.umask(old_umask)
+    if uri.scheme == "unix":  # the same group as the HTTP socket (it was 0660 for the daemon's own)
+        share_socket(Path(uri.path), _gid(cfg))
     return server
+
+
+def _gid(cfg: ServeConfig) -> int | None:
+    return socket_gid(cfg.socket_group) if cfg.socket_group is not None else None

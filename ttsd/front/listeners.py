@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import socket
@@ -110,6 +111,29 @@ def probe_socket(path: Path, flag: str = "--socket") -> None:
             raise os_error(exc, f"making the socket {path} ({flag})", cannot) from exc
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def socket_gid(group: str) -> int:
+    """The group ``--socket-group`` names (a name, or a number), checked at start-up: one that does
+    not exist, or that a daemon not run as root is outside of (it could not give the socket to it),
+    is one line before the voices load, not an internal error once they had."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        if not group.isdigit():
+            raise ConfigError(f"--socket-group {group}: no such group") from None
+        gid = int(group)
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        raise ConfigError(f"--socket-group {group}: ttsd is neither root nor in that group")
+    return gid
+
+
+def share_socket(path: Path, gid: int | None) -> None:
+    """A socket just made (mode 0600, or 0660 under the umask ``--socket-group`` sets) goes to
+    group ``gid``, mode 0660; with no group it stays the owner's."""
+    if gid is not None:
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
 
 
 class _Closer(asyncio.Protocol):
