@@ -382,7 +382,7 @@ def test_a_signing_library_that_cannot_be_imported_is_named_with_its_error(
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ConfigError) as info:
         TrustedKeys.load(keys["trusted"])
-    assert "pip install 'ttsd[signing]'" in str(info.value)
+    assert "signing extra, or pip install 'model-signing>=1.1,<2' pyopenssl" in str(info.value)
     assert "(import of OpenSSL halted" in str(info.value), info.value  # the error itself, not just advice
 
 

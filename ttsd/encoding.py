@@ -43,11 +43,11 @@ OPUS_PAGE_MS = 100.0  # a page per ~0.1 s: about a streamed first piece, at ~30 
 AAC_BITRATE = 64_000  # plenty for mono speech, and fixed rather than left to FFmpeg defaults
 MP3_BITRATE = 64_000  # constant bitrate, as for AAC (LAME takes it at every rate a voice has)
 
-_PYAV = ("av", "PyAV (pip install 'ttsd[aac]')")
+_PYAV = ("av", "PyAV (ttsd's aac extra, or pip install av)")
 # format -> (module it needs, what to install), for check_available and the encoders' errors
 _NEEDS = {"aac": _PYAV, "opus": ("soxr", "soxr (pip install soxr)")}
 # ... and what only a streamed reply needs (a whole mp3 is libsndfile's)
-_STREAM_NEEDS = {"mp3": ("av", "PyAV (pip install 'ttsd[aac]') to stream it; unstreamed mp3 needs nothing more")}
+_STREAM_NEEDS = {"mp3": ("av", f"{_PYAV[1]} to stream it; unstreamed mp3 needs nothing more")}
 # the formats a chunk encoder here makes: whole files (opus, aac) and streamed replies (all three)
 CHUNK_FORMATS = ("opus", "aac", "mp3")
 
@@ -142,7 +142,7 @@ class OpusEncoder:
             try:
                 import soxr
             except ImportError:
-                raise FormatUnavailableError("opus", _NEEDS["opus"][1]) from None
+                raise FormatUnavailableError.lacking("opus", _NEEDS["opus"][1]) from None
             self._resampler = soxr.ResampleStream(sample_rate, self.sample_rate, 1, dtype="float32")
         self._sink = _Sink()
         self._file = soundfile.SoundFile(self._sink, "w", self.sample_rate, 1, format="OGG", subtype="OPUS")
@@ -184,7 +184,7 @@ class _PyAvEncoder:
         try:
             import av
         except ImportError:
-            raise FormatUnavailableError(fmt, _PYAV[1]) from None
+            raise FormatUnavailableError.lacking(fmt, _PYAV[1]) from None
         self.sample_rate = sample_rate
         self._av = av
         self._sink = _Pipe()
@@ -194,7 +194,7 @@ class _PyAvEncoder:
             self._stream: Any = cast(Any, self._container.add_stream(codec, rate=sample_rate, layout="mono"))
         except (ValueError, av.FFmpegError) as exc:  # a PyAV built without this encoder
             self._container.close()
-            raise FormatUnavailableError(fmt, f"a PyAV whose FFmpeg has the {codec} encoder ({exc})") from None
+            raise FormatUnavailableError.lacking(fmt, f"a PyAV whose FFmpeg has the {codec} encoder ({exc})") from None
         self._stream.format = "fltp"  # what the samples come as: no conversion inside FFmpeg
         self._stream.bit_rate = bit_rate
         self._pts = 0
@@ -266,7 +266,7 @@ def check_available(fmt: str, *, stream: bool = False) -> None:
     the first chunk's encoder is opened)."""
     for needs in (_NEEDS, _STREAM_NEEDS if stream else {}):
         if fmt in needs and not _installed(needs[fmt][0]):
-            raise FormatUnavailableError(fmt, needs[fmt][1])
+            raise FormatUnavailableError.lacking(fmt, needs[fmt][1])
 
 
 def encode_whole(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:

@@ -46,7 +46,10 @@ MAX_KEYS = 100  # public keys in a trusted-keys dir
 MAX_KEY_BYTES = 64 * 1024
 HINT_CHARS = 12  # of the key hint shown to people: sha256 of the public key's PEM, as model-signing records it
 
-_MISSING = "ttsd's signature support needs the model-signing library and pyOpenSSL: pip install 'ttsd[signing]'"
+_MISSING = (
+    "ttsd's signature support needs the model-signing library and pyOpenSSL: ttsd's signing extra, or "
+    "pip install 'model-signing>=1.1,<2' pyopenssl"
+)
 
 
 def _library() -> Any:

@@ -46,7 +46,8 @@ def sign_index(data: dict[str, Any], private_key: Path) -> dict[str, Any]:
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
     except ImportError as exc:  # the signing extra brings it
-        raise ConfigError(f"signing the index needs the signing extra (pip install 'ttsd[signing]'): {exc}") from exc
+        needs = "ttsd's signing extra (or pip install 'model-signing>=1.1,<2' pyopenssl)"
+        raise ConfigError(f"signing the index needs {needs}: {exc}") from exc
 
     from ..safe_read import read_small
     from ..signing import MAX_KEY_BYTES, key_hint
