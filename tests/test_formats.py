@@ -23,6 +23,7 @@ from openai import OpenAI
 from ttsd import encoding
 from ttsd.audio import Audio, encode
 from ttsd.encoding import open_encoder
+from ttsd.errors import FormatUnavailableError, from_http
 
 VOICES = {"joe": {"1": {"tone": 440}}, "ann": {"1": {"tone": 550, "sample_rate": 22050}}}
 TEXT = "The first sentence is short. The second one is a little bit longer than the first."
@@ -195,7 +196,10 @@ def test_a_missing_encoder_is_refused_before_synthesis(api: FrontEnds, voices: F
                        ("/v1/synthesize", {"text": "Hi.", "format": "mp3", "stream": True})]:
         reply = api.post(path, body)
         assert (reply.status, reply.error["code"]) == (501, "format_unavailable"), body
-        assert "PyAV" in reply.error["message"] and "ttsd[aac]" in reply.error["message"]
+        assert "PyAV" in reply.error["message"] and "aac extra, or pip install av" in reply.error["message"]
+        # ttsd say through the daemon exits as in-process, 3 (it was 9, "the daemon failed")
+        said = from_http(reply.status, reply.error["code"], reply.error["message"])
+        assert isinstance(said, FormatUnavailableError) and said.exit_code == 3, said
     assert voices.engine("joe", "1").asked == [] and voices.model_failures() == []
     assert api.post("/v1/synthesize", {"text": "Hi.", "format": "opus"}).status == 200
     assert api.post("/v1/synthesize", {"text": "Hi.", "format": "mp3"}).status == 200

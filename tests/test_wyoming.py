@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -329,6 +331,27 @@ def test_tcp_with_an_mdns_announcement(tmp_path: Path, cache_dir: Path, joe_fold
                  timeout=30, what="the mDNS announcement, or why there is none")
     finally:
         assert d.stop() == 0, d.logs()
+
+
+@pytest.mark.daemon
+def test_an_announcement_without_the_zeroconf_package_fails_before_the_voices_load(tmp_path: Path,
+                                                                                  cache_dir: Path) -> None:
+    """A box without the zeroconf extra: one line and exit 3 before the built-in voice is seeded
+    (it came after every voice had loaded, seconds to minutes in)."""
+    hidden = tmp_path / "hide"
+    (hidden / "zeroconf").mkdir(parents=True)
+    (hidden / "zeroconf" / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "ttsd", "serve", "--models", str(tmp_path / "m"), "--state",
+                           str(tmp_path / "s"), "--socket", str(tmp_path / "x.sock"), "--cache", str(cache_dir),
+                           "--wyoming", f"tcp://127.0.0.1:{port}", "--wyoming-zeroconf", "box"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 3 and lines[-1].startswith("error: --wyoming-zeroconf needs the zeroconf"), proc.stderr
+    assert "Traceback" not in proc.stderr and not any((tmp_path / "m").iterdir()), proc.stderr
 
 
 @pytest.mark.daemon

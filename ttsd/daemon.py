@@ -34,6 +34,7 @@ from .front.listeners import check_socket, probe_socket, socket_gid
 from .front.spool import Spool
 from .front.synth import SynthesisPool
 from .front.wyoming import WyomingServer
+from .front.wyoming_mdns import Advertisement
 from .malloc import describe, freeze_heap, resident_bytes, tune
 from .metrics import Metrics
 from .models_dir import scan
@@ -242,6 +243,8 @@ class Daemon:
         if cfg.socket_group is not None:
             socket_gid(cfg.socket_group)  # it exists, and ttsd may give the sockets to it
         check_ports(cfg)  # before the voices load: a port in use is reported in a second, not a minute
+        if cfg.wyoming_zeroconf:
+            Advertisement.check()  # and a missing zeroconf package
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(handled, self._record_signal, handled)
 

@@ -122,9 +122,9 @@ class FormatUnavailableError(TtsdError):
     code = "format_unavailable"
     status = 501
 
-    def __init__(self, fmt: str, needs: str) -> None:
-        super().__init__(f"format {fmt} is not available on this box: it needs {needs}")
-        self.format = fmt
+    @classmethod
+    def lacking(cls, fmt: str, needs: str) -> FormatUnavailableError:
+        return cls(f"format {fmt} is not available on this box: it needs {needs}")
 
 
 class ColdVoiceError(BusyError):
@@ -325,6 +325,8 @@ def from_http(status: int, code: str, message: str, retry_after: int = 1) -> Tts
         return BusyError(f"daemon busy: {message}", retry_after)
     if status == 507:
         return ResourceError(f"daemon: {message}", storage=True, retry_after=retry_after)
+    if (status, code) == (FormatUnavailableError.status, FormatUnavailableError.code):  # the daemon's box lacks it
+        return FormatUnavailableError(f"daemon: {message}")
     matches = [
         cls
         for cls in _all_types()

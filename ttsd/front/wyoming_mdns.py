@@ -9,23 +9,31 @@ from typing import Any
 from ..errors import ConfigError
 
 log = logging.getLogger("ttsd.wyoming")
+ZEROCONF_MISSING = "--wyoming-zeroconf needs the zeroconf package: ttsd's zeroconf extra, or pip install zeroconf"
 
 
 class Advertisement:
     """The Wyoming service announced over mDNS (``_wyoming._tcp.local.``), as wyoming-piper does,
     so Home Assistant discovers the box by itself. Needs the ``zeroconf`` package (the
-    ``ttsd[zeroconf]`` extra); a box where multicast does not work gets a warning, not a failure."""
+    ``zeroconf`` extra); a box where multicast does not work gets a warning, not a failure."""
 
     def __init__(self, name: str, host: str, port: int) -> None:
         self.name, self.host, self.port = name, host, port
         self._zeroconf: Any = None
         self._info: Any = None
 
-    async def start(self) -> None:
+    @staticmethod
+    def check() -> None:
+        """At start-up, before the voices load: the package is there (else ``ConfigError``)."""
         try:
-            from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+            import zeroconf.asyncio  # noqa: F401
         except ImportError:
-            raise ConfigError("--wyoming-zeroconf needs the zeroconf package: pip install 'ttsd[zeroconf]'") from None
+            raise ConfigError(ZEROCONF_MISSING) from None
+
+    async def start(self) -> None:
+        self.check()
+        from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
         address = self.host if self.host not in ("0.0.0.0", "") else _outgoing_address()
         try:
             self._info = AsyncServiceInfo(
