@@ -100,3 +100,43 @@ def test_the_edge_box_quick_start_runs_as_written(tmp_path: Path, cache_dir: Pat
         log.close()
         kill_leftovers()
     assert daemon.returncode == 0, (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.daemon
+def test_examples_curl_runs_as_written(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    """examples/curl.md's blocks after the first (which starts the daemon: the test's, with a spool
+    as there), each line in bash with ``S`` set as the first block sets it; a player (no sound card
+    here) becomes a file. Every file a line writes is audio a reader opens, headers printed with
+    ``-D -`` name the voice (``curl -i -o`` wrote the headers into the WAV), and the error block
+    answers as shown."""
+    from daemon_util import start_daemon
+
+    text = (ROOT / "examples" / "curl.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M)
+    first, rest = blocks[0].splitlines(), blocks[1:]
+    assert first[0].startswith("ttsd serve --socket /tmp/ttsd.sock --spool") and first[1].startswith("S="), first
+    daemon = start_daemon(tmp_path / "d", cache_dir, "--spool", str(tmp_path / "spool"))
+    env = dict(os.environ, S=f"--unix-socket {daemon.socket}", TTSD_SOCKET=str(daemon.socket),
+               TTSD_CACHE=str(cache_dir), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    work = tmp_path / "work"
+    work.mkdir()
+    said: list[str] = []
+    for block in rest:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            line = re.sub(r"\|\s*(aplay|mpg123)\b.*$", f"> played-{len(said)}.out", line)
+            said.append(_sh(line, env, work).stdout)
+    import soundfile
+
+    written = re.findall(r"-o (\S+)", "\n".join(rest))
+    assert {"hello.wav", "fast.flac", "which.wav", "a.wav", "b.wav", "speech.mp3"} <= set(written), written
+    for name in written:
+        info = soundfile.info(str(work / name))  # raises on headers in the file
+        assert info.samplerate == 22050 and info.duration > 0.3, name
+    headers = [out for out in said if out.startswith("HTTP/1.1 200")]
+    assert len(headers) == 3 and all("X-Ttsd-Voice: " in h and "X-Ttsd-Version: " in h for h in headers), said
+    assert any(out.startswith("HTTP/1.1 400") and '"text is empty"' in out for out in said), said
+    played = sorted(work.glob("played-*.out"))  # what aplay and mpg123 would have played
+    assert len(played) == 3 and all(p.stat().st_size > 1000 for p in played), played
