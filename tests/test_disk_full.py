@@ -138,9 +138,9 @@ def test_a_store_copy_that_hits_a_full_disk_is_retried_not_refused(tmp_path: Pat
 
 @pytest.mark.daemon
 def test_a_full_spool_requeues_and_serves_when_space_returns(tmp_path: Path, tmpfs: Tmpfs) -> None:
-    """1. The spool's disk is full when a request's audio is written. 2. The request goes back to
-    incoming/ (not failed/, not stuck in work/) and the spool pauses. 3. Space is freed: the request
-    is served, and its outputs are complete."""
+    """1. The spool's disk is full when a request's audio is written. 2. The request stays claimed
+    in work/ (not failed/) and the spool pauses; it is not spoken again while the disk has no
+    room for its audio. 3. Space is freed: the request is served, and its outputs are complete."""
     models = tmp_path / "models"
     save_tiny_vits(models / "tiny-1", edit=plausible, noise_scale_duration=0.0)
     config = ServeConfig(models=models, state=tmp_path / "state", cache=tmp_path / "cache",
@@ -163,11 +163,16 @@ def test_a_full_spool_requeues_and_serves_when_space_returns(tmp_path: Path, tmp
     try:
         tmpfs.fill()
         loop.run_until_complete(scan_for(1.0))
-        assert request.exists(), "requeued into incoming/"
-        assert not list(spool.dirs["failed"].iterdir()) and not list(spool.dirs["work"].iterdir())
-        assert not list(spool.dirs["out"].iterdir())
+        assert not request.exists() and (spool.dirs["work"] / "r1.txt").exists(), "kept in work/"
+        assert not list(spool.dirs["failed"].iterdir()) and not list(spool.dirs["out"].iterdir())
+        assert spool._retry["r1.txt"] > 0  # it knows how much room its audio needs
+        retried = b'ttsd_spool_requests_total{outcome="retry"} 1.0'
+        assert retried in daemon.metrics.render()
+        loop.run_until_complete(scan_for(2.5))  # past the first back-off (2 s), still no room: not spoken again
+        assert retried in daemon.metrics.render()
+        assert (spool.dirs["work"] / "r1.txt").exists()
         tmpfs.free()
-        loop.run_until_complete(scan_for(3.0))  # the first back-off is 2 s
+        loop.run_until_complete(scan_for(1.0))
         meta = json.loads((spool.dirs["out"] / "r1.json").read_text())
         assert meta["duration"] > 0 and (spool.dirs["out"] / "r1.wav").stat().st_size > 44
         assert (spool.dirs["done"] / "r1.txt").exists()

@@ -234,6 +234,8 @@ def test_spool_never_follows_a_link_or_reads_an_oversized_or_special_file(harnes
     assert (harness.spool.dirs["failed"] / "link.txt").is_symlink()  # the link itself moved, not its target
     assert secret.read_text() == "the token is hunter2" and not list(harness.spool.dirs["out"].glob("link*"))
     assert not list(harness.spool.dirs["out"].glob("hard*"))
+    # the hard link's name is removed, not kept in failed/ as a second name of the secret
+    assert not (harness.spool.dirs["failed"] / "hard.txt").exists() and secret.stat().st_nlink == 1
 
 
 @pytest.mark.slow

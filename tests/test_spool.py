@@ -12,9 +12,11 @@ import errno
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import soundfile
@@ -22,7 +24,8 @@ from inproc import FakeVoices, FrontEnds
 
 from ttsd.errors import ResourceError
 from ttsd.front import spool as spool_module
-from ttsd.front.spool import BACKOFF_FIRST, SETTLE_SECONDS, Spool
+from ttsd.front.spool import BACKOFF_FIRST, BACKOFF_MAX, SETTLE_SECONDS, Spool
+from ttsd.front.spool_files import error_name
 
 
 class Clock:
@@ -66,13 +69,13 @@ def names(folder: Path) -> list[str]:
 
 
 def settle_and_serve(front: FrontEnds, clock: Clock, passes: int = 10) -> None:
-    """Scan, let the clock pass the settle time, and scan again until incoming/ is empty (one
-    request is served per pass at concurrency 1)."""
+    """Scan, let the clock pass the settle time, and scan again until incoming/ and work/ are
+    empty (one request is served per pass at concurrency 1)."""
     for _ in range(passes):
         front.spool_pass()
         clock.now += SETTLE_SECONDS
         front.spool_pass()
-        if not any(front.spool.dirs["incoming"].iterdir()):
+        if not any(front.spool.dirs["incoming"].iterdir()) and not any(front.spool.dirs["work"].iterdir()):
             return
 
 
@@ -166,11 +169,13 @@ def test_a_file_still_changing_is_not_claimed_until_it_settles(front: FrontEnds,
     assert [job.text for job in voices.jobs] == ["The first half, and the second half."]
 
 
-def test_prepare_after_a_restart_requeues_or_finishes_claimed_requests(front: FrontEnds, voices: FakeVoices,
-                                                                       clock: Clock, tmp_path: Path) -> None:
-    """A daemon stopped (or killed) with requests in work/: the next ``prepare`` puts each back
-    into incoming/, except one whose outputs were published (out/ID.json with this very request's
-    sha256), which goes to done/. Leftover temp outputs are removed; hidden files stay."""
+def test_prepare_after_a_restart_serves_or_finishes_claimed_requests(front: FrontEnds, voices: FakeVoices,
+                                                                     clock: Clock, tmp_path: Path) -> None:
+    """A daemon stopped (or killed) with requests in work/: the next start serves each from
+    there, first, except one whose outputs were published (out/ID.json with this very request's
+    sha256), which goes to done/. A request with the same ID waiting in incoming/ is never
+    overwritten (requeued by a rename, the claimed one replaced it). Leftover temp files of
+    out/, done/ and failed/ are removed; hidden files stay."""
     dirs = front.spool.dirs
     (dirs["work"] / "fresh.txt").write_text("Never served.")
     (dirs["work"] / "served.txt").write_text("Served before the crash.")
@@ -182,29 +187,61 @@ def test_prepare_after_a_restart_requeues_or_finishes_claimed_requests(front: Fr
     (dirs["work"] / "broken.txt").write_text("Its metadata is not JSON.")
     (dirs["out"] / "broken.json").write_text("{")
     (dirs["out"] / ".fresh.wav.1234.tmp").write_bytes(b"half")
+    (dirs["failed"] / ".x.error.json.abcd.tmp").write_bytes(b"half")
     (dirs["work"] / ".hidden").write_text("not a request")
+    (dirs["incoming"] / "fresh.txt").write_text("A corrected request with the same ID.")
+    (dirs["incoming"] / "gone.txt").mkdir()  # a folder with a claimed request's name
+    (dirs["incoming"] / "gone.txt" / "x").write_text("")
+    (dirs["work"] / "gone.txt").write_text("Claimed before the crash.")
 
     restarted = Spool(dirs["incoming"].parent, voices.backend, concurrency=1)
-    restarted.prepare()
-    assert names(dirs["incoming"]) == ["broken.txt", "fresh.txt", "other.txt"]
+    restarted.prepare()  # never fails for what writers left
+    assert names(dirs["incoming"]) == ["fresh.txt", "gone.txt"]
+    assert (dirs["incoming"] / "fresh.txt").read_text() == "A corrected request with the same ID."
     assert names(dirs["done"]) == ["served.txt"]
-    assert names(dirs["work"]) == [".hidden"]
+    assert names(dirs["work"]) == [".hidden", "broken.txt", "fresh.txt", "gone.txt", "other.txt"]
     assert names(dirs["out"]) == ["broken.json", "other.json", "served.json", "served.wav"]
+    assert names(dirs["failed"]) == []
     assert voices.jobs == []  # nothing was spoken again for the served one
 
+    front.spool = restarted
     settle_and_serve(front, clock)
-    assert "fresh.txt" in names(dirs["done"]) and (dirs["out"] / "fresh.json").is_file()
+    assert [job.text for job in voices.jobs][:2] == ["Never served.", "Claimed before the crash."]  # work/ first
+    assert {"fresh.txt", "gone.txt"} <= set(names(dirs["done"])) and (dirs["out"] / "fresh.json").is_file()
     errors = {p.name: json.loads(p.read_text())["error"]["code"] for p in dirs["failed"].glob("*.error.json")}
-    assert errors == {"other.error.json": "duplicate", "broken.error.json": "duplicate"}  # never overwritten
+    assert errors == {"other.error.json": "duplicate", "broken.error.json": "duplicate",
+                      "fresh.error.json": "duplicate", "gone.error.json": "bad_file"}, errors
+    assert (dirs["failed"] / "fresh.txt").read_text() == "A corrected request with the same ID."
+    assert (dirs["failed"] / "gone.txt" / "x").exists()
+
+
+def test_nothing_in_failed_is_replaced(front: FrontEnds, clock: Clock) -> None:
+    """A second failing request with an ID already in failed/ (the same name, or ID.txt beside
+    ID.json) goes there as ID~N, with its own error file; a request named like an error file
+    (y.error.json) is refused by its name and never replaces y's. Each replaced the other."""
+    dirs = front.spool.dirs
+    for name, content in [("z.txt", "   "), ("z.txt", "?!"), ("x.txt", "  "), ("x.json", "{"), ("y.txt", " "),
+                          ("y.error.json", '{"error": {"code": "forged"}}')]:
+        (dirs["incoming"] / name).write_text(content)
+        settle_and_serve(front, clock)
+    assert names(dirs["failed"]) == sorted([
+        "z.txt", "z.error.json", "z~1.txt", "z~1.error.json", "x.txt", "x.error.json", "x~1.json",
+        "x~1.error.json", "y.txt", "y.error.json", "y.error~1.json", error_name("y.error~1.json")])
+    assert (dirs["failed"] / "y.error~1.json").read_text() == '{"error": {"code": "forged"}}'
+    errors = {p.name: json.loads(p.read_text())["error"] for p in dirs["failed"].glob("*.error.json")}
+    assert errors["z.error.json"]["message"] == "text is empty" and "nothing to speak" in errors["z~1.error.json"]["message"]
+    assert errors["y.error.json"]["code"] == "bad_request"  # y's own, not the forged one
+    assert errors["x~1.error.json"]["code"] == "bad_request" and "JSON" in errors["x~1.error.json"]["message"]
 
 
 @pytest.mark.parametrize("where", ["submit", "engine"])
-def test_a_system_failure_requeues_the_request_and_pauses_the_spool(front: FrontEnds, voices: FakeVoices,
-                                                                    clock: Clock, where: str) -> None:
+def test_a_system_failure_keeps_the_request_claimed_and_pauses_the_spool(front: FrontEnds, voices: FakeVoices,
+                                                                         clock: Clock, where: str) -> None:
     """1. The box fails while a request is served (submit raises ResourceError; or the engine
-    hits a full disk, which the pool turns into one): the request goes back to incoming/, not to
-    failed/, and the spool pauses BACKOFF_FIRST seconds. 2. Settled, it is not claimed during the
-    pause. 3. A second failure doubles the pause. 4. After it, the request is served."""
+    hits a full disk, which the pool turns into one): the request stays in work/, not failed/,
+    and the spool pauses BACKOFF_FIRST seconds. 2. It is not served again during the pause, nor
+    is a new request claimed. 3. A second failure doubles the pause. 4. After it, both are served,
+    the claimed one first."""
     dirs = front.spool.dirs
     failure = OSError(errno.ENOSPC, "No space left on device")
     if where == "submit":
@@ -213,25 +250,173 @@ def test_a_system_failure_requeues_the_request_and_pauses_the_spool(front: Front
         voices.engine("joe", "1").fail_with = failure
     (dirs["incoming"] / "r1.txt").write_text("Hello there.")
     settle_and_serve(front, clock, passes=1)
-    assert names(dirs["incoming"]) == ["r1.txt"] and names(dirs["failed"]) == names(dirs["work"]) == []
+    assert names(dirs["work"]) == ["r1.txt"] and names(dirs["failed"]) == names(dirs["incoming"]) == []
     assert len(voices.jobs) == 1 and front.spool._paused_until == clock.now + BACKOFF_FIRST
 
-    clock.now += SETTLE_SECONDS
+    (dirs["incoming"] / "r2.txt").write_text("Next in line.")
     front.spool_pass()
-    clock.now = front.spool._paused_until - 0.01  # settled long ago, but paused
+    clock.now = front.spool._paused_until - 0.01  # r2 settled long ago, but the spool is paused
     front.spool_pass()
-    assert names(dirs["incoming"]) == ["r1.txt"] and len(voices.jobs) == 1
+    assert names(dirs["work"]) == ["r1.txt"] and names(dirs["incoming"]) == ["r2.txt"] and len(voices.jobs) == 1
 
     clock.now += 0.01
-    front.spool_pass()  # claimed, fails again: paused twice as long
-    assert len(voices.jobs) == 2 and names(dirs["incoming"]) == ["r1.txt"]
+    front.spool_pass()  # r1 again (before r2), fails again: paused twice as long
+    assert len(voices.jobs) == 2 and names(dirs["work"]) == ["r1.txt"] and names(dirs["incoming"]) == ["r2.txt"]
     assert front.spool._paused_until == clock.now + 2 * BACKOFF_FIRST
 
     voices.submit_error = voices.engine("joe", "1").fail_with = None
     clock.now += 2 * BACKOFF_FIRST
     settle_and_serve(front, clock)
-    assert names(dirs["done"]) == ["r1.txt"] and front.spool._backoff == 0.0
+    assert names(dirs["done"]) == ["r1.txt", "r2.txt"] and front.spool._backoff == 0.0
+    assert [job.text for job in voices.jobs] == ["Hello there."] * 3 + ["Next in line."]
     assert voices.model_failures() == []
     metrics = voices.metrics.render().decode()
     assert 'ttsd_spool_requests_total{outcome="retry"} 2.0' in metrics
-    assert 'ttsd_spool_requests_total{outcome="ok"} 1.0' in metrics
+    assert 'ttsd_spool_requests_total{outcome="ok"} 2.0' in metrics
+
+
+def test_audio_that_did_not_fit_waits_for_room_and_audio_that_never_could_fails(
+        front: FrontEnds, voices: FakeVoices, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1. big's audio does not fit: it stays in work/ and is not spoken again while the disk has
+    less room than it needs, but requests after it are served (it blocked the spool, spoken
+    again every minute). 2. Room comes: it is served. 3. Audio larger than the whole filesystem
+    fails at once with insufficient_storage."""
+    dirs = front.spool.dirs
+    free = {"bytes": 0}
+    total_blocks = 1 << 30
+
+    class Fs:
+        f_frsize = 1
+
+        @property
+        def f_bavail(self) -> int:
+            return free["bytes"]
+
+        @property
+        def f_blocks(self) -> int:
+            return total_blocks
+
+    real_statvfs, real_write = spool_module.os.statvfs, spool_module.atomic_write_bytes
+    monkeypatch.setattr(spool_module.os, "statvfs", lambda path: Fs() if str(path).startswith(str(dirs["out"]))
+                        else real_statvfs(path))
+
+    def write(path: Path, data: bytes, mode: int | None = None) -> None:
+        if len(data) > free["bytes"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data, mode)
+
+    monkeypatch.setattr(spool_module, "atomic_write_bytes", write)
+    (dirs["incoming"] / "big.txt").write_text("A long answer. " * 5)
+    settle_and_serve(front, clock, passes=1)
+    assert names(dirs["work"]) == ["big.txt"] and len(voices.jobs) == 1
+    needs = front.spool._retry["big.txt"]
+    assert needs > 1000
+    free["bytes"] = needs // 2  # some room, not enough for big's audio: small ones fit
+    (dirs["incoming"] / "small.txt").write_text("Hi.")
+    clock.now += BACKOFF_MAX
+    settle_and_serve(front, clock, passes=3)
+    assert names(dirs["done"]) == ["small.txt"] and names(dirs["work"]) == ["big.txt"]
+    assert [job.text for job in voices.jobs] == ["A long answer. " * 4 + "A long answer.", "Hi."]  # big: once
+    free["bytes"] = needs + spool_module.ROOM_MARGIN
+    settle_and_serve(front, clock)
+    assert names(dirs["done"]) == ["big.txt", "small.txt"] and len(voices.jobs) == 3
+
+    total_blocks = 1000  # a filesystem smaller than the audio: it could never fit
+    free["bytes"] = 0
+    (dirs["incoming"] / "huge.txt").write_text("Too much. " * 5)
+    clock.now += BACKOFF_MAX
+    settle_and_serve(front, clock)
+    error = json.loads((dirs["failed"] / "huge.error.json").read_text())["error"]
+    assert error["code"] == "insufficient_storage" and "more than the spool's filesystem holds" in error["message"]
+
+
+def test_a_spool_folder_it_cannot_write_is_the_box_not_the_request(
+        front: FrontEnds, voices: FakeVoices, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """out/ cannot be written (permissions, an immutable folder): the request stays in work/ and
+    the spool pauses; it was failed for good as the request's 'bad_file'. A deleted out/ is made
+    again at the next scan, and the request is served."""
+    dirs = front.spool.dirs
+    real_write = spool_module.atomic_write_bytes
+
+    def denied(path: Path, data: bytes, mode: int | None = None) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(spool_module, "atomic_write_bytes", denied)
+    (dirs["incoming"] / "r1.txt").write_text("Hello.")
+    settle_and_serve(front, clock, passes=1)
+    assert names(dirs["work"]) == ["r1.txt"] and names(dirs["failed"]) == []
+    assert front.spool._paused_until > clock.now and voices.model_failures() == []
+    monkeypatch.setattr(spool_module, "atomic_write_bytes", real_write)
+    dirs["out"].rmdir()
+    clock.now += BACKOFF_MAX
+    settle_and_serve(front, clock)
+    assert names(dirs["done"]) == ["r1.txt"] and (dirs["out"] / "r1.json").is_file()
+
+
+def test_a_spool_folder_replaced_by_a_link_is_never_used(front: FrontEnds, clock: Clock, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """incoming/ replaced by a link to another folder: the spool does nothing (it drained that
+    folder into failed/, and spoke what it could), says so once, and takes up its work again when
+    incoming/ is a folder again."""
+    dirs = front.spool.dirs
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "important.conf").write_text("keep me")
+    (victim / "x.txt").write_text("not for the spool")
+    dirs["incoming"].rename(tmp_path / "incoming.real")
+    dirs["incoming"].symlink_to(victim)
+    with caplog.at_level("ERROR", logger="ttsd.spool"):
+        for _ in range(3):
+            try:
+                front.spool._scan(front.spool._list_incoming())
+            except Exception as exc:  # run() logs it once
+                front.spool._folder_problem(f"spool scan failed: {exc}")
+            clock.now += 1.0
+    assert sorted(p.name for p in victim.iterdir()) == ["important.conf", "x.txt"]
+    assert names(dirs["failed"]) == names(dirs["work"]) == []
+    said = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
+    assert len(said) == 1 and "does nothing until it is a directory again" in said[0], said
+    dirs["incoming"].unlink()
+    (tmp_path / "incoming.real").rename(dirs["incoming"])
+    (dirs["incoming"] / "r1.txt").write_text("Back to work.")
+    settle_and_serve(front, clock)
+    assert names(dirs["done"]) == ["r1.txt"]
+
+
+def test_a_file_the_daemon_cannot_take_out_of_incoming_is_left_and_said_once(
+        front: FrontEnds, voices: FakeVoices, clock: Clock, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A sticky incoming/ holding another user's file: the daemon may link it into work/ but not
+    remove it. The link is undone (it stayed in work/ with two names, and a restart could never
+    serve it), the error is logged once, not at every scan, and once the file can be taken
+    (UNCLAIMABLE_RETRY later) it is served."""
+    dirs = front.spool.dirs
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *args: Any, **kw: Any) -> None:
+        if str(path).startswith(str(dirs["incoming"])):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        real_unlink(path, *args, **kw)
+
+    monkeypatch.setattr(spool_module.os, "unlink", unlink)
+    (dirs["incoming"] / "theirs.txt").write_text("Someone else's request.")
+    with caplog.at_level("ERROR", logger="ttsd.spool"):
+        for _ in range(5):
+            settle_and_serve(front, clock, passes=1)
+    assert names(dirs["work"]) == [] and names(dirs["incoming"]) == ["theirs.txt"] and voices.jobs == []
+    assert os.stat(dirs["incoming"] / "theirs.txt").st_nlink == 1
+    said = [r.getMessage() for r in caplog.records if "cannot claim" in r.getMessage()]
+    assert len(said) == 1 and "must be able to move files out of" in said[0], said
+    monkeypatch.setattr(spool_module.os, "unlink", real_unlink)
+    clock.now += spool_module.UNCLAIMABLE_RETRY
+    settle_and_serve(front, clock)
+    assert names(dirs["done"]) == ["theirs.txt"]
+
+
+def test_a_finished_request_wakes_the_spool(front: FrontEnds, clock: Clock) -> None:
+    """The next request is claimed as soon as a slot frees, not at the next rescan (at most 4
+    requests a second per worker otherwise)."""
+    (front.spool.dirs["incoming"] / "r1.txt").write_text("Hello.")
+    front.spool._wake.clear()
+    settle_and_serve(front, clock)
+    assert names(front.spool.dirs["done"]) == ["r1.txt"] and front.spool._wake.is_set()

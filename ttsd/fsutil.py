@@ -7,6 +7,8 @@ never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -78,6 +80,48 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, *, excl
 
 def atomic_write_text(path: Path, text: str, mode: int | None = None, *, exclusive: bool = False) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode, exclusive=exclusive)
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_renameat2: Callable[..., int] | bool | None = False  # False: not looked up yet
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless something is at ``dst`` (``FileExistsError``): a rename
+    that never replaces, for moves between folders other programs write into. Linux's
+    ``renameat2(RENAME_NOREPLACE)``; where the filesystem or libc lacks it, a hard link and an
+    unlink for a file, a checked rename for anything else (a race then replaces)."""
+    global _renameat2
+    if _renameat2 is False:
+        _renameat2 = _libc_renameat2()
+    if callable(_renameat2):
+        at_fdcwd = -100
+        if _renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # (the filesystem cannot)
+            raise OSError(code, os.strerror(code), str(src), None, str(dst))
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:  # a directory, or a filesystem without hard links
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def _libc_renameat2() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 SHARED = 0o666  # mode for outputs meant for other users: the umask decides, as for open()

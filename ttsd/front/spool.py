@@ -7,21 +7,26 @@
     SPOOL/failed/ID.* + ID.error.json  requests that cannot be served, and why
 
 Every request ends in ``done/`` or ``failed/`` (with its reason), except while the box itself
-fails (disk full, out of memory, I/O error): then the request goes back to ``incoming/`` and the
-spool pauses, with a growing back-off, before it claims anything again. A request's own fault
-never counts against a model (see ``ttsd.errors``).
+fails (disk full, out of memory, I/O error, a spool folder it cannot write): then the request stays
+claimed in ``work/`` and the spool pauses, with a growing back-off, before it claims anything
+again; a request whose audio did not fit waits until the disk has room for it (it is not spoken
+again before), and one whose audio could never fit on the spool's filesystem fails. A request's
+own fault never counts against a model (see ``ttsd.errors``).
 
 Writers are not trusted: a request file is opened without following links and must be a regular
 file with no other hard link, of at most ``MAX_REQUEST_BYTES`` (checked with ``fstat`` before
 reading); names are checked before they are used in a path or a log line; an ID already served
 (``out/ID.json``) is refused rather than overwritten, and a file whose ID is being served waits.
-Claims never replace a file in ``work/``, and ``incoming/`` is listed on a thread, a batch at a
-time, so a backlog of any size cannot stall the event loop.
+No move between the spool's folders replaces anything: a name taken in ``done/`` or ``failed/``
+gets ``~N`` after its ID. ``incoming/`` is listed on a thread, a batch at a time, so a backlog of
+any size cannot stall the event loop. The spool's own folders must be folders, never links (one
+replaced by a link is not used); one that is missing is made again.
 
 Crash safety: outputs are written to hidden temp names and renamed into place, and a request leaves
 ``work/`` only after its outputs are published. After ``kill -9`` at any moment, the next start
-finds the request in ``incoming/`` or ``work/`` and serves it again (or moves it to ``done/`` if
-its outputs were already complete); ``out/`` never shows a half-written file.
+serves what is in ``incoming/`` and ``work/`` (or moves a request to ``done/`` if its outputs were
+already complete); ``out/`` never shows a half-written file. Nothing in the spool can stop the
+daemon from starting: an entry that cannot be moved is logged and left where it is.
 
 Runs on the event loop; synthesis goes to the pool, file reads and writes to an executor thread.
 """
@@ -53,11 +58,11 @@ from ..errors import (
     is_system_oserror,
     resource_error,
 )
-from ..fsutil import SHARED, atomic_write_bytes, atomic_write_text, fsync_dir
+from ..fsutil import SHARED, atomic_write_bytes, atomic_write_text, fsync_dir, rename_noreplace
 from ..text import check_text
 from .backend import Backend
 from .speech_request import SynthRequest
-from .spool_files import ID, error_name, parse_file, read_bounded, shown
+from .spool_files import error_name, is_id, parse_file, read_bounded, shown
 from .synth import Job, Result
 
 log = logging.getLogger("ttsd.spool")
@@ -67,6 +72,20 @@ SETTLE_SECONDS = 0.25  # a file must keep its size and mtime this long before it
 RESCAN_SECONDS = 2.0  # events can be lost (or never sent, on network filesystems)
 BACKOFF_FIRST, BACKOFF_MAX = 2.0, 60.0  # pause after a system failure, doubling
 SCAN_BATCH = 1000  # entries of incoming/ looked at per scan
+UNCLAIMABLE_RETRY = 60.0  # seconds before a file that could not be taken out of incoming/ is tried again
+ROOM_MARGIN = 1 << 20  # bytes free beyond a waiting request's outputs before it is spoken again
+
+
+class _NoRoom(Exception):
+    """A request's outputs did not fit on the spool's disk: ``needs`` bytes."""
+
+    def __init__(self, cause: OSError, needs: int) -> None:
+        super().__init__(str(cause))
+        self.cause, self.needs = cause, needs
+
+
+class _Unusable(Exception):
+    """A spool folder is not a folder (a link, a file): the spool does nothing until it is."""
 
 
 class Spool:
@@ -77,36 +96,54 @@ class Spool:
         self.dirs = {name: root / name for name in ("incoming", "work", "out", "done", "failed")}
         self._settle: Settle[Path] = Settle(SETTLE_SECONDS)  # a file is claimed once its size and mtime hold
         self._active: set[asyncio.Task[None]] = set()
-        self._serving: set[str] = set()  # IDs claimed and not yet done or failed
+        self._serving: set[str] = set()  # IDs claimed (in work/) and not yet done or failed
+        # claimed requests to serve from work/ (after a restart, or a failure of the box): name ->
+        # bytes of free space its outputs need first (0: none known)
+        self._retry: dict[str, int] = {}
+        self._unclaimable: dict[str, tuple[int, float]] = {}  # name -> (inode, when tried)
         self._wake = asyncio.Event()
         self._stopping = False
         self._observer: Observer | None = None
         self._paused_until = 0.0  # monotonic: no claims before this (after a system failure)
         self._backoff = 0.0
+        self._problem = ""  # the last folder problem logged (each is logged once, until it changes)
 
     # -- life cycle ----------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Create the folders, remove leftover temp files, and requeue claimed requests (or move
-        them to ``done/`` when a crash came after their outputs were published)."""
-        for path in self.dirs.values():
-            path.mkdir(parents=True, exist_ok=True)
-        for leftover in self.dirs["out"].glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+        """Create the folders, remove leftover temp files, and take up claimed requests: each is
+        served again from ``work/`` (or moved to ``done/`` when a crash came after its outputs
+        were published). Nothing a writer put in the spool can make this fail: an entry that
+        cannot be moved is logged and left."""
+        self._check_dirs(quiet=True)
+        for folder in ("out", "done", "failed"):  # atomic writes' temp files, left by a kill -9
+            for leftover in self.dirs[folder].glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        if os.geteuid() != 0 and self.dirs["incoming"].stat().st_mode & stat.S_ISVTX:
+            log.warning(
+                "spool: %s is sticky: a file another user drops there cannot be claimed (only its owner "
+                "may remove it); give the daemon a folder of its own or drop files as its user",
+                self.dirs["incoming"],
+            )
         for claimed in sorted(self.dirs["work"].iterdir()):
             if claimed.name.startswith("."):
                 continue
-            if self._already_published(claimed):
-                os.replace(claimed, self.dirs["done"] / claimed.name)
-                log.info("%s was served before a restart; moved to done/", shown(claimed.name))
-            else:
-                os.replace(claimed, self.dirs["incoming"] / claimed.name)
-                log.info("requeued %s (claimed before a restart)", shown(claimed.name))
-        fsync_dir(self.dirs["incoming"])
+            try:
+                if self._already_published(claimed):
+                    placed = self._place(claimed, "done")
+                    log.info("%s was served before a restart; moved to done/%s", shown(claimed.name), shown(placed))
+                    continue
+            except OSError as exc:
+                log.error("spool %s: cannot move it to done/ (%s); it stays in work/", shown(claimed.name), exc)
+                continue
+            self._retry[claimed.name] = 0
+            self._serving.add(claimed.stem)  # a file with its ID in incoming/ waits for it
+            log.info("serving %s again (claimed before a restart)", shown(claimed.name))
         fsync_dir(self.dirs["work"])
 
     def _already_published(self, claimed: Path) -> bool:
         meta = self.dirs["out"] / f"{claimed.stem}.json"
-        if claimed.suffix not in SUFFIXES or not ID.fullmatch(claimed.stem) or not meta.is_file():
+        if claimed.suffix not in SUFFIXES or not is_id(claimed.stem) or not meta.is_file():
             return False
         try:
             served = json.loads(meta.read_text(encoding="utf-8")).get("request_sha256")
@@ -128,8 +165,8 @@ class Spool:
             try:
                 # listing and stat'ing happen on a thread: 50,000 waiting files took 0.3 s a scan
                 self._scan(await loop.run_in_executor(None, self._list_incoming))
-            except OSError as exc:
-                log.error("spool scan failed: %s", exc)
+            except (OSError, _Unusable) as exc:
+                self._folder_problem(f"spool scan failed: {exc}")
             wait = SETTLE_SECONDS if self._settle.seen else RESCAN_SECONDS
             paused = self._paused_until - time.monotonic()
             if paused > 0:
@@ -148,10 +185,35 @@ class Spool:
         if self._active:
             await asyncio.gather(*self._active, return_exceptions=True)
 
+    # -- the folders ---------------------------------------------------------------------------
+    def _check_dirs(self, *, quiet: bool = False) -> None:
+        """Each spool folder is a folder (``_Unusable`` if one is a link or a file: a link could
+        make the spool empty a folder elsewhere into failed/); a missing one is made (again: said,
+        unless ``quiet``, at start-up)."""
+        for name, path in self.dirs.items():
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                path.mkdir(parents=True, exist_ok=True)
+                if not quiet and self._problem != f"missing {name}":
+                    log.warning("spool: %s was missing; made it again", path)
+                self._problem = f"missing {name}"
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                raise _Unusable(f"{path} is {what}; the spool does nothing until it is a directory again")
+
+    def _folder_problem(self, message: str) -> None:
+        """Log a problem of the spool's folders once, not at every scan."""
+        if message != self._problem:
+            log.error("%s", message)
+        self._problem = message
+
     # -- claiming ------------------------------------------------------------------------------
     def _list_incoming(self) -> list[tuple[str, os.stat_result]]:
         """Up to ``SCAN_BATCH`` entries of ``incoming/`` (never following a link), oldest first.
         Runs on an executor thread; a bigger backlog is taken a batch at a time."""
+        self._check_dirs()
         found = []
         with os.scandir(self.dirs["incoming"]) as entries:
             for entry in entries:
@@ -168,6 +230,10 @@ class Spool:
 
     def _scan(self, entries: list[tuple[str, os.stat_result]]) -> None:
         now = time.monotonic()
+        if self._problem.startswith("spool scan failed"):
+            log.info("spool: its folders are usable again")
+            self._problem = ""
+        self._take_up(now)  # claimed before: first
         present = set()
         for name, st in entries:
             path = self.dirs["incoming"] / name
@@ -178,15 +244,35 @@ class Spool:
                     continue
             if Path(name).stem in self._serving:
                 continue  # the same ID is being served: this one waits, then meets its outputs
-            if len(self._active) >= self.concurrency or not self.backend.ready() or now < self._paused_until:
+            if not self._may_start(now):
+                continue
+            tried = self._unclaimable.get(name)
+            if tried is not None and tried[0] == st.st_ino and now - tried[1] < UNCLAIMABLE_RETRY:
                 continue
             self._settle.forget(path)
-            self._claim(path)
+            self._claim(path, st, now)
         self._settle.keep_only(present)
+        self._unclaimable = {k: v for k, v in self._unclaimable.items() if self.dirs["incoming"] / k in present}
 
-    def _claim(self, path: Path) -> None:
+    def _may_start(self, now: float) -> bool:
+        return len(self._active) < self.concurrency and self.backend.ready() and now >= self._paused_until
+
+    def _take_up(self, now: float) -> None:
+        """Serve the claimed requests waiting in ``work/``, oldest first; one whose outputs did
+        not fit waits until the disk has room for them."""
+        for name, needs in list(self._retry.items()):
+            if not self._may_start(now):
+                return
+            if needs and _free_bytes(self.dirs["out"]) < needs + ROOM_MARGIN:
+                continue
+            del self._retry[name]
+            self._start(self.dirs["work"] / name)
+
+    def _claim(self, path: Path, st: os.stat_result, now: float) -> None:
         """Move a request into ``work/``: whoever moves it first owns it. Never over a file there
-        (a hard link fails if the name exists; where links are not possible, a checked rename)."""
+        (a hard link fails if the name exists; where links are not possible, a rename that does
+        not replace). A file the daemon may link but not remove (a sticky ``incoming/`` holding
+        another user's file) is left where it is, and said once."""
         target = self.dirs["work"] / path.name
         try:
             try:
@@ -196,23 +282,42 @@ class Spool:
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
                     raise
-                if target.exists() or target.is_symlink():
-                    return
-                os.replace(path, target)
+                rename_noreplace(path, target)
             else:
-                os.unlink(path)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:  # another daemon took it meanwhile: so does this one
+                    pass
+                except OSError:
+                    os.unlink(target)  # the claim did not happen
+                    raise
         except FileNotFoundError:
             return
-        except OSError as exc:
-            log.error("spool: cannot claim %s (%s)", shown(path.name), exc)
+        except FileExistsError:
             return
+        except OSError as exc:
+            if self._unclaimable.get(path.name, (None,))[0] != st.st_ino:
+                log.error(
+                    "spool: cannot claim %s (%s): the daemon must be able to move files out of %s",
+                    shown(path.name),
+                    exc.strerror or exc,
+                    self.dirs["incoming"],
+                )
+            self._unclaimable[path.name] = (st.st_ino, now)
+            return
+        self._unclaimable.pop(path.name, None)
         self._serving.add(target.stem)  # until _serve ends: another file with this ID waits
-        task = asyncio.get_running_loop().create_task(self._serve(target))
+        self._start(target)
+
+    def _start(self, claimed: Path) -> None:
+        self._serving.add(claimed.stem)
+        task = asyncio.get_running_loop().create_task(self._serve(claimed))
         self._active.add(task)
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)
+        self._wake.set()  # a slot is free: the next request need not wait for the next scan
         if not task.cancelled() and task.exception() is not None:  # _serve handles everything; a bug
             log.error("spool task failed", exc_info=task.exception())
 
@@ -221,12 +326,13 @@ class Spool:
         loop = asyncio.get_running_loop()
         request_id = claimed.stem
         started = time.time()
+        waits = False  # still claimed when this ends (to be served again)
         try:
-            if claimed.suffix not in SUFFIXES or not ID.fullmatch(request_id):
+            if claimed.suffix not in SUFFIXES or not is_id(request_id):
                 raise SpoolFileError(
                     "bad_name",
-                    f"{shown(claimed.name)}: name must be ID.txt or ID.json with ID of "
-                    "1 to 200 letters, digits, '.', '_' or '-' (not leading)",
+                    f"{shown(claimed.name)}: name must be ID.txt or ID.json with ID of 1 to 200 letters, "
+                    "digits, '.', '_' or '-', starting with a letter or digit and not ending in '.error'",
                 )
             raw = await loop.run_in_executor(None, read_bounded, claimed)
             if (self.dirs["out"] / f"{request_id}.json").exists():
@@ -257,19 +363,25 @@ class Spool:
                 },
                 "request_sha256": hashlib.sha256(raw).hexdigest(),
             }
-            await loop.run_in_executor(None, self._publish, claimed, req, result, meta)
+            try:
+                await loop.run_in_executor(None, self._publish, claimed, req, result, meta)
+            except OSError as exc:  # the spool's folders, not the request: the box's
+                raise _BoxError(exc) from exc
             self._backoff = 0.0
             self.backend.metrics.spool.labels("ok").inc()
         except BusyError:
-            # Not the request's fault: put it back for the next scan.
-            await loop.run_in_executor(None, self._requeue, claimed, None)
+            waits = self._later(claimed, None)  # not the request's fault: served again soon
         except asyncio.CancelledError:
             raise  # shutting down: the request stays in work/ and is served after restart
+        except _NoRoom as exc:
+            waits = await loop.run_in_executor(None, self._no_room, claimed, exc)
+        except _BoxError as exc:
+            waits = self._later(claimed, exc.cause)
         except (ResourceError, MemoryError) as exc:
-            await loop.run_in_executor(None, self._requeue, claimed, exc)
+            waits = self._later(claimed, exc)
         except OSError as exc:
             if is_system_oserror(exc):
-                await loop.run_in_executor(None, self._requeue, claimed, exc)
+                waits = self._later(claimed, exc)
             else:  # a request file that vanished or cannot be read: that request's problem
                 await loop.run_in_executor(
                     None, self._fail, claimed, "bad_file", f"{shown(claimed.name)}: {exc.strerror or exc}"
@@ -280,51 +392,134 @@ class Spool:
             log.exception("spool request %s failed", shown(claimed.name))
             await loop.run_in_executor(None, self._fail, claimed, "internal", f"{type(exc).__name__}: {exc}")
         finally:
-            self._serving.discard(request_id)
+            if not waits:
+                self._serving.discard(request_id)
 
     def _publish(self, claimed: Path, req: SynthRequest, result: Result, meta: dict[str, Any]) -> None:
         audio = result.audio
         assert audio is not None
         data = audio.to_pcm16() if req.format == "pcm" else encode(audio, req.format)
         out = self.dirs["out"]
-        atomic_write_bytes(out / f"{claimed.stem}.{req.format}", data, SHARED)
-        atomic_write_text(out / f"{claimed.stem}.json", json.dumps(meta, indent=1) + "\n", SHARED)
-        os.replace(claimed, self.dirs["done"] / claimed.name)
+        text = json.dumps(meta, indent=1) + "\n"
+        try:
+            atomic_write_bytes(out / f"{claimed.stem}.{req.format}", data, SHARED)
+            atomic_write_text(out / f"{claimed.stem}.json", text, SHARED)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _NoRoom(exc, len(data) + len(text)) from exc
+            raise
+        placed = self._place(claimed, "done")
         fsync_dir(self.dirs["work"])
-        log.info("spool %s: %.2f s of audio", claimed.name, result.audio_seconds)
+        log.info("spool %s: %.2f s of audio", placed, result.audio_seconds)
+
+    def _place(self, claimed: Path, folder: str) -> str:
+        """Move ``claimed`` into ``done/`` or ``failed/`` under its name, or, where that (or, in
+        ``failed/``, its error file's name) is taken, under ``ID~N`` (never replacing anything).
+        Returns the name it got."""
+        where = self.dirs[folder]
+        stem, suffix = _stem_and_suffix(claimed.name)
+        for n in range(1000):
+            name = claimed.name if n == 0 else f"{stem}~{n}{suffix}"
+            if folder == "failed" and (where / _error_file(name)).exists():
+                continue
+            try:
+                rename_noreplace(claimed, where / name)
+            except FileExistsError:
+                continue
+            return name
+        raise OSError(errno.EEXIST, f"{folder}/ holds a thousand requests named {shown(claimed.name)}")
 
     def _fail(self, claimed: Path, code: str, message: str) -> None:
-        """Move the request to ``failed/`` beside ``ID.error.json``. Never raises: a failure to
-        write the reason for a system cause requeues the request instead."""
+        """Move the request to ``failed/`` beside its error file. A file with other hard links is
+        not this writer's to keep (a name for a file elsewhere): only this name of it is removed.
+        Never raises: a failure to write the reason for a system cause keeps the request claimed."""
         failed = self.dirs["failed"]
         try:
+            st = os.lstat(claimed)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                os.unlink(claimed)
+                name = claimed.name
+                while (failed / _error_file(name)).exists():  # (the request's name is not kept)
+                    name = f"{_stem_and_suffix(name)[0]}~{os.urandom(3).hex()}{claimed.suffix}"
+            else:
+                name = self._place(claimed, "failed")
             atomic_write_text(
-                failed / error_name(claimed.name),
+                failed / _error_file(name),
                 json.dumps({"error": {"code": code, "message": message}}, indent=1) + "\n",
                 SHARED,
             )
-            os.replace(claimed, failed / claimed.name)
             fsync_dir(self.dirs["work"])
         except OSError as exc:
-            if is_system_oserror(exc):
-                self._requeue(claimed, exc)
+            if is_system_oserror(exc) and claimed.exists() and self._later(claimed, exc):
                 return
-            log.error("spool %s: cannot move it to failed/ (%s); it stays in work/", shown(claimed.name), exc)
+            log.error("spool %s: cannot move it to failed/ (%s)", shown(claimed.name), exc)
             return
         self.backend.metrics.spool.labels("failed").inc()
         log.warning("spool %s failed: %s", shown(claimed.name), message)
 
-    def _requeue(self, claimed: Path, cause: BaseException | None) -> None:
-        """Put a claimed request back into ``incoming/``. With a system ``cause`` (disk full, out
-        of memory, I/O error) the spool also pauses before claiming again, longer each time."""
-        try:
-            os.replace(claimed, self.dirs["incoming"] / claimed.name)
-        except OSError as exc:  # it stays in work/: requeued at the next start
-            log.error("spool %s: cannot put it back into incoming/ (%s)", shown(claimed.name), exc)
+    def _no_room(self, claimed: Path, exc: _NoRoom) -> bool:
+        """Outputs that did not fit: the request waits in ``work/`` until the disk has room for
+        them, or fails when the spool's filesystem could never hold them."""
+        fs = os.statvfs(self.dirs["out"])
+        if exc.needs + ROOM_MARGIN > fs.f_blocks * fs.f_frsize:
+            self._fail(
+                claimed,
+                "insufficient_storage",
+                f"its audio needs {_mb(exc.needs)}, more than the spool's filesystem holds "
+                f"({_mb(fs.f_blocks * fs.f_frsize)}); ask for less text or another format",
+            )
+            return False
+        return self._later(claimed, exc.cause, needs=exc.needs)
+
+    def _later(self, claimed: Path, cause: BaseException | None, *, needs: int = 0) -> bool:
+        """Keep a claimed request in ``work/``, to be served again: after a busy queue at once, after
+        a system ``cause`` (disk full, out of memory, I/O error, a spool folder it cannot write)
+        once the spool's pause is over, longer each time; with ``needs``, once that many bytes are
+        free. True (it waits)."""
+        self._retry[claimed.name] = needs
         if cause is None:
-            return
+            return True
         error = cause if isinstance(cause, ResourceError) else resource_error(cause, "serving a spool request")
         self._backoff = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_FIRST)
         self._paused_until = time.monotonic() + self._backoff
         self.backend.metrics.spool.labels("retry").inc()
-        log.error("spool %s: %s; requeued, the spool pauses %.0f s", shown(claimed.name), error, self._backoff)
+        room = f"; it is spoken again once {_mb(needs + ROOM_MARGIN)} are free" if needs else ""
+        log.error(
+            "spool %s: %s; kept in work/, the spool pauses %.0f s%s", shown(claimed.name), error, self._backoff, room
+        )
+        return True
+
+
+class _BoxError(Exception):
+    """Publishing a request's outputs failed for a reason of the spool's folders (permissions,
+    a folder removed): the box's, never the request's."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _stem_and_suffix(name: str) -> tuple[str, str]:
+    path = Path(name)
+    return (path.stem, path.suffix) if path.suffix in SUFFIXES else (name, "")
+
+
+def _error_file(name: str) -> str:
+    """The error file beside request ``name`` in ``failed/``: ``ID.error.json`` (or ``ID~N``'s)."""
+    stem, suffix = _stem_and_suffix(name)
+    base = stem.split("~", 1)[0]
+    if suffix and is_id(base):
+        return f"{stem}.error.json"
+    return error_name(name)
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return 0
+    return fs.f_bavail * fs.f_frsize
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"

@@ -19,6 +19,12 @@ ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # a request's ID: its file
 MAX_REQUEST_BYTES = 1 << 20  # as for an HTTP body: far more than any allowed text
 
 
+def is_id(stem: str) -> bool:
+    """A request's ID: 1-200 letters, digits, ``.``, ``_``, ``-``, starting with a letter or digit,
+    and not ending in ``.error`` (``ID.error.json`` is a failed request's error file)."""
+    return ID.fullmatch(stem) is not None and not stem.endswith(".error")
+
+
 def shown(name: str) -> str:
     """A file name as it may appear in a log line or an error message: control characters
     escaped, cut to a readable length."""
@@ -30,7 +36,7 @@ def error_name(name: str) -> str:
     """``ID.error.json`` for a request file name, within the filesystem's 255 bytes even when the
     name itself is invalid or long (then: a cleaned prefix plus a hash of the name)."""
     stem = Path(name).stem
-    if ID.fullmatch(stem):
+    if is_id(stem):
         return f"{stem}.error.json"
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
     clean = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:100].lstrip(".") or "request"
