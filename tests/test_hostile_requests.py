@@ -399,3 +399,41 @@ def test_a_bad_withdrawal_is_refused_and_nothing_is_recorded(harness: Harness, v
     record = harness.daemon.manager.state.voice(voice)
     assert record.rolled_back == () and "nobody" not in harness.daemon.manager.state.voices()
     assert harness.version_2()["state"] == "active"
+
+
+def test_http_1_0_gets_a_streamed_answer_that_ends_with_the_connection(harness: Harness) -> None:
+    """HTTP/1.0 has no chunked encoding (nginx speaks it to upstreams by default): a streamed
+    answer, as the OpenAI route's default is, ends with the connection's close. It was a 500
+    with a traceback in the log for every such request."""
+
+    async def send(raw: bytes) -> bytes:
+        reader, writer = await asyncio.open_unix_connection(str(harness.front.socket))
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 60)  # up to the close
+        writer.close()
+        return answer
+
+    for path, body in [("/v1/synthesize", {"text": "Hi there.", "stream": True}),
+                       ("/v1/audio/speech", {"input": "Hi there.", "model": "tts-1", "response_format": "wav"})]:
+        data = json.dumps(body).encode()
+        head, _, audio = harness.run(send(
+            f"POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data)).partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"200" and b"chunked" not in head.lower(), head
+        assert audio[:4] == b"RIFF" and len(audio) > 10_000, (path, audio[:100])
+
+
+def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent(harness: Harness) -> None:
+    """Content-Length: 10 GB is a 413 at once, not a 408 after the body's 30 s."""
+
+    async def send() -> bytes:
+        reader, writer = await asyncio.open_unix_connection(str(harness.front.socket))
+        writer.write(b"POST /v1/synthesize HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000000\r\n\r\n{")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"}}"), 5)
+        writer.close()
+        return answer
+
+    head, _, body = harness.run(send()).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ") and json.loads(body)["error"]["code"] == "body_too_large", head

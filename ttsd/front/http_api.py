@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from ..audio import Audio, encode, wav_stream_header
 from ..encoding import Encoder, check_available, open_encoder
@@ -154,6 +154,8 @@ class _StreamBroken(Exception):
 
 
 async def _read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY:  # refused before it is sent
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
     try:
         return await asyncio.wait_for(request.read(), BODY_SECONDS)
     except TimeoutError:
@@ -400,7 +402,10 @@ class _Api:
                     if req.format not in ("wav", "pcm"):
                         encoder = await loop.run_in_executor(None, open_encoder, req.format, item.sample_rate)
                     response = web.StreamResponse(headers=self._headers(lease, req, item.sample_rate))
-                    response.enable_chunked_encoding()
+                    if request.version >= HttpVersion11:
+                        response.enable_chunked_encoding()
+                    else:  # HTTP/1.0 has no chunks (nginx's default to its upstreams): the end is the close
+                        response.force_close()
                     await response.prepare(request)
                     if req.format == "wav":
                         await send(wav_stream_header(item.sample_rate))
