@@ -20,7 +20,7 @@ over the Wyoming protocol, with the ``wyoming`` package's event classes.
 Requests go through the same queue, workers, leases, canary and metrics (``route="wyoming"``) as
 HTTP. Wyoming has no authentication (the daemon warns of a non-loopback bind), so no client may hold
 the daemon hostage: ``max_connections``, ``idle_timeout`` between events, and the bounds of
-``wyoming_io`` (event size, malformed events, audio held for a client that does not read);
+``wyoming_io`` (event size, malformed events; a client that does not read never holds a worker);
 ``write_timeout`` seconds for a client to take each event, else its connection is cut off, its
 synthesis cancelled and its slot freed. Runs on the event loop; synthesis is the pool's.
 """
@@ -56,11 +56,11 @@ from .backend import Backend
 from .listeners import WRITE_SECONDS, check_socket
 from .speech_request import parse_speaker
 from .synth import Cancelled, Job
-from .wyoming_io import MAX_BUFFERED_BYTES, MAX_EVENT_BYTES, AudioHandoff, BadFrame, read_event
+from .wyoming_io import MAX_EVENT_BYTES, AudioHandoff, BadFrame, read_event
 from .wyoming_mdns import Advertisement
 from .wyoming_voices import choose_voice, info
 
-__all__ = ["MAX_BUFFERED_BYTES", "MAX_EVENT_BYTES", "Advertisement", "WyomingServer", "info"]
+__all__ = ["MAX_EVENT_BYTES", "Advertisement", "WyomingServer", "info"]
 
 log = logging.getLogger("ttsd.wyoming")
 
@@ -349,7 +349,7 @@ class _Handler(AsyncEventHandler):
             stream.pinned = (served.name, served.version)
         job = Job(text=text, options=options, lease=lease, route=ROUTE)
         handoff = AudioHandoff(asyncio.get_running_loop(), job.cancel)
-        job.on_chunk = handoff.put  # the worker waits while the client is MAX_BUFFERED_BYTES behind
+        job.on_chunk = handoff.put  # never waits for the client: the worker goes on to the next job
         try:
             future = self.backend.submit(job)
         except TtsdError as exc:
@@ -373,7 +373,7 @@ class _Handler(AsyncEventHandler):
             self._count(served.name, served.version, exc.code, exc.fault)
             raise
         except BaseException:  # the client went away or stopped reading, or the server is closing
-            handoff.stop()  # the job stops after the current piece (at once if it waits for room)
+            handoff.stop()  # the job stops after the current piece
             self._count(served.name, served.version, "cancelled")
             raise
         finally:

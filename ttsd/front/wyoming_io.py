@@ -1,5 +1,5 @@
 """The Wyoming connection's bytes: events read with every bound checked, and the audio handed from
-a synthesis worker to the connection with at most ``MAX_BUFFERED_BYTES`` held for it.
+a synthesis worker to the connection.
 
 Wyoming has no authentication and is often open to the LAN, so nothing a client sends or fails to
 read may cost the daemon more than a bounded amount:
@@ -9,9 +9,11 @@ read may cost the daemon more than a bounded amount:
   ``BadFrame`` with a short reason (never a traceback): a header line, data or payload over
   ``MAX_EVENT_BYTES``, a length that is not a whole number, JSON that is not an object or nests
   without end, a missing type.
-* ``AudioHandoff`` is the back-pressure: the worker waits while the audio not yet written to the
-  client is over the bound, so a client that stops reading holds at most that much audio, not the
-  rest of its answer. The connection's write deadline then ends the wait (the job is cancelled).
+* ``AudioHandoff`` never makes the worker wait for a client: the audio not yet written is held
+  for the connection (at most one answer's, which ``--max-audio-seconds`` bounds, as for HTTP),
+  and the connection's write deadline ends a client that stops reading (its job is cancelled).
+  A worker that waited for its client let one client that never read stop every other request
+  on a one-worker box until that deadline, again at each reconnection.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from ..audio import Audio
 from .synth import Cancelled
 
 MAX_EVENT_BYTES = 1 << 20  # one event's header line, data or payload (a request's text is far less)
-MAX_BUFFERED_BYTES = 1 << 20  # PCM a connection holds unsent: ~24 s of 22.05 kHz audio
 
 
 class BadFrame(Exception):
@@ -86,27 +87,18 @@ def _shown(text: str) -> str:
 
 class AudioHandoff:
     """One job's audio, from its worker thread to the connection's coroutine, as 16-bit PCM.
-    ``put`` (the job's ``on_chunk``) waits while more than ``limit`` bytes are held and the
-    connection has not taken them; ``stop`` (the connection ends) ends that wait and the job."""
+    ``put`` (the job's ``on_chunk``) never waits; ``stop`` (the connection ends) ends the job."""
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, cancel: threading.Event, limit: int = MAX_BUFFERED_BYTES
-    ) -> None:
-        self._loop, self._cancel, self._limit = loop, cancel, limit
+    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: threading.Event) -> None:
+        self._loop, self._cancel = loop, cancel
         self._queue: asyncio.Queue[tuple[int, bytes] | BaseException | None] = asyncio.Queue()
-        self._held = 0  # bytes put and not yet taken
-        self._room = threading.Condition()
 
     def put(self, chunk: Audio) -> None:
-        """Worker thread: hand over one piece of audio, after waiting for room if need be. A
-        stopped connection makes this raise ``Cancelled``: the job ends at once."""
+        """Worker thread: hand over one piece of audio. A stopped connection makes this raise
+        ``Cancelled``: the job ends at once."""
+        if self._cancel.is_set():
+            raise Cancelled()
         pcm = chunk.to_pcm16()  # here, on the worker: half the bytes of the float samples
-        with self._room:
-            while self._held and self._held + len(pcm) > self._limit and not self._cancel.is_set():
-                self._room.wait(1.0)
-            if self._cancel.is_set():
-                raise Cancelled()
-            self._held += len(pcm)
         if not self._hand((chunk.sample_rate, pcm)):
             raise Cancelled()
 
@@ -123,15 +115,8 @@ class AudioHandoff:
 
     async def get(self) -> tuple[int, bytes] | BaseException | None:
         """The next piece (rate, PCM), the job's error, or None at its end."""
-        item = await self._queue.get()
-        if isinstance(item, tuple):
-            with self._room:
-                self._held -= len(item[1])
-                self._room.notify_all()
-        return item
+        return await self._queue.get()
 
     def stop(self) -> None:
-        """The connection will take no more: the job stops (a waiting worker at once)."""
-        with self._room:
-            self._cancel.set()
-            self._room.notify_all()
+        """The connection will take no more: the job stops after its current piece."""
+        self._cancel.set()
