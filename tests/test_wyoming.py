@@ -4,6 +4,7 @@ built-in voice, driven by the ``wyoming`` package's own client, as Home Assistan
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -363,6 +364,7 @@ def test_an_announcement_without_the_zeroconf_package_fails_before_the_voices_lo
     b'{"type": "synthesize", "data": {"text": "hi", "voice": "not an object"}}\n',
     b'{"type": "synthesize-chunk", "data": {"text": 5}}\n',
     b'\xff\xfe not json at all\n',
+    b'{"type": "describe", "data_length": 1048576, "pad": [' + b'{},' * 5000 + b'{}]}\n',  # objects, not bytes
 ])
 def test_malformed_events_end_or_answer_quietly_and_the_daemon_serves_on(daemon: Daemon, raw: bytes) -> None:
     answer = asyncio.run(send_raw(socket_of(daemon), raw))
@@ -370,6 +372,26 @@ def test_malformed_events_end_or_answer_quietly_and_the_daemon_serves_on(daemon:
     assert answer == b"" or answer.startswith((b'{"type": "error"', b'{"type": "audio-start"')), answer[:200]
     assert "Traceback" not in daemon.logs()
     assert daemon.post("/v1/synthesize", {"text": "Still here."}).status == 200
+
+
+def test_an_event_of_many_small_values_is_refused_before_its_data_is_awaited() -> None:
+    """A MiB of ``{},`` parses into some 25 MB of objects: a header like it, held while its
+    connection waited for the data it announced, took the daemon to 3.7 GB from 128 clients. It
+    is refused when parsed; an event with a few hundred values is not."""
+    from ttsd.front.wyoming_io import MAX_EVENT_VALUES, BadFrame, read_event
+
+    async def read(raw: bytes) -> object:
+        reader = asyncio.StreamReader(limit=2 << 20)
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return await read_event(reader)
+
+    many = b'{"type": "describe", "data_length": 10, "pad": [' + b"[]," * MAX_EVENT_VALUES + b"[]]}\n"
+    with pytest.raises(BadFrame, match="more than 4096 JSON values"):
+        asyncio.run(read(many))
+    data = json.dumps({"text": "hi", "voice": {"name": "joe"}, "list": list(range(300))}).encode()
+    event = asyncio.run(read(b'{"type": "synthesize", "data_length": %d}\n' % len(data) + data))
+    assert event.type == "synthesize" and event.data["text"] == "hi"  # type: ignore[attr-defined]
 
 
 def test_a_text_stream_that_never_ends_a_sentence_is_refused_at_the_limit(daemon: Daemon) -> None:

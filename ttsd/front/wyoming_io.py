@@ -7,8 +7,9 @@ read may cost the daemon more than a bounded amount:
 * ``read_event`` reads the protocol's framing (a JSON header line, then ``data_length`` bytes of
   JSON data and ``payload_length`` bytes of payload) itself, so that every malformed event is one
   ``BadFrame`` with a short reason (never a traceback): a header line, data or payload over
-  ``MAX_EVENT_BYTES``, a length that is not a whole number, JSON that is not an object or nests
-  without end, a missing type.
+  ``MAX_EVENT_BYTES``, a length that is not a whole number, JSON that is not an object, nests
+  without end or holds more than ``MAX_EVENT_VALUES`` values (objects take far more memory than
+  the bytes that spell them), a missing type.
 * ``AudioHandoff`` never makes the worker wait for a client: the audio not yet written is held
   for the connection (at most one answer's, which ``--max-audio-seconds`` bounds, as for HTTP),
   and the connection's write deadline ends a client that stops reading (its job is cancelled).
@@ -29,6 +30,7 @@ from ..audio import Audio
 from .synth import Cancelled
 
 MAX_EVENT_BYTES = 1 << 20  # one event's header line, data or payload (a request's text is far less)
+MAX_EVENT_VALUES = 4096  # JSON values in an event's header or data (a request has a dozen)
 
 
 class BadFrame(Exception):
@@ -69,7 +71,26 @@ def _object(raw: bytes, what: str) -> dict[str, Any]:
         raise BadFrame(f"{what} that is not JSON") from None
     if not isinstance(value, dict):
         raise BadFrame(f"{what} that is not a JSON object")
+    if not _few_values(value):
+        raise BadFrame(f"{what} of more than {MAX_EVENT_VALUES} JSON values")
     return value
+
+
+def _few_values(value: object) -> bool:
+    """Whether ``value`` holds at most ``MAX_EVENT_VALUES`` values, counted with an early stop.
+    A MiB of ``[{},{},…]`` parses into some 25 MB of objects, which a connection waiting for the
+    rest of its event would hold: 128 of them took the daemon to 3.7 GB."""
+    left, stack = MAX_EVENT_VALUES, [value]
+    while stack:
+        item = stack.pop()
+        left -= 1
+        if left < 0:
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _length(header: dict[str, Any], field: str) -> int:
