@@ -208,6 +208,7 @@ class Daemon:
             status=self.status,
             metrics=self.metrics,
             max_chars=self.config.max_chars,
+            max_audio_seconds=self.config.max_audio_seconds,
             rollback=self.rollback,
             activate=self.activate,
             token=self.config.token,

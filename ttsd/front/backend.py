@@ -42,6 +42,7 @@ class Backend:
     load_wait: float = 30.0  # seconds a request waits for that load
     # a version a fleet mirror withdrew: voice, version, to (if it is active), reason
     withdraw: Callable[[str, str, str | None, str], Awaitable[dict[str, Any]]] | None = None
+    max_audio_seconds: float | None = None  # of one request: a Wyoming text stream's sentences in all
 
     async def lease(self, voice: str | None, version: str | None, *, user: str | None = None) -> Lease:
         """``acquire`` on the event loop, waiting when the voice must be loaded first (one shared

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -48,9 +48,10 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from ..errors import BusyError, RequestError, TextTooLongError, TtsdError
+from ..errors import AudioTooLongError, BusyError, RequestError, TextTooLongError, TtsdError
 from ..logs import Throttle
 from ..options import SynthesisOptions
+from ..serving.serving_map import Lease
 from ..text import check_text, split_sentences
 from .backend import Backend
 from .listeners import WRITE_SECONDS, check_socket
@@ -177,6 +178,12 @@ class _Stream:
     pinned: tuple[str, str] | None = None  # (voice, version) of the first sentence, for the rest
     started: bool = False  # audio-start sent
     failed: bool = False  # an error sent: the rest is ignored up to synthesize-stop
+    # the stream is one request: a lease on its version held from its first sentence to its end,
+    # released with the outcome of all its sentences (the canary and auto-rollback count it once)
+    lease: Lease | None = None
+    ok: bool | None = None  # False once the model failed a sentence; True once one was spoken
+    audio_seconds: float = 0.0  # of all its sentences: bounded by --max-audio-seconds, as a request
+    began: float = field(default_factory=time.monotonic)
 
 
 class _Handler(AsyncEventHandler):
@@ -216,6 +223,8 @@ class _Handler(AsyncEventHandler):
         finally:
             if self._handoff is not None:
                 self._handoff.stop()
+            if self._stream is not None:  # the client went mid-stream: what it got is counted
+                self._end(self._stream)
             transport = self.writer.transport
             if transport.get_write_buffer_size():
                 transport.abort()  # an answer left unread is dropped, not kept until the client reads it
@@ -276,7 +285,7 @@ class _Handler(AsyncEventHandler):
     async def _stop(self) -> None:
         """The end of a text stream: its last text spoken, audio-stop, synthesize-stopped. Sent for
         a stream that failed, and for none at all (after an error), so the client stops waiting."""
-        stream, self._stream = self._stream, None
+        stream = self._stream
         if stream is None:
             await self.write_event(Error(text="synthesize-stop without synthesize-start", code="bad_request").event())
         elif not stream.failed:
@@ -287,12 +296,28 @@ class _Handler(AsyncEventHandler):
                 await self._fail(stream, _error(exc, "synthesize-stop"))
             if stream.started and not stream.failed:
                 await self.write_event(AudioStop().event())
+        if stream is not None:
+            self._stream = None
+            self._end(stream)
         await self.write_event(SynthesizeStopped().event())
+
+    def _end(self, stream: _Stream) -> None:
+        """A text stream is over (stopped, failed, or its client gone): one request, counted once.
+        Its failures were counted as they happened; a stream that spoke and did not fail is "ok"."""
+        if stream.lease is None:
+            return
+        lease, stream.lease = stream.lease, None
+        lease.release(stream.ok)
+        if stream.ok and not stream.failed:
+            served = lease.voice
+            self._count(served.name, served.version, "ok")
+            self.backend.metrics.observe_request(served.name, served.version, ROUTE, time.monotonic() - stream.began)
 
     async def _fail(self, stream: _Stream, error: Event) -> None:
         """A text stream fails: the error, and audio-stop if its audio had started. The rest of
         the stream is ignored; its synthesize-stop is answered with synthesize-stopped."""
         stream.failed, stream.pending = True, ""
+        self._end(stream)
         await self.write_event(error)
         if stream.started:
             await self.write_event(AudioStop().event())
@@ -347,7 +372,13 @@ class _Handler(AsyncEventHandler):
         served = lease.voice
         if stream is not None:
             stream.pinned = (served.name, served.version)
-        job = Job(text=text, options=options, lease=lease, route=ROUTE)
+            if stream.lease is None:  # the stream's own hold on its version, until its end
+                try:
+                    stream.lease = await self.backend.lease(served.name, served.version)
+                except BaseException:
+                    lease.release()
+                    raise
+        job = Job(text=text, options=options, lease=lease, route=ROUTE, counted=stream is None)
         handoff = AudioHandoff(asyncio.get_running_loop(), job.cancel)
         job.on_chunk = handoff.put  # never waits for the client: the worker goes on to the next job
         try:
@@ -371,6 +402,8 @@ class _Handler(AsyncEventHandler):
                 await self.write_event(AudioStop().event())
         except TtsdError as exc:  # the job's own failure: it has ended
             self._count(served.name, served.version, exc.code, exc.fault)
+            if stream is not None and job.outcome is False:
+                stream.ok = False
             raise
         except BaseException:  # the client went away or stopped reading, or the server is closing
             handoff.stop()  # the job stops after the current piece
@@ -378,8 +411,19 @@ class _Handler(AsyncEventHandler):
             raise
         finally:
             self._handoff = None
-        self._count(served.name, served.version, "ok")
-        self.backend.metrics.observe_request(served.name, served.version, ROUTE, time.monotonic() - started)
+        if stream is None:
+            self._count(served.name, served.version, "ok")
+            self.backend.metrics.observe_request(served.name, served.version, ROUTE, time.monotonic() - started)
+            return
+        stream.ok = stream.ok is not False
+        stream.audio_seconds += future.result().audio_seconds
+        cap = self.backend.max_audio_seconds
+        if cap is not None and stream.audio_seconds > cap:
+            over = AudioTooLongError(
+                f"the text stream's audio is over {cap:g} seconds (--max-audio-seconds); the rest is not spoken"
+            )
+            self._count(served.name, served.version, over.code, over.fault)
+            raise over
 
     def _count(self, voice: str | None, version: str | None, outcome: str, fault: str | None = None) -> None:
         metrics = self.backend.metrics

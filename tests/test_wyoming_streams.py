@@ -1,0 +1,99 @@
+"""A Wyoming text stream is one request, in-process over the fake voices of ``inproc``: the canary
+and auto-rollback count it once (they counted each sentence, so one Home Assistant answer of twenty
+sentences promoted a canary), the metrics count it once, and its audio in all is bounded by
+``--max-audio-seconds`` as one request's is."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from inproc import FakeVoices
+from wyoming.audio import AudioChunk, AudioStop
+from wyoming.client import AsyncUnixClient
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
+
+from ttsd.front.wyoming import WyomingServer
+
+
+@pytest.fixture
+def voices(tmp_path: Path) -> Iterator[FakeVoices]:
+    v = FakeVoices(tmp_path, {"joe": {"1": {}}}, max_audio_seconds=10.0)
+    yield v
+    v.close()
+
+
+def stream(voices: FakeVoices, tmp_path: Path, chunks: list[str], *, leave: bool = False) -> list[Event]:
+    """One text stream over a Wyoming server on ``voices``: its events up to synthesize-stopped
+    (or, with ``leave``, the client goes once the first audio came, without a stop)."""
+    path = tmp_path / "wyoming.sock"
+
+    async def go() -> list[Event]:
+        server = WyomingServer(f"unix://{path}", voices.backend)
+        await server.start()
+        got: list[Event] = []
+        try:
+            async with AsyncUnixClient(str(path)) as client:
+                await client.write_event(SynthesizeStart().event())
+                for text in chunks:
+                    await client.write_event(SynthesizeChunk(text=text).event())
+                if leave:
+                    while not AudioChunk.is_type((event := await client.read_event()).type):
+                        pass
+                    return got
+                await client.write_event(SynthesizeStop().event())
+                while not SynthesizeStopped.is_type((event := await client.read_event()).type):
+                    got.append(event)
+        finally:
+            await server.drain(1.0)
+        return got
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(go())
+    finally:
+        loop.close()
+
+
+def wyoming(voices: FakeVoices, outcome: str) -> float:
+    for line in voices.metrics.render().decode().splitlines():
+        if line.startswith("ttsd_requests_total{") and 'route="wyoming"' in line and f'outcome="{outcome}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_stream_of_many_sentences_is_one_request(voices: FakeVoices, tmp_path: Path) -> None:
+    events = stream(voices, tmp_path, ["Yes. " * 10, "And no. " * 5])
+    assert sum(AudioChunk.is_type(e.type) for e in events) >= 15 and AudioStop.is_type(events[-1].type)
+    counted = [ok for _key, ok in voices.released if ok is not None]
+    assert counted == [True], voices.released  # once for the stream, not once per sentence (15)
+    assert wyoming(voices, "ok") == 1.0
+
+
+def test_a_stream_the_model_fails_counts_once_against_it(voices: FakeVoices, tmp_path: Path) -> None:
+    voices.engine("joe", "1").fail_with = RuntimeError("the voice broke")
+    events = stream(voices, tmp_path, ["Yes. " * 5])
+    assert any(Error.is_type(e.type) for e in events)
+    assert [ok for _key, ok in voices.released if ok is not None] == [False]
+    assert wyoming(voices, "ok") == 0.0
+
+
+def test_a_stream_whose_client_goes_is_released(voices: FakeVoices, tmp_path: Path) -> None:
+    stream(voices, tmp_path, ["Yes. " * 5], leave=True)
+    assert voices.map.in_flight(("joe", "1")) == 0  # the stream's hold on its version ended
+
+
+def test_a_stream_s_audio_in_all_is_bounded_as_a_request_s(voices: FakeVoices, tmp_path: Path) -> None:
+    """Each sentence is under the 10 s cap (60 ms a character), the stream's sum is not: the
+    sentence that passes it is the last spoken, then an error; the rest is ignored."""
+    sentence = "This sentence takes a few seconds. "  # ~2 s
+    events = stream(voices, tmp_path, [sentence * 20])
+    errors = [Error.from_event(e) for e in events if Error.is_type(e.type)]
+    assert [e.code for e in errors] == ["audio_too_long"] and "--max-audio-seconds" in (errors[0].text or "")
+    spoken = sum(len(AudioChunk.from_event(e).audio) for e in events if AudioChunk.is_type(e.type)) / 2 / 16000
+    assert 10.0 < spoken < 14.0, spoken
+    assert wyoming(voices, "audio_too_long") == 1.0 and wyoming(voices, "ok") == 0.0
