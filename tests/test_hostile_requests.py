@@ -136,6 +136,19 @@ def test_any_bytes_as_a_body_are_a_400(harness: Harness, raw: bytes) -> None:
     check(status, body)
 
 
+def test_a_number_too_long_is_refused_in_the_request_s_words() -> None:
+    """Python refuses 4,300 digits itself, and its message told the client to call
+    sys.set_int_max_str_digits(); a number of more than 40 digits is refused, saying so."""
+    from ttsd.errors import RequestError
+    from ttsd.front.speech_request import parse_json
+
+    for digits in (41, 5000):
+        with pytest.raises(RequestError, match=f"a number of {digits} digits; at most 40") as info:
+            parse_json(b'{"text": "hi", "seed": -' + b"9" * digits + b"}")
+        assert "sys." not in str(info.value)
+    assert parse_json(b'{"seed": 18446744073709551615}') == {"seed": 2**64 - 1}
+
+
 @pytest.mark.parametrize("body, code", [
     ({"text": "hello", "seed": 1180591620717411303424}, "bad_request"),  # outside int64: was a 500 and counted
     ({"text": "hello", "speaker": "²"}, "bad_request"),  # "²".isdigit() but not an index: was a 500

@@ -54,11 +54,22 @@ def parse_json(body: bytes) -> Any:
     """A request body or spool file as JSON; ``RequestError`` for anything that is not plain JSON
     (bad UTF-8, NaN/Infinity, nesting deep enough to exhaust the parser)."""
     try:
-        return json.loads(body, parse_constant=_no_constant)
+        return json.loads(body, parse_constant=_no_constant, parse_int=_whole)
     except RecursionError:
         raise RequestError("body is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a number too long
         raise RequestError(f"body is not valid JSON ({exc})") from None
+
+
+MAX_DIGITS = 40  # of a whole number in a request: a seed (2**64) has 20
+
+
+def _whole(text: str) -> int:
+    """A whole number in a request, refused past ``MAX_DIGITS`` (Python's own refusal, past 4,300,
+    told the client to call sys.set_int_max_str_digits())."""
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise ValueError(f"a number of {len(text.lstrip('-'))} digits; at most {MAX_DIGITS}")
+    return int(text)
 
 
 def _field(data: dict[str, Any], key: str, kinds: tuple[type, ...], default: Any = None) -> Any:

@@ -436,6 +436,8 @@ def _error(exc: BaseException, kind: str) -> Event:
     """The ``error`` event for a request's failure (``bad_request``: a malformed event)."""
     if isinstance(exc, TtsdError):
         return Error(text=str(exc), code=exc.code).event()
+    if isinstance(exc, KeyError):  # the protocol library's reading of a field that is not there
+        return Error(text=f"bad {kind} event: it has no {exc} field", code="bad_request").event()
     return Error(text=f"bad {kind} event: {exc}", code="bad_request").event()
 
 
