@@ -31,8 +31,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-# The daemon on the built-in voice, default paths (see the README); Ctrl-C stops it.
-serve: setup
+# The daemon on the built-in voice, default paths (see the README); Ctrl-C stops it. Not the
+# test tools: a box that only serves gets no browser.
+serve: $(STAMP)
 	$(BIN)/ttsd serve
 
 # Everything CI runs: the linters, then every test, a worker per core (pytest-xdist), each test
