@@ -361,3 +361,26 @@ def test_a_voice_that_cannot_fit_beside_the_preloaded_ones_is_told_so_at_once(tm
     assert "does not fit in the memory budget beside the preloaded voices (a" in body["error"]["message"]
     assert time.monotonic() - started < 3.0
     assert rig.say("a").status == 200
+
+
+def test_a_preload_or_default_voice_that_names_no_voice_is_said(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """--preload de_DE-thorsten-medium with no such voice did nothing, without a word."""
+    import logging
+
+    from ttsd.config import ServeConfig
+    from ttsd.daemon import Daemon as InProcess
+
+    (tmp_path / "models").mkdir()
+    daemon = InProcess(ServeConfig(models=tmp_path / "models", state=tmp_path / "state", cache=tmp_path / "cache",
+                                   socket=tmp_path / "s.sock", seed_builtin=False, max_loaded=2,
+                                   preload=("de_DE-thorsten-medium",), default_voice="nobody"))
+    try:
+        daemon.manager.start()
+        with caplog.at_level(logging.WARNING, logger="ttsd.daemon"):
+            daemon._check_names()
+    finally:
+        daemon.manager.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("--preload de_DE-thorsten-medium: no such voice in") for m in said), said
+    assert any(m.startswith("--default-voice nobody: no such voice in") for m in said), said

@@ -263,6 +263,7 @@ class Daemon:
         self.notifier.status("loading voices")
         await in_fresh_thread(self.manager.start, "ttsd-loader")
         self._check_budget()
+        self._check_names()
         if not self.manager.ready():
             if self.manager.waiting:  # a folder is still being copied in: not a failure yet
                 log.warning("no voice is ready yet: waiting for a folder in %s to be complete", cfg.models)
@@ -314,6 +315,23 @@ class Daemon:
         self.watcher.stop()
         self._interrupts = 1 if signum == signal.SIGINT else 0
         return await self._shutdown(runner, spool, spool_task, watchdog, wyoming, metrics)
+
+    def _check_names(self) -> None:
+        """A ``--preload`` or ``--default-voice`` that names no voice in the models dir (a typo, a
+        voice not copied in yet) is said at start-up: it would do nothing without a word."""
+        known = set(self.manager.table.names())
+        named = [("--preload", name) for name in self.config.preload]
+        if self.config.default_voice:
+            named.append(("--default-voice", self.config.default_voice))
+        for flag, name in named:
+            if name not in known:
+                log.warning(
+                    "%s %s: no such voice in %s (yet); voices: %s",
+                    flag,
+                    name,
+                    self.config.models,
+                    ", ".join(sorted(known)) or "none",
+                )
 
     def _check_budget(self, loaded: bool = True) -> None:
         """A memory budget below what the daemon already uses could never load another voice:
