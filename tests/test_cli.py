@@ -228,3 +228,33 @@ def test_stdout_that_goes_away_or_is_closed_is_an_error_not_a_success(monkeypatc
     monkeypatch.setattr(sys, "stdout", None)
     with pytest.raises(ConfigError, match="stdout: it is closed"):
         write_output("-", b"RIFF")
+
+
+def test_say_in_process_speaks_the_newest_version_the_daemon_would(tmp_path: Path) -> None:
+    """A bad folder dropped in beside a good one, and a version the daemon rolled back: in-process
+    ttsd say --voice passes both over, with a note each, as the daemon does (it exited 6 on the
+    bad folder, and would speak a rolled-back version)."""
+    import json as _json
+
+    from ttsd.config import Paths
+    from ttsd.errors import ConfigError, VerifyError
+    from ttsd.speak import resolve_model
+
+    models, state = tmp_path / "models", tmp_path / "state"
+    for version in ("1", "2", "3"):
+        save_tiny_vits(models / f"tiny-{version}", version=version, edit=plausible, noise_scale_duration=0.0)
+    with open(models / "tiny-2" / "config.json", "a") as damaged:
+        damaged.write(" ")
+    state.mkdir()
+    (state / "state.json").write_text(_json.dumps({"voices": {"tiny": {"active": "1", "rolled_back": ["3"]}}}))
+    notes: list[str] = []
+    paths = Paths(models=models, cache=tmp_path / "cache")
+    assert resolve_model(paths, voice="tiny", note=notes.append, state_dir=state) == models / "tiny-1"
+    assert notes[0] == "tiny 3 was rolled back; passed over" and notes[1].startswith("tiny 2 does not verify"), notes
+    (models / "tiny-1" / "config.json").write_text("{}")  # none verifies: the newest one's error
+    with pytest.raises(VerifyError, match="tiny-2|config.json"):
+        resolve_model(paths, voice="tiny", state_dir=state)
+    # a --model that is no folder is a path's error (exit 3), not a bad manifest's (5)
+    with pytest.raises(ConfigError, match="--model .*mms-fra-1: no such directory") as info:
+        resolve_model(paths, model_dir=tmp_path / "mms-fra-1")
+    assert info.value.exit_code == 3

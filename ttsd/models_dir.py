@@ -58,8 +58,9 @@ def scan(models_dir: Path) -> list[Candidate]:
     return found
 
 
-def find_voice(models_dir: Path, name: str, version: str | None = None) -> Path:
-    """Folder of voice ``name`` (its newest version, or ``version``) in ``models_dir``."""
+def find_versions(models_dir: Path, name: str, version: str | None = None) -> list[tuple[str, Path]]:
+    """(version, folder) of voice ``name`` in ``models_dir``, newest first (only ``version``'s
+    when given); ``UnknownVoiceError`` when there is none."""
     candidates = scan(models_dir)
     matches = [c for c in candidates if c.manifest and c.manifest.name == name]
     if version is not None:
@@ -70,4 +71,7 @@ def find_voice(models_dir: Path, name: str, version: str | None = None) -> Path:
         hint = f" (voices there: {', '.join(known)})" if known else ""
         what = f"{name} version {version}" if version else name
         raise UnknownVoiceError(f"no voice {what} in {models_dir}{hint}")
-    return max((c.manifest.parsed_version, c.folder) for c in matches if c.manifest)[1]
+    ordered = sorted(
+        ((c.manifest.parsed_version, c.manifest.version, c.folder) for c in matches if c.manifest), reverse=True
+    )
+    return [(shown, folder) for _, shown, folder in ordered]

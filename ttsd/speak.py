@@ -5,29 +5,80 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import Paths
+from .config import Paths, default_state_dir
 from .engines import Engine, create_engine
-from .errors import UnknownVoiceError
+from .errors import ConfigError, ConflictError, TtsdError, UnknownVoiceError
 from .manifest import verify
-from .models_dir import find_voice
+from .models_dir import find_versions
+from .serving.versions import norm
 from .voices import Progress, builtin_model
 
 
 def resolve_model(
-    paths: Paths, *, model_dir: Path | None = None, voice: str | None = None, progress: Progress | None = None
+    paths: Paths,
+    *,
+    model_dir: Path | None = None,
+    voice: str | None = None,
+    progress: Progress | None = None,
+    note: Progress | None = None,
+    state_dir: Path | None = None,
 ) -> Path:
-    """``--model`` if given, else ``--voice`` from the models dir, else the built-in voice."""
+    """``--model`` if given, else ``--voice`` from the models dir, else the built-in voice. Of a
+    voice's versions, the newest that verifies and that the daemon (its state in ``state_dir``) has
+    not rolled back, as the daemon would serve: a bad folder dropped in beside a good one is passed
+    over with a ``note``, as the daemon refuses it."""
     if model_dir is not None:
+        if not model_dir.is_dir():  # a path, not a bad model: exit 3 as for other paths
+            raise ConfigError(
+                f"--model {model_dir}: {'not a directory' if model_dir.exists() else 'no such directory'}"
+            )
         return model_dir
     if voice is not None:
         from .voices import BUILTIN_VOICE
 
         try:
-            return find_voice(paths.models, voice)
+            versions = find_versions(paths.models, voice)
         except UnknownVoiceError:
             if voice != BUILTIN_VOICE:
                 raise
+        else:
+            rolled_back = _rolled_back(state_dir or default_state_dir(), voice)
+            return _newest_good(voice, versions, rolled_back, note or (lambda _msg: None))
     return builtin_model(paths.cache, progress or (lambda _msg: None))
+
+
+def _newest_good(voice: str, versions: list[tuple[str, Path]], rolled_back: set[str], say: Progress) -> Path:
+    first: TtsdError | None = None
+    for version, folder in versions:
+        if norm(version) in rolled_back:
+            say(f"{voice} {version} was rolled back; passed over")
+            continue
+        try:
+            verify(folder)
+        except TtsdError as exc:
+            first = first or exc
+            say(f"{voice} {version} does not verify ({exc}); passed over")
+            continue
+        return folder
+    if first is not None:
+        raise first
+    raise ConflictError(f"every version of {voice} in the models dir was rolled back; name one with --model")
+
+
+def _rolled_back(state_dir: Path, voice: str) -> set[str]:
+    """The versions of ``voice`` a daemon on this box rolled back (its ``state.json``, read only,
+    best effort: none when it cannot be read)."""
+    import json
+
+    from .safe_read import read_small
+    from .serving.state import parse_state
+
+    try:
+        data = json.loads(read_small(state_dir / "state.json", 16 << 20))
+    except (OSError, ValueError):
+        return set()
+    record = parse_state(data, [])[0].get(voice)
+    return {norm(v) for v in record.rolled_back} if record is not None else set()
 
 
 def open_engine(folder: Path, **engine_options: Any) -> Engine[Any]:

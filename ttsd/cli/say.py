@@ -211,6 +211,7 @@ def _in_process(
             model_dir=model_dir,
             voice=speech.voice,
             progress=lambda msg: status.update(f"built-in voice: {msg}…"),
+            note=lambda msg: out.print(f"note: {msg}", markup=False),
         )
         started = time.perf_counter()
         BUSY.cores()  # a first reading: the speech sees how busy the box was during the load

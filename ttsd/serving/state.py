@@ -94,7 +94,7 @@ class ServingState:
                 except (OSError, ValueError, RecursionError) as exc:
                     problems.append(f"unreadable ({exc})")
                 else:
-                    self._voices, self._versions = _parse_state(data, problems)
+                    self._voices, self._versions = parse_state(data, problems)
                     if not problems:
                         self._written = text
             if problems:
@@ -253,7 +253,7 @@ def _voice_json(record: VoiceRecord) -> dict[str, Any]:
     return data
 
 
-def _parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord], dict[str, VersionRecord]]:
+def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord], dict[str, VersionRecord]]:
     """What can be trusted of a decoded ``state.json``; each thing that cannot goes to ``problems``.
     Names and versions become store paths, so they must be what a manifest allows."""
     voices: dict[str, VoiceRecord] = {}
