@@ -304,7 +304,7 @@ def test_search_lists_filters_and_prints_json(mirror: Mirror) -> None:
     found = json.loads(result.stdout)
     assert [v["key"] for v in found] == ["fr_FR-longue-x_low"]
     assert found[0]["language"]["name_english"] == "French" and found[0]["size_bytes"] > 300_000
-    assert "no voice matches" in invoke("models", "search", "klingon", "--mirror", mirror.url).stderr
+    assert "no voice matches; without words" in invoke("models", "search", "klingon", "--mirror", mirror.url).stderr
 
 
 @pytest.mark.slow

@@ -87,7 +87,7 @@ def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirro
         )
     Console().print(table)
     if not found:
-        out.print("no voice matches; 'ttsd models search' with no words lists them all", markup=False)
+        out.print(_no_match(text, language), markup=False)
 
 
 def _list_fleet(index: dict[str, Any], text: tuple[str, ...], language: str | None, as_json: bool, base: str) -> None:
@@ -139,7 +139,20 @@ def _list_fleet(index: dict[str, Any], text: tuple[str, ...], language: str | No
         table.add_row(Text(row["name"]), Text(row["version"]), Text(boxes), signed)
     Console().print(table)
     if not found:
-        console().print("no voice matches; 'ttsd models search' with no words lists them all", markup=False)
+        console().print(
+            _no_match(text, language, " (a fleet voice has a language only in a Piper-style name, ll_CC-...)"),
+            markup=False,
+        )
+
+
+def _no_match(text: tuple[str, ...], language: str | None, about_language: str = "") -> str:
+    """What to try when nothing matched: without the words, or without --language, whichever
+    was given."""
+    dropped = [what for what, given in (("words", text), ("--language", language)) if given]
+    if not dropped:
+        return "no voice matches"
+    hint = about_language if language else ""
+    return f"no voice matches; without {' and '.join(dropped)} 'ttsd models search' lists them all{hint}"
 
 
 class _RichReporter:
