@@ -96,6 +96,7 @@ def test_a_folder_that_fails_verification_is_refused(tmp_path: Path, fake_engine
     manager.reconcile()
     versions = {v["version"]: v for v in manager.snapshot()[0]["versions"]}
     assert versions["2"]["state"] == "refused" and "changed: fake.json" in versions["2"]["reason"]
+    assert manager.folders() == []  # listed once, as the version: not again as a refused folder
     shutil.rmtree(v2)
     manager.close()
     assert FakeEngine.live == 0

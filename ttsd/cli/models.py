@@ -196,6 +196,7 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
     """Every version of every voice and its state (from the running daemon, else from disk)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from ..client import Client
     from ..config import Paths, default_socket
@@ -244,9 +245,14 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         fields = ("voice", "version", "state", "signer", "reason")
         click.echo(json.dumps([dict(zip(fields, r, strict=True)) for r in rows], indent=2))
     else:
-        table = Table("voice", "version", "state", "signer", "reason", title=title)
+        table = Table(title=title)
+        # a narrow terminal folds the reason and wraps names rather than cut a voice's name short
+        table.add_column("voice", overflow="fold", min_width=12)
+        for name in ("version", "state", "signer"):
+            table.add_column(name, overflow="fold")
+        table.add_column("reason", overflow="fold", ratio=1)
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))
         Console().print(table)
     refused = sum(row[2] in ("refused", "unreadable") for row in rows) if checked else 0
     if refused:  # `ttsd models list --verify && ...` stops here
