@@ -202,14 +202,14 @@ class ModelManager:
         return listing.voices(self.table, self.map, self.demand.residency, previous)
 
     def folders(self) -> list[dict[str, Any]]:
-        """Folders in the models dir that are not (yet) a version: incomplete or refused (a
-        version's own folder is listed with the version, not again here)."""
+        """Folders in the models dir that are not (yet) a version: incomplete or refused (the
+        folder of a version shown as refused is not listed again here)."""
         present = self.source.present()
-        versions = {m.folder for m in self.table.all() if m.folder is not None}
+        refused = {m.folder for m in self.table.all() if m.folder is not None and m.state is State.REFUSED}
         return [
             {"folder": str(path), "state": state, "reason": reason}
             for path, (state, reason) in sorted(self.table.folders().items())
-            if path in present and path not in versions and state in ("incomplete", "refused")
+            if path in present and path not in refused and state in ("incomplete", "refused")
         ]
 
     def history(self, count: int = 20) -> list[dict[str, Any]]:
