@@ -155,6 +155,22 @@ def _no_match(text: tuple[str, ...], language: str | None, about_language: str =
     return f"no voice matches; without {' and '.join(dropped)} 'ttsd models search' lists them all{hint}"
 
 
+def _check_voice_arg(voice: str) -> None:
+    """A voice to get is a Piper catalog key or a fleet voice's name; one that is neither (a
+    separator, a bidi override, a space) is refused as the catalog's key check refuses it."""
+    from ..errors import CatalogError, ManifestError
+    from ..fetch.index import check_voice_key
+    from ..manifest import check_name
+
+    try:
+        check_voice_key(voice)
+    except CatalogError as refused:
+        try:
+            check_name(voice)
+        except ManifestError:
+            raise refused from None
+
+
 class _RichReporter:
     """``get``'s stages as lines and each download as a progress bar, on stderr."""
 
@@ -337,6 +353,7 @@ def get_cmd(
     from ..fetch.download import Mirror
     from ..fetch.get import GetRequest, get_voice
 
+    _check_voice_arg(voice)  # before the network: offline, a hostile key is still exit 15, not 14
     paths = Paths.resolve(models=models_dir, cache=cache)
     trust = None
     if trusted_keys is not None:
