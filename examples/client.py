@@ -34,7 +34,11 @@ def main() -> int:
     if args.voice:
         body["voice"] = args.voice
     conn = UnixHTTPConnection(args.socket)
-    conn.request("POST", "/v1/synthesize", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    try:
+        conn.request("POST", "/v1/synthesize", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    except OSError as exc:  # no socket there, or no daemon behind it
+        print(f"no ttsd answers on {args.socket} ({exc.strerror or exc}); start one with 'ttsd serve'", file=sys.stderr)
+        return 2
     response = conn.getresponse()
     if response.status != 200:
         error = json.loads(response.read())["error"]

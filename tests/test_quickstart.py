@@ -140,3 +140,37 @@ def test_examples_curl_runs_as_written(tmp_path: Path, cache_dir: Path, joe_fold
     assert any(out.startswith("HTTP/1.1 400") and '"text is empty"' in out for out in said), said
     played = sorted(work.glob("played-*.out"))  # what aplay and mpg123 would have played
     assert len(played) == 3 and all(p.stat().st_size > 1000 for p in played), played
+
+
+@pytest.mark.daemon
+def test_the_example_clients_run_as_written(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    """examples/client.py, examples/spool.sh and examples/synthesize.py as their usage lines say,
+    against a daemon with a spool (client.py without one: one line, no traceback)."""
+    from daemon_util import start_daemon
+
+    examples = ROOT / "examples"
+    env = dict(os.environ, TTSD_CACHE=str(cache_dir), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    missing = subprocess.run([sys.executable, str(examples / "client.py"), "Hi.", str(tmp_path / "x.wav"),
+                              "--socket", str(tmp_path / "none.sock")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
+    assert missing.stderr.startswith("no ttsd answers on") and len(missing.stderr.splitlines()) == 1
+
+    spool = tmp_path / "spool"
+    daemon = start_daemon(tmp_path / "d", cache_dir, "--spool", str(spool))
+    said = subprocess.run([sys.executable, str(examples / "client.py"), "Text to speak.", str(tmp_path / "out.wav"),
+                           "--socket", str(daemon.socket)], capture_output=True, text=True, timeout=120, env=env)
+    assert said.returncode == 0 and "voice en_US-joe-medium 1" in said.stdout, said.stderr
+    assert (tmp_path / "out.wav").read_bytes()[:4] == b"RIFF"
+
+    spooled = subprocess.run(["sh", str(examples / "spool.sh"), "Text to speak."], capture_output=True, text=True,
+                             timeout=120, env=dict(env, SPOOL=str(spool)))
+    assert spooled.returncode == 0, spooled.stderr
+    audio = spooled.stdout.strip().splitlines()[-1].removeprefix("audio: ")
+    assert json.loads(spooled.stdout[: spooled.stdout.rindex("}") + 1])["voice"] == "en_US-joe-medium"
+    assert Path(audio).read_bytes()[:4] == b"RIFF"
+
+    out = tmp_path / "sentences"
+    made = subprocess.run([sys.executable, str(examples / "synthesize.py"), "First sentence. Second sentence.",
+                           str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["sentence-00.wav", "sentence-01.wav"], made.stdout
