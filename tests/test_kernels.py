@@ -171,6 +171,8 @@ def test_the_fastest_wins_by_a_margin(tiny: Path, monkeypatch: pytest.MonkeyPatc
     assert choice.rates["onednn"] / choice.rates["mkl"] == pytest.approx(0.1 / onednn_seconds, rel=0.01)
     assert {p.path for p in items} == {chosen}
     assert f"{'text'} on {chosen}" in choice.describe("text")
+    threads = torch.get_num_threads()  # the log says the count the rates are for
+    assert f"GFLOP/s on {threads} thread{'s' if threads != 1 else ''}, measured in" in choice.describe("text")
 
 
 def test_every_product_keeps_one_layout_and_the_same_result(tiny: Path) -> None:
