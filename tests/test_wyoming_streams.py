@@ -42,12 +42,16 @@ def stream(voices: FakeVoices, tmp_path: Path, chunks: list[str], *, leave: bool
                 for text in chunks:
                     await client.write_event(SynthesizeChunk(text=text).event())
                 if leave:
-                    while not AudioChunk.is_type((event := await client.read_event()).type):
+                    while not AudioChunk.is_type((await client.read_event()).type):
                         pass
-                    return got
-                await client.write_event(SynthesizeStop().event())
-                while not SynthesizeStopped.is_type((event := await client.read_event()).type):
-                    got.append(event)
+                else:
+                    await client.write_event(SynthesizeStop().event())
+                    while not SynthesizeStopped.is_type((event := await client.read_event()).type):
+                        got.append(event)
+            if leave:  # the client is gone: its handler ends the stream
+                deadline = asyncio.get_running_loop().time() + 10
+                while voices.map.in_flight(("joe", "1")) and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.02)
         finally:
             await server.drain(1.0)
         return got
@@ -97,3 +101,31 @@ def test_a_stream_s_audio_in_all_is_bounded_as_a_request_s(voices: FakeVoices, t
     spoken = sum(len(AudioChunk.from_event(e).audio) for e in events if AudioChunk.is_type(e.type)) / 2 / 16000
     assert 10.0 < spoken < 14.0, spoken
     assert wyoming(voices, "audio_too_long") == 1.0 and wyoming(voices, "ok") == 0.0
+
+
+def test_a_voice_that_is_no_object_is_an_error_not_the_default_voice(voices: FakeVoices, tmp_path: Path) -> None:
+    """``"voice": "joe"`` (a string where the protocol has an object) was read as no voice: the
+    default spoke, without a word. It is an error event, then audio-stop, as any bad request."""
+    from wyoming.tts import Synthesize
+
+    path = tmp_path / "wyoming.sock"
+
+    async def go() -> list[Event]:
+        server = WyomingServer(f"unix://{path}", voices.backend)
+        await server.start()
+        try:
+            async with AsyncUnixClient(str(path)) as client:
+                await client.write_event(Event(type=Synthesize(text="").event().type, data={"text": "Hi.", "voice": "joe"}))
+                got = [await client.read_event()]
+                got.append(await client.read_event())
+                return got  # type: ignore[return-value]
+        finally:
+            await server.drain(1.0)
+
+    loop = asyncio.new_event_loop()
+    try:
+        error, stop = loop.run_until_complete(go())
+    finally:
+        loop.close()
+    assert Error.is_type(error.type) and "voice must be an object" in Error.from_event(error).text
+    assert AudioStop.is_type(stop.type) and voices.jobs == []

@@ -258,6 +258,7 @@ class _Handler(AsyncEventHandler):
         """A whole text: audio-start, audio-chunks, audio-stop; or an error, then audio-stop (with
         or without audio-start before it), so a client that reads up to audio-stop gets there."""
         try:
+            _check_voice_field(event)
             request = Synthesize.from_event(event)
             await self._speak(request.text, request.voice, None)
         except _FAILURES as exc:
@@ -269,6 +270,7 @@ class _Handler(AsyncEventHandler):
             await self._stop()
         self._stream = _Stream(None)
         try:
+            _check_voice_field(event)
             self._stream.voice = SynthesizeStart.from_event(event).voice
         except _FAILURES as exc:
             await self._fail(self._stream, _error(exc, event.type))
@@ -439,6 +441,14 @@ def _error(exc: BaseException, kind: str) -> Event:
     if isinstance(exc, KeyError):  # the protocol library's reading of a field that is not there
         return Error(text=f"bad {kind} event: it has no {exc} field", code="bad_request").event()
     return Error(text=f"bad {kind} event: {exc}", code="bad_request").event()
+
+
+def _check_voice_field(event: Event) -> None:
+    """``voice`` is an object (``{"name": ...}``): the protocol library reads a string there as no
+    voice at all, so ``"voice": "joe"`` spoke with the default voice without a word."""
+    voice = event.data.get("voice")
+    if voice is not None and not isinstance(voice, dict):
+        raise RequestError('voice must be an object such as {"name": "en_US-joe-medium"}, not a string or a list')
 
 
 def _ends_sentence(text: str) -> bool:
