@@ -106,7 +106,7 @@ class FrontEnds:
     def spool_pass(self) -> None:
         """One scan of ``incoming/`` (claiming what has settled), then every claimed request served."""
         async def go() -> None:
-            self.spool._scan(self.spool._list_incoming())
+            self.spool.scan_now()
             await self.spool.drain()
         self.run(go())
 

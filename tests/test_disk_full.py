@@ -137,7 +137,7 @@ def test_a_store_copy_that_hits_a_full_disk_is_retried_not_refused(tmp_path: Pat
 
 
 @pytest.mark.daemon
-def test_a_full_spool_requeues_and_serves_when_space_returns(tmp_path: Path, tmpfs: Tmpfs) -> None:
+def test_a_full_spool_keeps_the_request_and_serves_it_when_space_returns(tmp_path: Path, tmpfs: Tmpfs) -> None:
     """1. The spool's disk is full when a request's audio is written. 2. The request stays claimed
     in work/ (not failed/) and the spool pauses; it is not spoken again while the disk has no
     room for its audio. 3. Space is freed: the request is served, and its outputs are complete."""
@@ -156,7 +156,7 @@ def test_a_full_spool_requeues_and_serves_when_space_returns(tmp_path: Path, tmp
     async def scan_for(seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            spool._scan(spool._list_incoming())
+            spool.scan_now()
             await spool.drain()
             await asyncio.sleep(0.1)
 
@@ -165,7 +165,7 @@ def test_a_full_spool_requeues_and_serves_when_space_returns(tmp_path: Path, tmp
         loop.run_until_complete(scan_for(1.0))
         assert not request.exists() and (spool.dirs["work"] / "r1.txt").exists(), "kept in work/"
         assert not list(spool.dirs["failed"].iterdir()) and not list(spool.dirs["out"].iterdir())
-        assert spool._retry["r1.txt"] > 0  # it knows how much room its audio needs
+        assert spool._retry["r1.txt"].needs > 0  # it knows how much room its audio needs
         retried = b'ttsd_spool_requests_total{outcome="retry"} 1.0'
         assert retried in daemon.metrics.render()
         loop.run_until_complete(scan_for(2.5))  # past the first back-off (2 s), still no room: not spoken again

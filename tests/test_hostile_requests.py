@@ -184,11 +184,13 @@ def test_any_spool_file_ends_done_or_failed_with_a_request_reason(harness: Harne
     spool = harness.spool
     if name.startswith(".") or name.endswith(".tmp") or len(os.fsencode(name)) > 250:
         return  # never claimed (writers' temp files) or not a possible file name
+    from ttsd.front.spool import failed_names
+
     claimed = spool.dirs["work"] / name
     claimed.write_bytes(content)
     harness.run(spool._serve(claimed))
     assert not claimed.exists() and not (spool.dirs["incoming"] / name).exists()
-    where = [d for d in ("done", "failed") if (spool.dirs[d] / name).exists()]
+    where = [d for d, n in (("done", name), ("failed", failed_names(name)[0])) if (spool.dirs[d] / n).exists()]
     assert len(where) == 1
     if where == ["done"]:
         (spool.dirs["out"] / f"{Path(name).stem}.json").unlink()  # let the next example reuse the ID
@@ -208,7 +210,7 @@ def scan_and_serve(harness: Harness, clock: Clock | None = None) -> None:  # noq
 
     async def go() -> None:
         for _ in range(40):
-            harness.spool._scan(harness.spool._list_incoming())
+            harness.spool.scan_now()
             await harness.spool.drain()
             if not any(harness.spool.dirs["incoming"].iterdir()):
                 return
@@ -266,7 +268,10 @@ def test_spool_refuses_a_second_request_with_a_served_id(harness: Harness) -> No
     scan_and_serve(harness)
     assert error_of(harness, "r7.json")["code"] == "duplicate"
     assert (spool.dirs["out"] / "r7.wav").read_bytes() == wav
-    assert error_of(harness, long_name)["code"] == "bad_name" and (spool.dirs["failed"] / long_name).exists()
+    from ttsd.front.spool import failed_names
+
+    assert error_of(harness, long_name)["code"] == "bad_name"
+    assert (spool.dirs["failed"] / failed_names(long_name)[0]).exists()  # under its hashed name
     assert "two\\nlines.txt" in error_of(harness, newline)["message"]
     assert not list(spool.dirs["work"].iterdir()) and not list(spool.dirs["incoming"].iterdir())
 
@@ -294,14 +299,14 @@ def test_a_second_request_with_an_id_in_service_waits_and_never_overwrites_it(ha
         (spool.dirs["incoming"] / "race.txt").write_text(first)
 
         async def go() -> None:
-            spool._scan(spool._list_incoming())  # seen
+            spool.scan_now()  # seen
             clock.now += SETTLE_SECONDS
-            spool._scan(spool._list_incoming())  # settled: claimed, and served until the next await
+            spool.scan_now()  # settled: claimed, and served until the next await
             assert "race" in spool._serving
             (spool.dirs["incoming"] / "race.txt").write_text(second)
-            spool._scan(spool._list_incoming())
+            spool.scan_now()
             clock.now += SETTLE_SECONDS
-            spool._scan(spool._list_incoming())  # settled too, but its ID is in service
+            spool.scan_now()  # settled too, but its ID is in service
             assert (spool.dirs["incoming"] / "race.txt").read_text() == second  # not claimed meanwhile
             await spool.drain()
 

@@ -22,9 +22,9 @@ import pytest
 import soundfile
 from inproc import FakeVoices, FrontEnds
 
-from ttsd.errors import ResourceError
+from ttsd.errors import BusyError, ResourceError
 from ttsd.front import spool as spool_module
-from ttsd.front.spool import BACKOFF_FIRST, BACKOFF_MAX, SETTLE_SECONDS, Spool
+from ttsd.front.spool import BACKOFF_FIRST, BACKOFF_MAX, SETTLE_SECONDS, Spool, failed_names
 from ttsd.front.spool_files import error_name
 
 
@@ -140,7 +140,7 @@ def test_dot_files_and_tmp_files_are_never_claimed(front: FrontEnds, clock: Cloc
     for _ in range(5):
         front.spool_pass()
         clock.now += 10 * SETTLE_SECONDS
-    assert [name for name, _ in front.spool._list_incoming()] == []
+    assert [name for name, _ in front.spool._list_incoming()[0]] == []
     assert names(dirs["incoming"]) == sorted(ignored)
     assert names(dirs["done"]) == ["r7.txt"] and names(dirs["failed"]) == [] and names(dirs["work"]) == []
 
@@ -224,10 +224,12 @@ def test_nothing_in_failed_is_replaced(front: FrontEnds, clock: Clock) -> None:
                           ("y.error.json", '{"error": {"code": "forged"}}')]:
         (dirs["incoming"] / name).write_text(content)
         settle_and_serve(front, clock)
+    forged, forged_error = failed_names("y.error.json")  # never under its own name: an error file's
     assert names(dirs["failed"]) == sorted([
         "z.txt", "z.error.json", "z~1.txt", "z~1.error.json", "x.txt", "x.error.json", "x~1.json",
-        "x~1.error.json", "y.txt", "y.error.json", "y.error~1.json", error_name("y.error~1.json")])
-    assert (dirs["failed"] / "y.error~1.json").read_text() == '{"error": {"code": "forged"}}'
+        "x~1.error.json", "y.txt", "y.error.json", forged, forged_error])
+    assert forged.endswith(".request") and forged_error == error_name("y.error.json")
+    assert (dirs["failed"] / forged).read_text() == '{"error": {"code": "forged"}}'
     errors = {p.name: json.loads(p.read_text())["error"] for p in dirs["failed"].glob("*.error.json")}
     assert errors["z.error.json"]["message"] == "text is empty" and "nothing to speak" in errors["z~1.error.json"]["message"]
     assert errors["y.error.json"]["code"] == "bad_request"  # y's own, not the forged one
@@ -293,6 +295,10 @@ def test_audio_that_did_not_fit_waits_for_room_and_audio_that_never_could_fails(
             return free["bytes"]
 
         @property
+        def f_bfree(self) -> int:
+            return free["bytes"]
+
+        @property
         def f_blocks(self) -> int:
             return total_blocks
 
@@ -309,7 +315,7 @@ def test_audio_that_did_not_fit_waits_for_room_and_audio_that_never_could_fails(
     (dirs["incoming"] / "big.txt").write_text("A long answer. " * 5)
     settle_and_serve(front, clock, passes=1)
     assert names(dirs["work"]) == ["big.txt"] and len(voices.jobs) == 1
-    needs = front.spool._retry["big.txt"]
+    needs = front.spool._retry["big.txt"].needs
     assert needs > 1000
     free["bytes"] = needs // 2  # some room, not enough for big's audio: small ones fit
     (dirs["incoming"] / "small.txt").write_text("Hi.")
@@ -327,7 +333,7 @@ def test_audio_that_did_not_fit_waits_for_room_and_audio_that_never_could_fails(
     clock.now += BACKOFF_MAX
     settle_and_serve(front, clock)
     error = json.loads((dirs["failed"] / "huge.error.json").read_text())["error"]
-    assert error["code"] == "insufficient_storage" and "more than the spool's filesystem holds" in error["message"]
+    assert error["code"] == "insufficient_storage" and "more than the spool's filesystem could ever hold" in error["message"]
 
 
 def test_a_spool_folder_it_cannot_write_is_the_box_not_the_request(
@@ -368,7 +374,7 @@ def test_a_spool_folder_replaced_by_a_link_is_never_used(front: FrontEnds, clock
     with caplog.at_level("ERROR", logger="ttsd.spool"):
         for _ in range(3):
             try:
-                front.spool._scan(front.spool._list_incoming())
+                front.spool.scan_now()
             except Exception as exc:  # run() logs it once
                 front.spool._folder_problem(f"spool scan failed: {exc}")
             clock.now += 1.0
@@ -420,3 +426,141 @@ def test_a_finished_request_wakes_the_spool(front: FrontEnds, clock: Clock) -> N
     front.spool._wake.clear()
     settle_and_serve(front, clock)
     assert names(front.spool.dirs["done"]) == ["r1.txt"] and front.spool._wake.is_set()
+
+
+def test_a_folder_swapped_for_a_link_while_a_request_is_spoken_is_not_written_through(
+        front: FrontEnds, voices: FakeVoices, clock: Clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """out/ becomes a link to another folder while a request is spoken: the outputs are not
+    written there (as root they replaced that folder's files); the request waits in work/."""
+    dirs = front.spool.dirs
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "r1.json").write_text('{"important": true}')
+    publish = Spool._publish
+
+    def swapped_first(self: Spool, *args: Any) -> None:
+        dirs["out"].rename(tmp_path / "out.real")
+        dirs["out"].symlink_to(victim)
+        publish(self, *args)
+
+    monkeypatch.setattr(Spool, "_publish", swapped_first)
+    (dirs["incoming"] / "r1.txt").write_text("Hello.")
+    settle_and_serve(front, clock, passes=1)
+    assert (victim / "r1.json").read_text() == '{"important": true}' and sorted(os.listdir(victim)) == ["r1.json"]
+    assert names(dirs["work"]) == ["r1.txt"] and names(dirs["failed"]) == []
+
+
+def test_a_spool_folder_that_is_a_link_at_start_up_stops_nothing(front: FrontEnds, voices: FakeVoices, clock: Clock,
+                                                                 tmp_path: Path) -> None:
+    """work/ is a link when the daemon starts: prepare says so and returns (it stopped the daemon:
+    an internal error, a restart loop); once work/ is a folder again the claimed requests in it
+    are taken up."""
+    dirs = front.spool.dirs
+    (tmp_path / "elsewhere").mkdir()
+    dirs["work"].rename(tmp_path / "work.real")
+    (tmp_path / "work.real" / "left.txt").write_text("Claimed before the restart.")
+    dirs["work"].symlink_to(tmp_path / "elsewhere")
+    restarted = Spool(dirs["incoming"].parent, voices.backend, concurrency=1)
+    restarted.prepare()
+    restarted.scan_now()  # nothing happens, nothing raises
+    dirs["work"].unlink()
+    (tmp_path / "work.real").rename(dirs["work"])
+    front.spool = restarted
+    settle_and_serve(front, clock)
+    assert names(dirs["done"]) == ["left.txt"]
+
+
+def test_a_busy_queue_does_not_spin_the_spool(front: FrontEnds, voices: FakeVoices, clock: Clock) -> None:
+    """The queue refuses (BusyError): the request waits in work/ for the Retry-After before it is
+    submitted again (it was resubmitted at once, in a loop that kept a core busy)."""
+    dirs = front.spool.dirs
+    voices.submit_error = BusyError("queue full", retry_after=1)
+    (dirs["incoming"] / "r1.txt").write_text("Hello.")
+    settle_and_serve(front, clock, passes=1)
+    tries = len(voices.jobs)
+    for _ in range(20):  # the same instant: not submitted again
+        front.spool_pass()
+    assert len(voices.jobs) == tries and names(dirs["work"]) == ["r1.txt"]
+    voices.submit_error = None
+    clock.now += 1.0
+    settle_and_serve(front, clock)
+    assert names(dirs["done"]) == ["r1.txt"]
+
+
+def test_a_request_never_lands_in_failed_without_its_reason(front: FrontEnds, clock: Clock,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error file is written first: a full disk there keeps the request claimed, and nothing
+    is in failed/ (the request was moved first, and stayed there without a reason for good)."""
+    dirs = front.spool.dirs
+    real = spool_module.atomic_write_text
+
+    def full(path: Path, text: str, mode: int | None = None, *, exclusive: bool = False) -> None:
+        if path.parent == dirs["failed"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, text, mode, exclusive=exclusive)
+
+    monkeypatch.setattr(spool_module, "atomic_write_text", full)
+    (dirs["incoming"] / "empty.txt").write_text("   ")
+    settle_and_serve(front, clock, passes=1)
+    assert names(dirs["failed"]) == [] and names(dirs["work"]) == ["empty.txt"]
+    monkeypatch.setattr(spool_module, "atomic_write_text", real)
+    clock.now += BACKOFF_MAX
+    settle_and_serve(front, clock)
+    assert names(dirs["failed"]) == ["empty.error.json", "empty.txt"]
+
+
+def test_files_it_cannot_claim_do_not_hide_the_rest(front: FrontEnds, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More unclaimable files than a scan's batch, first in the directory: the requests after
+    them are still listed (they waited for good behind a thousand files of another user)."""
+    monkeypatch.setattr(spool_module, "SCAN_BATCH", 10)
+    incoming = front.spool.dirs["incoming"]
+    skip = {}
+    for i in range(30):
+        (incoming / f"theirs{i}.txt").write_text("x")
+        skip[f"theirs{i}.txt"] = ((incoming / f"theirs{i}.txt").stat().st_ino, time.monotonic())
+    (incoming / "mine.txt").write_text("y")
+    found, complete, passed = front.spool._list_incoming(skip)
+    assert [name for name, _ in found] == ["mine.txt"] and complete and len(passed) == 30
+
+
+def test_a_second_daemon_on_the_spool_is_refused(front: FrontEnds, voices: FakeVoices) -> None:
+    """It took over the first one's claimed requests and spoke them again."""
+    from ttsd.errors import ConfigError
+
+    front.spool.lock()
+    second = Spool(front.spool.root, voices.backend, concurrency=1)
+    with pytest.raises(ConfigError, match="another ttsd serves this spool"):
+        second.lock()
+
+
+def test_an_invalid_name_twice_goes_to_failed_both_times(front: FrontEnds, clock: Clock) -> None:
+    """A name too long to take a ~N tag: the second stayed in work/ for good (ENAMETOOLONG); each
+    goes to failed/ under its cleaned and hashed name."""
+    dirs = front.spool.dirs
+    long_name = "a" * 251 + ".txt"
+    for _ in range(2):
+        (dirs["incoming"] / long_name).write_text("hi")
+        settle_and_serve(front, clock)
+    request, error = failed_names(long_name)
+    stem = request.removesuffix(".request")
+    assert names(dirs["failed"]) == sorted([request, error, f"{stem}~1.request", f"{stem}~1.error.json"])
+    assert names(dirs["work"]) == []
+
+
+def test_audio_that_fits_the_filesystem_is_not_failed_for_the_margin(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    """1.16 MB of audio on a 2.1 MB filesystem fits: it was failed as 'more than the filesystem
+    holds' (the 1 MB margin was counted against it), and on an emptied disk it is spoken."""
+    fs = {"blocks": 2_100_000, "free": 0}
+
+    class Fs:
+        f_frsize = 1
+        f_blocks = property(lambda self: fs["blocks"])
+        f_bfree = f_bavail = property(lambda self: fs["free"])
+
+    monkeypatch.setattr(spool_module.os, "statvfs", lambda path: Fs())
+    assert spool_module._never_fits(tmp_path, 1_160_000) is None
+    assert spool_module._never_fits(tmp_path, 2_200_000) is not None
+    assert not spool_module._room_for(tmp_path, 1_160_000)
+    fs["free"] = fs["blocks"]
+    assert spool_module._room_for(tmp_path, 1_160_000)  # the margin shrinks to what the disk has

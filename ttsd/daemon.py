@@ -246,6 +246,10 @@ class Daemon:
         check_ports(cfg)  # before the voices load: a port in use is reported in a second, not a minute
         if cfg.wyoming_zeroconf:
             Advertisement.check()  # and a missing zeroconf package
+        spool: Spool | None = None
+        if cfg.spool is not None:
+            spool = Spool(cfg.spool, self.backend(), concurrency=cfg.workers)
+            spool.lock()  # one daemon per spool: a second would speak the first's requests again
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(handled, self._record_signal, handled)
 
@@ -273,10 +277,8 @@ class Daemon:
         runner = await open_http(cfg, self.backend())
         wyoming = await open_wyoming(cfg, self.backend()) if cfg.wyoming else None
         metrics = await open_metrics(cfg, self.backend()) if cfg.metrics_listen else None
-        spool: Spool | None = None
         spool_task: asyncio.Task[None] | None = None
-        if cfg.spool is not None:
-            spool = Spool(cfg.spool, self.backend(), concurrency=cfg.workers)
+        if spool is not None:
             await loop.run_in_executor(None, spool.prepare)
             spool.start_watching(loop)
             spool_task = loop.create_task(spool.run())

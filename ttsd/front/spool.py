@@ -43,7 +43,7 @@ import os
 import stat
 import time
 from concurrent.futures import Future
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,12 @@ from ..disk_changes import Observer, Settle, observe
 from ..encoding import check_available
 from ..errors import (
     BusyError,
+    ConfigError,
     ResourceError,
     SpoolFileError,
     TtsdError,
     is_system_oserror,
+    os_error,
     resource_error,
 )
 from ..fsutil import SHARED, atomic_write_bytes, atomic_write_text, fsync_dir, rename_noreplace
@@ -73,7 +75,22 @@ RESCAN_SECONDS = 2.0  # events can be lost (or never sent, on network filesystem
 BACKOFF_FIRST, BACKOFF_MAX = 2.0, 60.0  # pause after a system failure, doubling
 SCAN_BATCH = 1000  # entries of incoming/ looked at per scan
 UNCLAIMABLE_RETRY = 60.0  # seconds before a file that could not be taken out of incoming/ is tried again
+MAX_UNCLAIMABLE = 100_000  # such files remembered (each a name and two numbers)
 ROOM_MARGIN = 1 << 20  # bytes free beyond a waiting request's outputs before it is spoken again
+LOCK_FILE = ".ttsd.lock"
+
+
+class _Unusable(Exception):
+    """A spool folder is not a folder (a link, a file): the spool does nothing until it is."""
+
+
+class _BoxError(Exception):
+    """Writing or moving a request's files failed for a reason of the spool's folders (a folder
+    made a link, permissions, a folder removed): the box's, never the request's."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class _NoRoom(Exception):
@@ -84,8 +101,13 @@ class _NoRoom(Exception):
         self.cause, self.needs = cause, needs
 
 
-class _Unusable(Exception):
-    """A spool folder is not a folder (a link, a file): the spool does nothing until it is."""
+@dataclass
+class _Waiting:
+    """A claimed request in ``work/`` to serve again: not before ``not_before`` (monotonic), and
+    once ``needs`` bytes are free (0: nothing known)."""
+
+    needs: int = 0
+    not_before: float = 0.0
 
 
 class Spool:
@@ -96,11 +118,12 @@ class Spool:
         self.dirs = {name: root / name for name in ("incoming", "work", "out", "done", "failed")}
         self._settle: Settle[Path] = Settle(SETTLE_SECONDS)  # a file is claimed once its size and mtime hold
         self._active: set[asyncio.Task[None]] = set()
+        # event-loop state only (executor threads return what they found; the loop applies it)
         self._serving: set[str] = set()  # IDs claimed (in work/) and not yet done or failed
-        # claimed requests to serve from work/ (after a restart, or a failure of the box): name ->
-        # bytes of free space its outputs need first (0: none known)
-        self._retry: dict[str, int] = {}
+        self._retry: dict[str, _Waiting] = {}  # claimed requests to serve again from work/
         self._unclaimable: dict[str, tuple[int, float]] = {}  # name -> (inode, when tried)
+        self._prepared = False
+        self._lock_fd: int | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._observer: Observer | None = None
@@ -109,12 +132,34 @@ class Spool:
         self._problem = ""  # the last folder problem logged (each is logged once, until it changes)
 
     # -- life cycle ----------------------------------------------------------------------------
+    def lock(self) -> None:
+        """One daemon per spool (at start-up, before the voices load): a second would take over
+        the first's claimed requests and speak them twice. ``ConfigError`` if another holds it."""
+        import fcntl
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise os_error(exc, f"opening the spool {self.root}", f"--spool {self.root}: cannot use it") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"--spool {self.root}: another ttsd serves this spool") from None
+        self._lock_fd = fd
+
     def prepare(self) -> None:
         """Create the folders, remove leftover temp files, and take up claimed requests: each is
         served again from ``work/`` (or moved to ``done/`` when a crash came after its outputs
-        were published). Nothing a writer put in the spool can make this fail: an entry that
-        cannot be moved is logged and left."""
-        self._check_dirs(quiet=True)
+        were published). Nothing in the spool can make this fail: a folder that is a link is
+        logged and the scans try again; an entry that cannot be moved is logged and left. Runs
+        before any request of this spool is served (at start-up, or from ``run`` while none is)."""
+        try:
+            self._check_dirs(quiet=True)
+        except _Unusable as exc:
+            self._folder_problem(f"spool: {exc}")
+            return
         for folder in ("out", "done", "failed"):  # atomic writes' temp files, left by a kill -9
             for leftover in self.dirs[folder].glob(".*.tmp"):
                 with contextlib.suppress(OSError):
@@ -133,13 +178,14 @@ class Spool:
                     placed = self._place(claimed, "done")
                     log.info("%s was served before a restart; moved to done/%s", shown(claimed.name), shown(placed))
                     continue
-            except OSError as exc:
+            except (OSError, _Unusable) as exc:
                 log.error("spool %s: cannot move it to done/ (%s); it stays in work/", shown(claimed.name), exc)
                 continue
-            self._retry[claimed.name] = 0
+            self._retry[claimed.name] = _Waiting()
             self._serving.add(claimed.stem)  # a file with its ID in incoming/ waits for it
             log.info("serving %s again (claimed before a restart)", shown(claimed.name))
         fsync_dir(self.dirs["work"])
+        self._prepared = True
 
     def _already_published(self, claimed: Path) -> bool:
         meta = self.dirs["out"] / f"{claimed.stem}.json"
@@ -163,16 +209,32 @@ class Spool:
         while not self._stopping:
             self._wake.clear()
             try:
-                # listing and stat'ing happen on a thread: 50,000 waiting files took 0.3 s a scan
-                self._scan(await loop.run_in_executor(None, self._list_incoming))
+                if not self._prepared and not self._active:  # its folders were unusable at start-up
+                    await loop.run_in_executor(None, self.prepare)
+                if self._prepared:
+                    # listing and stat'ing happen on a thread: 50,000 waiting files took 0.3 s a scan
+                    skip = dict(self._unclaimable)
+                    self._scan(*await loop.run_in_executor(None, self._list_incoming, skip))
             except (OSError, _Unusable) as exc:
                 self._folder_problem(f"spool scan failed: {exc}")
+            now = time.monotonic()
             wait = SETTLE_SECONDS if self._settle.seen else RESCAN_SECONDS
-            paused = self._paused_until - time.monotonic()
+            due = [w.not_before for w in self._retry.values() if w.not_before > now]
+            if due:
+                wait = min(wait, min(due) - now)
+            paused = self._paused_until - now
             if paused > 0:
                 wait = min(wait, paused) if self._settle.seen else paused
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
+
+    def scan_now(self) -> None:
+        """One scan as ``run`` makes it, listing on the caller's thread (on the event loop: for
+        tests and a caller that drives the spool itself)."""
+        if not self._prepared and not self._active:
+            self.prepare()
+        if self._prepared:
+            self._scan(*self._list_incoming(dict(self._unclaimable)))
 
     def stop(self) -> None:
         """Stop claiming new requests (running ones finish; unfinished ones stay in work/)."""
@@ -190,18 +252,27 @@ class Spool:
         """Each spool folder is a folder (``_Unusable`` if one is a link or a file: a link could
         make the spool empty a folder elsewhere into failed/); a missing one is made (again: said,
         unless ``quiet``, at start-up)."""
-        for name, path in self.dirs.items():
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                path.mkdir(parents=True, exist_ok=True)
-                if not quiet and self._problem != f"missing {name}":
-                    log.warning("spool: %s was missing; made it again", path)
-                self._problem = f"missing {name}"
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
-                raise _Unusable(f"{path} is {what}; the spool does nothing until it is a directory again")
+        for name in self.dirs:
+            self._folder(name, quiet=quiet)
+
+    def _folder(self, name: str, *, quiet: bool = False) -> Path:
+        """Spool folder ``name``, checked just before it is used (a folder, not a link: one swapped
+        for a link while a request was spoken was written through), made again if missing. A
+        swap in the instant between the check and the use is not seen: only the daemon's user
+        may write the spool dir itself (docs/spool.md)."""
+        path = self.dirs[name]
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            path.mkdir(parents=True, exist_ok=True)
+            if not quiet and self._problem != f"missing {name}":
+                log.warning("spool: %s was missing; made it again", path)
+            self._problem = f"missing {name}"
+            return path
+        if not stat.S_ISDIR(st.st_mode):
+            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise _Unusable(f"{path} is {what}; the spool does nothing until it is a directory again")
+        return path
 
     def _folder_problem(self, message: str) -> None:
         """Log a problem of the spool's folders once, not at every scan."""
@@ -210,27 +281,40 @@ class Spool:
         self._problem = message
 
     # -- claiming ------------------------------------------------------------------------------
-    def _list_incoming(self) -> list[tuple[str, os.stat_result]]:
-        """Up to ``SCAN_BATCH`` entries of ``incoming/`` (never following a link), oldest first.
-        Runs on an executor thread; a bigger backlog is taken a batch at a time."""
+    def _list_incoming(
+        self, skip: dict[str, tuple[int, float]] | None = None
+    ) -> tuple[list[tuple[str, os.stat_result]], bool, set[str]]:
+        """Up to ``SCAN_BATCH`` entries of ``incoming/`` (never following a link), oldest first;
+        whether that was all of them; the names passed over as unclaimable (``skip``: tried less
+        than ``UNCLAIMABLE_RETRY`` ago), which do not count towards the batch, so a thousand of
+        them cannot hide the requests behind them. Runs on an executor thread."""
         self._check_dirs()
-        found = []
-        with os.scandir(self.dirs["incoming"]) as entries:
+        skip, now = skip or {}, time.monotonic()
+        found, passed, complete = [], set(), True
+        with os.scandir(self._folder("incoming")) as entries:
             for entry in entries:
                 if entry.name.startswith(".") or entry.name.endswith(".tmp"):
                     continue
                 try:
-                    found.append((entry.name, entry.stat(follow_symlinks=False)))
+                    st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                tried = skip.get(entry.name)
+                if tried is not None and tried[0] == st.st_ino and now - tried[1] < UNCLAIMABLE_RETRY:
+                    passed.add(entry.name)
+                    continue
+                found.append((entry.name, st))
                 if len(found) >= SCAN_BATCH:
+                    complete = False
                     break
         found.sort(key=lambda item: (item[1].st_mtime_ns, item[0]))
-        return found
+        return found, complete, passed
 
-    def _scan(self, entries: list[tuple[str, os.stat_result]]) -> None:
+    def _scan(
+        self, entries: list[tuple[str, os.stat_result]], complete: bool = True, passed: set[str] | None = None
+    ) -> None:
         now = time.monotonic()
-        if self._problem.startswith("spool scan failed"):
+        if self._problem.startswith(("spool scan failed", "spool: ")):
             log.info("spool: its folders are usable again")
             self._problem = ""
         self._take_up(now)  # claimed before: first
@@ -246,24 +330,23 @@ class Spool:
                 continue  # the same ID is being served: this one waits, then meets its outputs
             if not self._may_start(now):
                 continue
-            tried = self._unclaimable.get(name)
-            if tried is not None and tried[0] == st.st_ino and now - tried[1] < UNCLAIMABLE_RETRY:
-                continue
             self._settle.forget(path)
             self._claim(path, st, now)
         self._settle.keep_only(present)
-        self._unclaimable = {k: v for k, v in self._unclaimable.items() if self.dirs["incoming"] / k in present}
+        if complete:  # names no longer in incoming/ are forgotten (only a whole listing knows)
+            keep = {p.name for p in present} | (passed or set())
+            self._unclaimable = {k: v for k, v in self._unclaimable.items() if k in keep}
 
     def _may_start(self, now: float) -> bool:
         return len(self._active) < self.concurrency and self.backend.ready() and now >= self._paused_until
 
     def _take_up(self, now: float) -> None:
-        """Serve the claimed requests waiting in ``work/``, oldest first; one whose outputs did
-        not fit waits until the disk has room for them."""
-        for name, needs in list(self._retry.items()):
+        """Serve the claimed requests waiting in ``work/``, oldest first: each once its delay is
+        over, and one whose outputs did not fit once the disk has room for them."""
+        for name, waiting in list(self._retry.items()):
             if not self._may_start(now):
                 return
-            if needs and _free_bytes(self.dirs["out"]) < needs + ROOM_MARGIN:
+            if now < waiting.not_before or (waiting.needs and not _room_for(self.dirs["out"], waiting.needs)):
                 continue
             del self._retry[name]
             self._start(self.dirs["work"] / name)
@@ -273,7 +356,12 @@ class Spool:
         (a hard link fails if the name exists; where links are not possible, a rename that does
         not replace). A file the daemon may link but not remove (a sticky ``incoming/`` holding
         another user's file) is left where it is, and said once."""
-        target = self.dirs["work"] / path.name
+        try:
+            incoming, work = self._folder("incoming"), self._folder("work")
+        except _Unusable as exc:
+            self._folder_problem(f"spool scan failed: {exc}")
+            return
+        path, target = incoming / path.name, work / path.name
         try:
             try:
                 os.link(path, target, follow_symlinks=False)
@@ -291,9 +379,7 @@ class Spool:
                 except OSError:
                     os.unlink(target)  # the claim did not happen
                     raise
-        except FileNotFoundError:
-            return
-        except FileExistsError:
+        except (FileNotFoundError, FileExistsError):
             return
         except OSError as exc:
             if self._unclaimable.get(path.name, (None,))[0] != st.st_ino:
@@ -303,14 +389,14 @@ class Spool:
                     exc.strerror or exc,
                     self.dirs["incoming"],
                 )
-            self._unclaimable[path.name] = (st.st_ino, now)
+            if len(self._unclaimable) < MAX_UNCLAIMABLE:
+                self._unclaimable[path.name] = (st.st_ino, now)
             return
         self._unclaimable.pop(path.name, None)
-        self._serving.add(target.stem)  # until _serve ends: another file with this ID waits
         self._start(target)
 
     def _start(self, claimed: Path) -> None:
-        self._serving.add(claimed.stem)
+        self._serving.add(claimed.stem)  # until _serve ends: another file with this ID waits
         task = asyncio.get_running_loop().create_task(self._serve(claimed))
         self._active.add(task)
         task.add_done_callback(self._finished)
@@ -323,6 +409,9 @@ class Spool:
 
     # -- serving -------------------------------------------------------------------------------
     async def _serve(self, claimed: Path) -> None:
+        """One claimed request, to its end in ``done/`` or ``failed/``, or kept in ``work/`` to be
+        served again. The files are moved on executor threads; what the spool remembers
+        (``_retry``, ``_serving``, the pause) changes here, on the event loop, only."""
         loop = asyncio.get_running_loop()
         request_id = claimed.stem
         started = time.time()
@@ -363,18 +452,19 @@ class Spool:
                 },
                 "request_sha256": hashlib.sha256(raw).hexdigest(),
             }
-            try:
-                await loop.run_in_executor(None, self._publish, claimed, req, result, meta)
-            except OSError as exc:  # the spool's folders, not the request: the box's
-                raise _BoxError(exc) from exc
+            await loop.run_in_executor(None, self._publish, claimed, req, result, meta)
             self._backoff = 0.0
             self.backend.metrics.spool.labels("ok").inc()
-        except BusyError:
-            waits = self._later(claimed, None)  # not the request's fault: served again soon
+        except BusyError as exc:  # not the request's fault: served again once the queue may have room
+            waits = self._later(claimed, None, delay=max(1.0, float(exc.retry_after)))
         except asyncio.CancelledError:
             raise  # shutting down: the request stays in work/ and is served after restart
         except _NoRoom as exc:
-            waits = await loop.run_in_executor(None, self._no_room, claimed, exc)
+            never = await loop.run_in_executor(None, _never_fits, self.dirs["out"], exc.needs)
+            if never is None:
+                waits = self._later(claimed, exc.cause, needs=exc.needs)
+            else:
+                waits = await self._fail(claimed, "insufficient_storage", never)
         except _BoxError as exc:
             waits = self._later(claimed, exc.cause)
         except (ResourceError, MemoryError) as exc:
@@ -383,14 +473,12 @@ class Spool:
             if is_system_oserror(exc):
                 waits = self._later(claimed, exc)
             else:  # a request file that vanished or cannot be read: that request's problem
-                await loop.run_in_executor(
-                    None, self._fail, claimed, "bad_file", f"{shown(claimed.name)}: {exc.strerror or exc}"
-                )
+                waits = await self._fail(claimed, "bad_file", f"{shown(claimed.name)}: {exc.strerror or exc}")
         except TtsdError as exc:
-            await loop.run_in_executor(None, self._fail, claimed, exc.code, str(exc))
+            waits = await self._fail(claimed, exc.code, str(exc))
         except Exception as exc:  # a bug; the request must still not vanish
             log.exception("spool request %s failed", shown(claimed.name))
-            await loop.run_in_executor(None, self._fail, claimed, "internal", f"{type(exc).__name__}: {exc}")
+            waits = await self._fail(claimed, "internal", f"{type(exc).__name__}: {exc}")
         finally:
             if not waits:
                 self._serving.discard(request_id)
@@ -399,126 +487,162 @@ class Spool:
         audio = result.audio
         assert audio is not None
         data = audio.to_pcm16() if req.format == "pcm" else encode(audio, req.format)
-        out = self.dirs["out"]
         text = json.dumps(meta, indent=1) + "\n"
         try:
+            out = self._folder("out")
             atomic_write_bytes(out / f"{claimed.stem}.{req.format}", data, SHARED)
             atomic_write_text(out / f"{claimed.stem}.json", text, SHARED)
+            placed = self._place(claimed, "done")
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _NoRoom(exc, len(data) + len(text)) from exc
-            raise
-        placed = self._place(claimed, "done")
+            raise _BoxError(exc) from exc
+        except _Unusable as exc:
+            raise _BoxError(exc) from exc
         fsync_dir(self.dirs["work"])
-        log.info("spool %s: %.2f s of audio", placed, result.audio_seconds)
+        log.info("spool %s: %.2f s of audio", shown(placed), result.audio_seconds)
 
     def _place(self, claimed: Path, folder: str) -> str:
-        """Move ``claimed`` into ``done/`` or ``failed/`` under its name, or, where that (or, in
-        ``failed/``, its error file's name) is taken, under ``ID~N`` (never replacing anything).
-        Returns the name it got."""
-        where = self.dirs[folder]
-        stem, suffix = _stem_and_suffix(claimed.name)
-        for n in range(1000):
-            name = claimed.name if n == 0 else f"{stem}~{n}{suffix}"
-            if folder == "failed" and (where / _error_file(name)).exists():
-                continue
+        """Move ``claimed`` into ``done/`` under its name, or ``ID~N`` where that is taken (never
+        replacing anything). Returns the name it got."""
+        self._folder("work")
+        where = self._folder(folder)
+        for n in range(_TRIES):
+            name = _names(claimed.name, n)[0]
             try:
                 rename_noreplace(claimed, where / name)
             except FileExistsError:
                 continue
             return name
-        raise OSError(errno.EEXIST, f"{folder}/ holds a thousand requests named {shown(claimed.name)}")
+        raise OSError(errno.EEXIST, f"{folder}/ has no free name for {shown(claimed.name)}")
 
-    def _fail(self, claimed: Path, code: str, message: str) -> None:
-        """Move the request to ``failed/`` beside its error file. A file with other hard links is
-        not this writer's to keep (a name for a file elsewhere): only this name of it is removed.
-        Never raises: a failure to write the reason for a system cause keeps the request claimed."""
-        failed = self.dirs["failed"]
+    async def _fail(self, claimed: Path, code: str, message: str) -> bool:
+        """Put the request in ``failed/`` beside its error file (written first: a request never
+        lands there without its reason). True when it must wait in ``work/`` instead (the box
+        failed to take it: a full disk)."""
+        cause = await asyncio.get_running_loop().run_in_executor(None, self._fail_files, claimed, code, message)
+        if cause is not None:
+            return self._later(claimed, cause)
+        return False
+
+    def _fail_files(self, claimed: Path, code: str, message: str) -> BaseException | None:
+        """``_fail``'s files, on an executor thread: the error file under a name free for it and
+        for the request, then the request moved beside it. A file with other hard links is not
+        this writer's to keep (a name for a file elsewhere): only its name here is removed. A
+        failure of the box is returned, to keep the request claimed; one of anything else leaves
+        the request in ``work/``, logged."""
+        body = json.dumps({"error": {"code": code, "message": message}}, indent=1) + "\n"
+        written: Path | None = None
         try:
+            self._folder("work")
+            failed = self._folder("failed")
             st = os.lstat(claimed)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                os.unlink(claimed)
-                name = claimed.name
-                while (failed / _error_file(name)).exists():  # (the request's name is not kept)
-                    name = f"{_stem_and_suffix(name)[0]}~{os.urandom(3).hex()}{claimed.suffix}"
+            linked = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+            for n in range(_TRIES):
+                name, error = _names(claimed.name, n, failed=True)
+                if not linked and os.path.lexists(failed / name):
+                    continue
+                try:
+                    atomic_write_text(failed / error, body, SHARED, exclusive=True)
+                except FileExistsError:
+                    continue
+                written = failed / error
+                if linked:
+                    os.unlink(claimed)
+                else:
+                    try:
+                        rename_noreplace(claimed, failed / name)
+                    except FileExistsError:  # taken meanwhile: the next name
+                        written.unlink()
+                        written = None
+                        continue
+                break
             else:
-                name = self._place(claimed, "failed")
-            atomic_write_text(
-                failed / _error_file(name),
-                json.dumps({"error": {"code": code, "message": message}}, indent=1) + "\n",
-                SHARED,
-            )
+                raise OSError(errno.EEXIST, f"failed/ has no free name for {shown(claimed.name)}")
             fsync_dir(self.dirs["work"])
-        except OSError as exc:
-            if is_system_oserror(exc) and claimed.exists() and self._later(claimed, exc):
-                return
-            log.error("spool %s: cannot move it to failed/ (%s)", shown(claimed.name), exc)
-            return
+        except (OSError, _Unusable) as exc:
+            if written is not None:  # no reason without its request
+                with contextlib.suppress(OSError):
+                    written.unlink()
+            if claimed.exists() and (isinstance(exc, _Unusable) or is_system_oserror(exc)):
+                return exc
+            log.error("spool %s: cannot put it in failed/ (%s); it stays in work/", shown(claimed.name), exc)
+            return None
         self.backend.metrics.spool.labels("failed").inc()
         log.warning("spool %s failed: %s", shown(claimed.name), message)
+        return None
 
-    def _no_room(self, claimed: Path, exc: _NoRoom) -> bool:
-        """Outputs that did not fit: the request waits in ``work/`` until the disk has room for
-        them, or fails when the spool's filesystem could never hold them."""
-        fs = os.statvfs(self.dirs["out"])
-        if exc.needs + ROOM_MARGIN > fs.f_blocks * fs.f_frsize:
-            self._fail(
-                claimed,
-                "insufficient_storage",
-                f"its audio needs {_mb(exc.needs)}, more than the spool's filesystem holds "
-                f"({_mb(fs.f_blocks * fs.f_frsize)}); ask for less text or another format",
-            )
-            return False
-        return self._later(claimed, exc.cause, needs=exc.needs)
-
-    def _later(self, claimed: Path, cause: BaseException | None, *, needs: int = 0) -> bool:
-        """Keep a claimed request in ``work/``, to be served again: after a busy queue at once, after
-        a system ``cause`` (disk full, out of memory, I/O error, a spool folder it cannot write)
-        once the spool's pause is over, longer each time; with ``needs``, once that many bytes are
-        free. True (it waits)."""
-        self._retry[claimed.name] = needs
+    def _later(self, claimed: Path, cause: BaseException | None, *, needs: int = 0, delay: float = 0.0) -> bool:
+        """Keep a claimed request in ``work/``, to be served again (on the event loop only): after
+        ``delay`` (a busy queue); after a system ``cause`` (disk full, out of memory, I/O error, a
+        spool folder it cannot use) once the spool's pause is over, longer each time; with
+        ``needs``, once that many bytes are free. True (it waits)."""
+        self._retry[claimed.name] = _Waiting(needs, time.monotonic() + delay)
         if cause is None:
             return True
         error = cause if isinstance(cause, ResourceError) else resource_error(cause, "serving a spool request")
         self._backoff = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_FIRST)
         self._paused_until = time.monotonic() + self._backoff
         self.backend.metrics.spool.labels("retry").inc()
-        room = f"; it is spoken again once {_mb(needs + ROOM_MARGIN)} are free" if needs else ""
+        room = f"; it is spoken again once {_mb(needs)} and a margin are free" if needs else ""
         log.error(
             "spool %s: %s; kept in work/, the spool pauses %.0f s%s", shown(claimed.name), error, self._backoff, room
         )
         return True
 
 
-class _BoxError(Exception):
-    """Publishing a request's outputs failed for a reason of the spool's folders (permissions,
-    a folder removed): the box's, never the request's."""
-
-    def __init__(self, cause: OSError) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
+_TRIES = 1000  # names ID, ID~1, ... tried in done/ and failed/ (then a random one)
 
 
-def _stem_and_suffix(name: str) -> tuple[str, str]:
+def _names(name: str, n: int, *, failed: bool = False) -> tuple[str, str]:
+    """The ``n``-th name for request ``name`` in ``done/`` or ``failed/``, and its error file's:
+    ``ID.txt`` and ``ID.error.json``, then ``ID~1.txt`` and ``ID~1.error.json``...; the last try
+    a random tag. A name that is no request's (invalid, too long) goes to ``failed/`` under its
+    error file's cleaned and hashed stem, as ``STEM.request``: never under its own name, which
+    could be an error file's (``y.error.json``) or too long to take a tag."""
+    tag = "" if n == 0 else f"~{n}" if n < _TRIES - 1 else f"~{os.urandom(4).hex()}"
     path = Path(name)
-    return (path.stem, path.suffix) if path.suffix in SUFFIXES else (name, "")
+    if path.suffix in SUFFIXES and is_id(path.stem):
+        return f"{path.stem}{tag}{path.suffix}", f"{path.stem}{tag}.error.json"
+    base = error_name(name).removesuffix(".error.json")
+    return f"{base}{tag}.request", f"{base}{tag}.error.json"
 
 
-def _error_file(name: str) -> str:
-    """The error file beside request ``name`` in ``failed/``: ``ID.error.json`` (or ``ID~N``'s)."""
-    stem, suffix = _stem_and_suffix(name)
-    base = stem.split("~", 1)[0]
-    if suffix and is_id(base):
-        return f"{stem}.error.json"
-    return error_name(name)
+def failed_names(name: str) -> tuple[str, str]:
+    """Where a failed request named ``name`` goes in ``failed/``, with its error file, when the
+    names are free."""
+    return _names(name, 0, failed=True)
 
 
-def _free_bytes(path: Path) -> int:
+def _capacity(fs: os.statvfs_result) -> int:
+    """Bytes this process could have on the filesystem if everything else were deleted (without
+    the blocks reserved for root, unless it is root)."""
+    reserved = 0 if os.geteuid() == 0 else fs.f_bfree - fs.f_bavail
+    return (fs.f_blocks - reserved) * fs.f_frsize
+
+
+def _room_for(path: Path, needs: int) -> bool:
+    """Whether ``needs`` bytes and a margin (less where the filesystem is small) are free."""
     try:
         fs = os.statvfs(path)
     except OSError:
-        return 0
-    return fs.f_bavail * fs.f_frsize
+        return False
+    free = (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize
+    return free >= min(needs + ROOM_MARGIN, _capacity(fs))
+
+
+def _never_fits(path: Path, needs: int) -> str | None:
+    """Why outputs of ``needs`` bytes could never fit on ``path``'s filesystem, or None."""
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return None
+    if needs <= _capacity(fs):
+        return None
+    return (
+        f"its audio needs {_mb(needs)}, more than the spool's filesystem could ever hold ({_mb(_capacity(fs))}); "
+        "ask for less text or another format"
+    )
 
 
 def _mb(size: int) -> str:
