@@ -419,10 +419,11 @@ def test_a_bad_withdrawal_is_refused_and_nothing_is_recorded(harness: Harness, v
     assert harness.version_2()["state"] == "active"
 
 
-def test_http_1_0_gets_a_streamed_answer_that_ends_with_the_connection(harness: Harness) -> None:
+def test_http_1_0_gets_the_whole_answer_and_real_statuses(harness: Harness) -> None:
     """HTTP/1.0 has no chunked encoding (nginx speaks it to upstreams by default): a streamed
-    answer, as the OpenAI route's default is, ends with the connection's close. It was a 500
-    with a traceback in the log for every such request."""
+    request, as the OpenAI route's default is, gets the whole file with its length, so a failure
+    is a real status, not a stream cut off that looks whole at the close. It was a 500 with a
+    traceback in the log for every such request."""
 
     async def send(raw: bytes) -> bytes:
         reader, writer = await asyncio.open_unix_connection(str(harness.front.socket))
@@ -440,6 +441,11 @@ def test_http_1_0_gets_a_streamed_answer_that_ends_with_the_connection(harness: 
             + data)).partition(b"\r\n\r\n")
         assert head.split(b" ")[1] == b"200" and b"chunked" not in head.lower(), head
         assert audio[:4] == b"RIFF" and len(audio) > 10_000, (path, audio[:100])
+        assert f"content-length: {len(audio)}".encode() in head.lower(), head
+    data = json.dumps({"text": "a. " * 40, "sentence_pause": 5, "stream": True}).encode()  # over 30 s of audio
+    head, _, body = harness.run(send(
+        f"POST /v1/synthesize HTTP/1.0\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)).partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"413" and json.loads(body)["error"]["code"] == "audio_too_long", head
 
 
 def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent(harness: Harness) -> None:

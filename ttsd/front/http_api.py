@@ -284,6 +284,11 @@ class _Api:
     async def _serve(self, request: web.Request, req: SynthRequest, route: str) -> web.StreamResponse:
         started = time.monotonic()
         openai = route == "openai"
+        if req.stream and not req.sse and request.version < HttpVersion11:
+            # HTTP/1.0 (nginx's default toward an upstream) has no chunks: a stream would end with
+            # the close, and one cut off by a failure would look whole. The whole file instead,
+            # with its length, and a failure is a real status
+            req = replace(req, stream=False)
         try:
             req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
             # an encoder this box lacks (aac, or streamed mp3, without PyAV): refused before any synthesis
@@ -404,7 +409,7 @@ class _Api:
                     response = web.StreamResponse(headers=self._headers(lease, req, item.sample_rate))
                     if request.version >= HttpVersion11:
                         response.enable_chunked_encoding()
-                    else:  # HTTP/1.0 has no chunks (nginx's default to its upstreams): the end is the close
+                    else:  # HTTP/1.0 (server-sent events only: audio goes whole): the end is the close
                         response.force_close()
                     await response.prepare(request)
                     if req.format == "wav":
