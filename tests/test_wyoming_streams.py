@@ -129,3 +129,51 @@ def test_a_voice_that_is_no_object_is_an_error_not_the_default_voice(voices: Fak
         loop.close()
     assert Error.is_type(error.type) and "voice must be an object" in Error.from_event(error).text
     assert AudioStop.is_type(stop.type) and voices.jobs == []
+
+
+def test_a_stream_ended_by_a_request_fault_counts_once_and_judges_nothing(voices: FakeVoices,
+                                                                          tmp_path: Path) -> None:
+    """Sentences spoken, then a chunk over --max-chars: one request, counted as text_too_long
+    (it was counted not at all, and judged a success for the version)."""
+    events = stream(voices, tmp_path, ["Yes. Yes. ", "a" * 5001])
+    assert any(Error.is_type(e.type) for e in events)
+    assert [ok for _key, ok in voices.released if ok is not None] == []
+    assert wyoming(voices, "text_too_long") == 1.0 and wyoming(voices, "ok") == 0.0
+
+
+def test_an_open_stream_between_sentences_holds_no_request_in_progress(voices: FakeVoices, tmp_path: Path) -> None:
+    """A stream waiting for its next text (an LLM thinking) is no request in progress: it held
+    a lease, so every background job ran at the pace kept beside live requests and the memory
+    policy's swap waited 30 s for it. Its client gone before the stop: counted cancelled, judged
+    not at all."""
+    path = tmp_path / "wyoming.sock"
+
+    async def go() -> tuple[int, bool]:
+        server = WyomingServer(f"unix://{path}", voices.backend)
+        await server.start()
+        try:
+            async with AsyncUnixClient(str(path)) as client:
+                await client.write_event(SynthesizeStart().event())
+                await client.write_event(SynthesizeChunk(text="The first sentence. ").event())
+                while not AudioChunk.is_type((await client.read_event()).type):
+                    pass
+                deadline = asyncio.get_running_loop().time() + 10
+                while voices.map.serving() and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.02)  # the sentence's own job ends
+                await asyncio.sleep(0.2)
+                held = voices.map.in_flight(("joe", "1")), voices.map.serving()
+            deadline = asyncio.get_running_loop().time() + 10
+            while not wyoming(voices, "cancelled") and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            return held
+        finally:
+            await server.drain(1.0)
+
+    loop = asyncio.new_event_loop()
+    try:
+        in_flight, serving = loop.run_until_complete(go())
+    finally:
+        loop.close()
+    assert (in_flight, serving) == (0, False)
+    assert wyoming(voices, "cancelled") == 1.0 and wyoming(voices, "ok") == 0.0
+    assert [ok for _key, ok in voices.released if ok is not None] == []

@@ -209,6 +209,7 @@ class Daemon:
             metrics=self.metrics,
             max_chars=self.config.max_chars,
             max_audio_seconds=self.config.max_audio_seconds,
+            judge=self.manager.map.judge,
             rollback=self.rollback,
             activate=self.activate,
             token=self.config.token,

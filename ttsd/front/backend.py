@@ -43,6 +43,8 @@ class Backend:
     # a version a fleet mirror withdrew: voice, version, to (if it is active), reason
     withdraw: Callable[[str, str, str | None, str], Awaitable[dict[str, Any]]] | None = None
     max_audio_seconds: float | None = None  # of one request: a Wyoming text stream's sentences in all
+    # the outcome of a request that held no lease to its end (voice, version, ok): a text stream
+    judge: Callable[[str, str, bool], None] | None = None
 
     async def lease(self, voice: str | None, version: str | None, *, user: str | None = None) -> Lease:
         """``acquire`` on the event loop, waiting when the voice must be loaded first (one shared

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -51,7 +51,6 @@ from wyoming.tts import (
 from ..errors import AudioTooLongError, BusyError, RequestError, TextTooLongError, TtsdError
 from ..logs import Throttle
 from ..options import SynthesisOptions
-from ..serving.serving_map import Lease
 from ..text import check_text, split_sentences
 from .backend import Backend
 from .listeners import WRITE_SECONDS, check_socket
@@ -178,12 +177,13 @@ class _Stream:
     pinned: tuple[str, str] | None = None  # (voice, version) of the first sentence, for the rest
     started: bool = False  # audio-start sent
     failed: bool = False  # an error sent: the rest is ignored up to synthesize-stop
-    # the stream is one request: a lease on its version held from its first sentence to its end,
-    # released with the outcome of all its sentences (the canary and auto-rollback count it once)
-    lease: Lease | None = None
-    ok: bool | None = None  # False once the model failed a sentence; True once one was spoken
+    # the stream is one request, counted and judged once at its end (``_Handler._end``): its
+    # sentences' jobs count nothing themselves. No lease is held between sentences: an open stream
+    # waiting for text is no request in progress (it would slow every background job and hold
+    # the memory policy's swap)
+    spoke: bool = False  # a sentence was spoken
+    failure: TtsdError | None = None  # what ended it early: its code, whose fault
     audio_seconds: float = 0.0  # of all its sentences: bounded by --max-audio-seconds, as a request
-    began: float = field(default_factory=time.monotonic)
 
 
 class _Handler(AsyncEventHandler):
@@ -223,8 +223,8 @@ class _Handler(AsyncEventHandler):
         finally:
             if self._handoff is not None:
                 self._handoff.stop()
-            if self._stream is not None:  # the client went mid-stream: what it got is counted
-                self._end(self._stream)
+            if self._stream is not None:  # the client went (or the server closed) mid-stream
+                self._end(self._stream, finished=False)
             transport = self.writer.transport
             if transport.get_write_buffer_size():
                 transport.abort()  # an answer left unread is dropped, not kept until the client reads it
@@ -273,7 +273,7 @@ class _Handler(AsyncEventHandler):
             _check_voice_field(event)
             self._stream.voice = SynthesizeStart.from_event(event).voice
         except _FAILURES as exc:
-            await self._fail(self._stream, _error(exc, event.type))
+            await self._fail(self._stream, exc, event.type)
 
     async def _chunk(self, event: Event) -> None:
         stream = self._stream
@@ -282,7 +282,7 @@ class _Handler(AsyncEventHandler):
         try:
             await self._add_text(stream, SynthesizeChunk.from_event(event).text)
         except _FAILURES as exc:
-            await self._fail(stream, _error(exc, event.type))
+            await self._fail(stream, exc, event.type)
 
     async def _stop(self) -> None:
         """The end of a text stream: its last text spoken, audio-stop, synthesize-stopped. Sent for
@@ -295,32 +295,47 @@ class _Handler(AsyncEventHandler):
                 if stream.pending.strip():
                     await self._say_in_stream(stream, stream.pending)
             except _FAILURES as exc:
-                await self._fail(stream, _error(exc, "synthesize-stop"))
+                await self._fail(stream, exc, "synthesize-stop")
             if stream.started and not stream.failed:
                 await self.write_event(AudioStop().event())
         if stream is not None:
             self._stream = None
-            self._end(stream)
+            self._end(stream, finished=True)
         await self.write_event(SynthesizeStopped().event())
 
-    def _end(self, stream: _Stream) -> None:
-        """A text stream is over (stopped, failed, or its client gone): one request, counted once.
-        Its failures were counted as they happened; a stream that spoke and did not fail is "ok"."""
-        if stream.lease is None:
+    def _end(self, stream: _Stream, *, finished: bool) -> None:
+        """A text stream is over: one request, counted once and judged once, as an HTTP request
+        is. Stopped after speaking: "ok", and a success for its version. Ended by a failure: that
+        failure's code, and only the model's counts against the version. Its client gone (or the
+        server closing) before its stop: "cancelled", judged not at all. A stream that spoke
+        nothing and did not fail counts nothing."""
+        if stream.pinned is None:
+            if stream.failure is not None:
+                self._count(None, None, stream.failure.code, stream.failure.fault)
             return
-        lease, stream.lease = stream.lease, None
-        lease.release(stream.ok)
-        if stream.ok and not stream.failed:
-            served = lease.voice
-            self._count(served.name, served.version, "ok")
-            self.backend.metrics.observe_request(served.name, served.version, ROUTE, time.monotonic() - stream.began)
+        name, version = stream.pinned
+        failure = stream.failure
+        if failure is not None:
+            self._count(name, version, failure.code, failure.fault)
+            verdict: bool | None = False if failure.fault == "model" else None
+        elif not finished:
+            self._count(name, version, "cancelled")
+            verdict = None
+        elif stream.spoke:
+            self._count(name, version, "ok")
+            verdict = True
+        else:
+            return
+        if verdict is not None and self.backend.judge is not None:
+            self.backend.judge(name, version, verdict)
 
-    async def _fail(self, stream: _Stream, error: Event) -> None:
+    async def _fail(self, stream: _Stream, exc: BaseException, kind: str) -> None:
         """A text stream fails: the error, and audio-stop if its audio had started. The rest of
         the stream is ignored; its synthesize-stop is answered with synthesize-stopped."""
         stream.failed, stream.pending = True, ""
-        self._end(stream)
-        await self.write_event(error)
+        if stream.failure is None:
+            stream.failure = exc if isinstance(exc, TtsdError) else RequestError(f"bad {kind} event")
+        await self.write_event(_error(exc, kind))
         if stream.started:
             await self.write_event(AudioStop().event())
 
@@ -369,24 +384,20 @@ class _Handler(AsyncEventHandler):
             name, version = stream.pinned if stream and stream.pinned else (self._voice_name(voice), None)
             lease = await self.backend.lease(name, version)
         except TtsdError as exc:
-            self._count(None, None, exc.code, exc.fault)
+            if stream is None:  # a stream's failure is counted at its end
+                self._count(None, None, exc.code, exc.fault)
             raise
         served = lease.voice
         if stream is not None:
             stream.pinned = (served.name, served.version)
-            if stream.lease is None:  # the stream's own hold on its version, until its end
-                try:
-                    stream.lease = await self.backend.lease(served.name, served.version)
-                except BaseException:
-                    lease.release()
-                    raise
         job = Job(text=text, options=options, lease=lease, route=ROUTE, counted=stream is None)
         handoff = AudioHandoff(asyncio.get_running_loop(), job.cancel)
         job.on_chunk = handoff.put  # never waits for the client: the worker goes on to the next job
         try:
             future = self.backend.submit(job)
         except TtsdError as exc:
-            self._count(served.name, served.version, exc.code, exc.fault)
+            if stream is None:
+                self._count(served.name, served.version, exc.code, exc.fault)
             raise
         future.add_done_callback(lambda f: handoff.end(Cancelled() if f.cancelled() else f.exception()))
         self._handoff = handoff
@@ -403,13 +414,13 @@ class _Handler(AsyncEventHandler):
             if stream is None:
                 await self.write_event(AudioStop().event())
         except TtsdError as exc:  # the job's own failure: it has ended
-            self._count(served.name, served.version, exc.code, exc.fault)
-            if stream is not None and job.outcome is False:
-                stream.ok = False
+            if stream is None:
+                self._count(served.name, served.version, exc.code, exc.fault)
             raise
         except BaseException:  # the client went away or stopped reading, or the server is closing
             handoff.stop()  # the job stops after the current piece
-            self._count(served.name, served.version, "cancelled")
+            if stream is None:
+                self._count(served.name, served.version, "cancelled")
             raise
         finally:
             self._handoff = None
@@ -417,15 +428,13 @@ class _Handler(AsyncEventHandler):
             self._count(served.name, served.version, "ok")
             self.backend.metrics.observe_request(served.name, served.version, ROUTE, time.monotonic() - started)
             return
-        stream.ok = stream.ok is not False
+        stream.spoke = True
         stream.audio_seconds += future.result().audio_seconds
         cap = self.backend.max_audio_seconds
         if cap is not None and stream.audio_seconds > cap:
-            over = AudioTooLongError(
+            raise AudioTooLongError(
                 f"the text stream's audio is over {cap:g} seconds (--max-audio-seconds); the rest is not spoken"
             )
-            self._count(served.name, served.version, over.code, over.fault)
-            raise over
 
     def _count(self, voice: str | None, version: str | None, outcome: str, fault: str | None = None) -> None:
         metrics = self.backend.metrics

@@ -149,6 +149,11 @@ class ServingMap:
             log.debug("user %r: %s %s (canary share %.0f%%)", user, name, decided[0], decided[1] * 100)
         return lease
 
+    def judge(self, voice: str, version: str, ok: bool) -> None:
+        """The outcome of a request that held no lease to its end (a Wyoming text stream, whose
+        sentences each held one and counted nothing): judged as a lease's release would be."""
+        self._on_release((voice, norm(version)), ok)
+
     def _release(self, entry: _Entry, ok: bool | None) -> None:
         with self._lock:
             entry.in_flight -= 1
