@@ -177,3 +177,41 @@ def test_an_open_stream_between_sentences_holds_no_request_in_progress(voices: F
     assert (in_flight, serving) == (0, False)
     assert wyoming(voices, "cancelled") == 1.0 and wyoming(voices, "ok") == 0.0
     assert [ok for _key, ok in voices.released if ok is not None] == []
+
+
+def test_the_audio_held_for_clients_is_bounded_all_together_and_no_one_client_waits_alone() -> None:
+    """One client behind holds its answer and never makes a worker wait; past the bound on all
+    clients together, a job whose client already holds audio waits until some is taken or
+    dropped (a stopped connection drops what it held)."""
+    import threading
+
+    import numpy as np
+
+    from ttsd.audio import Audio
+    from ttsd.front.wyoming_io import AudioHandoff, UnsentAudio
+
+    loop = asyncio.new_event_loop()
+    unsent = UnsentAudio(limit=7000)  # more than one answer, as 64 MiB is more than 600 s of audio
+    piece = Audio(np.zeros(1500, dtype=np.float32), 16000)  # 3,000 bytes of PCM
+    first = AudioHandoff(loop, threading.Event(), unsent)
+    second = AudioHandoff(loop, threading.Event(), unsent)
+    first.put(piece)
+    first.put(piece)  # a client that reads nothing: its answer is held, its worker goes on
+    second.put(piece)  # past the bound, but this client holds nothing yet: never waits
+    assert unsent.held == 9000
+    waited = threading.Event()
+
+    def more() -> None:
+        second.put(piece)  # over the bound and this client already holds audio: it waits
+        waited.set()
+
+    worker = threading.Thread(target=more)
+    worker.start()
+    assert not waited.wait(0.3)
+    first.stop()  # its client is gone: its 6,000 bytes are dropped
+    assert waited.wait(5) and unsent.held == 6000
+    loop.run_until_complete(second.get())
+    loop.run_until_complete(second.get())
+    assert unsent.held == 0
+    worker.join(5)
+    loop.close()

@@ -20,7 +20,7 @@ over the Wyoming protocol, with the ``wyoming`` package's event classes.
 Requests go through the same queue, workers, leases, canary and metrics (``route="wyoming"``) as
 HTTP. Wyoming has no authentication (the daemon warns of a non-loopback bind), so no client may hold
 the daemon hostage: ``max_connections``, ``idle_timeout`` between events, and the bounds of
-``wyoming_io`` (event size, malformed events; a client that does not read never holds a worker);
+``wyoming_io`` (event size, malformed events, the audio held for clients that do not read);
 ``write_timeout`` seconds for a client to take each event, else its connection is cut off, its
 synthesis cancelled and its slot freed. Runs on the event loop; synthesis is the pool's.
 """
@@ -56,7 +56,7 @@ from .backend import Backend
 from .listeners import WRITE_SECONDS, check_socket
 from .speech_request import parse_speaker
 from .synth import Cancelled, Job
-from .wyoming_io import MAX_EVENT_BYTES, AudioHandoff, BadFrame, read_event
+from .wyoming_io import MAX_EVENT_BYTES, AudioHandoff, BadFrame, UnsentAudio, read_event
 from .wyoming_mdns import Advertisement
 from .wyoming_voices import choose_voice, info
 
@@ -95,6 +95,7 @@ class WyomingServer:
         self.refused = 0  # connections over max_connections
         self.cut_off = 0  # connections whose client left its answer unread for write_timeout
         self.malformed = 0  # connections closed for a malformed event
+        self.unsent = UnsentAudio()  # audio made for clients and not yet sent, all together
         self._server: asyncio.AbstractServer | None = None
         self._handlers: dict[asyncio.Task[None], _Handler] = {}
         self._log_refused = Throttle(log, burst=1)
@@ -391,8 +392,8 @@ class _Handler(AsyncEventHandler):
         if stream is not None:
             stream.pinned = (served.name, served.version)
         job = Job(text=text, options=options, lease=lease, route=ROUTE, counted=stream is None)
-        handoff = AudioHandoff(asyncio.get_running_loop(), job.cancel)
-        job.on_chunk = handoff.put  # never waits for the client: the worker goes on to the next job
+        handoff = AudioHandoff(asyncio.get_running_loop(), job.cancel, self.server.unsent)
+        job.on_chunk = handoff.put  # waits for no single client: only past the bound on all of them
         try:
             future = self.backend.submit(job)
         except TtsdError as exc:

@@ -10,11 +10,13 @@ read may cost the daemon more than a bounded amount:
   ``MAX_EVENT_BYTES``, a length that is not a whole number, JSON that is not an object, nests
   without end or holds more than ``MAX_EVENT_VALUES`` values (objects take far more memory than
   the bytes that spell them), a missing type.
-* ``AudioHandoff`` never makes the worker wait for a client: the audio not yet written is held
-  for the connection (at most one answer's, which ``--max-audio-seconds`` bounds, as for HTTP),
-  and the connection's write deadline ends a client that stops reading (its job is cancelled).
-  A worker that waited for its client let one client that never read stop every other request
-  on a one-worker box until that deadline, again at each reconnection.
+* ``AudioHandoff`` hands a job's audio to its connection, and ``UnsentAudio`` bounds what all
+  connections together hold unsent (``MAX_UNSENT_BYTES``). One client that stops reading holds its
+  answer (which ``--max-audio-seconds`` bounds), never a worker: a worker that waited for its
+  client let one client that never read stop every other request on a one-worker box until the
+  write deadline, again at each reconnection. Only past the common bound does a job wait, and
+  only one whose own client already has audio waiting; the connection's write deadline then ends
+  a client that reads nothing (its job is cancelled, its audio dropped).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .synth import Cancelled
 
 MAX_EVENT_BYTES = 1 << 20  # one event's header line, data or payload (a request's text is far less)
 MAX_EVENT_VALUES = 4096  # JSON values in an event's header or data (a request has a dozen)
+MAX_UNSENT_BYTES = 64 << 20  # PCM made for Wyoming clients and not yet sent, all together (~25 min)
 
 
 class BadFrame(Exception):
@@ -106,20 +109,39 @@ def _shown(text: str) -> str:
     return text[:40] if text.isprintable() else repr(text[:40])
 
 
+class UnsentAudio:
+    """PCM made for the Wyoming clients and not yet written to them, all connections together:
+    ``held`` bytes under ``room``'s lock, at most ``limit`` but for one piece per connection."""
+
+    def __init__(self, limit: int = MAX_UNSENT_BYTES) -> None:
+        self.limit, self.held = limit, 0
+        self.room = threading.Condition()
+
+
 class AudioHandoff:
     """One job's audio, from its worker thread to the connection's coroutine, as 16-bit PCM.
-    ``put`` (the job's ``on_chunk``) never waits; ``stop`` (the connection ends) ends the job."""
+    ``put`` (the job's ``on_chunk``) waits only while all connections' unsent audio is over its
+    bound and this connection already holds some; ``stop`` (the connection ends) drops what it
+    holds and ends the job (a waiting worker at once)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: threading.Event) -> None:
-        self._loop, self._cancel = loop, cancel
+    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: threading.Event, unsent: UnsentAudio) -> None:
+        self._loop, self._cancel, self._unsent = loop, cancel, unsent
         self._queue: asyncio.Queue[tuple[int, bytes] | BaseException | None] = asyncio.Queue()
+        self._held = 0  # bytes put and not yet taken (or dropped)
+        self._stopped = False  # its connection takes no more (what it held is dropped)
 
     def put(self, chunk: Audio) -> None:
         """Worker thread: hand over one piece of audio. A stopped connection makes this raise
         ``Cancelled``: the job ends at once."""
-        if self._cancel.is_set():
-            raise Cancelled()
         pcm = chunk.to_pcm16()  # here, on the worker: half the bytes of the float samples
+        unsent = self._unsent
+        with unsent.room:
+            while self._held and unsent.held + len(pcm) > unsent.limit and not self._stopped:
+                unsent.room.wait(1.0)
+            if self._stopped or self._cancel.is_set():
+                raise Cancelled()
+            unsent.held += len(pcm)
+            self._held += len(pcm)
         if not self._hand((chunk.sample_rate, pcm)):
             raise Cancelled()
 
@@ -136,8 +158,21 @@ class AudioHandoff:
 
     async def get(self) -> tuple[int, bytes] | BaseException | None:
         """The next piece (rate, PCM), the job's error, or None at its end."""
-        return await self._queue.get()
+        item = await self._queue.get()
+        if isinstance(item, tuple):
+            with self._unsent.room:
+                if not self._stopped:  # (stopped: already dropped)
+                    self._unsent.held -= len(item[1])
+                    self._held -= len(item[1])
+                    self._unsent.room.notify_all()
+        return item
 
     def stop(self) -> None:
-        """The connection will take no more: the job stops after its current piece."""
-        self._cancel.set()
+        """The connection will take no more: its unsent audio is dropped, and the job stops after
+        its current piece (a worker waiting for room, at once)."""
+        with self._unsent.room:
+            if not self._stopped:
+                self._unsent.held -= self._held
+                self._held, self._stopped = 0, True
+            self._cancel.set()
+            self._unsent.room.notify_all()
