@@ -221,13 +221,14 @@ def test_nothing_in_failed_is_replaced(front: FrontEnds, clock: Clock) -> None:
     (y.error.json) is refused by its name and never replaces y's. Each replaced the other."""
     dirs = front.spool.dirs
     for name, content in [("z.txt", "   "), ("z.txt", "?!"), ("x.txt", "  "), ("x.json", "{"), ("y.txt", " "),
-                          ("y.error.json", '{"error": {"code": "forged"}}')]:
+                          ("y.error.json", '{"error": {"code": "forged"}}'), ("abc.doc", "no request")]:
         (dirs["incoming"] / name).write_text(content)
         settle_and_serve(front, clock)
     forged, forged_error = failed_names("y.error.json")  # never under its own name: an error file's
     assert names(dirs["failed"]) == sorted([
         "z.txt", "z.error.json", "z~1.txt", "z~1.error.json", "x.txt", "x.error.json", "x~1.json",
-        "x~1.error.json", "y.txt", "y.error.json", forged, forged_error])
+        "x~1.error.json", "y.txt", "y.error.json", forged, forged_error, *failed_names("abc.doc")])
+    assert not (dirs["failed"] / "abc.error.json").exists()  # no reason for a request "abc" that never was
     assert forged.endswith(".request") and forged_error == error_name("y.error.json")
     assert (dirs["failed"] / forged).read_text() == '{"error": {"code": "forged"}}'
     errors = {p.name: json.loads(p.read_text())["error"] for p in dirs["failed"].glob("*.error.json")}
@@ -478,13 +479,16 @@ def test_a_busy_queue_does_not_spin_the_spool(front: FrontEnds, voices: FakeVoic
     (dirs["incoming"] / "r1.txt").write_text("Hello.")
     settle_and_serve(front, clock, passes=1)
     tries = len(voices.jobs)
-    for _ in range(20):  # the same instant: not submitted again
+    (dirs["incoming"] / "r2.txt").write_text("Next.")
+    front.spool_pass()
+    clock.now += SETTLE_SECONDS  # r2 settled, but the queue said to wait a second: nothing claimed
+    for _ in range(20):  # the same instant: neither submitted again nor claimed
         front.spool_pass()
-    assert len(voices.jobs) == tries and names(dirs["work"]) == ["r1.txt"]
+    assert len(voices.jobs) == tries and names(dirs["work"]) == ["r1.txt"] and names(dirs["incoming"]) == ["r2.txt"]
     voices.submit_error = None
     clock.now += 1.0
     settle_and_serve(front, clock)
-    assert names(dirs["done"]) == ["r1.txt"]
+    assert names(dirs["done"]) == ["r1.txt", "r2.txt"]
 
 
 def test_a_request_never_lands_in_failed_without_its_reason(front: FrontEnds, clock: Clock,
@@ -564,3 +568,39 @@ def test_audio_that_fits_the_filesystem_is_not_failed_for_the_margin(monkeypatch
     assert not spool_module._room_for(tmp_path, 1_160_000)
     fs["free"] = fs["blocks"]
     assert spool_module._room_for(tmp_path, 1_160_000)  # the margin shrinks to what the disk has
+    for needs in range(1_900_000, 2_100_001, 5_000):  # what may wait is what an emptied disk takes
+        assert (spool_module._never_fits(tmp_path, needs) is None) == spool_module._room_for(tmp_path, needs)
+
+
+def test_a_request_served_then_kept_by_a_failure_goes_to_done(front: FrontEnds, voices: FakeVoices, clock: Clock,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its outputs were published, then the move to done/ failed (an I/O error, done/ swapped):
+    served again from work/ it goes to done/, not to failed/ as a duplicate of itself, and is not
+    spoken again."""
+    dirs = front.spool.dirs
+    place = Spool._place
+
+    def broken(self: Spool, claimed: Path, folder: str) -> str:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Spool, "_place", broken)
+    (dirs["incoming"] / "r1.txt").write_text("Hello.")
+    settle_and_serve(front, clock, passes=1)
+    assert names(dirs["work"]) == ["r1.txt"] and (dirs["out"] / "r1.json").is_file()
+    monkeypatch.setattr(Spool, "_place", place)
+    clock.now += BACKOFF_MAX
+    settle_and_serve(front, clock)
+    assert names(dirs["done"]) == ["r1.txt"] and names(dirs["failed"]) == [] and len(voices.jobs) == 1
+
+
+def test_a_spool_on_a_filesystem_without_locks_is_served(front: FrontEnds, voices: FakeVoices,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock failing for another reason than a holder (NFS without lockd) was taken for a
+    second daemon, and the daemon would not start."""
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    Spool(front.spool.root, voices.backend, concurrency=1).lock()  # no error: a warning

@@ -64,7 +64,7 @@ from ..fsutil import SHARED, atomic_write_bytes, atomic_write_text, fsync_dir, r
 from ..text import check_text
 from .backend import Backend
 from .speech_request import SynthRequest
-from .spool_files import error_name, is_id, parse_file, read_bounded, shown
+from .spool_files import hashed_stem, is_id, parse_file, read_bounded, shown
 from .synth import Job, Result
 
 log = logging.getLogger("ttsd.spool")
@@ -144,9 +144,12 @@ class Spool:
             raise os_error(exc, f"opening the spool {self.root}", f"--spool {self.root}: cannot use it") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ConfigError(f"--spool {self.root}: another ttsd serves this spool") from None
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise ConfigError(f"--spool {self.root}: another ttsd serves this spool") from None
+            # a filesystem without locks (NFS without lockd): served, unguarded, and said
+            log.warning("spool: cannot lock %s (%s): run one daemon on it", self.root, exc.strerror or exc)
         self._lock_fd = fd
 
     def prepare(self) -> None:
@@ -156,10 +159,12 @@ class Spool:
         logged and the scans try again; an entry that cannot be moved is logged and left. Runs
         before any request of this spool is served (at start-up, or from ``run`` while none is)."""
         try:
-            self._check_dirs(quiet=True)
-        except _Unusable as exc:
+            self._prepare()
+        except (OSError, _Unusable) as exc:  # tried again by the scans
             self._folder_problem(f"spool: {exc}")
-            return
+
+    def _prepare(self) -> None:
+        self._check_dirs(quiet=True)
         for folder in ("out", "done", "failed"):  # atomic writes' temp files, left by a kill -9
             for leftover in self.dirs[folder].glob(".*.tmp"):
                 with contextlib.suppress(OSError):
@@ -417,6 +422,10 @@ class Spool:
         started = time.time()
         waits = False  # still claimed when this ends (to be served again)
         try:
+            if await loop.run_in_executor(None, self._already_published, claimed):
+                # served, then kept by a failure to move it to done/: it goes there, not to failed/
+                await loop.run_in_executor(None, self._finish_published, claimed)
+                return
             if claimed.suffix not in SUFFIXES or not is_id(request_id):
                 raise SpoolFileError(
                     "bad_name",
@@ -456,7 +465,10 @@ class Spool:
             self._backoff = 0.0
             self.backend.metrics.spool.labels("ok").inc()
         except BusyError as exc:  # not the request's fault: served again once the queue may have room
-            waits = self._later(claimed, None, delay=max(1.0, float(exc.retry_after)))
+            delay = max(1.0, float(exc.retry_after))
+            waits = self._later(claimed, None, delay=delay)
+            # and nothing else is claimed or taken up meanwhile: each would meet the same queue
+            self._paused_until = max(self._paused_until, time.monotonic() + delay)
         except asyncio.CancelledError:
             raise  # shutting down: the request stays in work/ and is served after restart
         except _NoRoom as exc:
@@ -501,6 +513,14 @@ class Spool:
             raise _BoxError(exc) from exc
         fsync_dir(self.dirs["work"])
         log.info("spool %s: %.2f s of audio", shown(placed), result.audio_seconds)
+
+    def _finish_published(self, claimed: Path) -> None:
+        try:
+            placed = self._place(claimed, "done")
+            fsync_dir(self.dirs["work"])
+        except (OSError, _Unusable) as exc:
+            raise _BoxError(exc) from exc
+        log.info("spool %s: served before; moved to done/%s", shown(claimed.name), shown(placed))
 
     def _place(self, claimed: Path, folder: str) -> str:
         """Move ``claimed`` into ``done/`` under its name, or ``ID~N`` where that is taken (never
@@ -556,18 +576,20 @@ class Spool:
                         written.unlink()
                         written = None
                         continue
+                written = None  # the request is beside its reason now: both stay
                 break
             else:
                 raise OSError(errno.EEXIST, f"failed/ has no free name for {shown(claimed.name)}")
-            fsync_dir(self.dirs["work"])
         except (OSError, _Unusable) as exc:
             if written is not None:  # no reason without its request
                 with contextlib.suppress(OSError):
                     written.unlink()
-            if claimed.exists() and (isinstance(exc, _Unusable) or is_system_oserror(exc)):
+            if os.path.lexists(claimed):  # the spool's folders failed it, not the request: it waits
                 return exc
-            log.error("spool %s: cannot put it in failed/ (%s); it stays in work/", shown(claimed.name), exc)
+            log.error("spool %s: cannot put it in failed/ (%s)", shown(claimed.name), exc)
             return None
+        with contextlib.suppress(OSError):
+            fsync_dir(self.dirs["work"])
         self.backend.metrics.spool.labels("failed").inc()
         log.warning("spool %s failed: %s", shown(claimed.name), message)
         return None
@@ -604,7 +626,7 @@ def _names(name: str, n: int, *, failed: bool = False) -> tuple[str, str]:
     path = Path(name)
     if path.suffix in SUFFIXES and is_id(path.stem):
         return f"{path.stem}{tag}{path.suffix}", f"{path.stem}{tag}.error.json"
-    base = error_name(name).removesuffix(".error.json")
+    base = hashed_stem(name)  # always hashed: "abc.doc" is no request "abc" and must not give its reason
     return f"{base}{tag}.request", f"{base}{tag}.error.json"
 
 
@@ -621,23 +643,29 @@ def _capacity(fs: os.statvfs_result) -> int:
     return (fs.f_blocks - reserved) * fs.f_frsize
 
 
+def _margin(fs: os.statvfs_result) -> int:
+    """Room kept free beyond a waiting request's outputs: 1 MB, or a twentieth of a small disk."""
+    return min(ROOM_MARGIN, _capacity(fs) // 20)
+
+
 def _room_for(path: Path, needs: int) -> bool:
-    """Whether ``needs`` bytes and a margin (less where the filesystem is small) are free."""
+    """Whether ``needs`` bytes and the margin are free."""
     try:
         fs = os.statvfs(path)
     except OSError:
         return False
     free = (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize
-    return free >= min(needs + ROOM_MARGIN, _capacity(fs))
+    return free >= needs + _margin(fs)
 
 
 def _never_fits(path: Path, needs: int) -> str | None:
-    """Why outputs of ``needs`` bytes could never fit on ``path``'s filesystem, or None."""
+    """Why outputs of ``needs`` bytes could never fit on ``path``'s filesystem (with the margin
+    ``_room_for`` waits for), or None."""
     try:
         fs = os.statvfs(path)
     except OSError:
         return None
-    if needs <= _capacity(fs):
+    if needs + _margin(fs) <= _capacity(fs):
         return None
     return (
         f"its audio needs {_mb(needs)}, more than the spool's filesystem could ever hold ({_mb(_capacity(fs))}); "

@@ -35,12 +35,18 @@ def shown(name: str) -> str:
 def error_name(name: str) -> str:
     """``ID.error.json`` for a request file name, within the filesystem's 255 bytes even when the
     name itself is invalid or long (then: a cleaned prefix plus a hash of the name)."""
-    stem = Path(name).stem
-    if is_id(stem):
-        return f"{stem}.error.json"
+    path = Path(name)
+    if path.suffix in (".txt", ".json") and is_id(path.stem):
+        return f"{path.stem}.error.json"
+    return f"{hashed_stem(name)}.error.json"
+
+
+def hashed_stem(name: str) -> str:
+    """A short, safe stem for a file name that is no request's: its cleaned prefix and a hash of
+    the whole name (two names never share one, nor one with a request's ID)."""
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
-    clean = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:100].lstrip(".") or "request"
-    return f"{clean}-{digest}.error.json"
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).stem)[:100].lstrip(".") or "request"
+    return f"{clean}-{digest}"
 
 
 def read_bounded(path: Path) -> bytes:
