@@ -52,7 +52,6 @@ class Job:
     # False: a part of a request (a sentence of a Wyoming text stream) whose outcome the front end
     # counts once for the whole, so the canary and auto-rollback see requests, not sentences
     counted: bool = True
-    outcome: bool | None = None  # set when it ends: did the model do its job (None: not its fault)
 
 
 @dataclass(frozen=True)
@@ -198,7 +197,6 @@ class SynthesisPool:
             log.exception("synthesis failed on %s %s", job.lease.voice.name, job.lease.voice.version)
             raise SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            job.outcome = ok
             job.lease.release(ok if job.counted else None)
             with self._lock:
                 self._running -= 1
