@@ -6,8 +6,9 @@ sentences promoted a canary), the metrics count it once, and its audio in all is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from inproc import FakeVoices
@@ -19,6 +20,8 @@ from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop, Synthe
 
 from ttsd.front.wyoming import WyomingServer
 
+T = TypeVar("T")
+
 
 @pytest.fixture
 def voices(tmp_path: Path) -> Iterator[FakeVoices]:
@@ -27,40 +30,59 @@ def voices(tmp_path: Path) -> Iterator[FakeVoices]:
     v.close()
 
 
-def stream(voices: FakeVoices, tmp_path: Path, chunks: list[str], *, leave: bool = False) -> list[Event]:
-    """One text stream over a Wyoming server on ``voices``: its events up to synthesize-stopped
-    (or, with ``leave``, the client goes once the first audio came, without a stop)."""
+def talk(voices: FakeVoices, tmp_path: Path, client_side: Callable[[AsyncUnixClient], Awaitable[T]],
+         settled: Callable[[], bool] | None = None) -> T:
+    """A Wyoming server on ``voices`` for one client connection, which ``client_side`` drives;
+    what it returns. Once the connection is closed, the server's side runs until ``settled``
+    (at most 10 s: its handler ends what the client left), then drains."""
     path = tmp_path / "wyoming.sock"
 
-    async def go() -> list[Event]:
+    async def go() -> T:
         server = WyomingServer(f"unix://{path}", voices.backend)
         await server.start()
-        got: list[Event] = []
         try:
             async with AsyncUnixClient(str(path)) as client:
-                await client.write_event(SynthesizeStart().event())
-                for text in chunks:
-                    await client.write_event(SynthesizeChunk(text=text).event())
-                if leave:
-                    while not AudioChunk.is_type((await client.read_event()).type):
-                        pass
-                else:
-                    await client.write_event(SynthesizeStop().event())
-                    while not SynthesizeStopped.is_type((event := await client.read_event()).type):
-                        got.append(event)
-            if leave:  # the client is gone: its handler ends the stream
-                deadline = asyncio.get_running_loop().time() + 10
-                while voices.map.in_flight(("joe", "1")) and asyncio.get_running_loop().time() < deadline:
-                    await asyncio.sleep(0.02)
+                result = await client_side(client)
+            if settled is not None:
+                await until(settled)
+            return result
         finally:
             await server.drain(1.0)
-        return got
 
     loop = asyncio.new_event_loop()
     try:
         return loop.run_until_complete(go())
     finally:
         loop.close()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def stream(voices: FakeVoices, tmp_path: Path, chunks: list[str], *, leave: bool = False) -> list[Event]:
+    """One text stream over a Wyoming server on ``voices``: its events up to synthesize-stopped
+    (or, with ``leave``, the client goes once the first audio came, without a stop, and its
+    handler has ended the stream)."""
+
+    async def client_side(client: AsyncUnixClient) -> list[Event]:
+        got: list[Event] = []
+        await client.write_event(SynthesizeStart().event())
+        for text in chunks:
+            await client.write_event(SynthesizeChunk(text=text).event())
+        if leave:
+            while not AudioChunk.is_type((await client.read_event()).type):
+                pass
+            return got
+        await client.write_event(SynthesizeStop().event())
+        while not SynthesizeStopped.is_type((event := await client.read_event()).type):
+            got.append(event)
+        return got
+
+    # the client gone: its handler ends the stream
+    return talk(voices, tmp_path, client_side, (lambda: not voices.map.in_flight(("joe", "1"))) if leave else None)
 
 
 def wyoming(voices: FakeVoices, outcome: str) -> float:
@@ -108,25 +130,11 @@ def test_a_voice_that_is_no_object_is_an_error_not_the_default_voice(voices: Fak
     default spoke, without a word. It is an error event, then audio-stop, as any bad request."""
     from wyoming.tts import Synthesize
 
-    path = tmp_path / "wyoming.sock"
+    async def client_side(client: AsyncUnixClient) -> tuple[Event, Event]:
+        await client.write_event(Event(type=Synthesize(text="").event().type, data={"text": "Hi.", "voice": "joe"}))
+        return await client.read_event(), await client.read_event()  # type: ignore[return-value]
 
-    async def go() -> list[Event]:
-        server = WyomingServer(f"unix://{path}", voices.backend)
-        await server.start()
-        try:
-            async with AsyncUnixClient(str(path)) as client:
-                await client.write_event(Event(type=Synthesize(text="").event().type, data={"text": "Hi.", "voice": "joe"}))
-                got = [await client.read_event()]
-                got.append(await client.read_event())
-                return got  # type: ignore[return-value]
-        finally:
-            await server.drain(1.0)
-
-    loop = asyncio.new_event_loop()
-    try:
-        error, stop = loop.run_until_complete(go())
-    finally:
-        loop.close()
+    error, stop = talk(voices, tmp_path, client_side)
     assert Error.is_type(error.type) and "voice must be an object" in Error.from_event(error).text
     assert AudioStop.is_type(stop.type) and voices.jobs == []
 
@@ -146,34 +154,17 @@ def test_an_open_stream_between_sentences_holds_no_request_in_progress(voices: F
     a lease, so every background job ran at the pace kept beside live requests and the memory
     policy's swap waited 30 s for it. Its client gone before the stop: counted cancelled, judged
     not at all."""
-    path = tmp_path / "wyoming.sock"
+    async def client_side(client: AsyncUnixClient) -> tuple[int, bool]:
+        await client.write_event(SynthesizeStart().event())
+        await client.write_event(SynthesizeChunk(text="The first sentence. ").event())
+        while not AudioChunk.is_type((await client.read_event()).type):
+            pass
+        await until(lambda: not voices.map.serving())  # the sentence's own job ends
+        await asyncio.sleep(0.2)
+        return voices.map.in_flight(("joe", "1")), voices.map.serving()
 
-    async def go() -> tuple[int, bool]:
-        server = WyomingServer(f"unix://{path}", voices.backend)
-        await server.start()
-        try:
-            async with AsyncUnixClient(str(path)) as client:
-                await client.write_event(SynthesizeStart().event())
-                await client.write_event(SynthesizeChunk(text="The first sentence. ").event())
-                while not AudioChunk.is_type((await client.read_event()).type):
-                    pass
-                deadline = asyncio.get_running_loop().time() + 10
-                while voices.map.serving() and asyncio.get_running_loop().time() < deadline:
-                    await asyncio.sleep(0.02)  # the sentence's own job ends
-                await asyncio.sleep(0.2)
-                held = voices.map.in_flight(("joe", "1")), voices.map.serving()
-            deadline = asyncio.get_running_loop().time() + 10
-            while not wyoming(voices, "cancelled") and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.02)
-            return held
-        finally:
-            await server.drain(1.0)
-
-    loop = asyncio.new_event_loop()
-    try:
-        in_flight, serving = loop.run_until_complete(go())
-    finally:
-        loop.close()
+    # then the client goes, mid-stream
+    in_flight, serving = talk(voices, tmp_path, client_side, lambda: wyoming(voices, "cancelled") > 0)
     assert (in_flight, serving) == (0, False)
     assert wyoming(voices, "cancelled") == 1.0 and wyoming(voices, "ok") == 0.0
     assert [ok for _key, ok in voices.released if ok is not None] == []
