@@ -174,3 +174,18 @@ def test_the_example_clients_run_as_written(tmp_path: Path, cache_dir: Path, joe
                            str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert made.returncode == 0, made.stderr
     assert sorted(p.name for p in out.iterdir()) == ["sentence-00.wav", "sentence-01.wav"], made.stdout
+
+
+def test_the_token_recipe_makes_a_token_the_daemon_takes(tmp_path: Path) -> None:
+    """operating.md's line that makes a token file, run as written: the file is the owner's
+    alone and holds a token --token-file accepts."""
+    import stat
+
+    from ttsd.cli.serve_args import read_token
+
+    text = (ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
+    line = next(line for line in text.splitlines() if "openssl rand" in line).split("  #")[0].strip()
+    _sh(line, dict(os.environ), tmp_path)
+    made = tmp_path / "ttsd.token"
+    assert stat.S_IMODE(made.stat().st_mode) == 0o600
+    assert len(read_token(made)) >= 16

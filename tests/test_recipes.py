@@ -236,3 +236,42 @@ def test_the_staged_rollout_block_of_the_fleet_docs(tmp_path: Path) -> None:
     assert set(index["signature"]) == {"key", "value"} and key.name == "fleet.key"
     synced = json.loads((remote / "ttsd-index.json").read_text())  # the block syncs once, after publish
     assert synced["voices"]["joe"]["versions"]["3"]["share"] == 0.05 and "signature" in synced
+
+
+@pytest.mark.daemon
+def test_the_readme_fleet_quick_start_runs_as_written(tmp_path: Path, web: tuple[Path, str], cache_dir: Path,
+                                                      joe_folder: Path) -> None:
+    """The README's fleet block, line by line in bash: keys made, the built-in voice copied,
+    packed and signed as joe 2, published, the key installed where the box looks, got from the
+    mirror and served. Only the box's paths differ: /models is a models dir holding the seeded
+    voice, /srv/mirror the web server's dir, /etc/ttsd/trusted a temp dir, the mirror URL the
+    web server's."""
+    text = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Quick start: a fleet", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.split("```sh\n", 1)[1].split("```", 1)[0].splitlines() if line.strip()]
+    root, url = web
+    seeded, trusted, box = tmp_path / "models", tmp_path / "etc-trusted", tmp_path / "box"
+    seeded.mkdir()
+    shutil.copytree(joe_folder, seeded / f"{VOICE}-1", copy_function=os.link)
+    work = tmp_path / "build"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSD_")}
+    env.update(PATH=f"{Path(TTSD).parent}{os.pathsep}{os.environ['PATH']}", TTSD_CACHE=str(cache_dir),
+               TTSD_MODELS=str(box / "models"), TTSD_SOCKET=str(tmp_path / "none.sock"))
+    serve = None
+    for line in lines:
+        line = (line.split("  #", 1)[0].strip().replace("/models/", f"{seeded}/").replace("/srv/mirror", str(root / "voices"))
+                .replace("/etc/ttsd/trusted", str(trusted)).replace("http://mirror.lan/voices/", url))
+        if line.startswith("ttsd serve"):
+            serve = shlex.split(line)[2:]
+            continue
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, f"{line}\n{done.stdout}{done.stderr}"
+    assert serve is not None and (box / "models" / "joe-2" / "model.sig").is_file()
+    daemon = start_daemon(box, cache_dir, *serve, models=box / "models")
+    try:
+        voices = daemon.request("GET", "/v1/voices").json()["voices"]
+        assert [(v["name"], v["active"]) for v in voices] == [("joe", "2")], voices
+    finally:
+        daemon.stop()
