@@ -20,6 +20,7 @@ import numpy as np
 from ..audio import Audio, concat
 from ..engines.threads import BUSY, BusyElsewhere, load_threads
 from ..errors import (
+    AudioTooLongError,
     BusyError,
     RequestError,
     SynthesisError,
@@ -52,6 +53,9 @@ class Job:
     # False: a part of a request (a sentence of a Wyoming text stream) whose outcome the front end
     # counts once for the whole, so the canary and auto-rollback see requests, not sentences
     counted: bool = True
+    # seconds of audio this job may make, when its request has a limit of its own below the
+    # engine's (a Wyoming text stream's later sentences: what its earlier ones left of the cap)
+    audio_limit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,11 @@ class SynthesisPool:
                         )
                     peak = max(peak, check_chunk(chunk))
                     seconds += chunk.duration
+                    if job.audio_limit is not None and seconds > job.audio_limit:
+                        raise AudioTooLongError(
+                            f"the audio would pass what is left of --max-audio-seconds to this request "
+                            f"({job.audio_limit:g} s); the rest is not spoken"
+                        )
                     if job.on_chunk is not None:
                         job.on_chunk(chunk)
                     else:

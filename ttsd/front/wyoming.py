@@ -48,7 +48,7 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from ..errors import AudioTooLongError, BusyError, RequestError, TextTooLongError, TtsdError
+from ..errors import BusyError, RequestError, TextTooLongError, TtsdError
 from ..logs import Throttle
 from ..options import SynthesisOptions
 from ..text import check_text, split_sentences
@@ -391,7 +391,10 @@ class _Handler(AsyncEventHandler):
         served = lease.voice
         if stream is not None:
             stream.pinned = (served.name, served.version)
+        cap = self.backend.max_audio_seconds
         job = Job(text=text, options=options, lease=lease, route=ROUTE, counted=stream is None)
+        if stream is not None and cap is not None:  # the stream's sentences in all stay within the cap
+            job.audio_limit = max(0.0, cap - stream.audio_seconds)
         handoff = AudioHandoff(asyncio.get_running_loop(), job.cancel, self.server.unsent)
         job.on_chunk = handoff.put  # waits for no single client: only past the bound on all of them
         try:
@@ -431,11 +434,6 @@ class _Handler(AsyncEventHandler):
             return
         stream.spoke = True
         stream.audio_seconds += future.result().audio_seconds
-        cap = self.backend.max_audio_seconds
-        if cap is not None and stream.audio_seconds > cap:
-            raise AudioTooLongError(
-                f"the text stream's audio is over {cap:g} seconds (--max-audio-seconds); the rest is not spoken"
-            )
 
     def _count(self, voice: str | None, version: str | None, outcome: str, fault: str | None = None) -> None:
         metrics = self.backend.metrics
