@@ -126,3 +126,37 @@ def test_the_socket_probe_leaves_a_socket_it_did_not_make(tmp_path: Path) -> Non
     free = tmp_path / "free.sock"
     probe_socket(free)
     assert not free.exists()
+
+
+def test_one_tcp_address_holds_at_most_half_the_slots() -> None:
+    """A host that opens connections and trickles bytes into each took every slot, so a health
+    probe from another host waited out the idle timeout. One address now holds at most half of
+    them: its next one is closed at once while another address is served; a slot it frees is its
+    own again."""
+
+    async def scenario() -> None:
+        runner = await _runner()
+        listener = TCPListener(runner, "127.0.0.1", 0, max_connections=4)
+        await listener.start()
+
+        async def connect(source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.open_connection("127.0.0.1", listener.port, local_addr=(source, 0))
+
+        held = [await connect("127.0.0.1") for _ in range(2)]
+        for _reader, writer in held:
+            writer.write(b"GET /ping HTTP/1.1\r\n")  # a request begun, never ended
+        over = await connect("127.0.0.1")
+        assert await _closed_at_once(over[0]), "a third connection from one address is closed"
+        other = await connect("127.0.0.2")
+        assert (await _ask(*other)).endswith(b"pong"), "another address is served"
+        held[0][1].close()
+        await held[0][1].wait_closed()
+        await asyncio.sleep(0.05)  # the server sees the close
+        again = await connect("127.0.0.1")
+        assert (await _ask(*again)).endswith(b"pong")
+        assert listener.factory is not None and listener.factory.peers.refused == 1
+        for _reader, writer in (held[1], other, again):
+            writer.close()
+        await runner.cleanup()
+
+    asyncio.run(scenario())

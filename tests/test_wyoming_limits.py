@@ -43,11 +43,12 @@ def frame(event: Event) -> bytes:
     return json.dumps({"type": event.type, "data_length": len(data)}).encode() + b"\n" + data
 
 
-def never_reading(port: int) -> socket.socket:
-    """A client that asks for TEXT and never reads: a 4 KiB receive buffer, so its side of the
-    connection is full at once."""
+def never_reading(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A client at address ``source`` that asks for TEXT and never reads: a 4 KiB receive buffer,
+    so its side of the connection is full at once."""
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.bind((source, 0))
     client.connect(("127.0.0.1", port))
     client.sendall(frame(Synthesize(text=TEXT).event()))
     return client
@@ -75,14 +76,14 @@ def running(d: Daemon) -> tuple[int, int]:
 @pytest.mark.daemon
 def test_a_client_that_never_reads_is_cut_off_at_the_write_deadline_and_frees_its_slot(
         tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
-    """1. Two clients that never read take both slots (--max-connections 2): a third connection
-    is closed unanswered. 2. After --write-timeout (2 s here) with nothing taken, each is cut off:
+    """1. Two clients that never read, from two addresses (one address holds at most half the
+    slots), take both slots (--max-connections 2): a third connection is closed unanswered. 2. After --write-timeout (2 s here) with nothing taken, each is cut off:
     logged, its synthesis cancelled, the worker free. 3. A new client is served."""
     port = free_port()
     d = start_daemon(tmp_path, cache_dir, "--wyoming", f"tcp://127.0.0.1:{port}",
                      "--write-timeout", "2", "--max-connections", "2")
     cancelled = wyoming_cancelled(d)
-    hostages = [never_reading(port) for _ in range(2)]
+    hostages = [never_reading(port, source) for source in ("127.0.0.2", "127.0.0.3")]
     try:
         time.sleep(0.5)
         assert describe(port) == b""  # no slot left
@@ -232,3 +233,26 @@ def test_an_error_after_audio_start_still_ends_the_audio(daemon: Daemon) -> None
                                  SynthesizeChunk(text=second).event(), SynthesizeChunk(text=first).event(),
                                  SynthesizeStop().event()))
     assert kinds == ["audio-start", "audio-chunk", "error:audio_too_long", "audio-stop", "synthesize-stopped"]
+
+
+@pytest.mark.daemon
+def test_one_address_holds_at_most_half_the_wyoming_slots(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
+    """A host that never reads took every slot (--max-connections 2) and Home Assistant on another
+    host was refused until the write deadline, again at each reconnection. Now its second
+    connection is closed at once, another address is answered meanwhile, and it is said once."""
+    port = free_port()
+    d = start_daemon(tmp_path, cache_dir, "--wyoming", f"tcp://127.0.0.1:{port}", "--max-connections", "2")
+    hostage = never_reading(port, "127.0.0.2")
+    try:
+        second = never_reading(port, "127.0.0.2")
+        second.settimeout(10)
+        try:
+            assert second.recv(1 << 16) == b"", "its second connection is closed unanswered"
+        except ConnectionResetError:
+            pass
+        second.close()
+        assert describe(port).startswith(b'{"type": "info"')  # from 127.0.0.1
+        assert d.logs().count("127.0.0.2 holds its share, half of the 2 connections") == 1
+    finally:
+        hostage.close()
+        assert d.stop() == 0, d.logs()

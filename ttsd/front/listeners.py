@@ -6,7 +6,9 @@ that is the header timeout and the idle timeout in one. What it does not bound i
 open at once, so a client that opens hundreds and trickles bytes into each could hold the
 daemon's file descriptors and memory. Each listener here takes at most ``limit`` connections;
 one more is closed as soon as it is accepted (and logged, at most once a minute), so a flood on
-the TCP listener never locks local clients out of the Unix socket.
+the TCP listener never locks local clients out of the Unix socket. On TCP one client address
+holds at most half of them (``PeerShare``), so one host that opens connections and trickles
+bytes into each cannot keep every other client (a health probe, Home Assistant) out.
 
 Nor does aiohttp bound how long a client may leave an answer unread. A connection whose client
 stops reading fills its buffers, and then its writes wait: a whole WAV sits in memory and holds
@@ -136,6 +138,43 @@ def share_socket(path: Path, gid: int | None) -> None:
         os.chmod(path, 0o660)
 
 
+class PeerShare:
+    """How many connections each client address holds on one TCP listener, and the most one may
+    hold: half the listener's limit, so one host alone never fills it. A Unix socket's clients
+    have no address and are not counted here (the listener's limit is theirs). Event loop only."""
+
+    def __init__(self, limit: int, where: str) -> None:
+        self.limit, self.most, self.where = limit, max(1, limit // 2), where
+        self.held: dict[str, int] = {}
+        self.refused = 0
+        self._log = Throttle(log, burst=1)
+
+    def take(self, peer: object) -> str | None:
+        """The address of a connection just accepted, counted; "" for one that has no address;
+        None (not counted) when that address already holds its share: the caller closes it."""
+        host = peer[0] if isinstance(peer, tuple) and peer and isinstance(peer[0], str) else ""
+        if not host:
+            return ""
+        if self.held.get(host, 0) >= self.most:
+            self.refused += 1
+            self._log(
+                logging.WARNING,
+                "%s: %s holds its share, half of the %d connections; closing its new ones",
+                self.where,
+                host,
+                self.limit,
+            )
+            return None
+        self.held[host] = self.held.get(host, 0) + 1
+        return host
+
+    def give(self, host: str) -> None:
+        if host and (left := self.held.get(host, 0) - 1) > 0:
+            self.held[host] = left
+        else:
+            self.held.pop(host, None)
+
+
 class _Closer(asyncio.Protocol):
     """Takes a connection over the cap and closes it at once."""
 
@@ -151,15 +190,23 @@ class _Counted(asyncio.Protocol):
         self._inner, self._owner = inner, owner
         self._transport: asyncio.BaseTransport | None = None
         self._stalled: asyncio.TimerHandle | None = None
+        self._host: str | None = None  # the client's address, counted in the owner's share
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        self._host = self._owner.peers.take(transport.get_extra_info("peername"))
+        if self._host is None:  # its address holds its share of the listener already
+            transport.close()  # nothing was written: closed at once, as over the cap (_Closer)
+            return
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner.live -= 1
         if self._stalled is not None:
             self._stalled.cancel()
+        if self._host is None:
+            return  # never handed to aiohttp
+        self._owner.peers.give(self._host)
         self._inner.connection_lost(exc)
 
     def _cut_off(self) -> None:
@@ -173,10 +220,11 @@ class _Counted(asyncio.Protocol):
             self._transport.abort()  # drops the unsent answer; connection_lost follows
 
     def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
+        if self._host is not None:
+            self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
+        return self._inner.eof_received() if self._host is not None else None
 
     def pause_writing(self) -> None:
         if self._stalled is None:
@@ -199,6 +247,7 @@ class _Capped:
         self.live = 0  # handlers made and not yet disconnected
         self.refused = 0
         self.cut_off = 0  # connections aborted for leaving their answer unread
+        self.peers = PeerShare(limit, where)
         self._logged = 0.0
 
     def __call__(self) -> asyncio.BaseProtocol:

@@ -19,7 +19,8 @@ over the Wyoming protocol, with the ``wyoming`` package's event classes.
 
 Requests go through the same queue, workers, leases, canary and metrics (``route="wyoming"``) as
 HTTP. Wyoming has no authentication (the daemon warns of a non-loopback bind), so no client may hold
-the daemon hostage: ``max_connections``, ``idle_timeout`` between events, and the bounds of
+the daemon hostage: ``max_connections`` (half of them at most from one TCP address), ``idle_timeout``
+between events, and the bounds of
 ``wyoming_io`` (event size, malformed events, the audio held for clients that do not read);
 ``write_timeout`` seconds for a client to take each event, else its connection is cut off, its
 synthesis cancelled and its slot freed. Runs on the event loop; synthesis is the pool's.
@@ -53,7 +54,7 @@ from ..logs import Throttle
 from ..options import SynthesisOptions
 from ..text import check_text, split_sentences
 from .backend import Backend
-from .listeners import WRITE_SECONDS, check_socket
+from .listeners import WRITE_SECONDS, PeerShare, check_socket
 from .speech_request import parse_speaker
 from .synth import Cancelled, Job
 from .wyoming_io import MAX_EVENT_BYTES, AudioHandoff, BadFrame, UnsentAudio, read_event
@@ -93,6 +94,7 @@ class WyomingServer:
         self.closing = False
         self.advertisement: Advertisement | None = None  # mDNS, when asked for (TCP only)
         self.refused = 0  # connections over max_connections
+        self.peers = PeerShare(max_connections, "Wyoming")  # one TCP address holds at most half of them
         self.cut_off = 0  # connections whose client left its answer unread for write_timeout
         self.malformed = 0  # connections closed for a malformed event
         self.unsent = UnsentAudio()  # audio made for clients and not yet sent, all together
@@ -126,6 +128,10 @@ class WyomingServer:
                 )
             writer.transport.abort()
             return
+        host = self.peers.take(writer.get_extra_info("peername"))
+        if host is None:  # one address holds half the slots already
+            writer.transport.abort()
+            return
         handler = _Handler(reader, writer, self.backend, self)
         task = asyncio.current_task()
         assert task is not None
@@ -136,6 +142,7 @@ class WyomingServer:
             self._log_bug(logging.ERROR, "Wyoming: a connection failed", exc_info=True)
         finally:
             self._handlers.pop(task, None)
+            self.peers.give(host)
 
     def malformed_event(self, reason: BadFrame) -> None:
         self.malformed += 1
