@@ -604,3 +604,28 @@ def test_a_spool_on_a_filesystem_without_locks_is_served(front: FrontEnds, voice
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     Spool(front.spool.root, voices.backend, concurrency=1).lock()  # no error: a warning
+
+
+def test_a_reason_left_without_its_request_by_a_kill_is_removed_at_the_restart(
+        front: FrontEnds, voices: FakeVoices, clock: Clock) -> None:
+    """A request fails: its error file is written first, then the request is moved beside it. A
+    kill -9 between the two left the reason alone in failed/ for good, while the request, still
+    in work/, was served again. The restart removes such a reason (its ~N form too, and an
+    invalid name's hashed one); a reason whose request is beside it, or whose request is not in
+    work/ (removed by hand), stays."""
+    dirs = front.spool.dirs
+    (dirs["work"] / "late.txt").write_text("Failed, then killed before it moved.")
+    (dirs["failed"] / "late~2.error.json").write_text('{"error": {"code": "bad_file", "message": "x"}}')
+    (dirs["work"] / "bad name!.txt").write_text("An invalid name.")
+    lone = failed_names("bad name!.txt")[1]
+    (dirs["failed"] / lone).write_text('{"error": {"code": "bad_id", "message": "x"}}')
+    (dirs["failed"] / "kept.txt").write_text("Failed for good.")
+    (dirs["failed"] / "kept.error.json").write_text('{"error": {"code": "bad_file", "message": "x"}}')
+    (dirs["failed"] / "alone.error.json").write_text('{"error": {"code": "bad_file", "message": "x"}}')
+
+    restarted = Spool(dirs["incoming"].parent, voices.backend, concurrency=1)
+    restarted.prepare()
+    assert names(dirs["failed"]) == ["alone.error.json", "kept.error.json", "kept.txt"]
+    front.spool = restarted
+    settle_and_serve(front, clock)
+    assert "late.txt" in names(dirs["done"])

@@ -189,8 +189,28 @@ class Spool:
             self._retry[claimed.name] = _Waiting()
             self._serving.add(claimed.stem)  # a file with its ID in incoming/ waits for it
             log.info("serving %s again (claimed before a restart)", shown(claimed.name))
+        self._forget_lone_reasons()
         fsync_dir(self.dirs["work"])
         self._prepared = True
+
+    def _forget_lone_reasons(self) -> None:
+        """An error file in ``failed/`` whose request never joined it (a kill -9 between writing
+        the reason and moving the request) is removed when that request is back in ``work/``: it is
+        served again, and gets its own reason if it fails again. An error file whose request is
+        elsewhere (removed by hand) is not the daemon's to judge and stays."""
+        waiting = {_names(name, 0, failed=True)[1] for name in self._retry}
+        for reason in self.dirs["failed"].glob("*.error.json"):
+            stem = reason.name.removesuffix(".error.json")
+            first = stem.split("~", 1)[0] + ".error.json"  # ID~3.error.json was ID's too
+            if first not in waiting or any(
+                os.path.lexists(reason.with_name(stem + suffix)) for suffix in (*SUFFIXES, ".request")
+            ):
+                continue
+            with contextlib.suppress(OSError):
+                reason.unlink()
+                log.info(
+                    "spool: removed failed/%s, left without its request, which is served again", shown(reason.name)
+                )
 
     def _already_published(self, claimed: Path) -> bool:
         meta = self.dirs["out"] / f"{claimed.stem}.json"
