@@ -18,7 +18,7 @@ from ..errors import ConflictError, ResourceError, TtsdError, UnknownVoiceError
 from .bringup import BringUp
 from .jobs import Jobs
 from .lifecycle import Lifecycle
-from .state import ServingState
+from .state import ServingState, VoiceRecord
 from .table import VersionTable
 from .versions import COMING_UP, Listener, ModelVersion, State, norm
 
@@ -56,8 +56,15 @@ class Control:
         started = time.monotonic()
         if only_from is None and (called_off := self._call_off_upgrade(voice, to, why, durable, started)) is not None:
             return called_off
+        if only_from is None and (ended := self._end_canary(voice, to, why, durable, started)) is not None:
+            return ended
         with self.lifecycle.commit:
-            current, target = self._rollback_pair(voice, to)
+            try:
+                current, target = self._rollback_pair(voice, to)
+            except _NothingBefore:
+                if only_from is None and (called_off := self._call_off_coming(voice, why, durable, started)):
+                    return called_off
+                raise
             if only_from is not None and current is not only_from:
                 raise ConflictError(f"{voice} {only_from.version} is not active any more")
             if self._loaded(target):
@@ -157,6 +164,74 @@ class Control:
             "seconds": round(time.monotonic() - started, 3),
         }
 
+    def _end_canary(self, voice: str, to: str | None, why: str, durable: bool, started: float) -> dict[str, Any] | None:
+        """A plain rollback (or one ``--to`` the active version) while a canary runs: the canary is
+        what it undoes. The canary ends, marked rolled back (on disk first when ``durable``), and
+        the active version serves every request again. None when the voice has no canary (or
+        ``to`` names another version: that rollback ends the canary as it swaps, ``_roll``)."""
+        with self.lifecycle.commit:
+            active, canary = self.lifecycle.active(voice), self.lifecycle.canary(voice)
+            if active is None or canary is None or (to is not None and norm(to) != norm(active.version)):
+                return None
+            record, _ = self._without_canary(voice, self.state.voice(voice), active)
+            if durable:  # ResourceError (507) and no change when the state dir is full
+                self.state.commit(voice, record)
+            else:
+                self.state.put(voice, record)
+            self.lifecycle.end_canary(canary, promote=False, why=why)
+        return {
+            "voice": voice,
+            "from": canary.version,
+            "to": active.version,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    def _without_canary(
+        self, voice: str, record: VoiceRecord, target: ModelVersion
+    ) -> tuple[VoiceRecord, ModelVersion | None]:
+        """``record`` with the voice's canary ended and marked rolled back, when an operator's swap
+        to ``target`` (another version) ends it; and that canary (None: there is none to end). Left
+        running, a canary was later promoted over the operator's choice."""
+        canary = self.lifecycle.canary(voice)
+        if canary is None or canary is target:
+            return record, None
+        marked = {norm(v) for v in record.rolled_back}
+        rolled_back = record.rolled_back if norm(canary.version) in marked else (*record.rolled_back, canary.version)
+        return record.but(rolled_back=rolled_back, canary=None), canary
+
+    def _call_off_coming(self, voice: str, why: str, durable: bool, started: float) -> dict[str, Any] | None:
+        """A plain rollback of a voice with no earlier version to go to, while an upgrade brings a
+        new one up (being copied in, hashed or loaded): that upgrade is what it undoes. Its version
+        is marked rolled back (on disk first when ``durable``), the job is called off and commits
+        nothing. Under ``lifecycle.commit``. None when no upgrade is under way."""
+        ticket = self.jobs.upgrading(voice)
+        active = self.lifecycle.active(voice)
+        if ticket is None or active is None:
+            return None
+        coming = next(
+            (m for m in self.table.of(voice) if norm(m.version) == ticket.target and m.state in COMING_UP), None
+        )
+        if coming is None or coming is active:
+            return None
+        record = self.state.voice(voice)
+        if not self.lifecycle.marked(coming):
+            record = record.but(rolled_back=(*record.rolled_back, coming.version))
+        if durable:
+            self.state.commit(voice, record)
+        else:
+            self.state.put(voice, record)
+        self.jobs.cancel(voice, why, version=ticket.target)  # its commit refuses a marked version too
+        self.table.change(coming, reason=why)  # its job leaves it rolled back (Lifecycle.resting)
+        self.state.record(voice, coming.version, active.version, why)
+        log.warning("%s: rollback from %s while it is brought up: its upgrade is called off", voice, coming.version)
+        self._listener("rolled_back", coming)
+        return {
+            "voice": voice,
+            "from": coming.version,
+            "to": active.version,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
     def _rollback_pair(self, voice: str, to: str | None) -> tuple[ModelVersion, ModelVersion]:
         current = self.lifecycle.active(voice)
         if current is None:
@@ -169,7 +244,7 @@ class Control:
         if to is None:
             stack = [v for v in self.state.voice(voice).previous if norm(v) != norm(current.version)]
             if not stack:
-                raise ConflictError(f"{voice} {current.version} has no previous version to roll back to")
+                raise _NothingBefore(f"{voice} {current.version} has no previous version to roll back to")
             to = stack[-1]
         target = self.table.get(voice, to)
         if target is None:
@@ -195,6 +270,7 @@ class Control:
         record = self.state.voice(current.name)
         marked = [v for v in record.rolled_back if not named or norm(v) != norm(target.version)]
         record = record.but(rolled_back=marked if current.version in marked else (*marked, current.version))
+        record, canary = self._without_canary(current.name, record, target)
         reason = current.reason
         self.table.change(current, reason=why)
         try:
@@ -210,6 +286,8 @@ class Control:
         except ResourceError:
             self.table.change(current, reason=reason)
             raise
+        if canary is not None:
+            self.lifecycle.end_canary(canary, promote=False, why=f"{why}: its canary ended")
         self._listener("rolled_back", current)
         return {
             "voice": current.name,
@@ -227,8 +305,9 @@ class Control:
             raise UnknownVoiceError(f"voice {voice} has no known version {version}")
         with self.lifecycle.commit:
             current = self.lifecycle.active(voice)
-            if target is current:
-                return {"voice": voice, "from": version, "to": version, "seconds": 0.0}
+            if target is current:  # it serves already; a canary beside it ends (the operator chose this)
+                ended = self._end_canary(voice, None, why, True, started)
+                return ended or {"voice": voice, "from": version, "to": version, "seconds": 0.0}
             if self._loaded(target):
                 self.jobs.cancel(voice, f"activate of {voice} {version}")
                 return self._switch(target, current, why, started)
@@ -256,9 +335,12 @@ class Control:
     ) -> dict[str, Any]:
         record = self.state.voice(target.name)
         record = record.but(rolled_back=[v for v in record.rolled_back if norm(v) != norm(target.version)])
+        record, canary = self._without_canary(target.name, record, target)
         swapped = self.lifecycle.activate(
             target, why, record=record, load_seconds=target.load_seconds if loaded else None
         )
+        if canary is not None:
+            self.lifecycle.end_canary(canary, promote=False, why=f"{why}: its canary ended")
         return {
             "voice": target.name,
             "from": current.version if current else None,
@@ -346,6 +428,10 @@ class Control:
         if not self.bringup.bring_up(target, why):
             raise ConflictError(f"{cannot}: {target.reason}")
         return True
+
+
+class _NothingBefore(ConflictError):
+    """A plain rollback of a voice whose active version has no earlier one to go back to."""
 
 
 class _TargetWithdrawn(ConflictError):

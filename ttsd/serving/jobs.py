@@ -152,6 +152,14 @@ class Jobs:
         with self._lock:
             return next((t for t in self._of(voice) if t.urgent and t.target is not None and not t.done.is_set()), None)
 
+    def upgrading(self, voice: str) -> Ticket | None:
+        """The background job of ``voice`` bringing a new version (``target``) up, if one is
+        running or waiting its turn: an operator's rollback may call it off."""
+        with self._lock:
+            return next(
+                (t for t in self._of(voice) if not t.urgent and t.target is not None and not t.done.is_set()), None
+            )
+
     def _of(self, voice: str) -> list[Ticket]:
         """``voice``'s unfinished jobs (under ``_lock``)."""
         return [t for t in self._all if t.voice == voice]

@@ -24,7 +24,8 @@ def voices(
 ) -> list[dict[str, Any]]:
     """Every voice with its active version, canary, facts and versions. ``previous``: each
     voice's stack of earlier active versions (the serving state's), from which ``rollback_to``
-    names the version a plain ``ttsd rollback`` goes back to (None: it has none to go to)."""
+    names the version a plain ``ttsd rollback`` goes back to (None: it has none to go to): the
+    active version itself while a canary runs (the rollback ends the canary)."""
     previous = previous or {}
     with table.locked():
         default = serving.default_name()
@@ -37,7 +38,9 @@ def voices(
                     "default": name == default,
                     "active": active.version if active else None,
                     "canary": canary.version if canary else None,
-                    "rollback_to": _rollback_to(table, name, active, previous.get(name, ())),
+                    "rollback_to": active.version
+                    if active and canary
+                    else _rollback_to(table, name, active, previous.get(name, ())),
                     "sample_rate": active.manifest.sample_rate if active and active.manifest else None,
                     **_voice_facts(active),
                     **residency(name, active),

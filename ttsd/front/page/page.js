@@ -169,10 +169,16 @@
     const target = rollbackTarget(v);
     if (control && v.active && target !== null) {
       const active = v.active;
-      head.append(controlButton("Roll back", `roll ${v.name} back from ${active} to ${target}`, async () => {
+      // during a canary the rollback ends the canary: the active version serves every request
+      const from = v.canary && target === active ? v.canary : active;
+      head.append(controlButton("Roll back", `roll ${v.name} back from ${from} to ${target}`, async () => {
         const yes = await ask(`Roll back ${v.name}?`,
-          `${v.name} serves version ${active} now. Rolling back serves version ${target} instead, ` +
-          `and marks ${active} rolled back: it does not serve again unless someone activates it.`,
+          from === active
+            ? `${v.name} serves version ${active} now. Rolling back serves version ${target} instead, ` +
+              `and marks ${active} rolled back: it does not serve again unless someone activates it.`
+            : `${v.name} serves version ${active}, and ${from} as a canary. Rolling back ends the canary: ` +
+              `${active} serves every request, and ${from} is marked rolled back: it does not serve again ` +
+              `unless someone activates it.`,
           `Roll back to ${target}`);
         // "to": the version named above, whatever changed while the question was open
         if (yes) await controlCall(voicePath(v.name, "rollback"), { to: target }, `rollback of ${v.name}`);
