@@ -339,3 +339,37 @@ def test_a_folder_replaced_by_a_link_is_not_copied_through_it(tmp_path: Path, fa
         manager.activate("voice", "1")
     assert "symlink" in str(caught.value)
     assert active(manager) == "2"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "lost"])
+def test_a_damaged_or_lost_state_file_keeps_an_operators_rollback(tmp_path: Path, fake_engines: None,
+                                                                  damage: str) -> None:
+    """v2 was rolled back to v1, and v1's folder then left the models dir (its store copy serves).
+    state.json is cut short, or lost: the restart took the state from what was left, so v2 (its
+    rollback mark gone) served again, and v1, in no record, was pruned from the store for good.
+    The state comes from its copy now: v1 serves, v2 stays rolled back."""
+    models, manager = v2_over_v1(tmp_path)
+    manager.rollback("voice")
+    assert manager.snapshot()[0]["active"] == "1"
+    manager.close()
+    shutil.rmtree(models / "voice-1")
+    path = tmp_path / "state" / "state.json"
+    if damage == "lost":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:-5])
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    assert active(restarted) == "1" and states(restarted)["2"] == "rolled-back", states(restarted)
+    restarted.close()
+
+
+def test_with_its_copy_damaged_too_the_state_comes_from_the_store(tmp_path: Path, fake_engines: None) -> None:
+    _, state = served_before(tmp_path)
+    for name in ("state.json", "state.backup.json"):
+        (state / name).write_text('{"voices": {"voice": {"act')
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert active(manager) == "2"
+    assert list(state.glob("state.json.unreadable-*")), "the damaged file is kept aside"
+    manager.close()

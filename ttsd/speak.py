@@ -66,18 +66,11 @@ def _newest_good(voice: str, versions: list[tuple[str, Path]], rolled_back: set[
 
 
 def _rolled_back(state_dir: Path, voice: str) -> set[str]:
-    """The versions of ``voice`` a daemon on this box rolled back (its ``state.json``, read only,
-    best effort: none when it cannot be read)."""
-    import json
+    """The versions of ``voice`` a daemon on this box rolled back (its ``state.json``, or that
+    file's copy; read only, best effort: none when neither can be read)."""
+    from .serving.state import read_voices
 
-    from .safe_read import read_small
-    from .serving.state import parse_state
-
-    try:
-        data = json.loads(read_small(state_dir / "state.json", 16 << 20))
-    except (OSError, ValueError):
-        return set()
-    record = parse_state(data, [])[0].get(voice)
+    record = read_voices(state_dir).get(voice)
     return {norm(v) for v in record.rolled_back} if record is not None else set()
 
 

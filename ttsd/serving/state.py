@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import ConfigError, ManifestError, StateLockedError, resource_error
 from ..fsutil import atomic_write_text
 from ..manifest import check_name, check_version, norm
+from ..safe_read import read_small
 from .history import AuditTrail
 from .pacing import Guard
 
@@ -63,57 +64,104 @@ class VersionRecord:
     reason: str = ""
 
 
+MAX_STATE_BYTES = 16 << 20  # state.json of a box with thousands of versions is well under 1 MB
+
+
 class ServingState:
     """``state.json`` and the audit trail. Thread-safe: every method takes ``_lock`` briefly, and
     records are frozen, so a caller's copy never changes under it.
 
     ``state.json`` is outside input like any other file: a damaged one (wrong shape, bad names,
-    not a file at all) is moved aside as ``state.json.unreadable-TIME``, what can be read of it is
-    kept, and the manager starts from the store. ``commit`` persists a voice's new record before
-    it takes effect; ``save`` and ``record`` are retried at the next call when the disk is full."""
+    not a file at all) is moved aside as ``state.json.unreadable-TIME``; the state comes from its
+    copy, ``state.backup.json`` (written after each change, off the swap's path), when that is
+    whole; else what can be read of the damaged one is kept, and the manager starts from the
+    store. A lost ``state.json`` comes back from the copy too: the rollback marks in it are what
+    keeps a version an operator rolled back from serving again. ``commit`` persists a voice's new
+    record before it takes effect; ``save`` and ``record`` are retried at the next call when the
+    disk is full."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.path = root / "state.json"
+        self.backup = root / "state.backup.json"
         self.trail = AuditTrail(root / "history.jsonl")
         self._lock = Guard(threading.RLock())
         self._voices: dict[str, VoiceRecord] = {}
         self._versions: dict[str, VersionRecord] = {}  # "name/version"
         self._written = ""  # last state.json text, so an unchanged state is not rewritten
+        self._backed = ""  # last state.backup.json text
+
+    @staticmethod
+    def _read(path: Path, problems: list[str]) -> tuple[str, dict[str, VoiceRecord], dict[str, VersionRecord]] | None:
+        """``path``'s text and records (what can be trusted of them, with ``problems`` said); None
+        when there is no such file."""
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            problems.append("not a regular file")
+            return "", {}, {}
+        if not path.exists():
+            return None
+        try:
+            text = read_small(path, MAX_STATE_BYTES).decode("utf-8")
+            data = json.loads(text)
+        except (OSError, ValueError, RecursionError) as exc:
+            problems.append(f"unreadable ({exc})")
+            return "", {}, {}
+        voices, versions = parse_state(data, problems)
+        return text, voices, versions
 
     def load(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         problems: list[str] = []
         with self._lock:
-            if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
-                problems.append("not a regular file")
-            elif self.path.exists():
-                try:
-                    text = self.path.read_text(encoding="utf-8")
-                    data = json.loads(text)
-                except (OSError, ValueError, RecursionError) as exc:
-                    problems.append(f"unreadable ({exc})")
-                else:
-                    self._voices, self._versions = parse_state(data, problems)
-                    if not problems:
-                        self._written = text
+            found = self._read(self.path, problems)
+            if found is not None:
+                text, self._voices, self._versions = found
+                if not problems:
+                    self._written = self._backed = text
+            if problems or found is None:
+                copy: list[str] = []
+                backed = self._read(self.backup, copy)
+                if backed is not None and not copy:
+                    text, self._voices, self._versions = backed
+                    self._backed = text
+                    log.warning(
+                        "%s: %s; the state is taken from its copy, %s",
+                        self.path,
+                        "; ".join(problems[:3]) or "missing",
+                        self.backup.name,
+                    )
+                    if problems:
+                        self._aside(problems, restored=True)
+                    return self.trail.load()
             if problems:
-                # Written atomically by us, so this is outside damage: keep it for a human, start anyway.
-                aside = self.path.with_name(f"state.json.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
-                try:
-                    os.replace(self.path, aside)
-                except OSError as exc:
-                    aside = Path(f"(could not move it aside: {exc})")
-                log.error(
-                    "%s: %s; kept %d voice(s) and %d version(s) of it, the rest comes from the store; "
-                    "the damaged file is at %s",
-                    self.path,
-                    "; ".join(problems[:3]),
-                    len(self._voices),
-                    len(self._versions),
-                    aside,
-                )
+                self._aside(problems)
         self.trail.load()
+
+    def _aside(self, problems: list[str], restored: bool = False) -> None:
+        """The damaged ``state.json`` moved aside for a human (written atomically by ttsd, so the
+        damage came from outside), and said; the daemon starts anyway."""
+        aside = self.path.with_name(f"state.json.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            os.replace(self.path, aside)
+        except OSError as exc:
+            aside = Path(f"(could not move it aside: {exc})")
+        if restored:
+            log.error(
+                "%s was damaged (%s); the state came from its copy; the damaged file is at %s",
+                self.path,
+                "; ".join(problems[:3]),
+                aside,
+            )
+            return
+        log.error(
+            "%s: %s; kept %d voice(s) and %d version(s) of it, the rest comes from the store; "
+            "the damaged file is at %s",
+            self.path,
+            "; ".join(problems[:3]),
+            len(self._voices),
+            len(self._versions),
+            aside,
+        )
 
     # -- reading -------------------------------------------------------------------------------
     def voice(self, name: str) -> VoiceRecord:
@@ -163,18 +211,24 @@ class ServingState:
         """Write the state if it changed; False (logged, retried at the next call) if it cannot be."""
         with self._lock:
             text = self._text(self._voices, self._versions)
-            if text == self._written:  # the models dir is rescanned every few seconds: spare the flash
+            if text == self._written == self._backed:  # rescanned every few seconds: spare the flash
                 return True
-            try:
-                atomic_write_text(self.path, text)
-            except OSError as exc:
-                log.error(
-                    "cannot write %s (%s); the change is in effect and will be written when it can",
-                    self.path,
-                    exc.strerror or exc,
-                )
-                return False
-            self._written = text
+            for path in (self.path, self.backup):  # the copy after the state: never ahead of it
+                if text == (self._written if path is self.path else self._backed):
+                    continue
+                try:
+                    atomic_write_text(path, text)
+                except OSError as exc:
+                    log.error(
+                        "cannot write %s (%s); the change is in effect and will be written when it can",
+                        path,
+                        exc.strerror or exc,
+                    )
+                    return False
+                if path is self.path:
+                    self._written = text
+                else:
+                    self._backed = text
             return True
 
     def record(
@@ -203,6 +257,17 @@ class ServingState:
             "versions": {k: asdict(v) for k, v in sorted(versions.items())},
         }
         return json.dumps(data, indent=1) + "\n"
+
+
+def read_voices(root: Path) -> dict[str, VoiceRecord]:
+    """The voices' records of the state in ``root``, read only (a command beside the daemon, or
+    without one): ``state.json``, else its copy when it is damaged or lost; best effort."""
+    for path in (root / "state.json", root / "state.backup.json"):
+        problems: list[str] = []
+        found = ServingState._read(path, problems)
+        if found is not None and not problems:
+            return found[1]
+    return {}
 
 
 class StateDirLock:
