@@ -64,3 +64,24 @@ def test_a_huge_trail_is_read_from_its_tail_and_cut_back(tmp_path: Path) -> None
     restarted = ServingState(tmp_path)
     restarted.load()
     assert [h["to"] for h in restarted.history(2)] == [str(count - 1), "new"]
+
+
+def test_a_fifo_in_place_of_the_trail_stops_nothing(tmp_path: Path) -> None:
+    """A FIFO at history.jsonl hung the daemon's start for good (the open waited for a writer),
+    and would have filled and blocked each write. It is an unreadable trail: said, and left."""
+    import threading
+
+    os.mkfifo(tmp_path / "history.jsonl")
+    state = ServingState(tmp_path)
+    done = threading.Event()
+
+    def start() -> None:
+        state.load()
+        state.record("voice", None, "1", "new version in the models dir")
+        for _ in range(2000):  # more than a pipe's buffer
+            state.record("voice", "1", "1", "x" * 100)
+        done.set()
+
+    threading.Thread(target=start, daemon=True).start()
+    assert done.wait(20), "start-up waited on the FIFO"
+    assert [h["to"] for h in state.history(1)] == ["1"]

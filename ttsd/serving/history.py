@@ -15,9 +15,11 @@ Thread-safe: the manager's threads (jobs, operator actions, request callbacks) a
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -47,14 +49,18 @@ class AuditTrail:
         with self._lock:
             self._recent.clear()
             try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+                # O_NONBLOCK: a FIFO put there is opened without waiting for a writer (start-up hung)
+                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             except FileNotFoundError:
                 return
             except OSError as exc:
                 log.error("%s is unreadable (%s); starting a new audit trail", self.path, exc.strerror or exc)
                 return
             try:
-                self._size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                self._size = st.st_size
                 start = max(0, self._size - TAIL_BYTES)
                 os.lseek(fd, start, os.SEEK_SET)
                 data = os.read(fd, TAIL_BYTES)
@@ -98,11 +104,13 @@ class AuditTrail:
         """Write the pending lines (under ``_lock``)."""
         data = ("\n".join(self._pending) + "\n").encode()
         try:
-            fd = os.open(
-                self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600
-            )
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(self.path, flags, 0o600)
             try:
-                self._size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):  # a FIFO's buffer would fill and hold the trail's lock
+                    raise OSError(errno.EINVAL, "not a regular file")
+                self._size = st.st_size
                 if self._size and not _ends_with_newline(fd, self._size):
                     data = b"\n" + data  # a torn last line from a crash stays on its own line
                 os.write(fd, data)
