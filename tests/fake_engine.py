@@ -64,6 +64,8 @@ class FakeEngine(Engine[str]):
         super().warmup()
 
     def _units(self, text: str, options: SynthesisOptions) -> Sequence[str]:
+        if self.settings.get("sentences"):  # one unit a sentence: a job can stop between them
+            return [s for s in text.split(". ") if s.strip()]
         return [text]
 
     def _render(self, unit: str, options: SynthesisOptions) -> np.ndarray:

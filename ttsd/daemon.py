@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -51,6 +51,7 @@ from .voices import seed_models
 log = logging.getLogger("ttsd.daemon")
 
 EXIT_FORCED = 130
+GRACE_SLACK = 5.0  # seconds past --grace that a stop may take to cut off what is left (a unit allows 15)
 T = TypeVar("T")
 
 
@@ -264,9 +265,9 @@ class Daemon:
                 cfg.trusted_keys,
             )
         elif cfg.seed_builtin:
-            await in_fresh_thread(lambda: seed_models(cfg.models, cfg.cache), "ttsd-seed")
+            await self._starting(in_fresh_thread(lambda: seed_models(cfg.models, cfg.cache), "ttsd-seed"))
         self.notifier.status("loading voices")
-        await in_fresh_thread(self.manager.start, "ttsd-loader")
+        await self._starting(in_fresh_thread(self.manager.start, "ttsd-loader"))
         self._check_budget()
         self._check_names()
         if not self.manager.ready():
@@ -318,6 +319,35 @@ class Daemon:
         self.watcher.stop()
         self._interrupts = 1 if signum == signal.SIGINT else 0
         return await self._shutdown(runner, spool, spool_task, watchdog, wyoming, metrics)
+
+    async def _starting(self, work: Awaitable[None]) -> None:
+        """A step of the start-up (converting the built-in voice, loading the voices: seconds to
+        minutes on a busy box), during which SIGTERM or SIGINT stops the daemon at once: nothing
+        is served yet, and every step is safe to cut (as a kill -9 is). They waited for the end
+        of the start-up, so ``systemctl stop`` of a daemon still loading ran into its SIGKILL.
+        A SIGHUP waits for the end (a rescan then)."""
+        step = asyncio.ensure_future(work)
+        held: list[int] = []
+        try:
+            while not step.done():
+                arrived = asyncio.ensure_future(self._signals.get())
+                await asyncio.wait({step, arrived}, return_when=asyncio.FIRST_COMPLETED)
+                if not arrived.done():
+                    arrived.cancel()
+                    continue
+                signum = arrived.result()
+                if signum == signal.SIGHUP:
+                    held.append(signum)
+                    continue
+                name = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
+                log.warning("%s during start-up: exiting now (nothing was served yet)", name)
+                self.notifier.stopping("stopped during start-up")
+                self.force_exit(0 if signum == signal.SIGTERM else EXIT_FORCED)
+                raise asyncio.CancelledError  # (force_exit does not return, but in tests)
+        finally:
+            for signum in held:
+                self._signals.put_nowait(signum)
+        step.result()
 
     def _check_names(self) -> None:
         """A ``--preload`` or ``--default-voice`` that names no voice in the models dir (a typo, a
@@ -379,20 +409,38 @@ class Daemon:
         if spool is not None:
             spool.stop()
 
-        async def drain() -> None:
-            # both stop accepting, then wait for their requests up to the grace period
-            await asyncio.gather(
+        async def drain() -> bool:
+            """Every front end stops accepting, then all wait for their requests at once, each up
+            to the grace period (one after another, a stop took up to three times it). Whether
+            the spool's requests ended in time."""
+            ended = await asyncio.gather(
                 runner.cleanup(),
                 wyoming.drain(cfg.grace) if wyoming else asyncio.sleep(0),
                 metrics.cleanup() if metrics else asyncio.sleep(0),
+                asyncio.wait_for(spool.drain(), timeout=cfg.grace) if spool is not None else asyncio.sleep(0),
+                return_exceptions=True,
             )
-            if spool is not None:
-                await asyncio.wait_for(spool.drain(), timeout=cfg.grace)
+            for outcome in ended:
+                if isinstance(outcome, BaseException) and not isinstance(outcome, TimeoutError):
+                    raise outcome
+            return not isinstance(ended[3], TimeoutError)
 
+        loop = asyncio.get_running_loop()
+        # aiohttp waits the grace period for a request, then cancels it and waits again: the
+        # stop's own limit, so a unit's TimeoutStopSec (45 s for a grace of 30) is never passed
+        limit = loop.time() + cfg.grace + GRACE_SLACK
         drain_task = asyncio.ensure_future(drain())
         while not drain_task.done():
             forced = asyncio.ensure_future(self._signals.get())
-            done, _ = await asyncio.wait({drain_task, forced}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {drain_task, forced}, timeout=max(0.0, limit - loop.time()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:  # the grace period is over
+                forced.cancel()
+                drain_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drain_task
+                break
             if forced in done:
                 if forced.result() == signal.SIGINT and self._interrupts >= 1:
                     log.warning("second interrupt: exiting now")
@@ -404,10 +452,13 @@ class Daemon:
                 self._interrupts += forced.result() == signal.SIGINT
             else:
                 forced.cancel()
-        try:
-            drain_task.result()
-        except TimeoutError:
+        if not drain_task.cancelled() and not drain_task.result():
             log.warning("grace period over with spool requests still running; they resume after restart")
+        # what still runs is given up (a spool request's, or one whose client stayed past the
+        # grace): each stops after its current piece, so the exit, which joins the workers, is not
+        # held by minutes of synthesis
+        if cut := self.pool.cancel_all():
+            log.warning("grace period over: %d synthesis(es) stopped", cut)
         for task in (spool_task, watchdog):
             if task is not None:
                 task.cancel()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -370,18 +371,21 @@ class _Api:
     async def _stream(self, request: web.Request, req: SynthRequest, lease: Lease, route: str) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Audio | BaseException | None] = asyncio.Queue()
-        job = Job(
-            text=req.text,
-            options=req.options,
-            lease=lease,
-            route=route,
-            on_chunk=lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk),
-        )
+
+        def hand_over(item: Audio | BaseException | None) -> None:
+            """From the worker's thread; the loop may have closed meanwhile (a stop whose grace
+            was over): then the job ends as a cancelled one, never as the voice's failure."""
+            try:
+                loop.call_soon_threadsafe(chunks.put_nowait, item)
+            except RuntimeError:
+                raise Cancelled() from None
+
+        job = Job(text=req.text, options=req.options, lease=lease, route=route, on_chunk=hand_over)
         future = self.backend.submit(job)
 
         def finished(f: Future[Result]) -> None:
-            exc = f.exception()
-            loop.call_soon_threadsafe(chunks.put_nowait, exc)
+            with contextlib.suppress(Cancelled):
+                hand_over(Cancelled() if f.cancelled() else f.exception())
 
         future.add_done_callback(finished)
         response: web.StreamResponse | None = None

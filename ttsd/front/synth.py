@@ -96,6 +96,7 @@ class SynthesisPool:
         self.failed = 0
         self.refused = 0
         self.cancelled = 0
+        self._running_jobs: dict[int, Job] = {}  # by id: for ``cancel_all`` at the end of a shutdown's grace
         busy.cores()  # a first reading: the first request sees how busy the box was since
 
     def depth(self) -> tuple[int, int]:
@@ -136,6 +137,7 @@ class SynthesisPool:
     def _run(self, job: Job) -> Result:
         with self._lock:
             self._running += 1
+            self._running_jobs[id(job)] = job
             self.metrics.queue_depth.set(self._pending - self._running)
             self.metrics.in_flight.set(self._running)
         started = time.monotonic()
@@ -210,6 +212,7 @@ class SynthesisPool:
             with self._lock:
                 self._running -= 1
                 self._pending -= 1
+                self._running_jobs.pop(id(job), None)
                 if ok:
                     self.completed += 1
                 elif ok is False:
@@ -220,6 +223,15 @@ class SynthesisPool:
                     self.refused += 1  # the request's or the box's fault
                 self.metrics.queue_depth.set(self._pending - self._running)
                 self.metrics.in_flight.set(self._running)
+
+    def cancel_all(self) -> int:
+        """Stop every running job after its current piece of audio (the shutdown's grace is
+        over); how many there were. Queued jobs are cancelled by ``shutdown``."""
+        with self._lock:
+            running = list(self._running_jobs.values())
+        for job in running:
+            job.cancel.set()
+        return len(running)
 
     def shutdown(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
