@@ -50,7 +50,11 @@ def default_socket() -> Path:
     def user() -> Path:
         if xdg := os.environ.get("XDG_RUNTIME_DIR"):
             return Path(xdg) / APP / "ttsd.sock"
-        return Path(platformdirs.user_runtime_dir(APP)) / "ttsd.sock"
+        import warnings
+
+        with warnings.catch_warnings():  # platformdirs warns of the fall-back on every start (a
+            warnings.simplefilter("ignore")  # system user under systemd has no XDG_RUNTIME_DIR)
+            return Path(platformdirs.user_runtime_dir(APP)) / "ttsd.sock"
 
     return _pick("TTSD_SOCKET", Path("/run/ttsd/ttsd.sock"), user)
 

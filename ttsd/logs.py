@@ -41,6 +41,20 @@ class TimedFormatter(logging.Formatter):
         return f"{when:%Y-%m-%dT%H:%M:%S}.{int(record.msecs):03d}{when:%z}"
 
 
+class OneLine(logging.Filter):
+    """Every record is one line of printable text: a line break, a terminal escape or another
+    control character in what it names (a folder name in the models dir, a mirror's words) is
+    written escaped (``\\n``, ``\\x1b``), so no one who can name a file can forge a log line
+    or drive the reader's terminal. A traceback (``exc_info``) is added after this, as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+            record.args = None
+        return True
+
+
 def is_journal(stream: IO[str]) -> bool:
     """Whether ``stream`` is the journald stream systemd connected (``JOURNAL_STREAM=dev:inode``)."""
     value = os.environ.get("JOURNAL_STREAM", "")
@@ -70,6 +84,7 @@ def configure(level: str = "info", access_log: bool = False, stream: IO[str] | N
     else:
         handler = logging.StreamHandler(stream)
         handler.setFormatter(TimedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(OneLine())
     root.addHandler(handler)
     root.setLevel(level.upper())
     for noisy in ("aiohttp.access", "watchdog", "transformers"):

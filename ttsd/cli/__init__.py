@@ -33,14 +33,27 @@ def one_line(text: str) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
+def _say(markup: str) -> None:
+    """One error line on stderr: rich markup on a terminal; under systemd, plain, with the error
+    priority journald reads (``<3>``), so ``journalctl -p err`` shows why a daemon did not start
+    (the line was filed as info)."""
+    from ..logs import is_journal
+
+    if is_journal(sys.stderr):
+        from rich.text import Text
+
+        sys.stderr.write("<3>" + Text.from_markup(markup).plain + "\n")
+        sys.stderr.flush()
+        return
+    console().print(markup, markup=True, emoji=False)
+
+
 def _usage_line(exc: click.UsageError, where: str) -> None:
     """A usage error as ttsd's one line, with click's words and where to look (not click's usage
     block: every other error is one line, and scripts read the first line of stderr)."""
     from rich.markup import escape
 
-    console().print(
-        f"[bold red]error:[/] {escape(exc.format_message())} (see '{escape(where)} --help')", markup=True, emoji=False
-    )
+    _say(f"[bold red]error:[/] {escape(one_line(exc.format_message()))} (see '{escape(where)} --help')")
 
 
 class TtsdGroup(click.Group):
@@ -65,7 +78,7 @@ class TtsdGroup(click.Group):
                 raise
             from rich.markup import escape
 
-            console().print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", markup=True, emoji=False)
+            _say(f"[bold red]error:[/] {escape(one_line(str(exc)))}")
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             console().print("interrupted")
@@ -84,13 +97,11 @@ class TtsdGroup(click.Group):
 
             if isinstance(exc, OSError) and exc.errno is not None:  # the system's: a full disk, a bad path
                 error = _system_error(exc)
-                console().print(f"[bold red]error:[/] {escape(one_line(str(error)))}", markup=True, emoji=False)
+                _say(f"[bold red]error:[/] {escape(one_line(str(error)))}")
                 ctx.exit(error.exit_code)
-            console().print(  # a bug: say so in one line unless --debug
+            _say(  # a bug: say so in one line unless --debug
                 f"[bold red]internal error:[/] {escape(one_line(f'{type(exc).__name__}: {exc}'))} "
-                "(run 'ttsd --debug ...' for the traceback)",
-                markup=True,
-                emoji=False,
+                "(run 'ttsd --debug ...' for the traceback)"
             )
             ctx.exit(EXIT_INTERNAL)
 
