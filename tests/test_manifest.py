@@ -114,3 +114,23 @@ def test_the_manifest_follows_the_umask_like_the_folder_s_other_files(tmp_path: 
     finally:
         os.umask(old)
     assert (folder / "ttsd.json").stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("version", ["5+hotfix1", "1!2", "2.0+local.7"])
+def test_a_version_no_mirror_path_can_name_is_refused(version: str) -> None:
+    """``5+hotfix1`` passed pack, sign and publish; every box then refused the mirror's whole
+    index (its path segment is no plain one), for every voice, until it was edited by hand."""
+    from ttsd.manifest import check_version
+
+    with pytest.raises(ManifestError, match="no local part"):
+        check_version(version)
+    assert check_version("2.0rc1") == "2.0rc1"
+
+
+def test_a_voice_name_has_a_length_limit() -> None:
+    """A name of 20,000 characters made every metric line of its voice that long, for good."""
+    from ttsd.manifest import MAX_NAME, check_name
+
+    assert check_name("v" * MAX_NAME)
+    with pytest.raises(ManifestError, match="at most 100"):
+        check_name("v" * (MAX_NAME + 1))

@@ -91,24 +91,35 @@ class Manifest:
         return data
 
 
+MAX_NAME = 100  # characters of a voice name (Piper's longest are about 40)
+
+
 def check_name(name: str) -> str:
-    """A voice name is used in paths and URLs: letters, digits, ``-``, ``_`` and ``.`` only."""
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise ManifestError(f"invalid voice name {name!r}: use letters, digits, '-', '_' and '.' (not leading)")
+    """A voice name is used in paths, URLs, log lines and metric labels: letters, digits, ``-``,
+    ``_`` and ``.`` only, at most ``MAX_NAME`` of them (a name of 20,000 made every metric line
+    that long, for good)."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith(".") or len(name) > MAX_NAME:
+        shown = repr(name) if len(name) <= 80 else repr(name[:60]) + "…"
+        raise ManifestError(
+            f"invalid voice name {shown}: use at most {MAX_NAME} letters, digits, '-', '_' and '.' (not leading)"
+        )
     return name
 
 
 def check_version(version: str) -> str:
     """A PEP 440 version of at most 64 characters (it names a folder and is compared as numbers:
-    thousands of digits would make packaging's int() raise ValueError)."""
+    thousands of digits would make packaging's int() raise ValueError), in letters, digits, ``.``,
+    ``-`` and ``_``: a local part (``5+hotfix1``) or an epoch (``1!2``) names no path a fleet
+    mirror can serve (one such version made every box refuse the mirror's whole index)."""
     try:
-        if not isinstance(version, str) or len(version) > 64:
+        if not isinstance(version, str) or len(version) > 64 or not all(c.isalnum() or c in "._-" for c in version):
             raise InvalidVersion(version)
         Version(version)
     except (InvalidVersion, ValueError, TypeError) as exc:
         shown = repr(version) if len(repr(version)) <= 80 else repr(version)[:70] + "…"
         raise ManifestError(
-            f"invalid version {shown}: must be a PEP 440 version such as 1, 1.2 or 2.0.1 (at most 64 characters)"
+            f"invalid version {shown}: must be a PEP 440 version such as 1, 1.2 or 2.0.1 (at most 64 characters; "
+            "no local part '+' or epoch '!')"
         ) from exc
     return version
 
