@@ -263,11 +263,13 @@ def test_index_naming_another_voice_than_its_manifest_is_refused(tmp_path: Path,
                                                                  keys: dict[str, Path]) -> None:
     folder = folder_of_two(tmp_path / "build" / "voice-1")
     sign(folder, keys["fleet"])
+    from ttsd.fetch.index_signature import sign_index
     from ttsd.fetch.prebuilt import publish
 
     publish(folder, tmp_path / "pub")
     index = json.loads((tmp_path / "pub" / INDEX_FILE).read_text())
     index["voices"]["other"] = index["voices"].pop("voice")
+    index = sign_index(index, keys["fleet"])  # the fleet itself signed that mistake
     serve_dir(mirror, tmp_path / "pub")
     mirror.files[INDEX_FILE] = json.dumps(index).encode()
     result = get(mirror.url, tmp_path / "box", "other", "--trusted-keys", str(keys["trusted"]))

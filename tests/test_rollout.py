@@ -327,13 +327,14 @@ def test_with_trusted_keys_shares_and_withdrawals_count_only_from_a_signed_index
     for version in ("1", "2"):
         folder = folder_of_two(tmp_path / "build" / f"voice-{version}", version=version)
         sign(folder, key)
-        publish(folder, published)
+        publish(folder, published, "--sign-key", str(key))
     serve_dir(mirror, published)
     box = tmp_path / "box"
     trust = ("--trusted-keys", str(trusted))
     assert get(mirror, box, "box-00", *trust).exit_code == 0 and versions_on(box) == ["2"]
 
-    unsigned = json.loads((published / INDEX_FILE).read_text())
+    unsigned = {k: v for k, v in json.loads((published / INDEX_FILE).read_text()).items() if k != "signature"}
+    (published / INDEX_FILE).write_text(json.dumps(unsigned))
     assert invoke("models", "withdraw", str(published), "voice", "2").exit_code == 0  # 1. no key
     serve_dir(mirror, published)
     one_line_error(get(mirror, box, "box-00", *trust), 18, "not signed", "nothing changed")
@@ -361,7 +362,13 @@ def test_with_trusted_keys_shares_and_withdrawals_count_only_from_a_signed_index
     one_line_error(served(json.loads((published / INDEX_FILE).read_text())), 18, "a key this box does not trust")
     stripped = {k: v for k, v in signed.items() if k != "signature"}  # 5.
     one_line_error(served(stripped), 18, "not signed")
+    # 5b. stripped, and the withdrawn version put back as an ordinary one: an index with no shares
+    # or withdrawals, which such a box took (its folders are signed), and went back to 2
+    one_line_error(served(unsigned), 18, "is not signed", "nothing changed")
+    fresh = tmp_path / "fresh-box"
+    one_line_error(get(mirror, fresh, "box-01", *trust), 18, "is not signed")
     assert versions_on(box) == ["1"]
+    assert not (fresh / "models").exists() or versions_on(fresh) == []
 
     (published / INDEX_FILE).write_text(json.dumps(signed))  # 6.
     one_line_error(invoke("models", "rollout", str(published), "voice", "1", "0.5"), 3, "is signed: give --sign-key")

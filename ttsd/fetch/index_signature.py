@@ -6,10 +6,12 @@ Folders are signed (``model.sig``), so a mirror's writer could never make a box 
 words: unsigned, such a writer could withdraw a version and send every box back to an older
 (signed) one. So ``publish``, ``rollout`` and ``withdraw`` sign the index they write when given
 ``--sign-key`` (the fleet's elliptic-curve private key, as ``ttsd models sign`` takes it), and a box
-with ``--trusted-keys`` acts on shares and withdrawals only from an index signed by one of them:
-an index that has any (a share below 1, a withdrawal) and is unsigned, or signed by another key, or
-whose signature does not match its content, is refused (``SignatureError``, exit 18) and nothing on
-the box changes. An index with neither is taken as before (its folders are signed).
+with ``--trusted-keys`` takes an index only when one of them signed it: one that is unsigned, or
+signed by another key, or whose signature does not match its content, is refused
+(``SignatureError``, exit 18) and nothing on the box changes. (Unsigned indexes without shares or
+withdrawals were taken, their folders being signed: then one who could write the mirror, or sit on
+its plain-HTTP path, removed a signed index's signature, put a withdrawn version back and gave a
+staged one to every box.)
 
 The signature is a top-level field of the index itself, ``"signature": {"key": HINT, "value":
 BASE64}``: ECDSA with SHA-256 over the canonical JSON of every other field (sorted keys, no
@@ -75,9 +77,9 @@ def needs_signature(voices: dict[str, FleetVoice]) -> bool:
     return any(v.withdrawn or any(p.share < 1.0 for p in v.versions) for v in voices.values())
 
 
-def check_index(raw: bytes, voices: dict[str, FleetVoice], trust: Any, source: str) -> str | None:
-    """For a box that trusts ``trust`` (``TrustedKeys``): the name of the key that signed the index,
-    or None for an unsigned one that has no shares or withdrawals; ``SignatureError`` otherwise."""
+def check_index(raw: bytes, voices: dict[str, FleetVoice], trust: Any, source: str) -> str:
+    """For a box that trusts ``trust`` (``TrustedKeys``): the name of the key that signed the index;
+    ``SignatureError`` otherwise."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -85,14 +87,12 @@ def check_index(raw: bytes, voices: dict[str, FleetVoice], trust: Any, source: s
     data = json.loads(raw)  # parse_index read it already: it is an object
     signature = data.get(FIELD)
     if signature is None:
-        if needs_signature(voices):
-            raise SignatureError(
-                "unsigned",
-                f"{source} gives shares or withdrawals but is not signed; a box with --trusted-keys takes "
-                "them only from an index signed by a trusted key (ttsd models publish/rollout/withdraw "
-                "--sign-key): nothing changed here",
-            )
-        return None
+        what = "gives shares or withdrawals but " if needs_signature(voices) else ""
+        raise SignatureError(
+            "unsigned",
+            f"{source} {what}is not signed; a box with --trusted-keys takes an index only when a trusted "
+            "key signed it (ttsd models publish, rollout or withdraw with --sign-key): nothing changed here",
+        )
     if (
         not isinstance(signature, dict)
         or not isinstance(signature.get("key"), str)
