@@ -161,6 +161,30 @@ def test_a_withdrawn_version_leaves_a_box_without_a_daemon(tmp_path: Path, mirro
     assert not [p for p in (box / "models").iterdir() if p.name.startswith(".")]  # nothing left aside
 
 
+def test_a_withdrawal_is_applied_when_the_newer_version_cannot_be_fetched(tmp_path: Path, mirror: Mirror) -> None:
+    """The box has v1 and v2. The fleet withdraws v2 and publishes v3, one file of which the mirror
+    fails to serve: the run fails on v3 as before, and v2 leaves the box anyway (it stayed while v3
+    could not be fetched: one broken file on the mirror kept a withdrawn version serving)."""
+    published = tmp_path / "published"
+    publish(folder_of_two(tmp_path / "build" / "voice-1"), published)
+    serve_dir(mirror, published)
+    box = tmp_path / "box"
+    assert get(mirror, box, "box-00").exit_code == 0
+    publish(folder_of_two(tmp_path / "build" / "voice-2", version="2"), published)
+    serve_dir(mirror, published)
+    assert get(mirror, box, "box-00").exit_code == 0 and versions_on(box) == ["1", "2"]
+    publish(folder_of_two(tmp_path / "build" / "voice-3", version="3"), published)
+    assert invoke("models", "withdraw", str(published), "voice", "2", "--reason", "clipped").exit_code == 0
+    serve_dir(mirror, published)
+    broken = next(path for path in mirror.files if path.startswith("ttsd/voice/3/") and path.endswith(".json")
+                  and not path.endswith("ttsd.json"))
+    del mirror.files[broken]
+    result = get(mirror, box, "box-00")
+    assert result.exit_code not in (0, 1), result.output
+    assert versions_on(box) == ["1"], result.output
+    assert "removed voice-2" in result.output
+
+
 def test_the_only_version_a_box_has_is_kept_when_withdrawn(tmp_path: Path, mirror: Mirror) -> None:
     """Withdrawn with nothing to go back to: the box keeps it and says why (exit 13), every run."""
     published = tmp_path / "published"

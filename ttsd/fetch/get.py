@@ -214,17 +214,23 @@ def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | N
         _remove_stale_builds(request.models, fleet.name)
         folder, manifest, fetched = (local.newest.folder if local.newest else None), have, False
         if target is not None and (have is None or Version(target.version) > have.parsed_version):
-            _make_room(request.models / f"{fleet.name}-{target.version}", local, reporter)
-            folder, manifest, fetched = get_prebuilt(
-                target,
-                models=request.models,
-                downloads=request.downloads,
-                mirror=request.mirror,
-                upgrade=request.upgrade,
-                have=have,
-                trust=request.trust,
-                reporter=reporter,
-            )
+            try:
+                _make_room(request.models / f"{fleet.name}-{target.version}", local, reporter)
+                folder, manifest, fetched = get_prebuilt(
+                    target,
+                    models=request.models,
+                    downloads=request.downloads,
+                    mirror=request.mirror,
+                    upgrade=request.upgrade,
+                    have=have,
+                    trust=request.trust,
+                    reporter=reporter,
+                )
+            except TtsdError:
+                # a withdrawal is not held up by the newer version's download: the box goes back
+                # to what it has (one broken file on the mirror kept a withdrawn version serving)
+                _withdraw_anyway(fleet, request, have.version if have else None, reporter)
+                raise
         elif have is not None and not request.upgrade and not fleet.withdrawn:
             raise VoiceExistsError(
                 f"{fleet.name} is already in {request.models} as version {have.version}; "
@@ -237,6 +243,20 @@ def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | N
     if (folder is None or manifest is None) and not fleet.versions:
         raise NotOnMirror(f"every version of {fleet.name} on {request.mirror.base} is withdrawn")
     return GetResult(None, folder, manifest, fetched, tuple(notes))  # no folder: not for this box yet
+
+
+def _withdraw_anyway(fleet: Any, request: GetRequest, to: str | None, reporter: Reporter) -> None:
+    """The mirror's withdrawals, applied when the newer version could not be fetched; their own
+    failure is said, and the download's is the error the command ends with."""
+    if not fleet.withdrawn:
+        return
+    from .withdraw import apply
+
+    try:
+        for note in apply(fleet, request.models, to, request.daemon, reporter.step):
+            reporter.step(note)
+    except TtsdError as exc:
+        reporter.step(f"the withdrawal could not be applied either: {exc}")
 
 
 def _get(request: GetRequest, reporter: Reporter) -> GetResult:
