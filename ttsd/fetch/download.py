@@ -32,6 +32,7 @@ Called from the CLI's thread only; blocks on the network for at most ``timeout``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.client
@@ -40,6 +41,7 @@ import os
 import re
 import socket
 import stat
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -179,6 +181,26 @@ class _Guard:
     def __init__(self, mirror: Mirror) -> None:
         self.origin = _origin(mirror.base)
         self.addresses = mirror_addresses(self.origin[0])
+        self.sockets: list[socket.socket] = []  # every connection made, for ``cut``
+        self.cut_off = False
+
+    def cut(self) -> None:
+        """End every connection (a deadline passed; from a timer's thread): a read waiting on one
+        returns at once."""
+        self.cut_off = True
+        for sock in list(self.sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _kept(self, make: Callable[..., socket.socket]) -> Callable[..., socket.socket]:
+        def connect(*args: Any, **kwargs: Any) -> socket.socket:
+            sock = make(*args, **kwargs)
+            self.sockets.append(sock)
+            if self.cut_off:
+                self.cut()
+            return sock
+
+        return connect
 
     def refusal(self, url: str, host: str, found: list[str]) -> str | None:
         """Why a request for ``url`` may not go to ``found`` (the addresses of its ``host``), or None."""
@@ -193,14 +215,14 @@ class _Guard:
     def connection(self, http_class: Any, request: urllib.request.Request) -> Any:
         """``http_class``, or a maker of its connections that go through ``connect``."""
         proxied = request.has_proxy() or getattr(request, "_tunnel_host", None)
-        if proxied or _origin(request.full_url) == self.origin:
-            return http_class
         url = request.full_url
+        checked = not proxied and _origin(url) != self.origin
 
         def make(host: str, **kwargs: Any) -> Any:
             connection = http_class(host, **kwargs)
             # http.client's own hook for opening the socket (socket.create_connection's signature)
-            connection._create_connection = functools.partial(self.connect, url)
+            opener = functools.partial(self.connect, url) if checked else socket.create_connection
+            connection._create_connection = self._kept(opener)
             return connection
 
         return make
@@ -295,6 +317,12 @@ def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTP
     guard = _Guard(mirror)
     opener = urllib.request.build_opener(_Redirects(guard), _HTTP(guard), _HTTPS(guard))
     request = urllib.request.Request(url, headers={**_HEADERS, **headers})
+    # the timeout bounds each read; this bounds the whole answer's head (a mirror that sends its
+    # headers a byte at a time held a timer's run, and the voice's withdrawals, for good)
+    limit = SMALL_DEADLINE * mirror.timeout
+    timer = threading.Timer(limit, guard.cut)
+    timer.daemon = True
+    timer.start()
     try:
         return opener.open(request, timeout=mirror.timeout)
     except urllib.error.HTTPError as exc:
@@ -311,10 +339,14 @@ def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTP
             raise NetworkError(f"{mirror.host} answered HTTP {exc.code} for {url}; try again later") from None
         raise CatalogError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        if guard.cut_off:
+            raise NetworkError(f"{url}: no answer within {limit:.0f} s; try again later") from None
         raise NetworkError(
             f"cannot reach {mirror.host}: {_why(exc)} (no network? another mirror can be "
             "given with --mirror or TTSD_MIRROR)"
         ) from None
+    finally:
+        timer.cancel()
 
 
 # a validator is sent back as a header: one line of printable ASCII, and short
@@ -372,7 +404,7 @@ def _fetch_small(mirror: Mirror, url: str, limit: int, headers: dict[str, str]) 
     deadline = time.monotonic() + SMALL_DEADLINE * mirror.timeout
     with _open(mirror, url, headers) as response:
         length = response.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
             raise CatalogError(f"{url}: {int(length)} bytes, more than the {limit} allowed; refused")
         validators = Validators()
         if response.status == 200:
@@ -521,7 +553,7 @@ def _fetch_into(mirror: Mirror, url: str, file: CatalogFile, part: Path, done: i
         else:
             raise CatalogError(f"{url}: unexpected HTTP {response.status}")
         length = response.headers.get("Content-Length")
-        sent = int(length) if length is not None and length.isdigit() else None
+        sent = int(length) if length is not None and length.isascii() and length.isdigit() else None
         if sent is not None and (done + sent > file.size or (response.status == 200 and sent < file.size)):
             raise _mismatch(url, part, done + sent, file.size)
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
