@@ -69,3 +69,14 @@ def test_a_content_length_of_other_digits_is_no_crash(tmp_path) -> None:  # type
     with raw_server(superscript) as url:
         result = invoke("models", "search", "--mirror", url, "--timeout", "2")
     assert result.exit_code not in (0, 1) and "internal error" not in result.output, result.output
+
+
+def test_the_stale_build_clean_up_leaves_other_voices_builds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``get joe`` removed ``.joe-kids-3.abcd1234.partial``, another voice's build in progress,
+    without holding that voice's lock (two timers breaking each other's assembly)."""
+    from ttsd.fetch.get import _remove_stale_builds
+
+    for name in (".joe-2.abcd1234.partial", ".joe-kids-3.abcd1234.partial", ".joe-kids.abcd1234.partial"):
+        (tmp_path / name).mkdir()
+    _remove_stale_builds(tmp_path, "joe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".joe-kids-3.abcd1234.partial", ".joe-kids.abcd1234.partial"]

@@ -393,10 +393,20 @@ def _remove_stale_builds(models: Path, key: str) -> None:
     """Dot-folders ``import_piper`` left for this voice when its process was killed (under the
     lock, no other ``get`` of the voice is building one). The daemon ignores them; this frees
     the space."""
-    stale = re.compile(rf"\.{re.escape(key)}-[^/]+\.[A-Za-z0-9_]{{8}}\.partial")
+    stale = re.compile(rf"\.{re.escape(key)}-([^/]+)\.[A-Za-z0-9_]{{8}}\.partial")
     for entry in models.iterdir():
-        if stale.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+        found = stale.fullmatch(entry.name)
+        # KEY-VERSION: "joe-kids-3" is voice joe-kids's build ("kids-3" is no version), not joe's
+        if found and _is_version(found.group(1)) and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def _is_version(text: str) -> bool:
+    try:
+        check_version(text)
+    except TtsdError:
+        return False
+    return True
 
 
 def _check_space(request: GetRequest, voice: CatalogVoice, local: dict[CatalogFile, Path]) -> None:
