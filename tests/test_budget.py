@@ -363,7 +363,7 @@ def test_a_voice_that_cannot_fit_beside_the_preloaded_ones_is_told_so_at_once(tm
     assert rig.say("a").status == 200
 
 
-def test_a_preload_or_default_voice_that_names_no_voice_is_said(tmp_path: Path,
+def test_a_preload_canary_or_default_voice_that_names_no_voice_is_said(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """--preload de_DE-thorsten-medium with no such voice did nothing, without a word."""
     import logging
@@ -374,7 +374,8 @@ def test_a_preload_or_default_voice_that_names_no_voice_is_said(tmp_path: Path,
     (tmp_path / "models").mkdir()
     daemon = InProcess(ServeConfig(models=tmp_path / "models", state=tmp_path / "state", cache=tmp_path / "cache",
                                    socket=tmp_path / "s.sock", seed_builtin=False, max_loaded=2,
-                                   preload=("de_DE-thorsten-medium",), default_voice="nobody"))
+                                   preload=("de_DE-thorsten-medium",), default_voice="nobody",
+                                   canary=(("fak", 0.1),), swap_policy="memory"))
     try:
         daemon.manager.start()
         with caplog.at_level(logging.WARNING, logger="ttsd.daemon"):
@@ -384,3 +385,7 @@ def test_a_preload_or_default_voice_that_names_no_voice_is_said(tmp_path: Path,
     said = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("--preload de_DE-thorsten-medium: no such voice in") for m in said), said
     assert any(m.startswith("--default-voice nobody: no such voice in") for m in said), said
+    # a typo in --canary sent the real voice's next version to every request without a word; and
+    # the memory policy holds no canary at all
+    assert any(m.startswith("--canary fak: no such voice in") for m in said), said
+    assert any(m.startswith("--canary does nothing under --swap-policy memory") for m in said), said

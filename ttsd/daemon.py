@@ -350,10 +350,18 @@ class Daemon:
         step.result()
 
     def _check_names(self) -> None:
-        """A ``--preload`` or ``--default-voice`` that names no voice in the models dir (a typo, a
-        voice not copied in yet) is said at start-up: it would do nothing without a word."""
+        """A ``--preload``, ``--canary`` or ``--default-voice`` that names no voice in the models dir
+        (a typo, a voice not copied in yet) is said at start-up: it would do nothing without a
+        word (a typo in ``--canary`` sent the real voice's next version to every request). So is a
+        canary share under the memory policy, which cannot hold one."""
         known = set(self.manager.table.names())
         named = [("--preload", name) for name in self.config.preload]
+        named += [("--canary", name) for name, _share in self.config.canary if name != "*"]
+        if self.config.swap_policy == "memory" and any(share > 0 for _name, share in self.config.canary):
+            log.warning(
+                "--canary does nothing under --swap-policy memory: it holds one version of a voice at a "
+                "time, so a new version serves every request at once (auto-rollback still judges it)"
+            )
         if self.config.default_voice:
             named.append(("--default-voice", self.config.default_voice))
         for flag, name in named:
