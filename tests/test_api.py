@@ -272,6 +272,18 @@ def test_a_request_s_fault_never_counts_against_the_model(api: FrontEnds, voices
     assert voices.model_failures() == [(("joe", "2"), False)]
 
 
+@pytest.mark.parametrize("said", ["DefaultCPUAllocator: can't allocate memory: you tried to allocate 82 bytes",
+                                  "could not create a primitive", "can't start new thread"])
+def test_running_out_of_memory_is_the_box_s_fault_not_the_model_s(api: FrontEnds, voices: FakeVoices,
+                                                                 said: str) -> None:
+    """torch says so in a RuntimeError, not a MemoryError: it was a 500 counted against the model,
+    so a box short of memory rolled a good version back (and ended a canary at its first)."""
+    voices.engine("joe", "2").fail_with = RuntimeError(said)
+    reply = api.post("/v1/synthesize", {"text": "hello"})
+    assert reply.status == 503 and "out of memory" in reply.error["message"], reply.error
+    assert voices.model_failures() == []
+
+
 def test_a_full_queue_is_503_with_retry_after_at_once(api: FrontEnds, voices: FakeVoices) -> None:
     """1 worker and a queue of 1: one request held in the worker, one waiting; a third is refused
     at once (the worker is still held), and the first two are served once it goes on."""

@@ -295,6 +295,26 @@ def resource_error(exc: BaseException, doing: str) -> ResourceError:
     return ResourceError(f"{doing} failed: {detail}", storage=code in _STORAGE_ERRNOS)
 
 
+# what torch, oneDNN and Python say when the box ran out of memory (or of threads): a RuntimeError,
+# not a MemoryError, so without this the model was blamed and a good version rolled back
+_OUT_OF_MEMORY = (
+    "can't allocate memory",
+    "defaultcpuallocator",
+    "out of memory",
+    "bad_alloc",
+    "could not create a primitive",
+    "can't start new thread",
+)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the box ran out of memory (``MemoryError``, or a library's words)."""
+    if isinstance(exc, MemoryError):
+        return True
+    said = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(words in said for words in _OUT_OF_MEMORY)
+
+
 def os_error(exc: OSError, doing: str, cannot: str) -> TtsdError:
     """An ``OSError`` as the error a user acts on: the box's (full disk, I/O error: see
     ``is_system_oserror``) is a ``ResourceError`` saying what failed while ``doing`` what (exit

@@ -23,9 +23,11 @@ from ..errors import (
     AudioTooLongError,
     BusyError,
     RequestError,
+    ResourceError,
     SynthesisError,
     TtsdError,
     is_system_oserror,
+    out_of_memory,
     resource_error,
 )
 from ..metrics import Metrics
@@ -195,15 +197,15 @@ class SynthesisPool:
             if exc.fault == "model":
                 ok = False
             raise
-        except MemoryError as exc:
-            log.error("out of memory synthesizing on %s %s", job.lease.voice.name, job.lease.voice.version)
-            raise resource_error(exc, "synthesizing") from None
         except OSError as exc:
             if not is_system_oserror(exc):
                 ok = False
                 raise SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}") from exc
             raise resource_error(exc, "synthesizing") from exc
-        except Exception as exc:  # the engine crashed on a valid request: the model's fault
+        except Exception as exc:  # the engine crashed on a valid request: the model's fault...
+            if out_of_memory(exc):  # ...unless the box ran out of memory: a 503 to retry, not counted
+                log.error("out of memory synthesizing on %s %s: %s", job.lease.voice.name, job.lease.voice.version, exc)
+                raise ResourceError("out of memory while synthesizing; retry shortly") from None
             ok = False
             log.exception("synthesis failed on %s %s", job.lease.voice.name, job.lease.voice.version)
             raise SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}") from exc
