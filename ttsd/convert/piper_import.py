@@ -152,6 +152,82 @@ def _build_config(graph: _Graph, voice: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _Unfit(ValueError):
+    """The ``.onnx.json`` says something no voice of this ``.onnx`` can be."""
+
+
+MAX_SPEAKERS = 10_000  # as a catalog may list (``ttsd.fetch.index``)
+_ESPEAK_VOICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,39}(/[A-Za-z0-9][A-Za-z0-9_+-]{0,39})?")
+
+
+def _number(value: object, low: float, high: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise _Unfit(f"{what} must be a number from {low:g} to {high:g}, not {str(value)[:40]!r}")
+    return float(value)
+
+
+def _check_voice(voice: object, graph: _Graph) -> None:
+    """What the ``.onnx.json`` says, checked before anything is built from it: each field the
+    conversion and the engine read is of its type and within bounds, and fits the ``.onnx`` (a
+    catalog's or a stranger's file said ``num_speakers: 400000``, which sized the speaker table
+    before any check: 1.4 GB; a ``length_scale`` of 0, phoneme ids past the vocabulary, a sample
+    rate of 10^12 and an espeak voice of ``../../etc/passwd`` made folders that never spoke)."""
+    if not isinstance(voice, dict):
+        raise _Unfit("not a JSON object")
+    audio = voice.get("audio")
+    if not isinstance(audio, dict):
+        raise _Unfit("'audio' must be an object with 'sample_rate'")
+    _number(audio.get("sample_rate"), 8000, 96000, "audio.sample_rate")
+    if not isinstance(audio.get("sample_rate"), int):
+        raise _Unfit("audio.sample_rate must be a whole number")
+    inference = voice.get("inference", {})
+    if not isinstance(inference, dict):
+        raise _Unfit("'inference' must be an object")
+    _number(inference.get("noise_scale", 0.667), 0, 10, "inference.noise_scale")
+    _number(inference.get("noise_w", 0.8), 0, 10, "inference.noise_w")
+    _number(inference.get("length_scale", 1.0), 0.05, 20, "inference.length_scale")
+    speakers = voice.get("num_speakers", 1)
+    _number(speakers, 1, MAX_SPEAKERS, "num_speakers")
+    if not isinstance(speakers, int):
+        raise _Unfit("num_speakers must be a whole number")
+    table = graph.tensors.get("emb_g.weight")
+    rows = int(table.shape[0]) if table is not None and table.ndim == 2 else 1
+    if speakers > 1 and rows != speakers:
+        raise _Unfit(f"num_speakers is {speakers}, the .onnx has {rows if table is not None else 'no'} speakers")
+    ids = voice.get("speaker_id_map", {})
+    if (
+        not isinstance(ids, dict)
+        or len(ids) > MAX_SPEAKERS
+        or any(
+            not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < speakers
+            for k, v in ids.items()
+        )
+    ):
+        raise _Unfit(f"speaker_id_map must map names to speaker numbers from 0 to {speakers - 1}")
+    emb = graph.tensors.get("enc_p.emb.weight")
+    vocab = int(emb.shape[0]) if emb is not None and emb.ndim == 2 else 0
+    phonemes = voice.get("phoneme_id_map")
+    if (
+        not isinstance(phonemes, dict)
+        or not phonemes
+        or any(
+            not isinstance(k, str)
+            or not isinstance(v, list)
+            or not v
+            or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in v)
+            for k, v in phonemes.items()
+        )
+    ):
+        raise _Unfit(f"phoneme_id_map must map phonemes to lists of ids from 0 to {vocab - 1} (the .onnx's)")
+    espeak = voice.get("espeak", {})
+    name = espeak.get("voice", "en-us") if isinstance(espeak, dict) else None
+    if not isinstance(name, str) or not _ESPEAK_VOICE.fullmatch(name):
+        raise _Unfit(f"espeak.voice must be an espeak-ng voice name such as en-us, not {str(name)[:40]!r}")
+    for key in ("language", "dataset"):
+        if key in voice and not isinstance(voice[key], (dict, str, type(None))):
+            raise _Unfit(f"'{key}' must be an object or a string")
+
+
 # (VITS name pattern, transformers name template, tensor transform)
 _Rule = tuple[str, str, Callable[[np.ndarray], np.ndarray]]
 
@@ -246,15 +322,20 @@ def convert_piper(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
         raise ImportPiperError(f"{json_path}: missing (a Piper voice is VOICE.onnx plus VOICE.onnx.json)")
     try:
         voice = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ImportPiperError(f"{json_path}: not valid JSON ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ImportPiperError(f"{json_path}: not valid JSON ({str(exc)[:200]})") from exc
+    if not isinstance(voice, dict):
+        raise ImportPiperError(f"{json_path}: not a JSON object")
     phoneme_type = voice.get("phoneme_type", "espeak")
     if phoneme_type != "espeak":
         raise ImportPiperError(f"{json_path}: phoneme_type {phoneme_type!r} is not supported (only espeak voices)")
-    graph = _read_graph(onnx_path)
     try:
+        graph = _read_graph(onnx_path)
+        _check_voice(voice, graph)
         config = PiperVitsConfig(**_build_config(graph, voice))
-    except (KeyError, ValueError, IndexError) as exc:
+    except _Unfit as exc:
+        raise ImportPiperError(f"{json_path}: {exc}") from None
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError, ZeroDivisionError) as exc:
         raise ImportPiperError(f"{onnx_path}: not a Piper VITS voice ({exc!r} missing or malformed)") from exc
 
     model = PiperVitsModel(config)
