@@ -67,3 +67,31 @@ def test_a_stop_during_start_up_exits_at_once(tmp_path: Path, cache_dir: Path, m
     assert d.stop(sig, grace=20) == code, d.logs()
     assert time.monotonic() - started < 5, d.logs()
     assert "during start-up: exiting now" in d.logs() and "Traceback" not in d.logs()
+
+
+@pytest.mark.daemon
+def test_a_daemon_with_no_voice_yet_tells_systemd_it_is_up(tmp_path: Path, cache_dir: Path) -> None:
+    """A fleet box before its first get has no voice: READY=1 never came, so systemd killed the
+    daemon at TimeoutStartSec and started it again, every 5 minutes. It is up and waiting: READY=1
+    with a status that says so, and /readyz 503 until a voice serves."""
+    import os
+    import socket
+
+    notify = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(60)
+    os.environ["NOTIFY_SOCKET"] = str(notify)
+    try:
+        d = start_daemon(tmp_path, cache_dir, "--no-seed", wait_ready=False)
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    try:
+        said = ""
+        while "READY=1" not in said:
+            said = listener.recv(4096).decode()
+        assert "STATUS=no voice yet: waiting for one in" in said, said
+        assert d.get("/readyz").status == 503
+    finally:
+        listener.close()
+        assert d.stop() == 0, d.logs()

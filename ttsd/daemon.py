@@ -303,6 +303,9 @@ class Daemon:
         self._serving = True
         if self.manager.ready():
             self.notifier.ready(f"serving {voices}")
+        else:  # up and waiting (a fleet box before its first get): not a start that never ends, which
+            # systemd would kill at TimeoutStartSec and start again, every 5 minutes, for good
+            self.notifier.ready(f"no voice yet: waiting for one in {cfg.models}")
         watchdog = loop.create_task(self._watchdog()) if self.notifier.watchdog_seconds else None
         self.watcher.start()
         if self.manager.waiting:
