@@ -629,3 +629,18 @@ def test_a_reason_left_without_its_request_by_a_kill_is_removed_at_the_restart(
     front.spool = restarted
     settle_and_serve(front, clock)
     assert "late.txt" in names(dirs["done"])
+
+
+def test_the_folders_the_spool_makes_take_its_group_permissions(tmp_path: Path, voices: FakeVoices) -> None:
+    """docs/spool.md: a spool dir writable by its writers' group (mode 2770). Under the example
+    unit's UMask=0027 the daemon made incoming/ 0750 and every writer in the group was refused."""
+    root = tmp_path / "group-spool"
+    root.mkdir()
+    os.chmod(root, 0o2770)
+    old = os.umask(0o027)
+    try:
+        Spool(root, voices.backend, concurrency=1).prepare()
+    finally:
+        os.umask(old)
+    for name in ("incoming", "work", "out", "done", "failed"):
+        assert (root / name).stat().st_mode & 0o7777 == 0o2770, name

@@ -290,6 +290,7 @@ class Spool:
             st = os.lstat(path)
         except FileNotFoundError:
             path.mkdir(parents=True, exist_ok=True)
+            self._share(path)
             if not quiet and self._problem != f"missing {name}":
                 log.warning("spool: %s was missing; made it again", path)
             self._problem = f"missing {name}"
@@ -298,6 +299,14 @@ class Spool:
             what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
             raise _Unusable(f"{path} is {what}; the spool does nothing until it is a directory again")
         return path
+
+    def _share(self, path: Path) -> None:
+        """A spool folder just made takes the spool dir's group permissions (and setgid): its
+        writers are a group (docs/spool.md: mode 2770), and the daemon's umask (the example unit's
+        0027) left ``incoming/`` unwritable to them."""
+        with contextlib.suppress(OSError):
+            group = os.stat(self.root).st_mode & 0o2070
+            os.chmod(path, 0o700 | group)
 
     def _folder_problem(self, message: str) -> None:
         """Log a problem of the spool's folders once, not at every scan."""
