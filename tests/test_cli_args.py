@@ -388,3 +388,18 @@ def test_o_names_an_open_descriptor_and_a_link_into_a_missing_dir(tmp_path: Path
     readonly.write_bytes(b"old")
     os.chmod(readonly, 0o444)
     check_output(str(readonly))  # replaced by rename, as the write does: the dir is what must be writable
+
+
+def test_a_daemon_that_does_not_answer_is_not_called_absent(tmp_path: Path) -> None:
+    """A socket something listens on without answering (a daemon stopped with SIGSTOP, or
+    wedged): "start one with 'ttsd serve'" told the operator to start a second daemon."""
+    import socket
+
+    sock = tmp_path / "silent.sock"
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(sock))
+    silent.listen(8)
+    try:
+        one_line_error(invoke("status", "--socket", str(sock)), 9, f"the daemon on {sock} does not answer")
+    finally:
+        silent.close()

@@ -77,7 +77,7 @@ class Daemon:
         self.config = config
         self.notifier = notifier or Notifier()
         self.metrics = Metrics.create()
-        self.started = time.time()
+        self.started = time.monotonic()  # uptime: a clock step (a box without an RTC at boot) must not make it negative
         # keys are read before anything starts: a bad trusted-keys dir is a start-up error
         self.trust = TrustedKeys.load(config.trusted_keys) if config.trusted_keys is not None else None
         self.manager = ModelManager(
@@ -182,7 +182,7 @@ class Daemon:
         return {
             "version": __version__,
             "pid": os.getpid(),
-            "uptime": round(time.time() - self.started, 1),
+            "uptime": round(time.monotonic() - self.started, 1),
             "socket": str(self.config.socket),
             "models": str(self.config.models),
             "spool": str(self.config.spool) if self.config.spool else None,

@@ -30,7 +30,13 @@ def daemon_client(socket_path: Path | None, timeout: float = 600, *, required: b
 
     client = Client(socket_path or default_socket(), timeout=timeout)
     if required and not client.available():
-        raise DaemonError(f"no daemon answers on {client.socket_path} (start one with 'ttsd serve')")
+        where = client.socket_path
+        if Path(where).exists():  # a daemon is there but does not answer: stopped (SIGSTOP), or wedged
+            raise DaemonError(f"the daemon on {where} does not answer (stopped, or too busy to?)")
+        raise DaemonError(
+            f"no daemon answers on {where} (start one with 'ttsd serve'; one that is starting makes "
+            "its socket once its voices are loaded)"
+        )
     return client
 
 

@@ -448,7 +448,7 @@ class Spool:
         (``_retry``, ``_serving``, the pause) changes here, on the event loop, only."""
         loop = asyncio.get_running_loop()
         request_id = claimed.stem
-        started = time.time()
+        started = time.monotonic()
         waits = False  # still claimed when this ends (to be served again)
         try:
             if await loop.run_in_executor(None, self._already_published, claimed):
@@ -486,7 +486,7 @@ class Spool:
                 "timings": {
                     "queued": round(result.queued_seconds, 3),
                     "synthesis": round(result.synth_seconds, 3),
-                    "total": round(time.time() - started, 3),
+                    "total": round(time.monotonic() - started, 3),
                 },
                 "request_sha256": hashlib.sha256(raw).hexdigest(),
             }
