@@ -373,3 +373,24 @@ def test_with_its_copy_damaged_too_the_state_comes_from_the_store(tmp_path: Path
     assert active(manager) == "2"
     assert list(state.glob("state.json.unreadable-*")), "the damaged file is kept aside"
     manager.close()
+
+
+def test_a_store_made_unusable_defers_a_new_version_instead_of_refusing_it(tmp_path: Path,
+                                                                          fake_engines: None) -> None:
+    """The store is ttsd's own dir: its voice folder replaced by a file (or made unwritable after
+    a restore) refused a new version for good, and it stayed refused once the store was mended.
+    Now it is deferred, and the retry after the mend serves it."""
+    models, manager = v2_over_v1(tmp_path)
+    store_voice = tmp_path / "state" / "store" / "voice"
+    aside = tmp_path / "store-voice-aside"
+    store_voice.rename(aside)
+    store_voice.write_text("not a folder")
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    assert states(manager)["3"] == "deferred", states(manager)
+    store_voice.unlink()
+    aside.rename(store_voice)
+    manager.retry_now()
+    manager.reconcile()
+    assert active(manager) == "3", states(manager)
+    manager.close()

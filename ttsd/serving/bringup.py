@@ -87,7 +87,8 @@ class BringUp:
                     model.state, model.reason = State.INCOMPLETE, str(exc)
                     self.table.see_folder(folder, "incomplete", str(exc))
                 again(folder)
-            elif isinstance(exc, MemoryError) or is_system_oserror(exc):  # the box's: wait, then retry
+            elif isinstance(exc, MemoryError) or is_system_oserror(exc) or self._in_store(exc):
+                # the box's (a full disk; the store, ttsd's own dir, made unwritable): wait, retry
                 self.lifecycle.defer(model, str(resource_error(exc, "copying it into the store")))
             elif isinstance(exc, VerifyError):
                 self.lifecycle.refuse(model, str(exc), folder)
@@ -98,6 +99,18 @@ class BringUp:
             return False
         self.table.change(model, store_copy=copy)
         return True
+
+    def _in_store(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is an ``OSError`` on a path in the store (permissions changed under it,
+        its voice's folder replaced by a file): ttsd's own dir, never the version's fault (such a
+        version was refused for good, and stayed refused once the store was mended)."""
+        if not isinstance(exc, OSError):
+            return False
+        root = os.path.abspath(self.store.root)
+        return any(
+            isinstance(name, (str, os.PathLike)) and os.path.abspath(str(name)).startswith(root + os.sep)
+            for name in (exc.filename, exc.filename2)
+        )
 
     def ensure_stored(self, target: ModelVersion) -> None:
         """A version known only from the models dir is copied into the store first, hashed on the
