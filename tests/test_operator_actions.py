@@ -116,3 +116,15 @@ def test_a_rollback_while_the_only_upgrade_loads_calls_it_off(tmp_path: Path, fa
     restarted.start()
     assert voice_of(restarted)["active"] == "1" and states(restarted)["2"] == "rolled-back"
     restarted.close()
+
+
+def test_requests_pinned_to_the_canary_do_not_promote_it(canary: ModelManager) -> None:
+    """A client that names the version ("version": "2", for testing) chose it: 20 such requests
+    promoted a 1 % canary to every request. Only drawn requests judge it."""
+    for _ in range(20):
+        lease = canary.acquire("voice", "2")
+        lease.release(True)
+    assert (voice_of(canary)["active"], voice_of(canary)["canary"]) == ("1", "2")
+    lease = canary.acquire("voice", "2")
+    lease.release(False)  # a pinned request's failure is still the model's
+    assert voice_of(canary)["canary"] is None and states(canary)["2"] == "rolled-back"

@@ -74,11 +74,14 @@ class Lease:
     _release: Callable[[_Entry, bool | None], None] = field(repr=False)
     _entry: _Entry = field(repr=False)
     _released: bool = field(default=False, repr=False)
+    # the client named the version ("version", X-Ttsd-Version): its successes do not judge it (20
+    # pinned requests promoted a 1 % canary); its failures still do
+    pinned: bool = False
 
     def release(self, ok: bool | None = None) -> None:
         if not self._released:
             self._released = True
-            self._release(self._entry, ok)
+            self._release(self._entry, None if ok and self.pinned else ok)
 
     def __enter__(self) -> Lease:
         return self
@@ -144,7 +147,7 @@ class ServingMap:
                 raise ColdVoiceError(name)
             entry.in_flight += 1
             self._in_flight += 1
-            lease = Lease(entry.voice, entry.engine, self._release, entry)
+            lease = Lease(entry.voice, entry.engine, self._release, entry, pinned=version is not None)
         if decided is not None:  # a user key is personal data: never a metric label, debug logs only
             log.debug("user %r: %s %s (canary share %.0f%%)", user, name, decided[0], decided[1] * 100)
         return lease
