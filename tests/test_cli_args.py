@@ -91,6 +91,9 @@ def serve_args(tmp_path: Path) -> list[str]:
     (["serve", "--grace", "nan"], "'--grace'"),
     (["serve", "--max-audio-seconds", "inf"], "'--max-audio-seconds'"),
     (["models", "rollout", "mirror", "joe", "2", "nan"], "'nan' is not a finite number"),
+    # an empty --to was a plain rollback; an empty --voice a bare "Not Found"
+    (["rollback", "--to", ""], "--to: an empty version"),
+    (["rollback", "--voice", " "], "--voice: an empty voice name"),
 ])
 def test_usage_errors_exit_2_with_clicks_message(args: list[str], fragment: str) -> None:
     """ttsd's own one line (not click's usage block), with click's words and where to look."""

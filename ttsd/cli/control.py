@@ -155,6 +155,10 @@ def _only_voice(client: Any, voice: str | None) -> str:
 def rollback(voice: str | None, to: str | None, socket_path: Path | None) -> None:
     """Go back to the previous version of a voice, at once. The version rolled back from is
     never promoted again by itself (a newer one is)."""
+    if to is not None and not to.strip():
+        raise click.BadParameter("an empty version; leave --to out to go back to the previous one", param_hint="--to")
+    if voice is not None and not voice.strip():
+        raise click.BadParameter("an empty voice name", param_hint="--voice")
     client = daemon_client(socket_path)
     name = _only_voice(client, voice)
     result = client.control(name, "rollback", {"to": to} if to else {})

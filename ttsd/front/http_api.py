@@ -449,7 +449,7 @@ class _Api:
         try:
             data = await self._control_body(request)
             to = data.get("to")
-            if to is not None and not isinstance(to, (str, int)):
+            if to is not None and (isinstance(to, bool) or not isinstance(to, (str, int)) or to == ""):
                 raise RequestError("field 'to' must be a version string")
             reason = _reason(data)  # what the audit trail says instead of "rollback requested"
             result = await self.backend.rollback(request.match_info["name"], None if to is None else str(to), reason)
