@@ -272,3 +272,27 @@ def test_cli_commands_that_write_a_full_disk_or_a_path_they_cannot_use_say_so_in
     assert "No space left on device" in result.output, result.output
     left = [p for p in tmpfs.path.rglob("*") if p.is_file()]
     assert [p.name for p in left if p.stat().st_size] == [], left  # (the mirror's empty lock file stays)
+
+
+def test_a_fleet_get_checks_the_cache_s_disk_before_downloading(tmp_path: Path, tmpfs: Tmpfs) -> None:
+    """The cache on its own small disk, the models dir elsewhere: only the models dir was checked,
+    so the download filled the cache and stopped halfway, leaving it full. Now it is exit 12 at
+    once, naming the cache's disk, and nothing is downloaded."""
+    import os
+
+    from catalog_server import serve, serve_dir
+    from test_catalog import invoke, one_line_error
+
+    from ttsd.manifest import pack
+
+    folder = tmp_path / "build" / "voice-1"
+    folder.mkdir(parents=True)
+    (folder / "weights.safetensors").write_bytes(os.urandom(12 << 20))  # more than the 8 MB disk
+    pack(folder, name="voice", version="1", engine="vits", sample_rate=8000)
+    assert invoke("models", "publish", str(folder), str(tmp_path / "published")).exit_code == 0
+    with serve() as mirror:
+        serve_dir(mirror, tmp_path / "published")
+        result = invoke("models", "get", "voice", "--mirror", mirror.url, "--models", str(tmp_path / "models"),
+                        "--cache", str(tmpfs.path), "--timeout", "10", "--socket", str(tmp_path / "none.sock"))
+    one_line_error(result, 12, str(tmpfs.path), "MiB free")
+    assert sum(p.stat().st_size for p in tmpfs.path.rglob("*") if p.is_file()) < 1 << 20

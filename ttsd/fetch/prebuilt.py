@@ -131,17 +131,26 @@ def get_prebuilt(
             f"{mirror.url(entry.manifest.path)} is {manifest.name} {manifest.version}, the index "
             f"says {entry.name} {entry.version}"
         )
-    need = sum(e.size for e in manifest.files.values())
-    models.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(models).free
-    if free < 2 * need + (16 << 20):  # the downloads and the folder
-        raise ResourceError(
-            f"{models}: {free >> 20} MiB free, {entry.name} {entry.version} needs {(2 * need >> 20) + 16} MiB",
-            storage=True,
-        )
-    for rel, item in sorted(manifest.files.items()):
+    for rel, item in sorted(manifest.files.items()):  # a mirror's absurd size is its error, not a full disk
         if item.size > MAX_FILE_BYTES:
             raise CatalogError(f"{entry.name} {entry.version}: {rel} is larger than {MAX_FILE_BYTES} bytes")
+    folder_bytes = sum(e.size for e in manifest.files.values())
+    to_fetch = folder_bytes - sum(os.path.getsize(work / rel) for rel in manifest.files if (work / rel).is_file())
+    models.mkdir(parents=True, exist_ok=True)
+    # what is still to download, in the cache dir, and the folder, in the models dir: each disk for
+    # its part (the cache's was not checked: a download filled it and stopped halfway)
+    margin = 16 << 20
+    needs = {models: folder_bytes + margin, work: max(0, to_fetch) + margin}
+    if os.stat(models).st_dev == os.stat(work).st_dev:
+        needs = {models: folder_bytes + max(0, to_fetch) + margin}
+    for where, bytes_needed in needs.items():
+        free = shutil.disk_usage(where).free
+        if free < bytes_needed:
+            raise ResourceError(
+                f"{where}: {free >> 20} MiB free, {entry.name} {entry.version} needs {bytes_needed >> 20} MiB",
+                storage=True,
+            )
+    for rel, item in sorted(manifest.files.items()):
         fetch(CatalogFile(f"{entry.path}/{rel}", item.size, sha256=item.sha256), rel)
     if entry.signature is not None:
         fetch(entry.signature, SIGNATURE)
