@@ -394,3 +394,16 @@ def test_a_store_made_unusable_defers_a_new_version_instead_of_refusing_it(tmp_p
     manager.reconcile()
     assert active(manager) == "3", states(manager)
     manager.close()
+
+
+def test_a_box_with_no_copy_of_its_state_gets_one_at_the_start(tmp_path: Path, fake_engines: None) -> None:
+    """A box upgraded from a release without the copy (or whose last copy failed to be written)
+    has a good state.json and no copy: the start writes it, changed state or not (the copy was
+    taken for written, and a quiet box never wrote it)."""
+    _, state = served_before(tmp_path)
+    for _ in range(2):  # the second start finds the state unchanged
+        (state / "state.backup.json").unlink()
+        manager = make_manager(tmp_path)
+        manager.start()
+        manager.close()
+    assert json.loads((state / "state.backup.json").read_text()) == json.loads((state / "state.json").read_text())

@@ -117,22 +117,23 @@ class ServingState:
             if found is not None:
                 text, self._voices, self._versions = found
                 if not problems:
-                    self._written = self._backed = text
-            if problems or found is None:
-                copy: list[str] = []
-                backed = self._read(self.backup, copy)
-                if backed is not None and not copy:
-                    text, self._voices, self._versions = backed
-                    self._backed = text
-                    log.warning(
-                        "%s: %s; the state is taken from its copy, %s",
-                        self.path,
-                        "; ".join(problems[:3]) or "missing",
-                        self.backup.name,
-                    )
-                    if problems:
-                        self._aside(problems, restored=True)
-                    return self.trail.load()
+                    self._written = text
+            copy_problems: list[str] = []
+            copy = self._read(self.backup, copy_problems)
+            # what the copy holds now (a box upgraded from before it, or whose last copy failed to
+            # be written, has none or an old one: the next save writes it, changed state or not)
+            self._backed = copy[0] if copy is not None and not copy_problems else ""
+            if (problems or found is None) and copy is not None and not copy_problems:
+                text, self._voices, self._versions = copy
+                log.warning(
+                    "%s: %s; the state is taken from its copy, %s",
+                    self.path,
+                    "; ".join(problems[:3]) or "missing",
+                    self.backup.name,
+                )
+                if problems:
+                    self._aside(problems, restored=True)
+                return self.trail.load()
             if problems:
                 self._aside(problems)
         self.trail.load()
