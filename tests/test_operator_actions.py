@@ -128,3 +128,22 @@ def test_requests_pinned_to_the_canary_do_not_promote_it(canary: ModelManager) -
     lease = canary.acquire("voice", "2")
     lease.release(False)  # a pinned request's failure is still the model's
     assert voice_of(canary)["canary"] is None and states(canary)["2"] == "rolled-back"
+
+
+def test_a_rollback_of_the_only_upgrade_takes_up_no_other_version_found_with_it(tmp_path: Path,
+                                                                                fake_engines: None) -> None:
+    """v2 and v3 dropped in together while v1 serves; v3 loads. The rollback is from v3: v2,
+    found with it, is not taken up instead (it swapped in after the rollback had answered)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "voice", "2")
+    fake_model(models, "voice", "3", load_delay=2.0)
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("3") == "loading", 10, "v3 loading", interval=0.01)
+    answer = manager.rollback("voice")
+    assert (answer["from"], answer["to"]) == ("3", "1")
+    assert manager.jobs.wait(20)
+    assert voice_of(manager)["active"] == "1", states(manager)
+    manager.close()

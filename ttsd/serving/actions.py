@@ -69,7 +69,9 @@ class Control:
                 raise ConflictError(f"{voice} {only_from.version} is not active any more")
             if self._loaded(target):
                 self.jobs.cancel(voice, f"rollback of {voice} to {target.version}")
-                return self._roll(current, target, why, durable, started, named=to is not None)
+                return self._roll(
+                    current, target, why, durable, started, named=to is not None, operator=only_from is None
+                )
             was_marked = self.lifecycle.marked(target)
 
         def load_then_roll(_ticket: object) -> dict[str, Any]:
@@ -88,7 +90,9 @@ class Control:
                             f"{voice} changed to {now_current.version} while {target.version} loaded for the "
                             f"rollback from {current.version}; roll back again if it is still wanted"
                         )
-                    return self._roll(current, target, why, durable, started, loaded, named=to is not None)
+                    return self._roll(
+                        current, target, why, durable, started, loaded, named=to is not None, operator=only_from is None
+                    )
             except BaseException:
                 self.lifecycle.discard(target, "loaded for a rollback that did not happen")
                 raise
@@ -220,6 +224,7 @@ class Control:
             self.state.commit(voice, record)
         else:
             self.state.put(voice, record)
+        ticket.rolled_back = True  # the versions found with it are not taken up instead
         self.jobs.cancel(voice, why, version=ticket.target)  # its commit refuses a marked version too
         self.table.change(coming, reason=why)  # its job leaves it rolled back (Lifecycle.resting)
         self.state.record(voice, coming.version, active.version, why)
@@ -263,6 +268,7 @@ class Control:
         loaded: bool = False,
         *,
         named: bool = False,
+        operator: bool = True,
     ) -> dict[str, Any]:
         """The rollback's swap (under ``commit``): ``current`` is marked rolled back; ``target``, if
         it was and ``named`` (``--to`` a version rolled back before, the operator's choice as
@@ -270,7 +276,8 @@ class Control:
         record = self.state.voice(current.name)
         marked = [v for v in record.rolled_back if not named or norm(v) != norm(target.version)]
         record = record.but(rolled_back=marked if current.version in marked else (*marked, current.version))
-        record, canary = self._without_canary(current.name, record, target)
+        # an operator's rollback ends a canary too; an automatic one judged only the active version
+        record, canary = self._without_canary(current.name, record, target) if operator else (record, None)
         reason = current.reason
         self.table.change(current, reason=why)
         try:
