@@ -431,10 +431,11 @@ class Daemon:
                 asyncio.wait_for(spool.drain(), timeout=cfg.grace) if spool is not None else asyncio.sleep(0),
                 return_exceptions=True,
             )
+            timed_out = (TimeoutError, asyncio.TimeoutError)  # one class from Python 3.11, two on 3.10
             for outcome in ended:
-                if isinstance(outcome, BaseException) and not isinstance(outcome, TimeoutError):
+                if isinstance(outcome, BaseException) and not isinstance(outcome, timed_out):
                     raise outcome
-            return not isinstance(ended[3], TimeoutError)
+            return not isinstance(ended[3], timed_out)
 
         loop = asyncio.get_running_loop()
         # aiohttp waits the grace period for a request, then cancels it and waits again: the

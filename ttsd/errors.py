@@ -312,6 +312,8 @@ def out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     said = str(exc).lower()
+    if "primitive descriptor" in said:  # oneDNN: a shape or setting it cannot run, the model's
+        return False
     return isinstance(exc, RuntimeError) and any(words in said for words in _OUT_OF_MEMORY)
 
 

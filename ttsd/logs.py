@@ -48,7 +48,10 @@ class OneLine(logging.Filter):
     or drive the reader's terminal. A traceback (``exc_info``) is added after this, as it is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format: logging's own handler says so, as before, not the caller
+            return True
         if not message.isprintable():
             record.msg = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
             record.args = None

@@ -23,6 +23,20 @@ def console() -> Any:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _listening(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path`` (a socket file left by a
+    daemon killed with -9 refuses them: no daemon is there)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def daemon_client(socket_path: Path | None, timeout: float = 600, *, required: bool = True) -> Any:
     """A client for the daemon's socket; ``DaemonError`` when none answers and ``required``."""
     from ..client import Client
@@ -31,7 +45,7 @@ def daemon_client(socket_path: Path | None, timeout: float = 600, *, required: b
     client = Client(socket_path or default_socket(), timeout=timeout)
     if required and not client.available():
         where = client.socket_path
-        if Path(where).exists():  # a daemon is there but does not answer: stopped (SIGSTOP), or wedged
+        if _listening(Path(where)):  # a daemon is there but does not answer: stopped (SIGSTOP), or wedged
             raise DaemonError(f"the daemon on {where} does not answer (stopped, or too busy to?)")
         raise DaemonError(
             f"no daemon answers on {where} (start one with 'ttsd serve'; one that is starting makes "

@@ -223,6 +223,16 @@ class _Guard:
             # http.client's own hook for opening the socket (socket.create_connection's signature)
             opener = functools.partial(self.connect, url) if checked else socket.create_connection
             connection._create_connection = self._kept(opener)
+            plain_connect = connection.connect
+
+            def connect() -> None:  # https wraps the socket in TLS, detaching the one kept above
+                plain_connect()
+                if connection.sock is not None:
+                    self.sockets.append(connection.sock)
+                    if self.cut_off:
+                        self.cut()
+
+            connection.connect = connect
             return connection
 
         return make
