@@ -141,10 +141,7 @@ class Control:
                 return None  # it swapped or ended meanwhile: a rollback from what serves now
             first = not ticket.rolled_back  # (a second rollback meanwhile waits for the same end)
             record = self.state.voice(voice).withdrawn(coming.version)
-            if durable:  # on disk first: ResourceError (507) and no change when the state dir is full
-                self.state.commit(voice, record)
-            else:
-                self.state.put(voice, record)
+            self._write(voice, record, durable)
             ticket.rolled_back = True
             self.table.change(coming, reason=why)  # its job leaves it rolled back (Lifecycle.resting)
         log.warning(
@@ -178,10 +175,7 @@ class Control:
             if active is None or canary is None or (to is not None and norm(to) != norm(active.version)):
                 return None
             record, _ = self._without_canary(voice, self.state.voice(voice), active)
-            if durable:  # ResourceError (507) and no change when the state dir is full
-                self.state.commit(voice, record)
-            else:
-                self.state.put(voice, record)
+            self._write(voice, record, durable)
             self.lifecycle.end_canary(canary, promote=False, why=why)
         return {
             "voice": voice,
@@ -199,9 +193,7 @@ class Control:
         canary = self.lifecycle.canary(voice)
         if canary is None or canary is target:
             return record, None
-        marked = {norm(v) for v in record.rolled_back}
-        rolled_back = record.rolled_back if norm(canary.version) in marked else (*record.rolled_back, canary.version)
-        return record.but(rolled_back=rolled_back, canary=None), canary
+        return record.marked(canary.version).but(canary=None), canary
 
     def _call_off_coming(self, voice: str, why: str, durable: bool, started: float) -> dict[str, Any] | None:
         """A plain rollback of a voice with no earlier version to go to, while an upgrade brings a
@@ -217,13 +209,7 @@ class Control:
         )
         if coming is None or coming is active:
             return None
-        record = self.state.voice(voice)
-        if not self.lifecycle.marked(coming):
-            record = record.but(rolled_back=(*record.rolled_back, coming.version))
-        if durable:
-            self.state.commit(voice, record)
-        else:
-            self.state.put(voice, record)
+        self._write(voice, self.state.voice(voice).marked(coming.version), durable)
         ticket.rolled_back = True  # the versions found with it are not taken up instead
         self.jobs.cancel(voice, why, version=ticket.target)  # its commit refuses a marked version too
         self.table.change(coming, reason=why)  # its job leaves it rolled back (Lifecycle.resting)
@@ -236,6 +222,14 @@ class Control:
             "to": active.version,
             "seconds": round(time.monotonic() - started, 3),
         }
+
+    def _write(self, voice: str, record: VoiceRecord, durable: bool) -> None:
+        """``record`` becomes the voice's: on disk first when ``durable`` (``ResourceError``, 507,
+        and no change when the state dir is full), else written when the disk allows."""
+        if durable:
+            self.state.commit(voice, record)
+        else:
+            self.state.put(voice, record)
 
     def _rollback_pair(self, voice: str, to: str | None) -> tuple[ModelVersion, ModelVersion]:
         current = self.lifecycle.active(voice)

@@ -263,10 +263,7 @@ class Lifecycle:
                 self.map.end_canary(model.name)
                 model.state = State.ROLLED_BACK
                 model.reason = why or f"failed {model.failures} of {model.requests} canary requests"
-            saved = self.state.voice(model.name)
-            marked = {norm(v) for v in saved.rolled_back}
-            rolled_back = saved.rolled_back if norm(model.version) in marked else (*saved.rolled_back, model.version)
-            self.state.put(model.name, saved.but(rolled_back=rolled_back, canary=None))
+            self.state.put(model.name, self.state.voice(model.name).marked(model.version).but(canary=None))
         active = self.active(model.name)
         self.state.record(
             model.name,

@@ -46,15 +46,17 @@ class VoiceRecord:
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
         return replace(self, **fields)
 
+    def marked(self, version: str) -> VoiceRecord:
+        """A copy with ``version`` marked rolled back (once, in any spelling of it)."""
+        if norm(version) in {norm(v) for v in self.rolled_back}:
+            return self
+        return self.but(rolled_back=(*self.rolled_back, version))
+
     def withdrawn(self, version: str) -> VoiceRecord:
         """A copy with ``version`` marked rolled back (once) and off the rollback targets: it
         serves again only through an operator's ``activate`` or ``rollback --to``."""
         key = norm(version)
-        marked = key in {norm(v) for v in self.rolled_back}
-        return self.but(
-            rolled_back=self.rolled_back if marked else (*self.rolled_back, version),
-            previous=[v for v in self.previous if norm(v) != key],
-        )
+        return self.marked(version).but(previous=[v for v in self.previous if norm(v) != key])
 
 
 @dataclass(frozen=True)
