@@ -39,6 +39,7 @@ import http.client
 import ipaddress
 import os
 import re
+import shutil
 import socket
 import stat
 import threading
@@ -52,7 +53,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from .. import __version__
-from ..errors import CatalogError, ChecksumError, ConfigError, NetworkError, NotOnMirror
+from ..errors import CatalogError, ChecksumError, ConfigError, NetworkError, NotOnMirror, ResourceError
 from .index import CatalogFile, check_remote_path
 
 DEFAULT_MIRROR = "https://huggingface.co/rhasspy/piper-voices/resolve/main/"
@@ -315,6 +316,26 @@ class _NotModified(Exception):
 
 
 _CONDITIONAL = ("If-None-Match", "If-Modified-Since")
+
+
+ROOM_MARGIN = 16 << 20  # free space kept beyond what a get's files need
+
+
+def ensure_room(parts: dict[Path, int], what: str) -> None:
+    """Refuse (``ResourceError``, exit 12) before anything is downloaded when a disk has no room
+    for its part: ``parts`` maps a dir to the bytes it will take (the downloads in the cache dir,
+    the folder in the models dir); dirs on one filesystem add up."""
+    by_disk: dict[int, tuple[Path, int]] = {}
+    for where, size in parts.items():
+        device = os.stat(where).st_dev
+        first, total = by_disk.get(device, (where, 0))
+        by_disk[device] = (first, total + max(0, size))
+    for where, size in by_disk.values():
+        free = shutil.disk_usage(where).free
+        if free < size + ROOM_MARGIN:
+            raise ResourceError(
+                f"{where}: {free >> 20} MiB free, {what} needs {(size + ROOM_MARGIN) >> 20} MiB", storage=True
+            )
 
 
 def _why(exc: BaseException) -> str:

@@ -41,7 +41,6 @@ from ..errors import (
     ConflictError,
     ImportPiperError,
     NotOnMirror,
-    ResourceError,
     SignatureError,
     TtsdError,
     VerifyError,
@@ -52,7 +51,7 @@ from ..errors import (
 from ..fsutil import fsync_dir
 from ..manifest import Manifest, check_version
 from ..models_dir import Candidate, scan
-from .download import Mirror, download, fetch_small, present_bytes
+from .download import Mirror, download, ensure_room, fetch_small, present_bytes
 from .index import CATALOG_FILE, MAX_CATALOG_BYTES, Catalog, CatalogFile, CatalogVoice, parse_catalog
 from .prebuilt import get_prebuilt, load_index
 
@@ -61,7 +60,6 @@ if TYPE_CHECKING:
 
 SOURCE_FIELD = "source"  # the manifest field naming the catalog entry a folder was made from
 _LICENSE = re.compile(r"^[ \t]*[*-]?[ \t]*licen[cs]e[ \t]*:[ \t]*(\S.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
-_MARGIN = 16 << 20  # free space kept beyond what the files need
 
 
 class Reporter(Protocol):
@@ -413,12 +411,4 @@ def _check_space(request: GetRequest, voice: CatalogVoice, local: dict[CatalogFi
     """Refuse before downloading what there is no room for: the files still to fetch, and a
     model folder about the size of the .onnx."""
     to_fetch = sum(file.size - present_bytes(dest, file) for file, dest in local.items())
-    needs = {request.downloads: to_fetch, request.models: voice.onnx.size}
-    if os.stat(request.downloads).st_dev == os.stat(request.models).st_dev:
-        needs = {request.models: to_fetch + voice.onnx.size}
-    for where, need in needs.items():
-        free = shutil.disk_usage(where).free
-        if free < need + _MARGIN:
-            raise ResourceError(
-                f"{where}: {free >> 20} MiB free, getting {voice.key} needs {(need >> 20) + 16} MiB", storage=True
-            )
+    ensure_room({request.downloads: to_fetch, request.models: voice.onnx.size}, f"getting {voice.key}")

@@ -40,7 +40,6 @@ from ..errors import (
     CatalogError,
     ConfigError,
     ManifestError,
-    ResourceError,
     VoiceExistsError,
 )
 from ..fsutil import atomic_write_bytes, atomic_write_text, current_umask, fsync_dir
@@ -53,7 +52,7 @@ from ..manifest import (
     sha256_file,
     verify,
 )
-from .download import Mirror, download, fetch_small
+from .download import Mirror, download, ensure_room, fetch_small
 from .fleet_index import INDEX_FILE, FleetVoice, Prebuilt, check_share, clean_reason, index_json, parse_index
 from .index import CatalogFile
 from .index_signature import check_index, is_signed, sign_index
@@ -137,19 +136,9 @@ def get_prebuilt(
     folder_bytes = sum(e.size for e in manifest.files.values())
     to_fetch = folder_bytes - sum(os.path.getsize(work / rel) for rel in manifest.files if (work / rel).is_file())
     models.mkdir(parents=True, exist_ok=True)
-    # what is still to download, in the cache dir, and the folder, in the models dir: each disk for
-    # its part (the cache's was not checked: a download filled it and stopped halfway)
-    margin = 16 << 20
-    needs = {models: folder_bytes + margin, work: max(0, to_fetch) + margin}
-    if os.stat(models).st_dev == os.stat(work).st_dev:
-        needs = {models: folder_bytes + max(0, to_fetch) + margin}
-    for where, bytes_needed in needs.items():
-        free = shutil.disk_usage(where).free
-        if free < bytes_needed:
-            raise ResourceError(
-                f"{where}: {free >> 20} MiB free, {entry.name} {entry.version} needs {bytes_needed >> 20} MiB",
-                storage=True,
-            )
+    # what is still to download, in the cache dir, and the folder, in the models dir (the cache's
+    # disk was not checked: a download filled it and stopped halfway)
+    ensure_room({models: folder_bytes, work: to_fetch}, f"{entry.name} {entry.version}")
     for rel, item in sorted(manifest.files.items()):
         fetch(CatalogFile(f"{entry.path}/{rel}", item.size, sha256=item.sha256), rel)
     if entry.signature is not None:
