@@ -31,6 +31,7 @@ import numpy as np
 
 from ..engines.vits.phonemes import PHONEMES_FILE
 from ..errors import ImportPiperError
+from ..fetch.index import MAX_SPEAKERS  # a voice may have what a catalog may list
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,6 @@ class _Unfit(ValueError):
     """The ``.onnx.json`` says something no voice of this ``.onnx`` can be."""
 
 
-MAX_SPEAKERS = 10_000  # as a catalog may list (``ttsd.fetch.index``)
 _ESPEAK_VOICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,39}(/[A-Za-z0-9][A-Za-z0-9_+-]{0,39})?")
 
 
