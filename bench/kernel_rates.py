@@ -58,8 +58,15 @@ def main() -> None:
     N=2048; fl=2*N**3/1e9
     a=torch.randn(N,N); b=torch.randn(N,N)
     print("torch fp32 mm (MKL)", round(fl/best(lambda: a@b)), "GF/s")
-    ab=a.bfloat16(); bb=b.bfloat16()
-    print("torch bf16 mm (oneDNN)", round(fl/best(lambda: ab@bb)), "GF/s")
+    from ttsd.engines.precision import native_bf16
+
+    # Without native bf16 (an AVX2-only CPU) oneDNN emulates it, or refuses it (its convolution):
+    # a 2048^2 product took minutes on an AMD EPYC family 25 with AVX2 only, and says nothing.
+    bf16 = native_bf16()
+    print("native bf16:", bf16 or "none (bf16 kernels not timed)")
+    if bf16:
+        ab=a.bfloat16(); bb=b.bfloat16()
+        print("torch bf16 mm (oneDNN)", round(fl/best(lambda: ab@bb)), "GF/s")
     x4=a[None,:,None,:].contiguous(memory_format=torch.channels_last)  # (1,2048,1,2048)
     w4=b[:,:,None,None].contiguous(memory_format=torch.channels_last)
     print("torch fp32 1x1 conv CL (oneDNN)", round(fl/best(lambda: torch.ops.mkldnn._convolution_pointwise(x4, w4, None, [0,0],[1,1],[1,1],1,"none",[],""))), "GF/s")
@@ -89,14 +96,15 @@ def main() -> None:
         print(f"{what} {m_}x{k_}x{n_}: MKL addmm {mkl:.0f}, oneDNN linear {dnn:.0f} GF/s")
     for c, length, k, d in ((128, 2048, 7, 3), (64, 16384, 7, 3), (32, 65536, 3, 1), (32, 65536, 7, 3)):
         rates = []
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
             x = torch.randn(1, c, 1, length).to(dtype).contiguous(memory_format=torch.channels_last)
             w = torch.randn(c, c, 1, k).to(dtype).contiguous(memory_format=torch.channels_last)
             bias = torch.randn(c).to(dtype)
             conv = lambda: torch.ops.mkldnn._convolution_pointwise(  # noqa: E731
                 x, w, bias, [0, (k - 1) * d // 2], [1, 1], [1, d], 1, "leaky_relu", [0.1], "")
             rates.append(2 * c * c * k * length / 1e9 / best(conv, 30))
-        print(f"decoder conv {c} ch, k={k} d={d}, {length} samples: fp32 {rates[0]:.0f}, bf16 {rates[1]:.0f} GF/s")
+        print(f"decoder conv {c} ch, k={k} d={d}, {length} samples: fp32 {rates[0]:.0f}"
+              + (f", bf16 {rates[1]:.0f}" if bf16 else "") + " GF/s")
     if args.voice is None:
         from ttsd.config import default_cache_dir
         from ttsd.voices import builtin_model
