@@ -286,7 +286,7 @@ def test_busy_elsewhere_starts_again_when_the_cpus_change_and_gives_none_where_u
         n = next(ticks)
         return (0, n, cpus[0])  # every tick busy, none of it this process's: all CPUs busy elsewhere
 
-    busy = threads.BusyElsewhere(read, lambda: 0, clock)
+    busy = threads.BusyElsewhere(read, lambda: 0, clock, running=lambda: 2)  # others runnable now
     busy.cores()
     clock.now += 0.3
     assert busy.cores() == pytest.approx((2.0, 2))
@@ -297,6 +297,66 @@ def test_busy_elsewhere_starts_again_when_the_cpus_change_and_gives_none_where_u
     assert busy.cores() == pytest.approx((4.0, 4))
     assert threads.BusyElsewhere(lambda: None, lambda: 0, clock).cores() is None
     assert threads.BusyElsewhere(lambda: (0, 1, (0,)), lambda: None, clock).cores() is None
+
+
+def test_a_program_that_ran_while_nobody_looked_and_stopped_does_not_count() -> None:
+    """Between requests nothing is read: the first answer of a request covers the whole stretch
+    since the last one. A program that kept both cores busy for most of it and stopped before the
+    request (a voice assistant's speech-to-text, just before the answer) counts only while a thread
+    of another program is runnable at that instant; from 0.1 s into the request the request's own counts
+    decide, whatever was runnable."""
+    clock = _Clock()
+    counts = {"idle": 0, "all": 0}
+    running = [0]
+
+    def elapse(seconds: float, others: float) -> None:  # ``others`` cores busy elsewhere meanwhile
+        ticks = round(seconds * 100) * 2
+        counts["all"] += ticks
+        counts["idle"] += ticks - round(seconds * 100 * others)
+        clock.now += seconds
+
+    def busy_after_a_burst() -> threads.BusyElsewhere:
+        busy = threads.BusyElsewhere(lambda: (counts["idle"], counts["all"], (0, 1)), lambda: 0, clock,
+                                     running=lambda: running[0])
+        for _ in range(6):  # the last request: read every 0.05 s, nothing else running
+            busy.cores()
+            elapse(0.05, 0.0)
+        elapse(0.6, 2.0)  # the other program on both cores, then it stops
+        elapse(0.3, 0.0)
+        return busy
+
+    busy = busy_after_a_burst()
+    assert busy.cores() == pytest.approx((0.0, 2))  # no other program runnable now: the burst is over
+    running[0] = 2
+    busy = busy_after_a_burst()
+    stale = busy.cores()
+    assert stale is not None and stale[0] > 1.0  # another thread runnable now: the stretch's load holds
+    elapse(0.06, 0.0)
+    busy.cores()
+    elapse(0.06, 0.0)
+    assert busy.cores() == pytest.approx((0.0, 2))  # 0.1 s of the request's own counts: quiet
+    running[0] = 0
+    busy = busy_after_a_burst()
+    busy.cores()
+    for _ in range(2):  # a program that starts with the request: seen 0.1 s in
+        elapse(0.06, 1.0)
+        seen = busy.cores()
+    assert seen == pytest.approx((1.0, 2))
+
+
+def test_runnable_elsewhere_is_procs_running_less_this_process_s_running_threads(tmp_path: Path) -> None:
+    stat, tasks = tmp_path / "stat", tmp_path / "task"
+    stat.write_text("cpu  1 2 3 4\nctxt 10\nprocs_running 3\nprocs_blocked 0\n")
+    for tid, state in ((10, "R"), (11, "S"), (12, "R")):
+        (tasks / str(tid)).mkdir(parents=True)
+        (tasks / str(tid) / "stat").write_text(f"{tid} (a (name) R) {state} 1 2 3\n")
+    assert threads.runnable_elsewhere(stat, tasks) == 1  # 3 on the box, 2 of them this process's
+    stat.write_text("cpu  1 2 3 4\nprocs_running 1\n")
+    assert threads.runnable_elsewhere(stat, tasks) == 0
+    stat.write_text("cpu  1 2 3 4\n")
+    assert threads.runnable_elsewhere(stat, tasks) is None
+    assert threads.runnable_elsewhere(tmp_path / "missing", tasks) is None
+    assert threads.runnable_elsewhere() is not None  # this box's
 
 
 def test_own_ticks_read_this_process_and_survive_a_name_with_spaces(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ program waits at every parallel region's barrier for the thread the scheduler to
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -205,13 +206,37 @@ def own_ticks(stat: Path = Path("/proc/self/stat")) -> int | None:
         return None
 
 
+def runnable_elsewhere(stat: Path = Path("/proc/stat"), tasks: Path = Path("/proc/self/task")) -> int | None:
+    """Threads of other processes running or ready to run at this instant: ``/proc/stat``'s
+    ``procs_running`` (the whole machine's) less this process's threads in state R; None where
+    either cannot be read. In a container, the host's."""
+    try:
+        total = next(
+            (int(line.split()[1]) for line in stat.read_text().splitlines() if line.startswith("procs_running ")), None
+        )
+        if total is None:
+            return None
+        own = 0
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                own += (task / "stat").read_text().rpartition(")")[2].split()[:1] == ["R"]
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, total - own)
+
+
 class BusyElsewhere:
     """How many of the process's CPUs other programs kept busy lately: ``/proc/stat``'s busy ticks
     on the CPUs it may run on, less its own (``/proc/self/stat``), over the last quarter of a second
-    or more. Read at most every ``every`` seconds, when asked (no thread of its own): after an idle
-    stretch the answers of the first quarter second cover that whole stretch, so a program that
-    started just before a request is seen a quarter second into it. In a container the counts are
-    the host's."""
+    or more. Read at most every ``every`` seconds, when asked (no thread of its own), so nothing is
+    read between requests. After such an unwatched stretch the counts cover the whole stretch, and
+    a program that ran in it and has stopped (the speech-to-text that ran just before the answer, on
+    a voice assistant) would look busy: so an answer whose counts reach back over a stretch longer
+    than the span holds only while another program's thread is runnable at that instant
+    (``runnable_elsewhere``),
+    and from ``2 * every`` into a request on, the counts of the request's own time are used. A
+    program that keeps running is seen at once, one that started just before a request ``2 *
+    every`` into it. In a container the counts are the host's."""
 
     def __init__(
         self,
@@ -220,8 +245,10 @@ class BusyElsewhere:
         clock: Callable[[], float] = time.monotonic,
         every: float = 0.05,
         span: float = 0.25,
+        running: Callable[[], int | None] = runnable_elsewhere,
     ) -> None:
         self._read, self._own, self._clock, self._every, self._span = read, own, clock, every, span
+        self._running = running
         self._readings: deque[tuple[float, Ticks, int]] = deque(maxlen=int(span / every) + 4)
         self._lock = threading.Lock()
         self._last: tuple[float, int] | None = None  # (cores busy elsewhere, CPUs counted)
@@ -237,11 +264,18 @@ class BusyElsewhere:
                     return None
                 if self._readings and self._readings[-1][1][2] != ticks[2]:
                     self._readings.clear()  # the CPUs it may use changed: start again
-                self._readings.append((now, ticks, own))
-                newest = self._readings[-1]
-                reference = next(
-                    (r for r in reversed(self._readings) if newest[0] - r[0] >= self._span), self._readings[0]
+                readings = self._readings
+                readings.append((now, ticks, own))
+                newest = readings[-1]
+                # the first reading after the last unwatched stretch (no reading for longer than the span)
+                watched = next(
+                    (i for i in range(len(readings) - 1, 0, -1) if readings[i][0] - readings[i - 1][0] > self._span),
+                    0,
                 )
+                reference = next((r for r in reversed(readings) if newest[0] - r[0] >= self._span), readings[0])
+                unwatched = reference is not newest and reference[0] < readings[watched][0]
+                if unwatched and newest[0] - readings[watched][0] >= 2 * self._every:
+                    reference, unwatched = readings[watched], False  # enough of this request's own counts
                 if reference is not newest:
                     (idle0, all0, cpus), own0 = reference[1], reference[2]
                     idle1, all1, _ = newest[1]
@@ -249,6 +283,8 @@ class BusyElsewhere:
                     if elapsed > 0:
                         busy = elapsed - (idle1 - idle0)
                         others = max(0, busy - (newest[2] - own0))
+                        if others and unwatched and self._running() == 0:
+                            others = 0  # what kept the cores busy while nobody looked has stopped
                         self._last = (len(cpus) * others / elapsed, len(cpus))
             return self._last
 
