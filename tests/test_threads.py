@@ -332,7 +332,8 @@ def test_a_program_that_ran_while_nobody_looked_and_stopped_does_not_count() -> 
     stale = busy.cores()
     assert stale is not None and stale[0] > 1.0  # another thread runnable now: the stretch's load holds
     elapse(0.06, 0.0)
-    busy.cores()
+    still = busy.cores()
+    assert still is not None and still[0] > 1.0  # 0.06 s of its own counts: too few, the stretch holds
     elapse(0.06, 0.0)
     assert busy.cores() == pytest.approx((0.0, 2))  # 0.1 s of the request's own counts: quiet
     running[0] = 0
@@ -344,6 +345,35 @@ def test_a_program_that_ran_while_nobody_looked_and_stopped_does_not_count() -> 
     assert seen == pytest.approx((1.0, 2))
 
 
+def test_a_long_step_of_a_request_is_not_a_stretch_nobody_watched() -> None:
+    """A request whose steps are whole sentences reads the counts less often than the span: this
+    process ran meanwhile, so the counts are the request's own and hold whatever is runnable at the
+    instant (a program busy most of the time may be asleep just then). Two idle stretches among
+    the readings kept: the last one is what the answer is judged against."""
+    clock = _Clock()
+    counts = {"idle": 0, "all": 0, "own": 0}
+
+    def elapse(seconds: float, others: float, own: float) -> None:  # cores busy elsewhere and here
+        ticks = round(seconds * 100)
+        counts["all"] += 2 * ticks
+        counts["idle"] += 2 * ticks - round(ticks * others) - round(ticks * own)
+        counts["own"] += round(ticks * own)
+        clock.now += seconds
+
+    busy = threads.BusyElsewhere(lambda: (counts["idle"], counts["all"], (0, 1)), lambda: counts["own"], clock,
+                                 running=lambda: 0)  # nothing else runnable at any reading
+    busy.cores()
+    for _ in range(3):  # steps of 0.4 s, this process on one core, another program on the other
+        elapse(0.4, 1.0, 1.0)
+        assert busy.cores() == pytest.approx((1.0, 2))
+    elapse(1.0, 2.0, 0.0)  # idle: another program on both cores, then it stops
+    assert busy.cores() == pytest.approx((0.0, 2))
+    elapse(0.4, 0.0, 1.0)  # a long step: the request's own counts, quiet
+    assert busy.cores() == pytest.approx((0.0, 2))
+    elapse(2.0, 2.0, 0.0)  # a second idle stretch, with the first still among the readings kept
+    assert busy.cores() == pytest.approx((0.0, 2))
+
+
 def test_runnable_elsewhere_is_procs_running_less_this_process_s_running_threads(tmp_path: Path) -> None:
     stat, tasks = tmp_path / "stat", tmp_path / "task"
     stat.write_text("cpu  1 2 3 4\nctxt 10\nprocs_running 3\nprocs_blocked 0\n")
@@ -352,7 +382,9 @@ def test_runnable_elsewhere_is_procs_running_less_this_process_s_running_threads
         (tasks / str(tid) / "stat").write_text(f"{tid} (a (name) R) {state} 1 2 3\n")
     assert threads.runnable_elsewhere(stat, tasks) == 1  # 3 on the box, 2 of them this process's
     stat.write_text("cpu  1 2 3 4\nprocs_running 1\n")
-    assert threads.runnable_elsewhere(stat, tasks) == 0
+    assert threads.runnable_elsewhere(stat, tasks) == 0  # the caller alone
+    stat.write_text("cpu  1 2 3 4\nprocs_running 2\n")
+    assert threads.runnable_elsewhere(stat, tasks) == 0  # two of this process's threads
     stat.write_text("cpu  1 2 3 4\n")
     assert threads.runnable_elsewhere(stat, tasks) is None
     assert threads.runnable_elsewhere(tmp_path / "missing", tasks) is None

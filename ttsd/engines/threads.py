@@ -206,37 +206,58 @@ def own_ticks(stat: Path = Path("/proc/self/stat")) -> int | None:
         return None
 
 
+def _procs_running(stat: Path) -> int | None:
+    return next(
+        (int(line.split()[1]) for line in stat.read_text().splitlines() if line.startswith("procs_running ")), None
+    )
+
+
+def _running_tasks(tasks: Path) -> set[str]:
+    running = set()
+    for task in tasks.iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            if (task / "stat").read_text().rpartition(")")[2].split()[:1] == ["R"]:
+                running.add(task.name)
+    return running
+
+
 def runnable_elsewhere(stat: Path = Path("/proc/stat"), tasks: Path = Path("/proc/self/task")) -> int | None:
     """Threads of other processes running or ready to run at this instant: ``/proc/stat``'s
-    ``procs_running`` (the whole machine's) less this process's threads in state R; None where
-    either cannot be read. In a container, the host's."""
+    ``procs_running`` less this process's threads in state R; None where either cannot be read.
+    ``procs_running`` is the whole machine's (in a container, the host's), not only the CPUs this
+    process may use. A thread of this process counts as its own only if it is in state R both just
+    before and just after the count is read, so one that wakes in between errs towards "another
+    program runs", the cautious side. 1 on the machine is the caller: 0 without looking further."""
     try:
-        total = next(
-            (int(line.split()[1]) for line in stat.read_text().splitlines() if line.startswith("procs_running ")), None
-        )
-        if total is None:
+        if (total := _procs_running(stat)) is None or total <= 1:
+            return None if total is None else 0
+        before = _running_tasks(tasks)
+        if (total := _procs_running(stat)) is None:
             return None
-        own = 0
-        for task in tasks.iterdir():
-            with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                own += (task / "stat").read_text().rpartition(")")[2].split()[:1] == ["R"]
+        own = before & _running_tasks(tasks)
     except (OSError, ValueError, IndexError):
         return None
-    return max(0, total - own)
+    return max(0, total - len(own))
+
+
+IDLE_CORES = 0.25  # a stretch in which this process ran less than this is one in which no request ran
 
 
 class BusyElsewhere:
     """How many of the process's CPUs other programs kept busy lately: ``/proc/stat``'s busy ticks
     on the CPUs it may run on, less its own (``/proc/self/stat``), over the last quarter of a second
-    or more. Read at most every ``every`` seconds, when asked (no thread of its own), so nothing is
-    read between requests. After such an unwatched stretch the counts cover the whole stretch, and
-    a program that ran in it and has stopped (the speech-to-text that ran just before the answer, on
-    a voice assistant) would look busy: so an answer whose counts reach back over a stretch longer
-    than the span holds only while another program's thread is runnable at that instant
-    (``runnable_elsewhere``),
-    and from ``2 * every`` into a request on, the counts of the request's own time are used. A
-    program that keeps running is seen at once, one that started just before a request ``2 *
-    every`` into it. In a container the counts are the host's."""
+    or more (0.1 s or more early in a request, below). Read at most every ``every`` seconds, when
+    asked (no thread of its own), so nothing is read between requests. After such an idle stretch
+    (no reading for longer than the span, and this process used less than ``IDLE_CORES`` in it: a
+    long step of a request is not one) the counts cover the whole stretch, and a program that ran in
+    it and has stopped (the speech-to-text that ran just before the answer, on a voice assistant)
+    would look busy. So an answer whose counts reach back over an idle stretch holds only while
+    another program's thread is runnable at that instant (``runnable_elsewhere``), and from ``2 *
+    every`` into a request on, the counts of the request's own time are used. A program that keeps
+    running is judged on the stretch's average at first, on the request's own counts ``2 * every``
+    in. ``procs_running`` is the whole machine's: beside runnable threads on CPUs this process may
+    not use (another container's, under a cpuset), the stretch's average holds, as it did before.
+    In a container the counts are the host's."""
 
     def __init__(
         self,
@@ -253,6 +274,14 @@ class BusyElsewhere:
         self._lock = threading.Lock()
         self._last: tuple[float, int] | None = None  # (cores busy elsewhere, CPUs counted)
 
+    def _idle(self, before: tuple[float, Ticks, int], after: tuple[float, Ticks, int]) -> bool:
+        """Whether no request ran between two consecutive readings: nobody asked for longer than the
+        span, and this process used less than ``IDLE_CORES`` meanwhile."""
+        if after[0] - before[0] <= self._span:
+            return False
+        elapsed = after[1][1] - before[1][1]
+        return elapsed <= 0 or len(after[1][2]) * (after[2] - before[2]) / elapsed < IDLE_CORES
+
     def cores(self) -> tuple[float, int] | None:
         """(cores other programs kept busy, CPUs counted); None until two readings are far enough
         apart, or where the counts cannot be read."""
@@ -267,10 +296,9 @@ class BusyElsewhere:
                 readings = self._readings
                 readings.append((now, ticks, own))
                 newest = readings[-1]
-                # the first reading after the last unwatched stretch (no reading for longer than the span)
+                # the first reading after the last idle stretch (0: none in the readings kept)
                 watched = next(
-                    (i for i in range(len(readings) - 1, 0, -1) if readings[i][0] - readings[i - 1][0] > self._span),
-                    0,
+                    (i for i in range(len(readings) - 1, 0, -1) if self._idle(readings[i - 1], readings[i])), 0
                 )
                 reference = next((r for r in reversed(readings) if newest[0] - r[0] >= self._span), readings[0])
                 unwatched = reference is not newest and reference[0] < readings[watched][0]
@@ -284,7 +312,7 @@ class BusyElsewhere:
                         busy = elapsed - (idle1 - idle0)
                         others = max(0, busy - (newest[2] - own0))
                         if others and unwatched and self._running() == 0:
-                            others = 0  # what kept the cores busy while nobody looked has stopped
+                            others = 0  # what kept the cores busy while no request ran has stopped
                         self._last = (len(cpus) * others / elapsed, len(cpus))
             return self._last
 
