@@ -386,6 +386,34 @@ def test_a_pruned_store_copy_leaves_the_store_at_once(tmp_path: Path, fake_engin
     assert not aside.exists()
 
 
+def test_a_store_copy_pruned_while_it_is_copied_in_again_is_copied_afresh(
+    tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rollback to a version the settle thread is pruning at that moment (it was rolled back a
+    moment before) copies it into the store again: the old copy vanishing between the store's look
+    and its removal is no reason to refuse the version (seen once in CI: "cannot serve voice 2")."""
+    from ttsd.manifest import read_manifest
+    from ttsd.serving import store as stores
+
+    models, manager = v2_over_v1(tmp_path)
+    manager.close()
+    store = stores.ModelStore(tmp_path / "state" / "store")
+    assert store.path("voice", "2").is_dir()
+    real_verify = stores.verify
+
+    def pruned_meanwhile(folder: Path):  # type: ignore[no-untyped-def]
+        assert store.set_aside("voice", "2") is not None  # what the prune does, under its lock
+        return real_verify(folder)  # the copy is gone: an OSError, taken for a damaged copy
+
+    monkeypatch.setattr(stores, "verify", pruned_meanwhile)
+    folder = models / "voice-2"
+    copy = store.put(folder, read_manifest(folder))
+    monkeypatch.setattr(stores, "verify", real_verify)
+    assert copy == store.path("voice", "2") and stores.content_id(stores.verify(copy)) == stores.content_id(
+        read_manifest(folder)
+    )
+
+
 @pytest.mark.parametrize("swap", ["parallel", "memory"])
 def test_withdrawing_the_newest_of_two_new_versions_still_brings_up_the_other(
     tmp_path: Path, fake_engines: None, swap: str

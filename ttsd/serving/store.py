@@ -16,6 +16,7 @@ complete copies: a copy in progress is a hidden ``.*.partial`` dir, removed at t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -162,7 +163,10 @@ class ModelStore:
                 if is_system_oserror(exc):
                     raise
                 log.warning("store copy %s is damaged (%s); copying it again", existing, exc)
-            shutil.rmtree(existing)  # damaged or different: replace (content checks happen before)
+            # damaged or different: replace (content checks happen before). Gone already: set aside
+            # meanwhile (a prune of this version), and copied afresh below all the same
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(existing)
         inspect(source)  # no link, nothing missing, extra or short, before a byte is read (stat only)
         tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-{manifest.version}.", suffix=".partial", dir=self.root))
         try:
