@@ -11,6 +11,10 @@ own length, the ceiling the windows give up for bounded shapes. oneDNN builds an
 every length it meets, so the script also prints what the first whole decode of each new length
 took and kept (the reason the decoder runs on a few fixed widths: ``decoder.py``).
 
+And whether the windows' recomputed context is what they cost: the same sentences decoded in pieces
+of the same widths that carry each layer's context to the next piece instead (``carried_decoder.py``,
+float32 only), nothing computed twice.
+
 All are timed on the same sentences' frame counts (the Wyoming bench's four short sentences as
 this voice speaks them, a 150-frame one-sentence reply, the rtf bench's four long sentences) and on
 one window of each width, the variants alternated call by call (the box is shared: a slow moment
@@ -63,6 +67,12 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
     engine.warmup()  # measures the windows, as the daemon's warm-up does
     decoder = engine.model.decoder
     measured = dict(decoder.window_seconds)
+    carried = None
+    if precision == "fp32" and decoder.usable_widths():
+        from carried_decoder import CarriedDecoder
+
+        carried = CarriedDecoder(decoder, decoder.usable_widths())
+        carried.measure()
 
     def variant(plan: dict[int, float]) -> Any:
         """The same decoder (its weights shared) planning by ``plan`` ({}: the work model)."""
@@ -116,13 +126,26 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
             new, old = by(decoder)(), by(model)()
             assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(new, old, strict=True))
             assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(new, at_length, strict=True))
-            t = alternated({"measured": by(decoder), "model": by(model), "plain": by(plain), "whole": whole}, runs)
+            variants = {"measured": by(decoder), "model": by(model), "plain": by(plain), "whole": whole}
+            if carried is not None:
+                assert all(float((carried(x) - b).abs().max()) < 1e-5 for x, b in zip(latents, new, strict=True))
+                variants["carried"] = by(carried)
+            t = alternated(variants, runs)
             row(f"measured plans: {label}, frames {frames}", t["measured"], t["model"])
             row(f"both: {label}", t["measured"], t["plain"])
             row(f"windows against each sentence whole: {label}", t["measured"], t["whole"])
+            if carried is not None:
+                row(f"windows against carried pieces: {label} ({', '.join(str(carried.plan(n)) for n in frames)})",
+                    t["measured"], t["carried"])
             notes.append(f"* {label}: decoding them whole the first time took {first_call * 1e3:.0f} ms "
                          f"(later {t['whole'] * 1e3:.0f} ms) and kept {kept / 2**20:.1f} MB")
-    return [*lines, "", "New lengths, decoded whole (the cost of unbounded shapes):", "", *notes]
+    if carried is not None:
+        notes.append(f"* carried pieces (audio {carried.lag} frames behind their input): "
+                     + ", ".join(f"{w} frames {t * 1e3:.2f} ms" for w, t in carried.seconds.items()))
+    else:
+        notes.append(f"* carried pieces: not measured in {precision} (float32 only)")
+    return [*lines, "", "New lengths, decoded whole (the cost of unbounded shapes), and the carried pieces:", "",
+            *notes]
 
 
 def main() -> None:
