@@ -1,12 +1,15 @@
 """kill -9 in the middle of a hot upgrade (while the new version is checked, copied into the
 store, loaded or warmed up), then a restart: nothing half-made serves, nothing is blamed on the
-version. (On its own file so that a parallel run spreads the hot-upgrade tests over two workers.)"""
+version; and in the middle of a rollback's load: the restart finishes the rollback. (On its own
+file so that a parallel run spreads the hot-upgrade tests over two workers.)"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,44 @@ def test_kill_9_mid_load_restarts_on_a_verified_version(tmp_path: Path, cache_di
     assert saved["versions"]["fake/2"]["state"] == "active", saved
     for version in ("1", "2"):
         assert saved["versions"][f"fake/{version}"]["content"] == content_id(verify(store / "fake" / version))
+
+
+@pytest.mark.daemon
+def test_kill_9_while_a_rollback_loads_its_target_finishes_the_rollback_at_the_restart(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--keep 0: v2 serves, v1 is its unloaded rollback target, slow to load. `ttsd rollback`,
+    and kill -9 while v1 loads. The restart serves v1, with v2 rolled back (it served v2 again:
+    the rollback was written to state.json only at the swap), and the history has the move."""
+    monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
+    models, state = tmp_path / "models", tmp_path / "state"
+    fake_daemon_model(models / "fake-1", "1", load_delay=2)
+    args = ("--no-seed", "--settle", "0.2", "--keep", "0")
+    d = start_daemon(tmp_path, cache_dir, *args)
+    fake_daemon_model(tmp_path / "stage", "2")
+    os.rename(tmp_path / "stage", models / "fake-2")
+    wait_for(lambda: voices(d)["fake"]["active"] == "2", timeout=30, what="v2 active")
+    assert version_states(d, "fake")["1"]["state"] != "standby"  # not loaded: the rollback must load it
+    env = dict(d.env, TTSD_SOCKET=str(d.socket))
+    cli = subprocess.Popen([sys.executable, "-m", "ttsd", "rollback"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: version_states(d, "fake")["1"]["state"] == "loading", timeout=30, interval=0.02,
+                 what="v1 loading for the rollback")
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(10)
+    finally:
+        cli.kill()
+        cli.wait(10)
+    assert json.loads((state / "state.json").read_text())["voices"]["fake"]["active"] == "2"  # not swapped yet
+
+    d = start_daemon(tmp_path, cache_dir, *args)
+    try:
+        assert voices(d)["fake"]["active"] == "1", voices(d)
+        assert version_states(d, "fake")["2"]["state"] == "rolled-back"
+        assert d.post("/v1/synthesize", {"text": "back"}).headers["x-ttsd-version"] == "1"
+    finally:
+        assert d.stop() == 0, d.logs()
+    assert ("2", "1") in [(h["from"], h["to"]) for h in read_history(state)]
+    saved = json.loads((state / "state.json").read_text())["voices"]["fake"]
+    assert saved["active"] == "1" and "2" in saved["rolled_back"] and "rolling_to" not in saved, saved

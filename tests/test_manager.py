@@ -852,3 +852,82 @@ def test_an_automatic_rollback_that_lost_the_race_changes_nothing(tmp_path: Path
     states = {v["version"]: v["state"] for v in voice["versions"]}
     assert voice["active"] == "2" and states["2"] == "active" and states["3"] == "rolled-back", states
     manager.close()
+
+
+def _disk_as_now(state: Path) -> dict[str, bytes]:
+    """The state files as they are on disk now: what a kill -9 at this moment leaves."""
+    return {p.name: p.read_bytes() for p in state.iterdir() if p.is_file() and p.name.startswith("state")}
+
+
+@pytest.mark.parametrize("to", [None, "1"])
+def test_a_rollback_cut_off_while_its_target_loads_finishes_at_the_restart(tmp_path: Path, fake_engines: None,
+                                                                        to: str | None) -> None:
+    """keep=0: v3 serves, v1 and v2 are unloaded rollback targets. The operator rolls back (to v2,
+    the previous one, or ``--to 1``) and the daemon dies while the target loads: what is on disk
+    then must make the restart serve the target, with v3 rolled back and the move in the history
+    (it served v3 again: the rollback was written only at the swap, after the load)."""
+    models, state = tmp_path / "models", tmp_path / "state"
+    fake_model(models, "voice", "1", load_delay=1.0)
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    fake_model(models, "voice", "2", load_delay=1.0)
+    manager.reconcile()
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    target = to or "2"
+    states = lambda m: {v["version"]: v["state"] for v in m.snapshot()[0]["versions"]}  # noqa: E731
+    assert manager.snapshot()[0]["active"] == "3" and states(manager)[target] != "standby"
+    answers: list[object] = []
+    threading.Thread(target=lambda: answers.append(manager.rollback("voice", to=to)), daemon=True).start()
+    wait_for(lambda: states(manager)[target] == "loading", 10, f"v{target} loading", interval=0.01)
+    crashed = _disk_as_now(state)
+    wait_for(lambda: answers, 20, "the rollback's answer")
+    manager.close()
+    for name, data in crashed.items():
+        (state / name).write_bytes(data)
+
+    restarted = make_manager(tmp_path, keep=0)
+    restarted.start()
+    assert restarted.snapshot()[0]["active"] == target, restarted.snapshot()
+    assert states(restarted)["3"] == "rolled-back", states(restarted)
+    assert restarted.acquire("voice").voice.version == target
+    assert ("3", target) in [(h["from"], h["to"]) for h in restarted.history()]
+    restarted.close()
+    again = make_manager(tmp_path, keep=0)  # and it stays so: the rollback is not done twice
+    again.start()
+    assert again.snapshot()[0]["active"] == target and states(again)["3"] == "rolled-back"
+    again.close()
+
+
+def test_a_rollback_whose_target_fails_to_load_takes_its_marks_back(tmp_path: Path, fake_engines: None,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """keep=0: v2 serves, v1 (its rollback target) fails to load. The rollback fails and v2 keeps
+    serving; the marks the rollback wrote before the load are taken back, so a restart serves v2
+    and a later rollback may try again."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    from ttsd.errors import LoadError
+
+    real_load = FakeEngine.load
+
+    def load(self: FakeEngine) -> None:
+        if self.folder.name == "1":
+            raise LoadError("told to fail")
+        real_load(self)
+
+    monkeypatch.setattr(FakeEngine, "load", load)
+    with pytest.raises(Exception, match="cannot roll back"):
+        manager.rollback("voice")
+    assert manager.snapshot()[0]["active"] == "2"
+    saved = manager.state.voice("voice")
+    assert "2" not in saved.rolled_back and saved.rolling_to is None, saved
+    manager.close()
+    monkeypatch.setattr(FakeEngine, "load", real_load)
+    restarted = make_manager(tmp_path, keep=0)
+    restarted.start()
+    assert restarted.snapshot()[0]["active"] == "2"
+    restarted.close()

@@ -51,6 +51,8 @@ DAMAGED_STATE = {
                            '"state": "active"}}}',
     "a version that escapes": '{"voices": {"voice": {"active": "../../1"}}}',
     "unknown keys": '{"voices": {"voice": {"active": "1", "evil": true}}}',
+    "a rollback target that escapes": '{"voices": {"voice": {"active": "2", "rolled_back": ["2"], '
+                                      '"rolling_to": "../../1"}}}',
     "truncated": '{"voices": {"voice": {"act',
     "binary": "\x00\xff\xfe garbage",
     "deep": "[" * 50_000,
@@ -237,14 +239,17 @@ def test_a_version_refused_at_load_leaves_no_store_copy(tmp_path: Path, fake_eng
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("keep", [1, 0])
 def test_an_unwritable_state_changes_nothing_on_rollback(tmp_path: Path, fake_engines: None,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                        monkeypatch: pytest.MonkeyPatch, keep: int) -> None:
     """The state dir cannot take the write (ENOSPC is tested on a real full tmpfs in
     test_disk_full.py; here the rename fails with EROFS): the rollback is refused as the box's
-    fault and nothing changes, in memory or on disk."""
+    fault and nothing changes, in memory or on disk; with the target not loaded (keep=0), before
+    anything is loaded for it."""
     _, state = served_before(tmp_path)
-    manager = make_manager(tmp_path)
+    manager = make_manager(tmp_path, keep=keep)
     manager.start()
+    loads = FakeEngine.loads
     before = (state / "state.json").read_text()
     real_replace = os.replace
 
@@ -257,6 +262,7 @@ def test_an_unwritable_state_changes_nothing_on_rollback(tmp_path: Path, fake_en
     with pytest.raises(ResourceError):
         manager.rollback("voice")
     monkeypatch.setattr(os, "replace", real_replace)
+    assert FakeEngine.loads == loads
     assert active(manager) == "2" and (state / "state.json").read_text() == before
     assert states(manager)["1"] in ("standby", "available")
     assert manager.rollback("voice")["to"] == "1"

@@ -73,6 +73,11 @@ class Control:
                     current, target, why, durable, started, named=to is not None, operator=only_from is None
                 )
             was_marked = self.lifecycle.marked(target)
+            # on disk before the load (the state dir full: ResourceError, no change): killed while
+            # the target loads, the daemon finishes the rollback when it restarts (``Promoter.resume``)
+            before = self.state.voice(voice)
+            rolling = self._rolling(before, current, target, named=to is not None)
+            self._write(voice, rolling, durable)
 
         def load_then_roll(_ticket: object) -> dict[str, Any]:
             loaded = self._bring_up(target, why, f"cannot roll back to {voice} {target.version}")
@@ -107,8 +112,41 @@ class Control:
                 operator=True,
             ).result()
         except _TargetWithdrawn as exc:  # the withdrawal took it off the stack: the next one
+            self._not_rolling(voice, before, rolling, durable)
             log.warning("%s; rolling back to the next version", exc)
             return self.rollback(voice, None, why, durable=durable, only_from=current)
+        except BaseException:
+            self._not_rolling(voice, before, rolling, durable)
+            raise
+
+    @staticmethod
+    def _rolling(record: VoiceRecord, current: ModelVersion, target: ModelVersion, *, named: bool) -> VoiceRecord:
+        """``record`` while a rollback from ``current`` loads ``target``: ``current`` marked rolled
+        back and ``target`` named as the rollback's (a restart goes on to it: ``Promoter.resume``),
+        unmarked if ``named`` as ``_roll`` would."""
+        key = norm(target.version)
+        marks = [v for v in record.rolled_back if not named or norm(v) != key]
+        return record.but(rolled_back=marks, rolling_to=target.version).marked(current.version)
+
+    def _not_rolling(self, voice: str, before: VoiceRecord, rolling: VoiceRecord, durable: bool) -> None:
+        """A rollback that did not happen takes back what ``_rolling`` wrote (only that: a mark made
+        meanwhile stays), on disk as the rollback was when it can be."""
+        with self.lifecycle.commit:
+            now = self.state.voice(voice)
+            was, then = {norm(v) for v in before.rolled_back}, {norm(v) for v in rolling.rolled_back}
+            marks = [v for v in now.rolled_back if norm(v) not in then - was]
+            # the named target's mark comes back, unless it serves now (an operator's activate)
+            kept = {norm(m) for m in marks} | ({norm(now.active)} if now.active else set())
+            marks += [v for v in before.rolled_back if norm(v) not in then and norm(v) not in kept]
+            undone = now.but(
+                rolled_back=marks, rolling_to=None if now.rolling_to == rolling.rolling_to else now.rolling_to
+            )
+            if undone == now:
+                return
+            try:
+                self._write(voice, undone, durable)
+            except ResourceError:  # the state dir is full: in memory now, on disk when it can be
+                self.state.put(voice, undone)
 
     def _call_off_upgrade(
         self, voice: str, to: str | None, why: str, durable: bool, started: float

@@ -138,6 +138,7 @@ class Lifecycle:
                 active=model.version,
                 previous=[v for v in stack if norm(v) != norm(model.version)],
                 canary=None if voice.canary and norm(voice.canary) == norm(model.version) else voice.canary,
+                rolling_to=None,  # whatever serves now ends a rollback under way (``Control.rollback``)
             )
             if durable:
                 try:

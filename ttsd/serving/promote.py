@@ -240,6 +240,15 @@ class Promoter:
         and the voice falls back. Within a memory budget only preloaded voices load now; the others
         come back parked."""
         saved = self.state.voice(name).active
+        if model is not None and (target := self._rolling_to(model)) is not None:
+            log.warning(
+                "%s %s was being rolled back to %s when ttsd stopped; the rollback goes on",
+                name,
+                model.version,
+                target.version,
+            )
+            self.table.change(model, state=State.ROLLED_BACK, reason="rolled back (finished at a restart)")
+            model = target
         if model is None or model.state in (State.REFUSED, State.ROLLED_BACK) or self.lifecycle.marked(model):
             log.warning("%s %s was active but is not known any more; choosing again", name, saved)
             return self.fall_back(name)
@@ -256,6 +265,18 @@ class Promoter:
             return self.fall_back(name)
         if canary is not None:
             self._resume_canary(canary)
+
+    def _rolling_to(self, model: ModelVersion) -> ModelVersion | None:
+        """The target of a rollback from ``model``, the saved active version, whose load the daemon
+        did not finish (``Control.rollback`` marks ``model`` and names the target first), if that
+        target may serve."""
+        record = self.state.voice(model.name)
+        if record.rolling_to is None or not self.lifecycle.marked(model):
+            return None
+        target = self.table.get(model.name, record.rolling_to)
+        if target is None or target is model or target.state is State.REFUSED or self.lifecycle.marked(target):
+            return None
+        return target
 
     def _resume_canary(self, canary: ModelVersion) -> None:
         """The canary in progress when the daemon stopped takes its share again, so each user

@@ -40,6 +40,7 @@ class VoiceRecord:
     previous: tuple[str, ...] = ()  # earlier actives, most recent last
     rolled_back: tuple[str, ...] = ()  # never auto-promoted again
     canary: str | None = None  # a canary in progress: resumed, with its users, after a restart
+    rolling_to: str | None = None  # a rollback's target while it loads: a restart finishes the rollback
 
     def but(self, **changes: Any) -> VoiceRecord:
         """A copy with ``changes`` (lists become tuples: a record is never changed in place)."""
@@ -318,6 +319,8 @@ def _voice_json(record: VoiceRecord) -> dict[str, Any]:
     }
     if record.canary is not None:  # only when there is one: a state.json an older ttsd can still read
         data["canary"] = record.canary
+    if record.rolling_to is not None:  # only while a rollback's target loads, for the same reason
+        data["rolling_to"] = record.rolling_to
     return data
 
 
@@ -336,11 +339,11 @@ def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord],
     for name, v in raw_voices.items():
         try:
             check_name(name)
-            if not isinstance(v, dict) or set(v) - {"active", "previous", "rolled_back", "canary"}:
+            if not isinstance(v, dict) or set(v) - {"active", "previous", "rolled_back", "canary", "rolling_to"}:
                 raise ValueError("not a voice record")
-            active, canary = v.get("active"), v.get("canary")
+            active, canary, rolling_to = v.get("active"), v.get("canary"), v.get("rolling_to")
             lists = [v.get("previous", []), v.get("rolled_back", [])]
-            for one in (active, canary):
+            for one in (active, canary, rolling_to):
                 if one is not None:
                     check_version(one)
             for versions_list in lists:
@@ -348,7 +351,7 @@ def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord],
                     raise ValueError("version lists must be lists")
                 for item in versions_list:
                     check_version(item)
-            voices[name] = VoiceRecord(active, tuple(lists[0]), tuple(lists[1]), canary)
+            voices[name] = VoiceRecord(active, tuple(lists[0]), tuple(lists[1]), canary, rolling_to)
         except (ValueError, TypeError, ManifestError) as exc:
             problems.append(f"voice {name!r}: {exc}")
     for key, v in raw_versions.items():
