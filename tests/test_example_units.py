@@ -161,6 +161,39 @@ def test_the_daemon_each_unit_starts_can_do_what_it_is_configured_to(drop_ins: t
         assert str(params["wyoming_uri"]).startswith("tcp://")
 
 
+@pytest.mark.parametrize("drop_ins", COMBINATIONS, ids=lambda c: "+".join(["ttsd.service", *c]))
+def test_a_configuration_error_stops_the_unit_instead_of_restarting_it(tmp_path: Path,
+                                                                      drop_ins: tuple[str, ...]) -> None:
+    """Restart=on-failure restarts ttsd after a crash, but a bad flag or configuration fails the
+    same way at every start: the exit codes ``ttsd serve`` gives for those (run here for real) are
+    in RestartPreventExitStatus, and an internal error's (1) and another daemon holding the state
+    dir (19, it may let go) are not."""
+    import sys
+
+    from ttsd.errors import ConfigError, StateLockedError
+
+    service = merged(BASE, *(DROP_INS[d] for d in drop_ins))
+    assert service.one("Restart") == "on-failure"
+    prevented = set(service.one("RestartPreventExitStatus").split())
+    ttsd = [sys.executable, "-m", "ttsd", "serve", "--no-seed", "--state", str(tmp_path / "state"),
+            "--socket", str(tmp_path / "s.sock")]
+    (tmp_path / "afile").touch()
+    errors = {
+        "a bad flag": [*ttsd, "--no-such-flag"],
+        "a models dir that is a file": [*ttsd, "--models", str(tmp_path / "afile")],
+        "an unknown socket group": [*ttsd, "--models", str(tmp_path), "--socket-group", "no-such-group-ttsd"],
+    }
+    codes = {}
+    for what, command in errors.items():
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and "Traceback" not in done.stderr, (what, done.stderr)
+        codes[what] = str(done.returncode)
+    assert codes["an unknown socket group"] == str(ConfigError.exit_code)
+    assert set(codes.values()) <= prevented, (codes, prevented)
+    assert not {"0", "1", str(StateLockedError.exit_code)} & prevented, prevented
+
+
 def test_the_fleet_timer_service_can_get_into_the_daemons_models_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     """``ttsd-get@VOICE.service``: its command parses as ``ttsd models get``, it writes the daemon's
     models dir and cache (the ones examples/ttsd.service serves from), with the same trusted keys
