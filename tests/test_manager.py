@@ -855,61 +855,199 @@ def test_an_automatic_rollback_that_lost_the_race_changes_nothing(tmp_path: Path
 
 
 def _disk_as_now(state: Path) -> dict[str, bytes]:
-    """The state files as they are on disk now: what a kill -9 at this moment leaves."""
-    return {p.name: p.read_bytes() for p in state.iterdir() if p.is_file() and p.name.startswith("state")}
+    """The state files and the audit trail as they are on disk now: what a kill -9 leaves."""
+    return {p.name: p.read_bytes() for p in state.iterdir()
+            if p.is_file() and (p.name.startswith("state") or p.name == "history.jsonl")}
 
 
-@pytest.mark.parametrize("to", [None, "1"])
-def test_a_rollback_cut_off_while_its_target_loads_finishes_at_the_restart(tmp_path: Path, fake_engines: None,
-                                                                        to: str | None) -> None:
-    """keep=0: v3 serves, v1 and v2 are unloaded rollback targets. The operator rolls back (to v2,
-    the previous one, or ``--to 1``) and the daemon dies while the target loads: what is on disk
-    then must make the restart serve the target, with v3 rolled back and the move in the history
-    (it served v3 again: the rollback was written only at the swap, after the load)."""
+def _versions(manager: ModelManager) -> dict[str, str]:
+    return {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}
+
+
+def _cut_off_rollback(tmp_path: Path, to: str | None, keep: int = 0, **policy: object) -> str:
+    """v3 serves, v1 and v2 are its rollback targets (not loaded when ``keep=0``; each takes 1 s to
+    load). The operator rolls back (to v2, the previous one, or ``to``) and the daemon dies while
+    the target loads: the state dir is left as the disk had it then. Returns the target."""
     models, state = tmp_path / "models", tmp_path / "state"
     fake_model(models, "voice", "1", load_delay=1.0)
-    manager = make_manager(tmp_path, keep=0)
+    manager = make_manager(tmp_path, keep=keep, **policy)
     manager.start()
     fake_model(models, "voice", "2", load_delay=1.0)
     manager.reconcile()
     fake_model(models, "voice", "3")
     manager.reconcile()
     target = to or "2"
-    states = lambda m: {v["version"]: v["state"] for v in m.snapshot()[0]["versions"]}  # noqa: E731
-    assert manager.snapshot()[0]["active"] == "3" and states(manager)[target] != "standby"
+    assert manager.snapshot()[0]["active"] == "3" and _versions(manager)[target] != "standby"
     answers: list[object] = []
     threading.Thread(target=lambda: answers.append(manager.rollback("voice", to=to)), daemon=True).start()
-    wait_for(lambda: states(manager)[target] == "loading", 10, f"v{target} loading", interval=0.01)
+    wait_for(lambda: _versions(manager)[target] == "loading", 10, f"v{target} loading", interval=0.01)
     crashed = _disk_as_now(state)
     wait_for(lambda: answers, 20, "the rollback's answer")
     manager.close()
     for name, data in crashed.items():
         (state / name).write_bytes(data)
+    return target
 
+
+@pytest.mark.parametrize("to", [None, "1"])
+def test_a_rollback_cut_off_while_its_target_loads_finishes_at_the_restart(tmp_path: Path, fake_engines: None,
+                                                                        to: str | None) -> None:
+    """What is on disk when the daemon dies while a rollback's target loads makes the restart
+    serve the target, with v3 rolled back and the move in the audit trail (it served v3 again:
+    the rollback was written only at the swap, after the load). A second restart keeps it."""
+    target = _cut_off_rollback(tmp_path, to)
     restarted = make_manager(tmp_path, keep=0)
     restarted.start()
     assert restarted.snapshot()[0]["active"] == target, restarted.snapshot()
-    assert states(restarted)["3"] == "rolled-back", states(restarted)
+    assert _versions(restarted)["3"] == "rolled-back", _versions(restarted)
     assert restarted.acquire("voice").voice.version == target
-    assert ("3", target) in [(h["from"], h["to"]) for h in restarted.history()]
+    moves = [(h["from"], h["to"], h["why"]) for h in restarted.history()]
+    assert ("3", target, f"rollback to {target}, finished after a restart") in moves, moves
+    assert restarted.state.voice("voice").rolling_to is None
     restarted.close()
-    again = make_manager(tmp_path, keep=0)  # and it stays so: the rollback is not done twice
+    again = make_manager(tmp_path, keep=0)
     again.start()
-    assert again.snapshot()[0]["active"] == target and states(again)["3"] == "rolled-back"
+    assert again.snapshot()[0]["active"] == target and _versions(again)["3"] == "rolled-back"
     again.close()
 
 
-def test_a_rollback_whose_target_fails_to_load_takes_its_marks_back(tmp_path: Path, fake_engines: None,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cut_off_rollback_whose_target_fails_at_the_restart_leaves_the_version_before(
+        tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rollback cut off as above, and at the restart its target does not load: v3, which
+    served before, serves again and is not rolled back (a failed rollback leaves the voice as it
+    was), and the record forgets the rollback, so the next restart does not try it again."""
+    _cut_off_rollback(tmp_path, None)
+    from ttsd.errors import LoadError
+
+    real_load = FakeEngine.load
+
+    def load(self: FakeEngine) -> None:
+        if self.folder.name == "2":
+            raise LoadError("told to fail")
+        real_load(self)
+
+    monkeypatch.setattr(FakeEngine, "load", load)
+    restarted = make_manager(tmp_path, keep=0)
+    restarted.start()
+    assert restarted.snapshot()[0]["active"] == "3", restarted.snapshot()
+    saved = restarted.state.voice("voice")
+    assert "3" not in saved.rolled_back and saved.rolling_to is None and saved.active == "3", saved
+    restarted.close()
+    monkeypatch.setattr(FakeEngine, "load", real_load)
+    again = make_manager(tmp_path, keep=0)
+    again.start()
+    assert again.snapshot()[0]["active"] == "3"
+    again.close()
+
+
+def test_a_cut_off_rollback_ends_the_canary_beside_it_at_the_restart(tmp_path: Path, fake_engines: None) -> None:
+    """v4 is a canary beside v3 when the operator rolls back ``--to 1`` (which ends a canary) and
+    the daemon dies while v1 loads: the restart serves v1 and does not resume the canary."""
+    models, state = tmp_path / "models", tmp_path / "state"
+    fake_model(models, "voice", "1", load_delay=1.0)
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    manager.close()
+    policy = {"canary": {"*": 0.5}, "canary_requests": 1000}
+    manager = make_manager(tmp_path, keep=0, **policy)
+    manager.start()
+    fake_model(models, "voice", "4")
+    manager.reconcile()
+    assert (manager.snapshot()[0]["active"], manager.snapshot()[0]["canary"]) == ("3", "4")
+    threading.Thread(target=lambda: manager.rollback("voice", to="1"), daemon=True).start()
+    wait_for(lambda: _versions(manager)["1"] == "loading", 10, "v1 loading", interval=0.01)
+    crashed = _disk_as_now(state)
+    assert manager.jobs.wait(20)
+    manager.close()
+    for name, data in crashed.items():
+        (state / name).write_bytes(data)
+    restarted = make_manager(tmp_path, keep=0, **policy)
+    restarted.start()
+    voice = restarted.snapshot()[0]
+    assert (voice["active"], voice["canary"]) == ("1", None), voice
+    assert _versions(restarted)["4"] == "rolled-back" and _versions(restarted)["3"] == "rolled-back"
+    restarted.close()
+
+
+def test_a_cut_off_rollback_of_a_parked_voice_is_recorded_at_the_restart(tmp_path: Path, fake_engines: None) -> None:
+    """Within a memory budget a voice that is not preloaded comes back parked: the rollback cut off
+    still finishes, and the voice's record says so (the version serving, no rollback under way)."""
+    from ttsd.serving.residency import Budget
+
+    target = _cut_off_rollback(tmp_path, None)
+    fake_model(tmp_path / "models", "a", "1")  # the preloaded default voice
+    restarted = ModelManager(LocalFolderSource(tmp_path / "models", settle=0), state_dir=tmp_path / "state",
+                             policy=Policy(settle=0.0, keep=0), default_voice="a",
+                             budget=Budget(max_loaded=4, preload=("a",)))
+    restarted.start()
+    voice = next(v for v in restarted.snapshot() if v["name"] == "voice")
+    assert voice["active"] == target, voice
+    saved = restarted.state.voice("voice")
+    assert saved.active == target and saved.rolling_to is None and "3" in saved.rolled_back, saved
+    with restarted.wanting("voice") as ready:
+        ready.result(20)
+    with restarted.acquire("voice") as lease:
+        assert lease.voice.version == target
+    restarted.close()
+
+
+@pytest.mark.parametrize("meanwhile", ["withdrawn", "activate"])
+def test_what_happens_while_a_rollback_loads_is_not_undone_by_its_failure(tmp_path: Path, fake_engines: None,
+                                                                         meanwhile: str) -> None:
+    """keep=1: v3 serves, v2 is its loaded standby, v1 is not loaded (1 s to load). The operator
+    rolls back ``--to 1``; while v1 loads, the fleet mirror withdraws v3 (a rollback to v2, at once)
+    or the operator activates v2. The rollback to 1 then fails (the voice changed), and must take
+    back only what it wrote: v3's withdrawal mark stays, and after the activate v3 stays v2's
+    rollback target."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1", load_delay=1.0)
+    manager = make_manager(tmp_path, keep=1)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    assert _versions(manager) == {"1": "available", "2": "standby", "3": "active"}, _versions(manager)
+    errors: list[BaseException] = []
+
+    def roll() -> None:
+        try:
+            manager.rollback("voice", to="1")
+        except ConflictError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=roll, daemon=True)
+    thread.start()
+    wait_for(lambda: _versions(manager)["1"] == "loading", 10, "v1 loading", interval=0.01)
+    if meanwhile == "withdrawn":
+        manager.withdraw("voice", "3", "withdrawn by the fleet mirror")
+    else:
+        manager.activate("voice", "2")
+    thread.join(20)
+    assert errors and manager.snapshot()[0]["active"] == "2", (errors, manager.snapshot()[0])
+    saved = manager.state.voice("voice")
+    assert saved.rolling_to is None, saved
+    if meanwhile == "withdrawn":
+        assert "3" in saved.rolled_back, saved
+    else:
+        assert saved.previous[-1] == "3" and "3" not in saved.rolled_back, saved
+    manager.close()
+
+
+def test_a_rollback_whose_target_fails_to_load_leaves_the_record_as_it_was(tmp_path: Path, fake_engines: None,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """keep=0: v2 serves, v1 (its rollback target) fails to load. The rollback fails and v2 keeps
-    serving; the marks the rollback wrote before the load are taken back, so a restart serves v2
-    and a later rollback may try again."""
+    serving; what the rollback wrote before the load is taken back, so a restart serves v2 and
+    does not try the rollback again."""
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
     manager = make_manager(tmp_path, keep=0)
     manager.start()
     fake_model(models, "voice", "2")
     manager.reconcile()
+    before = manager.state.voice("voice")
     from ttsd.errors import LoadError
 
     real_load = FakeEngine.load
@@ -923,8 +1061,7 @@ def test_a_rollback_whose_target_fails_to_load_takes_its_marks_back(tmp_path: Pa
     with pytest.raises(Exception, match="cannot roll back"):
         manager.rollback("voice")
     assert manager.snapshot()[0]["active"] == "2"
-    saved = manager.state.voice("voice")
-    assert "2" not in saved.rolled_back and saved.rolling_to is None, saved
+    assert manager.state.voice("voice") == before, (manager.state.voice("voice"), before)
     manager.close()
     monkeypatch.setattr(FakeEngine, "load", real_load)
     restarted = make_manager(tmp_path, keep=0)

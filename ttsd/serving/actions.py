@@ -74,9 +74,10 @@ class Control:
                 )
             was_marked = self.lifecycle.marked(target)
             # on disk before the load (the state dir full: ResourceError, no change): killed while
-            # the target loads, the daemon finishes the rollback when it restarts (``Promoter.resume``)
+            # the target loads, the daemon finishes the rollback when it restarts (``Promoter.resume``).
+            # Only the target is named: the version serving meanwhile is marked at the swap, as before
             before = self.state.voice(voice)
-            rolling = self._rolling(before, current, target, named=to is not None)
+            rolling = self._rolling(before, target, named=to is not None)
             self._write(voice, rolling, durable)
 
         def load_then_roll(_ticket: object) -> dict[str, Any]:
@@ -120,26 +121,24 @@ class Control:
             raise
 
     @staticmethod
-    def _rolling(record: VoiceRecord, current: ModelVersion, target: ModelVersion, *, named: bool) -> VoiceRecord:
-        """``record`` while a rollback from ``current`` loads ``target``: ``current`` marked rolled
-        back and ``target`` named as the rollback's (a restart goes on to it: ``Promoter.resume``),
-        unmarked if ``named`` as ``_roll`` would."""
+    def _rolling(record: VoiceRecord, target: ModelVersion, *, named: bool) -> VoiceRecord:
+        """``record`` while a rollback loads ``target``: the target named (``rolling_to``), and not
+        marked any more if ``named`` (``--to`` a version rolled back before), as ``_roll`` does."""
         key = norm(target.version)
         marks = [v for v in record.rolled_back if not named or norm(v) != key]
-        return record.but(rolled_back=marks, rolling_to=target.version).marked(current.version)
+        return record.but(rolled_back=marks, rolling_to=target.version)
 
     def _not_rolling(self, voice: str, before: VoiceRecord, rolling: VoiceRecord, durable: bool) -> None:
-        """A rollback that did not happen takes back what ``_rolling`` wrote (only that: a mark made
-        meanwhile stays), on disk as the rollback was when it can be."""
+        """A rollback that did not happen takes back what ``_rolling`` wrote: the target's name
+        (unless another rollback's is there now) and a named target's mark (unless it serves
+        now: an operator's activate), on disk as the rollback was when it can be."""
         with self.lifecycle.commit:
             now = self.state.voice(voice)
-            was, then = {norm(v) for v in before.rolled_back}, {norm(v) for v in rolling.rolled_back}
-            marks = [v for v in now.rolled_back if norm(v) not in then - was]
-            # the named target's mark comes back, unless it serves now (an operator's activate)
-            kept = {norm(m) for m in marks} | ({norm(now.active)} if now.active else set())
-            marks += [v for v in before.rolled_back if norm(v) not in then and norm(v) not in kept]
+            kept = {norm(v) for v in now.rolled_back} | ({norm(now.active)} if now.active else set())
+            dropped = [v for v in before.rolled_back if norm(v) not in {norm(r) for r in rolling.rolled_back}]
             undone = now.but(
-                rolled_back=marks, rolling_to=None if now.rolling_to == rolling.rolling_to else now.rolling_to
+                rolled_back=[*now.rolled_back, *(v for v in dropped if norm(v) not in kept)],
+                rolling_to=None if now.rolling_to == rolling.rolling_to else now.rolling_to,
             )
             if undone == now:
                 return

@@ -206,6 +206,10 @@ class Lifecycle:
             self.table.change(model, state=State.ROLLED_BACK, reason="rolled back or withdrawn while it loaded")
             raise Superseded(f"{model.name} {model.version} was rolled back or withdrawn while it loaded")
 
+    def notify(self, event: str, model: ModelVersion) -> None:
+        """Tell the listener (metrics, the status page's events) of a transition made elsewhere."""
+        self._listener(event, model)
+
     def marked(self, model: ModelVersion) -> bool:
         """Whether ``model``'s version is marked rolled back (a rollback or a fleet withdrawal) in
         its voice's record, whatever its state says now."""

@@ -240,15 +240,8 @@ class Promoter:
         and the voice falls back. Within a memory budget only preloaded voices load now; the others
         come back parked."""
         saved = self.state.voice(name).active
-        if model is not None and (target := self._rolling_to(model)) is not None:
-            log.warning(
-                "%s %s was being rolled back to %s when ttsd stopped; the rollback goes on",
-                name,
-                model.version,
-                target.version,
-            )
-            self.table.change(model, state=State.ROLLED_BACK, reason="rolled back (finished at a restart)")
-            model = target
+        if model is not None and self.state.voice(name).rolling_to is not None and self._finish_rollback(model, canary):
+            return
         if model is None or model.state in (State.REFUSED, State.ROLLED_BACK) or self.lifecycle.marked(model):
             log.warning("%s %s was active but is not known any more; choosing again", name, saved)
             return self.fall_back(name)
@@ -266,17 +259,47 @@ class Promoter:
         if canary is not None:
             self._resume_canary(canary)
 
-    def _rolling_to(self, model: ModelVersion) -> ModelVersion | None:
-        """The target of a rollback from ``model``, the saved active version, whose load the daemon
-        did not finish (``Control.rollback`` marks ``model`` and names the target first), if that
-        target may serve."""
-        record = self.state.voice(model.name)
-        if record.rolling_to is None or not self.lifecycle.marked(model):
-            return None
-        target = self.table.get(model.name, record.rolling_to)
+    def _finish_rollback(self, model: ModelVersion, canary: ModelVersion | None) -> bool:
+        """At start-up, when the daemon stopped while a rollback from ``model`` (the saved active
+        version) loaded its target (``Control.rollback`` names it in the record before the load):
+        the rollback happens now, as it would have, ``model`` marked rolled back and a canary
+        beside it ended. True when the target serves; False when it cannot (unknown, refused,
+        withdrawn meanwhile, or it does not come up): the record forgets the rollback and the
+        voice resumes ``model``, as a failed rollback leaves it."""
+        name, record = model.name, self.state.voice(model.name)
+        target = self.table.get(name, record.rolling_to or "")
+        why = f"rollback to {record.rolling_to}, finished after a restart"
+        # (marked: withdrawn by the fleet mirror while it loaded)
         if target is None or target is model or target.state is State.REFUSED or self.lifecycle.marked(target):
-            return None
-        return target
+            target = None
+        else:
+            try:
+                self.bringup.ensure_stored(target)
+            except TtsdError as exc:
+                log.warning("%s: %s cannot be restored (%s)", name, why, exc)
+                target = None
+        if target is not None and self.bringup.bring_up(target, why):
+            finished = record.marked(model.version)
+            if canary is not None and canary is not target:  # an operator's rollback ends it
+                finished = finished.marked(canary.version).but(canary=None)
+            self.state.put(name, finished)
+            if self._serve(target, why, push_previous=False):
+                log.warning("%s: %s (from %s, which is rolled back)", name, why, model.version)
+                self.table.change(model, state=State.ROLLED_BACK, reason=why)
+                self.lifecycle.notify("rolled_back", model)
+                if canary is not None and canary is not target:
+                    self.table.change(canary, state=State.ROLLED_BACK, reason=f"{why}: its canary ended")
+                self.demand.park_if_cold(target, was_loaded=False)  # within a budget: loaded if preloaded
+                return True
+        log.warning(
+            "%s: the rollback from %s under way when ttsd stopped cannot finish; %s serves again",
+            name,
+            model.version,
+            model.version,
+        )
+        now = self.state.voice(name)
+        self.state.put(name, now.but(rolled_back=record.rolled_back, canary=record.canary, rolling_to=None))
+        return False
 
     def _resume_canary(self, canary: ModelVersion) -> None:
         """The canary in progress when the daemon stopped takes its share again, so each user
