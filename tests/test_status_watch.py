@@ -90,6 +90,19 @@ def test_watch_into_a_pipe_prints_frames_until_ctrl_c(daemon: Daemon) -> None:
 
 
 @pytest.mark.daemon
+def test_watch_ends_quietly_when_the_reader_of_its_pipe_goes_away(daemon: Daemon) -> None:
+    """``ttsd status -w | head``: once the reader has what it wanted and leaves, the watch ends as
+    Ctrl-C ends it, 0 and nothing on stderr (rich's own handler exited 1, saying nothing)."""
+    proc = watcher(daemon, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    text = read_until(proc.stdout.fileno(), lambda t: TITLE in t)
+    assert TITLE in text, text
+    proc.stdout.close()  # head has its line
+    assert proc.wait(30) == 0
+    assert proc.stderr is not None and proc.stderr.read().decode() == ""
+
+
+@pytest.mark.daemon
 def test_watch_on_a_terminal_redraws_in_place_until_ctrl_c(daemon: Daemon) -> None:
     """On a terminal (a pty) rich's Live view redraws the table in place: cursor moves, not a log."""
     main, sub = pty.openpty()

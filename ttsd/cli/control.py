@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,15 +53,29 @@ def status_view(info: dict[str, Any], caption: str | None = None) -> Any:
     return table
 
 
+class _ReaderLeft(Exception):
+    """The watch's stdout is a pipe whose reader went away (``ttsd status -w | head``)."""
+
+
+def _reader_left() -> None:
+    """rich's broken-pipe handler (it exits 1 by default): stdout goes to /dev/null, so nothing
+    fails again at exit, and the watch ends as Ctrl-C ends it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    raise _ReaderLeft
+
+
 def watch(client: Any, interval: float) -> None:
-    """Redraw the status every ``interval`` seconds until Ctrl-C (which returns normally). On a
-    terminal one table is redrawn in place (rich ``Live``); into a pipe or a file each frame is
-    printed after the last, so the output is a log. A daemon that stops answering raises
-    ``DaemonError``, after the last frame it gave."""
+    """Redraw the status every ``interval`` seconds until Ctrl-C, or until the reader of a pipe it
+    prints into goes away (both return normally). On a terminal one table is redrawn in place
+    (rich ``Live``); into a pipe or a file each frame is printed after the last, so the output is
+    a log. A daemon that stops answering raises ``DaemonError``, after the last frame it gave."""
     from rich.console import Console
     from rich.live import Live
 
     out = Console(highlight=False)
+    out.on_broken_pipe = _reader_left  # type: ignore[method-assign]
 
     def frame() -> Any:
         info = client.status()
@@ -75,9 +91,12 @@ def watch(client: Any, interval: float) -> None:
             while True:
                 out.print(frame())
                 out.print()
-                out.file.flush()
+                try:
+                    out.file.flush()
+                except BrokenPipeError:
+                    _reader_left()
                 time.sleep(interval)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _ReaderLeft):
         return
 
 
