@@ -162,7 +162,8 @@ class ModelStore:
             except (TtsdError, OSError) as exc:
                 if is_system_oserror(exc):
                     raise
-                log.warning("store copy %s is damaged (%s); copying it again", existing, exc)
+                if existing.exists():  # else a prune set it aside meanwhile: nothing was damaged
+                    log.warning("store copy %s is damaged (%s); copying it again", existing, exc)
             # damaged or different: replace (content checks happen before). Gone already: set aside
             # meanwhile (a prune of this version), and copied afresh below all the same
             with contextlib.suppress(FileNotFoundError):
