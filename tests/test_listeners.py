@@ -160,3 +160,34 @@ def test_one_tcp_address_holds_at_most_half_the_slots() -> None:
         await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_a_socket_its_group_cannot_reach_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``--socket-group G`` with the socket in a directory G's members cannot pass through (the
+    example unit's /run/ttsd is 0750 for group ttsd, so any other group is shut out): the daemon
+    says so at start-up, naming the directory; a directory open to the group, or to all, is not
+    logged. The gids are the test's own group and one it is not in (nothing is chowned to it);
+    only run/ is judged (pytest's own temp dirs above it are 0700)."""
+    import logging
+
+    from ttsd.front.listeners import closed_to_group, share_socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mine, other = os.getgid(), os.getgid() + 4242
+    os.chown(run, -1, mine)
+    run.chmod(0o750)
+    assert run in closed_to_group(run / "ttsd.sock", other)
+    assert run not in closed_to_group(run / "ttsd.sock", mine)  # the directory's own group passes
+    assert closed_to_group(run / "ttsd.sock", other)[-1] == run  # outermost first: run/ is the last
+    run.chmod(0o755)
+    assert run not in closed_to_group(run / "ttsd.sock", other)
+    run.chmod(0o750)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as made:
+        made.bind(str(run / "ttsd.sock"))
+        with caplog.at_level(logging.WARNING, logger="ttsd.listeners"):
+            share_socket(run / "ttsd.sock", mine)
+            assert f"{run} is mode" not in caplog.text
+            if os.geteuid() == 0:  # only root may give the socket to a group it is not in
+                share_socket(run / "ttsd.sock", other)
+                assert f"{run} is mode 750" in caplog.text and "cannot reach" in caplog.text, caplog.text

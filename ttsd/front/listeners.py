@@ -132,10 +132,45 @@ def socket_gid(group: str) -> int:
 
 def share_socket(path: Path, gid: int | None) -> None:
     """A socket just made (mode 0600, or 0660 under the umask ``--socket-group`` sets) goes to
-    group ``gid``, mode 0660; with no group it stays the owner's."""
+    group ``gid``, mode 0660; with no group it stays the owner's. A directory above it that the
+    group's members cannot pass through is logged: they could not reach the socket."""
     if gid is not None:
         os.chown(path, -1, gid)
         os.chmod(path, 0o660)
+        for folder in closed_to_group(path, gid):
+            st = folder.stat()
+            log.warning(
+                "the socket %s is for group %s, but its members cannot reach it: %s is mode %o, group %s "
+                "(make it searchable by that group: in the example unit, RuntimeDirectoryMode=0755)",
+                path,
+                _group_name(gid),
+                folder,
+                stat.S_IMODE(st.st_mode),
+                _group_name(st.st_gid),
+            )
+
+
+def closed_to_group(path: Path, gid: int) -> list[Path]:
+    """The directories above ``path`` that a member of group ``gid`` who owns none of them may
+    not pass through (no search permission for that group or for others). Modes only: an ACL
+    that lets the group in is not seen."""
+    closed = []
+    for folder in (*path.parent.absolute().parents[::-1], path.parent.absolute()):
+        try:
+            st = folder.stat()
+        except OSError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if not (mode & stat.S_IXOTH or (st.st_gid == gid and mode & stat.S_IXGRP)):
+            closed.append(folder)
+    return closed
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 class PeerShare:
