@@ -353,3 +353,38 @@ def test_search_of_a_fleet_mirror_filters_by_language_and_takes_non_ascii_names(
     mirror.files[INDEX_FILE] = b'{"format": 1, "voices": {"a/b": {}}}'
     mirror.files["voices.json"] = b"{}"
     one_line_error(invoke("models", "search", "--mirror", mirror.url), 15, INDEX_FILE)
+
+
+def test_a_download_broken_off_is_removed_once_the_mirror_moves_on(tmp_path: Path, mirror: Mirror,
+                                                                   fleet: dict[str, Path]) -> None:
+    """1. v1's download is cut off every time: get fails (exit 14) and keeps what it has to resume.
+    2. The mirror publishes v2 before v1 ever arrives: the next get takes v2, and v1's download is
+    removed (it stayed in the cache for good). A folder there that another voice of the mirror
+    (``voice-1``, version 2) or a Piper download (``voice-medium``) could own is left alone."""
+    def release(version: str, name: str = "voice") -> Path:
+        folder = tmp_path / "build" / f"{name}-{version}"
+        folder.mkdir(parents=True)
+        (folder / "noise.dat").write_bytes(os.urandom(200_000))
+        pack(folder, name=name, version=version, engine="vits", sample_rate=8000)
+        sign(folder, fleet["key"])
+        publish(folder, fleet["published"])
+        return folder
+
+    release("2", name="voice-1")
+    release("1")
+    serve_dir(mirror, fleet["published"])
+    (path,) = [p for p in mirror.files if p.endswith("voice/1/noise.dat")]
+    mirror.cuts[path] = [10_000] * 20  # five connections a run: 50 kB of 200
+    box = tmp_path / "box"
+    downloads = box / "cache" / "downloads"
+    one_line_error(get(mirror.url, box, "voice", "--trusted-keys", str(fleet["trusted"])), 14)
+    assert any((downloads / "voice-1").rglob("*.part")), list(downloads.rglob("*"))
+    for other in ("voice-1-2", "voice-medium"):
+        (downloads / other).mkdir()
+    release("2")
+    serve_dir(mirror, fleet["published"])
+    result = get(mirror.url, box, "voice", "--upgrade", "--trusted-keys", str(fleet["trusted"]))
+    assert result.exit_code == 0, result.output
+    assert verify(box / "models" / "voice-2").version == "2"
+    assert sorted(p.name for p in downloads.iterdir() if p.is_dir()) == ["voice-1-2", "voice-medium"], \
+        list(downloads.iterdir())

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import os
 import re
 import shutil
 import signal
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ from ..errors import (
     ConfigError,
     ConflictError,
     ImportPiperError,
+    ManifestError,
     NotOnMirror,
     SignatureError,
     TtsdError,
@@ -178,6 +180,28 @@ def _make_room(folder: Path, local: _Local, reporter: Reporter) -> None:
     reporter.step(f"moved {folder.name}, which would not serve, aside to {aside.name} (remove it when done)")
 
 
+def _remove_stale_downloads(
+    downloads: Path, name: str, index: Mapping[str, object], keep: str | None, reporter: Reporter
+) -> None:
+    """Remove the fleet voice ``name``'s downloads of any version but ``keep`` (the one this run
+    takes): one broken off is kept to resume, and once the mirror has moved on (a newer version,
+    a withdrawal) nothing would ever finish or remove it, so each stayed in the cache for good.
+    Only folders named ``NAME-VERSION`` whose rest is a version and which no other voice of the
+    index could have made (``a`` and ``a-1`` both make ``a-1-2``)."""
+    prefix = f"{name}-"
+    others = [f"{other}-" for other in index if other != name and other.startswith(prefix)]
+    for work in downloads.glob(f"{glob.escape(prefix)}*"):
+        version = work.name[len(prefix) :]
+        if version == keep or work.is_symlink() or not work.is_dir() or any(work.name.startswith(o) for o in others):
+            continue
+        try:
+            check_version(version)
+        except ManifestError:
+            continue  # not a version: another download (a Piper voice's key)
+        reporter.step(f"removing the download of {name} {version}: the mirror no longer offers it to this box")
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | None:
     """The voice as a ready folder from a fleet mirror's ``ttsd-index.json``, or None when the
     mirror has no index or the index does not name it (then the Piper catalog is asked). The box
@@ -210,6 +234,7 @@ def _from_fleet_mirror(request: GetRequest, reporter: Reporter) -> GetResult | N
     request.downloads.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _locked(request.downloads / f"{fleet.name}.lock", fleet.name):
         _remove_stale_builds(request.models, fleet.name)
+        _remove_stale_downloads(request.downloads, fleet.name, index, target.version if target else None, reporter)
         folder, manifest, fetched = (local.newest.folder if local.newest else None), have, False
         if target is not None and (have is None or Version(target.version) > have.parsed_version):
             try:
