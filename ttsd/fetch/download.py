@@ -308,7 +308,12 @@ class _HTTPS(_GuardedConnections, urllib.request.HTTPSHandler):
 
 
 class _RangeRefused(Exception):
-    """HTTP 416: the partial file is not a prefix the mirror can continue."""
+    """HTTP 416 to ``Range: bytes=N-``: the mirror's file has no byte N (it ends before), and its
+    length when the answer says (``Content-Range: bytes */LENGTH``)."""
+
+    def __init__(self, length: int | None) -> None:
+        super().__init__(length)
+        self.length = length
 
 
 class _NotModified(Exception):
@@ -359,7 +364,8 @@ def _open(mirror: Mirror, url: str, headers: dict[str, str]) -> http.client.HTTP
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416:
-            raise _RangeRefused() from None
+            match = re.fullmatch(r"\s*bytes\s+\*/(\d{1,19})\s*", exc.headers.get("Content-Range") or "")
+            raise _RangeRefused(int(match.group(1)) if match else None) from None
         if exc.code == 304:  # urllib's redirect handler leaves 304 alone: it arrives here
             if any(name in headers for name in _CONDITIONAL):
                 raise _NotModified() from None
@@ -532,9 +538,18 @@ def download(mirror: Mirror, file: CatalogFile, dest: Path, progress: Progress =
         if done < file.size:
             try:
                 done = _fetch_into(mirror, url, file, part, done, progress)
-            except _RangeRefused:
+            except _RangeRefused as refused:
+                if refused.length == file.size:  # the right length, yet no byte ``done``: start over
+                    part.unlink(missing_ok=True)
+                    continue
+                # its file ends before the bytes kept: shorter than the catalog says (sent without a
+                # Content-Length, a short file looked like a connection cut off, again and again)
+                if refused.length is not None:
+                    raise _mismatch(url, part, refused.length, file.size) from None
                 part.unlink(missing_ok=True)
-                continue
+                raise ChecksumError(
+                    f"{url}: the mirror's file ends before byte {done}, the catalog says {file.size} bytes; refused"
+                ) from None
             if done < file.size:
                 if attempt == mirror.attempts:
                     raise NetworkError(
