@@ -8,6 +8,7 @@ import random
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -864,24 +865,43 @@ def _versions(manager: ModelManager) -> dict[str, str]:
     return {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}
 
 
-def _cut_off_rollback(tmp_path: Path, to: str | None, keep: int = 0, **policy: object) -> str:
-    """v3 serves, v1 and v2 are its rollback targets (not loaded when ``keep=0``; each takes 1 s to
-    load). The operator rolls back (to v2, the previous one, or ``to``) and the daemon dies while
-    the target loads: the state dir is left as the disk had it then. Returns the target."""
+def _gate(monkeypatch: pytest.MonkeyPatch, version: str) -> tuple[threading.Event, threading.Event]:
+    """Loads of ``version`` (its store copy's folder name) wait at the gate until ``release`` is
+    set: (started, release). Releasing it also ends the gate (later loads go straight through)."""
+    started, release = threading.Event(), threading.Event()
+    real_load = FakeEngine.load
+
+    def load(self: FakeEngine) -> None:
+        if self.folder.name == version and not release.is_set():
+            started.set()
+            assert release.wait(30), "the gate was never opened"
+        real_load(self)
+
+    monkeypatch.setattr(FakeEngine, "load", load)
+    return started, release
+
+
+def _cut_off_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, to: str | None,
+                      first: Callable[[ModelManager], object] = lambda _m: None, **policy: object) -> str:
+    """v3 serves, v1 and v2 are its rollback targets, not loaded (keep=0); ``first`` runs then.
+    The operator rolls back (to v2, the previous one, or ``to``) and the daemon dies while the
+    target loads: the state dir is left as the disk had it then. Returns the target."""
     models, state = tmp_path / "models", tmp_path / "state"
-    fake_model(models, "voice", "1", load_delay=1.0)
-    manager = make_manager(tmp_path, keep=keep, **policy)
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, keep=0, **policy)
     manager.start()
-    fake_model(models, "voice", "2", load_delay=1.0)
-    manager.reconcile()
-    fake_model(models, "voice", "3")
-    manager.reconcile()
+    for version in ("2", "3"):
+        fake_model(models, "voice", version)
+        manager.reconcile()
     target = to or "2"
     assert manager.snapshot()[0]["active"] == "3" and _versions(manager)[target] != "standby"
+    first(manager)
+    started, release = _gate(monkeypatch, target)
     answers: list[object] = []
     threading.Thread(target=lambda: answers.append(manager.rollback("voice", to=to)), daemon=True).start()
-    wait_for(lambda: _versions(manager)[target] == "loading", 10, f"v{target} loading", interval=0.01)
+    assert started.wait(20), "the target never started loading"
     crashed = _disk_as_now(state)
+    release.set()
     wait_for(lambda: answers, 20, "the rollback's answer")
     manager.close()
     for name, data in crashed.items():
@@ -891,11 +911,12 @@ def _cut_off_rollback(tmp_path: Path, to: str | None, keep: int = 0, **policy: o
 
 @pytest.mark.parametrize("to", [None, "1"])
 def test_a_rollback_cut_off_while_its_target_loads_finishes_at_the_restart(tmp_path: Path, fake_engines: None,
+                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                         to: str | None) -> None:
     """What is on disk when the daemon dies while a rollback's target loads makes the restart
     serve the target, with v3 rolled back and the move in the audit trail (it served v3 again:
     the rollback was written only at the swap, after the load). A second restart keeps it."""
-    target = _cut_off_rollback(tmp_path, to)
+    target = _cut_off_rollback(tmp_path, monkeypatch, to)
     restarted = make_manager(tmp_path, keep=0)
     restarted.start()
     assert restarted.snapshot()[0]["active"] == target, restarted.snapshot()
@@ -916,7 +937,7 @@ def test_a_cut_off_rollback_whose_target_fails_at_the_restart_leaves_the_version
     """The rollback cut off as above, and at the restart its target does not load: v3, which
     served before, serves again and is not rolled back (a failed rollback leaves the voice as it
     was), and the record forgets the rollback, so the next restart does not try it again."""
-    _cut_off_rollback(tmp_path, None)
+    _cut_off_rollback(tmp_path, monkeypatch, None)
     from ttsd.errors import LoadError
 
     real_load = FakeEngine.load
@@ -932,6 +953,7 @@ def test_a_cut_off_rollback_whose_target_fails_at_the_restart_leaves_the_version
     assert restarted.snapshot()[0]["active"] == "3", restarted.snapshot()
     saved = restarted.state.voice("voice")
     assert "3" not in saved.rolled_back and saved.rolling_to is None and saved.active == "3", saved
+    assert _versions(restarted)["3"] == "active"
     restarted.close()
     monkeypatch.setattr(FakeEngine, "load", real_load)
     again = make_manager(tmp_path, keep=0)
@@ -940,11 +962,28 @@ def test_a_cut_off_rollback_whose_target_fails_at_the_restart_leaves_the_version
     again.close()
 
 
-def test_a_cut_off_rollback_ends_the_canary_beside_it_at_the_restart(tmp_path: Path, fake_engines: None) -> None:
+def test_a_cut_off_rollback_to_a_version_rolled_back_before_is_not_finished(
+        tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rollback --to 1`` where 1 was rolled back (or withdrawn) before, cut off while 1 loads: the
+    restart cannot tell the operator's choice from a withdrawal made during the load, so it does
+    not finish it; v3 serves again, 1 keeps its mark."""
+    target = _cut_off_rollback(tmp_path, monkeypatch, "1",
+                               first=lambda m: m.withdraw("voice", "1", "withdrawn by the fleet mirror"))
+    assert target == "1"
+    restarted = make_manager(tmp_path, keep=0)
+    restarted.start()
+    saved = restarted.state.voice("voice")
+    assert restarted.snapshot()[0]["active"] == "3" and "1" in saved.rolled_back and saved.rolling_to is None, saved
+    restarted.close()
+
+
+def test_a_cut_off_rollback_ends_the_canary_beside_it_at_the_restart(tmp_path: Path, fake_engines: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """v4 is a canary beside v3 when the operator rolls back ``--to 1`` (which ends a canary) and
-    the daemon dies while v1 loads: the restart serves v1 and does not resume the canary."""
+    the daemon dies while v1 loads: the restart serves v1, and the canary does not come back; its
+    end is in the audit trail, as the rollback's swap would have put it."""
     models, state = tmp_path / "models", tmp_path / "state"
-    fake_model(models, "voice", "1", load_delay=1.0)
+    fake_model(models, "voice", "1")
     manager = make_manager(tmp_path, keep=0)
     manager.start()
     fake_model(models, "voice", "3")
@@ -956,9 +995,11 @@ def test_a_cut_off_rollback_ends_the_canary_beside_it_at_the_restart(tmp_path: P
     fake_model(models, "voice", "4")
     manager.reconcile()
     assert (manager.snapshot()[0]["active"], manager.snapshot()[0]["canary"]) == ("3", "4")
+    started, release = _gate(monkeypatch, "1")
     threading.Thread(target=lambda: manager.rollback("voice", to="1"), daemon=True).start()
-    wait_for(lambda: _versions(manager)["1"] == "loading", 10, "v1 loading", interval=0.01)
+    assert started.wait(20)
     crashed = _disk_as_now(state)
+    release.set()
     assert manager.jobs.wait(20)
     manager.close()
     for name, data in crashed.items():
@@ -968,15 +1009,17 @@ def test_a_cut_off_rollback_ends_the_canary_beside_it_at_the_restart(tmp_path: P
     voice = restarted.snapshot()[0]
     assert (voice["active"], voice["canary"]) == ("1", None), voice
     assert _versions(restarted)["4"] == "rolled-back" and _versions(restarted)["3"] == "rolled-back"
+    assert ("4", "1") in [(h["from"], h["to"]) for h in restarted.history()]
     restarted.close()
 
 
-def test_a_cut_off_rollback_of_a_parked_voice_is_recorded_at_the_restart(tmp_path: Path, fake_engines: None) -> None:
+def test_a_cut_off_rollback_of_a_parked_voice_is_recorded_at_the_restart(tmp_path: Path, fake_engines: None,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Within a memory budget a voice that is not preloaded comes back parked: the rollback cut off
     still finishes, and the voice's record says so (the version serving, no rollback under way)."""
     from ttsd.serving.residency import Budget
 
-    target = _cut_off_rollback(tmp_path, None)
+    target = _cut_off_rollback(tmp_path, monkeypatch, None)
     fake_model(tmp_path / "models", "a", "1")  # the preloaded default voice
     restarted = ModelManager(LocalFolderSource(tmp_path / "models", settle=0), state_dir=tmp_path / "state",
                              policy=Policy(settle=0.0, keep=0), default_voice="a",
@@ -995,21 +1038,22 @@ def test_a_cut_off_rollback_of_a_parked_voice_is_recorded_at_the_restart(tmp_pat
 
 @pytest.mark.parametrize("meanwhile", ["withdrawn", "activate"])
 def test_what_happens_while_a_rollback_loads_is_not_undone_by_its_failure(tmp_path: Path, fake_engines: None,
+                                                                         monkeypatch: pytest.MonkeyPatch,
                                                                          meanwhile: str) -> None:
-    """keep=1: v3 serves, v2 is its loaded standby, v1 is not loaded (1 s to load). The operator
-    rolls back ``--to 1``; while v1 loads, the fleet mirror withdraws v3 (a rollback to v2, at once)
-    or the operator activates v2. The rollback to 1 then fails (the voice changed), and must take
-    back only what it wrote: v3's withdrawal mark stays, and after the activate v3 stays v2's
-    rollback target."""
+    """keep=1: v3 serves, v2 is its loaded standby, v1 is not loaded. The operator rolls back
+    ``--to 1``; while v1 loads, the fleet mirror withdraws v3 (a rollback to v2, at once) or the
+    operator activates v2. The rollback to 1 then fails (the voice changed), and must take back
+    only what it wrote: v3's withdrawal mark stays, and after the activate v3 stays v2's rollback
+    target and unmarked."""
     models = tmp_path / "models"
-    fake_model(models, "voice", "1", load_delay=1.0)
+    fake_model(models, "voice", "1")
     manager = make_manager(tmp_path, keep=1)
     manager.start()
-    fake_model(models, "voice", "2")
-    manager.reconcile()
-    fake_model(models, "voice", "3")
-    manager.reconcile()
+    for version in ("2", "3"):
+        fake_model(models, "voice", version)
+        manager.reconcile()
     assert _versions(manager) == {"1": "available", "2": "standby", "3": "active"}, _versions(manager)
+    started, release = _gate(monkeypatch, "1")
     errors: list[BaseException] = []
 
     def roll() -> None:
@@ -1020,19 +1064,22 @@ def test_what_happens_while_a_rollback_loads_is_not_undone_by_its_failure(tmp_pa
 
     thread = threading.Thread(target=roll, daemon=True)
     thread.start()
-    wait_for(lambda: _versions(manager)["1"] == "loading", 10, "v1 loading", interval=0.01)
+    assert started.wait(20)
+    assert manager.state.voice("voice").rolling_to == "1"  # on disk before the load
     if meanwhile == "withdrawn":
         manager.withdraw("voice", "3", "withdrawn by the fleet mirror")
     else:
         manager.activate("voice", "2")
+    release.set()
     thread.join(20)
     assert errors and manager.snapshot()[0]["active"] == "2", (errors, manager.snapshot()[0])
     saved = manager.state.voice("voice")
     assert saved.rolling_to is None, saved
     if meanwhile == "withdrawn":
-        assert "3" in saved.rolled_back, saved
+        assert "3" in saved.rolled_back and _versions(manager)["3"] == "rolled-back", saved
     else:
         assert saved.previous[-1] == "3" and "3" not in saved.rolled_back, saved
+    assert _versions(manager)["1"] in ("available", "standby"), _versions(manager)
     manager.close()
 
 

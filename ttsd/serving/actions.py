@@ -73,16 +73,18 @@ class Control:
                     current, target, why, durable, started, named=to is not None, operator=only_from is None
                 )
             was_marked = self.lifecycle.marked(target)
-            # on disk before the load (the state dir full: ResourceError, no change): killed while
-            # the target loads, the daemon finishes the rollback when it restarts (``Promoter.resume``).
-            # Only the target is named: the version serving meanwhile is marked at the swap, as before
-            before = self.state.voice(voice)
-            rolling = self._rolling(before, target, named=to is not None)
-            self._write(voice, rolling, durable)
 
         def load_then_roll(_ticket: object) -> dict[str, Any]:
-            loaded = self._bring_up(target, why, f"cannot roll back to {voice} {target.version}")
+            # the target named on disk before it loads, in the voice's job (one at a time, so a
+            # second rollback's record waits for this one's end): killed while the target loads,
+            # the daemon finishes the rollback when it restarts (``Promoter.resume``); with the
+            # state dir full, ResourceError before anything loads. The version serving meanwhile
+            # is marked at the swap, as before.
+            with self.lifecycle.commit:
+                self._write(voice, self.state.voice(voice).but(rolling_to=target.version), durable)
+            loaded: bool | None = None
             try:
+                loaded = self._bring_up(target, why, f"cannot roll back to {voice} {target.version}")
                 with self.lifecycle.commit:
                     if self.lifecycle.marked(target) and not was_marked:  # withdrawn while it loaded
                         if to is not None:  # the operator named it before the withdrawal: say so
@@ -100,7 +102,10 @@ class Control:
                         current, target, why, durable, started, loaded, named=to is not None, operator=only_from is None
                     )
             except BaseException:
-                self.lifecycle.discard(target, "loaded for a rollback that did not happen")
+                if not self.lifecycle.closed:  # a shutdown's leaves it on disk: the restart finishes it
+                    self._not_rolling(voice, target.version, durable)
+                if loaded is not None:
+                    self.lifecycle.discard(target, "loaded for a rollback that did not happen")
                 raise
 
         try:
@@ -113,39 +118,20 @@ class Control:
                 operator=True,
             ).result()
         except _TargetWithdrawn as exc:  # the withdrawal took it off the stack: the next one
-            self._not_rolling(voice, before, rolling, durable)
             log.warning("%s; rolling back to the next version", exc)
             return self.rollback(voice, None, why, durable=durable, only_from=current)
-        except BaseException:
-            self._not_rolling(voice, before, rolling, durable)
-            raise
 
-    @staticmethod
-    def _rolling(record: VoiceRecord, target: ModelVersion, *, named: bool) -> VoiceRecord:
-        """``record`` while a rollback loads ``target``: the target named (``rolling_to``), and not
-        marked any more if ``named`` (``--to`` a version rolled back before), as ``_roll`` does."""
-        key = norm(target.version)
-        marks = [v for v in record.rolled_back if not named or norm(v) != key]
-        return record.but(rolled_back=marks, rolling_to=target.version)
-
-    def _not_rolling(self, voice: str, before: VoiceRecord, rolling: VoiceRecord, durable: bool) -> None:
-        """A rollback that did not happen takes back what ``_rolling`` wrote: the target's name
-        (unless another rollback's is there now) and a named target's mark (unless it serves
-        now: an operator's activate), on disk as the rollback was when it can be."""
+    def _not_rolling(self, voice: str, version: str, durable: bool) -> None:
+        """A rollback to ``version`` that did not happen is not under way any more: the record stops
+        naming it (``rolling_to``), on disk as the rollback was when it can be."""
         with self.lifecycle.commit:
             now = self.state.voice(voice)
-            kept = {norm(v) for v in now.rolled_back} | ({norm(now.active)} if now.active else set())
-            dropped = [v for v in before.rolled_back if norm(v) not in {norm(r) for r in rolling.rolled_back}]
-            undone = now.but(
-                rolled_back=[*now.rolled_back, *(v for v in dropped if norm(v) not in kept)],
-                rolling_to=None if now.rolling_to == rolling.rolling_to else now.rolling_to,
-            )
-            if undone == now:
+            if now.rolling_to is None or norm(now.rolling_to) != norm(version):
                 return
             try:
-                self._write(voice, undone, durable)
+                self._write(voice, now.but(rolling_to=None), durable)
             except ResourceError:  # the state dir is full: in memory now, on disk when it can be
-                self.state.put(voice, undone)
+                self.state.put(voice, now.but(rolling_to=None))
 
     def _call_off_upgrade(
         self, voice: str, to: str | None, why: str, durable: bool, started: float

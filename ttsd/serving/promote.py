@@ -20,7 +20,7 @@ from .demand import OnDemand
 from .lifecycle import Lifecycle
 from .pacing import Superseded, Ticket
 from .policy import fallback_order, newer
-from .state import ServingState
+from .state import ServingState, VoiceRecord
 from .store import content_id
 from .table import VersionTable
 from .versions import ModelVersion, Policy, State, norm, order
@@ -159,10 +159,19 @@ class Promoter:
             self.fall_back(retired.name)  # it failed to load again, or was withdrawn meanwhile
         return False
 
-    def _serve(self, model: ModelVersion, why: str, *, push_previous: bool = True, vacant: bool = True) -> bool:
-        """Make ``model``, chosen before it loaded and loaded now, active; False (and what was
-        loaded goes) when a rollback or a fleet withdrawal marked it meanwhile, or (``vacant``:
-        it was chosen for a voice serving nothing) an operator's action served a version since."""
+    def _serve(
+        self,
+        model: ModelVersion,
+        why: str,
+        *,
+        push_previous: bool = True,
+        vacant: bool = True,
+        record: VoiceRecord | None = None,
+    ) -> bool:
+        """Make ``model``, chosen before it loaded and loaded now, active (with its voice's record
+        made from ``record`` when given); False (and what was loaded goes) when a rollback or a
+        fleet withdrawal marked it meanwhile, or (``vacant``: it was chosen for a voice serving
+        nothing) an operator's action served a version since."""
         try:
             self.lifecycle.activate(
                 model,
@@ -172,6 +181,7 @@ class Promoter:
                 load_seconds=model.load_seconds,
                 unmarked=True,
                 vacant=vacant,
+                record=record,
             )
         except Superseded as exc:
             self.lifecycle.discard(model, f"not serving: {exc}")
@@ -261,15 +271,15 @@ class Promoter:
 
     def _finish_rollback(self, model: ModelVersion, canary: ModelVersion | None) -> bool:
         """At start-up, when the daemon stopped while a rollback from ``model`` (the saved active
-        version) loaded its target (``Control.rollback`` names it in the record before the load):
-        the rollback happens now, as it would have, ``model`` marked rolled back and a canary
-        beside it ended. True when the target serves; False when it cannot (unknown, refused,
-        withdrawn meanwhile, or it does not come up): the record forgets the rollback and the
-        voice resumes ``model``, as a failed rollback leaves it."""
+        version) loaded its target (``Control.rollback`` names it in the record first): the
+        rollback happens now, as its swap would have made it, ``model`` marked rolled back and a
+        canary beside it ended. True when the target serves; False when it cannot (unknown,
+        refused, marked: withdrawn meanwhile, or named though rolled back before, which the record
+        cannot tell apart; or it does not come up): the record forgets the rollback and the voice
+        resumes ``model``, as a failed rollback leaves it."""
         name, record = model.name, self.state.voice(model.name)
         target = self.table.get(name, record.rolling_to or "")
         why = f"rollback to {record.rolling_to}, finished after a restart"
-        # (marked: withdrawn by the fleet mirror while it loaded)
         if target is None or target is model or target.state is State.REFUSED or self.lifecycle.marked(target):
             target = None
         else:
@@ -280,25 +290,30 @@ class Promoter:
                 target = None
         if target is not None and self.bringup.bring_up(target, why):
             finished = record.marked(model.version)
-            if canary is not None and canary is not target:  # an operator's rollback ends it
-                finished = finished.marked(canary.version).but(canary=None)
-            self.state.put(name, finished)
-            if self._serve(target, why, push_previous=False):
+            ended = canary if canary is not None and canary is not target else None
+            if ended is not None:  # an operator's rollback ends it
+                finished = finished.marked(ended.version).but(canary=None)
+            was = [(m, m.state, m.reason) for m in (model, ended) if m is not None]
+            self.table.change(model, state=State.ROLLED_BACK, reason=why)  # before the swap saves the states
+            if ended is not None:
+                self.table.change(ended, state=State.ROLLED_BACK, reason=f"{why}: its canary ended")
+            if self._serve(target, why, push_previous=False, record=finished):
                 log.warning("%s: %s (from %s, which is rolled back)", name, why, model.version)
-                self.table.change(model, state=State.ROLLED_BACK, reason=why)
                 self.lifecycle.notify("rolled_back", model)
-                if canary is not None and canary is not target:
-                    self.table.change(canary, state=State.ROLLED_BACK, reason=f"{why}: its canary ended")
+                if ended is not None:
+                    self.state.record(name, ended.version, target.version, f"{why}: its canary ended")
+                    self.lifecycle.notify("rolled_back", ended)
                 self.demand.park_if_cold(target, was_loaded=False)  # within a budget: loaded if preloaded
                 return True
+            for m, state, reason in was:
+                self.table.change(m, state=state, reason=reason)
         log.warning(
             "%s: the rollback from %s under way when ttsd stopped cannot finish; %s serves again",
             name,
             model.version,
             model.version,
         )
-        now = self.state.voice(name)
-        self.state.put(name, now.but(rolled_back=record.rolled_back, canary=record.canary, rolling_to=None))
+        self.state.put(name, self.state.voice(name).but(rolling_to=None))
         return False
 
     def _resume_canary(self, canary: ModelVersion) -> None:
