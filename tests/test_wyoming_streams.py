@@ -98,6 +98,14 @@ def test_a_stream_of_many_sentences_is_one_request(voices: FakeVoices, tmp_path:
     counted = [ok for _key, ok in voices.released if ok is not None]
     assert counted == [True], voices.released  # once for the stream, not once per sentence (15)
     assert wyoming(voices, "ok") == 1.0
+    # what operating.md says: each sentence's first audio is timed; the stream's whole time (its
+    # client's pace) is not a request duration
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in voices.metrics.render().decode().splitlines() if line.endswith(tuple("0123456789."))
+               and "_count{" in line}
+    first = sum(v for k, v in samples.items() if k.startswith("ttsd_time_to_first_audio_seconds_count{"))
+    assert first >= 2, samples
+    assert not [k for k in samples if k.startswith("ttsd_request_duration_seconds_count{") and "wyoming" in k]
 
 
 def test_a_stream_the_model_fails_counts_once_against_it(voices: FakeVoices, tmp_path: Path) -> None:
