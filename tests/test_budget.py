@@ -389,3 +389,32 @@ def test_a_preload_canary_or_default_voice_that_names_no_voice_is_said(tmp_path:
     # the memory policy holds no canary at all
     assert any(m.startswith("--canary fak: no such voice in") for m in said), said
     assert any(m.startswith("--canary does nothing under --swap-policy memory") for m in said), said
+
+
+def test_a_canary_of_an_unloaded_voice_does_not_lock_its_other_users_out(tmp_path: Path, fake_engines: None,
+                                                                        rigs: list[Rig]) -> None:
+    """--max-loaded 2: a (preloaded) and b's canary v2 fill the budget while b's active v1 is
+    unloaded. The users the canary share leaves on v1 are served v1 at once, loaded (once) beside
+    its canary over the budget, as an upgrade loads: they waited out --load-wait for room that
+    never came, then got 503, since a running canary is never unloaded. The canary's users keep
+    v2, each user the same version every time."""
+    fakes(tmp_path, "a", "b")
+    rig = Rig(tmp_path, max_loaded=2, canary=(("b", 0.5),), canary_requests=1000)
+    rigs.append(rig)
+    fake_model(tmp_path / "models", "b", "2")
+    rig.manager.reconcile()
+    b = rig.voices()["b"]
+    assert (b["active"], b["canary"], b["residency"]) == ("1", "2", "unloaded"), b
+    loads = FakeEngine.loads
+    heard: dict[str, str] = {}
+    for i in range(16):
+        started = time.monotonic()
+        reply = rig.front.post("/v1/synthesize", {"text": "hello", "voice": "b", "user": f"user-{i}"})
+        assert reply.status == 200 and time.monotonic() - started < 10, (i, reply.status, reply.body[:200])
+        heard[f"user-{i}"] = reply.headers["X-Ttsd-Version"]
+    assert set(heard.values()) == {"1", "2"}, heard
+    again = {user: rig.front.post("/v1/synthesize", {"text": "hi", "voice": "b", "user": user}).headers[
+        "X-Ttsd-Version"] for user in heard}
+    assert again == heard  # one user, one version
+    assert FakeEngine.loads == loads + 1, FakeEngine.loads - loads
+    assert rig.voices()["b"]["canary"] == "2"

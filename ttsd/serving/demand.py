@@ -141,7 +141,12 @@ class OnDemand:
                 raise UnknownVoiceError(f"voice {name!r} has no active version any more")
             if self.map.loaded(model.key):  # loaded meanwhile (an upgrade, a rollback)
                 return
-            if self.make_room(model, strict=True):
+            # a running canary of this voice holds its place in the budget and is never unloaded:
+            # its active version loads beside it even over the budget, as an upgrade does (the
+            # voice's other users waited out --load-wait for room that could not come, then 503)
+            canary = self.lifecycle.canary(name)
+            beside = canary is not None and canary is not model and self.map.loaded(canary.key)
+            if self.make_room(model, strict=not beside) or beside:
                 if self._bring_back(model):
                     return
                 continue  # the voice moved on while it loaded (a rollback, an upgrade): look again
