@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import fake_model, plausible, save_tiny_vits
+from daemon_util import wait_for
 from fake_engine import FakeEngine
 from inproc import FrontEnds, Reply
 
@@ -418,3 +419,29 @@ def test_a_canary_of_an_unloaded_voice_does_not_lock_its_other_users_out(tmp_pat
     assert again == heard  # one user, one version
     assert FakeEngine.loads == loads + 1, FakeEngine.loads - loads
     assert rig.voices()["b"]["canary"] == "2"
+
+
+def test_a_version_loaded_beside_its_canary_for_requests_that_gave_up_stays(tmp_path: Path, fake_engines: None,
+                                                                           rigs: list[Rig]) -> None:
+    """As above, with b v1 taking longer to load than --load-wait: its first user gets 503, and
+    the load goes on; the version it loaded stays, though nobody waits for it any more (over the
+    budget it was the only one that could go: it was unloaded at once, and every next user of v1
+    loaded it again, in vain)."""
+    fakes(tmp_path, "a", "b", b={"load_delay": 1.0})
+    rig = Rig(tmp_path, max_loaded=2, canary=(("b", 0.5),), canary_requests=1000, load_wait=0.3)
+    rigs.append(rig)
+    fake_model(tmp_path / "models", "b", "2")
+    rig.manager.reconcile()
+    loads = FakeEngine.loads
+    for i in range(32):  # the canary's users are served at once; the first of v1's waits, in vain
+        user = f"user-{i}"
+        if rig.front.post("/v1/synthesize", {"text": "hello", "voice": "b", "user": user}).status == 503:
+            break
+    else:
+        pytest.fail("no user fell to v1")
+    wait_for(lambda: FakeEngine.loads > loads and rig.manager.demand.waiting_for("b") == 0
+             and not rig.manager.jobs.busy("b"), 10, "b 1's load ended")
+    assert rig.residency()["b"] == "loaded", rig.voices()["b"]
+    reply = rig.front.post("/v1/synthesize", {"text": "hi", "voice": "b", "user": user})
+    assert reply.status == 200 and reply.headers["X-Ttsd-Version"] == "1"
+    assert FakeEngine.loads - loads == 1, FakeEngine.loads - loads

@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from ..errors import BusyError, LoadError, ResourceError, TtsdError, UnknownVoiceError
@@ -183,7 +184,10 @@ class OnDemand:
                 return False
             self.used(name)
             self._listener("loaded-for-request", model)
-            self.fit_budget()  # the measured cost may be more than was expected
+            # the measured cost may be more than was expected; what was loaded for the requests stays
+            # (loaded beside its canary, over the budget, it was the only version that could go,
+            # and requests that gave up waiting left it idle: each next one loaded it again)
+            self.fit_budget(keep=model.key)
             return True
         if self.lifecycle.active(name) is not model:  # moved on: its failure takes nothing down
             return False
@@ -268,13 +272,14 @@ class OnDemand:
             self._evict(self.table.by_key(plan.unload[0]))
         return False
 
-    def fit_budget(self) -> None:
-        """Unload idle versions, rollback targets first, until what is loaded fits the budget."""
+    def fit_budget(self, keep: residency.Key | None = None) -> None:
+        """Unload idle versions, rollback targets first, until what is loaded fits the budget (or
+        nothing but ``keep`` could go)."""
         if not self.budget.limited:
             return
         for _ in range(2 * len(self.table) + 2):
             with self.table.locked():
-                residents = self._residents()
+                residents = [replace(r, busy=True) if r.key == keep else r for r in self._residents()]
             plan = residency.plan(residents, self.budget, rss=resident_bytes())
             if not plan.unload:
                 return
