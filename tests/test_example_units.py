@@ -161,37 +161,62 @@ def test_the_daemon_each_unit_starts_can_do_what_it_is_configured_to(drop_ins: t
         assert str(params["wyoming_uri"]).startswith("tcp://")
 
 
+def _unit_section(path: Path) -> dict[str, str]:
+    """The [Unit] settings of a unit file or drop-in (the last assignment of each wins)."""
+    section, found = "", {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif section == "Unit" and "=" in line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            found[key.strip()] = value.strip()
+    return found
+
+
+def _seconds(value: str) -> float:
+    units = {"min": 60, "s": 1, "h": 3600}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * factor
+    return float(value)
+
+
 @pytest.mark.parametrize("drop_ins", COMBINATIONS, ids=lambda c: "+".join(["ttsd.service", *c]))
-def test_a_configuration_error_stops_the_unit_instead_of_restarting_it(tmp_path: Path,
-                                                                      drop_ins: tuple[str, ...]) -> None:
-    """Restart=on-failure restarts ttsd after a crash, but a bad flag or configuration fails the
-    same way at every start: the exit codes ``ttsd serve`` gives for those (run here for real) are
-    in RestartPreventExitStatus, and an internal error's (1) and another daemon holding the state
-    dir (19, it may let go) are not."""
+def test_a_configuration_error_is_not_restarted_for_good(tmp_path: Path, drop_ins: tuple[str, ...]) -> None:
+    """Restart=on-failure restarts ttsd after a crash. A bad flag fails the same way at every
+    start: its exit code (``ttsd serve`` run here for real) is in RestartPreventExitStatus. A
+    configuration error (3) may be the box's for a moment (an address not yet assigned, as the real
+    ttsd shows here with one it cannot bind): it is restarted, but the start limit stops the unit
+    after a few, rather than a restart every RestartSec for good. An internal error (1) and
+    another daemon holding the state dir (19) are restarted too."""
     import sys
 
-    from ttsd.errors import ConfigError, StateLockedError
+    from ttsd.errors import ConfigError
 
     service = merged(BASE, *(DROP_INS[d] for d in drop_ins))
     assert service.one("Restart") == "on-failure"
     prevented = set(service.one("RestartPreventExitStatus").split())
     ttsd = [sys.executable, "-m", "ttsd", "serve", "--no-seed", "--state", str(tmp_path / "state"),
-            "--socket", str(tmp_path / "s.sock")]
-    (tmp_path / "afile").touch()
-    errors = {
-        "a bad flag": [*ttsd, "--no-such-flag"],
-        "a models dir that is a file": [*ttsd, "--models", str(tmp_path / "afile")],
-        "an unknown socket group": [*ttsd, "--models", str(tmp_path), "--socket-group", "no-such-group-ttsd"],
-    }
+            "--socket", str(tmp_path / "s.sock"), "--models", str(tmp_path / "models")]
     codes = {}
-    for what, command in errors.items():
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    for what, extra in {"a bad flag": ["--no-such-flag"], "an address not (yet) here": ["--listen", "192.0.2.55:18080"],
+                        "an unknown socket group": ["--socket-group", "no-such-group-ttsd"]}.items():
+        done = subprocess.run([*ttsd, *extra], capture_output=True, text=True, timeout=60, check=False)
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and "Traceback" not in done.stderr, (what, done.stderr)
         codes[what] = str(done.returncode)
-    assert codes["an unknown socket group"] == str(ConfigError.exit_code)
-    assert set(codes.values()) <= prevented, (codes, prevented)
-    assert not {"0", "1", str(StateLockedError.exit_code)} & prevented, prevented
+    assert codes["a bad flag"] in prevented, (codes, prevented)
+    assert codes["an address not (yet) here"] == codes["an unknown socket group"] == str(ConfigError.exit_code)
+    assert prevented == {codes["a bad flag"]}, prevented  # 3 may pass; 1 and 19 are restarted
+    unit = {}
+    for path in (BASE, *(DROP_INS[d] for d in drop_ins)):
+        unit.update(_unit_section(path))
+    burst, interval = int(unit["StartLimitBurst"]), _seconds(unit["StartLimitIntervalSec"])
+    # a start that fails at once comes back every RestartSec: the limit must be reached within it
+    assert burst * _seconds(service.one("RestartSec")) < interval, (burst, interval)
+    if "wyoming.conf" in drop_ins:  # a TCP listener on a LAN address waits for the network
+        assert "network-online.target" in unit.get("After", "") and "network-online.target" in unit.get("Wants", "")
 
 
 def test_the_fleet_timer_service_can_get_into_the_daemons_models_dir(monkeypatch: pytest.MonkeyPatch) -> None:
