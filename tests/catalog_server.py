@@ -26,6 +26,8 @@ class Mirror:
     cuts: dict[str, list[int]] = field(default_factory=dict)  # path -> bytes sent before each cut, in turn
     statuses: dict[str, int] = field(default_factory=dict)  # path -> status to answer instead
     no_length: set[str] = field(default_factory=set)  # paths sent without Content-Length, until close
+    glitches: dict[str, int] = field(default_factory=dict)  # path -> ranged requests answered 416 wrongly
+    bare_416: set[str] = field(default_factory=set)  # paths whose 416 says no length (no Content-Range)
     redirects: dict[str, str] = field(default_factory=dict)  # path -> URL of a 302 answer
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range)
     port: int = 0
@@ -74,8 +76,15 @@ class _Handler(BaseHTTPRequestHandler):
             match = re.fullmatch(r"bytes=(\d+)-", rng)
             assert match, rng
             start = int(match.group(1))
+            if self.mirror.glitches.get(rel, 0) > 0:  # a CDN's 416 with its error page's length
+                self.mirror.glitches[rel] -= 1
+                self._refuse_range(177)
+                return
             if start >= len(body):
-                self.send_error(416)
+                if rel in self.mirror.bare_416:
+                    self.send_error(416)
+                else:
+                    self._refuse_range(len(body))  # as nginx, Apache and S3 answer: the length there is
                 return
         self.send_response(206 if start else 200)
         if rel not in self.mirror.no_length:
@@ -91,6 +100,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.wfile.write(body[start:])
+
+
+    def _refuse_range(self, length: int) -> None:
+        self.send_response(416)
+        self.send_header("Content-Range", f"bytes */{length}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
 
 class _Server(ThreadingHTTPServer):

@@ -231,20 +231,36 @@ def test_a_file_larger_than_the_catalog_says_is_cut_off(mirror: Mirror, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("announced", [True, False])
-def test_a_file_smaller_than_the_catalog_says_is_refused(mirror: Mirror, tmp_path: Path, announced: bool) -> None:
+@pytest.mark.parametrize("how", ["announced", "unannounced", "unannounced, a 416 without its length"])
+def test_a_file_smaller_than_the_catalog_says_is_refused(mirror: Mirror, tmp_path: Path, how: str) -> None:
     """Announced (Content-Length): refused at once. Not announced, the short body looks like a
-    connection cut off: the next try asks for the rest, the mirror answers 416 (no such byte), and
-    that is the mirror's file being short (exit 16), not a network to try again later (exit 14,
-    which a timer would have repeated for good). Nothing is kept."""
+    connection cut off: the next try asks for the rest, the mirror answers 416 (no such byte);
+    once may be a glitch (started over), twice is the mirror's file being short (exit 16), not a
+    network to try again later (exit 14, which a timer would have repeated for good). Nothing is
+    kept."""
     file = the_file(mirror, catalog(mirror))
     mirror.files[file.path] = SMALL.onnx[:1000]
-    if not announced:
+    if how != "announced":
         mirror.no_length.add(file.path)
-    message = "1000 bytes, the catalog says 300000" if announced else "ends before byte 1000, the catalog says 300000"
+    if how.endswith("length"):
+        mirror.bare_416.add(file.path)
+    message = "ends before byte 1000, twice" if how.endswith("length") else "1000 bytes, the catalog says 300000"
     with pytest.raises(ChecksumError, match=message):
         dl.download(fast(mirror), file, tmp_path / "v.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_mirror_that_refuses_a_good_range_once_is_asked_again(mirror: Mirror, tmp_path: Path) -> None:
+    """A download cut off, then a 416 with a wrong length to the Range that goes on (a CDN has
+    answered so with its error page's length): not taken for a short file at once; the download
+    starts over and completes."""
+    file = the_file(mirror, catalog(mirror))
+    mirror.cuts[file.path] = [100_000]
+    mirror.glitches[file.path] = 1
+    dl.download(fast(mirror), file, tmp_path / "v.onnx")
+    assert (tmp_path / "v.onnx").read_bytes() == mirror.files[file.path]
+    assert mirror.fetched(file.path) == [None, "bytes=100000-", None], mirror.fetched(file.path)
 
 
 @pytest.mark.slow

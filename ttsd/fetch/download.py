@@ -530,6 +530,7 @@ def download(mirror: Mirror, file: CatalogFile, dest: Path, progress: Progress =
         os.close(
             os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
         )
+    refusals = 0  # 416s to a Range: the mirror's file ended before the bytes kept
     for attempt in range(1, mirror.attempts + 1):
         done = part.stat().st_size if part.exists() else 0
         if done > file.size:
@@ -539,16 +540,18 @@ def download(mirror: Mirror, file: CatalogFile, dest: Path, progress: Progress =
             try:
                 done = _fetch_into(mirror, url, file, part, done, progress)
             except _RangeRefused as refused:
-                if refused.length == file.size:  # the right length, yet no byte ``done``: start over
-                    part.unlink(missing_ok=True)
+                part.unlink(missing_ok=True)
+                # the mirror has no byte ``done``: a short file (sent without a Content-Length, it
+                # looked like a connection cut off, again and again), or a glitch (a CDN has answered
+                # a good range 416 with its error page's length). Once: start over; twice: short
+                refusals += 1
+                if refusals < 2 or refused.length == file.size:
                     continue
-                # its file ends before the bytes kept: shorter than the catalog says (sent without a
-                # Content-Length, a short file looked like a connection cut off, again and again)
                 if refused.length is not None:
                     raise _mismatch(url, part, refused.length, file.size) from None
-                part.unlink(missing_ok=True)
                 raise ChecksumError(
-                    f"{url}: the mirror's file ends before byte {done}, the catalog says {file.size} bytes; refused"
+                    f"{url}: the mirror's file ends before byte {done}, twice, the catalog says {file.size} "
+                    "bytes; refused"
                 ) from None
             if done < file.size:
                 if attempt == mirror.attempts:
