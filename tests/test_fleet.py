@@ -360,7 +360,8 @@ def test_a_download_broken_off_is_removed_once_the_mirror_moves_on(tmp_path: Pat
     """1. v1's download is cut off every time: get fails (exit 14) and keeps what it has to resume.
     2. The mirror publishes v2 before v1 ever arrives: the next get takes v2, and v1's download is
     removed (it stayed in the cache for good). A folder there that another voice of the mirror
-    (``voice-1``, version 2) or a Piper download (``voice-medium``) could own is left alone."""
+    (``voice-1``, version 2), of another mirror sharing the cache (``voice-2``, version 3) or a
+    Piper download (``voice-medium``) could own is left alone."""
     def release(version: str, name: str = "voice") -> Path:
         folder = tmp_path / "build" / f"{name}-{version}"
         folder.mkdir(parents=True)
@@ -381,10 +382,15 @@ def test_a_download_broken_off_is_removed_once_the_mirror_moves_on(tmp_path: Pat
     assert any((downloads / "voice-1").rglob("*.part")), list(downloads.rglob("*"))
     for other in ("voice-1-2", "voice-medium"):
         (downloads / other).mkdir()
+    # voice-2 version 3, from another mirror sharing the cache: its folder's name reads as voice 2-3
+    pack_dir = downloads / "voice-2-3"
+    pack_dir.mkdir()
+    (pack_dir / "noise.dat").write_bytes(b"x")
+    pack(pack_dir, name="voice-2", version="3", engine="vits", sample_rate=8000)
     release("2")
     serve_dir(mirror, fleet["published"])
     result = get(mirror.url, box, "voice", "--upgrade", "--trusted-keys", str(fleet["trusted"]))
     assert result.exit_code == 0, result.output
     assert verify(box / "models" / "voice-2").version == "2"
-    assert sorted(p.name for p in downloads.iterdir() if p.is_dir()) == ["voice-1-2", "voice-medium"], \
+    assert sorted(p.name for p in downloads.iterdir() if p.is_dir()) == ["voice-1-2", "voice-2-3", "voice-medium"], \
         list(downloads.iterdir())

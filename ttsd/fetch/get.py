@@ -51,7 +51,7 @@ from ..errors import (
     resource_error,
 )
 from ..fsutil import fsync_dir
-from ..manifest import Manifest, check_version
+from ..manifest import Manifest, check_version, read_manifest
 from ..models_dir import Candidate, scan
 from .download import Mirror, download, ensure_room, fetch_small, present_bytes
 from .index import CATALOG_FILE, MAX_CATALOG_BYTES, Catalog, CatalogFile, CatalogVoice, parse_catalog
@@ -186,8 +186,9 @@ def _remove_stale_downloads(
     """Remove the fleet voice ``name``'s downloads of any version but ``keep`` (the one this run
     takes): one broken off is kept to resume, and once the mirror has moved on (a newer version,
     a withdrawal) nothing would ever finish or remove it, so each stayed in the cache for good.
-    Only folders named ``NAME-VERSION`` whose rest is a version and which no other voice of the
-    index could have made (``a`` and ``a-1`` both make ``a-1-2``)."""
+    Only folders named ``NAME-VERSION`` that hold that version's manifest, fetched first: no
+    other voice's (``a`` and ``a-1`` both make ``a-1-2``, and a second mirror may share the
+    cache), nor a Piper download's. One broken off before its manifest arrived holds a few bytes."""
     prefix = f"{name}-"
     others = [f"{other}-" for other in index if other != name and other.startswith(prefix)]
     for work in downloads.glob(f"{glob.escape(prefix)}*"):
@@ -195,9 +196,11 @@ def _remove_stale_downloads(
         if version == keep or work.is_symlink() or not work.is_dir() or any(work.name.startswith(o) for o in others):
             continue
         try:
-            check_version(version)
+            manifest = read_manifest(work)
         except ManifestError:
-            continue  # not a version: another download (a Piper voice's key)
+            continue  # not (yet) a download of a version of a voice
+        if manifest.name != name or manifest.version != version:
+            continue
         reporter.step(f"removing the download of {name} {version}: the mirror no longer offers it to this box")
         shutil.rmtree(work, ignore_errors=True)
 
