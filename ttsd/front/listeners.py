@@ -140,7 +140,7 @@ def share_socket(path: Path, gid: int | None) -> None:
         for folder in closed_to_group(path, gid):
             st = folder.stat()
             log.warning(
-                "the socket %s is for group %s, but its members cannot reach it: %s is mode %o, group %s "
+                "the socket %s is for group %s, but its members may not reach it: %s is mode %o, group %s "
                 "(make it searchable by that group: in the example unit, RuntimeDirectoryMode=0755)",
                 path,
                 _group_name(gid),
@@ -152,16 +152,17 @@ def share_socket(path: Path, gid: int | None) -> None:
 
 def closed_to_group(path: Path, gid: int) -> list[Path]:
     """The directories above ``path`` that a member of group ``gid`` who owns none of them may
-    not pass through (no search permission for that group or for others). Modes only: an ACL
-    that lets the group in is not seen."""
+    not pass through: no search permission for that group where it is the directory's group, for
+    others elsewhere. Modes only: an ACL, or another group of a member's, that lets one in is not
+    seen."""
     closed = []
     for folder in (*path.parent.absolute().parents[::-1], path.parent.absolute()):
         try:
             st = folder.stat()
         except OSError:
             continue
-        mode = stat.S_IMODE(st.st_mode)
-        if not (mode & stat.S_IXOTH or (st.st_gid == gid and mode & stat.S_IXGRP)):
+        # the group's bits decide for its members when the directory is the group's, else the others'
+        if not stat.S_IMODE(st.st_mode) & (stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH):
             closed.append(folder)
     return closed
 
