@@ -138,7 +138,10 @@ def share_socket(path: Path, gid: int | None) -> None:
         os.chown(path, -1, gid)
         os.chmod(path, 0o660)
         for folder in closed_to_group(path, gid):
-            st = folder.stat()
+            try:
+                st = folder.stat()
+            except OSError:  # gone since it was looked at: nothing to say of it
+                continue
             log.warning(
                 "the socket %s is for group %s, but its members may not reach it: %s is mode %o, group %s "
                 "(make it searchable by that group: in the example unit, RuntimeDirectoryMode=0755)",
