@@ -881,6 +881,22 @@ def _gate(monkeypatch: pytest.MonkeyPatch, version: str) -> tuple[threading.Even
     return started, release
 
 
+def _failing_load(monkeypatch: pytest.MonkeyPatch, version: str) -> Callable[[FakeEngine], None]:
+    """Loads of ``version`` (its store copy's folder name) fail as the model's fault; returns the
+    real load, to put back."""
+    from ttsd.errors import LoadError
+
+    real_load = FakeEngine.load
+
+    def load(self: FakeEngine) -> None:
+        if self.folder.name == version:
+            raise LoadError("told to fail")
+        real_load(self)
+
+    monkeypatch.setattr(FakeEngine, "load", load)
+    return real_load
+
+
 def _cut_off_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, to: str | None,
                       first: Callable[[ModelManager], object] = lambda _m: None, **policy: object) -> str:
     """v3 serves, v1 and v2 are its rollback targets, not loaded (keep=0); ``first`` runs then.
@@ -938,16 +954,7 @@ def test_a_cut_off_rollback_whose_target_fails_at_the_restart_leaves_the_version
     served before, serves again and is not rolled back (a failed rollback leaves the voice as it
     was), and the record forgets the rollback, so the next restart does not try it again."""
     _cut_off_rollback(tmp_path, monkeypatch, None)
-    from ttsd.errors import LoadError
-
-    real_load = FakeEngine.load
-
-    def load(self: FakeEngine) -> None:
-        if self.folder.name == "2":
-            raise LoadError("told to fail")
-        real_load(self)
-
-    monkeypatch.setattr(FakeEngine, "load", load)
+    real_load = _failing_load(monkeypatch, "2")
     restarted = make_manager(tmp_path, keep=0)
     restarted.start()
     assert restarted.snapshot()[0]["active"] == "3", restarted.snapshot()
@@ -1088,23 +1095,9 @@ def test_a_rollback_whose_target_fails_to_load_leaves_the_record_as_it_was(tmp_p
     """keep=0: v2 serves, v1 (its rollback target) fails to load. The rollback fails and v2 keeps
     serving; what the rollback wrote before the load is taken back, so a restart serves v2 and
     does not try the rollback again."""
-    models = tmp_path / "models"
-    fake_model(models, "voice", "1")
-    manager = make_manager(tmp_path, keep=0)
-    manager.start()
-    fake_model(models, "voice", "2")
-    manager.reconcile()
+    _models, manager = v2_over_v1(tmp_path, keep=0)
     before = manager.state.voice("voice")
-    from ttsd.errors import LoadError
-
-    real_load = FakeEngine.load
-
-    def load(self: FakeEngine) -> None:
-        if self.folder.name == "1":
-            raise LoadError("told to fail")
-        real_load(self)
-
-    monkeypatch.setattr(FakeEngine, "load", load)
+    real_load = _failing_load(monkeypatch, "1")
     with pytest.raises(Exception, match="cannot roll back"):
         manager.rollback("voice")
     assert manager.snapshot()[0]["active"] == "2"
