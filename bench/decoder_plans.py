@@ -15,6 +15,11 @@ And whether the windows' recomputed context is what they cost: the same sentence
 of the same widths that carry each layer's context to the next piece instead (``carried_decoder.py``,
 float32 only), nothing computed twice.
 
+And the same in a second library: the decoder's own windows with every convolution on MKL
+(``mkl_decoder.py``, float32 only), which builds nothing per length, so a sentence can be decoded
+whole (each sentence in one window at its own length) or in pieces of any width; the script prints
+the resident peak each takes on the longest sentence beside the windows'.
+
 All are timed on the same sentences' frame counts (the Wyoming bench's four short sentences as
 this voice speaks them, a 150-frame one-sentence reply, the rtf bench's four long sentences) and on
 one window of each width, the variants alternated call by call (the box is shared: a slow moment
@@ -39,6 +44,7 @@ SENTENCES = {
     "1 short sentence": [150],
     "4 long sentences (rtf bench)": [363, 308, 376, 376],
 }
+MKL_PIECE = 100  # frames kept per piece on MKL: about the widest window's (128 frames less its context)
 
 
 def alternated(variants: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
@@ -73,6 +79,11 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
 
         carried = CarriedDecoder(decoder, decoder.usable_widths())
         carried.measure()
+    on_mkl = {}
+    if precision == "fp32":
+        from mkl_decoder import MklDecoder
+
+        on_mkl = {"MKL whole": MklDecoder(decoder), f"MKL pieces of <= {MKL_PIECE}": MklDecoder(decoder, MKL_PIECE)}
 
     def variant(plan: dict[int, float]) -> Any:
         """The same decoder (its weights shared) planning by ``plan`` ({}: the work model)."""
@@ -130,6 +141,9 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
             if carried is not None:
                 assert all(float((carried(x) - b).abs().max()) < 1e-5 for x, b in zip(latents, new, strict=True))
                 variants["carried"] = by(carried)
+            for name, other in on_mkl.items():
+                assert all(float((other(x) - b).abs().max()) < 1e-5 for x, b in zip(latents, new, strict=True))
+                variants[name] = by(other)
             t = alternated(variants, runs)
             row(f"measured plans: {label}, frames {frames}", t["measured"], t["model"])
             row(f"both: {label}", t["measured"], t["plain"])
@@ -137,8 +151,20 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
             if carried is not None:
                 row(f"windows against carried pieces: {label} ({', '.join(str(carried.plan(n)) for n in frames)})",
                     t["measured"], t["carried"])
+            for name in on_mkl:
+                row(f"windows against {name} frames: {label}".replace("whole frames", "whole"), t["measured"], t[name])
             notes.append(f"* {label}: decoding them whole the first time took {first_call * 1e3:.0f} ms "
                          f"(later {t['whole'] * 1e3:.0f} ms) and kept {kept / 2**20:.1f} MB")
+    if on_mkl:
+        from memory_parts import rise
+
+        longest = torch.randn(1, 192, max(max(f) for f in SENTENCES.values()), generator=generator)
+        with torch.inference_mode():
+            peaks = {name: rise(lambda d=d: d(longest))[0] for name, d in [("windows", decoder), *on_mkl.items()]}
+        notes.append(f"* resident peak decoding one {longest.shape[-1]}-frame sentence (rise over the process): "
+                     + ", ".join(f"{name} {mb:.1f} MB" for name, mb in peaks.items()))
+    else:
+        notes.append(f"* MKL: not measured in {precision} (float32 only)")
     if carried is not None:
         notes.append(f"* carried pieces (audio {carried.lag} frames behind their input): "
                      + ", ".join(f"{w} frames {t * 1e3:.2f} ms" for w, t in carried.seconds.items()))

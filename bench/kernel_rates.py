@@ -86,7 +86,7 @@ def main() -> None:
 
     # The voice's own shapes (en_US-joe-medium, ~190 tokens, ~380 frames, decoder windows of 256
     # frames): the text side's matrix products on MKL and on oneDNN, and the decoder's channels-last
-    # convolutions in fp32 and bf16 (oneDNN, fused leaky ReLU), best of 30.
+    # convolutions in fp32 and bf16 (oneDNN, fused leaky ReLU) and in fp32 on MKL, best of 30.
     for m_, k_, n_, what in ((192, 576, 768, "encoder ff1"), (192, 2304, 192, "encoder ff2"),
                              (384, 960, 384, "flow in-layer")):
         x, w, bias = torch.randn(m_, k_), torch.randn(k_, n_), torch.randn(n_)
@@ -103,8 +103,22 @@ def main() -> None:
             conv = lambda: torch.ops.mkldnn._convolution_pointwise(  # noqa: E731
                 x, w, bias, [0, (k - 1) * d // 2], [1, 1], [1, d], 1, "leaky_relu", [0.1], "")
             rates.append(2 * c * c * k * length / 1e9 / best(conv, 30))
+        # The same convolution on MKL, which builds nothing per length (oneDNN does): time-major
+        # rows, one product per tap over a shifted view of a zero-padded input.
+        pad = (k - 1) * d // 2
+        xt = torch.zeros(length + 2 * pad, c)
+        xt[pad:pad + length] = torch.randn(length, c)
+        taps = [torch.randn(c, c) for _ in range(k)]
+        out, bias = torch.empty(length, c), torch.randn(c)
+
+        def per_tap() -> None:
+            torch.addmm(bias, xt[:length], taps[0], out=out)
+            for j in range(1, k):
+                out.addmm_(xt[j * d:j * d + length], taps[j])
+
+        mkl = 2 * c * c * k * length / 1e9 / best(per_tap, 30)
         print(f"decoder conv {c} ch, k={k} d={d}, {length} samples: fp32 {rates[0]:.0f}"
-              + (f", bf16 {rates[1]:.0f}" if bf16 else "") + " GF/s")
+              + (f", bf16 {rates[1]:.0f}" if bf16 else "") + f" GF/s (oneDNN); fp32 MKL per tap {mkl:.0f} GF/s")
     if args.voice is None:
         from ttsd.config import default_cache_dir
         from ttsd.voices import builtin_model
