@@ -53,11 +53,17 @@ def tamper_on_mirror(where: Path, name: str, version: str, edit, **pack_args: ob
     """What someone with write access to the mirror (not the key) does to a published folder:
     change it, then rewrite its manifest and the index to match, so every checksum passes and
     only the signature can tell. (``publish`` itself refuses such a folder.)"""
-    import hashlib
-
     folder = where / "ttsd" / name / version
     edit(folder)
     pack(folder, name=name, version=version, **pack_args)  # type: ignore[arg-type]
+    pin_manifest(where, name, version)
+
+
+def pin_manifest(where: Path, name: str, version: str) -> None:
+    """The mirror's index rewritten to pin the folder's manifest as it now is."""
+    import hashlib
+
+    folder = where / "ttsd" / name / version
     index = json.loads((where / INDEX_FILE).read_text())
     manifest = (folder / "ttsd.json").read_bytes()
     pinned = {"sha256": hashlib.sha256(manifest).hexdigest(), "size": len(manifest)}
@@ -149,6 +155,22 @@ def test_a_hostile_fleet_index_is_refused(tmp_path: Path, fleet: dict[str, Path]
     spoil(index["voices"]["voice"])
     with pytest.raises(CatalogError, match=message):
         parse_index(json.dumps(index).encode(), INDEX_FILE)
+
+
+def test_a_manifest_on_the_mirror_with_a_digest_that_is_not_hex_is_refused(tmp_path: Path, mirror: Mirror,
+                                                                            fleet: dict[str, Path]) -> None:
+    """A fetch names a file's partial download by its digest: a '/' in one ended ``get`` in an
+    internal error (exit 1) on every timer run. It is the mirror's fault, exit 15, and nothing lands."""
+    folder = folder_of_two(tmp_path / "build" / "voice-1")
+    publish(folder, fleet["published"])
+    on_mirror = fleet["published"] / "ttsd" / "voice" / "1" / "ttsd.json"
+    manifest = json.loads(on_mirror.read_text())
+    manifest["files"]["a.json"]["sha256"] = "/" * 64
+    on_mirror.write_text(json.dumps(manifest))
+    pin_manifest(fleet["published"], "voice", "1")
+    serve_dir(mirror, fleet["published"])
+    one_line_error(get(mirror.url, tmp_path / "box", "voice"), 15, "64-hex 'sha256'")
+    nothing_in_models(tmp_path / "box")
 
 
 def test_publishing_the_same_version_with_other_content_is_refused(tmp_path: Path, fleet: dict[str, Path]) -> None:

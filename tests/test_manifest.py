@@ -86,6 +86,11 @@ def test_pickle_weights_are_refused_by_verify_and_pack(tmp_path: Path) -> None:
         ('{"name": "x", "version": "1", "engine": "vits", "sample_rate": "fast", "files": {}}', "'sample_rate' must be a int"),
         ('{"name": "x", "version": "1", "engine": "vits", "sample_rate": 1, '
          '"files": {"../etc/passwd": {"sha256": "' + "0" * 64 + '", "size": 1}}}', "not a plain path"),
+        # a fetch names its partial file by the digest: a '/' in it once ended `models get` in a traceback
+        ('{"name": "x", "version": "1", "engine": "vits", "sample_rate": 1, '
+         '"files": {"a": {"sha256": "' + "/" * 64 + '", "size": 1}}}', "needs a 64-hex 'sha256'"),
+        ('{"name": "x", "version": "1", "engine": "vits", "sample_rate": 1, '
+         '"files": {"a": {"sha256": "' + "0" * 63 + 'g", "size": 1}}}', "needs a 64-hex 'sha256'"),
     ],
 )
 def test_bad_manifests_get_a_clear_error(tmp_path: Path, text: str, message: str) -> None:

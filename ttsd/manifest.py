@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -140,6 +141,10 @@ def _safe_relpath(rel: str) -> str:
     return rel
 
 
+# a digest is compared, and a fetch names its partial file by it: anything but hex is refused here
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
     """Build a ``Manifest`` from decoded JSON, with one clear error for the first problem."""
     if not isinstance(data, dict):
@@ -169,7 +174,7 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
         if (
             not isinstance(entry, dict)
             or not isinstance(entry.get("sha256"), str)
-            or len(entry["sha256"]) != 64
+            or not _HEX64.fullmatch(entry["sha256"])
             or not isinstance(entry.get("size"), int)
             or isinstance(entry["size"], bool)
             or entry["size"] < 0
