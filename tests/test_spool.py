@@ -631,6 +631,35 @@ def test_a_reason_left_without_its_request_by_a_kill_is_removed_at_the_restart(
     assert "late.txt" in names(dirs["done"])
 
 
+def test_a_claim_cut_off_by_a_kill_is_finished_at_the_restart(front: FrontEnds, voices: FakeVoices,
+                                                               clock: Clock) -> None:
+    """A claim links the request into work/, then removes its name in incoming/. A kill -9 between
+    the two left one file under both names; the restart failed the claimed name for its other
+    hard link and served the other, so the request ended in failed/ (which a client polling for
+    ID.error.json takes as its answer) and in done/. Now it is served once, from work/. A file in
+    incoming/ that is a hard link to another file in work/ (another inode) or with a third link
+    is not touched."""
+    dirs = front.spool.dirs
+    (dirs["work"] / "cut.txt").write_text("Claimed when the daemon was killed.")
+    os.link(dirs["work"] / "cut.txt", dirs["incoming"] / "cut.txt")
+    (dirs["work"] / "twice.txt").write_text("Claimed.")
+    (dirs["incoming"] / "twice.txt").write_text("Another file with the same name.")
+    outside = dirs["incoming"].parent / "elsewhere.txt"  # a writer's hard link to its own file
+    outside.write_text("Not the spool's.")
+    os.link(outside, dirs["work"] / "linked.txt")
+    os.link(outside, dirs["incoming"] / "linked.txt")
+
+    restarted = Spool(dirs["incoming"].parent, voices.backend, concurrency=1)
+    restarted.prepare()
+    assert names(dirs["incoming"]) == ["linked.txt", "twice.txt"]
+    assert os.stat(dirs["work"] / "cut.txt").st_nlink == 1
+    front.spool = restarted
+    settle_and_serve(front, clock)
+    assert [job.text for job in voices.jobs].count("Claimed when the daemon was killed.") == 1
+    assert "cut.txt" in names(dirs["done"]) and (dirs["out"] / "cut.json").is_file()
+    assert not any(p.name.startswith("cut") for p in dirs["failed"].iterdir())
+
+
 def test_the_folders_the_spool_makes_take_its_group_permissions(tmp_path: Path, voices: FakeVoices) -> None:
     """docs/spool.md: a spool dir writable by its writers' group (mode 2770). Under the example
     unit's UMask=0027 the daemon made incoming/ 0750 and every writer in the group was refused."""

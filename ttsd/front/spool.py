@@ -179,6 +179,7 @@ class Spool:
             if claimed.name.startswith("."):
                 continue
             try:
+                self._finish_claim(claimed)
                 if self._already_published(claimed):
                     placed = self._place(claimed, "done")
                     log.info("%s was served before a restart; moved to done/%s", shown(claimed.name), shown(placed))
@@ -192,6 +193,26 @@ class Spool:
         self._forget_lone_reasons()
         fsync_dir(self.dirs["work"])
         self._prepared = True
+
+    def _finish_claim(self, claimed: Path) -> None:
+        """A claim is a hard link into ``work/``, then the name in ``incoming/`` removed: a kill -9
+        between the two left the same file under both names, and the restart failed the claimed
+        one for its other hard link while it served the other, so one request ended in ``failed/``
+        and ``done/`` both. The name in ``incoming/`` of that very file (same inode, no third
+        link) is removed, as the claim would have."""
+        st = os.lstat(claimed)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 2:
+            return
+        left = self.dirs["incoming"] / claimed.name
+        try:
+            other = os.lstat(left)
+        except FileNotFoundError:
+            return
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(left)
+            log.info(
+                "spool: %s was claimed when the daemon stopped; its name in incoming/ is removed", shown(claimed.name)
+            )
 
     def _forget_lone_reasons(self) -> None:
         """An error file in ``failed/`` whose request never joined it (a kill -9 between writing
