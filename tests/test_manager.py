@@ -675,6 +675,31 @@ def test_a_saved_active_version_that_is_marked_is_not_resumed(tmp_path: Path, fa
     restarted.close()
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_a_saved_canary_not_newer_than_the_active_version_is_ended(tmp_path: Path, fake_engines: None,
+                                                                   share: float) -> None:
+    """A canary is a newer version beside the active one: none other starts. state.json naming an
+    older one (edited by hand, or damaged) made the restart promote it with no canary share, a
+    silent downgrade, or give it a share of the users. It is ended instead, and v2 serves all."""
+    import json
+
+    _, manager = v2_over_v1(tmp_path)
+    manager.close()
+    path = tmp_path / "state" / "state.json"
+    saved = json.loads(path.read_text())
+    saved["voices"]["voice"]["canary"] = "1"
+    path.write_text(json.dumps(saved))
+    restarted = make_manager(tmp_path, canary={"*": share}) if share else make_manager(tmp_path)
+    restarted.start()
+    voice = restarted.snapshot()[0]
+    assert (voice["active"], voice["canary"]) == ("2", None)
+    for user in ("a", "b", "c", "d", "e", "f"):
+        with restarted.acquire("voice", user=user) as lease:
+            assert lease.voice.version == "2"
+    restarted.close()
+    assert "canary" not in json.loads(path.read_text())["voices"]["voice"]
+
+
 def test_a_parked_version_that_fails_to_load_after_a_rollback_takes_nothing_down(tmp_path: Path,
                                                                                   fake_engines: None,
                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:

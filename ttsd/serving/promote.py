@@ -266,8 +266,18 @@ class Promoter:
             self.bringup.bring_up(model, "resumed after restart") and self._serve(model, "restart", push_previous=False)
         ):
             return self.fall_back(name)
-        if canary is not None:
-            self._resume_canary(canary)
+        if canary is None:
+            return
+        if order(canary) <= order(model):  # none starts so: a hand-edited or damaged state.json
+            log.warning(
+                "%s %s was saved as the canary beside %s, which is not older: the canary is ended",
+                name,
+                canary.version,
+                model.version,
+            )
+            self.state.put(name, self.state.voice(name).but(canary=None))
+            return
+        self._resume_canary(canary)
 
     def _finish_rollback(self, model: ModelVersion, canary: ModelVersion | None) -> bool:
         """At start-up, when the daemon stopped while a rollback from ``model`` (the saved active
