@@ -173,6 +173,37 @@ def test_a_manifest_on_the_mirror_with_a_digest_that_is_not_hex_is_refused(tmp_p
     nothing_in_models(tmp_path / "box")
 
 
+def test_links_planted_in_the_download_cache_are_not_followed(tmp_path: Path, mirror: Mirror,
+                                                             fleet: dict[str, Path]) -> None:
+    """A link in the place of a download's work folder, or of a folder inside it, had the fetch
+    write the voice's files where the link pointed (and leave them there). Each is replaced by a
+    folder of the cache's own; what they pointed at is not touched."""
+    folder = folder_of_two(tmp_path / "build" / "voice-1")
+    publish(folder, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    downloads = tmp_path / "box" / "cache" / "downloads"
+    downloads.mkdir(parents=True)
+    victims = [tmp_path / "victim", tmp_path / "victim-sub"]
+    for victim in victims:
+        victim.mkdir()
+    (downloads / "voice-1").symlink_to(victims[0])
+    (victims[0] / "sub").symlink_to(victims[1])  # met only if the first link were followed
+    result = get(mirror.url, tmp_path / "box", "voice")
+    assert result.exit_code == 0, result.output
+    assert verify(tmp_path / "box" / "models" / "voice-1").version == "1"
+    assert sorted(p.name for p in victims[0].iterdir()) == ["sub"] and list(victims[1].iterdir()) == []
+
+    (downloads / "voice-2").mkdir()
+    (downloads / "voice-2" / "sub").symlink_to(victims[1])
+    v2 = folder_of_two(tmp_path / "build" / "voice-2", version="2")
+    publish(v2, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    result = get(mirror.url, tmp_path / "box", "voice", "--upgrade")
+    assert result.exit_code == 0, result.output
+    assert verify(tmp_path / "box" / "models" / "voice-2").version == "2"
+    assert list(victims[1].iterdir()) == []
+
+
 def test_publishing_the_same_version_with_other_content_is_refused(tmp_path: Path, fleet: dict[str, Path]) -> None:
     folder = folder_of_two(tmp_path / "build" / "voice-1")
     publish(folder, fleet["published"])

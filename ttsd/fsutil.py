@@ -10,10 +10,34 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import BinaryIO
+
+
+def own_dir(base: Path, rel: str | PurePath = ".") -> Path:
+    """``base / rel``, each folder below ``base`` made 0700 where missing: a work folder in a cache
+    of this process's own. A link (or a file) found in the place of one is removed and a folder
+    made there: nothing in a cache is followed out of it (a link planted in the downloads cache
+    had a fetch write its files where the link pointed). ``base`` itself is taken as it is."""
+    path = base
+    for part in PurePath(rel).parts:
+        if part in (".", ""):
+            continue
+        if part == "..":
+            raise ValueError(f"{rel}: not a path below {base}")
+        path = path / part
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            path.mkdir(mode=0o700)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            path.unlink()
+            path.mkdir(mode=0o700)
+    return path
 
 
 def fsync_dir(path: Path) -> None:

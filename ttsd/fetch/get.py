@@ -50,7 +50,7 @@ from ..errors import (
     is_system_oserror,
     resource_error,
 )
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, own_dir
 from ..manifest import Manifest, check_version, read_manifest
 from ..models_dir import Candidate, scan
 from .download import Mirror, download, ensure_room, fetch_small, present_bytes
@@ -324,8 +324,7 @@ def _get(request: GetRequest, reporter: Reporter) -> GetResult:
     request.downloads.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _locked(request.downloads / f"{key}.lock", key):
         _remove_stale_builds(request.models, key)
-        work = request.downloads / key
-        work.mkdir(exist_ok=True, mode=0o700)
+        work = own_dir(request.downloads, key)
         local = {voice.onnx: work / f"{key}.onnx", voice.config: work / f"{key}.onnx.json"}
         if voice.model_card is not None:
             local[voice.model_card] = work / "MODEL_CARD"

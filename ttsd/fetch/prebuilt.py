@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from packaging.version import Version
@@ -42,7 +42,7 @@ from ..errors import (
     ManifestError,
     VoiceExistsError,
 )
-from ..fsutil import atomic_write_bytes, atomic_write_text, current_umask, fsync_dir
+from ..fsutil import atomic_write_bytes, atomic_write_text, current_umask, fsync_dir, own_dir
 from ..manifest import (
     MANIFEST,
     SIGNATURE,
@@ -103,13 +103,12 @@ def get_prebuilt(
     folder = models / f"{entry.name}-{entry.version}"
     if os.path.lexists(folder):
         raise ConfigError(f"{folder} already exists (a folder of another voice?)")
-    work = downloads / f"{entry.name}-{entry.version}"
-    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    downloads.mkdir(parents=True, exist_ok=True, mode=0o700)
+    work = own_dir(downloads, f"{entry.name}-{entry.version}")
     step = reporter.step if reporter is not None else (lambda _m: None)
 
     def fetch(file: CatalogFile, rel: str) -> Path:
-        dest = work / rel
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dest = own_dir(work, PurePosixPath(rel).parent) / PurePosixPath(rel).name
         if reporter is None:
             download(mirror, file, dest)
         else:
