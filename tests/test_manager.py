@@ -103,6 +103,57 @@ def test_a_folder_that_fails_verification_is_refused(tmp_path: Path, fake_engine
     assert FakeEngine.live == 0
 
 
+def test_a_folder_refused_for_its_files_is_judged_again_once_mended(tmp_path: Path, fake_engines: None) -> None:
+    """A refusal for the folder (a file failing its checksum, an unlisted file) lasted for good
+    while the manifest stayed the same: mending the folder, dropping it again, SIGHUP and a restart
+    left it refused. The folder is judged again when it changes, and at a restart; a refusal for
+    the content (it failed to load) stays."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+
+    def state_of(m: ModelManager, version: str) -> tuple[str, str]:
+        found = {v["version"]: v for v in m.snapshot()[0]["versions"]}[version]
+        return found["state"], found["reason"] or ""
+
+    v2 = fake_model(models, "voice", "2")
+    (v2 / "fake.json").write_text("[]")  # damaged in the copy, its size intact: caught by its hash
+    manager.reconcile()
+    assert state_of(manager, "2")[0] == "refused" and "fake.json (sha256 differs" in state_of(manager, "2")[1]
+    (v2 / "fake.json").write_text("{}")  # copied again whole
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "2"
+
+    v3 = fake_model(models, "voice", "3")
+    (v3 / "extra.bin").write_bytes(b"\x80\x02not listed")
+    manager.reconcile()
+    assert state_of(manager, "3")[0] == "refused" and "extra.bin" in state_of(manager, "3")[1]
+    (v3 / "extra.bin").unlink()
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "3"
+
+    v4 = fake_model(models, "voice", "4")
+    (v4 / "fake.json").write_text('{"tone": 880}')
+    fake_model(models, "voice", "5", fail_on="load")  # its content fails: refused for good
+    manager.reconcile()
+    assert state_of(manager, "4")[0] == "refused" and state_of(manager, "5")[0] == "refused"
+    manager.close()
+    restarted = make_manager(tmp_path)
+    restarted.start()  # still damaged: refused again, with its reason
+    assert restarted.snapshot()[0]["active"] == "3"
+    assert state_of(restarted, "4")[0] == "refused" and "changed: fake.json" in state_of(restarted, "4")[1]
+    restarted.close()
+
+    (v4 / "fake.json").write_text("{}")  # mended while the daemon was down
+    loads = FakeEngine.loads
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    assert restarted.snapshot()[0]["active"] == "4" and state_of(restarted, "5")[0] == "refused"
+    assert FakeEngine.loads - loads <= 2  # v3 and v4; v5 was not loaded again
+    restarted.close()
+
+
 @pytest.mark.slow
 def test_rollback_is_instant_survives_restart_and_is_not_undone(tmp_path: Path, fake_engines: None) -> None:
     """1. v1 then v2: v1 stays loaded (keep=1). 2. Roll back: v1 serves at once, no load.

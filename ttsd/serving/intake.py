@@ -26,7 +26,9 @@ class Intake:
     def take(self, candidate: Candidate, *, first_scan: bool) -> ModelVersion | None:
         """The record of a new version to copy in and bring up (in state ``verifying``), or None
         when the folder holds nothing to bring up now. ``first_scan``: at start-up, versions older
-        than the saved active one are known, not refused."""
+        than the saved active one are known, not refused. A version refused for its folder is
+        judged again whenever the source hands that folder over (it changed, or ttsd restarted):
+        a file copied in again whole, an unlisted one removed."""
         path, manifest = candidate.path, candidate.manifest
         if manifest is None:  # no readable manifest: the source's verdict is all there is
             self.table.see_folder(path, candidate.verdict.value, candidate.reason)
@@ -40,6 +42,7 @@ class Intake:
                 and not known.fresh
                 and known.state not in (State.INCOMPLETE, State.DEFERRED)
                 and not _signed_again(known, path)
+                and not (known.state is State.REFUSED and known.refused_folder)
             ):
                 self.table.see_folder(path, "known")
                 known.folder = path

@@ -298,10 +298,12 @@ class Lifecycle:
 
     # == verdicts ===============================================================================
     def refuse(self, model: ModelVersion, reason: str, folder: Path | None = None) -> None:
-        """The version's content cannot serve (it fails verification, loading or warm-up): refused
-        for good under this content, and its store copy is dropped unless it is in use."""
+        """The version cannot serve, and its store copy is dropped unless it is in use. With
+        ``folder``: that folder fails (its files, their checksums, its completeness), and it is
+        judged again when it changes or at a restart. Without: its content fails (loading,
+        warm-up), refused for good under this content."""
         with self.table.locked():
-            model.state, model.reason = State.REFUSED, reason
+            model.state, model.reason, model.refused_folder = State.REFUSED, reason, folder is not None
             if folder is not None:
                 self.table.see_folder(folder, "refused", reason)
             drop = model.store_copy is not None and model.engine is None and not self.map.in_flight(model.key)
@@ -421,7 +423,10 @@ class Lifecycle:
             for model in self.table.all():
                 if model.content and model.state not in (*COMING_UP, State.INCOMPLETE):
                     records[f"{model.name}/{model.version}"] = VersionRecord(
-                        model.content, model.state.value, model.reason
+                        model.content,
+                        model.state.value,
+                        model.reason,
+                        model.state is State.REFUSED and model.refused_folder,
                     )
         self.state.set_versions(records)
         self.state.save()

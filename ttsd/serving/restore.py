@@ -37,7 +37,13 @@ def restore(state: ServingState, store: ModelStore) -> list[ModelVersion]:
             # again, since the trusted keys may have changed with the restart
             saved = State.AVAILABLE
         model = ModelVersion(
-            name, version, saved, content=record.content, reason=record.reason, store_copy=store.get(name, version)
+            name,
+            version,
+            saved,
+            content=record.content,
+            reason=record.reason,
+            store_copy=store.get(name, version),
+            refused_folder=saved is State.REFUSED and record.folder_fault,
         )
         _trust_store_copy(model)
         found.setdefault(model.key, model)

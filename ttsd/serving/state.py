@@ -65,6 +65,7 @@ class VersionRecord:
     content: str
     state: str
     reason: str = ""
+    folder_fault: bool = False  # refused for its folder, not its content (``ModelVersion.refused_folder``)
 
 
 MAX_STATE_BYTES = 16 << 20  # state.json of a box with thousands of versions is well under 1 MB
@@ -258,7 +259,7 @@ class ServingState:
         data = {
             "format": 1,
             "voices": {k: _voice_json(v) for k, v in sorted(voices.items())},
-            "versions": {k: asdict(v) for k, v in sorted(versions.items())},
+            "versions": {k: _version_json(v) for k, v in sorted(versions.items())},
         }
         return json.dumps(data, indent=1) + "\n"
 
@@ -309,6 +310,13 @@ class StateDirLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _version_json(record: VersionRecord) -> dict[str, Any]:
+    data = asdict(record)
+    if not record.folder_fault:  # only when set: a state.json an older ttsd can still read
+        del data["folder_fault"]
+    return data
 
 
 def _voice_json(record: VoiceRecord) -> dict[str, Any]:
@@ -364,9 +372,10 @@ def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord],
                 and isinstance(v.get("content"), str)
                 and isinstance(v.get("state"), str)
                 and isinstance(v.get("reason", ""), str)
-            ) or set(v) - {"content", "state", "reason"}:
+                and isinstance(v.get("folder_fault", False), bool)
+            ) or set(v) - {"content", "state", "reason", "folder_fault"}:
                 raise ValueError("not a version record")
-            versions[key] = VersionRecord(v["content"], v["state"], v.get("reason", ""))
+            versions[key] = VersionRecord(v["content"], v["state"], v.get("reason", ""), v.get("folder_fault", False))
         except (ValueError, TypeError, ManifestError) as exc:
             problems.append(f"version {key!r}: {exc}")
     return voices, versions

@@ -80,6 +80,10 @@ class ModelVersion:
     # folder signed again is judged again; None when not refused for its signature
     refused_signature: str | None = None
     signature_failure: str = ""  # its kind (SignatureError.kind), for the metric
+    # refused for its folder (a file that fails its checksum, missing or unlisted files, a copy
+    # that never completed), not for its content: judged again when the folder changes or at a
+    # restart, since the same manifest may yet be held whole (``Intake.take``)
+    refused_folder: bool = False
 
     @property
     def key(self) -> Key:
