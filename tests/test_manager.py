@@ -1184,3 +1184,46 @@ def test_a_rollback_whose_target_fails_to_load_leaves_the_record_as_it_was(tmp_p
     restarted.start()
     assert restarted.snapshot()[0]["active"] == "2"
     restarted.close()
+
+
+@pytest.mark.parametrize("keep", [1, 0])
+def test_the_rollback_target_stands_by_again_after_a_restart(tmp_path: Path, fake_engines: None, keep: int) -> None:
+    """``--keep`` rollback targets stay loaded for an instant rollback; after a restart only the
+    active version came back, so the first rollback loaded its target first. The target loads
+    again (after the voice serves) and the rollback swaps without a load; with ``keep=0`` none does."""
+    _, manager = v2_over_v1(tmp_path, keep=keep)
+    manager.close()
+    restarted = make_manager(tmp_path, keep=keep)
+    restarted.start()
+    assert restarted.snapshot()[0]["active"] == "2"
+    if keep:
+        wait_for(lambda: _versions(restarted)["1"] == "standby", 20, "v1 standing by")
+    else:
+        time.sleep(0.3)
+        assert _versions(restarted)["1"] == "available" and FakeEngine.live == 1
+    loads = FakeEngine.loads
+    assert restarted.rollback("voice")["to"] == "1"
+    assert FakeEngine.loads == loads + (0 if keep else 1)
+    restarted.close()
+
+
+def test_a_rollback_while_its_target_loads_again_after_a_restart(tmp_path: Path, fake_engines: None,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator rolls back while the restarted daemon loads the target again to stand by: the
+    rollback waits for that load and swaps to it, loading it once."""
+    _, manager = v2_over_v1(tmp_path)
+    manager.close()
+    started, release = _gate(monkeypatch, "1")
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    assert started.wait(20), "v1 never started loading again"
+    loads = FakeEngine.loads
+    answers: list[dict[str, object]] = []
+    threading.Thread(target=lambda: answers.append(restarted.rollback("voice")), daemon=True).start()
+    time.sleep(0.3)  # the rollback waits behind the load
+    assert not answers
+    release.set()
+    wait_for(lambda: answers, 20, "the rollback's answer")
+    assert answers[0]["to"] == "1" and restarted.snapshot()[0]["active"] == "1"
+    assert FakeEngine.loads == loads + 1 and _versions(restarted)["2"] == "rolled-back"
+    restarted.close()

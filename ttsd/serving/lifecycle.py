@@ -355,6 +355,30 @@ class Lifecycle:
         self.table.see_folder(folder, "refused", f"could not be checked: {type(exc).__name__}: {exc}"[:500])
 
     # == taking down ============================================================================
+    def stand_by(self, model: ModelVersion) -> bool:
+        """``model``, loaded again after a restart, becomes its voice's rollback target as it was
+        before (``standby``): only while another version of the voice serves and ``model`` is still
+        among the ``keep`` most recent versions before it, not marked; else what was loaded goes
+        (``discard``). Whether it stands by."""
+        with self.commit:
+            active = self.active(model.name)
+            recent = {norm(v) for v in self.state.voice(model.name).previous[-self.policy.keep :]}
+            wanted = (
+                model.engine is not None
+                and model.state in COMING_UP
+                and active is not None
+                and active is not model
+                and norm(model.version) in recent
+                and not self.marked(model)
+            )
+            if wanted:
+                assert model.engine is not None
+                self.table.change(model, state=State.STANDBY, reason="")
+                self.map.add(model.key, self.voice_version(model), model.engine)
+        if not wanted:
+            self.discard(model, "not kept as a rollback target: the voice changed while it loaded")
+        return wanted
+
     def discard(self, model: ModelVersion, why: str) -> None:
         """A job that brought ``model`` up was called off before it committed: what it loaded goes,
         and the version is available again (``why`` says why it is not serving)."""

@@ -244,6 +244,9 @@ class ModelManager:
         while self.source.waiting() and time.monotonic() < deadline:
             time.sleep(min(0.2, max(self.policy.settle / 4, 0.02)))
             self.reconcile()
+        for name in self.table.names():  # after every voice serves: not waited for
+            if self.map.active(name) is not None and self.state.voice(name).previous:
+                self._job(name, f"rollback targets of {name}", partial(self.promoter.stand_by, name))
 
     def retry_now(self) -> None:
         """Versions waiting after a system failure are retried at the next reconcile (SIGHUP)."""

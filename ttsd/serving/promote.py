@@ -279,6 +279,32 @@ class Promoter:
             return
         self._resume_canary(canary)
 
+    def stand_by(self, name: str, ticket: Ticket) -> None:
+        """After a restart: the voice's most recent rollback targets (``keep`` of them) load again
+        and stand by, as they did before it, so ``ttsd rollback`` swaps at once rather than
+        loading first. A background job, after the voice serves: an upgrade or an operator's
+        action calls it off. Not within a memory budget (rollback targets load on demand there)
+        or under ``--swap-policy memory`` (none is kept loaded)."""
+        if self.demand.budget.limited or self.policy.swap == "memory" or self.policy.keep <= 0:
+            return
+        active = self.lifecycle.active(name)
+        if active is None:
+            return
+        for version in reversed(self.state.voice(name).previous[-self.policy.keep :]):
+            ticket.check()
+            model = self.table.get(name, version)
+            if model is None or model is active or model.state is not State.AVAILABLE or self.lifecycle.marked(model):
+                continue
+            try:
+                self.bringup.ensure_stored(model)
+                if self.bringup.bring_up(model, "a rollback target, loaded again after a restart"):
+                    self.lifecycle.stand_by(model)
+            except Superseded:
+                self.lifecycle.discard(model, "its load as a rollback target was called off")
+                raise
+            except TtsdError as exc:
+                log.warning("%s %s cannot stand by as a rollback target: %s", name, version, exc)
+
     def _finish_rollback(self, model: ModelVersion, canary: ModelVersion | None) -> bool:
         """At start-up, when the daemon stopped while a rollback from ``model`` (the saved active
         version) loaded its target (``Control.rollback`` names it in the record first): the
