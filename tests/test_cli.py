@@ -258,3 +258,28 @@ def test_say_in_process_speaks_the_newest_version_the_daemon_would(tmp_path: Pat
     with pytest.raises(ConfigError, match="--model .*mms-fra-1: no such directory") as info:
         resolve_model(paths, model_dir=tmp_path / "mms-fra-1")
     assert info.value.exit_code == 3
+
+
+def test_say_in_process_without_a_voice_speaks_the_built_in_voice_as_the_daemon_serves_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --voice, in-process ttsd say spoke the cache's built-in voice while the daemon
+    served the models dir's (an upgrade of it dropped in there): the newest good version of the
+    built-in voice in the models dir speaks; where none is there, or none is good, the cache's."""
+    from ttsd import speak
+    from ttsd.config import Paths
+    from ttsd.voices import BUILTIN_VOICE
+
+    models = tmp_path / "models"
+    cache_copy = tmp_path / "cache" / "builtin"
+    monkeypatch.setattr(speak, "builtin_model", lambda _cache, _progress: cache_copy)
+    paths = Paths(models=models, cache=tmp_path / "cache")
+    assert speak.resolve_model(paths, state_dir=tmp_path / "state") == cache_copy  # no models dir yet
+    for version in ("1", "2"):
+        save_tiny_vits(models / f"joe-{version}", name=BUILTIN_VOICE, version=version, edit=plausible,
+                       noise_scale_duration=0.0)
+    assert speak.resolve_model(paths, state_dir=tmp_path / "state") == models / "joe-2"
+    for version in ("1", "2"):
+        (models / f"joe-{version}" / "config.json").write_text("{}")
+    notes: list[str] = []
+    assert speak.resolve_model(paths, note=notes.append, state_dir=tmp_path / "state") == cache_copy
+    assert notes[-1].startswith(f"{BUILTIN_VOICE} in {models}: ") and notes[-1].endswith("from the cache speaks")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -1227,3 +1228,31 @@ def test_a_rollback_while_its_target_loads_again_after_a_restart(tmp_path: Path,
     assert answers[0]["to"] == "1" and restarted.snapshot()[0]["active"] == "1"
     assert FakeEngine.loads == loads + 1 and _versions(restarted)["2"] == "rolled-back"
     restarted.close()
+
+
+def test_a_voice_added_beside_the_built_in_one_does_not_become_the_default(tmp_path: Path, fake_engines: None,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Requests that name no voice got the first voice name in sort order: a German voice added to
+    a box serving the built-in en_US voice took over every such request (Home Assistant's, ``ttsd
+    say`` without ``--voice``), silently. The built-in voice stays the default where it serves;
+    ``--default-voice`` still wins; without the built-in voice the first name does, and the log
+    says which voice the default is whenever it changes."""
+    from ttsd.serving.serving_map import default_of
+    from ttsd.voices import BUILTIN_VOICE
+
+    assert default_of(None, ["de_DE-x", BUILTIN_VOICE]) == BUILTIN_VOICE
+    assert default_of("zz", ["de_DE-x", BUILTIN_VOICE, "zz"]) == "zz"
+    assert default_of("gone", ["b", "a"]) == "a" and default_of(None, []) is None
+
+    models = tmp_path / "models"
+    fake_model(models, BUILTIN_VOICE, "1")
+    manager = make_manager(tmp_path)
+    caplog.set_level(logging.INFO, logger="ttsd.serving")
+    manager.start()
+    fake_model(models, "de_DE-thorsten-medium", "1")
+    manager.reconcile()
+    with manager.acquire(None) as lease:
+        assert lease.voice.name == BUILTIN_VOICE
+    said = [r.getMessage() for r in caplog.records if "name no voice" in r.getMessage()]
+    assert said == [f"requests that name no voice get {BUILTIN_VOICE} (--default-voice sets another)"]
+    manager.close()

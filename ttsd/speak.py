@@ -11,7 +11,7 @@ from .errors import ConfigError, ConflictError, TtsdError, UnknownVoiceError
 from .manifest import verify
 from .models_dir import find_versions
 from .serving.versions import norm
-from .voices import Progress, builtin_model
+from .voices import BUILTIN_VOICE, Progress, builtin_model
 
 
 def resolve_model(
@@ -23,7 +23,8 @@ def resolve_model(
     note: Progress | None = None,
     state_dir: Path | None = None,
 ) -> Path:
-    """``--model`` if given, else ``--voice`` from the models dir, else the built-in voice. Of a
+    """``--model`` if given, else ``--voice`` from the models dir, else the built-in voice (from
+    the models dir where it is there, as the daemon's default serves it; else the cache's). Of a
     voice's versions, the newest that verifies and that the daemon (its state in ``state_dir``) has
     not rolled back, as the daemon would serve: a bad folder dropped in beside a good one is passed
     over with a ``note``, as the daemon refuses it."""
@@ -34,8 +35,6 @@ def resolve_model(
             )
         return model_dir
     if voice is not None:
-        from .voices import BUILTIN_VOICE
-
         try:
             versions = find_versions(paths.models, voice)
         except UnknownVoiceError:
@@ -44,6 +43,17 @@ def resolve_model(
         else:
             rolled_back = _rolled_back(state_dir or default_state_dir(), voice)
             return _newest_good(voice, versions, rolled_back, note or (lambda _msg: None))
+    else:  # the built-in voice as the daemon serves it: an upgrade dropped into the models dir too
+        say = note or (lambda _msg: None)
+        try:
+            versions = find_versions(paths.models, BUILTIN_VOICE)
+            return _newest_good(
+                BUILTIN_VOICE, versions, _rolled_back(state_dir or default_state_dir(), BUILTIN_VOICE), say
+            )
+        except UnknownVoiceError:
+            pass
+        except (TtsdError, OSError) as exc:  # none there to serve: the cache's own copy speaks
+            say(f"{BUILTIN_VOICE} in {paths.models}: {exc}; the built-in voice from the cache speaks")
     return builtin_model(paths.cache, progress or (lambda _msg: None))
 
 

@@ -42,6 +42,7 @@ from .jobs import Jobs
 from .lifecycle import Lifecycle
 from .loader import unload_engine
 from .pacing import Guard
+from .serving_map import default_of
 from .table import VersionTable
 from .versions import COMING_UP, Listener, ModelVersion, State
 
@@ -206,11 +207,11 @@ class OnDemand:
 
     # == the budget (job threads) ===============================================================
     def pinned(self, names: list[str] | None = None) -> set[str]:
-        """Voices never unloaded by the budget: ``--preload``, else the default voice (the first
-        of ``names`` when no default is set and the map knows none yet)."""
+        """Voices never unloaded by the budget: ``--preload``, else the default voice (chosen of
+        ``names`` by ``default_of`` when none is set and the map knows none yet)."""
         if self.budget.preload:
             return set(self.budget.preload)
-        default = self.map.default_voice or (min(names) if names else self.map.default_name())
+        default = self.map.default_voice or (default_of(None, names) if names else self.map.default_name())
         return {default} if default else set()
 
     def _residents(self, loading: str | None = None) -> list[residency.Resident]:

@@ -21,15 +21,28 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engines import Engine
 from ..errors import BusyError, ColdVoiceError, UnknownVoiceError
 from ..shares import point
+from ..voices import BUILTIN_VOICE
 from .pacing import Guard
 from .versions import norm
+
+
+def default_of(configured: str | None, names: Iterable[str]) -> str | None:
+    """The voice for requests that name none, of ``names`` (the voices serving): ``--default-voice``
+    where it serves, else the built-in voice where it serves, else the first name in sort order.
+    A voice added beside the built-in one does not take its place because its name sorts first."""
+    names = set(names)
+    for choice in (configured, BUILTIN_VOICE):
+        if choice and choice in names:
+            return choice
+    return min(names) if names else None
+
 
 log = logging.getLogger("ttsd.serving")
 
@@ -108,6 +121,7 @@ class ServingMap:
         self._active: dict[str, Key] = {}
         self._canary: dict[str, Key] = {}
         self._in_flight = 0
+        self._said_default: str | None = None  # the default voice the log last named
 
     # -- requests (any thread) -------------------------------------------------------------------
     def acquire(self, voice: str | None = None, version: str | None = None, *, user: str | None = None) -> Lease:
@@ -164,9 +178,16 @@ class ServingMap:
         self._on_release(entry.key, ok)
 
     def _default_name(self) -> str | None:
-        if self.default_voice and self.default_voice in self._active:
-            return self.default_voice
-        return min(self._active) if self._active else None
+        return default_of(self.default_voice, self._active)
+
+    def _say_default(self) -> None:
+        """Log which voice requests that name none get, when a voice that serves now changes it
+        (a voice added whose name sorts first, on a box without the built-in voice)."""
+        now = self._default_name()
+        if now is not None and now != self._said_default:
+            how = "--default-voice" if now == self.default_voice else "--default-voice sets another"
+            log.info("requests that name no voice get %s (%s)", now, how)
+            self._said_default = now
 
     # -- what serves (any thread) ------------------------------------------------------------------
     def ready(self) -> bool:
@@ -208,6 +229,7 @@ class ServingMap:
             self._active[name] = key
             if self._canary.get(name) == key:
                 del self._canary[name]
+            self._say_default()
             return previous
 
     def set_canary(self, key: Key) -> None:
@@ -253,6 +275,7 @@ class ServingMap:
                 return False
             self._loaded.pop(key, None)
             self._active[key[0]] = key
+            self._say_default()
             return True
 
     def loaded(self, key: Key) -> bool:
