@@ -333,6 +333,37 @@ def test_models_list_without_a_daemon_names_a_missing_dir_and_fails_verification
     assert invoke("models", "list", "--models", str(models), *none).exit_code == 0  # no --verify: listed only
 
 
+def test_models_list_verify_and_another_models_dir_read_the_disk_while_a_daemon_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a daemon answering, ``models list --verify`` printed the daemon's table and exited 0,
+    checking nothing (damage done to the models dir after the drop-in was never seen), and
+    ``--models DIR`` listed the daemon's dir instead of DIR. Now --verify reads every folder of the
+    daemon's models dir on disk (exit 6 on a bad one), and another dir is read from disk."""
+    import json
+
+    from conftest import fake_model
+
+    from ttsd import client
+
+    served, other = tmp_path / "served", tmp_path / "other"
+    fake_model(served, "voice", "1")
+    fake_model(other, "elsewhere", "1")
+    status = {"pid": 4242, "models": str(served), "folders": [],
+              "voices": [{"name": "voice", "versions": [{"version": "1", "state": "active", "reason": None}]}]}
+    monkeypatch.setattr(client.Client, "available", lambda self: True)
+    monkeypatch.setattr(client.Client, "status", lambda self: status)
+    monkeypatch.delenv("TTSD_MODELS", raising=False)
+
+    listed = invoke("models", "list", "--json")
+    assert listed.exit_code == 0 and json.loads(listed.stdout)[0]["state"] == "active", listed.output
+    (served / "voice-1" / "fake.json").write_text('{"damaged": 1}')
+    bad = invoke("models", "list", "--verify", "--json")
+    assert bad.exit_code == 6 and json.loads(bad.stdout)[0]["state"] == "refused", bad.output
+    assert invoke("models", "list", "--verify", "--models", str(served)).exit_code == 6
+    elsewhere = invoke("models", "list", "--models", str(other), "--json")
+    assert elsewhere.exit_code == 0 and [r["voice"] for r in json.loads(elsewhere.stdout)] == ["elsewhere"]
+
+
 def test_a_mirror_url_with_a_newline_is_refused_as_such() -> None:
     """urlsplit drops tabs and newlines, so ``--mirror $'http://a\\nb'`` went to host "ab" (exit 14,
     "cannot reach"): it is a bad URL, exit 3."""

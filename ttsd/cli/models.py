@@ -190,7 +190,9 @@ def verify_cmd(folder: Path, trusted_keys: Path | None) -> None:
     help="Models directory [env TTSD_MODELS].",
 )
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET", help=SOCKET_HELP)
-@click.option("--verify/--no-verify", "check", default=False, help="Without a daemon: check every checksum.")
+@click.option(
+    "--verify/--no-verify", "check", default=False, help="Check every checksum on disk (exit 6 if a folder fails)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_json: bool) -> None:
     """Every version of every voice and its state (from the running daemon, else from disk)."""
@@ -203,9 +205,16 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
 
     client = Client(socket_path or default_socket(), timeout=30)
     rows: list[tuple[str, str, str, str, str]] = []
-    checked = False  # --verify is done here only without a daemon (the daemon verified what it lists)
-    if client.available():
-        info = client.status()
+    checked = False
+    info = client.status() if client.available() else None
+    beside = ""  # what the daemon that answers serves, when the listing is read from disk
+    if info is not None and models_dir is not None and models_dir.resolve() != Path(info["models"]).resolve():
+        beside = f"; the daemon serves {info['models']}"  # another dir than the daemon's: read from disk
+        info = None
+    elif info is not None and check:  # --verify reads every byte on disk now, whatever the daemon says
+        models_dir, beside = Path(info["models"]), f"; the daemon, pid {info['pid']}, serves from it"
+        info = None
+    if info is not None:
         title = f"daemon pid {info['pid']}: {info['models']}"
         for voice in info["voices"]:
             for v in voice["versions"]:
@@ -220,7 +229,7 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         paths = Paths.resolve(models=models_dir)
         if not paths.models.is_dir():
             raise ConfigError(f"no models dir {paths.models} (give --models, or TTSD_MODELS)")
-        title = f"{paths.models} (no daemon running)"
+        title = f"{paths.models} ({'verified on disk' if check else 'on disk'}{beside or ', no daemon running'})"
         checked = check
         for cand in scan(paths.models):
             m = cand.manifest
