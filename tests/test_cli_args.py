@@ -437,3 +437,14 @@ def test_a_daemon_that_does_not_answer_is_not_called_absent(tmp_path: Path) -> N
         one_line_error(invoke("status", "--socket", str(sock)), 9, f"the daemon on {sock} does not answer")
     finally:
         silent.close()
+
+
+@pytest.mark.parametrize("args", [[], ["models"]])
+def test_a_command_with_nothing_after_it_prints_its_help_not_a_squashed_line(args: list[str]) -> None:
+    """``ttsd`` or ``ttsd models`` alone, the first thing a newcomer types, printed the whole help
+    squashed into one ``error:`` line. It prints the help as ``--help`` lays it out (exit 2, as
+    click has it: there was no command to run)."""
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert not result.stderr.startswith("error:") and "Commands:" in result.stderr
+    assert len(result.stderr.splitlines()) > 5, result.stderr

@@ -50,8 +50,14 @@ def _say(markup: str) -> None:
 
 def _usage_line(exc: click.UsageError, where: str) -> None:
     """A usage error as ttsd's one line, with click's words and where to look (not click's usage
-    block: every other error is one line, and scripts read the first line of stderr)."""
+    block: every other error is one line, and scripts read the first line of stderr). ``ttsd`` or
+    ``ttsd models`` alone is no mistake to put on one line: its help, as click prints it."""
     from rich.markup import escape
+
+    no_args = getattr(click.exceptions, "NoArgsIsHelpError", None)  # click 8.2 on; 8.1 printed the help itself
+    if no_args is not None and isinstance(exc, no_args):
+        exc.show()
+        return
 
     _say(f"[bold red]error:[/] {escape(one_line(exc.format_message()))} (see '{escape(where)} --help')")
 
