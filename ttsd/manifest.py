@@ -286,10 +286,9 @@ def inspect_folder(folder: Path) -> tuple[Manifest, list[Problem]]:
     present_set = set(present) - {MANIFEST, SIGNATURE}
     if SIGNATURE in present and (size := _size(folder / SIGNATURE)) > MAX_SIGNATURE_BYTES:
         problems.append(Problem("unsafe", SIGNATURE, f"{size} bytes: larger than any signature"))
-    for rel in sorted(present_set | set(manifest.files)):
-        if rel.lower().endswith(PICKLE_SUFFIXES):
-            problems.append(Problem("pickle", rel, "only safetensors are loaded"))
-    for rel in sorted(present_set - set(manifest.files)):
+    pickles = {rel for rel in present_set | set(manifest.files) if rel.lower().endswith(PICKLE_SUFFIXES)}
+    problems += [Problem("pickle", rel, "only safetensors are loaded") for rel in sorted(pickles)]
+    for rel in sorted(present_set - set(manifest.files) - pickles):  # a pickle file is said once, as that
         problems.append(Problem("extra", rel, f"not listed in {MANIFEST}"))
     unsafe_paths = {p.path for p in unsafe}
     for rel, entry in sorted(manifest.files.items()):
