@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import click
 import pytest
 from conftest import fake_model, make_manager, v2_over_v1
 from daemon_util import wait_for
@@ -235,7 +236,7 @@ def test_rollback_without_voice_takes_the_one_voice_even_while_it_serves_nothing
     assert _only_voice(Daemon([{"name": "a", "active": "1"}, {"name": "b", "active": None}]), None) == "a"
     assert _only_voice(Daemon([{"name": "a", "active": None}]), None) == "a"
     assert _only_voice(Daemon([]), "x") == "x"
-    with pytest.raises(ConfigError, match="several voices"):
+    with pytest.raises(click.UsageError, match="several voices"):
         _only_voice(Daemon([{"name": "a", "active": "1"}, {"name": "b", "active": "2"}]), None)
     with pytest.raises(ConfigError, match="no voice"):
         _only_voice(Daemon([]), None)

@@ -163,7 +163,7 @@ def _only_voice(client: Any, voice: str | None) -> str:
     if not voices:
         raise ConfigError("the daemon has no voice yet: say which with --voice")
     if len(voices) != 1:
-        raise ConfigError(f"several voices are active ({', '.join(voices)}): say which with --voice")
+        raise click.UsageError(f"several voices are active ({', '.join(voices)}): say which with --voice")
     return voices[0]
 
 

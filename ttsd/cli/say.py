@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..errors import ConfigError, DaemonError, RequestError
+from ..errors import DaemonError, RequestError
 from ..options import SynthesisOptions
 from .common import (
     PRECISION_CHOICES,
@@ -152,14 +152,14 @@ def say(
     loads the voice in this process."""
     from ..formats import format_for_path
 
+    if model_dir is not None and use_daemon:  # a command line's mistake (exit 2), before anything is read
+        raise click.UsageError("--model loads a folder in-process; it cannot be combined with --daemon")
     fmt = format_for_path(output)  # an unknown suffix is refused before stdin is read
     check_output(output)  # and a place no file can be written, before any synthesis
     options = SynthesisOptions(
         speed=speed, speaker=speaker, noise_scale=noise_scale, noise_scale_duration=noise_w, seed=seed
     )
     speech = Speech(_read_text(text), output, fmt, voice, options)
-    if model_dir is not None and use_daemon:
-        raise ConfigError("--model loads a folder in-process; it cannot be combined with --daemon")
     if model_dir is None and use_daemon is not False:
         client = daemon_client(socket_path, timeout=300, required=False)
         if client.available():
