@@ -122,6 +122,9 @@ def test_voice_lookup_in_models_dir(cli_env: dict[str, str], tmp_path: Path, cac
     try:
         proc = run(["say", "hello", "--voice", "nobody", "-o", str(tmp_path / "v.wav")], env)
         assert_one_line_error(proc, code, "unknown voice 'nobody'")
+        # a --max-chars given holds through the daemon too (it was ignored there: exit 0)
+        proc = run(["say", "hello there", "--voice", "tiny", "--max-chars", "5", "-o", str(tmp_path / "v.wav")], env)
+        assert_one_line_error(proc, 4, "the limit is 5")
         proc = run(["activate", "tiny", "7"], env)
         assert_one_line_error(proc, code, "no known version 7")
         assert "text" not in proc.stderr.decode()

@@ -109,7 +109,7 @@ def _read_text(text: str) -> str:
     default=5000,
     show_default=True,
     envvar="TTSD_MAX_CHARS",
-    help="Refuse longer text (in-process; the daemon has its own limit).",
+    help="Refuse longer text (the daemon has its own limit: through it, only a limit given here counts).",
 )
 @click.option("--threads", type=click.IntRange(1), help="Torch threads in-process (default: all cores).")
 @click.option(
@@ -163,6 +163,10 @@ def say(
     if model_dir is None and use_daemon is not False:
         client = daemon_client(socket_path, timeout=300, required=False)
         if client.available():
+            if ctx.get_parameter_source("max_chars") is not click.core.ParameterSource.DEFAULT:
+                from ..text import check_text
+
+                check_text(speech.text, max_chars)  # a limit the user gave holds through the daemon too
             _via_daemon(client, speech)
             return
         if use_daemon:
