@@ -240,3 +240,12 @@ def test_rollback_without_voice_takes_the_one_voice_even_while_it_serves_nothing
         _only_voice(Daemon([{"name": "a", "active": "1"}, {"name": "b", "active": "2"}]), None)
     with pytest.raises(ConfigError, match="no voice"):
         _only_voice(Daemon([]), None)
+
+
+def test_the_status_memory_line_counts_versions_in_english() -> None:
+    """``ttsd status`` said "1 versions loaded"."""
+    from ttsd.cli.control import _memory_line
+
+    assert _memory_line({"rss_bytes": 2**29, "loaded_versions": 1}) == "RSS 512 MB, 1 version loaded"
+    assert _memory_line({"rss_bytes": 2**29, "loaded_versions": 2}) == "RSS 512 MB, 2 versions loaded"
+    assert _memory_line({"rss_bytes": 2**29, "loaded_versions": 1, "max_loaded": 3}).endswith("1 of 3 versions loaded")

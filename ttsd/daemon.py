@@ -229,6 +229,8 @@ class Daemon:
     async def _main(self) -> int:
         cfg = self.config
         loop = asyncio.get_running_loop()
+        if cfg.wyoming_zeroconf:
+            Advertisement.check()  # a missing zeroconf package, before any dir is made
         _writable_dir(cfg.state, "state dir")
         self.state_lock.acquire()  # before anything is made, loaded or written: one daemon per state dir
         box = box_id(cfg.box_id, keep_in=cfg.state)  # kept there when not given nor derived from the machine id
@@ -246,8 +248,6 @@ class Daemon:
         if cfg.socket_group is not None:
             socket_gid(cfg.socket_group)  # it exists, and ttsd may give the sockets to it
         check_ports(cfg)  # before the voices load: a port in use is reported in a second, not a minute
-        if cfg.wyoming_zeroconf:
-            Advertisement.check()  # and a missing zeroconf package
         spool: Spool | None = None
         if cfg.spool is not None:
             spool = Spool(cfg.spool, self.backend(), concurrency=cfg.workers)

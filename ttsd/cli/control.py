@@ -145,9 +145,13 @@ def _memory_line(memory: dict[str, Any] | None) -> str | None:
     if not memory:
         return None
     rss, budget, most = memory.get("rss_bytes") or 0, memory.get("budget_bytes"), memory.get("max_loaded")
+    loaded = memory.get("loaded_versions", 0)
     parts = [
         f"RSS {rss / 2**20:.0f} MB" + (f" of {budget / 2**20:.0f} MB" if budget else ""),
-        f"{memory.get('loaded_versions', 0)}" + (f" of {most}" if most else "") + " versions loaded",
+        f"{loaded}"
+        + (f" of {most}" if most else "")
+        + (" version" if (most or loaded) == 1 else " versions")
+        + " loaded",
     ]
     if memory.get("preload"):
         parts.append("preloaded: " + ", ".join(memory["preload"]))
