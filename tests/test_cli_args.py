@@ -366,21 +366,6 @@ def test_models_list_verify_and_another_models_dir_read_the_disk_while_a_daemon_
     assert elsewhere.exit_code == 0 and [r["voice"] for r in json.loads(elsewhere.stdout)] == ["elsewhere"]
 
 
-def test_zeroconf_without_its_extra_is_refused_before_any_dir_is_made(serve_args: list[str], tmp_path: Path) -> None:
-    """``--wyoming-zeroconf`` on a box without the zeroconf extra refused cleanly, but only after it
-    had made the models dir and STATE/lock."""
-    import subprocess
-    import sys
-
-    code = ("import sys; sys.modules['zeroconf.asyncio'] = None\n"  # its import fails, as without the extra
-            "from ttsd.cli import main; main(sys.argv[1:], prog_name='ttsd')")
-    done = subprocess.run([sys.executable, "-c", code, *serve_args, "--wyoming", "tcp://127.0.0.1:10299",
-                           "--wyoming-zeroconf"], capture_output=True, text=True, timeout=120, check=False)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 3 and lines[-1].startswith("error: ") and "zeroconf" in lines[-1], done.stderr
-    assert not (tmp_path / "models").exists() and not (tmp_path / "state").exists()
-
-
 def test_a_mirror_url_with_a_newline_is_refused_as_such() -> None:
     """urlsplit drops tabs and newlines, so ``--mirror $'http://a\\nb'`` went to host "ab" (exit 14,
     "cannot reach"): it is a bad URL, exit 3."""

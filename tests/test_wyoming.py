@@ -352,7 +352,8 @@ def test_an_announcement_without_the_zeroconf_package_fails_before_the_voices_lo
                           capture_output=True, text=True, timeout=60, env=env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 3 and lines[-1].startswith("error: --wyoming-zeroconf needs the zeroconf"), proc.stderr
-    assert "Traceback" not in proc.stderr and not any((tmp_path / "m").iterdir()), proc.stderr
+    # and before the models and state dirs are made (they were, with STATE/lock)
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m").exists() and not (tmp_path / "s").exists()
 
 
 @pytest.mark.daemon
