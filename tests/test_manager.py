@@ -17,7 +17,7 @@ from conftest import fake_model, make_manager, v2_over_v1
 from daemon_util import wait_for
 from fake_engine import FakeEngine
 
-from ttsd.errors import ConflictError, UnknownVoiceError
+from ttsd.errors import ConflictError, TtsdError, UnknownVoiceError
 from ttsd.manifest import pack
 from ttsd.serving.manager import ModelManager
 from ttsd.serving.source import LocalFolderSource
@@ -1255,4 +1255,85 @@ def test_a_voice_added_beside_the_built_in_one_does_not_become_the_default(tmp_p
         assert lease.voice.name == BUILTIN_VOICE
     said = [r.getMessage() for r in caplog.records if "name no voice" in r.getMessage()]
     assert said == [f"requests that name no voice get {BUILTIN_VOICE} (--default-voice sets another)"]
+    manager.close()
+
+
+def test_a_refusal_for_the_version_itself_stays_after_a_touch_or_a_restart(tmp_path: Path, fake_engines: None) -> None:
+    """v2 dropped in while v3 serves is refused as not newer; then v3 is rolled back to v1. That
+    refusal is the version's, not its files': a touch of its folder (an rsync rewriting mtimes) or
+    a restart must not bring v2 up (it did, for one commit, as a mended folder: never asked for)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    v2 = fake_model(models, "voice", "2")
+    manager.reconcile()
+    assert manager.rollback("voice")["to"] == "1"
+    later = time.time() + 5
+    for path in v2.iterdir():
+        os.utime(path, (later, later))
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "1" and _versions(manager)["2"] == "refused"
+    manager.close()
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    assert restarted.snapshot()[0]["active"] == "1" and _versions(restarted)["2"] == "refused"
+    restarted.close()
+
+
+def test_a_folder_refusal_is_judged_again_only_once_its_folder_changed(tmp_path: Path, fake_engines: None) -> None:
+    """A restart with the bad folder as it was hashes nothing again and writes no second refusal
+    (each restart re-hashed it, held the listeners for it and logged a refusal, alerts firing);
+    one recorded by a ttsd before the fingerprint (no "folder" in its record) is judged again once."""
+    import json
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    v2 = fake_model(models, "voice", "2")
+    (v2 / "fake.json").write_text("[]")  # its size intact: caught by its hash
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert _versions(manager)["2"] == "refused"
+    manager.close()
+    trail = tmp_path / "state" / "history.jsonl"
+
+    def refusals() -> int:
+        return sum('"refused"' in line for line in trail.read_text().splitlines())
+
+    before = refusals()
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    assert _versions(restarted)["2"] == "refused" and refusals() == before
+    restarted.close()
+
+    for name in ("state.json", "state.backup.json"):  # as an older ttsd wrote it
+        path = tmp_path / "state" / name
+        saved = json.loads(path.read_text())
+        assert saved["versions"]["voice/2"].pop("folder")
+        path.write_text(json.dumps(saved))
+    (v2 / "fake.json").write_text("{}")
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    assert restarted.snapshot()[0]["active"] == "2"
+    restarted.close()
+
+
+def test_a_rollback_target_that_could_not_come_up_is_one_again_once_its_folder_is_back(
+        tmp_path: Path, fake_engines: None) -> None:
+    """v1's store copy is damaged and its folder gone: the rollback to it cannot happen (deferred,
+    the box's fault). Its folder copied in again made it "refused: not newer than the active 2"
+    for good; it is a rollback target again, and the rollback works."""
+    models, manager = v2_over_v1(tmp_path, keep=0)
+    shutil.rmtree(models / "voice-1")
+    manager.reconcile()
+    (tmp_path / "state" / "store" / "voice" / "1" / "fake.json").write_text("[]")
+    with pytest.raises(TtsdError):
+        manager.rollback("voice")
+    assert _versions(manager)["1"] == "deferred"
+    fake_model(models, "voice", "1")
+    manager.reconcile()
+    assert _versions(manager)["1"] == "available"
+    assert manager.rollback("voice")["to"] == "1"
     manager.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..signing import signature_digest
 from .lifecycle import Lifecycle
-from .source import Candidate, Verdict
+from .source import Candidate, Verdict, fingerprint
 from .state import ServingState
 from .store import content_id
 from .table import VersionTable
@@ -42,7 +42,7 @@ class Intake:
                 and not known.fresh
                 and known.state not in (State.INCOMPLETE, State.DEFERRED)
                 and not _signed_again(known, path)
-                and not (known.state is State.REFUSED and known.refused_folder)
+                and not _changed_since_refused(known, path)
             ):
                 self.table.see_folder(path, "known")
                 known.folder = path
@@ -70,11 +70,19 @@ class Intake:
                 self.table.see_folder(path, "known")
                 return None
             active = self.lifecycle.active(manifest.name)
+            its_files = True  # a refusal below is for the folder's files (judged again when it changes)
             if active is not None and manifest.parsed_version <= parsed(active.version) and not first_scan:
+                if known is not None and known.state is State.DEFERRED and candidate.verdict is Verdict.READY:
+                    # an earlier version that could not come up for the box's reasons (its store copy
+                    # damaged, no folder to copy again): with its folder back it is a rollback target
+                    model.state, model.reason = State.AVAILABLE, ""
+                    self.table.see_folder(path, "known")
+                    return None
                 stale = (
                     f"version {manifest.version} is not newer than the active {active.version} "
                     "('ttsd activate' serves it anyway)"
                 )
+                its_files = False
             elif candidate.verdict is Verdict.INCOMPLETE:
                 model.state, model.reason = State.INCOMPLETE, candidate.reason
                 self.table.see_folder(path, "incomplete", candidate.reason)
@@ -86,10 +94,18 @@ class Intake:
                 self.table.see_folder(path, "known")
                 stale = ""
         if stale:
-            self.lifecycle.refuse(model, stale, path)
+            self.lifecycle.refuse(model, stale, path, its_files=its_files)
             return None
         self._listener("verifying", model)
         return model
+
+
+def _changed_since_refused(known: ModelVersion, path: Path) -> bool:
+    """A version refused for its folder's files whose folder changed since (a file copied in
+    again whole, an unlisted one removed): judged again."""
+    return (
+        known.state is State.REFUSED and known.refused_folder is not None and fingerprint(path) != known.refused_folder
+    )
 
 
 def _signed_again(known: ModelVersion, path: Path) -> bool:

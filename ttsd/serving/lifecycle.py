@@ -30,6 +30,7 @@ from .loader import unload_engine
 from .pacing import Guard, Superseded, Ticket
 from .policy import backoff, beyond_keep
 from .serving_map import ServingMap, VoiceVersion
+from .source import fingerprint
 from .state import ServingState, VersionRecord, VoiceRecord
 from .store import ModelStore
 from .table import VersionTable
@@ -297,13 +298,15 @@ class Lifecycle:
         return False
 
     # == verdicts ===============================================================================
-    def refuse(self, model: ModelVersion, reason: str, folder: Path | None = None) -> None:
+    def refuse(self, model: ModelVersion, reason: str, folder: Path | None = None, *, its_files: bool = True) -> None:
         """The version cannot serve, and its store copy is dropped unless it is in use. With
-        ``folder``: that folder fails (its files, their checksums, its completeness), and it is
-        judged again when it changes or at a restart. Without: its content fails (loading,
-        warm-up), refused for good under this content."""
+        ``folder`` and ``its_files``: that folder's files fail (missing, unlisted, a checksum, a
+        copy never completed), and it is judged again once the folder changed (its fingerprint),
+        also after a restart. Otherwise its content or its version fails (loading, warm-up, not
+        newer than the active one): refused for good under this content."""
+        mark = fingerprint(folder) if folder is not None and its_files else None
         with self.table.locked():
-            model.state, model.reason, model.refused_folder = State.REFUSED, reason, folder is not None
+            model.state, model.reason, model.refused_folder = State.REFUSED, reason, mark
             if folder is not None:
                 self.table.see_folder(folder, "refused", reason)
             drop = model.store_copy is not None and model.engine is None and not self.map.in_flight(model.key)
@@ -450,7 +453,7 @@ class Lifecycle:
                         model.content,
                         model.state.value,
                         model.reason,
-                        model.state is State.REFUSED and model.refused_folder,
+                        model.refused_folder if model.state is State.REFUSED else None,
                     )
         self.state.set_versions(records)
         self.state.save()

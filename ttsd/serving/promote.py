@@ -81,7 +81,8 @@ class Promoter:
         again, or rolled back if marked meanwhile."""
         for model, _ in found:
             if model.state is State.VERIFYING:
-                self.table.change(model, state=self.lifecycle.resting(model))
+                resting = self.lifecycle.resting(model)
+                self.table.change(model, state=resting, reason="" if resting is State.AVAILABLE else model.reason)
 
     def promote(self, model: ModelVersion, folder: Path, why: str, ticket: Ticket) -> bool:
         """Copy ``model`` into the store (hashing it: the one time its bytes are read from the

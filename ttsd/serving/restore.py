@@ -11,10 +11,11 @@ and a voice whose saved version cannot come back falls back to the newest versio
 from __future__ import annotations
 
 import logging
+import re
 
 from ..errors import ManifestError, SignatureError, TtsdError
 from ..manifest import read_manifest
-from .state import ServingState
+from .state import ServingState, VersionRecord
 from .store import ModelStore, content_id
 from .versions import ModelVersion, State, norm
 
@@ -43,7 +44,7 @@ def restore(state: ServingState, store: ModelStore) -> list[ModelVersion]:
             content=record.content,
             reason=record.reason,
             store_copy=store.get(name, version),
-            refused_folder=saved is State.REFUSED and record.folder_fault,
+            refused_folder=_refused_folder(record) if saved is State.REFUSED else None,
         )
         _trust_store_copy(model)
         found.setdefault(model.key, model)
@@ -66,6 +67,21 @@ def restore(state: ServingState, store: ModelStore) -> list[ModelVersion]:
         found[model.key] = model
         log.info("found %s %s in the store", name, manifest.version)
     return list(found.values())
+
+
+# what a refusal for a folder's files said before ttsd recorded it as such (``VerifyError``'s
+# problems, an incomplete copy's timeout): judged again once, then recorded with its fingerprint
+_FOLDER_REASON = re.compile(
+    r"(?:^|: )(?:changed|missing|extra|unsafe|pickle weights|too many files): |still incomplete after"
+)
+
+
+def _refused_folder(record: VersionRecord) -> str | None:
+    """The fingerprint a refusal for a folder's files was recorded with; "" (judged again at the
+    first look) for one an older ttsd recorded without it; None for any other refusal."""
+    if record.folder is not None:
+        return record.folder
+    return "" if _FOLDER_REASON.search(record.reason) else None
 
 
 def _trust_store_copy(model: ModelVersion) -> None:

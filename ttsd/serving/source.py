@@ -19,6 +19,7 @@ one more class with the same five methods (``Source``). Called from the manager'
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -100,6 +101,17 @@ def signature(folder: Path, limit: int = MAX_ENTRIES) -> tuple[object, ...]:
     except OSError:
         return ("unreadable", time.time())
     return tuple(entries)
+
+
+def fingerprint(folder: Path) -> str:
+    """``signature`` as a short digest (names, sizes, mtimes; order-independent): what a folder
+    refused for its files is compared by, to be judged again only once it changed. "" when it
+    cannot be read (compares unequal to any)."""
+    sig = signature(folder)
+    if sig and sig[0] == "unreadable":
+        return ""
+    triples = sorted(zip(sig[0::3], sig[1::3], sig[2::3], strict=True), key=repr)
+    return hashlib.sha256(repr(triples).encode()).hexdigest()[:32]
 
 
 def looks_incomplete(exc: TtsdError) -> bool:

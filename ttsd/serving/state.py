@@ -65,7 +65,7 @@ class VersionRecord:
     content: str
     state: str
     reason: str = ""
-    folder_fault: bool = False  # refused for its folder, not its content (``ModelVersion.refused_folder``)
+    folder: str | None = None  # refused for its folder's files: its fingerprint (``ModelVersion.refused_folder``)
 
 
 MAX_STATE_BYTES = 16 << 20  # state.json of a box with thousands of versions is well under 1 MB
@@ -314,8 +314,8 @@ class StateDirLock:
 
 def _version_json(record: VersionRecord) -> dict[str, Any]:
     data = asdict(record)
-    if not record.folder_fault:  # only when set: a state.json an older ttsd can still read
-        del data["folder_fault"]
+    if record.folder is None:  # only when set: an older ttsd moves a state.json with it aside
+        del data["folder"]
     return data
 
 
@@ -372,10 +372,11 @@ def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord],
                 and isinstance(v.get("content"), str)
                 and isinstance(v.get("state"), str)
                 and isinstance(v.get("reason", ""), str)
-                and isinstance(v.get("folder_fault", False), bool)
-            ) or set(v) - {"content", "state", "reason", "folder_fault"}:
+                and isinstance(v.get("folder", ""), str)
+                and len(v.get("folder", "")) <= 64
+            ) or set(v) - {"content", "state", "reason", "folder"}:
                 raise ValueError("not a version record")
-            versions[key] = VersionRecord(v["content"], v["state"], v.get("reason", ""), v.get("folder_fault", False))
+            versions[key] = VersionRecord(v["content"], v["state"], v.get("reason", ""), v.get("folder"))
         except (ValueError, TypeError, ManifestError) as exc:
             problems.append(f"version {key!r}: {exc}")
     return voices, versions

@@ -81,9 +81,10 @@ class ModelVersion:
     refused_signature: str | None = None
     signature_failure: str = ""  # its kind (SignatureError.kind), for the metric
     # refused for its folder (a file that fails its checksum, missing or unlisted files, a copy
-    # that never completed), not for its content: judged again when the folder changes or at a
-    # restart, since the same manifest may yet be held whole (``Intake.take``)
-    refused_folder: bool = False
+    # that never completed), not for its content: the folder's ``source.fingerprint`` then, so it
+    # is judged again once the folder changed, before or after a restart ("" : at the next look);
+    # None when not refused for its folder (``Intake.take``)
+    refused_folder: str | None = None
 
     @property
     def key(self) -> Key:
