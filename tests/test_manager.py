@@ -1211,10 +1211,20 @@ def test_the_rollback_target_stands_by_again_after_a_restart(tmp_path: Path, fak
 def test_a_rollback_while_its_target_loads_again_after_a_restart(tmp_path: Path, fake_engines: None,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The operator rolls back while the restarted daemon loads the target again to stand by: the
-    rollback waits for that load and swaps to it, loading it once."""
+    rollback waits for that load and swaps to it, loading it once (it called the load off and
+    loaded the target again from the start)."""
     _, manager = v2_over_v1(tmp_path)
     manager.close()
     started, release = _gate(monkeypatch, "1")
+    entered: list[str] = []  # every start of v1's load, before the gate (FakeEngine.loads counts after it)
+    gated = FakeEngine.load
+
+    def load(self: FakeEngine) -> None:
+        if self.folder.name == "1":
+            entered.append(self.folder.name)
+        gated(self)
+
+    monkeypatch.setattr(FakeEngine, "load", load)
     restarted = make_manager(tmp_path)
     restarted.start()
     assert started.wait(20), "v1 never started loading again"
@@ -1226,7 +1236,7 @@ def test_a_rollback_while_its_target_loads_again_after_a_restart(tmp_path: Path,
     release.set()
     wait_for(lambda: answers, 20, "the rollback's answer")
     assert answers[0]["to"] == "1" and restarted.snapshot()[0]["active"] == "1"
-    assert FakeEngine.loads == loads + 1 and _versions(restarted)["2"] == "rolled-back"
+    assert FakeEngine.loads == loads + 1 and entered == ["1"] and _versions(restarted)["2"] == "rolled-back"
     restarted.close()
 
 
@@ -1337,3 +1347,29 @@ def test_a_rollback_target_that_could_not_come_up_is_one_again_once_its_folder_i
     assert _versions(manager)["1"] == "available"
     assert manager.rollback("voice")["to"] == "1"
     manager.close()
+
+
+def test_a_load_that_runs_out_of_memory_defers_the_version_rather_than_refusing_it(
+        tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch says "DefaultCPUAllocator: can't allocate memory" in a RuntimeError: the version was
+    refused for good and its store copy deleted, so a rollback target the restart loaded again at
+    a tight moment was lost (its folder may be gone). It is the box's: deferred, its copy kept, and
+    the rollback loads it once memory allows."""
+    models, manager = v2_over_v1(tmp_path)
+    manager.close()
+    shutil.rmtree(models / "voice-1")  # rollback works after the folder is deleted
+    real_load = FakeEngine.load
+
+    def load(self: FakeEngine) -> None:
+        if self.folder.name == "1":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        real_load(self)
+
+    monkeypatch.setattr(FakeEngine, "load", load)
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    wait_for(lambda: _versions(restarted)["1"] == "deferred", 20, "v1 deferred")
+    assert (tmp_path / "state" / "store" / "voice" / "1").is_dir()
+    monkeypatch.setattr(FakeEngine, "load", real_load)
+    assert restarted.rollback("voice")["to"] == "1"
+    restarted.close()

@@ -108,6 +108,9 @@ class Control:
                     self.lifecycle.discard(target, "loaded for a rollback that did not happen")
                 raise
 
+        loading = self.jobs.current(voice)
+        if loading is not None and loading.stands_by and loading.target == norm(target.version):
+            loading.make_urgent()  # the restart's load of this very target: waited for, not called off and redone
         try:
             return self.jobs.start(
                 voice,

@@ -31,6 +31,7 @@ from ..errors import (
     UnknownVoiceError,
     VerifyError,
     is_system_oserror,
+    out_of_memory,
     resource_error,
 )
 from ..malloc import resident_bytes
@@ -173,7 +174,8 @@ class BringUp:
             )
             rss = max(0, resident_bytes() - before)  # what it costs, for the budget's next choices
         except Exception as exc:  # TtsdError says why; anything else is the engine crashing
-            if isinstance(exc, (StoreLost, MemoryError, ResourceError)) or is_system_oserror(exc):
+            # the box's: out of memory (torch says so in a RuntimeError), a failing disk; never the version's
+            if isinstance(exc, (StoreLost, ResourceError)) or out_of_memory(exc) or is_system_oserror(exc):
                 self.lifecycle.defer(
                     model, str(exc) if isinstance(exc, TtsdError) else str(resource_error(exc, "loading"))
                 )

@@ -124,6 +124,11 @@ class Jobs:
                 lane.release()
             ticket.check()
 
+    def current(self, voice: str) -> Ticket | None:
+        """``voice``'s newest job, running or waiting its turn."""
+        with self._lock:
+            return self._current.get(voice)
+
     def busy(self, voice: str) -> bool:
         """Whether a job for ``voice`` is running or waiting its turn."""
         with self._lock:

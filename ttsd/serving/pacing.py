@@ -211,6 +211,7 @@ class Ticket:
     # an operator rolled back from the version it brings up (the memory policy's upgrade, which
     # is not called off): it ends there, and the other versions it was given are not taken up
     rolled_back: bool = False
+    stands_by: bool = False  # it loads rollback targets again after a restart (``Promoter.stand_by``)
     done: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -291,11 +291,15 @@ class Promoter:
         active = self.lifecycle.active(name)
         if active is None:
             return
+        ticket.stands_by = True
         for version in reversed(self.state.voice(name).previous[-self.policy.keep :]):
             ticket.check()
+            if ticket.urgent:  # a rollback waits for the target it just loaded: no more
+                return
             model = self.table.get(name, version)
             if model is None or model is active or model.state is not State.AVAILABLE or self.lifecycle.marked(model):
                 continue
+            ticket.target = norm(model.version)  # a rollback to it waits for this load (``Control.rollback``)
             try:
                 self.bringup.ensure_stored(model)
                 if self.bringup.bring_up(model, "a rollback target, loaded again after a restart"):
