@@ -1264,7 +1264,35 @@ def test_a_voice_added_beside_the_built_in_one_does_not_become_the_default(tmp_p
     with manager.acquire(None) as lease:
         assert lease.voice.name == BUILTIN_VOICE
     said = [r.getMessage() for r in caplog.records if "name no voice" in r.getMessage()]
-    assert said == [f"requests that name no voice get {BUILTIN_VOICE} (--default-voice sets another)"]
+    assert said == [f"requests that name no voice get {BUILTIN_VOICE} (the built-in voice; --default-voice "
+                    "chooses another)"]
+    manager.close()
+
+
+def test_the_default_voice_stays_the_default_while_the_memory_policy_upgrades_it(
+        tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --swap-policy memory the built-in voice serves nothing while its new version loads:
+    requests that name no voice went to the German voice meanwhile (English text in a German
+    voice), with nothing logged. They get "being upgraded" (retry), as requests naming it do."""
+    from ttsd.errors import BusyError
+    from ttsd.voices import BUILTIN_VOICE
+
+    models = tmp_path / "models"
+    fake_model(models, BUILTIN_VOICE, "1")
+    fake_model(models, "de_DE-thorsten-medium", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    started, release = _gate(monkeypatch, "2")
+    fake_model(models, BUILTIN_VOICE, "2")
+    upgrade = threading.Thread(target=manager.reconcile, daemon=True)
+    upgrade.start()
+    assert started.wait(20), "v2 never started loading"
+    with pytest.raises(BusyError, match="being upgraded"):
+        manager.acquire(None)
+    release.set()
+    upgrade.join(20)
+    with manager.acquire(None) as lease:
+        assert (lease.voice.name, lease.voice.version) == (BUILTIN_VOICE, "2")
     manager.close()
 
 

@@ -244,6 +244,7 @@ class ModelManager:
         while self.source.waiting() and time.monotonic() < deadline:
             time.sleep(min(0.2, max(self.policy.settle / 4, 0.02)))
             self.reconcile()
+        self.map.announce_default()
         for name in self.table.names():  # after every voice serves: not waited for
             if self.map.active(name) is not None and self.state.voice(name).previous:
                 self._job(name, f"rollback targets of {name}", partial(self.promoter.stand_by, name))

@@ -122,6 +122,8 @@ class ServingMap:
         self._canary: dict[str, Key] = {}
         self._in_flight = 0
         self._said_default: str | None = None  # the default voice the log last named
+        self._announcing = False  # the default is logged from ``announce_default`` (after start-up) on
+        self._swapping_out: set[str] = set()  # voices taken out of service for an upgrade (``deactivate``)
 
     # -- requests (any thread) -------------------------------------------------------------------
     def acquire(self, voice: str | None = None, version: str | None = None, *, user: str | None = None) -> Lease:
@@ -178,16 +180,31 @@ class ServingMap:
         self._on_release(entry.key, ok)
 
     def _default_name(self) -> str | None:
-        return default_of(self.default_voice, self._active)
+        names = set(self._active)
+        if self._swapping_out:  # still the default while its upgrade loads: "being upgraded", not another voice
+            names |= self._swapping_out & self._upgrading()
+        return default_of(self.default_voice, names)
 
     def _say_default(self) -> None:
-        """Log which voice requests that name none get, when a voice that serves now changes it
-        (a voice added whose name sorts first, on a box without the built-in voice)."""
+        """Log which voice requests that name none get, when it changes (a voice added whose name
+        sorts first on a box without the built-in voice, the default voice gone)."""
         now = self._default_name()
-        if now is not None and now != self._said_default:
-            how = "--default-voice" if now == self.default_voice else "--default-voice sets another"
-            log.info("requests that name no voice get %s (%s)", now, how)
-            self._said_default = now
+        if not self._announcing or now is None or now == self._said_default:
+            return
+        if now == self.default_voice:
+            how = "--default-voice"
+        else:
+            given = f"--default-voice {self.default_voice} does not serve" if self.default_voice else None
+            why = "the built-in voice" if now == BUILTIN_VOICE else "the first voice by name"
+            how = f"{why}; {given or '--default-voice chooses another'}"
+        log.info("requests that name no voice get %s (%s)", now, how)
+        self._said_default = now
+
+    def announce_default(self) -> None:
+        """Log the default voice now (start-up is done), and from now on whenever it changes."""
+        with self._lock:
+            self._announcing = True
+            self._say_default()
 
     # -- what serves (any thread) ------------------------------------------------------------------
     def ready(self) -> bool:
@@ -227,6 +244,7 @@ class ServingMap:
             name = key[0]
             previous = self._active.get(name)
             self._active[name] = key
+            self._swapping_out.discard(name)
             if self._canary.get(name) == key:
                 del self._canary[name]
             self._say_default()
@@ -245,6 +263,7 @@ class ServingMap:
         """Take ``name``'s active version out of service (the memory policy, before its successor
         loads). Requests for the voice get "being upgraded" until one is activated."""
         with self._lock:
+            self._swapping_out.add(name)
             return self._active.pop(name, None)
 
     def remove(self, key: Key, *, force: bool = False) -> bool:
@@ -262,6 +281,7 @@ class ServingMap:
             if self._canary.get(key[0]) == key:
                 del self._canary[key[0]]
             del self._loaded[key]
+            self._say_default()
             return True
 
     def park(self, key: Key) -> bool:
