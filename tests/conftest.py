@@ -150,6 +150,25 @@ def no_stray_daemons() -> Iterator[None]:
     kill_leftovers()
 
 
+@pytest.fixture(autouse=True)
+def standby_loaded_when_start_returns(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted manager loads its rollback targets again in the background, after ``start``
+    returns (the daemon is ready before they are). In-process tests that count loads or engines
+    right after a start would race with those loads: here ``start`` returns once they are done,
+    unless the test is marked ``standby_in_background`` (it looks at them while they load)."""
+    if request.node.get_closest_marker("standby_in_background"):
+        return
+    from ttsd.serving.manager import ModelManager
+
+    real_start = ModelManager.start
+
+    def start(self: ModelManager) -> None:
+        real_start(self)
+        self.jobs.wait(timeout=60)
+
+    monkeypatch.setattr(ModelManager, "start", start)
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     return save_tiny_vits(tmp_path / "tiny")

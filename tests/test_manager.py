@@ -1187,6 +1187,7 @@ def test_a_rollback_whose_target_fails_to_load_leaves_the_record_as_it_was(tmp_p
     restarted.close()
 
 
+@pytest.mark.standby_in_background
 @pytest.mark.parametrize("keep", [1, 0])
 def test_the_rollback_target_stands_by_again_after_a_restart(tmp_path: Path, fake_engines: None, keep: int) -> None:
     """``--keep`` rollback targets stay loaded for an instant rollback; after a restart only the
@@ -1208,6 +1209,7 @@ def test_the_rollback_target_stands_by_again_after_a_restart(tmp_path: Path, fak
     restarted.close()
 
 
+@pytest.mark.standby_in_background
 def test_a_rollback_while_its_target_loads_again_after_a_restart(tmp_path: Path, fake_engines: None,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The operator rolls back while the restarted daemon loads the target again to stand by: the
@@ -1400,4 +1402,34 @@ def test_a_load_that_runs_out_of_memory_defers_the_version_rather_than_refusing_
     assert (tmp_path / "state" / "store" / "voice" / "1").is_dir()
     monkeypatch.setattr(FakeEngine, "load", real_load)
     assert restarted.rollback("voice")["to"] == "1"
+    restarted.close()
+
+
+def test_an_upgrade_that_activates_over_a_canary_ends_it(tmp_path: Path, fake_engines: None) -> None:
+    """Under --swap-policy memory an upgrade activates the new version directly (no canary of it:
+    the old version is out of service), and a running canary of an older version stayed: 3 served,
+    2 was still the canary, and once it passed its requests it was promoted, from 3 back to 2. The
+    swap ends a canary that is not newer than the version it activates."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, canary={"*": 0.5})
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    assert manager.snapshot()[0]["canary"] == "2"
+    manager.close()
+    restarted = make_manager(tmp_path, canary={"*": 0.5}, canary_requests=5, swap="memory")
+    restarted.start()
+    fake_model(models, "voice", "3")
+    restarted.reconcile()
+    voice = restarted.snapshot()[0]
+    assert (voice["active"], voice["canary"]) == ("3", None)
+    for user in range(20):
+        with restarted.acquire("voice", user=f"u{user}") as lease:
+            assert lease.voice.version == "3"
+    assert restarted.snapshot()[0]["active"] == "3" and _versions(restarted)["2"] != "canary"
+    restarted.close()
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    assert (restarted.snapshot()[0]["active"], restarted.snapshot()[0]["canary"]) == ("3", None)
     restarted.close()

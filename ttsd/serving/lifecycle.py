@@ -34,7 +34,7 @@ from .source import fingerprint
 from .state import ServingState, VersionRecord, VoiceRecord
 from .store import ModelStore
 from .table import VersionTable
-from .versions import COMING_UP, Listener, ModelVersion, Policy, State, norm
+from .versions import COMING_UP, Listener, ModelVersion, Policy, State, norm, order, parsed
 
 log = logging.getLogger("ttsd.manager")
 STORE_KEEP = 3  # rollback targets kept in the store besides the active version
@@ -135,10 +135,14 @@ class Lifecycle:
                 and norm(saved.active) not in {norm(v) for v in voice.rolled_back}  # withdrawn meanwhile
             ):
                 stack = [v for v in stack if v != saved.active] + [saved.active]
+            # a canary is a newer version beside the active one: one not newer than what serves
+            # now ends (the memory policy's upgrade activates over a running canary)
+            outrun = self.canary(model.name)
+            outrun = outrun if outrun is not None and outrun is not model and order(outrun) <= order(model) else None
             voice = voice.but(
                 active=model.version,
                 previous=[v for v in stack if norm(v) != norm(model.version)],
-                canary=None if voice.canary and norm(voice.canary) == norm(model.version) else voice.canary,
+                canary=None if voice.canary and parsed(voice.canary) <= parsed(model.version) else voice.canary,
                 rolling_to=None,  # whatever serves now ends a rollback under way (``Control.rollback``)
             )
             if durable:
@@ -166,6 +170,9 @@ class Lifecycle:
                     before.state = (
                         State.AVAILABLE if before.engine is None and previous_state is State.STANDBY else previous_state
                     )
+                if outrun is not None:
+                    self.map.end_canary(model.name)
+                    outrun.state = State.RETIRED
                 standby = [m for m in self.table.of(model.name) if m.state is State.STANDBY]
                 for extra in beyond_keep(standby, self.policy.keep):
                     extra.state = State.RETIRED
@@ -178,6 +185,9 @@ class Lifecycle:
         self.state.record(model.name, saved.active, model.version, why, write=False, **details)
         log.info("%s: %s -> %s (%s)", model.name, saved.active or "-", model.version, why)
         self._listener("activated", model)
+        if outrun is not None:
+            log.info("%s %s: canary superseded by %s", model.name, outrun.version, model.version)
+            self.state.record(model.name, outrun.version, model.version, f"{why}: its canary ended", write=False)
         for m in to_unload:  # freeing memory is not part of the swap: off this path
             self.unload_later(m)
         self._fit_budget()  # the replaced version, now a rollback target, is the first to go
