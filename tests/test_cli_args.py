@@ -364,6 +364,8 @@ def test_models_list_verify_and_another_models_dir_read_the_disk_while_a_daemon_
     assert invoke("models", "list", "--verify", "--models", str(served)).exit_code == 6
     elsewhere = invoke("models", "list", "--models", str(other), "--json")
     assert elsewhere.exit_code == 0 and [r["voice"] for r in json.loads(elsewhere.stdout)] == ["elsewhere"]
+    status["models"] = "models"  # a daemon that names it relative to where it started (older ttsd)
+    one_line_error(invoke("models", "list", "--verify"), 3, "give --models DIR")
 
 
 def test_a_mirror_url_with_a_newline_is_refused_as_such() -> None:

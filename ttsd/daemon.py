@@ -184,7 +184,7 @@ class Daemon:
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 1),
             "socket": str(self.config.socket),
-            "models": str(self.config.models),
+            "models": str(self.config.models.absolute()),  # a client elsewhere reads it (``models list --verify``)
             "spool": str(self.config.spool) if self.config.spool else None,
             "workers": self.config.workers,
             "queue": {"waiting": waiting, "running": running, "capacity": self.config.queue_size},

@@ -54,8 +54,7 @@ def _usage_line(exc: click.UsageError, where: str) -> None:
     ``ttsd models`` alone is no mistake to put on one line: its help, as click prints it."""
     from rich.markup import escape
 
-    no_args = getattr(click.exceptions, "NoArgsIsHelpError", None)  # click 8.2 on; 8.1 printed the help itself
-    if no_args is not None and isinstance(exc, no_args):
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
         exc.show()
         return
 

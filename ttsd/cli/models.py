@@ -212,7 +212,10 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         beside = f"; the daemon serves {info['models']}"  # another dir than the daemon's: read from disk
         info = None
     elif info is not None and check:  # --verify reads every byte on disk now, whatever the daemon says
-        models_dir, beside = Path(info["models"]), f"; the daemon, pid {info['pid']}, serves from it"
+        if models_dir is None and not Path(info["models"]).is_absolute():  # relative to where it started
+            raise ConfigError(f"the daemon names its models dir {info['models']!r} only: give --models DIR")
+        models_dir = models_dir or Path(info["models"])
+        beside = f"; the daemon, pid {info['pid']}, serves from it"
         info = None
     if info is not None:
         title = f"daemon pid {info['pid']}: {info['models']}"
