@@ -204,6 +204,38 @@ def test_links_planted_in_the_download_cache_are_not_followed(tmp_path: Path, mi
     assert list(victims[1].iterdir()) == []
 
 
+def test_what_an_older_download_left_in_the_cache_does_not_stop_a_get(tmp_path: Path, mirror: Mirror,
+                                                                       fleet: dict[str, Path]) -> None:
+    """A broken-off download left a folder where the mirror's folder now has a file (every later
+    get downloaded it, then failed to rename it there, exit 3, for good). The cache's own leftovers
+    are cleared; a file directly in the downloads dir, where lock files live, is never removed."""
+    from ttsd.fsutil import own_dir
+
+    folder = tmp_path / "build" / "voice-1"
+    folder.mkdir(parents=True)
+    (folder / "a.json").write_text("{}")
+    (folder / "sub").write_bytes(b"x" * 100)
+    pack(folder, name="voice", version="1", engine="vits", sample_rate=8000)
+    publish(folder, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    left = tmp_path / "box" / "cache" / "downloads" / "voice-1" / "sub"
+    left.mkdir(parents=True)
+    (left / "b.dat").write_bytes(b"y")
+    result = get(mirror.url, tmp_path / "box", "voice")
+    assert result.exit_code == 0, result.output
+    assert verify(tmp_path / "box" / "models" / "voice-1").version == "1"
+
+    base = tmp_path / "downloads"
+    base.mkdir()
+    (base / "other.lock").write_text("")
+    with pytest.raises(FileExistsError):
+        own_dir(base, "other.lock")  # a catalog key ending in .lock: another voice's lock stays
+    assert (base / "other.lock").is_file()
+    (base / "w").mkdir()
+    (base / "w" / "file").write_text("")
+    assert own_dir(base, "w/file/x").is_dir()  # inside a work folder: the cache's own, replaced
+
+
 def test_publishing_the_same_version_with_other_content_is_refused(tmp_path: Path, fleet: dict[str, Path]) -> None:
     folder = folder_of_two(tmp_path / "build" / "voice-1")
     publish(folder, fleet["published"])

@@ -92,6 +92,12 @@ def test_pickle_weights_are_refused_by_verify_and_pack(tmp_path: Path) -> None:
          '"files": {"a": {"sha256": "' + "/" * 64 + '", "size": 1}}}', "needs a 64-hex 'sha256'"),
         ('{"name": "x", "version": "1", "engine": "vits", "sample_rate": 1, '
          '"files": {"a": {"sha256": "' + "0" * 63 + 'g", "size": 1}}}', "needs a 64-hex 'sha256'"),
+        # a path both a file and a folder: a fetch removed the file it had checked to make the folder
+        ('{"name": "x", "version": "1", "engine": "vits", "sample_rate": 1, "files": {'
+         '"a/b": {"sha256": "' + "0" * 64 + '", "size": 1}, "a/b/c": {"sha256": "' + "0" * 64 + '", "size": 1}}}',
+         "'a/b' is listed as a file and as a folder"),
+        ('{"name": "x", "version": "1", "engine": "vits", "sample_rate": 1, '
+         '"files": {"ttsd.json/x": {"sha256": "' + "0" * 64 + '", "size": 1}}}', "'ttsd.json' is listed as a file"),
     ],
 )
 def test_bad_manifests_get_a_clear_error(tmp_path: Path, text: str, message: str) -> None:

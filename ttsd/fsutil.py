@@ -19,24 +19,25 @@ from typing import BinaryIO
 
 def own_dir(base: Path, rel: str | PurePath = ".") -> Path:
     """``base / rel``, each folder below ``base`` made 0700 where missing: a work folder in a cache
-    of this process's own. A link (or a file) found in the place of one is removed and a folder
-    made there: nothing in a cache is followed out of it (a link planted in the downloads cache
-    had a fetch write its files where the link pointed). ``base`` itself is taken as it is."""
+    of this process's own. A link found in the place of one is removed and a folder made there:
+    nothing in a cache is followed out of it (a link planted in the downloads cache had a fetch
+    write its files where the link pointed). So is a file inside the work folder (an older
+    download's, where a folder is wanted now); a file directly in ``base`` (which holds other
+    downloads' lock files) is an error, not removed. ``base`` itself is taken as it is."""
     path = base
-    for part in PurePath(rel).parts:
-        if part in (".", ""):
-            continue
+    for depth, part in enumerate(p for p in PurePath(rel).parts if p not in (".", "")):
         if part == "..":
             raise ValueError(f"{rel}: not a path below {base}")
         path = path / part
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):  # (a folder made meanwhile by another process: fine)
             path.mkdir(mode=0o700)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
             continue
-        if not stat.S_ISDIR(st.st_mode):
-            path.unlink()
-            path.mkdir(mode=0o700)
+        if not stat.S_ISLNK(st.st_mode) and depth == 0:
+            raise FileExistsError(errno.EEXIST, "a file stands where a download's folder goes", str(path))
+        path.unlink()
+        path.mkdir(mode=0o700)
     return path
 
 

@@ -183,6 +183,10 @@ def parse_manifest(data: Any, source: str = MANIFEST) -> Manifest:
         files[rel] = FileEntry(sha256=entry["sha256"].lower(), size=entry["size"])
     if not files:
         raise ManifestError(f"{source}: lists no files")
+    # "a/b" and "a/b/c" (or "ttsd.json/x"): a path that is a file and a folder at once
+    folders = {parent.as_posix() for rel in files for parent in PurePosixPath(rel).parents if parent.parts}
+    if clash := sorted(folders & (set(files) | {MANIFEST, SIGNATURE})):
+        raise ManifestError(f"{source}: {clash[0]!r} is listed as a file and as a folder")
     warmup = data.get("warmup", [])
     if (
         not isinstance(warmup, list)

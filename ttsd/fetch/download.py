@@ -515,6 +515,10 @@ def present_bytes(dest: Path, file: CatalogFile) -> int:
 def download(mirror: Mirror, file: CatalogFile, dest: Path, progress: Progress = lambda _: None) -> None:
     """Make ``dest`` the catalog's ``file``: a complete copy already there is checked and kept,
     else the download starts or goes on from the partial file beside it."""
+    if dest.is_dir() and not dest.is_symlink():  # an older download's folder where a file goes now
+        shutil.rmtree(dest)
+    elif dest.is_symlink() or (os.path.lexists(dest) and not dest.is_file()):  # never followed
+        dest.unlink()
     if dest.is_file():
         if dest.stat().st_size == file.size and _matches(dest, file)[0]:
             progress(file.size)
