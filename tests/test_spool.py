@@ -660,6 +660,28 @@ def test_a_claim_cut_off_by_a_kill_is_finished_at_the_restart(front: FrontEnds, 
     assert not any(p.name.startswith("cut") for p in dirs["failed"].iterdir())
 
 
+def test_a_cut_off_claim_that_cannot_finish_is_undone(front: FrontEnds, voices: FakeVoices,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The name in incoming/ of a claim cut off by a kill cannot be removed (a sticky incoming/
+    holding another user's file): the restart logged "cannot move it to done/" and left the request
+    in work/, served never. The claim is undone, as a claim that fails is: work/ lets it go."""
+    dirs = front.spool.dirs
+    (dirs["work"] / "theirs.txt").write_text("Another user's request.")
+    os.link(dirs["work"] / "theirs.txt", dirs["incoming"] / "theirs.txt")
+    real_unlink = os.unlink
+
+    def sticky(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path) == dirs["incoming"] / "theirs.txt":
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", sticky)
+    restarted = Spool(dirs["incoming"].parent, voices.backend, concurrency=1)
+    restarted.prepare()
+    assert names(dirs["work"]) == [] and names(dirs["incoming"]) == ["theirs.txt"]
+    assert os.stat(dirs["incoming"] / "theirs.txt").st_nlink == 1
+
+
 def test_the_folders_the_spool_makes_take_its_group_permissions(tmp_path: Path, voices: FakeVoices) -> None:
     """docs/spool.md: a spool dir writable by its writers' group (mode 2770). Under the example
     unit's UMask=0027 the daemon made incoming/ 0750 and every writer in the group was refused."""

@@ -179,7 +179,8 @@ class Spool:
             if claimed.name.startswith("."):
                 continue
             try:
-                self._finish_claim(claimed)
+                if self._finish_claim(claimed):
+                    continue
                 if self._already_published(claimed):
                     placed = self._place(claimed, "done")
                     log.info("%s was served before a restart; moved to done/%s", shown(claimed.name), shown(placed))
@@ -194,25 +195,34 @@ class Spool:
         fsync_dir(self.dirs["work"])
         self._prepared = True
 
-    def _finish_claim(self, claimed: Path) -> None:
+    def _finish_claim(self, claimed: Path) -> bool:
         """A claim is a hard link into ``work/``, then the name in ``incoming/`` removed: a kill -9
         between the two left the same file under both names, and the restart failed the claimed
         one for its other hard link while it served the other, so one request ended in ``failed/``
         and ``done/`` both. The name in ``incoming/`` of that very file (same inode, no third
-        link) is removed, as the claim would have."""
+        link) is removed, as the claim would have; where it cannot be (a sticky ``incoming/``
+        holding another user's file), the claim is undone, as ``_claim`` undoes it, and True says
+        the request left ``work/``. (A writer renaming a new file of the same name into
+        ``incoming/`` between the look and the removal would lose it: a request ID already in
+        service, in a window of microseconds at start-up only.)"""
         st = os.lstat(claimed)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 2:
-            return
+            return False
         left = self.dirs["incoming"] / claimed.name
         try:
             other = os.lstat(left)
         except FileNotFoundError:
-            return
-        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return False
+        if (other.st_dev, other.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        try:
             os.unlink(left)
-            log.info(
-                "spool: %s was claimed when the daemon stopped; its name in incoming/ is removed", shown(claimed.name)
-            )
+        except OSError as exc:
+            os.unlink(claimed)
+            log.warning("spool: %s stays in incoming/: it cannot be moved from there (%s)", shown(claimed.name), exc)
+            return True
+        log.info("spool: %s was claimed when the daemon stopped; its name in incoming/ is removed", shown(claimed.name))
+        return False
 
     def _forget_lone_reasons(self) -> None:
         """An error file in ``failed/`` whose request never joined it (a kill -9 between writing
