@@ -164,7 +164,7 @@ def standby_loaded_when_start_returns(request: pytest.FixtureRequest, monkeypatc
 
     def start(self: ModelManager) -> None:
         real_start(self)
-        self.jobs.wait(timeout=60)
+        assert self.jobs.wait(timeout=60), "the rollback targets never finished loading again"
 
     monkeypatch.setattr(ModelManager, "start", start)
 

@@ -124,3 +124,26 @@ def test_supersede_and_hurry_reach_the_running_job_behind_a_queued_one() -> None
     assert tickets and tickets[0].hurried and not tickets[0].urgent  # still called off by a rollback
     stop.set()
     assert first.result(5) == "A'" and jobs.wait(5)
+
+
+def test_a_withdrawal_by_version_does_not_call_off_the_restarts_load_of_rollback_targets() -> None:
+    """A fleet withdrawal calls off the jobs bringing its version up (``cancel`` by version). The
+    restart's job loading rollback targets names the one it loads as its target too, and a
+    withdrawal of that one called the whole job off: the voice's other targets never loaded. It
+    leaves a withdrawn target out itself; only a cancel of every job of the voice stops it."""
+    jobs = Jobs(lambda: False)
+    started, stop = threading.Event(), threading.Event()
+
+    def stand_by(ticket: Ticket) -> None:
+        ticket.stands_by, ticket.target = True, "1"
+        started.set()
+        stop.wait(10)
+        ticket.check()
+
+    future = jobs.start("voice", "rollback targets of voice", stand_by, urgent=False)
+    assert started.wait(10)
+    assert jobs.cancel("voice", "withdrawn", version="1") == []
+    assert len(jobs.cancel("voice", "shutting down")) == 1
+    stop.set()
+    with pytest.raises(Superseded):
+        future.result(10)

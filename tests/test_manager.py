@@ -3,14 +3,15 @@ takes the serving version down."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
-import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import fake_model, make_manager, v2_over_v1
@@ -1433,3 +1434,56 @@ def test_an_upgrade_that_activates_over_a_canary_ends_it(tmp_path: Path, fake_en
     restarted.start()
     assert (restarted.snapshot()[0]["active"], restarted.snapshot()[0]["canary"]) == ("3", None)
     restarted.close()
+
+
+def test_a_folder_mended_while_it_was_hashed_is_judged_again(tmp_path: Path, fake_engines: None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator copies the good file in while ttsd hashes the damaged one: the hash fails on
+    the bytes it read, and the refusal must mark the folder as it was judged, not as it is after
+    the mend (then the mended folder compared equal and was never judged again)."""
+    from ttsd.serving.store import ModelStore
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    v2 = fake_model(models, "voice", "2")
+    (v2 / "fake.json").write_text("[]")  # its size intact: caught by its hash
+    real_put = ModelStore.put
+
+    def put(self: ModelStore, folder: Path, manifest: Any) -> Any:
+        try:
+            return real_put(self, folder, manifest)
+        finally:
+            if folder == v2 and (v2 / "fake.json").read_text() == "[]":
+                (v2 / ".mended").write_text("{}")
+                os.replace(v2 / ".mended", v2 / "fake.json")  # mended while it was hashed
+
+    monkeypatch.setattr(ModelStore, "put", put)
+    manager.reconcile()
+    assert _versions(manager)["2"] == "refused"
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "2"
+    manager.close()
+
+
+def test_an_operators_activate_over_a_canary_still_ends_it_as_a_rollback(tmp_path: Path, fake_engines: None) -> None:
+    """``ttsd activate 3`` while 2 is the canary ends the canary as a rollback (the event, its
+    reason): the swap's own end of an older canary (for the memory policy's upgrade) took it first
+    and left none of that."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    events: list[tuple[str, str]] = []
+    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state", spawn=lambda fn: fn(),
+                           policy=Policy(settle=0, canary={"*": 0.5}, canary_requests=5),
+                           listener=lambda event, model: events.append((event, model.version)))
+    manager.start()
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    manager.rollback("voice")
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    assert manager.snapshot()[0]["canary"] == "2"
+    manager.activate("voice", "3")
+    assert ("rolled_back", "2") in events and _versions(manager)["2"] == "rolled-back"
+    manager.close()

@@ -138,7 +138,13 @@ class Jobs:
         """Call off ``voice``'s background jobs (urgent ones finish): they commit nothing. With
         ``version`` (normalised), only those bringing that version up."""
         with self._lock:
-            called_off = [t for t in self._of(voice) if not t.urgent and (version is None or t.target == version)]
+            # (by version: not the restart's loads of rollback targets, which leave a withdrawn one
+            # out themselves and go on to the next)
+            called_off = [
+                t
+                for t in self._of(voice)
+                if not t.urgent and (version is None or (t.target == version and not t.stands_by))
+            ]
         for ticket in called_off:
             ticket.cancel(why)
         return called_off

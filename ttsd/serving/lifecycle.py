@@ -136,8 +136,9 @@ class Lifecycle:
             ):
                 stack = [v for v in stack if v != saved.active] + [saved.active]
             # a canary is a newer version beside the active one: one not newer than what serves
-            # now ends (the memory policy's upgrade activates over a running canary)
-            outrun = self.canary(model.name)
+            # now ends (the memory policy's upgrade activates over a running canary). An operator's
+            # swap (``record``) ends the canary itself, as a rollback, after this
+            outrun = self.canary(model.name) if record is None else None
             outrun = outrun if outrun is not None and outrun is not model and order(outrun) <= order(model) else None
             voice = voice.but(
                 active=model.version,
@@ -314,7 +315,8 @@ class Lifecycle:
         copy never completed), and it is judged again once the folder changed (its fingerprint),
         also after a restart. Otherwise its content or its version fails (loading, warm-up, not
         newer than the active one): refused for good under this content."""
-        mark = fingerprint(folder) if folder is not None and its_files else None
+        # the folder as it was judged: one mended while it was hashed has changed since, and is judged again
+        mark = (model.seen or fingerprint(folder)) if folder is not None and its_files else None
         with self.table.locked():
             model.state, model.reason, model.refused_folder = State.REFUSED, reason, mark
             if folder is not None:

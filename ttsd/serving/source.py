@@ -23,7 +23,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
@@ -57,6 +57,7 @@ class Candidate:
     verdict: Verdict
     manifest: Manifest | None = None
     reason: str = ""
+    fingerprint: str = ""  # the folder as it was judged (``fingerprint``), "" when not known
 
 
 class Source(Protocol):
@@ -107,8 +108,11 @@ def fingerprint(folder: Path) -> str:
     """``signature`` as a short digest (names, sizes, mtimes; order-independent): what a folder
     refused for its files is compared by, to be judged again only once it changed. "" when it
     cannot be read (compares unequal to any)."""
-    sig = signature(folder)
-    if sig and sig[0] == "unreadable":
+    return _digest(signature(folder))
+
+
+def _digest(sig: tuple[object, ...]) -> str:
+    if len(sig) % 3:  # ("unreadable", time): not a folder's entries
         return ""
     triples = sorted(zip(sig[0::3], sig[1::3], sig[2::3], strict=True), key=repr)
     return hashlib.sha256(repr(triples).encode()).hexdigest()[:32]
@@ -157,6 +161,7 @@ class LocalFolderSource:
             candidate = self._judge(path, timed_out)
             if candidate is None:
                 continue
+            candidate = replace(candidate, fingerprint=_digest(sig))  # as judged: a change after it counts
             self._verdicts[path] = candidate
             waiting = waiting or candidate.verdict is Verdict.INCOMPLETE
             found.append(candidate)

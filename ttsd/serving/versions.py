@@ -85,6 +85,7 @@ class ModelVersion:
     # is judged again once the folder changed, before or after a restart ("" : at the next look);
     # None when not refused for its folder (``Intake.take``)
     refused_folder: str | None = None
+    seen: str = ""  # its folder's fingerprint when the source last handed it over (what a refusal marks)
 
     @property
     def key(self) -> Key:
