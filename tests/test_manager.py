@@ -278,16 +278,23 @@ def test_a_canary_survives_a_restart_with_its_users(tmp_path: Path, fake_engines
     promoted.close()
 
 
+def _recording(tmp_path: Path, **policy: object) -> tuple[ModelManager, list[tuple[str, str]]]:
+    """A manager of ``tmp_path/models`` (jobs run inline) and the (event, version) list its
+    listener fills: what the metrics and the status page's events are told."""
+    events: list[tuple[str, str]] = []
+    manager = ModelManager(LocalFolderSource(tmp_path / "models", settle=0), state_dir=tmp_path / "state",
+                           spawn=lambda fn: fn(), policy=Policy(settle=0, **policy),  # type: ignore[arg-type]
+                           listener=lambda event, model: events.append((event, model.version)))
+    return manager, events
+
+
 @pytest.mark.slow
 def test_every_rollback_is_a_rolled_back_event(tmp_path: Path, fake_engines: None) -> None:
     """What ttsd_model_transitions_total{event="rolled_back"} (the dashboard's rollbacks) counts:
     1. an operator's rollback of v2 names v2; 2. a canary v3 that fails its first request names v3."""
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
-    events: list[tuple[str, str]] = []
-    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state", spawn=lambda fn: fn(),
-                           policy=Policy(settle=0, canary={"*": 1.0}, canary_requests=5),
-                           listener=lambda event, model: events.append((event, model.version)))
+    manager, events = _recording(tmp_path, canary={"*": 1.0}, canary_requests=5)
     manager.start()
     fake_model(models, "voice", "2")
     manager.reconcile()
@@ -1473,10 +1480,7 @@ def test_an_operators_activate_over_a_canary_still_ends_it_as_a_rollback(tmp_pat
     and left none of that."""
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
-    events: list[tuple[str, str]] = []
-    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state", spawn=lambda fn: fn(),
-                           policy=Policy(settle=0, canary={"*": 0.5}, canary_requests=5),
-                           listener=lambda event, model: events.append((event, model.version)))
+    manager, events = _recording(tmp_path, canary={"*": 0.5}, canary_requests=5)
     manager.start()
     fake_model(models, "voice", "3")
     manager.reconcile()
