@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..signing import signature_digest
 from .lifecycle import Lifecycle
-from .source import Candidate, Verdict, fingerprint
+from .source import Candidate, Verdict
 from .state import ServingState
 from .store import content_id
 from .table import VersionTable
@@ -42,7 +42,7 @@ class Intake:
                 and not known.fresh
                 and known.state not in (State.INCOMPLETE, State.DEFERRED)
                 and not _signed_again(known, path)
-                and not _changed_since_refused(known, path)
+                and not _changed_since_refused(known, candidate)
             ):
                 self.table.see_folder(path, "known")
                 known.folder = path
@@ -101,12 +101,13 @@ class Intake:
         return model
 
 
-def _changed_since_refused(known: ModelVersion, path: Path) -> bool:
+def _changed_since_refused(known: ModelVersion, candidate: Candidate) -> bool:
     """A version refused for its folder's files whose folder changed since (a file copied in
-    again whole, an unlisted one removed): judged again."""
-    return (
-        known.state is State.REFUSED and known.refused_folder is not None and fingerprint(path) != known.refused_folder
-    )
+    again whole, an unlisted one removed): judged again. By the fingerprint the source took as it
+    judged the folder ("" from a source that takes none: judged again)."""
+    if known.state is not State.REFUSED or known.refused_folder is None:
+        return False
+    return not candidate.fingerprint or candidate.fingerprint != known.refused_folder
 
 
 def _signed_again(known: ModelVersion, path: Path) -> bool:
