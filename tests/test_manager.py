@@ -1250,6 +1250,39 @@ def test_a_rollback_while_its_target_loads_again_after_a_restart(tmp_path: Path,
     restarted.close()
 
 
+@pytest.mark.standby_in_background
+def test_an_activate_while_its_target_loads_again_after_a_restart(tmp_path: Path, fake_engines: None,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a rollback does, ``ttsd activate`` of the version the restarted daemon is loading again to
+    stand by waits for that load and swaps to it, loading it once (it called the load off and
+    loaded the version again from the start)."""
+    _, manager = v2_over_v1(tmp_path)
+    manager.close()
+    started, release = _gate(monkeypatch, "1")
+    entered: list[str] = []
+    gated = FakeEngine.load
+
+    def load(self: FakeEngine) -> None:
+        if self.folder.name == "1":
+            entered.append(self.folder.name)
+        gated(self)
+
+    monkeypatch.setattr(FakeEngine, "load", load)
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    assert started.wait(20), "v1 never started loading again"
+    loads = FakeEngine.loads
+    answers: list[dict[str, object]] = []
+    threading.Thread(target=lambda: answers.append(restarted.activate("voice", "1")), daemon=True).start()
+    time.sleep(0.3)  # the activate waits behind the load
+    assert not answers
+    release.set()
+    wait_for(lambda: answers, 20, "the activate's answer")
+    assert answers[0]["to"] == "1" and restarted.snapshot()[0]["active"] == "1"
+    assert FakeEngine.loads == loads + 1 and entered == ["1"]
+    restarted.close()
+
+
 def test_a_voice_added_beside_the_built_in_one_does_not_become_the_default(tmp_path: Path, fake_engines: None,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     """Requests that name no voice got the first voice name in sort order: a German voice added to

@@ -108,9 +108,7 @@ class Control:
                     self.lifecycle.discard(target, "loaded for a rollback that did not happen")
                 raise
 
-        loading = self.jobs.current(voice)
-        if loading is not None and loading.stands_by and loading.target == norm(target.version):
-            loading.make_urgent()  # the restart's load of this very target: waited for, not called off and redone
+        self._wait_for_stand_by(voice, target)
         try:
             return self.jobs.start(
                 voice,
@@ -350,12 +348,22 @@ class Control:
                         raise ConflictError(f"{voice} {version} was unloaded before the activate; try again")
                     return self._switch(target, self.lifecycle.active(voice), why, started, loaded)
             except BaseException:
-                self.lifecycle.discard(target, "loaded for an activate that did not happen")
+                if loaded:  # not one that stood by already (the restart's load of it, waited for)
+                    self.lifecycle.discard(target, "loaded for an activate that did not happen")
                 raise
 
+        self._wait_for_stand_by(voice, target)
         return self.jobs.start(
             voice, f"activate of {voice} {version}", load_then_switch, urgent=True, supersede=True, operator=True
         ).result()
+
+    def _wait_for_stand_by(self, voice: str, target: ModelVersion) -> None:
+        """The restart's load of rollback targets (``Promoter.stand_by``) is loading ``target``:
+        it becomes urgent, so the action waits for it rather than calling it off and loading the
+        same version again from the start; it loads no further targets."""
+        loading = self.jobs.current(voice)
+        if loading is not None and loading.stands_by and loading.target == norm(target.version):
+            loading.make_urgent()
 
     def _switch(
         self, target: ModelVersion, current: ModelVersion | None, why: str, started: float, loaded: bool = False
