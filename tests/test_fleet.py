@@ -186,15 +186,15 @@ def test_links_planted_in_the_download_cache_are_not_followed(tmp_path: Path, mi
     victims = [tmp_path / "victim", tmp_path / "victim-sub"]
     for victim in victims:
         victim.mkdir()
-    (downloads / "voice-1").symlink_to(victims[0])
+    (downloads / "voice@1").symlink_to(victims[0])
     (victims[0] / "sub").symlink_to(victims[1])  # met only if the first link were followed
     result = get(mirror.url, tmp_path / "box", "voice")
     assert result.exit_code == 0, result.output
     assert verify(tmp_path / "box" / "models" / "voice-1").version == "1"
     assert sorted(p.name for p in victims[0].iterdir()) == ["sub"] and list(victims[1].iterdir()) == []
 
-    (downloads / "voice-2").mkdir()
-    (downloads / "voice-2" / "sub").symlink_to(victims[1])
+    (downloads / "voice@2").mkdir()
+    (downloads / "voice@2" / "sub").symlink_to(victims[1])
     v2 = folder_of_two(tmp_path / "build" / "voice-2", version="2")
     publish(v2, fleet["published"])
     serve_dir(mirror, fleet["published"])
@@ -218,7 +218,7 @@ def test_what_an_older_download_left_in_the_cache_does_not_stop_a_get(tmp_path: 
     pack(folder, name="voice", version="1", engine="vits", sample_rate=8000)
     publish(folder, fleet["published"])
     serve_dir(mirror, fleet["published"])
-    left = tmp_path / "box" / "cache" / "downloads" / "voice-1" / "sub"
+    left = tmp_path / "box" / "cache" / "downloads" / "voice@1" / "sub"
     left.mkdir(parents=True)
     (left / "b.dat").write_bytes(b"y")
     result = get(mirror.url, tmp_path / "box", "voice")
@@ -444,9 +444,13 @@ def test_a_download_broken_off_is_removed_once_the_mirror_moves_on(tmp_path: Pat
                                                                    fleet: dict[str, Path]) -> None:
     """1. v1's download is cut off every time: get fails (exit 14) and keeps what it has to resume.
     2. The mirror publishes v2 before v1 ever arrives: the next get takes v2, and v1's download is
-    removed (it stayed in the cache for good). A folder there that another voice of the mirror
-    (``voice-1``, version 2), of another mirror sharing the cache (``voice-2``, version 3) or a
+    removed (it stayed in the cache for good), as is one an older ttsd kept as ``NAME-VERSION``. A
+    folder there that another voice of the mirror (``voice-1``, version 2), an older ttsd's
+    download of another voice (``voice-2``, version 3, from another mirror sharing the cache) or a
     Piper download (``voice-medium``) could own is left alone."""
+    from ttsd.fetch.prebuilt import work_folder
+
+    assert work_folder("a", "1-2") != work_folder("a-1", "2")  # as NAME-VERSION both were a-1-2
     def release(version: str, name: str = "voice") -> Path:
         folder = tmp_path / "build" / f"{name}-{version}"
         folder.mkdir(parents=True)
@@ -464,18 +468,20 @@ def test_a_download_broken_off_is_removed_once_the_mirror_moves_on(tmp_path: Pat
     box = tmp_path / "box"
     downloads = box / "cache" / "downloads"
     one_line_error(get(mirror.url, box, "voice", "--trusted-keys", str(fleet["trusted"])), 14)
-    assert any((downloads / "voice-1").rglob("*.part")), list(downloads.rglob("*"))
-    for other in ("voice-1-2", "voice-medium"):
+    assert any((downloads / "voice@1").rglob("*.part")), list(downloads.rglob("*"))
+    for other in ("voice-1@2", "voice-medium"):
         (downloads / other).mkdir()
-    # voice-2 version 3, from another mirror sharing the cache: its folder's name reads as voice 2-3
-    pack_dir = downloads / "voice-2-3"
-    pack_dir.mkdir()
-    (pack_dir / "noise.dat").write_bytes(b"x")
-    pack(pack_dir, name="voice-2", version="3", engine="vits", sample_rate=8000)
+    # as an older ttsd named downloads: voice 0.5's, and voice-2 version 3's from another mirror
+    # sharing the cache (its folder's name reads as voice 2-3)
+    for name, version in (("voice", "0.5"), ("voice-2", "3")):
+        pack_dir = downloads / f"{name}-{version}"
+        pack_dir.mkdir()
+        (pack_dir / "noise.dat").write_bytes(b"x")
+        pack(pack_dir, name=name, version=version, engine="vits", sample_rate=8000)
     release("2")
     serve_dir(mirror, fleet["published"])
     result = get(mirror.url, box, "voice", "--upgrade", "--trusted-keys", str(fleet["trusted"]))
     assert result.exit_code == 0, result.output
     assert verify(box / "models" / "voice-2").version == "2"
-    assert sorted(p.name for p in downloads.iterdir() if p.is_dir()) == ["voice-1-2", "voice-2-3", "voice-medium"], \
+    assert sorted(p.name for p in downloads.iterdir() if p.is_dir()) == ["voice-1@2", "voice-2-3", "voice-medium"], \
         list(downloads.iterdir())

@@ -186,22 +186,35 @@ def _remove_stale_downloads(
     """Remove the fleet voice ``name``'s downloads of any version but ``keep`` (the one this run
     takes): one broken off is kept to resume, and once the mirror has moved on (a newer version,
     a withdrawal) nothing would ever finish or remove it, so each stayed in the cache for good.
-    Only folders named ``NAME-VERSION`` that hold that version's manifest, fetched first: no
-    other voice's (``a`` and ``a-1`` both make ``a-1-2``, and a second mirror may share the
-    cache), nor a Piper download's. One broken off before its manifest arrived holds a few bytes."""
+    A download's folder is ``NAME@VERSION`` (``work_folder``): that name is this voice's alone."""
+    prefix = f"{name}@"
+    for work in downloads.glob(f"{glob.escape(prefix)}*"):
+        version = work.name[len(prefix) :]
+        if version == keep or work.is_symlink() or not work.is_dir():
+            continue
+        reporter.step(f"removing the download of {name} {version}: the mirror no longer offers it to this box")
+        shutil.rmtree(work, ignore_errors=True)
+    _remove_older_layout(downloads, name, index, reporter)
+
+
+def _remove_older_layout(downloads: Path, name: str, index: Mapping[str, object], reporter: Reporter) -> None:
+    """Remove the voice's downloads that an older ttsd kept as ``NAME-VERSION`` (none is resumed
+    now). Only folders that hold that version's manifest, fetched first: no other voice's (``a``
+    and ``a-1`` both made ``a-1-2``, and a second mirror may share the cache), nor a Piper
+    download's (``downloads/KEY/``)."""
     prefix = f"{name}-"
     others = [f"{other}-" for other in index if other != name and other.startswith(prefix)]
     for work in downloads.glob(f"{glob.escape(prefix)}*"):
         version = work.name[len(prefix) :]
-        if version == keep or work.is_symlink() or not work.is_dir() or any(work.name.startswith(o) for o in others):
+        if work.is_symlink() or not work.is_dir() or any(work.name.startswith(o) for o in others):
             continue
         try:
             manifest = read_manifest(work)
         except ManifestError:
-            continue  # not (yet) a download of a version of a voice
+            continue  # not a download of a version of this voice
         if manifest.name != name or manifest.version != version:
             continue
-        reporter.step(f"removing the download of {name} {version}: the mirror no longer offers it to this box")
+        reporter.step(f"removing the download of {name} {version} an older ttsd left in the cache")
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -62,6 +62,14 @@ MAX_INDEX_BYTES = 4 << 20
 MAX_FILE_BYTES = 4 << 30  # any one file of a folder
 
 
+def work_folder(name: str, version: str) -> str:
+    """The name of a fleet download's folder in the box's downloads dir: ``NAME@VERSION``. No voice
+    name or version holds ``@``, so one names one download (``NAME-VERSION`` made voice ``a``
+    version ``1-2`` and voice ``a-1`` version 2 share a folder, under two locks), and none is a
+    Piper download's (``downloads/KEY/``)."""
+    return f"{name}@{version}"
+
+
 def load_index(mirror: Mirror, cache: Path | None = None, trust: Any = None) -> dict[str, FleetVoice]:
     """The mirror's index; ``NotOnMirror`` when it has none (a plain Piper mirror). With ``cache``
     (the box's private downloads dir), asked for only if changed since the last time (an unchanged
@@ -104,7 +112,7 @@ def get_prebuilt(
     if os.path.lexists(folder):
         raise ConfigError(f"{folder} already exists (a folder of another voice?)")
     downloads.mkdir(parents=True, exist_ok=True, mode=0o700)
-    work = own_dir(downloads, f"{entry.name}-{entry.version}")
+    work = own_dir(downloads, work_folder(entry.name, entry.version))
     step = reporter.step if reporter is not None else (lambda _m: None)
 
     def fetch(file: CatalogFile, rel: str) -> Path:
