@@ -50,13 +50,38 @@ DAMAGED_STATE = {
     "a name that escapes": '{"voices": {"../../etc": {"active": "1"}}, "versions": {"../x/1": {"content": "a", '
                            '"state": "active"}}}',
     "a version that escapes": '{"voices": {"voice": {"active": "../../1"}}}',
-    "unknown keys": '{"voices": {"voice": {"active": "1", "evil": true}}}',
     "a rollback target that escapes": '{"voices": {"voice": {"active": "2", "rolled_back": ["2"], '
                                       '"rolling_to": "../../1"}}}',
     "truncated": '{"voices": {"voice": {"act',
     "binary": "\x00\xff\xfe garbage",
     "deep": "[" * 50_000,
 }
+
+
+def test_a_state_file_from_a_newer_ttsd_keeps_what_this_one_knows(tmp_path: Path, fake_engines: None,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A newer ttsd writes keys this one does not know (as ``canary`` and ``folder`` once were new);
+    after a downgrade, its state.json and the copy were judged damaged and left out record by
+    record, so v2, which the operator had rolled back from, served again. The keys are left out,
+    said once, and the records kept."""
+    models, manager = v2_over_v1(tmp_path)
+    manager.rollback("voice")
+    manager.close()
+    for name in ("state.json", "state.backup.json"):
+        path = tmp_path / "state" / name
+        data = json.loads(path.read_text())
+        data["voices"]["voice"]["later"] = {"x": 1}
+        for record in data["versions"].values():
+            record["later_too"] = "y"
+        path.write_text(json.dumps(data))
+    caplog.set_level(logging.WARNING, logger="ttsd.state")
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    assert active(restarted) == "1" and states(restarted)["2"] == "rolled-back", states(restarted)
+    assert not list((tmp_path / "state").glob("state.json.unreadable-*"))
+    said = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert said and "'voices.*.later'" in said[0] and "'versions.*.later_too'" in said[0], said
+    restarted.close()
 
 
 @pytest.mark.slow

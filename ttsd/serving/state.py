@@ -314,7 +314,7 @@ class StateDirLock:
 
 def _version_json(record: VersionRecord) -> dict[str, Any]:
     data = asdict(record)
-    if record.folder is None:  # only when set: an older ttsd moves a state.json with it aside
+    if record.folder is None:  # only when set: a ttsd before this one moved a state.json with it aside
         del data["folder"]
     return data
 
@@ -337,6 +337,7 @@ def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord],
     Names and versions become store paths, so they must be what a manifest allows."""
     voices: dict[str, VoiceRecord] = {}
     versions: dict[str, VersionRecord] = {}
+    newer: set[str] = set()  # keys of records this ttsd does not know
     if not isinstance(data, dict):
         problems.append(f"not a JSON object but {type(data).__name__}")
         return voices, versions
@@ -347,8 +348,9 @@ def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord],
     for name, v in raw_voices.items():
         try:
             check_name(name)
-            if not isinstance(v, dict) or set(v) - {"active", "previous", "rolled_back", "canary", "rolling_to"}:
+            if not isinstance(v, dict):
                 raise ValueError("not a voice record")
+            newer.update(f"voices.*.{k}" for k in set(v) - {"active", "previous", "rolled_back", "canary", "rolling_to"})
             active, canary, rolling_to = v.get("active"), v.get("canary"), v.get("rolling_to")
             lists = [v.get("previous", []), v.get("rolled_back", [])]
             for one in (active, canary, rolling_to):
@@ -374,9 +376,16 @@ def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord],
                 and isinstance(v.get("reason", ""), str)
                 and isinstance(v.get("folder", ""), str)
                 and len(v.get("folder", "")) <= 64
-            ) or set(v) - {"content", "state", "reason", "folder"}:
+            ):
                 raise ValueError("not a version record")
+            newer.update(f"versions.*.{k}" for k in set(v) - {"content", "state", "reason", "folder"})
             versions[key] = VersionRecord(v["content"], v["state"], v.get("reason", ""), v.get("folder"))
         except (ValueError, TypeError, ManifestError) as exc:
             problems.append(f"version {key!r}: {exc}")
+    if newer:  # a newer ttsd's (then downgraded): its records are kept, for what this one knows of them
+        shown = sorted(repr(k[:40]) for k in newer)
+        log.warning(
+            "state.json has keys this ttsd does not know, left out (written by a newer ttsd?): %s",
+            ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else ""),
+        )
     return voices, versions
