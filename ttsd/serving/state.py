@@ -332,6 +332,10 @@ def _voice_json(record: VoiceRecord) -> dict[str, Any]:
     return data
 
 
+_VOICE_KEYS = {"active", "previous", "rolled_back", "canary", "rolling_to"}
+_VERSION_KEYS = {"content", "state", "reason", "folder"}
+
+
 def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord], dict[str, VersionRecord]]:
     """What can be trusted of a decoded ``state.json``; each thing that cannot goes to ``problems``.
     Names and versions become store paths, so they must be what a manifest allows."""
@@ -350,7 +354,7 @@ def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord],
             check_name(name)
             if not isinstance(v, dict):
                 raise ValueError("not a voice record")
-            newer.update(f"voices.*.{k}" for k in set(v) - {"active", "previous", "rolled_back", "canary", "rolling_to"})
+            newer.update(f"voices.*.{k}" for k in set(v) - _VOICE_KEYS)
             active, canary, rolling_to = v.get("active"), v.get("canary"), v.get("rolling_to")
             lists = [v.get("previous", []), v.get("rolled_back", [])]
             for one in (active, canary, rolling_to):
@@ -378,7 +382,7 @@ def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord],
                 and len(v.get("folder", "")) <= 64
             ):
                 raise ValueError("not a version record")
-            newer.update(f"versions.*.{k}" for k in set(v) - {"content", "state", "reason", "folder"})
+            newer.update(f"versions.*.{k}" for k in set(v) - _VERSION_KEYS)
             versions[key] = VersionRecord(v["content"], v["state"], v.get("reason", ""), v.get("folder"))
         except (ValueError, TypeError, ManifestError) as exc:
             problems.append(f"version {key!r}: {exc}")
