@@ -64,7 +64,7 @@ def test_a_state_file_from_a_newer_ttsd_keeps_what_this_one_knows(tmp_path: Path
     after a downgrade, its state.json and the copy were judged damaged and left out record by
     record, so v2, which the operator had rolled back from, served again. The keys are left out,
     said once, and the records kept."""
-    models, manager = v2_over_v1(tmp_path)
+    _, manager = v2_over_v1(tmp_path)
     manager.rollback("voice")
     manager.close()
     for name in ("state.json", "state.backup.json"):
