@@ -71,6 +71,35 @@ def test_an_upgrade_called_off_before_it_ran_leaves_no_version_verifying(tmp_pat
     manager.close()
 
 
+def test_an_upgrade_called_off_at_its_first_call_leaves_no_version_verifying(tmp_path: Path, fake_engines: None,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upgrade is called off just after its job's last check: the pacing hook raises at the very
+    call of the work, before the upgrade's own clean-up could run, and v2 stayed "verifying" for
+    good (rescans took it as known, and it kept the voice from falling back)."""
+    from ttsd.serving import pacing
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    check, fired = pacing.Ticket.check, []
+
+    def check_then_call_off(self: pacing.Ticket) -> None:
+        check(self)
+        if self.what.startswith("upgrade of voice") and not fired:
+            fired.append(self)
+            self.cancel("a newer folder")  # as a reconcile on another thread would, right after
+
+    monkeypatch.setattr(pacing.Ticket, "check", check_then_call_off)
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    monkeypatch.undo()
+    assert fired
+    manager.reconcile()
+    assert states(manager)["2"] != "verifying", states(manager)
+    manager.close()
+
+
 def test_a_rollback_that_calls_off_a_waiting_upgrade_leaves_no_version_verifying(
     tmp_path: Path, fake_engines: None
 ) -> None:

@@ -60,7 +60,9 @@ class Jobs:
         """Run ``work(ticket)`` as voice ``voice``'s next job (see the module docstring). The future
         holds its result, or ``Superseded`` when it was called off. ``operator`` (urgent too): an
         operator's action, on the operator's lane. ``on_skip``: called on the job's thread when it
-        is called off before its work began (the work's own clean-up never ran)."""
+        is called off, before its work began or in it (the pacing hook may raise ``Superseded``
+        at the very call of ``work``, before a line of it, so its own clean-up may not have
+        run): it must do no harm when that clean-up did run."""
         future: Future[T] = Future()
         ticket = Ticket(what, voice=voice, urgent=urgent or operator)
         operator = operator and self._operator_lane  # else on the urgent lane
@@ -92,8 +94,13 @@ class Jobs:
                         if on_skip is not None:
                             on_skip()
                         raise
-                    with paced(ticket, self._serving):
-                        result = work(ticket)
+                    try:
+                        with paced(ticket, self._serving):
+                            result = work(ticket)
+                    except Superseded:
+                        if on_skip is not None:
+                            on_skip()
+                        raise
                 finally:
                     lane.release()
             except BaseException as exc:  # handed to whoever waits; Superseded included

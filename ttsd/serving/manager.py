@@ -347,7 +347,7 @@ class ModelManager:
             f"upgrade of {name}",
             partial(self.promoter.upgrade, name, found),
             supersede=supersede,
-            # called off before it ran: its versions leave "verifying" (they stayed so)
+            # called off before it ran (or at its first call): its versions leave "verifying"
             on_skip=partial(self.promoter.settle, found),
         )
 
