@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import fake_model, make_manager, v2_over_v1
+from daemon_util import wait_for
 from fake_engine import FakeEngine
 
 from ttsd.errors import ResourceError, TtsdError
@@ -292,6 +293,33 @@ def test_an_unwritable_state_changes_nothing_on_rollback(tmp_path: Path, fake_en
     assert states(manager)["1"] in ("standby", "available")
     assert manager.rollback("voice")["to"] == "1"
     assert State(states(manager)["2"]) is State.ROLLED_BACK
+
+
+@pytest.mark.parametrize("action", ["rollback", "rollback, its target not loaded", "activate"])
+def test_an_action_the_state_dir_cannot_record_leaves_the_upgrade_in_progress(tmp_path: Path, fake_engines: None,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             action: str) -> None:
+    """v3 loads for an upgrade when the operator rolls back (or activates v1) and the state dir
+    cannot take the record: 507, "nothing changes". The upgrade had been called off first, and v3,
+    known from then on, was never tried again. Now it goes on and serves."""
+    models, manager = v2_over_v1(tmp_path, keep=0 if "not loaded" in action else 1)
+    fake_model(models, "voice", "3", load_delay=1.0)
+    manager.reconcile(wait=False)
+    wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
+    real_replace = os.replace
+
+    def read_only(src: str, dst: str) -> None:
+        if str(dst).endswith("state.json"):
+            raise OSError(30, "Read-only file system")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(ResourceError):
+        manager.activate("voice", "1") if action == "activate" else manager.rollback("voice")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert manager.jobs.wait(20)
+    assert active(manager) == "3", states(manager)
+    manager.close()
 
 
 @pytest.mark.slow

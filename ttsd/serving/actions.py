@@ -54,6 +54,8 @@ class Control:
         if that version is the current one (``ConflictError`` otherwise): the automatic rollback
         judged that one, and another rollback may have landed since."""
         started = time.monotonic()
+        if durable:
+            self._recordable(voice)
         if only_from is None and (called_off := self._call_off_upgrade(voice, to, why, durable, started)) is not None:
             return called_off
         if only_from is None and (ended := self._end_canary(voice, to, why, durable, started)) is not None:
@@ -68,10 +70,12 @@ class Control:
             if only_from is not None and current is not only_from:
                 raise ConflictError(f"{voice} {only_from.version} is not active any more")
             if self._loaded(target):
-                self.jobs.cancel(voice, f"rollback of {voice} to {target.version}")
-                return self._roll(
+                rolled = self._roll(
                     current, target, why, durable, started, named=to is not None, operator=only_from is None
                 )
+                # once it happened (under commit: the upgrade's swap waits for it, then sees this)
+                self.jobs.cancel(voice, f"rollback of {voice} to {target.version}")
+                return rolled
             was_marked = self.lifecycle.marked(target)
 
         def load_then_roll(_ticket: object) -> dict[str, Any]:
@@ -247,6 +251,13 @@ class Control:
             "seconds": round(time.monotonic() - started, 3),
         }
 
+    def _recordable(self, voice: str) -> None:
+        """``ResourceError`` (507) when the voice's record cannot be written now (the state dir is
+        full), before the action calls anything off: an upgrade in progress was called off by a
+        rollback that then could not be recorded, and its version was never tried again."""
+        if voice in self.table.names():  # (an unknown one is refused as such further on)
+            self.state.check_writable()
+
     def _write(self, voice: str, record: VoiceRecord, durable: bool) -> None:
         """``record`` becomes the voice's: on disk first when ``durable`` (``ResourceError``, 507,
         and no change when the state dir is full), else written when the disk allows."""
@@ -328,14 +339,16 @@ class Control:
         target = self.table.get(voice, version)
         if target is None:
             raise UnknownVoiceError(f"voice {voice} has no known version {version}")
+        self._recordable(voice)
         with self.lifecycle.commit:
             current = self.lifecycle.active(voice)
             if target is current:  # it serves already; a canary beside it ends (the operator chose this)
                 ended = self._end_canary(voice, None, why, True, started)
                 return ended or {"voice": voice, "from": version, "to": version, "seconds": 0.0}
             if self._loaded(target):
-                self.jobs.cancel(voice, f"activate of {voice} {version}")
-                return self._switch(target, current, why, started)
+                switched = self._switch(target, current, why, started)
+                self.jobs.cancel(voice, f"activate of {voice} {version}")  # once it happened, as above
+                return switched
             was_marked = self.lifecycle.marked(target)
 
         def load_then_switch(_ticket: object) -> dict[str, Any]:

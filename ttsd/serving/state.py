@@ -195,6 +195,18 @@ class ServingState:
             self._voices[name] = record
             self._written = text
 
+    def check_writable(self) -> None:
+        """``ResourceError`` if ``state.json`` cannot be written now (the state dir is full): it is
+        written again as it stands, so a ``commit`` right after very likely fits too (a disk that
+        fills in between still refuses that one)."""
+        with self._lock:
+            text = self._text(self._voices, self._versions)
+            try:
+                atomic_write_text(self.path, text)
+            except OSError as exc:
+                raise resource_error(exc, f"recording the change in {self.path}") from exc
+            self._written = text
+
     def put(self, name: str, record: VoiceRecord) -> None:
         """Take ``record`` now; it is written at the next ``save`` (changes that must not wait for
         disk space: automatic rollbacks, canary results, resuming)."""
