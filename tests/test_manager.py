@@ -215,6 +215,36 @@ def test_auto_rollback_when_a_new_version_starts_failing(tmp_path: Path, fake_en
     assert states["2"]["state"] == "rolled-back" and "auto-rollback" in states["2"]["reason"]
 
 
+@pytest.mark.parametrize("how", ["a restart", "an activate", "a rollback"])
+def test_only_a_new_version_is_judged_by_its_first_requests(tmp_path: Path, fake_engines: None, how: str) -> None:
+    """The auto-rollback judges a version an upgrade made active. After a restart the version that
+    had served for weeks was judged again, and three failures undid it for good; an operator's
+    ``activate``, and a rollback's target, were judged as new versions too."""
+    _, manager = v2_over_v1(tmp_path, auto_rollback_requests=8)
+    for _ in range(40):
+        manager.acquire("voice").release(True)
+    expect = "2"
+    if how == "a restart":
+        manager.close()
+        manager = make_manager(tmp_path, auto_rollback_requests=8)
+        manager.start()
+    elif how == "an activate":
+        fake_model(tmp_path / "models", "voice", "3")
+        manager.reconcile()
+        expect = manager.activate("voice", "2")["to"]
+    else:
+        fake_model(tmp_path / "models", "voice", "3")
+        manager.reconcile()
+        expect = manager.rollback("voice")["to"]
+    assert manager.snapshot()[0]["active"] == expect == "2"
+    for _ in range(3):  # three model failures of eight: more than a quarter
+        manager.acquire("voice").release(False)
+    assert manager.jobs.wait(10)
+    time.sleep(0.5)  # (an auto-rollback runs on a thread of its own)
+    assert manager.snapshot()[0]["active"] == "2", manager.history()
+    manager.close()
+
+
 def test_canary_then_promotion(tmp_path: Path, fake_engines: None) -> None:
     random.seed(12)  # the share is drawn per request: unseeded, the first 5 all went to v2 one run in 32
     models = tmp_path / "models"

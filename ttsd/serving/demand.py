@@ -44,7 +44,7 @@ from .loader import unload_engine
 from .pacing import Guard
 from .serving_map import default_of
 from .table import VersionTable
-from .versions import COMING_UP, Listener, ModelVersion, State
+from .versions import COMING_UP, NOT_ON_TRIAL, Listener, ModelVersion, State
 
 log = logging.getLogger("ttsd.manager")
 ROOM_WAIT_SHARE = 0.75  # a load gives up waiting for room before its requests stop waiting, so they hear why
@@ -333,7 +333,7 @@ class OnDemand:
         """At start-up, within a budget: a voice that is not preloaded comes back as its saved
         active version, parked (it is verified and loaded on first use)."""
         with self.table.locked():
-            model.state, model.requests, model.failures = State.ACTIVE, 0, 0
+            model.state, model.requests, model.failures = State.ACTIVE, NOT_ON_TRIAL, 0
             self.map.park(model.key)
         log.info("%s %s is active, not loaded (the memory budget loads it on first use)", model.name, model.version)
 

@@ -34,7 +34,7 @@ from .source import fingerprint
 from .state import ServingState, VersionRecord, VoiceRecord
 from .store import ModelStore
 from .table import VersionTable
-from .versions import COMING_UP, Listener, ModelVersion, Policy, State, norm, order, parsed
+from .versions import COMING_UP, NOT_ON_TRIAL, Listener, ModelVersion, Policy, State, norm, order, parsed
 
 log = logging.getLogger("ttsd.manager")
 STORE_KEEP = 3  # rollback targets kept in the store besides the active version
@@ -91,6 +91,7 @@ class Lifecycle:
         unmarked: bool = False,
         retired: bool = False,
         vacant: bool = False,
+        on_trial: bool = False,
     ) -> float:
         """Make ``model`` (loaded) its voice's active version; the monotonic time of the swap.
 
@@ -106,7 +107,8 @@ class Lifecycle:
         the rollback target as a replaced version does. ``vacant`` (a fall-back, a restart's resume,
         the memory policy's restore: chosen for a voice that served nothing): ``Superseded`` if it
         serves a version now (an operator's activate of a loaded version swaps at once, beside
-        the job)."""
+        the job). ``on_trial`` (an upgrade's swap, a canary's promotion): its first requests decide
+        an auto-rollback (``NOT_ON_TRIAL``)."""
         with self.commit:
             self._still_wanted(model, ticket, unmarked)
             if (retired or vacant) and self.map.active(model.name) is not None:  # an operator's action served one since
@@ -161,7 +163,7 @@ class Lifecycle:
             with self.table.locked():
                 replaced = self.map.activate(model.key)  # new requests get the new version from here on
                 swapped = time.monotonic()
-                model.state, model.requests, model.failures = State.ACTIVE, 0, 0
+                model.state, model.requests, model.failures = State.ACTIVE, 0 if on_trial else NOT_ON_TRIAL, 0
                 before = self.table.by_key(replaced)
                 # a parked version a request is loading keeps its state until that load ends (which
                 # then leaves it as it should be, ``unpark``); marked rolled back now, the store
@@ -274,7 +276,7 @@ class Lifecycle:
             if self.map.canary(model.name) != model.key:
                 return
             if promote:
-                self.activate(model, f"canary passed {model.requests} requests", durable=False)
+                self.activate(model, f"canary passed {model.requests} requests", durable=False, on_trial=True)
                 return
             with self.table.locked():
                 self.map.end_canary(model.name)

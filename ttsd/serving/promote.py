@@ -132,7 +132,12 @@ class Promoter:
                 return True
             try:
                 self.lifecycle.activate(
-                    model, why, ticket=ticket, load_seconds=model.load_seconds, retired=retired is not None
+                    model,
+                    why,
+                    ticket=ticket,
+                    load_seconds=model.load_seconds,
+                    retired=retired is not None,
+                    on_trial=True,
                 )
             except ResourceError as exc:  # the swap could not be recorded: it does not happen yet
                 self.lifecycle.unload(model)
@@ -168,6 +173,7 @@ class Promoter:
         push_previous: bool = True,
         vacant: bool = True,
         record: VoiceRecord | None = None,
+        on_trial: bool = False,
     ) -> bool:
         """Make ``model``, chosen before it loaded and loaded now, active (with its voice's record
         made from ``record`` when given); False (and what was loaded goes) when a rollback or a
@@ -183,6 +189,7 @@ class Promoter:
                 unmarked=True,
                 vacant=vacant,
                 record=record,
+                on_trial=on_trial,
             )
         except Superseded as exc:
             self.lifecycle.discard(model, f"not serving: {exc}")
@@ -377,4 +384,4 @@ class Promoter:
                 self.lifecycle.discard(canary, f"not serving: {exc}")
                 self.state.put(name, self.state.voice(name).but(canary=None))
         else:
-            self._serve(canary, "canary resumed with no canary share: promoted", vacant=False)
+            self._serve(canary, "canary resumed with no canary share: promoted", vacant=False, on_trial=True)

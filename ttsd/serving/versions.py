@@ -7,6 +7,7 @@ under the version table's lock (``table.py``); nothing here loads or serves.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -51,6 +52,14 @@ class Policy:
 
     def canary_share(self, name: str) -> float:
         return self.canary.get(name, self.canary.get("*", 0.0))
+
+
+# ``ModelVersion.requests`` of an active version that is not on trial. Only a new version made
+# active by an upgrade's swap or a canary's promotion is judged by its first requests (the
+# auto-rollback). One a restart resumes, a fall-back or a rollback goes to, or an operator
+# activates served before or was chosen: judged again, weeks of serving were undone by a few
+# failures after a reboot, and an operator's choice by the daemon.
+NOT_ON_TRIAL = sys.maxsize
 
 
 @dataclass
