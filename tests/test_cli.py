@@ -233,6 +233,33 @@ def test_stdout_that_goes_away_or_is_closed_is_an_error_not_a_success(monkeypatc
         write_output("-", b"RIFF")
 
 
+def test_say_in_process_speaks_the_version_the_daemon_serves(tmp_path: Path) -> None:
+    """The daemon serves 1; it knows 2 and does not serve it (an upgrade a rollback called off).
+    In-process ttsd say spoke 2, the newest folder not marked rolled back. It speaks 1 now, and a
+    newer version the daemon has never seen (it takes that up when it starts) before it."""
+    import json as _json
+
+    from ttsd.config import Paths
+    from ttsd.speak import resolve_model
+
+    models, state = tmp_path / "models", tmp_path / "state"
+    for version in ("1", "2"):
+        save_tiny_vits(models / f"tiny-{version}", version=version, edit=plausible, noise_scale_duration=0.0)
+    state.mkdir()
+    record = {"content": "x", "state": "available"}
+    (state / "state.json").write_text(_json.dumps({
+        "voices": {"tiny": {"active": "1", "previous": [], "rolled_back": []}},
+        "versions": {"tiny/1": {**record, "state": "active"}, "tiny/2": record},
+    }))
+    paths = Paths(models=models, cache=tmp_path / "cache")
+    assert resolve_model(paths, voice="tiny", state_dir=state) == models / "tiny-1"
+    save_tiny_vits(models / "tiny-3", version="3", edit=plausible, noise_scale_duration=0.0)
+    assert resolve_model(paths, voice="tiny", state_dir=state) == models / "tiny-3"
+    (models / "tiny-1" / "config.json").write_text("{}")  # what it serves does not verify here: the next
+    (models / "tiny-3" / "config.json").write_text("{}")
+    assert resolve_model(paths, voice="tiny", state_dir=state) == models / "tiny-2"
+
+
 def test_say_in_process_speaks_the_newest_version_the_daemon_would(tmp_path: Path) -> None:
     """A bad folder dropped in beside a good one, and a version the daemon rolled back: in-process
     ttsd say --voice passes both over, with a note each, as the daemon does (it exited 6 on the

@@ -41,15 +41,12 @@ def resolve_model(
             if voice != BUILTIN_VOICE:
                 raise
         else:
-            rolled_back = _rolled_back(state_dir or default_state_dir(), voice)
-            return _newest_good(voice, versions, rolled_back, note or (lambda _msg: None))
+            return _newest_good(voice, versions, state_dir or default_state_dir(), note or (lambda _msg: None))
     else:  # the built-in voice as the daemon serves it: an upgrade dropped into the models dir too
         say = note or (lambda _msg: None)
         try:
             versions = find_versions(paths.models, BUILTIN_VOICE)
-            return _newest_good(
-                BUILTIN_VOICE, versions, _rolled_back(state_dir or default_state_dir(), BUILTIN_VOICE), say
-            )
+            return _newest_good(BUILTIN_VOICE, versions, state_dir or default_state_dir(), say)
         except UnknownVoiceError:
             pass
         except (TtsdError, OSError) as exc:  # none there to serve: the cache's own copy speaks
@@ -57,8 +54,9 @@ def resolve_model(
     return builtin_model(paths.cache, progress or (lambda _msg: None))
 
 
-def _newest_good(voice: str, versions: list[tuple[str, Path]], rolled_back: set[str], say: Progress) -> Path:
+def _newest_good(voice: str, versions: list[tuple[str, Path]], state_dir: Path, say: Progress) -> Path:
     first: TtsdError | None = None
+    rolled_back, versions = _as_the_daemon(voice, versions, state_dir)
     for version, folder in versions:
         if norm(version) in rolled_back:
             say(f"{voice} {version} was rolled back; passed over")
@@ -75,13 +73,28 @@ def _newest_good(voice: str, versions: list[tuple[str, Path]], rolled_back: set[
     raise ConflictError(f"every version of {voice} in the models dir was rolled back; name one with --model")
 
 
-def _rolled_back(state_dir: Path, voice: str) -> set[str]:
-    """The versions of ``voice`` a daemon on this box rolled back (its ``state.json``, or that
-    file's copy; read only, best effort: none when neither can be read)."""
-    from .serving.state import read_voices
+def _as_the_daemon(
+    voice: str, versions: list[tuple[str, Path]], state_dir: Path
+) -> tuple[set[str], list[tuple[str, Path]]]:
+    """The versions of ``voice`` a daemon on this box rolled back, and ``versions`` (newest first)
+    in the order it would serve them, from its ``state.json`` (or that file's copy; read only, best
+    effort: newest first when neither can be read). Its active version comes first, after only
+    the newer ones it has never seen (it takes those up when it starts): a newer one it knows and
+    does not serve (an upgrade a rollback called off, a canary) does not speak in its place."""
+    from .serving.state import read_state
 
-    record = read_voices(state_dir).get(voice)
-    return {norm(v) for v in record.rolled_back} if record is not None else set()
+    records, known = read_state(state_dir)
+    record = records.get(voice)
+    if record is None:
+        return set(), versions
+    rolled_back = {norm(v) for v in record.rolled_back}
+    at = [i for i, (version, _) in enumerate(versions) if record.active and norm(version) == norm(record.active)]
+    if not at:
+        return rolled_back, versions
+    seen = {norm(key.partition("/")[2]) for key in known if key.partition("/")[0] == voice}
+    unseen = [i for i in range(at[0]) if norm(versions[i][0]) not in seen]  # newer ones, newest first
+    order = [*unseen, at[0], *(i for i in range(len(versions)) if i not in unseen and i != at[0])]
+    return rolled_back, [versions[i] for i in order]
 
 
 def open_engine(folder: Path, **engine_options: Any) -> Engine[Any]:

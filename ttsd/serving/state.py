@@ -276,15 +276,16 @@ class ServingState:
         return json.dumps(data, indent=1) + "\n"
 
 
-def read_voices(root: Path) -> dict[str, VoiceRecord]:
-    """The voices' records of the state in ``root``, read only (a command beside the daemon, or
-    without one): ``state.json``, else its copy when it is damaged or lost; best effort."""
+def read_state(root: Path) -> tuple[dict[str, VoiceRecord], dict[str, VersionRecord]]:
+    """The voices' and versions' records of the state in ``root``, read only (a command beside the
+    daemon, or without one): ``state.json``, else its copy when it is damaged or lost; best
+    effort."""
     for path in (root / "state.json", root / "state.backup.json"):
         problems: list[str] = []
         found = ServingState._read(path, problems)
         if found is not None and not problems:
-            return found[1]
-    return {}
+            return found[1], found[2]
+    return {}, {}
 
 
 class StateDirLock:
