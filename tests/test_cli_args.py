@@ -118,15 +118,27 @@ def test_usage_errors_exit_2_with_clicks_message(args: list[str], fragment: str)
     (["--wyoming", "unix:///tmp/w.sock", "--wyoming-zeroconf"], "--wyoming-zeroconf announces a TCP service"),
     (["--wyoming", "tcp://127.0.0.1:10200", "--wyoming-zeroconf", "a.b"], "--wyoming-zeroconf 'a.b'"),
     (["--canary", "joe=half"], "--canary 'joe=half'"),
-    (["--token-file", "/nonexistent/token"], "cannot read --token-file /nonexistent/token"),
-    (["--token-file", "/dev/zero"], "--token-file /dev/zero: not a regular file or a pipe"),  # was MemoryError
     (["--memory-budget", "lots"], "--memory-budget 'lots': expected a size such as 1.5G"),
 ])
-def test_bad_serve_flags_are_one_line_and_exit_3(serve_args: list[str], flags: list[str], fragment: str,
-                                                tmp_path: Path) -> None:
+def test_bad_serve_flag_values_are_one_line_and_exit_2(serve_args: list[str], flags: list[str], fragment: str,
+                                                      tmp_path: Path) -> None:
+    """A value that can never be right is a bad command line, exit 2, which the example unit does
+    not restart (it exited 3, restarted ten times over, failing the same way each time)."""
+    result = invoke(*serve_args, *flags)
+    one_line_error(result, 2, fragment, "serve --help')")
+    assert not (tmp_path / "models").exists() and not (tmp_path / "state").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--token-file", "/nonexistent/token"], "cannot read --token-file /nonexistent/token"),
+    (["--token-file", "/dev/zero"], "--token-file /dev/zero: not a regular file or a pipe"),  # was MemoryError
+])
+def test_a_token_file_that_cannot_serve_is_one_line_and_exit_3(serve_args: list[str], flags: list[str],
+                                                               fragment: str, tmp_path: Path) -> None:
+    """A file, not the command line: it may be mended (or appear) before the next start."""
     result = invoke(*serve_args, *flags)
     one_line_error(result, 3, fragment)
-    assert not (tmp_path / "models").exists() and not (tmp_path / "state").exists()  # refused before any work
+    assert not (tmp_path / "models").exists() and not (tmp_path / "state").exists()
 
 
 def test_say_refuses_an_unknown_suffix_and_model_with_daemon(tmp_path: Path) -> None:

@@ -199,14 +199,19 @@ def test_a_configuration_error_is_not_restarted_for_good(tmp_path: Path, drop_in
     prevented = set(service.one("RestartPreventExitStatus").split())
     ttsd = [sys.executable, "-m", "ttsd", "serve", "--no-seed", "--state", str(tmp_path / "state"),
             "--socket", str(tmp_path / "s.sock"), "--models", str(tmp_path / "models")]
+    token = tmp_path / "token"
+    token.write_text("a-token-of-some-length")
+    token.chmod(0o600)
     codes = {}
-    for what, extra in {"a bad flag": ["--no-such-flag"], "an address not (yet) here": ["--listen", "192.0.2.55:18080"],
+    for what, extra in {"a bad flag": ["--no-such-flag"], "a value that can never be right": ["--canary", "2"],
+                        "an address not (yet) here": ["--listen", "192.0.2.55:18080", "--token-file", str(token)],
                         "an unknown socket group": ["--socket-group", "no-such-group-ttsd"]}.items():
         done = subprocess.run([*ttsd, *extra], capture_output=True, text=True, timeout=60, check=False)
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and "Traceback" not in done.stderr, (what, done.stderr)
         codes[what] = str(done.returncode)
-    assert codes["a bad flag"] in prevented, (codes, prevented)
+    assert codes["a bad flag"] == codes["a value that can never be right"] and codes["a bad flag"] in prevented, \
+        (codes, prevented)
     assert codes["an address not (yet) here"] == codes["an unknown socket group"] == str(ConfigError.exit_code)
     assert prevented == {codes["a bad flag"]}, prevented  # 3 may pass; 1 and 19 are restarted
     unit = {}

@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from ..config import default_cache_dir, default_models_dir, default_socket, default_state_dir
-from ..errors import ConfigError
 from .common import PRECISION_CHOICES, PRECISION_HELP, FiniteRange, trusted_keys_option
 from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming, read_token, zeroconf_name
 
@@ -343,7 +342,7 @@ def serve(
     bind = parse_listen(listen) if listen else None
     token = read_token(token_file) if token_file is not None else None
     if bind is not None and not is_loopback(bind[0]) and token is None:
-        raise ConfigError(f"--listen {bind[0]} is reachable from other machines: give --token-file too")
+        raise click.UsageError(f"--listen {bind[0]} is reachable from other machines: give --token-file too")
     config = ServeConfig(
         models=models_dir or default_models_dir(),
         state=state_dir or default_state_dir(),

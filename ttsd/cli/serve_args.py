@@ -1,10 +1,14 @@
 """``ttsd serve``'s values that need more than click's types: a TCP address, a canary share, a
-memory budget, a token file, a Wyoming URI and its zeroconf name. Each bad value is a
-``ConfigError`` that names the flag."""
+memory budget, a token file, a Wyoming URI and its zeroconf name. A value that can never be
+right is a usage error naming the flag (exit 2: systemd does not restart it, as it would fail the
+same way at every start); a token file that cannot be read or holds no usable token is a
+``ConfigError`` (exit 3: the file may be mended)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import click
 
 from ..errors import ConfigError
 
@@ -13,7 +17,7 @@ def parse_listen(value: str, flag: str = "--listen") -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{flag} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+        raise click.UsageError(f"{flag} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
     return host, int(port)
 
 
@@ -24,7 +28,7 @@ def parse_canary(value: str) -> tuple[str, float]:
     except ValueError:
         number = -1.0
     if not 0.0 <= number <= 1.0:
-        raise ConfigError(f"--canary {value!r}: expected a share between 0 and 1, e.g. 0.1 or myvoice=0.2")
+        raise click.UsageError(f"--canary {value!r}: expected a share between 0 and 1, e.g. 0.1 or myvoice=0.2")
     return voice or "*", number
 
 
@@ -36,7 +40,7 @@ def parse_budget(value: str | None) -> int | None:
     try:
         return parse_size(value)
     except ValueError:
-        raise ConfigError(f"--memory-budget {value!r}: expected a size such as 1.5G or 800M") from None
+        raise click.UsageError(f"--memory-budget {value!r}: expected a size such as 1.5G or 800M") from None
 
 
 def read_token(path: Path) -> str:
@@ -67,9 +71,9 @@ def zeroconf_name(name: str | None, uri: str | None) -> str | None:
     if name is None:
         return None
     if not uri or not uri.startswith("tcp://"):
-        raise ConfigError("--wyoming-zeroconf announces a TCP service: give --wyoming tcp://HOST:PORT too")
+        raise click.UsageError("--wyoming-zeroconf announces a TCP service: give --wyoming tcp://HOST:PORT too")
     if not (0 < len(name) <= 63 and all(c.isalnum() or c in "-_ " for c in name)):
-        raise ConfigError(f"--wyoming-zeroconf {name!r}: a name of 1 to 63 letters, digits, '-', '_' or spaces")
+        raise click.UsageError(f"--wyoming-zeroconf {name!r}: a name of 1 to 63 letters, digits, '-', '_' or spaces")
     return name
 
 
@@ -86,4 +90,4 @@ def parse_wyoming(value: str) -> str:
         return value
     if uri is not None and uri.scheme == "unix" and uri.path:
         return value
-    raise ConfigError(f"--wyoming {value!r}: expected tcp://HOST:PORT or unix://PATH, e.g. tcp://127.0.0.1:10200")
+    raise click.UsageError(f"--wyoming {value!r}: expected tcp://HOST:PORT or unix://PATH, e.g. tcp://127.0.0.1:10200")
