@@ -9,6 +9,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
 from ttsd.serving import history
 from ttsd.serving.state import ServingState
 
@@ -85,3 +87,54 @@ def test_a_fifo_in_place_of_the_trail_stops_nothing(tmp_path: Path) -> None:
     threading.Thread(target=start, daemon=True).start()
     assert done.wait(20), "start-up waited on the FIFO"
     assert [h["to"] for h in state.history(1)] == ["1"]
+
+
+def test_a_disk_that_takes_part_of_a_batch_loses_no_line_and_repeats_none(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk is full, then has a little room: write(2) takes part of the pending lines and says
+    how much. The rest were dropped from memory as if written; now each line is written once."""
+    import errno
+
+    trail = history.AuditTrail(tmp_path / "history.jsonl")
+    real_write, room = os.write, {"left": 0}
+
+    def write(fd: int, data: bytes) -> int:
+        if room["left"] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        taken = min(len(data), room["left"])
+        room["left"] -= taken
+        return real_write(fd, data[:taken])
+
+    monkeypatch.setattr(history.os, "write", write)
+    for i in range(5):  # the disk is full: kept in memory
+        trail.record({"voice": "v", "from": str(i), "to": str(i + 1), "why": "x"})
+    room["left"] = 150  # a little room: part of a line too
+    trail.record({"voice": "v", "from": "5", "to": "6", "why": "x"})
+    room["left"] = 1 << 20
+    trail.record({"voice": "v", "from": "6", "to": "7", "why": "x"})
+    monkeypatch.undo()
+    restarted = history.AuditTrail(tmp_path / "history.jsonl")
+    restarted.load()
+    assert [entry["from"] for entry in restarted.recent()] == [str(i) for i in range(7)]
+
+
+def test_entries_ttsd_did_not_write_are_skipped(tmp_path: Path) -> None:
+    """Lines edited in by hand: NaN or infinity (which /v1/status passed on, and browsers' JSON
+    parser refused: the status page said "daemon unreachable"), or values of the wrong types."""
+    path = tmp_path / "history.jsonl"
+    good = {"time": "2026-12-07T10:00:00+0000", "voice": "v", "from": "1", "to": "2", "why": "x", "load_seconds": 1.5}
+    lines = [
+        json.dumps(good),
+        '{"voice": "v", "from": "1", "to": "2", "why": "nan", "load_seconds": NaN}',
+        '{"voice": "v", "from": 1e400, "to": "2", "why": "x"}',
+        '{"voice": ["x"], "from": "1", "to": "2", "why": "x"}',
+        '{"time": 5, "voice": "v", "from": "1", "to": "2", "why": "x"}',
+        '{"voice": "v", "from": {"a": 1}, "to": "2", "why": "x"}',
+        '{"voice": "v", "from": "1", "to": "2", "why": "x", "extra": [1, 2]}',
+        json.dumps({**good, "to": None}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    trail = history.AuditTrail(path)
+    trail.load()
+    assert trail.recent() == [good, {**good, "to": None}]
+    json.dumps(trail.recent(), allow_nan=False)

@@ -18,6 +18,7 @@ import collections
 import errno
 import json
 import logging
+import math
 import os
 import stat
 import time
@@ -103,6 +104,7 @@ class AuditTrail:
     def _flush(self) -> None:
         """Write the pending lines (under ``_lock``)."""
         data = ("\n".join(self._pending) + "\n").encode()
+        done = 0  # bytes of ``data`` written: a disk with little room left takes part of a batch
         try:
             flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
             fd = os.open(self.path, flags, 0o600)
@@ -112,11 +114,15 @@ class AuditTrail:
                     raise OSError(errno.EINVAL, "not a regular file")
                 self._size = st.st_size
                 if self._size and not _ends_with_newline(fd, self._size):
-                    data = b"\n" + data  # a torn last line from a crash stays on its own line
-                os.write(fd, data)
+                    self._size += os.write(fd, b"\n")  # a torn last line stays on its own line
+                while done < len(data):
+                    wrote = os.write(fd, data[done:])
+                    if not wrote:
+                        raise OSError(errno.ENOSPC, "no room left")
+                    done += wrote
                 os.fsync(fd)
-                self._size += len(data)
             finally:
+                self._size += done
                 os.close(fd)
         except OSError as exc:
             if len(self._pending) == 1:  # logged once per outage
@@ -125,6 +131,7 @@ class AuditTrail:
                     self.path,
                     exc.strerror or exc,
                 )
+            del self._pending[: data[:done].count(b"\n")]  # written whole: not written again
             del self._pending[:-KEEP_LINES]
             return
         self._pending.clear()
@@ -149,10 +156,27 @@ def _ends_with_newline(fd: int, size: int) -> bool:
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:
+    """An entry as ttsd writes them: an object of plain values, its time, voice and versions text
+    (a line edited by hand or damaged is skipped: ``/v1/status`` serves these as they are, and one
+    ``NaN`` in them made the status page's JSON unreadable for browsers)."""
     if not line.strip() or len(line) > MAX_LINE:
         return None
     try:
-        entry = json.loads(line)
+        entry = json.loads(line, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return None
-    return entry if isinstance(entry, dict) else None
+    if not isinstance(entry, dict) or not all(_plain(v) for v in entry.values()):
+        return None
+    texts = all(isinstance(entry.get(k, ""), str) for k in ("time", "voice", "why"))
+    versions = all(isinstance(entry.get(k), (str, type(None))) for k in ("from", "to"))
+    return entry if texts and versions else None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)  # 1e400 reads as infinity
+    return value is None or isinstance(value, (str, int, bool))
