@@ -85,6 +85,39 @@ def test_a_state_file_from_a_newer_ttsd_keeps_what_this_one_knows(tmp_path: Path
     restarted.close()
 
 
+def test_a_refusal_recorded_for_other_content_is_not_kept(tmp_path: Path, fake_engines: None,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """state.json (edited by hand, or damaged) says v2, the active version, was refused with other
+    content than its store copy holds. The store copy was trusted for the content but the refusal
+    was kept, so the voice fell back to v1, and with v1's folder gone it served nothing for good,
+    the log saying v2 was "not known any more". The refusal was for other content: v2 is judged
+    again and serves; and where a voice does end with nothing, the log says why."""
+    models, state = served_before(tmp_path)
+    shutil.rmtree(models / "voice-1")
+    data = json.loads((state / "state.json").read_text())
+    data["versions"]["voice/2"] = {"content": "zzzz", "state": "refused", "reason": "hand edit"}
+    (state / "state.json").write_text(json.dumps(data))
+    (state / "state.backup.json").unlink()
+    caplog.set_level(logging.WARNING, logger="ttsd")
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert active(manager) == "2", [r.getMessage() for r in caplog.records]
+    assert any("judging it again rather than as refused" in r.getMessage() for r in caplog.records)
+    manager.close()
+
+    data = json.loads((state / "state.json").read_text())
+    data["voices"]["voice"]["rolled_back"] = ["1", "2"]  # (a fleet withdrew every version)
+    (state / "state.json").write_text(json.dumps(data))
+    (state / "state.backup.json").unlink()
+    caplog.clear()
+    manager = make_manager(tmp_path)
+    manager.start()
+    said = [r.getMessage() for r in caplog.records]
+    assert "voice 2 was active but is marked rolled back; choosing again" in said, said
+    assert any(m.startswith("voice serves nothing: no version of it may serve (") for m in said), said
+    manager.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", [*DAMAGED_STATE, "a directory", "a symlink"])
 def test_any_damaged_state_file_still_serves_a_verified_version(tmp_path: Path, fake_engines: None,

@@ -274,7 +274,10 @@ class Daemon:
             if self.manager.waiting:  # a folder is still being copied in: not a failure yet
                 log.warning("no voice is ready yet: waiting for a folder in %s to be complete", cfg.models)
             else:
-                log.error("no voice could be loaded from %s; serving /healthz and waiting (SIGHUP rescans)", cfg.models)
+                log.error(
+                    "no voice serves from %s (the lines above say why); serving /healthz and waiting (SIGHUP rescans)",
+                    cfg.models,
+                )
 
         runner = await open_http(cfg, self.backend())
         wyoming = await open_wyoming(cfg, self.backend()) if cfg.wyoming else None

@@ -261,8 +261,20 @@ class Promoter:
         if model is not None and self.state.voice(name).rolling_to is not None and self._finish_rollback(model, canary):
             return
         if model is None or model.state in (State.REFUSED, State.ROLLED_BACK) or self.lifecycle.marked(model):
-            log.warning("%s %s was active but is not known any more; choosing again", name, saved)
-            return self.fall_back(name)
+            if model is None:
+                log.warning("%s %s was active but is not known any more; choosing again", name, saved)
+            elif model.state is State.REFUSED:
+                log.warning("%s %s was active but is refused (%s); choosing again", name, saved, model.reason)
+            else:
+                log.warning("%s %s was active but is marked rolled back; choosing again", name, saved)
+            self.fall_back(name)
+            if self.lifecycle.active(name) is None and not self.lifecycle.closed:
+                log.error(
+                    "%s serves nothing: no version of it may serve (%s); 'ttsd activate' serves one anyway",
+                    name,
+                    "; ".join(f"{m.version} {m.state.value}" for m in self.table.of(name)[:5]) or "none known",
+                )
+            return
         try:
             self.bringup.ensure_stored(model)
         except TtsdError as exc:

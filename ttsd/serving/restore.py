@@ -97,8 +97,11 @@ def _trust_store_copy(model: ModelVersion) -> None:
     if model.content and content != model.content:
         log.warning(
             "state.json recorded other content for %s %s than its store copy holds; trusting the "
-            "store copy (it is verified before it loads)",
+            "store copy (it is verified before it loads)%s",
             model.name,
             model.version,
+            ", and judging it again rather than as refused" if model.state is State.REFUSED else "",
         )
+        if model.state is State.REFUSED:  # the record's refusal was for other content
+            model.state, model.reason, model.refused_folder = State.AVAILABLE, "", None
     model.content = content
