@@ -1,6 +1,9 @@
 """A Python client for a running ttsd, with nothing but the standard library.
 
-    python examples/client.py "Text to speak." out.wav [--socket /run/ttsd/ttsd.sock]
+    python examples/client.py "Text to speak." out.wav [--socket PATH]
+
+The socket is --socket, else TTSD_SOCKET, else the daemon's default: /run/ttsd/ttsd.sock as root,
+$XDG_RUNTIME_DIR/ttsd/ttsd.sock otherwise.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import sys
 
@@ -23,11 +27,19 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.socket_path)
 
 
+def default_socket() -> str:
+    if path := os.environ.get("TTSD_SOCKET"):
+        return path
+    if os.geteuid() != 0 and (runtime := os.environ.get("XDG_RUNTIME_DIR")):
+        return os.path.join(runtime, "ttsd", "ttsd.sock")
+    return "/run/ttsd/ttsd.sock"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("text")
     parser.add_argument("out")
-    parser.add_argument("--socket", default="/run/ttsd/ttsd.sock")
+    parser.add_argument("--socket", default=default_socket())
     parser.add_argument("--voice")
     args = parser.parse_args()
     body = {"text": args.text, "stream": True}

@@ -157,13 +157,16 @@ def test_the_example_clients_run_as_written(tmp_path: Path, cache_dir: Path, joe
 
     spool = tmp_path / "spool"
     daemon = start_daemon(tmp_path / "d", cache_dir, "--spool", str(spool))
-    said = subprocess.run([sys.executable, str(examples / "client.py"), "Text to speak.", str(tmp_path / "out.wav"),
-                           "--socket", str(daemon.socket)], capture_output=True, text=True, timeout=120, env=env)
+    said = subprocess.run([sys.executable, str(examples / "client.py"), "Text to speak.", str(tmp_path / "out.wav")],
+                          capture_output=True, text=True, timeout=120, env=dict(env, TTSD_SOCKET=str(daemon.socket)))
     assert said.returncode == 0 and "voice en_US-joe-medium 1" in said.stdout, said.stderr
     assert (tmp_path / "out.wav").read_bytes()[:4] == b"RIFF"
 
+    nowhere = subprocess.run(["sh", str(examples / "spool.sh"), "Hi."], capture_output=True, text=True, timeout=60,
+                             env=dict(env, TTSD_SPOOL=str(tmp_path / "no-spool")))
+    assert nowhere.returncode == 2 and nowhere.stderr.startswith("no spool at"), nowhere.stderr
     spooled = subprocess.run(["sh", str(examples / "spool.sh"), "Text to speak."], capture_output=True, text=True,
-                             timeout=120, env=dict(env, SPOOL=str(spool)))
+                             timeout=120, env=dict(env, TTSD_SPOOL=str(spool)))
     assert spooled.returncode == 0, spooled.stderr
     audio = spooled.stdout.strip().splitlines()[-1].removeprefix("audio: ")
     assert json.loads(spooled.stdout[: spooled.stdout.rindex("}") + 1])["voice"] == "en_US-joe-medium"
