@@ -324,7 +324,8 @@ def test_say_refuses_an_output_it_cannot_write_before_it_speaks(output: str, cod
     one_line_error(invoke("say", "hi", "-o", output, "--no-daemon"), code, fragment)
 
 
-def test_models_list_without_a_daemon_names_a_missing_dir_and_fails_verification(tmp_path: Path) -> None:
+def test_models_list_without_a_daemon_names_a_missing_dir_and_fails_verification(tmp_path: Path,
+                                                                                 fake_engines: None) -> None:
     """``models list --models DIR`` with no such dir printed an empty table and exit 0; with
     ``--verify`` a folder that does not match its manifest is listed with its reason and the command
     exits 6, so ``ttsd models list --verify && ...`` stops."""
@@ -345,6 +346,17 @@ def test_models_list_without_a_daemon_names_a_missing_dir_and_fails_verification
     assert sorted(r["state"] for r in json.loads(bad.stdout)) == ["refused", "verified"]
     assert "1 of 2 folders do not match their manifests" in bad.stderr
     assert invoke("models", "list", "--models", str(models), *none).exit_code == 0  # no --verify: listed only
+    # a folder that matches its manifest but names an engine that is not installed: refused, as
+    # 'ttsd models verify' and the daemon refuse it; and each row names its folder
+    (models / "voice-2" / "fake.json").write_text("{}")
+    other = fake_model(models, "voice", "3")
+    manifest = json.loads((other / "ttsd.json").read_text())
+    (other / "ttsd.json").write_text(json.dumps({**manifest, "engine": "onnx"}))
+    bad = invoke("models", "list", "--models", str(models), "--verify", "--json", *none)
+    assert bad.exit_code == 6, bad.output
+    rows = {r["folder"]: r for r in json.loads(bad.stdout)}
+    assert rows["voice-3"]["state"] == "refused" and "engine 'onnx' is not installed" in rows["voice-3"]["reason"]
+    assert rows["voice-2"]["state"] == "verified", rows
 
 
 def test_models_list_verify_and_another_models_dir_read_the_disk_while_a_daemon_runs(

@@ -204,7 +204,7 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
     from ..config import Paths, default_socket
 
     client = Client(socket_path or default_socket(), timeout=30)
-    rows: list[tuple[str, str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, str, str]] = []  # voice, version, state, signer, reason, folder
     checked = False
     info = client.status() if client.available() else None
     beside = ""  # what the daemon that answers serves, when the listing is read from disk
@@ -221,10 +221,12 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         title = f"daemon pid {info['pid']}: {info['models']}"
         for voice in info["voices"]:
             for v in voice["versions"]:
-                rows.append((voice["name"], v["version"], v["state"], v.get("signer") or "", v["reason"] or ""))
+                rows.append((voice["name"], v["version"], v["state"], v.get("signer") or "", v["reason"] or "", ""))
         for folder in info["folders"]:
-            rows.append((Path(folder["folder"]).name, "-", folder["state"], "", folder["reason"]))
+            name = Path(folder["folder"]).name
+            rows.append((name, "-", folder["state"], "", folder["reason"], name))
     else:
+        from ..engines import engine_class
         from ..manifest import verify
         from ..models_dir import scan
         from ..signing import describe
@@ -240,6 +242,7 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
             if m is not None and check:
                 try:
                     verify(cand.folder)
+                    engine_class(m.engine)  # as 'ttsd models verify' and the daemon: one it cannot run
                     state = "verified"
                 except TtsdError as exc:
                     state, reason = "refused", str(exc)
@@ -251,10 +254,11 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
                     state,
                     "" if claimed is None else str(claimed),
                     reason,
+                    cand.folder.name,
                 )
             )
     if as_json:
-        fields = ("voice", "version", "state", "signer", "reason")
+        fields = ("voice", "version", "state", "signer", "reason", "folder")
         click.echo(json.dumps([dict(zip(fields, r, strict=True)) for r in rows], indent=2))
     else:
         table = Table(title=title)
@@ -263,8 +267,11 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         for name in ("version", "state", "signer"):
             table.add_column(name, overflow="fold")
         table.add_column("reason", overflow="fold", ratio=1)
+        folders = info is None  # read from disk: two folders of one version are told apart
+        if folders:
+            table.add_column("folder", overflow="fold")
         for row in rows:
-            table.add_row(*(Text(cell) for cell in row))
+            table.add_row(*(Text(cell) for cell in row[: 6 if folders else 5]))
         Console().print(table)
     refused = sum(row[2] in ("refused", "unreadable") for row in rows) if checked else 0
     if refused:  # `ttsd models list --verify && ...` stops here
