@@ -12,6 +12,7 @@ import errno
 import hashlib
 import io
 import json
+import re
 import os
 import time
 from collections.abc import Iterator
@@ -126,7 +127,11 @@ def test_a_bad_request_ends_in_failed_with_its_code(front: FrontEnds, voices: Fa
     assert (dirs["failed"] / name).read_bytes() == content
     assert names(dirs["out"]) == names(dirs["done"]) == names(dirs["work"]) == []
     assert voices.model_failures() == []
-    assert 'ttsd_spool_requests_total{outcome="failed"} 1.0' in voices.metrics.render().decode()
+    metrics = voices.metrics.render().decode()
+    assert 'ttsd_spool_requests_total{outcome="failed"} 1.0' in metrics
+    # in the request metrics too, as the other front ends' requests (the spool's were missing)
+    assert re.search(rf'ttsd_requests_total{{outcome="{code}",route="spool",.*}} 1.0', metrics), metrics
+    assert re.search(r'ttsd_request_failures_total{fault="request",route="spool",.*} 1.0', metrics), metrics
 
 
 def test_dot_files_and_tmp_files_are_never_claimed(front: FrontEnds, clock: Clock) -> None:
@@ -276,6 +281,8 @@ def test_a_system_failure_keeps_the_request_claimed_and_pauses_the_spool(front: 
     metrics = voices.metrics.render().decode()
     assert 'ttsd_spool_requests_total{outcome="retry"} 2.0' in metrics
     assert 'ttsd_spool_requests_total{outcome="ok"} 2.0' in metrics
+    assert re.search(r'ttsd_requests_total{outcome="ok",route="spool",.*} 2.0', metrics), metrics
+    assert re.search(r'ttsd_request_duration_seconds_count{route="spool",.*} 2.0', metrics), metrics
 
 
 def test_audio_that_did_not_fit_waits_for_room_and_audio_that_never_could_fails(

@@ -69,6 +69,7 @@ from .synth import Job, Result
 
 log = logging.getLogger("ttsd.spool")
 
+ROUTE = "spool"  # the request metrics' route label, as the Job it submits says
 SUFFIXES = (".txt", ".json")
 SETTLE_SECONDS = 0.25  # a file must keep its size and mtime this long before it is claimed
 RESCAN_SECONDS = 2.0  # events can be lost (or never sent, on network filesystems)
@@ -481,6 +482,7 @@ class Spool:
         request_id = claimed.stem
         started = time.monotonic()
         waits = False  # still claimed when this ends (to be served again)
+        served: Any = None  # the voice version once leased, for the request metrics
         try:
             if await loop.run_in_executor(None, self._already_published, claimed):
                 # served, then kept by a failure to move it to done/: it goes there, not to failed/
@@ -504,7 +506,7 @@ class Spool:
             req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
             lease = await self.backend.lease(req.voice, req.version, user=req.user)
             served = lease.voice
-            job = Job(text=req.text, options=req.options, lease=lease, route="spool")
+            job = Job(text=req.text, options=req.options, lease=lease, route=ROUTE)
             future: Future[Result] = self.backend.submit(job)
             result = await asyncio.wrap_future(future)
             meta = {
@@ -524,6 +526,8 @@ class Spool:
             await loop.run_in_executor(None, self._publish, claimed, req, result, meta)
             self._backoff = 0.0
             self.backend.metrics.spool.labels("ok").inc()
+            self._count(served, "ok")
+            self.backend.metrics.observe_request(served.name, served.version, ROUTE, time.monotonic() - started)
         except BusyError as exc:  # not the request's fault: served again once the queue may have room
             delay = max(1.0, float(exc.retry_after))
             waits = self._later(claimed, None, delay=delay)
@@ -536,6 +540,7 @@ class Spool:
             if never is None:
                 waits = self._later(claimed, exc.cause, needs=exc.needs)
             else:
+                self._count(served, "insufficient_storage", "system")
                 waits = await self._fail(claimed, "insufficient_storage", never)
         except _BoxError as exc:
             waits = self._later(claimed, exc.cause)
@@ -545,15 +550,27 @@ class Spool:
             if is_system_oserror(exc):
                 waits = self._later(claimed, exc)
             else:  # a request file that vanished or cannot be read: that request's problem
+                self._count(served, "bad_file", "request")
                 waits = await self._fail(claimed, "bad_file", f"{shown(claimed.name)}: {exc.strerror or exc}")
         except TtsdError as exc:
+            self._count(served, exc.code, exc.fault)
             waits = await self._fail(claimed, exc.code, str(exc))
         except Exception as exc:  # a bug; the request must still not vanish
             log.exception("spool request %s failed", shown(claimed.name))
+            self._count(served, "internal", "system")
             waits = await self._fail(claimed, "internal", f"{type(exc).__name__}: {exc}")
         finally:
             if not waits:
                 self._serving.discard(request_id)
+
+    def _count(self, served: Any, outcome: str, fault: str | None = None) -> None:
+        """A request's outcome in the request metrics, as the other front ends count theirs (a
+        request kept to be served again is not counted until it ends)."""
+        voice, version = (served.name, served.version) if served is not None else ("-", "-")
+        metrics = self.backend.metrics
+        metrics.requests.labels(voice, version, ROUTE, outcome).inc()
+        if fault is not None:
+            metrics.failures.labels(voice, version, ROUTE, fault).inc()
 
     def _publish(self, claimed: Path, req: SynthRequest, result: Result, meta: dict[str, Any]) -> None:
         audio = result.audio
