@@ -71,6 +71,8 @@ class FakeEngine(Engine[str]):
     def _render(self, unit: str, options: SynthesisOptions) -> np.ndarray:
         import time
 
+        if not getattr(self, "loaded", False):  # as the vits engine's _require
+            raise LoadError(f"{self.folder}: engine used before load()")
         with FakeEngine._lock:
             self.requests += 1
             n = self.requests

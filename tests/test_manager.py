@@ -425,6 +425,36 @@ def test_a_job_cancelled_while_queued_gives_back_its_slot_and_lease(tmp_path: Pa
     pool.shutdown()
 
 
+def test_a_request_cut_off_by_the_memory_policys_swap_is_not_the_models_failure(tmp_path: Path,
+                                                                                fake_engines: None) -> None:
+    """Under --swap-policy memory the serving version is unloaded once its requests are done, or
+    after a wait (30 s) under those that run longer. Such a request failed on the unloaded engine
+    with "load_failed", a 500 counted against the version (an auto-rollback's window, the failure
+    metrics). It is the daemon's doing: the client gets a 503 to retry, and the version no failure."""
+    from ttsd.errors import BusyError
+    from ttsd.front.synth import Job, SynthesisPool
+    from ttsd.metrics import Metrics
+    from ttsd.options import SynthesisOptions
+
+    fake_model(tmp_path / "models", "voice", "1", delay=0.3, sentences=True)
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    pool = SynthesisPool(workers=1, queue_size=1, metrics=Metrics.create())
+    spoke = threading.Event()
+    job = Job(text="One. Two. Three. Four", options=SynthesisOptions(), lease=manager.acquire("voice"), route="test",
+              on_chunk=lambda _chunk: spoke.set())
+    running = pool.submit(job)
+    assert spoke.wait(10)
+    v1 = manager.version("voice", "1")
+    assert v1 is not None
+    manager.lifecycle.retire_now(v1, wait=0.05)  # its wait is over while the request runs
+    with pytest.raises(BusyError, match="taken out of service while this request ran"):
+        running.result(10)
+    assert pool.failed == 0 and v1.model_failures == 0 and v1.failures == 0
+    pool.shutdown()
+    manager.close()
+
+
 def test_memory_policy_never_takes_a_voice_down_for_a_folder_that_does_not_match(tmp_path: Path,
                                                                                 fake_engines: None) -> None:
     """With --swap-policy memory the serving version is unloaded before its successor loads; the

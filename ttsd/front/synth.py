@@ -193,22 +193,11 @@ class SynthesisPool:
             )
         except Cancelled:
             raise
-        except TtsdError as exc:
-            if exc.fault == "model":
-                ok = False
-            raise
-        except OSError as exc:
-            if not is_system_oserror(exc):
-                ok = False
-                raise SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}") from exc
-            raise resource_error(exc, "synthesizing") from exc
-        except Exception as exc:  # the engine crashed on a valid request: the model's fault...
-            if out_of_memory(exc):  # ...unless the box ran out of memory: a 503 to retry, not counted
-                log.error("out of memory synthesizing on %s %s: %s", job.lease.voice.name, job.lease.voice.version, exc)
-                raise ResourceError("out of memory while synthesizing; retry shortly") from None
-            ok = False
-            log.exception("synthesis failed on %s %s", job.lease.voice.name, job.lease.voice.version)
-            raise SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            ok, error = _judged(job, exc)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             job.lease.release(ok if job.counted else None)
             with self._lock:
@@ -237,3 +226,27 @@ class SynthesisPool:
 
     def shutdown(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
+
+
+def _judged(job: Job, exc: Exception) -> tuple[bool | None, Exception]:
+    """Whose fault a failed job was (False: the model's, counted against its version; None: the
+    request's or the box's) and the error its client gets."""
+    voice = job.lease.voice
+    if job.lease.cut:  # its version was unloaded under it: the daemon's doing, and a retry is served
+        return None, BusyError(
+            f"{voice.name} {voice.version} was taken out of service while this request ran "
+            "(an upgrade under --swap-policy memory, or a shutdown); retry",
+            retry_after=2,
+        )
+    if isinstance(exc, TtsdError):
+        return (False if exc.fault == "model" else None), exc
+    if isinstance(exc, OSError):
+        if not is_system_oserror(exc):
+            return False, SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}")
+        return None, resource_error(exc, "synthesizing")
+    if out_of_memory(exc):  # the box ran out of memory: a 503 to retry, not counted against the model
+        log.error("out of memory synthesizing on %s %s: %s", voice.name, voice.version, exc)
+        return None, ResourceError("out of memory while synthesizing; retry shortly")
+    # the engine crashed on a valid request: the model's fault
+    log.error("synthesis failed on %s %s", voice.name, voice.version, exc_info=exc)
+    return False, SynthesisError(f"the voice failed: {type(exc).__name__}: {exc}")

@@ -75,6 +75,7 @@ class _Entry:
     voice: VoiceVersion
     engine: Engine[Any]
     in_flight: int = 0
+    cut: bool = False  # unloaded while requests held it (``remove(force=True)``)
 
 
 @dataclass
@@ -95,6 +96,12 @@ class Lease:
         if not self._released:
             self._released = True
             self._release(self._entry, None if ok and self.pinned else ok)
+
+    @property
+    def cut(self) -> bool:
+        """Whether its version was unloaded under the request (the memory policy's upgrade once
+        its wait was over, a shutdown): the daemon's doing, never counted against the model."""
+        return self._entry.cut
 
     def __enter__(self) -> Lease:
         return self
@@ -177,7 +184,7 @@ class ServingMap:
         with self._lock:
             entry.in_flight -= 1
             self._in_flight -= 1
-        self._on_release(entry.key, ok)
+        self._on_release(entry.key, None if entry.cut else ok)
 
     def _default_name(self) -> str | None:
         names = set(self._active)
@@ -276,6 +283,7 @@ class ServingMap:
                 return True
             if entry.in_flight and not force:
                 return False
+            entry.cut = entry.in_flight > 0
             if self._active.get(key[0]) == key:
                 del self._active[key[0]]
             if self._canary.get(key[0]) == key:
