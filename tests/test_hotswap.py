@@ -192,7 +192,7 @@ def test_bad_folders_are_refused_while_the_active_version_serves(tmp_path: Path,
         listing = subprocess.run([sys.executable, "-m", "ttsd", "models", "list", "--json"], capture_output=True,
                                  env=dict(d.env, TTSD_SOCKET=str(d.socket)), timeout=60)
         rows = json.loads(listing.stdout)
-        assert {"voice": "tiny", "version": "5", "state": "active", "signer": "", "reason": ""} in rows
+        assert {"voice": "tiny", "version": "5", "state": "active", "signer": "", "reason": "", "folder": ""} in rows
         assert any(r["state"] == "refused" and "NaN" in r["reason"] for r in rows)
     finally:
         assert d.stop() == 0, d.logs()

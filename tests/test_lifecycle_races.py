@@ -644,8 +644,13 @@ def test_an_activate_while_the_memory_policy_upgrade_serves_nothing_keeps_the_re
     import shutil
 
     models, manager = v2_over_v1(tmp_path, swap="memory")
-    manager.rollback("voice")  # v1 serves (loaded for it), v2 rolled back
-    manager.activate("voice", "2")  # v2 serves again (loaded), v1 stays loaded: a standby
+    manager.rollback("voice")  # v1 serves, v2 rolled back
+    manager.activate("voice", "2")  # v2 serves again; v1 is unloaded (the memory policy keeps none)
+    v1 = manager.version("voice", "1")
+    assert v1 is not None and v1.engine is None
+    # loaded as a standby by hand: the memory policy's own actions never leave one (a state this
+    # code must still handle, as a version a request loads within a memory budget may be)
+    assert manager.bringup.bring_up(v1, "a standby for the test") and manager.lifecycle.stand_by(v1)
     shutil.rmtree(models / "voice-2")  # only the store holds v2 now
     manager.reconcile()
     fake_model(models, "voice", "3", load_delay=1.5)

@@ -455,6 +455,38 @@ def test_a_request_cut_off_by_the_memory_policys_swap_is_not_the_models_failure(
     manager.close()
 
 
+def test_memory_policy_actions_never_hold_two_versions(tmp_path: Path, fake_engines: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--swap-policy memory is for boxes that cannot hold two versions, and keeps no rollback target
+    loaded. A rollback (and an activate, and the automatic rollback) loaded its target beside the
+    serving version. Each takes the serving version out first, as an upgrade does; one whose
+    target cannot come up brings it back."""
+    _, manager = v2_over_v1(tmp_path, swap="memory")
+    assert manager.snapshot()[0]["active"] == "2" and FakeEngine.live == 1
+    FakeEngine.peak = FakeEngine.live
+    from unittest.mock import ANY
+
+    assert manager.rollback("voice") == {"voice": "voice", "from": "2", "to": "1", "seconds": ANY}
+    assert FakeEngine.peak == 1 and _versions(manager) == {"1": "active", "2": "rolled-back"}
+    assert manager.activate("voice", "2")["from"] == "1"
+    assert FakeEngine.peak == 1 and _versions(manager) == {"1": "available", "2": "active"}
+    assert manager.state.voice("voice").previous == ("1",)
+    load = FakeEngine.load
+
+    def fails_for_1(engine: FakeEngine) -> None:
+        if engine.folder.name == "1":
+            raise TtsdError("v1 cannot load now")
+        load(engine)
+
+    monkeypatch.setattr(FakeEngine, "load", fails_for_1)
+    with pytest.raises(ConflictError, match="cannot activate voice 1"):
+        manager.activate("voice", "1")  # 2 went out of service for it, and comes back
+    assert FakeEngine.peak == 1 and manager.snapshot()[0]["active"] == "2"
+    with manager.acquire("voice") as lease:
+        assert lease.voice.version == "2"
+    manager.close()
+
+
 def test_memory_policy_never_takes_a_voice_down_for_a_folder_that_does_not_match(tmp_path: Path,
                                                                                 fake_engines: None) -> None:
     """With --swap-policy memory the serving version is unloaded before its successor loads; the
@@ -876,10 +908,9 @@ def test_a_parked_version_that_fails_to_load_after_a_rollback_takes_nothing_down
 
 def test_a_memory_policy_upgrade_whose_old_version_fails_to_reload_falls_back_at_once(
         tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--swap-policy memory: v0 serves, v1 is its loaded standby. v2 fails to load, and v0, unloaded
-    for it, fails to load again: the voice falls back to v1 at once, without loading it a second time
-    (it was left with nothing active until the next rescan, whose fall-back then loaded v1 again, an
-    engine nothing freed)."""
+    """--swap-policy memory: v0 serves (an activate, which unloaded v1 first), v1 is its rollback
+    target. v2 fails to load, and v0, unloaded for it, fails to load again: the voice falls back to
+    v1 at once (it was left with nothing active until the next rescan), and holds one engine."""
     from ttsd.errors import LoadError
 
     models = tmp_path / "models"
@@ -890,7 +921,7 @@ def test_a_memory_policy_upgrade_whose_old_version_fails_to_reload_falls_back_at
     manager.reconcile()
     manager.activate("voice", "0")
     states = lambda: {v["version"]: v["state"] for v in manager.snapshot()[0]["versions"]}  # noqa: E731
-    assert states() == {"0": "active", "1": "standby"} and FakeEngine.live == 2
+    assert states() == {"0": "active", "1": "available"} and FakeEngine.live == 1
     real_load = FakeEngine.load
 
     def load(self: FakeEngine) -> None:

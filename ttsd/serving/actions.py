@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConflictError, ResourceError, TtsdError, UnknownVoiceError
@@ -34,9 +35,11 @@ class Control:
         jobs: Jobs,
         state: ServingState,
         listener: Listener,
+        restore: Callable[[ModelVersion, str], object] = lambda _model, _why: None,
     ) -> None:
         self.table, self.lifecycle, self.bringup, self.jobs = table, lifecycle, bringup, jobs
         self.state, self._listener = state, listener
+        self._restore = restore  # the memory policy's: a version an action unloaded serves again
 
     # == rollback ===============================================================================
     def rollback(
@@ -87,8 +90,11 @@ class Control:
             with self.lifecycle.commit:
                 self._write(voice, self.state.voice(voice).but(rolling_to=target.version), durable)
             loaded: bool | None = None
+            retired: ModelVersion | None = None
+            cannot = f"cannot roll back to {voice} {target.version}"
             try:
-                loaded = self._bring_up(target, why, f"cannot roll back to {voice} {target.version}")
+                retired = self._retire_for(target, current, cannot)
+                loaded = self._bring_up(target, why, cannot, checked=retired is not None)
                 with self.lifecycle.commit:
                     if self.lifecycle.marked(target) and not was_marked:  # withdrawn while it loaded
                         if to is not None:  # the operator named it before the withdrawal: say so
@@ -96,20 +102,28 @@ class Control:
                         raise _TargetWithdrawn(f"{voice} {target.version} was withdrawn while it loaded")
                     if target.engine is None:  # taken down meanwhile (a withdrawal, the budget)
                         raise ConflictError(f"{voice} {target.version} was unloaded before the rollback; try again")
-                    now_current, _ = self._rollback_pair(voice, target.version)
+                    if retired is not None and self.lifecycle.active(voice) is None:
+                        now_current = current  # out of service for this rollback (the memory policy)
+                    else:
+                        now_current, _ = self._rollback_pair(voice, target.version)
                     if now_current is not current:  # e.g. an urgent upgrade finished first: mark nothing
                         raise ConflictError(
                             f"{voice} changed to {now_current.version} while {target.version} loaded for the "
                             f"rollback from {current.version}; roll back again if it is still wanted"
                         )
-                    return self._roll(
+                    rolled = self._roll(
                         current, target, why, durable, started, loaded, named=to is not None, operator=only_from is None
                     )
+                    if retired is not None:  # no swap replaced it: the rollback marks it here
+                        self.table.change(current, state=State.ROLLED_BACK)
+                    return rolled
             except BaseException:
                 if not self.lifecycle.closed:  # a shutdown's leaves it on disk: the restart finishes it
                     self._not_rolling(voice, target.version, durable)
                 if loaded is not None:
                     self.lifecycle.discard(target, "loaded for a rollback that did not happen")
+                if retired is not None and not self.lifecycle.closed:
+                    self._restore(retired, "the rollback did not happen")
                 raise
 
         self._wait_for_stand_by(voice, target)
@@ -352,17 +366,22 @@ class Control:
             was_marked = self.lifecycle.marked(target)
 
         def load_then_switch(_ticket: object) -> dict[str, Any]:
-            loaded = self._bring_up(target, why, f"cannot activate {voice} {version}")
+            cannot = f"cannot activate {voice} {version}"
+            loaded, retired = False, None
             try:
+                retired = self._retire_for(target, self.lifecycle.active(voice), cannot)
+                loaded = self._bring_up(target, why, cannot, checked=retired is not None)
                 with self.lifecycle.commit:
                     if self.lifecycle.marked(target) and not was_marked:  # the operator did not choose that
                         raise ConflictError(f"{voice} {version} was withdrawn while it loaded for the activate")
                     if target.engine is None:  # taken down meanwhile (a withdrawal, the budget)
                         raise ConflictError(f"{voice} {version} was unloaded before the activate; try again")
-                    return self._switch(target, self.lifecycle.active(voice), why, started, loaded)
+                    return self._switch(target, self.lifecycle.active(voice) or retired, why, started, loaded)
             except BaseException:
                 if loaded:  # not one that stood by already (the restart's load of it, waited for)
                     self.lifecycle.discard(target, "loaded for an activate that did not happen")
+                if retired is not None and not self.lifecycle.closed:
+                    self._restore(retired, "the activate did not happen")
                 raise
 
         self._wait_for_stand_by(voice, target)
@@ -467,15 +486,31 @@ class Control:
     def _loaded(self, model: ModelVersion) -> bool:
         return model.engine is not None and self.lifecycle.map.loaded(model.key)
 
-    def _bring_up(self, target: ModelVersion, why: str, cannot: str) -> bool:
+    def _bring_up(self, target: ModelVersion, why: str, cannot: str, *, checked: bool = False) -> bool:
         """Load ``target`` for an action (in the action's urgent job): whether it was loaded now;
-        ``ConflictError`` saying why it cannot serve."""
+        ``ConflictError`` saying why it cannot serve. ``checked``: its store copy and signature
+        were checked just now (``_retire_for``)."""
         if target.engine is not None:
             return False
         self.bringup.ensure_stored(target)
-        if not self.bringup.bring_up(target, why):
+        if not self.bringup.bring_up(target, why, verified=checked, signed=checked):
             raise ConflictError(f"{cannot}: {target.reason}")
         return True
+
+    def _retire_for(self, target: ModelVersion, current: ModelVersion | None, cannot: str) -> ModelVersion | None:
+        """Under ``--swap-policy memory`` (a box that cannot hold two versions; none stands by) the
+        serving version ``current`` goes out of service and is unloaded before ``target`` loads, as
+        for an upgrade: loaded beside it, a rollback or an activate held both. ``target``'s store
+        copy and signature are checked first, so one that cannot serve never takes the voice down
+        (``ConflictError``). The version taken out (None: none was); the caller restores it if the
+        action does not happen."""
+        if self.lifecycle.policy.swap != "memory" or current is None or current.engine is None or target.engine:
+            return None
+        self.bringup.ensure_stored(target)
+        if not self.bringup.checked(target):
+            raise ConflictError(f"{cannot}: {target.reason}")
+        self.lifecycle.retire_now(current)
+        return current
 
 
 class _NothingBefore(ConflictError):

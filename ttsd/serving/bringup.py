@@ -187,6 +187,28 @@ class BringUp:
         self._listener("loaded", model)
         return True
 
+    def checked(self, model: ModelVersion) -> bool:
+        """The checks of ``bring_up`` before the load, on their own: its store copy verified (copied
+        again from the models dir if damaged) and its signature. False (refused, or deferred for the
+        box's reasons) when it cannot serve. The memory policy runs them before it unloads the
+        serving version for an operator's action, as ``check_signed`` before an upgrade's."""
+        try:
+            try:
+                copy, manifest = check_store_copy(self.store, model)
+            finally:
+                self.table.change(model, store_copy=self.store.get(model.name, model.version))
+            self.table.change(model, store_copy=copy, manifest=manifest, content=content_id(manifest))
+            self._check_signature(model)
+        except Exception as exc:
+            if isinstance(exc, (StoreLost, ResourceError)) or is_system_oserror(exc):
+                self.lifecycle.defer(
+                    model, str(exc) if isinstance(exc, TtsdError) else str(resource_error(exc, "checking it"))
+                )
+            else:
+                self.lifecycle.refuse(model, str(exc) if isinstance(exc, TtsdError) else f"{type(exc).__name__}: {exc}")
+            return False
+        return True
+
     def check_signed(self, model: ModelVersion) -> bool:
         """The signature check of ``bring_up`` on its own, for a store copy just made: False (the
         version refused, or deferred when the keys cannot be read) when it fails. The memory policy

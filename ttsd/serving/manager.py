@@ -143,7 +143,9 @@ class ModelManager:
             requeue=self._upgrade,
         )
         self.intake = Intake(self.table, self.lifecycle, self.state, events)
-        self.control = Control(self.table, self.lifecycle, self.bringup, self.jobs, self.state, events)
+        self.control = Control(
+            self.table, self.lifecycle, self.bringup, self.jobs, self.state, events, restore=self.promoter.restore
+        )
         self._scan_lock = threading.Lock()
         self._first_scan = True
 

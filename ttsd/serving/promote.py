@@ -153,7 +153,8 @@ class Promoter:
 
     def _restore(self, retired: ModelVersion | None, why: str = "the upgrade failed") -> bool:
         """After a failed upgrade under the memory policy (or one withdrawn while it loaded, the
-        one way an urgent upgrade is called off): the version it unloaded serves again."""
+        one way an urgent upgrade is called off), or an operator's action that unloaded the serving
+        version for its target (``Control``): the version it unloaded serves again."""
         if (
             retired is not None
             and retired.engine is None
@@ -164,6 +165,8 @@ class Promoter:
         ):
             self.fall_back(retired.name)  # it failed to load again, or was withdrawn meanwhile
         return False
+
+    restore = _restore  # for ``Control``: an operator's action under the memory policy
 
     def _serve(
         self,
