@@ -225,6 +225,8 @@ def test_sse_takes_every_format_openai_names(api: FrontEnds, voices: FakeVoices,
     ({"stream_format": "sse", "stream": False}, "stream", "'sse' always streams"),
     ({"stream": "yes"}, None, "field 'stream' must be a bool"),
     ({"response_format": "m4a"}, "response_format", "m4a"),
+    ({"input": "   "}, "input", "text is empty"),
+    ({"input": "!?"}, "input", "text has nothing to speak"),
 ])
 def test_a_bad_stream_request_is_a_400_in_openai_s_shape(api: FrontEnds, voices: FakeVoices, extra: dict[str, Any],
                                                          param: str | None, fragment: str) -> None:
@@ -232,9 +234,10 @@ def test_a_bad_stream_request_is_a_400_in_openai_s_shape(api: FrontEnds, voices:
     synthesized."""
     client = client_of(api)
     fmt = extra.pop("response_format", "pcm")
+    text = extra.pop("input", LONG)
 
     def go() -> None:
-        with speech(client, fmt, **extra):
+        with speech(client, fmt, text, **extra):
             pass
 
     with pytest.raises(openai.BadRequestError) as caught:

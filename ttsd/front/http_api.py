@@ -291,7 +291,11 @@ class _Api:
             # with its length, and a failure is a real status
             req = replace(req, stream=False)
         try:
-            req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
+            try:
+                req = replace(req, text=check_text(req.text, self.backend.max_chars))  # checked here, once
+            except RequestError as exc:
+                exc.param = "input" if openai else None  # type: ignore[attr-defined]  # (OpenAI's error names it)
+                raise
             # an encoder this box lacks (aac, or streamed mp3, without PyAV): refused before any synthesis
             check_available(req.format, stream=req.stream)
             if not self.backend.ready():
