@@ -39,6 +39,10 @@ def test_newest_good_version_of_each_voice_serves(tmp_path: Path, fake_engines: 
         assert lease.voice.name == "b"  # the default voice
     with pytest.raises(UnknownVoiceError, match="unknown voice 'c'"):
         manager.acquire("c")
+    with pytest.raises(UnknownVoiceError, match="unknown voice 'c'"):  # not "voice c has no known version 1"
+        manager.activate("c", "1")
+    with pytest.raises(UnknownVoiceError, match="voice a has no known version 9"):
+        manager.activate("a", "9")
 
 
 @pytest.mark.slow

@@ -352,6 +352,8 @@ class Control:
         started = time.monotonic()
         target = self.table.get(voice, version)
         if target is None:
+            if voice not in self.table.names():
+                raise UnknownVoiceError(f"unknown voice {voice!r}")
             raise UnknownVoiceError(f"voice {voice} has no known version {version}")
         self._recordable(voice)
         with self.lifecycle.commit:
