@@ -186,7 +186,10 @@ class Lifecycle:
                 ]
         details = {"load_seconds": round(load_seconds, 2)} if load_seconds is not None else {}
         self.state.record(model.name, saved.active, model.version, why, write=False, **details)
-        log.info("%s: %s -> %s (%s)", model.name, saved.active or "-", model.version, why)
+        if saved.active is not None and norm(saved.active) == norm(model.version):
+            log.info("%s: %s serves again (%s)", model.name, model.version, why)
+        else:
+            log.info("%s: %s -> %s (%s)", model.name, saved.active or "-", model.version, why)
         self._listener("activated", model)
         if outrun is not None:
             log.info("%s %s: canary superseded by %s", model.name, outrun.version, model.version)
