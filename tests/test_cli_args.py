@@ -78,6 +78,7 @@ def serve_args(tmp_path: Path) -> list[str]:
     (["say", "hi"], "Missing option '-o'"),
     (["say", "hi", "-o", "x.wav", "--bogus"], "--bogus"),
     (["say", "hi", "-o", "x.wav", "--speed", "9"], "'--speed'"),
+    (["say", "hi", "-o", "x.wav", "--seed", "-1"], "'--seed'"),  # was exit 4, as a request's error
     (["serve", "--workers", "0"], "'--workers'"),
     (["serve", "--swap-policy", "fast"], "'--swap-policy'"),
     (["rollback", "--bogus"], "--bogus"),

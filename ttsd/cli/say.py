@@ -102,7 +102,7 @@ def _read_text(text: str) -> str:
 @click.option("--speaker", help="Speaker name or number, for voices with several.")
 @click.option("--noise-scale", type=FiniteRange(0, 2), help="Voice variation (model default if unset).")
 @click.option("--noise-w", type=FiniteRange(0, 2), help="Timing variation (model default if unset).")
-@click.option("--seed", type=int, help="Fix the random variation, for repeatable output.")
+@click.option("--seed", type=click.IntRange(0, (1 << 64) - 1), help="Fix the random variation, for repeatable output.")
 @click.option(
     "--max-chars",
     type=click.IntRange(1),
