@@ -358,6 +358,7 @@ def test_models_list_without_a_daemon_names_a_missing_dir_and_fails_verification
     rows = {r["folder"]: r for r in json.loads(bad.stdout)}
     assert rows["voice-3"]["state"] == "refused" and "engine 'onnx' is not installed" in rows["voice-3"]["reason"]
     assert rows["voice-2"]["state"] == "verified", rows
+    one_line_error(invoke("models", "verify", str(other)), 5, f"{other}: engine 'onnx' is not installed")
 
 
 def test_models_list_verify_and_another_models_dir_read_the_disk_while_a_daemon_runs(

@@ -169,7 +169,10 @@ def verify_cmd(folder: Path, trusted_keys: Path | None) -> None:
         for problem in exc.problems[1:]:
             out.print(f"  {problem}", markup=False)
         raise
-    engine_class(manifest.engine)
+    try:
+        engine_class(manifest.engine)
+    except TtsdError as exc:
+        raise type(exc)(f"{folder}: {exc}") from None
     if trusted_keys is not None:
         signed = f"signed by {TrustedKeys.load(trusted_keys).check(folder, manifest)}"
     else:
