@@ -499,3 +499,18 @@ def test_a_box_with_no_copy_of_its_state_gets_one_at_the_start(tmp_path: Path, f
         manager.start()
         manager.close()
     assert json.loads((state / "state.backup.json").read_text()) == json.loads((state / "state.json").read_text())
+
+
+def test_a_damaged_copy_of_the_state_is_said_and_written_again(tmp_path: Path, fake_engines: None,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """state.json is whole and its copy is damaged: the copy was written over without a word (the
+    rollback marks it held are lost if state.json goes next). It is said, and written again."""
+    _, state = served_before(tmp_path)
+    (state / "state.backup.json").write_text("[" * 20_000)
+    caplog.set_level(logging.WARNING, logger="ttsd.state")
+    manager = make_manager(tmp_path)
+    manager.start()
+    manager.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("state.backup.json" in m and "written again from state.json" in m for m in said), said
+    assert json.loads((state / "state.backup.json").read_text()) == json.loads((state / "state.json").read_text())

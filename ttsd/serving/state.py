@@ -140,6 +140,10 @@ class ServingState:
                 return self.trail.load()
             if problems:
                 self._aside(problems)
+            elif copy_problems:  # the copy alone is damaged: the next save writes it again from state.json
+                log.warning(
+                    "%s: %s; it is written again from %s", self.backup, "; ".join(copy_problems[:3]), self.path.name
+                )
         self.trail.load()
 
     def _aside(self, problems: list[str], restored: bool = False) -> None:
