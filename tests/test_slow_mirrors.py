@@ -71,6 +71,18 @@ def test_a_content_length_of_other_digits_is_no_crash(tmp_path) -> None:  # type
     assert result.exit_code not in (0, 1) and "internal error" not in result.output, result.output
 
 
+def test_a_body_cut_short_of_its_content_length_is_not_taken_whole(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """http.client ends a body that stops short of its Content-Length without a word: a cut index
+    or catalog was taken as the whole (and, cached with its validators, kept by every later 304).
+    It is a broken connection: exit 14, try again."""
+    def short(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{}")
+
+    with raw_server(short) as url:
+        result = invoke("models", "search", "--mirror", url, "--timeout", "2")
+    one_line_error(result, 14, "broke off after 2 of 100 bytes")
+
+
 def test_the_stale_build_clean_up_leaves_other_voices_builds(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """``get joe`` removed ``.joe-kids-3.abcd1234.partial``, another voice's build in progress,
     without holding that voice's lock (two timers breaking each other's assembly)."""

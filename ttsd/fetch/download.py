@@ -462,6 +462,10 @@ def _fetch_small(mirror: Mirror, url: str, limit: int, headers: dict[str, str]) 
             body += chunk
     if len(body) > limit:
         raise CatalogError(f"{url}: more than the {limit} bytes allowed; refused")
+    if length is not None and length.isascii() and length.isdigit() and len(body) < int(length):
+        # (http.client ends a short body without a word) taken whole, a cut index could be kept
+        # with its validators, and every later 304 would keep it
+        raise NetworkError(f"{url}: the connection broke off after {len(body)} of {int(length)} bytes; try again")
     return bytes(body), validators
 
 
