@@ -1541,6 +1541,50 @@ def test_a_load_that_runs_out_of_memory_defers_the_version_rather_than_refusing_
     restarted.close()
 
 
+def test_a_version_too_large_for_the_box_stops_taking_the_voice_down(tmp_path: Path, fake_engines: None,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --swap-policy memory every retry of a version whose load runs out of memory unloaded the
+    serving version first, so the voice answered "being upgraded" at each retry, every 5 minutes
+    for good. After three tries in a row it waits for SIGHUP (or its folder to change)."""
+    import math
+
+    from ttsd.serving.lifecycle import MEMORY_TRIES
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    tries: list[str] = []
+    real_load = FakeEngine.load
+
+    def load(self: FakeEngine) -> None:
+        if self.folder.name == "2":
+            tries.append("2")
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
+        real_load(self)
+
+    monkeypatch.setattr(FakeEngine, "load", load)
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    v2 = manager.version("voice", "2")
+    assert v2 is not None
+    for n in range(1, MEMORY_TRIES + 2):
+        assert manager.jobs.wait(20) and len(tries) == min(n, MEMORY_TRIES), (n, tries, v2.reason)
+        assert v2.state is State.DEFERRED and manager.snapshot()[0]["active"] == "1"
+        if v2.retry_at != math.inf:  # its back-off is over (unless it waits for SIGHUP)
+            v2.retry_at = 0.0
+        manager.reconcile()
+    assert v2.retry_at == math.inf and f"out of memory {MEMORY_TRIES} times in a row" in v2.reason, v2.reason
+    manager.retry_now()  # SIGHUP
+    manager.reconcile()
+    assert manager.jobs.wait(20) and len(tries) == MEMORY_TRIES + 1
+    monkeypatch.setattr(FakeEngine, "load", real_load)
+    manager.retry_now()
+    manager.reconcile()
+    assert manager.jobs.wait(20) and manager.snapshot()[0]["active"] == "2" and v2.short_of_memory == 0
+    manager.close()
+
+
 def test_an_upgrade_that_activates_over_a_canary_ends_it(tmp_path: Path, fake_engines: None) -> None:
     """Under --swap-policy memory an upgrade activates the new version directly (no canary of it:
     the old version is out of service), and a running canary of an older version stayed: 3 served,

@@ -177,12 +177,16 @@ class BringUp:
             # the box's: out of memory (torch says so in a RuntimeError), a failing disk; never the version's
             if isinstance(exc, (StoreLost, ResourceError)) or out_of_memory(exc) or is_system_oserror(exc):
                 self.lifecycle.defer(
-                    model, str(exc) if isinstance(exc, TtsdError) else str(resource_error(exc, "loading"))
+                    model,
+                    str(exc) if isinstance(exc, TtsdError) else str(resource_error(exc, "loading")),
+                    short_of_memory=out_of_memory(exc),
                 )
             else:
                 self.lifecycle.refuse(model, str(exc) if isinstance(exc, TtsdError) else f"{type(exc).__name__}: {exc}")
             return False
-        self.table.change(model, engine=engine, reason="", rss=rss, load_seconds=time.monotonic() - started)
+        self.table.change(
+            model, engine=engine, reason="", rss=rss, load_seconds=time.monotonic() - started, short_of_memory=0
+        )
         log.info("%s %s loaded and warmed in %.2f s (%s)", model.name, model.version, model.load_seconds, why)
         self._listener("loaded", model)
         return True

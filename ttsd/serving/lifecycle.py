@@ -19,6 +19,7 @@ Threads: any. Lock order: ``commit``, then the table's, then the map's.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
 import time
@@ -37,6 +38,7 @@ from .table import VersionTable
 from .versions import COMING_UP, NOT_ON_TRIAL, Listener, ModelVersion, Policy, State, norm, order, parsed
 
 log = logging.getLogger("ttsd.manager")
+MEMORY_TRIES = 3  # loads in a row that ran out of memory before a version waits for SIGHUP
 STORE_KEEP = 3  # rollback targets kept in the store besides the active version
 
 
@@ -339,14 +341,26 @@ class Lifecycle:
         self.state.record(model.name, None, model.version, "refused", reason=reason)
         self._listener("refused", model)
 
-    def defer(self, model: ModelVersion, reason: str) -> None:
+    def defer(self, model: ModelVersion, reason: str, *, short_of_memory: bool = False) -> None:
         """The version could not come up for a reason of the box's (disk full, I/O error, out of
         memory) or its store copy was damaged with no intact folder to copy again: not the
-        version's fault, so it is retried after a back-off."""
+        version's fault, so it is retried after a back-off. A version whose load ran out of memory
+        ``MEMORY_TRIES`` times in a row while another version of its voice serves is not retried by
+        itself any more (each try risks the kernel's OOM killer, and under the memory policy takes
+        the voice out of service while it loads): on SIGHUP, ``ttsd activate``, or once its folder
+        changes."""
         with self.table.locked():
+            model.short_of_memory = model.short_of_memory + 1 if short_of_memory else 0
             model.backoff = backoff(model.backoff)
-            model.retry_at = time.monotonic() + model.backoff
-            model.state, model.reason = State.DEFERRED, f"{reason} (retried in {model.backoff:.0f} s or on SIGHUP)"
+            # (a voice with nothing else to serve keeps trying: it has no service to lose)
+            serves = self.map.active(model.name) is not None or model.name in self._retired
+            if model.short_of_memory >= MEMORY_TRIES and serves:
+                model.retry_at = math.inf
+                when = f"it ran out of memory {model.short_of_memory} times in a row: retried on SIGHUP"
+            else:
+                model.retry_at = time.monotonic() + model.backoff
+                when = f"retried in {model.backoff:.0f} s or on SIGHUP"
+            model.state, model.reason = State.DEFERRED, f"{reason} ({when})"
         log.error("%s %s cannot come up now: %s", model.name, model.version, model.reason)
         self.state.record(model.name, None, model.version, "deferred", reason=reason)
         self._listener("deferred", model)

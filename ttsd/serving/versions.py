@@ -82,6 +82,7 @@ class ModelVersion:
     load_seconds: float = 0.0
     rss: int = 0  # RSS bytes its last load added (measured around the load; 0: never loaded here)
     retry_at: float = 0.0  # DEFERRED: monotonic time of the next try
+    short_of_memory: int = 0  # loads in a row that ran out of memory (``Lifecycle.defer``)
     backoff: float = 0.0
     fresh: bool = False  # found in the store but not in the saved state: not judged yet
     signer: str = ""  # who signed it, once verified against a trusted key (``ttsd.signing``)
