@@ -61,6 +61,11 @@ def test_a_deferred_version_is_retried_when_due_and_newer_than_the_active_one() 
     assert retry_due(deferred, v("1", State.ACTIVE), now=15.0).version == "2"  # type: ignore[union-attr]
     assert retry_due(deferred, v("1", State.ACTIVE), now=25.0).version == "3"  # type: ignore[union-attr]
     assert retry_due(deferred, v("3", State.ACTIVE), now=25.0) is None
+    # one whose load ran out of memory three times in a row: not beside a serving version; for a
+    # voice with nothing to serve it is, as it has no service to lose
+    deferred[1].short_of_memory = 3
+    assert retry_due(deferred, v("1", State.ACTIVE), now=25.0).version == "2"  # type: ignore[union-attr]
+    assert retry_due(deferred, None, now=25.0).version == "3"  # type: ignore[union-attr]
 
 
 def test_back_off_doubles_to_five_minutes_and_keep_drops_the_oldest() -> None:

@@ -65,6 +65,7 @@ class Intake:
                 return None
             model = known or self.table.add(ModelVersion(manifest.name, manifest.version, State.VERIFYING, folder=path))
             model.content, model.folder, model.manifest, model.fresh = content, path, manifest, False
+            model.short_of_memory = 0  # its folder changed (or is new): its tries for lack of memory again
             model.seen = candidate.fingerprint
             if norm(manifest.version) in {norm(v) for v in self.state.voice(manifest.name).rolled_back}:
                 model.state, model.reason = State.ROLLED_BACK, "rolled back earlier; 'ttsd activate' serves it"

@@ -19,7 +19,6 @@ Threads: any. Lock order: ``commit``, then the table's, then the map's.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import threading
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from ..errors import ResourceError
 from .loader import unload_engine
 from .pacing import Guard, Superseded, Ticket
-from .policy import backoff, beyond_keep
+from .policy import MEMORY_TRIES, backoff, beyond_keep
 from .serving_map import ServingMap, VoiceVersion
 from .source import fingerprint
 from .state import ServingState, VersionRecord, VoiceRecord
@@ -38,7 +37,6 @@ from .table import VersionTable
 from .versions import COMING_UP, NOT_ON_TRIAL, Listener, ModelVersion, Policy, State, norm, order, parsed
 
 log = logging.getLogger("ttsd.manager")
-MEMORY_TRIES = 3  # loads in a row that ran out of memory before a version waits for SIGHUP
 STORE_KEEP = 3  # rollback targets kept in the store besides the active version
 
 
@@ -345,20 +343,20 @@ class Lifecycle:
         """The version could not come up for a reason of the box's (disk full, I/O error, out of
         memory) or its store copy was damaged with no intact folder to copy again: not the
         version's fault, so it is retried after a back-off. A version whose load ran out of memory
-        ``MEMORY_TRIES`` times in a row while another version of its voice serves is not retried by
-        itself any more (each try risks the kernel's OOM killer, and under the memory policy takes
-        the voice out of service while it loads): on SIGHUP, ``ttsd activate``, or once its folder
-        changes."""
+        ``MEMORY_TRIES`` times in a row is not retried by itself while another version of its voice
+        serves (``retry_due``: each try risks the kernel's OOM killer, and under the memory policy
+        takes the voice out of service while it loads), only on SIGHUP, ``ttsd activate``, or
+        once its folder changes."""
         with self.table.locked():
             model.short_of_memory = model.short_of_memory + 1 if short_of_memory else 0
             model.backoff = backoff(model.backoff)
-            # (a voice with nothing else to serve keeps trying: it has no service to lose)
-            serves = self.map.active(model.name) is not None or model.name in self._retired
-            if model.short_of_memory >= MEMORY_TRIES and serves:
-                model.retry_at = math.inf
-                when = f"it ran out of memory {model.short_of_memory} times in a row: retried on SIGHUP"
+            model.retry_at = time.monotonic() + model.backoff
+            if model.short_of_memory >= MEMORY_TRIES:
+                when = (
+                    f"it ran out of memory {model.short_of_memory} times in a row: retried on SIGHUP, "
+                    f"or in {model.backoff:.0f} s if its voice has nothing else to serve"
+                )
             else:
-                model.retry_at = time.monotonic() + model.backoff
                 when = f"retried in {model.backoff:.0f} s or on SIGHUP"
             model.state, model.reason = State.DEFERRED, f"{reason} ({when})"
         log.error("%s %s cannot come up now: %s", model.name, model.version, model.reason)

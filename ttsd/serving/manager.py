@@ -252,10 +252,11 @@ class ModelManager:
                 self._job(name, f"rollback targets of {name}", partial(self.promoter.stand_by, name))
 
     def retry_now(self) -> None:
-        """Versions waiting after a system failure are retried at the next reconcile (SIGHUP)."""
+        """Versions waiting after a system failure are retried at the next reconcile (SIGHUP), with
+        their tries for lack of memory given back."""
         with self.table.locked():
             for model in self.table.all():
-                model.retry_at = 0.0
+                model.retry_at, model.short_of_memory = 0.0, 0
 
     def reconcile(self, *, wait: bool = True) -> None:
         """Take the source's new verdicts and start the jobs they call for: the newest good new

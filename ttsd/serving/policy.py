@@ -66,8 +66,13 @@ def fallback_order(versions: Iterable[ModelVersion], rolled_back: Iterable[str],
     )
 
 
+MEMORY_TRIES = 3  # loads in a row that ran out of memory before a version waits for SIGHUP
+
+
 def retry_due(versions: Iterable[ModelVersion], active: ModelVersion | None, now: float) -> ModelVersion | None:
-    """The newest deferred version whose back-off is over, if it is newer than the active one."""
+    """The newest deferred version whose back-off is over, if it is newer than the active one.
+    Beside an active version, not one whose load ran out of memory ``MEMORY_TRIES`` times in a
+    row (``Lifecycle.defer``): SIGHUP gives it its tries again (``ModelManager.retry_now``)."""
     floor = parsed(active.version) if active is not None else Version("0")
     due = [
         m
@@ -75,7 +80,7 @@ def retry_due(versions: Iterable[ModelVersion], active: ModelVersion | None, now
         if m.state is State.DEFERRED
         and m.retry_at <= now
         and m.folder is not None
-        and (active is None or order(m) > floor)
+        and (active is None or (order(m) > floor and m.short_of_memory < MEMORY_TRIES))
     ]
     return max(due, key=order) if due else None
 
