@@ -18,7 +18,7 @@ from conftest import fake_model, make_manager, v2_over_v1
 from daemon_util import wait_for
 from fake_engine import FakeEngine
 
-from ttsd.errors import ConflictError, TtsdError, UnknownVoiceError
+from ttsd.errors import ConflictError, ResourceError, TtsdError, UnknownVoiceError
 from ttsd.manifest import pack
 from ttsd.serving.manager import ModelManager
 from ttsd.serving.source import LocalFolderSource
@@ -488,6 +488,54 @@ def test_memory_policy_actions_never_hold_two_versions(tmp_path: Path, fake_engi
     assert FakeEngine.peak == 1 and manager.snapshot()[0]["active"] == "2"
     with manager.acquire("voice") as lease:
         assert lease.voice.version == "2"
+    manager.close()
+
+
+def test_a_memory_policy_action_whose_swap_cannot_be_recorded_leaves_one_version_loaded(
+        tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state dir fills between the action's check and its swap: the swap is not made (507),
+    its target stood by, loaded, and the version taken out for it loaded again beside it."""
+    _, manager = v2_over_v1(tmp_path, swap="memory")
+    commit, calls = manager.state.commit, []
+
+    def full_at_the_swap(name: str, record: Any) -> None:
+        calls.append(name)
+        if len(calls) == 2:  # (the rollback names its target first)
+            raise ResourceError("recording the change failed: No space left on device", storage=True)
+        commit(name, record)
+
+    monkeypatch.setattr(manager.state, "commit", full_at_the_swap)
+    FakeEngine.peak = FakeEngine.live
+    with pytest.raises(ResourceError):
+        manager.rollback("voice")
+    assert manager.snapshot()[0]["active"] == "2" and FakeEngine.live == 1 and FakeEngine.peak == 1
+    v1 = manager.version("voice", "1")
+    assert v1 is not None and v1.engine is None and v1.state is State.AVAILABLE
+    manager.close()
+
+
+def test_a_rollback_queued_behind_an_action_that_changed_the_voice_loads_nothing(
+        tmp_path: Path, fake_engines: None) -> None:
+    """A rollback from v3 waits behind an operator's activate of v1, which changes what serves. It
+    loaded its target v2 anyway (beside v1: two versions under the memory policy) and only then
+    said the voice had changed. It says so before it loads anything."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1", load_delay=1.0)
+    manager = make_manager(tmp_path, keep=0)
+    manager.start()
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "3" and FakeEngine.live == 1
+    activated: list[object] = []
+    loads = FakeEngine.loads
+    threading.Thread(target=lambda: activated.append(manager.activate("voice", "1")), daemon=True).start()
+    wait_for(lambda: _versions(manager)["1"] in ("verifying", "loading"), 10, "v1 loading")
+    with pytest.raises(ConflictError, match="voice changed to 1 before the rollback from 3 began"):
+        manager.rollback("voice")
+    wait_for(lambda: activated, 10, "the activate")
+    assert FakeEngine.loads == loads + 1 and _versions(manager)["2"] == "available"  # v1's load only
     manager.close()
 
 

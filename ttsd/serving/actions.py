@@ -88,6 +88,12 @@ class Control:
             # state dir full, ResourceError before anything loads. The version serving meanwhile
             # is marked at the swap, as before.
             with self.lifecycle.commit:
+                now = self.lifecycle.active(voice)
+                if now is not current:  # a job before this one changed it: nothing is loaded for a stale pair
+                    raise ConflictError(
+                        f"{voice} changed to {now.version if now else 'nothing'} before the rollback from "
+                        f"{current.version} began; roll back again if it is still wanted"
+                    )
                 self._write(voice, self.state.voice(voice).but(rolling_to=target.version), durable)
             loaded: bool | None = None
             retired: ModelVersion | None = None
@@ -123,7 +129,7 @@ class Control:
                 if loaded is not None:
                     self.lifecycle.discard(target, "loaded for a rollback that did not happen")
                 if retired is not None and not self.lifecycle.closed:
-                    self._restore(retired, "the rollback did not happen")
+                    self._bring_back(retired, target, "the rollback did not happen")
                 raise
 
         self._wait_for_stand_by(voice, target)
@@ -383,7 +389,7 @@ class Control:
                 if loaded:  # not one that stood by already (the restart's load of it, waited for)
                     self.lifecycle.discard(target, "loaded for an activate that did not happen")
                 if retired is not None and not self.lifecycle.closed:
-                    self._restore(retired, "the activate did not happen")
+                    self._bring_back(retired, target, "the activate did not happen")
                 raise
 
         self._wait_for_stand_by(voice, target)
@@ -498,6 +504,15 @@ class Control:
         if not self.bringup.bring_up(target, why, verified=checked, signed=checked):
             raise ConflictError(f"{cannot}: {target.reason}")
         return True
+
+    def _bring_back(self, retired: ModelVersion, target: ModelVersion, why: str) -> None:
+        """An action under the memory policy did not happen: ``target`` goes (a swap that could not
+        be recorded left it standing by, loaded) before ``retired`` loads again."""
+        if target.engine is not None and self.lifecycle.active(target.name) is not target:
+            self.lifecycle.unload(target)
+            if target.engine is None and target.state is State.STANDBY:
+                self.table.change(target, state=self.lifecycle.resting(target))
+        self._restore(retired, why)
 
     def _retire_for(self, target: ModelVersion, current: ModelVersion | None, cannot: str) -> ModelVersion | None:
         """Under ``--swap-policy memory`` (a box that cannot hold two versions; none stands by) the
