@@ -3,7 +3,7 @@
     python examples/client.py "Text to speak." out.wav [--socket PATH]
 
 The socket is --socket, else TTSD_SOCKET, else the daemon's default: /run/ttsd/ttsd.sock as root,
-$XDG_RUNTIME_DIR/ttsd/ttsd.sock otherwise.
+$XDG_RUNTIME_DIR/ttsd/ttsd.sock otherwise (without it, under /run/user/UID or /tmp/runtime-UID).
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 def default_socket() -> str:
     if path := os.environ.get("TTSD_SOCKET"):
         return path
-    if os.geteuid() != 0 and (runtime := os.environ.get("XDG_RUNTIME_DIR")):
-        return os.path.join(runtime, "ttsd", "ttsd.sock")
-    return "/run/ttsd/ttsd.sock"
+    if os.geteuid() == 0:
+        return "/run/ttsd/ttsd.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:  # where the daemon's platformdirs falls back to
+        runtime = f"/run/user/{os.getuid()}"
+        runtime = runtime if os.path.isdir(runtime) else f"/tmp/runtime-{os.getuid()}"
+    return os.path.join(runtime, "ttsd", "ttsd.sock")
 
 
 def main() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -253,9 +254,13 @@ def test_say_in_process_speaks_the_version_the_daemon_serves(tmp_path: Path) -> 
     }))
     paths = Paths(models=models, cache=tmp_path / "cache")
     assert resolve_model(paths, voice="tiny", state_dir=state) == models / "tiny-1"
+    stored = state / "store" / "tiny" / "1"  # its folder gone from the models dir, it serves its store copy
+    shutil.copytree(models / "tiny-1", stored)
+    shutil.rmtree(models / "tiny-1")
+    assert resolve_model(paths, voice="tiny", state_dir=state) == stored
     save_tiny_vits(models / "tiny-3", version="3", edit=plausible, noise_scale_duration=0.0)
     assert resolve_model(paths, voice="tiny", state_dir=state) == models / "tiny-3"
-    (models / "tiny-1" / "config.json").write_text("{}")  # what it serves does not verify here: the next
+    (stored / "config.json").write_text("{}")  # what it serves does not verify here: the next
     (models / "tiny-3" / "config.json").write_text("{}")
     assert resolve_model(paths, voice="tiny", state_dir=state) == models / "tiny-2"
 

@@ -78,23 +78,31 @@ def _as_the_daemon(
 ) -> tuple[set[str], list[tuple[str, Path]]]:
     """The versions of ``voice`` a daemon on this box rolled back, and ``versions`` (newest first)
     in the order it would serve them, from its ``state.json`` (or that file's copy; read only, best
-    effort: newest first when neither can be read). Its active version comes first, after only
-    the newer ones it has never seen (it takes those up when it starts): a newer one it knows and
-    does not serve (an upgrade a rollback called off, a canary) does not speak in its place."""
+    effort: newest first when neither can be read). Its active version comes first (from its store
+    copy when its folder has left the models dir), after only the newer ones it has never seen (it
+    takes those up when it starts): a newer one it knows and does not serve (an upgrade a rollback
+    called off, a canary) does not speak in its place."""
     from .serving.state import read_state
+    from .serving.store import ModelStore
+    from .serving.versions import parsed
 
     records, known = read_state(state_dir)
     record = records.get(voice)
     if record is None:
         return set(), versions
     rolled_back = {norm(v) for v in record.rolled_back}
-    at = [i for i, (version, _) in enumerate(versions) if record.active and norm(version) == norm(record.active)]
-    if not at:
+    active = record.active
+    if active is None:
+        return rolled_back, versions
+    here = [v for v in versions if norm(v[0]) == norm(active)]
+    if not here and (stored := ModelStore(state_dir / "store").get(voice, active)) is not None:
+        here = [(active, stored)]
+    if not here:
         return rolled_back, versions
     seen = {norm(key.partition("/")[2]) for key in known if key.partition("/")[0] == voice}
-    unseen = [i for i in range(at[0]) if norm(versions[i][0]) not in seen]  # newer ones, newest first
-    order = [*unseen, at[0], *(i for i in range(len(versions)) if i not in unseen and i != at[0])]
-    return rolled_back, [versions[i] for i in order]
+    unseen = [v for v in versions if parsed(v[0]) > parsed(active) and norm(v[0]) not in seen]
+    rest = [v for v in versions if v not in unseen and norm(v[0]) != norm(active)]
+    return rolled_back, [*unseen, *here, *rest]
 
 
 def open_engine(folder: Path, **engine_options: Any) -> Engine[Any]:

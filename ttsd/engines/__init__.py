@@ -47,7 +47,7 @@ def engine_class(name: str) -> type[Engine[Any]]:
     module_name, _, attr = target.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, OSError) as exc:  # (OSError: a native library it needs is missing)
         raise LoadError(f"engine {name!r} ({target}) cannot be imported: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, Engine)):
         raise LoadError(f"engine {name!r} ({target}) is not a ttsd Engine")

@@ -361,12 +361,16 @@ class Control:
             if voice not in self.table.names():
                 raise UnknownVoiceError(f"unknown voice {voice!r}")
             raise UnknownVoiceError(f"voice {voice} has no known version {version}")
-        self._recordable(voice)
         with self.lifecycle.commit:
             current = self.lifecycle.active(voice)
             if target is current:  # it serves already; a canary beside it ends (the operator chose this)
                 ended = self._end_canary(voice, None, why, True, started)
                 return ended or {"voice": voice, "from": version, "to": version, "seconds": 0.0}
+        self._recordable(voice)  # (nothing to record above but a canary's end, itself refused when full)
+        with self.lifecycle.commit:
+            current = self.lifecycle.active(voice)
+            if target is current:  # (served meanwhile)
+                return {"voice": voice, "from": version, "to": version, "seconds": 0.0}
             if self._loaded(target):
                 switched = self._switch(target, current, why, started)
                 self.jobs.cancel(voice, f"activate of {voice} {version}")  # once it happened, as above

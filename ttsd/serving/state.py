@@ -140,7 +140,7 @@ class ServingState:
                 return self.trail.load()
             if problems:
                 self._aside(problems)
-            elif copy_problems:  # the copy alone is damaged: the next save writes it again from state.json
+            elif copy_problems and found is not None:  # the copy alone is damaged: written again from state.json
                 log.warning(
                     "%s: %s; it is written again from %s", self.backup, "; ".join(copy_problems[:3]), self.path.name
                 )
