@@ -539,6 +539,25 @@ def test_a_rollback_queued_behind_an_action_that_changed_the_voice_loads_nothing
     manager.close()
 
 
+def test_a_second_folder_of_a_version_with_the_same_files_is_said(tmp_path: Path, fake_engines: None,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A copy of a version's folder whose manifest differs only in fields other than its files (a
+    warm-up text) is the same version: it was taken without a word, and its fields never used."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path)
+    manager.start()
+    copy = models / "voice-1-copy"
+    shutil.copytree(models / "voice-1", copy)
+    pack(copy, name="voice", version="1", engine="fake", sample_rate=8000, warmup=("Other words.",))
+    caplog.set_level(logging.INFO, logger="ttsd.manager")
+    manager.reconcile()
+    said = [r.getMessage() for r in caplog.records if "holds the same files as" in r.getMessage()]
+    assert len(said) == 1 and "voice-1-copy" in said[0] and "voice 1" in said[0], said
+    assert manager.snapshot()[0]["active"] == "1"
+    manager.close()
+
+
 def test_memory_policy_never_takes_a_voice_down_for_a_folder_that_does_not_match(tmp_path: Path,
                                                                                 fake_engines: None) -> None:
     """With --swap-policy memory the serving version is unloaded before its successor loads; the

@@ -45,6 +45,15 @@ class Intake:
                 and not _changed_since_refused(known, candidate)
             ):
                 self.table.see_folder(path, "known")
+                if known.folder is not None and known.folder != path and known.folder.is_dir():
+                    log.info(
+                        "%s holds the same files as %s: both are %s %s, which serves as it was first "
+                        "stored (the later folder's manifest fields, such as its warm-up text, are not taken)",
+                        path,
+                        known.folder,
+                        manifest.name,
+                        manifest.version,
+                    )
                 known.folder = path
                 return None
             # the same version with other content is refused, when ttsd holds that version (a store
