@@ -49,6 +49,9 @@ def test_a_stop_with_long_requests_in_flight_ends_within_the_grace(tmp_path: Pat
     assert (spool / "work" / "long.txt").exists(), "the spool's request waits in work/ for the restart"
     for client in clients:
         client.join(10)
+    # each whole-file request still being spoken gets an answer to retry, not a connection closed
+    # with none ("Empty reply from server")
+    assert answers == [503, 503], answers
     assert "Traceback" not in d.logs()
 
 

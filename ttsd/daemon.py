@@ -118,6 +118,9 @@ class Daemon:
         self.watcher = ModelWatcher(config.models, self.request_reconcile, interval=config.rescan_interval)
         self.pool = SynthesisPool(workers=config.workers, queue_size=config.queue_size, metrics=self.metrics)
         self._signals: asyncio.Queue[int] = asyncio.Queue()
+        # set just before a stop's grace runs out: a whole-file request still being spoken answers
+        # 503 then, rather than have its connection closed with no answer
+        self._out_of_time = asyncio.Event()
         self._interrupts = 0
         self.force_exit: Callable[[int], None] = _exit_now  # tests driving _shutdown in-process replace it
 
@@ -217,6 +220,7 @@ class Daemon:
             wanting=self.manager.wanting,
             load_wait=self.config.load_wait,
             withdraw=self.withdraw,
+            out_of_time=self._out_of_time,
         )
 
     # -- running -------------------------------------------------------------------------------
@@ -422,6 +426,9 @@ class Daemon:
         self.notifier.stopping("draining")
         if spool is not None:
             spool.stop()
+        loop = asyncio.get_running_loop()
+        # (aiohttp closes what still runs at the grace: a margin to answer and write 503s first)
+        answer_by = loop.call_later(max(0.0, cfg.grace - min(1.0, cfg.grace / 4)), self._out_of_time.set)
 
         async def drain() -> bool:
             """Every front end stops accepting, then all wait for their requests at once, each up
@@ -472,6 +479,7 @@ class Daemon:
         # what still runs is given up (a spool request's, or one whose client stayed past the
         # grace): each stops after its current piece, so the exit, which joins the workers, is not
         # held by minutes of synthesis
+        answer_by.cancel()
         if cut := self.pool.cancel_all():
             log.warning("grace period over: %d synthesis(es) stopped", cut)
         for task in (spool_task, watchdog):

@@ -45,6 +45,8 @@ class Backend:
     max_audio_seconds: float | None = None  # of one request: a Wyoming text stream's sentences in all
     # the outcome of a request that held no lease to its end (voice, version, ok): a text stream
     judge: Callable[[str, str, bool], None] | None = None
+    # set just before a stop's grace runs out: a whole-file request still being spoken answers 503
+    out_of_time: asyncio.Event | None = None
 
     async def lease(self, voice: str | None, version: str | None, *, user: str | None = None) -> Lease:
         """``acquire`` on the event loop, waiting when the voice must be loaded first (one shared

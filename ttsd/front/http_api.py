@@ -356,8 +356,19 @@ class _Api:
     async def _whole(self, req: SynthRequest, lease: Lease, route: str) -> web.Response:
         job = Job(text=req.text, options=req.options, lease=lease, route=route)
         future = self.backend.submit(job)
+        spoken = asyncio.wrap_future(future)
         try:
-            result = await asyncio.wrap_future(future)
+            if self.backend.out_of_time is not None:
+                stopping: asyncio.Future[Any] = asyncio.ensure_future(self.backend.out_of_time.wait())
+                try:
+                    await asyncio.wait({spoken, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopping.cancel()
+                if not spoken.done():  # the stop's grace runs out: an answer, not a closed connection
+                    job.cancel.set()
+                    spoken.add_done_callback(lambda done: done.cancelled() or done.exception())
+                    raise BusyError("ttsd is stopping and this request did not finish within its grace; retry")
+            result = await spoken
         except asyncio.CancelledError:
             job.cancel.set()  # client went away: stop after the current sentence
             raise
