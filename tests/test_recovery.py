@@ -515,3 +515,26 @@ def test_a_damaged_copy_of_the_state_is_said_and_written_again(tmp_path: Path, f
     said = [r.getMessage() for r in caplog.records]
     assert any("state.backup.json" in m and "written again from state.json" in m for m in said), said
     assert json.loads((state / "state.backup.json").read_text()) == json.loads((state / "state.json").read_text())
+
+
+def test_a_saved_canary_that_cannot_resume_is_ended_and_said(tmp_path: Path, fake_engines: None,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """state.json (edited by hand, or damaged) names a canary that is unknown, or rolled back: it
+    was passed over without a word and stayed in the record for good."""
+    _, state = served_before(tmp_path)
+    for canary, why in (("9", "unknown"), ("2", "rolled back")):
+        data = json.loads((state / "state.json").read_text())
+        if canary == "2":  # v1 serves, v2 was rolled back
+            data["voices"]["voice"].update(active="1", previous=[])
+        data["voices"]["voice"].update(canary=canary, rolled_back=["2"] if canary == "2" else [])
+        (state / "state.json").write_text(json.dumps(data))
+        (state / "state.backup.json").unlink()
+        caplog.clear()
+        caplog.set_level(logging.WARNING, logger="ttsd.manager")
+        manager = make_manager(tmp_path)
+        manager.start()
+        assert active(manager) == ("1" if canary == "2" else "2") and manager.snapshot()[0]["canary"] is None
+        said = [r.getMessage() for r in caplog.records]
+        assert f"voice: the saved canary {canary} cannot resume ({why}); it is ended" in said, said
+        manager.close()
+        assert "canary" not in json.loads((state / "state.json").read_text())["voices"]["voice"]

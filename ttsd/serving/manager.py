@@ -307,7 +307,23 @@ class ModelManager:
                 continue
             model = self.table.get(name, voice.active)
             canary = self.table.get(name, voice.canary) if voice.canary else None
-            if canary is not None and (canary.state in (State.REFUSED, State.ROLLED_BACK) or canary is model):
+            if voice.canary and (
+                canary is None
+                or canary.state in (State.REFUSED, State.ROLLED_BACK)
+                or self.lifecycle.marked(canary)
+                or canary is model
+            ):  # (a hand-edited or damaged state.json: none is saved so) ended, and said
+                why = (
+                    "unknown"
+                    if canary is None
+                    else "the active version"
+                    if canary is model
+                    else "rolled back"
+                    if self.lifecycle.marked(canary)
+                    else canary.state.value
+                )
+                log.warning("%s: the saved canary %s cannot resume (%s); it is ended", name, voice.canary, why)
+                self.state.put(name, voice.but(canary=None))
                 canary = None
             jobs.append(
                 self._job(
