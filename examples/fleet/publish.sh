@@ -15,4 +15,5 @@ ttsd models import-piper "$onnx" "$work/$name-$version" --name "$name" --version
 ttsd models sign "$work/$name-$version" --key "$key"
 ttsd models verify "$work/$name-$version" --trusted-keys "${TRUSTED_KEYS:-/etc/ttsd/trusted}"
 ttsd models publish "$work/$name-$version" "$mirror_dir" --rollout "${ROLLOUT:-1}" --sign-key "$key"
-rclone sync "$mirror_dir" "${RCLONE_REMOTE:-mirror:ttsd-voices}"   # or: rsync -a "$mirror_dir"/ web:/var/www/voices/
+# (publish's lock file stays on the build machine)
+rclone sync "$mirror_dir" "${RCLONE_REMOTE:-mirror:ttsd-voices}" --exclude .ttsd-index.lock   # or: rsync -a --exclude .ttsd-index.lock "$mirror_dir"/ web:/var/www/voices/
