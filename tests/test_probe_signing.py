@@ -303,5 +303,5 @@ def test_trusted_keys_dir_with_a_non_ec_key_is_a_config_error(tmp_path: Path, ki
     odd.mkdir()
     (odd / "k.pem").write_bytes(key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    with pytest.raises(ConfigError, match="not a supported public key"):
+    with pytest.raises(ConfigError, match="not an elliptic-curve public key"):
         TrustedKeys.load(odd)

@@ -478,3 +478,38 @@ def test_a_key_through_a_pipe_signs(tmp_path: Path, keys: dict[str, Path]) -> No
         assert signed.exit_code == 0, (command, signed.output)
         assert check(folder, keys["trusted"]).startswith("fleet (")
     assert json.loads((folder / "ttsd.json").read_text())["version"] == "2"
+
+
+def test_a_key_of_another_kind_is_one_line_and_changes_nothing(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """An RSA or Ed25519 key: ``models sign`` and ``pack --sign-key`` ended in an internal error
+    (the library's AttributeError, exit 1); ``publish --sign-key`` refused it only after copying
+    the folder into the mirror; an RSA public key among the trusted ones was named with Python's
+    words. Each is one line, exit 3, and nothing is written."""
+    from click.testing import CliRunner
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    from ttsd.cli import main
+
+    runner = CliRunner()
+    folder = folder_of_two(tmp_path / "v1")
+    before = (folder / "ttsd.json").read_bytes()
+    mirror = tmp_path / "mirror"
+    for kind, key in (("rsa", rsa.generate_private_key(65537, 2048)), ("ed25519", ed25519.Ed25519PrivateKey.generate())):
+        path = tmp_path / f"{kind}.key"
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        for args in (["models", "sign", str(folder), "--key", str(path)],
+                     ["models", "pack", str(folder), "--version", "2", "--sign-key", str(path)],
+                     ["models", "publish", str(folder), str(mirror), "--sign-key", str(path)]):
+            refused = runner.invoke(main, args)
+            assert refused.exit_code == 3 and "elliptic-curve" in refused.output, (kind, args, refused.output)
+            assert "AttributeError" not in refused.output and "internal error" not in refused.output
+        assert (folder / "ttsd.json").read_bytes() == before and not (folder / "model.sig").exists()
+        assert not list(mirror.rglob("ttsd.json")), list(mirror.rglob("*"))
+    trusted = tmp_path / "trusted-rsa"
+    trusted.mkdir()
+    (trusted / "rsa.pem").write_bytes(rsa.generate_private_key(65537, 2048).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    with pytest.raises(ConfigError, match="rsa.pem is not an elliptic-curve public key"):
+        TrustedKeys.load(trusted)

@@ -179,6 +179,11 @@ class TrustedKeys:
                 if len(pem) > MAX_KEY_BYTES:
                     raise ConfigError(f"--trusted-keys: {path} is too large for a public key")
                 hint = key_hint(pem)
+                from cryptography.hazmat.primitives import serialization
+                from cryptography.hazmat.primitives.asymmetric import ec
+
+                if not isinstance(serialization.load_pem_public_key(pem), ec.EllipticCurvePublicKey):
+                    raise ConfigError(f"--trusted-keys: {path} is not an elliptic-curve public key (P-256/384/521)")
                 verifier = _verifier(sign_ec_key, pem)
             except ConfigError:
                 raise
@@ -324,6 +329,12 @@ def signer_config(private_key: Path, password: str | None = None) -> Any:
     _, signing, _, _ = _library()
     try:
         pem = read_small(private_key, MAX_KEY_BYTES)  # a file or a pipe (<(gpg -d ...)), never a device
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = serialization.load_pem_private_key(pem, password=password.encode() if password else None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):  # the library failed on others with an AttributeError
+            raise ValueError(f"a {type(key).__name__.lstrip('_')}, not an elliptic-curve key")
         # model_signing reads a path: the key it reads is the one read here, from memory (a pipe
         # cannot be read twice, and a decrypted key should not touch the disk)
         held = os.memfd_create("ttsd-signing-key", os.MFD_CLOEXEC)

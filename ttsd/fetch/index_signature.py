@@ -42,17 +42,32 @@ def payload(data: dict[str, Any]) -> bytes:
     return json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def sign_index(data: dict[str, Any], private_key: Path) -> dict[str, Any]:
-    """``data`` with its signature by ``private_key`` (PEM; a password from TTSD_SIGN_KEY_PASSWORD)."""
+def sign_index(data: dict[str, Any], private_key: Path | Any) -> dict[str, Any]:
+    """``data`` with its signature by ``private_key`` (PEM; a password from TTSD_SIGN_KEY_PASSWORD),
+    or by the key ``load_fleet_key`` read from it."""
+    key = load_fleet_key(private_key) if isinstance(private_key, Path) else private_key
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ..signing import key_hint
+
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    value = key.sign(payload(data), ec.ECDSA(hashes.SHA256()))
+    return {**data, FIELD: {"key": key_hint(public), "value": base64.b64encode(value).decode("ascii")}}
+
+
+def load_fleet_key(private_key: Path) -> Any:
+    """The fleet's private key read from ``private_key`` (once: it may be a pipe), or a
+    ``ConfigError`` saying why it cannot sign an index, before anything is written."""
     try:
-        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
     except ImportError as exc:  # the signing extra brings it
         needs = "ttsd's signing extra (or pip install 'model-signing>=1.1,<2' pyopenssl)"
         raise ConfigError(f"signing the index needs {needs}: {exc}") from exc
 
     from ..safe_read import read_small
-    from ..signing import MAX_KEY_BYTES, key_hint
+    from ..signing import MAX_KEY_BYTES
 
     password = os.environ.get("TTSD_SIGN_KEY_PASSWORD")
     try:
@@ -63,9 +78,7 @@ def sign_index(data: dict[str, Any], private_key: Path) -> dict[str, Any]:
         raise ConfigError(f"{private_key}: not a usable private key: {str(exc).splitlines()[0][:150]}") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{private_key}: the fleet key must be an elliptic-curve key (P-256/384/521)")
-    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    value = key.sign(payload(data), ec.ECDSA(hashes.SHA256()))
-    return {**data, FIELD: {"key": key_hint(public), "value": base64.b64encode(value).decode("ascii")}}
+    return key
 
 
 def is_signed(data: object) -> bool:

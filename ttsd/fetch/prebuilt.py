@@ -55,7 +55,7 @@ from ..manifest import (
 from .download import Mirror, download, ensure_room, fetch_small
 from .fleet_index import INDEX_FILE, FleetVoice, Prebuilt, check_share, clean_reason, index_json, parse_index
 from .index import CatalogFile
-from .index_signature import check_index, is_signed, sign_index
+from .index_signature import check_index, is_signed, load_fleet_key, sign_index
 from .small_cache import fetch_small_cached
 
 MAX_INDEX_BYTES = 4 << 20
@@ -200,7 +200,7 @@ def _share(value: float) -> float:
         raise ConfigError(str(exc)) from None
 
 
-def _write_index(mirror_dir: Path, voices: dict[str, FleetVoice], sign_key: Path | None) -> None:
+def _write_index(mirror_dir: Path, voices: dict[str, FleetVoice], sign_key: Any) -> None:
     """The index rewritten by rename: a box reads the old one or the new one, never half. Signed
     with ``sign_key``; an index that was signed is never rewritten unsigned (boxes with trusted
     keys would refuse its shares and withdrawals)."""
@@ -230,13 +230,13 @@ def publish(
         check_coverage(folder, manifest)
     if share is not None:
         share = _share(share)
+    # read (once: it may be a pipe) and checked before anything is copied into the mirror
+    key = load_fleet_key(sign_key) if sign_key is not None else None
     with _index_lock(mirror_dir):
-        return _publish(folder, mirror_dir, manifest, share, sign_key)
+        return _publish(folder, mirror_dir, manifest, share, key)
 
 
-def _publish(
-    folder: Path, mirror_dir: Path, manifest: Manifest, share: float | None, sign_key: Path | None
-) -> Prebuilt:
+def _publish(folder: Path, mirror_dir: Path, manifest: Manifest, share: float | None, sign_key: Any) -> Prebuilt:
     signed = (folder / SIGNATURE).is_file()
     rel = f"ttsd/{manifest.name}/{manifest.version}"
     target = mirror_dir / rel
