@@ -345,7 +345,7 @@ def test_models_list_without_a_daemon_names_a_missing_dir_and_fails_verification
     bad = invoke("models", "list", "--models", str(models), "--verify", "--json", *none)
     assert bad.exit_code == 6, bad.output
     assert sorted(r["state"] for r in json.loads(bad.stdout)) == ["refused", "verified"]
-    assert "1 of 2 folders do not match their manifests" in bad.stderr
+    assert "1 of 2 folders cannot serve" in bad.stderr
     assert invoke("models", "list", "--models", str(models), *none).exit_code == 0  # no --verify: listed only
     # a folder that matches its manifest but names an engine that is not installed: refused, as
     # 'ttsd models verify' and the daemon refuse it; and each row names its folder

@@ -558,6 +558,28 @@ def test_a_second_folder_of_a_version_with_the_same_files_is_said(tmp_path: Path
     manager.close()
 
 
+def test_memory_policy_never_takes_a_voice_down_for_an_engine_the_box_lacks(tmp_path: Path,
+                                                                           fake_engines: None) -> None:
+    """A folder naming an engine that is not installed was refused only once the memory policy had
+    unloaded the serving version for it (an upgrade's, an activate's): 503s, and a voice gone dark
+    if the old version then failed to load again. It is refused with the serving version loaded."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    v1 = manager.version("voice", "1")
+    assert v1 is not None and v1.engine is not None
+    engine = v1.engine
+    other = fake_model(models, "voice", "2")
+    pack(other, name="voice", version="2", engine="not-installed", sample_rate=8000)
+    manager.reconcile()
+    assert _versions(manager) == {"1": "active", "2": "refused"} and v1.engine is engine
+    with pytest.raises(ConflictError, match="not-installed"):
+        manager.activate("voice", "2")
+    assert v1.engine is engine and manager.snapshot()[0]["active"] == "1"
+    manager.close()
+
+
 def test_memory_policy_never_takes_a_voice_down_for_a_folder_that_does_not_match(tmp_path: Path,
                                                                                 fake_engines: None) -> None:
     """With --swap-policy memory the serving version is unloaded before its successor loads; the

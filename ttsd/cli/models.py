@@ -278,7 +278,7 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         Console().print(table)
     refused = sum(row[2] in ("refused", "unreadable") for row in rows) if checked else 0
     if refused:  # `ttsd models list --verify && ...` stops here
-        raise VerifyError(f"{refused} of {len(rows)} folders do not match their manifests (the reasons are listed)")
+        raise VerifyError(f"{refused} of {len(rows)} folders cannot serve (the reasons are listed)")
 
 
 @models.command("builtin")

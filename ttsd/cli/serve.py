@@ -95,7 +95,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
 )
 @click.option(
     "--token-file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),  # a directory is read_token's one line, exit 3 (a bind mount not there yet)
     envvar="TTSD_TOKEN_FILE",
     help="Bearer token required on the TCP listener (mandatory off loopback).",
 )

@@ -202,6 +202,7 @@ class BringUp:
             finally:
                 self.table.change(model, store_copy=self.store.get(model.name, model.version))
             self.table.change(model, store_copy=copy, manifest=manifest, content=content_id(manifest))
+            engine_class(manifest.engine)  # one this box lacks is refused before the serving version goes
             self._check_signature(model)
         except Exception as exc:
             if isinstance(exc, (StoreLost, ResourceError)) or is_system_oserror(exc):
@@ -215,10 +216,12 @@ class BringUp:
 
     def check_signed(self, model: ModelVersion) -> bool:
         """The signature check of ``bring_up`` on its own, for a store copy just made: False (the
-        version refused, or deferred when the keys cannot be read) when it fails. The memory policy
-        runs it before it unloads the serving version, so an unsigned folder never takes a voice
-        down."""
+        version refused, or deferred when the keys cannot be read) when it fails; with it, that its
+        engine is installed. The memory policy runs it before it unloads the serving version, so
+        an unsigned folder, or one for an engine this box lacks, never takes a voice down."""
         try:
+            assert model.manifest is not None
+            engine_class(model.manifest.engine)
             self._check_signature(model)
         except ResourceError as exc:
             self.lifecycle.defer(model, str(exc))
