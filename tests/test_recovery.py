@@ -72,6 +72,7 @@ def test_a_state_file_from_a_newer_ttsd_keeps_what_this_one_knows(tmp_path: Path
         path = tmp_path / "state" / name
         data = json.loads(path.read_text())
         data["voices"]["voice"]["later"] = {"x": 1}
+        data["top_later"] = 1
         for record in data["versions"].values():
             record["later_too"] = "y"
         path.write_text(json.dumps(data))
@@ -81,7 +82,8 @@ def test_a_state_file_from_a_newer_ttsd_keeps_what_this_one_knows(tmp_path: Path
     assert active(restarted) == "1" and states(restarted)["2"] == "rolled-back", states(restarted)
     assert not list((tmp_path / "state").glob("state.json.unreadable-*"))
     said = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
-    assert said and "'voices.*.later'" in said[0] and "'versions.*.later_too'" in said[0], said
+    assert len(said) == 1 and "'voices.*.later'" in said[0] and "'versions.*.later_too'" in said[0], said
+    assert "'top_later'" in said[0], said
     restarted.close()
 
 
@@ -538,3 +540,23 @@ def test_a_saved_canary_that_cannot_resume_is_ended_and_said(tmp_path: Path, fak
         assert f"voice: the saved canary {canary} cannot resume ({why}); it is ended" in said, said
         manager.close()
         assert "canary" not in json.loads((state / "state.json").read_text())["voices"]["voice"]
+
+
+def test_a_lost_state_with_a_damaged_copy_is_said_and_the_copy_kept(tmp_path: Path, fake_engines: None,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """state.json is gone and its copy is damaged: the state came from the store without a word
+    (a version the operator had rolled back from served again), and the copy was written over."""
+    models, manager = v2_over_v1(tmp_path)
+    manager.rollback("voice")
+    manager.close()
+    state = tmp_path / "state"
+    (state / "state.json").unlink()
+    (state / "state.backup.json").write_text('{"format": 1, "voices": [')
+    caplog.set_level(logging.ERROR, logger="ttsd.state")
+    restarted = make_manager(tmp_path)
+    restarted.start()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("is missing and its copy state.backup.json is damaged" in m and "rollback marks" in m for m in said), said
+    kept = list(state.glob("state.backup.json.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_text() == '{"format": 1, "voices": ['
+    restarted.close()

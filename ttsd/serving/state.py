@@ -96,9 +96,11 @@ class ServingState:
         self._backed = ""  # last state.backup.json text
 
     @staticmethod
-    def _read(path: Path, problems: list[str]) -> tuple[str, dict[str, VoiceRecord], dict[str, VersionRecord]] | None:
-        """``path``'s text and records (what can be trusted of them, with ``problems`` said); None
-        when there is no such file."""
+    def _read(
+        path: Path, problems: list[str], newer: set[str] | None = None
+    ) -> tuple[str, dict[str, VoiceRecord], dict[str, VersionRecord]] | None:
+        """``path``'s text and records (what can be trusted of them, with ``problems`` said, and the
+        keys it has that this ttsd does not know in ``newer``); None when there is no such file."""
         if path.is_symlink() or (path.exists() and not path.is_file()):
             problems.append("not a regular file")
             return "", {}, {}
@@ -110,20 +112,22 @@ class ServingState:
         except (OSError, ValueError, RecursionError) as exc:
             problems.append(f"unreadable ({exc})")
             return "", {}, {}
-        voices, versions = parse_state(data, problems)
+        voices, versions = parse_state(data, problems, newer)
         return text, voices, versions
 
     def load(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         problems: list[str] = []
+        newer: set[str] = set()
         with self._lock:
-            found = self._read(self.path, problems)
+            found = self._read(self.path, problems, newer)
             if found is not None:
                 text, self._voices, self._versions = found
                 if not problems:
                     self._written = text
             copy_problems: list[str] = []
-            copy = self._read(self.backup, copy_problems)
+            copy_newer: set[str] = set()
+            copy = self._read(self.backup, copy_problems, copy_newer)
             # what the copy holds now (a box upgraded from before it, or whose last copy failed to
             # be written, has none or an old one: the next save writes it, changed state or not)
             self._backed = copy[0] if copy is not None and not copy_problems else ""
@@ -135,25 +139,41 @@ class ServingState:
                     "; ".join(problems[:3]) or "missing",
                     self.backup.name,
                 )
+                _newer_keys(copy_newer)
                 if problems:
                     self._aside(problems, restored=True)
                 return self.trail.load()
+            _newer_keys(newer)
             if problems:
                 self._aside(problems)
             elif copy_problems and found is not None:  # the copy alone is damaged: written again from state.json
                 log.warning(
                     "%s: %s; it is written again from %s", self.backup, "; ".join(copy_problems[:3]), self.path.name
                 )
+            elif copy_problems:  # both gone: what was lost is said, and the damaged copy kept for a human
+                self._aside(copy_problems, path=self.backup)
         self.trail.load()
 
-    def _aside(self, problems: list[str], restored: bool = False) -> None:
-        """The damaged ``state.json`` moved aside for a human (written atomically by ttsd, so the
-        damage came from outside), and said; the daemon starts anyway."""
-        aside = self.path.with_name(f"state.json.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+    def _aside(self, problems: list[str], restored: bool = False, path: Path | None = None) -> None:
+        """The damaged ``state.json`` (or, with no ``state.json`` at all, its damaged copy:
+        ``path``) moved aside for a human (written atomically by ttsd, so the damage came from
+        outside), and said; the daemon starts anyway."""
+        damaged = path or self.path
+        aside = damaged.with_name(f"{damaged.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
         try:
-            os.replace(self.path, aside)
+            os.replace(damaged, aside)
         except OSError as exc:
             aside = Path(f"(could not move it aside: {exc})")
+        if path is not None:
+            log.error(
+                "%s is missing and its copy %s is damaged (%s): the state comes from the store, and the "
+                "rollback marks they held are lost (history.jsonl has them); the damaged copy is at %s",
+                self.path,
+                damaged.name,
+                "; ".join(problems[:3]),
+                aside,
+            )
+            return
         if restored:
             log.error(
                 "%s was damaged (%s); the state came from its copy; the damaged file is at %s",
@@ -353,15 +373,19 @@ _VOICE_KEYS = {"active", "previous", "rolled_back", "canary", "rolling_to"}
 _VERSION_KEYS = {"content", "state", "reason", "folder"}
 
 
-def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord], dict[str, VersionRecord]]:
-    """What can be trusted of a decoded ``state.json``; each thing that cannot goes to ``problems``.
+def parse_state(
+    data: Any, problems: list[str], newer: set[str] | None = None
+) -> tuple[dict[str, VoiceRecord], dict[str, VersionRecord]]:
+    """What can be trusted of a decoded ``state.json``; each thing that cannot goes to ``problems``,
+    and each key this ttsd does not know to ``newer`` (a newer ttsd's: left out, not damage).
     Names and versions become store paths, so they must be what a manifest allows."""
     voices: dict[str, VoiceRecord] = {}
     versions: dict[str, VersionRecord] = {}
-    newer: set[str] = set()  # keys of records this ttsd does not know
+    newer = set() if newer is None else newer
     if not isinstance(data, dict):
         problems.append(f"not a JSON object but {type(data).__name__}")
         return voices, versions
+    newer.update(str(k) for k in set(data) - {"format", "voices", "versions"})
     raw_voices, raw_versions = data.get("voices", {}), data.get("versions", {})
     if not isinstance(raw_voices, dict) or not isinstance(raw_versions, dict):
         problems.append("'voices' and 'versions' must be objects")
@@ -403,10 +427,15 @@ def parse_state(data: Any, problems: list[str]) -> tuple[dict[str, VoiceRecord],
             versions[key] = VersionRecord(v["content"], v["state"], v.get("reason", ""), v.get("folder"))
         except (ValueError, TypeError, ManifestError) as exc:
             problems.append(f"version {key!r}: {exc}")
-    if newer:  # a newer ttsd's (then downgraded): its records are kept, for what this one knows of them
+    return voices, versions
+
+
+def _newer_keys(newer: set[str]) -> None:
+    """Said once, for the file the state came from: a newer ttsd's keys (then downgraded); its
+    records are kept, for what this one knows of them."""
+    if newer:
         shown = sorted(repr(k[:40]) for k in newer)
         log.warning(
             "state.json has keys this ttsd does not know, left out (written by a newer ttsd?): %s",
             ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else ""),
         )
-    return voices, versions
