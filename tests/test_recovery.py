@@ -546,7 +546,7 @@ def test_a_lost_state_with_a_damaged_copy_is_said_and_the_copy_kept(tmp_path: Pa
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """state.json is gone and its copy is damaged: the state came from the store without a word
     (a version the operator had rolled back from served again), and the copy was written over."""
-    models, manager = v2_over_v1(tmp_path)
+    _, manager = v2_over_v1(tmp_path)
     manager.rollback("voice")
     manager.close()
     state = tmp_path / "state"
