@@ -558,6 +558,25 @@ def test_a_second_folder_of_a_version_with_the_same_files_is_said(tmp_path: Path
     manager.close()
 
 
+def test_memory_policy_loads_the_new_version_once_the_old_one_is_freed(tmp_path: Path, fake_engines: None) -> None:
+    """The memory policy's swap waits for the old version's last request; that request's release
+    frees the engine on a thread of its own, and the swap's own unload found nothing left to do:
+    the new version began to load while the old engine was still being freed (two at once)."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1", unload_delay=0.5)
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+    lease = manager.acquire("voice")
+    FakeEngine.peak = FakeEngine.live
+    fake_model(models, "voice", "2")
+    manager.reconcile(wait=False)
+    wait_for(lambda: _versions(manager).get("1") == "retired", 10, "v1 out of service")
+    lease.release(True)  # its release frees v1 (0.5 s) while the swap waits
+    assert manager.jobs.wait(20) and manager.snapshot()[0]["active"] == "2"
+    assert FakeEngine.peak == 1
+    manager.close()
+
+
 def test_memory_policy_never_takes_a_voice_down_for_an_engine_the_box_lacks(tmp_path: Path,
                                                                            fake_engines: None) -> None:
     """A folder naming an engine that is not installed was refused only once the memory policy had

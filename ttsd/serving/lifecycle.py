@@ -34,7 +34,7 @@ from .source import fingerprint
 from .state import ServingState, VersionRecord, VoiceRecord
 from .store import ModelStore
 from .table import VersionTable
-from .versions import COMING_UP, NOT_ON_TRIAL, Listener, ModelVersion, Policy, State, norm, order, parsed
+from .versions import COMING_UP, NOT_ON_TRIAL, Key, Listener, ModelVersion, Policy, State, norm, order, parsed
 
 log = logging.getLogger("ttsd.manager")
 STORE_KEEP = 3  # rollback targets kept in the store besides the active version
@@ -59,6 +59,8 @@ class Lifecycle:
         # voice -> the version the memory policy's upgrade took out of service (retire_now), until
         # the voice's next swap: the one replaced, whichever version that swap serves
         self._retired: dict[str, str] = {}
+        # versions whose engine is being freed now (``unload``, outside the locks): set when done
+        self._freeing: dict[Key, threading.Event] = {}
 
     def retired(self, name: str) -> str | None:
         """The version the memory policy's upgrade took out of service (``retire_now``) for
@@ -435,6 +437,11 @@ class Lifecycle:
         while self.map.in_flight(model.key) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.unload(model, force=True)
+        # its last request's release may have begun freeing it on a thread of its own: the load
+        # that follows waits for that (it began while the old engine was still being freed)
+        freeing = self._freeing.get(model.key)
+        if freeing is not None:
+            freeing.wait(wait)
         self.table.change(model, state=self.resting(model))
 
     def unload_later(self, model: ModelVersion) -> None:
@@ -456,8 +463,16 @@ class Lifecycle:
             engine, model.engine = model.engine, None
             if model.state is State.RETIRED:
                 model.state = self.resting(model)
+            freed = threading.Event()
+            if engine is not None:
+                self._freeing[model.key] = freed
         if engine is not None:
-            unload_engine(engine)
+            try:
+                unload_engine(engine)
+            finally:
+                freed.set()
+                if self._freeing.get(model.key) is freed:
+                    del self._freeing[model.key]
             log.info("%s %s unloaded", model.name, model.version)
             self._listener("unloaded", model)
 
