@@ -139,6 +139,9 @@ def test_voice_lookup_in_models_dir(cli_env: dict[str, str], tmp_path: Path, cac
         assert proc.returncode == 0 and "tüny: 1 -> 1" in proc.stderr.decode(), proc.stderr.decode()
         proc = run(["rollback", "--voice", "tüny"], env)
         assert_one_line_error(proc, 13, "tüny")
+        # the daemon's header says the name in UTF-8: read as such ("tÃ¼ny" before)
+        proc = run(["say", "hello", "--voice", "tüny", "-o", str(tmp_path / "t.wav")], env)
+        assert proc.returncode == 0 and "voice tüny 1, via daemon" in proc.stderr.decode(), proc.stderr.decode()
     finally:
         daemon.stop()
 

@@ -60,7 +60,7 @@ class Client:
             headers = {"Content-Type": "application/json"} if payload is not None else {}
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+            return response.status, {k.lower(): _utf8(v) for k, v in response.getheaders()}, response.read()
         finally:
             conn.close()
 
@@ -116,3 +116,12 @@ class Client:
             f"the answer on {self.socket_path} is not ttsd's (another program on that socket, or a ttsd of "
             "another version?)"
         )
+
+
+def _utf8(value: str) -> str:
+    """A header's value as the daemon wrote it: UTF-8 (a voice name in any script), which
+    http.client reads as Latin-1 ("tugÃ£o" for "tugão"); a value that is not UTF-8 stays as read."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
