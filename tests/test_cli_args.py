@@ -79,6 +79,8 @@ def serve_args(tmp_path: Path) -> list[str]:
     (["say", "hi", "-o", "x.wav", "--bogus"], "--bogus"),
     (["say", "hi", "-o", "x.wav", "--speed", "9"], "'--speed'"),
     (["say", "hi", "-o", "x.wav", "--seed", "-1"], "'--seed'"),  # was exit 4, as a request's error
+    (["serve", "--box-id", "bad/id"], "'--box-id'"),  # was exit 3: restarted ten times over
+    (["models", "get", "joe", "--version", "1+hotfix"], "'--version'"),  # was exit 5, a manifest's
     (["serve", "--workers", "0"], "'--workers'"),
     (["serve", "--swap-policy", "fast"], "'--swap-policy'"),
     (["rollback", "--bogus"], "--bogus"),

@@ -200,3 +200,27 @@ def trusted_keys_option(help: str) -> Callable[[F], F]:
         envvar="TTSD_TRUSTED_KEYS",
         help=help,
     )
+
+
+def box_id_value(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--box-id``'s callback: a value that is no box id is a bad flag (exit 2, which the example
+    unit does not restart: it would fail the same way at every start)."""
+    from ..fetch.box import check_box_id
+
+    return _checked(check_box_id, value)
+
+
+def version_value(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A ``--version`` option's callback: one that is no PEP 440 version ttsd takes is a bad flag."""
+    from ..manifest import check_version
+
+    return _checked(check_version, value)
+
+
+def _checked(check: Callable[[str], str], value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check(value)
+    except TtsdError as exc:
+        raise click.BadParameter(str(exc)) from None

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .common import FiniteRange, console, daemon_client, trusted_keys_option
+from .common import FiniteRange, box_id_value, console, daemon_client, trusted_keys_option, version_value
 from .models import models
 
 MIRROR_HELP = (
@@ -293,6 +293,7 @@ def withdraw_cmd(mirror_dir: Path, voice: str, version: str, reason: str | None,
 @click.option(
     "--version",
     "version",
+    callback=version_value,
     help="PEP 440 version of the new folder [default: 1, or with --upgrade the next major version].",
 )
 @click.option(
@@ -323,6 +324,7 @@ def withdraw_cmd(mirror_dir: Path, voice: str, version: str, reason: str | None,
 @click.option(
     "--box-id",
     envvar="TTSD_BOX_ID",
+    callback=box_id_value,
     help="This box's id, which a fleet mirror's staged rollout picks boxes by [env TTSD_BOX_ID; "
     "default: derived from /etc/machine-id, hashed, else a random id kept in the cache dir].",
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..config import default_cache_dir, default_models_dir, default_socket, default_state_dir
-from .common import PRECISION_CHOICES, PRECISION_HELP, FiniteRange, trusted_keys_option
+from .common import PRECISION_CHOICES, PRECISION_HELP, FiniteRange, box_id_value, trusted_keys_option
 from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming, read_token, zeroconf_name
 
 
@@ -85,6 +85,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     "--box-id",
     envvar="TTSD_BOX_ID",
     metavar="ID",
+    callback=box_id_value,
     help="This box's id in a fleet (1-64 letters, digits, '-', '_', '.'), exported as ttsd_box_info "
     "[env TTSD_BOX_ID; default: derived from /etc/machine-id, which is never shown, else a random id "
     "kept in the state dir].",
@@ -336,7 +337,6 @@ def serve(
         default_state_dir,
         is_loopback,
     )
-    from ..fetch.box import check_box_id
 
     logs.configure(log_level, access_log=access_log)
     bind = parse_listen(listen) if listen else None
@@ -381,7 +381,7 @@ def serve(
         memory_budget=parse_budget(memory_budget),
         preload=tuple(preload),
         load_wait=load_wait,
-        box_id=check_box_id(box_id) if box_id is not None else None,
+        box_id=box_id,
     )
     from ..daemon import Daemon
 
