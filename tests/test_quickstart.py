@@ -116,8 +116,10 @@ def test_examples_curl_runs_as_written(tmp_path: Path, cache_dir: Path, joe_fold
     first, rest = blocks[0].splitlines(), blocks[1:]
     assert first[0].startswith("ttsd serve --socket /tmp/ttsd.sock --spool") and first[1].startswith("S="), first
     daemon = start_daemon(tmp_path / "d", cache_dir, "--spool", str(tmp_path / "spool"))
-    env = dict(os.environ, S=f"--unix-socket {daemon.socket}", TTSD_SOCKET=str(daemon.socket),
-               TTSD_CACHE=str(cache_dir), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    # (no TTSD_SOCKET: curl.md sets none, and its `ttsd status` found the daemon only through it)
+    env = {k: v for k, v in os.environ.items() if k != "TTSD_SOCKET"}
+    env.update(S=f"--unix-socket {daemon.socket}", TTSD_CACHE=str(cache_dir),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     work = tmp_path / "work"
     work.mkdir()
     said: list[str] = []
@@ -127,6 +129,7 @@ def test_examples_curl_runs_as_written(tmp_path: Path, cache_dir: Path, joe_fold
             if not line or line.startswith("#"):
                 continue
             line = re.sub(r"\|\s*(aplay|mpg123)\b.*$", f"> played-{len(said)}.out", line)
+            line = line.replace("/tmp/ttsd.sock", str(daemon.socket))  # the daemon the first block starts
             said.append(_sh(line, env, work).stdout)
     import soundfile
 

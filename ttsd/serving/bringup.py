@@ -157,6 +157,7 @@ class BringUp:
                 finally:  # a damaged copy was dropped: the record says so whatever happens next
                     self.table.change(model, store_copy=self.store.get(model.name, model.version))
                 self.table.change(model, store_copy=copy, manifest=manifest, content=content_id(manifest))
+                signed = False  # a copy made again here is checked again
             if not (verified and signed):
                 self._check_signature(model)
             assert model.store_copy is not None and model.manifest is not None
@@ -196,6 +197,10 @@ class BringUp:
         again from the models dir if damaged) and its signature. False (refused, or deferred for the
         box's reasons) when it cannot serve. The memory policy runs them before it unloads the
         serving version for an operator's action, as ``check_signed`` before an upgrade's."""
+        was = model.state
+        # coming up while it is checked, as in ``bring_up``: a swap's store prune on a thread of its
+        # own (the rollback's just before, say) took the copy being checked from under it
+        self.table.change(model, state=State.VERIFYING)
         try:
             try:
                 copy, manifest = check_store_copy(self.store, model)
@@ -212,6 +217,10 @@ class BringUp:
             else:
                 self.lifecycle.refuse(model, str(exc) if isinstance(exc, TtsdError) else f"{type(exc).__name__}: {exc}")
             return False
+        except BaseException:
+            self.table.change(model, state=was)
+            raise
+        self.table.change(model, state=was)  # (its load, next, makes it coming up again)
         return True
 
     def check_signed(self, model: ModelVersion) -> bool:
