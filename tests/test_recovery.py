@@ -467,6 +467,9 @@ def test_with_its_copy_damaged_too_the_state_comes_from_the_store(tmp_path: Path
     manager.start()
     assert active(manager) == "2"
     assert list(state.glob("state.json.unreadable-*")), "the damaged file is kept aside"
+    # its damaged copy too (it was written over without a word)
+    kept = list(state.glob("state.backup.json.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_text() == '{"voices": {"voice": {"act'
     manager.close()
 
 

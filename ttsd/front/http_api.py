@@ -367,7 +367,9 @@ class _Api:
                 if not spoken.done():  # the stop's grace runs out: an answer, not a closed connection
                     job.cancel.set()
                     spoken.add_done_callback(lambda done: done.cancelled() or done.exception())
-                    raise BusyError("ttsd is stopping and this request did not finish within its grace; retry")
+                    raise BusyError(
+                        "ttsd is stopping and this request did not finish within its grace; retry", retry_after=5
+                    )
             result = await spoken
         except asyncio.CancelledError:
             job.cancel.set()  # client went away: stop after the current sentence

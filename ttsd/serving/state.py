@@ -146,6 +146,8 @@ class ServingState:
             _newer_keys(newer)
             if problems:
                 self._aside(problems)
+                if copy_problems and copy is not None:  # damaged too: kept for a human, not written over
+                    self._aside(copy_problems, path=self.backup, state_was="damaged")
             elif copy_problems and found is not None:  # the copy alone is damaged: written again from state.json
                 log.warning(
                     "%s: %s; it is written again from %s", self.backup, "; ".join(copy_problems[:3]), self.path.name
@@ -154,7 +156,9 @@ class ServingState:
                 self._aside(copy_problems, path=self.backup)
         self.trail.load()
 
-    def _aside(self, problems: list[str], restored: bool = False, path: Path | None = None) -> None:
+    def _aside(
+        self, problems: list[str], restored: bool = False, path: Path | None = None, state_was: str = "missing"
+    ) -> None:
         """The damaged ``state.json`` (or, with no ``state.json`` at all, its damaged copy:
         ``path``) moved aside for a human (written atomically by ttsd, so the damage came from
         outside), and said; the daemon starts anyway."""
@@ -166,11 +170,13 @@ class ServingState:
             aside = Path(f"(could not move it aside: {exc})")
         if path is not None:
             log.error(
-                "%s is missing and its copy %s is damaged (%s): the state comes from the store, and the "
-                "rollback marks they held are lost (history.jsonl has them); the damaged copy is at %s",
+                "%s is %s and its copy %s is damaged (%s): the state comes from %s, and the rollback "
+                "marks lost with them are not known (history.jsonl has them); the damaged copy is at %s",
                 self.path,
+                state_was,
                 damaged.name,
                 "; ".join(problems[:3]),
+                "what could be trusted of it and the store" if state_was == "damaged" else "the store",
                 aside,
             )
             return
