@@ -275,7 +275,9 @@ class Control:
         """``ResourceError`` (507) when the voice's record cannot be written now (the state dir is
         full), before the action calls anything off: an upgrade in progress was called off by a
         rollback that then could not be recorded, and its version was never tried again."""
-        if voice in self.table.names():  # (an unknown one is refused as such further on)
+        # only with a job to call off: the at-once swap to a loaded target writes its record once
+        # (an fsync queued behind other writes is most of its time on a busy box)
+        if voice in self.table.names() and self.jobs.busy(voice):  # (an unknown voice is refused further on)
             self.state.check_writable()
 
     def _write(self, voice: str, record: VoiceRecord, durable: bool) -> None:
