@@ -159,9 +159,9 @@ class ServingState:
     def _aside(
         self, problems: list[str], restored: bool = False, path: Path | None = None, state_was: str = "missing"
     ) -> None:
-        """The damaged ``state.json`` (or, with no ``state.json`` at all, its damaged copy:
-        ``path``) moved aside for a human (written atomically by ttsd, so the damage came from
-        outside), and said; the daemon starts anyway."""
+        """The damaged ``state.json``, or its damaged copy (``path``: when ``state.json`` is
+        ``state_was`` missing or damaged too), moved aside for a human (both are written
+        atomically by ttsd, so the damage came from outside), and said; the daemon starts anyway."""
         damaged = path or self.path
         aside = damaged.with_name(f"{damaged.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
         try:
