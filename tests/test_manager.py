@@ -577,6 +577,27 @@ def test_memory_policy_loads_the_new_version_once_the_old_one_is_freed(tmp_path:
     manager.close()
 
 
+def test_a_swap_waits_for_memory_the_budget_is_freeing(tmp_path: Path, fake_engines: None) -> None:
+    """The memory budget parks an idle voice's version, freeing its engine outside the locks; a
+    memory-policy swap of that version meanwhile found nothing left to unload and let its new
+    version load while the old memory was still in use. It waits for the free, as it does for
+    one a request's release began."""
+    from ttsd.serving.residency import Budget
+
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1", unload_delay=0.5)
+    manager = ModelManager(LocalFolderSource(models, settle=0), state_dir=tmp_path / "state",
+                           policy=Policy(settle=0.0, swap="memory"), budget=Budget(max_loaded=4))
+    manager.start()
+    v1 = manager.version("voice", "1")
+    assert v1 is not None and v1.engine is not None and FakeEngine.live == 1
+    threading.Thread(target=lambda: manager.demand._evict(v1, event="parked"), daemon=True).start()
+    wait_for(lambda: v1.engine is None, 10, "v1's engine taken off")
+    manager.lifecycle.retire_now(v1, wait=5)
+    assert FakeEngine.live == 0  # freed before the swap goes on to load
+    manager.close()
+
+
 def test_memory_policy_never_takes_a_voice_down_for_an_engine_the_box_lacks(tmp_path: Path,
                                                                            fake_engines: None) -> None:
     """A folder naming an engine that is not installed was refused only once the memory policy had

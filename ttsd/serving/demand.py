@@ -40,7 +40,6 @@ from ..malloc import resident_bytes
 from . import residency
 from .jobs import Jobs
 from .lifecycle import Lifecycle
-from .loader import unload_engine
 from .pacing import Guard
 from .serving_map import default_of
 from .table import VersionTable
@@ -309,7 +308,8 @@ class OnDemand:
             else:
                 return False
             engine, model.engine = model.engine, None
-        unload_engine(engine)
+            freed = self.lifecycle.freeing(model.key)  # (a memory-policy swap of it waits for this)
+        self.lifecycle.free(model.key, engine, freed)
         log.info(
             "%s %s unloaded (%s; it had cost %.0f MB)",
             model.name,

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..errors import ResourceError
 from .loader import unload_engine
@@ -420,11 +421,27 @@ class Lifecycle:
             engine = model.engine if not self.map.loaded(model.key) else None
             if engine is not None:
                 model.engine = None
+                freed = self.freeing(model.key)
             if model.state in COMING_UP:
                 model.state, model.reason = self.resting(model), why
         if engine is not None:
-            unload_engine(engine)
+            self.free(model.key, engine, freed)
         log.info("%s %s: %s", model.name, model.version, why)
+
+    def freeing(self, key: Key) -> threading.Event:
+        """Under the lock that takes an engine off its version: its memory is being freed from now
+        on, until ``free`` is done (a memory-policy swap waits for that: ``retire_now``)."""
+        freed = self._freeing[key] = threading.Event()
+        return freed
+
+    def free(self, key: Key, engine: Any, freed: threading.Event) -> None:
+        """Free ``engine`` outside the locks, then say so to whoever waits (``freeing``)."""
+        try:
+            unload_engine(engine)
+        finally:
+            freed.set()
+            if self._freeing.get(key) is freed:
+                del self._freeing[key]
 
     def retire_now(self, model: ModelVersion, wait: float = 30.0) -> None:
         """Memory policy: take the old version out of service and unload it before loading."""
@@ -463,16 +480,9 @@ class Lifecycle:
             engine, model.engine = model.engine, None
             if model.state is State.RETIRED:
                 model.state = self.resting(model)
-            freed = threading.Event()
-            if engine is not None:
-                self._freeing[model.key] = freed
+            freed = self.freeing(model.key) if engine is not None else threading.Event()
         if engine is not None:
-            try:
-                unload_engine(engine)
-            finally:
-                freed.set()
-                if self._freeing.get(model.key) is freed:
-                    del self._freeing[model.key]
+            self.free(model.key, engine, freed)
             log.info("%s %s unloaded", model.name, model.version)
             self._listener("unloaded", model)
 
