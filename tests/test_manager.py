@@ -475,14 +475,7 @@ def test_memory_policy_actions_never_hold_two_versions(tmp_path: Path, fake_engi
     assert manager.activate("voice", "2")["from"] == "1"
     assert FakeEngine.peak == 1 and _versions(manager) == {"1": "available", "2": "active"}
     assert manager.state.voice("voice").previous == ("1",)
-    load = FakeEngine.load
-
-    def fails_for_1(engine: FakeEngine) -> None:
-        if engine.folder.name == "1":
-            raise TtsdError("v1 cannot load now")
-        load(engine)
-
-    monkeypatch.setattr(FakeEngine, "load", fails_for_1)
+    _failing_load(monkeypatch, "1")
     with pytest.raises(ConflictError, match="cannot activate voice 1"):
         manager.activate("voice", "1")  # 2 went out of service for it, and comes back
     assert FakeEngine.peak == 1 and manager.snapshot()[0]["active"] == "2"
@@ -1190,16 +1183,19 @@ def _gate(monkeypatch: pytest.MonkeyPatch, version: str) -> tuple[threading.Even
     return started, release
 
 
-def _failing_load(monkeypatch: pytest.MonkeyPatch, version: str) -> Callable[[FakeEngine], None]:
-    """Loads of ``version`` (its store copy's folder name) fail as the model's fault; returns the
-    real load, to put back."""
+def _failing_load(monkeypatch: pytest.MonkeyPatch, version: str, error: Exception | None = None,
+                  tries: list[str] | None = None) -> Callable[[FakeEngine], None]:
+    """Loads of ``version`` (its store copy's folder name) fail, as the model's fault unless
+    ``error`` says otherwise, each counted in ``tries``; returns the real load, to put back."""
     from ttsd.errors import LoadError
 
     real_load = FakeEngine.load
 
     def load(self: FakeEngine) -> None:
         if self.folder.name == version:
-            raise LoadError("told to fail")
+            if tries is not None:
+                tries.append(version)
+            raise error or LoadError("told to fail")
         real_load(self)
 
     monkeypatch.setattr(FakeEngine, "load", load)
@@ -1442,10 +1438,11 @@ def test_the_rollback_target_stands_by_again_after_a_restart(tmp_path: Path, fak
 
 
 @pytest.mark.standby_in_background
-def test_a_rollback_while_its_target_loads_again_after_a_restart(tmp_path: Path, fake_engines: None,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The operator rolls back while the restarted daemon loads the target again to stand by: the
-    rollback waits for that load and swaps to it, loading it once (it called the load off and
+@pytest.mark.parametrize("action", ["rollback", "activate"])
+def test_an_action_while_its_target_loads_again_after_a_restart(tmp_path: Path, fake_engines: None,
+                                                                monkeypatch: pytest.MonkeyPatch, action: str) -> None:
+    """The operator rolls back (or activates v1) while the restarted daemon loads v1 again to stand
+    by: the action waits for that load and swaps to it, loading it once (it called the load off and
     loaded the target again from the start)."""
     _, manager = v2_over_v1(tmp_path)
     manager.close()
@@ -1464,46 +1461,16 @@ def test_a_rollback_while_its_target_loads_again_after_a_restart(tmp_path: Path,
     assert started.wait(20), "v1 never started loading again"
     loads = FakeEngine.loads
     answers: list[dict[str, object]] = []
-    threading.Thread(target=lambda: answers.append(restarted.rollback("voice")), daemon=True).start()
-    time.sleep(0.3)  # the rollback waits behind the load
+    act = (lambda: restarted.rollback("voice")) if action == "rollback" else (lambda: restarted.activate("voice", "1"))
+    threading.Thread(target=lambda: answers.append(act()), daemon=True).start()
+    time.sleep(0.3)  # the action waits behind the load
     assert not answers
     release.set()
-    wait_for(lambda: answers, 20, "the rollback's answer")
-    assert answers[0]["to"] == "1" and restarted.snapshot()[0]["active"] == "1"
-    assert FakeEngine.loads == loads + 1 and entered == ["1"] and _versions(restarted)["2"] == "rolled-back"
-    restarted.close()
-
-
-@pytest.mark.standby_in_background
-def test_an_activate_while_its_target_loads_again_after_a_restart(tmp_path: Path, fake_engines: None,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """As a rollback does, ``ttsd activate`` of the version the restarted daemon is loading again to
-    stand by waits for that load and swaps to it, loading it once (it called the load off and
-    loaded the version again from the start)."""
-    _, manager = v2_over_v1(tmp_path)
-    manager.close()
-    started, release = _gate(monkeypatch, "1")
-    entered: list[str] = []
-    gated = FakeEngine.load
-
-    def load(self: FakeEngine) -> None:
-        if self.folder.name == "1":
-            entered.append(self.folder.name)
-        gated(self)
-
-    monkeypatch.setattr(FakeEngine, "load", load)
-    restarted = make_manager(tmp_path)
-    restarted.start()
-    assert started.wait(20), "v1 never started loading again"
-    loads = FakeEngine.loads
-    answers: list[dict[str, object]] = []
-    threading.Thread(target=lambda: answers.append(restarted.activate("voice", "1")), daemon=True).start()
-    time.sleep(0.3)  # the activate waits behind the load
-    assert not answers
-    release.set()
-    wait_for(lambda: answers, 20, "the activate's answer")
+    wait_for(lambda: answers, 20, f"the {action}'s answer")
     assert answers[0]["to"] == "1" and restarted.snapshot()[0]["active"] == "1"
     assert FakeEngine.loads == loads + 1 and entered == ["1"]
+    if action == "rollback":
+        assert _versions(restarted)["2"] == "rolled-back"
     restarted.close()
 
 
@@ -1683,15 +1650,9 @@ def test_a_version_too_large_for_the_box_stops_taking_the_voice_down(tmp_path: P
     manager = make_manager(tmp_path, swap="memory")
     manager.start()
     tries: list[str] = []
-    real_load = FakeEngine.load
-
-    def load(self: FakeEngine) -> None:
-        if self.folder.name == "2":
-            tries.append("2")
-            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
-        real_load(self)
-
-    monkeypatch.setattr(FakeEngine, "load", load)
+    real_load = _failing_load(
+        monkeypatch, "2", RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB"), tries
+    )
     fake_model(models, "voice", "2")
     manager.reconcile()
     v2 = manager.version("voice", "2")

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,19 @@ def served_before(tmp_path: Path) -> tuple[Path, Path]:
     assert manager.snapshot()[0]["active"] == "2"
     manager.close()
     return models, tmp_path / "state"
+
+
+def state_json_read_only(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """The state dir refuses state.json's rename (EROFS) until the returned call."""
+    real_replace = os.replace
+
+    def read_only(src: str, dst: str) -> None:
+        if str(dst).endswith("state.json"):
+            raise OSError(30, "Read-only file system")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    return lambda: monkeypatch.setattr(os, "replace", real_replace)
 
 
 def active(manager: ModelManager, voice: str = "voice") -> str | None:
@@ -312,17 +326,10 @@ def test_an_unwritable_state_changes_nothing_on_rollback(tmp_path: Path, fake_en
     manager.start()
     loads = FakeEngine.loads
     before = (state / "state.json").read_text()
-    real_replace = os.replace
-
-    def read_only(src: str, dst: str) -> None:
-        if str(dst).endswith("state.json"):
-            raise OSError(30, "Read-only file system")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", read_only)
+    writable = state_json_read_only(monkeypatch)
     with pytest.raises(ResourceError):
         manager.rollback("voice")
-    monkeypatch.setattr(os, "replace", real_replace)
+    writable()
     assert FakeEngine.loads == loads
     assert active(manager) == "2" and (state / "state.json").read_text() == before
     assert states(manager)["1"] in ("standby", "available")
@@ -341,18 +348,11 @@ def test_an_action_the_state_dir_cannot_record_leaves_the_upgrade_in_progress(tm
     fake_model(models, "voice", "3", load_delay=1.0)
     manager.reconcile(wait=False)
     wait_for(lambda: states(manager).get("3") == "loading", timeout=10, interval=0.01, what="v3 loading")
-    real_replace = os.replace
-
-    def read_only(src: str, dst: str) -> None:
-        if str(dst).endswith("state.json"):
-            raise OSError(30, "Read-only file system")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", read_only)
+    writable = state_json_read_only(monkeypatch)
     with pytest.raises(ResourceError):
         manager.activate("voice", "1") if action == "activate" else manager.rollback("voice")
     assert manager.activate("voice", "2")["to"] == "2"  # what serves already: nothing to record, no 507
-    monkeypatch.setattr(os, "replace", real_replace)
+    writable()
     assert manager.jobs.wait(20)
     assert active(manager) == "3", states(manager)
     manager.close()
