@@ -80,6 +80,7 @@ def publish_sh(onnx: Path, version: str, key: Path, trusted: Path, work: Path, r
     done = subprocess.run(["sh", str(EXAMPLES / "fleet" / "publish.sh"), str(onnx), VOICE, version], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert (work / "mirror" / ".ttsd-index.lock").exists() and not (remote / ".ttsd-index.lock").exists()
 
 
 def active(daemon: Daemon) -> tuple[str | None, str]:
