@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -59,8 +60,9 @@ def tmpfs(tmp_path: Path) -> Iterator[Tmpfs]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def manager_on(tmp_path: Path, state: Path) -> ModelManager:
-    return ModelManager(LocalFolderSource(tmp_path / "models", settle=0.0), state_dir=state, policy=Policy(settle=0.0))
+def manager_on(tmp_path: Path, state: Path, **options: Any) -> ModelManager:
+    return ModelManager(LocalFolderSource(tmp_path / "models", settle=0.0), state_dir=state, policy=Policy(settle=0.0),
+                        **options)
 
 
 @pytest.mark.daemon
@@ -213,12 +215,14 @@ def test_a_withdrawal_the_full_state_dir_cannot_record_changes_nothing(tmp_path:
     models = tmp_path / "models"
     fake_model(models, "voice", "1")
     state = tmpfs.path / "state"
-    manager = manager_on(tmp_path, state)
+    # the swap's follow-up (state and copy rewritten, the store pruned) done before the disk fills:
+    # on its own thread, a file it replaced after the fill freed room, and the withdrawal fit
+    manager = manager_on(tmp_path, state, spawn=lambda fn: fn())
     manager.start()
     fake_model(models, "voice", "2")
     manager.reconcile()
     tmpfs.fill()
-    before = (state / "state.json").read_text()  # read once full: the swap's follow-up may write until then
+    before = (state / "state.json").read_text()
     with pytest.raises(ResourceError):
         manager.withdraw("voice", "1", "withdrawn by the fleet mirror: clipped")
     assert (state / "state.json").read_text() == before and manager.snapshot()[0]["rollback_to"] == "1"
