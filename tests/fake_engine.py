@@ -1,5 +1,5 @@
 """A fake engine for manager tests: a tone per word, told by its folder's ``fake.json`` to fail on
-load, on warm-up, or on its Nth request, to sleep or compute (``load_spin``: seconds of CPU in
+load, on warm-up, on unload, or on its Nth request, to sleep or compute (``load_spin``: seconds of CPU in
 Python calls, where a job is paced and called off) while loading, or to take its time unloading.
 Registered under the engine name ``fake`` through a real ``ttsd.engines`` entry point (see the
 ``fake_engines`` fixture)."""
@@ -54,6 +54,8 @@ class FakeEngine(Engine[str]):
             self.loaded = False
             with FakeEngine._lock:
                 FakeEngine.live -= 1
+            if self.settings.get("fail_on") == "unload":
+                raise RuntimeError("fake engine told to fail on unload")
 
     def warmup(self) -> None:
         import time

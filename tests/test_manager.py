@@ -361,6 +361,27 @@ def test_memory_policy_never_holds_two_versions(tmp_path: Path, fake_engines: No
     assert manager.snapshot()[0]["active"] == "2" and FakeEngine.live == 1
 
 
+@pytest.mark.parametrize("swap", ["memory", "latency"])
+def test_an_engine_that_fails_to_unload_never_takes_the_voice_down(
+        tmp_path: Path, fake_engines: None, swap: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Freeing an old engine raised (an engine's ``unload`` at fault): under the memory policy
+    the upgrade stopped there, after the serving version had gone out of service, and the voice
+    served nothing until a later reconcile fell back. The engine is off its version by then: the
+    error is logged and the swap goes on."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1", fail_on="unload")
+    manager = make_manager(tmp_path, swap=swap, keep=0)
+    manager.start()
+    fake_model(models, "voice", "2")
+    with caplog.at_level(logging.ERROR, logger="ttsd.manager"):
+        manager.reconcile()
+        with manager.acquire("voice") as lease:
+            assert lease.voice.version == "2"
+        assert _versions(manager) == {"1": "available", "2": "active"}
+        manager.close()
+    assert "voice 1: freeing its engine failed" in caplog.text
+
+
 @pytest.mark.slow
 def test_memory_is_returned_over_10_swaps_of_the_real_voice(tmp_path: Path, joe_folder: Path) -> None:
     """Ten upgrades of en_US-joe-medium in one process: RSS levels off (each swap unloads the

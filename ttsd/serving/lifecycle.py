@@ -435,9 +435,14 @@ class Lifecycle:
         return freed
 
     def free(self, key: Key, engine: Any, freed: threading.Event) -> None:
-        """Free ``engine`` outside the locks, then say so to whoever waits (``freeing``)."""
+        """Free ``engine`` outside the locks, then say so to whoever waits (``freeing``). The
+        engine is off its version already: one whose ``unload`` fails is logged and dropped, and
+        the swap, rollback or eviction that freed it goes on (raised, it stopped a memory-policy
+        upgrade with the voice out of service)."""
         try:
             unload_engine(engine)
+        except Exception:
+            log.exception("%s %s: freeing its engine failed; its memory may not come back", *key)
         finally:
             freed.set()
             if self._freeing.get(key) is freed:
