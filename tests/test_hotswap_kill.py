@@ -10,10 +10,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from daemon_util import fake_daemon_model, fake_site, start_daemon, wait_for
+from daemon_util import Daemon, fake_daemon_model, fake_site, start_daemon, wait_for
 from test_hotswap import version_states, voices
 
 from ttsd.manifest import verify
@@ -129,3 +130,45 @@ def test_kill_9_while_a_rollback_loads_its_target_finishes_the_rollback_at_the_r
     assert ("2", "1") in [(h["from"], h["to"]) for h in read_history(state)]
     saved = json.loads((state / "state.json").read_text())["voices"]["fake"]
     assert saved["active"] == "1" and "2" in saved["rolled_back"] and "rolling_to" not in saved, saved
+
+
+@pytest.mark.daemon
+def test_a_version_whose_load_kills_the_daemon_three_times_waits_for_sighup(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v2 is too big for the box: the kernel's OOM killer ends the daemon as v2 loads (kill -9
+    here), and systemd starts it into the same load again, until the unit's start limit leaves no
+    daemon at all. After three such deaths in a row, the restart serves v1 and leaves v2 waiting,
+    with the reason; SIGHUP tries it again. A stop by SIGTERM during the load is no death."""
+    monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
+    models = tmp_path / "models"
+    fake_daemon_model(models / "fake-1", "1")
+    args = ("--no-seed", "--settle", "0.2")
+    assert start_daemon(tmp_path, cache_dir, *args).stop() == 0  # v1 serves, as it did for months
+    fake_daemon_model(models / "fake-2", "2", load_delay=2)
+
+    def start_into_v2_loading() -> Daemon:  # (the start-up's upgrade: before the daemon is ready)
+        d = start_daemon(tmp_path, cache_dir, *args, wait_ready=False)
+        marks = tmp_path / "state" / "loading.json"
+        wait_for(lambda: d.proc.poll() is None and "serves again" in d.logs()
+                 and "fake/2" in (marks.read_text() if marks.exists() else ""),
+                 timeout=60, interval=0.02, what="v2 loading")
+        return d
+
+    for death in (True, False, True, True, True):  # an orderly stop between: the count starts again
+        d = start_into_v2_loading()
+        if death:
+            d.kill()
+        else:
+            assert d.stop() == 0
+    d = start_daemon(tmp_path, cache_dir, *args)
+    time.sleep(1.0)  # a few rescans: v2 is not tried again by itself
+    v2 = version_states(d, "fake")["2"]
+    assert v2["state"] == "deferred" and "killed while loading it" in str(v2["reason"]), v2
+    assert voices(d)["fake"]["active"] == "1"
+    assert d.post("/v1/synthesize", {"text": "hello"}).headers["x-ttsd-version"] == "1"
+    assert "3 such load(s) in a row" in d.logs()
+    d.send_signal(signal.SIGHUP)
+    wait_for(lambda: voices(d)["fake"]["active"] == "2", timeout=60, what="v2 active after SIGHUP")
+    assert d.stop() == 0, d.logs()
+    assert not (tmp_path / "state" / "loading.json").exists()

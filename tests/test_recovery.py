@@ -18,10 +18,10 @@ from daemon_util import wait_for
 from fake_engine import FakeEngine
 
 from ttsd.errors import ResourceError, TtsdError
-from ttsd.manifest import MAX_ENTRIES, verify
+from ttsd.manifest import MAX_ENTRIES, pack, verify
 from ttsd.serving.manager import ModelManager
 from ttsd.serving.source import signature
-from ttsd.serving.store import ModelStore
+from ttsd.serving.store import ModelStore, content_id
 from ttsd.serving.versions import State
 
 
@@ -563,3 +563,86 @@ def test_a_lost_state_with_a_damaged_copy_is_said_and_the_copy_kept(tmp_path: Pa
     kept = list(state.glob("state.backup.json.unreadable-*"))
     assert len(kept) == 1 and kept[0].read_text() == '{"format": 1, "voices": ['
     restarted.close()
+
+
+def _died_loading(tmp_path: Path, folder: Path, tries: int) -> None:
+    """What a daemon killed while it loaded ``folder``'s version (the ``tries``-th such load in a
+    row) leaves in its state dir."""
+    manifest = verify(folder)
+    marks = {f"{manifest.name}/{manifest.version}": {"content": content_id(manifest), "tries": tries}}
+    (tmp_path / "state" / "loading.json").write_text(json.dumps(marks))
+
+
+@pytest.mark.parametrize("tries, loads", [(2, True), (3, False)])
+def test_a_version_the_daemon_died_loading_waits_after_three_deaths(
+        tmp_path: Path, fake_engines: None, tries: int, loads: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Three loads in a row the process did not live through (the OOM killer): the version is not
+    loaded again by itself while another serves; SIGHUP (``retry_now``) tries it again. Two: it
+    is tried, and its next load counts as the third."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    make_manager(tmp_path).start()  # v1 served, and was recorded as the active version
+    _died_loading(tmp_path, fake_model(models, "voice", "2"), tries)
+    manager = make_manager(tmp_path)
+    seen: list[str] = []
+    manager.lifecycle.marks.begin = lambda model: seen.append(  # type: ignore[method-assign]
+        f"{model.version}:{model.short_of_memory + 1}")
+    with caplog.at_level(logging.WARNING, logger="ttsd.manager"):
+        manager.start()
+        manager.reconcile()
+    assert f"voice 2: the daemon stopped while loading it (killed: out of memory?); {tries} such" in caplog.text
+    assert manager.snapshot()[0]["active"] == ("2" if loads else "1")
+    if loads:
+        assert seen == ["1:1", "2:3"]
+        return
+    v2 = manager.table.get("voice", "2")
+    assert v2 is not None and v2.state is State.DEFERRED and "killed while loading it" in v2.reason
+    manager.retry_now()
+    manager.reconcile()
+    assert manager.snapshot()[0]["active"] == "2" and seen == ["1:1", "2:1"]
+
+
+def test_a_version_the_daemon_died_loading_is_tried_again_when_nothing_else_serves(
+        tmp_path: Path, fake_engines: None) -> None:
+    """Its only version: the voice keeps trying it (it has nothing else to serve)."""
+    folder = fake_model(tmp_path / "models", "voice", "1")
+    (tmp_path / "state").mkdir()
+    _died_loading(tmp_path, folder, 5)
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert manager.snapshot()[0]["active"] == "1"
+    assert not (tmp_path / "state" / "loading.json").exists()  # every load it began, it lived through
+
+
+@pytest.mark.parametrize("damage", ["other content", "not json", "a list", "bad tries", "a link"])
+def test_load_marks_of_other_content_or_damaged_count_nothing(
+        tmp_path: Path, fake_engines: None, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A folder changed since the deaths is judged afresh; a damaged or linked loading.json is
+    ignored, with a word for the damage, and never read through its link."""
+    models, state = tmp_path / "models", tmp_path / "state"
+    fake_model(models, "voice", "1")
+    make_manager(tmp_path).start()
+    folder = fake_model(models, "voice", "2")
+    _died_loading(tmp_path, folder, 3)
+    marks = state / "loading.json"
+    if damage == "other content":
+        (folder / "fake.json").write_text('{"delay": 0}')
+        pack(folder, name="voice", version="2", engine="fake", sample_rate=8000)
+    elif damage == "not json":
+        marks.write_text("{")
+    elif damage == "a list":
+        marks.write_text("[1, 2]")
+    elif damage == "bad tries":
+        marks.write_text(marks.read_text().replace('"tries": 3', '"tries": true'))
+    else:
+        elsewhere = tmp_path / "elsewhere.json"
+        marks.rename(elsewhere)
+        marks.symlink_to(elsewhere)
+    manager = make_manager(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ttsd.manager"):
+        manager.start()
+    assert manager.snapshot()[0]["active"] == "2"
+    if damage in ("not json", "a link"):
+        assert "loading.json is damaged" in caplog.text
+    if damage == "a link":
+        assert (tmp_path / "elsewhere.json").read_text().count("voice/2") == 1  # untouched

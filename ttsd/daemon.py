@@ -352,6 +352,7 @@ class Daemon:
                 name = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
                 log.warning("%s during start-up: exiting now (nothing was served yet)", name)
                 self.notifier.stopping("stopped during start-up")
+                self.manager.stopping()  # the load it cuts short is no crash of the version's
                 self.force_exit(0 if signum == signal.SIGTERM else EXIT_FORCED)
                 raise asyncio.CancelledError  # (force_exit does not return, but in tests)
         finally:

@@ -166,13 +166,17 @@ class BringUp:
             self._listener("loading", model)
             engine_class(model.manifest.engine)  # imported first: torch's own start-up is no voice's cost
             before = resident_bytes()
-            engine = load_engine(
-                model.store_copy,
-                model.manifest,
-                self._options,
-                warming=lambda: self.table.change(model, state=State.WARMING),
-                live=self._live,
-            )
+            self.lifecycle.marks.begin(model)  # the kernel's OOM killer may end the process here
+            try:
+                engine = load_engine(
+                    model.store_copy,
+                    model.manifest,
+                    self._options,
+                    warming=lambda: self.table.change(model, state=State.WARMING),
+                    live=self._live,
+                )
+            finally:
+                self.lifecycle.marks.end(model)
             rss = max(0, resident_bytes() - before)  # what it costs, for the budget's next choices
         except Exception as exc:  # TtsdError says why; anything else is the engine crashing
             # the box's: out of memory (torch says so in a RuntimeError), a failing disk; never the version's

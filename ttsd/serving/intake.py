@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..signing import signature_digest
 from .lifecycle import Lifecycle
+from .policy import MEMORY_TRIES
 from .source import Candidate, Verdict
 from .state import ServingState
 from .store import content_id
@@ -34,6 +35,7 @@ class Intake:
             self.table.see_folder(path, candidate.verdict.value, candidate.reason)
             return None
         content = content_id(manifest)
+        deferred = False
         with self.table.locked():
             known = self.table.get(manifest.name, manifest.version)
             if (
@@ -74,7 +76,9 @@ class Intake:
                 return None
             model = known or self.table.add(ModelVersion(manifest.name, manifest.version, State.VERIFYING, folder=path))
             model.content, model.folder, model.manifest, model.fresh = content, path, manifest, False
-            model.short_of_memory = 0  # its folder changed (or is new): its tries for lack of memory again
+            # its folder changed (or is new): its tries for lack of memory again, less the loads of
+            # these very files the last process did not live through (killed: out of memory?)
+            model.short_of_memory = died = self.lifecycle.marks.died(model)
             model.seen = candidate.fingerprint
             if norm(manifest.version) in {norm(v) for v in self.state.voice(manifest.name).rolled_back}:
                 model.state, model.reason = State.ROLLED_BACK, "rolled back earlier; 'ttsd activate' serves it"
@@ -104,8 +108,20 @@ class Intake:
                 model.state = State.VERIFYING
                 self.table.see_folder(path, "known")
                 stale = ""
+                saved = self.state.voice(manifest.name).active
+                beside = active is not None or (saved is not None and norm(saved) != norm(manifest.version))
+                if died >= MEMORY_TRIES and beside:
+                    # the process died each time it loaded this: not again by itself while another
+                    # version serves (systemd restarting it into the same load would hit the unit's
+                    # start limit, leaving no daemon); SIGHUP, activate or a new folder try again
+                    model.short_of_memory = died - 1
+                    model.state = State.AVAILABLE
+                    deferred = True
         if stale:
             self.lifecycle.refuse(model, stale, path, its_files=its_files)
+            return None
+        if deferred:
+            self.lifecycle.defer(model, "the daemon was killed while loading it (out of memory?)", short_of_memory=True)
             return None
         self._listener("verifying", model)
         return model

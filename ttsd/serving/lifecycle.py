@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ResourceError
+from .load_marks import LoadMarks
 from .loader import unload_engine
 from .pacing import Guard, Superseded, Ticket
 from .policy import MEMORY_TRIES, backoff, beyond_keep
@@ -62,6 +63,7 @@ class Lifecycle:
         self._retired: dict[str, str] = {}
         # versions whose engine is being freed now (``unload``, outside the locks): set when done
         self._freeing: dict[Key, threading.Event] = {}
+        self.marks = LoadMarks(state.root)  # loads the process may not live through
 
     def retired(self, name: str) -> str | None:
         """The version the memory policy's upgrade took out of service (``retire_now``) for

@@ -241,6 +241,7 @@ class ModelManager:
         "no voice" a second before one serves."""
         for model in restore(self.state, self.store):
             self.table.add(model)
+        self.lifecycle.marks.read()
         self.reconcile()
         deadline = time.monotonic() + 3 * self.policy.settle + 1.0
         while self.source.waiting() and time.monotonic() < deadline:
@@ -400,11 +401,16 @@ class ModelManager:
         if self.budget.limited:
             self._spawn(self.demand.fit_budget)
 
+    def stopping(self) -> None:
+        """An orderly stop: a load it cuts short did not kill the process (``LoadMarks``)."""
+        self.lifecycle.marks.clear()
+
     def close(self) -> None:
         """Unload everything (shutdown). Jobs still running are called off first."""
         for name in self.table.names():
             self.jobs.cancel(name, "shutting down")
         self.jobs.wait(timeout=10.0)
+        self.stopping()
         self.lifecycle.close()
         self.state.trail.flush()  # what the last swaps left to write
         self.lifecycle.save()
