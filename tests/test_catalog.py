@@ -329,7 +329,10 @@ def test_search_lists_filters_and_prints_json(mirror: Mirror) -> None:
     found = json.loads(result.stdout)
     assert [v["key"] for v in found] == ["fr_FR-longue-x_low"]
     assert found[0]["language"]["name_english"] == "French" and found[0]["size_bytes"] > 300_000
-    assert "no voice matches; without words" in invoke("models", "search", "klingon", "--mirror", mirror.url).stderr
+    for form in ((), ("--json",)):  # the hint on stderr in both forms: stdout stays JSON
+        result = invoke("models", "search", "klingon", "--mirror", mirror.url, *form)
+        assert "no voice matches; without words" in result.stderr
+    assert json.loads(result.stdout) == []
 
 
 @pytest.mark.slow

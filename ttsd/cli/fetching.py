@@ -63,8 +63,10 @@ def search_cmd(text: tuple[str, ...], language: str | None, as_json: bool, mirro
         key, why = next(iter(catalog.invalid.items()))
         # the key as the mirror wrote it may hold terminal escapes or bidi characters: escaped
         out.print(f"warning: {len(catalog.invalid)} catalog entries refused, e.g. {key!a}: {why}", markup=False)
-    if as_json:
+    if as_json:  # (the hint of an empty result on stderr, as the table's: stdout stays JSON)
         click.echo(json.dumps([voice.to_json() for voice in found], indent=2, ensure_ascii=False))
+        if not found:
+            out.print(_no_match(text, language), markup=False)
         return
     # cells are the catalog's text (rid of control and bidi characters when parsed), never markup:
     # a name such as '[/x]' would otherwise be read as a rich tag, or fail to parse as one
@@ -128,16 +130,16 @@ def _list_fleet(index: dict[str, Any], text: tuple[str, ...], language: str | No
             for v, why in voice.withdrawn.items()
         ]
         rows += sorted(listed, key=lambda r: Version(r["version"]), reverse=True)
-    if as_json:
+    if as_json:  # (the hint of an empty result on stderr, as the table's: stdout stays JSON)
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
-        return
-    title = Text(f"{len(found)} of {len(index)} voices on the fleet mirror {base}")
-    table = Table("voice", "version", "boxes", "signed", title=title)
-    for row in rows:
-        boxes = f"withdrawn: {row['withdrawn']}" if row["withdrawn"] else f"{row['share']:.0%}"
-        signed = "" if row["signed"] is None else ("yes" if row["signed"] else "no")
-        table.add_row(Text(row["name"]), Text(row["version"]), Text(boxes), signed)
-    Console().print(table)
+    else:
+        title = Text(f"{len(found)} of {len(index)} voices on the fleet mirror {base}")
+        table = Table("voice", "version", "boxes", "signed", title=title)
+        for row in rows:
+            boxes = f"withdrawn: {row['withdrawn']}" if row["withdrawn"] else f"{row['share']:.0%}"
+            signed = "" if row["signed"] is None else ("yes" if row["signed"] else "no")
+            table.add_row(Text(row["name"]), Text(row["version"]), Text(boxes), signed)
+        Console().print(table)
     if not found:
         console().print(
             _no_match(text, language, " (a fleet voice has a language only in a Piper-style name, ll_CC-...)"),
