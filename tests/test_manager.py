@@ -382,6 +382,32 @@ def test_an_engine_that_fails_to_unload_never_takes_the_voice_down(
     assert "voice 1: freeing its engine failed" in caplog.text
 
 
+def test_an_unforeseen_error_in_a_memory_policy_upgrade_brings_the_old_version_back(
+        tmp_path: Path, fake_engines: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anything the upgrade did not foresee, raised once the serving version was out of service
+    (here: making room within the memory budget), left the voice serving nothing until a later
+    reconcile's fall-back. The version taken out serves again at once."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager = make_manager(tmp_path, swap="memory")
+    manager.start()
+
+    make_room = manager.demand.make_room
+
+    def broken(model: Any) -> Any:
+        if model.version == "2":
+            raise RuntimeError("unforeseen")
+        return make_room(model)
+
+    monkeypatch.setattr(manager.demand, "make_room", broken)
+    fake_model(models, "voice", "2")
+    manager.reconcile()
+    with manager.acquire("voice") as lease:
+        assert lease.voice.version == "1"
+    assert manager.table.get("voice", "2").state is not State.VERIFYING  # type: ignore[union-attr]
+    manager.close()
+
+
 @pytest.mark.slow
 def test_memory_is_returned_over_10_swaps_of_the_real_voice(tmp_path: Path, joe_folder: Path) -> None:
     """Ten upgrades of en_US-joe-medium in one process: RSS levels off (each swap unloads the

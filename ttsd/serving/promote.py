@@ -147,6 +147,10 @@ class Promoter:
             self.lifecycle.discard(model, f"not serving: its upgrade was called off ({exc})")
             self._restore(retired, "the upgrade was called off")
             raise
+        except Exception as exc:  # unforeseen, with the serving version perhaps out of service
+            self.lifecycle.discard(model, f"not serving: its upgrade failed ({type(exc).__name__}: {exc})")
+            self._restore(retired)
+            raise
         self.table.change(model, backoff=0.0)
         self.demand.park_if_cold(model, was_loaded)
         return True
