@@ -127,6 +127,75 @@ def test_nan_weights_are_refused(tmp_path: Path) -> None:
         open_engine(folder)
 
 
+def _edited_config(folder: Path, **changes: object) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    pack(folder, name="tiny", version="1", engine="vits", sample_rate=16000)
+    return folder
+
+
+@pytest.mark.parametrize("changes, why", [
+    ({"speaking_rate": 1e-6}, "speaking_rate must be between 0.1 and 10"),  # warm-up's durations: endless
+    ({"noise_scale_duration": 1e30}, "noise_scale_duration must be between 0 and 2"),
+    ({"noise_scale": float("nan")}, "noise_scale must be between"),
+    ({"upsample_rates": [4000, 4]}, "upsample rate 4000 must be from 1 to its kernel size 8"),  # spun for minutes
+    ({"resblock_dilation_sizes": [[0, 3]]}, "dilations"),
+])
+def test_config_values_no_weight_bounds_are_refused_before_loading(tmp_path: Path, changes: dict[str, object],
+                                                                   why: str) -> None:
+    """Values that change no weight's shape, so the weights' check passed them: the load made
+    endless durations (memory until the OOM killer came) or spun the decoder's set-up for
+    minutes. Refused with the reason before any weight is read."""
+    folder = _edited_config(save_tiny_vits(tmp_path / "c", pack_it=False), **changes)
+    with pytest.raises(LoadError, match=why):
+        open_engine(folder)
+
+
+@pytest.mark.parametrize("file, content, why", [
+    ("config.json", '{"model_type": "vits", "junk": "' + "x" * (9 << 20) + '"}', "larger than"),
+    ("config.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("vocab.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("vocab.json", b"\xff{}", "not valid JSON"),
+])
+def test_the_folders_json_files_are_read_bounded(tmp_path: Path, file: str, content: str | bytes, why: str) -> None:
+    """A 500 MB config.json was read whole at each load (and at each restart); nesting ran into
+    Python's recursion limit and said only that."""
+    folder = save_tiny_vits(tmp_path / "j", pack_it=False)
+    data = content.encode() if isinstance(content, str) else content
+    (folder / file).write_bytes(data)
+    pack(folder, name="tiny", version="1", engine="vits", sample_rate=16000)
+    with pytest.raises(LoadError, match=f"{file}.*{why}"):
+        open_engine(folder)
+
+
+def test_durations_beyond_the_audio_limit_are_refused_before_they_are_made(tiny_folder: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A duration predictor gone wild (its weights, or a scale) asked for hours of frames: they
+    were made, and the box ran out of memory, before the request's audio limit was counted."""
+    import torch
+
+    engine = create_engine(tiny_folder, verify(tiny_folder), max_audio_seconds=10)
+    engine.load()
+    made: list[int] = []
+    interleave = torch.repeat_interleave
+
+    def counted(values: torch.Tensor, repeats: torch.Tensor, dim: int) -> torch.Tensor:
+        made.append(int(repeats.sum()))
+        return interleave(values, repeats, dim=dim)
+
+    monkeypatch.setattr(torch, "repeat_interleave", counted)
+    model = engine._require()  # type: ignore[attr-defined]
+    duration = model.duration
+    monkeypatch.setattr(model, "duration", lambda *a: duration(*a) + 20.0)  # e**20 frames a token
+    with pytest.raises(AudioTooLongError, match="longer than 10 s"):
+        engine.synthesize("hello")
+    assert made == []
+    monkeypatch.setattr(model, "duration", lambda *a: duration(*a) + float("inf"))
+    with pytest.raises(RuntimeError, match="not finite"):
+        engine.synthesize("hello")
+
+
 @pytest.mark.slow
 def test_silent_model_fails_warmup(tmp_path: Path) -> None:
     import torch

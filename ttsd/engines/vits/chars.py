@@ -20,7 +20,6 @@ engine can refuse them by name, but cannot encode: ttsd does not bundle ``phonem
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import LoadError, RequestError
+from .files import read_json
 
 VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -331,15 +331,9 @@ def _is_token_dict(value: object) -> bool:
 def _read_json(path: Path) -> Any:
     """The parsed file, ``None`` if it does not exist, ``LoadError`` if it cannot be read or parsed."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return read_json(path)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LoadError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise LoadError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def _added_tokens_decoder(path: Path, data: object) -> dict[int, AddedToken]:

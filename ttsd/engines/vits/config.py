@@ -6,7 +6,7 @@ refused (``LoadError``) with the reason.
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import LoadError
+from .files import read_json
 
 # hidden_act -> the function the text encoder's feed-forward applies (check() refuses other names)
 _ACTIVATIONS = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
@@ -68,9 +69,9 @@ class VitsConfig:
     @classmethod
     def read(cls, path: Path) -> VitsConfig:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise LoadError(f"{path}: not readable JSON ({exc})") from exc
+            data = read_json(path)
+        except FileNotFoundError as exc:
+            raise LoadError(f"{path}: missing") from exc
         if not isinstance(data, dict):
             raise LoadError(f"{path}: not a JSON object")
         return cls.from_dict(data, str(path))
@@ -106,6 +107,32 @@ class VitsConfig:
 
     def check(self, where: str) -> None:
         problems = []
+        # values no weight's shape bounds: a speaking_rate near 0 made warm-up's durations (and
+        # memory) endless, upsample rates over their kernels spun the decoder's set-up for minutes
+        # (the noise scales in the range a request may ask for: a checked option never makes the model raise)
+        ranges = (("speaking_rate", 0.1, 10.0), ("noise_scale", 0.0, 2.0), ("noise_scale_duration", 0.0, 2.0))
+        for name, low, high in ranges:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high):
+                problems.append(f"{name} must be between {low:g} and {high:g}, not {value!r}")
+        for rate, size in zip(self.upsample_rates, self.upsample_kernel_sizes, strict=False):
+            if not 1 <= rate <= size:
+                problems.append(f"upsample rate {rate} must be from 1 to its kernel size {size}")
+        counts = (
+            *self.upsample_kernel_sizes,
+            *self.resblock_kernel_sizes,
+            *(d for ds in self.resblock_dilation_sizes for d in ds),
+            self.wavenet_kernel_size,
+            self.wavenet_dilation_rate,
+            self.ffn_kernel_size,
+            self.duration_predictor_kernel_size,
+            self.num_attention_heads,
+            self.num_speakers,
+        )
+        if any(n < 1 for n in counts):
+            problems.append("kernel sizes, dilations, attention heads and speakers must be at least 1")
+        if self.window_size is not None and self.window_size < 1:
+            problems.append("window_size must be at least 1 (or null)")
         if self.hidden_size % max(self.num_attention_heads, 1):
             problems.append("hidden_size is not divisible by num_attention_heads")
         if self.hidden_act not in _ACTIVATIONS:

@@ -381,6 +381,7 @@ class VitsEngine(Engine[Unit]):
                 length_scale=length_scale,
                 speaker_id=self._speaker_id(options),
                 generator=generator,
+                max_seconds=self.max_audio_seconds,
             )
 
     def _latents(self, unit: Unit, options: SynthesisOptions) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...errors import LoadError
+from ...errors import AudioTooLongError, LoadError
 from .config import VitsConfig
 from .decoder import FastHifiGan
 from .text_side import _Coupling, _Duration, _EncoderLayer, _StochasticDuration
 from .weights import Dense, FileTensors, _Weights
 
+MAX_UNIT_SECONDS = 1800.0  # one sentence's audio, where the request sets no lower limit
 BUCKET = 32  # text lengths are padded to a multiple of this (bounded shapes for oneDNN)
 # Frame counts are padded to a multiple of this. The flow runs on frames, and in bf16 its products
 # are oneDNN matmuls, which compile and keep kernels for each shape they meet: frames padded to 32
@@ -200,10 +201,14 @@ class NativeVits:
         generator: torch.Generator | None = None,
         bucket: int | None = None,
         encoded: Encoded | None = None,
+        max_seconds: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text ids -> the flow's input, time-major ``(frames, flow_size)`` (text encoder, durations,
         the prior's noise), and the speaker embedding ``(1, E)``. ``bucket``: the text padding.
-        ``encoded``: the ids' ``encode`` result, where it was made with other sentences'."""
+        ``encoded``: the ids' ``encode`` result, where it was made with other sentences'.
+        Durations longer than ``max_seconds`` of audio in all (``MAX_UNIT_SECONDS`` when None) are
+        ``AudioTooLongError`` before anything that long is made: a duration predictor gone wild
+        asked for more memory than the box has."""
         c = self.config
         enc = self.encode([ids], bucket=bucket)[0] if encoded is None else encoded
         length, padded, hidden, mask = len(ids), enc.hidden.shape[0], enc.hidden, enc.mask
@@ -222,7 +227,13 @@ class NativeVits:
         else:
             noise = torch.zeros(padded, 2)
         log_duration = self.duration(hidden, mask, speaker, noise)
-        frames = torch.ceil(torch.exp(log_duration[:length, 0]) * length_scale).long()
+        lengths = torch.exp(log_duration[:length, 0]) * length_scale
+        if not bool(torch.isfinite(lengths).all()):
+            raise RuntimeError("the duration predictor gave durations that are not finite")
+        limit = MAX_UNIT_SECONDS if max_seconds is None else min(max_seconds, MAX_UNIT_SECONDS)
+        if float(lengths.sum()) > limit * c.sampling_rate / self.decoder.hop + length:
+            raise AudioTooLongError(f"the audio of one sentence would be longer than {limit:g} s")
+        frames = torch.ceil(lengths).long()
         means = torch.repeat_interleave(means, frames, dim=0)
         log_vars = torch.repeat_interleave(log_vars, frames, dim=0)
         if means.shape[0] == 0:

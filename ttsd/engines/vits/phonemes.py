@@ -9,7 +9,6 @@ state in the C library, so every call holds one process-wide lock.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import threading
 import types
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import LoadError, RequestError
+from .files import read_json
 
 _ESPEAK_LOCK = threading.Lock()
 # A Piper voice's phoneme map in its model folder: written by the converter, read by the engine.
@@ -35,7 +35,7 @@ class PhonemeConfig:
     @classmethod
     def read(cls, path: Path) -> PhonemeConfig:
         try:
-            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            data: dict[str, Any] = read_json(path)
             return cls(
                 espeak_voice=str(data.get("espeak_voice", "en-us")),
                 phoneme_id_map={str(k): [int(i) for i in v] for k, v in data["phoneme_id_map"].items()},
@@ -44,6 +44,8 @@ class PhonemeConfig:
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LoadError(f"{path}: not a valid phoneme map ({exc})") from exc
+        except LoadError as exc:
+            raise LoadError(f"not a valid phoneme map: {exc}") from exc
 
 
 _INIT_LOCK = threading.RLock()
