@@ -187,3 +187,14 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_an_emoji_newer_than_this_pythons_unicode_is_left_out(joe_engine) -> None:  # type: ignore[no-untyped-def]
+    """A conversation agent's reply with 🩷 (Unicode 15, unassigned to Python 3.11): spoken as
+    without it, not refused, and not spelled out by espeak-ng ("symbol one F A seven seven")."""
+    from ttsd.text import check_text
+
+    same = SynthesisOptions(seed=0, normalize=False)
+    new, without = (joe_engine.synthesize(check_text(f"The lights are on{e}. Anything else?"), same).samples
+                    for e in (" \U0001FA77", ""))
+    np.testing.assert_array_equal(new, without)

@@ -19,10 +19,20 @@ def test_too_long() -> None:
         check_text("a" * 11, max_chars=10)
 
 
-@pytest.mark.parametrize("char", ["\x00", "\x07", "\ud800", "\ue000"])
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\ud800", "\ue000", "\ufdd0", "\ufffe", "\U0001ffff", "\U0010ffff"])
 def test_invalid_characters_are_named(char: str) -> None:
     with pytest.raises(RequestError, match=f"U\\+{ord(char):04X}"):
         check_text(f"hello {char} world")
+
+
+@pytest.mark.parametrize("char", ["\U0001FA77", "\U0001FABF", "\U0001FACE", "\U0001FAE8"])  # 🩷 🪿 🫎 🫨
+def test_emoji_newer_than_this_pythons_unicode_pass(char: str) -> None:
+    """Unicode 15 and 16 emoji are unassigned to Python 3.11's database: a conversation agent's
+    "Sure, I turned on the lights 🩷." was refused whole as an invalid character. They are left
+    out (espeak-ng spelled them out as "symbol one F A seven seven")."""
+    assert check_text(f"Sure, I turned on the lights {char}.") == "Sure, I turned on the lights ."
+    with pytest.raises(RequestError, match="nothing to speak"):
+        check_text(char)
 
 
 def test_ordinary_text_passes_stripped() -> None:

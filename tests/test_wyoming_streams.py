@@ -215,3 +215,38 @@ def test_the_audio_held_for_clients_is_bounded_all_together_and_no_one_client_wa
     assert unsent.held == 0
     worker.join(5)
     loop.close()
+
+
+def test_a_stream_s_sentences_are_its_text_as_sent(voices: FakeVoices, tmp_path: Path) -> None:
+    """A chunk that ends in a space before a sentence is complete kept the space: "Hello " then
+    "world. " was spoken as "Helloworld."."""
+    stream(voices, tmp_path, ["Right. Hello ", "world. And ", "then", " some."])
+    assert [job.text for job in voices.jobs] == ["Right.", "Hello world.", "And then some."]
+
+
+def test_a_chunk_of_many_short_sentences_over_max_chars_in_all_is_spoken(tmp_path: Path) -> None:
+    """The chunk's length was checked before it was split into sentences: one chunk of short
+    sentences, over --max-chars in all, was refused as "a sentence ... over N characters"."""
+    voices = FakeVoices(tmp_path, {"joe": {"1": {}}}, max_chars=80, max_audio_seconds=30.0)
+    try:
+        events = stream(voices, tmp_path, ["Yes. No. " * 12])
+        assert not any(Error.is_type(e.type) for e in events)
+        assert len(voices.jobs) == 24
+    finally:
+        voices.close()
+
+
+@pytest.mark.parametrize("chunks, code", [(["Fine. A\x00b. "], "bad_request"),
+                                          (["a" * 81], "text_too_long"),
+                                          (["a. " * 120], "text_too_long")])
+def test_a_stream_sentence_that_cannot_be_spoken_fails_the_stream(tmp_path: Path, chunks: list[str],
+                                                                   code: str) -> None:
+    """A sentence with an invalid character was dropped without a word (the stream went on, the
+    answer missing a sentence); the stream's text over 4 x --max-chars said bad_request."""
+    voices = FakeVoices(tmp_path, {"joe": {"1": {}}}, max_chars=80, max_audio_seconds=30.0)
+    try:
+        events = stream(voices, tmp_path, chunks)
+        errors = [Error.from_event(e) for e in events if Error.is_type(e.type)]
+        assert [e.code for e in errors] == [code], errors
+    finally:
+        voices.close()

@@ -71,6 +71,10 @@ class SpoolFileError(RequestError):
         self.code = code
 
 
+class NothingToSpeakError(RequestError):
+    """Text that is empty, or only punctuation, symbols or spaces."""
+
+
 class TextTooLongError(RequestError):
     """Text over the configured maximum length."""
 

@@ -7,7 +7,7 @@ import unicodedata
 from collections.abc import Collection, Sequence
 from typing import TypeVar
 
-from .errors import RequestError, TextTooLongError
+from .errors import NothingToSpeakError, RequestError, TextTooLongError
 
 DEFAULT_MAX_CHARS = 5000
 _ALLOWED_CONTROL = {"\n", "\r", "\t"}
@@ -23,16 +23,39 @@ def check_text(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> str:
         raise RequestError("text must be a string")
     stripped = text.strip()
     if not stripped:
-        raise RequestError("text is empty")
+        raise NothingToSpeakError("text is empty")
     if len(stripped) > max_chars:
         raise TextTooLongError(f"text is {len(stripped)} characters; the limit is {max_chars}")
+    unknown = False
     for index, char in enumerate(stripped):
         category = unicodedata.category(char)
-        if (category == "Cc" and char not in _ALLOWED_CONTROL) or category in ("Cs", "Co", "Cn"):
+        if (category == "Cc" and char not in _ALLOWED_CONTROL) or category in ("Cs", "Co") or _noncharacter(char):
             raise RequestError(f"text has an invalid character U+{ord(char):04X} at position {index}")
+        unknown = unknown or category == "Cn"
+    if unknown:
+        # unassigned to this Python's Unicode database is not invalid: Python 3.11 knows Unicode 14,
+        # and a conversation agent's reply holds emoji of Unicode 15 and 16. Left out, not spoken
+        # (espeak-ng spelled 🩷 out as "symbol one F A seven seven"); the text was refused whole
+        stripped = "".join(c for c in stripped if unicodedata.category(c) != "Cn").strip()
     if not any(unicodedata.category(c)[0] in "LN" for c in stripped):
-        raise RequestError("text has nothing to speak (only punctuation, symbols or spaces)")
+        raise NothingToSpeakError("text has nothing to speak (only punctuation, symbols or spaces)")
     return stripped
+
+
+def complete_sentences(text: str) -> tuple[list[str], str]:
+    """The sentences ``text`` completes (``split_sentences``), and the rest, still being written
+    (a text stream's next piece goes on from it as it is: "Hello " + "world." is "Hello world.").
+    A sentence is complete at its end mark and a space (so "3." in "3.5" waits), or at a Chinese
+    or Japanese full-width mark."""
+    cut = max((match.end() for match in _SENTENCE_END.finditer(text)), default=0)
+    return split_sentences(text[:cut]) if cut else [], text[cut:].lstrip()
+
+
+def _noncharacter(char: str) -> bool:
+    """One of Unicode's 66 noncharacters (U+FDD0..U+FDEF, and the last two of every plane):
+    never text, in any version of the standard."""
+    code = ord(char)
+    return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
 
 
 def split_sentences(text: str) -> list[str]:

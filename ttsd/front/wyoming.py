@@ -49,10 +49,10 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from ..errors import BusyError, RequestError, TextTooLongError, TtsdError
+from ..errors import BusyError, NothingToSpeakError, RequestError, TextTooLongError, TtsdError
 from ..logs import Throttle
 from ..options import SynthesisOptions
-from ..text import check_text, split_sentences
+from ..text import check_text, complete_sentences
 from .backend import Backend
 from .listeners import WRITE_SECONDS, PeerShare, check_socket
 from .speech_request import parse_speaker
@@ -352,24 +352,22 @@ class _Handler(AsyncEventHandler):
             raise RequestError("synthesize-chunk text must be a string")
         stream.received += len(text)
         if stream.received > MAX_STREAM_CHARS_FACTOR * self.backend.max_chars:
-            raise RequestError(f"the text stream is over {MAX_STREAM_CHARS_FACTOR * self.backend.max_chars} characters")
-        stream.pending += text
+            raise TextTooLongError(
+                f"the text stream is over {MAX_STREAM_CHARS_FACTOR * self.backend.max_chars} characters"
+            )
+        # split first: one chunk may hold many short sentences, over --max-chars in all
+        complete, stream.pending = complete_sentences(stream.pending + text)
         if len(stream.pending) > self.backend.max_chars:  # no sentence can be that long: say so now
             raise TextTooLongError(f"a sentence of the text stream is over {self.backend.max_chars} characters")
-        sentences = split_sentences(stream.pending)
-        if len(sentences) < 2 and not _ends_sentence(stream.pending):
-            return  # the sentence being sent is not complete yet
-        complete = sentences if _ends_sentence(stream.pending) else sentences[:-1]
-        stream.pending = "" if _ends_sentence(stream.pending) else sentences[-1]
         for sentence in complete:
             await self._say_in_stream(stream, sentence)
 
     async def _say_in_stream(self, stream: _Stream, sentence: str) -> None:
         try:
             check_text(sentence, self.backend.max_chars)
-        except RequestError:
+        except NothingToSpeakError:
             return  # e.g. "..." alone: nothing to speak in this piece, the stream goes on
-        await self._speak(sentence, stream.voice, stream)
+        await self._speak(sentence, stream.voice, stream)  # any other fault fails the stream
 
     def _voice_name(self, voice: SynthesizeVoice | None) -> str | None:
         """The voice asked for: by name; by language alone (``choose_voice``); else the default."""
@@ -464,9 +462,3 @@ def _check_voice_field(event: Event) -> None:
     voice = event.data.get("voice")
     if voice is not None and not isinstance(voice, dict):
         raise RequestError('voice must be an object such as {"name": "en_US-joe-medium"}, not a string or a list')
-
-
-def _ends_sentence(text: str) -> bool:
-    """Whether ``text`` ends a sentence already (a stop and a space, so "3." in "3.5" waits)."""
-    stripped = text.rstrip()
-    return len(stripped) < len(text) and stripped[-1:] in ".!?…。！？"
