@@ -177,3 +177,25 @@ def test_a_language_no_voice_speaks_is_an_error_never_another_languages_voice(da
     assert spoken_by(daemon, "kitchen") + spoken_by(daemon, "en_US-joe-medium") == spoken
     assert not any(AudioChunk.is_type(e.type) or AudioStart.is_type(e.type) or AudioStop.is_type(e.type)
                    for e in answer)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_an_announcement_that_cannot_be_made_is_a_warning(host: str, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A box with only loopback up (no route to the mDNS group): the announcement raised, and the
+    daemon exited 3, to be started again by systemd every 2 s. A loopback bind is not announced:
+    no other box could reach the address it would give."""
+    import errno
+    import logging
+
+    from ttsd.front import wyoming_mdns
+
+    def unreachable() -> str:
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(wyoming_mdns, "_outgoing_address", unreachable)
+    advertisement = wyoming_mdns.Advertisement("box", host, 10200)
+    with caplog.at_level(logging.WARNING, logger="ttsd.wyoming"):
+        asyncio.run(advertisement.start())
+    said = "cannot announce Wyoming over mDNS (" if host == "0.0.0.0" else "not announcing Wyoming over mDNS"
+    assert said in caplog.text and advertisement._zeroconf is None

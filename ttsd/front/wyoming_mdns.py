@@ -34,8 +34,17 @@ class Advertisement:
         self.check()
         from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-        address = self.host if self.host not in ("0.0.0.0", "") else _outgoing_address()
+        if self.host.startswith("127.") or self.host == "localhost":
+            log.warning(
+                "not announcing Wyoming over mDNS: it listens on %s, which no other box can reach; "
+                "bind it to the LAN (--wyoming tcp://0.0.0.0:PORT) to be discovered",
+                self.host,
+            )
+            return
         try:
+            # (a box with no route to the mDNS group, only loopback up: a warning, as any failure
+            # to announce; it stopped the daemon with exit 3, and systemd started it again)
+            address = self.host if self.host not in ("0.0.0.0", "") else _outgoing_address()
             self._info = AsyncServiceInfo(
                 "_wyoming._tcp.local.",
                 f"{self.name}._wyoming._tcp.local.",
