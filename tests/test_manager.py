@@ -408,6 +408,29 @@ def test_an_unforeseen_error_in_a_memory_policy_upgrade_brings_the_old_version_b
     manager.close()
 
 
+def test_failed_canaries_leave_no_store_copies_behind(tmp_path: Path, fake_engines: None) -> None:
+    """Each canary that failed kept its store copy (63 MB for the built-in voice) until the voice's
+    active version next changed, whether or not its folder was still there: eight failed
+    canaries in a row took 480 MB of the state dir. Its copy goes when it ends."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    manager, _ = _recording(tmp_path, canary={"*": 1.0}, canary_requests=5)
+    manager.start()
+    store = tmp_path / "state" / "store" / "voice"
+    for version in ("2", "3", "4", "5"):
+        folder = fake_model(models, "voice", version, fail_from=3)  # warm-up (requests 1-2) passes
+        manager.reconcile()
+        assert manager.snapshot()[0]["canary"] == version
+        lease = manager.acquire("voice")
+        with pytest.raises(RuntimeError):
+            lease.engine.synthesize("hello")
+        lease.release(False)
+        assert manager.snapshot()[0]["canary"] is None
+        shutil.rmtree(folder)
+    assert sorted(p.name for p in store.iterdir()) == ["1"]
+    manager.close()
+
+
 @pytest.mark.slow
 def test_memory_is_returned_over_10_swaps_of_the_real_voice(tmp_path: Path, joe_folder: Path) -> None:
     """Ten upgrades of en_US-joe-medium in one process: RSS levels off (each swap unloads the

@@ -303,6 +303,9 @@ class Lifecycle:
         log.error("%s %s canary ended: %s", model.name, model.version, model.reason)
         self._listener("rolled_back", model)
         self.unload(model)  # now, or when its last request ends
+        # its store copy goes too (it stayed until the voice's next swap: eight failed canaries in
+        # a row of the built-in voice held 480 MB); one still serving a request goes at the next
+        self._spawn(lambda: self.prune_store(model.name))
 
     def unpark(self, model: ModelVersion) -> bool:
         """A parked active version (the memory budget's) was loaded for requests: it serves again.
