@@ -140,6 +140,11 @@ class Daemon:
             self.metrics.voice_loads.labels(model.name).inc()
         elif event == "evicted":
             self.metrics.voice_evictions.labels(model.name).inc()
+        if event == "unloaded" and model.key not in (
+            self.manager.map.active(model.name),
+            self.manager.map.canary(model.name),
+        ):
+            self.metrics.forget_version(model.name, model.version)  # (bounded: only what is loaded has series)
         if event == "activated":
             self.metrics.model_swaps.labels(model.name).inc()
             if self._serving:  # READY=1 again is harmless; before the socket exists it would be a lie
