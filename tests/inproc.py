@@ -229,7 +229,8 @@ class FakeVoices:
         self.backend = Backend(acquire=self.map.acquire, submit=self._submit, voices=self.voices,
                                ready=self.map.ready, status=self.status, metrics=self.metrics,
                                max_chars=max_chars, rollback=self._rollback, activate=self._activate, token=token,
-                               max_audio_seconds=max_audio_seconds, judge=self.map.judge)
+                               max_audio_seconds=max_audio_seconds, judge=self.map.judge,
+                               capacity=workers + queue_size)
 
     def engine(self, name: str, version: str) -> SentenceFake:
         return self.engines[(name, norm(version))]

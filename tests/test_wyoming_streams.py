@@ -250,3 +250,57 @@ def test_a_stream_sentence_that_cannot_be_spoken_fails_the_stream(tmp_path: Path
         assert [e.code for e in errors] == [code], errors
     finally:
         voices.close()
+
+
+def test_one_address_holds_at_most_half_the_pools_places(tmp_path: Path) -> None:
+    """Wyoming has no authentication: one LAN host's long requests filled the queue, and Home
+    Assistant's announcement (another address) got busy for as long as that host kept sending.
+    One address holds at most half the pool's places (workers and queue): its next request is
+    told busy, and another address's is taken."""
+    import socket
+
+    from wyoming.event import async_read_event, async_write_event
+    from wyoming.tts import Synthesize
+
+    voices = FakeVoices(tmp_path, {"joe": {"1": {}}}, workers=1, queue_size=3)  # 4 places: 2 an address
+    voices.engine("joe", "1").valve.close()  # nothing ends until the test says so
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def ask(source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        await async_write_event(Synthesize(text="Hello there.").event(), writer)
+        return reader, writer
+
+    async def answer(reader: asyncio.StreamReader) -> str:
+        event = await asyncio.wait_for(async_read_event(reader), 5)
+        assert event is not None
+        return Error.from_event(event).code or "" if Error.is_type(event.type) else event.type
+
+    async def go() -> tuple[list[str], str]:
+        server = WyomingServer(f"tcp://127.0.0.1:{port}", voices.backend)
+        await server.start()
+        try:
+            flood = [await ask("127.0.0.2") for _ in range(4)]
+            first = sorted([await answer(reader) for reader, _ in flood])  # audio-start once taken
+            home = await ask("127.0.0.3")
+            heard = await answer(home[0])
+            for _, writer in [*flood, home]:
+                writer.close()
+            return first, heard
+        finally:
+            voices.engine("joe", "1").valve.open()
+            await server.drain(1.0)
+
+    loop = asyncio.new_event_loop()
+    try:
+        first, heard = loop.run_until_complete(go())
+    finally:
+        loop.close()
+        voices.close()
+    assert first == ["audio-start", "audio-start", "busy", "busy"] and heard == "audio-start"

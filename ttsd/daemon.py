@@ -218,6 +218,7 @@ class Daemon:
             metrics=self.metrics,
             max_chars=self.config.max_chars,
             max_audio_seconds=self.config.max_audio_seconds,
+            capacity=self.pool.workers + self.pool.queue_size,
             judge=self.manager.map.judge,
             rollback=self.rollback,
             activate=self.activate,

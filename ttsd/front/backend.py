@@ -43,6 +43,7 @@ class Backend:
     # a version a fleet mirror withdrew: voice, version, to (if it is active), reason
     withdraw: Callable[[str, str, str | None, str], Awaitable[dict[str, Any]]] | None = None
     max_audio_seconds: float | None = None  # of one request: a Wyoming text stream's sentences in all
+    capacity: int | None = None  # requests the pool takes at once (workers + queue): a Wyoming address gets half
     # the outcome of a request that held no lease to its end (voice, version, ok): a text stream
     judge: Callable[[str, str, bool], None] | None = None
     # set just before a stop's grace runs out: a whole-file request still being spoken answers 503

@@ -29,8 +29,10 @@ synthesis cancelled and its slot freed. Runs on the event loop; synthesis is the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -56,7 +58,7 @@ from ..text import check_text, complete_sentences
 from .backend import Backend
 from .listeners import WRITE_SECONDS, PeerShare, check_socket
 from .speech_request import parse_speaker
-from .synth import Cancelled, Job
+from .synth import Cancelled, Job, Result
 from .wyoming_io import MAX_EVENT_BYTES, AudioHandoff, BadFrame, UnsentAudio, read_event
 from .wyoming_mdns import Advertisement
 from .wyoming_voices import choose_voice, info
@@ -95,6 +97,7 @@ class WyomingServer:
         self.advertisement: Advertisement | None = None  # mDNS, when asked for (TCP only)
         self.refused = 0  # connections over max_connections
         self.peers = PeerShare(max_connections, "Wyoming")  # one TCP address holds at most half of them
+        self.jobs_of: dict[str, int] = {}  # requests each TCP address has in the pool (event loop only)
         self.cut_off = 0  # connections whose client left its answer unread for write_timeout
         self.malformed = 0  # connections closed for a malformed event
         self.unsent = UnsentAudio()  # audio made for clients and not yet sent, all together
@@ -132,7 +135,7 @@ class WyomingServer:
         if host is None:  # one address holds half the slots already
             writer.transport.abort()
             return
-        handler = _Handler(reader, writer, self.backend, self)
+        handler = _Handler(reader, writer, self.backend, self, host)
         task = asyncio.current_task()
         assert task is not None
         self._handlers[task] = handler
@@ -143,6 +146,12 @@ class WyomingServer:
         finally:
             self._handlers.pop(task, None)
             self.peers.give(host)
+
+    def job_ended(self, host: str) -> None:
+        if (left := self.jobs_of.get(host, 0) - 1) > 0:
+            self.jobs_of[host] = left
+        else:
+            self.jobs_of.pop(host, None)
 
     def malformed_event(self, reason: BadFrame) -> None:
         self.malformed += 1
@@ -198,11 +207,17 @@ class _Handler(AsyncEventHandler):
     """One client connection; events are handled one at a time, in order."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: Backend, server: WyomingServer
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        backend: Backend,
+        server: WyomingServer,
+        host: str = "",
     ) -> None:
         super().__init__(reader, writer)
         self.backend = backend
         self.server = server
+        self.host = host  # the client's address ("" on a Unix socket)
         self.busy = False
         self._stream: _Stream | None = None
         self._handoff: AudioHandoff | None = None  # the request being spoken, stopped if the connection ends
@@ -403,7 +418,7 @@ class _Handler(AsyncEventHandler):
         handoff = AudioHandoff(asyncio.get_running_loop(), job.cancel, self.server.unsent)
         job.on_chunk = handoff.put  # waits for no single client: only past the bound on all of them
         try:
-            future = self.backend.submit(job)
+            future = self._submit(job)
         except TtsdError as exc:
             if stream is None:
                 self._count(served.name, served.version, exc.code, exc.fault)
@@ -439,6 +454,28 @@ class _Handler(AsyncEventHandler):
             return
         stream.spoke = True
         stream.audio_seconds += future.result().audio_seconds
+
+    def _submit(self, job: Job) -> Future[Result]:
+        """``backend.submit``, with one TCP address holding at most half the pool's places
+        (workers and queue), as it holds at most half the connections: Wyoming has no
+        authentication, and one LAN host's twenty long requests filled the queue, so Home
+        Assistant's next announcement got ``busy`` for as long as that host kept sending."""
+        share = max(1, self.backend.capacity // 2) if self.backend.capacity and self.host else None
+        held = self.server.jobs_of
+        if share is not None and held.get(self.host, 0) >= share:
+            job.lease.release()  # (as a submit that raises has let go of it)
+            raise BusyError(f"this address has {share} requests in progress, its share of the queue", retry_after=1)
+        future = self.backend.submit(job)
+        if share is not None:
+            held[self.host] = held.get(self.host, 0) + 1
+            loop, host = asyncio.get_running_loop(), self.host
+
+            def ended(_: object) -> None:  # (on a worker thread)
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to count
+                    loop.call_soon_threadsafe(self.server.job_ended, host)
+
+            future.add_done_callback(ended)
+        return future
 
     def _count(self, voice: str | None, version: str | None, outcome: str, fault: str | None = None) -> None:
         metrics = self.backend.metrics
