@@ -395,6 +395,33 @@ def test_an_event_of_many_small_values_is_refused_before_its_data_is_awaited() -
     assert event.type == "synthesize" and event.data["text"] == "hi"  # type: ignore[attr-defined]
 
 
+def test_an_event_is_bounded_by_what_a_request_can_hold_and_its_payload_is_not_kept() -> None:
+    """A connection waiting for the rest of an event held its header line, data and payload, each
+    up to 1 MiB: 128 stalled connections took 540 MB the allocator kept. Data is bounded by what
+    --max-chars of text can take as JSON (the longest escapes), and a payload (a TTS server uses
+    none) is read in pieces and dropped."""
+    from ttsd.front.wyoming_io import BadFrame, event_bytes, read_event
+
+    limit = event_bytes(5000)
+    assert 64 << 10 <= limit < 1 << 20
+
+    async def read(raw: bytes) -> object:
+        reader = asyncio.StreamReader(limit=limit)
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return await read_event(reader, limit)
+
+    longest = json.dumps({"text": "\U0001F600" * 5000, "voice": {"name": "x" * 200}}).encode()  # ensure_ascii
+    assert len(longest) > 60_000
+    for field in ("data_length", "payload_length"):
+        with pytest.raises(BadFrame, match=f"{field} must be a whole number of bytes up to {limit}"):
+            asyncio.run(read(b'{"type": "synthesize", "%s": %d}\n' % (field.encode(), limit + 1)))
+    event = asyncio.run(read(b'{"type": "synthesize", "data_length": %d, "payload_length": %d}\n'
+                             % (len(longest), limit) + longest + b"\0" * limit))
+    assert event.type == "synthesize" and event.payload is None  # type: ignore[attr-defined]
+    assert len(event.data["text"]) == 5000  # type: ignore[attr-defined]
+
+
 def test_a_text_stream_that_never_ends_a_sentence_is_refused_at_the_limit(daemon: Daemon) -> None:
     """Text streamed without a sentence end is refused once it is longer than any sentence may
     be (--max-chars), not buffered further: one error; the rest of the stream is ignored, its

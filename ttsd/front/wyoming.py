@@ -59,7 +59,7 @@ from .backend import Backend
 from .listeners import WRITE_SECONDS, PeerShare, check_socket
 from .speech_request import parse_speaker
 from .synth import Cancelled, Job, Result
-from .wyoming_io import MAX_EVENT_BYTES, AudioHandoff, BadFrame, UnsentAudio, read_event
+from .wyoming_io import MAX_EVENT_BYTES, AudioHandoff, BadFrame, UnsentAudio, event_bytes, read_event
 from .wyoming_mdns import Advertisement
 from .wyoming_voices import choose_voice, info
 
@@ -98,6 +98,7 @@ class WyomingServer:
         self.refused = 0  # connections over max_connections
         self.peers = PeerShare(max_connections, "Wyoming")  # one TCP address holds at most half of them
         self.jobs_of: dict[str, int] = {}  # requests each TCP address has in the pool (event loop only)
+        self.event_bytes = event_bytes(backend.max_chars)  # an event's header line or data, at most
         self.cut_off = 0  # connections whose client left its answer unread for write_timeout
         self.malformed = 0  # connections closed for a malformed event
         self.unsent = UnsentAudio()  # audio made for clients and not yet sent, all together
@@ -116,9 +117,9 @@ class WyomingServer:
         uri = urlparse(self.uri)
         if uri.scheme == "unix":
             check_socket(Path(uri.path), "--wyoming")  # a live daemon's socket is never taken over
-            self._server = await asyncio.start_unix_server(self._accept, uri.path, limit=MAX_EVENT_BYTES)
+            self._server = await asyncio.start_unix_server(self._accept, uri.path, limit=self.event_bytes)
         else:
-            self._server = await asyncio.start_server(self._accept, uri.hostname, uri.port, limit=MAX_EVENT_BYTES)
+            self._server = await asyncio.start_server(self._accept, uri.hostname, uri.port, limit=self.event_bytes)
         if self.advertisement is not None:
             await self.advertisement.start()
 
@@ -228,7 +229,9 @@ class _Handler(AsyncEventHandler):
         try:
             while not self.server.closing:
                 try:
-                    event = await asyncio.wait_for(read_event(self.reader), self.server.idle_timeout)
+                    event = await asyncio.wait_for(
+                        read_event(self.reader, self.server.event_bytes), self.server.idle_timeout
+                    )
                 except asyncio.TimeoutError:
                     break
                 except BadFrame as exc:

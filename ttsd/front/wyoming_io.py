@@ -6,8 +6,8 @@ read may cost the daemon more than a bounded amount:
 
 * ``read_event`` reads the protocol's framing (a JSON header line, then ``data_length`` bytes of
   JSON data and ``payload_length`` bytes of payload) itself, so that every malformed event is one
-  ``BadFrame`` with a short reason (never a traceback): a header line, data or payload over
-  ``MAX_EVENT_BYTES``, a length that is not a whole number, JSON that is not an object, nests
+  ``BadFrame`` with a short reason (never a traceback): a header line, data or payload over the
+  server's bound (``event_bytes``), a length that is not a whole number, JSON that is not an object, nests
   without end or holds more than ``MAX_EVENT_VALUES`` values (objects take far more memory than
   the bytes that spell them), a missing type.
 * ``AudioHandoff`` hands a job's audio to its connection, and ``UnsentAudio`` bounds what all
@@ -31,7 +31,8 @@ from wyoming.event import Event
 from ..audio import Audio
 from .synth import Cancelled
 
-MAX_EVENT_BYTES = 1 << 20  # one event's header line, data or payload (a request's text is far less)
+MAX_EVENT_BYTES = 1 << 20  # one event's header line, data or payload, at most (see event_bytes)
+PAYLOAD_PIECE = 64 << 10  # a payload is read and dropped in pieces this large (a TTS server uses none)
 MAX_EVENT_VALUES = 4096  # JSON values in an event's header or data (a request has a dozen)
 MAX_UNSENT_BYTES = 64 << 20  # PCM made for Wyoming clients and not yet sent, all together (~25 min)
 
@@ -40,13 +41,24 @@ class BadFrame(Exception):
     """A client sent something that is not a Wyoming event; the connection is closed."""
 
 
-async def read_event(reader: asyncio.StreamReader) -> Event | None:
+def event_bytes(max_chars: int) -> int:
+    """The most an event's header line or data may take: a request's text at ``--max-chars``,
+    each character escaped as JSON's longest (``\\ud83d\\ude00``, 12 bytes), and room for the
+    rest; 64 KiB at least and 1 MiB at most. A connection waiting for the rest of an event holds
+    about three times this much: at 1 MiB (and its payload kept) 128 stalled connections held 540
+    MB that the allocator did not give back."""
+    return min(MAX_EVENT_BYTES, max(64 << 10, 12 * max_chars + (16 << 10)))
+
+
+async def read_event(reader: asyncio.StreamReader, limit: int = MAX_EVENT_BYTES) -> Event | None:
     """The next event, or None when the client has closed its side between events (or in the
-    middle of one: it is gone either way). ``BadFrame`` for anything malformed."""
+    middle of one: it is gone either way). ``BadFrame`` for anything malformed. ``limit``: the
+    most its header line (the reader's own limit, which should be the same), data or payload
+    may take; a payload is read and dropped, never kept (a TTS server uses none)."""
     try:
         line = await reader.readline()
-    except ValueError:  # no newline within the reader's limit (MAX_EVENT_BYTES)
-        raise BadFrame(f"an event header over {MAX_EVENT_BYTES} bytes") from None
+    except ValueError:  # no newline within the reader's limit
+        raise BadFrame(f"an event header over {limit} bytes") from None
     if not line.endswith(b"\n"):
         return None  # closed, possibly mid-line
     header = _object(line, "an event header")
@@ -57,14 +69,15 @@ async def read_event(reader: asyncio.StreamReader) -> Event | None:
     if not isinstance(data, dict):
         raise BadFrame(f"a {_shown(kind)} event whose data is not an object")
     try:
-        length = _length(header, "data_length")
+        length = _length(header, "data_length", limit)
         if length:
             data.update(_object(await reader.readexactly(length), "event data"))
-        length = _length(header, "payload_length")
-        payload = await reader.readexactly(length) if length else None
+        left = _length(header, "payload_length", limit)
+        while left:
+            left -= len(await reader.readexactly(min(left, PAYLOAD_PIECE)))
     except asyncio.IncompleteReadError:
         return None
-    return Event(type=kind, data=data, payload=payload)
+    return Event(type=kind, data=data)
 
 
 def _object(raw: bytes, what: str) -> dict[str, Any]:
@@ -96,12 +109,12 @@ def _few_values(value: object) -> bool:
     return True
 
 
-def _length(header: dict[str, Any], field: str) -> int:
+def _length(header: dict[str, Any], field: str, limit: int) -> int:
     value = header.get(field)
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EVENT_BYTES:
-        raise BadFrame(f"{field} must be a whole number of bytes up to {MAX_EVENT_BYTES}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise BadFrame(f"{field} must be a whole number of bytes up to {limit}")
     return value
 
 
