@@ -148,6 +148,23 @@ def test_a_voice_that_is_no_object_is_an_error_not_the_default_voice(voices: Fak
     assert AudioStop.is_type(stop.type) and voices.jobs == []
 
 
+@pytest.mark.parametrize("voice, said", [({"name": ["joe"]}, "voice name must be a string"),
+                                         ({"language": {"en": 1}}, "voice language must be a string"),
+                                         ({"name": "x" * 50_000}, "unknown voice 'xxx")])
+def test_a_voice_field_of_the_wrong_kind_or_size_is_a_short_error(voices: FakeVoices, tmp_path: Path,
+                                                                   voice: dict[str, object], said: str) -> None:
+    """A list as the name failed as "unhashable type: 'list'"; an unknown name was echoed whole
+    (a 1 MB name, a 1 MB error)."""
+    from wyoming.tts import Synthesize
+
+    async def client_side(client: AsyncUnixClient) -> Event:
+        await client.write_event(Event(type=Synthesize(text="").event().type, data={"text": "Hi.", "voice": voice}))
+        return await client.read_event()  # type: ignore[return-value]
+
+    error = Error.from_event(talk(voices, tmp_path, client_side))
+    assert (error.text or "").startswith(said) and len(error.text or "") < 300, (error.text or "")[:300]
+
+
 def test_a_stream_ended_by_a_request_fault_counts_once_and_judges_nothing(voices: FakeVoices,
                                                                           tmp_path: Path) -> None:
     """Sentences spoken, then a chunk over --max-chars: one request, counted as text_too_long

@@ -502,3 +502,6 @@ def _check_voice_field(event: Event) -> None:
     voice = event.data.get("voice")
     if voice is not None and not isinstance(voice, dict):
         raise RequestError('voice must be an object such as {"name": "en_US-joe-medium"}, not a string or a list')
+    for field in ("name", "language"):  # (a list there failed as "unhashable type: 'list'")
+        if voice is not None and not isinstance(voice.get(field), (str, type(None))):
+            raise RequestError(f"voice {field} must be a string")

@@ -155,7 +155,8 @@ class ServingMap:
                     if name in self._upgrading():
                         raise BusyError(f"voice {name} is being upgraded", retry_after=2)
                     known = ", ".join(sorted(self._active)) or "none"
-                    raise UnknownVoiceError(f"unknown voice {name!r} (voices: {known})")
+                    shown = name if len(name) <= 100 else f"{name[:100]}…"  # a 1 MB name was echoed whole
+                    raise UnknownVoiceError(f"unknown voice {shown!r} (voices: {known})")
                 key = active
                 canary = self._canary.get(name)
                 if canary is not None:
