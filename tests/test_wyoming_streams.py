@@ -321,3 +321,32 @@ def test_one_address_holds_at_most_half_the_pools_places(tmp_path: Path) -> None
         loop.close()
         voices.close()
     assert first == ["audio-start", "audio-start", "busy", "busy"] and heard == "audio-start"
+
+
+def test_a_stream_whose_version_is_rolled_back_goes_on_with_the_serving_one(tmp_path: Path) -> None:
+    """A rollback away from the version that spoke a stream's first sentence unloads it: the rest
+    of the answer was cut off with "voice joe has no loaded version 2". It is spoken by the
+    version that serves now."""
+    voices = FakeVoices(tmp_path, {"joe": {"1": {}, "2": {}}})
+
+    async def client_side(client: AsyncUnixClient) -> list[Event]:
+        got: list[Event] = []
+        await client.write_event(SynthesizeStart().event())
+        await client.write_event(SynthesizeChunk(text="One. ").event())
+        while not AudioChunk.is_type((event := await client.read_event()).type):
+            got.append(event)
+        await until(lambda: voices.map.in_flight(("joe", "2")) == 0)
+        voices.map.activate(("joe", "1"))  # the rollback: 1 serves, 2 goes
+        assert voices.map.remove(("joe", "2"))
+        await client.write_event(SynthesizeChunk(text="Two. ").event())
+        await client.write_event(SynthesizeStop().event())
+        while not SynthesizeStopped.is_type((event := await client.read_event()).type):
+            got.append(event)
+        return got
+
+    try:
+        events = talk(voices, tmp_path, client_side)
+        assert not [Error.from_event(e).text for e in events if Error.is_type(e.type)]
+        assert voices.engine("joe", "2").rendered == 1 and voices.engine("joe", "1").rendered == 1
+    finally:
+        voices.close()

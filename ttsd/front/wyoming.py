@@ -51,7 +51,7 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from ..errors import BusyError, NothingToSpeakError, RequestError, TextTooLongError, TtsdError
+from ..errors import BusyError, NothingToSpeakError, RequestError, TextTooLongError, TtsdError, UnknownVoiceError
 from ..logs import Throttle
 from ..options import SynthesisOptions
 from ..text import check_text, complete_sentences
@@ -406,7 +406,16 @@ class _Handler(AsyncEventHandler):
             if not self.backend.ready():
                 raise BusyError("no voice is ready yet", retry_after=5)
             name, version = stream.pinned if stream and stream.pinned else (self._voice_name(voice), None)
-            lease = await self.backend.lease(name, version)
+            try:
+                lease = await self.backend.lease(name, version)
+            except UnknownVoiceError:
+                if version is None:
+                    raise
+                # the version that spoke the stream's first sentence went (a rollback away from it,
+                # --keep 0, a canary that ended): the rest of the answer is spoken by the voice's
+                # serving version rather than cut off with an error mid-answer
+                lease = await self.backend.lease(name, None)
+                log.info("Wyoming: a text stream of %s %s goes on with %s", name, version, lease.voice.version)
         except TtsdError as exc:
             if stream is None:  # a stream's failure is counted at its end
                 self._count(None, None, exc.code, exc.fault)
