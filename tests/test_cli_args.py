@@ -480,3 +480,24 @@ def test_a_command_with_nothing_after_it_prints_its_help_not_a_squashed_line(arg
     assert result.exit_code == 2
     assert not result.stderr.startswith("error:") and "Commands:" in result.stderr
     assert len(result.stderr.splitlines()) > 5, result.stderr
+
+
+def test_models_list_shows_a_folders_terminal_escapes_escaped(tmp_path: Path, fake_engines: None) -> None:
+    """A folder named with ESC[2J (clear screen), a colour, a line break or a bidi override was
+    printed raw by ``models list``: the screen cleared, rows broke, a fake line could be shown.
+    Each is escaped; the JSON form holds the name as it is."""
+    import json
+
+    from conftest import fake_model
+
+    models = tmp_path / "models"
+    nasty = "v-\x1b[2J\x1b[31mred\nfake line\u202eevil"
+    folder = fake_model(models, "voice", "1")
+    folder.rename(models / nasty)
+    none = ["--socket", str(tmp_path / "none.sock")]
+    table = invoke("models", "list", "--models", str(models), *none)
+    assert table.exit_code == 0, table.output
+    assert "\x1b" not in table.stdout and "\u202e" not in table.stdout and "\\x1b[2J" in table.stdout
+    assert not any(line.startswith("fake line") for line in table.stdout.splitlines())
+    listed = invoke("models", "list", "--models", str(models), "--json", *none)
+    assert [row["folder"] for row in json.loads(listed.stdout)] == [nasty]

@@ -17,6 +17,13 @@ import click
 from ..errors import ConfigError, DaemonError, TtsdError
 
 
+def shown(value: object) -> str:
+    """``value`` as a terminal may show it: what cannot be printed (terminal escapes, line breaks,
+    bidi overrides and other format characters) escaped as ``\\x1b``, ``\\u202e``. A folder named
+    with ``ESC[2J`` cleared the screen of whoever ran ``ttsd models list``."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
+
+
 def console() -> Any:
     from rich.console import Console
 

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
-from .common import SOCKET_HELP, FiniteRange, console, daemon_client
+from .common import SOCKET_HELP, FiniteRange, console, daemon_client, shown
 
 
 def status_view(info: dict[str, Any], caption: str | None = None) -> Any:
@@ -43,12 +43,12 @@ def status_view(info: dict[str, Any], caption: str | None = None) -> Any:
             for v in voice["versions"]
         )
         used = voice.get("last_used")
-        table.add_row(
-            Text(voice["name"] + (" (default)" if voice["default"] else "")),
-            Text(voice["active"] or "-"),
-            Text(voice.get("residency") or "-"),
+        table.add_row(  # (names and reasons may hold a folder's name: never a terminal escape)
+            Text(shown(voice["name"]) + (" (default)" if voice["default"] else "")),
+            Text(shown(voice["active"] or "-")),
+            Text(shown(voice.get("residency") or "-")),
             Text(_ago(now - used) if used else "never"),
-            Text(versions),
+            Text(shown(versions)),
         )
     return table
 

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, TtsdError, VerifyError
-from .common import PRECISION_CHOICES, SOCKET_HELP, console, trusted_keys_option
+from .common import PRECISION_CHOICES, SOCKET_HELP, console, shown, trusted_keys_option
 
 
 @click.group()
@@ -274,7 +274,7 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         if folders:
             table.add_column("folder", overflow="fold")
         for row in rows:
-            table.add_row(*(Text(cell) for cell in row[: 6 if folders else 5]))
+            table.add_row(*(Text(shown(cell)) for cell in row[: 6 if folders else 5]))
         Console().print(table)
     refused = sum(row[2] in ("refused", "unreadable") for row in rows) if checked else 0
     if refused:  # `ttsd models list --verify && ...` stops here
