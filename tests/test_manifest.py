@@ -57,6 +57,18 @@ def test_missing_and_extra_files_are_all_named(tmp_path: Path) -> None:
     assert problems(folder) == ["extra: notes.txt (not listed in ttsd.json)", "missing: config.json"]
 
 
+def test_a_directory_where_a_file_is_listed_is_no_copy_in_progress(tmp_path: Path) -> None:
+    """It was reported missing, so the daemon waited out --incomplete-timeout for the copy to end
+    (and then gave another reason); it is refused as what it is at once."""
+    folder = make_folder(tmp_path)
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()
+    with pytest.raises(VerifyError) as info:
+        verify(folder)
+    assert [str(p) for p in info.value.problems] == ["unsafe: config.json (a directory, not a file)"]
+    assert not info.value.looks_incomplete()
+
+
 def test_symlink_leaving_the_folder_is_refused(tmp_path: Path) -> None:
     folder = make_folder(tmp_path)
     outside = tmp_path / "secret"

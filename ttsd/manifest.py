@@ -297,8 +297,13 @@ def inspect_folder(folder: Path) -> tuple[Manifest, list[Problem]]:
     unsafe_paths = {p.path for p in unsafe}
     for rel, entry in sorted(manifest.files.items()):
         if rel not in present_set:
-            if rel not in unsafe_paths:
-                problems.append(Problem("missing", rel))
+            if rel in unsafe_paths:
+                continue
+            try:  # a folder where a file is listed is no copy in progress: it was waited for as one
+                is_dir = stat.S_ISDIR((folder / rel).lstat().st_mode)
+            except OSError:
+                is_dir = False
+            problems.append(Problem("unsafe", rel, "a directory, not a file") if is_dir else Problem("missing", rel))
             continue
         try:
             size = (folder / rel).lstat().st_size
