@@ -646,3 +646,23 @@ def test_load_marks_of_other_content_or_damaged_count_nothing(
         assert "loading.json is damaged" in caplog.text
     if damage == "a link":
         assert (tmp_path / "elsewhere.json").read_text().count("voice/2") == 1  # untouched
+
+
+def test_two_folders_of_one_version_with_other_content_in_one_scan_refuse_the_later(
+        tmp_path: Path, fake_engines: None) -> None:
+    """Dropped together, the later folder by name served without a word, the other had no row in
+    `models list`; after a restart the verdict flipped. The later one is refused, with the other
+    named, and stays refused at a restart."""
+    models = tmp_path / "models"
+    fake_model(models, "voice", "1")
+    first = models / "voice-2a"
+    fake_model(models, "voice", "2", delay=0.0).rename(first)
+    fake_model(models, "voice", "2", delay=0.001).rename(models / "voice-2b")
+    for _ in range(2):  # and again at a restart
+        manager = make_manager(tmp_path)
+        manager.start()
+        v2 = manager.table.get("voice", "2")
+        assert manager.snapshot()[0]["active"] == "2" and v2 is not None and v2.folder == first
+        refused = {path.name: why for path, (state, why) in manager.table.folders().items() if state == "refused"}
+        assert "with different content (in voice-2a)" in refused["voice-2b"], refused
+        manager.close()

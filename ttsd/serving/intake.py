@@ -60,15 +60,22 @@ class Intake:
                 return None
             # the same version with other content is refused, when ttsd holds that version (a store
             # copy or a loaded engine); a content known only from state.json's record is not proof
+            # (as is one whose other folder, with other content, is still in the models dir: two
+            # dropped in one scan, the later one served without a word, and a restart flipped it)
             if (
                 known is not None
                 and known.content
                 and known.content != content
                 and known.state is not State.REFUSED
-                and (known.store_copy is not None or known.engine is not None)
+                and (
+                    known.store_copy is not None
+                    or known.engine is not None
+                    or (known.folder is not None and known.folder != path and known.folder.is_dir())
+                )
             ):
+                other = f" (in {known.folder.name})" if known.folder is not None and known.folder != path else ""
                 reason = (
-                    f"{manifest.name} {manifest.version} is already known with different content; "
+                    f"{manifest.name} {manifest.version} is already known with different content{other}; "
                     "give the new folder a new version"
                 )
                 self.table.see_folder(path, "refused", reason)
