@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from daemon_util import start_daemon, wait_for
+from daemon_util import fake_daemon_model, fake_site, start_daemon, wait_for
 
 from ttsd.manifest import pack, verify
 
@@ -82,6 +82,30 @@ def test_spool_serves_fails_and_ignores(tmp_path: Path, cache_dir: Path, joe_fol
                 time.sleep(0.1)
         wait_for(lambda: (spool / "out" / "slow.json").exists(), what="slow request")
         assert json.loads((spool / "out" / "slow.json").read_text())["duration"] > 1.5
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+@pytest.mark.daemon
+def test_the_spools_old_answers_leave_it_while_it_runs(tmp_path: Path, cache_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--spool-keep-days (here 3.5 s, in the variable a unit would set): answers and requests
+    leave out/, done/ and failed/ once that old, without a restart; what waits in incoming/ stays."""
+    monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
+    monkeypatch.setenv("TTSD_SPOOL_KEEP_DAYS", "0.00004")
+    fake_daemon_model(tmp_path / "models" / "fake-1", "1")
+    spool = tmp_path / "spool"
+    d = start_daemon(tmp_path, cache_dir, "--no-seed", "--spool", str(spool))
+    try:
+        drop(spool, "r1.txt", "Spoken, then forgotten.")
+        drop(spool, "r2.json", "{not json")
+        wait_for(lambda: (spool / "out" / "r1.json").exists() and (spool / "failed" / "r2.json").exists(),
+                 timeout=30, what="both requests ended")
+        (spool / "incoming" / "r3.txt.tmp").write_text("a writer's file, never the daemon's to remove")
+        wait_for(lambda: not any(p for f in ("out", "done", "failed") for p in (spool / f).iterdir()),
+                 timeout=30, what="the old answers removed")
+        assert [p.name for p in (spool / "incoming").iterdir()] == ["r3.txt.tmp"]
+        assert "answers kept 3.46 s" in d.logs() and "spool: removed" in d.logs(), d.logs()
     finally:
         assert d.stop() == 0, d.logs()
 

@@ -83,6 +83,7 @@ class ServeConfig:
     cache: Path
     socket: Path
     spool: Path | None = None
+    spool_keep_days: float = 7.0  # answers leave out/, done/, failed/ after this long (0: kept for ever)
     listen: tuple[str, int] | None = None
     metrics_listen: tuple[str, int] | None = None  # /metrics alone, no token (Prometheus)
     token: str | None = None

@@ -32,6 +32,7 @@ from .front.backend import Backend
 from .front.endpoints import check_ports, open_http, open_metrics, open_wyoming
 from .front.listeners import check_socket, probe_socket, socket_gid
 from .front.spool import Spool
+from .front.spool_prune import DAY, kept
 from .front.synth import SynthesisPool
 from .front.wyoming import WyomingServer
 from .front.wyoming_mdns import Advertisement
@@ -260,7 +261,7 @@ class Daemon:
         check_ports(cfg)  # before the voices load: a port in use is reported in a second, not a minute
         spool: Spool | None = None
         if cfg.spool is not None:
-            spool = Spool(cfg.spool, self.backend(), concurrency=cfg.workers)
+            spool = Spool(cfg.spool, self.backend(), concurrency=cfg.workers, keep_seconds=cfg.spool_keep_days * DAY)
             spool.lock()  # one daemon per spool: a second would speak the first's requests again
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(handled, self._record_signal, handled)
@@ -304,6 +305,7 @@ class Daemon:
             + (f" and {cfg.listen[0]}:{cfg.listen[1]}" if cfg.listen else "")
             + (f", Wyoming on {cfg.wyoming}" if cfg.wyoming else "")
             + (f", metrics on {cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}" if cfg.metrics_listen else "")
+            + (f", spool {cfg.spool} ({kept(cfg.spool_keep_days * DAY)})" if cfg.spool else "")
         )
         log.info("ttsd %s serving on %s (voices: %s)", __version__, where, voices or "none")
         log.info("malloc: %s", describe(self.malloc))

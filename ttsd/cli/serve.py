@@ -51,6 +51,16 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
     help="Spool directory for file requests (off unless given) [env TTSD_SPOOL].",
 )
 @click.option(
+    "--spool-keep-days",
+    type=FiniteRange(0),
+    default=7.0,
+    show_default=True,
+    envvar="TTSD_SPOOL_KEEP_DAYS",
+    metavar="DAYS",
+    help="Remove the spool's answers (out/, done/, failed/) after this many days; 0 keeps them "
+    "for ever [env TTSD_SPOOL_KEEP_DAYS].",
+)
+@click.option(
     "--listen",
     envvar="TTSD_LISTEN",
     metavar="HOST:PORT",
@@ -291,6 +301,7 @@ def serve(
     socket_path: Path | None,
     socket_group: str | None,
     spool_dir: Path | None,
+    spool_keep_days: float,
     listen: str | None,
     metrics_listen: str | None,
     wyoming_uri: str | None,
@@ -349,6 +360,7 @@ def serve(
         cache=cache_dir or default_cache_dir(),
         socket=socket_path or default_socket(),
         spool=spool_dir,
+        spool_keep_days=spool_keep_days,
         listen=bind,
         metrics_listen=parse_listen(metrics_listen, "--metrics-listen") if metrics_listen else None,
         token=token,

@@ -28,6 +28,10 @@ serves what is in ``incoming/`` and ``work/`` (or moves a request to ``done/`` i
 already complete); ``out/`` never shows a half-written file. Nothing in the spool can stop the
 daemon from starting: an entry that cannot be moved is logged and left where it is.
 
+Answers do not pile up for ever: with ``keep_seconds`` (``--spool-keep-days``, 7 by default) the
+files of ``out/``, ``done/`` and ``failed/`` that have been there longer are removed
+(``spool_prune``), at start-up and then every hour at most.
+
 Runs on the event loop; synthesis goes to the pool, file reads and writes to an executor thread.
 """
 
@@ -65,6 +69,7 @@ from ..text import check_text
 from .backend import Backend
 from .speech_request import SynthRequest
 from .spool_files import hashed_stem, is_id, parse_file, read_bounded, shown
+from .spool_prune import Pruned, age, interval, prune
 from .synth import Job, Result
 
 log = logging.getLogger("ttsd.spool")
@@ -112,10 +117,11 @@ class _Waiting:
 
 
 class Spool:
-    def __init__(self, root: Path, backend: Backend, *, concurrency: int) -> None:
+    def __init__(self, root: Path, backend: Backend, *, concurrency: int, keep_seconds: float = 0.0) -> None:
         self.root = root
         self.backend = backend
         self.concurrency = max(1, concurrency)
+        self.keep_seconds = keep_seconds  # answers older than this leave out/, done/, failed/ (0: kept)
         self.dirs = {name: root / name for name in ("incoming", "work", "out", "done", "failed")}
         self._settle: Settle[Path] = Settle(SETTLE_SECONDS)  # a file is claimed once its size and mtime hold
         self._active: set[asyncio.Task[None]] = set()
@@ -131,6 +137,8 @@ class Spool:
         self._paused_until = 0.0  # monotonic: no claims before this (after a system failure)
         self._backoff = 0.0
         self._problem = ""  # the last folder problem logged (each is logged once, until it changes)
+        self._next_prune = 0.0  # monotonic: when old answers are looked for next
+        self._prune_problem = ""  # the last problem removing them (logged once, until it changes)
 
     # -- life cycle ----------------------------------------------------------------------------
     def lock(self) -> None:
@@ -272,6 +280,8 @@ class Spool:
                     # listing and stat'ing happen on a thread: 50,000 waiting files took 0.3 s a scan
                     skip = dict(self._unclaimable)
                     self._scan(*await loop.run_in_executor(None, self._list_incoming, skip))
+                if self._prune_due(time.monotonic()):
+                    self._pruned(await loop.run_in_executor(None, self._prune))
             except (OSError, _Unusable) as exc:
                 self._folder_problem(f"spool scan failed: {exc}")
             now = time.monotonic()
@@ -292,6 +302,8 @@ class Spool:
             self.prepare()
         if self._prepared:
             self._scan(*self._list_incoming(dict(self._unclaimable)))
+        if self._prune_due(time.monotonic()):
+            self._pruned(self._prune())
 
     def stop(self) -> None:
         """Stop claiming new requests (running ones finish; unfinished ones stay in work/)."""
@@ -303,6 +315,28 @@ class Spool:
     async def drain(self) -> None:
         if self._active:
             await asyncio.gather(*self._active, return_exceptions=True)
+
+    # -- old answers ---------------------------------------------------------------------------
+    def _prune_due(self, now: float) -> bool:
+        """Whether to look for old answers now (with ``--spool-keep-days``, once the folders are
+        usable: at start-up, then every ``interval``)."""
+        if not self.keep_seconds or not self._prepared or now < self._next_prune:
+            return False
+        self._next_prune = now + interval(self.keep_seconds)
+        return True
+
+    def _prune(self) -> Pruned:
+        """Remove the answers kept long enough (on an executor thread)."""
+        return prune(self.dirs, self.keep_seconds, time.time())
+
+    def _pruned(self, pruned: Pruned) -> None:
+        if pruned.total:
+            folders = ", ".join(f"{name}/ {count}" for name, count in pruned.removed.items() if count)
+            log.info("spool: removed %d files older than %s (%s)", pruned.total, age(self.keep_seconds), folders)
+        problem = "; ".join(pruned.problems)
+        if problem and problem != self._prune_problem:
+            log.warning("spool: old answers stay: %s", problem)
+        self._prune_problem = problem
 
     # -- the folders ---------------------------------------------------------------------------
     def _check_dirs(self, *, quiet: bool = False) -> None:
