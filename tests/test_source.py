@@ -17,6 +17,7 @@ import pytest
 
 from ttsd.errors import VerifyError
 from ttsd.manifest import pack, read_manifest
+from ttsd.models_dir import scan
 from ttsd.serving.source import Candidate, LocalFolderSource, Verdict, looks_incomplete
 from ttsd.serving.store import ModelStore
 from ttsd.disk_changes import Settle
@@ -97,6 +98,31 @@ def test_dot_folders_and_partial_folders_are_never_looked_at(models: Path, sourc
     for now in (100.0, 200.0):
         assert source.scan(now=now) == []
     assert source.present() == set() and source.folders() == [] and not source.waiting()
+
+
+def test_every_link_in_the_models_dir_is_refused_and_said_once(models: Path, source: LocalFolderSource,
+                                                              tmp_path: Path) -> None:
+    """A link to a folder, a dangling link (a disk not mounted yet), a loop and a link to a file
+    are each refused as a link, once: the dangling one and the loop were left out without a word,
+    and a link's content was walked at every scan. A link made good later is judged again (still
+    a link: refused)."""
+    elsewhere = model(tmp_path / "elsewhere", when=0)
+    (models / "linked-1").symlink_to(elsewhere)
+    (models / "dangling-1").symlink_to(tmp_path / "not-mounted")
+    (models / "loop-1").symlink_to(models / "loop-1")
+    (models / "file-1").symlink_to(elsewhere / "config.json")
+    found = source.scan(now=0.0) + source.scan(now=SETTLE)
+    assert sorted(verdicts(found)) == [(name, Verdict.REFUSED) for name in ("dangling-1", "file-1", "linked-1",
+                                                                             "loop-1")]
+    assert all("symlink" in c.reason for c in found), [c.reason for c in found]
+    assert source.scan(now=100.0) == [] and not source.waiting()
+    # as the CLI and ``ttsd say`` see the models dir: no voice in a link either
+    assert {c.folder.name: (c.manifest, "symlink" in c.problem) for c in scan(models)} == {
+        name: (None, True) for name in ("dangling-1", "file-1", "linked-1", "loop-1")}
+    (models / "dangling-1").unlink()
+    (models / "dangling-1").symlink_to(elsewhere)
+    found = source.scan(now=200.0) + source.scan(now=200.0 + SETTLE)
+    assert verdicts(found) == [("dangling-1", Verdict.REFUSED)]
 
 
 def test_again_hands_a_folder_over_once_more(models: Path, source: LocalFolderSource) -> None:

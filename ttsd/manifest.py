@@ -277,10 +277,13 @@ def _size(path: Path) -> int:
 def inspect_folder(folder: Path) -> tuple[Manifest, list[Problem]]:
     """``inspect``'s findings without raising for them: the manifest (``ManifestError`` if it
     cannot be read) and every problem found from ``stat`` alone."""
+    if folder.is_symlink():  # first: a link to nowhere is refused as a link, not as no folder
+        raise VerifyError(
+            f"{folder}: is a symlink; a model folder must be a real folder (copy it in)",
+            [Problem("unsafe", str(folder), "symlink")],
+        )
     if not folder.is_dir():
         raise ManifestError(f"{folder}: not a directory")
-    if folder.is_symlink():
-        raise VerifyError(f"{folder}: is a symlink", [Problem("unsafe", str(folder), "symlink")])
     manifest = read_manifest(folder)
     try:
         present, unsafe = walk(folder)

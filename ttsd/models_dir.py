@@ -33,11 +33,14 @@ def is_under_candidate(path: Path, models_dir: Path) -> bool:
 
 
 def candidate_folders(models_dir: Path) -> list[Path]:
-    """Candidate folders of ``models_dir``, sorted by name. A link to a folder is listed too, so
-    that the check can refuse it with a reason rather than ignore it."""
+    """Candidate folders of ``models_dir``, sorted by name. Every symbolic link is listed too (to
+    a folder, a file, nowhere, itself), so that the check refuses it with a reason: one left out
+    was a voice missing without a word (a link to a disk not mounted yet)."""
     if not models_dir.is_dir():
         return []
-    return sorted(path for path in models_dir.iterdir() if is_candidate_name(path.name) and path.is_dir())
+    return sorted(
+        path for path in models_dir.iterdir() if is_candidate_name(path.name) and (path.is_symlink() or path.is_dir())
+    )
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ def scan(models_dir: Path) -> list[Candidate]:
     """Every candidate folder under ``models_dir`` with its manifest, or why it has none."""
     found = []
     for folder in candidate_folders(models_dir):
+        if folder.is_symlink():  # the daemon refuses it whatever it points to (manifest.inspect_folder)
+            found.append(Candidate(folder, None, "is a symlink; a model folder must be a real folder (copy it in)"))
+            continue
         try:
             found.append(Candidate(folder, read_manifest(folder)))
         except TtsdError as exc:

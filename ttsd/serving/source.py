@@ -85,6 +85,11 @@ def signature(folder: Path, limit: int = MAX_ENTRIES) -> tuple[object, ...]:
     At most ``limit`` + 1 entries are looked at: a folder with more is refused anyway (see
     ``manifest.MAX_ENTRIES``), and rescanning it must stay cheap (a 100,000-file folder took
     0.66 s of CPU per rescan when every entry was stat'ed)."""
+    if folder.is_symlink():  # refused for being a link, whatever it points to: never walked
+        try:
+            return ("symlink", os.readlink(folder))
+        except OSError:
+            return ("unreadable", time.time())
     entries: list[object] = []
     stack, seen = [folder], 0
     try:
