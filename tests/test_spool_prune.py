@@ -104,6 +104,28 @@ def test_a_failed_request_is_never_left_without_its_reason(dirs: dict[str, Path]
     assert prune(dirs, 10, time.time() + 11).total == 1
 
 
+def test_an_answer_written_anew_while_the_old_one_goes_is_kept_whole(dirs: dict[str, Path],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old out/r1.json goes first; were r1 served again at that moment (its ID free now), its
+    new audio and metadata were listed old and the new audio went after its metadata arrived."""
+    out = dirs["out"]
+    make(out / "r1.wav", "old audio")
+    make(out / "r1.json", "old meta")
+    tick()
+    unlink = os.unlink
+
+    def served_again(path: str, *, dir_fd: int | None = None) -> None:
+        unlink(path, dir_fd=dir_fd)
+        if path == "r1.json":
+            for name, text in (("r1.wav", "new audio"), ("r1.json", "new meta")):  # as atomic_write does
+                make(out / f".{name}.tmp", text)
+                os.replace(out / f".{name}.tmp", out / name)
+
+    monkeypatch.setattr(spool_prune.os, "unlink", served_again)
+    prune(dirs, 10, time.time() + 10 - 0.01)
+    assert names(out) == ["r1.json", "r1.wav"] and (out / "r1.wav").read_text() == "new audio"
+
+
 def test_a_request_that_cannot_be_removed_keeps_its_reason(dirs: dict[str, Path],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     failed = dirs["failed"]

@@ -115,7 +115,7 @@ def _prune_folder(fd: int, folder: str, files: dict[str, float], cutoff: float, 
     else:
         first = old
     stuck: dict[str, str] = {}
-    removed = _remove(fd, sorted(first), stuck)
+    removed = _remove(fd, sorted(first), cutoff, stuck)
     remaining = set(files) - removed
     if folder == "out":
         then = {name for name in old - first if _stem(name) + ".json" not in remaining}
@@ -124,7 +124,7 @@ def _prune_folder(fd: int, folder: str, files: dict[str, float], cutoff: float, 
         then = {name for name in old - first if name.removesuffix(REASON) not in requests}
     else:
         then = set()
-    removed |= _remove(fd, sorted(then), stuck)
+    removed |= _remove(fd, sorted(then), cutoff, stuck)
     if stuck:
         name, why = next(iter(sorted(stuck.items())))
         problems.append(f"{folder}/: {len(stuck)} old files cannot be removed ({shown(name)}: {why})")
@@ -136,11 +136,15 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def _remove(fd: int, names: Iterable[str], stuck: dict[str, str]) -> set[str]:
-    """Remove ``names`` from the folder ``fd``; those that cannot be go into ``stuck``, with why."""
+def _remove(fd: int, names: Iterable[str], cutoff: float, stuck: dict[str, str]) -> set[str]:
+    """Remove ``names`` from the folder ``fd``, each still older than ``cutoff`` when it goes (a
+    name listed old may have been written anew since: an ID served again once its old
+    ``ID.json`` went); those that cannot be go into ``stuck``, with why."""
     removed = set()
     for name in names:
         try:
+            if os.stat(name, dir_fd=fd, follow_symlinks=False).st_ctime >= cutoff:
+                continue
             os.unlink(name, dir_fd=fd)
         except FileNotFoundError:
             removed.add(name)  # gone already: as good as removed
