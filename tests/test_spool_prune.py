@@ -143,7 +143,7 @@ def test_a_request_that_cannot_be_removed_keeps_its_reason(dirs: dict[str, Path]
     monkeypatch.setattr(spool_prune.os, "unlink", stuck)
     pruned = prune(dirs, 10, time.time() + 11)
     assert names(failed) == ["r1.error.json", "r1.txt"] and pruned.total == 2
-    assert pruned.problems == ["failed/: 1 old files cannot be removed (r1.txt: Operation not permitted)"]
+    assert pruned.problems == ["failed/: old files cannot be removed (Operation not permitted)"]
 
 
 def test_links_are_removed_never_followed(dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -211,7 +211,8 @@ def test_the_spool_removes_answers_a_day_old_at_most_hourly_and_an_id_may_then_c
     serve(front, clock)
     assert names(dirs["out"]) == ["r1.json", "r1.wav"] and names(dirs["done"]) == ["r1.txt"]
     assert names(dirs["failed"]) == ["bad.error.json", "bad.json"]
-    clock.ahead = DAY + 1  # a day later, by the wall clock; the last look was under an hour ago
+    clock.ahead = DAY + 1  # a day later, by the wall clock, and up a day; the last look was under an hour ago
+    clock.now += DAY + 1 - 3600
     with caplog.at_level("INFO", logger="ttsd.spool"):
         front.spool_pass()
         assert names(dirs["out"]) == ["r1.json", "r1.wav"]
@@ -223,6 +224,68 @@ def test_the_spool_removes_answers_a_day_old_at_most_hourly_and_an_id_may_then_c
     (dirs["incoming"] / "r1.txt").write_text("Hello again.")  # its answer is gone: no duplicate
     serve(front, clock)
     assert json.loads((dirs["out"] / "r1.json").read_text())["duration"] > 0 and names(dirs["failed"]) == []
+
+
+def test_a_clock_set_forward_while_it_runs_removes_nothing_of_this_run(front: FrontEnds, clock: Clock) -> None:
+    """A box without a real-time clock starts in the past and NTP moves it on: what this run
+    wrote is younger than its uptime, however old its change time looks."""
+    dirs = front.spool.dirs
+    (dirs["incoming"] / "r1.txt").write_text("Hello.")
+    serve(front, clock)
+    clock.ahead = 400 * DAY  # the clock jumped; the daemon has been up for minutes
+    clock.now += 3600
+    front.spool_pass()
+    assert names(dirs["out"]) == ["r1.json", "r1.wav"] and names(dirs["done"]) == ["r1.txt"]
+    clock.now += DAY  # up a day now: as old as the wall clock says, at least a day
+    front.spool_pass()
+    assert names(dirs["out"]) == names(dirs["done"]) == []
+
+
+def test_an_answer_waiting_in_work_keeps_its_metadata(front: FrontEnds, clock: Clock,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Published, then kept in work/ because done/ could not take it: pruning its out/ID.json
+    would have it spoken again at its next try."""
+    dirs = front.spool.dirs
+    place = Spool._place
+
+    def broken(self: Spool, claimed: Path, folder: str) -> str:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Spool, "_place", broken)
+    (dirs["incoming"] / "r1.txt").write_text("Hello.")
+    front.spool_pass()
+    clock.now += SETTLE_SECONDS
+    front.spool_pass()
+    assert names(dirs["work"]) == ["r1.txt"] and names(dirs["out"]) == ["r1.json", "r1.wav"]
+    published = (dirs["out"] / "r1.json").read_text()
+    clock.ahead, clock.now = 2 * DAY, clock.now + 2 * DAY
+    front.spool_pass()
+    assert names(dirs["out"]) == ["r1.json", "r1.wav"]
+    monkeypatch.setattr(Spool, "_place", place)
+    clock.now += 60
+    front.spool_pass()
+    assert names(dirs["done"]) == ["r1.txt"] and (dirs["out"] / "r1.json").read_text() == published  # not spoken again
+
+
+def test_a_problem_is_said_once_while_it_lasts(front: FrontEnds, caplog: pytest.LogCaptureFixture) -> None:
+    from ttsd.front.spool_prune import Pruned
+
+    stuck = Pruned({"done": 0}, ["done/: old files cannot be removed (Operation not permitted)"])
+    with caplog.at_level("WARNING", logger="ttsd.spool"):
+        for pruned in (stuck, stuck, Pruned({"done": 1}), stuck):
+            front.spool._pruned(pruned)
+    said = [r.getMessage() for r in caplog.records if "old answers stay" in r.getMessage()]
+    assert len(said) == 2, said  # once, then again once it came back
+
+
+def test_a_stop_ends_a_removal(dirs: dict[str, Path]) -> None:
+    import threading
+
+    for i in range(50):
+        make(dirs["done"] / f"r{i}.txt")
+    stop = threading.Event()
+    stop.set()
+    assert prune(dirs, 10, time.time() + 11, stop=stop).total == 0 and len(names(dirs["done"])) == 50
 
 
 def test_without_keep_days_nothing_is_removed(front: FrontEnds, clock: Clock) -> None:

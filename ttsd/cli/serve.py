@@ -52,7 +52,7 @@ from .serve_args import parse_budget, parse_canary, parse_listen, parse_wyoming,
 )
 @click.option(
     "--spool-keep-days",
-    type=FiniteRange(0),
+    type=FiniteRange(0, 36500),
     default=7.0,
     show_default=True,
     envvar="TTSD_SPOOL_KEEP_DAYS",

@@ -3,7 +3,10 @@ longer than ``--spool-keep-days`` are removed, so a spool left alone for months 
 its disk with the daemon's own answers (``0`` keeps them forever).
 
 A file's age is its change time (``st_ctime``): set when it was written or moved into that
-folder, and not something a writer can set back or forward as it can a modification time.
+folder, and not something a writer can set back or forward as it can a modification time. A file
+the running daemon wrote is never taken as older than its uptime (``written_since``): a box
+without a real-time clock starts in the past, and NTP moves it on later. The answers of IDs being
+served stay, and each file's age is looked at again just before it goes (an ID served anew).
 
 Removal keeps the spool's promises to its readers. In ``out/``, ``ID.json`` marks a complete
 answer: it goes first, and ``ID.<format>`` goes only once its ``ID.json`` is gone (the audio,
@@ -20,11 +23,10 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from .spool_files import shown
 
 FOLDERS = ("out", "done", "failed")
 DAY = 86400.0
@@ -62,12 +64,25 @@ class Pruned:
         return sum(self.removed.values())
 
 
-def prune(dirs: dict[str, Path], keep_seconds: float, now: float) -> Pruned:
+def prune(
+    dirs: dict[str, Path],
+    keep_seconds: float,
+    now: float,
+    *,
+    busy: frozenset[str] = frozenset(),
+    written_since: float | None = None,
+    stop: threading.Event | None = None,
+) -> Pruned:
     """Remove the files of ``out/``, ``done/`` and ``failed/`` (of ``dirs``, the spool's folders)
-    whose change time is before ``now - keep_seconds``."""
-    cutoff = now - keep_seconds
+    whose change time is before ``now - keep_seconds``, and before ``written_since`` when given
+    (files written since then are younger than the daemon's uptime, whatever the clock said
+    when they were written). ``out/`` files of the IDs in ``busy`` (being served) stay. ``stop``,
+    once set, ends the removal after the current file."""
+    cutoff = now - keep_seconds if written_since is None else min(now - keep_seconds, written_since)
     pruned = Pruned()
     for name in FOLDERS:
+        if stop is not None and stop.is_set():
+            break
         try:
             fd = os.open(dirs[name], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -77,7 +92,9 @@ def prune(dirs: dict[str, Path], keep_seconds: float, now: float) -> Pruned:
             continue
         try:
             files = _listing(fd)
-            pruned.removed[name] = _prune_folder(fd, name, files, cutoff, pruned.problems)
+            if name == "out":
+                files = {file: changed for file, changed in files.items() if _stem(file) not in busy}
+            pruned.removed[name] = _prune_folder(fd, name, files, _Removal(cutoff, stop), pruned.problems)
         except OSError as exc:
             pruned.problems.append(f"{name}/: {exc.strerror or exc}")
         finally:
@@ -106,28 +123,34 @@ def _listing(fd: int) -> dict[str, float]:
     return files
 
 
-def _prune_folder(fd: int, folder: str, files: dict[str, float], cutoff: float, problems: list[str]) -> int:
-    old = {name for name, changed in files.items() if changed < cutoff}
+@dataclass(frozen=True)
+class _Removal:
+    cutoff: float  # files changed before this go
+    stop: threading.Event | None  # set: no more removals
+
+
+def _prune_folder(fd: int, folder: str, files: dict[str, float], removal: _Removal, problems: list[str]) -> int:
+    old = [name for name, changed in files.items() if changed < removal.cutoff]  # in the listing's order
     if folder == "out":  # ID.json marks a complete answer: it goes before the audio
-        first = {name for name in old if name.endswith(".json")}
+        first = [name for name in old if name.endswith(".json")]
     elif folder == "failed":  # a request never stays without its reason: the request goes first
-        first = {name for name in old if not name.endswith(REASON)}
+        first = [name for name in old if not name.endswith(REASON)]
     else:
         first = old
     stuck: dict[str, str] = {}
-    removed = _remove(fd, sorted(first), cutoff, stuck)
-    remaining = set(files) - removed
+    removed = _remove(fd, first, removal, stuck)
+    taken = set(first)
+    remaining, rest = set(files) - removed, [name for name in old if name not in taken]
     if folder == "out":
-        then = {name for name in old - first if _stem(name) + ".json" not in remaining}
+        then = [name for name in rest if _stem(name) + ".json" not in remaining]
     elif folder == "failed":
         requests = {_stem(name) for name in remaining if not name.endswith(REASON)}
-        then = {name for name in old - first if name.removesuffix(REASON) not in requests}
+        then = [name for name in rest if name.removesuffix(REASON) not in requests]
     else:
-        then = set()
-    removed |= _remove(fd, sorted(then), cutoff, stuck)
-    if stuck:
-        name, why = next(iter(sorted(stuck.items())))
-        problems.append(f"{folder}/: {len(stuck)} old files cannot be removed ({shown(name)}: {why})")
+        then = []
+    removed |= _remove(fd, then, removal, stuck)
+    for why in sorted(set(stuck.values())):  # said once while it lasts: no count, no name, that change
+        problems.append(f"{folder}/: old files cannot be removed ({why})")
     return len(removed)
 
 
@@ -136,14 +159,17 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def _remove(fd: int, names: Iterable[str], cutoff: float, stuck: dict[str, str]) -> set[str]:
-    """Remove ``names`` from the folder ``fd``, each still older than ``cutoff`` when it goes (a
-    name listed old may have been written anew since: an ID served again once its old
-    ``ID.json`` went); those that cannot be go into ``stuck``, with why."""
+def _remove(fd: int, names: Iterable[str], removal: _Removal, stuck: dict[str, str]) -> set[str]:
+    """Remove ``names`` from the folder ``fd`` (in the listing's order: sorted, ext4 took ever
+    longer per file), each still older than the cut-off when it goes (a name listed old may have
+    been written anew since: an ID served again once its old ``ID.json`` went); those that
+    cannot be go into ``stuck``, with why."""
     removed = set()
     for name in names:
+        if removal.stop is not None and removal.stop.is_set():
+            break
         try:
-            if os.stat(name, dir_fd=fd, follow_symlinks=False).st_ctime >= cutoff:
+            if os.stat(name, dir_fd=fd, follow_symlinks=False).st_ctime >= removal.cutoff:
                 continue
             os.unlink(name, dir_fd=fd)
         except FileNotFoundError:
