@@ -111,6 +111,36 @@ def test_the_spools_old_answers_leave_it_while_it_runs(tmp_path: Path, cache_dir
 
 
 @pytest.mark.daemon
+def test_a_voice_removed_as_operating_md_says_leaves_the_daemon(tmp_path: Path, cache_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/operating.md, "Removing a voice": stop, delete its folder and STATE/store/NAME, start.
+    The voice is gone from /v1/voices, state.json and the next start's log; the other serves."""
+    monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
+    models = tmp_path / "models"
+    fake_daemon_model(models / "fake-1", "1")
+    other = fake_daemon_model(models / "other-1", "1")
+    pack(other, name="other", version="1", engine="fake", sample_rate=8000)
+    d = start_daemon(tmp_path, cache_dir, "--no-seed")
+    assert sorted(v["name"] for v in d.get("/v1/voices").json()["voices"]) == ["fake", "other"]
+    assert d.stop() == 0, d.logs()
+    shutil.rmtree(other)
+    shutil.rmtree(tmp_path / "state" / "store" / "other")
+    d.start()
+    try:
+        assert [v["name"] for v in d.get("/v1/voices").json()["voices"]] == ["fake"]
+        assert "other: none of its versions is in the models dir or the store: the voice is forgotten" in d.logs()
+        assert d.post("/v1/synthesize", {"text": "Hi.", "voice": "other"}).status == 404
+        assert "other" not in json.loads((tmp_path / "state" / "state.json").read_text())["voices"]
+    finally:
+        assert d.stop() == 0, d.logs()
+    d.start()
+    try:
+        assert not re.search(r"\bother\b", d.logs()) and d.post("/v1/synthesize", {"text": "Hi."}).status == 200
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+@pytest.mark.daemon
 def test_kill_9_mid_spool_loses_nothing(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     """1. Queue six requests. 2. SIGKILL once the first output appears. 3. No half-written file is
     visible. 4. Restart (stale socket left behind). 5. All six are served, none failed."""

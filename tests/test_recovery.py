@@ -666,3 +666,40 @@ def test_two_folders_of_one_version_with_other_content_in_one_scan_refuse_the_la
         refused = {path.name: why for path, (state, why) in manager.table.folders().items() if state == "refused"}
         assert "with different content (in voice-2a)" in refused["voice-2b"], refused
         manager.close()
+
+
+def test_a_voice_removed_while_the_daemon_was_stopped_is_forgotten(tmp_path: Path, fake_engines: None,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """operating.md's recipe for removing a voice: stop the daemon, delete the voice's folders and
+    its STATE/store/NAME, start. The voice stayed listed with nothing to serve, and every start
+    said its saved version 'cannot be restored'. It is forgotten, its rollback marks kept (a
+    rolled-back version dropped in again stays rolled back); the other voice is untouched."""
+    models, manager = v2_over_v1(tmp_path)
+    fake_model(models, "other", "1")
+    manager.reconcile()
+    manager.rollback("voice")  # marks 2 rolled back
+    assert active(manager) == "1" and active(manager, "other") == "1"
+    manager.close()
+    for folder in ("voice-1", "voice-2"):
+        shutil.rmtree(models / folder)
+    shutil.rmtree(tmp_path / "state" / "store" / "voice")
+    manager = make_manager(tmp_path)
+    with caplog.at_level(logging.INFO, logger="ttsd"):
+        manager.start()
+    assert [v["name"] for v in manager.snapshot()] == ["other"] and active(manager, "other") == "1"
+    assert any("voice is forgotten" in r.getMessage() for r in caplog.records), caplog.text
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert saved["voices"]["voice"] == {"active": None, "previous": [], "rolled_back": ["2"]}, saved
+    assert not [key for key in saved["versions"] if key.startswith("voice/")], saved
+    manager.close()
+    caplog.clear()
+    manager = make_manager(tmp_path)  # the next start says nothing of it
+    with caplog.at_level(logging.INFO, logger="ttsd"):
+        manager.start()
+    assert not [r for r in caplog.records if "voice " in r.getMessage() and r.name != "ttsd.serving"], caplog.text
+    fake_model(models, "voice", "2")  # the rolled-back version, dropped in again: not served by itself
+    fake_model(models, "voice", "3")
+    manager.reconcile()
+    versions = next(v["versions"] for v in manager.snapshot() if v["name"] == "voice")
+    assert active(manager) == "3" and {v["version"]: v["state"] for v in versions}["2"] == "rolled-back"
+    manager.close()

@@ -19,6 +19,7 @@ Threads: any. Lock order: ``commit``, then the table's, then the map's.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -547,6 +548,35 @@ class Lifecycle:
         for path in aside:
             if path is not None:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def forget_voice(self, name: str) -> bool:
+        """Voice ``name`` leaves the table and ``state.json`` when nothing of it is left: no
+        folder in the models dir, no store dir (``STATE/store/NAME``), nothing loaded or coming
+        up: its folders and its store dir were deleted while the daemon was stopped, the way to
+        remove a voice (docs/operating.md). A voice whose copies were damaged keeps its store dir
+        and stays, listed as serving nothing. Its rollback marks stay, so a rolled-back version
+        dropped in again is still not served by itself. True if it was forgotten."""
+        if os.path.lexists(self.store.root / name):
+            return False
+        with self.table.locked():
+            models = self.table.of(name)
+            if not models or any(
+                m.folder is not None or m.store_copy is not None or m.engine is not None or m.state in COMING_UP
+                for m in models
+            ):
+                return False
+            for m in models:
+                self.table.drop(m)
+        self.state.forget_versions(f"{m.name}/{m.version}" for m in models)
+        marks = self.state.voice(name).rolled_back
+        self.state.drop(name, keep=VoiceRecord(rolled_back=marks) if marks else None)
+        self.state.save()
+        log.info(
+            "%s: none of its versions is in the models dir or the store: the voice is forgotten%s",
+            name,
+            f" (its rollback marks stay: {', '.join(marks)})" if marks else "",
+        )
+        return True
 
     def _forget(self, models: list[ModelVersion]) -> None:
         """Versions that can never serve again (no store copy, no folder, not loaded) leave the

@@ -243,6 +243,14 @@ class ServingState:
         with self._lock:
             self._voices[name] = record
 
+    def drop(self, name: str, keep: VoiceRecord | None = None) -> None:
+        """Voice ``name``'s record goes (at the next save), or becomes ``keep``."""
+        with self._lock:
+            if keep is None:
+                self._voices.pop(name, None)
+            else:
+                self._voices[name] = keep
+
     def set_versions(self, records: dict[str, VersionRecord]) -> None:
         """Every version's record, as the manager knows them now (written at the next ``save``)."""
         with self._lock:
