@@ -590,7 +590,8 @@ def test_a_rollback_queued_behind_an_action_that_changed_the_voice_loads_nothing
     manager.reconcile()
     fake_model(models, "voice", "3")
     manager.reconcile()
-    assert manager.snapshot()[0]["active"] == "3" and FakeEngine.live == 1
+    assert manager.snapshot()[0]["active"] == "3"
+    wait_for(lambda: FakeEngine.live == 1, 10, "v2 unloaded")  # off the swap's path: a moment later on a busy box
     activated: list[object] = []
     loads = FakeEngine.loads
     threading.Thread(target=lambda: activated.append(manager.activate("voice", "1")), daemon=True).start()
