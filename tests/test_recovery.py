@@ -703,3 +703,25 @@ def test_a_voice_removed_while_the_daemon_was_stopped_is_forgotten(tmp_path: Pat
     versions = next(v["versions"] for v in manager.snapshot() if v["name"] == "voice")
     assert active(manager) == "3" and {v["version"]: v["state"] for v in versions}["2"] == "rolled-back"
     manager.close()
+
+
+def test_a_voice_whose_folder_is_still_arriving_at_start_up_is_not_forgotten(tmp_path: Path,
+                                                                             fake_engines: None) -> None:
+    """Its store dir deleted (or never there) and its new folder still being copied when the
+    daemon starts (no ttsd.json yet): nothing says the folder is this voice's, so the voice is
+    kept, its saved active version with it, until the folder has arrived."""
+    models, manager = v2_over_v1(tmp_path)
+    manager.close()
+    for folder in ("voice-1", "voice-2"):
+        shutil.rmtree(models / folder)
+    shutil.rmtree(tmp_path / "state" / "store" / "voice")
+    arriving = models / "voice-3"
+    arriving.mkdir()
+    (arriving / "fake.json").write_text("{}")  # the manifest comes last
+    manager = make_manager(tmp_path)
+    manager.start()
+    assert [v["name"] for v in manager.snapshot()] == ["voice"] and manager.state.voice("voice").active == "2"
+    pack(arriving, name="voice", version="3", engine="fake", sample_rate=8000)
+    manager.reconcile()
+    assert active(manager) == "3"
+    manager.close()

@@ -248,8 +248,8 @@ class ModelManager:
             time.sleep(min(0.2, max(self.policy.settle / 4, 0.02)))
             self.reconcile()
         for name in self.table.names():  # each voice had its chance to come back: one with nothing left goes
-            if not self.jobs.busy(name) and self.map.active(name) is None:
-                self.lifecycle.forget_voice(name)
+            if not self.jobs.busy(name) and self.map.active(name) is None and not self.source.waiting():
+                self.lifecycle.forget_voice(name)  # (not while a folder still arrives: it may be this voice's)
         self.map.announce_default()
         for name in self.table.names():  # after every voice serves: not waited for
             if self.map.active(name) is not None and self.state.voice(name).previous:
