@@ -404,6 +404,26 @@ def test_a_copy_in_progress_is_never_moved_aside(tmp_path: Path, mirror: Mirror,
     assert not (copying / "sub" / "b.dat").exists()
 
 
+def test_a_link_where_the_new_version_goes_is_moved_aside(tmp_path: Path, mirror: Mirror,
+                                                          fleet: dict[str, Path]) -> None:
+    """The daemon refuses any link in the models dir: one named where get publishes (voice-1, to
+    a folder elsewhere) was "already exists" once links stopped counting as refused folders. It
+    is moved aside like a folder that would not serve; what it points to is untouched."""
+    v1 = folder_of_two(tmp_path / "build" / "voice-1")
+    sign(v1, fleet["key"])
+    publish(v1, fleet["published"])
+    serve_dir(mirror, fleet["published"])
+    box = tmp_path / "box"
+    (box / "models").mkdir(parents=True)
+    elsewhere = shutil.copytree(v1, tmp_path / "elsewhere")
+    (box / "models" / "voice-1").symlink_to(elsewhere)
+    result = get(mirror.url, box, "voice", "--trusted-keys", str(fleet["trusted"]))
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (box / "models").iterdir())
+    assert names[0].startswith(".voice-1.refused-") and names[1:] == ["voice-1"], names
+    assert not (box / "models" / "voice-1").is_symlink() and (elsewhere / "ttsd.json").is_file()
+
+
 def test_search_of_a_fleet_mirror_filters_by_language_and_takes_non_ascii_names(tmp_path: Path,
                                                                                  mirror: Mirror,
                                                                                  fleet: dict[str, Path]) -> None:

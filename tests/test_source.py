@@ -17,7 +17,7 @@ import pytest
 
 from ttsd.errors import VerifyError
 from ttsd.manifest import pack, read_manifest
-from ttsd.models_dir import scan
+from ttsd.models_dir import holds_voices, scan
 from ttsd.serving.source import Candidate, LocalFolderSource, Verdict, looks_incomplete
 from ttsd.serving.store import ModelStore
 from ttsd.disk_changes import Settle
@@ -119,10 +119,27 @@ def test_every_link_in_the_models_dir_is_refused_and_said_once(models: Path, sou
     # as the CLI and ``ttsd say`` see the models dir: no voice in a link either
     assert {c.folder.name: (c.manifest, "symlink" in c.problem) for c in scan(models)} == {
         name: (None, True) for name in ("dangling-1", "file-1", "linked-1", "loop-1")}
+    assert holds_voices(models)  # the user's links: no built-in voice is seeded beside them
     (models / "dangling-1").unlink()
     (models / "dangling-1").symlink_to(elsewhere)
     found = source.scan(now=200.0) + source.scan(now=200.0 + SETTLE)
     assert verdicts(found) == [("dangling-1", Verdict.REFUSED)]
+
+
+def test_a_link_there_long_before_is_judged_at_the_first_scan_and_one_it_cannot_read_settles(
+        models: Path, source: LocalFolderSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link's age is its own (lstat), as a folder's is its files': an old one waited the settle
+    time at every start-up; one whose target cannot be read had a signature that changed at
+    every scan, and never settled."""
+    (models / "old-1").symlink_to(models / "nowhere")
+    old = time.time() - 3600
+    os.utime(models / "old-1", (old, old), follow_symlinks=False)
+    assert verdicts(source.scan(now=100.0)) == [("old-1", Verdict.REFUSED)]
+    (models / "odd-1").symlink_to(models / "nowhere")
+    monkeypatch.setattr(os, "readlink", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    found = source.scan(now=200.0) + source.scan(now=200.0 + SETTLE)
+    assert ("odd-1", Verdict.REFUSED) in verdicts(found)
+    assert source.scan(now=300.0) == [] and not source.waiting()  # settled: not judged again
 
 
 def test_again_hands_a_folder_over_once_more(models: Path, source: LocalFolderSource) -> None:

@@ -38,7 +38,7 @@ from .front.wyoming import WyomingServer
 from .front.wyoming_mdns import Advertisement
 from .malloc import describe, freeze_heap, resident_bytes, tune
 from .metrics import Metrics
-from .models_dir import scan
+from .models_dir import holds_voices
 from .reloader import ModelWatcher
 from .serving.manager import ModelManager
 from .serving.residency import Budget
@@ -266,7 +266,7 @@ class Daemon:
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(handled, self._record_signal, handled)
 
-        if cfg.seed_builtin and self.trust is not None and not any(c.manifest for c in scan(cfg.models)):
+        if cfg.seed_builtin and self.trust is not None and not holds_voices(cfg.models):
             # the built-in voice is converted on this box and signed by nobody: seeded, it would be
             # refused, and sit in the models dir as a version 1 that blocks nothing but confuses all
             log.warning(

@@ -64,6 +64,13 @@ def scan(models_dir: Path) -> list[Candidate]:
     return found
 
 
+def holds_voices(models_dir: Path) -> bool:
+    """Whether the models dir holds anything put there as a voice: a folder with a manifest, or a
+    link (refused as one, but the user's, so the dir is not empty: the built-in voice is not
+    seeded beside it)."""
+    return any(c.manifest is not None or c.folder.is_symlink() for c in scan(models_dir))
+
+
 def find_versions(models_dir: Path, name: str, version: str | None = None) -> list[tuple[str, Path]]:
     """(version, folder) of voice ``name`` in ``models_dir``, newest first (only ``version``'s
     when given); ``UnknownVoiceError`` when there is none."""

@@ -19,7 +19,7 @@ from typing import Any
 from .errors import ConfigError, TtsdError, os_error
 from .fsutil import current_umask, fsync_dir
 from .manifest import Manifest, check_name, check_version, pack, verify
-from .models_dir import scan
+from .models_dir import holds_voices
 
 log = logging.getLogger("ttsd.voices")
 
@@ -153,7 +153,7 @@ def builtin_model(cache_dir: Path, progress: Progress = _noop) -> Path:
 
 def seed_models(models: Path, cache: Path) -> None:
     """An empty models dir gets the built-in voice as version 1 (copied, then renamed in)."""
-    if any(c.manifest for c in scan(models)):
+    if holds_voices(models):
         return
     source = builtin_model(cache, progress=lambda msg: log.info("built-in voice: %s", msg))
     target = models / f"{BUILTIN_VOICE}-{BUILTIN_VERSION}"

@@ -172,7 +172,7 @@ def _make_room(folder: Path, local: _Local, reporter: Reporter) -> None:
     move it aside, out of the daemon's sight (a dot-name), rather than fail or delete it. A folder
     that looks like a copy still in progress is left alone (``_local`` does not count it refused):
     then the new version's place is taken, and get says so."""
-    if folder not in local.refused:
+    if folder not in local.refused and not folder.is_symlink():  # a link never serves, wherever it points
         return
     aside = folder.with_name(f".{folder.name}.refused-{int(time.time())}")
     os.rename(folder, aside)

@@ -19,6 +19,7 @@ one more class with the same five methods (``Source``). Called from the manager'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -87,9 +88,12 @@ def signature(folder: Path, limit: int = MAX_ENTRIES) -> tuple[object, ...]:
     0.66 s of CPU per rescan when every entry was stat'ed)."""
     if folder.is_symlink():  # refused for being a link, whatever it points to: never walked
         try:
-            return ("symlink", os.readlink(folder))
+            st = os.lstat(folder)
         except OSError:
             return ("unreadable", time.time())
+        with contextlib.suppress(OSError):
+            return (f"symlink to {os.readlink(folder)}", st.st_size, st.st_mtime_ns)
+        return ("symlink", st.st_size, st.st_mtime_ns)
     entries: list[object] = []
     stack, seen = [folder], 0
     try:
