@@ -361,6 +361,13 @@ def test_models_list_without_a_daemon_names_a_missing_dir_and_fails_verification
     assert rows["voice-3"]["state"] == "refused" and "engine 'onnx' is not installed" in rows["voice-3"]["reason"]
     assert rows["voice-2"]["state"] == "verified", rows
     one_line_error(invoke("models", "verify", str(other)), 5, f"{other}: engine 'onnx' is not installed")
+    # a link is refused as the daemon refuses it, its target never read (no signer made up for it)
+    (other / "ttsd.json").write_text(json.dumps(manifest))
+    (models / "voice-4").symlink_to(other)
+    listed = invoke("models", "list", "--models", str(models), "--json", *none)
+    rows = {r["folder"]: r for r in json.loads(listed.stdout)}
+    assert (rows["voice-4"]["state"], rows["voice-4"]["signer"], rows["voice-4"]["version"]) == ("refused", "", "-")
+    assert "is a symlink" in rows["voice-4"]["reason"], rows
 
 
 def test_models_list_verify_and_another_models_dir_read_the_disk_while_a_daemon_runs(

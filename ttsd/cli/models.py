@@ -241,7 +241,8 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
         checked = check
         for cand in scan(paths.models):
             m = cand.manifest
-            state, reason = ("on disk", "") if m is not None else ("unreadable", cand.problem)
+            link = cand.folder.is_symlink()  # refused as a link, wherever it points: never read through
+            state, reason = ("on disk", "") if m is not None else ("refused" if link else "unreadable", cand.problem)
             if m is not None and check:
                 try:
                     verify(cand.folder)
@@ -249,7 +250,7 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
                     state = "verified"
                 except TtsdError as exc:
                     state, reason = "refused", str(exc)
-            claimed = describe(cand.folder)
+            claimed = None if link else describe(cand.folder)
             rows.append(
                 (
                     m.name if m else cand.folder.name,
