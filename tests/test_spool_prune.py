@@ -296,3 +296,41 @@ def test_without_keep_days_nothing_is_removed(front: FrontEnds, clock: Clock) ->
     clock.ahead, clock.now = 1000 * DAY, clock.now + 1000 * DAY
     front.spool_pass()
     assert names(dirs["out"]) == ["r1.json", "r1.wav"] and names(dirs["done"]) == ["r1.txt"]
+
+
+def test_a_failure_removing_old_answers_is_said_and_stops_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in the removal (any exception) ended its task for good, and then made the spool's own
+    task fail at the stop: it is logged, and the spool serves and stops as before."""
+    import asyncio
+
+    voices = FakeVoices(tmp_path, {"joe": {"1": {}}}, default_voice="joe", max_chars=200)
+    front = FrontEnds(voices.backend, tmp_path)
+    try:
+        spool = Spool(front.spool.root, voices.backend, concurrency=1, keep_seconds=DAY)
+        spool.prepare()
+
+        def broken(*args: object, **kw: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(spool_module, "prune", broken)
+
+        async def go() -> None:
+            task = asyncio.get_running_loop().create_task(spool.run())
+            (spool.dirs["incoming"] / "r1.txt").write_text("Hello.")
+            for _ in range(100):
+                if (spool.dirs["out"] / "r1.json").exists():
+                    break
+                spool._wake.set()
+                await asyncio.sleep(0.1)
+            spool.stop()
+            await asyncio.wait_for(task, 10)  # no exception
+            await spool.drain()
+
+        with caplog.at_level("ERROR", logger="ttsd.spool"):
+            front.run(go())
+        assert (spool.dirs["out"] / "r1.json").exists()
+        assert "spool: removing old answers failed" in caplog.text
+    finally:
+        front.close()
+        voices.close()

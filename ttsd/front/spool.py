@@ -340,7 +340,10 @@ class Spool:
             delay = RESCAN_SECONDS  # the folders are not usable yet: soon again
             if self._prepared:
                 busy = frozenset(self._serving)
-                self._pruned(await loop.run_in_executor(None, self._prune, busy))
+                try:
+                    self._pruned(await loop.run_in_executor(None, self._prune, busy))
+                except Exception:  # a bug: said, and tried again at the next look (the spool goes on)
+                    log.exception("spool: removing old answers failed")
                 delay = interval(self.keep_seconds)
             await asyncio.sleep(delay)
 
