@@ -141,6 +141,51 @@ def test_a_voice_removed_as_operating_md_says_leaves_the_daemon(tmp_path: Path, 
 
 
 @pytest.mark.daemon
+def test_models_remove_takes_a_voice_out_of_the_running_daemon(tmp_path: Path, cache_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/operating.md, "Removing a voice", with the daemon running: ``ttsd models remove``
+    refuses while the voice's folder is in the models dir, then takes it out with no restart (the
+    other voice serves on), refuses the last voice and an unknown one; each a line and an exit
+    code. The restart does not bring it back."""
+    monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
+    models = tmp_path / "models"
+    fake_daemon_model(models / "fake-1", "1")
+    other = fake_daemon_model(models / "other-1", "1")
+    pack(other, name="other", version="1", engine="fake", sample_rate=8000)
+    d = start_daemon(tmp_path, cache_dir, "--no-seed")
+
+    def remove(voice: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ttsd", "models", "remove", voice, "--socket", str(d.socket),
+                               *args], env=d.env, capture_output=True, text=True, timeout=120)
+
+    try:
+        refused = remove("other")
+        assert refused.returncode == 13 and "other-1; delete it first" in refused.stderr, refused
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+        shutil.rmtree(other)
+        assert d.post("/v1/synthesize", {"text": "Hi.", "voice": "other"}).status == 200  # from its store copy
+        done = remove("other", "--reason", "no one speaks it")
+        assert done.returncode == 0 and done.stderr.startswith("other removed (1) in "), done  # (as rollback: stderr)
+        trail = json.loads((tmp_path / "state" / "history.jsonl").read_text().splitlines()[-1])
+        assert (trail["voice"], trail["from"], trail["to"], trail["why"]) == ("other", "1", None, "no one speaks it")
+        assert [v["name"] for v in d.get("/v1/voices").json()["voices"]] == ["fake"]
+        assert d.post("/v1/synthesize", {"text": "Hi.", "voice": "other"}).status == 404
+        assert d.post("/v1/synthesize", {"text": "Hi.", "voice": "fake"}).status == 200
+        assert not (tmp_path / "state" / "store" / "other").exists()
+        last = remove("fake")
+        assert last.returncode == 13 and "the only voice that serves" in last.stderr, last
+        unknown = remove("nobody")
+        assert unknown.returncode == 4 and "unknown voice 'nobody'" in unknown.stderr, unknown
+    finally:
+        assert d.stop() == 0, d.logs()
+    d.start()
+    try:
+        assert [v["name"] for v in d.get("/v1/voices").json()["voices"]] == ["fake"]
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+@pytest.mark.daemon
 def test_kill_9_mid_spool_loses_nothing(tmp_path: Path, cache_dir: Path, joe_folder: Path) -> None:
     """1. Queue six requests. 2. SIGKILL once the first output appears. 3. No half-written file is
     visible. 4. Restart (stale socket left behind). 5. All six are served, none failed."""

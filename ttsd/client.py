@@ -80,10 +80,11 @@ class Client:
         raise from_http(status, code, message, int(headers.get("retry-after", "1") or 1)) from None
 
     def control(self, voice: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /v1/voices/VOICE/ACTION`` (rollback, activate): the voice's name is quoted into
+        """``POST /v1/voices/VOICE/ACTION`` (rollback, activate, withdraw, remove): the voice's name is quoted into
         the path, so a name in any script (``tugão``) is sent as the daemon reads it."""
         _, data = self.call("POST", f"/v1/voices/{quote(voice, safe='')}/{action}", body)
-        return self._answer(data, *(("voice", "withdrawn", "active") if action == "withdraw" else SWAP_KEYS))
+        keys = {"withdraw": ("voice", "withdrawn", "active"), "remove": ("voice", "removed", "seconds")}
+        return self._answer(data, *keys.get(action, SWAP_KEYS))
 
     def synthesize(self, body: dict[str, Any]) -> tuple[dict[str, str], bytes]:
         """``POST /v1/synthesize``: (headers, audio). Checked before the caller writes anything:

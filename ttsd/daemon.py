@@ -183,6 +183,9 @@ class Daemon:
     async def withdraw(self, voice: str, version: str, to: str | None, reason: str) -> dict[str, Any]:
         return await in_fresh_thread(lambda: self.manager.withdraw(voice, version, reason, to), "ttsd-withdraw")
 
+    async def remove(self, voice: str, reason: str) -> dict[str, Any]:
+        return await in_fresh_thread(lambda: self.manager.remove(voice, reason), "ttsd-remove")
+
     async def activate(self, voice: str, version: str) -> dict[str, Any]:
         return await in_fresh_thread(lambda: self.manager.activate(voice, version), "ttsd-activate")
 
@@ -227,6 +230,7 @@ class Daemon:
             wanting=self.manager.wanting,
             load_wait=self.config.load_wait,
             withdraw=self.withdraw,
+            remove=self.remove,
             out_of_time=self._out_of_time,
         )
 

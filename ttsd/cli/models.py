@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, TtsdError, VerifyError
-from .common import PRECISION_CHOICES, SOCKET_HELP, console, shown, trusted_keys_option
+from .common import PRECISION_CHOICES, SOCKET_HELP, console, daemon_client, shown, trusted_keys_option
 
 
 @click.group()
@@ -280,6 +280,25 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
     refused = sum(row[2] in ("refused", "unreadable") for row in rows) if checked else 0
     if refused:  # `ttsd models list --verify && ...` stops here
         raise VerifyError(f"{refused} of {len(rows)} folders cannot serve (the reasons are listed)")
+
+
+@models.command("remove")
+@click.argument("voice")
+@click.option("--reason", help="Why, for the daemon's log and audit trail [default: removed].")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET", help=SOCKET_HELP)
+def remove_cmd(voice: str, reason: str | None, socket_path: Path | None) -> None:
+    """Take VOICE out of the running daemon, with no restart: requests for it get 'unknown voice'
+    at once, those already running finish, and its store copies and records go (its rollback
+    marks stay). Delete its folders from the models dir first; the daemon's only voice and its
+    --default-voice are not removed."""
+    if not voice.strip():
+        raise click.BadParameter("an empty voice name", param_hint="VOICE")
+    if reason is not None and not reason.strip():
+        raise click.BadParameter("an empty reason; leave --reason out for 'removed'", param_hint="--reason")
+    client = daemon_client(socket_path, timeout=120)
+    result = client.control(voice, "remove", {"reason": reason} if reason else {})
+    versions = ", ".join(str(v) for v in result["removed"]) or "no version"
+    console().print(f"{shown(result['voice'])} removed ({shown(versions)}) in {result['seconds']:.2f} s", markup=False)
 
 
 @models.command("builtin")

@@ -42,6 +42,8 @@ class Backend:
     load_wait: float = 30.0  # seconds a request waits for that load
     # a version a fleet mirror withdrew: voice, version, to (if it is active), reason
     withdraw: Callable[[str, str, str | None, str], Awaitable[dict[str, Any]]] | None = None
+    # ``ttsd models remove``: voice, reason
+    remove: Callable[[str, str], Awaitable[dict[str, Any]]] | None = None
     max_audio_seconds: float | None = None  # of one request: a Wyoming text stream's sentences in all
     capacity: int | None = None  # requests the pool takes at once (workers + queue): a Wyoming address gets half
     # the outcome of a request that held no lease to its end (voice, version, ok): a text stream

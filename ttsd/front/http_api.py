@@ -233,6 +233,7 @@ def build_app(backend: Backend) -> web.Application:
     app.router.add_post("/v1/voices/{name}/rollback", api.rollback)
     app.router.add_post("/v1/voices/{name}/activate", api.activate)
     app.router.add_post("/v1/voices/{name}/withdraw", api.withdraw)
+    app.router.add_post("/v1/voices/{name}/remove", api.remove)
     app.router.add_get("/v1/status", api.status)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
@@ -492,6 +493,17 @@ class _Api:
             if self.backend.withdraw is None:
                 raise ConflictError("this daemon does not take withdrawals")
             result = await self.backend.withdraw(request.match_info["name"], version, to, reason)
+        except TtsdError as exc:
+            return error_response(exc)
+        return web.json_response(result)
+
+    async def remove(self, request: web.Request) -> web.Response:
+        """``ttsd models remove``: the voice leaves the daemon (``ttsd.serving.removal``)."""
+        try:
+            data = await self._control_body(request)
+            if self.backend.remove is None:
+                raise ConflictError("this daemon does not remove voices")
+            result = await self.backend.remove(request.match_info["name"], _reason(data) or "removed")
         except TtsdError as exc:
             return error_response(exc)
         return web.json_response(result)

@@ -235,7 +235,7 @@ def _judged(job: Job, exc: Exception) -> tuple[bool | None, Exception]:
     if job.lease.cut:  # its version was unloaded under it: the daemon's doing, and a retry is served
         return None, BusyError(
             f"{voice.name} {voice.version} was taken out of service while this request ran "
-            "(an upgrade under --swap-policy memory, or a shutdown); retry",
+            "(an upgrade under --swap-policy memory, a voice's removal, or a shutdown); retry",
             retry_after=2,
         )
     if isinstance(exc, TtsdError):

@@ -381,6 +381,8 @@ class Control:
 
         def load_then_switch(_ticket: object) -> dict[str, Any]:
             cannot = f"cannot activate {voice} {version}"
+            if self.table.get(voice, version) is not target:  # ``ttsd models remove``'s job came first
+                raise UnknownVoiceError(f"{voice} {version} was removed before it could load")
             loaded, retired = False, None
             try:
                 retired = self._retire_for(target, self.lifecycle.active(voice), cannot)

@@ -106,6 +106,11 @@ class OnDemand:
         with self._lock:
             self._last_used[name] = (time.monotonic(), time.time())
 
+    def forget(self, name: str) -> None:
+        """Voice ``name`` was removed: when it was last used is not kept."""
+        with self._lock:
+            self._last_used.pop(name, None)
+
     def room_changed(self) -> None:
         with self._room:
             self._room.notify_all()

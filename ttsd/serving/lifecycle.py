@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ResourceError
+from ..errors import ConflictError, ResourceError
 from .load_marks import LoadMarks
 from .loader import unload_engine
 from .pacing import Guard, Superseded, Ticket
@@ -70,6 +70,10 @@ class Lifecycle:
         """The version the memory policy's upgrade took out of service (``retire_now``) for
         ``name``, until the voice's next swap."""
         return self._retired.get(name)
+
+    def forget_retired(self, name: str) -> None:
+        """Voice ``name`` was removed: no version of it is out of service for an upgrade."""
+        self._retired.pop(name, None)
 
     def active(self, name: str) -> ModelVersion | None:
         return self.table.by_key(self.map.active(name))
@@ -218,9 +222,15 @@ class Lifecycle:
         withdrawal that landed while they loaded is only seen here; the version is then marked
         rolled back again, as the withdrawal left it (loading had moved it on). An operator's
         ``ttsd activate`` and ``rollback --to`` are not checked: they may serve a marked version.
-        After ``close`` nothing commits."""
+        After ``close`` nothing commits, nor for a voice being removed."""
         if self.closed:  # a job that outlived the shutdown's wait: what it loaded goes
             raise Superseded("ttsd is shutting down")
+        if self.map.leaving(model.name) or self.table.by_key(model.key) is not model:  # ``removal.py``
+            raise ConflictError(
+                f"{model.name} is being removed"
+                if self.map.leaving(model.name)
+                else f"{model.name} {model.version} was removed"
+            )
         if ticket is None and not unmarked:
             return
         if ticket is not None:

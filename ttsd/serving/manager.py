@@ -10,7 +10,8 @@ Shape from TF Serving's core, where a manager *holds* its parts rather than inhe
   retries, resumes, through ``bringup`` (``bringup.py``: copy, verify, check, load, warm);
 * ``lifecycle`` (``lifecycle.py``) commits: the swap, canaries, verdicts, unloads;
 * ``demand`` (``demand.py``) keeps voices within a memory budget (its policy: ``residency.py``);
-* ``control`` (``actions.py``) is the operator's rollback and activate;
+* ``control`` (``actions.py``) is the operator's rollback and activate; ``removal``
+  (``removal.py``) takes a voice out of the daemon;
 * the pure rules are in ``policy.py``; what serves is the ``ServingMap`` (``serving_map.py``).
 
 This module wires them, runs a reconcile (scan, take, start jobs) and answers what serves.
@@ -46,6 +47,7 @@ from .lifecycle import Lifecycle
 from .pacing import Superseded, Ticket
 from .policy import Outcome, judge, retry_due
 from .promote import Promoter
+from .removal import Removal
 from .residency import Budget
 from .restore import restore
 from .serving_map import Lease, ServingMap
@@ -146,6 +148,9 @@ class ModelManager:
         self.control = Control(
             self.table, self.lifecycle, self.bringup, self.jobs, self.state, events, restore=self.promoter.restore
         )
+        self.removal = Removal(
+            self.table, self.lifecycle, self.jobs, self.state, self.store, events, forget_use=self.demand.forget
+        )
         self._scan_lock = threading.Lock()
         self._first_scan = True
 
@@ -231,6 +236,9 @@ class ModelManager:
 
     def withdraw(self, voice: str, version: str, why: str, to: str | None = None) -> dict[str, Any]:
         return self.control.withdraw(voice, version, why, to)
+
+    def remove(self, voice: str, why: str = "removed") -> dict[str, Any]:
+        return self.removal.remove(voice, why)
 
     # == deciding ===============================================================================
     def start(self) -> None:

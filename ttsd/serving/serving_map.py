@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engines import Engine
-from ..errors import BusyError, ColdVoiceError, UnknownVoiceError
+from ..errors import BusyError, ColdVoiceError, ConflictError, UnknownVoiceError
 from ..shares import point
 from ..voices import BUILTIN_VOICE
 from .pacing import Guard
@@ -131,6 +131,7 @@ class ServingMap:
         self._said_default: str | None = None  # the default voice the log last named
         self._announcing = False  # the default is logged from ``announce_default`` (after start-up) on
         self._swapping_out: set[str] = set()  # voices taken out of service for an upgrade (``deactivate``)
+        self._leaving: set[str] = set()  # voices being removed (``drop_voice``)
 
     # -- requests (any thread) -------------------------------------------------------------------
     def acquire(self, voice: str | None = None, version: str | None = None, *, user: str | None = None) -> Lease:
@@ -143,6 +144,8 @@ class ServingMap:
             name = voice or self._default_name()
             if name is None:
                 raise BusyError("no voice is ready yet", retry_after=5)
+            if name in self._leaving:
+                raise UnknownVoiceError(f"voice {name!r} is being removed")
             if version is not None:
                 key = (name, norm(version))
                 if key not in self._loaded:
@@ -250,6 +253,8 @@ class ServingMap:
         with self._lock:
             assert key in self._loaded, key
             name = key[0]
+            if name in self._leaving:  # (the operator's actions check first, under the commit lock)
+                raise ConflictError(f"voice {name} is being removed")
             previous = self._active.get(name)
             self._active[name] = key
             self._swapping_out.discard(name)
@@ -261,6 +266,8 @@ class ServingMap:
     def set_canary(self, key: Key) -> None:
         with self._lock:
             assert key in self._loaded, key
+            if key[0] in self._leaving:
+                raise ConflictError(f"voice {key[0]} is being removed")
             self._canary[key[0]] = key
 
     def end_canary(self, name: str) -> None:
@@ -293,6 +300,28 @@ class ServingMap:
             self._say_default()
             return True
 
+    def drop_voice(self, name: str) -> None:
+        """Voice ``name`` leaves service (``ttsd models remove``): from now on requests naming it,
+        or any version of it, get ``UnknownVoiceError``, and none of its versions is made active,
+        a canary or parked. Requests holding it go on; its versions stay in the map until they
+        are unloaded (``remove``), as a retired version does. ``forget_voice`` ends it."""
+        with self._lock:
+            self._leaving.add(name)
+            self._active.pop(name, None)
+            self._canary.pop(name, None)
+            self._swapping_out.discard(name)
+            self._say_default()
+
+    def leaving(self, name: str) -> bool:
+        """Whether ``name`` is being removed (``drop_voice``)."""
+        return name in self._leaving
+
+    def forget_voice(self, name: str) -> None:
+        """The removal of ``name`` is over: it is a name like any other again (a folder of it
+        dropped in later is a new voice)."""
+        with self._lock:
+            self._leaving.discard(name)
+
     def park(self, key: Key) -> bool:
         """``key`` stays (or becomes) its voice's active version, but not loaded: its entry leaves
         the map and requests for the voice get ``ColdVoiceError`` until ``add`` puts it back (the
@@ -303,6 +332,8 @@ class ServingMap:
             if entry is not None and entry.in_flight:
                 return False
             self._loaded.pop(key, None)
+            if key[0] in self._leaving:  # unloaded, but not its voice's active version any more
+                return True
             self._active[key[0]] = key
             self._say_default()
             return True

@@ -142,6 +142,16 @@ class ModelStore:
             return None
         return aside
 
+    def set_voice_aside(self, name: str) -> Path | None:
+        """``set_aside`` for every stored copy of voice ``name`` at once (``STATE/store/NAME``).
+        None if the voice has no store dir. ``OSError`` if it cannot be moved."""
+        path = self.root / name
+        if not os.path.lexists(path):
+            return None
+        aside = self.root / f".{name}.{uuid.uuid4().hex}.removed.partial"
+        os.rename(path, aside)
+        return aside
+
     def remove(self, name: str, version: str) -> None:
         """Drop a stored copy (damaged, refused, or no longer a rollback target)."""
         path = self.path(name, version)

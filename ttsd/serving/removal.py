@@ -1,0 +1,175 @@
+"""``ttsd models remove VOICE``: a voice leaves the running daemon, with no restart.
+
+A voice serves from its store copy (``STATE/store/NAME``) once its folders are in, so deleting
+its folders from the models dir does not stop it (that is what lets a rollback work after a
+folder is deleted). Removing it is this operator's action:
+
+* refused while the voice still has a folder in the models dir (the next scan would bring it
+  back), while it is ``--default-voice``, or while it is the only voice that serves (the daemon
+  would serve nothing: add the voice that replaces it first);
+* an operator's job of the voice (``jobs.py``): a background job of the voice (an upgrade, the
+  restart's load of rollback targets) is called off, an urgent one (a load for a waiting request)
+  is waited for, and no rescan starts another meanwhile (``ModelManager.reconcile`` skips a voice
+  with a job);
+* the voice leaves the serving map first: new requests naming it get 404 ``unknown_voice``;
+  requests already holding it finish (bounded by ``wait``; after that its engines are unloaded
+  under them, the daemon's fault, not counted against any model); then its versions are
+  unloaded, its store dir moved aside and deleted, and its records leave ``state.json``. Its
+  rollback marks stay, as at a start-up's ``Lifecycle.forget_voice``: a version rolled back (or a
+  fleet's withdrawal) dropped in again later still does not serve by itself. The audit trail says
+  it was removed.
+
+Killed midway, the restart finishes the job: the store dir is gone or whole, and a voice with no
+folder and no store dir is forgotten at start-up (``Lifecycle.forget_voice``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+from ..errors import ConflictError, UnknownVoiceError, os_error
+from .jobs import Jobs
+from .lifecycle import Lifecycle
+from .state import ServingState, VoiceRecord
+from .store import ModelStore
+from .table import VersionTable
+from .versions import COMING_UP, Listener, ModelVersion, State
+
+log = logging.getLogger("ttsd.manager")
+
+MAX_SHOWN = 5  # folders named in a refusal
+
+
+class Removal:
+    def __init__(
+        self,
+        table: VersionTable,
+        lifecycle: Lifecycle,
+        jobs: Jobs,
+        state: ServingState,
+        store: ModelStore,
+        listener: Listener,
+        *,
+        forget_use: Any = lambda _name: None,
+        wait: float = 30.0,
+    ) -> None:
+        """``forget_use``: the memory budget forgets when the voice was last used; ``wait``:
+        seconds requests already holding the voice may go on before it is unloaded under them."""
+        self.table, self.lifecycle, self.jobs, self.state, self.store = table, lifecycle, jobs, state, store
+        self.map = lifecycle.map
+        self._listener, self._forget_use, self.wait = listener, forget_use, wait
+
+    def remove(self, voice: str, why: str = "removed") -> dict[str, Any]:
+        """Remove ``voice`` (see the module docstring): ``UnknownVoiceError`` for a voice this
+        daemon does not have, ``ConflictError`` saying why it cannot go now, the ``OSError`` that
+        stopped its store dir from being moved (``os_error``; then nothing changed)."""
+        started = time.monotonic()
+        self._check(voice)
+        return self.jobs.start(
+            voice,
+            f"removal of {voice}",
+            lambda _ticket: self._remove(voice, why, started),
+            urgent=True,
+            supersede=True,
+            operator=True,
+        ).result()
+
+    def _check(self, voice: str) -> None:
+        if voice not in self.table.names():
+            shown = voice if len(voice) <= 100 else f"{voice[:100]}…"
+            raise UnknownVoiceError(f"unknown voice {shown!r}")
+        if voice == self.map.default_voice:
+            raise ConflictError(f"{voice} is the daemon's --default-voice: start it with another --default-voice first")
+        if self.map.active(voice) is not None and not any(
+            self.map.active(name) is not None for name in self.table.names() if name != voice
+        ):
+            raise ConflictError(
+                f"{voice} is the only voice that serves: the daemon would serve nothing; add the voice that "
+                "replaces it first"
+            )
+        folders = sorted({str(m.folder) for m in self.table.of(voice) if _on_disk(m)})
+        if folders:
+            listed = ", ".join(folders[:MAX_SHOWN]) + (
+                f" and {len(folders) - MAX_SHOWN} more" if len(folders) > MAX_SHOWN else ""
+            )
+            raise ConflictError(
+                f"{voice} still has {'a folder' if len(folders) == 1 else f'{len(folders)} folders'} in the models "
+                f"dir, which would bring it back: {listed}; delete {'it' if len(folders) == 1 else 'them'} first"
+            )
+
+    def _remove(self, voice: str, why: str, started: float) -> dict[str, Any]:
+        with self.lifecycle.commit:
+            self._check(voice)  # again, in the voice's job: a folder may have come, another voice gone
+            try:  # first, so nothing has changed when it cannot be done (one rename)
+                aside = self.store.set_voice_aside(voice)
+            except OSError as exc:
+                raise os_error(
+                    exc, f"removing {voice}", f"cannot remove {voice}: its store dir {self.store.root / voice}"
+                ) from None
+            active = self.lifecycle.active(voice)
+            with self.table.locked():
+                models = self.table.of(voice)
+                for model in models:
+                    model.store_copy = None
+                    if model.engine is not None:  # nothing judges it any more; its last release unloads it
+                        model.state = State.RETIRED
+            self.map.drop_voice(voice)
+        try:
+            log.warning("%s: being removed (%s): requests naming it are refused from now on", voice, why)
+            self._unload(voice, models)
+            with self.lifecycle.commit, self.table.locked():
+                gone: list[ModelVersion] = []
+                for model in self.table.of(voice):
+                    # (a folder dropped in meanwhile is a new version of the voice: it stays, and
+                    # its upgrade, queued behind this job, brings the voice back)
+                    if not _on_disk(model) and model.engine is None and model.state not in COMING_UP:
+                        self.table.drop(model)
+                        gone.append(model)
+                marks = self.state.voice(voice).rolled_back
+                self.state.forget_versions(f"{m.name}/{m.version}" for m in gone)
+                self.state.drop(voice, keep=VoiceRecord(rolled_back=marks) if marks else None)
+                self.lifecycle.forget_retired(voice)
+        finally:
+            self.map.forget_voice(voice)
+        self._forget_use(voice)
+        self.state.save()
+        self.state.record(voice, active.version if active is not None else None, None, why)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        for model in gone:
+            self._listener("removed", model)  # ttsd_model_transitions_total{event="removed"}
+        log.warning(
+            "%s removed (%s): %s left the daemon%s",
+            voice,
+            why,
+            ", ".join(sorted(m.version for m in gone)) or "no version",
+            f"; its rollback marks stay ({', '.join(marks)})" if marks else "",
+        )
+        return {
+            "voice": voice,
+            "removed": sorted(m.version for m in gone),
+            "active": active.version if active is not None else None,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    def _unload(self, voice: str, models: list[ModelVersion]) -> None:
+        """Unload ``models`` once the requests holding them are done, or after ``wait`` seconds
+        under them (their leases are cut: the daemon's doing, not the model's)."""
+        deadline = time.monotonic() + self.wait
+        while (held := sum(self.map.in_flight(m.key) for m in models)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if held:
+            log.warning("%s: %d request(s) still held it after %g s; it is unloaded under them", voice, held, self.wait)
+        for model in models:
+            if model.engine is not None or self.map.loaded(model.key):
+                self.lifecycle.unload(model, force=True)
+
+
+def _on_disk(model: ModelVersion) -> bool:
+    """Whether ``model``'s folder is in the models dir (read on disk: one deleted a moment ago,
+    the rescan not yet run, is not)."""
+    return model.folder is not None and os.path.lexists(model.folder)
