@@ -152,7 +152,10 @@ def test_models_remove_takes_a_voice_out_of_the_running_daemon(tmp_path: Path, c
     fake_daemon_model(models / "fake-1", "1")
     other = fake_daemon_model(models / "other-1", "1")
     pack(other, name="other", version="1", engine="fake", sample_rate=8000)
-    d = start_daemon(tmp_path, cache_dir, "--no-seed")
+    third = fake_daemon_model(models / "third-1", "1")
+    pack(third, name="third", version="1", engine="fake", sample_rate=8000)
+    # the default voice (fake) stays loaded and one other beside it: the last one used
+    d = start_daemon(tmp_path, cache_dir, "--no-seed", "--max-loaded", "2")
 
     def remove(voice: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "ttsd", "models", "remove", voice, "--socket", str(d.socket),
@@ -164,14 +167,21 @@ def test_models_remove_takes_a_voice_out_of_the_running_daemon(tmp_path: Path, c
         assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
         shutil.rmtree(other)
         assert d.post("/v1/synthesize", {"text": "Hi.", "voice": "other"}).status == 200  # from its store copy
+        assert d.post("/v1/synthesize", {"text": "Hi.", "voice": "third"}).status == 200  # other is parked now
+        assert 'version="1",voice="other"' in d.get("/metrics").body.decode()
         done = remove("other", "--reason", "no one speaks it")
         assert done.returncode == 0 and done.stderr.startswith("other removed (1) in "), done  # (as rollback: stderr)
         trail = json.loads((tmp_path / "state" / "history.jsonl").read_text().splitlines()[-1])
         assert (trail["voice"], trail["from"], trail["to"], trail["why"]) == ("other", "1", None, "no one speaks it")
-        assert [v["name"] for v in d.get("/v1/voices").json()["voices"]] == ["fake"]
+        assert [v["name"] for v in d.get("/v1/voices").json()["voices"]] == ["fake", "third"]
         assert d.post("/v1/synthesize", {"text": "Hi.", "voice": "other"}).status == 404
         assert d.post("/v1/synthesize", {"text": "Hi.", "voice": "fake"}).status == 200
         assert not (tmp_path / "state" / "store" / "other").exists()
+        # its versions' series went, parked as it was (it was never unloaded for the removal)
+        assert not [line for line in d.get("/metrics").body.decode().splitlines()
+                    if 'voice="other"' in line and "version=" in line], d.get("/metrics").body.decode()
+        shutil.rmtree(third)
+        assert remove("third").returncode == 0
         last = remove("fake")
         assert last.returncode == 13 and "the only voice that serves" in last.stderr, last
         unknown = remove("nobody")
@@ -181,6 +191,34 @@ def test_models_remove_takes_a_voice_out_of_the_running_daemon(tmp_path: Path, c
     d.start()
     try:
         assert [v["name"] for v in d.get("/v1/voices").json()["voices"]] == ["fake"]
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+@pytest.mark.daemon
+def test_a_removed_built_in_voice_is_not_seeded_again(tmp_path: Path, cache_dir: Path, joe_folder: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-in voice, seeded on a new box, removed once another voice serves (both folders
+    deleted: they serve from the store): the restart found the models dir empty and seeded it again."""
+    monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
+    models = tmp_path / "models"
+    d = start_daemon(tmp_path, cache_dir)
+    try:
+        assert "with the built-in voice" in d.logs()
+        other = fake_daemon_model(models / "other-1", "1")
+        pack(other, name="other", version="1", engine="fake", sample_rate=8000)
+        wait_for(lambda: d.post("/v1/synthesize", {"text": "Hi.", "voice": "other"}).status == 200, timeout=60)
+        for folder in models.iterdir():
+            shutil.rmtree(folder)
+        done = subprocess.run([sys.executable, "-m", "ttsd", "models", "remove", "en_US-joe-medium", "--socket",
+                               str(d.socket)], env=d.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done
+    finally:
+        assert d.stop() == 0, d.logs()
+    d.start()
+    try:
+        assert "built-in voice" not in d.logs() and "other" in d.logs() and not list(models.iterdir())
+        assert [v["name"] for v in d.get("/v1/voices").json()["voices"]] == ["other"]
     finally:
         assert d.stop() == 0, d.logs()
 

@@ -132,6 +132,8 @@ def test_requests_holding_it_finish_first(tmp_path: Path, fake_engines: None) ->
         manager.acquire("voice")  # new requests are refused at once
     with pytest.raises(ConflictError, match="being removed"):
         manager.activate("voice", "2")
+    with pytest.raises(ConflictError, match="being removed"):  # (not "being upgraded")
+        manager.rollback("voice")
     time.sleep(0.3)
     assert not answers and lease.engine.loaded  # its request still runs on it
     assert lease.engine.synthesize("still speaking").duration > 0
@@ -167,4 +169,24 @@ def test_an_upgrade_under_way_is_called_off(tmp_path: Path, fake_engines: None) 
     manager.reconcile()
     assert names(manager) == ["other"] and FakeEngine.live == live - 2  # v2 and v1 went; v3 never came
     assert not (tmp_path / "state" / "store" / "voice").exists()
+    manager.close()
+
+
+def test_its_wait_for_requests_holds_up_no_other_voice(tmp_path: Path, fake_engines: None) -> None:
+    """The removal waits for the voice's last requests outside every job lane: a rollback of
+    another voice that must load waited for a removal's 30 s."""
+    models, manager = two_voices(tmp_path, keep=0)
+    fake_model(models, "other", "2")
+    manager.reconcile()  # other: 2 serves, 1 unloaded (keep=0): a rollback to it loads it
+    manager.removal.wait = 20.0
+    lease = manager.acquire("voice")
+    remover = threading.Thread(target=manager.remove, args=("voice",))
+    remover.start()
+    wait_for(lambda: manager.map.leaving("voice"), timeout=5)
+    started = time.monotonic()
+    assert manager.rollback("other")["to"] == "1"
+    assert time.monotonic() - started < 10 and remover.is_alive()
+    lease.release(True)
+    remover.join(10)
+    assert names(manager) == ["other"]
     manager.close()

@@ -52,6 +52,7 @@ from .voices import seed_models
 log = logging.getLogger("ttsd.daemon")
 
 EXIT_FORCED = 130
+REMOVED_SERIES_LATE = 10.0  # seconds after a removal that its series are dropped again (late requests' times)
 GRACE_SLACK = 5.0  # seconds past --grace that a stop may take to cut off what is left (a unit allows 15)
 T = TypeVar("T")
 
@@ -146,10 +147,22 @@ class Daemon:
             self.manager.map.canary(model.name),
         ):
             self.metrics.forget_version(model.name, model.version)  # (bounded: only what is loaded has series)
+        if event == "removed":  # (``ttsd models remove``): its series go, and the voice's canary gauge
+            self._forget_removed(model.name, model.version)
         if event == "activated":
             self.metrics.model_swaps.labels(model.name).inc()
             if self._serving:  # READY=1 again is harmless; before the socket exists it would be a lie
                 self.notifier.ready(f"serving {model.name} {model.version}")
+
+    def _forget_removed(self, voice: str, version: str) -> None:
+        """A removed version's series go now, and once more a little later: a request that held
+        it records its time after its answer is written, after the removal saw it end."""
+        with contextlib.suppress(KeyError):
+            self.metrics.canary_share.remove(voice)
+        self.metrics.forget_version(voice, version)
+        later = threading.Timer(REMOVED_SERIES_LATE, self.metrics.forget_version, (voice, version))
+        later.daemon = True
+        later.start()
 
     # -- reloading (any thread asks; one loader thread at a time does it) ------------------------
     def request_reconcile(self) -> None:
@@ -270,7 +283,10 @@ class Daemon:
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(handled, self._record_signal, handled)
 
-        if cfg.seed_builtin and self.trust is not None and not holds_voices(cfg.models):
+        # a new box only: not one whose voices all serve from the store (their folders deleted),
+        # where the built-in voice may have been removed on purpose (``ttsd models remove``)
+        fresh = cfg.seed_builtin and not holds_voices(cfg.models) and not self.manager.store.scan()
+        if fresh and self.trust is not None:
             # the built-in voice is converted on this box and signed by nobody: seeded, it would be
             # refused, and sit in the models dir as a version 1 that blocks nothing but confuses all
             log.warning(
@@ -279,7 +295,7 @@ class Daemon:
                 cfg.models,
                 cfg.trusted_keys,
             )
-        elif cfg.seed_builtin:
+        elif fresh:
             await self._starting(in_fresh_thread(lambda: seed_models(cfg.models, cfg.cache), "ttsd-seed"))
         self.notifier.status("loading voices")
         await self._starting(in_fresh_thread(self.manager.start, "ttsd-loader"))

@@ -293,8 +293,8 @@ def remove_cmd(voice: str, reason: str | None, socket_path: Path | None) -> None
     --default-voice are not removed."""
     if not voice.strip():
         raise click.BadParameter("an empty voice name", param_hint="VOICE")
-    if reason is not None and not reason.strip():
-        raise click.BadParameter("an empty reason; leave --reason out for 'removed'", param_hint="--reason")
+    if reason is not None and (not reason.strip() or len(reason) > 300 or not reason.isprintable()):
+        raise click.BadParameter("1 to 300 printable characters (leave it out for 'removed')", param_hint="--reason")
     client = daemon_client(socket_path, timeout=120)
     result = client.control(voice, "remove", {"reason": reason} if reason else {})
     versions = ", ".join(str(v) for v in result["removed"]) or "no version"

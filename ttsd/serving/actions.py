@@ -289,6 +289,8 @@ class Control:
             self.state.put(voice, record)
 
     def _rollback_pair(self, voice: str, to: str | None) -> tuple[ModelVersion, ModelVersion]:
+        if self.lifecycle.map.leaving(voice):
+            raise ConflictError(f"{voice} is being removed")
         current = self.lifecycle.active(voice)
         if current is None:
             if self.state.voice(voice).active is not None and self.jobs.busy(voice):

@@ -28,12 +28,25 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .pacing import Guard, Superseded, Ticket, paced
 
 log = logging.getLogger("ttsd.manager")
 T = TypeVar("T")
+
+
+class _NoLane:
+    """The lane of a job that takes none (``Jobs.start(laned=False)``)."""
+
+    def acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+_NO_LANE: Any = _NoLane()
 
 
 class Jobs:
@@ -56,13 +69,16 @@ class Jobs:
         supersede: bool = False,
         operator: bool = False,
         on_skip: Callable[[], None] | None = None,
+        laned: bool = True,
     ) -> Future[T]:
         """Run ``work(ticket)`` as voice ``voice``'s next job (see the module docstring). The future
         holds its result, or ``Superseded`` when it was called off. ``operator`` (urgent too): an
         operator's action, on the operator's lane. ``on_skip``: called on the job's thread when it
         is called off, before its work began or in it (the pacing hook may raise ``Superseded``
         at the very call of ``work``, before a line of it, so its own clean-up may not have
-        run): it must do no harm when that clean-up did run."""
+        run): it must do no harm when that clean-up did run. ``laned=False``: work that loads
+        nothing and mostly waits (a removal waiting for the voice's last requests) takes no
+        lane, so no other voice's load waits behind it; it is still its voice's one job."""
         future: Future[T] = Future()
         ticket = Ticket(what, voice=voice, urgent=urgent or operator)
         operator = operator and self._operator_lane  # else on the urgent lane
@@ -80,12 +96,12 @@ class Jobs:
                 if before is not None:
                     before.done.wait()
                 try:
-                    lane = self._operator if operator else self._enter(ticket)  # _enter checks the ticket
-                except Superseded:
+                    lane = _NO_LANE if not laned else self._operator if operator else self._enter(ticket)
+                except Superseded:  # (_enter checks the ticket)
                     if on_skip is not None:
                         on_skip()
                     raise
-                if operator:
+                if operator or not laned:
                     lane.acquire()
                 try:
                     try:

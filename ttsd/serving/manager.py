@@ -149,7 +149,14 @@ class ModelManager:
             self.table, self.lifecycle, self.bringup, self.jobs, self.state, events, restore=self.promoter.restore
         )
         self.removal = Removal(
-            self.table, self.lifecycle, self.jobs, self.state, self.store, events, forget_use=self.demand.forget
+            self.table,
+            self.lifecycle,
+            self.jobs,
+            self.state,
+            self.store,
+            events,
+            forget_use=self.demand.forget,
+            wake=lambda: self._wake(),
         )
         self._scan_lock = threading.Lock()
         self._first_scan = True

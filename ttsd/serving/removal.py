@@ -7,14 +7,15 @@ folder is deleted). Removing it is this operator's action:
 * refused while the voice still has a folder in the models dir (the next scan would bring it
   back), while it is ``--default-voice``, or while it is the only voice that serves (the daemon
   would serve nothing: add the voice that replaces it first);
-* an operator's job of the voice (``jobs.py``): a background job of the voice (an upgrade, the
-  restart's load of rollback targets) is called off, an urgent one (a load for a waiting request)
-  is waited for, and no rescan starts another meanwhile (``ModelManager.reconcile`` skips a voice
-  with a job);
+* an operator's job of the voice (``jobs.py``), on no lane (it loads nothing, so no other voice's
+  load waits behind it): a background job of the voice (an upgrade, the restart's load of
+  rollback targets) is called off, an urgent one (a load for a waiting request, the memory
+  policy's upgrade) is waited for, and no rescan starts another meanwhile
+  (``ModelManager.reconcile`` skips a voice with a job);
 * the voice leaves the serving map first: new requests naming it get 404 ``unknown_voice``;
   requests already holding it finish (bounded by ``wait``; after that its engines are unloaded
   under them, the daemon's fault, not counted against any model); then its versions are
-  unloaded, its store dir moved aside and deleted, and its records leave ``state.json``. Its
+  unloaded and its store dir deleted; its records left ``state.json`` when it left the map. Its
   rollback marks stay, as at a start-up's ``Lifecycle.forget_voice``: a version rolled back (or a
   fleet's withdrawal) dropped in again later still does not serve by itself. The audit trail says
   it was removed.
@@ -55,13 +56,15 @@ class Removal:
         listener: Listener,
         *,
         forget_use: Any = lambda _name: None,
+        wake: Any = lambda: None,
         wait: float = 30.0,
     ) -> None:
-        """``forget_use``: the memory budget forgets when the voice was last used; ``wait``:
-        seconds requests already holding the voice may go on before it is unloaded under them."""
+        """``forget_use``: the memory budget forgets when the voice was last used; ``wake``: a
+        rescan soon; ``wait``: seconds requests already holding the voice may go on before it is
+        unloaded under them."""
         self.table, self.lifecycle, self.jobs, self.state, self.store = table, lifecycle, jobs, state, store
         self.map = lifecycle.map
-        self._listener, self._forget_use, self.wait = listener, forget_use, wait
+        self._listener, self._forget_use, self._wake, self.wait = listener, forget_use, wake, wait
 
     def remove(self, voice: str, why: str = "removed") -> dict[str, Any]:
         """Remove ``voice`` (see the module docstring): ``UnknownVoiceError`` for a voice this
@@ -76,6 +79,7 @@ class Removal:
             urgent=True,
             supersede=True,
             operator=True,
+            laned=False,  # it loads nothing; its wait for the voice's last requests holds up no other voice
         ).result()
 
     def _check(self, voice: str) -> None:
@@ -118,30 +122,35 @@ class Removal:
                     if model.engine is not None:  # nothing judges it any more; its last release unloads it
                         model.state = State.RETIRED
             self.map.drop_voice(voice)
+            # on disk before the wait: killed from here on, the restart finds no record and no
+            # store dir, and forgets what is left of the voice without a word
+            self._forget_records(voice, models)
+        self.state.record(voice, active.version if active is not None else None, None, why)
         try:
             log.warning("%s: being removed (%s): requests naming it are refused from now on", voice, why)
             self._unload(voice, models)
             with self.lifecycle.commit, self.table.locked():
                 gone: list[ModelVersion] = []
+                kept = False
                 for model in self.table.of(voice):
-                    # (a folder dropped in meanwhile is a new version of the voice: it stays, and
-                    # its upgrade, queued behind this job, brings the voice back)
+                    # (a folder dropped in meanwhile is a version of the voice again: it stays, and
+                    # its upgrade brings the voice back)
                     if not _on_disk(model) and model.engine is None and model.state not in COMING_UP:
                         self.table.drop(model)
                         gone.append(model)
-                marks = self.state.voice(voice).rolled_back
-                self.state.forget_versions(f"{m.name}/{m.version}" for m in gone)
-                self.state.drop(voice, keep=VoiceRecord(rolled_back=marks) if marks else None)
+                    else:
+                        kept = True
+                marks = self._forget_records(voice, gone)  # again: a rescan may have saved them meanwhile
                 self.lifecycle.forget_retired(voice)
         finally:
             self.map.forget_voice(voice)
         self._forget_use(voice)
-        self.state.save()
-        self.state.record(voice, active.version if active is not None else None, None, why)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
         for model in gone:
-            self._listener("removed", model)  # ttsd_model_transitions_total{event="removed"}
+            self._listener("removed", model)  # ttsd_model_transitions_total{event="removed"}; metrics forgotten
+        if kept:
+            self._wake()  # (a folder of a version it had: taken up at the next rescan, now)
         log.warning(
             "%s removed (%s): %s left the daemon%s",
             voice,
@@ -155,6 +164,15 @@ class Removal:
             "active": active.version if active is not None else None,
             "seconds": round(time.monotonic() - started, 3),
         }
+
+    def _forget_records(self, voice: str, models: list[ModelVersion]) -> tuple[str, ...]:
+        """``models``' records and the voice's leave ``state.json`` (written now, best effort);
+        its rollback marks stay. Returns them."""
+        marks = self.state.voice(voice).rolled_back
+        self.state.forget_versions(f"{m.name}/{m.version}" for m in models)
+        self.state.drop(voice, keep=VoiceRecord(rolled_back=marks) if marks else None)
+        self.state.save()
+        return marks
 
     def _unload(self, voice: str, models: list[ModelVersion]) -> None:
         """Unload ``models`` once the requests holding them are done, or after ``wait`` seconds
