@@ -6,7 +6,10 @@ back at the next rescan or restart but its rollback marks. The CLI and HTTP rout
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,8 +19,10 @@ from conftest import fake_model, make_manager, v2_over_v1
 from daemon_util import wait_for
 from fake_engine import FakeEngine
 
-from ttsd.errors import ConflictError, UnknownVoiceError
+from ttsd.errors import ConflictError, StateLockedError, UnknownVoiceError
 from ttsd.serving.manager import ModelManager
+from ttsd.serving.removal import remove_stopped
+from ttsd.serving.state import StateDirLock
 from ttsd.serving.versions import State
 
 
@@ -190,3 +195,71 @@ def test_its_wait_for_requests_holds_up_no_other_voice(tmp_path: Path, fake_engi
     remover.join(10)
     assert names(manager) == ["other"]
     manager.close()
+
+
+def test_with_no_daemon_running_it_is_done_on_disk(tmp_path: Path, fake_engines: None,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """``ttsd models remove`` when no daemon answers: the same refusals as far as the disk tells
+    them, then the store dir and the records go under the state dir's lock; the next start
+    serves on without the voice and says nothing of it."""
+    models, manager = two_voices(tmp_path)
+    manager.rollback("voice")  # 2 rolled back: the mark stays
+    manager.close()
+    state = tmp_path / "state"
+    with pytest.raises(UnknownVoiceError, match="unknown voice 'nobody'"):
+        remove_stopped("nobody", models, state)
+    lock = StateDirLock(state)
+    lock.acquire()  # a daemon running on it
+    with pytest.raises(StateLockedError, match="remove it through that daemon"):
+        remove_stopped("voice", models, state)
+    lock.release()
+    answer = remove_stopped("voice", models, state, "no one speaks it")
+    assert (answer["removed"], answer["active"]) == (["1", "2"], "1")
+    assert not (state / "store" / "voice").exists()
+    assert json.loads((state / "state.json").read_text())["voices"]["voice"] == {
+        "active": None, "previous": [], "rolled_back": ["2"]}
+    shutil.rmtree(models / "other-1")
+    with pytest.raises(ConflictError, match="the only voice"):
+        remove_stopped("other", models, state)
+    restarted = make_manager(tmp_path)
+    with caplog.at_level("INFO", logger="ttsd"):
+        restarted.start()
+    assert names(restarted) == ["other"]
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if m.startswith(("voice ", "voice:"))], said  # (no "cannot be restored")
+    entry = next(e for e in reversed(restarted.history(5)) if e["voice"] == "voice")
+    assert (entry["from"], entry["to"], entry["why"]) == ("1", None, "no one speaks it")
+    restarted.close()
+
+
+def test_with_no_daemon_running_a_folder_left_refuses(tmp_path: Path, fake_engines: None) -> None:
+    models, manager = v2_over_v1(tmp_path)
+    fake_model(models, "other", "1")
+    manager.reconcile()
+    manager.close()
+    with pytest.raises(ConflictError, match="still has 2 folders in the models dir.*voice-1.*voice-2; delete them"):
+        remove_stopped("voice", models, tmp_path / "state")
+    assert (tmp_path / "state" / "store" / "voice").is_dir()
+
+
+def test_the_command_with_no_daemon_running(tmp_path: Path, fake_engines: None) -> None:
+    """docs/operating.md: ``ttsd models remove VOICE --models DIR --state DIR`` with the daemon
+    stopped; a line and an exit code for each refusal."""
+    models, manager = two_voices(tmp_path)
+    manager.close()
+    env = {**os.environ, "TTSD_SOCKET": str(tmp_path / "none.sock")}
+
+    def remove(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ttsd", "models", "remove", *args, "--models", str(models),
+                               "--state", str(tmp_path / "state")], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    unknown = remove("nobody")
+    assert unknown.returncode == 4 and unknown.stderr.count("\n") == 1, unknown
+    bad = remove("voice", "--reason", "two\nlines")
+    assert bad.returncode == 2 and "--reason" in bad.stderr, bad
+    done = remove("voice")
+    assert done.returncode == 0, done
+    assert done.stderr.startswith(f"voice removed (1, 2) from {tmp_path / 'state'} (no daemon runs) in "), done
+    last = remove("other")
+    assert last.returncode == 13 and "the only voice" in last.stderr and "Traceback" not in last.stderr, last

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, TtsdError, VerifyError
-from .common import PRECISION_CHOICES, SOCKET_HELP, console, daemon_client, shown, trusted_keys_option
+from .common import PRECISION_CHOICES, SOCKET_HELP, console, shown, trusted_keys_option
 
 
 @click.group()
@@ -286,19 +286,49 @@ def list_cmd(models_dir: Path | None, socket_path: Path | None, check: bool, as_
 @click.argument("voice")
 @click.option("--reason", help="Why, for the daemon's log and audit trail [default: removed].")
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="TTSD_SOCKET", help=SOCKET_HELP)
-def remove_cmd(voice: str, reason: str | None, socket_path: Path | None) -> None:
-    """Take VOICE out of the running daemon, with no restart: requests for it get 'unknown voice'
-    at once, those already running finish, and its store copies and records go (its rollback
-    marks stay). Delete its folders from the models dir first; the daemon's only voice and its
-    --default-voice are not removed."""
+@click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_MODELS",
+    help="With no daemon running: its models dir [env TTSD_MODELS].",
+)
+@click.option(
+    "--state",
+    "state_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TTSD_STATE",
+    help="With no daemon running: its state dir [env TTSD_STATE].",
+)
+def remove_cmd(
+    voice: str, reason: str | None, socket_path: Path | None, models_dir: Path | None, state_dir: Path | None
+) -> None:
+    """Take VOICE out of the daemon, with no restart: requests for it get 'unknown voice' at once,
+    those already running finish, and its store copies and records go (its rollback marks stay).
+    Delete its folders from the models dir first; the daemon's only voice and its --default-voice
+    are not removed. With no daemon running, the same is done on disk (--models, --state)."""
+    from ..client import Client
+    from ..config import Paths, default_socket, default_state_dir
+    from ..serving.removal import remove_stopped
+
     if not voice.strip():
         raise click.BadParameter("an empty voice name", param_hint="VOICE")
     if reason is not None and (not reason.strip() or len(reason) > 300 or not reason.isprintable()):
         raise click.BadParameter("1 to 300 printable characters (leave it out for 'removed')", param_hint="--reason")
-    client = daemon_client(socket_path, timeout=120)
-    result = client.control(voice, "remove", {"reason": reason} if reason else {})
+    client = Client(socket_path or default_socket(), timeout=120)
+    if client.available():
+        result = client.control(voice, "remove", {"reason": reason} if reason else {})
+        where = ""
+    else:  # no daemon answers: on disk, under the state dir's lock (a daemon that holds it is said)
+        models_dir = Paths.resolve(models=models_dir).models
+        state_dir = state_dir or default_state_dir()
+        result = remove_stopped(voice, models_dir, state_dir, reason or "removed")
+        where = f" from {state_dir} (no daemon runs)"
     versions = ", ".join(str(v) for v in result["removed"]) or "no version"
-    console().print(f"{shown(result['voice'])} removed ({shown(versions)}) in {result['seconds']:.2f} s", markup=False)
+    console().print(
+        f"{shown(result['voice'])} removed ({shown(versions)}){shown(where)} in {result['seconds']:.2f} s",
+        markup=False,
+    )
 
 
 @models.command("builtin")

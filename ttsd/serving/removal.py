@@ -30,12 +30,14 @@ import logging
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
-from ..errors import ConflictError, UnknownVoiceError, os_error
+from ..errors import ConflictError, ResourceError, StateLockedError, UnknownVoiceError, os_error
+from ..models_dir import scan
 from .jobs import Jobs
 from .lifecycle import Lifecycle
-from .state import ServingState, VoiceRecord
+from .state import ServingState, StateDirLock, VoiceRecord
 from .store import ModelStore
 from .table import VersionTable
 from .versions import COMING_UP, Listener, ModelVersion, State
@@ -84,8 +86,7 @@ class Removal:
 
     def _check(self, voice: str) -> None:
         if voice not in self.table.names():
-            shown = voice if len(voice) <= 100 else f"{voice[:100]}…"
-            raise UnknownVoiceError(f"unknown voice {shown!r}")
+            raise UnknownVoiceError(f"unknown voice {_shown(voice)!r}")
         if voice == self.map.default_voice:
             raise ConflictError(f"{voice} is the daemon's --default-voice: start it with another --default-voice first")
         if self.map.active(voice) is not None and not any(
@@ -95,15 +96,7 @@ class Removal:
                 f"{voice} is the only voice that serves: the daemon would serve nothing; add the voice that "
                 "replaces it first"
             )
-        folders = sorted({str(m.folder) for m in self.table.of(voice) if _on_disk(m)})
-        if folders:
-            listed = ", ".join(folders[:MAX_SHOWN]) + (
-                f" and {len(folders) - MAX_SHOWN} more" if len(folders) > MAX_SHOWN else ""
-            )
-            raise ConflictError(
-                f"{voice} still has {'a folder' if len(folders) == 1 else f'{len(folders)} folders'} in the models "
-                f"dir, which would bring it back: {listed}; delete {'it' if len(folders) == 1 else 'them'} first"
-            )
+        _refuse_folders(voice, sorted({str(m.folder) for m in self.table.of(voice) if _on_disk(m)}))
 
     def _remove(self, voice: str, why: str, started: float) -> dict[str, Any]:
         with self.lifecycle.commit:
@@ -191,3 +184,78 @@ def _on_disk(model: ModelVersion) -> bool:
     """Whether ``model``'s folder is in the models dir (read on disk: one deleted a moment ago,
     the rescan not yet run, is not)."""
     return model.folder is not None and os.path.lexists(model.folder)
+
+
+def remove_stopped(voice: str, models: Path, state_dir: Path, why: str = "removed") -> dict[str, Any]:
+    """``ttsd models remove`` with no daemon running on ``state_dir``: the same refusals, as far
+    as they can be told from disk (its folders in ``models``; the only voice), then its store dir
+    and its records in ``state.json`` go, its rollback marks stay, and the audit trail says so.
+    The next start serves on without it. ``StateLockedError`` while a daemon holds the state dir
+    (it is removed through that daemon). A ``--default-voice`` is the daemon's flag, not known
+    here: the next start says it names no voice."""
+    started = time.monotonic()
+    store = ModelStore(state_dir / "store")
+    if not state_dir.is_dir():
+        raise UnknownVoiceError(f"unknown voice {_shown(voice)!r} (no state dir {state_dir})")
+    lock = StateDirLock(state_dir)
+    try:
+        lock.acquire()
+    except StateLockedError as exc:
+        raise StateLockedError(f"{exc} (a daemon runs: remove it through that daemon's --socket)") from None
+    try:
+        state = ServingState(state_dir)
+        state.load()
+        record = state.voices().get(voice)
+        stored = {name for name, _version, _path in store.scan()}
+        if record is None and not os.path.lexists(store.root / voice):
+            raise UnknownVoiceError(f"unknown voice {_shown(voice)!r}")
+        found = [c for c in scan(models) if c.manifest is not None] if models.is_dir() else []
+        folders = sorted(str(c.folder) for c in found if c.manifest is not None and c.manifest.name == voice)
+        others = {c.manifest.name for c in found if c.manifest is not None} | stored  # what can serve
+        if not others - {voice}:
+            raise ConflictError(
+                f"{voice} is the only voice: the daemon would serve nothing; add the voice that replaces it first"
+            )
+        _refuse_folders(voice, folders)
+        try:
+            aside = store.set_voice_aside(voice)
+        except OSError as exc:
+            raise os_error(
+                exc, f"removing {voice}", f"cannot remove {voice}: its store dir {store.root / voice}"
+            ) from None
+        versions = sorted(
+            {key.partition("/")[2] for key in state.versions() if key.partition("/")[0] == voice}
+            | ({path.name for path in aside.iterdir() if path.is_dir()} if aside is not None else set())
+        )
+        marks = record.rolled_back if record is not None else ()
+        state.forget_versions(f"{voice}/{version}" for version in versions)
+        state.drop(voice, keep=VoiceRecord(rolled_back=marks) if marks else None)
+        if not state.save():
+            raise ResourceError(f"cannot write {state.path}: {voice}'s store dir is gone, the next start forgets it")
+        state.record(voice, record.active if record is not None else None, None, why)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        lock.release()
+    return {
+        "voice": voice,
+        "removed": versions,
+        "active": record.active if record is not None else None,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _shown(voice: str) -> str:
+    return voice if len(voice) <= 100 else f"{voice[:100]}…"
+
+
+def _refuse_folders(voice: str, folders: list[str]) -> None:
+    """``ConflictError`` naming ``voice``'s folders in the models dir: the next scan would bring it back."""
+    if folders:
+        listed = ", ".join(folders[:MAX_SHOWN]) + (
+            f" and {len(folders) - MAX_SHOWN} more" if len(folders) > MAX_SHOWN else ""
+        )
+        raise ConflictError(
+            f"{voice} still has {'a folder' if len(folders) == 1 else f'{len(folders)} folders'} in the models "
+            f"dir, which would bring it back: {listed}; delete {'it' if len(folders) == 1 else 'them'} first"
+        )
