@@ -208,6 +208,12 @@ def test_with_no_daemon_running_it_is_done_on_disk(tmp_path: Path, fake_engines:
     state = tmp_path / "state"
     with pytest.raises(UnknownVoiceError, match="unknown voice 'nobody'"):
         remove_stopped("nobody", models, state)
+    outside = tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    for name in ("../../outside", "..", "../store", "/tmp", "voice/2", ".voice"):  # a path, not a voice
+        with pytest.raises(UnknownVoiceError, match="not a voice name"):
+            remove_stopped(name, models, state)
+    assert (outside / "keep").is_dir() and (state / "store" / "voice").is_dir()
     lock = StateDirLock(state)
     lock.acquire()  # a daemon running on it
     with pytest.raises(StateLockedError, match="remove it through that daemon"):

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConflictError, ResourceError, StateLockedError, UnknownVoiceError, os_error
+from ..errors import ConflictError, ManifestError, ResourceError, StateLockedError, UnknownVoiceError, os_error
+from ..manifest import check_name
 from ..models_dir import scan
 from .jobs import Jobs
 from .lifecycle import Lifecycle
@@ -194,6 +195,10 @@ def remove_stopped(voice: str, models: Path, state_dir: Path, why: str = "remove
     (it is removed through that daemon). A ``--default-voice`` is the daemon's flag, not known
     here: the next start says it names no voice."""
     started = time.monotonic()
+    try:  # before it is joined into a path: "../../x" named a directory outside the store
+        check_name(voice)
+    except ManifestError:
+        raise UnknownVoiceError(f"unknown voice {_shown(voice)!r} (not a voice name)") from None
     store = ModelStore(state_dir / "store")
     if not state_dir.is_dir():
         raise UnknownVoiceError(f"unknown voice {_shown(voice)!r} (no state dir {state_dir})")

@@ -144,7 +144,9 @@ class ModelStore:
 
     def set_voice_aside(self, name: str) -> Path | None:
         """``set_aside`` for every stored copy of voice ``name`` at once (``STATE/store/NAME``).
-        None if the voice has no store dir. ``OSError`` if it cannot be moved."""
+        None if the voice has no store dir. ``OSError`` if it cannot be moved; ``ManifestError``
+        for a name that is not a voice's (it would name a path outside the store)."""
+        check_name(name)
         path = self.root / name
         if not os.path.lexists(path):
             return None
