@@ -186,6 +186,8 @@ def test_models_remove_takes_a_voice_out_of_the_running_daemon(tmp_path: Path, c
         assert last.returncode == 13 and "the only voice that serves" in last.stderr, last
         unknown = remove("nobody")
         assert unknown.returncode == 4 and "unknown voice 'nobody'" in unknown.stderr, unknown
+        elsewhere = remove("fake", "--models", str(tmp_path / "b" / "models"), "--state", str(tmp_path / "b" / "state"))
+        assert elsewhere.returncode == 4 and "no state dir" in elsewhere.stderr, elsewhere  # that box, not this daemon
     finally:
         assert d.stop() == 0, d.logs()
     d.start()

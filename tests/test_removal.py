@@ -224,6 +224,11 @@ def test_with_no_daemon_running_it_is_done_on_disk(tmp_path: Path, fake_engines:
     assert not (state / "store" / "voice").exists()
     assert json.loads((state / "state.json").read_text())["voices"]["voice"] == {
         "active": None, "previous": [], "rolled_back": ["2"]}
+    with pytest.raises(UnknownVoiceError, match="unknown voice 'voice'"):  # only its rollback marks are left
+        remove_stopped("voice", models, state)
+    (state / "store" / "linked").symlink_to(outside, target_is_directory=True)  # not a dir ttsd made
+    assert remove_stopped("linked", models, state)["removed"] == []
+    assert not os.path.lexists(state / "store" / "linked") and (outside / "keep").is_dir()  # the link went, not its target
     shutil.rmtree(models / "other-1")
     with pytest.raises(ConflictError, match="the only voice"):
         remove_stopped("other", models, state)

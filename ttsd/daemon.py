@@ -160,7 +160,12 @@ class Daemon:
         with contextlib.suppress(KeyError):
             self.metrics.canary_share.remove(voice)
         self.metrics.forget_version(voice, version)
-        later = threading.Timer(REMOVED_SERIES_LATE, self.metrics.forget_version, (voice, version))
+
+        def again() -> None:  # unless it serves again by then (its folder copied back): its new series stay
+            if self.manager.version(voice, version) is None:
+                self.metrics.forget_version(voice, version)
+
+        later = threading.Timer(REMOVED_SERIES_LATE, again)
         later.daemon = True
         later.start()
 
@@ -210,6 +215,7 @@ class Daemon:
             "uptime": round(time.monotonic() - self.started, 1),
             "socket": str(self.config.socket),
             "models": str(self.config.models.absolute()),  # a client elsewhere reads it (``models list --verify``)
+            "state": str(self.config.state.absolute()),  # (``models remove --state``: this daemon's, or on disk)
             "spool": str(self.config.spool) if self.config.spool else None,
             "workers": self.config.workers,
             "queue": {"waiting": waiting, "running": running, "capacity": self.config.queue_size},

@@ -316,7 +316,13 @@ def remove_cmd(
     if reason is not None and (not reason.strip() or len(reason) > 300 or not reason.isprintable()):
         raise click.BadParameter("1 to 300 printable characters (leave it out for 'removed')", param_hint="--reason")
     client = Client(socket_path or default_socket(), timeout=120)
-    if client.available():
+    info = client.status() if client.available() else None
+    if info is not None and any(  # another box's dirs than the daemon's that answers: on disk, for that box
+        given is not None and given.resolve() != Path(info.get(key) or given).resolve()
+        for given, key in ((models_dir, "models"), (state_dir, "state"))
+    ):
+        info = None
+    if info is not None:
         result = client.control(voice, "remove", {"reason": reason} if reason else {})
         where = ""
     else:  # no daemon answers: on disk, under the state dir's lock (a daemon that holds it is said)

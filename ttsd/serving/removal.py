@@ -116,8 +116,9 @@ class Removal:
                     if model.engine is not None:  # nothing judges it any more; its last release unloads it
                         model.state = State.RETIRED
             self.map.drop_voice(voice)
-            # on disk before the wait: killed from here on, the restart finds no record and no
-            # store dir, and forgets what is left of the voice without a word
+            # on disk before the wait: killed from here on, the restart finds no store dir and no
+            # voice record (a rescan meanwhile may write its version records back), and forgets
+            # what is left of the voice without a warning
             self._forget_records(voice, models)
         self.state.record(voice, active.version if active is not None else None, None, why)
         try:
@@ -212,7 +213,8 @@ def remove_stopped(voice: str, models: Path, state_dir: Path, why: str = "remove
         state.load()
         record = state.voices().get(voice)
         stored = {name for name, _version, _path in store.scan()}
-        if record is None and not os.path.lexists(store.root / voice):
+        known = os.path.lexists(store.root / voice) or any(key.partition("/")[0] == voice for key in state.versions())
+        if not known and (record is None or record.active is None):  # (only rollback marks: removed before)
             raise UnknownVoiceError(f"unknown voice {_shown(voice)!r}")
         found = [c for c in scan(models) if c.manifest is not None] if models.is_dir() else []
         folders = sorted(str(c.folder) for c in found if c.manifest is not None and c.manifest.name == voice)

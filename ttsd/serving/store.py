@@ -150,6 +150,9 @@ class ModelStore:
         path = self.root / name
         if not os.path.lexists(path):
             return None
+        if path.is_symlink() or not path.is_dir():  # not a store dir ttsd made: the entry goes, never its target
+            path.unlink()
+            return None
         aside = self.root / f".{name}.{uuid.uuid4().hex}.removed.partial"
         os.rename(path, aside)
         return aside
