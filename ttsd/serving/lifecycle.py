@@ -225,12 +225,10 @@ class Lifecycle:
         After ``close`` nothing commits, nor for a voice being removed."""
         if self.closed:  # a job that outlived the shutdown's wait: what it loaded goes
             raise Superseded("ttsd is shutting down")
-        if self.map.leaving(model.name) or self.table.by_key(model.key) is not model:  # ``removal.py``
-            raise ConflictError(
-                f"{model.name} is being removed"
-                if self.map.leaving(model.name)
-                else f"{model.name} {model.version} was removed"
-            )
+        if self.map.leaving(model.name):  # ``removal.py``: only an operator's swap of a loaded version gets here
+            raise ConflictError(f"{model.name} is being removed")
+        if self.table.by_key(model.key) is not model:  # a job's version, removed before it could serve: discarded
+            raise Superseded(f"{model.name} {model.version} was removed")
         if ticket is None and not unmarked:
             return
         if ticket is not None:
