@@ -21,6 +21,7 @@ from fake_engine import FakeEngine
 
 from ttsd.errors import ConflictError, StateLockedError, UnknownVoiceError
 from ttsd.serving.manager import ModelManager
+from ttsd.serving.pacing import Superseded
 from ttsd.serving.removal import remove_stopped
 from ttsd.serving.state import StateDirLock
 from ttsd.serving.versions import State
@@ -274,3 +275,17 @@ def test_the_command_with_no_daemon_running(tmp_path: Path, fake_engines: None) 
     assert done.stderr.startswith(f"voice removed (1, 2) from {tmp_path / 'state'} (no daemon runs) in "), done
     last = remove("other")
     assert last.returncode == 13 and "the only voice" in last.stderr and "Traceback" not in last.stderr, last
+
+
+def test_a_job_whose_version_was_removed_discards_what_it_loaded(tmp_path: Path, fake_engines: None) -> None:
+    """A job that chose a version before the voice was removed, reaching its swap after: called
+    off (Superseded), which the promoter's fall-back and resume answer by discarding what they
+    loaded; an error there left the engine loaded."""
+    _, manager = two_voices(tmp_path)
+    v1 = manager.version("voice", "1")
+    assert v1 is not None
+    manager.remove("voice")
+    with pytest.raises(Superseded, match="voice 1 was removed"):
+        manager.lifecycle.activate(v1, "a job that began before the removal", unmarked=True, vacant=True)
+    assert names(manager) == ["other"]
+    manager.close()
