@@ -272,7 +272,7 @@ def test_the_command_with_no_daemon_running(tmp_path: Path, fake_engines: None) 
     assert bad.returncode == 2 and "--reason" in bad.stderr, bad
     done = remove("voice")
     assert done.returncode == 0, done
-    assert done.stderr.startswith(f"voice removed (1, 2) from {tmp_path / 'state'} (no daemon runs) in "), done
+    assert done.stderr.startswith(f"voice removed (1, 2) from {tmp_path / 'state'} (on disk: no daemon runs on it) in "), done
     last = remove("other")
     assert last.returncode == 13 and "the only voice" in last.stderr and "Traceback" not in last.stderr, last
 

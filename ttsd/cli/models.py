@@ -325,11 +325,11 @@ def remove_cmd(
     if info is not None:
         result = client.control(voice, "remove", {"reason": reason} if reason else {})
         where = ""
-    else:  # no daemon answers: on disk, under the state dir's lock (a daemon that holds it is said)
+    else:  # no daemon answers, or one for other dirs: on disk, under the state dir's lock (exit 19 if held)
         models_dir = Paths.resolve(models=models_dir).models
         state_dir = state_dir or default_state_dir()
         result = remove_stopped(voice, models_dir, state_dir, reason or "removed")
-        where = f" from {state_dir} (no daemon runs)"
+        where = f" from {state_dir} (on disk: no daemon runs on it)"
     versions = ", ".join(str(v) for v in result["removed"]) or "no version"
     console().print(
         f"{shown(result['voice'])} removed ({shown(versions)}){shown(where)} in {result['seconds']:.2f} s",
