@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from ..manifest import check_name
 from ..models_dir import scan
 from .jobs import Jobs
 from .lifecycle import Lifecycle
+from .serving_map import shown_name
 from .state import ServingState, StateDirLock, VoiceRecord
 from .store import ModelStore
 from .table import VersionTable
@@ -58,8 +60,8 @@ class Removal:
         store: ModelStore,
         listener: Listener,
         *,
-        forget_use: Any = lambda _name: None,
-        wake: Any = lambda: None,
+        forget_use: Callable[[str], None] = lambda _name: None,
+        wake: Callable[[], None] = lambda: None,
         wait: float = 30.0,
     ) -> None:
         """``forget_use``: the memory budget forgets when the voice was last used; ``wake``: a
@@ -87,7 +89,7 @@ class Removal:
 
     def _check(self, voice: str) -> None:
         if voice not in self.table.names():
-            raise UnknownVoiceError(f"unknown voice {_shown(voice)!r}")
+            raise UnknownVoiceError(f"unknown voice {shown_name(voice)!r}")
         if voice == self.map.default_voice:
             raise ConflictError(f"{voice} is the daemon's --default-voice: start it with another --default-voice first")
         if self.map.active(voice) is not None and not any(
@@ -199,10 +201,10 @@ def remove_stopped(voice: str, models: Path, state_dir: Path, why: str = "remove
     try:  # before it is joined into a path: "../../x" named a directory outside the store
         check_name(voice)
     except ManifestError:
-        raise UnknownVoiceError(f"unknown voice {_shown(voice)!r} (not a voice name)") from None
+        raise UnknownVoiceError(f"unknown voice {shown_name(voice)!r} (not a voice name)") from None
     store = ModelStore(state_dir / "store")
     if not state_dir.is_dir():
-        raise UnknownVoiceError(f"unknown voice {_shown(voice)!r} (no state dir {state_dir})")
+        raise UnknownVoiceError(f"unknown voice {shown_name(voice)!r} (no state dir {state_dir})")
     lock = StateDirLock(state_dir)
     try:
         lock.acquire()
@@ -215,7 +217,7 @@ def remove_stopped(voice: str, models: Path, state_dir: Path, why: str = "remove
         stored = {name for name, _version, _path in store.scan()}
         known = os.path.lexists(store.root / voice) or any(key.partition("/")[0] == voice for key in state.versions())
         if not known and (record is None or record.active is None):  # (only rollback marks: removed before)
-            raise UnknownVoiceError(f"unknown voice {_shown(voice)!r}")
+            raise UnknownVoiceError(f"unknown voice {shown_name(voice)!r}")
         found = [c for c in scan(models) if c.manifest is not None] if models.is_dir() else []
         folders = sorted(str(c.folder) for c in found if c.manifest is not None and c.manifest.name == voice)
         others = {c.manifest.name for c in found if c.manifest is not None} | stored  # what can serve
@@ -250,10 +252,6 @@ def remove_stopped(voice: str, models: Path, state_dir: Path, why: str = "remove
         "active": record.active if record is not None else None,
         "seconds": round(time.monotonic() - started, 3),
     }
-
-
-def _shown(voice: str) -> str:
-    return voice if len(voice) <= 100 else f"{voice[:100]}…"
 
 
 def _refuse_folders(voice: str, folders: list[str]) -> None:

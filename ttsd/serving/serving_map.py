@@ -44,6 +44,11 @@ def default_of(configured: str | None, names: Iterable[str]) -> str | None:
     return min(names) if names else None
 
 
+def shown_name(name: str) -> str:
+    """A voice name from a request, cut for an error message (a 1 MB name was echoed whole)."""
+    return name if len(name) <= 100 else f"{name[:100]}…"
+
+
 log = logging.getLogger("ttsd.serving")
 
 Key = tuple[str, str]  # (voice, normalised version)
@@ -158,8 +163,7 @@ class ServingMap:
                     if name in self._upgrading():
                         raise BusyError(f"voice {name} is being upgraded", retry_after=2)
                     known = ", ".join(sorted(self._active)) or "none"
-                    shown = name if len(name) <= 100 else f"{name[:100]}…"  # a 1 MB name was echoed whole
-                    raise UnknownVoiceError(f"unknown voice {shown!r} (voices: {known})")
+                    raise UnknownVoiceError(f"unknown voice {shown_name(name)!r} (voices: {known})")
                 key = active
                 canary = self._canary.get(name)
                 if canary is not None:
