@@ -599,3 +599,51 @@ def test_load_threads_closes_the_stream_on_its_thread_when_a_request_stops_early
     except KeyError as exc:
         caught = exc  # kept, as the executor's Future keeps a failed job's exception
     assert caught is not None and closed == [threading.current_thread().name]
+
+
+def test_nothing_here_imports_torch_and_threads_asked_for_before_it_wait_for_it() -> None:
+    """An engine that does not use torch (a plugin's; the tests' fake) never has torch imported for
+    it: until an engine imports torch every helper is a no-op, and ``--threads`` is given to torch
+    at the next load after it is."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from ttsd.engines import threads
+threads.process_threads(1)
+with threads.thread_cores(1):
+    pass
+with threads.load_threads(iter([1, 2])) as steps:
+    assert list(steps) == [1, 2] and steps.counts == []
+assert threads.process_count() == 1
+assert "torch" not in sys.modules, "imported torch"
+import torch
+assert torch.get_num_threads() > 1, "the test needs 2 cores"
+threads.process_threads(1)
+assert torch.get_num_threads() == 1 and threads.process_count() == 1
+assert threads._openmp() is not None  # looked up now that torch is imported, not left unfound
+"""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 cores")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.daemon
+def test_a_daemon_whose_voices_do_not_use_torch_never_loads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its start-up, requests (whole and streamed), status and metrics: no torch library mapped."""
+    from daemon_util import fake_daemon_model, fake_site, start_daemon
+
+    monkeypatch.setenv("PYTHONPATH", fake_site(tmp_path))
+    fake_daemon_model(tmp_path / "models" / "fake-1", "1")
+    d = start_daemon(tmp_path, tmp_path / "cache", "--no-seed")
+    for path in ("/v1/status", "/v1/voices", "/metrics", "/"):
+        assert d.get(path).status == 200, path
+    assert d.post("/v1/synthesize", {"text": "Hello there."}).status == 200
+    assert d.post("/v1/synthesize", {"text": "Hello there. And more.", "stream": True}).status == 200
+    assert d.post("/v1/audio/speech", {"input": "Hello there.", "model": "tts-1", "voice": "fake"}).status == 200
+    mapped = Path(f"/proc/{d.pid}/maps").read_text()
+    assert "libtorch" not in mapped and "libgomp" not in mapped
+    assert d.stop() == 0, d.logs()

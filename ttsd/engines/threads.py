@@ -17,6 +17,11 @@ the loader warms a voice up on the workers' thread count only when the cores for
 ``BusyElsewhere`` says how many of them other programs kept busy lately, and ``load_threads``
 runs a request on fewer threads while they do: a team of two on 2 cores beside one CPU-bound
 program waits at every parallel region's barrier for the thread the scheduler took off its core.
+
+Nothing here imports torch: the counts are those of the runtimes torch brings, so until an engine
+has imported it (the VITS engine's module does) every helper is a no-op and ``--threads`` waits to
+be given to torch at the next load. A daemon or ``ttsd say`` whose engines do not use torch never
+pays its import (2.5-4 s and its libraries' memory at each start).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -37,12 +43,16 @@ log = logging.getLogger("ttsd.engines")
 _runtime: ctypes.CDLL | bool | None = False  # False: not looked up yet; None: none found
 _mkl: Callable[[int], int] | bool | None = False  # MKL's per-thread count setter, looked up the same way
 _process_threads: int | None = None  # the count process_threads last gave torch
+_asked_threads: int | None = None  # the count process_threads was last asked for (torch not loaded yet)
+
+
+def _torch_loaded() -> bool:
+    return "torch" in sys.modules
 
 
 def _loaded(prefixes: tuple[str, ...]) -> list[str]:
-    """Paths of the shared libraries this process has mapped whose file names start with ``prefixes``."""
-    import torch  # noqa: F401 - the libraries are loaded with torch
-
+    """Paths of the shared libraries this process has mapped whose file names start with ``prefixes``
+    (torch loaded them: callers look only once it is imported)."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
@@ -60,6 +70,8 @@ def _openmp() -> ctypes.CDLL | None:
     """The OpenMP runtime torch loaded (libgomp for the PyPI CPU wheels, libiomp5 for some builds)."""
     global _runtime
     if _runtime is False:
+        if not _torch_loaded():
+            return None  # nothing to set yet; looked up once torch is imported
         _runtime = None
         for path in _loaded(("libgomp", "libiomp5")):
             try:
@@ -80,6 +92,8 @@ def _mkl_local() -> Callable[[int], int] | None:
     sets it on the calling thread) keeps it, so its float32 products would ignore ``thread_cores``."""
     global _mkl
     if _mkl is False:
+        if not _torch_loaded():
+            return None
         _mkl = None
         for path in _loaded(("libtorch_cpu", "libmkl_rt", "libmkl_core")):
             try:
@@ -125,9 +139,13 @@ def process_threads(count: int | None) -> None:
     also sets the *calling* thread's count and clears oneDNN's kernel cache, so calling it at every
     load undid ``thread_cores(1)`` for a load beside live requests (its warm-up then ran on two
     threads beside the workers' two: requests 2.3x slower during an upgrade, measured) and threw
-    the workers' kernels away."""
-    global _process_threads
+    the workers' kernels away. Before torch is imported it only remembers ``count``, for the next
+    call (the next load) to give."""
+    global _process_threads, _asked_threads
     if count is None or count == _process_threads:
+        return
+    if not _torch_loaded():
+        _asked_threads = count
         return
     import torch
 
@@ -188,9 +206,12 @@ class FreeCores:
 def process_count() -> int:
     """The thread count the synthesis workers run with: what ``process_threads`` last gave torch,
     else torch's own default (a job thread's count may differ: ``thread_cores`` puts back the one it
-    found, from before the first load set ``--threads``)."""
+    found, from before the first load set ``--threads``). Before torch is imported: the count asked
+    for, else the cores this process may run on (torch's own default on the boxes measured)."""
     if _process_threads is not None:
         return _process_threads
+    if not _torch_loaded():
+        return _asked_threads or len(os.sched_getaffinity(0))
     import torch
 
     return int(torch.get_num_threads())
