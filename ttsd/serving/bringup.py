@@ -40,12 +40,18 @@ from ..signing import TrustedKeys, signature_digest
 from ..signing import describe as describe_signature
 from .lifecycle import Lifecycle
 from .loader import StoreLost, check_store_copy, load_engine
-from .pacing import checkpoint
+from .pacing import checkpoint, unpaced
 from .store import ModelStore, content_id
 from .table import VersionTable
 from .versions import Listener, ModelVersion, State
 
 log = logging.getLogger("ttsd.manager")
+
+
+def _import_engine(name: str) -> type[Any]:
+    """``engine_class``, its module's first import not paced while nothing is served (``unpaced``)."""
+    with unpaced():
+        return engine_class(name)
 
 
 class BringUp:
@@ -164,7 +170,7 @@ class BringUp:
             checkpoint()  # a job called off while it verified goes no further (see pacing)
             self.table.change(model, state=State.LOADING)
             self._listener("loading", model)
-            engine_class(model.manifest.engine)  # imported first: torch's own start-up is no voice's cost
+            _import_engine(model.manifest.engine)  # imported first: torch's own start-up is no voice's cost
             before = resident_bytes()
             self.lifecycle.marks.begin(model)  # the kernel's OOM killer may end the process here
             try:
@@ -211,7 +217,7 @@ class BringUp:
             finally:
                 self.table.change(model, store_copy=self.store.get(model.name, model.version))
             self.table.change(model, store_copy=copy, manifest=manifest, content=content_id(manifest))
-            engine_class(manifest.engine)  # one this box lacks is refused before the serving version goes
+            _import_engine(manifest.engine)  # one this box lacks is refused before the serving version goes
             self._check_signature(model)
         except Exception as exc:
             if isinstance(exc, (StoreLost, ResourceError)) or is_system_oserror(exc):
@@ -234,7 +240,7 @@ class BringUp:
         an unsigned folder, or one for an engine this box lacks, never takes a voice down."""
         try:
             assert model.manifest is not None
-            engine_class(model.manifest.engine)
+            _import_engine(model.manifest.engine)
             self._check_signature(model)
         except ResourceError as exc:
             self.lifecycle.defer(model, str(exc))
