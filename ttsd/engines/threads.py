@@ -205,16 +205,23 @@ class FreeCores:
 
 def process_count() -> int:
     """The thread count the synthesis workers run with: what ``process_threads`` last gave torch,
-    else torch's own default (a job thread's count may differ: ``thread_cores`` puts back the one it
-    found, from before the first load set ``--threads``). Before torch is imported: the count asked
-    for, else the cores this process may run on (torch's own default on the boxes measured)."""
+    else the count torch gives a thread at its first op, read on a new thread. Not the calling
+    thread's: inside the loader's ``thread_cores(1)`` that is 1, and without ``--threads`` (the
+    default) a load and a warm-up beside live requests took it for the workers' count. They chose
+    the kernel paths for one thread and built the decoder's kernels on one thread, which the
+    workers' two threads cannot use (an upgrade's warm-up on a busy box: 1.3 s of it). Before torch
+    is imported: the count asked for, else the cores this process may run on."""
     if _process_threads is not None:
         return _process_threads
     if not _torch_loaded():
         return _asked_threads or len(os.sched_getaffinity(0))
     import torch
 
-    return int(torch.get_num_threads())
+    counts: list[int] = []
+    probe = threading.Thread(target=lambda: counts.append(torch.get_num_threads()), name="ttsd-thread-count")
+    probe.start()
+    probe.join()
+    return counts[0] if counts else int(torch.get_num_threads())
 
 
 def own_ticks(stat: Path = Path("/proc/self/stat")) -> int | None:
