@@ -232,8 +232,9 @@ def test_a_load_and_its_warm_up_on_one_thread_know_the_workers_count(monkeypatch
     """The workers run on ``--threads``, else on torch's default. Without the option (the default)
     a load (on one thread) and a warm-up beside live requests (one thread) read their own count as
     the workers': the engine chose its kernel paths for one thread and built the decoder's kernels on
-    one, which the workers' two threads cannot use (an upgrade on a busy box 2.7-3.1 s slower, a
-    rollback to an unloaded version 0.3-1.0 s)."""
+    one, which the workers' two threads cannot use (on a busy Zen 3 box, bench/busy.py: drop ->
+    active 6.39 s against 5.15 after the fix, a rollback to an unloaded version 2.23 against 1.72,
+    medians)."""
     if threads._openmp() is None:
         pytest.skip("needs an OpenMP runtime")
     torch.set_num_threads(2)  # torch's default here, as on a 2-core box

@@ -209,7 +209,7 @@ def process_count() -> int:
     thread's: inside the loader's ``thread_cores(1)`` that is 1, and without ``--threads`` (the
     default) a load and a warm-up beside live requests took it for the workers' count. They chose
     the kernel paths for one thread and built the decoder's kernels on one thread, which the
-    workers' two threads cannot use (an upgrade's warm-up on a busy box: 1.3 s of it). Before torch
+    workers' two threads cannot use (docs/benchmarks.md, the AVX2 box's "A busy box"). Before torch
     is imported: the count asked for, else the cores this process may run on."""
     if _process_threads is not None:
         return _process_threads
