@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -21,13 +22,25 @@ from daemon_util import Daemon, start_daemon
 TITLE = "ttsd "  # each frame's title starts so: "ttsd 0.x pid N, up S s, queue ..."
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, cache_dir: Path) -> Iterator[Daemon]:
-    models = tmp_path / "models"
+def _tiny_daemon(root: Path, cache_dir: Path, per_test: bool) -> Daemon:
+    models = root / "models"
     save_tiny_vits(models / "tiny-1", edit=plausible, noise_scale_duration=0.0)
-    d = start_daemon(tmp_path, cache_dir, "--workers", "1", "--threads", "1", "--no-seed", models=models)
+    return start_daemon(root, cache_dir, "--workers", "1", "--threads", "1", "--no-seed", models=models,
+                        per_test=per_test)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Daemon]:
+    """One daemon for the tests that only watch it (each start is seconds of torch's import)."""
+    d = _tiny_daemon(tmp_path_factory.mktemp("watched"), cache_dir, per_test=False)
     yield d
     d.stop()
+
+
+@pytest.fixture
+def own_daemon(tmp_path: Path, cache_dir: Path) -> Daemon:
+    """A daemon of the test's own, which it stops."""
+    return _tiny_daemon(tmp_path, cache_dir, per_test=True)
 
 
 def watcher(daemon: Daemon, *args: str, **kw: object) -> subprocess.Popen[bytes]:
@@ -80,10 +93,11 @@ def test_watch_into_a_pipe_prints_frames_until_ctrl_c(daemon: Daemon) -> None:
     assert proc.stdout is not None
     text = read_until(proc.stdout.fileno(), lambda t: t.count(TITLE) >= 2)
     assert text.count(TITLE) >= 2 and "tiny (default)" in text and "Ctrl-C to stop" in text, text
-    assert daemon.post("/v1/synthesize", {"text": "hello there"}).status == 200
     # the title wraps to the table's width, so where its words break moves as the uptime grows
-    text = read_until(proc.stdout.fileno(), lambda t: "1 done" in " ".join(t.split()))
-    assert "1 done" in " ".join(text.split()), text
+    done = int(re.findall(r"(\d+) done", " ".join(text.split()))[-1])  # other tests' requests on this daemon
+    assert daemon.post("/v1/synthesize", {"text": "hello there"}).status == 200
+    text = read_until(proc.stdout.fileno(), lambda t: f"{done + 1} done" in " ".join(t.split()))
+    assert f"{done + 1} done" in " ".join(text.split()), text
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
     assert proc.stderr is not None and "Traceback" not in proc.stderr.read().decode()
@@ -120,14 +134,14 @@ def test_watch_on_a_terminal_redraws_in_place_until_ctrl_c(daemon: Daemon) -> No
 
 
 @pytest.mark.daemon
-def test_watch_ends_with_one_line_when_the_daemon_goes_away(daemon: Daemon, tmp_path: Path,
+def test_watch_ends_with_one_line_when_the_daemon_goes_away(own_daemon: Daemon, tmp_path: Path,
                                                            cli_env: dict[str, str]) -> None:
     """1. Watching, the daemon stops: exit 9 and one line saying so. 2. With no daemon at all it
     does not start: 9 too."""
-    proc = watcher(daemon, stdout=subprocess.PIPE)
+    proc = watcher(own_daemon, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     read_until(proc.stdout.fileno(), lambda t: TITLE in t)
-    assert daemon.stop() == 0
+    assert own_daemon.stop() == 0
     assert proc.wait(30) == 9
     assert proc.stderr is not None
     lines = proc.stderr.read().decode().strip().splitlines()
