@@ -211,6 +211,7 @@ def test_the_first_load_warms_on_the_threads_option_not_the_default(monkeypatch:
         pytest.skip("needs an OpenMP runtime")
     torch.set_num_threads(2)  # torch's default here, as on a 2-core box
     monkeypatch.setattr(threads, "_process_threads", None)  # no load yet in this process
+    monkeypatch.setattr(threads, "_asked_threads", None)
     assert _load_on_a_fresh_thread(monkeypatch, {"threads": 1}, False, 1.0) == {"load": 1, "warmup": 1}
 
 
@@ -239,6 +240,7 @@ def test_a_load_and_its_warm_up_on_one_thread_know_the_workers_count(monkeypatch
         pytest.skip("needs an OpenMP runtime")
     torch.set_num_threads(2)  # torch's default here, as on a 2-core box
     monkeypatch.setattr(threads, "_process_threads", None)  # no load yet in this process
+    monkeypatch.setattr(threads, "_asked_threads", None)
     workers = int(options.get("threads", 2))  # type: ignore[call-overload]
     seen = _load_on_a_fresh_thread(monkeypatch, options, True, 1.0, _RecordingServing())
     assert seen == {"load": 1, "workers at load": workers, "warmup": 1, "workers at warm-up": workers}

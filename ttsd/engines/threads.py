@@ -46,8 +46,31 @@ _process_threads: int | None = None  # the count process_threads last gave torch
 _asked_threads: int | None = None  # the count process_threads was last asked for (torch not loaded yet)
 
 
+_giving = threading.Lock()
+
+
 def _torch_loaded() -> bool:
-    return "torch" in sys.modules
+    """Whether torch is imported, and its import finished: a helper called while another thread
+    imports it (a voice's first load beside a non-torch voice's requests) must neither wait for that
+    import nor look for its libraries before they are all mapped (and cache "none found" for good).
+    The first time it is, ``--threads`` asked for before is given to it, before any thread's first
+    op takes torch's default for good."""
+    torch = sys.modules.get("torch")
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return False  # not imported, or another thread's import of it still runs: never wait for it
+    if _asked_threads is not None and _process_threads is None:
+        with _giving:
+            if _process_threads is None:
+                _give(_asked_threads)  # before any thread's first op takes torch's default
+    return True
+
+
+def _give(count: int) -> None:
+    global _process_threads
+    import torch
+
+    torch.set_num_threads(count)
+    _process_threads = count
 
 
 def _loaded(prefixes: tuple[str, ...]) -> list[str]:
@@ -144,13 +167,9 @@ def process_threads(count: int | None) -> None:
     global _process_threads, _asked_threads
     if count is None or count == _process_threads:
         return
-    if not _torch_loaded():
-        _asked_threads = count
-        return
-    import torch
-
-    torch.set_num_threads(count)
-    _process_threads = count
+    _asked_threads = count
+    if _torch_loaded() and count != _process_threads:
+        _give(count)
 
 
 Ticks = tuple[int, int, tuple[int, ...]]  # (idle ticks, all ticks, the CPUs counted)
@@ -214,7 +233,12 @@ def process_count() -> int:
     if _process_threads is not None:
         return _process_threads
     if not _torch_loaded():
-        return _asked_threads or len(os.sched_getaffinity(0))
+        if _asked_threads:
+            return _asked_threads
+        try:
+            return len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not Linux
+            return os.cpu_count() or 1
     import torch
 
     counts: list[int] = []
