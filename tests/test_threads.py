@@ -679,3 +679,12 @@ def test_a_daemon_whose_voices_do_not_use_torch_never_loads_it(tmp_path: Path, m
     mapped = Path(f"/proc/{d.pid}/maps").read_text()
     assert "libtorch" not in mapped and "libgomp" not in mapped
     assert d.stop() == 0, d.logs()
+
+
+def test_the_workers_count_before_torch_is_imported_where_affinity_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not Linux (no ``os.sched_getaffinity``): the CPU count, not an AttributeError that refused the load."""
+    monkeypatch.setattr(threads, "_torch_loaded", lambda: False)
+    monkeypatch.setattr(threads, "_process_threads", None)
+    monkeypatch.setattr(threads, "_asked_threads", None)
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert threads.process_count() == (os.cpu_count() or 1)
