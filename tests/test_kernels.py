@@ -286,6 +286,10 @@ def test_the_warm_up_times_the_decoder_windows(tiny: Path, monkeypatch: pytest.M
                                                caplog: pytest.LogCaptureFixture) -> None:
     """The engine's warm-up times each decoder window width on this box; plans use those times, the
     log and info() say them. Without a warm-up (one in-process request) the work model plans."""
+    from ttsd.engines import threads
+
+    # the warm-up runs on the workers' count (whatever another test in this process left behind)
+    monkeypatch.setattr(threads, "_process_threads", torch.get_num_threads())
     e = engine(tiny, monkeypatch, None)
     decoder = e.model.decoder
     usable = [w for w in WIDTHS if w > 2 * decoder.radius]
