@@ -574,6 +574,9 @@ def test_an_unpaced_block_runs_without_the_hook_while_nothing_is_served() -> Non
             with paced(ticket, lambda: False):
                 hook = sys.getprofile()
                 with pacing.unpaced():
+                    pass
+                seen["put back"] = sys.getprofile() is hook
+                with pacing.unpaced():
                     seen["inside"] = sys.getprofile()
                     ticket.cancel("a rollback")
                     _python_work()  # calls at which the hook would have called the job off
@@ -581,12 +584,13 @@ def test_an_unpaced_block_runs_without_the_hook_while_nothing_is_served() -> Non
                 seen["after"] = "the job went on"
         except Superseded as exc:
             seen["stopped"] = str(exc)
-            seen["hook back"] = hook is not None and sys.getprofile() is None  # paced took it off at its end
+            seen["hook off at the end"] = hook is not None and sys.getprofile() is None  # paced's exit
 
     thread = threading.Thread(target=job)
     thread.start()
     thread.join(5)
-    assert seen == {"inside": None, "ran on": True, "stopped": "a rollback", "hook back": True}
+    assert seen == {"put back": True, "inside": None, "ran on": True, "stopped": "a rollback",
+                    "hook off at the end": True}
 
 
 def test_an_unpaced_block_is_paced_as_any_other_while_requests_are_served() -> None:

@@ -92,7 +92,7 @@ assert seen == [1], f"B synthesizes on {seen} threads under --threads 1"
 
 def test_a_request_of_a_voice_without_torch_does_not_wait_for_another_voices_torch_import() -> None:
     """The worker's load_threads finds libgomp mapped and runs ``import torch``, which waits for the
-    job's import to end: 1.5 s unpaced, ~110 s paced (bench: /tmp/rr/stall2.py)."""
+    job's import to end (a review's probe: 1.5 s unpaced, ~110 s paced)."""
     code = """
 import importlib.abc, sys, threading, time
 from ttsd.engines import threads
