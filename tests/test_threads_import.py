@@ -116,3 +116,39 @@ assert took and took[0] < 1.0, f"the request took {took} s"
 """
     run = _run(code)
     assert run.returncode == 0, run.stderr[-400:]
+
+
+def test_a_job_called_off_while_it_imports_torch_finishes_the_import_and_stops_after() -> None:
+    """A VITS voice's first load imports torch paced (a request of the daemon's other voice, whose
+    engine is not torch, is in flight) and is called off mid-import (a rollback, a newer version),
+    after torch's native part has loaded. Stopped there, torch was left half-imported and every
+    later load of a VITS voice failed until a restart ("partially initialized module 'torch'"); it
+    now finishes the import and stops at its next call."""
+    code = """
+import importlib.abc, sys, threading
+from ttsd.serving.pacing import Superseded, Ticket, paced
+ticket = Ticket("test")
+ticket.hurried = True                           # a request waits for the load: paced lightly, still called off
+class CallOff(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch._torch_docs":         # half-way: torch._C loaded, torch.nn not yet
+            ticket.cancel("a rollback")
+        return None
+sys.meta_path.insert(0, CallOff())
+seen = {}
+def job():
+    try:
+        with paced(ticket, lambda: True):       # a request is in flight: the job is paced
+            import torch
+            seen["imported"] = True
+            torch.zeros(1)                      # its next call: called off here
+            seen["went on"] = True
+    except Superseded as exc:
+        seen["stopped"] = str(exc)
+thread = threading.Thread(target=job); thread.start(); thread.join(120)
+assert seen == {"imported": True, "stopped": "a rollback"}, seen
+import torch                                    # the next load's import
+assert torch.nn.functional.relu(torch.ones(2)).sum().item() == 2.0
+"""
+    run = _run(code)
+    assert run.returncode == 0, run.stderr[-600:]

@@ -39,8 +39,12 @@ a library it loads with), a ``BaseException`` so that no engine's ``except Excep
 Not at a call that begins or ends something (``__enter__``, ``__exit__``, ``release``, ``close``),
 not at a call's return (a lock it took or a file it opened would be lost), and not inside the
 standard library, whose logging keeps a lock per handler: a job stopped between taking one and
-letting go left it taken, and every thread that logged after waited for ever (``_safe_point``). An
-urgent job is never called off (``Ticket.make_urgent``).
+letting go left it taken, and every thread that logged after waited for ever (``_safe_point``). Nor
+inside an import: a module stopped half-way through its first import is gone from ``sys.modules``
+with its submodules left behind, and torch's native part cannot be loaded twice in a process, so
+every later load of a voice that needs it failed until a restart. A called-off job finishes the
+import at the urgent pace (a job that supersedes it would need the same import) and stops at its
+next call after. An urgent job is never called off (``Ticket.make_urgent``).
 
 Neither happens while the job holds one of the manager's locks (``Guard``): a pause there would
 hold up the event loop's readers of the same lock, and an exception there would leave a
@@ -61,6 +65,7 @@ pacing chains in puts the hook back; where Python drops it without a word (an ``
 from __future__ import annotations
 
 import gc
+import importlib._bootstrap
 import sys
 import threading
 import time
@@ -87,6 +92,7 @@ class _Held(threading.local):
     ticket: Ticket | None = None  # the job's, while it runs paced
     hook: Callable[[FrameType, str, Any], None] | None = None  # the job's hook, while it runs
     serving: Callable[[], bool] | None = None  # the job's ``serving``, while it runs
+    importing: FrameType | None = None  # the import a called-off job finishes before it stops
 
 
 _held = _Held()
@@ -114,6 +120,19 @@ def _in_finalizer(frame: FrameType | None) -> bool:
 
 # calls that begin or end something (a ``with`` block, a lock held, a file open): never stopped
 # before, so that nothing is left half begun or unended
+_FIND_AND_LOAD = importlib._bootstrap._find_and_load.__code__  # type: ignore[attr-defined]  # every import
+
+
+def _import(frame: FrameType | None) -> FrameType | None:
+    """The outermost import ``frame`` runs in, if any (looked at only once a job is called off)."""
+    outermost = None
+    while frame is not None:
+        if frame.f_code is _FIND_AND_LOAD:
+            outermost = frame
+        frame = frame.f_back
+    return outermost
+
+
 _BRACKETS = frozenset({"release", "close", "__enter__", "__exit__", "__aenter__", "__aexit__"})
 
 
@@ -266,12 +285,21 @@ class paced:  # lower case: used as ``with paced(ticket, serving):``, as it was 
 
         def hook(frame: FrameType, event: str, arg: Any) -> None:
             nonlocal started
+            if frame is _held.importing and event == "return":
+                _held.importing = None  # the import a called-off job was finishing ended
             if _held.depth or _held.collecting or id(frame.f_code) in _QUIET:
                 return  # inside one of the manager's locks, a collection, or pacing's own code
-            if ticket.cancelled is not None and _safe_point(frame, event, arg):
-                raise Superseded(ticket.cancelled)  # else at its next safe point, paced until then
+            if ticket.cancelled is not None and _held.importing is None and _safe_point(frame, event, arg):
+                # else at its next safe point, paced until then; never inside an import
+                _held.importing = _import(frame)
+                if _held.importing is None:
+                    raise Superseded(ticket.cancelled)
             ran = clock() - started
-            run, pause = (URGENT_RUN_S, URGENT_PAUSE_S) if ticket.urgent or ticket.hurried else (RUN_S, PAUSE_S)
+            run, pause = (
+                (URGENT_RUN_S, URGENT_PAUSE_S)
+                if ticket.urgent or ticket.hurried or _held.importing is not None
+                else (RUN_S, PAUSE_S)
+            )
             if ran > run:
                 if serving():
                     # in proportion to what ran: one torch op may take several ms, and a fixed pause
@@ -287,7 +315,7 @@ class paced:  # lower case: used as ``with paced(ticket, serving):``, as it was 
     def __exit__(self, *_: object) -> None:
         if self.installed:
             sys.setprofile(None)
-            _held.ticket = _held.hook = _held.serving = None
+            _held.ticket = _held.hook = _held.serving = _held.importing = None
 
 
 class unpaced:  # lower case: used as ``with unpaced():``
