@@ -23,7 +23,9 @@ Measures, in one run, for the built-in voice en_US-joe-medium:
   (``rtf.py --child ttsd|ttsd-bf16|piper``) that imports, loads and speaks both texts 3 times, then soaks:
   speaks ``--soak`` requests (default 1000) of varied length - 1 to ~60 words (1 to 3 sentences),
   drawn with a fixed seed from the words of the two texts, the same texts for every engine - reading
-  VmRSS after every request. The table shows peak RSS (ru_maxrss: the whole child, soak included)
+  VmRSS after every request. The table shows peak RSS (VmHWM: the whole child, soak included; not
+  ru_maxrss, which starts at the parent's RSS when it spawned the child: the parent that converted
+  the voice in the same run made every child 641 MB)
   and the growth of RSS over the second half of the soak (RSS after the last request minus RSS
   after request N/2, ~0 when memory is flat); the JSON also has RSS after request 100, at the end
   and after every request (``rss_mb``);
@@ -68,7 +70,6 @@ import math
 import os
 import platform
 import random
-import resource
 import shlex
 import statistics
 import subprocess
@@ -203,8 +204,10 @@ def child(engine: str, cache: Path, threads: int, soak_count: int) -> dict[str, 
         for text in TEXTS.values():
             voice.speak(text)
     soaked = soak(engine, voice.speak, soak_count)
+    from ttsd.testing import rss_mb
+
     return {"import_s": imported - started, "load_s": loaded - imported,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **soaked}
+            "peak_rss_mb": rss_mb(os.getpid(), "VmHWM"), **soaked}
 
 
 def model_arithmetic(cache: Path) -> dict[str, Any]:
