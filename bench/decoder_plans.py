@@ -23,7 +23,9 @@ the resident peak each takes on the longest sentence beside the windows'.
 All are timed on the same sentences' frame counts (the Wyoming bench's four short sentences as
 this voice speaks them, a 150-frame one-sentence reply, the rtf bench's four long sentences) and on
 one window of each width, the variants alternated call by call (the box is shared: a slow moment
-hits both), medians of ``--runs``. The outputs are checked equal: packed to the bit, plans to 1e-5.
+hits both), medians of ``--runs``. The outputs are checked equal: packed to the bit, plans to 1e-5 in fp32
+(in bf16 a product's rounding may differ by a step with its row count: the largest difference is
+printed, and must stay under 0.05).
 One process per precision (``--precision fp32,bf16``, bf16 where the CPU has it natively)::
 
     .venv/bin/python bench/decoder_plans.py [--runs 15] [--threads 2] [--precision fp32,bf16]
@@ -107,6 +109,9 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
              "", "| what | new | before | new / before |", "|---|---:|---:|---:|"]
 
     notes: list[str] = []
+    # fp32: the same audio to 1e-5 whatever the plan; bf16: a product's rounding may differ by a step
+    # with its row count (tests/test_fast_decoder.py allows 0.05 between a sentence's two plans)
+    tolerance = 1e-5 if precision == "fp32" else 0.05
 
     def row(label: str, new: float, old: float) -> None:
         lines.append(f"| {label} | {new * 1e3:.1f} ms | {old * 1e3:.1f} ms | {new / old:.2f}x |")
@@ -135,8 +140,11 @@ def measure(precision: str, runs: int, threads: int, cache: Path | None) -> list
             trim()
             kept = resident_bytes() - before
             new, old = by(decoder)(), by(model)()
-            assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(new, old, strict=True))
-            assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(new, at_length, strict=True))
+            largest = max(float((a - b).abs().max()) for a, b in [*zip(new, old, strict=True),
+                                                                   *zip(new, at_length, strict=True)])
+            assert largest < tolerance, (label, largest)
+            if precision != "fp32":
+                notes.append(f"* {label}: the largest difference between plans, and from whole, {largest:.4f}")
             variants = {"measured": by(decoder), "model": by(model), "plain": by(plain), "whole": whole}
             if carried is not None:
                 assert all(float((carried(x) - b).abs().max()) < 1e-5 for x, b in zip(latents, new, strict=True))
