@@ -9,12 +9,17 @@ before deciding where an engine's arithmetic should run::
 
     .venv/bin/python bench/kernel_rates.py [--voice FOLDER]
 
+``--jax PYTHON``: also the 2048² product on JAX (XLA), fp32 and bf16, run by ``PYTHON``, the
+interpreter of a venv of its own (``python3 -m venv /tmp/jax && /tmp/jax/bin/pip install jax``): a
+second library for bf16, whose only other kernel here is oneDNN's.
+
 ``--voice``: a converted voice folder (default: the built-in voice from the cache, converted first
 if needed). Its choice is measured as the engine measures it at load (``ttsd.engines.vits.kernels``),
 on 1 thread (the daemon's loader) and on 2, in fp32 and, where the CPU has it, bf16.
 """
 
 import argparse
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,9 +47,39 @@ def engine_choice(folder: Path) -> None:
                       f"({rates} GF/s{refused})")
 
 
+JAX_PRODUCT = """
+import sys, time
+import jax, jax.numpy as jnp
+n = int(sys.argv[1])
+for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+    a = jnp.ones((n, n), dtype); b = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    best = 1e9
+    for _ in range(10):
+        started = time.perf_counter(); f(a, b).block_until_ready(); best = min(best, time.perf_counter() - started)
+    print(f"JAX {jax.__version__} (XLA) {name} dot {2 * n**3 / best / 1e9:.0f} GF/s", flush=True)
+"""
+
+
+def jax_rates(python: str, n: int) -> None:
+    """The same product on JAX (XLA's CPU backend), a second library for bf16, run by ``python``:
+    an interpreter of its own venv (``pip install jax``), so that JAX's pins stay out of ttsd's."""
+    try:
+        run = subprocess.run([python, "-c", JAX_PRODUCT, str(n)], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"JAX: not timed ({exc})")
+        return
+    lines = [line for line in run.stdout.splitlines() if line.startswith("JAX")]
+    why = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+    print("\n".join(lines) if run.returncode == 0 and lines else f"JAX: not timed ({why[-200:]})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--voice", type=Path, help="a converted voice folder (default: the built-in voice)")
+    parser.add_argument("--jax", metavar="PYTHON",
+                        help="also time the product on JAX, run by this interpreter (a venv with jax installed)")
     args = parser.parse_args()
     from ttsd.testing import cpu_name
 
@@ -83,6 +118,8 @@ def main() -> None:
     an, bn = a.numpy(), b.numpy()
     print("ORT fp32 MatMul (MLAS)", round(fl/best(lambda: s.run(None, {"A": an, "B": bn}))), "GF/s")
     print("numpy", np.__version__, "matmul", round(fl/best(lambda: an@bn)), "GF/s")
+    if args.jax:
+        jax_rates(args.jax, N)
 
     # The voice's own shapes (en_US-joe-medium, ~190 tokens, ~380 frames, decoder windows of 256
     # frames): the text side's matrix products on MKL and on oneDNN, and the decoder's channels-last

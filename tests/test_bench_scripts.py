@@ -66,10 +66,14 @@ def test_every_script_imports_as_it_runs(tmp_path: Path) -> None:
 def test_kernel_rates_measures_on_this_box(tmp_path: Path, joe_folder: Path) -> None:
     """bench/kernel_rates.py's one mode, for real: a rate for each product class it names, and the
     engine's choice for the built-in voice's text side and flow, on 1 and 2 threads, with the rate
-    of every candidate path."""
-    done = subprocess.run([sys.executable, str(BENCH / "kernel_rates.py"), "--voice", str(joe_folder)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    of every candidate path. ``--jax`` with an interpreter that has no JAX (this venv's) says so in
+    one line and measures the rest."""
+    done = subprocess.run([sys.executable, str(BENCH / "kernel_rates.py"), "--voice", str(joe_folder),
+                           "--jax", sys.executable], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+    jax = [line for line in done.stdout.splitlines() if line.startswith("JAX")]
+    has_jax = importlib.util.find_spec("jax") is not None
+    assert len(jax) == (2 if has_jax else 1) and (has_jax or "No module named 'jax'" in jax[0]), done.stdout
     rates = [line for line in done.stdout.splitlines() if "GF/s" in line]
     assert len(rates) >= 4 and all(any(ch.isdigit() for ch in line) for line in rates), done.stdout
     choices = [line for line in done.stdout.splitlines() if line.startswith("engine choice")]
