@@ -628,3 +628,110 @@ def test_an_unpaced_block_is_paced_as_any_other_while_requests_are_served() -> N
     with pacing.unpaced():
         seen["no job"] = sys.getprofile() is None
     assert seen == {"inside": True, "stopped": "a rollback", "profiler kept": True, "no job": True}
+
+
+# A module whose code calls the job off half-way through its own first run, then does the work at
+# which the hook calls a job off (and, in one case, ttsd's own checkpoint between phases).
+_CALLS_OFF_MIDWAY = """
+import {registry} as registry
+registry.seen.append("begun")
+registry.ticket.cancel("a rollback")
+{between}
+sum(registry.step(i) for i in range(200))
+registry.seen.append("done")
+"""
+
+
+def _module_run_in_a_job(tmp_path: Path, how: str, between: str = "") -> list[str]:
+    """What the module's code and the job did: ``how`` runs the module (first import, reload, or
+    ``exec_module`` of a module made from its spec, as torch's ``try_import`` does) in a job paced
+    beside a request, whose ticket the module's own code cancels half-way."""
+    import importlib
+    import importlib.util
+    import types
+
+    tag = f"{how.replace(' ', '_')}_{len(between)}_{threading.get_ident()}"
+    registry = types.ModuleType(f"_ttsd_registry_{tag}")
+    registry.seen, registry.ticket = [], Ticket("test")  # type: ignore[attr-defined]
+    registry.ticket.hurried = True  # type: ignore[attr-defined]  # paced lightly, still called off
+    registry.step = _step  # type: ignore[attr-defined]
+    sys.modules[registry.__name__] = registry
+    name = f"_ttsd_midway_{tag}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(_CALLS_OFF_MIDWAY.format(registry=registry.__name__, between=between))
+    sys.path.insert(0, str(tmp_path))
+    if how == "reload":
+        importlib.import_module(name)  # a first run outside any job; the reload runs in one
+        registry.seen.clear()  # type: ignore[attr-defined]
+        registry.ticket = Ticket("test")  # type: ignore[attr-defined]
+    seen: list[str] = registry.seen  # type: ignore[attr-defined]
+
+    def job() -> None:
+        try:
+            with paced(registry.ticket, lambda: True):  # type: ignore[attr-defined]
+                if how == "import":
+                    importlib.import_module(name)
+                elif how == "reload":
+                    importlib.reload(sys.modules[name])
+                else:
+                    spec = importlib.util.spec_from_file_location(name, path)
+                    assert spec is not None and spec.loader is not None
+                    module = importlib.util.module_from_spec(spec)
+                    sys.modules[name] = module
+                    spec.loader.exec_module(module)
+                _python_work()  # called off at its first call (the import's end came before)
+                seen.append("went on")
+        except Superseded as exc:
+            seen.append(f"stopped: {exc}")
+
+    try:
+        thread = threading.Thread(target=job)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive()
+        if how != "exec_module":
+            assert getattr(sys.modules.get(name), "__name__", None) == name  # not dropped half-made
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+        sys.modules.pop(registry.__name__, None)
+    return seen
+
+
+@pytest.mark.parametrize("how", ["import", "reload", "exec_module"])
+def test_a_job_called_off_during_an_import_finishes_it_then_stops(tmp_path: Path, how: str) -> None:
+    """Stopped half-way through a module's first run, the module was dropped from sys.modules with
+    whatever it had begun (torch's native part cannot load twice: every later VITS load failed).
+    The job finishes the import, whichever way the module's code runs, and stops at its next call
+    after; ttsd's own checkpoint inside an import waits for its end too."""
+    done = ["begun", "done", "stopped: a rollback"]
+    assert _module_run_in_a_job(tmp_path, how) == done
+    assert _module_run_in_a_job(tmp_path, how, "from ttsd.serving.pacing import checkpoint; checkpoint()") == done
+
+
+def test_a_job_called_off_just_before_an_import_does_not_begin_it(tmp_path: Path) -> None:
+    """Called off before the ``import`` statement: the job stops at it, nothing of the module runs
+    (the import's own first call is judged by the job's code that makes it)."""
+    (tmp_path / "_ttsd_never_begun.py").write_text("import sys\nsys.modules['_ttsd_never_begun'].RAN = True\n")
+    sys.path.insert(0, str(tmp_path))
+    ticket = Ticket("test")
+    seen: list[str] = []
+
+    def job() -> None:
+        try:
+            with paced(ticket, lambda: True):
+                ticket.cancel("a newer version")
+                import _ttsd_never_begun  # noqa: F401  # (a statement: importlib's own first call is the import's)
+                seen.append("imported")
+        except Superseded as exc:
+            seen.append(f"stopped: {exc}")
+
+    try:
+        thread = threading.Thread(target=job)
+        thread.start()
+        thread.join(10)
+        begun = "_ttsd_never_begun" in sys.modules
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("_ttsd_never_begun", None)
+    assert seen == ["stopped: a newer version"] and not begun

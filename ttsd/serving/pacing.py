@@ -44,7 +44,9 @@ inside an import: a module stopped half-way through its first import is gone fro
 with its submodules left behind, and torch's native part cannot be loaded twice in a process, so
 every later load of a voice that needs it failed until a restart. A called-off job finishes the
 import at the urgent pace (a job that supersedes it would need the same import) and stops at its
-next call after. An urgent job is never called off (``Ticket.make_urgent``).
+next safe point after; one called off just before an import stops before it. An import is importlib's
+``_find_and_load`` or a loader's ``exec_module`` (a reload, a lazy module), and ``checkpoint()``
+waits for its end too. An urgent job is never called off (``Ticket.make_urgent``).
 
 Neither happens while the job holds one of the manager's locks (``Guard``): a pause there would
 hold up the event loop's readers of the same lock, and an exception there would leave a
@@ -92,7 +94,6 @@ class _Held(threading.local):
     ticket: Ticket | None = None  # the job's, while it runs paced
     hook: Callable[[FrameType, str, Any], None] | None = None  # the job's hook, while it runs
     serving: Callable[[], bool] | None = None  # the job's ``serving``, while it runs
-    importing: FrameType | None = None  # the import a called-off job finishes before it stops
 
 
 _held = _Held()
@@ -118,21 +119,25 @@ def _in_finalizer(frame: FrameType | None) -> bool:
     return False
 
 
-# calls that begin or end something (a ``with`` block, a lock held, a file open): never stopped
-# before, so that nothing is left half begun or unended
 _FIND_AND_LOAD = importlib._bootstrap._find_and_load.__code__  # type: ignore[attr-defined]  # every import
 
 
 def _import(frame: FrameType | None) -> FrameType | None:
-    """The outermost import ``frame`` runs in, if any (looked at only once a job is called off)."""
+    """The outermost import ``frame`` runs in, if any (looked at only once a job is called off): an
+    ``import`` (importlib's ``_find_and_load``), or a module's code run by its loader's
+    ``exec_module`` outside one (``importlib.reload``, a lazy module's first use, a module made
+    from a spec by hand)."""
     outermost = None
     while frame is not None:
-        if frame.f_code is _FIND_AND_LOAD:
+        code = frame.f_code
+        if code is _FIND_AND_LOAD or code.co_name == "exec_module":
             outermost = frame
         frame = frame.f_back
     return outermost
 
 
+# calls that begin or end something (a ``with`` block, a lock held, a file open): never stopped
+# before, so that nothing is left half begun or unended
 _BRACKETS = frozenset({"release", "close", "__enter__", "__exit__", "__aenter__", "__aexit__"})
 
 
@@ -259,9 +264,10 @@ class Ticket:
 
 def checkpoint() -> None:
     """Between a job's phases: ``Superseded`` if the job running on this thread was called off
-    (where Python dropped the hook's own without a word, see the module docstring)."""
+    (where Python dropped the hook's own without a word, see the module docstring); not inside an
+    import, which the hook lets finish first."""
     ticket = _held.ticket
-    if ticket is not None:
+    if ticket is not None and ticket.cancelled is not None and _import(sys._getframe(1)) is None:
         ticket.check()
 
 
@@ -282,22 +288,24 @@ class paced:  # lower case: used as ``with paced(ticket, serving):``, as it was 
         ticket, serving = self.ticket, self.serving
         clock, sleep = time.perf_counter, time.sleep
         started = clock()
+        importing: FrameType | None = None  # the import a called-off job finishes before it stops
 
         def hook(frame: FrameType, event: str, arg: Any) -> None:
-            nonlocal started
-            if frame is _held.importing and event == "return":
-                _held.importing = None  # the import a called-off job was finishing ended
+            nonlocal started, importing
+            if frame is importing and event == "return":
+                importing = None  # the import a called-off job was finishing ended
             if _held.depth or _held.collecting or id(frame.f_code) in _QUIET:
                 return  # inside one of the manager's locks, a collection, or pacing's own code
-            if ticket.cancelled is not None and _held.importing is None and _safe_point(frame, event, arg):
-                # else at its next safe point, paced until then; never inside an import
-                _held.importing = _import(frame)
-                if _held.importing is None:
+            if ticket.cancelled is not None and importing is None and _safe_point(frame, event, arg):
+                # else at its next safe point, paced until then; never inside an import (a call
+                # that would begin one has not begun it: judged by its caller)
+                importing = _import(frame.f_back if event == "call" else frame)
+                if importing is None:
                     raise Superseded(ticket.cancelled)
             ran = clock() - started
             run, pause = (
                 (URGENT_RUN_S, URGENT_PAUSE_S)
-                if ticket.urgent or ticket.hurried or _held.importing is not None
+                if ticket.urgent or ticket.hurried or importing is not None
                 else (RUN_S, PAUSE_S)
             )
             if ran > run:
@@ -315,7 +323,7 @@ class paced:  # lower case: used as ``with paced(ticket, serving):``, as it was 
     def __exit__(self, *_: object) -> None:
         if self.installed:
             sys.setprofile(None)
-            _held.ticket = _held.hook = _held.serving = _held.importing = None
+            _held.ticket = _held.hook = _held.serving = None
 
 
 class unpaced:  # lower case: used as ``with unpaced():``
