@@ -644,8 +644,8 @@ registry.seen.append("done")
 
 def _module_run_in_a_job(tmp_path: Path, how: str, between: str = "") -> list[str]:
     """What the module's code and the job did: ``how`` runs the module (first import, reload, or
-    ``exec_module`` of a module made from its spec, as torch's ``try_import`` does) in a job paced
-    beside a request, whose ticket the module's own code cancels half-way."""
+    ``exec_module`` of a module made from its spec, as torch's ``try_import`` does) in a job
+    (``_called_off_job``) whose ticket the module's own code cancels half-way."""
     import importlib
     import importlib.util
     import types
@@ -653,7 +653,6 @@ def _module_run_in_a_job(tmp_path: Path, how: str, between: str = "") -> list[st
     tag = f"{how.replace(' ', '_')}_{len(between)}_{threading.get_ident()}"
     registry = types.ModuleType(f"_ttsd_registry_{tag}")
     registry.seen, registry.ticket = [], Ticket("test")  # type: ignore[attr-defined]
-    registry.ticket.hurried = True  # type: ignore[attr-defined]  # paced lightly, still called off
     registry.step = _step  # type: ignore[attr-defined]
     sys.modules[registry.__name__] = registry
     name = f"_ttsd_midway_{tag}"
@@ -666,29 +665,21 @@ def _module_run_in_a_job(tmp_path: Path, how: str, between: str = "") -> list[st
         registry.ticket = Ticket("test")  # type: ignore[attr-defined]
     seen: list[str] = registry.seen  # type: ignore[attr-defined]
 
-    def job() -> None:
-        try:
-            with paced(registry.ticket, lambda: True):  # type: ignore[attr-defined]
-                if how == "import":
-                    importlib.import_module(name)
-                elif how == "reload":
-                    importlib.reload(sys.modules[name])
-                else:
-                    spec = importlib.util.spec_from_file_location(name, path)
-                    assert spec is not None and spec.loader is not None
-                    module = importlib.util.module_from_spec(spec)
-                    sys.modules[name] = module
-                    spec.loader.exec_module(module)
-                _python_work()  # called off at its first call (the import's end came before)
-                seen.append("went on")
-        except Superseded as exc:
-            seen.append(f"stopped: {exc}")
+    def body() -> None:
+        if how == "import":
+            importlib.import_module(name)
+        elif how == "reload":
+            importlib.reload(sys.modules[name])
+        else:
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
 
     try:
-        thread = threading.Thread(target=job)
-        thread.start()
-        thread.join(10)
-        assert not thread.is_alive()
+        result = _called_off_job(registry.ticket, body)  # type: ignore[attr-defined]
+        seen.extend(f"{what}: {why}" if what == "stopped" else what for what, why in result.items())
         if how != "exec_module":
             assert getattr(sys.modules.get(name), "__name__", None) == name  # not dropped half-made
     finally:
@@ -715,23 +706,15 @@ def test_a_job_called_off_just_before_an_import_does_not_begin_it(tmp_path: Path
     (tmp_path / "_ttsd_never_begun.py").write_text("import sys\nsys.modules['_ttsd_never_begun'].RAN = True\n")
     sys.path.insert(0, str(tmp_path))
     ticket = Ticket("test")
-    seen: list[str] = []
 
-    def job() -> None:
-        try:
-            with paced(ticket, lambda: True):
-                ticket.cancel("a newer version")
-                import _ttsd_never_begun  # noqa: F401  # (a statement: importlib's own first call is the import's)
-                seen.append("imported")
-        except Superseded as exc:
-            seen.append(f"stopped: {exc}")
+    def body() -> None:
+        ticket.cancel("a newer version")
+        import _ttsd_never_begun  # noqa: F401  # (a statement: importlib's own first call is the import's)
 
     try:
-        thread = threading.Thread(target=job)
-        thread.start()
-        thread.join(10)
+        result = _called_off_job(ticket, body)
         begun = "_ttsd_never_begun" in sys.modules
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("_ttsd_never_begun", None)
-    assert seen == ["stopped: a newer version"] and not begun
+    assert result == {"stopped": "a newer version"} and not begun
